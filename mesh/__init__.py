@@ -1,0 +1,1 @@
+"""The control plane: traffic policy and xDS."""

@@ -1,0 +1,94 @@
+"""Joining requests into one batch and splitting the batch's answer: pure functions.
+
+Payload bytes are joined and sliced, never decoded: rows of a row-major tensor are
+contiguous, so a batch is the concatenation of its requests' bytes along the first dimension.
+"""
+
+from collections.abc import Sequence
+
+from meshserve.common.datatypes import ELEMENT_SIZE, element_count, split_bytes_rows
+from meshserve.common.errors import Internal
+from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
+from meshserve.protocol.model_config_pb2 import ModelConfig
+
+
+def batch_key(request: ModelInferRequest, batched: bool) -> tuple:
+    """Requests share a batch only when their inputs agree on everything but the batch size."""
+    start = 1 if batched else 0
+    return tuple(sorted((t.name, t.datatype, tuple(t.shape[start:])) for t in request.inputs))
+
+
+def rows_of(request: ModelInferRequest, batched: bool) -> int:
+    return request.inputs[0].shape[0] if batched and request.inputs else 1
+
+
+def merge(requests: Sequence[ModelInferRequest], rows: Sequence[int], config: ModelConfig,
+          version: str) -> ModelInferRequest:
+    """One request whose inputs are the requests' inputs joined along the batch dimension."""
+    first = requests[0]
+    if len(requests) == 1:
+        single = ModelInferRequest()
+        single.CopyFrom(first)
+        single.model_version = version
+        return single
+    total = sum(rows)
+    positions = [{t.name: i for i, t in enumerate(r.inputs)} for r in requests]
+    batch = ModelInferRequest(model_name=first.model_name, model_version=version)
+    for tensor in first.inputs:
+        joined = batch.inputs.add(name=tensor.name, datatype=tensor.datatype)
+        joined.shape.extend([total, *tensor.shape[1:]])
+        batch.raw_input_contents.append(b"".join(
+            r.raw_input_contents[p[tensor.name]] for r, p in zip(requests, positions)))
+    wanted = requested_outputs(requests)
+    for name in wanted:
+        batch.outputs.add(name=name)
+    return batch
+
+
+def requested_outputs(requests: Sequence[ModelInferRequest]) -> list[str]:
+    """Every output any request asked for; empty (= all) when one of them asked for all."""
+    names: dict[str, None] = {}
+    for request in requests:
+        if not request.outputs:
+            return []
+        for output in request.outputs:
+            names[output.name] = None
+    return list(names)
+
+
+def split(batch: ModelInferResponse, requests: Sequence[ModelInferRequest],
+          rows: Sequence[int]) -> list[ModelInferResponse]:
+    """One response per request, holding its rows of the outputs it asked for."""
+    if len(batch.raw_output_contents) != len(batch.outputs):
+        raise Internal("compute answered without raw_output_contents for every output")
+    total = sum(rows)
+    answers = [ModelInferResponse(model_name=r.model_name, model_version=batch.model_version,
+                                  id=r.id) for r in requests]
+    wanted = [{o.name for o in r.outputs} for r in requests]
+    for tensor, raw in zip(batch.outputs, batch.raw_output_contents):
+        tail = list(tensor.shape[1:])
+        pieces = _row_slices(raw, tensor.datatype, total, rows, element_count(tail))
+        for answer, names, count, piece in zip(answers, wanted, rows, pieces):
+            if names and tensor.name not in names:
+                continue
+            out = answer.outputs.add(name=tensor.name, datatype=tensor.datatype)
+            out.shape.extend([count, *tail] if len(requests) > 1 else tensor.shape)
+            answer.raw_output_contents.append(piece)
+    return answers
+
+
+def _row_slices(raw: bytes, datatype: str, total: int, rows: Sequence[int],
+                per_row: int) -> list[bytes]:
+    if len(rows) == 1:
+        return [raw]
+    if datatype == "BYTES":
+        return split_bytes_rows(raw, [count * per_row for count in rows])
+    row_bytes = per_row * ELEMENT_SIZE[datatype]
+    if row_bytes * total != len(raw):
+        raise Internal(f"compute answered {len(raw)} bytes for {total} rows of {datatype}")
+    pieces, offset = [], 0
+    for count in rows:
+        end = offset + count * row_bytes
+        pieces.append(raw[offset:end])
+        offset = end
+    return pieces

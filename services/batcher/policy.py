@@ -1,0 +1,238 @@
+"""Pure decision logic of the dynamic batcher: queue order, batch forming, delays, expiry.
+
+Nothing here reads a clock or does I/O: the caller passes the monotonic time as `now`
+(float seconds) and carries out the decisions (`Send` / `Wait`) itself.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from meshserve.common.errors import InvalidArgument, ResourceExhausted
+
+_US_PER_S = 1e6  # exact division keeps e.g. 1000 us == 0.001 s
+
+
+@dataclass(frozen=True)
+class BatchingPolicy:
+    """How one model's requests are queued and grouped into batches."""
+
+    max_batch_size: int  # cap on ROWS in a batch; 0 = no batch dimension, one request per batch
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0  # 0 = send as soon as a replica is idle (work-conserving)
+    max_queue_size: int = 0  # max queued REQUESTS; 0 = unbounded
+    default_timeout_us: int = 0  # queue timeout per request; 0 = none
+    priority_levels: int = 0  # 0 or 1 = a single level
+    default_priority_level: int = 0  # used when a request gives priority 0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 0:
+            raise InvalidArgument(f"max_batch_size must be >= 0, got {self.max_batch_size}")
+        for size in self.preferred_batch_sizes:
+            if not 1 <= size <= self.max_batch_size:
+                raise InvalidArgument(
+                    f"preferred_batch_size {size} must be between 1 and "
+                    f"max_batch_size {self.max_batch_size}"
+                )
+
+    @classmethod
+    def from_config(cls, config: Any) -> BatchingPolicy:
+        """The policy of a `ModelConfig` message.
+
+        A config without a `dynamic_batching` section still gets batched, work-conservingly:
+        delay 0, no preferred sizes, unbounded queue, no timeout, a single priority level.
+        So an idle replica always receives everything queued (up to `max_batch_size` rows).
+        """
+        if not config.HasField("dynamic_batching"):
+            return cls(max_batch_size=config.max_batch_size)
+        dynamic = config.dynamic_batching
+        queue_policy = dynamic.default_queue_policy
+        return cls(
+            max_batch_size=config.max_batch_size,
+            preferred_batch_sizes=tuple(dynamic.preferred_batch_size),
+            max_queue_delay_us=dynamic.max_queue_delay_microseconds,
+            max_queue_size=queue_policy.max_queue_size,
+            default_timeout_us=queue_policy.default_timeout_microseconds,
+            priority_levels=dynamic.priority_levels,
+            default_priority_level=dynamic.default_priority_level,
+        )
+
+    @property
+    def levels(self) -> int:
+        """Number of priority levels (at least 1)."""
+        return max(self.priority_levels, 1)
+
+    def level_of(self, priority: int) -> int:
+        """The queue level (1 = most urgent) of a request's priority.
+
+        0 (or below) means the default level; above the last level means the last level.
+        A default level of 0 or out of range is the last (least urgent) level.
+        """
+        if priority <= 0:
+            priority = self.default_priority_level
+            if priority <= 0:
+                return self.levels
+        return min(priority, self.levels)
+
+
+@dataclass
+class Pending:
+    """One queued request as the policy sees it."""
+
+    key: Hashable  # shape signature: requests share a batch only when keys are equal
+    rows: int  # batch-dimension size (1 when max_batch_size == 0)
+    enqueued: float  # monotonic seconds
+    deadline: float | None  # monotonic seconds; None = none
+    priority: int = 0  # as given; 0 = policy default. Lower number = more urgent (1 is highest)
+    payload: Any = None  # opaque to the policy
+
+
+@dataclass(frozen=True)
+class Send:
+    """Take `count` entries from the front of the queue and run them as one batch."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Decide again at `until` (monotonic seconds); None = at the next arrival or free replica."""
+
+    until: float | None
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    entries: tuple[Pending, ...]
+    rows: int
+    closed: bool
+
+
+class BatchQueue:
+    """The queue of one model version: priority levels, FIFO within a level."""
+
+    def __init__(self, policy: BatchingPolicy, label: str = "") -> None:
+        self.policy = policy
+        self.label = label
+        self._levels: list[deque[Pending]] = [deque() for _ in range(policy.levels)]
+        self._count = 0
+        self._rows = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def rows(self) -> int:
+        """Rows queued, over all requests."""
+        return self._rows
+
+    def add(self, entry: Pending) -> None:
+        """Queue `entry`, applying the queue timeout and clamping its priority.
+
+        Raises ResourceExhausted when the queue already holds `max_queue_size` requests,
+        InvalidArgument when the entry's rows exceed `max_batch_size` (it could never be sent).
+        """
+        self._check_room()
+        self._check_rows(entry)
+        timeout_us = self.policy.default_timeout_us
+        if timeout_us > 0:
+            entry.deadline = _earliest(entry.deadline, entry.enqueued + timeout_us / _US_PER_S)
+        entry.priority = self.policy.level_of(entry.priority)
+        self._levels[entry.priority - 1].append(entry)
+        self._count += 1
+        self._rows += entry.rows
+
+    def expire(self, now: float) -> list[Pending]:
+        """Remove and return every entry whose deadline is at or before `now`."""
+        expired: list[Pending] = []
+        for index, level in enumerate(self._levels):
+            if not any(_is_expired(entry, now) for entry in level):
+                continue
+            kept: deque[Pending] = deque()
+            for entry in level:
+                (expired if _is_expired(entry, now) else kept).append(entry)
+            self._levels[index] = kept
+        self._count -= len(expired)
+        self._rows -= sum(entry.rows for entry in expired)
+        return expired
+
+    def decide(self, now: float, idle_replicas: int) -> Send | Wait:
+        """What to do at `now`; assumes `expire(now)` was just called."""
+        if not self._count:
+            return Wait(None)
+        nearest = self._nearest_deadline()
+        if idle_replicas <= 0:
+            return Wait(nearest)
+        candidate = self._candidate()
+        if candidate.closed or candidate.rows in self.policy.preferred_batch_sizes:
+            return Send(len(candidate.entries))
+        send_at = min(entry.enqueued for entry in candidate.entries)
+        send_at += self.policy.max_queue_delay_us / _US_PER_S
+        if now >= send_at:
+            return Send(len(candidate.entries))
+        return Wait(_earliest(send_at, nearest))
+
+    def take(self, count: int) -> list[Pending]:
+        """Pop the first `count` entries in queue order."""
+        taken: list[Pending] = []
+        for level in self._levels:
+            while level and len(taken) < count:
+                taken.append(level.popleft())
+        self._count -= len(taken)
+        self._rows -= sum(entry.rows for entry in taken)
+        return taken
+
+    def _in_order(self) -> Iterator[Pending]:
+        for level in self._levels:
+            yield from level
+
+    def _candidate(self) -> _Candidate:
+        """The batch at the front of the queue, and whether it can grow no further."""
+        entries = self._in_order()
+        first = next(entries)
+        cap = self.policy.max_batch_size
+        if cap == 0:
+            return _Candidate((first,), first.rows, closed=True)
+        taken, rows = [first], first.rows
+        for entry in entries:
+            if entry.key != first.key or rows + entry.rows > cap:
+                return _Candidate(tuple(taken), rows, closed=True)
+            taken.append(entry)
+            rows += entry.rows
+        return _Candidate(tuple(taken), rows, closed=rows >= cap)
+
+    def _nearest_deadline(self) -> float | None:
+        deadlines = [e.deadline for e in self._in_order() if e.deadline is not None]
+        return min(deadlines, default=None)
+
+    def _check_room(self) -> None:
+        limit = self.policy.max_queue_size
+        if limit > 0 and self._count >= limit:
+            raise ResourceExhausted(f"{self._name()} is full (max_queue_size {limit})")
+
+    def _check_rows(self, entry: Pending) -> None:
+        cap = self.policy.max_batch_size
+        if cap > 0 and not 1 <= entry.rows <= cap:
+            raise InvalidArgument(
+                f"request of {entry.rows} rows for {self._name()} must have between 1 "
+                f"and max_batch_size {cap} rows"
+            )
+
+    def _name(self) -> str:
+        return f"queue of {self.label}" if self.label else "queue"
+
+
+def _is_expired(entry: Pending, now: float) -> bool:
+    return entry.deadline is not None and entry.deadline <= now
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    """The earlier of two optional times; None means no time."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)

@@ -1,0 +1,146 @@
+"""The batcher's loop: acts on the policy's decisions and fans batches out to compute replicas.
+
+The policy (`policy.BatchQueue`) decides "send n now" or "wait until t"; this loop only
+carries it out: it answers expired requests, picks the replica with the least outstanding
+work, and splits each batch's answer back to its requests.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from meshserve.batcher.batch import merge, split
+from meshserve.batcher.policy import BatchQueue, Pending, Send
+from meshserve.batcher.statistics import Statistics
+from meshserve.common.errors import DeadlineExceeded, ServingError, Unavailable
+from meshserve.common.forwarding import error_result, rpc_error_result
+from meshserve.common.upstream import Upstream
+from meshserve.protocol.groups_pb2 import GroupItem, ItemResult
+from meshserve.protocol.model_config_pb2 import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Replica:
+    """A compute replica and the work it has outstanding."""
+
+    upstream: Upstream
+    capacity: int = 1
+    batches: int = 0
+    rows: int = 0
+
+    @property
+    def idle(self) -> bool:
+        return self.upstream.serving and self.batches < self.capacity
+
+
+@dataclass
+class Job:
+    """What a queued request carries through the policy."""
+
+    item: GroupItem
+    future: asyncio.Future
+
+
+class Scheduler:
+    def __init__(self, queue: BatchQueue, replicas: list[Replica], config: ModelConfig,
+                 version: str, statistics: Statistics) -> None:
+        self.queue = queue
+        self.replicas = replicas
+        self._config = config
+        self._version = version
+        self._statistics = statistics
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def ready(self) -> bool:
+        return any(r.upstream.serving for r in self.replicas)
+
+    def submit(self, entry: Pending) -> None:
+        """Queue a request (raises ResourceExhausted when the queue is full)."""
+        self.queue.add(entry)
+        self._wake.set()
+
+    def replicas_changed(self) -> None:
+        if not self.ready:
+            for entry in self.queue.take(len(self.queue)):
+                self._answer(entry, error_result(Unavailable(
+                    f"no compute replica of model '{self._config.name}' "
+                    f"version '{self._version}' is ready")))
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            now = time.monotonic()
+            for entry in self.queue.expire(now):
+                self._answer(entry, error_result(DeadlineExceeded(
+                    "deadline exceeded while queued for a batch (never computed)")))
+            idle = [r for r in self.replicas if r.idle]
+            decision = self.queue.decide(now, len(idle))
+            if isinstance(decision, Send):
+                self._dispatch(self.queue.take(decision.count), idle, now)
+                continue
+            timeout = None if decision.until is None else max(0.0, decision.until - now)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _dispatch(self, entries: list[Pending], idle: list[Replica], now: float) -> None:
+        live = [e for e in entries if not e.payload.future.done()]  # callers that left
+        if not live:
+            return
+        replica = min(idle, key=lambda r: r.rows)
+        rows = sum(e.rows for e in live)
+        replica.batches += 1
+        replica.rows += rows
+        task = asyncio.get_running_loop().create_task(self._execute(replica, live, rows, now))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _execute(self, replica: Replica, entries: list[Pending], rows: int,
+                       dispatched: float) -> None:
+        try:
+            requests = [e.payload.item.request for e in entries]
+            counts = [e.rows for e in entries]
+            batch = merge(requests, counts, self._config, self._version)
+            deadlines = [e.deadline for e in entries]
+            timeout = None if None in deadlines else max(0.001, max(deadlines) - dispatched)
+            answer = await replica.upstream.inference.ModelInfer(batch, timeout=timeout)
+            params = answer.parameters
+            self._statistics.record_batch(
+                rows, len(entries), params["compute_input_ns"].int64_param,
+                params["compute_infer_ns"].int64_param, params["compute_output_ns"].int64_param)
+            for entry, response in zip(entries, split(answer, requests, counts)):
+                self._answer(entry, ItemResult(response=response), dispatched)
+        except grpc.aio.AioRpcError as error:
+            failed = rpc_error_result(error, f"compute replica {replica.upstream.target}")
+            for entry in entries:
+                self._answer(entry, failed, dispatched)
+        except ServingError as error:
+            for entry in entries:
+                self._answer(entry, error_result(error), dispatched)
+        finally:
+            replica.batches -= 1
+            replica.rows -= rows
+            self._wake.set()
+
+    def _answer(self, entry: Pending, result: ItemResult, dispatched: float | None = None) -> None:
+        future = entry.payload.future
+        if future.done():
+            return
+        future.set_result(result)
+        now = time.monotonic()
+        queue_ns = None if dispatched is None else int((dispatched - entry.enqueued) * 1e9)
+        self._statistics.record_request(result.code == 0, int((now - entry.enqueued) * 1e9),
+                                        queue_ns)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

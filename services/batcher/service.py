@@ -1,0 +1,168 @@
+"""The batcher: one pool per model version, dynamic batching, fan-out to compute replicas.
+
+`meshserve batcher --model-repository R --model M --version V --compute ADDR [...]`
+"""
+
+import argparse
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshserve.batcher.batch import batch_key, rows_of
+from meshserve.batcher.policy import BatchingPolicy, BatchQueue, Pending
+from meshserve.batcher.scheduler import Job, Replica, Scheduler
+from meshserve.batcher.statistics import Statistics
+from meshserve.common import runtime
+from meshserve.common.errors import NotFound, ServingError, Unavailable
+from meshserve.common.forwarding import deadline_of, error_result, raise_for
+from meshserve.common.repository import ModelRepository
+from meshserve.common.server import HealthServicer, Service
+from meshserve.common.tls import TlsFiles, server_credentials
+from meshserve.common.upstream import Upstream
+from meshserve.protocol import groups_pb2_grpc, grpc_service_pb2_grpc
+from meshserve.protocol.groups_pb2 import GroupItem, InferGroupResult
+from meshserve.protocol.grpc_service_pb2 import (
+    ModelReadyResponse,
+    ModelStatisticsResponse,
+)
+
+
+@dataclass(frozen=True)
+class BatcherSettings:
+    listen: str
+    tls: TlsFiles
+    repository: Path
+    model: str
+    version: str
+    compute: tuple[str, ...]
+    compute_identity: str = "compute"
+    batches_per_replica: int = 1
+
+
+class Batcher:
+    """The batcher's core: takes groups, queues their requests, answers each one."""
+
+    def __init__(self, scheduler: Scheduler, statistics: Statistics, batched: bool) -> None:
+        self.scheduler = scheduler
+        self.statistics = statistics
+        self._batched = batched
+
+    async def infer(self, items) -> list:
+        arrived = time.monotonic()
+        loop = asyncio.get_running_loop()
+        futures = []
+        for item in items:
+            future = loop.create_future()
+            futures.append(future)
+            try:
+                if not self.scheduler.ready:
+                    raise self._unready()
+                request = item.request
+                self.scheduler.submit(Pending(
+                    key=batch_key(request, self._batched), rows=rows_of(request, self._batched),
+                    enqueued=arrived, deadline=deadline_of(item.timeout_us, arrived),
+                    priority=item.priority, payload=Job(item, future)))
+            except ServingError as error:
+                future.set_result(error_result(error))
+        return await asyncio.gather(*futures)
+
+    def _unready(self) -> ServingError:
+        return Unavailable(f"no compute replica of model '{self.statistics.name}' version "
+                           f"'{self.statistics.version}' is ready")
+
+
+class GroupServicer(groups_pb2_grpc.GroupInferenceServicer):
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher = batcher
+
+    async def Infer(self, request, context):
+        return InferGroupResult(results=await self._batcher.infer(request.items))
+
+
+class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Statistics and readiness for this model version; ModelInfer for debugging."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher = batcher
+
+    def _check(self, name: str, version: str) -> None:
+        stats = self._batcher.statistics
+        if name != stats.name or version not in ("", stats.version):
+            raise NotFound(f"this batcher serves model '{stats.name}' version "
+                           f"'{stats.version}', not '{name}' version '{version}'")
+
+    async def ModelReady(self, request, context):
+        self._check(request.name, request.version)
+        return ModelReadyResponse(ready=self._batcher.scheduler.ready)
+
+    async def ModelStatistics(self, request, context):
+        if request.name:
+            self._check(request.name, request.version)
+        return ModelStatisticsResponse(model_stats=[self._batcher.statistics.to_proto()])
+
+    async def ModelInfer(self, request, context):
+        remaining = context.time_remaining()
+        item = GroupItem(request=request, timeout_us=int(remaining * 1e6) if remaining else 0)
+        [result] = await self._batcher.infer([item])
+        raise_for(result)
+        return result.response
+
+
+def build_service(settings: BatcherSettings) -> Service:
+    repository = ModelRepository.load(settings.repository)
+    entry = repository.get(settings.model)
+    version = repository.version(settings.model, settings.version)
+    config = entry.config
+    policy = BatchingPolicy.from_config(config)
+    label = f"model '{entry.name}' version '{version}'"
+    statistics = Statistics(name=entry.name, version=version)
+    replicas = [Replica(Upstream(address, settings.tls, settings.compute_identity),
+                        capacity=settings.batches_per_replica) for address in settings.compute]
+    scheduler = Scheduler(BatchQueue(policy, label), replicas, config, version, statistics)
+    batcher = Batcher(scheduler, statistics, batched=config.max_batch_size > 0)
+    health = HealthServicer()
+
+    def replicas_changed() -> None:
+        scheduler.replicas_changed()
+        health.set(scheduler.ready)
+
+    def register(server) -> None:
+        groups_pb2_grpc.add_GroupInferenceServicer_to_server(GroupServicer(batcher), server)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(batcher), server)
+
+    async def close() -> None:
+        await scheduler.close()
+        for replica in replicas:
+            await replica.upstream.close()
+
+    background = [scheduler.run] + [
+        (lambda r=r: r.upstream.watch(replicas_changed)) for r in replicas]
+    return Service(settings.listen, server_credentials(settings.tls), register, health,
+                   background=background, cleanup=[close])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="meshserve batcher", description=__doc__)
+    runtime.add_server_flags(parser)
+    parser.add_argument("--model-repository", type=Path, required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--version", default="", help="default: the model's default version")
+    parser.add_argument("--compute", action="append", required=True, metavar="HOST:PORT",
+                        help="a compute replica of this model version (repeatable)")
+    parser.add_argument("--compute-identity", default="compute",
+                        help="identity the compute replicas' certificates must name")
+    parser.add_argument("--batches-per-replica", type=int, default=1,
+                        help="batches in flight per compute replica")
+    args = parser.parse_args(argv)
+    runtime.configure_logging("batcher", args.log_level)
+    settings = BatcherSettings(
+        listen=args.listen, tls=runtime.tls_files(args), repository=args.model_repository,
+        model=args.model, version=args.version, compute=tuple(args.compute),
+        compute_identity=args.compute_identity, batches_per_replica=args.batches_per_replica)
+
+    async def build() -> Service:
+        return build_service(settings)
+
+    return runtime.serve(build, args.port_file, args.drain_seconds)

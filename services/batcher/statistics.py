@@ -1,0 +1,78 @@
+"""Per model version statistics, with Triton's ModelStatistics meaning.
+
+inference_count counts rows, execution_count counts batches; durations are summed in ns.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+from meshserve.protocol.grpc_service_pb2 import ModelStatistics
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+
+@dataclass
+class BatchTimes:
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass
+class Statistics:
+    name: str
+    version: str
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute: BatchTimes = field(default_factory=BatchTimes)
+    batches: dict[int, BatchTimes] = field(default_factory=dict)
+
+    def record_batch(self, rows: int, requests: int, input_ns: int, infer_ns: int,
+                     output_ns: int) -> None:
+        """A batch of `rows` rows from `requests` requests ran; times are per batch."""
+        self.inference_count += rows
+        self.execution_count += 1
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        per_size = self.batches.setdefault(rows, BatchTimes())
+        for times, count in ((per_size, 1), (self.compute, requests)):
+            times.compute_input.add(input_ns, count)
+            times.compute_infer.add(infer_ns, count)
+            times.compute_output.add(output_ns, count)
+
+    def record_request(self, ok: bool, total_ns: int, queue_ns: int | None) -> None:
+        (self.success if ok else self.fail).add(total_ns)
+        if queue_ns is not None:
+            self.queue.add(queue_ns)
+
+    def to_proto(self) -> ModelStatistics:
+        stats = ModelStatistics(name=self.name, version=self.version,
+                                last_inference=self.last_inference_ms,
+                                inference_count=self.inference_count,
+                                execution_count=self.execution_count)
+        infer = stats.inference_stats
+        for target, source in ((infer.success, self.success), (infer.fail, self.fail),
+                               (infer.queue, self.queue),
+                               (infer.compute_input, self.compute.compute_input),
+                               (infer.compute_infer, self.compute.compute_infer),
+                               (infer.compute_output, self.compute.compute_output)):
+            target.count, target.ns = source.count, source.ns
+        for size in sorted(self.batches):
+            times = self.batches[size]
+            entry = stats.batch_stats.add(batch_size=size)
+            for target, source in ((entry.compute_input, times.compute_input),
+                                   (entry.compute_infer, times.compute_infer),
+                                   (entry.compute_output, times.compute_output)):
+                target.count, target.ns = source.count, source.ns
+        return stats

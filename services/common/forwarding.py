@@ -1,0 +1,131 @@
+"""Group forwarding: the internal hop's hot path.
+
+A hop keeps one long-lived call slot per upstream. While a call is in flight, new requests
+wait; when it returns, everything that arrived meanwhile leaves as the next group. Idle, a
+request leaves at once as a group of one; busy, groups grow by themselves. gRPC's per-call
+cost is paid per group, not per request (see docs: about 600 µs → 50–80 µs per request).
+"""
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from meshserve.common.errors import DeadlineExceeded, ServingError, Unavailable, from_code
+from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
+
+# An item and its absolute deadline on this process's monotonic clock (None: no deadline).
+Entry = tuple[GroupItem, float | None]
+GroupCall = Callable[[InferGroup, float | None], Awaitable[InferGroupResult]]
+
+CODE_NUMBER = {status.name: status.value[0] for status in grpc.StatusCode}
+CODE_NAME = {number: name for name, number in CODE_NUMBER.items()}
+OK = 0
+
+
+def error_result(error: ServingError) -> ItemResult:
+    return ItemResult(code=CODE_NUMBER[error.code], message=error.message)
+
+
+def raise_for(result: ItemResult) -> None:
+    """Raise the domain error an item result carries, if any."""
+    if result.code != OK:
+        raise from_code(CODE_NAME.get(result.code, "UNKNOWN"), result.message)
+
+
+def deadline_of(timeout_us: int, arrived: float) -> float | None:
+    return arrived + timeout_us / 1e6 if timeout_us else None
+
+
+def rpc_error_result(error: grpc.aio.AioRpcError, upstream: str) -> ItemResult:
+    code = error.code()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return error_result(DeadlineExceeded("deadline exceeded before the model answered"))
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return error_result(Unavailable(f"{upstream} unavailable: {error.details()}"))
+    return ItemResult(code=code.value[0], message=error.details() or code.name)
+
+
+class GroupForwarder:
+    """Coalesces entries for one model into groups, one call in flight per upstream."""
+
+    def __init__(self, call: GroupCall, model_name: str, upstream: str, *,
+                 max_group: int = 512, max_in_flight: int = 1) -> None:
+        self._call = call
+        self._model_name = model_name
+        self._upstream = upstream
+        self._max_group = max_group
+        self._max_in_flight = max_in_flight
+        self._pending: list[tuple[list[Entry], asyncio.Future]] = []
+        self._in_flight = 0
+
+    async def forward(self, entries: list[Entry]) -> list[ItemResult]:
+        """Send `entries` with whatever else is waiting; one result per entry, in order."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((entries, future))
+        if self._in_flight < self._max_in_flight:
+            self._in_flight += 1
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    def _take(self) -> list[tuple[list[Entry], asyncio.Future]]:
+        taken, items = 0, 0
+        for entries, _ in self._pending:
+            if taken and items + len(entries) > self._max_group:
+                break
+            taken += 1
+            items += len(entries)
+        parcels = self._pending[:taken]
+        del self._pending[:taken]
+        return parcels
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                parcels = self._take()
+                try:
+                    results = await self._send([entries for entries, _ in parcels])
+                except Exception as error:  # noqa: BLE001 — every waiter must hear of it
+                    for _, future in parcels:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                for (_, future), parcel_results in zip(parcels, results, strict=True):
+                    if not future.done():
+                        future.set_result(parcel_results)
+        finally:
+            self._in_flight -= 1
+
+    async def _send(self, parcels: list[list[Entry]]) -> list[list[ItemResult]]:
+        now = time.monotonic()
+        group = InferGroup(model_name=self._model_name)
+        results: list[list[ItemResult | None]] = [[None] * len(p) for p in parcels]
+        sent: list[tuple[int, int]] = []
+        longest: float | None = 0.0
+        for p, entries in enumerate(parcels):
+            for j, (item, deadline) in enumerate(entries):
+                if deadline is None:
+                    item.timeout_us = 0
+                    longest = None
+                else:
+                    remaining = deadline - now
+                    if remaining <= 0:
+                        results[p][j] = error_result(DeadlineExceeded(
+                            "deadline exceeded before the request left the "
+                            f"{self._upstream} queue"))
+                        continue
+                    item.timeout_us = int(remaining * 1e6)
+                    if longest is not None:
+                        longest = max(longest, remaining)
+                sent.append((p, j))
+                group.items.append(item)
+        if sent:
+            try:
+                reply = (await self._call(group, longest)).results
+            except grpc.aio.AioRpcError as error:
+                failed = rpc_error_result(error, self._upstream)
+                reply = [failed] * len(sent)
+            for (p, j), result in zip(sent, reply, strict=True):
+                results[p][j] = result
+        return results  # type: ignore[return-value]

@@ -1,0 +1,392 @@
+"""The model repository, in Triton's layout.
+
+    <repository>/<model>/config.pbtxt
+    <repository>/<model>/<version>/model.pt
+
+A version is a directory named by a positive integer; its artifact is the config's
+`default_model_filename`, or `model.pt`. Which versions are served follows the config's
+`version_policy`, whose default (as in Triton) is the latest one.
+
+`config.pbtxt` is protobuf text format. meshserve defines a subset of Triton's model
+configuration; sections outside it (`optimization`, `sequence_batching`, ...) are skipped
+with a warning so that existing Triton configs load unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from meshserve.common.datatypes import WIRE_FROM_CONFIG
+from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from meshserve.protocol.model_config_pb2 import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILENAME = "config.pbtxt"
+DEFAULT_MODEL_FILENAME = "model.pt"
+PLATFORM = "pytorch_libtorch"
+BACKEND = "pytorch"
+
+_VERSION_DIR = re.compile(r"[1-9][0-9]*", re.ASCII)
+_UNKNOWN_FIELD = re.compile(r'has no field named "([^"]+)"')
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SCALAR = re.compile(r"""[^\s,;{}\[\]<>#:"']+""")
+_OPEN = "{[<"
+_CLOSE = "}]>"
+_MAX_SKIPPED = 1000
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _skip_blank(text: str, i: int) -> int:
+    """Skip whitespace and `#` comments."""
+    while i < len(text):
+        if text[i].isspace():
+            i += 1
+        elif text[i] == "#":
+            end = text.find("\n", i)
+            i = len(text) if end < 0 else end + 1
+        else:
+            break
+    return i
+
+
+def _skip_string(text: str, i: int) -> int:
+    """Skip the quoted string starting at text[i]; -1 if it is not terminated on its line."""
+    quote = text[i]
+    i += 1
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+        elif c == quote:
+            return i + 1
+        elif c == "\n":
+            return -1
+        else:
+            i += 1
+    return -1
+
+
+def _skip_value(text: str, i: int) -> int:
+    """Skip one field value (scalar, string(s), message or list) at text[i]; -1 if broken."""
+    if i >= len(text):
+        return -1
+    if text[i] in "\"'":
+        while i < len(text) and text[i] in "\"'":  # adjacent strings concatenate
+            i = _skip_string(text, i)
+            if i < 0:
+                return -1
+            i = _skip_blank(text, i)
+        return i
+    if text[i] in _OPEN:
+        depth = 0
+        while i < len(text):
+            c = text[i]
+            if c in "\"'":
+                i = _skip_string(text, i)
+                if i < 0:
+                    return -1
+                continue
+            if c == "#":
+                i = _skip_blank(text, i)
+                continue
+            if c in _OPEN:
+                depth += 1
+            elif c in _CLOSE:
+                depth -= 1
+                if depth == 0:
+                    return i + 1
+            i += 1
+        return -1
+    match = _SCALAR.match(text, i)
+    return match.end() if match else -1
+
+
+def _unknown_field_span(text: str, line: int, column: int, name: str) -> tuple[int, int] | None:
+    """The span of the unknown field `name` (name and value) that the parser reported at
+    line:column (both 1-based), or None when the text there is not that field."""
+    lines = text.split("\n")
+    if not 1 <= line <= len(lines):
+        return None
+    start = sum(len(x) + 1 for x in lines[: line - 1]) + column - 1
+    match = _IDENTIFIER.match(text, start)
+    if match is None or match.group() != name:
+        return None
+    i = _skip_blank(text, match.end())
+    if i < len(text) and text[i] == ":":
+        i = _skip_blank(text, i + 1)
+    end = _skip_value(text, i)
+    if end < 0:
+        return None
+    after = _skip_blank(text, end)
+    if after < len(text) and text[after] in ",;":
+        end = after + 1
+    return start, end
+
+
+def _blank_out(text: str, start: int, end: int) -> str:
+    """Replace text[start:end] by spaces, keeping newlines so later positions stay put."""
+    hole = "".join(c if c == "\n" else " " for c in text[start:end])
+    return text[:start] + hole + text[end:]
+
+
+def _parse_text(text: str, source: str) -> ModelConfig:
+    """Parse config.pbtxt text, skipping (with one warning) fields meshserve does not define.
+
+    Protobuf's own `allow_unknown_field` skipper cannot step over some forms Triton configs
+    use (`control_input [ { ... } ]`, a list of messages without a colon), so unknown fields
+    are instead blanked out one at a time and the text parsed strictly again.
+    """
+    skipped: list[str] = []
+    while True:
+        config = ModelConfig()
+        try:
+            text_format.Parse(text, config)
+        except text_format.ParseError as error:
+            unknown = _UNKNOWN_FIELD.search(str(error))
+            span = None
+            if unknown is not None and error.GetLine() and error.GetColumn():
+                span = _unknown_field_span(
+                    text, error.GetLine(), error.GetColumn(), unknown.group(1)
+                )
+            if span is None or len(skipped) >= _MAX_SKIPPED:
+                hint = ""
+                if unknown is not None:
+                    hint = " (an unknown field is skipped, but this one's value is malformed)"
+                raise InvalidArgument(
+                    f"{source}: cannot parse model configuration: {error}{hint}"
+                ) from None
+            skipped.append(str(error))
+            text = _blank_out(text, *span)
+            continue
+        if skipped:
+            logger.warning(
+                "%s: skipping model configuration fields meshserve does not define: %s",
+                source,
+                "; ".join(skipped),
+            )
+        return config
+
+
+def _check_tensor(source: str, kind: str, tensor, seen: set[str]) -> None:
+    if not tensor.name:
+        raise InvalidArgument(f"{source}: an {kind} has no name")
+    if tensor.name in seen:
+        raise InvalidArgument(f"{source}: {kind} '{tensor.name}' is declared twice")
+    seen.add(tensor.name)
+    if tensor.data_type not in WIRE_FROM_CONFIG:
+        raise InvalidArgument(
+            f"{source}: {kind} '{tensor.name}' has no valid data_type "
+            f"(got {tensor.data_type}; expected TYPE_BOOL ... TYPE_BF16)"
+        )
+    for d in tensor.dims:
+        if d != -1 and d < 1:
+            raise InvalidArgument(
+                f"{source}: {kind} '{tensor.name}' has dimension {d} in dims "
+                f"{list(tensor.dims)}; each must be >= 1, or -1 for a variable size"
+            )
+
+
+def parse_config(text: str, source: str, default_name: str) -> ModelConfig:
+    """Parse and validate a model's config.pbtxt.
+
+    `source` names the file in messages; `default_name` (the model's directory) fills in an
+    empty `name` and must match a given one.
+    """
+    config = _parse_text(text, source)
+
+    if not config.name:
+        config.name = default_name
+    elif default_name and config.name != default_name:
+        raise InvalidArgument(
+            f"{source}: model name '{config.name}' does not match its directory '{default_name}'"
+        )
+
+    if config.platform not in ("", PLATFORM):
+        raise FailedPrecondition(
+            f"{source}: platform '{config.platform}' is not supported; "
+            f"meshserve serves TorchScript ({PLATFORM})"
+        )
+    if config.backend not in ("", BACKEND):
+        raise FailedPrecondition(
+            f"{source}: backend '{config.backend}' is not supported; "
+            f"meshserve serves TorchScript ({PLATFORM})"
+        )
+    if not config.platform and not config.backend:
+        config.platform = PLATFORM
+
+    if config.max_batch_size < 0:
+        raise InvalidArgument(
+            f"{source}: max_batch_size must be >= 0 (0: no batch dimension), "
+            f"got {config.max_batch_size}"
+        )
+    if not config.input:
+        raise InvalidArgument(f"{source}: model '{config.name}' declares no input")
+    if not config.output:
+        raise InvalidArgument(f"{source}: model '{config.name}' declares no output")
+    seen: set[str] = set()
+    for tensor in config.input:
+        _check_tensor(source, "input", tensor, seen)
+    seen = set()
+    for tensor in config.output:
+        _check_tensor(source, "output", tensor, seen)
+
+    policy = config.version_policy
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "latest" and policy.latest.num_versions < 1:
+        raise InvalidArgument(f"{source}: version_policy latest needs num_versions >= 1")
+    if choice == "specific":
+        if not policy.specific.versions:
+            raise InvalidArgument(f"{source}: version_policy specific lists no versions")
+        bad = [v for v in policy.specific.versions if v < 1]
+        if bad:
+            raise InvalidArgument(
+                f"{source}: version_policy specific lists versions {bad}; "
+                f"versions are positive integers"
+            )
+    return config
+
+
+# --------------------------------------------------------------------------- repository
+
+
+def _served_versions(name: str, config: ModelConfig, available: list[int]) -> tuple[str, ...]:
+    """Apply the version policy to the versions on disk (sorted ascending)."""
+    policy = config.version_policy
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "all":
+        served = available
+    elif choice == "specific":
+        wanted = set(policy.specific.versions)
+        served = [v for v in available if v in wanted]
+        missing = sorted(wanted.difference(available))
+        if missing:
+            logger.warning(
+                "model '%s': version_policy names versions %s that have no directory",
+                name,
+                ", ".join(map(str, missing)),
+            )
+        if not served:
+            raise FailedPrecondition(
+                f"model '{name}': none of the versions its version_policy names "
+                f"({', '.join(map(str, sorted(wanted)))}) exists "
+                f"(on disk: {', '.join(map(str, available))})"
+            )
+    else:  # latest, which is also the default
+        count = policy.latest.num_versions if choice == "latest" else 1
+        served = available[-count:]
+    return tuple(str(v) for v in served)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of the repository: its directory, configuration and served versions."""
+
+    name: str
+    path: Path
+    config: ModelConfig
+    versions: tuple[str, ...]
+
+    @property
+    def default_version(self) -> str:
+        """The highest served version."""
+        return self.versions[-1]
+
+
+class ModelRepository:
+    """The models of a repository directory, loaded once."""
+
+    def __init__(self, path: Path, models: dict[str, ModelEntry]) -> None:
+        self.path = path
+        self.models = models
+
+    @classmethod
+    def load(cls, path: Path | str) -> ModelRepository:
+        path = Path(path)
+        if not path.is_dir():
+            raise FailedPrecondition(f"model repository {path} is not a directory")
+        models: dict[str, ModelEntry] = {}
+        for model_dir in sorted(p for p in path.iterdir() if p.is_dir()):
+            if model_dir.name.startswith("."):
+                continue
+            entry = cls._load_model(model_dir)
+            if entry is not None:
+                models[entry.name] = entry
+        if not models:
+            logger.warning("model repository %s holds no models", path)
+        return cls(path, models)
+
+    @staticmethod
+    def _load_model(model_dir: Path) -> ModelEntry | None:
+        name = model_dir.name
+        config_path = model_dir / CONFIG_FILENAME
+        if not config_path.is_file():
+            logger.warning("skipping %s: it has no %s", model_dir, CONFIG_FILENAME)
+            return None
+        try:
+            text = config_path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise InvalidArgument(f"{config_path}: not UTF-8 text ({error})") from None
+        config = parse_config(text, str(config_path), name)
+
+        available: list[int] = []
+        for child in model_dir.iterdir():
+            if not child.is_dir():
+                continue
+            if _VERSION_DIR.fullmatch(child.name):
+                available.append(int(child.name))
+            elif child.name.isascii() and child.name.isdigit():
+                logger.warning(
+                    "model '%s': ignoring directory %s; a version is a positive integer "
+                    "without leading zeros",
+                    name,
+                    child,
+                )
+        if not available:
+            raise FailedPrecondition(
+                f"model '{name}' in {model_dir} has no version directory "
+                f"(a subdirectory named by a positive integer, holding the model file)"
+            )
+        available.sort()
+        versions = _served_versions(name, config, available)
+        return ModelEntry(name=name, path=model_dir, config=config, versions=versions)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.models
+
+    def get(self, name: str) -> ModelEntry:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise NotFound(f"unknown model '{name}'") from None
+
+    def version(self, name: str, version: str) -> str:
+        """The served version a request for `version` means ("" means the default)."""
+        entry = self.get(name)
+        if not version:
+            return entry.default_version
+        wanted = version.strip()
+        if wanted.isascii() and wanted.isdigit():
+            wanted = str(int(wanted))
+        if wanted not in entry.versions:
+            raise NotFound(
+                f"model '{name}' has no version '{version}' (served: {', '.join(entry.versions)})"
+            )
+        return wanted
+
+    def artifact(self, name: str, version: str) -> Path:
+        """The model file of a served version; FailedPrecondition if it is missing."""
+        entry = self.get(name)
+        resolved = self.version(name, version)
+        filename = entry.config.default_model_filename or DEFAULT_MODEL_FILENAME
+        path = entry.path / resolved / filename
+        if not path.is_file():
+            raise FailedPrecondition(f"model '{name}' version {resolved} has no model file {path}")
+        return path

@@ -1,0 +1,70 @@
+"""Process wiring every service shares: common flags, uvloop, signals, graceful stop."""
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import uvloop
+
+from meshserve.common.server import Service
+from meshserve.common.tls import TlsFiles
+
+log = logging.getLogger(__name__)
+
+
+def add_server_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", default="127.0.0.1:0",
+                        help="address to serve on (port 0 picks a free port)")
+    parser.add_argument("--tls-cert", type=Path, required=True,
+                        help="this service's certificate (PEM)")
+    parser.add_argument("--tls-key", type=Path, required=True, help="its private key (PEM)")
+    parser.add_argument("--tls-ca", type=Path, required=True,
+                        help="CA that signs the mesh's certificates (PEM)")
+    parser.add_argument("--port-file", type=Path,
+                        help="write the bound port here once serving (for supervisors)")
+    parser.add_argument("--drain-seconds", type=float, default=5.0,
+                        help="on SIGTERM, time given to in-flight calls")
+    parser.add_argument("--log-level", default="INFO")
+
+
+def tls_files(args: argparse.Namespace) -> TlsFiles:
+    return TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
+
+
+def configure_logging(service: str, level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s")
+
+
+def write_port_file(path: Path | None, port: int) -> None:
+    if path is None:
+        return
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(f"{port}\n")
+    os.replace(temporary, path)
+
+
+def serve(build: Callable[[], Awaitable[Service]], port_file: Path | None,
+          drain_seconds: float) -> int:
+    """Run a service on uvloop until SIGTERM or SIGINT, then drain and stop."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        service = await build()
+        port = await service.start()
+        write_port_file(port_file, port)
+        log.info("serving on port %d", port)
+        await stop.wait()
+        log.info("stopping: draining for up to %.1f s", drain_seconds)
+        await service.stop(drain_seconds)
+
+    uvloop.run(main())
+    return 0

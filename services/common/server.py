@@ -1,0 +1,195 @@
+"""The pieces every service's gRPC server shares: the error interceptor, health, start/stop."""
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Iterable
+
+import grpc
+
+from meshserve.common.errors import ServingError
+from meshserve.common.tls import server_options
+from meshserve.protocol import health_pb2, health_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Never share a port with another process that happens to bind the same one.
+SERVER_OPTIONS = [*server_options(), ("grpc.so_reuseport", 0)]
+
+
+def status_of(error: ServingError) -> grpc.StatusCode:
+    return grpc.StatusCode[error.code]
+
+
+def internal_error_message(error: BaseException) -> str:
+    """Log an unexpected error under a fresh id; the caller sees only the id."""
+    error_id = secrets.token_hex(6)
+    log.error("internal error %s", error_id, exc_info=error)
+    return f"internal error (id {error_id})"
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """The one place where domain errors become gRPC statuses.
+
+    ServingError → its status and message; anything else → INTERNAL with a fixed message and
+    an id that is logged with the stack trace.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(self, continuation, details):
+        handler = self._wrapped.get(details.method)
+        if handler is None:
+            handler = await continuation(details)
+            if handler is None:
+                return None
+            handler = _wrap(handler)
+            self._wrapped[details.method] = handler
+        return handler
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    if isinstance(error, ServingError):
+        await context.abort(status_of(error), error.message)
+    await context.abort(grpc.StatusCode.INTERNAL, internal_error_message(error))
+
+
+def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    if handler.unary_unary:
+        behavior = handler.unary_unary
+
+        async def unary_unary(request, context):
+            try:
+                return await behavior(request, context)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as error:  # noqa: BLE001 — mapped to a status here
+                await _abort(context, error)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, handler.request_deserializer, handler.response_serializer)
+    if handler.stream_stream:
+        stream_behavior = handler.stream_stream
+
+        async def stream_stream(request_iterator, context):
+            try:
+                async for response in stream_behavior(request_iterator, context):
+                    yield response
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as error:  # noqa: BLE001
+                await _abort(context, error)
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream_stream, handler.request_deserializer, handler.response_serializer)
+    if handler.unary_stream:
+        stream_behavior = handler.unary_stream
+
+        async def unary_stream(request, context):
+            try:
+                async for response in stream_behavior(request, context):
+                    yield response
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as error:  # noqa: BLE001
+                await _abort(context, error)
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, handler.request_deserializer, handler.response_serializer)
+    return handler
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1: "" is the whole server; other names are registered services.
+
+    Readiness means "can serve now"; the service flips it with `set`.
+    """
+
+    def __init__(self, services: Iterable[str] = ()) -> None:
+        self._status = {name: NOT_SERVING for name in ("", *services)}
+        self._changed = asyncio.Event()
+
+    def set(self, serving: bool, service: str = "") -> None:
+        status = SERVING if serving else NOT_SERVING
+        if self._status.get(service) != status:
+            self._status[service] = status
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    def set_all(self, serving: bool) -> None:
+        for name in list(self._status):
+            self.set(serving, name)
+
+    def serving(self, service: str = "") -> bool:
+        return self._status.get(service) == SERVING
+
+    def _lookup(self, service: str):
+        status = self._status.get(service)
+        if status is None:
+            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        return status
+
+    async def Check(self, request, context):
+        status = self._lookup(request.service)
+        if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"unknown health service '{request.service}'")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request, context):
+        last = None
+        while True:
+            status = self._lookup(request.service)
+            if status != last:
+                last = status
+                yield health_pb2.HealthCheckResponse(status=status)
+            await self._changed.wait()
+
+
+class Service:
+    """A started-on-demand gRPC server: `await start()` returns the bound port."""
+
+    def __init__(self, address: str, credentials: grpc.ServerCredentials,
+                 register: Callable[[grpc.aio.Server], None], health: HealthServicer,
+                 background: Iterable[Callable[[], Awaitable[object]]] = (),
+                 cleanup: Iterable[Callable[[], Awaitable[object]]] = ()) -> None:
+        self.address = address
+        self.health = health
+        self._credentials = credentials
+        self._register = register
+        self._background_factories = list(background)
+        self._cleanup = list(cleanup)
+        self._tasks: list[asyncio.Task] = []
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+
+    async def start(self) -> int:
+        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+        self._register(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_secure_port(self.address, self._credentials)
+        if self.port == 0:
+            raise OSError(f"could not bind {self.address}")
+        await self.server.start()
+        self._tasks = [asyncio.create_task(factory()) for factory in self._background_factories]
+        return self.port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Report not-ready, stop accepting, let in-flight calls finish within `grace`."""
+        self.health.set_all(False)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.server is not None:
+            await self.server.stop(grace)
+        for close in self._cleanup:
+            await close()
+
+    async def wait(self) -> None:
+        assert self.server is not None
+        await self.server.wait_for_termination()

@@ -1,0 +1,228 @@
+"""The ingress: the public Open Inference Protocol endpoint.
+
+Validates every request against its model's configuration, assigns a request id, carries
+the client's deadline, and forwards groups of requests to the router over mutual TLS.
+
+`meshserve ingress --model-repository R --router HOST:PORT [--require-client-cert]`
+"""
+
+import argparse
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshserve import __version__
+from meshserve.common import runtime
+from meshserve.common.datatypes import WIRE_FROM_CONFIG
+from meshserve.common.errors import InvalidArgument, ServingError
+from meshserve.common.forwarding import GroupForwarder, raise_for
+from meshserve.common.repository import ModelRepository
+from meshserve.common.server import HealthServicer, Service, internal_error_message
+from meshserve.common.tls import TlsFiles, server_credentials
+from meshserve.common.upstream import Upstream
+from meshserve.ingress.validation import expected_shape, validate
+from meshserve.protocol import grpc_service_pb2 as pb
+from meshserve.protocol import grpc_service_pb2_grpc
+from meshserve.protocol.groups_pb2 import GroupItem
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ["model_configuration", "statistics", "repository_index", "streaming"]
+
+
+@dataclass(frozen=True)
+class IngressSettings:
+    listen: str
+    tls: TlsFiles
+    repository: Path
+    router: str
+    router_identity: str = "router"
+    require_client_cert: bool = False
+
+
+def parameter(request: pb.ModelInferRequest, name: str) -> int:
+    """An integer request parameter (Triton's `priority`, `timeout` in µs); 0 when absent."""
+    if name not in request.parameters:
+        return 0
+    value = request.parameters[name]
+    kind = value.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param") or getattr(value, kind) < 0:
+        raise InvalidArgument(f"parameter '{name}' must be a non-negative integer")
+    return getattr(value, kind)
+
+
+class Ingress:
+    def __init__(self, repository: ModelRepository, router: Upstream) -> None:
+        self.repository = repository
+        self.router = router
+        self._forwarders: dict[str, GroupForwarder] = {}
+        self._ids = (f"{secrets.token_hex(4)}-{n}" for n in itertools.count())
+
+    def _forwarder(self, model: str) -> GroupForwarder:
+        forwarder = self._forwarders.get(model)
+        if forwarder is None:
+            forwarder = GroupForwarder(self._call, model, "router")
+            self._forwarders[model] = forwarder
+        return forwarder
+
+    async def _call(self, group, timeout):
+        return await self.router.groups.Infer(group, timeout=timeout)
+
+    def config(self, name: str, version: str):
+        entry = self.repository.get(name)
+        if version:
+            self.repository.version(name, version)
+        return entry
+
+    async def infer(self, request: pb.ModelInferRequest,
+                    remaining: float | None) -> pb.ModelInferResponse:
+        arrived = time.monotonic()
+        validate(request, self.config(request.model_name, request.model_version).config)
+        timeout_us = parameter(request, "timeout")
+        deadlines = [arrived + remaining if remaining is not None else None,
+                     arrived + timeout_us / 1e6 if timeout_us else None]
+        known = [d for d in deadlines if d is not None]
+        item = GroupItem(request=request, request_id=next(self._ids),
+                         priority=parameter(request, "priority"))
+        [result] = await self._forwarder(request.model_name).forward(
+            [(item, min(known) if known else None)])
+        raise_for(result)
+        return result.response
+
+
+def tensor_metadata(config, tensor) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(
+        name=tensor.name, datatype=WIRE_FROM_CONFIG[tensor.data_type],
+        shape=expected_shape(config, tensor.dims))
+
+
+class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, ingress: Ingress, health: HealthServicer) -> None:
+        self._ingress = ingress
+        self._health = health
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self._health.serving())
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="meshserve", version=__version__,
+                                         extensions=EXTENSIONS)
+
+    async def ModelReady(self, request, context):
+        self._ingress.config(request.name, request.version)
+        return await self._ingress.router.inference.ModelReady(request, timeout=5)
+
+    async def ModelMetadata(self, request, context):
+        entry = self._ingress.config(request.name, request.version)
+        config = entry.config
+        return pb.ModelMetadataResponse(
+            name=entry.name, versions=list(entry.versions), platform=config.platform,
+            inputs=[tensor_metadata(config, t) for t in config.input],
+            outputs=[tensor_metadata(config, t) for t in config.output])
+
+    async def ModelConfig(self, request, context):
+        return pb.ModelConfigResponse(
+            config=self._ingress.config(request.name, request.version).config)
+
+    async def ModelStatistics(self, request, context):
+        if request.name:
+            self._ingress.config(request.name, request.version)
+        return await self._ingress.router.inference.ModelStatistics(request, timeout=5)
+
+    async def RepositoryIndex(self, request, context):
+        response = pb.RepositoryIndexResponse()
+        for name, entry in sorted(self._ingress.repository.models.items()):
+            for version in entry.versions:
+                try:
+                    reply = await self._ingress.router.inference.ModelReady(
+                        pb.ModelReadyRequest(name=name, version=version), timeout=5)
+                    ready = reply.ready
+                except Exception:  # noqa: BLE001 — reported as the model's state
+                    ready = False
+                if ready or not request.ready:
+                    response.models.add(name=name, version=version,
+                                        state="READY" if ready else "UNAVAILABLE")
+        return response
+
+    async def ModelInfer(self, request, context):
+        return await self._ingress.infer(request, context.time_remaining())
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Requests are served concurrently; each answer is sent as soon as it is ready."""
+        answers: asyncio.Queue = asyncio.Queue()
+        remaining = context.time_remaining()
+
+        async def serve_one(request) -> None:
+            try:
+                response = await self._ingress.infer(request, remaining)
+                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+            except Exception as error:  # noqa: BLE001 — every request gets an answer
+                message = (f"{error.code}: {error.message}" if isinstance(error, ServingError)
+                           else f"INTERNAL: {internal_error_message(error)}")
+                answers.put_nowait(pb.ModelStreamInferResponse(
+                    error_message=message,
+                    infer_response=pb.ModelInferResponse(
+                        model_name=request.model_name, model_version=request.model_version,
+                        id=request.id)))
+
+        async def read_all() -> None:
+            tasks = set()
+            async for request in request_iterator:
+                task = asyncio.create_task(serve_one(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await asyncio.gather(*tasks)
+            answers.put_nowait(None)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+        finally:
+            reader.cancel()
+
+
+def build_service(settings: IngressSettings) -> Service:
+    repository = ModelRepository.load(settings.repository)
+    router = Upstream(settings.router, settings.tls, settings.router_identity)
+    ingress = Ingress(repository, router)
+    health = HealthServicer()
+
+    def register(server) -> None:
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(ingress, health), server)
+
+    return Service(
+        settings.listen,
+        server_credentials(settings.tls, require_client_auth=settings.require_client_cert),
+        register, health, background=[lambda: router.watch(lambda: health.set(router.serving))],
+        cleanup=[router.close])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="meshserve ingress", description=__doc__)
+    runtime.add_server_flags(parser)
+    parser.add_argument("--model-repository", type=Path, required=True)
+    parser.add_argument("--router", required=True, metavar="HOST:PORT")
+    parser.add_argument("--router-identity", default="router",
+                        help="identity the router's certificate must name")
+    parser.add_argument("--require-client-cert", action="store_true",
+                        help="clients must present a certificate signed by --tls-ca")
+    args = parser.parse_args(argv)
+    runtime.configure_logging("ingress", args.log_level)
+    settings = IngressSettings(
+        listen=args.listen, tls=runtime.tls_files(args), repository=args.model_repository,
+        router=args.router, router_identity=args.router_identity,
+        require_client_cert=args.require_client_cert)
+
+    async def build() -> Service:
+        return build_service(settings)
+
+    return runtime.serve(build, args.port_file, args.drain_seconds)

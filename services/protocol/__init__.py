@@ -1,0 +1,1 @@
+"""Generated protocol modules (from protos/); do not edit."""

@@ -1,0 +1,46 @@
+from meshserve.protocol import grpc_service_pb2 as _grpc_service_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class InferGroup(_message.Message):
+    __slots__ = ("model_name", "items")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    items: _containers.RepeatedCompositeFieldContainer[GroupItem]
+    def __init__(self, model_name: _Optional[str] = ..., items: _Optional[_Iterable[_Union[GroupItem, _Mapping]]] = ...) -> None: ...
+
+class GroupItem(_message.Message):
+    __slots__ = ("request", "request_id", "timeout_us", "priority", "traceparent")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_US_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    request: _grpc_service_pb2.ModelInferRequest
+    request_id: str
+    timeout_us: int
+    priority: int
+    traceparent: str
+    def __init__(self, request: _Optional[_Union[_grpc_service_pb2.ModelInferRequest, _Mapping]] = ..., request_id: _Optional[str] = ..., timeout_us: _Optional[int] = ..., priority: _Optional[int] = ..., traceparent: _Optional[str] = ...) -> None: ...
+
+class InferGroupResult(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ItemResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[ItemResult, _Mapping]]] = ...) -> None: ...
+
+class ItemResult(_message.Message):
+    __slots__ = ("response", "code", "message")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    response: _grpc_service_pb2.ModelInferResponse
+    code: int
+    message: str
+    def __init__(self, response: _Optional[_Union[_grpc_service_pb2.ModelInferResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...

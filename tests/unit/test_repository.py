@@ -1,0 +1,237 @@
+import logging
+from pathlib import Path
+
+import pytest
+
+from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from meshserve.common.repository import ModelEntry, ModelRepository, parse_config
+from meshserve.protocol import model_config_pb2 as mc
+
+TRITON_CONFIG = """
+name: "densenet"
+platform: "pytorch_libtorch"
+max_batch_size: 8
+input [
+  {
+    name: "INPUT__0"
+    data_type: TYPE_FP32
+    format: FORMAT_NCHW
+    dims: [ 3, 224, 224 ]
+  }
+]
+output [
+  {
+    name: "OUTPUT__0"
+    data_type: TYPE_FP32
+    dims: [ 1000 ]
+    label_filename: "labels.txt"
+  }
+]
+# Sections meshserve does not define.
+optimization {
+  execution_accelerators {
+    gpu_execution_accelerator : [
+      { name : "tensorrt" parameters { key: "precision_mode" value: "FP16" } }
+    ]
+  }
+}
+sequence_batching {
+  max_sequence_idle_microseconds: 5000000
+  control_input [
+    {
+      name: "START"
+      control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ]
+    }
+  ]
+}
+instance_group [
+  { count: 2 kind: KIND_GPU secondary_devices [ { kind: KIND_NVDLA device_id: 0 } ] }
+]
+dynamic_batching { max_queue_delay_microseconds: 100 }
+"""
+
+MINIMAL = """
+input { name: "x" data_type: TYPE_FP32 dims: [ 4 ] }
+output { name: "y" data_type: TYPE_FP32 dims: [ 2 ] }
+"""
+
+
+def test_triton_config_with_unknown_sections(caplog):
+    with caplog.at_level(logging.WARNING, logger="meshserve.common.repository"):
+        config = parse_config(TRITON_CONFIG, "/repo/densenet/config.pbtxt", "densenet")
+    assert config.name == "densenet"
+    assert config.platform == "pytorch_libtorch"
+    assert config.max_batch_size == 8
+    assert list(config.input[0].dims) == [3, 224, 224]
+    assert config.input[0].format == mc.ModelInput.FORMAT_NCHW
+    assert config.output[0].label_filename == "labels.txt"
+    assert config.instance_group[0].count == 2
+    assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert config.dynamic_batching.max_queue_delay_microseconds == 100
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "/repo/densenet/config.pbtxt" in message
+    for field in ("optimization", "sequence_batching", "secondary_devices"):
+        assert f'no field named "{field}"' in message
+
+
+def test_defaults_name_and_platform(caplog):
+    with caplog.at_level(logging.WARNING):
+        config = parse_config(MINIMAL, "m/config.pbtxt", "m")
+    assert config.name == "m"
+    assert config.platform == "pytorch_libtorch"
+    assert not caplog.records
+
+
+def test_backend_pytorch_accepted():
+    config = parse_config('backend: "pytorch"\n' + MINIMAL, "m/config.pbtxt", "m")
+    assert config.backend == "pytorch"
+    assert config.platform == ""
+
+
+def test_syntax_error_names_file():
+    text = MINIMAL + "max_batch_size: 4\ninput { name: 'z' data_type: TYPE_FP32 "
+    with pytest.raises(InvalidArgument) as info:
+        parse_config(text, "/repo/broken/config.pbtxt", "broken")
+    assert "/repo/broken/config.pbtxt" in info.value.message
+    assert "cannot parse" in info.value.message
+
+
+def test_bad_enum_value_is_an_error():
+    text = MINIMAL.replace("TYPE_FP32", "TYPE_FLOAT32", 1)
+    with pytest.raises(InvalidArgument, match=r"bad/config\.pbtxt.*TYPE_FLOAT32"):
+        parse_config(text, "bad/config.pbtxt", "bad")
+
+
+def test_unsupported_platform():
+    text = 'platform: "onnxruntime_onnx"\n' + MINIMAL
+    with pytest.raises(FailedPrecondition, match="platform 'onnxruntime_onnx' is not supported"):
+        parse_config(text, "m/config.pbtxt", "m")
+    with pytest.raises(FailedPrecondition, match="backend 'onnxruntime'"):
+        parse_config('backend: "onnxruntime"\n' + MINIMAL, "m/config.pbtxt", "m")
+
+
+def test_name_mismatch():
+    with pytest.raises(InvalidArgument, match="'other'.*'m'"):
+        parse_config('name: "other"\n' + MINIMAL, "m/config.pbtxt", "m")
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('output { name: "y" data_type: TYPE_FP32 dims: [ 2 ] }', "no input"),
+        ('input { name: "x" data_type: TYPE_FP32 dims: [ 4 ] }', "no output"),
+        (MINIMAL.replace("TYPE_FP32", "TYPE_INVALID", 1), "'x' has no valid data_type"),
+        (MINIMAL.replace("data_type: TYPE_FP32 dims: [ 2 ]", "dims: [ 2 ]"), "'y' has no valid"),
+        ("max_batch_size: -1\n" + MINIMAL, "max_batch_size"),
+        (MINIMAL.replace("[ 4 ]", "[ 0 ]"), "dimension 0"),
+        ("version_policy { specific { versions: [ 0 ] } }\n" + MINIMAL, "positive"),
+    ],
+)
+def test_validation(text, match):
+    with pytest.raises(InvalidArgument, match=match):
+        parse_config(text, "m/config.pbtxt", "m")
+
+
+def make_model(repo: Path, name: str, versions, policy: str = "") -> None:
+    model = repo / name
+    model.mkdir(parents=True)
+    (model / "config.pbtxt").write_text(f'name: "{name}"\n{policy}\n{MINIMAL}')
+    for v in versions:
+        (model / str(v)).mkdir()
+        (model / str(v) / "model.pt").write_bytes(b"not really torchscript")
+
+
+@pytest.mark.parametrize(
+    ("policy", "served"),
+    [
+        ("", ("3",)),
+        ("version_policy: { latest { num_versions: 2 } }", ("2", "3")),
+        ("version_policy: { latest { num_versions: 9 } }", ("1", "2", "3")),
+        ("version_policy: { all { } }", ("1", "2", "3")),
+        ("version_policy: { specific { versions: [ 1, 3 ] } }", ("1", "3")),
+    ],
+)
+def test_version_policy(tmp_path, policy, served):
+    make_model(tmp_path, "mlp", [1, 2, 3], policy)
+    repo = ModelRepository.load(tmp_path)
+    entry = repo.get("mlp")
+    assert isinstance(entry, ModelEntry)
+    assert entry.versions == served
+    assert entry.default_version == served[-1]
+    assert entry.path == tmp_path / "mlp"
+
+
+def test_versions_sort_numerically(tmp_path):
+    make_model(tmp_path, "m", [2, 10, 9], "version_policy: { all { } }")
+    (tmp_path / "m" / "notes").mkdir()
+    assert ModelRepository.load(tmp_path).get("m").versions == ("2", "9", "10")
+
+
+def test_specific_missing_versions(tmp_path, caplog):
+    make_model(tmp_path, "m", [1, 2], "version_policy: { specific { versions: [ 2, 5 ] } }")
+    with caplog.at_level(logging.WARNING):
+        assert ModelRepository.load(tmp_path).get("m").versions == ("2",)
+    assert "5" in caplog.text
+
+    make_model(tmp_path / "other", "n", [1], "version_policy: { specific { versions: [ 4 ] } }")
+    with pytest.raises(FailedPrecondition, match="model 'n'"):
+        ModelRepository.load(tmp_path / "other")
+
+
+def test_version_lookup(tmp_path):
+    make_model(tmp_path, "mlp", [1, 2, 3], "version_policy: { specific { versions: [ 1, 2 ] } }")
+    repo = ModelRepository.load(tmp_path)
+    assert repo.version("mlp", "") == "2"
+    assert repo.version("mlp", "1") == "1"
+    with pytest.raises(NotFound) as info:
+        repo.version("mlp", "7")
+    assert info.value.message == "model 'mlp' has no version '7' (served: 1, 2)"
+    with pytest.raises(NotFound, match="no version '3'"):
+        repo.version("mlp", "3")
+    assert repo.artifact("mlp", "") == tmp_path / "mlp" / "2" / "model.pt"
+    assert repo.artifact("mlp", "1") == tmp_path / "mlp" / "1" / "model.pt"
+
+
+def test_artifact_filename_and_missing_file(tmp_path):
+    make_model(tmp_path, "m", [1, 2], 'default_model_filename: "net.pt"')
+    (tmp_path / "m" / "2" / "net.pt").write_bytes(b"x")
+    repo = ModelRepository.load(tmp_path)
+    assert repo.artifact("m", "2") == tmp_path / "m" / "2" / "net.pt"
+    (tmp_path / "m" / "2" / "net.pt").unlink()
+    with pytest.raises(FailedPrecondition, match="net.pt"):
+        repo.artifact("m", "")
+
+
+def test_unknown_model(tmp_path):
+    make_model(tmp_path, "mlp", [1])
+    repo = ModelRepository.load(tmp_path)
+    assert "mlp" in repo
+    assert set(repo.models) == {"mlp"}
+    assert repo.path == tmp_path
+    with pytest.raises(NotFound) as info:
+        repo.get("resnet")
+    assert info.value.message == "unknown model 'resnet'"
+    with pytest.raises(NotFound, match="unknown model 'resnet'"):
+        repo.version("resnet", "1")
+
+
+def test_directory_without_config_is_skipped(tmp_path, caplog):
+    make_model(tmp_path, "mlp", [1])
+    (tmp_path / "scratch" / "1").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING):
+        repo = ModelRepository.load(tmp_path)
+    assert set(repo.models) == {"mlp"}
+    assert "scratch" in caplog.text
+
+
+def test_model_without_versions(tmp_path):
+    make_model(tmp_path, "empty", [])
+    with pytest.raises(FailedPrecondition, match="model 'empty'.*no version directory"):
+        ModelRepository.load(tmp_path)
+
+
+def test_missing_repository(tmp_path):
+    with pytest.raises(FailedPrecondition, match="not a directory"):
+        ModelRepository.load(tmp_path / "nope")

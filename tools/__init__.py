@@ -1,0 +1,1 @@
+"""Command line, certificate tooling, load generator, proto generation."""

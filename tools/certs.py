@@ -1,0 +1,372 @@
+"""Development certificates for the mesh: one CA, one leaf per service identity, one client.
+
+`meshserve certs init DIR` writes, into DIR (created with mode 0700), whatever is missing of:
+
+- `ca.crt` / `ca.key`: a development CA (EC P-256);
+- `<identity>.crt` / `<identity>.key` for each of IDENTITIES: a leaf whose SANs are
+  `DNS:<identity>`, `URI:spiffe://meshserve.local/<identity>`, `DNS:localhost` and
+  `IP:127.0.0.1`, usable both as a server and as a client certificate (services are
+  clients of the next hop);
+- `client.crt` / `client.key`: a client-only certificate for a developer
+  (`URI:spiffe://meshserve.local/client/developer`, `DNS:client`).
+
+Keys are PEM PKCS8, unencrypted, mode 0600. Existing files are never overwritten, so a
+second run changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+IDENTITIES = ("ingress", "router", "batcher", "compute", "control-plane")
+TRUST_DOMAIN = "meshserve.local"
+CLIENT_NAME = "client"
+CLIENT_IDENTITY = "client/developer"
+
+CA_CERT = "ca.crt"
+CA_KEY = "ca.key"
+
+_SPIFFE_PREFIX = f"spiffe://{TRUST_DOMAIN}/"
+# Tolerate small clock differences between the machine that issues and the one that checks.
+_BACKDATE = datetime.timedelta(minutes=5)
+
+
+class CertsError(Exception):
+    """The certificate directory is in a state this tool will not repair by itself."""
+
+
+def spiffe_id(identity: str) -> str:
+    return _SPIFFE_PREFIX + identity
+
+
+def identity_sans(identity: str) -> list[str]:
+    """The SANs of a service identity's certificate."""
+    return [f"DNS:{identity}", f"URI:{spiffe_id(identity)}", "DNS:localhost", "IP:127.0.0.1"]
+
+
+def client_sans() -> list[str]:
+    return [f"URI:{spiffe_id(CLIENT_IDENTITY)}", f"DNS:{CLIENT_NAME}"]
+
+
+def leaf_names() -> tuple[str, ...]:
+    """Base names of every leaf init_certs issues (files `<name>.crt` / `<name>.key`)."""
+    return (*IDENTITIES, CLIENT_NAME)
+
+
+def expected_files(directory: Path) -> list[Path]:
+    """Every file init_certs maintains in `directory`, CA first."""
+    directory = Path(directory)
+    files = [directory / CA_CERT, directory / CA_KEY]
+    for name in leaf_names():
+        files += [directory / f"{name}.crt", directory / f"{name}.key"]
+    return files
+
+
+# --- file writing ---------------------------------------------------------------------------
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Write `path` atomically with `mode`; fail with FileExistsError if it already exists.
+
+    The data goes to a temporary file in the same directory first (created with `mode`, so a
+    key is never readable by others, not even briefly), then is linked into place: a reader
+    sees either no file or the whole file, and an existing file is never replaced.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails if `path` exists, unlike rename
+        except FileExistsError:
+            raise
+        except OSError:
+            # A filesystem without hard links: rename, after checking nothing is there.
+            if path.exists():
+                raise FileExistsError(path) from None
+            os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+# --- certificate building -------------------------------------------------------------------
+
+
+def parse_san(san: str) -> x509.GeneralName:
+    """`DNS:name`, `URI:uri` or `IP:address` as a SAN entry."""
+    kind, sep, value = san.partition(":")
+    if not sep or not value:
+        raise ValueError(f"SAN {san!r} is not of the form DNS:..., URI:... or IP:...")
+    kind = kind.upper()
+    if kind == "DNS":
+        return x509.DNSName(value)
+    if kind == "URI":
+        return x509.UniformResourceIdentifier(value)
+    if kind == "IP":
+        return x509.IPAddress(ipaddress.ip_address(value))
+    raise ValueError(f"SAN {san!r}: unknown kind {kind!r}; use DNS, URI or IP")
+
+
+def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
+    if days < 1:
+        raise ValueError(f"days must be at least 1, got {days}")
+    now = datetime.datetime.now(datetime.UTC)
+    return now - _BACKDATE, now + datetime.timedelta(days=days)
+
+
+def _create_ca(directory: Path, days: int) -> list[Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshserve"),
+        x509.NameAttribute(NameOID.COMMON_NAME, "meshserve development CA"),
+    ])
+    not_before, not_after = _validity(days)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    # Key first: a CA certificate on disk always has its key next to it.
+    _write_new(directory / CA_KEY, _key_pem(key), 0o600)
+    _write_new(directory / CA_CERT, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return [directory / CA_CERT, directory / CA_KEY]
+
+
+def _load_ca(
+    ca_cert_path: Path, ca_key_path: Path
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert = x509.load_pem_x509_certificate(Path(ca_cert_path).read_bytes())
+    key = serialization.load_pem_private_key(Path(ca_key_path).read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CertsError(f"{ca_key_path} is not an EC private key")
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, pub) != \
+            cert.public_key().public_bytes(serialization.Encoding.DER, pub):
+        raise CertsError(f"{ca_key_path} is not the key of {ca_cert_path}")
+    return cert, key
+
+
+def issue_leaf(
+    ca_cert_path: Path,
+    ca_key_path: Path,
+    out_dir: Path,
+    name: str,
+    sans: Sequence[str],
+    days: int,
+    client_only: bool = False,
+) -> tuple[Path, Path]:
+    """Issue `<out_dir>/<name>.crt` and `.key`, signed by the CA; return (cert, key) paths.
+
+    `sans` are strings like "DNS:x", "URI:spiffe://...", "IP:127.0.0.1". The extended key
+    usage is serverAuth and clientAuth, or clientAuth alone when `client_only`. The leaf never
+    outlives the CA. Raises FileExistsError if either file already exists.
+    """
+    out_dir = Path(out_dir)
+    cert_path, key_path = out_dir / f"{name}.crt", out_dir / f"{name}.key"
+    for path in (cert_path, key_path):
+        if path.exists():
+            raise FileExistsError(path)
+    if not sans:
+        raise ValueError("a leaf needs at least one SAN")
+    general_names = [parse_san(s) for s in sans]
+    ca_cert, ca_key = _load_ca(Path(ca_cert_path), Path(ca_key_path))
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    not_before, not_after = _validity(days)
+    not_after = min(not_after, ca_cert.not_valid_after_utc)
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    if not client_only:
+        usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshserve"),
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+        ]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.SubjectAlternativeName(general_names), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_new(key_path, _key_pem(key), 0o600)
+    _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return cert_path, key_path
+
+
+def init_certs(directory: Path, *, days: int = 365) -> None:
+    """Create whatever is missing of the CA, the identity leaves and the client leaf.
+
+    Idempotent: existing files are left untouched. Raises CertsError when the directory is
+    in a state that cannot be completed without replacing files (leaves without a CA, or a
+    certificate without its key or the reverse); the fix is to remove the directory.
+    """
+    _init_certs(Path(directory), days)
+
+
+def _init_certs(directory: Path, days: int) -> list[Path]:
+    if days < 1:
+        raise ValueError(f"days must be at least 1, got {days}")
+    if not directory.exists():
+        directory.mkdir(mode=0o700, parents=True)
+        directory.chmod(0o700)  # mkdir's mode is filtered by the umask
+    elif not directory.is_dir():
+        raise CertsError(f"{directory} exists and is not a directory")
+
+    written: list[Path] = []
+    ca_cert, ca_key = directory / CA_CERT, directory / CA_KEY
+    leaf_files = [p for p in expected_files(directory)[2:] if p.exists()]
+    if not ca_cert.exists() and not ca_key.exists():
+        if leaf_files:
+            raise CertsError(
+                f"{directory} has certificates ({', '.join(p.name for p in leaf_files)}) but "
+                f"no CA ({CA_CERT}, {CA_KEY}); they cannot be verified or completed. "
+                f"Remove the directory and run init again: rm -r {directory}"
+            )
+        written += _create_ca(directory, days)
+    elif not (ca_cert.exists() and ca_key.exists()):
+        missing = CA_KEY if ca_cert.exists() else CA_CERT
+        raise CertsError(
+            f"{directory} has an incomplete CA ({missing} is missing). "
+            f"Remove the directory and run init again: rm -r {directory}"
+        )
+
+    for name in leaf_names():
+        crt, key = directory / f"{name}.crt", directory / f"{name}.key"
+        if crt.exists() and key.exists():
+            continue
+        if crt.exists() or key.exists():
+            present, absent = (crt, key) if crt.exists() else (key, crt)
+            raise CertsError(
+                f"{present} exists without {absent.name}. "
+                f"Remove the directory and run init again: rm -r {directory}"
+            )
+        if name == CLIENT_NAME:
+            written += issue_leaf(ca_cert, ca_key, directory, name, client_sans(), days,
+                                  client_only=True)
+        else:
+            written += issue_leaf(ca_cert, ca_key, directory, name, identity_sans(name), days)
+    return written
+
+
+# --- inspection -----------------------------------------------------------------------------
+
+
+def identity_of(cert_pem: bytes) -> str | None:
+    """The mesh identity in a certificate's SPIFFE URI SAN, or None when it has none.
+
+    `spiffe://meshserve.local/router` gives "router", `.../client/developer` gives
+    "client/developer". URIs of other trust domains are ignored.
+    """
+    if isinstance(cert_pem, str):
+        cert_pem = cert_pem.encode()
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith(_SPIFFE_PREFIX) and len(uri) > len(_SPIFFE_PREFIX):
+            return uri[len(_SPIFFE_PREFIX):]
+    return None
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    directory = Path(args.directory)
+    try:
+        written = _init_certs(directory, args.days)
+    except (CertsError, OSError, ValueError) as exc:
+        print(f"certs init: {exc}", file=sys.stderr)
+        return 1
+    if written:
+        for path in written:
+            print(f"wrote {path}")
+    else:
+        print(f"nothing to do: every file already exists in {directory}")
+    print(f"CA: {directory / CA_CERT}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `certs init DIR [--days N]` to a command line."""
+    certs = subparsers.add_parser("certs", help="development certificates for the mesh",
+                                  description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = certs.add_subparsers(dest="certs_command", metavar="COMMAND", required=True)
+    init = commands.add_parser("init", help="create the CA and the certificates that are missing")
+    init.add_argument("directory", metavar="DIR", type=Path, help="where the files go")
+    init.add_argument("--days", type=_positive_int, default=365,
+                      help="validity of new certificates in days (default: 365)")
+    init.set_defaults(func=_cmd_init)

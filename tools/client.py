@@ -1,0 +1,91 @@
+"""`meshserve infer`: one request through the public endpoint, with TLS, and its latency."""
+
+import argparse
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import numpy
+
+from meshserve.common.datatypes import NUMPY_DTYPE
+from meshserve.common.tls import TlsFiles, channel_credentials
+from meshserve.protocol import grpc_service_pb2 as pb
+from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+
+
+def client_tls(data_dir: Path) -> TlsFiles:
+    """The development client certificate that `meshserve up` generates."""
+    return TlsFiles.for_identity(data_dir / "tls", "client")
+
+
+def connect(target: str, tls: TlsFiles) -> grpc.aio.Channel:
+    return grpc.aio.secure_channel(target, channel_credentials(tls))
+
+
+def random_request(metadata: pb.ModelMetadataResponse, batch: int,
+                   seed: int = 0) -> tuple[pb.ModelInferRequest, dict[str, numpy.ndarray]]:
+    """A request with seeded random inputs (-1 dimensions become `batch`, then 1)."""
+    generator = numpy.random.default_rng(seed)
+    request = pb.ModelInferRequest(model_name=metadata.name)
+    arrays = {}
+    for tensor in metadata.inputs:
+        shape = [batch if i == 0 and d == -1 else (1 if d == -1 else d)
+                 for i, d in enumerate(tensor.shape)]
+        array = generator.standard_normal(shape).astype(NUMPY_DTYPE[tensor.datatype])
+        arrays[tensor.name] = array
+        request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=shape)
+        request.raw_input_contents.append(array.tobytes())
+    return request, arrays
+
+
+def outputs_of(response: pb.ModelInferResponse) -> dict[str, numpy.ndarray]:
+    return {t.name: numpy.frombuffer(raw, NUMPY_DTYPE[t.datatype]).reshape(tuple(t.shape))
+            for t, raw in zip(response.outputs, response.raw_output_contents)}
+
+
+async def infer_once(args: argparse.Namespace) -> int:
+    async with connect(args.target, client_tls(args.data_dir)) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        metadata = await stub.ModelMetadata(
+            pb.ModelMetadataRequest(name=args.model, version=args.version), timeout=10)
+        request, _ = random_request(metadata, args.batch, args.seed)
+        request.model_version = args.version
+        if args.input:
+            array = numpy.load(args.input)
+            del request.raw_input_contents[:]
+            request.inputs[0].ClearField("shape")
+            request.inputs[0].shape.extend(array.shape)
+            request.raw_input_contents.append(array.astype(
+                NUMPY_DTYPE[request.inputs[0].datatype]).tobytes())
+        start = time.perf_counter()
+        response = await stub.ModelInfer(request, timeout=args.timeout)
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+    print(f"model {response.model_name} version {response.model_version} "
+          f"answered in {elapsed_ms:.2f} ms")
+    for name, array in outputs_of(response).items():
+        print(f"{name} {array.dtype} {list(array.shape)}")
+        print(numpy.array2string(array, precision=4, threshold=40))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(infer_once(args))
+    except grpc.aio.AioRpcError as error:
+        print(f"error: {error.code().name}: {error.details()}")
+        return 1
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("infer", help="send one request and print the outputs")
+    parser.add_argument("model")
+    parser.add_argument("--version", default="", help="default: the version the mesh picks")
+    parser.add_argument("--target", default="127.0.0.1:8001")
+    parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
+                        help="where `meshserve up` keeps its certificates")
+    parser.add_argument("--input", type=Path, help="a .npy file for the first input")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=30.0)
+    parser.set_defaults(func=run)

@@ -1,0 +1,249 @@
+"""`meshserve up`: the embedded default — every service as a local process on loopback.
+
+On first run it creates development certificates in DIR/tls and the demo model repository
+in DIR/models; then it starts a compute replica and a batcher per model version, a router
+and the ingress, waits until each is ready, and stops them all on Ctrl-C or SIGTERM.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from meshserve.common.repository import ModelRepository
+from meshserve.common.tls import TlsFiles, channel_credentials
+from meshserve.protocol import health_pb2
+from meshserve.protocol.health_pb2_grpc import HealthStub
+from meshserve.tools.certs import init_certs
+from meshserve.tools.demo_models import write_demo_repository
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Child:
+    """One service process, its log and the port it bound."""
+
+    name: str
+    identity: str
+    args: list[str]
+    run_dir: Path
+    model: str = ""
+    version: str = ""
+    process: subprocess.Popen | None = None
+    port: int | None = None
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = self.run_dir / f"{self.name}.log"
+
+    @property
+    def port_file(self) -> Path:
+        return self.run_dir / f"{self.name}.port"
+
+    def start(self, tls_dir: Path) -> None:
+        self.port_file.unlink(missing_ok=True)
+        tls = [f"--tls-cert={tls_dir / self.identity}.crt",
+               f"--tls-key={tls_dir / self.identity}.key", f"--tls-ca={tls_dir / 'ca.crt'}"]
+        command = [sys.executable, "-m", "meshserve.tools.cli", self.identity, *self.args,
+                   *tls, f"--port-file={self.port_file}"]
+        with open(self.log, "ab") as log:
+            # A session of its own: the terminal's Ctrl-C reaches `up`, which stops the
+            # children in order.
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def exited(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    async def wait_port(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.exited() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.exited()}; see {self.log}")
+            if self.port_file.exists():
+                self.port = int(self.port_file.read_text())
+                return self.port
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"{self.name} did not bind a port in {timeout:.0f} s; see {self.log}")
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+
+async def wait_ready(child: Child, tls: TlsFiles, timeout: float) -> float:
+    """Poll grpc.health.v1 until SERVING; returns the seconds it took."""
+    start = time.monotonic()
+    options = [("grpc.ssl_target_name_override", child.identity)]
+    async with grpc.aio.secure_channel(child.address, channel_credentials(tls),
+                                       options=options) as channel:
+        health = HealthStub(channel)
+        while time.monotonic() - start < timeout:
+            if child.exited() is not None:
+                raise RuntimeError(f"{child.name} exited with {child.exited()}; "
+                                   f"see {child.log}")
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return time.monotonic() - start
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"{child.name} not ready after {timeout:.0f} s; see {child.log}")
+
+
+def stop_all(children: list[Child], grace: float) -> None:
+    """SIGTERM in order (ingress first), then SIGKILL whatever outlives `grace`."""
+    for child in children:
+        if child.exited() is None:
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for child in children:
+        if child.process is None:
+            continue
+        try:
+            child.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+            child.process.wait()
+
+
+def plan(data_dir: Path, port: int, device: str) -> tuple[list[list[Child]], Child]:
+    """The children in start order: computes, batchers, router, ingress."""
+    models = data_dir / "models"
+    run_dir = data_dir / "run"
+    repository = ModelRepository.load(models)
+    computes, batchers = [], []
+    for name, entry in sorted(repository.models.items()):
+        for version in entry.versions:
+            common = [f"--model-repository={models}", f"--model={name}", f"--version={version}"]
+            computes.append(Child(f"compute-{name}-{version}", "compute",
+                                  [*common, f"--device={device}"], run_dir))
+            batchers.append(Child(f"batcher-{name}-{version}", "batcher", common, run_dir,
+                                  model=name, version=version))
+    router = Child("router", "router", [], run_dir)
+    ingress = Child("ingress", "ingress", [f"--model-repository={models}",
+                                           f"--listen={HOST}:{port}", "--require-client-cert"],
+                    run_dir)
+    return [computes, batchers, [router], [ingress]], ingress
+
+
+async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
+                     say=print) -> list[Child]:
+    tls_dir = data_dir / "tls"
+    tiers, ingress = plan(data_dir, port, device)
+    computes, batchers, [router], _ = tiers
+    started: list[Child] = []
+    try:
+        for tier in tiers:
+            for child in tier:
+                if child in batchers:
+                    child.args.append(f"--compute={computes[batchers.index(child)].address}")
+                if child is router:
+                    child.args.extend(f"--route={b.model}@{b.version}={b.address}"
+                                      for b in batchers)
+                if child is ingress:
+                    child.args.append(f"--router={router.address}")
+                child.start(tls_dir)
+                started.append(child)
+            await asyncio.gather(*(child.wait_port(timeout) for child in tier))
+        probe = TlsFiles.for_identity(tls_dir, "client")
+        for child in started:
+            seconds = await wait_ready(child, probe, timeout)
+            say(f"  ready  {child.name:<18} {child.address:<16} ({seconds:.1f} s)")
+        return started
+    except BaseException:
+        stop_all(list(reversed(started)), grace=2.0)
+        raise
+
+
+def prepare(data_dir: Path, say=print) -> None:
+    tls_dir = data_dir / "tls"
+    if not (tls_dir / "ca.crt").exists():
+        say(f"creating development certificates in {tls_dir}")
+    init_certs(tls_dir)
+    if not (data_dir / "models").exists():
+        say(f"writing the demo model repository to {data_dir / 'models'}")
+    write_demo_repository(data_dir / "models")
+    (data_dir / "run").mkdir(parents=True, exist_ok=True)
+
+
+def banner(data_dir: Path, ingress: Child) -> str:
+    tls = data_dir / "tls"
+    return f"""
+meshserve is ready: {ingress.address} (mutual TLS; client certificate {tls}/client.crt)
+
+  meshserve infer mlp --data-dir {data_dir} --target {ingress.address}
+
+  import numpy, tritonclient.grpc as tc
+  client = tc.InferenceServerClient("{ingress.address}", ssl=True,
+      root_certificates="{tls}/ca.crt", private_key="{tls}/client.key",
+      certificate_chain="{tls}/client.crt")
+  x = tc.InferInput("INPUT__0", [1, 256], "FP32")
+  x.set_data_from_numpy(numpy.random.rand(1, 256).astype("float32"))
+  print(client.infer("mlp", [x]).as_numpy("OUTPUT__0"))
+
+Logs: {data_dir / 'run'}/*.log. Ctrl-C stops everything.
+"""
+
+
+async def serve_until_stopped(args: argparse.Namespace) -> int:
+    data_dir = args.data_dir.resolve()
+    prepare(data_dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("starting services")
+    starting = asyncio.create_task(start_mesh(data_dir, args.port, args.device, args.timeout))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return 0
+    children = starting.result()
+    ingress = children[-1]
+    (data_dir / "run" / "endpoint").write_text(f"{ingress.address}\n")
+    print(banner(data_dir, ingress), flush=True)
+    code = 0
+    while not stop.is_set():
+        dead = [c for c in children if c.exited() is not None]
+        if dead:
+            print(f"{dead[0].name} exited with {dead[0].exited()}; see {dead[0].log}")
+            code = 1
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
+    print("stopping")
+    stop_all(list(reversed(children)), grace=args.drain_seconds + 2)
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        return asyncio.run(serve_until_stopped(args))
+    except (RuntimeError, TimeoutError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("up", help="run every service locally with a demo model")
+    parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
+                        help="certificates, models and logs (default ./.meshserve)")
+    parser.add_argument("--port", type=int, default=8001, help="ingress port (0: any free)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds each service may take to become ready")
+    parser.add_argument("--drain-seconds", type=float, default=5.0)
+    parser.set_defaults(func=run)
