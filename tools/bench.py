@@ -480,6 +480,8 @@ class _Runner:
                         self.record(sent, now, version=response.infer_response.model_version)
             except grpc.RpcError as error:
                 self.record(sent, time.perf_counter(), error=_code_name(error))
+            except asyncio.InvalidStateError:  # the server half-closed the stream
+                self.record(sent, time.perf_counter(), error="UNKNOWN")
             finally:
                 call.cancel()
             await asyncio.sleep(_REOPEN_BACKOFF_S)
@@ -977,7 +979,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--requests",
         type=int,
         default=0,
-        help="stop after N measured requests, or at --duration, whichever is first",
+        help="stop after N measured requests (successes plus errors) or at --duration, "
+        "whichever is first",
     )
     load.add_argument(
         "--processes",

@@ -7,7 +7,7 @@ contiguous, so a batch is the concatenation of its requests' bytes along the fir
 from collections.abc import Sequence
 
 from meshserve.common.datatypes import ELEMENT_SIZE, element_count, split_bytes_rows
-from meshserve.common.errors import Internal
+from meshserve.common.errors import Internal, InvalidArgument
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
 from meshserve.protocol.model_config_pb2 import ModelConfig
 
@@ -82,7 +82,10 @@ def _row_slices(raw: bytes, datatype: str, total: int, rows: Sequence[int],
     if len(rows) == 1:
         return [raw]
     if datatype == "BYTES":
-        return split_bytes_rows(raw, [count * per_row for count in rows])
+        try:
+            return split_bytes_rows(raw, [count * per_row for count in rows])
+        except InvalidArgument as error:  # the fault is compute's, not the client's
+            raise Internal(f"compute answered a malformed BYTES output: {error.message}") from None
     row_bytes = per_row * ELEMENT_SIZE[datatype]
     if row_bytes * total != len(raw):
         raise Internal(f"compute answered {len(raw)} bytes for {total} rows of {datatype}")

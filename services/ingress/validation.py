@@ -136,6 +136,10 @@ def _typed_to_raw(request: ModelInferRequest) -> None:
         if tensor.datatype == "BYTES":
             data = b"".join(struct.pack("<I", len(v)) + v for v in values)
         else:
-            data = numpy.asarray(values, dtype=NUMPY_DTYPE[tensor.datatype]).tobytes()
+            try:
+                data = numpy.asarray(values, dtype=NUMPY_DTYPE[tensor.datatype]).tobytes()
+            except (OverflowError, ValueError):
+                raise InvalidArgument(f"input '{tensor.name}' contents.{field} holds a value "
+                                      f"outside the range of {tensor.datatype}") from None
         request.raw_input_contents.append(data)
         tensor.ClearField("contents")

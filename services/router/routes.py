@@ -19,8 +19,9 @@ class RouteTable:
         for route in routes:
             target, sep, address = route.partition("=")
             model, at, version = target.partition("@")
-            if not (sep and at and model and version and address):
-                raise InvalidArgument(f"route '{route}' is not MODEL@VERSION=HOST:PORT")
+            if not (sep and at and model and version.isdigit() and address):
+                raise InvalidArgument(f"route '{route}' is not MODEL@VERSION=HOST:PORT "
+                                      "(VERSION a number)")
             table.setdefault(model, {})[version] = address
         chosen = {model: max(versions, key=int) for model, versions in table.items()}
         for default in defaults:

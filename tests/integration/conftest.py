@@ -1,0 +1,93 @@
+"""A whole mesh started the way a user starts it: `meshserve up` in a subprocess."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Mesh:
+    data_dir: Path
+    endpoint: str
+    process: subprocess.Popen
+
+    @property
+    def tls(self) -> Path:
+        return self.data_dir / "tls"
+
+    def internal_ports(self) -> dict[str, int]:
+        return {p.stem: int(p.read_text()) for p in (self.data_dir / "run").glob("*.port")
+                if p.stem != "ingress"}
+
+
+def meshserve(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "meshserve.tools.cli", *args],
+                          capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def children_of(data_dir: Path) -> list[int]:
+    """Processes whose command line names the data directory (every service `up` starts)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(data_dir).encode() in cmdline and b"meshserve" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def start_up(data_dir: Path, timeout: float = 180.0) -> Mesh:
+    log = open(data_dir.parent / f"{data_dir.name}-up.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [sys.executable, "-m", "meshserve.tools.cli", "up", f"--data-dir={data_dir}",
+         "--port=0", "--device=cpu"], stdout=log, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    endpoint_file = data_dir / "run" / "endpoint"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if endpoint_file.exists():
+            return Mesh(data_dir, endpoint_file.read_text().strip(), process)
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    stop_up(Mesh(data_dir, "", process))
+    raise RuntimeError("meshserve up did not become ready:\n" +
+                       Path(log.name).read_text(errors="replace")[-4000:])
+
+
+def stop_up(mesh: Mesh) -> int:
+    """SIGTERM `up`; kill anything left behind so a failing test leaks no process."""
+    if mesh.process.poll() is None:
+        mesh.process.send_signal(signal.SIGTERM)
+        try:
+            mesh.process.wait(30)
+        except subprocess.TimeoutExpired:
+            mesh.process.kill()
+            mesh.process.wait()
+    leftovers = children_of(mesh.data_dir)
+    for pid in leftovers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return len(leftovers)
+
+
+@pytest.fixture(scope="session")
+def mesh(tmp_path_factory) -> Mesh:
+    started = start_up(tmp_path_factory.mktemp("mesh") / "data")
+    try:
+        yield started
+    finally:
+        stop_up(started)

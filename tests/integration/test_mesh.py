@@ -1,0 +1,169 @@
+"""Bad input, deadlines and internal mutual TLS, against `meshserve up`."""
+
+import grpc
+import numpy
+import pytest
+
+from meshserve.common.tls import TlsFiles, channel_credentials
+from meshserve.protocol import grpc_service_pb2 as pb
+from meshserve.protocol import health_pb2
+from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+from meshserve.protocol.health_pb2_grpc import HealthStub
+from meshserve.tools.certs import init_certs
+from meshserve.tools.client import client_tls
+
+
+def mlp_request(batch: int = 1, **changes) -> pb.ModelInferRequest:
+    x = numpy.ones((batch, 256), numpy.float32)
+    request = pb.ModelInferRequest(model_name="mlp", id="req-1")
+    request.inputs.add(name="INPUT__0", datatype="FP32", shape=[batch, 256])
+    request.raw_input_contents.append(x.tobytes())
+    for key, value in changes.items():
+        setattr(request, key, value)
+    return request
+
+
+def with_input(**fields) -> pb.ModelInferRequest:
+    request = mlp_request()
+    for key, value in fields.items():
+        if key == "shape":
+            request.inputs[0].ClearField("shape")
+            request.inputs[0].shape.extend(value)
+        else:
+            setattr(request.inputs[0], key, value)
+    return request
+
+
+def truncated() -> pb.ModelInferRequest:
+    request = mlp_request()
+    request.raw_input_contents[0] = request.raw_input_contents[0][:-4]
+    return request
+
+
+def without_input() -> pb.ModelInferRequest:
+    request = mlp_request()
+    del request.inputs[:]
+    del request.raw_input_contents[:]
+    return request
+
+
+def asking_for(output: str) -> pb.ModelInferRequest:
+    request = mlp_request()
+    request.outputs.add(name=output)
+    return request
+
+
+def batch_of(rows: int) -> pb.ModelInferRequest:
+    return mlp_request(batch=rows)
+
+
+MALFORMED = [
+    ("unknown model", mlp_request(model_name="nope"), grpc.StatusCode.NOT_FOUND,
+     "unknown model 'nope'"),
+    ("unknown version", mlp_request(model_version="9"), grpc.StatusCode.NOT_FOUND,
+     "model 'mlp' has no version '9' (served: 1, 2)"),
+    ("wrong datatype", with_input(datatype="FP64"), grpc.StatusCode.INVALID_ARGUMENT,
+     "input 'INPUT__0' has datatype FP64; model 'mlp' expects FP32"),
+    ("wrong shape", with_input(shape=[1, 255]), grpc.StatusCode.INVALID_ARGUMENT,
+     "input 'INPUT__0' has shape [1, 255]; model 'mlp' expects [-1, 256] with batch size 1 to 32"),
+    ("wrong byte length", truncated(), grpc.StatusCode.INVALID_ARGUMENT,
+     "input 'INPUT__0' raw_input_contents holds 1020 bytes; shape [1, 256] of FP32 needs 1024"),
+    ("missing input", without_input(), grpc.StatusCode.INVALID_ARGUMENT,
+     "request has no inputs; model 'mlp' expects INPUT__0"),
+    ("batch above max", batch_of(33), grpc.StatusCode.INVALID_ARGUMENT,
+     "input 'INPUT__0' has batch size 33; max_batch_size of model 'mlp' is 32"),
+    ("unknown output", asking_for("OUTPUT__7"), grpc.StatusCode.INVALID_ARGUMENT,
+     "unknown output 'OUTPUT__7' requested (model 'mlp' outputs: OUTPUT__0)"),
+]
+
+
+async def public_stub(mesh):
+    channel = grpc.aio.secure_channel(mesh.endpoint, channel_credentials(
+        client_tls(mesh.data_dir)))
+    return channel, GRPCInferenceServiceStub(channel)
+
+
+@pytest.mark.parametrize("case, request_, code, message", MALFORMED,
+                         ids=[case[0] for case in MALFORMED])
+async def test_malformed_request_gets_a_clear_status(mesh, case, request_, code, message):
+    channel, stub = await public_stub(mesh)
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.ModelInfer(request_, timeout=10)
+        assert raised.value.code() == code
+        assert raised.value.details() == message
+        assert (await stub.ServerReady(pb.ServerReadyRequest(), timeout=5)).ready
+        answer = await stub.ModelInfer(mlp_request(), timeout=10)
+        assert answer.id == "req-1" and list(answer.outputs[0].shape) == [1, 10]
+
+
+async def test_short_deadline_gets_deadline_exceeded(mesh):
+    channel, stub = await public_stub(mesh)
+    request = pb.ModelInferRequest(model_name="cnn", model_version="1")
+    request.inputs.add(name="INPUT__0", datatype="FP32", shape=[32, 3, 64, 64])
+    request.raw_input_contents.append(numpy.ones((32, 3, 64, 64), numpy.float32).tobytes())
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.ModelInfer(request, timeout=0.005)
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert (await stub.ServerReady(pb.ServerReadyRequest(), timeout=5)).ready
+
+
+async def test_stream_infer_answers_every_request(mesh):
+    channel, stub = await public_stub(mesh)
+    requests = [mlp_request(id=f"s-{i}") for i in range(20)] + [with_input(datatype="INT8")]
+    async with channel:
+        answers = [a async for a in stub.ModelStreamInfer(iter(requests), timeout=30)]
+    ok = sorted(a.infer_response.id for a in answers if not a.error_message)
+    failed = [a for a in answers if a.error_message]
+    assert ok == sorted(f"s-{i}" for i in range(20))
+    assert len(failed) == 1
+    assert failed[0].error_message.startswith("INVALID_ARGUMENT: input 'INPUT__0' has datatype")
+
+
+def internal_targets(mesh) -> list[tuple[str, str]]:
+    return [(name, f"127.0.0.1:{port}") for name, port in sorted(mesh.internal_ports().items())]
+
+
+async def health_check(target: str, channel: grpc.aio.Channel) -> None:
+    async with channel:
+        await HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+
+
+async def test_internal_ports_accept_the_mesh_ca(mesh):
+    targets = internal_targets(mesh)
+    assert len(targets) == 9  # 4 compute, 4 batchers, 1 router
+    for name, target in targets:
+        identity = name.split("-")[0]
+        files = TlsFiles.for_identity(mesh.tls, "ingress")
+        await health_check(target, grpc.aio.secure_channel(
+            target, channel_credentials(files),
+            options=[("grpc.ssl_target_name_override", identity)]))
+
+
+@pytest.fixture(scope="module")
+def foreign_ca(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("foreign")
+    init_certs(directory)
+    return directory
+
+
+async def test_internal_ports_refuse_strangers(mesh, foreign_ca):
+    ca = (mesh.tls / "ca.crt").read_bytes()
+    foreign = TlsFiles.for_identity(foreign_ca, "ingress")
+    for name, target in internal_targets(mesh):
+        identity = name.split("-")[0]
+        options = [("grpc.ssl_target_name_override", identity)]
+        strangers = {
+            "plaintext": grpc.aio.insecure_channel(target),
+            "no client certificate": grpc.aio.secure_channel(
+                target, grpc.ssl_channel_credentials(root_certificates=ca), options=options),
+            "certificate from another CA": grpc.aio.secure_channel(
+                target, grpc.ssl_channel_credentials(
+                    root_certificates=ca, private_key=foreign.key.read_bytes(),
+                    certificate_chain=foreign.cert.read_bytes()), options=options),
+        }
+        for who, channel in strangers.items():
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await health_check(target, channel)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, (name, who)

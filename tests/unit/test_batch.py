@@ -1,0 +1,227 @@
+"""Table-driven tests of joining requests into a batch and splitting its answer (pure)."""
+
+import struct
+
+import numpy
+import pytest
+
+from meshserve.batcher.batch import batch_key, merge, requested_outputs, rows_of, split
+from meshserve.common.errors import Internal
+from meshserve.protocol import model_config_pb2 as mc
+from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
+
+
+def one_input_config() -> mc.ModelConfig:
+    config = mc.ModelConfig(name="m", max_batch_size=8)
+    config.input.add(name="A", data_type=mc.TYPE_FP32, dims=[4])
+    config.output.add(name="OUT", data_type=mc.TYPE_FP32, dims=[2])
+    return config
+
+
+def two_input_config() -> mc.ModelConfig:
+    config = one_input_config()
+    config.input.add(name="B", data_type=mc.TYPE_FP32, dims=[2])
+    return config
+
+
+def frame(*items: bytes) -> bytes:
+    return b"".join(struct.pack("<I", len(x)) + x for x in items)
+
+
+def floats(start: float, count: int) -> bytes:
+    return numpy.arange(start, start + count, dtype="<f4").tobytes()
+
+
+def request(rid: str, rows: int, *, tensors=(("A", 4),), outputs=(), base: float = 0.0,
+            datatype: str = "FP32") -> ModelInferRequest:
+    """A request whose tensor bytes are distinct per (request, tensor) thanks to `base`."""
+    built = ModelInferRequest(model_name="m", model_version="", id=rid)
+    for offset, (name, width) in enumerate(tensors):
+        built.inputs.add(name=name, datatype=datatype, shape=[rows, width])
+        built.raw_input_contents.append(floats(base + 1000 * offset, rows * width))
+    for name in outputs:
+        built.outputs.add(name=name)
+    return built
+
+
+# --- batch_key / rows_of ------------------------------------------------------------------
+
+def test_batch_key_ignores_batch_size_and_input_order():
+    ab = request("1", 1, tensors=(("A", 4), ("B", 2)))
+    ba = request("2", 3, tensors=(("B", 2), ("A", 4)))
+    assert batch_key(ab, True) == batch_key(ba, True) == (("A", "FP32", (4,)),
+                                                          ("B", "FP32", (2,)))
+
+
+@pytest.mark.parametrize("first, second, batched, same", [
+    pytest.param(request("1", 1), request("2", 5), True, True, id="batch-size-only"),
+    pytest.param(request("1", 1), request("2", 5), False, False, id="unbatched-full-shape"),
+    pytest.param(request("1", 2), request("2", 2, tensors=(("A", 5),)), True, False,
+                 id="tail-differs"),
+    pytest.param(request("1", 2), request("2", 2, datatype="FP64"), True, False,
+                 id="datatype-differs"),
+    pytest.param(request("1", 2), request("2", 2, tensors=(("Z", 4),)), True, False,
+                 id="name-differs"),
+])
+def test_batch_key(first, second, batched, same):
+    assert (batch_key(first, batched) == batch_key(second, batched)) is same
+
+
+def test_batch_key_unbatched_keeps_whole_shape():
+    assert batch_key(request("1", 3), False) == (("A", "FP32", (3, 4)),)
+
+
+@pytest.mark.parametrize("built, batched, rows", [
+    pytest.param(request("1", 5), True, 5, id="batched"),
+    pytest.param(request("1", 5), False, 1, id="unbatched"),
+    pytest.param(ModelInferRequest(), True, 1, id="no-inputs"),
+])
+def test_rows_of(built, batched, rows):
+    assert rows_of(built, batched) == rows
+
+
+# --- merge --------------------------------------------------------------------------------
+
+def test_merge_three_requests_concatenates_in_order():
+    parts = [request("a", 1, base=0), request("b", 2, base=100), request("c", 3, base=200)]
+    merged = merge(parts, [1, 2, 3], one_input_config(), "7")
+    assert merged.model_name == "m"
+    assert merged.model_version == "7"
+    assert [(t.name, t.datatype, list(t.shape)) for t in merged.inputs] == [
+        ("A", "FP32", [6, 4])]
+    assert list(merged.raw_input_contents) == [
+        floats(0, 4) + floats(100, 8) + floats(200, 12)]
+    assert len(merged.raw_input_contents[0]) == 6 * 4 * 4
+    assert list(merged.outputs) == []
+
+
+def test_merge_matches_inputs_by_name_not_position():
+    two = (("A", 4), ("B", 2))
+    parts = [
+        request("a", 1, tensors=two, base=0),
+        request("b", 2, tensors=(("B", 2), ("A", 4)), base=100),
+        request("c", 3, tensors=two, base=200),
+    ]
+    # In "b", B holds floats(100, ...) and A holds floats(1100, ...).
+    merged = merge(parts, [1, 2, 3], two_input_config(), "1")
+    assert [(t.name, list(t.shape)) for t in merged.inputs] == [("A", [6, 4]), ("B", [6, 2])]
+    assert list(merged.raw_input_contents) == [
+        floats(0, 4) + floats(1100, 8) + floats(200, 12),
+        floats(1000, 2) + floats(100, 4) + floats(1200, 6),
+    ]
+
+
+@pytest.mark.parametrize("wanted, expected", [
+    pytest.param([["OUT"], ["AUX"], ["OUT"]], ["OUT", "AUX"], id="union-in-first-seen-order"),
+    pytest.param([["OUT"], [], ["AUX"]], [], id="one-wants-all"),
+    pytest.param([[], []], [], id="all-want-all"),
+    pytest.param([["AUX", "OUT"]], ["AUX", "OUT"], id="single"),
+])
+def test_requested_outputs(wanted, expected):
+    parts = [request(str(i), 1, outputs=names) for i, names in enumerate(wanted)]
+    assert requested_outputs(parts) == expected
+
+
+def test_merge_carries_requested_outputs_union():
+    parts = [request("a", 1, outputs=["OUT"]), request("b", 1, outputs=["AUX", "OUT"])]
+    merged = merge(parts, [1, 1], one_input_config(), "1")
+    assert [o.name for o in merged.outputs] == ["OUT", "AUX"]
+
+
+def test_merge_single_request_is_a_copy_with_the_version():
+    only = request("solo", 3, outputs=["OUT"])
+    only.parameters["k"].string_param = "v"
+    before = only.SerializeToString(deterministic=True)
+    merged = merge([only], [3], one_input_config(), "4")
+    assert merged is not only
+    assert merged.model_version == "4"
+    assert only.SerializeToString(deterministic=True) == before
+    merged.model_version = ""
+    assert merged.SerializeToString(deterministic=True) == before
+
+
+# --- split --------------------------------------------------------------------------------
+
+def batch_response(total: int = 6) -> ModelInferResponse:
+    response = ModelInferResponse(model_name="m", model_version="3", id="batch")
+    response.outputs.add(name="OUT", datatype="FP32", shape=[total, 2])
+    response.raw_output_contents.append(floats(0, total * 2))
+    response.outputs.add(name="AUX", datatype="FP32", shape=[total, 1])
+    response.raw_output_contents.append(floats(500, total))
+    return response
+
+
+def test_split_gives_each_request_its_rows():
+    parts = [request("a", 1), request("b", 2), request("c", 3)]
+    answers = split(batch_response(), parts, [1, 2, 3])
+    assert [(a.id, a.model_name, a.model_version) for a in answers] == [
+        ("a", "m", "3"), ("b", "m", "3"), ("c", "m", "3")]
+    assert [[(o.name, o.datatype, list(o.shape)) for o in a.outputs] for a in answers] == [
+        [("OUT", "FP32", [1, 2]), ("AUX", "FP32", [1, 1])],
+        [("OUT", "FP32", [2, 2]), ("AUX", "FP32", [2, 1])],
+        [("OUT", "FP32", [3, 2]), ("AUX", "FP32", [3, 1])],
+    ]
+    assert [list(a.raw_output_contents) for a in answers] == [
+        [floats(0, 2), floats(500, 1)],
+        [floats(2, 4), floats(501, 2)],
+        [floats(6, 6), floats(503, 3)],
+    ]
+
+
+def test_split_honours_requested_outputs():
+    parts = [request("a", 1, outputs=["AUX"]), request("b", 2), request("c", 3, outputs=["OUT"])]
+    answers = split(batch_response(), parts, [1, 2, 3])
+    assert [[o.name for o in a.outputs] for a in answers] == [["AUX"], ["OUT", "AUX"], ["OUT"]]
+    assert list(answers[0].raw_output_contents) == [floats(500, 1)]
+    assert list(answers[1].raw_output_contents) == [floats(2, 4), floats(501, 2)]
+    assert list(answers[2].raw_output_contents) == [floats(6, 6)]
+
+
+def test_split_bytes_output():
+    response = ModelInferResponse(model_name="m", model_version="2")
+    response.outputs.add(name="TEXT", datatype="BYTES", shape=[6, 1])
+    response.raw_output_contents.append(frame(b"a", b"", b"ccc", b"d", b"ee", b"f"))
+    parts = [request("a", 1), request("b", 2), request("c", 3)]
+    answers = split(response, parts, [1, 2, 3])
+    assert [[list(o.shape) for o in a.outputs] for a in answers] == [[[1, 1]], [[2, 1]], [[3, 1]]]
+    assert [list(a.raw_output_contents) for a in answers] == [
+        [frame(b"a")], [frame(b"", b"ccc")], [frame(b"d", b"ee", b"f")]]
+
+
+@pytest.mark.parametrize("cut, found", [(-4, 44), (4, 52)], ids=["short", "long"])
+def test_split_wrong_byte_length_is_internal(cut, found):
+    response = batch_response()
+    raw = response.raw_output_contents[0]
+    response.raw_output_contents[0] = raw[:cut] if cut < 0 else raw + b"\x00" * cut
+    with pytest.raises(Internal) as caught:
+        split(response, [request("a", 1), request("b", 2), request("c", 3)], [1, 2, 3])
+    assert caught.value.message == f"compute answered {found} bytes for 6 rows of FP32"
+
+
+def test_split_missing_raw_output_is_internal():
+    response = batch_response()
+    del response.raw_output_contents[1]
+    with pytest.raises(Internal) as caught:
+        split(response, [request("a", 1), request("b", 5)], [1, 5])
+    assert "raw_output_contents" in caught.value.message
+
+
+@pytest.mark.parametrize("raw", [frame(b"a", b"b"), frame(b"a", b"b") + b"\x09\x00"],
+                         ids=["too-few-elements", "broken-framing"])
+def test_split_malformed_bytes_output_is_internal(raw):
+    response = ModelInferResponse(model_name="m", model_version="2")
+    response.outputs.add(name="TEXT", datatype="BYTES", shape=[3, 1])
+    response.raw_output_contents.append(raw)
+    with pytest.raises(Internal) as caught:
+        split(response, [request("a", 1), request("b", 2)], [1, 2])
+    assert type(caught.value) is Internal
+    assert caught.value.message.startswith("compute answered a malformed BYTES output: ")
+
+
+def test_split_single_request_passes_through():
+    response = batch_response(total=4)
+    only = request("solo", 4, outputs=["OUT"])
+    [answer] = split(response, [only], [4])
+    assert (answer.id, answer.model_name, answer.model_version) == ("solo", "m", "3")
+    assert [(o.name, list(o.shape)) for o in answer.outputs] == [("OUT", [4, 2])]
+    assert list(answer.raw_output_contents) == [floats(0, 8)]

@@ -1,0 +1,279 @@
+"""Tests of group forwarding with a fake group call (no gRPC server, no network)."""
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from meshserve.common import errors
+from meshserve.common.forwarding import GroupForwarder, deadline_of, error_result, raise_for
+from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
+from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
+
+UPSTREAM = "batcher-7"
+
+
+class FakeUpstream:
+    """Records each group call; answers every item with a response whose id is its request_id.
+
+    With `gated`, each call waits for `release` before answering.
+    """
+
+    def __init__(self, *, gated: bool = False, extra: int = 0, error: Exception | None = None):
+        self.groups: list[list[str]] = []
+        self.item_timeouts: list[list[int]] = []
+        self.timeouts: list[float | None] = []
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        if not gated:
+            self.release.set()
+        self.extra = extra
+        self.error = error
+
+    async def call(self, group: InferGroup, timeout: float | None) -> InferGroupResult:
+        assert group.model_name == "mlp"
+        self.groups.append([item.request_id for item in group.items])
+        self.item_timeouts.append([item.timeout_us for item in group.items])
+        self.timeouts.append(timeout)
+        self.started.set()
+        await self.release.wait()
+        if self.error is not None:
+            raise self.error
+        ids = [item.request_id for item in group.items]
+        if self.extra > 0:
+            ids += ["surplus"] * self.extra
+        elif self.extra < 0:
+            ids = ids[:self.extra]
+        return InferGroupResult(results=[
+            ItemResult(response=ModelInferResponse(id=rid, model_name="mlp")) for rid in ids])
+
+
+def entry(rid: str, deadline: float | None = None):
+    item = GroupItem(request=ModelInferRequest(model_name="mlp", id=rid), request_id=rid)
+    return (item, deadline)
+
+
+def ids_of(results: list[ItemResult]) -> list[str]:
+    return [r.response.id for r in results]
+
+
+async def settle(rounds: int = 5) -> None:
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+# --- coalescing -------------------------------------------------------------------------
+
+async def test_calls_during_flight_coalesce_into_one_next_group():
+    fake = FakeUpstream(gated=True)
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
+    first = asyncio.create_task(forwarder.forward([entry("r0")]))
+    await asyncio.wait_for(fake.started.wait(), 2)
+    rest = [asyncio.create_task(forwarder.forward([entry(f"r{i}")])) for i in range(1, 11)]
+    await settle()
+    assert fake.groups == [["r0"]]
+    fake.release.set()
+    results = await asyncio.wait_for(asyncio.gather(first, *rest), 2)
+    assert [len(group) for group in fake.groups] == [1, 10]
+    assert fake.groups[1] == [f"r{i}" for i in range(1, 11)]
+    assert [ids_of(r) for r in results] == [[f"r{i}"] for i in range(11)]
+    assert all(r[0].code == 0 for r in results)
+
+
+async def test_idle_sends_a_group_of_one_at_once():
+    fake = FakeUpstream()
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
+    assert ids_of(await asyncio.wait_for(forwarder.forward([entry("a")]), 2)) == ["a"]
+    assert ids_of(await asyncio.wait_for(forwarder.forward([entry("b")]), 2)) == ["b"]
+    assert fake.groups == [["a"], ["b"]]
+    assert fake.timeouts == [None, None]
+
+
+async def test_entries_of_one_forward_come_back_in_order():
+    fake = FakeUpstream()
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
+    results = await asyncio.wait_for(
+        asyncio.gather(forwarder.forward([entry("a"), entry("b"), entry("c")]),
+                       forwarder.forward([entry("d")]),
+                       forwarder.forward([entry("e"), entry("f")])), 2)
+    assert fake.groups == [["a", "b", "c", "d", "e", "f"]]
+    assert [ids_of(r) for r in results] == [["a", "b", "c"], ["d"], ["e", "f"]]
+
+
+@pytest.mark.parametrize("parcels, max_group, groups", [
+    pytest.param([1] * 10, 4, [4, 4, 2], id="ten-singles-by-4"),
+    pytest.param([3, 3, 1], 4, [3, 4], id="parcels-not-split"),
+    pytest.param([6, 1], 4, [6, 1], id="oversized-parcel-goes-alone"),
+    pytest.param([2, 2, 2], 512, [6], id="default-bound"),
+])
+async def test_max_group_bounds_groups(parcels, max_group, groups):
+    fake = FakeUpstream()
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM, max_group=max_group)
+    batches, n = [], 0
+    for size in parcels:
+        batches.append([entry(f"r{n + k}") for k in range(size)])
+        n += size
+    results = await asyncio.wait_for(
+        asyncio.gather(*(forwarder.forward(b) for b in batches)), 2)
+    assert [len(group) for group in fake.groups] == groups
+    assert [ids_of(r) for r in results] == [[item.request_id for item, _ in b] for b in batches]
+
+
+async def test_max_in_flight_two_runs_two_calls_at_once():
+    fake = FakeUpstream(gated=True)
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM, max_in_flight=2)
+    tasks = [asyncio.create_task(forwarder.forward([entry("a")]))]
+    await settle()
+    tasks.append(asyncio.create_task(forwarder.forward([entry("b")])))
+    await settle()
+    assert fake.groups == [["a"], ["b"]]
+    tasks += [asyncio.create_task(forwarder.forward([entry(x)])) for x in "cde"]
+    await settle()
+    fake.release.set()
+    results = await asyncio.wait_for(asyncio.gather(*tasks), 2)
+    assert fake.groups == [["a"], ["b"], ["c", "d", "e"]]
+    assert [ids_of(r) for r in results] == [["a"], ["b"], ["c"], ["d"], ["e"]]
+
+
+# --- deadlines --------------------------------------------------------------------------
+
+async def test_expired_entry_is_answered_without_being_sent():
+    fake = FakeUpstream()
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
+    now = time.monotonic()
+    results = await asyncio.wait_for(forwarder.forward(
+        [entry("late", now - 1.0), entry("soon", now + 0.5), entry("later", now + 2.0)]), 2)
+    assert fake.groups == [["soon", "later"]]
+    late, soon, later = results
+    assert late.code == 4
+    assert late.message == (f"deadline exceeded before the request left the {UPSTREAM} queue")
+    assert not late.HasField("response")
+    assert (soon.code, soon.response.id, later.code, later.response.id) == (
+        0, "soon", 0, "later")
+    assert fake.timeouts[0] == pytest.approx(2.0, abs=0.05)
+    sent_us = fake.item_timeouts[0]
+    assert sent_us[0] == pytest.approx(500_000, abs=50_000)
+    assert sent_us[1] == pytest.approx(2_000_000, abs=50_000)
+
+
+async def test_any_entry_without_deadline_means_no_call_timeout():
+    fake = FakeUpstream()
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
+    now = time.monotonic()
+    first, second = entry("a", now + 1.0), entry("b", None)
+    second[0].timeout_us = 777  # a stale value must be cleared
+    await asyncio.wait_for(forwarder.forward([first, second]), 2)
+    assert fake.timeouts == [None]
+    assert fake.item_timeouts[0][0] == pytest.approx(1_000_000, abs=50_000)
+    assert fake.item_timeouts[0][1] == 0
+
+
+async def test_all_expired_makes_no_call():
+    fake = FakeUpstream()
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
+    now = time.monotonic()
+    results = await asyncio.wait_for(
+        forwarder.forward([entry("x", now - 0.1), entry("y", now)]), 2)
+    assert fake.groups == []
+    assert [r.code for r in results] == [4, 4]
+
+
+@pytest.mark.parametrize("timeout_us, arrived, expected", [
+    (0, 5.0, None),
+    (1_500_000, 10.0, 11.5),
+    (250, 0.0, 0.00025),
+])
+def test_deadline_of(timeout_us, arrived, expected):
+    assert deadline_of(timeout_us, arrived) == expected
+
+
+# --- failures ---------------------------------------------------------------------------
+
+def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+@pytest.mark.parametrize("code, details, number, message", [
+    pytest.param(grpc.StatusCode.UNAVAILABLE, "down", 14, f"{UPSTREAM} unavailable: down",
+                 id="unavailable"),
+    pytest.param(grpc.StatusCode.CANCELLED, "gone", 14, f"{UPSTREAM} unavailable: gone",
+                 id="cancelled"),
+    pytest.param(grpc.StatusCode.DEADLINE_EXCEEDED, "slow", 4,
+                 "deadline exceeded before the model answered", id="deadline"),
+    pytest.param(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", 8, "full", id="exhausted"),
+    pytest.param(grpc.StatusCode.INTERNAL, "", 13, "INTERNAL", id="no-details"),
+])
+async def test_rpc_error_answers_every_item(code, details, number, message):
+    fake = FakeUpstream(error=rpc_error(code, details))
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
+    results = await asyncio.wait_for(asyncio.gather(
+        forwarder.forward([entry("a"), entry("b")]), forwarder.forward([entry("c")])), 2)
+    assert fake.groups == [["a", "b", "c"]]
+    flat = [r for parcel in results for r in parcel]
+    assert [(r.code, r.message) for r in flat] == [(number, message)] * 3
+
+
+@pytest.mark.parametrize("extra", [-1, 1], ids=["too-few", "too-many"])
+async def test_wrong_result_count_fails_every_waiter(extra):
+    fake = FakeUpstream(extra=extra)
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
+    outcomes = await asyncio.wait_for(asyncio.gather(
+        forwarder.forward([entry("a")]), forwarder.forward([entry("b"), entry("c")]),
+        return_exceptions=True), 2)
+    assert fake.groups == [["a", "b", "c"]]
+    assert [type(o) for o in outcomes] == [ValueError, ValueError]
+    # The forwarder recovers: the next call goes out and is answered.
+    fake.extra = 0
+    assert ids_of(await asyncio.wait_for(forwarder.forward([entry("d")]), 2)) == ["d"]
+
+
+async def test_other_exception_reaches_every_waiter():
+    boom = RuntimeError("boom")
+    fake = FakeUpstream(error=boom)
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
+    outcomes = await asyncio.wait_for(asyncio.gather(
+        forwarder.forward([entry("a")]), forwarder.forward([entry("b")]),
+        return_exceptions=True), 2)
+    assert outcomes == [boom, boom]
+
+
+# --- result <-> error -------------------------------------------------------------------
+
+@pytest.mark.parametrize("code, cls", [
+    (3, errors.InvalidArgument),
+    (4, errors.DeadlineExceeded),
+    (5, errors.NotFound),
+    (8, errors.ResourceExhausted),
+    (9, errors.FailedPrecondition),
+    (13, errors.Internal),
+    (14, errors.Unavailable),
+])
+def test_raise_for_raises_the_domain_error(code, cls):
+    with pytest.raises(cls) as caught:
+        raise_for(ItemResult(code=code, message="why"))
+    assert type(caught.value) is cls
+    assert caught.value.message == "why"
+
+
+@pytest.mark.parametrize("code, name", [(2, "UNKNOWN"), (12, "UNIMPLEMENTED"), (99, "UNKNOWN")])
+def test_raise_for_unmapped_code_raises_serving_error(code, name):
+    with pytest.raises(errors.ServingError) as caught:
+        raise_for(ItemResult(code=code, message="m"))
+    assert type(caught.value) is errors.ServingError
+    assert caught.value.code == name
+
+
+def test_raise_for_ok_does_nothing():
+    assert raise_for(ItemResult(code=0, response=ModelInferResponse(id="x"))) is None
+
+
+@pytest.mark.parametrize("error, code", [
+    (errors.InvalidArgument("bad"), 3),
+    (errors.DeadlineExceeded("bad"), 4),
+    (errors.NotFound("bad"), 5),
+    (errors.Unavailable("bad"), 14),
+    (errors.Internal("bad"), 13),
+])
+def test_error_result(error, code):
+    assert error_result(error) == ItemResult(code=code, message="bad")
