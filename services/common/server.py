@@ -55,48 +55,39 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, internal_error_message(error))
 
 
+def _guard(behavior):
+    async def guarded(request, context):
+        try:
+            return await behavior(request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as error:  # noqa: BLE001 — mapped to a status here
+            await _abort(context, error)
+
+    return guarded
+
+
+def _guard_stream(behavior):
+    async def guarded(request_or_iterator, context):
+        try:
+            async for response in behavior(request_or_iterator, context):
+                yield response
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as error:  # noqa: BLE001 — mapped to a status here
+            await _abort(context, error)
+
+    return guarded
+
+
 def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    codec = (handler.request_deserializer, handler.response_serializer)
     if handler.unary_unary:
-        behavior = handler.unary_unary
-
-        async def unary_unary(request, context):
-            try:
-                return await behavior(request, context)
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                raise
-            except Exception as error:  # noqa: BLE001 — mapped to a status here
-                await _abort(context, error)
-
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(_guard(handler.unary_unary), *codec)
     if handler.stream_stream:
-        stream_behavior = handler.stream_stream
-
-        async def stream_stream(request_iterator, context):
-            try:
-                async for response in stream_behavior(request_iterator, context):
-                    yield response
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                raise
-            except Exception as error:  # noqa: BLE001
-                await _abort(context, error)
-
-        return grpc.stream_stream_rpc_method_handler(
-            stream_stream, handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(_guard_stream(handler.stream_stream), *codec)
     if handler.unary_stream:
-        stream_behavior = handler.unary_stream
-
-        async def unary_stream(request, context):
-            try:
-                async for response in stream_behavior(request, context):
-                    yield response
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                raise
-            except Exception as error:  # noqa: BLE001
-                await _abort(context, error)
-
-        return grpc.unary_stream_rpc_method_handler(
-            unary_stream, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(_guard_stream(handler.unary_stream), *codec)
     return handler
 
 
@@ -182,11 +173,11 @@ class Service:
     async def stop(self, grace: float = 5.0) -> None:
         """Report not-ready, stop accepting, let in-flight calls finish within `grace`."""
         self.health.set_all(False)
+        if self.server is not None:
+            await self.server.stop(grace)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.server is not None:
-            await self.server.stop(grace)
         for close in self._cleanup:
             await close()
 
