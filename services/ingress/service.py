@@ -60,7 +60,8 @@ class Ingress:
         self.repository = repository
         self.router = router
         self._forwarders: dict[str, GroupForwarder] = {}
-        self._ids = (f"{secrets.token_hex(4)}-{n}" for n in itertools.count())
+        prefix = secrets.token_hex(4)  # ids unique across ingress replicas, cheap per request
+        self._ids = (f"{prefix}-{n}" for n in itertools.count())
 
     def _forwarder(self, model: str) -> GroupForwarder:
         forwarder = self._forwarders.get(model)
