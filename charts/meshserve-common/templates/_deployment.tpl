@@ -16,6 +16,12 @@ Reads .Values.modelRepository when the chart has one (compute, batcher, ingress)
 {{- if and $hasModels .Values.modelRepository.existingClaim .Values.modelRepository.init.command -}}
 {{- fail "modelRepository: set existingClaim (mounted read-only) or init.command (fills an emptyDir), not both" -}}
 {{- end -}}
+{{- if and $hasModels (not .Values.modelRepository.existingClaim) (not .Values.modelRepository.init.command) -}}
+{{- fail "modelRepository: set existingClaim (a PVC holding the model repository) or init.command (fills an emptyDir)" -}}
+{{- end -}}
+{{- if and (gt (int .Values.preStopSleepSeconds) 0) (not (semverCompare ">=1.30.0-0" .Capabilities.KubeVersion.Version)) -}}
+{{- fail "preStopSleepSeconds needs Kubernetes >= 1.30 (the preStop sleep action); set it to 0" -}}
+{{- end -}}
 {{- if $gpu -}}
 {{- $limits := default (dict) (get $resources "limits") -}}
 {{- $_ := set $limits .Values.gpu.resourceName (int .Values.gpu.count) -}}

@@ -162,13 +162,15 @@ spec:
     - {{ printf "%s.%s" $fullname .Release.Namespace }}
     - {{ printf "%s.%s.svc" $fullname .Release.Namespace }}
     - {{ printf "%s.%s.svc.%s" $fullname .Release.Namespace .Values.clusterDomain }}
+    {{- range .Values.certManager.extraDnsNames }}
+    - {{ . }}
+    {{- end }}
   uris:
     - {{ printf "spiffe://%s/%s" .Values.certManager.trustDomain $identity }}
   usages:
     - server auth
     - client auth
     - digital signature
-    - key encipherment
   duration: {{ .Values.certManager.duration }}
   renewBefore: {{ .Values.certManager.renewBefore }}
   privateKey:
