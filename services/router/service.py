@@ -80,10 +80,9 @@ class Router:
         return results  # type: ignore[return-value]
 
     def matching(self, model: str, version: str) -> list[Destination]:
-        if version:
-            self.routes.resolve(model, version)
-        elif model:
-            self.routes.resolve(model, "")
+        """Destinations of a model (all when empty) and version (all when empty)."""
+        if model:
+            self.routes.resolve(model, version)  # NOT_FOUND for unknown names
         return [d for d in self.destinations.values()
                 if (not model or d.model == model) and (not version or d.version == version)]
 
