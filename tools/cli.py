@@ -9,6 +9,7 @@ SERVICES = {
     "router": "meshserve.router.service",
     "batcher": "meshserve.batcher.service",
     "compute": "meshserve.compute.service",
+    "control-plane": "meshserve.mesh.service",
 }
 
 
@@ -16,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SERVICES:
         return importlib.import_module(SERVICES[argv[0]]).main(argv[1:])
-    from meshserve.tools import bench, certs, client, up
+    from meshserve.tools import bench, certs, client, traffic, up
 
     parser = argparse.ArgumentParser(prog="meshserve", description="A model-serving mesh.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         commands.add_parser(name, help=f"run the {name} service (see meshserve {name} -h)")
     up.register(commands)
     client.register(commands)
+    traffic.register(commands)
     certs.register(commands)
     bench.register(commands)
     args = parser.parse_args(argv)

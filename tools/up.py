@@ -1,8 +1,9 @@
 """`meshserve up`: the embedded default — every service as a local process on loopback.
 
 On first run it creates development certificates in DIR/tls and the demo model repository
-in DIR/models; then it starts a compute replica and a batcher per model version, a router
-and the ingress, waits until each is ready, and stops them all on Ctrl-C or SIGTERM.
+in DIR/models; then it starts the control plane (state in DIR/mesh.db), a compute replica and
+a batcher per model version, a router steered by the control plane, and the ingress; waits
+until each is ready, and stops them all on Ctrl-C or SIGTERM.
 """
 
 import argparse
@@ -20,12 +21,16 @@ import grpc
 
 from meshserve.common.repository import ModelRepository
 from meshserve.common.tls import TlsFiles, channel_credentials
-from meshserve.protocol import health_pb2
+from meshserve.protocol import admin_pb2, health_pb2
+from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.protocol.health_pb2_grpc import HealthStub
 from meshserve.tools.certs import init_certs
 from meshserve.tools.demo_models import write_demo_repository
+from meshserve.tools.traffic import admin_channel
 
 HOST = "127.0.0.1"
+# The demo's traffic on a first run: a 10 % canary of mlp version 2; cnn on its latest.
+DEMO_POLICY = {"mlp": {"1": 90, "2": 10}, "cnn": {"1": 0, "2": 100}}
 
 
 @dataclass
@@ -115,8 +120,8 @@ def stop_all(children: list[Child], grace: float) -> None:
             child.process.wait()
 
 
-def plan(data_dir: Path, port: int, device: str) -> tuple[list[list[Child]], Child]:
-    """The children in start order: computes, batchers, router, ingress."""
+def plan(data_dir: Path, port: int, device: str) -> list[list[Child]]:
+    """The children in start order: control plane, computes, batchers, router, ingress."""
     models = data_dir / "models"
     run_dir = data_dir / "run"
     repository = ModelRepository.load(models)
@@ -128,18 +133,46 @@ def plan(data_dir: Path, port: int, device: str) -> tuple[list[list[Child]], Chi
                                   [*common, f"--device={device}"], run_dir))
             batchers.append(Child(f"batcher-{name}-{version}", "batcher", common, run_dir,
                                   model=name, version=version))
+    control_plane = Child("control-plane", "control-plane",
+                          [f"--store={data_dir / 'mesh.db'}"], run_dir)
     router = Child("router", "router", [], run_dir)
     ingress = Child("ingress", "ingress", [f"--model-repository={models}",
                                            f"--listen={HOST}:{port}", "--require-client-cert"],
                     run_dir)
-    return [computes, batchers, [router], [ingress]], ingress
+    return [[control_plane], computes, batchers, [router], [ingress]]
+
+
+async def register_batchers(control_plane: Child, batchers: list[Child], tls: TlsFiles) -> None:
+    """Tell the control plane where each version's batcher is (replacing stale addresses of
+    an earlier run) and, on a first run, set the demo traffic policy."""
+    async with admin_channel(control_plane.address, tls) as channel:
+        admin = AdminStub(channel)
+        status = await admin.Status(admin_pb2.StatusRequest())
+        for model in status.models:
+            for version in model.versions:
+                for stale in version.endpoints:
+                    await admin.RemoveEndpoint(stale)
+        for batcher in batchers:
+            await admin.RegisterEndpoint(admin_pb2.Endpoint(
+                model=batcher.model, version=batcher.version, address=batcher.address,
+                region="local"))
+        if not status.models:  # a first run
+            current = await admin.Status(admin_pb2.StatusRequest())
+            for model in current.models:
+                demo = DEMO_POLICY.get(model.policy.model)
+                if demo:
+                    weights = {version: demo.get(version, 0) for version in model.policy.weights}
+                    await admin.SetPolicy(admin_pb2.SetPolicyRequest(
+                        policy=admin_pb2.Policy(model=model.policy.model, weights=weights),
+                        reason="meshserve up: demo policy"))
 
 
 async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
                      say=print) -> list[Child]:
     tls_dir = data_dir / "tls"
-    tiers, ingress = plan(data_dir, port, device)
-    computes, batchers, [router], _ = tiers
+    operator = TlsFiles.for_identity(tls_dir, "client")
+    tiers = plan(data_dir, port, device)
+    [control_plane], computes, batchers, [router], [ingress] = tiers
     started: list[Child] = []
     try:
         for tier in tiers:
@@ -147,16 +180,17 @@ async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
                 if child in batchers:
                     child.args.append(f"--compute={computes[batchers.index(child)].address}")
                 if child is router:
-                    child.args.extend(f"--route={b.model}@{b.version}={b.address}"
-                                      for b in batchers)
+                    child.args.append(f"--control-plane={control_plane.address}")
                 if child is ingress:
                     child.args.append(f"--router={router.address}")
                 child.start(tls_dir)
                 started.append(child)
             await asyncio.gather(*(child.wait_port(timeout) for child in tier))
-        probe = TlsFiles.for_identity(tls_dir, "client")
+            if tier is batchers:
+                await wait_ready(control_plane, operator, timeout)
+                await register_batchers(control_plane, batchers, operator)
         for child in started:
-            seconds = await wait_ready(child, probe, timeout)
+            seconds = await wait_ready(child, operator, timeout)
             say(f"  ready  {child.name:<18} {child.address:<16} ({seconds:.1f} s)")
         return started
     except BaseException:
@@ -194,6 +228,24 @@ Logs: {data_dir / 'run'}/*.log. Ctrl-C stops everything.
 """
 
 
+async def supervise(children: list[Child], tls_dir: Path) -> None:
+    """Restart a service that exits, on the same port, with backoff (as Kubernetes would)."""
+    backoff = {child.name: 0.5 for child in children}
+    while True:
+        await asyncio.sleep(0.2)
+        for child in children:
+            code = child.exited()
+            if code is None:
+                continue
+            print(f"{child.name} exited with {code}; restarting in {backoff[child.name]:.1f} s "
+                  f"(log: {child.log})", flush=True)
+            await asyncio.sleep(backoff[child.name])
+            backoff[child.name] = min(backoff[child.name] * 2, 30.0)
+            child.args = [a for a in child.args if not a.startswith("--listen=")]
+            child.args.append(f"--listen={child.address}")
+            child.start(tls_dir)
+
+
 async def serve_until_stopped(args: argparse.Namespace) -> int:
     data_dir = args.data_dir.resolve()
     prepare(data_dir)
@@ -214,18 +266,12 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
     ingress = children[-1]
     (data_dir / "run" / "endpoint").write_text(f"{ingress.address}\n")
     print(banner(data_dir, ingress), flush=True)
-    code = 0
-    while not stop.is_set():
-        dead = [c for c in children if c.exited() is not None]
-        if dead:
-            print(f"{dead[0].name} exited with {dead[0].exited()}; see {dead[0].log}")
-            code = 1
-            break
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.5)
+    supervisor = asyncio.create_task(supervise(children, data_dir / "tls"))
+    await stop.wait()
+    supervisor.cancel()
     print("stopping")
     stop_all(list(reversed(children)), grace=args.drain_seconds + 2)
-    return code
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -79,6 +79,9 @@ class GroupServicer(groups_pb2_grpc.GroupInferenceServicer):
     async def Infer(self, request, context):
         return InferGroupResult(results=await self._batcher.infer(request.items))
 
+    async def Counters(self, request, context):
+        return self._batcher.statistics.counters()
+
 
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     """Statistics and readiness for this model version; ModelInfer for debugging."""

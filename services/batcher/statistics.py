@@ -3,10 +3,15 @@
 inference_count counts rows, execution_count counts batches; durations are summed in ns.
 """
 
+import bisect
 import time
 from dataclasses import dataclass, field
 
+from meshserve.protocol.groups_pb2 import RequestCounters
 from meshserve.protocol.grpc_service_pb2 import ModelStatistics
+
+# Latency histogram bounds (ms) for live percentiles; the last bucket is unbounded.
+BUCKET_BOUNDS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
 @dataclass
@@ -38,6 +43,7 @@ class Statistics:
     queue: Duration = field(default_factory=Duration)
     compute: BatchTimes = field(default_factory=BatchTimes)
     batches: dict[int, BatchTimes] = field(default_factory=dict)
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(BUCKET_BOUNDS_MS) + 1))
 
     def record_batch(self, rows: int, requests: int, input_ns: int, infer_ns: int,
                      output_ns: int) -> None:
@@ -53,6 +59,7 @@ class Statistics:
 
     def record_request(self, ok: bool, total_ns: int, queue_ns: int | None) -> None:
         (self.success if ok else self.fail).add(total_ns)
+        self.buckets[bisect.bisect_left(BUCKET_BOUNDS_MS, total_ns / 1e6)] += 1
         if queue_ns is not None:
             self.queue.add(queue_ns)
 
@@ -76,3 +83,9 @@ class Statistics:
                                    (entry.compute_output, times.compute_output)):
                 target.count, target.ns = source.count, source.ns
         return stats
+
+    def counters(self) -> RequestCounters:
+        return RequestCounters(
+            model_name=self.name, model_version=self.version,
+            requests=self.success.count + self.fail.count, failures=self.fail.count,
+            bucket_bounds_ms=BUCKET_BOUNDS_MS, bucket_counts=self.buckets)

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
 from meshserve import __version__
 from meshserve.common import runtime
 from meshserve.common.datatypes import WIRE_FROM_CONFIG
@@ -25,6 +27,7 @@ from meshserve.common.server import HealthServicer, Service, internal_error_mess
 from meshserve.common.tls import TlsFiles, server_credentials
 from meshserve.common.upstream import Upstream
 from meshserve.ingress.validation import expected_shape, validate
+from meshserve.mesh.policy import PIN_HEADER
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol import grpc_service_pb2_grpc
 from meshserve.protocol.groups_pb2 import GroupItem
@@ -95,6 +98,19 @@ class Ingress:
         return result.response
 
 
+def pinned_version(context: grpc.aio.ServicerContext) -> str:
+    """The `x-model-version` header: a version pin for requests that name none."""
+    for key, value in context.invocation_metadata() or ():
+        if key == PIN_HEADER:
+            return value
+    return ""
+
+
+def pin_request(request: pb.ModelInferRequest, pin: str) -> None:
+    if pin and not request.model_version:
+        request.model_version = pin
+
+
 def tensor_metadata(config, tensor) -> pb.ModelMetadataResponse.TensorMetadata:
     return pb.ModelMetadataResponse.TensorMetadata(
         name=tensor.name, datatype=WIRE_FROM_CONFIG[tensor.data_type],
@@ -133,9 +149,15 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             config=self._ingress.config(request.name, request.version).config)
 
     async def ModelStatistics(self, request, context):
-        if request.name:
-            self._ingress.config(request.name, request.version)
-        return await self._ingress.router.inference.ModelStatistics(request, timeout=5)
+        """Each version's statistics, from its batcher (reached pinned, through the router)."""
+        response = pb.ModelStatisticsResponse()
+        for name in [request.name] if request.name else sorted(self._ingress.repository.models):
+            entry = self._ingress.config(name, request.version)
+            for version in [request.version] if request.version else entry.versions:
+                reply = await self._ingress.router.inference.ModelStatistics(
+                    pb.ModelStatisticsRequest(name=name, version=version), timeout=5)
+                response.model_stats.extend(reply.model_stats)
+        return response
 
     async def RepositoryIndex(self, request, context):
         response = pb.RepositoryIndexResponse()
@@ -153,15 +175,18 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def ModelInfer(self, request, context):
+        pin_request(request, pinned_version(context))
         return await self._ingress.infer(request, context.time_remaining())
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests are served concurrently; each answer is sent as soon as it is ready."""
         answers: asyncio.Queue = asyncio.Queue()
         remaining = context.time_remaining()
+        pin = pinned_version(context)
 
         async def serve_one(request) -> None:
             try:
+                pin_request(request, pin)
                 response = await self._ingress.infer(request, remaining)
                 answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
             except Exception as error:  # noqa: BLE001 — every request gets an answer

@@ -7,6 +7,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CountersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RequestCounters(_message.Message):
+    __slots__ = ("model_name", "model_version", "requests", "failures", "bucket_bounds_ms", "bucket_counts")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_BOUNDS_MS_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    requests: int
+    failures: int
+    bucket_bounds_ms: _containers.RepeatedScalarFieldContainer[float]
+    bucket_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., bucket_bounds_ms: _Optional[_Iterable[float]] = ..., bucket_counts: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class InferGroup(_message.Message):
     __slots__ = ("model_name", "items")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]

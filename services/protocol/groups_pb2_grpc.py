@@ -39,6 +39,11 @@ class GroupInferenceStub(object):
                 request_serializer=meshserve_dot_protocol_dot_groups__pb2.InferGroup.SerializeToString,
                 response_deserializer=meshserve_dot_protocol_dot_groups__pb2.InferGroupResult.FromString,
                 _registered_method=True)
+        self.Counters = channel.unary_unary(
+                '/meshserve.v1.GroupInference/Counters',
+                request_serializer=meshserve_dot_protocol_dot_groups__pb2.CountersRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_groups__pb2.RequestCounters.FromString,
+                _registered_method=True)
 
 
 class GroupInferenceServicer(object):
@@ -50,6 +55,13 @@ class GroupInferenceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Counters(self, request, context):
+        """Cumulative request counters of the model version behind this service.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GroupInferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +69,11 @@ def add_GroupInferenceServicer_to_server(servicer, server):
                     servicer.Infer,
                     request_deserializer=meshserve_dot_protocol_dot_groups__pb2.InferGroup.FromString,
                     response_serializer=meshserve_dot_protocol_dot_groups__pb2.InferGroupResult.SerializeToString,
+            ),
+            'Counters': grpc.unary_unary_rpc_method_handler(
+                    servicer.Counters,
+                    request_deserializer=meshserve_dot_protocol_dot_groups__pb2.CountersRequest.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_groups__pb2.RequestCounters.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +103,33 @@ class GroupInference(object):
             '/meshserve.v1.GroupInference/Infer',
             meshserve_dot_protocol_dot_groups__pb2.InferGroup.SerializeToString,
             meshserve_dot_protocol_dot_groups__pb2.InferGroupResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Counters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.GroupInference/Counters',
+            meshserve_dot_protocol_dot_groups__pb2.CountersRequest.SerializeToString,
+            meshserve_dot_protocol_dot_groups__pb2.RequestCounters.FromString,
             options,
             channel_credentials,
             insecure,

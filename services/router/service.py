@@ -1,90 +1,124 @@
-"""The router: picks the version that serves each request and forwards groups to its batcher.
+"""The router: reaches each model through the mesh and forwards groups to its batchers.
 
-`meshserve router --route MODEL@VERSION=HOST:PORT [...] [--default-version MODEL=V]`
+`meshserve router --control-plane HOST:PORT`: gRPC's own xDS client applies the control
+plane's routes (version pins by header, weighted split), so a traffic shift reaches every
+router live, without a restart.
 """
 
 import argparse
 import asyncio
+import json
+import os
+import socket
 import time
 from dataclasses import dataclass
 
+import grpc
+
 from meshserve.common import runtime
-from meshserve.common.errors import ServingError
-from meshserve.common.forwarding import (
-    Entry,
-    GroupForwarder,
-    deadline_of,
-    error_result,
-    raise_for,
-)
+from meshserve.common.forwarding import Entry, GroupForwarder, deadline_of, raise_for
 from meshserve.common.server import HealthServicer, Service
-from meshserve.common.tls import TlsFiles, server_credentials
+from meshserve.common.tls import (
+    TlsFiles,
+    channel_credentials,
+    channel_options,
+    server_credentials,
+)
 from meshserve.common.upstream import Upstream
+from meshserve.mesh.policy import PIN_HEADER
 from meshserve.protocol import groups_pb2_grpc, grpc_service_pb2_grpc
 from meshserve.protocol.groups_pb2 import GroupItem, InferGroupResult, ItemResult
-from meshserve.protocol.grpc_service_pb2 import ModelReadyRequest, ModelStatisticsResponse
-from meshserve.router.routes import RouteTable
 
 
 @dataclass(frozen=True)
 class RouterSettings:
     listen: str
     tls: TlsFiles
-    routes: RouteTable
+    control_plane: str
+    control_plane_identity: str = "control-plane"
     batcher_identity: str = "batcher"
+    region: str = "local"
 
 
-class Destination:
-    """A model version's batcher: its channel and the forwarder that groups calls to it."""
+def bootstrap(settings: RouterSettings) -> str:
+    """gRPC's xDS bootstrap: the control plane over mutual TLS; keep the last configuration
+    when the control plane goes away (`ignore_resource_deletion`)."""
+    tls = {"ca_certificate_file": str(settings.tls.ca),
+           "certificate_file": str(settings.tls.cert),
+           "private_key_file": str(settings.tls.key)}
+    return json.dumps({
+        "xds_servers": [{"server_uri": settings.control_plane,
+                         "channel_creds": [{"type": "tls", "config": tls}],
+                         "server_features": ["xds_v3", "ignore_resource_deletion"]}],
+        "node": {"id": f"router-{socket.gethostname()}-{os.getpid()}",
+                 "cluster": "meshserve-router", "locality": {"region": settings.region}}})
 
-    def __init__(self, model: str, version: str, upstream: Upstream) -> None:
+
+class ModelRoute:
+    """One model reached through the mesh: `xds:///<model>`, steered by the control plane.
+
+    Requests pinned to a version travel in groups of their own with the pin header; the
+    rest are split by the route's weights, one group at a time.
+    """
+
+    def __init__(self, model: str, tls: TlsFiles, batcher_identity: str) -> None:
         self.model = model
-        self.version = version
-        self.upstream = upstream
-        self.forwarder = GroupForwarder(self._call, model, f"batcher of {model}@{version}")
+        self.channel = grpc.aio.secure_channel(
+            f"xds:///{model}", channel_credentials(tls), options=channel_options(batcher_identity))
+        self.groups = groups_pb2_grpc.GroupInferenceStub(self.channel)
+        self.inference = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+        self._forwarders: dict[str, GroupForwarder] = {}
 
-    async def _call(self, group, timeout):
-        return await self.upstream.groups.Infer(group, timeout=timeout)
+    def forwarder(self, pin: str) -> GroupForwarder:
+        forwarder = self._forwarders.get(pin)
+        if forwarder is None:
+            metadata = self.pin(pin)
+
+            async def call(group, timeout):
+                return await self.groups.Infer(group, timeout=timeout, metadata=metadata)
+
+            where = f"batcher of {self.model}" + (f"@{pin}" if pin else "")
+            forwarder = GroupForwarder(call, self.model, where)
+            self._forwarders[pin] = forwarder
+        return forwarder
+
+    @staticmethod
+    def pin(version: str):
+        return ((PIN_HEADER, version),) if version else None
 
 
 class Router:
-    def __init__(self, routes: RouteTable, destinations: dict[tuple[str, str], Destination]):
-        self.routes = routes
-        self.destinations = destinations
+    def __init__(self, tls: TlsFiles, batcher_identity: str) -> None:
+        self._tls = tls
+        self._identity = batcher_identity
+        self.models: dict[str, ModelRoute] = {}
 
-    @property
-    def ready(self) -> bool:
-        return all(d.upstream.serving for d in self.destinations.values())
+    def route(self, model: str) -> ModelRoute:
+        route = self.models.get(model)
+        if route is None:
+            route = self.models[model] = ModelRoute(model, self._tls, self._identity)
+        return route
 
     async def infer(self, model: str, items) -> list[ItemResult]:
-        """Results in the order of `items`; each version's share travels as one parcel."""
+        """Results in the order of `items`; each pin's share travels as one parcel."""
         arrived = time.monotonic()
-        results: list[ItemResult | None] = [None] * len(items)
+        route = self.route(model)
         parcels: dict[str, tuple[list[int], list[Entry]]] = {}
         for i, item in enumerate(items):
-            try:
-                version = self.routes.resolve(model, item.request.model_version)
-            except ServingError as error:
-                results[i] = error_result(error)
-                continue
-            item.request.model_version = version
-            positions, entries = parcels.setdefault(version, ([], []))
+            positions, entries = parcels.setdefault(item.request.model_version, ([], []))
             positions.append(i)
             entries.append((item, deadline_of(item.timeout_us, arrived)))
         answers = await asyncio.gather(*(
-            self.destinations[model, version].forwarder.forward(entries)
-            for version, (_, entries) in parcels.items()))
+            route.forwarder(pin).forward(entries) for pin, (_, entries) in parcels.items()))
+        results: list[ItemResult | None] = [None] * len(items)
         for (positions, _), answer in zip(parcels.values(), answers):
             for i, result in zip(positions, answer):
                 results[i] = result
         return results  # type: ignore[return-value]
 
-    def matching(self, model: str, version: str) -> list[Destination]:
-        """Destinations of a model (all when empty) and version (all when empty)."""
-        if model:
-            self.routes.resolve(model, version)  # NOT_FOUND for unknown names
-        return [d for d in self.destinations.values()
-                if (not model or d.model == model) and (not version or d.version == version)]
+    async def close(self) -> None:
+        for route in self.models.values():
+            await route.channel.close()
 
 
 class GroupServicer(groups_pb2_grpc.GroupInferenceServicer):
@@ -97,23 +131,21 @@ class GroupServicer(groups_pb2_grpc.GroupInferenceServicer):
 
 
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    """Readiness and statistics of the versions behind the router; ModelInfer for debugging."""
+    """Readiness and statistics of a model version behind the mesh (pinned when a version
+    is named); ModelInfer for debugging."""
 
     def __init__(self, router: Router) -> None:
         self._router = router
 
     async def ModelReady(self, request, context):
-        version = self._router.routes.resolve(request.name, request.version)
-        destination = self._router.destinations[request.name, version]
-        return await destination.upstream.inference.ModelReady(
-            ModelReadyRequest(name=request.name, version=destination.version), timeout=5)
+        route = self._router.route(request.name)
+        return await route.inference.ModelReady(request, timeout=5,
+                                                metadata=route.pin(request.version))
 
     async def ModelStatistics(self, request, context):
-        response = ModelStatisticsResponse()
-        for destination in self._router.matching(request.name, request.version):
-            reply = await destination.upstream.inference.ModelStatistics(request, timeout=5)
-            response.model_stats.extend(reply.model_stats)
-        return response
+        route = self._router.route(request.name)
+        return await route.inference.ModelStatistics(request, timeout=5,
+                                                     metadata=route.pin(request.version))
 
     async def ModelInfer(self, request, context):
         remaining = context.time_remaining()
@@ -124,11 +156,11 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
 
 def build_service(settings: RouterSettings) -> Service:
-    destinations = {
-        (model, version): Destination(
-            model, version, Upstream(address, settings.tls, settings.batcher_identity))
-        for model, version, address in settings.routes.targets()}
-    router = Router(settings.routes, destinations)
+    # Read by gRPC when the first xds:/// channel is made; this process has no other.
+    os.environ["GRPC_XDS_BOOTSTRAP_CONFIG"] = bootstrap(settings)
+    router = Router(settings.tls, settings.batcher_identity)
+    control_plane = Upstream(settings.control_plane, settings.tls,
+                             settings.control_plane_identity)
     health = HealthServicer()
 
     def register(server) -> None:
@@ -136,32 +168,34 @@ def build_service(settings: RouterSettings) -> Service:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(router), server)
 
-    async def close() -> None:
-        for destination in destinations.values():
-            await destination.upstream.close()
+    async def became_ready() -> None:
+        # Ready once the control plane has answered; afterwards the router keeps serving
+        # with its last configuration even while the control plane is away.
+        while not await control_plane.check():
+            await asyncio.sleep(0.2)
+        health.set(True)
+        await control_plane.close()
 
-    background = [(lambda d=d: d.upstream.watch(lambda: health.set(router.ready)))
-                  for d in destinations.values()]
     return Service(settings.listen, server_credentials(settings.tls), register, health,
-                   background=background, cleanup=[close])
+                   background=[became_ready], cleanup=[router.close])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshserve router", description=__doc__)
     runtime.add_server_flags(parser)
-    parser.add_argument("--route", action="append", required=True,
-                        metavar="MODEL@VERSION=HOST:PORT",
-                        help="the batcher of a model version (repeatable)")
-    parser.add_argument("--default-version", action="append", default=[],
-                        metavar="MODEL=VERSION",
-                        help="version for requests that name none (default: the highest)")
+    parser.add_argument("--control-plane", required=True, metavar="HOST:PORT",
+                        help="the xDS control plane that steers traffic between versions")
+    parser.add_argument("--control-plane-identity", default="control-plane",
+                        help="identity the control plane's certificate must name")
     parser.add_argument("--batcher-identity", default="batcher",
                         help="identity the batchers' certificates must name")
+    parser.add_argument("--region", default="local", help="this router's locality region")
     args = parser.parse_args(argv)
     runtime.configure_logging("router", args.log_level)
     settings = RouterSettings(listen=args.listen, tls=runtime.tls_files(args),
-                              routes=RouteTable.parse(args.route, args.default_version),
-                              batcher_identity=args.batcher_identity)
+                              control_plane=args.control_plane,
+                              control_plane_identity=args.control_plane_identity,
+                              batcher_identity=args.batcher_identity, region=args.region)
 
     async def build() -> Service:
         return build_service(settings)

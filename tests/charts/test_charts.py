@@ -154,9 +154,8 @@ def test_batcher_router_ingress_args_from_values(helm):
     assert flag_values(batcher, "--compute") == ["mesh-compute:7004"]
     assert flag_values(batcher, "--compute-identity") == ["compute"]
     router = container(helm.render("router"))["args"]
-    assert flag_values(router, "--route") == ["mlp@1=mesh-batcher-mlp-1:7003",
-                                              "mlp@2=mesh-batcher-mlp-2:7003"]
-    assert flag_values(router, "--default-version") == ["mlp=2"]
+    assert flag_values(router, "--control-plane") == ["mesh-control-plane:7005"]
+    assert flag_values(router, "--control-plane-identity") == ["control-plane"]
     ingress = container(helm.render("ingress"))["args"]
     assert flag_values(ingress, "--router") == ["mesh-router:7002"]
     assert "--require-client-cert" in ingress
@@ -440,7 +439,7 @@ def test_schema_refuses_bad_values(helm, command):
 
 
 @pytest.mark.parametrize(("service", "field"), [
-    ("compute", "/model/name"), ("batcher", "/compute/targets"), ("router", "/routes"),
+    ("compute", "/model/name"), ("batcher", "/compute/targets"), ("router", "/controlPlane"),
     ("ingress", "/router/target")])
 def test_schema_requires_what_has_no_default(helm, service, field):
     done = helm.template(service)  # the chart's defaults alone

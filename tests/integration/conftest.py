@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.flaky_model import write_flaky_model
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -86,7 +88,10 @@ def stop_up(mesh: Mesh) -> int:
 
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory) -> Mesh:
-    started = start_up(tmp_path_factory.mktemp("mesh") / "data")
+    """`meshserve up` with the demo models and `flaky` (version 2 deliberately faulty)."""
+    data_dir = tmp_path_factory.mktemp("mesh") / "data"
+    write_flaky_model(data_dir / "models")
+    started = start_up(data_dir)
     try:
         yield started
     finally:

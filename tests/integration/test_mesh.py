@@ -121,8 +121,10 @@ async def test_stream_infer_answers_every_request(mesh):
     assert failed[0].error_message.startswith("INVALID_ARGUMENT: input 'INPUT__0' has datatype")
 
 
-def internal_targets(mesh) -> list[tuple[str, str]]:
-    return [(name, f"127.0.0.1:{port}") for name, port in sorted(mesh.internal_ports().items())]
+def internal_targets(mesh) -> list[tuple[str, str, str]]:
+    """(name, identity, address) of every internal service."""
+    return [(name, "control-plane" if name == "control-plane" else name.split("-")[0],
+             f"127.0.0.1:{port}") for name, port in sorted(mesh.internal_ports().items())]
 
 
 async def health_check(target: str, channel: grpc.aio.Channel) -> None:
@@ -132,9 +134,8 @@ async def health_check(target: str, channel: grpc.aio.Channel) -> None:
 
 async def test_internal_ports_accept_the_mesh_ca(mesh):
     targets = internal_targets(mesh)
-    assert len(targets) == 9  # 4 compute, 4 batchers, 1 router
-    for name, target in targets:
-        identity = name.split("-")[0]
+    assert len(targets) == 16  # control plane, 7 compute, 7 batchers, router
+    for _, identity, target in targets:
         files = TlsFiles.for_identity(mesh.tls, "ingress")
         await health_check(target, grpc.aio.secure_channel(
             target, channel_credentials(files),
@@ -151,8 +152,7 @@ def foreign_ca(tmp_path_factory):
 async def test_internal_ports_refuse_strangers(mesh, foreign_ca):
     ca = (mesh.tls / "ca.crt").read_bytes()
     foreign = TlsFiles.for_identity(foreign_ca, "ingress")
-    for name, target in internal_targets(mesh):
-        identity = name.split("-")[0]
+    for name, identity, target in internal_targets(mesh):
         options = [("grpc.ssl_target_name_override", identity)]
         strangers = {
             "plaintext": grpc.aio.insecure_channel(target),

@@ -9,7 +9,7 @@ def test_up_serves_and_stops_cleanly(tmp_path):
     mesh = start_up(tmp_path / "data")
     try:
         children = [pid for pid in children_of(mesh.data_dir) if pid != mesh.process.pid]
-        assert len(children) == 10  # 4 compute, 4 batchers, router, ingress
+        assert len(children) == 11  # control plane, 4 compute, 4 batchers, router, ingress
         for model in ("mlp", "cnn"):
             done = meshserve("infer", model, "--version", "2", f"--data-dir={mesh.data_dir}",
                              f"--target={mesh.endpoint}")

@@ -1,10 +1,7 @@
 {{/* `meshserve router` flags after the shared server flags (services/router/service.py). */}}
 {{- define "router.args" -}}
-{{- range (required "routes is required: the batcher of at least one model version" .Values.routes) }}
-- {{ printf "--route=%s@%v=%s" .model .version .target | quote }}
-{{- end }}
-{{- range $model, $version := .Values.defaultVersions }}
-- {{ printf "--default-version=%s=%v" $model $version | quote }}
-{{- end }}
+- {{ printf "--control-plane=%s" (required "controlPlane.target is required: the xDS control plane, HOST:PORT" .Values.controlPlane.target) | quote }}
+- {{ printf "--control-plane-identity=%s" .Values.controlPlane.identity | quote }}
+- {{ printf "--region=%s" .Values.region | quote }}
 - {{ printf "--batcher-identity=%s" .Values.batcherIdentity | quote }}
 {{- end -}}

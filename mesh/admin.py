@@ -1,0 +1,142 @@
+"""The admin API's servicer: convert, delegate to the control plane, convert."""
+
+import grpc
+
+from meshserve.common.errors import InvalidArgument, NotFound
+from meshserve.mesh.canary import CanaryPlan
+from meshserve.mesh.control import ControlPlane
+from meshserve.mesh.policy import Endpoint, Shadow, TrafficPolicy
+from meshserve.protocol import admin_pb2 as pb
+from meshserve.protocol import admin_pb2_grpc
+from meshserve.tools.certs import identity_of
+
+STATUS_WINDOW_SECONDS = 10.0
+
+
+def caller(context: grpc.aio.ServicerContext) -> str:
+    """The caller's identity from its certificate (recorded in the audit log)."""
+    pems = context.auth_context().get("x509_pem_cert") or []
+    for pem in pems:
+        identity = identity_of(pem)
+        if identity:
+            return identity
+    return "unknown"
+
+
+def policy_to_proto(policy: TrafficPolicy) -> pb.Policy:
+    message = pb.Policy(model=policy.model, weights=policy.weights, region=policy.region)
+    if policy.shadow is not None:
+        message.shadow.version = policy.shadow.version
+        message.shadow.percent = policy.shadow.percent
+    return message
+
+
+def policy_from_proto(message: pb.Policy) -> TrafficPolicy:
+    shadow = (Shadow(message.shadow.version, message.shadow.percent)
+              if message.shadow.version else None)
+    return TrafficPolicy(message.model, dict(message.weights), shadow, message.region)
+
+
+def endpoint_to_proto(endpoint: Endpoint) -> pb.Endpoint:
+    return pb.Endpoint(model=endpoint.model, version=endpoint.version, address=endpoint.address,
+                       region=endpoint.region, zone=endpoint.zone)
+
+
+def endpoint_from_proto(message: pb.Endpoint) -> Endpoint:
+    if not (message.model and message.version.isdigit() and ":" in message.address):
+        raise InvalidArgument("endpoint needs model, a numeric version and address HOST:PORT")
+    return Endpoint(message.model, message.version, message.address,
+                    message.region or "local", message.zone)
+
+
+def canary_to_proto(record: dict | None) -> pb.Canary:
+    if not record:
+        return pb.Canary()
+    plan = record["plan"]
+    return pb.Canary(
+        plan=pb.CanaryPlan(model=plan["model"], to_version=plan["canary"], steps=plan["steps"],
+                           interval_seconds=plan["interval_s"],
+                           max_error_rate=plan["max_error_rate"],
+                           max_latency_ratio=plan["max_latency_ratio"],
+                           min_requests=plan["min_requests"]),
+        baseline=plan["baseline"], state=record["state"], weight=record["weight"],
+        reason=record.get("reason", ""), updated_at=record.get("updated_at", ""))
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    def __init__(self, control: ControlPlane) -> None:
+        self._control = control
+
+    async def Status(self, request, context):
+        control = self._control
+        policies = control.store.policies()
+        if request.model and request.model not in policies:
+            raise NotFound(f"no traffic policy for model '{request.model}'")
+        response = pb.StatusResponse(snapshot_version=control.cache.snapshot.version)
+        endpoints = control.store.endpoints()
+        for model in sorted(policies):
+            if request.model and model != request.model:
+                continue
+            policy = policies[model]
+            status = response.models.add(policy=policy_to_proto(policy),
+                                         canary=canary_to_proto(control.store.canary(model)))
+            for version in policy.versions:
+                live = control.window(model, version, STATUS_WINDOW_SECONDS)
+                status.versions.add(
+                    version=version, weight=policy.weights[version],
+                    requests_per_second=live.rate, error_rate=live.error_rate,
+                    p50_ms=live.percentile(50) or 0.0, p99_ms=live.percentile(99) or 0.0,
+                    endpoints=[endpoint_to_proto(e) for e in endpoints
+                               if (e.model, e.version) == (model, version)])
+        return response
+
+    async def SetPolicy(self, request, context):
+        policy = policy_from_proto(request.policy)
+        return policy_to_proto(self._control.set_policy(policy, caller(context), request.reason))
+
+    async def Pin(self, request, context):
+        return policy_to_proto(self._control.pin(request.model, request.version,
+                                                 caller(context), request.reason))
+
+    async def Rollback(self, request, context):
+        return policy_to_proto(self._control.rollback(request.model, caller(context),
+                                                      request.reason))
+
+    async def RegisterEndpoint(self, request, context):
+        self._control.register(endpoint_from_proto(request), caller(context))
+        return request
+
+    async def RemoveEndpoint(self, request, context):
+        self._control.unregister(endpoint_from_proto(request), caller(context))
+        return request
+
+    async def StartCanary(self, request, context):
+        current = self._control.policy(request.model)
+        baseline = max(current.weights, key=lambda v: (current.weights[v], int(v)))
+        plan = CanaryPlan(
+            model=request.model, baseline=baseline, canary=request.to_version,
+            steps=tuple(request.steps) or CanaryPlan.steps,
+            interval_s=request.interval_seconds or CanaryPlan.interval_s,
+            max_error_rate=request.max_error_rate or CanaryPlan.max_error_rate,
+            max_latency_ratio=request.max_latency_ratio or CanaryPlan.max_latency_ratio,
+            min_requests=request.min_requests or CanaryPlan.min_requests)
+        return canary_to_proto(self._control.start_canary(plan, caller(context)))
+
+    async def GetCanary(self, request, context):
+        self._control.policy(request.model)
+        return canary_to_proto(self._control.store.canary(request.model))
+
+    async def AbortCanary(self, request, context):
+        return canary_to_proto(self._control.abort_canary(request.model, caller(context)))
+
+    async def Audit(self, request, context):
+        store = self._control.store
+        entries = store.audit()
+        if request.limit:
+            entries = entries[-request.limit:]  # the newest
+        response = pb.AuditResponse(entries=[pb.AuditEntry(
+            seq=e.seq, at=e.at, actor=e.actor, action=e.action, subject=e.subject,
+            before=e.before, after=e.after, reason=e.reason, hash=e.hash) for e in entries])
+        if request.verify:
+            response.problems.extend(store.verify_audit())
+        return response

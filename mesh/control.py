@@ -1,0 +1,221 @@
+"""The control plane's core: state changes, the snapshot they produce, live statistics, and
+automated canaries. gRPC appears only in the batcher sampling, behind `sample_batchers`."""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from meshserve.mesh.canary import CanaryPlan, VersionWindow, judge, weights
+from meshserve.mesh.live import History, Sample, Window, window
+from meshserve.mesh.policy import Endpoint, TrafficPolicy
+from meshserve.mesh.snapshot import Snapshot
+from meshserve.mesh.store import Store
+from meshserve.mesh.xds import SnapshotCache
+
+log = logging.getLogger(__name__)
+
+# Reads one batcher's cumulative counters: (requests, failures, bucket counts, bounds).
+CounterReader = Callable[[Endpoint], Awaitable[tuple[int, int, tuple[int, ...], tuple[float, ...]]]]
+
+
+class ControlPlane:
+    def __init__(self, store: Store, read_counters: CounterReader | None = None,
+                 tick_seconds: float = 1.0) -> None:
+        self.store = store
+        self.cache = SnapshotCache(Snapshot.of(store.state()))
+        self._read = read_counters
+        self._tick = tick_seconds
+        self._histories: dict[tuple[str, str, str], History] = {}
+        self._bounds: tuple[float, ...] = ()
+        self._canaries: dict[str, asyncio.Task] = {}
+
+    # ---------------------------------------------------------------- state changes
+
+    def _apply(self) -> None:
+        self.cache.set(Snapshot.of(self.store.state()))
+
+    def policy(self, model: str) -> TrafficPolicy:
+        policy = self.store.policy(model)
+        if policy is None:
+            raise NotFound(f"no traffic policy for model '{model}'")
+        return policy
+
+    def set_policy(self, policy: TrafficPolicy, actor: str, reason: str = "") -> TrafficPolicy:
+        Snapshot.of(self._with(policy))  # refuse what would not make a consistent snapshot
+        self.store.put_policy(policy, actor, reason)
+        self._apply()
+        return policy
+
+    def set_weights(self, model: str, new: dict[str, int], actor: str,
+                    reason: str = "") -> TrafficPolicy:
+        return self.set_policy(self.policy(model).with_weights(new), actor, reason)
+
+    def pin(self, model: str, version: str, actor: str, reason: str = "") -> TrafficPolicy:
+        return self.set_weights(model, {version: 100}, actor, reason or f"pin to {version}")
+
+    def rollback(self, model: str, actor: str, reason: str = "") -> TrafficPolicy:
+        policy = self.store.rollback(model, actor, reason)
+        self._apply()
+        return policy
+
+    def register(self, endpoint: Endpoint, actor: str) -> None:
+        """Add an endpoint; a model's first version gets all its traffic, later ones none
+        (pinnable at once, shifted by an SRE or a canary)."""
+        self.store.put_endpoint(endpoint, actor)
+        policy = self.store.policy(endpoint.model)
+        if policy is None:
+            self.store.put_policy(TrafficPolicy(endpoint.model, {endpoint.version: 100}), actor,
+                                  "first version registered")
+        elif endpoint.version not in policy.weights:
+            self.store.put_policy(
+                TrafficPolicy(policy.model, {**policy.weights, endpoint.version: 0},
+                              policy.shadow, policy.region), actor, "new version registered")
+        self._apply()
+
+    def unregister(self, endpoint: Endpoint, actor: str) -> None:
+        self.store.remove_endpoint(endpoint.model, endpoint.version, endpoint.address, actor)
+        self._apply()
+
+    def _with(self, policy: TrafficPolicy):
+        state = self.store.state()
+        return type(state)({**state.policies, policy.model: policy}, state.endpoints)
+
+    # ---------------------------------------------------------------- live statistics
+
+    async def sample_batchers(self) -> None:
+        """Sample every batcher's counters forever, one round per tick."""
+        while True:
+            endpoints = self.store.endpoints()
+            results = await asyncio.gather(*(self._read(e) for e in endpoints),
+                                           return_exceptions=True)
+            now = time.monotonic()
+            for endpoint, result in zip(endpoints, results):
+                if isinstance(result, BaseException):
+                    continue
+                requests, failures, buckets, bounds = result
+                self._bounds = bounds
+                key = (endpoint.model, endpoint.version, endpoint.address)
+                self._histories.setdefault(key, History()).add(
+                    Sample(now, requests, failures, buckets))
+            await asyncio.sleep(self._tick)
+
+    def window(self, model: str, version: str, seconds: float) -> Window:
+        deltas = [history.delta(seconds) for (m, v, _), history in self._histories.items()
+                  if (m, v) == (model, version)]
+        return window([d for d in deltas if d is not None], self._bounds, seconds)
+
+    # ---------------------------------------------------------------- canaries
+
+    def start_canary(self, plan: CanaryPlan, actor: str) -> dict:
+        current = self.policy(plan.model)
+        if plan.canary not in current.weights:
+            raise InvalidArgument(f"model '{plan.model}' has no version '{plan.canary}' "
+                                  f"(versions: {', '.join(current.versions)})")
+        if plan.canary == plan.baseline:
+            raise InvalidArgument(f"version '{plan.canary}' already serves model "
+                                  f"'{plan.model}'; nothing to canary")
+        running = self.store.canary(plan.model)
+        if running and running.get("state") == "running":
+            raise FailedPrecondition(f"a canary of model '{plan.model}' is already running; "
+                                     f"abort it first (meshserve canary abort {plan.model})")
+        record = {"plan": plan_dict(plan), "state": "running", "step": 0,
+                  "weight": plan.steps[0], "reason": "started"}
+        self._record(plan.model, record, actor, "canary.start", "started")
+        self.set_policy(current.with_weights(weights(plan, plan.steps[0])), actor,
+                        f"canary step 1: {plan.steps[0]}%")
+        self._launch(plan.model)
+        return self.store.canary(plan.model)
+
+    def abort_canary(self, model: str, actor: str) -> dict:
+        record = self.store.canary(model)
+        if not record or record.get("state") != "running":
+            raise FailedPrecondition(f"no canary of model '{model}' is running")
+        self._stop(model)
+        plan = plan_from(record["plan"])
+        self.set_policy(self.policy(model).with_weights(weights(plan, 0)), actor,
+                        "canary aborted")
+        self._record(model, {**record, "state": "aborted", "weight": 0,
+                             "reason": "aborted by operator"}, actor, "canary.abort", "aborted")
+        return self.store.canary(model)
+
+    def resume_canaries(self) -> None:
+        """After a restart, running canaries continue from their recorded step."""
+        for model in self.store.policies():
+            record = self.store.canary(model)
+            if record and record.get("state") == "running":
+                self._launch(model)
+
+    def _launch(self, model: str) -> None:
+        self._stop(model)
+        self._canaries[model] = asyncio.get_running_loop().create_task(self._run_canary(model))
+
+    def _stop(self, model: str) -> None:
+        task = self._canaries.pop(model, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    def _record(self, model: str, record: dict, actor: str, action: str, reason: str) -> None:
+        record = {**record, "updated_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        self.store.put_canary(model, record, actor, action, reason)
+
+    async def _run_canary(self, model: str) -> None:
+        actor = "canary-controller"
+        record = self.store.canary(model)
+        plan = plan_from(record["plan"])
+        step = record["step"]
+        step_started = time.monotonic()
+        while True:
+            await asyncio.sleep(self._tick)
+            elapsed = time.monotonic() - step_started
+            span = min(elapsed, plan.interval_s)
+            verdict = judge(plan, step, self._version_window(model, plan.baseline, span),
+                            self._version_window(model, plan.canary, span))
+            if verdict.action == "rollback":
+                self.set_policy(self.policy(model).with_weights(weights(plan, 0)), actor,
+                                f"canary rolled back: {verdict.reason}")
+                self._record(model, {**record, "state": "rolled_back", "weight": 0,
+                                     "reason": verdict.reason}, actor, "canary.rollback",
+                             verdict.reason)
+                log.warning("canary of %s rolled back: %s", model, verdict.reason)
+                return
+            if elapsed < plan.interval_s or verdict.action == "hold":
+                continue
+            if verdict.action == "promote":
+                self.set_policy(self.policy(model).with_weights({plan.canary: 100}), actor,
+                                "canary promoted")
+                self._record(model, {**record, "state": "promoted", "weight": 100,
+                                     "reason": verdict.reason}, actor, "canary.promote",
+                             verdict.reason)
+                return
+            step += 1
+            record = {**record, "step": step, "weight": verdict.weight,
+                      "reason": verdict.reason}
+            self.set_policy(self.policy(model).with_weights(weights(plan, verdict.weight)),
+                            actor, f"canary step {step + 1}: {verdict.weight}%")
+            self._record(model, record, actor, "canary.step", verdict.reason)
+            step_started = time.monotonic()
+
+    def _version_window(self, model: str, version: str, seconds: float) -> VersionWindow:
+        found = self.window(model, version, seconds)
+        return VersionWindow(found.requests, found.failures, found.percentile(99))
+
+    async def close(self) -> None:
+        for model in list(self._canaries):
+            self._stop(model)
+        with contextlib.suppress(Exception):
+            self.store.close()
+
+
+def plan_dict(plan: CanaryPlan) -> dict:
+    return {"model": plan.model, "baseline": plan.baseline, "canary": plan.canary,
+            "steps": list(plan.steps), "interval_s": plan.interval_s,
+            "max_error_rate": plan.max_error_rate, "max_latency_ratio": plan.max_latency_ratio,
+            "min_requests": plan.min_requests}
+
+
+def plan_from(data: dict) -> CanaryPlan:
+    return CanaryPlan(**{**data, "steps": tuple(data["steps"])})

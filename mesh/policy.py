@@ -1,0 +1,114 @@
+"""Traffic policy and endpoints: what the control plane serves, as plain values. Pure."""
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+
+from meshserve.common.errors import InvalidArgument
+
+PIN_HEADER = "x-model-version"
+
+
+@dataclass(frozen=True)
+class Shadow:
+    """Mirror `percent` of a model's requests to `version`; its answers are discarded."""
+
+    version: str
+    percent: float
+
+
+@dataclass(frozen=True)
+class TrafficPolicy:
+    """How a model's requests are shared between its versions.
+
+    Every version listed in `weights` can be pinned (header `x-model-version: N`); requests
+    that pin nothing are split by weight (percent, summing to 100). `region`, when set,
+    keeps the model's traffic on endpoints of that region only, even when none is up.
+    """
+
+    model: str
+    weights: dict[str, int]
+    shadow: Shadow | None = None
+    region: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.weights:
+            raise InvalidArgument(f"policy of model '{self.model}' names no version")
+        for version, weight in self.weights.items():
+            if not version.isdigit():
+                raise InvalidArgument(f"version '{version}' of model '{self.model}' is not a "
+                                      "number")
+            if not 0 <= weight <= 100:
+                raise InvalidArgument(f"weight {weight} of version '{version}' is not between "
+                                      "0 and 100")
+        if sum(self.weights.values()) != 100:
+            raise InvalidArgument(f"weights of model '{self.model}' sum to "
+                                  f"{sum(self.weights.values())}, not 100")
+        if self.shadow is not None:
+            if self.shadow.version not in self.weights:
+                raise InvalidArgument(f"shadow version '{self.shadow.version}' is not a version "
+                                      f"of model '{self.model}'")
+            if not 0 < self.shadow.percent <= 100:
+                raise InvalidArgument("shadow percent must be above 0 and at most 100")
+
+    @property
+    def versions(self) -> list[str]:
+        return sorted(self.weights, key=int)
+
+    def with_weights(self, weights: dict[str, int]) -> "TrafficPolicy":
+        unknown = sorted(set(weights) - set(self.weights), key=int)
+        if unknown:
+            raise InvalidArgument(f"model '{self.model}' has no version '{unknown[0]}' "
+                                  f"(versions: {', '.join(self.versions)})")
+        return replace(self, weights={v: weights.get(v, 0) for v in self.weights})
+
+    def pinned(self, version: str) -> "TrafficPolicy":
+        """All unpinned traffic to one version."""
+        return self.with_weights({version: 100})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrafficPolicy":
+        data = json.loads(text)
+        shadow = data.get("shadow")
+        return cls(model=data["model"], weights=data["weights"],
+                   shadow=Shadow(**shadow) if shadow else None, region=data.get("region", ""))
+
+
+def parse_weights(pairs: list[str]) -> dict[str, int]:
+    """`["1=90", "2=10"]` → `{"1": 90, "2": 10}`."""
+    weights = {}
+    for pair in pairs:
+        version, sep, weight = pair.partition("=")
+        if not sep or not version.isdigit() or not weight.isdigit():
+            raise InvalidArgument(f"'{pair}' is not VERSION=WEIGHT (for example 1=90)")
+        weights[version] = int(weight)
+    return weights
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A batcher serving one model version, and where it runs."""
+
+    model: str
+    version: str
+    address: str
+    region: str = "local"
+    zone: str = ""
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.address.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class MeshState:
+    """Everything the control plane serves: one policy per model and the endpoints."""
+
+    policies: dict[str, TrafficPolicy] = field(default_factory=dict)
+    endpoints: tuple[Endpoint, ...] = ()
+
+    def endpoints_of(self, model: str, version: str) -> list[Endpoint]:
+        return [e for e in self.endpoints if e.model == model and e.version == version]

@@ -1,0 +1,235 @@
+"""The mesh steering traffic through gRPC's own xDS client: splits, pins, live shifts,
+control-plane restarts and automated canaries, against `meshserve up`."""
+
+import asyncio
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy
+import pytest
+
+from meshserve.common.tls import TlsFiles
+from meshserve.protocol import admin_pb2 as admin
+from meshserve.protocol import grpc_service_pb2 as pb
+from meshserve.protocol.admin_pb2_grpc import AdminStub
+from meshserve.tools.traffic import admin_channel
+from tests.integration.conftest import children_of, meshserve
+from tests.integration.test_mesh import public_stub
+
+MLP = numpy.ones((1, 256), numpy.float32).tobytes()
+
+
+def request(model: str, version: str = "", row: numpy.ndarray | None = None):
+    message = pb.ModelInferRequest(model_name=model, model_version=version)
+    data = MLP if row is None else row.tobytes()
+    width = 256 if row is None else row.shape[1]
+    message.inputs.add(name="INPUT__0", datatype="FP32", shape=[1, width])
+    message.raw_input_contents.append(data)
+    return message
+
+
+@dataclass
+class Load:
+    """Answers seen by a bounded background load: (time, version or status name)."""
+
+    seen: list[tuple[float, str]] = field(default_factory=list)
+
+    def versions_after(self, moment: float) -> set[str]:
+        return {what for at, what in self.seen if at >= moment}
+
+    @property
+    def failures(self) -> list[str]:
+        return [what for _, what in self.seen if not what.isdigit()]
+
+
+async def drive(stub, model: str, seconds: float, load: Load, workers: int = 8,
+                make=None) -> None:
+    """Closed-loop load for `seconds`, bounded in time; every answer is recorded."""
+    deadline = time.monotonic() + seconds
+    rng = numpy.random.default_rng(3)
+
+    async def worker() -> None:
+        while time.monotonic() < deadline:
+            message = make(rng) if make else request(model)
+            try:
+                reply = await stub.ModelInfer(message, timeout=10)
+                load.seen.append((time.monotonic(), reply.model_version))
+            except grpc.aio.AioRpcError as error:
+                load.seen.append((time.monotonic(), error.code().name))
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+
+
+async def admin_stub(mesh):
+    port = (mesh.data_dir / "run" / "control-plane.port").read_text().strip()
+    channel = admin_channel(f"127.0.0.1:{port}", TlsFiles.for_identity(mesh.tls, "client"))
+    return channel, AdminStub(channel)
+
+
+async def set_weights(mesh, model: str, weights: dict[str, int]) -> None:
+    channel, stub = await admin_stub(mesh)
+    async with channel:
+        await stub.SetPolicy(admin.SetPolicyRequest(
+            policy=admin.Policy(model=model, weights=weights), reason="test"), timeout=10)
+
+
+async def weights_of(mesh, model: str) -> dict[str, int]:
+    channel, stub = await admin_stub(mesh)
+    async with channel:
+        status = await stub.Status(admin.StatusRequest(model=model), timeout=10)
+    return dict(status.models[0].policy.weights)
+
+
+async def test_weighted_split_holds_over_1000_requests(mesh):
+    assert await weights_of(mesh, "mlp") == {"1": 90, "2": 10}
+    channel, stub = await public_stub(mesh)
+    counts = {"1": 0, "2": 0}
+    async with channel:
+        for _ in range(1000):  # one at a time: each request is a group of its own
+            counts[(await stub.ModelInfer(request("mlp"), timeout=10)).model_version] += 1
+    assert sum(counts.values()) == 1000
+    assert 50 <= counts["2"] <= 150, counts  # binomial(1000, 0.1): mean 100, sd 9.5
+
+
+async def test_pins_always_reach_their_version(mesh):
+    channel, stub = await public_stub(mesh)
+    async with channel:
+        for version in ("1", "2"):
+            by_field = [(await stub.ModelInfer(request("mlp", version), timeout=10)).model_version
+                        for _ in range(50)]
+            by_header = [(await stub.ModelInfer(request("mlp"), timeout=10,
+                                                metadata=(("x-model-version", version),))
+                          ).model_version for _ in range(50)]
+            assert set(by_field) == {version}
+            assert set(by_header) == {version}
+
+
+async def test_live_shift_follows_within_a_second_without_errors(mesh):
+    channel, stub = await public_stub(mesh)
+    load = Load()
+    try:
+        async with channel:
+            driving = asyncio.create_task(drive(stub, "mlp", 5.0, load))
+            await asyncio.sleep(1.5)
+            await set_weights(mesh, "mlp", {"1": 0, "2": 100})
+            shifted = time.monotonic()
+            await driving
+        assert load.failures == []
+        assert {"1", "2"} <= load.versions_after(0)
+        assert load.versions_after(shifted + 1.0) == {"2"}
+        last_v1 = max((at for at, what in load.seen if what == "1"), default=shifted)
+        print(f"shift propagated in {max(0.0, last_v1 - shifted) * 1000:.0f} ms")
+    finally:
+        await set_weights(mesh, "mlp", {"1": 90, "2": 10})
+
+
+def control_plane_pid(mesh) -> int:
+    for pid in children_of(mesh.data_dir):
+        if b"control-plane" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+    raise AssertionError("no control plane process")
+
+
+async def test_control_plane_restart_under_load_fails_nothing(mesh):
+    before = await weights_of(mesh, "mlp")
+    old = control_plane_pid(mesh)
+    channel, stub = await public_stub(mesh)
+    load = Load()
+    async with channel:
+        driving = asyncio.create_task(drive(stub, "mlp", 6.0, load))
+        await asyncio.sleep(1.0)
+        os.kill(old, signal.SIGKILL)
+        await driving
+    assert load.failures == []
+    assert len(load.seen) > 100
+    for _ in range(100):  # `up` restarts it on the same port
+        try:
+            assert await weights_of(mesh, "mlp") == before
+            break
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.2)
+    else:
+        raise AssertionError("control plane did not come back")
+    assert control_plane_pid(mesh) != old
+
+
+async def run_canary(mesh, to_version: str) -> tuple[admin.Canary, Load, float]:
+    channel, stub = await public_stub(mesh)
+    admin_channel_, admin_api = await admin_stub(mesh)
+    load = Load()
+
+    def random_row(rng):
+        return request("flaky", row=rng.standard_normal((1, 8)).astype(numpy.float32))
+
+    async with channel, admin_channel_:
+        driving = asyncio.create_task(drive(stub, "flaky", 30.0, load, workers=4,
+                                            make=random_row))
+        await asyncio.sleep(1.0)
+        started = time.monotonic()
+        await admin_api.StartCanary(admin.CanaryPlan(
+            model="flaky", to_version=to_version, steps=[50, 100], interval_seconds=2,
+            max_error_rate=0.01, max_latency_ratio=50, min_requests=5), timeout=10)
+        while time.monotonic() - started < 25:
+            canary = await admin_api.GetCanary(admin.ModelRef(model="flaky"), timeout=10)
+            if canary.state != "running":
+                break
+            await asyncio.sleep(0.2)
+        elapsed = time.monotonic() - started
+        driving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await driving
+    return canary, load, elapsed
+
+
+
+async def test_canary_of_a_faulty_version_rolls_back_by_itself(mesh):
+    try:
+        canary, load, elapsed = await run_canary(mesh, "2")
+        assert canary.state == "rolled_back"
+        assert canary.reason.startswith("error rate ")
+        assert await weights_of(mesh, "flaky") == {"1": 100, "2": 0, "3": 0}
+        print(f"canary rolled back {elapsed:.1f} s after it started")
+        channel, stub = await admin_stub(mesh)
+        async with channel:
+            audit = await stub.Audit(admin.AuditRequest(verify=True), timeout=10)
+        assert list(audit.problems) == []
+        rollbacks = [e for e in audit.entries if e.action == "canary.rollback"]
+        assert rollbacks and rollbacks[-1].reason == canary.reason
+        assert rollbacks[-1].actor == "canary-controller"
+    finally:
+        await set_weights(mesh, "flaky", {"1": 100, "2": 0, "3": 0})
+
+
+async def test_canary_of_a_healthy_version_promotes(mesh):
+    try:
+        canary, load, _ = await run_canary(mesh, "3")
+        assert canary.state == "promoted", canary.reason
+        assert canary.weight == 100
+        assert await weights_of(mesh, "flaky") == {"1": 0, "2": 0, "3": 100}
+        assert load.failures == []
+    finally:
+        await set_weights(mesh, "flaky", {"1": 100, "2": 0, "3": 0})
+
+
+def test_traffic_cli_sets_and_shows_weights(mesh):
+    data = f"--data-dir={mesh.data_dir}"
+    try:
+        done = meshserve("traffic", "set", "mlp", "1=50", "2=50", data)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.strip() == "mlp: 1=50 2=50"
+        status = meshserve("traffic", "status", "mlp", data)
+        assert status.returncode == 0, status.stdout + status.stderr
+        rows = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()
+                if line.startswith("  ") and line.split()[0].isdigit()}
+        assert rows == {"1": "50%", "2": "50%"}
+        bad = meshserve("traffic", "set", "mlp", "1=50", "2=60", data)
+        assert bad.returncode == 1
+        assert "weights of model 'mlp' sum to 110, not 100" in bad.stdout
+        back = meshserve("traffic", "rollback", "mlp", data)
+        assert back.stdout.strip() == "mlp rolled back to: 1=90 2=10"
+    finally:
+        asyncio.run(set_weights(mesh, "mlp", {"1": 90, "2": 10}))

@@ -1,0 +1,322 @@
+import sqlite3
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from meshserve.mesh.audit import GENESIS
+from meshserve.mesh.policy import Endpoint, MeshState, Shadow, TrafficPolicy
+from meshserve.mesh.store import POSTGRESQL, SQLITE, Store
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        self.now += timedelta(seconds=1)
+        return self.now
+
+
+P1 = TrafficPolicy("resnet", {"1": 100})
+P2 = TrafficPolicy("resnet", {"1": 90, "2": 10})
+P3 = TrafficPolicy("resnet", {"1": 50, "2": 50}, shadow=Shadow("2", 5.0), region="eu")
+BERT = TrafficPolicy("bert", {"3": 100})
+
+E1 = Endpoint("resnet", "1", "10.0.0.1:8001")
+E2 = Endpoint("resnet", "2", "10.0.0.2:8001", region="eu", zone="eu-1a")
+E10 = Endpoint("resnet", "10", "10.0.0.3:8001")
+EB = Endpoint("bert", "3", "[::1]:8001")
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "mesh.db"
+
+
+@pytest.fixture
+def store(path: Path):
+    with Store.open(path, clock=FakeClock()) as opened:
+        yield opened
+
+
+def test_put_and_get_policies(store: Store) -> None:
+    assert store.policy("resnet") is None
+    assert store.policies() == {}
+    store.put_policy(P1, actor="alice", reason="first")
+    store.put_policy(BERT, actor="bob")
+    store.put_policy(P3, actor="alice")
+    assert store.policy("resnet") == P3
+    assert store.policy("bert") == BERT
+    assert store.policies() == {"bert": BERT, "resnet": P3}
+    assert list(store.policies()) == ["bert", "resnet"]
+    assert store.previous_policy("resnet") == P1
+    assert store.previous_policy("bert") is None
+    assert store.previous_policy("nope") is None
+
+
+def test_put_policy_is_audited_with_before_and_after(store: Store) -> None:
+    store.put_policy(P1, actor="alice", reason="first")
+    store.put_policy(P2, actor="bob", reason="canary 10%")
+    first, second = store.audit()
+    assert (first.seq, first.actor, first.action, first.subject) == (1, "alice", "policy.set",
+                                                                     "resnet")
+    assert (first.before, first.after, first.reason) == ("", P1.to_json(), "first")
+    assert first.prev_hash == GENESIS
+    assert first.at == "2026-01-01T00:00:01.000000Z"
+    assert (second.before, second.after, second.reason) == (P1.to_json(), P2.to_json(),
+                                                            "canary 10%")
+    assert second.prev_hash == first.hash
+    assert second.at == "2026-01-01T00:00:02.000000Z"
+
+
+def test_rollback_walks_back_through_history(store: Store) -> None:
+    """Rollback is undo: each one goes one policy further back; it is not a toggle."""
+    store.put_policy(P1, actor="alice")
+    store.put_policy(P2, actor="alice")
+    store.put_policy(P3, actor="alice")
+    assert store.rollback("resnet", actor="bob", reason="errors up") == P2
+    assert store.policy("resnet") == P2
+    assert store.previous_policy("resnet") == P1
+    assert store.rollback("resnet", actor="bob") == P1
+    assert store.policy("resnet") == P1
+    assert store.previous_policy("resnet") is None
+    with pytest.raises(FailedPrecondition, match="no earlier policy to roll back to"):
+        store.rollback("resnet", actor="bob")
+    assert store.policy("resnet") == P1
+
+    rollbacks = [e for e in store.audit() if e.action == "policy.rollback"]
+    assert [(e.before, e.after, e.actor) for e in rollbacks] == [
+        (P3.to_json(), P2.to_json(), "bob"), (P2.to_json(), P1.to_json(), "bob")]
+    assert rollbacks[0].reason == "errors up"
+    # A failed rollback writes nothing.
+    assert len(store.audit()) == 5
+    assert store.verify_audit() == []
+
+
+def test_put_after_rollback_continues_from_the_restored_policy(store: Store) -> None:
+    store.put_policy(P1, actor="alice")
+    store.put_policy(P2, actor="alice")
+    store.rollback("resnet", actor="alice")
+    store.put_policy(P3, actor="alice")
+    assert store.previous_policy("resnet") == P1
+    assert store.rollback("resnet", actor="alice") == P1
+
+
+def test_rollback_with_no_history_fails_clearly(store: Store) -> None:
+    with pytest.raises(NotFound, match="model 'resnet' has no policy"):
+        store.rollback("resnet", actor="alice")
+    store.put_policy(P1, actor="alice")
+    with pytest.raises(FailedPrecondition,
+                       match="model 'resnet' has no earlier policy to roll back to"):
+        store.rollback("resnet", actor="alice")
+    assert store.policy("resnet") == P1
+    assert len(store.audit()) == 1
+
+
+def test_endpoints_upsert_and_remove(store: Store) -> None:
+    store.put_endpoint(E10, actor="batcher")
+    store.put_endpoint(E2, actor="batcher")
+    store.put_endpoint(E1, actor="batcher")
+    store.put_endpoint(EB, actor="batcher")
+    # Sorted by model, then version numerically, then address.
+    assert store.endpoints() == (EB, E1, E2, E10)
+
+    moved = Endpoint("resnet", "1", "10.0.0.1:8001", region="us", zone="us-1b")
+    store.put_endpoint(moved, actor="batcher")
+    assert store.endpoints() == (EB, moved, E2, E10)
+    store.put_endpoint(moved, actor="batcher")  # unchanged: nothing recorded
+
+    entries = store.audit()
+    assert [e.action for e in entries] == ["endpoint.add"] * 5
+    update = entries[-1]
+    assert update.subject == "resnet/1/10.0.0.1:8001"
+    assert '"region": "local"' in update.before and '"region": "us"' in update.after
+
+    store.remove_endpoint("resnet", "2", "10.0.0.2:8001", actor="alice", reason="drained")
+    assert store.endpoints() == (EB, moved, E10)
+    removal = store.audit()[-1]
+    assert (removal.action, removal.subject, removal.after, removal.reason) == (
+        "endpoint.remove", "resnet/2/10.0.0.2:8001", "", "drained")
+    assert '"zone": "eu-1a"' in removal.before
+    with pytest.raises(NotFound, match="no endpoint of model 'resnet' version '2'"):
+        store.remove_endpoint("resnet", "2", "10.0.0.2:8001", actor="alice")
+
+
+@pytest.mark.parametrize("address", ["nohost", "host:", ":8001", "host:99999", "host:x"])
+def test_bad_endpoint_address_is_rejected(store: Store, address: str) -> None:
+    with pytest.raises(InvalidArgument, match="HOST:PORT"):
+        store.put_endpoint(Endpoint("resnet", "1", address), actor="a")
+    assert store.endpoints() == ()
+
+
+def test_state(store: Store) -> None:
+    assert store.state() == MeshState()
+    store.put_policy(P2, actor="alice")
+    store.put_policy(BERT, actor="alice")
+    store.put_endpoint(E2, actor="alice")
+    store.put_endpoint(E1, actor="alice")
+    state = store.state()
+    assert state == MeshState(policies={"bert": BERT, "resnet": P2}, endpoints=(E1, E2))
+    assert state.endpoints_of("resnet", "2") == [E2]
+
+
+def test_canary_records(store: Store) -> None:
+    assert store.canary("resnet") is None
+    store.put_canary("resnet", {"version": "2", "step": 0, "weights": [10, 50]}, actor="ctl",
+                     action="canary.start", reason="new model")
+    store.put_canary("resnet", {"version": "2", "step": 1, "weights": [10, 50]}, actor="ctl",
+                     action="canary.step")
+    assert store.canary("resnet") == {"version": "2", "step": 1, "weights": [10, 50]}
+    assert store.canaries() == {"resnet": {"version": "2", "step": 1, "weights": [10, 50]}}
+    start, step = store.audit()
+    assert (start.action, start.subject, start.before, start.reason) == (
+        "canary.start", "resnet", "", "new model")
+    assert (step.action, step.before) == ("canary.step", start.after)
+    with pytest.raises(InvalidArgument, match="not JSON"):
+        store.put_canary("resnet", {"at": object()}, actor="ctl", action="canary.step")
+    assert store.canary("resnet")["step"] == 1
+
+
+def test_append_audit_and_paging(store: Store) -> None:
+    made = [store.append_audit("op", "model.load", f"m{i}", after=str(i)) for i in range(5)]
+    assert [e.seq for e in made] == [1, 2, 3, 4, 5]
+    assert store.audit() == made
+    assert store.audit(limit=2) == made[:2]
+    assert store.audit(limit=2, after_seq=2) == made[2:4]
+    assert store.audit(after_seq=5) == []
+    assert store.head_hash() == made[-1].hash
+    with pytest.raises(InvalidArgument):
+        store.audit(limit=-1)
+    with pytest.raises(InvalidArgument, match="actor"):
+        store.append_audit("", "x", "y")
+
+
+def test_reopen_serves_the_same_state(path: Path) -> None:
+    with Store.open(path, clock=FakeClock()) as store:
+        store.put_policy(P1, actor="alice")
+        store.put_policy(P2, actor="alice")
+        store.put_policy(BERT, actor="bob")
+        store.put_endpoint(E1, actor="batcher")
+        store.put_endpoint(E2, actor="batcher")
+        store.put_canary("resnet", {"step": 2}, actor="ctl", action="canary.step")
+        before = (store.state(), store.canaries(), store.audit())
+
+    with Store.open(f"sqlite:///{path}") as reopened:
+        assert (reopened.state(), reopened.canaries(), reopened.audit()) == before
+        assert reopened.previous_policy("resnet") == P1
+        assert reopened.verify_audit() == []
+        # The chain continues where it stopped.
+        entry = reopened.append_audit("alice", "restart", "control-plane")
+        assert entry.seq == len(before[2]) + 1 and entry.prev_hash == before[2][-1].hash
+        assert reopened.rollback("resnet", actor="alice") == P1
+
+
+def test_edited_audit_row_in_the_file_is_detected(path: Path) -> None:
+    with Store.open(path) as store:
+        store.put_policy(P1, actor="alice")
+        store.put_policy(P2, actor="alice")
+        store.put_policy(P3, actor="alice")
+        anchor = store.head_hash()
+        assert store.verify_audit(anchor=anchor) == []
+
+    raw = sqlite3.connect(path)
+    with raw:
+        raw.execute("UPDATE audit_log SET actor = 'mallory' WHERE seq = 2")
+    raw.close()
+
+    with Store.open(path) as store:
+        assert store.verify_audit() == ["entry 2 was altered"]
+
+    raw = sqlite3.connect(path)
+    with raw:
+        raw.execute("DELETE FROM audit_log WHERE seq = 3")
+    raw.close()
+
+    with Store.open(path) as store:
+        # The removed tail is only visible against an anchor exported earlier.
+        assert store.verify_audit() == ["entry 2 was altered"]
+        problems = store.verify_audit(anchor=anchor)
+        assert problems[0] == "entry 2 was altered" and "anchored entry" in problems[1]
+
+
+def test_deleted_middle_audit_row_is_detected(path: Path) -> None:
+    with Store.open(path) as store:
+        for i in range(4):
+            store.append_audit("op", "x", str(i))
+    raw = sqlite3.connect(path)
+    with raw:
+        raw.execute("DELETE FROM audit_log WHERE seq = 2")
+    raw.close()
+    with Store.open(path) as store:
+        assert store.verify_audit() == ["entry 2 is missing"]
+
+
+@pytest.mark.parametrize("url", ["postgresql://x", "postgres://u:secret@db/mesh",
+                                 "postgresql+psycopg://db/mesh"])
+def test_postgresql_is_not_available(url: str) -> None:
+    with pytest.raises(FailedPrecondition, match="PostgreSQL is not available in this build") \
+            as caught:
+        Store.open(url)
+    assert "secret" not in str(caught.value)
+
+
+def test_other_urls(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="unsupported store URL scheme 'mysql'"):
+        Store.open("mysql://db/mesh")
+    with Store.open("sqlite://") as memory:
+        memory.put_policy(P1, actor="a")
+        assert memory.policy("resnet") == P1
+    with Store.open(str(tmp_path / "plain.db")) as plain:
+        assert plain.policies() == {}
+
+
+def test_wal_mode_and_schema(path: Path) -> None:
+    Store.open(path).close()
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"policy_history", "current_policy", "endpoints", "canaries", "audit_log",
+            "schema_version"} <= tables
+    raw.execute("UPDATE schema_version SET version = 99")
+    raw.commit()
+    raw.close()
+    with pytest.raises(FailedPrecondition, match="newer meshserve"):
+        Store.open(path)
+
+
+def test_not_a_database(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.db"
+    bogus.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(FailedPrecondition, match="cannot open the store"):
+        Store.open(bogus)
+
+
+def test_closed_store(path: Path) -> None:
+    store = Store.open(path)
+    store.close()
+    store.close()
+    with pytest.raises(FailedPrecondition, match="closed"):
+        store.policies()
+
+
+def test_concurrent_writers_keep_the_chain_intact(store: Store) -> None:
+    def work(n: int) -> None:
+        for i in range(25):
+            store.append_audit(f"t{n}", "x", str(i))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(store.audit()) == 100
+    assert store.verify_audit() == []
+
+
+def test_dialects() -> None:
+    sql = "SELECT a FROM t WHERE b = ? AND c = ?"
+    assert SQLITE.sql(sql) == sql
+    assert POSTGRESQL.sql(sql) == "SELECT a FROM t WHERE b = %s AND c = %s"

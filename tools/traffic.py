@@ -1,0 +1,182 @@
+"""`meshserve traffic …` and `meshserve canary …`: the SRE's view of the mesh.
+
+Talks to the control plane's admin API over mutual TLS with the operator's certificate (by
+default the development client certificate of `meshserve up`).
+"""
+
+import argparse
+import asyncio
+from pathlib import Path
+
+import grpc
+
+from meshserve.common.errors import ServingError
+from meshserve.common.tls import TlsFiles, secure_channel
+from meshserve.mesh.admin import policy_from_proto
+from meshserve.mesh.canary import parse_duration, parse_steps
+from meshserve.mesh.istio import render, to_yaml
+from meshserve.mesh.policy import parse_weights
+from meshserve.protocol import admin_pb2 as pb
+from meshserve.protocol.admin_pb2_grpc import AdminStub
+
+
+def control_plane_address(args: argparse.Namespace) -> str:
+    if args.control_plane:
+        return args.control_plane
+    port_file = args.data_dir / "run" / "control-plane.port"
+    if not port_file.exists():
+        raise SystemExit(f"no control plane known: start `meshserve up --data-dir "
+                         f"{args.data_dir}` or pass --control-plane HOST:PORT")
+    return f"127.0.0.1:{port_file.read_text().strip()}"
+
+
+def admin_channel(address: str, tls: TlsFiles) -> grpc.aio.Channel:
+    return secure_channel(address, tls, "control-plane")
+
+
+def operator_tls(args: argparse.Namespace) -> TlsFiles:
+    tls_dir = args.data_dir / "tls"
+    return TlsFiles(cert=args.cert or tls_dir / "client.crt",
+                    key=args.key or tls_dir / "client.key", ca=args.ca or tls_dir / "ca.crt")
+
+
+def format_status(response: pb.StatusResponse) -> str:
+    lines = []
+    for model in response.models:
+        policy = model.policy
+        extras = []
+        if policy.region:
+            extras.append(f"region {policy.region} only")
+        if policy.shadow.version:
+            extras.append(f"shadow {policy.shadow.percent:g}% to {policy.shadow.version}")
+        if model.canary.state:
+            extras.append(f"canary {model.canary.state} at {model.canary.weight}%")
+        lines.append(f"{policy.model}" + (f"  ({', '.join(extras)})" if extras else ""))
+        lines.append(f"  {'version':<8} {'weight':>6} {'req/s':>8} {'errors':>7} "
+                     f"{'p50 ms':>7} {'p99 ms':>7}  endpoints")
+        for v in model.versions:
+            where = ", ".join(e.address for e in v.endpoints) or "-"
+            lines.append(f"  {v.version:<8} {v.weight:>5}% {v.requests_per_second:>8.1f} "
+                         f"{v.error_rate:>6.1%} {v.p50_ms:>7.1f} {v.p99_ms:>7.1f}  {where}")
+    lines.append(f"snapshot {response.snapshot_version}")
+    return "\n".join(lines)
+
+
+def format_canary(canary: pb.Canary) -> str:
+    if not canary.state:
+        return "no canary"
+    plan = canary.plan
+    steps = ",".join(str(s) for s in plan.steps)
+    return (f"canary of {plan.model}: {canary.baseline} → {plan.to_version}, {canary.state}, "
+            f"weight {canary.weight}% (steps {steps}, every {plan.interval_seconds:g}s, "
+            f"max error rate {plan.max_error_rate:g}, max latency ratio "
+            f"{plan.max_latency_ratio:g})\n  {canary.updated_at} {canary.reason}")
+
+
+async def call(args: argparse.Namespace) -> str:
+    async with admin_channel(control_plane_address(args), operator_tls(args)) as channel:
+        admin = AdminStub(channel)
+        command = args.action
+        if command == "status":
+            return format_status(await admin.Status(pb.StatusRequest(model=args.model or "")))
+        if command == "set":
+            current = (await admin.Status(pb.StatusRequest(model=args.model))).models[0].policy
+            policy = pb.Policy(model=args.model, weights=parse_weights(args.weights),
+                               shadow=current.shadow, region=current.region)
+            for version in current.weights:
+                policy.weights.setdefault(version, 0)
+            reply = await admin.SetPolicy(pb.SetPolicyRequest(policy=policy, reason=args.reason))
+            return f"{args.model}: " + weights_text(reply)
+        if command == "pin":
+            reply = await admin.Pin(pb.PinRequest(model=args.model, version=args.version,
+                                                  reason=args.reason))
+            return f"{args.model}: " + weights_text(reply)
+        if command == "rollback":
+            reply = await admin.Rollback(pb.RollbackRequest(model=args.model,
+                                                            reason=args.reason))
+            return f"{args.model} rolled back to: " + weights_text(reply)
+        if command == "render":
+            status = await admin.Status(pb.StatusRequest(model=args.model))
+            policy = policy_from_proto(status.models[0].policy)
+            host = args.host or f"{args.model}-batcher.{args.namespace}.svc.cluster.local"
+            return to_yaml(render(policy, host=host, namespace=args.namespace)).rstrip()
+        if command == "canary-start":
+            reply = await admin.StartCanary(pb.CanaryPlan(
+                model=args.model, to_version=args.to, steps=parse_steps(args.steps),
+                interval_seconds=parse_duration(args.interval),
+                max_error_rate=args.max_error_rate, max_latency_ratio=args.max_latency_ratio,
+                min_requests=args.min_requests))
+            return format_canary(reply)
+        if command == "canary-status":
+            return format_canary(await admin.GetCanary(pb.ModelRef(model=args.model)))
+        if command == "canary-abort":
+            return format_canary(await admin.AbortCanary(pb.ModelRef(model=args.model)))
+        raise AssertionError(command)
+
+
+def weights_text(policy: pb.Policy) -> str:
+    return " ".join(f"{v}={policy.weights[v]}" for v in sorted(policy.weights, key=int))
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        print(asyncio.run(call(args)))
+        return 0
+    except grpc.aio.AioRpcError as error:
+        print(f"error: {error.code().name}: {error.details()}")
+        return 1
+    except ServingError as error:
+        print(f"error: {error.message}")
+        return 2
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
+                        help="where `meshserve up` keeps certificates and ports")
+    parser.add_argument("--control-plane", help="HOST:PORT (default: the one `up` started)")
+    parser.add_argument("--ca", type=Path)
+    parser.add_argument("--cert", type=Path, help="operator certificate")
+    parser.add_argument("--key", type=Path)
+    parser.add_argument("--reason", default="", help="recorded in the audit log")
+    parser.set_defaults(func=run)
+
+
+def register(commands) -> None:
+    traffic = commands.add_parser("traffic", help="see and shift traffic between versions")
+    actions = traffic.add_subparsers(dest="action", required=True, metavar="ACTION")
+    status = actions.add_parser("status", help="weights, rates, errors, latency per version")
+    status.add_argument("model", nargs="?")
+    setter = actions.add_parser("set", help="set weights, e.g. `set mlp 1=90 2=10`")
+    setter.add_argument("model")
+    setter.add_argument("weights", nargs="+", metavar="VERSION=WEIGHT")
+    pin = actions.add_parser("pin", help="send all unpinned traffic to one version")
+    pin.add_argument("model")
+    pin.add_argument("version")
+    rollback = actions.add_parser("rollback", help="back to the previous policy")
+    rollback.add_argument("model")
+    istio = actions.add_parser("render", help="the policy as Istio VirtualService and "
+                                              "DestinationRule YAML")
+    istio.add_argument("model")
+    istio.add_argument("--istio", action="store_true", required=True)
+    istio.add_argument("--namespace", default="default")
+    istio.add_argument("--host", help="the batchers' Service host")
+    for parser in (status, setter, pin, rollback, istio):
+        _common(parser)
+
+    canary = commands.add_parser("canary", help="automated canary with rollback")
+    steps = canary.add_subparsers(dest="canary_action", required=True, metavar="ACTION")
+    start = steps.add_parser("start", help="step a new version's weight up while healthy")
+    start.add_argument("model")
+    start.add_argument("--to", required=True, metavar="VERSION")
+    start.add_argument("--steps", default="5,25,50,100")
+    start.add_argument("--interval", default="30s")
+    start.add_argument("--max-error-rate", type=float, default=0.01)
+    start.add_argument("--max-latency-ratio", type=float, default=1.5)
+    start.add_argument("--min-requests", type=int, default=20)
+    start.set_defaults(action="canary-start")
+    for name, action in (("status", "canary-status"), ("abort", "canary-abort")):
+        parser = steps.add_parser(name, help=f"{name} the model's canary")
+        parser.add_argument("model")
+        parser.set_defaults(action=action)
+    for parser in (start, *[steps.choices[n] for n in ("status", "abort")]):
+        _common(parser)
