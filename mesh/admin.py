@@ -10,7 +10,7 @@ from meshserve.protocol import admin_pb2 as pb
 from meshserve.protocol import admin_pb2_grpc
 from meshserve.tools.certs import identity_of
 
-STATUS_WINDOW_SECONDS = 10.0
+STATUS_WINDOW_SECONDS = 3.0
 
 
 def caller(context: grpc.aio.ServicerContext) -> str:
@@ -82,7 +82,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                                          canary=canary_to_proto(control.store.canary(model)))
             for version in policy.versions:
                 live = control.window(model, version, STATUS_WINDOW_SECONDS)
+                compared, differing, largest = control.shadow_counts.get(
+                    (model, version), (0, 0, 0.0))
                 status.versions.add(
+                    shadow=pb.ShadowReport(model=model, version=version, compared=compared,
+                                           differing=differing, max_abs_diff=largest),
                     version=version, weight=policy.weights[version],
                     requests_per_second=live.rate, error_rate=live.error_rate,
                     p50_ms=live.percentile(50) or 0.0, p99_ms=live.percentile(99) or 0.0,
@@ -128,6 +132,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     async def AbortCanary(self, request, context):
         return canary_to_proto(self._control.abort_canary(request.model, caller(context)))
+
+    async def ReportShadow(self, request, context):
+        self._control.record_shadow(request.model, request.version, request.compared,
+                                    request.differing, request.max_abs_diff)
+        return request
 
     async def Audit(self, request, context):
         store = self._control.store

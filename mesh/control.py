@@ -32,6 +32,8 @@ class ControlPlane:
         self._histories: dict[tuple[str, str, str], History] = {}
         self._bounds: tuple[float, ...] = ()
         self._canaries: dict[str, asyncio.Task] = {}
+        # (model, shadow version) → [compared, differing, max abs diff], from the routers.
+        self.shadow_counts: dict[tuple[str, str], list[float]] = {}
 
     # ---------------------------------------------------------------- state changes
 
@@ -83,6 +85,13 @@ class ControlPlane:
     def _with(self, policy: TrafficPolicy):
         state = self.store.state()
         return type(state)({**state.policies, policy.model: policy}, state.endpoints)
+
+    def record_shadow(self, model: str, version: str, compared: int, differing: int,
+                      max_abs_diff: float) -> None:
+        counts = self.shadow_counts.setdefault((model, version), [0, 0, 0.0])
+        counts[0] += compared
+        counts[1] += differing
+        counts[2] = max(counts[2], max_abs_diff)
 
     # ---------------------------------------------------------------- live statistics
 

@@ -58,6 +58,10 @@ def format_status(response: pb.StatusResponse) -> str:
             where = ", ".join(e.address for e in v.endpoints) or "-"
             lines.append(f"  {v.version:<8} {v.weight:>5}% {v.requests_per_second:>8.1f} "
                          f"{v.error_rate:>6.1%} {v.p50_ms:>7.1f} {v.p99_ms:>7.1f}  {where}")
+            if v.shadow.compared:
+                lines.append(f"  {'':<8} shadow: {v.shadow.differing} of {v.shadow.compared} "
+                             f"answers differ from the primary (max abs diff "
+                             f"{v.shadow.max_abs_diff:.3g})")
     lines.append(f"snapshot {response.snapshot_version}")
     return "\n".join(lines)
 
@@ -95,6 +99,18 @@ async def call(args: argparse.Namespace) -> str:
             reply = await admin.Rollback(pb.RollbackRequest(model=args.model,
                                                             reason=args.reason))
             return f"{args.model} rolled back to: " + weights_text(reply)
+        if command in ("shadow", "region"):
+            current = (await admin.Status(pb.StatusRequest(model=args.model))).models[0].policy
+            policy = pb.Policy()
+            policy.CopyFrom(current)
+            if command == "shadow":
+                policy.ClearField("shadow")
+                if not args.off:
+                    policy.shadow.version, policy.shadow.percent = args.version, args.percent
+            else:
+                policy.region = "" if args.off else args.region
+            reply = await admin.SetPolicy(pb.SetPolicyRequest(policy=policy, reason=args.reason))
+            return f"{args.model}: " + weights_text(reply) + policy_extras(reply)
         if command == "render":
             status = await admin.Status(pb.StatusRequest(model=args.model))
             policy = policy_from_proto(status.models[0].policy)
@@ -112,6 +128,15 @@ async def call(args: argparse.Namespace) -> str:
         if command == "canary-abort":
             return format_canary(await admin.AbortCanary(pb.ModelRef(model=args.model)))
         raise AssertionError(command)
+
+
+def policy_extras(policy: pb.Policy) -> str:
+    extras = ""
+    if policy.shadow.version:
+        extras += f", shadow {policy.shadow.percent:g}% to {policy.shadow.version}"
+    if policy.region:
+        extras += f", region {policy.region} only"
+    return extras
 
 
 def weights_text(policy: pb.Policy) -> str:
@@ -154,13 +179,23 @@ def register(commands) -> None:
     pin.add_argument("version")
     rollback = actions.add_parser("rollback", help="back to the previous policy")
     rollback.add_argument("model")
+    shadow = actions.add_parser("shadow", help="mirror a share of requests to a version "
+                                                "(answers compared, then discarded)")
+    shadow.add_argument("model")
+    shadow.add_argument("version", nargs="?", default="")
+    shadow.add_argument("--percent", type=float, default=10.0)
+    shadow.add_argument("--off", action="store_true")
+    region = actions.add_parser("region", help="keep a model's traffic inside one region")
+    region.add_argument("model")
+    region.add_argument("region", nargs="?", default="")
+    region.add_argument("--off", action="store_true")
     istio = actions.add_parser("render", help="the policy as Istio VirtualService and "
                                               "DestinationRule YAML")
     istio.add_argument("model")
     istio.add_argument("--istio", action="store_true", required=True)
     istio.add_argument("--namespace", default="default")
     istio.add_argument("--host", help="the batchers' Service host")
-    for parser in (status, setter, pin, rollback, istio):
+    for parser in (status, setter, pin, rollback, shadow, region, istio):
         _common(parser)
 
     canary = commands.add_parser("canary", help="automated canary with rollback")

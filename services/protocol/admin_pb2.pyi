@@ -6,6 +6,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ShadowReport(_message.Message):
+    __slots__ = ("model", "version", "compared", "differing", "max_abs_diff")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    COMPARED_FIELD_NUMBER: _ClassVar[int]
+    DIFFERING_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    compared: int
+    differing: int
+    max_abs_diff: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., compared: _Optional[int] = ..., differing: _Optional[int] = ..., max_abs_diff: _Optional[float] = ...) -> None: ...
+
 class Shadow(_message.Message):
     __slots__ = ("version", "percent")
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -48,7 +62,7 @@ class Endpoint(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., address: _Optional[str] = ..., region: _Optional[str] = ..., zone: _Optional[str] = ...) -> None: ...
 
 class VersionStatus(_message.Message):
-    __slots__ = ("version", "weight", "requests_per_second", "error_rate", "p50_ms", "p99_ms", "endpoints")
+    __slots__ = ("version", "weight", "requests_per_second", "error_rate", "p50_ms", "p99_ms", "endpoints", "shadow")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +70,7 @@ class VersionStatus(_message.Message):
     P50_MS_FIELD_NUMBER: _ClassVar[int]
     P99_MS_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
     version: str
     weight: int
     requests_per_second: float
@@ -63,7 +78,8 @@ class VersionStatus(_message.Message):
     p50_ms: float
     p99_ms: float
     endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
-    def __init__(self, version: _Optional[str] = ..., weight: _Optional[int] = ..., requests_per_second: _Optional[float] = ..., error_rate: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ...) -> None: ...
+    shadow: ShadowReport
+    def __init__(self, version: _Optional[str] = ..., weight: _Optional[int] = ..., requests_per_second: _Optional[float] = ..., error_rate: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., shadow: _Optional[_Union[ShadowReport, _Mapping]] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
     __slots__ = ("policy", "versions", "canary")

@@ -84,6 +84,11 @@ class AdminStub(object):
                 request_serializer=meshserve_dot_protocol_dot_admin__pb2.AuditRequest.SerializeToString,
                 response_deserializer=meshserve_dot_protocol_dot_admin__pb2.AuditResponse.FromString,
                 _registered_method=True)
+        self.ReportShadow = channel.unary_unary(
+                '/meshserve.admin.v1.Admin/ReportShadow',
+                request_serializer=meshserve_dot_protocol_dot_admin__pb2.ShadowReport.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_admin__pb2.ShadowReport.FromString,
+                _registered_method=True)
 
 
 class AdminServicer(object):
@@ -153,6 +158,14 @@ class AdminServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportShadow(self, request, context):
+        """Routers report how shadow answers compared with the primary's (counts since the last
+        report).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -205,6 +218,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Audit,
                     request_deserializer=meshserve_dot_protocol_dot_admin__pb2.AuditRequest.FromString,
                     response_serializer=meshserve_dot_protocol_dot_admin__pb2.AuditResponse.SerializeToString,
+            ),
+            'ReportShadow': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportShadow,
+                    request_deserializer=meshserve_dot_protocol_dot_admin__pb2.ShadowReport.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_admin__pb2.ShadowReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -477,6 +495,33 @@ class Admin(object):
             '/meshserve.admin.v1.Admin/Audit',
             meshserve_dot_protocol_dot_admin__pb2.AuditRequest.SerializeToString,
             meshserve_dot_protocol_dot_admin__pb2.AuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportShadow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.admin.v1.Admin/ReportShadow',
+            meshserve_dot_protocol_dot_admin__pb2.ShadowReport.SerializeToString,
+            meshserve_dot_protocol_dot_admin__pb2.ShadowReport.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,6 +7,7 @@ router live, without a restart.
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -22,12 +23,15 @@ from meshserve.common.tls import (
     TlsFiles,
     channel_credentials,
     channel_options,
+    secure_channel,
     server_credentials,
 )
-from meshserve.common.upstream import Upstream
 from meshserve.mesh.policy import PIN_HEADER
 from meshserve.protocol import groups_pb2_grpc, grpc_service_pb2_grpc
+from meshserve.protocol.admin_pb2 import ShadowReport, StatusRequest
+from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.protocol.groups_pb2 import GroupItem, InferGroupResult, ItemResult
+from meshserve.router.shadow import Shadowing
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ class Router:
         self._tls = tls
         self._identity = batcher_identity
         self.models: dict[str, ModelRoute] = {}
+        self.shadowing = Shadowing()
 
     def route(self, model: str) -> ModelRoute:
         route = self.models.get(model)
@@ -108,17 +113,44 @@ class Router:
             positions, entries = parcels.setdefault(item.request.model_version, ([], []))
             positions.append(i)
             entries.append((item, deadline_of(item.timeout_us, arrived)))
+        unpinned = parcels.get("")
+        shadow = unpinned and self.shadowing.mirror(
+            model, unpinned[1], lambda version, copies: route.forwarder(version).forward(copies))
         answers = await asyncio.gather(*(
             route.forwarder(pin).forward(entries) for pin, (_, entries) in parcels.items()))
         results: list[ItemResult | None] = [None] * len(items)
-        for (positions, _), answer in zip(parcels.values(), answers):
+        for (pin, (positions, _)), answer in zip(parcels.items(), answers):
+            if shadow and not pin:
+                self.shadowing.compare(model, shadow, answer)
             for i, result in zip(positions, answer):
                 results[i] = result
         return results  # type: ignore[return-value]
 
     async def close(self) -> None:
+        await self.shadowing.close()
         for route in self.models.values():
             await route.channel.close()
+
+
+async def follow_control_plane(router: Router, control_plane: grpc.aio.Channel,
+                               health: HealthServicer, interval: float = 1.0) -> None:
+    """Ready once the control plane has answered (afterwards the router keeps serving with
+    its last configuration while the control plane is away); learn shadow targets from
+    the policies and report how shadow answers compared."""
+    admin = AdminStub(control_plane)
+    while True:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            status = await admin.Status(StatusRequest(), timeout=interval * 2)
+            health.set(True)
+            router.shadowing.targets = {
+                m.policy.model: (m.policy.shadow.version, m.policy.shadow.percent)
+                for m in status.models if m.policy.shadow.version}
+            for (model, version), counts in router.shadowing.take_counts().items():
+                await admin.ReportShadow(ShadowReport(
+                    model=model, version=version, compared=counts.compared,
+                    differing=counts.differing, max_abs_diff=counts.max_abs_diff),
+                    timeout=interval * 2)
+        await asyncio.sleep(interval)
 
 
 class GroupServicer(groups_pb2_grpc.GroupInferenceServicer):
@@ -159,8 +191,8 @@ def build_service(settings: RouterSettings) -> Service:
     # Read by gRPC when the first xds:/// channel is made; this process has no other.
     os.environ["GRPC_XDS_BOOTSTRAP_CONFIG"] = bootstrap(settings)
     router = Router(settings.tls, settings.batcher_identity)
-    control_plane = Upstream(settings.control_plane, settings.tls,
-                             settings.control_plane_identity)
+    control_plane = secure_channel(settings.control_plane, settings.tls,
+                                   settings.control_plane_identity)
     health = HealthServicer()
 
     def register(server) -> None:
@@ -168,16 +200,9 @@ def build_service(settings: RouterSettings) -> Service:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(router), server)
 
-    async def became_ready() -> None:
-        # Ready once the control plane has answered; afterwards the router keeps serving
-        # with its last configuration even while the control plane is away.
-        while not await control_plane.check():
-            await asyncio.sleep(0.2)
-        health.set(True)
-        await control_plane.close()
-
     return Service(settings.listen, server_credentials(settings.tls), register, health,
-                   background=[became_ready], cleanup=[router.close])
+                   background=[lambda: follow_control_plane(router, control_plane, health)],
+                   cleanup=[router.close, control_plane.close])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -233,3 +233,54 @@ def test_traffic_cli_sets_and_shows_weights(mesh):
         assert back.stdout.strip() == "mlp rolled back to: 1=90 2=10"
     finally:
         asyncio.run(set_weights(mesh, "mlp", {"1": 90, "2": 10}))
+
+
+async def test_shadow_copies_are_compared_and_never_answer_the_client(mesh):
+    data = f"--data-dir={mesh.data_dir}"
+    try:
+        await set_weights(mesh, "mlp", {"1": 100, "2": 0})
+        done = meshserve("traffic", "shadow", "mlp", "2", "--percent", "100", data)
+        assert done.stdout.strip() == "mlp: 1=100 2=0, shadow 100% to 2", done.stdout
+        await asyncio.sleep(1.5)  # routers learn shadow targets within a second
+        channel, stub = await public_stub(mesh)
+        async with channel:
+            served = [(await stub.ModelInfer(request("mlp"), timeout=10)).model_version
+                      for _ in range(40)]
+        assert set(served) == {"1"}
+        channel, admin_api = await admin_stub(mesh)
+        async with channel:
+            for _ in range(50):
+                status = await admin_api.Status(admin.StatusRequest(model="mlp"), timeout=10)
+                shadow = {v.version: v.shadow for v in status.models[0].versions}["2"]
+                if shadow.compared >= 30:
+                    break
+                await asyncio.sleep(0.2)
+        assert 30 <= shadow.compared <= 40
+        assert shadow.differing == shadow.compared  # versions 1 and 2 have other weights
+        assert shadow.max_abs_diff > 1e-5
+    finally:
+        meshserve("traffic", "shadow", "mlp", "--off", data)
+        await set_weights(mesh, "mlp", {"1": 90, "2": 10})
+
+
+async def test_region_policy_keeps_traffic_in_its_region(mesh):
+    data = f"--data-dir={mesh.data_dir}"
+    channel, stub = await public_stub(mesh)
+    try:
+        done = meshserve("traffic", "region", "cnn", "eu-west1", data)
+        assert done.stdout.strip() == "cnn: 1=0 2=100, region eu-west1 only", done.stdout
+        await asyncio.sleep(0.5)
+        message = request("cnn")
+        message.inputs[0].ClearField("shape")
+        message.inputs[0].shape.extend([1, 3, 64, 64])
+        message.raw_input_contents[0] = numpy.ones((1, 3, 64, 64), numpy.float32).tobytes()
+        async with channel:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.ModelInfer(message, timeout=10)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "batcher of cnn unavailable" in raised.value.details()
+            meshserve("traffic", "region", "cnn", "local", data)
+            await asyncio.sleep(0.5)
+            assert (await stub.ModelInfer(message, timeout=10)).model_version == "2"
+    finally:
+        meshserve("traffic", "region", "cnn", "--off", data)
