@@ -78,6 +78,19 @@ class ControlPlane:
                               policy.shadow, policy.region), actor, "new version registered")
         self._apply()
 
+    def replace_endpoints(self, endpoints: tuple[Endpoint, ...], actor: str) -> None:
+        """Make the registered endpoints exactly `endpoints` (a watch's latest view)."""
+        wanted = set(endpoints)
+        for endpoint in self.store.endpoints():
+            if endpoint not in wanted:
+                self.store.remove_endpoint(endpoint.model, endpoint.version, endpoint.address,
+                                           actor)
+        present = set(self.store.endpoints())
+        for endpoint in endpoints:
+            if endpoint not in present:
+                self.register(endpoint, actor)
+        self._apply()
+
     def unregister(self, endpoint: Endpoint, actor: str) -> None:
         self.store.remove_endpoint(endpoint.model, endpoint.version, endpoint.address, actor)
         self._apply()

@@ -30,6 +30,7 @@ class ControlPlaneSettings:
     store: str
     batcher_identity: str = "batcher"
     sample_seconds: float = 1.0
+    kubernetes_namespace: str = ""
 
 
 class CounterReader:
@@ -69,12 +70,18 @@ def build_service(settings: ControlPlaneSettings) -> Service:
         health.set(True)
         await control.sample_batchers()
 
+    background = [start_work]
+    if settings.kubernetes_namespace:
+        from meshserve.mesh.kube import follow_endpoint_slices
+
+        background.append(lambda: follow_endpoint_slices(control, settings.kubernetes_namespace))
+
     async def close() -> None:
         await control.close()
         await reader.close()
 
     return Service(settings.listen, server_credentials(settings.tls), register, health,
-                   background=[start_work], cleanup=[close])
+                   background=background, cleanup=[close])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,11 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batcher-identity", default="batcher")
     parser.add_argument("--sample-seconds", type=float, default=1.0,
                         help="how often batchers' counters are read")
+    parser.add_argument("--kubernetes-namespace", default="",
+                        help="watch batchers' EndpointSlices in this namespace (in a cluster)")
     args = parser.parse_args(argv)
     runtime.configure_logging("control-plane", args.log_level)
     settings = ControlPlaneSettings(listen=args.listen, tls=runtime.tls_files(args),
                                     store=args.store, batcher_identity=args.batcher_identity,
-                                    sample_seconds=args.sample_seconds)
+                                    sample_seconds=args.sample_seconds,
+                                    kubernetes_namespace=args.kubernetes_namespace)
 
     async def build() -> Service:
         return build_service(settings)

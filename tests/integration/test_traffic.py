@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import numpy
 import pytest
+import yaml
 
 from meshserve.common.tls import TlsFiles
 from meshserve.protocol import admin_pb2 as admin
@@ -284,3 +285,32 @@ async def test_region_policy_keeps_traffic_in_its_region(mesh):
             assert (await stub.ModelInfer(message, timeout=10)).model_version == "2"
     finally:
         meshserve("traffic", "region", "cnn", "--off", data)
+
+
+def test_canary_cli_starts_reports_and_aborts(mesh):
+    data = f"--data-dir={mesh.data_dir}"
+    try:
+        started = meshserve("canary", "start", "flaky", "--to", "3", "--steps", "10,100",
+                            "--interval", "60s", data)
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert started.stdout.startswith("canary of flaky: 1 → 3, running, weight 10%")
+        again = meshserve("canary", "start", "flaky", "--to", "3", data)
+        assert again.returncode == 1
+        assert "a canary of model 'flaky' is already running" in again.stdout
+        status = meshserve("canary", "status", "flaky", data)
+        assert "running, weight 10%" in status.stdout
+        aborted = meshserve("canary", "abort", "flaky", data)
+        assert "aborted, weight 0%" in aborted.stdout
+        assert asyncio.run(weights_of(mesh, "flaky")) == {"1": 100, "2": 0, "3": 0}
+    finally:
+        asyncio.run(set_weights(mesh, "flaky", {"1": 100, "2": 0, "3": 0}))
+
+
+def test_traffic_render_istio(mesh):
+    done = meshserve("traffic", "render", "mlp", "--istio", "--namespace", "serving",
+                     f"--data-dir={mesh.data_dir}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    documents = [d for d in yaml.safe_load_all(done.stdout) if d]
+    assert [d["kind"] for d in documents] == ["VirtualService", "DestinationRule"]
+    split = documents[0]["spec"]["http"][-1]["route"]
+    assert sorted(r["weight"] for r in split) == [10, 90]
