@@ -918,7 +918,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Adds ``bench run`` to a CLI's subparsers."""
+    """Adds ``bench run`` and ``bench compare`` to a CLI's subparsers."""
     bench = subparsers.add_parser(
         "bench",
         help="load generator for Open Inference Protocol gRPC servers",
@@ -990,6 +990,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--output", type=Path, help="also append the JSON line to this file")
     run.set_defaults(func=_cmd_run)
+
+    from meshserve.tools import bench_compare
+
+    bench_compare.add_parser(commands)
 
 
 def main(argv: list[str] | None = None) -> int:

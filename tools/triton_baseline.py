@@ -1,0 +1,518 @@
+"""NVIDIA Triton as a side-by-side baseline for `meshserve bench compare`.
+
+`install(root)` makes a cache virtual environment (default ``~/.cache/meshserve/triton``) with
+``torch==2.13.0`` and ``nvidia-pytriton``, whose wheel ships a real ``tritonserver`` binary
+and its Python backend. Torch is installed first and then pinned with a constraints file while
+nvidia-pytriton installs, so pip never swaps it for another build. Nothing is installed until
+a comparison asks for it; the environment is reused afterwards.
+
+`write_repository` turns models of a meshserve (Triton layout, ``pytorch_libtorch``) repository
+into a Triton repository for the Python backend: the same ``max_batch_size``, input and output
+names, datatypes and dims, ``dynamic_batching`` with a 1 ms queue delay, one CPU instance, and a
+``model.py`` that loads the same TorchScript file (``torch.jit.load``, one intra-op thread,
+``torch.inference_mode``) and runs all requests of a batch as one torch batch.
+
+`TritonServer` starts ``tritonserver`` on free loopback ports with ``PATH`` and
+``LD_LIBRARY_PATH`` pointing at the cache environment's interpreter (the Python backend stub
+embeds the ``libpython`` it finds first; without this it loads the system one, which has no
+torch), waits until the server and its models answer ready over plaintext gRPC, and stops it
+(its whole process group: the backend stubs too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from meshserve.common.repository import ModelRepository
+from meshserve.protocol import grpc_service_pb2 as pb
+from meshserve.protocol import model_config_pb2
+
+HOST = "127.0.0.1"
+DEFAULT_ROOT = Path.home() / ".cache" / "meshserve" / "triton"
+TORCH_REQUIREMENT = "torch==2.13.0"
+PYTRITON_REQUIREMENT = "nvidia-pytriton==0.7.0"
+QUEUE_DELAY_US = 1000
+_MARKER = "meshserve-triton.json"
+_PIP_TIMEOUT_S = 900
+_STOP_GRACE_S = 10.0
+
+# config.pbtxt data types -> numpy dtype names, for the generated model.py.
+_NUMPY_FROM_CONFIG: dict[str, str] = {
+    "TYPE_BOOL": "bool_",
+    "TYPE_UINT8": "uint8",
+    "TYPE_UINT16": "uint16",
+    "TYPE_UINT32": "uint32",
+    "TYPE_UINT64": "uint64",
+    "TYPE_INT8": "int8",
+    "TYPE_INT16": "int16",
+    "TYPE_INT32": "int32",
+    "TYPE_INT64": "int64",
+    "TYPE_FP16": "float16",
+    "TYPE_FP32": "float32",
+    "TYPE_FP64": "float64",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model repository for the Python backend (pure text generation)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a model: name, config.pbtxt data type, dims without the batch."""
+
+    name: str
+    data_type: str
+    dims: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a Triton Python-backend model needs to mirror a meshserve model."""
+
+    name: str
+    max_batch_size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+def model_spec(repository: ModelRepository, name: str) -> ModelSpec:
+    """The `ModelSpec` of model `name` of a meshserve repository."""
+    config = repository.get(name).config
+
+    def tensors(items: Iterable) -> tuple[TensorSpec, ...]:
+        return tuple(
+            TensorSpec(t.name, model_config_pb2.DataType.Name(t.data_type), tuple(t.dims))
+            for t in items
+        )
+
+    return ModelSpec(name, config.max_batch_size, tensors(config.input), tensors(config.output))
+
+
+def _dims(dims: tuple[int, ...]) -> str:
+    return "[ " + ", ".join(str(d) for d in dims) + " ]"
+
+
+def _tensor_block(kind: str, tensors: tuple[TensorSpec, ...]) -> str:
+    entries = ",\n".join(
+        f'  {{\n    name: "{t.name}"\n    data_type: {t.data_type}\n    dims: {_dims(t.dims)}\n  }}'
+        for t in tensors
+    )
+    return f"{kind} [\n{entries}\n]\n"
+
+
+def triton_config(spec: ModelSpec, queue_delay_us: int = QUEUE_DELAY_US) -> str:
+    """config.pbtxt text of the Python-backend mirror of `spec`."""
+    return (
+        f'name: "{spec.name}"\n'
+        f'backend: "python"\n'
+        f"max_batch_size: {spec.max_batch_size}\n"
+        + _tensor_block("input", spec.inputs)
+        + _tensor_block("output", spec.outputs)
+        + f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}\n"
+        + "instance_group [ { kind: KIND_CPU count: 1 } ]\n"
+    )
+
+
+_MODEL_PY = '''\
+"""Triton Python backend: a TorchScript file, one torch batch per Triton batch."""
+
+import os
+import warnings
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+MODEL_FILE = {model_file!r}
+INPUTS = {inputs!r}
+OUTPUTS = {outputs!r}
+OUTPUT_DTYPES = {output_dtypes!r}
+THREADS = {threads!r}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        torch.set_num_threads(THREADS)
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.jit")
+        path = os.path.join(args["model_repository"], args["model_version"], MODEL_FILE)
+        self.model = torch.jit.load(path, map_location="cpu").eval()
+
+    def execute(self, requests):
+        columns = [
+            [pb_utils.get_input_tensor_by_name(request, name).as_numpy() for request in requests]
+            for name in INPUTS
+        ]
+        sizes = [array.shape[0] for array in columns[0]]
+        with torch.inference_mode():
+            tensors = [torch.from_numpy(np.concatenate(arrays)) for arrays in columns]
+            results = self.model(*tensors)
+            if not isinstance(results, (tuple, list)):
+                results = (results,)
+            arrays = [result.cpu().numpy() for result in results]
+        responses = []
+        start = 0
+        for size in sizes:
+            outputs = [
+                pb_utils.Tensor(name, np.ascontiguousarray(array[start:start + size], dtype=dtype))
+                for name, dtype, array in zip(OUTPUTS, OUTPUT_DTYPES, arrays)
+            ]
+            responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
+            start += size
+        return responses
+'''
+
+
+def model_py(spec: ModelSpec, model_file: str = "model.pt", threads: int = 1) -> str:
+    """model.py text of the Python-backend mirror of `spec` (loads `model_file`)."""
+    for tensor in spec.outputs:
+        if tensor.data_type not in _NUMPY_FROM_CONFIG:
+            raise ValueError(f"output {tensor.name}: data type {tensor.data_type} unsupported")
+    return _MODEL_PY.format(
+        model_file=model_file,
+        inputs=[t.name for t in spec.inputs],
+        outputs=[t.name for t in spec.outputs],
+        output_dtypes=[_NUMPY_FROM_CONFIG[t.data_type] for t in spec.outputs],
+        threads=threads,
+    )
+
+
+def write_repository(
+    source: Path, destination: Path, models: Iterable[str], queue_delay_us: int = QUEUE_DELAY_US
+) -> dict[str, str]:
+    """Writes the Triton mirror of `models` of the meshserve repository at `source`.
+
+    Each model gets the TorchScript file of its default (highest served) version, under that
+    same version number. Returns {model: version}.
+    """
+    repository = ModelRepository.load(source)
+    versions = {}
+    for name in models:
+        spec = model_spec(repository, name)
+        version = repository.version(name, "")
+        model_dir = destination / name
+        (model_dir / version).mkdir(parents=True, exist_ok=True)
+        (model_dir / "config.pbtxt").write_text(triton_config(spec, queue_delay_us), "utf-8")
+        (model_dir / version / "model.py").write_text(model_py(spec), "utf-8")
+        shutil.copyfile(repository.artifact(name, version), model_dir / version / "model.pt")
+        versions[name] = version
+    return versions
+
+
+# ---------------------------------------------------------------------------------------------
+# Installation
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """A cache environment with torch and nvidia-pytriton."""
+
+    root: Path
+
+    @property
+    def venv(self) -> Path:
+        return self.root / "venv"
+
+    @property
+    def python(self) -> Path:
+        return self.venv / "bin" / "python"
+
+    def _site_packages(self) -> Path:
+        matches = sorted((self.venv / "lib").glob("python3.*/site-packages"))
+        if not matches:
+            raise RuntimeError(f"no site-packages under {self.venv}")
+        return matches[0]
+
+    @property
+    def tritonserver_dir(self) -> Path:
+        return self._site_packages() / "pytriton" / "tritonserver"
+
+    @property
+    def tritonserver(self) -> Path:
+        return self.tritonserver_dir / "bin" / "tritonserver"
+
+    @property
+    def libs(self) -> Path:
+        """The shared libraries the wheel bundles for tritonserver."""
+        return self._site_packages() / "nvidia_pytriton.libs"
+
+    @property
+    def backends(self) -> Path:
+        return self.tritonserver_dir / "backends"
+
+    def python_version(self) -> str:
+        """"3.11" for the cache environment's interpreter."""
+        return self._site_packages().parent.name.removeprefix("python")
+
+    def stub(self) -> Path:
+        """The Python backend stub built for the cache environment's Python version."""
+        return (
+            self.tritonserver_dir
+            / "python_backend_stubs"
+            / self.python_version()
+            / "triton_python_backend_stub"
+        )
+
+    def libdir(self) -> str:
+        """Directory of the cache interpreter's libpython (its LIBDIR)."""
+        out = subprocess.run(
+            [str(self.python), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return out.stdout.strip()
+
+    def complete(self) -> bool:
+        return all(path.is_file() for path in (self.root / _MARKER, self.tritonserver, self.stub()))
+
+
+def _pip(python: Path, args: list[str], say: Callable[[str], None]) -> None:
+    command = [str(python), "-m", "pip", "install", "--disable-pip-version-check", *args]
+    say("  $ " + " ".join(command[2:]))
+    result = subprocess.run(
+        command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S
+    )
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-25:])
+        raise RuntimeError(f"pip install {' '.join(args)} failed ({result.returncode}):\n{tail}")
+
+
+def install(root: Path | None = None, say: Callable[[str], None] = print) -> TritonInstall:
+    """The Triton cache environment at `root`, created on first use (idempotent)."""
+    found = TritonInstall(Path(root or DEFAULT_ROOT).expanduser().resolve())
+    with contextlib.suppress(RuntimeError):
+        if found.complete():
+            return found
+    started = time.monotonic()
+    say(f"installing Triton (nvidia-pytriton) into {found.venv}")
+    found.root.mkdir(parents=True, exist_ok=True)
+    if not found.python.is_file():
+        subprocess.run(
+            [sys.executable, "-m", "venv", str(found.venv)],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            timeout=300,
+        )
+    _pip(found.python, [TORCH_REQUIREMENT], say)
+    constraints = found.root / "constraints.txt"
+    constraints.write_text(TORCH_REQUIREMENT + "\n", "utf-8")
+    _pip(found.python, ["-c", str(constraints), PYTRITON_REQUIREMENT], say)
+    check = subprocess.run(
+        [str(found.python), "-c", "import torch, numpy; print(torch.__version__)"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check.returncode != 0 or not check.stdout.startswith(TORCH_REQUIREMENT.split("==")[1]):
+        raise RuntimeError(f"torch in {found.venv} is not usable: {check.stdout}{check.stderr}")
+    for needed in (found.tritonserver, found.stub(), found.backends / "python"):
+        if not needed.exists():
+            raise RuntimeError(f"nvidia-pytriton installed, but {needed} is missing")
+    (found.root / _MARKER).write_text(
+        json.dumps({"torch": check.stdout.strip(), "pytriton": PYTRITON_REQUIREMENT}) + "\n",
+        "utf-8",
+    )
+    say(f"installed Triton in {time.monotonic() - started:.0f} s")
+    return found
+
+
+def backend_directory(install_: TritonInstall, destination: Path) -> Path:
+    """A backend directory whose ``python/`` holds the backend and the stub for our Python.
+
+    The Python backend looks for ``triton_python_backend_stub`` beside itself; the wheel keeps
+    one per Python version elsewhere, so the backend and the matching stub are copied into
+    `destination` (the installed package stays untouched).
+    """
+    python_dir = destination / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for item in (install_.backends / "python").iterdir():
+        if item.is_file():
+            shutil.copy2(item, python_dir / item.name)
+    shutil.copy2(install_.stub(), python_dir / "triton_python_backend_stub")
+    return destination
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+
+
+def free_port() -> int:
+    """A port the OS reports free on the loopback address."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def server_environment(install_: TritonInstall, base: dict[str, str] | None = None) -> dict:
+    """Environment for tritonserver: the cache interpreter first on PATH and LD_LIBRARY_PATH."""
+    env = dict(os.environ if base is None else base)
+    for key in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
+        env.pop(key, None)
+    env["PATH"] = os.pathsep.join([str(install_.venv / "bin"), env.get("PATH", "/usr/bin:/bin")])
+    libraries = [install_.libdir(), env.get("LD_LIBRARY_PATH", ""), str(install_.libs)]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libraries if p)
+    env["VIRTUAL_ENV"] = str(install_.venv)
+    return env
+
+
+class TritonServer:
+    """A tritonserver process on free loopback ports; use as a context manager."""
+
+    def __init__(
+        self,
+        install_: TritonInstall,
+        repository: Path,
+        backends: Path,
+        log: Path,
+        models: Iterable[str],
+        timeout_s: float = 180.0,
+    ) -> None:
+        self.install = install_
+        self.repository = repository
+        self.backends = backends
+        self.log = log
+        self.models = tuple(models)
+        self.timeout_s = timeout_s
+        self.process: subprocess.Popen | None = None
+        self.grpc_port = 0
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.grpc_port}"
+
+    def command(self) -> list[str]:
+        self.grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+        return [
+            str(self.install.tritonserver),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={self.backends}",
+            f"--grpc-address={HOST}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-address={HOST}",
+            f"--http-port={http_port}",
+            f"--metrics-address={HOST}",
+            f"--metrics-port={metrics_port}",
+            "--allow-metrics=false",
+            "--log-verbose=0",
+            "--disable-auto-complete-config",
+            "--exit-timeout-secs=5",
+        ]
+
+    def start(self) -> None:
+        env = server_environment(self.install)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=self.repository,
+                start_new_session=True,
+            )
+        self.wait_ready()
+
+    def wait_ready(self) -> float:
+        """Polls ServerReady and ModelReady (plaintext gRPC); returns the seconds it took."""
+        started = time.monotonic()
+        channel = grpc.insecure_channel(self.address)
+        try:
+            server_ready = channel.unary_unary(
+                "/inference.GRPCInferenceService/ServerReady",
+                request_serializer=pb.ServerReadyRequest.SerializeToString,
+                response_deserializer=pb.ServerReadyResponse.FromString,
+            )
+            model_ready = channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelReady",
+                request_serializer=pb.ModelReadyRequest.SerializeToString,
+                response_deserializer=pb.ModelReadyResponse.FromString,
+            )
+            while time.monotonic() - started < self.timeout_s:
+                if self.process is not None and self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"tritonserver exited with {self.process.returncode}; "
+                        f"see {self.log}:\n{self.log_tail()}"
+                    )
+                with contextlib.suppress(grpc.RpcError):
+                    if server_ready(pb.ServerReadyRequest(), timeout=1).ready and all(
+                        model_ready(pb.ModelReadyRequest(name=name), timeout=1).ready
+                        for name in self.models
+                    ):
+                        return time.monotonic() - started
+                time.sleep(0.2)
+        finally:
+            channel.close()
+        raise TimeoutError(
+            f"tritonserver not ready after {self.timeout_s:.0f} s; see {self.log}:\n"
+            + self.log_tail()
+        )
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group, SIGKILL after a grace period."""
+        process = self.process
+        if process is None:
+            return
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(_STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+        # Stubs left behind in the group (the server is gone, they would idle forever).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        self.process = None
+
+    def __enter__(self) -> TritonServer:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+__all__ = [
+    "DEFAULT_ROOT",
+    "QUEUE_DELAY_US",
+    "ModelSpec",
+    "TensorSpec",
+    "TritonInstall",
+    "TritonServer",
+    "backend_directory",
+    "free_port",
+    "install",
+    "model_py",
+    "model_spec",
+    "server_environment",
+    "triton_config",
+    "write_repository",
+]
