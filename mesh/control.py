@@ -134,21 +134,19 @@ class ControlPlane:
 
     def start_canary(self, plan: CanaryPlan, actor: str) -> dict:
         current = self.policy(plan.model)
-        if plan.canary not in current.weights:
-            raise InvalidArgument(f"model '{plan.model}' has no version '{plan.canary}' "
-                                  f"(versions: {', '.join(current.versions)})")
-        if plan.canary == plan.baseline:
-            raise InvalidArgument(f"version '{plan.canary}' already serves model "
-                                  f"'{plan.model}'; nothing to canary")
+        for version in (plan.canary, plan.baseline):
+            if version not in current.weights:
+                raise InvalidArgument(f"model '{plan.model}' has no version '{version}' "
+                                      f"(versions: {', '.join(current.versions)})")
         running = self.store.canary(plan.model)
         if running and running.get("state") == "running":
             raise FailedPrecondition(f"a canary of model '{plan.model}' is already running; "
                                      f"abort it first (meshserve canary abort {plan.model})")
+        self.set_policy(current.with_weights(weights(plan, plan.steps[0])), actor,
+                        f"canary step 1: {plan.steps[0]}%")
         record = {"plan": plan_dict(plan), "state": "running", "step": 0,
                   "weight": plan.steps[0], "reason": "started"}
         self._record(plan.model, record, actor, "canary.start", "started")
-        self.set_policy(current.with_weights(weights(plan, plan.steps[0])), actor,
-                        f"canary step 1: {plan.steps[0]}%")
         self._launch(plan.model)
         return self.store.canary(plan.model)
 

@@ -37,11 +37,10 @@ class Window:
         total = sum(self.buckets)
         if not total:
             return None
-        rank = p / 100 * total
         seen = 0
         for index, count in enumerate(self.buckets):
             seen += count
-            if seen >= rank and count:
+            if seen * 100 >= p * total and count:  # no float rounding of the rank
                 return (self.bounds_ms[index] if index < len(self.bounds_ms)
                         else self.bounds_ms[-1] * 2)
         return self.bounds_ms[-1] * 2

@@ -8,6 +8,11 @@ from meshserve.common.errors import InvalidArgument
 PIN_HEADER = "x-model-version"
 
 
+def is_version(text: str) -> bool:
+    """Versions are positive whole numbers written in ASCII digits."""
+    return text.isascii() and text.isdigit()
+
+
 @dataclass(frozen=True)
 class Shadow:
     """Mirror `percent` of a model's requests to `version`; its answers are discarded."""
@@ -34,10 +39,10 @@ class TrafficPolicy:
         if not self.weights:
             raise InvalidArgument(f"policy of model '{self.model}' names no version")
         for version, weight in self.weights.items():
-            if not version.isdigit():
+            if not is_version(version):
                 raise InvalidArgument(f"version '{version}' of model '{self.model}' is not a "
                                       "number")
-            if not 0 <= weight <= 100:
+            if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 100:
                 raise InvalidArgument(f"weight {weight} of version '{version}' is not between "
                                       "0 and 100")
         if sum(self.weights.values()) != 100:
@@ -55,7 +60,7 @@ class TrafficPolicy:
         return sorted(self.weights, key=int)
 
     def with_weights(self, weights: dict[str, int]) -> "TrafficPolicy":
-        unknown = sorted(set(weights) - set(self.weights), key=int)
+        unknown = sorted(set(weights) - set(self.weights), key=lambda v: (len(v), v))
         if unknown:
             raise InvalidArgument(f"model '{self.model}' has no version '{unknown[0]}' "
                                   f"(versions: {', '.join(self.versions)})")
@@ -81,7 +86,7 @@ def parse_weights(pairs: list[str]) -> dict[str, int]:
     weights = {}
     for pair in pairs:
         version, sep, weight = pair.partition("=")
-        if not sep or not version.isdigit() or not weight.isdigit():
+        if not sep or not is_version(version) or not (weight.isascii() and weight.isdigit()):
             raise InvalidArgument(f"'{pair}' is not VERSION=WEIGHT (for example 1=90)")
         weights[version] = int(weight)
     return weights
