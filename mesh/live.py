@@ -54,6 +54,8 @@ class History:
         self._keep = keep_seconds
 
     def add(self, sample: Sample) -> None:
+        if self._samples and sample.requests < self._samples[-1].requests:
+            self._samples.clear()  # the batcher restarted: its counters began again
         self._samples.append(sample)
         while self._samples and sample.at - self._samples[0].at > self._keep:
             self._samples.popleft()

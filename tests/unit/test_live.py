@@ -162,3 +162,11 @@ def test_window_of_histories():
     assert found.rate == 60.0
     assert found.percentile(33) == 1.0
     assert found.percentile(34) == 5.0
+
+
+def test_history_starts_again_when_a_batcher_restarts():
+    history = History()
+    history.add(Sample(0.0, 100, 5, (100, 0)))
+    history.add(Sample(1.0, 3, 0, (3, 0)))  # counters began again
+    history.add(Sample(2.0, 10, 1, (10, 0)))
+    assert history.delta(5.0) == Sample(1.0, 7, 1, (7, 0))
