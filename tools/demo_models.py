@@ -68,6 +68,16 @@ def _dims(dims: tuple[int, ...]) -> str:
     return "[ " + ", ".join(str(d) for d in dims) + " ]"
 
 
+# Measured on a 2-core CPU with one torch thread: cnn computes most rows per second at
+# batch 4 (about 1,640 rows/s, against 790 at batch 32), so its batcher aims for 4.
+PREFERRED_BATCH_SIZES = {"cnn": (4,)}
+
+
+def _preferred(name: str) -> str:
+    sizes = PREFERRED_BATCH_SIZES.get(name)
+    return f" preferred_batch_size: {_dims(sizes)}" if sizes else ""
+
+
 def demo_config(name: str) -> str:
     """The config.pbtxt text of demo model `name`."""
     return (
@@ -90,7 +100,7 @@ def demo_config(name: str) -> str:
         f"  }}\n"
         f"]\n"
         f"# No queue delay: meshserve's batcher is work-conserving.\n"
-        f"dynamic_batching {{ }}\n"
+        f"dynamic_batching {{{_preferred(name)} }}\n"
         f"instance_group [ {{ kind: KIND_AUTO count: 1 }} ]\n"
     )
 

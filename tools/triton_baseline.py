@@ -87,6 +87,8 @@ class ModelSpec:
     max_batch_size: int
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # meshserve's preferred batch sizes, so both batchers aim for the same batches.
+    preferred_batch_sizes: tuple[int, ...] = ()
 
 
 def model_spec(repository: ModelRepository, name: str) -> ModelSpec:
@@ -99,7 +101,8 @@ def model_spec(repository: ModelRepository, name: str) -> ModelSpec:
             for t in items
         )
 
-    return ModelSpec(name, config.max_batch_size, tensors(config.input), tensors(config.output))
+    return ModelSpec(name, config.max_batch_size, tensors(config.input), tensors(config.output),
+                     tuple(config.dynamic_batching.preferred_batch_size))
 
 
 def _dims(dims: tuple[int, ...]) -> str:
@@ -122,7 +125,10 @@ def triton_config(spec: ModelSpec, queue_delay_us: int = QUEUE_DELAY_US) -> str:
         f"max_batch_size: {spec.max_batch_size}\n"
         + _tensor_block("input", spec.inputs)
         + _tensor_block("output", spec.outputs)
-        + f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}\n"
+        + "dynamic_batching { "
+        + (f"preferred_batch_size: {_dims(spec.preferred_batch_sizes)} "
+           if spec.preferred_batch_sizes else "")
+        + f"max_queue_delay_microseconds: {queue_delay_us} }}\n"
         + "instance_group [ { kind: KIND_CPU count: 1 } ]\n"
     )
 

@@ -167,7 +167,10 @@ class BatchQueue:
         if idle_replicas <= 0:
             return Wait(nearest)
         candidate = self._candidate()
-        if candidate.closed or candidate.rows in self.policy.preferred_batch_sizes:
+        preferred = self._largest_preferred(candidate)
+        if preferred:
+            return Send(preferred)
+        if candidate.closed:
             return Send(len(candidate.entries))
         send_at = min(entry.enqueued for entry in candidate.entries)
         send_at += self.policy.max_queue_delay_us / _US_PER_S
@@ -203,6 +206,18 @@ class BatchQueue:
             taken.append(entry)
             rows += entry.rows
         return _Candidate(tuple(taken), rows, closed=rows >= cap)
+
+    def _largest_preferred(self, candidate: _Candidate) -> int:
+        """Entries in the longest front part of the candidate whose rows make a preferred
+        batch size (Triton: the largest preferred size that can be formed goes at once);
+        0 when none can be formed."""
+        preferred = self.policy.preferred_batch_sizes
+        best, rows = 0, 0
+        for count, entry in enumerate(candidate.entries, start=1):
+            rows += entry.rows
+            if rows in preferred:
+                best = count
+        return best
 
     def _nearest_deadline(self) -> float | None:
         deadlines = [e.deadline for e in self._in_order() if e.deadline is not None]
