@@ -25,7 +25,6 @@ from meshserve.protocol import admin_pb2, health_pb2
 from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.protocol.health_pb2_grpc import HealthStub
 from meshserve.tools.certs import init_certs
-from meshserve.tools.demo_models import write_demo_repository
 from meshserve.tools.traffic import admin_channel
 
 HOST = "127.0.0.1"
@@ -199,6 +198,8 @@ async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
 
 
 def prepare(data_dir: Path, say=print) -> None:
+    from meshserve.tools.demo_models import write_demo_repository  # torch: only when needed
+
     tls_dir = data_dir / "tls"
     if not (tls_dir / "ca.crt").exists():
         say(f"creating development certificates in {tls_dir}")

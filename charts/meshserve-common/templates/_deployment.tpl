@@ -1,15 +1,18 @@
 {{/*
-The Deployment of one service. Call with a dict:
-  root: the service chart's context
-  args: the service's own flags, a YAML list (a string), appended to meshserve.serverArgs
-Reads .Values.modelRepository when the chart has one (compute, batcher, ingress) and
-.Values.gpu when it has one (compute).
+The Deployment of one service; takes the chart's context. The container runs
+`meshserve <component>` with the shared server flags and the component's own
+(meshserve.args). Reads .Values.modelRepository when the chart has one (compute, batcher,
+ingress), .Values.gpu (compute), .Values.persistence (control plane: a read-write data volume)
+and .Values.statefulSet when present: the umbrella chart runs each model version's compute as
+a StatefulSet, so that every replica has a DNS name its batcher can name with --compute.
 */}}
 {{- define "meshserve.deployment" -}}
-{{- $args := .args -}}
-{{- with .root -}}
+{{- with . -}}
 {{- $hasModels := hasKey .Values "modelRepository" -}}
 {{- $gpu := and (hasKey .Values "gpu") .Values.gpu.enabled -}}
+{{- $data := hasKey .Values "persistence" -}}
+{{- $statefulSet := hasKey .Values "statefulSet" -}}
+{{- $autoscaling := and (hasKey .Values "autoscaling") .Values.autoscaling.enabled -}}
 {{- $resources := deepCopy (default (dict) .Values.resources) -}}
 {{- $nodeSelector := deepCopy (default (dict) .Values.nodeSelector) -}}
 {{- $tolerations := default (list) .Values.tolerations -}}
@@ -30,19 +33,24 @@ Reads .Values.modelRepository when the chart has one (compute, batcher, ingress)
 {{- $tolerations = concat $tolerations (default (list) .Values.gpu.tolerations) -}}
 {{- end -}}
 apiVersion: apps/v1
-kind: Deployment
+kind: {{ ternary "StatefulSet" "Deployment" $statefulSet }}
 metadata:
   name: {{ include "meshserve.fullname" . }}
   labels:
     {{- include "meshserve.labels" . | nindent 4 }}
 spec:
-  {{- if not .Values.autoscaling.enabled }}
+  {{- if not $autoscaling }}
   replicas: {{ .Values.replicas }}
   {{- end }}
   revisionHistoryLimit: {{ .Values.revisionHistoryLimit }}
+  {{- if $statefulSet }}
+  serviceName: {{ required "statefulSet.serviceName is required" .Values.statefulSet.serviceName }}
+  podManagementPolicy: Parallel
+  {{- else }}
   {{- with .Values.strategy }}
   strategy:
     {{- toYaml . | nindent 4 }}
+  {{- end }}
   {{- end }}
   selector:
     matchLabels:
@@ -51,6 +59,9 @@ spec:
     metadata:
       labels:
         {{- include "meshserve.labels" . | nindent 8 }}
+        {{- with include "meshserve.modelLabels" . }}
+        {{- . | nindent 8 }}
+        {{- end }}
         {{- with .Values.podLabels }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -60,7 +71,12 @@ spec:
       {{- end }}
     spec:
       serviceAccountName: {{ include "meshserve.serviceAccountName" . }}
+      {{- if include "meshserve.watchesEndpointSlices" . }}
+      # The control plane lists and watches EndpointSlices (its Role allows nothing else).
+      automountServiceAccountToken: true
+      {{- else }}
       automountServiceAccountToken: false
+      {{- end }}
       enableServiceLinks: false
       terminationGracePeriodSeconds: {{ include "meshserve.terminationGracePeriodSeconds" . }}
       {{- with .Values.priorityClassName }}
@@ -107,9 +123,7 @@ spec:
             - {{ include "meshserve.component" . }}
           args:
             {{- include "meshserve.serverArgs" . | nindent 12 }}
-            {{- with $args }}
-            {{- . | trim | nindent 12 }}
-            {{- end }}
+            {{- include "meshserve.args" . | trim | nindent 12 }}
           ports:
             - name: grpc
               containerPort: {{ .Values.port }}
@@ -123,7 +137,7 @@ spec:
             {{- with .Values.env }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
-          {{- include "meshserve.probes" . | nindent 10 }}
+          {{- include "meshserve.probes" . | trim | nindent 10 }}
           {{- if gt (int .Values.preStopSleepSeconds) 0 }}
           lifecycle:
             preStop:
@@ -145,6 +159,10 @@ spec:
               mountPath: {{ .Values.modelRepository.mountPath | quote }}
               readOnly: true
             {{- end }}
+            {{- if $data }}
+            - name: data
+              mountPath: {{ .Values.persistence.mountPath | quote }}
+            {{- end }}
       volumes:
         - name: tls
           secret:
@@ -163,6 +181,11 @@ spec:
           emptyDir:
             sizeLimit: {{ .Values.modelRepository.sizeLimit }}
           {{- end }}
+        {{- end }}
+        {{- if $data }}
+        - name: data
+          persistentVolumeClaim:
+            claimName: {{ include "meshserve.dataClaimName" . }}
         {{- end }}
       {{- with $nodeSelector }}
       nodeSelector:

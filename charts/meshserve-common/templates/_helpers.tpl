@@ -1,7 +1,9 @@
 {{/*
-Names, labels and small values shared by every meshserve service chart. Each template takes
-the service chart's root context (`.`); the component is the service chart's name (compute,
-batcher, router, ingress), the value the NetworkPolicies of the other charts select on.
+Names, labels and small values shared by every meshserve chart. Each template takes a
+chart's root context (`.`), or, in the umbrella chart `meshserve`, a context it builds per
+component (its Values carry `component`). The component (compute, batcher, router, ingress,
+control-plane) is the service chart's name; the NetworkPolicies of the other charts select
+on it.
 */}}
 
 {{- define "meshserve.name" -}}
@@ -21,21 +23,47 @@ batcher, router, ingress), the value the NetworkPolicies of the other charts sel
 {{- end -}}
 {{- end -}}
 
-{{/* The service: compute, batcher, router or ingress. */}}
+{{/* The service: compute, batcher, router, ingress or control-plane. */}}
 {{- define "meshserve.component" -}}
+{{- if hasKey .Values "component" -}}
+{{- .Values.component -}}
+{{- else -}}
 {{- .Chart.Name -}}
 {{- end -}}
+{{- end -}}
 
-{{- define "meshserve.selectorLabels" -}}
+{{/*
+The model version a compute or batcher serves, as labels (nothing for the other services).
+On pods and selectors: one release of the umbrella chart runs many model versions, and
+Istio subsets (mesh/istio.py) select batcher pods by them. On a Service's metadata only for
+the batcher: EndpointSlices copy their Service's labels, and the control plane registers
+every slice that carries them (mesh/endpointslices.py).
+*/}}
+{{- define "meshserve.modelLabels" -}}
+{{- if hasKey .Values "model" -}}
+meshserve.io/model: {{ .Values.model.name | quote }}
+meshserve.io/version: {{ .Values.model.version | toString | quote }}
+{{- end -}}
+{{- end -}}
+
+{{- define "meshserve.baseSelectorLabels" -}}
 app.kubernetes.io/name: {{ include "meshserve.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: {{ include "meshserve.component" . }}
 app.kubernetes.io/part-of: meshserve
 {{- end -}}
 
+{{- define "meshserve.selectorLabels" -}}
+{{ include "meshserve.baseSelectorLabels" . }}
+{{- with include "meshserve.modelLabels" . }}
+{{ . }}
+{{- end }}
+{{- end -}}
+
+{{/* Labels of every object's metadata (no model labels: see meshserve.modelLabels). */}}
 {{- define "meshserve.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
-{{ include "meshserve.selectorLabels" . }}
+{{ include "meshserve.baseSelectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- with .Values.commonLabels }}
@@ -90,4 +118,15 @@ The service chart appends its own.
 - {{ printf "--tls-ca=%s/ca.crt" .Values.tls.mountPath | quote }}
 - {{ printf "--drain-seconds=%v" .Values.drainSeconds | quote }}
 - {{ printf "--log-level=%s" .Values.logLevel | quote }}
+{{- end -}}
+
+{{/* The control plane watches batchers' EndpointSlices (and needs an API token) when on. */}}
+{{- define "meshserve.watchesEndpointSlices" -}}
+{{- if and (hasKey .Values "endpointSlices") .Values.endpointSlices.watch -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{- define "meshserve.endpointSliceNamespace" -}}
+{{- default .Release.Namespace .Values.endpointSlices.namespace -}}
 {{- end -}}

@@ -1,18 +1,37 @@
 {{/* The objects around the Deployment. Each takes the service chart's context. */}}
 
+{{/*
+The Service, port `grpc`. A batcher's carries meshserve.io/model and meshserve.io/version:
+its EndpointSlices copy them, which is how the control plane finds batchers in a cluster.
+With .Values.statefulSet (the umbrella's compute), the StatefulSet's headless Service, which
+gives each replica a DNS name before it is ready.
+*/}}
 {{- define "meshserve.service" -}}
+{{- $headless := hasKey .Values "statefulSet" -}}
 apiVersion: v1
 kind: Service
 metadata:
+  {{- if $headless }}
+  name: {{ .Values.statefulSet.serviceName }}
+  {{- else }}
   name: {{ include "meshserve.fullname" . }}
+  {{- end }}
   labels:
     {{- include "meshserve.labels" . | nindent 4 }}
+    {{- if eq (include "meshserve.component" .) "batcher" }}
+    {{- include "meshserve.modelLabels" . | nindent 4 }}
+    {{- end }}
   {{- with .Values.service.annotations }}
   annotations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
 spec:
+  {{- if $headless }}
+  clusterIP: None
+  publishNotReadyAddresses: true
+  {{- else }}
   type: {{ .Values.service.type }}
+  {{- end }}
   selector:
     {{- include "meshserve.selectorLabels" . | nindent 4 }}
   ports:
@@ -35,7 +54,8 @@ metadata:
   annotations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-# The services never call the Kubernetes API.
+# No API token unless a pod asks for one: only the control plane does, to watch
+# EndpointSlices (meshserve.endpointSliceRbac).
 automountServiceAccountToken: false
 {{- end -}}
 {{- end -}}
@@ -96,8 +116,10 @@ spec:
 {{/*
 Admits traffic to the port named `grpc` only from pods of the calling components (matched by
 app.kubernetes.io/component and app.kubernetes.io/part-of=meshserve), in this namespace or
-in those that networkPolicy.callerNamespaceSelector picks; plus networkPolicy.extraFrom.
-No callers and no extraFrom: any source (the ingress).
+in those that networkPolicy.callerNamespaceSelector picks; from operators' pods
+(networkPolicy.operators, the control plane's only: a pod selector and an optional namespace
+selector); plus networkPolicy.extraFrom. No callers, operators or extraFrom: any source
+(the ingress).
 */}}
 {{- define "meshserve.networkPolicy" -}}
 {{- if .Values.networkPolicy.enabled -}}
@@ -118,7 +140,8 @@ spec:
     - ports:
         - port: grpc
           protocol: TCP
-      {{- if or $policy.callers $policy.extraFrom }}
+      {{- $operators := and (hasKey $policy "operators") $policy.operators.enabled -}}
+      {{- if or $policy.callers $policy.extraFrom $operators }}
       from:
         {{- range $policy.callers }}
         - podSelector:
@@ -126,6 +149,14 @@ spec:
               app.kubernetes.io/component: {{ . | quote }}
               app.kubernetes.io/part-of: meshserve
           {{- with $policy.callerNamespaceSelector }}
+          namespaceSelector:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+        {{- end }}
+        {{- if $operators }}
+        - podSelector:
+            {{- toYaml $policy.operators.podSelector | nindent 12 }}
+          {{- with $policy.operators.namespaceSelector }}
           namespaceSelector:
             {{- toYaml . | nindent 12 }}
           {{- end }}
@@ -181,5 +212,89 @@ spec:
     name: {{ required "certManager.issuerRef.name is required when certManager.enabled" .Values.certManager.issuerRef.name }}
     kind: {{ .Values.certManager.issuerRef.kind }}
     group: {{ .Values.certManager.issuerRef.group }}
+{{- end -}}
+{{- end -}}
+
+
+{{/* The control plane's data volume: an existing claim, or the one meshserve.persistentVolumeClaim creates. */}}
+{{- define "meshserve.dataClaimName" -}}
+{{- default (printf "%s-data" (include "meshserve.fullname" .)) .Values.persistence.existingClaim -}}
+{{- end -}}
+
+{{/*
+The control plane's store (SQLite): a ReadWriteOnce claim unless persistence.existingClaim
+names one. `helm.sh/resource-policy: keep` (persistence.keep): uninstalling the release
+leaves the mesh's state (policies, endpoints, audit log) behind.
+*/}}
+{{- define "meshserve.persistentVolumeClaim" -}}
+{{- if not .Values.persistence.existingClaim -}}
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: {{ include "meshserve.dataClaimName" . }}
+  labels:
+    {{- include "meshserve.labels" . | nindent 4 }}
+  {{- if or .Values.persistence.keep .Values.persistence.annotations }}
+  annotations:
+    {{- if .Values.persistence.keep }}
+    helm.sh/resource-policy: keep
+    {{- end }}
+    {{- with .Values.persistence.annotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- end }}
+spec:
+  accessModes:
+    {{- toYaml .Values.persistence.accessModes | nindent 4 }}
+  {{- if .Values.persistence.storageClassName }}
+  storageClassName: {{ .Values.persistence.storageClassName | quote }}
+  {{- end }}
+  resources:
+    requests:
+      storage: {{ .Values.persistence.size }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+What the control plane may do with the Kubernetes API: get, list and watch EndpointSlices in
+the namespace it watches (--kubernetes-namespace), nothing else. Two documents: a Role and
+its RoleBinding to the control plane's ServiceAccount.
+*/}}
+{{- define "meshserve.endpointSliceRbac" -}}
+{{- if include "meshserve.watchesEndpointSlices" . -}}
+{{- $fullname := include "meshserve.fullname" . -}}
+{{- $namespace := include "meshserve.endpointSliceNamespace" . -}}
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: {{ printf "%s-endpointslices" $fullname | trunc 63 | trimSuffix "-" }}
+  namespace: {{ $namespace }}
+  labels:
+    {{- include "meshserve.labels" . | nindent 4 }}
+rules:
+  - apiGroups:
+      - discovery.k8s.io
+    resources:
+      - endpointslices
+    verbs:
+      - get
+      - list
+      - watch
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: {{ printf "%s-endpointslices" $fullname | trunc 63 | trimSuffix "-" }}
+  namespace: {{ $namespace }}
+  labels:
+    {{- include "meshserve.labels" . | nindent 4 }}
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: Role
+  name: {{ printf "%s-endpointslices" $fullname | trunc 63 | trimSuffix "-" }}
+subjects:
+  - kind: ServiceAccount
+    name: {{ include "meshserve.serviceAccountName" . }}
+    namespace: {{ .Release.Namespace }}
 {{- end -}}
 {{- end -}}

@@ -1,65 +1,45 @@
 {{/*
-Probes. Every service serves grpc.health.v1 on its one port, but only over TLS, and the
-internal services require a client certificate. The kubelet's native gRPC probe speaks
-plaintext HTTP/2 and can present no certificate, so it cannot probe that port. Instead:
+Probes. Every service serves grpc.health.v1 on its one port, and that port speaks only mutual
+TLS: there is deliberately no plaintext port. The kubelet's native gRPC probe speaks plaintext
+HTTP/2 and presents no certificate, so it cannot probe it (and a plaintext health port would
+break the "no plaintext internal port" rule). One way everywhere, the ingress included: exec
+probes that run `meshserve health` over mutual TLS with the pod's own certificate against
+localhost. Each succeeds only on SERVING:
 
-- startup and liveness: a TCP connect to the port named `grpc` (the process is up and its
-  server accepts connections);
-- readiness: by default an exec probe that runs the image's Python with meshserve's own
-  generated health stubs, over mutual TLS with the pod's own certificate, and succeeds only
-  on SERVING (compute is SERVING only once its model is loaded and warm). With
-  probes.readiness.grpcHealth=false readiness is the same TCP check as liveness.
-
-Arguments of the script: ADDRESS IDENTITY TLS_DIR TIMEOUT_SECONDS.
+- startup: the service is up and ready once (compute: its model loaded and warm);
+- readiness: it can serve now (it leaves its Service while draining or while its upstream is
+  down);
+- liveness: the same check, with a generous failureThreshold, so a wedged event loop or a
+  server that stopped answering is restarted, but an upstream outage shorter than
+  periodSeconds x failureThreshold is not.
 */}}
-{{- define "meshserve.healthCheckScript" -}}
-import sys
-import grpc
-from meshserve.protocol import health_pb2, health_pb2_grpc
-address, identity, tls_dir, timeout = sys.argv[1:5]
-def read(name):
-    with open(f"{tls_dir}/{name}", "rb") as file:
-        return file.read()
-credentials = grpc.ssl_channel_credentials(read("ca.crt"), read("tls.key"), read("tls.crt"))
-options = [("grpc.ssl_target_name_override", identity)]
-with grpc.secure_channel(address, credentials, options=options) as channel:
-    reply = health_pb2_grpc.HealthStub(channel).Check(
-        health_pb2.HealthCheckRequest(), timeout=float(timeout))
-serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-sys.exit(0 if serving else 1)
+
+{{/* The probe's command: a YAML list. Call with (dict "root" . "probe" "readiness"). */}}
+{{- define "meshserve.healthCommand" -}}
+{{- $root := .root -}}
+{{- $probe := get $root.Values.probes .probe -}}
+{{- $tls := $root.Values.tls.mountPath -}}
+- "meshserve"
+- "health"
+- {{ printf "localhost:%v" (int $root.Values.port) | quote }}
+- {{ printf "--tls-cert=%s/tls.crt" $tls | quote }}
+- {{ printf "--tls-key=%s/tls.key" $tls | quote }}
+- {{ printf "--tls-ca=%s/ca.crt" $tls | quote }}
+- {{ printf "--identity=%s" (include "meshserve.identity" $root) | quote }}
+- {{ printf "--timeout=%d" (sub (int $probe.timeoutSeconds) 1 | max 1) | quote }}
 {{- end -}}
 
 {{- define "meshserve.probes" -}}
-{{- $probes := .Values.probes -}}
-startupProbe:
-  tcpSocket:
-    port: grpc
-  periodSeconds: {{ $probes.startup.periodSeconds }}
-  timeoutSeconds: {{ $probes.startup.timeoutSeconds }}
-  failureThreshold: {{ $probes.startup.failureThreshold }}
-readinessProbe:
-  {{- if $probes.readiness.grpcHealth }}
+{{- $root := . -}}
+{{- range $name := list "startup" "readiness" "liveness" }}
+{{ $name }}Probe:
   exec:
     command:
-      - {{ $probes.python | quote }}
-      - "-c"
-      - {{ include "meshserve.healthCheckScript" . | toJson }}
-      - {{ printf "localhost:%v" (int .Values.port) | quote }}
-      - {{ include "meshserve.identity" . | quote }}
-      - {{ .Values.tls.mountPath | quote }}
-      - {{ sub (int $probes.readiness.timeoutSeconds) 1 | max 1 | quote }}
-  {{- else }}
-  tcpSocket:
-    port: grpc
+      {{- include "meshserve.healthCommand" (dict "root" $root "probe" $name) | nindent 6 }}
+  {{- with get $root.Values.probes $name }}
+  periodSeconds: {{ .periodSeconds }}
+  timeoutSeconds: {{ .timeoutSeconds }}
+  failureThreshold: {{ .failureThreshold }}
   {{- end }}
-  periodSeconds: {{ $probes.readiness.periodSeconds }}
-  timeoutSeconds: {{ $probes.readiness.timeoutSeconds }}
-  failureThreshold: {{ $probes.readiness.failureThreshold }}
-livenessProbe:
-  tcpSocket:
-    port: grpc
-  periodSeconds: {{ $probes.liveness.periodSeconds }}
-  timeoutSeconds: {{ $probes.liveness.timeoutSeconds }}
-  failureThreshold: {{ $probes.liveness.failureThreshold }}
+{{- end }}
 {{- end -}}

@@ -1,0 +1,104 @@
+{{/*
+How the umbrella renders a component through the library chart: it builds, per component
+(and per model version for compute and batcher), the Values a service chart would have, and
+calls the library's templates with a context holding them (the library reads the component
+from Values.component).
+*/}}
+
+{{/* What every component starts from: the service charts' defaults the umbrella keeps. */}}
+{{- define "meshserve.umbrella.base" -}}
+nameOverride: ""
+fullnameOverride: ""
+replicas: 1
+strategy: {}
+serviceAccount:
+  create: false
+  name: ""
+  annotations: {}
+service:
+  type: ClusterIP
+  port: null
+  annotations: {}
+podDisruptionBudget:
+  enabled: true
+  maxUnavailable: 1
+env: []
+podLabels: {}
+podAnnotations: {}
+priorityClassName: ""
+resources: {}
+nodeSelector: {}
+tolerations: []
+affinity: {}
+topologySpreadConstraints: []
+{{- end -}}
+
+{{/* The top-level values every component shares (a component's section may replace each). */}}
+{{- define "meshserve.umbrella.sharedKeys" -}}
+image imagePullSecrets commonLabels clusterDomain listenHost logLevel drainSeconds terminationGraceMarginSeconds preStopSleepSeconds revisionHistoryLimit tmpSizeLimit probes podSecurityContext securityContext
+{{- end -}}
+
+{{/*
+One component's Values, as YAML: the base, then the shared values, then each layer in order
+(a later layer's key replaces an earlier one's). Call with
+(dict "root" $ "component" "router" "layers" (list $.Values.router $computed)).
+*/}}
+{{- define "meshserve.umbrella.values" -}}
+{{- $root := .root -}}
+{{- $values := fromYaml (include "meshserve.umbrella.base" $root) -}}
+{{- range $key := splitList " " (include "meshserve.umbrella.sharedKeys" $root) -}}
+{{- $_ := set $values $key (get $root.Values $key) -}}
+{{- end -}}
+{{- range $layer := .layers -}}
+{{- range $key, $value := $layer -}}
+{{- $_ := set $values $key $value -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $values "component" .component -}}
+{{- $_ := set $values "nameOverride" .component -}}
+{{- $_ := set $values "fullnameOverride" (default (printf "%s-%s" $root.Release.Name .component) (get $values "fullnameOverride")) -}}
+{{- $_ := set $values "serviceAccount" (dict "create" false "name" (printf "%s-%s" $root.Release.Name .component) "annotations" (dict)) -}}
+{{- $_ := set $values "tls" (dict "mountPath" $root.Values.tls.mountPath "identity" "" "secretName" (include "meshserve.umbrella.secretName" (dict "root" $root "component" .component))) -}}
+{{- $_ := set $values "certManager" (dict "enabled" false) -}}
+{{- toYaml $values -}}
+{{- end -}}
+
+{{/* The Secret of an identity: cert-manager's <release>-<identity>-tls, or tls.secretNames. */}}
+{{- define "meshserve.umbrella.secretName" -}}
+{{- $root := .root -}}
+{{- if $root.Values.certManager.enabled -}}
+{{- printf "%s-%s-tls" $root.Release.Name .component -}}
+{{- else -}}
+{{- $key := eq .component "control-plane" | ternary "controlPlane" .component -}}
+{{- required (printf "tls.secretNames.%s is required unless certManager.enabled: an existing Secret with tls.crt, tls.key and ca.crt for the %s identity" $key .component) (get $root.Values.tls.secretNames $key) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Every object of one component, as YAML documents. Call with (dict "root" $ "values" $values):
+Deployment (or StatefulSet), Service, PodDisruptionBudget, NetworkPolicy, and when the
+component has them, a HorizontalPodAutoscaler, a PersistentVolumeClaim and its RBAC.
+*/}}
+{{- define "meshserve.umbrella.objects" -}}
+{{- $root := .root -}}
+{{- $context := dict "Values" .values "Chart" $root.Chart "Release" $root.Release "Capabilities" $root.Capabilities "Template" $root.Template -}}
+{{- $documents := list (include "meshserve.deployment" $context) (include "meshserve.service" $context) (include "meshserve.podDisruptionBudget" $context) (include "meshserve.networkPolicy" $context) -}}
+{{- if hasKey .values "autoscaling" -}}
+{{- $documents = append $documents (include "meshserve.horizontalPodAutoscaler" $context) -}}
+{{- end -}}
+{{- if hasKey .values "persistence" -}}
+{{- $documents = append $documents (include "meshserve.persistentVolumeClaim" $context) -}}
+{{- $documents = append $documents (include "meshserve.endpointSliceRbac" $context) -}}
+{{- end -}}
+{{- range $document := $documents }}
+{{- if trim $document }}
+---
+{{ $document }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* A model's name as it may appear in object names: lower case, [a-z0-9-]. */}}
+{{- define "meshserve.umbrella.modelSlug" -}}
+{{- regexReplaceAll "[^a-z0-9-]+" (lower (toString .name)) "-" | trimAll "-" -}}-{{ .version }}
+{{- end -}}
