@@ -392,3 +392,13 @@ async def test_mutual_tls_headers_and_version(tmp_path) -> None:
             await asyncio.to_thread(run_load, without_client_cert)
     finally:
         await server.stop(None)
+
+
+def test_plot_draws_latency_against_throughput(tmp_path):
+    from meshserve.tools.bench import plot_results
+
+    results = [{"model": "mlp", "transport": "unary", "target": "t", "throughput_rps": rps,
+                "latency_ms": {"p50": p50, "p99": p50 * 3}}
+               for rps, p50 in ((300, 3.0), (1000, 6.0), (1600, 17.0))]
+    plot_results(results, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
