@@ -1,0 +1,1 @@
+"""pytest-benchmark micro-benchmarks of meshserve's hot path (run: `pytest benchmarks`)."""
