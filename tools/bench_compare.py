@@ -525,12 +525,20 @@ def run_triton(data_dir: Path, work_dir: Path, plan: Plan, recorder: Recorder,
                     "versions": versions,
                     "queue_delay_us": triton_baseline.QUEUE_DELAY_US})
     recorder.say("starting Triton (Python backend, KIND_CPU x1, 1 ms queue delay)")
-    server = triton_baseline.TritonServer(installed, repository, backends,
-                                          recorder.out_dir / "logs" / "triton.log", plan.models,
-                                          timeout_s=timeout_s)
-    with server:
-        recorder.say(f"  ready  tritonserver       {server.address}")
-        bench_target(Target("triton", server.address), plan, recorder)
+    runs = list(plan.runs())
+    while runs:
+        server = triton_baseline.TritonServer(installed, repository, backends,
+                                              recorder.out_dir / "logs" / "triton.log",
+                                              plan.models, timeout_s=timeout_s)
+        with server:
+            recorder.say(f"  ready  tritonserver       {server.address}")
+            while runs and server.process.poll() is None:
+                _bench_one(Target("triton", server.address), plan, *runs.pop(0), recorder)
+            if runs:  # it died under the last load: say so, start it again for the rest
+                crash = f"tritonserver exited with {server.process.returncode} under load"
+                recorder.failures.append(crash)
+                recorder.write({"kind": "failure", "server": "triton", "error": crash})
+                recorder.say(f"  {crash}; starting it again")
 
 
 def report(plan: Plan, recorder: Recorder, elapsed_s: float) -> str:
