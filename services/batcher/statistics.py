@@ -11,7 +11,8 @@ from meshserve.protocol.groups_pb2 import RequestCounters
 from meshserve.protocol.grpc_service_pb2 import ModelStatistics
 
 # Latency histogram bounds (ms) for live percentiles; the last bucket is unbounded.
-BUCKET_BOUNDS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+BUCKET_BOUNDS_MS = (0.5, 1, 1.5, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300,
+                    500, 750, 1000, 2000, 5000, 10000)
 
 
 @dataclass
