@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from meshserve.common import runtime
+from meshserve.common.metrics import Metrics, XdsCollector
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.tls import TlsFiles, secure_channel, server_credentials
 from meshserve.mesh.admin import AdminServicer
@@ -55,9 +56,12 @@ class CounterReader:
             await channel.close()
 
 
-def build_service(settings: ControlPlaneSettings) -> Service:
+def build_service(settings: ControlPlaneSettings, metrics: Metrics | None = None) -> Service:
     reader = CounterReader(settings.tls, settings.batcher_identity)
     control = ControlPlane(Store.open(settings.store), reader, settings.sample_seconds)
+    if metrics is not None:
+        XdsCollector.register(metrics, lambda: control.cache.snapshot.version,
+                              lambda: len(control.cache.nacks))
     health = HealthServicer()
 
     def register(server) -> None:
@@ -88,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshserve control-plane", description=__doc__)
     runtime.add_server_flags(parser)
     parser.add_argument("--store", required=True,
-                        help="SQLite file (or sqlite:///path) holding the mesh's state")
+                        help="the mesh's state: a SQLite file (or sqlite:///path) or a "
+                             "postgresql:// URL (password from PGPASSWORD or ~/.pgpass)")
     parser.add_argument("--batcher-identity", default="batcher")
     parser.add_argument("--sample-seconds", type=float, default=1.0,
                         help="how often batchers' counters are read")
@@ -101,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                                     sample_seconds=args.sample_seconds,
                                     kubernetes_namespace=args.kubernetes_namespace)
 
-    async def build() -> Service:
-        return build_service(settings)
+    metrics = Metrics()
 
-    return runtime.serve(build, args.port_file, args.drain_seconds)
+    async def build() -> Service:
+        return build_service(settings, metrics)
+
+    return runtime.serve(build, args.port_file, args.drain_seconds,
+                         runtime.metrics_endpoint(args, metrics))

@@ -2,20 +2,41 @@
 the audit log, in one database in the data directory, so a restarted control plane serves
 the same routes.
 
-Only SQLite (stdlib `sqlite3`) is implemented. The SQL is kept to what PostgreSQL accepts
-too (`CREATE TABLE IF NOT EXISTS`, `INSERT ... ON CONFLICT (...) DO UPDATE`, `RETURNING`,
-no `LIMIT`), and the few differences, placeholder style, autoincrementing keys and how a
-write transaction begins, live in `Dialect`. A PostgreSQL build would add a DB-API driver
-and a connect branch in `Store.open` that uses `POSTGRESQL`; today `postgresql://` URLs are
-refused with FailedPrecondition.
+Two databases, one code path: SQLite (stdlib `sqlite3`; a file path or `sqlite:///path`)
+for a single control plane, and PostgreSQL (`postgresql://` or `postgres://` URL, driver
+`psycopg` 3, imported only when such a URL is opened) for production, where several control
+planes may share one database. The SQL is kept to what both accept (`CREATE TABLE IF NOT
+EXISTS`, `INSERT ... ON CONFLICT (...) DO UPDATE`, `RETURNING`, no `LIMIT`), and the few
+differences, placeholder style, autoincrementing keys and how each kind of transaction
+begins, live in `Dialect`.
 
-Concurrency: one connection (`check_same_thread=False`) behind one lock, taken by every
-method, so calls from the event-loop thread and from helper threads do not interleave
-inside a transaction. Each write is one transaction (`BEGIN IMMEDIATE` in SQLite, which
-also keeps a second process from writing between our read of the audit head and our
-append); the clock is read inside it, so timestamps follow seq order. Methods are
-synchronous and short; WAL mode keeps readers in other processes (an operator's `sqlite3`
-shell) from blocking us.
+Concurrency: one connection (`check_same_thread=False` in SQLite) behind one lock, taken by
+every method, so calls from the event-loop thread and from helper threads do not interleave
+inside a transaction. Each method is one explicit transaction, committed or rolled back
+before the lock is released; the clock is read inside it, so timestamps follow seq order.
+Writers are serialized across processes too, so two control planes cannot both read the
+same audit head and fork the chain (nor lose each other's policy change):
+
+- SQLite: `BEGIN IMMEDIATE` takes the database's write lock before the first read. WAL mode
+  keeps readers in other processes (an operator's `sqlite3` shell) from blocking us.
+- PostgreSQL (psycopg, autocommit off: the driver sends `BEGIN` before the first statement,
+  we end every transaction with `commit()`/`rollback()`): a write transaction runs at READ
+  COMMITTED and first takes `LOCK TABLE audit_log IN SHARE ROW EXCLUSIVE MODE`. That mode
+  conflicts with itself and with the `ROW EXCLUSIVE` lock of any INSERT/UPDATE/DELETE on the
+  table, but not with plain SELECTs, so writers queue one at a time (as SQLite's) while
+  readers never wait; and since READ COMMITTED gives each statement a fresh snapshot, the
+  head read after the lock is granted is the latest committed one. Chosen over SERIALIZABLE,
+  which would abort one of two racing writers and need a retry of the whole method, and
+  over `SELECT ... FOR UPDATE` of the head row, which locks nothing while the log is empty
+  and makes a waiter re-read a head that is no longer the newest. The primary key on `seq`
+  stays as a backstop. Reads run at REPEATABLE READ, READ ONLY: one snapshot, as in SQLite.
+  Creating the schema takes a transaction-scoped advisory lock instead (the table to lock
+  may not exist yet), so two control planes starting on an empty database do not race.
+  A connection that the server dropped is reopened by the next call (the call during
+  which it dropped fails; nothing is retried, since a lost COMMIT may have landed).
+
+Errors never show a PostgreSQL URL's password: the URL is not echoed, driver messages are
+scrubbed of it, and the store's name in messages and `repr` is `postgresql://USER@HOST:PORT/DB`.
 
 Policy history is an undo stack, not a toggle. Every change appends a row to
 `policy_history` whose `parent_id` is the row that was current before it:
@@ -33,8 +54,9 @@ audit log).
 import json
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,21 +79,37 @@ def _utc_now() -> datetime:
 @dataclass(frozen=True)
 class Dialect:
     """The SQL that differs between databases. SQL in this module is written with `?`
-    placeholders and contains no literal `?` or `%`, so `sql()` can translate it."""
+    placeholders and contains no literal `?` or `%`, so `sql()` can translate it.
+
+    The `begin_*` statements open a transaction of each kind. SQLite's connection is in
+    autocommit mode (`isolation_level=None`), so they begin it themselves; psycopg's is not,
+    and has sent `BEGIN` by the time the first of them runs, so they only set it up. Every
+    transaction ends with the connection's `commit()` or `rollback()`."""
 
     name: str
     paramstyle: str  # DB-API paramstyle: "qmark" (?) or "format" (%s)
     identity_key: str  # column definition of an autoincrementing integer primary key
-    begin_write: str  # statement that starts a write transaction
+    begin_write: tuple[str, ...]  # open a write transaction, holding the writers' lock
+    begin_read: tuple[str, ...]  # open a read transaction: its statements see one snapshot
+    begin_schema: tuple[str, ...]  # open the transaction that creates the schema
 
     def sql(self, text: str) -> str:
         return text if self.paramstyle == "qmark" else text.replace("?", "%s")
 
 
-SQLITE = Dialect("sqlite", "qmark", "INTEGER PRIMARY KEY AUTOINCREMENT", "BEGIN IMMEDIATE")
-# Not wired up (no driver in this build): what a psycopg-based port would use.
-POSTGRESQL = Dialect("postgresql", "format", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
-                     "BEGIN")
+SQLITE = Dialect("sqlite", "qmark", "INTEGER PRIMARY KEY AUTOINCREMENT",
+                 begin_write=("BEGIN IMMEDIATE",), begin_read=("BEGIN",),
+                 begin_schema=("BEGIN IMMEDIATE",))
+# Key of the advisory lock held while creating the schema ("mesh" in ASCII). Advisory locks
+# are per database, so it only meets other meshserve control planes on the same one.
+_PG_SCHEMA_LOCK_KEY = 0x6D657368
+POSTGRESQL = Dialect(
+    "postgresql", "format", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+    begin_write=("SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                 f"LOCK TABLE {audit_log.TABLE} IN SHARE ROW EXCLUSIVE MODE"),
+    begin_read=("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",),
+    begin_schema=("SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                  f"SELECT pg_advisory_xact_lock({_PG_SCHEMA_LOCK_KEY})"))
 
 
 def _schema(dialect: Dialect) -> list[str]:
@@ -123,12 +161,14 @@ class Store:
     """Durable control-plane state. Open with `Store.open`; use as a context manager or
     call `close()`."""
 
-    def __init__(self, connection: sqlite3.Connection, dialect: Dialect, clock: Clock,
-                 location: str) -> None:
-        self._conn = connection
+    def __init__(self, connection: Any, dialect: Dialect, clock: Clock, location: str, *,
+                 reconnect: Callable[[], Any] | None = None) -> None:
+        self._conn = connection  # a DB-API connection: sqlite3's or psycopg's
         self._dialect = dialect
         self._clock = clock
         self._location = location
+        # Opens a new connection when the server dropped ours (PostgreSQL); None: never.
+        self._reconnect = reconnect
         self._lock = threading.Lock()
         self._closed = False
 
@@ -136,12 +176,20 @@ class Store:
 
     @classmethod
     def open(cls, path_or_url: str | Path, *, clock: Clock = _utc_now) -> "Store":
-        """Open (creating if missing) the store at a file path or `sqlite:///path` URL.
+        """Open (creating the schema if missing) the store at a file path, a `sqlite:///path`
+        URL or a `postgresql://` URL.
 
         URLs follow the SQLAlchemy convention: `sqlite:///data/mesh.db` is relative,
-        `sqlite:////var/lib/mesh.db` absolute, `sqlite://` in memory. `postgresql://...`
-        raises FailedPrecondition: only SQLite is implemented.
+        `sqlite:////var/lib/mesh.db` absolute, `sqlite://` in memory.
+        `postgresql://USER:PASSWORD@HOST:PORT/DATABASE?PARAM=VALUE` (or `postgres://`, or
+        `postgresql+psycopg://`) is handed to libpq as it is, so its parameters (`sslmode`,
+        `connect_timeout`, a Unix socket as `host=/run/postgresql`, ...) and libpq's
+        environment variables and password file apply; the database must exist. Failing
+        to connect raises FailedPrecondition (without the URL).
         """
+        url = _postgresql_url(path_or_url)
+        if url is not None:
+            return cls._open_postgresql(url, clock)
         path = _sqlite_path(path_or_url)
         if path != ":memory:":
             try:
@@ -167,6 +215,49 @@ class Store:
             raise
         return store
 
+    @classmethod
+    def _open_postgresql(cls, url: str, clock: Clock) -> "Store":
+        try:
+            import psycopg
+        except ImportError:
+            raise FailedPrecondition("a PostgreSQL store needs the psycopg package, which is "
+                                     "not installed: pip install 'psycopg[binary]'") from None
+        secrets = _url_secrets(url)
+        try:
+            params = psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.Error:
+            # libpq's message may quote the URL, password and all.
+            raise InvalidArgument("the PostgreSQL store URL is not valid (it is not shown: it "
+                                  "may carry a password); give postgresql://USER[:PASSWORD]"
+                                  "@HOST[:PORT]/DATABASE") from None
+        secrets.add(str(params.get("password") or ""))
+        params.setdefault("connect_timeout", "10")
+        params.setdefault("application_name", "meshserve")
+
+        def connect() -> Any:
+            try:
+                return psycopg.connect(autocommit=False, **params)
+            except psycopg.Error as exc:
+                # `from None`: the driver's exception is not chained, so no traceback shows
+                # its unscrubbed text.
+                raise FailedPrecondition("cannot connect to the PostgreSQL store: "
+                                         f"{_scrub(str(exc), secrets)}") from None
+
+        connection = connect()
+        info = connection.info
+        location = _postgresql_location(info.user, info.host, info.port, info.dbname)
+        store = cls(connection, POSTGRESQL, clock, location, reconnect=connect)
+        try:
+            store._create_schema()
+        except psycopg.Error as exc:
+            connection.close()
+            raise FailedPrecondition(f"cannot open the store at {location}: "
+                                     f"{_scrub(str(exc), secrets)}") from None
+        except BaseException:
+            connection.close()
+            raise
+        return store
+
     def close(self) -> None:
         with self._lock:
             if not self._closed:
@@ -183,7 +274,7 @@ class Store:
         return f"Store({self._dialect.name}:{self._location})"
 
     def _create_schema(self) -> None:
-        with self._write() as cur:
+        with self._transaction(self._dialect.begin_schema) as cur:
             for statement in _schema(self._dialect):
                 cur.execute(statement)
             row = self._one(cur, "SELECT MAX(version) FROM schema_version")
@@ -199,37 +290,46 @@ class Store:
     # -- transactions --------------------------------------------------------------------
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Cursor]:
+    def _write(self) -> Iterator[Any]:
+        """A write transaction, holding the writers' lock (see the module docstring)."""
         with self._transaction(self._dialect.begin_write) as cur:
             yield cur
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Cursor]:
+    def _read(self) -> Iterator[Any]:
         """A read transaction: the statements inside see one snapshot."""
-        with self._transaction("BEGIN") as cur:
+        with self._transaction(self._dialect.begin_read) as cur:
             yield cur
 
     @contextmanager
-    def _transaction(self, begin: str) -> Iterator[sqlite3.Cursor]:
+    def _transaction(self, begin: tuple[str, ...]) -> Iterator[Any]:
         with self._lock:
             if self._closed:
                 raise FailedPrecondition(f"the store at {self._location} is closed")
+            if self._reconnect is not None and self._conn.closed:
+                self._conn = self._reconnect()
             cur = self._conn.cursor()
             try:
-                cur.execute(begin)
+                for statement in begin:
+                    cur.execute(statement)
                 yield cur
-                cur.execute("COMMIT")
+                self._conn.commit()
             except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
+                self._rollback()
                 raise
             finally:
                 cur.close()
 
-    def _exec(self, cur: sqlite3.Cursor, sql: str, params: tuple = ()) -> sqlite3.Cursor:
+    def _rollback(self) -> None:
+        """End the failed transaction, if any. A rollback that fails too (the connection is
+        gone, and the transaction with it) must not hide the error that got us here."""
+        with suppress(Exception):
+            self._conn.rollback()
+
+    def _exec(self, cur: Any, sql: str, params: tuple = ()) -> Any:
         return cur.execute(self._dialect.sql(sql), params)
 
-    def _one(self, cur: sqlite3.Cursor, sql: str, params: tuple = ()) -> Any:
+    def _one(self, cur: Any, sql: str, params: tuple = ()) -> Any:
         return self._exec(cur, sql, params).fetchone()
 
     def _now(self) -> str:
@@ -293,16 +393,16 @@ class Store:
                          previous.policy, reason)
         return TrafficPolicy.from_json(previous.policy)
 
-    def _current(self, cur: sqlite3.Cursor, model: str) -> _HistoryRow | None:
+    def _current(self, cur: Any, model: str) -> _HistoryRow | None:
         row = self._one(cur, _CURRENT, (model,))
         return _HistoryRow(row[0], row[1], row[2]) if row else None
 
-    def _history(self, cur: sqlite3.Cursor, history_id: int) -> _HistoryRow:
+    def _history(self, cur: Any, history_id: int) -> _HistoryRow:
         row = self._one(cur, "SELECT id, policy, parent_id FROM policy_history WHERE id = ?",
                         (history_id,))
         return _HistoryRow(row[0], row[1], row[2])
 
-    def _record_policy(self, cur: sqlite3.Cursor, model: str, policy_json: str,
+    def _record_policy(self, cur: Any, model: str, policy_json: str,
                        parent_id: int | None, at: str, actor: str, action: str,
                        reason: str) -> None:
         row = self._one(cur, "INSERT INTO policy_history (model, policy, parent_id, at_utc, "
@@ -312,7 +412,7 @@ class Store:
                         "ON CONFLICT (model) DO UPDATE SET history_id = excluded.history_id",
                    (model, row[0]))
 
-    def _policies(self, cur: sqlite3.Cursor) -> dict[str, TrafficPolicy]:
+    def _policies(self, cur: Any) -> dict[str, TrafficPolicy]:
         rows = self._exec(cur, "SELECT c.model, h.policy FROM current_policy c "
                                "JOIN policy_history h ON h.id = c.history_id "
                                "ORDER BY c.model").fetchall()
@@ -365,14 +465,14 @@ class Store:
         with self._read() as cur:
             return self._endpoints(cur)
 
-    def _endpoint(self, cur: sqlite3.Cursor, model: str, version: str,
+    def _endpoint(self, cur: Any, model: str, version: str,
                   address: str) -> Endpoint | None:
         row = self._one(cur, "SELECT model, version, address, region, zone FROM endpoints "
                              "WHERE model = ? AND version = ? AND address = ?",
                         (model, version, address))
         return Endpoint(*row) if row else None
 
-    def _endpoints(self, cur: sqlite3.Cursor) -> tuple[Endpoint, ...]:
+    def _endpoints(self, cur: Any) -> tuple[Endpoint, ...]:
         rows = self._exec(cur, "SELECT model, version, address, region, zone "
                                "FROM endpoints").fetchall()
         return tuple(sorted((Endpoint(*row) for row in rows), key=_endpoint_order))
@@ -436,7 +536,9 @@ class Store:
         with self._read() as cur:
             rows = self._exec(cur, f"{audit_log.SELECT} WHERE seq > ? ORDER BY seq",
                               (after_seq,))
-            found = rows.fetchall() if limit is None else rows.fetchmany(limit)
+            # fetchmany(0) means "a default amount" (sqlite3: all rows; psycopg: one).
+            found = (rows.fetchall() if limit is None else
+                     rows.fetchmany(limit) if limit > 0 else [])
         return [audit_log.from_row(row) for row in found]
 
     def head_hash(self) -> str:
@@ -450,7 +552,7 @@ class Store:
         """Problems in the stored audit chain (empty: intact); see `audit.verify`."""
         return audit_log.verify(self.audit(), anchor=anchor)
 
-    def _append(self, cur: sqlite3.Cursor, at: str, actor: str, action: str, subject: str,
+    def _append(self, cur: Any, at: str, actor: str, action: str, subject: str,
                 before: str, after: str, reason: str) -> AuditEntry:
         head = self._one(cur, audit_log.SELECT_HEAD)
         seq, prev_hash = (head[0] + 1, head[1]) if head else (1, audit_log.GENESIS)
@@ -458,6 +560,54 @@ class Store:
                                      prev_hash)
         self._exec(cur, audit_log.INSERT, audit_log.to_row(entry))
         return entry
+
+
+def _postgresql_url(path_or_url: str | Path) -> str | None:
+    """The libpq URL for a PostgreSQL store URL; None for anything else."""
+    if isinstance(path_or_url, Path):
+        return None
+    scheme, sep, rest = str(path_or_url).partition("://")
+    scheme = scheme.lower()
+    if not sep or not scheme.startswith("postgres"):
+        return None
+    if scheme in ("postgresql", "postgres"):
+        return str(path_or_url)
+    if scheme == "postgresql+psycopg":  # SQLAlchemy's spelling of the same URL
+        return f"postgresql://{rest}"
+    # The URL is not echoed: it may carry a password.
+    raise InvalidArgument(f"unsupported store URL scheme '{scheme}': give postgresql://..., "
+                          "a file path or sqlite:///path")
+
+
+def _url_secrets(url: str) -> set[str]:
+    """The password of a PostgreSQL URL as written and decoded, and the URL itself: what
+    `_scrub` removes from messages."""
+    secrets = {url}
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return secrets
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        secrets.add(userinfo.partition(":")[2])
+    for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        if name == "password":
+            secrets.add(value)
+    return secrets | {urllib.parse.unquote(secret) for secret in secrets}
+
+
+def _scrub(message: str, secrets: set[str]) -> str:
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        message = message.replace(secret, "***")
+    return message.strip()
+
+
+def _postgresql_location(user: str, host: str, port: int | str, dbname: str) -> str:
+    """`postgresql://USER@HOST:PORT/DB`, without password or parameters: the store's name in
+    messages. A Unix socket directory is percent-encoded, as libpq accepts it."""
+    quoted = urllib.parse.quote
+    return (f"postgresql://{quoted(user, safe='')}@{quoted(host, safe='')}:{port}/"
+            f"{quoted(dbname, safe='')}")
 
 
 def _sqlite_path(path_or_url: str | Path) -> str:
@@ -470,13 +620,9 @@ def _sqlite_path(path_or_url: str | Path) -> str:
             raise InvalidArgument("the store path is empty")
         return text
     scheme = scheme.lower()
-    if scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
-        # The URL is not echoed: it may carry a password.
-        raise FailedPrecondition("PostgreSQL is not available in this build: only SQLite is "
-                                 "implemented; give a file path or sqlite:///path")
     if scheme != "sqlite":
-        raise InvalidArgument(f"unsupported store URL scheme '{scheme}': give a file path or "
-                              "sqlite:///path")
+        raise InvalidArgument(f"unsupported store URL scheme '{scheme}': give a file path, "
+                              "sqlite:///path or postgresql://...")
     if rest in ("", "/", "/:memory:"):
         return ":memory:"
     if not rest.startswith("/"):

@@ -254,13 +254,18 @@ def test_deleted_middle_audit_row_is_detected(path: Path) -> None:
         assert store.verify_audit() == ["entry 2 is missing"]
 
 
-@pytest.mark.parametrize("url", ["postgresql://x", "postgres://u:secret@db/mesh",
-                                 "postgresql+psycopg://db/mesh"])
-def test_postgresql_is_not_available(url: str) -> None:
-    with pytest.raises(FailedPrecondition, match="PostgreSQL is not available in this build") \
+@pytest.mark.parametrize("url", ["postgresql://127.0.0.1:1/mesh",
+                                 "postgres://u:secret@127.0.0.1:1/mesh",
+                                 "postgresql+psycopg://u:secret@127.0.0.1:1/mesh",
+                                 "postgresql://u@127.0.0.1:1/mesh?password=secret"])
+def test_postgresql_urls_connect_without_echoing_the_password(url: str) -> None:
+    """PostgreSQL URLs go to PostgreSQL (nothing listens on port 1 here); the error does
+    not show the password. tests/unit/test_store_postgres.py runs the store on a server."""
+    with pytest.raises(FailedPrecondition, match="cannot connect to the PostgreSQL store") \
             as caught:
         Store.open(url)
     assert "secret" not in str(caught.value)
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
 
 
 def test_other_urls(tmp_path: Path) -> None:
@@ -320,3 +325,18 @@ def test_dialects() -> None:
     sql = "SELECT a FROM t WHERE b = ? AND c = ?"
     assert SQLITE.sql(sql) == sql
     assert POSTGRESQL.sql(sql) == "SELECT a FROM t WHERE b = %s AND c = %s"
+
+
+def test_audit_limit_zero_returns_nothing(store: Store) -> None:
+    store.append_audit("op", "x", "y")
+    assert store.audit(limit=0) == []
+    assert len(store.audit(limit=1)) == 1
+
+
+@pytest.mark.parametrize("url", ["postgresql+asyncpg://u:secret@db/mesh",
+                                 "postgresql+psycopg2://db/mesh"])
+def test_other_postgresql_drivers_are_refused(url: str) -> None:
+    with pytest.raises(InvalidArgument, match="unsupported store URL scheme 'postgresql\\+")\
+            as caught:
+        Store.open(url)
+    assert "secret" not in str(caught.value)
