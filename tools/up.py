@@ -53,12 +53,24 @@ class Child:
     def port_file(self) -> Path:
         return self.run_dir / f"{self.name}.port"
 
+    @property
+    def metrics_port_file(self) -> Path:
+        return self.run_dir / f"{self.name}.metrics-port"
+
+    def metrics_url(self) -> str:
+        """Where this service serves Prometheus metrics ("" until it has written its port)."""
+        if not self.metrics_port_file.exists():
+            return ""
+        return f"http://{HOST}:{int(self.metrics_port_file.read_text())}/metrics"
+
     def start(self, tls_dir: Path) -> None:
         self.port_file.unlink(missing_ok=True)
+        self.metrics_port_file.unlink(missing_ok=True)
         tls = [f"--tls-cert={tls_dir / self.identity}.crt",
                f"--tls-key={tls_dir / self.identity}.key", f"--tls-ca={tls_dir / 'ca.crt'}"]
         command = [sys.executable, "-m", "meshserve.tools.cli", self.identity, *self.args,
-                   *tls, f"--port-file={self.port_file}"]
+                   *tls, f"--port-file={self.port_file}", f"--metrics-listen={HOST}:0",
+                   f"--metrics-port-file={self.metrics_port_file}"]
         with open(self.log, "ab") as log:
             # A session of its own: the terminal's Ctrl-C reaches `up`, which stops the
             # children in order.
@@ -210,8 +222,14 @@ def prepare(data_dir: Path, say=print) -> None:
     (data_dir / "run").mkdir(parents=True, exist_ok=True)
 
 
-def banner(data_dir: Path, ingress: Child) -> str:
+def metrics_lines(children: list[Child]) -> str:
+    return "\n".join(f"  {child.name:<18} {child.metrics_url() or '(not serving yet)'}"
+                     for child in children)
+
+
+def banner(data_dir: Path, ingress: Child, children: list[Child] | None = None) -> str:
     tls = data_dir / "tls"
+    metrics = f"\nPrometheus metrics:\n{metrics_lines(children)}\n" if children else ""
     return f"""
 meshserve is ready: {ingress.address} (mutual TLS; client certificate {tls}/client.crt)
 
@@ -224,7 +242,7 @@ meshserve is ready: {ingress.address} (mutual TLS; client certificate {tls}/clie
   x = tc.InferInput("INPUT__0", [1, 256], "FP32")
   x.set_data_from_numpy(numpy.random.rand(1, 256).astype("float32"))
   print(client.infer("mlp", [x]).as_numpy("OUTPUT__0"))
-
+{metrics}
 Logs: {data_dir / 'run'}/*.log. Ctrl-C stops everything.
 """
 
@@ -266,7 +284,7 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
     children = starting.result()
     ingress = children[-1]
     (data_dir / "run" / "endpoint").write_text(f"{ingress.address}\n")
-    print(banner(data_dir, ingress), flush=True)
+    print(banner(data_dir, ingress, children), flush=True)
     supervisor = asyncio.create_task(supervise(children, data_dir / "tls"))
     await stop.wait()
     supervisor.cancel()

@@ -48,9 +48,13 @@ class Job:
 
 
 class Scheduler:
+    """`metrics`, when given, is told of each batch (`batch(rows, requests, infer_ns)`) and
+    each answered request (`request(ok, total_ns, queue_ns)`), as `statistics` is."""
+
     def __init__(self, queue: BatchQueue, replicas: list[Replica], config: ModelConfig,
-                 version: str, statistics: Statistics) -> None:
+                 version: str, statistics: Statistics, metrics=None) -> None:
         self.queue = queue
+        self._metrics = metrics
         self.replicas = replicas
         self._config = config
         self._version = version
@@ -113,9 +117,12 @@ class Scheduler:
             timeout = None if None in deadlines else max(0.001, max(deadlines) - dispatched)
             answer = await replica.upstream.inference.ModelInfer(batch, timeout=timeout)
             params = answer.parameters
+            infer_ns = params["compute_infer_ns"].int64_param
             self._statistics.record_batch(
-                rows, len(entries), params["compute_input_ns"].int64_param,
-                params["compute_infer_ns"].int64_param, params["compute_output_ns"].int64_param)
+                rows, len(entries), params["compute_input_ns"].int64_param, infer_ns,
+                params["compute_output_ns"].int64_param)
+            if self._metrics is not None:
+                self._metrics.batch(rows, len(entries), infer_ns)
             for entry, response in zip(entries, split(answer, requests, counts)):
                 self._answer(entry, ItemResult(response=response), dispatched)
         except grpc.aio.AioRpcError as error:
@@ -137,8 +144,10 @@ class Scheduler:
         future.set_result(result)
         now = time.monotonic()
         queue_ns = None if dispatched is None else int((dispatched - entry.enqueued) * 1e9)
-        self._statistics.record_request(result.code == 0, int((now - entry.enqueued) * 1e9),
-                                        queue_ns)
+        total_ns = int((now - entry.enqueued) * 1e9)
+        self._statistics.record_request(result.code == 0, total_ns, queue_ns)
+        if self._metrics is not None:
+            self._metrics.request(result.code == 0, total_ns, queue_ns)
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -16,6 +16,7 @@ from meshserve.batcher.statistics import Statistics
 from meshserve.common import runtime
 from meshserve.common.errors import NotFound, ServingError, Unavailable
 from meshserve.common.forwarding import deadline_of, error_result, raise_for
+from meshserve.common.metrics import BatcherMetrics, Metrics
 from meshserve.common.repository import ModelRepository
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.tls import TlsFiles, server_credentials
@@ -112,7 +113,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return result.response
 
 
-def build_service(settings: BatcherSettings) -> Service:
+def build_service(settings: BatcherSettings, metrics: Metrics | None = None) -> Service:
     repository = ModelRepository.load(settings.repository)
     entry = repository.get(settings.model)
     version = repository.version(settings.model, settings.version)
@@ -122,7 +123,10 @@ def build_service(settings: BatcherSettings) -> Service:
     statistics = Statistics(name=entry.name, version=version)
     replicas = [Replica(Upstream(address, settings.tls, settings.compute_identity),
                         capacity=settings.batches_per_replica) for address in settings.compute]
-    scheduler = Scheduler(BatchQueue(policy, label), replicas, config, version, statistics)
+    queue = BatchQueue(policy, label)
+    recorder = None if metrics is None else BatcherMetrics(
+        metrics, entry.name, version, pending=lambda: len(queue))
+    scheduler = Scheduler(queue, replicas, config, version, statistics, recorder)
     batcher = Batcher(scheduler, statistics, batched=config.max_batch_size > 0)
     health = HealthServicer()
 
@@ -165,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, version=args.version, compute=tuple(args.compute),
         compute_identity=args.compute_identity, batches_per_replica=args.batches_per_replica)
 
-    async def build() -> Service:
-        return build_service(settings)
+    metrics = Metrics()
 
-    return runtime.serve(build, args.port_file, args.drain_seconds)
+    async def build() -> Service:
+        return build_service(settings, metrics)
+
+    return runtime.serve(build, args.port_file, args.drain_seconds,
+                         runtime.metrics_endpoint(args, metrics))

@@ -18,6 +18,8 @@ from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResul
 # An item and its absolute deadline on this process's monotonic clock (None: no deadline).
 Entry = tuple[GroupItem, float | None]
 GroupCall = Callable[[InferGroup, float | None], Awaitable[InferGroupResult]]
+# Told of each group call: (requests in the group, status name of the call: "OK" or a code).
+GroupObserver = Callable[[int, str], None]
 
 CODE_NUMBER = {status.name: status.value[0] for status in grpc.StatusCode}
 CODE_NAME = {number: name for name, number in CODE_NUMBER.items()}
@@ -51,8 +53,10 @@ class GroupForwarder:
     """Coalesces entries for one model into groups, one call in flight per upstream."""
 
     def __init__(self, call: GroupCall, model_name: str, upstream: str, *,
-                 max_group: int = 512, max_in_flight: int = 1) -> None:
+                 max_group: int = 512, max_in_flight: int = 1,
+                 observe: GroupObserver | None = None) -> None:
         self._call = call
+        self._observe = observe
         self._model_name = model_name
         self._upstream = upstream
         self._max_group = max_group
@@ -121,11 +125,15 @@ class GroupForwarder:
                 sent.append((p, j))
                 group.items.append(item)
         if sent:
+            code = "OK"
             try:
                 reply = (await self._call(group, longest)).results
             except grpc.aio.AioRpcError as error:
+                code = error.code().name
                 failed = rpc_error_result(error, self._upstream)
                 reply = [failed] * len(sent)
+            if self._observe is not None:
+                self._observe(len(sent), code)
             for (p, j), result in zip(sent, reply, strict=True):
                 results[p][j] = result
         return results  # type: ignore[return-value]

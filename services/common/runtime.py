@@ -10,6 +10,7 @@ from pathlib import Path
 
 import uvloop
 
+from meshserve.common.metrics import Metrics, MetricsEndpoint, serve_metrics
 from meshserve.common.server import Service
 from meshserve.common.tls import TlsFiles
 
@@ -29,10 +30,21 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-seconds", type=float, default=5.0,
                         help="on SIGTERM, time given to in-flight calls")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--metrics-listen", default="",
+                        help="serve Prometheus /metrics on HOST:PORT (port 0 picks a free "
+                             "port; empty: not served)")
+    parser.add_argument("--metrics-port-file", type=Path,
+                        help="write the bound metrics port here once serving")
 
 
 def tls_files(args: argparse.Namespace) -> TlsFiles:
     return TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
+
+
+def metrics_endpoint(args: argparse.Namespace, metrics: Metrics) -> MetricsEndpoint:
+    """The service's registry and where to serve it; records its certificate's expiry."""
+    metrics.certificate_expiry(args.tls_cert)
+    return MetricsEndpoint(metrics.registry, args.metrics_listen, args.metrics_port_file)
 
 
 def configure_logging(service: str, level: str) -> None:
@@ -50,8 +62,11 @@ def write_port_file(path: Path | None, port: int) -> None:
 
 
 def serve(build: Callable[[], Awaitable[Service]], port_file: Path | None,
-          drain_seconds: float) -> int:
-    """Run a service on uvloop until SIGTERM or SIGINT, then drain and stop."""
+          drain_seconds: float, metrics: MetricsEndpoint | None = None) -> int:
+    """Run a service on uvloop until SIGTERM or SIGINT, then drain and stop.
+
+    With `metrics.listen` set, `/metrics` is served over HTTP once the service is serving.
+    """
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -62,9 +77,16 @@ def serve(build: Callable[[], Awaitable[Service]], port_file: Path | None,
         port = await service.start()
         write_port_file(port_file, port)
         log.info("serving on port %d", port)
+        exporter = None
+        if metrics is not None and metrics.listen:
+            exporter = serve_metrics(metrics.registry, metrics.listen)
+            write_port_file(metrics.port_file, exporter.port)
+            log.info("metrics on port %d (/metrics)", exporter.port)
         await stop.wait()
         log.info("stopping: draining for up to %.1f s", drain_seconds)
         await service.stop(drain_seconds)
+        if exporter is not None:
+            exporter.close()
 
     uvloop.run(main())
     return 0

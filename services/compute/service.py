@@ -14,6 +14,7 @@ from pathlib import Path
 
 from meshserve.common import runtime
 from meshserve.common.errors import NotFound, Unavailable
+from meshserve.common.metrics import ComputeMetrics, Metrics
 from meshserve.common.repository import ModelRepository
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.tls import TlsFiles, server_credentials
@@ -37,7 +38,9 @@ class ComputeSettings:
 class Compute:
     """Owns the model and the one worker thread that runs it."""
 
-    def __init__(self, settings: ComputeSettings) -> None:
+    def __init__(self, settings: ComputeSettings, metrics=None) -> None:
+        """`metrics`, when given, makes the per-batch observer once the device is known:
+        `metrics.recorder(model, version, device)(seconds)`."""
         repository = ModelRepository.load(settings.repository)
         entry = repository.get(settings.model)
         self.name = entry.name
@@ -49,6 +52,8 @@ class Compute:
         # One worker: batches run one at a time, the event loop stays free for health checks.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.model = None
+        self._metrics = metrics
+        self._observe = None
 
     def _load(self) -> None:
         import torch
@@ -64,6 +69,8 @@ class Compute:
         for request in model.warmup_requests():
             model.run(request, self.version)
         log.info("model '%s' version '%s' loaded on %s and warm", self.name, self.version, device)
+        if self._metrics is not None:
+            self._observe = self._metrics.recorder(self.name, self.version, str(device))
         self.model = model
 
     async def load(self, health: HealthServicer) -> None:
@@ -82,6 +89,8 @@ class Compute:
         response.parameters["compute_input_ns"].int64_param = timings.input_ns
         response.parameters["compute_infer_ns"].int64_param = timings.infer_ns
         response.parameters["compute_output_ns"].int64_param = timings.output_ns
+        if self._observe is not None:
+            self._observe((timings.input_ns + timings.infer_ns + timings.output_ns) / 1e9)
         return response
 
     async def close(self) -> None:
@@ -99,8 +108,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return ModelReadyResponse(ready=self._compute.model is not None)
 
 
-def build_service(settings: ComputeSettings) -> Service:
-    compute = Compute(settings)
+def build_service(settings: ComputeSettings, metrics: Metrics | None = None) -> Service:
+    compute = Compute(settings, None if metrics is None else ComputeMetrics(metrics))
     health = HealthServicer()
 
     def register(server) -> None:
@@ -129,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         listen=args.listen, tls=runtime.tls_files(args), repository=args.model_repository,
         model=args.model, version=args.version, device=args.device, threads=args.threads)
 
-    async def build() -> Service:
-        return build_service(settings)
+    metrics = Metrics()
 
-    return runtime.serve(build, args.port_file, args.drain_seconds)
+    async def build() -> Service:
+        return build_service(settings, metrics)
+
+    return runtime.serve(build, args.port_file, args.drain_seconds,
+                         runtime.metrics_endpoint(args, metrics))

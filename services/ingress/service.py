@@ -22,6 +22,7 @@ from meshserve.common import runtime
 from meshserve.common.datatypes import WIRE_FROM_CONFIG
 from meshserve.common.errors import InvalidArgument, ServingError
 from meshserve.common.forwarding import GroupForwarder, raise_for
+from meshserve.common.metrics import IngressMetrics, Metrics
 from meshserve.common.repository import ModelRepository
 from meshserve.common.server import HealthServicer, Service, internal_error_message
 from meshserve.common.tls import TlsFiles, server_credentials
@@ -59,9 +60,13 @@ def parameter(request: pb.ModelInferRequest, name: str) -> int:
 
 
 class Ingress:
-    def __init__(self, repository: ModelRepository, router: Upstream) -> None:
+    """`metrics`, when given, is told of every answered request and every group sent:
+    `metrics.request(model, version, code, seconds)` and `metrics.group.recorder(model)`."""
+
+    def __init__(self, repository: ModelRepository, router: Upstream, metrics=None) -> None:
         self.repository = repository
         self.router = router
+        self._metrics = metrics
         self._forwarders: dict[str, GroupForwarder] = {}
         prefix = secrets.token_hex(4)  # ids unique across ingress replicas, cheap per request
         self._ids = (f"{prefix}-{n}" for n in itertools.count())
@@ -69,7 +74,8 @@ class Ingress:
     def _forwarder(self, model: str) -> GroupForwarder:
         forwarder = self._forwarders.get(model)
         if forwarder is None:
-            forwarder = GroupForwarder(self._call, model, "router")
+            observe = None if self._metrics is None else self._metrics.group.recorder(model)
+            forwarder = GroupForwarder(self._call, model, "router", observe=observe)
             self._forwarders[model] = forwarder
         return forwarder
 
@@ -85,6 +91,28 @@ class Ingress:
     async def infer(self, request: pb.ModelInferRequest,
                     remaining: float | None) -> pb.ModelInferResponse:
         arrived = time.monotonic()
+        if self._metrics is None:
+            return await self._infer(request, remaining, arrived)
+        try:
+            response = await self._infer(request, remaining, arrived)
+        except Exception as error:
+            code = error.code if isinstance(error, ServingError) else "INTERNAL"
+            self._record(request.model_name, request.model_version, code, arrived)
+            raise
+        self._record(request.model_name, response.model_version, "OK", arrived)
+        return response
+
+    def _record(self, model: str, version: str, code: str, arrived: float) -> None:
+        """Labels stay bounded: a model or version the repository lacks is recorded as ""."""
+        entry = self.repository.models.get(model)
+        if entry is None:
+            model = version = ""
+        elif version not in entry.versions:
+            version = ""
+        self._metrics.request(model, version, code, time.monotonic() - arrived)
+
+    async def _infer(self, request: pb.ModelInferRequest, remaining: float | None,
+                     arrived: float) -> pb.ModelInferResponse:
         validate(request, self.config(request.model_name, request.model_version).config)
         timeout_us = parameter(request, "timeout")
         deadlines = [arrived + remaining if remaining is not None else None,
@@ -215,10 +243,10 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
 
 
-def build_service(settings: IngressSettings) -> Service:
+def build_service(settings: IngressSettings, metrics: Metrics | None = None) -> Service:
     repository = ModelRepository.load(settings.repository)
     router = Upstream(settings.router, settings.tls, settings.router_identity)
-    ingress = Ingress(repository, router)
+    ingress = Ingress(repository, router, None if metrics is None else IngressMetrics(metrics))
     health = HealthServicer()
 
     def register(server) -> None:
@@ -248,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         router=args.router, router_identity=args.router_identity,
         require_client_cert=args.require_client_cert)
 
-    async def build() -> Service:
-        return build_service(settings)
+    metrics = Metrics()
 
-    return runtime.serve(build, args.port_file, args.drain_seconds)
+    async def build() -> Service:
+        return build_service(settings, metrics)
+
+    return runtime.serve(build, args.port_file, args.drain_seconds,
+                         runtime.metrics_endpoint(args, metrics))

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import grpc
 
 from meshserve.common import runtime
-from meshserve.common.forwarding import Entry, GroupForwarder, deadline_of, raise_for
+from meshserve.common.forwarding import (
+    Entry,
+    GroupForwarder,
+    GroupObserver,
+    deadline_of,
+    raise_for,
+)
+from meshserve.common.metrics import GroupMetrics, Metrics
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.tls import (
     TlsFiles,
@@ -65,8 +72,10 @@ class ModelRoute:
     rest are split by the route's weights, one group at a time.
     """
 
-    def __init__(self, model: str, tls: TlsFiles, batcher_identity: str) -> None:
+    def __init__(self, model: str, tls: TlsFiles, batcher_identity: str,
+                 observe: GroupObserver | None = None) -> None:
         self.model = model
+        self._observe = observe
         self.channel = grpc.aio.secure_channel(
             f"xds:///{model}", channel_credentials(tls), options=channel_options(batcher_identity))
         self.groups = groups_pb2_grpc.GroupInferenceStub(self.channel)
@@ -82,7 +91,7 @@ class ModelRoute:
                 return await self.groups.Infer(group, timeout=timeout, metadata=metadata)
 
             where = f"batcher of {self.model}" + (f"@{pin}" if pin else "")
-            forwarder = GroupForwarder(call, self.model, where)
+            forwarder = GroupForwarder(call, self.model, where, observe=self._observe)
             self._forwarders[pin] = forwarder
         return forwarder
 
@@ -92,8 +101,11 @@ class ModelRoute:
 
 
 class Router:
-    def __init__(self, tls: TlsFiles, batcher_identity: str) -> None:
+    """`groups`, when given, makes each model's group observer: `groups.recorder(model)`."""
+
+    def __init__(self, tls: TlsFiles, batcher_identity: str, groups=None) -> None:
         self._tls = tls
+        self._groups = groups
         self._identity = batcher_identity
         self.models: dict[str, ModelRoute] = {}
         self.shadowing = Shadowing()
@@ -101,7 +113,8 @@ class Router:
     def route(self, model: str) -> ModelRoute:
         route = self.models.get(model)
         if route is None:
-            route = self.models[model] = ModelRoute(model, self._tls, self._identity)
+            observe = None if self._groups is None else self._groups.recorder(model)
+            route = self.models[model] = ModelRoute(model, self._tls, self._identity, observe)
         return route
 
     async def infer(self, model: str, items) -> list[ItemResult]:
@@ -187,10 +200,11 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return result.response
 
 
-def build_service(settings: RouterSettings) -> Service:
+def build_service(settings: RouterSettings, metrics: Metrics | None = None) -> Service:
     # Read by gRPC when the first xds:/// channel is made; this process has no other.
     os.environ["GRPC_XDS_BOOTSTRAP_CONFIG"] = bootstrap(settings)
-    router = Router(settings.tls, settings.batcher_identity)
+    groups = None if metrics is None else GroupMetrics(metrics, "router->batcher")
+    router = Router(settings.tls, settings.batcher_identity, groups)
     control_plane = secure_channel(settings.control_plane, settings.tls,
                                    settings.control_plane_identity)
     health = HealthServicer()
@@ -222,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
                               control_plane_identity=args.control_plane_identity,
                               batcher_identity=args.batcher_identity, region=args.region)
 
-    async def build() -> Service:
-        return build_service(settings)
+    metrics = Metrics()
 
-    return runtime.serve(build, args.port_file, args.drain_seconds)
+    async def build() -> Service:
+        return build_service(settings, metrics)
+
+    return runtime.serve(build, args.port_file, args.drain_seconds,
+                         runtime.metrics_endpoint(args, metrics))

@@ -71,6 +71,7 @@ def test_args_are_the_services_real_flags(helm, service):
     assert rendered <= known, f"not flags of meshserve {service}: {rendered - known}"
     assert required <= rendered, f"required flags missing: {required - rendered}"
     assert "--port-file" not in rendered
+    assert "--metrics-port-file" not in rendered
 
 
 def test_compute_args_from_values(helm):
@@ -149,7 +150,7 @@ def test_probes_run_meshserve_health_over_mutual_tls(helm, service):
     pod's own port with the pod's own certificate (no native grpc, TCP or HTTP probe)."""
     main = container(helm.render(service))
     [port] = [p for p in main["ports"] if p["name"] == "grpc"]
-    assert len(main["ports"]) == 1
+    assert [p["name"] for p in main["ports"]] == ["grpc", "metrics"]
     listen = flag_values(main["args"], "--listen")[0]
     assert listen.rsplit(":", 1)[1] == str(port["containerPort"])
     tls_dir = next(m["mountPath"] for m in main["volumeMounts"] if m["name"] == "tls")
@@ -264,8 +265,8 @@ def test_service_selects_the_pods_on_grpc(helm, service):
     objects = helm.render(service)
     spec = objects["Service"]["spec"]
     assert spec["selector"].items() <= pod_labels(objects).items()
-    [port] = spec["ports"]
-    assert port["name"] == "grpc"
+    [port] = [p for p in spec["ports"] if p["name"] == "grpc"]
+    assert spec["ports"][0] is port  # first: what `HOST:PORT` upstreams name
     assert port["targetPort"] == "grpc"
     assert port["appProtocol"] == "grpc"
     selector = objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]
@@ -279,7 +280,7 @@ def test_network_policy_admits_only_the_callers(helm, service):
     policy = objects["NetworkPolicy"]["spec"]
     assert policy["podSelector"]["matchLabels"].items() <= pod_labels(objects).items()
     assert policy["policyTypes"] == ["Ingress"]
-    [rule] = policy["ingress"]
+    [rule] = grpc_rules(policy)
     assert rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
     callers = CALLERS[service]
     if callers is None:
@@ -296,6 +297,12 @@ def test_network_policy_admits_only_the_callers(helm, service):
         admitted = {other for other in CHARTS_RUN
                     if selector.items() <= pod_labels(helm.render(other)).items()}
         assert len(admitted) == 1 and admitted <= callers, (selector, admitted)
+
+
+def grpc_rules(policy: dict) -> list[dict]:
+    """The NetworkPolicy rules for the port named `grpc` (the other one is `metrics`)."""
+    return [rule for rule in policy["ingress"]
+            if {"port": "grpc", "protocol": "TCP"} in rule["ports"]]
 
 
 def test_autoscaler_and_certificate(helm):
@@ -325,6 +332,7 @@ def test_optional_objects_are_off_by_default(helm):
         objects = helm.render(service)
         assert "HorizontalPodAutoscaler" not in objects
         assert "Certificate" not in objects
+        assert "ServiceMonitor" not in objects
         assert objects["Deployment"]["spec"]["replicas"] == 1
 
 
@@ -334,7 +342,7 @@ def test_optional_objects_are_off_by_default(helm):
 KUBERNETES = ["1.27", "1.37"]
 # Custom resources: no schema in kubernetes-validate (test_custom_resources.py validates them
 # against their CRD schemas).
-CUSTOM_KINDS = {"Certificate"}
+CUSTOM_KINDS = {"Certificate", "ServiceMonitor"}
 
 
 VALIDATED = [(service, (service,)) for service in CHARTS_RUN] + [
@@ -478,12 +486,12 @@ def test_control_plane_watches_endpoint_slices_with_least_privilege(helm):
 
 def test_control_plane_admits_operators_by_label(helm):
     objects = helm.render("control-plane", ("control-plane", "control-plane-full"))
-    [rule] = objects["NetworkPolicy"]["spec"]["ingress"]
+    [rule] = grpc_rules(objects["NetworkPolicy"]["spec"])
     assert rule["from"][-1] == {
         "podSelector": {"matchLabels": {"team": "sre"}},
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "sre"}}}
     off = helm.render("control-plane", extra=("--set", "networkPolicy.operators.enabled=false"))
-    [rule] = off["NetworkPolicy"]["spec"]["ingress"]
+    [rule] = grpc_rules(off["NetworkPolicy"]["spec"])
     assert len(rule["from"]) == 1
 
 
@@ -495,7 +503,8 @@ def test_batcher_service_carries_the_endpoint_slice_labels(helm):
     batcher = helm.render("batcher")["Service"]
     assert batcher["metadata"]["labels"][MODEL_LABEL] == "mlp"
     assert batcher["metadata"]["labels"][VERSION_LABEL] == "1"
-    assert [p["name"] for p in batcher["spec"]["ports"]] == ["grpc"]
+    # The control plane registers the endpoints of the slice's port named `grpc`.
+    assert [p["name"] for p in batcher["spec"]["ports"]] == ["grpc", "metrics"]
     # No other Service may carry them: the control plane would register its endpoints.
     for service in ["compute", "router", "ingress", "control-plane"]:
         labels = helm.render(service)["Service"]["metadata"]["labels"]

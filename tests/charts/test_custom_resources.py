@@ -3,84 +3,36 @@
 tests/js/validate.mjs dispatches on apiVersion/kind across @kubernetes-models/istio,
 @kubernetes-models/cert-manager and @kubernetes-models/prometheus-operator (installed with
 `npm ci` into tests/js/node_modules when missing or stale). Every cert-manager Certificate
-of every chart is checked (with certManager on). The charts render no ServiceMonitor: the
-services have no metrics port yet.
+and every Prometheus Operator ServiceMonitor of every chart is checked (with certManager and
+serviceMonitor on).
 
-Without node or npm on PATH these tests are skipped (the reason says so).
+Node.js and npm must be on PATH (tests/crd_schemas.py).
 """
 
-import fcntl
+import copy
 import json
-import shutil
-import subprocess
 
 import pytest
 
-from tests.charts.chartlib import ROOT
+from tests.crd_schemas import validator
 
-JS = ROOT / "tests" / "js"
-INSTALL_TIMEOUT_S = 300
-VALIDATE_TIMEOUT_S = 60
 # Each chart with the values that turn its custom resources on.
 RENDERED = [("compute", ("compute", "full")), ("batcher", ("batcher", "full")),
             ("router", ("router", "full")), ("ingress", ("ingress", "full")),
             ("control-plane", ("control-plane", "control-plane-full")),
             ("meshserve", ("meshserve-two-models",))]
+# What else a chart needs for them (the umbrella's worked example has no ServiceMonitor).
+EXTRA = {"meshserve": ("--set", "serviceMonitor.enabled=true")}
 CUSTOM_GROUPS = ("cert-manager.io/", "monitoring.coreos.com/", "networking.istio.io/")
-
-
-def installed(node_modules) -> bool:
-    """node_modules holds a finished install of every version package.json pins."""
-    wanted = json.loads((JS / "package.json").read_text())["dependencies"]
-    if not (node_modules / ".package-lock.json").is_file():  # written when npm ci finishes
-        return False
-    for name, version in wanted.items():
-        manifest = node_modules / name / "package.json"
-        if not manifest.is_file() or json.loads(manifest.read_text())["version"] != version:
-            return False
-    return True
 
 
 @pytest.fixture(scope="session")
 def validate():
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.skip("node and npm are needed to validate custom resources (tests/js); "
-                    "not on PATH")
-    node_modules = JS / "node_modules"
-    with open(JS / ".install.lock", "w") as lock:  # one install at a time (parallel runs)
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not installed(node_modules):
-            command = [npm, "ci", "--prefix", str(JS), "--no-audit", "--no-fund",
-                       "--engine-strict=false", "--loglevel=error"]
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
-                                      timeout=INSTALL_TIMEOUT_S, check=False)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"`npm ci --prefix tests/js` ran past {INSTALL_TIMEOUT_S} s "
-                            "(is the npm registry reachable?)")
-            if done.returncode != 0 or not installed(node_modules):
-                pytest.fail(f"`npm ci --prefix tests/js` exited {done.returncode}\n"
-                            f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-
-    def run(objects: list[dict]) -> tuple[int, dict]:
-        try:
-            done = subprocess.run([node, str(JS / "validate.mjs")], input=json.dumps(objects),
-                                  capture_output=True, text=True, cwd=ROOT,
-                                  timeout=VALIDATE_TIMEOUT_S, check=False)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"node tests/js/validate.mjs ran past {VALIDATE_TIMEOUT_S} s")
-        try:
-            return done.returncode, json.loads(done.stdout)
-        except json.JSONDecodeError:
-            pytest.fail(f"node tests/js/validate.mjs exited {done.returncode} without a JSON "
-                        f"result\nstdout: {done.stdout[-2000:]}\nstderr: {done.stderr[-2000:]}")
-
-    return run
+    return validator()
 
 
 def custom_resources(helm, chart: str, values: tuple[str, ...]) -> list[dict]:
-    return [d for d in helm.documents(chart, values)
+    return [d for d in helm.documents(chart, values, EXTRA.get(chart, ()))
             if d["apiVersion"].startswith(CUSTOM_GROUPS)]
 
 
@@ -91,20 +43,38 @@ def test_rendered_custom_resources_match_their_crd_schemas(helm, validate, chart
     rc, result = validate(objects)
     assert (rc, result["ok"]) == (0, True), json.dumps(result, indent=2)
     kinds = {r["kind"] for r in result["results"]}
-    assert kinds == {"Certificate"}  # no ServiceMonitor: the services have no metrics port
+    assert kinds == {"Certificate", "ServiceMonitor"}
 
 
-def test_umbrella_certificates_are_all_checked(helm, validate):
+def test_umbrella_certificates_and_service_monitors_are_all_checked(helm, validate):
     objects = custom_resources(helm, "meshserve", ("meshserve-two-models",))
     rc, result = validate(objects)
     assert rc == 0
-    assert sorted(r["name"] for r in result["results"]) == sorted(
-        f"mesh-{name}" for name in
-        ["control-plane", "router", "ingress", "compute", "batcher", "operator"])
+    names = {kind: sorted(r["name"] for r in result["results"] if r["kind"] == kind)
+             for kind in ("Certificate", "ServiceMonitor")}
+    components = ["control-plane", "router", "ingress", "compute", "batcher"]
+    assert names["Certificate"] == sorted(f"mesh-{n}" for n in [*components, "operator"])
+    # One per component: compute's and batcher's cover every model version.
+    assert names["ServiceMonitor"] == sorted(f"mesh-{n}" for n in components)
+
+
+def test_a_broken_service_monitor_is_reported(helm, validate):
+    # A copy: the rendered objects are cached for the other tests.
+    [monitor] = [copy.deepcopy(d) for d in custom_resources(helm, "router", ("router", "full"))
+                 if d["kind"] == "ServiceMonitor"]
+    monitor["spec"]["endpoints"][0]["scheme"] = "gopher"
+    monitor["spec"]["selector"] = "router"
+    rc, result = validate([monitor])
+    assert rc == 1 and result["ok"] is False
+    errors = result["results"][0]["errors"]
+    assert any(e.startswith("/spec/endpoints/0/scheme") for e in errors), errors
+    assert any(e.startswith("/spec/selector") for e in errors), errors
 
 
 def test_a_broken_certificate_is_reported(helm, validate):
-    [certificate] = custom_resources(helm, "router", ("router", "full"))
+    [certificate] = [copy.deepcopy(d)
+                     for d in custom_resources(helm, "router", ("router", "full"))
+                     if d["kind"] == "Certificate"]
     certificate["spec"]["usages"] = ["server auth", "teleportation"]
     certificate["spec"]["privateKey"]["size"] = "large"
     rc, result = validate([certificate])

@@ -5,7 +5,7 @@ container's command and args run here as a local process, and the exec probes it
 as they are written, with only what a pod has and this machine has not remapped:
 
 - ports: `--listen=0.0.0.0:<port>` → a free loopback port; `localhost:<port>` (the probes) →
-  that port;
+  that port; `--metrics-listen=0.0.0.0:<port>` → another free loopback port;
 - paths under a volume mount → a directory of this test: the TLS Secret's mount holds
   `tls.crt`, `tls.key` and `ca.crt` of the service's identity from a test CA
   (`meshserve.tools.certs.init_certs`), the model repository's is the demo repository, the
@@ -19,8 +19,9 @@ The control plane is rendered with `endpointSlices.watch=false`: there is no Kub
 here (in a cluster, its EndpointSlice watch registers batchers; readiness needs none).
 
 Then: every startup and readiness probe passes (bounded), liveness passes while the service
-runs, a batcher's readiness fails once its compute is gone, and every liveness probe fails
-(exit 1, not a usage error) once its process has stopped on SIGTERM.
+runs, each serves Prometheus text on `/metrics` of its metrics port, a batcher's readiness
+fails once its compute is gone, and every liveness probe fails (exit 1, not a usage error)
+once its process has stopped on SIGTERM.
 """
 
 import os
@@ -30,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +68,7 @@ class Local:
     service: str
     spec: dict  # the rendered container
     port: int
+    metrics_port: int
     mounts: dict[str, Path]  # mountPath in the pod → directory here
     addresses: dict[str, str]  # service → its loopback HOST:PORT
     log: Path
@@ -86,6 +89,8 @@ class Local:
         flag, equals, value = token.partition("=")
         if equals and flag == "--listen":
             return f"--listen=127.0.0.1:{self.port}"
+        if equals and flag == "--metrics-listen":
+            return f"--metrics-listen=127.0.0.1:{self.metrics_port}"
         if equals and flag in UPSTREAM_FLAGS:
             return f"{flag}={self.addresses[UPSTREAM_FLAGS[flag]]}"
         prefix, text = (f"{flag}=", value) if equals and flag.startswith("--") else ("", token)
@@ -173,7 +178,7 @@ def mesh(helm, tmp_path_factory, demo_repository):
                 local = home / name
                 local.mkdir(parents=True)
             mounts[path] = local
-        locals_[service] = Local(service, spec, ports[service], mounts, addresses,
+        locals_[service] = Local(service, spec, ports[service], free_port(), mounts, addresses,
                                  log=root / f"{service}.log")
     try:
         for service in ORDER:
@@ -210,6 +215,15 @@ def test_probes_pass_then_liveness_fails_once_stopped(mesh):
                 f"command: {local.probe_command(probe)}\nlog:\n{local.log_tail()}")
             assert done.stdout.strip() == "SERVING", (service, probe, done.stdout)
 
+    # The metrics port the chart renders (--metrics-listen, remapped) serves Prometheus text.
+    for service in ORDER:
+        local = mesh[service]
+        with urllib.request.urlopen(f"http://127.0.0.1:{local.metrics_port}/metrics",
+                                    timeout=10) as response:
+            assert response.status == 200, service
+            body = response.read().decode()
+        assert "# TYPE " in body, (service, body[:500])
+
     # Readiness means "can serve now": a batcher whose compute is gone is not ready.
     assert mesh["compute"].stop() == 0
     done = mesh["compute"].probe("livenessProbe")
@@ -243,6 +257,8 @@ def test_every_container_was_run_with_its_probes(helm):
             assert spec[probe]["exec"]["command"][:2] == [
                 "meshserve", "health"], (service, probe)
         assert flag_values(spec["args"], "--listen")
+        assert flag_values(spec["args"], "--metrics-listen")
+        assert [p["name"] for p in spec["ports"]] == ["grpc", "metrics"]
 
 
 # --- meshserve health on its own: exit statuses ------------------------------------------------

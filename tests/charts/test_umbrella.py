@@ -19,6 +19,8 @@ IDENTITIES = ["control-plane", "router", "ingress", "batcher", "compute"]
 COMPONENT = "app.kubernetes.io/component"
 MODEL, VERSION = "meshserve.io/model", "meshserve.io/version"
 GPU = "nvidia.com/gpu"
+# Custom resources (test_custom_resources.py validates them against their CRD schemas).
+CUSTOM_KINDS = {"Certificate", "ServiceMonitor"}
 # Who may call whom (as in the service charts).
 CALLERS = {"compute": {"batcher"}, "batcher": {"router", "control-plane"},
            "router": {"ingress"}, "ingress": None, "control-plane": {"router"}}
@@ -59,7 +61,7 @@ def test_lint_strict(helm, values):
 @pytest.mark.parametrize("values", [TWO_MODELS, GPU_VALUES], ids=["two-models", "gpu"])
 def test_objects_match_the_kubernetes_schemas(helm, values, version):
     documents = objects(helm, values, ("--kube-version", f"{version}.0"))
-    errors = [error for document in documents if document["kind"] != "Certificate"
+    errors = [error for document in documents if document["kind"] not in CUSTOM_KINDS
               for error in kubernetes_errors(document, version)]
     assert not errors, "\n".join(errors)
 
@@ -159,7 +161,7 @@ def test_only_batcher_services_register_with_the_control_plane(helm):
         metadata = service["metadata"]["labels"]
         if MODEL_LABEL in metadata or VERSION_LABEL in metadata:
             assert metadata[COMPONENT] == "batcher", name
-            assert [p["name"] for p in service["spec"]["ports"]] == ["grpc"]
+            assert [p["name"] for p in service["spec"]["ports"]] == ["grpc", "metrics"]
             assert metadata[VERSION_LABEL].isdigit()
             registered.add((metadata[MODEL_LABEL], metadata[VERSION_LABEL]))
     assert registered == {("mlp", "1"), ("mlp", "2"), ("cnn", "1")}
@@ -173,7 +175,7 @@ def test_network_policies_admit_only_the_callers(helm):
         [target] = [p for p, pod_labels in pods.items()
                     if selects(spec["podSelector"]["matchLabels"], pod_labels)]
         component = pods[target][COMPONENT]
-        [rule] = spec["ingress"]
+        [rule] = [r for r in spec["ingress"] if {"port": "grpc", "protocol": "TCP"} in r["ports"]]
         if CALLERS[component] is None:
             assert "from" not in rule
             continue
@@ -240,7 +242,7 @@ def test_gpu_only_on_compute(helm):
 def test_probes_are_meshserve_health_everywhere(helm):
     for name, workload in workloads(objects(helm)).items():
         main = main_container(workload)
-        [port] = main["ports"]
+        [port] = [p for p in main["ports"] if p["name"] == "grpc"]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             command = main[probe]["exec"]["command"]
             assert command[:3] == ["meshserve", "health",
@@ -296,7 +298,10 @@ def test_schema_mirrors_the_service_charts():
     umbrella = json.loads((CHARTS / CHART / "values.schema.json").read_text())["properties"]
     router = json.loads((CHARTS / "router" / "values.schema.json").read_text())["properties"]
     for key in ("image", "probes", "securityContext", "podSecurityContext", "logLevel",
-                "drainSeconds", "preStopSleepSeconds"):
+                "drainSeconds", "preStopSleepSeconds", "metrics", "serviceMonitor"):
         assert umbrella[key] == router[key], key
+    for section in ("controlPlane", "router", "ingress", "compute", "batcher"):
+        for key in ("metrics", "serviceMonitor"):  # a section replaces the whole block
+            assert umbrella[section]["properties"][key] == router[key], (section, key)
     chart = (CHARTS / CHART / "Chart.yaml").read_text()
     assert re.search(r"kubeVersion: \">=1\.27\.0-0\"", chart)

@@ -2,15 +2,11 @@
 Istio CRD schemas by tests/js/validate.mjs (npm `@kubernetes-models/istio`, installed with
 `npm ci` into tests/js/node_modules once, when missing or stale).
 
-Without node or npm on PATH the schema checks are skipped (the reason says so); when they are
-there, a failing install or validator run fails the tests with its output.
+Node.js and npm must be on PATH (tests/crd_schemas.py); a failing install or validator run
+fails the tests with its output.
 """
 
-import fcntl
 import json
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
@@ -18,12 +14,9 @@ import yaml
 from meshserve.common.errors import InvalidArgument
 from meshserve.mesh import istio
 from meshserve.mesh.policy import PIN_HEADER, Shadow, TrafficPolicy
+from tests.crd_schemas import validator
 
-ROOT = Path(__file__).resolve().parents[2]
-JS = ROOT / "tests" / "js"
 HOST = "batcher.serving.svc.cluster.local"
-INSTALL_TIMEOUT_S = 300
-VALIDATE_TIMEOUT_S = 60
 
 
 def dest(version: str, port: int = 8001) -> dict:
@@ -204,73 +197,23 @@ def test_to_yaml_writes_no_aliases():
 # ---- schema validation with @kubernetes-models/istio -----------------------------------------
 
 
-class Validator:
-    def __init__(self, node: str):
-        self.node = node
-
-    def run(self, objects: list) -> tuple[int, dict]:
-        try:
-            done = subprocess.run([self.node, str(JS / "validate.mjs")], input=json.dumps(objects),
-                                  capture_output=True, text=True, cwd=ROOT,
-                                  timeout=VALIDATE_TIMEOUT_S, check=False)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"node tests/js/validate.mjs ran past {VALIDATE_TIMEOUT_S} s")
-        try:
-            result = json.loads(done.stdout)
-        except json.JSONDecodeError:
-            pytest.fail(f"node tests/js/validate.mjs exited {done.returncode} without a JSON "
-                        f"result\nstdout: {done.stdout[-2000:]}\nstderr: {done.stderr[-2000:]}")
-        return done.returncode, result
-
-
-def _installed(node_modules: Path) -> bool:
-    """node_modules holds a finished install of the version package.json pins."""
-    wanted = json.loads((JS / "package.json").read_text())["dependencies"]
-    if not (node_modules / ".package-lock.json").is_file():  # written when npm ci finishes
-        return False
-    for name, version in wanted.items():
-        manifest = node_modules / name / "package.json"
-        if not manifest.is_file() or json.loads(manifest.read_text())["version"] != version:
-            return False
-    return True
-
-
 @pytest.fixture(scope="session")
-def validator() -> Validator:
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.skip("node and npm are needed to validate against the Istio CRD schemas "
-                    "(tests/js); not on PATH")
-    node_modules = JS / "node_modules"
-    with open(JS / ".install.lock", "w") as lock:  # one install at a time (parallel runs)
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _installed(node_modules):
-            command = [npm, "ci", "--prefix", str(JS), "--no-audit", "--no-fund",
-                       "--engine-strict=false", "--loglevel=error"]
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
-                                      timeout=INSTALL_TIMEOUT_S, check=False)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"`{' '.join(command[:4])}` ran past {INSTALL_TIMEOUT_S} s "
-                            "(is the npm registry reachable?)")
-            if done.returncode != 0 or not _installed(node_modules):
-                pytest.fail(f"`npm ci --prefix tests/js` exited {done.returncode}\n"
-                            f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return Validator(node)
+def validate():
+    return validator()
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_rendered_objects_match_the_istio_schemas(validator, policy):
+def test_rendered_objects_match_the_istio_schemas(validate, policy):
     objects = istio.render(policy, host=HOST, namespace="serving")
-    rc, result = validator.run(objects)
+    rc, result = validate(objects)
     assert (rc, result["ok"]) == (0, True), json.dumps(result, indent=2)
     assert [(r["kind"], r["ok"]) for r in result["results"]] == [
         ("VirtualService", True), ("DestinationRule", True)]
 
 
-def test_yaml_documents_match_the_istio_schemas(validator):
+def test_yaml_documents_match_the_istio_schemas(validate):
     text = istio.to_yaml(istio.render(POLICIES[-2], host=HOST))
-    rc, result = validator.run(list(yaml.safe_load_all(text)))
+    rc, result = validate(list(yaml.safe_load_all(text)))
     assert rc == 0, json.dumps(result, indent=2)
 
 
@@ -307,13 +250,13 @@ def _set_name(objects):
     (_set_kind, 0, "unknown apiVersion/kind"),
     (_set_name, 1, "/metadata/name"),
 ], ids=["weight-ninety", "tls-mode", "no-host", "unknown-kind", "bad-name"])
-def test_validator_rejects_broken_objects(validator, edit, index, error):
-    rc, result = validator.run(_broken(edit))
+def test_validator_rejects_broken_objects(validate, edit, index, error):
+    rc, result = validate(_broken(edit))
     assert rc == 1 and result["ok"] is False
     assert [r["ok"] for r in result["results"]] == [index != 0, index != 1]
     assert any(error in e for e in result["results"][index]["errors"]), result
 
 
-def test_validator_rejects_input_that_is_not_an_array(validator):
-    rc, result = validator.run({"apiVersion": "networking.istio.io/v1"})  # type: ignore[arg-type]
+def test_validator_rejects_input_that_is_not_an_array(validate):
+    rc, result = validate({"apiVersion": "networking.istio.io/v1"})  # type: ignore[arg-type]
     assert rc == 2 and result["ok"] is False

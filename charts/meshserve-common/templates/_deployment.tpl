@@ -128,6 +128,11 @@ spec:
             - name: grpc
               containerPort: {{ .Values.port }}
               protocol: TCP
+            {{- if include "meshserve.metricsEnabled" . }}
+            - name: metrics
+              containerPort: {{ .Values.metrics.port }}
+              protocol: TCP
+            {{- end }}
           env:
             - name: PYTHONUNBUFFERED
               value: "1"

@@ -118,6 +118,19 @@ The service chart appends its own.
 - {{ printf "--tls-ca=%s/ca.crt" .Values.tls.mountPath | quote }}
 - {{ printf "--drain-seconds=%v" .Values.drainSeconds | quote }}
 - {{ printf "--log-level=%s" .Values.logLevel | quote }}
+{{- if include "meshserve.metricsEnabled" . }}
+- {{ printf "--metrics-listen=%s:%v" .Values.listenHost (int .Values.metrics.port) | quote }}
+{{- end }}
+{{- end -}}
+
+{{/*
+Prometheus metrics (--metrics-listen): plain HTTP `/metrics` on the port named `metrics`,
+admitted by the NetworkPolicy only from metrics.scrapeFrom. "true" when on, "" when off.
+*/}}
+{{- define "meshserve.metricsEnabled" -}}
+{{- if and (hasKey .Values "metrics") .Values.metrics.enabled -}}
+true
+{{- end -}}
 {{- end -}}
 
 {{/* The control plane watches batchers' EndpointSlices (and needs an API token) when on. */}}

@@ -1,13 +1,17 @@
 {{/* The objects around the Deployment. Each takes the service chart's context. */}}
 
 {{/*
-The Service, port `grpc`. A batcher's carries meshserve.io/model and meshserve.io/version:
-its EndpointSlices copy them, which is how the control plane finds batchers in a cluster.
+The Service, port `grpc` (and `metrics`, plain HTTP, when metrics.enabled: on a ClusterIP
+Service of its own, <fullname>-metrics, when service.type exposes the Service outside the
+cluster). A batcher's carries meshserve.io/model and meshserve.io/version: its
+EndpointSlices copy them, which is how the control plane finds batchers in a cluster.
 With .Values.statefulSet (the umbrella's compute), the StatefulSet's headless Service, which
 gives each replica a DNS name before it is ready.
 */}}
 {{- define "meshserve.service" -}}
 {{- $headless := hasKey .Values "statefulSet" -}}
+{{- $metrics := include "meshserve.metricsEnabled" . -}}
+{{- $exposed := and (not $headless) (ne (toString .Values.service.type) "ClusterIP") -}}
 apiVersion: v1
 kind: Service
 metadata:
@@ -40,6 +44,34 @@ spec:
       targetPort: grpc
       protocol: TCP
       appProtocol: grpc
+    {{- if and $metrics (not $exposed) }}
+    - name: metrics
+      port: {{ .Values.metrics.port }}
+      targetPort: metrics
+      protocol: TCP
+      appProtocol: http
+    {{- end }}
+{{- if and $metrics $exposed }}
+---
+# The Service above is a {{ .Values.service.type }}: the metrics port gets a ClusterIP Service
+# of its own, never exposed outside the cluster.
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ printf "%s-metrics" (include "meshserve.fullname" .) | trunc 63 | trimSuffix "-" }}
+  labels:
+    {{- include "meshserve.labels" . | nindent 4 }}
+spec:
+  type: ClusterIP
+  selector:
+    {{- include "meshserve.selectorLabels" . | nindent 4 }}
+  ports:
+    - name: metrics
+      port: {{ .Values.metrics.port }}
+      targetPort: metrics
+      protocol: TCP
+      appProtocol: http
+{{- end }}
 {{- end -}}
 
 {{- define "meshserve.serviceAccount" -}}
@@ -119,7 +151,8 @@ app.kubernetes.io/component and app.kubernetes.io/part-of=meshserve), in this na
 in those that networkPolicy.callerNamespaceSelector picks; from operators' pods
 (networkPolicy.operators, the control plane's only: a pod selector and an optional namespace
 selector); plus networkPolicy.extraFrom. No callers, operators or extraFrom: any source
-(the ingress).
+(the ingress). With metrics.enabled, a second rule admits the port named `metrics` only from
+metrics.scrapeFrom (a namespaceSelector and/or a podSelector: one peer, both must match).
 */}}
 {{- define "meshserve.networkPolicy" -}}
 {{- if .Values.networkPolicy.enabled -}}
@@ -165,6 +198,62 @@ spec:
         {{- toYaml . | nindent 8 }}
         {{- end }}
       {{- end }}
+    {{- if include "meshserve.metricsEnabled" . }}
+    {{- $peer := dict }}
+    {{- range $key, $selector := default (dict) .Values.metrics.scrapeFrom }}
+    {{- if not (kindIs "invalid" $selector) }}
+    {{- $_ := set $peer $key $selector }}
+    {{- end }}
+    {{- end }}
+    {{- if not $peer }}
+    {{- fail "metrics.scrapeFrom needs a namespaceSelector or a podSelector: what may scrape the metrics port (Prometheus' pods)" }}
+    {{- end }}
+    - ports:
+        - port: metrics
+          protocol: TCP
+      from:
+        {{- toYaml (list $peer) | nindent 8 }}
+    {{- end }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A Prometheus Operator ServiceMonitor (monitoring.coreos.com/v1) scraping the `metrics` port
+of this component's Service(s), selected by their labels: name, instance, component,
+part-of. In the umbrella chart that is every Service of the component (one ServiceMonitor
+per component; compute and batcher targets get the pods' model and version labels).
+*/}}
+{{- define "meshserve.serviceMonitor" -}}
+{{- if and (hasKey .Values "serviceMonitor") .Values.serviceMonitor.enabled -}}
+{{- if not (include "meshserve.metricsEnabled" .) -}}
+{{- fail (printf "serviceMonitor.enabled needs metrics.enabled (%s): the ServiceMonitor scrapes the metrics port" (include "meshserve.component" .)) -}}
+{{- end -}}
+apiVersion: monitoring.coreos.com/v1
+kind: ServiceMonitor
+metadata:
+  name: {{ include "meshserve.fullname" . }}
+  labels:
+    {{- include "meshserve.labels" . | nindent 4 }}
+    {{- with .Values.serviceMonitor.labels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  selector:
+    matchLabels:
+      {{- include "meshserve.baseSelectorLabels" . | nindent 6 }}
+  namespaceSelector:
+    matchNames:
+      - {{ .Release.Namespace }}
+  {{- if has (include "meshserve.component" .) (list "compute" "batcher") }}
+  podTargetLabels:
+    - meshserve.io/model
+    - meshserve.io/version
+  {{- end }}
+  endpoints:
+    - port: metrics
+      path: /metrics
+      scheme: http
+      interval: {{ .Values.serviceMonitor.interval }}
 {{- end -}}
 {{- end -}}
 

@@ -35,7 +35,7 @@ topologySpreadConstraints: []
 
 {{/* The top-level values every component shares (a component's section may replace each). */}}
 {{- define "meshserve.umbrella.sharedKeys" -}}
-image imagePullSecrets commonLabels clusterDomain listenHost logLevel drainSeconds terminationGraceMarginSeconds preStopSleepSeconds revisionHistoryLimit tmpSizeLimit probes podSecurityContext securityContext
+image imagePullSecrets commonLabels clusterDomain listenHost logLevel drainSeconds terminationGraceMarginSeconds preStopSleepSeconds revisionHistoryLimit tmpSizeLimit probes podSecurityContext securityContext metrics serviceMonitor
 {{- end -}}
 
 {{/*
@@ -77,7 +77,9 @@ One component's Values, as YAML: the base, then the shared values, then each lay
 {{/*
 Every object of one component, as YAML documents. Call with (dict "root" $ "values" $values):
 Deployment (or StatefulSet), Service, PodDisruptionBudget, NetworkPolicy, and when the
-component has them, a HorizontalPodAutoscaler, a PersistentVolumeClaim and its RBAC.
+component has them, a HorizontalPodAutoscaler, a PersistentVolumeClaim and its RBAC, and a
+ServiceMonitor (not for compute and batcher, which render one per component for all model
+versions: meshserve.umbrella.modelServiceMonitors).
 */}}
 {{- define "meshserve.umbrella.objects" -}}
 {{- $root := .root -}}
@@ -85,6 +87,9 @@ component has them, a HorizontalPodAutoscaler, a PersistentVolumeClaim and its R
 {{- $documents := list (include "meshserve.deployment" $context) (include "meshserve.service" $context) (include "meshserve.podDisruptionBudget" $context) (include "meshserve.networkPolicy" $context) -}}
 {{- if hasKey .values "autoscaling" -}}
 {{- $documents = append $documents (include "meshserve.horizontalPodAutoscaler" $context) -}}
+{{- end -}}
+{{- if not (has .values.component (list "compute" "batcher")) -}}
+{{- $documents = append $documents (include "meshserve.serviceMonitor" $context) -}}
 {{- end -}}
 {{- if hasKey .values "persistence" -}}
 {{- $documents = append $documents (include "meshserve.persistentVolumeClaim" $context) -}}
@@ -101,4 +106,23 @@ component has them, a HorizontalPodAutoscaler, a PersistentVolumeClaim and its R
 {{/* A model's name as it may appear in object names: lower case, [a-z0-9-]. */}}
 {{- define "meshserve.umbrella.modelSlug" -}}
 {{- regexReplaceAll "[^a-z0-9-]+" (lower (toString .name)) "-" | trimAll "-" -}}-{{ .version }}
+{{- end -}}
+
+{{/*
+The ServiceMonitors of compute and batcher: one each (<release>-compute, <release>-batcher),
+selecting the Services of every model version by their labels (name, instance, component,
+part-of); the pods' model and version labels become target labels. From the section's values.
+*/}}
+{{- define "meshserve.umbrella.modelServiceMonitors" -}}
+{{- $root := . -}}
+{{- if $root.Values.models -}}
+{{- range $component := list "compute" "batcher" -}}
+{{- $values := include "meshserve.umbrella.values" (dict "root" $root "component" $component "layers" (list (get $root.Values $component))) | fromYaml -}}
+{{- $context := dict "Values" $values "Chart" $root.Chart "Release" $root.Release "Capabilities" $root.Capabilities "Template" $root.Template -}}
+{{- with include "meshserve.serviceMonitor" $context }}
+---
+{{ . }}
+{{- end }}
+{{- end -}}
+{{- end -}}
 {{- end -}}

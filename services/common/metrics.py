@@ -1,0 +1,315 @@
+"""Prometheus metrics: one registry per service, built by its entry point, served over HTTP.
+
+Names follow Triton's (`nv_inference_*`, counters in Triton's units) where Triton has the
+metric, so existing dashboards work; the rest are `meshserve_*`. Labels stay bounded: model,
+version, status code name, device, hop — never request ids or principals. Labelled children
+are made once per label set and cached, so recording costs one dict lookup and one
+`inc`/`observe`.
+
+The services' core code never imports this module: it is handed the small recorder objects
+below (or callbacks made from them) by the wiring in each `service.py`.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+# Seconds: from a fraction of a millisecond (a hop on loopback) to a slow CPU batch.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
+                   0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, float("inf"))
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, float("inf"))
+
+
+class Metrics:
+    """A service's metrics: its own registry (never prometheus_client's global one)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+
+    def counter(self, name: str, documentation: str, labels: Iterable[str] = ()) -> Counter:
+        return Counter(name, documentation, list(labels), registry=self.registry)
+
+    def triton_counter(self, name: str, documentation: str,
+                       labels: Iterable[str] = ()) -> TritonCounter:
+        return TritonCounter(name, documentation, labels, self.registry)
+
+    def gauge(self, name: str, documentation: str, labels: Iterable[str] = ()) -> Gauge:
+        return Gauge(name, documentation, list(labels), registry=self.registry)
+
+    def histogram(self, name: str, documentation: str, labels: Iterable[str] = (),
+                  buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
+        return Histogram(name, documentation, list(labels), buckets=buckets,
+                         registry=self.registry)
+
+    def certificate_expiry(self, certificate: Path) -> None:
+        """`meshserve_certificate_expiry_seconds{identity}`: when this service's certificate
+        expires, as a Unix time (alert on `... - time() < 7 * 86400`)."""
+        identity, expires = certificate_facts(certificate)
+        self.gauge("meshserve_certificate_expiry_seconds",
+                   "Expiry of the service's own TLS certificate (Unix time, seconds)",
+                   ["identity"]).labels(identity).set(expires)
+
+
+def certificate_facts(certificate: Path) -> tuple[str, float]:
+    """(identity, notAfter as Unix time): the identity is the first DNS SAN, else the CN."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(Path(certificate).read_bytes())
+    identity = ""
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        identity = next(iter(names.get_values_for_type(x509.DNSName)), "")
+    except x509.ExtensionNotFound:
+        pass
+    if not identity:
+        common = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        identity = str(common[0].value) if common else ""
+    expires = cert.not_valid_after_utc.replace(tzinfo=datetime.UTC).timestamp()
+    return identity, expires
+
+
+class TritonCounter:
+    """A cumulative counter exposed under its exact name, as Triton does (`nv_inference_count`,
+    not prometheus_client's `nv_inference_count_total`); typed `untyped` in the text format,
+    since prometheus_client writes a counter's TYPE line only for `_total` names.
+
+    Children are plain floats added to on the event loop; a scrape (another thread) reads them.
+    """
+
+    def __init__(self, name: str, documentation: str, labels: Iterable[str],
+                 registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labels = tuple(labels)
+        self._children: dict[tuple[str, ...], _Count] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _Count:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self._labels):
+                raise ValueError(f"{self._name} takes labels {self._labels}")
+            child = self._children[values] = _Count()
+        return child
+
+    def describe(self) -> list[Metric]:
+        return [Metric(self._name, self._documentation, "unknown")]
+
+    def collect(self) -> list[Metric]:
+        metric = Metric(self._name, self._documentation, "unknown")
+        for values, child in list(self._children.items()):
+            metric.add_sample(self._name, dict(zip(self._labels, values, strict=True)),
+                              child.value)
+        return [metric]
+
+
+class _Count:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+@dataclass(frozen=True)
+class MetricsEndpoint:
+    """Where a service serves `/metrics` (`listen` empty: not served)."""
+
+    registry: CollectorRegistry
+    listen: str = ""
+    port_file: Path | None = None
+
+
+class MetricsServer:
+    """A started `/metrics` HTTP server (a daemon thread); `close()` stops it."""
+
+    def __init__(self, server, thread) -> None:
+        self._server = server
+        self._thread = thread
+        self.port: int = server.server_port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=2)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """`HOST:PORT` (IPv6 as `[::1]:PORT`) → (host, port)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"metrics address {address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def serve_metrics(registry: CollectorRegistry, address: str) -> MetricsServer:
+    """Serve `registry` at http://ADDRESS/metrics; port 0 picks a free port (see `.port`)."""
+    host, port = split_address(address)
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(server, thread)
+
+
+# --- the recorders each service's core is handed -------------------------------------------
+
+
+class IngressMetrics:
+    """Client-visible outcomes at the ingress, per model and version."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._success = metrics.triton_counter(
+            "nv_inference_request_success", "Number of successful inference requests",
+            ["model", "version"])
+        self._failure = metrics.triton_counter(
+            "nv_inference_request_failure",
+            "Number of failed inference requests, by gRPC status (reason)",
+            ["model", "version", "reason"])
+        self._duration = metrics.histogram(
+            "meshserve_request_duration_seconds",
+            "Client-visible latency of inference requests at the ingress", ["model"])
+        self._successes: dict[tuple[str, str], Callable[[], None]] = {}
+        self._failures: dict[tuple[str, str, str], Callable[[], None]] = {}
+        self._durations: dict[str, Callable[[float], None]] = {}
+        self.group = GroupMetrics(metrics, "ingress->router")
+
+    def request(self, model: str, version: str, code: str, seconds: float) -> None:
+        """One answered request; `code` is the gRPC status name ("OK" for success)."""
+        if code == "OK":
+            inc = self._successes.get((model, version))
+            if inc is None:
+                inc = self._successes[(model, version)] = self._success.labels(
+                    model, version).inc
+        else:
+            inc = self._failures.get((model, version, code))
+            if inc is None:
+                inc = self._failures[(model, version, code)] = self._failure.labels(
+                    model, version, code).inc
+        inc()
+        observe = self._durations.get(model)
+        if observe is None:
+            observe = self._durations[model] = self._duration.labels(model).observe
+        observe(seconds)
+
+
+class GroupMetrics:
+    """Groups sent over one hop: their sizes, and failed group calls by status code."""
+
+    def __init__(self, metrics: Metrics, hop: str) -> None:
+        self._hop = hop
+        self._size = metrics.histogram(
+            "meshserve_group_size", "Requests per group sent to the next hop", ["hop", "model"],
+            buckets=SIZE_BUCKETS)
+        self._failed = metrics.counter(
+            "meshserve_group_call_failures", "Group calls to the next hop that failed, by code",
+            ["hop", "model", "code"])
+
+    def recorder(self, model: str) -> Callable[[int, str], None]:
+        """A callback for one model's forwarder: (group size, status name of the call)."""
+        observe = self._size.labels(self._hop, model).observe
+        failures: dict[str, Callable[[], None]] = {}
+
+        def record(size: int, code: str) -> None:
+            observe(size)
+            if code != "OK":
+                inc = failures.get(code)
+                if inc is None:
+                    inc = failures[code] = self._failed.labels(self._hop, model, code).inc
+                inc()
+
+        return record
+
+
+class BatcherMetrics:
+    """One model version's batching, in Triton's names and units (cumulative µs counters)."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str,
+                 pending: Callable[[], int]) -> None:
+        labels = ["model", "version"]
+
+        def child(metric):
+            return metric.labels(model, version)
+
+        self._rows = child(metrics.triton_counter(
+            "nv_inference_count", "Number of inferences performed (rows)", labels)).inc
+        self._batches = child(metrics.triton_counter(
+            "nv_inference_exec_count", "Number of model executions performed (batches)",
+            labels)).inc
+        self._request_us = child(metrics.triton_counter(
+            "nv_inference_request_duration_us",
+            "Cumulative inference request duration in microseconds (queue + compute)",
+            labels)).inc
+        self._queue_us = child(metrics.triton_counter(
+            "nv_inference_queue_duration_us",
+            "Cumulative inference queuing duration in microseconds", labels)).inc
+        self._infer_us = child(metrics.triton_counter(
+            "nv_inference_compute_infer_duration_us",
+            "Cumulative compute inference duration in microseconds", labels)).inc
+        child(metrics.gauge(
+            "nv_inference_pending_request_count",
+            "Instantaneous number of requests queued for a batch", labels)).set_function(pending)
+        self._batch_size = child(metrics.histogram(
+            "meshserve_batch_size", "Rows per batch sent to compute", labels,
+            buckets=SIZE_BUCKETS)).observe
+        self._queue_seconds = child(metrics.histogram(
+            "meshserve_queue_seconds", "Time requests spent queued for a batch", labels)).observe
+
+    def batch(self, rows: int, requests: int, infer_ns: int) -> None:
+        """A batch ran; like Triton, each request is charged the batch's compute time."""
+        self._rows(rows)
+        self._batches()
+        self._batch_size(rows)
+        self._infer_us(infer_ns * requests / 1000)
+
+    def request(self, ok: bool, total_ns: int, queue_ns: int | None) -> None:
+        if queue_ns is not None:
+            self._queue_seconds(queue_ns / 1e9)
+        if ok:
+            self._request_us(total_ns / 1000)
+            if queue_ns is not None:
+                self._queue_us(queue_ns / 1000)
+
+
+class ComputeMetrics:
+    """`meshserve_compute_seconds{model,version,device}`: one observation per batch run."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._seconds = metrics.histogram(
+            "meshserve_compute_seconds", "Time a batch took on the device (input, infer, output)",
+            ["model", "version", "device"])
+
+    def recorder(self, model: str, version: str, device: str) -> Callable[[float], None]:
+        return self._seconds.labels(model, version, device).observe
+
+
+class XdsCollector:
+    """The control plane's xDS state, read at scrape time (nothing on the hot path)."""
+
+    def __init__(self, snapshot_version: Callable[[], str], nacks: Callable[[], int]) -> None:
+        self._snapshot_version = snapshot_version
+        self._nacks = nacks
+
+    def collect(self):
+        info = GaugeMetricFamily("meshserve_xds_snapshot_info",
+                                 "The xDS snapshot version being served (value 1)",
+                                 labels=["version"])
+        info.add_metric([self._snapshot_version()], 1)
+        yield info
+        nacks = CounterMetricFamily("meshserve_xds_nacks", "xDS responses clients rejected")
+        nacks.add_metric([], self._nacks())
+        yield nacks
+
+    def describe(self):
+        return []
+
+    @classmethod
+    def register(cls, metrics: Metrics, snapshot_version: Callable[[], str],
+                 nacks: Callable[[], int]) -> None:
+        metrics.registry.register(cls(snapshot_version, nacks))
