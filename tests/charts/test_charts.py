@@ -339,7 +339,7 @@ def test_optional_objects_are_off_by_default(helm):
 # --- the rendered objects against Kubernetes' own schemas ----------------------------------
 
 # The oldest Kubernetes the charts allow (kubeVersion) and the newest schemas at hand.
-KUBERNETES = ["1.27", "1.37"]
+KUBERNETES = ["1.27", "1.30", "1.37"]
 # Custom resources: no schema in kubernetes-validate (test_custom_resources.py validates them
 # against their CRD schemas).
 CUSTOM_KINDS = {"Certificate", "ServiceMonitor"}

@@ -57,7 +57,7 @@ def test_lint_strict(helm, values):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("version", ["1.27", "1.37"])
+@pytest.mark.parametrize("version", ["1.27", "1.30", "1.37"])
 @pytest.mark.parametrize("values", [TWO_MODELS, GPU_VALUES], ids=["two-models", "gpu"])
 def test_objects_match_the_kubernetes_schemas(helm, values, version):
     documents = objects(helm, values, ("--kube-version", f"{version}.0"))
