@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kubernetes-namespace", default="",
                         help="watch batchers' EndpointSlices in this namespace (in a cluster)")
     args = parser.parse_args(argv)
-    runtime.configure_logging("control-plane", args.log_level)
+    runtime.configure_logging("control-plane", args.log_level, args.log_format)
     settings = ControlPlaneSettings(listen=args.listen, tls=runtime.tls_files(args),
                                     store=args.store, batcher_identity=args.batcher_identity,
                                     sample_seconds=args.sample_seconds,

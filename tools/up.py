@@ -295,6 +295,8 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    if args.otlp:  # the children inherit it; each service reads it once in its main()
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://{args.otlp}"
     try:
         return asyncio.run(serve_until_stopped(args))
     except (RuntimeError, TimeoutError) as error:
@@ -311,4 +313,7 @@ def register(commands) -> None:
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds each service may take to become ready")
     parser.add_argument("--drain-seconds", type=float, default=5.0)
+    parser.add_argument("--otlp", default="", metavar="HOST:PORT",
+                        help="export traces to this OTLP gRPC collector (plaintext; sets "
+                             "OTEL_EXPORTER_OTLP_ENDPOINT=http://HOST:PORT for every service)")
     parser.set_defaults(func=run)

@@ -12,12 +12,14 @@ import time
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry.trace import Span, StatusCode
 
 from meshserve.batcher.batch import merge, split
 from meshserve.batcher.policy import BatchQueue, Pending, Send
 from meshserve.batcher.statistics import Statistics
 from meshserve.common.errors import DeadlineExceeded, ServingError, Unavailable
 from meshserve.common.forwarding import error_result, rpc_error_result
+from meshserve.common.tracing import TRACEPARENT, Tracing, context_of, traceparent_of
 from meshserve.common.upstream import Upstream
 from meshserve.protocol.groups_pb2 import GroupItem, ItemResult
 from meshserve.protocol.model_config_pb2 import ModelConfig
@@ -45,16 +47,21 @@ class Job:
 
     item: GroupItem
     future: asyncio.Future
+    # Tracing on: the request's `batcher.queue` span, ended when it leaves the queue.
+    span: Span | None = None
 
 
 class Scheduler:
     """`metrics`, when given, is told of each batch (`batch(rows, requests, infer_ns)`) and
-    each answered request (`request(ok, total_ns, queue_ns)`), as `statistics` is."""
+    each answered request (`request(ok, total_ns, queue_ns)`), as `statistics` is.
+    `tracing`, when given, traces each batch (`batcher.batch`, linked to its requests)."""
 
     def __init__(self, queue: BatchQueue, replicas: list[Replica], config: ModelConfig,
-                 version: str, statistics: Statistics, metrics=None) -> None:
+                 version: str, statistics: Statistics, metrics=None,
+                 tracing: Tracing | None = None) -> None:
         self.queue = queue
         self._metrics = metrics
+        self._tracing = tracing
         self.replicas = replicas
         self._config = config
         self._version = version
@@ -97,6 +104,9 @@ class Scheduler:
 
     def _dispatch(self, entries: list[Pending], idle: list[Replica], now: float) -> None:
         live = [e for e in entries if not e.payload.future.done()]  # callers that left
+        if self._tracing is not None:
+            for entry in entries:
+                end_queue_span(entry)
         if not live:
             return
         replica = min(idle, key=lambda r: r.rows)
@@ -115,7 +125,10 @@ class Scheduler:
             batch = merge(requests, counts, self._config, self._version)
             deadlines = [e.deadline for e in entries]
             timeout = None if None in deadlines else max(0.001, max(deadlines) - dispatched)
-            answer = await replica.upstream.inference.ModelInfer(batch, timeout=timeout)
+            if self._tracing is None:
+                answer = await replica.upstream.inference.ModelInfer(batch, timeout=timeout)
+            else:
+                answer = await self._traced_infer(replica, batch, entries, rows, timeout)
             params = answer.parameters
             infer_ns = params["compute_infer_ns"].int64_param
             self._statistics.record_batch(
@@ -137,7 +150,27 @@ class Scheduler:
             replica.rows -= rows
             self._wake.set()
 
+    async def _traced_infer(self, replica: Replica, batch, entries: list[Pending], rows: int,
+                            timeout: float | None):
+        """The compute call inside a `batcher.batch` span: a child of the oldest request's
+        context, linked to every member's `batcher.queue` span; compute's span its child."""
+        span = self._tracing.start(
+            "batcher.batch", context_of(entries[0].payload.item.traceparent),
+            {"batch.size": rows, "batch.requests": len(entries),
+             "replica": replica.upstream.target},
+            links=[e.payload.span.get_span_context() for e in entries if e.payload.span])
+        try:
+            return await replica.upstream.inference.ModelInfer(
+                batch, timeout=timeout, metadata=((TRACEPARENT, traceparent_of(span)),))
+        except Exception as error:
+            span.set_status(StatusCode.ERROR, str(error))
+            raise
+        finally:
+            span.end()
+
     def _answer(self, entry: Pending, result: ItemResult, dispatched: float | None = None) -> None:
+        if self._tracing is not None:
+            end_queue_span(entry)
         future = entry.payload.future
         if future.done():
             return
@@ -153,3 +186,9 @@ class Scheduler:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def end_queue_span(entry: Pending) -> None:
+    span = entry.payload.span
+    if span is not None and span.is_recording():
+        span.end()

@@ -5,9 +5,12 @@
 
 import argparse
 import asyncio
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from opentelemetry.trace import StatusCode
 
 from meshserve.batcher.batch import batch_key, rows_of
 from meshserve.batcher.policy import BatchingPolicy, BatchQueue, Pending
@@ -20,6 +23,7 @@ from meshserve.common.metrics import BatcherMetrics, Metrics
 from meshserve.common.repository import ModelRepository
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.tls import TlsFiles, server_credentials
+from meshserve.common.tracing import Tracing, context_of, from_environment
 from meshserve.common.upstream import Upstream
 from meshserve.protocol import groups_pb2_grpc, grpc_service_pb2_grpc
 from meshserve.protocol.groups_pb2 import GroupItem, InferGroupResult
@@ -44,10 +48,12 @@ class BatcherSettings:
 class Batcher:
     """The batcher's core: takes groups, queues their requests, answers each one."""
 
-    def __init__(self, scheduler: Scheduler, statistics: Statistics, batched: bool) -> None:
+    def __init__(self, scheduler: Scheduler, statistics: Statistics, batched: bool,
+                 tracing: Tracing | None = None) -> None:
         self.scheduler = scheduler
         self.statistics = statistics
         self._batched = batched
+        self._tracing = tracing
 
     async def infer(self, items) -> list:
         arrived = time.monotonic()
@@ -56,15 +62,23 @@ class Batcher:
         for item in items:
             future = loop.create_future()
             futures.append(future)
+            job = Job(item, future)
             try:
                 if not self.scheduler.ready:
                     raise self._unready()
                 request = item.request
+                if self._tracing is not None:
+                    job.span = self._tracing.start(
+                        "batcher.queue", context_of(item.traceparent),
+                        {"request.id": item.request_id})
                 self.scheduler.submit(Pending(
                     key=batch_key(request, self._batched), rows=rows_of(request, self._batched),
                     enqueued=arrived, deadline=deadline_of(item.timeout_us, arrived),
-                    priority=item.priority, payload=Job(item, future)))
+                    priority=item.priority, payload=job))
             except ServingError as error:
+                if job.span is not None:
+                    job.span.set_status(StatusCode.ERROR, error.message)
+                    job.span.end()
                 future.set_result(error_result(error))
         return await asyncio.gather(*futures)
 
@@ -113,7 +127,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return result.response
 
 
-def build_service(settings: BatcherSettings, metrics: Metrics | None = None) -> Service:
+def build_service(settings: BatcherSettings, metrics: Metrics | None = None,
+                  tracing: Tracing | None = None) -> Service:
     repository = ModelRepository.load(settings.repository)
     entry = repository.get(settings.model)
     version = repository.version(settings.model, settings.version)
@@ -126,8 +141,9 @@ def build_service(settings: BatcherSettings, metrics: Metrics | None = None) -> 
     queue = BatchQueue(policy, label)
     recorder = None if metrics is None else BatcherMetrics(
         metrics, entry.name, version, pending=lambda: len(queue))
-    scheduler = Scheduler(queue, replicas, config, version, statistics, recorder)
-    batcher = Batcher(scheduler, statistics, batched=config.max_batch_size > 0)
+    scheduler = Scheduler(queue, replicas, config, version, statistics, recorder, tracing)
+    batcher = Batcher(scheduler, statistics, batched=config.max_batch_size > 0,
+                      tracing=tracing)
     health = HealthServicer()
 
     def replicas_changed() -> None:
@@ -143,6 +159,8 @@ def build_service(settings: BatcherSettings, metrics: Metrics | None = None) -> 
         await scheduler.close()
         for replica in replicas:
             await replica.upstream.close()
+        if tracing is not None:
+            await tracing.close()
 
     background = [scheduler.run] + [
         (lambda r=r: r.upstream.watch(replicas_changed)) for r in replicas]
@@ -163,16 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches-per-replica", type=int, default=1,
                         help="batches in flight per compute replica")
     args = parser.parse_args(argv)
-    runtime.configure_logging("batcher", args.log_level)
+    runtime.configure_logging("batcher", args.log_level, args.log_format)
     settings = BatcherSettings(
         listen=args.listen, tls=runtime.tls_files(args), repository=args.model_repository,
         model=args.model, version=args.version, compute=tuple(args.compute),
         compute_identity=args.compute_identity, batches_per_replica=args.batches_per_replica)
 
     metrics = Metrics()
+    tracing = from_environment("batcher", os.environ)
 
     async def build() -> Service:
-        return build_service(settings, metrics)
+        return build_service(settings, metrics, tracing)
 
     return runtime.serve(build, args.port_file, args.drain_seconds,
                          runtime.metrics_endpoint(args, metrics))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import uvloop
 
+from meshserve.common.logs import formatter, sample_fraction
 from meshserve.common.metrics import Metrics, MetricsEndpoint, serve_metrics
 from meshserve.common.server import Service
 from meshserve.common.tls import TlsFiles
@@ -30,6 +31,10 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-seconds", type=float, default=5.0,
                         help="on SIGTERM, time given to in-flight calls")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=("json", "text"), default="json",
+                        help="json: one JSON object per line (default); text: plain lines")
+    parser.add_argument("--access-log-sample", type=sample_fraction, default=1.0,
+                        help="fraction (0..1) of requests given an access-log line")
     parser.add_argument("--metrics-listen", default="",
                         help="serve Prometheus /metrics on HOST:PORT (port 0 picks a free "
                              "port; empty: not served)")
@@ -47,10 +52,11 @@ def metrics_endpoint(args: argparse.Namespace, metrics: Metrics) -> MetricsEndpo
     return MetricsEndpoint(metrics.registry, args.metrics_listen, args.metrics_port_file)
 
 
-def configure_logging(service: str, level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s")
+def configure_logging(service: str, level: str, fmt: str = "json") -> None:
+    """Log to stderr at `level`, as JSON lines (`fmt="json"`) or plain text (`"text"`)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(formatter(service, fmt))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def write_port_file(path: Path | None, port: int) -> None:

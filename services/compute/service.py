@@ -7,10 +7,13 @@ Ready (grpc.health.v1 SERVING) only once the model is loaded and warm.
 import argparse
 import asyncio
 import logging
+import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from opentelemetry.trace import SpanKind, StatusCode
 
 from meshserve.common import runtime
 from meshserve.common.errors import NotFound, Unavailable
@@ -18,6 +21,7 @@ from meshserve.common.metrics import ComputeMetrics, Metrics
 from meshserve.common.repository import ModelRepository
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.tls import TlsFiles, server_credentials
+from meshserve.common.tracing import TRACEPARENT, Tracing, context_of, from_environment, header
 from meshserve.protocol import grpc_service_pb2_grpc
 from meshserve.protocol.grpc_service_pb2 import ModelReadyResponse
 
@@ -77,6 +81,21 @@ class Compute:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
         health.set(True)
 
+    async def traced_infer(self, request, tracing: Tracing, traceparent: str):
+        """`infer` inside a `compute.infer` span (the batcher's `batcher.batch` its parent)."""
+        rows = request.inputs[0].shape[0] if self.config.max_batch_size and request.inputs else 1
+        span = tracing.start("compute.infer", context_of(traceparent), {
+            "model": self.name, "model.version": self.version, "batch.size": rows,
+            "device": "" if self.model is None else str(self.model.device)},
+            kind=SpanKind.SERVER)
+        try:
+            return await self.infer(request)
+        except Exception as error:
+            span.set_status(StatusCode.ERROR, str(error))
+            raise
+        finally:
+            span.end()
+
     async def infer(self, request):
         if request.model_name != self.name or request.model_version not in ("", self.version):
             raise NotFound(f"this compute replica serves model '{self.name}' version "
@@ -98,26 +117,32 @@ class Compute:
 
 
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, compute: Compute) -> None:
+    def __init__(self, compute: Compute, tracing: Tracing | None = None) -> None:
         self._compute = compute
+        self._tracing = tracing
 
     async def ModelInfer(self, request, context):
-        return await self._compute.infer(request)
+        if self._tracing is None:
+            return await self._compute.infer(request)
+        return await self._compute.traced_infer(
+            request, self._tracing, header(context.invocation_metadata(), TRACEPARENT))
 
     async def ModelReady(self, request, context):
         return ModelReadyResponse(ready=self._compute.model is not None)
 
 
-def build_service(settings: ComputeSettings, metrics: Metrics | None = None) -> Service:
+def build_service(settings: ComputeSettings, metrics: Metrics | None = None,
+                  tracing: Tracing | None = None) -> Service:
     compute = Compute(settings, None if metrics is None else ComputeMetrics(metrics))
     health = HealthServicer()
 
     def register(server) -> None:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(compute), server)
+            InferenceServicer(compute, tracing), server)
 
     return Service(settings.listen, server_credentials(settings.tls), register, health,
-                   background=[lambda: compute.load(health)], cleanup=[compute.close])
+                   background=[lambda: compute.load(health)],
+                   cleanup=[compute.close, *([] if tracing is None else [tracing.close])])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,15 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args(argv)
-    runtime.configure_logging("compute", args.log_level)
+    runtime.configure_logging("compute", args.log_level, args.log_format)
     settings = ComputeSettings(
         listen=args.listen, tls=runtime.tls_files(args), repository=args.model_repository,
         model=args.model, version=args.version, device=args.device, threads=args.threads)
 
     metrics = Metrics()
+    tracing = from_environment("compute", os.environ)
 
     async def build() -> Service:
-        return build_service(settings, metrics)
+        return build_service(settings, metrics, tracing)
 
     return runtime.serve(build, args.port_file, args.drain_seconds,
                          runtime.metrics_endpoint(args, metrics))

@@ -10,22 +10,33 @@ import argparse
 import asyncio
 import itertools
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from opentelemetry.trace import Span, SpanKind, StatusCode, set_span_in_context
 
 from meshserve import __version__
 from meshserve.common import runtime
 from meshserve.common.datatypes import WIRE_FROM_CONFIG
 from meshserve.common.errors import InvalidArgument, ServingError
 from meshserve.common.forwarding import GroupForwarder, raise_for
+from meshserve.common.logs import ACCESS_LOG, access_log
 from meshserve.common.metrics import IngressMetrics, Metrics
 from meshserve.common.repository import ModelRepository
 from meshserve.common.server import HealthServicer, Service, internal_error_message
 from meshserve.common.tls import TlsFiles, server_credentials
+from meshserve.common.tracing import (
+    TRACEPARENT,
+    Tracing,
+    context_of,
+    from_environment,
+    header,
+    traceparent_of,
+)
 from meshserve.common.upstream import Upstream
 from meshserve.ingress.validation import expected_shape, validate
 from meshserve.mesh.policy import PIN_HEADER
@@ -46,6 +57,7 @@ class IngressSettings:
     router: str
     router_identity: str = "router"
     require_client_cert: bool = False
+    access_log_sample: float = 1.0
 
 
 def parameter(request: pb.ModelInferRequest, name: str) -> int:
@@ -61,12 +73,17 @@ def parameter(request: pb.ModelInferRequest, name: str) -> int:
 
 class Ingress:
     """`metrics`, when given, is told of every answered request and every group sent:
-    `metrics.request(model, version, code, seconds)` and `metrics.group.recorder(model)`."""
+    `metrics.request(model, version, code, seconds)` and `metrics.group.recorder(model)`.
+    `tracing`, when given, traces each request (`ingress.request`, `ingress.validate`).
+    Each answered request gets an access-log line with probability `access_log_sample`."""
 
-    def __init__(self, repository: ModelRepository, router: Upstream, metrics=None) -> None:
+    def __init__(self, repository: ModelRepository, router: Upstream, metrics=None,
+                 tracing: Tracing | None = None, access_log_sample: float = 0.0) -> None:
         self.repository = repository
         self.router = router
         self._metrics = metrics
+        self._tracing = tracing
+        self._access_log_sample = access_log_sample
         self._forwarders: dict[str, GroupForwarder] = {}
         prefix = secrets.token_hex(4)  # ids unique across ingress replicas, cheap per request
         self._ids = (f"{prefix}-{n}" for n in itertools.count())
@@ -88,38 +105,75 @@ class Ingress:
             self.repository.version(name, version)
         return entry
 
-    async def infer(self, request: pb.ModelInferRequest,
-                    remaining: float | None) -> pb.ModelInferResponse:
-        arrived = time.monotonic()
-        if self._metrics is None:
-            return await self._infer(request, remaining, arrived)
+    async def infer(self, request: pb.ModelInferRequest, remaining: float | None,
+                    traceparent: str = "") -> pb.ModelInferResponse:
+        """`traceparent`: the client's W3C trace context (read only when tracing)."""
+        request_id = next(self._ids)
+        if self._tracing is None:
+            return await self._observed(request, remaining, request_id, None)
+        span = self._tracing.start("ingress.request", context_of(traceparent),
+                                   {"model": request.model_name}, kind=SpanKind.SERVER)
         try:
-            response = await self._infer(request, remaining, arrived)
+            response = await self._observed(request, remaining, request_id, span)
+        except Exception as error:
+            span.record_exception(error)
+            span.set_status(StatusCode.ERROR, str(error))
+            raise
+        else:
+            span.set_attribute("model.version", response.model_version)
+            return response
+        finally:
+            span.end()
+
+    async def _observed(self, request: pb.ModelInferRequest, remaining: float | None,
+                        request_id: str, span: Span | None) -> pb.ModelInferResponse:
+        arrived = time.monotonic()
+        if self._metrics is None and not self._access_log_sample:
+            return await self._infer(request, remaining, arrived, request_id, span)
+        try:
+            response = await self._infer(request, remaining, arrived, request_id, span)
         except Exception as error:
             code = error.code if isinstance(error, ServingError) else "INTERNAL"
-            self._record(request.model_name, request.model_version, code, arrived)
+            self._record(request.model_name, request.model_version, code, arrived, request_id,
+                         span)
             raise
-        self._record(request.model_name, response.model_version, "OK", arrived)
+        self._record(request.model_name, response.model_version, "OK", arrived, request_id,
+                     span)
         return response
 
-    def _record(self, model: str, version: str, code: str, arrived: float) -> None:
-        """Labels stay bounded: a model or version the repository lacks is recorded as ""."""
+    def _record(self, model: str, version: str, code: str, arrived: float, request_id: str,
+                span: Span | None) -> None:
+        """Metrics and the access log. Labels stay bounded: a model or version the
+        repository lacks is recorded as ""."""
+        seconds = time.monotonic() - arrived
         entry = self.repository.models.get(model)
         if entry is None:
             model = version = ""
         elif version not in entry.versions:
             version = ""
-        self._metrics.request(model, version, code, time.monotonic() - arrived)
+        if self._metrics is not None:
+            self._metrics.request(model, version, code, seconds)
+        trace_id = "" if span is None else format(span.get_span_context().trace_id, "032x")
+        access_log(ACCESS_LOG, request_id=request_id, trace_id=trace_id, model=model,
+                   version=version, status=code, latency_ms=seconds * 1e3,
+                   sample=self._access_log_sample)
 
     async def _infer(self, request: pb.ModelInferRequest, remaining: float | None,
-                     arrived: float) -> pb.ModelInferResponse:
-        validate(request, self.config(request.model_name, request.model_version).config)
+                     arrived: float, request_id: str,
+                     span: Span | None) -> pb.ModelInferResponse:
+        if span is None:
+            validate(request, self.config(request.model_name, request.model_version).config)
+        else:
+            with self._tracing.tracer.start_as_current_span(
+                    "ingress.validate", context=set_span_in_context(span)):
+                validate(request, self.config(request.model_name, request.model_version).config)
         timeout_us = parameter(request, "timeout")
         deadlines = [arrived + remaining if remaining is not None else None,
                      arrived + timeout_us / 1e6 if timeout_us else None]
         known = [d for d in deadlines if d is not None]
-        item = GroupItem(request=request, request_id=next(self._ids),
-                         priority=parameter(request, "priority"))
+        item = GroupItem(request=request, request_id=request_id,
+                         priority=parameter(request, "priority"),
+                         traceparent="" if span is None else traceparent_of(span))
         [result] = await self._forwarder(request.model_name).forward(
             [(item, min(known) if known else None)])
         raise_for(result)
@@ -128,10 +182,11 @@ class Ingress:
 
 def pinned_version(context: grpc.aio.ServicerContext) -> str:
     """The `x-model-version` header: a version pin for requests that name none."""
-    for key, value in context.invocation_metadata() or ():
-        if key == PIN_HEADER:
-            return value
-    return ""
+    return header(context.invocation_metadata(), PIN_HEADER)
+
+
+def client_traceparent(context: grpc.aio.ServicerContext) -> str:
+    return header(context.invocation_metadata(), TRACEPARENT)
 
 
 def pin_request(request: pb.ModelInferRequest, pin: str) -> None:
@@ -146,9 +201,10 @@ def tensor_metadata(config, tensor) -> pb.ModelMetadataResponse.TensorMetadata:
 
 
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, ingress: Ingress, health: HealthServicer) -> None:
+    def __init__(self, ingress: Ingress, health: HealthServicer, traced: bool = False) -> None:
         self._ingress = ingress
         self._health = health
+        self._traced = traced
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -204,18 +260,20 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         pin_request(request, pinned_version(context))
-        return await self._ingress.infer(request, context.time_remaining())
+        traceparent = client_traceparent(context) if self._traced else ""
+        return await self._ingress.infer(request, context.time_remaining(), traceparent)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests are served concurrently; each answer is sent as soon as it is ready."""
         answers: asyncio.Queue = asyncio.Queue()
         remaining = context.time_remaining()
         pin = pinned_version(context)
+        traceparent = client_traceparent(context) if self._traced else ""
 
         async def serve_one(request) -> None:
             try:
                 pin_request(request, pin)
-                response = await self._ingress.infer(request, remaining)
+                response = await self._ingress.infer(request, remaining, traceparent)
                 answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
             except Exception as error:  # noqa: BLE001 — every request gets an answer
                 message = (f"{error.code}: {error.message}" if isinstance(error, ServingError)
@@ -243,21 +301,23 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
 
 
-def build_service(settings: IngressSettings, metrics: Metrics | None = None) -> Service:
+def build_service(settings: IngressSettings, metrics: Metrics | None = None,
+                  tracing: Tracing | None = None) -> Service:
     repository = ModelRepository.load(settings.repository)
     router = Upstream(settings.router, settings.tls, settings.router_identity)
-    ingress = Ingress(repository, router, None if metrics is None else IngressMetrics(metrics))
+    ingress = Ingress(repository, router, None if metrics is None else IngressMetrics(metrics),
+                      tracing, settings.access_log_sample)
     health = HealthServicer()
 
     def register(server) -> None:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(ingress, health), server)
+            InferenceServicer(ingress, health, traced=tracing is not None), server)
 
     return Service(
         settings.listen,
         server_credentials(settings.tls, require_client_auth=settings.require_client_cert),
         register, health, background=[lambda: router.watch(lambda: health.set(router.serving))],
-        cleanup=[router.close])
+        cleanup=[router.close, *([] if tracing is None else [tracing.close])])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,16 +330,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--require-client-cert", action="store_true",
                         help="clients must present a certificate signed by --tls-ca")
     args = parser.parse_args(argv)
-    runtime.configure_logging("ingress", args.log_level)
+    runtime.configure_logging("ingress", args.log_level, args.log_format)
     settings = IngressSettings(
         listen=args.listen, tls=runtime.tls_files(args), repository=args.model_repository,
         router=args.router, router_identity=args.router_identity,
-        require_client_cert=args.require_client_cert)
+        require_client_cert=args.require_client_cert, access_log_sample=args.access_log_sample)
 
     metrics = Metrics()
+    tracing = from_environment("ingress", os.environ)
 
     async def build() -> Service:
-        return build_service(settings, metrics)
+        return build_service(settings, metrics, tracing)
 
     return runtime.serve(build, args.port_file, args.drain_seconds,
                          runtime.metrics_endpoint(args, metrics))

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry.trace import StatusCode
 
 from meshserve.common import runtime
 from meshserve.common.forwarding import (
@@ -33,6 +34,7 @@ from meshserve.common.tls import (
     secure_channel,
     server_credentials,
 )
+from meshserve.common.tracing import Tracing, context_of, from_environment, traceparent_of
 from meshserve.mesh.policy import PIN_HEADER
 from meshserve.protocol import groups_pb2_grpc, grpc_service_pb2_grpc
 from meshserve.protocol.admin_pb2 import ShadowReport, StatusRequest
@@ -101,10 +103,13 @@ class ModelRoute:
 
 
 class Router:
-    """`groups`, when given, makes each model's group observer: `groups.recorder(model)`."""
+    """`groups`, when given, makes each model's group observer: `groups.recorder(model)`.
+    `tracing`, when given, traces each request's routing (`router.route`)."""
 
-    def __init__(self, tls: TlsFiles, batcher_identity: str, groups=None) -> None:
+    def __init__(self, tls: TlsFiles, batcher_identity: str, groups=None,
+                 tracing: Tracing | None = None) -> None:
         self._tls = tls
+        self._tracing = tracing
         self._groups = groups
         self._identity = batcher_identity
         self.models: dict[str, ModelRoute] = {}
@@ -129,6 +134,7 @@ class Router:
         unpinned = parcels.get("")
         shadow = unpinned and self.shadowing.mirror(
             model, unpinned[1], lambda version, copies: route.forwarder(version).forward(copies))
+        spans = None if self._tracing is None else self._start_spans(model, items, bool(shadow))
         answers = await asyncio.gather(*(
             route.forwarder(pin).forward(entries) for pin, (_, entries) in parcels.items()))
         results: list[ItemResult | None] = [None] * len(items)
@@ -137,12 +143,35 @@ class Router:
                 self.shadowing.compare(model, shadow, answer)
             for i, result in zip(positions, answer):
                 results[i] = result
+        if spans is not None:
+            end_spans(spans, results)
         return results  # type: ignore[return-value]
+
+    def _start_spans(self, model: str, items, shadowed: bool) -> list:
+        """One `router.route` span per request; the request travels on as its child."""
+        spans = []
+        for item in items:
+            pin = item.request.model_version
+            span = self._tracing.start("router.route", context_of(item.traceparent), {
+                "model": model, "pin": pin, "split": not pin,
+                "shadow": shadowed and not pin})
+            item.traceparent = traceparent_of(span)
+            spans.append(span)
+        return spans
 
     async def close(self) -> None:
         await self.shadowing.close()
         for route in self.models.values():
             await route.channel.close()
+
+
+def end_spans(spans: list, results: list[ItemResult]) -> None:
+    for span, result in zip(spans, results, strict=True):
+        if result.code == 0:
+            span.set_attribute("version", result.response.model_version)
+        else:
+            span.set_status(StatusCode.ERROR, result.message)
+        span.end()
 
 
 async def follow_control_plane(router: Router, control_plane: grpc.aio.Channel,
@@ -200,11 +229,12 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return result.response
 
 
-def build_service(settings: RouterSettings, metrics: Metrics | None = None) -> Service:
+def build_service(settings: RouterSettings, metrics: Metrics | None = None,
+                  tracing: Tracing | None = None) -> Service:
     # Read by gRPC when the first xds:/// channel is made; this process has no other.
     os.environ["GRPC_XDS_BOOTSTRAP_CONFIG"] = bootstrap(settings)
     groups = None if metrics is None else GroupMetrics(metrics, "router->batcher")
-    router = Router(settings.tls, settings.batcher_identity, groups)
+    router = Router(settings.tls, settings.batcher_identity, groups, tracing)
     control_plane = secure_channel(settings.control_plane, settings.tls,
                                    settings.control_plane_identity)
     health = HealthServicer()
@@ -216,7 +246,8 @@ def build_service(settings: RouterSettings, metrics: Metrics | None = None) -> S
 
     return Service(settings.listen, server_credentials(settings.tls), register, health,
                    background=[lambda: follow_control_plane(router, control_plane, health)],
-                   cleanup=[router.close, control_plane.close])
+                   cleanup=[router.close, control_plane.close,
+                            *([] if tracing is None else [tracing.close])])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,16 +261,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="identity the batchers' certificates must name")
     parser.add_argument("--region", default="local", help="this router's locality region")
     args = parser.parse_args(argv)
-    runtime.configure_logging("router", args.log_level)
+    runtime.configure_logging("router", args.log_level, args.log_format)
     settings = RouterSettings(listen=args.listen, tls=runtime.tls_files(args),
                               control_plane=args.control_plane,
                               control_plane_identity=args.control_plane_identity,
                               batcher_identity=args.batcher_identity, region=args.region)
 
     metrics = Metrics()
+    tracing = from_environment("router", os.environ)
 
     async def build() -> Service:
-        return build_service(settings, metrics)
+        return build_service(settings, metrics, tracing)
 
     return runtime.serve(build, args.port_file, args.drain_seconds,
                          runtime.metrics_endpoint(args, metrics))

@@ -51,12 +51,15 @@ def children_of(data_dir: Path) -> list[int]:
     return found
 
 
-def start_up(data_dir: Path, timeout: float = 180.0) -> Mesh:
+def start_up(data_dir: Path, timeout: float = 180.0, extra_args: tuple[str, ...] = (),
+             extra_env: dict[str, str] | None = None) -> Mesh:
+    """`meshserve up` on any free port; `extra_args` and `extra_env` go to it as given."""
     log = open(data_dir.parent / f"{data_dir.name}-up.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(
         [sys.executable, "-m", "meshserve.tools.cli", "up", f"--data-dir={data_dir}",
-         "--port=0", "--device=cpu"], stdout=log, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+         "--port=0", "--device=cpu", *extra_args], stdout=log, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})})
     endpoint_file = data_dir / "run" / "endpoint"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

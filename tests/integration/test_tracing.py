@@ -1,0 +1,151 @@
+"""Traces of `meshserve up --otlp`: one request's spans from all four services reach a local
+OTLP receiver under the client's trace id, with the right parents and links."""
+
+import asyncio
+import json
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from tests.integration.conftest import start_up, stop_up
+from tests.integration.test_mesh import mlp_request, public_stub
+
+SERVICES = {"ingress", "router", "batcher", "compute"}
+NAMES = {"ingress.request", "ingress.validate", "router.route", "batcher.queue",
+         "batcher.batch", "compute.infer"}
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """Keeps every span it is sent, with its resource's `service.name`."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, object]] = []
+        self._lock = threading.Lock()
+
+    def Export(self, request, context):
+        with self._lock:
+            for resource_spans in request.resource_spans:
+                attributes = {a.key: a.value.string_value
+                              for a in resource_spans.resource.attributes}
+                for scope in resource_spans.scope_spans:
+                    self.spans.extend((attributes.get("service.name", ""), span)
+                                      for span in scope.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def of_trace(self, trace_id: bytes) -> list[tuple[str, object]]:
+        with self._lock:
+            return [(service, span) for service, span in self.spans
+                    if span.trace_id == trace_id]
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    collected = Receiver()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collected, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield collected, port
+    finally:
+        server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def traced_mesh(tmp_path_factory, receiver):
+    _, port = receiver
+    data_dir = tmp_path_factory.mktemp("traced") / "data"
+    mesh = start_up(data_dir, extra_args=(f"--otlp=127.0.0.1:{port}",),
+                    extra_env={"OTEL_BSP_SCHEDULE_DELAY": "100"})
+    try:
+        yield mesh
+    finally:
+        stop_up(mesh)
+
+
+def by_name(spans) -> dict[str, tuple[str, object]]:
+    return {span.name: (service, span) for service, span in spans}
+
+
+async def test_one_request_is_traced_across_all_four_services(traced_mesh, receiver):
+    collected, _ = receiver
+    trace_id, client_span = secrets.token_bytes(16), secrets.token_bytes(8)
+    traceparent = f"00-{trace_id.hex()}-{client_span.hex()}-01"
+    channel, stub = await public_stub(traced_mesh)
+    async with channel:
+        answer = await stub.ModelInfer(mlp_request(model_version="1"), timeout=30,
+                                       metadata=(("traceparent", traceparent),))
+    assert answer.model_version == "1"
+
+    deadline = time.monotonic() + 20
+    while not set(by_name(collected.of_trace(trace_id))) >= NAMES:
+        assert time.monotonic() < deadline, \
+            f"spans seen: {sorted(by_name(collected.of_trace(trace_id)))}"
+        await asyncio.sleep(0.1)
+    spans = collected.of_trace(trace_id)
+    assert {service for service, _ in spans} == SERVICES
+    named = by_name(spans)
+    assert {name: service for name, (service, _) in named.items()} == {
+        "ingress.request": "ingress", "ingress.validate": "ingress",
+        "router.route": "router", "batcher.queue": "batcher", "batcher.batch": "batcher",
+        "compute.infer": "compute"}
+    span = {name: s for name, (_, s) in named.items()}
+    parent_of = {s.span_id: s.parent_span_id for _, s in spans}
+
+    def ancestors(span_id: bytes) -> list[bytes]:
+        chain = []
+        while span_id in parent_of:
+            span_id = parent_of[span_id]
+            chain.append(span_id)
+        return chain
+
+    request = span["ingress.request"]
+    assert request.parent_span_id == client_span
+    assert span["ingress.validate"].parent_span_id == request.span_id
+    assert request.span_id in ancestors(span["router.route"].span_id)
+    assert span["batcher.queue"].parent_span_id == span["router.route"].span_id
+    assert request.span_id in ancestors(span["batcher.batch"].span_id)
+    assert span["compute.infer"].parent_span_id == span["batcher.batch"].span_id
+    links = {(link.trace_id, link.span_id) for link in span["batcher.batch"].links}
+    assert (trace_id, span["batcher.queue"].span_id) in links
+    batch_size = {a.key: a.value.int_value for a in span["batcher.batch"].attributes}
+    assert batch_size["batch.size"] == 1
+    compute = {a.key: a.value for a in span["compute.infer"].attributes}
+    assert compute["device"].string_value == "cpu"
+    assert compute["batch.size"].int_value == 1
+    route = {a.key: a.value for a in span["router.route"].attributes}
+    assert route["model"].string_value == "mlp" and route["pin"].string_value == "1"
+    assert route["shadow"].bool_value is False
+
+
+async def test_access_log_carries_the_trace_id_and_logs_hold_no_payload(traced_mesh):
+    trace_id = secrets.token_bytes(16)
+    traceparent = f"00-{trace_id.hex()}-{secrets.token_bytes(8).hex()}-01"
+    marker = b"PAYLOAD-MARKER-" + secrets.token_hex(4).encode()  # 23 bytes of "input"
+    request = mlp_request(model_version="2")
+    request.raw_input_contents[0] = marker + bytes(1024 - len(marker))
+    channel, stub = await public_stub(traced_mesh)
+    async with channel:
+        answer = await stub.ModelInfer(request, timeout=30,
+                                       metadata=(("traceparent", traceparent),))
+    assert answer.model_version == "2"
+    log = traced_mesh.data_dir / "run" / "ingress.log"
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(line) for line in log.read_text().splitlines()
+                 if line.startswith("{")]
+        access = [line for line in lines if line.get("trace_id") == trace_id.hex()]
+        if access or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert len(access) == 1
+    assert access[0]["logger"] == "meshserve.access"
+    assert (access[0]["model"], access[0]["version"], access[0]["status"]) == ("mlp", "2", "OK")
+    assert access[0]["request_id"] and access[0]["latency_ms"] > 0
+    for path in (traced_mesh.data_dir / "run").glob("*.log"):
+        assert marker not in path.read_bytes(), path.name

@@ -1,0 +1,91 @@
+"""`meshserve top`'s arithmetic: rates, totals and quantiles from two scrapes."""
+
+import math
+
+import pytest
+
+from meshserve.protocol import admin_pb2 as pb
+from meshserve.tools.top import Scrape, parse, quantile, render, summarise
+
+
+def exposition(ok: float, failed: float, rows: float, batches: float, batch_sum: float,
+               compute: float, pending: float, latency: dict[float, float]) -> str:
+    lines = [
+        f'nv_inference_request_success{{model="mlp",version="2"}} {ok}',
+        f'nv_inference_request_failure{{model="mlp",version="2",reason="UNAVAILABLE"}} {failed}',
+        'nv_inference_request_success{model="",version=""} 7',
+        f'nv_inference_count{{model="mlp",version="2"}} {rows}',
+        f'nv_inference_exec_count{{model="mlp",version="2"}} {batches}',
+        f'nv_inference_pending_request_count{{model="mlp",version="2"}} {pending}',
+        "# TYPE meshserve_batch_size histogram",
+        f'meshserve_batch_size_count{{model="mlp",version="2"}} {batches}',
+        f'meshserve_batch_size_sum{{model="mlp",version="2"}} {batch_sum}',
+        "# TYPE meshserve_compute_seconds histogram",
+        f'meshserve_compute_seconds_count{{model="mlp",version="2",device="cpu"}} {batches}',
+        f'meshserve_compute_seconds_sum{{model="mlp",version="2",device="cpu"}} {compute}',
+        "# TYPE meshserve_request_duration_seconds histogram",
+    ]
+    for bound, count in latency.items():
+        le = "+Inf" if math.isinf(bound) else str(bound)
+        lines.append(f'meshserve_request_duration_seconds_bucket{{model="mlp",le="{le}"}} '
+                     f"{count}")
+    return "\n".join(lines) + "\n"
+
+
+def scrape_of(at: float, *texts: str) -> Scrape:
+    result = Scrape(at=at)
+    for text in texts:
+        parse(text, result.samples)
+    return result
+
+
+def test_quantile_interpolates_like_prometheus():
+    buckets = {0.001: 0.0, 0.002: 50.0, 0.005: 100.0, math.inf: 100.0}
+    assert quantile(0.5, buckets) == pytest.approx(0.002)
+    assert quantile(0.25, buckets) == pytest.approx(0.0015)
+    assert quantile(0.99, buckets) == pytest.approx(0.002 + 0.003 * 49 / 50)
+    assert quantile(0.5, {0.1: 0.0, math.inf: 0.0}) is None
+    assert quantile(0.99, {0.1: 0.0, math.inf: 4.0}) == 0.1
+
+
+def test_rates_totals_and_weights():
+    before = scrape_of(10.0, exposition(100, 2, 100, 10, 100, 1.0, 0,
+                                        {0.001: 0, 0.002: 0, 0.005: 0, math.inf: 0}))
+    after = scrape_of(12.0,
+                      exposition(120, 6, 110, 12, 110, 1.5, 3,
+                                 {0.001: 0, 0.002: 12, 0.005: 24, math.inf: 24}),
+                      # a second batcher replica of the same version adds up
+                      'nv_inference_count{model="mlp",version="2"} 5\n')
+    status = pb.StatusResponse(models=[pb.ModelStatus(
+        policy=pb.Policy(model="mlp", weights={"1": 90, "2": 10}),
+        versions=[pb.VersionStatus(version="2", weight=10, p50_ms=2.5, p99_ms=4.0)],
+        canary=pb.Canary(state="running", weight=10, baseline="1",
+                         plan=pb.CanaryPlan(model="mlp", to_version="2")))])
+    document = summarise(before, after, status)
+    assert document["interval_seconds"] == 2.0
+    assert document["weights"] == {"mlp": {"1": 90, "2": 10}}
+    assert "" not in document["models"]
+    mlp = document["models"]["mlp"]
+    assert mlp["canary"] == {"state": "running", "weight": 10, "baseline": "1",
+                             "to_version": "2"}
+    assert mlp["p50_ms"] == pytest.approx(2.0)
+    v2 = mlp["versions"]["2"]
+    assert v2["requests_per_second"] == pytest.approx((20 + 4) / 2)
+    assert v2["errors_per_second"] == {"UNAVAILABLE": pytest.approx(2.0)}
+    assert (v2["requests_total"], v2["success_total"]) == (126, 120)
+    assert v2["failures_total"] == {"UNAVAILABLE": 6}
+    assert (v2["rows_total"], v2["batches_total"]) == (115, 12)
+    assert v2["mean_batch_size"] == pytest.approx(5.0)
+    assert v2["compute_utilisation"] == pytest.approx(0.25)
+    assert v2["queue_depth"] == 3
+    assert (v2["p50_ms"], v2["p99_ms"], v2["weight"]) == (2.5, 4.0, 10)
+    assert list(mlp["versions"]) == ["1", "2"]
+    render(document)  # the live table builds from the same document
+
+
+def test_a_counter_reset_counts_from_zero():
+    before = scrape_of(0.0, 'nv_inference_request_success{model="m",version="1"} 50\n')
+    after = scrape_of(1.0, 'nv_inference_request_success{model="m",version="1"} 3\n')
+    v1 = summarise(before, after, None)["models"]["m"]["versions"]["1"]
+    assert v1["requests_per_second"] == 3.0
+    assert v1["weight"] is None

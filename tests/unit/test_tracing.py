@@ -1,0 +1,131 @@
+"""Tracing: configuration from `OTEL_*`, W3C trace context, and the batcher's spans (on, and
+none at all when off) with a fake compute replica."""
+
+import asyncio
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, DEFAULT_ON, TraceIdRatioBased
+from opentelemetry.trace import get_current_span
+
+from meshserve.batcher.policy import BatchingPolicy, BatchQueue
+from meshserve.batcher.scheduler import Replica, Scheduler
+from meshserve.batcher.service import Batcher
+from meshserve.batcher.statistics import Statistics
+from meshserve.common.tracing import (
+    TRACEPARENT,
+    Tracing,
+    TracingSettings,
+    context_of,
+    from_environment,
+    sampler_of,
+    traceparent_of,
+)
+from meshserve.protocol.groups_pb2 import GroupItem
+from meshserve.protocol.grpc_service_pb2 import ModelInferResponse
+from tests.unit.test_batch import floats, one_input_config, request
+
+CLIENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def test_no_endpoint_means_tracing_off():
+    assert from_environment("batcher", {}) is None
+    assert from_environment("batcher", {"OTEL_TRACES_SAMPLER": "always_on",
+                                        "OTEL_SERVICE_NAME": "x"}) is None
+
+
+def test_settings_from_the_standard_variables():
+    settings = TracingSettings.from_environment("router", {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25",
+        "OTEL_BSP_SCHEDULE_DELAY": "100"})
+    assert settings == TracingSettings("http://127.0.0.1:4317", "router",
+                                       "parentbased_traceidratio", "0.25", 100.0)
+    named = TracingSettings.from_environment("router", {"OTEL_SERVICE_NAME": "edge"})
+    assert named.service_name == "edge" and named.endpoint == ""
+
+
+def test_samplers():
+    assert sampler_of("parentbased_always_on", "") is DEFAULT_ON
+    assert sampler_of("always_off", "") is ALWAYS_OFF
+    assert isinstance(sampler_of("traceidratio", "0.5"), TraceIdRatioBased)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sampler_of("sometimes", "")
+
+
+@pytest.mark.parametrize("bad", ["", "00-xyz", "00-" + "0" * 32 + "-b7ad6b7169203331-01",
+                                 "00-0af7651916cd43dd8448eb211c80319c-zzzzzzzzzzzzzzzz-01"])
+def test_a_missing_or_bad_traceparent_starts_a_new_root(bad):
+    assert context_of(bad) is None
+
+
+def test_traceparent_round_trip():
+    span = get_current_span(context_of(CLIENT))
+    assert span.get_span_context().is_remote
+    assert traceparent_of(span) == CLIENT
+
+
+class FakeCompute:
+    """A compute replica that echoes the first two columns of input A as OUT."""
+
+    def __init__(self) -> None:
+        self.target = "fake:1"
+        self.serving = True
+        self.inference = self
+        self.metadata: list = []
+
+    async def ModelInfer(self, batch, timeout=None, metadata=None):
+        self.metadata.append(metadata)
+        rows = batch.inputs[0].shape[0]
+        response = ModelInferResponse(model_name="m", model_version="1")
+        response.outputs.add(name="OUT", datatype="FP32", shape=[rows, 2])
+        response.raw_output_contents.append(floats(0, rows * 2))
+        return response
+
+
+async def run_batch(tracing: Tracing | None, items: list[GroupItem]) -> FakeCompute:
+    config = one_input_config()
+    compute, statistics = FakeCompute(), Statistics(name="m", version="1")
+    scheduler = Scheduler(BatchQueue(BatchingPolicy.from_config(config), "m"),
+                          [Replica(compute)], config, "1", statistics, tracing=tracing)
+    batcher = Batcher(scheduler, statistics, batched=True, tracing=tracing)
+    loop = asyncio.create_task(scheduler.run())
+    try:
+        results = await batcher.infer(items)
+    finally:
+        loop.cancel()
+        await scheduler.close()
+    assert [r.code for r in results] == [0] * len(items)
+    return compute
+
+
+def items() -> list[GroupItem]:
+    return [GroupItem(request=request("a", 1), request_id="a", traceparent=CLIENT),
+            GroupItem(request=request("b", 2), request_id="b")]
+
+
+async def test_tracing_off_creates_no_span_and_sends_no_trace_context():
+    sent = items()
+    compute = await run_batch(None, sent)
+    assert compute.metadata == [None]
+    assert [item.traceparent for item in sent] == [CLIENT, ""]
+
+
+async def test_batch_span_links_every_request_and_is_computes_parent():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    compute = await run_batch(Tracing(provider), items())
+    spans = exporter.get_finished_spans()
+    queued = [s for s in spans if s.name == "batcher.queue"]
+    [batch] = [s for s in spans if s.name == "batcher.batch"]
+    assert len(queued) == 2 and len(spans) == 3
+    assert queued[0].context.trace_id == int(CLIENT.split("-")[1], 16)
+    assert queued[0].parent.span_id == int(CLIENT.split("-")[2], 16)
+    assert queued[1].parent is None  # no trace context: a root of its own
+    assert [link.context for link in batch.links] == [s.context for s in queued]
+    assert batch.parent.span_id == queued[0].parent.span_id  # the oldest request's context
+    assert batch.attributes["batch.size"] == 3 and batch.attributes["batch.requests"] == 2
+    assert compute.metadata == [((TRACEPARENT, traceparent_of(batch)),)]
