@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                                     sample_seconds=args.sample_seconds,
                                     kubernetes_namespace=args.kubernetes_namespace)
 
-    metrics = Metrics()
+    metrics = runtime.metrics_for(args)
 
     async def build() -> Service:
         return build_service(settings, metrics)

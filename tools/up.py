@@ -42,6 +42,7 @@ class Child:
     run_dir: Path
     model: str = ""
     version: str = ""
+    metrics: bool = True
     process: subprocess.Popen | None = None
     port: int | None = None
     log: Path = field(init=False)
@@ -68,9 +69,10 @@ class Child:
         self.metrics_port_file.unlink(missing_ok=True)
         tls = [f"--tls-cert={tls_dir / self.identity}.crt",
                f"--tls-key={tls_dir / self.identity}.key", f"--tls-ca={tls_dir / 'ca.crt'}"]
+        metrics = ([f"--metrics-listen={HOST}:0", f"--metrics-port-file={self.metrics_port_file}"]
+                   if self.metrics else [])
         command = [sys.executable, "-m", "meshserve.tools.cli", self.identity, *self.args,
-                   *tls, f"--port-file={self.port_file}", f"--metrics-listen={HOST}:0",
-                   f"--metrics-port-file={self.metrics_port_file}"]
+                   *tls, f"--port-file={self.port_file}", *metrics]
         with open(self.log, "ab") as log:
             # A session of its own: the terminal's Ctrl-C reaches `up`, which stops the
             # children in order.
@@ -131,7 +133,7 @@ def stop_all(children: list[Child], grace: float) -> None:
             child.process.wait()
 
 
-def plan(data_dir: Path, port: int, device: str) -> list[list[Child]]:
+def plan(data_dir: Path, port: int, device: str, metrics: bool = True) -> list[list[Child]]:
     """The children in start order: control plane, computes, batchers, router, ingress."""
     models = data_dir / "models"
     run_dir = data_dir / "run"
@@ -150,7 +152,10 @@ def plan(data_dir: Path, port: int, device: str) -> list[list[Child]]:
     ingress = Child("ingress", "ingress", [f"--model-repository={models}",
                                            f"--listen={HOST}:{port}", "--require-client-cert"],
                     run_dir)
-    return [[control_plane], computes, batchers, [router], [ingress]]
+    tiers = [[control_plane], computes, batchers, [router], [ingress]]
+    for child in (child for tier in tiers for child in tier):
+        child.metrics = metrics
+    return tiers
 
 
 async def register_batchers(control_plane: Child, batchers: list[Child], tls: TlsFiles) -> None:
@@ -179,10 +184,10 @@ async def register_batchers(control_plane: Child, batchers: list[Child], tls: Tl
 
 
 async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
-                     say=print) -> list[Child]:
+                     say=print, metrics: bool = True) -> list[Child]:
     tls_dir = data_dir / "tls"
     operator = TlsFiles.for_identity(tls_dir, "client")
-    tiers = plan(data_dir, port, device)
+    tiers = plan(data_dir, port, device, metrics)
     [control_plane], computes, batchers, [router], [ingress] = tiers
     started: list[Child] = []
     try:
@@ -229,7 +234,8 @@ def metrics_lines(children: list[Child]) -> str:
 
 def banner(data_dir: Path, ingress: Child, children: list[Child] | None = None) -> str:
     tls = data_dir / "tls"
-    metrics = f"\nPrometheus metrics:\n{metrics_lines(children)}\n" if children else ""
+    metrics = (f"\nPrometheus metrics:\n{metrics_lines(children)}\n"
+               if children and children[0].metrics else "")
     return f"""
 meshserve is ready: {ingress.address} (mutual TLS; client certificate {tls}/client.crt)
 
@@ -273,7 +279,8 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print("starting services")
-    starting = asyncio.create_task(start_mesh(data_dir, args.port, args.device, args.timeout))
+    starting = asyncio.create_task(start_mesh(data_dir, args.port, args.device, args.timeout,
+                                              metrics=not args.no_metrics))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
@@ -313,6 +320,8 @@ def register(commands) -> None:
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds each service may take to become ready")
     parser.add_argument("--drain-seconds", type=float, default=5.0)
+    parser.add_argument("--no-metrics", action="store_true",
+                        help="serve and record no Prometheus metrics")
     parser.add_argument("--otlp", default="", metavar="HOST:PORT",
                         help="export traces to this OTLP gRPC collector (plaintext; sets "
                              "OTEL_EXPORTER_OTLP_ENDPOINT=http://HOST:PORT for every service)")

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, version=args.version, compute=tuple(args.compute),
         compute_identity=args.compute_identity, batches_per_replica=args.batches_per_replica)
 
-    metrics = Metrics()
+    metrics = runtime.metrics_for(args)
     tracing = from_environment("batcher", os.environ)
 
     async def build() -> Service:

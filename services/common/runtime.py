@@ -46,8 +46,17 @@ def tls_files(args: argparse.Namespace) -> TlsFiles:
     return TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
 
 
-def metrics_endpoint(args: argparse.Namespace, metrics: Metrics) -> MetricsEndpoint:
+def metrics_for(args: argparse.Namespace) -> Metrics | None:
+    """The service's metrics, when it serves them (`--metrics-listen`); else none are
+    recorded at all."""
+    return Metrics() if args.metrics_listen else None
+
+
+def metrics_endpoint(args: argparse.Namespace,
+                     metrics: Metrics | None) -> MetricsEndpoint | None:
     """The service's registry and where to serve it; records its certificate's expiry."""
+    if metrics is None:
+        return None
     metrics.certificate_expiry(args.tls_cert)
     return MetricsEndpoint(metrics.registry, args.metrics_listen, args.metrics_port_file)
 

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         listen=args.listen, tls=runtime.tls_files(args), repository=args.model_repository,
         model=args.model, version=args.version, device=args.device, threads=args.threads)
 
-    metrics = Metrics()
+    metrics = runtime.metrics_for(args)
     tracing = from_environment("compute", os.environ)
 
     async def build() -> Service:

@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         router=args.router, router_identity=args.router_identity,
         require_client_cert=args.require_client_cert, access_log_sample=args.access_log_sample)
 
-    metrics = Metrics()
+    metrics = runtime.metrics_for(args)
     tracing = from_environment("ingress", os.environ)
 
     async def build() -> Service:

@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                               control_plane_identity=args.control_plane_identity,
                               batcher_identity=args.batcher_identity, region=args.region)
 
-    metrics = Metrics()
+    metrics = runtime.metrics_for(args)
     tracing = from_environment("router", os.environ)
 
     async def build() -> Service:
