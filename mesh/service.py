@@ -6,6 +6,7 @@ plane serves the same routes.
 """
 
 import argparse
+import time
 from dataclasses import dataclass
 
 from envoy.service.discovery.v3 import ads_pb2_grpc
@@ -61,7 +62,8 @@ def build_service(settings: ControlPlaneSettings, metrics: Metrics | None = None
     control = ControlPlane(Store.open(settings.store), reader, settings.sample_seconds)
     if metrics is not None:
         XdsCollector.register(metrics, lambda: control.cache.snapshot.version,
-                              lambda: len(control.cache.nacks))
+                              lambda: len(control.cache.nacks),
+                              lambda: time.monotonic() - control.cache.changed_at)
     health = HealthServicer()
 
     def register(server) -> None:

@@ -9,6 +9,7 @@ and the client keeps its last good configuration.
 import asyncio
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
@@ -23,6 +24,7 @@ class SnapshotCache:
 
     def __init__(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
+        self.changed_at = time.monotonic()
         self._changed = asyncio.Event()
         self.nacks: list[str] = []
 
@@ -30,6 +32,7 @@ class SnapshotCache:
         if snapshot.version == self.snapshot.version:
             return False
         self.snapshot = snapshot
+        self.changed_at = time.monotonic()
         self._changed.set()
         self._changed = asyncio.Event()
         log.info("serving snapshot %s", snapshot.version)

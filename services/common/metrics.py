@@ -292,9 +292,11 @@ class ComputeMetrics:
 class XdsCollector:
     """The control plane's xDS state, read at scrape time (nothing on the hot path)."""
 
-    def __init__(self, snapshot_version: Callable[[], str], nacks: Callable[[], int]) -> None:
+    def __init__(self, snapshot_version: Callable[[], str], nacks: Callable[[], int],
+                 age: Callable[[], float]) -> None:
         self._snapshot_version = snapshot_version
         self._nacks = nacks
+        self._age = age
 
     def collect(self):
         info = GaugeMetricFamily("meshserve_xds_snapshot_info",
@@ -305,11 +307,15 @@ class XdsCollector:
         nacks = CounterMetricFamily("meshserve_xds_nacks", "xDS responses clients rejected")
         nacks.add_metric([], self._nacks())
         yield nacks
+        age = GaugeMetricFamily("meshserve_xds_snapshot_age_seconds",
+                                "Seconds since the served xDS snapshot last changed")
+        age.add_metric([], self._age())
+        yield age
 
     def describe(self):
         return []
 
     @classmethod
     def register(cls, metrics: Metrics, snapshot_version: Callable[[], str],
-                 nacks: Callable[[], int]) -> None:
-        metrics.registry.register(cls(snapshot_version, nacks))
+                 nacks: Callable[[], int], age: Callable[[], float]) -> None:
+        metrics.registry.register(cls(snapshot_version, nacks, age))

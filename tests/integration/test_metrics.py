@@ -98,3 +98,4 @@ def test_every_service_serves_metrics_with_its_certificate_expiry(mesh):
     control = scrape(metrics_url(mesh, "control-plane"))
     assert [labels for (sample, labels) in control if sample == "meshserve_xds_snapshot_info"]
     assert ("meshserve_xds_nacks_total", ()) in control
+    assert control[("meshserve_xds_snapshot_age_seconds", ())] >= 0

@@ -40,7 +40,7 @@ def exported_names() -> set[str]:
     ingress.group.recorder("m")(1, "UNAVAILABLE")
     BatcherMetrics(metrics, "m", "1", lambda: 0).batch(1, 1, 1000)
     ComputeMetrics(metrics).recorder("m", "1", "cpu")(0.1)
-    XdsCollector.register(metrics, lambda: "v1", lambda: 0)
+    XdsCollector.register(metrics, lambda: "v1", lambda: 0, lambda: 0.0)
     names = set()
     for family in metrics.registry.collect():
         names.add(family.name)

@@ -72,7 +72,7 @@ def test_group_and_compute_recorders():
     record(3, "OK")
     record(2, "UNAVAILABLE")
     ComputeMetrics(metrics).recorder("mlp", "1", "cpu")(0.002)
-    XdsCollector.register(metrics, lambda: "v7", lambda: 1)
+    XdsCollector.register(metrics, lambda: "v7", lambda: 1, lambda: 12.5)
     got = samples(metrics)
     hop = (("hop", "router->batcher"), ("model", "mlp"))
     assert got[("meshserve_group_size_count", hop)] == 2
@@ -82,6 +82,7 @@ def test_group_and_compute_recorders():
     assert got[("meshserve_compute_seconds_count", (("device", "cpu"), *MLP1))] == 1
     assert got[("meshserve_xds_snapshot_info", (("version", "v7"),))] == 1
     assert got[("meshserve_xds_nacks_total", ())] == 1
+    assert got[("meshserve_xds_snapshot_age_seconds", ())] == 12.5
 
 
 def test_certificate_expiry_names_the_identity(tmp_path):
