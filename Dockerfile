@@ -29,6 +29,8 @@ COPY services ./services
 COPY mesh ./mesh
 COPY tools ./tools
 RUN pip install . \
+    && pip install --no-deps --force-reinstall \
+        "$(sed -n 's/.*"\(opentelemetry-proto==[^"]*\)".*/\1/p' pyproject.toml)" \
     && python3 -c "import torch; assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__" \
     && rm -rf /src
 

@@ -77,7 +77,15 @@ class Tracing:
     @classmethod
     def build(cls, settings: TracingSettings, exporter=None) -> "Tracing":
         if exporter is None:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            try:
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                    OTLPSpanExporter,
+                )
+            except ImportError as error:  # see install.sh: xds-protos' copy of the protos
+                raise RuntimeError(
+                    "the OTLP exporter cannot load opentelemetry-proto's modules (another "
+                    "package overwrote them); run: pip install --no-deps --force-reinstall "
+                    "opentelemetry-proto==1.45.2") from error
 
             exporter = OTLPSpanExporter(endpoint=settings.endpoint,
                                         insecure=settings.endpoint.startswith("http://"))
