@@ -108,10 +108,4 @@ def main(argv: list[str] | None = None) -> int:
                                     sample_seconds=args.sample_seconds,
                                     kubernetes_namespace=args.kubernetes_namespace)
 
-    metrics = runtime.metrics_for(args)
-
-    async def build() -> Service:
-        return build_service(settings, metrics)
-
-    return runtime.serve(build, args.port_file, args.drain_seconds,
-                         runtime.metrics_endpoint(args, metrics))
+    return runtime.run_service("control-plane", args, build_service, settings, traced=False)

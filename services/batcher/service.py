@@ -5,7 +5,6 @@
 
 import argparse
 import asyncio
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from meshserve.common.metrics import BatcherMetrics, Metrics
 from meshserve.common.repository import ModelRepository
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.tls import TlsFiles, server_credentials
-from meshserve.common.tracing import Tracing, context_of, from_environment
+from meshserve.common.tracing import Tracing, context_of
 from meshserve.common.upstream import Upstream
 from meshserve.protocol import groups_pb2_grpc, grpc_service_pb2_grpc
 from meshserve.protocol.groups_pb2 import GroupItem, InferGroupResult
@@ -187,11 +186,4 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, version=args.version, compute=tuple(args.compute),
         compute_identity=args.compute_identity, batches_per_replica=args.batches_per_replica)
 
-    metrics = runtime.metrics_for(args)
-    tracing = from_environment("batcher", os.environ)
-
-    async def build() -> Service:
-        return build_service(settings, metrics, tracing)
-
-    return runtime.serve(build, args.port_file, args.drain_seconds,
-                         runtime.metrics_endpoint(args, metrics))
+    return runtime.run_service("batcher", args, build_service, settings)

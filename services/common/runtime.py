@@ -105,3 +105,19 @@ def serve(build: Callable[[], Awaitable[Service]], port_file: Path | None,
 
     uvloop.run(main())
     return 0
+
+
+def run_service(name: str, args: argparse.Namespace, build_service, settings, *,
+                traced: bool = True) -> int:
+    """A service's main after its flags: metrics (when served), tracing (from `OTEL_*`,
+    read once, here), then `build_service(settings, metrics[, tracing])` served until told
+    to stop."""
+    from meshserve.common.tracing import from_environment
+
+    metrics = metrics_for(args)
+    extra = (from_environment(name, os.environ),) if traced else ()
+
+    async def build() -> Service:
+        return build_service(settings, metrics, *extra)
+
+    return serve(build, args.port_file, args.drain_seconds, metrics_endpoint(args, metrics))

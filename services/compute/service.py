@@ -7,7 +7,6 @@ Ready (grpc.health.v1 SERVING) only once the model is loaded and warm.
 import argparse
 import asyncio
 import logging
-import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from meshserve.common.metrics import ComputeMetrics, Metrics
 from meshserve.common.repository import ModelRepository
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.tls import TlsFiles, server_credentials
-from meshserve.common.tracing import TRACEPARENT, Tracing, context_of, from_environment, header
+from meshserve.common.tracing import TRACEPARENT, Tracing, context_of, header
 from meshserve.protocol import grpc_service_pb2_grpc
 from meshserve.protocol.grpc_service_pb2 import ModelReadyResponse
 
@@ -163,11 +162,4 @@ def main(argv: list[str] | None = None) -> int:
         listen=args.listen, tls=runtime.tls_files(args), repository=args.model_repository,
         model=args.model, version=args.version, device=args.device, threads=args.threads)
 
-    metrics = runtime.metrics_for(args)
-    tracing = from_environment("compute", os.environ)
-
-    async def build() -> Service:
-        return build_service(settings, metrics, tracing)
-
-    return runtime.serve(build, args.port_file, args.drain_seconds,
-                         runtime.metrics_endpoint(args, metrics))
+    return runtime.run_service("compute", args, build_service, settings)

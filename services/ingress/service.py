@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import itertools
 import logging
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ from meshserve.common.tracing import (
     TRACEPARENT,
     Tracing,
     context_of,
-    from_environment,
     header,
     traceparent_of,
 )
@@ -336,11 +334,4 @@ def main(argv: list[str] | None = None) -> int:
         router=args.router, router_identity=args.router_identity,
         require_client_cert=args.require_client_cert, access_log_sample=args.access_log_sample)
 
-    metrics = runtime.metrics_for(args)
-    tracing = from_environment("ingress", os.environ)
-
-    async def build() -> Service:
-        return build_service(settings, metrics, tracing)
-
-    return runtime.serve(build, args.port_file, args.drain_seconds,
-                         runtime.metrics_endpoint(args, metrics))
+    return runtime.run_service("ingress", args, build_service, settings)

@@ -34,7 +34,7 @@ from meshserve.common.tls import (
     secure_channel,
     server_credentials,
 )
-from meshserve.common.tracing import Tracing, context_of, from_environment, traceparent_of
+from meshserve.common.tracing import Tracing, context_of, traceparent_of
 from meshserve.mesh.policy import PIN_HEADER
 from meshserve.protocol import groups_pb2_grpc, grpc_service_pb2_grpc
 from meshserve.protocol.admin_pb2 import ShadowReport, StatusRequest
@@ -267,11 +267,4 @@ def main(argv: list[str] | None = None) -> int:
                               control_plane_identity=args.control_plane_identity,
                               batcher_identity=args.batcher_identity, region=args.region)
 
-    metrics = runtime.metrics_for(args)
-    tracing = from_environment("router", os.environ)
-
-    async def build() -> Service:
-        return build_service(settings, metrics, tracing)
-
-    return runtime.serve(build, args.port_file, args.drain_seconds,
-                         runtime.metrics_endpoint(args, metrics))
+    return runtime.run_service("router", args, build_service, settings)
