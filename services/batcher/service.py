@@ -5,6 +5,7 @@
 
 import argparse
 import asyncio
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,14 +13,23 @@ from pathlib import Path
 from opentelemetry.trace import StatusCode
 
 from meshserve.batcher.batch import batch_key, rows_of
+from meshserve.batcher.caching import CachingFront, VersionIdentity
 from meshserve.batcher.policy import BatchingPolicy, BatchQueue, Pending
 from meshserve.batcher.scheduler import Job, Replica, Scheduler
 from meshserve.batcher.statistics import Statistics
 from meshserve.common import runtime
 from meshserve.common.errors import NotFound, ServingError, Unavailable
 from meshserve.common.forwarding import deadline_of, error_result, raise_for
-from meshserve.common.metrics import BatcherMetrics, Metrics
+from meshserve.common.metrics import BatcherMetrics, CacheMetrics, Metrics
 from meshserve.common.repository import ModelRepository
+from meshserve.common.response_cache import (
+    DEFAULT_BUDGET_BYTES,
+    DEFAULT_TTL_SECONDS,
+    LruCache,
+    RedisCache,
+    ResponseCache,
+    artifact_digest,
+)
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.tls import TlsFiles, server_credentials
 from meshserve.common.tracing import Tracing, context_of
@@ -42,19 +52,30 @@ class BatcherSettings:
     compute: tuple[str, ...]
     compute_identity: str = "compute"
     batches_per_replica: int = 1
+    # Response cache (used only by models whose config sets response_cache { enable: true }).
+    cache_bytes: int = DEFAULT_BUDGET_BYTES
+    cache_redis: str = ""
+    cache_redis_password: str = ""
+    cache_ttl_seconds: int = DEFAULT_TTL_SECONDS
 
 
 class Batcher:
     """The batcher's core: takes groups, queues their requests, answers each one."""
 
     def __init__(self, scheduler: Scheduler, statistics: Statistics, batched: bool,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, cache: CachingFront | None = None) -> None:
         self.scheduler = scheduler
         self.statistics = statistics
         self._batched = batched
         self._tracing = tracing
+        self._cache = cache
 
     async def infer(self, items) -> list:
+        if self._cache is not None:
+            return await self._cache.infer(items, self._enqueue)
+        return await self._enqueue(items)
+
+    async def _enqueue(self, items) -> list:
         arrived = time.monotonic()
         loop = asyncio.get_running_loop()
         futures = []
@@ -141,8 +162,10 @@ def build_service(settings: BatcherSettings, metrics: Metrics | None = None,
     recorder = None if metrics is None else BatcherMetrics(
         metrics, entry.name, version, pending=lambda: len(queue))
     scheduler = Scheduler(queue, replicas, config, version, statistics, recorder, tracing)
+    cache, redis_client = build_cache(settings, config, repository, entry.name, version,
+                                      statistics, metrics)
     batcher = Batcher(scheduler, statistics, batched=config.max_batch_size > 0,
-                      tracing=tracing)
+                      tracing=tracing, cache=cache)
     health = HealthServicer()
 
     def replicas_changed() -> None:
@@ -158,6 +181,8 @@ def build_service(settings: BatcherSettings, metrics: Metrics | None = None,
         await scheduler.close()
         for replica in replicas:
             await replica.upstream.close()
+        if redis_client is not None:
+            await redis_client.aclose()
         if tracing is not None:
             await tracing.close()
 
@@ -165,6 +190,27 @@ def build_service(settings: BatcherSettings, metrics: Metrics | None = None,
         (lambda r=r: r.upstream.watch(replicas_changed)) for r in replicas]
     return Service(settings.listen, server_credentials(settings.tls), register, health,
                    background=background, cleanup=[close])
+
+
+def build_cache(settings: BatcherSettings, config, repository: ModelRepository, model: str,
+                version: str, statistics: Statistics, metrics: Metrics | None):
+    """The response cache front when the model opts in (else None), and the Redis client
+    to close."""
+    if not config.response_cache.enable:
+        return None, None
+    digest = artifact_digest(repository.artifact(model, version))
+    shared = client = None
+    if settings.cache_redis:
+        import redis.asyncio
+
+        client = redis.asyncio.Redis.from_url(
+            settings.cache_redis, password=settings.cache_redis_password or None,
+            socket_timeout=1.0, socket_connect_timeout=1.0)
+        shared = RedisCache(client, settings.cache_ttl_seconds)
+    recorder = None if metrics is None else CacheMetrics(metrics, model, version)
+    front = CachingFront(ResponseCache(LruCache(settings.cache_bytes), shared),
+                         VersionIdentity(model, version, digest), statistics, recorder)
+    return front, client
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,11 +225,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="identity the compute replicas' certificates must name")
     parser.add_argument("--batches-per-replica", type=int, default=1,
                         help="batches in flight per compute replica")
+    parser.add_argument("--cache-bytes", type=int, default=DEFAULT_BUDGET_BYTES,
+                        help="in-process response cache budget in bytes (models that enable "
+                             "response_cache in their config)")
+    parser.add_argument("--cache-redis", default="", metavar="URL",
+                        help="also share cached responses through Redis (redis://HOST:PORT/DB "
+                             "or unix:///PATH); a password comes from the environment "
+                             "variable MESHSERVE_BATCHER_REDIS_PASSWORD")
+    parser.add_argument("--cache-ttl", type=int, default=DEFAULT_TTL_SECONDS,
+                        help="seconds a response stays in Redis")
     args = parser.parse_args(argv)
+    if args.cache_bytes < 0 or args.cache_ttl < 1:
+        parser.error("--cache-bytes must be >= 0 and --cache-ttl >= 1")
     runtime.configure_logging("batcher", args.log_level, args.log_format)
     settings = BatcherSettings(
         listen=args.listen, tls=runtime.tls_files(args), repository=args.model_repository,
         model=args.model, version=args.version, compute=tuple(args.compute),
-        compute_identity=args.compute_identity, batches_per_replica=args.batches_per_replica)
+        compute_identity=args.compute_identity, batches_per_replica=args.batches_per_replica,
+        cache_bytes=args.cache_bytes, cache_redis=args.cache_redis,
+        cache_redis_password=os.environ.get("MESHSERVE_BATCHER_REDIS_PASSWORD", ""),
+        cache_ttl_seconds=args.cache_ttl)
 
     return runtime.run_service("batcher", args, build_service, settings)

@@ -42,6 +42,8 @@ class Statistics:
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
     queue: Duration = field(default_factory=Duration)
+    cache_hit: Duration = field(default_factory=Duration)
+    cache_miss: Duration = field(default_factory=Duration)
     compute: BatchTimes = field(default_factory=BatchTimes)
     batches: dict[int, BatchTimes] = field(default_factory=dict)
     buckets: list[int] = field(default_factory=lambda: [0] * (len(BUCKET_BOUNDS_MS) + 1))
@@ -64,6 +66,15 @@ class Statistics:
         if queue_ns is not None:
             self.queue.add(queue_ns)
 
+    def record_cache_hit(self, lookup_ns: int) -> None:
+        """A request answered from the response cache: a success, never queued or computed
+        (as in Triton, inference_count and execution_count do not count it)."""
+        self.cache_hit.add(lookup_ns)
+        self.record_request(True, lookup_ns, None)
+
+    def record_cache_miss(self, lookup_and_insert_ns: int) -> None:
+        self.cache_miss.add(lookup_and_insert_ns)
+
     def to_proto(self) -> ModelStatistics:
         stats = ModelStatistics(name=self.name, version=self.version,
                                 last_inference=self.last_inference_ms,
@@ -72,6 +83,8 @@ class Statistics:
         infer = stats.inference_stats
         for target, source in ((infer.success, self.success), (infer.fail, self.fail),
                                (infer.queue, self.queue),
+                               (infer.cache_hit, self.cache_hit),
+                               (infer.cache_miss, self.cache_miss),
                                (infer.compute_input, self.compute.compute_input),
                                (infer.compute_infer, self.compute.compute_infer),
                                (infer.compute_output, self.compute.compute_output)):

@@ -289,6 +289,32 @@ class ComputeMetrics:
         return self._seconds.labels(model, version, device).observe
 
 
+class CacheMetrics:
+    """One model version's response cache, in Triton's names (durations: cumulative µs)."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        labels = ["model", "version"]
+
+        def inc(name: str, documentation: str):
+            return metrics.triton_counter(name, documentation, labels).labels(model, version).inc
+
+        self._hits = inc("nv_cache_num_hits_per_model", "Number of response cache hits")
+        self._misses = inc("nv_cache_num_misses_per_model", "Number of response cache misses")
+        self._hit_us = inc("nv_cache_hit_duration_per_model",
+                           "Cumulative time of response cache hits (lookup) in microseconds")
+        self._miss_us = inc("nv_cache_miss_duration_per_model",
+                            "Cumulative time of response cache misses (lookup and insertion) "
+                            "in microseconds")
+
+    def hit(self, ns: int) -> None:
+        self._hits()
+        self._hit_us(ns / 1000)
+
+    def miss(self, ns: int) -> None:
+        self._misses()
+        self._miss_us(ns / 1000)
+
+
 class XdsCollector:
     """The control plane's xDS state, read at scrape time (nothing on the hot path)."""
 
