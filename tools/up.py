@@ -133,8 +133,12 @@ def stop_all(children: list[Child], grace: float) -> None:
             child.process.wait()
 
 
-def plan(data_dir: Path, port: int, device: str, metrics: bool = True) -> list[list[Child]]:
-    """The children in start order: control plane, computes, batchers, router, ingress."""
+def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
+         compute_replicas: int = 1) -> list[list[Child]]:
+    """The children in start order: control plane, computes, batchers, router, ingress.
+
+    Each model version gets `compute_replicas` compute processes (`compute-M-V` when there
+    is one, `compute-M-V-0`, `compute-M-V-1`, ... when there are more)."""
     models = data_dir / "models"
     run_dir = data_dir / "run"
     repository = ModelRepository.load(models)
@@ -142,8 +146,11 @@ def plan(data_dir: Path, port: int, device: str, metrics: bool = True) -> list[l
     for name, entry in sorted(repository.models.items()):
         for version in entry.versions:
             common = [f"--model-repository={models}", f"--model={name}", f"--version={version}"]
-            computes.append(Child(f"compute-{name}-{version}", "compute",
-                                  [*common, f"--device={device}"], run_dir))
+            for replica in range(compute_replicas):
+                suffix = f"-{replica}" if compute_replicas > 1 else ""
+                computes.append(Child(f"compute-{name}-{version}{suffix}", "compute",
+                                      [*common, f"--device={device}"], run_dir,
+                                      model=name, version=version))
             batchers.append(Child(f"batcher-{name}-{version}", "batcher", common, run_dir,
                                   model=name, version=version))
     control_plane = Child("control-plane", "control-plane",
@@ -184,17 +191,19 @@ async def register_batchers(control_plane: Child, batchers: list[Child], tls: Tl
 
 
 async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
-                     say=print, metrics: bool = True) -> list[Child]:
+                     say=print, metrics: bool = True, compute_replicas: int = 1) -> list[Child]:
     tls_dir = data_dir / "tls"
     operator = TlsFiles.for_identity(tls_dir, "client")
-    tiers = plan(data_dir, port, device, metrics)
+    tiers = plan(data_dir, port, device, metrics, compute_replicas)
     [control_plane], computes, batchers, [router], [ingress] = tiers
     started: list[Child] = []
     try:
         for tier in tiers:
             for child in tier:
                 if child in batchers:
-                    child.args.append(f"--compute={computes[batchers.index(child)].address}")
+                    child.args.extend(
+                        f"--compute={compute.address}" for compute in computes
+                        if (compute.model, compute.version) == (child.model, child.version))
                 if child is router:
                     child.args.append(f"--control-plane={control_plane.address}")
                 if child is ingress:
@@ -280,7 +289,8 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     print("starting services")
     starting = asyncio.create_task(start_mesh(data_dir, args.port, args.device, args.timeout,
-                                              metrics=not args.no_metrics))
+                                              metrics=not args.no_metrics,
+                                              compute_replicas=args.compute_replicas))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
@@ -311,6 +321,16 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def positive_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not '{text}'")
+    return count
+
+
 def register(commands) -> None:
     parser = commands.add_parser("up", help="run every service locally with a demo model")
     parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
@@ -320,6 +340,8 @@ def register(commands) -> None:
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds each service may take to become ready")
     parser.add_argument("--drain-seconds", type=float, default=5.0)
+    parser.add_argument("--compute-replicas", type=positive_count, default=1, metavar="N",
+                        help="compute processes per model version (default 1)")
     parser.add_argument("--no-metrics", action="store_true",
                         help="serve and record no Prometheus metrics")
     parser.add_argument("--otlp", default="", metavar="HOST:PORT",
