@@ -159,6 +159,7 @@ def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
     ingress = Child("ingress", "ingress", [f"--model-repository={models}",
                                            f"--listen={HOST}:{port}", "--require-client-cert"],
                     run_dir)
+    ingress.args.append(f"--async-store={data_dir / 'async.db'}")
     tiers = [[control_plane], computes, batchers, [router], [ingress]]
     for child in (child for tier in tiers for child in tier):
         child.metrics = metrics

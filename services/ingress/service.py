@@ -36,6 +36,12 @@ from meshserve.common.tracing import (
     traceparent_of,
 )
 from meshserve.common.upstream import Upstream
+from meshserve.ingress.async_service import (
+    AsyncSettings,
+    add_async_flags,
+    async_settings,
+    build_async,
+)
 from meshserve.ingress.validation import expected_shape, validate
 from meshserve.mesh.policy import PIN_HEADER
 from meshserve.protocol import grpc_service_pb2 as pb
@@ -56,6 +62,7 @@ class IngressSettings:
     router_identity: str = "router"
     require_client_cert: bool = False
     access_log_sample: float = 1.0
+    asynchronous: AsyncSettings | None = None  # Submit/Result (None: not served)
 
 
 def parameter(request: pb.ModelInferRequest, name: str) -> int:
@@ -306,16 +313,20 @@ def build_service(settings: IngressSettings, metrics: Metrics | None = None,
     ingress = Ingress(repository, router, None if metrics is None else IngressMetrics(metrics),
                       tracing, settings.access_log_sample)
     health = HealthServicer()
+    asynchronous = build_async(settings.asynchronous, ingress)
 
     def register(server) -> None:
+        asynchronous.register(server)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(ingress, health, traced=tracing is not None), server)
 
     return Service(
         settings.listen,
         server_credentials(settings.tls, require_client_auth=settings.require_client_cert),
-        register, health, background=[lambda: router.watch(lambda: health.set(router.serving))],
-        cleanup=[router.close, *([] if tracing is None else [tracing.close])])
+        register, health, background=[*asynchronous.background,
+                                      lambda: router.watch(lambda: health.set(router.serving))],
+        cleanup=[*asynchronous.cleanup, router.close,
+                 *([] if tracing is None else [tracing.close])])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,9 +338,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="identity the router's certificate must name")
     parser.add_argument("--require-client-cert", action="store_true",
                         help="clients must present a certificate signed by --tls-ca")
+    add_async_flags(parser)
     args = parser.parse_args(argv)
     runtime.configure_logging("ingress", args.log_level, args.log_format)
     settings = IngressSettings(
+        asynchronous=async_settings(args),
         listen=args.listen, tls=runtime.tls_files(args), repository=args.model_repository,
         router=args.router, router_identity=args.router_identity,
         require_client_cert=args.require_client_cert, access_log_sample=args.access_log_sample)

@@ -1,0 +1,259 @@
+"""Asynchronous inference on the ingress: Submit stores, workers feed the mesh, Result answers.
+
+`Submit` validates a request as ModelInfer does (bad input is refused at once), stores it in
+the SQLite store (`submissions.py`) and returns its id. A worker pool takes PENDING rows in
+submission order, at most `concurrency` at a time, through the same path as ModelInfer; a
+request refused for lack of capacity (RESOURCE_EXHAUSTED, UNAVAILABLE) goes back to the store
+and is tried again after a backoff, for up to `retry_seconds`. On start, rows left RUNNING by
+a stopped process are PENDING again. Finished rows are deleted after `retention_seconds`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meshserve.common.errors import InvalidArgument, NotFound, ServingError
+from meshserve.common.forwarding import CODE_NUMBER
+from meshserve.common.server import internal_error_message
+from meshserve.common.tracing import header
+from meshserve.ingress.submissions import Submission, SubmissionStore, connect
+from meshserve.ingress.validation import validate
+from meshserve.mesh.policy import PIN_HEADER
+from meshserve.protocol import async_inference_pb2_grpc
+from meshserve.protocol.async_inference_pb2 import ResultResponse, SubmitResponse
+from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
+
+log = logging.getLogger(__name__)
+
+Infer = Callable[[ModelInferRequest], Awaitable[ModelInferResponse]]
+# authorize(context, model): raises a ServingError when the caller may not infer on `model`.
+Authorize = Callable[[object, str], None]
+
+PURGE_EVERY_S = 60.0
+STATES = {"PENDING": ResultResponse.PENDING, "RUNNING": ResultResponse.RUNNING,
+          "DONE": ResultResponse.DONE, "FAILED": ResultResponse.FAILED}
+
+
+@dataclass(frozen=True)
+class AsyncSettings:
+    store: Path
+    max_pending: int = 10_000
+    concurrency: int = 32
+    retention_seconds: float = 3600.0
+    retry_seconds: float = 600.0
+    timeout_seconds: float = 60.0
+
+
+def backoff(attempts: int, base: float = 0.05, cap: float = 2.0) -> float:
+    """Seconds before a refused request is tried again, after `attempts` tries."""
+    return min(cap, base * 2 ** max(0, attempts - 1))
+
+
+class AsyncRequests:
+    """The core: `submit`, `lookup`/`wait`, and `run` (the worker pool, until cancelled).
+
+    `clock` is wall-clock seconds (rows carry wall-clock times across restarts)."""
+
+    def __init__(self, store: SubmissionStore, infer: Infer,
+                 check: Callable[[ModelInferRequest], None], concurrency: int,
+                 retention_seconds: float, retry_seconds: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._infer = infer
+        self._check = check
+        self._concurrency = concurrency
+        self._retention = retention_seconds
+        self._retry_seconds = retry_seconds
+        self._clock = clock
+        self._running = 0
+        self._wake = asyncio.Event()
+        self._finished: dict[str, asyncio.Event] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    def submit(self, request: ModelInferRequest) -> str:
+        self._check(request)
+        submission_id = self._store.submit(request.model_name, request.SerializeToString())
+        self._wake.set()
+        return submission_id
+
+    def lookup(self, submission_id: str) -> Submission:
+        if not submission_id:
+            raise InvalidArgument("id is empty; pass the id Submit returned")
+        found = self._store.get(submission_id)
+        if found is None:
+            raise NotFound(f"no asynchronous request '{submission_id}' (never submitted, or "
+                           f"finished more than {self._retention:g} s ago and deleted)")
+        return found
+
+    async def wait(self, submission_id: str, seconds: float) -> Submission:
+        """The row once finished, or as it is after `seconds`."""
+        found = self.lookup(submission_id)
+        if found.finished or seconds <= 0:
+            return found
+        event = self._finished.setdefault(submission_id, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), seconds)
+        return self._store.get(submission_id) or found
+
+    async def run(self) -> None:
+        recovered = self._store.recover()
+        if recovered:
+            log.info("asynchronous requests: %d left running by a stopped process are "
+                     "pending again", recovered)
+        last_purge = float("-inf")
+        try:
+            while True:
+                self._wake.clear()
+                for submission in self._store.claim(self._concurrency - self._running):
+                    self._start(submission)
+                now = self._clock()
+                if now - last_purge >= PURGE_EVERY_S:
+                    last_purge = now
+                    self._store.purge(self._retention)
+                due = self._store.next_due()
+                timeout = PURGE_EVERY_S
+                if due is not None and self._running < self._concurrency:
+                    timeout = min(timeout, max(0.0, due - now))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _start(self, submission: Submission) -> None:
+        self._running += 1
+        task = asyncio.get_running_loop().create_task(self._process(submission))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _process(self, submission: Submission) -> None:
+        finished = True
+        try:
+            request = ModelInferRequest.FromString(submission.request)
+            response = await self._infer(request)
+        except ServingError as error:
+            code = CODE_NUMBER.get(error.code, CODE_NUMBER["UNKNOWN"])
+            if error.retryable and self._clock() - submission.created < self._retry_seconds:
+                finished = False
+                self._store.retry(submission.id, backoff(submission.attempts), code,
+                                  error.message)
+            else:
+                self._store.fail(submission.id, code, error.message)
+        except asyncio.CancelledError:
+            finished = False  # stopping: the row stays RUNNING, recovered on the next start
+            raise
+        except Exception as error:  # noqa: BLE001 — the row must end, whatever happened
+            self._store.fail(submission.id, CODE_NUMBER["INTERNAL"],
+                             internal_error_message(error))
+        else:
+            self._store.finish(submission.id, response.SerializeToString())
+        finally:
+            self._running -= 1
+            self._wake.set()
+            event = self._finished.pop(submission.id, None) if finished else None
+            if event is not None:
+                event.set()
+
+
+def to_proto(submission: Submission) -> ResultResponse:
+    answer = ResultResponse(id=submission.id, state=STATES[submission.state])
+    if submission.state == "DONE":
+        answer.response.ParseFromString(submission.response)
+    elif submission.code:
+        answer.code, answer.message = submission.code, submission.message
+    return answer
+
+
+class AsyncInferenceServicer(async_inference_pb2_grpc.AsyncInferenceServicer):
+    def __init__(self, requests: AsyncRequests, authorize: Authorize | None = None) -> None:
+        self._requests = requests
+        self._authorize = authorize
+
+    async def Submit(self, request, context):
+        if self._authorize is not None:
+            self._authorize(context, request.model_name)
+        pin = header(context.invocation_metadata(), PIN_HEADER)
+        if pin and not request.model_version:
+            request.model_version = pin
+        return SubmitResponse(id=self._requests.submit(request))
+
+    async def Result(self, request, context):
+        found = self._requests.lookup(request.id)
+        if self._authorize is not None:
+            self._authorize(context, found.model)
+        seconds = request.wait_ms / 1000
+        remaining = context.time_remaining()
+        if remaining is not None:
+            seconds = min(seconds, max(0.0, remaining - 0.05))
+        return to_proto(await self._requests.wait(request.id, seconds))
+
+
+@dataclass
+class AsyncApi:
+    """What the ingress's wiring adds to its service: nothing when not configured."""
+
+    register: Callable[..., None] = lambda server, authorize=None: None
+    background: list = field(default_factory=list)
+    cleanup: list = field(default_factory=list)
+
+
+def build_async(settings: AsyncSettings | None, ingress) -> AsyncApi:
+    """The asynchronous API over `ingress` (its `infer` and `config`)."""
+    if settings is None:
+        return AsyncApi()
+    connection = connect(settings.store)
+    store = SubmissionStore(connection, settings.max_pending)
+
+    def check(request: ModelInferRequest) -> None:
+        validate(request, ingress.config(request.model_name, request.model_version).config)
+
+    async def infer(request: ModelInferRequest) -> ModelInferResponse:
+        return await ingress.infer(request, settings.timeout_seconds)
+
+    requests = AsyncRequests(store, infer, check, settings.concurrency,
+                             settings.retention_seconds, settings.retry_seconds)
+
+    def register(server, authorize: Authorize | None = None) -> None:
+        async_inference_pb2_grpc.add_AsyncInferenceServicer_to_server(
+            AsyncInferenceServicer(requests, authorize), server)
+
+    async def close() -> None:
+        connection.close()
+
+    return AsyncApi(register, [requests.run], [close])
+
+
+def add_async_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--async-store", type=Path, metavar="PATH",
+                        help="SQLite file of the asynchronous API (Submit/Result); "
+                             "without it the API is not served")
+    parser.add_argument("--async-max-pending", type=int, default=10_000,
+                        help="unfinished asynchronous requests stored before Submit is "
+                             "refused with RESOURCE_EXHAUSTED")
+    parser.add_argument("--async-concurrency", type=int, default=32,
+                        help="asynchronous requests in the mesh at once")
+    parser.add_argument("--async-retention", type=float, default=3600.0, metavar="SECONDS",
+                        help="how long finished results are kept")
+    parser.add_argument("--async-retry", type=float, default=600.0, metavar="SECONDS",
+                        help="how long a request refused for lack of capacity is retried")
+    parser.add_argument("--async-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="deadline of each attempt in the mesh")
+
+
+def async_settings(args: argparse.Namespace) -> AsyncSettings | None:
+    if args.async_store is None:
+        return None
+    if args.async_max_pending < 1 or args.async_concurrency < 1:
+        raise SystemExit("--async-max-pending and --async-concurrency must be >= 1")
+    return AsyncSettings(store=args.async_store, max_pending=args.async_max_pending,
+                         concurrency=args.async_concurrency,
+                         retention_seconds=args.async_retention,
+                         retry_seconds=args.async_retry, timeout_seconds=args.async_timeout)

@@ -1,0 +1,170 @@
+"""Asynchronous requests (Submit/Result on the ingress), against a `meshserve up` of their own.
+
+A burst is stored and answered in full; requests accepted before the ingress is killed with
+SIGKILL (while the router is stopped, so none can have been answered) are all answered
+after `up` restarts it; every answer equals a local forward pass of the version that served
+it.
+"""
+
+import asyncio
+import collections
+import contextlib
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import grpc
+import numpy
+import pytest
+import torch
+
+from meshserve.common.tls import channel_credentials
+from meshserve.protocol import grpc_service_pb2 as pb
+from meshserve.protocol.async_inference_pb2 import ResultRequest, ResultResponse
+from meshserve.protocol.async_inference_pb2_grpc import AsyncInferenceStub
+from meshserve.tools.client import client_tls
+from meshserve.tools.demo_models import build_model
+from tests.integration.conftest import children_of, start_up, stop_up
+
+BURST = 300
+KILLED = 60
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("async") / "data"
+    started = start_up(data_dir)
+    try:
+        yield started
+    finally:
+        for pid in service_pids(data_dir, "router"):  # a failed test may leave it stopped
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        stop_up(started)
+
+
+def service_pids(data_dir: Path, identity: str) -> list[int]:
+    """Processes of one service of this mesh (`... meshserve.tools.cli IDENTITY ...`)."""
+    found = []
+    for pid in children_of(data_dir):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if argv[3:4] == [identity.encode()]:
+                found.append(pid)
+    return found
+
+
+@contextlib.asynccontextmanager
+async def stub_for(mesh):
+    async with grpc.aio.secure_channel(
+            mesh.endpoint, channel_credentials(client_tls(mesh.data_dir))) as channel:
+        yield AsyncInferenceStub(channel)
+
+
+def mlp_request(seed: int) -> tuple[pb.ModelInferRequest, numpy.ndarray]:
+    x = numpy.random.default_rng(seed).standard_normal((1, 256)).astype(numpy.float32)
+    request = pb.ModelInferRequest(model_name="mlp", id=f"req-{seed}")
+    request.inputs.add(name="INPUT__0", datatype="FP32", shape=[1, 256])
+    request.raw_input_contents.append(x.tobytes())
+    return request, x
+
+
+MODELS = {version: build_model("mlp", version) for version in ("1", "2")}
+
+
+def check_answer(answer: ResultResponse, x: numpy.ndarray, seed: int) -> None:
+    assert answer.state == ResultResponse.DONE, (answer.state, answer.code, answer.message)
+    response = answer.response
+    assert (response.model_name, response.id) == ("mlp", f"req-{seed}")
+    got = numpy.frombuffer(response.raw_output_contents[0], numpy.float32).reshape(1, 10)
+    with torch.no_grad():
+        expected = MODELS[response.model_version](torch.from_numpy(x)).numpy()
+    numpy.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+async def result(stub, submission_id: str, limit_s: float = 120.0) -> ResultResponse:
+    """Result, waiting for it to finish; rides out the ingress restarting (bounded)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            answer = await stub.Result(ResultRequest(id=submission_id, wait_ms=20_000),
+                                       timeout=30)
+            if answer.state in (ResultResponse.DONE, ResultResponse.FAILED):
+                return answer
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            await asyncio.sleep(0.2)
+        assert time.monotonic() < deadline, f"{submission_id} not finished in {limit_s} s"
+
+
+async def test_a_burst_is_stored_and_every_request_answered(mesh):
+    requests = [mlp_request(seed) for seed in range(BURST)]
+    async with stub_for(mesh) as stub:
+        submitted = await asyncio.gather(*(stub.Submit(r, timeout=60) for r, _ in requests))
+        ids = [s.id for s in submitted]
+        assert len(set(ids)) == BURST and all(ids)
+        answers = await asyncio.gather(*(result(stub, i) for i in ids))
+    for seed, ((_, x), answer) in enumerate(zip(requests, answers, strict=True)):
+        assert answer.id == ids[seed]
+        check_answer(answer, x, seed)
+
+
+async def test_nothing_accepted_is_lost_when_the_ingress_is_killed(mesh):
+    [router] = service_pids(mesh.data_dir, "router")
+    [ingress] = service_pids(mesh.data_dir, "ingress")
+    requests = [mlp_request(seed) for seed in range(1000, 1000 + KILLED)]
+    os.kill(router, signal.SIGSTOP)  # nothing submitted now can be answered
+    try:
+        async with stub_for(mesh) as stub:
+            ids = [(await stub.Submit(r, timeout=30)).id for r, _ in requests]
+        os.kill(ingress, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while ingress in service_pids(mesh.data_dir, "ingress"):
+            assert time.monotonic() < deadline, "the killed ingress is still there"
+            await asyncio.sleep(0.05)
+        with contextlib.closing(sqlite3.connect(mesh.data_dir / "async.db")) as db:
+            rows = dict(db.execute("SELECT id, state FROM submissions").fetchall())
+        states = collections.Counter(rows[i] for i in ids if i in rows)
+        assert sum(states.values()) == KILLED and "DONE" not in states, states
+    finally:
+        os.kill(router, signal.SIGCONT)
+    async with stub_for(mesh) as stub:
+        answers = [await result(stub, i) for i in ids]
+    assert service_pids(mesh.data_dir, "ingress") not in ([], [ingress])  # restarted by up
+    for (_, x), answer, seed in zip(requests, answers, range(1000, 1000 + KILLED), strict=True):
+        check_answer(answer, x, seed)
+
+
+async def test_unknown_id_is_not_found(mesh):
+    async with stub_for(mesh) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Result(ResultRequest(id="0123456789abcdef"), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        assert raised.value.details().startswith(
+            "no asynchronous request '0123456789abcdef' (never submitted, or finished more "
+            "than 3600 s ago and deleted)")
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Result(ResultRequest(), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert raised.value.details() == "id is empty; pass the id Submit returned"
+
+
+async def test_bad_requests_are_refused_at_submit(mesh):
+    bad_shape, _ = mlp_request(1)
+    del bad_shape.inputs[0].shape[:]
+    bad_shape.inputs[0].shape.extend([1, 255])
+    unknown, _ = mlp_request(2)
+    unknown.model_name = "nope"
+    async with stub_for(mesh) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Submit(bad_shape, timeout=10)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert raised.value.details() == ("input 'INPUT__0' has shape [1, 255]; model 'mlp' "
+                                          "expects [-1, 256] with batch size 1 to 32")
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Submit(unknown, timeout=10)
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        assert raised.value.details() == "unknown model 'nope'"

@@ -1,0 +1,219 @@
+"""The asynchronous request store and the worker pool's logic, on real SQLite files."""
+
+import asyncio
+import itertools
+import time
+
+import pytest
+
+from meshserve.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from meshserve.ingress.async_service import AsyncRequests, backoff, to_proto
+from meshserve.ingress.submissions import (
+    DONE,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SubmissionStore,
+    connect,
+)
+from meshserve.protocol.async_inference_pb2 import ResultResponse
+from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def store_at(path, clock, max_pending=100) -> SubmissionStore:
+    ids = (f"id-{n}" for n in itertools.count())
+    return SubmissionStore(connect(path), max_pending, clock=clock, new_id=lambda: next(ids))
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path, clock):
+    return store_at(tmp_path / "async.db", clock)
+
+
+@pytest.fixture
+def live_store(tmp_path):
+    """On the wall clock, as the worker pool runs (retries become due by themselves)."""
+    return store_at(tmp_path / "live.db", time.time)
+
+
+def test_submit_then_claim_in_order_and_only_what_is_asked(store):
+    ids = [store.submit("m", bytes([n])) for n in range(5)]
+    claimed = store.claim(3)
+    assert [s.id for s in claimed] == ids[:3]
+    assert [s.state for s in claimed] == [RUNNING] * 3 and claimed[0].attempts == 1
+    assert [s.id for s in store.claim(10)] == ids[3:]
+    assert store.claim(10) == [] and store.claim(0) == []
+    assert store.get(ids[0]).state == RUNNING and store.get(ids[0]).request == b"\x00"
+
+
+def test_finish_and_fail_end_a_row_and_free_its_place(store):
+    a, b = store.submit("m", b"a"), store.submit("m", b"b")
+    store.claim(2)
+    assert store.unfinished == 2
+    store.finish(a, b"response")
+    store.fail(b, 3, "bad input")
+    assert (store.get(a).state, store.get(a).response) == (DONE, b"response")
+    assert (store.get(b).state, store.get(b).code, store.get(b).message) == (FAILED, 3, "bad input")
+    assert store.unfinished == 0
+    store.finish(a, b"again")  # a finished row never changes again
+    assert store.get(a).response == b"response" and store.unfinished == 0
+
+
+def test_a_full_store_refuses_with_resource_exhausted(tmp_path, clock):
+    store = store_at(tmp_path / "a.db", clock, max_pending=2)
+    store.submit("m", b"1")
+    store.submit("m", b"2")
+    with pytest.raises(ResourceExhausted, match=r"holds 2 unfinished requests "
+                                                r"\(--async-max-pending 2\)"):
+        store.submit("m", b"3")
+    [first, _] = store.claim(2)
+    store.finish(first.id, b"")
+    store.submit("m", b"3")  # room again
+
+
+def test_retry_waits_for_its_delay_and_keeps_order(store, clock):
+    a, b = store.submit("m", b"a"), store.submit("m", b"b")
+    store.claim(1)
+    store.retry(a, delay=2.0, code=8, message="queue full")
+    assert [s.id for s in store.claim(5)] == [b]  # a is not due yet
+    assert store.next_due() == clock.now + 2.0
+    clock.now += 2.0
+    [again] = store.claim(5)
+    assert (again.id, again.attempts) == (a, 2)
+
+
+def test_reopening_recovers_running_rows_and_keeps_everything(tmp_path, clock):
+    store = store_at(tmp_path / "a.db", clock)
+    ids = [store.submit("m", bytes([n])) for n in range(4)]
+    store.claim(2)
+    store.finish(ids[0], b"r")
+    reopened = store_at(tmp_path / "a.db", clock)  # as after kill -9: same file
+    assert reopened.unfinished == 3
+    assert reopened.recover() == 1
+    assert [s.id for s in reopened.claim(10)] == ids[1:]
+    assert reopened.get(ids[0]).response == b"r"
+
+
+def test_purge_deletes_only_finished_rows_past_retention(store, clock):
+    old, young, waiting = (store.submit("m", b"x") for _ in range(3))
+    store.claim(2)
+    store.finish(old, b"")
+    clock.now += 100
+    store.finish(young, b"")
+    clock.now += 50
+    assert store.purge(retention=120) == 1
+    assert store.get(old) is None
+    assert store.get(young) is not None and store.get(waiting).state == PENDING
+
+
+@pytest.mark.parametrize("attempts, seconds", [(0, 0.05), (1, 0.05), (2, 0.1), (3, 0.2),
+                                               (6, 1.6), (7, 2.0), (50, 2.0)])
+def test_backoff_doubles_up_to_a_cap(attempts, seconds):
+    assert backoff(attempts) == pytest.approx(seconds)
+
+
+def request(model="m", value=1) -> ModelInferRequest:
+    r = ModelInferRequest(model_name=model, id=f"r{value}")
+    r.raw_input_contents.append(bytes([value]))
+    return r
+
+
+class Mesh:
+    """Answers with the input byte doubled; refuses each request's first `refuse` tries."""
+
+    def __init__(self, refuse: int = 0) -> None:
+        self.refuse = refuse
+        self.tries: dict[str, int] = {}
+        self.calls = 0
+        self.in_flight = 0
+        self.most = 0
+
+    async def __call__(self, r: ModelInferRequest) -> ModelInferResponse:
+        self.calls += 1
+        self.tries[r.id] = self.tries.get(r.id, 0) + 1
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await asyncio.sleep(0.001)
+            if self.tries[r.id] <= self.refuse:
+                raise Unavailable("router unavailable")
+            if r.model_name == "bad":
+                raise InvalidArgument("input 'x' has shape [2]")
+            response = ModelInferResponse(model_name=r.model_name, id=r.id)
+            response.raw_output_contents.append(bytes([r.raw_input_contents[0][0] * 2]))
+            return response
+        finally:
+            self.in_flight -= 1
+
+
+def check(r: ModelInferRequest) -> None:
+    if r.model_name == "nope":
+        raise NotFound("unknown model 'nope'")
+
+
+async def run_until_done(requests: AsyncRequests, ids: list[str]) -> list:
+    worker = asyncio.create_task(requests.run())
+    try:
+        return [await asyncio.wait_for(requests.wait(i, 5.0), 10) for i in ids]
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+
+
+async def test_workers_answer_everything_with_bounded_concurrency(live_store):
+    mesh = Mesh()
+    requests = AsyncRequests(live_store, mesh, check, concurrency=4, retention_seconds=60,
+                             retry_seconds=60)
+    ids = [requests.submit(request(value=n)) for n in range(40)]
+    done = await run_until_done(requests, ids)
+    assert [s.state for s in done] == [DONE] * 40
+    assert [to_proto(s).response.raw_output_contents[0][0] for s in done] == [
+        2 * n for n in range(40)]
+    assert mesh.most == 4 and mesh.calls == 40
+
+
+async def test_refusals_are_retried_and_other_errors_fail(live_store):
+    mesh = Mesh(refuse=3)
+    requests = AsyncRequests(live_store, mesh, check, concurrency=1, retention_seconds=60,
+                             retry_seconds=60)
+    ok, bad = requests.submit(request(value=5)), requests.submit(request(model="bad", value=6))
+    [done, failed] = await run_until_done(requests, [ok, bad])
+    assert (done.state, done.attempts) == (DONE, 4)
+    assert to_proto(done).response.raw_output_contents == [bytes([10])]
+    answer = to_proto(failed)
+    assert (answer.state, answer.code, answer.message) == (
+        ResultResponse.FAILED, 3, "input 'x' has shape [2]")
+
+
+async def test_refusals_past_the_retry_window_fail(live_store):
+    mesh = Mesh(refuse=100)
+    requests = AsyncRequests(live_store, mesh, check, concurrency=1, retention_seconds=60,
+                             retry_seconds=0)
+    [failed] = await run_until_done(requests, [requests.submit(request())])
+    assert (failed.state, failed.code, failed.message) == (FAILED, 14, "router unavailable")
+
+
+async def test_submit_checks_first_and_unknown_ids_are_not_found(live_store):
+    requests = AsyncRequests(live_store, Mesh(), check, 1, 60, 60)
+    with pytest.raises(NotFound, match="unknown model 'nope'"):
+        requests.submit(request(model="nope"))
+    assert live_store.unfinished == 0
+    with pytest.raises(NotFound, match="no asynchronous request 'missing'"):
+        await requests.wait("missing", 0)
+    with pytest.raises(InvalidArgument, match="id is empty"):
+        requests.lookup("")
+    pending = await requests.wait(requests.submit(request()), 0.01)  # no worker: still PENDING
+    assert to_proto(pending).state == ResultResponse.PENDING
