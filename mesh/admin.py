@@ -2,15 +2,40 @@
 
 import grpc
 
-from meshserve.common.errors import InvalidArgument, NotFound
+from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound, ServingError
 from meshserve.mesh.canary import CanaryPlan
 from meshserve.mesh.control import ControlPlane
 from meshserve.mesh.policy import Endpoint, Shadow, TrafficPolicy
+from meshserve.mesh.registry import Push, Registry
+from meshserve.mesh.store import ModelVersion
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.protocol import admin_pb2_grpc
 from meshserve.tools.certs import identity_of
 
 STATUS_WINDOW_SECONDS = 3.0
+# Who may write events into the audit log with RecordEvent: the ingress and operators.
+EVENT_RECORDERS = ("ingress",)
+OPERATOR_PREFIX = "client"
+
+
+class EventRefused(ServingError):
+    code = "PERMISSION_DENIED"
+
+
+def may_record_events(identity: str) -> bool:
+    return identity in EVENT_RECORDERS or identity == OPERATOR_PREFIX or identity.startswith(
+        OPERATOR_PREFIX + "/")
+
+
+def model_version_to_proto(row: ModelVersion) -> pb.ModelVersion:
+    return pb.ModelVersion(name=row.name, version=row.version, digest=row.digest,
+                           signer=row.signer, manifest=row.manifest, pushed_by=row.pushed_by,
+                           pushed_at=row.pushed_at)
+
+
+def audit_entry_to_proto(e) -> pb.AuditEntry:
+    return pb.AuditEntry(seq=e.seq, at=e.at, actor=e.actor, action=e.action, subject=e.subject,
+                         before=e.before, after=e.after, reason=e.reason, hash=e.hash)
 
 
 def caller(context: grpc.aio.ServicerContext) -> str:
@@ -64,8 +89,15 @@ def canary_to_proto(record: dict | None) -> pb.Canary:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
-    def __init__(self, control: ControlPlane) -> None:
+    def __init__(self, control: ControlPlane, registry: Registry | None = None) -> None:
         self._control = control
+        self._registry = registry
+
+    def _models(self) -> Registry:
+        if self._registry is None:
+            raise FailedPrecondition("this control plane keeps no model registry (start it "
+                                     "with --model-repository)")
+        return self._registry
 
     async def Status(self, request, context):
         control = self._control
@@ -140,12 +172,36 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     async def Audit(self, request, context):
         store = self._control.store
-        entries = store.audit()
-        if request.limit:
-            entries = entries[-request.limit:]  # the newest
-        response = pb.AuditResponse(entries=[pb.AuditEntry(
-            seq=e.seq, at=e.at, actor=e.actor, action=e.action, subject=e.subject,
-            before=e.before, after=e.after, reason=e.reason, hash=e.hash) for e in entries])
+        if request.after_seq:
+            entries = store.audit(limit=request.limit or None, after_seq=request.after_seq)
+        else:
+            entries = store.audit()
+            if request.limit:
+                entries = entries[-request.limit:]  # the newest
+        response = pb.AuditResponse(entries=[audit_entry_to_proto(e) for e in entries])
         if request.verify:
-            response.problems.extend(store.verify_audit())
+            response.problems.extend(store.verify_audit(anchor=request.anchor or None))
         return response
+
+    async def PushModel(self, request, context):
+        push = Push(request.name, request.version, request.artifact, request.source,
+                    request.notes, request.encrypt, request.config)
+        return model_version_to_proto(self._models().push(push, caller(context)))
+
+    async def ListModels(self, request, context):
+        return pb.ListModelsResponse(versions=[
+            model_version_to_proto(row) for row in self._models().versions(request.name)])
+
+    async def ShowModel(self, request, context):
+        return model_version_to_proto(self._models().show(request.name, request.version))
+
+    async def RecordEvent(self, request, context):
+        identity = caller(context)
+        if not may_record_events(identity):
+            raise EventRefused(f"'{identity}' may not record audit events (the ingress and "
+                               "operators may)")
+        if not request.action:
+            raise InvalidArgument("action is empty")
+        return audit_entry_to_proto(self._control.store.append_audit(
+            identity, request.action, request.subject, after=request.details,
+            reason=request.reason))

@@ -6,18 +6,21 @@ plane serves the same routes.
 """
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
-from meshserve.common import runtime
+from meshserve.common import model_files, runtime
 from meshserve.common.metrics import Metrics, XdsCollector
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.tls import TlsFiles, secure_channel, server_credentials
 from meshserve.mesh.admin import AdminServicer
 from meshserve.mesh.control import ControlPlane
 from meshserve.mesh.policy import Endpoint
+from meshserve.mesh.registry import Registry
 from meshserve.mesh.store import Store
 from meshserve.mesh.xds import AggregatedDiscovery
 from meshserve.protocol import admin_pb2_grpc
@@ -33,6 +36,12 @@ class ControlPlaneSettings:
     batcher_identity: str = "batcher"
     sample_seconds: float = 1.0
     kubernetes_namespace: str = ""
+    # The model registry (off when no repository is given): pushed versions land in
+    # `model_repository`, every artifact ever pushed in `registry_dir`/sha256/.
+    model_repository: Path | None = None
+    registry_dir: Path | None = None
+    signing_key: Path | None = None
+    kek_file: Path | None = None
 
 
 class CounterReader:
@@ -60,6 +69,14 @@ class CounterReader:
 def build_service(settings: ControlPlaneSettings, metrics: Metrics | None = None) -> Service:
     reader = CounterReader(settings.tls, settings.batcher_identity)
     control = ControlPlane(Store.open(settings.store), reader, settings.sample_seconds)
+    registry = None
+    if settings.model_repository is not None:
+        repository = settings.model_repository
+        registry = Registry(
+            control.store, repository, settings.registry_dir or repository.parent / "registry",
+            model_files.signing_key(settings.signing_key or
+                                    repository.parent / "keys" / "signing.key", create=True),
+            model_files.read_kek(settings.kek_file) if settings.kek_file else None)
     if metrics is not None:
         XdsCollector.register(metrics, lambda: control.cache.snapshot.version,
                               lambda: len(control.cache.nacks),
@@ -69,7 +86,7 @@ def build_service(settings: ControlPlaneSettings, metrics: Metrics | None = None
     def register(server) -> None:
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
             AggregatedDiscovery(control.cache), server)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(control), server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(control, registry), server)
 
     async def start_work() -> None:
         control.resume_canaries()
@@ -101,11 +118,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="how often batchers' counters are read")
     parser.add_argument("--kubernetes-namespace", default="",
                         help="watch batchers' EndpointSlices in this namespace (in a cluster)")
+    parser.add_argument("--model-repository", type=Path,
+                        help="keep a model registry: pushed versions land in this repository")
+    parser.add_argument("--registry-dir", type=Path,
+                        help="content-addressed store of every pushed artifact (default: "
+                             "registry/ beside the repository)")
+    parser.add_argument("--signing-key", type=Path,
+                        help="Ed25519 key that signs manifests, created (0600) when missing "
+                             "(default: keys/signing.key beside the repository)")
+    parser.add_argument("--kek-file", type=Path,
+                        help="key-encryption key for pushes with --encrypt (default: "
+                             f"${model_files.KEK_ENV})")
     args = parser.parse_args(argv)
     runtime.configure_logging("control-plane", args.log_level, args.log_format)
     settings = ControlPlaneSettings(listen=args.listen, tls=runtime.tls_files(args),
                                     store=args.store, batcher_identity=args.batcher_identity,
                                     sample_seconds=args.sample_seconds,
-                                    kubernetes_namespace=args.kubernetes_namespace)
+                                    kubernetes_namespace=args.kubernetes_namespace,
+                                    model_repository=args.model_repository,
+                                    registry_dir=args.registry_dir,
+                                    signing_key=args.signing_key,
+                                    kek_file=model_files.kek_path(args.kek_file,
+                                                                  dict(os.environ)))
 
     return runtime.run_service("control-plane", args, build_service, settings, traced=False)

@@ -142,8 +142,31 @@ def _schema(dialect: Dialect) -> list[str]:
             record TEXT NOT NULL,
             at_utc TEXT NOT NULL
         )""",
+        """CREATE TABLE IF NOT EXISTS model_versions (
+            name TEXT NOT NULL,
+            version TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            signer TEXT NOT NULL,
+            manifest TEXT NOT NULL,
+            pushed_by TEXT NOT NULL,
+            pushed_at TEXT NOT NULL,
+            PRIMARY KEY (name, version)
+        )""",
         audit_log.CREATE_TABLE,
     ]
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A pushed model version in the registry: its artifact digest, signer and manifest."""
+
+    name: str
+    version: str
+    digest: str
+    signer: str
+    manifest: str
+    pushed_by: str
+    pushed_at: str
 
 
 @dataclass(frozen=True)
@@ -515,6 +538,37 @@ class Store:
             rows = self._exec(cur, "SELECT model, record FROM canaries "
                                    "ORDER BY model").fetchall()
         return {model: json.loads(text) for model, text in rows}
+
+    # -- model registry ----------------------------------------------------------------------
+
+    def add_model_version(self, name: str, version: str, digest: str, signer: str,
+                          manifest: str, actor: str, reason: str = "") -> ModelVersion:
+        """Record a pushed version (pushed_at is now), audited as "model.push" in the same
+        transaction. Versions are immutable: FailedPrecondition when it exists."""
+        _require(name=name, version=version, digest=digest, signer=signer, actor=actor)
+        with self._write() as cur:
+            at = self._now()
+            if self._one(cur, "SELECT digest FROM model_versions WHERE name = ? AND "
+                              "version = ?", (name, version)):
+                raise FailedPrecondition(f"model '{name}' version {version} is already in the "
+                                         "registry; versions are immutable, push a new one")
+            row = ModelVersion(name, version, digest, signer, manifest, actor, at)
+            self._exec(cur, "INSERT INTO model_versions (name, version, digest, signer, "
+                            "manifest, pushed_by, pushed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (name, version, digest, signer, manifest, actor, at))
+            self._append(cur, at, actor, "model.push", f"{name}/{version}", "",
+                         json.dumps({"digest": digest, "signer": signer}, sort_keys=True),
+                         reason)
+        return row
+
+    def model_versions(self, name: str = "") -> list[ModelVersion]:
+        """Pushed versions (of `name`, or all), by name then version number."""
+        with self._read() as cur:
+            rows = self._exec(cur, "SELECT name, version, digest, signer, manifest, pushed_by, "
+                                   "pushed_at FROM model_versions").fetchall()
+        found = [ModelVersion(*row) for row in rows if not name or row[0] == name]
+        return sorted(found, key=lambda v: (v.name, int(v.version) if v.version.isdigit()
+                                            else 0, v.version))
 
     # -- audit -------------------------------------------------------------------------------
 

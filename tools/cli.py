@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.register(commands)
     health.register(commands)
     top.register(commands)
+    for tool in ("models", "audit"):
+        importlib.import_module(f"meshserve.tools.{tool}").register(commands)
     args = parser.parse_args(argv)
     return args.func(args)
 

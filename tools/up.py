@@ -24,6 +24,7 @@ from meshserve.common.tls import TlsFiles, channel_credentials
 from meshserve.protocol import admin_pb2, health_pb2
 from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.protocol.health_pb2_grpc import HealthStub
+from meshserve.tools import dev_signing
 from meshserve.tools.certs import init_certs
 from meshserve.tools.traffic import admin_channel
 
@@ -149,12 +150,14 @@ def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
             for replica in range(compute_replicas):
                 suffix = f"-{replica}" if compute_replicas > 1 else ""
                 computes.append(Child(f"compute-{name}-{version}{suffix}", "compute",
-                                      [*common, f"--device={device}"], run_dir,
+                                      [*common, f"--device={device}",
+                                       *dev_signing.compute_flags(data_dir)], run_dir,
                                       model=name, version=version))
             batchers.append(Child(f"batcher-{name}-{version}", "batcher", common, run_dir,
                                   model=name, version=version))
     control_plane = Child("control-plane", "control-plane",
-                          [f"--store={data_dir / 'mesh.db'}"], run_dir)
+                          [f"--store={data_dir / 'mesh.db'}",
+                           *dev_signing.control_plane_flags(data_dir)], run_dir)
     router = Child("router", "router", [], run_dir)
     ingress = Child("ingress", "ingress", [f"--model-repository={models}",
                                            f"--listen={HOST}:{port}", "--require-client-cert"],
@@ -234,6 +237,7 @@ def prepare(data_dir: Path, say=print) -> None:
     if not (data_dir / "models").exists():
         say(f"writing the demo model repository to {data_dir / 'models'}")
     write_demo_repository(data_dir / "models")
+    dev_signing.prepare_keys_and_sign(data_dir, say)
     (data_dir / "run").mkdir(parents=True, exist_ok=True)
 
 

@@ -23,6 +23,7 @@ from google.protobuf import text_format
 
 from meshserve.common.datatypes import WIRE_FROM_CONFIG
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from meshserve.common.model_files import manifest_summary
 from meshserve.protocol.model_config_pb2 import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -285,6 +286,20 @@ def _served_versions(name: str, config: ModelConfig, available: list[int]) -> tu
     return tuple(str(v) for v in served)
 
 
+def _attach_provenance(config: ModelConfig, model_dir: Path, versions: tuple[str, ...]) -> None:
+    """Signed versions' artifact digest and signer as config parameters, as they are on
+    disk (compute verifies them before loading): `artifact_digest`/`artifact_signer` of the
+    default version, and `artifact_digest.V`/`artifact_signer.V` of each served version."""
+    for version in versions:
+        summary = manifest_summary(model_dir / version)
+        if summary is None:
+            continue
+        suffixes = [f".{version}"] + ([""] if version == versions[-1] else [])
+        for suffix in suffixes:
+            config.parameters[f"artifact_digest{suffix}"].string_value = summary[0]
+            config.parameters[f"artifact_signer{suffix}"].string_value = summary[1]
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """One model of the repository: its directory, configuration and served versions."""
@@ -356,6 +371,7 @@ class ModelRepository:
             )
         available.sort()
         versions = _served_versions(name, config, available)
+        _attach_provenance(config, model_dir, versions)
         return ModelEntry(name=name, path=model_dir, config=config, versions=versions)
 
     def __contains__(self, name: object) -> bool:

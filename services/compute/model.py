@@ -6,6 +6,7 @@ positional arguments and results in the order of config.pbtxt, as Triton's libto
 does.
 """
 
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +41,13 @@ class Timings:
 
 
 class TorchScriptModel:
-    def __init__(self, path: Path, config: ModelConfig, device: torch.device) -> None:
+    def __init__(self, path: Path | io.BytesIO, config: ModelConfig,
+                 device: torch.device) -> None:
+        """`path`: the TorchScript file, or its bytes in memory (a decrypted artifact)."""
         self.config = config
         self.device = device
-        self.module = torch.jit.load(str(path), map_location=device).eval()
+        source = path if isinstance(path, io.BytesIO) else str(path)
+        self.module = torch.jit.load(source, map_location=device).eval()
         self._inputs = [(t.name, WIRE_FROM_CONFIG[t.data_type]) for t in config.input]
         self._outputs = [(t.name, WIRE_FROM_CONFIG[t.data_type]) for t in config.output]
 

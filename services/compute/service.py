@@ -6,7 +6,9 @@ Ready (grpc.health.v1 SERVING) only once the model is loaded and warm.
 
 import argparse
 import asyncio
+import io
 import logging
+import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -14,8 +16,8 @@ from pathlib import Path
 
 from opentelemetry.trace import SpanKind, StatusCode
 
-from meshserve.common import runtime
-from meshserve.common.errors import NotFound, Unavailable
+from meshserve.common import model_files, runtime
+from meshserve.common.errors import FailedPrecondition, NotFound, ServingError, Unavailable
 from meshserve.common.metrics import ComputeMetrics, Metrics
 from meshserve.common.repository import ModelRepository
 from meshserve.common.server import HealthServicer, Service
@@ -36,6 +38,13 @@ class ComputeSettings:
     version: str
     device: str = "auto"
     threads: int = 1
+    # Manifests must be signed by one of these keys (a PEM file or a directory of *.pub);
+    # None: signatures are not checked (digests still are).
+    trusted_signers: Path | None = None
+    # Refuse a version directory without a manifest.
+    require_signed: bool = False
+    # The key-encryption key of encrypted artifacts.
+    kek_file: Path | None = None
 
 
 class Compute:
@@ -49,7 +58,11 @@ class Compute:
         self.name = entry.name
         self.version = repository.version(settings.model, settings.version)
         self.config = entry.config
-        self._artifact = repository.artifact(self.name, self.version)
+        self._version_dir = entry.path / self.version
+        self._artifact_name = entry.config.default_model_filename or "model.pt"
+        self._settings = settings
+        # Why the model was refused (it then never loads); "" otherwise.
+        self.refused = ""
         self._device = settings.device
         self._threads = settings.threads
         # One worker: batches run one at a time, the event loop stays free for health checks.
@@ -68,7 +81,9 @@ class Compute:
         warnings.filterwarnings("ignore", message=".*buffer is not writable.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.jit")
         device = pick_device(self._device)
-        model = TorchScriptModel(self._artifact, self.config, device)
+        source = self._verified_artifact()
+        model = TorchScriptModel(io.BytesIO(source) if isinstance(source, bytes) else source,
+                                 self.config, device)
         for request in model.warmup_requests():
             model.run(request, self.version)
         log.info("model '%s' version '%s' loaded on %s and warm", self.name, self.version, device)
@@ -76,8 +91,34 @@ class Compute:
             self._observe = self._metrics.recorder(self.name, self.version, str(device))
         self.model = model
 
+    def _verified_artifact(self) -> bytes | Path:
+        """The artifact, checked against its signed manifest before anything loads it:
+        decrypted plaintext in memory, or the path of an unsigned one (when allowed)."""
+        settings = self._settings
+        trusted = (model_files.trusted_signers(settings.trusted_signers)
+                   if settings.trusted_signers else None)
+        kek = model_files.read_kek(settings.kek_file) if settings.kek_file else None
+        source, manifest, signer = model_files.load_version(
+            self._version_dir, self._artifact_name, trusted, kek, settings.require_signed)
+        if manifest is None:
+            log.warning("model '%s' version '%s' has no manifest: loading it unverified",
+                        self.name, self.version)
+        else:
+            log.info("model '%s' version '%s': artifact %s verified%s", self.name,
+                     self.version, manifest["digest"],
+                     f", signed by {signer}" if signer else " (signature not checked: no "
+                     "--trusted-signers)")
+        return source
+
     async def load(self, health: HealthServicer) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+        except ServingError as error:  # ArtifactRefused, an unreadable key, ...
+            # Stay up and NOT_SERVING, saying why; the rest of the mesh keeps serving.
+            self.refused = (f"refusing model '{self.name}' version {self.version}: "
+                            f"{error.message}")
+            log.error("%s", self.refused)
+            return
         health.set(True)
 
     async def traced_infer(self, request, tracing: Tracing, traceparent: str):
@@ -100,6 +141,8 @@ class Compute:
             raise NotFound(f"this compute replica serves model '{self.name}' version "
                            f"'{self.version}', not '{request.model_name}' version "
                            f"'{request.model_version}'")
+        if self.refused:
+            raise FailedPrecondition(self.refused)
         if self.model is None:
             raise Unavailable(f"model '{self.name}' version '{self.version}' is still loading")
         response, timings = await asyncio.get_running_loop().run_in_executor(
@@ -156,10 +199,22 @@ def main(argv: list[str] | None = None) -> int:
     # (mlp batch 32: 1.0 ms with one thread, 1.9 ms with two, on 2 cores).
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--trusted-signers", type=Path,
+                        help="verify manifests against these Ed25519 public keys (a PEM file "
+                             "or a directory of *.pub) before loading")
+    parser.add_argument("--require-signed", action="store_true",
+                        help="refuse a version without a signed manifest")
+    parser.add_argument("--kek-file", type=Path,
+                        help="key-encryption key of encrypted artifacts (default: "
+                             f"${model_files.KEK_ENV})")
     args = parser.parse_args(argv)
+    if args.require_signed and args.trusted_signers is None:
+        parser.error("--require-signed needs --trusted-signers")
     runtime.configure_logging("compute", args.log_level, args.log_format)
     settings = ComputeSettings(
         listen=args.listen, tls=runtime.tls_files(args), repository=args.model_repository,
-        model=args.model, version=args.version, device=args.device, threads=args.threads)
+        model=args.model, version=args.version, device=args.device, threads=args.threads,
+        trusted_signers=args.trusted_signers, require_signed=args.require_signed,
+        kek_file=model_files.kek_path(args.kek_file, dict(os.environ)))
 
     return runtime.run_service("compute", args, build_service, settings)

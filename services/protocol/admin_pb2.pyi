@@ -6,6 +6,74 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class PushModelRequest(_message.Message):
+    __slots__ = ("name", "version", "artifact", "source", "notes", "encrypt", "config")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPT_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    artifact: bytes
+    source: str
+    notes: str
+    encrypt: bool
+    config: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., artifact: _Optional[bytes] = ..., source: _Optional[str] = ..., notes: _Optional[str] = ..., encrypt: bool = ..., config: _Optional[str] = ...) -> None: ...
+
+class ModelVersion(_message.Message):
+    __slots__ = ("name", "version", "digest", "signer", "manifest", "pushed_by", "pushed_at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_BY_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    digest: str
+    signer: str
+    manifest: str
+    pushed_by: str
+    pushed_at: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., digest: _Optional[str] = ..., signer: _Optional[str] = ..., manifest: _Optional[str] = ..., pushed_by: _Optional[str] = ..., pushed_at: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("versions",)
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[ModelVersion]
+    def __init__(self, versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ...) -> None: ...
+
+class ShowModelRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class AuditEvent(_message.Message):
+    __slots__ = ("action", "subject", "reason", "details")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    action: str
+    subject: str
+    reason: str
+    details: str
+    def __init__(self, action: _Optional[str] = ..., subject: _Optional[str] = ..., reason: _Optional[str] = ..., details: _Optional[str] = ...) -> None: ...
+
 class ShadowReport(_message.Message):
     __slots__ = ("model", "version", "compared", "differing", "max_abs_diff")
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -172,12 +240,16 @@ class Canary(_message.Message):
     def __init__(self, plan: _Optional[_Union[CanaryPlan, _Mapping]] = ..., baseline: _Optional[str] = ..., state: _Optional[str] = ..., weight: _Optional[int] = ..., reason: _Optional[str] = ..., updated_at: _Optional[str] = ...) -> None: ...
 
 class AuditRequest(_message.Message):
-    __slots__ = ("limit", "verify")
+    __slots__ = ("limit", "verify", "anchor", "after_seq")
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     VERIFY_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
     limit: int
     verify: bool
-    def __init__(self, limit: _Optional[int] = ..., verify: bool = ...) -> None: ...
+    anchor: str
+    after_seq: int
+    def __init__(self, limit: _Optional[int] = ..., verify: bool = ..., anchor: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
 
 class AuditEntry(_message.Message):
     __slots__ = ("seq", "at", "actor", "action", "subject", "before", "after", "reason", "hash")

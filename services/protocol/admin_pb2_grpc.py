@@ -89,6 +89,26 @@ class AdminStub(object):
                 request_serializer=meshserve_dot_protocol_dot_admin__pb2.ShadowReport.SerializeToString,
                 response_deserializer=meshserve_dot_protocol_dot_admin__pb2.ShadowReport.FromString,
                 _registered_method=True)
+        self.PushModel = channel.unary_unary(
+                '/meshserve.admin.v1.Admin/PushModel',
+                request_serializer=meshserve_dot_protocol_dot_admin__pb2.PushModelRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_admin__pb2.ModelVersion.FromString,
+                _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/meshserve.admin.v1.Admin/ListModels',
+                request_serializer=meshserve_dot_protocol_dot_admin__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_admin__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.ShowModel = channel.unary_unary(
+                '/meshserve.admin.v1.Admin/ShowModel',
+                request_serializer=meshserve_dot_protocol_dot_admin__pb2.ShowModelRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_admin__pb2.ModelVersion.FromString,
+                _registered_method=True)
+        self.RecordEvent = channel.unary_unary(
+                '/meshserve.admin.v1.Admin/RecordEvent',
+                request_serializer=meshserve_dot_protocol_dot_admin__pb2.AuditEvent.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_admin__pb2.AuditEntry.FromString,
+                _registered_method=True)
 
 
 class AdminServicer(object):
@@ -166,6 +186,36 @@ class AdminServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushModel(self, request, context):
+        """Store a model version: content-addressed, with a signed manifest, in the model
+        repository. Artifacts travel in one message, so they are limited to 64 MiB.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """The registry's catalog: every pushed version (of one model, or all).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShowModel(self, request, context):
+        """One pushed version (the latest when no version is given).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordEvent(self, request, context):
+        """Record a security event (a token issued, a sampled denial) in the audit log; accepted
+        from the ingress and from operators. The actor is the caller's certificate identity.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -223,6 +273,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ReportShadow,
                     request_deserializer=meshserve_dot_protocol_dot_admin__pb2.ShadowReport.FromString,
                     response_serializer=meshserve_dot_protocol_dot_admin__pb2.ShadowReport.SerializeToString,
+            ),
+            'PushModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushModel,
+                    request_deserializer=meshserve_dot_protocol_dot_admin__pb2.PushModelRequest.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_admin__pb2.ModelVersion.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=meshserve_dot_protocol_dot_admin__pb2.ListModelsRequest.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_admin__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ShowModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShowModel,
+                    request_deserializer=meshserve_dot_protocol_dot_admin__pb2.ShowModelRequest.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_admin__pb2.ModelVersion.SerializeToString,
+            ),
+            'RecordEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordEvent,
+                    request_deserializer=meshserve_dot_protocol_dot_admin__pb2.AuditEvent.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_admin__pb2.AuditEntry.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -522,6 +592,114 @@ class Admin(object):
             '/meshserve.admin.v1.Admin/ReportShadow',
             meshserve_dot_protocol_dot_admin__pb2.ShadowReport.SerializeToString,
             meshserve_dot_protocol_dot_admin__pb2.ShadowReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.admin.v1.Admin/PushModel',
+            meshserve_dot_protocol_dot_admin__pb2.PushModelRequest.SerializeToString,
+            meshserve_dot_protocol_dot_admin__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.admin.v1.Admin/ListModels',
+            meshserve_dot_protocol_dot_admin__pb2.ListModelsRequest.SerializeToString,
+            meshserve_dot_protocol_dot_admin__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShowModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.admin.v1.Admin/ShowModel',
+            meshserve_dot_protocol_dot_admin__pb2.ShowModelRequest.SerializeToString,
+            meshserve_dot_protocol_dot_admin__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.admin.v1.Admin/RecordEvent',
+            meshserve_dot_protocol_dot_admin__pb2.AuditEvent.SerializeToString,
+            meshserve_dot_protocol_dot_admin__pb2.AuditEntry.FromString,
             options,
             channel_credentials,
             insecure,

@@ -340,3 +340,27 @@ def test_other_postgresql_drivers_are_refused(url: str) -> None:
             as caught:
         Store.open(url)
     assert "secret" not in str(caught.value)
+
+
+def test_model_versions_are_recorded_and_audited(store: Store) -> None:
+    assert store.model_versions() == []
+    first = store.add_model_version("mlp", "10", "sha256:aa", "ed25519:k1", '{"m":1}',
+                                    actor="client/developer", reason="retrained")
+    store.add_model_version("mlp", "2", "sha256:bb", "ed25519:k1", "{}", actor="ci")
+    store.add_model_version("cnn", "1", "sha256:cc", "ed25519:k2", "{}", actor="ci")
+    assert first.pushed_at == "2026-01-01T00:00:01.000000Z"
+    assert [(v.name, v.version) for v in store.model_versions()] == [
+        ("cnn", "1"), ("mlp", "2"), ("mlp", "10")]
+    assert store.model_versions("mlp")[-1] == first
+    assert store.model_versions("nope") == []
+    with pytest.raises(FailedPrecondition, match="^model 'mlp' version 2 is already in the "
+                                                 "registry; versions are immutable"):
+        store.add_model_version("mlp", "2", "sha256:dd", "ed25519:k1", "{}", actor="ci")
+    assert store.model_versions("mlp")[0].digest == "sha256:bb"
+    pushes = [e for e in store.audit() if e.action == "model.push"]
+    assert [(e.actor, e.subject, e.reason) for e in pushes] == [
+        ("client/developer", "mlp/10", "retrained"), ("ci", "mlp/2", ""), ("ci", "cnn/1", "")]
+    assert pushes[0].after == '{"digest": "sha256:aa", "signer": "ed25519:k1"}'
+    assert store.verify_audit() == []
+    with pytest.raises(InvalidArgument, match="digest must be a non-empty string"):
+        store.add_model_version("mlp", "3", "", "ed25519:k1", "{}", actor="ci")

@@ -27,6 +27,7 @@ from tests.unit.test_store import (  # noqa: F401
     test_canary_records,
     test_concurrent_writers_keep_the_chain_intact,
     test_endpoints_upsert_and_remove,
+    test_model_versions_are_recorded_and_audited,
     test_put_after_rollback_continues_from_the_restored_policy,
     test_put_and_get_policies,
     test_put_policy_is_audited_with_before_and_after,
@@ -182,7 +183,7 @@ def test_schema(url: str, store: Store) -> None:
     tables = {row[0] for row in raw(url, "SELECT table_name FROM information_schema.tables "
                                          "WHERE table_schema = current_schema()")}
     assert tables == {"policy_history", "current_policy", "endpoints", "canaries",
-                      "audit_log", "schema_version"}
+                      "audit_log", "schema_version", "model_versions"}
     identity = raw(url, "SELECT is_identity, identity_generation, data_type FROM "
                         "information_schema.columns WHERE table_schema = current_schema() "
                         "AND table_name = 'policy_history' AND column_name = 'id'")

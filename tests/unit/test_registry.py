@@ -1,0 +1,188 @@
+"""The control plane's registry and the version-directory files, on a temporary directory."""
+
+import json
+import os
+import random
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from meshserve.common import artifacts, model_files
+from meshserve.common.artifacts import ArtifactRefused
+from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from meshserve.common.repository import ModelRepository
+from meshserve.mesh.registry import MAX_ARTIFACT_BYTES, Push, Registry
+from meshserve.mesh.store import Store
+
+CONFIG = """name: "tiny"
+max_batch_size: 4
+input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 3 ] } ]
+output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]
+"""
+PLAIN = b"not really torchscript, but bytes are bytes" * 50
+NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    (tmp_path / "models" / "tiny" / "1").mkdir(parents=True)
+    (tmp_path / "models" / "tiny" / "config.pbtxt").write_text(CONFIG)
+    (tmp_path / "models" / "tiny" / "1" / "model.pt").write_bytes(b"v1")
+    model_files.ensure_kek(tmp_path / "keys" / "kek")
+    key = model_files.signing_key(tmp_path / "keys" / "signing.key", create=True)
+    model_files.trust(key, tmp_path / "keys" / "trusted")
+    return tmp_path
+
+
+@pytest.fixture
+def registry(data: Path):
+    rng = random.Random(1)
+    with Store.open(data / "mesh.db") as store:
+        yield Registry(store, data / "models", data / "registry",
+                       model_files.signing_key(data / "keys" / "signing.key"),
+                       model_files.read_kek(data / "keys" / "kek"), clock=lambda: NOW,
+                       random=rng.randbytes)
+
+
+def trusted(data: Path) -> dict:
+    return model_files.trusted_signers(data / "keys" / "trusted")
+
+
+def test_keys_are_private_files(data: Path) -> None:
+    assert (data / "keys" / "signing.key").stat().st_mode & 0o777 == 0o600
+    assert (data / "keys" / "kek").stat().st_mode & 0o777 == 0o600
+    assert len(list((data / "keys" / "trusted").glob("ed25519-*.pub"))) == 1
+
+
+def test_push_writes_a_signed_version_and_keeps_the_artifact(data: Path, registry) -> None:
+    row = registry.push(Push("tiny", "2", PLAIN, source="git:abc", notes="acc 0.9"),
+                        actor="client/developer")
+    assert (row.name, row.version, row.digest, row.signer, row.pushed_by) == (
+        "tiny", "2", artifacts.sha256_digest(PLAIN), registry.signer, "client/developer")
+    version_dir = data / "models" / "tiny" / "2"
+    assert sorted(p.name for p in version_dir.iterdir()) == ["manifest.json", "manifest.sig",
+                                                             "model.pt"]
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    assert manifest["inputs"] == [{"name": "INPUT__0", "datatype": "FP32", "dims": [3]}]
+    assert manifest["outputs"] == [{"name": "OUTPUT__0", "datatype": "FP32", "dims": [2]}]
+    assert (manifest["source"], manifest["notes"], manifest["pushed_at"]) == (
+        "git:abc", "acc 0.9", "2026-05-01T12:00:00.000000Z")
+    assert (data / "registry" / "sha256" / row.digest[7:]).read_bytes() == PLAIN
+    plain, _, signer = model_files.load_version(version_dir, "model.pt", trusted(data), None,
+                                                True)
+    assert (plain, signer) == (PLAIN, registry.signer)
+    assert [(v.version, v.digest) for v in registry.versions("tiny")] == [("2", row.digest)]
+    assert registry.show("tiny") == row
+    config = ModelRepository.load(data / "models").get("tiny").config
+    assert config.parameters["artifact_digest"].string_value == row.digest
+    assert config.parameters["artifact_signer"].string_value == registry.signer
+    assert config.parameters["artifact_digest.2"].string_value == row.digest
+    assert "artifact_digest.1" not in config.parameters  # version 1 is unsigned
+
+
+def test_encrypted_push_never_writes_plaintext(data: Path, registry) -> None:
+    row = registry.push(Push("tiny", "3", PLAIN, encrypt=True), actor="ci")
+    version_dir = data / "models" / "tiny" / "3"
+    assert sorted(p.name for p in version_dir.iterdir()) == ["manifest.json", "manifest.sig",
+                                                             "model.pt.enc"]
+    for path in data.rglob("*"):
+        if path.is_file():
+            assert PLAIN[:40] not in path.read_bytes(), path
+    kek = model_files.read_kek(data / "keys" / "kek")
+    plain, manifest, _ = model_files.load_version(version_dir, "model.pt", trusted(data), kek,
+                                                  True)
+    assert plain == PLAIN and manifest["digest"] == row.digest
+    # The registry row holds the signed manifest, without the wrapped key.
+    assert "wrapped_key" not in json.loads(row.manifest)
+    assert json.loads(row.manifest)["encryption"]["file"] == "model.pt.enc"
+    with pytest.raises(ArtifactRefused, match="no key-encryption key was given"):
+        model_files.load_version(version_dir, "model.pt", trusted(data), None, True)
+
+
+@pytest.mark.parametrize("push, error, message", [
+    (Push("tiny", "1", PLAIN), FailedPrecondition, "version 1 already exists in the repository"),
+    (Push("tiny", "02", PLAIN), InvalidArgument, "positive integer without leading zeros"),
+    (Push("tiny", "x", PLAIN), InvalidArgument, "not 'x'"),
+    (Push("../etc", "2", PLAIN), InvalidArgument, "model name '../etc' must be"),
+    (Push("tiny", "4", b""), InvalidArgument, "artifact is empty"),
+    (Push("tiny", "4", b"x" * (MAX_ARTIFACT_BYTES + 1)), InvalidArgument,
+     "one 64 MiB gRPC message"),
+    (Push("other", "1", PLAIN), NotFound, "model 'other' is not in the repository; push its "
+                                          "config.pbtxt with it"),
+    (Push("tiny", "4", PLAIN, config="name: \"tiny\""), FailedPrecondition,
+     "exists with a different config.pbtxt"),
+])
+def test_bad_pushes_are_refused(registry, push, error, message) -> None:
+    with pytest.raises(error, match=message):
+        registry.push(push, actor="ci")
+    assert registry.versions() == []
+
+
+def test_push_of_a_new_model_with_its_config(data: Path, registry) -> None:
+    registry.push(Push("fresh", "1", PLAIN, config=CONFIG.replace("tiny", "fresh")), "ci")
+    assert ModelRepository.load(data / "models").get("fresh").versions == ("1",)
+
+
+def test_versions_are_immutable(data: Path, registry) -> None:
+    registry.push(Push("tiny", "2", PLAIN), "ci")
+    os.rename(data / "models" / "tiny" / "2", data / "elsewhere")
+    with pytest.raises(FailedPrecondition, match="already in the registry"):
+        registry.push(Push("tiny", "2", b"other bytes"), "ci")
+
+
+def test_no_kek_no_encryption(data: Path) -> None:
+    with Store.open(data / "mesh.db") as store:
+        registry = Registry(store, data / "models", data / "registry",
+                            model_files.signing_key(data / "keys" / "signing.key"))
+        with pytest.raises(FailedPrecondition, match="no key-encryption key"):
+            registry.push(Push("tiny", "2", PLAIN, encrypt=True), "ci")
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_verify_repository_reports_each_problem(data: Path, registry) -> None:
+    for version in ("2", "3", "4"):
+        registry.push(Push("tiny", version, PLAIN, encrypt=version == "4"), "ci")
+    models = data / "models"
+    assert model_files.verify_repository(models, trusted(data), None) == [
+        "tiny/1: unsigned (no manifest.json)"]
+    flip_byte(models / "tiny" / "2" / "model.pt")
+    manifest = json.loads((models / "tiny" / "3" / "manifest.json").read_text())
+    manifest["digest"] = artifacts.sha256_digest(b"something else")
+    (models / "tiny" / "3" / "manifest.json").write_text(json.dumps(manifest))
+    flip_byte(models / "tiny" / "4" / "model.pt.enc")
+    problems = model_files.verify_repository(models, trusted(data), None)
+    assert problems[0] == "tiny/1: unsigned (no manifest.json)"
+    assert problems[1].startswith("tiny/2: artifact digest sha256:")
+    assert problems[2].startswith("tiny/3: manifest signature does not verify")
+    assert problems[3].startswith("tiny/4: encrypted artifact digest sha256:")
+    assert len(problems) == 4
+
+
+@pytest.mark.parametrize("require_signed, outcome", [
+    (False, "path"),
+    (True, "manifest.json is missing and signed artifacts are required (--require-signed)"),
+])
+def test_unsigned_versions(data: Path, require_signed, outcome) -> None:
+    version_dir = data / "models" / "tiny" / "1"
+    if outcome == "path":
+        assert model_files.load_version(version_dir, "model.pt", trusted(data), None,
+                                        require_signed) == (version_dir / "model.pt", None, "")
+    else:
+        with pytest.raises(ArtifactRefused, match=re.escape(outcome)):
+            model_files.load_version(version_dir, "model.pt", trusted(data), None,
+                                     require_signed)
+
+
+def test_kek_path_prefers_the_flag(tmp_path: Path) -> None:
+    assert model_files.kek_path(tmp_path / "a", {"MESHSERVE_KEK_FILE": "b"}) == tmp_path / "a"
+    assert model_files.kek_path(None, {"MESHSERVE_KEK_FILE": "b"}) == Path("b")
+    assert model_files.kek_path(None, {}) is None
+    with pytest.raises(FailedPrecondition, match="cannot read the key-encryption key"):
+        model_files.read_kek(tmp_path / "missing")

@@ -1,0 +1,111 @@
+"""`meshserve audit …`: the control plane's tamper-evident audit log.
+
+    verify [--anchor HASH] [--store PATH]   check the hash chain; exit 1 and one line per
+                                            problem; prints the head hash to export as the
+                                            next anchor
+    tail [-n N] [--follow]                  print the newest events (and then new ones)
+
+Over the admin API (mutual TLS, operator certificate) by default; `verify --store` reads the
+store directly (a SQLite file or a postgresql:// URL), for when the control plane is down.
+"""
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+import grpc
+
+from meshserve.common.errors import ServingError
+from meshserve.protocol import admin_pb2 as pb
+from meshserve.protocol.admin_pb2_grpc import AdminStub
+from meshserve.tools.traffic import admin_channel, control_plane_address, operator_tls
+
+FOLLOW_INTERVAL_S = 1.0
+
+
+def format_entry(entry) -> str:
+    reason = f"  ({entry.reason})" if entry.reason else ""
+    return (f"{entry.seq:>6} {entry.at} {entry.actor:<18} {entry.action:<16} "
+            f"{entry.subject}{reason}  {entry.hash[:12]}")
+
+
+def report(problems: list[str], count: int, head: str) -> int:
+    for problem in problems:
+        print(problem)
+    if problems:
+        return 1
+    print(f"audit log intact: {count} entries; head {head}")
+    return 0
+
+
+def verify_store(args: argparse.Namespace) -> int:
+    from meshserve.mesh.store import Store
+
+    with Store.open(args.store) as store:
+        entries = store.audit()
+        problems = store.verify_audit(anchor=args.anchor or None)
+    return report(problems, len(entries), entries[-1].hash if entries else "-")
+
+
+async def verify_remote(args: argparse.Namespace) -> int:
+    async with admin_channel(control_plane_address(args), operator_tls(args)) as channel:
+        reply = await AdminStub(channel).Audit(pb.AuditRequest(verify=True,
+                                                               anchor=args.anchor or ""))
+    entries = reply.entries
+    return report(list(reply.problems), len(entries), entries[-1].hash if entries else "-")
+
+
+async def tail(args: argparse.Namespace) -> int:
+    async with admin_channel(control_plane_address(args), operator_tls(args)) as channel:
+        admin = AdminStub(channel)
+        reply = await admin.Audit(pb.AuditRequest(limit=args.n))
+        last = 0
+        for entry in reply.entries:
+            print(format_entry(entry), flush=True)
+            last = entry.seq
+        while args.follow:
+            await asyncio.sleep(FOLLOW_INTERVAL_S)
+            reply = await admin.Audit(pb.AuditRequest(after_seq=last))
+            for entry in reply.entries:
+                if entry.seq > last:
+                    print(format_entry(entry), flush=True)
+                    last = entry.seq
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "verify":
+            return verify_store(args) if args.store else asyncio.run(verify_remote(args))
+        return asyncio.run(tail(args))
+    except grpc.aio.AioRpcError as error:
+        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 2
+    except ServingError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+def register(commands) -> None:
+    audit = commands.add_parser("audit", help="verify and read the tamper-evident audit log")
+    actions = audit.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = actions.add_parser("verify", help="check the hash chain (exit 1 on problems)")
+    check.add_argument("--anchor", default="", metavar="HASH",
+                       help="a head hash exported earlier: it must still be in the log")
+    check.add_argument("--store", default="",
+                       help="read this store directly instead of asking the control plane")
+    tail_parser = actions.add_parser("tail", help="print the newest events")
+    tail_parser.add_argument("-n", type=int, default=20, help="how many (default 20)")
+    tail_parser.add_argument("--follow", action="store_true", help="then print new events")
+    for parser in (check, tail_parser):
+        parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
+                            help="where `meshserve up` keeps certificates and ports")
+        parser.add_argument("--control-plane", help="HOST:PORT (default: the one `up` "
+                                                    "started)")
+        parser.add_argument("--ca", type=Path)
+        parser.add_argument("--cert", type=Path, help="operator certificate")
+        parser.add_argument("--key", type=Path)
+        parser.set_defaults(func=run)

@@ -1,0 +1,186 @@
+"""`meshserve models …`: the model registry.
+
+    push PATH --name M --version V [--source URI] [--notes TEXT] [--encrypt] [--config F]
+    list [M]                      the catalog: every pushed version with digest and signer
+    show M [--version V]          one version's signed manifest
+    verify DIR [--trusted F ...]  offline: every version's signature and digests
+    rewrap DIR --old-kek F --new-kek F   re-wrap data keys under a new KEK, no re-encryption
+
+push, list and show talk to the control plane's admin API over mutual TLS (as `meshserve
+traffic` does); verify and rewrap read a model repository directly.
+"""
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import grpc
+
+from meshserve.common import artifacts, model_files
+from meshserve.common.errors import ServingError
+from meshserve.protocol import admin_pb2 as pb
+from meshserve.protocol.admin_pb2_grpc import AdminStub
+from meshserve.tools.traffic import admin_channel, control_plane_address, operator_tls
+
+# What one gRPC message carries, less room for the request's other fields.
+MAX_PUSH_BYTES = 64 * 1024 * 1024 - 64 * 1024
+
+
+def format_versions(versions) -> str:
+    lines = [f"{'model':<12} {'version':>7}  {'digest':<21} {'signer':<24} {'enc':<3}  "
+             f"{'pushed by':<18} pushed at"]
+    for v in versions:
+        encrypted = "yes" if json.loads(v.manifest).get("encryption") else "no"
+        lines.append(f"{v.name:<12} {v.version:>7}  {artifacts.short(v.digest):<21} "
+                     f"{v.signer:<24} {encrypted:<3}  {v.pushed_by:<18} {v.pushed_at}")
+    return "\n".join(lines) if versions else "no pushed versions"
+
+
+def format_version(version: pb.ModelVersion) -> str:
+    manifest = json.loads(version.manifest)
+    encryption = manifest.get("encryption")
+    return "\n".join([
+        f"{version.name} version {version.version}",
+        f"  digest     {version.digest}",
+        f"  signer     {version.signer}",
+        f"  pushed by  {version.pushed_by} at {version.pushed_at}",
+        f"  source     {manifest.get('source') or '-'}",
+        f"  notes      {manifest.get('notes') or '-'}",
+        f"  encrypted  {encryption['algorithm'] if encryption else 'no'}",
+        "  manifest   " + json.dumps(manifest, sort_keys=True, indent=2).replace("\n", "\n  ")])
+
+
+def read_artifact(path: Path) -> bytes:
+    size = path.stat().st_size
+    if size > MAX_PUSH_BYTES:
+        raise SystemExit(f"error: {path} is {size} bytes; a push carries at most "
+                         f"{MAX_PUSH_BYTES} (one 64 MiB gRPC message)")
+    return path.read_bytes()
+
+
+async def call(args: argparse.Namespace) -> str:
+    async with admin_channel(control_plane_address(args), operator_tls(args)) as channel:
+        admin = AdminStub(channel)
+        if args.action == "push":
+            reply = await admin.PushModel(pb.PushModelRequest(
+                name=args.name, version=args.version, artifact=read_artifact(args.path),
+                source=args.source, notes=args.notes, encrypt=args.encrypt,
+                config=args.config.read_text("utf-8") if args.config else ""), timeout=120)
+            encrypted = " (encrypted)" if args.encrypt else ""
+            return (f"pushed {reply.name} version {reply.version}{encrypted}: {reply.digest}, "
+                    f"signed by {reply.signer}")
+        if args.action == "list":
+            reply = await admin.ListModels(pb.ListModelsRequest(name=args.model or ""))
+            return format_versions(reply.versions)
+        if args.action == "show":
+            return format_version(await admin.ShowModel(pb.ShowModelRequest(
+                name=args.model, version=args.version)))
+        raise AssertionError(args.action)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        print(asyncio.run(call(args)))
+        return 0
+    except grpc.aio.AioRpcError as error:
+        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+
+
+def verify(args: argparse.Namespace) -> int:
+    try:
+        trusted = model_files.trusted_signers(args.trusted or
+                                              [args.data_dir / "keys" / "trusted"])
+        kek_file = model_files.kek_path(args.kek_file, {})
+        kek = model_files.read_kek(kek_file) if kek_file else None
+    except ServingError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
+    checked = []
+    problems = model_files.verify_repository(args.repository, trusted, kek,
+                                             lambda m, v: checked.append(f"{m}/{v}"))
+    for problem in problems:
+        print(problem)
+    if problems:
+        return 1
+    print(f"ok: {len(checked)} versions verified ({', '.join(checked)})")
+    return 0
+
+
+def rewrap(args: argparse.Namespace) -> int:
+    try:
+        old, new = model_files.read_kek(args.old_kek), model_files.read_kek(args.new_kek)
+    except ServingError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
+    failures = 0
+    for model, version, version_dir in model_files.version_dirs(args.repository):
+        path = version_dir / artifacts.MANIFEST_FILENAME
+        if not path.is_file():
+            continue
+        try:
+            manifest = artifacts.parse_manifest(path.read_bytes())
+            if not manifest.get("wrapped_key"):
+                continue
+            if manifest["wrapped_key"].get("kek_id") == artifacts.kek_id(new):
+                print(f"{model}/{version}: already wrapped by {artifacts.kek_id(new)}")
+                continue
+            model_files.write_atomic(path, artifacts.manifest_bytes(
+                artifacts.rewrap(manifest, old, new)))
+            print(f"{model}/{version}: data key re-wrapped under {artifacts.kek_id(new)}")
+        except ServingError as error:
+            failures += 1
+            print(f"{model}/{version}: {error.message}")
+    return 1 if failures else 0
+
+
+def _connection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
+                        help="where `meshserve up` keeps certificates and ports")
+    parser.add_argument("--control-plane", help="HOST:PORT (default: the one `up` started)")
+    parser.add_argument("--ca", type=Path)
+    parser.add_argument("--cert", type=Path, help="operator certificate")
+    parser.add_argument("--key", type=Path)
+    parser.set_defaults(func=run)
+
+
+def register(commands) -> None:
+    models = commands.add_parser("models", help="the model registry: push, list, show, "
+                                                "verify, rewrap")
+    actions = models.add_subparsers(dest="action", required=True, metavar="ACTION")
+    push = actions.add_parser("push", help="store a version with a signed manifest")
+    push.add_argument("path", type=Path, help="the TorchScript file")
+    push.add_argument("--name", required=True)
+    push.add_argument("--version", required=True)
+    push.add_argument("--source", default="", help="URI, training run or commit")
+    push.add_argument("--notes", default="", help="accuracy, known limits")
+    push.add_argument("--encrypt", action="store_true",
+                      help="store it encrypted under the control plane's KEK")
+    push.add_argument("--config", type=Path, help="config.pbtxt of a model not yet in the "
+                                                  "repository")
+    listing = actions.add_parser("list", help="every pushed version")
+    listing.add_argument("model", nargs="?")
+    show = actions.add_parser("show", help="one version's manifest (default: the latest)")
+    show.add_argument("model")
+    show.add_argument("--version", default="")
+    for parser in (push, listing, show):
+        _connection(parser)
+
+    check = actions.add_parser("verify", help="check a repository's signatures and digests "
+                                              "offline (exit 1 on problems)")
+    check.add_argument("repository", type=Path)
+    check.add_argument("--trusted", type=Path, action="append",
+                       help="trusted public key(s): a PEM file or a directory of *.pub "
+                            "(default: DATA_DIR/keys/trusted)")
+    check.add_argument("--kek-file", type=Path,
+                       help="also decrypt encrypted artifacts and check the plaintext digest")
+    check.add_argument("--data-dir", type=Path, default=Path(".meshserve"))
+    check.set_defaults(func=verify)
+    wrap = actions.add_parser("rewrap", help="re-wrap encrypted artifacts' data keys under a "
+                                             "new key-encryption key")
+    wrap.add_argument("repository", type=Path)
+    wrap.add_argument("--old-kek", type=Path, required=True)
+    wrap.add_argument("--new-kek", type=Path, required=True)
+    wrap.set_defaults(func=rewrap)
