@@ -14,9 +14,10 @@ from pathlib import Path
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from meshserve.common import model_files, runtime
+from meshserve.common.identity import Callers, add_callers_flag, default_callers
 from meshserve.common.metrics import Metrics, XdsCollector
 from meshserve.common.server import HealthServicer, Service
-from meshserve.common.tls import TlsFiles, secure_channel, server_credentials
+from meshserve.common.tls import ReloadingChannel, TlsFiles, server_credentials
 from meshserve.mesh.admin import AdminServicer
 from meshserve.mesh.control import ControlPlane
 from meshserve.mesh.policy import Endpoint
@@ -42,10 +43,12 @@ class ControlPlaneSettings:
     registry_dir: Path | None = None
     signing_key: Path | None = None
     kek_file: Path | None = None
+    allowed_callers: frozenset[str] = default_callers("control-plane")
 
 
 class CounterReader:
-    """Reads batchers' counters over one long-lived mTLS channel per batcher."""
+    """Reads batchers' counters over one long-lived mTLS channel per batcher (rebuilt when
+    the certificate files change)."""
 
     def __init__(self, tls: TlsFiles, identity: str) -> None:
         self._tls = tls
@@ -54,9 +57,12 @@ class CounterReader:
 
     async def __call__(self, endpoint: Endpoint):
         if endpoint.address not in self._stubs:
-            channel = secure_channel(endpoint.address, self._tls, self._identity)
-            self._stubs[endpoint.address] = (channel, GroupInferenceStub(channel))
-        _, stub = self._stubs[endpoint.address]
+            channel = ReloadingChannel(endpoint.address, self._tls, self._identity)
+            self._stubs[endpoint.address] = (channel, GroupInferenceStub(channel.channel))
+        channel, stub = self._stubs[endpoint.address]
+        if channel.refresh():
+            stub = GroupInferenceStub(channel.channel)
+            self._stubs[endpoint.address] = (channel, stub)
         counters = await stub.Counters(CountersRequest(), timeout=2)
         return (counters.requests, counters.failures, tuple(counters.bucket_counts),
                 tuple(counters.bucket_bounds_ms))
@@ -104,7 +110,8 @@ def build_service(settings: ControlPlaneSettings, metrics: Metrics | None = None
         await reader.close()
 
     return Service(settings.listen, server_credentials(settings.tls), register, health,
-                   background=background, cleanup=[close])
+                   background=background, cleanup=[close],
+                   callers=Callers("control-plane", settings.allowed_callers))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="how often batchers' counters are read")
     parser.add_argument("--kubernetes-namespace", default="",
                         help="watch batchers' EndpointSlices in this namespace (in a cluster)")
+    add_callers_flag(parser, "control-plane")
     parser.add_argument("--model-repository", type=Path,
                         help="keep a model registry: pushed versions land in this repository")
     parser.add_argument("--registry-dir", type=Path,
@@ -139,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                                     registry_dir=args.registry_dir,
                                     signing_key=args.signing_key,
                                     kek_file=model_files.kek_path(args.kek_file,
-                                                                  dict(os.environ)))
+                                                                  dict(os.environ)),
+                                    allowed_callers=args.allow_callers)
 
     return runtime.run_service("control-plane", args, build_service, settings, traced=False)

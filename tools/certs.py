@@ -12,6 +12,15 @@
 
 Keys are PEM PKCS8, unencrypted, mode 0600. Existing files are never overwritten, so a
 second run changes nothing.
+
+`meshserve certs rotate DIR` re-issues every leaf from the CA; running services pick the
+new files up without a restart. Each leaf's key and certificate are written to temporary
+files and renamed into place key first, so a reader sees either the old pair, the new pair,
+or a new key with the old certificate, which services detect and wait out.
+`--new-ca` first makes a new CA: `ca.crt` becomes a bundle of the new CA and the old one
+(peers keep trusting leaves of either during the overlap) and the leaves come from the new
+CA. Once every service runs on the new leaves, `--drop-old-ca` leaves only the new CA in
+`ca.crt` (it refuses while a leaf in DIR is still from an old CA).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -139,6 +149,15 @@ def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
 
 
 def _create_ca(directory: Path, days: int) -> list[Path]:
+    cert_pem, key_pem = _build_ca(days)
+    # Key first: a CA certificate on disk always has its key next to it.
+    _write_new(directory / CA_KEY, key_pem, 0o600)
+    _write_new(directory / CA_CERT, cert_pem, 0o644)
+    return [directory / CA_CERT, directory / CA_KEY]
+
+
+def _build_ca(days: int) -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) of a new self-signed CA."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshserve"),
@@ -166,10 +185,7 @@ def _create_ca(directory: Path, days: int) -> list[Path]:
                        critical=False)
         .sign(key, hashes.SHA256())
     )
-    # Key first: a CA certificate on disk always has its key next to it.
-    _write_new(directory / CA_KEY, _key_pem(key), 0o600)
-    _write_new(directory / CA_CERT, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    return [directory / CA_CERT, directory / CA_KEY]
+    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
 
 def _load_ca(
@@ -206,11 +222,25 @@ def issue_leaf(
     for path in (cert_path, key_path):
         if path.exists():
             raise FileExistsError(path)
+    ca_cert, ca_key = _load_ca(Path(ca_cert_path), Path(ca_key_path))
+    cert_pem, key_pem = _build_leaf(ca_cert, ca_key, name, sans, days, client_only)
+    _write_new(key_path, key_pem, 0o600)
+    _write_new(cert_path, cert_pem, 0o644)
+    return cert_path, key_path
+
+
+def _build_leaf(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    name: str,
+    sans: Sequence[str],
+    days: int,
+    client_only: bool,
+) -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) of a new leaf signed by the CA."""
     if not sans:
         raise ValueError("a leaf needs at least one SAN")
     general_names = [parse_san(s) for s in sans]
-    ca_cert, ca_key = _load_ca(Path(ca_cert_path), Path(ca_key_path))
-
     key = ec.generate_private_key(ec.SECP256R1())
     not_before, not_after = _validity(days)
     not_after = min(not_after, ca_cert.not_valid_after_utc)
@@ -248,9 +278,7 @@ def issue_leaf(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    _write_new(key_path, _key_pem(key), 0o600)
-    _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    return cert_path, key_path
+    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
 
 def init_certs(directory: Path, *, days: int = 365) -> None:
@@ -308,6 +336,105 @@ def _init_certs(directory: Path, days: int) -> list[Path]:
     return written
 
 
+# --- rotation -------------------------------------------------------------------------------
+
+
+def _temporary(path: Path, data: bytes, mode: int) -> str:
+    """A synced temporary file next to `path` holding `data`, created with `mode`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _replace_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
+    """Write every (path, data, mode) to a temporary file, then rename them into place in
+    order: readers see each file whole, old or new."""
+    temporaries: list[str] = []
+    try:
+        for path, data, mode in files:
+            temporaries.append(_temporary(path, data, mode))
+        for (path, _, _), tmp in zip(files, temporaries, strict=True):
+            os.replace(tmp, path)
+    finally:
+        for tmp in temporaries:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+
+
+def issued_by(cert_pem: bytes, ca: x509.Certificate) -> bool:
+    """Whether the first certificate in `cert_pem` is signed by `ca`."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def ca_bundle(directory: Path) -> list[x509.Certificate]:
+    """The CA certificates in `DIR/ca.crt`, the one that issues new leaves first."""
+    return x509.load_pem_x509_certificates((Path(directory) / CA_CERT).read_bytes())
+
+
+def rotate_certs(directory: Path, *, days: int = 365, new_ca: bool = False,
+                 drop_old_ca: bool = False) -> list[Path]:
+    """Re-issue every leaf (after making a new CA with `new_ca`), or, with `drop_old_ca`,
+    remove every CA but the current one from `ca.crt`. Returns the files written."""
+    directory = Path(directory)
+    if days < 1:
+        raise ValueError(f"days must be at least 1, got {days}")
+    if new_ca and drop_old_ca:
+        raise CertsError("choose one of --new-ca and --drop-old-ca")
+    ca_cert_path, ca_key_path = directory / CA_CERT, directory / CA_KEY
+    if not (ca_cert_path.exists() and ca_key_path.exists()):
+        raise CertsError(f"{directory} has no CA ({CA_CERT}, {CA_KEY}); "
+                         f"run `meshserve certs init {directory}` first")
+    if drop_old_ca:
+        return _drop_old_ca(directory)
+
+    written: list[Path] = []
+    if new_ca:
+        cert_pem, key_pem = _build_ca(days)
+        # Trust first: the bundle names the new CA (which signs from now on) and the old.
+        _replace_files([(ca_key_path, key_pem, 0o600),
+                        (ca_cert_path, cert_pem + ca_cert_path.read_bytes(), 0o644)])
+        written += [ca_cert_path, ca_key_path]
+    ca_cert, ca_key = _load_ca(ca_cert_path, ca_key_path)
+    for name in leaf_names():
+        if name == CLIENT_NAME:
+            cert_pem, key_pem = _build_leaf(ca_cert, ca_key, name, client_sans(), days, True)
+        else:
+            cert_pem, key_pem = _build_leaf(ca_cert, ca_key, name, identity_sans(name), days,
+                                            False)
+        crt, key = directory / f"{name}.crt", directory / f"{name}.key"
+        _replace_files([(key, key_pem, 0o600), (crt, cert_pem, 0o644)])
+        written += [crt, key]
+    return written
+
+
+def _drop_old_ca(directory: Path) -> list[Path]:
+    ca_cert_path = directory / CA_CERT
+    current, _ = _load_ca(ca_cert_path, directory / CA_KEY)
+    stale = [name for name in leaf_names()
+             if (directory / f"{name}.crt").exists()
+             and not issued_by((directory / f"{name}.crt").read_bytes(), current)]
+    if stale:
+        raise CertsError(f"{', '.join(stale)} still have certificates from an old CA; "
+                         f"run `meshserve certs rotate {directory}` first")
+    if len(ca_bundle(directory)) == 1:
+        return []
+    _replace_files([(ca_cert_path, current.public_bytes(serialization.Encoding.PEM), 0o644)])
+    return [ca_cert_path]
+
+
 # --- inspection -----------------------------------------------------------------------------
 
 
@@ -359,8 +486,23 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rotate(args: argparse.Namespace) -> int:
+    directory = Path(args.directory)
+    try:
+        written = rotate_certs(directory, days=args.days, new_ca=args.new_ca,
+                               drop_old_ca=args.drop_old_ca)
+    except (CertsError, OSError, ValueError) as exc:
+        print(f"certs rotate: {exc}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}")
+    if not written:
+        print(f"nothing to do: {directory / CA_CERT} holds one CA")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `certs init DIR [--days N]` to a command line."""
+    """Add `certs init DIR [--days N]` and `certs rotate DIR ...` to a command line."""
     certs = subparsers.add_parser("certs", help="development certificates for the mesh",
                                   description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -370,3 +512,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--days", type=_positive_int, default=365,
                       help="validity of new certificates in days (default: 365)")
     init.set_defaults(func=_cmd_init)
+    rotate = commands.add_parser(
+        "rotate", help="re-issue every leaf (optionally from a new CA); services reload them")
+    rotate.add_argument("directory", metavar="DIR", type=Path, help="the certificate directory")
+    rotate.add_argument("--days", type=_positive_int, default=365,
+                        help="validity of the new certificates in days (default: 365)")
+    which = rotate.add_mutually_exclusive_group()
+    which.add_argument("--new-ca", action="store_true",
+                       help="issue from a new CA; ca.crt trusts the new and the old CA")
+    which.add_argument("--drop-old-ca", action="store_true",
+                       help="only remove old CAs from ca.crt (after a --new-ca rotation)")
+    rotate.set_defaults(func=_cmd_rotate)

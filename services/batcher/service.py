@@ -20,6 +20,7 @@ from meshserve.batcher.statistics import Statistics
 from meshserve.common import runtime
 from meshserve.common.errors import NotFound, ServingError, Unavailable
 from meshserve.common.forwarding import deadline_of, error_result, raise_for
+from meshserve.common.identity import Callers, add_callers_flag, default_callers
 from meshserve.common.metrics import BatcherMetrics, CacheMetrics, Metrics
 from meshserve.common.repository import ModelRepository
 from meshserve.common.response_cache import (
@@ -52,6 +53,7 @@ class BatcherSettings:
     compute: tuple[str, ...]
     compute_identity: str = "compute"
     batches_per_replica: int = 1
+    allowed_callers: frozenset[str] = default_callers("batcher")
     # Response cache (used only by models whose config sets response_cache { enable: true }).
     cache_bytes: int = DEFAULT_BUDGET_BYTES
     cache_redis: str = ""
@@ -189,7 +191,8 @@ def build_service(settings: BatcherSettings, metrics: Metrics | None = None,
     background = [scheduler.run] + [
         (lambda r=r: r.upstream.watch(replicas_changed)) for r in replicas]
     return Service(settings.listen, server_credentials(settings.tls), register, health,
-                   background=background, cleanup=[close])
+                   background=background, cleanup=[close],
+                   callers=Callers("batcher", settings.allowed_callers))
 
 
 def build_cache(settings: BatcherSettings, config, repository: ModelRepository, model: str,
@@ -225,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="identity the compute replicas' certificates must name")
     parser.add_argument("--batches-per-replica", type=int, default=1,
                         help="batches in flight per compute replica")
+    add_callers_flag(parser, "batcher")
     parser.add_argument("--cache-bytes", type=int, default=DEFAULT_BUDGET_BYTES,
                         help="in-process response cache budget in bytes (models that enable "
                              "response_cache in their config)")
@@ -242,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         listen=args.listen, tls=runtime.tls_files(args), repository=args.model_repository,
         model=args.model, version=args.version, compute=tuple(args.compute),
         compute_identity=args.compute_identity, batches_per_replica=args.batches_per_replica,
+        allowed_callers=args.allow_callers,
         cache_bytes=args.cache_bytes, cache_redis=args.cache_redis,
         cache_redis_password=os.environ.get("MESHSERVE_BATCHER_REDIS_PASSWORD", ""),
         cache_ttl_seconds=args.cache_ttl)

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import grpc
 
 from meshserve.common.errors import ServingError
+from meshserve.common.identity import CallerCheck, Callers
 from meshserve.common.tls import server_options
 from meshserve.protocol import health_pb2, health_pb2_grpc
 
@@ -148,8 +149,11 @@ class Service:
     def __init__(self, address: str, credentials: grpc.ServerCredentials,
                  register: Callable[[grpc.aio.Server], None], health: HealthServicer,
                  background: Iterable[Callable[[], Awaitable[object]]] = (),
-                 cleanup: Iterable[Callable[[], Awaitable[object]]] = ()) -> None:
+                 cleanup: Iterable[Callable[[], Awaitable[object]]] = (),
+                 callers: Callers | None = None) -> None:
+        # callers: the identities allowed to call (health checks aside); None: any.
         self.address = address
+        self.callers = callers
         self.health = health
         self._credentials = credentials
         self._register = register
@@ -160,7 +164,10 @@ class Service:
         self.port: int | None = None
 
     async def start(self) -> int:
-        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+        interceptors = [ErrorInterceptor()]
+        if self.callers is not None:
+            interceptors.append(CallerCheck(self.callers))
+        self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         self._register(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_secure_port(self.address, self._credentials)

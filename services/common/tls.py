@@ -7,16 +7,23 @@ the identity it expects, so one certificate works on loopback and in Kubernetes 
     files = TlsFiles.for_identity(cert_dir, "ingress")
     channel = secure_channel("router.mesh.svc:7002", files, "router")
 
-Files are read on every call; nothing is cached here, so rotated certificates are picked up
-by the next server or channel that is built.
+Certificates are reloaded when their files change (`meshserve certs rotate`): a server
+re-reads them at the next TLS handshake, a `ReloadingChannel` when `refresh()` is called
+(its owner polls). A key that does not match its certificate (a rotation half written) is
+not loaded; the old pair stays in use until the files agree.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -49,6 +56,73 @@ class TlsFiles:
         """(cert chain, private key, CA) as bytes, read now."""
         return Path(self.cert).read_bytes(), Path(self.key).read_bytes(), Path(self.ca).read_bytes()
 
+    def signature(self) -> tuple:
+        """What changes when any of the three files is replaced or rewritten."""
+        stats = [os.stat(path) for path in (self.cert, self.key, self.ca)]
+        return tuple((s.st_ino, s.st_mtime_ns, s.st_size) for s in stats)
+
+    def read_consistent(self) -> tuple[bytes, bytes, bytes]:
+        """Like read(), but raises MismatchedKey when the key is not the certificate's."""
+        cert, key, ca = self.read()
+        check_pair(cert, key)
+        return cert, key, ca
+
+
+class MismatchedKey(ValueError):
+    """A private key that does not belong to the certificate next to it."""
+
+
+def check_pair(cert_pem: bytes, key_pem: bytes) -> None:
+    """Raise MismatchedKey unless `key_pem` is the private key of `cert_pem`'s first cert."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+        raise MismatchedKey("the private key does not match the certificate")
+
+
+class ServerCertificates:
+    """gRPC's certificate fetcher for `dynamic_ssl_server_credentials`: called at every TLS
+    handshake, it answers a new configuration when the files changed since the last load
+    (three stat calls otherwise), and None (keep the current one) while they are unchanged
+    or inconsistent."""
+
+    def __init__(self, files: TlsFiles, require_client_auth: bool = True) -> None:
+        self.files = files
+        self._require_client_auth = require_client_auth
+        self._loaded = files.signature()
+        self._rejected: tuple | None = None
+        self.reloads = 0
+        self.initial = self._configuration(files.read_consistent())
+
+    @staticmethod
+    def _configuration(material: tuple[bytes, bytes, bytes]):
+        cert, key, ca = material
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def __call__(self):
+        signature = None
+        try:
+            signature = self.files.signature()
+            if signature in (self._loaded, self._rejected):
+                return None
+            configuration = self._configuration(self.files.read_consistent())
+        except (OSError, ValueError) as error:
+            self._rejected = signature  # warn once per state of the files
+            log.warning("keeping the current certificate of %s: %s", self.files.cert, error)
+            return None
+        self._loaded = signature
+        self.reloads += 1
+        log.info("reloaded certificate %s", self.files.cert)
+        return configuration
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self.initial, self, require_client_authentication=self._require_client_auth)
+
 
 def server_credentials(
     files: TlsFiles, *, require_client_auth: bool = True
@@ -56,14 +130,10 @@ def server_credentials(
     """Credentials presenting `files.cert`; clients must present a certificate from `files.ca`.
 
     With require_client_auth=False the server does not ask for a client certificate (for a
-    port that only serves health checks to a kubelet, say).
+    port that only serves health checks to a kubelet, say). The files are re-read at the
+    first handshake after they change (see ServerCertificates).
     """
-    cert, key, ca = files.read()
-    return grpc.ssl_server_credentials(
-        [(key, cert)],
-        root_certificates=ca,
-        require_client_auth=require_client_auth,
-    )
+    return ServerCertificates(files, require_client_auth).credentials()
 
 
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
@@ -112,3 +182,49 @@ def secure_channel(target: str, files: TlsFiles, identity: str) -> grpc.aio.Chan
     return grpc.aio.secure_channel(
         target, channel_credentials(files), options=channel_options(identity)
     )
+
+
+class ReloadingChannel:
+    """A channel to `target` as `identity` that is rebuilt when the TLS files change.
+
+    `refresh()` (cheap: three stat calls) swaps in a channel with the new files and closes
+    the old one once its in-flight calls finish (at most `grace` seconds), so a rotation
+    drops no call. Holders read `.channel` (or stubs rebuilt from it) per call.
+    """
+
+    def __init__(self, target: str, files: TlsFiles, identity: str, grace: float = 30.0) -> None:
+        self.target = target
+        self.files = files
+        self.identity = identity
+        self.grace = grace
+        self._loaded = files.signature()
+        self.channel = self._build(files.read_consistent())
+        self._closing: set[asyncio.Task] = set()
+
+    def _build(self, material: tuple[bytes, bytes, bytes]) -> grpc.aio.Channel:
+        cert, key, ca = material
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=key, certificate_chain=cert)
+        return grpc.aio.secure_channel(self.target, credentials,
+                                       options=channel_options(self.identity))
+
+    def refresh(self) -> bool:
+        """Rebuild the channel if the files changed and agree; True when it was rebuilt."""
+        try:
+            signature = self.files.signature()
+            if signature == self._loaded:
+                return False
+            channel = self._build(self.files.read_consistent())
+        except (OSError, ValueError) as error:
+            log.warning("keeping the channel to %s: %s", self.identity, error)
+            return False
+        old, self.channel, self._loaded = self.channel, channel, signature
+        task = asyncio.get_running_loop().create_task(old.close(self.grace))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        log.info("new certificates for the channel to %s at %s", self.identity, self.target)
+        return True
+
+    async def close(self) -> None:
+        await self.channel.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)

@@ -1,4 +1,8 @@
-"""One long-lived mutual-TLS channel to the next service, its stubs, and its readiness."""
+"""One long-lived mutual-TLS channel to the next service, its stubs, and its readiness.
+
+The readiness poll also picks up rotated certificates: the channel is rebuilt with the new
+files and the old one closes once its in-flight calls are done.
+"""
 
 import asyncio
 import logging
@@ -6,7 +10,7 @@ from collections.abc import Callable
 
 import grpc
 
-from meshserve.common.tls import TlsFiles, secure_channel
+from meshserve.common.tls import ReloadingChannel, TlsFiles
 from meshserve.protocol import groups_pb2_grpc, grpc_service_pb2_grpc, health_pb2
 from meshserve.protocol.health_pb2_grpc import HealthStub
 
@@ -19,11 +23,22 @@ class Upstream:
     def __init__(self, target: str, tls: TlsFiles, identity: str) -> None:
         self.target = target
         self.identity = identity
-        self.channel = secure_channel(target, tls, identity)
+        self._reloading = ReloadingChannel(target, tls, identity)
+        self._bind()
+        self.serving = False
+
+    def _bind(self) -> None:
+        self.channel = self._reloading.channel
         self.groups = groups_pb2_grpc.GroupInferenceStub(self.channel)
         self.inference = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         self._health = HealthStub(self.channel)
-        self.serving = False
+
+    def refresh_certificates(self) -> bool:
+        """Use the TLS files anew if they changed; True when the channel was rebuilt."""
+        if self._reloading.refresh():
+            self._bind()
+            return True
+        return False
 
     def __repr__(self) -> str:
         return f"{self.identity} at {self.target}"
@@ -38,6 +53,7 @@ class Upstream:
     async def watch(self, on_change: Callable[[], None], interval: float = 0.5) -> None:
         """Poll readiness until cancelled; call `on_change` whenever it flips."""
         while True:
+            self.refresh_certificates()
             serving = await self.check(timeout=max(interval * 4, 1.0))
             if serving != self.serving:
                 self.serving = serving
@@ -46,4 +62,4 @@ class Upstream:
             await asyncio.sleep(interval)
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self._reloading.close()

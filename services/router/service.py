@@ -25,15 +25,10 @@ from meshserve.common.forwarding import (
     deadline_of,
     raise_for,
 )
+from meshserve.common.identity import Callers, add_callers_flag, default_callers
 from meshserve.common.metrics import GroupMetrics, Metrics
 from meshserve.common.server import HealthServicer, Service
-from meshserve.common.tls import (
-    TlsFiles,
-    channel_credentials,
-    channel_options,
-    secure_channel,
-    server_credentials,
-)
+from meshserve.common.tls import ReloadingChannel, TlsFiles, server_credentials
 from meshserve.common.tracing import Tracing, context_of, traceparent_of
 from meshserve.mesh.policy import PIN_HEADER
 from meshserve.protocol import groups_pb2_grpc, grpc_service_pb2_grpc
@@ -51,14 +46,17 @@ class RouterSettings:
     control_plane_identity: str = "control-plane"
     batcher_identity: str = "batcher"
     region: str = "local"
+    allowed_callers: frozenset[str] = default_callers("router")
 
 
 def bootstrap(settings: RouterSettings) -> str:
     """gRPC's xDS bootstrap: the control plane over mutual TLS; keep the last configuration
-    when the control plane goes away (`ignore_resource_deletion`)."""
+    when the control plane goes away (`ignore_resource_deletion`). gRPC re-reads the
+    certificate files every `refresh_interval`."""
     tls = {"ca_certificate_file": str(settings.tls.ca),
            "certificate_file": str(settings.tls.cert),
-           "private_key_file": str(settings.tls.key)}
+           "private_key_file": str(settings.tls.key),
+           "refresh_interval": "2s"}
     return json.dumps({
         "xds_servers": [{"server_uri": settings.control_plane,
                          "channel_creds": [{"type": "tls", "config": tls}],
@@ -78,11 +76,22 @@ class ModelRoute:
                  observe: GroupObserver | None = None) -> None:
         self.model = model
         self._observe = observe
-        self.channel = grpc.aio.secure_channel(
-            f"xds:///{model}", channel_credentials(tls), options=channel_options(batcher_identity))
+        self._reloading = ReloadingChannel(f"xds:///{model}", tls, batcher_identity)
+        self._bind()
+        self._forwarders: dict[str, GroupForwarder] = {}
+
+    def _bind(self) -> None:
+        self.channel = self._reloading.channel
         self.groups = groups_pb2_grpc.GroupInferenceStub(self.channel)
         self.inference = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
-        self._forwarders: dict[str, GroupForwarder] = {}
+
+    def refresh_certificates(self) -> None:
+        """A new channel when the TLS files changed; the old one finishes its calls."""
+        if self._reloading.refresh():
+            self._bind()
+
+    async def close(self) -> None:
+        await self._reloading.close()
 
     def forwarder(self, pin: str) -> GroupForwarder:
         forwarder = self._forwarders.get(pin)
@@ -162,7 +171,7 @@ class Router:
     async def close(self) -> None:
         await self.shadowing.close()
         for route in self.models.values():
-            await route.channel.close()
+            await route.close()
 
 
 def end_spans(spans: list, results: list[ItemResult]) -> None:
@@ -174,13 +183,16 @@ def end_spans(spans: list, results: list[ItemResult]) -> None:
         span.end()
 
 
-async def follow_control_plane(router: Router, control_plane: grpc.aio.Channel,
+async def follow_control_plane(router: Router, control_plane: ReloadingChannel,
                                health: HealthServicer, interval: float = 1.0) -> None:
     """Ready once the control plane has answered (afterwards the router keeps serving with
     its last configuration while the control plane is away); learn shadow targets from
-    the policies and report how shadow answers compared."""
-    admin = AdminStub(control_plane)
+    the policies and report how shadow answers compared. Picks up rotated certificates."""
     while True:
+        control_plane.refresh()
+        for route in list(router.models.values()):
+            route.refresh_certificates()
+        admin = AdminStub(control_plane.channel)
         with contextlib.suppress(grpc.aio.AioRpcError):
             status = await admin.Status(StatusRequest(), timeout=interval * 2)
             health.set(True)
@@ -235,8 +247,8 @@ def build_service(settings: RouterSettings, metrics: Metrics | None = None,
     os.environ["GRPC_XDS_BOOTSTRAP_CONFIG"] = bootstrap(settings)
     groups = None if metrics is None else GroupMetrics(metrics, "router->batcher")
     router = Router(settings.tls, settings.batcher_identity, groups, tracing)
-    control_plane = secure_channel(settings.control_plane, settings.tls,
-                                   settings.control_plane_identity)
+    control_plane = ReloadingChannel(settings.control_plane, settings.tls,
+                                     settings.control_plane_identity)
     health = HealthServicer()
 
     def register(server) -> None:
@@ -247,7 +259,8 @@ def build_service(settings: RouterSettings, metrics: Metrics | None = None,
     return Service(settings.listen, server_credentials(settings.tls), register, health,
                    background=[lambda: follow_control_plane(router, control_plane, health)],
                    cleanup=[router.close, control_plane.close,
-                            *([] if tracing is None else [tracing.close])])
+                            *([] if tracing is None else [tracing.close])],
+                   callers=Callers("router", settings.allowed_callers))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,11 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batcher-identity", default="batcher",
                         help="identity the batchers' certificates must name")
     parser.add_argument("--region", default="local", help="this router's locality region")
+    add_callers_flag(parser, "router")
     args = parser.parse_args(argv)
     runtime.configure_logging("router", args.log_level, args.log_format)
     settings = RouterSettings(listen=args.listen, tls=runtime.tls_files(args),
                               control_plane=args.control_plane,
                               control_plane_identity=args.control_plane_identity,
-                              batcher_identity=args.batcher_identity, region=args.region)
+                              batcher_identity=args.batcher_identity, region=args.region,
+                              allowed_callers=args.allow_callers)
 
     return runtime.run_service("router", args, build_service, settings)

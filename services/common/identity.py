@@ -1,0 +1,166 @@
+"""Who may call whom: the caller's mesh identity, read from its certificate on every call.
+
+Each internal server names the identities allowed to call it, as exact names or globs
+(`client/*`). `CallerCheck` refuses any other caller with PERMISSION_DENIED
+
+    identity 'router' may not call compute; allowed: batcher
+
+Health checks (`grpc.health.v1.Health`) stay open to every certificate of the mesh CA, so
+probes and `meshserve health` work with the operator's certificate. The identity is the
+SPIFFE URI SAN (`spiffe://meshserve.local/<identity>`, see `meshserve.tools.certs`);
+parsing a certificate is cached by its PEM bytes, so a call costs a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+import grpc
+
+from meshserve.tools.certs import identity_of
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+UNKNOWN = "unknown"
+
+
+# Who calls each internal server. Operators (`client/*`) may query the router and the
+# batchers directly (readiness, statistics, a test request) and drive the control plane;
+# only a batcher sends compute work.
+DEFAULT_CALLERS = {
+    "router": "ingress,client/*",
+    "batcher": "router,control-plane,client/*",
+    "compute": "batcher",
+    "control-plane": "router,ingress,batcher,client/*",
+}
+
+
+def default_callers(service: str) -> frozenset[str]:
+    return parse_callers(DEFAULT_CALLERS[service])
+
+
+def add_callers_flag(parser: argparse.ArgumentParser, service: str) -> None:
+    """`--allow-callers ID,...`: the identities (globs) allowed to call `service`."""
+    parser.add_argument(
+        "--allow-callers", type=parse_callers, default=default_callers(service),
+        metavar="ID,...",
+        help=f"identities allowed to call (globs; default: {DEFAULT_CALLERS[service]})")
+
+
+def parse_callers(text: str) -> frozenset[str]:
+    """`"ingress, client/*"` as a set of patterns; empty items are ignored."""
+    return frozenset(item.strip() for item in text.split(",") if item.strip())
+
+
+def is_allowed(identity: str, patterns: Iterable[str]) -> bool:
+    """Whether `identity` matches one of `patterns` (globs, case-sensitive; `*` crosses `/`)."""
+    return any(fnmatchcase(identity, pattern) for pattern in patterns)
+
+
+def refusal(identity: str, service: str, patterns: Iterable[str]) -> str:
+    return (f"identity '{identity}' may not call {service}; "
+            f"allowed: {', '.join(sorted(patterns)) or 'nobody'}")
+
+
+class IdentityCache:
+    """`identity_of` over PEM bytes, remembering the last `size` certificates (LRU)."""
+
+    def __init__(self, size: int = 256,
+                 parse: Callable[[bytes], str | None] = identity_of) -> None:
+        if size < 1:
+            raise ValueError(f"size must be at least 1, got {size}")
+        self._size = size
+        self._parse = parse
+        self._known: OrderedDict[bytes, str] = OrderedDict()
+
+    def __call__(self, pem: bytes) -> str:
+        identity = self._known.get(pem)
+        if identity is not None:
+            self._known.move_to_end(pem)
+            return identity
+        try:
+            identity = self._parse(pem) or UNKNOWN
+        except ValueError:
+            identity = UNKNOWN
+        self._known[pem] = identity
+        if len(self._known) > self._size:
+            self._known.popitem(last=False)
+        return identity
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+
+def peer_identity(auth_context: Mapping[str, list[bytes]], cache: IdentityCache) -> str:
+    """The identity of the peer's leaf certificate (`x509_pem_cert`), or "unknown"."""
+    pems = auth_context.get("x509_pem_cert") or ()
+    for pem in pems:
+        return cache(pem)
+    return UNKNOWN
+
+
+@dataclass(frozen=True)
+class Callers:
+    """The identities (patterns) allowed to call `service`."""
+
+    service: str
+    allowed: frozenset[str]
+
+    def admits(self, identity: str) -> bool:
+        return is_allowed(identity, self.allowed)
+
+    def refusal(self, identity: str) -> str:
+        return refusal(identity, self.service, self.allowed)
+
+
+class CallerCheck(grpc.aio.ServerInterceptor):
+    """Refuses every call, health checks aside, whose peer is not one of `callers`."""
+
+    def __init__(self, callers: Callers, cache: IdentityCache | None = None) -> None:
+        self._callers = callers
+        self._cache = cache or IdentityCache()
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(self, continuation, details):
+        handler = self._wrapped.get(details.method)
+        if handler is None:
+            handler = await continuation(details)
+            if handler is None or details.method.startswith(HEALTH_PREFIX):
+                return handler
+            handler = self._wrap(handler)
+            self._wrapped[details.method] = handler
+        return handler
+
+    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
+        identity = peer_identity(context.auth_context(), self._cache)
+        if not self._callers.admits(identity):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                self._callers.refusal(identity))
+
+    def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        admit = self._admit
+        codec = (handler.request_deserializer, handler.response_serializer)
+
+        def single(behavior):
+            async def checked(request, context):
+                await admit(context)
+                return await behavior(request, context)
+            return checked
+
+        def streaming(behavior):
+            async def checked(request, context):
+                await admit(context)
+                async for response in behavior(request, context):
+                    yield response
+            return checked
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(single(handler.unary_unary), *codec)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(single(handler.stream_unary), *codec)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), *codec)
+        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), *codec)

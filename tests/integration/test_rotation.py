@@ -1,0 +1,137 @@
+"""`meshserve certs rotate` under load: no request fails, and every service serves the new
+certificates without a restart (its own `meshserve up`, since it rewrites the files)."""
+
+import asyncio
+import hashlib
+import socket
+import ssl
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy
+import pytest
+
+from meshserve.common.tls import TlsFiles, channel_credentials
+from meshserve.protocol import grpc_service_pb2 as pb
+from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+from meshserve.tools.certs import ca_bundle
+from tests.integration.conftest import children_of, start_up, stop_up
+
+CLIENTS = 8
+MAX_REQUESTS_PER_CLIENT = 20_000
+# Seconds after the load starts: re-issue the leaves, move to a new CA, drop the old CA.
+ROTATIONS = ((1.5, ()), (3.5, ("--new-ca",)), (7.0, ("--drop-old-ca",)))
+AFTER_SECONDS = 2.0  # load after the last rotation
+
+
+def mlp_request() -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="mlp")
+    request.inputs.add(name="INPUT__0", datatype="FP32", shape=[1, 256])
+    request.raw_input_contents.append(numpy.ones((1, 256), numpy.float32).tobytes())
+    return request
+
+
+async def client(endpoint: str, credentials, stop: asyncio.Event, done: list, failed: list):
+    async with grpc.aio.secure_channel(endpoint, credentials) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        for _ in range(MAX_REQUESTS_PER_CLIENT):
+            if stop.is_set():
+                return
+            try:
+                reply = await stub.ModelInfer(mlp_request(), timeout=10)
+                assert list(reply.outputs[0].shape) == [1, 10]
+                done.append(time.monotonic())
+            except grpc.aio.AioRpcError as error:
+                failed.append((error.code(), error.details()))
+
+
+async def rotate(tls_dir: Path, *flags: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meshserve.tools.cli", "certs", "rotate", str(tls_dir), *flags,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, output.decode()
+
+
+def served_certificate(port: int, tls: TlsFiles, name: str) -> bytes:
+    """The DER certificate a fresh TLS connection to `port` is shown."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=str(tls.ca))
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=name) as connection:
+        return connection.getpeercert(binary_form=True)
+
+
+def file_certificate(path: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(path.read_text())
+
+
+def identity_of_port_file(name: str) -> str:
+    return name if name in ("control-plane", "router", "ingress") else name.split("-")[0]
+
+
+@pytest.fixture
+def rotating_mesh(tmp_path):
+    data_dir = tmp_path / "data"
+    mesh = start_up(data_dir, extra_args=("--no-metrics",))
+    try:
+        yield mesh
+    finally:
+        stop_up(mesh)
+        assert children_of(data_dir) == []
+
+
+async def test_rotation_under_load_drops_no_request(rotating_mesh):
+    mesh = rotating_mesh
+    tls_dir = mesh.tls
+    operator = TlsFiles.for_identity(tls_dir, "client")
+    old_client = channel_credentials(operator)  # read now: the old CA and the old leaf
+    old_fingerprint = hashlib.sha256(file_certificate(tls_dir / "ingress.crt")).hexdigest()
+
+    stop = asyncio.Event()
+    done: list[float] = []
+    failed: list = []
+    started = time.monotonic()
+    clients = [asyncio.create_task(client(mesh.endpoint, old_client, stop, done, failed))
+               for _ in range(CLIENTS)]
+    rotated_at = []
+    try:
+        for at, flags in ROTATIONS:
+            await asyncio.sleep(max(0.0, started + at - time.monotonic()))
+            await rotate(tls_dir, *flags)
+            rotated_at.append(time.monotonic())
+        await asyncio.sleep(AFTER_SECONDS)
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*clients), timeout=30)
+
+    assert failed == []
+    assert len(ca_bundle(tls_dir)) == 1
+    # Requests kept flowing between and after the rotations.
+    for begin, end in zip(rotated_at, [*rotated_at[1:], rotated_at[-1] + AFTER_SECONDS],
+                          strict=True):
+        assert any(begin <= t <= end for t in done), (begin, end, len(done))
+
+    # Every service, the ingress included, shows the new certificate to a new connection.
+    ports = {p.stem: int(p.read_text()) for p in (mesh.data_dir / "run").glob("*.port")}
+    assert len(ports) >= 5
+    for name, port in sorted(ports.items()):
+        identity = identity_of_port_file(name)
+        served = served_certificate(port, operator, identity)
+        assert served == file_certificate(tls_dir / f"{identity}.crt"), name
+    assert hashlib.sha256(file_certificate(tls_dir / "ingress.crt")).hexdigest() != \
+        old_fingerprint
+
+    # The old CA is no longer trusted: a new connection with the old client certificate
+    # fails, the new one works.
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async with grpc.aio.secure_channel(mesh.endpoint, old_client) as channel:
+            await GRPCInferenceServiceStub(channel).ModelInfer(mlp_request(), timeout=10)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    async with grpc.aio.secure_channel(mesh.endpoint, channel_credentials(operator)) as channel:
+        reply = await GRPCInferenceServiceStub(channel).ModelInfer(mlp_request(), timeout=10)
+    assert list(reply.outputs[0].shape) == [1, 10]
