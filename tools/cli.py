@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SERVICES:
         return importlib.import_module(SERVICES[argv[0]]).main(argv[1:])
-    from meshserve.tools import bench, certs, client, health, top, traffic, up
+    from meshserve.tools import bench, certs, client, health, tokens, top, traffic, up
 
     parser = argparse.ArgumentParser(prog="meshserve", description="A model-serving mesh.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     top.register(commands)
     for tool in ("models", "audit"):
         importlib.import_module(f"meshserve.tools.{tool}").register(commands)
+    tokens.register(commands)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -26,9 +26,11 @@ from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.protocol.health_pb2_grpc import HealthStub
 from meshserve.tools import dev_signing
 from meshserve.tools.certs import init_certs
+from meshserve.tools.tokens import JWKS, POLICY, init_auth
 from meshserve.tools.traffic import admin_channel
 
 HOST = "127.0.0.1"
+TOKEN_PORT_FILE = "ingress.token-port"
 # The demo's traffic on a first run: a 10 % canary of mlp version 2; cnn on its latest.
 DEMO_POLICY = {"mlp": {"1": 90, "2": 10}, "cnn": {"1": 0, "2": 100}}
 
@@ -134,6 +136,20 @@ def stop_all(children: list[Child], grace: float) -> None:
             child.process.wait()
 
 
+def auth_args(data_dir: Path, port: int) -> list[str]:
+    """The ingress's token listener (`port` + 1, or any free port when `port` is 0), its
+    policy and the keys that verify tokens."""
+    auth = data_dir / "auth"
+    return [f"--token-listen={HOST}:{port + 1 if port else 0}",
+            f"--token-port-file={data_dir / 'run' / TOKEN_PORT_FILE}",
+            f"--policy={auth / POLICY}", f"--jwks={auth / JWKS}"]
+
+
+def token_port(data_dir: Path) -> int | None:
+    path = data_dir / "run" / TOKEN_PORT_FILE
+    return int(path.read_text()) if path.exists() else None
+
+
 def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
          compute_replicas: int = 1) -> list[list[Child]]:
     """The children in start order: control plane, computes, batchers, router, ingress.
@@ -160,7 +176,8 @@ def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
                            *dev_signing.control_plane_flags(data_dir)], run_dir)
     router = Child("router", "router", [], run_dir)
     ingress = Child("ingress", "ingress", [f"--model-repository={models}",
-                                           f"--listen={HOST}:{port}", "--require-client-cert"],
+                                           f"--listen={HOST}:{port}", "--require-client-cert",
+                                           *auth_args(data_dir, port)],
                     run_dir)
     ingress.args.append(f"--async-store={data_dir / 'async.db'}")
     tiers = [[control_plane], computes, batchers, [router], [ingress]]
@@ -238,7 +255,10 @@ def prepare(data_dir: Path, say=print) -> None:
         say(f"writing the demo model repository to {data_dir / 'models'}")
     write_demo_repository(data_dir / "models")
     dev_signing.prepare_keys_and_sign(data_dir, say)
+    if init_auth(data_dir / "auth"):
+        say(f"creating the token-signing key and access policy in {data_dir / 'auth'}")
     (data_dir / "run").mkdir(parents=True, exist_ok=True)
+    (data_dir / "run" / TOKEN_PORT_FILE).unlink(missing_ok=True)
 
 
 def metrics_lines(children: list[Child]) -> str:
@@ -246,10 +266,18 @@ def metrics_lines(children: list[Child]) -> str:
                      for child in children)
 
 
-def banner(data_dir: Path, ingress: Child, children: list[Child] | None = None) -> str:
+def banner(data_dir: Path, ingress: Child, children: list[Child] | None = None,
+           bearer_port: int | None = None) -> str:
     tls = data_dir / "tls"
     metrics = (f"\nPrometheus metrics:\n{metrics_lines(children)}\n"
                if children and children[0].metrics else "")
+    tokens = "" if bearer_port is None else f"""
+Bearer-token callers: {HOST}:{bearer_port} (server TLS; CA {tls}/ca.crt; policy
+{data_dir / 'auth' / POLICY})
+
+  meshserve token issue --subject app/demo --scope infer --models mlp --ttl 1h \\
+      --data-dir {data_dir}
+"""
     return f"""
 meshserve is ready: {ingress.address} (mutual TLS; client certificate {tls}/client.crt)
 
@@ -262,7 +290,7 @@ meshserve is ready: {ingress.address} (mutual TLS; client certificate {tls}/clie
   x = tc.InferInput("INPUT__0", [1, 256], "FP32")
   x.set_data_from_numpy(numpy.random.rand(1, 256).astype("float32"))
   print(client.infer("mlp", [x]).as_numpy("OUTPUT__0"))
-{metrics}
+{tokens}{metrics}
 Logs: {data_dir / 'run'}/*.log. Ctrl-C stops everything.
 """
 
@@ -282,7 +310,19 @@ async def supervise(children: list[Child], tls_dir: Path) -> None:
             backoff[child.name] = min(backoff[child.name] * 2, 30.0)
             child.args = [a for a in child.args if not a.startswith("--listen=")]
             child.args.append(f"--listen={child.address}")
+            bound = token_port(tls_dir.parent) if child.name == "ingress" else None
+            if bound is not None:
+                child.args = [a for a in child.args if not a.startswith("--token-listen=")]
+                child.args.append(f"--token-listen={HOST}:{bound}")
             child.start(tls_dir)
+
+
+async def wait_token_port(data_dir: Path, timeout: float) -> int | None:
+    """The ingress's bearer-token port, once it has written it."""
+    deadline = time.monotonic() + timeout
+    while (port := token_port(data_dir)) is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return port
 
 
 async def serve_until_stopped(args: argparse.Namespace) -> int:
@@ -305,8 +345,9 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
         return 0
     children = starting.result()
     ingress = children[-1]
+    bearer_port = await wait_token_port(data_dir, args.timeout)
     (data_dir / "run" / "endpoint").write_text(f"{ingress.address}\n")
-    print(banner(data_dir, ingress, children), flush=True)
+    print(banner(data_dir, ingress, children, bearer_port), flush=True)
     supervisor = asyncio.create_task(supervise(children, data_dir / "tls"))
     await stop.wait()
     supervisor.cancel()

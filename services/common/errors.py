@@ -46,10 +46,18 @@ class Internal(ServingError):
     code = "INTERNAL"
 
 
+class Unauthenticated(ServingError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServingError):
+    code = "PERMISSION_DENIED"
+
+
 BY_CODE: dict[str, type[ServingError]] = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, ResourceExhausted, DeadlineExceeded, Unavailable,
-                FailedPrecondition, Internal)
+                FailedPrecondition, Internal, Unauthenticated, PermissionDenied)
 }
 
 

@@ -179,6 +179,12 @@ class IngressMetrics:
         self._failures: dict[tuple[str, str, str], Callable[[], None]] = {}
         self._durations: dict[str, Callable[[float], None]] = {}
         self.group = GroupMetrics(metrics, "ingress->router")
+        self._denied = metrics.counter(
+            "meshserve_ingress_denied", "Requests refused at the ingress, by reason "
+            "(unauthenticated, permission_denied, rate_limited)", ["reason"])
+
+    def denied(self, reason: str) -> None:
+        self._denied.labels(reason).inc()
 
     def request(self, model: str, version: str, code: str, seconds: float) -> None:
         """One answered request; `code` is the gRPC status name ("OK" for success)."""

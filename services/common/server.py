@@ -154,9 +154,14 @@ class Service:
                  register: Callable[[grpc.aio.Server], None], health: HealthServicer,
                  background: Iterable[Callable[[], Awaitable[object]]] = (),
                  cleanup: Iterable[Callable[[], Awaitable[object]]] = (),
-                 callers: Callers | None = None) -> None:
+                 callers: Callers | None = None,
+                 extra_ports: Iterable[tuple[str, grpc.ServerCredentials]] = ()) -> None:
         # callers: the identities allowed to call (health checks aside); None: any.
+        # extra_ports: more (address, credentials) listeners; their bound ports, in order,
+        # are `extra_bound` once started.
         self.address = address
+        self.extra_ports = list(extra_ports)
+        self.extra_bound: list[int] = []
         self.callers = callers
         self.health = health
         self._credentials = credentials
@@ -177,6 +182,12 @@ class Service:
         self.port = self.server.add_secure_port(self.address, self._credentials)
         if self.port == 0:
             raise OSError(f"could not bind {self.address}")
+        self.extra_bound = []
+        for address, credentials in self.extra_ports:
+            bound = self.server.add_secure_port(address, credentials)
+            if bound == 0:
+                raise OSError(f"could not bind {address}")
+            self.extra_bound.append(bound)
         await self.server.start()
         self._tasks = [asyncio.create_task(factory()) for factory in self._background_factories]
         return self.port

@@ -2,14 +2,18 @@
 
 Validates every request against its model's configuration, assigns a request id, carries
 the client's deadline, and forwards groups of requests to the router over mutual TLS.
+With `--policy`, every call is authenticated (client certificate on `--listen`, bearer
+token on `--token-listen`) and authorized (see meshserve.ingress.auth).
 
-`meshserve ingress --model-repository R --router HOST:PORT [--require-client-cert]`
+`meshserve ingress --model-repository R --router HOST:PORT [--require-client-cert]
+    [--token-listen HOST:PORT --policy FILE --jwks FILE|URL]`
 """
 
 import argparse
 import asyncio
 import itertools
 import logging
+import random
 import secrets
 import time
 from dataclasses import dataclass
@@ -20,10 +24,11 @@ from opentelemetry.trace import Span, SpanKind, StatusCode, set_span_in_context
 
 from meshserve import __version__
 from meshserve.common import runtime
+from meshserve.common.access import PolicyFile
 from meshserve.common.datatypes import WIRE_FROM_CONFIG
 from meshserve.common.errors import InvalidArgument, ServingError
 from meshserve.common.forwarding import GroupForwarder, raise_for
-from meshserve.common.logs import ACCESS_LOG, access_log
+from meshserve.common.logs import ACCESS_LOG, access_log, sample_fraction
 from meshserve.common.metrics import IngressMetrics, Metrics
 from meshserve.common.repository import ModelRepository
 from meshserve.common.server import HealthServicer, Service, internal_error_message
@@ -42,6 +47,8 @@ from meshserve.ingress.async_service import (
     async_settings,
     build_async,
 )
+from meshserve.ingress.auth import Caller, Gate, OnDenied, OpenGate
+from meshserve.ingress.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER, JwksUrl, jwks_source
 from meshserve.ingress.validation import expected_shape, validate
 from meshserve.mesh.policy import PIN_HEADER
 from meshserve.protocol import grpc_service_pb2 as pb
@@ -63,6 +70,13 @@ class IngressSettings:
     require_client_cert: bool = False
     access_log_sample: float = 1.0
     asynchronous: AsyncSettings | None = None  # Submit/Result (None: not served)
+    token_listen: str = ""  # server-TLS listener for bearer-token callers ("": none)
+    token_port_file: Path | None = None
+    policy: Path | None = None  # None: no authentication or authorization
+    jwks: str = ""  # a JWKS file or http(s) URL
+    token_issuer: str = DEFAULT_ISSUER
+    token_audience: str = DEFAULT_AUDIENCE
+    audit_denied_sample: float = 0.01
 
 
 def parameter(request: pb.ModelInferRequest, name: str) -> int:
@@ -205,27 +219,50 @@ def tensor_metadata(config, tensor) -> pb.ModelMetadataResponse.TensorMetadata:
         shape=expected_shape(config, tensor.dims))
 
 
+def default_priority(request: pb.ModelInferRequest, priority: int) -> None:
+    """The caller's default priority, for a request that sets none."""
+    if priority and "priority" not in request.parameters:
+        request.parameters["priority"].int64_param = priority
+
+
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, ingress: Ingress, health: HealthServicer, traced: bool = False) -> None:
+    def __init__(self, ingress: Ingress, health: HealthServicer, traced: bool = False,
+                 gate: Gate | OpenGate | None = None) -> None:
         self._ingress = ingress
         self._health = health
         self._traced = traced
+        self._gate = OpenGate() if gate is None else gate
+
+    def _may(self, context, action: str, model: str) -> Caller:
+        caller = self._gate.caller(context)
+        self._gate.authorize(caller, action, model)
+        return caller
+
+    def _admit(self, caller: Caller, request: pb.ModelInferRequest) -> None:
+        self._gate.authorize(caller, "infer", request.model_name)
+        self._gate.admit(caller, "infer", request.model_name)
+        default_priority(request, self._gate.default_priority(caller))
 
     async def ServerLive(self, request, context):
+        self._gate.caller(context)
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
+        self._gate.caller(context)
         return pb.ServerReadyResponse(ready=self._health.serving())
 
     async def ServerMetadata(self, request, context):
+        self._gate.caller(context)
         return pb.ServerMetadataResponse(name="meshserve", version=__version__,
                                          extensions=EXTENSIONS)
 
     async def ModelReady(self, request, context):
+        self._may(context, "models:read", request.name)
         self._ingress.config(request.name, request.version)
         return await self._ingress.router.inference.ModelReady(request, timeout=5)
 
     async def ModelMetadata(self, request, context):
+        self._may(context, "models:read", request.name)
         entry = self._ingress.config(request.name, request.version)
         config = entry.config
         return pb.ModelMetadataResponse(
@@ -234,13 +271,16 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor_metadata(config, t) for t in config.output])
 
     async def ModelConfig(self, request, context):
+        self._may(context, "models:read", request.name)
         return pb.ModelConfigResponse(
             config=self._ingress.config(request.name, request.version).config)
 
     async def ModelStatistics(self, request, context):
         """Each version's statistics, from its batcher (reached pinned, through the router)."""
         response = pb.ModelStatisticsResponse()
-        for name in [request.name] if request.name else sorted(self._ingress.repository.models):
+        if request.name:
+            self._may(context, "models:read", request.name)
+        for name in [request.name] if request.name else self._readable(context):
             entry = self._ingress.config(name, request.version)
             for version in [request.version] if request.version else entry.versions:
                 reply = await self._ingress.router.inference.ModelStatistics(
@@ -248,10 +288,16 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 response.model_stats.extend(reply.model_stats)
         return response
 
+    def _readable(self, context) -> list[str]:
+        """The models the caller may read, by name."""
+        caller = self._gate.caller(context)
+        return [name for name in sorted(self._ingress.repository.models)
+                if self._gate.allows(caller, "models:read", name)]
+
     async def RepositoryIndex(self, request, context):
         response = pb.RepositoryIndexResponse()
-        for name, entry in sorted(self._ingress.repository.models.items()):
-            for version in entry.versions:
+        for name in self._readable(context):
+            for version in self._ingress.repository.models[name].versions:
                 try:
                     reply = await self._ingress.router.inference.ModelReady(
                         pb.ModelReadyRequest(name=name, version=version), timeout=5)
@@ -264,6 +310,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def ModelInfer(self, request, context):
+        self._admit(self._gate.caller(context), request)
         pin_request(request, pinned_version(context))
         traceparent = client_traceparent(context) if self._traced else ""
         return await self._ingress.infer(request, context.time_remaining(), traceparent)
@@ -271,12 +318,14 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests are served concurrently; each answer is sent as soon as it is ready."""
         answers: asyncio.Queue = asyncio.Queue()
+        caller = self._gate.caller(context)
         remaining = context.time_remaining()
         pin = pinned_version(context)
         traceparent = client_traceparent(context) if self._traced else ""
 
         async def serve_one(request) -> None:
             try:
+                self._admit(caller, request)
                 pin_request(request, pin)
                 response = await self._ingress.infer(request, remaining, traceparent)
                 answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
@@ -306,27 +355,83 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
 
 
+JWKS_URL_REFRESH_S = 60.0
+
+
+def build_gate(settings: IngressSettings, metrics: IngressMetrics | None,
+               on_denied: OnDenied | None = None) -> tuple[Gate | OpenGate, list]:
+    """The gate (an open one without a policy) and the background tasks it needs."""
+    if settings.policy is None:
+        return OpenGate(), []
+    policy = PolicyFile(settings.policy, time.monotonic)
+    source = jwks_source(settings.jwks, time.monotonic) if settings.jwks else None
+    gate = Gate(policy.current, dict if source is None else source.keys,
+                issuer=settings.token_issuer, audience=settings.token_audience,
+                wall_clock=time.time, clock=time.monotonic, random=random.random,
+                on_denied=on_denied, denied_sample=settings.audit_denied_sample,
+                count_denied=None if metrics is None else metrics.denied)
+
+    async def refresh_jwks() -> None:
+        while True:
+            await asyncio.sleep(JWKS_URL_REFRESH_S)
+            await asyncio.to_thread(source.fetch)
+
+    return gate, [refresh_jwks] if isinstance(source, JwksUrl) else []
+
+
 def build_service(settings: IngressSettings, metrics: Metrics | None = None,
-                  tracing: Tracing | None = None) -> Service:
+                  tracing: Tracing | None = None, on_denied: OnDenied | None = None) -> Service:
+    """`on_denied(principal, action, model, reason)`, when given, hears of a sampled
+    fraction (`audit_denied_sample`) of the calls refused by the policy."""
     repository = ModelRepository.load(settings.repository)
     router = Upstream(settings.router, settings.tls, settings.router_identity)
-    ingress = Ingress(repository, router, None if metrics is None else IngressMetrics(metrics),
-                      tracing, settings.access_log_sample)
+    ingress_metrics = None if metrics is None else IngressMetrics(metrics)
+    ingress = Ingress(repository, router, ingress_metrics, tracing, settings.access_log_sample)
+    gate, gate_tasks = build_gate(settings, ingress_metrics, on_denied)
     health = HealthServicer()
     asynchronous = build_async(settings.asynchronous, ingress)
 
     def register(server) -> None:
         asynchronous.register(server)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(ingress, health, traced=tracing is not None), server)
+            InferenceServicer(ingress, health, traced=tracing is not None, gate=gate), server)
 
-    return Service(
+    extra_ports = ([(settings.token_listen,
+                     server_credentials(settings.tls, require_client_auth=False))]
+                   if settings.token_listen else [])
+
+    async def announce_token_port() -> None:
+        if service.extra_bound:
+            log.info("bearer-token callers on port %d", service.extra_bound[0])
+            runtime.write_port_file(settings.token_port_file, service.extra_bound[0])
+
+    service = Service(
         settings.listen,
         server_credentials(settings.tls, require_client_auth=settings.require_client_cert),
         register, health, background=[*asynchronous.background,
-                                      lambda: router.watch(lambda: health.set(router.serving))],
+                                      lambda: router.watch(lambda: health.set(router.serving)),
+                                      announce_token_port, *gate_tasks],
         cleanup=[*asynchronous.cleanup, router.close,
-                 *([] if tracing is None else [tracing.close])])
+                 *([] if tracing is None else [tracing.close])],
+        extra_ports=extra_ports)
+    return service
+
+
+def add_auth_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token-listen", default="", metavar="HOST:PORT",
+                        help="also serve bearer-token callers here (server TLS only)")
+    parser.add_argument("--token-port-file", type=Path,
+                        help="write the bound --token-listen port here once serving")
+    parser.add_argument("--policy", type=Path,
+                        help="access policy (YAML); without it every caller may do anything")
+    parser.add_argument("--jwks", default="", metavar="FILE|URL",
+                        help="public keys that verify bearer tokens (JWKS)")
+    parser.add_argument("--token-issuer", default=DEFAULT_ISSUER,
+                        help=f"required 'iss' of tokens (default {DEFAULT_ISSUER})")
+    parser.add_argument("--token-audience", default=DEFAULT_AUDIENCE,
+                        help=f"required 'aud' of tokens (default {DEFAULT_AUDIENCE})")
+    parser.add_argument("--audit-denied-sample", type=sample_fraction, default=0.01,
+                        help="fraction (0..1) of denials passed to the audit hook")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,12 +444,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--require-client-cert", action="store_true",
                         help="clients must present a certificate signed by --tls-ca")
     add_async_flags(parser)
+    add_auth_flags(parser)
     args = parser.parse_args(argv)
     runtime.configure_logging("ingress", args.log_level, args.log_format)
     settings = IngressSettings(
         asynchronous=async_settings(args),
         listen=args.listen, tls=runtime.tls_files(args), repository=args.model_repository,
         router=args.router, router_identity=args.router_identity,
-        require_client_cert=args.require_client_cert, access_log_sample=args.access_log_sample)
+        require_client_cert=args.require_client_cert, access_log_sample=args.access_log_sample,
+        token_listen=args.token_listen, token_port_file=args.token_port_file,
+        policy=args.policy, jwks=args.jwks, token_issuer=args.token_issuer,
+        token_audience=args.token_audience, audit_denied_sample=args.audit_denied_sample)
 
     return runtime.run_service("ingress", args, build_service, settings)

@@ -1,0 +1,195 @@
+"""Who is calling, and may they: the ingress's authentication and authorization.
+
+A caller proves who it is with a client certificate (the mutual-TLS listener: the principal
+is the SPIFFE identity, else the first DNS name) or with `authorization: Bearer <JWT>` (the
+token listener: the principal is the token's `sub`). On the mutual-TLS listener a token may
+be sent as well; it adds what it grants to what the certificate's principal may do.
+
+`Gate.caller(context)` authenticates; `Gate.authorize(caller, action, model)` and
+`Gate.admit(caller)` (the rate limit; its refusal carries a retry hint) raise the domain
+errors callers see. Every denial is counted, logged without any token, and a sampled
+fraction is passed to `on_denied`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from cryptography import x509
+
+from meshserve.common.access import Policy
+from meshserve.common.errors import PermissionDenied, ResourceExhausted, Unauthenticated
+from meshserve.ingress.quota import Buckets, retry_hint
+from meshserve.ingress.tokens import Keys, groups_of, models_of, scopes_of, verify
+from meshserve.tools.certs import identity_of
+
+log = logging.getLogger(__name__)
+
+NO_CREDENTIALS = ("no credentials: present a client certificate on the mutual-TLS port or "
+                  "send 'authorization: Bearer <token>'")
+
+OnDenied = Callable[[str, str, str, str], None]
+
+
+@dataclass(frozen=True)
+class Credential:
+    """One proof of identity: a principal (None: anonymous), its groups, and what a token
+    narrows it to (None: not narrowed)."""
+
+    principal: str | None
+    groups: frozenset[str] = frozenset()
+    scopes: frozenset[str] | None = None
+    models: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Caller:
+    credentials: tuple[Credential, ...]
+
+    @property
+    def principal(self) -> str | None:
+        return self.credentials[0].principal
+
+    @property
+    def name(self) -> str:
+        return self.principal or "anonymous"
+
+
+@lru_cache(maxsize=1024)
+def certificate_principal(pem: bytes) -> str | None:
+    """The SPIFFE identity of a client certificate, else its first DNS SAN."""
+    identity = identity_of(pem)
+    if identity:
+        return identity
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    return next(iter(names.get_values_for_type(x509.DNSName)), None)
+
+
+def bearer_token(metadata: Sequence[tuple[str, object]] | None) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            scheme, _, token = text.strip().partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
+            return token.strip()
+    return None
+
+
+class Gate:
+    """`policy()` gives the current policy, `keys()` the current verification keys;
+    `wall_clock` checks token times, `clock` (monotonic) drives the rate limits and
+    `random` the sampling of `on_denied`."""
+
+    def __init__(self, policy: Callable[[], Policy], keys: Callable[[], Keys], *,
+                 issuer: str, audience: str, wall_clock: Callable[[], float],
+                 clock: Callable[[], float], random: Callable[[], float],
+                 on_denied: OnDenied | None = None, denied_sample: float = 0.01,
+                 count_denied: Callable[[str], None] | None = None, leeway: float = 0.0) -> None:
+        self._policy = policy
+        self._keys = keys
+        self._issuer = issuer
+        self._audience = audience
+        self._wall_clock = wall_clock
+        self._random = random
+        self._on_denied = on_denied
+        self._denied_sample = denied_sample
+        self._count_denied = count_denied
+        self._leeway = leeway
+        self._buckets = Buckets(clock)
+
+    def caller(self, context) -> Caller:
+        """The caller of a gRPC call, from its metadata and its TLS peer."""
+        pem = (context.auth_context() or {}).get("x509_pem_cert")
+        return self.authenticate(context.invocation_metadata(), pem[0] if pem else None)
+
+    def authenticate(self, metadata, certificate: bytes | None) -> Caller:
+        credentials = []
+        if certificate is not None:
+            principal = certificate_principal(certificate)
+            if principal is None:
+                self._deny(None, "", "", "unauthenticated",
+                           Unauthenticated("client certificate names no identity"))
+            credentials.append(Credential(principal))
+        try:
+            token = bearer_token(metadata)
+            if token is not None:
+                credentials.append(self._token_credential(token))
+        except Unauthenticated as error:
+            name = credentials[0].principal if credentials else None
+            self._deny(name, "", "", "unauthenticated", error)
+        if not credentials:
+            if not self._policy().admits_anonymous:
+                self._deny(None, "", "", "unauthenticated", Unauthenticated(NO_CREDENTIALS))
+            credentials.append(Credential(None))
+        return Caller(tuple(credentials))
+
+    def _token_credential(self, token: str) -> Credential:
+        claims = verify(token, self._keys(), issuer=self._issuer, audience=self._audience,
+                        now=self._wall_clock(), leeway=self._leeway)
+        return Credential(claims["sub"], groups_of(claims), scopes_of(claims),
+                          models_of(claims))
+
+    def allows(self, caller: Caller, action: str, model: str) -> bool:
+        policy = self._policy()
+        return any(policy.allowed(c.principal, c.groups, c.scopes, action, model, c.models)
+                   for c in caller.credentials)
+
+    def authorize(self, caller: Caller, action: str, model: str) -> None:
+        """PERMISSION_DENIED unless the caller may; the same answer whether or not the
+        model exists."""
+        if not self.allows(caller, action, model):
+            self._deny(caller.principal, action, model, "permission_denied", PermissionDenied(
+                f"'{caller.name}' may not {action} model '{model}'"))
+
+    def admit(self, caller: Caller, action: str = "infer", model: str = "") -> None:
+        """RESOURCE_EXHAUSTED, with a retry hint, when the caller's rate limit is spent."""
+        limit = self._policy().limit_for(caller.principal)
+        wait = self._buckets.take(caller.name, limit.rate, limit.burst)
+        if wait > 0:
+            error = ResourceExhausted(f"rate limit of {limit.rate:g} requests/s for "
+                                      f"'{caller.name}' reached; {retry_hint(wait)}")
+            self._deny(caller.principal, action, model, "rate_limited", error)
+
+    def default_priority(self, caller: Caller) -> int:
+        return self._policy().limit_for(caller.principal).priority
+
+    def _deny(self, principal: str | None, action: str, model: str, reason: str,
+              error: Exception):
+        name = principal or "anonymous"
+        log.info("denied (%s): principal=%s action=%s model=%s: %s", reason, name,
+                 action or "-", model or "-", error)
+        if self._count_denied is not None:
+            self._count_denied(reason)
+        if self._on_denied is not None and self._random() < self._denied_sample:
+            try:
+                self._on_denied(name, action, model, reason)
+            except Exception:  # noqa: BLE001 — auditing must not change the answer
+                log.exception("on_denied hook failed")
+        raise error
+
+
+class OpenGate:
+    """No policy configured: every caller may do everything (the ingress as before)."""
+
+    def caller(self, context) -> Caller:
+        return Caller((Credential(None),))
+
+    def allows(self, caller: Caller, action: str, model: str) -> bool:
+        return True
+
+    def authorize(self, caller: Caller, action: str, model: str) -> None:
+        pass
+
+    def admit(self, caller: Caller, action: str = "infer", model: str = "") -> None:
+        pass
+
+    def default_priority(self, caller: Caller) -> int:
+        return 0

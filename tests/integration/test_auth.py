@@ -1,0 +1,219 @@
+"""Authentication, authorization, rate limits and key rotation at the ingress of a real
+`meshserve up`: bearer tokens on the token port, the client certificate on the mTLS port."""
+
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from meshserve.common.tls import TlsFiles, channel_credentials
+from meshserve.ingress.tokens import key_id, sign
+from meshserve.protocol import grpc_service_pb2 as pb
+from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+from meshserve.tools.tokens import claims_for, issue
+from tests.integration.conftest import meshserve, start_up, stop_up
+
+POLICY = """
+groups:
+  developers: [client/developer]
+rules:
+  - groups: [developers]
+    actions: [admin]
+  - principals: ["app/*"]
+    actions: [infer, models:read]
+    models: ["*"]
+limits:
+  principals:
+    app/limited: {rate: 0.1, burst: 2}
+"""
+RELOADED = POLICY.replace('principals: ["app/*"]', 'principals: ["app/*", "late/*"]')
+TIMEOUT_S = 30
+WAIT_S = 10  # the ingress looks at changed files at most once a second
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("auth") / "data"
+    (data_dir / "auth").mkdir(parents=True)
+    (data_dir / "auth" / "policy.yaml").write_text(POLICY)
+    started = start_up(data_dir)
+    try:
+        yield started
+    finally:
+        stop_up(started)
+
+
+@pytest.fixture(scope="module")
+def auth_dir(mesh) -> Path:
+    return mesh.data_dir / "auth"
+
+
+@pytest.fixture(scope="module")
+def token_stub(mesh):
+    port = int((mesh.data_dir / "run" / "ingress.token-port").read_text())
+    credentials = grpc.ssl_channel_credentials((mesh.tls / "ca.crt").read_bytes())
+    with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+        yield GRPCInferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def mtls_stub(mesh):
+    files = TlsFiles.for_identity(mesh.tls, "client")
+    with grpc.secure_channel(mesh.endpoint, channel_credentials(files)) as channel:
+        yield GRPCInferenceServiceStub(channel)
+
+
+def request_for(model: str) -> pb.ModelInferRequest:
+    dims = [3, 64, 64] if model == "cnn" else [256]
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="INPUT__0", datatype="FP32", shape=[1, *dims])
+    request.raw_input_contents.append(numpy.ones([1, *dims], numpy.float32).tobytes())
+    return request
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+def infer(stub, model: str, token: str | None = None) -> pb.ModelInferResponse:
+    return stub.ModelInfer(request_for(model), metadata=bearer(token) if token else None,
+                           timeout=TIMEOUT_S)
+
+
+def refused(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+def output_shape(response: pb.ModelInferResponse) -> list[int]:
+    return list(response.outputs[0].shape)
+
+
+def eventually(call, deadline_s: float = WAIT_S):
+    """`call()` once it stops raising grpc.RpcError (bounded in time and tries)."""
+    deadline = time.monotonic() + deadline_s
+    for _ in range(100):
+        try:
+            return call()
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    return call()
+
+
+def test_no_principal_on_the_token_port_is_unauthenticated(token_stub):
+    error = refused(lambda: infer(token_stub, "mlp"))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error.details() == ("no credentials: present a client certificate on the "
+                               "mutual-TLS port or send 'authorization: Bearer <token>'")
+
+
+def bad_tokens(auth_dir: Path) -> list[tuple[str, str]]:
+    now = time.time()
+    foreign = Ed25519PrivateKey.generate()
+    return [
+        (issue(auth_dir, "app/a", 60, now=now - 3600), "bearer token has expired"),
+        (issue(auth_dir, "app/a", 60, now=now, not_before=now + 600),
+         "bearer token is not valid yet ('nbf' is in the future)"),
+        (issue(auth_dir, "app/a", 60, now=now, audience="someone-else"),
+         "bearer token audience does not include 'meshserve-ingress'"),
+        (issue(auth_dir, "app/a", 60, now=now, issuer="someone-else"),
+         "bearer token issuer is not 'meshserve'"),
+        (sign(claims_for("app/a", 60, now), foreign, key_id(foreign.public_key())),
+         "bearer token is signed by an unknown key"),
+        ("e30.e30.e30", "bearer token algorithm must be EdDSA"),
+    ]
+
+
+def test_bad_tokens_are_unauthenticated_and_never_echoed(token_stub, auth_dir):
+    for token, message in bad_tokens(auth_dir):
+        error = refused(lambda token=token: infer(token_stub, "mlp", token))
+        assert (error.code(), error.details()) == (grpc.StatusCode.UNAUTHENTICATED, message)
+        assert token not in error.details()
+
+
+def test_a_token_scoped_to_cnn(token_stub, auth_dir):
+    token = meshserve("token", "issue", "--subject", "app/cnn-only", "--scope", "infer",
+                      "--models", "cnn", "--ttl", "10m",
+                      f"--data-dir={auth_dir.parent}").stdout.strip()
+    assert output_shape(infer(token_stub, "cnn", token)) == [1, 10]
+    for model in ("mlp", "no-such-model"):  # the same answer whether the model exists
+        error = refused(lambda model=model: infer(token_stub, model, token))
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error.details() == f"'app/cnn-only' may not infer model '{model}'"
+    error = refused(lambda: token_stub.ModelMetadata(pb.ModelMetadataRequest(name="cnn"),
+                                                     metadata=bearer(token), timeout=TIMEOUT_S))
+    assert error.details() == "'app/cnn-only' may not models:read model 'cnn'"
+
+
+def test_repository_index_lists_only_readable_models(token_stub, auth_dir):
+    token = issue(auth_dir, "app/reader", 600, scopes=["models:read"], models=["cnn"])
+    index = token_stub.RepositoryIndex(pb.RepositoryIndexRequest(), metadata=bearer(token),
+                                       timeout=TIMEOUT_S)
+    assert {model.name for model in index.models} == {"cnn"}
+
+
+def test_quota_exceeded_is_resource_exhausted_with_a_retry_hint(token_stub, auth_dir):
+    token = issue(auth_dir, "app/limited", 600)
+    assert output_shape(infer(token_stub, "mlp", token)) == [1, 10]
+    assert output_shape(infer(token_stub, "mlp", token)) == [1, 10]
+    error = refused(lambda: infer(token_stub, "mlp", token))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert re.fullmatch(r"rate limit of 0\.1 requests/s for 'app/limited' reached; "
+                        r"retry after \d+(\.\d+)? s", error.details()), error.details()
+    trailing = dict(error.trailing_metadata())
+    assert 0 < int(trailing["retry-after-ms"]) <= 10_000
+
+
+def test_tokens_of_the_old_and_new_key_both_work_after_rotation(token_stub, auth_dir):
+    old = issue(auth_dir, "app/rotation", 600)
+    done = meshserve("token", "rotate-key", f"--data-dir={auth_dir.parent}")
+    assert done.returncode == 0, done.stderr
+    new = issue(auth_dir, "app/rotation", 600)
+    assert new.split(".")[0] != old.split(".")[0]  # another kid
+    assert output_shape(eventually(lambda: infer(token_stub, "mlp", new))) == [1, 10]
+    assert output_shape(infer(token_stub, "mlp", old)) == [1, 10]
+
+
+def test_policy_edits_take_effect_without_restart(token_stub, auth_dir):
+    token = issue(auth_dir, "late/joiner", 600)
+    error = refused(lambda: infer(token_stub, "mlp", token))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    (auth_dir / "policy.yaml").write_text(RELOADED)
+    assert output_shape(eventually(lambda: infer(token_stub, "mlp", token))) == [1, 10]
+    (auth_dir / "policy.yaml").write_text("rules: [{actions: [fly]}]\n")  # broken: kept
+    time.sleep(1.5)
+    assert output_shape(infer(token_stub, "mlp", token)) == [1, 10]
+    (auth_dir / "policy.yaml").write_text(POLICY)
+
+
+def test_the_client_certificate_still_works_on_the_mtls_port(mtls_stub):
+    assert output_shape(infer(mtls_stub, "mlp")) == [1, 10]
+    ready = mtls_stub.ModelReady(pb.ModelReadyRequest(name="cnn"), timeout=TIMEOUT_S)
+    assert ready.ready
+    error = refused(lambda: infer(mtls_stub, "no-such-model"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND  # the developer may read everything
+
+
+def test_denials_are_counted_and_logged_without_tokens(mesh, token_stub, auth_dir):
+    token = issue(auth_dir, "app/a", 600, models=["cnn"])
+    refused(lambda: infer(token_stub, "mlp", token))
+    refused(lambda: infer(token_stub, "mlp", "e30.e30.e30"))
+    port = int((mesh.data_dir / "run" / "ingress.metrics-port").read_text())
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT_S) as reply:
+        text = reply.read().decode()
+    counts = dict(re.findall(r'^meshserve_ingress_denied_total\{reason="(\w+)"\} (\S+)$', text,
+                             re.MULTILINE))
+    assert float(counts["unauthenticated"]) >= 2
+    assert float(counts["permission_denied"]) >= 1
+    log = (mesh.data_dir / "run" / "ingress.log").read_text()
+    assert "principal=app/a action=infer model=mlp" in log
+    assert token not in log
+    assert token.split(".")[2] not in log

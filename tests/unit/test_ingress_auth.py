@@ -1,0 +1,119 @@
+"""The ingress's gate: credentials to a caller, the caller to a decision, denials counted."""
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from meshserve.common.access import parse_policy
+from meshserve.common.errors import PermissionDenied, ResourceExhausted, Unauthenticated
+from meshserve.ingress.auth import Gate, certificate_principal
+from meshserve.ingress.tokens import key_id, sign
+from meshserve.tools.certs import init_certs
+from meshserve.tools.tokens import claims_for
+
+NOW = 1_800_000_000.0
+KEY = Ed25519PrivateKey.generate()
+KEYS = {key_id(KEY.public_key()): KEY.public_key()}
+POLICY = parse_policy("""
+rules:
+  - principals: [client/developer]
+    actions: [models:read]
+  - principals: ["app/*"]
+    actions: [infer]
+    models: ["cnn*", mlp]
+limits:
+  principals:
+    app/slow: {rate: 2, burst: 1}
+""")
+
+
+def bearer(subject="app/a", **options) -> list[tuple[str, str]]:
+    claims = claims_for(subject, 60, NOW, **options)
+    return [("authorization", f"Bearer {sign(claims, KEY, key_id(KEY.public_key()))}")]
+
+
+class Recorder:
+    def __init__(self, sample: float = 1.0, policy=POLICY) -> None:
+        self.denied: list[str] = []
+        self.audited: list[tuple[str, str, str, str]] = []
+        self.clock = 0.0
+        self.gate = Gate(lambda: policy, lambda: KEYS, issuer="meshserve",
+                         audience="meshserve-ingress", wall_clock=lambda: NOW,
+                         clock=lambda: self.clock, random=lambda: 0.5,
+                         on_denied=lambda *args: self.audited.append(args),
+                         denied_sample=sample, count_denied=self.denied.append)
+
+
+@pytest.fixture(scope="module")
+def client_pem(tmp_path_factory) -> bytes:
+    directory = tmp_path_factory.mktemp("tls")
+    init_certs(directory)
+    return (directory / "client.crt").read_bytes()
+
+
+def test_certificate_principal_is_the_spiffe_identity(client_pem):
+    assert certificate_principal(client_pem) == "client/developer"
+
+
+def test_token_caller_is_authorized_within_its_scopes():
+    recorder = Recorder()
+    caller = recorder.gate.authenticate(bearer(scopes=["infer"], models=["cnn"]), None)
+    assert caller.name == "app/a"
+    recorder.gate.authorize(caller, "infer", "cnn")
+    with pytest.raises(PermissionDenied) as denied:
+        recorder.gate.authorize(caller, "infer", "mlp")
+    assert denied.value.message == "'app/a' may not infer model 'mlp'"
+    # A model that does not exist gets the same answer as one that does.
+    with pytest.raises(PermissionDenied) as missing:
+        recorder.gate.authorize(caller, "infer", "no-such-model")
+    assert missing.value.message == "'app/a' may not infer model 'no-such-model'"
+    assert recorder.denied == ["permission_denied", "permission_denied"]
+    assert recorder.audited[0] == ("app/a", "infer", "mlp", "permission_denied")
+
+
+@pytest.mark.parametrize(("metadata", "message"), [
+    ([], "no credentials: present a client certificate on the mutual-TLS port or send "
+         "'authorization: Bearer <token>'"),
+    ([("authorization", "Basic dXNlcg==")], "authorization metadata must be 'Bearer <token>'"),
+    ([("authorization", "Bearer x.y")], "bearer token is malformed: expected three "
+                                         "dot-separated parts"),
+])
+def test_unauthenticated(metadata, message):
+    recorder = Recorder()
+    with pytest.raises(Unauthenticated) as caught:
+        recorder.gate.authenticate(metadata, None)
+    assert caught.value.message == message
+    assert recorder.denied == ["unauthenticated"]
+
+
+def test_a_token_on_the_certificate_port_adds_to_the_certificate(client_pem):
+    recorder = Recorder()
+    alone = recorder.gate.authenticate([], client_pem)
+    assert alone.name == "client/developer"
+    assert not recorder.gate.allows(alone, "infer", "mlp")
+    both = recorder.gate.authenticate(bearer("app/a", scopes=["infer"]), client_pem)
+    assert both.name == "client/developer"
+    assert recorder.gate.allows(both, "infer", "mlp")
+    assert recorder.gate.allows(both, "models:read", "mlp")
+
+
+def test_anonymous_callers_when_the_policy_admits_them():
+    recorder = Recorder(policy=parse_policy("anonymous: {actions: [models:read]}"))
+    caller = recorder.gate.authenticate([], None)
+    assert caller.principal is None
+    recorder.gate.authorize(caller, "models:read", "mlp")
+    with pytest.raises(PermissionDenied, match="^'anonymous' may not infer model 'mlp'$"):
+        recorder.gate.authorize(caller, "infer", "mlp")
+
+
+def test_rate_limit_gives_a_retry_hint():
+    recorder = Recorder(sample=0.1)  # random() = 0.5: not audited
+    caller = recorder.gate.authenticate(bearer("app/slow"), None)
+    recorder.gate.admit(caller)
+    with pytest.raises(ResourceExhausted) as caught:
+        recorder.gate.admit(caller)
+    assert caught.value.message == ("rate limit of 2 requests/s for 'app/slow' reached; "
+                                    "retry after 0.5 s")
+    recorder.clock = 0.5
+    recorder.gate.admit(caller)
+    assert recorder.denied == ["rate_limited"]
+    assert recorder.audited == []

@@ -1,0 +1,214 @@
+"""`meshserve token`: the deployment's token-signing keys, and bearer tokens signed with them.
+
+Files in DIR/auth (created mode 0700 on first use):
+
+- `signing.key`: the current Ed25519 private key (PEM PKCS8, mode 0600);
+- `jwks.json`: the public keys the ingress accepts (`--jwks`), newest first, each with a
+  `kid`; after `rotate-key` the previous key stays in it so tokens it signed keep working;
+- `policy.yaml`: the access policy (`--policy`), written once with a development default.
+
+    meshserve token issue --subject app/frontend --scope infer --models mlp,cnn --ttl 1h
+    meshserve token rotate-key --data-dir DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from meshserve.ingress.tokens import (
+    DEFAULT_AUDIENCE,
+    DEFAULT_ISSUER,
+    jwks_document,
+    key_id,
+    parse_jwks,
+    sign,
+)
+
+SIGNING_KEY = "signing.key"
+JWKS = "jwks.json"
+POLICY = "policy.yaml"
+
+DEFAULT_POLICY = """\
+# Who may do what at the ingress; the ingress re-reads this file within a second of a change.
+# Actions: infer, models:read, models:write, traffic:write, audit:read, admin (everything).
+# Principals: a client certificate's SPIFFE identity (e.g. client/developer) or a token's
+# subject. Principals and models are fnmatch globs.
+groups:
+  developers: [client/developer]
+rules:
+  # The development client certificate (tls/client.crt) may do everything.
+  - groups: [developers]
+    actions: [admin]
+    models: ["*"]
+  # Any other authenticated caller may infer and read model metadata; a token's scopes and
+  # `models` claim narrow this further.
+  - principals: ["*"]
+    actions: [infer, models:read]
+    models: ["*"]
+# Callers without a certificate or token are refused; to admit them, uncomment:
+# anonymous:
+#   actions: [models:read]
+#   models: ["*"]
+limits:
+  # Requests per second per principal (token bucket of `burst`); rate 0: unlimited.
+  default: {rate: 0}
+"""
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """`90`, `90s`, `15m`, `1h`, `2d` → seconds."""
+    match = _DURATION.match(text.strip())
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive duration such as 1h")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Replace `path` atomically; the file never exists with a wider `mode`."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    finally:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+
+
+def _key_pem(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def load_signing_key(auth_dir: Path) -> Ed25519PrivateKey:
+    key = serialization.load_pem_private_key((Path(auth_dir) / SIGNING_KEY).read_bytes(), None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{auth_dir / SIGNING_KEY} is not an Ed25519 key")
+    return key
+
+
+def _public_keys(auth_dir: Path) -> list:
+    path = Path(auth_dir) / JWKS
+    return list(parse_jwks(path.read_text()).values()) if path.exists() else []
+
+
+def init_auth(auth_dir: Path) -> bool:
+    """Create whatever is missing of the signing key, the JWKS and the policy; True when
+    anything was created. Existing files are kept."""
+    auth_dir = Path(auth_dir)
+    auth_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    created = False
+    if not (auth_dir / SIGNING_KEY).exists():
+        key = Ed25519PrivateKey.generate()
+        _write(auth_dir / JWKS, jwks_document([key.public_key(), *_public_keys(auth_dir)])
+               .encode(), 0o644)
+        _write(auth_dir / SIGNING_KEY, _key_pem(key), 0o600)
+        created = True
+    if not (auth_dir / POLICY).exists():
+        _write(auth_dir / POLICY, DEFAULT_POLICY.encode(), 0o644)
+        created = True
+    return created
+
+
+def rotate_key(auth_dir: Path, keep: int = 2) -> str:
+    """A new signing key; the JWKS keeps the newest `keep` public keys (the new one and the
+    previous ones still honoured). Returns the new key's kid."""
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
+    auth_dir = Path(auth_dir)
+    key = Ed25519PrivateKey.generate()
+    # The JWKS first: by the time a token uses the new key, the ingress can know it.
+    keys = [key.public_key(), *_public_keys(auth_dir)][:keep]
+    _write(auth_dir / JWKS, jwks_document(keys).encode(), 0o644)
+    _write(auth_dir / SIGNING_KEY, _key_pem(key), 0o600)
+    return key_id(key.public_key())
+
+
+def claims_for(subject: str, ttl: float, now: float, *, scopes: list[str] | None = None,
+               models: list[str] | None = None, groups: list[str] | None = None,
+               issuer: str = DEFAULT_ISSUER, audience: str = DEFAULT_AUDIENCE,
+               not_before: float | None = None) -> dict:
+    claims: dict = {"iss": issuer, "aud": audience, "sub": subject, "iat": int(now),
+                    "nbf": int(now if not_before is None else not_before),
+                    "exp": int(now + ttl)}
+    if scopes is not None:
+        claims["scope"] = " ".join(scopes)
+    if models is not None:
+        claims["models"] = list(models)
+    if groups:
+        claims["groups"] = list(groups)
+    return claims
+
+
+def issue(auth_dir: Path, subject: str, ttl: float, now: float | None = None,
+          **options) -> str:
+    """A token signed with the current key (`options`: see claims_for)."""
+    key = load_signing_key(auth_dir)
+    claims = claims_for(subject, ttl, time.time() if now is None else now, **options)
+    return sign(claims, key, key_id(key.public_key()))
+
+
+def _words(values: list[str] | None) -> list[str] | None:
+    """`--scope a --scope "b c"` / `--models mlp,cnn` → a flat list; None when not given."""
+    if values is None:
+        return None
+    return [word for value in values for word in re.split(r"[\s,]+", value) if word]
+
+
+def _issue(args: argparse.Namespace) -> int:
+    auth_dir = args.data_dir / "auth"
+    if not (auth_dir / SIGNING_KEY).exists():
+        print(f"error: no signing key in {auth_dir}; run `meshserve up` or "
+              f"`meshserve token rotate-key --data-dir {args.data_dir}` first", file=sys.stderr)
+        return 1
+    print(issue(auth_dir, args.subject, args.ttl, scopes=_words(args.scope),
+                models=_words(args.models), groups=_words(args.groups), issuer=args.issuer,
+                audience=args.audience))
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    auth_dir = args.data_dir / "auth"
+    init_auth(auth_dir)
+    kid = rotate_key(auth_dir, args.keep)
+    print(f"new signing key {kid}; {auth_dir / JWKS} keeps the newest {args.keep} key(s)")
+    return 0
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("token", help="issue bearer tokens, rotate the signing key")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    issue_parser = actions.add_parser("issue", help="print a signed bearer token")
+    issue_parser.add_argument("--subject", required=True, help="the principal it names")
+    issue_parser.add_argument("--scope", action="append", metavar="ACTION",
+                              help="an action it allows (repeatable; default: no limit "
+                                   "beyond the policy)")
+    issue_parser.add_argument("--models", action="append", metavar="GLOB[,GLOB]",
+                              help="models it may be used on (default: no limit)")
+    issue_parser.add_argument("--groups", action="append", metavar="GROUP[,GROUP]")
+    issue_parser.add_argument("--ttl", type=duration, default=duration("1h"),
+                              help="lifetime, e.g. 15m, 1h, 2d (default 1h)")
+    issue_parser.add_argument("--issuer", default=DEFAULT_ISSUER)
+    issue_parser.add_argument("--audience", default=DEFAULT_AUDIENCE)
+    issue_parser.set_defaults(func=_issue)
+    rotate_parser = actions.add_parser("rotate-key", help="start signing with a new key")
+    rotate_parser.add_argument("--keep", type=int, default=2,
+                               help="public keys kept in jwks.json, the new one included "
+                                    "(default 2: the previous key stays valid)")
+    rotate_parser.set_defaults(func=_rotate)
+    for sub in (issue_parser, rotate_parser):
+        sub.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
+                         help="the deployment's data directory (keys in DIR/auth)")
