@@ -12,6 +12,7 @@ below (or callbacks made from them) by the wiring in each `service.py`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -50,11 +51,19 @@ class Metrics:
 
     def certificate_expiry(self, certificate: Path) -> None:
         """`meshserve_certificate_expiry_seconds{identity}`: when this service's certificate
-        expires, as a Unix time (alert on `... - time() < 7 * 86400`)."""
+        expires, as a Unix time (alert on `... - time() < 7 * 86400`). Read again at each
+        scrape, so a rotated certificate shows; the last value stays while it is replaced."""
         identity, expires = certificate_facts(certificate)
+        latest = [expires]
+
+        def current() -> float:
+            with contextlib.suppress(OSError, ValueError):
+                latest[0] = certificate_facts(certificate)[1]
+            return latest[0]
+
         self.gauge("meshserve_certificate_expiry_seconds",
                    "Expiry of the service's own TLS certificate (Unix time, seconds)",
-                   ["identity"]).labels(identity).set(expires)
+                   ["identity"]).labels(identity).set_function(current)
 
 
 def certificate_facts(certificate: Path) -> tuple[str, float]:

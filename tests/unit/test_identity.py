@@ -15,6 +15,7 @@ from meshserve.common.identity import (
     peer_identity,
     refusal,
 )
+from meshserve.common.metrics import Metrics
 from meshserve.common.tls import MismatchedKey, ServerCertificates, TlsFiles, check_pair
 from meshserve.tools.certs import (
     CA_CERT,
@@ -227,3 +228,20 @@ def test_server_fetcher_reloads_changed_files_and_waits_out_a_half_written_pair(
 
     rotate_certs(tmp_path)
     assert fetch() is not None and fetch.reloads == 2
+
+
+def expiry_of(metrics: Metrics) -> float:
+    return metrics.registry.get_sample_value("meshserve_certificate_expiry_seconds",
+                                             {"identity": "router"})
+
+
+def test_certificate_expiry_metric_follows_a_rotation(tmp_path):
+    init_certs(tmp_path, days=365)
+    metrics = Metrics()
+    metrics.certificate_expiry(tmp_path / "router.crt")
+    before = expiry_of(metrics)
+    rotate_certs(tmp_path, days=30)
+    after = expiry_of(metrics)
+    assert 334 * 86400 < before - after < 336 * 86400
+    (tmp_path / "router.crt").write_text("being replaced")
+    assert expiry_of(metrics) == after
