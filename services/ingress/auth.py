@@ -23,7 +23,7 @@ from cryptography import x509
 from meshserve.common.access import Policy
 from meshserve.common.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from meshserve.ingress.quota import Buckets, retry_hint
-from meshserve.ingress.tokens import Keys, groups_of, models_of, scopes_of, verify
+from meshserve.ingress.tokens import Keys, Verifier, groups_of, models_of, scopes_of
 from meshserve.tools.certs import identity_of
 
 log = logging.getLogger(__name__)
@@ -94,15 +94,12 @@ class Gate:
                  on_denied: OnDenied | None = None, denied_sample: float = 0.01,
                  count_denied: Callable[[str], None] | None = None, leeway: float = 0.0) -> None:
         self._policy = policy
-        self._keys = keys
-        self._issuer = issuer
-        self._audience = audience
+        self._tokens = Verifier(keys, issuer=issuer, audience=audience, leeway=leeway)
         self._wall_clock = wall_clock
         self._random = random
         self._on_denied = on_denied
         self._denied_sample = denied_sample
         self._count_denied = count_denied
-        self._leeway = leeway
         self._buckets = Buckets(clock)
 
     def caller(self, context) -> Caller:
@@ -132,8 +129,7 @@ class Gate:
         return Caller(tuple(credentials))
 
     def _token_credential(self, token: str) -> Credential:
-        claims = verify(token, self._keys(), issuer=self._issuer, audience=self._audience,
-                        now=self._wall_clock(), leeway=self._leeway)
+        claims = self._tokens.claims(token, self._wall_clock())
         return Credential(claims["sub"], groups_of(claims), scopes_of(claims),
                           models_of(claims))
 

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,16 +106,30 @@ def verify(token: str, keys: Keys, *, issuer: str, audience: str, now: float,
            leeway: float = 0.0) -> dict:
     """The claims of a valid token; Unauthenticated naming the failed check otherwise.
     `exp` is required; `nbf` is checked when present; `aud` may be a string or a list."""
+    claims, _, _ = verified(token, keys)
+    check_claims(claims, issuer=issuer, audience=audience, now=now, leeway=leeway)
+    return claims
+
+
+def verified(token: str, keys: Keys) -> tuple[dict, str, Ed25519PublicKey]:
+    """(claims, kid, key) of a token whose signature verifies; claims not checked yet."""
     header, claims, signature, signed = _decode(token)
     if header.get("alg") != ALGORITHM:
         raise Unauthenticated(f"bearer token algorithm must be {ALGORITHM}")
-    key = keys.get(header.get("kid", ""))
+    kid = header.get("kid", "")
+    key = keys.get(kid) if isinstance(kid, str) else None
     if key is None:
         raise Unauthenticated("bearer token is signed by an unknown key")
     try:
         key.verify(signature, signed)
     except InvalidSignature:
         raise Unauthenticated("bearer token signature does not verify") from None
+    return claims, kid, key
+
+
+def check_claims(claims: dict, *, issuer: str, audience: str, now: float,
+                 leeway: float = 0.0) -> None:
+    """The time, issuer, audience and subject checks of `verify`."""
     expires = _number(claims, "exp")
     if expires is None:
         raise Unauthenticated("bearer token has no 'exp' claim")
@@ -131,7 +146,36 @@ def verify(token: str, keys: Keys, *, issuer: str, audience: str, now: float,
         raise Unauthenticated(f"bearer token audience does not include '{audience}'")
     if not isinstance(claims.get("sub"), str) or not claims["sub"]:
         raise Unauthenticated("bearer token has no 'sub' claim")
-    return claims
+
+
+class Verifier:
+    """`verify` against the current keys, remembering the last `size` tokens whose signature
+    verified: a client that reuses its token pays for the signature check once. The claims
+    are checked on every use, and a remembered token counts only while the key that signed
+    it is still in the JWKS."""
+
+    def __init__(self, keys: Callable[[], Keys], *, issuer: str, audience: str,
+                 leeway: float = 0.0, size: int = 1024) -> None:
+        self._keys = keys
+        self._issuer = issuer
+        self._audience = audience
+        self._leeway = leeway
+        self._size = size
+        self._seen: OrderedDict[str, tuple[dict, str, Ed25519PublicKey]] = OrderedDict()
+
+    def claims(self, token: str, now: float) -> dict:
+        keys = self._keys()
+        seen = self._seen.get(token)
+        if seen is None or keys.get(seen[1]) is not seen[2]:
+            seen = verified(token, keys)
+            self._seen[token] = seen
+            if len(self._seen) > self._size:
+                self._seen.popitem(last=False)
+        else:
+            self._seen.move_to_end(token)
+        check_claims(seen[0], issuer=self._issuer, audience=self._audience, now=now,
+                     leeway=self._leeway)
+        return seen[0]
 
 
 def scopes_of(claims: Mapping) -> frozenset[str] | None:

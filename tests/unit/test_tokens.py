@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from meshserve.common.errors import Unauthenticated
 from meshserve.ingress.tokens import (
     JwksFile,
+    Verifier,
     jwks_document,
     key_id,
     models_of,
@@ -132,3 +133,20 @@ def test_issue_and_rotate_keep_the_previous_key(tmp_path):
     with pytest.raises(Unauthenticated, match="unknown key"):
         verify(first, keys, issuer="meshserve", audience="meshserve-ingress", now=NOW)
     verify(second, keys, issuer="meshserve", audience="meshserve-ingress", now=NOW)
+
+
+def test_verifier_remembers_signatures_but_checks_claims_and_keys_every_time():
+    keys = dict(KEYS)
+    verifier = Verifier(lambda: keys, issuer="meshserve", audience="meshserve-ingress",
+                        size=2)
+    text = token(key=OLD)
+    assert verifier.claims(text, NOW)["sub"] == "app/a"
+    assert verifier.claims(text, NOW + 10)["sub"] == "app/a"
+    with pytest.raises(Unauthenticated, match="^bearer token has expired$"):
+        verifier.claims(text, NOW + 3600)
+    del keys[key_id(OLD.public_key())]  # the old key leaves the JWKS
+    with pytest.raises(Unauthenticated, match="^bearer token is signed by an unknown key$"):
+        verifier.claims(text, NOW)
+    forged = text[:text.rindex(".") + 1] + "AAAA"
+    with pytest.raises(Unauthenticated):
+        verifier.claims(forged, NOW)
