@@ -9,8 +9,11 @@ import grpc
 import numpy
 
 from meshserve.common.datatypes import NUMPY_DTYPE
+from meshserve.common.forwarding import CODE_NAME
 from meshserve.common.tls import TlsFiles, channel_credentials
 from meshserve.protocol import grpc_service_pb2 as pb
+from meshserve.protocol.async_inference_pb2 import ResultRequest, ResultResponse
+from meshserve.protocol.async_inference_pb2_grpc import AsyncInferenceStub
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 
 
@@ -59,7 +62,10 @@ async def infer_once(args: argparse.Namespace) -> int:
             request.raw_input_contents.append(array.astype(
                 NUMPY_DTYPE[request.inputs[0].datatype]).tobytes())
         start = time.perf_counter()
-        response = await stub.ModelInfer(request, timeout=args.timeout)
+        if args.use_async:
+            response = await submit_and_wait(channel, request, args.timeout)
+        else:
+            response = await stub.ModelInfer(request, timeout=args.timeout)
         elapsed_ms = (time.perf_counter() - start) * 1e3
     print(f"model {response.model_name} version {response.model_version} "
           f"answered in {elapsed_ms:.2f} ms")
@@ -69,11 +75,33 @@ async def infer_once(args: argparse.Namespace) -> int:
     return 0
 
 
+class NotAnswered(Exception):
+    pass
+
+
+async def submit_and_wait(channel: grpc.aio.Channel, request: pb.ModelInferRequest,
+                          timeout: float) -> pb.ModelInferResponse:
+    """Through the asynchronous API: Submit, then Result waiting up to `timeout`."""
+    stub = AsyncInferenceStub(channel)
+    submitted = await stub.Submit(request, timeout=10)
+    print(f"submitted as {submitted.id}")
+    answer = await stub.Result(ResultRequest(id=submitted.id, wait_ms=int(timeout * 1000)),
+                               timeout=timeout + 5)
+    if answer.state == ResultResponse.DONE:
+        return answer.response
+    if answer.state == ResultResponse.FAILED:
+        raise NotAnswered(f"{CODE_NAME.get(answer.code, answer.code)}: {answer.message}")
+    raise NotAnswered(f"{submitted.id} is still {ResultResponse.State.Name(answer.state)}")
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(infer_once(args))
     except grpc.aio.AioRpcError as error:
         print(f"error: {error.code().name}: {error.details()}")
+        return 1
+    except NotAnswered as error:
+        print(f"error: {error}")
         return 1
 
 
@@ -88,4 +116,6 @@ def register(commands) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--async", dest="use_async", action="store_true",
+                        help="through the asynchronous API (Submit, then Result)")
     parser.set_defaults(func=run)

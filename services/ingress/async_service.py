@@ -33,8 +33,6 @@ from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferRes
 log = logging.getLogger(__name__)
 
 Infer = Callable[[ModelInferRequest], Awaitable[ModelInferResponse]]
-# authorize(context, model): raises a ServingError when the caller may not infer on `model`.
-Authorize = Callable[[object, str], None]
 
 PURGE_EVERY_S = 60.0
 STATES = {"PENDING": ResultResponse.PENDING, "RUNNING": ResultResponse.RUNNING,
@@ -173,13 +171,22 @@ def to_proto(submission: Submission) -> ResultResponse:
 
 
 class AsyncInferenceServicer(async_inference_pb2_grpc.AsyncInferenceServicer):
-    def __init__(self, requests: AsyncRequests, authorize: Authorize | None = None) -> None:
+    """Authorized by the ingress's gate (meshserve.ingress.auth) as ModelInfer is: Submit is
+    action `infer` on the model, under the caller's rate limit and default priority; Result
+    needs `infer` on the model the request named."""
+
+    def __init__(self, requests: AsyncRequests, gate=None) -> None:
         self._requests = requests
-        self._authorize = authorize
+        self._gate = gate
 
     async def Submit(self, request, context):
-        if self._authorize is not None:
-            self._authorize(context, request.model_name)
+        if self._gate is not None:
+            caller = self._gate.caller(context)
+            self._gate.authorize(caller, "infer", request.model_name)
+            self._gate.admit(caller, "infer", request.model_name)
+            priority = self._gate.default_priority(caller)
+            if priority and "priority" not in request.parameters:
+                request.parameters["priority"].int64_param = priority
         pin = header(context.invocation_metadata(), PIN_HEADER)
         if pin and not request.model_version:
             request.model_version = pin
@@ -187,8 +194,8 @@ class AsyncInferenceServicer(async_inference_pb2_grpc.AsyncInferenceServicer):
 
     async def Result(self, request, context):
         found = self._requests.lookup(request.id)
-        if self._authorize is not None:
-            self._authorize(context, found.model)
+        if self._gate is not None:
+            self._gate.authorize(self._gate.caller(context), "infer", found.model)
         seconds = request.wait_ms / 1000
         remaining = context.time_remaining()
         if remaining is not None:
@@ -200,7 +207,7 @@ class AsyncInferenceServicer(async_inference_pb2_grpc.AsyncInferenceServicer):
 class AsyncApi:
     """What the ingress's wiring adds to its service: nothing when not configured."""
 
-    register: Callable[..., None] = lambda server, authorize=None: None
+    register: Callable[..., None] = lambda server, gate=None: None
     background: list = field(default_factory=list)
     cleanup: list = field(default_factory=list)
 
@@ -221,9 +228,9 @@ def build_async(settings: AsyncSettings | None, ingress) -> AsyncApi:
     requests = AsyncRequests(store, infer, check, settings.concurrency,
                              settings.retention_seconds, settings.retry_seconds)
 
-    def register(server, authorize: Authorize | None = None) -> None:
+    def register(server, gate=None) -> None:
         async_inference_pb2_grpc.add_AsyncInferenceServicer_to_server(
-            AsyncInferenceServicer(requests, authorize), server)
+            AsyncInferenceServicer(requests, gate), server)
 
     async def close() -> None:
         connection.close()

@@ -392,7 +392,7 @@ def build_service(settings: IngressSettings, metrics: Metrics | None = None,
     asynchronous = build_async(settings.asynchronous, ingress)
 
     def register(server) -> None:
-        asynchronous.register(server)
+        asynchronous.register(server, gate)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(ingress, health, traced=tracing is not None, gate=gate), server)
 

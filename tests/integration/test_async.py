@@ -26,7 +26,8 @@ from meshserve.protocol.async_inference_pb2 import ResultRequest, ResultResponse
 from meshserve.protocol.async_inference_pb2_grpc import AsyncInferenceStub
 from meshserve.tools.client import client_tls
 from meshserve.tools.demo_models import build_model
-from tests.integration.conftest import children_of, start_up, stop_up
+from meshserve.tools.tokens import issue
+from tests.integration.conftest import children_of, meshserve, start_up, stop_up
 
 BURST = 300
 KILLED = 60
@@ -168,3 +169,43 @@ async def test_bad_requests_are_refused_at_submit(mesh):
             await stub.Submit(unknown, timeout=10)
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
         assert raised.value.details() == "unknown model 'nope'"
+
+
+def test_meshserve_infer_async_prints_the_answer(mesh):
+    done = meshserve("infer", "mlp", "--async", f"--target={mesh.endpoint}",
+                     f"--data-dir={mesh.data_dir}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("submitted as ") and len(lines[0].split()[-1]) == 32
+    assert lines[1].startswith("model mlp version ") and "OUTPUT__0 float32 [1, 10]" in lines
+
+
+async def test_submit_and_result_are_authorized_like_model_infer(mesh):
+    """A token allowed to infer only on cnn (on the ingress's bearer-token port)."""
+    token = issue(mesh.data_dir / "auth", "app/cnn-only", 600, scopes=["infer"],
+                  models=["cnn"])
+    bearer = (("authorization", f"Bearer {token}"),)
+    port = int((mesh.data_dir / "run" / "ingress.token-port").read_text())
+    credentials = grpc.ssl_channel_credentials((mesh.tls / "ca.crt").read_bytes())
+    mlp, _ = mlp_request(7)
+    async with stub_for(mesh) as owner:
+        mlp_id = (await owner.Submit(mlp, timeout=10)).id
+    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+        stub = AsyncInferenceStub(channel)
+        for call in (lambda: stub.Submit(mlp, metadata=bearer, timeout=10),
+                     lambda: stub.Result(ResultRequest(id=mlp_id), metadata=bearer, timeout=10)):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call()
+            assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert raised.value.details() == "'app/cnn-only' may not infer model 'mlp'"
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Submit(mlp)  # no principal at all
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        cnn = pb.ModelInferRequest(model_name="cnn")
+        cnn.inputs.add(name="INPUT__0", datatype="FP32", shape=[1, 3, 64, 64])
+        cnn.raw_input_contents.append(bytes(4 * 3 * 64 * 64))
+        cnn_id = (await stub.Submit(cnn, metadata=bearer, timeout=10)).id
+        answer = await stub.Result(ResultRequest(id=cnn_id, wait_ms=20_000), metadata=bearer,
+                                   timeout=30)
+        assert answer.state == ResultResponse.DONE, answer
+        assert list(answer.response.outputs[0].shape) == [1, 10]
