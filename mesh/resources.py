@@ -25,7 +25,10 @@ ENDPOINTS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 TYPES = (LISTENER, ROUTE, CLUSTER, ENDPOINTS)
 
 MAX_REQUESTS = 1024  # circuit breaker: groups in flight per version
-RETRIES = 2  # on UNAVAILABLE, within the router's budget
+# On UNAVAILABLE only (the group never reached a batcher, or it refused it as not ready):
+# one retry, after a jittered 25-250 ms back-off, so a failing version sees at most twice its
+# traffic; outlier detection below ejects a failing batcher, max_requests caps the total.
+RETRIES = 1
 
 
 def cluster_name(model: str, version: str) -> str:

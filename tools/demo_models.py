@@ -73,9 +73,15 @@ def _dims(dims: tuple[int, ...]) -> str:
 PREFERRED_BATCH_SIZES = {"cnn": (4,)}
 
 
+# Overload: two priority levels, requests without a `priority` parameter are the less urgent
+# level 2, and a queue holds at most this many requests (beyond it level-2 requests are shed
+# first; see README "Overload"). 256 is twice the highest concurrency `meshserve bench` uses.
+MAX_QUEUE_SIZE = 256
+
+
 def _preferred(name: str) -> str:
     sizes = PREFERRED_BATCH_SIZES.get(name)
-    return f" preferred_batch_size: {_dims(sizes)}" if sizes else ""
+    return f"  preferred_batch_size: {_dims(sizes)}\n" if sizes else ""
 
 
 def demo_config(name: str) -> str:
@@ -100,7 +106,12 @@ def demo_config(name: str) -> str:
         f"  }}\n"
         f"]\n"
         f"# No queue delay: meshserve's batcher is work-conserving.\n"
-        f"dynamic_batching {{{_preferred(name)} }}\n"
+        f"dynamic_batching {{\n"
+        f"{_preferred(name)}"
+        f"  priority_levels: 2\n"
+        f"  default_priority_level: 2\n"
+        f"  default_queue_policy {{ max_queue_size: {MAX_QUEUE_SIZE} }}\n"
+        f"}}\n"
         f"instance_group [ {{ kind: KIND_AUTO count: 1 }} ]\n"
     )
 

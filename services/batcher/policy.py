@@ -27,6 +27,7 @@ class BatchingPolicy:
     default_timeout_us: int = 0  # queue timeout per request; 0 = none
     priority_levels: int = 0  # 0 or 1 = a single level
     default_priority_level: int = 0  # used when a request gives priority 0
+    max_queue_bytes: int = 0  # payload bytes queued + in flight; 0 = unbounded
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 0:
@@ -88,6 +89,24 @@ class Pending:
     deadline: float | None  # monotonic seconds; None = none
     priority: int = 0  # as given; 0 = policy default. Lower number = more urgent (1 is highest)
     payload: Any = None  # opaque to the policy
+    size: int = 0  # payload bytes, counted against `max_queue_bytes`
+
+
+class QueueFull(ResourceExhausted):
+    """A refusal or an eviction by a full queue; `reason` names what was full
+    ("queue_full": requests, "bytes": bytes, "priority": evicted for a more urgent one)."""
+
+    def __init__(self, message: str, reason: str, retry_after: float) -> None:
+        super().__init__(message, retry_after)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Shed:
+    """A queued entry evicted to admit a more urgent one, and the error to answer it with."""
+
+    entry: Pending
+    error: QueueFull
 
 
 @dataclass(frozen=True)
@@ -120,6 +139,7 @@ class BatchQueue:
         self._levels: list[deque[Pending]] = [deque() for _ in range(policy.levels)]
         self._count = 0
         self._rows = 0
+        self._bytes = 0  # queued + taken and not yet released
 
     def __len__(self) -> int:
         return self._count
@@ -129,21 +149,42 @@ class BatchQueue:
         """Rows queued, over all requests."""
         return self._rows
 
-    def add(self, entry: Pending) -> None:
-        """Queue `entry`, applying the queue timeout and clamping its priority.
+    @property
+    def bytes(self) -> int:
+        """Payload bytes held: queued, and taken but not yet released."""
+        return self._bytes
 
-        Raises ResourceExhausted when the queue already holds `max_queue_size` requests,
-        InvalidArgument when the entry's rows exceed `max_batch_size` (it could never be sent).
+    def add(self, entry: Pending, retry_after: float = 0.05) -> list[Shed]:
+        """Queue `entry`, applying the queue timeout and clamping its priority; returns the
+        entries shed to make room for it (each to be answered with its error).
+
+        When the queue is full (`max_queue_size` requests or `max_queue_bytes` bytes), the
+        newest entries of less urgent levels than the arrival's are shed, least urgent level
+        first, until it fits; when shedding them all would not make room, nothing is shed and
+        the arrival is refused with QueueFull. InvalidArgument when the entry's rows exceed
+        `max_batch_size` (it could never be sent). Refusals carry `retry_after` seconds.
         """
-        self._check_room()
         self._check_rows(entry)
+        level = self.policy.level_of(entry.priority)
+        victims = self._victims(level, entry.size, retry_after)
+        shed = [Shed(victim, self._shed_error(retry_after)) for victim in victims]
+        for victim in victims:  # the newest first: each is the last of its level
+            self._levels[victim.priority - 1].pop()
+        self._forget(victims)
         timeout_us = self.policy.default_timeout_us
         if timeout_us > 0:
             entry.deadline = _earliest(entry.deadline, entry.enqueued + timeout_us / _US_PER_S)
-        entry.priority = self.policy.level_of(entry.priority)
-        self._levels[entry.priority - 1].append(entry)
+        entry.priority = level
+        self._levels[level - 1].append(entry)
         self._count += 1
         self._rows += entry.rows
+        self._bytes += entry.size
+        return shed
+
+    def release(self, entries: list[Pending]) -> None:
+        """Entries taken earlier were answered: their bytes leave the budget."""
+        self._bytes -= sum(entry.size for entry in entries)
+
 
     def expire(self, now: float) -> list[Pending]:
         """Remove and return every entry whose deadline is at or before `now`."""
@@ -155,9 +196,14 @@ class BatchQueue:
             for entry in level:
                 (expired if _is_expired(entry, now) else kept).append(entry)
             self._levels[index] = kept
-        self._count -= len(expired)
-        self._rows -= sum(entry.rows for entry in expired)
+        self._forget(expired)
         return expired
+
+    def _forget(self, removed: list[Pending]) -> None:
+        """Removed from the queue and never sent: rows, count and bytes go."""
+        self._count -= len(removed)
+        self._rows -= sum(entry.rows for entry in removed)
+        self._bytes -= sum(entry.size for entry in removed)
 
     def decide(self, now: float, idle_replicas: int) -> Send | Wait:
         """What to do at `now`; assumes `expire(now)` was just called."""
@@ -223,10 +269,40 @@ class BatchQueue:
         deadlines = [e.deadline for e in self._in_order() if e.deadline is not None]
         return min(deadlines, default=None)
 
-    def _check_room(self) -> None:
-        limit = self.policy.max_queue_size
-        if limit > 0 and self._count >= limit:
-            raise ResourceExhausted(f"{self._name()} is full (max_queue_size {limit})")
+    def _victims(self, level: int, size: int, retry_after: float) -> list[Pending]:
+        """The entries to shed so that an arrival of `size` bytes at `level` fits: the newest
+        of the least urgent level first, never one as urgent as the arrival. Raises QueueFull
+        when even shedding all of those would not make room."""
+        max_count, max_bytes = self.policy.max_queue_size, self.policy.max_queue_bytes
+        if max_bytes > 0 and size > max_bytes:
+            raise QueueFull(f"request of {size} bytes for {self._name()} exceeds "
+                            f"max_queue_bytes {max_bytes}", "bytes", retry_after)
+        count, held = self._count, self._bytes
+        victims: list[Pending] = []
+        candidates = (entry for queued in reversed(self._levels[level:])
+                      for entry in reversed(queued))
+        while True:
+            over_count = max_count > 0 and count + 1 > max_count
+            over_bytes = max_bytes > 0 and held + size > max_bytes
+            if not (over_count or over_bytes):
+                return victims
+            victim = next(candidates, None)
+            if victim is None:
+                reason = "queue_full" if over_count else "bytes"
+                limit = (f"max_queue_size {max_count}" if over_count
+                         else f"max_queue_bytes {max_bytes}")
+                raise QueueFull(f"{self._name()} is full ({limit}; {self._occupancy()})",
+                                reason, retry_after)
+            victims.append(victim)
+            count -= 1
+            held -= victim.size
+
+    def _shed_error(self, retry_after: float) -> QueueFull:
+        return QueueFull(f"shed: {self._name()} full ({self._occupancy()}) and a more urgent "
+                         "request arrived", "priority", retry_after)
+
+    def _occupancy(self) -> str:
+        return f"{self._count} requests / {self._bytes} bytes"
 
     def _check_rows(self, entry: Pending) -> None:
         cap = self.policy.max_batch_size

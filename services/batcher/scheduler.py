@@ -3,19 +3,32 @@
 The policy (`policy.BatchQueue`) decides "send n now" or "wait until t"; this loop only
 carries it out: it answers expired requests, picks the replica with the least outstanding
 work, and splits each batch's answer back to its requests.
+
+Failover (rules in `failover`): a replica that answers UNAVAILABLE (or cannot be reached)
+`consecutive_failures` times in a row, or stalls past the stall timeout once, is ejected;
+its failed batch is retried once on another replica when the retry budget and the
+requests' deadlines allow. An ejected replica is probed and put back once it is healthy.
 """
 
 import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from opentelemetry.trace import Span, StatusCode
 
 from meshserve.batcher.batch import merge, split
-from meshserve.batcher.policy import BatchQueue, Pending, Send
+from meshserve.batcher.failover import (
+    FailoverSettings,
+    LatencyWindow,
+    Outlier,
+    RetryBudget,
+    retry_after,
+    stall_timeout,
+)
+from meshserve.batcher.policy import BatchQueue, Pending, QueueFull, Send
 from meshserve.batcher.statistics import Statistics
 from meshserve.common.errors import DeadlineExceeded, ServingError, Unavailable
 from meshserve.common.forwarding import error_result, rpc_error_result
@@ -35,10 +48,33 @@ class Replica:
     capacity: int = 1
     batches: int = 0
     rows: int = 0
+    outlier: Outlier = field(default_factory=Outlier)
+    completed: int = 0  # batches it answered
+
+    @property
+    def in_rotation(self) -> bool:
+        return self.upstream.serving and not self.outlier.ejected
 
     @property
     def idle(self) -> bool:
-        return self.upstream.serving and self.batches < self.capacity
+        return self.in_rotation and self.batches < self.capacity
+
+    def occupy(self, rows: int) -> None:
+        self.batches += 1
+        self.rows += rows
+
+    def vacate(self, rows: int) -> None:
+        self.batches -= 1
+        self.rows -= rows
+
+
+class _Failed(Exception):
+    """A compute call failed in a way another replica might not (unreachable, UNAVAILABLE,
+    stalled); `detail` says how."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
 
 
 @dataclass
@@ -58,9 +94,11 @@ class Scheduler:
 
     def __init__(self, queue: BatchQueue, replicas: list[Replica], config: ModelConfig,
                  version: str, statistics: Statistics, metrics=None,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, *,
+                 failover: FailoverSettings | None = None) -> None:
         self.queue = queue
         self._metrics = metrics
+        self._failover_metrics = None if metrics is None else metrics.failover
         self._tracing = tracing
         self.replicas = replicas
         self._config = config
@@ -68,29 +106,61 @@ class Scheduler:
         self._statistics = statistics
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
+        self.failover = failover or FailoverSettings()
+        self._budget = RetryBudget(self.failover.retry_ratio, self.failover.retry_floor,
+                                   self.failover.retry_window)
+        self._latency = LatencyWindow()
+        for replica in replicas:
+            replica.outlier = Outlier(self.failover.consecutive_failures,
+                                      self.failover.ejection_seconds)
+            self._replica_up(replica)
 
     @property
     def ready(self) -> bool:
-        return any(r.upstream.serving for r in self.replicas)
+        return any(r.in_rotation for r in self.replicas)
+
+    def retry_after(self) -> float:
+        """The hint for a refusal now: about the time to drain the queue."""
+        return retry_after(self.queue.rows, self._config.max_batch_size,
+                           self._latency.quantile(0.5),
+                           sum(r.in_rotation for r in self.replicas))
+
+    def stall_timeout(self) -> float:
+        return stall_timeout(self.failover.stall_timeout, self._latency.quantile(0.99))
 
     def submit(self, entry: Pending) -> None:
-        """Queue a request (raises ResourceExhausted when the queue is full)."""
-        self.queue.add(entry)
+        """Queue a request, answering any it sheds (raises QueueFull when it is refused)."""
+        try:
+            shed = self.queue.add(entry, self.retry_after())
+        except QueueFull as refused:
+            self._count_shed(refused.reason)
+            raise
+        for victim in shed:
+            self._count_shed(victim.error.reason)
+            self._answer(victim.entry, error_result(victim.error))
         self._wake.set()
 
     def replicas_changed(self) -> None:
+        for replica in self.replicas:
+            self._replica_up(replica)
         if not self.ready:
-            for entry in self.queue.take(len(self.queue)):
-                self._answer(entry, error_result(Unavailable(
-                    f"no compute replica of model '{self._config.name}' "
-                    f"version '{self._version}' is ready")))
+            self._answer_all(Unavailable(
+                f"no compute replica of model '{self._config.name}' "
+                f"version '{self._version}' is ready", self.failover.ejection_seconds))
         self._wake.set()
+
+    def _answer_all(self, error: ServingError) -> None:
+        entries = self.queue.take(len(self.queue))
+        self.queue.release(entries)
+        for entry in entries:
+            self._answer(entry, error_result(error))
 
     async def run(self) -> None:
         while True:
             self._wake.clear()
             now = time.monotonic()
             for entry in self.queue.expire(now):
+                self._count_shed("deadline")
                 self._answer(entry, error_result(DeadlineExceeded(
                     "deadline exceeded while queued for a batch (never computed)")))
             idle = [r for r in self.replicas if r.idle]
@@ -104,31 +174,98 @@ class Scheduler:
 
     def _dispatch(self, entries: list[Pending], idle: list[Replica], now: float) -> None:
         live = [e for e in entries if not e.payload.future.done()]  # callers that left
+        self.queue.release([e for e in entries if e.payload.future.done()])
         if self._tracing is not None:
             for entry in entries:
                 end_queue_span(entry)
         if not live:
             return
         replica = min(idle, key=lambda r: r.rows)
-        rows = sum(e.rows for e in live)
-        replica.batches += 1
-        replica.rows += rows
-        task = asyncio.get_running_loop().create_task(self._execute(replica, live, rows, now))
+        replica.occupy(sum(e.rows for e in live))
+        self._budget.sent(now)
+        task = asyncio.get_running_loop().create_task(self._execute(replica, live, now))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _execute(self, replica: Replica, entries: list[Pending], rows: int,
-                       dispatched: float) -> None:
+    async def _execute(self, replica: Replica, entries: list[Pending], dispatched: float) -> None:
+        """Run the batch on `replica`; on a replica failure, once more on another one."""
+        try:
+            try:
+                await self._attempt(replica, entries, dispatched)
+            except _Failed as failed:
+                await self._retry(replica, entries, failed, dispatched)
+        except ServingError as error:
+            for entry in entries:
+                self._answer(entry, error_result(error), dispatched)
+        finally:
+            self.queue.release(entries)
+            self._wake.set()
+
+    async def _retry(self, failed_on: Replica, entries: list[Pending], failed: _Failed,
+                     dispatched: float) -> None:
+        """Retry a failed batch once on another replica in rotation, when the budget and the
+        deadlines allow; otherwise answer UNAVAILABLE with a retry hint."""
+        now = time.monotonic()
+        for entry in entries:
+            if entry.deadline is not None and entry.deadline <= now:
+                self._answer(entry, error_result(DeadlineExceeded(
+                    f"deadline exceeded after {failed.detail}")), dispatched)
+        live = [e for e in entries if not e.payload.future.done()]
+        if not live:
+            return
+        others = [r for r in self.replicas if r is not failed_on and r.in_rotation]
+        if not others:
+            outcome, why = "no_replica", "no other compute replica is in rotation"
+        elif not self._budget.try_retry(now):
+            outcome, why = "budget_exhausted", "the retry budget is spent"
+        else:
+            target = min(others, key=lambda r: r.rows)
+            target.occupy(sum(e.rows for e in live))
+            try:
+                await self._attempt(target, live, dispatched)
+            except _Failed as again:
+                self._count_retry("failed")
+                self._answer_failed(live, f"{again.detail} (retry after {failed.detail})",
+                                    dispatched)
+            else:
+                self._count_retry("ok")
+            return
+        self._count_retry(outcome)
+        self._answer_failed(live, f"{failed.detail}; not retried: {why}", dispatched)
+
+    def _answer_failed(self, entries: list[Pending], detail: str, dispatched: float) -> None:
+        error = Unavailable(detail, self.retry_after())
+        for entry in entries:
+            self._answer(entry, error_result(error), dispatched)
+
+    async def _attempt(self, replica: Replica, entries: list[Pending], dispatched: float) -> None:
+        """One compute call for `entries` on `replica` (already occupied for them): answers
+        them, or raises _Failed for a failure another replica might not have."""
+        rows = sum(e.rows for e in entries)
+        started = time.monotonic()
+        stall = self.stall_timeout()
         try:
             requests = [e.payload.item.request for e in entries]
             counts = [e.rows for e in entries]
             batch = merge(requests, counts, self._config, self._version)
             deadlines = [e.deadline for e in entries]
-            timeout = None if None in deadlines else max(0.001, max(deadlines) - dispatched)
-            if self._tracing is None:
-                answer = await replica.upstream.inference.ModelInfer(batch, timeout=timeout)
-            else:
-                answer = await self._traced_infer(replica, batch, entries, rows, timeout)
+            left = None if None in deadlines else max(0.001, max(deadlines) - started)
+            timeout = stall if left is None else min(left, stall)
+            try:
+                if self._tracing is None:
+                    answer = await replica.upstream.inference.ModelInfer(batch, timeout=timeout)
+                else:
+                    answer = await self._traced_infer(replica, batch, entries, rows, timeout)
+            except grpc.aio.AioRpcError as error:
+                self._replica_failed(replica, error, stalled=left is None or stall < left,
+                                     started=started, stall=stall)
+                for entry in entries:
+                    self._answer(entry, rpc_error_result(
+                        error, f"compute replica {replica.upstream.target}"), dispatched)
+                return
+            replica.outlier.success()
+            replica.completed += 1
+            self._latency.add(time.monotonic() - started)
             params = answer.parameters
             infer_ns = params["compute_infer_ns"].int64_param
             self._statistics.record_batch(
@@ -138,17 +275,67 @@ class Scheduler:
                 self._metrics.batch(rows, len(entries), infer_ns)
             for entry, response in zip(entries, split(answer, requests, counts)):
                 self._answer(entry, ItemResult(response=response), dispatched)
-        except grpc.aio.AioRpcError as error:
-            failed = rpc_error_result(error, f"compute replica {replica.upstream.target}")
-            for entry in entries:
-                self._answer(entry, failed, dispatched)
-        except ServingError as error:
-            for entry in entries:
-                self._answer(entry, error_result(error), dispatched)
         finally:
-            replica.batches -= 1
-            replica.rows -= rows
-            self._wake.set()
+            replica.vacate(rows)
+
+    def _replica_failed(self, replica: Replica, error: grpc.aio.AioRpcError, *, stalled: bool,
+                        started: float, stall: float) -> None:
+        """Raise _Failed when the failure is the replica's (unreachable, UNAVAILABLE, or
+        stalled past `stall`), after counting it against the replica; return otherwise."""
+        code = error.code()
+        target = replica.upstream.target
+        now = time.monotonic()
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and stalled:
+            ejected = replica.outlier.stall(now)
+            detail = (f"compute replica {target} stalled (no answer in {now - started:.2f} s, "
+                      f"stall timeout {stall:.2f} s)")
+        elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            ejected = replica.outlier.failure(now)
+            detail = f"compute replica {target} unavailable: {error.details()}"
+        else:
+            return
+        if ejected:
+            self._ejected(replica)
+        raise _Failed(detail)
+
+    def _ejected(self, replica: Replica) -> None:
+        log.warning("compute replica %s ejected (%s)", replica.upstream.target,
+                    replica.outlier.reason)
+        if self._failover_metrics is not None:
+            self._failover_metrics.ejection(replica.upstream.target)
+        self._replica_up(replica)
+        probe = asyncio.get_running_loop().create_task(self._probe(replica))
+        self._tasks.add(probe)
+        probe.add_done_callback(self._tasks.discard)
+        if not self.ready:
+            self._answer_all(Unavailable(
+                f"no compute replica of model '{self._config.name}' version "
+                f"'{self._version}' is in rotation", self.failover.ejection_seconds))
+
+    async def _probe(self, replica: Replica) -> None:
+        """Health-probe an ejected replica until it may be put back, then put it back."""
+        interval = self.failover.probe_interval
+        while True:
+            await asyncio.sleep(interval)
+            healthy = await replica.upstream.check(timeout=max(interval * 4, 1.0))
+            if replica.outlier.may_readmit(time.monotonic(), healthy):
+                replica.outlier.readmit()
+                log.info("compute replica %s is back in rotation", replica.upstream.target)
+                self._replica_up(replica)
+                self._wake.set()
+                return
+
+    def _replica_up(self, replica: Replica) -> None:
+        if self._failover_metrics is not None:
+            self._failover_metrics.replica_up(replica.upstream.target, replica.in_rotation)
+
+    def _count_shed(self, reason: str) -> None:
+        if self._failover_metrics is not None:
+            self._failover_metrics.shed(reason)
+
+    def _count_retry(self, outcome: str) -> None:
+        if self._failover_metrics is not None:
+            self._failover_metrics.retry(outcome)
 
     async def _traced_infer(self, replica: Replica, batch, entries: list[Pending], rows: int,
                             timeout: float | None):

@@ -7,13 +7,14 @@ import argparse
 import asyncio
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from opentelemetry.trace import StatusCode
 
 from meshserve.batcher.batch import batch_key, rows_of
 from meshserve.batcher.caching import CachingFront, VersionIdentity
+from meshserve.batcher.failover import FailoverSettings
 from meshserve.batcher.policy import BatchingPolicy, BatchQueue, Pending
 from meshserve.batcher.scheduler import Job, Replica, Scheduler
 from meshserve.batcher.statistics import Statistics
@@ -53,6 +54,8 @@ class BatcherSettings:
     compute: tuple[str, ...]
     compute_identity: str = "compute"
     batches_per_replica: int = 1
+    max_queue_bytes: int = 128 << 20  # payload bytes queued + in flight
+    failover: FailoverSettings = field(default_factory=FailoverSettings)
     allowed_callers: frozenset[str] = default_callers("batcher")
     # Response cache (used only by models whose config sets response_cache { enable: true }).
     cache_bytes: int = DEFAULT_BUDGET_BYTES
@@ -96,7 +99,7 @@ class Batcher:
                 self.scheduler.submit(Pending(
                     key=batch_key(request, self._batched), rows=rows_of(request, self._batched),
                     enqueued=arrived, deadline=deadline_of(item.timeout_us, arrived),
-                    priority=item.priority, payload=job))
+                    priority=item.priority, payload=job, size=request.ByteSize()))
             except ServingError as error:
                 if job.span is not None:
                     job.span.set_status(StatusCode.ERROR, error.message)
@@ -155,7 +158,8 @@ def build_service(settings: BatcherSettings, metrics: Metrics | None = None,
     entry = repository.get(settings.model)
     version = repository.version(settings.model, settings.version)
     config = entry.config
-    policy = BatchingPolicy.from_config(config)
+    policy = replace(BatchingPolicy.from_config(config),
+                     max_queue_bytes=settings.max_queue_bytes)
     label = f"model '{entry.name}' version '{version}'"
     statistics = Statistics(name=entry.name, version=version)
     replicas = [Replica(Upstream(address, settings.tls, settings.compute_identity),
@@ -163,7 +167,8 @@ def build_service(settings: BatcherSettings, metrics: Metrics | None = None,
     queue = BatchQueue(policy, label)
     recorder = None if metrics is None else BatcherMetrics(
         metrics, entry.name, version, pending=lambda: len(queue))
-    scheduler = Scheduler(queue, replicas, config, version, statistics, recorder, tracing)
+    scheduler = Scheduler(queue, replicas, config, version, statistics, recorder, tracing,
+                          failover=settings.failover)
     cache, redis_client = build_cache(settings, config, repository, entry.name, version,
                                       statistics, metrics)
     batcher = Batcher(scheduler, statistics, batched=config.max_batch_size > 0,
@@ -228,6 +233,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="identity the compute replicas' certificates must name")
     parser.add_argument("--batches-per-replica", type=int, default=1,
                         help="batches in flight per compute replica")
+    parser.add_argument("--max-queue-bytes", type=int, default=128 << 20,
+                        help="payload bytes queued and in flight; beyond it requests are "
+                             "shed, least urgent first")
+    parser.add_argument("--stall-timeout", type=float, default=0.0,
+                        help="seconds a batch may take before its replica counts as stalled "
+                             "(0: 20 x the observed p99 batch latency, at least 1 s)")
+    parser.add_argument("--eject-after", type=int, default=2,
+                        help="UNAVAILABLE answers in a row that take a replica out")
+    parser.add_argument("--ejection-seconds", type=float, default=1.0,
+                        help="an ejected replica stays out at least this long, then until "
+                             "its health check passes")
     add_callers_flag(parser, "batcher")
     parser.add_argument("--cache-bytes", type=int, default=DEFAULT_BUDGET_BYTES,
                         help="in-process response cache budget in bytes (models that enable "
@@ -239,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-ttl", type=int, default=DEFAULT_TTL_SECONDS,
                         help="seconds a response stays in Redis")
     args = parser.parse_args(argv)
+    if args.max_queue_bytes < 0 or args.stall_timeout < 0 or args.eject_after < 1 \
+            or args.ejection_seconds < 0:
+        parser.error("--max-queue-bytes, --stall-timeout and --ejection-seconds must be >= 0 "
+                     "and --eject-after >= 1")
     if args.cache_bytes < 0 or args.cache_ttl < 1:
         parser.error("--cache-bytes must be >= 0 and --cache-ttl >= 1")
     runtime.configure_logging("batcher", args.log_level, args.log_format)
@@ -246,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         listen=args.listen, tls=runtime.tls_files(args), repository=args.model_repository,
         model=args.model, version=args.version, compute=tuple(args.compute),
         compute_identity=args.compute_identity, batches_per_replica=args.batches_per_replica,
+        max_queue_bytes=args.max_queue_bytes,
+        failover=FailoverSettings(stall_timeout=args.stall_timeout,
+                                  consecutive_failures=args.eject_after,
+                                  ejection_seconds=args.ejection_seconds),
         allowed_callers=args.allow_callers,
         cache_bytes=args.cache_bytes, cache_redis=args.cache_redis,
         cache_redis_password=os.environ.get("MESHSERVE_BATCHER_REDIS_PASSWORD", ""),

@@ -4,6 +4,8 @@ Core logic raises these and never imports grpc; `meshserve.common.server` is the
 place where they become gRPC statuses.
 """
 
+import re
+
 
 class ServingError(Exception):
     """An error a caller should see, with a message that names the field or the limit."""
@@ -11,9 +13,14 @@ class ServingError(Exception):
     code = "INTERNAL"
     retryable = False
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        """`retry_after` (seconds): when a retry may succeed; the message ends with the hint
+        and the interceptor sends it as trailing metadata `retry-after-ms`."""
+        if retry_after is not None:
+            message = f"{message}; {retry_hint(retry_after)}"
         super().__init__(message)
         self.message = message
+        self.retry_after = retry_after if retry_after is not None else retry_after_of(message)
 
 
 class InvalidArgument(ServingError):
@@ -59,6 +66,20 @@ BY_CODE: dict[str, type[ServingError]] = {
     for cls in (InvalidArgument, NotFound, ResourceExhausted, DeadlineExceeded, Unavailable,
                 FailedPrecondition, Internal, Unauthenticated, PermissionDenied)
 }
+
+
+_RETRY_HINT = re.compile(r"retry after (\d+(?:\.\d+)?) s$")
+
+
+def retry_hint(seconds: float) -> str:
+    """The hint every refusal ends with: `retry after 0.05 s`."""
+    return f"retry after {round(max(seconds, 0.001), 3):g} s"
+
+
+def retry_after_of(message: str) -> float | None:
+    """The seconds of a message's retry hint (an upstream's refusal), if it has one."""
+    match = _RETRY_HINT.search(message)
+    return float(match.group(1)) if match else None
 
 
 def from_code(code: str, message: str) -> ServingError:

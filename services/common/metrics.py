@@ -275,6 +275,7 @@ class BatcherMetrics:
             buckets=SIZE_BUCKETS)).observe
         self._queue_seconds = child(metrics.histogram(
             "meshserve_queue_seconds", "Time requests spent queued for a batch", labels)).observe
+        self.failover = FailoverMetrics(metrics, model, version)
 
     def batch(self, rows: int, requests: int, infer_ns: int) -> None:
         """A batch ran; like Triton, each request is charged the batch's compute time."""
@@ -290,6 +291,39 @@ class BatcherMetrics:
             self._request_us(total_ns / 1000)
             if queue_ns is not None:
                 self._queue_us(queue_ns / 1000)
+
+
+class FailoverMetrics:
+    """One model version's overload and failover at the batcher: requests shed (by reason:
+    priority, queue_full, bytes, deadline), batch retries (by outcome), replica ejections,
+    and each compute replica's circuit state (1 in rotation, 0 ejected or not serving)."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self._model, self._version = model, version
+        self._shed = metrics.counter(
+            "meshserve_shed", "Requests refused or evicted by overload, by reason",
+            ["model", "version", "reason"])
+        self._retries = metrics.counter(
+            "meshserve_batcher_retries", "Batches whose replica failed, by retry outcome",
+            ["model", "version", "outcome"])
+        self._ejections = metrics.counter(
+            "meshserve_batcher_replica_ejections", "Compute replicas taken out of rotation",
+            ["model", "version", "replica"])
+        self._up = metrics.gauge(
+            "meshserve_batcher_replica_up", "1 when the compute replica is in rotation",
+            ["model", "version", "replica"])
+
+    def shed(self, reason: str) -> None:
+        self._shed.labels(self._model, self._version, reason).inc()
+
+    def retry(self, outcome: str) -> None:
+        self._retries.labels(self._model, self._version, outcome).inc()
+
+    def ejection(self, replica: str) -> None:
+        self._ejections.labels(self._model, self._version, replica).inc()
+
+    def replica_up(self, replica: str, up: bool) -> None:
+        self._up.labels(self._model, self._version, replica).set(1 if up else 0)
 
 
 class ComputeMetrics:

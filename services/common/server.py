@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 SERVER_OPTIONS = [*server_options(), ("grpc.so_reuseport", 0),
                   ("grpc.server.max_pending_requests", 20_000),
                   ("grpc.server.max_pending_requests_hard_limit", 40_000)]
+# Trailing metadata of a refusal: milliseconds after which a retry may succeed.
+RETRY_AFTER_MS = "retry-after-ms"
 
 
 def status_of(error: ServingError) -> grpc.StatusCode:
@@ -54,9 +56,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+def retry_metadata(error: ServingError) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata `retry-after-ms` for an error that carries a retry hint."""
+    if error.retry_after is None:
+        return ()
+    return ((RETRY_AFTER_MS, str(max(1, round(error.retry_after * 1000)))),)
+
+
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
     if isinstance(error, ServingError):
-        await context.abort(status_of(error), error.message)
+        await context.abort(status_of(error), error.message, retry_metadata(error))
     await context.abort(grpc.StatusCode.INTERNAL, internal_error_message(error))
 
 

@@ -48,6 +48,7 @@ from meshserve.ingress.async_service import (
     build_async,
 )
 from meshserve.ingress.auth import Caller, Gate, OnDenied, OpenGate
+from meshserve.ingress.budget import ByteBudget
 from meshserve.ingress.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER, JwksUrl, jwks_source
 from meshserve.ingress.validation import expected_shape, validate
 from meshserve.mesh.policy import PIN_HEADER
@@ -77,6 +78,7 @@ class IngressSettings:
     token_issuer: str = DEFAULT_ISSUER
     token_audience: str = DEFAULT_AUDIENCE
     audit_denied_sample: float = 0.01
+    max_inflight_bytes: int = 256 << 20  # bytes of requests accepted and not yet answered
 
 
 def parameter(request: pb.ModelInferRequest, name: str) -> int:
@@ -104,6 +106,7 @@ class Ingress:
         self._tracing = tracing
         self._access_log_sample = access_log_sample
         self._forwarders: dict[str, GroupForwarder] = {}
+        self.budget = ByteBudget(0, "max_inflight_bytes")  # build_service sets the limit
         prefix = secrets.token_hex(4)  # ids unique across ingress replicas, cheap per request
         self._ids = (f"{prefix}-{n}" for n in itertools.count())
 
@@ -193,8 +196,9 @@ class Ingress:
         item = GroupItem(request=request, request_id=request_id,
                          priority=parameter(request, "priority"),
                          traceparent="" if span is None else traceparent_of(span))
-        [result] = await self._forwarder(request.model_name).forward(
-            [(item, min(known) if known else None)])
+        with self.budget.hold(request.ByteSize()):
+            [result] = await self._forwarder(request.model_name).forward(
+                [(item, min(known) if known else None)])
         raise_for(result)
         return result.response
 
@@ -387,6 +391,7 @@ def build_service(settings: IngressSettings, metrics: Metrics | None = None,
     router = Upstream(settings.router, settings.tls, settings.router_identity)
     ingress_metrics = None if metrics is None else IngressMetrics(metrics)
     ingress = Ingress(repository, router, ingress_metrics, tracing, settings.access_log_sample)
+    ingress.budget = ByteBudget(settings.max_inflight_bytes, "max_inflight_bytes")
     gate, gate_tasks = build_gate(settings, ingress_metrics, on_denied)
     health = HealthServicer()
     asynchronous = build_async(settings.asynchronous, ingress)
@@ -444,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--require-client-cert", action="store_true",
                         help="clients must present a certificate signed by --tls-ca")
     add_async_flags(parser)
+    parser.add_argument("--max-inflight-bytes", type=int, default=256 << 20,
+                        help="bytes of requests accepted and not yet answered; beyond it "
+                             "requests are refused with RESOURCE_EXHAUSTED (0: unbounded)")
     add_auth_flags(parser)
     args = parser.parse_args(argv)
     runtime.configure_logging("ingress", args.log_level, args.log_format)
@@ -454,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         require_client_cert=args.require_client_cert, access_log_sample=args.access_log_sample,
         token_listen=args.token_listen, token_port_file=args.token_port_file,
         policy=args.policy, jwks=args.jwks, token_issuer=args.token_issuer,
-        token_audience=args.token_audience, audit_denied_sample=args.audit_denied_sample)
+        token_audience=args.token_audience, audit_denied_sample=args.audit_denied_sample,
+        max_inflight_bytes=args.max_inflight_bytes)
 
     return runtime.run_service("ingress", args, build_service, settings)

@@ -131,7 +131,9 @@ def test_full_queue_refuses_at_once():
                      label="model 'mlp' version '1'")
     with pytest.raises(ResourceExhausted) as raised:
         queue.add(entry("c"))
-    assert raised.value.message == "queue of model 'mlp' version '1' is full (max_queue_size 2)"
+    assert raised.value.message == ("queue of model 'mlp' version '1' is full (max_queue_size 2; "
+                                    "2 requests / 0 bytes); retry after 0.05 s")
+    assert raised.value.retry_after == 0.05
     assert "max_queue_size" in str(raised.value)
     assert len(queue) == 2
     assert names(queue.take(5)) == ["a", "b"]
