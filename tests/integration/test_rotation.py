@@ -13,10 +13,19 @@ import grpc
 import numpy
 import pytest
 
-from meshserve.common.tls import TlsFiles, channel_credentials
+from meshserve.common.server import HealthServicer, Service
+from meshserve.common.tls import (
+    ReloadingChannel,
+    TlsFiles,
+    channel_credentials,
+    channel_options,
+    server_credentials,
+)
 from meshserve.protocol import grpc_service_pb2 as pb
+from meshserve.protocol import health_pb2
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
-from meshserve.tools.certs import ca_bundle
+from meshserve.protocol.health_pb2_grpc import HealthStub
+from meshserve.tools.certs import ca_bundle, init_certs, rotate_certs
 from tests.integration.conftest import children_of, start_up, stop_up
 
 CLIENTS = 8
@@ -135,3 +144,45 @@ async def test_rotation_under_load_drops_no_request(rotating_mesh):
     async with grpc.aio.secure_channel(mesh.endpoint, channel_credentials(operator)) as channel:
         reply = await GRPCInferenceServiceStub(channel).ModelInfer(mlp_request(), timeout=10)
     assert list(reply.outputs[0].shape) == [1, 10]
+
+
+async def serving(channel: grpc.aio.Channel) -> bool:
+    try:
+        reply = await HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    except grpc.aio.AioRpcError as error:
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+        return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_open_connections_survive_a_new_ca_and_new_ones_need_the_reloaded_files(tmp_path):
+    init_certs(tmp_path)
+    health = HealthServicer()
+    health.set(True)
+    service = Service("127.0.0.1:0", server_credentials(TlsFiles.for_identity(tmp_path, "router")),
+                      lambda server: None, health)
+    target = f"127.0.0.1:{await service.start()}"
+    ingress = TlsFiles.for_identity(tmp_path, "ingress")
+    old_credentials = channel_credentials(ingress)  # the files as they are now
+    reloading = ReloadingChannel(target, ingress, "router")
+    opened = grpc.aio.secure_channel(target, old_credentials, options=channel_options("router"))
+    try:
+        assert await serving(opened) and await serving(reloading.channel)
+        rotate_certs(tmp_path, new_ca=True)
+        rotate_certs(tmp_path, drop_old_ca=True)
+
+        # Open connections stay up: certificates are checked at the handshake only.
+        assert await serving(opened) and await serving(reloading.channel)
+        # A new connection with the old files fails both ways (the server has a leaf of the
+        # new CA and no longer trusts the old one) ...
+        fresh = [*channel_options("router"), ("grpc.use_local_subchannel_pool", 1)]
+        async with grpc.aio.secure_channel(target, old_credentials, options=fresh) as stale:
+            assert not await serving(stale)
+        # ... and one with the reloaded files works.
+        assert reloading.refresh() is True
+        assert reloading.refresh() is False
+        assert await serving(reloading.channel)
+    finally:
+        await opened.close()
+        await reloading.close()
+        await service.stop(0)
