@@ -23,7 +23,7 @@ from meshserve.common.errors import NotFound, ServingError, Unavailable
 from meshserve.common.forwarding import deadline_of, error_result, raise_for
 from meshserve.common.identity import Callers, add_callers_flag, default_callers
 from meshserve.common.metrics import BatcherMetrics, CacheMetrics, Metrics
-from meshserve.common.repository import ModelRepository
+from meshserve.common.repository import DEFAULT_MODEL_FILENAME, ModelRepository
 from meshserve.common.response_cache import (
     DEFAULT_BUDGET_BYTES,
     DEFAULT_TTL_SECONDS,
@@ -206,7 +206,8 @@ def build_cache(settings: BatcherSettings, config, repository: ModelRepository, 
     to close."""
     if not config.response_cache.enable:
         return None, None
-    digest = artifact_digest(repository.artifact(model, version))
+    filename = config.default_model_filename or DEFAULT_MODEL_FILENAME
+    digest = artifact_digest(repository.get(model).path / version / filename)
     shared = client = None
     if settings.cache_redis:
         import redis.asyncio

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
 
+from meshserve.common.errors import FailedPrecondition
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ def cache_key(model: str, version: str, artifact_digest: str,
 
 def artifact_digest(artifact: Path) -> str:
     """`sha256:<hex>` identifying a version's model: the `digest` of the version directory's
-    manifest.json when there is one, else the sha256 of the artifact file itself."""
+    manifest.json when there is one (the plaintext's digest, so an encrypted `.enc`
+    artifact needs no plain copy), else the sha256 of the artifact file itself."""
     manifest = artifact.parent / MANIFEST
     if manifest.is_file():
         try:
@@ -69,6 +71,9 @@ def artifact_digest(artifact: Path) -> str:
             declared = None
         if isinstance(declared, str) and declared:
             return declared
+    if not artifact.is_file():
+        raise FailedPrecondition(f"{artifact}: no model file, and no manifest.json digest, "
+                                 "to key the response cache by")
     digest = hashlib.sha256()
     with artifact.open("rb") as file:
         while chunk := file.read(1 << 20):

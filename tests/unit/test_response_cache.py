@@ -9,6 +9,7 @@ import pytest
 
 from meshserve.batcher.caching import CachingFront, VersionIdentity
 from meshserve.batcher.statistics import Statistics
+from meshserve.common.errors import FailedPrecondition
 from meshserve.common.response_cache import (
     LruCache,
     RedisCache,
@@ -155,6 +156,11 @@ def test_artifact_digest_is_the_file_hash_or_the_manifest_digest(tmp_path):
     assert artifact_digest(artifact) == "sha256:" + hashlib.sha256(b"weights").hexdigest()
     (artifact.parent / "manifest.json").write_text(json.dumps({"digest": "sha256:feed"}))
     assert artifact_digest(artifact) == "sha256:feed"
+    artifact.unlink()  # an encrypted version: model.pt.enc and the plaintext's digest
+    assert artifact_digest(artifact) == "sha256:feed"
+    (artifact.parent / "manifest.json").unlink()
+    with pytest.raises(FailedPrecondition, match="no model file, and no manifest.json digest"):
+        artifact_digest(artifact)
 
 
 def answer(item: GroupItem) -> ItemResult:
