@@ -69,8 +69,31 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, internal_error_message(error))
 
 
+class Undecodable:
+    """Request bytes that do not parse as the method's message. The guard answers them
+    INVALID_ARGUMENT (left to gRPC, they got UNKNOWN naming the parser's exception class)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.message = f"request is not a valid protobuf message: {error}"
+
+
+def _decoding(deserializer):
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as error:  # noqa: BLE001 — answered by the guard
+            return Undecodable(error)
+
+    return decode
+
+
 def _guard(behavior):
     async def guarded(request, context):
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
             return await behavior(request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -83,6 +106,8 @@ def _guard(behavior):
 
 def _guard_stream(behavior):
     async def guarded(request_or_iterator, context):
+        if isinstance(request_or_iterator, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request_or_iterator.message)
         try:
             async for response in behavior(request_or_iterator, context):
                 yield response
@@ -96,12 +121,14 @@ def _guard_stream(behavior):
 
 def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     codec = (handler.request_deserializer, handler.response_serializer)
+    # One request message: an undecodable one reaches the guard, which refuses it clearly.
+    single = (_decoding(handler.request_deserializer), handler.response_serializer)
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(_guard(handler.unary_unary), *codec)
+        return grpc.unary_unary_rpc_method_handler(_guard(handler.unary_unary), *single)
     if handler.stream_stream:
         return grpc.stream_stream_rpc_method_handler(_guard_stream(handler.stream_stream), *codec)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(_guard_stream(handler.unary_stream), *codec)
+        return grpc.unary_stream_rpc_method_handler(_guard_stream(handler.unary_stream), *single)
     return handler
 
 
