@@ -58,7 +58,7 @@ class LatencyWindow:
 class Outlier:
     """One replica's standing: in rotation, or ejected (after `consecutive_failures`
     failures in a row, or one stall) until `ejection_seconds` passed and a health probe
-    succeeded."""
+    succeeded. Once ejected, further failures change nothing until it is readmitted."""
 
     consecutive_failures: int = 2
     ejection_seconds: float = 1.0
@@ -73,16 +73,18 @@ class Outlier:
     def success(self) -> None:
         self.failures = 0
 
-    def failure(self, now: float) -> bool:
-        """An UNAVAILABLE answer; True when this ejects the replica."""
+    def failure(self, now: float, last_in_rotation: bool = False) -> bool:
+        """An UNAVAILABLE answer; True when this ejects the replica. The last replica in
+        rotation is never ejected (as Envoy's max_ejection_percent): its health check
+        decides, and the failures still count."""
         self.failures += 1
-        if self.failures >= self.consecutive_failures:
+        if self.failures >= self.consecutive_failures and not last_in_rotation:
             return self._eject(now, "failures")
         return False
 
-    def stall(self, now: float) -> bool:
+    def stall(self, now: float, last_in_rotation: bool = False) -> bool:
         """A batch outlived the stall timeout; True when this ejects the replica."""
-        return self._eject(now, "stall")
+        return False if last_in_rotation else self._eject(now, "stall")
 
     def may_readmit(self, now: float, probe_ok: bool) -> bool:
         return (self.ejected_at is not None and probe_ok

@@ -39,6 +39,9 @@ from meshserve.protocol.model_config_pb2 import ModelConfig
 
 log = logging.getLogger(__name__)
 
+# The compute call's time limit for a request without a deadline on a sole replica.
+SOLE_REPLICA_TIMEOUT = 60.0
+
 
 @dataclass
 class Replica:
@@ -243,7 +246,10 @@ class Scheduler:
         them, or raises _Failed for a failure another replica might not have."""
         rows = sum(e.rows for e in entries)
         started = time.monotonic()
-        stall = self.stall_timeout()
+        # A stall is worth detecting only when another replica could take the batch; a sole
+        # replica gets the requests' time (bounded, so nothing waits forever).
+        alone = not self._others_in_rotation(replica)
+        stall = SOLE_REPLICA_TIMEOUT if alone else self.stall_timeout()
         try:
             requests = [e.payload.item.request for e in entries]
             counts = [e.rows for e in entries]
@@ -257,7 +263,8 @@ class Scheduler:
                 else:
                     answer = await self._traced_infer(replica, batch, entries, rows, timeout)
             except grpc.aio.AioRpcError as error:
-                self._replica_failed(replica, error, stalled=left is None or stall < left,
+                self._replica_failed(replica, error,
+                                     stalled=not alone and (left is None or stall < left),
                                      started=started, stall=stall)
                 for entry in entries:
                     self._answer(entry, rpc_error_result(
@@ -285,18 +292,22 @@ class Scheduler:
         code = error.code()
         target = replica.upstream.target
         now = time.monotonic()
+        last = not self._others_in_rotation(replica)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and stalled:
-            ejected = replica.outlier.stall(now)
+            ejected = replica.outlier.stall(now, last)
             detail = (f"compute replica {target} stalled (no answer in {now - started:.2f} s, "
                       f"stall timeout {stall:.2f} s)")
         elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-            ejected = replica.outlier.failure(now)
+            ejected = replica.outlier.failure(now, last)
             detail = f"compute replica {target} unavailable: {error.details()}"
         else:
             return
         if ejected:
             self._ejected(replica)
         raise _Failed(detail)
+
+    def _others_in_rotation(self, replica: Replica) -> bool:
+        return any(r is not replica and r.in_rotation for r in self.replicas)
 
     def _ejected(self, replica: Replica) -> None:
         log.warning("compute replica %s ejected (%s)", replica.upstream.target,

@@ -117,6 +117,20 @@ def test_readmitted_replica_starts_afresh():
     assert outlier.failure(3.1)
 
 
+@pytest.mark.parametrize("events", ["ff", "fff", "x", "fx"])
+def test_last_replica_in_rotation_is_never_ejected(events):
+    outlier = Outlier(consecutive_failures=2, ejection_seconds=1.0)
+    for now, event in enumerate(events):
+        if event == "f":
+            assert not outlier.failure(float(now), last_in_rotation=True)
+        else:
+            assert not outlier.stall(float(now), last_in_rotation=True)
+    assert not outlier.ejected
+    assert outlier.failures == events.count("f")  # still counted: ejected once others return
+    ejected = outlier.failure(9.0)  # another replica is back: this failure may eject it
+    assert ejected is (events.count("f") + 1 >= 2)
+
+
 def test_in_rotation_replica_is_never_readmitted():
     assert not Outlier().may_readmit(100.0, True)
 
