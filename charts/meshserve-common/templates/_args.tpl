@@ -51,6 +51,36 @@ list: `include "meshserve.args" .` picks the component's. Every flag is one that
 {{- if .Values.requireClientCert }}
 - "--require-client-cert"
 {{- end }}
+{{- if include "meshserve.authEnabled" . }}
+{{- $auth := .Values.auth }}
+{{- $dir := trimSuffix "/" $auth.mountPath }}
+- {{ printf "--token-listen=%s:%v" .Values.listenHost (int $auth.tokenPort) | quote }}
+- {{ printf "--policy=%s/policy/%s" $dir $auth.policyKey | quote }}
+{{- if $auth.jwksUrl }}
+- {{ printf "--jwks=%s" $auth.jwksUrl | quote }}
+{{- else }}
+- {{ printf "--jwks=%s/jwks/%s" $dir $auth.jwksKey | quote }}
+{{- end }}
+- {{ printf "--token-issuer=%s" $auth.issuer | quote }}
+- {{ printf "--token-audience=%s" $auth.audience | quote }}
+- {{ printf "--audit-denied-sample=%v" $auth.auditDeniedSample | quote }}
+{{- end }}
+{{- end -}}
+
+{{/*
+"true" when the chart has auth values and auth.enabled (the ingress); checks that the policy
+and the keys are named.
+*/}}
+{{- define "meshserve.authEnabled" -}}
+{{- if and (hasKey .Values "auth") .Values.auth.enabled -}}
+{{- if not .Values.auth.policyConfigMap -}}
+{{- fail "auth.policyConfigMap is required when auth.enabled: the ConfigMap holding the access policy" -}}
+{{- end -}}
+{{- if and (not .Values.auth.jwksSecret) (not .Values.auth.jwksUrl) -}}
+{{- fail "auth.enabled needs auth.jwksSecret (a Secret holding the JWKS) or auth.jwksUrl" -}}
+{{- end -}}
+true
+{{- end -}}
 {{- end -}}
 
 {{/* mesh/service.py: `meshserve control-plane`, its SQLite store on the data volume. */}}

@@ -128,6 +128,11 @@ spec:
             - name: grpc
               containerPort: {{ .Values.port }}
               protocol: TCP
+            {{- if include "meshserve.authEnabled" . }}
+            - name: token
+              containerPort: {{ .Values.auth.tokenPort }}
+              protocol: TCP
+            {{- end }}
             {{- if include "meshserve.metricsEnabled" . }}
             - name: metrics
               containerPort: {{ .Values.metrics.port }}
@@ -168,6 +173,16 @@ spec:
             - name: data
               mountPath: {{ .Values.persistence.mountPath | quote }}
             {{- end }}
+            {{- if include "meshserve.authEnabled" . }}
+            - name: auth-policy
+              mountPath: {{ printf "%s/policy" (trimSuffix "/" .Values.auth.mountPath) | quote }}
+              readOnly: true
+            {{- if .Values.auth.jwksSecret }}
+            - name: auth-jwks
+              mountPath: {{ printf "%s/jwks" (trimSuffix "/" .Values.auth.mountPath) | quote }}
+              readOnly: true
+            {{- end }}
+            {{- end }}
       volumes:
         - name: tls
           secret:
@@ -191,6 +206,19 @@ spec:
         - name: data
           persistentVolumeClaim:
             claimName: {{ include "meshserve.dataClaimName" . }}
+        {{- end }}
+        {{- if include "meshserve.authEnabled" . }}
+        # Whole volumes, not subPath: the kubelet's updates (policy edits, key rotations)
+        # reach the running pod.
+        - name: auth-policy
+          configMap:
+            name: {{ .Values.auth.policyConfigMap }}
+        {{- if .Values.auth.jwksSecret }}
+        - name: auth-jwks
+          secret:
+            secretName: {{ .Values.auth.jwksSecret }}
+            defaultMode: 0444
+        {{- end }}
         {{- end }}
       {{- with $nodeSelector }}
       nodeSelector:

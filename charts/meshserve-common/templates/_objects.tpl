@@ -44,6 +44,13 @@ spec:
       targetPort: grpc
       protocol: TCP
       appProtocol: grpc
+    {{- if include "meshserve.authEnabled" . }}
+    - name: token
+      port: {{ .Values.auth.tokenPort }}
+      targetPort: token
+      protocol: TCP
+      appProtocol: grpc
+    {{- end }}
     {{- if and $metrics (not $exposed) }}
     - name: metrics
       port: {{ .Values.metrics.port }}
@@ -173,6 +180,10 @@ spec:
     - ports:
         - port: grpc
           protocol: TCP
+        {{- if include "meshserve.authEnabled" . }}
+        - port: token
+          protocol: TCP
+        {{- end }}
       {{- $operators := and (hasKey $policy "operators") $policy.operators.enabled -}}
       {{- if or $policy.callers $policy.extraFrom $operators }}
       from:
