@@ -1,0 +1,195 @@
+"""The chaos scenarios: each runs bounded load through a live `meshserve up` (two compute
+replicas per model version), injects one fault, waits for the mesh to recover, and returns
+its report row. `max_failed` is the number of failures the fault makes unavoidable (zero
+everywhere: no scenario kills the only copy of something with requests inside it without
+a drain); lost requests are never allowed.
+"""
+
+import asyncio
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+from tests.chaos import faults, fuzz
+from tests.chaos.load import Reference, burst, capacity, connect, run_load
+from tests.chaos.outcomes import Row, Tally
+
+LOAD_LIMIT = 90.0  # seconds: the longest any load runs, whatever its fault does
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How hard each scenario pushes: the short plan runs in CI, the full one by hand."""
+
+    seconds: float  # load after each fault has finished (and for plain loads)
+    count: int  # most requests per load
+    concurrency: int
+    stall_seconds: float
+    burst_cap: int  # most requests in the 10× burst
+    fuzz_examples: int
+    sigterm_all: bool  # SIGTERM every service, or one of each kind
+
+    @classmethod
+    def named(cls, name: str) -> "Plan":
+        if name == "full":
+            return cls(seconds=10.0, count=200_000, concurrency=32, stall_seconds=6.0,
+                       burst_cap=20_000, fuzz_examples=2_000, sigterm_all=True)
+        return cls(seconds=2.0, count=40_000, concurrency=16, stall_seconds=3.0,
+                   burst_cap=6_000, fuzz_examples=200, sigterm_all=False)
+
+
+def references(models: Path) -> dict[str, Reference]:
+    """Local forward passes of the models the scenarios load."""
+    return {model: Reference.compute(models, model) for model in ("mlp", "slow")}
+
+
+@dataclass
+class Chaos:
+    """A running mesh, a channel to its ingress (made on the running event loop), and the
+    local reference outputs."""
+
+    data_dir: Path
+    plan: Plan
+    references: dict[str, Reference]
+    channel: grpc.aio.Channel = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.channel = connect(self.data_dir)
+        self.stub = GRPCInferenceServiceStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def load(self, tally: Tally, model: str = "mlp", **overrides) -> None:
+        options = {"count": self.plan.count, "seconds": self.plan.seconds,
+                   "concurrency": self.plan.concurrency, **overrides}
+        await run_load(self.stub, self.references[model], tally, **options)
+
+    async def under_load(self, name: str, fault: Callable[[], Awaitable[None]],
+                         model: str = "mlp") -> Tally:
+        """Load from one second before `fault` until `plan.seconds` after it has finished
+        (the fault's coroutine returns once the mesh has recovered), within `plan.count`
+        requests and `LOAD_LIMIT` seconds; then every service must be ready again."""
+        tally = Tally(name)
+        stop = asyncio.Event()
+        load = asyncio.create_task(self.load(tally, model, seconds=LOAD_LIMIT, stop=stop))
+        try:
+            await asyncio.sleep(1.0)
+            assert not load.done(), f"{name}: the load ended before the fault"
+            await fault()
+            await asyncio.sleep(self.plan.seconds)
+        finally:
+            stop.set()
+            await load
+        await faults.wait_all_ready(self.data_dir)
+        return tally
+
+    async def restart(self, service: str, sig: signal.Signals) -> None:
+        """Signal `service` and wait until `up` has it back and ready."""
+        pid = faults.send(self.data_dir, service, sig)
+        await faults.wait_back(self.data_dir, service, pid)
+
+
+Scenario = Callable[[Chaos], Awaitable[Row | list[Row]]]
+
+
+async def kill9_compute(chaos: Chaos) -> Row:
+    tally = await chaos.under_load(
+        "kill9-compute", lambda: chaos.restart("compute-mlp-1-0", signal.SIGKILL))
+    return Row(tally, "SIGKILL compute-mlp-1-0 (of 2 replicas) under load")
+
+
+async def stall_compute(chaos: Chaos) -> Row:
+    async def stall() -> None:
+        pid = faults.send(chaos.data_dir, "compute-mlp-1-0", signal.SIGSTOP)
+        try:
+            await asyncio.sleep(chaos.plan.stall_seconds)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    tally = await chaos.under_load("stall-compute", stall)
+    return Row(tally, f"SIGSTOP compute-mlp-1-0 for {chaos.plan.stall_seconds:.0f} s, "
+                      "then SIGCONT")
+
+
+async def kill_control_plane(chaos: Chaos) -> Row:
+    tally = await chaos.under_load(
+        "kill-control-plane", lambda: chaos.restart("control-plane", signal.SIGKILL))
+    return Row(tally, "SIGKILL the control plane; routers keep their last xDS config")
+
+
+async def burst_10x(chaos: Chaos) -> Row:
+    reference = chaos.references["mlp"]
+    rate = await capacity(chaos.stub, reference, concurrency=chaos.plan.concurrency)
+    count = min(chaos.plan.burst_cap, max(1, round(10 * rate)))
+    tally = Tally("burst-10x")
+    await burst(chaos.stub, reference, tally, count)
+    return Row(tally, f"{count} requests at once (10 × {rate:.0f} answered/s"
+                      f"{', capped' if count < 10 * rate else ''})")
+
+
+async def slow_model(chaos: Chaos) -> Row:
+    """`slow` (~50 ms a batch); every other request carries a 20 ms server-side timeout,
+    which it cannot meet: those must be refused with DEADLINE_EXCEEDED, never lost."""
+    tally = Tally("slow-model")
+    await chaos.load(tally, "slow", seconds=chaos.plan.seconds * 2.5,
+                     timeouts_us=(0, 20_000))
+    return Row(tally, "model at ~50 ms a batch; half the requests with a 20 ms timeout")
+
+
+async def fuzz_ingress(chaos: Chaos) -> Row:
+    ingress = faults.pid_of(chaos.data_dir, "ingress")
+    tally = Tally("fuzz-ingress")
+    payloads = fuzz.draw_payloads(chaos.plan.fuzz_examples)
+    leaks = await fuzz.send_all(chaos.channel, payloads, tally)
+    assert leaks == [], f"stack traces leaked to callers: {leaks[:3]}"
+    after = Tally("after-fuzz")
+    await chaos.load(after, count=20, seconds=10.0, concurrency=4)
+    assert after.succeeded == 20, f"the ingress stopped answering after fuzzing: {after}"
+    assert faults.pid_of(chaos.data_dir, "ingress") == ingress, "the ingress process died"
+    return Row(tally, f"{len(payloads)} random and malformed ModelInfer messages "
+                      "(hypothesis), then 20 valid requests")
+
+
+def sigterm_targets(chaos: Chaos) -> list[str]:
+    everything = faults.services(chaos.data_dir)
+    if chaos.plan.sigterm_all:
+        return everything
+    return ["control-plane", "compute-mlp-1-1", "batcher-mlp-1", "router", "ingress"]
+
+
+async def sigterm_each(chaos: Chaos) -> list[Row]:
+    """SIGTERM each service in turn under load: it drains (not-ready, in-flight work
+    finished) and exits; `up` restarts it on the same port. One row per service.
+
+    The one unavoidable failure: gRPC core answers CANCELLED (no message) to calls that
+    reach a server after its shutdown has begun and before the client has seen its GOAWAY
+    (a bare grpc.aio server does the same: 5 of ~780 calls at concurrency 16). Behind the
+    ingress every hop turns that into UNAVAILABLE with a message; at the ingress the client
+    sees it, at most once per caller with a call in flight."""
+    rows = []
+    for service in sigterm_targets(chaos):
+        tally = await chaos.under_load(f"sigterm {service}", lambda s=service: chaos.restart(
+            s, signal.SIGTERM))
+        edge = service == "ingress"
+        rows.append(Row(tally, f"SIGTERM {service}; `up` restarts it",
+                        max_failed=chaos.plan.concurrency if edge else 0,
+                        tolerated="CANCELLED" if edge else ""))
+    return rows
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "kill9-compute": kill9_compute,
+    "stall-compute": stall_compute,
+    "kill-control-plane": kill_control_plane,
+    "burst-10x": burst_10x,
+    "slow-model": slow_model,
+    "fuzz-ingress": fuzz_ingress,
+    "sigterm-each": sigterm_each,
+}
+

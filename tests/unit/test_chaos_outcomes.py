@@ -1,0 +1,80 @@
+"""The chaos suite's bookkeeping: how each answer is classified, and the report's verdicts."""
+
+import pytest
+
+from tests.chaos.outcomes import (
+    INPUT_REFUSALS,
+    Outcome,
+    Row,
+    Tally,
+    classify,
+    markdown_table,
+)
+
+DEADLINE = 30.0
+
+
+@pytest.mark.parametrize(("code", "message", "elapsed", "output_ok", "refusals", "outcome"), [
+    ("OK", "", 0.01, True, None, Outcome.SUCCEEDED),
+    ("OK", "", 0.01, False, None, Outcome.FAILED),  # a wrong output
+    ("RESOURCE_EXHAUSTED", "queue full", 0.01, False, None, Outcome.REFUSED),
+    ("UNAVAILABLE", "no replica", 0.01, False, None, Outcome.REFUSED),
+    ("DEADLINE_EXCEEDED", "queued too long", 0.5, False, None, Outcome.REFUSED),
+    ("DEADLINE_EXCEEDED", "Deadline Exceeded", 29.9, False, None, Outcome.LOST),
+    ("DEADLINE_EXCEEDED", "Deadline Exceeded", 30.0, False, None, Outcome.LOST),
+    ("UNAVAILABLE", "", 0.01, False, None, Outcome.FAILED),  # refused, but not clearly
+    ("CANCELLED", "CANCELLED", 0.01, False, None, Outcome.FAILED),
+    ("INTERNAL", "internal error (id 1)", 0.01, False, None, Outcome.FAILED),
+    ("INVALID_ARGUMENT", "unknown input 'x'", 0.01, False, None, Outcome.FAILED),
+    ("INVALID_ARGUMENT", "unknown input 'x'", 0.01, False, INPUT_REFUSALS, Outcome.REFUSED),
+    ("UNKNOWN", "Unexpected DecodeError", 0.01, False, INPUT_REFUSALS, Outcome.FAILED),
+])
+def test_classify(code, message, elapsed, output_ok, refusals, outcome):
+    extra = {} if refusals is None else {"refusals": refusals}
+    assert classify(code, message, elapsed, DEADLINE, output_ok, **extra) is outcome
+
+
+def tally_of(sent: int, **counts: int) -> Tally:
+    tally = Tally("t", sent=sent)
+    for name, count in counts.items():
+        code = "OK" if name == "succeeded" else name.upper()
+        outcome = Outcome.REFUSED if code == "UNAVAILABLE" else (
+            Outcome.SUCCEEDED if code == "OK" else Outcome.FAILED)
+        for _ in range(count):
+            tally.record(outcome, code, "m")
+    return tally
+
+
+@pytest.mark.parametrize(("tally", "max_failed", "tolerated", "verdict"), [
+    (tally_of(3, succeeded=2, unavailable=1), 0, "", "pass"),
+    (tally_of(4, succeeded=2, unavailable=1), 0, "", "FAIL (unaccounted requests)"),
+    (tally_of(2, succeeded=1, cancelled=1), 0, "", "FAIL (failed > 0)"),
+    (tally_of(2, succeeded=1, cancelled=1), 2, "CANCELLED", "pass"),
+    (tally_of(3, succeeded=1, cancelled=1, internal=1), 2, "CANCELLED",
+     "FAIL (failures other than CANCELLED)"),
+])
+def test_verdicts(tally, max_failed, tolerated, verdict):
+    assert Row(tally, "fault", max_failed, tolerated).verdict == verdict
+
+
+def test_lost_requests_fail_the_row():
+    tally = Tally("t", sent=5)
+    for _ in range(3):
+        tally.record(Outcome.SUCCEEDED)
+    tally.never_answered(2)
+    assert (tally.lost, tally.accounted) == (2, True)
+    assert Row(tally, "fault").verdict == "FAIL (lost requests)"
+
+
+def test_tallies_add_up():
+    total = Tally("all")
+    total.add(tally_of(2, succeeded=1, unavailable=1))
+    total.add(tally_of(1, cancelled=1))
+    assert (total.sent, total.succeeded, total.refused, total.failed) == (3, 1, 1, 1)
+    assert dict(total.statuses) == {"UNAVAILABLE": 1, "CANCELLED": 1}
+
+
+def test_markdown_table():
+    table = markdown_table([Row(tally_of(3, succeeded=2, unavailable=1), "kill -9")])
+    assert table.splitlines()[2] == ("| t | kill -9 | 3 | 2 | 1 | 0 | 0 | UNAVAILABLE 1 "
+                                     "| pass |")
