@@ -52,7 +52,6 @@ class Replica:
     batches: int = 0
     rows: int = 0
     outlier: Outlier = field(default_factory=Outlier)
-    completed: int = 0  # batches it answered
 
     @property
     def in_rotation(self) -> bool:
@@ -228,8 +227,8 @@ class Scheduler:
                 await self._attempt(target, live, dispatched)
             except _Failed as again:
                 self._count_retry("failed")
-                self._answer_failed(live, f"{again.detail} (retry after {failed.detail})",
-                                    dispatched)
+                self._answer_failed(live, f"{again.detail} (on retry; first attempt: "
+                                    f"{failed.detail})", dispatched)
             else:
                 self._count_retry("ok")
             return
@@ -271,7 +270,6 @@ class Scheduler:
                         error, f"compute replica {replica.upstream.target}"), dispatched)
                 return
             replica.outlier.success()
-            replica.completed += 1
             self._latency.add(time.monotonic() - started)
             params = answer.parameters
             infer_ns = params["compute_infer_ns"].int64_param

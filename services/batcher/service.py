@@ -109,7 +109,8 @@ class Batcher:
 
     def _unready(self) -> ServingError:
         return Unavailable(f"no compute replica of model '{self.statistics.name}' version "
-                           f"'{self.statistics.version}' is ready")
+                           f"'{self.statistics.version}' is ready",
+                           self.scheduler.failover.ejection_seconds)
 
 
 class GroupServicer(groups_pb2_grpc.GroupInferenceServicer):

@@ -360,3 +360,24 @@ async def test_deadlines_reach_compute_and_expired_requests_are_never_computed(w
     text = processes.metrics("batcher")
     assert sample(text, "meshserve_shed_total", reason="deadline") == 1
     assert sample(text, "meshserve_batcher_replica_ejections_total") is None
+
+
+async def test_no_replica_left_answers_unavailable_with_retry_hint_at_once(world, processes):
+    address = start_batcher(processes, 2)
+    async with secure_channel(address, tls_of(world, "router"), "batcher") as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        await wait_ready(stub, processes)
+        assert await run_load(stub, 20, 2) == []
+        for name in ("compute-0", "compute-1"):
+            processes.signal(name, signal.SIGKILL)
+        refusals = []
+        for number in range(10):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ModelInfer(mlp_request(number), timeout=30)
+            refusals.append(refused.value)
+    for error in refusals:
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+        assert re.search(r"; retry after \d+(\.\d+)? s$", error.details()), error.details()
+        assert int(dict(error.trailing_metadata())[RETRY_AFTER_MS]) >= 1
+    text = processes.metrics("batcher")
+    assert sample(text, "meshserve_batcher_retries_total", outcome="ok") is None
