@@ -117,3 +117,18 @@ def test_rate_limit_gives_a_retry_hint():
     recorder.gate.admit(caller)
     assert recorder.denied == ["rate_limited"]
     assert recorder.audited == []
+
+
+@pytest.mark.parametrize(("given", "default", "expected"), [
+    (None, 0, None), (None, 2, 2), (0, 2, 0), (1, 2, 1)])
+def test_default_priority_applies_only_when_the_request_sets_none(given, default, expected):
+    from meshserve.ingress.service import default_priority
+    from meshserve.protocol import grpc_service_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name="mlp")
+    if given is not None:
+        request.parameters["priority"].int64_param = given
+    default_priority(request, default)
+    got = (request.parameters["priority"].int64_param if "priority" in request.parameters
+           else None)
+    assert got == expected
