@@ -12,14 +12,18 @@ store directly (a SQLite file or a postgresql:// URL), for when the control plan
 import argparse
 import asyncio
 import sys
-from pathlib import Path
 
 import grpc
 
 from meshserve.common.errors import ServingError
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.protocol.admin_pb2_grpc import AdminStub
-from meshserve.tools.traffic import admin_channel, control_plane_address, operator_tls
+from meshserve.tools.traffic import (
+    add_connection_flags,
+    admin_channel,
+    control_plane_address,
+    operator_tls,
+)
 
 FOLLOW_INTERVAL_S = 1.0
 
@@ -101,11 +105,5 @@ def register(commands) -> None:
     tail_parser.add_argument("-n", type=int, default=20, help="how many (default 20)")
     tail_parser.add_argument("--follow", action="store_true", help="then print new events")
     for parser in (check, tail_parser):
-        parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
-                            help="where `meshserve up` keeps certificates and ports")
-        parser.add_argument("--control-plane", help="HOST:PORT (default: the one `up` "
-                                                    "started)")
-        parser.add_argument("--ca", type=Path)
-        parser.add_argument("--cert", type=Path, help="operator certificate")
-        parser.add_argument("--key", type=Path)
+        add_connection_flags(parser)
         parser.set_defaults(func=run)

@@ -22,7 +22,12 @@ from meshserve.common import artifacts, model_files
 from meshserve.common.errors import ServingError
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.protocol.admin_pb2_grpc import AdminStub
-from meshserve.tools.traffic import admin_channel, control_plane_address, operator_tls
+from meshserve.tools.traffic import (
+    add_connection_flags,
+    admin_channel,
+    control_plane_address,
+    operator_tls,
+)
 
 # What one gRPC message carries, less room for the request's other fields.
 MAX_PUSH_BYTES = 64 * 1024 * 1024 - 64 * 1024
@@ -136,16 +141,6 @@ def rewrap(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _connection(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
-                        help="where `meshserve up` keeps certificates and ports")
-    parser.add_argument("--control-plane", help="HOST:PORT (default: the one `up` started)")
-    parser.add_argument("--ca", type=Path)
-    parser.add_argument("--cert", type=Path, help="operator certificate")
-    parser.add_argument("--key", type=Path)
-    parser.set_defaults(func=run)
-
-
 def register(commands) -> None:
     models = commands.add_parser("models", help="the model registry: push, list, show, "
                                                 "verify, rewrap")
@@ -166,7 +161,8 @@ def register(commands) -> None:
     show.add_argument("model")
     show.add_argument("--version", default="")
     for parser in (push, listing, show):
-        _connection(parser)
+        add_connection_flags(parser)
+        parser.set_defaults(func=run)
 
     check = actions.add_parser("verify", help="check a repository's signatures and digests "
                                               "offline (exit 1 on problems)")

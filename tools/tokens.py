@@ -9,11 +9,16 @@ Files in DIR/auth (created mode 0700 on first use):
 
     meshserve token issue --subject app/frontend --scope infer --models mlp,cnn --ttl 1h
     meshserve token rotate-key --data-dir DIR
+
+Every issued token is recorded in the control plane's audit log (action `token.issue`: the
+subject, what the token grants, when it expires and the sha256 of the token, never the token
+itself); `--no-audit` issues one offline, with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import sys
@@ -32,6 +37,7 @@ from meshserve.ingress.tokens import (
     parse_jwks,
     sign,
 )
+from meshserve.tools.traffic import add_connection_flags
 
 SIGNING_KEY = "signing.key"
 JWKS = "jwks.json"
@@ -168,15 +174,38 @@ def _words(values: list[str] | None) -> list[str] | None:
     return [word for value in values for word in re.split(r"[\s,]+", value) if word]
 
 
+def issuance_record(token: str, scopes: list[str] | None, models: list[str] | None,
+                    ttl: float) -> str:
+    """What the audit log keeps of an issued token: its grants and sha256, not the token."""
+    return (f"scopes={','.join(scopes) if scopes is not None else '*'} "
+            f"models={','.join(models) if models is not None else '*'} ttl={ttl:g}s "
+            f"sha256={hashlib.sha256(token.encode()).hexdigest()}")
+
+
 def _issue(args: argparse.Namespace) -> int:
+    from meshserve.tools.audit_client import record
+    from meshserve.tools.traffic import control_plane_address, operator_tls
+
     auth_dir = args.data_dir / "auth"
     if not (auth_dir / SIGNING_KEY).exists():
         print(f"error: no signing key in {auth_dir}; run `meshserve up` or "
               f"`meshserve token rotate-key --data-dir {args.data_dir}` first", file=sys.stderr)
         return 1
-    print(issue(auth_dir, args.subject, args.ttl, scopes=_words(args.scope),
-                models=_words(args.models), groups=_words(args.groups), issuer=args.issuer,
-                audience=args.audience))
+    scopes, models = _words(args.scope), _words(args.models)
+    token = issue(auth_dir, args.subject, args.ttl, scopes=scopes, models=models,
+                  groups=_words(args.groups), issuer=args.issuer, audience=args.audience)
+    if args.no_audit:
+        print("warning: this token is not recorded in the audit log (--no-audit)",
+              file=sys.stderr)
+    else:
+        try:
+            record(control_plane_address(args), operator_tls(args), "token.issue",
+                   args.subject, issuance_record(token, scopes, models, args.ttl))
+        except Exception as error:  # noqa: BLE001 — no token without its audit record
+            print(f"error: could not record the token in the audit log ({error}); start the "
+                  "control plane, or pass --no-audit to issue one offline", file=sys.stderr)
+            return 1
+    print(token)
     return 0
 
 
@@ -203,12 +232,14 @@ def register(commands) -> None:
                               help="lifetime, e.g. 15m, 1h, 2d (default 1h)")
     issue_parser.add_argument("--issuer", default=DEFAULT_ISSUER)
     issue_parser.add_argument("--audience", default=DEFAULT_AUDIENCE)
+    issue_parser.add_argument("--no-audit", action="store_true",
+                              help="do not record the issuance in the audit log (offline)")
     issue_parser.set_defaults(func=_issue)
     rotate_parser = actions.add_parser("rotate-key", help="start signing with a new key")
     rotate_parser.add_argument("--keep", type=int, default=2,
                                help="public keys kept in jwks.json, the new one included "
                                     "(default 2: the previous key stays valid)")
     rotate_parser.set_defaults(func=_rotate)
-    for sub in (issue_parser, rotate_parser):
-        sub.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
-                         help="the deployment's data directory (keys in DIR/auth)")
+    add_connection_flags(issue_parser)
+    rotate_parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
+                               help="the deployment's data directory (keys in DIR/auth)")

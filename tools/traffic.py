@@ -155,13 +155,19 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    """How an operator command reaches the control plane: `control_plane_address` and
+    `operator_tls` read these."""
     parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
                         help="where `meshserve up` keeps certificates and ports")
     parser.add_argument("--control-plane", help="HOST:PORT (default: the one `up` started)")
     parser.add_argument("--ca", type=Path)
     parser.add_argument("--cert", type=Path, help="operator certificate")
     parser.add_argument("--key", type=Path)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    add_connection_flags(parser)
     parser.add_argument("--reason", default="", help="recorded in the audit log")
     parser.set_defaults(func=run)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 
+from meshserve.common.logs import sample_fraction
 from meshserve.common.repository import ModelRepository
 from meshserve.common.tls import TlsFiles, channel_credentials
 from meshserve.protocol import admin_pb2, health_pb2
@@ -151,7 +152,7 @@ def token_port(data_dir: Path) -> int | None:
 
 
 def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
-         compute_replicas: int = 1) -> list[list[Child]]:
+         compute_replicas: int = 1, audit_denied_sample: float = 0.01) -> list[list[Child]]:
     """The children in start order: control plane, computes, batchers, router, ingress.
 
     Each model version gets `compute_replicas` compute processes (`compute-M-V` when there
@@ -179,7 +180,8 @@ def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
                                            f"--listen={HOST}:{port}", "--require-client-cert",
                                            *auth_args(data_dir, port)],
                     run_dir)
-    ingress.args.append(f"--async-store={data_dir / 'async.db'}")
+    ingress.args += [f"--async-store={data_dir / 'async.db'}",
+                     f"--audit-denied-sample={audit_denied_sample}"]
     tiers = [[control_plane], computes, batchers, [router], [ingress]]
     for child in (child for tier in tiers for child in tier):
         child.metrics = metrics
@@ -212,10 +214,11 @@ async def register_batchers(control_plane: Child, batchers: list[Child], tls: Tl
 
 
 async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
-                     say=print, metrics: bool = True, compute_replicas: int = 1) -> list[Child]:
+                     say=print, metrics: bool = True, compute_replicas: int = 1,
+                     audit_denied_sample: float = 0.01) -> list[Child]:
     tls_dir = data_dir / "tls"
     operator = TlsFiles.for_identity(tls_dir, "client")
-    tiers = plan(data_dir, port, device, metrics, compute_replicas)
+    tiers = plan(data_dir, port, device, metrics, compute_replicas, audit_denied_sample)
     [control_plane], computes, batchers, [router], [ingress] = tiers
     started: list[Child] = []
     try:
@@ -228,7 +231,8 @@ async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
                 if child is router:
                     child.args.append(f"--control-plane={control_plane.address}")
                 if child is ingress:
-                    child.args.append(f"--router={router.address}")
+                    child.args += [f"--router={router.address}",
+                                   f"--control-plane={control_plane.address}"]
                 child.start(tls_dir)
                 started.append(child)
             await asyncio.gather(*(child.wait_port(timeout) for child in tier))
@@ -335,7 +339,8 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
     print("starting services")
     starting = asyncio.create_task(start_mesh(data_dir, args.port, args.device, args.timeout,
                                               metrics=not args.no_metrics,
-                                              compute_replicas=args.compute_replicas))
+                                              compute_replicas=args.compute_replicas,
+                                              audit_denied_sample=args.audit_denied_sample))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
@@ -388,6 +393,10 @@ def register(commands) -> None:
     parser.add_argument("--drain-seconds", type=float, default=5.0)
     parser.add_argument("--compute-replicas", type=positive_count, default=1, metavar="N",
                         help="compute processes per model version (default 1)")
+    parser.add_argument("--audit-denied-sample", type=sample_fraction, default=0.01,
+                        metavar="FRACTION",
+                        help="fraction (0..1) of denied calls recorded in the audit log "
+                             "(default 0.01)")
     parser.add_argument("--no-metrics", action="store_true",
                         help="serve and record no Prometheus metrics")
     parser.add_argument("--otlp", default="", metavar="HOST:PORT",

@@ -49,6 +49,7 @@ from meshserve.ingress.async_service import (
 )
 from meshserve.ingress.auth import Caller, Gate, OnDenied, OpenGate
 from meshserve.ingress.budget import ByteBudget
+from meshserve.ingress.denials import DenialAudit
 from meshserve.ingress.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER, JwksUrl, jwks_source
 from meshserve.ingress.validation import expected_shape, validate
 from meshserve.mesh.policy import PIN_HEADER
@@ -78,6 +79,7 @@ class IngressSettings:
     token_issuer: str = DEFAULT_ISSUER
     token_audience: str = DEFAULT_AUDIENCE
     audit_denied_sample: float = 0.01
+    control_plane: str = ""  # where sampled denials are audited ("": logged only)
     max_inflight_bytes: int = 256 << 20  # bytes of requests accepted and not yet answered
 
 
@@ -392,6 +394,9 @@ def build_service(settings: IngressSettings, metrics: Metrics | None = None,
     ingress_metrics = None if metrics is None else IngressMetrics(metrics)
     ingress = Ingress(repository, router, ingress_metrics, tracing, settings.access_log_sample)
     ingress.budget = ByteBudget(settings.max_inflight_bytes, "max_inflight_bytes")
+    audit = None
+    if on_denied is None and settings.control_plane:
+        audit = on_denied = DenialAudit(settings.control_plane, settings.tls)
     gate, gate_tasks = build_gate(settings, ingress_metrics, on_denied)
     health = HealthServicer()
     asynchronous = build_async(settings.asynchronous, ingress)
@@ -416,7 +421,7 @@ def build_service(settings: IngressSettings, metrics: Metrics | None = None,
         register, health, background=[*asynchronous.background,
                                       lambda: router.watch(lambda: health.set(router.serving)),
                                       announce_token_port, *gate_tasks],
-        cleanup=[*asynchronous.cleanup, router.close,
+        cleanup=[*asynchronous.cleanup, router.close, *([] if audit is None else [audit.close]),
                  *([] if tracing is None else [tracing.close])],
         extra_ports=extra_ports)
     return service
@@ -436,7 +441,10 @@ def add_auth_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-audience", default=DEFAULT_AUDIENCE,
                         help=f"required 'aud' of tokens (default {DEFAULT_AUDIENCE})")
     parser.add_argument("--audit-denied-sample", type=sample_fraction, default=0.01,
-                        help="fraction (0..1) of denials passed to the audit hook")
+                        help="fraction (0..1) of denied calls recorded in the audit log")
+    parser.add_argument("--control-plane", default="", metavar="HOST:PORT",
+                        help="the control plane whose audit log records sampled denied calls "
+                             "(empty: denials are only logged and counted)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         token_listen=args.token_listen, token_port_file=args.token_port_file,
         policy=args.policy, jwks=args.jwks, token_issuer=args.token_issuer,
         token_audience=args.token_audience, audit_denied_sample=args.audit_denied_sample,
+        control_plane=args.control_plane,
         max_inflight_bytes=args.max_inflight_bytes)
 
     return runtime.run_service("ingress", args, build_service, settings)

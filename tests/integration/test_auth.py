@@ -1,6 +1,7 @@
 """Authentication, authorization, rate limits and key rotation at the ingress of a real
 `meshserve up`: bearer tokens on the token port, the client certificate on the mTLS port."""
 
+import hashlib
 import re
 import time
 import urllib.request
@@ -41,7 +42,7 @@ def mesh(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("auth") / "data"
     (data_dir / "auth").mkdir(parents=True)
     (data_dir / "auth" / "policy.yaml").write_text(POLICY)
-    started = start_up(data_dir)
+    started = start_up(data_dir, extra_args=("--audit-denied-sample=1",))
     try:
         yield started
     finally:
@@ -217,3 +218,39 @@ def test_denials_are_counted_and_logged_without_tokens(mesh, token_stub, auth_di
     assert "principal=app/a action=infer model=mlp" in log
     assert token not in log
     assert token.split(".")[2] not in log
+
+
+def test_denials_are_recorded_in_the_audit_log(mesh, token_stub, auth_dir):
+    token = issue(auth_dir, "app/audited", 600, models=["cnn"])
+    refused(lambda: infer(token_stub, "mlp", token))
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        tail = meshserve("audit", "tail", "-n", "50", f"--data-dir={mesh.data_dir}")
+        assert tail.returncode == 0, tail.stderr
+        lines = [line for line in tail.stdout.splitlines() if "request.denied" in line]
+        if any("app/audited" in line for line in lines):
+            break
+        time.sleep(0.2)
+    [line] = [line for line in lines if "app/audited" in line]
+    assert "permission_denied: infer on mlp" in line
+    assert "ingress" in line  # the actor: the ingress's certificate identity
+    assert token not in tail.stdout
+
+
+def test_issued_tokens_are_audited_by_digest(mesh):
+    issued = meshserve("token", "issue", "--subject", "app/audited-issue", "--scope", "infer",
+                       "--ttl", "5m", f"--data-dir={mesh.data_dir}")
+    assert issued.returncode == 0, issued.stderr
+    token = issued.stdout.strip()
+    tail = meshserve("audit", "tail", "-n", "50", f"--data-dir={mesh.data_dir}")
+    [line] = [line for line in tail.stdout.splitlines() if "app/audited-issue" in line]
+    assert "token.issue" in line
+    assert hashlib.sha256(token.encode()).hexdigest() in line
+    assert token not in tail.stdout
+    offline = meshserve("token", "issue", "--subject", "x", "--no-audit",
+                        f"--data-dir={mesh.data_dir}", "--control-plane=127.0.0.1:1")
+    assert offline.returncode == 0 and "not recorded in the audit log" in offline.stderr
+    unreachable = meshserve("token", "issue", "--subject", "x", f"--data-dir={mesh.data_dir}",
+                            "--control-plane=127.0.0.1:1")
+    assert unreachable.returncode == 1 and unreachable.stdout == ""
+    assert "could not record the token in the audit log" in unreachable.stderr
