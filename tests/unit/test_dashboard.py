@@ -7,6 +7,7 @@ from pathlib import Path
 
 from meshserve.common.metrics import (
     BatcherMetrics,
+    CacheMetrics,
     ComputeMetrics,
     IngressMetrics,
     Metrics,
@@ -38,9 +39,18 @@ def exported_names() -> set[str]:
     ingress.request("m", "1", "OK", 0.1)
     ingress.request("m", "1", "UNAVAILABLE", 0.1)
     ingress.group.recorder("m")(1, "UNAVAILABLE")
-    BatcherMetrics(metrics, "m", "1", lambda: 0).batch(1, 1, 1000)
+    batcher = BatcherMetrics(metrics, "m", "1", lambda: 0)
+    batcher.batch(1, 1, 1000)
     ComputeMetrics(metrics).recorder("m", "1", "cpu")(0.1)
     XdsCollector.register(metrics, lambda: "v1", lambda: 0, lambda: 0.0)
+    ingress.denied("rate_limited")
+    cache = CacheMetrics(metrics, "m", "1")
+    cache.hit(1000)
+    cache.miss(1000)
+    failover = batcher.failover
+    failover.shed("priority")
+    failover.retry("ok")
+    failover.replica_up("a", True)
     names = set()
     for family in metrics.registry.collect():
         names.add(family.name)
