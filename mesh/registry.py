@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshserve.common import artifacts, model_files
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from meshserve.common.files import write_atomic
 from meshserve.common.repository import CONFIG_FILENAME, DEFAULT_MODEL_FILENAME, parse_config
 from meshserve.mesh.audit import utc_timestamp
 from meshserve.mesh.store import ModelVersion, Store
@@ -130,7 +131,7 @@ class Registry:
     def _keep(self, stored: bytes) -> Path:
         path = self.content_store / "sha256" / artifacts.sha256_digest(stored).split(":")[1]
         if not path.exists():
-            model_files.write_atomic(path, stored, 0o444)
+            write_atomic(path, stored, 0o444)
         return path
 
     def _write_version(self, model_dir: Path, version_dir: Path, manifest: dict,
@@ -147,7 +148,7 @@ class Registry:
             raise
         config_path = model_dir / CONFIG_FILENAME
         if config and not config_path.exists():
-            model_files.write_atomic(config_path, config.encode("utf-8"))
+            write_atomic(config_path, config.encode("utf-8"))
 
 
 def _check_name(name: str) -> None:

@@ -30,7 +30,6 @@ import datetime
 import ipaddress
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +38,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from meshserve.common.files import synced_temporary
 
 IDENTITIES = ("ingress", "router", "batcher", "compute", "control-plane")
 TRUST_DOMAIN = "meshserve.local"
@@ -94,13 +95,8 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
     key is never readable by others, not even briefly), then is linked into place: a reader
     sees either no file or the whole file, and an existing file is never replaced.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = synced_temporary(path, data, mode)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         try:
             os.link(tmp, path)  # fails if `path` exists, unlike rename
         except FileExistsError:
@@ -339,28 +335,13 @@ def _init_certs(directory: Path, days: int) -> list[Path]:
 # --- rotation -------------------------------------------------------------------------------
 
 
-def _temporary(path: Path, data: bytes, mode: int) -> str:
-    """A synced temporary file next to `path` holding `data`, created with `mode`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
 def _replace_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
     """Write every (path, data, mode) to a temporary file, then rename them into place in
     order: readers see each file whole, old or new."""
     temporaries: list[str] = []
     try:
         for path, data, mode in files:
-            temporaries.append(_temporary(path, data, mode))
+            temporaries.append(synced_temporary(path, data, mode))
         for (path, _, _), tmp in zip(files, temporaries, strict=True):
             os.replace(tmp, path)
     finally:

@@ -20,6 +20,7 @@ import grpc
 
 from meshserve.common import artifacts, model_files
 from meshserve.common.errors import ServingError
+from meshserve.common.files import write_atomic
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.tools.traffic import (
@@ -132,7 +133,7 @@ def rewrap(args: argparse.Namespace) -> int:
             if manifest["wrapped_key"].get("kek_id") == artifacts.kek_id(new):
                 print(f"{model}/{version}: already wrapped by {artifacts.kek_id(new)}")
                 continue
-            model_files.write_atomic(path, artifacts.manifest_bytes(
+            write_atomic(path, artifacts.manifest_bytes(
                 artifacts.rewrap(manifest, old, new)))
             print(f"{model}/{version}: data key re-wrapped under {artifacts.kek_id(new)}")
         except ServingError as error:

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from meshserve.common.files import write_atomic
 from meshserve.ingress.tokens import (
     DEFAULT_AUDIENCE,
     DEFAULT_ISSUER,
@@ -81,19 +80,6 @@ def duration(text: str) -> float:
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Replace `path` atomically; the file never exists with a wider `mode`."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    finally:
-        if os.path.lexists(temporary):
-            os.unlink(temporary)
-
-
 def _key_pem(key: Ed25519PrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
@@ -119,12 +105,12 @@ def init_auth(auth_dir: Path) -> bool:
     created = False
     if not (auth_dir / SIGNING_KEY).exists():
         key = Ed25519PrivateKey.generate()
-        _write(auth_dir / JWKS, jwks_document([key.public_key(), *_public_keys(auth_dir)])
+        write_atomic(auth_dir / JWKS, jwks_document([key.public_key(), *_public_keys(auth_dir)])
                .encode(), 0o644)
-        _write(auth_dir / SIGNING_KEY, _key_pem(key), 0o600)
+        write_atomic(auth_dir / SIGNING_KEY, _key_pem(key), 0o600)
         created = True
     if not (auth_dir / POLICY).exists():
-        _write(auth_dir / POLICY, DEFAULT_POLICY.encode(), 0o644)
+        write_atomic(auth_dir / POLICY, DEFAULT_POLICY.encode(), 0o644)
         created = True
     return created
 
@@ -138,8 +124,8 @@ def rotate_key(auth_dir: Path, keep: int = 2) -> str:
     key = Ed25519PrivateKey.generate()
     # The JWKS first: by the time a token uses the new key, the ingress can know it.
     keys = [key.public_key(), *_public_keys(auth_dir)][:keep]
-    _write(auth_dir / JWKS, jwks_document(keys).encode(), 0o644)
-    _write(auth_dir / SIGNING_KEY, _key_pem(key), 0o600)
+    write_atomic(auth_dir / JWKS, jwks_document(keys).encode(), 0o644)
+    write_atomic(auth_dir / SIGNING_KEY, _key_pem(key), 0o600)
     return key_id(key.public_key())
 
 

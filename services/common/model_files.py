@@ -12,8 +12,6 @@ A trusted-signers path is one PEM file (one or more keys) or a directory of `*.p
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,22 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from meshserve.common import artifacts
 from meshserve.common.artifacts import MANIFEST_FILENAME, SIGNATURE_FILENAME, ArtifactRefused
 from meshserve.common.errors import FailedPrecondition
+from meshserve.common.files import write_atomic
 
 KEK_ENV = "MESHSERVE_KEK_FILE"
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write through a temporary file in the same directory, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def signing_key(path: Path, create: bool = False) -> Ed25519PrivateKey:
