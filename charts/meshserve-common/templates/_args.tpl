@@ -21,6 +21,23 @@ list: `include "meshserve.args" .` picks the component's. Every flag is one that
 - {{ printf "--version=%v" (required "model.version is required: the version this compute serves" .Values.model.version) | quote }}
 - {{ printf "--device=%s" $device | quote }}
 - {{ printf "--threads=%v" (int .Values.threads) | quote }}
+{{- include "meshserve.args.allowCallers" . }}
+{{- if hasKey .Values "artifacts" }}
+{{- $artifacts := .Values.artifacts }}
+{{- $dir := trimSuffix "/" $artifacts.mountPath }}
+{{- if and $artifacts.requireSigned (not $artifacts.trustedSignersSecret) -}}
+{{- fail "artifacts.requireSigned needs artifacts.trustedSignersSecret: a Secret of the trusted signers' public keys (<name>.pub, PEM)" -}}
+{{- end }}
+{{- if $artifacts.trustedSignersSecret }}
+- {{ printf "--trusted-signers=%s/signers" $dir | quote }}
+{{- end }}
+{{- if $artifacts.requireSigned }}
+- "--require-signed"
+{{- end }}
+{{- if $artifacts.kekSecret }}
+- {{ printf "--kek-file=%s/kek/%s" $dir $artifacts.kekKey | quote }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/* services/batcher/service.py */}}
@@ -33,6 +50,28 @@ list: `include "meshserve.args" .` picks the component's. Every flag is one that
 {{- end }}
 - {{ printf "--compute-identity=%s" .Values.compute.identity | quote }}
 - {{ printf "--batches-per-replica=%v" (int .Values.batchesPerReplica) | quote }}
+{{- include "meshserve.args.allowCallers" . }}
+{{- if hasKey .Values "overload" }}
+{{- include "meshserve.args.whenSetInt" (list "--max-queue-bytes" .Values.overload.maxQueueBytes) }}
+{{- end }}
+{{- if hasKey .Values "failover" }}
+{{- include "meshserve.args.whenSet" (list "--stall-timeout" .Values.failover.stallTimeoutSeconds) }}
+{{- include "meshserve.args.whenSetInt" (list "--eject-after" .Values.failover.ejectAfter) }}
+{{- include "meshserve.args.whenSet" (list "--ejection-seconds" .Values.failover.ejectionSeconds) }}
+{{- end }}
+{{- if hasKey .Values "cache" }}
+{{- $cache := .Values.cache }}
+{{- include "meshserve.args.whenSetInt" (list "--cache-bytes" $cache.bytes) }}
+{{- if $cache.redis.url }}
+{{- if or (regexMatch "^[a-z]+://[^/@]*:[^/@]*@" $cache.redis.url) (regexMatch "[?&]password=" $cache.redis.url) -}}
+{{- fail "cache.redis.url must not carry a password (it would be on the command line): put it in the Secret named by cache.redis.passwordSecret" -}}
+{{- end }}
+- {{ printf "--cache-redis=%s" $cache.redis.url | quote }}
+{{- include "meshserve.args.whenSetInt" (list "--cache-ttl" $cache.redis.ttlSeconds) }}
+{{- else if $cache.redis.passwordSecret -}}
+{{- fail "cache.redis.passwordSecret needs cache.redis.url: the Redis the password is for" -}}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/* services/router/service.py */}}
@@ -41,6 +80,7 @@ list: `include "meshserve.args" .` picks the component's. Every flag is one that
 - {{ printf "--control-plane-identity=%s" .Values.controlPlane.identity | quote }}
 - {{ printf "--region=%s" .Values.region | quote }}
 - {{ printf "--batcher-identity=%s" .Values.batcherIdentity | quote }}
+{{- include "meshserve.args.allowCallers" . }}
 {{- end -}}
 
 {{/* services/ingress/service.py */}}
@@ -65,6 +105,36 @@ list: `include "meshserve.args" .` picks the component's. Every flag is one that
 - {{ printf "--token-audience=%s" $auth.audience | quote }}
 - {{ printf "--audit-denied-sample=%v" $auth.auditDeniedSample | quote }}
 {{- end }}
+{{- if hasKey .Values "maxInflightBytes" }}
+{{- include "meshserve.args.whenSetInt" (list "--max-inflight-bytes" .Values.maxInflightBytes) }}
+{{- end }}
+{{- if and (hasKey .Values "audit") .Values.audit.controlPlane.target }}
+- {{ printf "--control-plane=%s" .Values.audit.controlPlane.target | quote }}
+{{- end }}
+{{- if include "meshserve.asyncEnabled" . }}
+{{- $async := .Values.async }}
+- {{ printf "--async-store=%s/%s" (trimSuffix "/" $async.mountPath) $async.storeFile | quote }}
+{{- include "meshserve.args.whenSetInt" (list "--async-concurrency" $async.concurrency) }}
+{{- include "meshserve.args.whenSetInt" (list "--async-max-pending" $async.maxPending) }}
+{{- end }}
+{{- end -}}
+
+{{/*
+"true" when the chart has async values and async.enabled (the ingress): the asynchronous API
+(Submit/Result) with its SQLite store on the `async` volume. An existingClaim is one volume
+for every pod: it takes one replica, no autoscaler and the Recreate strategy (one writer).
+*/}}
+{{- define "meshserve.asyncEnabled" -}}
+{{- if and (hasKey .Values "async") .Values.async.enabled -}}
+{{- if .Values.async.existingClaim -}}
+{{- $autoscaling := and (hasKey .Values "autoscaling") .Values.autoscaling.enabled -}}
+{{- $recreate := eq (toString (get (default (dict) .Values.strategy) "type")) "Recreate" -}}
+{{- if or (ne (int .Values.replicas) 1) $autoscaling (not $recreate) -}}
+{{- fail "async.existingClaim holds one SQLite store: it needs replicas: 1, autoscaling.enabled: false and strategy.type: Recreate" -}}
+{{- end -}}
+{{- end -}}
+true
+{{- end -}}
 {{- end -}}
 
 {{/*
@@ -90,5 +160,60 @@ true
 - {{ printf "--sample-seconds=%v" .Values.sampleSeconds | quote }}
 {{- if .Values.endpointSlices.watch }}
 - {{ printf "--kubernetes-namespace=%s" (include "meshserve.endpointSliceNamespace" .) | quote }}
+{{- end }}
+{{- include "meshserve.args.allowCallers" . }}
+{{- if include "meshserve.registryEnabled" . }}
+{{- $registry := .Values.registry }}
+{{- $data := trimSuffix "/" .Values.persistence.mountPath }}
+{{- $keys := trimSuffix "/" $registry.keysMountPath }}
+- {{ printf "--model-repository=%s" $registry.modelRepositoryMountPath | quote }}
+- {{ printf "--registry-dir=%s/registry" $data | quote }}
+{{- if $registry.signingKeySecret }}
+- {{ printf "--signing-key=%s/signing/%s" $keys $registry.signingKeyKey | quote }}
+{{- else }}
+- {{ printf "--signing-key=%s/keys/signing.key" $data | quote }}
+{{- end }}
+{{- if $registry.kekSecret }}
+- {{ printf "--kek-file=%s/kek/%s" $keys $registry.kekKey | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/*
+"true" when the chart has registry values and registry.enabled (the control plane): pushed
+versions land in the claim registry.modelRepositoryClaim, mounted read-write.
+*/}}
+{{- define "meshserve.registryEnabled" -}}
+{{- if and (hasKey .Values "registry") .Values.registry.enabled -}}
+{{- if not .Values.registry.modelRepositoryClaim -}}
+{{- fail "registry.modelRepositoryClaim is required when registry.enabled: a ReadWriteMany PVC the control plane writes pushed versions to and compute pods mount read-only" -}}
+{{- end -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* `--allow-callers=a,b` from .Values.allowCallers when the chart has it and it is not empty. */}}
+{{- define "meshserve.args.allowCallers" -}}
+{{- if and (hasKey .Values "allowCallers") .Values.allowCallers }}
+- {{ printf "--allow-callers=%s" (join "," .Values.allowCallers) | quote }}
+{{- end }}
+{{- end -}}
+
+{{/*
+`--flag=value` when value is set; null leaves the service's default. Call with
+(list "--flag" value).
+*/}}
+{{- define "meshserve.args.whenSet" -}}
+{{- $value := index . 1 }}
+{{- if not (kindIs "invalid" $value) }}
+- {{ printf "%s=%v" (index . 0) $value | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* As meshserve.args.whenSet, for an integer (YAML numbers reach templates as floats). */}}
+{{- define "meshserve.args.whenSetInt" -}}
+{{- $value := index . 1 }}
+{{- if not (kindIs "invalid" $value) }}
+- {{ printf "%s=%d" (index . 0) (int64 $value) | quote }}
 {{- end }}
 {{- end -}}

@@ -2,9 +2,11 @@
 The Deployment of one service; takes the chart's context. The container runs
 `meshserve <component>` with the shared server flags and the component's own
 (meshserve.args). Reads .Values.modelRepository when the chart has one (compute, batcher,
-ingress), .Values.gpu (compute), .Values.persistence (control plane: a read-write data volume)
-and .Values.statefulSet when present: the umbrella chart runs each model version's compute as
-a StatefulSet, so that every replica has a DNS name its batcher can name with --compute.
+ingress), .Values.gpu (compute), .Values.persistence (control plane: a read-write data volume),
+the optional features' volumes and environment (meshserve.featureMounts, featureVolumes,
+featureEnv), and .Values.statefulSet when present: the umbrella chart runs each model
+version's compute as a StatefulSet, so that every replica has a DNS name its batcher can
+name with --compute.
 */}}
 {{- define "meshserve.deployment" -}}
 {{- with . -}}
@@ -144,6 +146,9 @@ spec:
             # The root filesystem is read-only: caches (torch, Python) go to the tmp volume.
             - name: HOME
               value: /tmp
+            {{- with include "meshserve.featureEnv" . | trim }}
+            {{- . | nindent 12 }}
+            {{- end }}
             {{- with .Values.env }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -183,6 +188,9 @@ spec:
               readOnly: true
             {{- end }}
             {{- end }}
+            {{- with include "meshserve.featureMounts" . | trim }}
+            {{- . | nindent 12 }}
+            {{- end }}
       volumes:
         - name: tls
           secret:
@@ -220,6 +228,9 @@ spec:
             defaultMode: 0444
         {{- end }}
         {{- end }}
+        {{- with include "meshserve.featureVolumes" . | trim }}
+        {{- . | nindent 8 }}
+        {{- end }}
       {{- with $nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
@@ -237,4 +248,103 @@ spec:
         {{- toYaml . | nindent 8 }}
       {{- end }}
 {{- end -}}
+{{- end -}}
+
+
+{{/*
+Mounts of the optional features: compute's artifact keys (artifacts), the control plane's
+registry (registry), the ingress's asynchronous store (async). Secrets are whole volumes, not
+subPath, so that a rotation the kubelet writes reaches the pod.
+*/}}
+{{- define "meshserve.featureMounts" -}}
+{{- if hasKey .Values "artifacts" }}
+{{- $dir := trimSuffix "/" .Values.artifacts.mountPath }}
+{{- if .Values.artifacts.trustedSignersSecret }}
+- name: artifacts-signers
+  mountPath: {{ printf "%s/signers" $dir | quote }}
+  readOnly: true
+{{- end }}
+{{- if .Values.artifacts.kekSecret }}
+- name: artifacts-kek
+  mountPath: {{ printf "%s/kek" $dir | quote }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- if include "meshserve.registryEnabled" . }}
+{{- $registry := .Values.registry }}
+{{- $keys := trimSuffix "/" $registry.keysMountPath }}
+- name: registry-models
+  mountPath: {{ $registry.modelRepositoryMountPath | quote }}
+{{- if $registry.signingKeySecret }}
+- name: registry-signing
+  mountPath: {{ printf "%s/signing" $keys | quote }}
+  readOnly: true
+{{- end }}
+{{- if $registry.kekSecret }}
+- name: registry-kek
+  mountPath: {{ printf "%s/kek" $keys | quote }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- if include "meshserve.asyncEnabled" . }}
+- name: async
+  mountPath: {{ .Values.async.mountPath | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "meshserve.featureVolumes" -}}
+{{- if hasKey .Values "artifacts" }}
+{{- if .Values.artifacts.trustedSignersSecret }}
+- name: artifacts-signers
+  secret:
+    secretName: {{ .Values.artifacts.trustedSignersSecret }}
+    defaultMode: 0444
+{{- end }}
+{{- if .Values.artifacts.kekSecret }}
+- name: artifacts-kek
+  secret:
+    secretName: {{ .Values.artifacts.kekSecret }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+{{- if include "meshserve.registryEnabled" . }}
+{{- $registry := .Values.registry }}
+- name: registry-models
+  persistentVolumeClaim:
+    claimName: {{ $registry.modelRepositoryClaim }}
+{{- if $registry.signingKeySecret }}
+- name: registry-signing
+  secret:
+    secretName: {{ $registry.signingKeySecret }}
+    defaultMode: 0440
+{{- end }}
+{{- if $registry.kekSecret }}
+- name: registry-kek
+  secret:
+    secretName: {{ $registry.kekSecret }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+{{- if include "meshserve.asyncEnabled" . }}
+- name: async
+{{- if .Values.async.existingClaim }}
+  persistentVolumeClaim:
+    claimName: {{ .Values.async.existingClaim }}
+{{- else }}
+  # An emptyDir: accepted requests and finished results are lost with the pod.
+  emptyDir:
+    sizeLimit: {{ .Values.async.sizeLimit }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Environment of the optional features: the batcher's Redis password, from a Secret. */}}
+{{- define "meshserve.featureEnv" -}}
+{{- if and (hasKey .Values "cache") .Values.cache.redis.passwordSecret }}
+- name: MESHSERVE_BATCHER_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.cache.redis.passwordSecret }}
+      key: {{ .Values.cache.redis.passwordKey }}
+{{- end }}
 {{- end -}}
