@@ -3,8 +3,8 @@
 import pytest
 
 from benchmarks.inputs import infer_request
+from meshserve.common.validation import validate
 from meshserve.ingress.service import parameter
-from meshserve.ingress.validation import validate
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest
 
 ROUNDS = 200  # for benchmarks that need a fresh input per round (pedantic mode)

@@ -36,12 +36,14 @@ from meshserve.common.server import HealthServicer, Service
 from meshserve.common.tls import TlsFiles, server_credentials
 from meshserve.common.tracing import Tracing, context_of
 from meshserve.common.upstream import Upstream
+from meshserve.common.validation import validate
 from meshserve.protocol import groups_pb2_grpc, grpc_service_pb2_grpc
 from meshserve.protocol.groups_pb2 import GroupItem, InferGroupResult
 from meshserve.protocol.grpc_service_pb2 import (
     ModelReadyResponse,
     ModelStatisticsResponse,
 )
+from meshserve.protocol.model_config_pb2 import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -65,13 +67,18 @@ class BatcherSettings:
 
 
 class Batcher:
-    """The batcher's core: takes groups, queues their requests, answers each one."""
+    """The batcher's core: takes groups, queues their requests, answers each one.
 
-    def __init__(self, scheduler: Scheduler, statistics: Statistics, batched: bool,
+    Each request is validated against the model's configuration again (~8 µs): the router
+    is trusted to be who it is, not to be right, and one malformed request must not spoil
+    the batch it would join."""
+
+    def __init__(self, scheduler: Scheduler, statistics: Statistics, config: ModelConfig,
                  tracing: Tracing | None = None, cache: CachingFront | None = None) -> None:
         self.scheduler = scheduler
         self.statistics = statistics
-        self._batched = batched
+        self._config = config
+        self._batched = config.max_batch_size > 0
         self._tracing = tracing
         self._cache = cache
 
@@ -92,6 +99,7 @@ class Batcher:
                 if not self.scheduler.ready:
                     raise self._unready()
                 request = item.request
+                validate(request, self._config)
                 if self._tracing is not None:
                     job.span = self._tracing.start(
                         "batcher.queue", context_of(item.traceparent),
@@ -172,8 +180,7 @@ def build_service(settings: BatcherSettings, metrics: Metrics | None = None,
                           failover=settings.failover)
     cache, redis_client = build_cache(settings, config, repository, entry.name, version,
                                       statistics, metrics)
-    batcher = Batcher(scheduler, statistics, batched=config.max_batch_size > 0,
-                      tracing=tracing, cache=cache)
+    batcher = Batcher(scheduler, statistics, config, tracing=tracing, cache=cache)
     health = HealthServicer()
 
     def replicas_changed() -> None:

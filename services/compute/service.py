@@ -24,6 +24,7 @@ from meshserve.common.repository import ModelRepository
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.tls import TlsFiles, server_credentials
 from meshserve.common.tracing import TRACEPARENT, Tracing, context_of, header
+from meshserve.common.validation import validate
 from meshserve.protocol import grpc_service_pb2_grpc
 from meshserve.protocol.grpc_service_pb2 import ModelReadyResponse
 
@@ -125,7 +126,8 @@ class Compute:
 
     async def traced_infer(self, request, tracing: Tracing, traceparent: str):
         """`infer` inside a `compute.infer` span (the batcher's `batcher.batch` its parent)."""
-        rows = request.inputs[0].shape[0] if self.config.max_batch_size and request.inputs else 1
+        batched = self.config.max_batch_size and request.inputs and request.inputs[0].shape
+        rows = request.inputs[0].shape[0] if batched else 1
         span = tracing.start("compute.infer", context_of(traceparent), {
             "model": self.name, "model.version": self.version, "batch.size": rows,
             "device": "" if self.model is None else str(self.model.device)},
@@ -147,6 +149,7 @@ class Compute:
             raise FailedPrecondition(self.refused)
         if self.model is None:
             raise Unavailable(f"model '{self.name}' version '{self.version}' is still loading")
+        validate(request, self.config)  # once per batch: a malformed one never reaches torch
         response, timings = await asyncio.get_running_loop().run_in_executor(
             self._executor, self.model.run, request, self.version)
         response.parameters["compute_input_ns"].int64_param = timings.input_ns

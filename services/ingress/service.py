@@ -41,6 +41,7 @@ from meshserve.common.tracing import (
     traceparent_of,
 )
 from meshserve.common.upstream import Upstream
+from meshserve.common.validation import expected_shape, validate
 from meshserve.ingress.async_service import (
     AsyncSettings,
     add_async_flags,
@@ -51,7 +52,6 @@ from meshserve.ingress.auth import Caller, Gate, OnDenied, OpenGate
 from meshserve.ingress.budget import ByteBudget
 from meshserve.ingress.denials import DenialAudit
 from meshserve.ingress.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER, JwksUrl, jwks_source
-from meshserve.ingress.validation import expected_shape, validate
 from meshserve.mesh.policy import PIN_HEADER
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol import grpc_service_pb2_grpc

@@ -7,7 +7,9 @@ import signal
 import time
 from pathlib import Path
 
-from meshserve.common.tls import TlsFiles
+import grpc
+
+from meshserve.common.tls import TlsFiles, secure_channel
 from meshserve.common.upstream import Upstream
 
 
@@ -45,6 +47,13 @@ def send(data_dir: Path, service: str, sig: signal.Signals) -> int:
         raise LookupError(f"no process serves {service}")
     os.kill(pid, sig)
     return pid
+
+
+def channel_to(data_dir: Path, service: str, caller: str) -> grpc.aio.Channel:
+    """A channel to `service` presenting the certificate of the identity `caller`."""
+    address = f"127.0.0.1:{int((data_dir / 'run' / f'{service}.port').read_text())}"
+    return secure_channel(address, TlsFiles.for_identity(data_dir / "tls", caller),
+                          identity_of(service))
 
 
 async def ready(data_dir: Path, service: str, timeout: float = 1.0) -> bool:

@@ -1,9 +1,11 @@
-"""Malformed and random messages for the ingress's ModelInfer, drawn by hypothesis.
+"""Malformed and random messages, drawn by hypothesis: for the ingress's ModelInfer, and for
+the internal hops that trust the ingress's validation (a batcher's group call, a compute's
+ModelInfer), called with the certificate of the hop that may call them.
 
-Two kinds: arbitrary bytes (most do not even parse as a ModelInferRequest), and
-structurally valid ModelInferRequest messages with wrong contents (unknown models and
-versions, wrong names, datatypes, shapes, byte lengths, typed contents, parameters).
-Sent as raw bytes, so nothing on the client side checks them first.
+Two kinds: arbitrary bytes (most do not even parse), and structurally valid messages with
+wrong contents (unknown models and versions, wrong names, datatypes, shapes, byte lengths,
+typed contents, parameters; for groups, such requests with odd ids, timeouts and
+priorities). Sent as raw bytes, so nothing on the client side checks them first.
 """
 
 import asyncio
@@ -13,10 +15,12 @@ import grpc
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from meshserve.protocol import groups_pb2
 from meshserve.protocol import grpc_service_pb2 as pb
 from tests.chaos.outcomes import INPUT_REFUSALS, Tally, classify
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+GROUP_INFER = "/meshserve.v1.GroupInference/Infer"
 ANSWER_WITHIN = 10.0  # seconds: every malformed call must have its status by then
 
 names = st.one_of(st.sampled_from(["mlp", "cnn", "slow", "", "INPUT__0"]), st.text(max_size=12))
@@ -32,7 +36,7 @@ parameter_values = st.one_of(
 
 
 @st.composite
-def wrong_requests(draw) -> bytes:
+def wrong_request_messages(draw) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=draw(names), model_version=draw(
         st.one_of(st.sampled_from(["", "1", "2", "0", "99", "-1"]), st.text(max_size=4))),
         id=draw(st.text(max_size=8)))
@@ -55,19 +59,32 @@ def wrong_requests(draw) -> bytes:
         request.parameters[key].CopyFrom(draw(parameter_values))
     for _ in range(draw(st.integers(0, 2))):
         request.outputs.add(name=draw(names))
-    return request.SerializeToString()
+    return request
 
 
-payloads = st.one_of(st.binary(max_size=2048), wrong_requests())
+@st.composite
+def wrong_groups(draw) -> bytes:
+    group = groups_pb2.InferGroup(model_name=draw(names))
+    for request in draw(st.lists(wrong_request_messages(), max_size=4)):
+        group.items.add(request=request, request_id=draw(st.text(max_size=8)),
+                        timeout_us=draw(st.integers(0, 2**64 - 1)),
+                        priority=draw(st.integers(0, 2**32 - 1)),
+                        traceparent=draw(st.text(max_size=60)))
+    return group.SerializeToString()
 
 
-def draw_payloads(examples: int) -> list[bytes]:
+wrong_requests = wrong_request_messages().map(lambda request: request.SerializeToString())
+payloads = st.one_of(st.binary(max_size=2048), wrong_requests)
+group_payloads = st.one_of(st.binary(max_size=2048), wrong_groups())
+
+
+def draw_payloads(examples: int, strategy=payloads) -> list[bytes]:
     """`examples` payloads, the same ones on every run (derandomized)."""
     drawn: list[bytes] = []
 
     @settings(max_examples=examples, derandomize=True, database=None, deadline=None,
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
-    @given(payloads)
+    @given(strategy)
     def collect(payload: bytes) -> None:
         drawn.append(payload)
 
@@ -76,11 +93,11 @@ def draw_payloads(examples: int) -> list[bytes]:
 
 
 async def send_all(channel: grpc.aio.Channel, payloads: list[bytes], tally: Tally,
-                   concurrency: int = 16) -> list[str]:
+                   concurrency: int = 16, method: str = MODEL_INFER) -> list[str]:
     """Send each payload as raw bytes; classify each answer into `tally` (INVALID_ARGUMENT
     and the like are clear refusals). Returns the details of answers that look like a
     leaked stack trace."""
-    infer = channel.unary_unary(MODEL_INFER, request_serializer=None,
+    infer = channel.unary_unary(method, request_serializer=None,
                                 response_deserializer=None)
     leaks: list[str] = []
     queue = list(enumerate(payloads))

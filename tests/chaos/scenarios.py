@@ -156,6 +156,31 @@ async def fuzz_ingress(chaos: Chaos) -> Row:
                       "(hypothesis), then 20 valid requests")
 
 
+async def fuzz_internal(chaos: Chaos) -> list[Row]:
+    """The hops behind the ingress trust its validation; a caller with the right identity
+    (a compromised or buggy neighbour) must still get a clear status for anything, and the
+    service must stay up and keep serving."""
+    examples = max(20, chaos.plan.fuzz_examples // 2)
+    targets = [("batcher-mlp-1", "router", fuzz.GROUP_INFER, fuzz.group_payloads),
+               ("batcher-mlp-1", "router", fuzz.MODEL_INFER, fuzz.payloads),
+               ("compute-mlp-1-0", "batcher", fuzz.MODEL_INFER, fuzz.payloads)]
+    rows = []
+    for service, caller, method, strategy in targets:
+        pid = faults.pid_of(chaos.data_dir, service)
+        tally = Tally(f"fuzz {service} {method.rsplit('/', 1)[1]}")
+        async with faults.channel_to(chaos.data_dir, service, caller) as channel:
+            leaks = await fuzz.send_all(channel, fuzz.draw_payloads(examples, strategy), tally,
+                                        method=method)
+        assert leaks == [], f"stack traces leaked to callers: {leaks[:3]}"
+        assert faults.pid_of(chaos.data_dir, service) == pid, f"{service} died"
+        rows.append(Row(tally, f"{examples} random and malformed messages as '{caller}'"))
+    await faults.wait_all_ready(chaos.data_dir)
+    after = Tally("after-fuzz-internal")
+    await chaos.load(after, count=20, seconds=10.0, concurrency=4)
+    assert after.succeeded == 20, f"the mesh stopped answering after fuzzing: {after}"
+    return rows
+
+
 def sigterm_targets(chaos: Chaos) -> list[str]:
     everything = faults.services(chaos.data_dir)
     if chaos.plan.sigterm_all:
@@ -190,6 +215,7 @@ SCENARIOS: dict[str, Scenario] = {
     "burst-10x": burst_10x,
     "slow-model": slow_model,
     "fuzz-ingress": fuzz_ingress,
+    "fuzz-internal": fuzz_internal,
     "sigterm-each": sigterm_each,
 }
 

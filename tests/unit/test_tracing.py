@@ -90,7 +90,7 @@ async def run_batch(tracing: Tracing | None, items: list[GroupItem]) -> FakeComp
     compute, statistics = FakeCompute(), Statistics(name="m", version="1")
     scheduler = Scheduler(BatchQueue(BatchingPolicy.from_config(config), "m"),
                           [Replica(compute)], config, "1", statistics, tracing=tracing)
-    batcher = Batcher(scheduler, statistics, batched=True, tracing=tracing)
+    batcher = Batcher(scheduler, statistics, config, tracing=tracing)
     loop = asyncio.create_task(scheduler.run())
     try:
         results = await batcher.infer(items)
@@ -129,3 +129,4 @@ async def test_batch_span_links_every_request_and_is_computes_parent():
     assert batch.parent.span_id == queued[0].parent.span_id  # the oldest request's context
     assert batch.attributes["batch.size"] == 3 and batch.attributes["batch.requests"] == 2
     assert compute.metadata == [((TRACEPARENT, traceparent_of(batch)),)]
+

@@ -6,7 +6,7 @@ import numpy
 import pytest
 
 from meshserve.common.errors import InvalidArgument
-from meshserve.ingress.validation import validate
+from meshserve.common.validation import validate
 from meshserve.protocol import model_config_pb2 as mc
 from meshserve.protocol.grpc_service_pb2 import InferTensorContents, ModelInferRequest
 
