@@ -98,17 +98,19 @@ class Ingress:
     """`metrics`, when given, is told of every answered request and every group sent:
     `metrics.request(model, version, code, seconds)` and `metrics.group.recorder(model)`.
     `tracing`, when given, traces each request (`ingress.request`, `ingress.validate`).
-    Each answered request gets an access-log line with probability `access_log_sample`."""
+    Each answered request gets an access-log line with probability `access_log_sample`.
+    Requests beyond `max_inflight_bytes` accepted and unanswered are refused (0: no limit)."""
 
     def __init__(self, repository: ModelRepository, router: Upstream, metrics=None,
-                 tracing: Tracing | None = None, access_log_sample: float = 0.0) -> None:
+                 tracing: Tracing | None = None, access_log_sample: float = 0.0,
+                 max_inflight_bytes: int = 0) -> None:
         self.repository = repository
         self.router = router
         self._metrics = metrics
         self._tracing = tracing
         self._access_log_sample = access_log_sample
         self._forwarders: dict[str, GroupForwarder] = {}
-        self.budget = ByteBudget(0, "max_inflight_bytes")  # build_service sets the limit
+        self.budget = ByteBudget(max_inflight_bytes, "max_inflight_bytes")
         prefix = secrets.token_hex(4)  # ids unique across ingress replicas, cheap per request
         self._ids = (f"{prefix}-{n}" for n in itertools.count())
 
@@ -392,8 +394,8 @@ def build_service(settings: IngressSettings, metrics: Metrics | None = None,
     repository = ModelRepository.load(settings.repository)
     router = Upstream(settings.router, settings.tls, settings.router_identity)
     ingress_metrics = None if metrics is None else IngressMetrics(metrics)
-    ingress = Ingress(repository, router, ingress_metrics, tracing, settings.access_log_sample)
-    ingress.budget = ByteBudget(settings.max_inflight_bytes, "max_inflight_bytes")
+    ingress = Ingress(repository, router, ingress_metrics, tracing, settings.access_log_sample,
+                      settings.max_inflight_bytes)
     audit = None
     if on_denied is None and settings.control_plane:
         audit = on_denied = DenialAudit(settings.control_plane, settings.tls)
