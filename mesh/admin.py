@@ -1,16 +1,34 @@
-"""The admin API's servicer: convert, delegate to the control plane, convert."""
+"""The admin API's servicer: check the caller against the access policy (when the control
+plane has one, see `meshserve.mesh.admin_access`), convert, delegate, convert."""
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
 
 import grpc
 
-from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound, ServingError
+from meshserve.common import artifacts
+from meshserve.common.access import Policy
+from meshserve.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ServingError,
+)
+from meshserve.mesh import admin_access
 from meshserve.mesh.canary import CanaryPlan
 from meshserve.mesh.control import ControlPlane
+from meshserve.mesh.fetch import read_version
 from meshserve.mesh.policy import Endpoint, Shadow, TrafficPolicy
 from meshserve.mesh.registry import Push, Registry
 from meshserve.mesh.store import ModelVersion
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.protocol import admin_pb2_grpc
 from meshserve.tools.certs import identity_of
+
+log = logging.getLogger(__name__)
 
 STATUS_WINDOW_SECONDS = 3.0
 # Who may write events into the audit log with RecordEvent: the ingress and operators.
@@ -88,10 +106,48 @@ def canary_to_proto(record: dict | None) -> pb.Canary:
         reason=record.get("reason", ""), updated_at=record.get("updated_at", ""))
 
 
+def fetched_to_proto(fetched) -> pb.FetchedModel:
+    return pb.FetchedModel(name=fetched.name, version=fetched.version, artifact=fetched.artifact,
+                           manifest=fetched.manifest, signature=fetched.signature,
+                           digest=fetched.digest, filename=fetched.filename)
+
+
 class AdminServicer(admin_pb2_grpc.AdminServicer):
-    def __init__(self, control: ControlPlane, registry: Registry | None = None) -> None:
+    """`policy()` gives the current access policy (None: every admitted caller may call every
+    RPC, as without `--policy`); `count_denied(action)` counts refusals."""
+
+    def __init__(self, control: ControlPlane, registry: Registry | None = None,
+                 policy: Callable[[], Policy] | None = None,
+                 count_denied: Callable[[str], None] | None = None) -> None:
         self._control = control
         self._registry = registry
+        self._policy = policy
+        self._count_denied = count_denied
+
+    def _authorize(self, context, method: str, request) -> Callable[[str], bool]:
+        """PERMISSION_DENIED (audited, counted) unless the caller may call `method`; returns
+        which models the caller may see in a listing."""
+        if self._policy is None:
+            return lambda model: True
+        policy, identity = self._policy(), caller(context)
+        decision = admin_access.decide(policy, identity, method, request)
+        if not decision.allowed:
+            self._deny(identity, method, decision)
+        if decision.filtered:
+            return lambda model: admin_access.may_read(policy, identity, model)
+        return lambda model: True
+
+    def _deny(self, identity: str, method: str, decision: admin_access.Decision) -> None:
+        reason = admin_access.denial_reason(method, decision)
+        log.info("denied: principal=%s %s", identity, reason)
+        if self._count_denied is not None:
+            self._count_denied(decision.action)
+        try:
+            self._control.store.append_audit(identity, admin_access.DENIED_EVENT,
+                                             decision.model, reason=reason)
+        except Exception:  # noqa: BLE001 — auditing must not change the answer
+            log.exception("could not record a denied admin call in the audit log")
+        raise PermissionDenied(decision.refusal(identity))
 
     def _models(self) -> Registry:
         if self._registry is None:
@@ -100,6 +156,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return self._registry
 
     async def Status(self, request, context):
+        visible = self._authorize(context, "Status", request)
         control = self._control
         policies = control.store.policies()
         if request.model and request.model not in policies:
@@ -107,7 +164,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         response = pb.StatusResponse(snapshot_version=control.cache.snapshot.version)
         endpoints = control.store.endpoints()
         for model in sorted(policies):
-            if request.model and model != request.model:
+            if (request.model and model != request.model) or not visible(model):
                 continue
             policy = policies[model]
             status = response.models.add(policy=policy_to_proto(policy),
@@ -127,26 +184,32 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return response
 
     async def SetPolicy(self, request, context):
+        self._authorize(context, "SetPolicy", request)
         policy = policy_from_proto(request.policy)
         return policy_to_proto(self._control.set_policy(policy, caller(context), request.reason))
 
     async def Pin(self, request, context):
+        self._authorize(context, "Pin", request)
         return policy_to_proto(self._control.pin(request.model, request.version,
                                                  caller(context), request.reason))
 
     async def Rollback(self, request, context):
+        self._authorize(context, "Rollback", request)
         return policy_to_proto(self._control.rollback(request.model, caller(context),
                                                       request.reason))
 
     async def RegisterEndpoint(self, request, context):
+        self._authorize(context, "RegisterEndpoint", request)
         self._control.register(endpoint_from_proto(request), caller(context))
         return request
 
     async def RemoveEndpoint(self, request, context):
+        self._authorize(context, "RemoveEndpoint", request)
         self._control.unregister(endpoint_from_proto(request), caller(context))
         return request
 
     async def StartCanary(self, request, context):
+        self._authorize(context, "StartCanary", request)
         current = self._control.policy(request.model)
         baseline = max(current.weights, key=lambda v: (current.weights[v], int(v)))
         plan = CanaryPlan(
@@ -159,18 +222,22 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return canary_to_proto(self._control.start_canary(plan, caller(context)))
 
     async def GetCanary(self, request, context):
+        self._authorize(context, "GetCanary", request)
         self._control.policy(request.model)
         return canary_to_proto(self._control.store.canary(request.model))
 
     async def AbortCanary(self, request, context):
+        self._authorize(context, "AbortCanary", request)
         return canary_to_proto(self._control.abort_canary(request.model, caller(context)))
 
     async def ReportShadow(self, request, context):
+        self._authorize(context, "ReportShadow", request)
         self._control.record_shadow(request.model, request.version, request.compared,
                                     request.differing, request.max_abs_diff)
         return request
 
     async def Audit(self, request, context):
+        self._authorize(context, "Audit", request)
         store = self._control.store
         if request.after_seq:
             entries = store.audit(limit=request.limit or None, after_seq=request.after_seq)
@@ -184,18 +251,34 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return response
 
     async def PushModel(self, request, context):
+        self._authorize(context, "PushModel", request)
         push = Push(request.name, request.version, request.artifact, request.source,
                     request.notes, request.encrypt, request.config)
         return model_version_to_proto(self._models().push(push, caller(context)))
 
     async def ListModels(self, request, context):
+        visible = self._authorize(context, "ListModels", request)
         return pb.ListModelsResponse(versions=[
-            model_version_to_proto(row) for row in self._models().versions(request.name)])
+            model_version_to_proto(row) for row in self._models().versions(request.name)
+            if visible(row.name)])
+
+    async def FetchModel(self, request, context):
+        self._authorize(context, "FetchModel", request)
+        fetched = await asyncio.to_thread(read_version, self._models().repository,
+                                          request.name, request.version)
+        stored = artifacts.sha256_digest(fetched.artifact)
+        self._control.store.append_audit(
+            caller(context), "model.fetch", f"{fetched.name}/{fetched.version}",
+            after=json.dumps({"digest": fetched.digest, "stored": stored,
+                              "encrypted": fetched.encrypted}, sort_keys=True))
+        return fetched_to_proto(fetched)
 
     async def ShowModel(self, request, context):
+        self._authorize(context, "ShowModel", request)
         return model_version_to_proto(self._models().show(request.name, request.version))
 
     async def RecordEvent(self, request, context):
+        self._authorize(context, "RecordEvent", request)
         identity = caller(context)
         if not may_record_events(identity):
             raise EventRefused(f"'{identity}' may not record audit events (the ingress and "

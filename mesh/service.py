@@ -2,7 +2,9 @@
 
 `meshserve control-plane --store PATH [--listen HOST:PORT] --tls-cert F --tls-key F --tls-ca F`
 State (policies, endpoints, canaries, audit log) lives in the store, so a restarted control
-plane serves the same routes.
+plane serves the same routes. With `--policy FILE` (the ingress's access policy, re-read when
+it changes) every admin RPC is an action on a model that the caller's certificate identity
+must be allowed (`meshserve.mesh.admin_access`).
 """
 
 import argparse
@@ -14,6 +16,7 @@ from pathlib import Path
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from meshserve.common import model_files, runtime
+from meshserve.common.access import PolicyFile
 from meshserve.common.identity import Callers, add_callers_flag, default_callers
 from meshserve.common.metrics import Metrics, XdsCollector
 from meshserve.common.server import HealthServicer, Service
@@ -44,6 +47,8 @@ class ControlPlaneSettings:
     signing_key: Path | None = None
     kek_file: Path | None = None
     allowed_callers: frozenset[str] = default_callers("control-plane")
+    # The access policy of the admin API (None: every admitted caller may call every RPC).
+    policy_file: Path | None = None
 
 
 class CounterReader:
@@ -88,11 +93,20 @@ def build_service(settings: ControlPlaneSettings, metrics: Metrics | None = None
                               lambda: len(control.cache.nacks),
                               lambda: time.monotonic() - control.cache.changed_at)
     health = HealthServicer()
+    policy = (PolicyFile(settings.policy_file, time.monotonic).current
+              if settings.policy_file is not None else None)
+    count_denied = None
+    if metrics is not None:
+        denied = metrics.counter("meshserve_admin_denied",
+                                 "Admin API calls refused by the access policy, by action",
+                                 ["action"])
+        count_denied = lambda action: denied.labels(action).inc()  # noqa: E731
+    admin = AdminServicer(control, registry, policy, count_denied)
 
     def register(server) -> None:
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
             AggregatedDiscovery(control.cache), server)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(control, registry), server)
+        admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
 
     async def start_work() -> None:
         control.resume_canaries()
@@ -137,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kek-file", type=Path,
                         help="key-encryption key for pushes with --encrypt (default: "
                              f"${model_files.KEK_ENV})")
+    parser.add_argument("--policy", type=Path,
+                        help="access policy of the admin API (the ingress's YAML policy, "
+                             "re-read when it changes; default: no policy)")
     args = parser.parse_args(argv)
     runtime.configure_logging("control-plane", args.log_level, args.log_format)
     settings = ControlPlaneSettings(listen=args.listen, tls=runtime.tls_files(args),
@@ -148,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                                     signing_key=args.signing_key,
                                     kek_file=model_files.kek_path(args.kek_file,
                                                                   dict(os.environ)),
-                                    allowed_callers=args.allow_callers)
+                                    allowed_callers=args.allow_callers,
+                                    policy_file=args.policy)
 
     return runtime.run_service("control-plane", args, build_service, settings, traced=False)

@@ -3,10 +3,13 @@
     push PATH --name M --version V [--source URI] [--notes TEXT] [--encrypt] [--config F]
     list [M]                      the catalog: every pushed version with digest and signer
     show M [--version V]          one version's signed manifest
+    fetch M [--version V] -o FILE [--trusted F ...]
+                                  the artifact as stored (0600), FILE.manifest.json and
+                                  FILE.sig beside it; with --trusted, checked before writing
     verify DIR [--trusted F ...]  offline: every version's signature and digests
     rewrap DIR --old-kek F --new-kek F   re-wrap data keys under a new KEK, no re-encryption
 
-push, list and show talk to the control plane's admin API over mutual TLS (as `meshserve
+push, list, show and fetch talk to the control plane's admin API over mutual TLS (as `meshserve
 traffic` does); verify and rewrap read a model repository directly.
 """
 
@@ -21,6 +24,7 @@ import grpc
 from meshserve.common import artifacts, model_files
 from meshserve.common.errors import ServingError
 from meshserve.common.files import write_atomic
+from meshserve.mesh.fetch import verify_fetched
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.tools.traffic import (
@@ -83,7 +87,34 @@ async def call(args: argparse.Namespace) -> str:
         if args.action == "show":
             return format_version(await admin.ShowModel(pb.ShowModelRequest(
                 name=args.model, version=args.version)))
+        if args.action == "fetch":
+            return save_fetched(await admin.FetchModel(pb.FetchModelRequest(
+                name=args.model, version=args.version), timeout=120), args.output,
+                args.trusted)
         raise AssertionError(args.action)
+
+
+def fetched_paths(output: Path) -> tuple[Path, Path, Path]:
+    """The artifact, its manifest and its signature: FILE, FILE.manifest.json, FILE.sig."""
+    return output, output.with_name(output.name + ".manifest.json"), \
+        output.with_name(output.name + ".sig")
+
+
+def save_fetched(reply: pb.FetchedModel, output: Path, trusted: list[Path] | None) -> str:
+    """Write a fetched version (the artifact 0600), after checking it when `trusted` keys
+    are given; nothing is written when the check fails."""
+    checked = ""
+    if trusted:
+        signer = verify_fetched(reply.manifest, reply.signature, reply.artifact, trusted)
+        checked = f", signature by {signer} and digest verified"
+    artifact, manifest, signature = fetched_paths(output)
+    write_atomic(artifact, reply.artifact, 0o600)
+    write_atomic(manifest, reply.manifest)
+    write_atomic(signature, reply.signature)
+    encrypted = " (encrypted, as stored)" if reply.filename.endswith(
+        artifacts.ENCRYPTED_SUFFIX) else ""
+    return (f"fetched {reply.name} version {reply.version}{encrypted}: {reply.digest}, "
+            f"{len(reply.artifact)} bytes to {artifact}{checked}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     except grpc.aio.AioRpcError as error:
         print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    except ServingError as error:
+        print(f"error: {error.message}", file=sys.stderr)
         return 1
 
 
@@ -144,7 +178,7 @@ def rewrap(args: argparse.Namespace) -> int:
 
 def register(commands) -> None:
     models = commands.add_parser("models", help="the model registry: push, list, show, "
-                                                "verify, rewrap")
+                                                "fetch, verify, rewrap")
     actions = models.add_subparsers(dest="action", required=True, metavar="ACTION")
     push = actions.add_parser("push", help="store a version with a signed manifest")
     push.add_argument("path", type=Path, help="the TorchScript file")
@@ -161,7 +195,16 @@ def register(commands) -> None:
     show = actions.add_parser("show", help="one version's manifest (default: the latest)")
     show.add_argument("model")
     show.add_argument("--version", default="")
-    for parser in (push, listing, show):
+    fetch = actions.add_parser("fetch", help="take a version's artifact as stored, with its "
+                                             "manifest and signature")
+    fetch.add_argument("model")
+    fetch.add_argument("--version", default="", help="default: the highest signed version")
+    fetch.add_argument("-o", "--output", type=Path, required=True,
+                       help="the artifact's file; FILE.manifest.json and FILE.sig beside it")
+    fetch.add_argument("--trusted", type=Path, action="append",
+                       help="verify the signature and digest with these public key(s) (a "
+                            "PEM file or a directory of *.pub) before writing")
+    for parser in (push, listing, show, fetch):
         add_connection_flags(parser)
         parser.set_defaults(func=run)
 

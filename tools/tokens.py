@@ -43,8 +43,11 @@ JWKS = "jwks.json"
 POLICY = "policy.yaml"
 
 DEFAULT_POLICY = """\
-# Who may do what at the ingress; the ingress re-reads this file within a second of a change.
-# Actions: infer, models:read, models:write, traffic:write, audit:read, admin (everything).
+# Who may do what at the ingress and at the control plane's admin API (by certificate
+# identity); both re-read this file within a second of a change.
+# Actions: infer, models:read (metadata, status), models:fetch (take an artifact's bytes),
+# models:write (push), traffic:write (weights, canaries, endpoints), audit:read,
+# admin (everything).
 # Principals: a client certificate's SPIFFE identity (e.g. client/developer) or a token's
 # subject. Principals and models are fnmatch globs.
 groups:

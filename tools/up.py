@@ -174,6 +174,7 @@ def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
                                   model=name, version=version))
     control_plane = Child("control-plane", "control-plane",
                           [f"--store={data_dir / 'mesh.db'}",
+                           f"--policy={data_dir / 'auth' / POLICY}",
                            *dev_signing.control_plane_flags(data_dir)], run_dir)
     router = Child("router", "router", [], run_dir)
     ingress = Child("ingress", "ingress", [f"--model-repository={models}",

@@ -34,8 +34,8 @@ import yaml
 
 log = logging.getLogger(__name__)
 
-ACTIONS = frozenset({"infer", "models:read", "models:write", "traffic:write", "audit:read",
-                     "admin"})
+ACTIONS = frozenset({"infer", "models:read", "models:fetch", "models:write", "traffic:write",
+                     "audit:read", "admin"})
 ADMIN = "admin"
 
 

@@ -62,6 +62,32 @@ class ShowModelRequest(_message.Message):
     version: str
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
+class FetchModelRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class FetchedModel(_message.Message):
+    __slots__ = ("name", "version", "artifact", "manifest", "signature", "digest", "filename")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    artifact: bytes
+    manifest: bytes
+    signature: bytes
+    digest: str
+    filename: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., artifact: _Optional[bytes] = ..., manifest: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., digest: _Optional[str] = ..., filename: _Optional[str] = ...) -> None: ...
+
 class AuditEvent(_message.Message):
     __slots__ = ("action", "subject", "reason", "details")
     ACTION_FIELD_NUMBER: _ClassVar[int]

@@ -104,6 +104,11 @@ class AdminStub(object):
                 request_serializer=meshserve_dot_protocol_dot_admin__pb2.ShowModelRequest.SerializeToString,
                 response_deserializer=meshserve_dot_protocol_dot_admin__pb2.ModelVersion.FromString,
                 _registered_method=True)
+        self.FetchModel = channel.unary_unary(
+                '/meshserve.admin.v1.Admin/FetchModel',
+                request_serializer=meshserve_dot_protocol_dot_admin__pb2.FetchModelRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_admin__pb2.FetchedModel.FromString,
+                _registered_method=True)
         self.RecordEvent = channel.unary_unary(
                 '/meshserve.admin.v1.Admin/RecordEvent',
                 request_serializer=meshserve_dot_protocol_dot_admin__pb2.AuditEvent.SerializeToString,
@@ -208,6 +213,14 @@ class AdminServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchModel(self, request, context):
+        """One version's files as stored (an encrypted artifact stays encrypted), with its
+        manifest and signature; every fetch is audited ("model.fetch").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RecordEvent(self, request, context):
         """Record a security event (a token issued, a sampled denial) in the audit log; accepted
         from the ingress and from operators. The actor is the caller's certificate identity.
@@ -288,6 +301,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ShowModel,
                     request_deserializer=meshserve_dot_protocol_dot_admin__pb2.ShowModelRequest.FromString,
                     response_serializer=meshserve_dot_protocol_dot_admin__pb2.ModelVersion.SerializeToString,
+            ),
+            'FetchModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchModel,
+                    request_deserializer=meshserve_dot_protocol_dot_admin__pb2.FetchModelRequest.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_admin__pb2.FetchedModel.SerializeToString,
             ),
             'RecordEvent': grpc.unary_unary_rpc_method_handler(
                     servicer.RecordEvent,
@@ -673,6 +691,33 @@ class Admin(object):
             '/meshserve.admin.v1.Admin/ShowModel',
             meshserve_dot_protocol_dot_admin__pb2.ShowModelRequest.SerializeToString,
             meshserve_dot_protocol_dot_admin__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.admin.v1.Admin/FetchModel',
+            meshserve_dot_protocol_dot_admin__pb2.FetchModelRequest.SerializeToString,
+            meshserve_dot_protocol_dot_admin__pb2.FetchedModel.FromString,
             options,
             channel_credentials,
             insecure,
