@@ -162,6 +162,9 @@ true
 - {{ printf "--kubernetes-namespace=%s" (include "meshserve.endpointSliceNamespace" .) | quote }}
 {{- end }}
 {{- include "meshserve.args.allowCallers" . }}
+{{- if include "meshserve.adminPolicyEnabled" . }}
+- {{ printf "--policy=%s/%s" (trimSuffix "/" .Values.policy.mountPath) .Values.policy.key | quote }}
+{{- end }}
 {{- if include "meshserve.registryEnabled" . }}
 {{- $registry := .Values.registry }}
 {{- $data := trimSuffix "/" .Values.persistence.mountPath }}
@@ -188,6 +191,13 @@ versions land in the claim registry.modelRepositoryClaim, mounted read-write.
 {{- if not .Values.registry.modelRepositoryClaim -}}
 {{- fail "registry.modelRepositoryClaim is required when registry.enabled: a ReadWriteMany PVC the control plane writes pushed versions to and compute pods mount read-only" -}}
 {{- end -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when the chart has policy values and names policy.configMap (the control plane). */}}
+{{- define "meshserve.adminPolicyEnabled" -}}
+{{- if and (hasKey .Values "policy") .Values.policy.configMap -}}
 true
 {{- end -}}
 {{- end -}}

@@ -257,6 +257,11 @@ registry (registry), the ingress's asynchronous store (async). Secrets are whole
 subPath, so that a rotation the kubelet writes reaches the pod.
 */}}
 {{- define "meshserve.featureMounts" -}}
+{{- if include "meshserve.adminPolicyEnabled" . }}
+- name: admin-policy
+  mountPath: {{ .Values.policy.mountPath | quote }}
+  readOnly: true
+{{- end }}
 {{- if hasKey .Values "artifacts" }}
 {{- $dir := trimSuffix "/" .Values.artifacts.mountPath }}
 {{- if .Values.artifacts.trustedSignersSecret }}
@@ -293,6 +298,11 @@ subPath, so that a rotation the kubelet writes reaches the pod.
 {{- end -}}
 
 {{- define "meshserve.featureVolumes" -}}
+{{- if include "meshserve.adminPolicyEnabled" . }}
+- name: admin-policy
+  configMap:
+    name: {{ .Values.policy.configMap }}
+{{- end }}
 {{- if hasKey .Values "artifacts" }}
 {{- if .Values.artifacts.trustedSignersSecret }}
 - name: artifacts-signers
