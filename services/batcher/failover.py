@@ -6,6 +6,7 @@ Nothing here reads a clock or does I/O: callers pass the monotonic time as `now`
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -42,15 +43,19 @@ class LatencyWindow:
 
     def __init__(self, size: int = 256, minimum: int = 20) -> None:
         self._seconds: deque[float] = deque(maxlen=size)
+        self._ordered: list[float] = []  # the same values, sorted: a quantile is a lookup
         self._minimum = minimum
 
     def add(self, seconds: float) -> None:
+        if len(self._seconds) == self._seconds.maxlen:
+            del self._ordered[bisect.bisect_left(self._ordered, self._seconds[0])]
         self._seconds.append(seconds)
+        bisect.insort(self._ordered, seconds)
 
     def quantile(self, q: float) -> float | None:
-        if len(self._seconds) < self._minimum:
+        ordered = self._ordered
+        if len(ordered) < self._minimum:
             return None
-        ordered = sorted(self._seconds)
         return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
 

@@ -14,6 +14,7 @@ parsing a certificate is cached by its PEM bytes, so a call costs a dictionary l
 from __future__ import annotations
 
 import argparse
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -58,6 +59,12 @@ def parse_callers(text: str) -> frozenset[str]:
 def is_allowed(identity: str, patterns: Iterable[str]) -> bool:
     """Whether `identity` matches one of `patterns` (globs, case-sensitive; `*` crosses `/`)."""
     return any(fnmatchcase(identity, pattern) for pattern in patterns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _admitted(identity: str, patterns: frozenset[str]) -> bool:
+    """is_allowed, remembered: the same few identities call a server over and over."""
+    return is_allowed(identity, patterns)
 
 
 def refusal(identity: str, service: str, patterns: Iterable[str]) -> str:
@@ -110,7 +117,7 @@ class Callers:
     allowed: frozenset[str]
 
     def admits(self, identity: str) -> bool:
-        return is_allowed(identity, self.allowed)
+        return _admitted(identity, self.allowed)
 
     def refusal(self, identity: str) -> str:
         return refusal(identity, self.service, self.allowed)

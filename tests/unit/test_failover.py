@@ -170,3 +170,19 @@ def test_latency_window_quantiles_after_enough_samples():
 ])
 def test_retry_after_hint(rows, max_batch, seconds, replicas, expected):
     assert retry_after(rows, max_batch, seconds, replicas) == pytest.approx(expected)
+
+
+def test_latency_window_quantiles_match_sorting_the_window():
+    import math
+    import random
+
+    window, recent = LatencyWindow(size=50, minimum=1), []
+    rng = random.Random(7)
+    for _ in range(500):
+        value = rng.random()
+        window.add(value)
+        recent = [*recent, value][-50:]
+        ordered = sorted(recent)
+        for q in (0.01, 0.5, 0.99, 1.0):
+            assert window.quantile(q) == ordered[min(len(ordered) - 1,
+                                                     math.ceil(q * len(ordered)) - 1)]
