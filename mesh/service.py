@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshserve control-plane", description=__doc__)
     runtime.add_server_flags(parser)
     parser.add_argument("--store", required=True,
+                        type=runtime.url_without_password("use PGPASSWORD or ~/.pgpass"),
                         help="the mesh's state: a SQLite file (or sqlite:///path) or a "
                              "postgresql:// URL (password from PGPASSWORD or ~/.pgpass)")
     parser.add_argument("--batcher-identity", default="batcher")

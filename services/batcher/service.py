@@ -230,6 +230,9 @@ def build_cache(settings: BatcherSettings, config, repository: ModelRepository, 
     return front, client
 
 
+redis_url = runtime.url_without_password("put it in MESHSERVE_BATCHER_REDIS_PASSWORD")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshserve batcher", description=__doc__)
     runtime.add_server_flags(parser)
@@ -257,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-bytes", type=int, default=DEFAULT_BUDGET_BYTES,
                         help="in-process response cache budget in bytes (models that enable "
                              "response_cache in their config)")
-    parser.add_argument("--cache-redis", default="", metavar="URL",
+    parser.add_argument("--cache-redis", default="", metavar="URL", type=redis_url,
                         help="also share cached responses through Redis (redis://HOST:PORT/DB "
                              "or unix:///PATH); a password comes from the environment "
                              "variable MESHSERVE_BATCHER_REDIS_PASSWORD")

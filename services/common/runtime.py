@@ -7,6 +7,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import uvloop
 
@@ -40,6 +41,18 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
                              "port; empty: not served)")
     parser.add_argument("--metrics-port-file", type=Path,
                         help="write the bound metrics port here once serving")
+
+
+def url_without_password(hint: str) -> Callable[[str], str]:
+    """An argparse type for URLs that refuses one holding a password (secrets never travel
+    on a command line, where `ps` shows them); `hint` says where the password goes."""
+
+    def checked(text: str) -> str:
+        if urlsplit(text).password is not None:
+            raise argparse.ArgumentTypeError(f"the URL must not hold a password; {hint}")
+        return text
+
+    return checked
 
 
 def tls_files(args: argparse.Namespace) -> TlsFiles:

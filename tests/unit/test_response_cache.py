@@ -213,3 +213,20 @@ async def test_front_never_caches_failures():
     assert result.code == 8
     await cache.infer([item(b"12345678", "b")], failing)
     assert failing.seen == ["a", "b"] and statistics.cache_hit.count == 0
+
+
+@pytest.mark.parametrize(("url", "ok"), [
+    ("redis://cache:6379/0", True), ("unix:///run/redis.sock", True), ("redis://cache/0", True),
+    ("redis://:secret@cache:6379/0", False), ("rediss://user:secret@cache/0", False),
+])
+def test_a_redis_url_may_not_carry_credentials(url, ok):
+    import argparse
+
+    from meshserve.batcher.service import redis_url
+
+    if ok:
+        assert redis_url(url) == url
+    else:
+        with pytest.raises(argparse.ArgumentTypeError,
+                           match="must not hold a password; put it in MESHSERVE_BATCHER_"):
+            redis_url(url)
