@@ -16,6 +16,7 @@ import logging
 import random
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,15 +133,17 @@ class Ingress:
         return entry
 
     async def infer(self, request: pb.ModelInferRequest, remaining: float | None,
-                    traceparent: str = "") -> pb.ModelInferResponse:
-        """`traceparent`: the client's W3C trace context (read only when tracing)."""
+                    traceparent: str = "",
+                    admit: Callable[[], None] | None = None) -> pb.ModelInferResponse:
+        """`traceparent`: the client's W3C trace context (read only when tracing). `admit`,
+        when given, authenticates and authorizes the caller (raising to refuse), first."""
         request_id = next(self._ids)
         if self._tracing is None:
-            return await self._observed(request, remaining, request_id, None)
+            return await self._observed(request, remaining, request_id, None, admit)
         span = self._tracing.start("ingress.request", context_of(traceparent),
                                    {"model": request.model_name}, kind=SpanKind.SERVER)
         try:
-            response = await self._observed(request, remaining, request_id, span)
+            response = await self._observed(request, remaining, request_id, span, admit)
         except Exception as error:
             span.record_exception(error)
             span.set_status(StatusCode.ERROR, str(error))
@@ -152,12 +155,13 @@ class Ingress:
             span.end()
 
     async def _observed(self, request: pb.ModelInferRequest, remaining: float | None,
-                        request_id: str, span: Span | None) -> pb.ModelInferResponse:
+                        request_id: str, span: Span | None,
+                        admit: Callable[[], None] | None) -> pb.ModelInferResponse:
         arrived = time.monotonic()
         if self._metrics is None and not self._access_log_sample:
-            return await self._infer(request, remaining, arrived, request_id, span)
+            return await self._infer(request, remaining, arrived, request_id, span, admit)
         try:
-            response = await self._infer(request, remaining, arrived, request_id, span)
+            response = await self._infer(request, remaining, arrived, request_id, span, admit)
         except Exception as error:
             code = error.code if isinstance(error, ServingError) else "INTERNAL"
             self._record(request.model_name, request.model_version, code, arrived, request_id,
@@ -184,15 +188,21 @@ class Ingress:
                    version=version, status=code, latency_ms=seconds * 1e3,
                    sample=self._access_log_sample)
 
-    async def _infer(self, request: pb.ModelInferRequest, remaining: float | None,
-                     arrived: float, request_id: str,
-                     span: Span | None) -> pb.ModelInferResponse:
+    def _step(self, name: str, span: Span | None, step: Callable[[], None]) -> None:
+        """`step()`, in a child span `name` of the request's when tracing."""
         if span is None:
-            validate(request, self.config(request.model_name, request.model_version).config)
-        else:
-            with self._tracing.tracer.start_as_current_span(
-                    "ingress.validate", context=set_span_in_context(span)):
-                validate(request, self.config(request.model_name, request.model_version).config)
+            step()
+            return
+        with self._tracing.tracer.start_as_current_span(name, context=set_span_in_context(span)):
+            step()
+
+    async def _infer(self, request: pb.ModelInferRequest, remaining: float | None,
+                     arrived: float, request_id: str, span: Span | None,
+                     admit: Callable[[], None] | None) -> pb.ModelInferResponse:
+        if admit is not None:
+            self._step("ingress.auth", span, admit)
+        self._step("ingress.validate", span, lambda: validate(
+            request, self.config(request.model_name, request.model_version).config))
         timeout_us = parameter(request, "timeout")
         deadlines = [arrived + remaining if remaining is not None else None,
                      arrived + timeout_us / 1e6 if timeout_us else None]
@@ -318,10 +328,11 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def ModelInfer(self, request, context):
-        self._admit(self._gate.caller(context), request)
         pin_request(request, pinned_version(context))
         traceparent = client_traceparent(context) if self._traced else ""
-        return await self._ingress.infer(request, context.time_remaining(), traceparent)
+        return await self._ingress.infer(
+            request, context.time_remaining(), traceparent,
+            admit=lambda: self._admit(self._gate.caller(context), request))
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests are served concurrently; each answer is sent as soon as it is ready."""
@@ -333,9 +344,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
         async def serve_one(request) -> None:
             try:
-                self._admit(caller, request)
                 pin_request(request, pin)
-                response = await self._ingress.infer(request, remaining, traceparent)
+                response = await self._ingress.infer(
+                    request, remaining, traceparent, admit=lambda: self._admit(caller, request))
                 answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
             except Exception as error:  # noqa: BLE001 — every request gets an answer
                 message = (f"{error.code}: {error.message}" if isinstance(error, ServingError)

@@ -16,7 +16,7 @@ from tests.integration.conftest import start_up, stop_up
 from tests.integration.test_mesh import mlp_request, public_stub
 
 SERVICES = {"ingress", "router", "batcher", "compute"}
-NAMES = {"ingress.request", "ingress.validate", "router.route", "batcher.queue",
+NAMES = {"ingress.request", "ingress.auth", "ingress.validate", "router.route", "batcher.queue",
          "batcher.batch", "compute.infer"}
 
 
@@ -91,7 +91,7 @@ async def test_one_request_is_traced_across_all_four_services(traced_mesh, recei
     assert {service for service, _ in spans} == SERVICES
     named = by_name(spans)
     assert {name: service for name, (service, _) in named.items()} == {
-        "ingress.request": "ingress", "ingress.validate": "ingress",
+        "ingress.request": "ingress", "ingress.auth": "ingress", "ingress.validate": "ingress",
         "router.route": "router", "batcher.queue": "batcher", "batcher.batch": "batcher",
         "compute.infer": "compute"}
     span = {name: s for name, (_, s) in named.items()}
@@ -106,7 +106,9 @@ async def test_one_request_is_traced_across_all_four_services(traced_mesh, recei
 
     request = span["ingress.request"]
     assert request.parent_span_id == client_span
+    assert span["ingress.auth"].parent_span_id == request.span_id
     assert span["ingress.validate"].parent_span_id == request.span_id
+    assert span["ingress.auth"].end_time_unix_nano <= span["ingress.validate"].start_time_unix_nano
     assert request.span_id in ancestors(span["router.route"].span_id)
     assert span["batcher.queue"].parent_span_id == span["router.route"].span_id
     assert request.span_id in ancestors(span["batcher.batch"].span_id)
