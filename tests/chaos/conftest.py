@@ -11,7 +11,7 @@ import pytest
 from tests.chaos.outcomes import Row, markdown_table
 from tests.chaos.scenarios import Plan, references
 from tests.chaos.slow_model import write_slow_model
-from tests.integration.conftest import Mesh, start_up, stop_up
+from tests.integration.conftest import Mesh, running_mesh
 
 REPORT = pytest.StashKey[list[Row]]()
 TABLE_PATH = pytest.StashKey[Path]()
@@ -27,12 +27,9 @@ def chaos_plan() -> Plan:
 def chaos_mesh(tmp_path_factory, request) -> Mesh:
     data_dir = tmp_path_factory.mktemp("chaos") / "data"
     write_slow_model(data_dir / "models")
-    started = start_up(data_dir, extra_args=("--compute-replicas=2",))
     request.config.stash[TABLE_PATH] = data_dir / "chaos-table.md"
-    try:
+    with running_mesh(data_dir, extra_args=("--compute-replicas=2",)) as started:
         yield started
-    finally:
-        stop_up(started)
 
 
 @pytest.fixture(scope="module")

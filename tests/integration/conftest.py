@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def children_of(data_dir: Path) -> list[int]:
 def start_up(data_dir: Path, timeout: float = 180.0, extra_args: tuple[str, ...] = (),
              extra_env: dict[str, str] | None = None) -> Mesh:
     """`meshserve up` on any free port; `extra_args` and `extra_env` go to it as given."""
+    (data_dir / "run" / "endpoint").unlink(missing_ok=True)  # an earlier run's is stale
     log = open(data_dir.parent / f"{data_dir.name}-up.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(
         [sys.executable, "-m", "meshserve.tools.cli", "up", f"--data-dir={data_dir}",
@@ -89,13 +91,20 @@ def stop_up(mesh: Mesh) -> int:
     return len(leftovers)
 
 
+@contextlib.contextmanager
+def running_mesh(data_dir: Path, **options) -> Iterator[Mesh]:
+    """`start_up(data_dir, **options)`, stopped (every process) however the block ends."""
+    started = start_up(data_dir, **options)
+    try:
+        yield started
+    finally:
+        stop_up(started)
+
+
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory) -> Mesh:
     """`meshserve up` with the demo models and `flaky` (version 2 deliberately faulty)."""
     data_dir = tmp_path_factory.mktemp("mesh") / "data"
     write_flaky_model(data_dir / "models")
-    started = start_up(data_dir)
-    try:
+    with running_mesh(data_dir) as started:
         yield started
-    finally:
-        stop_up(started)

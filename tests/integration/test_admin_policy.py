@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from meshserve.tools.certs import issue_leaf, spiffe_id
-from tests.integration.conftest import Mesh, meshserve, start_up, stop_up
+from tests.integration.conftest import Mesh, meshserve, running_mesh
 
 POLICY = """
 groups:
@@ -29,11 +29,8 @@ def policy_mesh(tmp_path_factory) -> Mesh:
     data_dir = tmp_path_factory.mktemp("admin-policy") / "data"
     (data_dir / "auth").mkdir(parents=True)
     (data_dir / "auth" / "policy.yaml").write_text(POLICY)
-    started = start_up(data_dir)
-    try:
+    with running_mesh(data_dir) as started:
         yield started
-    finally:
-        stop_up(started)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from meshserve.ingress.tokens import key_id, sign
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.tools.tokens import claims_for, issue
-from tests.integration.conftest import meshserve, start_up, stop_up
+from tests.integration.conftest import meshserve, running_mesh
 
 POLICY = """
 groups:
@@ -42,11 +42,8 @@ def mesh(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("auth") / "data"
     (data_dir / "auth").mkdir(parents=True)
     (data_dir / "auth" / "policy.yaml").write_text(POLICY)
-    started = start_up(data_dir, extra_args=("--audit-denied-sample=1",))
-    try:
+    with running_mesh(data_dir, extra_args=("--audit-denied-sample=1",)) as started:
         yield started
-    finally:
-        stop_up(started)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.protocol.health_pb2_grpc import HealthStub
 from meshserve.tools.audit_client import record
 from meshserve.tools.demo_models import _save_torchscript, build_model
-from tests.integration.conftest import Mesh, meshserve, start_up, stop_up
+from tests.integration.conftest import Mesh, meshserve, running_mesh
 from tests.integration.test_mesh import mlp_request, public_stub
 
 WAIT_S = 90.0
@@ -38,11 +38,8 @@ ROW = numpy.linspace(-1.0, 1.0, 256, dtype=numpy.float32).reshape(1, 256)
 @pytest.fixture(scope="module")
 def registry_mesh(tmp_path_factory) -> Mesh:
     data_dir = tmp_path_factory.mktemp("registry") / "data"
-    started = start_up(data_dir)
-    try:
+    with running_mesh(data_dir) as started:
         yield started
-    finally:
-        stop_up(started)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from meshserve.protocol import health_pb2
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.protocol.health_pb2_grpc import HealthStub
 from meshserve.tools.certs import ca_bundle, init_certs, rotate_certs
-from tests.integration.conftest import children_of, start_up, stop_up
+from tests.integration.conftest import children_of, running_mesh
 
 CLIENTS = 8
 MAX_REQUESTS_PER_CLIENT = 20_000
@@ -86,12 +86,9 @@ def identity_of_port_file(name: str) -> str:
 @pytest.fixture
 def rotating_mesh(tmp_path):
     data_dir = tmp_path / "data"
-    mesh = start_up(data_dir, extra_args=("--no-metrics",))
-    try:
+    with running_mesh(data_dir, extra_args=("--no-metrics",)) as mesh:
         yield mesh
-    finally:
-        stop_up(mesh)
-        assert children_of(data_dir) == []
+    assert children_of(data_dir) == []
 
 
 async def test_rotation_under_load_drops_no_request(rotating_mesh):

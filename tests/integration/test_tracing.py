@@ -12,7 +12,7 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from tests.integration.conftest import start_up, stop_up
+from tests.integration.conftest import running_mesh
 from tests.integration.test_mesh import mlp_request, public_stub
 
 SERVICES = {"ingress", "router", "batcher", "compute"}
@@ -60,12 +60,9 @@ def receiver():
 def traced_mesh(tmp_path_factory, receiver):
     _, port = receiver
     data_dir = tmp_path_factory.mktemp("traced") / "data"
-    mesh = start_up(data_dir, extra_args=(f"--otlp=127.0.0.1:{port}",),
-                    extra_env={"OTEL_BSP_SCHEDULE_DELAY": "100"})
-    try:
+    with running_mesh(data_dir, extra_args=(f"--otlp=127.0.0.1:{port}",),
+                      extra_env={"OTEL_BSP_SCHEDULE_DELAY": "100"}) as mesh:
         yield mesh
-    finally:
-        stop_up(mesh)
 
 
 def by_name(spans) -> dict[str, tuple[str, object]]:
