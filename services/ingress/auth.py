@@ -22,7 +22,7 @@ from cryptography import x509
 
 from meshserve.common.access import Policy
 from meshserve.common.errors import PermissionDenied, ResourceExhausted, Unauthenticated
-from meshserve.ingress.quota import Buckets, retry_hint
+from meshserve.ingress.quota import Buckets
 from meshserve.ingress.tokens import Keys, Verifier, groups_of, models_of, scopes_of
 from meshserve.tools.certs import identity_of
 
@@ -151,7 +151,7 @@ class Gate:
         wait = self._buckets.take(caller.name, limit.rate, limit.burst)
         if wait > 0:
             error = ResourceExhausted(f"rate limit of {limit.rate:g} requests/s for "
-                                      f"'{caller.name}' reached; {retry_hint(wait)}")
+                                      f"'{caller.name}' reached", retry_after=wait)
             self._deny(caller.principal, action, model, "rate_limited", error)
 
     def default_priority(self, caller: Caller) -> int:

@@ -46,8 +46,3 @@ class Buckets:
         else:
             self._buckets.move_to_end(key)
         return bucket.take(now, rate, burst)
-
-
-def retry_hint(seconds: float) -> str:
-    """`retry after 0.25 s`: how refusals tell the caller when a retry may succeed."""
-    return f"retry after {round(max(seconds, 0.001), 3):g} s"

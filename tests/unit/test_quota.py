@@ -2,7 +2,7 @@
 
 import pytest
 
-from meshserve.ingress.quota import Buckets, retry_hint
+from meshserve.ingress.quota import Buckets
 
 
 class Clock:
@@ -47,10 +47,3 @@ def test_least_recently_used_buckets_are_forgotten():
         buckets.take(key, 1.0, 1.0)
     assert buckets.take("a", 1.0, 1.0) > 0
     assert buckets.take("b", 1.0, 1.0) == 0  # forgotten: starts full
-
-
-@pytest.mark.parametrize(("seconds", "hint"), [
-    (0.25, "retry after 0.25 s"), (1 / 3, "retry after 0.333 s"), (10.0, "retry after 10 s"),
-    (0.0, "retry after 0.001 s")])
-def test_retry_hint(seconds, hint):
-    assert retry_hint(seconds) == hint
