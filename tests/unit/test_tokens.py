@@ -11,6 +11,7 @@ from meshserve.ingress.tokens import (
     JwksFile,
     Verifier,
     jwks_document,
+    jwks_source,
     key_id,
     models_of,
     parse_jwks,
@@ -150,3 +151,38 @@ def test_verifier_remembers_signatures_but_checks_claims_and_keys_every_time():
     forged = text[:text.rindex(".") + 1] + "AAAA"
     with pytest.raises(Unauthenticated):
         verifier.claims(forged, NOW)
+
+
+def test_jwks_url_is_fetched_and_a_failed_refresh_keeps_the_keys():
+    """A real HTTP server on port 0 serves the JWKS; rotation reaches the ingress at the next
+    fetch, and an unreachable or broken document never empties the keys."""
+    import http.server
+    import threading
+
+    document = {"body": jwks_document([OLD.public_key()]).encode(), "status": 200}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 — the stdlib's name
+            self.send_response(document["status"])
+            self.end_headers()
+            self.wfile.write(document["body"])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        source = jwks_source(f"http://127.0.0.1:{server.server_port}/jwks.json", lambda: NOW)
+        assert set(source.keys()) == {key_id(OLD.public_key())}
+        document["body"] = jwks_document([NEW.public_key(), OLD.public_key()]).encode()
+        source.fetch()
+        assert set(source.keys()) == {key_id(NEW.public_key()), key_id(OLD.public_key())}
+        for broken in ({"body": b"not json", "status": 200}, {"body": b"", "status": 500}):
+            document.update(broken)
+            source.fetch()
+            assert len(source.keys()) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
