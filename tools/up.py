@@ -1,9 +1,10 @@
 """`meshserve up`: the embedded default — every service as a local process on loopback.
 
 On first run it creates development certificates in DIR/tls and the demo model repository
-in DIR/models; then it starts the control plane (state in DIR/mesh.db), a compute replica and
-a batcher per model version, a router steered by the control plane, and the ingress; waits
-until each is ready, and stops them all on Ctrl-C or SIGTERM.
+in DIR/models; then it starts the control plane (state in DIR/mesh.db), compute replicas and
+batchers for each model version (one of each unless asked for more), a router steered by the
+control plane, and the ingress; waits until each is ready, and stops them all on Ctrl-C or
+SIGTERM.
 """
 
 import argparse
@@ -152,11 +153,14 @@ def token_port(data_dir: Path) -> int | None:
 
 
 def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
-         compute_replicas: int = 1, audit_denied_sample: float = 0.01) -> list[list[Child]]:
+         compute_replicas: int = 1, audit_denied_sample: float = 0.01,
+         batcher_replicas: int = 1) -> list[list[Child]]:
     """The children in start order: control plane, computes, batchers, router, ingress.
 
     Each model version gets `compute_replicas` compute processes (`compute-M-V` when there
-    is one, `compute-M-V-0`, `compute-M-V-1`, ... when there are more)."""
+    is one, `compute-M-V-0`, `compute-M-V-1`, ... when there are more) and likewise
+    `batcher_replicas` batchers (`batcher-M-V`, or `batcher-M-V-0`, ...); every batcher of
+    a version is given all of that version's computes."""
     models = data_dir / "models"
     run_dir = data_dir / "run"
     repository = ModelRepository.load(models)
@@ -170,8 +174,10 @@ def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
                                       [*common, f"--device={device}",
                                        *dev_signing.compute_flags(data_dir)], run_dir,
                                       model=name, version=version))
-            batchers.append(Child(f"batcher-{name}-{version}", "batcher", common, run_dir,
-                                  model=name, version=version))
+            for replica in range(batcher_replicas):
+                suffix = f"-{replica}" if batcher_replicas > 1 else ""
+                batchers.append(Child(f"batcher-{name}-{version}{suffix}", "batcher",
+                                      list(common), run_dir, model=name, version=version))
     control_plane = Child("control-plane", "control-plane",
                           [f"--store={data_dir / 'mesh.db'}",
                            f"--policy={data_dir / 'auth' / POLICY}",
@@ -190,7 +196,7 @@ def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
 
 
 async def register_batchers(control_plane: Child, batchers: list[Child], tls: TlsFiles) -> None:
-    """Tell the control plane where each version's batcher is (replacing stale addresses of
+    """Tell the control plane where each version's batchers are (replacing stale addresses of
     an earlier run) and, on a first run, set the demo traffic policy."""
     async with admin_channel(control_plane.address, tls) as channel:
         admin = AdminStub(channel)
@@ -216,10 +222,11 @@ async def register_batchers(control_plane: Child, batchers: list[Child], tls: Tl
 
 async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
                      say=print, metrics: bool = True, compute_replicas: int = 1,
-                     audit_denied_sample: float = 0.01) -> list[Child]:
+                     audit_denied_sample: float = 0.01, batcher_replicas: int = 1) -> list[Child]:
     tls_dir = data_dir / "tls"
     operator = TlsFiles.for_identity(tls_dir, "client")
-    tiers = plan(data_dir, port, device, metrics, compute_replicas, audit_denied_sample)
+    tiers = plan(data_dir, port, device, metrics, compute_replicas, audit_denied_sample,
+                 batcher_replicas)
     [control_plane], computes, batchers, [router], [ingress] = tiers
     started: list[Child] = []
     try:
@@ -341,7 +348,8 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
     starting = asyncio.create_task(start_mesh(data_dir, args.port, args.device, args.timeout,
                                               metrics=not args.no_metrics,
                                               compute_replicas=args.compute_replicas,
-                                              audit_denied_sample=args.audit_denied_sample))
+                                              audit_denied_sample=args.audit_denied_sample,
+                                              batcher_replicas=args.batcher_replicas))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
@@ -394,6 +402,9 @@ def register(commands) -> None:
     parser.add_argument("--drain-seconds", type=float, default=5.0)
     parser.add_argument("--compute-replicas", type=positive_count, default=1, metavar="N",
                         help="compute processes per model version (default 1)")
+    parser.add_argument("--batcher-replicas", type=positive_count, default=1, metavar="N",
+                        help="batchers per model version, each an endpoint of the version in "
+                             "the mesh (default 1)")
     parser.add_argument("--audit-denied-sample", type=sample_fraction, default=0.01,
                         metavar="FRACTION",
                         help="fraction (0..1) of denied calls recorded in the audit log "
