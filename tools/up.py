@@ -195,6 +195,12 @@ def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
     return tiers
 
 
+def compute_flags(batcher: Child, computes: list[Child]) -> list[str]:
+    """`--compute=ADDRESS` for each compute of the batcher's model version."""
+    return [f"--compute={compute.address}" for compute in computes
+            if (compute.model, compute.version) == (batcher.model, batcher.version)]
+
+
 async def register_batchers(control_plane: Child, batchers: list[Child], tls: TlsFiles) -> None:
     """Tell the control plane where each version's batchers are (replacing stale addresses of
     an earlier run) and, on a first run, set the demo traffic policy."""
@@ -233,9 +239,7 @@ async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
         for tier in tiers:
             for child in tier:
                 if child in batchers:
-                    child.args.extend(
-                        f"--compute={compute.address}" for compute in computes
-                        if (compute.model, compute.version) == (child.model, child.version))
+                    child.args.extend(compute_flags(child, computes))
                 if child is router:
                     child.args.append(f"--control-plane={control_plane.address}")
                 if child is ingress:

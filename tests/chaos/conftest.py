@@ -1,5 +1,6 @@
-"""One `meshserve up` (two compute replicas per model version, plus the `slow` model)
-shared by every chaos scenario, and the report table printed at the end of the run.
+"""One `meshserve up` (two compute replicas and two batchers per model version, plus the
+`slow` model) shared by every chaos scenario, and the report table printed at the end of
+the run.
 
 `MESHSERVE_CHAOS=full` selects the long plan (read here, in the test harness, once)."""
 
@@ -28,7 +29,8 @@ def chaos_mesh(tmp_path_factory, request) -> Mesh:
     data_dir = tmp_path_factory.mktemp("chaos") / "data"
     write_slow_model(data_dir / "models")
     request.config.stash[TABLE_PATH] = data_dir / "chaos-table.md"
-    with running_mesh(data_dir, extra_args=("--compute-replicas=2",)) as started:
+    with running_mesh(data_dir, extra_args=("--compute-replicas=2",
+                                                  "--batcher-replicas=2")) as started:
         yield started
 
 

@@ -5,9 +5,11 @@ import asyncio
 import os
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from meshserve.common.tls import TlsFiles, secure_channel
 from meshserve.common.upstream import Upstream
@@ -54,6 +56,19 @@ def channel_to(data_dir: Path, service: str, caller: str) -> grpc.aio.Channel:
     address = f"127.0.0.1:{int((data_dir / 'run' / f'{service}.port').read_text())}"
     return secure_channel(address, TlsFiles.for_identity(data_dir / "tls", caller),
                           identity_of(service))
+
+
+def _inferences(data_dir: Path, service: str) -> float:
+    port = int((data_dir / "run" / f"{service}.metrics-port").read_text())
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples if sample.name == "nv_inference_count")
+
+
+async def inferences(data_dir: Path, service: str) -> float:
+    """The requests `service` has answered since it started (its `nv_inference_count`)."""
+    return await asyncio.to_thread(_inferences, data_dir, service)
 
 
 async def ready(data_dir: Path, service: str, timeout: float = 1.0) -> bool:

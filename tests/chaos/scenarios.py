@@ -1,8 +1,8 @@
 """The chaos scenarios: each runs bounded load through a live `meshserve up` (two compute
-replicas per model version), injects one fault, waits for the mesh to recover, and returns
-its report row. `max_failed` is the number of failures the fault makes unavoidable (zero
-everywhere: no scenario kills the only copy of something with requests inside it without
-a drain); lost requests are never allowed.
+replicas and two batchers per model version), injects one fault, waits for the mesh to
+recover, and returns its report row. `max_failed` is the number of failures the fault makes
+unavoidable (zero everywhere: no scenario kills the only copy of something with requests
+inside it without a drain); lost requests are never allowed.
 """
 
 import asyncio
@@ -104,6 +104,30 @@ async def kill9_compute(chaos: Chaos) -> Row:
     return Row(tally, "SIGKILL compute-mlp-1-0 (of 2 replicas) under load")
 
 
+async def kill9_batcher(chaos: Chaos) -> Row:
+    """SIGKILL one of the two batchers of mlp v1: its groups in flight end UNAVAILABLE at
+    the router, whose xDS retry policy sends each once more to the other endpoint (round
+    robin skips a subchannel whose connection broke); the restarted batcher answers
+    UNAVAILABLE until ready, which is retried the same way. Bound: failed 0, lost 0; a
+    group whose retry also fails is refused UNAVAILABLE with a message."""
+    killed, sibling = "batcher-mlp-1-0", "batcher-mlp-1-1"
+    before = await faults.inferences(chaos.data_dir, killed)
+    at_kill: dict[str, float] = {}
+
+    async def kill() -> None:
+        for service in (killed, sibling):
+            at_kill[service] = await faults.inferences(chaos.data_dir, service)
+        await chaos.restart(killed, signal.SIGKILL)
+
+    tally = await chaos.under_load("kill9-batcher", kill)
+    # Both batchers carried the load: the killed one had work when it died, and its sibling
+    # went on answering.
+    assert at_kill[killed] > before, f"{killed} answered nothing before it was killed"
+    assert await faults.inferences(chaos.data_dir, sibling) > at_kill[sibling], \
+        f"{sibling} answered nothing after {killed} was killed"
+    return Row(tally, "SIGKILL batcher-mlp-1-0 (of 2 batchers) under load")
+
+
 async def stall_compute(chaos: Chaos) -> Row:
     async def stall() -> None:
         pid = faults.send(chaos.data_dir, "compute-mlp-1-0", signal.SIGSTOP)
@@ -161,8 +185,8 @@ async def fuzz_internal(chaos: Chaos) -> list[Row]:
     (a compromised or buggy neighbour) must still get a clear status for anything, and the
     service must stay up and keep serving."""
     examples = max(20, chaos.plan.fuzz_examples // 2)
-    targets = [("batcher-mlp-1", "router", fuzz.GROUP_INFER, fuzz.group_payloads),
-               ("batcher-mlp-1", "router", fuzz.MODEL_INFER, fuzz.payloads),
+    targets = [("batcher-mlp-1-0", "router", fuzz.GROUP_INFER, fuzz.group_payloads),
+               ("batcher-mlp-1-0", "router", fuzz.MODEL_INFER, fuzz.payloads),
                ("compute-mlp-1-0", "batcher", fuzz.MODEL_INFER, fuzz.payloads)]
     rows = []
     for service, caller, method, strategy in targets:
@@ -185,7 +209,7 @@ def sigterm_targets(chaos: Chaos) -> list[str]:
     everything = faults.services(chaos.data_dir)
     if chaos.plan.sigterm_all:
         return everything
-    return ["control-plane", "compute-mlp-1-1", "batcher-mlp-1", "router", "ingress"]
+    return ["control-plane", "compute-mlp-1-1", "batcher-mlp-1-1", "router", "ingress"]
 
 
 async def sigterm_each(chaos: Chaos) -> list[Row]:
@@ -210,6 +234,7 @@ async def sigterm_each(chaos: Chaos) -> list[Row]:
 
 SCENARIOS: dict[str, Scenario] = {
     "kill9-compute": kill9_compute,
+    "kill9-batcher": kill9_batcher,
     "stall-compute": stall_compute,
     "kill-control-plane": kill_control_plane,
     "burst-10x": burst_10x,
