@@ -25,9 +25,13 @@ ENDPOINTS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 TYPES = (LISTENER, ROUTE, CLUSTER, ENDPOINTS)
 
 MAX_REQUESTS = 1024  # circuit breaker: groups in flight per version
-# On UNAVAILABLE only (the group never reached a batcher, or it refused it as not ready):
-# one retry, after a jittered 25-250 ms back-off, so a failing version sees at most twice its
-# traffic; outlier detection below ejects a failing batcher, max_requests caps the total.
+# On UNAVAILABLE (the group never reached a batcher, or it refused it as not ready) and on
+# CANCELLED (gRPC core's answer to a call that reached a batcher just as it began to shut
+# down; inference is a pure function of the group, so a second attempt is safe): one retry,
+# after a jittered 25-250 ms back-off, on another batcher of the version when it has one, so
+# a failing version sees at most twice its traffic; outlier detection below ejects a failing
+# batcher, max_requests caps the total.
+RETRY_ON = "unavailable,cancelled"
 RETRIES = 1
 
 
@@ -58,7 +62,7 @@ def listener(model: str) -> listener_pb2.Listener:
 
 def _retry() -> route_components_pb2.RetryPolicy:
     return route_components_pb2.RetryPolicy(
-        retry_on="unavailable", num_retries=wrappers_pb2.UInt32Value(value=RETRIES),
+        retry_on=RETRY_ON, num_retries=wrappers_pb2.UInt32Value(value=RETRIES),
         retry_back_off=route_components_pb2.RetryPolicy.RetryBackOff(
             base_interval=duration_pb2.Duration(nanos=25_000_000),
             max_interval=duration_pb2.Duration(nanos=250_000_000)))

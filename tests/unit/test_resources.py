@@ -86,7 +86,7 @@ def test_route_configuration_pins_each_version_then_splits_by_weight(policy, spl
     assert got == split
     for route in routes:
         retry = route.route.retry_policy
-        assert (retry.retry_on, retry.num_retries.value) == ("unavailable", res.RETRIES)
+        assert (retry.retry_on, retry.num_retries.value) == ("unavailable,cancelled", 1)
 
 
 def test_cluster_is_eds_over_ads_with_circuit_breaker_and_outlier_detection():
