@@ -102,6 +102,7 @@ class Row:
     fault: str
     max_failed: int = 0  # failures the fault makes unavoidable, all with status `tolerated`
     tolerated: str = ""
+    max_refused: int | None = None  # None: any number of clear refusals is acceptable
 
     @property
     def verdict(self) -> str:
@@ -114,6 +115,8 @@ class Row:
             return f"FAIL (failed > {self.max_failed})"
         if tally.failed and set(tally.statuses) - REFUSALS - {self.tolerated}:
             return f"FAIL (failures other than {self.tolerated})"
+        if self.max_refused is not None and tally.refused > self.max_refused:
+            return f"FAIL (refused > {self.max_refused})"
         return "pass"
 
 

@@ -57,6 +57,16 @@ def test_verdicts(tally, max_failed, tolerated, verdict):
     assert Row(tally, "fault", max_failed, tolerated).verdict == verdict
 
 
+@pytest.mark.parametrize(("tally", "max_refused", "verdict"), [
+    (tally_of(20, succeeded=4, unavailable=16), None, "pass"),
+    (tally_of(20, succeeded=4, unavailable=16), 16, "pass"),
+    (tally_of(20, succeeded=3, unavailable=17), 16, "FAIL (refused > 16)"),
+    (tally_of(2, succeeded=1, unavailable=1), 0, "FAIL (refused > 0)"),
+])
+def test_refusal_bound(tally, max_refused, verdict):
+    assert Row(tally, "fault", max_refused=max_refused).verdict == verdict
+
+
 def test_lost_requests_fail_the_row():
     tally = Tally("t", sent=5)
     for _ in range(3):
