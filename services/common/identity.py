@@ -123,51 +123,16 @@ class Callers:
         return refusal(identity, self.service, self.allowed)
 
 
-class CallerCheck(grpc.aio.ServerInterceptor):
-    """Refuses every call, health checks aside, whose peer is not one of `callers`."""
+class CallerCheck:
+    """`await check(context)` refuses a caller that is not one of `callers` (the server's
+    interceptor runs it before every call, health checks aside)."""
 
     def __init__(self, callers: Callers, cache: IdentityCache | None = None) -> None:
         self._callers = callers
         self._cache = cache or IdentityCache()
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    async def intercept_service(self, continuation, details):
-        handler = self._wrapped.get(details.method)
-        if handler is None:
-            handler = await continuation(details)
-            if handler is None or details.method.startswith(HEALTH_PREFIX):
-                return handler
-            handler = self._wrap(handler)
-            self._wrapped[details.method] = handler
-        return handler
-
-    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
+    async def __call__(self, context: grpc.aio.ServicerContext) -> None:
         identity = peer_identity(context.auth_context(), self._cache)
         if not self._callers.admits(identity):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 self._callers.refusal(identity))
-
-    def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        admit = self._admit
-        codec = (handler.request_deserializer, handler.response_serializer)
-
-        def single(behavior):
-            async def checked(request, context):
-                await admit(context)
-                return await behavior(request, context)
-            return checked
-
-        def streaming(behavior):
-            async def checked(request, context):
-                await admit(context)
-                async for response in behavior(request, context):
-                    yield response
-            return checked
-
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(single(handler.unary_unary), *codec)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(single(handler.stream_unary), *codec)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), *codec)
-        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), *codec)

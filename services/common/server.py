@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import grpc
 
 from meshserve.common.errors import ServingError
-from meshserve.common.identity import CallerCheck, Callers
+from meshserve.common.identity import HEALTH_PREFIX, CallerCheck, Callers
 from meshserve.common.tls import server_options
 from meshserve.protocol import health_pb2, health_pb2_grpc
 
@@ -35,14 +35,19 @@ def internal_error_message(error: BaseException) -> str:
     return f"internal error (id {error_id})"
 
 
+Admit = Callable[[grpc.aio.ServicerContext], Awaitable[None]]
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """The one place where domain errors become gRPC statuses.
 
     ServingError → its status and message; anything else → INTERNAL with a fixed message and
-    an id that is logged with the stack trace.
+    an id that is logged with the stack trace. `admit`, when given, runs first on every call
+    but health checks and may abort it (the caller-identity check of internal servers).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, admit: Admit | None = None) -> None:
+        self._admit = admit
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, details):
@@ -51,7 +56,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             handler = await continuation(details)
             if handler is None:
                 return None
-            handler = _wrap(handler)
+            health = details.method.startswith(HEALTH_PREFIX)
+            handler = _wrap(handler, None if health else self._admit)
             self._wrapped[details.method] = handler
         return handler
 
@@ -90,11 +96,13 @@ def _decoding(deserializer):
     return decode
 
 
-def _guard(behavior):
+def _guard(behavior, admit: Admit | None):
     async def guarded(request, context):
-        if isinstance(request, Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
+            if admit is not None:
+                await admit(context)
+            if isinstance(request, Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             return await behavior(request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
@@ -104,11 +112,14 @@ def _guard(behavior):
     return guarded
 
 
-def _guard_stream(behavior):
+def _guard_stream(behavior, admit: Admit | None):
     async def guarded(request_or_iterator, context):
-        if isinstance(request_or_iterator, Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request_or_iterator.message)
         try:
+            if admit is not None:
+                await admit(context)
+            if isinstance(request_or_iterator, Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    request_or_iterator.message)
             async for response in behavior(request_or_iterator, context):
                 yield response
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -119,17 +130,19 @@ def _guard_stream(behavior):
     return guarded
 
 
-def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _wrap(handler: grpc.RpcMethodHandler, admit: Admit | None) -> grpc.RpcMethodHandler:
     codec = (handler.request_deserializer, handler.response_serializer)
     # One request message: an undecodable one reaches the guard, which refuses it clearly.
     single = (_decoding(handler.request_deserializer), handler.response_serializer)
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(_guard(handler.unary_unary), *single)
+        return grpc.unary_unary_rpc_method_handler(_guard(handler.unary_unary, admit), *single)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(_guard(handler.stream_unary, admit), *codec)
     if handler.stream_stream:
-        return grpc.stream_stream_rpc_method_handler(_guard_stream(handler.stream_stream), *codec)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(_guard_stream(handler.unary_stream), *single)
-    return handler
+        return grpc.stream_stream_rpc_method_handler(
+            _guard_stream(handler.stream_stream, admit), *codec)
+    return grpc.unary_stream_rpc_method_handler(
+        _guard_stream(handler.unary_stream, admit), *single)
 
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -209,10 +222,9 @@ class Service:
         self.port: int | None = None
 
     async def start(self) -> int:
-        interceptors = [ErrorInterceptor()]
-        if self.callers is not None:
-            interceptors.append(CallerCheck(self.callers))
-        self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+        admit = None if self.callers is None else CallerCheck(self.callers)
+        self.server = grpc.aio.server(interceptors=[ErrorInterceptor(admit)],
+                                      options=SERVER_OPTIONS)
         self._register(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_secure_port(self.address, self._credentials)
