@@ -17,6 +17,7 @@ from meshserve.common.errors import (
     PermissionDenied,
     ServingError,
 )
+from meshserve.common.identity import IdentityCache, peer_identity
 from meshserve.mesh import admin_access
 from meshserve.mesh.canary import CanaryPlan
 from meshserve.mesh.control import ControlPlane
@@ -26,7 +27,6 @@ from meshserve.mesh.registry import Push, Registry
 from meshserve.mesh.store import ModelVersion
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.protocol import admin_pb2_grpc
-from meshserve.tools.certs import identity_of
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +54,6 @@ def model_version_to_proto(row: ModelVersion) -> pb.ModelVersion:
 def audit_entry_to_proto(e) -> pb.AuditEntry:
     return pb.AuditEntry(seq=e.seq, at=e.at, actor=e.actor, action=e.action, subject=e.subject,
                          before=e.before, after=e.after, reason=e.reason, hash=e.hash)
-
-
-def caller(context: grpc.aio.ServicerContext) -> str:
-    """The caller's identity from its certificate (recorded in the audit log)."""
-    pems = context.auth_context().get("x509_pem_cert") or []
-    for pem in pems:
-        identity = identity_of(pem)
-        if identity:
-            return identity
-    return "unknown"
 
 
 def policy_to_proto(policy: TrafficPolicy) -> pb.Policy:
@@ -123,13 +113,18 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self._registry = registry
         self._policy = policy
         self._count_denied = count_denied
+        self._identities = IdentityCache()
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's identity from its certificate (recorded in the audit log)."""
+        return peer_identity(context.auth_context(), self._identities)
 
     def _authorize(self, context, method: str, request) -> Callable[[str], bool]:
         """PERMISSION_DENIED (audited, counted) unless the caller may call `method`; returns
         which models the caller may see in a listing."""
         if self._policy is None:
             return lambda model: True
-        policy, identity = self._policy(), caller(context)
+        policy, identity = self._policy(), self._caller(context)
         decision = admin_access.decide(policy, identity, method, request)
         if not decision.allowed:
             self._deny(identity, method, decision)
@@ -186,26 +181,27 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def SetPolicy(self, request, context):
         self._authorize(context, "SetPolicy", request)
         policy = policy_from_proto(request.policy)
-        return policy_to_proto(self._control.set_policy(policy, caller(context), request.reason))
+        return policy_to_proto(self._control.set_policy(policy, self._caller(context),
+                                                        request.reason))
 
     async def Pin(self, request, context):
         self._authorize(context, "Pin", request)
         return policy_to_proto(self._control.pin(request.model, request.version,
-                                                 caller(context), request.reason))
+                                                 self._caller(context), request.reason))
 
     async def Rollback(self, request, context):
         self._authorize(context, "Rollback", request)
-        return policy_to_proto(self._control.rollback(request.model, caller(context),
+        return policy_to_proto(self._control.rollback(request.model, self._caller(context),
                                                       request.reason))
 
     async def RegisterEndpoint(self, request, context):
         self._authorize(context, "RegisterEndpoint", request)
-        self._control.register(endpoint_from_proto(request), caller(context))
+        self._control.register(endpoint_from_proto(request), self._caller(context))
         return request
 
     async def RemoveEndpoint(self, request, context):
         self._authorize(context, "RemoveEndpoint", request)
-        self._control.unregister(endpoint_from_proto(request), caller(context))
+        self._control.unregister(endpoint_from_proto(request), self._caller(context))
         return request
 
     async def StartCanary(self, request, context):
@@ -219,7 +215,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             max_error_rate=request.max_error_rate or CanaryPlan.max_error_rate,
             max_latency_ratio=request.max_latency_ratio or CanaryPlan.max_latency_ratio,
             min_requests=request.min_requests or CanaryPlan.min_requests)
-        return canary_to_proto(self._control.start_canary(plan, caller(context)))
+        return canary_to_proto(self._control.start_canary(plan, self._caller(context)))
 
     async def GetCanary(self, request, context):
         self._authorize(context, "GetCanary", request)
@@ -228,7 +224,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     async def AbortCanary(self, request, context):
         self._authorize(context, "AbortCanary", request)
-        return canary_to_proto(self._control.abort_canary(request.model, caller(context)))
+        return canary_to_proto(self._control.abort_canary(request.model, self._caller(context)))
 
     async def ReportShadow(self, request, context):
         self._authorize(context, "ReportShadow", request)
@@ -254,7 +250,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self._authorize(context, "PushModel", request)
         push = Push(request.name, request.version, request.artifact, request.source,
                     request.notes, request.encrypt, request.config)
-        return model_version_to_proto(self._models().push(push, caller(context)))
+        return model_version_to_proto(self._models().push(push, self._caller(context)))
 
     async def ListModels(self, request, context):
         visible = self._authorize(context, "ListModels", request)
@@ -268,7 +264,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                                           request.name, request.version)
         stored = artifacts.sha256_digest(fetched.artifact)
         self._control.store.append_audit(
-            caller(context), "model.fetch", f"{fetched.name}/{fetched.version}",
+            self._caller(context), "model.fetch", f"{fetched.name}/{fetched.version}",
             after=json.dumps({"digest": fetched.digest, "stored": stored,
                               "encrypted": fetched.encrypted}, sort_keys=True))
         return fetched_to_proto(fetched)
@@ -279,7 +275,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     async def RecordEvent(self, request, context):
         self._authorize(context, "RecordEvent", request)
-        identity = caller(context)
+        identity = self._caller(context)
         if not may_record_events(identity):
             raise EventRefused(f"'{identity}' may not record audit events (the ingress and "
                                "operators may)")

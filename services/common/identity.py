@@ -101,8 +101,10 @@ class IdentityCache:
         return len(self._known)
 
 
-def peer_identity(auth_context: Mapping[str, list[bytes]], cache: IdentityCache) -> str:
-    """The identity of the peer's leaf certificate (`x509_pem_cert`), or "unknown"."""
+def peer_identity(auth_context: Mapping[str, list[bytes]],
+                  cache: Callable[[bytes], str]) -> str:
+    """The identity of the peer's leaf certificate (`x509_pem_cert`), or "unknown";
+    `cache` (an IdentityCache) maps the certificate to its identity."""
     pems = auth_context.get("x509_pem_cert") or ()
     for pem in pems:
         return cache(pem)
