@@ -92,6 +92,22 @@ def draw_payloads(examples: int, strategy=payloads) -> list[bytes]:
     return drawn
 
 
+def is_leak(message: str) -> bool:
+    """Whether an answer's message looks like a stack trace."""
+    return "Traceback" in message or 'File "' in message
+
+
+def group_answered(sent: bytes, answer: bytes) -> tuple[bool, list[str]]:
+    """A group call's answer must hold one result per item, each either a response or a
+    status with a message. Returns (whether it does, the items' messages)."""
+    items = groups_pb2.InferGroup.FromString(sent).items
+    results = groups_pb2.InferGroupResult.FromString(answer).results
+    complete = len(results) == len(items) and all(
+        result.HasField("response") if result.code == 0 else bool(result.message)
+        for result in results)
+    return complete, [result.message for result in results]
+
+
 async def send_all(channel: grpc.aio.Channel, payloads: list[bytes], tally: Tally,
                    concurrency: int = 16, method: str = MODEL_INFER) -> list[str]:
     """Send each payload as raw bytes; classify each answer into `tally` (INVALID_ARGUMENT
@@ -107,16 +123,20 @@ async def send_all(channel: grpc.aio.Channel, payloads: list[bytes], tally: Tall
             _, payload = queue.pop()
             tally.sent += 1
             start = time.monotonic()
+            output_ok = True
             try:
-                await infer(payload, timeout=ANSWER_WITHIN)
+                answer = await infer(payload, timeout=ANSWER_WITHIN)
                 code, message = "OK", ""
+                if method == GROUP_INFER:
+                    output_ok, item_messages = group_answered(payload, answer)
+                    message = next((m for m in item_messages if is_leak(m)), "")
             except grpc.aio.AioRpcError as error:
                 code, message = error.code().name, error.details() or ""
-            if "Traceback" in message or 'File "' in message:
+            if is_leak(message):
                 leaks.append(message)
             # An OK answer to a random message is a request that happened to be valid.
             tally.record(classify(code, message, time.monotonic() - start, ANSWER_WITHIN,
-                                  output_ok=True, refusals=INPUT_REFUSALS), code, message)
+                                  output_ok=output_ok, refusals=INPUT_REFUSALS), code, message)
 
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     return leaks
