@@ -23,6 +23,7 @@ from meshserve.mesh.canary import CanaryPlan
 from meshserve.mesh.control import ControlPlane
 from meshserve.mesh.fetch import read_version
 from meshserve.mesh.policy import Endpoint, Shadow, TrafficPolicy
+from meshserve.mesh.readiness import Readiness
 from meshserve.mesh.registry import Push, Registry
 from meshserve.mesh.store import ModelVersion
 from meshserve.protocol import admin_pb2 as pb
@@ -108,8 +109,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     def __init__(self, control: ControlPlane, registry: Registry | None = None,
                  policy: Callable[[], Policy] | None = None,
-                 count_denied: Callable[[str], None] | None = None) -> None:
+                 count_denied: Callable[[str], None] | None = None,
+                 readiness: Readiness | None = None) -> None:
         self._control = control
+        self._readiness = readiness
         self._registry = registry
         self._policy = policy
         self._count_denied = count_denied
@@ -225,6 +228,22 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def AbortCanary(self, request, context):
         self._authorize(context, "AbortCanary", request)
         return canary_to_proto(self._control.abort_canary(request.model, self._caller(context)))
+
+    async def WatchReadiness(self, request, context):
+        """The readiness table of the versions the caller may read, again at each change."""
+        visible = self._authorize(context, "WatchReadiness", request)
+        if self._readiness is None:
+            raise FailedPrecondition("this control plane does not follow batchers' health")
+        last = None
+        while True:
+            changed = self._readiness.changes.event
+            now = [v for v in self._readiness.table() if visible(v.model)]
+            if now != last:
+                last = now
+                yield pb.Readiness(versions=[
+                    pb.VersionReadiness(model=v.model, version=v.version, weight=v.weight,
+                                        ready=v.ready) for v in now])
+            await changed.wait()
 
     async def ReportShadow(self, request, context):
         self._authorize(context, "ReportShadow", request)

@@ -8,8 +8,9 @@ model) is not refused but shows only the models the caller may read.
 
 The mesh's own services are not principals of the policy: they keep, by identity, exactly
 the RPCs they call (`SERVICE_RPCS`: the router reads the status and reports shadow
-comparisons; the ingress records events) and nothing else. `RecordEvent` keeps its own
-rule (the ingress and operators' `client/*` certificates) and is not a policy action.
+comparisons; the ingress records events and follows versions' readiness) and nothing else.
+`RecordEvent` keeps its own rule (the ingress and operators' `client/*` certificates) and
+is not a policy action.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ RPC_ACTIONS: dict[str, Guard] = {
     "RemoveEndpoint": Guard("traffic:write"),
     "ReportShadow": Guard("traffic:write"),
     "Audit": Guard("audit:read", None),
+    "WatchReadiness": Guard("models:read", None, lists=True),
 }
 # Not a policy action: RecordEvent admits the ingress and operators (mesh/admin.py).
 OWN_RULE = frozenset({"RecordEvent"})
@@ -64,7 +66,7 @@ OWN_RULE = frozenset({"RecordEvent"})
 # The mesh's services, admitted by identity to exactly the RPCs they call.
 SERVICE_RPCS: dict[str, frozenset[str]] = {
     "router": frozenset({"Status", "ReportShadow"}),
-    "ingress": frozenset({"RecordEvent"}),
+    "ingress": frozenset({"RecordEvent", "WatchReadiness"}),
     "batcher": frozenset(),
     "compute": frozenset(),
     "control-plane": frozenset(),

@@ -12,6 +12,7 @@ from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFoun
 from meshserve.mesh.canary import CanaryPlan, VersionWindow, judge, weights
 from meshserve.mesh.live import History, Sample, Window, window
 from meshserve.mesh.policy import Endpoint, TrafficPolicy
+from meshserve.mesh.readiness import Changes
 from meshserve.mesh.snapshot import Snapshot
 from meshserve.mesh.store import Store
 from meshserve.mesh.xds import SnapshotCache
@@ -34,11 +35,14 @@ class ControlPlane:
         self._canaries: dict[str, asyncio.Task] = {}
         # (model, shadow version) → [compared, differing, max abs diff], from the routers.
         self.shadow_counts: dict[tuple[str, str], list[float]] = {}
+        # Told of every change of the state (policies, endpoints).
+        self.changes = Changes()
 
     # ---------------------------------------------------------------- state changes
 
     def _apply(self) -> None:
         self.cache.set(Snapshot.of(self.store.state()))
+        self.changes.notify()
 
     def policy(self, model: str) -> TrafficPolicy:
         policy = self.store.policy(model)

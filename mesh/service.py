@@ -24,6 +24,7 @@ from meshserve.common.tls import ReloadingChannel, TlsFiles, server_credentials
 from meshserve.mesh.admin import AdminServicer
 from meshserve.mesh.control import ControlPlane
 from meshserve.mesh.policy import Endpoint
+from meshserve.mesh.readiness import Readiness
 from meshserve.mesh.registry import Registry
 from meshserve.mesh.store import Store
 from meshserve.mesh.xds import AggregatedDiscovery
@@ -101,7 +102,9 @@ def build_service(settings: ControlPlaneSettings, metrics: Metrics | None = None
                                  "Admin API calls refused by the access policy, by action",
                                  ["action"])
         count_denied = lambda action: denied.labels(action).inc()  # noqa: E731
-    admin = AdminServicer(control, registry, policy, count_denied)
+    readiness = Readiness(control.store, control.changes, settings.tls,
+                          settings.batcher_identity)
+    admin = AdminServicer(control, registry, policy, count_denied, readiness)
 
     def register(server) -> None:
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
@@ -113,13 +116,14 @@ def build_service(settings: ControlPlaneSettings, metrics: Metrics | None = None
         health.set(True)
         await control.sample_batchers()
 
-    background = [start_work]
+    background = [start_work, readiness.follow]
     if settings.kubernetes_namespace:
         from meshserve.mesh.kube import follow_endpoint_slices
 
         background.append(lambda: follow_endpoint_slices(control, settings.kubernetes_namespace))
 
     async def close() -> None:
+        await readiness.close()
         await control.close()
         await reader.close()
 

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import grpc
 
-from meshserve.common.logs import sample_fraction
+from meshserve.common.files import write_atomic
+from meshserve.common.logs import DEFAULT_ACCESS_LOG_SAMPLE, sample_fraction
 from meshserve.common.repository import ModelRepository
 from meshserve.common.tls import TlsFiles, channel_credentials
+from meshserve.ingress.readiness import RULES, STRICT
 from meshserve.protocol import admin_pb2, health_pb2
 from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.protocol.health_pb2_grpc import HealthStub
@@ -154,7 +156,9 @@ def token_port(data_dir: Path) -> int | None:
 
 def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
          compute_replicas: int = 1, audit_denied_sample: float = 0.01,
-         batcher_replicas: int = 1) -> list[list[Child]]:
+         batcher_replicas: int = 1,
+         access_log_sample: float = DEFAULT_ACCESS_LOG_SAMPLE,
+         readiness: str = STRICT) -> list[list[Child]]:
     """The children in start order: control plane, computes, batchers, router, ingress.
 
     Each model version gets `compute_replicas` compute processes (`compute-M-V` when there
@@ -188,7 +192,8 @@ def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
                                            *auth_args(data_dir, port)],
                     run_dir)
     ingress.args += [f"--async-store={data_dir / 'async.db'}",
-                     f"--audit-denied-sample={audit_denied_sample}"]
+                     f"--audit-denied-sample={audit_denied_sample}",
+                     f"--access-log-sample={access_log_sample}", f"--readiness={readiness}"]
     tiers = [[control_plane], computes, batchers, [router], [ingress]]
     for child in (child for tier in tiers for child in tier):
         child.metrics = metrics
@@ -228,11 +233,13 @@ async def register_batchers(control_plane: Child, batchers: list[Child], tls: Tl
 
 async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
                      say=print, metrics: bool = True, compute_replicas: int = 1,
-                     audit_denied_sample: float = 0.01, batcher_replicas: int = 1) -> list[Child]:
+                     audit_denied_sample: float = 0.01, batcher_replicas: int = 1,
+                     access_log_sample: float = DEFAULT_ACCESS_LOG_SAMPLE,
+                     readiness: str = STRICT) -> list[Child]:
     tls_dir = data_dir / "tls"
     operator = TlsFiles.for_identity(tls_dir, "client")
     tiers = plan(data_dir, port, device, metrics, compute_replicas, audit_denied_sample,
-                 batcher_replicas)
+                 batcher_replicas, access_log_sample, readiness)
     [control_plane], computes, batchers, [router], [ingress] = tiers
     started: list[Child] = []
     try:
@@ -353,7 +360,9 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
                                               metrics=not args.no_metrics,
                                               compute_replicas=args.compute_replicas,
                                               audit_denied_sample=args.audit_denied_sample,
-                                              batcher_replicas=args.batcher_replicas))
+                                              batcher_replicas=args.batcher_replicas,
+                                              access_log_sample=args.access_log_sample,
+                                              readiness=args.readiness))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
@@ -364,7 +373,7 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
     children = starting.result()
     ingress = children[-1]
     bearer_port = await wait_token_port(data_dir, args.timeout)
-    (data_dir / "run" / "endpoint").write_text(f"{ingress.address}\n")
+    write_atomic(data_dir / "run" / "endpoint", f"{ingress.address}\n".encode())
     print(banner(data_dir, ingress, children, bearer_port), flush=True)
     supervisor = asyncio.create_task(supervise(children, data_dir / "tls"))
     await stop.wait()
@@ -413,6 +422,14 @@ def register(commands) -> None:
                         metavar="FRACTION",
                         help="fraction (0..1) of denied calls recorded in the audit log "
                              "(default 0.01)")
+    parser.add_argument("--access-log-sample", type=sample_fraction,
+                        default=DEFAULT_ACCESS_LOG_SAMPLE, metavar="FRACTION",
+                        help="fraction (0..1) of answered requests given an access-log line by "
+                             "the ingress; failures always get one "
+                             f"(default {DEFAULT_ACCESS_LOG_SAMPLE})")
+    parser.add_argument("--readiness", choices=RULES, default=STRICT,
+                        help="the ingress is ready (ServerReady) when every model version can "
+                             "answer (strict, the default) or when one can (any)")
     parser.add_argument("--no-metrics", action="store_true",
                         help="serve and record no Prometheus metrics")
     parser.add_argument("--otlp", default="", metavar="HOST:PORT",

@@ -30,11 +30,14 @@ from meshserve.batcher.failover import (
 )
 from meshserve.batcher.policy import BatchQueue, Pending, QueueFull, Send
 from meshserve.batcher.statistics import Statistics
-from meshserve.common.errors import DeadlineExceeded, ServingError, Unavailable
-from meshserve.common.forwarding import error_result, rpc_error_result
-from meshserve.common.tracing import TRACEPARENT, Tracing, context_of, traceparent_of
+from meshserve.common.errors import DeadlineExceeded, Internal, ServingError, Unavailable
+from meshserve.common.forwarding import error_result, failure_result, status_of_result
+from meshserve.common.server import internal_error_message
+from meshserve.common.streams import StreamBroken
+from meshserve.common.tracing import Tracing, context_of, traceparent_of
 from meshserve.common.upstream import Upstream
-from meshserve.protocol.groups_pb2 import GroupItem, ItemResult
+from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
+from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
 from meshserve.protocol.model_config_pb2 import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,34 @@ class Replica:
     def vacate(self, rows: int) -> None:
         self.batches -= 1
         self.rows -= rows
+
+
+class ComputeFailed(Exception):
+    """A compute call that did not answer its batch: the status `code` and `details`."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+async def run_batch(replica: Replica, batch: ModelInferRequest, timeout: float | None,
+                    traceparent: str = "") -> ModelInferResponse:
+    """`batch` on `replica`'s stream, as a group of one; raises ComputeFailed."""
+    group = InferGroup(model_name=batch.model_name, version=batch.model_version,
+                       items=[GroupItem(request=batch, traceparent=traceparent)])
+    try:
+        # A failed batch is retried on another replica (see `_retry`), not on this one.
+        reply = await replica.upstream.stream.send(group.SerializeToString(), timeout,
+                                                   resend=False)
+    except StreamBroken as broken:
+        raise ComputeFailed(broken.code, broken.details) from None
+    except TimeoutError:
+        raise ComputeFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "") from None
+    [result] = InferGroupResult.FromString(reply).results
+    if result.code:
+        raise ComputeFailed(status_of_result(result), result.message)
+    return result.response
 
 
 class _Failed(Exception):
@@ -199,6 +230,10 @@ class Scheduler:
         except ServingError as error:
             for entry in entries:
                 self._answer(entry, error_result(error), dispatched)
+        except Exception as error:  # noqa: BLE001 — every request must hear of it
+            failed = error_result(Internal(internal_error_message(error)))
+            for entry in entries:
+                self._answer(entry, failed, dispatched)
         finally:
             self.queue.release(entries)
             self._wake.set()
@@ -258,16 +293,17 @@ class Scheduler:
             timeout = stall if left is None else min(left, stall)
             try:
                 if self._tracing is None:
-                    answer = await replica.upstream.inference.ModelInfer(batch, timeout=timeout)
+                    answer = await run_batch(replica, batch, timeout)
                 else:
                     answer = await self._traced_infer(replica, batch, entries, rows, timeout)
-            except grpc.aio.AioRpcError as error:
+            except ComputeFailed as error:
                 self._replica_failed(replica, error,
                                      stalled=not alone and (left is None or stall < left),
                                      started=started, stall=stall)
                 for entry in entries:
-                    self._answer(entry, rpc_error_result(
-                        error, f"compute replica {replica.upstream.target}"), dispatched)
+                    self._answer(entry, failure_result(
+                        error.code, error.details, f"compute replica {replica.upstream.target}"),
+                        dispatched)
                 return
             replica.outlier.success()
             self._latency.add(time.monotonic() - started)
@@ -283,11 +319,11 @@ class Scheduler:
         finally:
             replica.vacate(rows)
 
-    def _replica_failed(self, replica: Replica, error: grpc.aio.AioRpcError, *, stalled: bool,
+    def _replica_failed(self, replica: Replica, error: ComputeFailed, *, stalled: bool,
                         started: float, stall: float) -> None:
         """Raise _Failed when the failure is the replica's (unreachable, UNAVAILABLE, or
         stalled past `stall`), after counting it against the replica; return otherwise."""
-        code = error.code()
+        code = error.code
         target = replica.upstream.target
         now = time.monotonic()
         last = not self._others_in_rotation(replica)
@@ -297,7 +333,7 @@ class Scheduler:
                       f"stall timeout {stall:.2f} s)")
         elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
             ejected = replica.outlier.failure(now, last)
-            detail = f"compute replica {target} unavailable: {error.details()}"
+            detail = f"compute replica {target} unavailable: {error.details}"
         else:
             return
         if ejected:
@@ -356,8 +392,7 @@ class Scheduler:
              "replica": replica.upstream.target},
             links=[e.payload.span.get_span_context() for e in entries if e.payload.span])
         try:
-            return await replica.upstream.inference.ModelInfer(
-                batch, timeout=timeout, metadata=((TRACEPARENT, traceparent_of(span)),))
+            return await run_batch(replica, batch, timeout, traceparent_of(span))
         except Exception as error:
             span.set_status(StatusCode.ERROR, str(error))
             raise

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry.trace import StatusCode
 
 from meshserve.batcher.batch import batch_key, rows_of
@@ -19,8 +21,8 @@ from meshserve.batcher.policy import BatchingPolicy, BatchQueue, Pending
 from meshserve.batcher.scheduler import Job, Replica, Scheduler
 from meshserve.batcher.statistics import Statistics
 from meshserve.common import runtime
-from meshserve.common.errors import NotFound, ServingError, Unavailable
-from meshserve.common.forwarding import deadline_of, error_result, raise_for
+from meshserve.common.errors import InvalidArgument, NotFound, ServingError, Unavailable
+from meshserve.common.forwarding import deadline_of, error_result, one_item, raise_for
 from meshserve.common.identity import Callers, add_callers_flag, default_callers
 from meshserve.common.metrics import BatcherMetrics, CacheMetrics, Metrics
 from meshserve.common.repository import DEFAULT_MODEL_FILENAME, ModelRepository
@@ -33,12 +35,18 @@ from meshserve.common.response_cache import (
     artifact_digest,
 )
 from meshserve.common.server import HealthServicer, Service
+from meshserve.common.streams import group_handler
 from meshserve.common.tls import TlsFiles, server_credentials
 from meshserve.common.tracing import Tracing, context_of
 from meshserve.common.upstream import Upstream
-from meshserve.common.validation import validate
-from meshserve.protocol import groups_pb2_grpc, grpc_service_pb2_grpc
-from meshserve.protocol.groups_pb2 import GroupItem, InferGroupResult
+from meshserve.common.validation import Schema
+from meshserve.protocol import grpc_service_pb2_grpc
+from meshserve.protocol.groups_pb2 import (
+    CountersRequest,
+    InferGroup,
+    InferGroupResult,
+    RequestCounters,
+)
 from meshserve.protocol.grpc_service_pb2 import (
     ModelReadyResponse,
     ModelStatisticsResponse,
@@ -77,7 +85,7 @@ class Batcher:
                  tracing: Tracing | None = None, cache: CachingFront | None = None) -> None:
         self.scheduler = scheduler
         self.statistics = statistics
-        self._config = config
+        self._schema = Schema(config)
         self._batched = config.max_batch_size > 0
         self._tracing = tracing
         self._cache = cache
@@ -99,7 +107,7 @@ class Batcher:
                 if not self.scheduler.ready:
                     raise self._unready()
                 request = item.request
-                validate(request, self._config)
+                size = self._schema.validate(request)
                 if self._tracing is not None:
                     job.span = self._tracing.start(
                         "batcher.queue", context_of(item.traceparent),
@@ -107,7 +115,7 @@ class Batcher:
                 self.scheduler.submit(Pending(
                     key=batch_key(request, self._batched), rows=rows_of(request, self._batched),
                     enqueued=arrived, deadline=deadline_of(item.timeout_us, arrived),
-                    priority=item.priority, payload=job, size=request.ByteSize()))
+                    priority=item.priority, payload=job, size=size))
             except ServingError as error:
                 if job.span is not None:
                     job.span.set_status(StatusCode.ERROR, error.message)
@@ -115,21 +123,18 @@ class Batcher:
                 future.set_result(error_result(error))
         return await asyncio.gather(*futures)
 
+    async def handle(self, body: bytes) -> bytes:
+        """A serialized InferGroup in, its serialized InferGroupResult out."""
+        try:
+            group = InferGroup.FromString(body)
+        except DecodeError as error:
+            raise InvalidArgument(f"group is not a valid InferGroup message: {error}") from None
+        return InferGroupResult(results=await self.infer(group.items)).SerializeToString()
+
     def _unready(self) -> ServingError:
         return Unavailable(f"no compute replica of model '{self.statistics.name}' version "
                            f"'{self.statistics.version}' is ready",
                            self.scheduler.failover.ejection_seconds)
-
-
-class GroupServicer(groups_pb2_grpc.GroupInferenceServicer):
-    def __init__(self, batcher: Batcher) -> None:
-        self._batcher = batcher
-
-    async def Infer(self, request, context):
-        return InferGroupResult(results=await self._batcher.infer(request.items))
-
-    async def Counters(self, request, context):
-        return self._batcher.statistics.counters()
 
 
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -154,9 +159,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return ModelStatisticsResponse(model_stats=[self._batcher.statistics.to_proto()])
 
     async def ModelInfer(self, request, context):
-        remaining = context.time_remaining()
-        item = GroupItem(request=request, timeout_us=int(remaining * 1e6) if remaining else 0)
-        [result] = await self._batcher.infer([item])
+        [result] = await one_item(self._batcher.handle, request, context.time_remaining())
         raise_for(result)
         return result.response
 
@@ -187,8 +190,14 @@ def build_service(settings: BatcherSettings, metrics: Metrics | None = None,
         scheduler.replicas_changed()
         health.set(scheduler.ready)
 
+    async def counters(request, context):
+        return statistics.counters()
+
     def register(server) -> None:
-        groups_pb2_grpc.add_GroupInferenceServicer_to_server(GroupServicer(batcher), server)
+        server.add_generic_rpc_handlers((group_handler(batcher.handle, service.draining, {
+            "Counters": grpc.unary_unary_rpc_method_handler(
+                counters, request_deserializer=CountersRequest.FromString,
+                response_serializer=RequestCounters.SerializeToString)}),))
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(batcher), server)
 
@@ -203,9 +212,10 @@ def build_service(settings: BatcherSettings, metrics: Metrics | None = None,
 
     background = [scheduler.run] + [
         (lambda r=r: r.upstream.watch(replicas_changed)) for r in replicas]
-    return Service(settings.listen, server_credentials(settings.tls), register, health,
-                   background=background, cleanup=[close],
-                   callers=Callers("batcher", settings.allowed_callers))
+    service = Service(settings.listen, server_credentials(settings.tls), register, health,
+                      background=background, cleanup=[close],
+                      callers=Callers("batcher", settings.allowed_callers))
+    return service
 
 
 def build_cache(settings: BatcherSettings, config, repository: ModelRepository, model: str,

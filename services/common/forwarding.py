@@ -1,9 +1,9 @@
 """Group forwarding: the internal hop's hot path.
 
-A hop keeps one long-lived call slot per upstream. While a call is in flight, new requests
-wait; when it returns, everything that arrived meanwhile leaves as the next group. Idle, a
-request leaves at once as a group of one; busy, groups grow by themselves. gRPC's per-call
-cost is paid per group, not per request (see docs: about 600 µs → 50–80 µs per request).
+A hop keeps one group in flight per upstream (and version pin) on its long-lived stream.
+While a group is in flight, new requests wait; when it is answered, everything that arrived
+meanwhile leaves as the next group. Idle, a request leaves at once as a group of one; busy,
+groups grow by themselves, so gRPC's per-message cost is paid per group, not per request.
 """
 
 import asyncio
@@ -13,10 +13,12 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from meshserve.common.errors import DeadlineExceeded, ServingError, Unavailable, from_code
+from meshserve.common.streams import GroupStream, StreamBroken
 from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
 
 # An item and its absolute deadline on this process's monotonic clock (None: no deadline).
 Entry = tuple[GroupItem, float | None]
+# Sends a group and returns its result (raises StreamBroken or TimeoutError).
 GroupCall = Callable[[InferGroup, float | None], Awaitable[InferGroupResult]]
 # Told of each group call: (requests in the group, status name of the call: "OK" or a code).
 GroupObserver = Callable[[int, str], None]
@@ -40,24 +42,58 @@ def deadline_of(timeout_us: int, arrived: float) -> float | None:
     return arrived + timeout_us / 1e6 if timeout_us else None
 
 
-def rpc_error_result(error: grpc.aio.AioRpcError, upstream: str) -> ItemResult:
-    code = error.code()
+def failure_result(code: grpc.StatusCode, details: str, upstream: str) -> ItemResult:
+    """The answer for a request whose upstream call failed with `code`."""
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return error_result(DeadlineExceeded("deadline exceeded before the model answered"))
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        return error_result(Unavailable(f"{upstream} unavailable: {error.details()}"))
-    return ItemResult(code=code.value[0], message=error.details() or code.name)
+        return error_result(Unavailable(f"{upstream} unavailable: {details}"))
+    return ItemResult(code=code.value[0], message=details or code.name)
+
+
+def rpc_error_result(error: grpc.aio.AioRpcError, upstream: str) -> ItemResult:
+    return failure_result(error.code(), error.details(), upstream)
+
+
+def error_group(count: int, result: ItemResult) -> bytes:
+    """A serialized InferGroupResult answering each of `count` items with `result`."""
+    return InferGroupResult(results=[result] * count).SerializeToString()
+
+
+async def one_item(handle: Callable[[bytes], Awaitable[bytes]], request,
+                   remaining: float | None) -> list[ItemResult]:
+    """A debugging `ModelInfer` on an internal service: the request as a group of one, through
+    the service's own group handler."""
+    timeout_us = int(remaining * 1e6) if remaining else 0
+    group = InferGroup(model_name=request.model_name, version=request.model_version,
+                       timeout_us=timeout_us,
+                       items=[GroupItem(request=request, timeout_us=timeout_us)])
+    return list(InferGroupResult.FromString(await handle(group.SerializeToString())).results)
+
+
+def status_of_result(result: ItemResult) -> grpc.StatusCode:
+    return grpc.StatusCode[CODE_NAME.get(result.code, "UNKNOWN")]
+
+
+def over_stream(stream: GroupStream) -> GroupCall:
+    """A GroupCall that sends on `stream` (one retry on a fresh stream when it broke)."""
+
+    async def call(group: InferGroup, timeout: float | None) -> InferGroupResult:
+        return InferGroupResult.FromString(await stream.send(group.SerializeToString(), timeout))
+
+    return call
 
 
 class GroupForwarder:
     """Coalesces entries for one model into groups, one call in flight per upstream."""
 
-    def __init__(self, call: GroupCall, model_name: str, upstream: str, *,
+    def __init__(self, call: GroupCall, model_name: str, upstream: str, *, version: str = "",
                  max_group: int = 512, max_in_flight: int = 1,
                  observe: GroupObserver | None = None) -> None:
         self._call = call
         self._observe = observe
         self._model_name = model_name
+        self._version = version
         self._upstream = upstream
         self._max_group = max_group
         self._max_in_flight = max_in_flight
@@ -103,7 +139,7 @@ class GroupForwarder:
 
     async def _send(self, parcels: list[list[Entry]]) -> list[list[ItemResult]]:
         now = time.monotonic()
-        group = InferGroup(model_name=self._model_name)
+        group = InferGroup(model_name=self._model_name, version=self._version)
         results: list[list[ItemResult | None]] = [[None] * len(p) for p in parcels]
         sent: list[tuple[int, int]] = []
         longest: float | None = 0.0
@@ -126,12 +162,17 @@ class GroupForwarder:
                 group.items.append(item)
         if sent:
             code = "OK"
+            if longest:
+                group.timeout_us = int(longest * 1e6)
             try:
                 reply = (await self._call(group, longest)).results
-            except grpc.aio.AioRpcError as error:
-                code = error.code().name
-                failed = rpc_error_result(error, self._upstream)
-                reply = [failed] * len(sent)
+            except StreamBroken as broken:
+                code = broken.code.name
+                reply = [failure_result(broken.code, broken.details, self._upstream)] * len(sent)
+            except TimeoutError:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED.name
+                reply = [failure_result(grpc.StatusCode.DEADLINE_EXCEEDED, "",
+                                        self._upstream)] * len(sent)
             if self._observe is not None:
                 self._observe(len(sent), code)
             for (p, j), result in zip(sent, reply, strict=True):

@@ -18,6 +18,9 @@ from collections.abc import Callable
 EXTRA_FIELDS = ("request_id", "trace_id", "model", "version", "status", "latency_ms")
 
 ACCESS_LOGGER = "meshserve.access"
+#: Successes are sampled (a line costs more CPU than the rest of a request's logging, and
+#: high-volume proxies sample by default); failures are always logged.
+DEFAULT_ACCESS_LOG_SAMPLE = 0.01
 #: Where access-log lines go (a logger of its own, so it can be silenced or routed apart).
 ACCESS_LOG = logging.getLogger(ACCESS_LOGGER)
 
@@ -62,11 +65,12 @@ def formatter(service: str, fmt: str) -> logging.Formatter:
 def access_log(logger: logging.Logger, *, request_id: str, trace_id: str, model: str,
                version: str, status: str, latency_ms: float, sample: float = 1.0,
                rand: Callable[[], float] = random.random) -> None:
-    """One access-log line per answered request, kept with probability `sample` (0..1).
+    """One access-log line per answered request: always for a failure, with probability
+    `sample` (0..1) for a success.
 
     Only identifiers and outcome travel: never inputs, outputs or credentials.
     """
-    if sample <= 0.0 or (sample < 1.0 and rand() >= sample):
+    if status == "OK" and (sample <= 0.0 or (sample < 1.0 and rand() >= sample)):
         return
     if not logger.isEnabledFor(logging.INFO):
         return

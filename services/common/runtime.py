@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import uvloop
 
-from meshserve.common.logs import formatter, sample_fraction
+from meshserve.common.logs import DEFAULT_ACCESS_LOG_SAMPLE, formatter, sample_fraction
 from meshserve.common.metrics import Metrics, MetricsEndpoint, serve_metrics
 from meshserve.common.server import Service
 from meshserve.common.tls import TlsFiles
@@ -34,8 +34,10 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=("json", "text"), default="json",
                         help="json: one JSON object per line (default); text: plain lines")
-    parser.add_argument("--access-log-sample", type=sample_fraction, default=1.0,
-                        help="fraction (0..1) of requests given an access-log line")
+    parser.add_argument("--access-log-sample", type=sample_fraction,
+                        default=DEFAULT_ACCESS_LOG_SAMPLE,
+                        help="fraction (0..1) of answered requests given an access-log line; "
+                             f"failures always get one (default {DEFAULT_ACCESS_LOG_SAMPLE})")
     parser.add_argument("--metrics-listen", default="",
                         help="serve Prometheus /metrics on HOST:PORT (port 0 picks a free "
                              "port; empty: not served)")

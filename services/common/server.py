@@ -1,6 +1,7 @@
 """The pieces every service's gRPC server shares: the error interceptor, health, start/stop."""
 
 import asyncio
+import inspect
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
@@ -69,7 +70,7 @@ def retry_metadata(error: ServingError) -> tuple[tuple[str, str], ...]:
     return ((RETRY_AFTER_MS, str(max(1, round(error.retry_after * 1000)))),)
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
+async def abort_with(context: grpc.aio.ServicerContext, error: Exception) -> None:
     if isinstance(error, ServingError):
         await context.abort(status_of(error), error.message, retry_metadata(error))
     await context.abort(grpc.StatusCode.INTERNAL, internal_error_message(error))
@@ -107,7 +108,7 @@ def _guard(behavior, admit: Admit | None):
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as error:  # noqa: BLE001 — mapped to a status here
-            await _abort(context, error)
+            await abort_with(context, error)
 
     return guarded
 
@@ -125,7 +126,7 @@ def _guard_stream(behavior, admit: Admit | None):
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as error:  # noqa: BLE001 — mapped to a status here
-            await _abort(context, error)
+            await abort_with(context, error)
 
     return guarded
 
@@ -139,8 +140,9 @@ def _wrap(handler: grpc.RpcMethodHandler, admit: Admit | None) -> grpc.RpcMethod
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(_guard(handler.stream_unary, admit), *codec)
     if handler.stream_stream:
-        return grpc.stream_stream_rpc_method_handler(
-            _guard_stream(handler.stream_stream, admit), *codec)
+        # A generator answers by yielding; a coroutine reads and writes on its context.
+        guard = _guard_stream if inspect.isasyncgenfunction(handler.stream_stream) else _guard
+        return grpc.stream_stream_rpc_method_handler(guard(handler.stream_stream, admit), *codec)
     return grpc.unary_stream_rpc_method_handler(
         _guard_stream(handler.unary_stream, admit), *single)
 
@@ -218,6 +220,8 @@ class Service:
         self._background_factories = list(background)
         self._cleanup = list(cleanup)
         self._tasks: list[asyncio.Task] = []
+        # Set when stopping: open group streams are told to move to another server.
+        self.draining = asyncio.Event()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
 
@@ -243,6 +247,7 @@ class Service:
     async def stop(self, grace: float = 5.0) -> None:
         """Report not-ready, stop accepting, let in-flight calls finish within `grace`."""
         self.health.set_all(False)
+        self.draining.set()
         if self.server is not None:
             await self.server.stop(grace)
         for task in self._tasks:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import grpc
 
+from meshserve.common.streams import GroupStream, start_stream
 from meshserve.common.tls import ReloadingChannel, TlsFiles
 from meshserve.protocol import groups_pb2_grpc, grpc_service_pb2_grpc, health_pb2
 from meshserve.protocol.health_pb2_grpc import HealthStub
@@ -25,6 +26,8 @@ class Upstream:
         self.identity = identity
         self._reloading = ReloadingChannel(target, tls, identity)
         self._bind()
+        # Groups travel on one long-lived stream, opened on the channel of the moment.
+        self.stream = GroupStream(lambda: start_stream(self.channel), repr(self))
         self.serving = False
 
     def _bind(self) -> None:
@@ -37,6 +40,7 @@ class Upstream:
         """Use the TLS files anew if they changed; True when the channel was rebuilt."""
         if self._reloading.refresh():
             self._bind()
+            self.stream.retire()
             return True
         return False
 
@@ -62,4 +66,5 @@ class Upstream:
             await asyncio.sleep(interval)
 
     async def close(self) -> None:
+        await self.stream.close()
         await self._reloading.close()

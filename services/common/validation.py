@@ -37,74 +37,97 @@ def _fmt(shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def validate(request: ModelInferRequest, config: ModelConfig) -> None:
-    """Raise InvalidArgument naming the field and the expected value, or return quietly.
+class Schema:
+    """A model configuration compiled for validation: tables and message parts are built
+    once, so a request's check is a few lookups (`validate` builds one per call)."""
 
-    May rewrite typed `contents` into `raw_input_contents`.
-    """
-    model = config.name
-    inputs = {t.name: t for t in config.input}
-    if not request.inputs:
-        raise InvalidArgument(f"request has no inputs; model '{model}' expects "
-                              f"{', '.join(inputs)}")
-    raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidArgument(f"raw_input_contents has {len(raw)} entries for "
-                              f"{len(request.inputs)} inputs")
-    seen: set[str] = set()
-    batch_sizes: set[int] = set()
-    for index, tensor in enumerate(request.inputs):
-        spec = inputs.get(tensor.name)
-        if spec is None:
-            raise InvalidArgument(f"unknown input '{tensor.name}' for model '{model}' "
-                                  f"(inputs: {', '.join(inputs)})")
-        if tensor.name in seen:
-            raise InvalidArgument(f"input '{tensor.name}' appears more than once")
-        seen.add(tensor.name)
-        datatype = WIRE_FROM_CONFIG[spec.data_type]
-        if tensor.datatype != datatype:
-            raise InvalidArgument(f"input '{tensor.name}' has datatype "
-                                  f"{tensor.datatype or '(empty)'}; model '{model}' expects "
-                                  f"{datatype}")
-        _check_shape(tensor, spec, config, batch_sizes)
-        if raw:
-            if tensor.HasField("contents"):
-                raise InvalidArgument(f"input '{tensor.name}' sets contents while the request "
-                                      "uses raw_input_contents; use one or the other")
-            _check_bytes(tensor.name, datatype, tensor.shape, raw[index])
-    missing = [name for name, spec in inputs.items() if name not in seen and not spec.optional]
-    if missing:
-        raise InvalidArgument(f"missing input '{missing[0]}' (model '{model}' expects "
-                              f"{', '.join(inputs)})")
-    outputs = {t.name for t in config.output}
-    for wanted in request.outputs:
-        if wanted.name not in outputs:
-            raise InvalidArgument(f"unknown output '{wanted.name}' requested (model '{model}' "
-                                  f"outputs: {', '.join(t.name for t in config.output)})")
-    if not raw:
-        _typed_to_raw(request)
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.model = config.name
+        self.batched = config.max_batch_size > 0
+        self.inputs = {t.name: (WIRE_FROM_CONFIG[t.data_type], expected_shape(config, t.dims))
+                       for t in config.input}
+        self.required = [t.name for t in config.input if not t.optional]
+        self.outputs = {t.name for t in config.output}
+        self.input_names = ", ".join(self.inputs)
+
+    def validate(self, request: ModelInferRequest) -> int:
+        """Raise InvalidArgument naming the field and the expected value, or return the
+        request's payload bytes. May rewrite typed `contents` into `raw_input_contents`."""
+        model = self.model
+        if not request.inputs:
+            raise InvalidArgument(f"request has no inputs; model '{model}' expects "
+                                  f"{self.input_names}")
+        raw = request.raw_input_contents
+        if raw and len(raw) != len(request.inputs):
+            raise InvalidArgument(f"raw_input_contents has {len(raw)} entries for "
+                                  f"{len(request.inputs)} inputs")
+        seen: set[str] = set()
+        batch_size = None
+        size = 0
+        for index, tensor in enumerate(request.inputs):
+            name = tensor.name
+            spec = self.inputs.get(name)
+            if spec is None:
+                raise InvalidArgument(f"unknown input '{name}' for model '{model}' "
+                                      f"(inputs: {self.input_names})")
+            if name in seen:
+                raise InvalidArgument(f"input '{name}' appears more than once")
+            seen.add(name)
+            datatype, expected = spec
+            if tensor.datatype != datatype:
+                raise InvalidArgument(f"input '{name}' has datatype "
+                                      f"{tensor.datatype or '(empty)'}; model '{model}' "
+                                      f"expects {datatype}")
+            shape = list(tensor.shape)
+            self._check_shape(name, shape, expected)
+            if self.batched:
+                if batch_size is None:
+                    batch_size = shape[0]
+                elif shape[0] != batch_size:
+                    raise InvalidArgument(f"inputs disagree on the batch size: "
+                                          f"{sorted({batch_size, shape[0]})}")
+            if raw:
+                if tensor.HasField("contents"):
+                    raise InvalidArgument(f"input '{name}' sets contents while the request "
+                                          "uses raw_input_contents; use one or the other")
+                data = raw[index]
+                _check_bytes(name, datatype, shape, data)
+                size += len(data)
+        if len(seen) != len(self.inputs):
+            missing = [name for name in self.required if name not in seen]
+            if missing:
+                raise InvalidArgument(f"missing input '{missing[0]}' (model '{model}' expects "
+                                      f"{self.input_names})")
+        for wanted in request.outputs:
+            if wanted.name not in self.outputs:
+                raise InvalidArgument(
+                    f"unknown output '{wanted.name}' requested (model '{model}' outputs: "
+                    f"{', '.join(t.name for t in self.config.output)})")
+        if not raw:
+            _typed_to_raw(request)
+            size = sum(len(data) for data in request.raw_input_contents)
+        return size
+
+    def _check_shape(self, name: str, dims: list[int], expected: list[int]) -> None:
+        config = self.config
+        if len(dims) != len(expected) or any(
+                d < 0 or (e != -1 and d != e) for d, e in zip(dims, expected)):
+            shown = f"; model '{config.name}' expects {_fmt(expected)}"
+            if self.batched:
+                shown += f" with batch size 1 to {config.max_batch_size}"
+            raise InvalidArgument(f"input '{name}' has shape {_fmt(dims)}{shown}")
+        if self.batched:
+            batch = dims[0]
+            if batch < 1 or batch > config.max_batch_size:
+                raise InvalidArgument(f"input '{name}' has batch size {batch}; "
+                                      f"max_batch_size of model '{config.name}' is "
+                                      f"{config.max_batch_size}")
 
 
-def _check_shape(tensor, spec, config: ModelConfig, batch_sizes: set[int]) -> None:
-    dims = list(tensor.shape)
-    expected = expected_shape(config, spec.dims)
-    batched = config.max_batch_size > 0
-    shown = f"; model '{config.name}' expects {_fmt(expected)}"
-    if batched:
-        shown += f" with batch size 1 to {config.max_batch_size}"
-    if len(dims) != len(expected) or any(
-            d < 0 or (e != -1 and d != e) for d, e in zip(dims, expected)):
-        raise InvalidArgument(f"input '{tensor.name}' has shape {_fmt(dims)}{shown}")
-    if batched:
-        batch = dims[0]
-        if batch < 1 or batch > config.max_batch_size:
-            raise InvalidArgument(f"input '{tensor.name}' has batch size {batch}; "
-                                  f"max_batch_size of model '{config.name}' is "
-                                  f"{config.max_batch_size}")
-        batch_sizes.add(batch)
-        if len(batch_sizes) > 1:
-            raise InvalidArgument(f"inputs disagree on the batch size: "
-                                  f"{sorted(batch_sizes)}")
+def validate(request: ModelInferRequest, config: ModelConfig) -> int:
+    """`Schema(config).validate(request)`: for callers that check one request of a model."""
+    return Schema(config).validate(request)
 
 
 def _check_bytes(name: str, datatype: str, shape, raw: bytes) -> None:

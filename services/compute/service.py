@@ -14,18 +14,29 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
 from opentelemetry.trace import SpanKind, StatusCode
 
 from meshserve.common import model_files, runtime
-from meshserve.common.errors import FailedPrecondition, NotFound, ServingError, Unavailable
+from meshserve.common.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ServingError,
+    Unavailable,
+)
+from meshserve.common.forwarding import error_result
 from meshserve.common.identity import Callers, add_callers_flag, default_callers
 from meshserve.common.metrics import ComputeMetrics, Metrics
 from meshserve.common.repository import ModelRepository
-from meshserve.common.server import HealthServicer, Service
+from meshserve.common.server import HealthServicer, Service, internal_error_message
+from meshserve.common.streams import group_handler
 from meshserve.common.tls import TlsFiles, server_credentials
 from meshserve.common.tracing import TRACEPARENT, Tracing, context_of, header
-from meshserve.common.validation import validate
+from meshserve.common.validation import Schema
 from meshserve.protocol import grpc_service_pb2_grpc
+from meshserve.protocol.groups_pb2 import InferGroup, InferGroupResult, ItemResult
 from meshserve.protocol.grpc_service_pb2 import ModelReadyResponse
 
 log = logging.getLogger(__name__)
@@ -61,6 +72,7 @@ class Compute:
         self.name = entry.name
         self.version = repository.version(settings.model, settings.version)
         self.config = entry.config
+        self._schema = Schema(entry.config)
         self._version_dir = entry.path / self.version
         self._artifact_name = entry.config.default_model_filename or "model.pt"
         self._settings = settings
@@ -149,7 +161,7 @@ class Compute:
             raise FailedPrecondition(self.refused)
         if self.model is None:
             raise Unavailable(f"model '{self.name}' version '{self.version}' is still loading")
-        validate(request, self.config)  # once per batch: a malformed one never reaches torch
+        self._schema.validate(request)  # once per batch: a malformed one never reaches torch
         response, timings = await asyncio.get_running_loop().run_in_executor(
             self._executor, self.model.run, request, self.version)
         response.parameters["compute_input_ns"].int64_param = timings.input_ns
@@ -158,6 +170,17 @@ class Compute:
         if self._observe is not None:
             self._observe((timings.input_ns + timings.infer_ns + timings.output_ns) / 1e9)
         return response
+
+    async def answer(self, request, tracing: Tracing | None, traceparent: str) -> ItemResult:
+        """One batch's result: its response, or the error that refused it."""
+        try:
+            if tracing is None:
+                return ItemResult(response=await self.infer(request))
+            return ItemResult(response=await self.traced_infer(request, tracing, traceparent))
+        except ServingError as error:
+            return error_result(error)
+        except Exception as error:  # noqa: BLE001 — the batch's answer, not the stream's
+            return error_result(Internal(internal_error_message(error)))
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -183,14 +206,26 @@ def build_service(settings: ComputeSettings, metrics: Metrics | None = None,
     compute = Compute(settings, None if metrics is None else ComputeMetrics(metrics))
     health = HealthServicer()
 
+    async def handle(body: bytes) -> bytes:
+        """Each item of a group is one batch (the batcher sends groups of one)."""
+        try:
+            group = InferGroup.FromString(body)
+        except DecodeError as error:
+            raise InvalidArgument(f"group is not a valid InferGroup message: {error}") from None
+        results = [await compute.answer(item.request, tracing, item.traceparent)
+                   for item in group.items]
+        return InferGroupResult(results=results).SerializeToString()
+
     def register(server) -> None:
+        server.add_generic_rpc_handlers((group_handler(handle, service.draining),))
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(compute, tracing), server)
 
-    return Service(settings.listen, server_credentials(settings.tls), register, health,
-                   background=[lambda: compute.load(health)],
-                   cleanup=[compute.close, *([] if tracing is None else [tracing.close])],
-                   callers=Callers("compute", settings.allowed_callers))
+    service = Service(settings.listen, server_credentials(settings.tls), register, health,
+                      background=[lambda: compute.load(health)],
+                      cleanup=[compute.close, *([] if tracing is None else [tracing.close])],
+                      callers=Callers("compute", settings.allowed_callers))
+    return service
 
 
 def main(argv: list[str] | None = None) -> int:

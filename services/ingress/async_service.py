@@ -23,7 +23,6 @@ from meshserve.common.errors import InvalidArgument, NotFound, ServingError
 from meshserve.common.forwarding import CODE_NUMBER
 from meshserve.common.server import internal_error_message
 from meshserve.common.tracing import header
-from meshserve.common.validation import validate
 from meshserve.ingress.submissions import Submission, SubmissionStore, connect
 from meshserve.mesh.policy import PIN_HEADER
 from meshserve.protocol import async_inference_pb2_grpc
@@ -220,7 +219,7 @@ def build_async(settings: AsyncSettings | None, ingress) -> AsyncApi:
     store = SubmissionStore(connection, settings.max_pending)
 
     def check(request: ModelInferRequest) -> None:
-        validate(request, ingress.config(request.model_name, request.model_version).config)
+        ingress.schema(request.model_name, request.model_version).validate(request)
 
     async def infer(request: ModelInferRequest) -> ModelInferResponse:
         return await ingress.infer(request, settings.timeout_seconds)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from opentelemetry.trace import Span, SpanKind, StatusCode, set_span_in_context
@@ -28,8 +29,13 @@ from meshserve.common import runtime
 from meshserve.common.access import PolicyFile
 from meshserve.common.datatypes import WIRE_FROM_CONFIG
 from meshserve.common.errors import InvalidArgument, ServingError
-from meshserve.common.forwarding import GroupForwarder, raise_for
-from meshserve.common.logs import ACCESS_LOG, access_log, sample_fraction
+from meshserve.common.forwarding import GroupForwarder, deadline_of, over_stream, raise_for
+from meshserve.common.logs import (
+    ACCESS_LOG,
+    DEFAULT_ACCESS_LOG_SAMPLE,
+    access_log,
+    sample_fraction,
+)
 from meshserve.common.metrics import IngressMetrics, Metrics
 from meshserve.common.repository import ModelRepository
 from meshserve.common.server import HealthServicer, Service, internal_error_message
@@ -42,7 +48,7 @@ from meshserve.common.tracing import (
     traceparent_of,
 )
 from meshserve.common.upstream import Upstream
-from meshserve.common.validation import expected_shape, validate
+from meshserve.common.validation import Schema, expected_shape
 from meshserve.ingress.async_service import (
     AsyncSettings,
     add_async_flags,
@@ -52,6 +58,7 @@ from meshserve.ingress.async_service import (
 from meshserve.ingress.auth import Caller, Gate, OnDenied, OpenGate
 from meshserve.ingress.budget import ByteBudget
 from meshserve.ingress.denials import DenialAudit
+from meshserve.ingress.readiness import RULES, STRICT, Readiness, follow
 from meshserve.ingress.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER, JwksUrl, jwks_source
 from meshserve.mesh.policy import PIN_HEADER
 from meshserve.protocol import grpc_service_pb2 as pb
@@ -59,6 +66,8 @@ from meshserve.protocol import grpc_service_pb2_grpc
 from meshserve.protocol.groups_pb2 import GroupItem
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 EXTENSIONS = ["model_configuration", "statistics", "repository_index", "streaming"]
 
@@ -71,7 +80,7 @@ class IngressSettings:
     router: str
     router_identity: str = "router"
     require_client_cert: bool = False
-    access_log_sample: float = 1.0
+    access_log_sample: float = DEFAULT_ACCESS_LOG_SAMPLE
     asynchronous: AsyncSettings | None = None  # Submit/Result (None: not served)
     token_listen: str = ""  # server-TLS listener for bearer-token callers ("": none)
     token_port_file: Path | None = None
@@ -80,8 +89,12 @@ class IngressSettings:
     token_issuer: str = DEFAULT_ISSUER
     token_audience: str = DEFAULT_AUDIENCE
     audit_denied_sample: float = 0.01
-    control_plane: str = ""  # where sampled denials are audited ("": logged only)
-    max_inflight_bytes: int = 256 << 20  # bytes of requests accepted and not yet answered
+    # Where sampled denials are audited and versions' readiness is read ("": neither).
+    control_plane: str = ""
+    max_inflight_bytes: int = 256 << 20  # payload bytes of requests accepted, not yet answered
+    # ServerReady: every version the control plane's policies name can answer ("strict"),
+    # or one can ("any"); needs `control_plane`.
+    readiness: str = STRICT
 
 
 def parameter(request: pb.ModelInferRequest, name: str) -> int:
@@ -99,32 +112,34 @@ class Ingress:
     """`metrics`, when given, is told of every answered request and every group sent:
     `metrics.request(model, version, code, seconds)` and `metrics.group.recorder(model)`.
     `tracing`, when given, traces each request (`ingress.request`, `ingress.validate`).
-    Each answered request gets an access-log line with probability `access_log_sample`.
+    Each failed request gets an access-log line, each answered one with probability
+    `access_log_sample`.
     Requests beyond `max_inflight_bytes` accepted and unanswered are refused (0: no limit)."""
 
     def __init__(self, repository: ModelRepository, router: Upstream, metrics=None,
                  tracing: Tracing | None = None, access_log_sample: float = 0.0,
-                 max_inflight_bytes: int = 0) -> None:
+                 max_inflight_bytes: int = 0, readiness: Readiness | None = None) -> None:
         self.repository = repository
+        self.readiness = readiness
         self.router = router
         self._metrics = metrics
         self._tracing = tracing
         self._access_log_sample = access_log_sample
-        self._forwarders: dict[str, GroupForwarder] = {}
+        self._forwarders: dict[tuple[str, str], GroupForwarder] = {}
+        self._schemas: dict[str, Schema] = {}
         self.budget = ByteBudget(max_inflight_bytes, "max_inflight_bytes")
         prefix = secrets.token_hex(4)  # ids unique across ingress replicas, cheap per request
         self._ids = (f"{prefix}-{n}" for n in itertools.count())
 
-    def _forwarder(self, model: str) -> GroupForwarder:
-        forwarder = self._forwarders.get(model)
+    def _forwarder(self, model: str, version: str) -> GroupForwarder:
+        """Requests pinned to a version travel in groups of their own."""
+        forwarder = self._forwarders.get((model, version))
         if forwarder is None:
             observe = None if self._metrics is None else self._metrics.group.recorder(model)
-            forwarder = GroupForwarder(self._call, model, "router", observe=observe)
-            self._forwarders[model] = forwarder
+            forwarder = GroupForwarder(over_stream(self.router.stream), model, "router",
+                                       version=version, observe=observe)
+            self._forwarders[model, version] = forwarder
         return forwarder
-
-    async def _call(self, group, timeout):
-        return await self.router.groups.Infer(group, timeout=timeout)
 
     def config(self, name: str, version: str):
         entry = self.repository.get(name)
@@ -158,8 +173,6 @@ class Ingress:
                         request_id: str, span: Span | None,
                         admit: Callable[[], None] | None) -> pb.ModelInferResponse:
         arrived = time.monotonic()
-        if self._metrics is None and not self._access_log_sample:
-            return await self._infer(request, remaining, arrived, request_id, span, admit)
         try:
             response = await self._infer(request, remaining, arrived, request_id, span, admit)
         except Exception as error:
@@ -188,31 +201,41 @@ class Ingress:
                    version=version, status=code, latency_ms=seconds * 1e3,
                    sample=self._access_log_sample)
 
-    def _step(self, name: str, span: Span | None, step: Callable[[], None]) -> None:
+    def _step(self, name: str, span: Span | None, step: Callable[[], T]) -> T:
         """`step()`, in a child span `name` of the request's when tracing."""
         if span is None:
-            step()
-            return
+            return step()
         with self._tracing.tracer.start_as_current_span(name, context=set_span_in_context(span)):
-            step()
+            return step()
+
+    def schema(self, name: str, version: str) -> Schema:
+        """The model's compiled configuration (NOT_FOUND for an unknown model or version)."""
+        schema = self._schemas.get(name)
+        if schema is None:
+            schema = self._schemas[name] = Schema(self.repository.get(name).config)
+        if version:
+            self.repository.version(name, version)
+        return schema
 
     async def _infer(self, request: pb.ModelInferRequest, remaining: float | None,
                      arrived: float, request_id: str, span: Span | None,
                      admit: Callable[[], None] | None) -> pb.ModelInferResponse:
         if admit is not None:
             self._step("ingress.auth", span, admit)
-        self._step("ingress.validate", span, lambda: validate(
-            request, self.config(request.model_name, request.model_version).config))
-        timeout_us = parameter(request, "timeout")
-        deadlines = [arrived + remaining if remaining is not None else None,
-                     arrived + timeout_us / 1e6 if timeout_us else None]
-        known = [d for d in deadlines if d is not None]
+        schema = self.schema(request.model_name, request.model_version)
+        if self.readiness is not None:
+            self.readiness.admit(request.model_name, request.model_version)
+        size = self._step("ingress.validate", span, lambda: schema.validate(request))
+        deadline = deadline_of(parameter(request, "timeout"), arrived)
+        if remaining is not None:
+            deadline = arrived + remaining if deadline is None else min(deadline,
+                                                                         arrived + remaining)
         item = GroupItem(request=request, request_id=request_id,
                          priority=parameter(request, "priority"),
                          traceparent="" if span is None else traceparent_of(span))
-        with self.budget.hold(request.ByteSize()):
-            [result] = await self._forwarder(request.model_name).forward(
-                [(item, min(known) if known else None)])
+        with self.budget.hold(size):
+            [result] = await self._forwarder(request.model_name, request.model_version).forward(
+                [(item, deadline)])
         raise_for(result)
         return result.response
 
@@ -405,14 +428,22 @@ def build_service(settings: IngressSettings, metrics: Metrics | None = None,
     repository = ModelRepository.load(settings.repository)
     router = Upstream(settings.router, settings.tls, settings.router_identity)
     ingress_metrics = None if metrics is None else IngressMetrics(metrics)
+    readiness = Readiness(settings.readiness) if settings.control_plane else None
     ingress = Ingress(repository, router, ingress_metrics, tracing, settings.access_log_sample,
-                      settings.max_inflight_bytes)
+                      settings.max_inflight_bytes, readiness)
     audit = None
     if on_denied is None and settings.control_plane:
         audit = on_denied = DenialAudit(settings.control_plane, settings.tls)
     gate, gate_tasks = build_gate(settings, ingress_metrics, on_denied)
     health = HealthServicer()
     asynchronous = build_async(settings.asynchronous, ingress)
+
+    def ready_or_not() -> None:
+        """Ready: the router answers and, with a control plane, the versions can answer."""
+        health.set(router.serving and (readiness is None or readiness.ready()))
+
+    follow_readiness = [] if readiness is None else [lambda: follow(
+        readiness, settings.control_plane, settings.tls, "control-plane", ready_or_not)]
 
     def register(server) -> None:
         asynchronous.register(server, gate)
@@ -432,7 +463,8 @@ def build_service(settings: IngressSettings, metrics: Metrics | None = None,
         settings.listen,
         server_credentials(settings.tls, require_client_auth=settings.require_client_cert),
         register, health, background=[*asynchronous.background,
-                                      lambda: router.watch(lambda: health.set(router.serving)),
+                                      lambda: router.watch(ready_or_not),
+                                      *follow_readiness,
                                       announce_token_port, *gate_tasks],
         cleanup=[*asynchronous.cleanup, router.close, *([] if audit is None else [audit.close]),
                  *([] if tracing is None else [tracing.close])],
@@ -456,7 +488,8 @@ def add_auth_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--audit-denied-sample", type=sample_fraction, default=0.01,
                         help="fraction (0..1) of denied calls recorded in the audit log")
     parser.add_argument("--control-plane", default="", metavar="HOST:PORT",
-                        help="the control plane whose audit log records sampled denied calls "
+                        help="the control plane that reports which versions are ready and "
+                             "whose audit log records sampled denied calls "
                              "(empty: denials are only logged and counted)")
 
 
@@ -470,8 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--require-client-cert", action="store_true",
                         help="clients must present a certificate signed by --tls-ca")
     add_async_flags(parser)
+    parser.add_argument("--readiness", choices=RULES, default=STRICT,
+                        help="ServerReady when every model version can answer (strict, the "
+                             "default) or when one can (any); followed from --control-plane")
     parser.add_argument("--max-inflight-bytes", type=int, default=256 << 20,
-                        help="bytes of requests accepted and not yet answered; beyond it "
+                        help="payload bytes of requests accepted and not yet answered; beyond it "
                              "requests are refused with RESOURCE_EXHAUSTED (0: unbounded)")
     add_auth_flags(parser)
     args = parser.parse_args(argv)
@@ -484,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         token_listen=args.token_listen, token_port_file=args.token_port_file,
         policy=args.policy, jwks=args.jwks, token_issuer=args.token_issuer,
         token_audience=args.token_audience, audit_denied_sample=args.audit_denied_sample,
-        control_plane=args.control_plane,
+        control_plane=args.control_plane, readiness=args.readiness,
         max_inflight_bytes=args.max_inflight_bytes)
 
     return runtime.run_service("ingress", args, build_service, settings)

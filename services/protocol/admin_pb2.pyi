@@ -6,6 +6,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ReadinessRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Readiness(_message.Message):
+    __slots__ = ("versions",)
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[VersionReadiness]
+    def __init__(self, versions: _Optional[_Iterable[_Union[VersionReadiness, _Mapping]]] = ...) -> None: ...
+
+class VersionReadiness(_message.Message):
+    __slots__ = ("model", "version", "weight", "ready")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    weight: int
+    ready: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., weight: _Optional[int] = ..., ready: bool = ...) -> None: ...
+
 class PushModelRequest(_message.Message):
     __slots__ = ("name", "version", "artifact", "source", "notes", "encrypt", "config")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -114,6 +114,11 @@ class AdminStub(object):
                 request_serializer=meshserve_dot_protocol_dot_admin__pb2.AuditEvent.SerializeToString,
                 response_deserializer=meshserve_dot_protocol_dot_admin__pb2.AuditEntry.FromString,
                 _registered_method=True)
+        self.WatchReadiness = channel.unary_stream(
+                '/meshserve.admin.v1.Admin/WatchReadiness',
+                request_serializer=meshserve_dot_protocol_dot_admin__pb2.ReadinessRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_admin__pb2.Readiness.FromString,
+                _registered_method=True)
 
 
 class AdminServicer(object):
@@ -229,6 +234,15 @@ class AdminServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchReadiness(self, request, context):
+        """Whether each model version the traffic policies name can answer now (one of its
+        batchers reports SERVING: it has a ready compute replica): the whole table at once,
+        then again at every change. The ingress follows it for ServerReady.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -311,6 +325,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RecordEvent,
                     request_deserializer=meshserve_dot_protocol_dot_admin__pb2.AuditEvent.FromString,
                     response_serializer=meshserve_dot_protocol_dot_admin__pb2.AuditEntry.SerializeToString,
+            ),
+            'WatchReadiness': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchReadiness,
+                    request_deserializer=meshserve_dot_protocol_dot_admin__pb2.ReadinessRequest.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_admin__pb2.Readiness.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -745,6 +764,33 @@ class Admin(object):
             '/meshserve.admin.v1.Admin/RecordEvent',
             meshserve_dot_protocol_dot_admin__pb2.AuditEvent.SerializeToString,
             meshserve_dot_protocol_dot_admin__pb2.AuditEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchReadiness(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/meshserve.admin.v1.Admin/WatchReadiness',
+            meshserve_dot_protocol_dot_admin__pb2.ReadinessRequest.SerializeToString,
+            meshserve_dot_protocol_dot_admin__pb2.Readiness.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,12 +28,18 @@ class RequestCounters(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., bucket_bounds_ms: _Optional[_Iterable[float]] = ..., bucket_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InferGroup(_message.Message):
-    __slots__ = ("model_name", "items")
+    __slots__ = ("model_name", "items", "version", "timeout_us", "group_id")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_US_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     items: _containers.RepeatedCompositeFieldContainer[GroupItem]
-    def __init__(self, model_name: _Optional[str] = ..., items: _Optional[_Iterable[_Union[GroupItem, _Mapping]]] = ...) -> None: ...
+    version: str
+    timeout_us: int
+    group_id: int
+    def __init__(self, model_name: _Optional[str] = ..., items: _Optional[_Iterable[_Union[GroupItem, _Mapping]]] = ..., version: _Optional[str] = ..., timeout_us: _Optional[int] = ..., group_id: _Optional[int] = ...) -> None: ...
 
 class GroupItem(_message.Message):
     __slots__ = ("request", "request_id", "timeout_us", "priority", "traceparent")
@@ -50,10 +56,16 @@ class GroupItem(_message.Message):
     def __init__(self, request: _Optional[_Union[_grpc_service_pb2.ModelInferRequest, _Mapping]] = ..., request_id: _Optional[str] = ..., timeout_us: _Optional[int] = ..., priority: _Optional[int] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class InferGroupResult(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "items", "partial_group_id", "group_id")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[ItemResult]
-    def __init__(self, results: _Optional[_Iterable[_Union[ItemResult, _Mapping]]] = ...) -> None: ...
+    items: _containers.RepeatedScalarFieldContainer[int]
+    partial_group_id: int
+    group_id: int
+    def __init__(self, results: _Optional[_Iterable[_Union[ItemResult, _Mapping]]] = ..., items: _Optional[_Iterable[int]] = ..., partial_group_id: _Optional[int] = ..., group_id: _Optional[int] = ...) -> None: ...
 
 class ItemResult(_message.Message):
     __slots__ = ("response", "code", "message")

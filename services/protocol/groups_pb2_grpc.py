@@ -34,6 +34,11 @@ class GroupInferenceStub(object):
         Args:
             channel: A grpc.Channel.
         """
+        self.Stream = channel.stream_stream(
+                '/meshserve.v1.GroupInference/Stream',
+                request_serializer=meshserve_dot_protocol_dot_groups__pb2.InferGroup.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_groups__pb2.InferGroupResult.FromString,
+                _registered_method=True)
         self.Infer = channel.unary_unary(
                 '/meshserve.v1.GroupInference/Infer',
                 request_serializer=meshserve_dot_protocol_dot_groups__pb2.InferGroup.SerializeToString,
@@ -49,8 +54,19 @@ class GroupInferenceStub(object):
 class GroupInferenceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
+    def Stream(self, request_iterator, context):
+        """The hot path: groups go out with a `group_id` unique on the stream, and each result
+        comes back with its group's id as soon as the group is answered, in any order (items
+        refused at once may come back earlier, under `partial_group_id`). The server ends the
+        stream when it drains; a group it did not answer may be sent again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Infer(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One group in one call: for debugging and fuzzing.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -65,6 +81,11 @@ class GroupInferenceServicer(object):
 
 def add_GroupInferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Stream': grpc.stream_stream_rpc_method_handler(
+                    servicer.Stream,
+                    request_deserializer=meshserve_dot_protocol_dot_groups__pb2.InferGroup.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_groups__pb2.InferGroupResult.SerializeToString,
+            ),
             'Infer': grpc.unary_unary_rpc_method_handler(
                     servicer.Infer,
                     request_deserializer=meshserve_dot_protocol_dot_groups__pb2.InferGroup.FromString,
@@ -85,6 +106,33 @@ def add_GroupInferenceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class GroupInference(object):
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Stream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/meshserve.v1.GroupInference/Stream',
+            meshserve_dot_protocol_dot_groups__pb2.InferGroup.SerializeToString,
+            meshserve_dot_protocol_dot_groups__pb2.InferGroupResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Infer(request,

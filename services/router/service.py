@@ -8,34 +8,43 @@ router live, without a restart.
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
+import random
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
+from grpc._cython import cygrpc
 from opentelemetry.trace import StatusCode
 
 from meshserve.common import runtime
+from meshserve.common.errors import InvalidArgument, ServingError, Unavailable
 from meshserve.common.forwarding import (
-    Entry,
-    GroupForwarder,
     GroupObserver,
-    deadline_of,
+    error_group,
+    error_result,
+    failure_result,
+    one_item,
     raise_for,
 )
 from meshserve.common.identity import Callers, add_callers_flag, default_callers
 from meshserve.common.metrics import GroupMetrics, Metrics
 from meshserve.common.server import HealthServicer, Service
+from meshserve.common.streams import GroupStream, StreamBroken, group_handler, start_stream
 from meshserve.common.tls import ReloadingChannel, TlsFiles, server_credentials
 from meshserve.common.tracing import Tracing, context_of, traceparent_of
 from meshserve.mesh.policy import PIN_HEADER
-from meshserve.protocol import groups_pb2_grpc, grpc_service_pb2_grpc
+from meshserve.protocol import grpc_service_pb2_grpc
 from meshserve.protocol.admin_pb2 import ShadowReport, StatusRequest
 from meshserve.protocol.admin_pb2_grpc import AdminStub
-from meshserve.protocol.groups_pb2 import GroupItem, InferGroupResult, ItemResult
+from meshserve.protocol.groups_pb2 import InferGroup, InferGroupResult, ItemResult
 from meshserve.router.shadow import Shadowing
+from meshserve.router.split import MeshSplits, Split
 
 
 @dataclass(frozen=True)
@@ -68,59 +77,128 @@ def bootstrap(settings: RouterSettings) -> str:
 class ModelRoute:
     """One model reached through the mesh: `xds:///<model>`, steered by the control plane.
 
-    Requests pinned to a version travel in groups of their own with the pin header; the
-    rest are split by the route's weights, one group at a time.
+    Each version has its long-lived streams, opened with the version's pin header (so gRPC's
+    xDS client picks one of the version's batchers), one per batcher endpoint; an unpinned
+    group goes to a version picked by the route's weights (see `meshserve.router.split`).
     """
 
-    def __init__(self, model: str, tls: TlsFiles, batcher_identity: str,
-                 observe: GroupObserver | None = None) -> None:
+    def __init__(self, model: str, tls: TlsFiles, batcher_identity: str, splits: MeshSplits,
+                 draw: Callable[[], float], observe: GroupObserver | None = None) -> None:
         self.model = model
         self._observe = observe
+        self._splits = splits
+        self._draw = draw
         self._reloading = ReloadingChannel(f"xds:///{model}", tls, batcher_identity)
         self._bind()
-        self._forwarders: dict[str, GroupForwarder] = {}
+        self._streams: dict[str, list[GroupStream]] = {}
+        self._turns = itertools.count()
 
     def _bind(self) -> None:
         self.channel = self._reloading.channel
-        self.groups = groups_pb2_grpc.GroupInferenceStub(self.channel)
         self.inference = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+        # Resolving the target subscribes gRPC's xDS client to the model's resources.
+        self.channel.get_state(try_to_connect=True)
 
     def refresh_certificates(self) -> None:
-        """A new channel when the TLS files changed; the old one finishes its calls."""
+        """A new channel when the TLS files changed; the old streams finish their groups."""
         if self._reloading.refresh():
             self._bind()
+            for streams in self._streams.values():
+                for stream in streams:
+                    stream.retire()
 
     async def close(self) -> None:
+        for streams in self._streams.values():
+            for stream in streams:
+                await stream.close()
         await self._reloading.close()
 
-    def forwarder(self, pin: str) -> GroupForwarder:
-        forwarder = self._forwarders.get(pin)
-        if forwarder is None:
-            metadata = self.pin(pin)
+    async def split(self, deadline: float | None) -> Split:
+        """The model's split as gRPC's xDS client holds it; right after start, waits (until
+        `deadline`, at most SPLIT_WAIT_S) for the control plane's first answer."""
+        split = self._splits.get(self.model)
+        if split is not None:
+            return split
+        give_up = time.monotonic() + SPLIT_WAIT_S
+        if deadline is not None:
+            give_up = min(give_up, deadline)
+        while (split := self._splits.get(self.model)) is None:
+            if time.monotonic() >= give_up:
+                raise Unavailable(f"no route to model '{self.model}' from the control plane "
+                                  "yet", SPLIT_POLL_S * 10)
+            await asyncio.sleep(SPLIT_POLL_S)
+        return split
 
-            async def call(group, timeout):
-                return await self.groups.Infer(group, timeout=timeout, metadata=metadata)
+    def stream(self, version: str, endpoints: int) -> GroupStream:
+        streams = self._streams.setdefault(version, [])
+        wanted = max(1, endpoints)
+        while len(streams) < wanted:
+            metadata = self.pin(version)
+            streams.append(GroupStream(lambda m=metadata: start_stream(self.channel, m),
+                                       f"batcher of {self.model}@{version}"))
+        return streams[next(self._turns) % wanted]
 
-            where = f"batcher of {self.model}" + (f"@{pin}" if pin else "")
-            forwarder = GroupForwarder(call, self.model, where, observe=self._observe)
-            self._forwarders[pin] = forwarder
-        return forwarder
+    async def send(self, group: InferGroup, body: bytes) -> bytes:
+        """`body` (the serialized `group`) to the version it goes to; its answer, as bytes."""
+        timeout = group.timeout_us / 1e6 if group.timeout_us else None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        split = await self.split(deadline)
+        version = group.version or split.pick(self._draw)
+        if version is None:
+            raise Unavailable(f"no version of model '{self.model}' carries traffic", 1.0)
+        if group.version and version not in split.versions:
+            raise Unavailable(f"model '{self.model}' version '{version}' has no route in "
+                              "the mesh", 1.0)
+        stream = self.stream(version, split.endpoints.get(version, 1))
+        left = None if deadline is None else deadline - time.monotonic()
+        code = "OK"
+        try:
+            return await stream.send(body, left)
+        except StreamBroken as broken:
+            code = broken.code.name
+            raise Failed(failure_result(broken.code, broken.details, stream.upstream)) from None
+        except TimeoutError:
+            code = grpc.StatusCode.DEADLINE_EXCEEDED.name
+            raise Failed(failure_result(grpc.StatusCode.DEADLINE_EXCEEDED, "",
+                                        stream.upstream)) from None
+        finally:
+            if self._observe is not None:
+                self._observe(len(group.items), code)
 
     @staticmethod
     def pin(version: str):
         return ((PIN_HEADER, version),) if version else None
 
 
+class Failed(Exception):
+    """A group that could not be answered: each of its items gets `result`."""
+
+    def __init__(self, result: ItemResult) -> None:
+        super().__init__(result.message)
+        self.result = result
+
+
+# Right after start, how long a group waits for the control plane's first route.
+SPLIT_WAIT_S = 5.0
+SPLIT_POLL_S = 0.005
+
+
 class Router:
     """`groups`, when given, makes each model's group observer: `groups.recorder(model)`.
-    `tracing`, when given, traces each request's routing (`router.route`)."""
+    `tracing`, when given, traces each request's routing (`router.route`).
+
+    A group is forwarded as the bytes it came in (the router reads only its header), unless
+    tracing or a shadow copy needs its items."""
 
     def __init__(self, tls: TlsFiles, batcher_identity: str, groups=None,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, splits: MeshSplits | None = None,
+                 draw: Callable[[], float] = random.random) -> None:
         self._tls = tls
         self._tracing = tracing
         self._groups = groups
         self._identity = batcher_identity
+        self._splits = splits or MeshSplits(cygrpc.dump_xds_configs, time.monotonic)
+        self._draw = draw
         self.models: dict[str, ModelRoute] = {}
         self.shadowing = Shadowing()
 
@@ -128,41 +206,58 @@ class Router:
         route = self.models.get(model)
         if route is None:
             observe = None if self._groups is None else self._groups.recorder(model)
-            route = self.models[model] = ModelRoute(model, self._tls, self._identity, observe)
+            route = self.models[model] = ModelRoute(model, self._tls, self._identity,
+                                                    self._splits, self._draw, observe)
         return route
 
-    async def infer(self, model: str, items) -> list[ItemResult]:
-        """Results in the order of `items`; each pin's share travels as one parcel."""
-        arrived = time.monotonic()
-        route = self.route(model)
-        parcels: dict[str, tuple[list[int], list[Entry]]] = {}
-        for i, item in enumerate(items):
-            positions, entries = parcels.setdefault(item.request.model_version, ([], []))
-            positions.append(i)
-            entries.append((item, deadline_of(item.timeout_us, arrived)))
-        unpinned = parcels.get("")
-        shadow = unpinned and self.shadowing.mirror(
-            model, unpinned[1], lambda version, copies: route.forwarder(version).forward(copies))
-        spans = None if self._tracing is None else self._start_spans(model, items, bool(shadow))
-        answers = await asyncio.gather(*(
-            route.forwarder(pin).forward(entries) for pin, (_, entries) in parcels.items()))
-        results: list[ItemResult | None] = [None] * len(items)
-        for (pin, (positions, _)), answer in zip(parcels.items(), answers):
-            if shadow and not pin:
-                self.shadowing.compare(model, shadow, answer)
-            for i, result in zip(positions, answer):
-                results[i] = result
-        if spans is not None:
-            end_spans(spans, results)
-        return results  # type: ignore[return-value]
+    async def handle(self, body: bytes) -> bytes:
+        """A serialized InferGroup in, its serialized InferGroupResult out."""
+        try:
+            group = InferGroup.FromString(body)
+        except DecodeError as error:
+            raise InvalidArgument(f"group is not a valid InferGroup message: {error}") from None
+        route = self.route(group.model_name)
+        try:
+            if self._tracing is None and not self.shadowing.shadows(group):
+                return await route.send(group, body)
+            return await self._inspected(route, group)
+        except Failed as failed:
+            return error_group(len(group.items), failed.result)
+        except ServingError as error:
+            return error_group(len(group.items), error_result(error))
 
-    def _start_spans(self, model: str, items, shadowed: bool) -> list:
+    async def _inspected(self, route: ModelRoute, group: InferGroup) -> bytes:
+        """The slow path: a `router.route` span per request, a shadow copy of the group."""
+        shadow = self.shadowing.mirror(group, self._shadow_sender(route))
+        spans = None if self._tracing is None else self._start_spans(group, bool(shadow))
+        try:
+            reply = await route.send(group, group.SerializeToString())
+        except Failed as failed:
+            if spans is not None:
+                end_spans(spans, [failed.result] * len(spans))
+            raise
+        answer = InferGroupResult.FromString(reply)
+        if shadow:
+            self.shadowing.compare(group.model_name, shadow, list(answer.results))
+        if spans is not None:
+            end_spans(spans, answer.results)
+        return reply
+
+    @staticmethod
+    def _shadow_sender(route: ModelRoute):
+        async def send(copy: InferGroup) -> list[ItemResult]:
+            reply = await route.send(copy, copy.SerializeToString())
+            return list(InferGroupResult.FromString(reply).results)
+
+        return send
+
+    def _start_spans(self, group: InferGroup, shadowed: bool) -> list:
         """One `router.route` span per request; the request travels on as its child."""
         spans = []
-        for item in items:
-            pin = item.request.model_version
+        pin = group.version
+        for item in group.items:
             span = self._tracing.start("router.route", context_of(item.traceparent), {
-                "model": model, "pin": pin, "split": not pin,
+                "model": group.model_name, "pin": pin, "split": not pin,
                 "shadow": shadowed and not pin})
             item.traceparent = traceparent_of(span)
             spans.append(span)
@@ -174,7 +269,7 @@ class Router:
             await route.close()
 
 
-def end_spans(spans: list, results: list[ItemResult]) -> None:
+def end_spans(spans: list, results) -> None:
     for span, result in zip(spans, results, strict=True):
         if result.code == 0:
             span.set_attribute("version", result.response.model_version)
@@ -207,15 +302,6 @@ async def follow_control_plane(router: Router, control_plane: ReloadingChannel,
         await asyncio.sleep(interval)
 
 
-class GroupServicer(groups_pb2_grpc.GroupInferenceServicer):
-    def __init__(self, router: Router) -> None:
-        self._router = router
-
-    async def Infer(self, request, context):
-        results = await self._router.infer(request.model_name, request.items)
-        return InferGroupResult(results=results)
-
-
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     """Readiness and statistics of a model version behind the mesh (pinned when a version
     is named); ModelInfer for debugging."""
@@ -234,9 +320,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                                                      metadata=route.pin(request.version))
 
     async def ModelInfer(self, request, context):
-        remaining = context.time_remaining()
-        item = GroupItem(request=request, timeout_us=int(remaining * 1e6) if remaining else 0)
-        [result] = await self._router.infer(request.model_name, [item])
+        [result] = await one_item(self._router.handle, request, context.time_remaining())
         raise_for(result)
         return result.response
 
@@ -252,15 +336,16 @@ def build_service(settings: RouterSettings, metrics: Metrics | None = None,
     health = HealthServicer()
 
     def register(server) -> None:
-        groups_pb2_grpc.add_GroupInferenceServicer_to_server(GroupServicer(router), server)
+        server.add_generic_rpc_handlers((group_handler(router.handle, service.draining),))
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(router), server)
 
-    return Service(settings.listen, server_credentials(settings.tls), register, health,
-                   background=[lambda: follow_control_plane(router, control_plane, health)],
-                   cleanup=[router.close, control_plane.close,
-                            *([] if tracing is None else [tracing.close])],
-                   callers=Callers("router", settings.allowed_callers))
+    service = Service(settings.listen, server_credentials(settings.tls), register, health,
+                      background=[lambda: follow_control_plane(router, control_plane, health)],
+                      cleanup=[router.close, control_plane.close,
+                               *([] if tracing is None else [tracing.close])],
+                      callers=Callers("router", settings.allowed_callers))
+    return service
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import numpy
 
 from meshserve.common.datatypes import NUMPY_DTYPE
-from meshserve.common.forwarding import Entry
-from meshserve.protocol.groups_pb2 import GroupItem, ItemResult
+from meshserve.protocol.groups_pb2 import InferGroup, ItemResult
 
 TOLERANCE = 1e-5
 
@@ -56,19 +55,20 @@ class Shadowing:
         self._rng = rng or random.Random()
         self._tasks: set[asyncio.Task] = set()
 
-    def mirror(self, model: str, entries: list[Entry],
-               send: Callable[[str, list[Entry]], Awaitable[list[ItemResult]]]
-               ) -> asyncio.Task | None:
-        """Start copies of `entries` to the model's shadow version, if this group is chosen."""
-        target = self.targets.get(model)
+    def shadows(self, group: InferGroup) -> bool:
+        """Whether `group` may be copied: it is unpinned and its model has a shadow."""
+        return not group.version and group.model_name in self.targets
+
+    def mirror(self, group: InferGroup,
+               send: Callable[[InferGroup], Awaitable[list[ItemResult]]]) -> asyncio.Task | None:
+        """Start a copy of `group` pinned to its model's shadow version, if it is chosen."""
+        target = self.targets.get(group.model_name) if not group.version else None
         if target is None or self._rng.random() * 100 >= target[1]:
             return None
-        copies = []
-        for item, deadline in entries:
-            copy = GroupItem()
-            copy.CopyFrom(item)
-            copies.append((copy, deadline))
-        task = asyncio.get_running_loop().create_task(send(target[0], copies))
+        copy = InferGroup()
+        copy.CopyFrom(group)
+        copy.version = target[0]
+        task = asyncio.get_running_loop().create_task(send(copy))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

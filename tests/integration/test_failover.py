@@ -302,7 +302,7 @@ async def test_priority_sheds_low_first_in_a_real_batcher(world, processes):
 
 async def test_ingress_byte_budget_refuses_with_retry_hint(world, processes):
     batcher = start_batcher(processes, 1)
-    one_row = mlp_request(1).ByteSize()
+    one_row = len(mlp_request(1).raw_input_contents[0])  # the budget counts payload bytes
     # The ingress talks straight to the batcher (it speaks the router's group protocol) and
     # presents the router's certificate, the identity a batcher accepts.
     processes.start("ingress", "ingress", "router",
@@ -324,7 +324,7 @@ async def test_ingress_byte_budget_refuses_with_retry_hint(world, processes):
             await call
     error = refused.value
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert error.details() == (f"request of {big.ByteSize()} bytes exceeds max_inflight_bytes "
+    assert error.details() == (f"request of {2 * one_row} bytes exceeds max_inflight_bytes "
                                f"{one_row * 3 // 2}; retry after 0.05 s")
     assert dict(error.trailing_metadata())[RETRY_AFTER_MS] == "50"
 

@@ -60,7 +60,8 @@ def receiver():
 def traced_mesh(tmp_path_factory, receiver):
     _, port = receiver
     data_dir = tmp_path_factory.mktemp("traced") / "data"
-    with running_mesh(data_dir, extra_args=(f"--otlp=127.0.0.1:{port}",),
+    with running_mesh(data_dir, extra_args=(f"--otlp=127.0.0.1:{port}",
+                                            "--access-log-sample=1"),
                       extra_env={"OTEL_BSP_SCHEDULE_DELAY": "100"}) as mesh:
         yield mesh
 

@@ -160,7 +160,7 @@ def test_every_rpc_of_the_servicer_is_checked_and_each_refusal_audited(tmp_path,
             asyncio.run(getattr(servicer, name)(request, context))
         assert raised.value.message.startswith("'client/nobody' may not "), name
         checked += 1
-    assert checked == len(ADMIN_RPCS) - 3  # RecordEvent, Status, ListModels
+    assert checked == len(ADMIN_RPCS) - 4  # RecordEvent, Status, ListModels, WatchReadiness
     assert len(denied) == checked
     entries = [e for e in store.audit() if e.action == "request.denied"]
     assert len(entries) == checked

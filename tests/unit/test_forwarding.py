@@ -8,6 +8,7 @@ import pytest
 
 from meshserve.common import errors
 from meshserve.common.forwarding import GroupForwarder, deadline_of, error_result, raise_for
+from meshserve.common.streams import StreamBroken
 from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
 
@@ -190,10 +191,6 @@ def test_deadline_of(timeout_us, arrived, expected):
 
 # --- failures ---------------------------------------------------------------------------
 
-def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
-
-
 @pytest.mark.parametrize("code, details, number, message", [
     pytest.param(grpc.StatusCode.UNAVAILABLE, "down", 14, f"{UPSTREAM} unavailable: down",
                  id="unavailable"),
@@ -204,8 +201,8 @@ def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     pytest.param(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", 8, "full", id="exhausted"),
     pytest.param(grpc.StatusCode.INTERNAL, "", 13, "INTERNAL", id="no-details"),
 ])
-async def test_rpc_error_answers_every_item(code, details, number, message):
-    fake = FakeUpstream(error=rpc_error(code, details))
+async def test_broken_stream_answers_every_item(code, details, number, message):
+    fake = FakeUpstream(error=StreamBroken(code, details))
     forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
     results = await asyncio.wait_for(asyncio.gather(
         forwarder.forward([entry("a"), entry("b")]), forwarder.forward([entry("c")])), 2)
@@ -277,3 +274,10 @@ def test_raise_for_ok_does_nothing():
 ])
 def test_error_result(error, code):
     assert error_result(error) == ItemResult(code=code, message="bad")
+
+
+async def test_an_upstream_that_never_answers_in_time_is_a_deadline():
+    fake = FakeUpstream(error=TimeoutError())
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
+    [result] = await asyncio.wait_for(forwarder.forward([entry("a")]), 2)
+    assert (result.code, result.message) == (4, "deadline exceeded before the model answered")

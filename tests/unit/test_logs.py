@@ -73,11 +73,11 @@ def test_text_format_is_still_available():
         formatter("batcher", "xml")
 
 
-def send(sample: float, n: int = 50, **kwargs) -> list[dict]:
-    logger, stream = capture(f"test.logs.access.{sample}", JsonFormatter("ingress"))
+def send(sample: float, n: int = 50, status: str = "OK", **kwargs) -> list[dict]:
+    logger, stream = capture(f"test.logs.access.{sample}.{status}", JsonFormatter("ingress"))
     for i in range(n):
         access_log(logger, request_id=f"r-{i}", trace_id="t", model="mlp", version="1",
-                   status="OK", latency_ms=1.25, sample=sample, **kwargs)
+                   status=status, latency_ms=1.25, sample=sample, **kwargs)
     return lines(stream)
 
 
@@ -89,8 +89,9 @@ def test_access_log_sample_one_logs_everything():
     assert entries[0]["model"] == "mlp" and entries[0]["version"] == "1"
 
 
-def test_access_log_sample_zero_logs_nothing():
+def test_access_log_sample_zero_logs_no_success_and_every_failure():
     assert send(0.0) == []
+    assert len(send(0.0, n=7, status="UNAVAILABLE")) == 7
 
 
 def test_access_log_samples_a_fraction():
@@ -113,11 +114,11 @@ def test_sample_flag_is_bounded():
             sample_fraction(bad)
 
 
-def test_server_flags_default_to_json_and_full_sampling():
+def test_server_flags_default_to_json_and_sampled_successes():
     parser = argparse.ArgumentParser()
     runtime.add_server_flags(parser)
     args = parser.parse_args(["--tls-cert=c", "--tls-key=k", "--tls-ca=a"])
-    assert (args.log_format, args.access_log_sample) == ("json", 1.0)
+    assert (args.log_format, args.access_log_sample) == ("json", 0.01)
     args = parser.parse_args(["--tls-cert=c", "--tls-key=k", "--tls-ca=a", "--log-format=text",
                               "--access-log-sample=0.1"])
     assert (args.log_format, args.access_log_sample) == ("text", 0.1)

@@ -15,7 +15,6 @@ from meshserve.batcher.scheduler import Replica, Scheduler
 from meshserve.batcher.service import Batcher
 from meshserve.batcher.statistics import Statistics
 from meshserve.common.tracing import (
-    TRACEPARENT,
     Tracing,
     TracingSettings,
     context_of,
@@ -23,7 +22,7 @@ from meshserve.common.tracing import (
     sampler_of,
     traceparent_of,
 )
-from meshserve.protocol.groups_pb2 import GroupItem
+from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
 from meshserve.protocol.grpc_service_pb2 import ModelInferResponse
 from tests.unit.test_batch import floats, one_input_config, request
 
@@ -68,21 +67,25 @@ def test_traceparent_round_trip():
 
 
 class FakeCompute:
-    """A compute replica that echoes the first two columns of input A as OUT."""
+    """A compute replica whose stream answers each batch with the first two columns of
+    input A as OUT; `traceparents` holds each batch's trace context."""
 
     def __init__(self) -> None:
         self.target = "fake:1"
         self.serving = True
-        self.inference = self
-        self.metadata: list = []
+        self.stream = self
+        self.traceparents: list[str] = []
 
-    async def ModelInfer(self, batch, timeout=None, metadata=None):
-        self.metadata.append(metadata)
-        rows = batch.inputs[0].shape[0]
-        response = ModelInferResponse(model_name="m", model_version="1")
-        response.outputs.add(name="OUT", datatype="FP32", shape=[rows, 2])
-        response.raw_output_contents.append(floats(0, rows * 2))
-        return response
+    async def send(self, body: bytes, timeout=None, resend=True) -> bytes:
+        results = []
+        for item in InferGroup.FromString(body).items:
+            self.traceparents.append(item.traceparent)
+            rows = item.request.inputs[0].shape[0]
+            response = ModelInferResponse(model_name="m", model_version="1")
+            response.outputs.add(name="OUT", datatype="FP32", shape=[rows, 2])
+            response.raw_output_contents.append(floats(0, rows * 2))
+            results.append(ItemResult(response=response))
+        return InferGroupResult(results=results).SerializeToString()
 
 
 async def run_batch(tracing: Tracing | None, items: list[GroupItem]) -> FakeCompute:
@@ -109,7 +112,7 @@ def items() -> list[GroupItem]:
 async def test_tracing_off_creates_no_span_and_sends_no_trace_context():
     sent = items()
     compute = await run_batch(None, sent)
-    assert compute.metadata == [None]
+    assert compute.traceparents == [""]
     assert [item.traceparent for item in sent] == [CLIENT, ""]
 
 
@@ -128,5 +131,5 @@ async def test_batch_span_links_every_request_and_is_computes_parent():
     assert [link.context for link in batch.links] == [s.context for s in queued]
     assert batch.parent.span_id == queued[0].parent.span_id  # the oldest request's context
     assert batch.attributes["batch.size"] == 3 and batch.attributes["batch.requests"] == 2
-    assert compute.metadata == [((TRACEPARENT, traceparent_of(batch)),)]
+    assert compute.traceparents == [traceparent_of(batch)]
 

@@ -65,7 +65,7 @@ def raw_request(batch: int = 2, *, name: str = "INPUT__0", datatype: str = "FP32
 def test_valid_raw_request_passes_unchanged(batch):
     request = raw_request(batch, outputs=["OUTPUT__0"])
     before = request.SerializeToString(deterministic=True)
-    assert validate(request, mlp_config()) is None
+    assert validate(request, mlp_config()) == batch * 256 * 4  # the payload bytes
     assert request.SerializeToString(deterministic=True) == before
     assert request.raw_input_contents[0] == fp32(batch * 256)
 

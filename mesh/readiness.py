@@ -1,0 +1,135 @@
+"""Which model versions can answer now: the control plane follows every batcher's health.
+
+Each registered batcher is watched with `grpc.health.v1.Health/Watch` (a stream the batcher
+pushes on: no polling); a batcher is SERVING when one of its compute replicas is loaded and
+warm. A version is ready when one of its batchers is. `table` (pure) lists every version the
+traffic policies name, with its weight and readiness; the ingress follows that table
+(`WatchReadiness`) to answer ServerReady and to refuse requests for a version that cannot
+answer, at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import grpc
+
+from meshserve.common.tls import ReloadingChannel, TlsFiles
+from meshserve.mesh.policy import Endpoint, TrafficPolicy
+from meshserve.protocol import health_pb2
+from meshserve.protocol.health_pb2_grpc import HealthStub
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+RETRY_S = 0.5  # between attempts to watch a batcher that cannot be reached
+
+
+@dataclass(frozen=True)
+class VersionState:
+    model: str
+    version: str
+    weight: int
+    ready: bool
+
+
+def table(policies: dict[str, TrafficPolicy], endpoints: Iterable[Endpoint],
+          serving: dict[str, bool]) -> tuple[VersionState, ...]:
+    """Every version the policies name, in order, ready when one of its endpoints is
+    serving (`serving`: by address)."""
+    ready = {(e.model, e.version) for e in endpoints if serving.get(e.address)}
+    return tuple(VersionState(model, version, weight, (model, version) in ready)
+                 for model, policy in sorted(policies.items())
+                 for version, weight in sorted(policy.weights.items(), key=lambda v: int(v[0])))
+
+
+class Changes:
+    """A broadcast of "something changed": take `event` before reading the state, then wait
+    on it; each change sets it and starts a fresh one."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def notify(self) -> None:
+        self.event.set()
+        self.event = asyncio.Event()
+
+
+class BatcherHealth:
+    """Follows the health of each batcher endpoint it is given (`follow`), over one
+    mutual-TLS channel per batcher; `changes` is told whenever one flips."""
+
+    def __init__(self, tls: TlsFiles, identity: str, changes: Changes) -> None:
+        self._tls = tls
+        self._identity = identity
+        self._changes = changes
+        self.serving: dict[str, bool] = {}
+        self._watches: dict[str, asyncio.Task] = {}
+
+    def follow(self, addresses: Iterable[str]) -> None:
+        """Watch these batchers (and stop watching any other)."""
+        wanted = set(addresses)
+        for address in list(self._watches):
+            if address not in wanted:
+                self._watches.pop(address).cancel()
+                self._set(address, False)
+        for address in wanted - set(self._watches):
+            self._watches[address] = asyncio.get_running_loop().create_task(
+                self._watch(address))
+
+    def _set(self, address: str, serving: bool) -> None:
+        if self.serving.get(address) != serving:
+            self.serving[address] = serving
+            self._changes.notify()
+
+    async def _watch(self, address: str) -> None:
+        channel = ReloadingChannel(address, self._tls, self._identity)
+        try:
+            while True:
+                channel.refresh()
+                try:
+                    watch = HealthStub(channel.channel).Watch(health_pb2.HealthCheckRequest())
+                    async for reply in watch:
+                        self._set(address, reply.status == SERVING)
+                except grpc.aio.AioRpcError as error:
+                    log.debug("health of batcher %s: %s", address, error.code().name)
+                self._set(address, False)
+                await asyncio.sleep(RETRY_S)
+        finally:
+            self.serving.pop(address, None)
+            await channel.close()
+
+    async def close(self) -> None:
+        for task in self._watches.values():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*self._watches.values(), return_exceptions=True)
+        self._watches.clear()
+
+
+class Readiness:
+    """The readiness table of the mesh's state (`store`: policies and endpoints), kept
+    current by following each endpoint's health; `changes` is told of every change (the
+    control plane tells it of state changes too)."""
+
+    def __init__(self, store, changes: Changes, tls: TlsFiles, identity: str) -> None:
+        self._store = store
+        self.changes = changes
+        self.health = BatcherHealth(tls, identity, changes)
+
+    def table(self) -> tuple[VersionState, ...]:
+        return table(self._store.policies(), self._store.endpoints(), self.health.serving)
+
+    async def follow(self) -> None:
+        """Watch the registered batchers, again whenever the state changes."""
+        while True:
+            event = self.changes.event
+            self.health.follow(e.address for e in self._store.endpoints())
+            await event.wait()
+
+    async def close(self) -> None:
+        await self.health.close()

@@ -1,0 +1,76 @@
+"""Readiness of model versions: the control plane's table, and what the ingress makes of it."""
+
+import pytest
+
+from meshserve.common.errors import Unavailable
+from meshserve.ingress.readiness import ANY, STRICT, Readiness
+from meshserve.mesh.policy import Endpoint, TrafficPolicy
+from meshserve.mesh.readiness import VersionState, table
+from meshserve.protocol import admin_pb2
+
+POLICIES = {"mlp": TrafficPolicy("mlp", {"1": 90, "2": 10, "10": 0}),
+            "cnn": TrafficPolicy("cnn", {"1": 0, "2": 100})}
+ENDPOINTS = (Endpoint("mlp", "1", "a:1"), Endpoint("mlp", "1", "b:1"),
+             Endpoint("mlp", "2", "c:1"), Endpoint("cnn", "2", "d:1"),
+             Endpoint("gone", "1", "e:1"))
+
+
+def test_a_version_is_ready_when_one_of_its_batchers_serves():
+    states = table(POLICIES, ENDPOINTS, {"a:1": False, "b:1": True, "c:1": False, "d:1": True,
+                                         "e:1": True})
+    assert states == (VersionState("cnn", "1", 0, False), VersionState("cnn", "2", 100, True),
+                      VersionState("mlp", "1", 90, True), VersionState("mlp", "2", 10, False),
+                      VersionState("mlp", "10", 0, False))
+
+
+def readiness(rule: str, ready: dict[tuple[str, str], bool]) -> Readiness:
+    state = Readiness(rule)
+    state.update(admin_pb2.Readiness(versions=[
+        admin_pb2.VersionReadiness(model=v.model, version=v.version, weight=v.weight,
+                                   ready=ready.get((v.model, v.version), True))
+        for v in table(POLICIES, ENDPOINTS, {})]))
+    return state
+
+
+EVERY = (("cnn", "1"), ("cnn", "2"), ("mlp", "1"), ("mlp", "2"), ("mlp", "10"))
+
+
+@pytest.mark.parametrize(("not_ready", "strict", "any_"), [
+    ((), True, True),
+    ((("cnn", "1"),), False, True),  # only pinnable: strict waits for it too
+    ((("mlp", "1"), ("mlp", "2")), False, True),
+    (EVERY[1:], False, True),  # one version can answer
+    (EVERY, False, False),
+])
+def test_server_ready_strict_and_any(not_ready, strict, any_):
+    ready = {key: False for key in not_ready}
+    assert readiness(STRICT, ready).ready() is strict
+    assert readiness(ANY, ready).ready() is any_
+
+
+def test_no_table_yet_is_not_ready_and_refuses_nothing():
+    state = Readiness()
+    assert not state.ready()
+    state.admit("mlp", "1")
+
+
+def test_a_pinned_request_for_a_version_that_is_not_ready_is_refused_with_a_hint():
+    state = readiness(STRICT, {("mlp", "2"): False})
+    with pytest.raises(Unavailable) as refused:
+        state.admit("mlp", "2")
+    assert refused.value.message.startswith("model 'mlp' version '2' is not ready")
+    assert refused.value.retry_after == 1.0
+    state.admit("mlp", "1")
+    state.admit("mlp", "")  # version 1 carries traffic and can answer
+
+
+def test_an_unpinned_request_is_refused_only_when_no_version_with_traffic_can_answer():
+    state = readiness(STRICT, {("mlp", "1"): False, ("mlp", "2"): False})
+    with pytest.raises(Unavailable, match="model 'mlp' is not ready"):
+        state.admit("mlp", "")
+    state.admit("unknown", "")  # not in the table: the mesh decides
+
+
+def test_an_unknown_rule_is_refused():
+    with pytest.raises(ValueError, match="not one of strict, any"):
+        Readiness("some")

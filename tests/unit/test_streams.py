@@ -1,0 +1,216 @@
+"""Group streams over a real gRPC server with mutual TLS on a free port: framing, answers in
+any order, draining (go away), a broken stream's groups sent once more, timeouts."""
+
+import asyncio
+
+import grpc
+import pytest
+
+from meshserve.common.errors import InvalidArgument
+from meshserve.common.server import HealthServicer, Service
+from meshserve.common.streams import (
+    GroupStream,
+    StreamBroken,
+    frame,
+    group_handler,
+    start_stream,
+    unframe,
+)
+from meshserve.common.tls import TlsFiles, secure_channel, server_credentials
+from meshserve.protocol.groups_pb2 import InferGroup
+from meshserve.tools.certs import init_certs
+
+
+def test_a_frame_is_its_id_then_its_body_and_parses_as_the_message():
+    body = InferGroup(model_name="mlp", version="2").SerializeToString()
+    message = frame(7, body)
+    assert unframe(message) == (7, body)
+    assert InferGroup.FromString(message) == InferGroup(model_name="mlp", version="2",
+                                                        group_id=7)
+
+
+@pytest.mark.parametrize("message", [b"", b"\x0a\x03mlp", b"\x79\x01\x02"])
+def test_an_unframed_message_is_refused(message):
+    with pytest.raises(ValueError, match="must start with its group_id"):
+        unframe(message)
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory) -> tuple[TlsFiles, TlsFiles]:
+    directory = tmp_path_factory.mktemp("tls")
+    init_certs(directory, days=1)
+
+    def files(identity: str) -> TlsFiles:
+        return TlsFiles(cert=directory / f"{identity}.crt", key=directory / f"{identity}.key",
+                        ca=directory / "ca.crt")
+
+    return files("batcher"), files("router")
+
+
+class Echo:
+    """A server's group handler: answers each body with itself reversed, once `gate` (when
+    given for that body) is set; counts the bodies it saw."""
+
+    def __init__(self) -> None:
+        self.gates: dict[bytes, asyncio.Event] = {}
+        self.seen: list[bytes] = []
+
+    async def handle(self, body: bytes) -> bytes:
+        self.seen.append(body)
+        if body in self.gates:
+            await self.gates[body].wait()
+        if body == b"bad":
+            raise InvalidArgument("bad body")
+        return body[::-1]
+
+
+async def serve(server_tls: TlsFiles, echo: Echo, port: int = 0) -> Service:
+    def register(server) -> None:
+        server.add_generic_rpc_handlers((group_handler(echo.handle, service.draining),))
+
+    service = Service(f"127.0.0.1:{port}", server_credentials(server_tls), register,
+                      HealthServicer())
+    await service.start()
+    return service
+
+
+class Client:
+    """A GroupStream to `port` that counts the streams it opened."""
+
+    def __init__(self, client_tls: TlsFiles, port: int) -> None:
+        self.channel = secure_channel(f"127.0.0.1:{port}", client_tls, "batcher")
+        self.opened = 0
+        self.stream = GroupStream(self._open, "echo")
+
+    def _open(self):
+        self.opened += 1
+        return start_stream(self.channel)
+
+    async def close(self) -> None:
+        await self.stream.close()
+        await self.channel.close()
+
+
+async def test_groups_in_flight_together_are_answered_in_any_order_on_one_stream(tls):
+    echo = Echo()
+    echo.gates[b"first"] = asyncio.Event()
+    service = await serve(tls[0], echo)
+    client = Client(tls[1], service.port)
+    try:
+        first = asyncio.create_task(client.stream.send(b"first"))
+        others = [asyncio.create_task(client.stream.send(f"g{n}".encode())) for n in range(20)]
+        assert await asyncio.wait_for(asyncio.gather(*others), 10) == [
+            f"g{n}".encode()[::-1] for n in range(20)]
+        assert not first.done()
+        echo.gates[b"first"].set()
+        assert await asyncio.wait_for(first, 10) == b"tsrif"
+        assert client.opened == 1
+    finally:
+        await client.close()
+        await service.stop(0)
+
+
+async def test_a_draining_server_answers_what_it_read_and_the_client_moves_on(tls):
+    echo = Echo()
+    echo.gates[b"slow"] = asyncio.Event()
+    service = await serve(tls[0], echo)
+    port = service.port
+    client = Client(tls[1], port)
+    try:
+        slow = asyncio.create_task(client.stream.send(b"slow"))
+        while b"slow" not in echo.seen:
+            await asyncio.sleep(0.01)
+        stopping = asyncio.create_task(service.stop(10))
+        await asyncio.sleep(0.1)
+        echo.gates[b"slow"].set()
+        assert await asyncio.wait_for(slow, 10) == b"wols"
+        await asyncio.wait_for(stopping, 10)
+        successor = await serve(tls[0], echo, port)
+        try:
+            assert await asyncio.wait_for(client.stream.send(b"next"), 10) == b"txen"
+            assert client.opened == 2
+        finally:
+            await successor.stop(0)
+    finally:
+        await client.close()
+
+
+async def test_a_group_its_stream_never_answered_goes_once_more_on_a_fresh_stream(tls):
+    echo = Echo()
+    echo.gates[b"lost"] = asyncio.Event()
+    service = await serve(tls[0], echo)
+    port = service.port
+    client = Client(tls[1], port)
+    try:
+        lost = asyncio.create_task(client.stream.send(b"lost"))
+        while b"lost" not in echo.seen:
+            await asyncio.sleep(0.01)
+        echo.gates.clear()  # the successor answers it at once
+        restart = asyncio.create_task(service.stop(0))  # cancels the stream mid-group
+        await restart
+        successor = await serve(tls[0], echo, port)
+        try:
+            assert await asyncio.wait_for(lost, 10) == b"tsol"
+            assert echo.seen.count(b"lost") == 2
+        finally:
+            await successor.stop(0)
+    finally:
+        await client.close()
+
+
+async def test_with_no_server_a_group_fails_unavailable(tls):
+    service = await serve(tls[0], Echo())
+    port = service.port
+    await service.stop(0)
+    client = Client(tls[1], port)
+    try:
+        with pytest.raises(StreamBroken) as broken:
+            await asyncio.wait_for(client.stream.send(b"x"), 20)
+        assert broken.value.code == grpc.StatusCode.UNAVAILABLE
+        assert client.opened == 2  # tried once more
+    finally:
+        await client.close()
+
+
+async def test_an_answer_that_does_not_come_in_time_is_a_timeout_and_leaves_nothing(tls):
+    echo = Echo()
+    echo.gates[b"never"] = asyncio.Event()
+    service = await serve(tls[0], echo)
+    client = Client(tls[1], service.port)
+    try:
+        with pytest.raises(TimeoutError):
+            await client.stream.send(b"never", timeout=0.2)
+        assert client.stream.in_flight == 0
+        assert await asyncio.wait_for(client.stream.send(b"ok"), 10) == b"ko"
+    finally:
+        await client.close()
+        await service.stop(0)
+
+
+async def test_a_handler_error_ends_the_stream_with_its_status(tls):
+    service = await serve(tls[0], Echo())
+    client = Client(tls[1], service.port)
+    try:
+        with pytest.raises(StreamBroken) as broken:
+            await asyncio.wait_for(client.stream.send(b"bad"), 10)
+        assert broken.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert broken.value.details == "bad body"
+        assert await asyncio.wait_for(client.stream.send(b"good"), 10) == b"doog"
+    finally:
+        await client.close()
+        await service.stop(0)
+
+
+async def test_a_message_without_its_id_is_invalid_argument(tls):
+    service = await serve(tls[0], Echo())
+    channel = secure_channel(f"127.0.0.1:{service.port}", tls[1], "batcher")
+    try:
+        call = start_stream(channel)
+        await call.write(b"\x0a\x03mlp")
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await asyncio.wait_for(call.read(), 10)
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "must start with its group_id" in failed.value.details()
+    finally:
+        await channel.close()
+        await service.stop(0)
