@@ -192,13 +192,14 @@ class Measured:
     """Everything one budget run measured (raw seconds, milliseconds and MiB).
 
     `bare` windows carry the bare server's CPU under ``"bare"``; `load` is keyed by
-    (model, concurrency); `hop_p50_ms[model][hop]` holds one p50 per round, `HOPS` as keys.
+    (model, concurrency); `hop_p50_ms[model][hop]` holds one p50 per round, `HOPS` as keys;
+    the in-process model figures hold one value per round too (their medians count).
     """
 
     bare: list[Window] = field(default_factory=list)
     load: dict[tuple[str, int], list[Window]] = field(default_factory=dict)
-    model_cpu_per_sample_s: dict[str, float] = field(default_factory=dict)
-    model_p50_ms: dict[str, float] = field(default_factory=dict)  # in-process, batch 1
+    model_cpu_per_sample_s: dict[str, list[float]] = field(default_factory=dict)
+    model_p50_ms: dict[str, list[float]] = field(default_factory=dict)  # batch 1
     hop_p50_ms: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     idle_cpu_percent: list[float] = field(default_factory=list)
     rss_idle_mib: dict[str, float] = field(default_factory=dict)  # kind -> largest process
@@ -316,7 +317,7 @@ def figures(measured: Measured, budgets: Budgets, models: Sequence[str],
         bare_p50 = median(p50s.get("bare", []))
         if p50s:
             out.append(Figure(f"{model} bare p50, c=1", bare_p50, "ms"))
-        model_b = ratio(measured.model_cpu_per_sample_s.get(model), bare)
+        model_b = ratio(median(measured.model_cpu_per_sample_s.get(model, [])), bare)
         out.append(Figure(f"{model} model CPU per sample (batch 16, 1 thread)", model_b, "B"))
         for concurrency in sorted(concurrencies, reverse=True):
             if (model, concurrency) not in measured.load:
@@ -343,7 +344,7 @@ def figures(measured: Measured, budgets: Budgets, models: Sequence[str],
                 "x", budgets.concurrency_1_ratio))
         if p50s:
             added = hop_added(p50s)
-            model_p50 = ratio(measured.model_p50_ms.get(model), bare_p50)
+            model_p50 = ratio(median(measured.model_p50_ms.get(model, [])), bare_p50)
             for hop in HOPS[:-1]:
                 budget = budgets.hop_p50
                 note = ""

@@ -118,6 +118,17 @@ def largest_by_kind(values: dict[int, float], processes: Iterable[ServiceProcess
 # Processes: `up` and the bare server
 
 
+def stop_process(process: subprocess.Popen, grace: float) -> None:
+    """SIGTERM, then SIGKILL when it outlives `grace` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class MeshUp:
     """`meshserve up` in a subprocess with its own data directory, until `stop()`."""
 
@@ -164,13 +175,7 @@ class MeshUp:
 
     def stop(self) -> None:
         """SIGTERM `up` (it stops its services); kill what is left after a while."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, _STOP_TIMEOUT_S)
         for child in self.processes[1:]:  # only a process that still names our data dir
             cmdline = _read(PROC / str(child.pid) / "cmdline") or ""
             if str(self.data_dir) in cmdline:
@@ -200,13 +205,7 @@ class BareServer:
         self.process_info = ServiceProcess(self.process.pid, "bare", "bare")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 10.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,8 +22,9 @@ How each figure is measured:
   2 % here). The **whole mesh** is the four kinds together; its c=1 figure over its c=32
   figure is the per-request cost that concurrency amortises.
 * **Model CPU per sample**: ``torch.jit.load`` of the version that answered most, called in
-  this process at batch 16 with one torch thread; process CPU time per row. Compute's budget
-  is its own share plus this. Its p50 at batch 1 (wall time) is compute's latency allowance.
+  this process at batch 16 with one torch thread, in every round after its load windows;
+  process CPU time per row. Compute's budget is its own share plus this. Its p50 at batch 1
+  (wall time) is compute's latency allowance.
 * **p50 added by each hop** at concurrency 1: each hop is called directly with its debug
   ``ModelInfer`` (ingress and router unpinned, the batcher and compute of the version that
   answered most; compute with the batcher's certificate, as compute admits only batchers)
@@ -48,6 +49,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -104,7 +106,7 @@ class Plan:
     hop_rounds: int
     hop_warmup_s: float
     hop_s: float
-    model_s: float  # in-process model measurement, per model
+    model_s: float  # in-process model measurement, per model and round
     settle_s: float
     idle_windows: int
     idle_s: float
@@ -112,10 +114,10 @@ class Plan:
 
 
 QUICK = Plan(models=("mlp",), rounds=2, warmup_s=0.5, load_s=2.0, hop_rounds=3,
-             hop_warmup_s=0.3, hop_s=0.6, model_s=0.5, settle_s=2.0, idle_windows=3,
+             hop_warmup_s=0.3, hop_s=0.6, model_s=0.3, settle_s=2.0, idle_windows=3,
              idle_s=1.0, profile_s=5.0)
 FULL = Plan(models=MODELS, rounds=3, warmup_s=1.0, load_s=4.0, hop_rounds=5,
-            hop_warmup_s=0.5, hop_s=1.5, model_s=2.0, settle_s=3.0, idle_windows=5,
+            hop_warmup_s=0.5, hop_s=1.5, model_s=0.5, settle_s=3.0, idle_windows=5,
             idle_s=2.0, profile_s=10.0)
 
 
@@ -176,38 +178,43 @@ def most_answered(results: Iterable[dict]) -> str:
     return max(sorted(counts), key=lambda v: counts[v])
 
 
-def model_cost(artifact: Path, dims: tuple[int, ...], seconds: float,
-               batch: int = 16) -> tuple[float, float]:
-    """(process CPU seconds per row at `batch`, wall-clock p50 ms at batch 1) of a
-    TorchScript model called in this process with one torch thread."""
-    import statistics
+class InProcessModel:
+    """A TorchScript file loaded in this process, called with one torch thread."""
 
-    import torch
+    def __init__(self, artifact: Path, dims: tuple[int, ...], batch: int = 16) -> None:
+        import torch
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+        self._torch = torch
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
-            model = torch.jit.load(str(artifact), map_location="cpu").eval()
-        with torch.inference_mode():
-            rows, one = torch.rand(batch, *dims), torch.rand(1, *dims)
-            for _ in range(3):
-                model(rows)
-                model(one)
-            calls, cpu0, end = 0, time.process_time(), time.monotonic() + seconds
-            while time.monotonic() < end or calls < 3:
-                model(rows)
-                calls += 1
-            per_row = (time.process_time() - cpu0) / (calls * batch)
-            latencies, end = [], time.monotonic() + seconds
-            while time.monotonic() < end or len(latencies) < 3:
-                sent = time.perf_counter()
-                model(one)
-                latencies.append((time.perf_counter() - sent) * 1000)
-    finally:
-        torch.set_num_threads(previous)
-    return per_row, statistics.median(latencies)
+            self._model = torch.jit.load(str(artifact), map_location="cpu").eval()
+        self.batch = batch
+        self._rows, self._one = torch.rand(batch, *dims), torch.rand(1, *dims)
+
+    def cost(self, seconds: float) -> tuple[float, float]:
+        """(process CPU seconds per row at `batch`, wall-clock p50 ms at batch 1), each
+        measured over about `seconds` after a short warm-up."""
+        torch, model = self._torch, self._model
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.inference_mode():
+                for _ in range(2):
+                    model(self._rows)
+                    model(self._one)
+                calls, cpu0, end = 0, time.process_time(), time.monotonic() + seconds
+                while time.monotonic() < end or calls < 3:
+                    model(self._rows)
+                    calls += 1
+                per_row = (time.process_time() - cpu0) / (calls * self.batch)
+                latencies, end = [], time.monotonic() + seconds
+                while time.monotonic() < end or len(latencies) < 3:
+                    sent = time.perf_counter()
+                    model(self._one)
+                    latencies.append((time.perf_counter() - sent) * 1000)
+        finally:
+            torch.set_num_threads(previous)
+        return per_row, statistics.median(latencies)
 
 
 class BudgetRun:
@@ -225,6 +232,8 @@ class BudgetRun:
         self.requests = {m: request_bytes(mesh.endpoint, self.tls, m) for m in plan.models}
         self.ingress = Target(mesh.endpoint, "ingress", "client")
         self.bare_target = Target(bare.address, "ingress", "client")
+        self._repository = ModelRepository.load(mesh.data_dir / "models")
+        self._loaded: dict[tuple[str, str], InProcessModel] = {}
 
     def _window(self, target: Target, model: str, concurrency: int, processes,
                 what: str, rss: bool = False) -> Window:
@@ -254,7 +263,23 @@ class BudgetRun:
                     measured.load.setdefault((model, concurrency), []).append(window)
                     self.say(f"  round {index + 1}/{self.plan.rounds}: {what} "
                              f"{window.requests / self.plan.load_s:.0f} req/s")
+            self._model_costs()
             self.mesh.check_unchanged()
+
+    def _model_costs(self) -> None:
+        """Each model's own cost in this process, between the load windows of a round."""
+        for model in self.plan.models:
+            version = self.version(model)
+            loaded = self._loaded.get((model, version))
+            if loaded is None:
+                config = self._repository.get(model).config
+                loaded = self._loaded[(model, version)] = InProcessModel(
+                    self._repository.artifact(model, version), tuple(config.input[0].dims))
+            per_row, p50 = loaded.cost(self.plan.model_s)
+            self.measured.model_cpu_per_sample_s.setdefault(model, []).append(per_row)
+            self.measured.model_p50_ms.setdefault(model, []).append(p50)
+            self.say(f"    {model} version {version} in-process: {per_row * 1e6:.0f} µs CPU "
+                     f"per row at batch 16, p50 {p50:.3f} ms at batch 1")
 
     def version(self, model: str) -> str:
         return most_answered(r for r in self.results if r["model"] == model
@@ -288,18 +313,6 @@ class BudgetRun:
             self.say(f"  {model} p50 by hop (ms): " + ", ".join(
                 f"{hop} {sorted(values)[len(values) // 2]:.3f}" for hop, values in p50s.items()))
         self.mesh.check_unchanged()
-
-    def models(self) -> None:
-        repository = ModelRepository.load(self.mesh.data_dir / "models")
-        for model in self.plan.models:
-            version = self.version(model)
-            config = repository.get(model).config
-            per_row, p50 = model_cost(repository.artifact(model, version),
-                                      tuple(config.input[0].dims), self.plan.model_s)
-            self.measured.model_cpu_per_sample_s[model] = per_row
-            self.measured.model_p50_ms[model] = p50
-            self.say(f"  {model} version {version} in-process: {per_row * 1e6:.0f} µs CPU per "
-                     f"row at batch 16, p50 {p50:.3f} ms at batch 1")
 
     def idle(self) -> None:
         """The mesh's CPU and RSS once the load has stopped and it has settled."""
@@ -357,8 +370,7 @@ def measure(plan: Plan, data_dir: Path, out_dir: Path, profile: bool,
             f"({len(mesh.processes)} processes)")
         bare = BareServer(data_dir / "tls", data_dir.parent)
         run = BudgetRun(plan, mesh, bare, say)
-        for name, step in (("load", run.loads), ("hops", run.hops),
-                           ("models", run.models)):
+        for name, step in (("load", run.loads), ("hops", run.hops)):
             say(f"[{time.monotonic() - started:4.0f} s] {name}")
             step()
         if profile:
@@ -450,7 +462,7 @@ def _cmd_budget(args: argparse.Namespace) -> int:
         return run_budget(QUICK if args.quick else FULL, budgets,
                           args.out or default_out_dir(), gate=args.gate, profile=args.profile,
                           as_json=args.json, say=say)
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:  # the mesh failed, or a reading is missing
         say(f"bench budget: {error}")
         return 2
     except KeyboardInterrupt:

@@ -280,7 +280,8 @@ def fake_run() -> Measured:
     c1 = [Window(100, {"ingress": 0.2, "router": 0.2, "batcher": 0.2, "compute": 0.2})] * 2
     p50 = {"ingress": [4.0], "router": [3.0], "batcher": [2.5], "compute": [1.5], "bare": [1.0]}
     return Measured(bare=bare, load={("mlp", 32): c32, ("mlp", 1): c1},
-                    model_cpu_per_sample_s={"mlp": 80e-6}, model_p50_ms={"mlp": 0.25},
+                    model_cpu_per_sample_s={"mlp": [90e-6, 70e-6, 80e-6]},
+                    model_p50_ms={"mlp": [0.25, 0.2, 0.3]},
                     hop_p50_ms={"mlp": p50}, idle_cpu_percent=[4.0, 9.0, 6.0],
                     rss_idle_mib={"compute": 320.0, "ingress": 90.0, "up": 270.0},
                     rss_load_mib={"compute": 900.0})
