@@ -149,6 +149,23 @@ def cpu_by_kind(samples: Sequence[Sample], processes: Iterable[ServiceProcess], 
             for kind, found in pids.items()}
 
 
+def largest_by_kind(values: dict[int, float], processes: Iterable[ServiceProcess],
+                    into: dict[str, float]) -> None:
+    """Fold per-pid values into the largest per kind (`into` keeps earlier maxima)."""
+    for process in processes:
+        if process.pid in values:
+            into[process.kind] = max(values[process.pid], into.get(process.kind, 0.0))
+
+
+def most_answered(results: Iterable[dict]) -> str:
+    """The version that answered most requests over some load results."""
+    counts: dict[str, int] = {}
+    for result in results:
+        for version, count in result["versions"].items():
+            counts[version] = counts.get(version, 0) + count
+    return max(sorted(counts), key=lambda v: counts[v])
+
+
 # ---------------------------------------------------------------------------------------------
 # Measurements and figures
 
@@ -416,7 +433,9 @@ __all__ = [
     "cpu_seconds",
     "figures",
     "hop_added",
+    "largest_by_kind",
     "median",
+    "most_answered",
     "parse_budgets",
     "parse_rss_mib",
     "parse_stat",

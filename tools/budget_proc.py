@@ -106,14 +106,6 @@ class Sampler:
         self._read()
 
 
-def largest_by_kind(values: dict[int, float], processes: Iterable[ServiceProcess],
-                    into: dict[str, float]) -> None:
-    """Fold per-pid values into the largest per kind (`into` keeps earlier maxima)."""
-    for process in processes:
-        if process.pid in values:
-            into[process.kind] = max(values[process.pid], into.get(process.kind, 0.0))
-
-
 # ---------------------------------------------------------------------------------------------
 # Processes: `up` and the bare server
 

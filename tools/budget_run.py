@@ -55,7 +55,7 @@ import tempfile
 import time
 import tomllib
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +76,8 @@ from meshserve.tools.budget import (
     cpu_by_kind,
     cpu_seconds,
     figures,
+    largest_by_kind,
+    most_answered,
     parse_budgets,
     past_gate,
     report_lines,
@@ -84,7 +86,6 @@ from meshserve.tools.budget_proc import (
     BareServer,
     MeshUp,
     Sampler,
-    largest_by_kind,
     py_spy,
     record_profiles,
 )
@@ -167,15 +168,6 @@ def load_window(spec: LoadSpec, processes: list[ServiceProcess], what: str,
     if rss_into is not None:
         largest_by_kind(sampler.rss_max, processes, rss_into)
     return Window(result["requests"], cpu), result
-
-
-def most_answered(results: Iterable[dict]) -> str:
-    """The version that answered most requests over some load results."""
-    counts: dict[str, int] = {}
-    for result in results:
-        for version, count in result["versions"].items():
-            counts[version] = counts.get(version, 0) + count
-    return max(sorted(counts), key=lambda v: counts[v])
 
 
 class InProcessModel:

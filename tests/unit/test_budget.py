@@ -26,7 +26,9 @@ from meshserve.tools.budget import (
     cpu_by_kind,
     figures,
     hop_added,
+    largest_by_kind,
     median,
+    most_answered,
     parse_budgets,
     parse_rss_mib,
     parse_stat,
@@ -142,9 +144,15 @@ def test_sampler_reads_each_end_and_keeps_the_largest_rss(tmp_path):
     assert [s.ticks for s in sampler.samples] == [{7: 5}, {7: 10}]  # pid 8 never existed
     assert sampler.rss_max == {7: 4.0}
     largest: dict[str, float] = {"router": 1.0}
-    budget_proc.largest_by_kind(sampler.rss_max, [ServiceProcess(7, "router", "router")],
+    largest_by_kind(sampler.rss_max, [ServiceProcess(7, "router", "router")],
                                largest)
     assert largest == {"router": 4.0}
+
+
+def test_most_answered_sums_versions_over_results():
+    results = [{"versions": {"1": 90, "2": 10}}, {"versions": {"2": 85}}, {"versions": {}}]
+    assert most_answered(results) == "2"
+    assert most_answered([{"versions": {"2": 5, "1": 5}}]) == "1"  # a tie: the first by name
 
 
 # --- CPU over a window
