@@ -4,12 +4,17 @@ gate, against a small fake mesh (made-up /proc files, readings and windows)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import time
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from meshserve.tools import bench, budget_proc, budget_run
+from meshserve.common.tls import TlsFiles
+from meshserve.protocol import grpc_service_pb2 as pb
+from meshserve.tools import bench, budget_bare, budget_proc, budget_run
+from meshserve.tools.bench import LoadSpec, run_load
 from meshserve.tools.budget import (
     FAR_OVER,
     HOPS,
@@ -38,6 +43,7 @@ from meshserve.tools.budget import (
     ticks_at,
     verdict,
 )
+from meshserve.tools.certs import init_certs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -362,6 +368,41 @@ def test_report_lines_and_json():
     assert Figure("x", 1 / 3, "B", 0.3).to_json() == {
         "name": "x", "measured": 0.3333, "unit": "B", "budget": 0.3, "verdict": OVER,
         "note": ""}
+
+
+# --- the bare server, driven by the load generator with a request of its own
+
+
+def test_constant_answer_is_one_row_of_a_demo_model():
+    answer = pb.ModelInferResponse.FromString(budget_bare.constant_answer())
+    [output] = answer.outputs
+    assert (output.name, output.datatype, list(output.shape)) == ("OUTPUT__0", "FP32", [1, 10])
+    assert answer.raw_output_contents == [bytes(40)]
+
+
+async def test_load_on_the_bare_server_over_mutual_tls(tmp_path):
+    init_certs(tmp_path)
+    server, port = budget_bare.build_server(TlsFiles.for_identity(tmp_path, "ingress"))
+    await server.start()
+    spec = LoadSpec(target=f"127.0.0.1:{port}", model="mlp", concurrency=2, duration_s=0.3,
+                    warmup_s=0.05, ca=tmp_path / "ca.crt", cert=tmp_path / "client.crt",
+                    key=tmp_path / "client.key", server_name="ingress",
+                    request=b"any bytes: the bare server does not parse them")
+    try:
+        before = time.time()
+        result = await asyncio.to_thread(run_load, spec)
+        after = time.time()
+        assert result["requests"] > 0 and result["errors"] == {}
+        assert result["versions"] == {"1": result["requests"]}
+        start, end = result["window_unix_s"]
+        assert before <= start < end <= after
+        assert end - start == pytest.approx(result["duration_s"], abs=1e-3)
+        # Without `request` the load generator asks ModelMetadata, which this server lacks.
+        without = LoadSpec(**{**spec.__dict__, "request": b""})
+        with pytest.raises(RuntimeError, match="ModelMetadata for 'mlp'.*UNIMPLEMENTED"):
+            await asyncio.to_thread(run_load, without)
+    finally:
+        await server.stop(None)
 
 
 # --- the command line
