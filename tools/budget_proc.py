@@ -139,7 +139,8 @@ class MeshUp:
     def wait_ready(self, timeout: float) -> None:
         endpoint = self.data_dir / "run" / "endpoint"
         deadline = time.monotonic() + timeout
-        while not endpoint.exists():
+        # `up` writes the file once every service is ready; read until it holds the address.
+        while not (address := (_read(endpoint) or "").strip()):
             if self.process.poll() is not None:
                 raise RuntimeError(f"meshserve up exited with {self.process.returncode}:\n"
                                    + self.log.read_text(errors="replace")[-3000:])
@@ -147,7 +148,7 @@ class MeshUp:
                 raise RuntimeError(f"meshserve up was not ready after {timeout:.0f} s; "
                                    f"see {self.log}")
             time.sleep(0.2)
-        self.endpoint = endpoint.read_text().strip()
+        self.endpoint = address
         self.processes = mesh_processes(self.process.pid)
         kinds = {p.kind for p in self.processes}
         missing = [k for k in PROCESS_KINDS if k not in kinds]
