@@ -9,7 +9,8 @@ How it measures:
 * ``ModelMetadata`` is read once; one random tensor per model input is built from it (a ``-1``
   dimension becomes ``batch`` for the first dimension and 1 elsewhere) and the request is
   serialized once. The multicallables take those bytes as they are (no request serializer), so
-  the client does no per-request encoding work.
+  the client does no per-request encoding work. ``LoadSpec.request`` (serialized bytes)
+  replaces that step, for servers without ``ModelMetadata``.
 * The run is ``warmup_s`` (not counted) then a measured window of ``duration_s``, cut short
   when ``max_requests`` measured requests (successes plus errors) have completed.
 * Closed loop: a request counts when it was sent and answered inside the window; the few still
@@ -18,6 +19,8 @@ How it measures:
   latency runs from that scheduled time (so client-side queueing is not hidden). After the
   window the requests still in flight get up to ``DRAIN_S`` seconds; those still unanswered
   then are cancelled and counted as ``CANCELLED`` errors.
+* ``window_unix_s`` is the measured window as seconds since the epoch, for readings taken
+  outside the client (a server's CPU from /proc) to be cut to the same window.
 * Latency percentiles are over successful requests only, by the nearest-rank method (see
   `percentiles`). Errors are counted by gRPC status code name; an in-stream ``error_message``
   counts under the status name it starts with (``"RESOURCE_EXHAUSTED: ..."``), else
@@ -115,6 +118,9 @@ class LoadSpec:
     processes: int = 1
     max_outstanding: int = 1024
     streams: int = 0  # open-loop stream pool per process; 0 = DEFAULT_STREAMS
+    # A serialized ModelInferRequest to send as it is; empty: built from ModelMetadata (for
+    # servers that answer ModelInfer only, such as an internal hop).
+    request: bytes = b""
 
     @property
     def open_loop(self) -> bool:
@@ -787,8 +793,8 @@ def _summarize(spec: LoadSpec, parts: list[_Part]) -> dict:
     for part in parts:
         errors.update(part.errors)
         versions.update(part.versions)
-    duration = max(part.wall_end for part in parts) - min(part.wall_start for part in parts)
-    duration = max(duration, 1e-9)
+    window = (min(part.wall_start for part in parts), max(part.wall_end for part in parts))
+    duration = max(window[1] - window[0], 1e-9)
     latency = {
         name: (round(value, 4) if value is not None else None)
         for name, value in percentiles(samples).items()
@@ -809,6 +815,7 @@ def _summarize(spec: LoadSpec, parts: list[_Part]) -> dict:
         "batch": spec.batch,
         "processes": len(parts),
         "duration_s": round(duration, 4),
+        "window_unix_s": [round(window[0], 4), round(window[1], 4)],
         "requests": ok,
         "throughput_rps": round(ok / duration, 2),
         "latency_ms": latency,
@@ -830,9 +837,9 @@ def run_load(spec: LoadSpec) -> dict:
     _validate(spec)
     shares = _shares(spec)
     if len(shares) == 1:
-        parts = [_run_sync(_run_process, spec, shares[0], None)]
+        parts = [_run_sync(_run_process, spec, shares[0], spec.request or None)]
     else:
-        request = _run_sync(_request_bytes, spec)
+        request = spec.request or _run_sync(_request_bytes, spec)
         parts = _spawn(spec, shares, request)
     return _summarize(spec, parts)
 
@@ -958,7 +965,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Adds ``bench run`` and ``bench compare`` to a CLI's subparsers."""
+    """Adds ``bench run``, ``plot``, ``compare`` and ``budget`` to a CLI's subparsers."""
     bench = subparsers.add_parser(
         "bench",
         help="load generator for Open Inference Protocol gRPC servers",
@@ -1036,9 +1043,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plot.add_argument("--out", type=Path, default=Path("latency-throughput.png"))
     plot.set_defaults(func=_cmd_plot)
 
-    from meshserve.tools import bench_compare
+    from meshserve.tools import bench_compare, budget_run
 
     bench_compare.add_parser(commands)
+    budget_run.add_parser(commands)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,32 @@
+"""The speed gate: `meshserve bench budget --quick --gate 2` on a real `meshserve up`.
+
+It fails only when a figure is past twice its budget (benchmarks/budget.toml), or when a
+figure CI must have could not be measured.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from meshserve.tools.budget import KINDS
+from tests.integration.conftest import children_of
+
+
+def test_quick_budget_is_within_twice_the_budget(tmp_path):
+    out = tmp_path / "budget"
+    done = subprocess.run([sys.executable, "-m", "meshserve.tools.cli", "bench", "budget",
+                           "--quick", "--gate", "2", "--json", f"--out={out}"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode in (0, 1), done.stderr[-4000:]  # 2: the run itself failed
+    document = json.loads(done.stdout)
+    assert document == json.loads((out / "budget.json").read_text())
+    found = {figure["name"]: figure for figure in document["figures"]}
+    assert found["B: bare call server CPU, c=32"]["measured"] > 0
+    for kind in KINDS:
+        figure = found[f"mlp c=32 {kind} CPU per request"]
+        assert figure["measured"] > 0 and figure["budget"] > 0, figure
+    assert children_of(Path(document["data_dir"])) == []  # the mesh and the bare server stopped
+    past = [f"{f['name']}: {f['measured']} {f['unit']} (budget {f['budget']})"
+            for f in document["figures"] if f["name"] in document["past_gate"]]
+    assert done.returncode == 0, "past twice the budget:\n" + "\n".join(past)
