@@ -61,7 +61,7 @@ class ImmediateUpstream:
         self._replies = {}
         self._ok = ItemResult(response=batch_response("mlp", 1))
 
-    async def call(self, group, timeout):
+    async def call(self, group, timeout, early=None):
         size = len(group.items)
         self.sizes.append(size)
         reply = self._replies.get(size)

@@ -35,7 +35,7 @@ from meshserve.common.response_cache import (
     artifact_digest,
 )
 from meshserve.common.server import HealthServicer, Service
-from meshserve.common.streams import group_handler
+from meshserve.common.streams import Early, group_handler
 from meshserve.common.tls import TlsFiles, server_credentials
 from meshserve.common.tracing import Tracing, context_of
 from meshserve.common.upstream import Upstream
@@ -96,6 +96,10 @@ class Batcher:
         return await self._enqueue(items)
 
     async def _enqueue(self, items) -> list:
+        return await asyncio.gather(*self._submit(items))
+
+    def _submit(self, items) -> list[asyncio.Future]:
+        """Queue each item; its future holds its result (at once for a refused one)."""
         arrived = time.monotonic()
         loop = asyncio.get_running_loop()
         futures = []
@@ -121,15 +125,26 @@ class Batcher:
                     job.span.set_status(StatusCode.ERROR, error.message)
                     job.span.end()
                 future.set_result(error_result(error))
-        return await asyncio.gather(*futures)
+        return futures
 
-    async def handle(self, body: bytes) -> bytes:
-        """A serialized InferGroup in, its serialized InferGroupResult out."""
+    async def handle(self, body: bytes, early: Early | None = None) -> bytes:
+        """A serialized InferGroup in, its serialized InferGroupResult out. With `early`, the
+        items refused at once (a full queue, a malformed request) are answered first."""
         try:
             group = InferGroup.FromString(body)
         except DecodeError as error:
             raise InvalidArgument(f"group is not a valid InferGroup message: {error}") from None
-        return InferGroupResult(results=await self.infer(group.items)).SerializeToString()
+        if early is None or self._cache is not None:
+            return InferGroupResult(results=await self.infer(group.items)).SerializeToString()
+        futures = self._submit(group.items)
+        refused = [i for i, future in enumerate(futures) if future.done()]
+        if not refused or len(refused) == len(futures):
+            return InferGroupResult(results=await asyncio.gather(*futures)).SerializeToString()
+        await early(InferGroupResult(results=[futures[i].result() for i in refused],
+                                     items=refused).SerializeToString())
+        rest = [i for i, future in enumerate(futures) if i not in set(refused)]
+        return InferGroupResult(results=await asyncio.gather(*(futures[i] for i in rest)),
+                                items=rest).SerializeToString()
 
     def _unready(self) -> ServingError:
         return Unavailable(f"no compute replica of model '{self.statistics.name}' version "

@@ -13,19 +13,22 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from meshserve.common.errors import DeadlineExceeded, ServingError, Unavailable, from_code
-from meshserve.common.streams import GroupStream, StreamBroken
+from meshserve.common.streams import GroupStream, Handle, StreamBroken
 from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
 
 # An item and its absolute deadline on this process's monotonic clock (None: no deadline).
 Entry = tuple[GroupItem, float | None]
-# Sends a group and returns its result (raises StreamBroken or TimeoutError).
-GroupCall = Callable[[InferGroup, float | None], Awaitable[InferGroupResult]]
+# Sends a group and returns its (last) answer, telling the callback of early partial answers
+# first (raises StreamBroken or TimeoutError).
+GroupCall = Callable[[InferGroup, float | None, Callable[[InferGroupResult], None]],
+                     Awaitable[InferGroupResult]]
 # Told of each group call: (requests in the group, status name of the call: "OK" or a code).
 GroupObserver = Callable[[int, str], None]
 
 CODE_NUMBER = {status.name: status.value[0] for status in grpc.StatusCode}
 CODE_NAME = {number: name for name, number in CODE_NUMBER.items()}
 OK = 0
+RESOURCE_EXHAUSTED = CODE_NUMBER["RESOURCE_EXHAUSTED"]
 
 
 def error_result(error: ServingError) -> ItemResult:
@@ -60,15 +63,15 @@ def error_group(count: int, result: ItemResult) -> bytes:
     return InferGroupResult(results=[result] * count).SerializeToString()
 
 
-async def one_item(handle: Callable[[bytes], Awaitable[bytes]], request,
-                   remaining: float | None) -> list[ItemResult]:
+async def one_item(handle: Handle, request, remaining: float | None) -> list[ItemResult]:
     """A debugging `ModelInfer` on an internal service: the request as a group of one, through
     the service's own group handler."""
     timeout_us = int(remaining * 1e6) if remaining else 0
     group = InferGroup(model_name=request.model_name, version=request.model_version,
                        timeout_us=timeout_us,
                        items=[GroupItem(request=request, timeout_us=timeout_us)])
-    return list(InferGroupResult.FromString(await handle(group.SerializeToString())).results)
+    return list(InferGroupResult.FromString(
+        await handle(group.SerializeToString(), None)).results)
 
 
 def status_of_result(result: ItemResult) -> grpc.StatusCode:
@@ -78,14 +81,59 @@ def status_of_result(result: ItemResult) -> grpc.StatusCode:
 def over_stream(stream: GroupStream) -> GroupCall:
     """A GroupCall that sends on `stream` (one retry on a fresh stream when it broke)."""
 
-    async def call(group: InferGroup, timeout: float | None) -> InferGroupResult:
-        return InferGroupResult.FromString(await stream.send(group.SerializeToString(), timeout))
+    async def call(group: InferGroup, timeout: float | None,
+                   early: Callable[[InferGroupResult], None] | None = None) -> InferGroupResult:
+        async def heard(partial: bytes) -> None:
+            early(InferGroupResult.FromString(partial))
+
+        return InferGroupResult.FromString(await stream.send(
+            group.SerializeToString(), timeout, early=None if early is None else heard))
 
     return call
 
 
+class _Parcels:
+    """The parcels of one group and their results, each parcel answered as soon as its last
+    result is in (an early answer may complete some before the group's last answer)."""
+
+    def __init__(self, parcels: list[tuple[list[Entry], asyncio.Future]]) -> None:
+        self.parcels = parcels
+        self.results: list[list[ItemResult | None]] = [[None] * len(e) for e, _ in parcels]
+        self.missing = [len(entries) for entries, _ in parcels]
+        self.sent: list[tuple[int, int]] = []  # (parcel, entry) of each item in the group
+
+    def place(self, p: int, j: int, result: ItemResult) -> None:
+        if self.results[p][j] is not None:
+            return
+        self.results[p][j] = result
+        self.missing[p] -= 1
+        future = self.parcels[p][1]
+        if not self.missing[p] and not future.done():
+            future.set_result(self.results[p])
+
+    def answer(self, reply: InferGroupResult) -> None:
+        """Place an answer's results: those of the listed positions, or every item's."""
+        positions = list(reply.items) if reply.items else range(len(self.sent))
+        if len(positions) != len(reply.results) or (
+                not reply.items and len(reply.results) != len(self.sent)):
+            raise ValueError(f"upstream answered {len(reply.results)} results for "
+                             f"{len(positions) if reply.items else len(self.sent)} items")
+        for position, result in zip(positions, reply.results):
+            if position >= len(self.sent):
+                raise ValueError(f"upstream answered item {position} of {len(self.sent)}")
+            self.place(*self.sent[position], result)
+
+    def answer_all(self, result: ItemResult) -> None:
+        for p, j in self.sent:
+            self.place(p, j, result)
+
+
 class GroupForwarder:
-    """Coalesces entries for one model into groups, one call in flight per upstream."""
+    """Coalesces entries for one model into groups, one group in flight per upstream.
+
+    A group answered early in part with RESOURCE_EXHAUSTED (its batcher's queue is full)
+    leaves the forwarder saturated until the group's last answer: entries arriving meanwhile
+    get that refusal at once instead of waiting to be sent to a full queue."""
 
     def __init__(self, call: GroupCall, model_name: str, upstream: str, *, version: str = "",
                  max_group: int = 512, max_in_flight: int = 1,
@@ -99,9 +147,12 @@ class GroupForwarder:
         self._max_in_flight = max_in_flight
         self._pending: list[tuple[list[Entry], asyncio.Future]] = []
         self._in_flight = 0
+        self.saturated: ItemResult | None = None
 
     async def forward(self, entries: list[Entry]) -> list[ItemResult]:
         """Send `entries` with whatever else is waiting; one result per entry, in order."""
+        if self.saturated is not None:
+            return [self.saturated] * len(entries)
         future = asyncio.get_running_loop().create_future()
         self._pending.append((entries, future))
         if self._in_flight < self._max_in_flight:
@@ -125,25 +176,19 @@ class GroupForwarder:
             while self._pending:
                 parcels = self._take()
                 try:
-                    results = await self._send([entries for entries, _ in parcels])
+                    await self._send(_Parcels(parcels))
                 except Exception as error:  # noqa: BLE001 — every waiter must hear of it
                     for _, future in parcels:
                         if not future.done():
                             future.set_exception(error)
-                    continue
-                for (_, future), parcel_results in zip(parcels, results, strict=True):
-                    if not future.done():
-                        future.set_result(parcel_results)
         finally:
             self._in_flight -= 1
 
-    async def _send(self, parcels: list[list[Entry]]) -> list[list[ItemResult]]:
+    async def _send(self, parcels: _Parcels) -> None:
         now = time.monotonic()
         group = InferGroup(model_name=self._model_name, version=self._version)
-        results: list[list[ItemResult | None]] = [[None] * len(p) for p in parcels]
-        sent: list[tuple[int, int]] = []
         longest: float | None = 0.0
-        for p, entries in enumerate(parcels):
+        for p, (entries, _) in enumerate(parcels.parcels):
             for j, (item, deadline) in enumerate(entries):
                 if deadline is None:
                     item.timeout_us = 0
@@ -151,30 +196,37 @@ class GroupForwarder:
                 else:
                     remaining = deadline - now
                     if remaining <= 0:
-                        results[p][j] = error_result(DeadlineExceeded(
+                        parcels.place(p, j, error_result(DeadlineExceeded(
                             "deadline exceeded before the request left the "
-                            f"{self._upstream} queue"))
+                            f"{self._upstream} queue")))
                         continue
                     item.timeout_us = int(remaining * 1e6)
                     if longest is not None:
                         longest = max(longest, remaining)
-                sent.append((p, j))
+                parcels.sent.append((p, j))
                 group.items.append(item)
-        if sent:
-            code = "OK"
-            if longest:
-                group.timeout_us = int(longest * 1e6)
-            try:
-                reply = (await self._call(group, longest)).results
-            except StreamBroken as broken:
-                code = broken.code.name
-                reply = [failure_result(broken.code, broken.details, self._upstream)] * len(sent)
-            except TimeoutError:
-                code = grpc.StatusCode.DEADLINE_EXCEEDED.name
-                reply = [failure_result(grpc.StatusCode.DEADLINE_EXCEEDED, "",
-                                        self._upstream)] * len(sent)
+        if not parcels.sent:
+            return
+        if longest:
+            group.timeout_us = int(longest * 1e6)
+
+        def early(partial: InferGroupResult) -> None:
+            parcels.answer(partial)
+            for result in partial.results:
+                if result.code == RESOURCE_EXHAUSTED:
+                    self.saturated = result
+
+        code = "OK"
+        try:
+            parcels.answer(await self._call(group, longest, early))
+        except StreamBroken as broken:
+            code = broken.code.name
+            parcels.answer_all(failure_result(broken.code, broken.details, self._upstream))
+        except TimeoutError:
+            code = grpc.StatusCode.DEADLINE_EXCEEDED.name
+            parcels.answer_all(failure_result(grpc.StatusCode.DEADLINE_EXCEEDED, "",
+                                              self._upstream))
+        finally:
+            self.saturated = None
             if self._observe is not None:
-                self._observe(len(sent), code)
-            for (p, j), result in zip(sent, reply, strict=True):
-                results[p][j] = result
-        return results  # type: ignore[return-value]
+                self._observe(len(parcels.sent), code)

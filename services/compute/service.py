@@ -61,6 +61,30 @@ class ComputeSettings:
     allowed_callers: frozenset[str] = default_callers("compute")
 
 
+# A batch that takes less than this runs on the event loop itself: handing it to the worker
+# thread and back costs more CPU (0.2-0.3 ms on 2 cores) than such a batch does, and the loop
+# is held no longer than a few group messages would hold it.
+INLINE_BELOW_S = 0.002
+
+
+class Pace:
+    """How long batches take lately (a moving average), and so where the next one runs."""
+
+    def __init__(self, inline_below: float = INLINE_BELOW_S, weight: float = 0.2) -> None:
+        self.inline_below = inline_below
+        self.weight = weight
+        self.seconds: float | None = None  # None until a batch has run
+        self.running = 0  # batches on the worker thread now
+
+    def inline(self) -> bool:
+        """Run the next batch on the event loop: batches are quick and none is running."""
+        return not self.running and self.seconds is not None and self.seconds < self.inline_below
+
+    def took(self, seconds: float) -> None:
+        self.seconds = seconds if self.seconds is None else (
+            (1 - self.weight) * self.seconds + self.weight * seconds)
+
+
 class Compute:
     """Owns the model and the one worker thread that runs it."""
 
@@ -82,6 +106,7 @@ class Compute:
         self._threads = settings.threads
         # One worker: batches run one at a time, the event loop stays free for health checks.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self._pace = Pace()
         self.model = None
         self._metrics = metrics
         self._observe = None
@@ -134,6 +159,11 @@ class Compute:
                             f"{error.message}")
             log.error("%s", self.refused)
             return
+        if self._threads:
+            import torch
+
+            # Torch's thread count is set per thread: quick batches run on this one.
+            torch.set_num_threads(self._threads)
         health.set(True)
 
     async def traced_infer(self, request, tracing: Tracing, traceparent: str):
@@ -162,13 +192,22 @@ class Compute:
         if self.model is None:
             raise Unavailable(f"model '{self.name}' version '{self.version}' is still loading")
         self._schema.validate(request)  # once per batch: a malformed one never reaches torch
-        response, timings = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self.model.run, request, self.version)
+        if self._pace.inline():
+            response, timings = self.model.run(request, self.version)
+        else:
+            self._pace.running += 1
+            try:
+                response, timings = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.model.run, request, self.version)
+            finally:
+                self._pace.running -= 1
         response.parameters["compute_input_ns"].int64_param = timings.input_ns
         response.parameters["compute_infer_ns"].int64_param = timings.infer_ns
         response.parameters["compute_output_ns"].int64_param = timings.output_ns
+        seconds = (timings.input_ns + timings.infer_ns + timings.output_ns) / 1e9
+        self._pace.took(seconds)
         if self._observe is not None:
-            self._observe((timings.input_ns + timings.infer_ns + timings.output_ns) / 1e9)
+            self._observe(seconds)
         return response
 
     async def answer(self, request, tracing: Tracing | None, traceparent: str) -> ItemResult:
@@ -206,7 +245,7 @@ def build_service(settings: ComputeSettings, metrics: Metrics | None = None,
     compute = Compute(settings, None if metrics is None else ComputeMetrics(metrics))
     health = HealthServicer()
 
-    async def handle(body: bytes) -> bytes:
+    async def handle(body: bytes, early=None) -> bytes:
         """Each item of a group is one batch (the batcher sends groups of one)."""
         try:
             group = InferGroup.FromString(body)

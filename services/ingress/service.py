@@ -362,14 +362,17 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         answers: asyncio.Queue = asyncio.Queue()
         caller = self._gate.caller(context)
         remaining = context.time_remaining()
+        # The stream's own deadline bounds every request on it, however late it comes.
+        deadline = None if remaining is None else time.monotonic() + remaining
         pin = pinned_version(context)
         traceparent = client_traceparent(context) if self._traced else ""
 
         async def serve_one(request) -> None:
             try:
                 pin_request(request, pin)
+                left = None if deadline is None else deadline - time.monotonic()
                 response = await self._ingress.infer(
-                    request, remaining, traceparent, admit=lambda: self._admit(caller, request))
+                    request, left, traceparent, admit=lambda: self._admit(caller, request))
                 answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
             except Exception as error:  # noqa: BLE001 — every request gets an answer
                 message = (f"{error.code}: {error.message}" if isinstance(error, ServingError)

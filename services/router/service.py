@@ -35,7 +35,13 @@ from meshserve.common.forwarding import (
 from meshserve.common.identity import Callers, add_callers_flag, default_callers
 from meshserve.common.metrics import GroupMetrics, Metrics
 from meshserve.common.server import HealthServicer, Service
-from meshserve.common.streams import GroupStream, StreamBroken, group_handler, start_stream
+from meshserve.common.streams import (
+    Early,
+    GroupStream,
+    StreamBroken,
+    group_handler,
+    start_stream,
+)
 from meshserve.common.tls import ReloadingChannel, TlsFiles, server_credentials
 from meshserve.common.tracing import Tracing, context_of, traceparent_of
 from meshserve.mesh.policy import PIN_HEADER
@@ -138,8 +144,9 @@ class ModelRoute:
                                        f"batcher of {self.model}@{version}"))
         return streams[next(self._turns) % wanted]
 
-    async def send(self, group: InferGroup, body: bytes) -> bytes:
-        """`body` (the serialized `group`) to the version it goes to; its answer, as bytes."""
+    async def send(self, group: InferGroup, body: bytes, early: Early | None = None) -> bytes:
+        """`body` (the serialized `group`) to the version it goes to; its answer, as bytes
+        (early partial answers pass through to `early`)."""
         timeout = group.timeout_us / 1e6 if group.timeout_us else None
         deadline = None if timeout is None else time.monotonic() + timeout
         split = await self.split(deadline)
@@ -153,7 +160,7 @@ class ModelRoute:
         left = None if deadline is None else deadline - time.monotonic()
         code = "OK"
         try:
-            return await stream.send(body, left)
+            return await stream.send(body, left, early=early)
         except StreamBroken as broken:
             code = broken.code.name
             raise Failed(failure_result(broken.code, broken.details, stream.upstream)) from None
@@ -210,8 +217,9 @@ class Router:
                                                     self._splits, self._draw, observe)
         return route
 
-    async def handle(self, body: bytes) -> bytes:
-        """A serialized InferGroup in, its serialized InferGroupResult out."""
+    async def handle(self, body: bytes, early: Early | None = None) -> bytes:
+        """A serialized InferGroup in, its serialized InferGroupResult out; the batcher's
+        early answers pass through as they are."""
         try:
             group = InferGroup.FromString(body)
         except DecodeError as error:
@@ -219,7 +227,7 @@ class Router:
         route = self.route(group.model_name)
         try:
             if self._tracing is None and not self.shadowing.shadows(group):
-                return await route.send(group, body)
+                return await route.send(group, body, early)
             return await self._inspected(route, group)
         except Failed as failed:
             return error_group(len(group.items), failed.result)

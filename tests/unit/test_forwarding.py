@@ -32,7 +32,8 @@ class FakeUpstream:
         self.extra = extra
         self.error = error
 
-    async def call(self, group: InferGroup, timeout: float | None) -> InferGroupResult:
+    async def call(self, group: InferGroup, timeout: float | None,
+                   early=None) -> InferGroupResult:
         assert group.model_name == "mlp"
         self.groups.append([item.request_id for item in group.items])
         self.item_timeouts.append([item.timeout_us for item in group.items])
@@ -281,3 +282,55 @@ async def test_an_upstream_that_never_answers_in_time_is_a_deadline():
     forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
     [result] = await asyncio.wait_for(forwarder.forward([entry("a")]), 2)
     assert (result.code, result.message) == (4, "deadline exceeded before the model answered")
+
+
+# --- early answers and saturation -------------------------------------------------------
+
+class EarlyUpstream:
+    """Answers the items named in `refuse` early with RESOURCE_EXHAUSTED, the rest once the
+    call's gate (one per call, in order) is set."""
+
+    def __init__(self, refuse: set[str]) -> None:
+        self.refuse = refuse
+        self.groups: list[list[str]] = []
+        self.gates = [asyncio.Event(), asyncio.Event(), asyncio.Event()]
+        self.calls = asyncio.Queue()
+
+    async def call(self, group, timeout, early=None):
+        ids = [item.request_id for item in group.items]
+        gate = self.gates[len(self.groups)]
+        self.groups.append(ids)
+        refused = [i for i, rid in enumerate(ids) if rid in self.refuse]
+        if refused and early is not None:
+            early(InferGroupResult(items=refused, results=[FULL] * len(refused)))
+        self.calls.put_nowait(ids)
+        await gate.wait()
+        rest = [i for i in range(len(ids)) if i not in refused]
+        return InferGroupResult(items=rest, results=[
+            ItemResult(response=ModelInferResponse(id=ids[i], model_name="mlp")) for i in rest])
+
+
+FULL = ItemResult(code=8, message="queue of model 'mlp' version '1' is full; retry after 0.05 s")
+
+
+async def test_an_early_refusal_answers_its_request_at_once_and_saturates_until_the_rest():
+    fake = EarlyUpstream(refuse={"b"})
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
+    first = asyncio.create_task(forwarder.forward([entry("a")]))
+    assert await asyncio.wait_for(fake.calls.get(), 2) == ["a"]
+    second = asyncio.create_task(forwarder.forward([entry("b")]))
+    third = asyncio.create_task(forwarder.forward([entry("c")]))
+    await settle()
+    fake.gates[0].set()
+    assert ids_of(await asyncio.wait_for(first, 2)) == ["a"]
+    assert await asyncio.wait_for(fake.calls.get(), 2) == ["b", "c"]  # "b" refused early
+    assert [r.code for r in await asyncio.wait_for(second, 2)] == [8]
+    assert not third.done()
+    # Saturated: an arrival is refused at once, without being sent.
+    assert await asyncio.wait_for(forwarder.forward([entry("d")]), 2) == [FULL]
+    assert len(fake.groups) == 2
+    fake.gates[1].set()
+    assert ids_of(await asyncio.wait_for(third, 2)) == ["c"]
+    assert forwarder.saturated is None
+    fake.gates[2].set()
+    assert ids_of(await asyncio.wait_for(forwarder.forward([entry("e")]), 2)) == ["e"]

@@ -17,16 +17,24 @@ from meshserve.common.streams import (
     unframe,
 )
 from meshserve.common.tls import TlsFiles, secure_channel, server_credentials
-from meshserve.protocol.groups_pb2 import InferGroup
+from meshserve.protocol.groups_pb2 import InferGroup, InferGroupResult
 from meshserve.tools.certs import init_certs
 
 
 def test_a_frame_is_its_id_then_its_body_and_parses_as_the_message():
     body = InferGroup(model_name="mlp", version="2").SerializeToString()
     message = frame(7, body)
-    assert unframe(message) == (7, body)
+    assert unframe(message) == (7, body, False)
     assert InferGroup.FromString(message) == InferGroup(model_name="mlp", version="2",
                                                         group_id=7)
+
+
+def test_a_partial_answer_is_framed_under_partial_group_id():
+    body = InferGroupResult(items=[1]).SerializeToString()
+    message = frame(9, body, partial=True)
+    assert unframe(message) == (9, body, True)
+    assert InferGroupResult.FromString(message) == InferGroupResult(items=[1],
+                                                                    partial_group_id=9)
 
 
 @pytest.mark.parametrize("message", [b"", b"\x0a\x03mlp", b"\x79\x01\x02"])
@@ -55,8 +63,10 @@ class Echo:
         self.gates: dict[bytes, asyncio.Event] = {}
         self.seen: list[bytes] = []
 
-    async def handle(self, body: bytes) -> bytes:
+    async def handle(self, body: bytes, early=None) -> bytes:
         self.seen.append(body)
+        if body.startswith(b"early:") and early is not None:
+            await early(b"first part")
         if body in self.gates:
             await self.gates[body].wait()
         if body == b"bad":
@@ -136,26 +146,27 @@ async def test_a_draining_server_answers_what_it_read_and_the_client_moves_on(tl
 
 
 async def test_a_group_its_stream_never_answered_goes_once_more_on_a_fresh_stream(tls):
-    echo = Echo()
-    echo.gates[b"lost"] = asyncio.Event()
-    service = await serve(tls[0], echo)
-    port = service.port
-    client = Client(tls[1], port)
+    """The first stream goes to a server that dies mid-group; the fresh one (as the mesh
+    would pick another batcher) to a second server, which answers the group."""
+    first_echo, second_echo = Echo(), Echo()
+    first_echo.gates[b"lost"] = asyncio.Event()
+    first, second = await serve(tls[0], first_echo), await serve(tls[0], second_echo)
+    channels = [secure_channel(f"127.0.0.1:{server.port}", tls[1], "batcher")
+                for server in (first, second)]
+    opened = iter(channels)
+    stream = GroupStream(lambda: start_stream(next(opened)), "echo")
     try:
-        lost = asyncio.create_task(client.stream.send(b"lost"))
-        while b"lost" not in echo.seen:
+        lost = asyncio.create_task(stream.send(b"lost"))
+        while b"lost" not in first_echo.seen:
             await asyncio.sleep(0.01)
-        echo.gates.clear()  # the successor answers it at once
-        restart = asyncio.create_task(service.stop(0))  # cancels the stream mid-group
-        await restart
-        successor = await serve(tls[0], echo, port)
-        try:
-            assert await asyncio.wait_for(lost, 10) == b"tsol"
-            assert echo.seen.count(b"lost") == 2
-        finally:
-            await successor.stop(0)
+        await first.stop(0)  # cancels the stream mid-group
+        assert await asyncio.wait_for(lost, 10) == b"tsol"
+        assert second_echo.seen == [b"lost"]
     finally:
-        await client.close()
+        await stream.close()
+        for channel in channels:
+            await channel.close()
+        await second.stop(0)
 
 
 async def test_with_no_server_a_group_fails_unavailable(tls):
@@ -213,4 +224,27 @@ async def test_a_message_without_its_id_is_invalid_argument(tls):
         assert "must start with its group_id" in failed.value.details()
     finally:
         await channel.close()
+        await service.stop(0)
+
+
+async def test_an_early_answer_reaches_the_caller_before_the_last_one(tls):
+    echo = Echo()
+    echo.gates[b"early:rest"] = asyncio.Event()
+    service = await serve(tls[0], echo)
+    client = Client(tls[1], service.port)
+    heard: list[bytes] = []
+    arrived = asyncio.Event()
+
+    async def early(partial: bytes) -> None:
+        heard.append(partial)
+        arrived.set()
+
+    try:
+        last = asyncio.create_task(client.stream.send(b"early:rest", early=early))
+        await asyncio.wait_for(arrived.wait(), 10)
+        assert heard == [b"first part"] and not last.done()
+        echo.gates[b"early:rest"].set()
+        assert await asyncio.wait_for(last, 10) == b"tser:ylrae"
+    finally:
+        await client.close()
         await service.stop(0)
