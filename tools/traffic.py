@@ -49,8 +49,12 @@ def format_status(response: pb.StatusResponse) -> str:
             extras.append(f"region {policy.region} only")
         if policy.shadow.version:
             extras.append(f"shadow {policy.shadow.percent:g}% to {policy.shadow.version}")
-        if model.canary.state:
-            extras.append(f"canary {model.canary.state} at {model.canary.weight}%")
+        canary = model.canary
+        if canary.state:
+            extras.append(f"canary {canary.baseline} → {canary.plan.to_version} "
+                          f"{canary.state} at {canary.weight}%")
+        if canary.state == "running" and canary.restore.model:
+            extras.append(f"a rollback restores {weights_text(canary.restore)}")
         lines.append(f"{policy.model}" + (f"  ({', '.join(extras)})" if extras else ""))
         lines.append(f"  {'version':<8} {'weight':>6} {'req/s':>8} {'errors':>7} "
                      f"{'p50 ms':>7} {'p99 ms':>7}  endpoints")
@@ -66,15 +70,28 @@ def format_status(response: pb.StatusResponse) -> str:
     return "\n".join(lines)
 
 
+# How `canary status` labels the policy the canary started from, by state.
+START_POLICY_LABELS = {"running": "rollback restores", "promoted": "before the canary"}
+
+
 def format_canary(canary: pb.Canary) -> str:
     if not canary.state:
         return "no canary"
     plan = canary.plan
     steps = ",".join(str(s) for s in plan.steps)
-    return (f"canary of {plan.model}: {canary.baseline} → {plan.to_version}, {canary.state}, "
-            f"weight {canary.weight}% (steps {steps}, every {plan.interval_seconds:g}s, "
-            f"max error rate {plan.max_error_rate:g}, max latency ratio "
-            f"{plan.max_latency_ratio:g})\n  {canary.updated_at} {canary.reason}")
+    lines = [f"canary of {plan.model}: {canary.baseline} → {plan.to_version}, {canary.state}, "
+             f"weight {canary.weight}% (steps {steps}, every {plan.interval_seconds:g}s, "
+             f"max error rate {plan.max_error_rate:g}, max latency ratio "
+             f"{plan.max_latency_ratio:g})"]
+    if canary.baseline_by_weight:
+        lines.append(f"  baseline {canary.baseline}: the version with the most weight "
+                     "(--from VERSION names another)")
+    lines.append(f"  {'weights now':<18} {weights_text(canary.current)}")
+    if canary.restore.model:
+        label = START_POLICY_LABELS.get(canary.state, "restored")
+        lines.append(f"  {label:<18} {weights_text(canary.restore)}")
+    lines.append(f"  {canary.updated_at} {canary.reason}")
+    return "\n".join(lines)
 
 
 async def call(args: argparse.Namespace) -> str:
@@ -118,7 +135,8 @@ async def call(args: argparse.Namespace) -> str:
             return to_yaml(render(policy, host=host, namespace=args.namespace)).rstrip()
         if command == "canary-start":
             reply = await admin.StartCanary(pb.CanaryPlan(
-                model=args.model, to_version=args.to, steps=parse_steps(args.steps),
+                model=args.model, to_version=args.to, from_version=args.from_version,
+                steps=parse_steps(args.steps),
                 interval_seconds=parse_duration(args.interval),
                 max_error_rate=args.max_error_rate, max_latency_ratio=args.max_latency_ratio,
                 min_requests=args.min_requests))
@@ -209,7 +227,13 @@ def register(commands) -> None:
     start = steps.add_parser("start", help="step a new version's weight up while healthy")
     start.add_argument("model")
     start.add_argument("--to", required=True, metavar="VERSION")
-    start.add_argument("--steps", default="5,25,50,100")
+    start.add_argument("--from", dest="from_version", default="", metavar="VERSION",
+                       help="the baseline, the only version weight is taken from (default: "
+                            "the version with the most weight)")
+    start.add_argument("--steps", default="5,25,50,100",
+                       help="the candidate's weight at each step, in percent of all unpinned "
+                            "traffic, ending at 100 (capped at what the baseline and the "
+                            "candidate carry together)")
     start.add_argument("--interval", default="30s")
     start.add_argument("--max-error-rate", type=float, default=0.01)
     start.add_argument("--max-latency-ratio", type=float, default=1.5)
