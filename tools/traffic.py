@@ -86,6 +86,9 @@ def format_canary(canary: pb.Canary) -> str:
     if canary.baseline_by_weight:
         lines.append(f"  baseline {canary.baseline}: the version with the most weight "
                      "(--from VERSION names another)")
+    if plan.steps and plan.steps[-1] < 100:
+        lines.append(f"  steps end at {plan.steps[-1]}%: what {canary.baseline} and "
+                     f"{plan.to_version} carried together when it started")
     lines.append(f"  {'weights now':<18} {weights_text(canary.current)}")
     if canary.restore.model:
         label = START_POLICY_LABELS.get(canary.state, "restored")

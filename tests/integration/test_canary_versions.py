@@ -112,10 +112,11 @@ def weights_column(status: str) -> dict[str, str]:
 async def test_a_failing_canary_keeps_2_and_rolls_back_to_70_30_exactly(from_70_30):
     mesh = from_70_30
     run = await run_canary(mesh, BROKEN)
-    assert run.started.splitlines()[:4] == [
+    assert run.started.splitlines()[:5] == [
         "canary of mlp: 1 → 3, running, weight 10% (steps 10,50,70, every 2s, max error rate "
         "0.01, max latency ratio 50)",
         "  baseline 1: the version with the most weight (--from VERSION names another)",
+        "  steps end at 70%: what 1 and 3 carried together when it started",
         "  weights now        1=60 2=30 3=10",
         "  rollback restores  1=70 2=30 3=0"]
     assert run.canary.state == "rolled_back", run.canary.reason
@@ -128,9 +129,9 @@ async def test_a_failing_canary_keeps_2_and_rolls_back_to_70_30_exactly(from_70_
     assert run.load.failures  # version 3's answers
     status = cli(mesh, "canary", "status", "mlp").stdout.splitlines()
     assert status[0].startswith("canary of mlp: 1 → 3, rolled_back, weight 0% ")
-    assert status[2:4] == ["  weights now        1=70 2=30 3=0",
+    assert status[3:5] == ["  weights now        1=70 2=30 3=0",
                            "  restored           1=70 2=30 3=0"]
-    assert status[4].endswith(run.canary.reason)
+    assert status[5].endswith(run.canary.reason)
 
 
 async def test_a_healthy_canary_keeps_2_and_promotes_to_0_30_70(from_70_30):
@@ -181,7 +182,7 @@ def test_a_second_canary_and_other_changes_are_refused_while_one_runs(from_70_30
     assert status.startswith("mlp  (canary 1 → 3 running at 10%, a rollback restores 1=70 "
                              "2=30 3=0)\n"), status
     aborted = cli(mesh, "canary", "abort", "mlp")
-    assert aborted.stdout.splitlines()[2:4] == ["  weights now        1=70 2=30 3=0",
+    assert aborted.stdout.splitlines()[3:5] == ["  weights now        1=70 2=30 3=0",
                                                 "  restored           1=70 2=30 3=0"]
     assert asyncio.run(weights_of(mesh, "mlp")) == START
 

@@ -23,27 +23,32 @@ def canary(state: str, weight: int, now: dict, by_weight: bool = True,
     (canary("running", 10, {"1": 60, "2": 30, "3": 10}), [
         HEAD.format(state="running", weight=10),
         "  baseline 1: the version with the most weight (--from VERSION names another)",
+        "  steps end at 70%: what 1 and 3 carried together when it started",
         "  weights now        1=60 2=30 3=10",
         "  rollback restores  1=70 2=30 3=0",
         "  T why"]),
     (canary("rolled_back", 0, {"1": 70, "2": 30, "3": 0}, by_weight=False), [
         HEAD.format(state="rolled_back", weight=0),
+        "  steps end at 70%: what 1 and 3 carried together when it started",
         "  weights now        1=70 2=30 3=0",
         "  restored           1=70 2=30 3=0",
         "  T why"]),
     (canary("aborted", 0, {"1": 70, "2": 30, "3": 0}, by_weight=False), [
         HEAD.format(state="aborted", weight=0),
+        "  steps end at 70%: what 1 and 3 carried together when it started",
         "  weights now        1=70 2=30 3=0",
         "  restored           1=70 2=30 3=0",
         "  T why"]),
     (canary("promoted", 70, {"1": 0, "2": 30, "3": 70}, by_weight=False), [
         HEAD.format(state="promoted", weight=70),
+        "  steps end at 70%: what 1 and 3 carried together when it started",
         "  weights now        1=0 2=30 3=70",
         "  before the canary  1=70 2=30 3=0",
         "  T why"]),
     (canary("promoted", 70, {"1": 0, "2": 30, "3": 70}, by_weight=False,
             restore=pb.Policy()), [
         HEAD.format(state="promoted", weight=70),
+        "  steps end at 70%: what 1 and 3 carried together when it started",
         "  weights now        1=0 2=30 3=70",
         "  T why"]),
 ], ids=["running", "rolled back", "aborted", "promoted", "start policy not recorded"])
