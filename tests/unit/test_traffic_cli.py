@@ -7,7 +7,8 @@ from meshserve.tools.traffic import format_canary, format_status
 
 PLAN = pb.CanaryPlan(model="mlp", to_version="3", steps=[10, 50, 70], interval_seconds=10,
                      max_error_rate=0.01, max_latency_ratio=1.5, from_version="1")
-BEFORE = pb.Policy(model="mlp", weights={"1": 70, "2": 30, "3": 0})
+START = {"1": 70, "2": 30, "3": 0}
+BEFORE = pb.Policy(model="mlp", weights=START)
 HEAD = ("canary of mlp: 1 → 3, {state}, weight {weight}% (steps 10,50,70, every 10s, max "
         "error rate 0.01, max latency ratio 1.5)")
 
@@ -19,38 +20,30 @@ def canary(state: str, weight: int, now: dict, by_weight: bool = True,
                      current=pb.Policy(model="mlp", weights=now))
 
 
+CAPPED = "  steps end at 70%: what 1 and 3 carried together when it started"
+CHOSEN = "  baseline 1: the version with the most weight (--from VERSION names another)"
+AT_START = "1=70 2=30 3=0"
+PROMOTED = {"1": 0, "2": 30, "3": 70}
+
+
+def printed(state: str, weight: int, now: str, start: str = "",
+            chosen: bool = False) -> list[str]:
+    """What `canary status` prints; `start`: its line about the policy the canary began from."""
+    return [HEAD.format(state=state, weight=weight), *([CHOSEN] if chosen else []), CAPPED,
+            f"  weights now        {now}", *([start] if start else []), "  T why"]
+
+
 @pytest.mark.parametrize(("record", "lines"), [
-    (canary("running", 10, {"1": 60, "2": 30, "3": 10}), [
-        HEAD.format(state="running", weight=10),
-        "  baseline 1: the version with the most weight (--from VERSION names another)",
-        "  steps end at 70%: what 1 and 3 carried together when it started",
-        "  weights now        1=60 2=30 3=10",
-        "  rollback restores  1=70 2=30 3=0",
-        "  T why"]),
-    (canary("rolled_back", 0, {"1": 70, "2": 30, "3": 0}, by_weight=False), [
-        HEAD.format(state="rolled_back", weight=0),
-        "  steps end at 70%: what 1 and 3 carried together when it started",
-        "  weights now        1=70 2=30 3=0",
-        "  restored           1=70 2=30 3=0",
-        "  T why"]),
-    (canary("aborted", 0, {"1": 70, "2": 30, "3": 0}, by_weight=False), [
-        HEAD.format(state="aborted", weight=0),
-        "  steps end at 70%: what 1 and 3 carried together when it started",
-        "  weights now        1=70 2=30 3=0",
-        "  restored           1=70 2=30 3=0",
-        "  T why"]),
-    (canary("promoted", 70, {"1": 0, "2": 30, "3": 70}, by_weight=False), [
-        HEAD.format(state="promoted", weight=70),
-        "  steps end at 70%: what 1 and 3 carried together when it started",
-        "  weights now        1=0 2=30 3=70",
-        "  before the canary  1=70 2=30 3=0",
-        "  T why"]),
-    (canary("promoted", 70, {"1": 0, "2": 30, "3": 70}, by_weight=False,
-            restore=pb.Policy()), [
-        HEAD.format(state="promoted", weight=70),
-        "  steps end at 70%: what 1 and 3 carried together when it started",
-        "  weights now        1=0 2=30 3=70",
-        "  T why"]),
+    (canary("running", 10, {"1": 60, "2": 30, "3": 10}),
+     printed("running", 10, "1=60 2=30 3=10", f"  rollback restores  {AT_START}", True)),
+    (canary("rolled_back", 0, START, by_weight=False),
+     printed("rolled_back", 0, AT_START, f"  restored           {AT_START}")),
+    (canary("aborted", 0, START, by_weight=False),
+     printed("aborted", 0, AT_START, f"  restored           {AT_START}")),
+    (canary("promoted", 70, PROMOTED, by_weight=False),
+     printed("promoted", 70, "1=0 2=30 3=70", f"  before the canary  {AT_START}")),
+    (canary("promoted", 70, PROMOTED, by_weight=False, restore=pb.Policy()),
+     printed("promoted", 70, "1=0 2=30 3=70")),
 ], ids=["running", "rolled back", "aborted", "promoted", "start policy not recorded"])
 def test_canary_status(record, lines):
     assert format_canary(record).splitlines() == lines
