@@ -344,13 +344,14 @@ async def run_steps(data_dir: Path, work: Path, plan: Plan, up: UpProcess, opera
                     connection: Connection, request: pb.ModelInferRequest, load: Load,
                     report: Report, say) -> None:
     await asyncio.sleep(plan.steady_s)
-    before_ids = await submit(connection.get(), request, plan.before_backup)
-    report.submissions_before = len(before_ids)
     before = await observe(data_dir, operator)
     kek_file = work / "backup.kek"
     model_files.ensure_kek(kek_file)
     trusted = work / "trusted"
     shutil.copytree(data_dir / "keys" / "trusted", trusted, dirs_exist_ok=True)
+    # Submitted just before the backup, so that some are still pending in it.
+    before_ids = await submit(connection.get(), request, plan.before_backup)
+    report.submissions_before = len(before_ids)
     started = time.monotonic()
     result = await asyncio.to_thread(
         create_backup, Layout.of(data_dir), work, model_files.signing_key(
