@@ -37,6 +37,7 @@ from meshserve.common.errors import ServingError
 from meshserve.mesh import backup
 from meshserve.mesh.audit import utc_timestamp
 from meshserve.mesh.store import SCHEMA_VERSION, Store
+from meshserve.tools.up import positive_count
 
 
 @dataclass(frozen=True)
@@ -257,18 +258,12 @@ def add_layout_flags(parser: argparse.ArgumentParser) -> None:
                         help="who the audit log names (default USER@HOST)")
 
 
-def keep_count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not '{text}'")
-    return int(text)
-
-
 def register(commands) -> None:
     parser = commands.add_parser("backup", help="write a signed archive of the mesh's state")
     add_layout_flags(parser)
     parser.add_argument("--out", type=Path, default=Path("."),
                         help="a directory (a new archive named by time) or a file (default .)")
-    parser.add_argument("--keep", type=keep_count, default=None, metavar="N",
+    parser.add_argument("--keep", type=positive_count, default=None, metavar="N",
                         help="then delete all but the newest N archives in the --out directory")
     parser.add_argument("--signing-key", type=Path, default=None,
                         help="Ed25519 key (PEM) that signs the archive "

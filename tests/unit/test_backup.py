@@ -7,7 +7,6 @@ import itertools
 import sqlite3
 import tarfile
 import threading
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from meshserve.mesh.store import TABLES, Store
 from meshserve.tools import cli
 from meshserve.tools.backup import Layout, create_backup
 from meshserve.tools.restore import restore_backup
+from tests.unit.test_store import FakeClock
 
 CONFIG = """name: "tiny"
 max_batch_size: 4
@@ -31,15 +31,6 @@ output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]
 """
 ARTIFACT = bytes(range(256)) * 64
 SECRETS = ("auth/signing.key", "keys/kek", "keys/signing.key", "tls/ca.key")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 12, 1, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        self.now += timedelta(seconds=1)
-        return self.now
 
 
 def make_mesh(data: Path) -> None:
@@ -54,7 +45,7 @@ def make_mesh(data: Path) -> None:
     key = model_files.signing_key(data / "keys" / "signing.key", create=True)
     model_files.trust(key, data / "keys" / "trusted")
     kek = model_files.ensure_kek(data / "keys" / "kek")
-    with Store.open(data / "mesh.db", clock=Clock()) as store:
+    with Store.open(data / "mesh.db", clock=FakeClock()) as store:
         registry = Registry(store, data / "models", data / "registry", key, kek)
         registry.push(Push("tiny", "1", ARTIFACT), actor="client/developer")
         registry.push(Push("tiny", "2", ARTIFACT[::-1], encrypt=True), actor="client/developer")

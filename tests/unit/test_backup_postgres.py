@@ -10,7 +10,8 @@ from meshserve.mesh.policy import TrafficPolicy
 from meshserve.mesh.store import TABLES, Store
 from meshserve.tools.backup import Layout, create_backup
 from meshserve.tools.restore import restore_backup
-from tests.unit.test_backup import ARTIFACT, Clock, make_mesh, signing_key, trusted
+from tests.unit.test_backup import ARTIFACT, make_mesh, signing_key, trusted
+from tests.unit.test_store import FakeClock
 
 pytest_plugins = ["tests.postgres"]
 
@@ -18,7 +19,7 @@ pytest_plugins = ["tests.postgres"]
 def copy_state(source: Path, url: str) -> None:
     """The SQLite store of `make_mesh` moved into PostgreSQL (through a backup, as a migration
     would)."""
-    with Store.open(source) as sqlite, Store.open(url, clock=Clock()) as postgres:
+    with Store.open(source) as sqlite, Store.open(url, clock=FakeClock()) as postgres:
         postgres.import_tables(sqlite.export_tables())
 
 
