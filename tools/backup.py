@@ -33,7 +33,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshserve.common import artifacts, model_files
-from meshserve.common.errors import ServingError
+from meshserve.common.errors import FailedPrecondition, ServingError
 from meshserve.mesh import backup
 from meshserve.mesh.audit import utc_timestamp
 from meshserve.mesh.store import SCHEMA_VERSION, Store
@@ -116,11 +116,16 @@ def data_files(parts: dict[str, Path]) -> list[tuple[str, Path]]:
 def create_backup(layout: Layout, out: Path, signing_key: Ed25519PrivateKey, *,
                   kek: bytes | None = None, actor: str = "", keep: int | None = None,
                   clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> BackupResult:
-    """Write the archive to `out` (a directory: a new archive named by time in it; else the
-    file), sign it, prune the directory to the newest `keep` and audit the backup."""
+    """Write the archive to `out` (a file named `*.tar`, else a directory, where a new archive
+    is named by time), sign it, prune the directory to the newest `keep` and audit the
+    backup."""
     actor = actor or default_actor()
+    if "://" not in layout.store and not Path(layout.store).is_file():
+        raise FailedPrecondition(f"no store at {layout.store}: give the control plane's "
+                                 "--store (or the --data-dir that holds mesh.db)")
     created_at = utc_timestamp(clock())
-    path = out / backup.archive_name(created_at) if out.is_dir() else out
+    to_file = out.suffix == backup.ARCHIVE_SUFFIX
+    path = out if to_file else out / backup.archive_name(created_at)
     path.parent.mkdir(parents=True, exist_ok=True)
     with Store.open(layout.store) as store:
         tables = store.export_tables()
@@ -167,7 +172,7 @@ def create_backup(layout: Layout, out: Path, signing_key: Ed25519PrivateKey, *,
             "recovery_point": manifest["recovery_point"], "keys": envelope is not None},
             sort_keys=True))
     pruned = []
-    if keep is not None and out.is_dir():
+    if keep is not None and not to_file:
         pruned = backup.to_prune([p.name for p in out.iterdir()], keep)
         for name in pruned:
             (out / name).unlink(missing_ok=True)
@@ -262,7 +267,8 @@ def register(commands) -> None:
     parser = commands.add_parser("backup", help="write a signed archive of the mesh's state")
     add_layout_flags(parser)
     parser.add_argument("--out", type=Path, default=Path("."),
-                        help="a directory (a new archive named by time) or a file (default .)")
+                        help="a directory (a new archive named by time in it) or a FILE.tar "
+                             "(default .)")
     parser.add_argument("--keep", type=positive_count, default=None, metavar="N",
                         help="then delete all but the newest N archives in the --out directory")
     parser.add_argument("--signing-key", type=Path, default=None,

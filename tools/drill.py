@@ -331,6 +331,13 @@ async def drill(data_dir: Path, work: Path, plan: Plan, model: str, say=print) -
     try:
         await run_steps(data_dir, work, plan, up, operator, connection, request, load, report,
                         say)
+    except Exception as error:  # reported with what to do, never left as a bare traceback
+        report.problems.append(f"the drill stopped: {type(error).__name__}: {error}")
+        if report.archive and not (data_dir / "mesh.db").exists():
+            report.problems.append(
+                f"the data directory is not restored: meshserve restore {report.archive} "
+                f"--data-dir {data_dir} --trusted {work / 'trusted'} --kek-file "
+                f"{work / 'backup.kek'}, then start `meshserve {' '.join(up.argv)}` again")
     finally:
         load.stopping = True
         await asyncio.gather(*callers, return_exceptions=True)

@@ -315,6 +315,10 @@ def test_the_commands_say_what_they_did_and_keep_n_archives(mesh: Path, tmp_path
     assert cli.main(["restore", str(newest), "--data-dir", str(tmp_path / "x"), "--trusted",
                      str(tmp_path / "nowhere")]) == 2
     assert "no trusted key at" in capsys.readouterr().err
+    assert cli.main(["backup", "--data-dir", str(tmp_path / "typo"), "--signing-key",
+                     str(mesh / "keys" / "signing.key")]) == 2
+    assert "no store at" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
 
 
 def test_retention_keeps_the_newest() -> None:
