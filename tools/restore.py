@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from meshserve.common import artifacts, model_files
 from meshserve.common.errors import FailedPrecondition, ServingError
+from meshserve.common.files import write_atomic
 from meshserve.mesh import backup
 from meshserve.mesh.store import SCHEMA_VERSION, Store
 from meshserve.tools.audit import report
@@ -157,10 +158,7 @@ def place_files(staging: Path, layout: Layout, manifest: dict,
         move(staging / name, layout.parts[part] / relative, entry["mode"])
     for name, (data, mode) in secrets.items():
         part, _, relative = name.partition("/")
-        target = layout.parts[part] / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-        os.chmod(target, mode & 0o600)
+        write_atomic(layout.parts[part] / relative, data, mode & 0o600)  # never readable wider
     if manifest["submissions"] is not None:
         move(staging / backup.ASYNC_MEMBER, layout.async_store, 0o600)
 

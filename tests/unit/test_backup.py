@@ -137,6 +137,15 @@ def test_a_restore_brings_back_the_same_state(mesh: Path, tmp_path: Path) -> Non
     assert rows(target / "async.db", SUBMISSIONS) == rows(mesh / "async.db", SUBMISSIONS)
 
 
+def wait_until(condition, limit: int = 3000) -> None:
+    """Poll `condition` every 10 ms, at most `limit` times."""
+    for _ in range(limit):
+        if condition():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("the writer stopped writing")
+
+
 def test_a_backup_under_load_is_one_consistent_snapshot(mesh: Path, tmp_path: Path) -> None:
     stop = threading.Event()
     written = []
@@ -154,11 +163,9 @@ def test_a_backup_under_load_is_one_consistent_snapshot(mesh: Path, tmp_path: Pa
     writer = threading.Thread(target=write)
     writer.start()
     try:
-        while len(written) < 20:
-            threading.Event().wait(0.01)
+        wait_until(lambda: len(written) >= 20)
         result = create_backup(Layout.of(mesh), tmp_path, signing_key(mesh), actor="ops")
-        while len(written) < result.manifest["submissions"].get("PENDING", 0) + 20:
-            threading.Event().wait(0.01)
+        wait_until(lambda: len(written) >= result.manifest["submissions"]["PENDING"] + 20)
     finally:
         stop.set()
         writer.join(30)
