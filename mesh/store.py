@@ -99,6 +99,10 @@ class Dialect:
     begin_write: tuple[str, ...]  # open a write transaction, holding the writers' lock
     begin_read: tuple[str, ...]  # open a read transaction: its statements see one snapshot
     begin_schema: tuple[str, ...]  # open the transaction that creates the schema
+    # Restoring rows with their own keys: the clause that lets an INSERT give an identity
+    # column's value, and what brings each table's key generator past the restored keys.
+    insert_keys: str = ""
+    after_insert_keys: tuple[str, ...] = ()
 
     def sql(self, text: str) -> str:
         return text if self.paramstyle == "qmark" else text.replace("?", "%s")
@@ -116,7 +120,10 @@ POSTGRESQL = Dialect(
                  f"LOCK TABLE {audit_log.TABLE} IN SHARE ROW EXCLUSIVE MODE"),
     begin_read=("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",),
     begin_schema=("SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
-                  f"SELECT pg_advisory_xact_lock({_PG_SCHEMA_LOCK_KEY})"))
+                  f"SELECT pg_advisory_xact_lock({_PG_SCHEMA_LOCK_KEY})"),
+    insert_keys="OVERRIDING SYSTEM VALUE",
+    after_insert_keys=("SELECT setval(pg_get_serial_sequence('policy_history', 'id'), "
+                       "COALESCE(MAX(id), 1), MAX(id) IS NOT NULL) FROM policy_history",))
 
 
 def _schema(dialect: Dialect) -> list[str]:
@@ -161,6 +168,20 @@ def _schema(dialect: Dialect) -> list[str]:
         )""",
         audit_log.CREATE_TABLE,
     ]
+
+
+# Every table of the state, each before the tables whose foreign keys name it: the order in
+# which a backup exports them and a restore fills them (`export_tables`, `import_tables`).
+TABLES = ("policy_history", "current_policy", "endpoints", "canaries", "model_versions",
+          audit_log.TABLE)
+
+
+@dataclass(frozen=True)
+class TableRows:
+    """One table's column names and rows, as a backup carries them."""
+
+    columns: tuple[str, ...]
+    rows: list[tuple]
 
 
 @dataclass(frozen=True)
@@ -364,6 +385,42 @@ class Store:
 
     def _now(self) -> str:
         return audit_log.utc_timestamp(self._clock())
+
+    # -- backup and restore ----------------------------------------------------------------
+
+    def export_tables(self) -> dict[str, TableRows]:
+        """Every table of `TABLES`, read in one snapshot (in PostgreSQL a REPEATABLE READ
+        transaction: a transaction-consistent dump)."""
+        with self._read() as cur:
+            return {table: self._table_rows(cur, table) for table in TABLES}
+
+    def import_tables(self, tables: dict[str, TableRows]) -> None:
+        """Fill an empty store with exported rows, keys included, in one transaction.
+        FailedPrecondition when the store already holds state or a table's columns differ."""
+        with self._write() as cur:
+            for table in TABLES:
+                rows = tables.get(table, TableRows((), []))
+                existing = self._table_rows(cur, table)
+                if existing.rows:
+                    raise FailedPrecondition(f"the store at {self._location} already holds "
+                                             f"state ({len(existing.rows)} rows in {table}); "
+                                             "restore into an empty store")
+                if rows.rows and tuple(rows.columns) != existing.columns:
+                    raise FailedPrecondition(f"table {table} has columns "
+                                             f"{', '.join(existing.columns)}, the rows to "
+                                             f"restore {', '.join(rows.columns)}")
+                insert = (f"INSERT INTO {table} ({', '.join(rows.columns)}) "
+                          f"{self._dialect.insert_keys} VALUES "
+                          f"({', '.join('?' for _ in rows.columns)})")
+                for row in rows.rows:
+                    self._exec(cur, insert, tuple(row))
+            for statement in self._dialect.after_insert_keys:
+                cur.execute(statement)
+
+    def _table_rows(self, cur: Any, table: str) -> TableRows:
+        rows = self._exec(cur, f"SELECT * FROM {table} ORDER BY 1, 2")
+        columns = tuple(column[0] for column in rows.description)
+        return TableRows(columns, [tuple(row) for row in rows.fetchall()])
 
     # -- policies --------------------------------------------------------------------------
 

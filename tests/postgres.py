@@ -123,6 +123,16 @@ def fresh_postgres_url(postgres_url: str) -> str:
     (`?options=-csearch_path=...`): each test starts from nothing, for a fraction of a
     millisecond where a new database takes a quarter of a second. Not dropped: the server
     goes at the end."""
+    return new_schema_url(postgres_url)
+
+
+@pytest.fixture
+def another_postgres_url(postgres_url: str) -> str:
+    """A second `fresh_postgres_url`, for a test that needs two stores."""
+    return new_schema_url(postgres_url)
+
+
+def new_schema_url(postgres_url: str) -> str:
     import psycopg
 
     schema = f"test_{next(_schemas)}"

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.register(commands)
     health.register(commands)
     top.register(commands)
-    for tool in ("models", "audit"):
+    for tool in ("models", "audit", "backup", "restore", "drill"):
         importlib.import_module(f"meshserve.tools.{tool}").register(commands)
     tokens.register(commands)
     args = parser.parse_args(argv)

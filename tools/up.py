@@ -10,6 +10,7 @@ SIGTERM.
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -33,6 +34,9 @@ from meshserve.tools.traffic import admin_channel
 
 HOST = "127.0.0.1"
 TOKEN_PORT_FILE = "ingress.token-port"
+# In DIR/run: how to find this `up` and start it again (`meshserve drill` reads it); each
+# service's process id is in DIR/run/<name>.pid.
+UP_FILE = "up.json"
 # The demo's traffic on a first run: a 10 % canary of mlp version 2; cnn on its latest.
 DEMO_POLICY = {"mlp": {"1": 90, "2": 10}, "cnn": {"1": 0, "2": 100}}
 
@@ -83,6 +87,11 @@ class Child:
             # children in order.
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pid_file.write_text(f"{self.process.pid}\n")
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / f"{self.name}.pid"
 
     def exited(self) -> int | None:
         return None if self.process is None else self.process.poll()
@@ -275,6 +284,8 @@ def prepare(data_dir: Path, say=print) -> None:
         say(f"creating the token-signing key and access policy in {data_dir / 'auth'}")
     (data_dir / "run").mkdir(parents=True, exist_ok=True)
     (data_dir / "run" / TOKEN_PORT_FILE).unlink(missing_ok=True)
+    (data_dir / "run" / UP_FILE).write_text(json.dumps(
+        {"pid": os.getpid(), "cwd": os.getcwd(), "argv": sys.argv[1:]}) + "\n")
 
 
 def metrics_lines(children: list[Child]) -> str:
