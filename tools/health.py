@@ -114,9 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def register(commands) -> None:
-    parser = commands.add_parser(
-        "health", help="one grpc.health.v1 Check over mutual TLS; exit 0 only on SERVING",
-        description=__doc__.split("\n\n")[0])
+    parser = commands.add_parser("health", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
 
 
