@@ -197,8 +197,6 @@ def test_certificates_per_identity_and_what_pods_mount(helm):
         assert certificate["spec"]["commonName"] == component, name
         assert component in certificate["spec"]["dnsNames"]
         assert certificate["spec"]["uris"] == [f"spiffe://meshserve.local/{component}"]
-        probe = main_container(workload)["readinessProbe"]["exec"]["command"]
-        assert f"--identity={component}" in probe
     assert "infer.example.com" in certificates["mesh-ingress"]["spec"]["dnsNames"]
     operator = certificates["mesh-operator"]["spec"]
     assert operator["usages"] == ["client auth", "digital signature"]
@@ -239,14 +237,15 @@ def test_gpu_only_on_compute(helm):
         assert GPU not in main_container(workload)["resources"].get("limits", {})
 
 
-def test_probes_are_meshserve_health_everywhere(helm):
+def test_probes_are_http_gets_on_the_health_port_everywhere(helm):
     for name, workload in workloads(objects(helm)).items():
         main = main_container(workload)
-        [port] = [p for p in main["ports"] if p["name"] == "grpc"]
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            command = main[probe]["exec"]["command"]
-            assert command[:3] == ["meshserve", "health",
-                                   f"localhost:{port['containerPort']}"], (name, probe)
+        [port] = [p["containerPort"] for p in main["ports"] if p["name"] == "health"]
+        assert flag_values(main["args"], "--health-listen") == [f"0.0.0.0:{port}"], name
+        for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"),
+                            ("livenessProbe", "/livez")):
+            assert main[probe]["httpGet"] == {"path": path, "port": "health"}, (name, probe)
+            assert "exec" not in main[probe], (name, probe)
 
 
 def test_only_the_control_plane_gets_an_api_token(helm):
