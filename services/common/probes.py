@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
-from meshserve.common.metrics import split_address
+from meshserve.common.metrics import HttpListener, split_address
 
 BEAT_S = 1.0
 # A loop that has not run for this long is wedged: no healthy callback takes seconds.
@@ -74,22 +74,8 @@ class ProbeEndpoint:
     port_file: Path | None = None
 
 
-class ProbeServer:
-    """A started probe listener (a daemon thread); `close()` stops it."""
-
-    def __init__(self, server: HTTPServer, thread: threading.Thread) -> None:
-        self._server = server
-        self._thread = thread
-        self.port: int = server.server_port
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=2)
-
-
 def serve_probes(address: str, serving: Callable[[], bool], heartbeat: Heartbeat,
-                 stale_after: float = STALE_S) -> ProbeServer:
+                 stale_after: float = STALE_S) -> HttpListener:
     """Answer `/livez` and `/readyz` on http://ADDRESS; port 0 picks a free port (`.port`).
     `serving()` is the service's readiness (its health servicer's "" status)."""
     routes = {"/livez": lambda: liveness(heartbeat, stale_after),
@@ -116,4 +102,4 @@ def serve_probes(address: str, serving: Callable[[], bool], heartbeat: Heartbeat
     server = HTTPServer((host, port), Handler)
     thread = threading.Thread(target=server.serve_forever, name="probes", daemon=True)
     thread.start()
-    return ProbeServer(server, thread)
+    return HttpListener(server, thread)
