@@ -17,6 +17,7 @@ can also answer (`--health-listen HOST:PORT`) two GETs that carry no data and ac
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -99,7 +100,11 @@ def serve_probes(address: str, serving: Callable[[], bool], heartbeat: Heartbeat
             pass
 
     host, port = split_address(address)
-    server = HTTPServer((host, port), Handler)
+
+    class Server(HTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET  # "[::]" too
+
+    server = Server((host, port), Handler)
     thread = threading.Thread(target=server.serve_forever, name="probes", daemon=True)
     thread.start()
     return HttpListener(server, thread)

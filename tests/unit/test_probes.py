@@ -90,3 +90,13 @@ def test_probes_over_http_follow_health_and_a_wedged_loop(loop_thread):
     finally:
         beating.cancel()
         server.close()
+
+
+def test_probes_listen_on_ipv6_too():
+    """Charts on IPv6-only clusters set listenHost "[::]"."""
+    server = serve_probes("[::1]:0", lambda: True, Heartbeat())
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{server.port}/readyz", timeout=5) as reply:
+            assert (reply.status, reply.read()) == (200, b"SERVING\n")
+    finally:
+        server.close()
