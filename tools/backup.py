@@ -264,7 +264,7 @@ def add_layout_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def register(commands) -> None:
-    parser = commands.add_parser("backup", help="write a signed archive of the mesh's state")
+    parser = commands.add_parser("backup")
     add_layout_flags(parser)
     parser.add_argument("--out", type=Path, default=Path("."),
                         help="a directory (a new archive named by time in it) or a FILE.tar "

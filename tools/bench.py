@@ -961,7 +961,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds ``bench run`` and ``bench compare`` to a CLI's subparsers."""
     bench = subparsers.add_parser(
         "bench",
-        help="load generator for Open Inference Protocol gRPC servers",
         description="Closed-loop and open-loop load for any Open Inference Protocol gRPC server.",
     )
     commands = bench.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(commands) -> None:
-    parser = commands.add_parser("infer", help="send one request and print the outputs")
+    parser = commands.add_parser("infer")
     parser.add_argument("model")
     parser.add_argument("--version", default="", help="default: the version the mesh picks")
     parser.add_argument("--target", default="127.0.0.1:8001")

@@ -482,9 +482,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(commands) -> None:
-    parser = commands.add_parser(
-        "drill", help="back up, kill, wipe, restore and restart a running `meshserve up`, "
-                      "under load, and measure the recovery")
+    parser = commands.add_parser("drill")
     parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
                         help="the data directory of the running `meshserve up` (default "
                              "./.meshserve); it is deleted and restored")

@@ -252,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(commands) -> None:
-    parser = commands.add_parser("restore", help="restore a backup into an empty data directory")
+    parser = commands.add_parser("restore")
     parser.add_argument("archive", type=Path, help="the archive `meshserve backup` wrote")
     add_layout_flags(parser)
     parser.add_argument("--trusted", type=Path, action="append", default=None,

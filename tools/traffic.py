@@ -6,18 +6,16 @@ default the development client certificate of `meshserve up`).
 
 import argparse
 import asyncio
-from pathlib import Path
 
 import grpc
 
 from meshserve.common.errors import ServingError
 from meshserve.common.tls import TlsFiles, secure_channel
-from meshserve.mesh.admin import policy_from_proto
 from meshserve.mesh.canary import parse_duration, parse_steps
-from meshserve.mesh.istio import render, to_yaml
 from meshserve.mesh.policy import parse_weights
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.protocol.admin_pb2_grpc import AdminStub
+from meshserve.tools.connection import add_connection_flags
 
 
 def control_plane_address(args: argparse.Namespace) -> str:
@@ -131,7 +129,10 @@ async def call(args: argparse.Namespace) -> str:
                 policy.region = "" if args.off else args.region
             reply = await admin.SetPolicy(pb.SetPolicyRequest(policy=policy, reason=args.reason))
             return f"{args.model}: " + weights_text(reply) + policy_extras(reply)
-        if command == "render":
+        if command == "render":  # the control plane's own code: imported for this alone
+            from meshserve.mesh.admin import policy_from_proto
+            from meshserve.mesh.istio import render, to_yaml
+
             status = await admin.Status(pb.StatusRequest(model=args.model))
             policy = policy_from_proto(status.models[0].policy)
             host = args.host or f"{args.model}-batcher.{args.namespace}.svc.cluster.local"
@@ -176,17 +177,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-def add_connection_flags(parser: argparse.ArgumentParser) -> None:
-    """How an operator command reaches the control plane: `control_plane_address` and
-    `operator_tls` read these."""
-    parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
-                        help="where `meshserve up` keeps certificates and ports")
-    parser.add_argument("--control-plane", help="HOST:PORT (default: the one `up` started)")
-    parser.add_argument("--ca", type=Path)
-    parser.add_argument("--cert", type=Path, help="operator certificate")
-    parser.add_argument("--key", type=Path)
-
-
 def _common(parser: argparse.ArgumentParser) -> None:
     add_connection_flags(parser)
     parser.add_argument("--reason", default="", help="recorded in the audit log")
@@ -194,7 +184,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def register(commands) -> None:
-    traffic = commands.add_parser("traffic", help="see and shift traffic between versions")
+    traffic = commands.add_parser("traffic")
     actions = traffic.add_subparsers(dest="action", required=True, metavar="ACTION")
     status = actions.add_parser("status", help="weights, rates, errors, latency per version")
     status.add_argument("model", nargs="?")
@@ -225,7 +215,7 @@ def register(commands) -> None:
     for parser in (status, setter, pin, rollback, shadow, region, istio):
         _common(parser)
 
-    canary = commands.add_parser("canary", help="automated canary with rollback")
+    canary = commands.add_parser("canary")
     steps = canary.add_subparsers(dest="canary_action", required=True, metavar="ACTION")
     start = steps.add_parser("start", help="step a new version's weight up while healthy")
     start.add_argument("model")

@@ -407,7 +407,7 @@ def positive_count(text: str) -> int:
 
 
 def register(commands) -> None:
-    parser = commands.add_parser("up", help="run every service locally with a demo model")
+    parser = commands.add_parser("up")
     parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
                         help="certificates, models and logs (default ./.meshserve)")
     parser.add_argument("--port", type=int, default=8001, help="ingress port (0: any free)")

@@ -138,8 +138,9 @@ class MetricsEndpoint:
     port_file: Path | None = None
 
 
-class MetricsServer:
-    """A started `/metrics` HTTP server (a daemon thread); `close()` stops it."""
+class HttpListener:
+    """A started HTTP server on a daemon thread (`/metrics`, or the probes of
+    meshserve.common.probes); `close()` stops it."""
 
     def __init__(self, server, thread) -> None:
         self._server = server
@@ -156,15 +157,15 @@ def split_address(address: str) -> tuple[str, int]:
     """`HOST:PORT` (IPv6 as `[::1]:PORT`) → (host, port)."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"metrics address {address!r} is not HOST:PORT")
+        raise ValueError(f"address {address!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
 
 
-def serve_metrics(registry: CollectorRegistry, address: str) -> MetricsServer:
+def serve_metrics(registry: CollectorRegistry, address: str) -> HttpListener:
     """Serve `registry` at http://ADDRESS/metrics; port 0 picks a free port (see `.port`)."""
     host, port = split_address(address)
     server, thread = start_http_server(port, addr=host, registry=registry)
-    return MetricsServer(server, thread)
+    return HttpListener(server, thread)
 
 
 # --- the recorders each service's core is handed -------------------------------------------

@@ -71,7 +71,7 @@ def test_metrics_off(helm, service):
     objects = helm.render(service, (service,), ("--set", "metrics.enabled=false"))
     args = container(objects)["args"]
     assert not [arg for arg in args if arg.startswith("--metrics")]
-    assert list(ports(objects, "container")) == ["grpc"]
+    assert list(ports(objects, "container")) == ["grpc", "health"]  # probes stay
     assert list(ports(objects, "Service")) == ["grpc"]
     policy = objects["NetworkPolicy"]["spec"]
     assert not metrics_rules(policy)

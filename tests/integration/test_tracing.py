@@ -4,56 +4,23 @@ OTLP receiver under the client's trace id, with the right parents and links."""
 import asyncio
 import json
 import secrets
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from tests.integration.conftest import running_mesh
 from tests.integration.test_mesh import mlp_request, public_stub
+from tests.otlp_receiver import receiving
 
 SERVICES = {"ingress", "router", "batcher", "compute"}
 NAMES = {"ingress.request", "ingress.auth", "ingress.validate", "router.route", "batcher.queue",
          "batcher.batch", "compute.infer"}
 
 
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """Keeps every span it is sent, with its resource's `service.name`."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[str, object]] = []
-        self._lock = threading.Lock()
-
-    def Export(self, request, context):
-        with self._lock:
-            for resource_spans in request.resource_spans:
-                attributes = {a.key: a.value.string_value
-                              for a in resource_spans.resource.attributes}
-                for scope in resource_spans.scope_spans:
-                    self.spans.extend((attributes.get("service.name", ""), span)
-                                      for span in scope.spans)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def of_trace(self, trace_id: bytes) -> list[tuple[str, object]]:
-        with self._lock:
-            return [(service, span) for service, span in self.spans
-                    if span.trace_id == trace_id]
-
-
 @pytest.fixture(scope="module")
 def receiver():
-    server = grpc.server(ThreadPoolExecutor(max_workers=4))
-    collected = Receiver()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collected, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield collected, port
-    finally:
-        server.stop(0)
+    with receiving() as started:
+        yield started
 
 
 @pytest.fixture(scope="module")

@@ -140,6 +140,9 @@ spec:
               containerPort: {{ .Values.metrics.port }}
               protocol: TCP
             {{- end }}
+            - name: health
+              containerPort: {{ .Values.probes.port }}
+              protocol: TCP
           env:
             - name: PYTHONUNBUFFERED
               value: "1"
