@@ -17,6 +17,8 @@ from pathlib import Path
 from meshserve.tools.demo_models import MAX_BATCH_SIZE, atomic_write, build_model
 
 IMAGE_SIZE = 64
+_IMAGE = f"[ {IMAGE_SIZE}, {IMAGE_SIZE}, 3 ]"
+_PIXELS = f"[ 3, {IMAGE_SIZE}, {IMAGE_SIZE} ]"
 TOP_K = 3
 LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
           "truck")
@@ -35,8 +37,8 @@ PREPROCESS_CONFIG = (
     'name: "preprocess"\n'
     'backend: "python"\n'
     f"max_batch_size: {MAX_BATCH_SIZE}\n"
-    f'input [ {{ name: "IMAGE" data_type: TYPE_UINT8 dims: [ {IMAGE_SIZE}, {IMAGE_SIZE}, 3 ] }} ]\n'
-    f'output [ {{ name: "PIXELS" data_type: TYPE_FP32 dims: [ 3, {IMAGE_SIZE}, {IMAGE_SIZE} ] }} ]\n'
+    f'input [ {{ name: "IMAGE" data_type: TYPE_UINT8 dims: {_IMAGE} }} ]\n'
+    f'output [ {{ name: "PIXELS" data_type: TYPE_FP32 dims: {_PIXELS} }} ]\n'
     + _BATCHING)
 
 POSTPROCESS_CONFIG = (
@@ -54,7 +56,7 @@ CLASSIFY_CONFIG = (
     'name: "classify"\n'
     'platform: "ensemble"\n'
     f"max_batch_size: {MAX_BATCH_SIZE}\n"
-    f'input [ {{ name: "IMAGE" data_type: TYPE_UINT8 dims: [ {IMAGE_SIZE}, {IMAGE_SIZE}, 3 ] }} ]\n'
+    f'input [ {{ name: "IMAGE" data_type: TYPE_UINT8 dims: {_IMAGE} }} ]\n'
     "output [\n"
     f'  {{ name: "LABELS" data_type: TYPE_STRING dims: [ {TOP_K} ] }},\n'
     f'  {{ name: "SCORES" data_type: TYPE_FP32 dims: [ {TOP_K} ] }}\n'
