@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshserve.common.datatypes import WIRE_FROM_CONFIG
-from meshserve.common.errors import FailedPrecondition, InvalidArgument
+from meshserve.common.errors import FailedPrecondition
 from meshserve.protocol import model_config_pb2 as mc
 from meshserve.protocol.model_config_pb2 import ModelConfig
 
@@ -47,7 +47,7 @@ class Graph:
 
 
 def read_graph(data: bytes, source: str) -> Graph:
-    """The graph's inputs (initializers left out) and outputs; InvalidArgument naming
+    """The graph's inputs (initializers left out) and outputs; FailedPrecondition naming
     `source` when `data` is not an ONNX model."""
     import onnx
     from google.protobuf.message import DecodeError
@@ -55,11 +55,12 @@ def read_graph(data: bytes, source: str) -> Graph:
     try:
         model = onnx.load_model_from_string(data)
     except (DecodeError, ValueError, RuntimeError) as error:
-        raise InvalidArgument(f"{source}: not an ONNX model (cannot parse it: {error})") from None
+        raise FailedPrecondition(f"{source}: not an ONNX model (cannot parse it: {error})") \
+            from None
     graph = model.graph
     if not model.ir_version or not graph.output:
-        raise InvalidArgument(f"{source}: not an ONNX model (no IR version or no graph "
-                              "outputs)")
+        raise FailedPrecondition(f"{source}: not an ONNX model (no IR version or no graph "
+                                 "outputs)")
     initializers = {i.name for i in graph.initializer}
     return Graph(inputs=tuple(_tensor(v) for v in graph.input if v.name not in initializers),
                  outputs=tuple(_tensor(v) for v in graph.output))
