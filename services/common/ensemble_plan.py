@@ -135,7 +135,7 @@ def _step(config: ModelConfig, number: int, spec, lookup: Lookup,
                                   f"'{spec.model_name}' lacks (outputs: {', '.join(outputs)})")
         out = outputs[name]
         written[tensor] = _Tensor(WIRE_FROM_CONFIG[out.data_type], tuple(out.dims),
-                                  f"output '{name}' of step {number}")
+                                  f"output '{name}' of step {number} ('{spec.model_name}')")
     step = Step(number, spec.model_name, version, tuple(sorted(spec.input_map.items())),
                 tuple(sorted(spec.output_map.items())))
     return step, written
