@@ -50,3 +50,12 @@ def _model(graph) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     return model.SerializeToString()
+
+
+def bf16_model() -> bytes:
+    """X BF16 [batch, 2] -> Y = X (onnxruntime's CPU provider has little BF16 arithmetic)."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["X"], ["Y"])], "bf16",
+        [helper.make_tensor_value_info("X", TensorProto.BFLOAT16, [BATCH, 2])],
+        [helper.make_tensor_value_info("Y", TensorProto.BFLOAT16, [BATCH, 2])])
+    return _model(graph)

@@ -38,8 +38,9 @@ def random_request(metadata: pb.ModelMetadataResponse, batch: int,
         if tensor.datatype == "BYTES":
             array = generator.integers(0, 10**6, shape).astype(str).astype(object)
             raw = serialize_bytes(array.reshape(-1).tolist())
-        elif tensor.datatype == "UINT8":  # images: the whole range
-            array = generator.integers(0, 256, shape, dtype=numpy.uint8)
+        elif NUMPY_DTYPE[tensor.datatype].kind in "iu":  # UINT8 images: the whole range
+            high = 256 if tensor.datatype == "UINT8" else 100
+            array = generator.integers(0, high, shape).astype(NUMPY_DTYPE[tensor.datatype])
             raw = array.tobytes()
         else:
             array = generator.standard_normal(shape).astype(NUMPY_DTYPE[tensor.datatype])

@@ -342,7 +342,8 @@ def metrics_lines(children: list[Child]) -> str:
 
 
 def banner(data_dir: Path, ingress: Child, children: list[Child] | None = None,
-           bearer_port: int | None = None) -> str:
+           bearer_port: int | None = None, model: str = "") -> str:
+    """What to call now; `model` names one of a user's repository (the demo's otherwise)."""
     tls = data_dir / "tls"
     metrics = (f"\nPrometheus metrics:\n{metrics_lines(children)}\n"
                if children and children[0].metrics else "")
@@ -353,10 +354,19 @@ Bearer-token callers: {HOST}:{bearer_port} (server TLS; CA {tls}/ca.crt; policy
   meshserve token issue --subject app/demo --scope infer --models mlp --ttl 1h \\
       --data-dir {data_dir}
 """
+    if model:
+        return f"""
+meshserve is ready: {ingress.address} (mutual TLS; client certificate {tls}/client.crt)
+
+  meshserve infer {model} --data-dir {data_dir} --target {ingress.address}
+{tokens}{metrics}
+Logs: {data_dir / 'run'}/*.log. Ctrl-C stops everything.
+"""
     return f"""
 meshserve is ready: {ingress.address} (mutual TLS; client certificate {tls}/client.crt)
 
   meshserve infer mlp --data-dir {data_dir} --target {ingress.address}
+  meshserve infer classify --data-dir {data_dir} --target {ingress.address}
 
   import numpy, tritonclient.grpc as tc
   client = tc.InferenceServerClient("{ingress.address}", ssl=True,
@@ -425,7 +435,9 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
     ingress = children[-1]
     bearer_port = await wait_token_port(data_dir, args.timeout)
     (data_dir / "run" / "endpoint").write_text(f"{ingress.address}\n")
-    print(banner(data_dir, ingress, children, bearer_port), flush=True)
+    model = "" if args.model_repository is None else next(
+        (child.model for child in children if child.model), "MODEL")
+    print(banner(data_dir, ingress, children, bearer_port, model), flush=True)
     supervisor = asyncio.create_task(supervise(children, data_dir / "tls"))
     await stop.wait()
     supervisor.cancel()

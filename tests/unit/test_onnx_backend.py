@@ -1,5 +1,6 @@
 """The ONNX Runtime backend answers what onnxruntime's own InferenceSession answers."""
 
+import ml_dtypes
 import numpy
 import onnxruntime
 import pytest
@@ -11,7 +12,7 @@ from meshserve.compute.backends import load_model
 from meshserve.compute.backends.onnx import providers_for
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.tools.client import outputs_of
-from tests.onnx_models import every_type_model
+from tests.onnx_models import bf16_model, every_type_model
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +116,18 @@ def test_bytes_round_trip():
     assert deserialize_bytes(raw, [1, 3]).tolist() == [[b"a", "é".encode(), b""]]
     with pytest.raises(InvalidArgument, match="needs 2 elements; it holds 3"):
         deserialize_bytes(raw, [2])
+
+
+def test_bf16_travels_both_ways(tmp_path):
+    (tmp_path / "bf" / "1").mkdir(parents=True)
+    (tmp_path / "bf" / "config.pbtxt").write_text('platform: "onnxruntime_onnx"\n')
+    (tmp_path / "bf" / "1" / "model.onnx").write_bytes(bf16_model())
+    entry = ModelRepository.load(tmp_path).get("bf")
+    model = load_model(entry.config, entry.path / "1" / "model.onnx", entry.path / "1", "cpu", 1)
+    x = numpy.array([[1.5, -2.25], [3.0, 0.125]], dtype=ml_dtypes.bfloat16)
+    request = pb.ModelInferRequest(model_name="bf")
+    request.inputs.add(name="X", datatype="BF16", shape=[2, 2])
+    request.raw_input_contents.append(x.tobytes())
+    response, _ = model.run(request, "1")
+    assert (response.outputs[0].datatype, list(response.outputs[0].shape)) == ("BF16", [2, 2])
+    assert response.raw_output_contents[0] == x.tobytes()

@@ -8,6 +8,7 @@ graph before the session is made, so a mismatch is refused at load, naming the f
 
 from __future__ import annotations
 
+import ctypes
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from meshserve.common import onnx_graph
 from meshserve.common.errors import FailedPrecondition, Internal, InvalidArgument
 from meshserve.compute.backends import tensors
 from meshserve.compute.timings import Timings
+from meshserve.protocol import model_config_pb2 as mc
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
 from meshserve.protocol.model_config_pb2 import ModelConfig
 
@@ -55,7 +57,8 @@ class OnnxModel:
         except Exception as error:  # noqa: BLE001 — onnxruntime's own exception types
             raise FailedPrecondition(f"{where}: onnxruntime cannot load it: {error}") from None
         self.device = "cuda" if CUDA in self.session.get_providers() else "cpu"
-        self._bf16 = {t.name for t in config.input if t.data_type == 14}
+        self._bf16 = {t.name for t in config.input if t.data_type == mc.TYPE_BF16}
+        self._bf16_out = {t.name for t in config.output if t.data_type == mc.TYPE_BF16}
 
     def _feeds(self, arrays: dict[str, numpy.ndarray]) -> dict:
         import onnxruntime
@@ -76,7 +79,8 @@ class OnnxModel:
         names = tensors.wanted_outputs(request, self.config)
         decoded = time.perf_counter_ns()
         try:
-            results = self.session.run(names, feeds)
+            results = (self._run_bf16(names, feeds) if self._bf16_out
+                       else self.session.run(names, feeds))
         except Exception as error:  # noqa: BLE001 — onnxruntime's own exception types
             raise Internal(f"{self._where}: onnxruntime failed: {error}") from None
         predicted = time.perf_counter_ns()
@@ -84,6 +88,24 @@ class OnnxModel:
                                   version, self._where)
         done = time.perf_counter_ns()
         return response, Timings(decoded - start, predicted - decoded, done - predicted)
+
+    def _run_bf16(self, names: list[str], feeds: dict) -> list[numpy.ndarray]:
+        """A run whose outputs include BF16 ones, which onnxruntime cannot hand back as numpy
+        arrays: their bytes are read from the OrtValue."""
+        import ml_dtypes
+        import onnxruntime
+
+        values = {name: value if isinstance(value, onnxruntime.OrtValue)
+                  else onnxruntime.OrtValue.ortvalue_from_numpy(value)
+                  for name, value in feeds.items()}
+        results = []
+        for name, value in zip(names, self.session.run_with_ort_values(names, values)):
+            if name in self._bf16_out:
+                raw = ctypes.string_at(value.data_ptr(), value.tensor_size_in_bytes())
+                results.append(numpy.frombuffer(raw, ml_dtypes.bfloat16).reshape(value.shape()))
+            else:
+                results.append(value.numpy())
+        return results
 
     def warmup_requests(self) -> list[ModelInferRequest]:
         return tensors.warmup_requests(self.config)
