@@ -64,6 +64,21 @@ output [
 dynamic_batching { }
 '''
 
+# An ensemble of one step: add_sub version 1.
+GREET = """
+platform: "ensemble"
+max_batch_size: 16
+input [ { name: "A" data_type: TYPE_FP32 dims: [ 4 ] },
+        { name: "B" data_type: TYPE_FP32 dims: [ 4 ] },
+        { name: "NAME" data_type: TYPE_STRING dims: [ 1 ] } ]
+output [ { name: "SUM" data_type: TYPE_FP32 dims: [ 4 ] },
+         { name: "GREETING" data_type: TYPE_STRING dims: [ 1 ] } ]
+ensemble_scheduling { step [ { model_name: "add_sub" model_version: 1
+  input_map { key: "A" value: "A" } input_map { key: "B" value: "B" }
+  input_map { key: "NAME" value: "NAME" }
+  output_map { key: "SUM" value: "SUM" } output_map { key: "GREETING" value: "GREETING" } } ] }
+"""
+
 RAISES_IN_INITIALIZE_PY = '''\
 import triton_python_backend_utils as pb_utils
 
