@@ -24,6 +24,7 @@ import grpc
 from meshserve.common import artifacts, model_files
 from meshserve.common.errors import ServingError
 from meshserve.common.files import write_atomic
+from meshserve.common.repository import ModelRepository
 from meshserve.mesh.fetch import verify_fetched
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.protocol.admin_pb2_grpc import AdminStub
@@ -135,8 +136,10 @@ def verify(args: argparse.Namespace) -> int:
         print(f"error: {error.message}", file=sys.stderr)
         return 2
     checked = []
+    ensembles = frozenset(ModelRepository.load(args.repository).ensembles())
     problems = model_files.verify_repository(args.repository, trusted, kek,
-                                             lambda m, v: checked.append(f"{m}/{v}"))
+                                             lambda m, v: checked.append(f"{m}/{v}"),
+                                             without_artifact=ensembles)
     for problem in problems:
         print(problem)
     if problems:

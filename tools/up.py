@@ -1,10 +1,11 @@
 """`meshserve up`: the embedded default — every service as a local process on loopback.
 
 On first run it creates development certificates in DIR/tls and the demo model repository
-in DIR/models; then it starts the control plane (state in DIR/mesh.db), compute replicas and
-batchers for each model version (one of each unless asked for more), a router steered by the
-control plane, and the ingress; waits until each is ready, and stops them all on Ctrl-C or
-SIGTERM.
+in DIR/models (or serves the repository `--model-repository` names); then it starts the
+control plane (state in DIR/mesh.db), compute replicas and batchers for each version of each
+model but ensembles (the ingress runs those), a router steered by the control plane, and the
+ingress; waits until each is ready (a version whose compute refuses its model is reported
+and left out), and stops them all on Ctrl-C or SIGTERM.
 """
 
 import argparse
@@ -24,8 +25,9 @@ import grpc
 from meshserve.common.logs import sample_fraction
 from meshserve.common.repository import ModelRepository
 from meshserve.common.tls import TlsFiles, channel_credentials
-from meshserve.protocol import admin_pb2, health_pb2
+from meshserve.protocol import admin_pb2, grpc_service_pb2, health_pb2
 from meshserve.protocol.admin_pb2_grpc import AdminStub
+from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.protocol.health_pb2_grpc import HealthStub
 from meshserve.tools import dev_signing
 from meshserve.tools.certs import init_certs
@@ -112,8 +114,15 @@ class Child:
         return f"{HOST}:{self.port}"
 
 
-async def wait_ready(child: Child, tls: TlsFiles, timeout: float) -> float:
-    """Poll grpc.health.v1 until SERVING; returns the seconds it took."""
+class Refused(Exception):
+    """A compute that stays up, not serving, because it refused its model; says why."""
+
+
+async def wait_ready(child: Child, tls: TlsFiles, timeout: float,
+                     refusal_tls: TlsFiles | None = None) -> float:
+    """Poll grpc.health.v1 until SERVING; returns the seconds it took. With `refusal_tls`
+    (a compute's caller's certificate), raise Refused as soon as the compute says it
+    refused its model."""
     start = time.monotonic()
     options = [("grpc.ssl_target_name_override", child.identity)]
     async with grpc.aio.secure_channel(child.address, channel_credentials(tls),
@@ -127,8 +136,24 @@ async def wait_ready(child: Child, tls: TlsFiles, timeout: float) -> float:
                 reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return time.monotonic() - start
+            if refusal_tls is not None:
+                await raise_if_refused(child, refusal_tls)
             await asyncio.sleep(0.1)
     raise TimeoutError(f"{child.name} not ready after {timeout:.0f} s; see {child.log}")
+
+
+async def raise_if_refused(compute: Child, tls: TlsFiles) -> None:
+    """A compute that refused its model answers FAILED_PRECONDITION with the reason (one
+    still loading, UNAVAILABLE)."""
+    options = [("grpc.ssl_target_name_override", compute.identity)]
+    async with grpc.aio.secure_channel(compute.address, channel_credentials(tls),
+                                       options=options) as channel:
+        try:
+            await GRPCInferenceServiceStub(channel).ModelInfer(grpc_service_pb2.ModelInferRequest(
+                model_name=compute.model, model_version=compute.version), timeout=1)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise Refused(error.details()) from None
 
 
 def stop_all(children: list[Child], grace: float) -> None:
@@ -161,20 +186,28 @@ def token_port(data_dir: Path) -> int | None:
     return int(path.read_text()) if path.exists() else None
 
 
+def repository_of(data_dir: Path, repository: Path | None = None) -> Path:
+    """The repository `up` serves: the one given, else the demo's in DIR/models."""
+    return (data_dir / "models") if repository is None else repository.resolve()
+
+
 def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
          compute_replicas: int = 1, audit_denied_sample: float = 0.01,
-         batcher_replicas: int = 1) -> list[list[Child]]:
+         batcher_replicas: int = 1, repository: Path | None = None) -> list[list[Child]]:
     """The children in start order: control plane, computes, batchers, router, ingress.
 
-    Each model version gets `compute_replicas` compute processes (`compute-M-V` when there
-    is one, `compute-M-V-0`, `compute-M-V-1`, ... when there are more) and likewise
-    `batcher_replicas` batchers (`batcher-M-V`, or `batcher-M-V-0`, ...); every batcher of
-    a version is given all of that version's computes."""
-    models = data_dir / "models"
+    Each version of each model but ensembles gets `compute_replicas` compute processes
+    (`compute-M-V` when there is one, `compute-M-V-0`, `compute-M-V-1`, ... when there are
+    more) and likewise `batcher_replicas` batchers (`batcher-M-V`, or `batcher-M-V-0`, ...);
+    every batcher of a version is given all of that version's computes. Ensembles and models
+    the repository refused get none."""
+    models = repository_of(data_dir, repository)
     run_dir = data_dir / "run"
-    repository = ModelRepository.load(models)
+    loaded = ModelRepository.load(models)
     computes, batchers = [], []
-    for name, entry in sorted(repository.models.items()):
+    for name, entry in sorted(loaded.models.items()):
+        if entry.plan is not None:  # an ensemble: the ingress runs its steps
+            continue
         for version in entry.versions:
             common = [f"--model-repository={models}", f"--model={name}", f"--version={version}"]
             for replica in range(compute_replicas):
@@ -190,7 +223,7 @@ def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
     control_plane = Child("control-plane", "control-plane",
                           [f"--store={data_dir / 'mesh.db'}",
                            f"--policy={data_dir / 'auth' / POLICY}",
-                           *dev_signing.control_plane_flags(data_dir)], run_dir)
+                           *dev_signing.control_plane_flags(data_dir, models)], run_dir)
     router = Child("router", "router", [], run_dir)
     ingress = Child("ingress", "ingress", [f"--model-repository={models}",
                                            f"--listen={HOST}:{port}", "--require-client-cert",
@@ -210,9 +243,10 @@ def compute_flags(batcher: Child, computes: list[Child]) -> list[str]:
             if (compute.model, compute.version) == (batcher.model, batcher.version)]
 
 
-async def register_batchers(control_plane: Child, batchers: list[Child], tls: TlsFiles) -> None:
+async def register_batchers(control_plane: Child, batchers: list[Child], tls: TlsFiles,
+                            first_policy: dict[str, dict[str, int]]) -> None:
     """Tell the control plane where each version's batchers are (replacing stale addresses of
-    an earlier run) and, on a first run, set the demo traffic policy."""
+    an earlier run) and, on a first run, set `first_policy`'s weights."""
     async with admin_channel(control_plane.address, tls) as channel:
         admin = AdminStub(channel)
         status = await admin.Status(admin_pb2.StatusRequest())
@@ -227,7 +261,7 @@ async def register_batchers(control_plane: Child, batchers: list[Child], tls: Tl
         if not status.models:  # a first run
             current = await admin.Status(admin_pb2.StatusRequest())
             for model in current.models:
-                demo = DEMO_POLICY.get(model.policy.model)
+                demo = first_policy.get(model.policy.model)
                 if demo:
                     weights = {version: demo.get(version, 0) for version in model.policy.weights}
                     await admin.SetPolicy(admin_pb2.SetPolicyRequest(
@@ -237,12 +271,14 @@ async def register_batchers(control_plane: Child, batchers: list[Child], tls: Tl
 
 async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
                      say=print, metrics: bool = True, compute_replicas: int = 1,
-                     audit_denied_sample: float = 0.01, batcher_replicas: int = 1) -> list[Child]:
+                     audit_denied_sample: float = 0.01, batcher_replicas: int = 1,
+                     repository: Path | None = None) -> list[Child]:
     tls_dir = data_dir / "tls"
     operator = TlsFiles.for_identity(tls_dir, "client")
     tiers = plan(data_dir, port, device, metrics, compute_replicas, audit_denied_sample,
-                 batcher_replicas)
+                 batcher_replicas, repository)
     [control_plane], computes, batchers, [router], [ingress] = tiers
+    first_policy = DEMO_POLICY if repository is None else {}
     started: list[Child] = []
     try:
         for tier in tiers:
@@ -259,9 +295,21 @@ async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
             await asyncio.gather(*(child.wait_port(timeout) for child in tier))
             if tier is batchers:
                 await wait_ready(control_plane, operator, timeout)
-                await register_batchers(control_plane, batchers, operator)
+                await register_batchers(control_plane, batchers, operator, first_policy)
+        refused: set[tuple[str, str]] = set()
+        compute_caller = TlsFiles.for_identity(tls_dir, "batcher")
         for child in started:
-            seconds = await wait_ready(child, operator, timeout)
+            if child in batchers and (child.model, child.version) in refused:
+                say(f"  down   {child.name:<18} {child.address:<16} (its compute refused "
+                    "the model)")
+                continue
+            try:
+                seconds = await wait_ready(child, operator, timeout,
+                                           compute_caller if child in computes else None)
+            except Refused as refusal:
+                refused.add((child.model, child.version))
+                say(f"  REFUSED {child.name}: {refusal}")
+                continue
             say(f"  ready  {child.name:<18} {child.address:<16} ({seconds:.1f} s)")
         return started
     except BaseException:
@@ -269,17 +317,28 @@ async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
         raise
 
 
-def prepare(data_dir: Path, say=print) -> None:
-    from meshserve.tools.demo_models import write_demo_repository  # torch: only when needed
-
+def prepare(data_dir: Path, say=print, repository: Path | None = None) -> None:
+    """Certificates, keys and the access policy; the demo repository unless `repository`
+    names another. Unsigned versions are signed with the development key; models the
+    repository refuses are reported."""
     tls_dir = data_dir / "tls"
     if not (tls_dir / "ca.crt").exists():
         say(f"creating development certificates in {tls_dir}")
     init_certs(tls_dir)
-    if not (data_dir / "models").exists():
-        say(f"writing the demo model repository to {data_dir / 'models'}")
-    write_demo_repository(data_dir / "models")
-    dev_signing.prepare_keys_and_sign(data_dir, say)
+    models = repository_of(data_dir, repository)
+    if repository is None:
+        from meshserve.tools.demo_models import write_demo_repository  # torch: when needed
+
+        if not models.exists():
+            say(f"writing the demo model repository to {models}")
+        write_demo_repository(models)
+    elif not models.is_dir():
+        raise RuntimeError(f"model repository {models} is not a directory")
+    else:
+        say(f"serving the model repository {models}")
+    dev_signing.prepare_keys_and_sign(data_dir, say, models)
+    for reason in sorted(ModelRepository.load(models).refused.values()):
+        say(f"  REFUSED {reason}")
     if init_auth(data_dir / "auth"):
         say(f"creating the token-signing key and access policy in {data_dir / 'auth'}")
     (data_dir / "run").mkdir(parents=True, exist_ok=True)
@@ -294,7 +353,8 @@ def metrics_lines(children: list[Child]) -> str:
 
 
 def banner(data_dir: Path, ingress: Child, children: list[Child] | None = None,
-           bearer_port: int | None = None) -> str:
+           bearer_port: int | None = None, model: str = "") -> str:
+    """What to call now; `model` names one of a user's repository (the demo's otherwise)."""
     tls = data_dir / "tls"
     metrics = (f"\nPrometheus metrics:\n{metrics_lines(children)}\n"
                if children and children[0].metrics else "")
@@ -305,10 +365,19 @@ Bearer-token callers: {HOST}:{bearer_port} (server TLS; CA {tls}/ca.crt; policy
   meshserve token issue --subject app/demo --scope infer --models mlp --ttl 1h \\
       --data-dir {data_dir}
 """
+    if model:
+        return f"""
+meshserve is ready: {ingress.address} (mutual TLS; client certificate {tls}/client.crt)
+
+  meshserve infer {model} --data-dir {data_dir} --target {ingress.address}
+{tokens}{metrics}
+Logs: {data_dir / 'run'}/*.log. Ctrl-C stops everything.
+"""
     return f"""
 meshserve is ready: {ingress.address} (mutual TLS; client certificate {tls}/client.crt)
 
   meshserve infer mlp --data-dir {data_dir} --target {ingress.address}
+  meshserve infer classify --data-dir {data_dir} --target {ingress.address}
 
   import numpy, tritonclient.grpc as tc
   client = tc.InferenceServerClient("{ingress.address}", ssl=True,
@@ -354,7 +423,7 @@ async def wait_token_port(data_dir: Path, timeout: float) -> int | None:
 
 async def serve_until_stopped(args: argparse.Namespace) -> int:
     data_dir = args.data_dir.resolve()
-    prepare(data_dir)
+    prepare(data_dir, repository=args.model_repository)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -364,7 +433,8 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
                                               metrics=not args.no_metrics,
                                               compute_replicas=args.compute_replicas,
                                               audit_denied_sample=args.audit_denied_sample,
-                                              batcher_replicas=args.batcher_replicas))
+                                              batcher_replicas=args.batcher_replicas,
+                                              repository=args.model_repository))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
@@ -376,7 +446,9 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
     ingress = children[-1]
     bearer_port = await wait_token_port(data_dir, args.timeout)
     (data_dir / "run" / "endpoint").write_text(f"{ingress.address}\n")
-    print(banner(data_dir, ingress, children, bearer_port), flush=True)
+    model = "" if args.model_repository is None else next(
+        (child.model for child in children if child.model), "MODEL")
+    print(banner(data_dir, ingress, children, bearer_port, model), flush=True)
     supervisor = asyncio.create_task(supervise(children, data_dir / "tls"))
     await stop.wait()
     supervisor.cancel()
@@ -410,6 +482,10 @@ def register(commands) -> None:
     parser = commands.add_parser("up")
     parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
                         help="certificates, models and logs (default ./.meshserve)")
+    parser.add_argument("--model-repository", type=Path, metavar="PATH",
+                        help="serve this Triton-layout repository (TorchScript, ONNX, Python "
+                             "and ensemble models) instead of the demo in DIR/models; unsigned "
+                             "versions are signed with the development key")
     parser.add_argument("--port", type=int, default=8001, help="ingress port (0: any free)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--timeout", type=float, default=120.0,

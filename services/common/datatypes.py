@@ -139,3 +139,29 @@ def split_bytes_rows(raw: bytes | bytearray | memoryview, counts: list[int]) -> 
         chunks.append(bytes(view[start:end]))
         start = end
     return chunks
+
+
+def serialize_bytes(elements: Iterable[bytes | str]) -> bytes:
+    """The raw contents of a BYTES tensor holding `elements` (str is written as UTF-8)."""
+    parts = []
+    for element in elements:
+        data = element.encode("utf-8") if isinstance(element, str) else bytes(element)
+        parts.append(_LENGTH.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def deserialize_bytes(raw: bytes | bytearray | memoryview, shape: Iterable[int]) -> numpy.ndarray:
+    """A BYTES tensor's raw contents as a numpy object array of `bytes` of `shape`."""
+    view = memoryview(raw).cast("B")
+    elements, start = [], 0
+    for end in _frames(view):
+        elements.append(bytes(view[start + _LENGTH.size:end]))
+        start = end
+    shape = tuple(int(d) for d in shape)
+    if len(elements) != element_count(shape):
+        raise InvalidArgument(f"a BYTES tensor of shape {list(shape)} needs "
+                              f"{element_count(shape)} elements; it holds {len(elements)}")
+    array = numpy.empty(len(elements), dtype=object)
+    array[:] = elements
+    return array.reshape(shape)

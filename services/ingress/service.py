@@ -52,6 +52,7 @@ from meshserve.ingress.async_service import (
 from meshserve.ingress.auth import Caller, Gate, OnDenied, OpenGate
 from meshserve.ingress.budget import ByteBudget
 from meshserve.ingress.denials import DenialAudit
+from meshserve.ingress.ensembles import EnsembleRunner
 from meshserve.ingress.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER, JwksUrl, jwks_source
 from meshserve.mesh.policy import PIN_HEADER
 from meshserve.protocol import grpc_service_pb2 as pb
@@ -114,6 +115,7 @@ class Ingress:
         self.budget = ByteBudget(max_inflight_bytes, "max_inflight_bytes")
         prefix = secrets.token_hex(4)  # ids unique across ingress replicas, cheap per request
         self._ids = (f"{prefix}-{n}" for n in itertools.count())
+        self.ensembles = EnsembleRunner(repository, self.infer, metrics)
 
     def _forwarder(self, model: str) -> GroupForwarder:
         forwarder = self._forwarders.get(model)
@@ -137,6 +139,8 @@ class Ingress:
                     admit: Callable[[], None] | None = None) -> pb.ModelInferResponse:
         """`traceparent`: the client's W3C trace context (read only when tracing). `admit`,
         when given, authenticates and authorizes the caller (raising to refuse), first."""
+        if request.model_name in self.ensembles:  # its steps come back here, one by one
+            return await self.ensembles.infer(request, remaining, traceparent, admit)
         request_id = next(self._ids)
         if self._tracing is None:
             return await self._observed(request, remaining, request_id, None, admit)
@@ -277,7 +281,20 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):
         self._may(context, "models:read", request.name)
         self._ingress.config(request.name, request.version)
+        if request.name in self._ingress.ensembles:
+            return pb.ModelReadyResponse(ready=await self._ready(request.name, request.version))
         return await self._ingress.router.inference.ModelReady(request, timeout=5)
+
+    async def _ready(self, name: str, version: str) -> bool:
+        """A version is ready when its batcher is; an ensemble when all its steps are."""
+        if name in self._ingress.ensembles:
+            return await self._ingress.ensembles.ready(name, self._ready)
+        try:
+            reply = await self._ingress.router.inference.ModelReady(
+                pb.ModelReadyRequest(name=name, version=version), timeout=5)
+        except Exception:  # noqa: BLE001 — reported as the model's state
+            return False
+        return reply.ready
 
     async def ModelMetadata(self, request, context):
         self._may(context, "models:read", request.name)
@@ -300,6 +317,10 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             self._may(context, "models:read", request.name)
         for name in [request.name] if request.name else self._readable(context):
             entry = self._ingress.config(name, request.version)
+            if name in self._ingress.ensembles:
+                response.model_stats.extend(self._ingress.ensembles.statistics(
+                    name, request.version))
+                continue
             for version in [request.version] if request.version else entry.versions:
                 reply = await self._ingress.router.inference.ModelStatistics(
                     pb.ModelStatisticsRequest(name=name, version=version), timeout=5)
@@ -313,18 +334,20 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 if self._gate.allows(caller, "models:read", name)]
 
     async def RepositoryIndex(self, request, context):
+        """Every version and its state; a model refused at load as UNAVAILABLE, saying why."""
         response = pb.RepositoryIndexResponse()
+        repository = self._ingress.repository
         for name in self._readable(context):
-            for version in self._ingress.repository.models[name].versions:
-                try:
-                    reply = await self._ingress.router.inference.ModelReady(
-                        pb.ModelReadyRequest(name=name, version=version), timeout=5)
-                    ready = reply.ready
-                except Exception:  # noqa: BLE001 — reported as the model's state
-                    ready = False
+            for version in repository.models[name].versions:
+                ready = await self._ready(name, version)
                 if ready or not request.ready:
                     response.models.add(name=name, version=version,
                                         state="READY" if ready else "UNAVAILABLE")
+        caller = self._gate.caller(context)
+        if not request.ready:
+            for name, reason in sorted(repository.refused.items()):
+                if self._gate.allows(caller, "models:read", name):
+                    response.models.add(name=name, state="UNAVAILABLE", reason=reason)
         return response
 
     async def ModelInfer(self, request, context):
