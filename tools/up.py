@@ -33,6 +33,7 @@ from meshserve.tools.traffic import admin_channel
 
 HOST = "127.0.0.1"
 TOKEN_PORT_FILE = "ingress.token-port"
+HTTP_PORT_FILE = "ingress.http-port"
 # The demo's traffic on a first run: a 10 % canary of mlp version 2; cnn on its latest.
 DEMO_POLICY = {"mlp": {"1": 90, "2": 10}, "cnn": {"1": 0, "2": 100}}
 
@@ -147,8 +148,16 @@ def auth_args(data_dir: Path, port: int) -> list[str]:
             f"--policy={auth / POLICY}", f"--jwks={auth / JWKS}"]
 
 
-def token_port(data_dir: Path) -> int | None:
-    path = data_dir / "run" / TOKEN_PORT_FILE
+def http_args(data_dir: Path, port: int) -> list[str]:
+    """The ingress's HTTP/REST listener: `port` - 1 (8000 beside gRPC's 8001, as Triton), or
+    any free port when `port` is 0."""
+    return [f"--http-listen={HOST}:{port - 1 if port else 0}",
+            f"--http-port-file={data_dir / 'run' / HTTP_PORT_FILE}"]
+
+
+def bound_port(data_dir: Path, name: str = TOKEN_PORT_FILE) -> int | None:
+    """A port the ingress wrote once bound: the bearer-token one, or `name`'s."""
+    path = data_dir / "run" / name
     return int(path.read_text()) if path.exists() else None
 
 
@@ -185,7 +194,8 @@ def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
     router = Child("router", "router", [], run_dir)
     ingress = Child("ingress", "ingress", [f"--model-repository={models}",
                                            f"--listen={HOST}:{port}", "--require-client-cert",
-                                           *auth_args(data_dir, port)],
+                                           *auth_args(data_dir, port),
+                                           *http_args(data_dir, port)],
                     run_dir)
     ingress.args += [f"--async-store={data_dir / 'async.db'}",
                      f"--audit-denied-sample={audit_denied_sample}"]
@@ -275,6 +285,7 @@ def prepare(data_dir: Path, say=print) -> None:
         say(f"creating the token-signing key and access policy in {data_dir / 'auth'}")
     (data_dir / "run").mkdir(parents=True, exist_ok=True)
     (data_dir / "run" / TOKEN_PORT_FILE).unlink(missing_ok=True)
+    (data_dir / "run" / HTTP_PORT_FILE).unlink(missing_ok=True)
 
 
 def metrics_lines(children: list[Child]) -> str:
@@ -283,7 +294,7 @@ def metrics_lines(children: list[Child]) -> str:
 
 
 def banner(data_dir: Path, ingress: Child, children: list[Child] | None = None,
-           bearer_port: int | None = None) -> str:
+           bearer_port: int | None = None, http_port: int | None = None) -> str:
     tls = data_dir / "tls"
     metrics = (f"\nPrometheus metrics:\n{metrics_lines(children)}\n"
                if children and children[0].metrics else "")
@@ -293,6 +304,13 @@ Bearer-token callers: {HOST}:{bearer_port} (server TLS; CA {tls}/ca.crt; policy
 
   meshserve token issue --subject app/demo --scope infer --models mlp --ttl 1h \\
       --data-dir {data_dir}
+"""
+    rest = "" if http_port is None else f"""
+HTTP/REST (the same protocol over HTTPS; client certificate or bearer token):
+https://{HOST}:{http_port}/v2
+
+  curl --cacert {tls}/ca.crt --cert {tls}/client.crt --key {tls}/client.key \\
+      https://{HOST}:{http_port}/v2/models/mlp
 """
     return f"""
 meshserve is ready: {ingress.address} (mutual TLS; client certificate {tls}/client.crt)
@@ -306,7 +324,7 @@ meshserve is ready: {ingress.address} (mutual TLS; client certificate {tls}/clie
   x = tc.InferInput("INPUT__0", [1, 256], "FP32")
   x.set_data_from_numpy(numpy.random.rand(1, 256).astype("float32"))
   print(client.infer("mlp", [x]).as_numpy("OUTPUT__0"))
-{tokens}{metrics}
+{tokens}{rest}{metrics}
 Logs: {data_dir / 'run'}/*.log. Ctrl-C stops everything.
 """
 
@@ -326,17 +344,21 @@ async def supervise(children: list[Child], tls_dir: Path) -> None:
             backoff[child.name] = min(backoff[child.name] * 2, 30.0)
             child.args = [a for a in child.args if not a.startswith("--listen=")]
             child.args.append(f"--listen={child.address}")
-            bound = token_port(tls_dir.parent) if child.name == "ingress" else None
-            if bound is not None:
-                child.args = [a for a in child.args if not a.startswith("--token-listen=")]
-                child.args.append(f"--token-listen={HOST}:{bound}")
+            if child.name == "ingress":
+                for name, flag in ((TOKEN_PORT_FILE, "--token-listen"),
+                                   (HTTP_PORT_FILE, "--http-listen")):
+                    bound = bound_port(tls_dir.parent, name)
+                    if bound is not None:
+                        child.args = [a for a in child.args if not a.startswith(f"{flag}=")]
+                        child.args.append(f"{flag}={HOST}:{bound}")
             child.start(tls_dir)
 
 
-async def wait_token_port(data_dir: Path, timeout: float) -> int | None:
-    """The ingress's bearer-token port, once it has written it."""
+async def wait_bound_port(data_dir: Path, timeout: float,
+                          name: str = TOKEN_PORT_FILE) -> int | None:
+    """The ingress's bearer-token port (or `name`'s), once it has written it."""
     deadline = time.monotonic() + timeout
-    while (port := token_port(data_dir)) is None and time.monotonic() < deadline:
+    while (port := bound_port(data_dir, name)) is None and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     return port
 
@@ -363,9 +385,10 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
         return 0
     children = starting.result()
     ingress = children[-1]
-    bearer_port = await wait_token_port(data_dir, args.timeout)
+    bearer_port = await wait_bound_port(data_dir, args.timeout)
+    http_port = await wait_bound_port(data_dir, args.timeout, HTTP_PORT_FILE)
     (data_dir / "run" / "endpoint").write_text(f"{ingress.address}\n")
-    print(banner(data_dir, ingress, children, bearer_port), flush=True)
+    print(banner(data_dir, ingress, children, bearer_port, http_port), flush=True)
     supervisor = asyncio.create_task(supervise(children, data_dir / "tls"))
     await stop.wait()
     supervisor.cancel()
