@@ -160,24 +160,28 @@ def json_to_raw(data: object, datatype: str, shape: list[int], where: str) -> by
     if datatype not in NUMPY_DTYPE and datatype != "BF16":
         raise InvalidArgument(f"{where} has datatype {datatype or '(empty)'}, which is not one "
                               "of the protocol's datatypes")
+    if not (datatype.startswith("FP") or datatype == "BF16"):
+        return _integers(values, datatype, where)
     try:
         array = numpy.asarray(values)
     except ValueError:
         array = numpy.asarray(values, dtype=object)
-    floating = datatype.startswith("FP") or datatype == "BF16"
-    kinds = "iuf" if floating else "iu"
-    if array.dtype.kind not in kinds:
-        wanted = "numbers" if floating else "integers"
-        raise InvalidArgument(f"{where} data of {datatype} must be {wanted}")
+    if array.dtype.kind not in "iuf":
+        raise InvalidArgument(f"{where} data of {datatype} must be numbers")
     if datatype == "BF16":
         return float32_to_bf16(array.astype(numpy.float32)).tobytes()
-    dtype = NUMPY_DTYPE[datatype]
-    if not floating and array.size:
-        info = numpy.iinfo(dtype)
-        if array.min() < info.min or array.max() > info.max:
-            raise InvalidArgument(f"{where} data holds a value outside the range of {datatype}")
     with numpy.errstate(over="ignore"):
-        return array.astype(dtype).tobytes()
+        return array.astype(NUMPY_DTYPE[datatype]).tobytes()
+
+
+def _integers(values: list, datatype: str, where: str) -> bytes:
+    if not all(type(v) is int for v in values):
+        raise InvalidArgument(f"{where} data of {datatype} must be integers")
+    dtype = NUMPY_DTYPE[datatype]
+    info = numpy.iinfo(dtype)
+    if values and (min(values) < info.min or max(values) > info.max):
+        raise InvalidArgument(f"{where} data holds a value outside the range of {datatype}")
+    return numpy.asarray(values, dtype=dtype).tobytes()
 
 
 def float32_to_bf16(array: numpy.ndarray) -> numpy.ndarray:
@@ -329,7 +333,7 @@ def message_json(message) -> dict:
     messages and oneof members only when set."""
     out = {}
     for descriptor in message.DESCRIPTOR.fields:
-        repeated = descriptor.label == descriptor.LABEL_REPEATED
+        repeated = descriptor.is_repeated
         has_presence = (descriptor.message_type is not None and not repeated
                         ) or descriptor.containing_oneof is not None
         if has_presence and not message.HasField(descriptor.name):
@@ -358,3 +362,40 @@ def _json_value(descriptor, value):
     if descriptor.type in _INT64:
         return int(value)
     return value
+
+
+def encode_request(request: pb.ModelInferRequest, binary: bool) -> tuple[bytes, int | None]:
+    """A client's body for `request` (raw inputs): (body, Inference-Header-Content-Length or
+    None). `binary`: inputs as binary tensor data and outputs asked as binary too; else
+    every tensor as JSON data."""
+    document: dict = {}
+    if request.id:
+        document["id"] = request.id
+    parameters = parameters_json(request.parameters)
+    if binary:
+        parameters[BINARY_DATA_OUTPUT] = True
+    if parameters:
+        document["parameters"] = parameters
+    inputs, trailer = [], []
+    for tensor, raw in zip(request.inputs, request.raw_input_contents):
+        entry: dict = {"name": tensor.name, "shape": list(tensor.shape),
+                       "datatype": tensor.datatype}
+        options = parameters_json(tensor.parameters)
+        if binary:
+            options[BINARY_DATA_SIZE] = len(raw)
+            trailer.append(raw)
+        else:
+            entry["data"] = raw_to_json(raw, tensor.datatype, f"input '{tensor.name}'")
+        if options:
+            entry["parameters"] = options
+        inputs.append(entry)
+    document["inputs"] = inputs
+    if request.outputs:
+        document["outputs"] = [
+            {"name": output.name,
+             "parameters": {**parameters_json(output.parameters), BINARY_DATA: binary}}
+            for output in request.outputs]
+    header = dump(document)
+    if not binary:
+        return header, None
+    return b"".join([header, *trailer]), len(header)
