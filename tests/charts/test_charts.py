@@ -18,6 +18,7 @@ from tests.charts.chartlib import (
     kubernetes_errors,
     pod_labels,
     pod_spec,
+    public_ports,
 )
 
 SERVICES = ["compute", "batcher", "router", "ingress"]
@@ -150,7 +151,7 @@ def test_probes_run_meshserve_health_over_mutual_tls(helm, service):
     pod's own port with the pod's own certificate (no native grpc, TCP or HTTP probe)."""
     main = container(helm.render(service))
     [port] = [p for p in main["ports"] if p["name"] == "grpc"]
-    assert [p["name"] for p in main["ports"]] == ["grpc", "metrics"]
+    assert [p["name"] for p in main["ports"]] == [*public_ports(service), "metrics"]
     listen = flag_values(main["args"], "--listen")[0]
     assert listen.rsplit(":", 1)[1] == str(port["containerPort"])
     tls_dir = next(m["mountPath"] for m in main["volumeMounts"] if m["name"] == "tls")
@@ -281,7 +282,7 @@ def test_network_policy_admits_only_the_callers(helm, service):
     assert policy["podSelector"]["matchLabels"].items() <= pod_labels(objects).items()
     assert policy["policyTypes"] == ["Ingress"]
     [rule] = grpc_rules(policy)
-    assert rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    assert rule["ports"] == [{"port": name, "protocol": "TCP"} for name in public_ports(service)]
     callers = CALLERS[service]
     if callers is None:
         assert "from" not in rule  # the ingress is the public endpoint

@@ -5,7 +5,8 @@ container's command and args run here as a local process, and the exec probes it
 as they are written, with only what a pod has and this machine has not remapped:
 
 - ports: `--listen=0.0.0.0:<port>` → a free loopback port; `localhost:<port>` (the probes) →
-  that port; `--metrics-listen=0.0.0.0:<port>` → another free loopback port;
+  that port; `--metrics-listen=0.0.0.0:<port>` → another free loopback port; the ingress's
+  `--http-listen` → any free loopback port;
 - paths under a volume mount → a directory of this test: the TLS Secret's mount holds
   `tls.crt`, `tls.key` and `ca.crt` of the service's identity from a test CA
   (`meshserve.tools.certs.init_certs`), the model repository's is the demo repository, the
@@ -40,7 +41,7 @@ import pytest
 from meshserve.tools import health
 from meshserve.tools.certs import init_certs
 from meshserve.tools.demo_models import write_demo_repository
-from tests.charts.chartlib import container, flag_values
+from tests.charts.chartlib import container, flag_values, public_ports
 
 # Start order: each one's upstreams first.
 ORDER = ["control-plane", "compute", "batcher", "router", "ingress"]
@@ -91,6 +92,8 @@ class Local:
             return f"--listen=127.0.0.1:{self.port}"
         if equals and flag == "--metrics-listen":
             return f"--metrics-listen=127.0.0.1:{self.metrics_port}"
+        if equals and flag == "--http-listen":  # the ingress's HTTP/REST: any free port
+            return "--http-listen=127.0.0.1:0"
         if equals and flag in UPSTREAM_FLAGS:
             return f"{flag}={self.addresses[UPSTREAM_FLAGS[flag]]}"
         prefix, text = (f"{flag}=", value) if equals and flag.startswith("--") else ("", token)
@@ -258,7 +261,7 @@ def test_every_container_was_run_with_its_probes(helm):
                 "meshserve", "health"], (service, probe)
         assert flag_values(spec["args"], "--listen")
         assert flag_values(spec["args"], "--metrics-listen")
-        assert [p["name"] for p in spec["ports"]] == ["grpc", "metrics"]
+        assert [p["name"] for p in spec["ports"]] == [*public_ports(service), "metrics"]
 
 
 # --- meshserve health on its own: exit statuses ------------------------------------------------
