@@ -146,28 +146,33 @@ def _count(found: int, needed: int, where: str, shape: list[int]) -> None:
 
 def json_to_raw(data: object, datatype: str, shape: list[int], where: str) -> bytes:
     """JSON tensor data (flat or nested) as the raw little-endian bytes of `datatype`."""
-    values = _flatten(_list(data, f"{where} data"), where)
-    _count(len(values), element_count(shape), where, shape)
-    if datatype == "BYTES":
+    data = _list(data, f"{where} data")
+    needed = element_count(shape)
+    if datatype in ("BYTES", "BOOL"):
+        values = _flatten(data, where)
+        _count(len(values), needed, where, shape)
+        if datatype == "BOOL":
+            if not all(isinstance(v, bool) for v in values):
+                raise InvalidArgument(f"{where} data of BOOL must be true or false")
+            return numpy.asarray(values, dtype=numpy.bool_).tobytes()
         if not all(isinstance(v, str) for v in values):
             raise InvalidArgument(f"{where} data of BYTES must be strings")
-        encoded = [v.encode() for v in values]
-        return b"".join(struct.pack("<I", len(v)) + v for v in encoded)
-    if datatype == "BOOL":
-        if not all(isinstance(v, bool) for v in values):
-            raise InvalidArgument(f"{where} data of BOOL must be true or false")
-        return numpy.asarray(values, dtype=numpy.bool_).tobytes()
+        return b"".join(struct.pack("<I", len(v)) + v for v in (v.encode() for v in values))
     if datatype not in NUMPY_DTYPE and datatype != "BF16":
         raise InvalidArgument(f"{where} has datatype {datatype or '(empty)'}, which is not one "
                               "of the protocol's datatypes")
     if not (datatype.startswith("FP") or datatype == "BF16"):
+        values = _flatten(data, where)  # exact: numpy would take 2**64 - 1 for a float
+        _count(len(values), needed, where, shape)
         return _integers(values, datatype, where)
     try:
-        array = numpy.asarray(values)
+        array = numpy.asarray(data)  # nested lists in C; a ragged one is refused below
     except ValueError:
-        array = numpy.asarray(values, dtype=object)
-    if array.dtype.kind not in "iuf":
-        raise InvalidArgument(f"{where} data of {datatype} must be numbers")
+        array = None
+    if array is None or array.dtype.kind not in "iufb":
+        raise InvalidArgument(f"{where} data of {datatype} must be numbers in lists of equal "
+                              "length")
+    _count(array.size, needed, where, shape)
     if datatype == "BF16":
         return float32_to_bf16(array.astype(numpy.float32)).tobytes()
     with numpy.errstate(over="ignore"):

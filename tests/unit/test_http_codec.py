@@ -62,7 +62,7 @@ def test_bf16_rounds_to_nearest_even():
 @pytest.mark.parametrize(("data", "datatype", "shape", "message"), [
     ([1, 2], "FP32", [3], "input 'x' data holds 2 values; shape [3] needs 3"),
     ([1.5], "INT32", [1], "input 'x' data of INT32 must be integers"),
-    (["a"], "FP32", [1], "input 'x' data of FP32 must be numbers"),
+    (["a"], "FP32", [1], "input 'x' data of FP32 must be numbers in lists of equal length"),
     ([300], "UINT8", [1], "input 'x' data holds a value outside the range of UINT8"),
     ([-1], "UINT32", [1], "input 'x' data holds a value outside the range of UINT32"),
     ([1], "BOOL", [1], "input 'x' data of BOOL must be true or false"),
@@ -214,3 +214,18 @@ def test_messages_as_json_the_way_triton_writes_them():
     assert rendered["input"][0]["dims"] == [3]
     assert rendered["parameters"] == {"k": {"string_value": "v"}}
     assert rendered["version_policy"] == {"latest": {"num_versions": 1}}
+
+
+@pytest.mark.parametrize(("data", "datatype", "message"), [
+    ([[1.0, 2.0], [3.0]], "FP32", "input 'x' data of FP32 must be numbers in lists of equal "
+                                  "length"),
+    ([[1, 2], [3]], "INT32", "input 'x' data holds 3 values; shape [4] needs 4"),
+    ([[1.0, 2.0], "ab"], "FP64", "input 'x' data of FP64 must be numbers in lists of equal "
+                                 "length"),
+    ([1, 2**64], "UINT64", "input 'x' data holds a value outside the range of UINT64"),
+    ([True, False, 1, 0], "INT8", "input 'x' data of INT8 must be integers"),
+])
+def test_ragged_mixed_and_huge_values(data, datatype, message):
+    with pytest.raises(InvalidArgument) as refused:
+        json_to_raw(data, datatype, [4] if datatype != "UINT64" else [2], "input 'x'")
+    assert refused.value.message == message
