@@ -392,23 +392,24 @@ class _PooledStream:
 
 class _Runner:
     def __init__(
-        self, spec: LoadSpec, share: _Share, channel: grpc.aio.Channel, request: bytes
+        self, spec: LoadSpec, share: _Share, channel: grpc.aio.Channel | None, request: bytes
     ) -> None:
         self.spec = spec
         self.share = share
         self.request = request
         self.metadata = _metadata(spec)
-        # request_serializer=None: the pre-serialized bytes go on the wire as they are.
-        self.infer_method = channel.unary_unary(
-            _SERVICE + "ModelInfer",
-            request_serializer=None,
-            response_deserializer=pb.ModelInferResponse.FromString,
-        )
-        self.stream_method = channel.stream_stream(
-            _SERVICE + "ModelStreamInfer",
-            request_serializer=None,
-            response_deserializer=pb.ModelStreamInferResponse.FromString,
-        )
+        if channel is not None:  # None: a subclass sends requests its own way (HTTP)
+            # request_serializer=None: the pre-serialized bytes go on the wire as they are.
+            self.infer_method = channel.unary_unary(
+                _SERVICE + "ModelInfer",
+                request_serializer=None,
+                response_deserializer=pb.ModelInferResponse.FromString,
+            )
+            self.stream_method = channel.stream_stream(
+                _SERVICE + "ModelStreamInfer",
+                request_serializer=None,
+                response_deserializer=pb.ModelStreamInferResponse.FromString,
+            )
         self.samples: list[float] = []
         self.ok = 0
         self.errors: Counter[str] = Counter()

@@ -14,15 +14,12 @@ window and the result are the gRPC path's (see `meshserve.tools.bench`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import ssl
 import time
-from collections import Counter
 from urllib.parse import quote
 
 import httptools
-import numpy as np
 from google.protobuf import json_format
 
 from meshserve.ingress.http_codec import encode_request
@@ -144,39 +141,10 @@ def model_version(header_length: int | None, body: bytes) -> str:
     return json.loads(header).get("model_version", "")
 
 
-class _Load:
-    """The closed loop: `concurrency` workers, each with its own connection."""
+class _Runner(bench._Runner):
+    """The gRPC path's closed loop and its counting; each worker on its own connection."""
 
-    def __init__(self, spec: bench.LoadSpec, request: bytes) -> None:
-        self.spec = spec
-        self.request = request
-        self.samples: list[float] = []
-        self.ok = 0
-        self.errors: Counter[str] = Counter()
-        self.versions: Counter[str] = Counter()
-        self.measured = 0
-        self.closing = False
-        self.stop = asyncio.Event()
-        self.t_start = time.perf_counter()
-        self.w_start = self.t_start + spec.warmup_s
-        self.w_end = self.w_start + spec.duration_s
-
-    def record(self, sent: float, done: float, version: str | None = None,
-               error: str | None = None) -> None:
-        if sent < self.w_start or done > self.w_end or self.stop.is_set():
-            return
-        if error is None:
-            self.ok += 1
-            self.samples.append((done - sent) * 1000.0)
-            self.versions[version or ""] += 1
-        else:
-            self.errors[error] += 1
-        self.measured += 1
-        if self.spec.max_requests and self.measured >= self.spec.max_requests:
-            self.w_end = done
-            self.stop.set()
-
-    async def worker(self) -> None:
+    async def _unary_worker(self) -> None:
         connection = None
         try:
             while not self.closing:
@@ -203,27 +171,6 @@ class _Load:
             if connection is not None:
                 connection.close()
 
-    async def run(self) -> bench._Part:
-        tasks = [asyncio.create_task(self.worker()) for _ in range(self.spec.concurrency)]
-        try:
-            await asyncio.sleep(max(0.0, self.w_start - time.perf_counter()))
-            cpu0 = bench._cpu_now()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(),
-                                       timeout=max(0.0, self.w_end - time.perf_counter()))
-            self.stop.set()
-            cpu1 = bench._cpu_now()
-        finally:
-            self.closing = True
-            await bench._cancel_all(tasks)
-        self.w_end = min(self.w_end, time.perf_counter())
-        now_perf, now_wall = time.perf_counter(), time.time()
-        return bench._Part(
-            samples_ms=np.asarray(self.samples, dtype=np.float64), ok=self.ok,
-            errors=dict(self.errors), versions=dict(self.versions),
-            wall_start=now_wall - (now_perf - self.w_start),
-            wall_end=now_wall - (now_perf - self.w_end), cpu_s=cpu1 - cpu0)
-
 
 async def _run(spec: bench.LoadSpec) -> bench._Part:
     connection = await _connect(spec)
@@ -231,7 +178,8 @@ async def _run(spec: bench.LoadSpec) -> bench._Part:
         metadata = await _metadata(connection, spec)
     finally:
         connection.close()
-    return await _Load(spec, infer_request(spec, metadata)).run()
+    [share] = bench._shares(spec)
+    return await _Runner(spec, share, None, infer_request(spec, metadata)).run()
 
 
 def run_load(spec: bench.LoadSpec) -> dict:

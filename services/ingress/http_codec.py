@@ -295,6 +295,20 @@ def _decode_input(request: pb.ModelInferRequest, entry: dict, index: int, binary
     return offset + size
 
 
+def tensor_json(tensor, raw: bytes, binary: bool, where: str, trailer: list[bytes]) -> dict:
+    """A tensor's JSON: its data, or (`binary`) its size, its bytes then added to `trailer`."""
+    entry: dict = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+    parameters = parameters_json(tensor.parameters)
+    if binary:
+        parameters[BINARY_DATA_SIZE] = len(raw)
+        trailer.append(raw)
+    else:
+        entry["data"] = raw_to_json(raw, tensor.datatype, where)
+    if parameters:
+        entry["parameters"] = parameters
+    return entry
+
+
 def encode_infer(response: pb.ModelInferResponse,
                  encoding: OutputEncoding) -> tuple[dict, list[bytes]]:
     """(the JSON document, the raw bytes of the binary outputs in order)."""
@@ -304,21 +318,11 @@ def encode_infer(response: pb.ModelInferResponse,
         document["id"] = response.id
     if response.parameters:
         document["parameters"] = parameters_json(response.parameters)
-    outputs, binary = [], []
+    binary: list[bytes] = []
     raw = response.raw_output_contents
-    for index, tensor in enumerate(response.outputs):
-        entry: dict = {"name": tensor.name, "datatype": tensor.datatype,
-                       "shape": list(tensor.shape)}
-        parameters = parameters_json(tensor.parameters)
-        data = raw[index] if index < len(raw) else b""
-        if encoding.binary(tensor.name):
-            parameters[BINARY_DATA_SIZE] = len(data)
-            binary.append(data)
-        else:
-            entry["data"] = raw_to_json(data, tensor.datatype, f"output '{tensor.name}'")
-        if parameters:
-            entry["parameters"] = parameters
-        outputs.append(entry)
+    outputs = [tensor_json(tensor, raw[index] if index < len(raw) else b"",
+                           encoding.binary(tensor.name), f"output '{tensor.name}'", binary)
+               for index, tensor in enumerate(response.outputs)]
     document["outputs"] = outputs
     return document, binary
 
@@ -381,19 +385,9 @@ def encode_request(request: pb.ModelInferRequest, binary: bool) -> tuple[bytes, 
         parameters[BINARY_DATA_OUTPUT] = True
     if parameters:
         document["parameters"] = parameters
-    inputs, trailer = [], []
-    for tensor, raw in zip(request.inputs, request.raw_input_contents):
-        entry: dict = {"name": tensor.name, "shape": list(tensor.shape),
-                       "datatype": tensor.datatype}
-        options = parameters_json(tensor.parameters)
-        if binary:
-            options[BINARY_DATA_SIZE] = len(raw)
-            trailer.append(raw)
-        else:
-            entry["data"] = raw_to_json(raw, tensor.datatype, f"input '{tensor.name}'")
-        if options:
-            entry["parameters"] = options
-        inputs.append(entry)
+    trailer: list[bytes] = []
+    inputs = [tensor_json(tensor, raw, binary, f"input '{tensor.name}'", trailer)
+              for tensor, raw in zip(request.inputs, request.raw_input_contents)]
     document["inputs"] = inputs
     if request.outputs:
         document["outputs"] = [

@@ -18,6 +18,7 @@ import torch
 from meshserve.common.tls import TlsFiles, channel_credentials
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+from meshserve.tools.bench import LoadSpec, run_load
 
 SCENARIOS = Path(__file__).with_name("triton_http_scenarios.py")
 SHAPES = {"mlp": (256,), "cnn": (3, 64, 64)}
@@ -174,3 +175,15 @@ def test_ingress_metrics_count_http_requests_apart(mesh, https):
     for _ in range(3):
         http_outputs(https, "cnn", "1", x, binary=True)
     assert http_successes() - before == 3
+
+
+@pytest.mark.parametrize("encoding", ["binary", "json"])
+def test_the_load_generator_over_http(mesh, encoding):
+    spec = LoadSpec(target=f"127.0.0.1:{http_port(mesh)}", model="mlp", version="2",
+                    protocol="http", encoding=encoding, concurrency=4, duration_s=60,
+                    warmup_s=0, max_requests=40, ca=mesh.tls / "ca.crt",
+                    cert=mesh.tls / "client.crt", key=mesh.tls / "client.key")
+    result = run_load(spec)
+    assert (result["requests"], result["errors"]) == (40, {})
+    assert result["versions"] == {"2": 40}
+    assert result["transport"] == f"http-{encoding}"

@@ -19,6 +19,7 @@ from meshserve.ingress.http_api import HttpSettings
 from meshserve.ingress.http_server import HttpLimits
 from meshserve.ingress.service import IngressSettings, build_service
 from meshserve.ingress.tokens import jwks_document, key_id, sign
+from meshserve.tools.bench import LoadSpec, run_load
 from meshserve.tools.certs import init_certs
 from meshserve.tools.tokens import claims_for
 
@@ -334,3 +335,12 @@ async def test_async_submit_and_fetch(files, ingress):
     assert status == 404
     assert json.loads(body)["error"].startswith("no asynchronous request 'unknown'")
 
+
+
+async def test_the_load_generator_counts_http_refusals(files, ingress):
+    port, _ = ingress
+    spec = LoadSpec(target=f"127.0.0.1:{port}", model="mlp", protocol="http", concurrency=2,
+                    duration_s=60, warmup_s=0, max_requests=10, ca=files / "tls" / "ca.crt",
+                    cert=files / "tls" / "client.crt", key=files / "tls" / "client.key")
+    result = await asyncio.to_thread(run_load, spec)
+    assert (result["requests"], result["errors"]) == (0, {"HTTP_503": 10})  # no router
