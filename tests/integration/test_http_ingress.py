@@ -20,7 +20,7 @@ from meshserve.ingress.http_server import HttpLimits
 from meshserve.ingress.service import IngressSettings, build_service
 from meshserve.ingress.tokens import jwks_document, key_id, sign
 from meshserve.tools.bench import LoadSpec, run_load
-from meshserve.tools.certs import init_certs
+from meshserve.tools.certs import init_certs, rotate_certs
 from meshserve.tools.tokens import claims_for
 
 CONFIG = """name: "mlp"
@@ -344,3 +344,20 @@ async def test_the_load_generator_counts_http_refusals(files, ingress):
                     cert=files / "tls" / "client.crt", key=files / "tls" / "client.key")
     result = await asyncio.to_thread(run_load, spec)
     assert (result["requests"], result["errors"]) == (0, {"HTTP_503": 10})  # no router
+
+
+async def test_a_rotated_certificate_is_served_to_the_next_connection(files, ingress):
+    port, _ = ingress
+
+    async def served() -> bytes:
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(files))
+        try:
+            return writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        finally:
+            writer.close()
+
+    before = await served()
+    rotate_certs(files / "tls")
+    after = await served()
+    assert before != after
+    assert after == ssl.PEM_cert_to_DER_cert((files / "tls" / "ingress.crt").read_text())
