@@ -36,6 +36,7 @@ from meshserve.tools.traffic import admin_channel
 
 HOST = "127.0.0.1"
 TOKEN_PORT_FILE = "ingress.token-port"
+HTTP_PORT_FILE = "ingress.http-port"
 # In DIR/run: how to find this `up` and start it again (`meshserve drill` reads it); each
 # service's process id is in DIR/run/<name>.pid.
 UP_FILE = "up.json"
@@ -181,8 +182,16 @@ def auth_args(data_dir: Path, port: int) -> list[str]:
             f"--policy={auth / POLICY}", f"--jwks={auth / JWKS}"]
 
 
-def token_port(data_dir: Path) -> int | None:
-    path = data_dir / "run" / TOKEN_PORT_FILE
+def http_args(data_dir: Path, port: int) -> list[str]:
+    """The ingress's HTTP/REST listener: `port` - 1 (8000 beside gRPC's 8001, as Triton), or
+    any free port when `port` is 0."""
+    return [f"--http-listen={HOST}:{port - 1 if port else 0}",
+            f"--http-port-file={data_dir / 'run' / HTTP_PORT_FILE}"]
+
+
+def bound_port(data_dir: Path, name: str = TOKEN_PORT_FILE) -> int | None:
+    """A port the ingress wrote once bound: the bearer-token one, or `name`'s."""
+    path = data_dir / "run" / name
     return int(path.read_text()) if path.exists() else None
 
 
@@ -227,7 +236,8 @@ def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
     router = Child("router", "router", [], run_dir)
     ingress = Child("ingress", "ingress", [f"--model-repository={models}",
                                            f"--listen={HOST}:{port}", "--require-client-cert",
-                                           *auth_args(data_dir, port)],
+                                           *auth_args(data_dir, port),
+                                           *http_args(data_dir, port)],
                     run_dir)
     ingress.args += [f"--async-store={data_dir / 'async.db'}",
                      f"--audit-denied-sample={audit_denied_sample}"]
@@ -343,6 +353,7 @@ def prepare(data_dir: Path, say=print, repository: Path | None = None) -> None:
         say(f"creating the token-signing key and access policy in {data_dir / 'auth'}")
     (data_dir / "run").mkdir(parents=True, exist_ok=True)
     (data_dir / "run" / TOKEN_PORT_FILE).unlink(missing_ok=True)
+    (data_dir / "run" / HTTP_PORT_FILE).unlink(missing_ok=True)
     (data_dir / "run" / UP_FILE).write_text(json.dumps(
         {"pid": os.getpid(), "cwd": os.getcwd(), "argv": sys.argv[1:]}) + "\n")
 
@@ -353,7 +364,8 @@ def metrics_lines(children: list[Child]) -> str:
 
 
 def banner(data_dir: Path, ingress: Child, children: list[Child] | None = None,
-           bearer_port: int | None = None, model: str = "") -> str:
+           bearer_port: int | None = None, http_port: int | None = None,
+           model: str = "") -> str:
     """What to call now; `model` names one of a user's repository (the demo's otherwise)."""
     tls = data_dir / "tls"
     metrics = (f"\nPrometheus metrics:\n{metrics_lines(children)}\n"
@@ -365,12 +377,19 @@ Bearer-token callers: {HOST}:{bearer_port} (server TLS; CA {tls}/ca.crt; policy
   meshserve token issue --subject app/demo --scope infer --models mlp --ttl 1h \\
       --data-dir {data_dir}
 """
+    rest = "" if http_port is None else f"""
+HTTP/REST (the same protocol over HTTPS; client certificate or bearer token):
+https://{HOST}:{http_port}/v2
+
+  curl --cacert {tls}/ca.crt --cert {tls}/client.crt --key {tls}/client.key \\
+      https://{HOST}:{http_port}/v2/models/{model or 'mlp'}
+"""
     if model:
         return f"""
 meshserve is ready: {ingress.address} (mutual TLS; client certificate {tls}/client.crt)
 
   meshserve infer {model} --data-dir {data_dir} --target {ingress.address}
-{tokens}{metrics}
+{tokens}{rest}{metrics}
 Logs: {data_dir / 'run'}/*.log. Ctrl-C stops everything.
 """
     return f"""
@@ -386,7 +405,7 @@ meshserve is ready: {ingress.address} (mutual TLS; client certificate {tls}/clie
   x = tc.InferInput("INPUT__0", [1, 256], "FP32")
   x.set_data_from_numpy(numpy.random.rand(1, 256).astype("float32"))
   print(client.infer("mlp", [x]).as_numpy("OUTPUT__0"))
-{tokens}{metrics}
+{tokens}{rest}{metrics}
 Logs: {data_dir / 'run'}/*.log. Ctrl-C stops everything.
 """
 
@@ -406,17 +425,21 @@ async def supervise(children: list[Child], tls_dir: Path) -> None:
             backoff[child.name] = min(backoff[child.name] * 2, 30.0)
             child.args = [a for a in child.args if not a.startswith("--listen=")]
             child.args.append(f"--listen={child.address}")
-            bound = token_port(tls_dir.parent) if child.name == "ingress" else None
-            if bound is not None:
-                child.args = [a for a in child.args if not a.startswith("--token-listen=")]
-                child.args.append(f"--token-listen={HOST}:{bound}")
+            if child.name == "ingress":
+                for name, flag in ((TOKEN_PORT_FILE, "--token-listen"),
+                                   (HTTP_PORT_FILE, "--http-listen")):
+                    bound = bound_port(tls_dir.parent, name)
+                    if bound is not None:
+                        child.args = [a for a in child.args if not a.startswith(f"{flag}=")]
+                        child.args.append(f"{flag}={HOST}:{bound}")
             child.start(tls_dir)
 
 
-async def wait_token_port(data_dir: Path, timeout: float) -> int | None:
-    """The ingress's bearer-token port, once it has written it."""
+async def wait_bound_port(data_dir: Path, timeout: float,
+                          name: str = TOKEN_PORT_FILE) -> int | None:
+    """The ingress's bearer-token port (or `name`'s), once it has written it."""
     deadline = time.monotonic() + timeout
-    while (port := token_port(data_dir)) is None and time.monotonic() < deadline:
+    while (port := bound_port(data_dir, name)) is None and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     return port
 
@@ -444,11 +467,12 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
         return 0
     children = starting.result()
     ingress = children[-1]
-    bearer_port = await wait_token_port(data_dir, args.timeout)
+    bearer_port = await wait_bound_port(data_dir, args.timeout)
+    http_port = await wait_bound_port(data_dir, args.timeout, HTTP_PORT_FILE)
     (data_dir / "run" / "endpoint").write_text(f"{ingress.address}\n")
     model = "" if args.model_repository is None else next(
         (child.model for child in children if child.model), "MODEL")
-    print(banner(data_dir, ingress, children, bearer_port, model), flush=True)
+    print(banner(data_dir, ingress, children, bearer_port, http_port, model), flush=True)
     supervisor = asyncio.create_task(supervise(children, data_dir / "tls"))
     await stop.wait()
     supervisor.cancel()

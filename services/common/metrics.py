@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,23 +172,30 @@ def serve_metrics(registry: CollectorRegistry, address: str) -> HttpListener:
 # --- the recorders each service's core is handed -------------------------------------------
 
 
+#: The protocol the request being served arrived by: "grpc", or "http" (set by the ingress's
+#: HTTP front door in the task that serves each HTTP request). Labels the ingress's metrics.
+PROTOCOL: ContextVar[str] = ContextVar("meshserve_protocol", default="grpc")
+
+
 class IngressMetrics:
-    """Client-visible outcomes at the ingress, per model and version."""
+    """Client-visible outcomes at the ingress, per model, version and protocol (see
+    PROTOCOL)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._success = metrics.triton_counter(
             "nv_inference_request_success", "Number of successful inference requests",
-            ["model", "version"])
+            ["model", "version", "protocol"])
         self._failure = metrics.triton_counter(
             "nv_inference_request_failure",
             "Number of failed inference requests, by gRPC status (reason)",
-            ["model", "version", "reason"])
+            ["model", "version", "reason", "protocol"])
         self._duration = metrics.histogram(
             "meshserve_request_duration_seconds",
-            "Client-visible latency of inference requests at the ingress", ["model"])
-        self._successes: dict[tuple[str, str], Callable[[], None]] = {}
-        self._failures: dict[tuple[str, str, str], Callable[[], None]] = {}
-        self._durations: dict[str, Callable[[float], None]] = {}
+            "Client-visible latency of inference requests at the ingress",
+            ["model", "protocol"])
+        self._successes: dict[tuple[str, str, str], Callable[[], None]] = {}
+        self._failures: dict[tuple[str, str, str, str], Callable[[], None]] = {}
+        self._durations: dict[tuple[str, str], Callable[[float], None]] = {}
         self.group = GroupMetrics(metrics, "ingress->router")
         self._denied = metrics.counter(
             "meshserve_ingress_denied", "Requests refused at the ingress, by reason "
@@ -198,20 +206,22 @@ class IngressMetrics:
 
     def request(self, model: str, version: str, code: str, seconds: float) -> None:
         """One answered request; `code` is the gRPC status name ("OK" for success)."""
+        protocol = PROTOCOL.get()
         if code == "OK":
-            inc = self._successes.get((model, version))
+            key = (model, version, protocol)
+            inc = self._successes.get(key)
             if inc is None:
-                inc = self._successes[(model, version)] = self._success.labels(
-                    model, version).inc
+                inc = self._successes[key] = self._success.labels(*key).inc
         else:
-            inc = self._failures.get((model, version, code))
+            key = (model, version, code, protocol)
+            inc = self._failures.get(key)
             if inc is None:
-                inc = self._failures[(model, version, code)] = self._failure.labels(
-                    model, version, code).inc
+                inc = self._failures[key] = self._failure.labels(*key).inc
         inc()
-        observe = self._durations.get(model)
+        observe = self._durations.get((model, protocol))
         if observe is None:
-            observe = self._durations[model] = self._duration.labels(model).observe
+            observe = self._durations[(model, protocol)] = self._duration.labels(
+                model, protocol).observe
         observe(seconds)
 
 

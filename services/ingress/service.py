@@ -6,7 +6,7 @@ With `--policy`, every call is authenticated (client certificate on `--listen`, 
 token on `--token-listen`) and authorized (see meshserve.ingress.auth).
 
 `meshserve ingress --model-repository R --router HOST:PORT [--require-client-cert]
-    [--token-listen HOST:PORT --policy FILE --jwks FILE|URL]`
+    [--token-listen HOST:PORT --policy FILE --jwks FILE|URL] [--http-listen HOST:PORT]`
 """
 
 import argparse
@@ -53,6 +53,7 @@ from meshserve.ingress.auth import Caller, Gate, OnDenied, OpenGate
 from meshserve.ingress.budget import ByteBudget
 from meshserve.ingress.denials import DenialAudit
 from meshserve.ingress.ensembles import EnsembleRunner
+from meshserve.ingress.http_api import HttpSettings, add_http_flags, build_http, http_settings
 from meshserve.ingress.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER, JwksUrl, jwks_source
 from meshserve.mesh.policy import PIN_HEADER
 from meshserve.protocol import grpc_service_pb2 as pb
@@ -83,6 +84,7 @@ class IngressSettings:
     audit_denied_sample: float = 0.01
     control_plane: str = ""  # where sampled denials are audited ("": logged only)
     max_inflight_bytes: int = 256 << 20  # bytes of requests accepted and not yet answered
+    http: HttpSettings | None = None  # HTTP/REST beside gRPC (None: not served)
 
 
 def parameter(request: pb.ModelInferRequest, name: str) -> int:
@@ -436,11 +438,16 @@ def build_service(settings: IngressSettings, metrics: Metrics | None = None,
     gate, gate_tasks = build_gate(settings, ingress_metrics, on_denied)
     health = HealthServicer()
     asynchronous = build_async(settings.asynchronous, ingress)
+    inference = InferenceServicer(ingress, health, traced=tracing is not None, gate=gate)
+    # One HTTP port for certificate and token callers alike, so a certificate is optional
+    # there whenever a token listener is configured.
+    http = build_http(settings.http, settings.tls,
+                      settings.require_client_cert and not settings.token_listen, inference,
+                      health, asynchronous.requests, gate)
 
     def register(server) -> None:
         asynchronous.register(server, gate)
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(ingress, health, traced=tracing is not None, gate=gate), server)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
 
     extra_ports = ([(settings.token_listen,
                      server_credentials(settings.tls, require_client_auth=False))]
@@ -456,7 +463,7 @@ def build_service(settings: IngressSettings, metrics: Metrics | None = None,
         server_credentials(settings.tls, require_client_auth=settings.require_client_cert),
         register, health, background=[*asynchronous.background,
                                       lambda: router.watch(lambda: health.set(router.serving)),
-                                      announce_token_port, *gate_tasks],
+                                      announce_token_port, *gate_tasks, *http],
         cleanup=[*asynchronous.cleanup, router.close, *([] if audit is None else [audit.close]),
                  *([] if tracing is None else [tracing.close])],
         extra_ports=extra_ports)
@@ -497,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="bytes of requests accepted and not yet answered; beyond it "
                              "requests are refused with RESOURCE_EXHAUSTED (0: unbounded)")
     add_auth_flags(parser)
+    add_http_flags(parser)
     args = parser.parse_args(argv)
     runtime.configure_logging("ingress", args.log_level, args.log_format)
     settings = IngressSettings(
@@ -508,6 +516,6 @@ def main(argv: list[str] | None = None) -> int:
         policy=args.policy, jwks=args.jwks, token_issuer=args.token_issuer,
         token_audience=args.token_audience, audit_denied_sample=args.audit_denied_sample,
         control_plane=args.control_plane,
-        max_inflight_bytes=args.max_inflight_bytes)
+        max_inflight_bytes=args.max_inflight_bytes, http=http_settings(args))
 
     return runtime.run_service("ingress", args, build_service, settings)

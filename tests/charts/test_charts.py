@@ -18,6 +18,7 @@ from tests.charts.chartlib import (
     kubernetes_errors,
     pod_labels,
     pod_spec,
+    public_ports,
 )
 
 SERVICES = ["compute", "batcher", "router", "ingress"]
@@ -147,7 +148,7 @@ def test_probes_are_http_gets_on_a_health_only_port(helm, service):
     serving port and its NetworkPolicy stay mutual-TLS only, the Service does not expose it."""
     objects = helm.render(service)
     main = container(objects)
-    assert [p["name"] for p in main["ports"]] == ["grpc", "metrics", "health"]
+    assert [p["name"] for p in main["ports"]] == [*public_ports(service), "metrics", "health"]
     [health] = [p for p in main["ports"] if p["name"] == "health"]
     [listen] = flag_values(main["args"], "--health-listen")
     assert listen == f"0.0.0.0:{health['containerPort']}"
@@ -267,7 +268,7 @@ def test_network_policy_admits_only_the_callers(helm, service):
     assert policy["podSelector"]["matchLabels"].items() <= pod_labels(objects).items()
     assert policy["policyTypes"] == ["Ingress"]
     [rule] = grpc_rules(policy)
-    assert rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    assert rule["ports"] == [{"port": name, "protocol": "TCP"} for name in public_ports(service)]
     callers = CALLERS[service]
     if callers is None:
         assert "from" not in rule  # the ingress is the public endpoint

@@ -7,7 +7,7 @@ this machine has not remapped:
 
 - ports: `--listen=0.0.0.0:<port>` → a free loopback port, and likewise `--metrics-listen` and
   `--health-listen`; a probe's named port → the container port of that name, which must be the
-  one `--health-listen` binds;
+  one `--health-listen` binds; the ingress's `--http-listen` → any free loopback port;
 - paths under a volume mount → a directory of this test: the TLS Secret's mount holds
   `tls.crt`, `tls.key` and `ca.crt` of the service's identity from a test CA
   (`meshserve.tools.certs.init_certs`), the model repository's is the demo repository, the
@@ -45,7 +45,7 @@ import pytest
 from meshserve.tools import health
 from meshserve.tools.certs import init_certs
 from meshserve.tools.demo_models import write_demo_repository
-from tests.charts.chartlib import container, flag_values
+from tests.charts.chartlib import container, flag_values, public_ports
 
 # Start order: each one's upstreams first.
 ORDER = ["control-plane", "compute", "batcher", "router", "ingress"]
@@ -98,6 +98,8 @@ class Local:
         flag, equals, value = token.partition("=")
         if equals and flag in LISTEN_FLAGS:
             return f"{flag}=127.0.0.1:{self.ports[flag]}"
+        if equals and flag == "--http-listen":  # the ingress's HTTP/REST: any free port
+            return "--http-listen=127.0.0.1:0"
         if equals and flag in UPSTREAM_FLAGS:
             return f"{flag}={self.addresses[UPSTREAM_FLAGS[flag]]}"
         prefix, text = (f"{flag}=", value) if equals and flag.startswith("--") else ("", token)
@@ -275,7 +277,7 @@ def test_every_probe_is_an_http_get_on_the_health_port(helm):
             assert "exec" not in spec[probe] and "grpc" not in spec[probe]
         for flag in LISTEN_FLAGS:
             assert flag_values(spec["args"], flag), (service, flag)
-        assert [p["name"] for p in spec["ports"]] == ["grpc", "metrics", "health"]
+        assert [p["name"] for p in spec["ports"]] == [*public_ports(service), "metrics", "health"]
 
 
 # --- meshserve health on its own: exit statuses ------------------------------------------------

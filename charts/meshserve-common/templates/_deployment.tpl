@@ -135,6 +135,11 @@ spec:
               containerPort: {{ .Values.auth.tokenPort }}
               protocol: TCP
             {{- end }}
+            {{- if include "meshserve.httpEnabled" . }}
+            - name: http
+              containerPort: {{ .Values.http.port }}
+              protocol: TCP
+            {{- end }}
             {{- if include "meshserve.metricsEnabled" . }}
             - name: metrics
               containerPort: {{ .Values.metrics.port }}
