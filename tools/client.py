@@ -8,7 +8,8 @@ from pathlib import Path
 import grpc
 import numpy
 
-from meshserve.common.datatypes import NUMPY_DTYPE, deserialize_bytes, serialize_bytes
+from meshserve.common.arrays import NUMPY_DTYPE, deserialize_bytes
+from meshserve.common.datatypes import serialize_bytes
 from meshserve.common.forwarding import CODE_NAME
 from meshserve.common.tls import TlsFiles, channel_credentials
 from meshserve.protocol import grpc_service_pb2 as pb

@@ -22,12 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy
 
-from meshserve.common.datatypes import (
-    NUMPY_DTYPE,
-    bytes_elements,
-    element_count,
-    split_bytes_rows,
-)
+from meshserve.common.arrays import NUMPY_DTYPE
+from meshserve.common.datatypes import bytes_elements, element_count, split_bytes_rows
 from meshserve.common.errors import InvalidArgument
 from meshserve.protocol import grpc_service_pb2 as pb
 

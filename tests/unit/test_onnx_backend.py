@@ -5,7 +5,8 @@ import numpy
 import onnxruntime
 import pytest
 
-from meshserve.common.datatypes import deserialize_bytes, serialize_bytes
+from meshserve.common.arrays import deserialize_bytes
+from meshserve.common.datatypes import serialize_bytes
 from meshserve.common.errors import FailedPrecondition, InvalidArgument
 from meshserve.common.repository import ModelRepository
 from meshserve.compute.backends import load_model

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import numpy
 
-from meshserve.common.datatypes import (
-    NUMPY_DTYPE,
-    WIRE_FROM_CONFIG,
-    deserialize_bytes,
-    serialize_bytes,
-)
+from meshserve.common.arrays import NUMPY_DTYPE, deserialize_bytes
+from meshserve.common.datatypes import WIRE_FROM_CONFIG, serialize_bytes
 from meshserve.common.errors import Internal, InvalidArgument
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
 from meshserve.protocol.model_config_pb2 import ModelConfig
