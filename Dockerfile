@@ -1,5 +1,4 @@
-# The one meshserve image: every service (`meshserve <service>`), the tools, and the health
-# check the charts' exec probes run (`meshserve health`). The charts run it as
+# The one meshserve image: every service (`meshserve <service>`) and the tools. The charts run it as
 # uid 10001 with a read-only root filesystem (HOME and caches in /tmp).
 #
 # Not built in CI here (no Docker engine on the development machines); skaffold builds it.

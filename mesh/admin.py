@@ -20,7 +20,7 @@ from meshserve.common.errors import (
 from meshserve.common.identity import IdentityCache, peer_identity
 from meshserve.mesh import admin_access
 from meshserve.mesh.canary import CanaryPlan
-from meshserve.mesh.control import ControlPlane
+from meshserve.mesh.control import ControlPlane, start_policy
 from meshserve.mesh.fetch import read_version
 from meshserve.mesh.policy import Endpoint, Shadow, TrafficPolicy
 from meshserve.mesh.readiness import Readiness
@@ -83,18 +83,25 @@ def endpoint_from_proto(message: pb.Endpoint) -> Endpoint:
                     message.region or "local", message.zone)
 
 
-def canary_to_proto(record: dict | None) -> pb.Canary:
+def canary_to_proto(record: dict | None, current: TrafficPolicy) -> pb.Canary:
+    """The model's canary record (None: it never had one) with the model's `current`
+    policy."""
     if not record:
         return pb.Canary()
     plan = record["plan"]
-    return pb.Canary(
+    message = pb.Canary(
         plan=pb.CanaryPlan(model=plan["model"], to_version=plan["canary"], steps=plan["steps"],
                            interval_seconds=plan["interval_s"],
                            max_error_rate=plan["max_error_rate"],
                            max_latency_ratio=plan["max_latency_ratio"],
-                           min_requests=plan["min_requests"]),
+                           min_requests=plan["min_requests"], from_version=plan["baseline"]),
         baseline=plan["baseline"], state=record["state"], weight=record["weight"],
-        reason=record.get("reason", ""), updated_at=record.get("updated_at", ""))
+        reason=record.get("reason", ""), updated_at=record.get("updated_at", ""),
+        current=policy_to_proto(current),
+        baseline_by_weight=record.get("baseline_by_weight", False))
+    if "start_policy" in record or record["state"] == "running":  # else: not recorded
+        message.restore.CopyFrom(policy_to_proto(start_policy(record, current)))
+    return message
 
 
 def fetched_to_proto(fetched) -> pb.FetchedModel:
@@ -165,8 +172,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             if (request.model and model != request.model) or not visible(model):
                 continue
             policy = policies[model]
-            status = response.models.add(policy=policy_to_proto(policy),
-                                         canary=canary_to_proto(control.store.canary(model)))
+            status = response.models.add(
+                policy=policy_to_proto(policy),
+                canary=canary_to_proto(control.store.canary(model), policy))
             for version in policy.versions:
                 live = control.window(model, version, STATUS_WINDOW_SECONDS)
                 compared, differing, largest = control.shadow_counts.get(
@@ -209,25 +217,27 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     async def StartCanary(self, request, context):
         self._authorize(context, "StartCanary", request)
-        current = self._control.policy(request.model)
-        baseline = max(current.weights, key=lambda v: (current.weights[v], int(v)))
         plan = CanaryPlan(
-            model=request.model, baseline=baseline, canary=request.to_version,
+            model=request.model, baseline=request.from_version, canary=request.to_version,
             steps=tuple(request.steps) or CanaryPlan.steps,
             interval_s=request.interval_seconds or CanaryPlan.interval_s,
             max_error_rate=request.max_error_rate or CanaryPlan.max_error_rate,
             max_latency_ratio=request.max_latency_ratio or CanaryPlan.max_latency_ratio,
             min_requests=request.min_requests or CanaryPlan.min_requests)
-        return canary_to_proto(self._control.start_canary(plan, self._caller(context)))
+        return self._canary(request.model,
+                            self._control.start_canary(plan, self._caller(context)))
 
     async def GetCanary(self, request, context):
         self._authorize(context, "GetCanary", request)
-        self._control.policy(request.model)
-        return canary_to_proto(self._control.store.canary(request.model))
+        return self._canary(request.model, self._control.store.canary(request.model))
 
     async def AbortCanary(self, request, context):
         self._authorize(context, "AbortCanary", request)
-        return canary_to_proto(self._control.abort_canary(request.model, self._caller(context)))
+        return self._canary(request.model,
+                            self._control.abort_canary(request.model, self._caller(context)))
+
+    def _canary(self, model: str, record: dict | None) -> pb.Canary:
+        return canary_to_proto(record, self._control.policy(model))
 
     async def WatchReadiness(self, request, context):
         """The readiness table of the versions the caller may read, again at each change."""

@@ -6,15 +6,27 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 
-from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from meshserve.mesh.canary import CanaryPlan, VersionWindow, judge, weights
+from meshserve.common.errors import FailedPrecondition, NotFound
+from meshserve.mesh.canary import (
+    HOLD,
+    PROMOTE,
+    ROLLBACK,
+    CanaryPlan,
+    Split,
+    VersionWindow,
+    candidate_steps,
+    choose_baseline,
+    judge,
+    restored,
+)
 from meshserve.mesh.live import History, Sample, Window, window
 from meshserve.mesh.policy import Endpoint, TrafficPolicy
 from meshserve.mesh.readiness import Changes
 from meshserve.mesh.snapshot import Snapshot
-from meshserve.mesh.store import Store
+from meshserve.mesh.store import CANARY_START, OVER_START, RESTORE, START, Store
 from meshserve.mesh.xds import SnapshotCache
 
 log = logging.getLogger(__name__)
@@ -51,6 +63,7 @@ class ControlPlane:
         return policy
 
     def set_policy(self, policy: TrafficPolicy, actor: str, reason: str = "") -> TrafficPolicy:
+        self._refuse_running(policy.model, "running")
         Snapshot.of(self._with(policy))  # refuse what would not make a consistent snapshot
         self.store.put_policy(policy, actor, reason)
         self._apply()
@@ -64,6 +77,7 @@ class ControlPlane:
         return self.set_weights(model, {version: 100}, actor, reason or f"pin to {version}")
 
     def rollback(self, model: str, actor: str, reason: str = "") -> TrafficPolicy:
+        self._refuse_running(model, "running")
         policy = self.store.rollback(model, actor, reason)
         self._apply()
         return policy
@@ -137,33 +151,31 @@ class ControlPlane:
     # ---------------------------------------------------------------- canaries
 
     def start_canary(self, plan: CanaryPlan, actor: str) -> dict:
+        """Start moving weight from the baseline (`plan.baseline`; "" for the version with the
+        most weight) to `plan.canary`; every other version keeps its weight throughout, and
+        the policy in force now is what a rollback restores."""
+        self._refuse_running(plan.model, "already running")
         current = self.policy(plan.model)
-        for version in (plan.canary, plan.baseline):
-            if version not in current.weights:
-                raise InvalidArgument(f"model '{plan.model}' has no version '{version}' "
-                                      f"(versions: {', '.join(current.versions)})")
-        running = self.store.canary(plan.model)
-        if running and running.get("state") == "running":
-            raise FailedPrecondition(f"a canary of model '{plan.model}' is already running; "
-                                     f"abort it first (meshserve canary abort {plan.model})")
-        self.set_policy(current.with_weights(weights(plan, plan.steps[0])), actor,
-                        f"canary step 1: {plan.steps[0]}%")
+        baseline = choose_baseline(current, plan.canary, plan.baseline)
+        chosen = "" if plan.baseline else "; baseline: the version with the most weight"
+        split = Split(dict(current.weights), baseline, plan.canary)
+        plan = replace(plan, baseline=baseline, steps=candidate_steps(plan.steps, split.share))
         record = {"plan": plan_dict(plan), "state": "running", "step": 0,
-                  "weight": plan.steps[0], "reason": "started"}
-        self._record(plan.model, record, actor, "canary.start", "started")
+                  "weight": plan.steps[0], "reason": "started",
+                  "start_policy": asdict(current), "baseline_by_weight": bool(chosen)}
+        self._change(record, current.with_weights(split.weights(plan.steps[0])), actor,
+                     CANARY_START, START, f"{baseline} → {plan.canary}, steps "
+                     f"{','.join(map(str, plan.steps))} every {plan.interval_s:g}s{chosen}")
         self._launch(plan.model)
         return self.store.canary(plan.model)
 
     def abort_canary(self, model: str, actor: str) -> dict:
+        """Stop the running canary and restore the policy in force when it started."""
         record = self.store.canary(model)
         if not record or record.get("state") != "running":
             raise FailedPrecondition(f"no canary of model '{model}' is running")
         self._stop(model)
-        plan = plan_from(record["plan"])
-        self.set_policy(self.policy(model).with_weights(weights(plan, 0)), actor,
-                        "canary aborted")
-        self._record(model, {**record, "state": "aborted", "weight": 0,
-                             "reason": "aborted by operator"}, actor, "canary.abort", "aborted")
+        self._restore(record, actor, "aborted", "canary.abort", "aborted by operator")
         return self.store.canary(model)
 
     def resume_canaries(self) -> None:
@@ -172,6 +184,15 @@ class ControlPlane:
             record = self.store.canary(model)
             if record and record.get("state") == "running":
                 self._launch(model)
+
+    def _refuse_running(self, model: str, doing: str) -> None:
+        record = self.store.canary(model)
+        if record and record.get("state") == "running":
+            plan = record["plan"]
+            raise FailedPrecondition(
+                f"a canary of model '{model}' is {doing} ({plan['baseline']} → "
+                f"{plan['canary']}, weight {record['weight']}%); abort it first (meshserve "
+                f"canary abort {model})")
 
     def _launch(self, model: str) -> None:
         self._stop(model)
@@ -182,14 +203,30 @@ class ControlPlane:
         if task is not None and task is not asyncio.current_task():
             task.cancel()
 
-    def _record(self, model: str, record: dict, actor: str, action: str, reason: str) -> None:
+    def _change(self, record: dict, policy: TrafficPolicy, actor: str, action: str,
+                stacking: str, reason: str) -> None:
+        """Serve `policy` and keep `record`, in one transaction, audited once as `action`."""
+        Snapshot.of(self._with(policy))  # refuse what would not make a consistent snapshot
         record = {**record, "updated_at": datetime.now(UTC).isoformat(timespec="seconds")}
-        self.store.put_canary(model, record, actor, action, reason)
+        self.store.put_canary(policy.model, record, actor, action, reason, policy=policy,
+                              stacking=stacking)
+        self._apply()
+
+    def _restore(self, record: dict, actor: str, state: str, action: str,
+                 reason: str) -> None:
+        """End the canary with the policy in force when it started."""
+        plan = plan_from(record["plan"])
+        current = self.policy(plan.model)
+        policy = restored(start_policy(record, current), current)
+        self._change({**record, "state": state, "weight": policy.weights[plan.canary],
+                      "reason": reason}, policy, actor, action, RESTORE, reason)
 
     async def _run_canary(self, model: str) -> None:
         actor = "canary-controller"
         record = self.store.canary(model)
         plan = plan_from(record["plan"])
+        split = Split(start_policy(record, self.policy(model)).weights, plan.baseline,
+                      plan.canary)
         step = record["step"]
         step_started = time.monotonic()
         while True:
@@ -198,29 +235,24 @@ class ControlPlane:
             span = min(elapsed, plan.interval_s)
             verdict = judge(plan, step, self._version_window(model, plan.baseline, span),
                             self._version_window(model, plan.canary, span))
-            if verdict.action == "rollback":
-                self.set_policy(self.policy(model).with_weights(weights(plan, 0)), actor,
-                                f"canary rolled back: {verdict.reason}")
-                self._record(model, {**record, "state": "rolled_back", "weight": 0,
-                                     "reason": verdict.reason}, actor, "canary.rollback",
-                             verdict.reason)
+            if verdict.action == ROLLBACK:
+                self._restore(record, actor, "rolled_back", "canary.rollback", verdict.reason)
                 log.warning("canary of %s rolled back: %s", model, verdict.reason)
                 return
-            if elapsed < plan.interval_s or verdict.action == "hold":
+            if elapsed < plan.interval_s or verdict.action == HOLD:
                 continue
-            if verdict.action == "promote":
-                self.set_policy(self.policy(model).with_weights({plan.canary: 100}), actor,
-                                "canary promoted")
-                self._record(model, {**record, "state": "promoted", "weight": 100,
-                                     "reason": verdict.reason}, actor, "canary.promote",
-                             verdict.reason)
+            if verdict.action == PROMOTE:
+                record = {**record, "state": "promoted", "reason": verdict.reason}
+                action = "canary.promote"
+            else:
+                step += 1
+                record = {**record, "step": step, "weight": verdict.weight,
+                          "reason": verdict.reason}
+                action = "canary.step"
+            self._change(record, self.policy(model).with_weights(split.weights(verdict.weight)),
+                         actor, action, OVER_START, verdict.reason)
+            if verdict.action == PROMOTE:
                 return
-            step += 1
-            record = {**record, "step": step, "weight": verdict.weight,
-                      "reason": verdict.reason}
-            self.set_policy(self.policy(model).with_weights(weights(plan, verdict.weight)),
-                            actor, f"canary step {step + 1}: {verdict.weight}%")
-            self._record(model, record, actor, "canary.step", verdict.reason)
             step_started = time.monotonic()
 
     def _version_window(self, model: str, version: str, seconds: float) -> VersionWindow:
@@ -243,3 +275,12 @@ def plan_dict(plan: CanaryPlan) -> dict:
 
 def plan_from(data: dict) -> CanaryPlan:
     return CanaryPlan(**{**data, "steps": tuple(data["steps"])})
+
+
+def start_policy(record: dict, current: TrafficPolicy) -> TrafficPolicy:
+    """The policy in force when the canary of `record` started: what a rollback restores.
+    A record written before canaries kept it restores what they restored then: everything
+    to the baseline (`current`: the model's policy now)."""
+    if "start_policy" in record:
+        return TrafficPolicy.from_dict(record["start_policy"])
+    return current.pinned(record["plan"]["baseline"])

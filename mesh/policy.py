@@ -75,7 +75,11 @@ class TrafficPolicy:
 
     @classmethod
     def from_json(cls, text: str) -> "TrafficPolicy":
-        data = json.loads(text)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrafficPolicy":
+        """The inverse of `asdict`: a policy kept inside another JSON document."""
         shadow = data.get("shadow")
         return cls(model=data["model"], weights=data["weights"],
                    shadow=Shadow(**shadow) if shadow else None, region=data.get("region", ""))

@@ -30,7 +30,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from meshserve.common import artifacts, model_files
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from meshserve.common.files import write_atomic
-from meshserve.common.repository import CONFIG_FILENAME, DEFAULT_MODEL_FILENAME, parse_config
+from meshserve.common.repository import (
+    CONFIG_FILENAME,
+    DEFAULT_MODEL_FILENAME,
+    ENSEMBLE,
+    kind_of,
+    parse_config,
+)
 from meshserve.mesh.audit import utc_timestamp
 from meshserve.mesh.store import ModelVersion, Store
 
@@ -85,6 +91,10 @@ class Registry:
             raise FailedPrecondition(f"model '{push.name}' version {push.version} is already "
                                      "in the registry; versions are immutable, push a new one")
         config = self._config(push, model_dir)
+        if kind_of(config) is ENSEMBLE:
+            raise FailedPrecondition(f"model '{push.name}' is an ensemble: it has no artifact "
+                                     "to push (its config.pbtxt and an empty version "
+                                     "directory are all it needs)")
         manifest = artifacts.build_manifest(
             model=push.name, version=push.version,
             artifact=config.default_model_filename or DEFAULT_MODEL_FILENAME,

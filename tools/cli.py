@@ -1,4 +1,9 @@
-"""`meshserve`: one command for every service and tool."""
+"""`meshserve`: one command for every service and tool.
+
+Each command imports only what it needs, when it runs: `meshserve traffic status` never loads
+torch, and a script that calls `meshserve health` or `meshserve token issue` in a loop pays for
+gRPC or cryptography alone. `meshserve --help` lists the commands without importing any.
+"""
 
 import argparse
 import importlib
@@ -12,28 +17,49 @@ SERVICES = {
     "control-plane": "meshserve.mesh.service",
 }
 
+# command → (the module whose `register(commands)` adds it, what it does)
+TOOLS = {
+    "up": ("meshserve.tools.up", "run every service locally with a demo model"),
+    "infer": ("meshserve.tools.client", "send one request and print the outputs"),
+    "traffic": ("meshserve.tools.traffic", "see and shift traffic between versions"),
+    "canary": ("meshserve.tools.traffic", "automated canary with rollback"),
+    "certs": ("meshserve.tools.certs", "development certificates for the mesh"),
+    "bench": ("meshserve.tools.bench",
+              "load generator for Open Inference Protocol gRPC servers"),
+    "health": ("meshserve.tools.health",
+               "one grpc.health.v1 Check over mutual TLS; exit 0 only on SERVING"),
+    "top": ("meshserve.tools.top", "live per-version rates, latency, queues, weights"),
+    "models": ("meshserve.tools.models",
+               "the model registry: push, list, show, fetch, verify, rewrap"),
+    "audit": ("meshserve.tools.audit", "verify and read the tamper-evident audit log"),
+    "token": ("meshserve.tools.tokens", "issue bearer tokens, rotate the signing key"),
+    "backup": ("meshserve.tools.backup", "write a signed archive of the mesh's state"),
+    "restore": ("meshserve.tools.restore", "restore a backup into an empty data directory"),
+    "drill": ("meshserve.tools.drill", "back up, kill, wipe, restore and restart a running "
+              "`meshserve up`, under load, and measure the recovery"),
+}
+
+
+def parser_for(command: str | None) -> argparse.ArgumentParser:
+    """The command line with `command`'s module registered, or, for any other word, every
+    command listed by name alone (for `--help` and for argparse's error on a typo)."""
+    parser = argparse.ArgumentParser(prog="meshserve", description="A model-serving mesh.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if command in TOOLS:
+        importlib.import_module(TOOLS[command][0]).register(commands)
+        return parser
+    for name in SERVICES:
+        commands.add_parser(name, help=f"run the {name} service (see meshserve {name} -h)")
+    for name, (_, summary) in TOOLS.items():
+        commands.add_parser(name, help=summary)
+    return parser
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SERVICES:
         return importlib.import_module(SERVICES[argv[0]]).main(argv[1:])
-    from meshserve.tools import bench, certs, client, health, tokens, top, traffic, up
-
-    parser = argparse.ArgumentParser(prog="meshserve", description="A model-serving mesh.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SERVICES:
-        commands.add_parser(name, help=f"run the {name} service (see meshserve {name} -h)")
-    up.register(commands)
-    client.register(commands)
-    traffic.register(commands)
-    certs.register(commands)
-    bench.register(commands)
-    health.register(commands)
-    top.register(commands)
-    for tool in ("models", "audit"):
-        importlib.import_module(f"meshserve.tools.{tool}").register(commands)
-    tokens.register(commands)
-    args = parser.parse_args(argv)
+    args = parser_for(argv[0] if argv else None).parse_args(argv)
     return args.func(args)
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import grpc
 import numpy
 
-from meshserve.common.datatypes import NUMPY_DTYPE
+from meshserve.common.arrays import NUMPY_DTYPE, deserialize_bytes
+from meshserve.common.datatypes import serialize_bytes
 from meshserve.common.forwarding import CODE_NAME
 from meshserve.common.tls import TlsFiles, channel_credentials
 from meshserve.protocol import grpc_service_pb2 as pb
@@ -35,15 +36,26 @@ def random_request(metadata: pb.ModelMetadataResponse, batch: int,
     for tensor in metadata.inputs:
         shape = [batch if i == 0 and d == -1 else (1 if d == -1 else d)
                  for i, d in enumerate(tensor.shape)]
-        array = generator.standard_normal(shape).astype(NUMPY_DTYPE[tensor.datatype])
+        if tensor.datatype == "BYTES":
+            array = generator.integers(0, 10**6, shape).astype(str).astype(object)
+            raw = serialize_bytes(array.reshape(-1).tolist())
+        elif NUMPY_DTYPE[tensor.datatype].kind in "iu":  # UINT8 images: the whole range
+            high = 256 if tensor.datatype == "UINT8" else 100
+            array = generator.integers(0, high, shape).astype(NUMPY_DTYPE[tensor.datatype])
+            raw = array.tobytes()
+        else:
+            array = generator.standard_normal(shape).astype(NUMPY_DTYPE[tensor.datatype])
+            raw = array.tobytes()
         arrays[tensor.name] = array
         request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=shape)
-        request.raw_input_contents.append(array.tobytes())
+        request.raw_input_contents.append(raw)
     return request, arrays
 
 
 def outputs_of(response: pb.ModelInferResponse) -> dict[str, numpy.ndarray]:
-    return {t.name: numpy.frombuffer(raw, NUMPY_DTYPE[t.datatype]).reshape(tuple(t.shape))
+    """The response's outputs as arrays (BYTES: object arrays of bytes)."""
+    return {t.name: deserialize_bytes(raw, t.shape) if t.datatype == "BYTES" else
+            numpy.frombuffer(raw, NUMPY_DTYPE[t.datatype]).reshape(tuple(t.shape))
             for t, raw in zip(response.outputs, response.raw_output_contents)}
 
 
@@ -106,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(commands) -> None:
-    parser = commands.add_parser("infer", help="send one request and print the outputs")
+    parser = commands.add_parser("infer")
     parser.add_argument("model")
     parser.add_argument("--version", default="", help="default: the version the mesh picks")
     parser.add_argument("--target", default="127.0.0.1:8001")

@@ -1,7 +1,8 @@
 """Deterministic demo models for a meshserve model repository.
 
 `write_demo_repository(path)` writes two TorchScript models, `mlp` and `cnn`, each in
-versions 1 and 2 with different weights. Weights come from a fixed seed per model and
+versions 1 and 2 with different weights, and the models of `meshserve.tools.demo_pipeline`
+(ONNX, Python and an ensemble). Weights come from a fixed seed per model and
 version, drawn under a forked RNG (the caller's RNG state is left untouched), so every run
 writes the same weights and the models give the same output bytes for the same input.
 """
@@ -116,7 +117,7 @@ def demo_config(name: str) -> str:
     )
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write `path` through a temporary file in the same directory, then rename it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -150,10 +151,13 @@ def write_demo_repository(path: Path | str) -> None:
         config_path = model_dir / "config.pbtxt"
         text = demo_config(name)
         if not config_path.is_file() or config_path.read_text(encoding="utf-8") != text:
-            _atomic_write(config_path, lambda tmp, t=text: Path(tmp).write_text(t, "utf-8"))
+            atomic_write(config_path, lambda tmp, t=text: Path(tmp).write_text(t, "utf-8"))
         for version in DEMO_VERSIONS:
             artifact = model_dir / version / "model.pt"
             if artifact.is_file() and artifact.stat().st_size > 0:
                 continue
             model = build_model(name, version)
-            _atomic_write(artifact, lambda tmp, m=model: _save_torchscript(m, tmp))
+            atomic_write(artifact, lambda tmp, m=model: _save_torchscript(m, tmp))
+    from meshserve.tools.demo_pipeline import write_pipeline_models
+
+    write_pipeline_models(path)

@@ -1,23 +1,18 @@
-"""`meshserve health HOST:PORT`: one grpc.health.v1 Check over mutual TLS, for exec probes.
+"""`meshserve health HOST:PORT`: one grpc.health.v1 Check over mutual TLS, for people.
 
     meshserve health localhost:7004 --tls-cert tls.crt --tls-key tls.key --tls-ca ca.crt \\
         [--identity compute] [--service NAME] [--timeout 2]
 
-Every internal port of the mesh speaks only mutual TLS (there is deliberately no plaintext
-port), so the kubelet's native gRPC probe, which speaks plaintext and presents no client
-certificate, cannot probe it. The charts run this command in the container instead, with the
-pod's own certificate.
+Every serving port of the mesh speaks only mutual TLS, so this asks a service what the
+kubelet learns from its health-only HTTP port (`--health-listen`: `/readyz`, `/livez`; see
+meshserve.common.probes), with a certificate of the mesh, from anywhere the port is reachable.
 
 It prints the status (`SERVING`, `NOT_SERVING`, or the RPC's error, e.g. `UNAVAILABLE: ...`)
 and exits 0 only on SERVING, 1 otherwise, 2 on a usage error (a malformed address, a
 certificate file that cannot be read).
 
 `--identity` is the name the server's certificate must carry (the TLS target name); by
-default the identity in `--tls-cert`'s SPIFFE URI, which is right for a pod probing itself.
-
-Probes run it as `python3 -m meshserve.tools.health ...`: the same command, without the
-import of every other tool (torch among them, about 1.5 s of CPU) that `meshserve` does before
-it dispatches.
+default the identity in `--tls-cert`'s SPIFFE URI, which is right for a pod checking itself.
 """
 
 import argparse
@@ -114,9 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def register(commands) -> None:
-    parser = commands.add_parser(
-        "health", help="one grpc.health.v1 Check over mutual TLS; exit 0 only on SERVING",
-        description=__doc__.split("\n\n")[0])
+    parser = commands.add_parser("health", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
 
 

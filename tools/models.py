@@ -24,15 +24,12 @@ import grpc
 from meshserve.common import artifacts, model_files
 from meshserve.common.errors import ServingError
 from meshserve.common.files import write_atomic
+from meshserve.common.repository import ModelRepository
 from meshserve.mesh.fetch import verify_fetched
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.protocol.admin_pb2_grpc import AdminStub
-from meshserve.tools.traffic import (
-    add_connection_flags,
-    admin_channel,
-    control_plane_address,
-    operator_tls,
-)
+from meshserve.tools.connection import add_connection_flags
+from meshserve.tools.traffic import admin_channel, control_plane_address, operator_tls
 
 # What one gRPC message carries, less room for the request's other fields.
 MAX_PUSH_BYTES = 64 * 1024 * 1024 - 64 * 1024
@@ -139,8 +136,10 @@ def verify(args: argparse.Namespace) -> int:
         print(f"error: {error.message}", file=sys.stderr)
         return 2
     checked = []
+    ensembles = frozenset(ModelRepository.load(args.repository).ensembles())
     problems = model_files.verify_repository(args.repository, trusted, kek,
-                                             lambda m, v: checked.append(f"{m}/{v}"))
+                                             lambda m, v: checked.append(f"{m}/{v}"),
+                                             without_artifact=ensembles)
     for problem in problems:
         print(problem)
     if problems:
@@ -177,8 +176,7 @@ def rewrap(args: argparse.Namespace) -> int:
 
 
 def register(commands) -> None:
-    models = commands.add_parser("models", help="the model registry: push, list, show, "
-                                                "fetch, verify, rewrap")
+    models = commands.add_parser("models")
     actions = models.add_subparsers(dest="action", required=True, metavar="ACTION")
     push = actions.add_parser("push", help="store a version with a signed manifest")
     push.add_argument("path", type=Path, help="the TorchScript file")

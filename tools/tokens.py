@@ -36,7 +36,7 @@ from meshserve.ingress.tokens import (
     parse_jwks,
     sign,
 )
-from meshserve.tools.traffic import add_connection_flags
+from meshserve.tools.connection import add_connection_flags
 
 SIGNING_KEY = "signing.key"
 JWKS = "jwks.json"
@@ -207,7 +207,7 @@ def _rotate(args: argparse.Namespace) -> int:
 
 
 def register(commands) -> None:
-    parser = commands.add_parser("token", help="issue bearer tokens, rotate the signing key")
+    parser = commands.add_parser("token")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     issue_parser = actions.add_parser("issue", help="print a signed bearer token")
     issue_parser.add_argument("--subject", required=True, help="the principal it names")

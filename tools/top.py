@@ -311,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(commands) -> None:
-    parser = commands.add_parser("top", help="live per-version rates, latency, queues, weights")
+    parser = commands.add_parser("top")
     parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
                         help="where `meshserve up` keeps certificates and ports")
     parser.add_argument("--metrics", action="append", metavar="URL",

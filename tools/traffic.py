@@ -6,18 +6,16 @@ default the development client certificate of `meshserve up`).
 
 import argparse
 import asyncio
-from pathlib import Path
 
 import grpc
 
 from meshserve.common.errors import ServingError
 from meshserve.common.tls import TlsFiles, secure_channel
-from meshserve.mesh.admin import policy_from_proto
 from meshserve.mesh.canary import parse_duration, parse_steps
-from meshserve.mesh.istio import render, to_yaml
 from meshserve.mesh.policy import parse_weights
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.protocol.admin_pb2_grpc import AdminStub
+from meshserve.tools.connection import add_connection_flags
 
 
 def control_plane_address(args: argparse.Namespace) -> str:
@@ -49,8 +47,12 @@ def format_status(response: pb.StatusResponse) -> str:
             extras.append(f"region {policy.region} only")
         if policy.shadow.version:
             extras.append(f"shadow {policy.shadow.percent:g}% to {policy.shadow.version}")
-        if model.canary.state:
-            extras.append(f"canary {model.canary.state} at {model.canary.weight}%")
+        canary = model.canary
+        if canary.state:
+            extras.append(f"canary {canary.baseline} → {canary.plan.to_version} "
+                          f"{canary.state} at {canary.weight}%")
+        if canary.state == "running" and canary.restore.model:
+            extras.append(f"a rollback restores {weights_text(canary.restore)}")
         lines.append(f"{policy.model}" + (f"  ({', '.join(extras)})" if extras else ""))
         lines.append(f"  {'version':<8} {'weight':>6} {'req/s':>8} {'errors':>7} "
                      f"{'p50 ms':>7} {'p99 ms':>7}  endpoints")
@@ -66,15 +68,31 @@ def format_status(response: pb.StatusResponse) -> str:
     return "\n".join(lines)
 
 
+# How `canary status` labels the policy the canary started from, by state.
+START_POLICY_LABELS = {"running": "rollback restores", "promoted": "before the canary"}
+
+
 def format_canary(canary: pb.Canary) -> str:
     if not canary.state:
         return "no canary"
     plan = canary.plan
     steps = ",".join(str(s) for s in plan.steps)
-    return (f"canary of {plan.model}: {canary.baseline} → {plan.to_version}, {canary.state}, "
-            f"weight {canary.weight}% (steps {steps}, every {plan.interval_seconds:g}s, "
-            f"max error rate {plan.max_error_rate:g}, max latency ratio "
-            f"{plan.max_latency_ratio:g})\n  {canary.updated_at} {canary.reason}")
+    lines = [f"canary of {plan.model}: {canary.baseline} → {plan.to_version}, {canary.state}, "
+             f"weight {canary.weight}% (steps {steps}, every {plan.interval_seconds:g}s, "
+             f"max error rate {plan.max_error_rate:g}, max latency ratio "
+             f"{plan.max_latency_ratio:g})"]
+    if canary.baseline_by_weight:
+        lines.append(f"  baseline {canary.baseline}: the version with the most weight "
+                     "(--from VERSION names another)")
+    if plan.steps and plan.steps[-1] < 100:
+        lines.append(f"  steps end at {plan.steps[-1]}%: what {canary.baseline} and "
+                     f"{plan.to_version} carried together when it started")
+    lines.append(f"  {'weights now':<18} {weights_text(canary.current)}")
+    if canary.restore.model:
+        label = START_POLICY_LABELS.get(canary.state, "restored")
+        lines.append(f"  {label:<18} {weights_text(canary.restore)}")
+    lines.append(f"  {canary.updated_at} {canary.reason}")
+    return "\n".join(lines)
 
 
 async def call(args: argparse.Namespace) -> str:
@@ -111,14 +129,18 @@ async def call(args: argparse.Namespace) -> str:
                 policy.region = "" if args.off else args.region
             reply = await admin.SetPolicy(pb.SetPolicyRequest(policy=policy, reason=args.reason))
             return f"{args.model}: " + weights_text(reply) + policy_extras(reply)
-        if command == "render":
+        if command == "render":  # the control plane's own code: imported for this alone
+            from meshserve.mesh.admin import policy_from_proto
+            from meshserve.mesh.istio import render, to_yaml
+
             status = await admin.Status(pb.StatusRequest(model=args.model))
             policy = policy_from_proto(status.models[0].policy)
             host = args.host or f"{args.model}-batcher.{args.namespace}.svc.cluster.local"
             return to_yaml(render(policy, host=host, namespace=args.namespace)).rstrip()
         if command == "canary-start":
             reply = await admin.StartCanary(pb.CanaryPlan(
-                model=args.model, to_version=args.to, steps=parse_steps(args.steps),
+                model=args.model, to_version=args.to, from_version=args.from_version,
+                steps=parse_steps(args.steps),
                 interval_seconds=parse_duration(args.interval),
                 max_error_rate=args.max_error_rate, max_latency_ratio=args.max_latency_ratio,
                 min_requests=args.min_requests))
@@ -155,17 +177,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-def add_connection_flags(parser: argparse.ArgumentParser) -> None:
-    """How an operator command reaches the control plane: `control_plane_address` and
-    `operator_tls` read these."""
-    parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
-                        help="where `meshserve up` keeps certificates and ports")
-    parser.add_argument("--control-plane", help="HOST:PORT (default: the one `up` started)")
-    parser.add_argument("--ca", type=Path)
-    parser.add_argument("--cert", type=Path, help="operator certificate")
-    parser.add_argument("--key", type=Path)
-
-
 def _common(parser: argparse.ArgumentParser) -> None:
     add_connection_flags(parser)
     parser.add_argument("--reason", default="", help="recorded in the audit log")
@@ -173,7 +184,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def register(commands) -> None:
-    traffic = commands.add_parser("traffic", help="see and shift traffic between versions")
+    traffic = commands.add_parser("traffic")
     actions = traffic.add_subparsers(dest="action", required=True, metavar="ACTION")
     status = actions.add_parser("status", help="weights, rates, errors, latency per version")
     status.add_argument("model", nargs="?")
@@ -204,12 +215,18 @@ def register(commands) -> None:
     for parser in (status, setter, pin, rollback, shadow, region, istio):
         _common(parser)
 
-    canary = commands.add_parser("canary", help="automated canary with rollback")
+    canary = commands.add_parser("canary")
     steps = canary.add_subparsers(dest="canary_action", required=True, metavar="ACTION")
     start = steps.add_parser("start", help="step a new version's weight up while healthy")
     start.add_argument("model")
     start.add_argument("--to", required=True, metavar="VERSION")
-    start.add_argument("--steps", default="5,25,50,100")
+    start.add_argument("--from", dest="from_version", default="", metavar="VERSION",
+                       help="the baseline, the only version weight is taken from (default: "
+                            "the version with the most weight)")
+    start.add_argument("--steps", default="5,25,50,100",
+                       help="the candidate's weight at each step, in percent of all unpinned "
+                            "traffic, ending at 100 (capped at what the baseline and the "
+                            "candidate carry together)")
     start.add_argument("--interval", default="30s")
     start.add_argument("--max-error-rate", type=float, default=0.01)
     start.add_argument("--max-latency-ratio", type=float, default=1.5)

@@ -1,15 +1,17 @@
 """`meshserve up`: the embedded default — every service as a local process on loopback.
 
 On first run it creates development certificates in DIR/tls and the demo model repository
-in DIR/models; then it starts the control plane (state in DIR/mesh.db), compute replicas and
-batchers for each model version (one of each unless asked for more), a router steered by the
-control plane, and the ingress; waits until each is ready, and stops them all on Ctrl-C or
-SIGTERM.
+in DIR/models (or serves the repository `--model-repository` names); then it starts the
+control plane (state in DIR/mesh.db), compute replicas and batchers for each version of each
+model but ensembles (the ingress runs those), a router steered by the control plane, and the
+ingress; waits until each is ready (a version whose compute refuses its model is reported
+and left out), and stops them all on Ctrl-C or SIGTERM.
 """
 
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -25,8 +27,9 @@ from meshserve.common.logs import DEFAULT_ACCESS_LOG_SAMPLE, sample_fraction
 from meshserve.common.repository import ModelRepository
 from meshserve.common.tls import TlsFiles, channel_credentials
 from meshserve.ingress.readiness import RULES, STRICT
-from meshserve.protocol import admin_pb2, health_pb2
+from meshserve.protocol import admin_pb2, grpc_service_pb2, health_pb2
 from meshserve.protocol.admin_pb2_grpc import AdminStub
+from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.protocol.health_pb2_grpc import HealthStub
 from meshserve.tools import dev_signing
 from meshserve.tools.certs import init_certs
@@ -35,6 +38,10 @@ from meshserve.tools.traffic import admin_channel
 
 HOST = "127.0.0.1"
 TOKEN_PORT_FILE = "ingress.token-port"
+HTTP_PORT_FILE = "ingress.http-port"
+# In DIR/run: how to find this `up` and start it again (`meshserve drill` reads it); each
+# service's process id is in DIR/run/<name>.pid.
+UP_FILE = "up.json"
 # The demo's traffic on a first run: a 10 % canary of mlp version 2; cnn on its latest.
 DEMO_POLICY = {"mlp": {"1": 90, "2": 10}, "cnn": {"1": 0, "2": 100}}
 
@@ -85,6 +92,11 @@ class Child:
             # children in order.
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pid_file.write_text(f"{self.process.pid}\n")
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / f"{self.name}.pid"
 
     def exited(self) -> int | None:
         return None if self.process is None else self.process.poll()
@@ -105,8 +117,15 @@ class Child:
         return f"{HOST}:{self.port}"
 
 
-async def wait_ready(child: Child, tls: TlsFiles, timeout: float) -> float:
-    """Poll grpc.health.v1 until SERVING; returns the seconds it took."""
+class Refused(Exception):
+    """A compute that stays up, not serving, because it refused its model; says why."""
+
+
+async def wait_ready(child: Child, tls: TlsFiles, timeout: float,
+                     refusal_tls: TlsFiles | None = None) -> float:
+    """Poll grpc.health.v1 until SERVING; returns the seconds it took. With `refusal_tls`
+    (a compute's caller's certificate), raise Refused as soon as the compute says it
+    refused its model."""
     start = time.monotonic()
     options = [("grpc.ssl_target_name_override", child.identity)]
     async with grpc.aio.secure_channel(child.address, channel_credentials(tls),
@@ -120,8 +139,24 @@ async def wait_ready(child: Child, tls: TlsFiles, timeout: float) -> float:
                 reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return time.monotonic() - start
+            if refusal_tls is not None:
+                await raise_if_refused(child, refusal_tls)
             await asyncio.sleep(0.1)
     raise TimeoutError(f"{child.name} not ready after {timeout:.0f} s; see {child.log}")
+
+
+async def raise_if_refused(compute: Child, tls: TlsFiles) -> None:
+    """A compute that refused its model answers FAILED_PRECONDITION with the reason (one
+    still loading, UNAVAILABLE)."""
+    options = [("grpc.ssl_target_name_override", compute.identity)]
+    async with grpc.aio.secure_channel(compute.address, channel_credentials(tls),
+                                       options=options) as channel:
+        try:
+            await GRPCInferenceServiceStub(channel).ModelInfer(grpc_service_pb2.ModelInferRequest(
+                model_name=compute.model, model_version=compute.version), timeout=1)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise Refused(error.details()) from None
 
 
 def stop_all(children: list[Child], grace: float) -> None:
@@ -149,27 +184,43 @@ def auth_args(data_dir: Path, port: int) -> list[str]:
             f"--policy={auth / POLICY}", f"--jwks={auth / JWKS}"]
 
 
-def token_port(data_dir: Path) -> int | None:
-    path = data_dir / "run" / TOKEN_PORT_FILE
+def http_args(data_dir: Path, port: int) -> list[str]:
+    """The ingress's HTTP/REST listener: `port` - 1 (8000 beside gRPC's 8001, as Triton), or
+    any free port when `port` is 0."""
+    return [f"--http-listen={HOST}:{port - 1 if port else 0}",
+            f"--http-port-file={data_dir / 'run' / HTTP_PORT_FILE}"]
+
+
+def bound_port(data_dir: Path, name: str = TOKEN_PORT_FILE) -> int | None:
+    """A port the ingress wrote once bound: the bearer-token one, or `name`'s."""
+    path = data_dir / "run" / name
     return int(path.read_text()) if path.exists() else None
+
+
+def repository_of(data_dir: Path, repository: Path | None = None) -> Path:
+    """The repository `up` serves: the one given, else the demo's in DIR/models."""
+    return (data_dir / "models") if repository is None else repository.resolve()
 
 
 def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
          compute_replicas: int = 1, audit_denied_sample: float = 0.01,
-         batcher_replicas: int = 1,
+         batcher_replicas: int = 1, repository: Path | None = None,
          access_log_sample: float = DEFAULT_ACCESS_LOG_SAMPLE,
          readiness: str = STRICT) -> list[list[Child]]:
     """The children in start order: control plane, computes, batchers, router, ingress.
 
-    Each model version gets `compute_replicas` compute processes (`compute-M-V` when there
-    is one, `compute-M-V-0`, `compute-M-V-1`, ... when there are more) and likewise
-    `batcher_replicas` batchers (`batcher-M-V`, or `batcher-M-V-0`, ...); every batcher of
-    a version is given all of that version's computes."""
-    models = data_dir / "models"
+    Each version of each model but ensembles gets `compute_replicas` compute processes
+    (`compute-M-V` when there is one, `compute-M-V-0`, `compute-M-V-1`, ... when there are
+    more) and likewise `batcher_replicas` batchers (`batcher-M-V`, or `batcher-M-V-0`, ...);
+    every batcher of a version is given all of that version's computes. Ensembles and models
+    the repository refused get none."""
+    models = repository_of(data_dir, repository)
     run_dir = data_dir / "run"
-    repository = ModelRepository.load(models)
+    loaded = ModelRepository.load(models)
     computes, batchers = [], []
-    for name, entry in sorted(repository.models.items()):
+    for name, entry in sorted(loaded.models.items()):
+        if entry.plan is not None:  # an ensemble: the ingress runs its steps
+            continue
         for version in entry.versions:
             common = [f"--model-repository={models}", f"--model={name}", f"--version={version}"]
             for replica in range(compute_replicas):
@@ -185,11 +236,12 @@ def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
     control_plane = Child("control-plane", "control-plane",
                           [f"--store={data_dir / 'mesh.db'}",
                            f"--policy={data_dir / 'auth' / POLICY}",
-                           *dev_signing.control_plane_flags(data_dir)], run_dir)
+                           *dev_signing.control_plane_flags(data_dir, models)], run_dir)
     router = Child("router", "router", [], run_dir)
     ingress = Child("ingress", "ingress", [f"--model-repository={models}",
                                            f"--listen={HOST}:{port}", "--require-client-cert",
-                                           *auth_args(data_dir, port)],
+                                           *auth_args(data_dir, port),
+                                           *http_args(data_dir, port)],
                     run_dir)
     ingress.args += [f"--async-store={data_dir / 'async.db'}",
                      f"--audit-denied-sample={audit_denied_sample}",
@@ -206,9 +258,10 @@ def compute_flags(batcher: Child, computes: list[Child]) -> list[str]:
             if (compute.model, compute.version) == (batcher.model, batcher.version)]
 
 
-async def register_batchers(control_plane: Child, batchers: list[Child], tls: TlsFiles) -> None:
+async def register_batchers(control_plane: Child, batchers: list[Child], tls: TlsFiles,
+                            first_policy: dict[str, dict[str, int]]) -> None:
     """Tell the control plane where each version's batchers are (replacing stale addresses of
-    an earlier run) and, on a first run, set the demo traffic policy."""
+    an earlier run) and, on a first run, set `first_policy`'s weights."""
     async with admin_channel(control_plane.address, tls) as channel:
         admin = AdminStub(channel)
         status = await admin.Status(admin_pb2.StatusRequest())
@@ -223,7 +276,7 @@ async def register_batchers(control_plane: Child, batchers: list[Child], tls: Tl
         if not status.models:  # a first run
             current = await admin.Status(admin_pb2.StatusRequest())
             for model in current.models:
-                demo = DEMO_POLICY.get(model.policy.model)
+                demo = first_policy.get(model.policy.model)
                 if demo:
                     weights = {version: demo.get(version, 0) for version in model.policy.weights}
                     await admin.SetPolicy(admin_pb2.SetPolicyRequest(
@@ -234,13 +287,15 @@ async def register_batchers(control_plane: Child, batchers: list[Child], tls: Tl
 async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
                      say=print, metrics: bool = True, compute_replicas: int = 1,
                      audit_denied_sample: float = 0.01, batcher_replicas: int = 1,
+                     repository: Path | None = None,
                      access_log_sample: float = DEFAULT_ACCESS_LOG_SAMPLE,
                      readiness: str = STRICT) -> list[Child]:
     tls_dir = data_dir / "tls"
     operator = TlsFiles.for_identity(tls_dir, "client")
     tiers = plan(data_dir, port, device, metrics, compute_replicas, audit_denied_sample,
-                 batcher_replicas, access_log_sample, readiness)
+                 batcher_replicas, repository, access_log_sample, readiness)
     [control_plane], computes, batchers, [router], [ingress] = tiers
+    first_policy = DEMO_POLICY if repository is None else {}
     started: list[Child] = []
     try:
         for tier in tiers:
@@ -257,9 +312,21 @@ async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
             await asyncio.gather(*(child.wait_port(timeout) for child in tier))
             if tier is batchers:
                 await wait_ready(control_plane, operator, timeout)
-                await register_batchers(control_plane, batchers, operator)
+                await register_batchers(control_plane, batchers, operator, first_policy)
+        refused: set[tuple[str, str]] = set()
+        compute_caller = TlsFiles.for_identity(tls_dir, "batcher")
         for child in started:
-            seconds = await wait_ready(child, operator, timeout)
+            if child in batchers and (child.model, child.version) in refused:
+                say(f"  down   {child.name:<18} {child.address:<16} (its compute refused "
+                    "the model)")
+                continue
+            try:
+                seconds = await wait_ready(child, operator, timeout,
+                                           compute_caller if child in computes else None)
+            except Refused as refusal:
+                refused.add((child.model, child.version))
+                say(f"  REFUSED {child.name}: {refusal}")
+                continue
             say(f"  ready  {child.name:<18} {child.address:<16} ({seconds:.1f} s)")
         return started
     except BaseException:
@@ -267,21 +334,35 @@ async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
         raise
 
 
-def prepare(data_dir: Path, say=print) -> None:
-    from meshserve.tools.demo_models import write_demo_repository  # torch: only when needed
-
+def prepare(data_dir: Path, say=print, repository: Path | None = None) -> None:
+    """Certificates, keys and the access policy; the demo repository unless `repository`
+    names another. Unsigned versions are signed with the development key; models the
+    repository refuses are reported."""
     tls_dir = data_dir / "tls"
     if not (tls_dir / "ca.crt").exists():
         say(f"creating development certificates in {tls_dir}")
     init_certs(tls_dir)
-    if not (data_dir / "models").exists():
-        say(f"writing the demo model repository to {data_dir / 'models'}")
-    write_demo_repository(data_dir / "models")
-    dev_signing.prepare_keys_and_sign(data_dir, say)
+    models = repository_of(data_dir, repository)
+    if repository is None:
+        from meshserve.tools.demo_models import write_demo_repository  # torch: when needed
+
+        if not models.exists():
+            say(f"writing the demo model repository to {models}")
+        write_demo_repository(models)
+    elif not models.is_dir():
+        raise RuntimeError(f"model repository {models} is not a directory")
+    else:
+        say(f"serving the model repository {models}")
+    dev_signing.prepare_keys_and_sign(data_dir, say, models)
+    for reason in sorted(ModelRepository.load(models).refused.values()):
+        say(f"  REFUSED {reason}")
     if init_auth(data_dir / "auth"):
         say(f"creating the token-signing key and access policy in {data_dir / 'auth'}")
     (data_dir / "run").mkdir(parents=True, exist_ok=True)
     (data_dir / "run" / TOKEN_PORT_FILE).unlink(missing_ok=True)
+    (data_dir / "run" / HTTP_PORT_FILE).unlink(missing_ok=True)
+    (data_dir / "run" / UP_FILE).write_text(json.dumps(
+        {"pid": os.getpid(), "cwd": os.getcwd(), "argv": sys.argv[1:]}) + "\n")
 
 
 def metrics_lines(children: list[Child]) -> str:
@@ -290,7 +371,9 @@ def metrics_lines(children: list[Child]) -> str:
 
 
 def banner(data_dir: Path, ingress: Child, children: list[Child] | None = None,
-           bearer_port: int | None = None) -> str:
+           bearer_port: int | None = None, http_port: int | None = None,
+           model: str = "") -> str:
+    """What to call now; `model` names one of a user's repository (the demo's otherwise)."""
     tls = data_dir / "tls"
     metrics = (f"\nPrometheus metrics:\n{metrics_lines(children)}\n"
                if children and children[0].metrics else "")
@@ -301,10 +384,26 @@ Bearer-token callers: {HOST}:{bearer_port} (server TLS; CA {tls}/ca.crt; policy
   meshserve token issue --subject app/demo --scope infer --models mlp --ttl 1h \\
       --data-dir {data_dir}
 """
+    rest = "" if http_port is None else f"""
+HTTP/REST (the same protocol over HTTPS; client certificate or bearer token):
+https://{HOST}:{http_port}/v2
+
+  curl --cacert {tls}/ca.crt --cert {tls}/client.crt --key {tls}/client.key \\
+      https://{HOST}:{http_port}/v2/models/{model or 'mlp'}
+"""
+    if model:
+        return f"""
+meshserve is ready: {ingress.address} (mutual TLS; client certificate {tls}/client.crt)
+
+  meshserve infer {model} --data-dir {data_dir} --target {ingress.address}
+{tokens}{rest}{metrics}
+Logs: {data_dir / 'run'}/*.log. Ctrl-C stops everything.
+"""
     return f"""
 meshserve is ready: {ingress.address} (mutual TLS; client certificate {tls}/client.crt)
 
   meshserve infer mlp --data-dir {data_dir} --target {ingress.address}
+  meshserve infer classify --data-dir {data_dir} --target {ingress.address}
 
   import numpy, tritonclient.grpc as tc
   client = tc.InferenceServerClient("{ingress.address}", ssl=True,
@@ -313,7 +412,7 @@ meshserve is ready: {ingress.address} (mutual TLS; client certificate {tls}/clie
   x = tc.InferInput("INPUT__0", [1, 256], "FP32")
   x.set_data_from_numpy(numpy.random.rand(1, 256).astype("float32"))
   print(client.infer("mlp", [x]).as_numpy("OUTPUT__0"))
-{tokens}{metrics}
+{tokens}{rest}{metrics}
 Logs: {data_dir / 'run'}/*.log. Ctrl-C stops everything.
 """
 
@@ -333,24 +432,28 @@ async def supervise(children: list[Child], tls_dir: Path) -> None:
             backoff[child.name] = min(backoff[child.name] * 2, 30.0)
             child.args = [a for a in child.args if not a.startswith("--listen=")]
             child.args.append(f"--listen={child.address}")
-            bound = token_port(tls_dir.parent) if child.name == "ingress" else None
-            if bound is not None:
-                child.args = [a for a in child.args if not a.startswith("--token-listen=")]
-                child.args.append(f"--token-listen={HOST}:{bound}")
+            if child.name == "ingress":
+                for name, flag in ((TOKEN_PORT_FILE, "--token-listen"),
+                                   (HTTP_PORT_FILE, "--http-listen")):
+                    bound = bound_port(tls_dir.parent, name)
+                    if bound is not None:
+                        child.args = [a for a in child.args if not a.startswith(f"{flag}=")]
+                        child.args.append(f"{flag}={HOST}:{bound}")
             child.start(tls_dir)
 
 
-async def wait_token_port(data_dir: Path, timeout: float) -> int | None:
-    """The ingress's bearer-token port, once it has written it."""
+async def wait_bound_port(data_dir: Path, timeout: float,
+                          name: str = TOKEN_PORT_FILE) -> int | None:
+    """The ingress's bearer-token port (or `name`'s), once it has written it."""
     deadline = time.monotonic() + timeout
-    while (port := token_port(data_dir)) is None and time.monotonic() < deadline:
+    while (port := bound_port(data_dir, name)) is None and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     return port
 
 
 async def serve_until_stopped(args: argparse.Namespace) -> int:
     data_dir = args.data_dir.resolve()
-    prepare(data_dir)
+    prepare(data_dir, repository=args.model_repository)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -361,6 +464,7 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
                                               compute_replicas=args.compute_replicas,
                                               audit_denied_sample=args.audit_denied_sample,
                                               batcher_replicas=args.batcher_replicas,
+                                              repository=args.model_repository,
                                               access_log_sample=args.access_log_sample,
                                               readiness=args.readiness))
     stopping = asyncio.create_task(stop.wait())
@@ -372,9 +476,12 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
         return 0
     children = starting.result()
     ingress = children[-1]
-    bearer_port = await wait_token_port(data_dir, args.timeout)
+    bearer_port = await wait_bound_port(data_dir, args.timeout)
+    http_port = await wait_bound_port(data_dir, args.timeout, HTTP_PORT_FILE)
     write_atomic(data_dir / "run" / "endpoint", f"{ingress.address}\n".encode())
-    print(banner(data_dir, ingress, children, bearer_port), flush=True)
+    model = "" if args.model_repository is None else next(
+        (child.model for child in children if child.model), "MODEL")
+    print(banner(data_dir, ingress, children, bearer_port, http_port, model), flush=True)
     supervisor = asyncio.create_task(supervise(children, data_dir / "tls"))
     await stop.wait()
     supervisor.cancel()
@@ -405,9 +512,13 @@ def positive_count(text: str) -> int:
 
 
 def register(commands) -> None:
-    parser = commands.add_parser("up", help="run every service locally with a demo model")
+    parser = commands.add_parser("up")
     parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
                         help="certificates, models and logs (default ./.meshserve)")
+    parser.add_argument("--model-repository", type=Path, metavar="PATH",
+                        help="serve this Triton-layout repository (TorchScript, ONNX, Python "
+                             "and ensemble models) instead of the demo in DIR/models; unsigned "
+                             "versions are signed with the development key")
     parser.add_argument("--port", type=int, default=8001, help="ingress port (0: any free)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--timeout", type=float, default=120.0,

@@ -2,7 +2,8 @@
 
 Three names for one element type meet in meshserve: the model configuration's `DataType`
 enum (`TYPE_FP32`), the Open Inference Protocol's datatype string on the wire (`"FP32"`),
-and the numpy dtype the bytes are viewed as. The tables below translate between them.
+and the numpy dtype the bytes are viewed as (`meshserve.common.arrays`, so that what needs no
+numpy does not import it). The tables below translate between the first two.
 
 A BYTES tensor's raw contents are its elements one after another, each framed as a
 4-byte little-endian unsigned length followed by that many bytes.
@@ -13,8 +14,6 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Iterable
-
-import numpy
 
 from meshserve.common.errors import InvalidArgument
 from meshserve.protocol import model_config_pb2 as mc
@@ -57,23 +56,8 @@ ELEMENT_SIZE: dict[str, int] = {
 }
 """Bytes per element of each fixed-size wire datatype (BYTES, being variable, is absent)."""
 
-NUMPY_DTYPE: dict[str, numpy.dtype] = {
-    "BOOL": numpy.dtype(numpy.bool_),
-    "UINT8": numpy.dtype("u1"),
-    "UINT16": numpy.dtype("<u2"),
-    "UINT32": numpy.dtype("<u4"),
-    "UINT64": numpy.dtype("<u8"),
-    "INT8": numpy.dtype("i1"),
-    "INT16": numpy.dtype("<i2"),
-    "INT32": numpy.dtype("<i4"),
-    "INT64": numpy.dtype("<i8"),
-    "FP16": numpy.dtype("<f2"),
-    "FP32": numpy.dtype("<f4"),
-    "FP64": numpy.dtype("<f8"),
-}
-"""Little-endian numpy dtype of each fixed-size wire datatype; numpy has no BF16."""
 
-_LENGTH = struct.Struct("<I")
+LENGTH = struct.Struct("<I")
 
 
 def element_count(shape: Iterable[int]) -> int:
@@ -81,20 +65,20 @@ def element_count(shape: Iterable[int]) -> int:
     return math.prod(int(d) for d in shape)
 
 
-def _frames(raw: bytes | bytearray | memoryview) -> Iterable[int]:
+def element_ends(raw: bytes | bytearray | memoryview) -> Iterable[int]:
     """Yield the end offset of each element of a serialized BYTES tensor, checking framing."""
     view = memoryview(raw).cast("B")
     size = len(view)
     offset = 0
     index = 0
     while offset < size:
-        if size - offset < _LENGTH.size:
+        if size - offset < LENGTH.size:
             raise InvalidArgument(
                 f"malformed BYTES tensor: element {index} at byte {offset} has a truncated "
                 f"length prefix ({size - offset} of 4 bytes)"
             )
-        (length,) = _LENGTH.unpack_from(view, offset)
-        start = offset + _LENGTH.size
+        (length,) = LENGTH.unpack_from(view, offset)
+        start = offset + LENGTH.size
         if length > size - start:
             raise InvalidArgument(
                 f"malformed BYTES tensor: element {index} at byte {offset} declares {length} "
@@ -108,7 +92,7 @@ def _frames(raw: bytes | bytearray | memoryview) -> Iterable[int]:
 def bytes_elements(raw: bytes | bytearray | memoryview) -> int:
     """Count the elements of a serialized BYTES tensor; InvalidArgument if framing is broken."""
     count = 0
-    for _ in _frames(raw):
+    for _ in element_ends(raw):
         count += 1
     return count
 
@@ -123,7 +107,7 @@ def split_bytes_rows(raw: bytes | bytearray | memoryview, counts: list[int]) -> 
         if n < 0:
             raise InvalidArgument(f"cannot split a BYTES tensor: count {i} is negative ({n})")
     view = memoryview(raw).cast("B")
-    ends = list(_frames(view))
+    ends = list(element_ends(view))
     wanted = sum(counts)
     if wanted != len(ends):
         raise InvalidArgument(
@@ -139,3 +123,13 @@ def split_bytes_rows(raw: bytes | bytearray | memoryview, counts: list[int]) -> 
         chunks.append(bytes(view[start:end]))
         start = end
     return chunks
+
+
+def serialize_bytes(elements: Iterable[bytes | str]) -> bytes:
+    """The raw contents of a BYTES tensor holding `elements` (str is written as UTF-8)."""
+    parts = []
+    for element in elements:
+        data = element.encode("utf-8") if isinstance(element, str) else bytes(element)
+        parts.append(LENGTH.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)

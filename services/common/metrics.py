@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,8 +139,9 @@ class MetricsEndpoint:
     port_file: Path | None = None
 
 
-class MetricsServer:
-    """A started `/metrics` HTTP server (a daemon thread); `close()` stops it."""
+class HttpListener:
+    """A started HTTP server on a daemon thread (`/metrics`, or the probes of
+    meshserve.common.probes); `close()` stops it."""
 
     def __init__(self, server, thread) -> None:
         self._server = server
@@ -156,37 +158,44 @@ def split_address(address: str) -> tuple[str, int]:
     """`HOST:PORT` (IPv6 as `[::1]:PORT`) → (host, port)."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"metrics address {address!r} is not HOST:PORT")
+        raise ValueError(f"address {address!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
 
 
-def serve_metrics(registry: CollectorRegistry, address: str) -> MetricsServer:
+def serve_metrics(registry: CollectorRegistry, address: str) -> HttpListener:
     """Serve `registry` at http://ADDRESS/metrics; port 0 picks a free port (see `.port`)."""
     host, port = split_address(address)
     server, thread = start_http_server(port, addr=host, registry=registry)
-    return MetricsServer(server, thread)
+    return HttpListener(server, thread)
 
 
 # --- the recorders each service's core is handed -------------------------------------------
 
 
+#: The protocol the request being served arrived by: "grpc", or "http" (set by the ingress's
+#: HTTP front door in the task that serves each HTTP request). Labels the ingress's metrics.
+PROTOCOL: ContextVar[str] = ContextVar("meshserve_protocol", default="grpc")
+
+
 class IngressMetrics:
-    """Client-visible outcomes at the ingress, per model and version."""
+    """Client-visible outcomes at the ingress, per model, version and protocol (see
+    PROTOCOL)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._success = metrics.triton_counter(
             "nv_inference_request_success", "Number of successful inference requests",
-            ["model", "version"])
+            ["model", "version", "protocol"])
         self._failure = metrics.triton_counter(
             "nv_inference_request_failure",
             "Number of failed inference requests, by gRPC status (reason)",
-            ["model", "version", "reason"])
+            ["model", "version", "reason", "protocol"])
         self._duration = metrics.histogram(
             "meshserve_request_duration_seconds",
-            "Client-visible latency of inference requests at the ingress", ["model"])
-        self._successes: dict[tuple[str, str], Callable[[], None]] = {}
-        self._failures: dict[tuple[str, str, str], Callable[[], None]] = {}
-        self._durations: dict[str, Callable[[float], None]] = {}
+            "Client-visible latency of inference requests at the ingress",
+            ["model", "protocol"])
+        self._successes: dict[tuple[str, str, str], Callable[[], None]] = {}
+        self._failures: dict[tuple[str, str, str, str], Callable[[], None]] = {}
+        self._durations: dict[tuple[str, str], Callable[[float], None]] = {}
         self.group = GroupMetrics(metrics, "ingress->router")
         self._denied = metrics.counter(
             "meshserve_ingress_denied", "Requests refused at the ingress, by reason "
@@ -197,20 +206,22 @@ class IngressMetrics:
 
     def request(self, model: str, version: str, code: str, seconds: float) -> None:
         """One answered request; `code` is the gRPC status name ("OK" for success)."""
+        protocol = PROTOCOL.get()
         if code == "OK":
-            inc = self._successes.get((model, version))
+            key = (model, version, protocol)
+            inc = self._successes.get(key)
             if inc is None:
-                inc = self._successes[(model, version)] = self._success.labels(
-                    model, version).inc
+                inc = self._successes[key] = self._success.labels(*key).inc
         else:
-            inc = self._failures.get((model, version, code))
+            key = (model, version, code, protocol)
+            inc = self._failures.get(key)
             if inc is None:
-                inc = self._failures[(model, version, code)] = self._failure.labels(
-                    model, version, code).inc
+                inc = self._failures[key] = self._failure.labels(*key).inc
         inc()
-        observe = self._durations.get(model)
+        observe = self._durations.get((model, protocol))
         if observe is None:
-            observe = self._durations[model] = self._duration.labels(model).observe
+            observe = self._durations[(model, protocol)] = self._duration.labels(
+                model, protocol).observe
         observe(seconds)
 
 

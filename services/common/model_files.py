@@ -155,11 +155,15 @@ def write_version_files(version_dir: Path, manifest: dict[str, Any], key: Ed2551
 
 def verify_repository(repository: Path, trusted: dict[str, Ed25519PublicKey],
                       kek: bytes | None,
-                      on_version: Callable[[str, str], None] | None = None) -> list[str]:
+                      on_version: Callable[[str, str], None] | None = None,
+                      without_artifact: frozenset[str] = frozenset()) -> list[str]:
     """One line per problem in a repository: each version's signature and digests. Without
-    a KEK, an encrypted artifact's ciphertext digest (signed) is what is checked."""
+    a KEK, an encrypted artifact's ciphertext digest (signed) is what is checked. Models in
+    `without_artifact` (ensembles) have nothing to verify."""
     problems = []
     for model, version, version_dir in version_dirs(repository):
+        if model in without_artifact:
+            continue
         if on_version is not None:
             on_version(model, version)
         where = f"{model}/{version}"

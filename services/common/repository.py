@@ -1,15 +1,20 @@
 """The model repository, in Triton's layout.
 
     <repository>/<model>/config.pbtxt
-    <repository>/<model>/<version>/model.pt
+    <repository>/<model>/<version>/model.pt     (TorchScript; model.onnx, model.py, or
+                                                 nothing for an ensemble)
 
 A version is a directory named by a positive integer; its artifact is the config's
-`default_model_filename`, or `model.pt`. Which versions are served follows the config's
-`version_policy`, whose default (as in Triton) is the latest one.
+`default_model_filename`, or the backend's default file. Which versions are served follows
+the config's `version_policy`, whose default (as in Triton) is the latest one.
 
 `config.pbtxt` is protobuf text format. meshserve defines a subset of Triton's model
 configuration; sections outside it (`optimization`, `sequence_batching`, ...) are skipped
 with a warning so that existing Triton configs load unchanged.
+
+Loading completes configs (an ONNX model's inputs and outputs from its graph) and checks
+each ensemble's plan against the models it names. A model that cannot load is refused,
+with the reason kept in `refused`, while the rest are served.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
+from meshserve.common import ensemble_plan, onnx_graph
 from meshserve.common.datatypes import WIRE_FROM_CONFIG
-from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound, ServingError
 from meshserve.common.model_files import manifest_summary
 from meshserve.protocol.model_config_pb2 import ModelConfig
 
@@ -32,6 +38,39 @@ CONFIG_FILENAME = "config.pbtxt"
 DEFAULT_MODEL_FILENAME = "model.pt"
 PLATFORM = "pytorch_libtorch"
 BACKEND = "pytorch"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of model meshserve serves: how config.pbtxt names it, and its file."""
+
+    name: str
+    platform: str  # "" when only a backend names it
+    backend: str
+    filename: str  # "" for an ensemble, which has no artifact
+
+
+TORCHSCRIPT = Kind("torchscript", PLATFORM, BACKEND, DEFAULT_MODEL_FILENAME)
+ONNX = Kind("onnx", "onnxruntime_onnx", "onnxruntime", "model.onnx")
+PYTHON = Kind("python", "", "python", "model.py")
+ENSEMBLE = Kind("ensemble", "ensemble", "", "")
+KINDS = (TORCHSCRIPT, ONNX, PYTHON, ENSEMBLE)
+_SUPPORTED = ", ".join(
+    f'platform "{k.platform}"' if k.platform else f'backend "{k.backend}"' for k in KINDS)
+
+
+def kind_of(config: ModelConfig) -> Kind:
+    """The kind of a parsed config (parse_config has refused any other)."""
+    for kind in KINDS:
+        if (config.platform and config.platform == kind.platform) or (
+                not config.platform and config.backend and config.backend == kind.backend):
+            return kind
+    return TORCHSCRIPT
+
+
+def artifact_filename(config: ModelConfig) -> str:
+    """The file each version directory holds: `default_model_filename` or the kind's."""
+    return config.default_model_filename or kind_of(config).filename
 
 _VERSION_DIR = re.compile(r"[1-9][0-9]*", re.ASCII)
 _UNKNOWN_FIELD = re.compile(r'has no field named "([^"]+)"')
@@ -210,27 +249,18 @@ def parse_config(text: str, source: str, default_name: str) -> ModelConfig:
             f"{source}: model name '{config.name}' does not match its directory '{default_name}'"
         )
 
-    if config.platform not in ("", PLATFORM):
-        raise FailedPrecondition(
-            f"{source}: platform '{config.platform}' is not supported; "
-            f"meshserve serves TorchScript ({PLATFORM})"
-        )
-    if config.backend not in ("", BACKEND):
-        raise FailedPrecondition(
-            f"{source}: backend '{config.backend}' is not supported; "
-            f"meshserve serves TorchScript ({PLATFORM})"
-        )
-    if not config.platform and not config.backend:
-        config.platform = PLATFORM
+    kind = _check_kind(config, source)
+
 
     if config.max_batch_size < 0:
         raise InvalidArgument(
             f"{source}: max_batch_size must be >= 0 (0: no batch dimension), "
             f"got {config.max_batch_size}"
         )
-    if not config.input:
+    # An ONNX model's undeclared inputs and outputs are read from its graph at load.
+    if not config.input and kind is not ONNX:
         raise InvalidArgument(f"{source}: model '{config.name}' declares no input")
-    if not config.output:
+    if not config.output and kind is not ONNX:
         raise InvalidArgument(f"{source}: model '{config.name}' declares no output")
     seen: set[str] = set()
     for tensor in config.input:
@@ -252,7 +282,38 @@ def parse_config(text: str, source: str, default_name: str) -> ModelConfig:
                 f"{source}: version_policy specific lists versions {bad}; "
                 f"versions are positive integers"
             )
+    if kind is ENSEMBLE:
+        ensemble_plan.check_steps(config, source)
     return config
+
+
+def _check_kind(config: ModelConfig, source: str) -> Kind:
+    """Refuse platforms and backends meshserve does not serve; fill in the platform (and
+    for ONNX and Python models the file name) the way Triton completes a config."""
+    if not config.platform and not config.backend:
+        config.platform = PLATFORM
+    platforms = {k.platform: k for k in KINDS if k.platform}
+    backends = {k.backend: k for k in KINDS if k.backend}
+    by_platform = platforms.get(config.platform) if config.platform else None
+    by_backend = backends.get(config.backend) if config.backend else None
+    if config.platform and by_platform is None:
+        raise FailedPrecondition(
+            f"{source}: platform '{config.platform}' is not supported; meshserve serves "
+            f"{_SUPPORTED}")
+    if config.backend and by_backend is None:
+        raise FailedPrecondition(
+            f"{source}: backend '{config.backend}' is not supported; meshserve serves "
+            f"{_SUPPORTED}")
+    if by_platform and by_backend and by_platform is not by_backend:
+        raise FailedPrecondition(
+            f"{source}: platform '{config.platform}' and backend '{config.backend}' name "
+            "different runtimes; give one of them")
+    kind = by_platform or by_backend
+    if kind is ONNX:
+        config.platform = ONNX.platform
+    if kind in (ONNX, PYTHON) and not config.default_model_filename:
+        config.default_model_filename = kind.filename
+    return kind
 
 
 # --------------------------------------------------------------------------- repository
@@ -302,12 +363,14 @@ def _attach_provenance(config: ModelConfig, model_dir: Path, versions: tuple[str
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One model of the repository: its directory, configuration and served versions."""
+    """One model of the repository: its directory, configuration and served versions (and
+    for an ensemble, its checked plan)."""
 
     name: str
     path: Path
     config: ModelConfig
     versions: tuple[str, ...]
+    plan: ensemble_plan.Plan | None = None
 
     @property
     def default_version(self) -> str:
@@ -316,11 +379,14 @@ class ModelEntry:
 
 
 class ModelRepository:
-    """The models of a repository directory, loaded once."""
+    """The models of a repository directory, loaded once; `refused` maps each model that
+    could not load to why."""
 
-    def __init__(self, path: Path, models: dict[str, ModelEntry]) -> None:
+    def __init__(self, path: Path, models: dict[str, ModelEntry],
+                 refused: dict[str, str] | None = None) -> None:
         self.path = path
         self.models = models
+        self.refused = refused or {}
 
     @classmethod
     def load(cls, path: Path | str) -> ModelRepository:
@@ -328,15 +394,23 @@ class ModelRepository:
         if not path.is_dir():
             raise FailedPrecondition(f"model repository {path} is not a directory")
         models: dict[str, ModelEntry] = {}
+        refused: dict[str, str] = {}
         for model_dir in sorted(p for p in path.iterdir() if p.is_dir()):
             if model_dir.name.startswith("."):
                 continue
-            entry = cls._load_model(model_dir)
+            try:
+                entry = cls._load_model(model_dir)
+            except ServingError as error:
+                refused[model_dir.name] = _naming(model_dir.name, error.message)
+                continue
             if entry is not None:
                 models[entry.name] = entry
+        _plan_ensembles(models, refused)
+        for reason in sorted(refused.values()):
+            logger.error("refusing %s", reason)
         if not models:
-            logger.warning("model repository %s holds no models", path)
-        return cls(path, models)
+            logger.warning("model repository %s holds no models it can serve", path)
+        return cls(path, models, refused)
 
     @staticmethod
     def _load_model(model_dir: Path) -> ModelEntry | None:
@@ -371,6 +445,11 @@ class ModelRepository:
             )
         available.sort()
         versions = _served_versions(name, config, available)
+        if kind_of(config) is ONNX and not (config.input and config.output):
+            version = versions[-1]
+            onnx_graph.complete_config(
+                config, model_dir / version / artifact_filename(config),
+                f"model '{name}' version {version}")
         _attach_provenance(config, model_dir, versions)
         return ModelEntry(name=name, path=model_dir, config=config, versions=versions)
 
@@ -381,7 +460,14 @@ class ModelRepository:
         try:
             return self.models[name]
         except KeyError:
+            if name in self.refused:
+                raise NotFound(f"model '{name}' is not served: refused at load: "
+                               f"{self.refused[name]}") from None
             raise NotFound(f"unknown model '{name}'") from None
+
+    def ensembles(self) -> dict[str, ModelEntry]:
+        """The ensembles, by name (they have no batcher or compute of their own)."""
+        return {name: entry for name, entry in self.models.items() if entry.plan is not None}
 
     def version(self, name: str, version: str) -> str:
         """The served version a request for `version` means ("" means the default)."""
@@ -401,8 +487,54 @@ class ModelRepository:
         """The model file of a served version; FailedPrecondition if it is missing."""
         entry = self.get(name)
         resolved = self.version(name, version)
-        filename = entry.config.default_model_filename or DEFAULT_MODEL_FILENAME
+        filename = artifact_filename(entry.config)
         path = entry.path / resolved / filename
         if not path.is_file():
             raise FailedPrecondition(f"model '{name}' version {resolved} has no model file {path}")
         return path
+
+
+def _naming(name: str, message: str) -> str:
+    """A refusal message that names the model first."""
+    return message if message.startswith(f"model '{name}'") else f"model '{name}': {message}"
+
+
+def _plan_ensembles(models: dict[str, ModelEntry], refused: dict[str, str]) -> None:
+    """Give each ensemble its checked plan; refuse (removing it from `models`) an ensemble
+    whose steps name a missing or refused model, form a cycle, or leave a tensor unmapped.
+    Repeats until no ensemble depends on a refused one."""
+    changed = True
+    while changed:
+        changed = False
+        for name, entry in sorted(models.items()):
+            if kind_of(entry.config) is not ENSEMBLE:
+                continue
+            try:
+                plan = ensemble_plan.build(entry.config, _step_lookup(models, refused),
+                                           str(entry.path / CONFIG_FILENAME))
+                ensemble_plan.check_acyclic(name, models_of=lambda n: _steps_of(models, n))
+            except ServingError as error:
+                refused[name] = _naming(name, error.message)
+                del models[name]
+                changed = True
+                continue
+            if entry.plan != plan:
+                models[name] = ModelEntry(entry.name, entry.path, entry.config, entry.versions,
+                                          plan)
+
+
+def _step_lookup(models: dict[str, ModelEntry], refused: dict[str, str]):
+    def lookup(name: str) -> tuple[ModelConfig, tuple[str, ...]]:
+        if name in models:
+            return models[name].config, models[name].versions
+        if name in refused:
+            raise FailedPrecondition(f"model '{name}' was refused: {refused[name]}")
+        raise NotFound(f"model '{name}' is not in the repository")
+    return lookup
+
+
+def _steps_of(models: dict[str, ModelEntry], name: str) -> list[str]:
+    entry = models.get(name)
+    if entry is None or kind_of(entry.config) is not ENSEMBLE:
+        return []
+    return [step.model_name for step in entry.config.ensemble_scheduling.step]

@@ -13,6 +13,7 @@ import uvloop
 
 from meshserve.common.logs import DEFAULT_ACCESS_LOG_SAMPLE, formatter, sample_fraction
 from meshserve.common.metrics import Metrics, MetricsEndpoint, serve_metrics
+from meshserve.common.probes import Heartbeat, ProbeEndpoint, serve_probes
 from meshserve.common.server import Service
 from meshserve.common.tls import TlsFiles
 
@@ -43,6 +44,12 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
                              "port; empty: not served)")
     parser.add_argument("--metrics-port-file", type=Path,
                         help="write the bound metrics port here once serving")
+    parser.add_argument("--health-listen", default="",
+                        help="answer the kubelet's HTTP probes, /livez and /readyz, on "
+                             "HOST:PORT (plain HTTP, health only; port 0 picks a free port; "
+                             "empty: not served)")
+    parser.add_argument("--health-port-file", type=Path,
+                        help="write the bound health port here once serving")
 
 
 def url_without_password(hint: str) -> Callable[[str], str]:
@@ -92,10 +99,13 @@ def write_port_file(path: Path | None, port: int) -> None:
 
 
 def serve(build: Callable[[], Awaitable[Service]], port_file: Path | None,
-          drain_seconds: float, metrics: MetricsEndpoint | None = None) -> int:
+          drain_seconds: float, metrics: MetricsEndpoint | None = None,
+          probes: ProbeEndpoint | None = None) -> int:
     """Run a service on uvloop until SIGTERM or SIGINT, then drain and stop.
 
-    With `metrics.listen` set, `/metrics` is served over HTTP once the service is serving.
+    With `metrics.listen` set, `/metrics` is served over HTTP once the service is serving;
+    with `probes.listen`, `/livez` and `/readyz` from the moment the service is built (not
+    ready until it says so) until it has stopped.
     """
 
     async def main() -> None:
@@ -104,6 +114,13 @@ def serve(build: Callable[[], Awaitable[Service]], port_file: Path | None,
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         service = await build()
+        prober = beating = None
+        if probes is not None and probes.listen:
+            heartbeat = Heartbeat()
+            beating = asyncio.create_task(heartbeat.keep())
+            prober = serve_probes(probes.listen, service.health.serving, heartbeat)
+            write_port_file(probes.port_file, prober.port)
+            log.info("probes on port %d (/livez, /readyz)", prober.port)
         port = await service.start()
         write_port_file(port_file, port)
         log.info("serving on port %d", port)
@@ -117,6 +134,9 @@ def serve(build: Callable[[], Awaitable[Service]], port_file: Path | None,
         await service.stop(drain_seconds)
         if exporter is not None:
             exporter.close()
+        if prober is not None:
+            beating.cancel()
+            prober.close()
 
     uvloop.run(main())
     return 0
@@ -135,4 +155,5 @@ def run_service(name: str, args: argparse.Namespace, build_service, settings, *,
     async def build() -> Service:
         return build_service(settings, metrics, *extra)
 
-    return serve(build, args.port_file, args.drain_seconds, metrics_endpoint(args, metrics))
+    return serve(build, args.port_file, args.drain_seconds, metrics_endpoint(args, metrics),
+                 ProbeEndpoint(args.health_listen, args.health_port_file))

@@ -2,8 +2,9 @@
 
 `from_environment(service, os.environ)` is called in a service's `main()`; it returns None
 when `OTEL_EXPORTER_OTLP_ENDPOINT` is unset, and the services then check `tracing is None`
-on their hot paths and create no span at all. Otherwise spans leave through the OTLP gRPC
-exporter in batches (`OTEL_BSP_SCHEDULE_DELAY`, milliseconds), sampled by
+on their hot paths and create no span at all. Otherwise spans leave over OTLP/gRPC
+(meshserve.common.otlp, which reads the other `OTEL_EXPORTER_OTLP_*` variables) in batches
+(`OTEL_BSP_SCHEDULE_DELAY`, milliseconds), sampled by
 `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` (default: parentbased_always_on).
 
 Between services the W3C `traceparent` travels in `GroupItem.traceparent` (internal hops) or
@@ -29,6 +30,8 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.trace import Span, SpanContext, TraceFlags
 
+from meshserve.common.otlp import OtlpSettings, OtlpSpanExporter
+
 TRACEPARENT = "traceparent"
 
 
@@ -36,18 +39,19 @@ TRACEPARENT = "traceparent"
 class TracingSettings:
     """What the `OTEL_*` variables say; built once in `main()` (tests build it directly)."""
 
-    endpoint: str
     service_name: str
+    otlp: OtlpSettings | None  # the collector; None: tracing off (no endpoint configured)
     sampler: str = "parentbased_always_on"
     sampler_arg: str = ""
     schedule_delay_ms: float = 5000.0
 
     @classmethod
     def from_environment(cls, service: str, environ: Mapping[str, str]) -> "TracingSettings":
+        endpoint = (environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                    or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""))
         return cls(
-            endpoint=environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
             service_name=environ.get("OTEL_SERVICE_NAME") or service,
+            otlp=OtlpSettings.from_environment(environ) if endpoint else None,
             sampler=environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").lower(),
             sampler_arg=environ.get("OTEL_TRACES_SAMPLER_ARG", ""),
             schedule_delay_ms=float(environ.get("OTEL_BSP_SCHEDULE_DELAY", "5000")))
@@ -77,18 +81,7 @@ class Tracing:
     @classmethod
     def build(cls, settings: TracingSettings, exporter=None) -> "Tracing":
         if exporter is None:
-            try:
-                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-                    OTLPSpanExporter,
-                )
-            except ImportError as error:  # see install.sh: xds-protos' copy of the protos
-                raise RuntimeError(
-                    "the OTLP exporter cannot load opentelemetry-proto's modules (another "
-                    "package overwrote them); run: pip install --no-deps --force-reinstall "
-                    "opentelemetry-proto==1.45.2") from error
-
-            exporter = OTLPSpanExporter(endpoint=settings.endpoint,
-                                        insecure=settings.endpoint.startswith("http://"))
+            exporter = OtlpSpanExporter(settings.otlp)
         provider = TracerProvider(
             sampler=sampler_of(settings.sampler, settings.sampler_arg),
             resource=Resource.create({"service.name": settings.service_name}))
@@ -114,7 +107,7 @@ class Tracing:
 def from_environment(service: str, environ: Mapping[str, str]) -> Tracing | None:
     """The service's tracing, or None (tracing off) when no OTLP endpoint is configured."""
     settings = TracingSettings.from_environment(service, environ)
-    return Tracing.build(settings) if settings.endpoint else None
+    return Tracing.build(settings) if settings.otlp is not None else None
 
 
 def context_of(traceparent: str) -> Context | None:

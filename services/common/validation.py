@@ -9,9 +9,9 @@ import struct
 
 import numpy
 
+from meshserve.common.arrays import NUMPY_DTYPE
 from meshserve.common.datatypes import (
     ELEMENT_SIZE,
-    NUMPY_DTYPE,
     WIRE_FROM_CONFIG,
     bytes_elements,
     element_count,

@@ -8,13 +8,14 @@ does.
 
 import io
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from meshserve.common.datatypes import WIRE_FROM_CONFIG
 from meshserve.common.errors import InvalidArgument
+from meshserve.compute.backends.tensors import warmup_requests
+from meshserve.compute.timings import Timings
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
 from meshserve.protocol.model_config_pb2 import ModelConfig
 
@@ -31,13 +32,6 @@ def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
-
-
-@dataclass(frozen=True)
-class Timings:
-    input_ns: int
-    infer_ns: int
-    output_ns: int
 
 
 class TorchScriptModel:
@@ -97,29 +91,4 @@ class TorchScriptModel:
 
     def warmup_requests(self) -> list[ModelInferRequest]:
         """The config's model_warmup samples, or zeros at batch 1, preferred and max sizes."""
-        config = self.config
-        samples = []
-        if config.model_warmup:
-            for warmup in config.model_warmup:
-                batch = max(1, warmup.batch_size) if config.max_batch_size else 0
-                for _ in range(max(1, warmup.count)):
-                    samples.append(self._sample(batch, {
-                        name: (list(i.dims), i.random_data)
-                        for name, i in warmup.inputs.items()}))
-            return samples
-        sizes = {1, config.max_batch_size, *config.dynamic_batching.preferred_batch_size}
-        for size in sorted(s for s in sizes if s > 0) if config.max_batch_size else [0]:
-            samples.append(self._sample(size, {}))
-        return samples
-
-    def _sample(self, batch: int, given: dict[str, tuple[list[int], bool]]) -> ModelInferRequest:
-        request = ModelInferRequest(model_name=self.config.name)
-        for tensor in self.config.input:
-            dims, random = given.get(tensor.name, (list(tensor.dims), False))
-            shape = ([batch] if batch else []) + [d if d > 0 else 1 for d in dims]
-            dtype = TORCH_DTYPE[WIRE_FROM_CONFIG[tensor.data_type]]
-            data = (torch.rand(shape).to(dtype) if random else torch.zeros(shape, dtype=dtype))
-            request.inputs.add(name=tensor.name, datatype=WIRE_FROM_CONFIG[tensor.data_type],
-                               shape=shape)
-            request.raw_input_contents.append(data.view(torch.uint8).numpy().tobytes())
-        return request
+        return warmup_requests(self.config)

@@ -6,10 +6,8 @@ Ready (grpc.health.v1 SERVING) only once the model is loaded and warm.
 
 import argparse
 import asyncio
-import io
 import logging
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,18 +110,11 @@ class Compute:
         self._observe = None
 
     def _load(self) -> None:
-        import torch
+        from meshserve.compute.backends import load_model
 
-        from meshserve.compute.model import TorchScriptModel, pick_device
-
-        if self._threads:
-            torch.set_num_threads(self._threads)
-        warnings.filterwarnings("ignore", message=".*buffer is not writable.*")
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.jit")
-        device = pick_device(self._device)
-        source = self._verified_artifact()
-        model = TorchScriptModel(io.BytesIO(source) if isinstance(source, bytes) else source,
-                                 self.config, device)
+        model = load_model(self.config, self._verified_artifact(), self._version_dir,
+                           self._device, self._threads)
+        device = model.device
         for request in model.warmup_requests():
             model.run(request, self.version)
         log.info("model '%s' version '%s' loaded on %s and warm", self.name, self.version, device)

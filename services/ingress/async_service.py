@@ -209,6 +209,7 @@ class AsyncApi:
     register: Callable[..., None] = lambda server, gate=None: None
     background: list = field(default_factory=list)
     cleanup: list = field(default_factory=list)
+    requests: AsyncRequests | None = None  # for other front doors (HTTP)
 
 
 def build_async(settings: AsyncSettings | None, ingress) -> AsyncApi:
@@ -234,7 +235,7 @@ def build_async(settings: AsyncSettings | None, ingress) -> AsyncApi:
     async def close() -> None:
         connection.close()
 
-    return AsyncApi(register, [requests.run], [close])
+    return AsyncApi(register, [requests.run], [close], requests)
 
 
 def add_async_flags(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ With `--policy`, every call is authenticated (client certificate on `--listen`, 
 token on `--token-listen`) and authorized (see meshserve.ingress.auth).
 
 `meshserve ingress --model-repository R --router HOST:PORT [--require-client-cert]
-    [--token-listen HOST:PORT --policy FILE --jwks FILE|URL]`
+    [--token-listen HOST:PORT --policy FILE --jwks FILE|URL] [--http-listen HOST:PORT]`
 """
 
 import argparse
@@ -58,6 +58,8 @@ from meshserve.ingress.async_service import (
 from meshserve.ingress.auth import Caller, Gate, OnDenied, OpenGate
 from meshserve.ingress.budget import ByteBudget
 from meshserve.ingress.denials import DenialAudit
+from meshserve.ingress.ensembles import EnsembleRunner
+from meshserve.ingress.http_api import HttpSettings, add_http_flags, build_http, http_settings
 from meshserve.ingress.readiness import RULES, STRICT, Readiness, follow
 from meshserve.ingress.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER, JwksUrl, jwks_source
 from meshserve.mesh.policy import PIN_HEADER
@@ -95,6 +97,7 @@ class IngressSettings:
     # ServerReady: every version the control plane's policies name can answer ("strict"),
     # or one can ("any"); needs `control_plane`.
     readiness: str = STRICT
+    http: HttpSettings | None = None  # HTTP/REST beside gRPC (None: not served)
 
 
 def parameter(request: pb.ModelInferRequest, name: str) -> int:
@@ -130,6 +133,7 @@ class Ingress:
         self.budget = ByteBudget(max_inflight_bytes, "max_inflight_bytes")
         prefix = secrets.token_hex(4)  # ids unique across ingress replicas, cheap per request
         self._ids = (f"{prefix}-{n}" for n in itertools.count())
+        self.ensembles = EnsembleRunner(repository, self.infer, metrics)
 
     def _forwarder(self, model: str, version: str) -> GroupForwarder:
         """Requests pinned to a version travel in groups of their own."""
@@ -152,6 +156,8 @@ class Ingress:
                     admit: Callable[[], None] | None = None) -> pb.ModelInferResponse:
         """`traceparent`: the client's W3C trace context (read only when tracing). `admit`,
         when given, authenticates and authorizes the caller (raising to refuse), first."""
+        if request.model_name in self.ensembles:  # its steps come back here, one by one
+            return await self.ensembles.infer(request, remaining, traceparent, admit)
         request_id = next(self._ids)
         if self._tracing is None:
             return await self._observed(request, remaining, request_id, None, admit)
@@ -300,7 +306,20 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):
         self._may(context, "models:read", request.name)
         self._ingress.config(request.name, request.version)
+        if request.name in self._ingress.ensembles:
+            return pb.ModelReadyResponse(ready=await self._ready(request.name, request.version))
         return await self._ingress.router.inference.ModelReady(request, timeout=5)
+
+    async def _ready(self, name: str, version: str) -> bool:
+        """A version is ready when its batcher is; an ensemble when all its steps are."""
+        if name in self._ingress.ensembles:
+            return await self._ingress.ensembles.ready(name, self._ready)
+        try:
+            reply = await self._ingress.router.inference.ModelReady(
+                pb.ModelReadyRequest(name=name, version=version), timeout=5)
+        except Exception:  # noqa: BLE001 — reported as the model's state
+            return False
+        return reply.ready
 
     async def ModelMetadata(self, request, context):
         self._may(context, "models:read", request.name)
@@ -323,6 +342,10 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             self._may(context, "models:read", request.name)
         for name in [request.name] if request.name else self._readable(context):
             entry = self._ingress.config(name, request.version)
+            if name in self._ingress.ensembles:
+                response.model_stats.extend(self._ingress.ensembles.statistics(
+                    name, request.version))
+                continue
             for version in [request.version] if request.version else entry.versions:
                 reply = await self._ingress.router.inference.ModelStatistics(
                     pb.ModelStatisticsRequest(name=name, version=version), timeout=5)
@@ -336,18 +359,20 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 if self._gate.allows(caller, "models:read", name)]
 
     async def RepositoryIndex(self, request, context):
+        """Every version and its state; a model refused at load as UNAVAILABLE, saying why."""
         response = pb.RepositoryIndexResponse()
+        repository = self._ingress.repository
         for name in self._readable(context):
-            for version in self._ingress.repository.models[name].versions:
-                try:
-                    reply = await self._ingress.router.inference.ModelReady(
-                        pb.ModelReadyRequest(name=name, version=version), timeout=5)
-                    ready = reply.ready
-                except Exception:  # noqa: BLE001 — reported as the model's state
-                    ready = False
+            for version in repository.models[name].versions:
+                ready = await self._ready(name, version)
                 if ready or not request.ready:
                     response.models.add(name=name, version=version,
                                         state="READY" if ready else "UNAVAILABLE")
+        caller = self._gate.caller(context)
+        if not request.ready:
+            for name, reason in sorted(repository.refused.items()):
+                if self._gate.allows(caller, "models:read", name):
+                    response.models.add(name=name, state="UNAVAILABLE", reason=reason)
         return response
 
     async def ModelInfer(self, request, context):
@@ -440,6 +465,12 @@ def build_service(settings: IngressSettings, metrics: Metrics | None = None,
     gate, gate_tasks = build_gate(settings, ingress_metrics, on_denied)
     health = HealthServicer()
     asynchronous = build_async(settings.asynchronous, ingress)
+    inference = InferenceServicer(ingress, health, traced=tracing is not None, gate=gate)
+    # One HTTP port for certificate and token callers alike, so a certificate is optional
+    # there whenever a token listener is configured.
+    http = build_http(settings.http, settings.tls,
+                      settings.require_client_cert and not settings.token_listen, inference,
+                      health, asynchronous.requests, gate)
 
     def ready_or_not() -> None:
         """Ready: the router answers and, with a control plane, the versions can answer."""
@@ -450,8 +481,7 @@ def build_service(settings: IngressSettings, metrics: Metrics | None = None,
 
     def register(server) -> None:
         asynchronous.register(server, gate)
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(ingress, health, traced=tracing is not None, gate=gate), server)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
 
     extra_ports = ([(settings.token_listen,
                      server_credentials(settings.tls, require_client_auth=False))]
@@ -468,7 +498,7 @@ def build_service(settings: IngressSettings, metrics: Metrics | None = None,
         register, health, background=[*asynchronous.background,
                                       lambda: router.watch(ready_or_not),
                                       *follow_readiness,
-                                      announce_token_port, *gate_tasks],
+                                      announce_token_port, *gate_tasks, *http],
         cleanup=[*asynchronous.cleanup, router.close, *([] if audit is None else [audit.close]),
                  *([] if tracing is None else [tracing.close])],
         extra_ports=extra_ports)
@@ -513,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="payload bytes of requests accepted and not yet answered; beyond it "
                              "requests are refused with RESOURCE_EXHAUSTED (0: unbounded)")
     add_auth_flags(parser)
+    add_http_flags(parser)
     args = parser.parse_args(argv)
     runtime.configure_logging("ingress", args.log_level, args.log_format)
     settings = IngressSettings(
@@ -524,6 +555,6 @@ def main(argv: list[str] | None = None) -> int:
         policy=args.policy, jwks=args.jwks, token_issuer=args.token_issuer,
         token_audience=args.token_audience, audit_denied_sample=args.audit_denied_sample,
         control_plane=args.control_plane, readiness=args.readiness,
-        max_inflight_bytes=args.max_inflight_bytes)
+        max_inflight_bytes=args.max_inflight_bytes, http=http_settings(args))
 
     return runtime.run_service("ingress", args, build_service, settings)

@@ -254,7 +254,7 @@ class ModelRef(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class CanaryPlan(_message.Message):
-    __slots__ = ("model", "to_version", "steps", "interval_seconds", "max_error_rate", "max_latency_ratio", "min_requests")
+    __slots__ = ("model", "to_version", "steps", "interval_seconds", "max_error_rate", "max_latency_ratio", "min_requests", "from_version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TO_VERSION_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +262,7 @@ class CanaryPlan(_message.Message):
     MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
     MAX_LATENCY_RATIO_FIELD_NUMBER: _ClassVar[int]
     MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     to_version: str
     steps: _containers.RepeatedScalarFieldContainer[int]
@@ -269,23 +270,30 @@ class CanaryPlan(_message.Message):
     max_error_rate: float
     max_latency_ratio: float
     min_requests: int
-    def __init__(self, model: _Optional[str] = ..., to_version: _Optional[str] = ..., steps: _Optional[_Iterable[int]] = ..., interval_seconds: _Optional[float] = ..., max_error_rate: _Optional[float] = ..., max_latency_ratio: _Optional[float] = ..., min_requests: _Optional[int] = ...) -> None: ...
+    from_version: str
+    def __init__(self, model: _Optional[str] = ..., to_version: _Optional[str] = ..., steps: _Optional[_Iterable[int]] = ..., interval_seconds: _Optional[float] = ..., max_error_rate: _Optional[float] = ..., max_latency_ratio: _Optional[float] = ..., min_requests: _Optional[int] = ..., from_version: _Optional[str] = ...) -> None: ...
 
 class Canary(_message.Message):
-    __slots__ = ("plan", "baseline", "state", "weight", "reason", "updated_at")
+    __slots__ = ("plan", "baseline", "state", "weight", "reason", "updated_at", "restore", "current", "baseline_by_weight")
     PLAN_FIELD_NUMBER: _ClassVar[int]
     BASELINE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_BY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     plan: CanaryPlan
     baseline: str
     state: str
     weight: int
     reason: str
     updated_at: str
-    def __init__(self, plan: _Optional[_Union[CanaryPlan, _Mapping]] = ..., baseline: _Optional[str] = ..., state: _Optional[str] = ..., weight: _Optional[int] = ..., reason: _Optional[str] = ..., updated_at: _Optional[str] = ...) -> None: ...
+    restore: Policy
+    current: Policy
+    baseline_by_weight: bool
+    def __init__(self, plan: _Optional[_Union[CanaryPlan, _Mapping]] = ..., baseline: _Optional[str] = ..., state: _Optional[str] = ..., weight: _Optional[int] = ..., reason: _Optional[str] = ..., updated_at: _Optional[str] = ..., restore: _Optional[_Union[Policy, _Mapping]] = ..., current: _Optional[_Union[Policy, _Mapping]] = ..., baseline_by_weight: bool = ...) -> None: ...
 
 class AuditRequest(_message.Message):
     __slots__ = ("limit", "verify", "anchor", "after_seq")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy
 
-from meshserve.common.datatypes import NUMPY_DTYPE
+from meshserve.common.arrays import NUMPY_DTYPE
 from meshserve.protocol.groups_pb2 import InferGroup, ItemResult
 
 TOLERANCE = 1e-5

@@ -60,6 +60,11 @@ def value_args(names) -> list[str]:
     return [argument for name in names for argument in ("-f", str(VALUES / f"{name}.yaml"))]
 
 
+def public_ports(service: str) -> list[str]:
+    """The ports a service's callers reach, in order: the ingress serves HTTP/REST too."""
+    return ["grpc", "http"] if service == "ingress" else ["grpc"]
+
+
 def pod_spec(objects: dict) -> dict:
     return objects["Deployment"]["spec"]["template"]["spec"]
 

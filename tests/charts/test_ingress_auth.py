@@ -49,7 +49,7 @@ def test_auth_disabled_by_default(helm):
     objects = helm.render("ingress")
     main = container(objects)
     assert not flag_values(main["args"], "--policy")
-    assert [p["name"] for p in main["ports"]] == ["grpc", "metrics"]
+    assert [p["name"] for p in main["ports"]] == ["grpc", "http", "metrics", "health"]
 
 
 @pytest.mark.parametrize(("unset", "message"), [

@@ -8,7 +8,13 @@ import json
 
 import pytest
 
-from tests.charts.chartlib import container, flag_values, kubernetes_errors, pod_labels
+from tests.charts.chartlib import (
+    container,
+    flag_values,
+    kubernetes_errors,
+    pod_labels,
+    public_ports,
+)
 
 CHARTS_RUN = ["compute", "batcher", "router", "ingress", "control-plane"]
 COMPONENTS = CHARTS_RUN
@@ -71,8 +77,8 @@ def test_metrics_off(helm, service):
     objects = helm.render(service, (service,), ("--set", "metrics.enabled=false"))
     args = container(objects)["args"]
     assert not [arg for arg in args if arg.startswith("--metrics")]
-    assert list(ports(objects, "container")) == ["grpc"]
-    assert list(ports(objects, "Service")) == ["grpc"]
+    assert list(ports(objects, "container")) == [*public_ports(service), "health"]  # probes stay
+    assert list(ports(objects, "Service")) == public_ports(service)
     policy = objects["NetworkPolicy"]["spec"]
     assert not metrics_rules(policy)
     assert len(policy["ingress"]) == 1
@@ -88,7 +94,8 @@ def test_network_policy_admits_metrics_only_from_scrape_from(helm, service):
     # No other rule opens the metrics port (the ingress's gRPC rule admits anyone).
     for other in policy["ingress"]:
         if other is not rule:
-            assert other["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+            assert other["ports"] == [{"port": name, "protocol": "TCP"}
+                                      for name in public_ports(service)]
 
 
 def test_scrape_from_is_configurable(helm):
@@ -163,7 +170,7 @@ def test_an_exposed_service_keeps_metrics_inside_the_cluster(helm, service_type)
     assert sorted(services) == ["mesh-ingress", "mesh-ingress-metrics"]
     public, metrics = services["mesh-ingress"], services["mesh-ingress-metrics"]
     assert public["spec"]["type"] == service_type
-    assert [p["name"] for p in public["spec"]["ports"]] == ["grpc"]
+    assert [p["name"] for p in public["spec"]["ports"]] == public_ports("ingress")
     assert metrics["spec"]["type"] == "ClusterIP"
     assert metrics["spec"]["ports"] == [{"name": "metrics", "port": 9090, "targetPort": "metrics",
                                          "protocol": "TCP", "appProtocol": "http"}]
@@ -233,7 +240,7 @@ def test_umbrella_every_workload_serves_metrics(helm):
         names = [p["name"] for p in service["spec"]["ports"]]
         if name == "mesh-ingress":  # a LoadBalancer: its metrics port has a Service of its own
             assert service["spec"]["type"] == "LoadBalancer"
-            assert names == ["grpc"]
+            assert names == public_ports("ingress")
         elif name == "mesh-ingress-metrics":
             assert service["spec"]["type"] == "ClusterIP"
             assert names == ["metrics"]

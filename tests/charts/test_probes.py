@@ -1,11 +1,13 @@
 """The charts' probes, proven against running services.
 
 For the control plane and the four service charts, `helm template` gives a Deployment; its
-container's command and args run here as a local process, and the exec probes it declares run
-as they are written, with only what a pod has and this machine has not remapped:
+container's command and args run here as a local process, and the kubelet's probes it declares
+(httpGet: a path on a named port) are sent as the kubelet would, with only what a pod has and
+this machine has not remapped:
 
-- ports: `--listen=0.0.0.0:<port>` → a free loopback port; `localhost:<port>` (the probes) →
-  that port; `--metrics-listen=0.0.0.0:<port>` → another free loopback port;
+- ports: `--listen=0.0.0.0:<port>` → a free loopback port, and likewise `--metrics-listen` and
+  `--health-listen`; a probe's named port → the container port of that name, which must be the
+  one `--health-listen` binds; the ingress's `--http-listen` → any free loopback port;
 - paths under a volume mount → a directory of this test: the TLS Secret's mount holds
   `tls.crt`, `tls.key` and `ca.crt` of the service's identity from a test CA
   (`meshserve.tools.certs.init_certs`), the model repository's is the demo repository, the
@@ -13,15 +15,17 @@ as they are written, with only what a pod has and this machine has not remapped:
 - upstreams (`--compute`, `--control-plane`, `--router`) → the loopback address of the process
   started for that service (in dependency order: control plane, compute, batcher, router,
   ingress);
-- `meshserve` → this environment's console script, `python3` → this interpreter.
+- `meshserve` → this environment's console script.
 
 The control plane is rendered with `endpointSlices.watch=false`: there is no Kubernetes API
 here (in a cluster, its EndpointSlice watch registers batchers; readiness needs none).
 
-Then: every startup and readiness probe passes (bounded), liveness passes while the service
-runs, each serves Prometheus text on `/metrics` of its metrics port, a batcher's readiness
-fails once its compute is gone, and every liveness probe fails (exit 1, not a usage error)
-once its process has stopped on SIGTERM.
+Then: every startup and readiness probe answers 200 (bounded), liveness 200, each serves
+Prometheus text on `/metrics` of its metrics port; once its compute is gone a batcher's
+readiness answers 503 while its liveness stays 200; a stopped process (SIGSTOP) fails its
+liveness probe within the probe's timeout and passes again on SIGCONT; every liveness probe
+fails once its process has exited on SIGTERM. (A wedged event loop in a live process answers
+503: tests/unit/test_probes.py.)
 """
 
 import os
@@ -31,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +45,7 @@ import pytest
 from meshserve.tools import health
 from meshserve.tools.certs import init_certs
 from meshserve.tools.demo_models import write_demo_repository
-from tests.charts.chartlib import container, flag_values
+from tests.charts.chartlib import container, flag_values, public_ports
 
 # Start order: each one's upstreams first.
 ORDER = ["control-plane", "compute", "batcher", "router", "ingress"]
@@ -48,11 +53,15 @@ RENDER_EXTRA = {"control-plane": ("--set", "endpointSlices.watch=false")}
 # Flags that name another service's HOST:PORT, and which service that is.
 UPSTREAM_FLAGS = {"--compute": "compute", "--control-plane": "control-plane",
                   "--router": "router"}
+# Flags that bind a port of this service, and the local port each gets.
+LISTEN_FLAGS = ("--listen", "--metrics-listen", "--health-listen")
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+PATHS = {"startupProbe": "/readyz", "readinessProbe": "/readyz", "livenessProbe": "/livez"}
 READY_WITHIN_S = 90.0
-PROBE_PROCESS_LIMIT_S = 20.0
 STOP_WITHIN_S = 15.0
 CONSOLE_SCRIPT = Path(sys.executable).with_name("meshserve")
+# What a failed probe reads as: no answer (refused, timed out) is the kubelet's failure too.
+NO_ANSWER = 0
 
 
 def free_port() -> int:
@@ -67,35 +76,33 @@ class Local:
 
     service: str
     spec: dict  # the rendered container
-    port: int
-    metrics_port: int
+    ports: dict[str, int]  # listen flag → local port
     mounts: dict[str, Path]  # mountPath in the pod → directory here
     addresses: dict[str, str]  # service → its loopback HOST:PORT
     log: Path
     process: subprocess.Popen | None = None
     tried: dict[str, int] = field(default_factory=dict)
 
-    @property
-    def container_port(self) -> int:
-        [port] = [p["containerPort"] for p in self.spec["ports"] if p["name"] == "grpc"]
+    def container_port(self, name: str) -> int:
+        [port] = [p["containerPort"] for p in self.spec["ports"] if p["name"] == name]
         return port
+
+    @property
+    def metrics_port(self) -> int:
+        return self.ports["--metrics-listen"]
 
     def remap(self, token: str) -> str:
         """One word of a command line, as it must read on this machine."""
         if token == "meshserve":
             return str(CONSOLE_SCRIPT)
-        if token == "python3":
-            return sys.executable
         flag, equals, value = token.partition("=")
-        if equals and flag == "--listen":
-            return f"--listen=127.0.0.1:{self.port}"
-        if equals and flag == "--metrics-listen":
-            return f"--metrics-listen=127.0.0.1:{self.metrics_port}"
+        if equals and flag in LISTEN_FLAGS:
+            return f"{flag}=127.0.0.1:{self.ports[flag]}"
+        if equals and flag == "--http-listen":  # the ingress's HTTP/REST: any free port
+            return "--http-listen=127.0.0.1:0"
         if equals and flag in UPSTREAM_FLAGS:
             return f"{flag}={self.addresses[UPSTREAM_FLAGS[flag]]}"
         prefix, text = (f"{flag}=", value) if equals and flag.startswith("--") else ("", token)
-        if text == f"localhost:{self.container_port}":
-            return f"{prefix}127.0.0.1:{self.port}"
         for mount, local in self.mounts.items():
             if text == mount or text.startswith(mount.rstrip("/") + "/"):
                 return prefix + str(local) + text[len(mount.rstrip("/")):]
@@ -104,8 +111,13 @@ class Local:
     def command(self) -> list[str]:
         return [self.remap(word) for word in [*self.spec["command"], *self.spec["args"]]]
 
-    def probe_command(self, probe: str) -> list[str]:
-        return [self.remap(word) for word in self.spec[probe]["exec"]["command"]]
+    def probe_url(self, probe: str) -> str:
+        """The probe's httpGet, aimed where the kubelet's would land: its named port is the
+        container port `--health-listen` binds, here remapped."""
+        get = self.spec[probe]["httpGet"]
+        [listen] = flag_values(self.spec["args"], "--health-listen")
+        assert int(listen.rsplit(":", 1)[1]) == self.container_port(get["port"]), probe
+        return f"http://127.0.0.1:{self.ports['--health-listen']}{get['path']}"
 
     def environment(self) -> dict[str, str]:
         env = {**os.environ}
@@ -119,15 +131,24 @@ class Local:
                                             stdin=subprocess.DEVNULL, env=self.environment(),
                                             start_new_session=True)
 
-    def probe(self, probe: str) -> subprocess.CompletedProcess:
+    def probe(self, probe: str) -> tuple[int, str]:
+        """(HTTP status, body) of one probe within its timeoutSeconds; (NO_ANSWER, why) when
+        nothing answered."""
         self.tried[probe] = self.tried.get(probe, 0) + 1
-        return subprocess.run(self.probe_command(probe), capture_output=True, text=True,
-                              env=self.environment(), timeout=PROBE_PROCESS_LIMIT_S, check=False)
+        timeout = self.spec[probe]["timeoutSeconds"]
+        try:
+            with urllib.request.urlopen(self.probe_url(probe), timeout=timeout) as reply:
+                return reply.status, reply.read().decode().strip()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode().strip()
+        except OSError as error:  # refused, reset, timed out
+            return NO_ANSWER, str(error)
 
     def stop(self) -> int | None:
         """SIGTERM, then wait (SIGKILL past STOP_WITHIN_S); the exit status."""
         if self.process is None or self.process.poll() is not None:
             return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGCONT)
         self.process.send_signal(signal.SIGTERM)
         try:
             return self.process.wait(STOP_WITHIN_S)
@@ -153,24 +174,20 @@ def mesh(helm, tmp_path_factory, demo_repository):
     root = tmp_path_factory.mktemp("probes")
     certs = root / "tls"
     init_certs(certs)
-    addresses: dict[str, str] = {}
-    ports = {service: free_port() for service in ORDER}
-    addresses.update({service: f"127.0.0.1:{port}" for service, port in ports.items()})
+    ports = {service: {flag: free_port() for flag in LISTEN_FLAGS} for service in ORDER}
+    addresses = {service: f"127.0.0.1:{ports[service]['--listen']}" for service in ORDER}
     locals_: dict[str, Local] = {}
     for service in ORDER:
-        objects = helm.render(service, (service,), RENDER_EXTRA.get(service, ()))
-        spec = container(objects)
-        identity = next(a.split("=", 1)[1] for a in spec["readinessProbe"]["exec"]["command"]
-                        if a.startswith("--identity="))
+        spec = container(helm.render(service, (service,), RENDER_EXTRA.get(service, ())))
         home = root / service
         mounts: dict[str, Path] = {}
         for mount in spec["volumeMounts"]:
             name, path = mount["name"], mount["mountPath"]
-            if name == "tls":
+            if name == "tls":  # the chart's identity is its service's name
                 local = home / "tls"
                 local.mkdir(parents=True)
-                for source, target in [(f"{identity}.crt", "tls.crt"),
-                                       (f"{identity}.key", "tls.key"), ("ca.crt", "ca.crt")]:
+                for source, target in [(f"{service}.crt", "tls.crt"),
+                                       (f"{service}.key", "tls.key"), ("ca.crt", "ca.crt")]:
                     shutil.copyfile(certs / source, local / target)
             elif name == "models":
                 local = demo_repository
@@ -178,7 +195,7 @@ def mesh(helm, tmp_path_factory, demo_repository):
                 local = home / name
                 local.mkdir(parents=True)
             mounts[path] = local
-        locals_[service] = Local(service, spec, ports[service], free_port(), mounts, addresses,
+        locals_[service] = Local(service, spec, ports[service], mounts, addresses,
                                  log=root / f"{service}.log")
     try:
         for service in ORDER:
@@ -189,76 +206,78 @@ def mesh(helm, tmp_path_factory, demo_repository):
             locals_[service].stop()
 
 
-def wait_for(local: Local, probe: str, deadline: float) -> subprocess.CompletedProcess:
-    """Run the probe until it succeeds or the deadline passes; the last run."""
+def wait_for(local: Local, probe: str, status: int, deadline: float) -> tuple[int, str]:
+    """Send the probe until it answers `status` or the deadline passes; the last answer."""
     while True:
         if local.process.poll() is not None:
             pytest.fail(f"{local.service} exited with {local.process.returncode}:\n"
                         f"{local.log_tail()}")
-        done = local.probe(probe)
-        if done.returncode == 0 or time.monotonic() > deadline:
-            return done
+        answer = local.probe(probe)
+        if answer[0] == status or time.monotonic() > deadline:
+            return answer
         time.sleep(0.25)
 
 
-def test_probes_pass_then_liveness_fails_once_stopped(mesh):
+def test_probes_answer_as_the_kubelet_expects(mesh):
     started = time.monotonic()
     deadline = started + READY_WITHIN_S
     # Startup, then readiness, of each, upstreams first (readiness waits for upstreams).
     for service in ORDER:
         local = mesh[service]
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            done = wait_for(local, probe, deadline)
-            assert done.returncode == 0, (
+        for probe in PROBES:
+            answer = wait_for(local, probe, 200, deadline)
+            assert answer[0] == 200, (
                 f"{service} {probe} still failing after {time.monotonic() - started:.0f} s "
-                f"({local.tried[probe]} tries): {done.stdout}{done.stderr}\n"
-                f"command: {local.probe_command(probe)}\nlog:\n{local.log_tail()}")
-            assert done.stdout.strip() == "SERVING", (service, probe, done.stdout)
+                f"({local.tried[probe]} tries): {answer}\nlog:\n{local.log_tail()}")
+            assert answer[1] == ("ok" if probe == "livenessProbe" else "SERVING")
 
     # The metrics port the chart renders (--metrics-listen, remapped) serves Prometheus text.
     for service in ORDER:
-        local = mesh[service]
-        with urllib.request.urlopen(f"http://127.0.0.1:{local.metrics_port}/metrics",
+        with urllib.request.urlopen(f"http://127.0.0.1:{mesh[service].metrics_port}/metrics",
                                     timeout=10) as response:
             assert response.status == 200, service
             body = response.read().decode()
         assert "# TYPE " in body, (service, body[:500])
 
-    # Readiness means "can serve now": a batcher whose compute is gone is not ready.
-    assert mesh["compute"].stop() == 0
-    done = mesh["compute"].probe("livenessProbe")
-    assert done.returncode == health.EXIT_NOT_SERVING, done.stdout + done.stderr
-    assert done.stdout.startswith("UNAVAILABLE"), done.stdout
-    batcher = mesh["batcher"]
-    until = time.monotonic() + 10
-    while (done := batcher.probe("readinessProbe")).returncode == 0 and time.monotonic() < until:
-        time.sleep(0.25)
-    assert done.returncode == health.EXIT_NOT_SERVING, "batcher ready without a compute"
-    assert done.stdout.strip() == "NOT_SERVING", done.stdout
+    # A stopped process answers nothing: liveness fails within its timeout; SIGCONT, it passes.
+    router = mesh["router"]
+    router.process.send_signal(signal.SIGSTOP)
+    try:
+        status, why = router.probe("livenessProbe")
+        assert status == NO_ANSWER and "timed out" in why, (status, why)
+    finally:
+        router.process.send_signal(signal.SIGCONT)
+    assert wait_for(router, "livenessProbe", 200, time.monotonic() + 10)[0] == 200
 
-    # Every process stops on SIGTERM within its drain; then its liveness probe fails (exit 1:
-    # the command itself is well formed, the server is gone).
+    # Readiness means "can serve now": a batcher whose compute is gone answers 503, and stays
+    # live (restarting it would not bring the compute back).
+    assert mesh["compute"].stop() == 0
+    assert mesh["compute"].probe("livenessProbe")[0] == NO_ANSWER  # refused: it has exited
+    batcher = mesh["batcher"]
+    answer = wait_for(batcher, "readinessProbe", 503, time.monotonic() + 10)
+    assert answer == (503, "NOT_SERVING"), "batcher ready without a compute"
+    assert batcher.probe("livenessProbe") == (200, "ok")
+
+    # Every process stops on SIGTERM within its drain; then nothing answers its probes.
     for service in reversed(ORDER):
         local = mesh[service]
         if service != "compute":
             assert local.stop() == 0, f"{service} did not exit cleanly:\n{local.log_tail()}"
-        done = local.probe("livenessProbe")
-        assert done.returncode == health.EXIT_NOT_SERVING, (service, done.stdout, done.stderr)
-        assert done.stdout.startswith("UNAVAILABLE"), (service, done.stdout)
+        for probe in PROBES:
+            assert local.probe(probe)[0] == NO_ANSWER, (service, probe)
 
 
-def test_every_container_was_run_with_its_probes(helm):
-    """The services under test are the five charts, each with all three probes as exec."""
+def test_every_probe_is_an_http_get_on_the_health_port(helm):
+    """The services under test are the five charts; no probe execs anything."""
     for service in ORDER:
         spec = container(helm.render(service, (service,), RENDER_EXTRA.get(service, ())))
-        assert spec["command"][0] == "meshserve"
+        assert spec["command"] == ["meshserve", service]
         for probe in PROBES:
-            assert "exec" in spec[probe], (service, probe)
-            assert spec[probe]["exec"]["command"][:2] == [
-                "meshserve", "health"], (service, probe)
-        assert flag_values(spec["args"], "--listen")
-        assert flag_values(spec["args"], "--metrics-listen")
-        assert [p["name"] for p in spec["ports"]] == ["grpc", "metrics"]
+            assert spec[probe]["httpGet"] == {"path": PATHS[probe], "port": "health"}
+            assert "exec" not in spec[probe] and "grpc" not in spec[probe]
+        for flag in LISTEN_FLAGS:
+            assert flag_values(spec["args"], flag), (service, flag)
+        assert [p["name"] for p in spec["ports"]] == [*public_ports(service), "metrics", "health"]
 
 
 # --- meshserve health on its own: exit statuses ------------------------------------------------

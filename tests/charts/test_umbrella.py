@@ -8,8 +8,9 @@ filling the model repository).
 import re
 
 import pytest
+import yaml
 
-from tests.charts.chartlib import flag_values, help_flags, kubernetes_errors
+from tests.charts.chartlib import CHARTS, flag_values, help_flags, kubernetes_errors
 
 CHART = "meshserve"
 TWO_MODELS = ("meshserve-two-models",)
@@ -197,8 +198,6 @@ def test_certificates_per_identity_and_what_pods_mount(helm):
         assert certificate["spec"]["commonName"] == component, name
         assert component in certificate["spec"]["dnsNames"]
         assert certificate["spec"]["uris"] == [f"spiffe://meshserve.local/{component}"]
-        probe = main_container(workload)["readinessProbe"]["exec"]["command"]
-        assert f"--identity={component}" in probe
     assert "infer.example.com" in certificates["mesh-ingress"]["spec"]["dnsNames"]
     operator = certificates["mesh-operator"]["spec"]
     assert operator["usages"] == ["client auth", "digital signature"]
@@ -239,14 +238,15 @@ def test_gpu_only_on_compute(helm):
         assert GPU not in main_container(workload)["resources"].get("limits", {})
 
 
-def test_probes_are_meshserve_health_everywhere(helm):
+def test_probes_are_http_gets_on_the_health_port_everywhere(helm):
     for name, workload in workloads(objects(helm)).items():
         main = main_container(workload)
-        [port] = [p for p in main["ports"] if p["name"] == "grpc"]
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            command = main[probe]["exec"]["command"]
-            assert command[:3] == ["meshserve", "health",
-                                   f"localhost:{port['containerPort']}"], (name, probe)
+        [port] = [p["containerPort"] for p in main["ports"] if p["name"] == "health"]
+        assert flag_values(main["args"], "--health-listen") == [f"0.0.0.0:{port}"], name
+        for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"),
+                            ("livenessProbe", "/livez")):
+            assert main[probe]["httpGet"] == {"path": path, "port": "health"}, (name, probe)
+            assert "exec" not in main[probe], (name, probe)
 
 
 def test_only_the_control_plane_gets_an_api_token(helm):
@@ -272,7 +272,8 @@ def test_only_the_control_plane_gets_an_api_token(helm):
     (("--set", "controlPlane.replicas=2"), "replicas"),
     (("--set", "models[0].replicas=0"), "/models/0/replicas"),
     (("--set", "tls.secretNames.router=x", "--set", "certManager.enabled=false"),
-     "/tls/secretNames"),
+     "existing Secrets holding tls.crt, tls.key and ca.crt: tls.secretNames.controlPlane, "
+     "tls.secretNames.ingress, tls.secretNames.batcher, tls.secretNames.compute\n"),
     (("--set", "models[2].name=mlp", "--set", "models[2].version=2"), "listed twice"),
     (("--set", "models[0].name=Bad Name"), "/models/0/name"),
 ], ids=["weight", "version-not-digits", "control-plane-replicas", "no-replicas",
@@ -281,6 +282,45 @@ def test_refused(helm, extra, message):
     done = helm.template(CHART, *TWO_MODELS, extra=extra)
     assert done.returncode != 0
     assert message in done.stderr, done.stderr
+
+
+def test_install_with_defaults_stops_with_one_message_naming_the_values(helm):
+    """`helm install mesh charts/meshserve` with no values: one error, which names every value
+    only the cluster can provide, and nothing else (no schema errors)."""
+    done = helm.run("install", "mesh", str(CHARTS / CHART), "--dry-run=client")
+    assert done.returncode != 0
+    [error] = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert "meshserve needs values that only your cluster can provide" in error
+    message = done.stderr[done.stderr.index(error):]
+    for value in ("certManager.enabled=true", "certManager.issuerRef.name",
+                  "tls.secretNames.controlPlane", "tls.secretNames.router",
+                  "tls.secretNames.ingress", "tls.secretNames.batcher",
+                  "tls.secretNames.compute", "modelRepository.existingClaim",
+                  "modelRepository.init.command"):
+        assert value in message, value
+    assert "schema" not in done.stderr
+
+
+MINIMAL = ("--set", "certManager.enabled=true", "--set", "certManager.issuerRef.name=mesh-ca",
+           "--set", "modelRepository.existingClaim=models")
+
+
+def test_install_with_only_what_the_cluster_provides(helm):
+    """Those values alone (an issuer and a claim) lint strictly and render a mesh whose every
+    built-in object is valid Kubernetes."""
+    lint = helm.run("lint", "--strict", str(CHARTS / CHART), *MINIMAL)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    done = helm.run("template", "mesh", str(CHARTS / CHART), "--namespace", "serving",
+                    "--kube-version", "1.37.0", *MINIMAL)
+    assert done.returncode == 0, done.stderr
+    documents = [document for document in yaml.safe_load_all(done.stdout) if document]
+    assert sorted(labels(w)[COMPONENT] for w in workloads(documents).values()) == [
+        "control-plane", "ingress", "router"]
+    errors = [error for document in documents if document["kind"] not in CUSTOM_KINDS
+              for error in kubernetes_errors(document, "1.37")]
+    assert not errors, "\n".join(errors)
+    done = helm.run("install", "mesh", str(CHARTS / CHART), "--dry-run=client", *MINIMAL)
+    assert done.returncode == 0, done.stderr
 
 
 def test_no_models_renders_the_control_plane_router_and_ingress(helm):

@@ -38,3 +38,29 @@ def write_flaky_model(models: Path) -> None:
         target = models / "flaky" / version / "model.pt"
         target.parent.mkdir(exist_ok=True)
         torch.jit.save(torch.jit.script(Flaky(fail).eval()), str(target))
+
+
+class RefusesPositiveRows(torch.nn.Module):
+    """A model that fails every batch holding a row whose sum is positive, and otherwise
+    answers as the model it wraps."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x.sum(dim=1) > 0).any()):
+            raise RuntimeError("this version refuses inputs with a positive sum")
+        return self.model(x)
+
+
+def write_mlp_version_3(models: Path) -> None:
+    """`mlp` version 3 beside the demo's 1 and 2 (write it before `meshserve up` starts):
+    the demo mlp with its own weights, failing every request whose input sums above 0 (so
+    a load of positive rows finds it broken, and one of negative rows healthy)."""
+    from meshserve.tools.demo_models import build_model
+
+    target = models / "mlp" / "3" / "model.pt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model = RefusesPositiveRows(build_model("mlp", "3")).eval()
+    torch.jit.save(torch.jit.script(model), str(target))

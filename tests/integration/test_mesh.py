@@ -134,7 +134,7 @@ async def health_check(target: str, channel: grpc.aio.Channel) -> None:
 
 async def test_internal_ports_accept_the_mesh_ca(mesh):
     targets = internal_targets(mesh)
-    assert len(targets) == 16  # control plane, 7 compute, 7 batchers, router
+    assert len(targets) == 22  # control plane, 10 compute, 10 batchers, router
     for _, identity, target in targets:
         files = TlsFiles.for_identity(mesh.tls, "ingress")
         await health_check(target, grpc.aio.secure_channel(

@@ -2,58 +2,27 @@
 OTLP receiver under the client's trace id, with the right parents and links."""
 
 import asyncio
+import http.client
 import json
 import secrets
-import threading
+import ssl
 import time
-from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from tests.integration.conftest import running_mesh
 from tests.integration.test_mesh import mlp_request, public_stub
+from tests.otlp_receiver import receiving
 
 SERVICES = {"ingress", "router", "batcher", "compute"}
 NAMES = {"ingress.request", "ingress.auth", "ingress.validate", "router.route", "batcher.queue",
          "batcher.batch", "compute.infer"}
 
 
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """Keeps every span it is sent, with its resource's `service.name`."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[str, object]] = []
-        self._lock = threading.Lock()
-
-    def Export(self, request, context):
-        with self._lock:
-            for resource_spans in request.resource_spans:
-                attributes = {a.key: a.value.string_value
-                              for a in resource_spans.resource.attributes}
-                for scope in resource_spans.scope_spans:
-                    self.spans.extend((attributes.get("service.name", ""), span)
-                                      for span in scope.spans)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def of_trace(self, trace_id: bytes) -> list[tuple[str, object]]:
-        with self._lock:
-            return [(service, span) for service, span in self.spans
-                    if span.trace_id == trace_id]
-
-
 @pytest.fixture(scope="module")
 def receiver():
-    server = grpc.server(ThreadPoolExecutor(max_workers=4))
-    collected = Receiver()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collected, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield collected, port
-    finally:
-        server.stop(0)
+    with receiving() as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +118,32 @@ async def test_access_log_carries_the_trace_id_and_logs_hold_no_payload(traced_m
     assert access[0]["request_id"] and access[0]["latency_ms"] > 0
     for path in (traced_mesh.data_dir / "run").glob("*.log"):
         assert marker not in path.read_bytes(), path.name
+
+
+async def test_an_http_request_continues_the_clients_trace(traced_mesh, receiver):
+    collected, _ = receiver
+    trace_id, client_span = secrets.token_bytes(16), secrets.token_bytes(8)
+    port = int((traced_mesh.data_dir / "run" / "ingress.http-port").read_text())
+    tls = traced_mesh.data_dir / "tls"
+    context = ssl.create_default_context(cafile=str(tls / "ca.crt"))
+    context.load_cert_chain(tls / "client.crt", tls / "client.key")
+    body = json.dumps({"inputs": [{"name": "INPUT__0", "datatype": "FP32", "shape": [1, 256],
+                                   "data": [0.0] * 256}]})
+
+    def post() -> int:
+        connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=30)
+        try:
+            connection.request("POST", "/v2/models/mlp/versions/1/infer", body, {
+                "traceparent": f"00-{trace_id.hex()}-{client_span.hex()}-01"})
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    assert await asyncio.to_thread(post) == 200
+    deadline = time.monotonic() + 20
+    while not set(by_name(collected.of_trace(trace_id))) >= NAMES:
+        assert time.monotonic() < deadline, \
+            f"spans seen: {sorted(by_name(collected.of_trace(trace_id)))}"
+        await asyncio.sleep(0.1)
+    request = by_name(collected.of_trace(trace_id))["ingress.request"][1]
+    assert request.parent_span_id == client_span

@@ -9,13 +9,21 @@ def test_up_serves_and_stops_cleanly(tmp_path):
     mesh = start_up(tmp_path / "data")
     try:
         children = [pid for pid in children_of(mesh.data_dir) if pid != mesh.process.pid]
-        assert len(children) == 11  # control plane, 4 compute, 4 batchers, router, ingress
+        # control plane, 7 compute, 7 batchers (none for the classify ensemble), router, ingress
+        assert len(children) == 17
         for model in ("mlp", "cnn"):
             done = meshserve("infer", model, "--version", "2", f"--data-dir={mesh.data_dir}",
                              f"--target={mesh.endpoint}")
             assert done.returncode == 0, done.stdout + done.stderr
             assert f"model {model} version 2 answered in" in done.stdout
             assert "OUTPUT__0 float32 [1, 10]" in done.stdout
+        for model, shown in (("mlp_onnx", "OUTPUT__0 float32 [1, 10]"),
+                             ("classify", "LABELS object [1, 3]")):
+            done = meshserve("infer", model, f"--data-dir={mesh.data_dir}",
+                             f"--target={mesh.endpoint}")
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert f"model {model} version 1 answered in" in done.stdout
+            assert shown in done.stdout
         mesh.process.send_signal(signal.SIGTERM)
         assert mesh.process.wait(30) == 0
         assert children_of(mesh.data_dir) == []

@@ -1,18 +1,22 @@
-"""Canary analysis: the verdict rules, their boundaries, and the plan's inputs."""
+"""Canary analysis: the verdict rules, their boundaries, the plan's inputs, and the weights
+each step serves (only the baseline and the candidate ever change)."""
 
 import pytest
 
-from meshserve.common.errors import InvalidArgument
+from meshserve.common.errors import FailedPrecondition, InvalidArgument
 from meshserve.mesh.canary import (
     CanaryPlan,
+    Split,
     Verdict,
     VersionWindow,
+    candidate_steps,
+    choose_baseline,
     judge,
     parse_duration,
     parse_steps,
-    weights,
+    restored,
 )
-from meshserve.mesh.policy import TrafficPolicy
+from meshserve.mesh.policy import Shadow, TrafficPolicy
 
 PLAN = CanaryPlan(model="mlp", baseline="1", canary="2")  # steps 5,25,50,100; 1%; 1.5x; 20
 BASE = VersionWindow(requests=1000, failures=2, latency_p99_ms=100.0)
@@ -114,21 +118,6 @@ def test_walkthrough_to_promotion():
     assert verdict.action == "promote"
 
 
-@pytest.mark.parametrize(("canary_weight", "expected"), [
-    (0, {"1": 100, "2": 0}), (5, {"1": 95, "2": 5}), (100, {"1": 0, "2": 100}),
-])
-def test_weights(canary_weight, expected):
-    assert weights(PLAN, canary_weight) == expected
-    policy = TrafficPolicy("mlp", {"1": 100, "2": 0}).with_weights(weights(PLAN, canary_weight))
-    assert policy.weights == expected
-
-
-@pytest.mark.parametrize("canary_weight", [-1, 101, True])
-def test_weights_out_of_range(canary_weight):
-    with pytest.raises(InvalidArgument, match="canary weight"):
-        weights(PLAN, canary_weight)
-
-
 @pytest.mark.parametrize(("text", "seconds"), [
     ("30s", 30.0), ("2m", 120.0), ("500ms", 0.5), ("1h", 3600.0), ("1.5m", 90.0),
     (" 10s ", 10.0), ("0.5s", 0.5), (".5s", 0.5), ("1ms", 0.001),
@@ -169,8 +158,11 @@ def test_parse_steps_rejects(text, message):
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"baseline": "v1"}, "not a number"),
     ({"canary": "1"}, "both version"),
-    ({"steps": (5, 50)}, "end at 100"),
-    ({"steps": ()}, "end at 100"),
+    ({"baseline": "-1"}, "not a number"),
+    ({"canary": ""}, "not a number"),
+    ({"steps": ()}, "at least one step"),
+    ({"steps": (50, 5)}, "increase"),
+    ({"steps": (0, 70)}, "between 1 and 100"),
     ({"interval_s": 0.0}, "interval"),
     ({"max_error_rate": 1.5}, "error rate"),
     ({"max_latency_ratio": 0.9}, "latency ratio"),
@@ -192,3 +184,186 @@ def test_window_rejects(requests, failures, p99):
 def test_plan_defaults():
     assert (PLAN.steps, PLAN.interval_s, PLAN.max_error_rate, PLAN.max_latency_ratio,
             PLAN.min_requests) == ((5, 25, 50, 100), 30.0, 0.01, 1.5, 20)
+
+
+def test_a_plan_may_leave_the_baseline_to_be_chosen_and_run_capped_steps():
+    assert CanaryPlan("mlp", baseline="", canary="3").baseline == ""
+    assert CanaryPlan("mlp", "1", "3", steps=(10, 50, 70)).steps == (10, 50, 70)
+
+
+def test_the_last_capped_step_promotes_at_the_share():
+    plan = CanaryPlan("mlp", "1", "3", steps=(10, 50, 70))
+    assert judge(plan, 1, BASE, w(50)) == Verdict(
+        "step", 70, "healthy at 50%: error rate 0.000 <= 0.010 over 50 requests; next 70%")
+    assert judge(plan, 2, BASE, w(50)) == Verdict(
+        "promote", 70, "healthy at 70%: error rate 0.000 <= 0.010 over 50 requests")
+
+
+# requested steps, share of baseline + candidate, the candidate's weight at each step
+CAPPED = [
+    ((10, 50, 100), 100, (10, 50, 100)),
+    ((10, 50, 100), 70, (10, 50, 70)),
+    ((10, 50, 100), 50, (10, 50)),
+    ((10, 50, 100), 30, (10, 30)),
+    ((10, 50, 100), 10, (10,)),
+    ((10, 50, 100), 5, (5,)),
+    ((5, 25, 50, 100), 1, (1,)),
+    ((100,), 40, (40,)),
+    ((99, 100), 100, (99, 100)),
+    ((99, 100), 99, (99,)),
+]
+
+
+@pytest.mark.parametrize(("requested", "share", "expected"), CAPPED)
+def test_candidate_steps_cap_at_the_share(requested, share, expected):
+    assert candidate_steps(requested, share) == expected
+
+
+@pytest.mark.parametrize(("requested", "share", "message"), [
+    ((10, 50), 70, "must end at 100"),
+    ((), 70, "must end at 100"),
+    ((50, 10, 100), 70, "must increase"),
+    ((10, 100), 0, "share 0 is not between 1 and 100"),
+    ((10, 100), 101, "share 101 is not between 1 and 100"),
+])
+def test_candidate_steps_reject(requested, share, message):
+    with pytest.raises(InvalidArgument, match=message):
+        candidate_steps(requested, share)
+
+
+# start weights, baseline, candidate, candidate weight, every version's weight
+SPLITS = [
+    ({"1": 70, "2": 30, "3": 0}, "1", "3", 10, {"1": 60, "2": 30, "3": 10}),
+    ({"1": 70, "2": 30, "3": 0}, "1", "3", 50, {"1": 20, "2": 30, "3": 50}),
+    ({"1": 70, "2": 30, "3": 0}, "1", "3", 70, {"1": 0, "2": 30, "3": 70}),
+    ({"1": 70, "2": 30, "3": 0}, "1", "3", 0, {"1": 70, "2": 30, "3": 0}),
+    ({"1": 70, "2": 30, "3": 0}, "2", "3", 10, {"1": 70, "2": 20, "3": 10}),
+    ({"1": 70, "2": 30, "3": 0}, "2", "3", 30, {"1": 70, "2": 0, "3": 30}),
+    # the demo's split: a canary of 3 leaves version 2's 10 % alone
+    ({"1": 90, "2": 10, "3": 0}, "1", "3", 10, {"1": 80, "2": 10, "3": 10}),
+    ({"1": 90, "2": 10, "3": 0}, "1", "3", 90, {"1": 0, "2": 10, "3": 90}),
+    # a candidate that already carried traffic keeps the share with its baseline
+    ({"1": 90, "2": 10}, "1", "2", 5, {"1": 95, "2": 5}),
+    ({"1": 90, "2": 10}, "1", "2", 100, {"1": 0, "2": 100}),
+    ({"1": 40, "2": 20, "3": 25, "4": 15}, "3", "4", 40, {"1": 40, "2": 20, "3": 0, "4": 40}),
+]
+
+
+@pytest.mark.parametrize(("start", "baseline", "canary", "weight", "expected"), SPLITS)
+def test_split_moves_weight_only_between_baseline_and_candidate(start, baseline, canary,
+                                                                weight, expected):
+    assert Split(start, baseline, canary).weights(weight) == expected
+
+
+@pytest.mark.parametrize(("start", "baseline", "canary"), [
+    ({"1": 70, "2": 30, "3": 0}, "1", "3"), ({"1": 70, "2": 30, "3": 0}, "2", "3"),
+    ({"1": 33, "2": 33, "3": 34}, "3", "1"), ({"1": 100, "2": 0}, "1", "2"),
+])
+def test_every_weight_of_a_split_sums_to_100_and_keeps_the_others(start, baseline, canary):
+    split = Split(start, baseline, canary)
+    for weight in range(split.share + 1):
+        weights = split.weights(weight)
+        assert sum(weights.values()) == 100
+        assert {v: w for v, w in weights.items() if v not in (baseline, canary)} == {
+            v: w for v, w in start.items() if v not in (baseline, canary)}
+        TrafficPolicy("mlp", weights)  # a valid policy at every step
+
+
+@pytest.mark.parametrize("weight", [-1, 71, True])
+def test_split_refuses_weights_beyond_the_share(weight):
+    with pytest.raises(InvalidArgument, match=f"canary weight {weight} is not between 0 and "
+                                              "the share 70 of versions 1 and 3"):
+        Split({"1": 70, "2": 30, "3": 0}, "1", "3").weights(weight)
+
+
+@pytest.mark.parametrize(("baseline", "canary", "message"), [
+    ("1", "1", "both version '1'"), ("4", "3", "version '4' has no weight"),
+    ("1", "4", "version '4' has no weight"),
+])
+def test_split_refuses_versions_it_does_not_know(baseline, canary, message):
+    with pytest.raises(InvalidArgument, match=message):
+        Split({"1": 70, "2": 30, "3": 0}, baseline, canary)
+
+
+# weights, candidate, --from, the baseline chosen
+BASELINES = [
+    ({"1": 70, "2": 30, "3": 0}, "3", "", "1"),
+    ({"1": 30, "2": 70, "3": 0}, "3", "", "2"),
+    ({"1": 70, "2": 30, "3": 0}, "3", "2", "2"),
+    ({"1": 90, "2": 10}, "2", "", "1"),
+    ({"1": 10, "2": 90}, "2", "", "1"),  # the candidate's own weight does not count
+    ({"1": 100, "2": 0, "3": 0}, "3", "", "1"),
+    ({"1": 40, "2": 40, "3": 20}, "3", "1", "1"),  # a tie, settled by --from
+    ({"1": 40, "2": 40, "3": 20}, "1", "", "2"),  # the candidate's tie does not count
+]
+
+
+@pytest.mark.parametrize(("weights", "canary", "named", "expected"), BASELINES)
+def test_choose_baseline(weights, canary, named, expected):
+    assert choose_baseline(TrafficPolicy("mlp", weights), canary, named) == expected
+
+
+@pytest.mark.parametrize(("weights", "canary", "named", "error", "message"), [
+    ({"1": 40, "2": 40, "3": 20}, "3", "", InvalidArgument,
+     "versions 1 and 2 of model 'mlp' both carry 40%; name the baseline with --from (for "
+     "example --from 1)"),
+    ({"1": 25, "2": 25, "3": 0, "4": 25, "5": 25}, "5", "", InvalidArgument,
+     "versions 1, 2 and 4 of model 'mlp' all carry 25%; name the baseline with --from (for "
+     "example --from 1)"),
+    ({"1": 0, "2": 0, "3": 100}, "3", "", FailedPrecondition,
+     "version '3' already carries all unpinned traffic of model 'mlp'; no other version has "
+     "any to move"),
+    ({"1": 70, "2": 30, "3": 0}, "3", "3", InvalidArgument,
+     "baseline and canary are both version '3'"),
+    ({"1": 100, "2": 0, "3": 0}, "3", "2", FailedPrecondition,
+     "baseline version '2' of model 'mlp' carries no traffic, so there is none to move to "
+     "version '3'"),
+    ({"1": 70, "2": 30}, "3", "", InvalidArgument,
+     "model 'mlp' has no version '3' (versions: 1, 2)"),
+    ({"1": 70, "2": 30, "3": 0}, "3", "7", InvalidArgument,
+     "model 'mlp' has no version '7' (versions: 1, 2, 3)"),
+])
+def test_choose_baseline_refuses(weights, canary, named, error, message):
+    with pytest.raises(error) as caught:
+        choose_baseline(TrafficPolicy("mlp", weights), canary, named)
+    assert caught.value.message == message
+
+
+START = TrafficPolicy("mlp", {"1": 70, "2": 30, "3": 0}, Shadow("2", 5.0), "eu-west1")
+
+
+@pytest.mark.parametrize(("current", "expected"), [
+    (TrafficPolicy("mlp", {"1": 60, "2": 30, "3": 10}, Shadow("2", 5.0), "eu-west1"), START),
+    (TrafficPolicy("mlp", {"1": 0, "2": 100, "3": 0}), START),
+    (TrafficPolicy("mlp", {"1": 60, "2": 30, "3": 10, "4": 0}),
+     TrafficPolicy("mlp", {"1": 70, "2": 30, "3": 0, "4": 0}, Shadow("2", 5.0), "eu-west1")),
+], ids=["a step", "anything else", "a version registered since"])
+def test_restored_is_the_policy_before_the_canary(current, expected):
+    assert restored(START, current) == expected
+
+
+@pytest.mark.parametrize(("baseline", "verdicts", "served"), [
+    ("1", ["step", "step", "promote"],
+     [{"1": 60, "2": 30, "3": 10}, {"1": 20, "2": 30, "3": 50}, {"1": 0, "2": 30, "3": 70},
+      {"1": 0, "2": 30, "3": 70}]),
+    ("1", ["step", "rollback"],
+     [{"1": 60, "2": 30, "3": 10}, {"1": 20, "2": 30, "3": 50}, {"1": 70, "2": 30, "3": 0}]),
+    ("2", ["step", "promote"],
+     [{"1": 70, "2": 20, "3": 10}, {"1": 70, "2": 0, "3": 30}, {"1": 70, "2": 0, "3": 30}]),
+], ids=["promoted", "rolled back at 50", "from 2"])
+def test_walkthrough_from_70_30(baseline, verdicts, served):
+    """Steps 10,50,100 from 1=70 2=30 3=0, applied as the runner applies verdicts: the
+    weights served at the first step and after each verdict."""
+    split = Split(dict(START.weights), baseline, "3")
+    plan = CanaryPlan("mlp", baseline, "3", steps=candidate_steps((10, 50, 100), split.share),
+                      min_requests=1)
+    index, seen = 0, [split.weights(plan.steps[0])]
+    for action in verdicts:
+        verdict = judge(plan, index, BASE, w(50, 50 if action == "rollback" else 0))
+        assert verdict.action == action
+        if action == "rollback":
+            seen.append(restored(START, START.with_weights(seen[-1])).weights)
+        else:
+            seen.append(split.weights(verdict.weight))
+            index += 1
+    assert seen == served

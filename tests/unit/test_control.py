@@ -8,9 +8,9 @@ import pytest
 
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from meshserve.mesh.canary import CanaryPlan
-from meshserve.mesh.control import ControlPlane
+from meshserve.mesh.control import ControlPlane, plan_dict
 from meshserve.mesh.live import Window
-from meshserve.mesh.policy import Endpoint, TrafficPolicy
+from meshserve.mesh.policy import Endpoint, Shadow, TrafficPolicy
 from meshserve.mesh.resources import CLUSTER, ENDPOINTS, ROUTE
 from meshserve.mesh.snapshot import Snapshot
 from meshserve.mesh.store import Store
@@ -249,6 +249,22 @@ async def test_window_before_any_sample_is_empty(tmp_path):
 
 
 PLAN = CanaryPlan("mlp", baseline="1", canary="2")
+START = {"1": 70, "2": 30, "3": 0}
+
+
+@contextlib.asynccontextmanager
+async def three_versions(tmp_path: Path, read=None):
+    """mlp versions 1, 2 and 3 serving 1=70 2=30 3=0."""
+    async with plane(tmp_path, read, endpoints=(E1, E2, E3)) as control:
+        control.set_weights("mlp", START, "alice", "before the canary")
+        yield control
+
+
+def canary_policies(control: ControlPlane) -> list[tuple[str, dict, dict]]:
+    """(action, weights before, weights after) of every canary entry in the audit log."""
+    return [(e.action, TrafficPolicy.from_json(e.before).weights,
+             TrafficPolicy.from_json(e.after).weights)
+            for e in control.store.audit() if e.action.startswith("canary.")]
 
 
 async def test_start_canary_refuses_an_unknown_version(tmp_path):
@@ -279,24 +295,51 @@ async def test_a_canary_with_an_unknown_baseline_leaves_nothing_running(tmp_path
         assert record is None or record["state"] != "running"
 
 
-async def test_start_canary_refuses_a_second_running_canary_and_abort_restores(tmp_path):
-    read = Counters({"1": (10, 0), "2": (10, 0)})
-    async with plane(tmp_path, read) as control:
-        record = control.start_canary(
-            CanaryPlan("mlp", "1", "2", interval_s=30.0), "alice")
-        assert (record["state"], record["step"], record["weight"]) == ("running", 0, 5)
-        assert control.policy("mlp").weights == {"1": 95, "2": 5}
-        assert_serves(control)
+async def test_a_canary_from_a_version_without_traffic_is_refused(tmp_path):
+    async with three_versions(tmp_path) as control:
+        before = (served(control), control.store.audit())
         with pytest.raises(FailedPrecondition) as caught:
-            control.start_canary(PLAN, "bob")
-        assert caught.value.message == ("a canary of model 'mlp' is already running; abort "
-                                        "it first (meshserve canary abort mlp)")
+            control.start_canary(CanaryPlan("mlp", baseline="3", canary="2"), "alice")
+        assert caught.value.message == ("baseline version '3' of model 'mlp' carries no "
+                                        "traffic, so there is none to move to version '2'")
+        assert (served(control), control.store.audit()) == before
+        assert control.store.canary("mlp") is None
+
+
+async def test_a_running_canary_refuses_a_second_and_other_changes_and_abort_restores(
+        tmp_path):
+    read = Counters({"1": (10, 0), "3": (10, 0)})
+    async with three_versions(tmp_path, read) as control:
+        record = control.start_canary(CanaryPlan("mlp", "", "3", interval_s=30.0), "alice")
+        assert (record["state"], record["step"], record["weight"]) == ("running", 0, 5)
+        assert (record["plan"]["baseline"], record["baseline_by_weight"]) == ("1", True)
+        assert record["plan"]["steps"] == [5, 25, 50, 70]  # capped at 1's and 3's 70 %
+        assert record["start_policy"]["weights"] == START
+        assert control.policy("mlp").weights == {"1": 65, "2": 30, "3": 5}
+        assert_serves(control)
+        running = "(1 → 3, weight 5%); abort it first (meshserve canary abort mlp)"
+        with pytest.raises(FailedPrecondition) as caught:
+            control.start_canary(CanaryPlan("mlp", "2", "3"), "bob")
+        assert caught.value.message == f"a canary of model 'mlp' is already running {running}"
+        for change in (lambda: control.set_weights("mlp", START, "bob"),
+                       lambda: control.pin("mlp", "2", "bob"),
+                       lambda: control.rollback("mlp", "bob")):
+            with pytest.raises(FailedPrecondition) as caught:
+                change()
+            assert caught.value.message == f"a canary of model 'mlp' is running {running}"
+        assert control.policy("mlp").weights == {"1": 65, "2": 30, "3": 5}
         aborted = control.abort_canary("mlp", "bob")
-        assert (aborted["state"], aborted["weight"]) == ("aborted", 0)
-        assert control.policy("mlp").weights == {"1": 100, "2": 0}
+        assert (aborted["state"], aborted["weight"], aborted["reason"]) == (
+            "aborted", 0, "aborted by operator")
+        assert control.policy("mlp").weights == START
+        assert_serves(control)
+        assert canary_policies(control) == [
+            ("canary.start", START, {"1": 65, "2": 30, "3": 5}),
+            ("canary.abort", {"1": 65, "2": 30, "3": 5}, START)]
         with pytest.raises(FailedPrecondition) as caught:
             control.abort_canary("mlp", "bob")
         assert caught.value.message == "no canary of model 'mlp' is running"
+        control.pin("mlp", "2", "bob")  # changes are taken again
 
 
 async def finished(control: ControlPlane, model: str) -> dict:
@@ -308,38 +351,104 @@ async def finished(control: ControlPlane, model: str) -> dict:
     return await asyncio.wait_for(poll(), WAIT)
 
 
-async def test_a_failing_canary_is_rolled_back(tmp_path):
-    read = Counters({"1": (10, 0), "2": (10, 5)})
-    async with plane(tmp_path, read) as control:
-        control.start_canary(CanaryPlan("mlp", "1", "2", steps=(50, 100), interval_s=0.2,
+async def test_a_failing_canary_restores_exactly_the_policy_it_started_from(tmp_path):
+    read = Counters({"1": (10, 0), "3": (10, 5)})
+    async with three_versions(tmp_path, read) as control:
+        control.start_canary(CanaryPlan("mlp", "", "3", steps=(10, 50, 100), interval_s=0.2,
                                         min_requests=5), "alice")
-        assert control.policy("mlp").weights == {"1": 50, "2": 50}
+        assert control.policy("mlp").weights == {"1": 60, "2": 30, "3": 10}
         record = await finished(control, "mlp")
         assert (record["state"], record["weight"], record["step"]) == ("rolled_back", 0, 0)
         assert record["reason"].startswith("error rate 0.500 > 0.010 over ")
-        assert control.policy("mlp").weights == {"1": 100, "2": 0}
+        assert control.policy("mlp").weights == START
         assert_serves(control)
-        actions = [e.action for e in control.store.audit() if e.action.startswith("canary.")]
-        assert actions == ["canary.start", "canary.rollback"]
-        last = [e for e in control.store.audit() if e.action == "canary.rollback"][-1]
+        assert canary_policies(control) == [
+            ("canary.start", START, {"1": 60, "2": 30, "3": 10}),
+            ("canary.rollback", {"1": 60, "2": 30, "3": 10}, START)]
+        start, last = [e for e in control.store.audit() if e.action.startswith("canary.")]
+        assert (start.actor, start.reason) == (
+            "alice", "1 → 3, steps 10,50,70 every 0.2s; baseline: the version with the most "
+                     "weight")
         assert (last.actor, last.subject, last.reason) == ("canary-controller", "mlp",
                                                            record["reason"])
+        # The canary left the undo stack as if it had not run: the policy before 70/30.
+        assert control.rollback("mlp", "alice").weights == {"1": 100, "2": 0, "3": 0}
 
 
-async def test_a_healthy_canary_steps_then_promotes(tmp_path):
-    read = Counters({"1": (10, 0), "2": (10, 0)})
+async def test_a_failing_canary_restores_a_candidate_that_already_had_traffic(tmp_path):
+    read = Counters({"1": (10, 0), "2": (10, 5)})
     async with plane(tmp_path, read) as control:
-        control.start_canary(CanaryPlan("mlp", "1", "2", steps=(50, 100), interval_s=0.2,
+        control.set_weights("mlp", {"1": 90, "2": 10}, "alice")
+        control.start_canary(CanaryPlan("mlp", "", "2", steps=(50, 100), interval_s=0.2,
                                         min_requests=5), "alice")
+        assert control.policy("mlp").weights == {"1": 50, "2": 50}
         record = await finished(control, "mlp")
-        assert (record["state"], record["weight"], record["step"]) == ("promoted", 100, 1)
-        assert record["reason"].startswith("healthy at 100%: error rate 0.000 <= 0.010 over ")
-        assert control.policy("mlp").weights == {"1": 0, "2": 100}
+        assert (record["state"], record["weight"]) == ("rolled_back", 10)
+        assert control.policy("mlp").weights == {"1": 90, "2": 10}
+
+
+@pytest.mark.parametrize(("baseline", "steps", "served"), [
+    ("", [10, 50, 70], [{"1": 60, "2": 30, "3": 10}, {"1": 20, "2": 30, "3": 50},
+                        {"1": 0, "2": 30, "3": 70}]),
+    ("2", [10, 30], [{"1": 70, "2": 20, "3": 10}, {"1": 70, "2": 0, "3": 30}]),
+], ids=["baseline 1, the most weight", "--from 2"])
+async def test_a_healthy_canary_moves_weight_only_from_its_baseline(tmp_path, baseline, steps,
+                                                                    served):
+    read = Counters({"1": (10, 0), "2": (10, 0), "3": (10, 0)})
+    async with three_versions(tmp_path, read) as control:
+        control.start_canary(CanaryPlan("mlp", baseline, "3", steps=(10, 50, 100),
+                                        interval_s=0.2, min_requests=5), "alice")
+        record = await finished(control, "mlp")
+        assert (record["state"], record["weight"], record["step"]) == (
+            "promoted", steps[-1], len(steps) - 1)
+        assert record["plan"]["steps"] == steps
+        assert record["reason"].startswith(f"healthy at {steps[-1]}%: error rate 0.000 <= ")
+        assert control.policy("mlp").weights == served[-1]
         assert_serves(control)
-        canary = [(e.action, e.actor) for e in control.store.audit()
-                  if e.action.startswith("canary.")]
-        assert canary == [("canary.start", "alice"), ("canary.step", "canary-controller"),
-                          ("canary.promote", "canary-controller")]
-        weights = [TrafficPolicy.from_json(e.after).weights for e in control.store.audit()
-                   if e.action == "policy.set"][-3:]
-        assert weights == [{"1": 50, "2": 50}, {"1": 0, "2": 100}, {"1": 0, "2": 100}]
+        assert canary_policies(control) == [
+            ("canary.start", START, served[0]),
+            *[("canary.step", a, b) for a, b in zip(served, served[1:])],
+            ("canary.promote", served[-1], served[-1])]
+        actors = {e.actor for e in control.store.audit() if e.action in ("canary.step",
+                                                                         "canary.promote")}
+        assert actors == {"canary-controller"}
+        # One change in the undo stack: rolling back a promotion restores 70/30.
+        assert control.rollback("mlp", "alice").weights == START
+
+
+async def test_canary_steps_keep_shadow_and_region(tmp_path):
+    read = Counters({"1": (10, 0), "2": (10, 0), "3": (10, 0)})
+    async with plane(tmp_path, read, endpoints=(E1, E2, E3)) as control:
+        control.set_policy(TrafficPolicy("mlp", START, Shadow("2", 5.0), "local"), "alice")
+        control.start_canary(CanaryPlan("mlp", "1", "3", steps=(50, 100), interval_s=0.2,
+                                        min_requests=5), "alice")
+        await finished(control, "mlp")
+        assert control.policy("mlp") == TrafficPolicy(
+            "mlp", {"1": 0, "2": 30, "3": 70}, Shadow("2", 5.0), "local")
+
+
+async def test_a_restarted_control_plane_resumes_the_canary_with_its_start_policy(tmp_path):
+    async with three_versions(tmp_path) as control:
+        control.start_canary(CanaryPlan("mlp", "", "3", steps=(10, 50, 100), interval_s=0.2,
+                                        min_requests=5), "alice")
+    read = Counters({"1": (10, 0), "3": (10, 5)})
+    async with plane(tmp_path, read, endpoints=(E1, E2, E3)) as control:
+        assert control.policy("mlp").weights == {"1": 60, "2": 30, "3": 10}
+        control.resume_canaries()
+        record = await finished(control, "mlp")
+        assert record["state"] == "rolled_back"
+        assert control.policy("mlp").weights == START
+
+
+async def test_a_canary_recorded_without_its_start_policy_restores_the_baseline(tmp_path):
+    """Records written before canaries kept the policy they started from."""
+    read = Counters({"1": (10, 0), "3": (10, 5)})
+    async with three_versions(tmp_path, read) as control:
+        plan = CanaryPlan("mlp", "1", "3", steps=(10, 100), interval_s=0.2, min_requests=5)
+        control.store.put_canary("mlp", {"plan": plan_dict(plan), "state": "running",
+                                         "step": 0, "weight": 10, "reason": "started"},
+                                 "alice", "canary.start")
+        control.resume_canaries()
+        record = await finished(control, "mlp")
+        assert (record["state"], record["weight"]) == ("rolled_back", 0)
+        assert control.policy("mlp").weights == {"1": 100, "2": 0, "3": 0}

@@ -3,10 +3,10 @@ import struct
 import numpy
 import pytest
 
+from meshserve.common.arrays import NUMPY_DTYPE
 from meshserve.common.datatypes import (
     CONFIG_FROM_WIRE,
     ELEMENT_SIZE,
-    NUMPY_DTYPE,
     WIRE_FROM_CONFIG,
     bytes_elements,
     element_count,

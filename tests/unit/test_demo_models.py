@@ -44,7 +44,10 @@ def test_demo_repository(tmp_path_factory, inputs):
     first = tmp_path_factory.mktemp("repo1")
     write_demo_repository(first)
     repo = ModelRepository.load(first)
-    assert set(repo.models) == set(DEMO_MODELS) == {"mlp", "cnn"}
+    assert set(DEMO_MODELS) == {"mlp", "cnn"}
+    assert set(repo.models) == {*DEMO_MODELS, "mlp_onnx", "preprocess", "postprocess",
+                                "classify"}
+    assert not repo.refused
 
     outputs = {}
     for name in DEMO_MODELS:

@@ -1,5 +1,6 @@
 """The metrics module: one registry per instance, Triton's names, bounded labelled children."""
 
+import asyncio
 import time
 import urllib.request
 
@@ -8,6 +9,7 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshserve.common.metrics import (
+    PROTOCOL,
     BatcherMetrics,
     ComputeMetrics,
     GroupMetrics,
@@ -27,6 +29,7 @@ def samples(metrics: Metrics) -> dict[tuple[str, tuple], float]:
 
 
 MLP1 = (("model", "mlp"), ("version", "1"))
+MLP1_GRPC = (("model", "mlp"), ("protocol", "grpc"), ("version", "1"))
 
 
 def test_each_instance_has_its_own_registry():
@@ -37,14 +40,30 @@ def test_each_instance_has_its_own_registry():
     a.request("mlp", "1", "OK", 0.01)
     a.request("mlp", "1", "OK", 0.02)
     b.request("mlp", "1", "NOT_FOUND", 0.01)
-    assert samples(first)[("nv_inference_request_success", MLP1)] == 2
-    assert ("nv_inference_request_success", MLP1) not in samples(second)
-    reason = tuple(sorted((*MLP1, ("reason", "NOT_FOUND"))))
+    assert samples(first)[("nv_inference_request_success", MLP1_GRPC)] == 2
+    assert ("nv_inference_request_success", MLP1_GRPC) not in samples(second)
+    reason = tuple(sorted((*MLP1_GRPC, ("reason", "NOT_FOUND"))))
     failure = ("nv_inference_request_failure", reason)
     assert samples(second)[failure] == 1
     assert failure not in samples(first)
     assert samples(first)[("meshserve_request_duration_seconds_count",
-                           (("model", "mlp"),))] == 2
+                           (("model", "mlp"), ("protocol", "grpc")))] == 2
+
+
+async def test_ingress_requests_are_labelled_with_their_protocol():
+    metrics = Metrics()
+    ingress = IngressMetrics(metrics)
+
+    async def over_http() -> None:
+        PROTOCOL.set("http")  # in this task only, as the HTTP front door does
+        ingress.request("mlp", "1", "OK", 0.01)
+
+    await asyncio.create_task(over_http())
+    ingress.request("mlp", "1", "OK", 0.01)
+    got = samples(metrics)
+    for protocol in ("grpc", "http"):
+        labels = tuple(sorted((*MLP1, ("protocol", protocol))))
+        assert got[("nv_inference_request_success", labels)] == 1
 
 
 def test_triton_counters_keep_triton_names():
@@ -103,8 +122,8 @@ def test_serve_metrics_on_a_free_port():
         assert server.port > 0
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics",
                                     timeout=5) as reply:
-            assert 'nv_inference_request_success{model="mlp",version="1"} 1.0' in \
-                reply.read().decode()
+            text = reply.read().decode()
+        assert 'nv_inference_request_success{model="mlp",protocol="grpc",version="1"} 1.0' in text
     finally:
         server.close()
 

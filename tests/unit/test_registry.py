@@ -113,6 +113,12 @@ def test_encrypted_push_never_writes_plaintext(data: Path, registry) -> None:
                                           "config.pbtxt with it"),
     (Push("tiny", "4", PLAIN, config="name: \"tiny\""), FailedPrecondition,
      "exists with a different config.pbtxt"),
+    (Push("chain", "1", PLAIN, config=(
+        'platform: "ensemble"\ninput { name: "x" data_type: TYPE_FP32 dims: [1] }\n'
+        'output { name: "y" data_type: TYPE_FP32 dims: [1] }\nensemble_scheduling { step {'
+        ' model_name: "tiny" input_map { key: "a" value: "x" }'
+        ' output_map { key: "b" value: "y" } } }')), FailedPrecondition,
+     "model 'chain' is an ensemble: it has no artifact to push"),
 ])
 def test_bad_pushes_are_refused(registry, push, error, message) -> None:
     with pytest.raises(error, match=message):

@@ -1,10 +1,17 @@
 import logging
+import re
 from pathlib import Path
 
 import pytest
 
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from meshserve.common.repository import ModelEntry, ModelRepository, parse_config
+from meshserve.common.repository import (
+    ModelEntry,
+    ModelRepository,
+    artifact_filename,
+    kind_of,
+    parse_config,
+)
 from meshserve.protocol import model_config_pb2 as mc
 
 TRITON_CONFIG = """
@@ -105,11 +112,39 @@ def test_bad_enum_value_is_an_error():
 
 
 def test_unsupported_platform():
-    text = 'platform: "onnxruntime_onnx"\n' + MINIMAL
-    with pytest.raises(FailedPrecondition, match="platform 'onnxruntime_onnx' is not supported"):
+    text = 'platform: "tensorflow_savedmodel"\n' + MINIMAL
+    with pytest.raises(FailedPrecondition,
+                       match="platform 'tensorflow_savedmodel' is not supported; meshserve "
+                             'serves platform "pytorch_libtorch", platform "onnxruntime_onnx", '
+                             'backend "python", platform "ensemble"'):
         parse_config(text, "m/config.pbtxt", "m")
-    with pytest.raises(FailedPrecondition, match="backend 'onnxruntime'"):
-        parse_config('backend: "onnxruntime"\n' + MINIMAL, "m/config.pbtxt", "m")
+    with pytest.raises(FailedPrecondition, match="backend 'tensorrt'"):
+        parse_config('backend: "tensorrt"\n' + MINIMAL, "m/config.pbtxt", "m")
+    with pytest.raises(FailedPrecondition, match="name different runtimes"):
+        parse_config('platform: "onnxruntime_onnx"\nbackend: "python"\n' + MINIMAL,
+                     "m/config.pbtxt", "m")
+
+
+@pytest.mark.parametrize(("header", "kind", "platform", "filename"), [
+    ("", "torchscript", "pytorch_libtorch", "model.pt"),
+    ('backend: "pytorch"', "torchscript", "", "model.pt"),
+    ('platform: "onnxruntime_onnx"', "onnx", "onnxruntime_onnx", "model.onnx"),
+    ('backend: "onnxruntime"', "onnx", "onnxruntime_onnx", "model.onnx"),
+    ('backend: "python"', "python", "", "model.py"),
+    ('backend: "python"\ndefault_model_filename: "net.py"', "python", "", "net.py"),
+])
+def test_kinds_are_completed_as_triton_does(header, kind, platform, filename):
+    config = parse_config(header + "\n" + MINIMAL, "m/config.pbtxt", "m")
+    assert kind_of(config).name == kind
+    assert config.platform == platform
+    assert artifact_filename(config) == filename
+
+
+def test_an_onnx_config_may_leave_out_inputs_and_outputs():
+    config = parse_config('platform: "onnxruntime_onnx"', "m/config.pbtxt", "m")
+    assert not config.input and not config.output
+    with pytest.raises(InvalidArgument, match="declares no input"):
+        parse_config('backend: "python"', "m/config.pbtxt", "m")
 
 
 def test_name_mismatch():
@@ -176,8 +211,12 @@ def test_specific_missing_versions(tmp_path, caplog):
     assert "5" in caplog.text
 
     make_model(tmp_path / "other", "n", [1], "version_policy: { specific { versions: [ 4 ] } }")
-    with pytest.raises(FailedPrecondition, match="model 'n'"):
-        ModelRepository.load(tmp_path / "other")
+    make_model(tmp_path / "other", "fine", [1])
+    other = ModelRepository.load(tmp_path / "other")
+    assert set(other.models) == {"fine"}
+    assert other.refused["n"].startswith("model 'n': none of the versions its version_policy")
+    with pytest.raises(NotFound, match="model 'n' is not served: refused at load: model 'n'"):
+        other.get("n")
 
 
 def test_version_lookup(tmp_path):
@@ -228,8 +267,20 @@ def test_directory_without_config_is_skipped(tmp_path, caplog):
 
 def test_model_without_versions(tmp_path):
     make_model(tmp_path, "empty", [])
-    with pytest.raises(FailedPrecondition, match="model 'empty'.*no version directory"):
-        ModelRepository.load(tmp_path)
+    assert re.match(r"model 'empty' in .*empty has no version directory",
+                    ModelRepository.load(tmp_path).refused["empty"])
+
+
+def test_a_broken_model_is_refused_naming_its_file_while_the_rest_load(tmp_path, caplog):
+    make_model(tmp_path, "good", [1])
+    (tmp_path / "bad" / "1").mkdir(parents=True)
+    (tmp_path / "bad" / "config.pbtxt").write_text("max_batch_size: oops\n")
+    with caplog.at_level(logging.ERROR, logger="meshserve.common.repository"):
+        repo = ModelRepository.load(tmp_path)
+    assert set(repo.models) == {"good"}
+    reason = repo.refused["bad"]
+    assert reason.startswith(f"model 'bad': {tmp_path / 'bad' / 'config.pbtxt'}: cannot parse")
+    assert f"refusing {reason}" in caplog.text
 
 
 def test_missing_repository(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from meshserve.mesh.audit import GENESIS
 from meshserve.mesh.policy import Endpoint, MeshState, Shadow, TrafficPolicy
-from meshserve.mesh.store import POSTGRESQL, SQLITE, Store
+from meshserve.mesh.store import OVER_START, POSTGRESQL, RESTORE, SQLITE, START, Store
 
 
 class FakeClock:
@@ -178,6 +178,49 @@ def test_canary_records(store: Store) -> None:
     with pytest.raises(InvalidArgument, match="not JSON"):
         store.put_canary("resnet", {"at": object()}, actor="ctl", action="canary.step")
     assert store.canary("resnet")["step"] == 1
+
+
+S1 = TrafficPolicy("resnet", {"1": 80, "2": 20})
+S2 = TrafficPolicy("resnet", {"1": 40, "2": 60})
+
+
+@pytest.mark.parametrize(("last", "stacking", "undone"), [
+    (S2, OVER_START, P2),  # promoted: undoing it restores the policy the canary began from
+    (P2, RESTORE, P1),  # rolled back: as if the canary had not run
+])
+def test_canary_policies_join_the_undo_stack_as_one_change(store: Store, last, stacking,
+                                                           undone) -> None:
+    store.put_policy(P1, actor="alice")
+    store.put_policy(P2, actor="alice")
+    store.put_canary("resnet", {"step": 0}, "alice", "canary.start", "go", policy=S1,
+                     stacking=START)
+    store.put_canary("resnet", {"step": 1}, "ctl", "canary.step", "healthy", policy=S2,
+                     stacking=OVER_START)
+    store.put_canary("resnet", {"step": 1, "state": "end"}, "ctl", "canary.end", "done",
+                     policy=last, stacking=stacking)
+    assert (store.policy("resnet"), store.canary("resnet")) == (last, {"step": 1,
+                                                                       "state": "end"})
+    entries = [(e.actor, e.action, e.before, e.after, e.reason) for e in store.audit()][2:]
+    assert entries == [("alice", "canary.start", P2.to_json(), S1.to_json(), "go"),
+                       ("ctl", "canary.step", S1.to_json(), S2.to_json(), "healthy"),
+                       ("ctl", "canary.end", S2.to_json(), last.to_json(), "done")]
+    assert store.rollback("resnet", "bob") == undone
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"action": "canary.step", "policy": S1, "stacking": START}, "first policy"),
+    ({"action": "canary.start", "policy": S1, "stacking": OVER_START}, "first policy"),
+    ({"action": "canary.step", "policy": S1}, "stacking '' is not one of start, over_start, "
+                                              "restore"),
+    ({"action": "canary.step", "stacking": OVER_START}, "needs a policy"),
+    ({"action": "canary.step", "policy": S1, "stacking": "top"}, "is not one of"),
+    ({"action": "canary.step", "policy": BERT, "stacking": OVER_START}, "model 'bert' given"),
+])
+def test_put_canary_refuses_a_policy_it_cannot_stack(store: Store, kwargs, message) -> None:
+    store.put_policy(P1, actor="alice")
+    with pytest.raises(InvalidArgument, match=message):
+        store.put_canary("resnet", {"step": 0}, "ctl", **kwargs)
+    assert (store.policy("resnet"), store.canary("resnet"), len(store.audit())) == (P1, None, 1)
 
 
 def test_append_audit_and_paging(store: Store) -> None:

@@ -14,6 +14,7 @@ from meshserve.batcher.policy import BatchingPolicy, BatchQueue
 from meshserve.batcher.scheduler import Replica, Scheduler
 from meshserve.batcher.service import Batcher
 from meshserve.batcher.statistics import Statistics
+from meshserve.common.otlp import OtlpSettings
 from meshserve.common.tracing import (
     Tracing,
     TracingSettings,
@@ -40,10 +41,10 @@ def test_settings_from_the_standard_variables():
         "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317",
         "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25",
         "OTEL_BSP_SCHEDULE_DELAY": "100"})
-    assert settings == TracingSettings("http://127.0.0.1:4317", "router",
+    assert settings == TracingSettings("router", OtlpSettings("127.0.0.1:4317", insecure=True),
                                        "parentbased_traceidratio", "0.25", 100.0)
     named = TracingSettings.from_environment("router", {"OTEL_SERVICE_NAME": "edge"})
-    assert named.service_name == "edge" and named.endpoint == ""
+    assert named.service_name == "edge" and named.otlp is None
 
 
 def test_samplers():

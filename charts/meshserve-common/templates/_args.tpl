@@ -108,6 +108,10 @@ list: `include "meshserve.args" .` picks the component's. Every flag is one that
 {{- if hasKey .Values "maxInflightBytes" }}
 {{- include "meshserve.args.whenSetInt" (list "--max-inflight-bytes" .Values.maxInflightBytes) }}
 {{- end }}
+{{- if include "meshserve.httpEnabled" . }}
+- {{ printf "--http-listen=%s:%v" .Values.listenHost (int .Values.http.port) | quote }}
+{{- include "meshserve.args.whenSetInt" (list "--http-max-body-bytes" .Values.http.maxBodyBytes) }}
+{{- end }}
 {{- if and (hasKey .Values "audit") .Values.audit.controlPlane.target }}
 - {{ printf "--control-plane=%s" .Values.audit.controlPlane.target | quote }}
 {{- end }}
@@ -141,6 +145,11 @@ true
 "true" when the chart has auth values and auth.enabled (the ingress); checks that the policy
 and the keys are named.
 */}}
+{{/* "true" when the chart has http values and http.enabled (the ingress): HTTP/REST. */}}
+{{- define "meshserve.httpEnabled" -}}
+{{- if and (hasKey .Values "http") .Values.http.enabled -}}true{{- end -}}
+{{- end -}}
+
 {{- define "meshserve.authEnabled" -}}
 {{- if and (hasKey .Values "auth") .Values.auth.enabled -}}
 {{- if not .Values.auth.policyConfigMap -}}

@@ -135,11 +135,19 @@ spec:
               containerPort: {{ .Values.auth.tokenPort }}
               protocol: TCP
             {{- end }}
+            {{- if include "meshserve.httpEnabled" . }}
+            - name: http
+              containerPort: {{ .Values.http.port }}
+              protocol: TCP
+            {{- end }}
             {{- if include "meshserve.metricsEnabled" . }}
             - name: metrics
               containerPort: {{ .Values.metrics.port }}
               protocol: TCP
             {{- end }}
+            - name: health
+              containerPort: {{ .Values.probes.port }}
+              protocol: TCP
           env:
             - name: PYTHONUNBUFFERED
               value: "1"

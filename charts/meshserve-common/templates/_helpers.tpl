@@ -118,6 +118,7 @@ The service chart appends its own.
 - {{ printf "--tls-ca=%s/ca.crt" .Values.tls.mountPath | quote }}
 - {{ printf "--drain-seconds=%v" .Values.drainSeconds | quote }}
 - {{ printf "--log-level=%s" .Values.logLevel | quote }}
+- {{ printf "--health-listen=%s:%v" .Values.listenHost (int .Values.probes.port) | quote }}
 {{- if include "meshserve.metricsEnabled" . }}
 - {{ printf "--metrics-listen=%s:%v" .Values.listenHost (int .Values.metrics.port) | quote }}
 {{- end }}

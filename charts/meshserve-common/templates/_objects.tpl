@@ -51,6 +51,13 @@ spec:
       protocol: TCP
       appProtocol: grpc
     {{- end }}
+    {{- if include "meshserve.httpEnabled" . }}
+    - name: http
+      port: {{ .Values.http.port }}
+      targetPort: http
+      protocol: TCP
+      appProtocol: https
+    {{- end }}
     {{- if and $metrics (not $exposed) }}
     - name: metrics
       port: {{ .Values.metrics.port }}
@@ -182,6 +189,10 @@ spec:
           protocol: TCP
         {{- if include "meshserve.authEnabled" . }}
         - port: token
+          protocol: TCP
+        {{- end }}
+        {{- if include "meshserve.httpEnabled" . }}
+        - port: http
           protocol: TCP
         {{- end }}
       {{- $operators := and (hasKey $policy "operators") $policy.operators.enabled -}}

@@ -1,41 +1,23 @@
 {{/*
-Probes. Every service serves grpc.health.v1 on its one port, and that port speaks only mutual
-TLS: there is deliberately no plaintext port. The kubelet's native gRPC probe speaks plaintext
-HTTP/2 and presents no certificate, so it cannot probe it (and a plaintext health port would
-break the "no plaintext internal port" rule). One way everywhere, the ingress included: exec
-probes that run `meshserve health` over mutual TLS with the pod's own certificate against
-localhost. Each succeeds only on SERVING:
+Probes. The serving port speaks only mutual TLS, which the kubelet's native probes cannot, so
+every service also answers plain-HTTP `/readyz` and `/livez` on a port of its own
+(--health-listen, the container port named `health`, probes.port). It carries health and
+nothing else: no Service exposes it and no NetworkPolicy rule admits it (the kubelet probes
+from the node, which NetworkPolicy implementations admit). Each probe is an httpGet:
 
-- startup: the service is up and ready once (compute: its model loaded and warm);
-- readiness: it can serve now (it leaves its Service while draining or while its upstream is
-  down);
-- liveness: the same check, with a generous failureThreshold, so a wedged event loop or a
-  server that stopped answering is restarted, but an upstream outage shorter than
-  periodSeconds x failureThreshold is not.
+- startup: `/readyz`, until the service is ready once (compute: its model loaded and warm);
+- readiness: `/readyz`, the service's grpc.health.v1 status: it leaves its Service while
+  draining or while its upstream is down;
+- liveness: `/livez`, the event loop's heartbeat: a wedged or stopped process is restarted,
+  one whose upstream is down is not (a restart would not bring the upstream back).
 */}}
-
-{{/* The probe's command: a YAML list. Call with (dict "root" . "probe" "readiness"). */}}
-{{- define "meshserve.healthCommand" -}}
-{{- $root := .root -}}
-{{- $probe := get $root.Values.probes .probe -}}
-{{- $tls := $root.Values.tls.mountPath -}}
-- "meshserve"
-- "health"
-- {{ printf "localhost:%v" (int $root.Values.port) | quote }}
-- {{ printf "--tls-cert=%s/tls.crt" $tls | quote }}
-- {{ printf "--tls-key=%s/tls.key" $tls | quote }}
-- {{ printf "--tls-ca=%s/ca.crt" $tls | quote }}
-- {{ printf "--identity=%s" (include "meshserve.identity" $root) | quote }}
-- {{ printf "--timeout=%d" (sub (int $probe.timeoutSeconds) 1 | max 1) | quote }}
-{{- end -}}
-
 {{- define "meshserve.probes" -}}
 {{- $root := . -}}
 {{- range $name := list "startup" "readiness" "liveness" }}
 {{ $name }}Probe:
-  exec:
-    command:
-      {{- include "meshserve.healthCommand" (dict "root" $root "probe" $name) | nindent 6 }}
+  httpGet:
+    path: {{ ternary "/livez" "/readyz" (eq $name "liveness") }}
+    port: health
   {{- with get $root.Values.probes $name }}
   periodSeconds: {{ .periodSeconds }}
   timeoutSeconds: {{ .timeoutSeconds }}

@@ -63,14 +63,41 @@ One component's Values, as YAML: the base, then the shared values, then each lay
 {{- toYaml $values -}}
 {{- end -}}
 
-{{/* The Secret of an identity: cert-manager's <release>-<identity>-tls, or tls.secretNames. */}}
+{{/*
+What only the cluster can provide, and so no default can: every pod's certificate and the
+model repository. Included first by every template of this chart, so that `helm install` with
+values that leave any of them out stops with one message naming all the values to set.
+*/}}
+{{- define "meshserve.umbrella.required" -}}
+{{- $missing := list -}}
+{{- if not .Values.certManager.enabled -}}
+{{- $unset := list -}}
+{{- range $key := list "controlPlane" "router" "ingress" "batcher" "compute" -}}
+{{- if not (get $.Values.tls.secretNames $key) -}}
+{{- $unset = append $unset (printf "tls.secretNames.%s" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- if $unset -}}
+{{- $missing = append $missing (printf "certificates: certManager.enabled=true and certManager.issuerRef.name (a cert-manager CA issuer), or existing Secrets holding tls.crt, tls.key and ca.crt: %s" (join ", " $unset)) -}}
+{{- end -}}
+{{- end -}}
+{{- if not (or .Values.modelRepository.existingClaim .Values.modelRepository.init.command) -}}
+{{- $missing = append $missing "the model repository (Triton's layout): modelRepository.existingClaim (a ReadOnlyMany PersistentVolumeClaim) or modelRepository.init.command (fills an emptyDir in every pod)" -}}
+{{- end -}}
+{{- if $missing -}}
+{{- fail (printf "meshserve needs values that only your cluster can provide (see the README's \"Kubernetes\" section); set:\n- %s" (join "\n- " $missing)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret of an identity: cert-manager's <release>-<identity>-tls, or tls.secretNames
+(meshserve.umbrella.required has checked that it is set). */}}
 {{- define "meshserve.umbrella.secretName" -}}
 {{- $root := .root -}}
 {{- if $root.Values.certManager.enabled -}}
 {{- printf "%s-%s-tls" $root.Release.Name .component -}}
 {{- else -}}
 {{- $key := eq .component "control-plane" | ternary "controlPlane" .component -}}
-{{- required (printf "tls.secretNames.%s is required unless certManager.enabled: an existing Secret with tls.crt, tls.key and ca.crt for the %s identity" $key .component) (get $root.Values.tls.secretNames $key) -}}
+{{- get $root.Values.tls.secretNames $key -}}
 {{- end -}}
 {{- end -}}
 

@@ -1,0 +1,53 @@
+"""The backends compute runs a model version with, chosen by the config's platform or
+backend. Each meets the one model contract: `run(request, version) -> (response, Timings)`
+on the worker thread, `warmup_requests()`, and `device`.
+
+    TorchScript    platform "pytorch_libtorch" / backend "pytorch"   model.pt
+    ONNX Runtime   platform "onnxruntime_onnx" / backend "onnxruntime" model.onnx
+    Python         backend "python" (Triton's TritonPythonModel)     model.py
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from meshserve.common.errors import FailedPrecondition
+from meshserve.common.repository import ENSEMBLE, ONNX, PYTHON, artifact_filename, kind_of
+from meshserve.protocol.model_config_pb2 import ModelConfig
+
+
+def load_model(config: ModelConfig, source: bytes | Path, version_dir: Path, device: str,
+               threads: int):
+    """The model of one version from its verified artifact (`source`: plaintext bytes, or
+    the file's path when unsigned). A ServingError says why it cannot be served."""
+    kind = kind_of(config)
+    path = version_dir / artifact_filename(config)
+    where = f"{path}"
+    if kind is ENSEMBLE:
+        raise FailedPrecondition(f"model '{config.name}' is an ensemble: the ingress runs its "
+                                 "steps; it has no compute of its own")
+    if kind is ONNX:
+        from meshserve.compute.backends import onnx
+
+        return onnx.load(source, config, device, threads, where)
+    if kind is PYTHON:
+        from meshserve.compute.backends import python
+
+        return python.load(source, config, path, version_dir.name)
+    return _torchscript(config, source, device, threads)
+
+
+def _torchscript(config: ModelConfig, source: bytes | Path, device: str, threads: int):
+    import warnings
+
+    import torch
+
+    from meshserve.compute.model import TorchScriptModel, pick_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", message=".*buffer is not writable.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.jit")
+    return TorchScriptModel(io.BytesIO(source) if isinstance(source, bytes) else source,
+                            config, pick_device(device))

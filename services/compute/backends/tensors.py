@@ -1,0 +1,126 @@
+"""Request bytes to numpy arrays and back, for the backends that speak numpy (ONNX
+Runtime, Python models), and the warm-up requests every backend runs before it is ready.
+
+Fixed-size tensors become read-only views of the request's bytes (no copy); BYTES tensors
+become object arrays of `bytes`; BF16 is `ml_dtypes.bfloat16`.
+"""
+
+from __future__ import annotations
+
+import numpy
+
+from meshserve.common.arrays import NUMPY_DTYPE, deserialize_bytes
+from meshserve.common.datatypes import WIRE_FROM_CONFIG, serialize_bytes
+from meshserve.common.errors import Internal, InvalidArgument
+from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
+from meshserve.protocol.model_config_pb2 import ModelConfig
+
+
+def numpy_dtype(datatype: str) -> numpy.dtype:
+    """The numpy dtype of a protocol datatype (BYTES: object)."""
+    if datatype == "BYTES":
+        return numpy.dtype(object)
+    if datatype == "BF16":
+        import ml_dtypes
+
+        return numpy.dtype(ml_dtypes.bfloat16)
+    return NUMPY_DTYPE[datatype]
+
+
+def decode(request: ModelInferRequest, config: ModelConfig) -> dict[str, numpy.ndarray]:
+    """The request's inputs as arrays, by name, in config order (optional ones when sent)."""
+    position = {t.name: i for i, t in enumerate(request.inputs)}
+    arrays = {}
+    for spec in config.input:
+        i = position.get(spec.name)
+        if i is None:
+            if spec.optional:
+                continue
+            raise InvalidArgument(f"input '{spec.name}' is missing")
+        tensor, raw = request.inputs[i], request.raw_input_contents[i]
+        shape = tuple(tensor.shape)
+        if tensor.datatype == "BYTES":
+            arrays[spec.name] = deserialize_bytes(raw, shape)
+        else:
+            arrays[spec.name] = numpy.frombuffer(raw, numpy_dtype(tensor.datatype)).reshape(shape)
+    return arrays
+
+
+def wanted_outputs(request: ModelInferRequest, config: ModelConfig) -> list[str]:
+    """The outputs the request asked for (all of the config's when it names none)."""
+    wanted = {o.name for o in request.outputs}
+    return [t.name for t in config.output if not wanted or t.name in wanted]
+
+
+def encode(outputs: dict[str, numpy.ndarray], names: list[str], config: ModelConfig,
+           request: ModelInferRequest, version: str, where: str) -> ModelInferResponse:
+    """A response holding `names` from `outputs`, each as the config's datatype (a numpy
+    value of the same kind is cast, e.g. float64 to FP32; anything else is refused)."""
+    response = ModelInferResponse(model_name=request.model_name, model_version=version,
+                                  id=request.id)
+    datatypes = {t.name: WIRE_FROM_CONFIG[t.data_type] for t in config.output}
+    for name in names:
+        if name not in outputs:
+            raise Internal(f"{where} did not produce output '{name}'")
+        datatype = datatypes[name]
+        array = numpy.asarray(outputs[name])
+        out = response.outputs.add(name=name, datatype=datatype)
+        out.shape.extend(array.shape)
+        response.raw_output_contents.append(_raw(array, datatype, name, where))
+    return response
+
+
+def _raw(array: numpy.ndarray, datatype: str, name: str, where: str) -> bytes:
+    if datatype == "BYTES":
+        if array.dtype.kind not in "OSU":
+            raise Internal(f"{where}: output '{name}' is {array.dtype}; config.pbtxt says "
+                           "TYPE_STRING (bytes or str elements)")
+        return serialize_bytes(array.reshape(-1).tolist())
+    dtype = numpy_dtype(datatype)
+    if array.dtype != dtype:
+        if not numpy.can_cast(array.dtype, dtype, casting="same_kind"):
+            raise Internal(f"{where}: output '{name}' is {array.dtype}; config.pbtxt says "
+                           f"{datatype}")
+        array = array.astype(dtype)
+    return numpy.ascontiguousarray(array).tobytes()
+
+
+def warmup_requests(config: ModelConfig, default: bool = True) -> list[ModelInferRequest]:
+    """The config's model_warmup samples; without them and with `default`, zeros at batch 1,
+    the preferred batch sizes and max_batch_size."""
+    samples = []
+    if config.model_warmup:
+        for warmup in config.model_warmup:
+            batch = max(1, warmup.batch_size) if config.max_batch_size else 0
+            for _ in range(max(1, warmup.count)):
+                samples.append(_sample(config, batch, {
+                    name: (list(i.dims), i.random_data) for name, i in warmup.inputs.items()}))
+        return samples
+    if not default:
+        return []
+    sizes = {1, config.max_batch_size, *config.dynamic_batching.preferred_batch_size}
+    for size in sorted(s for s in sizes if s > 0) if config.max_batch_size else [0]:
+        samples.append(_sample(config, size, {}))
+    return samples
+
+
+def _sample(config: ModelConfig, batch: int,
+            given: dict[str, tuple[list[int], bool]]) -> ModelInferRequest:
+    """Zeros (or seeded random data) for every input; BYTES elements are empty (or random
+    digits), as in Triton's warm-up."""
+    generator = numpy.random.default_rng(0)
+    request = ModelInferRequest(model_name=config.name)
+    for tensor in config.input:
+        datatype = WIRE_FROM_CONFIG[tensor.data_type]
+        dims, random = given.get(tensor.name, (list(tensor.dims), False))
+        shape = ([batch] if batch else []) + [d if d > 0 else 1 for d in dims]
+        if datatype == "BYTES":
+            count = int(numpy.prod(shape))
+            elements = [str(generator.integers(10**6)) if random else b"" for _ in range(count)]
+            raw = serialize_bytes(elements)
+        else:
+            values = generator.random(shape) if random else numpy.zeros(shape)
+            raw = numpy.asarray(values).astype(numpy_dtype(datatype)).tobytes()
+        request.inputs.add(name=tensor.name, datatype=datatype, shape=shape)
+        request.raw_input_contents.append(raw)
+    return request

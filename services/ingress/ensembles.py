@@ -1,0 +1,155 @@
+"""Ensembles, run by the ingress: one client request becomes each step's request in turn.
+
+Each step is an ordinary request for a model version served by the mesh (validated, routed
+by the router under its model's traffic policy, batched by its batcher, run by its compute),
+made through the ingress's own `infer`; intermediate tensors stay inside the mesh and only
+the ensemble's outputs go back to the client. Steps of one wave of the plan (see
+`meshserve.common.ensemble_plan`) run at once. An error names the failing step. The
+ensemble itself is counted here (ModelStatistics, and the ingress's request metrics); each
+step is counted by its own batcher as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from meshserve.batcher.statistics import Statistics
+from meshserve.common.ensemble_plan import Plan, Step
+from meshserve.common.errors import ServingError, from_code
+from meshserve.common.repository import ModelEntry, ModelRepository
+from meshserve.common.validation import validate
+from meshserve.protocol import grpc_service_pb2 as pb
+
+# The ingress's infer: (request, seconds left or None, client traceparent) -> response.
+InferStep = Callable[[pb.ModelInferRequest, float | None, str], Awaitable[pb.ModelInferResponse]]
+# Whether a model version is ready: (model, version or "") -> bool.
+ReadyCheck = Callable[[str, str], Awaitable[bool]]
+
+# Request parameters every step inherits from the ensemble's request.
+INHERITED_PARAMETERS = ("priority", "timeout")
+
+
+class _Tensor:
+    __slots__ = ("datatype", "shape", "raw")
+
+    def __init__(self, datatype: str, shape, raw: bytes) -> None:
+        self.datatype = datatype
+        self.shape = list(shape)
+        self.raw = raw
+
+
+class EnsembleRunner:
+    """`metrics`, when given, hears of each answered ensemble request
+    (`metrics.request(model, version, code, seconds)`)."""
+
+    def __init__(self, repository: ModelRepository, infer_step: InferStep, metrics=None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._repository = repository
+        self._entries: dict[str, ModelEntry] = repository.ensembles()
+        self._infer = infer_step
+        self._metrics = metrics
+        self._clock = clock
+        self._statistics = {(name, version): Statistics(name=name, version=version)
+                            for name, entry in self._entries.items()
+                            for version in entry.versions}
+
+    def __contains__(self, model: object) -> bool:
+        return model in self._entries
+
+    async def infer(self, request: pb.ModelInferRequest, remaining: float | None,
+                    traceparent: str = "",
+                    admit: Callable[[], None] | None = None) -> pb.ModelInferResponse:
+        name = request.model_name
+        version = self._repository.version(name, request.model_version)
+        statistics = self._statistics[(name, version)]
+        arrived = self._clock()
+        try:
+            if admit is not None:
+                admit()
+            entry = self._entries[name]
+            validate(request, entry.config)
+            deadline = None if remaining is None else arrived + remaining
+            response = await self._run(entry, version, request, deadline, traceparent)
+        except Exception as error:
+            self._record(statistics, name, version, arrived, error)
+            raise
+        statistics.inference_count += _rows(request, entry.config.max_batch_size)
+        statistics.execution_count += 1
+        statistics.last_inference_ms = time.time_ns() // 1_000_000
+        self._record(statistics, name, version, arrived, None)
+        return response
+
+    def _record(self, statistics: Statistics, name: str, version: str, arrived: float,
+                error: Exception | None) -> None:
+        seconds = self._clock() - arrived
+        statistics.record_request(error is None, int(seconds * 1e9), None)
+        if self._metrics is not None:
+            code = "OK" if error is None else (
+                error.code if isinstance(error, ServingError) else "INTERNAL")
+            self._metrics.request(name, version, code, seconds)
+
+    async def _run(self, entry: ModelEntry, version: str, request: pb.ModelInferRequest,
+                   deadline: float | None, traceparent: str) -> pb.ModelInferResponse:
+        plan: Plan = entry.plan
+        tensors = {t.name: _Tensor(t.datatype, t.shape, raw)
+                   for t, raw in zip(request.inputs, request.raw_input_contents)}
+        for wave in plan.waves:
+            answers = await asyncio.gather(*(
+                self._step(entry.name, step, request, tensors, deadline, traceparent)
+                for step in wave))
+            for step, answer in zip(wave, answers):
+                produced = {t.name: (t, raw) for t, raw in
+                            zip(answer.outputs, answer.raw_output_contents)}
+                for output, tensor in step.outputs:
+                    if output in produced:
+                        meta, raw = produced[output]
+                        tensors[tensor] = _Tensor(meta.datatype, meta.shape, raw)
+        wanted = {o.name for o in request.outputs}
+        response = pb.ModelInferResponse(model_name=entry.name, model_version=version,
+                                         id=request.id)
+        for name in plan.outputs:
+            if wanted and name not in wanted:
+                continue
+            tensor = tensors[name]
+            response.outputs.add(name=name, datatype=tensor.datatype, shape=tensor.shape)
+            response.raw_output_contents.append(tensor.raw)
+        return response
+
+    async def _step(self, ensemble: str, step: Step, request: pb.ModelInferRequest,
+                    tensors: dict[str, _Tensor], deadline: float | None,
+                    traceparent: str) -> pb.ModelInferResponse:
+        step_request = pb.ModelInferRequest(model_name=step.model, model_version=step.version,
+                                            id=request.id)
+        for key in INHERITED_PARAMETERS:
+            if key in request.parameters:
+                step_request.parameters[key].CopyFrom(request.parameters[key])
+        for name, tensor_name in step.inputs:
+            tensor = tensors[tensor_name]
+            step_request.inputs.add(name=name, datatype=tensor.datatype, shape=tensor.shape)
+            step_request.raw_input_contents.append(tensor.raw)
+        for output, _ in step.outputs:
+            step_request.outputs.add(name=output)
+        remaining = None if deadline is None else max(0.0, deadline - self._clock())
+        try:
+            return await self._infer(step_request, remaining, traceparent)
+        except ServingError as error:
+            raise from_code(error.code,
+                            f"ensemble '{ensemble}' {step.describe()}: {error.message}") from None
+
+    async def ready(self, name: str, check: ReadyCheck) -> bool:
+        """Ready when every step's model version is."""
+        steps = self._entries[name].plan.steps
+        answers = await asyncio.gather(*(check(s.model, s.version) for s in steps))
+        return all(answers)
+
+    def statistics(self, name: str, version: str = "") -> list:
+        """ModelStatistics of the ensemble's versions (one version when `version` is given)."""
+        versions = [self._repository.version(name, version)] if version else \
+            self._entries[name].versions
+        return [self._statistics[(name, v)].to_proto() for v in versions]
+
+
+def _rows(request: pb.ModelInferRequest, max_batch_size: int) -> int:
+    return request.inputs[0].shape[0] if max_batch_size and request.inputs else 1

@@ -1,0 +1,305 @@
+"""HTTP/REST at the ingress, beside gRPC: the Open Inference Protocol's HTTP binding.
+
+Every route decodes its request into the message the gRPC service takes and hands it to the
+same handlers (`InferenceServicer`, `AsyncInferenceServicer`) with an `HttpCall` standing in
+for the gRPC context, so validation, authentication and policy, quotas, priorities,
+deadlines (the `timeout` parameter), pins (`x-model-version`), metrics (label
+`protocol="http"`), traces (`traceparent`) and the access log are the gRPC path's. Answers
+are encoded back (`http_codec`); errors become `{"error": ...}` with the matching status
+(`http_errors`). The health endpoints, like grpc.health.v1, need no credentials.
+
+`meshserve ingress ... --http-listen HOST:PORT [--http-port-file F] [--http-max-body-bytes N]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import grpc
+import httptools
+
+from meshserve.common import runtime
+from meshserve.common.errors import InvalidArgument, NotFound, ServingError, from_code
+from meshserve.common.forwarding import CODE_NAME
+from meshserve.common.metrics import PROTOCOL
+from meshserve.common.server import HealthServicer, internal_error_message
+from meshserve.common.tls import MAX_MESSAGE_BYTES, TlsFiles
+from meshserve.ingress.async_service import AsyncInferenceServicer
+from meshserve.ingress.http_codec import (
+    BINARY_DATA_OUTPUT,
+    OutputEncoding,
+    decode_infer,
+    dump,
+    encode_infer,
+    message_json,
+    parse_json,
+)
+from meshserve.ingress.http_errors import error_response
+from meshserve.ingress.http_routes import Route, route
+from meshserve.ingress.http_server import (
+    HttpLimits,
+    HttpRequest,
+    HttpResponse,
+    HttpServer,
+    server_ssl_context,
+)
+from meshserve.protocol import grpc_service_pb2 as pb
+from meshserve.protocol.async_inference_pb2 import ResultRequest, ResultResponse
+
+log = logging.getLogger(__name__)
+
+HEADER_LENGTH = "inference-header-content-length"
+BINARY_EXTENSION = "binary_tensor_data"
+MAX_WAIT_MS = 60_000
+DRAIN_S = 5.0
+NO_ASYNC = "the asynchronous API is not served here (start the ingress with --async-store)"
+
+
+class HttpCall:
+    """What the ingress's handlers and its gate read from a gRPC context, for one HTTP
+    request: its headers as invocation metadata, the TLS client certificate as the auth
+    context. An HTTP request has no deadline of its own (the `timeout` parameter bounds it)."""
+
+    def __init__(self, request: HttpRequest) -> None:
+        self._metadata = tuple(request.headers.items())
+        self._certificate = request.certificate
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {"x509_pem_cert": [self._certificate]} if self._certificate else {}
+
+    def time_remaining(self) -> float | None:
+        return None
+
+
+def json_response(document: object, binary: list[bytes] = (), status: int = 200,
+                  headers: tuple[tuple[str, str], ...] = ()) -> HttpResponse:
+    """JSON, followed by raw tensor bytes when there are any (binary tensor data)."""
+    header = dump(document)
+    if not binary:
+        return HttpResponse(status, header, headers=headers)
+    return HttpResponse(status, b"".join([header, *binary]), "application/octet-stream",
+                        ((HEADER_LENGTH, str(len(header))), *headers))
+
+
+def header_length(request: HttpRequest) -> int | None:
+    text = request.headers.get(HEADER_LENGTH)
+    if text is None:
+        return None
+    if not text.strip().isdigit():
+        raise InvalidArgument(f"Inference-Header-Content-Length must be a non-negative "
+                              f"integer, not '{text}'")
+    return int(text)
+
+
+def body_of(request: HttpRequest, limit: int) -> bytes:
+    """The body, decompressed when sent with Content-Encoding gzip or deflate (at most
+    `limit` bytes once decompressed)."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return request.body
+    if encoding not in ("gzip", "deflate"):
+        raise InvalidArgument(f"Content-Encoding '{encoding}' is not supported (gzip, "
+                              "deflate or identity)")
+    inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
+    try:
+        body = inflater.decompress(request.body, limit + 1)
+    except zlib.error as error:
+        raise InvalidArgument(f"the {encoding} body does not decompress: {error}") from None
+    if len(body) > limit:
+        raise InvalidArgument(f"the {encoding} body decompresses to more than the limit of "
+                              f"{limit} bytes")
+    return body
+
+
+def flag(query: dict[str, list[str]], name: str) -> bool:
+    value = query.get(name, ["false"])[-1].lower()
+    if value not in ("true", "false", "1", "0"):
+        raise InvalidArgument(f"query parameter '{name}' must be true or false")
+    return value in ("true", "1")
+
+
+class HttpApi:
+    """The routes. `inference` is the ingress's gRPC servicer, `asynchronous` that of the
+    asynchronous API (None: not served)."""
+
+    def __init__(self, inference, health: HealthServicer,
+                 asynchronous: AsyncInferenceServicer | None = None,
+                 max_body_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self._inference = inference
+        self._health = health
+        self._async = asynchronous
+        self._max_body = max_body_bytes
+
+    async def handle(self, request: HttpRequest) -> HttpResponse:
+        PROTOCOL.set("http")
+        try:
+            url = httptools.parse_url(request.target)
+        except httptools.HttpParserInvalidURLError:
+            return error_response(InvalidArgument(f"malformed request target "
+                                                  f"{request.target[:200]!r}"))
+        path = url.path.decode("latin-1")
+        found = route(path)
+        if found is None:
+            return error_response(NotFound(f"no route for {request.method} {path}"))
+        if request.method != found.method:
+            return HttpResponse(405, dump({"error": f"{path} takes {found.method}, not "
+                                                    f"{request.method}"}),
+                                headers=(("allow", found.method),))
+        query = parse_qs((url.query or b"").decode("latin-1"))
+        try:
+            return await getattr(self, found.name)(request, found, query)
+        except ServingError as error:
+            return error_response(error)
+        except grpc.aio.AioRpcError as error:
+            return error_response(from_code(error.code().name, error.details() or ""))
+        except Exception as error:  # noqa: BLE001 — answered with a fixed message and an id
+            return HttpResponse(500, dump({"error": internal_error_message(error)}))
+
+    # --- server
+
+    async def live(self, request, found, query) -> HttpResponse:
+        return HttpResponse(200)
+
+    async def ready(self, request, found, query) -> HttpResponse:
+        return HttpResponse(200 if self._health.serving() else 400)
+
+    async def server_metadata(self, request, found, query) -> HttpResponse:
+        reply = await self._inference.ServerMetadata(pb.ServerMetadataRequest(),
+                                                     HttpCall(request))
+        document = message_json(reply)
+        document["extensions"] = [*document["extensions"], BINARY_EXTENSION]
+        return json_response(document)
+
+    async def repository_index(self, request, found, query) -> HttpResponse:
+        body = body_of(request, self._max_body)
+        options = parse_json(body) if body.strip() else {}
+        if not isinstance(options, dict) or not isinstance(options.get("ready", False), bool):
+            raise InvalidArgument('the repository index takes {"ready": true|false}')
+        reply = await self._inference.RepositoryIndex(
+            pb.RepositoryIndexRequest(ready=options.get("ready", False)), HttpCall(request))
+        return json_response([message_json(model) for model in reply.models])
+
+    # --- models
+
+    async def model_metadata(self, request, found: Route, query) -> HttpResponse:
+        reply = await self._inference.ModelMetadata(
+            pb.ModelMetadataRequest(name=found.model, version=found.version), HttpCall(request))
+        return json_response(message_json(reply))
+
+    async def model_ready(self, request, found: Route, query) -> HttpResponse:
+        reply = await self._inference.ModelReady(
+            pb.ModelReadyRequest(name=found.model, version=found.version), HttpCall(request))
+        return HttpResponse(200 if reply.ready else 400)
+
+    async def model_config(self, request, found: Route, query) -> HttpResponse:
+        reply = await self._inference.ModelConfig(
+            pb.ModelConfigRequest(name=found.model, version=found.version), HttpCall(request))
+        return json_response(message_json(reply.config))
+
+    async def statistics(self, request, found: Route, query) -> HttpResponse:
+        reply = await self._inference.ModelStatistics(
+            pb.ModelStatisticsRequest(name=found.model, version=found.version),
+            HttpCall(request))
+        return json_response(message_json(reply))
+
+    async def infer(self, request: HttpRequest, found: Route, query) -> HttpResponse:
+        message, encoding = decode_infer(body_of(request, self._max_body),
+                                         header_length(request), found.model, found.version)
+        reply = await self._inference.ModelInfer(message, HttpCall(request))
+        return json_response(*encode_infer(reply, encoding))
+
+    # --- the asynchronous API
+
+    async def submit(self, request: HttpRequest, found: Route, query) -> HttpResponse:
+        if self._async is None:
+            raise NotFound(NO_ASYNC)
+        message, _ = decode_infer(body_of(request, self._max_body), header_length(request),
+                                  found.model, found.version)
+        reply = await self._async.Submit(message, HttpCall(request))
+        return json_response({"id": reply.id}, status=202,
+                             headers=(("location", f"/v2/async/{reply.id}"),))
+
+    async def result(self, request: HttpRequest, found: Route, query) -> HttpResponse:
+        """`?wait_ms=N` waits up to N ms (at most a minute) for the request to finish;
+        `?binary_data_output=true` sends a result's outputs as binary tensor data."""
+        if self._async is None:
+            raise NotFound(NO_ASYNC)
+        wait = query.get("wait_ms", ["0"])[-1]
+        if not wait.isdigit():
+            raise InvalidArgument(f"query parameter 'wait_ms' must be a non-negative integer, "
+                                  f"not '{wait}'")
+        reply = await self._async.Result(
+            ResultRequest(id=found.id, wait_ms=min(int(wait), MAX_WAIT_MS)), HttpCall(request))
+        document: dict = {"id": reply.id, "state": ResultResponse.State.Name(reply.state)}
+        binary: list[bytes] = []
+        if reply.state == ResultResponse.DONE:
+            encoding = OutputEncoding(default=flag(query, BINARY_DATA_OUTPUT))
+            document["response"], binary = encode_infer(reply.response, encoding)
+        elif reply.state == ResultResponse.FAILED:
+            document["code"] = CODE_NAME.get(reply.code, "UNKNOWN")
+            document["message"] = reply.message
+        return json_response(document, binary)
+
+
+# --- wiring -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    listen: str
+    port_file: Path | None = None
+    limits: HttpLimits = HttpLimits()
+
+
+def add_http_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--http-listen", default="", metavar="HOST:PORT",
+                        help="also serve the Open Inference Protocol over HTTP/REST (HTTPS) "
+                             "here (port 0 picks a free port; empty: not served)")
+    parser.add_argument("--http-port-file", type=Path,
+                        help="write the bound --http-listen port here once serving")
+    parser.add_argument("--http-max-body-bytes", type=int, default=MAX_MESSAGE_BYTES,
+                        help="largest HTTP request body; a larger one is refused with 413 "
+                             "before it is read")
+
+
+def http_settings(args: argparse.Namespace) -> HttpSettings | None:
+    if not args.http_listen:
+        return None
+    if args.http_max_body_bytes < 1:
+        raise SystemExit("--http-max-body-bytes must be >= 1")
+    return HttpSettings(args.http_listen, args.http_port_file,
+                        HttpLimits(max_body_bytes=args.http_max_body_bytes))
+
+
+def build_http(settings: HttpSettings | None, tls: TlsFiles, require_client_cert: bool,
+               inference, health: HealthServicer, asynchronous, gate) -> list:
+    """The background task that serves HTTP/REST until the service stops (none when not
+    configured). Clients are asked for a certificate (required when `require_client_cert`,
+    else optional, so token callers can connect too)."""
+    if settings is None:
+        return []
+    async_servicer = (None if asynchronous is None
+                      else AsyncInferenceServicer(asynchronous, gate))
+    api = HttpApi(inference, health, async_servicer, settings.limits.max_body_bytes)
+    server = HttpServer(api.handle, settings.listen,
+                        server_ssl_context(tls, require_client_cert), settings.limits)
+
+    async def serve() -> None:
+        port = await server.start()
+        log.info("HTTP/REST on port %d", port)
+        runtime.write_port_file(settings.port_file, port)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await server.stop(DRAIN_S)
+
+    return [serve]

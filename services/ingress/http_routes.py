@@ -1,0 +1,66 @@
+"""The paths of the Open Inference Protocol's HTTP binding (as Triton serves it), plus the
+asynchronous API's submit and fetch. Pure: a path to the route it names, or None.
+
+    GET  /v2                                        server metadata
+    GET  /v2/health/live | /v2/health/ready         health (200, or 400 when not ready)
+    GET  /v2/models/M[/versions/V]                  model metadata
+    GET  /v2/models/M[/versions/V]/ready            model readiness (200 or 400)
+    GET  /v2/models/M[/versions/V]/config           model configuration
+    GET  /v2/models[/M[/versions/V]]/stats          statistics
+    POST /v2/models/M[/versions/V]/infer            inference
+    POST /v2/repository/index                       the repository index
+    POST /v2/models/M[/versions/V]/infer/async      submit an asynchronous request
+    GET  /v2/async/ID                               its state, or its result
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    method: str  # the one method the route takes
+    model: str = ""
+    version: str = ""
+    id: str = ""
+
+
+FIXED = {
+    ("v2",): Route("server_metadata", "GET"),
+    ("v2", "health", "live"): Route("live", "GET"),
+    ("v2", "health", "ready"): Route("ready", "GET"),
+    ("v2", "models", "stats"): Route("statistics", "GET"),
+    ("v2", "repository", "index"): Route("repository_index", "POST"),
+}
+MODEL_TAILS = {
+    (): ("model_metadata", "GET"),
+    ("ready",): ("model_ready", "GET"),
+    ("config",): ("model_config", "GET"),
+    ("stats",): ("statistics", "GET"),
+    ("infer",): ("infer", "POST"),
+    ("infer", "async"): ("submit", "POST"),
+}
+
+
+def route(path: str) -> Route | None:
+    parts = tuple(unquote(part) for part in path.strip("/").split("/"))
+    fixed = FIXED.get(parts)
+    if fixed is not None:
+        return fixed
+    if len(parts) == 3 and parts[:2] == ("v2", "async") and parts[2]:
+        return Route("result", "GET", id=parts[2])
+    if len(parts) < 3 or parts[:2] != ("v2", "models") or not parts[2]:
+        return None
+    model, tail, version = parts[2], parts[3:], ""
+    if tail[:1] == ("versions",):
+        if len(tail) < 2 or not tail[1]:
+            return None
+        version, tail = tail[1], tail[2:]
+    found = MODEL_TAILS.get(tail)
+    if found is None:
+        return None
+    name, method = found
+    return Route(name, method, model=model, version=version)

@@ -1,0 +1,47 @@
+"""Drives `meshserve up --model-repository` with the stock tritonclient: what it sees of the
+ONNX, Python and ensemble models (index, metadata, config, an answer), as JSON.
+
+Runs in a process of its own: tritonclient's protobuf definitions of the `inference` package
+cannot share a process with meshserve's. Usage: backend_scenarios.py ENDPOINT DATA_DIR
+"""
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy
+import tritonclient.grpc as tc
+
+warnings.filterwarnings("ignore")
+MODELS = ("mlp_onnx", "add_sub", "classify", "preprocess", "postprocess")
+
+
+def main(endpoint: str, data_dir: Path) -> dict:
+    tls = data_dir / "tls"
+    client = tc.InferenceServerClient(
+        endpoint, ssl=True, root_certificates=str(tls / "ca.crt"),
+        private_key=str(tls / "client.key"), certificate_chain=str(tls / "client.crt"))
+    report = {"index": sorted([m.name, m.version, m.state, m.reason]
+                              for m in client.get_model_repository_index().models),
+              "metadata": {}, "config": {}}
+    for name in MODELS:
+        meta = client.get_model_metadata(name)
+        report["metadata"][name] = {
+            "platform": meta.platform, "versions": list(meta.versions),
+            "inputs": [[t.name, t.datatype, list(t.shape)] for t in meta.inputs],
+            "outputs": [[t.name, t.datatype, list(t.shape)] for t in meta.outputs]}
+        config = client.get_model_config(name, as_json=True)["config"]
+        report["config"][name] = config
+    image = numpy.random.default_rng(5).integers(0, 256, (2, 64, 64, 3), dtype=numpy.uint8)
+    tensor = tc.InferInput("IMAGE", list(image.shape), "UINT8")
+    tensor.set_data_from_numpy(image)
+    result = client.infer("classify", [tensor])
+    report["classify"] = {"labels": result.as_numpy("LABELS").astype(str).tolist(),
+                          "scores_shape": list(result.as_numpy("SCORES").shape),
+                          "version": result.get_response().model_version}
+    return report
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1], Path(sys.argv[2]))))

@@ -1,0 +1,285 @@
+"""`meshserve up --model-repository PATH` serving TorchScript, ONNX, Python and ensemble
+models side by side, with broken models refused at load while the rest serve."""
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy
+import onnxruntime
+import pytest
+import torch
+
+from meshserve.common.datatypes import serialize_bytes
+from meshserve.common.repository import ModelRepository
+from meshserve.compute.backends import triton_python_backend_utils as pb_utils
+from meshserve.compute.backends.python import config_json, import_model
+from meshserve.protocol import grpc_service_pb2 as pb
+from meshserve.tools.client import outputs_of
+from meshserve.tools.demo_models import write_demo_repository
+from tests.integration.conftest import running_mesh
+from tests.integration.test_mesh import public_stub
+from tests.integration.test_traffic import set_weights
+from tests.python_models import (
+    ADD_SUB_CONFIG,
+    ADD_SUB_PY,
+    GREET,
+    RAISES_IN_INITIALIZE_PY,
+    write_python_model,
+)
+
+SCENARIOS = Path(__file__).with_name("backend_scenarios.py")
+
+LOST = """
+platform: "ensemble"
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 4 ] } ]
+ensemble_scheduling { step [ { model_name: "ghost"
+  input_map { key: "IN" value: "X" } output_map { key: "OUT" value: "Y" } } ] }
+"""
+
+
+def write_repository(models: Path) -> None:
+    """The demo (less the TorchScript mlp), a Triton-style Python model and an ensemble of
+    it, and three broken models."""
+    write_demo_repository(models)
+    for path in sorted((models / "mlp").rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    (models / "mlp").rmdir()
+    write_python_model(models, "add_sub", ADD_SUB_PY, ADD_SUB_CONFIG)
+    (models / "greet" / "1").mkdir(parents=True)
+    (models / "greet" / "config.pbtxt").write_text(GREET)
+    write_python_model(models, "broken_init", RAISES_IN_INITIALIZE_PY, ADD_SUB_CONFIG)
+    (models / "broken_onnx" / "1").mkdir(parents=True)
+    (models / "broken_onnx" / "config.pbtxt").write_text('platform: "onnxruntime_onnx"\n')
+    (models / "broken_onnx" / "1" / "model.onnx").write_bytes(b"\x0a\x03not onnx at all")
+    (models / "lost_ensemble" / "1").mkdir(parents=True)
+    (models / "lost_ensemble" / "config.pbtxt").write_text(LOST)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("backends")
+    models = root / "repository"
+    write_repository(models)
+    with running_mesh(root / "data", extra_args=(f"--model-repository={models}",)) as mesh:
+        mesh.models = models
+        yield mesh
+
+
+@pytest.fixture(scope="module")
+def triton_report(served) -> dict:
+    done = subprocess.run([sys.executable, str(SCENARIOS), served.endpoint,
+                           str(served.data_dir)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def up_log(mesh) -> str:
+    return (mesh.data_dir.parent / f"{mesh.data_dir.name}-up.log").read_text()
+
+
+# ------------------------------------------------------------------ what clients see
+
+
+def test_tritonclient_sees_every_model_in_the_index(triton_report, served):
+    index = {(name, version): (state, reason) for name, version, state, reason
+             in triton_report["index"]}
+    for model in ("add_sub", "classify", "greet", "mlp_onnx", "preprocess", "postprocess"):
+        assert index[(model, "1")] == ("READY", ""), model
+    assert index[("cnn", "1")] == index[("cnn", "2")] == ("READY", "")
+    assert index[("broken_init", "1")] == ("UNAVAILABLE", "")  # its compute refused it
+    onnx_state, onnx_reason = index[("broken_onnx", "")]
+    assert onnx_state == "UNAVAILABLE"
+    assert onnx_reason.startswith(f"model 'broken_onnx' version 1: "
+                                  f"{served.models / 'broken_onnx' / '1' / 'model.onnx'}: "
+                                  "not an ONNX model")
+    assert index[("lost_ensemble", "")] == ("UNAVAILABLE", (
+        f"model 'lost_ensemble': {served.models / 'lost_ensemble' / 'config.pbtxt'}: step 1 "
+        "('ghost'): model 'ghost' is not in the repository"))
+
+
+def test_tritonclient_sees_metadata_and_completed_configs(triton_report):
+    meta, config = triton_report["metadata"], triton_report["config"]
+    assert meta["mlp_onnx"] == {"platform": "onnxruntime_onnx", "versions": ["1"],
+                                "inputs": [["INPUT__0", "FP32", [-1, 256]]],
+                                "outputs": [["OUTPUT__0", "FP32", [-1, 10]]]}
+    # config.pbtxt declares no tensors: ModelConfig shows them, read from the graph.
+    assert config["mlp_onnx"]["input"] == [{"name": "INPUT__0", "data_type": "TYPE_FP32",
+                                            "dims": ["256"]}]
+    assert config["mlp_onnx"]["default_model_filename"] == "model.onnx"
+    assert config["add_sub"]["backend"] == "python"
+    assert meta["classify"]["platform"] == "ensemble"
+    assert meta["classify"]["inputs"] == [["IMAGE", "UINT8", [-1, 64, 64, 3]]]
+    assert meta["classify"]["outputs"] == [["LABELS", "BYTES", [-1, 3]],
+                                           ["SCORES", "FP32", [-1, 3]]]
+    steps = config["classify"]["ensemble_scheduling"]["step"]
+    assert [s["model_name"] for s in steps] == ["preprocess", "cnn", "postprocess"]
+    assert steps[1]["input_map"] == {"INPUT__0": "pixels"}
+    assert triton_report["classify"]["scores_shape"] == [2, 3]
+    assert triton_report["classify"]["version"] == "1"
+
+
+# ------------------------------------------------------------------ answers
+
+
+def infer_request(model: str, **tensors) -> pb.ModelInferRequest:
+    datatypes = {numpy.dtype(numpy.float32): "FP32", numpy.dtype(numpy.uint8): "UINT8"}
+    request = pb.ModelInferRequest(model_name=model)
+    for name, array in tensors.items():
+        if array.dtype == object:
+            request.inputs.add(name=name, datatype="BYTES", shape=array.shape)
+            request.raw_input_contents.append(serialize_bytes(array.reshape(-1).tolist()))
+        else:
+            request.inputs.add(name=name, datatype=datatypes[array.dtype], shape=array.shape)
+            request.raw_input_contents.append(array.tobytes())
+    return request
+
+
+async def infer(mesh, request: pb.ModelInferRequest) -> dict[str, numpy.ndarray]:
+    channel, stub = await public_stub(mesh)
+    async with channel:
+        return outputs_of(await stub.ModelInfer(request, timeout=30))
+
+
+async def test_onnx_answers_equal_onnxruntime_run_directly(served):
+    x = numpy.random.default_rng(1).standard_normal((3, 256)).astype(numpy.float32)
+    got = await infer(served, infer_request("mlp_onnx", INPUT__0=x))
+    session = onnxruntime.InferenceSession(
+        str(served.models / "mlp_onnx" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    [expected] = session.run(["OUTPUT__0"], {"INPUT__0": x})
+    assert numpy.allclose(got["OUTPUT__0"], expected, atol=1e-6)
+
+
+def in_process(models: Path, name: str):
+    """A Python model of the repository, loaded and initialized in this process."""
+    entry = ModelRepository.load(models).get(name)
+    source = (entry.path / "1" / "model.py").read_text()
+    model = import_model(source, entry.path / "1" / "model.py").TritonPythonModel()
+    if hasattr(model, "initialize"):
+        model.initialize({"model_config": config_json(entry.config), "model_version": "1"})
+    return model
+
+
+def execute(model, **arrays) -> dict[str, numpy.ndarray]:
+    [response] = model.execute([pb_utils.InferenceRequest(
+        inputs=[pb_utils.Tensor(name, array) for name, array in arrays.items()])])
+    return {t.name(): t.as_numpy() for t in response.output_tensors()}
+
+
+async def test_an_unmodified_triton_python_model_serves_through_the_mesh(served):
+    a = numpy.arange(8, dtype=numpy.float32).reshape(2, 4)
+    names = numpy.array([[b"ada"], [b"grace"]], dtype=object)
+    got = await infer(served, infer_request("add_sub", A=a, B=a, NAME=names))
+    expected = execute(in_process(served.models, "add_sub"), A=a, B=a, NAME=names)
+    assert got["SUM"].tobytes() == expected["SUM"].tobytes()
+    assert got["GREETING"].tolist() == expected["GREETING"].tolist() == [[b"hello ada"],
+                                                                        [b"hello grace"]]
+
+
+def classify_by_hand(models: Path, images: numpy.ndarray, cnn_version: str):
+    """preprocess -> cnn -> postprocess, each run here: the Python models in process, cnn
+    with torch from its TorchScript file."""
+    pixels = execute(in_process(models, "preprocess"), IMAGE=images)["PIXELS"]
+    cnn = torch.jit.load(str(models / "cnn" / cnn_version / "model.pt")).eval()
+    with torch.inference_mode():
+        logits = cnn(torch.from_numpy(pixels)).numpy()
+    return execute(in_process(models, "postprocess"), LOGITS=logits)
+
+
+async def statistics(stub, model: str, version: str = "") -> tuple[int, int]:
+    reply = await stub.ModelStatistics(pb.ModelStatisticsRequest(name=model, version=version),
+                                       timeout=10)
+    return reply.model_stats[0].inference_count, reply.model_stats[0].execution_count
+
+
+async def test_an_ensemble_answers_what_its_steps_by_hand_do_and_batches_each_step(served):
+    images = numpy.random.default_rng(2).integers(0, 256, (32, 1, 64, 64, 3), numpy.uint8)
+    steps = (("preprocess", "1"), ("cnn", "1"), ("postprocess", "1"), ("classify", "1"))
+    channel, stub = await public_stub(served)
+    async with channel:
+        before = {s: await statistics(stub, *s) for s in steps}
+        answers = await asyncio.gather(*(
+            stub.ModelInfer(infer_request("classify", IMAGE=image), timeout=60)
+            for image in images))
+        after = {s: await statistics(stub, *s) for s in steps}
+    expected = classify_by_hand(served.models, images[:, 0], "1")
+    for i, answer in enumerate(answers):
+        assert answer.model_name == "classify" and answer.model_version == "1"
+        got = outputs_of(answer)
+        assert got["LABELS"].tolist() == [expected["LABELS"][i].tolist()]
+        assert numpy.allclose(got["SCORES"], expected["SCORES"][i], atol=1e-5)
+    for step in steps:
+        rows = after[step][0] - before[step][0]
+        batches = after[step][1] - before[step][1]
+        assert rows == 32, step
+        if step[0] != "classify":
+            assert batches < 32, (step, batches)  # requests shared batches at this step
+
+
+async def test_an_error_names_the_failing_step_and_fails_only_its_request(served):
+    big = numpy.full((1, 4), 5000, numpy.float32)
+    negative = -numpy.ones((1, 4), numpy.float32)
+    name = numpy.array([[b"x"]], dtype=object)
+    channel, stub = await public_stub(served)
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.ModelInfer(infer_request("greet", A=big, B=big, NAME=name), timeout=30)
+        assert raised.value.code() == grpc.StatusCode.INTERNAL
+        assert raised.value.details() == (
+            "ensemble 'greet' step 1 ('add_sub' version 1): model 'add_sub' version 1: "
+            "execute raised ValueError: A is too large")
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.ModelInfer(infer_request("greet", A=negative, B=big, NAME=name),
+                                  timeout=30)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "step 1 ('add_sub' version 1)" in raised.value.details()
+        assert "A must not be negative" in raised.value.details()
+        ok = await stub.ModelInfer(infer_request("greet", A=-negative, B=-negative, NAME=name),
+                                   timeout=30)
+        assert outputs_of(ok)["SUM"].tolist() == [[2.0] * 4]
+        stats = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name="greet"),
+                                            timeout=10)).model_stats[0]
+        assert stats.inference_stats.fail.count >= 2 and stats.inference_stats.success.count >= 1
+
+
+async def test_refused_models_say_why_while_the_rest_serve(served):
+    log = up_log(served)
+    assert "REFUSED compute-broken_init-1: refusing model 'broken_init' version 1: " \
+           f"{served.models / 'broken_init' / '1' / 'model.py'}: initialize raised " \
+           "TritonModelException: the weights file weights.bin is missing" in log
+    assert "REFUSED model 'broken_onnx' version 1: " in log
+    assert "REFUSED model 'lost_ensemble': " in log
+    assert "compute-classify" not in log and "batcher-classify" not in log
+    channel, stub = await public_stub(served)
+    async with channel:
+        x = numpy.zeros((1, 4), numpy.float32)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.ModelInfer(infer_request("lost_ensemble", X=x), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "'lost_ensemble' is not served: refused at load: " in raised.value.details()
+        name = numpy.array([[b"x"]], dtype=object)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.ModelInfer(infer_request("broken_init", A=x, B=x, NAME=name), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_traffic_policy_applies_to_an_ensembles_steps(served):
+    images = numpy.random.default_rng(4).integers(0, 256, (1, 64, 64, 3), numpy.uint8)
+    by_version = {v: classify_by_hand(served.models, images, v)["SCORES"] for v in ("1", "2")}
+    assert not numpy.allclose(by_version["1"], by_version["2"])
+    await set_weights(served, "cnn", {"1": 0, "2": 100})
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            got = (await infer(served, infer_request("classify", IMAGE=images)))["SCORES"]
+            if numpy.allclose(got, by_version["2"], atol=1e-5) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert numpy.allclose(got, by_version["2"], atol=1e-5)
+    finally:
+        await set_weights(served, "cnn", {"1": 100, "2": 0})

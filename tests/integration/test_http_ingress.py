@@ -1,0 +1,363 @@
+"""The ingress's HTTP/REST port, in process over real TLS sockets, with its real gate (policy,
+tokens, rate limits) and no router behind it: every refusal's status, headers and body, and
+the limits that refuse a body without buffering what it claims."""
+
+import asyncio
+import json
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from prometheus_client import generate_latest
+
+from meshserve.common.metrics import Metrics
+from meshserve.common.tls import TlsFiles
+from meshserve.ingress.async_service import AsyncSettings
+from meshserve.ingress.http_api import HttpSettings
+from meshserve.ingress.http_server import HttpLimits
+from meshserve.ingress.service import IngressSettings, build_service
+from meshserve.ingress.tokens import jwks_document, key_id, sign
+from meshserve.tools.bench import LoadSpec, run_load
+from meshserve.tools.certs import init_certs, rotate_certs
+from meshserve.tools.tokens import claims_for
+
+CONFIG = """name: "mlp"
+platform: "pytorch_libtorch"
+max_batch_size: 8
+input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]
+"""
+POLICY = """
+rules:
+  - principals: [client/developer]
+    actions: [admin]
+  - principals: ["app/*"]
+    actions: [infer, models:read]
+    models: [mlp]
+limits:
+  principals:
+    app/limited: {rate: 0.001, burst: 1}
+"""
+KEY = Ed25519PrivateKey.generate()
+MAX_BODY = 1 << 20
+READ_TIMEOUT_S = 0.5
+
+
+def token(subject: str) -> str:
+    return sign(claims_for(subject, 3600, time.time()), KEY, key_id(KEY.public_key()))
+
+
+def infer_body(rows: int = 1, width: int = 4) -> bytes:
+    return json.dumps({"inputs": [{"name": "INPUT__0", "datatype": "FP32",
+                                   "shape": [rows, width], "data": [0.5] * rows * width}]
+                       }).encode()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("http")
+    init_certs(root / "tls")
+    init_certs(root / "other")  # another CA
+    (root / "models" / "mlp" / "1").mkdir(parents=True)
+    (root / "models" / "mlp" / "config.pbtxt").write_text(CONFIG)
+    (root / "policy.yaml").write_text(POLICY)
+    (root / "jwks.json").write_text(jwks_document([KEY.public_key()]))
+    return root
+
+
+@pytest.fixture
+async def ingress(files):
+    """An ingress with HTTP on; its router address refuses connections."""
+    metrics = Metrics()
+    settings = IngressSettings(
+        listen="127.0.0.1:0", tls=TlsFiles.for_identity(files / "tls", "ingress"),
+        repository=files / "models", router="127.0.0.1:1", require_client_cert=True,
+        token_listen="127.0.0.1:0", policy=files / "policy.yaml", jwks=str(files / "jwks.json"),
+        asynchronous=AsyncSettings(files / "async.db"),
+        http=HttpSettings("127.0.0.1:0", files / "http.port",
+                          HttpLimits(max_body_bytes=MAX_BODY, max_header_bytes=8192,
+                                     read_timeout=READ_TIMEOUT_S)))
+    (files / "http.port").unlink(missing_ok=True)
+    service = build_service(settings, metrics)
+    await service.start()
+    try:
+        for _ in range(500):
+            if (files / "http.port").exists():
+                break
+            await asyncio.sleep(0.01)
+        yield int((files / "http.port").read_text()), metrics
+    finally:
+        await service.stop(0.5)
+
+
+def client_context(files: Path, certificate: str | None = "client", ca: str = "tls"):
+    context = ssl.create_default_context(cafile=str(files / "tls" / "ca.crt"))
+    if certificate:
+        context.load_cert_chain(files / ca / f"{certificate}.crt",
+                                files / ca / f"{certificate}.key")
+    return context
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {name.lower(): value
+               for name, value in (line.split(": ", 1) for line in lines[1:] if line)}
+    body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 10)
+    return status, headers, body
+
+
+async def exchange(port: int, context, raw: bytes, answers: int = 1):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        return [await read_response(reader) for _ in range(answers)]
+    finally:
+        writer.close()
+
+
+def request(method: str, path: str, body: bytes = b"", headers: dict | None = None) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "host: ingress", f"content-length: {len(body)}",
+             *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def call(port, context, method, path, body=b"", headers=None):
+    [answer] = await exchange(port, context, request(method, path, body, headers))
+    return answer
+
+
+async def test_health_needs_no_credentials_and_says_not_ready_without_a_router(files, ingress):
+    port, _ = ingress
+    anonymous = client_context(files, certificate=None)
+    assert (await call(port, anonymous, "GET", "/v2/health/live"))[0] == 200
+    assert (await call(port, anonymous, "GET", "/v2/health/ready"))[0] == 400
+
+
+NO_CREDENTIALS = ("no credentials: present a client certificate on the mutual-TLS port or "
+                  "send 'authorization: Bearer <token>'")
+
+
+@pytest.mark.parametrize(("who", "method", "path", "body", "status", "message"), [
+    (None, "GET", "/v2/models/mlp", b"", 401, NO_CREDENTIALS),
+    ("Bearer x.y", "GET", "/v2/models/mlp", b"", 401,
+     "bearer token is malformed: expected three dot-separated parts"),
+    ("Basic dXNlcg==", "GET", "/v2", b"", 401, "authorization metadata must be 'Bearer <token>'"),
+    ("app/a", "GET", "/v2/models/cnn", b"", 403, "'app/a' may not models:read model 'cnn'"),
+    ("app/a", "POST", "/v2/models/other/infer", infer_body(), 403,
+     "'app/a' may not infer model 'other'"),
+    ("client", "GET", "/v2/models/cnn", b"", 404, "unknown model 'cnn'"),
+    ("client", "GET", "/v2/models/mlp/versions/7", b"", 404, None),
+    ("client", "GET", "/v2/nothing", b"", 404, "no route for GET /v2/nothing"),
+    ("client", "POST", "/v2/models/mlp/infer", b"{oops", 400,
+     "request body is not valid JSON: Expecting property name enclosed in double quotes: "
+     "line 1 column 2 (char 1)"),
+    ("client", "POST", "/v2/models/mlp/infer", infer_body(width=3), 400,
+     "input 'INPUT__0' has shape [1, 3]; model 'mlp' expects [-1, 4] with batch size 1 to 8"),
+    ("client", "POST", "/v2/models/mlp/infer", infer_body(rows=9), 400,
+     "input 'INPUT__0' has batch size 9; max_batch_size of model 'mlp' is 8"),
+    ("app/a", "POST", "/v2/models/mlp/infer", infer_body(), 503, None),
+])
+async def test_refusals(files, ingress, who, method, path, body, status, message):
+    port, _ = ingress
+    headers = {}
+    context = client_context(files, certificate=None)
+    if who == "client":
+        context = client_context(files)
+    elif who and " " in who:
+        headers["authorization"] = who
+    elif who:
+        headers["authorization"] = f"Bearer {token(who)}"
+    got, response_headers, answer = await call(port, context, method, path, body, headers)
+    assert got == status, answer
+    assert response_headers["content-type"] == "application/json"
+    error = json.loads(answer)["error"]
+    if message is not None:
+        assert error == message
+    if status == 401:
+        assert response_headers["www-authenticate"] == 'Bearer realm="meshserve"'
+
+
+async def test_a_wrong_method_is_405_naming_the_allowed_one(files, ingress):
+    port, _ = ingress
+    status, headers, body = await call(port, client_context(files), "GET",
+                                       "/v2/models/mlp/infer")
+    assert (status, headers["allow"]) == (405, "POST")
+    assert json.loads(body) == {"error": "/v2/models/mlp/infer takes POST, not GET"}
+
+
+async def test_rate_limit_is_429_with_retry_after(files, ingress):
+    port, _ = ingress
+    context = client_context(files, certificate=None)
+    headers = {"authorization": f"Bearer {token('app/limited')}"}
+    first = await call(port, context, "POST", "/v2/models/mlp/infer", infer_body(), headers)
+    assert first[0] == 503  # admitted: the burst of 1; no router behind this ingress
+    status, response_headers, body = await call(port, context, "POST", "/v2/models/mlp/infer",
+                                                infer_body(), headers)
+    assert status == 429
+    assert json.loads(body)["error"].startswith(
+        "rate limit of 0.001 requests/s for 'app/limited' reached; retry after ")
+    assert int(response_headers["retry-after"]) >= 1
+    assert int(response_headers["retry-after-ms"]) > 0
+
+
+async def test_http_requests_are_counted_with_protocol_http(files, ingress):
+    port, metrics = ingress
+    await call(port, client_context(files), "POST", "/v2/models/mlp/infer", infer_body())
+    text = generate_latest(metrics.registry).decode()
+    assert ('nv_inference_request_failure{model="mlp",protocol="http",reason="UNAVAILABLE",'
+            'version=""} 1.0') in text
+
+
+async def test_a_gigabyte_declared_body_is_refused_before_it_is_read(files, ingress):
+    port, _ = ingress
+    reader, writer = await asyncio.open_connection("127.0.0.1", port,
+                                                  ssl=client_context(files))
+    try:
+        # Only the headers are sent: the answer cannot depend on reading the claimed body.
+        writer.write(b"POST /v2/models/mlp/infer HTTP/1.1\r\nhost: x\r\n"
+                     b"content-length: 1073741824\r\n\r\n" + b"x" * 1000)
+        await writer.drain()
+        status, headers, body = await read_response(reader)
+        assert status == 413
+        assert headers["connection"] == "close"
+        assert json.loads(body) == {"error": f"request body of 1073741824 bytes is over the "
+                                             f"limit of {MAX_BODY} bytes"}
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed
+    finally:
+        writer.close()
+
+
+async def test_a_chunked_body_is_refused_once_it_passes_the_limit(files, ingress):
+    port, _ = ingress
+    chunk = b"x" * (256 << 10)
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(5))
+    [(status, _, body)] = await exchange(
+        port, client_context(files),
+        b"POST /v2/models/mlp/infer HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+        + chunks)
+    assert status == 413
+    assert json.loads(body) == {"error": f"request body is over the limit of {MAX_BODY} bytes"}
+
+
+async def test_a_content_length_larger_than_the_body_times_out_with_408(files, ingress):
+    port, _ = ingress
+    [(status, _, body)] = await exchange(
+        port, client_context(files),
+        b"POST /v2/models/mlp/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 500\r\n\r\n{}")
+    assert status == 408
+    assert json.loads(body) == {"error": f"request not received in full: no bytes for "
+                                         f"{READ_TIMEOUT_S:g} s; got 2 of 500 body bytes"}
+
+
+async def test_a_content_length_smaller_than_the_body_is_refused(files, ingress):
+    port, _ = ingress
+    body = infer_body()
+    raw = request("POST", "/v2/models/mlp/infer", body)
+    raw = raw.replace(f"content-length: {len(body)}".encode(), b"content-length: 20")
+    [(first, _, answer), (second, headers, rest)] = await exchange(
+        port, client_context(files), raw, answers=2)
+    assert first == 400
+    assert json.loads(answer)["error"].startswith("request body is not valid JSON")
+    # What followed the declared length is not an HTTP request.
+    assert second == 400 and headers["connection"] == "close"
+    assert json.loads(rest)["error"].startswith("malformed HTTP request")
+
+
+@pytest.mark.parametrize(("json_part", "binary", "header_length", "message"), [
+    (b'{"inputs": [{"name": "INPUT__0", "datatype": "FP32", "shape": [1, 4], '
+     b'"parameters": {"binary_data_size": 16}}]}', b"\0" * 8, None,
+     "input 'INPUT__0' claims binary_data_size 16; only 8 bytes of binary data remain in "
+     "the body"),
+    (b'{"inputs": []}', b"", 500, "Inference-Header-Content-Length is 500; the body holds 14 "
+                                  "bytes"),
+    (b'{"inputs": []}', b"", "x", "Inference-Header-Content-Length must be a non-negative "
+                                  "integer, not 'x'"),
+])
+async def test_binary_claims_beyond_the_body_are_refused(files, ingress, json_part, binary,
+                                                         header_length, message):
+    port, _ = ingress
+    length = len(json_part) if header_length is None else header_length
+    status, _, body = await call(port, client_context(files), "POST", "/v2/models/mlp/infer",
+                                 json_part + binary,
+                                 {"inference-header-content-length": length})
+    assert (status, json.loads(body)) == (400, {"error": message})
+
+
+async def test_headers_over_the_limit_get_431(files, ingress):
+    port, _ = ingress
+    status, _, body = await call(port, client_context(files), "GET", "/v2",
+                                 headers={"x-big": "y" * 9000})
+    assert status == 431
+    assert json.loads(body) == {"error": "request headers are over the limit of 8192 bytes"}
+
+
+async def test_keep_alive_answers_pipelined_requests_in_order(files, ingress):
+    port, _ = ingress
+    answers = await exchange(port, client_context(files),
+                             request("GET", "/v2/models/mlp") + request("GET", "/v2")
+                             + request("GET", "/v2/models/mlp/config"), answers=3)
+    assert [status for status, _, _ in answers] == [200, 200, 200]
+    assert json.loads(answers[0][2])["inputs"] == [
+        {"name": "INPUT__0", "datatype": "FP32", "shape": [-1, 4]}]
+    assert "binary_tensor_data" in json.loads(answers[1][2])["extensions"]
+    assert json.loads(answers[2][2])["max_batch_size"] == 8
+
+
+async def test_a_certificate_from_another_ca_is_refused_at_the_handshake(files, ingress):
+    port, _ = ingress
+    # TLS 1.3: the client's handshake ends before the server checks the certificate, so the
+    # refusal shows as an alert or a closed connection, never an answer.
+    with pytest.raises((ssl.SSLError, asyncio.IncompleteReadError, ConnectionResetError)):
+        await exchange(port, client_context(files, "client", ca="other"), request("GET", "/v2"))
+
+
+async def test_async_submit_and_fetch(files, ingress):
+    port, _ = ingress
+    context = client_context(files)
+    status, headers, body = await call(port, context, "POST", "/v2/models/mlp/infer/async",
+                                       infer_body())
+    assert status == 202
+    submission = json.loads(body)["id"]
+    assert headers["location"] == f"/v2/async/{submission}"
+    # No router: the request waits for capacity, retried.
+    status, _, body = await call(port, context, "GET", f"/v2/async/{submission}")
+    assert status == 200
+    assert json.loads(body)["state"] in ("PENDING", "RUNNING")
+    status, _, body = await call(port, context, "POST", "/v2/models/mlp/infer/async",
+                                 infer_body(width=3))
+    assert status == 400  # validated at once, as the gRPC Submit does
+    status, _, body = await call(port, context, "GET", "/v2/async/unknown")
+    assert status == 404
+    assert json.loads(body)["error"].startswith("no asynchronous request 'unknown'")
+
+
+
+async def test_the_load_generator_counts_http_refusals(files, ingress):
+    port, _ = ingress
+    spec = LoadSpec(target=f"127.0.0.1:{port}", model="mlp", protocol="http", concurrency=2,
+                    duration_s=60, warmup_s=0, max_requests=10, ca=files / "tls" / "ca.crt",
+                    cert=files / "tls" / "client.crt", key=files / "tls" / "client.key")
+    result = await asyncio.to_thread(run_load, spec)
+    assert (result["requests"], result["errors"]) == (0, {"HTTP_503": 10})  # no router
+
+
+async def test_a_rotated_certificate_is_served_to_the_next_connection(files, ingress):
+    port, _ = ingress
+
+    async def served() -> bytes:
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(files))
+        try:
+            return writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        finally:
+            writer.close()
+
+    before = await served()
+    rotate_certs(files / "tls")
+    after = await served()
+    assert before != after
+    assert after == ssl.PEM_cert_to_DER_cert((files / "tls" / "ingress.crt").read_text())

@@ -1,0 +1,134 @@
+"""The ONNX Runtime backend answers what onnxruntime's own InferenceSession answers."""
+
+import ml_dtypes
+import numpy
+import onnxruntime
+import pytest
+
+from meshserve.common.arrays import deserialize_bytes
+from meshserve.common.datatypes import serialize_bytes
+from meshserve.common.errors import FailedPrecondition, InvalidArgument
+from meshserve.common.repository import ModelRepository
+from meshserve.compute.backends import load_model
+from meshserve.compute.backends.onnx import providers_for
+from meshserve.protocol import grpc_service_pb2 as pb
+from meshserve.tools.client import outputs_of
+from tests.onnx_models import bf16_model, every_type_model
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The every-type model in a repository (config completed from the graph), loaded by
+    the backend as compute loads it (from the file, unsigned)."""
+    repo = tmp_path_factory.mktemp("repo")
+    (repo / "types" / "1").mkdir(parents=True)
+    (repo / "types" / "config.pbtxt").write_text(
+        'platform: "onnxruntime_onnx"\nmax_batch_size: 8\n')
+    (repo / "types" / "1" / "model.onnx").write_bytes(every_type_model())
+    entry = ModelRepository.load(repo).get("types")
+    model = load_model(entry.config, entry.path / "1" / "model.onnx", entry.path / "1", "auto", 1)
+    for request in model.warmup_requests():
+        model.run(request, "1")
+    return model
+
+
+def feeds(batch: int, seed: int) -> dict[str, numpy.ndarray]:
+    rng = numpy.random.default_rng(seed)
+    return {
+        "X": rng.standard_normal((batch, 4)).astype(numpy.float32),
+        "H": rng.standard_normal((batch, 2)).astype(numpy.float16),
+        "I": rng.integers(-2**40, 2**40, (batch, 3), dtype=numpy.int64),
+        "B": rng.integers(0, 2, (batch, 2)).astype(bool),
+        "S": numpy.array([[f"row {i} é"] for i in range(batch)], dtype=object),
+        "U": rng.integers(0, 256, (batch, 5), dtype=numpy.uint8),
+    }
+
+
+def request_of(arrays: dict[str, numpy.ndarray], outputs=()) -> pb.ModelInferRequest:
+    datatypes = {"X": "FP32", "H": "FP16", "I": "INT64", "B": "BOOL", "S": "BYTES", "U": "UINT8"}
+    request = pb.ModelInferRequest(model_name="types")
+    for name, array in arrays.items():
+        request.inputs.add(name=name, datatype=datatypes[name], shape=array.shape)
+        raw = (serialize_bytes(array.reshape(-1).tolist()) if name == "S" else array.tobytes())
+        request.raw_input_contents.append(raw)
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_outputs_equal_onnxruntime_run_directly(served, batch):
+    arrays = feeds(batch, seed=batch)
+    response, timings = served.run(request_of(arrays), "1")
+    session = onnxruntime.InferenceSession(every_type_model(),
+                                           providers=["CPUExecutionProvider"])
+    names = ["Y", "H2", "I7", "NB", "S_OUT", "U_OUT"]
+    expected = dict(zip(names, session.run(names, arrays)))
+    got = outputs_of(response)
+    assert [t.name for t in response.outputs] == names
+    assert [t.datatype for t in response.outputs] == ["FP32", "FP16", "INT64", "BOOL", "BYTES",
+                                                      "UINT8"]
+    for name in ("Y", "H2", "I7", "NB", "U_OUT"):
+        assert got[name].dtype == expected[name].dtype
+        assert got[name].tobytes() == expected[name].tobytes(), name
+    assert got["S_OUT"].tolist() == [[s.encode()] for s in expected["S_OUT"].reshape(-1)]
+    assert response.model_version == "1"
+    assert timings.infer_ns > 0
+
+
+def test_only_the_requested_outputs_are_computed_and_sent(served):
+    response, _ = served.run(request_of(feeds(2, 0), outputs=["NB", "Y"]), "1")
+    assert [t.name for t in response.outputs] == ["Y", "NB"]
+
+
+def test_a_bytes_element_that_is_not_utf8_is_refused(served):
+    arrays = feeds(1, 0)
+    request = request_of(arrays)
+    request.raw_input_contents[4] = serialize_bytes([b"\xff\xfe"])
+    with pytest.raises(InvalidArgument, match="not UTF-8"):
+        served.run(request, "1")
+
+
+def test_a_malformed_file_is_refused_naming_it(tmp_path):
+    entry_dir = tmp_path / "m" / "1"
+    entry_dir.mkdir(parents=True)
+    (tmp_path / "m" / "config.pbtxt").write_text(
+        'platform: "onnxruntime_onnx"\ninput { name: "X" data_type: TYPE_FP32 dims: [2] }\n'
+        'output { name: "Y" data_type: TYPE_FP32 dims: [2] }\n')
+    (entry_dir / "model.onnx").write_bytes(b"certainly not a protobuf \xff")
+    entry = ModelRepository.load(tmp_path).get("m")  # declared: not read at repository load
+    with pytest.raises(FailedPrecondition) as info:
+        load_model(entry.config, entry_dir / "model.onnx", entry_dir, "cpu", 1)
+    assert info.value.message.startswith(f"{entry_dir / 'model.onnx'}: not an ONNX model")
+
+
+def test_providers_follow_the_device():
+    assert providers_for("auto", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert providers_for("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert providers_for("cpu", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        "CPUExecutionProvider"]
+    with pytest.raises(FailedPrecondition, match="install onnxruntime-gpu"):
+        providers_for("cuda:0", ["CPUExecutionProvider"])
+
+
+def test_bytes_round_trip():
+    raw = serialize_bytes([b"a", "é", b""])
+    assert deserialize_bytes(raw, [1, 3]).tolist() == [[b"a", "é".encode(), b""]]
+    with pytest.raises(InvalidArgument, match="needs 2 elements; it holds 3"):
+        deserialize_bytes(raw, [2])
+
+
+def test_bf16_travels_both_ways(tmp_path):
+    (tmp_path / "bf" / "1").mkdir(parents=True)
+    (tmp_path / "bf" / "config.pbtxt").write_text('platform: "onnxruntime_onnx"\n')
+    (tmp_path / "bf" / "1" / "model.onnx").write_bytes(bf16_model())
+    entry = ModelRepository.load(tmp_path).get("bf")
+    model = load_model(entry.config, entry.path / "1" / "model.onnx", entry.path / "1", "cpu", 1)
+    x = numpy.array([[1.5, -2.25], [3.0, 0.125]], dtype=ml_dtypes.bfloat16)
+    request = pb.ModelInferRequest(model_name="bf")
+    request.inputs.add(name="X", datatype="BF16", shape=[2, 2])
+    request.raw_input_contents.append(x.tobytes())
+    response, _ = model.run(request, "1")
+    assert (response.outputs[0].datatype, list(response.outputs[0].shape)) == ("BF16", [2, 2])
+    assert response.raw_output_contents[0] == x.tobytes()

@@ -1,0 +1,147 @@
+"""Triton-style Python models, unmodified, behind meshserve's model contract."""
+
+import json
+import sys
+
+import numpy
+import pytest
+
+from meshserve.common.datatypes import serialize_bytes
+from meshserve.common.errors import FailedPrecondition, Internal, InvalidArgument
+from meshserve.common.repository import ModelRepository
+from meshserve.compute.backends import load_model
+from meshserve.compute.backends import triton_python_backend_utils as pb_utils
+from meshserve.compute.backends.python import config_json, import_model
+from meshserve.protocol import grpc_service_pb2 as pb
+from meshserve.tools.client import outputs_of
+from tests.python_models import (
+    ADD_SUB_CONFIG,
+    ADD_SUB_PY,
+    RAISES_IN_INITIALIZE_PY,
+    write_python_model,
+)
+
+
+def load(tmp_path, name="add_sub", source=ADD_SUB_PY, extra_config=""):
+    write_python_model(tmp_path, name, source, ADD_SUB_CONFIG, extra_config)
+    entry = ModelRepository.load(tmp_path).get(name)
+    version_dir = entry.path / "1"
+    return entry, load_model(entry.config, version_dir / "model.py", version_dir, "auto", 1)
+
+
+def request_of(a, b, names) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="add_sub", id="r1")
+    request.inputs.add(name="A", datatype="FP32", shape=a.shape)
+    request.inputs.add(name="B", datatype="FP32", shape=b.shape)
+    request.inputs.add(name="NAME", datatype="BYTES", shape=[len(names), 1])
+    request.raw_input_contents.extend([a.tobytes(), b.tobytes(), serialize_bytes(names)])
+    return request
+
+
+def test_outputs_equal_the_model_called_in_process(tmp_path):
+    entry, model = load(tmp_path)
+    rng = numpy.random.default_rng(3)
+    a = rng.random((3, 4)).astype(numpy.float32)
+    b = rng.standard_normal((3, 4)).astype(numpy.float32)
+    names = [b"ada", "bob", b"\xc3\xa9"]
+    response, timings = model.run(request_of(a, b, names), "1")
+
+    # The same model.py, imported and called directly with the documented API.
+    module = import_model(ADD_SUB_PY, entry.path / "1" / "model.py")
+    direct = module.TritonPythonModel()
+    direct.initialize({"model_config": config_json(entry.config), "model_version": "1"})
+    [expected] = direct.execute([pb_utils.InferenceRequest(inputs=[
+        pb_utils.Tensor("A", a), pb_utils.Tensor("B", b),
+        pb_utils.Tensor("NAME", numpy.array([[n if isinstance(n, bytes) else n.encode()]
+                                             for n in names], dtype=object))])])
+    got = outputs_of(response)
+    want = {t.name(): t.as_numpy() for t in expected.output_tensors()}
+    assert got["SUM"].tobytes() == want["SUM"].tobytes()
+    assert got["GREETING"].tolist() == want["GREETING"].tolist() == [
+        [b"hello ada"], [b"hello bob"], ["hello é".encode()]]
+    assert [(t.name, t.datatype, list(t.shape)) for t in response.outputs] == [
+        ("SUM", "FP32", [3, 4]), ("GREETING", "BYTES", [3, 1])]
+    assert response.id == "r1" and response.model_version == "1"
+    assert timings.infer_ns > 0
+
+
+def test_triton_error_fails_the_request_with_its_code(tmp_path):
+    _, model = load(tmp_path)
+    a = -numpy.ones((1, 4), numpy.float32)
+    with pytest.raises(InvalidArgument, match=r"^model 'add_sub' version 1: A must not be "
+                                              "negative$"):
+        model.run(request_of(a, a, [b"x"]), "1")
+
+
+def test_an_exception_in_execute_fails_that_batch_only(tmp_path):
+    _, model = load(tmp_path)
+    big = numpy.full((2, 4), 5000, numpy.float32)
+    with pytest.raises(Internal, match=r"^model 'add_sub' version 1: execute raised "
+                                       r"ValueError: A is too large$"):
+        model.run(request_of(big, big, [b"x", b"y"]), "1")
+    ok = numpy.ones((1, 4), numpy.float32)
+    response, _ = model.run(request_of(ok, ok, [b"z"]), "1")
+    assert outputs_of(response)["SUM"].tolist() == [[2.0] * 4]
+
+
+def test_initialize_raising_refuses_the_version_naming_file_and_reason(tmp_path):
+    with pytest.raises(FailedPrecondition) as info:
+        load(tmp_path, "broken", RAISES_IN_INITIALIZE_PY)
+    path = tmp_path / "broken" / "1" / "model.py"
+    assert info.value.message == (f"{path}: initialize raised TritonModelException: the "
+                                  "weights file weights.bin is missing")
+
+
+@pytest.mark.parametrize(("source", "match"), [
+    ("def oops(:\n", "cannot import it: SyntaxError"),
+    ("import a_module_that_does_not_exist\n", "cannot import it: ModuleNotFoundError"),
+    ("class Model:\n    pass\n", "defines no class TritonPythonModel"),
+])
+def test_a_model_py_that_cannot_load_is_refused(tmp_path, source, match):
+    with pytest.raises(FailedPrecondition, match=match):
+        load(tmp_path, "bad", source)
+
+
+def test_finalize_runs_once_when_the_model_closes(tmp_path):
+    marker = tmp_path / "finalized.txt"
+    _, model = load(tmp_path, extra_config=(
+        f'parameters {{ key: "finalize_marker" value {{ string_value: "{marker}" }} }}\n'))
+    model.close()
+    model.close()
+    assert marker.read_text() == "finalized\n"
+
+
+def test_initialize_gets_the_config_as_triton_writes_it(tmp_path):
+    entry, _ = load(tmp_path)
+    config = json.loads(config_json(entry.config))
+    assert config["name"] == "add_sub" and config["backend"] == "python"
+    assert config["max_batch_size"] == 16
+    assert config["input"][0] == {**config["input"][0], "name": "A", "data_type": "TYPE_FP32",
+                                  "dims": [4]}
+    assert pb_utils.get_input_config_by_name(config, "NAME")["data_type"] == "TYPE_STRING"
+    assert pb_utils.get_output_config_by_name(config, "MISSING") is None
+    assert sys.modules["triton_python_backend_utils"] is pb_utils
+
+
+def test_utilities_follow_the_documented_api():
+    assert pb_utils.triton_string_to_numpy("TYPE_FP16") is numpy.float16
+    assert pb_utils.triton_string_to_numpy("TYPE_STRING") is numpy.object_
+    error = pb_utils.TritonError("gone", pb_utils.TritonError.NOT_FOUND)
+    assert (error.message(), error.code()) == ("gone", pb_utils.TritonError.NOT_FOUND)
+    assert pb_utils.TritonError("x").code() == pb_utils.TritonError.INTERNAL
+    tensor = pb_utils.Tensor("T", numpy.arange(6, dtype=numpy.int32).reshape(2, 3))
+    back = pb_utils.Tensor.from_dlpack("U", tensor.to_dlpack())
+    assert back.name() == "U" and back.as_numpy().tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert tensor.is_cpu()
+    request = pb_utils.InferenceRequest(inputs=[tensor], requested_output_names=["O"],
+                                        request_id="7", parameters={"k": 1})
+    assert pb_utils.get_input_tensor_by_name(request, "T") is tensor
+    assert pb_utils.get_input_tensor_by_name(request, "nope") is None
+    assert json.loads(request.parameters()) == {"k": 1}
+    assert request.requested_output_names() == ["O"] and request.request_id() == "7"
+    response = pb_utils.InferenceResponse(output_tensors=[tensor])
+    assert not response.has_error() and pb_utils.get_output_tensor_by_name(response, "T")
+    with pytest.raises(pb_utils.TritonModelException, match="not supported"):
+        request.exec()
+    with pytest.raises(pb_utils.TritonModelException, match="decoupled"):
+        request.get_response_sender()

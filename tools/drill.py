@@ -1,0 +1,497 @@
+"""`meshserve drill`: a disaster-recovery drill on a running `meshserve up`, under load.
+
+    meshserve drill [--data-dir DIR] [--quick] [--model mlp] [--work-dir DIR] [--report FILE]
+
+With inference load running throughout (a few callers on the mutual-TLS port):
+
+1. submit asynchronous requests; note what the mesh serves (routes and canaries, registry
+   rows, the digest of every model file, the audit head); back up, keys included, encrypted
+   under a key-encryption key the drill makes in its work directory (as an operator keeps
+   one apart from the data); restore the archive into a scratch directory to prove it;
+2. submit more: these are accepted after the backup, past its recovery point;
+3. SIGKILL `up` and every service it started, and delete the data directory;
+4. restore the archive into it and start `up` again with its own command line;
+5. wait for the first successful inference: the recovery time runs from the kill to it;
+6. check that the same routes, canaries and models (digests) are back and every version is
+   ready, that the audit chain verifies from the backup's head on and records the restore,
+   and that every submission accepted before the backup gets its answer (those accepted
+   after it are reported lost: that is the recovery point).
+
+The restarted `up` keeps running (its log: DIR/run/up.log). Exit status 0 when every check
+passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from meshserve.common import artifacts, model_files
+from meshserve.common.tls import TlsFiles, channel_credentials
+from meshserve.protocol import admin_pb2
+from meshserve.protocol import grpc_service_pb2 as pb
+from meshserve.protocol.admin_pb2_grpc import AdminStub
+from meshserve.protocol.async_inference_pb2 import ResultRequest, ResultResponse
+from meshserve.protocol.async_inference_pb2_grpc import AsyncInferenceStub
+from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+from meshserve.tools.backup import Layout, create_backup
+from meshserve.tools.client import client_tls, random_request
+from meshserve.tools.restore import restore_backup
+from meshserve.tools.traffic import admin_channel
+from meshserve.tools.up import HOST, UP_FILE
+
+RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+             ("grpc.max_reconnect_backoff_ms", 500)]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much the drill does: `--quick` for CI, the default for a real exercise."""
+
+    callers: int = 2
+    pause_s: float = 0.05
+    steady_s: float = 5.0
+    before_backup: int = 100
+    after_backup: int = 20
+    timeout_s: float = 300.0
+
+
+QUICK = Plan(steady_s=1.0, before_backup=20, after_backup=5, timeout_s=240.0)
+
+
+# --------------------------------------------------------------------------- the processes
+
+
+@dataclass(frozen=True)
+class UpProcess:
+    """A running `meshserve up`: its pid, how to start it again, and its services' pids."""
+
+    pid: int
+    cwd: str
+    argv: list[str]
+    services: list[int]
+
+    @classmethod
+    def find(cls, data_dir: Path) -> UpProcess:
+        run_dir = data_dir / "run"
+        try:
+            record = json.loads((run_dir / UP_FILE).read_text())
+        except (OSError, ValueError):
+            raise SystemExit(f"no `meshserve up` recorded in {run_dir / UP_FILE}: start "
+                             f"`meshserve up --data-dir {data_dir}` first") from None
+        if not alive(record["pid"]) or record["argv"][:1] != ["up"]:
+            raise SystemExit(f"the `meshserve up` of {data_dir} (pid {record['pid']}) is not "
+                             "running")
+        services = [int(path.read_text()) for path in sorted(run_dir.glob("*.pid"))]
+        return cls(record["pid"], record["cwd"], record["argv"],
+                   [pid for pid in services if alive(pid)])
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped, is not) and a meshserve process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"meshserve" in cmdline
+
+
+def kill_all(up: UpProcess, timeout_s: float = 10.0) -> int:
+    """SIGKILL `up` first (so it restarts nothing), then each service's process group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(up.pid, signal.SIGKILL)
+    for pid in up.services:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while any(alive(pid) for pid in (up.pid, *up.services)):
+        if time.monotonic() > deadline:
+            raise RuntimeError("processes of the mesh outlived SIGKILL")
+        time.sleep(0.02)
+    return 1 + len(up.services)
+
+
+def start_again(up: UpProcess, data_dir: Path) -> subprocess.Popen:
+    """`up` with its own command line and directory, in a session of its own (it outlives
+    the drill), logging to DIR/run/up.log."""
+    (data_dir / "run").mkdir(parents=True, exist_ok=True)
+    with open(data_dir / "run" / "up.log", "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "meshserve.tools.cli", *up.argv],
+                                cwd=up.cwd, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+# --------------------------------------------------------------------------- the load
+
+
+class Connection:
+    """A channel to the ingress's mutual-TLS port, rebuilt when the port file changes (a
+    restarted `up` on port 0 binds another) or when the TLS files come back."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.target = ""
+        self.channel: grpc.aio.Channel | None = None
+        self.replaced: list[grpc.aio.Channel] = []
+
+    def get(self) -> grpc.aio.Channel | None:
+        try:
+            target = f"{HOST}:{int((self.data_dir / 'run' / 'ingress.port').read_text())}"
+            if target != self.target or self.channel is None:
+                credentials = channel_credentials(client_tls(self.data_dir))
+                if self.channel is not None:
+                    self.replaced.append(self.channel)
+                self.channel = grpc.aio.secure_channel(target, credentials, options=RECONNECT)
+                self.target = target
+        except (OSError, ValueError):
+            return self.channel if self.target else None
+        return self.channel
+
+    async def close(self) -> None:
+        channels = [*self.replaced, *([self.channel] if self.channel else [])]
+        self.replaced, self.channel = [], None
+        await asyncio.gather(*(channel.close() for channel in channels))
+
+
+@dataclass
+class Load:
+    """Closed-loop callers sending ModelInfer; every outcome is timed (monotonic)."""
+
+    connection: Connection
+    request: pb.ModelInferRequest
+    plan: Plan
+    outcomes: list[tuple[float, str]] = field(default_factory=list)
+    stopping: bool = False
+
+    async def caller(self) -> None:
+        while not self.stopping:
+            channel = self.connection.get()
+            if channel is None:
+                self.outcomes.append((time.monotonic(), "NO_ENDPOINT"))
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                await GRPCInferenceServiceStub(channel).ModelInfer(self.request, timeout=5)
+                self.outcomes.append((time.monotonic(), "OK"))
+            except grpc.aio.AioRpcError as error:
+                self.outcomes.append((time.monotonic(), error.code().name))
+            await asyncio.sleep(self.plan.pause_s)
+
+    def first_success_after(self, moment: float) -> float | None:
+        return next((t for t, outcome in self.outcomes if t > moment and outcome == "OK"),
+                    None)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(outcome for _, outcome in self.outcomes))
+
+
+# --------------------------------------------------------------------------- what is checked
+
+
+@dataclass(frozen=True)
+class Observed:
+    routes: dict[str, dict]
+    canaries: dict[str, dict]
+    registry: dict[str, str]
+    model_files: dict[str, str]
+
+
+async def observe(data_dir: Path, tls: TlsFiles) -> Observed:
+    port = int((data_dir / "run" / "control-plane.port").read_text())
+    async with admin_channel(f"{HOST}:{port}", tls) as channel:
+        admin = AdminStub(channel)
+        status = await admin.Status(admin_pb2.StatusRequest(), timeout=10)
+        listed = await admin.ListModels(admin_pb2.ListModelsRequest(), timeout=10)
+    models = data_dir / "models"
+    return Observed(
+        routes={m.policy.model: MessageToDict(m.policy) for m in status.models},
+        canaries={m.policy.model: MessageToDict(m.canary) for m in status.models
+                  if m.canary.state},
+        registry={f"{v.name}/{v.version}": v.digest for v in listed.versions},
+        model_files={str(path.relative_to(models)): artifacts.sha256_digest(path.read_bytes())
+                     for path in sorted(models.rglob("*")) if path.is_file()})
+
+
+def differences(before: Observed, after: Observed) -> list[str]:
+    """What the restored mesh serves differently from what was backed up."""
+    found = []
+    for name in ("routes", "canaries", "registry", "model_files"):
+        old, new = getattr(before, name), getattr(after, name)
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                found.append(f"{name} {key}: backed up {old.get(key)!r}, now {new.get(key)!r}")
+    return found
+
+
+async def wait_all_ready(channel: grpc.aio.Channel, timeout_s: float) -> tuple[int, list[str]]:
+    """(versions ready, those that were not within the time)."""
+    stub = GRPCInferenceServiceStub(channel)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            index = await stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=5)
+            versions = [(m.name, m.version) for m in index.models]
+            ready = [await stub.ModelReady(pb.ModelReadyRequest(name=n, version=v), timeout=5)
+                     for n, v in versions]
+            waiting = [f"{n}/{v}" for (n, v), r in zip(versions, ready, strict=True)
+                       if not r.ready]
+            if versions and (not waiting or time.monotonic() > deadline):
+                return len(versions) - len(waiting), waiting
+        if time.monotonic() > deadline:
+            return 0, ["the repository index (no answer)"]
+        await asyncio.sleep(0.5)
+
+
+async def answers(channel: grpc.aio.Channel, ids: list[str], timeout_s: float) -> Counter:
+    """How each submission ended: DONE, FAILED, or NOT_FOUND (not in the restored store)."""
+    stub = AsyncInferenceStub(channel)
+    deadline = time.monotonic() + timeout_s
+
+    async def one(submission_id: str) -> str:
+        while time.monotonic() < deadline:
+            try:
+                answer = await stub.Result(ResultRequest(id=submission_id, wait_ms=5000),
+                                           timeout=10)
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.NOT_FOUND:
+                    return "NOT_FOUND"
+                await asyncio.sleep(0.2)
+                continue
+            if answer.state in (ResultResponse.DONE, ResultResponse.FAILED):
+                return ResultResponse.State.Name(answer.state)
+        return "UNANSWERED"
+
+    return Counter(await asyncio.gather(*(one(i) for i in ids)))
+
+
+async def submit(channel: grpc.aio.Channel, request: pb.ModelInferRequest, count: int,
+                 ) -> list[str]:
+    stub = AsyncInferenceStub(channel)
+    replies = await asyncio.gather(*(stub.Submit(request, timeout=10) for _ in range(count)))
+    return [reply.id for reply in replies]
+
+
+# --------------------------------------------------------------------------- the drill
+
+
+@dataclass
+class Report:
+    ok: bool = False
+    recovery_s: float | None = None
+    restored_s: float | None = None
+    archive: str = ""
+    archive_bytes: int = 0
+    recovery_point: str = ""
+    backup_s: float = 0.0
+    restore_s: float = 0.0
+    processes_killed: int = 0
+    submissions_before: int = 0
+    submissions_kept: int = 0
+    submissions_after: int = 0
+    submissions_after_lost: int = 0
+    versions_ready: int = 0
+    audit_entries: int = 0
+    load: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    up_pid: int = 0
+
+
+async def drill(data_dir: Path, work: Path, plan: Plan, model: str, say=print) -> Report:
+    report = Report()
+    up = UpProcess.find(data_dir)
+    operator = client_tls(data_dir)
+    say(f"drill on the `meshserve up` of {data_dir} (pid {up.pid}, {len(up.services)} "
+        f"services); work directory {work}")
+    connection = Connection(data_dir)
+    channel = connection.get()
+    if channel is None:
+        raise SystemExit(f"the ingress of {data_dir} has no port file yet: is it still "
+                         "starting?")
+    metadata = await GRPCInferenceServiceStub(channel).ModelMetadata(
+        pb.ModelMetadataRequest(name=model), timeout=10)
+    request, _ = random_request(metadata, 1)
+    load = Load(connection, request, plan)
+    callers = [asyncio.create_task(load.caller()) for _ in range(plan.callers)]
+    try:
+        await run_steps(data_dir, work, plan, up, operator, connection, request, load, report,
+                        say)
+    except Exception as error:  # reported with what to do, never left as a bare traceback
+        report.problems.append(f"the drill stopped: {type(error).__name__}: {error}")
+        if report.archive and not (data_dir / "mesh.db").exists():
+            report.problems.append(
+                f"the data directory is not restored: meshserve restore {report.archive} "
+                f"--data-dir {data_dir} --trusted {work / 'trusted'} --kek-file "
+                f"{work / 'backup.kek'}, then start `meshserve {' '.join(up.argv)}` again")
+    finally:
+        load.stopping = True
+        await asyncio.gather(*callers, return_exceptions=True)
+        await connection.close()
+    report.load = load.counts()
+    report.ok = not report.problems and report.recovery_s is not None
+    return report
+
+
+async def run_steps(data_dir: Path, work: Path, plan: Plan, up: UpProcess, operator: TlsFiles,
+                    connection: Connection, request: pb.ModelInferRequest, load: Load,
+                    report: Report, say) -> None:
+    await asyncio.sleep(plan.steady_s)
+    before = await observe(data_dir, operator)
+    kek_file = work / "backup.kek"
+    model_files.ensure_kek(kek_file)
+    trusted = work / "trusted"
+    shutil.copytree(data_dir / "keys" / "trusted", trusted, dirs_exist_ok=True)
+    # Submitted just before the backup, so that some are still pending in it.
+    before_ids = await submit(connection.get(), request, plan.before_backup)
+    report.submissions_before = len(before_ids)
+    started = time.monotonic()
+    result = await asyncio.to_thread(
+        create_backup, Layout.of(data_dir), work, model_files.signing_key(
+            data_dir / "keys" / "signing.key"), kek=model_files.read_kek(kek_file),
+        actor="meshserve drill")
+    report.backup_s = time.monotonic() - started
+    report.archive, report.archive_bytes = str(result.path), result.size
+    report.recovery_point = result.point.describe()
+    say(f"  backup     {report.backup_s:6.2f} s  {result.path.name}: {result.size:,} bytes; "
+        f"recovery point {report.recovery_point}; submissions {result.manifest['submissions']}")
+    scratch = work / "trial-restore"
+    trial = await asyncio.to_thread(restore_backup, result.path, Layout.of(scratch),
+                                    model_files.trusted_signers(trusted),
+                                    kek=model_files.read_kek(kek_file), actor="meshserve drill")
+    shutil.rmtree(scratch)
+    if not trial.ok:
+        report.problems += [f"trial restore: {problem}" for problem in trial.problems]
+        return
+    after_ids = await submit(connection.get(), request, plan.after_backup)
+    report.submissions_after = len(after_ids)
+    await asyncio.sleep(plan.steady_s)
+
+    killed_at = time.monotonic()
+    report.processes_killed = await asyncio.to_thread(kill_all, up)
+    shutil.rmtree(data_dir)
+    say(f"  kill       every process ({report.processes_killed}) SIGKILLed; {data_dir} "
+        "deleted")
+    started = time.monotonic()
+    restored = await asyncio.to_thread(restore_backup, result.path, Layout.of(data_dir),
+                                       model_files.trusted_signers(trusted),
+                                       kek=model_files.read_kek(kek_file),
+                                       actor="meshserve drill")
+    report.restore_s = time.monotonic() - started
+    report.restored_s = time.monotonic() - killed_at
+    report.problems += [f"restored audit chain: {problem}" for problem in restored.problems]
+    say(f"  restore    {report.restore_s:6.2f} s  audit chain of {restored.entries} entries "
+        f"{'intact' if restored.ok else 'BROKEN'}")
+    report.up_pid = start_again(up, data_dir).pid
+    say(f"  start      meshserve up again (pid {report.up_pid}, log {data_dir}/run/up.log)")
+    deadline = killed_at + plan.timeout_s
+    while (first := load.first_success_after(killed_at)) is None:
+        if time.monotonic() > deadline:
+            report.problems.append(f"no successful inference within {plan.timeout_s:.0f} s "
+                                   "of the kill")
+            return
+        await asyncio.sleep(0.05)
+    report.recovery_s = first - killed_at
+    say(f"  recovered  first successful inference {report.recovery_s:.2f} s after the kill")
+    await check(data_dir, operator, connection, before, result, before_ids, after_ids, plan,
+                report, say)
+    await asyncio.sleep(plan.steady_s)
+
+
+async def check(data_dir: Path, operator: TlsFiles, connection: Connection, before: Observed,
+                result, before_ids: list[str], after_ids: list[str], plan: Plan,
+                report: Report, say) -> None:
+    report.versions_ready, waiting = await wait_all_ready(connection.get(), plan.timeout_s)
+    report.problems += [f"model {name} is not ready" for name in waiting]
+    await wait_port(data_dir / "run" / "control-plane.port", plan.timeout_s)
+    report.problems += differences(before, await observe(data_dir, operator))
+    port = int((data_dir / "run" / "control-plane.port").read_text())
+    async with admin_channel(f"{HOST}:{port}", operator) as channel:
+        audit = await AdminStub(channel).Audit(admin_pb2.AuditRequest(
+            verify=True, anchor=result.point.audit_head if result.point.audit_seq else ""),
+            timeout=30)
+    report.audit_entries = len(audit.entries)
+    report.problems += [f"audit chain: {problem}" for problem in audit.problems]
+    later = [entry.action for entry in audit.entries if entry.seq > result.point.audit_seq]
+    if "backup.restore" not in later[:1]:
+        report.problems.append(f"audit chain: the entry after the recovery point is {later[:1]}, "
+                               "not backup.restore")
+    kept = await answers(connection.get(), before_ids, plan.timeout_s)
+    lost = await answers(connection.get(), after_ids, 30.0)
+    report.submissions_kept = kept["DONE"]
+    report.submissions_after_lost = lost["NOT_FOUND"]
+    if kept["DONE"] != len(before_ids):
+        report.problems.append(f"submissions accepted before the backup: {dict(kept)}")
+    say(f"  checked    routes {len(before.routes)}, canaries {len(before.canaries)}, registry "
+        f"rows {len(before.registry)}, model files {len(before.model_files)}; "
+        f"{report.versions_ready} versions ready; audit {report.audit_entries} entries")
+
+
+async def wait_port(path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+
+
+def summary(report: Report) -> str:
+    load = ", ".join(f"{code} {count}" for code, count in sorted(report.load.items()))
+    recovery = f"{report.recovery_s:.2f} s" if report.recovery_s is not None else "none"
+    restored = f"{report.restored_s:.2f} s" if report.restored_s is not None else "never"
+    lines = [
+        f"recovery time (kill -> first successful inference): {recovery} (state restored "
+        f"{restored} after the kill; the rest is `up` starting every service)",
+        f"submissions kept: {report.submissions_kept} of {report.submissions_before} accepted "
+        f"before the backup; {report.submissions_after_lost} of {report.submissions_after} "
+        "accepted after it lost (past the recovery point)",
+        f"archive: {report.archive_bytes:,} bytes ({report.archive})",
+        f"recovery point: {report.recovery_point}",
+        f"load during the drill: {load}",
+    ]
+    lines += [f"PROBLEM: {problem}" for problem in report.problems]
+    lines.append("drill passed" if report.ok else "drill FAILED")
+    if report.up_pid:
+        lines.append(f"meshserve up runs again (pid {report.up_pid}); stop it with "
+                     f"kill -TERM {report.up_pid}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    data_dir = args.data_dir.resolve()
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="meshserve-drill-"))
+    work.mkdir(parents=True, exist_ok=True)
+    plan = QUICK if args.quick else Plan()
+    report = asyncio.run(drill(data_dir, work.resolve(), plan, args.model))
+    print(summary(report), flush=True)
+    if args.report:
+        args.report.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return 0 if report.ok else 1
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("drill")
+    parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
+                        help="the data directory of the running `meshserve up` (default "
+                             "./.meshserve); it is deleted and restored")
+    parser.add_argument("--quick", action="store_true",
+                        help="shorter load and fewer submissions (for CI)")
+    parser.add_argument("--model", default="mlp", help="the model the load calls (default mlp)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="where the archive, its key-encryption key and a copy of the "
+                             "trusted key go (default a new temporary directory)")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="also write the figures as JSON to this file")
+    parser.set_defaults(func=run)
