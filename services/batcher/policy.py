@@ -7,13 +7,14 @@ Nothing here reads a clock or does I/O: the caller passes the monotonic time as 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from meshserve.common.errors import InvalidArgument, ResourceExhausted
 
 _US_PER_S = 1e6  # exact division keeps e.g. 1000 us == 0.001 s
+DEFAULT_RETRY_AFTER = 0.05  # a refusal's hint when the caller gives none
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,8 @@ class BatchQueue:
         """Payload bytes held: queued, and taken but not yet released."""
         return self._bytes
 
-    def add(self, entry: Pending, retry_after: float = 0.05) -> list[Shed]:
+    def add(self, entry: Pending,
+            retry_after: Callable[[], float] = lambda: DEFAULT_RETRY_AFTER) -> list[Shed]:
         """Queue `entry`, applying the queue timeout and clamping its priority; returns the
         entries shed to make room for it (each to be answered with its error).
 
@@ -162,12 +164,13 @@ class BatchQueue:
         newest entries of less urgent levels than the arrival's are shed, least urgent level
         first, until it fits; when shedding them all would not make room, nothing is shed and
         the arrival is refused with QueueFull. InvalidArgument when the entry's rows exceed
-        `max_batch_size` (it could never be sent). Refusals carry `retry_after` seconds.
+        `max_batch_size` (it could never be sent). Refusals carry `retry_after()` seconds
+        (worked out only when something is refused or shed).
         """
         self._check_rows(entry)
         level = self.policy.level_of(entry.priority)
         victims = self._victims(level, entry.size, retry_after)
-        shed = [Shed(victim, self._shed_error(retry_after)) for victim in victims]
+        shed = [Shed(victim, self._shed_error(retry_after())) for victim in victims]
         for victim in victims:  # the newest first: each is the last of its level
             self._levels[victim.priority - 1].pop()
         self._forget(victims)
@@ -269,14 +272,15 @@ class BatchQueue:
         deadlines = [e.deadline for e in self._in_order() if e.deadline is not None]
         return min(deadlines, default=None)
 
-    def _victims(self, level: int, size: int, retry_after: float) -> list[Pending]:
+    def _victims(self, level: int, size: int,
+                 retry_after: Callable[[], float]) -> list[Pending]:
         """The entries to shed so that an arrival of `size` bytes at `level` fits: the newest
         of the least urgent level first, never one as urgent as the arrival. Raises QueueFull
         when even shedding all of those would not make room."""
         max_count, max_bytes = self.policy.max_queue_size, self.policy.max_queue_bytes
         if max_bytes > 0 and size > max_bytes:
             raise QueueFull(f"request of {size} bytes for {self._name()} exceeds "
-                            f"max_queue_bytes {max_bytes}", "bytes", retry_after)
+                            f"max_queue_bytes {max_bytes}", "bytes", retry_after())
         count, held = self._count, self._bytes
         victims: list[Pending] = []
         candidates = (entry for queued in reversed(self._levels[level:])
@@ -292,7 +296,7 @@ class BatchQueue:
                 limit = (f"max_queue_size {max_count}" if over_count
                          else f"max_queue_bytes {max_bytes}")
                 raise QueueFull(f"{self._name()} is full ({limit}; {self._occupancy()})",
-                                reason, retry_after)
+                                reason, retry_after())
             victims.append(victim)
             count -= 1
             held -= victim.size

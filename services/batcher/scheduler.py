@@ -110,14 +110,45 @@ class _Failed(Exception):
         self.detail = detail
 
 
+class Answers:
+    """The results of one group's items; `done` resolves with them once every one is in."""
+
+    def __init__(self, count: int) -> None:
+        self.results: list[ItemResult | None] = [None] * count
+        self.missing = count
+        self.done = asyncio.get_running_loop().create_future()
+        if not count:
+            self.done.set_result(self.results)
+
+    def answer(self, index: int, result: ItemResult) -> bool:
+        """Record `result` for item `index`; False when it was answered already."""
+        if self.results[index] is not None:
+            return False
+        self.results[index] = result
+        self.missing -= 1
+        if not self.missing and not self.done.done():
+            self.done.set_result(self.results)
+        return True
+
+    @property
+    def abandoned(self) -> bool:
+        """The caller left (its group's handler was cancelled) or everything is answered."""
+        return self.done.done()
+
+
 @dataclass
 class Job:
-    """What a queued request carries through the policy."""
+    """What a queued request carries through the policy: where its answer goes."""
 
     item: GroupItem
-    future: asyncio.Future
+    answers: Answers
+    index: int
     # Tracing on: the request's `batcher.queue` span, ended when it leaves the queue.
     span: Span | None = None
+
+    @property
+    def answered(self) -> bool:
+        return self.answers.abandoned or self.answers.results[self.index] is not None
 
 
 class Scheduler:
@@ -143,6 +174,7 @@ class Scheduler:
         self._budget = RetryBudget(self.failover.retry_ratio, self.failover.retry_floor,
                                    self.failover.retry_window)
         self._latency = LatencyWindow()
+        self._ready = False
         for replica in replicas:
             replica.outlier = Outlier(self.failover.consecutive_failures,
                                       self.failover.ejection_seconds)
@@ -150,7 +182,9 @@ class Scheduler:
 
     @property
     def ready(self) -> bool:
-        return any(r.in_rotation for r in self.replicas)
+        """A replica is in rotation (kept current by `_replica_up`, which every change of a
+        replica's standing goes through)."""
+        return self._ready
 
     def retry_after(self) -> float:
         """The hint for a refusal now: about the time to drain the queue."""
@@ -164,7 +198,7 @@ class Scheduler:
     def submit(self, entry: Pending) -> None:
         """Queue a request, answering any it sheds (raises QueueFull when it is refused)."""
         try:
-            shed = self.queue.add(entry, self.retry_after())
+            shed = self.queue.add(entry, self.retry_after)
         except QueueFull as refused:
             self._count_shed(refused.reason)
             raise
@@ -206,8 +240,8 @@ class Scheduler:
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
     def _dispatch(self, entries: list[Pending], idle: list[Replica], now: float) -> None:
-        live = [e for e in entries if not e.payload.future.done()]  # callers that left
-        self.queue.release([e for e in entries if e.payload.future.done()])
+        live = [e for e in entries if not e.payload.answered]  # callers that left
+        self.queue.release([e for e in entries if e.payload.answered])
         if self._tracing is not None:
             for entry in entries:
                 end_queue_span(entry)
@@ -247,7 +281,7 @@ class Scheduler:
             if entry.deadline is not None and entry.deadline <= now:
                 self._answer(entry, error_result(DeadlineExceeded(
                     f"deadline exceeded after {failed.detail}")), dispatched)
-        live = [e for e in entries if not e.payload.future.done()]
+        live = [e for e in entries if not e.payload.answered]
         if not live:
             return
         others = [r for r in self.replicas if r is not failed_on and r.in_rotation]
@@ -371,6 +405,7 @@ class Scheduler:
                 return
 
     def _replica_up(self, replica: Replica) -> None:
+        self._ready = any(r.in_rotation for r in self.replicas)
         if self._failover_metrics is not None:
             self._failover_metrics.replica_up(replica.upstream.target, replica.in_rotation)
 
@@ -402,10 +437,9 @@ class Scheduler:
     def _answer(self, entry: Pending, result: ItemResult, dispatched: float | None = None) -> None:
         if self._tracing is not None:
             end_queue_span(entry)
-        future = entry.payload.future
-        if future.done():
+        job = entry.payload
+        if job.answers.abandoned or not job.answers.answer(job.index, result):
             return
-        future.set_result(result)
         now = time.monotonic()
         queue_ns = None if dispatched is None else int((dispatched - entry.enqueued) * 1e9)
         total_ns = int((now - entry.enqueued) * 1e9)

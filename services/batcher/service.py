@@ -4,7 +4,6 @@
 """
 
 import argparse
-import asyncio
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -18,7 +17,7 @@ from meshserve.batcher.batch import batch_key, rows_of
 from meshserve.batcher.caching import CachingFront, VersionIdentity
 from meshserve.batcher.failover import FailoverSettings
 from meshserve.batcher.policy import BatchingPolicy, BatchQueue, Pending
-from meshserve.batcher.scheduler import Job, Replica, Scheduler
+from meshserve.batcher.scheduler import Answers, Job, Replica, Scheduler
 from meshserve.batcher.statistics import Statistics
 from meshserve.common import runtime
 from meshserve.common.errors import InvalidArgument, NotFound, ServingError, Unavailable
@@ -96,17 +95,14 @@ class Batcher:
         return await self._enqueue(items)
 
     async def _enqueue(self, items) -> list:
-        return await asyncio.gather(*self._submit(items))
+        return await self._submit(items).done
 
-    def _submit(self, items) -> list[asyncio.Future]:
-        """Queue each item; its future holds its result (at once for a refused one)."""
+    def _submit(self, items) -> Answers:
+        """Queue each item; a refused one is answered at once."""
         arrived = time.monotonic()
-        loop = asyncio.get_running_loop()
-        futures = []
-        for item in items:
-            future = loop.create_future()
-            futures.append(future)
-            job = Job(item, future)
+        answers = Answers(len(items))
+        for index, item in enumerate(items):
+            job = Job(item, answers, index)
             try:
                 if not self.scheduler.ready:
                     raise self._unready()
@@ -124,8 +120,8 @@ class Batcher:
                 if job.span is not None:
                     job.span.set_status(StatusCode.ERROR, error.message)
                     job.span.end()
-                future.set_result(error_result(error))
-        return futures
+                answers.answer(index, error_result(error))
+        return answers
 
     async def handle(self, body: bytes, early: Early | None = None) -> bytes:
         """A serialized InferGroup in, its serialized InferGroupResult out. With `early`, the
@@ -136,14 +132,16 @@ class Batcher:
             raise InvalidArgument(f"group is not a valid InferGroup message: {error}") from None
         if early is None or self._cache is not None:
             return InferGroupResult(results=await self.infer(group.items)).SerializeToString()
-        futures = self._submit(group.items)
-        refused = [i for i, future in enumerate(futures) if future.done()]
-        if not refused or len(refused) == len(futures):
-            return InferGroupResult(results=await asyncio.gather(*futures)).SerializeToString()
-        await early(InferGroupResult(results=[futures[i].result() for i in refused],
+        answers = self._submit(group.items)
+        refused = [i for i, result in enumerate(answers.results) if result is not None]
+        if not refused or answers.done.done():
+            return InferGroupResult(results=await answers.done).SerializeToString()
+        await early(InferGroupResult(results=[answers.results[i] for i in refused],
                                      items=refused).SerializeToString())
-        rest = [i for i, future in enumerate(futures) if i not in set(refused)]
-        return InferGroupResult(results=await asyncio.gather(*(futures[i] for i in rest)),
+        results = await answers.done
+        first = set(refused)
+        rest = [i for i in range(len(results)) if i not in first]
+        return InferGroupResult(results=[results[i] for i in rest],
                                 items=rest).SerializeToString()
 
     def _unready(self) -> ServingError:

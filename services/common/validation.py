@@ -5,6 +5,7 @@ payload. Typed `contents` (for clients that do not send raw bytes) are turned in
 here, once, so every later hop sees only raw_input_contents.
 """
 
+import math
 import struct
 
 import numpy
@@ -50,6 +51,13 @@ class Schema:
         self.required = [t.name for t in config.input if not t.optional]
         self.outputs = {t.name for t in config.output}
         self.input_names = ", ".join(self.inputs)
+        # Inputs of fixed dims and element size: (dims after the batch dimension, bytes per
+        # row), so a well-formed request is checked with two comparisons.
+        self.fixed = {t.name: (tuple(t.dims),
+                               math.prod(t.dims) * ELEMENT_SIZE[WIRE_FROM_CONFIG[t.data_type]])
+                      for t in config.input
+                      if all(d > 0 for d in t.dims)
+                      and WIRE_FROM_CONFIG[t.data_type] in ELEMENT_SIZE}
 
     def validate(self, request: ModelInferRequest) -> int:
         """Raise InvalidArgument naming the field and the expected value, or return the
@@ -79,7 +87,20 @@ class Schema:
                 raise InvalidArgument(f"input '{name}' has datatype "
                                       f"{tensor.datatype or '(empty)'}; model '{model}' "
                                       f"expects {datatype}")
-            shape = list(tensor.shape)
+            shape = tuple(tensor.shape)
+            known = self.fixed.get(name)
+            if known is not None and raw and self._well_formed(shape, known, raw[index]):
+                if batch_size is None:
+                    batch_size = shape[0] if self.batched else None
+                elif shape[0] != batch_size:
+                    raise InvalidArgument(f"inputs disagree on the batch size: "
+                                          f"{sorted({batch_size, shape[0]})}")
+                if tensor.HasField("contents"):
+                    raise InvalidArgument(f"input '{name}' sets contents while the request "
+                                          "uses raw_input_contents; use one or the other")
+                size += len(raw[index])
+                continue
+            shape = list(shape)
             self._check_shape(name, shape, expected)
             if self.batched:
                 if batch_size is None:
@@ -108,6 +129,17 @@ class Schema:
             _typed_to_raw(request)
             size = sum(len(data) for data in request.raw_input_contents)
         return size
+
+    def _well_formed(self, shape: tuple[int, ...], known: tuple[tuple[int, ...], int],
+                     data: bytes) -> bool:
+        """A fixed-size input with the expected dims, batch size and byte length (False:
+        check it the long way, which says what is wrong)."""
+        dims, row_bytes = known
+        if not self.batched:
+            return shape == dims and len(data) == row_bytes
+        return (len(shape) == len(dims) + 1 and shape[1:] == dims
+                and 1 <= shape[0] <= self.config.max_batch_size
+                and len(data) == shape[0] * row_bytes)
 
     def _check_shape(self, name: str, dims: list[int], expected: list[int]) -> None:
         config = self.config

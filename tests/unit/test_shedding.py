@@ -80,14 +80,14 @@ def test_shedding_order(policy, queued, arrival, expected, order):
     before = (len(queue), queue.bytes)
     if isinstance(expected, str):
         with pytest.raises(QueueFull) as refused:
-            queue.add(arrival, retry_after=0.2)
+            queue.add(arrival, retry_after=lambda: 0.2)
         assert refused.value.reason == expected
         assert refused.value.code == "RESOURCE_EXHAUSTED"
         assert refused.value.retry_after == 0.2
         assert refused.value.message.endswith("; retry after 0.2 s")
         assert (len(queue), queue.bytes) == before
     else:
-        shed = queue.add(arrival, retry_after=0.2)
+        shed = queue.add(arrival, retry_after=lambda: 0.2)
         assert names(s.entry for s in shed) == expected
         assert all(s.error.reason == "priority" and s.error.retry_after == 0.2 for s in shed)
         assert queue.bytes == before[1] + arrival.size - sum(s.entry.size for s in shed)
@@ -98,7 +98,7 @@ def test_shedding_order(policy, queued, arrival, expected, order):
 def test_messages_name_the_limit_and_occupancy():
     policy = BatchingPolicy(**TWO_LEVELS, max_queue_size=2, max_queue_bytes=1000)
     queue = fill(policy, entry("low1", 2, 10), entry("low2", 2, 20))
-    [shed] = queue.add(entry("high", 1, 5), retry_after=0.05)
+    [shed] = queue.add(entry("high", 1, 5), retry_after=lambda: 0.05)
     assert shed.error.message == (
         "shed: queue of model 'm' version '1' full (2 requests / 30 bytes) and a more urgent "
         "request arrived; retry after 0.05 s")
