@@ -39,27 +39,51 @@ def internal_error_message(error: BaseException) -> str:
 Admit = Callable[[grpc.aio.ServicerContext], Awaitable[None]]
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """The one place where domain errors become gRPC statuses.
+class GuardedServer:
+    """The server as services register on it: every handler is wrapped, as it is added, in
+    the one place where domain errors become gRPC statuses (no interceptor runs per call).
 
     ServingError → its status and message; anything else → INTERNAL with a fixed message and
     an id that is logged with the stack trace. `admit`, when given, runs first on every call
     but health checks and may abort it (the caller-identity check of internal servers).
     """
 
-    def __init__(self, admit: Admit | None = None) -> None:
+    def __init__(self, server: grpc.aio.Server, admit: Admit | None = None) -> None:
+        self._server = server
         self._admit = admit
+
+    def guard(self, method: str, handler: grpc.RpcMethodHandler | None):
+        if handler is None:
+            return None
+        return _wrap(handler, None if method.startswith(HEALTH_PREFIX) else self._admit)
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_Guarded(h, self) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self._server.add_registered_method_handlers(service, {
+            name: self.guard(f"/{service}/{name}", handler)
+            for name, handler in handlers.items()})
+
+    def __getattr__(self, name: str):
+        return getattr(self._server, name)
+
+
+class _Guarded(grpc.GenericRpcHandler):
+    """A generic handler whose handlers come wrapped (once per method)."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, server: GuardedServer) -> None:
+        self._inner = inner
+        self._server = server
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    async def intercept_service(self, continuation, details):
-        handler = self._wrapped.get(details.method)
+    def service(self, handler_call_details):
+        method = handler_call_details.method
+        handler = self._wrapped.get(method)
         if handler is None:
-            handler = await continuation(details)
-            if handler is None:
-                return None
-            health = details.method.startswith(HEALTH_PREFIX)
-            handler = _wrap(handler, None if health else self._admit)
-            self._wrapped[details.method] = handler
+            handler = self._server.guard(method, self._inner.service(handler_call_details))
+            if handler is not None:  # unknown names stay uncached: callers choose them
+                self._wrapped[method] = handler
         return handler
 
 
@@ -227,10 +251,10 @@ class Service:
 
     async def start(self) -> int:
         admit = None if self.callers is None else CallerCheck(self.callers)
-        self.server = grpc.aio.server(interceptors=[ErrorInterceptor(admit)],
-                                      options=SERVER_OPTIONS)
-        self._register(self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        guarded = GuardedServer(self.server, admit)
+        self._register(guarded)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, guarded)
         self.port = self.server.add_secure_port(self.address, self._credentials)
         if self.port == 0:
             raise OSError(f"could not bind {self.address}")
