@@ -20,7 +20,7 @@ from functools import lru_cache
 
 from cryptography import x509
 
-from meshserve.common.access import Policy
+from meshserve.common.access import Limit, Policy
 from meshserve.common.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from meshserve.ingress.quota import Buckets
 from meshserve.ingress.tokens import Keys, Verifier, groups_of, models_of, scopes_of
@@ -101,6 +101,7 @@ class Gate:
         self._denied_sample = denied_sample
         self._count_denied = count_denied
         self._buckets = Buckets(clock)
+        self._decisions = Decisions()
 
     def caller(self, context) -> Caller:
         """The caller of a gRPC call, from its metadata and its TLS peer."""
@@ -135,8 +136,14 @@ class Gate:
 
     def allows(self, caller: Caller, action: str, model: str) -> bool:
         policy = self._policy()
-        return any(policy.allowed(c.principal, c.groups, c.scopes, action, model, c.models)
-                   for c in caller.credentials)
+        decisions = self._decisions.of(policy)
+        key = (caller.credentials, action, model)
+        allowed = decisions.get(key)
+        if allowed is None:
+            allowed = decisions[key] = any(
+                policy.allowed(c.principal, c.groups, c.scopes, action, model, c.models)
+                for c in caller.credentials)
+        return allowed
 
     def authorize(self, caller: Caller, action: str, model: str) -> None:
         """PERMISSION_DENIED unless the caller may; the same answer whether or not the
@@ -147,7 +154,7 @@ class Gate:
 
     def admit(self, caller: Caller, action: str = "infer", model: str = "") -> None:
         """RESOURCE_EXHAUSTED, with a retry hint, when the caller's rate limit is spent."""
-        limit = self._policy().limit_for(caller.principal)
+        limit = self._limit(caller)
         wait = self._buckets.take(caller.name, limit.rate, limit.burst)
         if wait > 0:
             error = ResourceExhausted(f"rate limit of {limit.rate:g} requests/s for "
@@ -155,7 +162,16 @@ class Gate:
             self._deny(caller.principal, action, model, "rate_limited", error)
 
     def default_priority(self, caller: Caller) -> int:
-        return self._policy().limit_for(caller.principal).priority
+        return self._limit(caller).priority
+
+    def _limit(self, caller: Caller) -> Limit:
+        policy = self._policy()
+        limits = self._decisions.of(policy)
+        key = ("limit", caller.principal)
+        limit = limits.get(key)
+        if limit is None:
+            limit = limits[key] = policy.limit_for(caller.principal)
+        return limit
 
     def _deny(self, principal: str | None, action: str, model: str, reason: str,
               error: Exception):
@@ -170,6 +186,23 @@ class Gate:
             except Exception:  # noqa: BLE001 — auditing must not change the answer
                 log.exception("on_denied hook failed")
         raise error
+
+
+class Decisions:
+    """What the policy decided, remembered until it changes (a policy file reload makes a
+    new Policy): the same few callers ask about the same models over and over. At most
+    `size` entries (callers choose model names), then it starts again."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._policy: object | None = None
+        self._known: dict = {}
+
+    def of(self, policy: object) -> dict:
+        if policy is not self._policy or len(self._known) >= self._size:
+            self._policy = policy
+            self._known = {}
+        return self._known
 
 
 class OpenGate:

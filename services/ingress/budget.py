@@ -1,8 +1,5 @@
 """A byte budget: bytes of requests accepted and not yet answered, refused beyond a limit."""
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 from meshserve.common.errors import ResourceExhausted
 
 
@@ -29,11 +26,3 @@ class ByteBudget:
 
     def release(self, size: int) -> None:
         self.held -= size
-
-    @contextmanager
-    def hold(self, size: int) -> Iterator[None]:
-        self.acquire(size)
-        try:
-            yield
-        finally:
-            self.release(size)

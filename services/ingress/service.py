@@ -239,9 +239,12 @@ class Ingress:
         item = GroupItem(request=request, request_id=request_id,
                          priority=parameter(request, "priority"),
                          traceparent="" if span is None else traceparent_of(span))
-        with self.budget.hold(size):
+        self.budget.acquire(size)
+        try:
             [result] = await self._forwarder(request.model_name, request.model_version).forward(
                 [(item, deadline)])
+        finally:
+            self.budget.release(size)
         raise_for(result)
         return result.response
 

@@ -132,3 +132,16 @@ def test_default_priority_applies_only_when_the_request_sets_none(given, default
     got = (request.parameters["priority"].int64_param if "priority" in request.parameters
            else None)
     assert got == expected
+
+
+def test_decisions_are_remembered_per_policy_and_bounded():
+    from meshserve.ingress.auth import Decisions
+
+    decisions = Decisions(size=2)
+    first, second = object(), object()
+    decisions.of(first)["a"] = True
+    assert decisions.of(first) == {"a": True}
+    assert decisions.of(second) == {}  # a reloaded policy decides afresh
+    known = decisions.of(second)
+    known["a"], known["b"] = True, False
+    assert decisions.of(second) == {}  # full: starts again
