@@ -39,12 +39,15 @@ class VersionState:
 
 def table(policies: dict[str, TrafficPolicy], endpoints: Iterable[Endpoint],
           serving: dict[str, bool]) -> tuple[VersionState, ...]:
-    """Every version the policies name, in order, ready when one of its endpoints is
-    serving (`serving`: by address)."""
+    """Every version the policies name that carries traffic or has a batcher to pin it to,
+    in order, ready when one of its endpoints is serving (`serving`: by address)."""
+    endpoints = list(endpoints)
+    deployed = {(e.model, e.version) for e in endpoints}
     ready = {(e.model, e.version) for e in endpoints if serving.get(e.address)}
     return tuple(VersionState(model, version, weight, (model, version) in ready)
                  for model, policy in sorted(policies.items())
-                 for version, weight in sorted(policy.weights.items(), key=lambda v: int(v[0])))
+                 for version, weight in sorted(policy.weights.items(), key=lambda v: int(v[0]))
+                 if weight or (model, version) in deployed)
 
 
 class Changes:

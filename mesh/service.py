@@ -8,11 +8,13 @@ must be allowed (`meshserve.mesh.admin_access`).
 """
 
 import argparse
+import asyncio
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from meshserve.common import model_files, runtime
@@ -52,34 +54,73 @@ class ControlPlaneSettings:
     policy_file: Path | None = None
 
 
-class CounterReader:
-    """Reads batchers' counters over one long-lived mTLS channel per batcher (rebuilt when
-    the certificate files change)."""
+@dataclass
+class _Feed:
+    """One batcher's counters as last pushed (None while there are none), and when the
+    control plane last asked for them."""
 
-    def __init__(self, tls: TlsFiles, identity: str) -> None:
+    read_at: float
+    latest: tuple | None = None
+    task: asyncio.Task | None = None
+
+
+class CounterFeeds:
+    """Batchers' counters as each batcher pushes them (WatchCounters: at most a message a
+    second while they change, none while the batcher is idle), over one long-lived mTLS
+    channel per batcher, rebuilt when the certificate files change. Reading an endpoint's
+    returns the latest counters received (LookupError while there are none)."""
+
+    RETRY_S = 1.0
+    FORGET_S = 60.0  # a batcher no longer asked about (gone from the mesh) is let go
+
+    def __init__(self, tls: TlsFiles, identity: str, clock=time.monotonic) -> None:
         self._tls = tls
         self._identity = identity
-        self._stubs: dict[str, tuple] = {}
+        self._clock = clock
+        self._feeds: dict[str, _Feed] = {}
 
     async def __call__(self, endpoint: Endpoint):
-        if endpoint.address not in self._stubs:
-            channel = ReloadingChannel(endpoint.address, self._tls, self._identity)
-            self._stubs[endpoint.address] = (channel, GroupInferenceStub(channel.channel))
-        channel, stub = self._stubs[endpoint.address]
-        if channel.refresh():
-            stub = GroupInferenceStub(channel.channel)
-            self._stubs[endpoint.address] = (channel, stub)
-        counters = await stub.Counters(CountersRequest(), timeout=2)
-        return (counters.requests, counters.failures, tuple(counters.bucket_counts),
-                tuple(counters.bucket_bounds_ms))
+        now = self._clock()
+        feed = self._feeds.get(endpoint.address)
+        if feed is None:
+            feed = self._feeds[endpoint.address] = _Feed(now)
+            feed.task = asyncio.get_running_loop().create_task(
+                self._follow(endpoint.address, feed))
+        feed.read_at = now
+        for address, other in list(self._feeds.items()):
+            if now - other.read_at > self.FORGET_S:
+                other.task.cancel()
+                del self._feeds[address]
+        if feed.latest is None:
+            raise LookupError(f"no counters from the batcher at {endpoint.address} yet")
+        return feed.latest
+
+    async def _follow(self, address: str, feed: _Feed) -> None:
+        channel = ReloadingChannel(address, self._tls, self._identity)
+        try:
+            while True:
+                channel.refresh()
+                try:
+                    async for counters in GroupInferenceStub(channel.channel).WatchCounters(
+                            CountersRequest(interval_ms=1000)):
+                        feed.latest = (counters.requests, counters.failures,
+                                          tuple(counters.bucket_counts),
+                                          tuple(counters.bucket_bounds_ms))
+                except grpc.aio.AioRpcError:
+                    pass
+                feed.latest = None
+                await asyncio.sleep(self.RETRY_S)
+        finally:
+            await channel.close()
 
     async def close(self) -> None:
-        for channel, _ in self._stubs.values():
-            await channel.close()
+        for feed in self._feeds.values():
+            feed.task.cancel()
+        await asyncio.gather(*(f.task for f in self._feeds.values()), return_exceptions=True)
 
 
 def build_service(settings: ControlPlaneSettings, metrics: Metrics | None = None) -> Service:
-    reader = CounterReader(settings.tls, settings.batcher_identity)
+    reader = CounterFeeds(settings.tls, settings.batcher_identity)
     control = ControlPlane(Store.open(settings.store), reader, settings.sample_seconds)
     registry = None
     if settings.model_repository is not None:

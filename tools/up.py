@@ -320,6 +320,11 @@ async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
                 say(f"  down   {child.name:<18} {child.address:<16} (its compute refused "
                     "the model)")
                 continue
+            if child is ingress and refused and readiness == STRICT:
+                # Strict readiness waits for every version; a refused one never answers.
+                say(f"  up     {child.name:<18} {child.address:<16} (not ready: "
+                    f"{len(refused)} refused version(s) cannot answer; the rest serve)")
+                continue
             try:
                 seconds = await wait_ready(child, operator, timeout,
                                            compute_caller if child in computes else None)

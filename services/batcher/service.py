@@ -4,6 +4,7 @@
 """
 
 import argparse
+import asyncio
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -206,11 +207,22 @@ def build_service(settings: BatcherSettings, metrics: Metrics | None = None,
     async def counters(request, context):
         return statistics.counters()
 
+    async def watch_counters(request, context):
+        interval = (request.interval_ms or 1000) / 1000
+        last = None
+        while True:
+            now = statistics.counters()
+            if now != last:
+                last = now
+                yield now
+            await asyncio.sleep(interval)
+
     def register(server) -> None:
+        codec = {"request_deserializer": CountersRequest.FromString,
+                 "response_serializer": RequestCounters.SerializeToString}
         server.add_generic_rpc_handlers((group_handler(batcher.handle, service.draining, {
-            "Counters": grpc.unary_unary_rpc_method_handler(
-                counters, request_deserializer=CountersRequest.FromString,
-                response_serializer=RequestCounters.SerializeToString)}),))
+            "Counters": grpc.unary_unary_rpc_method_handler(counters, **codec),
+            "WatchCounters": grpc.unary_stream_rpc_method_handler(watch_counters, **codec)}),))
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(batcher), server)
 

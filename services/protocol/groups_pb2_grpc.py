@@ -49,6 +49,11 @@ class GroupInferenceStub(object):
                 request_serializer=meshserve_dot_protocol_dot_groups__pb2.CountersRequest.SerializeToString,
                 response_deserializer=meshserve_dot_protocol_dot_groups__pb2.RequestCounters.FromString,
                 _registered_method=True)
+        self.WatchCounters = channel.unary_stream(
+                '/meshserve.v1.GroupInference/WatchCounters',
+                request_serializer=meshserve_dot_protocol_dot_groups__pb2.CountersRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_groups__pb2.RequestCounters.FromString,
+                _registered_method=True)
 
 
 class GroupInferenceServicer(object):
@@ -78,6 +83,14 @@ class GroupInferenceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchCounters(self, request, context):
+        """The same counters now, then again at most every `interval_ms` while they change: an idle
+        batcher sends nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GroupInferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +106,11 @@ def add_GroupInferenceServicer_to_server(servicer, server):
             ),
             'Counters': grpc.unary_unary_rpc_method_handler(
                     servicer.Counters,
+                    request_deserializer=meshserve_dot_protocol_dot_groups__pb2.CountersRequest.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_groups__pb2.RequestCounters.SerializeToString,
+            ),
+            'WatchCounters': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchCounters,
                     request_deserializer=meshserve_dot_protocol_dot_groups__pb2.CountersRequest.FromString,
                     response_serializer=meshserve_dot_protocol_dot_groups__pb2.RequestCounters.SerializeToString,
             ),
@@ -176,6 +194,33 @@ class GroupInference(object):
             request,
             target,
             '/meshserve.v1.GroupInference/Counters',
+            meshserve_dot_protocol_dot_groups__pb2.CountersRequest.SerializeToString,
+            meshserve_dot_protocol_dot_groups__pb2.RequestCounters.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchCounters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/meshserve.v1.GroupInference/WatchCounters',
             meshserve_dot_protocol_dot_groups__pb2.CountersRequest.SerializeToString,
             meshserve_dot_protocol_dot_groups__pb2.RequestCounters.FromString,
             options,

@@ -32,11 +32,11 @@ ENDPOINTS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 @dataclass(frozen=True)
 class Split:
     """One model's route: the versions pins may name, the weighted split of the rest, and
-    how many batcher endpoints each version has."""
+    each version's batcher endpoints (addresses)."""
 
     versions: tuple[str, ...]  # pinnable, in the route's order
     weights: tuple[tuple[str, int], ...]  # (version, weight > 0) of the unpinned split
-    endpoints: dict[str, int] = field(default_factory=dict)
+    endpoints: dict[str, tuple[str, ...]] = field(default_factory=dict)
     _bounds: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -64,7 +64,7 @@ def routes_of(status: csds_pb2.ClientStatusResponse) -> dict[str, Split]:
     pin a version to its cluster, then one route with the weighted clusters."""
     listeners: dict[str, str] = {}  # route name -> model
     routes: dict[str, route_pb2.RouteConfiguration] = {}
-    endpoints: dict[str, int] = {}  # cluster -> endpoints
+    endpoints: dict[str, tuple[str, ...]] = {}  # cluster -> its endpoints' addresses
     for config in status.config:
         for resource in config.generic_xds_configs:
             if not resource.HasField("xds_config"):
@@ -76,8 +76,10 @@ def routes_of(status: csds_pb2.ClientStatusResponse) -> dict[str, Split]:
             elif resource.type_url == ENDPOINTS:
                 assignment = endpoint_pb2.ClusterLoadAssignment()
                 resource.xds_config.Unpack(assignment)
-                endpoints[assignment.cluster_name] = sum(
-                    len(locality.lb_endpoints) for locality in assignment.endpoints)
+                endpoints[assignment.cluster_name] = tuple(sorted(
+                    f"{e.endpoint.address.socket_address.address}:"
+                    f"{e.endpoint.address.socket_address.port_value}"
+                    for locality in assignment.endpoints for e in locality.lb_endpoints))
             elif resource.type_url == LISTENER:
                 listener = listener_pb2.Listener()
                 resource.xds_config.Unpack(listener)
@@ -88,7 +90,8 @@ def routes_of(status: csds_pb2.ClientStatusResponse) -> dict[str, Split]:
             for name, model in listeners.items() if name in routes}
 
 
-def split_of(route: route_pb2.RouteConfiguration, endpoints: dict[str, int]) -> Split:
+def split_of(route: route_pb2.RouteConfiguration,
+             endpoints: dict[str, tuple[str, ...]]) -> Split:
     versions: list[str] = []
     by_cluster: dict[str, str] = {}
     weights: list[tuple[str, int]] = []
@@ -104,7 +107,7 @@ def split_of(route: route_pb2.RouteConfiguration, endpoints: dict[str, int]) -> 
                            if c.weight.value > 0]
     return Split(versions=tuple(versions),
                  weights=tuple((by_cluster.get(name, name), weight) for name, weight in weights),
-                 endpoints={version: endpoints.get(cluster, 0)
+                 endpoints={version: endpoints.get(cluster, ())
                             for cluster, version in by_cluster.items()})
 
 

@@ -38,8 +38,10 @@ def status_of(state: MeshState, version: str = "v1",
 def test_the_split_is_the_routes_weights_by_version_with_endpoints_counted():
     splits = routes_of(status_of(MeshState({"mlp": MLP, "cnn": CNN}, ENDPOINTS)))
     assert splits["mlp"] == Split(versions=("1", "2", "3"), weights=(("1", 90), ("2", 10)),
-                                  endpoints={"1": 2, "2": 1, "3": 0})
-    assert splits["cnn"] == Split(versions=("2",), weights=(("2", 100),), endpoints={"2": 1})
+                                  endpoints={"1": ("127.0.0.1:1001", "127.0.0.1:1002"),
+                                             "2": ("127.0.0.1:1003",), "3": ()})
+    assert splits["cnn"] == Split(versions=("2",), weights=(("2", 100),),
+                                  endpoints={"2": ("127.0.0.1:1004",)})
 
 
 def test_a_model_whose_route_has_not_arrived_has_no_split():
