@@ -288,7 +288,8 @@ class TritonInstall:
         return all(path.is_file() for path in (self.root / _MARKER, self.tritonserver, self.stub()))
 
 
-def _pip(python: Path, args: list[str], say: Callable[[str], None]) -> None:
+def pip_install(python: Path, args: list[str], say: Callable[[str], None]) -> None:
+    """``python -m pip install ARGS``; RuntimeError with the end of pip's output on failure."""
     command = [str(python), "-m", "pip", "install", "--disable-pip-version-check", *args]
     say("  $ " + " ".join(command[2:]))
     result = subprocess.run(
@@ -315,10 +316,10 @@ def install(root: Path | None = None, say: Callable[[str], None] = print) -> Tri
             stdin=subprocess.DEVNULL,
             timeout=300,
         )
-    _pip(found.python, [TORCH_REQUIREMENT], say)
+    pip_install(found.python, [TORCH_REQUIREMENT], say)
     constraints = found.root / "constraints.txt"
     constraints.write_text(TORCH_REQUIREMENT + "\n", "utf-8")
-    _pip(found.python, ["-c", str(constraints), PYTRITON_REQUIREMENT], say)
+    pip_install(found.python, ["-c", str(constraints), PYTRITON_REQUIREMENT], say)
     check = subprocess.run(
         [str(found.python), "-c", "import torch, numpy; print(torch.__version__)"],
         capture_output=True,
@@ -518,6 +519,7 @@ __all__ = [
     "install",
     "model_py",
     "model_spec",
+    "pip_install",
     "server_environment",
     "triton_config",
     "write_repository",
