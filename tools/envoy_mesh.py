@@ -290,9 +290,13 @@ def install(root: Path | None = None, say: Callable[[str], None] = print) -> Env
 # Processes
 
 
+# The admin interface is on loopback: never through an HTTP proxy from the environment.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _admin_get(admin: str, path: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(f"http://{admin}{path}", timeout=_ADMIN_TIMEOUT_S) as reply:
+        with _DIRECT.open(f"http://{admin}{path}", timeout=_ADMIN_TIMEOUT_S) as reply:
             return reply.status, reply.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode(errors="replace")
