@@ -549,8 +549,15 @@ class Recorder:
             handle.write(json.dumps(record) + "\n")
 
 
+def _error_text(error: Exception) -> str:
+    if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
+        return f"{error.code().name}: {error.details()}"
+    return f"{type(error).__name__}: {error}"
+
+
 def _bench_one(target: Target, plan: Plan, model: str, concurrency: int, transport: str,
-               recorder: Recorder) -> None:
+               recorder: Recorder) -> str | None:
+    """One load against `target`, recorded; returns what went wrong (None: nothing)."""
     key = (target.server, model, concurrency, transport)
     label = f"{target.server:<12} {model:<4} c={concurrency:<3} {transport:<6}"
     credentials = target.credentials()
@@ -567,12 +574,12 @@ def _bench_one(target: Target, plan: Plan, model: str, concurrency: int, transpo
         after = read_statistics(target.address, model, version, credentials,
                                 target.server_name)
     except (RuntimeError, ValueError, OSError, grpc.RpcError) as error:
-        message = f"{label}: {type(error).__name__}: {error}"
-        recorder.failures.append(message)
+        message = f"{label}: {_error_text(error)}"
         recorder.write({"kind": "failure", "server": target.server, "model": model,
-                        "concurrency": concurrency, "transport": transport, "error": str(error)})
+                        "concurrency": concurrency, "transport": transport,
+                        "error": _error_text(error)})
         recorder.say(f"  FAILED {message}")
-        return
+        return message
     hop = hop_breakdown(before, after, _latency(result, "p50"), _latency(result, "mean"))
     recorder.results[key] = result
     recorder.hops.append((*key, hop))
@@ -580,16 +587,19 @@ def _bench_one(target: Target, plan: Plan, model: str, concurrency: int, transpo
     recorder.write({"kind": "statistics", "server": target.server, "model": model,
                     "concurrency": concurrency, "transport": transport,
                     "before": before, "after": after, "breakdown": hop})
-    if not result["requests"] or result["errors"]:
-        recorder.failures.append(f"{label}: {result['requests']} ok, errors {result['errors']}")
     p50, p99 = _latency(result, "p50"), _latency(result, "p99")
     recorder.say(f"  {label} {result['throughput_rps']:>9,.1f} req/s  p50 {_number(p50, 2)} ms"
                  f"  p99 {_number(p99, 2)} ms  errors {result['errors'] or 0}")
+    if not result["requests"] or result["errors"]:
+        return f"{label}: {result['requests']} ok, errors {result['errors']}"
+    return None
 
 
 def bench_target(target: Target, plan: Plan, recorder: Recorder) -> None:
     for model, concurrency, transport in plan.runs():
-        _bench_one(target, plan, model, concurrency, transport, recorder)
+        failure = _bench_one(target, plan, model, concurrency, transport, recorder)
+        if failure:
+            recorder.failures.append(failure)
 
 
 def measure_limits(repository_dir: Path, plan: Plan, recorder: Recorder) -> None:
@@ -655,6 +665,7 @@ def run_triton(data_dir: Path, work_dir: Path, plan: Plan, recorder: Recorder,
     recorder.say(f"starting Triton (Python backend, KIND_CPU x1, 1 ms queue delay)"
                  f"{' and the Envoy mesh in front of it' if envoy else ''}")
     work = [(system, run) for run in plan.runs() for system in systems]
+    retried: set[tuple[str, tuple[str, int, str]]] = set()
     while work:
         server = triton_baseline.TritonServer(installed, repository, backends,
                                               recorder.out_dir / "logs" / "triton.log",
@@ -670,16 +681,27 @@ def run_triton(data_dir: Path, work_dir: Path, plan: Plan, recorder: Recorder,
                                                  server_name=envoy_mesh.GATEWAY)
                 recorder.say(f"  ready  Envoy gateway      {mesh.address} (sidecar "
                              f"{mesh.sidecar.address})")
-            while work and server.process.poll() is None and (mesh is None or mesh.running()):
-                system, run = work.pop(0)
-                _bench_one(targets[system], plan, *run, recorder)
-            # What died under the last load, if anything: say so, start both again for the rest.
-            crash = (f"tritonserver exited with {server.process.returncode}"
-                     if server.process.poll() is not None else "an Envoy exited")
-        if work:
+            alive = True
+            while work and alive:
+                item = work.pop(0)
+                failure = _bench_one(targets[item[0]], plan, *item[1], recorder)
+                alive = server.process.poll() is None and (mesh is None or mesh.running())
+                if failure and not alive and item not in retried:
+                    # Triton's Python backend can crash just after a streaming load: a load
+                    # that met the dead server runs again on a fresh one.
+                    retried.add(item)
+                    work.insert(0, item)
+                elif failure:
+                    recorder.failures.append(failure)
+            crash = ""
+            if server.process.poll() is not None:
+                crash = f"tritonserver exited with {server.process.returncode}"
+            elif mesh is not None and not mesh.running():
+                crash = "an Envoy exited"
+        if crash:
             recorder.failures.append(f"{crash} under load")
             recorder.write({"kind": "failure", "server": "triton", "error": crash})
-            recorder.say(f"  {crash} under load; starting it again")
+            recorder.say(f"  {crash} under load" + ("; starting it again" if work else ""))
 
 
 def best_limits(limits: Mapping[str, Mapping[int, Mapping]]) -> dict[str, float]:
