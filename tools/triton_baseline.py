@@ -288,7 +288,8 @@ class TritonInstall:
         return all(path.is_file() for path in (self.root / _MARKER, self.tritonserver, self.stub()))
 
 
-def _pip(python: Path, args: list[str], say: Callable[[str], None]) -> None:
+def pip_install(python: Path, args: list[str], say: Callable[[str], None]) -> None:
+    """``python -m pip install ARGS``; RuntimeError with the end of pip's output on failure."""
     command = [str(python), "-m", "pip", "install", "--disable-pip-version-check", *args]
     say("  $ " + " ".join(command[2:]))
     result = subprocess.run(
@@ -315,10 +316,10 @@ def install(root: Path | None = None, say: Callable[[str], None] = print) -> Tri
             stdin=subprocess.DEVNULL,
             timeout=300,
         )
-    _pip(found.python, [TORCH_REQUIREMENT], say)
+    pip_install(found.python, [TORCH_REQUIREMENT], say)
     constraints = found.root / "constraints.txt"
     constraints.write_text(TORCH_REQUIREMENT + "\n", "utf-8")
-    _pip(found.python, ["-c", str(constraints), PYTRITON_REQUIREMENT], say)
+    pip_install(found.python, ["-c", str(constraints), PYTRITON_REQUIREMENT], say)
     check = subprocess.run(
         [str(found.python), "-c", "import torch, numpy; print(torch.__version__)"],
         capture_output=True,
@@ -377,7 +378,45 @@ def server_environment(install_: TritonInstall, base: dict[str, str] | None = No
     return env
 
 
-class TritonServer:
+def stop_process_group(process: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM to the process group that `process` leads (started with
+    ``start_new_session=True``), SIGKILL after `grace_s`, then SIGKILL to whatever is left in
+    the group (children that would otherwise idle forever)."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+class StartedProcess:
+    """A context manager over ``start()`` and ``stop()``: stopped again when start fails."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class TritonServer(StartedProcess):
     """A tritonserver process on free loopback ports; use as a context manager."""
 
     def __init__(
@@ -476,40 +515,17 @@ class TritonServer:
         return ""
 
     def stop(self) -> None:
-        """SIGTERM to the server's process group, SIGKILL after a grace period."""
-        process = self.process
-        if process is None:
-            return
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(_STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
-        # Stubs left behind in the group (the server is gone, they would idle forever).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        self.process = None
-
-    def __enter__(self) -> TritonServer:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        """Stops the server and its backend stubs (its whole process group)."""
+        process, self.process = self.process, None
+        if process is not None:
+            stop_process_group(process, _STOP_GRACE_S)
 
 
 __all__ = [
     "DEFAULT_ROOT",
     "QUEUE_DELAY_US",
     "ModelSpec",
+    "StartedProcess",
     "TensorSpec",
     "TritonInstall",
     "TritonServer",
@@ -518,7 +534,9 @@ __all__ = [
     "install",
     "model_py",
     "model_spec",
+    "pip_install",
     "server_environment",
+    "stop_process_group",
     "triton_config",
     "write_repository",
 ]

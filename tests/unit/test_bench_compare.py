@@ -104,22 +104,26 @@ def _result(rps, p50, p99, requests=100):
 COMPARISON_CASES = [
     pytest.param(
         {("meshserve", "mlp", 1, "unary"): _result(400.0, 2.5, 4.0),
-         ("triton", "mlp", 1, "unary"): _result(500.0, 2.0, 3.25)},
+         ("triton", "mlp", 1, "unary"): _result(500.0, 2.0, 3.25),
+         ("triton-envoy", "mlp", 1, "unary"): _result(320.0, 3.0, 5.5)},
         {"mlp": 1600.0},
-        ["mlp", "1", "unary", "400", "2.50", "4.00", "500", "2.00", "3.25", "0.80×", "0.25×"],
-        id="both",
+        ["mlp", "1", "unary", "400", "2.50", "4.00", "500", "2.00", "3.25", "320", "3.00",
+         "5.50", "0.80×", "1.25×", "0.25×"],
+        id="all-three",
     ),
     pytest.param(
         {("meshserve", "mlp", 1, "unary"): _result(1234.5, 1.0, 2.0)},
         {},
-        ["mlp", "1", "unary", "1,234", "1.00", "2.00", "—", "—", "—", "—", "—"],
+        ["mlp", "1", "unary", "1,234", "1.00", "2.00", "—", "—", "—", "—", "—", "—", "—", "—",
+         "—"],
         id="triton-missing-no-limit",
     ),
     pytest.param(
         {("meshserve", "mlp", 1, "unary"): _result(0.0, None, None, requests=0),
          ("triton", "mlp", 1, "unary"): _result(10.0, 1.0, 1.0)},
         {"mlp": 100.0},
-        ["mlp", "1", "unary", "—", "—", "—", "10", "1.00", "1.00", "—", "—"],
+        ["mlp", "1", "unary", "—", "—", "—", "10", "1.00", "1.00", "—", "—", "—", "—", "—",
+         "—"],
         id="no-successes",
     ),
 ]
@@ -136,6 +140,7 @@ def test_comparison_table_has_one_row_per_run():
     text = markdown_table(bench_compare.COMPARISON_HEADERS, rows)
     assert len(text.splitlines()) == 2 + len(plan.runs())
     assert text.startswith("| model | concurrency | transport | meshserve rps |")
+    assert "| Envoy mesh rps | Envoy mesh p50 ms | Envoy mesh p99 ms |" in text
 
 
 def test_limit_rows():
@@ -144,14 +149,123 @@ def test_limit_rows():
     assert bench_compare.limit_rows(limits) == [["mlp", "900", "1.111", "2", "1,500"]]
 
 
+# --- the race: ratios of two systems in one run, medians over runs
+
+
+def _race_results(mesh_rps, envoy_rps, triton_rps, mesh_p99=10.0, envoy_p99=20.0,
+                  mesh_p50_c1=4.0, envoy_p50_c1=5.0, cnn_rps=450.0, stream_rps=None):
+    return {
+        ("meshserve", "mlp", 32, "unary"): _result(mesh_rps, 8.0, mesh_p99),
+        ("meshserve", "mlp", 32, "stream"): _result(stream_rps or mesh_rps, 8.0, 9.0),
+        ("triton-envoy", "mlp", 32, "unary"): _result(envoy_rps, 9.0, envoy_p99),
+        ("triton", "mlp", 32, "unary"): _result(triton_rps, 5.0, 8.0),
+        ("meshserve", "mlp", 1, "unary"): _result(200.0, mesh_p50_c1, 9.0),
+        ("triton-envoy", "mlp", 1, "unary"): _result(180.0, envoy_p50_c1, 9.0),
+        ("meshserve", "cnn", 32, "unary"): _result(cnn_rps, 60.0, 80.0),
+    }
+
+
+def test_goal_values_of_one_run():
+    results = _race_results(mesh_rps=1200.0, envoy_rps=1000.0, triton_rps=2000.0,
+                            stream_rps=1500.0)
+    values = {g.label: g.value(results, {"cnn": 500.0}) for g in bench_compare.GOALS}
+    assert values == {
+        "mlp c=32 req/s: meshserve / Envoy mesh": pytest.approx(1.2),
+        "mlp c=32 req/s: meshserve / Triton": pytest.approx(0.6),
+        "mlp c=32 p99: meshserve / Envoy mesh": pytest.approx(0.5),
+        "mlp c=1 p50: meshserve / Envoy mesh": pytest.approx(0.8),
+        "cnn c=32 req/s: meshserve / in-process limit": pytest.approx(0.9),
+        "mlp c=32 req/s: meshserve stream / unary": pytest.approx(1.25),
+    }
+
+
+def test_goal_without_its_runs_or_limit_has_no_value():
+    for goal in bench_compare.GOALS:
+        assert goal.value({}, {}) is None
+    cnn = next(g for g in bench_compare.GOALS if g.denominator is None)
+    assert cnn.value(_race_results(1.0, 1.0, 1.0), {}) is None  # no limit measured
+
+
+@pytest.mark.parametrize(("at_least", "at_most", "value", "met"), [
+    (1.0, None, 1.0, True), (1.0, None, 0.99, False), (None, 1.0, 1.01, False),
+    (None, 1.0, 0.5, True), (0.8, None, None, None),
+])
+def test_goal_bound(at_least, at_most, value, met):
+    goal = bench_compare.Goal("x", ("a", "mlp", 1, "unary"), "rps", None, at_least, at_most)
+    assert goal.met(value) is met
+    assert goal.bound() == ("≥ " if at_least else "≤ ") + f"{at_least or at_most:g}"
+
+
+def test_median_ignores_missing_values():
+    assert bench_compare.median([3.0, None, 1.0, 2.0]) == 2.0
+    assert bench_compare.median([1.0, 4.0]) == 2.5
+    assert bench_compare.median([None, None]) is None
+
+
+def test_goal_rows_give_each_run_and_judge_the_median():
+    goals = bench_compare.GOALS[:2]
+    rows = bench_compare.goal_rows([[1.1, 0.5], [0.9, None], [1.3, 0.9]], goals)
+    assert rows == [
+        ["mlp c=32 req/s: meshserve / Envoy mesh", "1.10×", "0.90×", "1.30×", "1.10×", "≥ 1",
+         "yes"],
+        ["mlp c=32 req/s: meshserve / Triton", "0.50×", "—", "0.90×", "0.70×", "≥ 0.8", "no"],
+    ]
+    assert bench_compare.goal_rows([[None, 0.85]], goals) == [
+        ["mlp c=32 req/s: meshserve / Envoy mesh", "—", "≥ 1", "—"],
+        ["mlp c=32 req/s: meshserve / Triton", "0.85×", "≥ 0.8", "yes"],
+    ]
+    assert bench_compare.goal_headers(1) == ["ratio", "measured", "goal", "met"]
+    assert bench_compare.goal_headers(3) == ["ratio", "run 1", "run 2", "run 3", "median",
+                                             "goal", "met"]
+
+
+def test_median_results_take_each_figure_over_the_runs_that_answered():
+    key = ("meshserve", "mlp", 32, "unary")
+    runs = [{key: _result(100.0, 5.0, 9.0)}, {key: _result(0.0, None, None, requests=0)},
+            {key: _result(300.0, 3.0, 12.0, requests=50)}, {}]
+    merged = bench_compare.median_results(runs)
+    assert merged == {key: {"requests": 150, "runs": 2, "throughput_rps": 200.0,
+                            "latency_ms": {"p50": 4.0, "p99": 10.5}}}
+    assert bench_compare.median_results([{key: _result(0.0, None, None, requests=0)}]) == {}
+
+
+def test_summary_report_gives_the_median_of_each_runs_ratio():
+    limits = {"cnn": {1: {"rows_per_s": 400.0, "p50_ms": 2.5}, 4: {"rows_per_s": 500.0,
+                                                                    "p50_ms": 8.0}}}
+    runs = [types.SimpleNamespace(results=_race_results(m, e, 2000.0), limits=limits,
+                                  failures=failures)
+            for m, e, failures in ((900.0, 1000.0, []), (1300.0, 1000.0, ["boom"]),
+                                   (1150.0, 1000.0, []))]
+    text = bench_compare.summary_report(make_plan(quick=True), runs, 99.0)
+    assert "| mlp c=32 req/s: meshserve / Envoy mesh | 0.90× | 1.30× | 1.15× | 1.15× | ≥ 1 | " \
+           "yes |" in text
+    assert "| cnn c=32 req/s: meshserve / in-process limit | 0.90× | 0.90× | 0.90× | 0.90× | " \
+           "≥ 0.9 | yes |" in text
+    # The figures' table: medians of the runs (1,150 req/s), ratios of medians.
+    assert "| mlp | 32 | unary | 1,150 |" in text
+    assert "In-process limit (median best-batch rows/s): mlp —, cnn 500." in text
+    assert "- run 2: boom" in text
+
+
+def test_report_opens_with_the_race():
+    recorder = types.SimpleNamespace(
+        results=_race_results(1200.0, 1000.0, 2000.0), hops=[], failures=[],
+        limits={"cnn": {1: {"rows_per_s": 500.0, "p50_ms": 2.0}}})
+    text = bench_compare.report(make_plan(quick=True), recorder, 12.0)
+    assert text.startswith("## The race\n\n| ratio | measured | goal | met |\n")
+    assert "| mlp c=32 req/s: meshserve / Triton | 0.60× | ≥ 0.8 | no |" in text
+    assert "| mlp | 32 | unary | 1,200 | 8.00 | 10.00 | 2,000 | 5.00 | 8.00 | 1,000 | 9.00 " \
+           "| 20.00 | 0.60× | 1.20× | — |" in text
+
+
 # --- plans
 
 
 def test_quick_plan():
     plan = make_plan(quick=True)
     assert plan.models == ("mlp", "cnn")
-    assert plan.runs() == [("mlp", 1, "unary"), ("mlp", 32, "unary"),
-                           ("cnn", 1, "unary"), ("cnn", 32, "unary")]
+    assert plan.runs() == [(model, c, t) for model in ("mlp", "cnn") for c in (1, 32)
+                           for t in ("unary", "stream")]
     assert plan.duration_s == 3.0 and plan.warmup_s == 1.0
 
 
@@ -159,12 +273,14 @@ def test_full_plan_fits_in_fifteen_minutes_with_room_for_start_up():
     plan = make_plan(quick=False)
     assert len(plan.runs()) == 2 * 4 * 2
     assert {c for _, c, _ in plan.runs()} == {1, 8, 32, 128}
+    assert plan.load_seconds() == 3 * 16 * 13 + 2 * 6 * 2.0  # three systems
     assert plan.load_seconds() < 12 * 60
 
 
 def test_plan_overrides():
     plan = make_plan(quick=True, models=["cnn"], duration_s=0.5, warmup_s=0.0)
-    assert plan.runs() == [("cnn", 1, "unary"), ("cnn", 32, "unary")]
+    assert [run for run in plan.runs() if run[2] == "unary"] == [("cnn", 1, "unary"),
+                                                                 ("cnn", 32, "unary")]
     assert (plan.duration_s, plan.warmup_s) == (0.5, 0.0)
 
 
@@ -468,10 +584,15 @@ def test_compare_subcommand_is_registered():
     args = _parse(["compare", "--quick", "--out", "results", "--models", "mlp"])
     assert args.func is bench_compare._cmd_compare
     assert args.quick and args.out == Path("results") and args.models == ("mlp",)
-    assert args.servers == ("meshserve", "triton") and args.triton_dir is None
+    assert args.servers == ("meshserve", "triton", "triton-envoy") and args.triton_dir is None
+    assert args.runs == 1 and args.envoy_dir is None
+    args = _parse(["compare", "--runs", "3", "--servers", "triton-envoy", "--envoy-dir", "e"])
+    assert args.runs == 3 and args.servers == ("triton-envoy",) and args.envoy_dir == Path("e")
     assert _parse(["run", "--target", "x:1", "--model", "m"]).func is bench._cmd_run
 
 
-def test_compare_rejects_unknown_models():
+@pytest.mark.parametrize("argv", [["--models", "resnet"], ["--runs", "0"], ["--runs", "x"],
+                                  ["--servers", "envoy"]])
+def test_compare_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit):
-        _parse(["compare", "--models", "resnet"])
+        _parse(["compare", *argv])
