@@ -480,7 +480,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path,
                         help="results folder (default bench-results/budget-<UTC time>/)")
     parser.add_argument("--gate", type=_positive, metavar="FACTOR",
-                        help="exit 1 when a figure is past FACTOR x its budget")
+                        help="exit 1 when a CPU-per-request figure is past FACTOR x its budget")
     parser.add_argument("--budget", type=Path, default=DEFAULT_BUDGET,
                         help="the budget file (default benchmarks/budget.toml)")
     parser.set_defaults(func=_cmd_budget)

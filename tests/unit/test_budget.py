@@ -233,8 +233,10 @@ def test_verdict(value, budget, expected):
     assert verdict(value, budget) == expected
 
 
-GATE_FIGURES = [Figure("a", 1.9, "B", 1.0), Figure("b", 2.1, "B", 1.0),
-                Figure("c", 9.0, "B"), Figure("d", None, "B", 1.0), Figure("e", 0.1, "x", 0.2)]
+GATE_FIGURES = [Figure("a", 1.9, "B", 1.0, gated=True), Figure("b", 2.1, "B", 1.0, gated=True),
+                Figure("c", 9.0, "B"), Figure("d", None, "B", 1.0, gated=True),
+                Figure("e", 0.1, "x", 0.2, gated=True),
+                Figure("f", 9.0, "ms", 1.0), Figure("g", None, "%", 1.0)]  # not gated
 
 
 @pytest.mark.parametrize(("factor", "failing"), [
@@ -332,8 +334,10 @@ def test_figures_of_a_fake_mesh():
     assert sorted(found) == [f"mlp c=1 {kind} CPU per request"
                              for kind in ("batcher", "compute", "router")]
     failing = past_gate(figures(fake_run(), BUDGETS, ["mlp"]), 2.0)
-    assert [f.name for f in failing] == ["mlp whole mesh CPU per request, c=1 / c=32",
-                                         "RSS under load: compute (largest process)"]
+    assert [f.name for f in failing] == ["mlp whole mesh CPU per request, c=1 / c=32"]
+    assert {f.name for f in figures(fake_run(), BUDGETS, ["mlp"]) if f.gated} == {
+        *(f"mlp c=32 {kind} CPU per request" for kind in KINDS),
+        "mlp whole mesh CPU per request, c=1 / c=32"}
 
 
 def test_figures_of_a_failed_measurement_fail_the_gate():
