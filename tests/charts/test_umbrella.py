@@ -24,7 +24,7 @@ GPU = "nvidia.com/gpu"
 CUSTOM_KINDS = {"Certificate", "ServiceMonitor"}
 # Who may call whom (as in the service charts).
 CALLERS = {"compute": {"batcher"}, "batcher": {"router", "control-plane"},
-           "router": {"ingress"}, "ingress": None, "control-plane": {"router"}}
+           "router": {"ingress"}, "ingress": None, "control-plane": {"router", "ingress"}}
 
 
 def objects(helm, values=TWO_MODELS, extra=()) -> list[dict]:
@@ -102,7 +102,8 @@ def test_args_are_the_services_real_flags(helm, values):
 
 
 def test_every_upstream_is_a_rendered_service(helm):
-    """--control-plane, --router and every --compute name something this release renders."""
+    """--control-plane (router: xDS; ingress: readiness and audit), --router and every
+    --compute name something this release renders."""
     documents = objects(helm)
     services = of_kind(documents, "Service")
     statefulsets = of_kind(documents, "StatefulSet")
@@ -113,8 +114,8 @@ def test_every_upstream_is_a_rendered_service(helm):
                 host, port = target.rsplit(":", 1)
                 service = services[host]
                 assert int(port) == service["spec"]["ports"][0]["port"], (name, target)
-                assert labels(workload)[COMPONENT] == {"--control-plane": "router",
-                                                       "--router": "ingress"}[flag]
+                assert labels(workload)[COMPONENT] in {"--control-plane": ("router", "ingress"),
+                                                       "--router": ("ingress",)}[flag]
         targets = flag_values(args, "--compute")
         if not targets:
             continue

@@ -115,6 +115,9 @@ list: `include "meshserve.args" .` picks the component's. Every flag is one that
 {{- if and (hasKey .Values "audit") .Values.audit.controlPlane.target }}
 - {{ printf "--control-plane=%s" .Values.audit.controlPlane.target | quote }}
 {{- end }}
+{{- if hasKey .Values "readiness" }}
+- {{ printf "--readiness=%s" .Values.readiness | quote }}
+{{- end }}
 {{- if include "meshserve.asyncEnabled" . }}
 {{- $async := .Values.async }}
 - {{ printf "--async-store=%s/%s" (trimSuffix "/" $async.mountPath) $async.storeFile | quote }}
