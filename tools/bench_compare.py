@@ -614,7 +614,7 @@ def compare(plan: Plan, out_dir: Path, triton_root: Path | None = None,
             say: Callable[[str], None] = print) -> int:
     """Runs the whole comparison; returns 0 when every run completed without errors."""
     from meshserve.common.repository import ModelRepository
-    from meshserve.tools.demo_models import write_demo_repository
+    from meshserve.tools.demo_repository import write_demo_repository
 
     servers = tuple(servers)
     started = time.monotonic()

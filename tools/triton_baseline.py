@@ -39,6 +39,7 @@ import grpc
 from meshserve.common.repository import ModelRepository
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol import model_config_pb2
+from meshserve.tools.pbtxt import dims_text
 
 HOST = "127.0.0.1"
 DEFAULT_ROOT = Path.home() / ".cache" / "meshserve" / "triton"
@@ -105,13 +106,10 @@ def model_spec(repository: ModelRepository, name: str) -> ModelSpec:
                      tuple(config.dynamic_batching.preferred_batch_size))
 
 
-def _dims(dims: tuple[int, ...]) -> str:
-    return "[ " + ", ".join(str(d) for d in dims) + " ]"
-
-
 def _tensor_block(kind: str, tensors: tuple[TensorSpec, ...]) -> str:
     entries = ",\n".join(
-        f'  {{\n    name: "{t.name}"\n    data_type: {t.data_type}\n    dims: {_dims(t.dims)}\n  }}'
+        f'  {{\n    name: "{t.name}"\n    data_type: {t.data_type}\n'
+        f'    dims: {dims_text(t.dims)}\n  }}'
         for t in tensors
     )
     return f"{kind} [\n{entries}\n]\n"
@@ -126,7 +124,7 @@ def triton_config(spec: ModelSpec, queue_delay_us: int = QUEUE_DELAY_US) -> str:
         + _tensor_block("input", spec.inputs)
         + _tensor_block("output", spec.outputs)
         + "dynamic_batching { "
-        + (f"preferred_batch_size: {_dims(spec.preferred_batch_sizes)} "
+        + (f"preferred_batch_size: {dims_text(spec.preferred_batch_sizes)} "
            if spec.preferred_batch_sizes else "")
         + f"max_queue_delay_microseconds: {queue_delay_us} }}\n"
         + "instance_group [ { kind: KIND_CPU count: 1 } ]\n"

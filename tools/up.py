@@ -344,7 +344,7 @@ def prepare(data_dir: Path, say=print, repository: Path | None = None) -> None:
     init_certs(tls_dir)
     models = repository_of(data_dir, repository)
     if repository is None:
-        from meshserve.tools.demo_models import write_demo_repository  # torch: when needed
+        from meshserve.tools.demo_repository import write_demo_repository  # torch: when needed
 
         if not models.exists():
             say(f"writing the demo model repository to {models}")

@@ -29,10 +29,10 @@ from meshserve.batcher.failover import (
     stall_timeout,
 )
 from meshserve.batcher.policy import BatchQueue, Pending, QueueFull, Send
-from meshserve.batcher.statistics import Statistics
 from meshserve.common.errors import DeadlineExceeded, Internal, ServingError, Unavailable
 from meshserve.common.forwarding import error_result, failure_result, status_of_result
 from meshserve.common.server import internal_error_message
+from meshserve.common.statistics import Statistics
 from meshserve.common.streams import StreamBroken
 from meshserve.common.tracing import Tracing, context_of, traceparent_of
 from meshserve.common.upstream import Upstream

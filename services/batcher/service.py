@@ -18,7 +18,6 @@ from meshserve.batcher.caching import CachingFront, VersionIdentity
 from meshserve.batcher.failover import FailoverSettings
 from meshserve.batcher.policy import BatchingPolicy, BatchQueue, Pending
 from meshserve.batcher.scheduler import Answers, Job, Replica, Scheduler
-from meshserve.batcher.statistics import Statistics
 from meshserve.common import runtime
 from meshserve.common.errors import InvalidArgument, NotFound, ServingError, Unavailable
 from meshserve.common.forwarding import deadline_of, error_result, one_item, raise_for
@@ -34,6 +33,7 @@ from meshserve.common.response_cache import (
     artifact_digest,
 )
 from meshserve.common.server import HealthServicer, Service
+from meshserve.common.statistics import Statistics
 from meshserve.common.streams import Early, group_handler
 from meshserve.common.tls import TlsFiles, server_credentials
 from meshserve.common.tracing import Tracing, context_of

@@ -29,7 +29,8 @@ from meshserve.protocol.groups_pb2 import GroupItem, InferGroup
 from meshserve.protocol.groups_pb2_grpc import GroupInferenceStub
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.tools.certs import init_certs
-from meshserve.tools.demo_models import MAX_QUEUE_SIZE, build_model, write_demo_repository
+from meshserve.tools.demo_models import MAX_QUEUE_SIZE, build_model
+from meshserve.tools.demo_repository import write_demo_repository
 
 START_TIMEOUT = 90.0
 

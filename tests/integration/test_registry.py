@@ -21,13 +21,13 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshserve.common import artifacts
+from meshserve.common.audit_client import record
 from meshserve.common.tls import TlsFiles, secure_channel
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol import health_pb2
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.protocol.health_pb2_grpc import HealthStub
-from meshserve.tools.audit_client import record
-from meshserve.tools.demo_models import _save_torchscript, build_model
+from meshserve.tools.demo_models import build_model, torchscript_bytes
 from tests.integration.conftest import Mesh, meshserve, running_mesh
 from tests.integration.test_mesh import mlp_request, public_stub
 
@@ -46,7 +46,7 @@ def registry_mesh(tmp_path_factory) -> Mesh:
 def pushed(registry_mesh: Mesh, tmp_path_factory) -> tuple[Path, str]:
     """mlp version 3 (the demo's version 1 weights, saved again), pushed encrypted."""
     path = tmp_path_factory.mktemp("artifact") / "mlp-retrained.pt"
-    _save_torchscript(build_model("mlp", 1), str(path))
+    path.write_bytes(torchscript_bytes(build_model("mlp", 1)))
     done = meshserve("models", "push", str(path), "--name", "mlp", "--version", "3",
                      "--encrypt", "--source", "git:0123abc", "--notes", "accuracy 0.91",
                      "--data-dir", str(registry_mesh.data_dir))

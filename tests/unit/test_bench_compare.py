@@ -404,7 +404,7 @@ def test_generated_model_py_batches_requests_and_splits_answers(tmp_path, monkey
 
 
 def test_write_repository_mirrors_the_demo_models(tmp_path):
-    from meshserve.tools.demo_models import write_demo_repository
+    from meshserve.tools.demo_repository import write_demo_repository
 
     write_demo_repository(tmp_path / "models")
     versions = triton_baseline.write_repository(tmp_path / "models", tmp_path / "triton",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from meshserve.common import artifacts, model_files
+from meshserve.common import artifacts, keys, model_files
 from meshserve.common.artifacts import ArtifactRefused
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from meshserve.mesh.fetch import read_version, signed_versions, verify_fetched
@@ -91,7 +91,7 @@ def test_a_tampered_artifact_or_a_stranger_key_fails_the_check(data: Path,
     with pytest.raises(ArtifactRefused, match="artifact digest .* does not match"):
         verify_fetched(fetched.manifest, fetched.signature, fetched.artifact[:-1], trusted)
     stranger = tmp_path / "stranger.pub"
-    stranger.write_bytes(artifacts.public_key_pem(
+    stranger.write_bytes(keys.public_key_pem(
         model_files.signing_key(tmp_path / "other.key", create=True).public_key()))
     with pytest.raises(ArtifactRefused, match="unknown key"):
         verify_fetched(fetched.manifest, fetched.signature, fetched.artifact, [stranger])
