@@ -49,7 +49,8 @@ import grpc
 import numpy as np
 
 from meshserve.protocol import grpc_service_pb2 as pb
-from meshserve.tools.bench import LoadSpec, run_load
+from meshserve.tools.load import run_load
+from meshserve.tools.load_spec import LoadSpec
 
 MODELS = ("mlp", "cnn")
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)

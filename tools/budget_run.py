@@ -65,7 +65,6 @@ from meshserve.common.repository import ModelRepository
 from meshserve.common.tls import TlsFiles, channel_credentials, channel_options
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
-from meshserve.tools.bench import LoadSpec, build_request, run_load
 from meshserve.tools.budget import (
     HOPS,
     Budgets,
@@ -89,6 +88,9 @@ from meshserve.tools.budget_proc import (
     py_spy,
     record_profiles,
 )
+from meshserve.tools.load import run_load
+from meshserve.tools.load_spec import LoadSpec
+from meshserve.tools.random_requests import random_request
 
 DEFAULT_BUDGET = Path(__file__).resolve().parents[1] / "benchmarks" / "budget.toml"
 MODELS = ("mlp", "cnn")
@@ -149,7 +151,7 @@ def request_bytes(endpoint: str, tls_dir: Path, model: str) -> bytes:
     with grpc.secure_channel(endpoint, credentials, options=channel_options("ingress")) as ch:
         metadata = GRPCInferenceServiceStub(ch).ModelMetadata(
             pb.ModelMetadataRequest(name=model), timeout=10)
-    return build_request(metadata, model).SerializeToString()
+    return random_request(metadata, model=model)[0].SerializeToString()
 
 
 def _checked(result: dict, what: str) -> dict:

@@ -50,7 +50,8 @@ from meshserve.protocol.async_inference_pb2 import ResultRequest, ResultResponse
 from meshserve.protocol.async_inference_pb2_grpc import AsyncInferenceStub
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.tools.backup import Layout, create_backup
-from meshserve.tools.client import client_tls, random_request
+from meshserve.tools.client import client_tls
+from meshserve.tools.random_requests import random_request
 from meshserve.tools.restore import restore_backup
 from meshserve.tools.traffic import admin_channel
 from meshserve.tools.up import HOST, UP_FILE

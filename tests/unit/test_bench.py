@@ -17,10 +17,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from meshserve.common.datatypes import bytes_elements
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol import grpc_service_pb2_grpc as pb_grpc
 from meshserve.tools import bench
-from meshserve.tools.bench import LoadSpec, percentiles, run_load
+from meshserve.tools.load import run_load
+from meshserve.tools.load_results import percentiles
+from meshserve.tools.load_spec import LoadSpec, split_evenly
+from meshserve.tools.load_wire import stream_error_code, with_id
+from meshserve.tools.random_requests import random_request
 
 # --- percentiles: nearest rank, value at 1-based rank ceil(p/100 * n) of the sorted samples.
 
@@ -79,7 +84,7 @@ def test_build_request_replaces_variable_dims_and_sizes_payload() -> None:
             pb.ModelMetadataResponse.TensorMetadata(name="d", datatype="BF16", shape=[2, -1]),
         ],
     )
-    request = bench.build_request(metadata, "m", "2", batch=3)
+    request, _ = random_request(metadata, 3, model="m", version="2")
     assert (request.model_name, request.model_version) == ("m", "2")
     assert [(t.name, t.datatype, list(t.shape)) for t in request.inputs] == [
         ("a", "FP32", [3, 4]),
@@ -92,17 +97,24 @@ def test_build_request_replaces_variable_dims_and_sizes_payload() -> None:
     assert np.all((values >= 0) & (values < 1))
 
 
-def test_build_request_rejects_bytes_inputs() -> None:
+def test_build_request_fills_bytes_inputs_and_rejects_unknown_datatypes() -> None:
     metadata = pb.ModelMetadataResponse(
-        inputs=[pb.ModelMetadataResponse.TensorMetadata(name="t", datatype="BYTES", shape=[1])]
+        name="m",
+        inputs=[pb.ModelMetadataResponse.TensorMetadata(name="t", datatype="BYTES", shape=[-1, 2])]
     )
-    with pytest.raises(ValueError, match="BYTES"):
-        bench.build_request(metadata, "m")
+    request, arrays = random_request(metadata, 3)
+    assert request.model_name == "m" and arrays["t"].shape == (3, 2)
+    assert bytes_elements(request.raw_input_contents[0]) == 6
+    unknown = pb.ModelMetadataResponse(
+        inputs=[pb.ModelMetadataResponse.TensorMetadata(name="t", datatype="FP8", shape=[1])]
+    )
+    with pytest.raises(ValueError, match="'FP8' is not supported"):
+        random_request(unknown, model="m")
 
 
 def test_with_id_sets_id_without_touching_payload() -> None:
     request = pb.ModelInferRequest(model_name="m", id="old", raw_input_contents=[b"\x01" * 300])
-    tagged = pb.ModelInferRequest.FromString(bench.with_id(request.SerializeToString(), "x" * 200))
+    tagged = pb.ModelInferRequest.FromString(with_id(request.SerializeToString(), "x" * 200))
     assert tagged.id == "x" * 200
     assert tagged.raw_input_contents == [b"\x01" * 300]
 
@@ -117,12 +129,12 @@ def test_with_id_sets_id_without_touching_payload() -> None:
     ],
 )
 def test_stream_error_code(message: str, code: str) -> None:
-    assert bench.stream_error_code(message) == code
+    assert stream_error_code(message) == code
 
 
 def test_split_evenly() -> None:
-    assert bench.split_evenly(10, 3) == [4, 3, 3]
-    assert bench.split_evenly(0, 2) == [0, 0]
+    assert split_evenly(10, 3) == [4, 3, 3]
+    assert split_evenly(0, 2) == [0, 0]
 
 
 def test_invalid_spec_is_rejected() -> None:

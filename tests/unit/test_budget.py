@@ -14,7 +14,6 @@ import pytest
 from meshserve.common.tls import TlsFiles
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.tools import bench, budget_bare, budget_proc, budget_run
-from meshserve.tools.bench import LoadSpec, run_load
 from meshserve.tools.budget import (
     FAR_OVER,
     HOPS,
@@ -44,6 +43,8 @@ from meshserve.tools.budget import (
     verdict,
 )
 from meshserve.tools.certs import init_certs
+from meshserve.tools.load import run_load
+from meshserve.tools.load_spec import LoadSpec
 
 REPO = Path(__file__).resolve().parents[2]
 
