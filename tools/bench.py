@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from meshserve.tools.arguments import positive_int
 from meshserve.tools.load import run_load
 from meshserve.tools.load_spec import DEFAULT_STREAMS, LoadSpec
 
@@ -19,13 +20,6 @@ def _header(text: str) -> tuple[str, str]:
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key.strip().lower(), value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _spec_from_args(args: argparse.Namespace) -> LoadSpec:
@@ -168,19 +162,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     request.add_argument("--model", required=True, help="model name")
     request.add_argument("--version", default="", help="model version (default: server's)")
     request.add_argument(
-        "--batch", type=_positive_int, default=1, help="size of a -1 first dimension (default 1)"
+        "--batch", type=positive_int, default=1, help="size of a -1 first dimension (default 1)"
     )
     load = run.add_argument_group("load")
     mode = load.add_mutually_exclusive_group()
     mode.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         help="closed loop: N workers, one request outstanding each (default 1)",
     )
     mode.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
     load.add_argument(
         "--max-outstanding",
-        type=_positive_int,
+        type=positive_int,
         default=1024,
         help="open loop: in-flight bound; arrivals over it are dropped (default 1024)",
     )
@@ -204,7 +198,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     load.add_argument(
         "--processes",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="client processes sharing the load (default 1)",
     )

@@ -58,9 +58,6 @@ SERVERS = ("meshserve", "triton")
 _STATS_TIMEOUT_S = 10.0
 _MAX_LIMIT_CALLS = 1_000_000
 
-# config.pbtxt data types -> numpy dtypes for the in-process inputs.
-_NUMPY_FROM_CONFIG = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_FP64": np.float64}
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -471,14 +468,15 @@ def bench_target(target: Target, plan: Plan, recorder: Recorder) -> None:
 
 
 def measure_limits(repository_dir: Path, plan: Plan, recorder: Recorder) -> None:
+    from meshserve.common.arrays import config_dtype
     from meshserve.common.repository import ModelRepository
-    from meshserve.protocol import model_config_pb2
 
     repository = ModelRepository.load(repository_dir)
     for model in plan.models:
         config = repository.get(model).config
-        dtypes = {model_config_pb2.DataType.Name(t.data_type) for t in config.input}
-        dtype = _NUMPY_FROM_CONFIG.get(dtypes.pop() if len(dtypes) == 1 else "", np.float32)
+        dtypes = {t.data_type for t in config.input}
+        dtype = config_dtype(dtypes.pop()) if len(dtypes) == 1 else None
+        dtype = np.float32 if dtype is None else dtype
         artifact = repository.artifact(model, "")
         by_batch = measure_limit(artifact, [tuple(t.dims) for t in config.input],
                                  [b for b in BATCH_SIZES if b <= max(config.max_batch_size, 1)],

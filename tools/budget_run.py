@@ -65,6 +65,7 @@ from meshserve.common.repository import ModelRepository
 from meshserve.common.tls import TlsFiles, channel_credentials, channel_options
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+from meshserve.tools.arguments import positive_float
 from meshserve.tools.budget import (
     HOPS,
     Budgets,
@@ -429,13 +430,6 @@ def _failure(figure: Figure) -> str:
 # Command line
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def _cmd_budget(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -481,7 +475,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         "(needs py-spy: pip install -e '.[profile]')")
     parser.add_argument("--out", type=Path,
                         help="results folder (default bench-results/budget-<UTC time>/)")
-    parser.add_argument("--gate", type=_positive, metavar="FACTOR",
+    parser.add_argument("--gate", type=positive_float, metavar="FACTOR",
                         help="exit 1 when a figure is past FACTOR x its budget")
     parser.add_argument("--budget", type=Path, default=DEFAULT_BUDGET,
                         help="the budget file (default benchmarks/budget.toml)")

@@ -43,6 +43,7 @@ from meshserve.common.certificates import spiffe_id
 from meshserve.common.files import synced_temporary
 from meshserve.common.keys import private_key_pem
 from meshserve.common.tls import MismatchedKey, check_pair
+from meshserve.tools.arguments import positive_int
 
 IDENTITIES = ("ingress", "router", "batcher", "compute", "control-plane")
 CLIENT_NAME = "client"
@@ -408,16 +409,6 @@ def _drop_old_ca(directory: Path) -> list[Path]:
 # --- command line ---------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _cmd_init(args: argparse.Namespace) -> int:
     directory = Path(args.directory)
     try:
@@ -456,13 +447,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = certs.add_subparsers(dest="certs_command", metavar="COMMAND", required=True)
     init = commands.add_parser("init", help="create the CA and the certificates that are missing")
     init.add_argument("directory", metavar="DIR", type=Path, help="where the files go")
-    init.add_argument("--days", type=_positive_int, default=365,
+    init.add_argument("--days", type=positive_int, default=365,
                       help="validity of new certificates in days (default: 365)")
     init.set_defaults(func=_cmd_init)
     rotate = commands.add_parser(
         "rotate", help="re-issue every leaf (optionally from a new CA); services reload them")
     rotate.add_argument("directory", metavar="DIR", type=Path, help="the certificate directory")
-    rotate.add_argument("--days", type=_positive_int, default=365,
+    rotate.add_argument("--days", type=positive_int, default=365,
                         help="validity of the new certificates in days (default: 365)")
     which = rotate.add_mutually_exclusive_group()
     which.add_argument("--new-ca", action="store_true",

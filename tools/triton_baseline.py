@@ -36,6 +36,7 @@ from pathlib import Path
 
 import grpc
 
+from meshserve.common.arrays import config_dtype
 from meshserve.common.repository import ModelRepository
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol import model_config_pb2
@@ -49,23 +50,6 @@ QUEUE_DELAY_US = 1000
 _MARKER = "meshserve-triton.json"
 _PIP_TIMEOUT_S = 900
 _STOP_GRACE_S = 10.0
-
-# config.pbtxt data types -> numpy dtype names, for the generated model.py.
-_NUMPY_FROM_CONFIG: dict[str, str] = {
-    "TYPE_BOOL": "bool_",
-    "TYPE_UINT8": "uint8",
-    "TYPE_UINT16": "uint16",
-    "TYPE_UINT32": "uint32",
-    "TYPE_UINT64": "uint64",
-    "TYPE_INT8": "int8",
-    "TYPE_INT16": "int16",
-    "TYPE_INT32": "int32",
-    "TYPE_INT64": "int64",
-    "TYPE_FP16": "float16",
-    "TYPE_FP32": "float32",
-    "TYPE_FP64": "float64",
-}
-
 
 # ---------------------------------------------------------------------------------------------
 # Model repository for the Python backend (pure text generation)
@@ -183,14 +167,15 @@ class TritonPythonModel:
 
 def model_py(spec: ModelSpec, model_file: str = "model.pt", threads: int = 1) -> str:
     """model.py text of the Python-backend mirror of `spec` (loads `model_file`)."""
-    for tensor in spec.outputs:
-        if tensor.data_type not in _NUMPY_FROM_CONFIG:
+    dtypes = [config_dtype(model_config_pb2.DataType.Value(t.data_type)) for t in spec.outputs]
+    for tensor, dtype in zip(spec.outputs, dtypes):
+        if dtype is None:
             raise ValueError(f"output {tensor.name}: data type {tensor.data_type} unsupported")
     return _MODEL_PY.format(
         model_file=model_file,
         inputs=[t.name for t in spec.inputs],
         outputs=[t.name for t in spec.outputs],
-        output_dtypes=[_NUMPY_FROM_CONFIG[t.data_type] for t in spec.outputs],
+        output_dtypes=[dtype.name for dtype in dtypes],
         threads=threads,
     )
 

@@ -32,6 +32,7 @@ from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.protocol.health_pb2_grpc import HealthStub
 from meshserve.tools import dev_signing
+from meshserve.tools.arguments import positive_int
 from meshserve.tools.certs import init_certs
 from meshserve.tools.tokens import JWKS, POLICY, init_auth
 from meshserve.tools.traffic import admin_channel
@@ -501,16 +502,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
-def positive_count(text: str) -> int:
-    try:
-        count = int(text)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not '{text}'")
-    return count
-
-
 def register(commands) -> None:
     parser = commands.add_parser("up")
     parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
@@ -524,9 +515,9 @@ def register(commands) -> None:
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds each service may take to become ready")
     parser.add_argument("--drain-seconds", type=float, default=5.0)
-    parser.add_argument("--compute-replicas", type=positive_count, default=1, metavar="N",
+    parser.add_argument("--compute-replicas", type=positive_int, default=1, metavar="N",
                         help="compute processes per model version (default 1)")
-    parser.add_argument("--batcher-replicas", type=positive_count, default=1, metavar="N",
+    parser.add_argument("--batcher-replicas", type=positive_int, default=1, metavar="N",
                         help="batchers per model version, each an endpoint of the version in "
                              "the mesh (default 1)")
     parser.add_argument("--audit-denied-sample", type=sample_fraction, default=0.01,

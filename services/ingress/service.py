@@ -232,10 +232,7 @@ class Ingress:
         if self.readiness is not None:
             self.readiness.admit(request.model_name, request.model_version)
         size = self._step("ingress.validate", span, lambda: schema.validate(request))
-        deadline = deadline_of(parameter(request, "timeout"), arrived)
-        if remaining is not None:
-            deadline = arrived + remaining if deadline is None else min(deadline,
-                                                                         arrived + remaining)
+        deadline = deadline_of(parameter(request, "timeout"), arrived, remaining)
         item = GroupItem(request=request, request_id=request_id,
                          priority=parameter(request, "priority"),
                          traceparent="" if span is None else traceparent_of(span))

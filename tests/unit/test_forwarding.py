@@ -190,6 +190,17 @@ def test_deadline_of(timeout_us, arrived, expected):
     assert deadline_of(timeout_us, arrived) == expected
 
 
+@pytest.mark.parametrize("timeout_us, remaining, expected", [
+    (0, None, None),
+    (0, 2.0, 12.0),
+    (1_500_000, 2.0, 11.5),
+    (3_000_000, 2.0, 12.0),
+])
+def test_deadline_of_a_call_is_the_sooner_of_its_timeout_and_what_remains(
+        timeout_us, remaining, expected):
+    assert deadline_of(timeout_us, 10.0, remaining) == expected
+
+
 # --- failures ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("code, details, number, message", [
