@@ -7,8 +7,10 @@ import pytest
 
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from meshserve.mesh.audit import GENESIS
+from meshserve.mesh.database import POSTGRESQL, SQLITE
 from meshserve.mesh.policy import Endpoint, MeshState, Shadow, TrafficPolicy
-from meshserve.mesh.store import OVER_START, POSTGRESQL, RESTORE, SQLITE, START, Store
+from meshserve.mesh.store import Store
+from meshserve.mesh.store_canaries import OVER_START, RESTORE, START
 
 
 class FakeClock:
