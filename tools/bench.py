@@ -86,34 +86,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if result["requests"] > 0 else 1
 
 
-def plot_results(results: list[dict], path: Path) -> None:
-    """p50 and p99 latency against throughput, one line per (model, transport, target)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series: dict[tuple[str, str, str], list[dict]] = {}
-    for result in results:
-        key = (result["model"], result["transport"], result["target"])
-        series.setdefault(key, []).append(result)
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for (model, transport, target), points in sorted(series.items()):
-        points.sort(key=lambda r: r["throughput_rps"])
-        x = [r["throughput_rps"] for r in points]
-        for quantile, style in (("p50", "-"), ("p99", "--")):
-            axis.plot(x, [r["latency_ms"][quantile] for r in points], style, marker="o",
-                      label=f"{model} {transport} {quantile} ({target})")
-    axis.set_xlabel("throughput (requests/s)")
-    axis.set_ylabel("latency (ms)")
-    axis.set_yscale("log")
-    axis.grid(True, alpha=0.3)
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
 def _cmd_plot(args: argparse.Namespace) -> int:
     results = [json.loads(line) for line in args.results.read_text().splitlines()
                if line.strip()]
@@ -121,6 +93,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     if not results:
         print(f"bench: no results with requests in {args.results}", file=sys.stderr)
         return 2
+    from meshserve.tools.plots import plot_results  # matplotlib: when plotting
+
     plot_results(results, args.out)
     print(f"plot: {args.out}")
     return 0

@@ -23,7 +23,7 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from meshserve.tools.bench_compare import ratio
+from meshserve.tools.compare_tables import ratio
 
 # The service kinds whose CPU per request has a budget, in the order of a request's path.
 KINDS = ("ingress", "router", "batcher", "compute")

@@ -407,7 +407,7 @@ async def test_mutual_tls_headers_and_version(tmp_path) -> None:
 
 
 def test_plot_draws_latency_against_throughput(tmp_path):
-    from meshserve.tools.bench import plot_results
+    from meshserve.tools.plots import plot_results
 
     results = [{"model": "mlp", "transport": "unary", "target": "t", "throughput_rps": rps,
                 "latency_ms": {"p50": p50, "p99": p50 * 3}}

@@ -19,12 +19,13 @@ import pytest
 import torch
 
 from meshserve.protocol import grpc_service_pb2 as pb
-from meshserve.tools import bench, bench_compare, triton_baseline
-from meshserve.tools.bench_compare import (
+from meshserve.tools import bench, bench_compare, compare_tables, triton_baseline
+from meshserve.tools.compare_limit import measure_limit
+from meshserve.tools.compare_runs import make_plan
+from meshserve.tools.compare_tables import (
     best_batch,
     comparison_rows,
     hop_breakdown,
-    make_plan,
     markdown_table,
     ratio,
 )
@@ -57,7 +58,7 @@ def test_ratio(numerator, denominator, expected):
      (12.0, "12.00×")],
 )
 def test_ratio_text(value, expected):
-    assert bench_compare.ratio_text(value) == expected
+    assert compare_tables.ratio_text(value) == expected
 
 
 # --- best batch: most rows/s, the smaller batch on a tie
@@ -133,7 +134,7 @@ def test_comparison_rows(results, limits, expected):
 def test_comparison_table_has_one_row_per_run():
     plan = make_plan(quick=True)
     rows = comparison_rows(plan.runs(), {}, {})
-    text = markdown_table(bench_compare.COMPARISON_HEADERS, rows)
+    text = markdown_table(compare_tables.COMPARISON_HEADERS, rows)
     assert len(text.splitlines()) == 2 + len(plan.runs())
     assert text.startswith("| model | concurrency | transport | meshserve rps |")
 
@@ -141,7 +142,7 @@ def test_comparison_table_has_one_row_per_run():
 def test_limit_rows():
     limits = {"mlp": {1: {"rows_per_s": 900.0, "p50_ms": 1.1111},
                       2: {"rows_per_s": 1500.0, "p50_ms": 1.3}}}
-    assert bench_compare.limit_rows(limits) == [["mlp", "900", "1.111", "2", "1,500"]]
+    assert compare_tables.limit_rows(limits) == [["mlp", "900", "1.111", "2", "1,500"]]
 
 
 # --- plans
@@ -197,7 +198,7 @@ def _stats_response(success=(0, 0), queue=(0, 0), infer=(0, 0), rows=0, batches=
 
 
 def test_statistics_totals_sum_versions_and_batches():
-    totals = bench_compare.statistics_totals(
+    totals = compare_tables.statistics_totals(
         _stats_response(success=(3, 30), queue=(3, 6), infer=(3, 9), rows=3, batches=2,
                         batch_stats=[(1, 1, 1, 10, 1), (2, 1, 2, 20, 2)], versions=2))
     assert totals["success_count"] == 6 and totals["success_ns"] == 60
@@ -242,18 +243,18 @@ HOP_CASES = [
 
 @pytest.mark.parametrize(("after", "p50", "mean", "expected"), HOP_CASES)
 def test_hop_breakdown(after, p50, mean, expected):
-    before = bench_compare.statistics_totals(_stats_response())
-    after_totals = bench_compare.statistics_totals(_stats_response(**after))
+    before = compare_tables.statistics_totals(_stats_response())
+    after_totals = compare_tables.statistics_totals(_stats_response(**after))
     hop = hop_breakdown(before, after_totals, p50, mean)
     for key, value in expected.items():
         assert hop[key] == (pytest.approx(value) if value is not None else None), key
 
 
 def test_hop_breakdown_is_a_difference():
-    before = bench_compare.statistics_totals(
+    before = compare_tables.statistics_totals(
         _stats_response(success=(10, 10**7), queue=(10, 10**7), rows=10, batches=10,
                         batch_stats=[(1, 10, 0, 10**7, 0)]))
-    after = bench_compare.statistics_totals(
+    after = compare_tables.statistics_totals(
         _stats_response(success=(20, 2 * 10**7), queue=(20, 3 * 10**7), rows=30, batches=15,
                         batch_stats=[(1, 10, 0, 10**7, 0), (4, 5, 0, 10**7, 0)]))
     hop = hop_breakdown(before, after, 10.0)
@@ -445,7 +446,7 @@ def test_measure_limit_smoke(tmp_path):
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(torch.jit.script(torch.nn.Linear(8, 2).eval()), str(path))
     threads = torch.get_num_threads()
-    results = bench_compare.measure_limit(path, [(8,)], batch_sizes=(1, 4), duration_s=0.02)
+    results = measure_limit(path, [(8,)], batch_sizes=(1, 4), duration_s=0.02)
     assert torch.get_num_threads() == threads
     assert sorted(results) == [1, 4]
     for measured in results.values():
