@@ -72,7 +72,8 @@ def default_out_dir(now: datetime.datetime | None = None) -> Path:
 
 
 def run_meshserve(data_dir: Path, plan: Plan, recorder: Recorder, timeout_s: float) -> None:
-    from meshserve.tools.up import prepare, start_mesh, stop_all
+    from meshserve.tools.up import prepare, start_mesh
+    from meshserve.tools.up_children import stop_all
 
     children = []
     recorder.say("starting meshserve (embedded default, compute on the CPU)")
@@ -95,15 +96,15 @@ def run_meshserve(data_dir: Path, plan: Plan, recorder: Recorder, timeout_s: flo
 
 def run_triton(data_dir: Path, work_dir: Path, plan: Plan, recorder: Recorder,
                triton_root: Path | None, timeout_s: float) -> None:
-    from meshserve.tools import triton_baseline
+    from meshserve.tools import triton_baseline, triton_repository
 
     installed = triton_baseline.install(triton_root, say=recorder.say)
     repository = work_dir / "triton-models"
-    versions = triton_baseline.write_repository(data_dir / "models", repository, plan.models)
+    versions = triton_repository.write_repository(data_dir / "models", repository, plan.models)
     backends = triton_baseline.backend_directory(installed, work_dir / "triton-backends")
     recorder.write({"kind": "triton", "tritonserver": str(installed.tritonserver),
                     "versions": versions,
-                    "queue_delay_us": triton_baseline.QUEUE_DELAY_US})
+                    "queue_delay_us": triton_repository.QUEUE_DELAY_US})
     recorder.say("starting Triton (Python backend, KIND_CPU x1, 1 ms queue delay)")
     runs = list(plan.runs())
     while runs:

@@ -54,7 +54,8 @@ from meshserve.tools.client import client_tls
 from meshserve.tools.random_requests import random_request
 from meshserve.tools.restore import restore_backup
 from meshserve.tools.traffic import admin_channel
-from meshserve.tools.up import HOST, UP_FILE
+from meshserve.tools.up import UP_FILE
+from meshserve.tools.up_children import HOST
 
 RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
              ("grpc.max_reconnect_backoff_ms", 500)]

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from meshserve.protocol import grpc_service_pb2 as pb
-from meshserve.tools import bench, bench_compare, compare_tables, triton_baseline
+from meshserve.tools import bench, bench_compare, compare_tables, triton_baseline, triton_repository
 from meshserve.tools.compare_limit import measure_limit
 from meshserve.tools.compare_runs import make_plan
 from meshserve.tools.compare_tables import (
@@ -29,7 +29,7 @@ from meshserve.tools.compare_tables import (
     markdown_table,
     ratio,
 )
-from meshserve.tools.triton_baseline import ModelSpec, TensorSpec, model_py, triton_config
+from meshserve.tools.triton_repository import ModelSpec, TensorSpec, model_py, triton_config
 
 # --- ratio
 
@@ -408,7 +408,7 @@ def test_write_repository_mirrors_the_demo_models(tmp_path):
     from meshserve.tools.demo_repository import write_demo_repository
 
     write_demo_repository(tmp_path / "models")
-    versions = triton_baseline.write_repository(tmp_path / "models", tmp_path / "triton",
+    versions = triton_repository.write_repository(tmp_path / "models", tmp_path / "triton",
                                                 ["mlp", "cnn"])
     assert versions == {"mlp": "2", "cnn": "2"}
     for name in ("mlp", "cnn"):
