@@ -14,6 +14,9 @@ Units:
 
 /proc: a process's CPU is ``utime + stime`` of ``/proc/PID/stat`` (clock ticks, all its
 threads), its memory ``VmRSS`` of ``/proc/PID/status``.
+
+One module of ~450 lines on purpose: each figure's formula, its budget and its verdict read
+together, top to bottom, and `tests/unit/test_budget.py` tables them in the same order.
 """
 
 from __future__ import annotations

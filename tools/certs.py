@@ -21,6 +21,10 @@ or a new key with the old certificate, which services detect and wait out.
 (peers keep trusting leaves of either during the overlap) and the leaves come from the new
 CA. Once every service runs on the new leaves, `--drop-old-ca` leaves only the new CA in
 `ca.crt` (it refuses while a leaf in DIR is still from an old CA).
+
+One module of ~460 lines on purpose: issuing, rotating and the command line share the
+directory's layout and its write rules (nothing overwritten, keys 0600 from their first byte,
+a key renamed into place before its certificate), which are easier to check in one place.
 """
 
 from __future__ import annotations
