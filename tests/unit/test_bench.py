@@ -22,8 +22,9 @@ from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol import grpc_service_pb2_grpc as pb_grpc
 from meshserve.tools import bench
 from meshserve.tools.load import run_load
+from meshserve.tools.load_engine import Runner
 from meshserve.tools.load_results import percentiles
-from meshserve.tools.load_spec import LoadSpec, split_evenly
+from meshserve.tools.load_spec import LoadSpec, shares_of, split_evenly
 from meshserve.tools.load_wire import stream_error_code, with_id
 from meshserve.tools.random_requests import random_request
 
@@ -240,7 +241,10 @@ def _check(result: dict, spec: LoadSpec) -> None:
     assert result["requests"] > 0
     assert result["versions"] == {"1": result["requests"]}
     assert result["throughput_rps"] > 0
-    assert 0 < result["duration_s"] <= spec.duration_s + 0.5
+    window = result["window_unix_s"]
+    assert 0 < result["duration_s"] == pytest.approx(window[1] - window[0], abs=2e-4)
+    if result["processes"] == 1:  # the window is cut at its end, never stretched
+        assert result["duration_s"] <= spec.duration_s + 1e-4
     latency = result["latency_ms"]
     assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["p999"]
     assert latency["p999"] <= latency["max"]
@@ -297,8 +301,21 @@ async def test_max_requests_stops_early_and_batch_shapes_input(echo_server) -> N
     )
     result = await asyncio.to_thread(run_load, spec)
     assert result["requests"] + sum(result["errors"].values()) == 25
-    assert result["duration_s"] < 4.0
     assert servicer.shapes == {(3, 4)}
+
+
+def test_the_request_budget_ends_the_closed_loop_window_at_its_last_answer() -> None:
+    spec = LoadSpec(target="t", model="m", concurrency=2, duration_s=5.0, warmup_s=0.0,
+                    max_requests=3)
+    [share] = shares_of(spec)
+    runner = Runner(spec, share, None, b"")
+    runner.w_start, runner.w_end = 100.0, 105.0  # the window, on the runner's clock
+    runner.record(99.9, 100.1, version="1")  # sent before the window: not counted
+    for n in range(3):
+        runner.record(100.0 + n, 100.5 + n, version="1")
+    assert runner.stop.is_set() and runner.w_end == 102.5
+    runner.record(102.0, 102.6, version="1")  # answered after the budget: not counted
+    assert (runner.ok, runner.measured, runner.samples) == (3, 3, [500.0, 500.0, 500.0])
 
 
 async def test_unknown_model_fails_clearly(echo_server) -> None:

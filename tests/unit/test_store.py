@@ -239,15 +239,21 @@ def test_append_audit_and_paging(store: Store) -> None:
         store.append_audit("", "x", "y")
 
 
-def test_reopen_serves_the_same_state(path: Path) -> None:
-    with Store.open(path, clock=FakeClock()) as store:
+def filled(location: str | Path) -> tuple:
+    """Open the store at `location`, put policies, endpoints and a canary, close it; what it
+    then held (state, canaries, audit log)."""
+    with Store.open(location, clock=FakeClock()) as store:
         store.put_policy(P1, actor="alice")
         store.put_policy(P2, actor="alice")
         store.put_policy(BERT, actor="bob")
         store.put_endpoint(E1, actor="batcher")
         store.put_endpoint(E2, actor="batcher")
         store.put_canary("resnet", {"step": 2}, actor="ctl", action="canary.step")
-        before = (store.state(), store.canaries(), store.audit())
+        return store.state(), store.canaries(), store.audit()
+
+
+def test_reopen_serves_the_same_state(path: Path) -> None:
+    before = filled(path)
 
     with Store.open(f"sqlite:///{path}") as reopened:
         assert (reopened.state(), reopened.canaries(), reopened.audit()) == before
