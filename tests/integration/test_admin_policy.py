@@ -12,17 +12,9 @@ import pytest
 from meshserve.common.certificates import spiffe_id
 from meshserve.tools.certs import issue_leaf
 from tests.integration.conftest import Mesh, meshserve, running_mesh
+from tests.policies import ALICE_READS_MLP
 
-POLICY = """
-groups:
-  developers: [client/developer]
-rules:
-  - groups: [developers]
-    actions: [admin]
-  - principals: [client/alice]
-    actions: [models:read]
-    models: [mlp]
-"""
+POLICY = ALICE_READS_MLP
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,10 @@ from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.tools.tokens import claims_for, issue
 from tests.integration.conftest import meshserve, running_mesh
 from tests.integration.test_http import run_scenarios
+from tests.policies import DEVELOPERS_ADMIN
 from tests.polling import until_sync
 
-POLICY = """
-groups:
-  developers: [client/developer]
-rules:
-  - groups: [developers]
-    actions: [admin]
+POLICY = DEVELOPERS_ADMIN + """\
   - principals: ["app/*"]
     actions: [infer, models:read]
     models: ["*"]

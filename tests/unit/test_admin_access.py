@@ -15,16 +15,9 @@ from meshserve.mesh.policy import TrafficPolicy
 from meshserve.mesh.store import Store
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.tools.certs import init_certs, issue_leaf
+from tests.policies import ALICE_READS_MLP
 
-POLICY = parse_policy("""
-groups:
-  developers: [client/developer]
-rules:
-  - groups: [developers]
-    actions: [admin]
-  - principals: [client/alice]
-    actions: [models:read]
-    models: [mlp]
+POLICY = parse_policy(ALICE_READS_MLP + """\
   - principals: [client/deployer]
     actions: [traffic:write, models:write, models:fetch]
     models: ["mlp*"]

@@ -12,23 +12,15 @@ from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFoun
 from meshserve.mesh.fetch import read_version, signed_versions, verify_fetched
 from meshserve.mesh.registry import Push, Registry
 from meshserve.mesh.store import Store
+from tests.unit.test_registry import tiny_repository
 
-CONFIG = """name: "tiny"
-max_batch_size: 4
-input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 3 ] } ]
-output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]
-"""
 PLAIN = b"torchscript stand-in " * 64
 
 
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
-    (tmp_path / "models" / "tiny" / "1").mkdir(parents=True)
-    (tmp_path / "models" / "tiny" / "config.pbtxt").write_text(CONFIG)
-    (tmp_path / "models" / "tiny" / "1" / "model.pt").write_bytes(b"unsigned v1")
-    model_files.ensure_kek(tmp_path / "keys" / "kek")
-    key = model_files.signing_key(tmp_path / "keys" / "signing.key", create=True)
-    model_files.trust(key, tmp_path / "keys" / "trusted")
+    tiny_repository(tmp_path, b"unsigned v1")
+    key = model_files.signing_key(tmp_path / "keys" / "signing.key")
     rng = random.Random(7)
     with Store.open(tmp_path / "mesh.db") as store:
         registry = Registry(store, tmp_path / "models", tmp_path / "registry", key,

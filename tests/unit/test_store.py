@@ -265,13 +265,19 @@ def test_reopen_serves_the_same_state(path: Path) -> None:
         assert reopened.rollback("resnet", actor="alice") == P1
 
 
-def test_edited_audit_row_in_the_file_is_detected(path: Path) -> None:
-    with Store.open(path) as store:
+def three_policies(location: str | Path) -> str:
+    """Put P1, P2 and P3 into the store at `location`; the audit head hash after them."""
+    with Store.open(location) as store:
         store.put_policy(P1, actor="alice")
         store.put_policy(P2, actor="alice")
         store.put_policy(P3, actor="alice")
         anchor = store.head_hash()
         assert store.verify_audit(anchor=anchor) == []
+    return anchor
+
+
+def test_edited_audit_row_in_the_file_is_detected(path: Path) -> None:
+    anchor = three_policies(path)
 
     raw = sqlite3.connect(path)
     with raw:

@@ -35,6 +35,7 @@ from tests.unit.test_store import (  # noqa: F401
     test_rollback_walks_back_through_history,
     test_rollback_with_no_history_fails_clearly,
     test_state,
+    three_policies,
 )
 
 pytest_plugins = ["tests.postgres"]
@@ -75,12 +76,7 @@ def test_reopen_serves_the_same_state(url: str) -> None:
 
 
 def test_edited_audit_row_is_detected(url: str) -> None:
-    with Store.open(url) as store:
-        store.put_policy(P1, actor="alice")
-        store.put_policy(P2, actor="alice")
-        store.put_policy(P3, actor="alice")
-        anchor = store.head_hash()
-        assert store.verify_audit(anchor=anchor) == []
+    anchor = three_policies(url)
 
     raw(url, "UPDATE audit_log SET actor = 'mallory' WHERE seq = 2")
     with Store.open(url) as store:
