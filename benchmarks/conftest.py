@@ -15,7 +15,7 @@ import pytest
 
 from benchmarks.inputs import demo_model_config
 from meshserve.protocol.model_config_pb2 import ModelConfig
-from meshserve.tools.demo_models import write_demo_repository
+from meshserve.tools.demo_repository import write_demo_repository
 
 if importlib.util.find_spec("pytest_benchmark") is None:
     raise pytest.UsageError("the benchmarks need pytest-benchmark: "

@@ -25,7 +25,7 @@ from meshserve.mesh.fetch import read_version
 from meshserve.mesh.policy import Endpoint, Shadow, TrafficPolicy
 from meshserve.mesh.readiness import Readiness
 from meshserve.mesh.registry import Push, Registry
-from meshserve.mesh.store import ModelVersion
+from meshserve.mesh.store_models import ModelVersion
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.protocol import admin_pb2_grpc
 

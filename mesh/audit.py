@@ -11,7 +11,7 @@ time to time (to another system, a ticket, a signed message) and pass it back to
 as `anchor`: the log must still contain the entry with that hash. Likewise, someone who can
 rewrite the whole table can rebuild a consistent chain; the anchor is what catches that.
 
-The functions here are pure; `meshserve.mesh.store` reads and writes the table.
+The functions here are pure; `meshserve.mesh.store_audit` reads and writes the table.
 """
 
 import hashlib

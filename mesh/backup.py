@@ -36,7 +36,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from meshserve.common import artifacts
 from meshserve.common.errors import FailedPrecondition
 from meshserve.mesh import audit as audit_log
-from meshserve.mesh.store import TABLES, TableRows
+from meshserve.mesh.database import TableRows
+from meshserve.mesh.store import TABLES
 
 FORMAT = "meshserve-backup/1"
 MANIFEST = "backup.json"

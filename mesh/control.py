@@ -26,7 +26,8 @@ from meshserve.mesh.live import History, Sample, Window, window
 from meshserve.mesh.policy import Endpoint, TrafficPolicy
 from meshserve.mesh.readiness import Changes
 from meshserve.mesh.snapshot import Snapshot
-from meshserve.mesh.store import CANARY_START, OVER_START, RESTORE, START, Store
+from meshserve.mesh.store import Store
+from meshserve.mesh.store_canaries import CANARY_START, OVER_START, RESTORE, START
 from meshserve.mesh.xds import SnapshotCache
 
 log = logging.getLogger(__name__)

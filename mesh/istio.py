@@ -26,7 +26,8 @@ from collections.abc import Iterable
 import yaml
 
 from meshserve.common.errors import InvalidArgument
-from meshserve.mesh.policy import PIN_HEADER, TrafficPolicy
+from meshserve.common.version_pin import PIN_HEADER
+from meshserve.mesh.policy import TrafficPolicy
 
 API_VERSION = "networking.istio.io/v1"
 COMPONENT_LABEL = "app.kubernetes.io/component"

@@ -5,8 +5,6 @@ from dataclasses import asdict, dataclass, field, replace
 
 from meshserve.common.errors import InvalidArgument
 
-PIN_HEADER = "x-model-version"
-
 
 def is_version(text: str) -> bool:
     """Versions are positive whole numbers written in ASCII digits."""

@@ -38,7 +38,8 @@ from meshserve.common.repository import (
     parse_config,
 )
 from meshserve.mesh.audit import utc_timestamp
-from meshserve.mesh.store import ModelVersion, Store
+from meshserve.mesh.store import Store
+from meshserve.mesh.store_models import ModelVersion
 
 MAX_ARTIFACT_BYTES = 64 * 1024 * 1024 - 64 * 1024  # one gRPC message, less room for metadata
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")

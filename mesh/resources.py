@@ -16,7 +16,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
-from meshserve.mesh.policy import PIN_HEADER, Endpoint, MeshState, TrafficPolicy
+from meshserve.common.version_pin import PIN_HEADER
+from meshserve.mesh.policy import Endpoint, MeshState, TrafficPolicy
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"

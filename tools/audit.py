@@ -18,6 +18,7 @@ import grpc
 from meshserve.common.errors import ServingError
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.protocol.admin_pb2_grpc import AdminStub
+from meshserve.tools.checks import verdict
 from meshserve.tools.connection import add_connection_flags
 from meshserve.tools.traffic import admin_channel, control_plane_address, operator_tls
 
@@ -31,12 +32,7 @@ def format_entry(entry) -> str:
 
 
 def report(problems: list[str], count: int, head: str) -> int:
-    for problem in problems:
-        print(problem)
-    if problems:
-        return 1
-    print(f"audit log intact: {count} entries; head {head}")
-    return 0
+    return verdict(problems, f"audit log intact: {count} entries; head {head}")
 
 
 def verify_store(args: argparse.Namespace) -> int:

@@ -36,8 +36,9 @@ from meshserve.common import artifacts, model_files
 from meshserve.common.errors import FailedPrecondition, ServingError
 from meshserve.mesh import backup
 from meshserve.mesh.audit import utc_timestamp
-from meshserve.mesh.store import SCHEMA_VERSION, Store
-from meshserve.tools.up import positive_count
+from meshserve.mesh.database import SCHEMA_VERSION
+from meshserve.mesh.store import Store
+from meshserve.tools.arguments import positive_int
 
 
 @dataclass(frozen=True)
@@ -269,7 +270,7 @@ def register(commands) -> None:
     parser.add_argument("--out", type=Path, default=Path("."),
                         help="a directory (a new archive named by time in it) or a FILE.tar "
                              "(default .)")
-    parser.add_argument("--keep", type=positive_count, default=None, metavar="N",
+    parser.add_argument("--keep", type=positive_int, default=None, metavar="N",
                         help="then delete all but the newest N archives in the --out directory")
     parser.add_argument("--signing-key", type=Path, default=None,
                         help="Ed25519 key (PEM) that signs the archive "

@@ -3,12 +3,12 @@
 Closed loop over HTTP/1.1 keep-alive connections (HTTPS with `--ca`, mutual TLS with
 `--cert/--key`), one connection per worker, one request outstanding on each. The model's
 metadata is read once (`GET /v2/models/M`), one random request is built from it as the gRPC
-path builds it (`bench.build_request`), and its HTTP bytes (request line, headers, body) are
+path builds it (`random_request`), and its HTTP bytes (request line, headers, body) are
 made once: the body carries the inputs as binary tensor data and asks for binary outputs
 (`--encoding binary`, the default), or carries every tensor as JSON (`--encoding json`).
 Each answer's JSON is parsed for its `model_version`. Errors are counted as `HTTP_<status>`
 (or `UNAVAILABLE` for a broken connection, which the worker then reopens). The counting
-window and the result are the gRPC path's (see `meshserve.tools.bench`).
+window and the result are the gRPC path's (see `meshserve.tools.load`).
 """
 
 from __future__ import annotations
@@ -24,13 +24,16 @@ from google.protobuf import json_format
 
 from meshserve.ingress.http_codec import encode_request
 from meshserve.protocol import grpc_service_pb2 as pb
-from meshserve.tools import bench
+from meshserve.tools.load_engine import Runner, run_sync
+from meshserve.tools.load_results import summarize
+from meshserve.tools.load_spec import LoadSpec, Part, shares_of
+from meshserve.tools.random_requests import random_request
 
 _REOPEN_BACKOFF_S = 0.01
 _TIMEOUT_S = 30.0
 
 
-def _client_ssl(spec: bench.LoadSpec) -> ssl.SSLContext | None:
+def _client_ssl(spec: LoadSpec) -> ssl.SSLContext | None:
     if spec.ca is None:
         return None
     context = ssl.create_default_context(cafile=str(spec.ca))
@@ -93,7 +96,7 @@ def _host_port(target: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def _connect(spec: bench.LoadSpec) -> _Connection:
+async def _connect(spec: LoadSpec) -> _Connection:
     host, port = _host_port(spec.target)
     context = _client_ssl(spec)
     _, connection = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
@@ -102,12 +105,12 @@ async def _connect(spec: bench.LoadSpec) -> _Connection:
     return connection
 
 
-def _model_path(spec: bench.LoadSpec) -> str:
+def _model_path(spec: LoadSpec) -> str:
     path = f"/v2/models/{quote(spec.model, safe='')}"
     return path + (f"/versions/{quote(spec.version, safe='')}" if spec.version else "")
 
 
-def http_request(spec: bench.LoadSpec, method: str, path: str, body: bytes = b"",
+def http_request(spec: LoadSpec, method: str, path: str, body: bytes = b"",
                  headers: tuple[tuple[str, str], ...] = ()) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", f"host: {spec.target}",
              f"content-length: {len(body)}",
@@ -115,9 +118,9 @@ def http_request(spec: bench.LoadSpec, method: str, path: str, body: bytes = b""
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def infer_request(spec: bench.LoadSpec, metadata: pb.ModelMetadataResponse) -> bytes:
+def infer_request(spec: LoadSpec, metadata: pb.ModelMetadataResponse) -> bytes:
     """The whole HTTP request of one inference, made once."""
-    request = bench.build_request(metadata, spec.model, spec.version, spec.batch)
+    request, _ = random_request(metadata, spec.batch, model=spec.model, version=spec.version)
     body, header_length = encode_request(request, spec.encoding == "binary")
     headers = [("content-type", "application/json")]
     if header_length is not None:
@@ -126,7 +129,7 @@ def infer_request(spec: bench.LoadSpec, metadata: pb.ModelMetadataResponse) -> b
     return http_request(spec, "POST", _model_path(spec) + "/infer", body, tuple(headers))
 
 
-async def _metadata(connection: _Connection, spec: bench.LoadSpec) -> pb.ModelMetadataResponse:
+async def _metadata(connection: _Connection, spec: LoadSpec) -> pb.ModelMetadataResponse:
     status, _, body = await asyncio.wait_for(
         connection.call(http_request(spec, "GET", _model_path(spec))), _TIMEOUT_S)
     if status != 200:
@@ -141,7 +144,7 @@ def model_version(header_length: int | None, body: bytes) -> str:
     return json.loads(header).get("model_version", "")
 
 
-class _Runner(bench._Runner):
+class _Runner(Runner):
     """The gRPC path's closed loop and its counting; each worker on its own connection."""
 
     async def _unary_worker(self) -> None:
@@ -172,19 +175,19 @@ class _Runner(bench._Runner):
                 connection.close()
 
 
-async def _run(spec: bench.LoadSpec) -> bench._Part:
+async def _run(spec: LoadSpec) -> Part:
     connection = await _connect(spec)
     try:
         metadata = await _metadata(connection, spec)
     finally:
         connection.close()
-    [share] = bench._shares(spec)
+    [share] = shares_of(spec)
     return await _Runner(spec, share, None, infer_request(spec, metadata)).run()
 
 
-def run_load(spec: bench.LoadSpec) -> dict:
+def run_load(spec: LoadSpec) -> dict:
     """Closed-loop HTTP load in this process; the result has the gRPC path's fields."""
     if spec.open_loop or spec.stream or spec.processes != 1:
         raise ValueError("--protocol http runs a closed loop (--concurrency) in one process; "
                          "--rate, --stream and --processes are for gRPC")
-    return bench._summarize(spec, [bench._run_sync(_run, spec)])
+    return summarize(spec, [run_sync(_run, spec)])

@@ -14,16 +14,17 @@ Units:
 
 /proc: a process's CPU is ``utime + stime`` of ``/proc/PID/stat`` (clock ticks, all its
 threads), its memory ``VmRSS`` of ``/proc/PID/status``.
+
+One module of ~450 lines on purpose: each figure's formula, its budget and its verdict read
+together, top to bottom, and `tests/unit/test_budget.py` tables them in the same order.
 """
 
 from __future__ import annotations
 
-import math
-import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from meshserve.tools.bench_compare import ratio
+from meshserve.tools.compare_tables import median, ratio
 
 # The service kinds whose CPU per request has a budget, in the order of a request's path.
 KINDS = ("ingress", "router", "batcher", "compute")
@@ -182,12 +183,6 @@ class Window:
         if self.requests <= 0:
             return None
         return sum(self.cpu_s.get(kind, 0.0) for kind in kinds) / self.requests
-
-
-def median(values: Iterable[float | None]) -> float | None:
-    """The median of the values that are not None (None when there are none)."""
-    present = [v for v in values if v is not None and math.isfinite(v)]
-    return statistics.median(present) if present else None
 
 
 def hop_added(p50_ms: Mapping[str, Sequence[float]]) -> dict[str, float | None]:
@@ -437,7 +432,6 @@ __all__ = [
     "figures",
     "hop_added",
     "largest_by_kind",
-    "median",
     "most_answered",
     "parse_budgets",
     "parse_rss_mib",

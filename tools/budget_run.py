@@ -3,42 +3,12 @@
 It starts ``meshserve up`` as shipped (its own temporary data directory, any free port,
 compute on the CPU; metrics, authentication and logging at their defaults) and, beside it,
 the bare server of `meshserve.tools.budget_bare`; drives both with the load generator of
-`meshserve.tools.bench` (closed loop, unary, one client process, unpinned requests of one
+`meshserve.tools.load` (closed loop, unary, one client process, unpinned requests of one
 random row as a client sends them); and reads /proc for every process `up` started (its
 children, named by their command lines). Everything that is compared is measured in the same
 run, and rounds are interleaved (bare, then each model at c=32 and c=1, round after round) so
 that a machine that slows down mid-run slows every figure alike. Each figure is the median of
 its rounds.
-
-How each figure is measured:
-
-* **B**: the bare server's CPU (utime + stime of its process) over a load window at
-  concurrency 32, divided by the calls answered in the window (sent and answered inside it).
-* **CPU per request** of a kind (ingress; router; all batchers together; all computes
-  together) at concurrency 32 and 1, per model: the CPU of those processes over the window
-  divided by the requests answered in it, in B. /proc is read every `SAMPLE_S` seconds in a
-  thread and interpolated to the client's window edges. The count leaves out requests that
-  straddle an edge (at most the concurrency), which errs toward more CPU per request (under
-  2 % here). The **whole mesh** is the four kinds together; its c=1 figure over its c=32
-  figure is the per-request cost that concurrency amortises.
-* **Model CPU per sample**: ``torch.jit.load`` of the version that answered most, called in
-  this process at batch 16 with one torch thread, in every round after its load windows;
-  process CPU time per row. Compute's budget is its own share plus this. Its p50 at batch 1
-  (wall time) is compute's latency allowance.
-* **p50 added by each hop** at concurrency 1: each hop is called directly with its debug
-  ``ModelInfer`` (ingress and router unpinned, the batcher and compute of the version that
-  answered most; compute with the batcher's certificate, as compute admits only batchers)
-  and so is the bare server, round after round; within each round the hop's p50 less the
-  p50 of the hop behind it (compute: less the bare server's), over the bare server's p50 of
-  the same request, is what it adds; the figure is the median over rounds.
-* **Idle mesh CPU**: once the load has stopped and the mesh has settled (`Plan.settle_s`),
-  the CPU of every process of `up` (itself included) over short windows, as % of one core.
-* **RSS**: VmRSS of each process; idle is read in the idle phase, under load is the largest
-  reading during the c=32 windows; each kind shows its largest process.
-
-With ``--profile`` a separate c=32 load of the first model runs after the measurements while
-py-spy records ingress, router and that model's batchers and computes (``--native``), so the
-profiler's own cost never reaches a figure.
 """
 
 from __future__ import annotations
@@ -46,290 +16,34 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shutil
 import signal
-import statistics
 import sys
 import tempfile
 import time
 import tomllib
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
-from meshserve.common.repository import ModelRepository
-from meshserve.common.tls import TlsFiles, channel_credentials, channel_options
-from meshserve.protocol import grpc_service_pb2 as pb
-from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
-from meshserve.tools.bench import LoadSpec, build_request, run_load
+from meshserve.tools.arguments import positive_float
 from meshserve.tools.budget import (
-    HOPS,
     Budgets,
     Figure,
     Measured,
-    ServiceProcess,
-    Window,
-    cpu_by_kind,
-    cpu_seconds,
     figures,
-    largest_by_kind,
-    most_answered,
     parse_budgets,
     past_gate,
     report_lines,
 )
+from meshserve.tools.budget_measure import FULL, HIGH, LOW, QUICK, BudgetRun, Plan
 from meshserve.tools.budget_proc import (
     BareServer,
     MeshUp,
-    Sampler,
     py_spy,
-    record_profiles,
 )
 
 DEFAULT_BUDGET = Path(__file__).resolve().parents[1] / "benchmarks" / "budget.toml"
-MODELS = ("mlp", "cnn")
-HIGH, LOW = 32, 1
-_READY_TIMEOUT_S = 240.0
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How long each part of a budget run lasts."""
-
-    models: tuple[str, ...]
-    rounds: int  # load windows per (model, concurrency), and bare windows
-    warmup_s: float
-    load_s: float
-    hop_rounds: int
-    hop_warmup_s: float
-    hop_s: float
-    model_s: float  # in-process model measurement, per model and round
-    settle_s: float
-    idle_windows: int
-    idle_s: float
-    profile_s: float
-
-
-QUICK = Plan(models=("mlp",), rounds=2, warmup_s=0.5, load_s=2.0, hop_rounds=3,
-             hop_warmup_s=0.3, hop_s=0.6, model_s=0.3, settle_s=2.0, idle_windows=3,
-             idle_s=1.0, profile_s=5.0)
-FULL = Plan(models=MODELS, rounds=3, warmup_s=1.0, load_s=4.0, hop_rounds=5,
-            hop_warmup_s=0.5, hop_s=1.5, model_s=0.5, settle_s=3.0, idle_windows=5,
-            idle_s=2.0, profile_s=10.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Measurements
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where a load goes and as whom."""
-
-    address: str
-    identity: str  # the server's identity (TLS target name)
-    caller: str  # the certificate presented: client, or batcher for compute
-
-    def spec(self, tls_dir: Path, model: str, request: bytes, concurrency: int,
-             duration_s: float, warmup_s: float) -> LoadSpec:
-        return LoadSpec(target=self.address, model=model, concurrency=concurrency,
-                        duration_s=duration_s, warmup_s=warmup_s, ca=tls_dir / "ca.crt",
-                        cert=tls_dir / f"{self.caller}.crt", key=tls_dir / f"{self.caller}.key",
-                        server_name=self.identity, request=request)
-
-
-def request_bytes(endpoint: str, tls_dir: Path, model: str) -> bytes:
-    """One request of `model` with a random row, as the load generator builds it from the
-    ingress's ModelMetadata."""
-    credentials = channel_credentials(TlsFiles.for_identity(tls_dir, "client"))
-    with grpc.secure_channel(endpoint, credentials, options=channel_options("ingress")) as ch:
-        metadata = GRPCInferenceServiceStub(ch).ModelMetadata(
-            pb.ModelMetadataRequest(name=model), timeout=10)
-    return build_request(metadata, model).SerializeToString()
-
-
-def _checked(result: dict, what: str) -> dict:
-    if not result["requests"]:
-        raise RuntimeError(f"{what}: no request answered; errors {result['errors']}")
-    return result
-
-
-def load_window(spec: LoadSpec, processes: list[ServiceProcess], what: str,
-                rss_into: dict[str, float] | None = None) -> tuple[Window, dict]:
-    """One load run; the CPU of `processes` by kind over its measured window."""
-    with Sampler(p.pid for p in processes) as sampler:
-        result = _checked(run_load(spec), what)
-    start, end = result["window_unix_s"]
-    cpu = cpu_by_kind(sampler.samples, processes, start, end, os.sysconf("SC_CLK_TCK"))
-    if rss_into is not None:
-        largest_by_kind(sampler.rss_max, processes, rss_into)
-    return Window(result["requests"], cpu), result
-
-
-class InProcessModel:
-    """A TorchScript file loaded in this process, called with one torch thread."""
-
-    def __init__(self, artifact: Path, dims: tuple[int, ...], batch: int = 16) -> None:
-        import torch
-
-        self._torch = torch
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            self._model = torch.jit.load(str(artifact), map_location="cpu").eval()
-        self.batch = batch
-        self._rows, self._one = torch.rand(batch, *dims), torch.rand(1, *dims)
-
-    def cost(self, seconds: float) -> tuple[float, float]:
-        """(process CPU seconds per row at `batch`, wall-clock p50 ms at batch 1), each
-        measured over about `seconds` after a short warm-up."""
-        torch, model = self._torch, self._model
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with torch.inference_mode():
-                for _ in range(2):
-                    model(self._rows)
-                    model(self._one)
-                calls, cpu0, end = 0, time.process_time(), time.monotonic() + seconds
-                while time.monotonic() < end or calls < 3:
-                    model(self._rows)
-                    calls += 1
-                per_row = (time.process_time() - cpu0) / (calls * self.batch)
-                latencies, end = [], time.monotonic() + seconds
-                while time.monotonic() < end or len(latencies) < 3:
-                    sent = time.perf_counter()
-                    model(self._one)
-                    latencies.append((time.perf_counter() - sent) * 1000)
-        finally:
-            torch.set_num_threads(previous)
-        return per_row, statistics.median(latencies)
-
-
-class BudgetRun:
-    """One budget run against a started mesh and bare server; fills `measured`."""
-
-    def __init__(self, plan: Plan, mesh: MeshUp, bare: BareServer,
-                 say: Callable[[str], None]) -> None:
-        self.plan = plan
-        self.mesh = mesh
-        self.bare = bare
-        self.say = say
-        self.tls = mesh.data_dir / "tls"
-        self.measured = Measured()
-        self.results: list[dict] = []  # every load result, for the JSON
-        self.requests = {m: request_bytes(mesh.endpoint, self.tls, m) for m in plan.models}
-        self.ingress = Target(mesh.endpoint, "ingress", "client")
-        self.bare_target = Target(bare.address, "ingress", "client")
-        self._repository = ModelRepository.load(mesh.data_dir / "models")
-        self._loaded: dict[tuple[str, str], InProcessModel] = {}
-
-    def _window(self, target: Target, model: str, concurrency: int, processes,
-                what: str, rss: bool = False) -> Window:
-        spec = target.spec(self.tls, model, self.requests[model], concurrency,
-                           self.plan.load_s, self.plan.warmup_s)
-        window, result = load_window(spec, processes, what,
-                                     self.measured.rss_load_mib if rss else None)
-        self.results.append({"what": what, **result})
-        if result["errors"]:
-            self.say(f"  {what}: errors {result['errors']}")
-        return window
-
-    def loads(self) -> None:
-        """Rounds of: the bare server at c=32, then each model at c=32 and c=1."""
-        measured, mesh = self.measured, self.mesh.processes
-        for index in range(self.plan.rounds):
-            window = self._window(self.bare_target, self.plan.models[0], HIGH,
-                                  [self.bare.process_info], "bare c=32")
-            measured.bare.append(window)
-            self.say(f"  round {index + 1}/{self.plan.rounds}: bare "
-                     f"{window.per_request(['bare']) * 1e6:.0f} µs/call")
-            for model in self.plan.models:
-                for concurrency in (HIGH, LOW):
-                    what = f"{model} c={concurrency}"
-                    window = self._window(self.ingress, model, concurrency, mesh, what,
-                                          rss=concurrency == HIGH)
-                    measured.load.setdefault((model, concurrency), []).append(window)
-                    self.say(f"  round {index + 1}/{self.plan.rounds}: {what} "
-                             f"{window.requests / self.plan.load_s:.0f} req/s")
-            self._model_costs()
-            self.mesh.check_unchanged()
-
-    def _model_costs(self) -> None:
-        """Each model's own cost in this process, between the load windows of a round."""
-        for model in self.plan.models:
-            version = self.version(model)
-            loaded = self._loaded.get((model, version))
-            if loaded is None:
-                config = self._repository.get(model).config
-                loaded = self._loaded[(model, version)] = InProcessModel(
-                    self._repository.artifact(model, version), tuple(config.input[0].dims))
-            per_row, p50 = loaded.cost(self.plan.model_s)
-            self.measured.model_cpu_per_sample_s.setdefault(model, []).append(per_row)
-            self.measured.model_p50_ms.setdefault(model, []).append(p50)
-            self.say(f"    {model} version {version} in-process: {per_row * 1e6:.0f} µs CPU "
-                     f"per row at batch 16, p50 {p50:.3f} ms at batch 1")
-
-    def version(self, model: str) -> str:
-        return most_answered(r for r in self.results if r["model"] == model
-                             and r["target"] == self.mesh.endpoint)
-
-    def hop_targets(self, model: str) -> dict[str, Target]:
-        version = self.version(model)
-        return {"ingress": self.ingress,
-                "router": Target(self.mesh.address("router"), "router", "client"),
-                "batcher": Target(self.mesh.address(f"batcher-{model}-{version}"), "batcher",
-                                  "client"),
-                "compute": Target(self.mesh.address(f"compute-{model}-{version}"), "compute",
-                                  "batcher"),
-                "bare": self.bare_target}
-
-    def hops(self) -> None:
-        """Rounds of c=1 loads straight at each hop and at the bare server; p50s."""
-        for model in self.plan.models:
-            targets = self.hop_targets(model)
-            p50s: dict[str, list[float]] = {hop: [] for hop in HOPS}
-            for _ in range(self.plan.hop_rounds):
-                for hop in HOPS:
-                    spec = targets[hop].spec(self.tls, model, self.requests[model], LOW,
-                                             self.plan.hop_s, self.plan.hop_warmup_s)
-                    result = _checked(run_load(spec), f"{model} c=1 at {hop}")
-                    if result["errors"]:
-                        raise RuntimeError(f"{model} c=1 at {hop}: errors {result['errors']}")
-                    self.results.append({"what": f"{model} c=1 at {hop}", **result})
-                    p50s[hop].append(result["latency_ms"]["p50"])
-            self.measured.hop_p50_ms[model] = p50s
-            self.say(f"  {model} p50 by hop (ms): " + ", ".join(
-                f"{hop} {sorted(values)[len(values) // 2]:.3f}" for hop, values in p50s.items()))
-        self.mesh.check_unchanged()
-
-    def idle(self) -> None:
-        """The mesh's CPU and RSS once the load has stopped and it has settled."""
-        time.sleep(self.plan.settle_s)
-        processes = self.mesh.processes
-        ticks = os.sysconf("SC_CLK_TCK")
-        for _ in range(self.plan.idle_windows):
-            with Sampler(p.pid for p in processes) as sampler:
-                time.sleep(self.plan.idle_s)
-            first, last = sampler.samples[0].at, sampler.samples[-1].at
-            cpu = cpu_seconds(sampler.samples, [p.pid for p in processes], first, last, ticks)
-            self.measured.idle_cpu_percent.append(100 * cpu / (last - first))
-        largest_by_kind(sampler.rss_max, processes, self.measured.rss_idle_mib)
-        self.mesh.check_unchanged()
-        self.say("  idle: " + ", ".join(f"{v:.1f} %" for v in self.measured.idle_cpu_percent))
-
-    def profile(self, out_dir: Path) -> list[str]:
-        """py-spy profiles of the hops of the first model under a c=32 load."""
-        model = self.plan.models[0]
-        wanted = [p for p in self.mesh.processes
-                  if p.kind in ("ingress", "router") or p.name.startswith(
-                      (f"batcher-{model}-", f"compute-{model}-"))]
-        return record_profiles(wanted, out_dir, self.plan.profile_s, lambda: run_load(
-            self.ingress.spec(self.tls, model, self.requests[model], HIGH,
-                              self.plan.profile_s + 2, 1.0)))
+READY_TIMEOUT_S = 240.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +71,7 @@ def measure(plan: Plan, data_dir: Path, out_dir: Path, profile: bool,
     mesh = MeshUp(data_dir, out_dir / "up.log")
     bare = None
     try:
-        mesh.wait_ready(_READY_TIMEOUT_S)
+        mesh.wait_ready(READY_TIMEOUT_S)
         say(f"[{time.monotonic() - started:4.0f} s] meshserve up ready at {mesh.endpoint} "
             f"({len(mesh.processes)} processes)")
         bare = BareServer(data_dir / "tls", data_dir.parent)
@@ -427,13 +141,6 @@ def _failure(figure: Figure) -> str:
 # Command line
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def _cmd_budget(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -479,7 +186,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         "(needs py-spy: pip install -e '.[profile]')")
     parser.add_argument("--out", type=Path,
                         help="results folder (default bench-results/budget-<UTC time>/)")
-    parser.add_argument("--gate", type=_positive, metavar="FACTOR",
+    parser.add_argument("--gate", type=positive_float, metavar="FACTOR",
                         help="exit 1 when a CPU-per-request figure is past FACTOR x its budget")
     parser.add_argument("--budget", type=Path, default=DEFAULT_BUDGET,
                         help="the budget file (default benchmarks/budget.toml)")

@@ -21,6 +21,10 @@ or a new key with the old certificate, which services detect and wait out.
 (peers keep trusting leaves of either during the overlap) and the leaves come from the new
 CA. Once every service runs on the new leaves, `--drop-old-ca` leaves only the new CA in
 `ca.crt` (it refuses while a leaf in DIR is still from an old CA).
+
+One module of ~460 lines on purpose: issuing, rotating and the command line share the
+directory's layout and its write rules (nothing overwritten, keys 0600 from their first byte,
+a key renamed into place before its certificate), which are easier to check in one place.
 """
 
 from __future__ import annotations
@@ -39,27 +43,25 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from meshserve.common.certificates import spiffe_id
 from meshserve.common.files import synced_temporary
+from meshserve.common.keys import private_key_pem
+from meshserve.common.tls import MismatchedKey, check_pair
+from meshserve.tools.arguments import positive_int
 
 IDENTITIES = ("ingress", "router", "batcher", "compute", "control-plane")
-TRUST_DOMAIN = "meshserve.local"
 CLIENT_NAME = "client"
 CLIENT_IDENTITY = "client/developer"
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 
-_SPIFFE_PREFIX = f"spiffe://{TRUST_DOMAIN}/"
 # Tolerate small clock differences between the machine that issues and the one that checks.
 _BACKDATE = datetime.timedelta(minutes=5)
 
 
 class CertsError(Exception):
     """The certificate directory is in a state this tool will not repair by itself."""
-
-
-def spiffe_id(identity: str) -> str:
-    return _SPIFFE_PREFIX + identity
 
 
 def identity_sans(identity: str) -> list[str]:
@@ -109,14 +111,6 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
 
 
 # --- certificate building -------------------------------------------------------------------
@@ -181,21 +175,21 @@ def _build_ca(days: int) -> tuple[bytes, bytes]:
                        critical=False)
         .sign(key, hashes.SHA256())
     )
-    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+    return cert.public_bytes(serialization.Encoding.PEM), private_key_pem(key)
 
 
 def _load_ca(
     ca_cert_path: Path, ca_key_path: Path
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    cert = x509.load_pem_x509_certificate(Path(ca_cert_path).read_bytes())
-    key = serialization.load_pem_private_key(Path(ca_key_path).read_bytes(), password=None)
+    cert_pem, key_pem = Path(ca_cert_path).read_bytes(), Path(ca_key_path).read_bytes()
+    key = serialization.load_pem_private_key(key_pem, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CertsError(f"{ca_key_path} is not an EC private key")
-    pub = serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(serialization.Encoding.DER, pub) != \
-            cert.public_key().public_bytes(serialization.Encoding.DER, pub):
-        raise CertsError(f"{ca_key_path} is not the key of {ca_cert_path}")
-    return cert, key
+    try:
+        check_pair(cert_pem, key_pem)
+    except MismatchedKey:
+        raise CertsError(f"{ca_key_path} is not the key of {ca_cert_path}") from None
+    return x509.load_pem_x509_certificate(cert_pem), key
 
 
 def issue_leaf(
@@ -274,7 +268,7 @@ def _build_leaf(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+    return cert.public_bytes(serialization.Encoding.PEM), private_key_pem(key)
 
 
 def init_certs(directory: Path, *, days: int = 365) -> None:
@@ -416,39 +410,7 @@ def _drop_old_ca(directory: Path) -> list[Path]:
     return [ca_cert_path]
 
 
-# --- inspection -----------------------------------------------------------------------------
-
-
-def identity_of(cert_pem: bytes) -> str | None:
-    """The mesh identity in a certificate's SPIFFE URI SAN, or None when it has none.
-
-    `spiffe://meshserve.local/router` gives "router", `.../client/developer` gives
-    "client/developer". URIs of other trust domains are ignored.
-    """
-    if isinstance(cert_pem, str):
-        cert_pem = cert_pem.encode()
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
-    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
-        if uri.startswith(_SPIFFE_PREFIX) and len(uri) > len(_SPIFFE_PREFIX):
-            return uri[len(_SPIFFE_PREFIX):]
-    return None
-
-
 # --- command line ---------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -489,13 +451,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = certs.add_subparsers(dest="certs_command", metavar="COMMAND", required=True)
     init = commands.add_parser("init", help="create the CA and the certificates that are missing")
     init.add_argument("directory", metavar="DIR", type=Path, help="where the files go")
-    init.add_argument("--days", type=_positive_int, default=365,
+    init.add_argument("--days", type=positive_int, default=365,
                       help="validity of new certificates in days (default: 365)")
     init.set_defaults(func=_cmd_init)
     rotate = commands.add_parser(
         "rotate", help="re-issue every leaf (optionally from a new CA); services reload them")
     rotate.add_argument("directory", metavar="DIR", type=Path, help="the certificate directory")
-    rotate.add_argument("--days", type=_positive_int, default=365,
+    rotate.add_argument("--days", type=positive_int, default=365,
                         help="validity of the new certificates in days (default: 365)")
     which = rotate.add_mutually_exclusive_group()
     which.add_argument("--new-ca", action="store_true",

@@ -9,13 +9,13 @@ import grpc
 import numpy
 
 from meshserve.common.arrays import NUMPY_DTYPE, deserialize_bytes
-from meshserve.common.datatypes import serialize_bytes
 from meshserve.common.forwarding import CODE_NAME
 from meshserve.common.tls import TlsFiles, channel_credentials
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.async_inference_pb2 import ResultRequest, ResultResponse
 from meshserve.protocol.async_inference_pb2_grpc import AsyncInferenceStub
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+from meshserve.tools.random_requests import random_request
 
 
 def client_tls(data_dir: Path) -> TlsFiles:
@@ -25,31 +25,6 @@ def client_tls(data_dir: Path) -> TlsFiles:
 
 def connect(target: str, tls: TlsFiles) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(target, channel_credentials(tls))
-
-
-def random_request(metadata: pb.ModelMetadataResponse, batch: int,
-                   seed: int = 0) -> tuple[pb.ModelInferRequest, dict[str, numpy.ndarray]]:
-    """A request with seeded random inputs (-1 dimensions become `batch`, then 1)."""
-    generator = numpy.random.default_rng(seed)
-    request = pb.ModelInferRequest(model_name=metadata.name)
-    arrays = {}
-    for tensor in metadata.inputs:
-        shape = [batch if i == 0 and d == -1 else (1 if d == -1 else d)
-                 for i, d in enumerate(tensor.shape)]
-        if tensor.datatype == "BYTES":
-            array = generator.integers(0, 10**6, shape).astype(str).astype(object)
-            raw = serialize_bytes(array.reshape(-1).tolist())
-        elif NUMPY_DTYPE[tensor.datatype].kind in "iu":  # UINT8 images: the whole range
-            high = 256 if tensor.datatype == "UINT8" else 100
-            array = generator.integers(0, high, shape).astype(NUMPY_DTYPE[tensor.datatype])
-            raw = array.tobytes()
-        else:
-            array = generator.standard_normal(shape).astype(NUMPY_DTYPE[tensor.datatype])
-            raw = array.tobytes()
-        arrays[tensor.name] = array
-        request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=shape)
-        request.raw_input_contents.append(raw)
-    return request, arrays
 
 
 def outputs_of(response: pb.ModelInferResponse) -> dict[str, numpy.ndarray]:

@@ -1,22 +1,24 @@
 """Deterministic demo models for a meshserve model repository.
 
-`write_demo_repository(path)` writes two TorchScript models, `mlp` and `cnn`, each in
-versions 1 and 2 with different weights, and the models of `meshserve.tools.demo_pipeline`
-(ONNX, Python and an ensemble). Weights come from a fixed seed per model and
+`write_torchscript_models(path)` writes two TorchScript models, `mlp` and `cnn`, each in
+versions 1 and 2 with different weights (`meshserve.tools.demo_repository` adds the models of
+the other backends). Weights come from a fixed seed per model and
 version, drawn under a forked RNG (the caller's RNG state is left untouched), so every run
 writes the same weights and the models give the same output bytes for the same input.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from meshserve.common.files import write_atomic
+from meshserve.tools.pbtxt import dims_text
 
 DEMO_MODELS = ("mlp", "cnn")
 DEMO_VERSIONS = ("1", "2")
@@ -65,10 +67,6 @@ def build_model(name: str, version: str | int) -> nn.Module:
     return model.eval()
 
 
-def _dims(dims: tuple[int, ...]) -> str:
-    return "[ " + ", ".join(str(d) for d in dims) + " ]"
-
-
 # Measured on a 2-core CPU with one torch thread: cnn computes most rows per second at
 # batch 4 (about 1,640 rows/s, against 790 at batch 32), so its batcher aims for 4.
 PREFERRED_BATCH_SIZES = {"cnn": (4,)}
@@ -82,7 +80,7 @@ MAX_QUEUE_SIZE = 256
 
 def _preferred(name: str) -> str:
     sizes = PREFERRED_BATCH_SIZES.get(name)
-    return f"  preferred_batch_size: {_dims(sizes)}\n" if sizes else ""
+    return f"  preferred_batch_size: {dims_text(sizes)}\n" if sizes else ""
 
 
 def demo_config(name: str) -> str:
@@ -96,14 +94,14 @@ def demo_config(name: str) -> str:
         f"  {{\n"
         f'    name: "INPUT__0"\n'
         f"    data_type: TYPE_FP32\n"
-        f"    dims: {_dims(_INPUT_DIMS[name])}\n"
+        f"    dims: {dims_text(_INPUT_DIMS[name])}\n"
         f"  }}\n"
         f"]\n"
         f"output [\n"
         f"  {{\n"
         f'    name: "OUTPUT__0"\n'
         f"    data_type: TYPE_FP32\n"
-        f"    dims: {_dims(_OUTPUT_DIMS[name])}\n"
+        f"    dims: {dims_text(_OUTPUT_DIMS[name])}\n"
         f"  }}\n"
         f"]\n"
         f"# No queue delay: meshserve's batcher is work-conserving.\n"
@@ -117,47 +115,35 @@ def demo_config(name: str) -> str:
     )
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write `path` through a temporary file in the same directory, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _save_torchscript(model: nn.Module, target: str) -> None:
+def torchscript_bytes(model: nn.Module) -> bytes:
+    """`model` scripted and saved as a TorchScript file's bytes."""
     with warnings.catch_warnings():
         # torch.jit is deprecated in favour of torch.export, but TorchScript is what the
         # pytorch_libtorch platform serves.
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
         scripted = torch.jit.script(model)
-        torch.jit.save(scripted, target)
+        buffer = io.BytesIO()
+        torch.jit.save(scripted, buffer)
+    return buffer.getvalue()
 
 
-def write_demo_repository(path: Path | str) -> None:
-    """Write the demo models into the repository at `path`.
+def write_text_if_changed(path: Path, text: str) -> None:
+    """Write `path` whole unless it already holds `text`."""
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        write_atomic(path, text.encode())
 
-    Pieces already present and complete (a config.pbtxt with the expected text, a model
-    file per version) are left unchanged; missing or different ones are (re)written.
-    """
-    path = Path(path)
+
+def write_if_missing(path: Path, data: Callable[[], bytes]) -> None:
+    """Write `path` whole with `data()` unless it already holds some bytes."""
+    if not path.is_file() or path.stat().st_size == 0:
+        write_atomic(path, data())
+
+
+def write_torchscript_models(path: Path) -> None:
+    """Write `mlp` and `cnn`, versions 1 and 2, into the repository at `path`, leaving
+    pieces already present and complete unchanged."""
     for name in DEMO_MODELS:
-        model_dir = path / name
-        config_path = model_dir / "config.pbtxt"
-        text = demo_config(name)
-        if not config_path.is_file() or config_path.read_text(encoding="utf-8") != text:
-            atomic_write(config_path, lambda tmp, t=text: Path(tmp).write_text(t, "utf-8"))
+        write_text_if_changed(path / name / "config.pbtxt", demo_config(name))
         for version in DEMO_VERSIONS:
-            artifact = model_dir / version / "model.pt"
-            if artifact.is_file() and artifact.stat().st_size > 0:
-                continue
-            model = build_model(name, version)
-            atomic_write(artifact, lambda tmp, m=model: _save_torchscript(m, tmp))
-    from meshserve.tools.demo_pipeline import write_pipeline_models
-
-    write_pipeline_models(path)
+            write_if_missing(path / name / version / "model.pt",
+                             lambda n=name, v=version: torchscript_bytes(build_model(n, v)))

@@ -14,7 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from meshserve.tools.demo_models import MAX_BATCH_SIZE, atomic_write, build_model
+from meshserve.tools.demo_models import (
+    MAX_BATCH_SIZE,
+    build_model,
+    write_if_missing,
+    write_text_if_changed,
+)
 
 IMAGE_SIZE = 64
 _IMAGE = f"[ {IMAGE_SIZE}, {IMAGE_SIZE}, 3 ]"
@@ -156,23 +161,15 @@ def mlp_onnx_bytes() -> bytes:
     return model.SerializeToString()
 
 
-def _write_text(path: Path, text: str) -> None:
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text, "utf-8"))
-
-
 def write_pipeline_models(path: Path) -> None:
     """Write the ONNX, Python and ensemble demo models into the repository at `path`,
     leaving pieces already present and complete unchanged."""
-    _write_text(path / "mlp_onnx" / "config.pbtxt", MLP_ONNX_CONFIG)
-    onnx_file = path / "mlp_onnx" / "1" / "model.onnx"
-    if not onnx_file.is_file() or onnx_file.stat().st_size == 0:
-        data = mlp_onnx_bytes()
-        atomic_write(onnx_file, lambda tmp: Path(tmp).write_bytes(data))
+    write_text_if_changed(path / "mlp_onnx" / "config.pbtxt", MLP_ONNX_CONFIG)
+    write_if_missing(path / "mlp_onnx" / "1" / "model.onnx", mlp_onnx_bytes)
     for name, config, source in (("preprocess", PREPROCESS_CONFIG, PREPROCESS_PY),
                                  ("postprocess", POSTPROCESS_CONFIG, POSTPROCESS_PY)):
-        _write_text(path / name / "config.pbtxt", config)
-        _write_text(path / name / "1" / "model.py", source)
-    _write_text(path / "classify" / "config.pbtxt", CLASSIFY_CONFIG)
+        write_text_if_changed(path / name / "config.pbtxt", config)
+        write_text_if_changed(path / name / "1" / "model.py", source)
+    write_text_if_changed(path / "classify" / "config.pbtxt", CLASSIFY_CONFIG)
     (path / "classify" / "1").mkdir(parents=True, exist_ok=True)
 

@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,21 +41,19 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from meshserve.common import artifacts, model_files
-from meshserve.common.tls import TlsFiles, channel_credentials
+from meshserve.common.tls import TlsFiles
 from meshserve.protocol import admin_pb2
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.admin_pb2_grpc import AdminStub
-from meshserve.protocol.async_inference_pb2 import ResultRequest, ResultResponse
-from meshserve.protocol.async_inference_pb2_grpc import AsyncInferenceStub
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.tools.backup import Layout, create_backup
-from meshserve.tools.client import client_tls, random_request
+from meshserve.tools.client import client_tls
+from meshserve.tools.drill_load import Connection, Load, answers, submit
+from meshserve.tools.random_requests import random_request
 from meshserve.tools.restore import restore_backup
 from meshserve.tools.traffic import admin_channel
-from meshserve.tools.up import HOST, UP_FILE
-
-RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-             ("grpc.max_reconnect_backoff_ms", 500)]
+from meshserve.tools.up import UP_FILE
+from meshserve.tools.up_children import HOST
 
 
 @dataclass(frozen=True)
@@ -137,70 +134,6 @@ def start_again(up: UpProcess, data_dir: Path) -> subprocess.Popen:
                                 stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-# --------------------------------------------------------------------------- the load
-
-
-class Connection:
-    """A channel to the ingress's mutual-TLS port, rebuilt when the port file changes (a
-    restarted `up` on port 0 binds another) or when the TLS files come back."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.target = ""
-        self.channel: grpc.aio.Channel | None = None
-        self.replaced: list[grpc.aio.Channel] = []
-
-    def get(self) -> grpc.aio.Channel | None:
-        try:
-            target = f"{HOST}:{int((self.data_dir / 'run' / 'ingress.port').read_text())}"
-            if target != self.target or self.channel is None:
-                credentials = channel_credentials(client_tls(self.data_dir))
-                if self.channel is not None:
-                    self.replaced.append(self.channel)
-                self.channel = grpc.aio.secure_channel(target, credentials, options=RECONNECT)
-                self.target = target
-        except (OSError, ValueError):
-            return self.channel if self.target else None
-        return self.channel
-
-    async def close(self) -> None:
-        channels = [*self.replaced, *([self.channel] if self.channel else [])]
-        self.replaced, self.channel = [], None
-        await asyncio.gather(*(channel.close() for channel in channels))
-
-
-@dataclass
-class Load:
-    """Closed-loop callers sending ModelInfer; every outcome is timed (monotonic)."""
-
-    connection: Connection
-    request: pb.ModelInferRequest
-    plan: Plan
-    outcomes: list[tuple[float, str]] = field(default_factory=list)
-    stopping: bool = False
-
-    async def caller(self) -> None:
-        while not self.stopping:
-            channel = self.connection.get()
-            if channel is None:
-                self.outcomes.append((time.monotonic(), "NO_ENDPOINT"))
-                await asyncio.sleep(0.1)
-                continue
-            try:
-                await GRPCInferenceServiceStub(channel).ModelInfer(self.request, timeout=5)
-                self.outcomes.append((time.monotonic(), "OK"))
-            except grpc.aio.AioRpcError as error:
-                self.outcomes.append((time.monotonic(), error.code().name))
-            await asyncio.sleep(self.plan.pause_s)
-
-    def first_success_after(self, moment: float) -> float | None:
-        return next((t for t, outcome in self.outcomes if t > moment and outcome == "OK"),
-                    None)
-
-    def counts(self) -> dict[str, int]:
-        return dict(Counter(outcome for _, outcome in self.outcomes))
-
-
 # --------------------------------------------------------------------------- what is checked
 
 
@@ -212,9 +145,14 @@ class Observed:
     model_files: dict[str, str]
 
 
-async def observe(data_dir: Path, tls: TlsFiles) -> Observed:
+def control_plane(data_dir: Path, tls: TlsFiles) -> grpc.aio.Channel:
+    """A channel to the control plane of the `up` in `data_dir`, at the port it bound."""
     port = int((data_dir / "run" / "control-plane.port").read_text())
-    async with admin_channel(f"{HOST}:{port}", tls) as channel:
+    return admin_channel(f"{HOST}:{port}", tls)
+
+
+async def observe(data_dir: Path, tls: TlsFiles) -> Observed:
+    async with control_plane(data_dir, tls) as channel:
         admin = AdminStub(channel)
         status = await admin.Status(admin_pb2.StatusRequest(), timeout=10)
         listed = await admin.ListModels(admin_pb2.ListModelsRequest(), timeout=10)
@@ -258,35 +196,6 @@ async def wait_all_ready(channel: grpc.aio.Channel, timeout_s: float) -> tuple[i
         await asyncio.sleep(0.5)
 
 
-async def answers(channel: grpc.aio.Channel, ids: list[str], timeout_s: float) -> Counter:
-    """How each submission ended: DONE, FAILED, or NOT_FOUND (not in the restored store)."""
-    stub = AsyncInferenceStub(channel)
-    deadline = time.monotonic() + timeout_s
-
-    async def one(submission_id: str) -> str:
-        while time.monotonic() < deadline:
-            try:
-                answer = await stub.Result(ResultRequest(id=submission_id, wait_ms=5000),
-                                           timeout=10)
-            except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.NOT_FOUND:
-                    return "NOT_FOUND"
-                await asyncio.sleep(0.2)
-                continue
-            if answer.state in (ResultResponse.DONE, ResultResponse.FAILED):
-                return ResultResponse.State.Name(answer.state)
-        return "UNANSWERED"
-
-    return Counter(await asyncio.gather(*(one(i) for i in ids)))
-
-
-async def submit(channel: grpc.aio.Channel, request: pb.ModelInferRequest, count: int,
-                 ) -> list[str]:
-    stub = AsyncInferenceStub(channel)
-    replies = await asyncio.gather(*(stub.Submit(request, timeout=10) for _ in range(count)))
-    return [reply.id for reply in replies]
-
-
 # --------------------------------------------------------------------------- the drill
 
 
@@ -326,7 +235,7 @@ async def drill(data_dir: Path, work: Path, plan: Plan, model: str, say=print) -
     metadata = await GRPCInferenceServiceStub(channel).ModelMetadata(
         pb.ModelMetadataRequest(name=model), timeout=10)
     request, _ = random_request(metadata, 1)
-    load = Load(connection, request, plan)
+    load = Load(connection, request, plan.pause_s)
     callers = [asyncio.create_task(load.caller()) for _ in range(plan.callers)]
     try:
         await run_steps(data_dir, work, plan, up, operator, connection, request, load, report,
@@ -419,8 +328,7 @@ async def check(data_dir: Path, operator: TlsFiles, connection: Connection, befo
     report.problems += [f"model {name} is not ready" for name in waiting]
     await wait_port(data_dir / "run" / "control-plane.port", plan.timeout_s)
     report.problems += differences(before, await observe(data_dir, operator))
-    port = int((data_dir / "run" / "control-plane.port").read_text())
-    async with admin_channel(f"{HOST}:{port}", operator) as channel:
+    async with control_plane(data_dir, operator) as channel:
         audit = await AdminStub(channel).Audit(admin_pb2.AuditRequest(
             verify=True, anchor=result.point.audit_head if result.point.audit_seq else ""),
             timeout=30)

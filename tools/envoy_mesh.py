@@ -41,14 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshserve.tools.certs import (
-    CA_CERT,
-    CA_KEY,
-    identity_sans,
-    init_certs,
-    issue_leaf,
-    spiffe_id,
-)
+from meshserve.common.certificates import spiffe_id
+from meshserve.tools.certs import CA_CERT, CA_KEY, identity_sans, init_certs, issue_leaf
 from meshserve.tools.triton_baseline import StartedProcess, pip_install, stop_process_group
 
 HOST = "127.0.0.1"

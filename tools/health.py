@@ -48,7 +48,7 @@ def parse_address(address: str) -> str:
 
 def own_identity(cert: Path) -> str:
     """The identity in a certificate's SPIFFE URI (`spiffe://meshserve.local/<identity>`)."""
-    from meshserve.tools.certs import identity_of  # cryptography: only when needed
+    from meshserve.common.certificates import identity_of  # cryptography: when needed
 
     identity = identity_of(cert.read_bytes())
     if not identity:

@@ -28,6 +28,7 @@ from meshserve.common.repository import ModelRepository
 from meshserve.mesh.fetch import verify_fetched
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.protocol.admin_pb2_grpc import AdminStub
+from meshserve.tools.checks import verdict
 from meshserve.tools.connection import add_connection_flags
 from meshserve.tools.traffic import admin_channel, control_plane_address, operator_tls
 
@@ -140,12 +141,7 @@ def verify(args: argparse.Namespace) -> int:
     problems = model_files.verify_repository(args.repository, trusted, kek,
                                              lambda m, v: checked.append(f"{m}/{v}"),
                                              without_artifact=ensembles)
-    for problem in problems:
-        print(problem)
-    if problems:
-        return 1
-    print(f"ok: {len(checked)} versions verified ({', '.join(checked)})")
-    return 0
+    return verdict(problems, f"ok: {len(checked)} versions verified ({', '.join(checked)})")
 
 
 def rewrap(args: argparse.Namespace) -> int:

@@ -34,7 +34,8 @@ from meshserve.common import artifacts, model_files
 from meshserve.common.errors import FailedPrecondition, ServingError
 from meshserve.common.files import write_atomic
 from meshserve.mesh import backup
-from meshserve.mesh.store import SCHEMA_VERSION, Store
+from meshserve.mesh.database import SCHEMA_VERSION
+from meshserve.mesh.store import Store
 from meshserve.tools.audit import report
 from meshserve.tools.backup import Layout, add_layout_flags, default_actor
 

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshserve.common.files import write_atomic
+from meshserve.common.keys import private_key_pem
 from meshserve.ingress.tokens import (
     DEFAULT_AUDIENCE,
     DEFAULT_ISSUER,
@@ -83,11 +84,6 @@ def duration(text: str) -> float:
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
-def _key_pem(key: Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
 def load_signing_key(auth_dir: Path) -> Ed25519PrivateKey:
     key = serialization.load_pem_private_key((Path(auth_dir) / SIGNING_KEY).read_bytes(), None)
     if not isinstance(key, Ed25519PrivateKey):
@@ -110,7 +106,7 @@ def init_auth(auth_dir: Path) -> bool:
         key = Ed25519PrivateKey.generate()
         write_atomic(auth_dir / JWKS, jwks_document([key.public_key(), *_public_keys(auth_dir)])
                .encode(), 0o644)
-        write_atomic(auth_dir / SIGNING_KEY, _key_pem(key), 0o600)
+        write_atomic(auth_dir / SIGNING_KEY, private_key_pem(key), 0o600)
         created = True
     if not (auth_dir / POLICY).exists():
         write_atomic(auth_dir / POLICY, DEFAULT_POLICY.encode(), 0o644)
@@ -128,7 +124,7 @@ def rotate_key(auth_dir: Path, keep: int = 2) -> str:
     # The JWKS first: by the time a token uses the new key, the ingress can know it.
     keys = [key.public_key(), *_public_keys(auth_dir)][:keep]
     write_atomic(auth_dir / JWKS, jwks_document(keys).encode(), 0o644)
-    write_atomic(auth_dir / SIGNING_KEY, _key_pem(key), 0o600)
+    write_atomic(auth_dir / SIGNING_KEY, private_key_pem(key), 0o600)
     return key_id(key.public_key())
 
 
@@ -172,7 +168,7 @@ def issuance_record(token: str, scopes: list[str] | None, models: list[str] | No
 
 
 def _issue(args: argparse.Namespace) -> int:
-    from meshserve.tools.audit_client import record
+    from meshserve.common.audit_client import record
     from meshserve.tools.traffic import control_plane_address, operator_tls
 
     auth_dir = args.data_dir / "auth"

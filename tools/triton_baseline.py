@@ -6,11 +6,8 @@ and its Python backend. Torch is installed first and then pinned with a constrai
 nvidia-pytriton installs, so pip never swaps it for another build. Nothing is installed until
 a comparison asks for it; the environment is reused afterwards.
 
-`write_repository` turns models of a meshserve (Triton layout, ``pytorch_libtorch``) repository
-into a Triton repository for the Python backend: the same ``max_batch_size``, input and output
-names, datatypes and dims, ``dynamic_batching`` with a 1 ms queue delay, one CPU instance, and a
-``model.py`` that loads the same TorchScript file (``torch.jit.load``, one intra-op thread,
-``torch.inference_mode``) and runs all requests of a batch as one torch batch.
+`meshserve.tools.triton_repository` writes the Triton mirror of meshserve's models that it
+serves.
 
 `TritonServer` starts ``tritonserver`` on free loopback ports with ``PATH`` and
 ``LD_LIBRARY_PATH`` pointing at the cache environment's interpreter (the Python backend stub
@@ -36,187 +33,15 @@ from pathlib import Path
 
 import grpc
 
-from meshserve.common.repository import ModelRepository
 from meshserve.protocol import grpc_service_pb2 as pb
-from meshserve.protocol import model_config_pb2
 
 HOST = "127.0.0.1"
 DEFAULT_ROOT = Path.home() / ".cache" / "meshserve" / "triton"
 TORCH_REQUIREMENT = "torch==2.13.0"
 PYTRITON_REQUIREMENT = "nvidia-pytriton==0.7.0"
-QUEUE_DELAY_US = 1000
 _MARKER = "meshserve-triton.json"
 _PIP_TIMEOUT_S = 900
 _STOP_GRACE_S = 10.0
-
-# config.pbtxt data types -> numpy dtype names, for the generated model.py.
-_NUMPY_FROM_CONFIG: dict[str, str] = {
-    "TYPE_BOOL": "bool_",
-    "TYPE_UINT8": "uint8",
-    "TYPE_UINT16": "uint16",
-    "TYPE_UINT32": "uint32",
-    "TYPE_UINT64": "uint64",
-    "TYPE_INT8": "int8",
-    "TYPE_INT16": "int16",
-    "TYPE_INT32": "int32",
-    "TYPE_INT64": "int64",
-    "TYPE_FP16": "float16",
-    "TYPE_FP32": "float32",
-    "TYPE_FP64": "float64",
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# Model repository for the Python backend (pure text generation)
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input or output of a model: name, config.pbtxt data type, dims without the batch."""
-
-    name: str
-    data_type: str
-    dims: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a Triton Python-backend model needs to mirror a meshserve model."""
-
-    name: str
-    max_batch_size: int
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    # meshserve's preferred batch sizes, so both batchers aim for the same batches.
-    preferred_batch_sizes: tuple[int, ...] = ()
-
-
-def model_spec(repository: ModelRepository, name: str) -> ModelSpec:
-    """The `ModelSpec` of model `name` of a meshserve repository."""
-    config = repository.get(name).config
-
-    def tensors(items: Iterable) -> tuple[TensorSpec, ...]:
-        return tuple(
-            TensorSpec(t.name, model_config_pb2.DataType.Name(t.data_type), tuple(t.dims))
-            for t in items
-        )
-
-    return ModelSpec(name, config.max_batch_size, tensors(config.input), tensors(config.output),
-                     tuple(config.dynamic_batching.preferred_batch_size))
-
-
-def _dims(dims: tuple[int, ...]) -> str:
-    return "[ " + ", ".join(str(d) for d in dims) + " ]"
-
-
-def _tensor_block(kind: str, tensors: tuple[TensorSpec, ...]) -> str:
-    entries = ",\n".join(
-        f'  {{\n    name: "{t.name}"\n    data_type: {t.data_type}\n    dims: {_dims(t.dims)}\n  }}'
-        for t in tensors
-    )
-    return f"{kind} [\n{entries}\n]\n"
-
-
-def triton_config(spec: ModelSpec, queue_delay_us: int = QUEUE_DELAY_US) -> str:
-    """config.pbtxt text of the Python-backend mirror of `spec`."""
-    return (
-        f'name: "{spec.name}"\n'
-        f'backend: "python"\n'
-        f"max_batch_size: {spec.max_batch_size}\n"
-        + _tensor_block("input", spec.inputs)
-        + _tensor_block("output", spec.outputs)
-        + "dynamic_batching { "
-        + (f"preferred_batch_size: {_dims(spec.preferred_batch_sizes)} "
-           if spec.preferred_batch_sizes else "")
-        + f"max_queue_delay_microseconds: {queue_delay_us} }}\n"
-        + "instance_group [ { kind: KIND_CPU count: 1 } ]\n"
-    )
-
-
-_MODEL_PY = '''\
-"""Triton Python backend: a TorchScript file, one torch batch per Triton batch."""
-
-import os
-import warnings
-
-import numpy as np
-import torch
-import triton_python_backend_utils as pb_utils
-
-MODEL_FILE = {model_file!r}
-INPUTS = {inputs!r}
-OUTPUTS = {outputs!r}
-OUTPUT_DTYPES = {output_dtypes!r}
-THREADS = {threads!r}
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        torch.set_num_threads(THREADS)
-        warnings.filterwarnings("ignore", message=".*not writable.*")
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.jit")
-        path = os.path.join(args["model_repository"], args["model_version"], MODEL_FILE)
-        self.model = torch.jit.load(path, map_location="cpu").eval()
-
-    def execute(self, requests):
-        columns = [
-            [pb_utils.get_input_tensor_by_name(request, name).as_numpy() for request in requests]
-            for name in INPUTS
-        ]
-        sizes = [array.shape[0] for array in columns[0]]
-        with torch.inference_mode():
-            tensors = [torch.from_numpy(np.concatenate(arrays)) for arrays in columns]
-            results = self.model(*tensors)
-            if not isinstance(results, (tuple, list)):
-                results = (results,)
-            arrays = [result.cpu().numpy() for result in results]
-        responses = []
-        start = 0
-        for size in sizes:
-            outputs = [
-                pb_utils.Tensor(name, np.ascontiguousarray(array[start:start + size], dtype=dtype))
-                for name, dtype, array in zip(OUTPUTS, OUTPUT_DTYPES, arrays)
-            ]
-            responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
-            start += size
-        return responses
-'''
-
-
-def model_py(spec: ModelSpec, model_file: str = "model.pt", threads: int = 1) -> str:
-    """model.py text of the Python-backend mirror of `spec` (loads `model_file`)."""
-    for tensor in spec.outputs:
-        if tensor.data_type not in _NUMPY_FROM_CONFIG:
-            raise ValueError(f"output {tensor.name}: data type {tensor.data_type} unsupported")
-    return _MODEL_PY.format(
-        model_file=model_file,
-        inputs=[t.name for t in spec.inputs],
-        outputs=[t.name for t in spec.outputs],
-        output_dtypes=[_NUMPY_FROM_CONFIG[t.data_type] for t in spec.outputs],
-        threads=threads,
-    )
-
-
-def write_repository(
-    source: Path, destination: Path, models: Iterable[str], queue_delay_us: int = QUEUE_DELAY_US
-) -> dict[str, str]:
-    """Writes the Triton mirror of `models` of the meshserve repository at `source`.
-
-    Each model gets the TorchScript file of its default (highest served) version, under that
-    same version number. Returns {model: version}.
-    """
-    repository = ModelRepository.load(source)
-    versions = {}
-    for name in models:
-        spec = model_spec(repository, name)
-        version = repository.version(name, "")
-        model_dir = destination / name
-        (model_dir / version).mkdir(parents=True, exist_ok=True)
-        (model_dir / "config.pbtxt").write_text(triton_config(spec, queue_delay_us), "utf-8")
-        (model_dir / version / "model.py").write_text(model_py(spec), "utf-8")
-        shutil.copyfile(repository.artifact(name, version), model_dir / version / "model.pt")
-        versions[name] = version
-    return versions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,20 +348,13 @@ class TritonServer(StartedProcess):
 
 __all__ = [
     "DEFAULT_ROOT",
-    "QUEUE_DELAY_US",
-    "ModelSpec",
     "StartedProcess",
-    "TensorSpec",
     "TritonInstall",
     "TritonServer",
     "backend_directory",
     "free_port",
     "install",
-    "model_py",
-    "model_spec",
     "pip_install",
     "server_environment",
     "stop_process_group",
-    "triton_config",
-    "write_repository",
 ]

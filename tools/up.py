@@ -14,29 +14,24 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-
-import grpc
 
 from meshserve.common.files import write_atomic
 from meshserve.common.logs import DEFAULT_ACCESS_LOG_SAMPLE, sample_fraction
 from meshserve.common.repository import ModelRepository
-from meshserve.common.tls import TlsFiles, channel_credentials
+from meshserve.common.tls import TlsFiles
 from meshserve.ingress.readiness import RULES, STRICT
-from meshserve.protocol import admin_pb2, grpc_service_pb2, health_pb2
+from meshserve.protocol import admin_pb2
 from meshserve.protocol.admin_pb2_grpc import AdminStub
-from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
-from meshserve.protocol.health_pb2_grpc import HealthStub
 from meshserve.tools import dev_signing
+from meshserve.tools.arguments import positive_int
 from meshserve.tools.certs import init_certs
 from meshserve.tools.tokens import JWKS, POLICY, init_auth
 from meshserve.tools.traffic import admin_channel
+from meshserve.tools.up_children import HOST, Child, Refused, stop_all, wait_ready
 
-HOST = "127.0.0.1"
 TOKEN_PORT_FILE = "ingress.token-port"
 HTTP_PORT_FILE = "ingress.http-port"
 # In DIR/run: how to find this `up` and start it again (`meshserve drill` reads it); each
@@ -44,135 +39,6 @@ HTTP_PORT_FILE = "ingress.http-port"
 UP_FILE = "up.json"
 # The demo's traffic on a first run: a 10 % canary of mlp version 2; cnn on its latest.
 DEMO_POLICY = {"mlp": {"1": 90, "2": 10}, "cnn": {"1": 0, "2": 100}}
-
-
-@dataclass
-class Child:
-    """One service process, its log and the port it bound."""
-
-    name: str
-    identity: str
-    args: list[str]
-    run_dir: Path
-    model: str = ""
-    version: str = ""
-    metrics: bool = True
-    process: subprocess.Popen | None = None
-    port: int | None = None
-    log: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.log = self.run_dir / f"{self.name}.log"
-
-    @property
-    def port_file(self) -> Path:
-        return self.run_dir / f"{self.name}.port"
-
-    @property
-    def metrics_port_file(self) -> Path:
-        return self.run_dir / f"{self.name}.metrics-port"
-
-    def metrics_url(self) -> str:
-        """Where this service serves Prometheus metrics ("" until it has written its port)."""
-        if not self.metrics_port_file.exists():
-            return ""
-        return f"http://{HOST}:{int(self.metrics_port_file.read_text())}/metrics"
-
-    def start(self, tls_dir: Path) -> None:
-        self.port_file.unlink(missing_ok=True)
-        self.metrics_port_file.unlink(missing_ok=True)
-        tls = [f"--tls-cert={tls_dir / self.identity}.crt",
-               f"--tls-key={tls_dir / self.identity}.key", f"--tls-ca={tls_dir / 'ca.crt'}"]
-        metrics = ([f"--metrics-listen={HOST}:0", f"--metrics-port-file={self.metrics_port_file}"]
-                   if self.metrics else [])
-        command = [sys.executable, "-m", "meshserve.tools.cli", self.identity, *self.args,
-                   *tls, f"--port-file={self.port_file}", *metrics]
-        with open(self.log, "ab") as log:
-            # A session of its own: the terminal's Ctrl-C reaches `up`, which stops the
-            # children in order.
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
-        self.pid_file.write_text(f"{self.process.pid}\n")
-
-    @property
-    def pid_file(self) -> Path:
-        return self.run_dir / f"{self.name}.pid"
-
-    def exited(self) -> int | None:
-        return None if self.process is None else self.process.poll()
-
-    async def wait_port(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.exited() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.exited()}; see {self.log}")
-            if self.port_file.exists():
-                self.port = int(self.port_file.read_text())
-                return self.port
-            await asyncio.sleep(0.05)
-        raise TimeoutError(f"{self.name} did not bind a port in {timeout:.0f} s; see {self.log}")
-
-    @property
-    def address(self) -> str:
-        return f"{HOST}:{self.port}"
-
-
-class Refused(Exception):
-    """A compute that stays up, not serving, because it refused its model; says why."""
-
-
-async def wait_ready(child: Child, tls: TlsFiles, timeout: float,
-                     refusal_tls: TlsFiles | None = None) -> float:
-    """Poll grpc.health.v1 until SERVING; returns the seconds it took. With `refusal_tls`
-    (a compute's caller's certificate), raise Refused as soon as the compute says it
-    refused its model."""
-    start = time.monotonic()
-    options = [("grpc.ssl_target_name_override", child.identity)]
-    async with grpc.aio.secure_channel(child.address, channel_credentials(tls),
-                                       options=options) as channel:
-        health = HealthStub(channel)
-        while time.monotonic() - start < timeout:
-            if child.exited() is not None:
-                raise RuntimeError(f"{child.name} exited with {child.exited()}; "
-                                   f"see {child.log}")
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return time.monotonic() - start
-            if refusal_tls is not None:
-                await raise_if_refused(child, refusal_tls)
-            await asyncio.sleep(0.1)
-    raise TimeoutError(f"{child.name} not ready after {timeout:.0f} s; see {child.log}")
-
-
-async def raise_if_refused(compute: Child, tls: TlsFiles) -> None:
-    """A compute that refused its model answers FAILED_PRECONDITION with the reason (one
-    still loading, UNAVAILABLE)."""
-    options = [("grpc.ssl_target_name_override", compute.identity)]
-    async with grpc.aio.secure_channel(compute.address, channel_credentials(tls),
-                                       options=options) as channel:
-        try:
-            await GRPCInferenceServiceStub(channel).ModelInfer(grpc_service_pb2.ModelInferRequest(
-                model_name=compute.model, model_version=compute.version), timeout=1)
-        except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                raise Refused(error.details()) from None
-
-
-def stop_all(children: list[Child], grace: float) -> None:
-    """SIGTERM in order (ingress first), then SIGKILL whatever outlives `grace`."""
-    for child in children:
-        if child.exited() is None:
-            child.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for child in children:
-        if child.process is None:
-            continue
-        try:
-            child.process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.process.kill()
-            child.process.wait()
 
 
 def auth_args(data_dir: Path, port: int) -> list[str]:
@@ -349,7 +215,7 @@ def prepare(data_dir: Path, say=print, repository: Path | None = None) -> None:
     init_certs(tls_dir)
     models = repository_of(data_dir, repository)
     if repository is None:
-        from meshserve.tools.demo_models import write_demo_repository  # torch: when needed
+        from meshserve.tools.demo_repository import write_demo_repository  # torch: when needed
 
         if not models.exists():
             say(f"writing the demo model repository to {models}")
@@ -506,16 +372,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
-def positive_count(text: str) -> int:
-    try:
-        count = int(text)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not '{text}'")
-    return count
-
-
 def register(commands) -> None:
     parser = commands.add_parser("up")
     parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
@@ -529,9 +385,9 @@ def register(commands) -> None:
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds each service may take to become ready")
     parser.add_argument("--drain-seconds", type=float, default=5.0)
-    parser.add_argument("--compute-replicas", type=positive_count, default=1, metavar="N",
+    parser.add_argument("--compute-replicas", type=positive_int, default=1, metavar="N",
                         help="compute processes per model version (default 1)")
-    parser.add_argument("--batcher-replicas", type=positive_count, default=1, metavar="N",
+    parser.add_argument("--batcher-replicas", type=positive_int, default=1, metavar="N",
                         help="batchers per model version, each an endpoint of the version in "
                              "the mesh (default 1)")
     parser.add_argument("--audit-denied-sample", type=sample_fraction, default=0.01,

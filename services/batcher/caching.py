@@ -10,8 +10,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from meshserve.batcher.statistics import Statistics
 from meshserve.common.response_cache import ResponseCache, cache_key
+from meshserve.common.statistics import Statistics
 from meshserve.protocol.groups_pb2 import GroupItem, ItemResult
 from meshserve.protocol.grpc_service_pb2 import ModelInferResponse
 

@@ -11,6 +11,8 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from meshserve.common.errors import Unavailable
+
 
 @dataclass(frozen=True)
 class FailoverSettings:
@@ -147,3 +149,11 @@ def retry_after(queued_rows: int, max_batch_size: int, batch_seconds: float | No
         return unknown
     batches = math.ceil(queued_rows / max(max_batch_size, 1))
     return min(most, max(least, batches * batch_seconds / replicas))
+
+
+def no_replica(model: str, version: str, settings: FailoverSettings,
+               state: str = "ready") -> Unavailable:
+    """The refusal while no compute replica of a version is `state` ("ready", or "in
+    rotation" after an ejection); it asks callers to retry after an ejection's length."""
+    return Unavailable(f"no compute replica of model '{model}' version '{version}' is {state}",
+                       settings.ejection_seconds)

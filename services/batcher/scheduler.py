@@ -25,14 +25,15 @@ from meshserve.batcher.failover import (
     LatencyWindow,
     Outlier,
     RetryBudget,
+    no_replica,
     retry_after,
     stall_timeout,
 )
 from meshserve.batcher.policy import BatchQueue, Pending, QueueFull, Send
-from meshserve.batcher.statistics import Statistics
 from meshserve.common.errors import DeadlineExceeded, Internal, ServingError, Unavailable
 from meshserve.common.forwarding import error_result, failure_result, status_of_result
 from meshserve.common.server import internal_error_message
+from meshserve.common.statistics import Statistics
 from meshserve.common.streams import StreamBroken
 from meshserve.common.tracing import Tracing, context_of, traceparent_of
 from meshserve.common.upstream import Upstream
@@ -211,9 +212,7 @@ class Scheduler:
         for replica in self.replicas:
             self._replica_up(replica)
         if not self.ready:
-            self._answer_all(Unavailable(
-                f"no compute replica of model '{self._config.name}' "
-                f"version '{self._version}' is ready", self.failover.ejection_seconds))
+            self._answer_all(no_replica(self._config.name, self._version, self.failover))
         self._wake.set()
 
     def _answer_all(self, error: ServingError) -> None:
@@ -387,9 +386,8 @@ class Scheduler:
         self._tasks.add(probe)
         probe.add_done_callback(self._tasks.discard)
         if not self.ready:
-            self._answer_all(Unavailable(
-                f"no compute replica of model '{self._config.name}' version "
-                f"'{self._version}' is in rotation", self.failover.ejection_seconds))
+            self._answer_all(no_replica(self._config.name, self._version, self.failover,
+                                        "in rotation"))
 
     async def _probe(self, replica: Replica) -> None:
         """Health-probe an ejected replica until it may be put back, then put it back."""

@@ -16,12 +16,11 @@ from opentelemetry.trace import StatusCode
 
 from meshserve.batcher.batch import batch_key, rows_of
 from meshserve.batcher.caching import CachingFront, VersionIdentity
-from meshserve.batcher.failover import FailoverSettings
+from meshserve.batcher.failover import FailoverSettings, no_replica
 from meshserve.batcher.policy import BatchingPolicy, BatchQueue, Pending
 from meshserve.batcher.scheduler import Answers, Job, Replica, Scheduler
-from meshserve.batcher.statistics import Statistics
 from meshserve.common import runtime
-from meshserve.common.errors import InvalidArgument, NotFound, ServingError, Unavailable
+from meshserve.common.errors import InvalidArgument, NotFound, ServingError
 from meshserve.common.forwarding import deadline_of, error_result, one_item, raise_for
 from meshserve.common.identity import Callers, add_callers_flag, default_callers
 from meshserve.common.metrics import BatcherMetrics, CacheMetrics, Metrics
@@ -35,6 +34,7 @@ from meshserve.common.response_cache import (
     artifact_digest,
 )
 from meshserve.common.server import HealthServicer, Service
+from meshserve.common.statistics import Statistics
 from meshserve.common.streams import Early, group_handler
 from meshserve.common.tls import TlsFiles, server_credentials
 from meshserve.common.tracing import Tracing, context_of
@@ -146,9 +146,8 @@ class Batcher:
                                 items=rest).SerializeToString()
 
     def _unready(self) -> ServingError:
-        return Unavailable(f"no compute replica of model '{self.statistics.name}' version "
-                           f"'{self.statistics.version}' is ready",
-                           self.scheduler.failover.ejection_seconds)
+        return no_replica(self.statistics.name, self.statistics.version,
+                          self.scheduler.failover)
 
 
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import numpy
 
-from meshserve.common.datatypes import LENGTH, element_count, element_ends
+from meshserve.common.datatypes import LENGTH, WIRE_FROM_CONFIG, element_count, element_ends
 from meshserve.common.errors import InvalidArgument
 
 NUMPY_DTYPE: dict[str, numpy.dtype] = {
@@ -25,6 +25,11 @@ NUMPY_DTYPE: dict[str, numpy.dtype] = {
     "FP64": numpy.dtype("<f8"),
 }
 """Little-endian numpy dtype of each fixed-size wire datatype; numpy has no BF16."""
+
+
+def config_dtype(data_type: int) -> numpy.dtype | None:
+    """The numpy dtype of a model configuration `DataType` value (None: BYTES, BF16)."""
+    return NUMPY_DTYPE.get(WIRE_FROM_CONFIG.get(data_type, ""))
 
 
 def deserialize_bytes(raw: bytes | bytearray | memoryview, shape: Iterable[int]) -> numpy.ndarray:

@@ -41,8 +41,14 @@ def raise_for(result: ItemResult) -> None:
         raise from_code(CODE_NAME.get(result.code, "UNKNOWN"), result.message)
 
 
-def deadline_of(timeout_us: int, arrived: float) -> float | None:
-    return arrived + timeout_us / 1e6 if timeout_us else None
+def deadline_of(timeout_us: int, arrived: float,
+                remaining: float | None = None) -> float | None:
+    """When a request that `arrived` must be answered: `timeout_us` later (0: no bound), or
+    sooner when its call has only `remaining` seconds left (None: no deadline)."""
+    deadline = arrived + timeout_us / 1e6 if timeout_us else None
+    if remaining is None:
+        return deadline
+    return arrived + remaining if deadline is None else min(deadline, arrived + remaining)
 
 
 def failure_result(code: grpc.StatusCode, details: str, upstream: str) -> ItemResult:

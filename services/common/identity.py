@@ -7,7 +7,7 @@ Each internal server names the identities allowed to call it, as exact names or 
 
 Health checks (`grpc.health.v1.Health`) stay open to every certificate of the mesh CA, so
 probes and `meshserve health` work with the operator's certificate. The identity is the
-SPIFFE URI SAN (`spiffe://meshserve.local/<identity>`, see `meshserve.tools.certs`);
+SPIFFE URI SAN (`spiffe://meshserve.local/<identity>`, see `meshserve.common.certificates`);
 parsing a certificate is cached by its PEM bytes, so a call costs a dictionary lookup.
 """
 
@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 import grpc
 
-from meshserve.tools.certs import identity_of
+from meshserve.common.certificates import UNKNOWN, IdentityCache
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
-UNKNOWN = "unknown"
 
 
 # Who calls each internal server. Operators (`client/*`) may query the router and the
@@ -70,35 +68,6 @@ def _admitted(identity: str, patterns: frozenset[str]) -> bool:
 def refusal(identity: str, service: str, patterns: Iterable[str]) -> str:
     return (f"identity '{identity}' may not call {service}; "
             f"allowed: {', '.join(sorted(patterns)) or 'nobody'}")
-
-
-class IdentityCache:
-    """`identity_of` over PEM bytes, remembering the last `size` certificates (LRU)."""
-
-    def __init__(self, size: int = 256,
-                 parse: Callable[[bytes], str | None] = identity_of) -> None:
-        if size < 1:
-            raise ValueError(f"size must be at least 1, got {size}")
-        self._size = size
-        self._parse = parse
-        self._known: OrderedDict[bytes, str] = OrderedDict()
-
-    def __call__(self, pem: bytes) -> str:
-        identity = self._known.get(pem)
-        if identity is not None:
-            self._known.move_to_end(pem)
-            return identity
-        try:
-            identity = self._parse(pem) or UNKNOWN
-        except ValueError:
-            identity = UNKNOWN
-        self._known[pem] = identity
-        if len(self._known) > self._size:
-            self._known.popitem(last=False)
-        return identity
-
-    def __len__(self) -> int:
-        return len(self._known)
 
 
 def peer_identity(auth_context: Mapping[str, list[bytes]],

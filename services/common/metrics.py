@@ -71,18 +71,11 @@ def certificate_facts(certificate: Path) -> tuple[str, float]:
     """(identity, notAfter as Unix time): the identity is the first DNS SAN, else the CN."""
     from cryptography import x509
 
-    cert = x509.load_pem_x509_certificate(Path(certificate).read_bytes())
-    identity = ""
-    try:
-        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        identity = next(iter(names.get_values_for_type(x509.DNSName)), "")
-    except x509.ExtensionNotFound:
-        pass
-    if not identity:
-        common = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        identity = str(common[0].value) if common else ""
-    expires = cert.not_valid_after_utc.replace(tzinfo=datetime.UTC).timestamp()
-    return identity, expires
+    from meshserve.common.certificates import names_of
+
+    pem = Path(certificate).read_bytes()
+    expires = x509.load_pem_x509_certificate(pem).not_valid_after_utc
+    return names_of(pem).label, expires.replace(tzinfo=datetime.UTC).timestamp()
 
 
 class TritonCounter:

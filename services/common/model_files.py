@@ -18,7 +18,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from meshserve.common import artifacts
+from meshserve.common import artifacts, keys
 from meshserve.common.artifacts import MANIFEST_FILENAME, SIGNATURE_FILENAME, ArtifactRefused
 from meshserve.common.errors import FailedPrecondition
 from meshserve.common.files import write_atomic
@@ -31,7 +31,7 @@ def signing_key(path: Path, create: bool = False) -> Ed25519PrivateKey:
     if not path.exists():
         if not create:
             raise FailedPrecondition(f"no signing key at {path}")
-        write_atomic(path, artifacts.private_key_pem(Ed25519PrivateKey.generate()), 0o600)
+        write_atomic(path, keys.private_key_pem(Ed25519PrivateKey.generate()), 0o600)
     return artifacts.load_private_key(path.read_bytes(), str(path))
 
 
@@ -40,7 +40,7 @@ def trust(key: Ed25519PrivateKey, trusted_dir: Path) -> Path:
     public = key.public_key()
     path = trusted_dir / (artifacts.key_id(public).replace(":", "-") + ".pub")
     if not path.exists():
-        write_atomic(path, artifacts.public_key_pem(public))
+        write_atomic(path, keys.public_key_pem(public))
     return path
 
 

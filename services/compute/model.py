@@ -14,7 +14,7 @@ import torch
 
 from meshserve.common.datatypes import WIRE_FROM_CONFIG
 from meshserve.common.errors import InvalidArgument
-from meshserve.compute.backends.tensors import warmup_requests
+from meshserve.compute.tensors import warmup_requests
 from meshserve.compute.timings import Timings
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
 from meshserve.protocol.model_config_pb2 import ModelConfig

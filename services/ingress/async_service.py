@@ -23,8 +23,8 @@ from meshserve.common.errors import InvalidArgument, NotFound, ServingError
 from meshserve.common.forwarding import CODE_NUMBER
 from meshserve.common.server import internal_error_message
 from meshserve.common.tracing import header
+from meshserve.common.version_pin import PIN_HEADER
 from meshserve.ingress.submissions import Submission, SubmissionStore, connect
-from meshserve.mesh.policy import PIN_HEADER
 from meshserve.protocol import async_inference_pb2_grpc
 from meshserve.protocol.async_inference_pb2 import ResultResponse, SubmitResponse
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse

@@ -16,15 +16,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-
-from cryptography import x509
 
 from meshserve.common.access import Limit, Policy
+from meshserve.common.certificates import IdentityCache, principal_of
 from meshserve.common.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from meshserve.ingress.quota import Buckets
 from meshserve.ingress.tokens import Keys, Verifier, groups_of, models_of, scopes_of
-from meshserve.tools.certs import identity_of
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +55,6 @@ class Caller:
         return self.principal or "anonymous"
 
 
-@lru_cache(maxsize=1024)
-def certificate_principal(pem: bytes) -> str | None:
-    """The SPIFFE identity of a client certificate, else its first DNS SAN."""
-    identity = identity_of(pem)
-    if identity:
-        return identity
-    cert = x509.load_pem_x509_certificate(pem)
-    try:
-        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
-    return next(iter(names.get_values_for_type(x509.DNSName)), None)
-
-
 def bearer_token(metadata: Sequence[tuple[str, object]] | None) -> str | None:
     for key, value in metadata or ():
         if key == "authorization":
@@ -102,6 +85,8 @@ class Gate:
         self._count_denied = count_denied
         self._buckets = Buckets(clock)
         self._decisions = Decisions()
+        # A client certificate's principal (SPIFFE identity, else first DNS SAN), by its PEM.
+        self._principals = IdentityCache(size=1024, parse=principal_of, unknown=None)
 
     def caller(self, context) -> Caller:
         """The caller of a gRPC call, from its metadata and its TLS peer."""
@@ -111,7 +96,7 @@ class Gate:
     def authenticate(self, metadata, certificate: bytes | None) -> Caller:
         credentials = []
         if certificate is not None:
-            principal = certificate_principal(certificate)
+            principal = self._principals(certificate)
             if principal is None:
                 self._deny(None, "", "", "unauthenticated",
                            Unauthenticated("client certificate names no identity"))

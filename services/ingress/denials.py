@@ -10,8 +10,8 @@ import logging
 
 import grpc
 
+from meshserve.common.audit_client import record_async
 from meshserve.common.tls import TlsFiles, secure_channel
-from meshserve.tools.audit_client import record_async
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from meshserve.batcher.statistics import Statistics
 from meshserve.common.ensemble_plan import Plan, Step
 from meshserve.common.errors import ServingError, from_code
 from meshserve.common.repository import ModelEntry, ModelRepository
+from meshserve.common.statistics import Statistics
 from meshserve.common.validation import validate
 from meshserve.protocol import grpc_service_pb2 as pb
 

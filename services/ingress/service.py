@@ -49,6 +49,7 @@ from meshserve.common.tracing import (
 )
 from meshserve.common.upstream import Upstream
 from meshserve.common.validation import Schema, expected_shape
+from meshserve.common.version_pin import PIN_HEADER
 from meshserve.ingress.async_service import (
     AsyncSettings,
     add_async_flags,
@@ -62,7 +63,6 @@ from meshserve.ingress.ensembles import EnsembleRunner
 from meshserve.ingress.http_api import HttpSettings, add_http_flags, build_http, http_settings
 from meshserve.ingress.readiness import RULES, STRICT, Readiness, follow
 from meshserve.ingress.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER, JwksUrl, jwks_source
-from meshserve.mesh.policy import PIN_HEADER
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol import grpc_service_pb2_grpc
 from meshserve.protocol.groups_pb2 import GroupItem
@@ -232,10 +232,7 @@ class Ingress:
         if self.readiness is not None:
             self.readiness.admit(request.model_name, request.model_version)
         size = self._step("ingress.validate", span, lambda: schema.validate(request))
-        deadline = deadline_of(parameter(request, "timeout"), arrived)
-        if remaining is not None:
-            deadline = arrived + remaining if deadline is None else min(deadline,
-                                                                         arrived + remaining)
+        deadline = deadline_of(parameter(request, "timeout"), arrived, remaining)
         item = GroupItem(request=request, request_id=request_id,
                          priority=parameter(request, "priority"),
                          traceparent="" if span is None else traceparent_of(span))

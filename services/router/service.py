@@ -44,7 +44,7 @@ from meshserve.common.streams import (
 )
 from meshserve.common.tls import ReloadingChannel, TlsFiles, server_credentials
 from meshserve.common.tracing import Tracing, context_of, traceparent_of
-from meshserve.mesh.policy import PIN_HEADER
+from meshserve.common.version_pin import PIN_HEADER
 from meshserve.protocol import grpc_service_pb2_grpc
 from meshserve.protocol.admin_pb2 import ShadowReport, StatusRequest
 from meshserve.protocol.admin_pb2_grpc import AdminStub

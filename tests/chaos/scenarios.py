@@ -18,6 +18,7 @@ from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from tests.chaos import faults, fuzz
 from tests.chaos.load import Reference, burst, capacity, connect, run_load
 from tests.chaos.outcomes import Row, Tally
+from tests.polling import until
 
 LOAD_LIMIT = 90.0  # seconds: the longest any load runs, whatever its fault does
 
@@ -72,14 +73,15 @@ class Chaos:
 
     async def under_load(self, name: str, fault: Callable[[], Awaitable[None]],
                          model: str = "mlp") -> Tally:
-        """Load from one second before `fault` until `plan.seconds` after it has finished
-        (the fault's coroutine returns once the mesh has recovered), within `plan.count`
-        requests and `LOAD_LIMIT` seconds; then every service must be ready again."""
+        """Load from before `fault` (once 20 requests have succeeded) until `plan.seconds`
+        after it has finished (the fault's coroutine returns once the mesh has recovered),
+        within `plan.count` requests and `LOAD_LIMIT` seconds; then every service must be
+        ready again."""
         tally = Tally(name)
         stop = asyncio.Event()
         load = asyncio.create_task(self.load(tally, model, seconds=LOAD_LIMIT, stop=stop))
         try:
-            await asyncio.sleep(1.0)
+            await until(lambda: tally.succeeded >= 20 or load.done(), 30, f"{name}: load")
             assert not load.done(), f"{name}: the load ended before the fault"
             await fault()
             await asyncio.sleep(self.plan.seconds)

@@ -44,7 +44,7 @@ import pytest
 
 from meshserve.tools import health
 from meshserve.tools.certs import init_certs
-from meshserve.tools.demo_models import write_demo_repository
+from meshserve.tools.demo_repository import write_demo_repository
 from tests.charts.chartlib import container, flag_values, public_ports
 
 # Start order: each one's upstreams first.

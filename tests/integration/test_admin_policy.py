@@ -9,19 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from meshserve.tools.certs import issue_leaf, spiffe_id
+from meshserve.common.certificates import spiffe_id
+from meshserve.tools.certs import issue_leaf
 from tests.integration.conftest import Mesh, meshserve, running_mesh
+from tests.policies import ALICE_READS_MLP
 
-POLICY = """
-groups:
-  developers: [client/developer]
-rules:
-  - groups: [developers]
-    actions: [admin]
-  - principals: [client/alice]
-    actions: [models:read]
-    models: [mlp]
-"""
+POLICY = ALICE_READS_MLP
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +122,10 @@ def test_a_fetch_refused_by_an_untrusted_key_writes_nothing(policy_mesh: Mesh,
                                                             tmp_path: Path) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from meshserve.common import artifacts
+    from meshserve.common import keys
 
     stranger = tmp_path / "stranger.pub"
-    stranger.write_bytes(artifacts.public_key_pem(Ed25519PrivateKey.generate().public_key()))
+    stranger.write_bytes(keys.public_key_pem(Ed25519PrivateKey.generate().public_key()))
     target = tmp_path / "mlp.pt"
     done = meshserve("models", "fetch", "mlp", "-o", str(target), "--trusted", str(stranger),
                      *developer(policy_mesh))

@@ -20,7 +20,7 @@ from meshserve.compute.backends import triton_python_backend_utils as pb_utils
 from meshserve.compute.backends.python import config_json, import_model
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.tools.client import outputs_of
-from meshserve.tools.demo_models import write_demo_repository
+from meshserve.tools.demo_repository import write_demo_repository
 from tests.integration.conftest import running_mesh
 from tests.integration.test_mesh import public_stub
 from tests.integration.test_traffic import set_weights

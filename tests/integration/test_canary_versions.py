@@ -20,6 +20,7 @@ from tests.integration.conftest import meshserve, running_mesh
 from tests.integration.flaky_model import write_mlp_version_3
 from tests.integration.test_mesh import public_stub
 from tests.integration.test_traffic import Load, admin_stub, drive, request, weights_of
+from tests.polling import until
 
 START = {"1": 70, "2": 30, "3": 0}
 BROKEN = numpy.ones((1, 256), numpy.float32)  # version 3 fails these
@@ -71,7 +72,7 @@ async def run_canary(mesh, row: numpy.ndarray, *flags: str) -> Run:
         driving = asyncio.create_task(drive(stub, "mlp", 40.0, load, workers=6,
                                             make=lambda rng: request("mlp", row=row)))
         try:
-            await asyncio.sleep(1.0)
+            await until(lambda: len(load.seen) >= 20, 10.0, "the load under way")
             started = await asyncio.to_thread(cli, mesh, "canary", "start", "mlp", "--to", "3",
                                               *CANARY, *flags)
             assert started.returncode == 0, started.stdout + started.stderr

@@ -2,16 +2,16 @@
 through the TLS gateway and the mutual-TLS sidecar, and a sidecar that admits only the gateway."""
 
 import subprocess
-import time
 from concurrent import futures
 
 import grpc
 import pytest
 
+from meshserve.common.certificates import spiffe_id
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol import grpc_service_pb2_grpc
 from meshserve.tools import envoy_mesh
-from meshserve.tools.certs import spiffe_id
+from tests.polling import until_sync
 
 TIMEOUT_S = 10
 
@@ -92,15 +92,6 @@ def _refusals(mesh, reason: str) -> int:
     return mesh.sidecar.stats().get(f"listener.{envoy_mesh.SIDECAR}.ssl.{reason}", 0)
 
 
-def _wait_for(condition, timeout_s: float = TIMEOUT_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 @pytest.mark.parametrize(("identity", "refusal"), [
     (envoy_mesh.GATEWAY, None),
     ("client", "fail_verify_san"),  # signed by the same CA, another identity
@@ -116,4 +107,5 @@ def test_the_sidecar_admits_only_the_gateway(mesh, identity, refusal):
         with pytest.raises(grpc.RpcError) as info:
             stub.ServerReady(pb.ServerReadyRequest(), timeout=TIMEOUT_S)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
-    assert _wait_for(lambda: _refusals(mesh, refusal) > before), refusal
+    until_sync(lambda: _refusals(mesh, refusal) > before, TIMEOUT_S, f"{refusal} counted",
+               interval=0.02)

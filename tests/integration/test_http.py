@@ -18,7 +18,8 @@ import torch
 from meshserve.common.tls import TlsFiles, channel_credentials
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
-from meshserve.tools.bench import LoadSpec, run_load
+from meshserve.tools.load import run_load
+from meshserve.tools.load_spec import LoadSpec
 
 SCENARIOS = Path(__file__).with_name("triton_http_scenarios.py")
 SHAPES = {"mlp": (256,), "cnn": (3, 64, 64)}

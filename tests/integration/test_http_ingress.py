@@ -19,8 +19,9 @@ from meshserve.ingress.http_api import HttpSettings
 from meshserve.ingress.http_server import HttpLimits
 from meshserve.ingress.service import IngressSettings, build_service
 from meshserve.ingress.tokens import jwks_document, key_id, sign
-from meshserve.tools.bench import LoadSpec, run_load
 from meshserve.tools.certs import init_certs, rotate_certs
+from meshserve.tools.load import run_load
+from meshserve.tools.load_spec import LoadSpec
 from meshserve.tools.tokens import claims_for
 
 CONFIG = """name: "mlp"

@@ -4,7 +4,7 @@ compute, are refused by the policy and go through the asynchronous API, every lo
 every form a log could carry them (raw, hex, base64, the decoded numbers)."""
 
 import base64
-import time
+import re
 
 import grpc
 import numpy
@@ -15,6 +15,7 @@ from meshserve.protocol.async_inference_pb2 import ResultRequest
 from meshserve.protocol.async_inference_pb2_grpc import AsyncInferenceStub
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.tools.tokens import issue
+from tests.polling import until_sync
 
 MARKER = b"PAYLOAD-MARKER-7f3a9c1e"  # ASCII: every float32 it makes is positive
 TIMEOUT_S = 30
@@ -59,8 +60,9 @@ def token(mesh) -> str:
     return issue(mesh.data_dir / "auth", "app/hygiene", 600, models=["mlp", "flaky"])
 
 
-def exercise(mesh, token: str) -> None:
-    """Requests of every kind; each answer is what it should be."""
+def exercise(mesh, token: str) -> list[str]:
+    """Requests of every kind; each answer is what it should be. Returns the error ids the
+    INTERNAL answers name (their stack traces are logged under them)."""
     port = int((mesh.data_dir / "run" / "ingress.token-port").read_text())
     credentials = grpc.ssl_channel_credentials((mesh.tls / "ca.crt").read_bytes())
     bearer = [("authorization", f"Bearer {token}")]
@@ -77,27 +79,37 @@ def exercise(mesh, token: str) -> None:
             (request("mlp", "", 256, [1, 256]), [("authorization", f"Bearer {token}x")],
              grpc.StatusCode.UNAUTHENTICATED),
         ]
+        error_ids = []
         for message, metadata, code in failures:
             with pytest.raises(grpc.RpcError) as caught:
                 stub.ModelInfer(message, metadata=metadata, timeout=TIMEOUT_S)
             assert caught.value.code() == code, caught.value.details()
             assert token not in caught.value.details()
             assert MARKER.decode() not in caught.value.details()
+            error_ids += re.findall(r"internal error \(id ([0-9a-f]+)\)", caught.value.details())
         submissions = AsyncInferenceStub(channel)
         submitted = submissions.Submit(request("mlp", "", 256, [1, 256]), metadata=bearer,
                                        timeout=TIMEOUT_S)
         result = submissions.Result(ResultRequest(id=submitted.id, wait_ms=20_000),
                                     metadata=bearer, timeout=TIMEOUT_S)
         assert result.response.outputs[0].shape == [1, 10], result
+    return error_ids
 
 
 def test_no_log_holds_a_token_or_payload(mesh, token):
-    exercise(mesh, token)
-    time.sleep(1.5)  # let every service flush its lines about these requests
+    error_ids = exercise(mesh, token)
+    assert error_ids  # the failure in compute came back as an id, its trace went to a log
     logs = [*sorted((mesh.data_dir / "run").glob("*.log")),
             mesh.data_dir.parent / f"{mesh.data_dir.name}-up.log"]
     assert len(logs) > 10
-    assert any(b"app/hygiene" in path.read_bytes() for path in logs)  # denials were logged
+
+    def logged(text: str) -> bool:
+        return any(text.encode() in path.read_bytes() for path in logs)
+
+    # The lines about these requests are written: the denials, and each internal error.
+    until_sync(lambda: logged("app/hygiene") and all(logged(f"internal error {error_id}")
+                                                       for error_id in error_ids),
+               TIMEOUT_S, "the lines about these requests")
     found = [(path.name, what) for path in logs for what, secret in
              forms_of_secrets(token).items() if secret in path.read_bytes()]
     assert found == []

@@ -3,6 +3,7 @@
 import grpc
 import pytest
 
+from meshserve.common.certificates import identity_of
 from meshserve.common.tls import (
     TlsFiles,
     channel_options,
@@ -11,7 +12,7 @@ from meshserve.common.tls import (
     server_options,
 )
 from meshserve.protocol import health_pb2, health_pb2_grpc
-from meshserve.tools.certs import identity_of, init_certs
+from meshserve.tools.certs import init_certs
 
 TIMEOUT_S = 5
 

@@ -21,6 +21,7 @@ from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from tests.chaos.slow_model import INPUT_DIM, write_slow_model
 from tests.integration.conftest import Mesh, stop_up
+from tests.polling import until
 
 # Warm-up batches of `slow` (~50 ms each on one core): seconds of loading.
 WARMUP = """model_warmup [ {{ name: "long" batch_size: 32 count: {count}
@@ -133,15 +134,6 @@ def pid_of(data_dir: Path, name: str) -> int:
                     and f"--port-file={data_dir}/run/{name}.port".encode() in command):
                 return int(entry.name)
     raise AssertionError(f"no process {name}")
-
-
-async def until(check, seconds: float) -> float:
-    """Seconds until `await check()` is true (fails after `seconds`)."""
-    started = time.monotonic()
-    while not await check():
-        assert time.monotonic() - started < seconds, f"not within {seconds} s"
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
 
 
 async def test_server_ready_waits_for_every_version_and_follows_a_lost_compute(tmp_path):

@@ -3,7 +3,6 @@ tamper with its files and its audit log): an encrypted push, compute verifying b
 loads, tampered versions refused while the mesh keeps serving, offline verification and the
 audit log's chain."""
 
-import asyncio
 import contextlib
 import json
 import re
@@ -21,15 +20,16 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshserve.common import artifacts
+from meshserve.common.audit_client import record
 from meshserve.common.tls import TlsFiles, secure_channel
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol import health_pb2
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.protocol.health_pb2_grpc import HealthStub
-from meshserve.tools.audit_client import record
-from meshserve.tools.demo_models import _save_torchscript, build_model
+from meshserve.tools.demo_models import build_model, torchscript_bytes
 from tests.integration.conftest import Mesh, meshserve, running_mesh
 from tests.integration.test_mesh import mlp_request, public_stub
+from tests.polling import until
 
 WAIT_S = 90.0
 ROW = numpy.linspace(-1.0, 1.0, 256, dtype=numpy.float32).reshape(1, 256)
@@ -46,7 +46,7 @@ def registry_mesh(tmp_path_factory) -> Mesh:
 def pushed(registry_mesh: Mesh, tmp_path_factory) -> tuple[Path, str]:
     """mlp version 3 (the demo's version 1 weights, saved again), pushed encrypted."""
     path = tmp_path_factory.mktemp("artifact") / "mlp-retrained.pt"
-    _save_torchscript(build_model("mlp", 1), str(path))
+    path.write_bytes(torchscript_bytes(build_model("mlp", 1)))
     done = meshserve("models", "push", str(path), "--name", "mlp", "--version", "3",
                      "--encrypt", "--source", "git:0123abc", "--notes", "accuracy 0.91",
                      "--data-dir", str(registry_mesh.data_dir))
@@ -134,15 +134,6 @@ def compute(mesh: Mesh, repository: Path, name: str):
         process.wait()
 
 
-async def wait_for(check, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def batcher_channel(mesh: Mesh, address: str) -> grpc.aio.Channel:
     """Compute answers only the batcher identity."""
     return secure_channel(address, TlsFiles.for_identity(mesh.tls, "batcher"), "compute")
@@ -164,7 +155,7 @@ async def test_compute_decrypts_in_memory_and_answers_as_torch(registry_mesh: Me
                     return await health(channel) == health_pb2.HealthCheckResponse.SERVING
                 return False
 
-            await wait_for(serving, f"compute on the encrypted version ({log})")
+            await until(serving, WAIT_S, f"compute on the encrypted version ({log})", interval=0.2)
             request = pb.ModelInferRequest(model_name="mlp", model_version="3")
             request.inputs.add(name="INPUT__0", datatype="FP32", shape=[1, 256])
             request.raw_input_contents.append(ROW.tobytes())
@@ -225,7 +216,7 @@ async def test_tampered_versions_are_refused_while_the_mesh_serves(registry_mesh
             async def refused(log=log, reason=reason) -> bool:
                 return re.search(reason, log.read_text()) is not None
 
-            await wait_for(refused, f"{case}: the refusal in {log}")
+            await until(refused, WAIT_S, f"{case}: the refusal in {log}", interval=0.2)
             assert process.poll() is None, f"{case}: compute exited"
             async with batcher_channel(registry_mesh, address) as channel:
                 assert await health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING

@@ -20,6 +20,7 @@ from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.tools.traffic import admin_channel
 from tests.integration.conftest import children_of, meshserve
 from tests.integration.test_mesh import public_stub
+from tests.polling import until
 
 MLP = numpy.ones((1, 256), numpy.float32).tobytes()
 
@@ -115,7 +116,8 @@ async def test_live_shift_follows_within_a_second_without_errors(mesh):
     try:
         async with channel:
             driving = asyncio.create_task(drive(stub, "mlp", 5.0, load))
-            await asyncio.sleep(1.5)
+            await until(lambda: {"1", "2"} <= load.versions_after(0), 3.0,
+                        "answers from both versions before the shift")
             await set_weights(mesh, "mlp", {"1": 0, "2": 100})
             shifted = time.monotonic()
             await driving
@@ -142,7 +144,7 @@ async def test_control_plane_restart_under_load_fails_nothing(mesh):
     load = Load()
     async with channel:
         driving = asyncio.create_task(drive(stub, "mlp", 6.0, load))
-        await asyncio.sleep(1.0)
+        await until(lambda: len(load.seen) >= 50, 3.0, "the load under way")
         os.kill(old, signal.SIGKILL)
         await driving
     assert load.failures == []
@@ -169,7 +171,7 @@ async def run_canary(mesh, to_version: str) -> tuple[admin.Canary, Load, float]:
     async with channel, admin_channel_:
         driving = asyncio.create_task(drive(stub, "flaky", 30.0, load, workers=4,
                                             make=random_row))
-        await asyncio.sleep(1.0)
+        await until(lambda: len(load.seen) >= 20, 10.0, "the load under way")
         started = time.monotonic()
         await admin_api.StartCanary(admin.CanaryPlan(
             model="flaky", to_version=to_version, steps=[50, 100], interval_seconds=2,
@@ -242,21 +244,25 @@ async def test_shadow_copies_are_compared_and_never_answer_the_client(mesh):
         await set_weights(mesh, "mlp", {"1": 100, "2": 0})
         done = meshserve("traffic", "shadow", "mlp", "2", "--percent", "100", data)
         assert done.stdout.strip() == "mlp: 1=100 2=0, shadow 100% to 2", done.stdout
-        await asyncio.sleep(1.5)  # routers learn shadow targets within a second
         channel, stub = await public_stub(mesh)
-        async with channel:
-            served = [(await stub.ModelInfer(request("mlp"), timeout=10)).model_version
-                      for _ in range(40)]
-        assert set(served) == {"1"}
-        channel, admin_api = await admin_stub(mesh)
-        async with channel:
-            for _ in range(50):
-                status = await admin_api.Status(admin.StatusRequest(model="mlp"), timeout=10)
-                shadow = {v.version: v.shadow for v in status.models[0].versions}["2"]
-                if shadow.compared >= 30:
-                    break
-                await asyncio.sleep(0.2)
-        assert 30 <= shadow.compared <= 40
+        admin_channel_, admin_api = await admin_stub(mesh)
+        served: list[str] = []
+        shadow = None
+
+        async def compared_30() -> bool:
+            """Ten more requests (routers learn shadow targets from the control plane within
+            a second), then whether 30 shadow copies were compared."""
+            nonlocal shadow
+            served.extend([(await stub.ModelInfer(request("mlp"), timeout=10)).model_version
+                           for _ in range(10)])
+            status = await admin_api.Status(admin.StatusRequest(model="mlp"), timeout=10)
+            shadow = {v.version: v.shadow for v in status.models[0].versions}["2"]
+            return shadow.compared >= 30
+
+        async with channel, admin_channel_:
+            await until(compared_30, 30.0, "30 shadow copies compared", interval=0.2)
+        assert set(served) == {"1"}  # shadow answers never reach the client
+        assert 30 <= shadow.compared <= len(served)
         assert shadow.differing == shadow.compared  # versions 1 and 2 have other weights
         assert shadow.max_abs_diff > 1e-5
     finally:

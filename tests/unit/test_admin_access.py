@@ -5,6 +5,7 @@ import asyncio
 import pytest
 
 from meshserve.common.access import parse_policy
+from meshserve.common.certificates import spiffe_id
 from meshserve.common.errors import PermissionDenied
 from meshserve.mesh import admin_access
 from meshserve.mesh.admin import AdminServicer
@@ -13,17 +14,10 @@ from meshserve.mesh.control import ControlPlane
 from meshserve.mesh.policy import TrafficPolicy
 from meshserve.mesh.store import Store
 from meshserve.protocol import admin_pb2 as pb
-from meshserve.tools.certs import init_certs, issue_leaf, spiffe_id
+from meshserve.tools.certs import init_certs, issue_leaf
+from tests.policies import ALICE_READS_MLP
 
-POLICY = parse_policy("""
-groups:
-  developers: [client/developer]
-rules:
-  - groups: [developers]
-    actions: [admin]
-  - principals: [client/alice]
-    actions: [models:read]
-    models: [mlp]
+POLICY = parse_policy(ALICE_READS_MLP + """\
   - principals: [client/deployer]
     actions: [traffic:write, models:write, models:fetch]
     models: ["mlp*"]

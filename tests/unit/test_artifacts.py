@@ -4,7 +4,7 @@ import random
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from meshserve.common import artifacts
+from meshserve.common import artifacts, keys
 from meshserve.common.artifacts import ArtifactRefused
 from meshserve.common.errors import InvalidArgument
 
@@ -161,13 +161,13 @@ def test_parse_kek(text, ok) -> None:
 
 
 def test_public_keys_file_with_several_keys() -> None:
-    pem = artifacts.public_key_pem(KEY.public_key()) + artifacts.public_key_pem(
+    pem = keys.public_key_pem(KEY.public_key()) + keys.public_key_pem(
         OTHER.public_key())
-    keys = artifacts.load_public_keys(pem, "trusted")
-    assert set(keys) == {artifacts.key_id(KEY.public_key()), artifacts.key_id(OTHER.public_key())}
+    loaded = artifacts.load_public_keys(pem, "trusted")
+    assert set(loaded) == {artifacts.key_id(KEY.public_key()), artifacts.key_id(OTHER.public_key())}
     with pytest.raises(InvalidArgument, match="holds no PEM public key"):
         artifacts.load_public_keys(b"", "trusted")
-    reloaded = artifacts.load_private_key(artifacts.private_key_pem(KEY), "signing.key")
+    reloaded = artifacts.load_private_key(keys.private_key_pem(KEY), "signing.key")
     assert artifacts.key_id(reloaded.public_key()) == artifacts.key_id(KEY.public_key())
 
 

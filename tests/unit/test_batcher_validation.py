@@ -8,7 +8,7 @@ import pytest
 from meshserve.batcher.policy import BatchingPolicy, BatchQueue
 from meshserve.batcher.scheduler import Replica, Scheduler
 from meshserve.batcher.service import Batcher
-from meshserve.batcher.statistics import Statistics
+from meshserve.common.statistics import Statistics
 from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult
 from tests.unit.test_batch import one_input_config, request
 from tests.unit.test_tracing import FakeCompute

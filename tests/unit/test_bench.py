@@ -17,10 +17,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from meshserve.common.datatypes import bytes_elements
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol import grpc_service_pb2_grpc as pb_grpc
 from meshserve.tools import bench
-from meshserve.tools.bench import LoadSpec, percentiles, run_load
+from meshserve.tools.load import run_load
+from meshserve.tools.load_engine import Runner
+from meshserve.tools.load_results import percentiles
+from meshserve.tools.load_spec import LoadSpec, shares_of, split_evenly
+from meshserve.tools.load_wire import stream_error_code, with_id
+from meshserve.tools.random_requests import random_request
 
 # --- percentiles: nearest rank, value at 1-based rank ceil(p/100 * n) of the sorted samples.
 
@@ -79,7 +85,7 @@ def test_build_request_replaces_variable_dims_and_sizes_payload() -> None:
             pb.ModelMetadataResponse.TensorMetadata(name="d", datatype="BF16", shape=[2, -1]),
         ],
     )
-    request = bench.build_request(metadata, "m", "2", batch=3)
+    request, _ = random_request(metadata, 3, model="m", version="2")
     assert (request.model_name, request.model_version) == ("m", "2")
     assert [(t.name, t.datatype, list(t.shape)) for t in request.inputs] == [
         ("a", "FP32", [3, 4]),
@@ -92,17 +98,24 @@ def test_build_request_replaces_variable_dims_and_sizes_payload() -> None:
     assert np.all((values >= 0) & (values < 1))
 
 
-def test_build_request_rejects_bytes_inputs() -> None:
+def test_build_request_fills_bytes_inputs_and_rejects_unknown_datatypes() -> None:
     metadata = pb.ModelMetadataResponse(
-        inputs=[pb.ModelMetadataResponse.TensorMetadata(name="t", datatype="BYTES", shape=[1])]
+        name="m",
+        inputs=[pb.ModelMetadataResponse.TensorMetadata(name="t", datatype="BYTES", shape=[-1, 2])]
     )
-    with pytest.raises(ValueError, match="BYTES"):
-        bench.build_request(metadata, "m")
+    request, arrays = random_request(metadata, 3)
+    assert request.model_name == "m" and arrays["t"].shape == (3, 2)
+    assert bytes_elements(request.raw_input_contents[0]) == 6
+    unknown = pb.ModelMetadataResponse(
+        inputs=[pb.ModelMetadataResponse.TensorMetadata(name="t", datatype="FP8", shape=[1])]
+    )
+    with pytest.raises(ValueError, match="'FP8' is not supported"):
+        random_request(unknown, model="m")
 
 
 def test_with_id_sets_id_without_touching_payload() -> None:
     request = pb.ModelInferRequest(model_name="m", id="old", raw_input_contents=[b"\x01" * 300])
-    tagged = pb.ModelInferRequest.FromString(bench.with_id(request.SerializeToString(), "x" * 200))
+    tagged = pb.ModelInferRequest.FromString(with_id(request.SerializeToString(), "x" * 200))
     assert tagged.id == "x" * 200
     assert tagged.raw_input_contents == [b"\x01" * 300]
 
@@ -117,12 +130,12 @@ def test_with_id_sets_id_without_touching_payload() -> None:
     ],
 )
 def test_stream_error_code(message: str, code: str) -> None:
-    assert bench.stream_error_code(message) == code
+    assert stream_error_code(message) == code
 
 
 def test_split_evenly() -> None:
-    assert bench.split_evenly(10, 3) == [4, 3, 3]
-    assert bench.split_evenly(0, 2) == [0, 0]
+    assert split_evenly(10, 3) == [4, 3, 3]
+    assert split_evenly(0, 2) == [0, 0]
 
 
 def test_invalid_spec_is_rejected() -> None:
@@ -228,7 +241,10 @@ def _check(result: dict, spec: LoadSpec) -> None:
     assert result["requests"] > 0
     assert result["versions"] == {"1": result["requests"]}
     assert result["throughput_rps"] > 0
-    assert 0 < result["duration_s"] <= spec.duration_s + 0.5
+    window = result["window_unix_s"]
+    assert 0 < result["duration_s"] == pytest.approx(window[1] - window[0], abs=2e-4)
+    if result["processes"] == 1:  # the window is cut at its end, never stretched
+        assert result["duration_s"] <= spec.duration_s + 1e-4
     latency = result["latency_ms"]
     assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["p999"]
     assert latency["p999"] <= latency["max"]
@@ -285,8 +301,21 @@ async def test_max_requests_stops_early_and_batch_shapes_input(echo_server) -> N
     )
     result = await asyncio.to_thread(run_load, spec)
     assert result["requests"] + sum(result["errors"].values()) == 25
-    assert result["duration_s"] < 4.0
     assert servicer.shapes == {(3, 4)}
+
+
+def test_the_request_budget_ends_the_closed_loop_window_at_its_last_answer() -> None:
+    spec = LoadSpec(target="t", model="m", concurrency=2, duration_s=5.0, warmup_s=0.0,
+                    max_requests=3)
+    [share] = shares_of(spec)
+    runner = Runner(spec, share, None, b"")
+    runner.w_start, runner.w_end = 100.0, 105.0  # the window, on the runner's clock
+    runner.record(99.9, 100.1, version="1")  # sent before the window: not counted
+    for n in range(3):
+        runner.record(100.0 + n, 100.5 + n, version="1")
+    assert runner.stop.is_set() and runner.w_end == 102.5
+    runner.record(102.0, 102.6, version="1")  # answered after the budget: not counted
+    assert (runner.ok, runner.measured, runner.samples) == (3, 3, [500.0, 500.0, 500.0])
 
 
 async def test_unknown_model_fails_clearly(echo_server) -> None:
@@ -395,7 +424,7 @@ async def test_mutual_tls_headers_and_version(tmp_path) -> None:
 
 
 def test_plot_draws_latency_against_throughput(tmp_path):
-    from meshserve.tools.bench import plot_results
+    from meshserve.tools.plots import plot_results
 
     results = [{"model": "mlp", "transport": "unary", "target": "t", "throughput_rps": rps,
                 "latency_ms": {"p50": p50, "p99": p50 * 3}}

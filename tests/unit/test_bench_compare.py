@@ -19,16 +19,24 @@ import pytest
 import torch
 
 from meshserve.protocol import grpc_service_pb2 as pb
-from meshserve.tools import bench, bench_compare, triton_baseline
-from meshserve.tools.bench_compare import (
+from meshserve.tools import (
+    bench,
+    bench_compare,
+    compare_race,
+    compare_tables,
+    triton_baseline,
+    triton_repository,
+)
+from meshserve.tools.compare_limit import measure_limit
+from meshserve.tools.compare_runs import make_plan
+from meshserve.tools.compare_tables import (
     best_batch,
     comparison_rows,
     hop_breakdown,
-    make_plan,
     markdown_table,
     ratio,
 )
-from meshserve.tools.triton_baseline import ModelSpec, TensorSpec, model_py, triton_config
+from meshserve.tools.triton_repository import ModelSpec, TensorSpec, model_py, triton_config
 
 # --- ratio
 
@@ -57,7 +65,7 @@ def test_ratio(numerator, denominator, expected):
      (12.0, "12.00×")],
 )
 def test_ratio_text(value, expected):
-    assert bench_compare.ratio_text(value) == expected
+    assert compare_tables.ratio_text(value) == expected
 
 
 # --- best batch: most rows/s, the smaller batch on a tie
@@ -137,7 +145,7 @@ def test_comparison_rows(results, limits, expected):
 def test_comparison_table_has_one_row_per_run():
     plan = make_plan(quick=True)
     rows = comparison_rows(plan.runs(), {}, {})
-    text = markdown_table(bench_compare.COMPARISON_HEADERS, rows)
+    text = markdown_table(compare_tables.COMPARISON_HEADERS, rows)
     assert len(text.splitlines()) == 2 + len(plan.runs())
     assert text.startswith("| model | concurrency | transport | meshserve rps |")
     assert "| Envoy mesh rps | Envoy mesh p50 ms | Envoy mesh p99 ms |" in text
@@ -146,7 +154,7 @@ def test_comparison_table_has_one_row_per_run():
 def test_limit_rows():
     limits = {"mlp": {1: {"rows_per_s": 900.0, "p50_ms": 1.1111},
                       2: {"rows_per_s": 1500.0, "p50_ms": 1.3}}}
-    assert bench_compare.limit_rows(limits) == [["mlp", "900", "1.111", "2", "1,500"]]
+    assert compare_tables.limit_rows(limits) == [["mlp", "900", "1.111", "2", "1,500"]]
 
 
 # --- the race: ratios of two systems in one run, medians over runs
@@ -168,7 +176,7 @@ def _race_results(mesh_rps, envoy_rps, triton_rps, mesh_p99=10.0, envoy_p99=20.0
 def test_goal_values_of_one_run():
     results = _race_results(mesh_rps=1200.0, envoy_rps=1000.0, triton_rps=2000.0,
                             stream_rps=1500.0)
-    values = {g.label: g.value(results, {"cnn": 500.0}) for g in bench_compare.GOALS}
+    values = {g.label: g.value(results, {"cnn": 500.0}) for g in compare_race.GOALS}
     assert values == {
         "mlp c=32 req/s: meshserve / Envoy mesh": pytest.approx(1.2),
         "mlp c=32 req/s: meshserve / Triton": pytest.approx(0.6),
@@ -180,9 +188,9 @@ def test_goal_values_of_one_run():
 
 
 def test_goal_without_its_runs_or_limit_has_no_value():
-    for goal in bench_compare.GOALS:
+    for goal in compare_race.GOALS:
         assert goal.value({}, {}) is None
-    cnn = next(g for g in bench_compare.GOALS if g.denominator is None)
+    cnn = next(g for g in compare_race.GOALS if g.denominator is None)
     assert cnn.value(_race_results(1.0, 1.0, 1.0), {}) is None  # no limit measured
 
 
@@ -191,31 +199,33 @@ def test_goal_without_its_runs_or_limit_has_no_value():
     (None, 1.0, 0.5, True), (0.8, None, None, None),
 ])
 def test_goal_bound(at_least, at_most, value, met):
-    goal = bench_compare.Goal("x", ("a", "mlp", 1, "unary"), "rps", None, at_least, at_most)
+    goal = compare_race.Goal("x", ("a", "mlp", 1, "unary"), "rps", None, at_least, at_most)
     assert goal.met(value) is met
     assert goal.bound() == ("≥ " if at_least else "≤ ") + f"{at_least or at_most:g}"
 
 
-def test_median_ignores_missing_values():
-    assert bench_compare.median([3.0, None, 1.0, 2.0]) == 2.0
-    assert bench_compare.median([1.0, 4.0]) == 2.5
-    assert bench_compare.median([None, None]) is None
+@pytest.mark.parametrize(("values", "expected"), [
+    ([3.0, None, 1.0, 2.0], 2.0), ([4.0, 1.0], 2.5), ([None, 5.0], 5.0), ([], None),
+    ([None, None], None), ([float("nan"), 1.0, 3.0], 2.0),
+])
+def test_median_skips_missing_values(values, expected):
+    assert compare_tables.median(values) == expected
 
 
 def test_goal_rows_give_each_run_and_judge_the_median():
-    goals = bench_compare.GOALS[:2]
-    rows = bench_compare.goal_rows([[1.1, 0.5], [0.9, None], [1.3, 0.9]], goals)
+    goals = compare_race.GOALS[:2]
+    rows = compare_race.goal_rows([[1.1, 0.5], [0.9, None], [1.3, 0.9]], goals)
     assert rows == [
         ["mlp c=32 req/s: meshserve / Envoy mesh", "1.10×", "0.90×", "1.30×", "1.10×", "≥ 1",
          "yes"],
         ["mlp c=32 req/s: meshserve / Triton", "0.50×", "—", "0.90×", "0.70×", "≥ 0.8", "no"],
     ]
-    assert bench_compare.goal_rows([[None, 0.85]], goals) == [
+    assert compare_race.goal_rows([[None, 0.85]], goals) == [
         ["mlp c=32 req/s: meshserve / Envoy mesh", "—", "≥ 1", "—"],
         ["mlp c=32 req/s: meshserve / Triton", "0.85×", "≥ 0.8", "yes"],
     ]
-    assert bench_compare.goal_headers(1) == ["ratio", "measured", "goal", "met"]
-    assert bench_compare.goal_headers(3) == ["ratio", "run 1", "run 2", "run 3", "median",
+    assert compare_race.goal_headers(1) == ["ratio", "measured", "goal", "met"]
+    assert compare_race.goal_headers(3) == ["ratio", "run 1", "run 2", "run 3", "median",
                                              "goal", "met"]
 
 
@@ -223,10 +233,10 @@ def test_median_results_take_each_figure_over_the_runs_that_answered():
     key = ("meshserve", "mlp", 32, "unary")
     runs = [{key: _result(100.0, 5.0, 9.0)}, {key: _result(0.0, None, None, requests=0)},
             {key: _result(300.0, 3.0, 12.0, requests=50)}, {}]
-    merged = bench_compare.median_results(runs)
+    merged = compare_race.median_results(runs)
     assert merged == {key: {"requests": 150, "runs": 2, "throughput_rps": 200.0,
                             "latency_ms": {"p50": 4.0, "p99": 10.5}}}
-    assert bench_compare.median_results([{key: _result(0.0, None, None, requests=0)}]) == {}
+    assert compare_race.median_results([{key: _result(0.0, None, None, requests=0)}]) == {}
 
 
 def test_summary_report_gives_the_median_of_each_runs_ratio():
@@ -313,7 +323,7 @@ def _stats_response(success=(0, 0), queue=(0, 0), infer=(0, 0), rows=0, batches=
 
 
 def test_statistics_totals_sum_versions_and_batches():
-    totals = bench_compare.statistics_totals(
+    totals = compare_tables.statistics_totals(
         _stats_response(success=(3, 30), queue=(3, 6), infer=(3, 9), rows=3, batches=2,
                         batch_stats=[(1, 1, 1, 10, 1), (2, 1, 2, 20, 2)], versions=2))
     assert totals["success_count"] == 6 and totals["success_ns"] == 60
@@ -358,18 +368,18 @@ HOP_CASES = [
 
 @pytest.mark.parametrize(("after", "p50", "mean", "expected"), HOP_CASES)
 def test_hop_breakdown(after, p50, mean, expected):
-    before = bench_compare.statistics_totals(_stats_response())
-    after_totals = bench_compare.statistics_totals(_stats_response(**after))
+    before = compare_tables.statistics_totals(_stats_response())
+    after_totals = compare_tables.statistics_totals(_stats_response(**after))
     hop = hop_breakdown(before, after_totals, p50, mean)
     for key, value in expected.items():
         assert hop[key] == (pytest.approx(value) if value is not None else None), key
 
 
 def test_hop_breakdown_is_a_difference():
-    before = bench_compare.statistics_totals(
+    before = compare_tables.statistics_totals(
         _stats_response(success=(10, 10**7), queue=(10, 10**7), rows=10, batches=10,
                         batch_stats=[(1, 10, 0, 10**7, 0)]))
-    after = bench_compare.statistics_totals(
+    after = compare_tables.statistics_totals(
         _stats_response(success=(20, 2 * 10**7), queue=(20, 3 * 10**7), rows=30, batches=15,
                         batch_stats=[(1, 10, 0, 10**7, 0), (4, 5, 0, 10**7, 0)]))
     hop = hop_breakdown(before, after, 10.0)
@@ -520,10 +530,10 @@ def test_generated_model_py_batches_requests_and_splits_answers(tmp_path, monkey
 
 
 def test_write_repository_mirrors_the_demo_models(tmp_path):
-    from meshserve.tools.demo_models import write_demo_repository
+    from meshserve.tools.demo_repository import write_demo_repository
 
     write_demo_repository(tmp_path / "models")
-    versions = triton_baseline.write_repository(tmp_path / "models", tmp_path / "triton",
+    versions = triton_repository.write_repository(tmp_path / "models", tmp_path / "triton",
                                                 ["mlp", "cnn"])
     assert versions == {"mlp": "2", "cnn": "2"}
     for name in ("mlp", "cnn"):
@@ -561,7 +571,7 @@ def test_measure_limit_smoke(tmp_path):
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(torch.jit.script(torch.nn.Linear(8, 2).eval()), str(path))
     threads = torch.get_num_threads()
-    results = bench_compare.measure_limit(path, [(8,)], batch_sizes=(1, 4), duration_s=0.02)
+    results = measure_limit(path, [(8,)], batch_sizes=(1, 4), duration_s=0.02)
     assert torch.get_num_threads() == threads
     assert sorted(results) == [1, 4]
     for measured in results.values():

@@ -14,7 +14,6 @@ import pytest
 from meshserve.common.tls import TlsFiles
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.tools import bench, budget_bare, budget_proc, budget_run
-from meshserve.tools.bench import LoadSpec, run_load
 from meshserve.tools.budget import (
     FAR_OVER,
     HOPS,
@@ -32,7 +31,6 @@ from meshserve.tools.budget import (
     figures,
     hop_added,
     largest_by_kind,
-    median,
     most_answered,
     parse_budgets,
     parse_rss_mib,
@@ -44,6 +42,8 @@ from meshserve.tools.budget import (
     verdict,
 )
 from meshserve.tools.certs import init_certs
+from meshserve.tools.load import run_load
+from meshserve.tools.load_spec import LoadSpec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -197,14 +197,6 @@ def test_cpu_by_kind_sums_each_kinds_processes():
 def test_window_per_request(requests, kinds, expected):
     window = Window(requests, {"ingress": 0.2, "router": 0.1})
     assert window.per_request(kinds) == (None if expected is None else pytest.approx(expected))
-
-
-@pytest.mark.parametrize(("values", "expected"), [
-    ([3.0, 1.0, 2.0], 2.0), ([4.0, 1.0], 2.5), ([None, 5.0], 5.0), ([], None), ([None], None),
-    ([float("nan"), 1.0, 3.0], 2.0),
-])
-def test_median_skips_missing(values, expected):
-    assert median(values) == expected
 
 
 # --- latency each hop adds

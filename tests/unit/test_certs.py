@@ -9,8 +9,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from meshserve.common.certificates import TRUST_DOMAIN, identity_of, names_of, principal_of
 from meshserve.tools import certs
-from meshserve.tools.certs import IDENTITIES, TRUST_DOMAIN, identity_of, init_certs
+from meshserve.tools.certs import IDENTITIES, init_certs
 
 
 def load(path):
@@ -98,6 +99,20 @@ def test_identity_of_without_spiffe_uri(cert_dir, tmp_path):
                      ["DNS:plain", "URI:spiffe://elsewhere.example/router"], days=1)
     assert identity_of((tmp_path / "plain.crt").read_bytes()) is None
     assert identity_of((cert_dir / "ca.crt").read_bytes()) is None  # no SAN at all
+
+
+def test_a_principal_is_the_identity_else_the_first_dns_name(cert_dir, tmp_path):
+    certs.issue_leaf(cert_dir / "ca.crt", cert_dir / "ca.key", tmp_path, "plain",
+                     ["DNS:plain", "DNS:other", "URI:spiffe://elsewhere.example/x"], days=1)
+    assert principal_of((cert_dir / "client.crt").read_bytes()) == "client/developer"
+    assert principal_of((tmp_path / "plain.crt").read_bytes()) == "plain"
+    assert principal_of((cert_dir / "ca.crt").read_bytes()) is None
+
+
+def test_a_metric_label_is_the_first_dns_name_else_the_common_name(cert_dir):
+    assert names_of((cert_dir / "client.crt").read_bytes()).label == "client"
+    assert names_of((cert_dir / "router.crt").read_bytes()).label == "router"
+    assert names_of((cert_dir / "ca.crt").read_bytes()).label == "meshserve development CA"
 
 
 def test_issue_leaf_never_overwrites(cert_dir):

@@ -5,7 +5,8 @@ import torch
 
 from meshserve.common.repository import ModelRepository
 from meshserve.protocol import model_config_pb2 as mc
-from meshserve.tools.demo_models import DEMO_MODELS, build_model, write_demo_repository
+from meshserve.tools.demo_models import DEMO_MODELS, build_model
+from meshserve.tools.demo_repository import write_demo_repository
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.jit.*:DeprecationWarning")
 

@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from meshserve.tools.drill import (
-    Load,
     Observed,
     Plan,
     Report,
@@ -18,6 +17,7 @@ from meshserve.tools.drill import (
     kill_all,
     summary,
 )
+from meshserve.tools.drill_load import Load
 
 BEFORE = Observed(routes={"mlp": {"model": "mlp", "weights": {"1": 90, "2": 10}}},
                   canaries={}, registry={"mlp/3": "sha256:aa"},
@@ -38,7 +38,7 @@ def test_differences_name_what_did_not_come_back() -> None:
 
 
 def test_recovery_runs_from_the_kill_to_the_first_success_after_it() -> None:
-    load = Load(connection=None, request=None, plan=Plan())
+    load = Load(connection=None, request=None, pause_s=Plan().pause_s)
     load.outcomes = [(1.0, "OK"), (2.0, "UNAVAILABLE"), (3.0, "NO_ENDPOINT"), (4.5, "OK"),
                      (5.0, "OK")]
     assert load.first_success_after(1.5) == 4.5

@@ -6,29 +6,21 @@ from pathlib import Path
 
 import pytest
 
-from meshserve.common import artifacts, model_files
+from meshserve.common import artifacts, keys, model_files
 from meshserve.common.artifacts import ArtifactRefused
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from meshserve.mesh.fetch import read_version, signed_versions, verify_fetched
 from meshserve.mesh.registry import Push, Registry
 from meshserve.mesh.store import Store
+from tests.unit.test_registry import tiny_repository
 
-CONFIG = """name: "tiny"
-max_batch_size: 4
-input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 3 ] } ]
-output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]
-"""
 PLAIN = b"torchscript stand-in " * 64
 
 
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
-    (tmp_path / "models" / "tiny" / "1").mkdir(parents=True)
-    (tmp_path / "models" / "tiny" / "config.pbtxt").write_text(CONFIG)
-    (tmp_path / "models" / "tiny" / "1" / "model.pt").write_bytes(b"unsigned v1")
-    model_files.ensure_kek(tmp_path / "keys" / "kek")
-    key = model_files.signing_key(tmp_path / "keys" / "signing.key", create=True)
-    model_files.trust(key, tmp_path / "keys" / "trusted")
+    tiny_repository(tmp_path, b"unsigned v1")
+    key = model_files.signing_key(tmp_path / "keys" / "signing.key")
     rng = random.Random(7)
     with Store.open(tmp_path / "mesh.db") as store:
         registry = Registry(store, tmp_path / "models", tmp_path / "registry", key,
@@ -91,7 +83,7 @@ def test_a_tampered_artifact_or_a_stranger_key_fails_the_check(data: Path,
     with pytest.raises(ArtifactRefused, match="artifact digest .* does not match"):
         verify_fetched(fetched.manifest, fetched.signature, fetched.artifact[:-1], trusted)
     stranger = tmp_path / "stranger.pub"
-    stranger.write_bytes(artifacts.public_key_pem(
+    stranger.write_bytes(keys.public_key_pem(
         model_files.signing_key(tmp_path / "other.key", create=True).public_key()))
     with pytest.raises(ArtifactRefused, match="unknown key"):
         verify_fetched(fetched.manifest, fetched.signature, fetched.artifact, [stranger])

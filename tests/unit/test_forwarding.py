@@ -1,12 +1,12 @@
 """Tests of group forwarding with a fake group call (no gRPC server, no network)."""
 
 import asyncio
-import time
+import types
 
 import grpc
 import pytest
 
-from meshserve.common import errors
+from meshserve.common import errors, forwarding
 from meshserve.common.forwarding import GroupForwarder, deadline_of, error_result, raise_for
 from meshserve.common.streams import StreamBroken
 from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
@@ -140,10 +140,21 @@ async def test_max_in_flight_two_runs_two_calls_at_once():
 
 # --- deadlines --------------------------------------------------------------------------
 
-async def test_expired_entry_is_answered_without_being_sent():
+NOW = 1000.0  # the forwarder's monotonic clock, stopped (see `stopped_clock`)
+
+
+@pytest.fixture
+def stopped_clock(monkeypatch):
+    """The forwarder reads `time.monotonic()` when it sends a group: here it reads NOW, so
+    the remaining times it sends are exact."""
+    monkeypatch.setattr(forwarding, "time", types.SimpleNamespace(monotonic=lambda: NOW))
+    return NOW
+
+
+async def test_expired_entry_is_answered_without_being_sent(stopped_clock):
     fake = FakeUpstream()
     forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
-    now = time.monotonic()
+    now = stopped_clock
     results = await asyncio.wait_for(forwarder.forward(
         [entry("late", now - 1.0), entry("soon", now + 0.5), entry("later", now + 2.0)]), 2)
     assert fake.groups == [["soon", "later"]]
@@ -153,28 +164,25 @@ async def test_expired_entry_is_answered_without_being_sent():
     assert not late.HasField("response")
     assert (soon.code, soon.response.id, later.code, later.response.id) == (
         0, "soon", 0, "later")
-    assert fake.timeouts[0] == pytest.approx(2.0, abs=0.05)
-    sent_us = fake.item_timeouts[0]
-    assert sent_us[0] == pytest.approx(500_000, abs=50_000)
-    assert sent_us[1] == pytest.approx(2_000_000, abs=50_000)
+    assert fake.timeouts[0] == 2.0
+    assert fake.item_timeouts[0] == [500_000, 2_000_000]
 
 
-async def test_any_entry_without_deadline_means_no_call_timeout():
+async def test_any_entry_without_deadline_means_no_call_timeout(stopped_clock):
     fake = FakeUpstream()
     forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
-    now = time.monotonic()
+    now = stopped_clock
     first, second = entry("a", now + 1.0), entry("b", None)
     second[0].timeout_us = 777  # a stale value must be cleared
     await asyncio.wait_for(forwarder.forward([first, second]), 2)
     assert fake.timeouts == [None]
-    assert fake.item_timeouts[0][0] == pytest.approx(1_000_000, abs=50_000)
-    assert fake.item_timeouts[0][1] == 0
+    assert fake.item_timeouts[0] == [1_000_000, 0]
 
 
-async def test_all_expired_makes_no_call():
+async def test_all_expired_makes_no_call(stopped_clock):
     fake = FakeUpstream()
     forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
-    now = time.monotonic()
+    now = stopped_clock
     results = await asyncio.wait_for(
         forwarder.forward([entry("x", now - 0.1), entry("y", now)]), 2)
     assert fake.groups == []
@@ -188,6 +196,17 @@ async def test_all_expired_makes_no_call():
 ])
 def test_deadline_of(timeout_us, arrived, expected):
     assert deadline_of(timeout_us, arrived) == expected
+
+
+@pytest.mark.parametrize("timeout_us, remaining, expected", [
+    (0, None, None),
+    (0, 2.0, 12.0),
+    (1_500_000, 2.0, 11.5),
+    (3_000_000, 2.0, 12.0),
+])
+def test_deadline_of_a_call_is_the_sooner_of_its_timeout_and_what_remains(
+        timeout_us, remaining, expected):
+    assert deadline_of(timeout_us, 10.0, remaining) == expected
 
 
 # --- failures ---------------------------------------------------------------------------

@@ -5,11 +5,10 @@ import os
 import pytest
 from cryptography import x509
 
+from meshserve.common.certificates import UNKNOWN, IdentityCache, identity_of
 from meshserve.common.identity import (
     DEFAULT_CALLERS,
-    UNKNOWN,
     Callers,
-    IdentityCache,
     is_allowed,
     parse_callers,
     peer_identity,
@@ -21,7 +20,6 @@ from meshserve.tools.certs import (
     CA_CERT,
     CertsError,
     ca_bundle,
-    identity_of,
     init_certs,
     issued_by,
     leaf_names,

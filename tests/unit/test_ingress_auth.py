@@ -4,8 +4,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshserve.common.access import parse_policy
+from meshserve.common.certificates import principal_of
 from meshserve.common.errors import PermissionDenied, ResourceExhausted, Unauthenticated
-from meshserve.ingress.auth import Gate, certificate_principal
+from meshserve.ingress.auth import Gate
 from meshserve.ingress.tokens import key_id, sign
 from meshserve.tools.certs import init_certs
 from meshserve.tools.tokens import claims_for
@@ -51,7 +52,8 @@ def client_pem(tmp_path_factory) -> bytes:
 
 
 def test_certificate_principal_is_the_spiffe_identity(client_pem):
-    assert certificate_principal(client_pem) == "client/developer"
+    assert principal_of(client_pem) == "client/developer"
+    assert Recorder().gate.authenticate((), client_pem).principal == "client/developer"
 
 
 def test_token_caller_is_authorized_within_its_scopes():

@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from meshserve.common.errors import InvalidArgument
+from meshserve.common.version_pin import PIN_HEADER
 from meshserve.mesh import istio
-from meshserve.mesh.policy import PIN_HEADER, Shadow, TrafficPolicy
+from meshserve.mesh.policy import Shadow, TrafficPolicy
 from tests.crd_schemas import validator
 
 HOST = "batcher.serving.svc.cluster.local"

@@ -3,8 +3,8 @@
 import pytest
 
 from meshserve.common.errors import InvalidArgument
+from meshserve.common.version_pin import PIN_HEADER
 from meshserve.mesh.policy import (
-    PIN_HEADER,
     Endpoint,
     MeshState,
     Shadow,

@@ -25,15 +25,21 @@ PLAIN = b"not really torchscript, but bytes are bytes" * 50
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 
 
+def tiny_repository(root: Path, version_1: bytes = b"v1") -> Path:
+    """`root/models` with model `tiny` (version 1 unsigned, holding `version_1`), and in
+    `root/keys` a KEK, a signing key and its public key trusted."""
+    (root / "models" / "tiny" / "1").mkdir(parents=True)
+    (root / "models" / "tiny" / "config.pbtxt").write_text(CONFIG)
+    (root / "models" / "tiny" / "1" / "model.pt").write_bytes(version_1)
+    model_files.ensure_kek(root / "keys" / "kek")
+    key = model_files.signing_key(root / "keys" / "signing.key", create=True)
+    model_files.trust(key, root / "keys" / "trusted")
+    return root
+
+
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
-    (tmp_path / "models" / "tiny" / "1").mkdir(parents=True)
-    (tmp_path / "models" / "tiny" / "config.pbtxt").write_text(CONFIG)
-    (tmp_path / "models" / "tiny" / "1" / "model.pt").write_bytes(b"v1")
-    model_files.ensure_kek(tmp_path / "keys" / "kek")
-    key = model_files.signing_key(tmp_path / "keys" / "signing.key", create=True)
-    model_files.trust(key, tmp_path / "keys" / "trusted")
-    return tmp_path
+    return tiny_repository(tmp_path)
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ output { name: "y" data_type: TYPE_FP32 dims: [ 2 ] }
 
 
 def test_triton_config_with_unknown_sections(caplog):
-    with caplog.at_level(logging.WARNING, logger="meshserve.common.repository"):
+    with caplog.at_level(logging.WARNING, logger="meshserve.common.config_text"):
         config = parse_config(TRITON_CONFIG, "/repo/densenet/config.pbtxt", "densenet")
     assert config.name == "densenet"
     assert config.platform == "pytorch_libtorch"

@@ -8,7 +8,6 @@ import logging
 import pytest
 
 from meshserve.batcher.caching import CachingFront, VersionIdentity
-from meshserve.batcher.statistics import Statistics
 from meshserve.common.errors import FailedPrecondition
 from meshserve.common.response_cache import (
     LruCache,
@@ -17,6 +16,7 @@ from meshserve.common.response_cache import (
     artifact_digest,
     cache_key,
 )
+from meshserve.common.statistics import Statistics
 from meshserve.protocol.groups_pb2 import GroupItem, ItemResult
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
 

@@ -1,6 +1,6 @@
 """Batcher statistics: Triton's ModelStatistics meaning, and the live counters."""
 
-from meshserve.batcher.statistics import BUCKET_BOUNDS_MS, Statistics
+from meshserve.common.statistics import BUCKET_BOUNDS_MS, Statistics
 
 
 def test_rows_and_batches_are_counted_like_triton():

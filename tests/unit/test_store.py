@@ -7,8 +7,10 @@ import pytest
 
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from meshserve.mesh.audit import GENESIS
+from meshserve.mesh.database import POSTGRESQL, SQLITE
 from meshserve.mesh.policy import Endpoint, MeshState, Shadow, TrafficPolicy
-from meshserve.mesh.store import OVER_START, POSTGRESQL, RESTORE, SQLITE, START, Store
+from meshserve.mesh.store import Store
+from meshserve.mesh.store_canaries import OVER_START, RESTORE, START
 
 
 class FakeClock:
@@ -237,15 +239,21 @@ def test_append_audit_and_paging(store: Store) -> None:
         store.append_audit("", "x", "y")
 
 
-def test_reopen_serves_the_same_state(path: Path) -> None:
-    with Store.open(path, clock=FakeClock()) as store:
+def filled(location: str | Path) -> tuple:
+    """Open the store at `location`, put policies, endpoints and a canary, close it; what it
+    then held (state, canaries, audit log)."""
+    with Store.open(location, clock=FakeClock()) as store:
         store.put_policy(P1, actor="alice")
         store.put_policy(P2, actor="alice")
         store.put_policy(BERT, actor="bob")
         store.put_endpoint(E1, actor="batcher")
         store.put_endpoint(E2, actor="batcher")
         store.put_canary("resnet", {"step": 2}, actor="ctl", action="canary.step")
-        before = (store.state(), store.canaries(), store.audit())
+        return store.state(), store.canaries(), store.audit()
+
+
+def test_reopen_serves_the_same_state(path: Path) -> None:
+    before = filled(path)
 
     with Store.open(f"sqlite:///{path}") as reopened:
         assert (reopened.state(), reopened.canaries(), reopened.audit()) == before
@@ -257,13 +265,19 @@ def test_reopen_serves_the_same_state(path: Path) -> None:
         assert reopened.rollback("resnet", actor="alice") == P1
 
 
-def test_edited_audit_row_in_the_file_is_detected(path: Path) -> None:
-    with Store.open(path) as store:
+def three_policies(location: str | Path) -> str:
+    """Put P1, P2 and P3 into the store at `location`; the audit head hash after them."""
+    with Store.open(location) as store:
         store.put_policy(P1, actor="alice")
         store.put_policy(P2, actor="alice")
         store.put_policy(P3, actor="alice")
         anchor = store.head_hash()
         assert store.verify_audit(anchor=anchor) == []
+    return anchor
+
+
+def test_edited_audit_row_in_the_file_is_detected(path: Path) -> None:
+    anchor = three_policies(path)
 
     raw = sqlite3.connect(path)
     with raw:

@@ -3,13 +3,13 @@ throwaway server (tests/postgres.py), and what only PostgreSQL has: several conn
 (control planes) writing at once, the writers' lock, a dropped connection, URL handling."""
 
 import threading
-import time
 
 import psycopg
 import pytest
 
 from meshserve.common.errors import FailedPrecondition, InvalidArgument
 from meshserve.mesh.store import Store
+from tests.polling import until_sync
 
 # Imported so that pytest collects them here too, where `store` is the fixture below: the
 # same assertions, on PostgreSQL.
@@ -21,6 +21,7 @@ from tests.unit.test_store import (  # noqa: F401
     P2,
     P3,
     FakeClock,
+    filled,
     test_append_audit_and_paging,
     test_audit_limit_zero_returns_nothing,
     test_bad_endpoint_address_is_rejected,
@@ -34,6 +35,7 @@ from tests.unit.test_store import (  # noqa: F401
     test_rollback_walks_back_through_history,
     test_rollback_with_no_history_fails_clearly,
     test_state,
+    three_policies,
 )
 
 pytest_plugins = ["tests.postgres"]
@@ -57,14 +59,7 @@ def raw(url: str, sql: str) -> list[tuple]:
 
 
 def test_reopen_serves_the_same_state(url: str) -> None:
-    with Store.open(url, clock=FakeClock()) as store:
-        store.put_policy(P1, actor="alice")
-        store.put_policy(P2, actor="alice")
-        store.put_policy(BERT, actor="bob")
-        store.put_endpoint(E1, actor="batcher")
-        store.put_endpoint(E2, actor="batcher")
-        store.put_canary("resnet", {"step": 2}, actor="ctl", action="canary.step")
-        before = (store.state(), store.canaries(), store.audit())
+    before = filled(url)
 
     for spelling in (url.replace("postgresql://", "postgres://"),
                      url.replace("postgresql://", "postgresql+psycopg://")):
@@ -81,12 +76,7 @@ def test_reopen_serves_the_same_state(url: str) -> None:
 
 
 def test_edited_audit_row_is_detected(url: str) -> None:
-    with Store.open(url) as store:
-        store.put_policy(P1, actor="alice")
-        store.put_policy(P2, actor="alice")
-        store.put_policy(P3, actor="alice")
-        anchor = store.head_hash()
-        assert store.verify_audit(anchor=anchor) == []
+    anchor = three_policies(url)
 
     raw(url, "UPDATE audit_log SET actor = 'mallory' WHERE seq = 2")
     with Store.open(url) as store:
@@ -146,7 +136,9 @@ def test_writers_wait_for_the_lock_and_readers_do_not(url: str, store: Store) ->
                                               done.set()))
     try:
         writer.start()
-        time.sleep(0.3)
+        until_sync(lambda: raw(url, "SELECT count(*) FROM pg_locks WHERE NOT granted AND "
+                                    "relation = 'audit_log'::regclass") == [(1,)],
+                   10, "the writer waiting for the audit log's lock", interval=0.01)
         assert not done.is_set()
         with Store.open(url) as reader:
             assert [e.subject for e in reader.audit()] == ["first"]

@@ -19,6 +19,7 @@ from meshserve.common.streams import (
 from meshserve.common.tls import TlsFiles, secure_channel, server_credentials
 from meshserve.protocol.groups_pb2 import InferGroup, InferGroupResult
 from meshserve.tools.certs import init_certs
+from tests.polling import until
 
 
 def test_a_frame_is_its_id_then_its_body_and_parses_as_the_message():
@@ -128,10 +129,9 @@ async def test_a_draining_server_answers_what_it_read_and_the_client_moves_on(tl
     client = Client(tls[1], port)
     try:
         slow = asyncio.create_task(client.stream.send(b"slow"))
-        while b"slow" not in echo.seen:
-            await asyncio.sleep(0.01)
+        await until(lambda: b"slow" in echo.seen, 10, "the server reading the group")
         stopping = asyncio.create_task(service.stop(10))
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(service.draining.wait(), 10)
         echo.gates[b"slow"].set()
         assert await asyncio.wait_for(slow, 10) == b"wols"
         await asyncio.wait_for(stopping, 10)
@@ -157,8 +157,7 @@ async def test_a_group_its_stream_never_answered_goes_once_more_on_a_fresh_strea
     stream = GroupStream(lambda: start_stream(next(opened)), "echo")
     try:
         lost = asyncio.create_task(stream.send(b"lost"))
-        while b"lost" not in first_echo.seen:
-            await asyncio.sleep(0.01)
+        await until(lambda: b"lost" in first_echo.seen, 10, "the first server reading the group")
         await first.stop(0)  # cancels the stream mid-group
         assert await asyncio.wait_for(lost, 10) == b"tsol"
         assert second_echo.seen == [b"lost"]

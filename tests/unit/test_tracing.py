@@ -13,8 +13,8 @@ from opentelemetry.trace import get_current_span
 from meshserve.batcher.policy import BatchingPolicy, BatchQueue
 from meshserve.batcher.scheduler import Replica, Scheduler
 from meshserve.batcher.service import Batcher
-from meshserve.batcher.statistics import Statistics
 from meshserve.common.otlp import OtlpSettings
+from meshserve.common.statistics import Statistics
 from meshserve.common.tracing import (
     Tracing,
     TracingSettings,

@@ -5,7 +5,8 @@ import argparse
 
 import pytest
 
-from meshserve.tools.up import compute_flags, plan, positive_count
+from meshserve.tools.arguments import positive_int
+from meshserve.tools.up import compute_flags, plan
 from tests.integration.flaky_model import write_flaky_model
 
 
@@ -59,10 +60,10 @@ def test_every_batcher_of_a_version_gets_its_computes(tmp_path):
 
 @pytest.mark.parametrize(("text", "count"), [("1", 1), ("4", 4)])
 def test_replica_count_accepted(text, count):
-    assert positive_count(text) == count
+    assert positive_int(text) == count
 
 
 @pytest.mark.parametrize("text", ["0", "-2", "two", ""])
 def test_replica_count_refused(text):
     with pytest.raises(argparse.ArgumentTypeError, match="at least 1"):
-        positive_count(text)
+        positive_int(text)

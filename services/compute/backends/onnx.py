@@ -16,7 +16,7 @@ import numpy
 
 from meshserve.common import onnx_graph
 from meshserve.common.errors import FailedPrecondition, Internal, InvalidArgument
-from meshserve.compute.backends import tensors
+from meshserve.compute import tensors
 from meshserve.compute.timings import Timings
 from meshserve.protocol import model_config_pb2 as mc
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse

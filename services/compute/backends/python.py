@@ -27,7 +27,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from meshserve.common import errors
 from meshserve.common.errors import FailedPrecondition, Internal, ServingError
-from meshserve.compute.backends import tensors
+from meshserve.compute import tensors
 from meshserve.compute.backends import triton_python_backend_utils as pb_utils
 from meshserve.compute.timings import Timings
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse

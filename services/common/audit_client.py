@@ -1,6 +1,6 @@
 """Record a security event in the control plane's audit log (admin RPC `RecordEvent`).
 
-    from meshserve.tools.audit_client import record, record_async
+    from meshserve.common.audit_client import record, record_async
     record("127.0.0.1:7000", tls, "token.issue", "client/alice", "ttl 3600 s")   # a CLI
     await record_async(channel, "ingress.denied", "mlp", "quota exceeded")     # a service
 
