@@ -106,6 +106,28 @@ def service_of(pid: int, argv: Sequence[str]) -> ServiceProcess | None:
     return ServiceProcess(pid, kind, name)
 
 
+MODEL_CPU_METRIC = "meshserve_compute_model_cpu_seconds_total"
+
+
+def model_cpu_seconds(metrics_text: str) -> float:
+    """The CPU a compute's models took themselves, summed over its series, from its
+    Prometheus text."""
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(MODEL_CPU_METRIC):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def model_share(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """The share of compute's CPU its models took between two readings, each (model CPU
+    seconds, compute CPU seconds); None when compute spent nothing in between."""
+    spent = after[1] - before[1]
+    if spent <= 0:
+        return None
+    return min(1.0, max(0.0, (after[0] - before[0]) / spent))
+
+
 # ---------------------------------------------------------------------------------------------
 # CPU over a window
 
@@ -173,10 +195,17 @@ def most_answered(results: Iterable[dict]) -> str:
 
 @dataclass(frozen=True)
 class Window:
-    """One measured load window: requests answered in it, CPU seconds per process kind."""
+    """One measured load window: requests answered in it, CPU seconds per process kind, and
+    the part of compute's CPU its models took themselves (as the computes counted it)."""
 
     requests: int
     cpu_s: Mapping[str, float]
+    model_cpu_s: float | None = None
+
+    def model_per_request(self) -> float | None:
+        if self.requests <= 0 or self.model_cpu_s is None:
+            return None
+        return self.model_cpu_s / self.requests
 
     def per_request(self, kinds: Iterable[str]) -> float | None:
         """CPU seconds per answered request of `kinds` together; None without requests."""
@@ -224,6 +253,17 @@ class Measured:
     def per_request_s(self, model: str, concurrency: int, kinds: Iterable[str]) -> float | None:
         kinds = tuple(kinds)
         return median(w.per_request(kinds) for w in self.load.get((model, concurrency), []))
+
+    def model_per_request_s(self, model: str, concurrency: int) -> float | None:
+        """The models' own CPU per request inside compute (median of the windows)."""
+        return median(w.model_per_request() for w in self.load.get((model, concurrency), []))
+
+    def serving_per_request_s(self, model: str, concurrency: int) -> float | None:
+        """Compute's CPU per request beyond its models' own (median of the windows)."""
+        windows = self.load.get((model, concurrency), [])
+        return median(None if w.model_cpu_s is None or w.requests <= 0 else
+                      (w.cpu_s.get("compute", 0.0) - w.model_cpu_s) / w.requests
+                      for w in windows)
 
 
 @dataclass(frozen=True)
@@ -339,15 +379,15 @@ def figures(measured: Measured, budgets: Budgets, models: Sequence[str],
                 continue
             for kind in KINDS:
                 value = ratio(measured.per_request_s(model, concurrency, [kind]), bare)
-                budget = None
-                if concurrency == high:
-                    budget = budgets.cpu_per_request_b[kind]
-                    if kind == "compute":
-                        budget = None if model_b is None else budget + model_b
                 name = f"{model} c={concurrency} {kind} CPU per request"
-                note = "plus the model's own CPU per sample" if (
-                    kind == "compute" and concurrency == high) else ""
-                out.append(Figure(name, value, "B", budget, note, gated=budget is not None))
+                if concurrency != high:
+                    out.append(Figure(name, value, "B"))
+                elif kind != "compute":
+                    out.append(Figure(name, value, "B", budgets.cpu_per_request_b[kind],
+                                      gated=True))
+                else:
+                    out.extend(_compute_figures(measured, budgets, model, concurrency, value,
+                                                model_b, bare))
             whole = ratio(measured.per_request_s(model, concurrency, KINDS), bare)
             out.append(Figure(f"{model} c={concurrency} whole mesh CPU per request", whole,
                               "B"))
@@ -356,7 +396,7 @@ def figures(measured: Measured, budgets: Budgets, models: Sequence[str],
                 f"{model} whole mesh CPU per request, c={low} / c={high}",
                 ratio(measured.per_request_s(model, low, KINDS),
                       measured.per_request_s(model, high, KINDS)),
-                "x", budgets.concurrency_1_ratio, gated=True))
+                "x", budgets.concurrency_1_ratio))
         if p50s:
             added = hop_added(p50s)
             model_p50 = ratio(median(measured.model_p50_ms.get(model, [])), bare_p50)
@@ -379,6 +419,26 @@ def figures(measured: Measured, budgets: Budgets, models: Sequence[str],
                 out.append(Figure(f"RSS {label}: {kind} (largest process)", rss[kind], "MiB",
                                   rss_budgets.get(kind)))
     return out
+
+
+def _compute_figures(measured: Measured, budgets: Budgets, model: str, concurrency: int,
+                     value: float | None, model_b: float | None,
+                     bare: float | None) -> list[Figure]:
+    """Compute's CPU per request against its share plus the model's cost in this process
+    (batch 16, warm caches: reported), and without what its models took themselves as
+    compute counted it (at the batch sizes the mesh formed: the gated figure)."""
+    own = budgets.cpu_per_request_b["compute"]
+    prefix = f"{model} c={concurrency}"
+    return [
+        Figure(f"{prefix} compute CPU per request", value, "B",
+               None if model_b is None else own + model_b,
+               "plus the model's own CPU per sample (in-process, batch 16)"),
+        Figure(f"{prefix} model CPU per request inside compute",
+               ratio(measured.model_per_request_s(model, concurrency), bare), "B"),
+        Figure(f"{prefix} compute CPU per request beyond its model",
+               ratio(measured.serving_per_request_s(model, concurrency), bare), "B", own,
+               gated=True),
+    ]
 
 
 def _micro(seconds: float | None) -> float | None:

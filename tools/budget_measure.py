@@ -57,12 +57,14 @@ from meshserve.tools.budget import (
     cpu_by_kind,
     cpu_seconds,
     largest_by_kind,
+    model_share,
     most_answered,
 )
 from meshserve.tools.budget_proc import (
     BareServer,
     MeshUp,
     Sampler,
+    compute_reading,
     record_profiles,
 )
 from meshserve.tools.load import run_load
@@ -132,15 +134,23 @@ def _checked(result: dict, what: str) -> dict:
 
 
 def load_window(spec: LoadSpec, processes: list[ServiceProcess], what: str,
-                rss_into: dict[str, float] | None = None) -> tuple[Window, dict]:
-    """One load run; the CPU of `processes` by kind over its measured window."""
+                rss_into: dict[str, float] | None = None,
+                run_dir: Path | None = None) -> tuple[Window, dict]:
+    """One load run; the CPU of `processes` by kind over its measured window and, with the
+    mesh's `run_dir`, the part of compute's CPU its models took (their share over the whole
+    run, as the computes counted it, applied to the window)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    before = None if run_dir is None else compute_reading(processes, run_dir, ticks)
     with Sampler(p.pid for p in processes) as sampler:
         result = _checked(run_load(spec), what)
+    share = None if before is None else model_share(
+        before, compute_reading(processes, run_dir, ticks))
     start, end = result["window_unix_s"]
-    cpu = cpu_by_kind(sampler.samples, processes, start, end, os.sysconf("SC_CLK_TCK"))
+    cpu = cpu_by_kind(sampler.samples, processes, start, end, ticks)
     if rss_into is not None:
         largest_by_kind(sampler.rss_max, processes, rss_into)
-    return Window(result["requests"], cpu), result
+    model_cpu = None if share is None else share * cpu.get("compute", 0.0)
+    return Window(result["requests"], cpu, model_cpu), result
 
 
 class InProcessModel:
@@ -204,8 +214,9 @@ class BudgetRun:
                 what: str, rss: bool = False) -> Window:
         spec = target.spec(self.tls, model, self.requests[model], concurrency,
                            self.plan.load_s, self.plan.warmup_s)
+        run_dir = self.mesh.data_dir / "run" if target is self.ingress else None
         window, result = load_window(spec, processes, what,
-                                     self.measured.rss_load_mib if rss else None)
+                                     self.measured.rss_load_mib if rss else None, run_dir)
         self.results.append({"what": what, **result})
         if result["errors"]:
             self.say(f"  {what}: errors {result['errors']}")

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from meshserve.tools.budget import (
     PROCESS_KINDS,
     Sample,
     ServiceProcess,
+    model_cpu_seconds,
     parse_rss_mib,
     parse_stat,
     service_of,
@@ -64,6 +66,23 @@ def mesh_processes(up_pid: int, root: Path = PROC) -> list[ServiceProcess]:
         if process is not None:
             found.append(process)
     return found
+
+
+def compute_reading(processes: Iterable[ServiceProcess], run_dir: Path,
+                    clock_ticks: int) -> tuple[float, float]:
+    """(The CPU the computes' models took, the computes' CPU), in seconds, read now from
+    each compute's metrics endpoint and /proc."""
+    model = spent = 0.0
+    for process in processes:
+        if process.kind != "compute":
+            continue
+        port = _read(run_dir / f"{process.name}.metrics-port")
+        if port:
+            with urllib.request.urlopen(f"http://127.0.0.1:{int(port)}/metrics",
+                                        timeout=5) as answer:
+                model += model_cpu_seconds(answer.read().decode())
+        spent += (cpu_ticks(process.pid) or 0) / clock_ticks
+    return model, spent
 
 
 class Sampler:

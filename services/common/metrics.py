@@ -331,15 +331,30 @@ class FailoverMetrics:
 
 
 class ComputeMetrics:
-    """`meshserve_compute_seconds{model,version,device}`: one observation per batch run."""
+    """`meshserve_compute_seconds{model,version,device}`: one observation per batch run;
+    `meshserve_compute_model_cpu_seconds_total`: the CPU the model itself took (the thread
+    that ran it, from input tensors to output bytes), apart from the serving around it."""
 
     def __init__(self, metrics: Metrics) -> None:
+        labels = ["model", "version", "device"]
         self._seconds = metrics.histogram(
             "meshserve_compute_seconds", "Time a batch took on the device (input, infer, output)",
-            ["model", "version", "device"])
+            labels)
+        self._cpu = metrics.counter(
+            "meshserve_compute_model_cpu_seconds",
+            "CPU time of the thread running the model (input, infer, output), summed", labels)
 
-    def recorder(self, model: str, version: str, device: str) -> Callable[[float], None]:
-        return self._seconds.labels(model, version, device).observe
+    def recorder(self, model: str, version: str,
+                 device: str) -> Callable[[float, float], None]:
+        """`record(seconds, cpu_seconds)` of one batch."""
+        seconds, cpu = self._seconds.labels(model, version, device), self._cpu.labels(
+            model, version, device)
+
+        def record(took: float, cpu_seconds: float) -> None:
+            seconds.observe(took)
+            cpu.inc(cpu_seconds)
+
+        return record
 
 
 class CacheMetrics:

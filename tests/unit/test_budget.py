@@ -31,6 +31,8 @@ from meshserve.tools.budget import (
     figures,
     hop_added,
     largest_by_kind,
+    model_cpu_seconds,
+    model_share,
     most_answered,
     parse_budgets,
     parse_rss_mib,
@@ -283,8 +285,9 @@ def fake_run() -> Measured:
     bare = [Window(1000, {"bare": 0.39}), Window(1000, {"bare": 0.40}),
             Window(500, {"bare": 0.5})]
     c32 = [Window(1000, {"ingress": 0.8, "router": 0.1, "batcher": 0.2, "compute": 0.12,
-                         "up": 5.0}),
-           Window(1000, {"ingress": 0.8, "router": 0.1, "batcher": 0.2, "compute": 0.12})]
+                         "up": 5.0}, model_cpu_s=0.08),
+           Window(1000, {"ingress": 0.8, "router": 0.1, "batcher": 0.2, "compute": 0.12},
+                  model_cpu_s=0.06)]
     c1 = [Window(100, {"ingress": 0.2, "router": 0.2, "batcher": 0.2, "compute": 0.2})] * 2
     p50 = {"ingress": [4.0], "router": [3.0], "batcher": [2.5], "compute": [1.5], "bare": [1.0]}
     return Measured(bare=bare, load={("mlp", 32): c32, ("mlp", 1): c1},
@@ -305,6 +308,8 @@ def test_figures_of_a_fake_mesh():
         "mlp c=32 router CPU per request": (0.25, 0.15, OVER),
         "mlp c=32 batcher CPU per request": (0.5, 0.3, OVER),
         "mlp c=32 compute CPU per request": (0.3, 0.35, UNDER),  # budget 0.15 + model 0.2
+        "mlp c=32 model CPU per request inside compute": (0.175, None, ""),  # 70 µs
+        "mlp c=32 compute CPU per request beyond its model": (0.125, 0.15, UNDER),  # 50 µs
         "mlp c=32 whole mesh CPU per request": (3.05, None, ""),  # `up` is not a hop
         "mlp c=1 ingress CPU per request": (5.0, None, ""),
         "mlp c=1 whole mesh CPU per request": (20.0, None, ""),
@@ -325,11 +330,13 @@ def test_figures_of_a_fake_mesh():
             pytest.approx(value), None if budget is None else pytest.approx(budget), word), name
     assert sorted(found) == [f"mlp c=1 {kind} CPU per request"
                              for kind in ("batcher", "compute", "router")]
-    failing = past_gate(figures(fake_run(), BUDGETS, ["mlp"]), 2.0)
-    assert [f.name for f in failing] == ["mlp whole mesh CPU per request, c=1 / c=32"]
-    assert {f.name for f in figures(fake_run(), BUDGETS, ["mlp"]) if f.gated} == {
-        *(f"mlp c=32 {kind} CPU per request" for kind in KINDS),
-        "mlp whole mesh CPU per request, c=1 / c=32"}
+    ran = figures(fake_run(), BUDGETS, ["mlp"])
+    assert past_gate(ran, 2.0) == []  # the c=1 / c=32 ratio is far over, but never gated
+    assert [f.name for f in past_gate(ran, 1.6)] == ["mlp c=32 router CPU per request",
+                                                      "mlp c=32 batcher CPU per request"]
+    assert {f.name for f in ran if f.gated} == {
+        *(f"mlp c=32 {kind} CPU per request" for kind in ("ingress", "router", "batcher")),
+        "mlp c=32 compute CPU per request beyond its model"}
 
 
 def test_figures_of_a_failed_measurement_fail_the_gate():
@@ -348,7 +355,25 @@ def test_figures_leave_out_what_the_run_skipped():
     assert names == ["B: bare call server CPU, c=32",
                      "mlp model CPU per sample (batch 16, 1 thread)",
                      *[f"mlp c=32 {kind} CPU per request" for kind in KINDS],
+                     "mlp c=32 model CPU per request inside compute",
+                     "mlp c=32 compute CPU per request beyond its model",
                      "mlp c=32 whole mesh CPU per request"]
+    beyond = next(f for f in figures(measured, BUDGETS, ["mlp"])
+                  if f.name.endswith("beyond its model"))
+    assert beyond.value is None and beyond.gated  # computes not read: the gate fails
+
+
+def test_the_models_own_cpu_from_a_computes_metrics():
+    text = ("# TYPE meshserve_compute_model_cpu_seconds counter\n"
+            'meshserve_compute_model_cpu_seconds_total{device="cpu",model="mlp",version="1"} 1.5\n'
+            'meshserve_compute_model_cpu_seconds_created{device="cpu",model="mlp"} 1.7e9\n'
+            'meshserve_compute_model_cpu_seconds_total{device="cpu",model="mlp",version="2"} 0.25\n'
+            'meshserve_compute_seconds_sum{device="cpu",model="mlp",version="1"} 9.0\n')
+    assert model_cpu_seconds(text) == 1.75
+    assert model_cpu_seconds("") == 0.0
+    assert model_share((1.0, 10.0), (1.6, 11.0)) == pytest.approx(0.6)
+    assert model_share((1.0, 10.0), (1.0, 10.0)) is None  # compute spent nothing
+    assert model_share((1.0, 10.0), (3.0, 11.0)) == 1.0  # ticks are coarser than the counter
 
 
 def test_report_lines_and_json():

@@ -41,7 +41,7 @@ def exported_names() -> set[str]:
     ingress.group.recorder("m")(1, "UNAVAILABLE")
     batcher = BatcherMetrics(metrics, "m", "1", lambda: 0)
     batcher.batch(1, 1, 1000)
-    ComputeMetrics(metrics).recorder("m", "1", "cpu")(0.1)
+    ComputeMetrics(metrics).recorder("m", "1", "cpu")(0.1, 0.05)
     XdsCollector.register(metrics, lambda: "v1", lambda: 0, lambda: 0.0)
     ingress.denied("rate_limited")
     cache = CacheMetrics(metrics, "m", "1")

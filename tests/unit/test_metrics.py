@@ -90,7 +90,9 @@ def test_group_and_compute_recorders():
     record = GroupMetrics(metrics, "router->batcher").recorder("mlp")
     record(3, "OK")
     record(2, "UNAVAILABLE")
-    ComputeMetrics(metrics).recorder("mlp", "1", "cpu")(0.002)
+    record_batch = ComputeMetrics(metrics).recorder("mlp", "1", "cpu")
+    record_batch(0.002, 0.0015)
+    record_batch(0.004, 0.0025)
     XdsCollector.register(metrics, lambda: "v7", lambda: 1, lambda: 12.5)
     got = samples(metrics)
     hop = (("hop", "router->batcher"), ("model", "mlp"))
@@ -98,7 +100,8 @@ def test_group_and_compute_recorders():
     assert got[("meshserve_group_size_sum", hop)] == 5
     failed = tuple(sorted((*hop, ("code", "UNAVAILABLE"))))
     assert got[("meshserve_group_call_failures_total", failed)] == 1
-    assert got[("meshserve_compute_seconds_count", (("device", "cpu"), *MLP1))] == 1
+    assert got[("meshserve_compute_seconds_count", (("device", "cpu"), *MLP1))] == 2
+    assert got[("meshserve_compute_model_cpu_seconds_total", (("device", "cpu"), *MLP1))] == 0.004
     assert got[("meshserve_xds_snapshot_info", (("version", "v7"),))] == 1
     assert got[("meshserve_xds_nacks_total", ())] == 1
     assert got[("meshserve_xds_snapshot_age_seconds", ())] == 12.5
