@@ -1,13 +1,15 @@
 """The speed gate: `meshserve bench budget --quick --gate 2` on a real `meshserve up`.
 
-It fails only when a figure is past twice its budget (benchmarks/budget.toml), or when a
-figure CI must have could not be measured.
+It fails only when the gated figure (the whole mesh's CPU per request at c=32) is past twice
+its budget (benchmarks/budget.toml), or when a figure CI must have could not be measured.
 """
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from meshserve.tools.budget import KINDS
 from tests.integration.conftest import children_of
@@ -26,6 +28,13 @@ def test_quick_budget_is_within_twice_the_budget(tmp_path):
     for kind in KINDS:
         figure = found[f"mlp c=32 {kind} CPU per request"]
         assert figure["measured"] > 0 and figure["budget"] > 0, figure
+    model = found["mlp c=32 model CPU per request inside compute"]["measured"]
+    beyond = found["mlp c=32 compute CPU per request beyond its model"]["measured"]
+    assert model > 0 and beyond > 0  # read from the computes' metrics
+    assert found["mlp c=32 compute CPU per request"]["measured"] == \
+        pytest.approx(model + beyond, abs=2e-4)  # rounded to 4 places
+    assert document["past_gate"] == [] or document["past_gate"] == [
+        "mlp c=32 whole mesh CPU per request"]
     assert children_of(Path(document["data_dir"])) == []  # the mesh and the bare server stopped
     past = [f"{f['name']}: {f['measured']} {f['unit']} (budget {f['budget']})"
             for f in document["figures"] if f["name"] in document["past_gate"]]
