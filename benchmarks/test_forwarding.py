@@ -9,8 +9,8 @@ import pytest
 
 from benchmarks.inputs import batch_response, infer_request
 from meshserve.common.errors import DeadlineExceeded, ServingError
-from meshserve.common.forwarding import GroupForwarder, error_result, raise_for
-from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
+from meshserve.common.forwarding import GroupForwarder, build_group, error_result, raise_for
+from meshserve.protocol.groups_pb2 import GroupItem, InferGroupResult, ItemResult
 
 ITEMS = 32
 DEADLINE_S = 3600.0  # far enough that no item expires during the session
@@ -23,34 +23,12 @@ def _entries(count=ITEMS):
                        priority=0), deadline) for n in range(count)]
 
 
-def build_group(model_name, parcels):
-    """Mirror of `GroupForwarder._send` up to the call: the remaining time per item, the
-    longest of them, and the group that goes on the wire."""
-    now = time.monotonic()
-    group = InferGroup(model_name=model_name)
-    sent = []
-    longest = 0.0
-    for p, entries in enumerate(parcels):
-        for j, (item, deadline) in enumerate(entries):
-            if deadline is None:
-                item.timeout_us = 0
-                longest = None
-            else:
-                remaining = deadline - now
-                if remaining <= 0:
-                    continue
-                item.timeout_us = int(remaining * 1e6)
-                if longest is not None:
-                    longest = max(longest, remaining)
-            sent.append((p, j))
-            group.items.append(item)
-    return group, longest
-
-
 @pytest.mark.benchmark(group="forwarding.group")
 def test_build_group_32(benchmark):
-    group, longest = benchmark(build_group, "mlp", [_entries()])
-    assert len(group.items) == ITEMS and longest > 0
+    entries = _entries()
+    group, expired, longest = benchmark(
+        lambda: build_group("mlp", "", [entries], time.monotonic(), []))
+    assert len(group.items) == ITEMS and not expired and longest > 0
 
 
 class ImmediateUpstream:

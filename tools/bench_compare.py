@@ -33,6 +33,10 @@ raw JSON line: limit measurements, bench results, statistics), ``report.md`` (th
 are also printed), ``logs/`` (server logs) and ``latency-throughput.png``. With ``--runs N``
 each full run gets its own ``run-<i>/`` folder and the top ``report.md`` gives the medians:
 of each figure, and of each race ratio over the runs.
+
+One module of ~410 lines on purpose: it is the orchestration of one comparison (install,
+start, load, stop, for each system in turn); its plan and runs, tables, race goals and
+plots live in `compare_runs`, `compare_tables`, `compare_race` and `plots`.
 """
 
 from __future__ import annotations

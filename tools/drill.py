@@ -292,6 +292,7 @@ async def run_steps(data_dir: Path, work: Path, plan: Plan, up: UpProcess, opera
 
     killed_at = time.monotonic()
     report.processes_killed = await asyncio.to_thread(kill_all, up)
+    dead_at = time.monotonic()
     shutil.rmtree(data_dir)
     say(f"  kill       every process ({report.processes_killed}) SIGKILLed; {data_dir} "
         "deleted")
@@ -308,7 +309,8 @@ async def run_steps(data_dir: Path, work: Path, plan: Plan, up: UpProcess, opera
     report.up_pid = start_again(up, data_dir).pid
     say(f"  start      meshserve up again (pid {report.up_pid}, log {data_dir}/run/up.log)")
     deadline = killed_at + plan.timeout_s
-    while (first := load.first_success_after(killed_at)) is None:
+    # Calls sent before every process was dead may still be answered by the old mesh.
+    while (first := load.first_success_after(dead_at)) is None:
         if time.monotonic() > deadline:
             report.problems.append(f"no successful inference within {plan.timeout_s:.0f} s "
                                    "of the kill")

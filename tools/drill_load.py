@@ -54,34 +54,38 @@ class Connection:
 
 @dataclass
 class Load:
-    """Closed-loop callers sending ModelInfer; every outcome is timed (monotonic)."""
+    """Closed-loop callers sending ModelInfer; every outcome is timed (monotonic): when its
+    call was sent and when it ended."""
 
     connection: Connection
     request: pb.ModelInferRequest
     pause_s: float
-    outcomes: list[tuple[float, str]] = field(default_factory=list)
+    outcomes: list[tuple[float, float, str]] = field(default_factory=list)
     stopping: bool = False
 
     async def caller(self) -> None:
         while not self.stopping:
             channel = self.connection.get()
+            sent = time.monotonic()
             if channel is None:
-                self.outcomes.append((time.monotonic(), "NO_ENDPOINT"))
+                self.outcomes.append((sent, sent, "NO_ENDPOINT"))
                 await asyncio.sleep(0.1)
                 continue
             try:
                 await GRPCInferenceServiceStub(channel).ModelInfer(self.request, timeout=5)
-                self.outcomes.append((time.monotonic(), "OK"))
+                self.outcomes.append((sent, time.monotonic(), "OK"))
             except grpc.aio.AioRpcError as error:
-                self.outcomes.append((time.monotonic(), error.code().name))
+                self.outcomes.append((sent, time.monotonic(), error.code().name))
             await asyncio.sleep(self.pause_s)
 
     def first_success_after(self, moment: float) -> float | None:
-        return next((t for t, outcome in self.outcomes if t > moment and outcome == "OK"),
-                    None)
+        """When the first call sent after `moment` succeeded (an answer that was already on
+        its way at `moment` does not count)."""
+        return min((ended for sent, ended, outcome in self.outcomes
+                    if sent > moment and outcome == "OK"), default=None)
 
     def counts(self) -> dict[str, int]:
-        return dict(Counter(outcome for _, outcome in self.outcomes))
+        return dict(Counter(outcome for _, _, outcome in self.outcomes))
 
 
 async def answers(channel: grpc.aio.Channel, ids: list[str], timeout_s: float) -> Counter:

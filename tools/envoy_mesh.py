@@ -25,6 +25,10 @@ The wheel is not a dependency of the project: its top-level package is called ``
 like the generated xDS classes of ``xds-protos`` that the control plane imports, so the two
 cannot share an environment without overwriting each other's files. It goes into a directory
 of its own with ``pip install --target`` (nothing else is needed: it holds one static binary).
+
+One module of ~430 lines on purpose: the two Envoys' configurations and the processes that
+run them change together (a listener's port, a certificate's path), and nothing else in the
+project uses either.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ control plane (state in DIR/mesh.db), compute replicas and batchers for each ver
 model but ensembles (the ingress runs those), a router steered by the control plane, and the
 ingress; waits until each is ready (a version whose compute refuses its model is reported
 and left out), and stops them all on Ctrl-C or SIGTERM.
+
+One module of ~410 lines on purpose: the order of a start (certificates, repository, control
+plane, computes, batchers, router, ingress) and of a stop reads as one story; the child
+processes themselves are in `up_children`.
 """
 
 import argparse

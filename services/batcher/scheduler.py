@@ -8,6 +8,10 @@ Failover (rules in `failover`): a replica that answers UNAVAILABLE (or cannot be
 `consecutive_failures` times in a row, or stalls past the stall timeout once, is ejected;
 its failed batch is retried once on another replica when the retry budget and the
 requests' deadlines allow. An ejected replica is probed and put back once it is healthy.
+
+One module of ~460 lines on purpose: dispatch, retry and ejection act on the same replica
+table and the same in-flight batches, so the loop that owns them is kept whole; the rules it
+applies are pure and live apart (`policy`, `failover`, `batch`).
 """
 
 import asyncio

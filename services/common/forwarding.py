@@ -134,6 +134,36 @@ class _Parcels:
             self.place(p, j, result)
 
 
+def build_group(model_name: str, version: str, parcels: list[list[Entry]], now: float,
+                sent: list[tuple[int, int]]) -> tuple[InferGroup, list[tuple[int, int]],
+                                                      float | None]:
+    """The group that goes on the wire for `parcels` at monotonic time `now`: each item with
+    its remaining time, and the group's timeout the longest of them (None when an item has
+    no deadline). Appends the (parcel, entry) of each item sent to `sent`; returns the group,
+    the (parcel, entry) of the items already past their deadline, and the longest time."""
+    group = InferGroup(model_name=model_name, version=version)
+    expired = []
+    longest: float | None = 0.0
+    for p, entries in enumerate(parcels):
+        for j, (item, deadline) in enumerate(entries):
+            if deadline is None:
+                item.timeout_us = 0
+                longest = None
+            else:
+                remaining = deadline - now
+                if remaining <= 0:
+                    expired.append((p, j))
+                    continue
+                item.timeout_us = int(remaining * 1e6)
+                if longest is not None:
+                    longest = max(longest, remaining)
+            sent.append((p, j))
+            group.items.append(item)
+    if longest:
+        group.timeout_us = int(longest * 1e6)
+    return group, expired, longest
+
+
 class GroupForwarder:
     """Coalesces entries for one model into groups, one group in flight per upstream.
 
@@ -191,30 +221,14 @@ class GroupForwarder:
             self._in_flight -= 1
 
     async def _send(self, parcels: _Parcels) -> None:
-        now = time.monotonic()
-        group = InferGroup(model_name=self._model_name, version=self._version)
-        longest: float | None = 0.0
-        for p, (entries, _) in enumerate(parcels.parcels):
-            for j, (item, deadline) in enumerate(entries):
-                if deadline is None:
-                    item.timeout_us = 0
-                    longest = None
-                else:
-                    remaining = deadline - now
-                    if remaining <= 0:
-                        parcels.place(p, j, error_result(DeadlineExceeded(
-                            "deadline exceeded before the request left the "
-                            f"{self._upstream} queue")))
-                        continue
-                    item.timeout_us = int(remaining * 1e6)
-                    if longest is not None:
-                        longest = max(longest, remaining)
-                parcels.sent.append((p, j))
-                group.items.append(item)
+        group, expired, longest = build_group(self._model_name, self._version,
+                                              [entries for entries, _ in parcels.parcels],
+                                              time.monotonic(), parcels.sent)
+        for p, j in expired:
+            parcels.place(p, j, error_result(DeadlineExceeded(
+                f"deadline exceeded before the request left the {self._upstream} queue")))
         if not parcels.sent:
             return
-        if longest:
-            group.timeout_us = int(longest * 1e6)
 
         def early(partial: InferGroupResult) -> None:
             parcels.answer(partial)

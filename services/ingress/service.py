@@ -7,6 +7,11 @@ token on `--token-listen`) and authorized (see meshserve.ingress.auth).
 
 `meshserve ingress --model-repository R --router HOST:PORT [--require-client-cert]
     [--token-listen HOST:PORT --policy FILE --jwks FILE|URL] [--http-listen HOST:PORT]`
+
+One module of ~560 lines on purpose: it is the request path itself (each public RPC, from
+the call's arrival to its group's answer) and reads best in one piece; everything that
+stands apart from that path has its own module beside it (auth, quota, budget, denials,
+readiness, ensembles, the HTTP/REST front, asynchronous submissions).
 """
 
 import argparse

@@ -39,11 +39,12 @@ def test_differences_name_what_did_not_come_back() -> None:
 
 def test_recovery_runs_from_the_kill_to_the_first_success_after_it() -> None:
     load = Load(connection=None, request=None, pause_s=Plan().pause_s)
-    load.outcomes = [(1.0, "OK"), (2.0, "UNAVAILABLE"), (3.0, "NO_ENDPOINT"), (4.5, "OK"),
-                     (5.0, "OK")]
+    load.outcomes = [(0.9, 1.0, "OK"), (1.2, 2.0, "UNAVAILABLE"), (3.0, 3.0, "NO_ENDPOINT"),
+                     (1.4, 1.6, "OK"),  # sent before the kill, answered after it: the old mesh
+                     (4.0, 4.5, "OK"), (4.9, 5.0, "OK")]
     assert load.first_success_after(1.5) == 4.5
     assert load.first_success_after(5.0) is None
-    assert load.counts() == {"OK": 3, "UNAVAILABLE": 1, "NO_ENDPOINT": 1}
+    assert load.counts() == {"OK": 4, "UNAVAILABLE": 1, "NO_ENDPOINT": 1}
 
 
 def test_the_summary_gives_the_figures_and_the_verdict() -> None:
