@@ -86,13 +86,16 @@ async def call_once(stub: GRPCInferenceServiceStub, reference: Reference, n: int
     try:
         response = await stub.ModelInfer(reference.request(n, timeout_us), timeout=deadline)
     except grpc.aio.AioRpcError as error:
+        elapsed = time.monotonic() - start
         code, message = error.code().name, error.details() or ""
-        outcome = classify(code, message, time.monotonic() - start, deadline)
-        tally.record(outcome, code, message)
+        outcome = classify(code, message, elapsed, deadline)
+        tally.record(outcome, code, message, elapsed)
         return retry_after(error) if outcome is Outcome.REFUSED else 0.0
+    elapsed = time.monotonic() - start
     ok = reference.matches(n, response)
-    tally.record(classify("OK", "", time.monotonic() - start, deadline, ok),
-                 "OK" if ok else "WRONG_OUTPUT", "" if ok else f"version {response.model_version}")
+    tally.record(classify("OK", "", elapsed, deadline, ok),
+                 "OK" if ok else "WRONG_OUTPUT", "" if ok else f"version {response.model_version}",
+                 elapsed)
     return 0.0
 
 

@@ -11,6 +11,7 @@ Every request sent ends in exactly one outcome:
   bookkeeping shows a request that never completed).
 """
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
@@ -54,12 +55,24 @@ class Tally:
     outcomes: Counter = field(default_factory=Counter)
     statuses: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
+    seconds: dict[Outcome, list[float]] = field(default_factory=dict)  # each call's latency
 
-    def record(self, outcome: Outcome, code: str = "OK", message: str = "") -> None:
+    def record(self, outcome: Outcome, code: str = "OK", message: str = "",
+               elapsed: float | None = None) -> None:
         self.outcomes[outcome] += 1
+        if elapsed is not None:
+            self.seconds.setdefault(outcome, []).append(elapsed)
         if code != "OK":
             self.statuses[code] += 1
             self.examples.setdefault(f"{outcome.value} {code}", message[:160])
+
+    def p99_ms(self, outcome: Outcome) -> float | None:
+        """The 99th percentile latency of the calls that ended in `outcome` (nearest rank),
+        in ms; None when none did."""
+        seconds = sorted(self.seconds.get(outcome, ()))
+        if not seconds:
+            return None
+        return seconds[max(0, math.ceil(0.99 * len(seconds)) - 1)] * 1000
 
     def never_answered(self, count: int) -> None:
         """Requests the driver sent but saw no completion of at all."""
@@ -68,6 +81,8 @@ class Tally:
     def add(self, other: "Tally") -> None:
         self.sent += other.sent
         self.outcomes.update(other.outcomes)
+        for outcome, seconds in other.seconds.items():
+            self.seconds.setdefault(outcome, []).extend(seconds)
         self.statuses.update(other.statuses)
         for key, value in other.examples.items():
             self.examples.setdefault(key, value)
@@ -123,11 +138,13 @@ class Row:
 def markdown_table(rows: list[Row]) -> str:
     """The report as a Markdown table, one scenario per line."""
     lines = ["| scenario | fault | sent | succeeded | refused | failed | lost | statuses "
-             "| verdict |",
-             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+             "| p99 ms succeeded / refused | verdict |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
     for row in rows:
         t = row.tally
         statuses = ", ".join(f"{code} {n}" for code, n in sorted(t.statuses.items())) or "-"
+        p99 = " / ".join("-" if ms is None else f"{ms:,.0f}" for ms in (
+            t.p99_ms(Outcome.SUCCEEDED), t.p99_ms(Outcome.REFUSED)))
         lines.append(f"| {t.scenario} | {row.fault} | {t.sent} | {t.succeeded} | {t.refused} "
-                     f"| {t.failed} | {t.lost} | {statuses} | {row.verdict} |")
+                     f"| {t.failed} | {t.lost} | {statuses} | {p99} | {row.verdict} |")
     return "\n".join(lines) + "\n"

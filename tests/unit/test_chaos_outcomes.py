@@ -85,6 +85,25 @@ def test_tallies_add_up():
 
 
 def test_markdown_table():
-    table = markdown_table([Row(tally_of(3, succeeded=2, unavailable=1), "kill -9")])
+    tally = tally_of(3, succeeded=2, unavailable=1)
+    table = markdown_table([Row(tally, "kill -9")])
     assert table.splitlines()[2] == ("| t | kill -9 | 3 | 2 | 1 | 0 | 0 | UNAVAILABLE 1 "
-                                     "| pass |")
+                                     "| - / - | pass |")  # no latencies recorded
+    for n in range(200):  # successes at 1..200 ms, refusals at 3 ms and one at 2.5 s
+        tally.record(Outcome.SUCCEEDED, elapsed=(n + 1) / 1000)
+    tally.record(Outcome.REFUSED, "UNAVAILABLE", "m", 0.003)
+    tally.record(Outcome.REFUSED, "UNAVAILABLE", "m", 2.5)
+    tally.sent += 202
+    assert tally.p99_ms(Outcome.SUCCEEDED) == pytest.approx(198.0)
+    assert tally.p99_ms(Outcome.REFUSED) == pytest.approx(2500.0)
+    assert tally.p99_ms(Outcome.LOST) is None
+    assert markdown_table([Row(tally, "kill -9")]).splitlines()[2].endswith(
+        "| 198 / 2,500 | pass |")
+
+
+def test_latencies_add_up_across_tallies():
+    one, two = Tally("a"), Tally("b")
+    one.record(Outcome.REFUSED, "UNAVAILABLE", "m", 0.010)
+    two.record(Outcome.REFUSED, "UNAVAILABLE", "m", 0.030)
+    one.add(two)
+    assert one.p99_ms(Outcome.REFUSED) == pytest.approx(30.0)
