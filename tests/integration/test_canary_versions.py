@@ -184,7 +184,8 @@ def test_a_second_canary_and_other_changes_are_refused_while_one_runs(from_70_30
                              "2=30 3=0)\n"), status
     aborted = cli(mesh, "canary", "abort", "mlp")
     assert aborted.stdout.splitlines()[3:5] == ["  weights now        1=70 2=30 3=0",
-                                                "  restored           1=70 2=30 3=0"]
+                                                "  restored           1=70 2=30 3=0"], (
+        aborted.returncode, aborted.stdout, aborted.stderr)
     assert asyncio.run(weights_of(mesh, "mlp")) == START
 
 

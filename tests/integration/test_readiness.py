@@ -103,22 +103,30 @@ async def server_ready(stub) -> bool:
     return bool(reply and reply.ready)
 
 
+async def versions_ready(stub, timeline: Timeline) -> dict:
+    """Which versions are ready now (each seen ready is marked on the timeline)."""
+    ready = {}
+    for model, versions in VERSIONS.items():
+        for version in versions:
+            ready[model, version] = await model_ready(stub, model, version)
+            if ready[model, version]:
+                timeline.mark(f"ModelReady {model}/{version}")
+    return ready
+
+
 async def watch_until_ready(stub, timeline: Timeline, timeout: float = 240.0) -> dict:
-    """Poll until ServerReady; return which versions were ready the moment it turned."""
+    """Poll until ServerReady; return which versions were ready just after it turned (read
+    again then: a version may have turned ready between the last look and ServerReady)."""
     deadline = time.monotonic() + timeout
     while True:
         assert time.monotonic() < deadline, f"never ready: {timeline.seen}"
         if await answer(lambda timeout: stub.ServerLive(pb.ServerLiveRequest(),
                                                         timeout=timeout)):
             timeline.mark("ServerLive")
-        ready = {}
-        for model, versions in VERSIONS.items():
-            for version in versions:
-                ready[model, version] = await model_ready(stub, model, version)
-                if ready[model, version]:
-                    timeline.mark(f"ModelReady {model}/{version}")
+        await versions_ready(stub, timeline)
         if await server_ready(stub):
-            timeline.mark("ServerReady")
+            ready = await versions_ready(stub, timeline)
+            timeline.mark("ServerReady")  # after the versions it waited for, within a poll
             return ready
         await asyncio.sleep(0.05)
 
