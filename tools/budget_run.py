@@ -134,7 +134,8 @@ def run_budget(plan: Plan, budgets: Budgets, out_dir: Path, *, gate: float | Non
 
 def _failure(figure: Figure) -> str:
     measured = "not measured" if figure.value is None else f"{figure.value:.3g}"
-    return f"{figure.name} {measured} {figure.unit} (budget {figure.budget:.3g})"
+    budget = "not known" if figure.budget is None else f"{figure.budget:.3g}"
+    return f"{figure.name} {measured} {figure.unit} (budget {budget})"
 
 
 # ---------------------------------------------------------------------------------------------

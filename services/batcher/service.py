@@ -5,6 +5,7 @@
 
 import argparse
 import asyncio
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -207,14 +208,16 @@ def build_service(settings: BatcherSettings, metrics: Metrics | None = None,
         return statistics.counters()
 
     async def watch_counters(request, context):
+        """The counters whenever they changed, looked at every interval, until draining."""
         interval = (request.interval_ms or 1000) / 1000
         last = None
-        while True:
+        while not service.draining.is_set():
             now = statistics.counters()
             if now != last:
                 last = now
                 yield now
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(service.draining.wait(), interval)
 
     def register(server) -> None:
         codec = {"request_deserializer": CountersRequest.FromString,

@@ -178,12 +178,15 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class HealthServicer(health_pb2_grpc.HealthServicer):
     """grpc.health.v1: "" is the whole server; other names are registered services.
 
-    Readiness means "can serve now"; the service flips it with `set`.
+    Readiness means "can serve now"; the service flips it with `set`. `close` (the server is
+    stopping) reports NOT_SERVING and ends every Watch stream, so that a stopping server's
+    grace is not spent waiting on watchers that never hang up.
     """
 
     def __init__(self, services: Iterable[str] = ()) -> None:
         self._status = {name: NOT_SERVING for name in ("", *services)}
         self._changed = asyncio.Event()
+        self.closed = False
 
     def set(self, serving: bool, service: str = "") -> None:
         status = SERVING if serving else NOT_SERVING
@@ -195,6 +198,12 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
     def set_all(self, serving: bool) -> None:
         for name in list(self._status):
             self.set(serving, name)
+
+    def close(self) -> None:
+        self.closed = True
+        self.set_all(False)
+        self._changed.set()  # wakes every watcher, which then ends
+        self._changed = asyncio.Event()
 
     def serving(self, service: str = "") -> bool:
         return self._status.get(service) == SERVING
@@ -219,7 +228,21 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             if status != last:
                 last = status
                 yield health_pb2.HealthCheckResponse(status=status)
+            if self.closed:
+                return
             await self._changed.wait()
+
+
+# What stopping waits, beyond the grace of in-flight calls, for each step to finish: a stop
+# never hangs on a step that does not end (it logs which one and goes on).
+STOP_SLACK_S = 5.0
+
+
+async def _within(step: Awaitable[object], seconds: float, what: str) -> None:
+    try:
+        await asyncio.wait_for(step, seconds)
+    except TimeoutError:
+        log.warning("stopping: %s did not finish within %.1f s; going on", what, seconds)
 
 
 class Service:
@@ -270,15 +293,16 @@ class Service:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Report not-ready, stop accepting, let in-flight calls finish within `grace`."""
-        self.health.set_all(False)
+        self.health.close()
         self.draining.set()
         if self.server is not None:
-            await self.server.stop(grace)
+            await _within(self.server.stop(grace), grace + STOP_SLACK_S, "the gRPC server")
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _within(asyncio.gather(*self._tasks, return_exceptions=True), STOP_SLACK_S,
+                      "the background tasks")
         for close in self._cleanup:
-            await close()
+            await _within(close(), STOP_SLACK_S, getattr(close, "__qualname__", "a cleanup"))
 
     async def wait(self) -> None:
         assert self.server is not None

@@ -240,6 +240,15 @@ def test_past_gate(factor, failing):
     assert [f.name for f in past_gate(GATE_FIGURES, factor)] == failing
 
 
+@pytest.mark.parametrize(("figure", "text"), [
+    (Figure("w", 3.0, "B", 1.0, gated=True), "w 3 B (budget 1)"),
+    (Figure("w", None, "B", 1.0, gated=True), "w not measured B (budget 1)"),
+    (Figure("w", 3.0, "B", None, gated=True), "w 3 B (budget not known)"),
+])
+def test_a_gate_failure_says_what_was_measured_against_what(figure, text):
+    assert budget_run._failure(figure) == text
+
+
 # --- the budget file
 
 
