@@ -144,9 +144,12 @@ class ControlPlane:
                     Sample(now, requests, failures, buckets))
             await asyncio.sleep(self._tick)
 
-    def window(self, model: str, version: str, seconds: float) -> Window:
-        deltas = [history.delta(seconds) for (m, v, _), history in self._histories.items()
-                  if (m, v) == (model, version)]
+    def window(self, model: str, version: str, seconds: float,
+               since: float | None = None) -> Window:
+        """The version's last `seconds`; with `since` (monotonic), only what its batchers
+        counted after that time."""
+        deltas = [history.delta(seconds) if since is None else history.delta_since(since)
+                  for (m, v, _), history in self._histories.items() if (m, v) == (model, version)]
         return window([d for d in deltas if d is not None], self._bounds, seconds)
 
     # ---------------------------------------------------------------- canaries
@@ -232,10 +235,11 @@ class ControlPlane:
         step_started = time.monotonic()
         while True:
             await asyncio.sleep(self._tick)
-            elapsed = time.monotonic() - step_started
-            span = min(elapsed, plan.interval_s)
-            verdict = judge(plan, step, self._version_window(model, plan.baseline, span),
-                            self._version_window(model, plan.canary, span))
+            now = time.monotonic()
+            elapsed = now - step_started
+            since = max(step_started, now - plan.interval_s)  # never before the step began
+            verdict = judge(plan, step, self._version_window(model, plan.baseline, since),
+                            self._version_window(model, plan.canary, since))
             if verdict.action == ROLLBACK:
                 self._restore(record, actor, "rolled_back", "canary.rollback", verdict.reason)
                 log.warning("canary of %s rolled back: %s", model, verdict.reason)
@@ -256,8 +260,8 @@ class ControlPlane:
                 return
             step_started = time.monotonic()
 
-    def _version_window(self, model: str, version: str, seconds: float) -> VersionWindow:
-        found = self.window(model, version, seconds)
+    def _version_window(self, model: str, version: str, since: float) -> VersionWindow:
+        found = self.window(model, version, time.monotonic() - since, since)
         return VersionWindow(found.requests, found.failures, found.percentile(99))
 
     async def close(self) -> None:

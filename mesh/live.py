@@ -71,11 +71,24 @@ class History:
                 base = sample
             else:
                 break
-        if base is newest:
-            return Sample(0.0, 0, 0, tuple(0 for _ in newest.buckets))
-        return Sample(newest.at - base.at, newest.requests - base.requests,
-                      newest.failures - base.failures,
-                      tuple(n - b for n, b in zip(newest.buckets, base.buckets)))
+        return _between(base, newest)
+
+    def delta_since(self, at: float) -> Sample | None:
+        """Counts between the first sample taken at or after `at` and the newest: nothing
+        counted before `at` (a judgement of what happened since then)."""
+        if not self._samples:
+            return None
+        newest = self._samples[-1]
+        base = next((sample for sample in self._samples if sample.at >= at), newest)
+        return _between(base, newest)
+
+
+def _between(base: Sample, newest: Sample) -> Sample:
+    if base is newest:
+        return Sample(0.0, 0, 0, tuple(0 for _ in newest.buckets))
+    return Sample(newest.at - base.at, newest.requests - base.requests,
+                  newest.failures - base.failures,
+                  tuple(n - b for n, b in zip(newest.buckets, base.buckets)))
 
 
 def window(deltas: list[Sample], bounds_ms: tuple[float, ...], seconds: float) -> Window:

@@ -67,8 +67,9 @@ class _Feed:
 class CounterFeeds:
     """Batchers' counters as each batcher pushes them (WatchCounters: at most a message a
     second while they change, none while the batcher is idle), over one long-lived mTLS
-    channel per batcher, rebuilt when the certificate files change. Reading an endpoint's
-    returns the latest counters received (LookupError while there are none)."""
+    channel per batcher, with the certificate files of the moment when it (re)connects.
+    Reading an endpoint's returns the latest counters received (LookupError while there are
+    none)."""
 
     RETRY_S = 1.0
     FORGET_S = 60.0  # a batcher no longer asked about (gone from the mesh) is let go

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshserve.common.certificates import spiffe_id
+from meshserve.common.metrics import split_address
 from meshserve.tools.certs import CA_CERT, CA_KEY, identity_sans, init_certs, issue_leaf
 from meshserve.tools.triton_baseline import StartedProcess, pip_install, stop_process_group
 
@@ -106,13 +107,6 @@ def _address(host: str, port: int) -> dict:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def _split(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"address {address!r} is not HOST:PORT")
-    return host, int(port)
-
-
 def _tls_context(certs: MeshCerts, identity: str, peer: str | None) -> dict:
     """Common TLS context: own certificate, HTTP/2 by ALPN, and (given `peer`) the CA and the
     peer's SPIFFE identity that its certificate must carry."""
@@ -168,7 +162,7 @@ def _listener(name: str, transport_socket: dict, manager: dict) -> dict:
 
 
 def _cluster(name: str, address: str, transport_socket: dict | None) -> dict:
-    host, port = _split(address)
+    host, port = split_address(address)
     limits = {key: _NO_LIMIT for key in
               ("max_connections", "max_pending_requests", "max_requests", "max_retries")}
     cluster: dict = {

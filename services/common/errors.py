@@ -15,7 +15,7 @@ class ServingError(Exception):
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         """`retry_after` (seconds): when a retry may succeed; the message ends with the hint
-        and the interceptor sends it as trailing metadata `retry-after-ms`."""
+        and the guarded handler sends it as trailing metadata `retry-after-ms`."""
         if retry_after is not None:
             message = f"{message}; {retry_hint(retry_after)}"
         super().__init__(message)

@@ -96,7 +96,7 @@ class Callers:
 
 class CallerCheck:
     """`await check(context)` refuses a caller that is not one of `callers` (the server's
-    interceptor runs it before every call, health checks aside)."""
+    guarded handlers run it before every call, health checks aside)."""
 
     def __init__(self, callers: Callers, cache: IdentityCache | None = None) -> None:
         self._callers = callers

@@ -1,4 +1,5 @@
-"""The pieces every service's gRPC server shares: the error interceptor, health, start/stop."""
+"""The pieces every service's gRPC server shares: handlers guarded once (errors, callers),
+health, start/stop."""
 
 import asyncio
 import inspect

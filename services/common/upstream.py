@@ -18,6 +18,9 @@ from meshserve.protocol.health_pb2_grpc import HealthStub
 
 log = logging.getLogger(__name__)
 
+FILES_EVERY_S = 2.0  # how often a watch looks for rotated TLS files
+RETRY_S = 0.5  # how soon a watch that ended is tried again
+
 
 class Upstream:
     """A service this process calls: `target` must present a certificate for `identity`."""
@@ -55,36 +58,34 @@ class Upstream:
         except grpc.aio.AioRpcError:
             return False
 
-    async def watch(self, on_change: Callable[[], None], retry: float = 0.5,
-                    files_every: float = 2.0) -> None:
+    async def watch(self, on_change: Callable[[], None]) -> None:
         """Follow readiness until cancelled, calling `on_change` whenever it flips: a
         grpc.health.v1 Watch stream, which the upstream pushes on (nothing moves while nothing
         changes; a poll cost ~0.4 % of a core on each side). The TLS files are checked every
-        `files_every` seconds and the watch moves to the new channel; a watch that fails is
-        tried again after `retry` seconds."""
+        FILES_EVERY_S and the watch moves to the new channel; a watch that ends (the upstream
+        is away or stopping) is tried again after RETRY_S."""
         while True:
             follower = asyncio.get_running_loop().create_task(self._follow(on_change))
             try:
                 while not follower.done():
-                    await asyncio.wait({follower}, timeout=files_every)
+                    await asyncio.wait({follower}, timeout=FILES_EVERY_S)
                     if self.refresh_certificates():
                         follower.cancel()  # watch again, on the new channel
-                        await asyncio.wait({follower})
+                        await asyncio.wait({follower}, timeout=FILES_EVERY_S)
             except BaseException:
                 follower.cancel()
                 raise
-            if not follower.cancelled() and follower.result():  # failed: the upstream is away
-                await asyncio.sleep(retry)
+            if not follower.cancelled():
+                await asyncio.sleep(RETRY_S)
 
-    async def _follow(self, on_change: Callable[[], None]) -> bool:
-        """Follow one Watch stream; True when it failed (not when cancelled)."""
+    async def _follow(self, on_change: Callable[[], None]) -> None:
+        """Follow one Watch stream until it ends; not serving once it has."""
         try:
             async for reply in self._health.Watch(health_pb2.HealthCheckRequest()):
                 self._set(reply.status == health_pb2.HealthCheckResponse.SERVING, on_change)
         except grpc.aio.AioRpcError:
             pass
         self._set(False, on_change)
-        return True
 
     def _set(self, serving: bool, on_change: Callable[[], None]) -> None:
         if serving != self.serving:

@@ -98,7 +98,7 @@ class ModelRoute:
         self._bind()
         self._streams: dict[str, list[GroupStream]] = {}
         self._turns = itertools.count()
-        self._routed: Split | None = None  # the split the open streams were routed by
+        self._routed: Split | None = None  # the split the open streams were opened under
 
     def _bind(self) -> None:
         self.channel = self._reloading.channel
@@ -162,9 +162,10 @@ class ModelRoute:
         if group.version and version not in split.versions:
             raise Unavailable(f"model '{self.model}' version '{version}' has no route in "
                               "the mesh", 1.0)
-        if split != self._routed:  # endpoints, region or weights changed: route anew
-            self._routed = split
-            self._retire_streams()
+        if split is not self._routed:
+            if self._routed is not None and split.endpoints != self._routed.endpoints:
+                self._retire_streams()  # a batcher came or went: route anew
+            self._routed = split  # weights alone are drawn here: the streams stay
         stream = self.stream(version, len(split.endpoints.get(version, ())))
         left = None if deadline is None else deadline - time.monotonic()
         code = "OK"

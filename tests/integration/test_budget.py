@@ -33,8 +33,6 @@ def test_quick_budget_is_within_twice_the_budget(tmp_path):
     assert model > 0 and beyond > 0  # read from the computes' metrics
     assert found["mlp c=32 compute CPU per request"]["measured"] == \
         pytest.approx(model + beyond, abs=2e-4)  # rounded to 4 places
-    assert document["past_gate"] == [] or document["past_gate"] == [
-        "mlp c=32 whole mesh CPU per request"]
     assert children_of(Path(document["data_dir"])) == []  # the mesh and the bare server stopped
     past = [f"{f['name']}: {f['measured']} {f['unit']} (budget {f['budget']})"
             for f in document["figures"] if f["name"] in document["past_gate"]]

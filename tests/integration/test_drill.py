@@ -7,17 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 from meshserve.common.repository import ModelRepository
 from meshserve.tools.drill import alive
 from tests.integration.conftest import meshserve, start_up, stop_up
-
-
-def wait_for(condition, limit_s: float) -> None:
-    deadline = time.monotonic() + limit_s
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.2)
+from tests.polling import until_sync
 
 
 def test_the_drill_recovers_the_mesh_and_prints_its_recovery_time(tmp_path):
@@ -47,7 +41,7 @@ def test_the_drill_recovers_the_mesh_and_prints_its_recovery_time(tmp_path):
         assert report["load"]["OK"] > 0
         assert mesh.process.wait(10) == -signal.SIGKILL  # the first `up` was killed
         # The restarted mesh answers, and its audit chain verifies offline too.
-        wait_for((data_dir / "run" / "endpoint").exists, 60)
+        until_sync((data_dir / "run" / "endpoint").exists, 60, "the restarted mesh's endpoint")
         endpoint = (data_dir / "run" / "endpoint").read_text().strip()
         infer = meshserve("infer", "mlp", f"--data-dir={data_dir}", f"--target={endpoint}")
         assert infer.returncode == 0 and "OUTPUT__0" in infer.stdout, infer.stderr
@@ -57,5 +51,6 @@ def test_the_drill_recovers_the_mesh_and_prints_its_recovery_time(tmp_path):
         if restarted:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(restarted, signal.SIGTERM)
-            wait_for(lambda: not alive(restarted), 30)
+            with contextlib.suppress(AssertionError):  # stop_up kills what is left
+                until_sync(lambda: not alive(restarted), 30)
         stop_up(mesh)  # and whatever either `up` left behind

@@ -216,7 +216,7 @@ def batches_sent(processes: Processes) -> float:
 
 async def test_killed_compute_replica_is_ejected_and_its_batch_retried(world, processes):
     # Ejected at its first failure: the batch it held fails at once, before the replica's
-    # health check (every 0.5 s) can take it out of rotation first.
+    # health Watch can take it out of rotation first.
     address = start_batcher(processes, 2, "--eject-after=1")
     dead = processes.address("compute-0")
     async with secure_channel(address, tls_of(world, "router"), "batcher") as channel:

@@ -22,6 +22,7 @@ from meshserve.mesh.store import TABLES, Store
 from meshserve.tools import cli
 from meshserve.tools.backup import Layout, create_backup
 from meshserve.tools.restore import restore_backup
+from tests.polling import until_sync
 from tests.unit.test_store import FakeClock
 
 CONFIG = """name: "tiny"
@@ -137,15 +138,6 @@ def test_a_restore_brings_back_the_same_state(mesh: Path, tmp_path: Path) -> Non
     assert rows(target / "async.db", SUBMISSIONS) == rows(mesh / "async.db", SUBMISSIONS)
 
 
-def wait_until(condition, limit: int = 3000) -> None:
-    """Poll `condition` every 10 ms, at most `limit` times."""
-    for _ in range(limit):
-        if condition():
-            return
-        threading.Event().wait(0.01)
-    raise AssertionError("the writer stopped writing")
-
-
 def test_a_backup_under_load_is_one_consistent_snapshot(mesh: Path, tmp_path: Path) -> None:
     stop = threading.Event()
     written = []
@@ -163,9 +155,10 @@ def test_a_backup_under_load_is_one_consistent_snapshot(mesh: Path, tmp_path: Pa
     writer = threading.Thread(target=write)
     writer.start()
     try:
-        wait_until(lambda: len(written) >= 20)
+        until_sync(lambda: len(written) >= 20, 30, "the writer's first rows")
         result = create_backup(Layout.of(mesh), tmp_path, signing_key(mesh), actor="ops")
-        wait_until(lambda: len(written) >= result.manifest["submissions"]["PENDING"] + 20)
+        until_sync(lambda: len(written) >= result.manifest["submissions"]["PENDING"] + 20, 30,
+                   "the writer writing on after the backup")
     finally:
         stop.set()
         writer.join(30)

@@ -14,6 +14,7 @@ from meshserve.mesh.policy import Endpoint, Shadow, TrafficPolicy
 from meshserve.mesh.resources import CLUSTER, ENDPOINTS, ROUTE
 from meshserve.mesh.snapshot import Snapshot
 from meshserve.mesh.store import Store
+from tests.polling import until
 
 E1 = Endpoint("mlp", "1", "10.0.0.1:8001")
 E1B = Endpoint("mlp", "1", "10.0.0.2:8001")
@@ -373,6 +374,18 @@ async def test_a_failing_canary_restores_exactly_the_policy_it_started_from(tmp_
                                                            record["reason"])
         # The canary left the undo stack as if it had not run: the policy before 70/30.
         assert control.rollback("mlp", "alice").weights == {"1": 100, "2": 0, "3": 0}
+
+
+async def test_failures_counted_before_a_canary_began_do_not_roll_it_back(tmp_path):
+    read = Counters({"1": (10, 0), "3": (10, 5)})
+    async with three_versions(tmp_path, read) as control:
+        await until(lambda: control.window("mlp", "3", 60.0).failures >= 50, WAIT,
+                    "failures of version 3 counted")
+        read.per_read["3"] = (10, 0)  # healthy from the canary's start on
+        control.start_canary(CanaryPlan("mlp", "", "3", steps=(10, 100), interval_s=0.2,
+                                        min_requests=5), "alice")
+        record = await finished(control, "mlp")
+        assert record["state"] == "promoted", record["reason"]
 
 
 async def test_a_failing_canary_restores_a_candidate_that_already_had_traffic(tmp_path):

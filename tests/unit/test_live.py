@@ -43,6 +43,26 @@ def test_history_delta(seconds, expected):
 
 def test_history_delta_without_samples_is_none():
     assert History().delta(10.0) is None
+    assert History().delta_since(10.0) is None
+
+
+# name, since, expected delta: from the first sample at or after `since`, never before it
+SINCE = [
+    ("before the history: from the oldest", -10.0, s(5.0, 100, 9, (30, 50, 17, 3))),
+    ("exactly at a sample: from it", 2.0, s(3.0, 70, 7, (20, 35, 12, 3))),
+    ("between samples: from the next one, not the one before", 1.5,
+     s(3.0, 70, 7, (20, 35, 12, 3))),
+    ("after the newest gap began: the newest alone", 3.5, s(0.0, 0, 0, (0, 0, 0, 0))),
+    ("after every sample: nothing", 9.0, s(0.0, 0, 0, (0, 0, 0, 0))),
+]
+
+
+@pytest.mark.parametrize("since, expected", [c[1:] for c in SINCE], ids=[c[0] for c in SINCE])
+def test_history_delta_since_counts_nothing_from_before(since, expected):
+    history = History()
+    for sample in SAMPLES:
+        history.add(sample)
+    assert history.delta_since(since) == expected
 
 
 @pytest.mark.parametrize("seconds", [0.0, 1.0, 600.0])
