@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import grpc
-
 from meshserve.common.tls import ReloadingChannel, TlsFiles
+from meshserve.common.upstream import follow_stream
 from meshserve.mesh.policy import Endpoint, TrafficPolicy
 from meshserve.protocol import health_pb2
 from meshserve.protocol.health_pb2_grpc import HealthStub
-
-log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 RETRY_S = 0.5  # between attempts to watch a batcher that cannot be reached
@@ -90,21 +86,14 @@ class BatcherHealth:
             self._changes.notify()
 
     async def _watch(self, address: str) -> None:
-        channel = ReloadingChannel(address, self._tls, self._identity)
         try:
-            while True:
-                channel.refresh()
-                try:
-                    watch = HealthStub(channel.channel).Watch(health_pb2.HealthCheckRequest())
-                    async for reply in watch:
-                        self._set(address, reply.status == SERVING)
-                except grpc.aio.AioRpcError as error:
-                    log.debug("health of batcher %s: %s", address, error.code().name)
-                self._set(address, False)
-                await asyncio.sleep(RETRY_S)
+            await follow_stream(
+                ReloadingChannel(address, self._tls, self._identity),
+                lambda channel: HealthStub(channel).Watch(health_pb2.HealthCheckRequest()),
+                lambda reply: self._set(address, reply.status == SERVING),
+                lambda: self._set(address, False), RETRY_S)
         finally:
             self.serving.pop(address, None)
-            await channel.close()
 
     async def close(self) -> None:
         for task in self._watches.values():

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from meshserve.common import model_files, runtime
@@ -23,6 +22,7 @@ from meshserve.common.identity import Callers, add_callers_flag, default_callers
 from meshserve.common.metrics import Metrics, XdsCollector
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.tls import ReloadingChannel, TlsFiles, server_credentials
+from meshserve.common.upstream import follow_stream
 from meshserve.mesh.admin import AdminServicer
 from meshserve.mesh.control import ControlPlane
 from meshserve.mesh.policy import Endpoint
@@ -97,22 +97,18 @@ class CounterFeeds:
         return feed.latest
 
     async def _follow(self, address: str, feed: _Feed) -> None:
-        channel = ReloadingChannel(address, self._tls, self._identity)
-        try:
-            while True:
-                channel.refresh()
-                try:
-                    async for counters in GroupInferenceStub(channel.channel).WatchCounters(
-                            CountersRequest(interval_ms=1000)):
-                        feed.latest = (counters.requests, counters.failures,
-                                          tuple(counters.bucket_counts),
-                                          tuple(counters.bucket_bounds_ms))
-                except grpc.aio.AioRpcError:
-                    pass
-                feed.latest = None
-                await asyncio.sleep(self.RETRY_S)
-        finally:
-            await channel.close()
+        def heard(counters) -> None:
+            feed.latest = (counters.requests, counters.failures, tuple(counters.bucket_counts),
+                           tuple(counters.bucket_bounds_ms))
+
+        def ended() -> None:
+            feed.latest = None
+
+        await follow_stream(
+            ReloadingChannel(address, self._tls, self._identity),
+            lambda channel: GroupInferenceStub(channel).WatchCounters(
+                CountersRequest(interval_ms=1000)),
+            heard, ended, self.RETRY_S)
 
     async def close(self) -> None:
         for feed in self._feeds.values():

@@ -173,8 +173,10 @@ class GroupForwarder:
 
     def __init__(self, call: GroupCall, model_name: str, upstream: str, *, version: str = "",
                  max_group: int = 512, max_in_flight: int = 1,
-                 observe: GroupObserver | None = None) -> None:
+                 observe: GroupObserver | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._call = call
+        self._clock = clock
         self._observe = observe
         self._model_name = model_name
         self._version = version
@@ -223,7 +225,7 @@ class GroupForwarder:
     async def _send(self, parcels: _Parcels) -> None:
         group, expired, longest = build_group(self._model_name, self._version,
                                               [entries for entries, _ in parcels.parcels],
-                                              time.monotonic(), parcels.sent)
+                                              self._clock(), parcels.sent)
         for p, j in expired:
             parcels.place(p, j, error_result(DeadlineExceeded(
                 f"deadline exceeded before the request left the {self._upstream} queue")))

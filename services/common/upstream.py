@@ -7,7 +7,7 @@ closes once its in-flight calls are done.
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -96,3 +96,24 @@ class Upstream:
     async def close(self) -> None:
         await self.stream.close()
         await self._reloading.close()
+
+
+async def follow_stream(channel: ReloadingChannel,
+                        open_stream: Callable[[grpc.aio.Channel], AsyncIterator],
+                        heard: Callable[[object], None], ended: Callable[[], None],
+                        retry_s: float) -> None:
+    """Pass each message of `open_stream(channel)` to `heard`, until cancelled: when the stream
+    ends or fails, `ended()`, then after `retry_s` a new stream, with the TLS files of the
+    moment. Closes `channel` when cancelled."""
+    try:
+        while True:
+            channel.refresh()
+            try:
+                async for message in open_stream(channel.channel):
+                    heard(message)
+            except grpc.aio.AioRpcError as error:
+                log.debug("stream to %s: %s", channel.target, error.code().name)
+            ended()
+            await asyncio.sleep(retry_s)
+    finally:
+        await channel.close()

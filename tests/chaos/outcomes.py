@@ -11,10 +11,11 @@ Every request sent ends in exactly one outcome:
   bookkeeping shows a request that never completed).
 """
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
+
+from meshserve.tools.load_results import percentiles
 
 
 class Outcome(Enum):
@@ -69,10 +70,7 @@ class Tally:
     def p99_ms(self, outcome: Outcome) -> float | None:
         """The 99th percentile latency of the calls that ended in `outcome` (nearest rank),
         in ms; None when none did."""
-        seconds = sorted(self.seconds.get(outcome, ()))
-        if not seconds:
-            return None
-        return seconds[max(0, math.ceil(0.99 * len(seconds)) - 1)] * 1000
+        return percentiles([s * 1000 for s in self.seconds.get(outcome, ())])["p99"]
 
     def never_answered(self, count: int) -> None:
         """Requests the driver sent but saw no completion of at all."""

@@ -1,12 +1,11 @@
 """Tests of group forwarding with a fake group call (no gRPC server, no network)."""
 
 import asyncio
-import types
 
 import grpc
 import pytest
 
-from meshserve.common import errors, forwarding
+from meshserve.common import errors
 from meshserve.common.forwarding import GroupForwarder, deadline_of, error_result, raise_for
 from meshserve.common.streams import StreamBroken
 from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
@@ -140,21 +139,17 @@ async def test_max_in_flight_two_runs_two_calls_at_once():
 
 # --- deadlines --------------------------------------------------------------------------
 
-NOW = 1000.0  # the forwarder's monotonic clock, stopped (see `stopped_clock`)
+NOW = 1000.0  # the forwarder's monotonic clock, stopped: the remaining times it sends are exact
 
 
-@pytest.fixture
-def stopped_clock(monkeypatch):
-    """The forwarder reads `time.monotonic()` when it sends a group: here it reads NOW, so
-    the remaining times it sends are exact."""
-    monkeypatch.setattr(forwarding, "time", types.SimpleNamespace(monotonic=lambda: NOW))
+def stopped() -> float:
     return NOW
 
 
-async def test_expired_entry_is_answered_without_being_sent(stopped_clock):
+async def test_expired_entry_is_answered_without_being_sent():
     fake = FakeUpstream()
-    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
-    now = stopped_clock
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM, clock=stopped)
+    now = NOW
     results = await asyncio.wait_for(forwarder.forward(
         [entry("late", now - 1.0), entry("soon", now + 0.5), entry("later", now + 2.0)]), 2)
     assert fake.groups == [["soon", "later"]]
@@ -168,10 +163,10 @@ async def test_expired_entry_is_answered_without_being_sent(stopped_clock):
     assert fake.item_timeouts[0] == [500_000, 2_000_000]
 
 
-async def test_any_entry_without_deadline_means_no_call_timeout(stopped_clock):
+async def test_any_entry_without_deadline_means_no_call_timeout():
     fake = FakeUpstream()
-    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
-    now = stopped_clock
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM, clock=stopped)
+    now = NOW
     first, second = entry("a", now + 1.0), entry("b", None)
     second[0].timeout_us = 777  # a stale value must be cleared
     await asyncio.wait_for(forwarder.forward([first, second]), 2)
@@ -179,10 +174,10 @@ async def test_any_entry_without_deadline_means_no_call_timeout(stopped_clock):
     assert fake.item_timeouts[0] == [1_000_000, 0]
 
 
-async def test_all_expired_makes_no_call(stopped_clock):
+async def test_all_expired_makes_no_call():
     fake = FakeUpstream()
-    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
-    now = stopped_clock
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM, clock=stopped)
+    now = NOW
     results = await asyncio.wait_for(
         forwarder.forward([entry("x", now - 0.1), entry("y", now)]), 2)
     assert fake.groups == []
