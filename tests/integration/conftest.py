@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from meshserve.tools.certs import init_certs
 from tests.integration.flaky_model import write_flaky_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,3 +109,11 @@ def mesh(tmp_path_factory) -> Mesh:
     write_flaky_model(data_dir / "models")
     with running_mesh(data_dir) as started:
         yield started
+
+
+@pytest.fixture(scope="module")
+def cert_dir(tmp_path_factory) -> Path:
+    """A fresh development CA and every identity's certificate, for one test module."""
+    directory = tmp_path_factory.mktemp("mesh-ca")
+    init_certs(directory)
+    return directory

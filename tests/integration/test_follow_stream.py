@@ -3,27 +3,17 @@
 import asyncio
 import contextlib
 
-import pytest
-
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.tls import ReloadingChannel, TlsFiles, server_credentials
 from meshserve.common.upstream import follow_stream
 from meshserve.protocol import health_pb2
 from meshserve.protocol.health_pb2_grpc import HealthStub
-from meshserve.tools.certs import init_certs
 from tests.polling import until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 WAIT_S = 10.0
 ENDED = "ended"
-
-
-@pytest.fixture(scope="module")
-def cert_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("mesh-ca")
-    init_certs(directory)
-    return directory
 
 
 async def serving(cert_dir, address: str) -> Service:

@@ -28,13 +28,6 @@ class Health(health_pb2_grpc.HealthServicer):
 
 
 @pytest.fixture(scope="module")
-def cert_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("mesh-ca")
-    init_certs(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def other_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("other-ca")
     init_certs(directory)

@@ -4,23 +4,14 @@ import asyncio
 import logging
 
 import grpc
-import pytest
 
 from meshserve.common import server as server_module
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.tls import TlsFiles, secure_channel, server_credentials
 from meshserve.protocol import health_pb2, health_pb2_grpc
-from meshserve.tools.certs import init_certs
 
 GRACE_S = 30.0  # far longer than the bound below: a stop that waits it out fails the test
 BOUND_S = 10.0
-
-
-@pytest.fixture(scope="module")
-def cert_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("mesh-ca")
-    init_certs(directory)
-    return directory
 
 
 def service(cert_dir, **kwargs) -> Service:
