@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshserve.common.errors import InvalidArgument, ResourceExhausted
+from meshserve.common.priority import priority_level
 
 _US_PER_S = 1e6  # exact division keeps e.g. 1000 us == 0.001 s
 DEFAULT_RETRY_AFTER = 0.05  # a refusal's hint when the caller gives none
@@ -68,16 +69,8 @@ class BatchingPolicy:
         return max(self.priority_levels, 1)
 
     def level_of(self, priority: int) -> int:
-        """The queue level (1 = most urgent) of a request's priority.
-
-        0 (or below) means the default level; above the last level means the last level.
-        A default level of 0 or out of range is the last (least urgent) level.
-        """
-        if priority <= 0:
-            priority = self.default_priority_level
-            if priority <= 0:
-                return self.levels
-        return min(priority, self.levels)
+        """The queue level (1 = most urgent) of a request's priority (`priority_level`)."""
+        return priority_level(priority, self.priority_levels, self.default_priority_level)
 
 
 @dataclass

@@ -169,7 +169,10 @@ class GroupForwarder:
 
     A group answered early in part with RESOURCE_EXHAUSTED (its batcher's queue is full)
     leaves the forwarder saturated until the group's last answer: entries arriving meanwhile
-    get that refusal at once instead of waiting to be sent to a full queue."""
+    get that refusal at once instead of waiting to be sent to a full queue.
+
+    `waiting` counts the entries that wait for the next group, and `round_trip` is how long
+    the last group took to be answered (seconds): about when those entries will have left."""
 
     def __init__(self, call: GroupCall, model_name: str, upstream: str, *, version: str = "",
                  max_group: int = 512, max_in_flight: int = 1,
@@ -186,6 +189,8 @@ class GroupForwarder:
         self._pending: list[tuple[list[Entry], asyncio.Future]] = []
         self._in_flight = 0
         self.saturated: ItemResult | None = None
+        self.waiting = 0
+        self.round_trip = 0.0
 
     async def forward(self, entries: list[Entry]) -> list[ItemResult]:
         """Send `entries` with whatever else is waiting; one result per entry, in order."""
@@ -193,6 +198,7 @@ class GroupForwarder:
             return [self.saturated] * len(entries)
         future = asyncio.get_running_loop().create_future()
         self._pending.append((entries, future))
+        self.waiting += len(entries)
         if self._in_flight < self._max_in_flight:
             self._in_flight += 1
             asyncio.get_running_loop().create_task(self._drain())
@@ -207,6 +213,7 @@ class GroupForwarder:
             items += len(entries)
         parcels = self._pending[:taken]
         del self._pending[:taken]
+        self.waiting -= items
         return parcels
 
     async def _drain(self) -> None:
@@ -223,9 +230,10 @@ class GroupForwarder:
             self._in_flight -= 1
 
     async def _send(self, parcels: _Parcels) -> None:
+        started = self._clock()
         group, expired, longest = build_group(self._model_name, self._version,
                                               [entries for entries, _ in parcels.parcels],
-                                              self._clock(), parcels.sent)
+                                              started, parcels.sent)
         for p, j in expired:
             parcels.place(p, j, error_result(DeadlineExceeded(
                 f"deadline exceeded before the request left the {self._upstream} queue")))
@@ -250,5 +258,6 @@ class GroupForwarder:
                                               self._upstream))
         finally:
             self.saturated = None
+            self.round_trip = self._clock() - started
             if self._observe is not None:
                 self._observe(len(parcels.sent), code)

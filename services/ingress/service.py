@@ -67,6 +67,7 @@ from meshserve.ingress.denials import DenialAudit
 from meshserve.ingress.ensembles import EnsembleRunner
 from meshserve.ingress.http_api import HttpSettings, add_http_flags, build_http, http_settings
 from meshserve.ingress.readiness import RULES, STRICT, Readiness, follow
+from meshserve.ingress.saturation import EdgeBound
 from meshserve.ingress.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER, JwksUrl, jwks_source
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol import grpc_service_pb2_grpc
@@ -122,7 +123,8 @@ class Ingress:
     `tracing`, when given, traces each request (`ingress.request`, `ingress.validate`).
     Each failed request gets an access-log line, each answered one with probability
     `access_log_sample`.
-    Requests beyond `max_inflight_bytes` accepted and unanswered are refused (0: no limit)."""
+    Requests beyond `max_inflight_bytes` accepted and unanswered are refused (0: no limit),
+    and so are those that would wait beyond their model's `max_queue_size` (`EdgeBound`)."""
 
     def __init__(self, repository: ModelRepository, router: Upstream, metrics=None,
                  tracing: Tracing | None = None, access_log_sample: float = 0.0,
@@ -135,6 +137,7 @@ class Ingress:
         self._access_log_sample = access_log_sample
         self._forwarders: dict[tuple[str, str], GroupForwarder] = {}
         self._schemas: dict[str, Schema] = {}
+        self._bounds: dict[str, EdgeBound] = {}
         self.budget = ByteBudget(max_inflight_bytes, "max_inflight_bytes")
         prefix = secrets.token_hex(4)  # ids unique across ingress replicas, cheap per request
         self._ids = (f"{prefix}-{n}" for n in itertools.count())
@@ -228,6 +231,12 @@ class Ingress:
             self.repository.version(name, version)
         return schema
 
+    def _bound(self, name: str) -> EdgeBound:
+        bound = self._bounds.get(name)
+        if bound is None:
+            bound = self._bounds[name] = EdgeBound.of(name, self.repository.get(name).config)
+        return bound
+
     async def _infer(self, request: pb.ModelInferRequest, remaining: float | None,
                      arrived: float, request_id: str, span: Span | None,
                      admit: Callable[[], None] | None) -> pb.ModelInferResponse:
@@ -241,10 +250,12 @@ class Ingress:
         item = GroupItem(request=request, request_id=request_id,
                          priority=parameter(request, "priority"),
                          traceparent="" if span is None else traceparent_of(span))
+        forwarder = self._forwarder(request.model_name, request.model_version)
+        self._bound(request.model_name).admit(item.priority, forwarder.waiting,
+                                              forwarder.round_trip)
         self.budget.acquire(size)
         try:
-            [result] = await self._forwarder(request.model_name, request.model_version).forward(
-                [(item, deadline)])
+            [result] = await forwarder.forward([(item, deadline)])
         finally:
             self.budget.release(size)
         raise_for(result)

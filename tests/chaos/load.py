@@ -19,6 +19,8 @@ import torch
 from meshserve.common.tls import TlsFiles, channel_credentials
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+from meshserve.tools.budget_proc import BareServer
+from meshserve.tools.load_results import percentiles
 from tests.chaos.outcomes import Outcome, Tally, classify
 
 DEADLINE = 30.0  # seconds: an answer later than this is a lost request
@@ -139,6 +141,27 @@ async def burst(stub: GRPCInferenceServiceStub, reference: Reference, tally: Tal
     tasks = [asyncio.create_task(call_once(stub, reference, n, tally, deadline))
              for n in range(count)]
     await settle(tasks, tally, deadline)
+
+
+async def bare_burst_p99_ms(data_dir: Path, reference: Reference, count: int) -> float:
+    """The p99 latency (ms) of `count` requests at once to the bare server of `bench budget`
+    (mutual TLS, a constant answer, nothing else), from this client: what the client and gRPC
+    alone take to carry such a burst, whatever the server does."""
+    server = BareServer(data_dir / "tls", data_dir)
+    tls = TlsFiles.for_identity(data_dir / "tls", "client")
+    try:
+        async with grpc.aio.secure_channel(server.address, channel_credentials(tls)) as channel:
+            stub = GRPCInferenceServiceStub(channel)
+
+            async def one(n: int) -> float:
+                start = time.monotonic()
+                await stub.ModelInfer(reference.request(n), timeout=DEADLINE)
+                return (time.monotonic() - start) * 1000
+
+            seconds = await asyncio.gather(*(one(n) for n in range(count)))
+    finally:
+        server.stop()
+    return percentiles(seconds)["p99"]
 
 
 async def settle(tasks: list[asyncio.Task], tally: Tally, deadline: float) -> None:

@@ -16,7 +16,7 @@ import grpc
 
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from tests.chaos import faults, fuzz
-from tests.chaos.load import Reference, burst, capacity, connect, run_load
+from tests.chaos.load import Reference, bare_burst_p99_ms, burst, capacity, connect, run_load
 from tests.chaos.outcomes import Row, Tally
 from tests.polling import until
 
@@ -158,8 +158,10 @@ async def burst_10x(chaos: Chaos) -> Row:
     count = min(chaos.plan.burst_cap, max(1, round(10 * rate)))
     tally = Tally("burst-10x")
     await burst(chaos.stub, reference, tally, count)
+    bare = await bare_burst_p99_ms(chaos.data_dir, reference, count)
     return Row(tally, f"{count} requests at once (10 × {rate:.0f} answered/s"
-                      f"{', capped' if count < 10 * rate else ''})")
+                      f"{', capped' if count < 10 * rate else ''}); the same burst to a bare "
+                      f"server: p99 {bare:.0f} ms")
 
 
 async def slow_model(chaos: Chaos) -> Row:

@@ -311,18 +311,11 @@ async def test_priority_sheds_low_first_in_a_real_batcher(world, processes):
 async def test_ingress_byte_budget_refuses_with_retry_hint(world, processes):
     batcher = start_batcher(processes, 1)
     one_row = len(mlp_request(1).raw_input_contents[0])  # the budget counts payload bytes
-    # The ingress talks straight to the batcher (it speaks the router's group protocol) and
-    # presents the router's certificate, the identity a batcher accepts.
-    processes.start("ingress", "ingress", "router",
-                    f"--model-repository={processes.root / 'models'}", f"--router={batcher}",
-                    "--router-identity=batcher", f"--max-inflight-bytes={one_row * 3 // 2}")
-    address = processes.address("ingress")
+    address = start_ingress_before(processes, batcher,
+                                   f"--max-inflight-bytes={one_row * 3 // 2}")
     async with secure_channel(address, tls_of(world, "client"), "localhost") as channel:
         stub = GRPCInferenceServiceStub(channel)
-        deadline = time.monotonic() + START_TIMEOUT
-        while not (await stub.ServerReady(pb.ServerReadyRequest(), timeout=5)).ready:
-            assert time.monotonic() < deadline, "ingress not ready"
-            await asyncio.sleep(0.2)
+        await ingress_ready(stub)
         request = mlp_request(7)
         response = await stub.ModelInfer(request, timeout=30)
         numpy.testing.assert_allclose(output_of(response), expected_output(request), atol=1e-5)
@@ -335,6 +328,75 @@ async def test_ingress_byte_budget_refuses_with_retry_hint(world, processes):
     assert error.details() == (f"request of {2 * one_row} bytes exceeds max_inflight_bytes "
                                f"{one_row * 3 // 2}; retry after 0.05 s")
     assert dict(error.trailing_metadata())[RETRY_AFTER_MS] == "50"
+
+
+def start_ingress_before(processes: Processes, batcher: str, *args: str) -> str:
+    """An ingress that talks straight to `batcher` (which speaks the router's group protocol),
+    presenting the router's certificate, the identity a batcher accepts."""
+    processes.start("ingress", "ingress", "router",
+                    f"--model-repository={processes.root / 'models'}", f"--router={batcher}",
+                    "--router-identity=batcher", *args)
+    return processes.address("ingress")
+
+
+async def ingress_ready(stub: GRPCInferenceServiceStub) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while not (await stub.ServerReady(pb.ServerReadyRequest(), timeout=5)).ready:
+        assert time.monotonic() < deadline, "ingress not ready"
+        await asyncio.sleep(0.2)
+
+
+async def first_done(calls: list[asyncio.Future], seconds: float = 30.0) -> None:
+    """Until one of `calls` has its answer (a refusal, while compute is stopped)."""
+    deadline = time.monotonic() + seconds
+    while not any(call.done() for call in calls):
+        assert time.monotonic() < deadline, "no refusal while the model was stalled"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_burst_beyond_max_queue_size_is_refused_at_the_ingress(world, processes):
+    batcher = start_batcher(processes, 1, "--stall-timeout=120")
+    address = start_ingress_before(processes, batcher)
+    low = [mlp_request(n) for n in range(MAX_QUEUE_SIZE + 40)]
+    urgent = [mlp_request(1000 + n, priority=1) for n in range(3)]
+    async with secure_channel(address, tls_of(world, "client"), "localhost") as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        await ingress_ready(stub)
+        await stub.ModelInfer(mlp_request(0), timeout=30)
+        # With compute stopped the first group never comes back: the rest wait at the ingress
+        # until MAX_QUEUE_SIZE do, and every later one is refused there, at once.
+        processes.signal("compute-0", signal.SIGSTOP)
+        try:
+            calls = [asyncio.ensure_future(stub.ModelInfer(r, timeout=60)) for r in low]
+            await first_done(calls)
+            # More urgent than the model's default level: never refused at the edge. The low
+            # one sent after them is, once they have been let in.
+            calls += [asyncio.ensure_future(stub.ModelInfer(r, timeout=60)) for r in urgent]
+            sentinel = asyncio.ensure_future(stub.ModelInfer(mlp_request(2000), timeout=60))
+            await first_done([sentinel])
+            assert isinstance(sentinel.exception(), grpc.aio.AioRpcError)
+        finally:
+            processes.signal("compute-0", signal.SIGCONT)
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    edge = (f"model 'mlp' is saturated: {MAX_QUEUE_SIZE} requests wait at the ingress "
+            f"(max_queue_size {MAX_QUEUE_SIZE}); retry after ")
+    refused, shed = 0, 0
+    for request, outcome in zip(low + urgent, outcomes, strict=True):
+        if isinstance(outcome, grpc.aio.AioRpcError):
+            assert outcome.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, outcome.details()
+            hint = int(dict(outcome.trailing_metadata())[RETRY_AFTER_MS])
+            if outcome.details().startswith(edge):
+                assert hint >= 50
+                refused += 1
+            else:
+                assert outcome.details().startswith("shed: "), outcome.details()
+                shed += 1
+        else:
+            numpy.testing.assert_allclose(output_of(outcome), expected_output(request),
+                                          atol=1e-5)
+    assert refused >= 1
+    assert shed <= len(urgent)  # the batcher makes room for the urgent ones
+    assert all(not isinstance(outcome, Exception) for outcome in outcomes[len(low):])
 
 
 async def test_deadlines_reach_compute_and_expired_requests_are_never_computed(world,

@@ -82,6 +82,35 @@ async def test_calls_during_flight_coalesce_into_one_next_group():
     assert all(r[0].code == 0 for r in results)
 
 
+async def test_waiting_counts_the_entries_that_wait_for_the_next_group():
+    fake = FakeUpstream(gated=True)
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM, max_group=3)
+    first = asyncio.create_task(forwarder.forward([entry("r0")]))
+    await asyncio.wait_for(fake.started.wait(), 2)
+    assert forwarder.waiting == 0  # r0 left at once
+    rest = [asyncio.create_task(forwarder.forward([entry(f"r{i}"), entry(f"s{i}")]))
+            for i in range(1, 4)]
+    await settle()
+    assert forwarder.waiting == 6
+    fake.release.set()
+    await asyncio.wait_for(asyncio.gather(first, *rest), 2)
+    assert [len(group) for group in fake.groups] == [1, 2, 2, 2]
+    assert forwarder.waiting == 0
+
+
+async def test_round_trip_is_how_long_the_last_group_took():
+    fake = FakeUpstream(gated=True)
+    now = [10.0]
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM, clock=lambda: now[0])
+    call = asyncio.create_task(forwarder.forward([entry("r0")]))
+    await asyncio.wait_for(fake.started.wait(), 2)
+    assert forwarder.round_trip == 0.0
+    now[0] = 10.25
+    fake.release.set()
+    await asyncio.wait_for(call, 2)
+    assert forwarder.round_trip == 0.25
+
+
 async def test_idle_sends_a_group_of_one_at_once():
     fake = FakeUpstream()
     forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
