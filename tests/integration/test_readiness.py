@@ -165,7 +165,11 @@ async def test_server_ready_waits_for_every_version_and_follows_a_lost_compute(t
                                                        key=lambda kv: kv[1])})
 
         # The only compute of slow/1 dies: not ready within a second, a pinned request is
-        # refused at the ingress at once; ready again once `up` has restarted it.
+        # refused at the ingress at once; ready again once `up` has restarted it. `up`
+        # restarts services once its start is done (it has written the endpoint); a service
+        # lost before, while it still checks the others one by one, fails the start instead.
+        await until((data_dir / "run" / "endpoint").exists, seconds=120,
+                    what="the end of up's start")
         os.kill(pid_of(data_dir, "compute-slow-1"), signal.SIGKILL)
         lost = await until(lambda: _not(server_ready(stub)), seconds=1.0)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
