@@ -185,24 +185,32 @@ async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
                 await register_batchers(control_plane, batchers, operator, first_policy)
         refused: set[tuple[str, str]] = set()
         compute_caller = TlsFiles.for_identity(tls_dir, "batcher")
-        for child in started:
-            if child in batchers and (child.model, child.version) in refused:
-                say(f"  down   {child.name:<18} {child.address:<16} (its compute refused "
-                    "the model)")
-                continue
-            if child is ingress and refused and readiness == STRICT:
-                # Strict readiness waits for every version; a refused one never answers.
-                say(f"  up     {child.name:<18} {child.address:<16} (not ready: "
-                    f"{len(refused)} refused version(s) cannot answer; the rest serve)")
-                continue
-            try:
-                seconds = await wait_ready(child, operator, timeout,
-                                           compute_caller if child in computes else None)
-            except Refused as refusal:
-                refused.add((child.model, child.version))
-                say(f"  REFUSED {child.name}: {refusal}")
-                continue
-            say(f"  ready  {child.name:<18} {child.address:<16} ({seconds:.1f} s)")
+        # A service found ready and lost while the others are still checked is restarted,
+        # as after the start; one that never was ready fails the start.
+        ready: list[Child] = []
+        keeper = asyncio.create_task(supervise(ready, tls_dir))
+        try:
+            for child in started:
+                if child in batchers and (child.model, child.version) in refused:
+                    say(f"  down   {child.name:<18} {child.address:<16} (its compute refused "
+                        "the model)")
+                    continue
+                if child is ingress and refused and readiness == STRICT:
+                    # Strict readiness waits for every version; a refused one never answers.
+                    say(f"  up     {child.name:<18} {child.address:<16} (not ready: "
+                        f"{len(refused)} refused version(s) cannot answer; the rest serve)")
+                    continue
+                try:
+                    seconds = await wait_ready(child, operator, timeout,
+                                               compute_caller if child in computes else None)
+                except Refused as refusal:
+                    refused.add((child.model, child.version))
+                    say(f"  REFUSED {child.name}: {refusal}")
+                    continue
+                say(f"  ready  {child.name:<18} {child.address:<16} ({seconds:.1f} s)")
+                ready.append(child)
+        finally:
+            keeper.cancel()
         return started
     except BaseException:
         stop_all(list(reversed(started)), grace=2.0)
@@ -293,18 +301,20 @@ Logs: {data_dir / 'run'}/*.log. Ctrl-C stops everything.
 
 
 async def supervise(children: list[Child], tls_dir: Path) -> None:
-    """Restart a service that exits, on the same port, with backoff (as Kubernetes would)."""
-    backoff = {child.name: 0.5 for child in children}
+    """Restart a service of `children` (a list that may grow) that exits, on the same port,
+    with backoff (as Kubernetes would)."""
+    backoff: dict[str, float] = {}
     while True:
         await asyncio.sleep(0.2)
         for child in children:
             code = child.exited()
             if code is None:
                 continue
-            print(f"{child.name} exited with {code}; restarting in {backoff[child.name]:.1f} s "
+            wait = backoff.setdefault(child.name, 0.5)
+            print(f"{child.name} exited with {code}; restarting in {wait:.1f} s "
                   f"(log: {child.log})", flush=True)
-            await asyncio.sleep(backoff[child.name])
-            backoff[child.name] = min(backoff[child.name] * 2, 30.0)
+            await asyncio.sleep(wait)
+            backoff[child.name] = min(wait * 2, 30.0)
             child.args = [a for a in child.args if not a.startswith("--listen=")]
             child.args.append(f"--listen={child.address}")
             if child.name == "ingress":

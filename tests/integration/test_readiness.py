@@ -190,6 +190,36 @@ async def _not(check) -> bool:
     return not await check
 
 
+async def test_a_service_lost_during_the_start_is_restarted(tmp_path):
+    """`up` checks its services one by one; one lost after it was found ready, while the
+    others are still checked, is restarted, and the start completes."""
+    data_dir = tmp_path / "data"
+    up_log = data_dir.parent / "up.log"
+    process = start(data_dir, "--timeout=60")
+    channel = None
+    try:
+        await until(lambda: "ready  compute-cnn-1 " in up_log.read_text(), seconds=120,
+                    what="compute-cnn-1 found ready")
+        os.kill(pid_of(data_dir, "compute-cnn-1"), signal.SIGKILL)
+        # slow/1 takes seconds to load: the start is still checking the others.
+        assert "meshserve is ready" not in up_log.read_text()
+
+        def start_done() -> bool:
+            assert process.poll() is None, f"meshserve up exited:\n{up_log.read_text()}"
+            return (data_dir / "run" / "endpoint").exists()
+
+        await until(start_done, seconds=120, what="the end of up's start")
+        assert "compute-cnn-1 exited with -9; restarting" in up_log.read_text()
+        channel, stub = await ingress_stub(data_dir, process)
+        reply = await stub.ModelInfer(request_for("cnn", "1"), timeout=30)
+        assert reply.model_version == "1"
+        assert len(reply.raw_output_contents[0]) == 10 * 4
+    finally:
+        if channel is not None:
+            await channel.close()
+        stop_up(Mesh(data_dir, "", process))
+
+
 async def test_with_readiness_any_the_server_is_ready_before_a_slow_version(tmp_path):
     data_dir = tmp_path / "data"
     timeline = Timeline(time.monotonic())
