@@ -199,11 +199,35 @@ def mesh(helm, tmp_path_factory, demo_repository):
                                  log=root / f"{service}.log")
     try:
         for service in ORDER:
-            locals_[service].start()
+            start_listening(locals_[service], addresses)
         yield locals_
     finally:
         for service in reversed(ORDER):
             locals_[service].stop()
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as client:
+        client.settimeout(1.0)
+        return client.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start_listening(local: Local, addresses: dict[str, str], tries: int = 3) -> None:
+    """Start `local` and wait until its gRPC port listens (or it exits: the test then says
+    why). A port that another process took between free_port() and the service's bind is
+    not the chart's fault: the service starts again on fresh ports, which the services
+    started after it are given."""
+    for _ in range(tries):
+        local.start()
+        deadline = time.monotonic() + READY_WITHIN_S
+        while local.process.poll() is None and time.monotonic() < deadline:
+            if listening(local.ports["--listen"]):
+                return
+            time.sleep(0.1)
+        if local.process.poll() is None or "Address already in use" not in local.log_tail():
+            return
+        local.ports = {flag: free_port() for flag in LISTEN_FLAGS}
+        addresses[local.service] = f"127.0.0.1:{local.ports['--listen']}"
 
 
 def wait_for(local: Local, probe: str, status: int, deadline: float) -> tuple[int, str]:
