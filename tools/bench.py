@@ -101,7 +101,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Adds ``bench run``, ``plot``, ``compare`` and ``budget`` to a CLI's subparsers."""
+    """Adds ``bench run``, ``plot``, ``compare``, ``budget`` and ``relay`` to a CLI's subparsers."""
     bench = subparsers.add_parser(
         "bench",
         description="Closed-loop and open-loop load for any Open Inference Protocol gRPC server.",
@@ -184,10 +184,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plot.add_argument("--out", type=Path, default=Path("latency-throughput.png"))
     plot.set_defaults(func=_cmd_plot)
 
-    from meshserve.tools import bench_compare, budget_run
+    from meshserve.tools import bench_compare, bench_relay, budget_run
 
     bench_compare.add_parser(commands)
     budget_run.add_parser(commands)
+    bench_relay.add_parser(commands)
 
 
 def main(argv: list[str] | None = None) -> int:

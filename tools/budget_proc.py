@@ -195,25 +195,35 @@ class MeshUp:
                     os.kill(child.pid, signal.SIGKILL)
 
 
+def start_server(argv: list[str], port_file: Path, log: Path,
+                 what: str) -> tuple[subprocess.Popen, int]:
+    """`python argv...` in a session of its own, once it has written its port to
+    `port_file` (at most 30 s); its output goes to `log`."""
+    port_file.unlink(missing_ok=True)
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, *argv], stdout=out,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not port_file.exists():  # written whole, by a rename
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_process(process, 10.0)
+            raise RuntimeError(f"{what} did not start:\n"
+                               + log.read_text(errors="replace")[-2000:])
+        time.sleep(0.05)
+    return process, int(port_file.read_text())
+
+
 class BareServer:
     """The bare server of `meshserve.tools.budget_bare` in a subprocess."""
 
     def __init__(self, tls_dir: Path, work_dir: Path) -> None:
-        port_file = work_dir / "bare.port"
         self.log = work_dir / "bare.log"
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "meshserve.tools.budget_bare", f"--tls-dir={tls_dir}",
-                 f"--port-file={port_file}"], stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while not port_file.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("the bare server did not start:\n"
-                                   + self.log.read_text(errors="replace")[-2000:])
-            time.sleep(0.05)
-        self.address = f"127.0.0.1:{int(port_file.read_text())}"
+        port_file = work_dir / "bare.port"
+        self.process, port = start_server(
+            ["-m", "meshserve.tools.budget_bare", f"--tls-dir={tls_dir}",
+             f"--port-file={port_file}"], port_file, self.log, "the bare server")
+        self.address = f"127.0.0.1:{port}"
         self.process_info = ServiceProcess(self.process.pid, "bare", "bare")
 
     def stop(self) -> None:

@@ -1,0 +1,38 @@
+"""`meshserve bench relay`: a bare relay and echo over real mutual-TLS gRPC, measured."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from meshserve.tools.bench_relay import Phase, measure, per_message_us, report
+from tests.integration.conftest import children_of
+
+
+def test_the_relay_answers_every_message_and_both_servers_stop(tmp_path):
+    phases = measure(size=1100, messages=60, paced_messages=12, pace_s=0.002,
+                     work_dir=tmp_path)
+    assert [(p.name, p.messages) for p in phases] == [("back to back", 60),
+                                                      ("paced every 2 ms", 12)]
+    for phase in phases:
+        assert phase.p50_ms > 0 and phase.relay_us >= 0 and phase.echo_us >= 0
+    assert children_of(tmp_path) == []  # the relay and the echo stopped
+
+
+def test_the_command_prints_its_figures_as_json():
+    done = subprocess.run([sys.executable, "-m", "meshserve.tools.cli", "bench", "relay",
+                           "--messages=40", "--paced-messages=5", "--pace-ms=1",
+                           "--size=64", "--json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    document = json.loads(done.stdout)
+    assert document["size"] == 64
+    assert [p["messages"] for p in document["phases"]] == [40, 5]
+
+
+def test_cpu_per_message_and_the_report():
+    assert per_message_us(100, 130, 100, 1000) == pytest.approx(300.0)  # 0.3 s over 1000
+    text = report([Phase("back to back", 2000, 300.0, 200.0, 0.5),
+                   Phase("paced every 10 ms", 300, 900.0, 400.0, 1.5)], 11000)
+    assert "11000-byte messages" in text
+    assert text.splitlines()[-1].split()[-2:] == ["3.00x", "2.00x"]
