@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -34,10 +33,10 @@ from pathlib import Path
 import grpc
 import uvloop
 
-from meshserve.common.runtime import write_port_file
 from meshserve.common.server import SERVER_OPTIONS
 from meshserve.common.tls import TlsFiles, secure_channel, server_credentials
 from meshserve.tools.arguments import positive_float, positive_int
+from meshserve.tools.budget_bare import serve_until_signalled
 from meshserve.tools.budget_proc import cpu_ticks, start_server, stop_process
 from meshserve.tools.certs import init_certs
 
@@ -73,18 +72,12 @@ def _relay_to(upstream: str, tls: TlsFiles):
 
 
 async def serve(role: str, tls_dir: Path, port_file: Path, upstream: str) -> None:
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     tls = TlsFiles.for_identity(tls_dir, IDENTITY[role])
     server = grpc.aio.server(options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers([_handler(_echo if role == "echo"
                                               else _relay_to(upstream, tls))])
     port = server.add_secure_port(f"{HOST}:0", server_credentials(tls))
-    await server.start()
-    write_port_file(port_file, port)
-    await stop.wait()
-    await server.stop(None)
+    await serve_until_signalled(server, port, port_file)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,12 +102,12 @@ def per_message_us(ticks_before: int, ticks_after: int, hz: int, messages: int) 
 async def _drive(target: str, tls: TlsFiles, size: int, runs: list[tuple[int, float]],
                  measured) -> list[list[float]]:
     """Each run sends `count` messages of `size` bytes, `pause` seconds apart, one in flight;
-    `measured(i)` is called before and after run i. Returns each run's round trips (s)."""
+    `measured()` is called before and after each run. Returns each run's round trips (s)."""
     async with secure_channel(target, tls, IDENTITY["relay"]) as channel:
         call = channel.stream_stream(METHOD)()
         rounds = []
-        for index, (count, pause) in enumerate(runs):
-            measured(index)
+        for count, pause in runs:
+            measured()
             times = []
             for n in range(count):
                 message = n.to_bytes(8, "little") + bytes(max(size - 8, 0))
@@ -125,7 +118,7 @@ async def _drive(target: str, tls: TlsFiles, size: int, runs: list[tuple[int, fl
                 times.append(time.perf_counter() - sent)
                 if pause:
                     await asyncio.sleep(pause)
-            measured(index)
+            measured()
             rounds.append(times)
         await call.done_writing()
     return rounds
@@ -145,11 +138,10 @@ def measure(size: int, messages: int, paced_messages: int, pace_s: float,
                  f"--port-file={port_file}", f"--upstream={upstream}"],
                 port_file, work_dir / f"{role}.log", f"the {role}")
             upstream = f"{HOST}:{port}"
-        readings: dict[int, list[dict[str, int]]] = {}
+        readings: list[dict[str, int]] = []  # before and after each run, in turn
 
-        def read(index: int) -> None:
-            readings.setdefault(index, []).append(
-                {role: cpu_ticks(p.pid) or 0 for role, p in processes.items()})
+        def read() -> None:
+            readings.append({role: cpu_ticks(p.pid) or 0 for role, p in processes.items()})
 
         runs = [(WARMUP_MESSAGES, 0.0), (messages, 0.0), (paced_messages, pace_s)]
         rounds = uvloop.run(_drive(upstream, TlsFiles.for_identity(tls_dir, "ingress"), size,
@@ -158,12 +150,14 @@ def measure(size: int, messages: int, paced_messages: int, pace_s: float,
         for process in processes.values():
             stop_process(process, 10.0)
     hz = os.sysconf("SC_CLK_TCK")
-    names = ["back to back", f"paced every {pace_s * 1e3:g} ms"]
-    return [Phase(name, count,
-                  *(per_message_us(readings[i][0][r], readings[i][1][r], hz, count)
-                    for r in ("relay", "echo")),
-                  statistics.median(rounds[i]) * 1e3)
-            for name, i, (count, _) in zip(names, (1, 2), runs[1:], strict=True)]
+    phases = []
+    for index, name in ((1, "back to back"), (2, f"paced every {pace_s * 1e3:g} ms")):
+        before, after, answered = readings[2 * index], readings[2 * index + 1], rounds[index]
+        relay, echo = (per_message_us(before[role], after[role], hz, len(answered))
+                       for role in ("relay", "echo"))
+        phases.append(Phase(name, len(answered), relay, echo,
+                            statistics.median(answered) * 1e3))
+    return phases
 
 
 def report(phases: list[Phase], size: int) -> str:

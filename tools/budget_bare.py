@@ -56,16 +56,20 @@ def build_server(tls: TlsFiles) -> tuple[grpc.aio.Server, int]:
     return server, port
 
 
-async def serve(tls: TlsFiles, port_file: Path) -> None:
+async def serve_until_signalled(server: grpc.aio.Server, port: int, port_file: Path) -> None:
+    """Start `server`, write its `port` to `port_file`, and serve until SIGTERM or SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server, port = build_server(tls)
     await server.start()
     write_port_file(port_file, port)
     await stop.wait()
     await server.stop(None)
+
+
+async def serve(tls: TlsFiles, port_file: Path) -> None:
+    await serve_until_signalled(*build_server(tls), port_file)
 
 
 def main(argv: list[str] | None = None) -> int:

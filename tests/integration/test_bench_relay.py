@@ -15,8 +15,8 @@ def test_the_relay_answers_every_message_and_both_servers_stop(tmp_path):
                      work_dir=tmp_path)
     assert [(p.name, p.messages) for p in phases] == [("back to back", 60),
                                                       ("paced every 2 ms", 12)]
-    for phase in phases:
-        assert phase.p50_ms > 0 and phase.relay_us >= 0 and phase.echo_us >= 0
+    assert all(phase.p50_ms > 0 for phase in phases)
+    assert sum(p.relay_us * p.messages for p in phases) > 0  # its CPU was read from /proc
     assert children_of(tmp_path) == []  # the relay and the echo stopped
 
 
