@@ -3,8 +3,8 @@
 A hop keeps one group waiting per upstream (and version pin) on its long-lived stream.
 While a group waits for its first answer, new requests wait; when it is answered (wholly, or
 in part as its first batch finishes), everything that arrived meanwhile leaves as the next
-group. Idle, a request leaves at once as a group of one; busy,
-groups grow by themselves, so gRPC's per-message cost is paid per group, not per request.
+group. Idle, a request leaves at once as a group of one; busy, groups grow by themselves, so
+gRPC's per-message cost is paid per group, not per request.
 """
 
 import asyncio
