@@ -116,12 +116,15 @@ class _Failed(Exception):
 
 
 class Answers:
-    """The results of one group's items; `done` resolves with them once every one is in."""
+    """The results of one group's items; `done` resolves with them once every one is in, and
+    `fresh()` gives the positions answered since it was last asked, as they come in."""
 
     def __init__(self, count: int) -> None:
         self.results: list[ItemResult | None] = [None] * count
         self.missing = count
         self.done = asyncio.get_running_loop().create_future()
+        self._fresh: list[int] = []
+        self._news: asyncio.Future | None = None
         if not count:
             self.done.set_result(self.results)
 
@@ -131,9 +134,20 @@ class Answers:
             return False
         self.results[index] = result
         self.missing -= 1
+        self._fresh.append(index)
+        if self._news is not None and not self._news.done():
+            self._news.set_result(None)
         if not self.missing and not self.done.done():
             self.done.set_result(self.results)
         return True
+
+    async def fresh(self) -> list[int]:
+        """The positions answered since the last call, waiting for one when there are none."""
+        if not self._fresh:
+            self._news = asyncio.get_running_loop().create_future()
+            await self._news
+        fresh, self._fresh = self._fresh, []
+        return fresh
 
     @property
     def abandoned(self) -> bool:

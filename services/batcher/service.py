@@ -64,7 +64,9 @@ class BatcherSettings:
     version: str
     compute: tuple[str, ...]
     compute_identity: str = "compute"
-    batches_per_replica: int = 1
+    # Two: the next batch waits in the replica's stream while one runs, so compute never
+    # waits for the batcher's turn-around between batches.
+    batches_per_replica: int = 2
     max_queue_bytes: int = 128 << 20  # payload bytes queued + in flight
     failover: FailoverSettings = field(default_factory=FailoverSettings)
     allowed_callers: frozenset[str] = default_callers("batcher")
@@ -127,7 +129,8 @@ class Batcher:
 
     async def handle(self, body: bytes, early: Early | None = None) -> bytes:
         """A serialized InferGroup in, its serialized InferGroupResult out. With `early`, the
-        items refused at once (a full queue, a malformed request) are answered first."""
+        items answered before the rest (refused at once, or in a batch that finished first)
+        go back as they are answered, and the last answer holds the others."""
         try:
             group = InferGroup.FromString(body)
         except DecodeError as error:
@@ -135,15 +138,23 @@ class Batcher:
         if early is None or self._cache is not None:
             return InferGroupResult(results=await self.infer(group.items)).SerializeToString()
         answers = self._submit(group.items)
-        refused = [i for i, result in enumerate(answers.results) if result is not None]
-        if not refused or answers.done.done():
-            return InferGroupResult(results=await answers.done).SerializeToString()
-        await early(InferGroupResult(results=[answers.results[i] for i in refused],
-                                     items=refused).SerializeToString())
-        results = await answers.done
-        first = set(refused)
-        rest = [i for i in range(len(results)) if i not in first]
-        return InferGroupResult(results=[results[i] for i in rest],
+        told: list[int] = []
+        try:
+            while not answers.done.done():
+                fresh = await answers.fresh()
+                if answers.done.done():
+                    break
+                await early(InferGroupResult(results=[answers.results[i] for i in fresh],
+                                             items=fresh).SerializeToString())
+                told += fresh
+        finally:
+            if not answers.done.done():  # the caller left: its queued requests are dropped
+                answers.done.cancel()
+        if not told:
+            return InferGroupResult(results=answers.results).SerializeToString()
+        first = set(told)
+        rest = [i for i in range(len(answers.results)) if i not in first]
+        return InferGroupResult(results=[answers.results[i] for i in rest],
                                 items=rest).SerializeToString()
 
     def _unready(self) -> ServingError:
@@ -280,8 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a compute replica of this model version (repeatable)")
     parser.add_argument("--compute-identity", default="compute",
                         help="identity the compute replicas' certificates must name")
-    parser.add_argument("--batches-per-replica", type=int, default=1,
-                        help="batches in flight per compute replica")
+    parser.add_argument("--batches-per-replica", type=int, default=2,
+                        help="batches in flight per compute replica (2: the next batch waits "
+                             "in the replica's stream while one runs)")
     parser.add_argument("--max-queue-bytes", type=int, default=128 << 20,
                         help="payload bytes queued and in flight; beyond it requests are "
                              "shed, least urgent first")

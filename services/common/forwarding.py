@@ -1,9 +1,10 @@
 """Group forwarding: the internal hop's hot path.
 
-A hop keeps one group in flight per upstream (and version pin) on its long-lived stream.
-While a group is in flight, new requests wait; when it is answered, everything that arrived
-meanwhile leaves as the next group. Idle, a request leaves at once as a group of one; busy,
-groups grow by themselves, so gRPC's per-message cost is paid per group, not per request.
+A hop keeps one group waiting per upstream (and version pin) on its long-lived stream.
+While a group waits for its first answer, new requests wait; when it is answered (wholly, or
+in part as its first batch finishes), everything that arrived meanwhile leaves as the next
+group. Idle, a request leaves at once as a group of one; busy, groups grow by themselves, so
+gRPC's per-message cost is paid per group, not per request.
 """
 
 import asyncio
@@ -165,7 +166,12 @@ def build_group(model_name: str, version: str, parcels: list[list[Entry]], now: 
 
 
 class GroupForwarder:
-    """Coalesces entries for one model into groups, one group in flight per upstream.
+    """Coalesces entries for one model into groups, one group waiting per upstream.
+
+    A group waits from when it is sent until its first answer: its last one, or an early
+    answer to part of it (a batch that finished while others of the group still queue, or
+    refusals). Then the entries that arrived meanwhile leave as the next group, so a model
+    whose batches are slow always has the next requests queued at its batcher.
 
     A group answered early in part with RESOURCE_EXHAUSTED (its batcher's queue is full)
     leaves the forwarder saturated until the group's last answer: entries arriving meanwhile
@@ -187,7 +193,7 @@ class GroupForwarder:
         self._max_group = max_group
         self._max_in_flight = max_in_flight
         self._pending: list[tuple[list[Entry], asyncio.Future]] = []
-        self._in_flight = 0
+        self._in_flight = 0  # groups sent and not answered at all yet
         self.saturated: ItemResult | None = None
         self.waiting = 0
         self.round_trip = 0.0
@@ -199,10 +205,14 @@ class GroupForwarder:
         future = asyncio.get_running_loop().create_future()
         self._pending.append((entries, future))
         self.waiting += len(entries)
-        if self._in_flight < self._max_in_flight:
-            self._in_flight += 1
-            asyncio.get_running_loop().create_task(self._drain())
+        self._next()
         return await future
+
+    def _next(self) -> None:
+        """Start the next group when entries wait and a group may be sent."""
+        if self._pending and self._in_flight < self._max_in_flight:
+            self._in_flight += 1
+            asyncio.get_running_loop().create_task(self._send_next())
 
     def _take(self) -> list[tuple[list[Entry], asyncio.Future]]:
         taken, items = 0, 0
@@ -216,20 +226,28 @@ class GroupForwarder:
         self.waiting -= items
         return parcels
 
-    async def _drain(self) -> None:
-        try:
-            while self._pending:
-                parcels = self._take()
-                try:
-                    await self._send(_Parcels(parcels))
-                except Exception as error:  # noqa: BLE001 — every waiter must hear of it
-                    for _, future in parcels:
-                        if not future.done():
-                            future.set_exception(error)
-        finally:
-            self._in_flight -= 1
+    async def _send_next(self) -> None:
+        """Send what waits now as one group; it frees its place at its first answer."""
+        waiting = True
 
-    async def _send(self, parcels: _Parcels) -> None:
+        def answered() -> None:
+            nonlocal waiting
+            if waiting:
+                waiting = False
+                self._in_flight -= 1
+                self._next()
+
+        parcels = _Parcels(self._take())
+        try:
+            await self._send(parcels, answered)
+        except Exception as error:  # noqa: BLE001 — every waiter must hear of it
+            for _, future in parcels.parcels:
+                if not future.done():
+                    future.set_exception(error)
+        finally:
+            answered()
+
+    async def _send(self, parcels: _Parcels, answered: Callable[[], None]) -> None:
         started = self._clock()
         group, expired, longest = build_group(self._model_name, self._version,
                                               [entries for entries, _ in parcels.parcels],
@@ -240,11 +258,15 @@ class GroupForwarder:
         if not parcels.sent:
             return
 
+        refusal: ItemResult | None = None
+
         def early(partial: InferGroupResult) -> None:
+            nonlocal refusal
             parcels.answer(partial)
             for result in partial.results:
                 if result.code == RESOURCE_EXHAUSTED:
-                    self.saturated = result
+                    self.saturated = refusal = result
+            answered()
 
         code = "OK"
         try:
@@ -257,7 +279,8 @@ class GroupForwarder:
             parcels.answer_all(failure_result(grpc.StatusCode.DEADLINE_EXCEEDED, "",
                                               self._upstream))
         finally:
-            self.saturated = None
+            if refusal is not None and self.saturated is refusal:
+                self.saturated = None
             self.round_trip = self._clock() - started
             if self._observe is not None:
                 self._observe(len(parcels.sent), code)

@@ -7,10 +7,12 @@ and rewrites the id without parsing what the message carries: the router forward
 bytes. On loopback with mutual TLS a message on an open stream costs about half of a unary
 call's CPU, and nothing per call.
 
-Early answers: a hop that refuses some of a group's items at once (a full queue, a malformed
-request) may answer those first, under `partial_group_id` (field 14) and listing their
+Early answers: a hop that answers some of a group's items before the others (refused at once
+for a full queue or a malformed request, or in a batch that finished while others of the group
+still wait) may send those first, under `partial_group_id` (field 14) and listing their
 positions; the last answer, under `group_id`, holds the rest. A refusal then comes back in
-milliseconds instead of waiting for the group's slowest request.
+milliseconds instead of waiting for the group's slowest request, and each batch's requests
+as soon as it is done.
 
 Draining: a server that stops sends each open stream a frame with id 0 and no body (go away);
 the client then writes nothing more on that stream, half-closes it, and opens a new one for

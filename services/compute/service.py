@@ -60,11 +60,14 @@ class ComputeSettings:
     allowed_callers: frozenset[str] = default_callers("compute")
 
 
-# A batch that takes less than this runs on the event loop itself: handing it to the worker
+# A batch that takes less than this runs on the event loop itself. Handing it to the worker
 # thread and back costs 150-300 µs of CPU on 2 cores (two wake-ups and a self-pipe write), a
-# tenth of a quick batch, and the loop would only wait for the worker meanwhile (batches run
-# one at a time). Slower models keep the loop free for health checks on the worker thread.
-INLINE_BELOW_S = 0.01
+# tenth of a quick batch; and with the batcher's next batch already in the stream, the loop
+# would read and check it while the worker runs this one, and the two threads' turns at the
+# GIL stretched the cnn's batches of 4 to 18.7 ms of wall time for 11.5 ms of CPU. The loop
+# answers health checks between batches, so only models whose batches take longer than this
+# keep it free on the worker thread.
+INLINE_BELOW_S = 0.1
 
 
 class Pace:

@@ -1,9 +1,9 @@
 """The edge's bound on a model's waiting requests, so that a burst is refused at once.
 
-Each hop keeps one group in flight per model and version pin; what arrives meanwhile waits
-for the next group. Unbounded, that wait is where a burst queued: the ingress held thousands
-of requests for seconds, and the batcher's full queue refused them only after they had
-crossed the router. So the ingress lets at most the model's `max_queue_size` (its
+Each hop keeps one group waiting for its first answer per model and version pin; what
+arrives meanwhile waits for the next group. Unbounded, that wait is where a burst queued: the
+ingress held thousands of requests for seconds, and the batcher's full queue refused them only
+after they had crossed the router. So the ingress lets at most the model's `max_queue_size` (its
 `dynamic_batching.default_queue_policy`, the bound each batcher keeps as well) requests wait
 per model and pin; an arrival beyond it is refused at once, RESOURCE_EXHAUSTED, with a retry
 hint of the last group's round trip (by then the waiting requests have left).

@@ -62,7 +62,8 @@ class GroupInferenceServicer(object):
     def Stream(self, request_iterator, context):
         """The hot path: groups go out with a `group_id` unique on the stream, and each result
         comes back with its group's id as soon as the group is answered, in any order (items
-        refused at once may come back earlier, under `partial_group_id`). The server ends the
+        refused at once, or answered by a batch that finished first, may come back earlier,
+        under `partial_group_id`). The server ends the
         stream when it drains; a group it did not answer may be sent again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

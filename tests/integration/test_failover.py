@@ -401,8 +401,9 @@ async def test_a_burst_beyond_max_queue_size_is_refused_at_the_ingress(world, pr
 
 async def test_deadlines_reach_compute_and_expired_requests_are_never_computed(world,
                                                                                processes):
-    address = start_batcher(processes, 1, "--stall-timeout=30")
-    # A fills a batch by itself (32 rows), so B (1 row) waits in the queue behind it.
+    # One batch at a time on the replica: A fills a batch by itself (32 rows), so B (1 row)
+    # waits in the queue behind it.
+    address = start_batcher(processes, 1, "--stall-timeout=30", "--batches-per-replica=1")
     first, second = mlp_request(1, rows=32), mlp_request(2)
     group = InferGroup(model_name="mlp", items=[
         GroupItem(request=first, request_id="a", timeout_us=800_000),

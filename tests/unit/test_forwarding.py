@@ -330,11 +330,13 @@ async def test_an_upstream_that_never_answers_in_time_is_a_deadline():
 # --- early answers and saturation -------------------------------------------------------
 
 class EarlyUpstream:
-    """Answers the items named in `refuse` early with RESOURCE_EXHAUSTED, the rest once the
-    call's gate (one per call, in order) is set."""
+    """Answers the items named in `refuse` early with RESOURCE_EXHAUSTED (with
+    `answer_first`, the first item early with its response, as a finished batch), the rest
+    once the call's gate (one per call, in order) is set."""
 
-    def __init__(self, refuse: set[str]) -> None:
+    def __init__(self, refuse: set[str], answer_first: bool = False) -> None:
         self.refuse = refuse
+        self.answer_first = answer_first
         self.groups: list[list[str]] = []
         self.gates = [asyncio.Event(), asyncio.Event(), asyncio.Event()]
         self.calls = asyncio.Queue()
@@ -346,6 +348,10 @@ class EarlyUpstream:
         refused = [i for i, rid in enumerate(ids) if rid in self.refuse]
         if refused and early is not None:
             early(InferGroupResult(items=refused, results=[FULL] * len(refused)))
+        if self.answer_first and len(ids) > 1 and early is not None:
+            early(InferGroupResult(items=[0], results=[
+                ItemResult(response=ModelInferResponse(id=ids[0], model_name="mlp"))]))
+            refused.append(0)
         self.calls.put_nowait(ids)
         await gate.wait()
         rest = [i for i in range(len(ids)) if i not in refused]
@@ -377,3 +383,19 @@ async def test_an_early_refusal_answers_its_request_at_once_and_saturates_until_
     assert forwarder.saturated is None
     fake.gates[2].set()
     assert ids_of(await asyncio.wait_for(forwarder.forward([entry("e")]), 2)) == ["e"]
+
+
+async def test_a_group_answered_in_part_lets_the_next_group_leave():
+    """A batch of the group finished first (an early answer with results): what waits
+    leaves as the next group at once, before the first group's last answer."""
+    fake = EarlyUpstream(refuse=set(), answer_first=True)
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
+    first = asyncio.create_task(forwarder.forward([entry("a"), entry("b")]))
+    assert await asyncio.wait_for(fake.calls.get(), 2) == ["a", "b"]
+    second = asyncio.create_task(forwarder.forward([entry("c")]))
+    assert await asyncio.wait_for(fake.calls.get(), 2) == ["c"]  # group 1 not done yet
+    assert not first.done() and forwarder.saturated is None
+    fake.gates[0].set()
+    fake.gates[1].set()
+    assert ids_of(await asyncio.wait_for(first, 2)) == ["a", "b"]
+    assert ids_of(await asyncio.wait_for(second, 2)) == ["c"]

@@ -1,0 +1,86 @@
+"""A group that spans several batches is answered batch by batch: each batch's requests go
+back as soon as it is done, so the hop that sent the group can send the next one while the
+model still works through the rest."""
+
+import asyncio
+
+from meshserve.batcher.policy import BatchingPolicy, BatchQueue
+from meshserve.batcher.scheduler import Replica, Scheduler
+from meshserve.batcher.service import Batcher
+from meshserve.common.statistics import Statistics
+from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult
+from tests.unit.test_batch import one_input_config, request
+from tests.unit.test_tracing import FakeCompute
+
+
+class GatedCompute(FakeCompute):
+    """Answers each batch once the test lets it: `ran` holds each batch's request ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ran: list[list[str]] = []
+        self.gates: list[asyncio.Event] = []
+        self.arrived = asyncio.Queue()
+
+    async def send(self, body: bytes, timeout=None, resend=True) -> bytes:
+        [item] = InferGroup.FromString(body).items
+        self.ran.append([item.request.id])
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        self.arrived.put_nowait(len(self.gates) - 1)
+        await gate.wait()
+        return await super().send(body, timeout, resend)
+
+
+async def answered_in_parts(max_batch_size: int, rows: list[int]):
+    """The early answers and the last answer of one group of requests with `rows` rows each,
+    batch after batch on a gated compute."""
+    config = one_input_config()
+    config.max_batch_size = max_batch_size
+    compute, statistics = GatedCompute(), Statistics(name="m", version="1")
+    scheduler = Scheduler(BatchQueue(BatchingPolicy.from_config(config), "m"),
+                          [Replica(compute)], config, "1", statistics)
+    batcher = Batcher(scheduler, statistics, config)
+    early: list[InferGroupResult] = []
+    heard = asyncio.Queue()
+
+    async def tell(partial: bytes) -> None:
+        early.append(InferGroupResult.FromString(partial))
+        heard.put_nowait(len(early))
+
+    group = InferGroup(model_name="m", items=[
+        GroupItem(request=request(f"r{i}", n, base=10 * i)) for i, n in enumerate(rows)])
+    loop = asyncio.create_task(scheduler.run())
+    try:
+        handled = asyncio.create_task(batcher.handle(group.SerializeToString(), tell))
+        while not handled.done():
+            batch = await asyncio.wait_for(compute.arrived.get(), 2)
+            compute.gates[batch].set()  # the batches after it still wait their turn
+            told = asyncio.create_task(heard.get())
+            await asyncio.wait([told, handled], timeout=2, return_when="FIRST_COMPLETED")
+            if not told.done():
+                told.cancel()
+            else:
+                assert told.result() == batch + 1  # this batch's answer, at once
+        last = InferGroupResult.FromString(await asyncio.wait_for(handled, 2))
+    finally:
+        loop.cancel()
+        await scheduler.close()
+    return early, last, compute
+
+
+async def test_each_batch_of_a_group_is_answered_as_soon_as_it_is_done():
+    early, last, compute = await answered_in_parts(2, [2, 1, 2])
+    assert compute.ran == [["r0"], ["r1"], ["r2"]]  # 1 + 2 rows exceed max_batch_size 2
+    assert [list(partial.items) for partial in early] == [[0], [1]]
+    assert list(last.items) == [2]
+    shapes = [list(r.response.outputs[0].shape) for p in (*early, last) for r in p.results]
+    assert shapes == [[2, 2], [1, 2], [2, 2]]
+    assert all(r.code == 0 for p in (*early, last) for r in p.results)
+
+
+async def test_a_group_answered_by_one_batch_comes_back_in_one_answer():
+    early, last, compute = await answered_in_parts(8, [2, 1, 3])
+    assert early == []
+    assert not last.items and len(last.results) == 3  # every item, in order
+    assert [list(r.response.outputs[0].shape) for r in last.results] == [[2, 2], [1, 2], [3, 2]]
