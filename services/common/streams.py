@@ -72,6 +72,21 @@ Early = Callable[[bytes], Awaitable[None]]
 # A group its stream never answered is sent once more: the peer went away (UNAVAILABLE), or
 # gRPC cancelled the stream as the peer began to shut down (CANCELLED).
 RESEND_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+# The status gRPC's asyncio client gives a call, in place of the one the call would have ended
+# with, when one of its operations fails in gRPC's core: as a write does when the connection
+# under the stream breaks (its peer was killed).
+LOCAL_FAILURE = (grpc.StatusCode.INTERNAL, "Internal error from Core")
+
+
+def broken(code: grpc.StatusCode, details: str, upstream: str) -> StreamBroken:
+    """Why a stream to `upstream` ended, from its status: OK counts as UNAVAILABLE (the server
+    went away in good order), and so does gRPC's local failure (the connection broke)."""
+    if code == grpc.StatusCode.OK:
+        return StreamBroken(grpc.StatusCode.UNAVAILABLE, details or f"{upstream} ended the stream")
+    if (code, details) == LOCAL_FAILURE:
+        return StreamBroken(grpc.StatusCode.UNAVAILABLE,
+                            f"the stream to {upstream} broke ({details})")
+    return StreamBroken(code, details or code.name)
 
 
 def _time_out(future: asyncio.Future) -> None:
@@ -191,7 +206,7 @@ class GroupStream:
                                       self.upstream)
             error = await self._ended(call)
         except grpc.aio.AioRpcError as failure:
-            error = StreamBroken(failure.code(), failure.details() or failure.code().name)
+            error = broken(failure.code(), failure.details(), self.upstream)
         except ValueError as malformed:
             error = StreamBroken(grpc.StatusCode.INTERNAL,
                                  f"{self.upstream} sent a malformed message: {malformed}")
@@ -207,12 +222,8 @@ class GroupStream:
                     future.set_exception(error)
 
     async def _ended(self, call: grpc.aio.StreamStreamCall) -> StreamBroken:
-        """Why `call` ended (it answered nothing more): its status, OK counting as
-        UNAVAILABLE (the server went away in good order)."""
-        code = await call.code()
-        details = await call.details()
-        return StreamBroken(grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.OK
-                            else code, details or f"{self.upstream} ended the stream")
+        """Why `call` ended (it answered nothing more)."""
+        return broken(await call.code(), await call.details(), self.upstream)
 
     def _forget(self, current: _Call) -> None:
         """Write nothing more on `current`."""

@@ -9,8 +9,10 @@ import pytest
 from meshserve.common.errors import InvalidArgument
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.streams import (
+    LOCAL_FAILURE,
     GroupStream,
     StreamBroken,
+    broken,
     frame,
     group_handler,
     start_stream,
@@ -28,6 +30,24 @@ def test_a_frame_is_its_id_then_its_body_and_parses_as_the_message():
     assert unframe(message) == (7, body, False)
     assert InferGroup.FromString(message) == InferGroup(model_name="mlp", version="2",
                                                         group_id=7)
+
+
+@pytest.mark.parametrize("code, details, expected", [
+    pytest.param(grpc.StatusCode.OK, "", (grpc.StatusCode.UNAVAILABLE,
+                                          "batcher:1 ended the stream"), id="ended-in-order"),
+    pytest.param(*LOCAL_FAILURE, (grpc.StatusCode.UNAVAILABLE,
+                                  "the stream to batcher:1 broke (Internal error from Core)"),
+                 id="broke-under-a-write"),
+    pytest.param(grpc.StatusCode.INTERNAL, "model exploded",
+                 (grpc.StatusCode.INTERNAL, "model exploded"), id="the-peer's-internal"),
+    pytest.param(grpc.StatusCode.PERMISSION_DENIED, "",
+                 (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"), id="no-details"),
+])
+def test_why_a_stream_ended(code, details, expected):
+    """A stream that broke under a write (gRPC's local failure in place of its status) counts
+    as UNAVAILABLE, so its groups go once more on a fresh stream; a peer's own INTERNAL stays."""
+    error = broken(code, details, "batcher:1")
+    assert (error.code, error.details) == expected
 
 
 def test_a_partial_answer_is_framed_under_partial_group_id():
