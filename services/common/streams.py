@@ -97,8 +97,9 @@ def _time_out(future: asyncio.Future) -> None:
 class _Call:
     """One open stream and the groups waiting for its answers."""
 
-    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+    def __init__(self, call: grpc.aio.StreamStreamCall, opened: float) -> None:
         self.call = call
+        self.opened = opened  # the event loop's time
         self.pending: dict[int, tuple[asyncio.Future, Early | None]] = {}
         self.writing = asyncio.Lock()  # one write at a time on a call
         self.retiring = False  # told to go away: nothing more is written on it
@@ -110,12 +111,17 @@ class GroupStream:
     """The client side of one long-lived stream; opened on first use and again after it ends.
 
     `open_stream()` starts the call (a multicallable of `GroupInference/Stream` with no
-    serializers, its metadata bound); `upstream` names the peer in errors.
+    serializers, its metadata bound); `upstream` names the peer in errors. With `max_age`
+    (seconds), the first group after a stream has been open that long opens a new one, and
+    the old one finishes its groups: where a load balancer places each new stream, placements
+    made while a peer was down or starting do not last.
     """
 
-    def __init__(self, open_stream: OpenStream, upstream: str) -> None:
+    def __init__(self, open_stream: OpenStream, upstream: str,
+                 max_age: float | None = None) -> None:
         self._open = open_stream
         self.upstream = upstream
+        self._max_age = max_age
         self._ids = itertools.count(1)
         self._current: _Call | None = None
         self._all: set[_Call] = set()
@@ -126,8 +132,12 @@ class GroupStream:
 
     def _call(self) -> _Call:
         current = self._current
+        now = asyncio.get_running_loop().time()
+        if (current is not None and self._max_age is not None
+                and now - current.opened >= self._max_age):
+            self._retire(current)
         if current is None or current.retiring:
-            current = self._current = _Call(self._open())
+            current = self._current = _Call(self._open(), now)
             self._all.add(current)
             current.reader = asyncio.get_running_loop().create_task(self._read(current))
         return current

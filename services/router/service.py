@@ -84,7 +84,8 @@ class ModelRoute:
     """One model reached through the mesh: `xds:///<model>`, steered by the control plane.
 
     Each version has its long-lived streams, opened with the version's pin header (so gRPC's
-    xDS client picks one of the version's batchers), one per batcher endpoint; an unpinned
+    xDS client picks one of the version's batchers), one per batcher endpoint, each opened
+    anew every STREAM_MAX_AGE_S; an unpinned
     group goes to a version picked by the route's weights (see `meshserve.router.split`).
     """
 
@@ -147,7 +148,8 @@ class ModelRoute:
         while len(streams) < wanted:
             metadata = self.pin(version)
             streams.append(GroupStream(lambda m=metadata: start_stream(self.channel, m),
-                                       f"batcher of {self.model}@{version}"))
+                                       f"batcher of {self.model}@{version}",
+                                       max_age=STREAM_MAX_AGE_S))
         return streams[next(self._turns) % wanted]
 
     async def send(self, group: InferGroup, body: bytes, early: Early | None = None) -> bytes:
@@ -198,6 +200,10 @@ class Failed(Exception):
 # Right after start, how long a group waits for the control plane's first route.
 SPLIT_WAIT_S = 5.0
 SPLIT_POLL_S = 0.005
+# gRPC's round robin places each stream on a batcher that is ready when the stream opens; one
+# opened while a batcher was starting or restarting lands on another, so each stream is opened
+# anew after this long and the load spreads again over every batcher.
+STREAM_MAX_AGE_S = 10.0
 
 
 class Router:

@@ -108,10 +108,10 @@ async def serve(server_tls: TlsFiles, echo: Echo, port: int = 0) -> Service:
 class Client:
     """A GroupStream to `port` that counts the streams it opened."""
 
-    def __init__(self, client_tls: TlsFiles, port: int) -> None:
+    def __init__(self, client_tls: TlsFiles, port: int, max_age: float | None = None) -> None:
         self.channel = secure_channel(f"127.0.0.1:{port}", client_tls, "batcher")
         self.opened = 0
-        self.stream = GroupStream(self._open, "echo")
+        self.stream = GroupStream(self._open, "echo", max_age=max_age)
 
     def _open(self):
         self.opened += 1
@@ -136,6 +136,23 @@ async def test_groups_in_flight_together_are_answered_in_any_order_on_one_stream
         echo.gates[b"first"].set()
         assert await asyncio.wait_for(first, 10) == b"tsrif"
         assert client.opened == 1
+    finally:
+        await client.close()
+        await service.stop(0)
+
+
+async def test_a_stream_past_its_max_age_is_replaced_and_still_answers_its_groups(tls):
+    echo = Echo()
+    echo.gates[b"slow"] = asyncio.Event()
+    service = await serve(tls[0], echo)
+    client = Client(tls[1], service.port, max_age=0.0)
+    try:
+        slow = asyncio.create_task(client.stream.send(b"slow"))
+        await until(lambda: b"slow" in echo.seen, 10, "the server reading the group")
+        assert await asyncio.wait_for(client.stream.send(b"next"), 10) == b"txen"
+        assert client.opened == 2
+        echo.gates[b"slow"].set()
+        assert await asyncio.wait_for(slow, 10) == b"wols"
     finally:
         await client.close()
         await service.stop(0)
