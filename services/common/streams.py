@@ -131,15 +131,15 @@ class GroupStream:
         return sum(len(c.pending) for c in self._all)
 
     def _call(self) -> _Call:
+        loop = asyncio.get_running_loop()
         current = self._current
-        now = asyncio.get_running_loop().time()
         if (current is not None and self._max_age is not None
-                and now - current.opened >= self._max_age):
+                and loop.time() - current.opened >= self._max_age):
             self._retire(current)
         if current is None or current.retiring:
-            current = self._current = _Call(self._open(), now)
+            current = self._current = _Call(self._open(), loop.time())
             self._all.add(current)
-            current.reader = asyncio.get_running_loop().create_task(self._read(current))
+            current.reader = loop.create_task(self._read(current))
         return current
 
     async def send(self, body: bytes, timeout: float | None = None, *,
@@ -152,8 +152,8 @@ class GroupStream:
         deadline = None if timeout is None else loop.time() + timeout
         try:
             return await self._send_once(body, timeout, early)
-        except StreamBroken as broken:
-            if not resend or broken.code not in RESEND_ON:
+        except StreamBroken as ended:
+            if not resend or ended.code not in RESEND_ON:
                 raise
             left = None if deadline is None else deadline - loop.time()
             if left is not None and left <= 0:

@@ -85,8 +85,8 @@ class ModelRoute:
 
     Each version has its long-lived streams, opened with the version's pin header (so gRPC's
     xDS client picks one of the version's batchers), one per batcher endpoint, each opened
-    anew every STREAM_MAX_AGE_S; an unpinned
-    group goes to a version picked by the route's weights (see `meshserve.router.split`).
+    anew every STREAM_MAX_AGE_S; an unpinned group goes to a version picked by the route's
+    weights (see `meshserve.router.split`).
     """
 
     def __init__(self, model: str, tls: TlsFiles, batcher_identity: str, splits: MeshSplits,
