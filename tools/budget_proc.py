@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from meshserve.common import grpc_engine
 from meshserve.tools.budget import (
     PROCESS_KINDS,
     Sample,
@@ -197,13 +198,14 @@ class MeshUp:
 
 def start_server(argv: list[str], port_file: Path, log: Path,
                  what: str) -> tuple[subprocess.Popen, int]:
-    """`python argv...` in a session of its own, once it has written its port to
-    `port_file` (at most 30 s); its output goes to `log`."""
+    """`python argv...` in a session of its own, on the services' gRPC engine, once it has
+    written its port to `port_file` (at most 30 s); its output goes to `log`."""
     port_file.unlink(missing_ok=True)
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, *argv], stdout=out,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+                                   start_new_session=True,
+                                   env=grpc_engine.use(dict(os.environ)))
     deadline = time.monotonic() + 30
     while not port_file.exists():  # written whole, by a rename
         if process.poll() is not None or time.monotonic() > deadline:

@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from meshserve.common import grpc_engine
+
 SERVICES = {
     "ingress": "meshserve.ingress.service",
     "router": "meshserve.router.service",
@@ -58,6 +60,7 @@ def parser_for(command: str | None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SERVICES:
+        grpc_engine.use()  # before the service imports grpc
         return importlib.import_module(SERVICES[argv[0]]).main(argv[1:])
     args = parser_for(argv[0] if argv else None).parse_args(argv)
     return args.func(args)
