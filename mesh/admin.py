@@ -244,6 +244,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         visible = self._authorize(context, "WatchReadiness", request)
         if self._readiness is None:
             raise FailedPrecondition("this control plane does not follow batchers' health")
+        await self._readiness.known()
         last = None
         while True:
             changed = self._readiness.changes.event

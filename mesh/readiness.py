@@ -23,6 +23,9 @@ from meshserve.protocol.health_pb2_grpc import HealthStub
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 RETRY_S = 0.5  # between attempts to watch a batcher that cannot be reached
+# How long a control plane that has just started holds its first table back while it learns
+# its batchers' health (an unreachable batcher's first failed attempt counts as learnt).
+FIRST_TABLE_WAIT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -75,12 +78,17 @@ class BatcherHealth:
         for address in list(self._watches):
             if address not in wanted:
                 self._watches.pop(address).cancel()
-                self._set(address, False)
+                self.report(address, False)
         for address in wanted - set(self._watches):
             self._watches[address] = asyncio.get_running_loop().create_task(
                 self._watch(address))
 
-    def _set(self, address: str, serving: bool) -> None:
+    def knows(self, addresses: Iterable[str]) -> bool:
+        """Whether each of these batchers has answered, or failed to, at least once."""
+        return all(address in self.serving for address in addresses)
+
+    def report(self, address: str, serving: bool) -> None:
+        """What watching `address` learnt."""
         if self.serving.get(address) != serving:
             self.serving[address] = serving
             self._changes.notify()
@@ -90,8 +98,8 @@ class BatcherHealth:
             await follow_stream(
                 ReloadingChannel(address, self._tls, self._identity),
                 lambda channel: HealthStub(channel).Watch(health_pb2.HealthCheckRequest()),
-                lambda reply: self._set(address, reply.status == SERVING),
-                lambda: self._set(address, False), RETRY_S)
+                lambda reply: self.report(address, reply.status == SERVING),
+                lambda: self.report(address, False), RETRY_S)
         finally:
             self.serving.pop(address, None)
 
@@ -115,6 +123,20 @@ class Readiness:
 
     def table(self) -> tuple[VersionState, ...]:
         return table(self._store.policies(), self._store.endpoints(), self.health.serving)
+
+    async def known(self, timeout: float = FIRST_TABLE_WAIT_S) -> None:
+        """Return once the health of every registered batcher is known, or after `timeout`:
+        until then a control plane that has just started would report as not ready every
+        version it has not asked yet, and each ingress would refuse their requests."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout
+        while True:
+            event = self.changes.event
+            left = give_up - loop.time()
+            if left <= 0 or self.health.knows(e.address for e in self._store.endpoints()):
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), left)
 
     async def follow(self) -> None:
         """Watch the registered batchers, again whenever the state changes."""

@@ -1,11 +1,16 @@
 """Readiness of model versions: the control plane's table, and what the ingress makes of it."""
 
+import asyncio
+from pathlib import Path
+
 import pytest
 
 from meshserve.common.errors import Unavailable
+from meshserve.common.tls import TlsFiles
 from meshserve.ingress.readiness import ANY, STRICT, Readiness
+from meshserve.mesh import readiness as mesh_readiness
 from meshserve.mesh.policy import Endpoint, TrafficPolicy
-from meshserve.mesh.readiness import VersionState, table
+from meshserve.mesh.readiness import Changes, VersionState, table
 from meshserve.protocol import admin_pb2
 
 POLICIES = {"mlp": TrafficPolicy("mlp", {"1": 90, "2": 10, "10": 0}),
@@ -26,6 +31,49 @@ def test_a_version_with_neither_traffic_nor_a_batcher_is_left_out():
     names = [(v.model, v.version) for v in table(POLICIES, ENDPOINTS, {})]
     assert ("mlp", "10") not in names and ("cnn", "1") not in names
     assert ("mlp", "2") in names  # weight 10, even with its batcher down
+
+
+class Store:
+    """What the control plane's readiness reads of the mesh's state."""
+
+    def __init__(self, endpoints) -> None:
+        self._endpoints = endpoints
+
+    def policies(self):
+        return POLICIES
+
+    def endpoints(self):
+        return self._endpoints
+
+
+def fresh_control_plane() -> mesh_readiness.Readiness:
+    """The readiness of a control plane that has just started: no batcher has answered yet
+    (nothing here connects to one; their answers are reported by hand)."""
+    return mesh_readiness.Readiness(Store(ENDPOINTS[:4]), Changes(),
+                                    TlsFiles.for_identity(Path("unused"), "control-plane"),
+                                    "batcher")
+
+
+async def test_a_fresh_control_plane_waits_to_know_every_batchers_health():
+    state = fresh_control_plane()
+    waiting = asyncio.create_task(state.known(timeout=60))
+    for address, serving in (("a:1", False), ("b:1", True), ("c:1", False)):
+        state.health.report(address, serving)
+        for _ in range(10):  # turns enough for the waiting task to see it ("d:1" unknown)
+            await asyncio.sleep(0)
+        assert not waiting.done()
+    state.health.report("d:1", True)
+    await asyncio.wait_for(waiting, 10)
+    assert state.table() == (VersionState("cnn", "2", 100, True),
+                             VersionState("mlp", "1", 90, True),
+                             VersionState("mlp", "2", 10, False))
+
+
+async def test_a_batcher_that_never_answers_holds_the_first_table_back_only_so_long():
+    state = fresh_control_plane()
+    state.health.report("a:1", True)
+    await asyncio.wait_for(state.known(timeout=0.05), 10)
+    assert [v.ready for v in state.table()] == [False, True, False]  # only "a:1" answered
 
 
 def readiness(rule: str, ready: dict[tuple[str, str], bool]) -> Readiness:
