@@ -31,6 +31,7 @@ from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.tools.certs import init_certs
 from meshserve.tools.demo_models import MAX_QUEUE_SIZE, build_model
 from meshserve.tools.demo_repository import write_demo_repository
+from tests.polling import until
 
 START_TIMEOUT = 90.0
 
@@ -167,24 +168,29 @@ async def wait_ready(stub: GRPCInferenceServiceStub, processes: Processes) -> No
 
 
 async def run_load(stub: GRPCInferenceServiceStub, requests: int, workers: int,
-                   seed: int = 0, during=None) -> list[str]:
+                   seed: int = 0, during=None,
+                   outstanding: dict[int, float] | None = None) -> list[str]:
     """`requests` ModelInfer calls from `workers` concurrent callers (bounded in count and
-    each by a 30 s deadline); `during(done)` is awaited once after each answer. Returns the
+    each by a 30 s deadline); `during(done)` is awaited once after each answer, and
+    `outstanding`, when given, holds when each unanswered request was sent. Returns the
     failures as text (empty: every answer matched a local forward pass)."""
     failures: list[str] = []
     next_seed = iter(range(seed, seed + requests))
     done = 0
+    sent = {} if outstanding is None else outstanding
 
     async def worker() -> None:
         nonlocal done
         for number in next_seed:
             request = mlp_request(number)
+            sent[number] = time.monotonic()
             try:
                 response = await stub.ModelInfer(request, timeout=30)
                 if not numpy.allclose(output_of(response), expected_output(request), atol=1e-5):
                     failures.append(f"request {number}: wrong output")
             except grpc.aio.AioRpcError as error:
                 failures.append(f"request {number}: {error.code().name} {error.details()}")
+            del sent[number]
             done += 1
             if during is not None:
                 await during(done)
@@ -214,9 +220,15 @@ def batches_sent(processes: Processes) -> float:
     return sample(processes.metrics("batcher"), "nv_inference_exec_count") or 0.0
 
 
+# A request unanswered this long is held by the stopped replica (a batch takes milliseconds;
+# the stall timeout is at least 1 s).
+HELD_S = 0.3
+
+
 async def test_killed_compute_replica_is_ejected_and_its_batch_retried(world, processes):
-    # Ejected at its first failure: the batch it held fails at once, before the replica's
-    # health Watch can take it out of rotation first.
+    # Ejected at its first failure: the batch it holds when it dies fails at once. The replica
+    # is stopped first and killed once it surely holds a batch; killed while idle, its health
+    # Watch would take it out of rotation instead, with no batch to fail.
     address = start_batcher(processes, 2, "--eject-after=1")
     dead = processes.address("compute-0")
     async with secure_channel(address, tls_of(world, "router"), "batcher") as channel:
@@ -224,12 +236,25 @@ async def test_killed_compute_replica_is_ejected_and_its_batch_retried(world, pr
         await wait_ready(stub, processes)
         assert await run_load(stub, 100, 4) == []  # warm: both replicas in use
         assert computed(processes, "compute-0") > 0 and computed(processes, "compute-1") > 0
+        outstanding: dict[int, float] = {}
+        stopped = asyncio.Event()
 
-        async def kill_once(done: int) -> None:
-            if done == 50 and processes.children["compute-0"].poll() is None:
-                processes.signal("compute-0", signal.SIGKILL)
+        async def stop_once(done: int) -> None:
+            if done == 50 and not stopped.is_set():
+                processes.signal("compute-0", signal.SIGSTOP)
+                stopped.set()
 
-        failures = await run_load(stub, 400, 8, seed=1000, during=kill_once)
+        async def kill_once_it_holds_a_batch() -> None:
+            await stopped.wait()
+            await until(lambda: any(time.monotonic() - at > HELD_S
+                                    for at in list(outstanding.values())),
+                        10.0, "a batch held by the stopped compute-0")
+            processes.signal("compute-0", signal.SIGKILL)
+
+        killer = asyncio.create_task(kill_once_it_holds_a_batch())
+        failures = await run_load(stub, 400, 8, seed=1000, during=stop_once,
+                                  outstanding=outstanding)
+        await killer
     assert processes.children["compute-0"].wait(10) == -signal.SIGKILL
     assert failures == []
     text = processes.metrics("batcher")
