@@ -8,9 +8,9 @@ import pytest
 from meshserve.common.errors import Unavailable
 from meshserve.common.tls import TlsFiles
 from meshserve.ingress.readiness import ANY, STRICT, Readiness
-from meshserve.mesh import readiness as mesh_readiness
 from meshserve.mesh.policy import Endpoint, TrafficPolicy
 from meshserve.mesh.readiness import Changes, VersionState, table
+from meshserve.mesh.readiness import Readiness as ControlPlaneReadiness
 from meshserve.protocol import admin_pb2
 
 POLICIES = {"mlp": TrafficPolicy("mlp", {"1": 90, "2": 10, "10": 0}),
@@ -46,12 +46,12 @@ class Store:
         return self._endpoints
 
 
-def fresh_control_plane() -> mesh_readiness.Readiness:
+def fresh_control_plane() -> ControlPlaneReadiness:
     """The readiness of a control plane that has just started: no batcher has answered yet
     (nothing here connects to one; their answers are reported by hand)."""
-    return mesh_readiness.Readiness(Store(ENDPOINTS[:4]), Changes(),
-                                    TlsFiles.for_identity(Path("unused"), "control-plane"),
-                                    "batcher")
+    return ControlPlaneReadiness(Store(ENDPOINTS[:4]), Changes(),
+                                 TlsFiles.for_identity(Path("unused"), "control-plane"),
+                                 "batcher")
 
 
 async def test_a_fresh_control_plane_waits_to_know_every_batchers_health():
