@@ -22,7 +22,15 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
@@ -33,10 +41,14 @@ SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, float("inf"))
 
 
 class Metrics:
-    """A service's metrics: its own registry (never prometheus_client's global one)."""
+    """A service's metrics: its own registry (never prometheus_client's global one), with the
+    process's CPU, memory and file descriptors (`process_*`) and its garbage collections by
+    generation (`python_gc_*`), read at each scrape."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
 
     def counter(self, name: str, documentation: str, labels: Iterable[str] = ()) -> Counter:
         return Counter(name, documentation, list(labels), registry=self.registry)

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import uvloop
 
+from meshserve.common import heap
 from meshserve.common.logs import DEFAULT_ACCESS_LOG_SAMPLE, formatter, sample_fraction
 from meshserve.common.metrics import Metrics, MetricsEndpoint, serve_metrics
 from meshserve.common.probes import Heartbeat, ProbeEndpoint, serve_probes
@@ -122,6 +123,7 @@ def serve(build: Callable[[], Awaitable[Service]], port_file: Path | None,
             write_port_file(probes.port_file, prober.port)
             log.info("probes on port %d (/livez, /readyz)", prober.port)
         port = await service.start()
+        heap.settle()
         write_port_file(port_file, port)
         log.info("serving on port %d", port)
         exporter = None
