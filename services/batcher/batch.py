@@ -15,7 +15,11 @@ from meshserve.protocol.model_config_pb2 import ModelConfig
 def batch_key(request: ModelInferRequest, batched: bool) -> tuple:
     """Requests share a batch only when their inputs agree on everything but the batch size."""
     start = 1 if batched else 0
-    return tuple(sorted((t.name, t.datatype, tuple(t.shape[start:])) for t in request.inputs))
+    inputs = request.inputs
+    if len(inputs) == 1:  # most models: nothing to sort
+        tensor = inputs[0]
+        return ((tensor.name, tensor.datatype, tuple(tensor.shape[start:])),)
+    return tuple(sorted((t.name, t.datatype, tuple(t.shape[start:])) for t in inputs))
 
 
 def rows_of(request: ModelInferRequest, batched: bool) -> int:
@@ -32,13 +36,19 @@ def merge(requests: Sequence[ModelInferRequest], rows: Sequence[int], config: Mo
         single.model_version = version
         return single
     total = sum(rows)
-    positions = [{t.name: i for i, t in enumerate(r.inputs)} for r in requests]
     batch = ModelInferRequest(model_name=first.model_name, model_version=version)
-    for tensor in first.inputs:
+    if len(first.inputs) == 1:  # one input, so every request's is its first (same key)
+        tensor = first.inputs[0]
         joined = batch.inputs.add(name=tensor.name, datatype=tensor.datatype)
         joined.shape.extend([total, *tensor.shape[1:]])
-        batch.raw_input_contents.append(b"".join(
-            r.raw_input_contents[p[tensor.name]] for r, p in zip(requests, positions)))
+        batch.raw_input_contents.append(b"".join(r.raw_input_contents[0] for r in requests))
+    else:
+        positions = [{t.name: i for i, t in enumerate(r.inputs)} for r in requests]
+        for tensor in first.inputs:
+            joined = batch.inputs.add(name=tensor.name, datatype=tensor.datatype)
+            joined.shape.extend([total, *tensor.shape[1:]])
+            batch.raw_input_contents.append(b"".join(
+                r.raw_input_contents[p[tensor.name]] for r, p in zip(requests, positions)))
     wanted = requested_outputs(requests)
     for name in wanted:
         batch.outputs.add(name=name)
@@ -62,16 +72,19 @@ def split(batch: ModelInferResponse, requests: Sequence[ModelInferRequest],
     if len(batch.raw_output_contents) != len(batch.outputs):
         raise Internal("compute answered without raw_output_contents for every output")
     total = sum(rows)
-    answers = [ModelInferResponse(model_name=r.model_name, model_version=batch.model_version,
-                                  id=r.id) for r in requests]
-    wanted = [{o.name for o in r.outputs} for r in requests]
+    version = batch.model_version
+    answers = [ModelInferResponse(model_name=r.model_name, model_version=version, id=r.id)
+               for r in requests]
+    # The outputs each request named (None: all of them).
+    wanted = [{o.name for o in r.outputs} if r.outputs else None for r in requests]
     for tensor, raw in zip(batch.outputs, batch.raw_output_contents):
+        name, datatype = tensor.name, tensor.datatype
         tail = list(tensor.shape[1:])
-        pieces = _row_slices(raw, tensor.datatype, total, rows, element_count(tail))
+        pieces = _row_slices(raw, datatype, total, rows, element_count(tail))
         for answer, names, count, piece in zip(answers, wanted, rows, pieces):
-            if names and tensor.name not in names:
+            if names is not None and name not in names:
                 continue
-            out = answer.outputs.add(name=tensor.name, datatype=tensor.datatype)
+            out = answer.outputs.add(name=name, datatype=datatype)
             out.shape.extend([count, *tail] if len(requests) > 1 else tensor.shape)
             answer.raw_output_contents.append(piece)
     return answers

@@ -164,9 +164,10 @@ class BatchQueue:
         level = self.policy.level_of(entry.priority)
         victims = self._victims(level, entry.size, retry_after)
         shed = [Shed(victim, self._shed_error(retry_after())) for victim in victims]
-        for victim in victims:  # the newest first: each is the last of its level
-            self._levels[victim.priority - 1].pop()
-        self._forget(victims)
+        if victims:
+            for victim in victims:  # the newest first: each is the last of its level
+                self._levels[victim.priority - 1].pop()
+            self._forget(victims)
         timeout_us = self.policy.default_timeout_us
         if timeout_us > 0:
             entry.deadline = _earliest(entry.deadline, entry.enqueued + timeout_us / _US_PER_S)
@@ -276,6 +277,8 @@ class BatchQueue:
                             f"max_queue_bytes {max_bytes}", "bytes", retry_after())
         count, held = self._count, self._bytes
         victims: list[Pending] = []
+        if (max_count <= 0 or count < max_count) and (max_bytes <= 0 or held + size <= max_bytes):
+            return victims  # room as it is: the common case
         candidates = (entry for queued in reversed(self._levels[level:])
                       for entry in reversed(queued))
         while True:

@@ -58,10 +58,20 @@ class Schema:
                       for t in config.input
                       if all(d > 0 for d in t.dims)
                       and WIRE_FROM_CONFIG[t.data_type] in ELEMENT_SIZE}
+        # A model of one input of fixed dims (most models): (name, datatype, its `fixed`).
+        self.sole = None
+        if len(self.inputs) == 1 and not config.input[0].optional:
+            [(name, (datatype, _))] = self.inputs.items()
+            if name in self.fixed:
+                self.sole = (name, datatype, self.fixed[name])
 
     def validate(self, request: ModelInferRequest) -> int:
         """Raise InvalidArgument naming the field and the expected value, or return the
         request's payload bytes. May rewrite typed `contents` into `raw_input_contents`."""
+        size = self._sole_input(request)
+        if size is not None:
+            self._check_outputs(request)
+            return size
         model = self.model
         if not request.inputs:
             raise InvalidArgument(f"request has no inputs; model '{model}' expects "
@@ -120,15 +130,34 @@ class Schema:
             if missing:
                 raise InvalidArgument(f"missing input '{missing[0]}' (model '{model}' expects "
                                       f"{self.input_names})")
-        for wanted in request.outputs:
-            if wanted.name not in self.outputs:
-                raise InvalidArgument(
-                    f"unknown output '{wanted.name}' requested (model '{model}' outputs: "
-                    f"{', '.join(t.name for t in self.config.output)})")
+        self._check_outputs(request)
         if not raw:
             _typed_to_raw(request)
             size = sum(len(data) for data in request.raw_input_contents)
         return size
+
+    def _sole_input(self, request: ModelInferRequest) -> int | None:
+        """The payload bytes of a well-formed request to a model of one fixed-size input, its
+        bytes raw: the common case, checked in a few comparisons (None: check the long way)."""
+        if self.sole is None:
+            return None
+        inputs, raw = request.inputs, request.raw_input_contents
+        if len(inputs) != 1 or len(raw) != 1:
+            return None
+        tensor = inputs[0]
+        name, datatype, known = self.sole
+        if (tensor.name != name or tensor.datatype != datatype
+                or not self._well_formed(tuple(tensor.shape), known, raw[0])
+                or tensor.HasField("contents")):
+            return None
+        return len(raw[0])
+
+    def _check_outputs(self, request: ModelInferRequest) -> None:
+        for wanted in request.outputs:
+            if wanted.name not in self.outputs:
+                raise InvalidArgument(
+                    f"unknown output '{wanted.name}' requested (model '{self.model}' outputs: "
+                    f"{', '.join(t.name for t in self.config.output)})")
 
     def _well_formed(self, shape: tuple[int, ...], known: tuple[tuple[int, ...], int],
                      data: bytes) -> bool:
