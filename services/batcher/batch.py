@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from meshserve.common.datatypes import ELEMENT_SIZE, element_count, split_bytes_rows
 from meshserve.common.errors import Internal, InvalidArgument
+from meshserve.protocol.groups_pb2 import ItemResult
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
 from meshserve.protocol.model_config_pb2 import ModelConfig
 
@@ -67,14 +68,18 @@ def requested_outputs(requests: Sequence[ModelInferRequest]) -> list[str]:
 
 
 def split(batch: ModelInferResponse, requests: Sequence[ModelInferRequest],
-          rows: Sequence[int]) -> list[ModelInferResponse]:
-    """One response per request, holding its rows of the outputs it asked for."""
+          rows: Sequence[int]) -> list[ItemResult]:
+    """One result per request, its response holding its rows of the outputs it asked for
+    (built inside the result, so that nothing is copied to answer it)."""
     if len(batch.raw_output_contents) != len(batch.outputs):
         raise Internal("compute answered without raw_output_contents for every output")
     total = sum(rows)
     version = batch.model_version
-    answers = [ModelInferResponse(model_name=r.model_name, model_version=version, id=r.id)
-               for r in requests]
+    results = [ItemResult() for _ in requests]
+    answers = [result.response for result in results]
+    for answer, request in zip(answers, requests):
+        answer.model_name, answer.model_version, answer.id = (request.model_name, version,
+                                                              request.id)
     # The outputs each request named (None: all of them).
     wanted = [{o.name for o in r.outputs} if r.outputs else None for r in requests]
     for tensor, raw in zip(batch.outputs, batch.raw_output_contents):
@@ -87,7 +92,7 @@ def split(batch: ModelInferResponse, requests: Sequence[ModelInferRequest],
             out = answer.outputs.add(name=name, datatype=datatype)
             out.shape.extend([count, *tail] if len(requests) > 1 else tensor.shape)
             answer.raw_output_contents.append(piece)
-    return answers
+    return results
 
 
 def _row_slices(raw: bytes, datatype: str, total: int, rows: Sequence[int],

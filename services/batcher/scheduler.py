@@ -365,8 +365,8 @@ class Scheduler:
                 params["compute_output_ns"].int64_param)
             if self._metrics is not None:
                 self._metrics.batch(rows, len(entries), infer_ns)
-            for entry, response in zip(entries, split(answer, requests, counts)):
-                self._answer(entry, ItemResult(response=response), dispatched)
+            for entry, result in zip(entries, split(answer, requests, counts)):
+                self._answer(entry, result, dispatched)
         finally:
             replica.vacate(rows)
 

@@ -153,7 +153,7 @@ def batch_response(total: int = 6) -> ModelInferResponse:
 
 def test_split_gives_each_request_its_rows():
     parts = [request("a", 1), request("b", 2), request("c", 3)]
-    answers = split(batch_response(), parts, [1, 2, 3])
+    answers = [r.response for r in split(batch_response(), parts, [1, 2, 3])]
     assert [(a.id, a.model_name, a.model_version) for a in answers] == [
         ("a", "m", "3"), ("b", "m", "3"), ("c", "m", "3")]
     assert [[(o.name, o.datatype, list(o.shape)) for o in a.outputs] for a in answers] == [
@@ -170,7 +170,7 @@ def test_split_gives_each_request_its_rows():
 
 def test_split_honours_requested_outputs():
     parts = [request("a", 1, outputs=["AUX"]), request("b", 2), request("c", 3, outputs=["OUT"])]
-    answers = split(batch_response(), parts, [1, 2, 3])
+    answers = [r.response for r in split(batch_response(), parts, [1, 2, 3])]
     assert [[o.name for o in a.outputs] for a in answers] == [["AUX"], ["OUT", "AUX"], ["OUT"]]
     assert list(answers[0].raw_output_contents) == [floats(500, 1)]
     assert list(answers[1].raw_output_contents) == [floats(2, 4), floats(501, 2)]
@@ -182,7 +182,7 @@ def test_split_bytes_output():
     response.outputs.add(name="TEXT", datatype="BYTES", shape=[6, 1])
     response.raw_output_contents.append(frame(b"a", b"", b"ccc", b"d", b"ee", b"f"))
     parts = [request("a", 1), request("b", 2), request("c", 3)]
-    answers = split(response, parts, [1, 2, 3])
+    answers = [r.response for r in split(response, parts, [1, 2, 3])]
     assert [[list(o.shape) for o in a.outputs] for a in answers] == [[[1, 1]], [[2, 1]], [[3, 1]]]
     assert [list(a.raw_output_contents) for a in answers] == [
         [frame(b"a")], [frame(b"", b"ccc")], [frame(b"d", b"ee", b"f")]]
@@ -221,7 +221,8 @@ def test_split_malformed_bytes_output_is_internal(raw):
 def test_split_single_request_passes_through():
     response = batch_response(total=4)
     only = request("solo", 4, outputs=["OUT"])
-    [answer] = split(response, [only], [4])
+    [result] = split(response, [only], [4])
+    answer = result.response
     assert (answer.id, answer.model_name, answer.model_version) == ("solo", "m", "3")
     assert [(o.name, list(o.shape)) for o in answer.outputs] == [("OUT", [4, 2])]
     assert list(answer.raw_output_contents) == [floats(0, 8)]
