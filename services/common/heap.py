@@ -22,6 +22,7 @@ YOUNG_THRESHOLD = 5_000
 
 
 def settle(young_threshold: int = YOUNG_THRESHOLD) -> None:
+    """Collect, freeze what is left, and run young collections every `young_threshold`."""
     gc.collect()
     gc.freeze()
     _, middle, old = gc.get_threshold()
