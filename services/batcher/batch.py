@@ -38,18 +38,17 @@ def merge(requests: Sequence[ModelInferRequest], rows: Sequence[int], config: Mo
         return single
     total = sum(rows)
     batch = ModelInferRequest(model_name=first.model_name, model_version=version)
-    if len(first.inputs) == 1:  # one input, so every request's is its first (same key)
-        tensor = first.inputs[0]
+    # Where each request holds each input; one input (same key) is every request's first.
+    positions = (None if len(first.inputs) == 1
+                 else [{t.name: i for i, t in enumerate(r.inputs)} for r in requests])
+    for tensor in first.inputs:
         joined = batch.inputs.add(name=tensor.name, datatype=tensor.datatype)
         joined.shape.extend([total, *tensor.shape[1:]])
-        batch.raw_input_contents.append(b"".join(r.raw_input_contents[0] for r in requests))
-    else:
-        positions = [{t.name: i for i, t in enumerate(r.inputs)} for r in requests]
-        for tensor in first.inputs:
-            joined = batch.inputs.add(name=tensor.name, datatype=tensor.datatype)
-            joined.shape.extend([total, *tensor.shape[1:]])
-            batch.raw_input_contents.append(b"".join(
-                r.raw_input_contents[p[tensor.name]] for r, p in zip(requests, positions)))
+        if positions is None:
+            parts = (r.raw_input_contents[0] for r in requests)
+        else:
+            parts = (r.raw_input_contents[p[tensor.name]] for r, p in zip(requests, positions))
+        batch.raw_input_contents.append(b"".join(parts))
     wanted = requested_outputs(requests)
     for name in wanted:
         batch.outputs.add(name=name)

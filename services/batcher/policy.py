@@ -277,15 +277,15 @@ class BatchQueue:
                             f"max_queue_bytes {max_bytes}", "bytes", retry_after())
         count, held = self._count, self._bytes
         victims: list[Pending] = []
-        if (max_count <= 0 or count < max_count) and (max_bytes <= 0 or held + size <= max_bytes):
-            return victims  # room as it is: the common case
-        candidates = (entry for queued in reversed(self._levels[level:])
-                      for entry in reversed(queued))
+        candidates = None  # made only when the queue has no room (rarely)
         while True:
             over_count = max_count > 0 and count + 1 > max_count
             over_bytes = max_bytes > 0 and held + size > max_bytes
             if not (over_count or over_bytes):
                 return victims
+            if candidates is None:
+                candidates = (entry for queued in reversed(self._levels[level:])
+                              for entry in reversed(queued))
             victim = next(candidates, None)
             if victim is None:
                 reason = "queue_full" if over_count else "bytes"
