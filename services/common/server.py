@@ -62,9 +62,11 @@ class GuardedServer:
         self._server.add_generic_rpc_handlers(tuple(_Guarded(h, self) for h in handlers))
 
     def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
-        self._server.add_registered_method_handlers(service, {
-            name: self.guard(f"/{service}/{name}", handler)
-            for name, handler in handlers.items()})
+        """Registers nothing: the generated `add_*_to_server` adds the same handlers as a
+        generic handler too, which serves every call. A registered method keeps a call
+        request of its own open in gRPC's asyncio server, and the server waits on all of them
+        for every call it accepts: with the ingress's 14 methods registered, a bare unary call
+        cost 3 % more server CPU (24 methods: 10 %)."""
 
     def __getattr__(self, name: str):
         return getattr(self._server, name)
