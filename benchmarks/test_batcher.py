@@ -4,7 +4,7 @@ queue policy that decides when to send."""
 import pytest
 
 from benchmarks.inputs import batch_response, infer_request
-from meshserve.batcher.batch import batch_key, merge, rows_of, split
+from meshserve.batcher.batch import batch_key, merge, rows_of, split, wanted_outputs
 from meshserve.batcher.policy import BatchingPolicy, BatchQueue, Pending, Send
 
 MLP_REQUESTS = 32  # single-row mlp requests: one full batch (max_batch_size 32)
@@ -16,16 +16,16 @@ def _requests(name, count):
 
 
 @pytest.mark.benchmark(group="batcher.merge")
-def test_merge_mlp_32(benchmark, mlp_config):
+def test_merge_mlp_32(benchmark):
     requests = _requests("mlp", MLP_REQUESTS)
-    batch = benchmark(merge, requests, [1] * MLP_REQUESTS, mlp_config, "1")
+    batch = benchmark(merge, requests, [1] * MLP_REQUESTS, wanted_outputs(requests), "1")
     assert list(batch.inputs[0].shape) == [MLP_REQUESTS, 256]
 
 
 @pytest.mark.benchmark(group="batcher.merge")
-def test_merge_cnn_4(benchmark, cnn_config):
+def test_merge_cnn_4(benchmark):
     requests = _requests("cnn", CNN_REQUESTS)
-    batch = benchmark(merge, requests, [1] * CNN_REQUESTS, cnn_config, "1")
+    batch = benchmark(merge, requests, [1] * CNN_REQUESTS, wanted_outputs(requests), "1")
     assert list(batch.inputs[0].shape) == [CNN_REQUESTS, 3, 64, 64]
 
 
@@ -33,7 +33,7 @@ def test_merge_cnn_4(benchmark, cnn_config):
 def test_split_mlp_32(benchmark):
     requests = _requests("mlp", MLP_REQUESTS)
     answers = benchmark(split, batch_response("mlp", MLP_REQUESTS), requests,
-                        [1] * MLP_REQUESTS)
+                        [1] * MLP_REQUESTS, wanted_outputs(requests))
     assert len(answers) == MLP_REQUESTS
 
 
@@ -41,7 +41,7 @@ def test_split_mlp_32(benchmark):
 def test_split_cnn_4(benchmark):
     requests = _requests("cnn", CNN_REQUESTS)
     answers = benchmark(split, batch_response("cnn", CNN_REQUESTS), requests,
-                        [1] * CNN_REQUESTS)
+                        [1] * CNN_REQUESTS, wanted_outputs(requests))
     assert len(answers) == CNN_REQUESTS
 
 

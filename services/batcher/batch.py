@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 from meshserve.common.datatypes import ELEMENT_SIZE, element_count, split_bytes_rows
 from meshserve.common.errors import Internal, InvalidArgument
+from meshserve.common.validation import Schema
 from meshserve.protocol.groups_pb2 import ItemResult
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
-from meshserve.protocol.model_config_pb2 import ModelConfig
 
 
 def batch_key(request: ModelInferRequest, batched: bool) -> tuple:
@@ -23,13 +23,33 @@ def batch_key(request: ModelInferRequest, batched: bool) -> tuple:
     return tuple(sorted((t.name, t.datatype, tuple(t.shape[start:])) for t in inputs))
 
 
+def sole_key(schema: Schema) -> tuple | None:
+    """The batch key every valid request has when the model takes one input of fixed dims
+    (validation holds its name, datatype and dims to the configuration's); None otherwise."""
+    if schema.sole is None:
+        return None
+    name, datatype, (dims, _) = schema.sole
+    return ((name, datatype, tuple(dims)),)
+
+
 def rows_of(request: ModelInferRequest, batched: bool) -> int:
-    return request.inputs[0].shape[0] if batched and request.inputs else 1
+    inputs = request.inputs
+    return inputs[0].shape[0] if batched and inputs else 1
 
 
-def merge(requests: Sequence[ModelInferRequest], rows: Sequence[int], config: ModelConfig,
-          version: str) -> ModelInferRequest:
-    """One request whose inputs are the requests' inputs joined along the batch dimension."""
+def wanted_outputs(requests: Sequence[ModelInferRequest]) -> list[list[str] | None]:
+    """The outputs each request named (None: all of them)."""
+    wanted = []
+    for request in requests:
+        outputs = request.outputs[:]  # sliced: see meshserve.common.validation
+        wanted.append([output.name for output in outputs] if outputs else None)
+    return wanted
+
+
+def merge(requests: Sequence[ModelInferRequest], rows: Sequence[int],
+          wanted: Sequence[list[str] | None], version: str) -> ModelInferRequest:
+    """One request whose inputs are the requests' inputs joined along the batch dimension,
+    asking for every output one of them wanted (`wanted_outputs`)."""
     first = requests[0]
     if len(requests) == 1:
         single = ModelInferRequest()
@@ -49,27 +69,26 @@ def merge(requests: Sequence[ModelInferRequest], rows: Sequence[int], config: Mo
         else:
             parts = (r.raw_input_contents[p[tensor.name]] for r, p in zip(requests, positions))
         batch.raw_input_contents.append(b"".join(parts))
-    wanted = requested_outputs(requests)
-    for name in wanted:
+    for name in requested_outputs(wanted):
         batch.outputs.add(name=name)
     return batch
 
 
-def requested_outputs(requests: Sequence[ModelInferRequest]) -> list[str]:
-    """Every output any request asked for; empty (= all) when one of them asked for all."""
+def requested_outputs(wanted: Sequence[list[str] | None]) -> list[str]:
+    """Every output any request named; empty (= all) when one of them wanted all."""
     names: dict[str, None] = {}
-    for request in requests:
-        if not request.outputs:
+    for each in wanted:
+        if each is None:
             return []
-        for output in request.outputs:
-            names[output.name] = None
+        for name in each:
+            names[name] = None
     return list(names)
 
 
 def split(batch: ModelInferResponse, requests: Sequence[ModelInferRequest],
-          rows: Sequence[int]) -> list[ItemResult]:
-    """One result per request, its response holding its rows of the outputs it asked for
-    (built inside the result, so that nothing is copied to answer it)."""
+          rows: Sequence[int], wanted: Sequence[list[str] | None]) -> list[ItemResult]:
+    """One result per request, its response holding its rows of the outputs it wanted
+    (`wanted_outputs`), built inside the result so that nothing is copied to answer it."""
     if len(batch.raw_output_contents) != len(batch.outputs):
         raise Internal("compute answered without raw_output_contents for every output")
     total = sum(rows)
@@ -79,8 +98,6 @@ def split(batch: ModelInferResponse, requests: Sequence[ModelInferRequest],
     for answer, request in zip(answers, requests):
         answer.model_name, answer.model_version, answer.id = (request.model_name, version,
                                                               request.id)
-    # The outputs each request named (None: all of them).
-    wanted = [{o.name for o in r.outputs} if r.outputs else None for r in requests]
     for tensor, raw in zip(batch.outputs, batch.raw_output_contents):
         name, datatype = tensor.name, tensor.datatype
         tail = list(tensor.shape[1:])

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 from opentelemetry.trace import Span, StatusCode
 
-from meshserve.batcher.batch import merge, split
+from meshserve.batcher.batch import merge, split, wanted_outputs
 from meshserve.batcher.failover import (
     FailoverSettings,
     LatencyWindow,
@@ -338,7 +338,8 @@ class Scheduler:
         try:
             requests = [e.payload.item.request for e in entries]
             counts = [e.rows for e in entries]
-            batch = merge(requests, counts, self._config, self._version)
+            wanted = wanted_outputs(requests)
+            batch = merge(requests, counts, wanted, self._version)
             deadlines = [e.deadline for e in entries]
             left = None if None in deadlines else max(0.001, max(deadlines) - started)
             timeout = stall if left is None else min(left, stall)
@@ -365,7 +366,7 @@ class Scheduler:
                 params["compute_output_ns"].int64_param)
             if self._metrics is not None:
                 self._metrics.batch(rows, len(entries), infer_ns)
-            for entry, result in zip(entries, split(answer, requests, counts)):
+            for entry, result in zip(entries, split(answer, requests, counts, wanted)):
                 self._answer(entry, result, dispatched)
         finally:
             replica.vacate(rows)

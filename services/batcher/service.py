@@ -15,7 +15,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from opentelemetry.trace import StatusCode
 
-from meshserve.batcher.batch import batch_key, rows_of
+from meshserve.batcher.batch import batch_key, rows_of, sole_key
 from meshserve.batcher.caching import CachingFront, VersionIdentity
 from meshserve.batcher.failover import FailoverSettings, no_replica
 from meshserve.batcher.policy import BatchingPolicy, BatchQueue, Pending
@@ -90,6 +90,7 @@ class Batcher:
         self.statistics = statistics
         self._schema = Schema(config)
         self._batched = config.max_batch_size > 0
+        self._key = sole_key(self._schema)  # None: each request's own
         self._tracing = tracing
         self._cache = cache
 
@@ -117,7 +118,8 @@ class Batcher:
                         "batcher.queue", context_of(item.traceparent),
                         {"request.id": item.request_id})
                 self.scheduler.submit(Pending(
-                    key=batch_key(request, self._batched), rows=rows_of(request, self._batched),
+                    key=self._key or batch_key(request, self._batched),
+                    rows=rows_of(request, self._batched),
                     enqueued=arrived, deadline=deadline_of(item.timeout_us, arrived),
                     priority=item.priority, payload=job, size=size))
             except ServingError as error:

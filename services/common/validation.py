@@ -3,6 +3,10 @@
 Names, datatypes, shapes and byte lengths are checked from metadata, without decoding the
 payload. Typed `contents` (for clients that do not send raw bytes) are turned into raw bytes
 here, once, so every later hop sees only raw_input_contents.
+
+A message's repeated fields are read by slicing (`tensor.shape[:]`, `request.outputs[:]`),
+which gives a list at once: iterating protobuf's container itself costs ~1.5 µs more for the
+one or two elements a request usually has, and the hot path reads several per request.
 """
 
 import math
@@ -46,6 +50,7 @@ class Schema:
         self.config = config
         self.model = config.name
         self.batched = config.max_batch_size > 0
+        self.max_batch_size = config.max_batch_size
         self.inputs = {t.name: (WIRE_FROM_CONFIG[t.data_type], expected_shape(config, t.dims))
                        for t in config.input}
         self.required = [t.name for t in config.input if not t.optional]
@@ -53,7 +58,7 @@ class Schema:
         self.input_names = ", ".join(self.inputs)
         # Inputs of fixed dims and element size: (dims after the batch dimension, bytes per
         # row), so a well-formed request is checked with two comparisons.
-        self.fixed = {t.name: (tuple(t.dims),
+        self.fixed = {t.name: (list(t.dims),
                                math.prod(t.dims) * ELEMENT_SIZE[WIRE_FROM_CONFIG[t.data_type]])
                       for t in config.input
                       if all(d > 0 for d in t.dims)
@@ -97,7 +102,7 @@ class Schema:
                 raise InvalidArgument(f"input '{name}' has datatype "
                                       f"{tensor.datatype or '(empty)'}; model '{model}' "
                                       f"expects {datatype}")
-            shape = tuple(tensor.shape)
+            shape = tensor.shape[:]
             known = self.fixed.get(name)
             if known is not None and raw and self._well_formed(shape, known, raw[index]):
                 if batch_size is None:
@@ -110,7 +115,6 @@ class Schema:
                                           "uses raw_input_contents; use one or the other")
                 size += len(raw[index])
                 continue
-            shape = list(shape)
             self._check_shape(name, shape, expected)
             if self.batched:
                 if batch_size is None:
@@ -146,20 +150,21 @@ class Schema:
             return None
         tensor = inputs[0]
         name, datatype, known = self.sole
+        data = raw[0]
         if (tensor.name != name or tensor.datatype != datatype
-                or not self._well_formed(tuple(tensor.shape), known, raw[0])
+                or not self._well_formed(tensor.shape[:], known, data)
                 or tensor.HasField("contents")):
             return None
-        return len(raw[0])
+        return len(data)
 
     def _check_outputs(self, request: ModelInferRequest) -> None:
-        for wanted in request.outputs:
+        for wanted in request.outputs[:]:
             if wanted.name not in self.outputs:
                 raise InvalidArgument(
                     f"unknown output '{wanted.name}' requested (model '{self.model}' outputs: "
                     f"{', '.join(t.name for t in self.config.output)})")
 
-    def _well_formed(self, shape: tuple[int, ...], known: tuple[tuple[int, ...], int],
+    def _well_formed(self, shape: list[int], known: tuple[list[int], int],
                      data: bytes) -> bool:
         """A fixed-size input with the expected dims, batch size and byte length (False:
         check it the long way, which says what is wrong)."""
@@ -167,7 +172,7 @@ class Schema:
         if not self.batched:
             return shape == dims and len(data) == row_bytes
         return (len(shape) == len(dims) + 1 and shape[1:] == dims
-                and 1 <= shape[0] <= self.config.max_batch_size
+                and 1 <= shape[0] <= self.max_batch_size
                 and len(data) == shape[0] * row_bytes)
 
     def _check_shape(self, name: str, dims: list[int], expected: list[int]) -> None:

@@ -5,8 +5,17 @@ import struct
 import numpy
 import pytest
 
-from meshserve.batcher.batch import batch_key, merge, requested_outputs, rows_of, split
+from meshserve.batcher.batch import (
+    batch_key,
+    merge,
+    requested_outputs,
+    rows_of,
+    sole_key,
+    split,
+    wanted_outputs,
+)
 from meshserve.common.errors import Internal
+from meshserve.common.validation import Schema
 from meshserve.protocol import model_config_pb2 as mc
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
 
@@ -71,6 +80,27 @@ def test_batch_key_unbatched_keeps_whole_shape():
     assert batch_key(request("1", 3), False) == (("A", "FP32", (3, 4)),)
 
 
+def test_sole_key_is_every_valid_requests_key():
+    config = one_input_config()
+    valid = [request("1", 1), request("2", 8)]
+    for part in valid:
+        Schema(config).validate(part)
+    assert sole_key(Schema(config)) == batch_key(valid[0], True) == batch_key(valid[1], True)
+    config.max_batch_size = 0
+    whole = ModelInferRequest(model_name="m", id="3")
+    whole.inputs.add(name="A", datatype="FP32", shape=[4])
+    whole.raw_input_contents.append(floats(0, 4))
+    Schema(config).validate(whole)
+    assert sole_key(Schema(config)) == batch_key(whole, False)
+
+
+def test_sole_key_none_for_several_inputs_or_free_dims():
+    assert sole_key(Schema(two_input_config())) is None
+    free = one_input_config()
+    free.input[0].dims[0] = -1
+    assert sole_key(Schema(free)) is None
+
+
 @pytest.mark.parametrize("built, batched, rows", [
     pytest.param(request("1", 5), True, 5, id="batched"),
     pytest.param(request("1", 5), False, 1, id="unbatched"),
@@ -84,7 +114,7 @@ def test_rows_of(built, batched, rows):
 
 def test_merge_three_requests_concatenates_in_order():
     parts = [request("a", 1, base=0), request("b", 2, base=100), request("c", 3, base=200)]
-    merged = merge(parts, [1, 2, 3], one_input_config(), "7")
+    merged = merge(parts, [1, 2, 3], wanted_outputs(parts), "7")
     assert merged.model_name == "m"
     assert merged.model_version == "7"
     assert [(t.name, t.datatype, list(t.shape)) for t in merged.inputs] == [
@@ -103,7 +133,7 @@ def test_merge_matches_inputs_by_name_not_position():
         request("c", 3, tensors=two, base=200),
     ]
     # In "b", B holds floats(100, ...) and A holds floats(1100, ...).
-    merged = merge(parts, [1, 2, 3], two_input_config(), "1")
+    merged = merge(parts, [1, 2, 3], wanted_outputs(parts), "1")
     assert [(t.name, list(t.shape)) for t in merged.inputs] == [("A", [6, 4]), ("B", [6, 2])]
     assert list(merged.raw_input_contents) == [
         floats(0, 4) + floats(1100, 8) + floats(200, 12),
@@ -119,12 +149,13 @@ def test_merge_matches_inputs_by_name_not_position():
 ])
 def test_requested_outputs(wanted, expected):
     parts = [request(str(i), 1, outputs=names) for i, names in enumerate(wanted)]
-    assert requested_outputs(parts) == expected
+    assert wanted_outputs(parts) == [names or None for names in wanted]
+    assert requested_outputs(wanted_outputs(parts)) == expected
 
 
 def test_merge_carries_requested_outputs_union():
     parts = [request("a", 1, outputs=["OUT"]), request("b", 1, outputs=["AUX", "OUT"])]
-    merged = merge(parts, [1, 1], one_input_config(), "1")
+    merged = merge(parts, [1, 1], wanted_outputs(parts), "1")
     assert [o.name for o in merged.outputs] == ["OUT", "AUX"]
 
 
@@ -132,7 +163,7 @@ def test_merge_single_request_is_a_copy_with_the_version():
     only = request("solo", 3, outputs=["OUT"])
     only.parameters["k"].string_param = "v"
     before = only.SerializeToString(deterministic=True)
-    merged = merge([only], [3], one_input_config(), "4")
+    merged = merge([only], [3], wanted_outputs([only]), "4")
     assert merged is not only
     assert merged.model_version == "4"
     assert only.SerializeToString(deterministic=True) == before
@@ -153,7 +184,7 @@ def batch_response(total: int = 6) -> ModelInferResponse:
 
 def test_split_gives_each_request_its_rows():
     parts = [request("a", 1), request("b", 2), request("c", 3)]
-    answers = [r.response for r in split(batch_response(), parts, [1, 2, 3])]
+    answers = [r.response for r in split(batch_response(), parts, [1, 2, 3], wanted_outputs(parts))]
     assert [(a.id, a.model_name, a.model_version) for a in answers] == [
         ("a", "m", "3"), ("b", "m", "3"), ("c", "m", "3")]
     assert [[(o.name, o.datatype, list(o.shape)) for o in a.outputs] for a in answers] == [
@@ -170,7 +201,7 @@ def test_split_gives_each_request_its_rows():
 
 def test_split_honours_requested_outputs():
     parts = [request("a", 1, outputs=["AUX"]), request("b", 2), request("c", 3, outputs=["OUT"])]
-    answers = [r.response for r in split(batch_response(), parts, [1, 2, 3])]
+    answers = [r.response for r in split(batch_response(), parts, [1, 2, 3], wanted_outputs(parts))]
     assert [[o.name for o in a.outputs] for a in answers] == [["AUX"], ["OUT", "AUX"], ["OUT"]]
     assert list(answers[0].raw_output_contents) == [floats(500, 1)]
     assert list(answers[1].raw_output_contents) == [floats(2, 4), floats(501, 2)]
@@ -182,7 +213,7 @@ def test_split_bytes_output():
     response.outputs.add(name="TEXT", datatype="BYTES", shape=[6, 1])
     response.raw_output_contents.append(frame(b"a", b"", b"ccc", b"d", b"ee", b"f"))
     parts = [request("a", 1), request("b", 2), request("c", 3)]
-    answers = [r.response for r in split(response, parts, [1, 2, 3])]
+    answers = [r.response for r in split(response, parts, [1, 2, 3], wanted_outputs(parts))]
     assert [[list(o.shape) for o in a.outputs] for a in answers] == [[[1, 1]], [[2, 1]], [[3, 1]]]
     assert [list(a.raw_output_contents) for a in answers] == [
         [frame(b"a")], [frame(b"", b"ccc")], [frame(b"d", b"ee", b"f")]]
@@ -194,7 +225,8 @@ def test_split_wrong_byte_length_is_internal(cut, found):
     raw = response.raw_output_contents[0]
     response.raw_output_contents[0] = raw[:cut] if cut < 0 else raw + b"\x00" * cut
     with pytest.raises(Internal) as caught:
-        split(response, [request("a", 1), request("b", 2), request("c", 3)], [1, 2, 3])
+        split(response, [request("a", 1), request("b", 2), request("c", 3)], [1, 2, 3],
+              [None] * 3)
     assert caught.value.message == f"compute answered {found} bytes for 6 rows of FP32"
 
 
@@ -202,7 +234,7 @@ def test_split_missing_raw_output_is_internal():
     response = batch_response()
     del response.raw_output_contents[1]
     with pytest.raises(Internal) as caught:
-        split(response, [request("a", 1), request("b", 5)], [1, 5])
+        split(response, [request("a", 1), request("b", 5)], [1, 5], [None] * 2)
     assert "raw_output_contents" in caught.value.message
 
 
@@ -213,7 +245,7 @@ def test_split_malformed_bytes_output_is_internal(raw):
     response.outputs.add(name="TEXT", datatype="BYTES", shape=[3, 1])
     response.raw_output_contents.append(raw)
     with pytest.raises(Internal) as caught:
-        split(response, [request("a", 1), request("b", 2)], [1, 2])
+        split(response, [request("a", 1), request("b", 2)], [1, 2], [None] * 2)
     assert type(caught.value) is Internal
     assert caught.value.message.startswith("compute answered a malformed BYTES output: ")
 
@@ -221,7 +253,7 @@ def test_split_malformed_bytes_output_is_internal(raw):
 def test_split_single_request_passes_through():
     response = batch_response(total=4)
     only = request("solo", 4, outputs=["OUT"])
-    [result] = split(response, [only], [4])
+    [result] = split(response, [only], [4], wanted_outputs([only]))
     answer = result.response
     assert (answer.id, answer.model_name, answer.model_version) == ("solo", "m", "3")
     assert [(o.name, list(o.shape)) for o in answer.outputs] == [("OUT", [4, 2])]
