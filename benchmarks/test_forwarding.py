@@ -9,8 +9,14 @@ import pytest
 
 from benchmarks.inputs import batch_response, infer_request
 from meshserve.common.errors import DeadlineExceeded, ServingError
-from meshserve.common.forwarding import GroupForwarder, build_group, error_result, raise_for
-from meshserve.protocol.groups_pb2 import GroupItem, InferGroupResult, ItemResult
+from meshserve.common.forwarding import (
+    Entry,
+    GroupForwarder,
+    build_group,
+    error_result,
+    raise_for,
+)
+from meshserve.protocol.groups_pb2 import InferGroupResult, ItemResult
 
 ITEMS = 32
 DEADLINE_S = 3600.0  # far enough that no item expires during the session
@@ -19,8 +25,8 @@ DEADLINE_S = 3600.0  # far enough that no item expires during the session
 def _entries(count=ITEMS):
     """Ingress entries: a validated mlp request per item, with a deadline, as `infer` makes."""
     deadline = time.monotonic() + DEADLINE_S
-    return [(GroupItem(request=infer_request("mlp", seed=n), request_id=f"ab12cd34-{n}",
-                       priority=0), deadline) for n in range(count)]
+    return [Entry(infer_request("mlp", seed=n), f"ab12cd34-{n}", deadline)
+            for n in range(count)]
 
 
 @pytest.mark.benchmark(group="forwarding.group")

@@ -10,15 +10,26 @@ gRPC's per-message cost is paid per group, not per request.
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 import grpc
 
 from meshserve.common.errors import DeadlineExceeded, ServingError, Unavailable, from_code
 from meshserve.common.streams import GroupStream, Handle, StreamBroken
 from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
+from meshserve.protocol.grpc_service_pb2 import ModelInferRequest
 
-# An item and its absolute deadline on this process's monotonic clock (None: no deadline).
-Entry = tuple[GroupItem, float | None]
+
+class Entry(NamedTuple):
+    """A request to forward: what its group item will carry (the request is copied into the
+    group once, as it is built), and its deadline."""
+
+    request: ModelInferRequest
+    request_id: str
+    deadline: float | None  # absolute, on this process's monotonic clock (None: none)
+    priority: int = 0
+    traceparent: str = ""
+
 # Sends a group and returns its (last) answer, telling the callback of early partial answers
 # first (raises StreamBroken or TimeoutError).
 GroupCall = Callable[[InferGroup, float | None, Callable[[InferGroupResult], None]],
@@ -143,23 +154,27 @@ def build_group(model_name: str, version: str, parcels: list[list[Entry]], now: 
     no deadline). Appends the (parcel, entry) of each item sent to `sent`; returns the group,
     the (parcel, entry) of the items already past their deadline, and the longest time."""
     group = InferGroup(model_name=model_name, version=version)
+    items = group.items
     expired = []
     longest: float | None = 0.0
     for p, entries in enumerate(parcels):
-        for j, (item, deadline) in enumerate(entries):
+        for j, entry in enumerate(entries):
+            deadline = entry.deadline
             if deadline is None:
-                item.timeout_us = 0
+                timeout_us = 0
                 longest = None
             else:
                 remaining = deadline - now
                 if remaining <= 0:
                     expired.append((p, j))
                     continue
-                item.timeout_us = int(remaining * 1e6)
+                timeout_us = int(remaining * 1e6)
                 if longest is not None:
                     longest = max(longest, remaining)
             sent.append((p, j))
-            group.items.append(item)
+            items.add(request=entry.request, request_id=entry.request_id,
+                      priority=entry.priority, traceparent=entry.traceparent,
+                      timeout_us=timeout_us)
     if longest:
         group.timeout_us = int(longest * 1e6)
     return group, expired, longest

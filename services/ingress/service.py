@@ -34,7 +34,13 @@ from meshserve.common import runtime
 from meshserve.common.access import PolicyFile
 from meshserve.common.datatypes import WIRE_FROM_CONFIG
 from meshserve.common.errors import InvalidArgument, ServingError
-from meshserve.common.forwarding import GroupForwarder, deadline_of, over_stream, raise_for
+from meshserve.common.forwarding import (
+    Entry,
+    GroupForwarder,
+    deadline_of,
+    over_stream,
+    raise_for,
+)
 from meshserve.common.logs import (
     ACCESS_LOG,
     DEFAULT_ACCESS_LOG_SAMPLE,
@@ -71,7 +77,6 @@ from meshserve.ingress.saturation import EdgeBound
 from meshserve.ingress.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER, JwksUrl, jwks_source
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol import grpc_service_pb2_grpc
-from meshserve.protocol.groups_pb2 import GroupItem
 
 log = logging.getLogger(__name__)
 
@@ -246,16 +251,16 @@ class Ingress:
         if self.readiness is not None:
             self.readiness.admit(request.model_name, request.model_version)
         size = self._step("ingress.validate", span, lambda: schema.validate(request))
-        deadline = deadline_of(parameter(request, "timeout"), arrived, remaining)
-        item = GroupItem(request=request, request_id=request_id,
-                         priority=parameter(request, "priority"),
-                         traceparent="" if span is None else traceparent_of(span))
+        entry = Entry(request, request_id,
+                      deadline_of(parameter(request, "timeout"), arrived, remaining),
+                      parameter(request, "priority"),
+                      "" if span is None else traceparent_of(span))
         forwarder = self._forwarder(request.model_name, request.model_version)
-        self._bound(request.model_name).admit(item.priority, forwarder.waiting,
+        self._bound(request.model_name).admit(entry.priority, forwarder.waiting,
                                               forwarder.round_trip)
         self.budget.acquire(size)
         try:
-            [result] = await forwarder.forward([(item, deadline)])
+            [result] = await forwarder.forward([entry])
         finally:
             self.budget.release(size)
         raise_for(result)

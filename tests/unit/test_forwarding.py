@@ -6,9 +6,15 @@ import grpc
 import pytest
 
 from meshserve.common import errors
-from meshserve.common.forwarding import GroupForwarder, deadline_of, error_result, raise_for
+from meshserve.common.forwarding import (
+    Entry,
+    GroupForwarder,
+    deadline_of,
+    error_result,
+    raise_for,
+)
 from meshserve.common.streams import StreamBroken
-from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
+from meshserve.protocol.groups_pb2 import InferGroup, InferGroupResult, ItemResult
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
 
 UPSTREAM = "batcher-7"
@@ -50,9 +56,8 @@ class FakeUpstream:
             ItemResult(response=ModelInferResponse(id=rid, model_name="mlp")) for rid in ids])
 
 
-def entry(rid: str, deadline: float | None = None):
-    item = GroupItem(request=ModelInferRequest(model_name="mlp", id=rid), request_id=rid)
-    return (item, deadline)
+def entry(rid: str, deadline: float | None = None) -> Entry:
+    return Entry(ModelInferRequest(model_name="mlp", id=rid), rid, deadline)
 
 
 def ids_of(results: list[ItemResult]) -> list[str]:
@@ -147,7 +152,7 @@ async def test_max_group_bounds_groups(parcels, max_group, groups):
     results = await asyncio.wait_for(
         asyncio.gather(*(forwarder.forward(b) for b in batches)), 2)
     assert [len(group) for group in fake.groups] == groups
-    assert [ids_of(r) for r in results] == [[item.request_id for item, _ in b] for b in batches]
+    assert [ids_of(r) for r in results] == [[e.request_id for e in b] for b in batches]
 
 
 async def test_max_in_flight_two_runs_two_calls_at_once():
@@ -196,9 +201,7 @@ async def test_any_entry_without_deadline_means_no_call_timeout():
     fake = FakeUpstream()
     forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM, clock=stopped)
     now = NOW
-    first, second = entry("a", now + 1.0), entry("b", None)
-    second[0].timeout_us = 777  # a stale value must be cleared
-    await asyncio.wait_for(forwarder.forward([first, second]), 2)
+    await asyncio.wait_for(forwarder.forward([entry("a", now + 1.0), entry("b", None)]), 2)
     assert fake.timeouts == [None]
     assert fake.item_timeouts[0] == [1_000_000, 0]
 
