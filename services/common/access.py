@@ -204,7 +204,9 @@ def parse_policy(text: str) -> Policy:
 class PolicyFile:
     """The policy in a file, re-read when the file changes (looked at no more than once
     per `interval` seconds of `clock`). A broken new file keeps the previous policy and
-    logs why; the first load must succeed."""
+    logs why; the first load must succeed. A file that changed again while it was read (an
+    editor or `cat >` writing it in place) is read at the next look: a half-written policy
+    may parse, and would deny, or allow, what the whole one does not."""
 
     def __init__(self, path: Path, clock: Callable[[], float], interval: float = 1.0) -> None:
         self.path = Path(path)
@@ -226,8 +228,11 @@ class PolicyFile:
         try:
             stamp = self._read_stamp()
             if stamp != self._stamp:
+                text = self.path.read_text()
+                if self._read_stamp() != stamp:  # still being written
+                    return self._policy
                 self._stamp = stamp
-                self._policy = parse_policy(self.path.read_text())
+                self._policy = parse_policy(text)
                 log.info("policy %s reloaded", self.path)
         except (OSError, PolicyError) as error:
             log.warning("policy %s not reloaded, keeping the previous one: %s", self.path,

@@ -118,3 +118,28 @@ def test_policy_file_reloads_and_keeps_the_old_policy_when_broken(tmp_path, capl
     assert holder.current().allowed("b", (), None, "infer", "mlp")
     assert "not reloaded, keeping the previous one: rules[0].actions: unknown action" \
         in caplog.text
+
+
+def test_policy_file_written_while_read_is_read_again(tmp_path, monkeypatch):
+    """A policy read half-written (the writer finished right after the read) is not
+    adopted; the next look reads the whole file."""
+    now = [0.0]
+    path = tmp_path / "policy.yaml"
+    whole = "groups: {ops: [a]}\nrules: [{groups: [ops], actions: [admin]}]\n"
+    path.write_text(whole)
+    holder = PolicyFile(path, lambda: now[0])
+    half = "groups: {ops: [a]}\n"  # parses: a policy that allows nothing
+    path.write_text(half)
+    read_text = type(path).read_text
+
+    def read_then_finish(self, *args, **kwargs):
+        text = read_text(self, *args, **kwargs)
+        if self == path and text == half:
+            path.write_text(whole.replace("[a]", "[a, b]"))
+        return text
+
+    monkeypatch.setattr(type(path), "read_text", read_then_finish)
+    now[0] = 1.0
+    assert holder.current().allowed("a", (), None, "admin", "")
+    now[0] = 2.0
+    assert holder.current().allowed("b", (), None, "admin", "")
