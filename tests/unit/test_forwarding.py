@@ -9,12 +9,13 @@ from meshserve.common import errors
 from meshserve.common.forwarding import (
     Entry,
     GroupForwarder,
+    build_group,
     deadline_of,
     error_result,
     raise_for,
 )
 from meshserve.common.streams import StreamBroken
-from meshserve.protocol.groups_pb2 import InferGroup, InferGroupResult, ItemResult
+from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
 
 UPSTREAM = "batcher-7"
@@ -204,6 +205,20 @@ async def test_any_entry_without_deadline_means_no_call_timeout():
     await asyncio.wait_for(forwarder.forward([entry("a", now + 1.0), entry("b", None)]), 2)
     assert fake.timeouts == [None]
     assert fake.item_timeouts[0] == [1_000_000, 0]
+
+
+def test_build_group_carries_each_entry_whole():
+    first = Entry(ModelInferRequest(model_name="mlp", id="c1"), "r1", NOW + 0.25, 2,
+                  "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    second = Entry(ModelInferRequest(model_name="mlp", id="c2"), "r2", None)
+    sent: list[tuple[int, int]] = []
+    group, expired, longest = build_group("mlp", "2", [[first], [second]], NOW, sent)
+    assert (group.model_name, group.version, group.timeout_us) == ("mlp", "2", 0)
+    assert list(group.items) == [
+        GroupItem(request=first.request, request_id="r1", priority=2,
+                  traceparent=first.traceparent, timeout_us=250_000),
+        GroupItem(request=second.request, request_id="r2", timeout_us=0)]
+    assert (sent, expired, longest) == ([(0, 0), (1, 0)], [], None)
 
 
 async def test_all_expired_makes_no_call():
