@@ -13,7 +13,7 @@ KUBERNETES = ["1.27", "1.30", "1.37"]
 BATCHER_FLAGS = {"--max-queue-bytes", "--stall-timeout", "--eject-after", "--ejection-seconds",
                  "--cache-bytes", "--cache-redis", "--cache-ttl"}
 INGRESS_FLAGS = {"--max-inflight-bytes", "--control-plane", "--async-store",
-                 "--async-concurrency", "--async-max-pending"}
+                 "--async-concurrency", "--async-max-pending", "--group-linger-ms"}
 PASSWORD_ENV = "MESHSERVE_BATCHER_REDIS_PASSWORD"
 
 
@@ -132,6 +132,13 @@ def test_ingress_unbounded_budget_is_zero_not_omitted(helm):
     assert flag_values(main["args"], "--max-inflight-bytes") == ["0"]
 
 
+@pytest.mark.parametrize("value", ["0", "0.5"])
+def test_ingress_group_linger_is_passed_as_set(helm, value):
+    main = container(helm.render("ingress", INGRESS,
+                                 extra=("--set-json", f"groupLingerMs={value}")))
+    assert flag_values(main["args"], "--group-linger-ms") == [value]
+
+
 def test_ingress_async_store_on_an_existing_claim(helm):
     objects = helm.render("ingress", INGRESS, extra=(
         "--set", "async.existingClaim=ingress-async", "--set", "replicas=1",
@@ -159,6 +166,7 @@ def test_ingress_async_claim_needs_one_writer(helm, extra):
     ("async.concurrency=0", "/async/concurrency"),
     ("async.storeFile=a/b.db", "/async/storeFile"),
     ("maxInflightBytes=-1", "/maxInflightBytes"),
+    ("groupLingerMs=-1", "/groupLingerMs"),
 ])
 def test_ingress_schema_refuses(helm, setting, field):
     done = helm.template(INGRESS[0], *INGRESS, extra=("--set", setting))

@@ -172,6 +172,45 @@ async def test_max_in_flight_two_runs_two_calls_at_once():
     assert [ids_of(r) for r in results] == [["a"], ["b"], ["c"], ["d"], ["e"]]
 
 
+# --- lingering under load -----------------------------------------------------------------
+
+async def groups_after_a_round_trip(waiting: int, linger: float) -> list[list[str]]:
+    """A first group answered after a round trip of 1 s (on the forwarder's clock) while
+    `waiting` entries wait; two more arrive once the first is answered. The groups sent."""
+    fake = FakeUpstream(gated=True)
+    now = [0.0]
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM, linger=linger,
+                               clock=lambda: now[0])
+    first = asyncio.create_task(forwarder.forward([entry("first")]))
+    await asyncio.wait_for(fake.started.wait(), 2)
+    tasks = [asyncio.create_task(forwarder.forward([entry(f"w{i}")])) for i in range(waiting)]
+    await settle()
+    now[0] = 1.0
+    fake.release.set()
+    await asyncio.wait_for(first, 2)
+    await settle()
+    tasks += [asyncio.create_task(forwarder.forward([entry(f"late{i}")])) for i in range(2)]
+    await asyncio.wait_for(asyncio.gather(*tasks), 2)
+    return fake.groups
+
+
+async def test_a_group_under_load_lingers_for_more():
+    # 8 wait (LINGER_FROM): the group waits min(linger 5 s, a quarter of the 1 s round trip)
+    # and the two that arrive meanwhile leave with it.
+    groups = await groups_after_a_round_trip(8, linger=5.0)
+    assert groups == [["first"], [f"w{i}" for i in range(8)] + ["late0", "late1"]]
+
+
+async def test_a_small_group_leaves_at_once():
+    groups = await groups_after_a_round_trip(7, linger=5.0)
+    assert groups == [["first"], [f"w{i}" for i in range(7)], ["late0", "late1"]]
+
+
+async def test_no_linger_sends_a_big_group_at_once():
+    groups = await groups_after_a_round_trip(8, linger=0.0)
+    assert groups == [["first"], [f"w{i}" for i in range(8)], ["late0", "late1"]]
+
+
 # --- deadlines --------------------------------------------------------------------------
 
 NOW = 1000.0  # the forwarder's monotonic clock, stopped: the remaining times it sends are exact

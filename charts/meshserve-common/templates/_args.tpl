@@ -108,6 +108,9 @@ list: `include "meshserve.args" .` picks the component's. Every flag is one that
 {{- if hasKey .Values "maxInflightBytes" }}
 {{- include "meshserve.args.whenSetInt" (list "--max-inflight-bytes" .Values.maxInflightBytes) }}
 {{- end }}
+{{- if hasKey .Values "groupLingerMs" }}
+{{- include "meshserve.args.whenSet" (list "--group-linger-ms" .Values.groupLingerMs) }}
+{{- end }}
 {{- if include "meshserve.httpEnabled" . }}
 - {{ printf "--http-listen=%s:%v" .Values.listenHost (int .Values.http.port) | quote }}
 {{- include "meshserve.args.whenSetInt" (list "--http-max-body-bytes" .Values.http.maxBodyBytes) }}
