@@ -40,15 +40,15 @@ GroupCall = Callable[[InferGroup, float | None, Callable[[InferGroupResult], Non
 GroupObserver = Callable[[int, str], None]
 
 CODE_NUMBER = {status.name: status.value[0] for status in grpc.StatusCode}
+CODE_NAME = {number: name for name, number in CODE_NUMBER.items()}
+OK = 0
+RESOURCE_EXHAUSTED = CODE_NUMBER["RESOURCE_EXHAUSTED"]
 
 # A group lingers only once it has this many requests: fewer wait only under light load, where
 # a request leaving at once matters more than the group's size.
 LINGER_FROM = 8
 # ... and for no more than this share of the last group's round trip.
 LINGER_SHARE = 0.25
-CODE_NAME = {number: name for name, number in CODE_NUMBER.items()}
-OK = 0
-RESOURCE_EXHAUSTED = CODE_NUMBER["RESOURCE_EXHAUSTED"]
 
 
 def error_result(error: ServingError) -> ItemResult:

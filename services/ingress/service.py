@@ -35,6 +35,7 @@ from meshserve.common.access import PolicyFile
 from meshserve.common.datatypes import WIRE_FROM_CONFIG
 from meshserve.common.errors import InvalidArgument, ServingError
 from meshserve.common.forwarding import (
+    LINGER_FROM,
     Entry,
     GroupForwarder,
     deadline_of,
@@ -574,9 +575,9 @@ def main(argv: list[str] | None = None) -> int:
                              "requests are refused with RESOURCE_EXHAUSTED (0: unbounded)")
     parser.add_argument("--group-linger-ms", type=float,
                         default=DEFAULT_GROUP_LINGER_MS,
-                        help="under load (a group of 8 requests or more), how long a group "
-                             "may wait for more before it leaves for the router, at most a "
-                             "quarter of the last group's round trip (0: never)")
+                        help=f"under load (a group of {LINGER_FROM} requests or more), how long "
+                             "a group may wait for more before it leaves for the router, at "
+                             "most a quarter of the last group's round trip (0: never)")
     add_auth_flags(parser)
     add_http_flags(parser)
     args = parser.parse_args(argv)

@@ -7,6 +7,7 @@ import pytest
 
 from meshserve.common import errors
 from meshserve.common.forwarding import (
+    LINGER_FROM,
     Entry,
     GroupForwarder,
     build_group,
@@ -195,20 +196,20 @@ async def groups_after_a_round_trip(waiting: int, linger: float) -> list[list[st
 
 
 async def test_a_group_under_load_lingers_for_more():
-    # 8 wait (LINGER_FROM): the group waits min(linger 5 s, a quarter of the 1 s round trip)
-    # and the two that arrive meanwhile leave with it.
-    groups = await groups_after_a_round_trip(8, linger=5.0)
-    assert groups == [["first"], [f"w{i}" for i in range(8)] + ["late0", "late1"]]
+    # LINGER_FROM wait: the group waits min(linger 5 s, a quarter of the 1 s round trip) and
+    # the two that arrive meanwhile leave with it.
+    groups = await groups_after_a_round_trip(LINGER_FROM, linger=5.0)
+    assert groups == [["first"], [f"w{i}" for i in range(LINGER_FROM)] + ["late0", "late1"]]
 
 
 async def test_a_small_group_leaves_at_once():
-    groups = await groups_after_a_round_trip(7, linger=5.0)
-    assert groups == [["first"], [f"w{i}" for i in range(7)], ["late0", "late1"]]
+    groups = await groups_after_a_round_trip(LINGER_FROM - 1, linger=5.0)
+    assert groups == [["first"], [f"w{i}" for i in range(LINGER_FROM - 1)], ["late0", "late1"]]
 
 
 async def test_no_linger_sends_a_big_group_at_once():
-    groups = await groups_after_a_round_trip(8, linger=0.0)
-    assert groups == [["first"], [f"w{i}" for i in range(8)], ["late0", "late1"]]
+    groups = await groups_after_a_round_trip(LINGER_FROM, linger=0.0)
+    assert groups == [["first"], [f"w{i}" for i in range(LINGER_FROM)], ["late0", "late1"]]
 
 
 # --- deadlines --------------------------------------------------------------------------
