@@ -117,11 +117,15 @@ class _Failed(Exception):
 
 class Answers:
     """The results of one group's items; `done` resolves with them once every one is in, and
-    `fresh()` gives the positions answered since it was last asked, as they come in."""
+    `fresh()` gives the positions answered since it was last asked, as they come in (or none,
+    once, when the group's last queued item left for a compute replica with no room for more:
+    see `left_queue`). `queued` counts the items in the queue."""
 
     def __init__(self, count: int) -> None:
         self.results: list[ItemResult | None] = [None] * count
         self.missing = count
+        self.queued = 0
+        self._left = False
         self.done = asyncio.get_running_loop().create_future()
         self._fresh: list[int] = []
         self._news: asyncio.Future | None = None
@@ -141,11 +145,19 @@ class Answers:
             self.done.set_result(self.results)
         return True
 
+    def left_queue(self) -> None:
+        """The last queued item went to compute: `fresh()` returns, with nothing new if so."""
+        self._left = True
+        if self._news is not None and not self._news.done():
+            self._news.set_result(None)
+
     async def fresh(self) -> list[int]:
-        """The positions answered since the last call, waiting for one when there are none."""
-        if not self._fresh:
+        """The positions answered since the last call, waiting for one when there are none
+        (and the group has not just left the queue)."""
+        if not self._fresh and not self._left:
             self._news = asyncio.get_running_loop().create_future()
             await self._news
+        self._left = False
         fresh, self._fresh = self._fresh, []
         return fresh
 
@@ -266,6 +278,15 @@ class Scheduler:
             return
         replica = min(idle, key=lambda r: r.rows)
         replica.occupy(sum(e.rows for e in live))
+        # A group whose last request leaves for a compute that has room for no more batches
+        # says so (an early answer without results): the hop before sends its next group
+        # now, so that it is queued here before compute runs out of work.
+        full = not any(r.idle for r in self.replicas)
+        for entry in live:
+            answers = entry.payload.answers
+            answers.queued -= 1
+            if not answers.queued and full:
+                answers.left_queue()
         self._budget.sent(now)
         task = asyncio.get_running_loop().create_task(self._execute(replica, live, now))
         self._tasks.add(task)

@@ -122,6 +122,7 @@ class Batcher:
                     rows=rows_of(request, self._batched),
                     enqueued=arrived, deadline=deadline_of(item.timeout_us, arrived),
                     priority=item.priority, payload=job, size=size))
+                answers.queued += 1
             except ServingError as error:
                 if job.span is not None:
                     job.span.set_status(StatusCode.ERROR, error.message)
@@ -132,7 +133,9 @@ class Batcher:
     async def handle(self, body: bytes, early: Early | None = None) -> bytes:
         """A serialized InferGroup in, its serialized InferGroupResult out. With `early`, the
         items answered before the rest (refused at once, or in a batch that finished first)
-        go back as they are answered, and the last answer holds the others."""
+        go back as they are answered, and the last answer holds the others; before any of
+        them, an early answer without results says that the whole group went to a compute
+        replica that has room for no more batches."""
         try:
             group = InferGroup.FromString(body)
         except DecodeError as error:
@@ -146,6 +149,8 @@ class Batcher:
                 fresh = await answers.fresh()
                 if answers.done.done():
                     break
+                if not fresh and told:
+                    continue
                 await early(InferGroupResult(results=[answers.results[i] for i in fresh],
                                              items=fresh).SerializeToString())
                 told += fresh

@@ -1,12 +1,13 @@
 """Group forwarding: the internal hop's hot path.
 
-A hop keeps one group waiting per upstream (and version pin) on its long-lived stream.
-While a group waits for its first answer, new requests wait; when it is answered (wholly, or
-in part as its first batch finishes), everything that arrived meanwhile leaves as the next
-group. Idle, a request leaves at once as a group of one; busy, groups grow by themselves, so
-gRPC's per-message cost is paid per group, not per request. Under load (a group that has
-LINGER_FROM requests already), the group may linger a moment for more before it leaves: fewer,
-bigger groups cost every hop behind less per request.
+A hop keeps one group waiting per upstream (and version pin) on its long-lived stream. While a
+group waits for its first answer, new requests wait; when it is answered (wholly, or in part as
+its first batch finishes, or by the batcher's word that compute has taken all of it),
+everything that arrived meanwhile leaves as the next group. Idle, a request leaves at once as a
+group of one; busy, groups grow by themselves, so gRPC's per-message cost is paid per group,
+not per request. Under load (a group that has LINGER_FROM requests already), the group may
+linger a moment for more before it leaves: fewer, bigger groups cost every hop behind less per
+request.
 """
 
 import asyncio
@@ -193,7 +194,8 @@ class GroupForwarder:
 
     A group waits from when it is sent until its first answer: its last one, or an early
     answer to part of it (a batch that finished while others of the group still queue, or
-    refusals). Then the entries that arrived meanwhile leave as the next group, so a model
+    refusals), or one without results (compute took the whole group and has room for no
+    more). Then the entries that arrived meanwhile leave as the next group, so a model
     whose batches are slow always has the next requests queued at its batcher.
 
     A group answered early in part with RESOURCE_EXHAUSTED (its batcher's queue is full)
@@ -292,7 +294,8 @@ class GroupForwarder:
 
         def early(partial: InferGroupResult) -> None:
             nonlocal refusal
-            parcels.answer(partial)
+            if partial.results:  # none: the upstream has taken the whole group off its queue
+                parcels.answer(partial)
             for result in partial.results:
                 if result.code == RESOURCE_EXHAUSTED:
                     self.saturated = refusal = result

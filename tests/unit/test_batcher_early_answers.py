@@ -32,21 +32,22 @@ class GatedCompute(FakeCompute):
         return await super().send(body, timeout, resend)
 
 
-async def answered_in_parts(max_batch_size: int, rows: list[int]):
+async def answered_in_parts(max_batch_size: int, rows: list[int], capacity: int = 2):
     """The early answers and the last answer of one group of requests with `rows` rows each,
-    batch after batch on a gated compute."""
+    batch after batch on a gated compute that takes `capacity` batches at a time."""
     config = one_input_config()
     config.max_batch_size = max_batch_size
     compute, statistics = GatedCompute(), Statistics(name="m", version="1")
     scheduler = Scheduler(BatchQueue(BatchingPolicy.from_config(config), "m"),
-                          [Replica(compute)], config, "1", statistics)
+                          [Replica(compute, capacity=capacity)], config, "1", statistics)
     batcher = Batcher(scheduler, statistics, config)
     early: list[InferGroupResult] = []
     heard = asyncio.Queue()
 
     async def tell(partial: bytes) -> None:
         early.append(InferGroupResult.FromString(partial))
-        heard.put_nowait(len(early))
+        if early[-1].results:  # (one without results comes as the group leaves the queue)
+            heard.put_nowait(sum(1 for answer in early if answer.results))
 
     group = InferGroup(model_name="m", items=[
         GroupItem(request=request(f"r{i}", n, base=10 * i)) for i, n in enumerate(rows)])
@@ -70,7 +71,7 @@ async def answered_in_parts(max_batch_size: int, rows: list[int]):
 
 
 async def test_each_batch_of_a_group_is_answered_as_soon_as_it_is_done():
-    early, last, compute = await answered_in_parts(2, [2, 1, 2])
+    early, last, compute = await answered_in_parts(2, [2, 1, 2], capacity=1)
     assert compute.ran == [["r0"], ["r1"], ["r2"]]  # 1 + 2 rows exceed max_batch_size 2
     assert [list(partial.items) for partial in early] == [[0], [1]]
     assert list(last.items) == [2]
@@ -80,7 +81,19 @@ async def test_each_batch_of_a_group_is_answered_as_soon_as_it_is_done():
 
 
 async def test_a_group_answered_by_one_batch_comes_back_in_one_answer():
+    """Compute still has room after the group's batch left, so nothing is said early."""
     early, last, compute = await answered_in_parts(8, [2, 1, 3])
     assert early == []
     assert not last.items and len(last.results) == 3  # every item, in order
     assert [list(r.response.outputs[0].shape) for r in last.results] == [[2, 2], [1, 2], [3, 2]]
+
+
+async def test_a_group_taken_whole_by_a_full_compute_says_so_before_its_results():
+    """The group's last request went to the only replica, which has room for no more: an
+    early answer without results says so at once, so the hop before can send its next group
+    while this one runs; the results come in the last answer."""
+    early, last, compute = await answered_in_parts(8, [2, 1, 3], capacity=1)
+    assert len(compute.ran) == 1  # one batch for the whole group
+    assert early == [InferGroupResult()]
+    assert not last.items and len(last.results) == 3
+    assert all(r.code == 0 for r in last.results)

@@ -389,12 +389,15 @@ async def test_an_upstream_that_never_answers_in_time_is_a_deadline():
 
 class EarlyUpstream:
     """Answers the items named in `refuse` early with RESOURCE_EXHAUSTED (with
-    `answer_first`, the first item early with its response, as a finished batch), the rest
-    once the call's gate (one per call, in order) is set."""
+    `answer_first`, the first item early with its response, as a finished batch; with
+    `taken_at_once`, an early answer without results, as a batcher whose compute took the
+    whole group), the rest once the call's gate (one per call, in order) is set."""
 
-    def __init__(self, refuse: set[str], answer_first: bool = False) -> None:
+    def __init__(self, refuse: set[str], answer_first: bool = False,
+                 taken_at_once: bool = False) -> None:
         self.refuse = refuse
         self.answer_first = answer_first
+        self.taken_at_once = taken_at_once
         self.groups: list[list[str]] = []
         self.gates = [asyncio.Event(), asyncio.Event(), asyncio.Event()]
         self.calls = asyncio.Queue()
@@ -404,6 +407,8 @@ class EarlyUpstream:
         gate = self.gates[len(self.groups)]
         self.groups.append(ids)
         refused = [i for i, rid in enumerate(ids) if rid in self.refuse]
+        if self.taken_at_once and early is not None:
+            early(InferGroupResult())
         if refused and early is not None:
             early(InferGroupResult(items=refused, results=[FULL] * len(refused)))
         if self.answer_first and len(ids) > 1 and early is not None:
@@ -456,4 +461,22 @@ async def test_a_group_answered_in_part_lets_the_next_group_leave():
     fake.gates[0].set()
     fake.gates[1].set()
     assert ids_of(await asyncio.wait_for(first, 2)) == ["a", "b"]
+    assert ids_of(await asyncio.wait_for(second, 2)) == ["c"]
+
+
+async def test_a_group_taken_whole_by_compute_lets_the_next_group_leave():
+    """An early answer without results (the batcher sent the group's last request to a
+    compute replica that has no room for more): what waits leaves as the next group at once,
+    and the first group's requests are answered by its last answer."""
+    fake = EarlyUpstream(refuse=set(), taken_at_once=True)
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
+    first = asyncio.create_task(forwarder.forward([entry("a"), entry("b")]))
+    assert await asyncio.wait_for(fake.calls.get(), 2) == ["a", "b"]
+    second = asyncio.create_task(forwarder.forward([entry("c")]))
+    assert await asyncio.wait_for(fake.calls.get(), 2) == ["c"]  # group 1 not answered yet
+    await settle()
+    assert not first.done() and not second.done()
+    fake.gates[0].set()
+    assert ids_of(await asyncio.wait_for(first, 2)) == ["a", "b"]
+    fake.gates[1].set()
     assert ids_of(await asyncio.wait_for(second, 2)) == ["c"]
