@@ -448,34 +448,21 @@ async def test_an_early_refusal_answers_its_request_at_once_and_saturates_until_
     assert ids_of(await asyncio.wait_for(forwarder.forward([entry("e")]), 2)) == ["e"]
 
 
-async def test_a_group_answered_in_part_lets_the_next_group_leave():
-    """A batch of the group finished first (an early answer with results): what waits
-    leaves as the next group at once, before the first group's last answer."""
-    fake = EarlyUpstream(refuse=set(), answer_first=True)
+@pytest.mark.parametrize("early", [{"answer_first": True}, {"taken_at_once": True}],
+                         ids=["a batch finished first", "compute took the whole group"])
+async def test_a_group_answered_early_lets_the_next_group_leave(early):
+    """A batch of the group finished first (an early answer with results), or the batcher
+    sent the group's last request to a compute replica with room for no more (an early
+    answer without results): what waits leaves as the next group at once, and the first
+    group's last answer answers the rest."""
+    fake = EarlyUpstream(refuse=set(), **early)
     forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
     first = asyncio.create_task(forwarder.forward([entry("a"), entry("b")]))
     assert await asyncio.wait_for(fake.calls.get(), 2) == ["a", "b"]
     second = asyncio.create_task(forwarder.forward([entry("c")]))
     assert await asyncio.wait_for(fake.calls.get(), 2) == ["c"]  # group 1 not done yet
-    assert not first.done() and forwarder.saturated is None
-    fake.gates[0].set()
-    fake.gates[1].set()
-    assert ids_of(await asyncio.wait_for(first, 2)) == ["a", "b"]
-    assert ids_of(await asyncio.wait_for(second, 2)) == ["c"]
-
-
-async def test_a_group_taken_whole_by_compute_lets_the_next_group_leave():
-    """An early answer without results (the batcher sent the group's last request to a
-    compute replica that has no room for more): what waits leaves as the next group at once,
-    and the first group's requests are answered by its last answer."""
-    fake = EarlyUpstream(refuse=set(), taken_at_once=True)
-    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
-    first = asyncio.create_task(forwarder.forward([entry("a"), entry("b")]))
-    assert await asyncio.wait_for(fake.calls.get(), 2) == ["a", "b"]
-    second = asyncio.create_task(forwarder.forward([entry("c")]))
-    assert await asyncio.wait_for(fake.calls.get(), 2) == ["c"]  # group 1 not answered yet
     await settle()
-    assert not first.done() and not second.done()
+    assert not first.done() and not second.done() and forwarder.saturated is None
     fake.gates[0].set()
     assert ids_of(await asyncio.wait_for(first, 2)) == ["a", "b"]
     fake.gates[1].set()
