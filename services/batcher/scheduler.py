@@ -119,7 +119,7 @@ class Answers:
     """The results of one group's items; `done` resolves with them once every one is in, and
     `fresh()` gives the positions answered since it was last asked, as they come in (or none,
     once, when the group's last queued item left for a compute replica with no room for more:
-    see `left_queue`). `queued` counts the items in the queue."""
+    see `sent`). `queued` counts the items in the queue."""
 
     def __init__(self, count: int) -> None:
         self.results: list[ItemResult | None] = [None] * count
@@ -139,15 +139,20 @@ class Answers:
         self.results[index] = result
         self.missing -= 1
         self._fresh.append(index)
-        if self._news is not None and not self._news.done():
-            self._news.set_result(None)
+        self._wake()
         if not self.missing and not self.done.done():
             self.done.set_result(self.results)
         return True
 
-    def left_queue(self) -> None:
-        """The last queued item went to compute: `fresh()` returns, with nothing new if so."""
-        self._left = True
+    def sent(self, compute_full: bool) -> None:
+        """One queued item went to compute; when it was the last and compute has room for no
+        more batches, `fresh()` returns, with nothing new if so."""
+        self.queued -= 1
+        if not self.queued and compute_full:
+            self._left = True
+            self._wake()
+
+    def _wake(self) -> None:
         if self._news is not None and not self._news.done():
             self._news.set_result(None)
 
@@ -283,10 +288,7 @@ class Scheduler:
         # now, so that it is queued here before compute runs out of work.
         full = not any(r.idle for r in self.replicas)
         for entry in live:
-            answers = entry.payload.answers
-            answers.queued -= 1
-            if not answers.queued and full:
-                answers.left_queue()
+            entry.payload.answers.sent(full)
         self._budget.sent(now)
         task = asyncio.get_running_loop().create_task(self._execute(replica, live, now))
         self._tasks.add(task)
