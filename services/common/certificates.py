@@ -10,7 +10,8 @@ serve three purposes:
 - `names_of(...).label`: the first DNS SAN, else the subject's CN: the `identity` label of a
   service's certificate-expiry metric.
 
-`IdentityCache` remembers one of them per PEM bytes, so a call costs a dictionary lookup.
+`IdentityCache` remembers one of them per PEM bytes, so a call costs a dictionary lookup;
+`peer_identity_of` reads the mesh identity of a gRPC call's peer without the certificate.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from cryptography import x509
 TRUST_DOMAIN = "meshserve.local"
 UNKNOWN = "unknown"
 SPIFFE_PREFIX = f"spiffe://{TRUST_DOMAIN}/"
+_SPIFFE_PREFIX = SPIFFE_PREFIX.encode()
+# The peer property gRPC lists a TLS peer's subject alternative names under, in the order the
+# certificate has them (its `peer_identities()` when the certificate has any).
+SAN_PROPERTY = "x509_subject_alternative_name"
 
 
 def spiffe_id(identity: str) -> str:
@@ -79,6 +84,21 @@ def identity_of(cert_pem: bytes | str) -> str | None:
 def principal_of(cert_pem: bytes) -> str | None:
     """The mesh identity of a client certificate, else its first DNS SAN."""
     return names_of(cert_pem).principal
+
+
+def peer_identity_of(context) -> str | None:
+    """The mesh identity of a gRPC call's TLS peer, as `identity_of` reads it from the peer's
+    certificate, but from the names gRPC keeps of it (`peer_identities()`, ~2 µs a call)
+    instead of the certificate itself (`auth_context()`, ~17 µs); None when the peer's
+    certificate has no SPIFFE URI of the trust domain, or the call no certificate. Of the
+    names gRPC lists (DNS names, URIs, email and IP addresses), only a URI can begin with
+    `spiffe://`."""
+    if context.peer_identity_key() != SAN_PROPERTY:
+        return None
+    for name in context.peer_identities():
+        if name.startswith(_SPIFFE_PREFIX) and len(name) > len(_SPIFFE_PREFIX):
+            return name[len(_SPIFFE_PREFIX):].decode()
+    return None
 
 
 _MISSING = object()

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from meshserve.common.access import Limit, Policy
-from meshserve.common.certificates import IdentityCache, principal_of
+from meshserve.common.certificates import IdentityCache, peer_identity_of, principal_of
 from meshserve.common.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from meshserve.ingress.quota import Buckets
 from meshserve.ingress.tokens import Keys, Verifier, groups_of, models_of, scopes_of
@@ -89,18 +89,28 @@ class Gate:
         self._principals = IdentityCache(size=1024, parse=principal_of, unknown=None)
 
     def caller(self, context) -> Caller:
-        """The caller of a gRPC call, from its metadata and its TLS peer."""
+        """The caller of a gRPC call, from its metadata and its TLS peer: a certificate's
+        mesh identity as gRPC names the peer (every call of a mesh client), else the
+        certificate's principal read from the certificate itself."""
+        identity = peer_identity_of(context)
+        if identity is not None:
+            return self._authenticated(context.invocation_metadata(), identity)
         pem = (context.auth_context() or {}).get("x509_pem_cert")
         return self.authenticate(context.invocation_metadata(), pem[0] if pem else None)
 
     def authenticate(self, metadata, certificate: bytes | None) -> Caller:
-        credentials = []
+        principal = None
         if certificate is not None:
             principal = self._principals(certificate)
             if principal is None:
                 self._deny(None, "", "", "unauthenticated",
                            Unauthenticated("client certificate names no identity"))
-            credentials.append(Credential(principal))
+        return self._authenticated(metadata, principal)
+
+    def _authenticated(self, metadata, principal: str | None) -> Caller:
+        """The caller with the certificate's `principal` (None: no certificate) and the
+        credential of the token in `metadata`, if any."""
+        credentials = [] if principal is None else [Credential(principal)]
         try:
             token = bearer_token(metadata)
             if token is not None:

@@ -76,6 +76,9 @@ class HttpCall:
     def auth_context(self) -> dict[str, list[bytes]]:
         return {"x509_pem_cert": [self._certificate]} if self._certificate else {}
 
+    def peer_identity_key(self) -> None:
+        return None  # gRPC named no peer: the gate reads the certificate itself
+
     def time_remaining(self) -> float | None:
         return None
 
