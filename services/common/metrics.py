@@ -15,6 +15,7 @@ in one place, so that the dashboard and the docs have one list to follow.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import datetime
 from collections.abc import Callable, Iterable
@@ -27,12 +28,12 @@ from prometheus_client import (
     Counter,
     Gauge,
     GCCollector,
-    Histogram,
     ProcessCollector,
     start_http_server,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
+from prometheus_client.utils import floatToGoString
 
 # Seconds: from a fraction of a millisecond (a hop on loopback) to a slow CPU batch.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
@@ -61,9 +62,8 @@ class Metrics:
         return Gauge(name, documentation, list(labels), registry=self.registry)
 
     def histogram(self, name: str, documentation: str, labels: Iterable[str] = (),
-                  buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
-        return Histogram(name, documentation, list(labels), buckets=buckets,
-                         registry=self.registry)
+                  buckets: tuple[float, ...] = LATENCY_BUCKETS) -> LoopHistogram:
+        return LoopHistogram(name, documentation, labels, buckets, self.registry)
 
     def certificate_expiry(self, certificate: Path) -> None:
         """`meshserve_certificate_expiry_seconds{identity}`: when this service's certificate
@@ -136,6 +136,63 @@ class _Count:
 
     def inc(self, amount: float = 1.0) -> None:
         self.value += amount
+
+
+class LoopHistogram:
+    """A histogram observed on the event loop, exposed as prometheus_client's `Histogram` is
+    (`_bucket{le}`, `_count`, `_sum`; no `_created`). An observation is a bisection and two
+    additions (~0.3 µs), where prometheus_client's takes a lock per bucket, count and sum
+    (~2.4 µs): the ingress and the batchers observe one per request.
+
+    Like TritonCounter's, children are plain numbers added to on the event loop; a scrape
+    (another thread) copies each child's counts at once, so its buckets agree with its count."""
+
+    def __init__(self, name: str, documentation: str, labels: Iterable[str],
+                 buckets: tuple[float, ...], registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labels = tuple(labels)
+        self._bounds = tuple(float(b) for b in buckets)
+        if self._bounds[-1] != float("inf"):
+            self._bounds += (float("inf"),)
+        self._children: dict[tuple[str, ...], _Observations] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _Observations:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self._labels):
+                raise ValueError(f"{self._name} takes labels {self._labels}")
+            child = self._children[values] = _Observations(self._bounds)
+        return child
+
+    def describe(self) -> list[Metric]:
+        return [HistogramMetricFamily(self._name, self._documentation, labels=self._labels)]
+
+    def collect(self) -> list[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labels)
+        for values, child in list(self._children.items()):
+            counts, total = list(child.counts), child.sum
+            cumulative, buckets = 0, []
+            for bound, count in zip(self._bounds, counts, strict=True):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))
+            family.add_metric(list(values), buckets, total)
+        return [family]
+
+
+class _Observations:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Counted in the first bucket whose bound is at least `value` (`le`)."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
 
 
 @dataclass(frozen=True)

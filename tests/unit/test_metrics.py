@@ -5,15 +5,18 @@ import time
 import urllib.request
 
 import pytest
-from prometheus_client import REGISTRY, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshserve.common.metrics import (
+    LATENCY_BUCKETS,
     PROTOCOL,
+    SIZE_BUCKETS,
     BatcherMetrics,
     ComputeMetrics,
     GroupMetrics,
     IngressMetrics,
+    LoopHistogram,
     Metrics,
     XdsCollector,
     serve_metrics,
@@ -105,6 +108,25 @@ def test_group_and_compute_recorders():
     assert got[("meshserve_xds_snapshot_info", (("version", "v7"),))] == 1
     assert got[("meshserve_xds_nacks_total", ())] == 1
     assert got[("meshserve_xds_snapshot_age_seconds", ())] == 12.5
+
+
+@pytest.mark.parametrize("buckets", [LATENCY_BUCKETS, SIZE_BUCKETS, (0.1, 1.0)])
+def test_a_loop_histogram_reads_as_prometheus_clients_histogram(buckets):
+    """The same observations, the same exposition (prometheus_client's `_created` aside):
+    values on a bound, between bounds, past the last and below the first."""
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    reference = Histogram("h", "doc", ["model"], buckets=buckets, registry=theirs)
+    loop = LoopHistogram("h", "doc", ["model"], buckets, ours)
+    values = [*buckets[:-1], 0.0, 0.0003, 0.012, 0.7, 3.5, 20, 700, 1e6, -1.0]
+    for index, value in enumerate(values):
+        model = ("mlp", "cnn")[index % 2]
+        reference.labels(model).observe(value)
+        loop.labels(model).observe(value)
+    expected = [line for line in generate_latest(theirs).decode().splitlines()
+                if "_created" not in line]
+    assert generate_latest(ours).decode().splitlines() == expected
+    with pytest.raises(ValueError, match="takes labels"):
+        loop.labels("mlp", "1")
 
 
 def test_certificate_expiry_names_the_identity(tmp_path):
