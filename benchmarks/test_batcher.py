@@ -3,8 +3,8 @@ queue policy that decides when to send."""
 
 import pytest
 
-from benchmarks.inputs import batch_response, infer_request
-from meshserve.batcher.batch import batch_key, merge, rows_of, split, wanted_outputs
+from benchmarks.inputs import OUTPUT, batch_response, infer_request
+from meshserve.batcher.batch import batch_key, merge, split
 from meshserve.batcher.policy import BatchingPolicy, BatchQueue, Pending, Send
 
 MLP_REQUESTS = 32  # single-row mlp requests: one full batch (max_batch_size 32)
@@ -15,17 +15,22 @@ def _requests(name, count):
     return [infer_request(name, seed=n) for n in range(count)]
 
 
+def _wanted(requests):
+    """The outputs each request names, as validation reads them: OUTPUT__0."""
+    return [[OUTPUT]] * len(requests)
+
+
 @pytest.mark.benchmark(group="batcher.merge")
 def test_merge_mlp_32(benchmark):
     requests = _requests("mlp", MLP_REQUESTS)
-    batch = benchmark(merge, requests, [1] * MLP_REQUESTS, wanted_outputs(requests), "1")
+    batch = benchmark(merge, requests, [1] * MLP_REQUESTS, _wanted(requests), "1")
     assert list(batch.inputs[0].shape) == [MLP_REQUESTS, 256]
 
 
 @pytest.mark.benchmark(group="batcher.merge")
 def test_merge_cnn_4(benchmark):
     requests = _requests("cnn", CNN_REQUESTS)
-    batch = benchmark(merge, requests, [1] * CNN_REQUESTS, wanted_outputs(requests), "1")
+    batch = benchmark(merge, requests, [1] * CNN_REQUESTS, _wanted(requests), "1")
     assert list(batch.inputs[0].shape) == [CNN_REQUESTS, 3, 64, 64]
 
 
@@ -33,7 +38,7 @@ def test_merge_cnn_4(benchmark):
 def test_split_mlp_32(benchmark):
     requests = _requests("mlp", MLP_REQUESTS)
     answers = benchmark(split, batch_response("mlp", MLP_REQUESTS), requests,
-                        [1] * MLP_REQUESTS, wanted_outputs(requests))
+                        [1] * MLP_REQUESTS, _wanted(requests))
     assert len(answers) == MLP_REQUESTS
 
 
@@ -41,25 +46,20 @@ def test_split_mlp_32(benchmark):
 def test_split_cnn_4(benchmark):
     requests = _requests("cnn", CNN_REQUESTS)
     answers = benchmark(split, batch_response("cnn", CNN_REQUESTS), requests,
-                        [1] * CNN_REQUESTS, wanted_outputs(requests))
+                        [1] * CNN_REQUESTS, _wanted(requests))
     assert len(answers) == CNN_REQUESTS
 
 
-def _key_and_rows(request):
-    """What the batcher computes for every request it queues."""
-    return batch_key(request, True), rows_of(request, True)
+@pytest.mark.benchmark(group="batcher.key")
+def test_batch_key_mlp(benchmark):
+    key = benchmark(batch_key, infer_request("mlp"), True)
+    assert key == (("INPUT__0", "FP32", (256,)),)
 
 
 @pytest.mark.benchmark(group="batcher.key")
-def test_batch_key_and_rows_mlp(benchmark):
-    key, rows = benchmark(_key_and_rows, infer_request("mlp"))
-    assert rows == 1 and key == (("INPUT__0", "FP32", (256,)),)
-
-
-@pytest.mark.benchmark(group="batcher.key")
-def test_batch_key_and_rows_cnn(benchmark):
-    key, rows = benchmark(_key_and_rows, infer_request("cnn"))
-    assert rows == 1 and key == (("INPUT__0", "FP32", (3, 64, 64)),)
+def test_batch_key_cnn(benchmark):
+    key = benchmark(batch_key, infer_request("cnn"), True)
+    assert key == (("INPUT__0", "FP32", (3, 64, 64)),)
 
 
 def _entries(request, count):

@@ -32,24 +32,11 @@ def sole_key(schema: Schema) -> tuple | None:
     return ((name, datatype, tuple(dims)),)
 
 
-def rows_of(request: ModelInferRequest, batched: bool) -> int:
-    inputs = request.inputs
-    return inputs[0].shape[0] if batched and inputs else 1
-
-
-def wanted_outputs(requests: Sequence[ModelInferRequest]) -> list[list[str] | None]:
-    """The outputs each request named (None: all of them)."""
-    wanted = []
-    for request in requests:
-        outputs = request.outputs[:]  # sliced: see meshserve.common.validation
-        wanted.append([output.name for output in outputs] if outputs else None)
-    return wanted
-
-
 def merge(requests: Sequence[ModelInferRequest], rows: Sequence[int],
           wanted: Sequence[list[str] | None], version: str) -> ModelInferRequest:
     """One request whose inputs are the requests' inputs joined along the batch dimension,
-    asking for every output one of them wanted (`wanted_outputs`)."""
+    asking for every output one of them wanted (`wanted`: the names each request gave, None
+    for all, as validation reads them)."""
     first = requests[0]
     if len(requests) == 1:
         single = ModelInferRequest()
@@ -88,26 +75,41 @@ def requested_outputs(wanted: Sequence[list[str] | None]) -> list[str]:
 def split(batch: ModelInferResponse, requests: Sequence[ModelInferRequest],
           rows: Sequence[int], wanted: Sequence[list[str] | None]) -> list[ItemResult]:
     """One result per request, its response holding its rows of the outputs it wanted
-    (`wanted_outputs`), built inside the result so that nothing is copied to answer it."""
+    (`wanted`, as for `merge`).
+
+    Requests that want the same outputs for as many rows share a template of their answer
+    (its version and its outputs' names, datatypes and shapes): each result is a copy of it
+    with the request's name, id and bytes, a third of the cost of building it field by field."""
     if len(batch.raw_output_contents) != len(batch.outputs):
         raise Internal("compute answered without raw_output_contents for every output")
     total = sum(rows)
-    version = batch.model_version
-    results = [ItemResult() for _ in requests]
-    answers = [result.response for result in results]
-    for answer, request in zip(answers, requests):
-        answer.model_name, answer.model_version, answer.id = (request.model_name, version,
-                                                              request.id)
+    single = len(requests) == 1  # its answer keeps the batch's shapes
+    outputs = []  # name, datatype, shape (single) or the dims after the batch's, pieces
     for tensor, raw in zip(batch.outputs, batch.raw_output_contents):
-        name, datatype = tensor.name, tensor.datatype
-        tail = list(tensor.shape[1:])
-        pieces = _row_slices(raw, datatype, total, rows, element_count(tail))
-        for answer, names, count, piece in zip(answers, wanted, rows, pieces):
-            if names is not None and name not in names:
-                continue
-            out = answer.outputs.add(name=name, datatype=datatype)
-            out.shape.extend([count, *tail] if len(requests) > 1 else tensor.shape)
-            answer.raw_output_contents.append(piece)
+        shape = tensor.shape[:]
+        outputs.append((tensor.name, tensor.datatype, shape if single else shape[1:],
+                        _row_slices(raw, tensor.datatype, total, rows,
+                                    element_count(shape[1:]))))
+    templates: dict[tuple, ItemResult] = {}
+    results = []
+    for index, (request, names, count) in enumerate(zip(requests, wanted, rows, strict=True)):
+        key = (None if names is None else tuple(names), count)
+        template = templates.get(key)
+        if template is None:
+            template = templates[key] = ItemResult()
+            template.response.model_version = batch.model_version
+            for name, datatype, dims, _ in outputs:
+                if names is None or name in names:
+                    template.response.outputs.add(name=name, datatype=datatype,
+                                                  shape=dims if single else [count, *dims])
+        result = ItemResult()
+        result.CopyFrom(template)
+        answer = result.response
+        answer.model_name, answer.id = request.model_name, request.id
+        for name, _, _, pieces in outputs:
+            if names is None or name in names:
+                answer.raw_output_contents.append(pieces[index])
+        results.append(result)
     return results
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 from opentelemetry.trace import Span, StatusCode
 
-from meshserve.batcher.batch import merge, split, wanted_outputs
+from meshserve.batcher.batch import merge, split
 from meshserve.batcher.failover import (
     FailoverSettings,
     LatencyWindow,
@@ -179,6 +179,7 @@ class Job:
     item: GroupItem
     answers: Answers
     index: int
+    outputs: list[str] | None = None  # the outputs the request names (None: all)
     # Tracing on: the request's `batcher.queue` span, ended when it leaves the queue.
     span: Span | None = None
 
@@ -361,7 +362,7 @@ class Scheduler:
         try:
             requests = [e.payload.item.request for e in entries]
             counts = [e.rows for e in entries]
-            wanted = wanted_outputs(requests)
+            wanted = [e.payload.outputs for e in entries]
             batch = merge(requests, counts, wanted, self._version)
             deadlines = [e.deadline for e in entries]
             left = None if None in deadlines else max(0.001, max(deadlines) - started)

@@ -15,7 +15,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from opentelemetry.trace import StatusCode
 
-from meshserve.batcher.batch import batch_key, rows_of, sole_key
+from meshserve.batcher.batch import batch_key, sole_key
 from meshserve.batcher.caching import CachingFront, VersionIdentity
 from meshserve.batcher.failover import FailoverSettings, no_replica
 from meshserve.batcher.policy import BatchingPolicy, BatchQueue, Pending
@@ -112,16 +112,16 @@ class Batcher:
                 if not self.scheduler.ready:
                     raise self._unready()
                 request = item.request
-                size = self._schema.validate(request)
+                checked = self._schema.validate(request)
+                job.outputs = checked.outputs
                 if self._tracing is not None:
                     job.span = self._tracing.start(
                         "batcher.queue", context_of(item.traceparent),
                         {"request.id": item.request_id})
                 self.scheduler.submit(Pending(
-                    key=self._key or batch_key(request, self._batched),
-                    rows=rows_of(request, self._batched),
+                    key=self._key or batch_key(request, self._batched), rows=checked.rows,
                     enqueued=arrived, deadline=deadline_of(item.timeout_us, arrived),
-                    priority=item.priority, payload=job, size=size))
+                    priority=item.priority, payload=job, size=checked.size))
                 answers.queued += 1
             except ServingError as error:
                 if job.span is not None:

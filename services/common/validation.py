@@ -11,6 +11,7 @@ one or two elements a request usually has, and the hot path reads several per re
 
 import math
 import struct
+from typing import NamedTuple
 
 import numpy
 
@@ -42,6 +43,15 @@ def _fmt(shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
+class Checked(NamedTuple):
+    """What validation read of a valid request, for the hops that batch it: its payload
+    bytes, its rows (1 for a model without batching) and the outputs it names (None: all)."""
+
+    size: int
+    rows: int
+    outputs: list[str] | None
+
+
 class Schema:
     """A model configuration compiled for validation: tables and message parts are built
     once, so a request's check is a few lookups (`validate` builds one per call)."""
@@ -70,13 +80,12 @@ class Schema:
             if name in self.fixed:
                 self.sole = (name, datatype, self.fixed[name])
 
-    def validate(self, request: ModelInferRequest) -> int:
-        """Raise InvalidArgument naming the field and the expected value, or return the
-        request's payload bytes. May rewrite typed `contents` into `raw_input_contents`."""
-        size = self._sole_input(request)
-        if size is not None:
-            self._check_outputs(request)
-            return size
+    def validate(self, request: ModelInferRequest) -> Checked:
+        """Raise InvalidArgument naming the field and the expected value, or say what the
+        request holds. May rewrite typed `contents` into `raw_input_contents`."""
+        checked = self._sole_input(request)
+        if checked is not None:
+            return checked
         model = self.model
         if not request.inputs:
             raise InvalidArgument(f"request has no inputs; model '{model}' expects "
@@ -134,15 +143,15 @@ class Schema:
             if missing:
                 raise InvalidArgument(f"missing input '{missing[0]}' (model '{model}' expects "
                                       f"{self.input_names})")
-        self._check_outputs(request)
+        outputs = self._check_outputs(request)
         if not raw:
             _typed_to_raw(request)
             size = sum(len(data) for data in request.raw_input_contents)
-        return size
+        return Checked(size, batch_size if self.batched else 1, outputs)
 
-    def _sole_input(self, request: ModelInferRequest) -> int | None:
-        """The payload bytes of a well-formed request to a model of one fixed-size input, its
-        bytes raw: the common case, checked in a few comparisons (None: check the long way)."""
+    def _sole_input(self, request: ModelInferRequest) -> Checked | None:
+        """A well-formed request to a model of one fixed-size input, its bytes raw: the
+        common case, checked in a few comparisons (None: check the long way)."""
         if self.sole is None:
             return None
         inputs, raw = request.inputs, request.raw_input_contents
@@ -151,18 +160,22 @@ class Schema:
         tensor = inputs[0]
         name, datatype, known = self.sole
         data = raw[0]
+        shape = tensor.shape[:]
         if (tensor.name != name or tensor.datatype != datatype
-                or not self._well_formed(tensor.shape[:], known, data)
+                or not self._well_formed(shape, known, data)
                 or tensor.HasField("contents")):
             return None
-        return len(data)
+        return Checked(len(data), shape[0] if self.batched else 1, self._check_outputs(request))
 
-    def _check_outputs(self, request: ModelInferRequest) -> None:
-        for wanted in request.outputs[:]:
-            if wanted.name not in self.outputs:
+    def _check_outputs(self, request: ModelInferRequest) -> list[str] | None:
+        """The outputs the request names (None: all of them)."""
+        names = [wanted.name for wanted in request.outputs[:]]
+        for name in names:
+            if name not in self.outputs:
                 raise InvalidArgument(
-                    f"unknown output '{wanted.name}' requested (model '{self.model}' outputs: "
+                    f"unknown output '{name}' requested (model '{self.model}' outputs: "
                     f"{', '.join(t.name for t in self.config.output)})")
+        return names or None
 
     def _well_formed(self, shape: list[int], known: tuple[list[int], int],
                      data: bytes) -> bool:
@@ -191,7 +204,7 @@ class Schema:
                                       f"{config.max_batch_size}")
 
 
-def validate(request: ModelInferRequest, config: ModelConfig) -> int:
+def validate(request: ModelInferRequest, config: ModelConfig) -> Checked:
     """`Schema(config).validate(request)`: for callers that check one request of a model."""
     return Schema(config).validate(request)
 

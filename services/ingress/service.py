@@ -260,7 +260,7 @@ class Ingress:
         schema = self.schema(request.model_name, request.model_version)
         if self.readiness is not None:
             self.readiness.admit(request.model_name, request.model_version)
-        size = self._step("ingress.validate", span, lambda: schema.validate(request))
+        size = self._step("ingress.validate", span, lambda: schema.validate(request)).size
         entry = Entry(request, request_id,
                       deadline_of(parameter(request, "timeout"), arrived, remaining),
                       parameter(request, "priority"),

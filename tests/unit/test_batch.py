@@ -9,10 +9,8 @@ from meshserve.batcher.batch import (
     batch_key,
     merge,
     requested_outputs,
-    rows_of,
     sole_key,
     split,
-    wanted_outputs,
 )
 from meshserve.common.errors import Internal
 from meshserve.common.validation import Schema
@@ -53,7 +51,12 @@ def request(rid: str, rows: int, *, tensors=(("A", 4),), outputs=(), base: float
     return built
 
 
-# --- batch_key / rows_of ------------------------------------------------------------------
+def wanted_outputs(parts: list[ModelInferRequest]) -> list[list[str] | None]:
+    """The outputs each request names (None: all), as validation reads them."""
+    return [[output.name for output in part.outputs] or None for part in parts]
+
+
+# --- batch_key ------------------------------------------------------------------------
 
 def test_batch_key_ignores_batch_size_and_input_order():
     ab = request("1", 1, tensors=(("A", 4), ("B", 2)))
@@ -101,15 +104,6 @@ def test_sole_key_none_for_several_inputs_or_free_dims():
     assert sole_key(Schema(free)) is None
 
 
-@pytest.mark.parametrize("built, batched, rows", [
-    pytest.param(request("1", 5), True, 5, id="batched"),
-    pytest.param(request("1", 5), False, 1, id="unbatched"),
-    pytest.param(ModelInferRequest(), True, 1, id="no-inputs"),
-])
-def test_rows_of(built, batched, rows):
-    assert rows_of(built, batched) == rows
-
-
 # --- merge --------------------------------------------------------------------------------
 
 def test_merge_three_requests_concatenates_in_order():
@@ -148,9 +142,7 @@ def test_merge_matches_inputs_by_name_not_position():
     pytest.param([["AUX", "OUT"]], ["AUX", "OUT"], id="single"),
 ])
 def test_requested_outputs(wanted, expected):
-    parts = [request(str(i), 1, outputs=names) for i, names in enumerate(wanted)]
-    assert wanted_outputs(parts) == [names or None for names in wanted]
-    assert requested_outputs(wanted_outputs(parts)) == expected
+    assert requested_outputs([names or None for names in wanted]) == expected
 
 
 def test_merge_carries_requested_outputs_union():

@@ -6,7 +6,7 @@ import numpy
 import pytest
 
 from meshserve.common.errors import InvalidArgument
-from meshserve.common.validation import validate
+from meshserve.common.validation import Checked, validate
 from meshserve.protocol import model_config_pb2 as mc
 from meshserve.protocol.grpc_service_pb2 import InferTensorContents, ModelInferRequest
 
@@ -65,7 +65,8 @@ def raw_request(batch: int = 2, *, name: str = "INPUT__0", datatype: str = "FP32
 def test_valid_raw_request_passes_unchanged(batch):
     request = raw_request(batch, outputs=["OUTPUT__0"])
     before = request.SerializeToString(deterministic=True)
-    assert validate(request, mlp_config()) == batch * 256 * 4  # the payload bytes
+    assert validate(request, mlp_config()) == Checked(size=batch * 256 * 4, rows=batch,
+                                                      outputs=["OUTPUT__0"])
     assert request.SerializeToString(deterministic=True) == before
     assert request.raw_input_contents[0] == fp32(batch * 256)
 
@@ -75,7 +76,7 @@ def test_typed_fp32_contents_become_raw_bytes():
     request = ModelInferRequest(model_name="mlp")
     request.inputs.add(name="INPUT__0", datatype="FP32", shape=[2, 256],
                        contents=InferTensorContents(fp32_contents=values))
-    validate(request, mlp_config())
+    assert validate(request, mlp_config()) == Checked(size=2 * 256 * 4, rows=2, outputs=None)
     assert list(request.raw_input_contents) == [numpy.asarray(values, dtype=numpy.float32)
                                                 .tobytes()]
     assert len(request.raw_input_contents[0]) == 2 * 256 * 4
@@ -106,15 +107,16 @@ def test_unbatched_model_accepts_exact_dims():
     request = ModelInferRequest(model_name="flat")
     request.inputs.add(name="X", datatype="FP32", shape=[3, 4])
     request.raw_input_contents.append(fp32(12))
-    validate(request, unbatched_config())
+    assert validate(request, unbatched_config()) == Checked(size=48, rows=1, outputs=None)
     assert list(request.raw_input_contents) == [fp32(12)]
 
 
 def test_optional_input_may_be_missing():
     config = mlp_config()
     config.input.add(name="MASK", data_type=mc.TYPE_FP32, dims=[256], optional=True)
-    request = raw_request(1)
-    validate(request, config)
+    request = raw_request(3, outputs=["OUTPUT__0", "OUTPUT__0"])
+    assert validate(request, config) == Checked(size=3 * 256 * 4, rows=3,
+                                                outputs=["OUTPUT__0", "OUTPUT__0"])
     assert [t.name for t in request.inputs] == ["INPUT__0"]
 
 
