@@ -17,7 +17,7 @@ from meshserve.common.errors import (
     PermissionDenied,
     ServingError,
 )
-from meshserve.common.identity import IdentityCache, peer_identity
+from meshserve.common.identity import IdentityCache, caller_identity
 from meshserve.mesh import admin_access
 from meshserve.mesh.canary import CanaryPlan
 from meshserve.mesh.control import ControlPlane, start_policy
@@ -127,7 +127,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     def _caller(self, context: grpc.aio.ServicerContext) -> str:
         """The caller's identity from its certificate (recorded in the audit log)."""
-        return peer_identity(context.auth_context(), self._identities)
+        return caller_identity(context, self._identities)
 
     def _authorize(self, context, method: str, request) -> Callable[[str], bool]:
         """PERMISSION_DENIED (audited, counted) unless the caller may call `method`; returns

@@ -21,7 +21,7 @@ from fnmatch import fnmatchcase
 
 import grpc
 
-from meshserve.common.certificates import UNKNOWN, IdentityCache
+from meshserve.common.certificates import UNKNOWN, IdentityCache, peer_identity_of
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
@@ -80,6 +80,12 @@ def peer_identity(auth_context: Mapping[str, list[bytes]],
     return UNKNOWN
 
 
+def caller_identity(context: grpc.aio.ServicerContext, cache: Callable[[bytes], str]) -> str:
+    """The identity of a call's peer: from the names gRPC keeps of its certificate when they
+    hold one (`peer_identity_of`), else read from the certificate (`peer_identity`)."""
+    return peer_identity_of(context) or peer_identity(context.auth_context(), cache)
+
+
 @dataclass(frozen=True)
 class Callers:
     """The identities (patterns) allowed to call `service`."""
@@ -103,7 +109,7 @@ class CallerCheck:
         self._cache = cache or IdentityCache()
 
     async def __call__(self, context: grpc.aio.ServicerContext) -> None:
-        identity = peer_identity(context.auth_context(), self._cache)
+        identity = caller_identity(context, self._cache)
         if not self._callers.admits(identity):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 self._callers.refusal(identity))

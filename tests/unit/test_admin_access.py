@@ -129,6 +129,9 @@ class CertificateContext:
     def auth_context(self):
         return {"x509_pem_cert": [self._pem]}
 
+    def peer_identity_key(self):
+        return None  # no names of the peer from gRPC: the certificate is read
+
 
 @pytest.fixture(scope="module")
 def nobody_pem(tmp_path_factory) -> bytes:
