@@ -88,15 +88,18 @@ class Gate:
         # A client certificate's principal (SPIFFE identity, else first DNS SAN), by its PEM.
         self._principals = IdentityCache(size=1024, parse=principal_of, unknown=None)
 
-    def caller(self, context) -> Caller:
-        """The caller of a gRPC call, from its metadata and its TLS peer: a certificate's
-        mesh identity as gRPC names the peer (every call of a mesh client), else the
-        certificate's principal read from the certificate itself."""
+    def caller(self, context, metadata=None) -> Caller:
+        """The caller of a gRPC call, from its metadata (`metadata`, when the caller has read
+        it already) and its TLS peer: a certificate's mesh identity as gRPC names the peer
+        (every call of a mesh client), else the certificate's principal read from the
+        certificate itself."""
+        if metadata is None:
+            metadata = context.invocation_metadata()
         identity = peer_identity_of(context)
         if identity is not None:
-            return self._authenticated(context.invocation_metadata(), identity)
+            return self._authenticated(metadata, identity)
         pem = (context.auth_context() or {}).get("x509_pem_cert")
-        return self.authenticate(context.invocation_metadata(), pem[0] if pem else None)
+        return self.authenticate(metadata, pem[0] if pem else None)
 
     def authenticate(self, metadata, certificate: bytes | None) -> Caller:
         principal = None
@@ -203,7 +206,7 @@ class Decisions:
 class OpenGate:
     """No policy configured: every caller may do everything (the ingress as before)."""
 
-    def caller(self, context) -> Caller:
+    def caller(self, context, metadata=None) -> Caller:
         return Caller((Credential(None),))
 
     def allows(self, caller: Caller, action: str, model: str) -> bool:

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import grpc
 from opentelemetry.trace import Span, SpanKind, StatusCode, set_span_in_context
 
 from meshserve import __version__
@@ -277,15 +276,6 @@ class Ingress:
         return result.response
 
 
-def pinned_version(context: grpc.aio.ServicerContext) -> str:
-    """The `x-model-version` header: a version pin for requests that name none."""
-    return header(context.invocation_metadata(), PIN_HEADER)
-
-
-def client_traceparent(context: grpc.aio.ServicerContext) -> str:
-    return header(context.invocation_metadata(), TRACEPARENT)
-
-
 def pin_request(request: pb.ModelInferRequest, pin: str) -> None:
     if pin and not request.model_version:
         request.model_version = pin
@@ -407,21 +397,23 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def ModelInfer(self, request, context):
-        pin_request(request, pinned_version(context))
-        traceparent = client_traceparent(context) if self._traced else ""
+        metadata = context.invocation_metadata()  # read once: ~6 µs a time
+        pin_request(request, header(metadata, PIN_HEADER))
+        traceparent = header(metadata, TRACEPARENT) if self._traced else ""
         return await self._ingress.infer(
             request, context.time_remaining(), traceparent,
-            admit=lambda: self._admit(self._gate.caller(context), request))
+            admit=lambda: self._admit(self._gate.caller(context, metadata), request))
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests are served concurrently; each answer is sent as soon as it is ready."""
         answers: asyncio.Queue = asyncio.Queue()
-        caller = self._gate.caller(context)
+        metadata = context.invocation_metadata()
+        caller = self._gate.caller(context, metadata)
         remaining = context.time_remaining()
         # The stream's own deadline bounds every request on it, however late it comes.
         deadline = None if remaining is None else time.monotonic() + remaining
-        pin = pinned_version(context)
-        traceparent = client_traceparent(context) if self._traced else ""
+        pin = header(metadata, PIN_HEADER)
+        traceparent = header(metadata, TRACEPARENT) if self._traced else ""
 
         async def serve_one(request) -> None:
             try:
