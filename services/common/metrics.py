@@ -93,29 +93,38 @@ def certificate_facts(certificate: Path) -> tuple[str, float]:
     return names_of(pem).label, expires.replace(tzinfo=datetime.UTC).timestamp()
 
 
-class TritonCounter:
-    """A cumulative counter exposed under its exact name, as Triton does (`nv_inference_count`,
-    not prometheus_client's `nv_inference_count_total`); typed `untyped` in the text format,
-    since prometheus_client writes a counter's TYPE line only for `_total` names.
-
-    Children are plain floats added to on the event loop; a scrape (another thread) reads them.
-    """
+class _LoopMetric:
+    """A metric recorded on the event loop without locks: one child per label set, made by
+    `_child()`, whose plain numbers a scrape (another thread) reads."""
 
     def __init__(self, name: str, documentation: str, labels: Iterable[str],
                  registry: CollectorRegistry) -> None:
         self._name = name
         self._documentation = documentation
         self._labels = tuple(labels)
-        self._children: dict[tuple[str, ...], _Count] = {}
+        self._children: dict[tuple[str, ...], object] = {}
         registry.register(self)
 
-    def labels(self, *values: str) -> _Count:
+    def _child(self):
+        raise NotImplementedError
+
+    def labels(self, *values: str):
         child = self._children.get(values)
         if child is None:
             if len(values) != len(self._labels):
                 raise ValueError(f"{self._name} takes labels {self._labels}")
-            child = self._children[values] = _Count()
+            child = self._children[values] = self._child()
         return child
+
+
+class TritonCounter(_LoopMetric):
+    """A cumulative counter exposed under its exact name, as Triton does (`nv_inference_count`,
+    not prometheus_client's `nv_inference_count_total`); typed `untyped` in the text format,
+    since prometheus_client writes a counter's TYPE line only for `_total` names. Children
+    are plain floats."""
+
+    def _child(self) -> _Count:
+        return _Count()
 
     def describe(self) -> list[Metric]:
         return [Metric(self._name, self._documentation, "unknown")]
@@ -138,33 +147,21 @@ class _Count:
         self.value += amount
 
 
-class LoopHistogram:
+class LoopHistogram(_LoopMetric):
     """A histogram observed on the event loop, exposed as prometheus_client's `Histogram` is
     (`_bucket{le}`, `_count`, `_sum`; no `_created`). An observation is a bisection and two
     additions (~0.3 µs), where prometheus_client's takes a lock per bucket, count and sum
-    (~2.4 µs): the ingress and the batchers observe one per request.
-
-    Like TritonCounter's, children are plain numbers added to on the event loop; a scrape
-    (another thread) copies each child's counts at once, so its buckets agree with its count."""
+    (~2.4 µs): the ingress and the batchers observe one per request. A scrape copies each
+    child's counts at once, so its buckets agree with its count."""
 
     def __init__(self, name: str, documentation: str, labels: Iterable[str],
                  buckets: tuple[float, ...], registry: CollectorRegistry) -> None:
-        self._name = name
-        self._documentation = documentation
-        self._labels = tuple(labels)
-        self._bounds = tuple(float(b) for b in buckets)
-        if self._bounds[-1] != float("inf"):
-            self._bounds += (float("inf"),)
-        self._children: dict[tuple[str, ...], _Observations] = {}
-        registry.register(self)
+        bounds = tuple(float(b) for b in buckets)
+        self._bounds = bounds if bounds[-1] == float("inf") else (*bounds, float("inf"))
+        super().__init__(name, documentation, labels, registry)
 
-    def labels(self, *values: str) -> _Observations:
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self._labels):
-                raise ValueError(f"{self._name} takes labels {self._labels}")
-            child = self._children[values] = _Observations(self._bounds)
-        return child
+    def _child(self) -> _Observations:
+        return _Observations(self._bounds)
 
     def describe(self) -> list[Metric]:
         return [HistogramMetricFamily(self._name, self._documentation, labels=self._labels)]
