@@ -90,25 +90,28 @@ def split(batch: ModelInferResponse, requests: Sequence[ModelInferRequest],
         outputs.append((tensor.name, tensor.datatype, shape if single else shape[1:],
                         _row_slices(raw, tensor.datatype, total, rows,
                                     element_count(shape[1:]))))
-    templates: dict[tuple, ItemResult] = {}
+    # Per kind of answer: its template, and the pieces of each output it holds, in order.
+    templates: dict[tuple, tuple[ItemResult, list[list[bytes]]]] = {}
     results = []
     for index, (request, names, count) in enumerate(zip(requests, wanted, rows, strict=True)):
         key = (None if names is None else tuple(names), count)
-        template = templates.get(key)
-        if template is None:
-            template = templates[key] = ItemResult()
+        kind = templates.get(key)
+        if kind is None:
+            template, held = ItemResult(), []
             template.response.model_version = batch.model_version
-            for name, datatype, dims, _ in outputs:
+            for name, datatype, dims, pieces in outputs:
                 if names is None or name in names:
                     template.response.outputs.add(name=name, datatype=datatype,
                                                   shape=dims if single else [count, *dims])
+                    held.append(pieces)
+            kind = templates[key] = (template, held)
+        template, held = kind
         result = ItemResult()
         result.CopyFrom(template)
         answer = result.response
         answer.model_name, answer.id = request.model_name, request.id
-        for name, _, _, pieces in outputs:
-            if names is None or name in names:
-                answer.raw_output_contents.append(pieces[index])
+        for pieces in held:
+            answer.raw_output_contents.append(pieces[index])
         results.append(result)
     return results
 

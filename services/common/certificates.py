@@ -28,7 +28,7 @@ SPIFFE_PREFIX = f"spiffe://{TRUST_DOMAIN}/"
 _SPIFFE_PREFIX = SPIFFE_PREFIX.encode()
 # The peer property gRPC lists a TLS peer's subject alternative names under, in the order the
 # certificate has them (its `peer_identities()` when the certificate has any).
-SAN_PROPERTY = "x509_subject_alternative_name"
+_SAN_PROPERTY = "x509_subject_alternative_name"
 
 
 def spiffe_id(identity: str) -> str:
@@ -93,7 +93,7 @@ def peer_identity_of(context) -> str | None:
     certificate has no SPIFFE URI of the trust domain, or the call no certificate. Of the
     names gRPC lists (DNS names, URIs, email and IP addresses), only a URI can begin with
     `spiffe://`."""
-    if context.peer_identity_key() != SAN_PROPERTY:
+    if context.peer_identity_key() != _SAN_PROPERTY:
         return None
     for name in context.peer_identities():
         if name.startswith(_SPIFFE_PREFIX) and len(name) > len(_SPIFFE_PREFIX):
