@@ -1,11 +1,17 @@
-"""Batcher hot path: batch keys, merging requests into a batch, splitting its answer, and the
-queue policy that decides when to send."""
+"""Batcher hot path: batch keys, merging requests into a batch, splitting its answer, the
+queue policy that decides when to send, and a whole group through `Batcher.handle`."""
+
+import asyncio
 
 import pytest
 
 from benchmarks.inputs import OUTPUT, batch_response, infer_request
 from meshserve.batcher.batch import batch_key, merge, split
 from meshserve.batcher.policy import BatchingPolicy, BatchQueue, Pending, Send
+from meshserve.batcher.scheduler import Replica, Scheduler
+from meshserve.batcher.service import Batcher
+from meshserve.common.statistics import Statistics
+from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
 
 MLP_REQUESTS = 32  # single-row mlp requests: one full batch (max_batch_size 32)
 CNN_REQUESTS = 4  # single-row cnn requests: one preferred batch (preferred_batch_size 4)
@@ -97,3 +103,56 @@ def test_queue_cnn_32_preferred_batches_of_4(benchmark, cnn_config):
     policy = BatchingPolicy.from_config(cnn_config)
     entries = _entries(infer_request("cnn"), 32)
     assert benchmark(_cycle, policy, entries) == [CNN_REQUESTS] * 8
+
+
+GROUP = 14  # single-row mlp requests: a group as the router sends them at concurrency 32
+
+
+class ImmediateCompute:
+    """A compute replica's stream that answers each batch at once with a prebuilt answer of
+    its rows."""
+
+    target = "bench:1"
+    serving = True
+
+    def __init__(self):
+        self.stream = self
+        self.rows = []
+        self._replies = {}
+
+    async def send(self, body, timeout=None, resend=True):
+        rows = InferGroup.FromString(body).items[0].request.inputs[0].shape[0]
+        self.rows.append(rows)
+        reply = self._replies.get(rows)
+        if reply is None:
+            reply = self._replies[rows] = InferGroupResult(
+                results=[ItemResult(response=batch_response("mlp", rows))]).SerializeToString()
+        return reply
+
+
+@pytest.mark.benchmark(group="batcher.handle")
+def test_handle_group_of_14_mlp(benchmark, mlp_config):
+    """A serialized group in, its answer out: validation, the queue, the batch's merge, the
+    compute call and the split, as on the batcher's stream (divide by 14 for a request)."""
+    loop = asyncio.new_event_loop()
+    compute, statistics = ImmediateCompute(), Statistics(name="mlp", version="1")
+    scheduler = Scheduler(BatchQueue(BatchingPolicy.from_config(mlp_config), "mlp"),
+                          [Replica(compute, capacity=2)], mlp_config, "1", statistics)
+    batcher = Batcher(scheduler, statistics, mlp_config)
+    body = InferGroup(model_name="mlp", items=[
+        GroupItem(request=infer_request("mlp", seed=n), request_id=f"ab12cd34-{n}",
+                  timeout_us=60_000_000) for n in range(GROUP)]).SerializeToString()
+
+    async def early(partial):
+        raise AssertionError("a group of one batch is answered once")
+
+    running = loop.create_task(scheduler.run())
+    try:
+        answer = benchmark(lambda: loop.run_until_complete(batcher.handle(body, early)))
+    finally:
+        running.cancel()
+        loop.run_until_complete(scheduler.close())
+        loop.close()
+    results = InferGroupResult.FromString(answer).results
+    assert [r.code for r in results] == [0] * GROUP
+    assert set(compute.rows) == {GROUP}
