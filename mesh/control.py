@@ -37,12 +37,18 @@ CounterReader = Callable[[Endpoint], Awaitable[tuple[int, int, tuple[int, ...], 
 
 
 class ControlPlane:
+    """`read_counters` returns counts up to `counts_lag` seconds old (batchers push theirs
+    at most once an interval), so a canary's window starts that much after its step began:
+    a sample taken sooner may hold failures from before the step, such as those that rolled
+    back the canary before it."""
+
     def __init__(self, store: Store, read_counters: CounterReader | None = None,
-                 tick_seconds: float = 1.0) -> None:
+                 tick_seconds: float = 1.0, counts_lag: float = 0.0) -> None:
         self.store = store
         self.cache = SnapshotCache(Snapshot.of(store.state()))
         self._read = read_counters
         self._tick = tick_seconds
+        self._counts_lag = counts_lag
         self._histories: dict[tuple[str, str, str], History] = {}
         self._bounds: tuple[float, ...] = ()
         self._canaries: dict[str, asyncio.Task] = {}
@@ -237,7 +243,10 @@ class ControlPlane:
             await asyncio.sleep(self._tick)
             now = time.monotonic()
             elapsed = now - step_started
-            since = max(step_started, now - plan.interval_s)  # never before the step began
+            # Never before the step began, nor before counts from then have arrived (at most
+            # half the interval: a window is never empty).
+            since = max(step_started + min(self._counts_lag, plan.interval_s / 2),
+                        now - plan.interval_s)
             verdict = judge(plan, step, self._version_window(model, plan.baseline, since),
                             self._version_window(model, plan.canary, since))
             if verdict.action == ROLLBACK:

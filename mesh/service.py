@@ -73,6 +73,7 @@ class CounterFeeds:
 
     RETRY_S = 1.0
     FORGET_S = 60.0  # a batcher no longer asked about (gone from the mesh) is let go
+    INTERVAL_S = 1.0  # how often a batcher looks at its counters to push them
 
     def __init__(self, tls: TlsFiles, identity: str, clock=time.monotonic) -> None:
         self._tls = tls
@@ -107,7 +108,7 @@ class CounterFeeds:
         await follow_stream(
             ReloadingChannel(address, self._tls, self._identity),
             lambda channel: GroupInferenceStub(channel).WatchCounters(
-                CountersRequest(interval_ms=1000)),
+                CountersRequest(interval_ms=int(self.INTERVAL_S * 1000))),
             heard, ended, self.RETRY_S)
 
     async def close(self) -> None:
@@ -118,7 +119,8 @@ class CounterFeeds:
 
 def build_service(settings: ControlPlaneSettings, metrics: Metrics | None = None) -> Service:
     reader = CounterFeeds(settings.tls, settings.batcher_identity)
-    control = ControlPlane(Store.open(settings.store), reader, settings.sample_seconds)
+    control = ControlPlane(Store.open(settings.store), reader, settings.sample_seconds,
+                           counts_lag=CounterFeeds.INTERVAL_S)
     registry = None
     if settings.model_repository is not None:
         repository = settings.model_repository

@@ -1,7 +1,9 @@
 """The control plane's core: registration, policy changes, live windows and canaries."""
 
 import asyncio
+import collections
 import contextlib
+import time
 from pathlib import Path
 
 import pytest
@@ -26,8 +28,10 @@ WAIT = 4.0
 
 
 @contextlib.asynccontextmanager
-async def plane(tmp_path: Path, read=None, tick: float = TICK, endpoints=(E1, E2)):
-    control = ControlPlane(Store.open(tmp_path / "x.db"), read_counters=read, tick_seconds=tick)
+async def plane(tmp_path: Path, read=None, tick: float = TICK, endpoints=(E1, E2),
+                counts_lag: float = 0.0):
+    control = ControlPlane(Store.open(tmp_path / "x.db"), read_counters=read, tick_seconds=tick,
+                           counts_lag=counts_lag)
     sampler = None
     try:
         for endpoint in endpoints:
@@ -203,6 +207,24 @@ class Counters:
         return total[0], total[1], (total[0], 0, 0), BOUNDS
 
 
+class Late:
+    """A reader whose counts arrive `lag` seconds late, as the batchers' pushed counters do:
+    each read returns the newest reading of `read` that is at least `lag` old."""
+
+    def __init__(self, read, lag: float) -> None:
+        self._read = read
+        self._lag = lag
+        self._readings: dict[str, collections.deque] = {}
+
+    async def __call__(self, endpoint: Endpoint):
+        now = time.monotonic()
+        readings = self._readings.setdefault(endpoint.address, collections.deque())
+        readings.append((now, await self._read(endpoint)))
+        while len(readings) > 1 and now - readings[1][0] >= self._lag:
+            readings.popleft()
+        return readings[0][1]
+
+
 class Scripted:
     """A fake reader that answers from a fixed list per address, then fails (skipped)."""
 
@@ -254,9 +276,9 @@ START = {"1": 70, "2": 30, "3": 0}
 
 
 @contextlib.asynccontextmanager
-async def three_versions(tmp_path: Path, read=None):
+async def three_versions(tmp_path: Path, read=None, counts_lag: float = 0.0):
     """mlp versions 1, 2 and 3 serving 1=70 2=30 3=0."""
-    async with plane(tmp_path, read, endpoints=(E1, E2, E3)) as control:
+    async with plane(tmp_path, read, endpoints=(E1, E2, E3), counts_lag=counts_lag) as control:
         control.set_weights("mlp", START, "alice", "before the canary")
         yield control
 
@@ -383,6 +405,21 @@ async def test_failures_counted_before_a_canary_began_do_not_roll_it_back(tmp_pa
                     "failures of version 3 counted")
         read.per_read["3"] = (10, 0)  # healthy from the canary's start on
         control.start_canary(CanaryPlan("mlp", "", "3", steps=(10, 100), interval_s=0.2,
+                                        min_requests=5), "alice")
+        record = await finished(control, "mlp")
+        assert record["state"] == "promoted", record["reason"]
+
+
+async def test_failures_counted_before_a_canary_began_that_arrive_late_do_not_roll_it_back(
+        tmp_path):
+    """Counts reach the control plane up to `counts_lag` late: the failures that rolled back
+    the last canary may arrive after the next one began, and are not the new canary's."""
+    read, lag = Counters({"1": (10, 0), "3": (10, 5)}), 0.25
+    async with three_versions(tmp_path, Late(read, lag), counts_lag=lag) as control:
+        await until(lambda: control.window("mlp", "3", 60.0).failures >= 50, WAIT,
+                    "failures of version 3 counted")
+        read.per_read["3"] = (10, 0)  # healthy from the canary's start on
+        control.start_canary(CanaryPlan("mlp", "", "3", steps=(10, 100), interval_s=0.6,
                                         min_requests=5), "alice")
         record = await finished(control, "mlp")
         assert record["state"] == "promoted", record["reason"]
