@@ -5,9 +5,8 @@ group waits for its first answer, new requests wait; when it is answered (wholly
 its first batch finishes, or by the batcher's word that compute has taken all of it),
 everything that arrived meanwhile leaves as the next group. Idle, a request leaves at once as a
 group of one; busy, groups grow by themselves, so gRPC's per-message cost is paid per group,
-not per request. Under load (a group that has LINGER_FROM requests already), the group may
-linger a moment for more before it leaves: fewer, bigger groups cost every hop behind less per
-request.
+not per request. Under load the groups take turns, one travelling while the next gathers;
+a group may linger a moment so that the two stay about the same size (`balanced_size`).
 """
 
 import asyncio
@@ -45,11 +44,19 @@ CODE_NAME = {number: name for name, number in CODE_NUMBER.items()}
 OK = 0
 RESOURCE_EXHAUSTED = CODE_NUMBER["RESOURCE_EXHAUSTED"]
 
-# A group lingers only once it has this many requests: fewer wait only under light load, where
-# a request leaving at once matters more than the group's size.
+# Groups linger only after one of this many requests: under a light load a request leaving at
+# once matters more than the size of its group.
 LINGER_FROM = 8
-# ... and for no more than this share of the last group's round trip.
-LINGER_SHARE = 0.25
+
+def balanced_size(last_group: int, waiting: int) -> int:
+    """How many requests a group lingers for when its turn comes just as the last one was
+    answered: half of both together. Under a steady load (N callers, each sending again once
+    answered) the requests then travel in two groups of about N/2 that take turns. Without
+    it they split unevenly and stay so, a big group and a small one: the small one costs every
+    hop as much per message, and while the big one's callers are answered and send again,
+    the hops behind sit idle. A lone request (or any group no smaller than the last) leaves at
+    once."""
+    return (last_group + waiting) // 2
 
 
 def error_result(error: ServingError) -> ItemResult:
@@ -202,8 +209,9 @@ class GroupForwarder:
     leaves the forwarder saturated until the group's last answer: entries arriving meanwhile
     get that refusal at once instead of waiting to be sent to a full queue.
 
-    `linger` (seconds, 0: never): a group that holds LINGER_FROM entries when its turn comes
-    waits that long (at most LINGER_SHARE of the last round trip) for more before it leaves.
+    `linger` (seconds, 0: never): a group whose turn comes within a round trip of the last
+    group's answer, holding fewer entries than `balanced_size`, waits for that many, for at
+    most `linger` and the last round trip.
 
     `waiting` counts the entries that wait for the next group, and `round_trip` is how long
     the last group took to be answered (seconds): about when those entries will have left."""
@@ -226,6 +234,10 @@ class GroupForwarder:
         self.saturated: ItemResult | None = None
         self.waiting = 0
         self.round_trip = 0.0
+        self._last_group = 0  # entries the last group carried
+        self._answered_at = float("-inf")  # when the last group was (first) answered
+        self._enough: asyncio.Future | None = None  # while lingering: done once _wanted wait
+        self._wanted = 0
 
     async def forward(self, entries: list[Entry]) -> list[ItemResult]:
         """Send `entries` with whatever else is waiting; one result per entry, in order."""
@@ -234,6 +246,9 @@ class GroupForwarder:
         future = asyncio.get_running_loop().create_future()
         self._pending.append((entries, future))
         self.waiting += len(entries)
+        enough = self._enough
+        if enough is not None and self.waiting >= self._wanted and not enough.done():
+            enough.set_result(None)
         self._next()
         return await future
 
@@ -265,11 +280,12 @@ class GroupForwarder:
             if waiting:
                 waiting = False
                 self._in_flight -= 1
+                self._answered_at = self._clock()
                 self._next()
 
-        if self._linger and self.waiting >= LINGER_FROM:
-            await asyncio.sleep(min(self._linger, LINGER_SHARE * self.round_trip))
+        await self._balance()
         parcels = _Parcels(self._take())
+        self._last_group = sum(len(entries) for entries, _ in parcels.parcels)
         try:
             await self._send(parcels, answered)
         except Exception as error:  # noqa: BLE001 — every waiter must hear of it
@@ -278,6 +294,21 @@ class GroupForwarder:
                     future.set_exception(error)
         finally:
             answered()
+
+    async def _balance(self) -> None:
+        """Linger, under load, until `balanced_size` entries wait (see the class)."""
+        if (not self._linger or self._last_group < LINGER_FROM
+                or self._clock() - self._answered_at > self.round_trip):
+            return
+        wanted = balanced_size(self._last_group, self.waiting)
+        if self.waiting >= wanted:
+            return
+        enough = self._enough = asyncio.get_running_loop().create_future()
+        self._wanted = wanted
+        try:
+            await asyncio.wait((enough,), timeout=min(self._linger, self.round_trip))
+        finally:
+            self._enough = None
 
     async def _send(self, parcels: _Parcels, answered: Callable[[], None]) -> None:
         started = self._clock()

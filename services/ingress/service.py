@@ -34,7 +34,6 @@ from meshserve.common.access import PolicyFile
 from meshserve.common.datatypes import WIRE_FROM_CONFIG
 from meshserve.common.errors import InvalidArgument, ServingError
 from meshserve.common.forwarding import (
-    LINGER_FROM,
     Entry,
     GroupForwarder,
     deadline_of,
@@ -83,9 +82,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 EXTENSIONS = ["model_configuration", "statistics", "repository_index", "streaming"]
-# Under load, a group may wait this long for more requests: at mlp concurrency 32 its groups
-# grow from ~11 to ~15 requests and the three hops behind spend ~12 % less CPU per request.
-DEFAULT_GROUP_LINGER_MS = 2.0
+# Under load, a group may wait this long (and no longer than the last group's round trip) for
+# as many requests as keep the groups that take turns about the same size (`balanced_size`).
+DEFAULT_GROUP_LINGER_MS = 4.0
 
 
 @dataclass(frozen=True)
@@ -567,9 +566,9 @@ def main(argv: list[str] | None = None) -> int:
                              "requests are refused with RESOURCE_EXHAUSTED (0: unbounded)")
     parser.add_argument("--group-linger-ms", type=float,
                         default=DEFAULT_GROUP_LINGER_MS,
-                        help=f"under load (a group of {LINGER_FROM} requests or more), how long "
-                             "a group may wait for more before it leaves for the router, at "
-                             "most a quarter of the last group's round trip (0: never)")
+                        help="under load, how long a group may wait for more requests before "
+                             "it leaves for the router, so that groups taking turns stay about "
+                             "the same size; at most the last group's round trip (0: never)")
     add_auth_flags(parser)
     add_http_flags(parser)
     args = parser.parse_args(argv)

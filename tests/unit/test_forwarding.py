@@ -10,6 +10,7 @@ from meshserve.common.forwarding import (
     LINGER_FROM,
     Entry,
     GroupForwarder,
+    balanced_size,
     build_group,
     deadline_of,
     error_result,
@@ -175,41 +176,67 @@ async def test_max_in_flight_two_runs_two_calls_at_once():
 
 # --- lingering under load -----------------------------------------------------------------
 
-async def groups_after_a_round_trip(waiting: int, linger: float) -> list[list[str]]:
-    """A first group answered after a round trip of 1 s (on the forwarder's clock) while
-    `waiting` entries wait; two more arrive once the first is answered. The groups sent."""
+async def after_a_group(size: int, waiting: int, linger: float):
+    """A forwarder whose first group of `size` entries was answered after a round trip of 10 s
+    (on its clock, now 10.0) while `waiting` entries waited: (forwarder, fake, clock, tasks).
+    A group that lingers does so for at most `linger` (real) seconds."""
     fake = FakeUpstream(gated=True)
     now = [0.0]
     forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM, linger=linger,
                                clock=lambda: now[0])
-    first = asyncio.create_task(forwarder.forward([entry("first")]))
+    first = asyncio.create_task(forwarder.forward([entry(f"g{i}") for i in range(size)]))
     await asyncio.wait_for(fake.started.wait(), 2)
     tasks = [asyncio.create_task(forwarder.forward([entry(f"w{i}")])) for i in range(waiting)]
     await settle()
-    now[0] = 1.0
+    now[0] = 10.0
     fake.release.set()
     await asyncio.wait_for(first, 2)
     await settle()
-    tasks += [asyncio.create_task(forwarder.forward([entry(f"late{i}")])) for i in range(2)]
+    return forwarder, fake, now, tasks
+
+
+def arrive(forwarder: GroupForwarder, names: list[str]) -> list[asyncio.Task]:
+    return [asyncio.create_task(forwarder.forward([entry(name)])) for name in names]
+
+
+def test_a_balanced_group_is_half_of_the_last_and_the_waiting_together():
+    assert balanced_size(20, 4) == 12
+    assert balanced_size(15, 16) == 15
+    assert balanced_size(1, 1) == 1
+
+
+async def test_a_small_group_after_a_big_one_lingers_until_it_is_balanced():
+    # 10 answered, 2 waiting: the next group waits (up to 5 s) for (10 + 2) // 2 = 6, and
+    # leaves as soon as they are there; later arrivals take the next turn.
+    forwarder, fake, _, tasks = await after_a_group(10, 2, linger=5.0)
+    tasks += arrive(forwarder, ["a0", "a1", "a2", "a3"])
     await asyncio.wait_for(asyncio.gather(*tasks), 2)
-    return fake.groups
+    tasks = arrive(forwarder, ["b0", "b1"])
+    await asyncio.wait_for(asyncio.gather(*tasks), 2)
+    assert fake.groups[1:] == [["w0", "w1", "a0", "a1", "a2", "a3"], ["b0", "b1"]]
 
 
-async def test_a_group_under_load_lingers_for_more():
-    # LINGER_FROM wait: the group waits min(linger 5 s, a quarter of the 1 s round trip) and
-    # the two that arrive meanwhile leave with it.
-    groups = await groups_after_a_round_trip(LINGER_FROM, linger=5.0)
-    assert groups == [["first"], [f"w{i}" for i in range(LINGER_FROM)] + ["late0", "late1"]]
+async def test_a_lingering_group_leaves_after_the_linger_with_what_came():
+    forwarder, fake, _, tasks = await after_a_group(10, 2, linger=0.05)
+    tasks += arrive(forwarder, ["a0"])
+    await asyncio.wait_for(asyncio.gather(*tasks), 2)
+    assert fake.groups[1:] == [["w0", "w1", "a0"]]
 
 
-async def test_a_small_group_leaves_at_once():
-    groups = await groups_after_a_round_trip(LINGER_FROM - 1, linger=5.0)
-    assert groups == [["first"], [f"w{i}" for i in range(LINGER_FROM - 1)], ["late0", "late1"]]
+@pytest.mark.parametrize("size, linger", [(LINGER_FROM - 1, 5.0), (10, 0.0)],
+                         ids=["after a small group", "linger 0"])
+async def test_a_group_leaves_at_once(size, linger):
+    forwarder, fake, _, tasks = await after_a_group(size, 2, linger=linger)
+    tasks += arrive(forwarder, ["a0"])
+    await asyncio.wait_for(asyncio.gather(*tasks), 2)
+    assert fake.groups[1:] == [["w0", "w1"], ["a0"]]
 
 
-async def test_no_linger_sends_a_big_group_at_once():
-    groups = await groups_after_a_round_trip(LINGER_FROM, linger=0.0)
-    assert groups == [["first"], [f"w{i}" for i in range(LINGER_FROM)], ["late0", "late1"]]
+async def test_a_request_long_after_the_last_answer_leaves_at_once():
+    forwarder, fake, now, tasks = await after_a_group(10, 0, linger=5.0)
+    now[0] = 50.0  # four round trips after the last answer: the load has gone
+    await asyncio.wait_for(asyncio.gather(*arrive(forwarder, ["a0"])), 2)
+    assert fake.groups[1:] == [["a0"]]
 
 
 # --- deadlines --------------------------------------------------------------------------
