@@ -48,14 +48,14 @@ RESOURCE_EXHAUSTED = CODE_NUMBER["RESOURCE_EXHAUSTED"]
 # once matters more than the size of its group.
 LINGER_FROM = 8
 
+
 def balanced_size(last_group: int, waiting: int) -> int:
     """How many requests a group lingers for when its turn comes just as the last one was
     answered: half of both together. Under a steady load (N callers, each sending again once
     answered) the requests then travel in two groups of about N/2 that take turns. Without
     it they split unevenly and stay so, a big group and a small one: the small one costs every
     hop as much per message, and while the big one's callers are answered and send again,
-    the hops behind sit idle. A lone request (or any group no smaller than the last) leaves at
-    once."""
+    the hops behind sit idle. A group no smaller than the last leaves at once."""
     return (last_group + waiting) // 2
 
 
@@ -209,9 +209,9 @@ class GroupForwarder:
     leaves the forwarder saturated until the group's last answer: entries arriving meanwhile
     get that refusal at once instead of waiting to be sent to a full queue.
 
-    `linger` (seconds, 0: never): a group whose turn comes within a round trip of the last
-    group's answer, holding fewer entries than `balanced_size`, waits for that many, for at
-    most `linger` and the last round trip.
+    `linger` (seconds, 0: never): after a group of LINGER_FROM entries or more, a group whose
+    turn comes within a round trip of that group's answer, holding fewer entries than
+    `balanced_size`, waits for that many, for at most `linger` and the last round trip.
 
     `waiting` counts the entries that wait for the next group, and `round_trip` is how long
     the last group took to be answered (seconds): about when those entries will have left."""
