@@ -259,6 +259,8 @@ class GroupForwarder:
             asyncio.get_running_loop().create_task(self._send_next())
 
     def _take(self) -> list[tuple[list[Entry], asyncio.Future]]:
+        """The parcels of the next group, off the pending list (the group's size is kept as
+        the last group's)."""
         taken, items = 0, 0
         for entries, _ in self._pending:
             if taken and items + len(entries) > self._max_group:
@@ -268,6 +270,7 @@ class GroupForwarder:
         parcels = self._pending[:taken]
         del self._pending[:taken]
         self.waiting -= items
+        self._last_group = items
         return parcels
 
     async def _send_next(self) -> None:
@@ -285,7 +288,6 @@ class GroupForwarder:
 
         await self._balance()
         parcels = _Parcels(self._take())
-        self._last_group = sum(len(entries) for entries, _ in parcels.parcels)
         try:
             await self._send(parcels, answered)
         except Exception as error:  # noqa: BLE001 — every waiter must hear of it

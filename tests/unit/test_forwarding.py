@@ -233,7 +233,7 @@ async def test_a_group_leaves_at_once(size, linger):
 
 
 async def test_a_request_long_after_the_last_answer_leaves_at_once():
-    forwarder, fake, now, tasks = await after_a_group(10, 0, linger=5.0)
+    forwarder, fake, now, _ = await after_a_group(10, 0, linger=5.0)
     now[0] = 50.0  # four round trips after the last answer: the load has gone
     await asyncio.wait_for(asyncio.gather(*arrive(forwarder, ["a0"])), 2)
     assert fake.groups[1:] == [["a0"]]
