@@ -18,10 +18,11 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from meshserve.common import model_files, runtime
 from meshserve.common.access import PolicyFile
+from meshserve.common.http2_server import server_ssl_context
 from meshserve.common.identity import Callers, add_callers_flag, default_callers
 from meshserve.common.metrics import Metrics, XdsCollector
 from meshserve.common.server import HealthServicer, Service
-from meshserve.common.tls import ReloadingChannel, TlsFiles, server_credentials
+from meshserve.common.tls import ReloadingChannel, TlsFiles
 from meshserve.common.upstream import follow_stream
 from meshserve.mesh.admin import AdminServicer
 from meshserve.mesh.control import ControlPlane
@@ -167,7 +168,7 @@ def build_service(settings: ControlPlaneSettings, metrics: Metrics | None = None
         await control.close()
         await reader.close()
 
-    return Service(settings.listen, server_credentials(settings.tls), register, health,
+    return Service(settings.listen, server_ssl_context(settings.tls), register, health,
                    background=background, cleanup=[close],
                    callers=Callers("control-plane", settings.allowed_callers))
 

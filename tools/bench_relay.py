@@ -3,8 +3,9 @@
 A driver sends messages over one bidirectional stream to a relay; the relay forwards each over
 its own long-lived stream to an echo server and sends the echo's answer back. That is the shape
 of the mesh's internal hops (router, batcher: one group in, one out, one answer back, one out),
-in `grpc.aio` on uvloop with mutual TLS and the services' server and channel options, and with
-none of their work. One message is in flight at a time.
+on the services' gRPC server (meshserve.common.http2_server) and a `grpc.aio` channel, on uvloop
+with mutual TLS and the services' server and channel options, and with none of their work. One
+message is in flight at a time.
 
 The relay's and the echo's CPU per message (utime + stime from /proc) is the floor under a hop's
 CPU per group. It is measured twice: back to back, as under load, and paced (one message every
@@ -33,8 +34,9 @@ from pathlib import Path
 import grpc
 import uvloop
 
+from meshserve.common.http2_server import Http2Server, server_ssl_context
 from meshserve.common.server import SERVER_OPTIONS
-from meshserve.common.tls import TlsFiles, secure_channel, server_credentials
+from meshserve.common.tls import TlsFiles, secure_channel
 from meshserve.tools.arguments import positive_float, positive_int
 from meshserve.tools.budget_bare import serve_until_signalled
 from meshserve.tools.budget_proc import cpu_ticks, start_server, stop_process
@@ -73,10 +75,10 @@ def _relay_to(upstream: str, tls: TlsFiles):
 
 async def serve(role: str, tls_dir: Path, port_file: Path, upstream: str) -> None:
     tls = TlsFiles.for_identity(tls_dir, IDENTITY[role])
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = Http2Server(options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers([_handler(_echo if role == "echo"
                                               else _relay_to(upstream, tls))])
-    port = server.add_secure_port(f"{HOST}:0", server_credentials(tls))
+    port = server.add_secure_port(f"{HOST}:0", server_ssl_context(tls))
     await serve_until_signalled(server, port, port_file)
 
 
@@ -162,7 +164,8 @@ def measure(size: int, messages: int, paced_messages: int, pace_s: float,
 
 def report(phases: list[Phase], size: int) -> str:
     tight, paced = phases
-    lines = [f"relay floor: grpc.aio on uvloop, mutual TLS, {size}-byte messages, one in flight",
+    lines = [f"relay floor: the services' server, grpc.aio channels, uvloop, mutual TLS, "
+             f"{size}-byte messages, one in flight",
              f"{'':24}{'messages':>9}{'relay µs/msg':>14}{'echo µs/msg':>13}"
              f"{'round trip p50':>16}"]
     lines += [f"{p.name:24}{p.messages:>9}{p.relay_us:>14.0f}{p.echo_us:>13.0f}"
@@ -188,7 +191,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     """Adds ``relay`` to ``meshserve bench``'s subcommands."""
     parser = commands.add_parser(
         "relay", help="CPU per message of a bare gRPC relay, back to back and paced",
-        description="Drives a bare grpc.aio relay and echo server (mutual TLS, one message in "
+        description="Drives a bare relay and echo server (the services' gRPC server, grpc.aio "
+        "channels, mutual TLS, one message in "
         "flight) and prints their CPU per message, back to back and paced: the floor under "
         "each internal hop's CPU per group.")
     parser.add_argument("--messages", type=positive_int, default=2000,

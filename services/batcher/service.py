@@ -23,6 +23,7 @@ from meshserve.batcher.scheduler import Answers, Job, Replica, Scheduler
 from meshserve.common import runtime
 from meshserve.common.errors import InvalidArgument, NotFound, ServingError
 from meshserve.common.forwarding import deadline_of, error_result, one_item, raise_for
+from meshserve.common.http2_server import server_ssl_context
 from meshserve.common.identity import Callers, add_callers_flag, default_callers
 from meshserve.common.metrics import BatcherMetrics, CacheMetrics, Metrics
 from meshserve.common.repository import DEFAULT_MODEL_FILENAME, ModelRepository
@@ -37,7 +38,7 @@ from meshserve.common.response_cache import (
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.statistics import Statistics
 from meshserve.common.streams import Early, group_handler
-from meshserve.common.tls import TlsFiles, server_credentials
+from meshserve.common.tls import TlsFiles
 from meshserve.common.tracing import Tracing, context_of
 from meshserve.common.upstream import Upstream
 from meshserve.common.validation import Schema
@@ -257,7 +258,7 @@ def build_service(settings: BatcherSettings, metrics: Metrics | None = None,
 
     background = [scheduler.run] + [
         (lambda r=r: r.upstream.watch(replicas_changed)) for r in replicas]
-    service = Service(settings.listen, server_credentials(settings.tls), register, health,
+    service = Service(settings.listen, server_ssl_context(settings.tls), register, health,
                       background=background, cleanup=[close],
                       callers=Callers("batcher", settings.allowed_callers))
     return service

@@ -1,4 +1,5 @@
-"""The I/O engine of meshserve's gRPC servers: gRPC's polling thread reads the sockets.
+"""The I/O engine of meshserve's gRPC channels (each hop's client side; the services' servers are
+meshserve's own, meshserve.common.http2_server): gRPC's polling thread reads the sockets.
 
 By default grpcio 1.85 reads and writes sockets on its EventEngine's threads and hands each
 finished operation to the thread that polls the completion queue, which then wakes the

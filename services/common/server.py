@@ -5,11 +5,13 @@ import asyncio
 import inspect
 import logging
 import secrets
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 
 from meshserve.common.errors import ServingError
+from meshserve.common.http2_server import Http2Server
 from meshserve.common.identity import HEALTH_PREFIX, CallerCheck, Callers
 from meshserve.common.tls import server_options
 from meshserve.protocol import health_pb2, health_pb2_grpc
@@ -249,14 +251,16 @@ async def _within(step: Awaitable[object], seconds: float, what: str) -> None:
 
 
 class Service:
-    """A started-on-demand gRPC server: `await start()` returns the bound port."""
+    """A started-on-demand gRPC server (meshserve.common.http2_server): `await start()`
+    returns the bound port."""
 
-    def __init__(self, address: str, credentials: grpc.ServerCredentials,
+    def __init__(self, address: str, credentials: ssl.SSLContext,
                  register: Callable[[grpc.aio.Server], None], health: HealthServicer,
                  background: Iterable[Callable[[], Awaitable[object]]] = (),
                  cleanup: Iterable[Callable[[], Awaitable[object]]] = (),
                  callers: Callers | None = None,
-                 extra_ports: Iterable[tuple[str, grpc.ServerCredentials]] = ()) -> None:
+                 extra_ports: Iterable[tuple[str, ssl.SSLContext]] = ()) -> None:
+        # credentials: the port's TLS (meshserve.common.http2_server.server_ssl_context).
         # callers: the identities allowed to call (health checks aside); None: any.
         # extra_ports: more (address, credentials) listeners; their bound ports, in order,
         # are `extra_bound` once started.
@@ -272,12 +276,12 @@ class Service:
         self._tasks: list[asyncio.Task] = []
         # Set when stopping: open group streams are told to move to another server.
         self.draining = asyncio.Event()
-        self.server: grpc.aio.Server | None = None
+        self.server: Http2Server | None = None
         self.port: int | None = None
 
     async def start(self) -> int:
         admit = None if self.callers is None else CallerCheck(self.callers)
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.server = Http2Server(options=SERVER_OPTIONS)
         guarded = GuardedServer(self.server, admit)
         self._register(guarded)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, guarded)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,3 +229,42 @@ class ReloadingChannel:
     async def close(self) -> None:
         await self.channel.close()
         await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+def server_ssl_context(files: TlsFiles, require_client_cert: bool, alpn: str) -> ssl.SSLContext:
+    """TLS presenting `files.cert` for a server of our own (HTTP/1.1 or HTTP/2, by `alpn`).
+    Clients are asked for a certificate from `files.ca`: required, or optional (then a caller
+    may authenticate with a bearer token instead). The files are re-read at the first
+    handshake after they change; a key that does not match its certificate is not loaded."""
+    return _ReloadingContext(files, require_client_cert, alpn).initial
+
+
+class _ReloadingContext:
+    def __init__(self, files: TlsFiles, require_client_cert: bool, alpn: str) -> None:
+        self._files = files
+        self._mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+        self._alpn = alpn
+        self._loaded = files.signature()
+        self._current = self.initial = self._build()
+        self.initial.sni_callback = self._choose
+
+    def _build(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.verify_mode = self._mode
+        context.load_verify_locations(cafile=self._files.ca)
+        context.load_cert_chain(self._files.cert, self._files.key)  # refuses a mismatched pair
+        context.set_alpn_protocols([self._alpn])
+        return context
+
+    def _choose(self, ssl_object, server_name, context) -> None:
+        try:
+            signature = self._files.signature()
+            if signature != self._loaded:
+                self._current = self._build()
+                self._loaded = signature
+                log.info("reloaded certificate %s for %s", self._files.cert, self._alpn)
+        except (OSError, ValueError) as error:
+            log.warning("keeping the current %s certificate: %s", self._alpn, error)
+        if self._current is not self.initial:
+            ssl_object.context = self._current

@@ -26,12 +26,13 @@ from meshserve.common.errors import (
     Unavailable,
 )
 from meshserve.common.forwarding import error_result
+from meshserve.common.http2_server import server_ssl_context
 from meshserve.common.identity import Callers, add_callers_flag, default_callers
 from meshserve.common.metrics import ComputeMetrics, Metrics
 from meshserve.common.repository import ModelRepository
 from meshserve.common.server import HealthServicer, Service, internal_error_message
 from meshserve.common.streams import group_handler
-from meshserve.common.tls import TlsFiles, server_credentials
+from meshserve.common.tls import TlsFiles
 from meshserve.common.tracing import TRACEPARENT, Tracing, context_of, header
 from meshserve.common.validation import Schema
 from meshserve.protocol import grpc_service_pb2_grpc
@@ -262,7 +263,7 @@ def build_service(settings: ComputeSettings, metrics: Metrics | None = None,
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(compute, tracing), server)
 
-    service = Service(settings.listen, server_credentials(settings.tls), register, health,
+    service = Service(settings.listen, server_ssl_context(settings.tls), register, health,
                       background=[lambda: compute.load(health)],
                       cleanup=[compute.close, *([] if tracing is None else [tracing.close])],
                       callers=Callers("compute", settings.allowed_callers))

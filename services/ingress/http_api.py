@@ -29,7 +29,7 @@ from meshserve.common.errors import InvalidArgument, NotFound, ServingError, fro
 from meshserve.common.forwarding import CODE_NAME
 from meshserve.common.metrics import PROTOCOL
 from meshserve.common.server import HealthServicer, internal_error_message
-from meshserve.common.tls import MAX_MESSAGE_BYTES, TlsFiles
+from meshserve.common.tls import MAX_MESSAGE_BYTES, TlsFiles, server_ssl_context
 from meshserve.ingress.async_service import AsyncInferenceServicer
 from meshserve.ingress.http_codec import (
     BINARY_DATA_OUTPUT,
@@ -47,7 +47,6 @@ from meshserve.ingress.http_server import (
     HttpRequest,
     HttpResponse,
     HttpServer,
-    server_ssl_context,
 )
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.async_inference_pb2 import ResultRequest, ResultResponse
@@ -294,7 +293,7 @@ def build_http(settings: HttpSettings | None, tls: TlsFiles, require_client_cert
                       else AsyncInferenceServicer(asynchronous, gate))
     api = HttpApi(inference, health, async_servicer, settings.limits.max_body_bytes)
     server = HttpServer(api.handle, settings.listen,
-                        server_ssl_context(tls, require_client_cert), settings.limits)
+                        server_ssl_context(tls, require_client_cert, "http/1.1"), settings.limits)
 
     async def serve() -> None:
         port = await server.start()

@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 
 import httptools
 
-from meshserve.common.tls import TlsFiles
-
 log = logging.getLogger(__name__)
 
 
@@ -353,39 +351,3 @@ class HttpServer:
             connection.close()
 
 
-def server_ssl_context(files: TlsFiles, require_client_cert: bool) -> ssl.SSLContext:
-    """TLS presenting `files.cert`. Clients are asked for a certificate from `files.ca`:
-    required, or optional (then a caller may authenticate with a bearer token instead). The
-    files are re-read at the first handshake after they change; a key that does not match
-    its certificate is not loaded."""
-    return _ReloadingContext(files, require_client_cert).initial
-
-
-class _ReloadingContext:
-    def __init__(self, files: TlsFiles, require_client_cert: bool) -> None:
-        self._files = files
-        self._mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
-        self._loaded = files.signature()
-        self._current = self.initial = self._build()
-        self.initial.sni_callback = self._choose
-
-    def _build(self) -> ssl.SSLContext:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.verify_mode = self._mode
-        context.load_verify_locations(cafile=self._files.ca)
-        context.load_cert_chain(self._files.cert, self._files.key)  # refuses a mismatched pair
-        context.set_alpn_protocols(["http/1.1"])
-        return context
-
-    def _choose(self, ssl_object, server_name, context) -> None:
-        try:
-            signature = self._files.signature()
-            if signature != self._loaded:
-                self._current = self._build()
-                self._loaded = signature
-                log.info("reloaded certificate %s for HTTP", self._files.cert)
-        except (OSError, ValueError) as error:
-            log.warning("keeping the current HTTP certificate: %s", error)
-        if self._current is not self.initial:
-            ssl_object.context = self._current

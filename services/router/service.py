@@ -32,6 +32,7 @@ from meshserve.common.forwarding import (
     one_item,
     raise_for,
 )
+from meshserve.common.http2_server import server_ssl_context
 from meshserve.common.identity import Callers, add_callers_flag, default_callers
 from meshserve.common.metrics import GroupMetrics, Metrics
 from meshserve.common.server import HealthServicer, Service
@@ -42,7 +43,7 @@ from meshserve.common.streams import (
     group_handler,
     start_stream,
 )
-from meshserve.common.tls import ReloadingChannel, TlsFiles, server_credentials
+from meshserve.common.tls import ReloadingChannel, TlsFiles
 from meshserve.common.tracing import Tracing, context_of, traceparent_of
 from meshserve.common.version_pin import PIN_HEADER
 from meshserve.protocol import grpc_service_pb2_grpc
@@ -365,7 +366,7 @@ def build_service(settings: RouterSettings, metrics: Metrics | None = None,
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(router), server)
 
-    service = Service(settings.listen, server_credentials(settings.tls), register, health,
+    service = Service(settings.listen, server_ssl_context(settings.tls), register, health,
                       background=[lambda: follow_control_plane(router, control_plane, health)],
                       cleanup=[router.close, control_plane.close,
                                *([] if tracing is None else [tracing.close])],

@@ -3,8 +3,9 @@
 import asyncio
 import contextlib
 
+from meshserve.common.http2_server import server_ssl_context
 from meshserve.common.server import HealthServicer, Service
-from meshserve.common.tls import ReloadingChannel, TlsFiles, server_credentials
+from meshserve.common.tls import ReloadingChannel, TlsFiles
 from meshserve.common.upstream import follow_stream
 from meshserve.protocol import health_pb2
 from meshserve.protocol.health_pb2_grpc import HealthStub
@@ -19,7 +20,7 @@ ENDED = "ended"
 async def serving(cert_dir, address: str) -> Service:
     health = HealthServicer()
     health.set(True)
-    service = Service(address, server_credentials(TlsFiles.for_identity(cert_dir, "batcher")),
+    service = Service(address, server_ssl_context(TlsFiles.for_identity(cert_dir, "batcher")),
                       lambda server: None, health)
     await service.start()
     return service

@@ -1,12 +1,10 @@
-"""A service started by `meshserve <service>` does its socket work on gRPC's polling thread,
-not on EventEngine threads (meshserve.common.grpc_engine), and an operator's own
-`GRPC_EXPERIMENTS` is kept. Told apart by the CPU each of the service's threads spent while
-it answered health checks over mutual TLS."""
+"""gRPC in a meshserve process does its socket work on its polling thread, not on
+EventEngine threads (meshserve.common.grpc_engine), and an operator's own `GRPC_EXPERIMENTS`
+is kept. The services' channels and the benchmarks' reference servers run gRPC so (their
+servers are meshserve's own); told apart here by the CPU each thread of the bare reference
+server (`meshserve.tools.budget_bare`, started as the budget starts it) spent while it
+answered calls over mutual TLS."""
 
-import os
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +12,8 @@ import grpc
 import pytest
 
 from meshserve.common.tls import TlsFiles, channel_credentials
-from meshserve.protocol import health_pb2, health_pb2_grpc
+from meshserve.tools.budget_bare import SERVICE
+from meshserve.tools.budget_proc import start_server, stop_process
 from meshserve.tools.certs import init_certs
 
 CALLS = 2000
@@ -33,47 +32,31 @@ def thread_ticks(pid: int) -> Counter:
     return ticks
 
 
-def start_router(tmp_path: Path, environ: dict[str, str]) -> tuple[subprocess.Popen, int]:
-    tls = tmp_path / "tls"
-    init_certs(tls)
-    port_file = tmp_path / "router.port"
-    log = open(tmp_path / "router.log", "wb")  # noqa: SIM115 — the child writes it
-    process = subprocess.Popen(
-        [sys.executable, "-m", "meshserve.tools.cli", "router", "--listen=127.0.0.1:0",
-         f"--tls-cert={tls}/router.crt", f"--tls-key={tls}/router.key",
-         f"--tls-ca={tls}/ca.crt", f"--port-file={port_file}",
-         "--control-plane=127.0.0.1:1"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environ)
-    deadline = time.monotonic() + 60
-    while not port_file.exists() or not port_file.read_text().strip():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("the router did not start:\n"
-                        + (tmp_path / "router.log").read_text(errors="replace")[-2000:])
-        time.sleep(0.05)
-    return process, int(port_file.read_text())
-
-
 @pytest.mark.parametrize("experiments, on_event_engine", [(None, False), ("", True)],
                          ids=["default", "operator's empty GRPC_EXPERIMENTS"])
-def test_where_a_service_does_its_socket_work(tmp_path, experiments, on_event_engine):
-    environ = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+def test_where_grpc_does_its_socket_work(tmp_path, monkeypatch, experiments,
+                                         on_event_engine):
+    monkeypatch.delenv("GRPC_EXPERIMENTS", raising=False)
     if experiments is not None:
-        environ["GRPC_EXPERIMENTS"] = experiments
-    process, port = start_router(tmp_path, environ)
+        monkeypatch.setenv("GRPC_EXPERIMENTS", experiments)
+    tls = tmp_path / "tls"
+    init_certs(tls)
+    process, port = start_server(
+        ["-m", "meshserve.tools.budget_bare", f"--tls-dir={tls}", "--identity=router",
+         f"--port-file={tmp_path / 'bare.port'}"], tmp_path / "bare.port",
+        tmp_path / "bare.log", "the bare server")
     try:
-        credentials = channel_credentials(TlsFiles.for_identity(tmp_path / "tls", "client"))
+        credentials = channel_credentials(TlsFiles.for_identity(tls, "client"))
         with grpc.secure_channel(f"127.0.0.1:{port}", credentials,
                                  options=[("grpc.ssl_target_name_override", "router")]) as ch:
-            check = health_pb2_grpc.HealthStub(ch).Check
-            check(health_pb2.HealthCheckRequest(), timeout=10)  # connected
+            infer = ch.unary_unary(f"/{SERVICE}/ModelInfer")
+            infer(b"", timeout=10)  # connected
             before = thread_ticks(process.pid)
             for _ in range(CALLS):
-                check(health_pb2.HealthCheckRequest(), timeout=10)
+                infer(b"", timeout=10)
             after = thread_ticks(process.pid)
     finally:
-        process.kill()
-        process.wait(timeout=30)
+        stop_process(process, 10.0)
     spent = after - before
     total = sum(spent.values())
     assert total >= 20, f"too little CPU to tell where it went: {dict(spent)}"

@@ -4,11 +4,11 @@ import grpc
 import pytest
 
 from meshserve.common.certificates import identity_of
+from meshserve.common.http2_server import Http2Server, server_ssl_context
 from meshserve.common.tls import (
     TlsFiles,
     channel_options,
     secure_channel,
-    server_credentials,
     server_options,
 )
 from meshserve.protocol import health_pb2, health_pb2_grpc
@@ -35,10 +35,10 @@ def other_dir(tmp_path_factory):
 
 
 async def start(files: TlsFiles, **kwargs):
-    server = grpc.aio.server(options=server_options())
+    server = Http2Server(options=server_options())
     servicer = Health()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_secure_port("127.0.0.1:0", server_credentials(files, **kwargs))
+    port = server.add_secure_port("127.0.0.1:0", server_ssl_context(files, **kwargs))
     assert port > 0
     await server.start()
     return server, servicer, f"127.0.0.1:{port}"
@@ -147,7 +147,7 @@ async def test_server_identity_is_verified(router, cert_dir):
 
 async def test_client_auth_can_be_optional(cert_dir):
     server, servicer, target = await start(TlsFiles.for_identity(cert_dir, "router"),
-                                           require_client_auth=False)
+                                           require_client_cert=False)
     try:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=(cert_dir / "ca.crt").read_bytes()

@@ -6,7 +6,8 @@ import grpc
 import pytest
 
 from meshserve.common.certificates import identity_of, peer_identity_of
-from meshserve.common.tls import TlsFiles, server_credentials
+from meshserve.common.http2_server import Http2Server, server_ssl_context
+from meshserve.common.tls import TlsFiles
 from meshserve.tools import certs
 from meshserve.tools.certs import init_certs
 
@@ -39,12 +40,12 @@ async def answer(request: bytes, context) -> bytes:
 
 
 async def call(tls, client: str | None, require_client_auth: bool = True) -> list[str]:
-    server = grpc.aio.server()
+    server = Http2Server()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "test.Peer", {"Identity": grpc.unary_unary_rpc_method_handler(answer)}),))
     files = TlsFiles.for_identity(tls, "ingress")
     port = server.add_secure_port(
-        "127.0.0.1:0", server_credentials(files, require_client_auth=require_client_auth))
+        "127.0.0.1:0", server_ssl_context(files, require_client_cert=require_client_auth))
     await server.start()
     try:
         ca = (tls / "ca.crt").read_bytes()

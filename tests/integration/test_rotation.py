@@ -13,13 +13,13 @@ import grpc
 import numpy
 import pytest
 
+from meshserve.common.http2_server import server_ssl_context
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.tls import (
     ReloadingChannel,
     TlsFiles,
     channel_credentials,
     channel_options,
-    server_credentials,
 )
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol import health_pb2
@@ -156,7 +156,7 @@ async def test_open_connections_survive_a_new_ca_and_new_ones_need_the_reloaded_
     init_certs(tmp_path)
     health = HealthServicer()
     health.set(True)
-    service = Service("127.0.0.1:0", server_credentials(TlsFiles.for_identity(tmp_path, "router")),
+    service = Service("127.0.0.1:0", server_ssl_context(TlsFiles.for_identity(tmp_path, "router")),
                       lambda server: None, health)
     target = f"127.0.0.1:{await service.start()}"
     ingress = TlsFiles.for_identity(tmp_path, "ingress")

@@ -6,8 +6,9 @@ import logging
 import grpc
 
 from meshserve.common import server as server_module
+from meshserve.common.http2_server import server_ssl_context
 from meshserve.common.server import HealthServicer, Service
-from meshserve.common.tls import TlsFiles, secure_channel, server_credentials
+from meshserve.common.tls import TlsFiles, secure_channel
 from meshserve.protocol import health_pb2, health_pb2_grpc
 
 GRACE_S = 30.0  # far longer than the bound below: a stop that waits it out fails the test
@@ -18,7 +19,7 @@ def service(cert_dir, **kwargs) -> Service:
     health = HealthServicer()
     health.set(True)
     return Service("127.0.0.1:0",
-                   server_credentials(TlsFiles.for_identity(cert_dir, "router")),
+                   server_ssl_context(TlsFiles.for_identity(cert_dir, "router")),
                    lambda server: None, health, **kwargs)
 
 

@@ -7,6 +7,7 @@ import grpc
 import pytest
 
 from meshserve.common.errors import InvalidArgument
+from meshserve.common.http2_server import server_ssl_context
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.streams import (
     LOCAL_FAILURE,
@@ -18,7 +19,7 @@ from meshserve.common.streams import (
     start_stream,
     unframe,
 )
-from meshserve.common.tls import TlsFiles, secure_channel, server_credentials
+from meshserve.common.tls import TlsFiles, secure_channel
 from meshserve.protocol.groups_pb2 import InferGroup, InferGroupResult
 from meshserve.tools.certs import init_certs
 from tests.polling import until
@@ -99,7 +100,7 @@ async def serve(server_tls: TlsFiles, echo: Echo, port: int = 0) -> Service:
     def register(server) -> None:
         server.add_generic_rpc_handlers((group_handler(echo.handle, service.draining),))
 
-    service = Service(f"127.0.0.1:{port}", server_credentials(server_tls), register,
+    service = Service(f"127.0.0.1:{port}", server_ssl_context(server_tls), register,
                       HealthServicer())
     await service.start()
     return service
