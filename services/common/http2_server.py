@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
 import logging
 import socket
 import ssl
@@ -48,7 +47,8 @@ MAX_FRAME = 1 << 20  # the largest frame we accept (16 KiB is HTTP/2's least)
 MAX_HEADER_LIST = 64 << 10
 # A streaming answer's writer waits while this much of it waits for the client's window.
 WRITE_BACKLOG = 1 << 20
-GRACELESS = (asyncio.CancelledError, grpc.aio.AbortError)
+# zlib's window bits for the encodings a request may use: gzip, and deflate as zlib's format.
+_WBITS = {b"gzip": 31, b"deflate": 15}
 
 
 def _code(status: grpc.StatusCode) -> int:
@@ -533,20 +533,20 @@ class _Call:
             self.unread += len(message)
 
     def _decompressed(self, payload: bytes) -> bytes:
+        """A compressed message, inflated no further than the size limit allows."""
         limit = self.connection.server.max_receive
+        wbits = _WBITS.get(self._encoding)
+        if wbits is None:
+            raise _Status(grpc.StatusCode.UNIMPLEMENTED, "Compression algorithm "
+                          f"'{self._encoding.decode('latin-1')}' is disabled")
+        inflate = zlib.decompressobj(wbits)
         try:
-            if self._encoding == b"gzip":
-                data = gzip.decompress(payload)
-            elif self._encoding == b"deflate":
-                data = zlib.decompress(payload)
-            else:
-                raise _Status(grpc.StatusCode.UNIMPLEMENTED,
-                              f"Compression algorithm '{self._encoding.decode()}' is disabled")
-        except (OSError, zlib.error, EOFError) as error:
+            data = inflate.decompress(payload, limit + 1)
+        except zlib.error as error:
             raise _Status(grpc.StatusCode.INTERNAL, f"could not decompress: {error}") from None
-        if len(data) > limit:
+        if len(data) > limit or inflate.unconsumed_tail:
             raise _Status(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"Received message larger than max ({len(data)} vs. {limit})")
+                          f"Received message larger than max (over {limit} bytes inflated)")
         return data
 
     async def _next_message(self) -> bytes | None:

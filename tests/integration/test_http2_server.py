@@ -449,3 +449,21 @@ async def test_a_handler_that_reads_slowly_holds_its_client_back(edge):
     await asyncio.wait_for(sender, 30)
     assert await call == b"done"
     assert reads == [MiB] * 64
+
+
+async def test_a_compressed_request_past_the_limit_once_inflated(edge):
+    calls = []
+
+    async def handler(request, context):
+        calls.append(len(request))
+        return b"ok"
+
+    limit = "grpc.max_receive_message_length"
+    options = [*((k, v) for k, v in SERVER_OPTIONS if k != limit), (limit, MiB)]
+    _, target = await edge.start({"Echo": unary(handler)}, options)
+    channel = edge.channel(target, compression=grpc.Compression.Gzip)
+    echo = channel.unary_unary(method("Echo"))
+    assert await echo(bytes(MiB // 2), timeout=TIMEOUT_S) == b"ok"
+    error = await failure(echo(bytes(4 * MiB), timeout=TIMEOUT_S))  # ~4 KiB on the wire
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert calls == [MiB // 2]
