@@ -39,7 +39,6 @@ from meshserve.common.tls import MAX_MESSAGE_BYTES, TlsFiles
 
 log = logging.getLogger(__name__)
 
-OK = grpc.StatusCode.OK.value[0]
 # Our side of flow control: what a client may send ahead of our acknowledgements.
 STREAM_WINDOW = 4 << 20
 CONNECTION_WINDOW = 16 << 20
@@ -179,7 +178,7 @@ class _Connection(asyncio.Protocol):
         self._received = 0
         self._last_stream = 0
         self._going_away = False
-        self._out: list[bytes] = []
+        self.out: list[bytes] = []  # frames for the next write
         self._flush_pending = False
         self._transport: asyncio.Transport | None = None
         self._peer: dict | None = None
@@ -206,7 +205,7 @@ class _Connection(asyncio.Protocol):
         self.server.calls_changed()
 
     def send(self, data: bytes) -> None:
-        self._out.append(data)
+        self.out.append(data)
         self.schedule_flush()
 
     def schedule_flush(self) -> None:
@@ -218,9 +217,9 @@ class _Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_pending = False
-        if self._out:
-            data = b"".join(self._out)
-            self._out.clear()
+        if self.out:
+            data = b"".join(self.out)
+            self.out.clear()
             if self._transport is not None and not self._transport.is_closing():
                 self._transport.write(data)
         if self._going_away and not self.calls:
@@ -228,15 +227,15 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         for call in list(self.calls.values()):
-            call.abandon()
+            call.reset()
         self._flush_now()
         if self._transport is not None:
             self._transport.close()
 
     def _flush_now(self) -> None:
-        if self._out and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(b"".join(self._out))
-        self._out.clear()
+        if self.out and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"".join(self.out))
+        self.out.clear()
 
     def go_away(self) -> None:
         """No new calls on this connection; those open finish."""
@@ -282,13 +281,13 @@ class _Connection(asyncio.Protocol):
             return
         del buffer[:position]
         if self._received >= CONNECTION_WINDOW // 4:
-            self._out.append(h2.window_update(0, self._received))
+            self.out.append(h2.window_update(0, self._received))
             self._received = 0
         self._flush()
 
     def _fail(self, code: int, message: str) -> None:
         log.warning("closing an HTTP/2 connection: %s", message)
-        self._out.append(h2.goaway(self._last_stream, code, message.encode()[:200]))
+        self.out.append(h2.goaway(self._last_stream, code, message.encode()[:200]))
         self.close()
 
     def _frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
@@ -321,7 +320,7 @@ class _Connection(asyncio.Protocol):
                 self._settings(_checked(h2.parse_settings, payload))
         elif kind == h2.PING:
             if not flags & h2.ACK:
-                self._out.append(h2.frame(h2.PING, h2.ACK, 0, payload))
+                self.out.append(h2.frame(h2.PING, h2.ACK, 0, payload))
         elif kind == h2.RST_STREAM:
             call = self.calls.pop(stream, None)
             if call is not None:
@@ -347,7 +346,7 @@ class _Connection(asyncio.Protocol):
         whole messages still unread (a message in the making is bounded by the size limit)."""
         if (call.unacked >= STREAM_WINDOW // 4 and not call.half_closed
                 and call.unread < STREAM_WINDOW):
-            self._out.append(h2.window_update(call.stream, call.unacked))
+            self.out.append(h2.window_update(call.stream, call.unacked))
             call.unacked = 0
 
     def _headers(self, stream: int, flags: int, block: bytes) -> None:
@@ -365,7 +364,7 @@ class _Connection(asyncio.Protocol):
             raise _ConnectionError(h2.PROTOCOL_ERROR, f"stream {stream} reused")
         self._last_stream = stream
         if self._going_away:
-            self._out.append(h2.rst_stream(stream, h2.REFUSED_STREAM))
+            self.out.append(h2.rst_stream(stream, h2.REFUSED_STREAM))
             return
         call = _Call(self, stream, head)
         self.calls[stream] = call
@@ -397,7 +396,7 @@ class _Connection(asyncio.Protocol):
                 call.send_window += change
         if h2.MAX_FRAME_SIZE in settings:
             self.peer_frame = settings[h2.MAX_FRAME_SIZE]
-        self._out.append(h2.frame(h2.SETTINGS, h2.ACK, 0))
+        self.out.append(h2.frame(h2.SETTINGS, h2.ACK, 0))
         for call in list(self.blocked.values()):
             call.push()
 
@@ -405,12 +404,12 @@ class _Connection(asyncio.Protocol):
         flags = h2.END_STREAM if end_stream else 0
         limit = self.peer_frame
         if len(block) <= limit:
-            self._out.append(h2.frame(h2.HEADERS, flags | h2.END_HEADERS, stream, block))
+            self.out.append(h2.frame(h2.HEADERS, flags | h2.END_HEADERS, stream, block))
             return
-        self._out.append(h2.frame(h2.HEADERS, flags, stream, block[:limit]))
+        self.out.append(h2.frame(h2.HEADERS, flags, stream, block[:limit]))
         for start in range(limit, len(block), limit):
             last = start + limit >= len(block)
-            self._out.append(h2.frame(h2.CONTINUATION, h2.END_HEADERS if last else 0, stream,
+            self.out.append(h2.frame(h2.CONTINUATION, h2.END_HEADERS if last else 0, stream,
                                       block[start:start + limit]))
 
     def closed(self, call: _Call) -> None:
@@ -619,7 +618,7 @@ class _Call:
             self._finish_now(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
     def reset(self) -> None:
-        """The client reset the stream or went away: no answer will be read."""
+        """The client reset the stream, or the connection is gone: no answer will be read."""
         self._reset = True
         self.finished = True
         self._outbox.clear()
@@ -627,12 +626,6 @@ class _Call:
         self._end()
         if self._task is not None and not self._task.done():
             self._task.cancel()
-
-    def abandon(self) -> None:
-        """The connection closes now."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-        self.reset()
 
     # --- answers out -----------------------------------------------------------------------
 
@@ -648,7 +641,7 @@ class _Call:
         connection = self.connection
         if (not self._outbox and len(data) <= self.send_window
                 and len(data) <= connection.send_window and len(data) <= connection.peer_frame):
-            connection._out.append(h2.frame(h2.DATA, 0, self.stream, data))
+            connection.out.append(h2.frame(h2.DATA, 0, self.stream, data))
             self.send_window -= len(data)
             connection.send_window -= len(data)
             connection.schedule_flush()
@@ -673,7 +666,7 @@ class _Call:
                 connection.blocked[self.stream] = self
                 connection.schedule_flush()
                 return
-            connection._out.append(h2.frame(h2.DATA, 0, self.stream, bytes(outbox[:size])))
+            connection.out.append(h2.frame(h2.DATA, 0, self.stream, bytes(outbox[:size])))
             del outbox[:size]
             self.send_window -= size
             connection.send_window -= size
@@ -685,7 +678,7 @@ class _Call:
             self._closing = None
             self._end()
             if not self.half_closed:  # we answered before the client finished sending
-                connection._out.append(h2.rst_stream(self.stream, h2.NO_ERROR))
+                connection.out.append(h2.rst_stream(self.stream, h2.NO_ERROR))
             connection.closed(self)
         else:
             connection.schedule_flush()
