@@ -204,10 +204,6 @@ class _Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         self.server.calls_changed()
 
-    def send(self, data: bytes) -> None:
-        self.out.append(data)
-        self.schedule_flush()
-
     def schedule_flush(self) -> None:
         """Write what is waiting once this turn of the event loop is done (answers that
         finish in the same turn leave in one write)."""
@@ -217,31 +213,28 @@ class _Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_pending = False
-        if self.out:
-            data = b"".join(self.out)
-            self.out.clear()
-            if self._transport is not None and not self._transport.is_closing():
-                self._transport.write(data)
+        self._write()
         if self._going_away and not self.calls:
             self.close()
+
+    def _write(self) -> None:
+        if self.out and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"".join(self.out))
+        self.out.clear()
 
     def close(self) -> None:
         for call in list(self.calls.values()):
             call.reset()
-        self._flush_now()
+        self._write()
         if self._transport is not None:
             self._transport.close()
-
-    def _flush_now(self) -> None:
-        if self.out and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(b"".join(self.out))
-        self.out.clear()
 
     def go_away(self) -> None:
         """No new calls on this connection; those open finish."""
         if not self._going_away:
             self._going_away = True
-            self.send(h2.goaway(self._last_stream))
+            self.out.append(h2.goaway(self._last_stream))
+            self.schedule_flush()
 
     def peer(self) -> dict:
         """What the handshake told of the client, read once per connection."""
@@ -471,7 +464,8 @@ class _Call:
         self._partial = bytearray()
         self._messages: deque[bytes] = deque()
         self._arrived: asyncio.Future | None = None
-        self._outbox = bytearray()
+        self._outbox: deque[memoryview] = deque()  # answer bytes the windows hold back
+        self._unsent = 0
         self._closing: bytes | None = None
         self._drained: asyncio.Future | None = None
         self._headers_sent = False
@@ -622,6 +616,7 @@ class _Call:
         self._reset = True
         self.finished = True
         self._outbox.clear()
+        self._unsent = 0
         self.connection.blocked.pop(self.stream, None)
         self._end()
         if self._task is not None and not self._task.done():
@@ -638,16 +633,9 @@ class _Call:
                           f"{self.connection.server.max_send})")
         self._open()
         data = h2.message(payload)
-        connection = self.connection
-        if (not self._outbox and len(data) <= self.send_window
-                and len(data) <= connection.send_window and len(data) <= connection.peer_frame):
-            connection.out.append(h2.frame(h2.DATA, 0, self.stream, data))
-            self.send_window -= len(data)
-            connection.send_window -= len(data)
-            connection.schedule_flush()
-        else:
-            self._outbox += data
-            self.push()
+        self._outbox.append(memoryview(data))
+        self._unsent += len(data)
+        self.push()
 
     def _open(self) -> None:
         if not self._headers_sent:
@@ -660,16 +648,20 @@ class _Call:
         connection = self.connection
         outbox = self._outbox
         while outbox:
-            size = min(len(outbox), self.send_window, connection.send_window,
-                       connection.peer_frame)
+            size = min(self.send_window, connection.send_window, connection.peer_frame)
             if size <= 0:
                 connection.blocked[self.stream] = self
                 connection.schedule_flush()
                 return
-            connection.out.append(h2.frame(h2.DATA, 0, self.stream, bytes(outbox[:size])))
-            del outbox[:size]
-            self.send_window -= size
-            connection.send_window -= size
+            chunk = outbox[0]
+            if len(chunk) <= size:  # a whole message, as most answers go: no copy
+                outbox.popleft()
+            else:
+                chunk, outbox[0] = chunk[:size], chunk[size:]
+            connection.out.append(h2.frame(h2.DATA, 0, self.stream, chunk))
+            self._unsent -= len(chunk)
+            self.send_window -= len(chunk)
+            connection.send_window -= len(chunk)
         connection.blocked.pop(self.stream, None)
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
@@ -699,6 +691,7 @@ class _Call:
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self._outbox.clear()
+        self._unsent = 0
         self._finish(code, details)
 
     def _end(self) -> None:
@@ -723,7 +716,7 @@ class _Call:
         if self.finished:
             raise asyncio.CancelledError()
         self._send_message(message)
-        while len(self._outbox) > WRITE_BACKLOG and not self.finished:
+        while self._unsent > WRITE_BACKLOG and not self.finished:
             self._drained = self.connection.loop.create_future()
             await self._drained
 

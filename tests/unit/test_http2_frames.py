@@ -1,6 +1,8 @@
 """HTTP/2 frames, header blocks and gRPC's framing as the ingress's own gRPC server writes and
 reads them (meshserve.common.http2_frames); blocks are read back with the `hpack` package."""
 
+from urllib.parse import unquote
+
 import hpack
 import pytest
 
@@ -28,11 +30,11 @@ def test_a_long_field_uses_hpack_multibyte_lengths():
                                              (b"grpc-message", value.encode())]
 
 
-def test_grpc_message_is_percent_encoded_and_back():
+def test_grpc_message_is_percent_encoded():
     message = "tensor 'ß' shape [1, 3] ≠ [1, 4]; 50% off"
     encoded = h2.percent_encoded(message)
     assert encoded.isascii() and b"%25" in encoded and b"%C3%9F" in encoded
-    assert h2.percent_decoded(encoded) == message
+    assert unquote(encoded.decode()) == message
 
 
 @pytest.mark.parametrize(("value", "seconds"), [
