@@ -3,9 +3,11 @@
 A driver sends messages over one bidirectional stream to a relay; the relay forwards each over
 its own long-lived stream to an echo server and sends the echo's answer back. That is the shape
 of the mesh's internal hops (router, batcher: one group in, one out, one answer back, one out),
-on the services' gRPC server (meshserve.common.http2_server) and a `grpc.aio` channel, on uvloop
-with mutual TLS and the services' server and channel options, and with none of their work. One
-message is in flight at a time.
+on the services' gRPC server (meshserve.common.http2_server), on uvloop with mutual TLS and the
+services' server options, and with none of their work. One message is in flight at a time. The
+relay calls the echo with `--client`: `http2`, the project's own client
+(meshserve.common.http2_client), as the ingress calls the router and a batcher its computes; or
+`grpc`, a `grpc.aio` channel, as the router calls its batchers (xDS).
 
 The relay's and the echo's CPU per message (utime + stime from /proc) is the floor under a hop's
 CPU per group. It is measured twice: back to back, as under load, and paced (one message every
@@ -13,9 +15,10 @@ CPU per group. It is measured twice: back to back, as under load, and paced (one
 has to wake them again.
 
     meshserve bench relay [--messages 2000] [--paced-messages 300] [--size 11000] [--pace-ms 10]
+                          [--client http2|grpc]
 
 The relay and the echo run as `python -m meshserve.tools.bench_relay relay|echo --tls-dir D
---port-file F [--upstream PORT]`, on 127.0.0.1, until SIGTERM.
+--port-file F [--upstream PORT] [--client http2|grpc]`, on 127.0.0.1, until SIGTERM.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 import grpc
 import uvloop
 
+from meshserve.common.http2_client import Http2Channel, client_ssl_context
 from meshserve.common.http2_server import Http2Server, server_ssl_context
 from meshserve.common.server import SERVER_OPTIONS
 from meshserve.common.tls import TlsFiles, secure_channel
@@ -48,6 +52,7 @@ WARMUP_MESSAGES = 200
 # Who presents which certificate: the driver calls the relay as the ingress calls the router,
 # the relay calls the echo as the router calls a batcher.
 IDENTITY = {"echo": "batcher", "relay": "router"}
+CLIENTS = ("http2", "grpc")
 
 
 def _handler(stream) -> grpc.GenericRpcHandler:
@@ -60,8 +65,11 @@ async def _echo(request_iterator, context: grpc.aio.ServicerContext) -> None:
         await context.write(message)
 
 
-def _relay_to(upstream: str, tls: TlsFiles):
-    channel = secure_channel(upstream, tls, IDENTITY["echo"])
+def _relay_to(upstream: str, tls: TlsFiles, client: str):
+    if client == "grpc":
+        channel = secure_channel(upstream, tls, IDENTITY["echo"])
+    else:
+        channel = Http2Channel(upstream, client_ssl_context(tls), IDENTITY["echo"])
 
     async def relay(request_iterator, context: grpc.aio.ServicerContext) -> None:
         call = channel.stream_stream(METHOD)()
@@ -73,11 +81,12 @@ def _relay_to(upstream: str, tls: TlsFiles):
     return relay
 
 
-async def serve(role: str, tls_dir: Path, port_file: Path, upstream: str) -> None:
+async def serve(role: str, tls_dir: Path, port_file: Path, upstream: str,
+                client: str = CLIENTS[0]) -> None:
     tls = TlsFiles.for_identity(tls_dir, IDENTITY[role])
     server = Http2Server(options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers([_handler(_echo if role == "echo"
-                                              else _relay_to(upstream, tls))])
+                                              else _relay_to(upstream, tls, client))])
     port = server.add_secure_port(f"{HOST}:0", server_ssl_context(tls))
     await serve_until_signalled(server, port, port_file)
 
@@ -127,7 +136,7 @@ async def _drive(target: str, tls: TlsFiles, size: int, runs: list[tuple[int, fl
 
 
 def measure(size: int, messages: int, paced_messages: int, pace_s: float,
-            work_dir: Path) -> list[Phase]:
+            work_dir: Path, client: str = CLIENTS[0]) -> list[Phase]:
     tls_dir = work_dir / "tls"
     init_certs(tls_dir)
     processes = {}
@@ -137,7 +146,7 @@ def measure(size: int, messages: int, paced_messages: int, pace_s: float,
             port_file = work_dir / f"{role}.port"
             processes[role], port = start_server(
                 ["-m", "meshserve.tools.bench_relay", role, f"--tls-dir={tls_dir}",
-                 f"--port-file={port_file}", f"--upstream={upstream}"],
+                 f"--port-file={port_file}", f"--upstream={upstream}", f"--client={client}"],
                 port_file, work_dir / f"{role}.log", f"the {role}")
             upstream = f"{HOST}:{port}"
         readings: list[dict[str, int]] = []  # before and after each run, in turn
@@ -162,10 +171,11 @@ def measure(size: int, messages: int, paced_messages: int, pace_s: float,
     return phases
 
 
-def report(phases: list[Phase], size: int) -> str:
+def report(phases: list[Phase], size: int, client: str = CLIENTS[0]) -> str:
     tight, paced = phases
-    lines = [f"relay floor: the services' server, grpc.aio channels, uvloop, mutual TLS, "
-             f"{size}-byte messages, one in flight",
+    calls = "the project's HTTP/2 client" if client == "http2" else "a grpc.aio channel"
+    lines = [f"relay floor: the services' server, the relay calling the echo on {calls}, "
+             f"uvloop, mutual TLS, {size}-byte messages, one in flight",
              f"{'':24}{'messages':>9}{'relay µs/msg':>14}{'echo µs/msg':>13}"
              f"{'round trip p50':>16}"]
     lines += [f"{p.name:24}{p.messages:>9}{p.relay_us:>14.0f}{p.echo_us:>13.0f}"
@@ -179,11 +189,12 @@ def report(phases: list[Phase], size: int) -> str:
 def _cmd_relay(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="meshserve-relay-") as work:
         phases = measure(args.size, args.messages, args.paced_messages, args.pace_ms / 1e3,
-                         Path(work))
+                         Path(work), args.client)
     if args.json:
-        print(json.dumps({"size": args.size, "phases": [asdict(p) for p in phases]}))
+        print(json.dumps({"size": args.size, "client": args.client,
+                          "phases": [asdict(p) for p in phases]}))
     else:
-        print(report(phases, args.size))
+        print(report(phases, args.size, args.client))
     return 0
 
 
@@ -191,10 +202,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     """Adds ``relay`` to ``meshserve bench``'s subcommands."""
     parser = commands.add_parser(
         "relay", help="CPU per message of a bare gRPC relay, back to back and paced",
-        description="Drives a bare relay and echo server (the services' gRPC server, grpc.aio "
-        "channels, mutual TLS, one message in "
-        "flight) and prints their CPU per message, back to back and paced: the floor under "
-        "each internal hop's CPU per group.")
+        description="Drives a bare relay and echo server (the services' gRPC server, mutual "
+        "TLS, one message in flight) and prints their CPU per message, back to back and "
+        "paced: the floor under each internal hop's CPU per group.")
     parser.add_argument("--messages", type=positive_int, default=2000,
                         help="messages sent back to back (default 2000)")
     parser.add_argument("--paced-messages", type=positive_int, default=300,
@@ -204,6 +214,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         "concurrency-1 mlp request's round trip through the mesh)")
     parser.add_argument("--size", type=positive_int, default=11_000,
                         help="bytes per message (default 11000: a group of ten mlp requests)")
+    parser.add_argument("--client", choices=CLIENTS, default=CLIENTS[0],
+                        help="how the relay calls the echo: http2, the project's own client "
+                        "(as the ingress and the batchers call; default), or grpc, a grpc.aio "
+                        "channel (as the router calls)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.set_defaults(func=_cmd_relay)
 
@@ -216,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-dir", type=Path, required=True)
     parser.add_argument("--port-file", type=Path, required=True)
     parser.add_argument("--upstream", default="", help="the echo's HOST:PORT (relay only)")
+    parser.add_argument("--client", choices=CLIENTS, default=CLIENTS[0],
+                        help="how the relay calls the echo (relay only)")
     args = parser.parse_args(argv)
-    uvloop.run(serve(args.role, args.tls_dir, args.port_file, args.upstream))
+    uvloop.run(serve(args.role, args.tls_dir, args.port_file, args.upstream, args.client))
     return 0
 
 

@@ -15,7 +15,9 @@ they change), unary and streaming calls, metadata (binary too), deadlines (`grpc
 cancellation (RST_STREAM), flow control both ways, message limits (RESOURCE_EXHAUSTED), gzip
 and deflate requests, GOAWAY and a graceful stop. Answers are never compressed; server push
 and priorities are not used. Frames, and HPACK as written and read, are in
-`meshserve.common.http2_frames`. Clients stay grpcio's (the router's xDS needs it).
+`meshserve.common.http2_frames`; what both ends of a connection do alike (flow control,
+SETTINGS, PING) in `meshserve.common.http2_connection`, which the hops' own client
+(`meshserve.common.http2_client`) shares.
 """
 
 from __future__ import annotations
@@ -26,26 +28,24 @@ import logging
 import socket
 import ssl
 import zlib
-from collections import deque
 from collections.abc import Iterable
 from typing import NamedTuple
 
 import grpc
-import hpack
 
 from meshserve.common import http2_frames as h2
 from meshserve.common import tls
+from meshserve.common.http2_connection import (
+    MAX_HEADER_LIST,
+    ConnectionFailure,
+    Http2Connection,
+    Http2Stream,
+    initial_frames,
+)
 from meshserve.common.tls import MAX_MESSAGE_BYTES, TlsFiles
 
 log = logging.getLogger(__name__)
 
-# Our side of flow control: what a client may send ahead of our acknowledgements.
-STREAM_WINDOW = 4 << 20
-CONNECTION_WINDOW = 16 << 20
-MAX_FRAME = 1 << 20  # the largest frame we accept (16 KiB is HTTP/2's least)
-MAX_HEADER_LIST = 64 << 10
-# A streaming answer's writer waits while this much of it waits for the client's window.
-WRITE_BACKLOG = 1 << 20
 # zlib's window bits for the encodings a request may use: gzip, and deflate as zlib's format.
 _WBITS = {b"gzip": 31, b"deflate": 15}
 
@@ -64,12 +64,6 @@ class _Status(Exception):
         super().__init__(details)
         self.code = code
         self.details = details
-
-
-class _ConnectionError(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class _CallDetails(NamedTuple):
@@ -161,38 +155,24 @@ class Http2Server:
         return False
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(Http2Connection):
     """One client connection: frames in, calls dispatched, frames out."""
 
     def __init__(self, server: Http2Server) -> None:
+        super().__init__()
         self.server = server
-        self.calls: dict[int, _Call] = {}
-        self.peer_window = h2.DEFAULT_WINDOW  # each new stream's send window
-        self.peer_frame = h2.DEFAULT_FRAME_SIZE
-        self.send_window = h2.DEFAULT_WINDOW  # the connection's
-        self.blocked: dict[int, _Call] = {}
-        self._buffer = bytearray()
         self._preface = False
         self._heads = h2.HeadDecoder(MAX_HEADER_LIST)
-        self._continued: tuple[int, int, bytearray] | None = None
-        self._received = 0
         self._last_stream = 0
         self._going_away = False
-        self.out: list[bytes] = []  # frames for the next write
-        self._flush_pending = False
-        self._transport: asyncio.Transport | None = None
         self._peer: dict | None = None
-        self.loop = asyncio.get_running_loop()
 
     # --- transport -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self._transport = transport
         self.server.connections.add(self)
-        transport.write(h2.settings_frame({
-            h2.ENABLE_PUSH: 0, h2.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-            h2.MAX_FRAME_SIZE: MAX_FRAME, h2.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST})
-            + h2.window_update(0, CONNECTION_WINDOW - h2.DEFAULT_WINDOW))
+        transport.write(initial_frames())
         if self.server.stopping:
             self.go_away()
 
@@ -204,23 +184,10 @@ class _Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         self.server.calls_changed()
 
-    def schedule_flush(self) -> None:
-        """Write what is waiting once this turn of the event loop is done (answers that
-        finish in the same turn leave in one write)."""
-        if not self._flush_pending:
-            self._flush_pending = True
-            self.loop.call_soon(self._flush)
-
     def _flush(self) -> None:
-        self._flush_pending = False
-        self._write()
+        super()._flush()
         if self._going_away and not self.calls:
             self.close()
-
-    def _write(self) -> None:
-        if self.out and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(b"".join(self.out))
-        self.out.clear()
 
     def close(self) -> None:
         for call in list(self.calls.values()):
@@ -256,105 +223,33 @@ class _Connection(asyncio.Protocol):
                 return
             self._preface = True
             position = len(h2.PREFACE)
-        end = len(buffer)
-        unpack = h2.FRAME_HEADER.unpack_from
-        try:
-            while end - position >= 9:
-                high, low, kind, flags, stream = unpack(buffer, position)
-                size = high << 16 | low
-                if size > MAX_FRAME:
-                    raise _ConnectionError(h2.FRAME_SIZE_ERROR, f"a frame of {size} bytes")
-                if end - position - 9 < size:
-                    break
-                payload = bytes(buffer[position + 9:position + 9 + size])
-                position += 9 + size
-                self._frame(kind, flags, stream & 0x7FFFFFFF, payload)
-        except _ConnectionError as error:
-            self._fail(error.code, str(error))
-            return
-        del buffer[:position]
-        if self._received >= CONNECTION_WINDOW // 4:
-            self.out.append(h2.window_update(0, self._received))
-            self._received = 0
-        self._flush()
+        self._frames_in(position)
 
     def _fail(self, code: int, message: str) -> None:
         log.warning("closing an HTTP/2 connection: %s", message)
         self.out.append(h2.goaway(self._last_stream, code, message.encode()[:200]))
         self.close()
 
-    def _frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
-        if self._continued is not None and kind != h2.CONTINUATION:
-            raise _ConnectionError(h2.PROTOCOL_ERROR, "a header block was interrupted")
-        if kind == h2.DATA:
-            self._data(flags, stream, payload)
-        elif kind == h2.HEADERS:
-            if stream == 0 or stream % 2 == 0:
-                raise _ConnectionError(h2.PROTOCOL_ERROR, f"HEADERS on stream {stream}")
-            block = _checked(h2.header_payload, flags, payload)
-            if flags & h2.END_HEADERS:
-                self._headers(stream, flags, block)
-            else:
-                self._continued = (stream, flags, bytearray(block))
-        elif kind == h2.CONTINUATION:
-            if self._continued is None or self._continued[0] != stream:
-                raise _ConnectionError(h2.PROTOCOL_ERROR, "CONTINUATION out of place")
-            self._continued[2].extend(payload)
-            if len(self._continued[2]) > MAX_HEADER_LIST:
-                raise _ConnectionError(h2.PROTOCOL_ERROR, "a header block past its limit")
-            if flags & h2.END_HEADERS:
-                stream, first_flags, block = self._continued
-                self._continued = None
-                self._headers(stream, first_flags, bytes(block))
-        elif kind == h2.WINDOW_UPDATE:
-            self._window_update(stream, payload)
-        elif kind == h2.SETTINGS:
-            if not flags & h2.ACK:
-                self._settings(_checked(h2.parse_settings, payload))
-        elif kind == h2.PING:
-            if not flags & h2.ACK:
-                self.out.append(h2.frame(h2.PING, h2.ACK, 0, payload))
-        elif kind == h2.RST_STREAM:
-            call = self.calls.pop(stream, None)
-            if call is not None:
-                call.reset()
-                self.server.calls_changed()
-        elif kind == h2.PUSH_PROMISE:
-            raise _ConnectionError(h2.PROTOCOL_ERROR, "a client sent PUSH_PROMISE")
-        # PRIORITY, GOAWAY (the client closes when done) and unknown frames: nothing to do.
+    def _check_headers(self, stream: int) -> None:
+        if stream == 0 or stream % 2 == 0:
+            raise ConnectionFailure(h2.PROTOCOL_ERROR, f"HEADERS on stream {stream}")
 
-    def _data(self, flags: int, stream: int, payload: bytes) -> None:
-        if stream == 0:
-            raise _ConnectionError(h2.PROTOCOL_ERROR, "DATA on stream 0")
-        self._received += len(payload)
-        call = self.calls.get(stream)
-        if call is None:
-            return  # a call already answered or reset: its bytes still count for the window
-        call.unacked += len(payload)
-        call.received(_checked(h2.unpadded, flags, payload), flags & h2.END_STREAM)
-        self.credit(call)
-
-    def credit(self, call: _Call) -> None:
-        """Let a stream's client send more, unless its handler has a window's worth of
-        whole messages still unread (a message in the making is bounded by the size limit)."""
-        if (call.unacked >= STREAM_WINDOW // 4 and not call.half_closed
-                and call.unread < STREAM_WINDOW):
-            self.out.append(h2.window_update(call.stream, call.unacked))
-            call.unacked = 0
+    def _reset(self, stream: int, code: int) -> None:
+        call = self.calls.pop(stream, None)
+        if call is not None:
+            call.reset()
+            self.server.calls_changed()
 
     def _headers(self, stream: int, flags: int, block: bytes) -> None:
         call = self.calls.get(stream)
-        try:
-            if call is not None:  # trailers: a client's stream ends with them
-                self._heads.fields(block)
-                if flags & h2.END_STREAM:
-                    call.received(b"", True)
-                return
-            head = self._heads.head(block)
-        except hpack.HPACKError as error:
-            raise _ConnectionError(h2.COMPRESSION_ERROR, f"header block: {error}") from None
+        if call is not None:  # trailers: a client's stream ends with them
+            self._heads.fields(block)
+            if flags & h2.END_STREAM:
+                call.received(b"", True)
+            return
+        head = self._heads.head(block)
         if stream <= self._last_stream:
-            raise _ConnectionError(h2.PROTOCOL_ERROR, f"stream {stream} reused")
+            raise ConnectionFailure(h2.PROTOCOL_ERROR, f"stream {stream} reused")
         self._last_stream = stream
         if self._going_away:
             self.out.append(h2.rst_stream(stream, h2.REFUSED_STREAM))
@@ -365,59 +260,12 @@ class _Connection(asyncio.Protocol):
         if flags & h2.END_STREAM and not call.finished:
             call.received(b"", True)
 
-    def _window_update(self, stream: int, payload: bytes) -> None:
-        if len(payload) != 4:
-            raise _ConnectionError(h2.FRAME_SIZE_ERROR, "WINDOW_UPDATE of the wrong size")
-        increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
-        if stream == 0:
-            if increment == 0:
-                raise _ConnectionError(h2.PROTOCOL_ERROR, "a window update of 0")
-            self.send_window += increment
-            for call in list(self.blocked.values()):
-                call.push()
-        elif (call := self.calls.get(stream)) is not None:
-            call.send_window += increment
-            call.push()
-
-    def _settings(self, settings: dict[int, int]) -> None:
-        if h2.INITIAL_WINDOW_SIZE in settings:
-            window = settings[h2.INITIAL_WINDOW_SIZE]
-            if window > h2.MAX_WINDOW:
-                raise _ConnectionError(h2.FLOW_CONTROL_ERROR, "initial window too large")
-            change, self.peer_window = window - self.peer_window, window
-            for call in self.calls.values():
-                call.send_window += change
-        if h2.MAX_FRAME_SIZE in settings:
-            self.peer_frame = settings[h2.MAX_FRAME_SIZE]
-        self.out.append(h2.frame(h2.SETTINGS, h2.ACK, 0))
-        for call in list(self.blocked.values()):
-            call.push()
-
-    def header_frames(self, stream: int, block: bytes, end_stream: bool) -> None:
-        flags = h2.END_STREAM if end_stream else 0
-        limit = self.peer_frame
-        if len(block) <= limit:
-            self.out.append(h2.frame(h2.HEADERS, flags | h2.END_HEADERS, stream, block))
-            return
-        self.out.append(h2.frame(h2.HEADERS, flags, stream, block[:limit]))
-        for start in range(limit, len(block), limit):
-            last = start + limit >= len(block)
-            self.out.append(h2.frame(h2.CONTINUATION, h2.END_HEADERS if last else 0, stream,
-                                      block[start:start + limit]))
-
     def closed(self, call: _Call) -> None:
         self.calls.pop(call.stream, None)
         self.blocked.pop(call.stream, None)
         if not self.calls:
             self.server.calls_changed()
         self.schedule_flush()
-
-
-def _checked(parse, *args):
-    try:
-        return parse(*args)
-    except ValueError as error:
-        raise _ConnectionError(h2.PROTOCOL_ERROR, str(error)) from None
 
 
 def _peer_properties(transport: asyncio.Transport | None) -> dict:
@@ -444,30 +292,18 @@ def _peer_properties(transport: asyncio.Transport | None) -> dict:
     return properties
 
 
-class _Call:
+class _Call(Http2Stream):
     """One stream: its requests as they arrive, its handler's task, and the context that
     handler is given (the `grpc.aio.ServicerContext` methods)."""
 
     def __init__(self, connection: _Connection, stream: int, head: h2.RequestHead) -> None:
-        self.connection = connection
-        self.stream = stream
-        self.send_window = connection.peer_window
-        self.unacked = 0  # bytes received and not yet acknowledged with a WINDOW_UPDATE
-        self.unread = 0  # bytes of whole messages the handler has not read yet
-        self.half_closed = False
-        self.finished = False
+        super().__init__(connection, stream)
         self._path = head.path
         self._encoding = head.encoding
         self._metadata = head.metadata
         self._deadline = (None if head.timeout is None
                           else connection.loop.time() + head.timeout)
-        self._partial = bytearray()
-        self._messages: deque[bytes] = deque()
-        self._arrived: asyncio.Future | None = None
-        self._outbox: deque[memoryview] = deque()  # answer bytes the windows hold back
-        self._unsent = 0
         self._closing: bytes | None = None
-        self._drained: asyncio.Future | None = None
         self._headers_sent = False
         self._initial: tuple = ()
         self._handler: grpc.RpcMethodHandler | None = None
@@ -503,27 +339,18 @@ class _Call:
                 return
         if end:
             self.half_closed = True
-        if self._arrived is not None and not self._arrived.done():
-            self._arrived.set_result(None)
+        self._wake()
         if end and self._task is None and self._handler is not None:
             self._start()
 
     def _split(self, data: bytes) -> None:
-        partial = self._partial
-        partial += data
-        limit = self.connection.server.max_receive
-        while len(partial) >= 5:
-            compressed, size = h2.MESSAGE_PREFIX.unpack_from(partial)
-            if size > limit:
-                raise _Status(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"Received message larger than max ({size} vs. {limit})")
-            if len(partial) < 5 + size:
-                return
-            payload = bytes(partial[5:5 + size])
-            del partial[:5 + size]
-            message = self._decompressed(payload) if compressed else payload
-            self._messages.append(message)
-            self.unread += len(message)
+        self._partial += data
+        try:
+            messages = self._take_messages(self.connection.server.max_receive)
+        except ValueError as error:
+            raise _Status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
+        for compressed, payload in messages:
+            self._arrive(self._decompressed(payload) if compressed else payload)
 
     def _decompressed(self, payload: bytes) -> bytes:
         """A compressed message, inflated no further than the size limit allows."""
@@ -541,19 +368,6 @@ class _Call:
             raise _Status(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"Received message larger than max (over {limit} bytes inflated)")
         return data
-
-    async def _next_message(self) -> bytes | None:
-        while not self._messages:
-            if self.half_closed or self._reset:
-                return None
-            self._arrived = self.connection.loop.create_future()
-            await self._arrived
-        message = self._messages.popleft()
-        self.unread -= len(message)
-        if self.unacked:
-            self.connection.credit(self)
-            self.connection.schedule_flush()
-        return message
 
     async def _requests(self, decode):
         while (message := await self._next_message()) is not None:
@@ -615,8 +429,7 @@ class _Call:
         """The client reset the stream, or the connection is gone: no answer will be read."""
         self._reset = True
         self.finished = True
-        self._outbox.clear()
-        self._unsent = 0
+        self._drop_queued()
         self.connection.blocked.pop(self.stream, None)
         self._end()
         if self._task is not None and not self._task.done():
@@ -632,9 +445,7 @@ class _Call:
                           f"Sent message larger than max ({len(payload)} vs. "
                           f"{self.connection.server.max_send})")
         self._open()
-        data = h2.message(payload)
-        self._outbox.append(memoryview(data))
-        self._unsent += len(data)
+        self._queue(payload)
         self.push()
 
     def _open(self) -> None:
@@ -645,26 +456,9 @@ class _Call:
 
     def push(self) -> None:
         """Send what the windows allow; the trailers once everything before them is sent."""
+        if not self._send_queued():
+            return
         connection = self.connection
-        outbox = self._outbox
-        while outbox:
-            size = min(self.send_window, connection.send_window, connection.peer_frame)
-            if size <= 0:
-                connection.blocked[self.stream] = self
-                connection.schedule_flush()
-                return
-            chunk = outbox[0]
-            if len(chunk) <= size:  # a whole message, as most answers go: no copy
-                outbox.popleft()
-            else:
-                chunk, outbox[0] = chunk[:size], chunk[size:]
-            connection.out.append(h2.frame(h2.DATA, 0, self.stream, chunk))
-            self._unsent -= len(chunk)
-            self.send_window -= len(chunk)
-            connection.send_window -= len(chunk)
-        connection.blocked.pop(self.stream, None)
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
         if self._closing is not None:
             connection.header_frames(self.stream, self._closing, True)
             self._closing = None
@@ -690,18 +484,15 @@ class _Call:
         """An answer before any handler ran, or instead of it."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
-        self._outbox.clear()
-        self._unsent = 0
+        self._drop_queued()
         self._finish(code, details)
 
     def _end(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._arrived is not None and not self._arrived.done():
-            self._arrived.set_result(None)
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
+        self._wake()
+        self._release()
 
     # --- grpc.aio.ServicerContext ------------------------------------------------------------
 
@@ -716,9 +507,7 @@ class _Call:
         if self.finished:
             raise asyncio.CancelledError()
         self._send_message(message)
-        while self._unsent > WRITE_BACKLOG and not self.finished:
-            self._drained = self.connection.loop.create_future()
-            await self._drained
+        await self._wait_for_room()
 
     async def send_initial_metadata(self, metadata) -> None:
         self._initial = tuple(metadata)

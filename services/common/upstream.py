@@ -1,8 +1,10 @@
-"""One long-lived mutual-TLS channel to the next service, its stubs, and its readiness.
+"""The next service: a long-lived group stream to it, a mutual-TLS channel for its other
+calls, and its readiness.
 
-Readiness is followed with grpc.health.v1 Watch, which the upstream pushes on; the same loop
-picks up rotated certificates: the channel is rebuilt with the new files and the old one
-closes once its in-flight calls are done.
+Groups travel on the project's own HTTP/2 client (`meshserve.common.http2_client`), the
+other calls on a gRPC channel. Readiness is followed with grpc.health.v1 Watch, which the
+upstream pushes on; the same loop picks up rotated certificates: both channels are rebuilt
+with the new files and the old ones close once their in-flight calls are done.
 """
 
 import asyncio
@@ -11,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from meshserve.common.http2_client import Http2Channel, client_ssl_context
 from meshserve.common.streams import GroupStream, start_stream
 from meshserve.common.tls import ReloadingChannel, TlsFiles
 from meshserve.protocol import groups_pb2_grpc, grpc_service_pb2_grpc, health_pb2
@@ -30,8 +33,11 @@ class Upstream:
         self.identity = identity
         self._reloading = ReloadingChannel(target, tls, identity)
         self._bind()
+        self._tls = tls
+        self._streams = Http2Channel(target, client_ssl_context(tls), identity)
+        self._closing: set[asyncio.Task] = set()
         # Groups travel on one long-lived stream, opened on the channel of the moment.
-        self.stream = GroupStream(lambda: start_stream(self.channel), repr(self))
+        self.stream = GroupStream(lambda: start_stream(self._streams), repr(self))
         self.serving = False
 
     def _bind(self) -> None:
@@ -42,11 +48,20 @@ class Upstream:
 
     def refresh_certificates(self) -> bool:
         """Use the TLS files anew if they changed; True when the channel was rebuilt."""
-        if self._reloading.refresh():
-            self._bind()
-            self.stream.retire()
+        if not self._reloading.refresh():
+            return False
+        self._bind()
+        try:
+            streams = Http2Channel(self.target, client_ssl_context(self._tls), self.identity)
+        except OSError as error:  # ssl.SSLError too: a pair rewritten since the check
+            log.warning("keeping the group channel to %s: %s", self, error)
             return True
-        return False
+        old, self._streams = self._streams, streams
+        task = asyncio.get_running_loop().create_task(old.close(self._reloading.grace))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        self.stream.retire()
+        return True
 
     def __repr__(self) -> str:
         return f"{self.identity} at {self.target}"
@@ -95,6 +110,8 @@ class Upstream:
 
     async def close(self) -> None:
         await self.stream.close()
+        await self._streams.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)
         await self._reloading.close()
 
 

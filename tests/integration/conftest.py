@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from meshserve.tools.certs import init_certs
+from tests.integration.edge_servers import Edge
 from tests.integration.flaky_model import write_flaky_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,3 +118,13 @@ def cert_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("mesh-ca")
     init_certs(directory)
     return directory
+
+
+@pytest.fixture(params=["grpc.aio", "http2"])
+async def edge(request, cert_dir):
+    """Servers of each kind in turn ("grpc.aio", then "http2"), and channels to them."""
+    harness = Edge(request.param, cert_dir)
+    try:
+        yield harness
+    finally:
+        await harness.close()

@@ -1,5 +1,6 @@
 """Group streams over a real gRPC server with mutual TLS on a free port: framing, answers in
-any order, draining (go away), a broken stream's groups sent once more, timeouts."""
+any order, draining (go away), a broken stream's groups sent once more, timeouts; each on a
+gRPC channel and on the project's own HTTP/2 client alike."""
 
 import asyncio
 
@@ -7,6 +8,7 @@ import grpc
 import pytest
 
 from meshserve.common.errors import InvalidArgument
+from meshserve.common.http2_client import Http2Channel, client_ssl_context
 from meshserve.common.http2_server import server_ssl_context
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.streams import (
@@ -77,6 +79,16 @@ def tls(tmp_path_factory) -> tuple[TlsFiles, TlsFiles]:
     return files("batcher"), files("router")
 
 
+@pytest.fixture(params=["grpc", "http2"])
+def connect(request):
+    """Opens a client channel to a port: gRPC's, or the project's own HTTP/2 client."""
+    def open_channel(client_tls: TlsFiles, port: int):
+        if request.param == "grpc":
+            return secure_channel(f"127.0.0.1:{port}", client_tls, "batcher")
+        return Http2Channel(f"127.0.0.1:{port}", client_ssl_context(client_tls), "batcher")
+    return open_channel
+
+
 class Echo:
     """A server's group handler: answers each body with itself reversed, once `gate` (when
     given for that body) is set; counts the bodies it saw."""
@@ -109,8 +121,8 @@ async def serve(server_tls: TlsFiles, echo: Echo, port: int = 0) -> Service:
 class Client:
     """A GroupStream to `port` that counts the streams it opened."""
 
-    def __init__(self, client_tls: TlsFiles, port: int, max_age: float | None = None) -> None:
-        self.channel = secure_channel(f"127.0.0.1:{port}", client_tls, "batcher")
+    def __init__(self, channel, max_age: float | None = None) -> None:
+        self.channel = channel
         self.opened = 0
         self.stream = GroupStream(self._open, "echo", max_age=max_age)
 
@@ -123,11 +135,11 @@ class Client:
         await self.channel.close()
 
 
-async def test_groups_in_flight_together_are_answered_in_any_order_on_one_stream(tls):
+async def test_groups_in_flight_together_are_answered_in_any_order_on_one_stream(tls, connect):
     echo = Echo()
     echo.gates[b"first"] = asyncio.Event()
     service = await serve(tls[0], echo)
-    client = Client(tls[1], service.port)
+    client = Client(connect(tls[1], service.port))
     try:
         first = asyncio.create_task(client.stream.send(b"first"))
         others = [asyncio.create_task(client.stream.send(f"g{n}".encode())) for n in range(20)]
@@ -142,11 +154,11 @@ async def test_groups_in_flight_together_are_answered_in_any_order_on_one_stream
         await service.stop(0)
 
 
-async def test_a_stream_past_its_max_age_is_replaced_and_still_answers_its_groups(tls):
+async def test_a_stream_past_its_max_age_is_replaced_and_still_answers_its_groups(tls, connect):
     echo = Echo()
     echo.gates[b"slow"] = asyncio.Event()
     service = await serve(tls[0], echo)
-    client = Client(tls[1], service.port, max_age=0.0)
+    client = Client(connect(tls[1], service.port), max_age=0.0)
     try:
         slow = asyncio.create_task(client.stream.send(b"slow"))
         await until(lambda: b"slow" in echo.seen, 10, "the server reading the group")
@@ -159,12 +171,12 @@ async def test_a_stream_past_its_max_age_is_replaced_and_still_answers_its_group
         await service.stop(0)
 
 
-async def test_a_draining_server_answers_what_it_read_and_the_client_moves_on(tls):
+async def test_a_draining_server_answers_what_it_read_and_the_client_moves_on(tls, connect):
     echo = Echo()
     echo.gates[b"slow"] = asyncio.Event()
     service = await serve(tls[0], echo)
     port = service.port
-    client = Client(tls[1], port)
+    client = Client(connect(tls[1], port))
     try:
         slow = asyncio.create_task(client.stream.send(b"slow"))
         await until(lambda: b"slow" in echo.seen, 10, "the server reading the group")
@@ -183,14 +195,13 @@ async def test_a_draining_server_answers_what_it_read_and_the_client_moves_on(tl
         await client.close()
 
 
-async def test_a_group_its_stream_never_answered_goes_once_more_on_a_fresh_stream(tls):
+async def test_a_group_its_stream_never_answered_goes_once_more_on_a_fresh_stream(tls, connect):
     """The first stream goes to a server that dies mid-group; the fresh one (as the mesh
     would pick another batcher) to a second server, which answers the group."""
     first_echo, second_echo = Echo(), Echo()
     first_echo.gates[b"lost"] = asyncio.Event()
     first, second = await serve(tls[0], first_echo), await serve(tls[0], second_echo)
-    channels = [secure_channel(f"127.0.0.1:{server.port}", tls[1], "batcher")
-                for server in (first, second)]
+    channels = [connect(tls[1], server.port) for server in (first, second)]
     opened = iter(channels)
     stream = GroupStream(lambda: start_stream(next(opened)), "echo")
     try:
@@ -206,11 +217,11 @@ async def test_a_group_its_stream_never_answered_goes_once_more_on_a_fresh_strea
         await second.stop(0)
 
 
-async def test_with_no_server_a_group_fails_unavailable(tls):
+async def test_with_no_server_a_group_fails_unavailable(tls, connect):
     service = await serve(tls[0], Echo())
     port = service.port
     await service.stop(0)
-    client = Client(tls[1], port)
+    client = Client(connect(tls[1], port))
     try:
         with pytest.raises(StreamBroken) as broken:
             await asyncio.wait_for(client.stream.send(b"x"), 20)
@@ -220,11 +231,11 @@ async def test_with_no_server_a_group_fails_unavailable(tls):
         await client.close()
 
 
-async def test_an_answer_that_does_not_come_in_time_is_a_timeout_and_leaves_nothing(tls):
+async def test_an_answer_that_does_not_come_in_time_is_a_timeout_and_leaves_nothing(tls, connect):
     echo = Echo()
     echo.gates[b"never"] = asyncio.Event()
     service = await serve(tls[0], echo)
-    client = Client(tls[1], service.port)
+    client = Client(connect(tls[1], service.port))
     try:
         with pytest.raises(TimeoutError):
             await client.stream.send(b"never", timeout=0.2)
@@ -235,9 +246,9 @@ async def test_an_answer_that_does_not_come_in_time_is_a_timeout_and_leaves_noth
         await service.stop(0)
 
 
-async def test_a_handler_error_ends_the_stream_with_its_status(tls):
+async def test_a_handler_error_ends_the_stream_with_its_status(tls, connect):
     service = await serve(tls[0], Echo())
-    client = Client(tls[1], service.port)
+    client = Client(connect(tls[1], service.port))
     try:
         with pytest.raises(StreamBroken) as broken:
             await asyncio.wait_for(client.stream.send(b"bad"), 10)
@@ -249,9 +260,9 @@ async def test_a_handler_error_ends_the_stream_with_its_status(tls):
         await service.stop(0)
 
 
-async def test_a_message_without_its_id_is_invalid_argument(tls):
+async def test_a_message_without_its_id_is_invalid_argument(tls, connect):
     service = await serve(tls[0], Echo())
-    channel = secure_channel(f"127.0.0.1:{service.port}", tls[1], "batcher")
+    channel = connect(tls[1], service.port)
     try:
         call = start_stream(channel)
         await call.write(b"\x0a\x03mlp")
@@ -264,11 +275,11 @@ async def test_a_message_without_its_id_is_invalid_argument(tls):
         await service.stop(0)
 
 
-async def test_an_early_answer_reaches_the_caller_before_the_last_one(tls):
+async def test_an_early_answer_reaches_the_caller_before_the_last_one(tls, connect):
     echo = Echo()
     echo.gates[b"early:rest"] = asyncio.Event()
     service = await serve(tls[0], echo)
-    client = Client(tls[1], service.port)
+    client = Client(connect(tls[1], service.port))
     heard: list[bytes] = []
     arrived = asyncio.Event()
 

@@ -1,0 +1,347 @@
+"""What both ends of the project's HTTP/2 connections do alike (`meshserve.common.http2_server`
+and `meshserve.common.http2_client`): frames in and out, SETTINGS, PING, flow control both
+ways, and a stream's messages as they arrive and as the windows let them leave.
+
+Flow control: a peer may send a stream a window's worth ahead of our acknowledgements, and
+is held back while that stream has a window's worth of whole messages still unread; our
+own writers wait while a backlog waits for the peer's windows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+import hpack
+
+from meshserve.common import http2_frames as h2
+
+# Our side of flow control: what a peer may send ahead of our acknowledgements.
+STREAM_WINDOW = 4 << 20
+CONNECTION_WINDOW = 16 << 20
+MAX_FRAME = 1 << 20  # the largest frame we accept (16 KiB is HTTP/2's least)
+MAX_HEADER_LIST = 64 << 10
+# A writer waits while this much of what it wrote waits for the peer's windows.
+WRITE_BACKLOG = 1 << 20
+
+
+class ConnectionFailure(Exception):
+    """The peer broke HTTP/2: the connection ends with `code` (an HTTP/2 error code)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def checked(parse, *args):
+    """`parse(*args)`, its ValueError a PROTOCOL_ERROR."""
+    try:
+        return parse(*args)
+    except ValueError as error:
+        raise ConnectionFailure(h2.PROTOCOL_ERROR, str(error)) from None
+
+
+def initial_frames() -> bytes:
+    """Our SETTINGS and the connection window beyond HTTP/2's default."""
+    return (h2.settings_frame({h2.ENABLE_PUSH: 0, h2.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                               h2.MAX_FRAME_SIZE: MAX_FRAME,
+                               h2.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST})
+            + h2.window_update(0, CONNECTION_WINDOW - h2.DEFAULT_WINDOW))
+
+
+class Http2Connection(asyncio.Protocol):
+    """One connection's frames. Subclasses keep their streams in `calls` and handle HEADERS
+    (`_headers`), RST_STREAM (`_reset`), GOAWAY (`_go_away`), a PING's answer (`_pinged`)
+    and a broken connection (`_fail`)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.calls: dict[int, Http2Stream] = {}
+        self.blocked: dict[int, Http2Stream] = {}  # streams waiting for a window
+        self.peer_window = h2.DEFAULT_WINDOW  # each new stream's send window
+        self.peer_frame = h2.DEFAULT_FRAME_SIZE
+        self.send_window = h2.DEFAULT_WINDOW  # the connection's
+        self.out: list[bytes] = []  # frames for the next write
+        self._buffer = bytearray()
+        self._continued: tuple[int, int, bytearray] | None = None
+        self._received = 0
+        self._flush_pending = False
+        self._transport: asyncio.Transport | None = None
+
+    def schedule_flush(self) -> None:
+        """Write what is waiting once this turn of the event loop is done (frames made in
+        the same turn leave in one write)."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        self._write()
+
+    def _write(self) -> None:
+        if self.out and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"".join(self.out))
+        self.out.clear()
+
+    # --- frames in -------------------------------------------------------------------------
+
+    def _frames_in(self, position: int) -> None:
+        """Handle every whole frame buffered from `position`, then write what they called
+        for."""
+        buffer = self._buffer
+        end = len(buffer)
+        unpack = h2.FRAME_HEADER.unpack_from
+        try:
+            while end - position >= 9:
+                high, low, kind, flags, stream = unpack(buffer, position)
+                size = high << 16 | low
+                if size > MAX_FRAME:
+                    raise ConnectionFailure(h2.FRAME_SIZE_ERROR, f"a frame of {size} bytes")
+                if end - position - 9 < size:
+                    break
+                payload = bytes(buffer[position + 9:position + 9 + size])
+                position += 9 + size
+                self._frame(kind, flags, stream & 0x7FFFFFFF, payload)
+        except ConnectionFailure as error:
+            self._fail(error.code, str(error))
+            return
+        del buffer[:position]
+        if self._received >= CONNECTION_WINDOW // 4:
+            self.out.append(h2.window_update(0, self._received))
+            self._received = 0
+        self._flush()
+
+    def _frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
+        if self._continued is not None and kind != h2.CONTINUATION:
+            raise ConnectionFailure(h2.PROTOCOL_ERROR, "a header block was interrupted")
+        if kind == h2.DATA:
+            self._data(flags, stream, payload)
+        elif kind == h2.HEADERS:
+            self._check_headers(stream)
+            block = checked(h2.header_payload, flags, payload)
+            if flags & h2.END_HEADERS:
+                self._decoded_headers(stream, flags, block)
+            else:
+                self._continued = (stream, flags, bytearray(block))
+        elif kind == h2.CONTINUATION:
+            if self._continued is None or self._continued[0] != stream:
+                raise ConnectionFailure(h2.PROTOCOL_ERROR, "CONTINUATION out of place")
+            self._continued[2].extend(payload)
+            if len(self._continued[2]) > MAX_HEADER_LIST:
+                raise ConnectionFailure(h2.PROTOCOL_ERROR, "a header block past its limit")
+            if flags & h2.END_HEADERS:
+                stream, first_flags, block = self._continued
+                self._continued = None
+                self._decoded_headers(stream, first_flags, bytes(block))
+        elif kind == h2.WINDOW_UPDATE:
+            self._window_update(stream, payload)
+        elif kind == h2.SETTINGS:
+            if not flags & h2.ACK:
+                self._settings(checked(h2.parse_settings, payload))
+        elif kind == h2.PING:
+            if flags & h2.ACK:
+                self._pinged()
+            else:
+                self.out.append(h2.frame(h2.PING, h2.ACK, 0, payload))
+        elif kind == h2.RST_STREAM:
+            self._reset(stream, int.from_bytes(payload[:4], "big"))
+        elif kind == h2.GOAWAY:
+            self._go_away(payload)
+        elif kind == h2.PUSH_PROMISE:
+            raise ConnectionFailure(h2.PROTOCOL_ERROR, "PUSH_PROMISE, which is disabled")
+        # PRIORITY and unknown frames: nothing to do.
+
+    def _data(self, flags: int, stream: int, payload: bytes) -> None:
+        if stream == 0:
+            raise ConnectionFailure(h2.PROTOCOL_ERROR, "DATA on stream 0")
+        self._received += len(payload)
+        call = self.calls.get(stream)
+        if call is None:
+            return  # a stream already ended or reset: its bytes still count for the window
+        call.unacked += len(payload)
+        call.received(checked(h2.unpadded, flags, payload), flags & h2.END_STREAM)
+        self.credit(call)
+
+    def _decoded_headers(self, stream: int, flags: int, block: bytes) -> None:
+        try:
+            self._headers(stream, flags, block)
+        except hpack.HPACKError as error:
+            raise ConnectionFailure(h2.COMPRESSION_ERROR, f"header block: {error}") from None
+
+    def credit(self, call: Http2Stream) -> None:
+        """Let the peer send more on a stream, unless a window's worth of whole messages is
+        still unread there (a message in the making is bounded by the size limit)."""
+        if (call.unacked >= STREAM_WINDOW // 4 and not call.half_closed
+                and call.unread < STREAM_WINDOW):
+            self.out.append(h2.window_update(call.stream, call.unacked))
+            call.unacked = 0
+
+    def _window_update(self, stream: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise ConnectionFailure(h2.FRAME_SIZE_ERROR, "WINDOW_UPDATE of the wrong size")
+        increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        if stream == 0:
+            if increment == 0:
+                raise ConnectionFailure(h2.PROTOCOL_ERROR, "a window update of 0")
+            self.send_window += increment
+            for call in list(self.blocked.values()):
+                call.push()
+        elif (call := self.calls.get(stream)) is not None:
+            call.send_window += increment
+            call.push()
+
+    def _settings(self, settings: dict[int, int]) -> None:
+        if h2.INITIAL_WINDOW_SIZE in settings:
+            window = settings[h2.INITIAL_WINDOW_SIZE]
+            if window > h2.MAX_WINDOW:
+                raise ConnectionFailure(h2.FLOW_CONTROL_ERROR, "initial window too large")
+            change, self.peer_window = window - self.peer_window, window
+            for call in self.calls.values():
+                call.send_window += change
+        if h2.MAX_FRAME_SIZE in settings:
+            self.peer_frame = settings[h2.MAX_FRAME_SIZE]
+        self.out.append(h2.frame(h2.SETTINGS, h2.ACK, 0))
+        for call in list(self.blocked.values()):
+            call.push()
+
+    # --- frames out ------------------------------------------------------------------------
+
+    def header_frames(self, stream: int, block: bytes, end_stream: bool) -> None:
+        flags = h2.END_STREAM if end_stream else 0
+        limit = self.peer_frame
+        if len(block) <= limit:
+            self.out.append(h2.frame(h2.HEADERS, flags | h2.END_HEADERS, stream, block))
+            return
+        self.out.append(h2.frame(h2.HEADERS, flags, stream, block[:limit]))
+        for start in range(limit, len(block), limit):
+            last = start + limit >= len(block)
+            self.out.append(h2.frame(h2.CONTINUATION, h2.END_HEADERS if last else 0, stream,
+                                      block[start:start + limit]))
+
+    # --- what each end does its own way ------------------------------------------------------
+
+    def _check_headers(self, stream: int) -> None:
+        """Raise ConnectionFailure for HEADERS this end must not receive on `stream`."""
+
+    def _headers(self, stream: int, flags: int, block: bytes) -> None:
+        raise NotImplementedError
+
+    def _reset(self, stream: int, code: int) -> None:
+        raise NotImplementedError
+
+    def _go_away(self, payload: bytes) -> None:
+        """The peer is going away (a server: its client closes when done)."""
+
+    def _pinged(self) -> None:
+        """Our PING was answered."""
+
+    def _fail(self, code: int, message: str) -> None:
+        raise NotImplementedError
+
+
+class Http2Stream:
+    """One stream's messages: those received, until the handler or caller reads them, and
+    those written, until the windows let them leave."""
+
+    def __init__(self, connection: Http2Connection | None, stream: int) -> None:
+        self.connection = connection
+        self.stream = stream
+        self.send_window = 0 if connection is None else connection.peer_window
+        self.unacked = 0  # bytes received and not yet acknowledged with a WINDOW_UPDATE
+        self.unread = 0  # bytes of whole messages not read yet
+        self.half_closed = False  # the peer sends nothing more
+        self.finished = False
+        self._partial = bytearray()
+        self._messages: deque[bytes] = deque()
+        self._arrived: asyncio.Future | None = None
+        self._outbox: deque[memoryview] = deque()  # bytes the windows hold back
+        self._unsent = 0
+        self._drained: asyncio.Future | None = None
+
+    def received(self, data: bytes, end: bool) -> None:
+        raise NotImplementedError
+
+    def push(self) -> None:
+        raise NotImplementedError
+
+    def _take_messages(self, limit: int) -> list[tuple[bool, bytes]]:
+        """The whole messages received so far, taken off the partial buffer: (compressed,
+        payload). Raises ValueError naming the limit for a message larger than `limit`."""
+        partial = self._partial
+        taken = []
+        while len(partial) >= 5:
+            compressed, size = h2.MESSAGE_PREFIX.unpack_from(partial)
+            if size > limit:
+                raise ValueError(f"Received message larger than max ({size} vs. {limit})")
+            if len(partial) < 5 + size:
+                break
+            taken.append((bool(compressed), bytes(partial[5:5 + size])))
+            del partial[:5 + size]
+        return taken
+
+    def _arrive(self, message: bytes) -> None:
+        self._messages.append(message)
+        self.unread += len(message)
+
+    def _wake(self) -> None:
+        if self._arrived is not None and not self._arrived.done():
+            self._arrived.set_result(None)
+
+    async def _next_message(self) -> bytes | None:
+        """The next whole message; None once no more will come."""
+        while not self._messages:
+            if self.half_closed or self.finished:
+                return None
+            self._arrived = asyncio.get_running_loop().create_future()
+            await self._arrived
+        message = self._messages.popleft()
+        self.unread -= len(message)
+        if self.unacked:
+            self.connection.credit(self)
+            self.connection.schedule_flush()
+        return message
+
+    def _queue(self, payload: bytes) -> None:
+        data = h2.message(payload)
+        self._outbox.append(memoryview(data))
+        self._unsent += len(data)
+
+    def _send_queued(self) -> bool:
+        """Send what the windows allow; True when nothing queued is left (the stream then
+        waits for no window)."""
+        connection = self.connection
+        outbox = self._outbox
+        while outbox:
+            size = min(self.send_window, connection.send_window, connection.peer_frame)
+            if size <= 0:
+                connection.blocked[self.stream] = self
+                connection.schedule_flush()
+                return False
+            chunk = outbox[0]
+            if len(chunk) <= size:  # a whole message, as most go: no copy
+                outbox.popleft()
+            else:
+                chunk, outbox[0] = chunk[:size], chunk[size:]
+            connection.out.append(h2.frame(h2.DATA, 0, self.stream, chunk))
+            self._unsent -= len(chunk)
+            self.send_window -= len(chunk)
+            connection.send_window -= len(chunk)
+        connection.blocked.pop(self.stream, None)
+        self._release()
+        return True
+
+    def _drop_queued(self) -> None:
+        self._outbox.clear()
+        self._unsent = 0
+        self._release()
+
+    def _release(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    async def _wait_for_room(self) -> None:
+        """Until less than WRITE_BACKLOG of what was written waits for a window."""
+        while self._unsent > WRITE_BACKLOG and not self.finished:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained

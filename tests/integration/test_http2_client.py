@@ -1,0 +1,196 @@
+"""`Http2Channel` (meshserve.common.http2_client): streaming calls as a grpcio channel makes
+them, against gRPC's own server (`grpc.aio.server()`) and the project's (`Http2Server`).
+
+Each server listens on loopback port 0 with mutual TLS and the dev CA's "ingress"
+certificate; the client presents the "client" certificate and expects "ingress". Checked:
+messages both ways with metadata, messages larger than every window, statuses (abort with
+details, an unknown method), cancellation reaching the server, a server of the wrong
+identity, no server (and the backoff after it), and keepalive dropping a silent server.
+"""
+
+import asyncio
+import ssl
+
+import grpc
+import pytest
+
+from meshserve.common import http2_client
+from meshserve.common.http2_client import address, client_ssl_context
+from meshserve.common.http2_server import server_ssl_context
+from meshserve.common.tls import TlsFiles
+from tests.integration.edge_servers import Edge, MiB, method, payload
+
+TIMEOUT_S = 10
+
+
+async def serve(edge: Edge, methods: dict) -> str:
+    """A started server of the edge's kind answering `methods`; its target."""
+    _, target = await edge.start(methods)
+    return target
+
+
+def streaming(fn):
+    return grpc.stream_stream_rpc_method_handler(fn)
+
+
+async def test_a_stream_carries_messages_both_ways_with_its_metadata(edge):
+    seen = {}
+
+    async def echo(requests, context):
+        seen.update(context.invocation_metadata())
+        async for request in requests:
+            yield request[::-1]
+
+    channel = edge.own_channel(await serve(edge, {"Echo": streaming(echo)}))
+    call = channel.stream_stream(method("Echo"))(
+        metadata=(("x-pin", "2"), ("trace-bin", b"\x00\xff")))
+    for n in range(5):
+        await call.write(f"message {n}".encode())
+        assert await asyncio.wait_for(call.read(), TIMEOUT_S) == f"message {n}".encode()[::-1]
+    await call.done_writing()
+    assert await asyncio.wait_for(call.read(), TIMEOUT_S) is grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
+    assert seen["x-pin"] == "2" and seen["trace-bin"] == b"\x00\xff"
+
+
+async def test_messages_larger_than_every_window_go_both_ways(edge):
+    """6 MiB messages: past the default 64 KiB window, the 4 MiB stream window and the
+    1 MiB frame, each way, several in flight."""
+    async def echo(requests, context):
+        async for request in requests:
+            yield request
+
+    channel = edge.own_channel(await serve(edge, {"Echo": streaming(echo)}))
+    call = channel.stream_stream(method("Echo"))()
+    sent = [payload(6 * MiB, seed) for seed in range(3)]
+    for message in sent:
+        await asyncio.wait_for(call.write(message), TIMEOUT_S)
+    for message in sent:
+        assert await asyncio.wait_for(call.read(), TIMEOUT_S) == message
+    await call.done_writing()
+    assert await asyncio.wait_for(call.read(), TIMEOUT_S) is grpc.aio.EOF
+
+
+async def test_an_abort_reaches_the_caller_with_its_code_and_details(edge):
+    async def refuse(requests, context):
+        async for _ in requests:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not yours: ünïcode 100%")
+        yield b""
+
+    channel = edge.own_channel(await serve(edge, {"Refuse": streaming(refuse)}))
+    call = channel.stream_stream(method("Refuse"))()
+    await call.write(b"x")
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await asyncio.wait_for(call.read(), TIMEOUT_S)
+    assert failed.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert failed.value.details() == "not yours: ünïcode 100%"
+    assert await call.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError):
+        await call.write(b"more")
+
+
+async def test_an_unknown_method_is_unimplemented(edge):
+    channel = edge.own_channel(await serve(edge, {}))
+    call = channel.stream_stream(method("Missing"))()
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await asyncio.wait_for(call.read(), TIMEOUT_S)
+    assert failed.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_a_cancelled_call_ends_at_the_server_too(edge):
+    reading, ended = asyncio.Event(), asyncio.Event()
+
+    async def hold(requests, context):
+        try:
+            async for _ in requests:
+                reading.set()
+            await asyncio.Event().wait()  # until cancelled
+        finally:
+            ended.set()
+        yield b""
+
+    channel = edge.own_channel(await serve(edge, {"Hold": streaming(hold)}))
+    call = channel.stream_stream(method("Hold"))()
+    await call.write(b"x")
+    await asyncio.wait_for(reading.wait(), TIMEOUT_S)
+    assert call.cancel()
+    await asyncio.wait_for(ended.wait(), TIMEOUT_S)
+    assert await call.code() == grpc.StatusCode.CANCELLED
+    assert not call.cancel()
+
+
+async def test_a_server_of_another_identity_is_unavailable(edge):
+    channel = edge.own_channel(await serve(edge, {}), identity="router")
+    call = channel.stream_stream(method("Echo"))()
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await asyncio.wait_for(call.read(), TIMEOUT_S)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "could not connect to router at" in failed.value.details()
+    assert "certificate" in failed.value.details()
+
+
+async def test_with_no_server_calls_fail_unavailable_and_at_once_during_the_backoff(cert_dir):
+    edge = Edge("http2", cert_dir)
+    target = await serve(edge, {})
+    await edge.servers[0].stop(None)
+    channel = edge.own_channel(target)
+    try:
+        first = channel.stream_stream(method("Echo"))()
+        assert await asyncio.wait_for(first.code(), TIMEOUT_S) == grpc.StatusCode.UNAVAILABLE
+        assert (await first.details()).startswith(f"could not connect to ingress at {target}")
+        again = channel.stream_stream(method("Echo"))()
+        assert again.done()  # no second attempt before the backoff has passed
+        assert await again.details() == await first.details()
+    finally:
+        await edge.close()
+
+
+async def test_keepalive_drops_a_server_that_stops_answering(cert_dir, monkeypatch):
+    """A server that completes TLS and then says nothing, not even to a PING."""
+    monkeypatch.setattr(http2_client, "KEEPALIVE_TIME_MS", 200)
+    monkeypatch.setattr(http2_client, "KEEPALIVE_TIMEOUT_MS", 200)
+    received = bytearray()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while chunk := await reader.read(65536):
+            received.extend(chunk)
+        writer.close()
+
+    server = await asyncio.start_server(
+        silent, "127.0.0.1", 0,
+        ssl=server_ssl_context(TlsFiles.for_identity(cert_dir, "ingress")))
+    port = server.sockets[0].getsockname()[1]
+    edge = Edge("http2", cert_dir)
+    channel = edge.own_channel(f"127.0.0.1:{port}")
+    try:
+        call = channel.stream_stream(method("Echo"))()
+        await call.write(b"x")
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await asyncio.wait_for(call.read(), TIMEOUT_S)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "broke" in failed.value.details()
+        assert b"keepaliv" in received  # the PING it left unanswered
+    finally:
+        await edge.close()
+        server.close()
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("127.0.0.1:7002", ("127.0.0.1", 7002)),
+    ("router.mesh.svc:7002", ("router.mesh.svc", 7002)),
+    ("dns:///router.mesh.svc:7002", ("router.mesh.svc", 7002)),
+    ("[::1]:50051", ("::1", 50051)),
+])
+def test_a_target_is_host_and_port(target, expected):
+    assert address(target) == expected
+
+
+@pytest.mark.parametrize("target", ["router", "router:", ":7002", "unix:///tmp/socket"])
+def test_a_target_without_host_and_port_is_refused(target):
+    with pytest.raises(ValueError, match="is not host:port"):
+        address(target)
+
+
+def test_the_client_context_requires_the_servers_certificate(cert_dir):
+    context = client_ssl_context(TlsFiles.for_identity(cert_dir, "client"))
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
