@@ -241,6 +241,8 @@ class Measured:
     load: dict[tuple[str, int], list[Window]] = field(default_factory=dict)
     model_cpu_per_sample_s: dict[str, list[float]] = field(default_factory=dict)
     model_p50_ms: dict[str, list[float]] = field(default_factory=dict)  # batch 1
+    # CPU at batch 1 after a pause over back to back (see budget_measure.PAUSE_S)
+    model_paused_ratio: dict[str, list[float]] = field(default_factory=dict)
     hop_p50_ms: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     idle_cpu_percent: list[float] = field(default_factory=list)
     rss_idle_mib: dict[str, float] = field(default_factory=dict)  # kind -> largest process
@@ -378,6 +380,10 @@ def figures(measured: Measured, budgets: Budgets, models: Sequence[str],
             out.append(Figure(f"{model} bare p50, c=1", bare_p50, "ms"))
         model_b = ratio(median(measured.model_cpu_per_sample_s.get(model, [])), bare)
         out.append(Figure(f"{model} model CPU per sample (batch 16, 1 thread)", model_b, "B"))
+        if model in measured.model_paused_ratio:
+            out.append(Figure(f"{model} model CPU at batch 1, after a pause / back to back",
+                              median(measured.model_paused_ratio[model]), "x",
+                              note="in-process: what a pause between requests alone costs"))
         for concurrency in sorted(concurrencies, reverse=True):
             if (model, concurrency) not in measured.load:
                 continue

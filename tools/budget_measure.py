@@ -16,7 +16,10 @@ How each figure is measured:
 * **Model CPU per sample**: ``torch.jit.load`` of the version that answered most, called in
   this process at batch 16 with one torch thread, in every round after its load windows;
   process CPU time per row. Compute's budget is its own share plus this. Its p50 at batch 1
-  (wall time) is compute's latency allowance.
+  (wall time) is compute's latency allowance. Also reported: its CPU at batch 1 (this
+  thread's) when each call follows a pause of `PAUSE_S`, as every process of the mesh
+  sleeps between the requests of a concurrency-1 load, over its CPU back to back (medians
+  of the calls): what a pause alone does to the same work on this machine.
 * **p50 added by each hop** at concurrency 1: each hop is called directly with its debug
   ``ModelInfer`` (ingress and router unpinned, the batcher and compute of the version that
   answered most; compute with the batcher's certificate, as compute admits only batchers)
@@ -42,6 +45,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 
@@ -153,6 +157,17 @@ def load_window(spec: LoadSpec, processes: list[ServiceProcess], what: str,
     return Window(result["requests"], cpu, model_cpu), result
 
 
+# The pause before each call of the in-process model's paused measurement: about how long each
+# process of the mesh sleeps between its turns at concurrency 1.
+PAUSE_S = 0.002
+
+
+class ModelCost(NamedTuple):
+    per_row_s: float  # process CPU per row at the batch size, back to back
+    p50_ms: float  # wall time at batch 1
+    paused_ratio: float  # CPU at batch 1 after a PAUSE_S pause over back to back
+
+
 class InProcessModel:
     """A TorchScript file loaded in this process, called with one torch thread."""
 
@@ -166,9 +181,8 @@ class InProcessModel:
         self.batch = batch
         self._rows, self._one = torch.rand(batch, *dims), torch.rand(1, *dims)
 
-    def cost(self, seconds: float) -> tuple[float, float]:
-        """(process CPU seconds per row at `batch`, wall-clock p50 ms at batch 1), each
-        measured over about `seconds` after a short warm-up."""
+    def cost(self, seconds: float) -> ModelCost:
+        """Each figure measured over about `seconds` after a short warm-up."""
         torch, model = self._torch, self._model
         previous = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -187,9 +201,22 @@ class InProcessModel:
                     sent = time.perf_counter()
                     model(self._one)
                     latencies.append((time.perf_counter() - sent) * 1000)
+                hot = self._thread_cpu_per_call(0.0, seconds)
+                paused = self._thread_cpu_per_call(PAUSE_S, seconds)
         finally:
             torch.set_num_threads(previous)
-        return per_row, statistics.median(latencies)
+        return ModelCost(per_row, statistics.median(latencies), paused / hot)
+
+    def _thread_cpu_per_call(self, pause: float, seconds: float) -> float:
+        """The median CPU of this thread per call at batch 1, each call after `pause`."""
+        cpu, end = [], time.monotonic() + seconds
+        while time.monotonic() < end or len(cpu) < 3:
+            if pause:
+                time.sleep(pause)
+            start = time.thread_time_ns()
+            self._model(self._one)
+            cpu.append(max(time.thread_time_ns() - start, 1))
+        return statistics.median(cpu)
 
 
 class BudgetRun:
@@ -251,11 +278,14 @@ class BudgetRun:
                 config = self._repository.get(model).config
                 loaded = self._loaded[(model, version)] = InProcessModel(
                     self._repository.artifact(model, version), tuple(config.input[0].dims))
-            per_row, p50 = loaded.cost(self.plan.model_s)
-            self.measured.model_cpu_per_sample_s.setdefault(model, []).append(per_row)
-            self.measured.model_p50_ms.setdefault(model, []).append(p50)
-            self.say(f"    {model} version {version} in-process: {per_row * 1e6:.0f} µs CPU "
-                     f"per row at batch 16, p50 {p50:.3f} ms at batch 1")
+            cost = loaded.cost(self.plan.model_s)
+            self.measured.model_cpu_per_sample_s.setdefault(model, []).append(cost.per_row_s)
+            self.measured.model_p50_ms.setdefault(model, []).append(cost.p50_ms)
+            self.measured.model_paused_ratio.setdefault(model, []).append(cost.paused_ratio)
+            self.say(f"    {model} version {version} in-process: {cost.per_row_s * 1e6:.0f} µs "
+                     f"CPU per row at batch 16, p50 {cost.p50_ms:.3f} ms at batch 1, "
+                     f"{cost.paused_ratio:.1f}x the CPU at batch 1 after a "
+                     f"{PAUSE_S * 1e3:g} ms pause")
 
     def version(self, model: str) -> str:
         return most_answered(r for r in self.results if r["model"] == model
