@@ -23,6 +23,7 @@ from meshserve.batcher.scheduler import Answers, Job, Replica, Scheduler
 from meshserve.common import runtime
 from meshserve.common.errors import InvalidArgument, NotFound, ServingError
 from meshserve.common.forwarding import deadline_of, error_result, one_item, raise_for
+from meshserve.common.http2_client import target_argument
 from meshserve.common.http2_server import server_ssl_context
 from meshserve.common.identity import Callers, add_callers_flag, default_callers
 from meshserve.common.metrics import BatcherMetrics, CacheMetrics, Metrics
@@ -296,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--version", default="", help="default: the model's default version")
     parser.add_argument("--compute", action="append", required=True, metavar="HOST:PORT",
+                        type=target_argument,
                         help="a compute replica of this model version (repeatable)")
     parser.add_argument("--compute-identity", default="compute",
                         help="identity the compute replicas' certificates must name")

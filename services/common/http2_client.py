@@ -18,6 +18,7 @@ and xDS stay on grpcio's channels.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -76,6 +77,15 @@ def address(target: str) -> tuple[str, int]:
     if not colon or not host or not port.isdigit():
         raise ValueError(f"target {target!r} is not host:port")
     return host.strip("[]"), int(port)
+
+
+def target_argument(text: str) -> str:
+    """An argparse type: a target this client can dial (see `address`)."""
+    try:
+        address(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:

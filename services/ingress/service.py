@@ -40,6 +40,7 @@ from meshserve.common.forwarding import (
     over_stream,
     raise_for,
 )
+from meshserve.common.http2_client import target_argument
 from meshserve.common.http2_server import server_ssl_context
 from meshserve.common.logs import (
     ACCESS_LOG,
@@ -557,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshserve ingress", description=__doc__)
     runtime.add_server_flags(parser)
     parser.add_argument("--model-repository", type=Path, required=True)
-    parser.add_argument("--router", required=True, metavar="HOST:PORT")
+    parser.add_argument("--router", required=True, metavar="HOST:PORT", type=target_argument)
     parser.add_argument("--router-identity", default="router",
                         help="identity the router's certificate must name")
     parser.add_argument("--require-client-cert", action="store_true",

@@ -5,11 +5,14 @@ Each server listens on loopback port 0 with mutual TLS and the dev CA's "ingress
 certificate; the client presents the "client" certificate and expects "ingress". Checked:
 messages both ways with metadata, messages larger than every window, statuses (abort with
 details, an unknown method), cancellation reaching the server, a server of the wrong
-identity, no server (and the backoff after it), and keepalive dropping a silent server.
+identity, no server (and the backoff after it), keepalive dropping a silent server, and the
+services refusing a target the client cannot dial.
 """
 
 import asyncio
 import ssl
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -194,3 +197,13 @@ def test_a_target_without_host_and_port_is_refused(target):
 def test_the_client_context_requires_the_servers_certificate(cert_dir):
     context = client_ssl_context(TlsFiles.for_identity(cert_dir, "client"))
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+
+
+@pytest.mark.parametrize("service, flag", [("ingress", "--router"), ("batcher", "--compute")])
+def test_a_service_refuses_an_upstream_it_cannot_dial(service, flag):
+    """The target is checked when the flags are read, not when the first group is sent."""
+    done = subprocess.run([sys.executable, "-m", "meshserve.tools.cli", service,
+                           f"{flag}=unix:///tmp/socket", "--model-repository=/nonexistent"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"argument {flag}: target 'unix:///tmp/socket' is not host:port" in done.stderr
