@@ -3,7 +3,8 @@
 gRPC's asyncio channel passes every message between the event loop and a thread of its own
 that polls gRPC's core; at concurrency 1 that hand-off was most of a hop's client CPU. This
 client writes and reads frames on the event loop itself, with the frames and HPACK of
-`meshserve.common.http2_frames` and the flow control of `meshserve.common.http2_server`.
+`meshserve.common.http2_frames` and the flow control the services' server uses too
+(`meshserve.common.http2_connection`).
 
 It opens streaming calls, `channel.stream_stream(path)(metadata=...)`, with the methods of
 `grpc.aio.StreamStreamCall` that `meshserve.common.streams` uses: `write`, `done_writing`,

@@ -343,7 +343,7 @@ def group_handler(handle: Handle, draining: asyncio.Event,
         **(more or {})})
 
 
-def start_stream(channel: grpc.aio.Channel, metadata=None) -> grpc.aio.StreamStreamCall:
-    """A new `GroupInference/Stream` call on `channel` (with `metadata`, e.g. a version pin),
-    carrying raw bytes."""
+def start_stream(channel, metadata=None) -> grpc.aio.StreamStreamCall:
+    """A new `GroupInference/Stream` call on `channel` (a grpc.aio channel, or the hops' own
+    `Http2Channel`; with `metadata`, e.g. a version pin), carrying raw bytes."""
     return channel.stream_stream(f"/{SERVICE}/{STREAM}")(metadata=metadata)
