@@ -196,27 +196,24 @@ class InProcessModel:
                     model(self._rows)
                     calls += 1
                 per_row = (time.process_time() - cpu0) / (calls * self.batch)
-                latencies, end = [], time.monotonic() + seconds
-                while time.monotonic() < end or len(latencies) < 3:
-                    sent = time.perf_counter()
-                    model(self._one)
-                    latencies.append((time.perf_counter() - sent) * 1000)
-                hot = self._thread_cpu_per_call(0.0, seconds)
-                paused = self._thread_cpu_per_call(PAUSE_S, seconds)
+                hot_ms, hot_cpu = self._calls_at_batch_1(0.0, seconds)
+                _, paused_cpu = self._calls_at_batch_1(PAUSE_S, seconds)
         finally:
             torch.set_num_threads(previous)
-        return ModelCost(per_row, statistics.median(latencies), paused / hot)
+        return ModelCost(per_row, hot_ms, paused_cpu / hot_cpu)
 
-    def _thread_cpu_per_call(self, pause: float, seconds: float) -> float:
-        """The median CPU of this thread per call at batch 1, each call after `pause`."""
-        cpu, end = [], time.monotonic() + seconds
+    def _calls_at_batch_1(self, pause: float, seconds: float) -> tuple[float, float]:
+        """Calls at batch 1, each after `pause`, for about `seconds`: the median wall time
+        (ms) and the median CPU of this thread (ns) per call."""
+        wall, cpu, end = [], [], time.monotonic() + seconds
         while time.monotonic() < end or len(cpu) < 3:
             if pause:
                 time.sleep(pause)
-            start = time.thread_time_ns()
+            sent, start = time.perf_counter(), time.thread_time_ns()
             self._model(self._one)
             cpu.append(max(time.thread_time_ns() - start, 1))
-        return statistics.median(cpu)
+            wall.append((time.perf_counter() - sent) * 1000)
+        return statistics.median(wall), statistics.median(cpu)
 
 
 class BudgetRun:

@@ -155,12 +155,15 @@ class Http2Channel:
         self._connection = connection
         waiting, self._waiting = self._waiting, []
         for call in waiting:
-            if call.finished:
-                continue
-            if connection.usable():
-                connection.open(call)
-            else:
+            if not call.finished:
                 self._attach(call)
+
+    def renew(self, context: ssl.SSLContext) -> None:
+        """Open the next connection with `context` (rotated certificates): the current one
+        takes no new call and closes once its calls have ended."""
+        self._context = context
+        if self._connection is not None:
+            self._connection.retire()
 
     def lost(self, connection: _Connection) -> None:
         if self._connection is connection:
@@ -218,8 +221,6 @@ class _Connection(Http2Connection):
         why = f"the connection to {self.channel} broke"
         for call in list(self.calls.values()):
             call.end(grpc.StatusCode.UNAVAILABLE, f"{why}: {exc}" if exc else why)
-        self.calls.clear()
-        self._calls_changed()
 
     def close(self, code: grpc.StatusCode, details: str) -> None:
         for call in list(self.calls.values()):
@@ -260,19 +261,19 @@ class _Connection(Http2Connection):
         self.header_frames(stream, call.head_block(), False)
         call.opened(self, stream)
 
-    def closed(self, call: _Call) -> None:
-        self.calls.pop(call.stream, None)
-        self.blocked.pop(call.stream, None)
-        self._calls_changed()
-        self.schedule_flush()
-
-    def _calls_changed(self) -> None:
+    def retire(self) -> None:
+        """No new call here; close once the open ones have ended."""
+        self._going_away = True
+        self.channel.lost(self)
         if not self.calls:
-            if self._quiet is not None and not self._quiet.done():
-                self._quiet.set_result(None)
-            if self._going_away and self._transport is not None:
-                self._flush()
-                self._transport.close()
+            self._no_calls()
+
+    def _no_calls(self) -> None:
+        if self._quiet is not None and not self._quiet.done():
+            self._quiet.set_result(None)
+        if self._going_away and self._transport is not None:
+            self._flush()
+            self._transport.close()
 
     async def quiet(self) -> None:
         """Until no call is open on this connection."""
@@ -309,13 +310,11 @@ class _Connection(Http2Connection):
     def _go_away(self, payload: bytes) -> None:
         """No new calls here; calls the server never took fail UNAVAILABLE (a gRPC client
         sends them again), the others finish."""
-        self._going_away = True
-        self.channel.lost(self)
         last = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF if len(payload) >= 4 else 0
         for stream, call in list(self.calls.items()):
             if stream > last:
                 call.end(grpc.StatusCode.UNAVAILABLE, f"{self.channel} is going away")
-        self._calls_changed()
+        self.retire()
 
 
 class _Call(Http2Stream):
@@ -457,9 +456,6 @@ class _Call(Http2Stream):
 
     def done(self) -> bool:
         return self.finished
-
-    def cancelled(self) -> bool:
-        return self._code == grpc.StatusCode.CANCELLED
 
     async def code(self) -> grpc.StatusCode:
         await asyncio.shield(self._done)

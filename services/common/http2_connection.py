@@ -205,6 +205,14 @@ class Http2Connection(asyncio.Protocol):
         for call in list(self.blocked.values()):
             call.push()
 
+    def closed(self, call: Http2Stream) -> None:
+        """`call` is over: forget it, and write what it left."""
+        self.calls.pop(call.stream, None)
+        self.blocked.pop(call.stream, None)
+        if not self.calls:
+            self._no_calls()
+        self.schedule_flush()
+
     # --- frames out ------------------------------------------------------------------------
 
     def header_frames(self, stream: int, block: bytes, end_stream: bool) -> None:
@@ -238,6 +246,9 @@ class Http2Connection(asyncio.Protocol):
 
     def _fail(self, code: int, message: str) -> None:
         raise NotImplementedError
+
+    def _no_calls(self) -> None:
+        """The last open call on this connection ended."""
 
 
 class Http2Stream:

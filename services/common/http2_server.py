@@ -260,12 +260,8 @@ class _Connection(Http2Connection):
         if flags & h2.END_STREAM and not call.finished:
             call.received(b"", True)
 
-    def closed(self, call: _Call) -> None:
-        self.calls.pop(call.stream, None)
-        self.blocked.pop(call.stream, None)
-        if not self.calls:
-            self.server.calls_changed()
-        self.schedule_flush()
+    def _no_calls(self) -> None:
+        self.server.calls_changed()
 
 
 def _peer_properties(transport: asyncio.Transport | None) -> dict:

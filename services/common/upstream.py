@@ -3,8 +3,9 @@ calls, and its readiness.
 
 Groups travel on the project's own HTTP/2 client (`meshserve.common.http2_client`), the
 other calls on a gRPC channel. Readiness is followed with grpc.health.v1 Watch, which the
-upstream pushes on; the same loop picks up rotated certificates: both channels are rebuilt
-with the new files and the old ones close once their in-flight calls are done.
+upstream pushes on; the same loop picks up rotated certificates: the gRPC channel is rebuilt
+and the group stream moves to a new connection with the new files; the old ones close once
+their in-flight calls are done.
 """
 
 import asyncio
@@ -35,7 +36,6 @@ class Upstream:
         self._bind()
         self._tls = tls
         self._streams = Http2Channel(target, client_ssl_context(tls), identity)
-        self._closing: set[asyncio.Task] = set()
         # Groups travel on one long-lived stream, opened on the channel of the moment.
         self.stream = GroupStream(lambda: start_stream(self._streams), repr(self))
         self.serving = False
@@ -52,14 +52,10 @@ class Upstream:
             return False
         self._bind()
         try:
-            streams = Http2Channel(self.target, client_ssl_context(self._tls), self.identity)
+            self._streams.renew(client_ssl_context(self._tls))
         except OSError as error:  # ssl.SSLError too: a pair rewritten since the check
-            log.warning("keeping the group channel to %s: %s", self, error)
+            log.warning("keeping the group connection to %s: %s", self, error)
             return True
-        old, self._streams = self._streams, streams
-        task = asyncio.get_running_loop().create_task(old.close(self._reloading.grace))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
         self.stream.retire()
         return True
 
@@ -111,7 +107,6 @@ class Upstream:
     async def close(self) -> None:
         await self.stream.close()
         await self._streams.close()
-        await asyncio.gather(*self._closing, return_exceptions=True)
         await self._reloading.close()
 
 

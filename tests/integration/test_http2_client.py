@@ -4,9 +4,10 @@ them, against gRPC's own server (`grpc.aio.server()`) and the project's (`Http2S
 Each server listens on loopback port 0 with mutual TLS and the dev CA's "ingress"
 certificate; the client presents the "client" certificate and expects "ingress". Checked:
 messages both ways with metadata, messages larger than every window, statuses (abort with
-details, an unknown method), cancellation reaching the server, a server of the wrong
-identity, no server (and the backoff after it), keepalive dropping a silent server, and the
-services refusing a target the client cannot dial.
+details, an unknown method), cancellation reaching the server, new certificates (a new
+connection, the old one closing after its calls), a server of the wrong identity, no server
+(and the backoff after it), keepalive dropping a silent server, and the services refusing a
+target the client cannot dial.
 """
 
 import asyncio
@@ -22,6 +23,7 @@ from meshserve.common.http2_client import address, client_ssl_context
 from meshserve.common.http2_server import server_ssl_context
 from meshserve.common.tls import TlsFiles
 from tests.integration.edge_servers import Edge, MiB, method, payload
+from tests.polling import until
 
 TIMEOUT_S = 10
 
@@ -90,6 +92,31 @@ async def test_an_abort_reaches_the_caller_with_its_code_and_details(edge):
     assert await call.code() == grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(grpc.aio.AioRpcError):
         await call.write(b"more")
+
+
+async def test_after_renew_new_calls_take_a_new_connection_and_the_old_one_closes(edge):
+    """Rotated certificates: the open call finishes on its connection, which then closes;
+    the next call opens a connection with the new context."""
+    async def echo(requests, context):
+        async for request in requests:
+            yield request
+
+    channel = edge.own_channel(await serve(edge, {"Echo": streaming(echo)}))
+    old = channel.stream_stream(method("Echo"))()
+    await old.write(b"before")
+    assert await asyncio.wait_for(old.read(), TIMEOUT_S) == b"before"
+    channel.renew(client_ssl_context(TlsFiles.for_identity(edge.cert_dir, "client")))
+    new = channel.stream_stream(method("Echo"))()
+    await new.write(b"after")
+    assert await asyncio.wait_for(new.read(), TIMEOUT_S) == b"after"
+    assert new.connection is not old.connection
+    await old.write(b"still")
+    assert await asyncio.wait_for(old.read(), TIMEOUT_S) == b"still"
+    await old.done_writing()
+    assert await asyncio.wait_for(old.read(), TIMEOUT_S) is grpc.aio.EOF
+    await until(lambda: not old.connection.usable() and old.connection._transport is None,
+                TIMEOUT_S, "the old connection closing")
+    assert new.connection.usable()
 
 
 async def test_an_unknown_method_is_unimplemented(edge):
