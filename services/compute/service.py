@@ -79,12 +79,26 @@ class Pace:
         self.weight = weight
         self.seconds: float | None = None  # None until a batch has run
         self.running = 0  # batches on the worker thread now
+        self.ran = 0  # batches run so far
 
     def inline(self) -> bool:
         """Run the next batch on the event loop: batches are quick and none is running."""
         return not self.running and self.seconds is not None and self.seconds < self.inline_below
 
+    async def turn(self) -> None:
+        """Return once a turn of the event loop has passed with no batch run in it. A batch
+        run on the loop writes its answer on the loop's next turn; the next batch, already
+        read and waiting its turn, would otherwise run first, and the answer would reach
+        the batcher only after both, together (compute then idles while the batcher sends
+        two batches at once)."""
+        while True:
+            ran = self.ran
+            await asyncio.sleep(0)
+            if self.ran == ran:
+                return
+
     def took(self, seconds: float) -> None:
+        self.ran += 1
         self.seconds = seconds if self.seconds is None else (
             (1 - self.weight) * self.seconds + self.weight * seconds)
 
@@ -189,6 +203,7 @@ class Compute:
         if self.model is None:
             raise Unavailable(f"model '{self.name}' version '{self.version}' is still loading")
         self._schema.validate(request)  # once per batch: a malformed one never reaches torch
+        await self._pace.turn()
         if self._pace.inline():
             response, timings, cpu_ns = self._run(request)
         else:

@@ -1,5 +1,8 @@
 """Where compute runs its next batch: on the event loop while batches are quick (below
-INLINE_BELOW_S, a tenth of a second), on its worker thread once they are slow."""
+INLINE_BELOW_S, a tenth of a second), on its worker thread once they are slow; and when: on
+the loop, only once the answers of the batches before it have been written."""
+
+import asyncio
 
 from meshserve.compute.service import INLINE_BELOW_S, Pace
 
@@ -25,3 +28,22 @@ def test_nothing_runs_on_the_loop_while_the_worker_runs_a_batch():
     pace.took(0.001)
     pace.running = 1
     assert not pace.inline()
+
+
+async def test_a_batch_run_on_the_loop_waits_until_the_answer_before_it_is_written():
+    """Two batches read from the stream together: the first one's answer, written on the
+    loop's next turn (as the connection writes), leaves before the second batch runs."""
+    pace = Pace()
+    loop = asyncio.get_running_loop()
+    events: list[str] = []
+
+    async def batch(name: str) -> None:
+        await pace.turn()
+        events.append(f"run {name}")
+        pace.took(0.002)
+        loop.call_soon(events.append, f"answer {name} written")
+
+    await asyncio.gather(batch("first"), batch("second"))
+    await asyncio.sleep(0)
+    assert events == ["run first", "answer first written", "run second",
+                      "answer second written"]
