@@ -86,11 +86,10 @@ class Pace:
         return not self.running and self.seconds is not None and self.seconds < self.inline_below
 
     async def turn(self) -> None:
-        """Return once a turn of the event loop has passed with no batch run in it. A batch
-        run on the loop writes its answer on the loop's next turn; the next batch, already
-        read and waiting its turn, would otherwise run first, and the answer would reach
-        the batcher only after both, together (compute then idles while the batcher sends
-        two batches at once)."""
+        """Return once a turn of the event loop has passed with no batch run in it, so that
+        the answers of the batches before this one have been written (the connection writes
+        on the loop's next turn). Otherwise a batch read together with the one before runs
+        first, and both answers reach the batcher together, after both batches."""
         while True:
             ran = self.ran
             await asyncio.sleep(0)

@@ -30,7 +30,7 @@ def test_nothing_runs_on_the_loop_while_the_worker_runs_a_batch():
     assert not pace.inline()
 
 
-async def test_a_batch_run_on_the_loop_waits_until_the_answer_before_it_is_written():
+async def test_a_batch_runs_on_the_loop_only_once_the_answer_before_it_is_written():
     """Two batches read from the stream together: the first one's answer, written on the
     loop's next turn (as the connection writes), leaves before the second batch runs."""
     pace = Pace()
