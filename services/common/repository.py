@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from meshserve.common import ensemble_plan, onnx_graph
@@ -222,14 +222,16 @@ def _attach_provenance(config: ModelConfig, model_dir: Path, versions: tuple[str
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One model of the repository: its directory, configuration and served versions (and
-    for an ensemble, its checked plan)."""
+    """One model of the repository: its directory, configuration and served versions, the
+    class labels of its outputs that have a `label_filename` (and for an ensemble, its
+    checked plan)."""
 
     name: str
     path: Path
     config: ModelConfig
     versions: tuple[str, ...]
     plan: ensemble_plan.Plan | None = None
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def default_version(self) -> str:
@@ -310,7 +312,8 @@ class ModelRepository:
                 config, model_dir / version / artifact_filename(config),
                 f"model '{name}' version {version}")
         _attach_provenance(config, model_dir, versions)
-        return ModelEntry(name=name, path=model_dir, config=config, versions=versions)
+        return ModelEntry(name=name, path=model_dir, config=config, versions=versions,
+                          labels=_labels(name, model_dir, config))
 
     def __contains__(self, name: object) -> bool:
         return name in self.models
@@ -353,6 +356,24 @@ class ModelRepository:
         return path
 
 
+def _labels(name: str, model_dir: Path, config: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """Each output's class labels, one a line of its `label_filename` (a file in the model's
+    directory), for the classification extension."""
+    labels = {}
+    for output in config.output:
+        if not output.label_filename:
+            continue
+        path = model_dir / output.label_filename
+        where = f"model '{name}' output '{output.name}': label_filename '{output.label_filename}'"
+        if not path.resolve().is_relative_to(model_dir.resolve()):
+            raise InvalidArgument(f"{where} is outside the model's directory")
+        try:
+            labels[output.name] = tuple(path.read_text(encoding="utf-8").splitlines())
+        except (OSError, UnicodeDecodeError) as error:
+            raise FailedPrecondition(f"{where} cannot be read: {error}") from None
+    return labels
+
+
 def _naming(name: str, message: str) -> str:
     """A refusal message that names the model first."""
     return message if message.startswith(f"model '{name}'") else f"model '{name}': {message}"
@@ -378,8 +399,7 @@ def _plan_ensembles(models: dict[str, ModelEntry], refused: dict[str, str]) -> N
                 changed = True
                 continue
             if entry.plan != plan:
-                models[name] = ModelEntry(entry.name, entry.path, entry.config, entry.versions,
-                                          plan)
+                models[name] = replace(entry, plan=plan)
 
 
 def _step_lookup(models: dict[str, ModelEntry], refused: dict[str, str]):

@@ -20,6 +20,7 @@ from meshserve.common.errors import ServingError, from_code
 from meshserve.common.repository import ModelEntry, ModelRepository
 from meshserve.common.statistics import Statistics
 from meshserve.common.validation import validate
+from meshserve.ingress import classification
 from meshserve.protocol import grpc_service_pb2 as pb
 
 # The ingress's infer: (request, seconds left or None, client traceparent) -> response.
@@ -70,8 +71,11 @@ class EnsembleRunner:
                 admit()
             entry = self._entries[name]
             validate(request, entry.config)
+            classes = classification.requested(request, entry) if request.outputs else None
             deadline = None if remaining is None else arrived + remaining
             response = await self._run(entry, version, request, deadline, traceparent)
+            if classes:
+                classification.classify(response, classes, entry)
         except Exception as error:
             self._record(statistics, name, version, arrived, error)
             raise

@@ -62,6 +62,7 @@ from meshserve.common.tracing import (
 from meshserve.common.upstream import Upstream
 from meshserve.common.validation import Schema, expected_shape
 from meshserve.common.version_pin import PIN_HEADER
+from meshserve.ingress import classification
 from meshserve.ingress.async_service import (
     AsyncSettings,
     add_async_flags,
@@ -83,7 +84,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-EXTENSIONS = ["model_configuration", "statistics", "repository_index", "streaming"]
+EXTENSIONS = ["classification", "model_configuration", "statistics", "repository_index",
+              "streaming"]
 # Under load, a group may wait this long (and no longer than the last group's round trip) for
 # as many requests as keep the groups that take turns about the same size (`balanced_size`).
 DEFAULT_GROUP_LINGER_MS = 4.0
@@ -261,6 +263,8 @@ class Ingress:
         if self.readiness is not None:
             self.readiness.admit(request.model_name, request.model_version)
         size = self._step("ingress.validate", span, lambda: schema.validate(request)).size
+        classes = (classification.requested(request, self.repository.get(request.model_name))
+                   if request.outputs else None)
         entry = Entry(request, request_id,
                       deadline_of(parameter(request, "timeout"), arrived, remaining),
                       parameter(request, "priority"),
@@ -278,6 +282,9 @@ class Ingress:
             # Computed in a batch whose other requests had longer to live: the deadline
             # bounds the request end to end, so the caller is told it passed.
             raise DeadlineExceeded("deadline exceeded before the answer came back")
+        if classes:
+            classification.classify(result.response, classes,
+                                    self.repository.get(request.model_name))
         return result.response
 
 

@@ -131,6 +131,34 @@ def test_outputs_equal_the_grpc_paths(mesh, https, name, binary):
     assert raw == answer.raw_output_contents[0]
 
 
+def test_the_classification_parameter_answers_the_top_classes(mesh, https):
+    x = numpy.random.default_rng(4).standard_normal((2, 256), numpy.float32)
+    tensor = {"name": "INPUT__0", "datatype": "FP32", "shape": [2, 256], "data": x.tolist()}
+
+    def classify(count) -> tuple[int, dict]:
+        body = {"inputs": [tensor],
+                "outputs": [{"name": "OUTPUT__0", "parameters": {"classification": count}}]}
+        status, _, answer = post(https, "/v2/models/mlp/versions/1/infer",
+                                 json.dumps(body).encode())
+        return status, json.loads(answer)
+
+    status, document = classify(2)
+    assert status == 200, document
+    [output] = document["outputs"]
+    assert (output["datatype"], output["shape"]) == ("BYTES", [2, 2])
+    module = torch.jit.load(str(mesh.data_dir / "models" / "mlp" / "1" / "model.pt")).eval()
+    with torch.inference_mode():
+        rows = module(torch.from_numpy(x)).numpy()
+    top = [numpy.argsort(-row, kind="stable")[:2] for row in rows]
+    assert [element.split(":")[1] for element in output["data"]] == \
+        [str(index) for indexes in top for index in indexes]
+    for bad in (0, "three"):
+        status, document = classify(bad)
+        assert status == 400
+        assert document["error"] == ("output 'OUTPUT__0' parameter 'classification' must be "
+                                     "a positive integer, the number of classes to return")
+
+
 def test_the_version_header_pins_and_the_timeout_parameter_bounds(https):
     body = json.dumps({"inputs": [{"name": "INPUT__0", "datatype": "FP32", "shape": [1, 256],
                                    "data": [0.0] * 256}]}).encode()

@@ -50,6 +50,13 @@ def test_outputs_equal_a_local_forward_pass(report, target):
     assert report["served_version"][target] == target.split("@")[1]
 
 
+def test_class_count_answers_the_top_classes_of_a_local_forward_pass(report):
+    classes = report["classes"]
+    assert classes["shape"] == [3, 3]
+    assert classes["indexes"] == classes["expected"]
+    assert classes["value_diff"] <= 1e-5
+
+
 def test_200_concurrent_requests_are_correct_and_batched(report):
     concurrent = report["concurrent"]
     assert concurrent["answered"] == 200

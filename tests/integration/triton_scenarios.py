@@ -55,9 +55,29 @@ def sync_checks(endpoint: str, data_dir: Path) -> dict:
             report["diffs"][f"{name}@{version}"] = float(numpy.abs(got - expected).max())
             report["served_version"][f"{name}@{version}"] = \
                 result.get_response().model_version
+    x = numpy.random.default_rng(5).standard_normal((3, 256), numpy.float32)
+    tensor = tc.InferInput("INPUT__0", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    wanted = tc.InferRequestedOutput("OUTPUT__0", class_count=3)
+    got = client.infer("mlp", [tensor], model_version="1", outputs=[wanted])
+    report["classes"] = classes(got.as_numpy("OUTPUT__0"),
+                                local_forward(data_dir / "models", "mlp", "1", x))
     index = client.get_model_repository_index()
     report["index"] = sorted([m.name, m.version, m.state] for m in index.models)
     return report
+
+
+def classes(got: numpy.ndarray, expected: numpy.ndarray) -> dict:
+    """A classification answer (`value:index` strings) against the rows of a local forward
+    pass: its shape, its indexes and the top indexes of each row, and how far the values it
+    printed are from the row's."""
+    pairs = [[element.decode().split(":") for element in row] for row in got]
+    return {"shape": list(got.shape),
+            "indexes": [[int(index) for _, index in row] for row in pairs],
+            "expected": [numpy.argsort(-row, kind="stable")[:got.shape[1]].tolist()
+                         for row in expected],
+            "value_diff": max(abs(float(value) - float(row[int(index)]))
+                              for pair, row in zip(pairs, expected) for value, index in pair)}
 
 
 def statistics(client: tc.InferenceServerClient, name: str, version: str) -> dict:

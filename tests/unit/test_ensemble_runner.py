@@ -72,6 +72,13 @@ async def test_steps_get_the_mapped_tensors_and_the_answer_carries_the_outputs(r
     assert stats.inference_stats.success.ns == 250_000_000
 
 
+async def test_an_output_asked_for_as_classes_comes_back_as_its_top_classes(runner):
+    request = greet_request(1.5, rows=1)
+    request.outputs.add(name="SUM").parameters["classification"].int64_param = 2
+    response = await runner.infer(request, remaining=None)
+    assert outputs_of(response)["SUM"].tolist() == [[b"3.000000:0", b"3.000000:1"]]
+
+
 async def test_only_the_requested_outputs_come_back(runner):
     request = greet_request(1.0)
     request.outputs.add(name="GREETING")

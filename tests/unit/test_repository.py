@@ -286,3 +286,23 @@ def test_a_broken_model_is_refused_naming_its_file_while_the_rest_load(tmp_path,
 def test_missing_repository(tmp_path):
     with pytest.raises(FailedPrecondition, match="not a directory"):
         ModelRepository.load(tmp_path / "nope")
+
+
+LABELLED = 'output { name: "y" data_type: TYPE_FP32 dims: [ 2 ] label_filename: "%s" }'
+
+
+def test_labels_are_read_from_the_model_directory_or_the_model_is_refused(tmp_path):
+    for name, labels in (("named", "cats.txt"), ("missing", "nope.txt"),
+                         ("outside", "../named/cats.txt")):
+        make_model(tmp_path, name, [1])
+        config = tmp_path / name / "config.pbtxt"
+        config.write_text(config.read_text().replace(
+            'output { name: "y" data_type: TYPE_FP32 dims: [ 2 ] }', LABELLED % labels))
+    (tmp_path / "named" / "cats.txt").write_text("tabby\nsiamese\n")
+    repo = ModelRepository.load(tmp_path)
+    assert repo.get("named").labels == {"y": ("tabby", "siamese")}
+    assert set(repo.refused) == {"missing", "outside"}
+    assert repo.refused["missing"].startswith(
+        "model 'missing' output 'y': label_filename 'nope.txt' cannot be read: ")
+    assert repo.refused["outside"] == ("model 'outside' output 'y': label_filename "
+                                       "'../named/cats.txt' is outside the model's directory")
