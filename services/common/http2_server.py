@@ -316,7 +316,7 @@ class _Call(Http2Stream):
     def begin(self) -> None:
         handler = self.connection.server.handler(self._path, self._metadata)
         if handler is None:
-            self._finish_now(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+            self._finish_now(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {self._path}")
             return
         self._handler = handler
         if self._deadline is not None:

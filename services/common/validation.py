@@ -169,12 +169,15 @@ class Schema:
 
     def _check_outputs(self, request: ModelInferRequest) -> list[str] | None:
         """The outputs the request names (None: all of them)."""
-        names = [wanted.name for wanted in request.outputs[:]]
+        wanted = request.outputs[:]
+        names = [output.name for output in wanted]
         for name in names:
             if name not in self.outputs:
                 raise InvalidArgument(
                     f"unknown output '{name}' requested (model '{self.model}' outputs: "
                     f"{', '.join(t.name for t in self.config.output)})")
+        for output in wanted:
+            no_shared_memory("output", output, "it comes back in raw_output_contents")
         return names or None
 
     def _well_formed(self, shape: list[int], known: tuple[list[int], int],
@@ -223,8 +226,22 @@ def _check_bytes(name: str, datatype: str, shape, raw: bytes) -> None:
                               f"shape {_fmt(shape)} of {datatype} needs {needed}")
 
 
+SHARED_MEMORY_REGION = "shared_memory_region"
+
+
+def no_shared_memory(kind: str, tensor, instead: str) -> None:
+    """Refuse a tensor placed in a shared-memory region (Triton's extension, which a mesh of
+    services on other hosts cannot read or write)."""
+    if SHARED_MEMORY_REGION in tensor.parameters:
+        region = tensor.parameters[SHARED_MEMORY_REGION].string_param
+        raise InvalidArgument(f"{kind} '{tensor.name}' names shared_memory_region '{region}': "
+                              f"shared memory is not supported; leave the parameter out and "
+                              f"{instead}")
+
+
 def _typed_to_raw(request: ModelInferRequest) -> None:
     for tensor in request.inputs:
+        no_shared_memory("input", tensor, "send its bytes in raw_input_contents")
         field = TYPED_FIELD.get(tensor.datatype)
         values = getattr(tensor.contents, field) if field else ()
         elements = element_count(tensor.shape)

@@ -25,6 +25,7 @@ import numpy
 from meshserve.common.arrays import NUMPY_DTYPE
 from meshserve.common.datatypes import bytes_elements, element_count, split_bytes_rows
 from meshserve.common.errors import InvalidArgument
+from meshserve.common.validation import no_shared_memory
 from meshserve.protocol import grpc_service_pb2 as pb
 
 # Parameters of the binary tensor data extension: read here, never forwarded.
@@ -275,6 +276,7 @@ def _decode_input(request: pb.ModelInferRequest, entry: dict, index: int, binary
     _set_parameters(tensor.parameters, options, f"{where} parameter", skip=(BINARY_DATA_SIZE,))
     if size is None:
         if "data" not in entry:
+            no_shared_memory("input", tensor, f"send its data or parameter '{BINARY_DATA_SIZE}'")
             raise InvalidArgument(f"{where} has neither data nor parameter "
                                   f"'{BINARY_DATA_SIZE}'")
         request.raw_input_contents.append(json_to_raw(entry["data"], datatype, shape, where))

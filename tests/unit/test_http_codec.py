@@ -144,6 +144,10 @@ CLAIMS_400 = (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], '
      "input 'x' shape must be a list of non-negative integers"),
     (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}', None,
      "input 'x' has neither data nor parameter 'binary_data_size'"),
+    (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], '
+     b'"parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 4}}]}', None,
+     "input 'x' names shared_memory_region 'r': shared memory is not supported; leave the "
+     "parameter out and send its data or parameter 'binary_data_size'"),
     (ONE_INPUT, len(ONE_INPUT) + 1,
      f"Inference-Header-Content-Length is {len(ONE_INPUT) + 1}; the body holds "
      f"{len(ONE_INPUT)} bytes"),

@@ -312,3 +312,21 @@ def test_typed_int8_in_range_becomes_raw():
                        contents=InferTensorContents(int_contents=[-128, 127]))
     validate(request, int8_config())
     assert list(request.raw_input_contents) == [b"\x80\x7f"]
+
+
+def test_a_tensor_in_shared_memory_is_refused_naming_it_and_the_region():
+    request = raw_request(1)
+    request.raw_input_contents.pop()
+    request.inputs[0].parameters["shared_memory_region"].string_param = "in0"
+    with pytest.raises(InvalidArgument) as error:
+        validate(request, mlp_config())
+    assert error.value.message == (
+        "input 'INPUT__0' names shared_memory_region 'in0': shared memory is not supported; "
+        "leave the parameter out and send its bytes in raw_input_contents")
+    request = raw_request(1)
+    request.outputs.add(name="OUTPUT__0").parameters["shared_memory_region"].string_param = "o"
+    with pytest.raises(InvalidArgument) as error:
+        validate(request, mlp_config())
+    assert error.value.message == (
+        "output 'OUTPUT__0' names shared_memory_region 'o': shared memory is not supported; "
+        "leave the parameter out and it comes back in raw_output_contents")
