@@ -19,6 +19,7 @@ with the reason kept in `refused`, while the rest are served.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -311,6 +312,7 @@ class ModelRepository:
             onnx_graph.complete_config(
                 config, model_dir / version / artifact_filename(config),
                 f"model '{name}' version {version}")
+        _check_reshapes(name, config)
         _attach_provenance(config, model_dir, versions)
         return ModelEntry(name=name, path=model_dir, config=config, versions=versions,
                           labels=_labels(name, model_dir, config))
@@ -354,6 +356,20 @@ class ModelRepository:
         if not path.is_file():
             raise FailedPrecondition(f"model '{name}' version {resolved} has no model file {path}")
         return path
+
+
+def _check_reshapes(name: str, config: ModelConfig) -> None:
+    """Refuse a `reshape` that holds other than its tensor's elements (a variable dimension
+    on either side is checked on each request, in compute)."""
+    for kind, tensors in (("input", config.input), ("output", config.output)):
+        for tensor in tensors:
+            dims, target = list(tensor.dims), list(tensor.reshape.shape)
+            if not tensor.HasField("reshape") or -1 in dims or -1 in target:
+                continue
+            if math.prod(dims) != math.prod(target):
+                raise InvalidArgument(
+                    f"model '{name}' {kind} '{tensor.name}': reshape {target} holds "
+                    f"{math.prod(target)} elements; its dims {dims} hold {math.prod(dims)}")
 
 
 def _labels(name: str, model_dir: Path, config: ModelConfig) -> dict[str, tuple[str, ...]]:

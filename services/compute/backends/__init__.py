@@ -14,13 +14,20 @@ from pathlib import Path
 
 from meshserve.common.errors import FailedPrecondition
 from meshserve.common.repository import ENSEMBLE, ONNX, PYTHON, artifact_filename, kind_of
+from meshserve.compute.reshape import reshaping
 from meshserve.protocol.model_config_pb2 import ModelConfig
 
 
 def load_model(config: ModelConfig, source: bytes | Path, version_dir: Path, device: str,
                threads: int):
     """The model of one version from its verified artifact (`source`: plaintext bytes, or
-    the file's path when unsigned). A ServingError says why it cannot be served."""
+    the file's path when unsigned), behind its configuration's reshapes. A ServingError says
+    why it cannot be served."""
+    return reshaping(_backend(config, source, version_dir, device, threads), config)
+
+
+def _backend(config: ModelConfig, source: bytes | Path, version_dir: Path, device: str,
+             threads: int):
     kind = kind_of(config)
     path = version_dir / artifact_filename(config)
     where = f"{path}"
