@@ -32,7 +32,7 @@ from meshserve import __version__
 from meshserve.common import runtime
 from meshserve.common.access import PolicyFile
 from meshserve.common.datatypes import WIRE_FROM_CONFIG
-from meshserve.common.errors import DeadlineExceeded, InvalidArgument, ServingError
+from meshserve.common.errors import DeadlineExceeded, InvalidArgument, NotFound, ServingError
 from meshserve.common.forwarding import (
     Entry,
     GroupForwarder,
@@ -337,8 +337,12 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                                          extensions=EXTENSIONS)
 
     async def ModelReady(self, request, context):
+        """As Triton answers it: a model or version it does not serve is not ready."""
         self._may(context, "models:read", request.name)
-        self._ingress.config(request.name, request.version)
+        try:
+            self._ingress.config(request.name, request.version)
+        except NotFound:
+            return pb.ModelReadyResponse(ready=False)
         if request.name in self._ingress.ensembles:
             return pb.ModelReadyResponse(ready=await self._ready(request.name, request.version))
         return await self._ingress.router.inference.ModelReady(request, timeout=5)

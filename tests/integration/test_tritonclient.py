@@ -21,6 +21,7 @@ def report(mesh) -> dict:
 def test_server_live_and_ready(report):
     assert report["live"] is True
     assert report["ready"] is True
+    assert report["unknown_ready"] == [False, False]  # as Triton answers: not ready, no error
 
 
 @pytest.mark.parametrize("name, dims", [("mlp", [-1, 256]), ("cnn", [-1, 3, 64, 64])])

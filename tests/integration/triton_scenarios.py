@@ -33,6 +33,7 @@ def local_forward(models: Path, name: str, version: str, x: numpy.ndarray) -> nu
 def sync_checks(endpoint: str, data_dir: Path) -> dict:
     client = tc.InferenceServerClient(endpoint, **tls_args(data_dir / "tls"))
     report = {"live": client.is_server_live(), "ready": client.is_server_ready(),
+              "unknown_ready": [client.is_model_ready("nope"), client.is_model_ready("mlp", "9")],
               "metadata": {}, "config": {}, "diffs": {}, "served_version": {}}
     for name in SHAPES:
         meta = client.get_model_metadata(name)
