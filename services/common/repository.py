@@ -29,7 +29,7 @@ from meshserve.common.config_text import parse_text
 from meshserve.common.datatypes import WIRE_FROM_CONFIG
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound, ServingError
 from meshserve.common.model_files import manifest_summary
-from meshserve.protocol.model_config_pb2 import ModelConfig
+from meshserve.protocol.model_config_pb2 import ModelConfig, ModelQueuePolicy
 
 logger = logging.getLogger(__name__)
 
@@ -313,6 +313,7 @@ class ModelRepository:
                 config, model_dir / version / artifact_filename(config),
                 f"model '{name}' version {version}")
         _check_reshapes(name, config)
+        _warn_unapplied(name, config)
         _attach_provenance(config, model_dir, versions)
         return ModelEntry(name=name, path=model_dir, config=config, versions=versions,
                           labels=_labels(name, model_dir, config))
@@ -370,6 +371,17 @@ def _check_reshapes(name: str, config: ModelConfig) -> None:
                 raise InvalidArgument(
                     f"model '{name}' {kind} '{tensor.name}': reshape {target} holds "
                     f"{math.prod(target)} elements; its dims {dims} hold {math.prod(dims)}")
+
+
+def _warn_unapplied(name: str, config: ModelConfig) -> None:
+    """Warn of the queue settings the batcher does not apply, and what it does instead."""
+    dynamic = config.dynamic_batching
+    if dynamic.priority_queue_policy:
+        logger.warning("model '%s': dynamic_batching priority_queue_policy is not applied: "
+                       "every priority level follows default_queue_policy", name)
+    if dynamic.default_queue_policy.timeout_action == ModelQueuePolicy.DELAY:
+        logger.warning("model '%s': default_queue_policy timeout_action DELAY is not applied: "
+                       "a request past its queue timeout is refused", name)
 
 
 def _labels(name: str, model_dir: Path, config: ModelConfig) -> dict[str, tuple[str, ...]]:

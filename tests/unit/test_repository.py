@@ -306,3 +306,16 @@ def test_labels_are_read_from_the_model_directory_or_the_model_is_refused(tmp_pa
         "model 'missing' output 'y': label_filename 'nope.txt' cannot be read: ")
     assert repo.refused["outside"] == ("model 'outside' output 'y': label_filename "
                                        "'../named/cats.txt' is outside the model's directory")
+
+
+def test_queue_settings_the_batcher_does_not_apply_are_named_in_a_warning(tmp_path, caplog):
+    make_model(tmp_path, "m", [1], "dynamic_batching { priority_levels: 2 "
+               "default_queue_policy { timeout_action: DELAY default_timeout_microseconds: 10 } "
+               "priority_queue_policy { key: 1 value { max_queue_size: 4 } } }")
+    with caplog.at_level(logging.WARNING, logger="meshserve.common.repository"):
+        assert "m" in ModelRepository.load(tmp_path)
+    assert caplog.messages == [
+        "model 'm': dynamic_batching priority_queue_policy is not applied: every priority "
+        "level follows default_queue_policy",
+        "model 'm': default_queue_policy timeout_action DELAY is not applied: a request past "
+        "its queue timeout is refused"]
