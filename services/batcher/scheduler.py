@@ -118,8 +118,9 @@ class _Failed(Exception):
 class Answers:
     """The results of one group's items; `done` resolves with them once every one is in, and
     `fresh()` gives the positions answered since it was last asked, as they come in (or none,
-    once, when the group's last queued item left for a compute replica with no room for more:
-    see `sent`). `queued` counts the items in the queue."""
+    once, when the group's last queued item left for a compute replica with no room for more,
+    or the whole group left in one batch of a preferred size: see `sent`). `queued` counts
+    the items in the queue."""
 
     def __init__(self, count: int) -> None:
         self.results: list[ItemResult | None] = [None] * count
@@ -144,11 +145,12 @@ class Answers:
             self.done.set_result(self.results)
         return True
 
-    def sent(self, compute_full: bool) -> None:
-        """One queued item went to compute; when it was the last and compute has room for no
-        more batches, `fresh()` returns, with nothing new if so."""
+    def sent(self, told: bool) -> None:
+        """One queued item went to compute; when it was the last and `told` (compute has room
+        for no more batches, or the group left whole in a preferred batch), `fresh()` returns,
+        with nothing new if so."""
         self.queued -= 1
-        if not self.queued and compute_full:
+        if not self.queued and told:
             self._left = True
             self._wake()
 
@@ -283,17 +285,32 @@ class Scheduler:
         if not live:
             return
         replica = min(idle, key=lambda r: r.rows)
-        replica.occupy(sum(e.rows for e in live))
-        # A group whose last request leaves for a compute that has room for no more batches
-        # says so (an early answer without results): the hop before sends its next group
-        # now, so that it is queued here before compute runs out of work.
+        rows = sum(e.rows for e in live)
+        replica.occupy(rows)
+        # A group whose last request leaves for a compute that has room for no more batches,
+        # or that leaves whole in one batch of a preferred size, says so (an early answer
+        # without results): the hop before sends its next group now, so that it is queued
+        # here before compute runs out of work.
         full = not any(r.idle for r in self.replicas)
+        whole = () if full else self._whole_groups(live, rows)
         for entry in live:
-            entry.payload.answers.sent(full)
+            answers = entry.payload.answers
+            answers.sent(full or answers in whole)
         self._budget.sent(now)
         task = asyncio.get_running_loop().create_task(self._execute(replica, live, now))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _whole_groups(self, batch: list[Pending], rows: int) -> list[Answers]:
+        """The groups that `batch` (of `rows` rows) holds whole, when its rows make a
+        preferred batch size: the hop before gathers no better batch for a model that says
+        what it prefers."""
+        if rows not in self.queue.policy.preferred_batch_sizes:
+            return []
+        groups: dict[Answers, int] = {}
+        for entry in batch:
+            groups[entry.payload.answers] = groups.get(entry.payload.answers, 0) + 1
+        return [answers for answers, count in groups.items() if count == len(answers.results)]
 
     async def _execute(self, replica: Replica, entries: list[Pending], dispatched: float) -> None:
         """Run the batch on `replica`; on a replica failure, once more on another one."""

@@ -137,7 +137,8 @@ class Batcher:
         items answered before the rest (refused at once, or in a batch that finished first)
         go back as they are answered, and the last answer holds the others; before any of
         them, an early answer without results says that the whole group went to a compute
-        replica that has room for no more batches."""
+        replica that has room for no more batches, or left whole in one batch of a preferred
+        size."""
         try:
             group = InferGroup.FromString(body)
         except DecodeError as error:

@@ -32,11 +32,14 @@ class GatedCompute(FakeCompute):
         return await super().send(body, timeout, resend)
 
 
-async def answered_in_parts(max_batch_size: int, rows: list[int], capacity: int = 2):
+async def answered_in_parts(max_batch_size: int, rows: list[int], capacity: int = 2,
+                            preferred: tuple[int, ...] = ()):
     """The early answers and the last answer of one group of requests with `rows` rows each,
-    batch after batch on a gated compute that takes `capacity` batches at a time."""
+    batch after batch on a gated compute that takes `capacity` batches at a time (the model
+    preferring batches of `preferred` rows)."""
     config = one_input_config()
     config.max_batch_size = max_batch_size
+    config.dynamic_batching.preferred_batch_size.extend(preferred)
     compute, statistics = GatedCompute(), Statistics(name="m", version="1")
     scheduler = Scheduler(BatchQueue(BatchingPolicy.from_config(config), "m"),
                           [Replica(compute, capacity=capacity)], config, "1", statistics)
@@ -97,3 +100,21 @@ async def test_a_group_taken_whole_by_a_full_compute_says_so_before_its_results(
     assert early == [InferGroupResult()]
     assert not last.items and len(last.results) == 3
     assert all(r.code == 0 for r in last.results)
+
+
+async def test_a_group_that_leaves_whole_in_a_preferred_batch_says_so_before_its_results():
+    """Compute still has room, but the model prefers batches of 6 and the group made one:
+    the hop before may send its next group now, to be the next batch."""
+    early, last, compute = await answered_in_parts(8, [2, 1, 3], preferred=(6,))
+    assert len(compute.ran) == 1
+    assert early == [InferGroupResult()]
+    assert not last.items and len(last.results) == 3
+
+
+async def test_a_group_over_several_preferred_batches_waits_for_its_first_answer():
+    """Batches of the preferred size, but none holds the whole group: nothing is said before
+    the first batch's results."""
+    early, last, compute = await answered_in_parts(2, [1, 1, 1, 1], capacity=3, preferred=(2,))
+    assert len(compute.ran) == 2  # two batches of two rows
+    assert [list(partial.items) for partial in early] == [[0, 1]]
+    assert list(last.items) == [2, 3]
