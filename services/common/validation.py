@@ -170,15 +170,13 @@ class Schema:
     def _check_outputs(self, request: ModelInferRequest) -> list[str] | None:
         """The outputs the request names (None: all of them)."""
         wanted = request.outputs[:]
-        names = [output.name for output in wanted]
-        for name in names:
-            if name not in self.outputs:
-                raise InvalidArgument(
-                    f"unknown output '{name}' requested (model '{self.model}' outputs: "
-                    f"{', '.join(t.name for t in self.config.output)})")
         for output in wanted:
+            if output.name not in self.outputs:
+                raise InvalidArgument(
+                    f"unknown output '{output.name}' requested (model '{self.model}' outputs: "
+                    f"{', '.join(t.name for t in self.config.output)})")
             no_shared_memory("output", output, "it comes back in raw_output_contents")
-        return names or None
+        return [output.name for output in wanted] or None
 
     def _well_formed(self, shape: list[int], known: tuple[list[int], int],
                      data: bytes) -> bool:
@@ -227,6 +225,13 @@ def _check_bytes(name: str, datatype: str, shape, raw: bytes) -> None:
 
 
 SHARED_MEMORY_REGION = "shared_memory_region"
+INTEGER_KINDS = ("int64_param", "uint64_param")
+
+
+def integer_parameter(parameter) -> int | None:
+    """The integer an `InferParameter` holds (None: it holds another kind)."""
+    kind = parameter.WhichOneof("parameter_choice")
+    return getattr(parameter, kind) if kind in INTEGER_KINDS else None
 
 
 def no_shared_memory(kind: str, tensor, instead: str) -> None:

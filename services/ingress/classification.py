@@ -20,6 +20,7 @@ from meshserve.common.arrays import NUMPY_DTYPE
 from meshserve.common.datatypes import WIRE_FROM_CONFIG, serialize_bytes
 from meshserve.common.errors import InvalidArgument
 from meshserve.common.repository import ModelEntry
+from meshserve.common.validation import integer_parameter
 from meshserve.protocol import grpc_service_pb2 as pb
 
 PARAMETER = "classification"
@@ -34,10 +35,8 @@ def requested(request: pb.ModelInferRequest, entry: ModelEntry) -> dict[str, int
     for output in request.outputs:
         if PARAMETER not in output.parameters:
             continue
-        parameter = output.parameters[PARAMETER]
-        kind = parameter.WhichOneof("parameter_choice")
-        count = getattr(parameter, kind) if kind in ("int64_param", "uint64_param") else 0
-        if count < 1:
+        count = integer_parameter(output.parameters[PARAMETER])
+        if count is None or count < 1:
             raise InvalidArgument(f"output '{output.name}' parameter '{PARAMETER}' must be a "
                                   f"positive integer, the number of classes to return")
         datatype = next((WIRE_FROM_CONFIG[known.data_type] for known in entry.config.output

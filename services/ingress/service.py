@@ -60,7 +60,7 @@ from meshserve.common.tracing import (
     traceparent_of,
 )
 from meshserve.common.upstream import Upstream
-from meshserve.common.validation import Schema, expected_shape
+from meshserve.common.validation import Schema, expected_shape, integer_parameter
 from meshserve.common.version_pin import PIN_HEADER
 from meshserve.ingress import classification
 from meshserve.ingress.async_service import (
@@ -123,11 +123,10 @@ def parameter(request: pb.ModelInferRequest, name: str) -> int:
     """An integer request parameter (Triton's `priority`, `timeout` in µs); 0 when absent."""
     if name not in request.parameters:
         return 0
-    value = request.parameters[name]
-    kind = value.WhichOneof("parameter_choice")
-    if kind not in ("int64_param", "uint64_param") or getattr(value, kind) < 0:
+    value = integer_parameter(request.parameters[name])
+    if value is None or value < 0:
         raise InvalidArgument(f"parameter '{name}' must be a non-negative integer")
-    return getattr(value, kind)
+    return value
 
 
 class Ingress:
@@ -263,8 +262,10 @@ class Ingress:
         if self.readiness is not None:
             self.readiness.admit(request.model_name, request.model_version)
         size = self._step("ingress.validate", span, lambda: schema.validate(request)).size
-        classes = (classification.requested(request, self.repository.get(request.model_name))
-                   if request.outputs else None)
+        classes, model = None, None
+        if request.outputs:
+            model = self.repository.get(request.model_name)
+            classes = classification.requested(request, model)
         entry = Entry(request, request_id,
                       deadline_of(parameter(request, "timeout"), arrived, remaining),
                       parameter(request, "priority"),
@@ -283,8 +284,7 @@ class Ingress:
             # bounds the request end to end, so the caller is told it passed.
             raise DeadlineExceeded("deadline exceeded before the answer came back")
         if classes:
-            classification.classify(result.response, classes,
-                                    self.repository.get(request.model_name))
+            classification.classify(result.response, classes, model)
         return result.response
 
 
