@@ -421,8 +421,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             admit=lambda: self._admit(self._gate.caller(context, metadata), request))
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """Requests are served concurrently; each answer is sent as soon as it is ready."""
-        answers: asyncio.Queue = asyncio.Queue()
+        """Requests are served concurrently; each request's task writes its answer as soon as
+        it is ready (the services' own server takes writes from several tasks, where grpc.aio
+        allows one at a time), with no queue and no second task between them."""
         metadata = context.invocation_metadata()
         caller = self._gate.caller(context, metadata)
         remaining = context.time_remaining()
@@ -437,31 +438,23 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 left = None if deadline is None else deadline - time.monotonic()
                 response = await self._ingress.infer(
                     request, left, traceparent, admit=lambda: self._admit(caller, request))
-                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+                answer = pb.ModelStreamInferResponse(infer_response=response)
             except Exception as error:  # noqa: BLE001 — every request gets an answer
                 message = (f"{error.code}: {error.message}" if isinstance(error, ServingError)
                            else f"INTERNAL: {internal_error_message(error)}")
-                answers.put_nowait(pb.ModelStreamInferResponse(
+                answer = pb.ModelStreamInferResponse(
                     error_message=message,
                     infer_response=pb.ModelInferResponse(
                         model_name=request.model_name, model_version=request.model_version,
-                        id=request.id)))
+                        id=request.id))
+            await context.write(answer)
 
-        async def read_all() -> None:
-            tasks = set()
-            async for request in request_iterator:
-                task = asyncio.create_task(serve_one(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            await asyncio.gather(*tasks)
-            answers.put_nowait(None)
-
-        reader = asyncio.create_task(read_all())
-        try:
-            while (answer := await answers.get()) is not None:
-                yield answer
-        finally:
-            reader.cancel()
+        tasks = set()
+        async for request in request_iterator:
+            task = asyncio.create_task(serve_one(request))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await asyncio.gather(*tasks)
 
 
 JWKS_URL_REFRESH_S = 60.0

@@ -121,6 +121,22 @@ async def test_stream_infer_answers_every_request(mesh):
     assert failed[0].error_message.startswith("INVALID_ARGUMENT: input 'INPUT__0' has datatype")
 
 
+async def test_stream_answers_each_request_when_it_is_ready(mesh):
+    channel, stub = await public_stub(mesh)
+    slow = pb.ModelInferRequest(model_name="cnn", id="slow")
+    slow.inputs.add(name="INPUT__0", datatype="FP32", shape=[32, 3, 64, 64])
+    slow.raw_input_contents.append(numpy.ones((32, 3, 64, 64), numpy.float32).tobytes())
+    async with channel:
+        call = stub.ModelStreamInfer(timeout=30)
+        await call.write(slow)
+        await call.write(mlp_request(id="quick"))
+        await call.done_writing()
+        answers = [answer async for answer in call]
+    assert [(a.infer_response.id, a.error_message) for a in answers] == [("quick", ""),
+                                                                          ("slow", "")]
+    assert answers[1].infer_response.outputs[0].shape == [32, 10]
+
+
 def internal_targets(mesh) -> list[tuple[str, str, str]]:
     """(name, identity, address) of every internal service."""
     return [(name, "control-plane" if name == "control-plane" else name.split("-")[0],
