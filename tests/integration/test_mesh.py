@@ -23,6 +23,13 @@ def mlp_request(batch: int = 1, **changes) -> pb.ModelInferRequest:
     return request
 
 
+def cnn_request(batch: int, **fields) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="cnn", **fields)
+    request.inputs.add(name="INPUT__0", datatype="FP32", shape=[batch, 3, 64, 64])
+    request.raw_input_contents.append(numpy.ones((batch, 3, 64, 64), numpy.float32).tobytes())
+    return request
+
+
 def with_input(**fields) -> pb.ModelInferRequest:
     request = mlp_request()
     for key, value in fields.items():
@@ -99,9 +106,7 @@ async def test_malformed_request_gets_a_clear_status(mesh, case, request_, code,
 
 async def test_short_deadline_gets_deadline_exceeded(mesh):
     channel, stub = await public_stub(mesh)
-    request = pb.ModelInferRequest(model_name="cnn", model_version="1")
-    request.inputs.add(name="INPUT__0", datatype="FP32", shape=[32, 3, 64, 64])
-    request.raw_input_contents.append(numpy.ones((32, 3, 64, 64), numpy.float32).tobytes())
+    request = cnn_request(32, model_version="1")
     async with channel:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await stub.ModelInfer(request, timeout=0.005)
@@ -123,9 +128,7 @@ async def test_stream_infer_answers_every_request(mesh):
 
 async def test_stream_answers_each_request_when_it_is_ready(mesh):
     channel, stub = await public_stub(mesh)
-    slow = pb.ModelInferRequest(model_name="cnn", id="slow")
-    slow.inputs.add(name="INPUT__0", datatype="FP32", shape=[32, 3, 64, 64])
-    slow.raw_input_contents.append(numpy.ones((32, 3, 64, 64), numpy.float32).tobytes())
+    slow = cnn_request(32, id="slow")
     async with channel:
         call = stub.ModelStreamInfer(timeout=30)
         await call.write(slow)
