@@ -364,8 +364,10 @@ def _check_reshapes(name: str, config: ModelConfig) -> None:
     on either side is checked on each request, in compute)."""
     for kind, tensors in (("input", config.input), ("output", config.output)):
         for tensor in tensors:
+            if not tensor.HasField("reshape"):
+                continue
             dims, target = list(tensor.dims), list(tensor.reshape.shape)
-            if not tensor.HasField("reshape") or -1 in dims or -1 in target:
+            if -1 in dims or -1 in target:
                 continue
             if math.prod(dims) != math.prod(target):
                 raise InvalidArgument(
