@@ -22,7 +22,14 @@ or a new key with the old certificate, which services detect and wait out.
 CA. Once every service runs on the new leaves, `--drop-old-ca` leaves only the new CA in
 `ca.crt` (it refuses while a leaf in DIR is still from an old CA).
 
-One module of ~460 lines on purpose: issuing, rotating and the command line share the
+Services look at their files every 2-3 s, so `rotate` waits (`--settle`, 5 s) after each
+step: with `--new-ca`, once the bundle is written, so that every service trusts the new CA
+before any leaf it signed appears (a service that re-read its files just before the bundle
+changed would otherwise refuse a peer already on a new leaf); and once the leaves are
+written, so that when the command returns every service presents its new leaf and the old
+CA can go.
+
+One module of ~510 lines on purpose: issuing, rotating and the command line share the
 directory's layout and its write rules (nothing overwritten, keys 0600 from their first byte,
 a key renamed into place before its certificate), which are easier to check in one place.
 """
@@ -34,7 +41,8 @@ import datetime
 import ipaddress
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -55,6 +63,8 @@ CLIENT_IDENTITY = "client/developer"
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
+# How long `rotate` waits after each step: services look at their files every 2-3 s.
+SETTLE_S = 5.0
 
 # Tolerate small clock differences between the machine that issues and the one that checks.
 _BACKDATE = datetime.timedelta(minutes=5)
@@ -360,9 +370,12 @@ def ca_bundle(directory: Path) -> list[x509.Certificate]:
 
 
 def rotate_certs(directory: Path, *, days: int = 365, new_ca: bool = False,
-                 drop_old_ca: bool = False) -> list[Path]:
+                 drop_old_ca: bool = False,
+                 settle: Callable[[str], None] | None = None) -> list[Path]:
     """Re-issue every leaf (after making a new CA with `new_ca`), or, with `drop_old_ca`,
-    remove every CA but the current one from `ca.crt`. Returns the files written."""
+    remove every CA but the current one from `ca.crt`. Returns the files written.
+    `settle(what)`, when given, waits for the services to load `what`: after the new bundle
+    and after the leaves."""
     directory = Path(directory)
     if days < 1:
         raise ValueError(f"days must be at least 1, got {days}")
@@ -382,6 +395,8 @@ def rotate_certs(directory: Path, *, days: int = 365, new_ca: bool = False,
         _replace_files([(ca_key_path, key_pem, 0o600),
                         (ca_cert_path, cert_pem + ca_cert_path.read_bytes(), 0o644)])
         written += [ca_cert_path, ca_key_path]
+        if settle is not None:
+            settle("the new CA")
     ca_cert, ca_key = _load_ca(ca_cert_path, ca_key_path)
     for name in leaf_names():
         if name == CLIENT_NAME:
@@ -392,6 +407,8 @@ def rotate_certs(directory: Path, *, days: int = 365, new_ca: bool = False,
         crt, key = directory / f"{name}.crt", directory / f"{name}.key"
         _replace_files([(key, key_pem, 0o600), (crt, cert_pem, 0o644)])
         written += [crt, key]
+    if settle is not None:
+        settle("their new certificates")
     return written
 
 
@@ -433,7 +450,8 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
     directory = Path(args.directory)
     try:
         written = rotate_certs(directory, days=args.days, new_ca=args.new_ca,
-                               drop_old_ca=args.drop_old_ca)
+                               drop_old_ca=args.drop_old_ca,
+                               settle=_waiting(args.settle) if args.settle else None)
     except (CertsError, OSError, ValueError) as exc:
         print(f"certs rotate: {exc}", file=sys.stderr)
         return 1
@@ -442,6 +460,24 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
     if not written:
         print(f"nothing to do: {directory / CA_CERT} holds one CA")
     return 0
+
+
+def _waiting(seconds: float) -> Callable[[str], None]:
+    def settle(what: str) -> None:
+        print(f"waiting {seconds:g} s for every service to load {what}", flush=True)
+        time.sleep(seconds)
+
+    return settle
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not '{text}'")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -464,4 +500,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="issue from a new CA; ca.crt trusts the new and the old CA")
     which.add_argument("--drop-old-ca", action="store_true",
                        help="only remove old CAs from ca.crt (after a --new-ca rotation)")
+    rotate.add_argument("--settle", type=_seconds, default=SETTLE_S, metavar="SECONDS",
+                        help="wait this long after the new CA and after the new leaves, for "
+                             "the services to load them; they look every 2-3 s (default: "
+                             f"{SETTLE_S:g}; 0: do not wait)")
     rotate.set_defaults(func=_cmd_rotate)

@@ -1,5 +1,6 @@
 """Caller identities, the allow-lists, certificate rotation and the server's reload fetcher."""
 
+import argparse
 import os
 
 import pytest
@@ -16,6 +17,7 @@ from meshserve.common.identity import (
 )
 from meshserve.common.metrics import Metrics
 from meshserve.common.tls import MismatchedKey, ServerCertificates, TlsFiles, check_pair
+from meshserve.tools import certs as certs_cli
 from meshserve.tools.certs import (
     CA_CERT,
     CertsError,
@@ -174,6 +176,47 @@ def test_new_ca_bundle_holds_both_then_drop_old_ca_keeps_the_new(tmp_path):
     assert rotate_certs(tmp_path, drop_old_ca=True) == [tmp_path / CA_CERT]
     assert ca_bundle(tmp_path) == [new_ca]
     assert rotate_certs(tmp_path, drop_old_ca=True) == []
+
+
+def test_new_ca_settles_after_the_bundle_and_after_the_leaves(tmp_path):
+    """Every service must trust the new CA before a leaf it signed appears, and present its
+    new leaf before the command returns: `settle` is called at those two points."""
+    init_certs(tmp_path)
+    old_ca = ca_bundle(tmp_path)[0]
+    seen = []
+
+    def settle(what):
+        bundle = ca_bundle(tmp_path)
+        leaves_from = {name: [issued_by((tmp_path / f"{name}.crt").read_bytes(), ca)
+                              for ca in bundle] for name in leaf_names()}
+        seen.append((what, len(bundle), leaves_from))
+
+    rotate_certs(tmp_path, new_ca=True, settle=settle)
+    [(first, trusted, before), (second, _, after)] = seen
+    assert (first, trusted, second) == ("the new CA", 2, "their new certificates")
+    # bundle = [new CA, old CA]: at the first wait every leaf is still the old CA's ...
+    assert all(issued == [False, True] for issued in before.values())
+    # ... and at the second every leaf is the new CA's.
+    assert all(issued == [True, False] for issued in after.values())
+    assert ca_bundle(tmp_path)[1] == old_ca
+
+
+def test_rotate_command_waits_unless_told_not_to(tmp_path, capsys, monkeypatch):
+    init_certs(tmp_path)
+    slept = []
+    monkeypatch.setattr(certs_cli.time, "sleep", slept.append)
+    parser = argparse.ArgumentParser()
+    certs_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["certs", "rotate", str(tmp_path), "--new-ca"])
+    assert args.func(args) == 0
+    assert slept == [certs_cli.SETTLE_S, certs_cli.SETTLE_S]
+    assert "waiting 5 s for every service to load the new CA" in capsys.readouterr().out
+    args = parser.parse_args(["certs", "rotate", str(tmp_path), "--settle", "0"])
+    assert args.func(args) == 0
+    assert slept == [certs_cli.SETTLE_S, certs_cli.SETTLE_S]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["certs", "rotate", str(tmp_path), "--settle", "-1"])
+    assert "must be 0 or more seconds, not '-1'" in capsys.readouterr().err
 
 
 def test_drop_old_ca_refuses_while_a_leaf_is_from_the_old_ca(tmp_path):
