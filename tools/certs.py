@@ -29,7 +29,7 @@ changed would otherwise refuse a peer already on a new leaf); and once the leave
 written, so that when the command returns every service presents its new leaf and the old
 CA can go.
 
-One module of ~510 lines on purpose: issuing, rotating and the command line share the
+One module of ~500 lines on purpose: issuing, rotating and the command line share the
 directory's layout and its write rules (nothing overwritten, keys 0600 from their first byte,
 a key renamed into place before its certificate), which are easier to check in one place.
 """
@@ -55,7 +55,7 @@ from meshserve.common.certificates import spiffe_id
 from meshserve.common.files import synced_temporary
 from meshserve.common.keys import private_key_pem
 from meshserve.common.tls import MismatchedKey, check_pair
-from meshserve.tools.arguments import positive_int
+from meshserve.tools.arguments import non_negative_float, positive_int
 
 IDENTITIES = ("ingress", "router", "batcher", "compute", "control-plane")
 CLIENT_NAME = "client"
@@ -470,16 +470,6 @@ def _waiting(seconds: float) -> Callable[[str], None]:
     return settle
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not '{text}'")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `certs init DIR [--days N]` and `certs rotate DIR ...` to a command line."""
     certs = subparsers.add_parser("certs", description=__doc__,
@@ -500,7 +490,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="issue from a new CA; ca.crt trusts the new and the old CA")
     which.add_argument("--drop-old-ca", action="store_true",
                        help="only remove old CAs from ca.crt (after a --new-ca rotation)")
-    rotate.add_argument("--settle", type=_seconds, default=SETTLE_S, metavar="SECONDS",
+    rotate.add_argument("--settle", type=non_negative_float, default=SETTLE_S, metavar="SECONDS",
                         help="wait this long after the new CA and after the new leaves, for "
                              "the services to load them; they look every 2-3 s (default: "
                              f"{SETTLE_S:g}; 0: do not wait)")

@@ -216,7 +216,7 @@ def test_rotate_command_waits_unless_told_not_to(tmp_path, capsys, monkeypatch):
     assert slept == [certs_cli.SETTLE_S, certs_cli.SETTLE_S]
     with pytest.raises(SystemExit):
         parser.parse_args(["certs", "rotate", str(tmp_path), "--settle", "-1"])
-    assert "must be 0 or more seconds, not '-1'" in capsys.readouterr().err
+    assert "must be a number of at least 0, not '-1'" in capsys.readouterr().err
 
 
 def test_drop_old_ca_refuses_while_a_leaf_is_from_the_old_ca(tmp_path):
