@@ -17,21 +17,19 @@ def positive_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     """A number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number above 0, not '{text}'")
-    return value
+    return _number(text, lambda value: value > 0, "a number above 0")
 
 
 def non_negative_float(text: str) -> float:
     """A number of at least 0."""
+    return _number(text, lambda value: value >= 0, "a number of at least 0")
+
+
+def _number(text: str, accepts, wanted: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of at least 0, not '{text}'")
+        value = float("nan")  # accepted by no bound
+    if not accepts(value):
+        raise argparse.ArgumentTypeError(f"must be {wanted}, not '{text}'")
     return value
