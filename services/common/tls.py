@@ -191,15 +191,25 @@ class ReloadingChannel:
     `refresh()` (cheap: three stat calls) swaps in a channel with the new files and closes
     the old one once its in-flight calls finish (at most `grace` seconds), so a rotation
     drops no call. Holders read `.channel` (or stubs rebuilt from it) per call.
+
+    With `ready_first`, the new channel takes over only once it has connected (READY, seen by
+    a later `refresh()`), or at once when the old one is not connected either: a connected
+    old channel keeps serving meanwhile (certificates are checked at the handshake only), so
+    no call waits behind a new channel that cannot connect, and one not READY within
+    `ready_wait` seconds is built again. For holders that call `refresh()` every few seconds.
     """
 
-    def __init__(self, target: str, files: TlsFiles, identity: str, grace: float = 30.0) -> None:
+    def __init__(self, target: str, files: TlsFiles, identity: str, grace: float = 30.0,
+                 ready_first: bool = False, ready_wait: float = 10.0) -> None:
         self.target = target
         self.files = files
         self.identity = identity
         self.grace = grace
+        self.ready_first = ready_first
+        self.ready_wait = ready_wait
         self._loaded = files.signature()
         self.channel = self._build(files.read_consistent())
+        self._pending: _PendingChannel | None = None
         self._closing: set[asyncio.Task] = set()
 
     def _build(self, material: tuple[bytes, bytes, bytes]) -> grpc.aio.Channel:
@@ -210,25 +220,57 @@ class ReloadingChannel:
                                        options=channel_options(self.identity))
 
     def refresh(self) -> bool:
-        """Rebuild the channel if the files changed and agree; True when it was rebuilt."""
+        """Build a channel with the files if they changed and agree, and swap it in (with
+        `ready_first`, once it is READY or the old one is not). True when one was swapped in."""
+        swapped = self._take_over()  # a pending channel that is ready, before newer files
         try:
             signature = self.files.signature()
-            if signature == self._loaded:
-                return False
-            channel = self._build(self.files.read_consistent())
+            pending = self._pending
+            if pending is not None and (
+                    signature != pending.signature
+                    or asyncio.get_running_loop().time() - pending.since >= self.ready_wait):
+                self._close_later(pending.channel, 0)  # files changed again, or it is stuck
+                self._pending = None
+            if self._pending is None and signature != self._loaded:
+                self._pending = _PendingChannel(self._build(self.files.read_consistent()),
+                                                signature, asyncio.get_running_loop().time())
         except (OSError, ValueError) as error:
             log.warning("keeping the channel to %s: %s", self.identity, error)
+        return self._take_over() or swapped
+
+    def _take_over(self) -> bool:
+        """Swap the pending channel in if it may take over now; True when it did."""
+        pending = self._pending
+        if pending is None:
             return False
-        old, self.channel, self._loaded = self.channel, channel, signature
-        task = asyncio.get_running_loop().create_task(old.close(self.grace))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        ready = grpc.ChannelConnectivity.READY
+        if self.ready_first and pending.channel.get_state(try_to_connect=True) != ready \
+                and self.channel.get_state() == ready:
+            return False
+        self._pending = None
+        self._close_later(self.channel, self.grace)
+        self.channel, self._loaded = pending.channel, pending.signature
         log.info("new certificates for the channel to %s at %s", self.identity, self.target)
         return True
 
+    def _close_later(self, channel: grpc.aio.Channel, grace: float) -> None:
+        task = asyncio.get_running_loop().create_task(channel.close(grace))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
         await self.channel.close()
+        if self._pending is not None:
+            await self._pending.channel.close()
         await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+@dataclass
+class _PendingChannel:
+    """A channel built with new files, not yet swapped in."""
+    channel: grpc.aio.Channel
+    signature: tuple
+    since: float
 
 
 def server_ssl_context(files: TlsFiles, require_client_cert: bool, alpn: str) -> ssl.SSLContext:

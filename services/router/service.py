@@ -96,7 +96,9 @@ class ModelRoute:
         self._observe = observe
         self._splits = splits
         self._draw = draw
-        self._reloading = ReloadingChannel(f"xds:///{model}", tls, batcher_identity)
+        # Resolved through the xDS client before it connects: a rebuilt one takes over once READY.
+        self._reloading = ReloadingChannel(f"xds:///{model}", tls, batcher_identity,
+                                           ready_first=True)
         self._bind()
         self._streams: dict[str, list[GroupStream]] = {}
         self._turns = itertools.count()
@@ -109,7 +111,8 @@ class ModelRoute:
         self.channel.get_state(try_to_connect=True)
 
     def refresh_certificates(self) -> None:
-        """A new channel when the TLS files changed; the old streams finish their groups."""
+        """A new channel when the TLS files changed, once it has connected; the old streams
+        finish their groups."""
         if self._reloading.refresh():
             self._bind()
             self._retire_streams()

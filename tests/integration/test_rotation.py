@@ -3,6 +3,7 @@ certificates without a restart (its own `meshserve up`, since it rewrites the fi
 
 import asyncio
 import hashlib
+import shutil
 import socket
 import ssl
 import sys
@@ -27,6 +28,7 @@ from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.protocol.health_pb2_grpc import HealthStub
 from meshserve.tools.certs import ca_bundle, init_certs, rotate_certs
 from tests.integration.conftest import children_of, running_mesh
+from tests.polling import until
 
 CLIENTS = 8
 MAX_REQUESTS_PER_CLIENT = 20_000
@@ -181,5 +183,43 @@ async def test_open_connections_survive_a_new_ca_and_new_ones_need_the_reloaded_
         assert await serving(reloading.channel)
     finally:
         await opened.close()
+        await reloading.close()
+        await service.stop(0)
+
+
+async def test_ready_first_keeps_the_old_channel_while_the_new_one_cannot_connect(tmp_path):
+    server_dir, client_dir, stranger_dir = (tmp_path / n for n in ("server", "client", "other"))
+    for directory in (server_dir, client_dir, stranger_dir):
+        init_certs(directory)
+    client = TlsFiles.for_identity(client_dir, "ingress")
+    for name in (client.cert.name, client.key.name, client.ca.name):  # one mesh, one CA
+        shutil.copy(server_dir / name, client_dir / name)
+    health = HealthServicer()
+    health.set(True)
+    service = Service("127.0.0.1:0",
+                      server_ssl_context(TlsFiles.for_identity(server_dir, "router")),
+                      lambda server: None, health)
+    target = f"127.0.0.1:{await service.start()}"
+    reloading = ReloadingChannel(target, client, "router", ready_first=True, ready_wait=0.5)
+    try:
+        old_channel = reloading.channel
+        assert await serving(old_channel)
+        # Files of another CA: the server refuses the new channel's handshake.
+        for name in (client.cert.name, client.key.name, client.ca.name):
+            shutil.copy(stranger_dir / name, client_dir / name)
+        deadline = time.monotonic() + 2.0  # four times ready_wait: built again meanwhile
+        while time.monotonic() < deadline:
+            assert reloading.refresh() is False
+            await asyncio.sleep(0.05)
+        assert reloading.channel is old_channel
+        assert await serving(reloading.channel)
+
+        # Files the server accepts again: swapped in once connected.
+        for name in (client.cert.name, client.key.name, client.ca.name):
+            shutil.copy(server_dir / name, client_dir / name)
+        await until(reloading.refresh, 10, "the channel with the good files swapped in")
+        assert reloading.channel is not old_channel
+        assert await serving(reloading.channel)
+    finally:
         await reloading.close()
         await service.stop(0)
