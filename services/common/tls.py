@@ -223,17 +223,17 @@ class ReloadingChannel:
         """Build a channel with the files if they changed and agree, and swap it in (with
         `ready_first`, once it is READY or the old one is not). True when one was swapped in."""
         swapped = self._take_over()  # a pending channel that is ready, before newer files
+        now = asyncio.get_running_loop().time()
         try:
             signature = self.files.signature()
             pending = self._pending
-            if pending is not None and (
-                    signature != pending.signature
-                    or asyncio.get_running_loop().time() - pending.since >= self.ready_wait):
+            if pending is not None and (signature != pending.signature
+                                        or now - pending.since >= self.ready_wait):
                 self._close_later(pending.channel, 0)  # files changed again, or it is stuck
                 self._pending = None
             if self._pending is None and signature != self._loaded:
                 self._pending = _PendingChannel(self._build(self.files.read_consistent()),
-                                                signature, asyncio.get_running_loop().time())
+                                                signature, now)
         except (OSError, ValueError) as error:
             log.warning("keeping the channel to %s: %s", self.identity, error)
         return self._take_over() or swapped

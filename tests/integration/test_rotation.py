@@ -207,11 +207,14 @@ async def test_ready_first_keeps_the_old_channel_while_the_new_one_cannot_connec
         # Files of another CA: the server refuses the new channel's handshake.
         for name in (client.cert.name, client.key.name, client.ca.name):
             shutil.copy(stranger_dir / name, client_dir / name)
-        deadline = time.monotonic() + 2.0  # four times ready_wait: built again meanwhile
+        assert reloading.refresh() is False
+        first_try = reloading._pending.channel
+        deadline = time.monotonic() + 2.0  # four times ready_wait
         while time.monotonic() < deadline:
             assert reloading.refresh() is False
             await asyncio.sleep(0.05)
         assert reloading.channel is old_channel
+        assert reloading._pending.channel is not first_try  # stuck: built again
         assert await serving(reloading.channel)
 
         # Files the server accepts again: swapped in once connected.
