@@ -41,11 +41,14 @@ def checked(parse, *args):
         raise ConnectionFailure(h2.PROTOCOL_ERROR, str(error)) from None
 
 
-def initial_frames() -> bytes:
-    """Our SETTINGS and the connection window beyond HTTP/2's default."""
-    return (h2.settings_frame({h2.ENABLE_PUSH: 0, h2.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                               h2.MAX_FRAME_SIZE: MAX_FRAME,
-                               h2.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST})
+def initial_frames(max_streams: int | None = None) -> bytes:
+    """Our SETTINGS (a server's with the streams a client may open at once) and the
+    connection window beyond HTTP/2's default."""
+    settings = {h2.ENABLE_PUSH: 0, h2.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.MAX_FRAME_SIZE: MAX_FRAME, h2.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST}
+    if max_streams is not None:
+        settings[h2.MAX_CONCURRENT_STREAMS] = max_streams
+    return (h2.settings_frame(settings)
             + h2.window_update(0, CONNECTION_WINDOW - h2.DEFAULT_WINDOW))
 
 

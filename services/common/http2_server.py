@@ -13,9 +13,12 @@ It takes the same handlers (`grpc.GenericRpcHandler`s) and gives them a context 
 in gRPC). What it does: mutual TLS (ALPN h2, certificates re-read at the first handshake after
 they change), unary and streaming calls, metadata (binary too), deadlines (`grpc-timeout`),
 cancellation (RST_STREAM), flow control both ways, message limits (RESOURCE_EXHAUSTED), gzip
-and deflate requests, GOAWAY and a graceful stop. Answers are never compressed; server push
-and priorities are not used. Frames, and HPACK as written and read, are in
-`meshserve.common.http2_frames`; what both ends of a connection do alike (flow control,
+and deflate requests, GOAWAY and a graceful stop; and, as gRPC core's server does, bounds
+for a client that misbehaves: on the calls it may have open on a connection (advertised in
+SETTINGS, refused beyond with REFUSED_STREAM) and on what waits for a client that does not
+read (PING answers, say: its connection is not read meanwhile). Answers are never
+compressed; server push and priorities are not used. Frames, and HPACK as written and read,
+are in `meshserve.common.http2_frames`; what both ends of a connection do alike (flow control,
 SETTINGS, PING) in `meshserve.common.http2_connection`, which the hops' own client
 (`meshserve.common.http2_client`) shares.
 """
@@ -46,6 +49,19 @@ from meshserve.common.tls import MAX_MESSAGE_BYTES, TlsFiles
 
 log = logging.getLogger(__name__)
 
+# The calls a client may have open at once on one connection (gRPC's option
+# "grpc.max_concurrent_streams" sets another): a gRPC client waits beyond it, and a stream
+# opened anyway is refused unprocessed (REFUSED_STREAM). As many as gRPC core let wait for a
+# handler (SERVER_OPTIONS), so a burst of thousands on one channel still reaches the
+# ingress, which refuses at once what it cannot queue, saying why.
+MAX_STREAMS = 20_000
+# Bytes of request messages still arriving (each call's message in the making) that the
+# server holds across all its connections; the call whose bytes pass it is answered
+# RESOURCE_EXHAUSTED. Without it, clients that open many calls and never finish their
+# messages (no handler, and so no authentication, runs before a unary request is whole)
+# could make it hold up to the message limit on every stream.
+MAX_UNFINISHED = 256 << 20
+
 # zlib's window bits for the encodings a request may use: gzip, and deflate as zlib's format.
 _WBITS = {b"gzip": 31, b"deflate": 15}
 
@@ -74,12 +90,16 @@ class _CallDetails(NamedTuple):
 class Http2Server:
     """`grpc.aio.server()`'s interface, as the services use it."""
 
-    def __init__(self, options: Iterable[tuple[str, object]] = ()) -> None:
+    def __init__(self, options: Iterable[tuple[str, object]] = (),
+                 max_unfinished: int = MAX_UNFINISHED) -> None:
         settings: dict[str, object] = {}
         for key, value in options:  # the first of a repeated key counts, as in gRPC
             settings.setdefault(key, value)
         self.max_receive = int(settings.get("grpc.max_receive_message_length", 4 << 20))
         self.max_send = int(settings.get("grpc.max_send_message_length", MAX_MESSAGE_BYTES))
+        self.max_streams = int(settings.get("grpc.max_concurrent_streams", MAX_STREAMS))
+        self.max_unfinished = max_unfinished
+        self.unfinished = 0  # bytes of request messages still arriving, all connections
         self._handlers: list[grpc.GenericRpcHandler] = []
         self._sockets: list[tuple[socket.socket, ssl.SSLContext]] = []
         self._listeners: list[asyncio.AbstractServer] = []
@@ -172,7 +192,7 @@ class _Connection(Http2Connection):
     def connection_made(self, transport: asyncio.Transport) -> None:
         self._transport = transport
         self.server.connections.add(self)
-        transport.write(initial_frames())
+        transport.write(initial_frames(self.server.max_streams))
         if self.server.stopping:
             self.go_away()
 
@@ -183,6 +203,17 @@ class _Connection(Http2Connection):
         self.calls.clear()
         self.server.connections.discard(self)
         self.server.calls_changed()
+
+    def pause_writing(self) -> None:
+        """What we wrote piles up unread (a client sending PINGs or SETTINGS and reading no
+        answer, say): read nothing more from it until that has left, so a client cannot make
+        us hold more than the transport's high-water mark and what one read asks for."""
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
 
     def _flush(self) -> None:
         super()._flush()
@@ -251,7 +282,7 @@ class _Connection(Http2Connection):
         if stream <= self._last_stream:
             raise ConnectionFailure(h2.PROTOCOL_ERROR, f"stream {stream} reused")
         self._last_stream = stream
-        if self._going_away:
+        if self._going_away or len(self.calls) >= self.server.max_streams:
             self.out.append(h2.rst_stream(stream, h2.REFUSED_STREAM))
             return
         call = _Call(self, stream, head)
@@ -340,11 +371,20 @@ class _Call(Http2Stream):
             self._start()
 
     def _split(self, data: bytes) -> None:
+        server = self.connection.server
+        before = len(self._partial)
         self._partial += data
         try:
-            messages = self._take_messages(self.connection.server.max_receive)
+            messages = self._take_messages(server.max_receive)
         except ValueError as error:
             raise _Status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
+        finally:
+            server.unfinished += len(self._partial) - before
+        if server.unfinished > server.max_unfinished:
+            raise _Status(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the server holds {server.unfinished} bytes of request messages "
+                          f"still arriving, past its limit of {server.max_unfinished}; "
+                          "send again later")
         for compressed, payload in messages:
             self._arrive(self._decompressed(payload) if compressed else payload)
 
@@ -487,6 +527,9 @@ class _Call(Http2Stream):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._partial:  # a message that will not be finished now
+            self.connection.server.unfinished -= len(self._partial)
+            self._partial.clear()
         self._wake()
         self._release()
 

@@ -23,13 +23,14 @@ def payload(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-def new_server(kind: str, options: list, files: TlsFiles):
-    """(server, port credentials) of `kind`."""
+def new_server(kind: str, options: list, files: TlsFiles, **own):
+    """(server, port credentials) of `kind`; `own`: arguments only the own server takes."""
     if kind == "grpc.aio":
         return grpc.aio.server(options=options), server_credentials(files)
     from meshserve.common.http2_server import Http2Server, server_ssl_context
 
-    return Http2Server(options=options), server_ssl_context(files, require_client_cert=True)
+    return (Http2Server(options=options, **own),
+            server_ssl_context(files, require_client_cert=True))
 
 
 class Edge:
@@ -41,10 +42,10 @@ class Edge:
         self.servers: list = []
         self.channels: list[grpc.aio.Channel] = []
 
-    async def start(self, methods: dict, options: list = SERVER_OPTIONS):
+    async def start(self, methods: dict, options: list = SERVER_OPTIONS, **own):
         """A started server answering `methods` of SERVICE; (server, target)."""
         server, credentials = new_server(
-            self.kind, options, TlsFiles.for_identity(self.cert_dir, "ingress"))
+            self.kind, options, TlsFiles.for_identity(self.cert_dir, "ingress"), **own)
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, methods),))
         port = server.add_secure_port("127.0.0.1:0", credentials)

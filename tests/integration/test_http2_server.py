@@ -7,16 +7,22 @@ channel presenting the "client" certificate. Checked: unary calls and their meta
 statuses (abort, set_code, unknown method, a raising handler), deadlines, client
 cancellation, large messages and the receive limit, the four streaming shapes, concurrency,
 gzip compression, the peer's identity, stop with grace, a client without a certificate,
-and protobuf serializers.
+and protobuf serializers. The bounds on a client that misbehaves (streams open at once,
+request bytes still arriving, answers it does not read) are checked on the own server alone,
+some with a client that writes HTTP/2 frames itself.
 """
 
 import asyncio
+import socket
 import ssl
 import time
+from urllib.parse import unquote
 
 import grpc
+import hpack
 import pytest
 
+from meshserve.common import http2_frames as h2
 from meshserve.common.certificates import identity_of, peer_identity_of
 from meshserve.common.server import SERVER_OPTIONS
 from meshserve.protocol import health_pb2
@@ -334,20 +340,199 @@ async def test_streamed_answers_beyond_the_clients_window(edge):
     assert [reply async for reply in call] == answers
 
 
-async def test_bytes_that_are_not_http2_close_only_their_connection(edge):
-    _, target = await edge.start({"Echo": unary(reverse)})
-    channel = edge.channel(target)
+async def raw_connection(edge, target: str, receive_buffer: int = 0):
+    """(reader, writer) of a TLS connection presenting the "client" certificate, ALPN h2,
+    nothing sent yet; `receive_buffer`: the socket's SO_RCVBUF, set before it connects."""
     host, port = target.rsplit(":", 1)
     context = ssl.create_default_context(cafile=str(edge.cert_dir / "ca.crt"))
     context.check_hostname = False
     context.load_cert_chain(edge.cert_dir / "client.crt", edge.cert_dir / "client.key")
     context.set_alpn_protocols(["h2"])
-    reader, writer = await asyncio.open_connection(host, int(port), ssl=context)
+    sock = socket.socket()
+    if receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    return await asyncio.open_connection(sock=sock, ssl=context, server_hostname="ingress")
+
+
+async def read_frame(reader) -> tuple[int, int, int, bytes]:
+    """The next frame from the server: (type, flags, stream, payload)."""
+    high, low, kind, flags, stream = h2.FRAME_HEADER.unpack(
+        await asyncio.wait_for(reader.readexactly(9), TIMEOUT_S))
+    return kind, flags, stream, await reader.readexactly(high << 16 | low)
+
+
+async def settled(reader, writer) -> dict[int, int]:
+    """Send the preface and our SETTINGS (windows of 16 MiB: the server's answers need no
+    WINDOW_UPDATE); the server's SETTINGS, acknowledged (its limits now hold)."""
+    writer.write(h2.PREFACE + h2.settings_frame({h2.INITIAL_WINDOW_SIZE: 16 * MiB})
+                 + h2.window_update(0, 16 * MiB))
+    while True:
+        kind, flags, _, payload = await read_frame(reader)
+        if kind == h2.SETTINGS and not flags & h2.ACK:
+            writer.write(h2.frame(h2.SETTINGS, h2.ACK, 0))
+            return h2.parse_settings(payload)
+
+
+def call_headers(encoder: hpack.Encoder, name: str) -> bytes:
+    return encoder.encode([(":method", "POST"), (":scheme", "https"), (":path", method(name)),
+                           (":authority", "ingress"), ("content-type", "application/grpc"),
+                           ("te", "trailers")])
+
+
+async def test_bytes_that_are_not_http2_close_only_their_connection(edge):
+    _, target = await edge.start({"Echo": unary(reverse)})
+    channel = edge.channel(target)
+    reader, writer = await raw_connection(edge, target)
     writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(range(256)) * 4)
     await writer.drain()
     await asyncio.wait_for(reader.read(), TIMEOUT_S)  # the server closes the connection
     writer.close()
     assert await channel.unary_unary(method("Echo"))(b"still", timeout=TIMEOUT_S) == b"llits"
+
+
+def holding(running: list[int]):
+    """A unary handler that answers its request once `release` is set; `running` holds
+    [calls running now, the most at once]."""
+    release = asyncio.Event()
+
+    async def hold(request: bytes, context) -> bytes:
+        running[0] += 1
+        running[1] = max(running[1], running[0])
+        try:
+            await release.wait()
+        finally:
+            running[0] -= 1
+        return request
+
+    return unary(hold), release
+
+
+async def test_a_client_keeps_to_the_servers_limit_of_open_calls(edge):
+    """With `grpc.max_concurrent_streams` 4, twelve calls started at once on a connected
+    channel (which has the server's SETTINGS) run four at a time: the rest wait in the
+    client, and every one is answered."""
+    if edge.kind != "http2":
+        pytest.skip("gRPC core's server resets some of them (REFUSED_STREAM), which its "
+                    "client reports as UNAVAILABLE")
+    running = [0, 0]
+    handler, release = holding(running)
+    channel = await edge.connect({"Hold": handler, "Echo": unary(reverse)},
+                                 options=[("grpc.max_concurrent_streams", 4), *SERVER_OPTIONS])
+    assert await channel.unary_unary(method("Echo"))(b"ab", timeout=TIMEOUT_S) == b"ba"
+    calls = [asyncio.ensure_future(channel.unary_unary(method("Hold"))(
+        bytes([i]), timeout=TIMEOUT_S)) for i in range(12)]
+    await until(lambda: running[0] == 4, TIMEOUT_S, "four calls running")
+    release.set()
+    assert [await call for call in calls] == [bytes([i]) for i in range(12)]
+    assert running[1] == 4
+
+
+async def test_a_stream_past_the_limit_is_refused_unprocessed(edge):
+    """A client that opens more streams than the server's SETTINGS allow has the extra one
+    reset with REFUSED_STREAM, before any handler sees it; the others are answered."""
+    if edge.kind != "http2":
+        pytest.skip("gRPC core does not reset such a stream at once")
+    running = [0, 0]
+    handler, release = holding(running)
+    _, target = await edge.start({"Hold": handler},
+                                 options=[("grpc.max_concurrent_streams", 2), *SERVER_OPTIONS])
+    reader, writer = await raw_connection(edge, target)
+    assert (await settled(reader, writer))[h2.MAX_CONCURRENT_STREAMS] == 2
+    encoder = hpack.Encoder()
+    for stream in (1, 3, 5):
+        writer.write(h2.frame(h2.HEADERS, h2.END_HEADERS, stream, call_headers(encoder, "Hold"))
+                     + h2.frame(h2.DATA, h2.END_STREAM, stream, h2.message(bytes([stream]))))
+    await writer.drain()
+    resets, ended = {}, set()
+    while not (resets and len(ended) == 2):
+        if running[0] == 2:
+            release.set()
+        kind, flags, stream, payload = await read_frame(reader)
+        if kind == h2.RST_STREAM:
+            resets[stream] = int.from_bytes(payload, "big")
+        elif kind == h2.HEADERS and flags & h2.END_STREAM:
+            ended.add(stream)
+    writer.close()
+    assert resets == {5: h2.REFUSED_STREAM} and ended == {1, 3}
+    assert running[1] == 2
+
+
+async def test_request_messages_that_never_finish_are_bounded(edge):
+    """Bytes of request messages still arriving are held up to the server's limit: the call
+    whose bytes pass it is answered RESOURCE_EXHAUSTED naming the limit, the others finish,
+    and what an ended call held is let go."""
+    if edge.kind != "http2":
+        pytest.skip("the own server's limit")
+    server, target = await edge.start({"Echo": unary(reverse)}, max_unfinished=MiB)
+    reader, writer = await raw_connection(edge, target)
+    await settled(reader, writer)
+    encoder, message = hpack.Encoder(), h2.message(payload(900 << 10, 7))
+    for stream in (1, 3):  # 576 KiB of a 900 KiB message each: 1,152 KiB in all
+        writer.write(h2.frame(h2.HEADERS, h2.END_HEADERS, stream, call_headers(encoder, "Echo")))
+        for start in range(0, 576 << 10, 16 << 10):
+            writer.write(h2.frame(h2.DATA, 0, stream, message[start:start + (16 << 10)]))
+    await writer.drain()
+    decoder, answers = hpack.Decoder(), {}
+    while 3 not in answers:
+        kind, flags, stream, block = await read_frame(reader)
+        if kind == h2.HEADERS and flags & h2.END_STREAM:
+            answers[stream] = dict(decoder.decode(h2.unpadded(flags, block)))
+    assert answers[3]["grpc-status"] == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+    assert "past its limit of 1048576" in unquote(answers[3]["grpc-message"])
+    assert server.unfinished == 576 << 10  # stream 1's, still arriving
+    for start in range(576 << 10, len(message), 16 << 10):
+        end = h2.END_STREAM if start + (16 << 10) >= len(message) else 0
+        writer.write(h2.frame(h2.DATA, end, 1, message[start:start + (16 << 10)]))
+    echoed = b""
+    while 1 not in answers:
+        kind, flags, stream, block = await read_frame(reader)
+        if kind == h2.DATA and stream == 1:
+            echoed += block
+        elif kind == h2.HEADERS and flags & h2.END_STREAM:
+            answers[stream] = dict(decoder.decode(h2.unpadded(flags, block)))
+        elif kind == h2.HEADERS:
+            decoder.decode(h2.unpadded(flags, block))
+    writer.close()
+    assert answers[1]["grpc-status"] == "0"
+    assert echoed == h2.message(payload(900 << 10, 7)[::-1])
+    assert server.unfinished == 0
+
+
+async def test_a_client_that_reads_nothing_cannot_pile_up_answers(edge):
+    """A client that floods PINGs and reads none of their answers stops being read once the
+    answers waiting for it pass the transport's high-water mark: the server holds a bounded
+    amount for it, not all it was sent, and serves other clients meanwhile."""
+    if edge.kind != "http2":
+        pytest.skip("reads the own server's connections")
+    server, target = await edge.start({"Echo": unary(reverse)})
+    reader, writer = await raw_connection(edge, target, receive_buffer=64 << 10)
+    writer.write(h2.PREFACE + h2.settings_frame({}))
+    pings = h2.frame(h2.PING, 0, 0, bytes(8)) * 4096  # 68 KiB
+    sent = 0
+
+    async def flood() -> None:
+        nonlocal sent
+        for _ in range(512):  # 34 MiB
+            writer.write(pings)
+            await writer.drain()
+            sent += len(pings)
+
+    flooding = asyncio.ensure_future(flood())
+    try:
+        await until(lambda: server.connections, TIMEOUT_S, "the connection")
+        [connection] = server.connections
+        transport = connection._transport
+        await until(lambda: not transport.is_reading(), 30, "the server stops reading")
+        assert transport.get_write_buffer_size() < 2 * MiB
+        assert await edge.channel(target).unary_unary(method("Echo"))(
+            b"ab", timeout=TIMEOUT_S) == b"ba"
+        assert not flooding.done() and sent < 32 * MiB, sent
+        assert transport.get_write_buffer_size() < 2 * MiB
+    finally:
+        flooding.cancel()
+        writer.close()
 
 
 async def test_a_handler_that_reads_slowly_holds_its_client_back(edge):
