@@ -13,10 +13,11 @@ It takes the same handlers (`grpc.GenericRpcHandler`s) and gives them a context 
 in gRPC). What it does: mutual TLS (ALPN h2, certificates re-read at the first handshake after
 they change), unary and streaming calls, metadata (binary too), deadlines (`grpc-timeout`),
 cancellation (RST_STREAM), flow control both ways, message limits (RESOURCE_EXHAUSTED), gzip
-and deflate requests, GOAWAY and a graceful stop; and, as gRPC core's server does, bounds
-for a client that misbehaves: on the calls it may have open on a connection (advertised in
-SETTINGS, refused beyond with REFUSED_STREAM) and on what waits for a client that does not
-read (PING answers, say: its connection is not read meanwhile). Answers are never
+and deflate requests, GOAWAY and a graceful stop; and bounds for a client that misbehaves,
+where gRPC core's server has its own: on the calls it may have open on a connection
+(advertised in SETTINGS, refused beyond with REFUSED_STREAM), on the bytes of request
+messages still arriving (and for how long one may stall) and on what waits for a client that
+does not read (PING answers, say: its connection is not read meanwhile). Answers are never
 compressed; server push and priorities are not used. Frames, and HPACK as written and read,
 are in `meshserve.common.http2_frames`; what both ends of a connection do alike (flow control,
 SETTINGS, PING) in `meshserve.common.http2_connection`, which the hops' own client
@@ -61,6 +62,10 @@ MAX_STREAMS = 20_000
 # messages (no handler, and so no authentication, runs before a unary request is whole)
 # could make it hold up to the message limit on every stream.
 MAX_UNFINISHED = 256 << 20
+# A call holding part of a request message that gets no more of it for this long is answered
+# DEADLINE_EXCEEDED and its bytes let go, so a client cannot keep the bytes above held by
+# stalling (as the ingress's HTTP server answers 408).
+STALL_TIMEOUT = 30.0
 
 # zlib's window bits for the encodings a request may use: gzip, and deflate as zlib's format.
 _WBITS = {b"gzip": 31, b"deflate": 15}
@@ -91,7 +96,8 @@ class Http2Server:
     """`grpc.aio.server()`'s interface, as the services use it."""
 
     def __init__(self, options: Iterable[tuple[str, object]] = (),
-                 max_unfinished: int = MAX_UNFINISHED) -> None:
+                 max_unfinished: int = MAX_UNFINISHED,
+                 stall_timeout: float = STALL_TIMEOUT) -> None:
         settings: dict[str, object] = {}
         for key, value in options:  # the first of a repeated key counts, as in gRPC
             settings.setdefault(key, value)
@@ -100,6 +106,8 @@ class Http2Server:
         self.max_streams = int(settings.get("grpc.max_concurrent_streams", MAX_STREAMS))
         self.max_unfinished = max_unfinished
         self.unfinished = 0  # bytes of request messages still arriving, all connections
+        self.stall_timeout = stall_timeout
+        self._sweeper: asyncio.TimerHandle | None = None
         self._handlers: list[grpc.GenericRpcHandler] = []
         self._sockets: list[tuple[socket.socket, ssl.SSLContext]] = []
         self._listeners: list[asyncio.AbstractServer] = []
@@ -135,6 +143,17 @@ class Http2Server:
         for sock, context in self._sockets:
             self._listeners.append(await loop.create_server(
                 lambda: _Connection(self), sock=sock, ssl=context, ssl_handshake_timeout=20))
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Every third of `stall_timeout`: give up on the request messages that stopped
+        arriving."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for connection in list(self.connections):
+            for call in list(connection.calls.values()):
+                call.give_up_if_stalled(now, self.stall_timeout)
+        self._sweeper = loop.call_later(self.stall_timeout / 3, self._sweep)
 
     def handler(self, method: str, metadata: tuple) -> grpc.RpcMethodHandler | None:
         details = _CallDetails(method, metadata)
@@ -155,6 +174,8 @@ class Http2Server:
             await self._terminated.wait()
             return
         self.stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for listener in self._listeners:
             listener.close()
         for connection in list(self.connections):
@@ -338,6 +359,7 @@ class _Call(Http2Stream):
         self._timer: asyncio.TimerHandle | None = None
         self._expired = False
         self._reset = False
+        self._fed = 0.0  # when bytes of an unfinished request message last came
         self.code: grpc.StatusCode | None = None
         self.details = ""
         self.trailing: tuple = ()
@@ -380,6 +402,8 @@ class _Call(Http2Stream):
             raise _Status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
         finally:
             server.unfinished += len(self._partial) - before
+        if self._partial:
+            self._fed = self.connection.loop.time()
         if server.unfinished > server.max_unfinished:
             raise _Status(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the server holds {server.unfinished} bytes of request messages "
@@ -454,6 +478,11 @@ class _Call(Http2Stream):
         message = self._messages.popleft()
         return message if decode is None else decode(message)
 
+    def give_up_if_stalled(self, now: float, stall_timeout: float) -> None:
+        if self._partial and not self.finished and now - self._fed > stall_timeout:
+            self._finish_now(grpc.StatusCode.DEADLINE_EXCEEDED, "the request message stopped "
+                             f"arriving (no bytes of it for {stall_timeout:g} s)")
+
     def _expire(self) -> None:
         self._expired = True
         if self._task is not None and not self._task.done():
@@ -509,6 +538,7 @@ class _Call(Http2Stream):
         if self.finished:
             return
         self.finished = True
+        self._let_go()
         block = h2.trailers(_code(code), details, self.trailing)
         if not self._headers_sent:  # trailers only
             self._headers_sent = True
@@ -527,11 +557,15 @@ class _Call(Http2Stream):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._partial:  # a message that will not be finished now
-            self.connection.server.unfinished -= len(self._partial)
-            self._partial.clear()
+        self._let_go()
         self._wake()
         self._release()
+
+    def _let_go(self) -> None:
+        """The call reads no more: the message it was receiving will not be finished."""
+        if self._partial:
+            self.connection.server.unfinished -= len(self._partial)
+            self._partial.clear()
 
     # --- grpc.aio.ServicerContext ------------------------------------------------------------
 

@@ -500,6 +500,45 @@ async def test_request_messages_that_never_finish_are_bounded(edge):
     assert server.unfinished == 0
 
 
+async def test_a_request_message_that_stops_arriving_is_given_up(edge):
+    """A call whose request message gets no more bytes for the stall timeout is answered
+    DEADLINE_EXCEEDED saying so, and its bytes are let go; one whose message keeps coming,
+    slowly, is answered."""
+    if edge.kind != "http2":
+        pytest.skip("the own server's timeout")
+    server, target = await edge.start({"Echo": unary(reverse)}, stall_timeout=1.0)
+    reader, writer = await raw_connection(edge, target)
+    await settled(reader, writer)
+    encoder, message = hpack.Encoder(), h2.message(payload(32 << 10, 5))
+    writer.write(h2.frame(h2.HEADERS, h2.END_HEADERS, 1, call_headers(encoder, "Echo"))
+                 + h2.frame(h2.DATA, 0, 1, message[:16 << 10])
+                 + h2.frame(h2.HEADERS, h2.END_HEADERS, 3, call_headers(encoder, "Echo")))
+
+    async def trickle() -> None:  # stream 3's message, 4 KiB every 0.1 s
+        for start in range(0, len(message), 4 << 10):
+            end = h2.END_STREAM if start + (4 << 10) >= len(message) else 0
+            writer.write(h2.frame(h2.DATA, end, 3, message[start:start + (4 << 10)]))
+            await asyncio.sleep(0.1)
+
+    trickling = asyncio.ensure_future(trickle())
+    decoder, answers = hpack.Decoder(), {}
+    try:
+        while len(answers) < 2:
+            kind, flags, stream, block = await read_frame(reader)
+            if kind == h2.HEADERS:
+                fields = dict(decoder.decode(h2.unpadded(flags, block)))
+                if flags & h2.END_STREAM:
+                    answers[stream] = fields
+    finally:
+        trickling.cancel()
+        writer.close()
+    assert answers[1]["grpc-status"] == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
+    assert unquote(answers[1]["grpc-message"]) == (
+        "the request message stopped arriving (no bytes of it for 1 s)")
+    assert answers[3]["grpc-status"] == "0"
+    assert server.unfinished == 0
+
+
 async def test_a_client_that_reads_nothing_cannot_pile_up_answers(edge):
     """A client that floods PINGs and reads none of their answers stops being read once the
     answers waiting for it pass the transport's high-water mark: the server holds a bounded
