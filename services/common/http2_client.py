@@ -346,7 +346,6 @@ class _Call(Http2Stream):
     def opened(self, connection: _Connection, stream: int) -> None:
         self.connection = connection
         self.stream = stream
-        self.send_window = connection.peer_window
         self.push()
 
     # --- answers in ------------------------------------------------------------------------

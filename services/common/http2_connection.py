@@ -61,7 +61,9 @@ class Http2Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.calls: dict[int, Http2Stream] = {}
         self.blocked: dict[int, Http2Stream] = {}  # streams waiting for a window
-        self.peer_window = h2.DEFAULT_WINDOW  # each new stream's send window
+        # Each stream's send window starts at the peer's initial window and moves with it
+        # (SETTINGS), so a stream keeps only its own part: `window_delta`.
+        self.peer_window = h2.DEFAULT_WINDOW
         self.peer_frame = h2.DEFAULT_FRAME_SIZE
         self.send_window = h2.DEFAULT_WINDOW  # the connection's
         self.out: list[bytes] = []  # frames for the next write
@@ -191,7 +193,7 @@ class Http2Connection(asyncio.Protocol):
             for call in list(self.blocked.values()):
                 call.push()
         elif (call := self.calls.get(stream)) is not None:
-            call.send_window += increment
+            call.window_delta += increment
             call.push()
 
     def _settings(self, settings: dict[int, int]) -> None:
@@ -199,9 +201,7 @@ class Http2Connection(asyncio.Protocol):
             window = settings[h2.INITIAL_WINDOW_SIZE]
             if window > h2.MAX_WINDOW:
                 raise ConnectionFailure(h2.FLOW_CONTROL_ERROR, "initial window too large")
-            change, self.peer_window = window - self.peer_window, window
-            for call in self.calls.values():
-                call.send_window += change
+            self.peer_window = window  # every stream's window moves with it, at no cost
         if h2.MAX_FRAME_SIZE in settings:
             self.peer_frame = settings[h2.MAX_FRAME_SIZE]
         self.out.append(h2.frame(h2.SETTINGS, h2.ACK, 0))
@@ -261,7 +261,7 @@ class Http2Stream:
     def __init__(self, connection: Http2Connection | None, stream: int) -> None:
         self.connection = connection
         self.stream = stream
-        self.send_window = 0 if connection is None else connection.peer_window
+        self.window_delta = 0  # this stream's send window less the peer's initial window
         self.unacked = 0  # bytes received and not yet acknowledged with a WINDOW_UPDATE
         self.unread = 0  # bytes of whole messages not read yet
         self.half_closed = False  # the peer sends nothing more
@@ -327,7 +327,8 @@ class Http2Stream:
         connection = self.connection
         outbox = self._outbox
         while outbox:
-            size = min(self.send_window, connection.send_window, connection.peer_frame)
+            size = min(connection.peer_window + self.window_delta, connection.send_window,
+                       connection.peer_frame)
             if size <= 0:
                 connection.blocked[self.stream] = self
                 connection.schedule_flush()
@@ -339,7 +340,7 @@ class Http2Stream:
                 chunk, outbox[0] = chunk[:size], chunk[size:]
             connection.out.append(h2.frame(h2.DATA, 0, self.stream, chunk))
             self._unsent -= len(chunk)
-            self.send_window -= len(chunk)
+            self.window_delta -= len(chunk)
             connection.send_window -= len(chunk)
         connection.blocked.pop(self.stream, None)
         self._release()

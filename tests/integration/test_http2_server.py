@@ -539,6 +539,58 @@ async def test_a_request_message_that_stops_arriving_is_given_up(edge):
     assert server.unfinished == 0
 
 
+async def test_a_change_of_the_initial_window_moves_every_open_streams_window(edge):
+    """An answer of 100 KiB to a client whose streams start with 16 KiB of window: 16 KiB
+    leave; SETTINGS raising the initial window to 48 KiB let 32 KiB more leave on the open
+    stream (RFC 9113, 6.9.2); a WINDOW_UPDATE lets the rest leave."""
+    if edge.kind != "http2":
+        pytest.skip("a client that writes its own frames")
+    answer = payload(100 << 10, 9)
+
+    async def big(request: bytes, context) -> bytes:
+        return answer
+
+    _, target = await edge.start({"Big": unary(big)})
+    reader, writer = await raw_connection(edge, target)
+    writer.write(h2.PREFACE + h2.settings_frame({h2.INITIAL_WINDOW_SIZE: 16 << 10})
+                 + h2.window_update(0, 16 * MiB))
+    writer.write(h2.frame(h2.HEADERS, h2.END_HEADERS, 1, call_headers(hpack.Encoder(), "Big"))
+                 + h2.frame(h2.DATA, h2.END_STREAM, 1, h2.message(b"x")))
+    received, pings = bytearray(), 0
+
+    async def until_quiet() -> int:
+        """DATA received on stream 1 until the server answers a PING: what it sent before
+        running out of window."""
+        nonlocal pings
+        pings += 1
+        writer.write(h2.frame(h2.PING, 0, 0, pings.to_bytes(8, "big")))
+        while True:
+            kind, flags, stream, body = await read_frame(reader)
+            if kind == h2.DATA and stream == 1:
+                received.extend(body)
+            elif kind == h2.PING and flags & h2.ACK and body == pings.to_bytes(8, "big"):
+                return len(received)
+
+    while True:  # the answer's headers, which leave with all the window allows
+        kind, _, stream, _ = await read_frame(reader)
+        if kind == h2.HEADERS and stream == 1:
+            break
+    try:
+        assert await until_quiet() == 16 << 10
+        writer.write(h2.settings_frame({h2.INITIAL_WINDOW_SIZE: 48 << 10}))
+        assert await until_quiet() == 48 << 10
+        writer.write(h2.window_update(1, MiB))
+        while True:
+            kind, flags, stream, body = await read_frame(reader)
+            if kind == h2.DATA and stream == 1:
+                received.extend(body)
+            elif kind == h2.HEADERS and stream == 1 and flags & h2.END_STREAM:
+                break
+    finally:
+        writer.close()
+    assert bytes(received) == h2.message(answer)
+
+
 async def test_a_client_that_reads_nothing_cannot_pile_up_answers(edge):
     """A client that floods PINGs and reads none of their answers stops being read once the
     answers waiting for it pass the transport's high-water mark: the server holds a bounded
