@@ -12,7 +12,10 @@ follows HTTP/1.1 (`Connection: close`, HTTP/1.0). Refusals never buffer what a r
 claims: a declared body over `max_body_bytes` is answered 413 as soon as its headers arrive
 (and the connection closed), a chunked one the moment it grows past the limit; headers over
 `max_header_bytes` get 431; a request whose bytes stop arriving for `read_timeout` seconds
-gets 408 (a Content-Length larger than the body sent, say); unparseable bytes get 400.
+gets 408 (a Content-Length larger than the body sent, say); the body whose bytes take the
+bodies still arriving on all connections past `max_unfinished_bytes` gets 503 (so clients
+that open many connections and never finish their bodies cannot make the server hold the
+body limit on each); unparseable bytes get 400.
 `Expect: 100-continue` is answered. The client's certificate (TLS), if any, rides on each
 request as PEM.
 """
@@ -43,6 +46,7 @@ class HttpLimits:
     read_timeout: float = 30.0  # a request in progress with no new bytes for this long: 408
     idle_timeout: float = 75.0  # a kept-alive connection with no request for this long: closed
     max_pipelined: int = 16
+    max_unfinished_bytes: int = 256 << 20  # bodies still arriving, all connections together
 
 
 @dataclass
@@ -120,6 +124,7 @@ class _Connection(asyncio.Protocol):
         self._closed = False
         self._in_message = False
         self._last_data = 0.0
+        self._held = 0  # bytes of the body in progress, counted in the server's `unfinished`
         self._reset()
 
     def _reset(self) -> None:
@@ -143,6 +148,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, error) -> None:
         self._closed = True
+        self._let_go()
         self._server.connections.discard(self)
         self._cancel_timer()
         if self._task is not None and not self._task.done():
@@ -215,10 +221,19 @@ class _Connection(asyncio.Protocol):
             self._refuse(413, f"request body is over the limit of "
                               f"{self._limits.max_body_bytes} bytes")
             raise _Refused
+        self._held += len(body)
+        server = self._server
+        server.unfinished += len(body)
+        if server.unfinished > self._limits.max_unfinished_bytes:
+            self._refuse(503, f"the server holds {server.unfinished} bytes of request bodies "
+                              f"still arriving, past its limit of "
+                              f"{self._limits.max_unfinished_bytes}; send again later")
+            raise _Refused
         self._body.append(body)
 
     def on_message_complete(self) -> None:
         self._in_message = False
+        self._let_go()
         self._cancel_timer()
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         request = HttpRequest(self._parser.get_method().decode(), self._target, self._headers,
@@ -240,6 +255,7 @@ class _Connection(asyncio.Protocol):
         """Answer `status` after the requests before it, then close; read nothing more."""
         self._refused = True
         self._in_message = False
+        self._let_go()
         self._cancel_timer()
         with contextlib.suppress(RuntimeError):
             self._transport.pause_reading()
@@ -278,6 +294,11 @@ class _Connection(asyncio.Protocol):
             return plain_refusal(500, "internal error")
 
     # --- timers
+
+    def _let_go(self) -> None:
+        """The body in progress is whole, or will not be: it no longer counts as arriving."""
+        self._server.unfinished -= self._held
+        self._held = 0
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -323,6 +344,7 @@ class HttpServer:
         self.handler = handler
         self.address = address
         self.limits = limits
+        self.unfinished = 0  # bytes of request bodies still arriving, all connections
         self.connections: set[_Connection] = set()
         self.closing = False
         self.date = _Date()

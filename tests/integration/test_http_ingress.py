@@ -44,6 +44,7 @@ limits:
 KEY = Ed25519PrivateKey.generate()
 MAX_BODY = 1 << 20
 READ_TIMEOUT_S = 0.5
+MAX_UNFINISHED = 3 * MAX_BODY // 2  # bodies still arriving, all connections
 
 
 def token(subject: str) -> str:
@@ -79,7 +80,8 @@ async def ingress(files):
         asynchronous=AsyncSettings(files / "async.db"),
         http=HttpSettings("127.0.0.1:0", files / "http.port",
                           HttpLimits(max_body_bytes=MAX_BODY, max_header_bytes=8192,
-                                     read_timeout=READ_TIMEOUT_S)))
+                                     read_timeout=READ_TIMEOUT_S,
+                                     max_unfinished_bytes=MAX_UNFINISHED)))
     (files / "http.port").unlink(missing_ok=True)
     service = build_service(settings, metrics)
     await service.start()
@@ -253,6 +255,38 @@ async def test_a_content_length_larger_than_the_body_times_out_with_408(files, i
     assert status == 408
     assert json.loads(body) == {"error": f"request not received in full: no bytes for "
                                          f"{READ_TIMEOUT_S:g} s; got 2 of 500 body bytes"}
+
+
+async def test_bodies_still_arriving_past_the_servers_limit_get_503(files, ingress):
+    """Two connections each send 800 KiB of a 1 MiB body: the one whose bytes take what the
+    server holds for bodies still arriving past 1.5 MiB is answered 503 naming the limit and
+    closed; the other, finished, is answered as any request (not that 503)."""
+    port, _ = ingress
+    head = (b"POST /v2/models/mlp/infer HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n"
+            % MAX_BODY)
+    connections = [await asyncio.open_connection("127.0.0.1", port, ssl=client_context(files))
+                   for _ in range(2)]
+    try:
+        for _, writer in connections:
+            writer.write(head + b" " * (800 << 10))
+            await writer.drain()
+        answers = [asyncio.ensure_future(read_response(reader)) for reader, _ in connections]
+        done, _ = await asyncio.wait(answers, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1, [answer.result()[:1] for answer in done]  # one refusal
+        [refused] = [i for i, answer in enumerate(answers) if answer in done]
+        status, headers, body = answers[refused].result()
+        assert status == 503 and headers["connection"] == "close"
+        error = json.loads(body)["error"]
+        assert error.startswith("the server holds ") and error.endswith(
+            f"bytes of request bodies still arriving, past its limit of {MAX_UNFINISHED}; "
+            "send again later"), error
+        survivor = 1 - refused
+        connections[survivor][1].write(b" " * (MAX_BODY - (800 << 10)))
+        status, _, body = await asyncio.wait_for(answers[survivor], 10)
+        assert "still arriving" not in json.loads(body)["error"], body
+    finally:
+        for _, writer in connections:
+            writer.close()
 
 
 async def test_a_content_length_smaller_than_the_body_is_refused(files, ingress):
