@@ -241,6 +241,11 @@ class _Connection(asyncio.Protocol):
         self._reset()
         self._enqueue(request, self._parser.should_keep_alive())
 
+    def _let_go(self) -> None:
+        """The body in progress is whole, or will not be: it no longer counts as arriving."""
+        self._server.unfinished -= self._held
+        self._held = 0
+
     # --- answering
 
     def _enqueue(self, item: HttpRequest | HttpResponse, keep_alive: bool) -> None:
@@ -294,11 +299,6 @@ class _Connection(asyncio.Protocol):
             return plain_refusal(500, "internal error")
 
     # --- timers
-
-    def _let_go(self) -> None:
-        """The body in progress is whole, or will not be: it no longer counts as arriving."""
-        self._server.unfinished -= self._held
-        self._held = 0
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
