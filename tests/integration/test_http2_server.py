@@ -363,10 +363,10 @@ async def read_frame(reader) -> tuple[int, int, int, bytes]:
     return kind, flags, stream, await reader.readexactly(high << 16 | low)
 
 
-async def settled(reader, writer) -> dict[int, int]:
-    """Send the preface and our SETTINGS (windows of 16 MiB: the server's answers need no
-    WINDOW_UPDATE); the server's SETTINGS, acknowledged (its limits now hold)."""
-    writer.write(h2.PREFACE + h2.settings_frame({h2.INITIAL_WINDOW_SIZE: 16 * MiB})
+async def settled(reader, writer, window: int = 16 * MiB) -> dict[int, int]:
+    """Send the preface and our SETTINGS (each stream's window `window`, the connection's
+    16 MiB); the server's SETTINGS, acknowledged (its limits now hold)."""
+    writer.write(h2.PREFACE + h2.settings_frame({h2.INITIAL_WINDOW_SIZE: window})
                  + h2.window_update(0, 16 * MiB))
     while True:
         kind, flags, _, payload = await read_frame(reader)
@@ -379,6 +379,38 @@ def call_headers(encoder: hpack.Encoder, name: str) -> bytes:
     return encoder.encode([(":method", "POST"), (":scheme", "https"), (":path", method(name)),
                            (":authority", "ingress"), ("content-type", "application/grpc"),
                            ("te", "trailers")])
+
+
+class Replies:
+    """What the server sends on a connection a test writes frames to, stream by stream: every
+    header block decoded in order (HPACK keeps state across them)."""
+
+    def __init__(self, reader) -> None:
+        self.reader = reader
+        self.decoder = hpack.Decoder()
+        self.trailers: dict[int, dict[str, str]] = {}  # a stream's last header block
+        self.data: dict[int, bytearray] = {}
+        self.resets: dict[int, int] = {}  # RST_STREAM's error code
+        self.pongs: set[bytes] = set()
+
+    async def until(self, done) -> None:
+        """Read frames until `done()`."""
+        while not done():
+            kind, flags, stream, payload = await read_frame(self.reader)
+            if kind == h2.DATA:
+                self.data.setdefault(stream, bytearray()).extend(payload)
+            elif kind == h2.HEADERS:
+                fields = dict(self.decoder.decode(h2.unpadded(flags, payload)))
+                if flags & h2.END_STREAM:
+                    self.trailers[stream] = fields
+            elif kind == h2.RST_STREAM:
+                self.resets[stream] = int.from_bytes(payload, "big")
+            elif kind == h2.PING and flags & h2.ACK:
+                self.pongs.add(payload)
+
+    async def until_ended(self, *streams: int) -> None:
+        """Until each of `streams` has its trailers or was reset."""
+        await self.until(lambda: all(s in self.trailers or s in self.resets for s in streams))
 
 
 async def test_bytes_that_are_not_http2_close_only_their_connection(edge):
@@ -445,17 +477,14 @@ async def test_a_stream_past_the_limit_is_refused_unprocessed(edge):
         writer.write(h2.frame(h2.HEADERS, h2.END_HEADERS, stream, call_headers(encoder, "Hold"))
                      + h2.frame(h2.DATA, h2.END_STREAM, stream, h2.message(bytes([stream]))))
     await writer.drain()
-    resets, ended = {}, set()
-    while not (resets and len(ended) == 2):
-        if running[0] == 2:
-            release.set()
-        kind, flags, stream, payload = await read_frame(reader)
-        if kind == h2.RST_STREAM:
-            resets[stream] = int.from_bytes(payload, "big")
-        elif kind == h2.HEADERS and flags & h2.END_STREAM:
-            ended.add(stream)
+    replies = Replies(reader)
+    await replies.until(lambda: 5 in replies.resets)
+    await until(lambda: running[0] == 2, TIMEOUT_S, "two calls running")
+    release.set()
+    await replies.until_ended(1, 3)
     writer.close()
-    assert resets == {5: h2.REFUSED_STREAM} and ended == {1, 3}
+    assert replies.resets == {5: h2.REFUSED_STREAM}
+    assert {s: f["grpc-status"] for s, f in replies.trailers.items()} == {1: "0", 3: "0"}
     assert running[1] == 2
 
 
@@ -474,29 +503,19 @@ async def test_request_messages_that_never_finish_are_bounded(edge):
         for start in range(0, 576 << 10, 16 << 10):
             writer.write(h2.frame(h2.DATA, 0, stream, message[start:start + (16 << 10)]))
     await writer.drain()
-    decoder, answers = hpack.Decoder(), {}
-    while 3 not in answers:
-        kind, flags, stream, block = await read_frame(reader)
-        if kind == h2.HEADERS and flags & h2.END_STREAM:
-            answers[stream] = dict(decoder.decode(h2.unpadded(flags, block)))
-    assert answers[3]["grpc-status"] == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
-    assert "past its limit of 1048576" in unquote(answers[3]["grpc-message"])
+    replies = Replies(reader)
+    await replies.until_ended(3)
+    assert replies.trailers[3]["grpc-status"] == str(
+        grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+    assert "past its limit of 1048576" in unquote(replies.trailers[3]["grpc-message"])
     assert server.unfinished == 576 << 10  # stream 1's, still arriving
     for start in range(576 << 10, len(message), 16 << 10):
         end = h2.END_STREAM if start + (16 << 10) >= len(message) else 0
         writer.write(h2.frame(h2.DATA, end, 1, message[start:start + (16 << 10)]))
-    echoed = b""
-    while 1 not in answers:
-        kind, flags, stream, block = await read_frame(reader)
-        if kind == h2.DATA and stream == 1:
-            echoed += block
-        elif kind == h2.HEADERS and flags & h2.END_STREAM:
-            answers[stream] = dict(decoder.decode(h2.unpadded(flags, block)))
-        elif kind == h2.HEADERS:
-            decoder.decode(h2.unpadded(flags, block))
+    await replies.until_ended(1)
     writer.close()
-    assert answers[1]["grpc-status"] == "0"
-    assert echoed == h2.message(payload(900 << 10, 7)[::-1])
+    assert replies.trailers[1]["grpc-status"] == "0"
+    assert replies.data[1] == h2.message(payload(900 << 10, 7)[::-1])
     assert server.unfinished == 0
 
 
@@ -521,21 +540,17 @@ async def test_a_request_message_that_stops_arriving_is_given_up(edge):
             await asyncio.sleep(0.1)
 
     trickling = asyncio.ensure_future(trickle())
-    decoder, answers = hpack.Decoder(), {}
+    replies = Replies(reader)
     try:
-        while len(answers) < 2:
-            kind, flags, stream, block = await read_frame(reader)
-            if kind == h2.HEADERS:
-                fields = dict(decoder.decode(h2.unpadded(flags, block)))
-                if flags & h2.END_STREAM:
-                    answers[stream] = fields
+        await replies.until_ended(1, 3)
     finally:
         trickling.cancel()
         writer.close()
-    assert answers[1]["grpc-status"] == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
-    assert unquote(answers[1]["grpc-message"]) == (
+    assert replies.trailers[1]["grpc-status"] == str(
+        grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
+    assert unquote(replies.trailers[1]["grpc-message"]) == (
         "the request message stopped arriving (no bytes of it for 1 s)")
-    assert answers[3]["grpc-status"] == "0"
+    assert replies.trailers[3]["grpc-status"] == "0"
     assert server.unfinished == 0
 
 
@@ -552,43 +567,29 @@ async def test_a_change_of_the_initial_window_moves_every_open_streams_window(ed
 
     _, target = await edge.start({"Big": unary(big)})
     reader, writer = await raw_connection(edge, target)
-    writer.write(h2.PREFACE + h2.settings_frame({h2.INITIAL_WINDOW_SIZE: 16 << 10})
-                 + h2.window_update(0, 16 * MiB))
+    await settled(reader, writer, window=16 << 10)
     writer.write(h2.frame(h2.HEADERS, h2.END_HEADERS, 1, call_headers(hpack.Encoder(), "Big"))
                  + h2.frame(h2.DATA, h2.END_STREAM, 1, h2.message(b"x")))
-    received, pings = bytearray(), 0
+    replies = Replies(reader)
 
-    async def until_quiet() -> int:
-        """DATA received on stream 1 until the server answers a PING: what it sent before
-        running out of window."""
-        nonlocal pings
-        pings += 1
-        writer.write(h2.frame(h2.PING, 0, 0, pings.to_bytes(8, "big")))
-        while True:
-            kind, flags, stream, body = await read_frame(reader)
-            if kind == h2.DATA and stream == 1:
-                received.extend(body)
-            elif kind == h2.PING and flags & h2.ACK and body == pings.to_bytes(8, "big"):
-                return len(received)
+    async def sent_before_a_ping(tag: bytes) -> int:
+        """DATA received on stream 1 once the server answers a PING: all it could send
+        before running out of window."""
+        writer.write(h2.frame(h2.PING, 0, 0, tag))
+        await replies.until(lambda: tag in replies.pongs)
+        return len(replies.data.get(1, b""))
 
-    while True:  # the answer's headers, which leave with all the window allows
-        kind, _, stream, _ = await read_frame(reader)
-        if kind == h2.HEADERS and stream == 1:
-            break
+    # The answer's first DATA leaves in the same write as its headers, once the handler ran.
+    await replies.until(lambda: 1 in replies.data)
     try:
-        assert await until_quiet() == 16 << 10
+        assert await sent_before_a_ping(b"window-1") == 16 << 10
         writer.write(h2.settings_frame({h2.INITIAL_WINDOW_SIZE: 48 << 10}))
-        assert await until_quiet() == 48 << 10
+        assert await sent_before_a_ping(b"window-2") == 48 << 10
         writer.write(h2.window_update(1, MiB))
-        while True:
-            kind, flags, stream, body = await read_frame(reader)
-            if kind == h2.DATA and stream == 1:
-                received.extend(body)
-            elif kind == h2.HEADERS and stream == 1 and flags & h2.END_STREAM:
-                break
+        await replies.until_ended(1)
     finally:
         writer.close()
-    assert bytes(received) == h2.message(answer)
+    assert replies.data[1] == h2.message(answer)
 
 
 async def test_a_client_that_reads_nothing_cannot_pile_up_answers(edge):
