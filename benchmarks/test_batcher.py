@@ -105,7 +105,8 @@ def test_queue_cnn_32_preferred_batches_of_4(benchmark, cnn_config):
     assert benchmark(_cycle, policy, entries) == [CNN_REQUESTS] * 8
 
 
-GROUP = 14  # single-row mlp requests: a group as the router sends them at concurrency 32
+# Single-row mlp requests per group: as the router sends them at concurrency 1 and 32.
+GROUPS = (1, 32)
 
 
 class ImmediateCompute:
@@ -131,9 +132,11 @@ class ImmediateCompute:
 
 
 @pytest.mark.benchmark(group="batcher.handle")
-def test_handle_group_of_14_mlp(benchmark, mlp_config):
-    """A serialized group in, its answer out: validation, the queue, the batch's merge, the
-    compute call and the split, as on the batcher's stream (divide by 14 for a request)."""
+@pytest.mark.parametrize("size", GROUPS)
+def test_handle_group_mlp(benchmark, mlp_config, size):
+    """A serialized group of `size` in, its answer out: validation, the queue, the batch's
+    merge, the compute call and the split, as on the batcher's stream (divide by `size` for a
+    request; a group of one is each request at concurrency 1)."""
     loop = asyncio.new_event_loop()
     compute, statistics = ImmediateCompute(), Statistics(name="mlp", version="1")
     scheduler = Scheduler(BatchQueue(BatchingPolicy.from_config(mlp_config), "mlp"),
@@ -141,7 +144,7 @@ def test_handle_group_of_14_mlp(benchmark, mlp_config):
     batcher = Batcher(scheduler, statistics, mlp_config)
     body = InferGroup(model_name="mlp", items=[
         GroupItem(request=infer_request("mlp", seed=n), request_id=f"ab12cd34-{n}",
-                  timeout_us=60_000_000) for n in range(GROUP)]).SerializeToString()
+                  timeout_us=60_000_000) for n in range(size)]).SerializeToString()
 
     async def early(partial):
         raise AssertionError("a group of one batch is answered once")
@@ -154,5 +157,5 @@ def test_handle_group_of_14_mlp(benchmark, mlp_config):
         loop.run_until_complete(scheduler.close())
         loop.close()
     results = InferGroupResult.FromString(answer).results
-    assert [r.code for r in results] == [0] * GROUP
-    assert set(compute.rows) == {GROUP}
+    assert [r.code for r in results] == [0] * size
+    assert set(compute.rows) == {size}

@@ -243,6 +243,8 @@ class Measured:
     model_p50_ms: dict[str, list[float]] = field(default_factory=dict)  # batch 1
     # CPU at batch 1 after a pause over back to back (see budget_measure.PAUSE_S)
     model_paused_ratio: dict[str, list[float]] = field(default_factory=dict)
+    # The batcher's own Python, the same way (see budget_python)
+    batcher_paused_ratio: list[float] = field(default_factory=list)
     hop_p50_ms: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     idle_cpu_percent: list[float] = field(default_factory=list)
     rss_idle_mib: dict[str, float] = field(default_factory=dict)  # kind -> largest process
@@ -372,6 +374,10 @@ def figures(measured: Measured, budgets: Budgets, models: Sequence[str],
     (a model or concurrency the run skipped); a measurement that failed shows as None."""
     bare = measured.bare_call_s()
     out = [Figure("B: bare call server CPU, c=32", _micro(bare), "µs")]
+    if measured.batcher_paused_ratio:
+        out.append(Figure("batcher's Python per group of one, after a pause / back to back",
+                          median(measured.batcher_paused_ratio), "x",
+                          note="in-process: what a pause between requests alone costs"))
     low, high = min(concurrencies), max(concurrencies)
     for model in models:
         p50s = measured.hop_p50_ms.get(model, {})

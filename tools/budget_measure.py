@@ -20,6 +20,10 @@ How each figure is measured:
   thread's) when each call follows a pause of `PAUSE_S`, as every process of the mesh
   sleeps between the requests of a concurrency-1 load, over its CPU back to back (medians
   of the calls): what a pause alone does to the same work on this machine.
+* **The batcher's Python after a pause**: the same ratio for a hop's own code, the
+  batcher's handling of a group of one mlp request in this process, answered at once by a
+  stand-in for compute (`budget_python`): what concurrency 1 costs every hop on this machine
+  beyond the extra groups.
 * **p50 added by each hop** at concurrency 1: each hop is called directly with its debug
   ``ModelInfer`` (ingress and router unpinned, the batcher and compute of the version that
   answered most; compute with the batcher's certificate, as compute admits only batchers)
@@ -71,6 +75,7 @@ from meshserve.tools.budget_proc import (
     compute_reading,
     record_profiles,
 )
+from meshserve.tools.budget_python import batcher_paused_ratio
 from meshserve.tools.load import run_load
 from meshserve.tools.load_spec import LoadSpec
 from meshserve.tools.random_requests import random_request
@@ -267,7 +272,8 @@ class BudgetRun:
             self.mesh.check_unchanged()
 
     def _model_costs(self) -> None:
-        """Each model's own cost in this process, between the load windows of a round."""
+        """Each model's own cost in this process, between the load windows of a round, and
+        what a pause costs the batcher's Python."""
         for model in self.plan.models:
             version = self.version(model)
             loaded = self._loaded.get((model, version))
@@ -283,6 +289,10 @@ class BudgetRun:
                      f"CPU per row at batch 16, p50 {cost.p50_ms:.3f} ms at batch 1, "
                      f"{cost.paused_ratio:.1f}x the CPU at batch 1 after a "
                      f"{PAUSE_S * 1e3:g} ms pause")
+        ratio = batcher_paused_ratio(PAUSE_S, self.plan.model_s)
+        self.measured.batcher_paused_ratio.append(ratio)
+        self.say(f"    the batcher's Python in-process: {ratio:.1f}x the CPU per group of one "
+                 f"after a {PAUSE_S * 1e3:g} ms pause")
 
     def version(self, model: str) -> str:
         return most_answered(r for r in self.results if r["model"] == model

@@ -33,6 +33,8 @@ def test_quick_budget_is_within_twice_the_budget(tmp_path):
     assert model > 0 and beyond > 0  # read from the computes' metrics
     # the same calls in this process, after a pause and back to back: both were measured
     assert found["mlp model CPU at batch 1, after a pause / back to back"]["measured"] > 0
+    assert found["batcher's Python per group of one, after a pause / back to back"][
+        "measured"] > 0  # the in-process batcher answered its groups
     assert found["mlp c=32 compute CPU per request"]["measured"] == \
         pytest.approx(model + beyond, abs=2e-4)  # rounded to 4 places
     assert children_of(Path(document["data_dir"])) == []  # the mesh and the bare server stopped

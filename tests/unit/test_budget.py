@@ -303,6 +303,7 @@ def fake_run() -> Measured:
                     model_cpu_per_sample_s={"mlp": [90e-6, 70e-6, 80e-6]},
                     model_p50_ms={"mlp": [0.25, 0.2, 0.3]},
                     model_paused_ratio={"mlp": [2.5, 4.0, 3.0]},
+                    batcher_paused_ratio=[1.5, 2.0, 1.75],
                     hop_p50_ms={"mlp": p50}, idle_cpu_percent=[4.0, 9.0, 6.0],
                     rss_idle_mib={"compute": 320.0, "ingress": 90.0, "up": 270.0},
                     rss_load_mib={"compute": 900.0})
@@ -312,6 +313,7 @@ def test_figures_of_a_fake_mesh():
     found = {f.name: f for f in figures(fake_run(), BUDGETS, ["mlp"])}
     expected = {  # name: (measured, budget, verdict)
         "B: bare call server CPU, c=32": (400.0, None, ""),
+        "batcher's Python per group of one, after a pause / back to back": (1.75, None, ""),
         "mlp bare p50, c=1": (1.0, None, ""),
         "mlp model CPU per sample (batch 16, 1 thread)": (0.2, None, ""),
         "mlp model CPU at batch 1, after a pause / back to back": (3.0, None, ""),
