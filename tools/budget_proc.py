@@ -39,7 +39,7 @@ _STOP_TIMEOUT_S = 30.0
 def _read(path: Path) -> str | None:
     try:
         return path.read_text(errors="replace")
-    except OSError:  # the process is gone
+    except OSError:  # the process is gone, or the file was never there
         return None
 
 
@@ -51,6 +51,19 @@ def cpu_ticks(pid: int, root: Path = PROC) -> int | None:
 def rss_mib(pid: int, root: Path = PROC) -> float | None:
     text = _read(root / str(pid) / "status")
     return None if text is None else parse_rss_mib(text)
+
+
+def idle_cores(root: Path = Path("/sys")) -> str | None:
+    """How this machine's idle cores sleep, where Linux says: cpuidle's driver and, in a
+    virtual machine's guest, how long a core polls before it halts. A core that halts at once
+    makes each process woken after a pause cost more (README, "Why concurrency 1 stays over
+    its budget"), so the figures of two machines differ with it."""
+    driver = _read(root / "devices/system/cpu/cpuidle/current_driver")
+    if not driver:
+        return None
+    note = f"idle cores: cpuidle driver {driver.strip()}"
+    polling = _read(root / "module/haltpoll/parameters/guest_halt_poll_ns")
+    return note if polling is None else f"{note}, halt polling {polling.strip()} ns"
 
 
 def mesh_processes(up_pid: int, root: Path = PROC) -> list[ServiceProcess]:

@@ -39,6 +39,7 @@ from meshserve.tools.budget_measure import FULL, HIGH, LOW, QUICK, BudgetRun, Pl
 from meshserve.tools.budget_proc import (
     BareServer,
     MeshUp,
+    idle_cores,
     py_spy,
 )
 
@@ -65,8 +66,9 @@ def load_budgets(path: Path) -> Budgets:
 def measure(plan: Plan, data_dir: Path, out_dir: Path, profile: bool,
             say: Callable[[str], None]) -> tuple[Measured, list[dict], list[str]]:
     """Starts the mesh (in `data_dir`) and the bare server, measures, stops them. Returns
-    what was measured, every load result, and notes (profiling)."""
-    notes: list[str] = []
+    what was measured, every load result, and notes (the machine's idle cores, profiling)."""
+    idle = idle_cores()
+    notes = [] if idle is None else [idle]
     started = time.monotonic()
     mesh = MeshUp(data_dir, out_dir / "up.log")
     bare = None

@@ -144,6 +144,20 @@ def test_mesh_processes_are_up_and_its_named_children(tmp_path):
     assert budget_proc.cpu_ticks(999, tmp_path) is None  # gone
 
 
+def test_idle_cores_from_a_fake_sys(tmp_path):
+    assert budget_proc.idle_cores(tmp_path) is None  # Linux says nothing
+    driver = tmp_path / "devices/system/cpu/cpuidle/current_driver"
+    driver.parent.mkdir(parents=True)
+    driver.write_text("intel_idle\n")
+    assert budget_proc.idle_cores(tmp_path) == "idle cores: cpuidle driver intel_idle"
+    driver.write_text("haltpoll\n")
+    polling = tmp_path / "module/haltpoll/parameters/guest_halt_poll_ns"
+    polling.parent.mkdir(parents=True)
+    polling.write_text("0\n")
+    assert budget_proc.idle_cores(tmp_path) == \
+        "idle cores: cpuidle driver haltpoll, halt polling 0 ns"
+
+
 def test_sampler_reads_each_end_and_keeps_the_largest_rss(tmp_path):
     write_process(tmp_path, 7, 1, cli("router", "router"), ticks=5, rss_kib=4096)
     with budget_proc.Sampler([7, 8], tmp_path, interval=60) as sampler:
