@@ -1,11 +1,12 @@
 """What a pause alone costs the services' own Python, for `meshserve bench budget`.
 
-At concurrency 1 every process of the mesh sleeps between its turns, and on a machine whose
-cores run other work meanwhile (a virtual machine's cores above all) the same code then runs
-slower: its caches are cold. The model's share of that is `budget_measure.InProcessModel`'s
-paused figure; this is a hop's: the batcher's handling of a group of one mlp request, in this
-process, answered at once by a stand-in for compute's stream (no sockets, no TLS, no other
-process), its CPU back to back and with the process asleep for a pause before each group.
+At concurrency 1 every process of the mesh sleeps between its turns, and the same code then
+costs more CPU, most likely because what it had in the core's caches is gone by the time it
+wakes (more so in a virtual machine whose idle cores go back to the host). The model's share
+of that is `budget_measure.InProcessModel`'s paused figure; this is a hop's: the batcher's
+handling of a group of one mlp request, in this process, answered at once by a stand-in for
+compute's stream (no sockets, no TLS, no other process), its CPU back to back and with the
+process asleep for a pause before each group.
 """
 
 from __future__ import annotations
