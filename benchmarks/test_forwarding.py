@@ -16,7 +16,7 @@ from meshserve.common.forwarding import (
     error_result,
     raise_for,
 )
-from meshserve.protocol.groups_pb2 import InferGroupResult, ItemResult
+from meshserve.protocol.groups_pb2 import InferGroup, InferGroupResult, ItemResult
 
 ITEMS = 32
 DEADLINE_S = 3600.0  # far enough that no item expires during the session
@@ -32,9 +32,9 @@ def _entries(count=ITEMS):
 @pytest.mark.benchmark(group="forwarding.group")
 def test_build_group_32(benchmark):
     entries = _entries()
-    group, expired, longest = benchmark(
+    body, expired, longest = benchmark(
         lambda: build_group("mlp", "", [entries], time.monotonic(), []))
-    assert len(group.items) == ITEMS and not expired and longest > 0
+    assert len(InferGroup.FromString(body).items) == ITEMS and not expired and longest > 0
 
 
 class ImmediateUpstream:
@@ -45,8 +45,8 @@ class ImmediateUpstream:
         self._replies = {}
         self._ok = ItemResult(response=batch_response("mlp", 1))
 
-    async def call(self, group, timeout, early=None):
-        size = len(group.items)
+    async def call(self, body, timeout, early=None):
+        size = len(InferGroup.FromString(body).items)
         self.sizes.append(size)
         reply = self._replies.get(size)
         if reply is None:

@@ -9,24 +9,14 @@ from typing import Any
 
 import grpc
 
+from meshserve.common import wire
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.tools.load_spec import LoadSpec
 from meshserve.tools.random_requests import random_request
 
 SERVICE = "/inference.GRPCInferenceService/"
 _METADATA_TIMEOUT_S = 10.0
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
+ID_FIELD = pb.ModelInferRequest.ID_FIELD_NUMBER
 
 
 def with_id(serialized: bytes, request_id: str) -> bytes:
@@ -34,8 +24,7 @@ def with_id(serialized: bytes, request_id: str) -> bytes:
 
     Appends field 3 (``id``); for a singular field the last occurrence wins when parsed.
     """
-    raw = request_id.encode()
-    return serialized + b"\x1a" + _varint(len(raw)) + raw
+    return serialized + wire.length_delimited(ID_FIELD, request_id.encode())
 
 
 def stream_error_code(message: str) -> str:

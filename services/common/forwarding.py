@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import grpc
 
+from meshserve.common import wire
 from meshserve.common.errors import DeadlineExceeded, ServingError, Unavailable, from_code
 from meshserve.common.streams import GroupStream, Handle, StreamBroken
 from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
@@ -23,8 +24,8 @@ from meshserve.protocol.grpc_service_pb2 import ModelInferRequest
 
 
 class Entry(NamedTuple):
-    """A request to forward: what its group item will carry (the request is copied into the
-    group once, as it is built), and its deadline."""
+    """A request to forward: what its group item will carry (the request is serialized once,
+    as the group is built), and its deadline."""
 
     request: ModelInferRequest
     request_id: str
@@ -32,9 +33,9 @@ class Entry(NamedTuple):
     priority: int = 0
     traceparent: str = ""
 
-# Sends a group and returns its (last) answer, telling the callback of early partial answers
-# first (raises StreamBroken or TimeoutError).
-GroupCall = Callable[[InferGroup, float | None, Callable[[InferGroupResult], None]],
+# Sends a serialized InferGroup and returns its (last) answer, telling the callback of early
+# partial answers first (raises StreamBroken or TimeoutError).
+GroupCall = Callable[[bytes, float | None, Callable[[InferGroupResult], None]],
                      Awaitable[InferGroupResult]]
 # Told of each group call: (requests in the group, status name of the call: "OK" or a code).
 GroupObserver = Callable[[int, str], None]
@@ -115,13 +116,13 @@ def status_of_result(result: ItemResult) -> grpc.StatusCode:
 def over_stream(stream: GroupStream) -> GroupCall:
     """A GroupCall that sends on `stream` (one retry on a fresh stream when it broke)."""
 
-    async def call(group: InferGroup, timeout: float | None,
+    async def call(group: bytes, timeout: float | None,
                    early: Callable[[InferGroupResult], None] | None = None) -> InferGroupResult:
         async def heard(partial: bytes) -> None:
             early(InferGroupResult.FromString(partial))
 
         return InferGroupResult.FromString(await stream.send(
-            group.SerializeToString(), timeout, early=None if early is None else heard))
+            group, timeout, early=None if early is None else heard))
 
     return call
 
@@ -162,15 +163,22 @@ class _Parcels:
             self.place(p, j, result)
 
 
+# Field keys of a group written by hand (`build_group`).
+_ITEM = wire.tag(InferGroup.ITEMS_FIELD_NUMBER)
+_REQUEST = wire.tag(GroupItem.REQUEST_FIELD_NUMBER)
+
+
 def build_group(model_name: str, version: str, parcels: list[list[Entry]], now: float,
-                sent: list[tuple[int, int]]) -> tuple[InferGroup, list[tuple[int, int]],
+                sent: list[tuple[int, int]]) -> tuple[bytes, list[tuple[int, int]],
                                                       float | None]:
-    """The group that goes on the wire for `parcels` at monotonic time `now`: each item with
-    its remaining time, and the group's timeout the longest of them (None when an item has
-    no deadline). Appends the (parcel, entry) of each item sent to `sent`; returns the group,
-    the (parcel, entry) of the items already past their deadline, and the longest time."""
-    group = InferGroup(model_name=model_name, version=version)
-    items = group.items
+    """The serialized InferGroup that goes on the wire for `parcels` at monotonic time `now`:
+    each item with its remaining time, and the group's timeout the longest of them (None when
+    an item has no deadline). Each request is serialized once and its bytes joined into the
+    group as they are (a group built as a message and serialized copies every payload three
+    more times: 16 cnn requests 110 against 1,100-1,200 µs in-process). Appends the (parcel,
+    entry) of each item sent to `sent`; returns the group, the (parcel, entry) of the items
+    already past their deadline, and the longest time."""
+    pieces = [InferGroup(model_name=model_name, version=version).SerializeToString()]
     expired = []
     longest: float | None = 0.0
     for p, entries in enumerate(parcels):
@@ -188,12 +196,16 @@ def build_group(model_name: str, version: str, parcels: list[list[Entry]], now: 
                 if longest is not None:
                     longest = max(longest, remaining)
             sent.append((p, j))
-            items.add(request=entry.request, request_id=entry.request_id,
-                      priority=entry.priority, traceparent=entry.traceparent,
-                      timeout_us=timeout_us)
+            request = entry.request.SerializeToString()
+            rest = GroupItem(request_id=entry.request_id, priority=entry.priority,
+                             traceparent=entry.traceparent,
+                             timeout_us=timeout_us).SerializeToString()
+            head = _REQUEST + wire.varint(len(request))
+            pieces += (_ITEM, wire.varint(len(head) + len(request) + len(rest)), head, request,
+                       rest)
     if longest:
-        group.timeout_us = int(longest * 1e6)
-    return group, expired, longest
+        pieces.append(InferGroup(timeout_us=int(longest * 1e6)).SerializeToString())
+    return b"".join(pieces), expired, longest
 
 
 class GroupForwarder:

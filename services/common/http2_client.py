@@ -283,10 +283,9 @@ class _Connection(Http2Connection):
 
     # --- frames in -------------------------------------------------------------------------
 
-    def data_received(self, data: bytes) -> None:
+    def buffer_updated(self, nbytes: int) -> None:
         self._heard = self.loop.time()
-        self._buffer += data
-        self._frames_in(0)
+        super().buffer_updated(nbytes)
 
     def _fail(self, code: int, message: str) -> None:
         log.warning("closing the connection to %s: %s", self.channel, message)
@@ -369,12 +368,11 @@ class _Call(Http2Stream):
         else:
             self.end(grpc.StatusCode.UNKNOWN, "the server ended the call without a status")
 
-    def received(self, data: bytes, end: bool) -> None:
+    def received(self, data: bytes | memoryview, end: bool) -> None:
         if self.finished:
             return
-        self._partial += data
         try:
-            messages = self._take_messages(MAX_MESSAGE_BYTES)
+            messages = self._messages_in(data, MAX_MESSAGE_BYTES)
         except ValueError as error:
             self._abandon(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
             return

@@ -21,8 +21,17 @@ STREAM_WINDOW = 4 << 20
 CONNECTION_WINDOW = 16 << 20
 MAX_FRAME = 1 << 20  # the largest frame we accept (16 KiB is HTTP/2's least)
 MAX_HEADER_LIST = 64 << 10
+# Reads go into place at the end of the connection's read buffer: at least this much room is
+# offered for each. A buffer grown past KEEP_BUFFER (by a large frame) is given back once it
+# has held nothing for SHRINK_AFTER_S.
+READ_ROOM = 64 << 10
+KEEP_BUFFER = 256 << 10
+SHRINK_AFTER_S = 1.0
 # A writer waits while this much of what it wrote waits for the peer's windows.
 WRITE_BACKLOG = 1 << 20
+# A message this large is written as it is, after its frame's header and its prefix, not
+# copied into one piece with them (`h2.gathered`).
+WRITE_APART = 32 << 10
 
 
 class ConnectionFailure(Exception):
@@ -52,10 +61,14 @@ def initial_frames(max_streams: int | None = None) -> bytes:
             + h2.window_update(0, CONNECTION_WINDOW - h2.DEFAULT_WINDOW))
 
 
-class Http2Connection(asyncio.Protocol):
+class Http2Connection(asyncio.BufferedProtocol):
     """One connection's frames. Subclasses keep their streams in `calls` and handle HEADERS
     (`_headers`), RST_STREAM (`_reset`), GOAWAY (`_go_away`), a PING's answer (`_pinged`)
-    and a broken connection (`_fail`)."""
+    and a broken connection (`_fail`).
+
+    The transport decrypts each read straight into the connection's buffer (`get_buffer`),
+    and a DATA frame's payload reaches its stream as a view of that buffer, so a message is
+    copied once on its way in: out of the buffer, whole (`Http2Stream._messages_in`)."""
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -66,8 +79,12 @@ class Http2Connection(asyncio.Protocol):
         self.peer_window = h2.DEFAULT_WINDOW
         self.peer_frame = h2.DEFAULT_FRAME_SIZE
         self.send_window = h2.DEFAULT_WINDOW  # the connection's
-        self.out: list[bytes] = []  # frames for the next write
-        self._buffer = bytearray()
+        self.out: list[bytes | memoryview] = []  # frames for the next write
+        self.out_apart = False  # `out` holds a piece of WRITE_APART bytes or more
+        self._use(bytearray(READ_ROOM))
+        self._start = 0  # the first byte read and not handled yet
+        self._end = 0  # the end of the bytes read
+        self._shrink: asyncio.TimerHandle | None = None
         self._continued: tuple[int, int, bytearray] | None = None
         self._received = 0
         self._flush_pending = False
@@ -85,17 +102,49 @@ class Http2Connection(asyncio.Protocol):
         self._write()
 
     def _write(self) -> None:
-        if self.out and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(b"".join(self.out))
-        self.out.clear()
+        out = self.out
+        if out and self._transport is not None and not self._transport.is_closing():
+            if self.out_apart:
+                self._transport.writelines(h2.gathered(out, WRITE_APART))
+            else:
+                self._transport.write(b"".join(out))
+        out.clear()
+        self.out_apart = False
 
     # --- frames in -------------------------------------------------------------------------
 
-    def _frames_in(self, position: int) -> None:
-        """Handle every whole frame buffered from `position`, then write what they called
-        for."""
-        buffer = self._buffer
-        end = len(buffer)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Room for the next read after the bytes not handled yet: as much as the transport
+        holds (`sizehint`), READ_ROOM at least."""
+        room = sizehint if sizehint > READ_ROOM else READ_ROOM
+        if len(self._buffer) - self._end < room:
+            self._make_room(room)
+        return self._view[self._end:]
+
+    def _make_room(self, room: int) -> None:
+        """The bytes not handled yet move to the front, or into a buffer twice the size when
+        they would not leave `room` after them."""
+        start, kept = self._start, self._end - self._start
+        if kept + room <= len(self._buffer):
+            self._view[:kept] = self._view[start:self._end]
+        else:
+            grown = bytearray(max(kept + room, 2 * len(self._buffer)))
+            grown[:kept] = self._view[start:self._end]
+            self._use(grown)
+        self._start, self._end = 0, kept
+
+    def _use(self, buffer: bytearray) -> None:
+        self._buffer, self._view = buffer, memoryview(buffer)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._end += nbytes
+        self._frames_in()
+
+    def _frames_in(self) -> None:
+        """Handle every whole frame read, then write what they called for. A DATA frame's
+        payload is a view of the read buffer, valid only while its stream takes it."""
+        buffer, view = self._buffer, self._view
+        position, end = self._start, self._end
         unpack = h2.FRAME_HEADER.unpack_from
         try:
             while end - position >= 9:
@@ -105,19 +154,31 @@ class Http2Connection(asyncio.Protocol):
                     raise ConnectionFailure(h2.FRAME_SIZE_ERROR, f"a frame of {size} bytes")
                 if end - position - 9 < size:
                     break
-                payload = bytes(buffer[position + 9:position + 9 + size])
+                payload = view[position + 9:position + 9 + size]
                 position += 9 + size
-                self._frame(kind, flags, stream & 0x7FFFFFFF, payload)
+                self._frame(kind, flags, stream & 0x7FFFFFFF,
+                            payload if kind == h2.DATA else bytes(payload))
         except ConnectionFailure as error:
             self._fail(error.code, str(error))
             return
-        del buffer[:position]
+        if position == end:  # all handled: the next read starts at the front
+            position = self._end = 0
+            if len(buffer) > KEEP_BUFFER and self._shrink is None:
+                self._shrink = self.loop.call_later(SHRINK_AFTER_S, self._shrink_if_empty)
+        self._start = position
         if self._received >= CONNECTION_WINDOW // 4:
             self.out.append(h2.window_update(0, self._received))
             self._received = 0
         self._flush()
 
-    def _frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
+    def _shrink_if_empty(self) -> None:
+        """A buffer that a large frame grew is given back once it has stayed empty for
+        SHRINK_AFTER_S (else the next time it empties)."""
+        self._shrink = None
+        if self._start == self._end:
+            self._use(bytearray(READ_ROOM))
+
+    def _frame(self, kind: int, flags: int, stream: int, payload: bytes | memoryview) -> None:
         if self._continued is not None and kind != h2.CONTINUATION:
             raise ConnectionFailure(h2.PROTOCOL_ERROR, "a header block was interrupted")
         if kind == h2.DATA:
@@ -157,7 +218,7 @@ class Http2Connection(asyncio.Protocol):
             raise ConnectionFailure(h2.PROTOCOL_ERROR, "PUSH_PROMISE, which is disabled")
         # PRIORITY and unknown frames: nothing to do.
 
-    def _data(self, flags: int, stream: int, payload: bytes) -> None:
+    def _data(self, flags: int, stream: int, payload: memoryview) -> None:
         if stream == 0:
             raise ConnectionFailure(h2.PROTOCOL_ERROR, "DATA on stream 0")
         self._received += len(payload)
@@ -273,11 +334,35 @@ class Http2Stream:
         self._unsent = 0
         self._drained: asyncio.Future | None = None
 
-    def received(self, data: bytes, end: bool) -> None:
+    def received(self, data: bytes | memoryview, end: bool) -> None:
+        """A DATA frame's payload (a view of the connection's read buffer: copy what is
+        kept), and whether the peer's side of the stream ends with it."""
         raise NotImplementedError
 
     def push(self) -> None:
         raise NotImplementedError
+
+    def _messages_in(self, data: bytes | memoryview, limit: int) -> list[tuple[bool, bytes]]:
+        """The whole messages that `data` completes: (compressed, payload), each copied
+        once, straight from `data` when no message was already in the making; the bytes of
+        the next one kept. Raises ValueError naming the limit for a message larger than
+        `limit`."""
+        if self._partial:
+            self._partial += data
+            return self._take_messages(limit)
+        taken = []
+        position, end = 0, len(data)
+        while end - position >= 5:
+            compressed, size = h2.MESSAGE_PREFIX.unpack_from(data, position)
+            if size > limit:
+                raise ValueError(f"Received message larger than max ({size} vs. {limit})")
+            if end - position - 5 < size:
+                break
+            taken.append((bool(compressed), bytes(data[position + 5:position + 5 + size])))
+            position += 5 + size
+        if position < end:
+            self._partial += data[position:]
+        return taken
 
     def _take_messages(self, limit: int) -> list[tuple[bool, bytes]]:
         """The whole messages received so far, taken off the partial buffer: (compressed,
@@ -290,7 +375,8 @@ class Http2Stream:
                 raise ValueError(f"Received message larger than max ({size} vs. {limit})")
             if len(partial) < 5 + size:
                 break
-            taken.append((bool(compressed), bytes(partial[5:5 + size])))
+            with memoryview(partial) as view:
+                taken.append((bool(compressed), bytes(view[5:5 + size])))
             del partial[:5 + size]
         return taken
 
@@ -317,9 +403,14 @@ class Http2Stream:
         return message
 
     def _queue(self, payload: bytes) -> None:
-        data = h2.message(payload)
-        self._outbox.append(memoryview(data))
-        self._unsent += len(data)
+        """A message to send: one piece with its prefix, or a large one (WRITE_APART bytes or
+        more) as it is, after its prefix."""
+        if len(payload) < WRITE_APART:
+            self._outbox.append(memoryview(h2.message(payload)))
+        else:
+            self._outbox.append(memoryview(h2.message_prefix(len(payload))))
+            self._outbox.append(memoryview(payload))
+        self._unsent += 5 + len(payload)
 
     def _send_queued(self) -> bool:
         """Send what the windows allow; True when nothing queued is left (the stream then
@@ -334,14 +425,28 @@ class Http2Stream:
                 connection.schedule_flush()
                 return False
             chunk = outbox[0]
-            if len(chunk) <= size:  # a whole message, as most go: no copy
+            if len(outbox) == 1 and len(chunk) <= size:  # a small message, as most are
                 outbox.popleft()
-            else:
-                chunk, outbox[0] = chunk[:size], chunk[size:]
-            connection.out.append(h2.frame(h2.DATA, 0, self.stream, chunk))
-            self._unsent -= len(chunk)
-            self.window_delta -= len(chunk)
-            connection.send_window -= len(chunk)
+                pieces, taken = (chunk,), len(chunk)
+                if taken >= WRITE_APART:  # the rest of a large one
+                    connection.out_apart = True
+            else:  # one DATA frame of what the windows allow: its pieces are not copied here
+                pieces, taken = [], 0
+                while outbox and taken < size:
+                    chunk = outbox[0]
+                    if len(chunk) <= size - taken:
+                        outbox.popleft()
+                    else:
+                        chunk, outbox[0] = chunk[:size - taken], chunk[size - taken:]
+                    pieces.append(chunk)
+                    taken += len(chunk)
+                    if len(chunk) >= WRITE_APART:
+                        connection.out_apart = True
+            connection.out.append(h2.frame_header(h2.DATA, 0, self.stream, taken))
+            connection.out += pieces
+            self._unsent -= taken
+            self.window_delta -= taken
+            connection.send_window -= taken
         connection.blocked.pop(self.stream, None)
         self._release()
         return True

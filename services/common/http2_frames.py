@@ -44,6 +44,11 @@ def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
     return FRAME_HEADER.pack(size >> 16, size & 0xFFFF, kind, flags, stream) + payload
 
 
+def frame_header(kind: int, flags: int, stream: int, size: int) -> bytes:
+    """The header of a frame whose payload is written apart from it."""
+    return FRAME_HEADER.pack(size >> 16, size & 0xFFFF, kind, flags, stream)
+
+
 def settings_frame(settings: dict[int, int]) -> bytes:
     return frame(SETTINGS, 0, 0, b"".join(struct.pack(">HI", key, value)
                                           for key, value in settings.items()))
@@ -233,3 +238,25 @@ def metadatum(name: bytes, value: bytes) -> tuple[str, str | bytes]:
 
 def message(payload: bytes, compressed: bool = False) -> bytes:
     return MESSAGE_PREFIX.pack(1 if compressed else 0, len(payload)) + payload
+
+
+def message_prefix(size: int, compressed: bool = False) -> bytes:
+    return MESSAGE_PREFIX.pack(1 if compressed else 0, size)
+
+
+def gathered(pieces: list, apart: int) -> list:
+    """The pieces of one write, each run of small ones joined and every piece of `apart`
+    bytes or more left as it is (a TLS transport encrypts each piece of a write apart: one
+    record for a run of small frames, and no copy of a large payload to join it)."""
+    writes, run = [], []
+    for piece in pieces:
+        if len(piece) < apart:
+            run.append(piece)
+            continue
+        if run:
+            writes.append(b"".join(run))
+            run = []
+        writes.append(piece)
+    if run:
+        writes.append(b"".join(run))
+    return writes

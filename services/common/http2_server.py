@@ -263,19 +263,18 @@ class _Connection(Http2Connection):
 
     # --- frames in -------------------------------------------------------------------------
 
-    def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        position = 0
+    def buffer_updated(self, nbytes: int) -> None:
+        self._end += nbytes
         if not self._preface:
-            if len(buffer) < len(h2.PREFACE):
+            start = self._start
+            if self._end - start < len(h2.PREFACE):
                 return
-            if buffer[:len(h2.PREFACE)] != h2.PREFACE:
+            if self._buffer[start:start + len(h2.PREFACE)] != h2.PREFACE:
                 self._fail(h2.PROTOCOL_ERROR, "not an HTTP/2 connection preface")
                 return
             self._preface = True
-            position = len(h2.PREFACE)
-        self._frames_in(position)
+            self._start = start + len(h2.PREFACE)
+        self._frames_in()
 
     def _fail(self, code: int, message: str) -> None:
         log.warning("closing an HTTP/2 connection: %s", message)
@@ -377,7 +376,7 @@ class _Call(Http2Stream):
         if handler.request_streaming:
             self._start()
 
-    def received(self, data: bytes, end: bool) -> None:
+    def received(self, data: bytes | memoryview, end: bool) -> None:
         if self.finished or self.half_closed:
             return
         if data:
@@ -392,12 +391,11 @@ class _Call(Http2Stream):
         if end and self._task is None and self._handler is not None:
             self._start()
 
-    def _split(self, data: bytes) -> None:
+    def _split(self, data: bytes | memoryview) -> None:
         server = self.connection.server
         before = len(self._partial)
-        self._partial += data
         try:
-            messages = self._take_messages(server.max_receive)
+            messages = self._messages_in(data, server.max_receive)
         except ValueError as error:
             raise _Status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
         finally:

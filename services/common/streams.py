@@ -50,11 +50,13 @@ def frame(group_id: int, body: bytes, partial: bool = False) -> bytes:
     return bytes((PARTIAL_TAG if partial else ID_TAG,)) + group_id.to_bytes(8, "little") + body
 
 
-def unframe(message: bytes) -> tuple[int, bytes, bool]:
-    """The id, the body and whether it is a partial answer; ValueError when not framed."""
+def unframe(message: bytes) -> tuple[int, memoryview, bool]:
+    """The id, the body (a view of `message`: a group is not copied to drop its head) and
+    whether it is a partial answer; ValueError when not framed."""
     if len(message) < HEAD or message[0] not in (ID_TAG, PARTIAL_TAG):
         raise ValueError("a stream message must start with its group_id (field 15, fixed64)")
-    return int.from_bytes(message[1:HEAD], "little"), message[HEAD:], message[0] == PARTIAL_TAG
+    return (int.from_bytes(message[1:HEAD], "little"), memoryview(message)[HEAD:],
+            message[0] == PARTIAL_TAG)
 
 
 class StreamBroken(Exception):
@@ -68,7 +70,7 @@ class StreamBroken(Exception):
 
 OpenStream = Callable[[], grpc.aio.StreamStreamCall]
 # Told of an early, partial answer to a group (a serialized InferGroupResult).
-Early = Callable[[bytes], Awaitable[None]]
+Early = Callable[[bytes | memoryview], Awaitable[None]]
 # A group its stream never answered is sent once more: the peer went away (UNAVAILABLE), or
 # gRPC cancelled the stream as the peer began to shut down (CANCELLED).
 RESEND_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
@@ -267,8 +269,10 @@ class GroupStream:
 
 
 # Answers a group's body (its last answer); may first pass partial answers to `early`
-# (None where none are wanted: everything then comes in the last answer).
-Handle = Callable[[bytes, Early | None], Awaitable[bytes]]
+# (None where none are wanted: everything then comes in the last answer). Bodies and answers
+# read off a stream are views of the message they came in (`unframe`): bytes-like, parsed
+# or forwarded, not copied.
+Handle = Callable[[bytes | memoryview, Early | None], Awaitable[bytes]]
 
 
 async def serve_stream(context: grpc.aio.ServicerContext, handle: Handle,

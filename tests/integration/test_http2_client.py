@@ -3,11 +3,11 @@ them, against gRPC's own server (`grpc.aio.server()`) and the project's (`Http2S
 
 Each server listens on loopback port 0 with mutual TLS and the dev CA's "ingress"
 certificate; the client presents the "client" certificate and expects "ingress". Checked:
-messages both ways with metadata, messages larger than every window, statuses (abort with
-details, an unknown method), cancellation reaching the server, new certificates (a new
-connection, the old one closing after its calls), a server of the wrong identity, no server
-(and the backoff after it), keepalive dropping a silent server, and the services refusing a
-target the client cannot dial.
+messages both ways with metadata, messages larger than every window (and the read buffers
+they grew given back), statuses (abort with details, an unknown method), cancellation
+reaching the server, new certificates (a new connection, the old one closing after its
+calls), a server of the wrong identity, no server (and the backoff after it), keepalive
+dropping a silent server, and the services refusing a target the client cannot dial.
 """
 
 import asyncio
@@ -18,7 +18,7 @@ import sys
 import grpc
 import pytest
 
-from meshserve.common import http2_client
+from meshserve.common import http2_client, http2_connection
 from meshserve.common.http2_client import address, client_ssl_context
 from meshserve.common.http2_server import server_ssl_context
 from meshserve.common.tls import TlsFiles
@@ -74,6 +74,34 @@ async def test_messages_larger_than_every_window_go_both_ways(edge):
         assert await asyncio.wait_for(call.read(), TIMEOUT_S) == message
     await call.done_writing()
     assert await asyncio.wait_for(call.read(), TIMEOUT_S) is grpc.aio.EOF
+
+
+async def test_a_read_buffer_grown_by_large_frames_is_given_back_once_idle(edge, monkeypatch):
+    """A 6 MiB message each way grows the read buffer of the client's connection (and of the
+    own server's) past KEEP_BUFFER to hold whole 1 MiB frames; once nothing has been read for
+    SHRINK_AFTER_S it is READ_ROOM again, and the connection still carries messages."""
+    monkeypatch.setattr(http2_connection, "SHRINK_AFTER_S", 0.2)
+    server, target = await edge.start({"Echo": streaming(echo_each)})
+    channel = edge.own_channel(target)
+    call = channel.stream_stream(method("Echo"))()
+    message = payload(6 * MiB, 1)
+    await asyncio.wait_for(call.write(message), TIMEOUT_S)
+    assert await asyncio.wait_for(call.read(), TIMEOUT_S) == message
+    buffers = [channel._connection]
+    if edge.kind == "http2":
+        [connection] = server.connections
+        buffers.append(connection)
+    assert all(len(c._buffer) > http2_connection.KEEP_BUFFER for c in buffers)
+    await until(lambda: all(len(c._buffer) == http2_connection.READ_ROOM for c in buffers),
+                TIMEOUT_S, "the read buffers given back")
+    await asyncio.wait_for(call.write(b"small"), TIMEOUT_S)
+    assert await asyncio.wait_for(call.read(), TIMEOUT_S) == b"small"
+    await call.done_writing()
+
+
+async def echo_each(requests, context):
+    async for request in requests:
+        yield request
 
 
 async def test_an_abort_reaches_the_caller_with_its_code_and_details(edge):

@@ -40,8 +40,9 @@ class FakeUpstream:
         self.extra = extra
         self.error = error
 
-    async def call(self, group: InferGroup, timeout: float | None,
+    async def call(self, body: bytes, timeout: float | None,
                    early=None) -> InferGroupResult:
+        group = InferGroup.FromString(body)
         assert group.model_name == "mlp"
         self.groups.append([item.request_id for item in group.items])
         self.item_timeouts.append([item.timeout_us for item in group.items])
@@ -279,7 +280,8 @@ def test_build_group_carries_each_entry_whole():
                   "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
     second = Entry(ModelInferRequest(model_name="mlp", id="c2"), "r2", None)
     sent: list[tuple[int, int]] = []
-    group, expired, longest = build_group("mlp", "2", [[first], [second]], NOW, sent)
+    body, expired, longest = build_group("mlp", "2", [[first], [second]], NOW, sent)
+    group = InferGroup.FromString(body)
     assert (group.model_name, group.version, group.timeout_us) == ("mlp", "2", 0)
     assert list(group.items) == [
         GroupItem(request=first.request, request_id="r1", priority=2,
@@ -429,8 +431,8 @@ class EarlyUpstream:
         self.gates = [asyncio.Event(), asyncio.Event(), asyncio.Event()]
         self.calls = asyncio.Queue()
 
-    async def call(self, group, timeout, early=None):
-        ids = [item.request_id for item in group.items]
+    async def call(self, body, timeout, early=None):
+        ids = [item.request_id for item in InferGroup.FromString(body).items]
         gate = self.gates[len(self.groups)]
         self.groups.append(ids)
         refused = [i for i, rid in enumerate(ids) if rid in self.refuse]

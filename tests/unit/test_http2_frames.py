@@ -7,6 +7,7 @@ import hpack
 import pytest
 
 from meshserve.common import http2_frames as h2
+from meshserve.common.http2_connection import Http2Stream
 
 
 def decoded(block: bytes) -> list[tuple[bytes, bytes]]:
@@ -103,3 +104,51 @@ def test_padding_and_priority_are_removed():
 def test_message_prefix():
     assert h2.message(b"abc") == b"\x00\x00\x00\x00\x03abc"
     assert h2.message(b"", compressed=True) == b"\x01\x00\x00\x00\x00"
+
+
+def test_a_write_joins_runs_of_small_pieces_and_leaves_large_ones_as_they_are():
+    large = memoryview(b"x" * 40)
+    assert h2.gathered([b"ab", b"c", large, b"d", large, large, b"e", b"f"], apart=40) == [
+        b"abc", large, b"d", large, large, b"ef"]
+    assert h2.gathered([b"ab", b"c"], apart=40) == [b"abc"]
+    assert h2.gathered([large], apart=40) == [large]
+
+
+class _Stream(Http2Stream):
+    def __init__(self) -> None:
+        super().__init__(None, 1)
+
+
+def test_messages_are_taken_whole_from_frames_however_they_split():
+    """Several messages in one DATA frame, and one that starts in a frame and ends two later,
+    its prefix split too: each comes out once, whole, in order."""
+    first, second, third = b"a" * 10, b"", b"c" * 300
+    stream = _Stream()
+    data = h2.message(first) + h2.message(second) + h2.message(third)
+    split = len(h2.message(first) + h2.message(second)) + 3  # inside the third's prefix
+    assert stream._messages_in(memoryview(data)[:split], 1000) == [(False, first),
+                                                                   (False, second)]
+    assert stream._messages_in(memoryview(data)[split:split + 100], 1000) == []
+    assert stream._messages_in(memoryview(data)[split + 100:], 1000) == [(False, third)]
+    assert not stream._partial
+
+
+def test_a_message_taken_from_a_frame_is_a_copy_of_its_bytes():
+    """Frames are views of the connection's read buffer, which the next read overwrites: a
+    message must not be a view of them."""
+    buffer = bytearray(h2.message(b"abc") + h2.message(b"def")[:4])
+    stream = _Stream()
+    [(_, message)] = stream._messages_in(memoryview(buffer), 1000)
+    kept = bytes(stream._partial)
+    buffer[:] = bytes(len(buffer))
+    assert (type(message), message, bytes(stream._partial)) == (bytes, b"abc", kept)
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_message_past_the_limit_is_refused_once_its_prefix_is_read(whole):
+    stream = _Stream()
+    if not whole:
+        stream._messages_in(b"\x00\x00", 1000)  # a prefix split across frames
+    data = h2.message(b"x" * 1001)
+    with pytest.raises(ValueError, match=r"larger than max \(1001 vs. 1000\)"):
+        stream._messages_in(data if whole else data[2:], 1000)

@@ -97,7 +97,8 @@ class Echo:
         self.gates: dict[bytes, asyncio.Event] = {}
         self.seen: list[bytes] = []
 
-    async def handle(self, body: bytes, early=None) -> bytes:
+    async def handle(self, body: memoryview, early=None) -> bytes:
+        body = bytes(body)
         self.seen.append(body)
         if body.startswith(b"early:") and early is not None:
             await early(b"first part")
