@@ -35,7 +35,12 @@ from meshserve.batcher.failover import (
 )
 from meshserve.batcher.policy import BatchQueue, Pending, QueueFull, Send
 from meshserve.common.errors import DeadlineExceeded, Internal, ServingError, Unavailable
-from meshserve.common.forwarding import error_result, failure_result, status_of_result
+from meshserve.common.forwarding import (
+    error_result,
+    failure_result,
+    serialized_group,
+    status_of_result,
+)
 from meshserve.common.server import internal_error_message
 from meshserve.common.statistics import Statistics
 from meshserve.common.streams import StreamBroken
@@ -90,12 +95,12 @@ class ComputeFailed(Exception):
 async def run_batch(replica: Replica, batch: ModelInferRequest, timeout: float | None,
                     traceparent: str = "") -> ModelInferResponse:
     """`batch` on `replica`'s stream, as a group of one; raises ComputeFailed."""
-    group = InferGroup(model_name=batch.model_name, version=batch.model_version,
-                       items=[GroupItem(request=batch, traceparent=traceparent)])
+    head = InferGroup(model_name=batch.model_name, version=batch.model_version)
+    item = GroupItem(traceparent=traceparent)
+    group = serialized_group(head, [(batch.SerializeToString(), item)])
     try:
         # A failed batch is retried on another replica (see `_retry`), not on this one.
-        reply = await replica.upstream.stream.send(group.SerializeToString(), timeout,
-                                                   resend=False)
+        reply = await replica.upstream.stream.send(group, timeout, resend=False)
     except StreamBroken as broken:
         raise ComputeFailed(broken.code, broken.details) from None
     except TimeoutError:

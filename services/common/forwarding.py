@@ -163,9 +163,23 @@ class _Parcels:
             self.place(p, j, result)
 
 
-# Field keys of a group written by hand (`build_group`).
+# Field keys of a group written by hand (`serialized_group`).
 _ITEM = wire.tag(InferGroup.ITEMS_FIELD_NUMBER)
 _REQUEST = wire.tag(GroupItem.REQUEST_FIELD_NUMBER)
+
+
+def serialized_group(head: InferGroup, items: list[tuple[bytes, GroupItem]]) -> bytes:
+    """A serialized InferGroup: `head`'s fields and `items`, each a serialized request and
+    its item's other fields, whose bytes are joined as they are. Built as a message and
+    serialized, a group copies every payload three more times (16 cnn requests: 1,100-1,200
+    against 110 µs in-process)."""
+    pieces = [head.SerializeToString()]
+    for request, item in items:
+        rest = item.SerializeToString()
+        field = _REQUEST + wire.varint(len(request))
+        pieces += (_ITEM, wire.varint(len(field) + len(request) + len(rest)), field, request,
+                   rest)
+    return b"".join(pieces)
 
 
 def build_group(model_name: str, version: str, parcels: list[list[Entry]], now: float,
@@ -173,12 +187,10 @@ def build_group(model_name: str, version: str, parcels: list[list[Entry]], now: 
                                                       float | None]:
     """The serialized InferGroup that goes on the wire for `parcels` at monotonic time `now`:
     each item with its remaining time, and the group's timeout the longest of them (None when
-    an item has no deadline). Each request is serialized once and its bytes joined into the
-    group as they are (a group built as a message and serialized copies every payload three
-    more times: 16 cnn requests 110 against 1,100-1,200 µs in-process). Appends the (parcel,
-    entry) of each item sent to `sent`; returns the group, the (parcel, entry) of the items
-    already past their deadline, and the longest time."""
-    pieces = [InferGroup(model_name=model_name, version=version).SerializeToString()]
+    an item has no deadline). Appends the (parcel, entry) of each item sent to `sent`;
+    returns the group, the (parcel, entry) of the items already past their deadline, and the
+    longest time."""
+    items = []
     expired = []
     longest: float | None = 0.0
     for p, entries in enumerate(parcels):
@@ -196,16 +208,12 @@ def build_group(model_name: str, version: str, parcels: list[list[Entry]], now: 
                 if longest is not None:
                     longest = max(longest, remaining)
             sent.append((p, j))
-            request = entry.request.SerializeToString()
-            rest = GroupItem(request_id=entry.request_id, priority=entry.priority,
-                             traceparent=entry.traceparent,
-                             timeout_us=timeout_us).SerializeToString()
-            head = _REQUEST + wire.varint(len(request))
-            pieces += (_ITEM, wire.varint(len(head) + len(request) + len(rest)), head, request,
-                       rest)
-    if longest:
-        pieces.append(InferGroup(timeout_us=int(longest * 1e6)).SerializeToString())
-    return b"".join(pieces), expired, longest
+            items.append((entry.request.SerializeToString(), GroupItem(
+                request_id=entry.request_id, priority=entry.priority,
+                traceparent=entry.traceparent, timeout_us=timeout_us)))
+    head = InferGroup(model_name=model_name, version=version,
+                      timeout_us=int(longest * 1e6) if longest else 0)
+    return serialized_group(head, items), expired, longest
 
 
 class GroupForwarder:
