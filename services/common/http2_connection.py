@@ -347,37 +347,16 @@ class Http2Stream:
         once, straight from `data` when no message was already in the making; the bytes of
         the next one kept. Raises ValueError naming the limit for a message larger than
         `limit`."""
-        if self._partial:
-            self._partial += data
-            return self._take_messages(limit)
-        taken = []
-        position, end = 0, len(data)
-        while end - position >= 5:
-            compressed, size = h2.MESSAGE_PREFIX.unpack_from(data, position)
-            if size > limit:
-                raise ValueError(f"Received message larger than max ({size} vs. {limit})")
-            if end - position - 5 < size:
-                break
-            taken.append((bool(compressed), bytes(data[position + 5:position + 5 + size])))
-            position += 5 + size
-        if position < end:
-            self._partial += data[position:]
-        return taken
-
-    def _take_messages(self, limit: int) -> list[tuple[bool, bytes]]:
-        """The whole messages received so far, taken off the partial buffer: (compressed,
-        payload). Raises ValueError naming the limit for a message larger than `limit`."""
         partial = self._partial
-        taken = []
-        while len(partial) >= 5:
-            compressed, size = h2.MESSAGE_PREFIX.unpack_from(partial)
-            if size > limit:
-                raise ValueError(f"Received message larger than max ({size} vs. {limit})")
-            if len(partial) < 5 + size:
-                break
-            with memoryview(partial) as view:
-                taken.append((bool(compressed), bytes(view[5:5 + size])))
-            del partial[:5 + size]
+        if not partial:
+            taken, used = h2.whole_messages(data, limit)
+            if used < len(data):
+                partial += data[used:]
+            return taken
+        partial += data
+        with memoryview(partial) as view:
+            taken, used = h2.whole_messages(view, limit)
+        del partial[:used]
         return taken
 
     def _arrive(self, message: bytes) -> None:

@@ -244,6 +244,24 @@ def message_prefix(size: int, compressed: bool = False) -> bytes:
     return MESSAGE_PREFIX.pack(1 if compressed else 0, size)
 
 
+def whole_messages(data: bytes | memoryview,
+                   limit: int) -> tuple[list[tuple[bool, bytes]], int]:
+    """The whole messages at the start of `data`, each (compressed, a copy of its payload),
+    and how many bytes they take; ValueError naming the limit for a message larger than
+    `limit`, as soon as its prefix is whole."""
+    taken = []
+    position, end = 0, len(data)
+    while end - position >= 5:
+        compressed, size = MESSAGE_PREFIX.unpack_from(data, position)
+        if size > limit:
+            raise ValueError(f"Received message larger than max ({size} vs. {limit})")
+        if end - position - 5 < size:
+            break
+        taken.append((bool(compressed), bytes(data[position + 5:position + 5 + size])))
+        position += 5 + size
+    return taken, position
+
+
 def gathered(pieces: list, apart: int) -> list:
     """The pieces of one write, each run of small ones joined and every piece of `apart`
     bytes or more left as it is (a TLS transport encrypts each piece of a write apart: one

@@ -270,8 +270,8 @@ class GroupStream:
 
 # Answers a group's body (its last answer); may first pass partial answers to `early`
 # (None where none are wanted: everything then comes in the last answer). Bodies and answers
-# read off a stream are views of the message they came in (`unframe`): bytes-like, parsed
-# or forwarded, not copied.
+# read off a stream are views of the message they came in (`unframe`): bytes-like, to parse
+# or to forward.
 Handle = Callable[[bytes | memoryview, Early | None], Awaitable[bytes]]
 
 
