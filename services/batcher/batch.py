@@ -6,6 +6,7 @@ contiguous, so a batch is the concatenation of its requests' bytes along the fir
 
 from collections.abc import Sequence
 
+from meshserve.common import wire
 from meshserve.common.datatypes import ELEMENT_SIZE, element_count, split_bytes_rows
 from meshserve.common.errors import Internal, InvalidArgument
 from meshserve.common.validation import Schema
@@ -33,32 +34,41 @@ def sole_key(schema: Schema) -> tuple | None:
 
 
 def merge(requests: Sequence[ModelInferRequest], rows: Sequence[int],
-          wanted: Sequence[list[str] | None], version: str) -> ModelInferRequest:
-    """One request whose inputs are the requests' inputs joined along the batch dimension,
+          wanted: Sequence[list[str] | None], version: str) -> list[bytes]:
+    """The request whose inputs are the requests' inputs joined along the batch dimension,
     asking for every output one of them wanted (`wanted`: the names each request gave, None
-    for all, as validation reads them)."""
+    for all, as validation reads them), of `version`; a sole request as it is, but for its
+    version. Serialized in pieces: joined, they are its bytes.
+
+    Each input's bytes are read once, and follow the rest of the request as they are (built
+    as a message and serialized, a batch was copied four more times on its way to compute)."""
     first = requests[0]
     if len(requests) == 1:
-        single = ModelInferRequest()
-        single.CopyFrom(first)
-        single.model_version = version
-        return single
+        return [first.SerializeToString(), wire.length_delimited(_VERSION, version.encode())]
     total = sum(rows)
     batch = ModelInferRequest(model_name=first.model_name, model_version=version)
     # Where each request holds each input; one input (same key) is every request's first.
     positions = (None if len(first.inputs) == 1
                  else [{t.name: i for i, t in enumerate(r.inputs)} for r in requests])
+    contents = []
     for tensor in first.inputs:
         joined = batch.inputs.add(name=tensor.name, datatype=tensor.datatype)
         joined.shape.extend([total, *tensor.shape[1:]])
         if positions is None:
-            parts = (r.raw_input_contents[0] for r in requests)
+            contents.append([r.raw_input_contents[0] for r in requests])
         else:
-            parts = (r.raw_input_contents[p[tensor.name]] for r, p in zip(requests, positions))
-        batch.raw_input_contents.append(b"".join(parts))
+            contents.append([r.raw_input_contents[p[tensor.name]]
+                             for r, p in zip(requests, positions)])
     for name in requested_outputs(wanted):
         batch.outputs.add(name=name)
-    return batch
+    pieces = [batch.SerializeToString()]
+    for parts in contents:
+        pieces += (_RAW_INPUT, wire.varint(sum(map(len, parts))), *parts)
+    return pieces
+
+
+_VERSION = 2  # ModelInferRequest's model_version
+_RAW_INPUT = wire.tag(7)  # one of ModelInferRequest's raw_input_contents
 
 
 def requested_outputs(wanted: Sequence[list[str] | None]) -> list[str]:

@@ -47,7 +47,7 @@ from meshserve.common.streams import StreamBroken
 from meshserve.common.tracing import Tracing, context_of, traceparent_of
 from meshserve.common.upstream import Upstream
 from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
-from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
+from meshserve.protocol.grpc_service_pb2 import ModelInferResponse
 from meshserve.protocol.model_config_pb2 import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -92,12 +92,12 @@ class ComputeFailed(Exception):
         self.details = details
 
 
-async def run_batch(replica: Replica, batch: ModelInferRequest, timeout: float | None,
-                    traceparent: str = "") -> ModelInferResponse:
-    """`batch` on `replica`'s stream, as a group of one; raises ComputeFailed."""
-    head = InferGroup(model_name=batch.model_name, version=batch.model_version)
-    item = GroupItem(traceparent=traceparent)
-    group = serialized_group(head, [(batch.SerializeToString(), item)])
+async def run_batch(replica: Replica, batch: list[bytes], model: str, version: str,
+                    timeout: float | None, traceparent: str = "") -> ModelInferResponse:
+    """`batch` (a request for `model` at `version`, serialized in pieces) on `replica`'s
+    stream, as a group of one; raises ComputeFailed."""
+    head = InferGroup(model_name=model, version=version)
+    group = serialized_group(head, [(batch, GroupItem(traceparent=traceparent))])
     try:
         # A failed batch is retried on another replica (see `_retry`), not on this one.
         reply = await replica.upstream.stream.send(group, timeout, resend=False)
@@ -391,9 +391,11 @@ class Scheduler:
             timeout = stall if left is None else min(left, stall)
             try:
                 if self._tracing is None:
-                    answer = await run_batch(replica, batch, timeout)
+                    answer = await run_batch(replica, batch, requests[0].model_name,
+                                             self._version, timeout)
                 else:
-                    answer = await self._traced_infer(replica, batch, entries, rows, timeout)
+                    answer = await self._traced_infer(replica, batch, requests[0].model_name,
+                                                      entries, rows, timeout)
             except ComputeFailed as error:
                 self._replica_failed(replica, error,
                                      stalled=not alone and (left is None or stall < left),
@@ -480,8 +482,8 @@ class Scheduler:
         if self._failover_metrics is not None:
             self._failover_metrics.retry(outcome)
 
-    async def _traced_infer(self, replica: Replica, batch, entries: list[Pending], rows: int,
-                            timeout: float | None):
+    async def _traced_infer(self, replica: Replica, batch: list[bytes], model: str,
+                            entries: list[Pending], rows: int, timeout: float | None):
         """The compute call inside a `batcher.batch` span: a child of the oldest request's
         context, linked to every member's `batcher.queue` span; compute's span its child."""
         span = self._tracing.start(
@@ -490,7 +492,8 @@ class Scheduler:
              "replica": replica.upstream.target},
             links=[e.payload.span.get_span_context() for e in entries if e.payload.span])
         try:
-            return await run_batch(replica, batch, timeout, traceparent_of(span))
+            return await run_batch(replica, batch, model, self._version, timeout,
+                                   traceparent_of(span))
         except Exception as error:
             span.set_status(StatusCode.ERROR, str(error))
             raise

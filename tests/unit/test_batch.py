@@ -51,6 +51,12 @@ def request(rid: str, rows: int, *, tensors=(("A", 4),), outputs=(), base: float
     return built
 
 
+def merged(parts: list[ModelInferRequest], rows: list[int], version: str) -> ModelInferRequest:
+    """`merge`'s batch, its pieces joined and parsed."""
+    return ModelInferRequest.FromString(b"".join(merge(parts, rows, wanted_outputs(parts),
+                                                       version)))
+
+
 def wanted_outputs(parts: list[ModelInferRequest]) -> list[list[str] | None]:
     """The outputs each request names (None: all), as validation reads them."""
     return [[output.name for output in part.outputs] or None for part in parts]
@@ -108,15 +114,15 @@ def test_sole_key_none_for_several_inputs_or_free_dims():
 
 def test_merge_three_requests_concatenates_in_order():
     parts = [request("a", 1, base=0), request("b", 2, base=100), request("c", 3, base=200)]
-    merged = merge(parts, [1, 2, 3], wanted_outputs(parts), "7")
-    assert merged.model_name == "m"
-    assert merged.model_version == "7"
-    assert [(t.name, t.datatype, list(t.shape)) for t in merged.inputs] == [
+    batch = merged(parts, [1, 2, 3], "7")
+    assert batch.model_name == "m"
+    assert batch.model_version == "7"
+    assert [(t.name, t.datatype, list(t.shape)) for t in batch.inputs] == [
         ("A", "FP32", [6, 4])]
-    assert list(merged.raw_input_contents) == [
+    assert list(batch.raw_input_contents) == [
         floats(0, 4) + floats(100, 8) + floats(200, 12)]
-    assert len(merged.raw_input_contents[0]) == 6 * 4 * 4
-    assert list(merged.outputs) == []
+    assert len(batch.raw_input_contents[0]) == 6 * 4 * 4
+    assert list(batch.outputs) == []
 
 
 def test_merge_matches_inputs_by_name_not_position():
@@ -127,9 +133,9 @@ def test_merge_matches_inputs_by_name_not_position():
         request("c", 3, tensors=two, base=200),
     ]
     # In "b", B holds floats(100, ...) and A holds floats(1100, ...).
-    merged = merge(parts, [1, 2, 3], wanted_outputs(parts), "1")
-    assert [(t.name, list(t.shape)) for t in merged.inputs] == [("A", [6, 4]), ("B", [6, 2])]
-    assert list(merged.raw_input_contents) == [
+    batch = merged(parts, [1, 2, 3], "1")
+    assert [(t.name, list(t.shape)) for t in batch.inputs] == [("A", [6, 4]), ("B", [6, 2])]
+    assert list(batch.raw_input_contents) == [
         floats(0, 4) + floats(1100, 8) + floats(200, 12),
         floats(1000, 2) + floats(100, 4) + floats(1200, 6),
     ]
@@ -147,20 +153,20 @@ def test_requested_outputs(wanted, expected):
 
 def test_merge_carries_requested_outputs_union():
     parts = [request("a", 1, outputs=["OUT"]), request("b", 1, outputs=["AUX", "OUT"])]
-    merged = merge(parts, [1, 1], wanted_outputs(parts), "1")
-    assert [o.name for o in merged.outputs] == ["OUT", "AUX"]
+    batch = merged(parts, [1, 1], "1")
+    assert [o.name for o in batch.outputs] == ["OUT", "AUX"]
 
 
-def test_merge_single_request_is_a_copy_with_the_version():
+def test_merge_single_request_is_itself_with_the_version():
     only = request("solo", 3, outputs=["OUT"])
     only.parameters["k"].string_param = "v"
+    only.model_version = "9"
     before = only.SerializeToString(deterministic=True)
-    merged = merge([only], [3], wanted_outputs([only]), "4")
-    assert merged is not only
-    assert merged.model_version == "4"
+    batch = merged([only], [3], "4")
+    assert batch.model_version == "4"
     assert only.SerializeToString(deterministic=True) == before
-    merged.model_version = ""
-    assert merged.SerializeToString(deterministic=True) == before
+    batch.model_version = "9"
+    assert batch.SerializeToString(deterministic=True) == before
 
 
 # --- split --------------------------------------------------------------------------------
