@@ -67,8 +67,8 @@ def merge(requests: Sequence[ModelInferRequest], rows: Sequence[int],
     return pieces
 
 
-_VERSION = 2  # ModelInferRequest's model_version
-_RAW_INPUT = wire.tag(7)  # one of ModelInferRequest's raw_input_contents
+_VERSION = ModelInferRequest.MODEL_VERSION_FIELD_NUMBER
+_RAW_INPUT = wire.tag(ModelInferRequest.RAW_INPUT_CONTENTS_FIELD_NUMBER)
 
 
 def requested_outputs(wanted: Sequence[list[str] | None]) -> list[str]:
