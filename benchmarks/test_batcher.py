@@ -12,6 +12,7 @@ from meshserve.batcher.scheduler import Replica, Scheduler
 from meshserve.batcher.service import Batcher
 from meshserve.common.statistics import Statistics
 from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
+from meshserve.protocol.grpc_service_pb2 import ModelInferRequest
 
 MLP_REQUESTS = 32  # single-row mlp requests: one full batch (max_batch_size 32)
 CNN_REQUESTS = 4  # single-row cnn requests: one preferred batch (preferred_batch_size 4)
@@ -29,14 +30,16 @@ def _wanted(requests):
 @pytest.mark.benchmark(group="batcher.merge")
 def test_merge_mlp_32(benchmark):
     requests = _requests("mlp", MLP_REQUESTS)
-    batch = benchmark(merge, requests, [1] * MLP_REQUESTS, _wanted(requests), "1")
+    pieces = benchmark(merge, requests, [1] * MLP_REQUESTS, _wanted(requests), "1")
+    batch = ModelInferRequest.FromString(b"".join(pieces))
     assert list(batch.inputs[0].shape) == [MLP_REQUESTS, 256]
 
 
 @pytest.mark.benchmark(group="batcher.merge")
 def test_merge_cnn_4(benchmark):
     requests = _requests("cnn", CNN_REQUESTS)
-    batch = benchmark(merge, requests, [1] * CNN_REQUESTS, _wanted(requests), "1")
+    pieces = benchmark(merge, requests, [1] * CNN_REQUESTS, _wanted(requests), "1")
+    batch = ModelInferRequest.FromString(b"".join(pieces))
     assert list(batch.inputs[0].shape) == [CNN_REQUESTS, 3, 64, 64]
 
 
