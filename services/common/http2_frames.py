@@ -40,12 +40,11 @@ MESSAGE_PREFIX = struct.Struct(">BI")  # compressed flag, length
 
 
 def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    size = len(payload)
-    return FRAME_HEADER.pack(size >> 16, size & 0xFFFF, kind, flags, stream) + payload
+    return frame_header(kind, flags, stream, len(payload)) + payload
 
 
 def frame_header(kind: int, flags: int, stream: int, size: int) -> bytes:
-    """The header of a frame whose payload is written apart from it."""
+    """The header of a frame of `size` bytes (its payload may be written apart from it)."""
     return FRAME_HEADER.pack(size >> 16, size & 0xFFFF, kind, flags, stream)
 
 
@@ -237,7 +236,7 @@ def metadatum(name: bytes, value: bytes) -> tuple[str, str | bytes]:
 
 
 def message(payload: bytes, compressed: bool = False) -> bytes:
-    return MESSAGE_PREFIX.pack(1 if compressed else 0, len(payload)) + payload
+    return message_prefix(len(payload), compressed) + payload
 
 
 def message_prefix(size: int, compressed: bool = False) -> bytes:

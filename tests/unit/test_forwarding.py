@@ -15,6 +15,7 @@ from meshserve.common.forwarding import (
     deadline_of,
     error_result,
     raise_for,
+    serialized_group,
 )
 from meshserve.common.streams import StreamBroken
 from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
@@ -288,6 +289,23 @@ def test_build_group_carries_each_entry_whole():
                   traceparent=first.traceparent, timeout_us=250_000),
         GroupItem(request=second.request, request_id="r2", timeout_us=0)]
     assert (sent, expired, longest) == ([(0, 0), (1, 0)], [], None)
+
+
+def test_serialized_group_joins_a_request_in_pieces_into_the_group_protobuf_would_write():
+    """A request given in pieces (as the batcher gives its batch) is the request their
+    bytes make; the head's fields and each item's other fields are kept."""
+    request = ModelInferRequest(model_name="mlp", id="b")
+    request.inputs.add(name="INPUT__0", datatype="FP32", shape=[2, 3])
+    whole = request.SerializeToString()
+    head = InferGroup(model_name="mlp", version="2", timeout_us=5_000)
+    item = GroupItem(request_id="r1", priority=1, traceparent="t", timeout_us=4_000)
+    body = serialized_group(head, [([whole[:3], whole[3:9], whole[9:]], item),
+                                   ([b""], GroupItem(request_id="r2"))])
+    expected = InferGroup(model_name="mlp", version="2", timeout_us=5_000, items=[
+        GroupItem(request=request, request_id="r1", priority=1, traceparent="t",
+                  timeout_us=4_000),
+        GroupItem(request=ModelInferRequest(), request_id="r2")])
+    assert InferGroup.FromString(body) == expected
 
 
 async def test_all_expired_makes_no_call():
