@@ -13,8 +13,10 @@ How it measures:
   replaces that step, for servers without ``ModelMetadata``.
 * The run is ``warmup_s`` (not counted) then a measured window of ``duration_s``, cut short
   when ``max_requests`` measured requests (successes plus errors) have completed.
-* Closed loop: a request counts when it was sent and answered inside the window; the few still
-  in flight at the end are cancelled and not counted.
+* Closed loop: a request counts when it was sent and answered inside the window. The few
+  still in flight at the end are answered, not counted (up to ``DRAIN_S`` seconds, then
+  cancelled), and each stream is half-closed and read to its end: a server is not left with
+  cancelled work when the next load begins.
 * Open loop: a request counts when its *scheduled* arrival falls inside the window, and its
   latency runs from that scheduled time (so client-side queueing is not hidden). After the
   window the requests still in flight get up to ``DRAIN_S`` seconds; those still unanswered

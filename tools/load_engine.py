@@ -212,6 +212,8 @@ class Runner:
                         self.record(sent, now, error=stream_error_code(response.error_message))
                     else:
                         self.record(sent, now, version=response.infer_response.model_version)
+                else:
+                    await _end_stream(call)
             except grpc.RpcError as error:
                 self.record(sent, time.perf_counter(), error=code_name(error))
             except asyncio.InvalidStateError:  # the server half-closed the stream
@@ -232,6 +234,8 @@ class Runner:
                 )
             self.stop.set()
             cpu1 = _cpu_now()
+            self.closing = True
+            await asyncio.wait(tasks, timeout=DRAIN_S)
         finally:
             self.closing = True
             await _cancel_all(tasks)
@@ -331,6 +335,15 @@ class Runner:
             wall_end=now_wall - (now_perf - self.w_end),
             cpu_s=cpu1 - cpu0,
         )
+
+
+async def _end_stream(call: grpc.aio.StreamStreamCall) -> None:
+    """A closed loop's stream at the end of a load, with no request in flight: half-closed,
+    and read to the server's end of it, so the server is not left with work whose caller has
+    gone (a cancelled stream's), which it would still be doing when the next load begins."""
+    await call.done_writing()
+    while await call.read() is not grpc.aio.EOF:
+        pass
 
 
 async def _cancel_all(tasks: list[asyncio.Task]) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import datetime
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -27,6 +28,7 @@ from meshserve.tools.load_results import percentiles
 from meshserve.tools.load_spec import LoadSpec, shares_of, split_evenly
 from meshserve.tools.load_wire import stream_error_code, with_id
 from meshserve.tools.random_requests import random_request
+from tests.polling import until
 
 # --- percentiles: nearest rank, value at 1-based rank ceil(p/100 * n) of the sorted samples.
 
@@ -270,6 +272,61 @@ async def test_closed_loop_against_echo_server(echo_server, stream: bool) -> Non
     else:
         assert set(errors) == {"RESOURCE_EXHAUSTED"}
         assert errors["RESOURCE_EXHAUSTED"] <= total // 10 + 4
+
+
+class SlowEchoServicer(EchoServicer):
+    """Echoes every request after 20 ms, without errors, and counts how each call ended:
+    answered (unary), half-closed by the client (a stream), or cancelled by the client."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = 0
+        self.ended: Counter[str] = Counter()
+
+    async def ModelInfer(self, request, context):
+        self.started += 1
+        try:
+            await asyncio.sleep(0.02)
+        except asyncio.CancelledError:
+            self.ended["cancelled"] += 1
+            raise
+        self.ended["answered"] += 1
+        return self._answer(request)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        self.started += 1
+        try:
+            async for request in request_iterator:
+                await asyncio.sleep(0.02)
+                yield pb.ModelStreamInferResponse(infer_response=self._answer(request))
+        except asyncio.CancelledError:
+            self.ended["cancelled"] += 1
+            raise
+        self.ended["half-closed"] += 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+async def test_a_closed_loop_ends_without_cancelling_a_request_in_flight(stream: bool) -> None:
+    """At the window's end every worker's last request is answered and each stream is
+    half-closed: a server is never left holding a request whose caller cancelled it."""
+    servicer = SlowEchoServicer()
+    server = grpc.aio.server()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        spec = LoadSpec(target=f"127.0.0.1:{port}", model="echo", concurrency=4,
+                        stream=stream, duration_s=0.5, warmup_s=0.1)
+        result = await asyncio.to_thread(run_load, spec)
+        await until(lambda: servicer.started and servicer.ended.total() == servicer.started,
+                    5.0, "every call to end")
+    finally:
+        await server.stop(None)
+    assert result["requests"] > 0 and not result["errors"]
+    if stream:
+        assert servicer.ended == {"half-closed": 4}
+    else:
+        assert servicer.ended == {"answered": servicer.started}
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
