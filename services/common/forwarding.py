@@ -5,8 +5,8 @@ group waits for its first answer, new requests wait; when it is answered (wholly
 its first batch finishes, or by the batcher's word that compute has taken all of it),
 everything that arrived meanwhile leaves as the next group. Idle, a request leaves at once as a
 group of one; busy, groups grow by themselves, so gRPC's per-message cost is paid per group,
-not per request. Under load the groups take turns, one travelling while the next gathers;
-a group may linger a moment so that the two stay about the same size (`balanced_size`).
+not per request. Under load a group may linger a moment for the requests its hop expects
+back (see `GroupForwarder`), so that they travel together rather than in turns.
 """
 
 import asyncio
@@ -45,19 +45,9 @@ CODE_NAME = {number: name for name, number in CODE_NUMBER.items()}
 OK = 0
 RESOURCE_EXHAUSTED = CODE_NUMBER["RESOURCE_EXHAUSTED"]
 
-# Groups linger only after one of this many requests: under a light load a request leaving at
-# once matters more than the size of its group.
+# Groups linger only when this many requests are expected: under a light load a request
+# leaving at once matters more than the size of its group.
 LINGER_FROM = 8
-
-
-def balanced_size(last_group: int, waiting: int) -> int:
-    """How many requests a group lingers for when its turn comes just as the last one was
-    answered: half of both together. Under a steady load (N callers, each sending again once
-    answered) the requests then travel in two groups of about N/2 that take turns. Without
-    it they split unevenly and stay so, a big group and a small one: the small one costs every
-    hop as much per message, and while the big one's callers are answered and send again,
-    the hops behind sit idle. A group no smaller than the last leaves at once."""
-    return (last_group + waiting) // 2
 
 
 def error_result(error: ServingError) -> ItemResult:
@@ -229,9 +219,13 @@ class GroupForwarder:
     leaves the forwarder saturated until the group's last answer: entries arriving meanwhile
     get that refusal at once instead of waiting to be sent to a full queue.
 
-    `linger` (seconds, 0: never): after a group of LINGER_FROM entries or more, a group whose
-    turn comes within a round trip of that group's answer, holding fewer entries than
-    `balanced_size`, waits for that many, for at most `linger` and the last round trip.
+    `linger` (seconds, 0: never): when a group is first answered, the entries that wait then
+    and those its answer let go (each caller sends again once answered) are the entries
+    expected next. When LINGER_FROM or more are, the next group, if its turn comes within a
+    round trip of that answer, waits until they are all there, for at most `linger` and the
+    last round trip. Under a steady load of N callers the requests then travel as one group
+    of N. Without it they split into groups that take turns and stay so (at 8 callers, two of
+    4), and each group costs every hop about as much as a group of N.
 
     `waiting` counts the entries that wait for the next group, and `round_trip` is how long
     the last group took to be answered (seconds): about when those entries will have left."""
@@ -254,7 +248,7 @@ class GroupForwarder:
         self.saturated: ItemResult | None = None
         self.waiting = 0
         self.round_trip = 0.0
-        self._last_group = 0  # entries the last group carried
+        self._expected = 0  # entries expected next, at the last group's (first) answer
         self._answered_at = float("-inf")  # when the last group was (first) answered
         self._enough: asyncio.Future | None = None  # while lingering: done once _wanted wait
         self._wanted = 0
@@ -279,8 +273,7 @@ class GroupForwarder:
             asyncio.get_running_loop().create_task(self._send_next())
 
     def _take(self) -> list[tuple[list[Entry], asyncio.Future]]:
-        """The parcels of the next group, off the pending list (the group's size is kept as
-        the last group's)."""
+        """The parcels of the next group, off the pending list."""
         taken, items = 0, 0
         for entries, _ in self._pending:
             if taken and items + len(entries) > self._max_group:
@@ -290,7 +283,6 @@ class GroupForwarder:
         parcels = self._pending[:taken]
         del self._pending[:taken]
         self.waiting -= items
-        self._last_group = items
         return parcels
 
     async def _send_next(self) -> None:
@@ -298,12 +290,14 @@ class GroupForwarder:
         at its first answer."""
         waiting = True
 
-        def answered() -> None:
+        def answered(let_go: int) -> None:
+            """The group's first answer, which answered `let_go` of its entries."""
             nonlocal waiting
             if waiting:
                 waiting = False
                 self._in_flight -= 1
                 self._answered_at = self._clock()
+                self._expected = let_go + self.waiting
                 self._next()
 
         await self._balance()
@@ -315,15 +309,13 @@ class GroupForwarder:
                 if not future.done():
                     future.set_exception(error)
         finally:
-            answered()
+            answered(sum(len(entries) for entries, _ in parcels.parcels))
 
     async def _balance(self) -> None:
-        """Linger, under load, until `balanced_size` entries wait (see the class)."""
-        if (not self._linger or self._last_group < LINGER_FROM
+        """Linger, under load, until the entries expected wait (see the class)."""
+        wanted = self._expected
+        if (not self._linger or wanted < LINGER_FROM or self.waiting >= wanted
                 or self._clock() - self._answered_at > self.round_trip):
-            return
-        wanted = balanced_size(self._last_group, self.waiting)
-        if self.waiting >= wanted:
             return
         enough = self._enough = asyncio.get_running_loop().create_future()
         self._wanted = wanted
@@ -332,7 +324,7 @@ class GroupForwarder:
         finally:
             self._enough = None
 
-    async def _send(self, parcels: _Parcels, answered: Callable[[], None]) -> None:
+    async def _send(self, parcels: _Parcels, answered: Callable[[int], None]) -> None:
         started = self._clock()
         group, expired, longest = build_group(self._model_name, self._version,
                                               [entries for entries, _ in parcels.parcels],
@@ -352,7 +344,7 @@ class GroupForwarder:
             for result in partial.results:
                 if result.code == RESOURCE_EXHAUSTED:
                     self.saturated = refusal = result
-            answered()
+            answered(len(partial.results))
 
         code = "OK"
         try:

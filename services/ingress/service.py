@@ -87,7 +87,7 @@ T = TypeVar("T")
 EXTENSIONS = ["classification", "model_configuration", "statistics", "repository_index",
               "streaming"]
 # Under load, a group may wait this long (and no longer than the last group's round trip) for
-# as many requests as keep the groups that take turns about the same size (`balanced_size`).
+# the requests the ingress expects back (`GroupForwarder`).
 DEFAULT_GROUP_LINGER_MS = 4.0
 
 
@@ -576,9 +576,10 @@ def main(argv: list[str] | None = None) -> int:
                              "requests are refused with RESOURCE_EXHAUSTED (0: unbounded)")
     parser.add_argument("--group-linger-ms", type=float,
                         default=DEFAULT_GROUP_LINGER_MS,
-                        help="under load, how long a group may wait for more requests before "
-                             "it leaves for the router, so that groups taking turns stay about "
-                             "the same size; at most the last group's round trip (0: never)")
+                        help="under load, how long a group may wait for the requests the "
+                             "ingress expects back before it leaves for the router, so that "
+                             "they travel together; at most the last group's round trip "
+                             "(0: never)")
     add_auth_flags(parser)
     add_http_flags(parser)
     args = parser.parse_args(argv)

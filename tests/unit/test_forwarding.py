@@ -10,7 +10,6 @@ from meshserve.common.forwarding import (
     LINGER_FROM,
     Entry,
     GroupForwarder,
-    balanced_size,
     build_group,
     deadline_of,
     error_result,
@@ -201,21 +200,25 @@ def arrive(forwarder: GroupForwarder, names: list[str]) -> list[asyncio.Task]:
     return [asyncio.create_task(forwarder.forward([entry(name)])) for name in names]
 
 
-def test_a_balanced_group_is_half_of_the_last_and_the_waiting_together():
-    assert balanced_size(20, 4) == 12
-    assert balanced_size(15, 16) == 15
-    assert balanced_size(1, 1) == 1
-
-
-async def test_a_small_group_after_a_big_one_lingers_until_it_is_balanced():
-    # 10 answered, 2 waiting: the next group waits (up to 5 s) for (10 + 2) // 2 = 6, and
-    # leaves as soon as they are there; later arrivals take the next turn.
+async def test_the_next_group_lingers_for_every_request_expected():
+    # 10 answered while 2 waited: 12 are expected, so the next group waits (up to 5 s) for
+    # the 10 answered callers to send again, and leaves as soon as they are there; later
+    # arrivals take the next turn.
     forwarder, fake, _, tasks = await after_a_group(10, 2, linger=5.0)
-    tasks += arrive(forwarder, ["a0", "a1", "a2", "a3"])
+    tasks += arrive(forwarder, [f"a{i}" for i in range(10)])
     await asyncio.wait_for(asyncio.gather(*tasks), 2)
     tasks = arrive(forwarder, ["b0", "b1"])
     await asyncio.wait_for(asyncio.gather(*tasks), 2)
-    assert fake.groups[1:] == [["w0", "w1", "a0", "a1", "a2", "a3"], ["b0", "b1"]]
+    assert fake.groups[1:] == [["w0", "w1", *(f"a{i}" for i in range(10))], ["b0", "b1"]]
+
+
+async def test_groups_that_take_turns_become_one():
+    # Eight callers in two groups of 4 taking turns: when one is answered, the 4 waiting
+    # linger for its 4 callers, and the eight leave together.
+    forwarder, fake, _, tasks = await after_a_group(4, 4, linger=5.0)
+    tasks += arrive(forwarder, ["a0", "a1", "a2", "a3"])
+    await asyncio.wait_for(asyncio.gather(*tasks), 2)
+    assert fake.groups[1:] == [["w0", "w1", "w2", "w3", "a0", "a1", "a2", "a3"]]
 
 
 async def test_a_lingering_group_leaves_after_the_linger_with_what_came():
@@ -225,8 +228,8 @@ async def test_a_lingering_group_leaves_after_the_linger_with_what_came():
     assert fake.groups[1:] == [["w0", "w1", "a0"]]
 
 
-@pytest.mark.parametrize("size, linger", [(LINGER_FROM - 1, 5.0), (10, 0.0)],
-                         ids=["after a small group", "linger 0"])
+@pytest.mark.parametrize("size, linger", [(LINGER_FROM - 3, 5.0), (10, 0.0)],
+                         ids=["fewer than LINGER_FROM expected", "linger 0"])
 async def test_a_group_leaves_at_once(size, linger):
     forwarder, fake, _, tasks = await after_a_group(size, 2, linger=linger)
     tasks += arrive(forwarder, ["a0"])
@@ -493,6 +496,26 @@ async def test_an_early_refusal_answers_its_request_at_once_and_saturates_until_
     assert forwarder.saturated is None
     fake.gates[2].set()
     assert ids_of(await asyncio.wait_for(forwarder.forward([entry("e")]), 2)) == ["e"]
+
+
+async def test_a_group_taken_whole_early_is_not_expected_back_until_answered():
+    """An early answer without results (compute took the whole group) lets none of its
+    callers go: the next group does not linger for them."""
+    fake = EarlyUpstream(refuse=set(), taken_at_once=True)
+    now = [0.0]
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM, linger=5.0, clock=lambda: now[0])
+    first = asyncio.create_task(forwarder.forward([entry("a")]))
+    assert await asyncio.wait_for(fake.calls.get(), 2) == ["a"]
+    now[0] = 10.0  # a round trip of 10 s, within which a next group may linger
+    fake.gates[0].set()
+    await asyncio.wait_for(first, 2)
+    big = [asyncio.create_task(forwarder.forward([entry(f"g{i}")])) for i in range(10)]
+    assert len(await asyncio.wait_for(fake.calls.get(), 2)) == 10
+    late = asyncio.create_task(forwarder.forward([entry("c")]))
+    assert await asyncio.wait_for(fake.calls.get(), 2) == ["c"]  # at once, not after 5 s
+    fake.gates[1].set()
+    fake.gates[2].set()
+    await asyncio.wait_for(asyncio.gather(*big, late), 2)
 
 
 @pytest.mark.parametrize("early", [{"answer_first": True}, {"taken_at_once": True}],
