@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import math
@@ -223,17 +224,24 @@ class EchoServicer(pb_grpc.GRPCInferenceServiceServicer):
                 yield pb.ModelStreamInferResponse(infer_response=response)
 
 
-@pytest.fixture
-async def echo_server():
-    servicer = EchoServicer()
+@contextlib.asynccontextmanager
+async def serving(servicer: EchoServicer):
+    """`servicer` on a plaintext server on a free port: its target, until the block ends."""
     server = grpc.aio.server()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        yield f"127.0.0.1:{port}", servicer
+        yield f"127.0.0.1:{port}"
     finally:
         await server.stop(None)
+
+
+@pytest.fixture
+async def echo_server():
+    servicer = EchoServicer()
+    async with serving(servicer) as target:
+        yield target, servicer
 
 
 def _check(result: dict, spec: LoadSpec) -> None:
@@ -310,18 +318,12 @@ async def test_a_closed_loop_ends_without_cancelling_a_request_in_flight(stream:
     """At the window's end every worker's last request is answered and each stream is
     half-closed: a server is never left holding a request whose caller cancelled it."""
     servicer = SlowEchoServicer()
-    server = grpc.aio.server()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        spec = LoadSpec(target=f"127.0.0.1:{port}", model="echo", concurrency=4,
-                        stream=stream, duration_s=0.5, warmup_s=0.1)
+    async with serving(servicer) as target:
+        spec = LoadSpec(target=target, model="echo", concurrency=4, stream=stream,
+                        duration_s=0.5, warmup_s=0.1)
         result = await asyncio.to_thread(run_load, spec)
         await until(lambda: servicer.started and servicer.ended.total() == servicer.started,
                     5.0, "every call to end")
-    finally:
-        await server.stop(None)
     assert result["requests"] > 0 and not result["errors"]
     if stream:
         assert servicer.ended == {"half-closed": 4}
