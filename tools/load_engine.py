@@ -212,7 +212,7 @@ class Runner:
                         self.record(sent, now, error=stream_error_code(response.error_message))
                     else:
                         self.record(sent, now, version=response.infer_response.model_version)
-                else:
+                else:  # the load is over, and this stream has no request in flight
                     await _end_stream(call)
             except grpc.RpcError as error:
                 self.record(sent, time.perf_counter(), error=code_name(error))
