@@ -250,8 +250,7 @@ class GroupForwarder:
         self.round_trip = 0.0
         self._expected = 0  # entries expected next, at the last group's (first) answer
         self._answered_at = float("-inf")  # when the last group was (first) answered
-        self._enough: asyncio.Future | None = None  # while lingering: done once _wanted wait
-        self._wanted = 0
+        self._enough: asyncio.Future | None = None  # while lingering: done once all expected wait
 
     async def forward(self, entries: list[Entry]) -> list[ItemResult]:
         """Send `entries` with whatever else is waiting; one result per entry, in order."""
@@ -261,7 +260,7 @@ class GroupForwarder:
         self._pending.append((entries, future))
         self.waiting += len(entries)
         enough = self._enough
-        if enough is not None and self.waiting >= self._wanted and not enough.done():
+        if enough is not None and self.waiting >= self._expected and not enough.done():
             enough.set_result(None)
         self._next()
         return await future
@@ -300,7 +299,7 @@ class GroupForwarder:
                 self._expected = let_go + self.waiting
                 self._next()
 
-        await self._balance()
+        await self._linger_for_expected()
         parcels = _Parcels(self._take())
         try:
             await self._send(parcels, answered)
@@ -311,14 +310,13 @@ class GroupForwarder:
         finally:
             answered(sum(len(entries) for entries, _ in parcels.parcels))
 
-    async def _balance(self) -> None:
-        """Linger, under load, until the entries expected wait (see the class)."""
-        wanted = self._expected
-        if (not self._linger or wanted < LINGER_FROM or self.waiting >= wanted
+    async def _linger_for_expected(self) -> None:
+        """Under load, wait until the entries expected wait (see the class)."""
+        expected = self._expected
+        if (not self._linger or expected < LINGER_FROM or self.waiting >= expected
                 or self._clock() - self._answered_at > self.round_trip):
             return
         enough = self._enough = asyncio.get_running_loop().create_future()
-        self._wanted = wanted
         try:
             await asyncio.wait((enough,), timeout=min(self._linger, self.round_trip))
         finally:
