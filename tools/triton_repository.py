@@ -1,6 +1,7 @@
 """A Triton mirror of meshserve models, for the Python backend (pure text generation but for
 `write_repository`): the same ``max_batch_size``, input and output names, datatypes and dims,
-``dynamic_batching`` with a 1 ms queue delay, one CPU instance, and a ``model.py`` that loads
+``dynamic_batching`` with a 1 ms queue delay, as many CPU instances as meshserve starts
+computes for it, and a ``model.py`` that loads
 the same TorchScript file (``torch.jit.load``, one intra-op thread, ``torch.inference_mode``)
 and runs all requests of a batch as one torch batch."""
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshserve.common.arrays import config_dtype
-from meshserve.common.repository import ModelRepository
+from meshserve.common.repository import ModelRepository, instance_count
 from meshserve.protocol import model_config_pb2
 from meshserve.tools.pbtxt import dims_text
 
@@ -38,6 +39,8 @@ class ModelSpec:
     outputs: tuple[TensorSpec, ...]
     # meshserve's preferred batch sizes, so both batchers aim for the same batches.
     preferred_batch_sizes: tuple[int, ...] = ()
+    # meshserve's computes per version (`instance_count`), so both run as many instances.
+    instances: int = 1
 
 
 def model_spec(repository: ModelRepository, name: str) -> ModelSpec:
@@ -51,7 +54,8 @@ def model_spec(repository: ModelRepository, name: str) -> ModelSpec:
         )
 
     return ModelSpec(name, config.max_batch_size, tensors(config.input), tensors(config.output),
-                     tuple(config.dynamic_batching.preferred_batch_size))
+                     tuple(config.dynamic_batching.preferred_batch_size),
+                     instance_count(config))
 
 
 def _tensor_block(kind: str, tensors: tuple[TensorSpec, ...]) -> str:
@@ -75,7 +79,7 @@ def triton_config(spec: ModelSpec, queue_delay_us: int = QUEUE_DELAY_US) -> str:
         + (f"preferred_batch_size: {dims_text(spec.preferred_batch_sizes)} "
            if spec.preferred_batch_sizes else "")
         + f"max_queue_delay_microseconds: {queue_delay_us} }}\n"
-        + "instance_group [ { kind: KIND_CPU count: 1 } ]\n"
+        + f"instance_group [ {{ kind: KIND_CPU count: {spec.instances} }} ]\n"
     )
 
 

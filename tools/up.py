@@ -24,7 +24,7 @@ from pathlib import Path
 
 from meshserve.common.files import write_atomic
 from meshserve.common.logs import DEFAULT_ACCESS_LOG_SAMPLE, sample_fraction
-from meshserve.common.repository import ModelRepository
+from meshserve.common.repository import ModelRepository, instance_count
 from meshserve.common.tls import TlsFiles
 from meshserve.ingress.readiness import RULES, STRICT
 from meshserve.protocol import admin_pb2
@@ -73,15 +73,16 @@ def repository_of(data_dir: Path, repository: Path | None = None) -> Path:
 
 
 def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
-         compute_replicas: int = 1, audit_denied_sample: float = 0.01,
+         compute_replicas: int | None = None, audit_denied_sample: float = 0.01,
          batcher_replicas: int = 1, repository: Path | None = None,
          access_log_sample: float = DEFAULT_ACCESS_LOG_SAMPLE,
          readiness: str = STRICT) -> list[list[Child]]:
     """The children in start order: control plane, computes, batchers, router, ingress.
 
-    Each version of each model but ensembles gets `compute_replicas` compute processes
-    (`compute-M-V` when there is one, `compute-M-V-0`, `compute-M-V-1`, ... when there are
-    more) and likewise `batcher_replicas` batchers (`batcher-M-V`, or `batcher-M-V-0`, ...);
+    Each version of each model but ensembles gets `compute_replicas` compute processes (when
+    None, as many as the model's `instance_group` asks for: `instance_count`; `compute-M-V`
+    when there is one, `compute-M-V-0`, `compute-M-V-1`, ... when there are more) and
+    likewise `batcher_replicas` batchers (`batcher-M-V`, or `batcher-M-V-0`, ...);
     every batcher of a version is given all of that version's computes. Ensembles and models
     the repository refused get none."""
     models = repository_of(data_dir, repository)
@@ -91,10 +92,11 @@ def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
     for name, entry in sorted(loaded.models.items()):
         if entry.plan is not None:  # an ensemble: the ingress runs its steps
             continue
+        replicas = compute_replicas or instance_count(entry.config)
         for version in entry.versions:
             common = [f"--model-repository={models}", f"--model={name}", f"--version={version}"]
-            for replica in range(compute_replicas):
-                suffix = f"-{replica}" if compute_replicas > 1 else ""
+            for replica in range(replicas):
+                suffix = f"-{replica}" if replicas > 1 else ""
                 computes.append(Child(f"compute-{name}-{version}{suffix}", "compute",
                                       [*common, f"--device={device}",
                                        *dev_signing.compute_flags(data_dir)], run_dir,
@@ -155,7 +157,7 @@ async def register_batchers(control_plane: Child, batchers: list[Child], tls: Tl
 
 
 async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
-                     say=print, metrics: bool = True, compute_replicas: int = 1,
+                     say=print, metrics: bool = True, compute_replicas: int | None = None,
                      audit_denied_sample: float = 0.01, batcher_replicas: int = 1,
                      repository: Path | None = None,
                      access_log_sample: float = DEFAULT_ACCESS_LOG_SAMPLE,
@@ -399,8 +401,9 @@ def register(commands) -> None:
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds each service may take to become ready")
     parser.add_argument("--drain-seconds", type=float, default=5.0)
-    parser.add_argument("--compute-replicas", type=positive_int, default=1, metavar="N",
-                        help="compute processes per model version (default 1)")
+    parser.add_argument("--compute-replicas", type=positive_int, metavar="N",
+                        help="compute processes per version of every model (default: as "
+                             "many as the model's instance_group count)")
     parser.add_argument("--batcher-replicas", type=positive_int, default=1, metavar="N",
                         help="batchers per model version, each an endpoint of the version in "
                              "the mesh (default 1)")

@@ -67,6 +67,13 @@ def kind_of(config: ModelConfig) -> Kind:
     return TORCHSCRIPT
 
 
+def instance_count(config: ModelConfig) -> int:
+    """The instances of the model its `instance_group` asks for: each group's `count` (1 when
+    unset), together; 1 without a group. (A group's `gpus` list is not applied: every instance
+    runs on the device its compute is given.)"""
+    return sum(max(group.count, 1) for group in config.instance_group) or 1
+
+
 def artifact_filename(config: ModelConfig) -> str:
     """The file each version directory holds: `default_model_filename` or the kind's."""
     return config.default_model_filename or kind_of(config).filename

@@ -198,9 +198,9 @@ async def test_a_service_lost_during_the_start_is_restarted(tmp_path):
     process = start(data_dir, "--timeout=60")
     channel = None
     try:
-        await until(lambda: "ready  compute-cnn-1 " in up_log.read_text(), seconds=120,
-                    what="compute-cnn-1 found ready")
-        os.kill(pid_of(data_dir, "compute-cnn-1"), signal.SIGKILL)
+        await until(lambda: "ready  compute-cnn-1-0 " in up_log.read_text(), seconds=120,
+                    what="compute-cnn-1-0 found ready")
+        os.kill(pid_of(data_dir, "compute-cnn-1-0"), signal.SIGKILL)
         # slow/1 takes seconds to load: the start is still checking the others.
         assert "meshserve is ready" not in up_log.read_text()
 
@@ -209,7 +209,7 @@ async def test_a_service_lost_during_the_start_is_restarted(tmp_path):
             return (data_dir / "run" / "endpoint").exists()
 
         await until(start_done, seconds=120, what="the end of up's start")
-        assert "compute-cnn-1 exited with -9; restarting" in up_log.read_text()
+        assert "compute-cnn-1-0 exited with -9; restarting" in up_log.read_text()
         channel, stub = await ingress_stub(data_dir, process)
         reply = await stub.ModelInfer(request_for("cnn", "1"), timeout=30)
         assert reply.model_version == "1"

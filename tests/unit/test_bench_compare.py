@@ -395,7 +395,7 @@ def test_hop_breakdown_is_a_difference():
 MLP = ModelSpec("mlp", 32, (TensorSpec("INPUT__0", "TYPE_FP32", (256,)),),
                 (TensorSpec("OUTPUT__0", "TYPE_FP32", (10,)),))
 CNN = ModelSpec("cnn", 32, (TensorSpec("INPUT__0", "TYPE_FP32", (3, 64, 64)),),
-                (TensorSpec("OUTPUT__0", "TYPE_FP32", (10,)),))
+                (TensorSpec("OUTPUT__0", "TYPE_FP32", (10,)),), instances=2)
 TWO = ModelSpec("two", 8, (TensorSpec("A", "TYPE_FP32", (2,)), TensorSpec("B", "TYPE_FP32", (2,))),
                 (TensorSpec("SUM", "TYPE_FP32", (2,)), TensorSpec("DIFF", "TYPE_FP64", (2,))))
 
@@ -423,7 +423,7 @@ CONFIG_CASES = [
         "output [\n  {\n    name: \"OUTPUT__0\"\n    data_type: TYPE_FP32\n    dims: [ 10 ]\n"
         "  }\n]\n"
         "dynamic_batching { max_queue_delay_microseconds: 0 }\n"
-        "instance_group [ { kind: KIND_CPU count: 1 } ]\n",
+        "instance_group [ { kind: KIND_CPU count: 2 } ]\n",
         id="cnn-no-delay",
     ),
 ]

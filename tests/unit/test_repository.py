@@ -9,6 +9,7 @@ from meshserve.common.repository import (
     ModelEntry,
     ModelRepository,
     artifact_filename,
+    instance_count,
     kind_of,
     parse_config,
 )
@@ -95,6 +96,16 @@ def test_backend_pytorch_accepted():
     config = parse_config('backend: "pytorch"\n' + MINIMAL, "m/config.pbtxt", "m")
     assert config.backend == "pytorch"
     assert config.platform == ""
+
+
+@pytest.mark.parametrize(("groups", "count"), [
+    ("", 1),
+    ("instance_group [ { kind: KIND_CPU count: 2 } ]", 2),
+    ("instance_group [ { kind: KIND_AUTO } ]", 1),
+    ("instance_group [ { count: 2 }, { kind: KIND_GPU count: 3 gpus: [ 0 ] } ]", 5),
+])
+def test_instance_count(groups, count):
+    assert instance_count(parse_config(MINIMAL + groups, "m/config.pbtxt", "m")) == count
 
 
 def test_syntax_error_names_file():

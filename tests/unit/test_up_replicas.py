@@ -41,6 +41,21 @@ def test_batcher_processes_per_version(tmp_path, replicas, names):
                                           "compute-flaky-3"]
 
 
+def test_a_models_instance_group_count_sets_its_computes(tmp_path):
+    """Without --compute-replicas, each version gets as many computes as the model's
+    instance_group asks for (Triton's instances); with it, that many for every model."""
+    write_flaky_model(tmp_path / "models")
+    config = tmp_path / "models" / "flaky" / "config.pbtxt"
+    config.write_text(config.read_text()
+                      + "instance_group [ { kind: KIND_AUTO count: 2 }, { count: 1 } ]\n")
+    _, computes, _, _, _ = plan(tmp_path, 0, "cpu")
+    assert [c.name for c in computes] == [f"compute-flaky-{v}-{r}" for v in ("1", "2", "3")
+                                          for r in range(3)]
+    _, computes, _, _, _ = plan(tmp_path, 0, "cpu", compute_replicas=1)
+    assert [c.name for c in computes] == ["compute-flaky-1", "compute-flaky-2",
+                                          "compute-flaky-3"]
+
+
 def test_every_batcher_of_a_version_gets_its_computes(tmp_path):
     write_flaky_model(tmp_path / "models")
     _, computes, batchers, _, _ = plan(tmp_path, 0, "cpu", compute_replicas=2,
