@@ -153,7 +153,9 @@ async def health_check(target: str, channel: grpc.aio.Channel) -> None:
 
 async def test_internal_ports_accept_the_mesh_ca(mesh):
     targets = internal_targets(mesh)
-    assert len(targets) == 22  # control plane, 10 compute, 10 batchers, router
+    # control plane, 12 computes (two for each version of cnn, which asks for two
+    # instances), 10 batchers, router
+    assert len(targets) == 24
     for _, identity, target in targets:
         files = TlsFiles.for_identity(mesh.tls, "ingress")
         await health_check(target, grpc.aio.secure_channel(

@@ -9,8 +9,9 @@ def test_up_serves_and_stops_cleanly(tmp_path):
     mesh = start_up(tmp_path / "data")
     try:
         children = [pid for pid in children_of(mesh.data_dir) if pid != mesh.process.pid]
-        # control plane, 7 compute, 7 batchers (none for the classify ensemble), router, ingress
-        assert len(children) == 17
+        # control plane, 9 computes (two for each version of cnn, which asks for two instances),
+        # 7 batchers (none for the classify ensemble), router, ingress
+        assert len(children) == 19
         for model in ("mlp", "cnn"):
             done = meshserve("infer", model, "--version", "2", f"--data-dir={mesh.data_dir}",
                              f"--target={mesh.endpoint}")

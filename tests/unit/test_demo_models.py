@@ -66,7 +66,7 @@ def test_demo_repository(tmp_path_factory, inputs):
         assert list(config.input[0].dims) == list(INPUT_SHAPES[name][1:])
         assert list(config.output[0].dims) == [10]
         assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_AUTO
-        assert config.instance_group[0].count == 1
+        assert config.instance_group[0].count == {"mlp": 1, "cnn": 2}[name]
 
         x = inputs[name]
         v1, v2 = run(repo, name, "1", x), run(repo, name, "2", x)
