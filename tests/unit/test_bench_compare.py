@@ -543,6 +543,10 @@ def test_write_repository_mirrors_the_demo_models(tmp_path):
             tmp_path / "models" / name / "2" / "model.pt").read_bytes()
         compile((model_dir / "2" / "model.py").read_text(), "model.py", "exec")
     assert "dims: [ 3, 64, 64 ]" in (tmp_path / "triton" / "cnn" / "config.pbtxt").read_text()
+    # As many instances as meshserve starts computes: two for the cnn, one for the mlp.
+    for name, count in (("mlp", 1), ("cnn", 2)):
+        assert (f"instance_group [ {{ kind: KIND_CPU count: {count} }} ]"
+                in (tmp_path / "triton" / name / "config.pbtxt").read_text())
 
 
 def test_server_environment_puts_the_cache_interpreter_first(tmp_path, monkeypatch):
