@@ -120,15 +120,19 @@ def run_triton(data_dir: Path, work_dir: Path, plan: Plan, recorder: Recorder,
 
     installed = installs["triton"]
     repository = work_dir / "triton-models"
-    versions = triton_repository.write_repository(data_dir / "models", repository, plan.models)
+    mirrored = triton_repository.write_repository(data_dir / "models", repository, plan.models)
     backends = triton_baseline.backend_directory(installed, work_dir / "triton-backends")
     envoy = installs.get("envoy") if "triton-envoy" in systems else None
     certs = envoy_mesh.write_certs(work_dir / "envoy-tls") if envoy else None
     recorder.write({"kind": "triton", "tritonserver": str(installed.tritonserver),
-                    "versions": versions, "systems": list(systems),
+                    "versions": {name: m.version for name, m in mirrored.items()},
+                    "instances": {name: m.instances for name, m in mirrored.items()},
+                    "systems": list(systems),
                     "queue_delay_us": triton_repository.QUEUE_DELAY_US,
                     "envoy": str(envoy.binary) if envoy else None})
-    recorder.say(f"starting Triton (Python backend, KIND_CPU x1, 1 ms queue delay)"
+    instances = ", ".join(f"{name} {m.instances}" for name, m in mirrored.items())
+    recorder.say(f"starting Triton (Python backend, CPU instances {instances}, 1 ms queue "
+                 "delay)"
                  f"{' and the Envoy mesh in front of it' if envoy else ''}")
     work = [(system, run) for run in plan.runs() for system in systems]
     retried: set[tuple[str, tuple[str, int, str]]] = set()

@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from meshserve.common.arrays import config_dtype
 from meshserve.common.repository import ModelRepository, instance_count
@@ -148,16 +149,23 @@ def model_py(spec: ModelSpec, model_file: str = "model.pt", threads: int = 1) ->
     )
 
 
+class Mirrored(NamedTuple):
+    """A model as the mirror serves it: the version it copied, its CPU instances."""
+
+    version: str
+    instances: int
+
+
 def write_repository(
     source: Path, destination: Path, models: Iterable[str], queue_delay_us: int = QUEUE_DELAY_US
-) -> dict[str, str]:
+) -> dict[str, Mirrored]:
     """Writes the Triton mirror of `models` of the meshserve repository at `source`.
 
     Each model gets the TorchScript file of its default (highest served) version, under that
-    same version number. Returns {model: version}.
+    same version number.
     """
     repository = ModelRepository.load(source)
-    versions = {}
+    mirrored = {}
     for name in models:
         spec = model_spec(repository, name)
         version = repository.version(name, "")
@@ -166,5 +174,5 @@ def write_repository(
         (model_dir / "config.pbtxt").write_text(triton_config(spec, queue_delay_us), "utf-8")
         (model_dir / version / "model.py").write_text(model_py(spec), "utf-8")
         shutil.copyfile(repository.artifact(name, version), model_dir / version / "model.pt")
-        versions[name] = version
-    return versions
+        mirrored[name] = Mirrored(version, spec.instances)
+    return mirrored

@@ -533,9 +533,10 @@ def test_write_repository_mirrors_the_demo_models(tmp_path):
     from meshserve.tools.demo_repository import write_demo_repository
 
     write_demo_repository(tmp_path / "models")
-    versions = triton_repository.write_repository(tmp_path / "models", tmp_path / "triton",
+    mirrored = triton_repository.write_repository(tmp_path / "models", tmp_path / "triton",
                                                 ["mlp", "cnn"])
-    assert versions == {"mlp": "2", "cnn": "2"}
+    # As many instances as meshserve starts computes: two for the cnn, one for the mlp.
+    assert mirrored == {"mlp": ("2", 1), "cnn": ("2", 2)}
     for name in ("mlp", "cnn"):
         model_dir = tmp_path / "triton" / name
         assert 'backend: "python"' in (model_dir / "config.pbtxt").read_text()
@@ -543,7 +544,6 @@ def test_write_repository_mirrors_the_demo_models(tmp_path):
             tmp_path / "models" / name / "2" / "model.pt").read_bytes()
         compile((model_dir / "2" / "model.py").read_text(), "model.py", "exec")
     assert "dims: [ 3, 64, 64 ]" in (tmp_path / "triton" / "cnn" / "config.pbtxt").read_text()
-    # As many instances as meshserve starts computes: two for the cnn, one for the mlp.
     for name, count in (("mlp", 1), ("cnn", 2)):
         assert (f"instance_group [ {{ kind: KIND_CPU count: {count} }} ]"
                 in (tmp_path / "triton" / name / "config.pbtxt").read_text())
