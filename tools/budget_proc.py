@@ -66,6 +66,29 @@ def idle_cores(root: Path = Path("/sys")) -> str | None:
     return note if polling is None else f"{note}, halt polling {polling.strip()} ns"
 
 
+def tree_cpu_ticks(roots: Iterable[int], root: Path = PROC) -> int:
+    """CPU ticks (user and system) of the processes `roots` and every descendant alive now: a
+    server's whole tree (Triton's Python-backend stubs are its children)."""
+    stats = {}
+    for entry in root.iterdir():
+        text = _read(entry / "stat") if entry.name.isdigit() else None
+        if text is not None:
+            stat = parse_stat(text)
+            stats[stat.pid] = stat
+    children: dict[int, list[int]] = {}
+    for stat in stats.values():
+        children.setdefault(stat.ppid, []).append(stat.pid)
+    ticks, todo, seen = 0, list(roots), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen or pid not in stats:
+            continue
+        seen.add(pid)
+        ticks += stats[pid].cpu_ticks
+        todo += children.get(pid, [])
+    return ticks
+
+
 def mesh_processes(up_pid: int, root: Path = PROC) -> list[ServiceProcess]:
     """`up` itself and every service it started: its children, named by their command line."""
     found = [ServiceProcess(up_pid, "up", "up")]

@@ -88,8 +88,8 @@ def goal_headers(runs: int) -> list[str]:
 
 
 def median_results(results_by_run: list[Mapping[RunKey, Mapping]]) -> dict[RunKey, dict]:
-    """Per run key, the median throughput and latency percentiles over the runs that answered
-    (requests: the sum over those runs)."""
+    """Per run key, the median throughput, latency percentiles and server CPU per request over
+    the runs that answered (requests: the sum over those runs)."""
     merged: dict[RunKey, dict] = {}
     keys = dict.fromkeys(key for results in results_by_run for key in results)
     for key in keys:
@@ -102,5 +102,6 @@ def median_results(results_by_run: list[Mapping[RunKey, Mapping]]) -> dict[RunKe
             "runs": len(answered),
             "throughput_rps": median(rps_of(r) for r in answered),
             "latency_ms": {n: median(latency_of(r, n) for r in answered) for n in names},
+            "server_cpu_us": median(r.get("server_cpu_us") for r in answered),
         }
     return merged

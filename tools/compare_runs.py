@@ -6,6 +6,7 @@ of each model."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import grpc
 import numpy as np
 
 from meshserve.protocol import grpc_service_pb2 as pb
+from meshserve.tools.budget_proc import tree_cpu_ticks
 from meshserve.tools.compare_limit import BATCH_SIZES, measure_limit
 from meshserve.tools.compare_tables import (
     SERVERS,
@@ -22,6 +24,7 @@ from meshserve.tools.compare_tables import (
     hop_breakdown,
     latency_of,
     number_text,
+    server_cpu_us,
     statistics_totals,
 )
 from meshserve.tools.load import run_load
@@ -109,6 +112,8 @@ class Target:
     cert: Path | None = None
     key: Path | None = None
     server_name: str = ""
+    # The server's processes, each with its descendants: their CPU per answered request.
+    pids: tuple[int, ...] = ()
 
     def credentials(self) -> grpc.ChannelCredentials | None:
         if self.ca is None:
@@ -157,11 +162,13 @@ def bench_one(target: Target, plan: Plan, model: str, concurrency: int, transpor
         ca=target.ca, cert=target.cert, key=target.key, server_name=target.server_name,
     )
     try:
+        ticks = tree_cpu_ticks(target.pids)
         before = read_statistics(target.address, model, version, credentials,
                                  target.server_name)
         result = run_load(spec)
         after = read_statistics(target.address, model, version, credentials,
                                 target.server_name)
+        ticks = tree_cpu_ticks(target.pids) - ticks
     except (RuntimeError, ValueError, OSError, grpc.RpcError) as error:
         message = f"{label}: {_error_text(error)}"
         recorder.write({"kind": "failure", "server": target.server, "model": model,
@@ -170,6 +177,9 @@ def bench_one(target: Target, plan: Plan, model: str, concurrency: int, transpor
         recorder.say(f"  FAILED {message}")
         return message
     hop = hop_breakdown(before, after, latency_of(result, "p50"), latency_of(result, "mean"))
+    if target.pids:
+        result["server_cpu_us"] = server_cpu_us(ticks / os.sysconf("SC_CLK_TCK"),
+                                                hop["requests"])
     recorder.results[key] = result
     recorder.hops.append((*key, hop))
     recorder.write({"kind": "bench", "server": target.server, **result})

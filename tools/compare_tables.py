@@ -206,6 +206,30 @@ def hop_breakdown(before: Mapping[str, int], after: Mapping[str, int],
             "mean_batch": mean_batch}
 
 
+def server_cpu_us(cpu_s: float, requests: int) -> float | None:
+    """The server's CPU per request it answered, in µs (None when it answered none)."""
+    return cpu_s / requests * 1e6 if requests > 0 else None
+
+
+CPU_HEADERS = ["model", "concurrency", "transport",
+               *(f"{LABELS[server]} µs/req" for server in SERVERS),
+               "meshserve/Triton", "meshserve/Envoy mesh"]
+
+
+def cpu_rows(plan_runs: Iterable[tuple[str, int, str]],
+             results: Mapping[RunKey, Mapping]) -> list[list[str]]:
+    """Table rows of each system's server CPU per answered request (`server_cpu_us`)."""
+    rows = []
+    for model, concurrency, transport in plan_runs:
+        cpu = {server: (results.get((server, model, concurrency, transport)) or {}).get(
+            "server_cpu_us") for server in SERVERS}
+        rows.append([model, str(concurrency), transport,
+                     *(number_text(cpu[server]) for server in SERVERS),
+                     ratio_text(ratio(cpu["meshserve"], cpu["triton"])),
+                     ratio_text(ratio(cpu["meshserve"], cpu["triton-envoy"]))])
+    return rows
+
+
 HOP_HEADERS = ["server", "model", "concurrency", "transport", "client p50 ms",
                "batcher queue ms/req", "compute ms/req", "rest ms (p50 − both)",
                "rest ms (mean − both)", "mean batch rows"]

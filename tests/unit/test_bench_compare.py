@@ -231,11 +231,13 @@ def test_goal_rows_give_each_run_and_judge_the_median():
 
 def test_median_results_take_each_figure_over_the_runs_that_answered():
     key = ("meshserve", "mlp", 32, "unary")
-    runs = [{key: _result(100.0, 5.0, 9.0)}, {key: _result(0.0, None, None, requests=0)},
+    runs = [{key: {**_result(100.0, 5.0, 9.0), "server_cpu_us": 300.0}},
+            {key: {**_result(0.0, None, None, requests=0), "server_cpu_us": 900.0}},
             {key: _result(300.0, 3.0, 12.0, requests=50)}, {}]
     merged = compare_race.median_results(runs)
+    # The run that answered nothing counts for nothing, its CPU figure neither.
     assert merged == {key: {"requests": 150, "runs": 2, "throughput_rps": 200.0,
-                            "latency_ms": {"p50": 4.0, "p99": 10.5}}}
+                            "latency_ms": {"p50": 4.0, "p99": 10.5}, "server_cpu_us": 300.0}}
     assert compare_race.median_results([{key: _result(0.0, None, None, requests=0)}]) == {}
 
 
@@ -257,6 +259,23 @@ def test_summary_report_gives_the_median_of_each_runs_ratio():
     assert "- run 2: boom" in text
 
 
+def test_server_cpu_per_answered_request():
+    assert compare_tables.server_cpu_us(1.5, 3000) == pytest.approx(500.0)
+    assert compare_tables.server_cpu_us(1.5, 0) is None
+
+
+def test_cpu_rows_compare_each_systems_cpu_per_request():
+    results = {("meshserve", "mlp", 32, "unary"): {"server_cpu_us": 300.0},
+               ("triton", "mlp", 32, "unary"): {"server_cpu_us": 200.0},
+               ("triton-envoy", "mlp", 32, "unary"): {"server_cpu_us": 400.0},
+               ("triton", "cnn", 32, "unary"): {"server_cpu_us": 1250.0}}
+    rows = compare_tables.cpu_rows([("mlp", 32, "unary"), ("cnn", 32, "unary")], results)
+    assert rows == [["mlp", "32", "unary", "300", "200", "400", "1.50×", "0.75×"],
+                    ["cnn", "32", "unary", "—", "1,250", "—", "—", "—"]]
+    assert compare_tables.CPU_HEADERS[3:6] == ["meshserve µs/req", "Triton µs/req",
+                                                "Envoy mesh µs/req"]
+
+
 def test_report_opens_with_the_race():
     recorder = types.SimpleNamespace(
         results=_race_results(1200.0, 1000.0, 2000.0), hops=[], failures=[],
@@ -266,6 +285,8 @@ def test_report_opens_with_the_race():
     assert "| mlp c=32 req/s: meshserve / Triton | 0.60× | ≥ 0.8 | no |" in text
     assert "| mlp | 32 | unary | 1,200 | 8.00 | 10.00 | 2,000 | 5.00 | 8.00 | 1,000 | 9.00 " \
            "| 20.00 | 0.60× | 1.20× | — |" in text
+    assert "## Server CPU per request\n\n| model | concurrency | transport | meshserve µs/req" \
+           in text
 
 
 # --- plans

@@ -144,6 +144,21 @@ def test_mesh_processes_are_up_and_its_named_children(tmp_path):
     assert budget_proc.cpu_ticks(999, tmp_path) is None  # gone
 
 
+def test_tree_cpu_ticks_count_the_roots_and_their_descendants(tmp_path):
+    """A fake /proc: a server (200) with a child and a grandchild, a second root (300), a
+    stranger (400); a root that is gone counts nothing."""
+    write_process(tmp_path, 200, 1, ["tritonserver"], ticks=100)
+    write_process(tmp_path, 201, 200, ["stub"], ticks=20)
+    write_process(tmp_path, 202, 201, ["stub-helper"], ticks=3)
+    write_process(tmp_path, 300, 1, ["envoy"], ticks=7)
+    write_process(tmp_path, 400, 1, ["envoy"], ticks=1000)
+    (tmp_path / "self").mkdir()
+    assert budget_proc.tree_cpu_ticks([200], tmp_path) == 123
+    assert budget_proc.tree_cpu_ticks([200, 300, 999], tmp_path) == 130
+    assert budget_proc.tree_cpu_ticks([201, 200], tmp_path) == 123  # each process once
+    assert budget_proc.tree_cpu_ticks([], tmp_path) == 0
+
+
 def test_idle_cores_from_a_fake_sys(tmp_path):
     assert budget_proc.idle_cores(tmp_path) is None  # Linux says nothing
     driver = tmp_path / "devices/system/cpu/cpuidle/current_driver"
