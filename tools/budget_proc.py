@@ -21,6 +21,7 @@ from pathlib import Path
 from meshserve.common import grpc_engine
 from meshserve.tools.budget import (
     PROCESS_KINDS,
+    ProcStat,
     Sample,
     ServiceProcess,
     model_cpu_seconds,
@@ -66,15 +67,21 @@ def idle_cores(root: Path = Path("/sys")) -> str | None:
     return note if polling is None else f"{note}, halt polling {polling.strip()} ns"
 
 
-def tree_cpu_ticks(roots: Iterable[int], root: Path = PROC) -> int:
-    """CPU ticks (user and system) of the processes `roots` and every descendant alive now: a
-    server's whole tree (Triton's Python-backend stubs are its children)."""
+def process_stats(root: Path = PROC) -> dict[int, ProcStat]:
+    """The stat line of every process alive now, by pid."""
     stats = {}
     for entry in root.iterdir():
         text = _read(entry / "stat") if entry.name.isdigit() else None
         if text is not None:
             stat = parse_stat(text)
             stats[stat.pid] = stat
+    return stats
+
+
+def tree_cpu_ticks(roots: Iterable[int], root: Path = PROC) -> int:
+    """CPU ticks (user and system) of the processes `roots` and every descendant alive now: a
+    server's whole tree (Triton's Python-backend stubs are its children)."""
+    stats = process_stats(root)
     children: dict[int, list[int]] = {}
     for stat in stats.values():
         children.setdefault(stat.ppid, []).append(stat.pid)
@@ -92,14 +99,11 @@ def tree_cpu_ticks(roots: Iterable[int], root: Path = PROC) -> int:
 def mesh_processes(up_pid: int, root: Path = PROC) -> list[ServiceProcess]:
     """`up` itself and every service it started: its children, named by their command line."""
     found = [ServiceProcess(up_pid, "up", "up")]
-    for entry in sorted(root.iterdir(), key=lambda p: p.name):
-        if not entry.name.isdigit():
+    for stat in sorted(process_stats(root).values(), key=lambda s: str(s.pid)):
+        if stat.ppid != up_pid:
             continue
-        stat = _read(entry / "stat")
-        if stat is None or parse_stat(stat).ppid != up_pid:
-            continue
-        argv = (_read(entry / "cmdline") or "").split("\0")
-        process = service_of(int(entry.name), [a for a in argv if a])
+        argv = (_read(root / str(stat.pid) / "cmdline") or "").split("\0")
+        process = service_of(stat.pid, [a for a in argv if a])
         if process is not None:
             found.append(process)
     return found
