@@ -181,6 +181,13 @@ def stop_process(process: subprocess.Popen, grace: float) -> None:
             process.wait()
 
 
+def port_file(run_dir: Path, name: str) -> Path:
+    """The port file of `up`'s service `name`, or of its first replica (`name-0`) where `up`
+    runs several (a model's instances)."""
+    single = run_dir / f"{name}.port"
+    return single if single.exists() else run_dir / f"{name}-0.port"
+
+
 class MeshUp:
     """`meshserve up` in a subprocess with its own data directory, until `stop()`."""
 
@@ -224,7 +231,7 @@ class MeshUp:
                                f"{sorted(before ^ now)}; see {self.data_dir / 'run'}")
 
     def address(self, name: str) -> str:
-        return f"127.0.0.1:{int((self.data_dir / 'run' / f'{name}.port').read_text())}"
+        return f"127.0.0.1:{int(port_file(self.data_dir / 'run', name).read_text())}"
 
     def stop(self) -> None:
         """SIGTERM `up` (it stops its services); kill what is left after a while."""

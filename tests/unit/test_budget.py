@@ -159,6 +159,13 @@ def test_tree_cpu_ticks_count_the_roots_and_their_descendants(tmp_path):
     assert budget_proc.tree_cpu_ticks([], tmp_path) == 0
 
 
+def test_a_service_port_file_or_its_first_replicas(tmp_path):
+    for name in ("compute-mlp-1", "compute-cnn-1-0", "compute-cnn-1-1"):
+        (tmp_path / f"{name}.port").write_text("1")
+    assert budget_proc.port_file(tmp_path, "compute-mlp-1") == tmp_path / "compute-mlp-1.port"
+    assert budget_proc.port_file(tmp_path, "compute-cnn-1") == tmp_path / "compute-cnn-1-0.port"
+
+
 def test_idle_cores_from_a_fake_sys(tmp_path):
     assert budget_proc.idle_cores(tmp_path) is None  # Linux says nothing
     driver = tmp_path / "devices/system/cpu/cpuidle/current_driver"
