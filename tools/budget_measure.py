@@ -179,6 +179,9 @@ class InProcessModel:
     def __init__(self, artifact: Path, dims: tuple[int, ...], batch: int = 16) -> None:
         import torch
 
+        from meshserve.common import heap
+
+        heap.keep_freed_memory()  # as compute runs its model
         self._torch = torch
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)

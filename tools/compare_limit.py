@@ -27,6 +27,9 @@ def measure_limit(model_file: Path, input_dims: Iterable[tuple[int, ...]],
 
     import torch
 
+    from meshserve.common import heap
+
+    heap.keep_freed_memory()  # as compute runs its model
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)

@@ -151,6 +151,7 @@ def run_service(name: str, args: argparse.Namespace, build_service, settings, *,
     to stop."""
     from meshserve.common.tracing import from_environment
 
+    heap.keep_freed_memory()  # before anything large is allocated
     metrics = metrics_for(args)
     extra = (from_environment(name, os.environ),) if traced else ()
 
