@@ -5,7 +5,8 @@ One run, one machine, the same TorchScript files (the demo repository that
 `write_demo_repository` writes), for each demo model:
 
 1. **limit**: the model called in-process (``torch.jit.load``, one intra-op thread like
-   meshserve's compute default, ``torch.inference_mode``) at batch 1 and at every batch size of
+   meshserve's compute default, ``torch.inference_mode``, glibc's allocator bounds fixed as in
+   every service: `meshserve.common.heap`) at batch 1 and at every batch size of
    `BATCH_SIZES`, a fixed short time each; the best batch size's rows/s is the ceiling.
 2. **meshserve**: the embedded default of ``meshserve up`` (every service a local process,
    mutual TLS at the ingress, compute on the CPU), started with `meshserve.tools.up`.

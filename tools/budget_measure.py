@@ -14,7 +14,8 @@ How each figure is measured:
   2 % here). The **whole mesh** is the four kinds together; its c=1 figure over its c=32
   figure is the per-request cost that concurrency amortises.
 * **Model CPU per sample**: ``torch.jit.load`` of the version that answered most, called in
-  this process at batch 16 with one torch thread, in every round after its load windows;
+  this process at batch 16 with one torch thread (and glibc's allocator bounds fixed, as in
+  compute), in every round after its load windows;
   process CPU time per row. Compute's budget is its own share plus this. Its p50 at batch 1
   (wall time) is compute's latency allowance. Also reported: its CPU at batch 1 (this
   thread's) when each call follows a pause of `PAUSE_S`, as every process of the mesh
