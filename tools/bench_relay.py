@@ -12,7 +12,9 @@ relay calls the echo with `--client`: `http2`, the project's own client
 The relay's and the echo's CPU per message (utime + stime from /proc) is the floor under a hop's
 CPU per group. It is measured twice: back to back, as under load, and paced (one message every
 `--pace-ms`), as at concurrency 1, where every process sleeps between messages and each message
-has to wake them again.
+has to wake them again. Last, the driver calls the echo itself, paced as before: the p50
+the relay adds over that one, in its p50s, is the floor under what `bench budget` measures as
+the p50 a hop adds at concurrency 1 (in bare p50s).
 
     meshserve bench relay [--messages 2000] [--paced-messages 300] [--size 11000] [--pace-ms 10]
                           [--client http2|grpc]
@@ -52,6 +54,7 @@ WARMUP_MESSAGES = 200
 # Who presents which certificate: the driver calls the relay as the ingress calls the router,
 # the relay calls the echo as the router calls a batcher.
 IDENTITY = {"echo": "batcher", "relay": "router"}
+NO_RELAY = "no relay"  # the driver calling the echo itself
 CLIENTS = ("http2", "grpc")
 
 
@@ -110,11 +113,12 @@ def per_message_us(ticks_before: int, ticks_after: int, hz: int, messages: int) 
     return (ticks_after - ticks_before) / hz / messages * 1e6
 
 
-async def _drive(target: str, tls: TlsFiles, size: int, runs: list[tuple[int, float]],
-                 measured) -> list[list[float]]:
-    """Each run sends `count` messages of `size` bytes, `pause` seconds apart, one in flight;
-    `measured()` is called before and after each run. Returns each run's round trips (s)."""
-    async with secure_channel(target, tls, IDENTITY["relay"]) as channel:
+async def _drive(target: str, server: str, tls: TlsFiles, size: int,
+                 runs: list[tuple[int, float]], measured) -> list[list[float]]:
+    """Each run sends `count` messages of `size` bytes to `target` (whose certificate names
+    `server`), `pause` seconds apart, one in flight; `measured()` is called before and after
+    each run. Returns each run's round trips (s)."""
+    async with secure_channel(target, tls, server) as channel:
         call = channel.stream_stream(METHOD)()
         rounds = []
         for count, pause in runs:
@@ -139,30 +143,38 @@ def measure(size: int, messages: int, paced_messages: int, pace_s: float,
             work_dir: Path, client: str = CLIENTS[0]) -> list[Phase]:
     tls_dir = work_dir / "tls"
     init_certs(tls_dir)
-    processes = {}
+    processes, address = {}, {"echo": ""}
     try:
-        upstream = ""
         for role in ("echo", "relay"):
             port_file = work_dir / f"{role}.port"
             processes[role], port = start_server(
                 ["-m", "meshserve.tools.bench_relay", role, f"--tls-dir={tls_dir}",
-                 f"--port-file={port_file}", f"--upstream={upstream}", f"--client={client}"],
+                 f"--port-file={port_file}", f"--upstream={address['echo']}",
+                 f"--client={client}"],
                 port_file, work_dir / f"{role}.log", f"the {role}")
-            upstream = f"{HOST}:{port}"
+            address[role] = f"{HOST}:{port}"
         readings: list[dict[str, int]] = []  # before and after each run, in turn
 
         def read() -> None:
             readings.append({role: cpu_ticks(p.pid) or 0 for role, p in processes.items()})
 
-        runs = [(WARMUP_MESSAGES, 0.0), (messages, 0.0), (paced_messages, pace_s)]
-        rounds = uvloop.run(_drive(upstream, TlsFiles.for_identity(tls_dir, "ingress"), size,
-                                   runs, read))
+        driver = TlsFiles.for_identity(tls_dir, "ingress")
+
+        async def drive() -> list[list[float]]:
+            through = await _drive(address["relay"], IDENTITY["relay"], driver, size, [
+                (WARMUP_MESSAGES, 0.0), (messages, 0.0), (paced_messages, pace_s)], read)
+            straight = await _drive(address["echo"], IDENTITY["echo"], driver, size, [
+                (WARMUP_MESSAGES, 0.0), (paced_messages, pace_s)], read)
+            return through + straight
+
+        rounds = uvloop.run(drive())
     finally:
         for process in processes.values():
             stop_process(process, 10.0)
     hz = os.sysconf("SC_CLK_TCK")
     phases = []
-    for index, name in ((1, "back to back"), (2, f"paced every {pace_s * 1e3:g} ms")):
+    paced = f"paced every {pace_s * 1e3:g} ms"
+    for index, name in ((1, "back to back"), (2, paced), (4, f"{paced}, {NO_RELAY}")):
         before, after, answered = readings[2 * index], readings[2 * index + 1], rounds[index]
         relay, echo = (per_message_us(before[role], after[role], hz, len(answered))
                        for role in ("relay", "echo"))
@@ -172,18 +184,27 @@ def measure(size: int, messages: int, paced_messages: int, pace_s: float,
 
 
 def report(phases: list[Phase], size: int, client: str = CLIENTS[0]) -> str:
-    tight, paced = phases
+    tight, paced, straight = phases
     calls = "the project's HTTP/2 client" if client == "http2" else "a grpc.aio channel"
     lines = [f"relay floor: the services' server, the relay calling the echo on {calls}, "
              f"uvloop, mutual TLS, {size}-byte messages, one in flight",
-             f"{'':24}{'messages':>9}{'relay µs/msg':>14}{'echo µs/msg':>13}"
+             f"{'':30}{'messages':>9}{'relay µs/msg':>14}{'echo µs/msg':>13}"
              f"{'round trip p50':>16}"]
-    lines += [f"{p.name:24}{p.messages:>9}{p.relay_us:>14.0f}{p.echo_us:>13.0f}"
+    lines += [f"{p.name:30}{p.messages:>9}{p.relay_us:>14.0f}{p.echo_us:>13.0f}"
               f"{p.p50_ms:>13.3f} ms" for p in phases]
     ratio = [paced.relay_us / tight.relay_us if tight.relay_us else float("nan"),
              paced.echo_us / tight.echo_us if tight.echo_us else float("nan")]
-    lines.append(f"{'paced / back to back':24}{'':>9}{ratio[0]:>13.2f}x{ratio[1]:>12.2f}x")
+    lines.append(f"{'paced / back to back':30}{'':>9}{ratio[0]:>13.2f}x{ratio[1]:>12.2f}x")
+    lines.append(f"the relay adds {paced.p50_ms - straight.p50_ms:.3f} ms to the paced p50: "
+                 f"{relay_adds(phases):.2f}x the p50 with {NO_RELAY}")
     return "\n".join(lines)
+
+
+def relay_adds(phases: list[Phase]) -> float:
+    """The p50 the relay adds to a paced round trip, in p50s of the echo called with no
+    relay (as `bench budget` gives the p50 a hop adds in bare p50s)."""
+    _, paced, straight = phases
+    return (paced.p50_ms - straight.p50_ms) / straight.p50_ms if straight.p50_ms else float("nan")
 
 
 def _cmd_relay(args: argparse.Namespace) -> int:
@@ -192,7 +213,8 @@ def _cmd_relay(args: argparse.Namespace) -> int:
                          Path(work), args.client)
     if args.json:
         print(json.dumps({"size": args.size, "client": args.client,
-                          "phases": [asdict(p) for p in phases]}))
+                          "phases": [asdict(p) for p in phases],
+                          "relay_adds_round_trips": relay_adds(phases)}))
     else:
         print(report(phases, args.size, args.client))
     return 0
