@@ -75,7 +75,7 @@ PREFERRED_BATCH_SIZES = {"cnn": (4,)}
 # The cnn's compute is busy all the time under load, one core's worth, while the mlp's waits
 # for its groups: two instances of the cnn take a core each (`up` starts a compute per
 # instance; on 2 cores, cnn c=32 1.22x the requests a second against one side by side in a
-# slow hour, and 0.73-0.79x its in-process limit in the full races against 0.76x with one).
+# slow hour, and 0.73-0.82x its in-process limit in the full races against 0.76x with one).
 INSTANCE_COUNTS = {"cnn": 2}
 
 
