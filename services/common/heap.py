@@ -24,8 +24,8 @@ than twice that bound is free there. Which of those a process's blocks meet depe
 order of its earlier allocations, so one process of the same model runs every batch from
 memory it already holds while another maps and unmaps its activations at each batch and
 faults fresh zeroed pages in (the demo cnn at batch 4, one thread, six fresh processes:
-1,504 faults a batch and 1,472-1,541 µs of CPU a row in three, none and 1,059-1,072 µs in
-the others; the router of `up` at cnn c=8, 1 to 19 faults a request). With both bounds
+1,248-1,504 faults a batch and 1,472-1,541 µs of CPU a row in three, 0-8 and 1,059-1,072 µs
+in the others; the router of `up` at cnn c=8, 1 to 19 faults a request). With both bounds
 fixed, blocks under 32 MiB come from the heap and the heap keeps up to 128 MiB free at its
 top: six processes of six ran the cnn without faults, at 1,008-1,092 µs a row.
 """
