@@ -3,7 +3,10 @@ sleep before an assertion."""
 
 import asyncio
 import inspect
+import os
+import signal
 import time
+from pathlib import Path
 
 
 async def until(check, seconds: float, what: str = "the condition",
@@ -29,3 +32,22 @@ def until_sync(check, seconds: float, what: str = "the condition",
         assert time.monotonic() - started < seconds, f"{what}: not within {seconds} s"
         time.sleep(interval)
     return time.monotonic() - started
+
+
+def stopped(pid: int) -> bool:
+    """Whether every thread of process `pid` is stopped (state T in /proc)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            states.append((task / "stat").read_text().rpartition(")")[2].split()[0])
+        except OSError:  # the thread has just exited
+            continue
+    return bool(states) and all(state in ("T", "t") for state in states)
+
+
+def stop_process(pid: int, seconds: float = 10.0) -> None:
+    """SIGSTOP `pid`, and return once every one of its threads has stopped. The kernel stops a
+    process only when one of its threads takes the signal, and until then the others run on:
+    a call sent right after `os.kill` may still be answered."""
+    os.kill(pid, signal.SIGSTOP)
+    until_sync(lambda: stopped(pid), seconds, f"process {pid} stopped", interval=0.005)

@@ -28,6 +28,7 @@ from meshserve.tools.client import client_tls
 from meshserve.tools.demo_models import build_model
 from meshserve.tools.tokens import issue
 from tests.integration.conftest import children_of, meshserve, start_up, stop_up
+from tests.polling import stop_process
 
 BURST = 300
 KILLED = 60
@@ -117,7 +118,7 @@ async def test_nothing_accepted_is_lost_when_the_ingress_is_killed(mesh):
     [router] = service_pids(mesh.data_dir, "router")
     [ingress] = service_pids(mesh.data_dir, "ingress")
     requests = [mlp_request(seed) for seed in range(1000, 1000 + KILLED)]
-    os.kill(router, signal.SIGSTOP)  # nothing submitted now can be answered
+    stop_process(router)  # nothing submitted now can be answered
     try:
         async with stub_for(mesh) as stub:
             ids = [(await stub.Submit(r, timeout=30)).id for r, _ in requests]
