@@ -35,14 +35,15 @@ def until_sync(check, seconds: float, what: str = "the condition",
 
 
 def stopped(pid: int) -> bool:
-    """Whether every thread of process `pid` is stopped (state T in /proc)."""
+    """Whether no thread of process `pid` can run: each is stopped (state T in /proc), or has
+    exited and is not reaped yet (Z, X)."""
     states = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             states.append((task / "stat").read_text().rpartition(")")[2].split()[0])
         except OSError:  # the thread has just exited
             continue
-    return bool(states) and all(state in ("T", "t") for state in states)
+    return bool(states) and all(state in "TtZX" for state in states)
 
 
 def stop_process(pid: int, seconds: float = 10.0) -> None:
