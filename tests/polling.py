@@ -46,7 +46,7 @@ def stopped(pid: int) -> bool:
     return bool(states) and all(state in "TtZX" for state in states)
 
 
-def stop_process(pid: int, seconds: float = 10.0) -> None:
+def suspend(pid: int, seconds: float = 10.0) -> None:
     """SIGSTOP `pid`, and return once every one of its threads has stopped. The kernel stops a
     process only when one of its threads takes the signal, and until then the others run on:
     a call sent right after `os.kill` may still be answered."""

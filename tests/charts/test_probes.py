@@ -46,7 +46,7 @@ from meshserve.tools import health
 from meshserve.tools.certs import init_certs
 from meshserve.tools.demo_repository import write_demo_repository
 from tests.charts.chartlib import container, flag_values, public_ports
-from tests.polling import stop_process
+from tests.polling import suspend
 
 # Start order: each one's upstreams first.
 ORDER = ["control-plane", "compute", "batcher", "router", "ingress"]
@@ -266,7 +266,7 @@ def test_probes_answer_as_the_kubelet_expects(mesh):
 
     # A stopped process answers nothing: liveness fails within its timeout; SIGCONT, it passes.
     router = mesh["router"]
-    stop_process(router.process.pid)
+    suspend(router.process.pid)
     try:
         status, why = router.probe("livenessProbe")
         assert status == NO_ANSWER and "timed out" in why, (status, why)

@@ -28,7 +28,7 @@ from meshserve.tools.client import client_tls
 from meshserve.tools.demo_models import build_model
 from meshserve.tools.tokens import issue
 from tests.integration.conftest import children_of, meshserve, start_up, stop_up
-from tests.polling import stop_process
+from tests.polling import suspend
 
 BURST = 300
 KILLED = 60
@@ -118,7 +118,7 @@ async def test_nothing_accepted_is_lost_when_the_ingress_is_killed(mesh):
     [router] = service_pids(mesh.data_dir, "router")
     [ingress] = service_pids(mesh.data_dir, "ingress")
     requests = [mlp_request(seed) for seed in range(1000, 1000 + KILLED)]
-    stop_process(router)  # nothing submitted now can be answered
+    suspend(router)  # nothing submitted now can be answered
     try:
         async with stub_for(mesh) as stub:
             ids = [(await stub.Submit(r, timeout=30)).id for r, _ in requests]

@@ -31,7 +31,7 @@ from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.tools.certs import init_certs
 from meshserve.tools.demo_models import MAX_QUEUE_SIZE, build_model
 from meshserve.tools.demo_repository import write_demo_repository
-from tests.polling import stop_process, until
+from tests.polling import suspend, until
 
 START_TIMEOUT = 90.0
 
@@ -91,8 +91,8 @@ class Processes:
     def signal(self, name: str, number: int) -> None:
         os.kill(self.children[name].pid, number)
 
-    def stop(self, name: str) -> None:
-        stop_process(self.children[name].pid)
+    def suspend(self, name: str) -> None:
+        suspend(self.children[name].pid)
 
     def close(self) -> None:
         for child in self.children.values():
@@ -244,7 +244,7 @@ async def test_killed_compute_replica_is_ejected_and_its_batch_retried(world, pr
 
         async def stop_once(done: int) -> None:
             if done == 50 and not stopped.is_set():
-                processes.stop("compute-0")
+                processes.suspend("compute-0")
                 stopped.set()
 
         async def kill_once_it_holds_a_batch() -> None:
@@ -279,7 +279,7 @@ async def test_stalled_compute_replica_is_ejected_then_put_back(world, processes
         async def stop_once(done: int) -> None:
             if done == 30 and not stop_once.sent:
                 stop_once.sent = True
-                processes.stop("compute-0")
+                processes.suspend("compute-0")
 
         stop_once.sent = False
         try:
@@ -393,7 +393,7 @@ async def test_a_burst_beyond_max_queue_size_is_refused_at_the_ingress(world, pr
         await stub.ModelInfer(mlp_request(0), timeout=30)
         # With compute stopped the first group never comes back: the rest wait at the ingress
         # until MAX_QUEUE_SIZE do, and every later one is refused there, at once.
-        processes.stop("compute-0")
+        processes.suspend("compute-0")
         try:
             calls = [asyncio.ensure_future(stub.ModelInfer(r, timeout=60)) for r in low]
             await first_done(calls)
@@ -444,7 +444,7 @@ async def test_deadlines_reach_compute_and_expired_requests_are_never_computed(w
         await wait_ready(stub, processes)
         assert await run_load(stub, 20, 2) == []
         before = computed(processes, "compute-0")
-        processes.stop("compute-0")
+        processes.suspend("compute-0")
         try:
             reply = await GroupInferenceStub(channel).Infer(group, timeout=20)
         finally:
