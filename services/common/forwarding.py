@@ -172,6 +172,64 @@ def serialized_group(head: InferGroup, items: list[tuple[list[bytes], GroupItem]
     return b"".join(pieces)
 
 
+class GroupHead(NamedTuple):
+    """What a group says of itself beside its items, and how many items it holds."""
+
+    model_name: str
+    version: str
+    timeout_us: int
+    items: int
+
+    @classmethod
+    def of(cls, group: InferGroup) -> "GroupHead":
+        return cls(group.model_name, group.version, group.timeout_us, len(group.items))
+
+    @classmethod
+    def read(cls, body: bytes | memoryview) -> "GroupHead":
+        """The head of the serialized InferGroup `body`, read without parsing its items (a
+        cnn group of 16 requests parsed whole: 21-22 µs in-process, warm, and its 780 KB
+        copied twice). ValueError where `body` is not an InferGroup's wire format; the items
+        themselves are not looked into. As a parser does, a field of the wrong wire type is
+        one it does not know."""
+        model_name = version = ""
+        timeout_us = items = position = 0
+        size = len(body)
+        try:
+            while position < size:
+                key = body[position]
+                if key & 7 != wire.LENGTH_DELIMITED or key > 0x7F:
+                    number, kind, start, position = wire.read_field(body, position)
+                    if number == _TIMEOUT_US and kind == wire.VARINT:
+                        timeout_us = start
+                    continue
+                length = body[position + 1]  # a length under 16 KiB read here, as most are
+                if length < 0x80:
+                    start = position + 2
+                elif (more := body[position + 2]) < 0x80:
+                    start, length = position + 3, length & 0x7F | more << 7
+                else:
+                    length, start = wire.read_varint(body, position + 1)
+                position = start + length
+                number = key >> 3
+                if number == _ITEMS:
+                    items += 1
+                elif number == _MODEL_NAME:
+                    model_name = str(body[start:position], "utf-8")
+                elif number == _VERSION:
+                    version = str(body[start:position], "utf-8")
+        except IndexError:
+            raise ValueError("a field is cut short") from None
+        if position > size:
+            raise ValueError("the last field runs past the group's end")
+        return cls(model_name, version, timeout_us, items)
+
+
+_ITEMS = InferGroup.ITEMS_FIELD_NUMBER
+_MODEL_NAME = InferGroup.MODEL_NAME_FIELD_NUMBER
+_VERSION = InferGroup.VERSION_FIELD_NUMBER
+_TIMEOUT_US = InferGroup.TIMEOUT_US_FIELD_NUMBER
+
+
 def build_group(model_name: str, version: str, parcels: list[list[Entry]], now: float,
                 sent: list[tuple[int, int]]) -> tuple[bytes, list[tuple[int, int]],
                                                       float | None]:

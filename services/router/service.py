@@ -25,6 +25,7 @@ from opentelemetry.trace import StatusCode
 from meshserve.common import runtime
 from meshserve.common.errors import InvalidArgument, ServingError, Unavailable
 from meshserve.common.forwarding import (
+    GroupHead,
     GroupObserver,
     error_group,
     error_result,
@@ -156,9 +157,9 @@ class ModelRoute:
                                        max_age=STREAM_MAX_AGE_S))
         return streams[next(self._turns) % wanted]
 
-    async def send(self, group: InferGroup, body: bytes, early: Early | None = None) -> bytes:
-        """`body` (the serialized `group`) to the version it goes to; its answer, as bytes
-        (early partial answers pass through to `early`)."""
+    async def send(self, group: GroupHead, body: bytes, early: Early | None = None) -> bytes:
+        """`body` (a serialized InferGroup, whose head is `group`) to the version it goes to;
+        its answer, as bytes (early partial answers pass through to `early`)."""
         timeout = group.timeout_us / 1e6 if group.timeout_us else None
         deadline = None if timeout is None else time.monotonic() + timeout
         split = await self.split(deadline)
@@ -186,7 +187,7 @@ class ModelRoute:
                                         stream.upstream)) from None
         finally:
             if self._observe is not None:
-                self._observe(len(group.items), code)
+                self._observe(group.items, code)
 
     @staticmethod
     def pin(version: str):
@@ -239,27 +240,30 @@ class Router:
 
     async def handle(self, body: bytes, early: Early | None = None) -> bytes:
         """A serialized InferGroup in, its serialized InferGroupResult out; the batcher's
-        early answers pass through as they are."""
+        early answers pass through as they are. Only the group's head is read, unless the
+        group is traced or shadowed: its items are the batcher's to parse."""
         try:
-            group = InferGroup.FromString(body)
-        except DecodeError as error:
+            head = GroupHead.read(body)
+            group = None if self._tracing is None and not self.shadowing.shadows(head) \
+                else InferGroup.FromString(body)
+        except (ValueError, DecodeError) as error:
             raise InvalidArgument(f"group is not a valid InferGroup message: {error}") from None
-        route = self.route(group.model_name)
+        route = self.route(head.model_name)
         try:
-            if self._tracing is None and not self.shadowing.shadows(group):
-                return await route.send(group, body, early)
+            if group is None:
+                return await route.send(head, body, early)
             return await self._inspected(route, group)
         except Failed as failed:
-            return error_group(len(group.items), failed.result)
+            return error_group(head.items, failed.result)
         except ServingError as error:
-            return error_group(len(group.items), error_result(error))
+            return error_group(head.items, error_result(error))
 
     async def _inspected(self, route: ModelRoute, group: InferGroup) -> bytes:
         """The slow path: a `router.route` span per request, a shadow copy of the group."""
         shadow = self.shadowing.mirror(group, self._shadow_sender(route))
         spans = None if self._tracing is None else self._start_spans(group, bool(shadow))
         try:
-            reply = await route.send(group, group.SerializeToString())
+            reply = await route.send(GroupHead.of(group), group.SerializeToString())
         except Failed as failed:
             if spans is not None:
                 end_spans(spans, [failed.result] * len(spans))
@@ -274,7 +278,7 @@ class Router:
     @staticmethod
     def _shadow_sender(route: ModelRoute):
         async def send(copy: InferGroup) -> list[ItemResult]:
-            reply = await route.send(copy, copy.SerializeToString())
+            reply = await route.send(GroupHead.of(copy), copy.SerializeToString())
             return list(InferGroupResult.FromString(reply).results)
 
         return send

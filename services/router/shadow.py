@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy
 
 from meshserve.common.arrays import NUMPY_DTYPE
+from meshserve.common.forwarding import GroupHead
 from meshserve.protocol.groups_pb2 import InferGroup, ItemResult
 
 TOLERANCE = 1e-5
@@ -55,7 +56,7 @@ class Shadowing:
         self._rng = rng or random.Random()
         self._tasks: set[asyncio.Task] = set()
 
-    def shadows(self, group: InferGroup) -> bool:
+    def shadows(self, group: GroupHead | InferGroup) -> bool:
         """Whether `group` may be copied: it is unpinned and its model has a shadow."""
         return not group.version and group.model_name in self.targets
 

@@ -1,15 +1,19 @@
 """Tests of group forwarding with a fake group call (no gRPC server, no network)."""
 
 import asyncio
+import contextlib
+import random
 
 import grpc
 import pytest
+from google.protobuf.message import DecodeError
 
 from meshserve.common import errors
 from meshserve.common.forwarding import (
     LINGER_FROM,
     Entry,
     GroupForwarder,
+    GroupHead,
     build_group,
     deadline_of,
     error_result,
@@ -277,6 +281,70 @@ async def test_any_entry_without_deadline_means_no_call_timeout():
     await asyncio.wait_for(forwarder.forward([entry("a", now + 1.0), entry("b", None)]), 2)
     assert fake.timeouts == [None]
     assert fake.item_timeouts[0] == [1_000_000, 0]
+
+
+GROUPS = {
+    "empty": InferGroup(),
+    "head only": InferGroup(model_name="mlp", version="2", timeout_us=5_000_000),
+    "one item": InferGroup(model_name="mlp", items=[
+        GroupItem(request=ModelInferRequest(model_name="mlp", raw_input_contents=[b"x" * 40]),
+                  request_id="1")]),
+    # items of one-, two- and three-byte lengths; the head after the items, as upb writes it
+    "items of every length": InferGroup(model_name="cnn", version="1", timeout_us=2**40, items=[
+        GroupItem(request=ModelInferRequest(raw_input_contents=[b"x" * size]), timeout_us=9)
+        for size in (10, 120, 1_000, 20_000, 49_152)]),
+    "with its group id": InferGroup(model_name="mlp", group_id=2**63),
+}
+
+
+@pytest.mark.parametrize("name", list(GROUPS))
+def test_group_head_reads_what_a_parse_would(name):
+    group = GROUPS[name]
+    body = group.SerializeToString()
+    framed = memoryview(b"\0" * 9 + body)[9:]  # as a stream's message hands it over
+    assert GroupHead.read(body) == GroupHead.read(framed) == GroupHead.of(group) == (
+        group.model_name, group.version, group.timeout_us, len(group.items))
+
+
+def test_group_head_of_a_group_built_by_hand():
+    entries = [Entry(ModelInferRequest(model_name="mlp", raw_input_contents=[b"y" * 300]), str(n),
+                     None) for n in range(3)]
+    body, _, _ = build_group("mlp", "1", [entries], 0.0, [])
+    assert GroupHead.read(body) == ("mlp", "1", 0, 3)
+
+
+def test_group_head_agrees_with_a_parse_wherever_the_parse_succeeds():
+    """Bytes changed at random in a group: where protobuf parses them, the head says what the
+    parsed group says; where it does not, the head may still be read (its items are not
+    looked into), and otherwise raises ValueError, never anything else."""
+    body = InferGroup(model_name="cnn", version="1", timeout_us=70_000, items=[
+        GroupItem(request=ModelInferRequest(raw_input_contents=[b"x" * size]), request_id="7")
+        for size in (10, 150)]).SerializeToString()
+    rng = random.Random(12)
+    parsed = 0
+    for _ in range(3_000):
+        changed = bytearray(body)
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(changed))
+            changed[at:at + rng.randint(0, 2)] = bytes(rng.randrange(256)
+                                                       for _ in range(rng.randint(0, 2)))
+        try:
+            group = InferGroup.FromString(bytes(changed))
+        except DecodeError:
+            with contextlib.suppress(ValueError):
+                GroupHead.read(changed)
+            continue
+        parsed += 1
+        assert GroupHead.read(changed) == GroupHead.of(group)
+    assert parsed > 300
+
+
+@pytest.mark.parametrize("body", [b"\x12\x05abc", b"\x0a\x02\xff\xfe", b"\x12\x80",
+                                  b"\x12\x80\x80\x80\x01"])
+def test_group_head_refuses_what_is_not_a_group(body):
+    # an item cut short, a model name not UTF-8, an item's length cut short, an item past the end
+    with pytest.raises(ValueError):
+        GroupHead.read(body)
 
 
 def test_build_group_carries_each_entry_whole():
