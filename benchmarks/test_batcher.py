@@ -125,7 +125,7 @@ class ImmediateCompute:
         self._replies = {}
 
     async def send(self, body, timeout=None, resend=True):
-        rows = InferGroup.FromString(body).items[0].request.inputs[0].shape[0]
+        rows = InferGroup.FromString(b"".join(body)).items[0].request.inputs[0].shape[0]
         self.rows.append(rows)
         reply = self._replies.get(rows)
         if reply is None:

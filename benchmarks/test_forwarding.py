@@ -34,7 +34,7 @@ def test_build_group_32(benchmark):
     entries = _entries()
     body, expired, longest = benchmark(
         lambda: build_group("mlp", "", [entries], time.monotonic(), []))
-    assert len(InferGroup.FromString(body).items) == ITEMS and not expired and longest > 0
+    assert len(InferGroup.FromString(b"".join(body)).items) == ITEMS and not expired and longest > 0
 
 
 class ImmediateUpstream:
@@ -46,7 +46,7 @@ class ImmediateUpstream:
         self._ok = ItemResult(response=batch_response("mlp", 1))
 
     async def call(self, body, timeout, early=None):
-        size = len(InferGroup.FromString(body).items)
+        size = len(InferGroup.FromString(b"".join(body)).items)
         self.sizes.append(size)
         reply = self._replies.get(size)
         if reply is None:

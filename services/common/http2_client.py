@@ -421,12 +421,12 @@ class _Call(Http2Stream):
         if self.finished:
             raise _error(self._code, self._details)
         payload = request if self._serialize is None else self._serialize(request)
-        if len(payload) > MAX_MESSAGE_BYTES:
+        size = h2.payload_size(payload)
+        if size > MAX_MESSAGE_BYTES:
             self._abandon(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"Sent message larger than max ({len(payload)} vs. "
-                          f"{MAX_MESSAGE_BYTES})")
+                          f"Sent message larger than max ({size} vs. {MAX_MESSAGE_BYTES})")
             raise _error(self._code, self._details)
-        self._queue(payload)
+        self._queue(payload, size)
         self.push()
         await self._wait_for_room()
         if self.finished and self._code != grpc.StatusCode.OK:

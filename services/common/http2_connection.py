@@ -381,15 +381,22 @@ class Http2Stream:
             self.connection.schedule_flush()
         return message
 
-    def _queue(self, payload: bytes) -> None:
-        """A message to send: one piece with its prefix, or a large one (WRITE_APART bytes or
-        more) as it is, after its prefix."""
-        if len(payload) < WRITE_APART:
-            self._outbox.append(memoryview(h2.message(payload)))
+    def _queue(self, payload: h2.Payload, size: int) -> None:
+        """A message of `size` bytes to send: one piece with its prefix, or a large one
+        (WRITE_APART bytes or more) as it is after its prefix (given in pieces: each run of
+        small ones joined, each large one as it is)."""
+        if not isinstance(payload, list):
+            pieces = (payload,)
+        elif max(map(len, payload), default=0) < WRITE_APART:
+            pieces = (b"".join(payload),)  # no piece to keep apart: one join, in C
         else:
-            self._outbox.append(memoryview(h2.message_prefix(len(payload))))
-            self._outbox.append(memoryview(payload))
-        self._unsent += 5 + len(payload)
+            pieces = h2.gathered(payload, WRITE_APART)
+        if size < WRITE_APART:
+            self._outbox.append(memoryview(h2.message(pieces[0])))
+        else:
+            self._outbox.append(memoryview(h2.message_prefix(size)))
+            self._outbox.extend(map(memoryview, pieces))
+        self._unsent += 5 + size
 
     def _send_queued(self) -> bool:
         """Send what the windows allow; True when nothing queued is left (the stream then

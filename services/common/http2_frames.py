@@ -235,6 +235,15 @@ def metadatum(name: bytes, value: bytes) -> tuple[str, str | bytes]:
     return key, value.decode("latin-1")
 
 
+# A message to send: its bytes, or a list of pieces whose join is its bytes (a large message
+# built from large parts goes out without being joined).
+Payload = bytes | memoryview | list
+
+
+def payload_size(payload: Payload) -> int:
+    return sum(map(len, payload)) if isinstance(payload, list) else len(payload)
+
+
 def message(payload: bytes, compressed: bool = False) -> bytes:
     return message_prefix(len(payload), compressed) + payload
 

@@ -508,7 +508,7 @@ class _Call(Http2Stream):
                           f"Sent message larger than max ({len(payload)} vs. "
                           f"{self.connection.server.max_send})")
         self._open()
-        self._queue(payload)
+        self._queue(payload, len(payload))
         self.push()
 
     def _open(self) -> None:

@@ -47,7 +47,11 @@ INFER = "Infer"
 def frame(group_id: int, body: bytes, partial: bool = False) -> bytes:
     """`body` (a serialized InferGroup or InferGroupResult) with its id written first; a
     `partial` answer (more follow) under `partial_group_id`."""
-    return bytes((PARTIAL_TAG if partial else ID_TAG,)) + group_id.to_bytes(8, "little") + body
+    return frame_head(group_id, partial) + body
+
+
+def frame_head(group_id: int, partial: bool = False) -> bytes:
+    return bytes((PARTIAL_TAG if partial else ID_TAG,)) + group_id.to_bytes(8, "little")
 
 
 def unframe(message: bytes) -> tuple[int, memoryview, bool]:
@@ -71,6 +75,8 @@ class StreamBroken(Exception):
 OpenStream = Callable[[], grpc.aio.StreamStreamCall]
 # Told of an early, partial answer to a group (a serialized InferGroupResult).
 Early = Callable[[bytes | memoryview], Awaitable[None]]
+# A group to send: its serialized bytes, or pieces whose join is its bytes (`serialized_group`).
+Body = bytes | memoryview | list[bytes | memoryview]
 # A group its stream never answered is sent once more: the peer went away (UNAVAILABLE), or
 # gRPC cancelled the stream as the peer began to shut down (CANCELLED).
 RESEND_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
@@ -144,7 +150,7 @@ class GroupStream:
             current.reader = loop.create_task(self._read(current))
         return current
 
-    async def send(self, body: bytes, timeout: float | None = None, *,
+    async def send(self, body: Body, timeout: float | None = None, *,
                    early: Early | None = None, resend: bool = True) -> bytes:
         """Write one group and wait for its (last) answer; `early`, when given, hears of
         each partial answer first (raises StreamBroken, TimeoutError). A group its stream
@@ -168,8 +174,9 @@ class GroupStream:
         if self._current is not None:
             self._retire(self._current)
 
-    async def _send_once(self, body: bytes, timeout: float | None,
+    async def _send_once(self, body: Body, timeout: float | None,
                          early: Early | None) -> bytes:
+        pieces = body if isinstance(body, list) else (body,)
         current = self._call()
         group_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
@@ -180,7 +187,7 @@ class GroupStream:
                     raise StreamBroken(grpc.StatusCode.UNAVAILABLE,
                                        f"{self.upstream} is going away")
                 try:
-                    await current.call.write(frame(group_id, body))
+                    await current.call.write([frame_head(group_id), *pieces])
                 except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
                     self._forget(current)  # the next group opens a fresh stream
                     if not future.done():
@@ -349,5 +356,9 @@ def group_handler(handle: Handle, draining: asyncio.Event,
 
 def start_stream(channel, metadata=None) -> grpc.aio.StreamStreamCall:
     """A new `GroupInference/Stream` call on `channel` (a grpc.aio channel, or the hops' own
-    `Http2Channel`; with `metadata`, e.g. a version pin), carrying raw bytes."""
-    return channel.stream_stream(f"/{SERVICE}/{STREAM}")(metadata=metadata)
+    `Http2Channel`; with `metadata`, e.g. a version pin), carrying raw bytes. Each message is
+    written as a list of pieces: the hops' own client sends them as they are, a grpc.aio
+    channel joins them."""
+    join = b"".join if isinstance(channel, grpc.aio.Channel) else None
+    return channel.stream_stream(f"/{SERVICE}/{STREAM}", request_serializer=join)(
+        metadata=metadata)

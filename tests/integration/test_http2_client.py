@@ -4,10 +4,11 @@ them, against gRPC's own server (`grpc.aio.server()`) and the project's (`Http2S
 Each server listens on loopback port 0 with mutual TLS and the dev CA's "ingress"
 certificate; the client presents the "client" certificate and expects "ingress". Checked:
 messages both ways with metadata, messages larger than every window (and the read buffers
-they grew given back), statuses (abort with details, an unknown method), cancellation
-reaching the server, new certificates (a new connection, the old one closing after its
-calls), a server of the wrong identity, no server (and the backoff after it), keepalive
-dropping a silent server, and the services refusing a target the client cannot dial.
+they grew given back), messages written in pieces, statuses (abort with details, an unknown
+method), cancellation reaching the server, new certificates (a new connection, the old one
+closing after its calls), a server of the wrong identity, no server (and the backoff after
+it), keepalive dropping a silent server, and the services refusing a target the client
+cannot dial.
 """
 
 import asyncio
@@ -74,6 +75,40 @@ async def test_messages_larger_than_every_window_go_both_ways(edge):
         assert await asyncio.wait_for(call.read(), TIMEOUT_S) == message
     await call.done_writing()
     assert await asyncio.wait_for(call.read(), TIMEOUT_S) is grpc.aio.EOF
+
+
+@pytest.mark.parametrize("sizes", [
+    (9, 30, 200),  # small: joined into one piece
+    (9, 2_000) * 20,  # small pieces that make a large message: joined too
+    (9, 3, 49_152, 40, 3, 49_152, 40),  # large pieces kept apart, the small between joined
+    (9, 6 * MiB, 5, 300_000),  # pieces past the windows and the frame
+])
+async def test_a_message_written_in_pieces_arrives_as_their_join(edge, sizes):
+    async def echo(requests, context):
+        async for request in requests:
+            yield request
+
+    channel = edge.own_channel(await serve(edge, {"Echo": streaming(echo)}))
+    call = channel.stream_stream(method("Echo"))()
+    pieces = [payload(size, seed) for seed, size in enumerate(sizes)]
+    pieces[1] = memoryview(pieces[1])  # a view, as a forwarded group's body is
+    for _ in range(2):
+        await asyncio.wait_for(call.write(pieces), TIMEOUT_S)
+    for _ in range(2):
+        assert await asyncio.wait_for(call.read(), TIMEOUT_S) == b"".join(pieces)
+    await call.done_writing()
+    assert await asyncio.wait_for(call.read(), TIMEOUT_S) is grpc.aio.EOF
+
+
+async def test_a_message_in_pieces_past_the_limit_is_refused_by_its_whole_size(edge,
+                                                                             monkeypatch):
+    monkeypatch.setattr(http2_client, "MAX_MESSAGE_BYTES", 1_000)
+    channel = edge.own_channel(await serve(edge, {"Echo": streaming(echo_each)}))
+    call = channel.stream_stream(method("Echo"))()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await asyncio.wait_for(call.write([b"x" * 600, b"y" * 600]), TIMEOUT_S)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.details() == "Sent message larger than max (1200 vs. 1000)"
 
 
 async def test_a_read_buffer_grown_by_large_frames_is_given_back_once_idle(edge, monkeypatch):

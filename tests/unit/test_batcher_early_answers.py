@@ -22,8 +22,8 @@ class GatedCompute(FakeCompute):
         self.gates: list[asyncio.Event] = []
         self.arrived = asyncio.Queue()
 
-    async def send(self, body: bytes, timeout=None, resend=True) -> bytes:
-        [item] = InferGroup.FromString(body).items
+    async def send(self, body: list[bytes], timeout=None, resend=True) -> bytes:
+        [item] = InferGroup.FromString(b"".join(body)).items
         self.ran.append([item.request.id])
         gate = asyncio.Event()
         self.gates.append(gate)

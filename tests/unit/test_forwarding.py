@@ -44,9 +44,9 @@ class FakeUpstream:
         self.extra = extra
         self.error = error
 
-    async def call(self, body: bytes, timeout: float | None,
+    async def call(self, body: list[bytes], timeout: float | None,
                    early=None) -> InferGroupResult:
-        group = InferGroup.FromString(body)
+        group = InferGroup.FromString(b"".join(body))
         assert group.model_name == "mlp"
         self.groups.append([item.request_id for item in group.items])
         self.item_timeouts.append([item.timeout_us for item in group.items])
@@ -310,7 +310,7 @@ def test_group_head_of_a_group_built_by_hand():
     entries = [Entry(ModelInferRequest(model_name="mlp", raw_input_contents=[b"y" * 300]), str(n),
                      None) for n in range(3)]
     body, _, _ = build_group("mlp", "1", [entries], 0.0, [])
-    assert GroupHead.read(body) == ("mlp", "1", 0, 3)
+    assert GroupHead.read(b"".join(body)) == ("mlp", "1", 0, 3)
 
 
 def test_group_head_agrees_with_a_parse_wherever_the_parse_succeeds():
@@ -353,7 +353,7 @@ def test_build_group_carries_each_entry_whole():
     second = Entry(ModelInferRequest(model_name="mlp", id="c2"), "r2", None)
     sent: list[tuple[int, int]] = []
     body, expired, longest = build_group("mlp", "2", [[first], [second]], NOW, sent)
-    group = InferGroup.FromString(body)
+    group = InferGroup.FromString(b"".join(body))
     assert (group.model_name, group.version, group.timeout_us) == ("mlp", "2", 0)
     assert list(group.items) == [
         GroupItem(request=first.request, request_id="r1", priority=2,
@@ -376,7 +376,7 @@ def test_serialized_group_joins_a_request_in_pieces_into_the_group_protobuf_woul
         GroupItem(request=request, request_id="r1", priority=1, traceparent="t",
                   timeout_us=4_000),
         GroupItem(request=ModelInferRequest(), request_id="r2")])
-    assert InferGroup.FromString(body) == expected
+    assert InferGroup.FromString(b"".join(body)) == expected
 
 
 async def test_all_expired_makes_no_call():
@@ -521,7 +521,7 @@ class EarlyUpstream:
         self.calls = asyncio.Queue()
 
     async def call(self, body, timeout, early=None):
-        ids = [item.request_id for item in InferGroup.FromString(body).items]
+        ids = [item.request_id for item in InferGroup.FromString(b"".join(body)).items]
         gate = self.gates[len(self.groups)]
         self.groups.append(ids)
         refused = [i for i, rid in enumerate(ids) if rid in self.refuse]

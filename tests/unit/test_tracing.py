@@ -77,9 +77,9 @@ class FakeCompute:
         self.stream = self
         self.traceparents: list[str] = []
 
-    async def send(self, body: bytes, timeout=None, resend=True) -> bytes:
+    async def send(self, body: list[bytes], timeout=None, resend=True) -> bytes:
         results = []
-        for item in InferGroup.FromString(body).items:
+        for item in InferGroup.FromString(b"".join(body)).items:
             self.traceparents.append(item.traceparent)
             rows = item.request.inputs[0].shape[0]
             response = ModelInferResponse(model_name="m", model_version="1")
