@@ -22,7 +22,14 @@ from meshserve.batcher.policy import BatchingPolicy, BatchQueue, Pending
 from meshserve.batcher.scheduler import Answers, Job, Replica, Scheduler
 from meshserve.common import runtime
 from meshserve.common.errors import InvalidArgument, NotFound, ServingError
-from meshserve.common.forwarding import deadline_of, error_result, one_item, raise_for
+from meshserve.common.forwarding import (
+    GroupHead,
+    deadline_of,
+    error_group,
+    error_result,
+    one_item,
+    raise_for,
+)
 from meshserve.common.http2_client import target_argument
 from meshserve.common.http2_server import server_ssl_context
 from meshserve.common.identity import Callers, add_callers_flag, default_callers
@@ -142,7 +149,7 @@ class Batcher:
         try:
             group = InferGroup.FromString(body)
         except DecodeError as error:
-            raise InvalidArgument(f"group is not a valid InferGroup message: {error}") from None
+            return refused_whole(body, error)
         if early is None or self._cache is not None:
             return InferGroupResult(results=await self.infer(group.items)).SerializeToString()
         answers = self._submit(group.items)
@@ -170,6 +177,18 @@ class Batcher:
     def _unready(self) -> ServingError:
         return no_replica(self.statistics.name, self.statistics.version,
                           self.scheduler.failover)
+
+
+def refused_whole(body: bytes, error: DecodeError) -> bytes:
+    """A group whose items do not parse (the router reads only a group's head): each item is
+    answered INVALID_ARGUMENT, and the stream it came on goes on. Raises InvalidArgument,
+    ending the stream, where not even the head reads."""
+    refusal = InvalidArgument(f"group is not a valid InferGroup message: {error}")
+    try:
+        items = GroupHead.read(body).items
+    except ValueError:
+        raise refusal from None
+    return error_group(items, error_result(refusal))
 
 
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):

@@ -37,7 +37,6 @@ def length_delimited(number: int, payload: bytes) -> bytes:
     return tag(number) + varint(len(payload)) + payload
 
 
-
 def read_field(data: bytes | memoryview, position: int) -> tuple[int, int, int, int]:
     """The top-level field of the serialized message `data` that starts at `position`: its
     number and wire type, and where its value lies, `data[start:end]` (a length-delimited

@@ -244,8 +244,8 @@ class Router:
         group is traced or shadowed: its items are the batcher's to parse."""
         try:
             head = GroupHead.read(body)
-            group = None if self._tracing is None and not self.shadowing.shadows(head) \
-                else InferGroup.FromString(body)
+            inspected = self._tracing is not None or self.shadowing.shadows(head)
+            group = InferGroup.FromString(body) if inspected else None
         except (ValueError, DecodeError) as error:
             raise InvalidArgument(f"group is not a valid InferGroup message: {error}") from None
         route = self.route(head.model_name)

@@ -1,16 +1,23 @@
 """Bad input, deadlines and internal mutual TLS, against `meshserve up`."""
 
+import asyncio
+
 import grpc
 import numpy
 import pytest
 
+from meshserve.common import streams, wire
+from meshserve.common.forwarding import serialized_group
 from meshserve.common.tls import TlsFiles, channel_credentials
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol import health_pb2
+from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.protocol.health_pb2_grpc import HealthStub
 from meshserve.tools.certs import init_certs
 from meshserve.tools.client import client_tls
+
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 
 def mlp_request(batch: int = 1, **changes) -> pb.ModelInferRequest:
@@ -188,3 +195,37 @@ async def test_internal_ports_refuse_strangers(mesh, foreign_ca):
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await health_check(target, channel)
             assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, (name, who)
+
+
+async def test_a_group_whose_items_do_not_parse_fails_alone_on_the_routers_stream(mesh):
+    """The router reads only a group's head and passes the group on; the batcher answers each
+    item of a group whose items do not parse INVALID_ARGUMENT, and the groups around it on the
+    same streams are answered as ever (before, the stream ended, failing them too)."""
+    target = f"127.0.0.1:{mesh.internal_ports()['router']}"
+    channel = grpc.aio.secure_channel(
+        target, channel_credentials(TlsFiles.for_identity(mesh.tls, "ingress")),
+        options=[("grpc.ssl_target_name_override", "router")])
+    good = serialized_group(InferGroup(model_name="mlp", version="1"),
+                            [([mlp_request().SerializeToString()], GroupItem(request_id="7"))])
+    # a second item whose request claims a model name longer than the bytes it holds
+    bad = [*good, wire.length_delimited(InferGroup.ITEMS_FIELD_NUMBER, wire.length_delimited(
+        GroupItem.REQUEST_FIELD_NUMBER, b"\x0a\x7fshort"))]
+    sent = [good, bad, good] * 3  # group ids 1 to 9, written back to back
+    async with channel:
+        call = streams.start_stream(channel)
+        for group_id, group in enumerate(sent, start=1):
+            await call.write([streams.frame_head(group_id), *group])
+        answers = {}
+        while len(answers) < len(sent):
+            group_id, body, partial = streams.unframe(await asyncio.wait_for(call.read(), 30))
+            if not partial:
+                answers[group_id] = InferGroupResult.FromString(body).results
+        call.cancel()
+    for group_id, group in enumerate(sent, start=1):
+        if group is bad:
+            assert [r.code for r in answers[group_id]] == [INVALID_ARGUMENT] * 2
+            assert all(r.message.startswith("group is not a valid InferGroup message: ")
+                       for r in answers[group_id])
+        else:
+            [answered] = answers[group_id]
+            assert answered.code == 0 and answered.response.model_version == "1", answered
