@@ -21,12 +21,13 @@ from meshserve.batcher.failover import FailoverSettings, no_replica
 from meshserve.batcher.policy import BatchingPolicy, BatchQueue, Pending
 from meshserve.batcher.scheduler import Answers, Job, Replica, Scheduler
 from meshserve.common import runtime
-from meshserve.common.errors import InvalidArgument, NotFound, ServingError
+from meshserve.common.errors import NotFound, ServingError
 from meshserve.common.forwarding import (
     GroupHead,
     deadline_of,
     error_group,
     error_result,
+    not_a_group,
     one_item,
     raise_for,
 )
@@ -183,7 +184,7 @@ def refused_whole(body: bytes, error: DecodeError) -> bytes:
     """A group whose items do not parse (the router reads only a group's head): each item is
     answered INVALID_ARGUMENT, and the stream it came on goes on. Raises InvalidArgument,
     ending the stream, where not even the head reads."""
-    refusal = InvalidArgument(f"group is not a valid InferGroup message: {error}")
+    refusal = not_a_group(error)
     try:
         items = GroupHead.read(body).items
     except ValueError:

@@ -17,7 +17,13 @@ from typing import NamedTuple
 import grpc
 
 from meshserve.common import wire
-from meshserve.common.errors import DeadlineExceeded, ServingError, Unavailable, from_code
+from meshserve.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ServingError,
+    Unavailable,
+    from_code,
+)
 from meshserve.common.streams import GroupStream, Handle, StreamBroken
 from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest
@@ -171,6 +177,11 @@ def serialized_group(head: InferGroup,
         field = _REQUEST + wire.varint(size)
         pieces += (_ITEM, wire.varint(len(field) + size + len(rest)), field, *request, rest)
     return pieces
+
+
+def not_a_group(error: Exception) -> InvalidArgument:
+    """The refusal of a group whose bytes do not parse (`error` says where)."""
+    return InvalidArgument(f"group is not a valid InferGroup message: {error}")
 
 
 class GroupHead(NamedTuple):

@@ -20,12 +20,11 @@ from meshserve.common import model_files, runtime
 from meshserve.common.errors import (
     FailedPrecondition,
     Internal,
-    InvalidArgument,
     NotFound,
     ServingError,
     Unavailable,
 )
-from meshserve.common.forwarding import error_result
+from meshserve.common.forwarding import error_result, not_a_group
 from meshserve.common.http2_server import server_ssl_context
 from meshserve.common.identity import Callers, add_callers_flag, default_callers
 from meshserve.common.metrics import ComputeMetrics, Metrics
@@ -267,7 +266,7 @@ def build_service(settings: ComputeSettings, metrics: Metrics | None = None,
         try:
             group = InferGroup.FromString(body)
         except DecodeError as error:
-            raise InvalidArgument(f"group is not a valid InferGroup message: {error}") from None
+            raise not_a_group(error) from None
         results = [await compute.answer(item.request, tracing, item.traceparent)
                    for item in group.items]
         return InferGroupResult(results=results).SerializeToString()

@@ -23,13 +23,14 @@ from grpc._cython import cygrpc
 from opentelemetry.trace import StatusCode
 
 from meshserve.common import runtime
-from meshserve.common.errors import InvalidArgument, ServingError, Unavailable
+from meshserve.common.errors import ServingError, Unavailable
 from meshserve.common.forwarding import (
     GroupHead,
     GroupObserver,
     error_group,
     error_result,
     failure_result,
+    not_a_group,
     one_item,
     raise_for,
 )
@@ -247,7 +248,7 @@ class Router:
             inspected = self._tracing is not None or self.shadowing.shadows(head)
             group = InferGroup.FromString(body) if inspected else None
         except (ValueError, DecodeError) as error:
-            raise InvalidArgument(f"group is not a valid InferGroup message: {error}") from None
+            raise not_a_group(error) from None
         route = self.route(head.model_name)
         try:
             if group is None:
