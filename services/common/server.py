@@ -46,9 +46,11 @@ class GuardedServer:
     """The server as services register on it: every handler is wrapped, as it is added, in
     the one place where domain errors become gRPC statuses (no interceptor runs per call).
 
-    ServingError → its status and message; anything else → INTERNAL with a fixed message and
-    an id that is logged with the stack trace. `admit`, when given, runs first on every call
-    but health checks and may abort it (the caller-identity check of internal servers).
+    ServingError → its status and message; a method of the protocol that the service does not
+    serve (the generated servicer's NotImplementedError) → UNIMPLEMENTED naming it; anything
+    else → INTERNAL with a fixed message and an id that is logged with the stack trace.
+    `admit`, when given, runs first on every call but health checks and may abort it (the
+    caller-identity check of internal servers).
     """
 
     def __init__(self, server: grpc.aio.Server, admit: Admit | None = None) -> None:
@@ -58,7 +60,7 @@ class GuardedServer:
     def guard(self, method: str, handler: grpc.RpcMethodHandler | None):
         if handler is None:
             return None
-        return _wrap(handler, None if method.startswith(HEALTH_PREFIX) else self._admit)
+        return _wrap(handler, None if method.startswith(HEALTH_PREFIX) else self._admit, method)
 
     def add_generic_rpc_handlers(self, handlers) -> None:
         self._server.add_generic_rpc_handlers(tuple(_Guarded(h, self) for h in handlers))
@@ -99,9 +101,15 @@ def retry_metadata(error: ServingError) -> tuple[tuple[str, str], ...]:
     return ((RETRY_AFTER_MS, str(max(1, round(error.retry_after * 1000)))),)
 
 
-async def abort_with(context: grpc.aio.ServicerContext, error: Exception) -> None:
+async def abort_with(context: grpc.aio.ServicerContext, error: Exception,
+                     method: str = "") -> None:
     if isinstance(error, ServingError):
         await context.abort(status_of(error), error.message, retry_metadata(error))
+    if isinstance(error, NotImplementedError) and method:
+        # A method of the service's protocol that this server does not serve: the generated
+        # servicer's default raises it (for the batcher's or compute's ModelMetadata, say).
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            f"method {method} is not served by this server")
     await context.abort(grpc.StatusCode.INTERNAL, internal_error_message(error))
 
 
@@ -126,7 +134,7 @@ def _decoding(deserializer):
     return decode
 
 
-def _guard(behavior, admit: Admit | None):
+def _guard(behavior, admit: Admit | None, method: str):
     async def guarded(request, context):
         try:
             if admit is not None:
@@ -137,12 +145,12 @@ def _guard(behavior, admit: Admit | None):
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as error:  # noqa: BLE001 — mapped to a status here
-            await abort_with(context, error)
+            await abort_with(context, error, method)
 
     return guarded
 
 
-def _guard_stream(behavior, admit: Admit | None):
+def _guard_stream(behavior, admit: Admit | None, method: str):
     async def guarded(request_or_iterator, context):
         try:
             if admit is not None:
@@ -155,25 +163,29 @@ def _guard_stream(behavior, admit: Admit | None):
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as error:  # noqa: BLE001 — mapped to a status here
-            await abort_with(context, error)
+            await abort_with(context, error, method)
 
     return guarded
 
 
-def _wrap(handler: grpc.RpcMethodHandler, admit: Admit | None) -> grpc.RpcMethodHandler:
+def _wrap(handler: grpc.RpcMethodHandler, admit: Admit | None,
+          method: str) -> grpc.RpcMethodHandler:
     codec = (handler.request_deserializer, handler.response_serializer)
     # One request message: an undecodable one reaches the guard, which refuses it clearly.
     single = (_decoding(handler.request_deserializer), handler.response_serializer)
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(_guard(handler.unary_unary, admit), *single)
+        return grpc.unary_unary_rpc_method_handler(
+            _guard(handler.unary_unary, admit, method), *single)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(_guard(handler.stream_unary, admit), *codec)
+        return grpc.stream_unary_rpc_method_handler(
+            _guard(handler.stream_unary, admit, method), *codec)
     if handler.stream_stream:
         # A generator answers by yielding; a coroutine reads and writes on its context.
         guard = _guard_stream if inspect.isasyncgenfunction(handler.stream_stream) else _guard
-        return grpc.stream_stream_rpc_method_handler(guard(handler.stream_stream, admit), *codec)
+        return grpc.stream_stream_rpc_method_handler(
+            guard(handler.stream_stream, admit, method), *codec)
     return grpc.unary_stream_rpc_method_handler(
-        _guard_stream(handler.unary_stream, admit), *single)
+        _guard_stream(handler.unary_stream, admit, method), *single)
 
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -110,3 +110,22 @@ async def test_health_is_open_to_every_mesh_certificate(mesh):
                 reply = await HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
                                                         timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING, (name, caller)
+
+
+@pytest.mark.parametrize(("kind", "caller"), [("compute", "batcher"), ("batcher", "router"),
+                                              ("router", "ingress")])
+async def test_a_method_a_hop_does_not_serve_is_unimplemented(mesh, kind, caller):
+    """The hops serve only part of the inference protocol; a caller they admit that asks
+    for the rest hears UNIMPLEMENTED and the method, not an internal error."""
+    if kind == "router":
+        target, model, version = address(mesh, "router"), "", ""
+    else:
+        name, model, version = one_version(mesh, kind)
+        target = address(mesh, name)
+    async with secure_channel(target, TlsFiles.for_identity(mesh.tls, caller), kind) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await GRPCInferenceServiceStub(channel).ModelMetadata(
+                pb.ModelMetadataRequest(name=model, version=version), timeout=10)
+    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert raised.value.details() == ("method /inference.GRPCInferenceService/ModelMetadata "
+                                      "is not served by this server")
