@@ -1,5 +1,9 @@
 """Priority levels as Triton's dynamic batcher defines them (1 = most urgent)."""
 
+# The largest priority a group item carries (its field is a uint32). Every priority past a
+# model's last level means that level, so a request's larger one travels as this.
+MAX_CARRIED = (1 << 32) - 1
+
 
 def priority_level(priority: int, levels: int, default_level: int) -> int:
     """The level of a request's `priority` in a model with `levels` levels (0 or 1: one).

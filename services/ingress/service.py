@@ -49,6 +49,7 @@ from meshserve.common.logs import (
     sample_fraction,
 )
 from meshserve.common.metrics import IngressMetrics, Metrics
+from meshserve.common.priority import MAX_CARRIED
 from meshserve.common.repository import ModelRepository
 from meshserve.common.server import HealthServicer, Service, internal_error_message
 from meshserve.common.tls import TlsFiles
@@ -268,7 +269,7 @@ class Ingress:
             classes = classification.requested(request, model)
         entry = Entry(request, request_id,
                       deadline_of(parameter(request, "timeout"), arrived, remaining),
-                      parameter(request, "priority"),
+                      min(parameter(request, "priority"), MAX_CARRIED),
                       "" if span is None else traceparent_of(span))
         forwarder = self._forwarder(request.model_name, request.model_version)
         self._bound(request.model_name).admit(entry.priority, forwarder.waiting,

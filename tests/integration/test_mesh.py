@@ -229,3 +229,26 @@ async def test_a_group_whose_items_do_not_parse_fails_alone_on_the_routers_strea
         else:
             [answered] = answers[group_id]
             assert answered.code == 0 and answered.response.model_version == "1", answered
+
+
+async def test_a_priority_past_every_level_is_the_last_level(mesh):
+    """Triton's `priority` is a uint64; past a model's levels it means the last level. A
+    request with one past 2^32 is answered as any other, and so are the requests grouped
+    with it (its group item's field is narrower; such a priority failed the whole group)."""
+    channel, stub = await public_stub(mesh)
+    async with channel:
+        plain = await stub.ModelInfer(mlp_request(model_version="2"), timeout=10)
+        for priority in (1 << 32, 1 << 62):
+            urgent = mlp_request(id="huge", model_version="2")
+            urgent.parameters["priority"].int64_param = priority
+            answers = await asyncio.gather(
+                stub.ModelInfer(urgent, timeout=10),
+                *(stub.ModelInfer(mlp_request(id=f"beside-{i}", model_version="2"), timeout=10)
+                  for i in range(8)))
+            assert sorted(a.id for a in answers) == sorted(
+                ["huge", *(f"beside-{i}" for i in range(8))])
+            expected = numpy.frombuffer(plain.raw_output_contents[0], numpy.float32)
+            for answer in answers:  # batched with others, so equal up to rounding
+                numpy.testing.assert_allclose(
+                    numpy.frombuffer(answer.raw_output_contents[0], numpy.float32), expected,
+                    rtol=1e-5, atol=1e-6)
