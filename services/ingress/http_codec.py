@@ -326,7 +326,10 @@ def encode_infer(response: pb.ModelInferResponse,
 
 
 def dump(document: object) -> bytes:
-    return json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
+    """The document as compact JSON. A non-finite float is written as Triton writes it
+    (`NaN`, `Infinity`, `-Infinity`, which it reads too, as do Python's json and so
+    tritonclient): a model's NaN output is an answer, not a server error."""
+    return json.dumps(document, separators=(",", ":")).encode()
 
 
 # --- other messages --------------------------------------------------------------------------

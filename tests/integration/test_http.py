@@ -131,6 +131,19 @@ def test_outputs_equal_the_grpc_paths(mesh, https, name, binary):
     assert raw == answer.raw_output_contents[0]
 
 
+def test_non_finite_outputs_come_back_as_json(mesh, https):
+    """Inputs that overflow the model give NaN and infinite outputs: answered 200 with
+    `NaN` and `Infinity` as Triton writes them, equal to a local forward pass."""
+    x = numpy.full((1, 256), 3e38, numpy.float32)
+    x[0, ::2] = -3e38
+    document, raw = http_outputs(https, "mlp", "2", x, binary=False)
+    module = torch.jit.load(str(mesh.data_dir / "models" / "mlp" / "2" / "model.pt")).eval()
+    with torch.inference_mode():
+        expected = module(torch.from_numpy(x)).numpy()
+    assert not numpy.isfinite(expected).all()
+    numpy.testing.assert_array_equal(numpy.frombuffer(raw, numpy.float32), expected.ravel())
+
+
 def test_the_classification_parameter_answers_the_top_classes(mesh, https):
     x = numpy.random.default_rng(4).standard_normal((2, 256), numpy.float32)
     tensor = {"name": "INPUT__0", "datatype": "FP32", "shape": [2, 256], "data": x.tolist()}

@@ -11,6 +11,7 @@ from meshserve.common.errors import InvalidArgument
 from meshserve.ingress.http_codec import (
     OutputEncoding,
     decode_infer,
+    dump,
     encode_infer,
     encode_request,
     json_to_raw,
@@ -183,6 +184,17 @@ def test_response_outputs_as_json_or_binary():
             {"name": "B", "datatype": "FP32", "shape": [1],
              "parameters": {"binary_data_size": 4}}]}
     assert binary == [numpy.array([3.0], "<f4").tobytes()]
+
+
+def test_non_finite_outputs_are_written_as_triton_writes_them():
+    response = pb.ModelInferResponse(model_name="m", model_version="1")
+    response.outputs.add(name="Y", datatype="FP32", shape=[4])
+    values = numpy.array([numpy.nan, numpy.inf, -numpy.inf, 0.5], "<f4")
+    response.raw_output_contents.append(values.tobytes())
+    document, _ = encode_infer(response, OutputEncoding())
+    written = dump(document)
+    assert b'"data":[NaN,Infinity,-Infinity,0.5]' in written
+    numpy.testing.assert_array_equal(json.loads(written)["outputs"][0]["data"], values)
 
 
 @pytest.mark.parametrize("binary", [True, False])
