@@ -1,6 +1,7 @@
 """Traffic policy and endpoints: what the control plane serves, as plain values. Pure."""
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 
 from meshserve.common.errors import InvalidArgument
@@ -58,11 +59,15 @@ class TrafficPolicy:
         return sorted(self.weights, key=int)
 
     def with_weights(self, weights: dict[str, int]) -> "TrafficPolicy":
-        unknown = sorted(set(weights) - set(self.weights), key=lambda v: (len(v), v))
+        self.refuse_unknown(weights)
+        return replace(self, weights={v: weights.get(v, 0) for v in self.weights})
+
+    def refuse_unknown(self, versions: Iterable[str]) -> None:
+        """InvalidArgument naming the first of `versions` that this policy does not name."""
+        unknown = sorted(set(versions) - set(self.weights), key=lambda v: (len(v), v))
         if unknown:
             raise InvalidArgument(f"model '{self.model}' has no version '{unknown[0]}' "
                                   f"(versions: {', '.join(self.versions)})")
-        return replace(self, weights={v: weights.get(v, 0) for v in self.weights})
 
     def pinned(self, version: str) -> "TrafficPolicy":
         """All unpinned traffic to one version."""
@@ -90,6 +95,9 @@ def parse_weights(pairs: list[str]) -> dict[str, int]:
         version, sep, weight = pair.partition("=")
         if not sep or not is_version(version) or not (weight.isascii() and weight.isdigit()):
             raise InvalidArgument(f"'{pair}' is not VERSION=WEIGHT (for example 1=90)")
+        if int(weight) > 100:
+            raise InvalidArgument(f"weight {weight} of version '{version}' is not between 0 "
+                                  "and 100")
         weights[version] = int(weight)
     return weights
 

@@ -12,7 +12,7 @@ import grpc
 from meshserve.common.errors import ServingError
 from meshserve.common.tls import TlsFiles, secure_channel
 from meshserve.mesh.canary import parse_duration, parse_steps
-from meshserve.mesh.policy import parse_weights
+from meshserve.mesh.policy import TrafficPolicy, parse_weights
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.tools.connection import add_connection_flags
@@ -103,8 +103,12 @@ async def call(args: argparse.Namespace) -> str:
             return format_status(await admin.Status(pb.StatusRequest(model=args.model or "")))
         if command == "set":
             current = (await admin.Status(pb.StatusRequest(model=args.model))).models[0].policy
-            policy = pb.Policy(model=args.model, weights=parse_weights(args.weights),
-                               shadow=current.shadow, region=current.region)
+            weights = parse_weights(args.weights)
+            # As `pin`, a version the model has: a typo must not send its traffic nowhere (a
+            # policy that names versions ahead of their rollout is SetPolicy's, in the API).
+            TrafficPolicy(args.model, dict(current.weights)).refuse_unknown(weights)
+            policy = pb.Policy(model=args.model, weights=weights, shadow=current.shadow,
+                               region=current.region)
             for version in current.weights:
                 policy.weights.setdefault(version, 0)
             reply = await admin.SetPolicy(pb.SetPolicyRequest(policy=policy, reason=args.reason))

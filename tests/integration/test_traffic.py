@@ -232,6 +232,11 @@ def test_traffic_cli_sets_and_shows_weights(mesh):
         bad = meshserve("traffic", "set", "mlp", "1=50", "2=60", data)
         assert bad.returncode == 1
         assert "weights of model 'mlp' sum to 110, not 100" in bad.stdout
+        for weights, refusal in ((["3=100"], "model 'mlp' has no version '3' (versions: 1, 2)"),
+                                 (["1=" + "9" * 20, "2=0"],
+                                  f"weight {'9' * 20} of version '1' is not between 0 and 100")):
+            bad = meshserve("traffic", "set", "mlp", *weights, data)  # a typo sends nothing
+            assert (bad.returncode, bad.stdout.strip()) == (2, f"error: {refusal}")
         back = meshserve("traffic", "rollback", "mlp", data)
         assert back.stdout.strip() == "mlp rolled back to: 1=90 2=10"
     finally:

@@ -225,6 +225,21 @@ def test_parse_weights_bad_names_the_pair(pairs, bad):
     assert caught.value.message == f"'{bad}' is not VERSION=WEIGHT (for example 1=90)"
 
 
+@pytest.mark.parametrize("weight", ["101", "9" * 20])
+def test_parse_weights_refuses_a_weight_past_100(weight):
+    with pytest.raises(InvalidArgument) as caught:  # one past 2^32 cannot travel at all
+        parse_weights(["1=0", f"2={weight}"])
+    assert caught.value.message == f"weight {weight} of version '2' is not between 0 and 100"
+
+
+def test_refuse_unknown_names_the_first_version_the_policy_lacks():
+    policy = TrafficPolicy("mlp", {"1": 90, "2": 10})
+    policy.refuse_unknown(["2", "1"])
+    with pytest.raises(InvalidArgument) as caught:
+        policy.refuse_unknown(["1", "12", "3"])
+    assert caught.value.message == "model 'mlp' has no version '3' (versions: 1, 2)"
+
+
 # address, (host, port)
 HOST_PORT = [
     ("10.0.0.1:8001", ("10.0.0.1", 8001)),
