@@ -259,7 +259,11 @@ class Ingress:
                      admit: Callable[[], None] | None) -> pb.ModelInferResponse:
         if admit is not None:
             self._step("ingress.auth", span, admit)
-        schema = self.schema(request.model_name, request.model_version)
+        schema = self.schema(request.model_name, "")
+        if request.model_version:  # "02" and " 2" mean 2, as the repository reads them
+            version = self.repository.version(request.model_name, request.model_version)
+            if version != request.model_version:
+                request.model_version = version
         if self.readiness is not None:
             self.readiness.admit(request.model_name, request.model_version)
         size = self._step("ingress.validate", span, lambda: schema.validate(request)).size

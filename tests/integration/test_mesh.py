@@ -252,3 +252,17 @@ async def test_a_priority_past_every_level_is_the_last_level(mesh):
                 numpy.testing.assert_allclose(
                     numpy.frombuffer(answer.raw_output_contents[0], numpy.float32), expected,
                     rtol=1e-5, atol=1e-6)
+
+
+async def test_a_version_written_otherwise_is_that_version(mesh):
+    """The repository reads "02" and " 2" as version 2, in the request or in the pin header:
+    such a request is answered by version 2 (it got UNAVAILABLE 'no route in the mesh'
+    with a retry hint, for ever)."""
+    channel, stub = await public_stub(mesh)
+    async with channel:
+        for written in ("02", " 2", "002"):
+            answer = await stub.ModelInfer(mlp_request(model_version=written), timeout=10)
+            assert answer.model_version == "2", written
+            pinned = await stub.ModelInfer(mlp_request(), timeout=10,
+                                           metadata=(("x-model-version", written),))
+            assert pinned.model_version == "2", written
