@@ -293,6 +293,10 @@ class Ingress:
         return result.response
 
 
+# The response parameter with which Triton marks the last answer to a streamed request.
+FINAL_RESPONSE = "triton_final_response"
+
+
 def pin_request(request: pb.ModelInferRequest, pin: str) -> None:
     if pin and not request.model_version:
         request.model_version = pin
@@ -452,6 +456,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                     infer_response=pb.ModelInferResponse(
                         model_name=request.model_name, model_version=request.model_version,
                         id=request.id))
+            # Each request has one answer, its last: said as Triton says it on a stream, for
+            # clients that read answers until one is final (decoupled models' clients).
+            answer.infer_response.parameters[FINAL_RESPONSE].bool_param = True
             await context.write(answer)
 
         tasks = set()

@@ -128,6 +128,8 @@ async def test_stream_infer_answers_every_request(mesh):
         answers = [a async for a in stub.ModelStreamInfer(iter(requests), timeout=30)]
     ok = sorted(a.infer_response.id for a in answers if not a.error_message)
     failed = [a for a in answers if a.error_message]
+    assert all(a.infer_response.parameters["triton_final_response"].bool_param
+               for a in answers)  # each request's one answer is its last, failed or not
     assert ok == sorted(f"s-{i}" for i in range(20))
     assert len(failed) == 1
     assert failed[0].error_message.startswith("INVALID_ARGUMENT: input 'INPUT__0' has datatype")

@@ -68,3 +68,12 @@ def test_200_concurrent_requests_are_correct_and_batched(report):
     assert inferences == 200
     assert after["success"] - before["success"] == 200
     assert 0 < executions < inferences  # requests shared batches
+
+
+def test_each_streamed_answer_says_it_is_final(report):
+    """A client that reads a stream until an answer is final (`triton_final_response`, as
+    Triton marks each request's last answer) gets one answer per request, not a hang."""
+    stream = report["stream"]
+    assert stream["final"] == {"s0": True, "s1": True, "s2": True}
+    assert stream["more"] == 0
+    assert stream["max_diff"] <= 1e-5

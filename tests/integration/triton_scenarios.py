@@ -6,6 +6,7 @@ cannot share a process with meshserve's. Usage: triton_scenarios.py ENDPOINT DAT
 
 import asyncio
 import json
+import queue
 import sys
 import warnings
 from pathlib import Path
@@ -87,6 +88,30 @@ def statistics(client: tc.InferenceServerClient, name: str, version: str) -> dic
             "success": stats.inference_stats.success.count}
 
 
+def stream_checks(endpoint: str, data_dir: Path) -> dict:
+    """Three requests on one stream, read as a client of decoupled models reads: answers
+    until one says it is final (`enable_empty_final_response`)."""
+    client = tc.InferenceServerClient(endpoint, **tls_args(data_dir / "tls"))
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    x = numpy.random.default_rng(13).standard_normal((1, 256), numpy.float32)
+    tensor = tc.InferInput("INPUT__0", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    for i in range(3):
+        client.async_stream_infer("mlp", [tensor], model_version="1", request_id=f"s{i}",
+                                  enable_empty_final_response=True)
+    final, diffs = {}, []
+    expected = local_forward(data_dir / "models", "mlp", "1", x)
+    while len(final) < 3:
+        result, error = answers.get(timeout=30)
+        assert error is None, error
+        flag = result.get_response().parameters.get("triton_final_response")
+        final[result.get_response().id] = flag is not None and flag.bool_param
+        diffs.append(float(numpy.abs(result.as_numpy("OUTPUT__0") - expected).max()))
+    client.stop_stream()
+    return {"final": final, "max_diff": max(diffs), "more": answers.qsize()}
+
+
 async def concurrent_checks(endpoint: str, data_dir: Path, count: int) -> dict:
     client = tca.InferenceServerClient(endpoint, **tls_args(data_dir / "tls"))
     inputs = numpy.random.default_rng(11).standard_normal((count, 1, 256), numpy.float32)
@@ -109,6 +134,7 @@ def main() -> None:
     endpoint, data_dir = sys.argv[1], Path(sys.argv[2])
     count = int(sys.argv[3]) if len(sys.argv) > 3 else 200
     report = sync_checks(endpoint, data_dir)
+    report["stream"] = stream_checks(endpoint, data_dir)
     client = tc.InferenceServerClient(endpoint, **tls_args(data_dir / "tls"))
     report["stats_before"] = statistics(client, "mlp", "1")
     report["concurrent"] = asyncio.run(concurrent_checks(endpoint, data_dir, count))
