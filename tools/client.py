@@ -15,6 +15,7 @@ from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.async_inference_pb2 import ResultRequest, ResultResponse
 from meshserve.protocol.async_inference_pb2_grpc import AsyncInferenceStub
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+from meshserve.tools.arguments import positive_int
 from meshserve.tools.random_requests import random_request
 
 
@@ -41,8 +42,8 @@ async def infer_once(args: argparse.Namespace) -> int:
             pb.ModelMetadataRequest(name=args.model, version=args.version), timeout=10)
         request, _ = random_request(metadata, args.batch, args.seed)
         request.model_version = args.version
-        if args.input:
-            array = numpy.load(args.input)
+        if args.input is not None:
+            array = args.input
             del request.raw_input_contents[:]
             request.inputs[0].ClearField("shape")
             request.inputs[0].shape.extend(array.shape)
@@ -92,6 +93,15 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def npy_array(text: str) -> numpy.ndarray:
+    """argparse type of `--input`: the array a .npy file holds (read before connecting)."""
+    try:
+        return numpy.load(text)
+    except (OSError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"cannot read '{text}' as a .npy file: {error}") \
+            from None
+
+
 def register(commands) -> None:
     parser = commands.add_parser("infer")
     parser.add_argument("model")
@@ -99,8 +109,8 @@ def register(commands) -> None:
     parser.add_argument("--target", default="127.0.0.1:8001")
     parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),
                         help="where `meshserve up` keeps its certificates")
-    parser.add_argument("--input", type=Path, help="a .npy file for the first input")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--input", type=npy_array, help="a .npy file for the first input")
+    parser.add_argument("--batch", type=positive_int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--async", dest="use_async", action="store_true",
