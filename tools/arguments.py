@@ -15,6 +15,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_empty(text: str) -> str:
+    """Text with something in it besides spaces."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def positive_float(text: str) -> float:
     """A number above 0."""
     return _number(text, lambda value: value > 0, "a number above 0")

@@ -244,6 +244,9 @@ def run(args: argparse.Namespace) -> int:
     except ServingError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return 2
+    except OSError as error:  # --out where the archive cannot be written, say
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(describe(result))
     return 0
 

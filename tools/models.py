@@ -125,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
     except ServingError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return 1
+    except OSError as error:  # the file to push, its --config, or where a fetch writes
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 def verify(args: argparse.Namespace) -> int:
@@ -133,11 +136,11 @@ def verify(args: argparse.Namespace) -> int:
                                               [args.data_dir / "keys" / "trusted"])
         kek_file = model_files.kek_path(args.kek_file, {})
         kek = model_files.read_kek(kek_file) if kek_file else None
+        ensembles = frozenset(ModelRepository.load(args.repository).ensembles())
     except ServingError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return 2
     checked = []
-    ensembles = frozenset(ModelRepository.load(args.repository).ensembles())
     problems = model_files.verify_repository(args.repository, trusted, kek,
                                              lambda m, v: checked.append(f"{m}/{v}"),
                                              without_artifact=ensembles)

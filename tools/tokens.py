@@ -37,6 +37,7 @@ from meshserve.ingress.tokens import (
     parse_jwks,
     sign,
 )
+from meshserve.tools.arguments import non_empty, positive_int
 from meshserve.tools.connection import add_connection_flags
 
 SIGNING_KEY = "signing.key"
@@ -206,7 +207,9 @@ def register(commands) -> None:
     parser = commands.add_parser("token")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     issue_parser = actions.add_parser("issue", help="print a signed bearer token")
-    issue_parser.add_argument("--subject", required=True, help="the principal it names")
+    issue_parser.add_argument("--subject", required=True, type=non_empty,
+                              help="the principal it names (the ingress refuses a token "
+                                   "without one)")
     issue_parser.add_argument("--scope", action="append", metavar="ACTION",
                               help="an action it allows (repeatable; default: no limit "
                                    "beyond the policy)")
@@ -221,7 +224,7 @@ def register(commands) -> None:
                               help="do not record the issuance in the audit log (offline)")
     issue_parser.set_defaults(func=_issue)
     rotate_parser = actions.add_parser("rotate-key", help="start signing with a new key")
-    rotate_parser.add_argument("--keep", type=int, default=2,
+    rotate_parser.add_argument("--keep", type=positive_int, default=2,
                                help="public keys kept in jwks.json, the new one included "
                                     "(default 2: the previous key stays valid)")
     rotate_parser.set_defaults(func=_rotate)

@@ -318,6 +318,10 @@ def test_the_commands_say_what_they_did_and_keep_n_archives(mesh: Path, tmp_path
     assert cli.main(["backup", "--data-dir", str(tmp_path / "typo"), "--signing-key",
                      str(mesh / "keys" / "signing.key")]) == 2
     assert "no store at" in capsys.readouterr().err
+    unwritable = newest / "archive.tar"  # under a file: no directory to write into
+    assert cli.main(["backup", "--data-dir", str(mesh), "--out", str(unwritable)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: [Errno ") and str(newest) in err and err.count("\n") == 1
     assert not (tmp_path / "typo").exists()
 
 
