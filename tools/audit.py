@@ -12,10 +12,11 @@ store directly (a SQLite file or a postgresql:// URL), for when the control plan
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 import grpc
 
-from meshserve.common.errors import ServingError
+from meshserve.common.errors import FailedPrecondition, ServingError
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.tools.checks import verdict
@@ -36,8 +37,13 @@ def report(problems: list[str], count: int, head: str) -> int:
 
 
 def verify_store(args: argparse.Namespace) -> int:
+    from meshserve.mesh.database_urls import postgresql_url, sqlite_path
     from meshserve.mesh.store import Store
 
+    if postgresql_url(args.store) is None:  # opening a file store creates a missing one
+        path = sqlite_path(args.store)
+        if path != ":memory:" and not Path(path).is_file():
+            raise FailedPrecondition(f"no store at {path}")
     with Store.open(args.store) as store:
         entries = store.audit()
         problems = store.verify_audit(anchor=args.anchor or None)

@@ -383,8 +383,8 @@ def run(args: argparse.Namespace) -> int:
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://{args.otlp}"
     try:
         return asyncio.run(serve_until_stopped(args))
-    except (RuntimeError, TimeoutError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (RuntimeError, TimeoutError, OSError) as error:  # OSError: a data directory
+        print(f"error: {error}", file=sys.stderr)  # that cannot be written, say
         return 1
 
 

@@ -37,3 +37,20 @@ def test_models_push_of_a_missing_file(tmp_path, capsys):
                  "--data-dir", str(tmp_path), "--control-plane", "127.0.0.1:9"]) == 1
     assert capsys.readouterr().err == \
         f"error: [Errno 2] No such file or directory: '{missing}'\n"
+
+
+@pytest.mark.parametrize("written", ["{}", "sqlite:///{}"])
+def test_audit_verify_of_a_missing_store_neither_passes_nor_creates_it(tmp_path, capsys,
+                                                                       written):
+    store = tmp_path / "typo" / "mesh.db"
+    assert main(["audit", "verify", "--store", written.format(store)]) == 2
+    assert capsys.readouterr().err == f"error: no store at {store}\n"
+    assert not store.parent.exists()
+
+
+def test_up_with_a_data_directory_it_cannot_write(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["up", "--data-dir", str(blocker / "data"), "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: [Errno 20] Not a directory: ") and str(blocker) in err
