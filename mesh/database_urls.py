@@ -74,3 +74,11 @@ def sqlite_path(path_or_url: str | Path) -> str:
         raise InvalidArgument(f"'{text}' is not sqlite:///PATH (three slashes, then the path)")
     return rest[1:]
 
+
+def missing_store_file(path_or_url: str | Path) -> str | None:
+    """The file of a SQLite store that does not exist (opening it would create it); None for
+    one that exists, an in-memory store or a PostgreSQL URL."""
+    if postgresql_url(path_or_url) is not None:
+        return None
+    path = sqlite_path(path_or_url)
+    return None if path == ":memory:" or Path(path).is_file() else path

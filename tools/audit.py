@@ -12,7 +12,6 @@ store directly (a SQLite file or a postgresql:// URL), for when the control plan
 import argparse
 import asyncio
 import sys
-from pathlib import Path
 
 import grpc
 
@@ -37,13 +36,12 @@ def report(problems: list[str], count: int, head: str) -> int:
 
 
 def verify_store(args: argparse.Namespace) -> int:
-    from meshserve.mesh.database_urls import postgresql_url, sqlite_path
+    from meshserve.mesh.database_urls import missing_store_file
     from meshserve.mesh.store import Store
 
-    if postgresql_url(args.store) is None:  # opening a file store creates a missing one
-        path = sqlite_path(args.store)
-        if path != ":memory:" and not Path(path).is_file():
-            raise FailedPrecondition(f"no store at {path}")
+    missing = missing_store_file(args.store)
+    if missing:  # verifying must not create an empty store and find it intact
+        raise FailedPrecondition(f"no store at {missing}")
     with Store.open(args.store) as store:
         entries = store.audit()
         problems = store.verify_audit(anchor=args.anchor or None)

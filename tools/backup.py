@@ -37,6 +37,7 @@ from meshserve.common.errors import FailedPrecondition, ServingError
 from meshserve.mesh import backup
 from meshserve.mesh.audit import utc_timestamp
 from meshserve.mesh.database import SCHEMA_VERSION
+from meshserve.mesh.database_urls import missing_store_file
 from meshserve.mesh.store import Store
 from meshserve.tools.arguments import positive_int
 
@@ -121,8 +122,9 @@ def create_backup(layout: Layout, out: Path, signing_key: Ed25519PrivateKey, *,
     is named by time), sign it, prune the directory to the newest `keep` and audit the
     backup."""
     actor = actor or default_actor()
-    if "://" not in layout.store and not Path(layout.store).is_file():
-        raise FailedPrecondition(f"no store at {layout.store}: give the control plane's "
+    missing = missing_store_file(layout.store)
+    if missing:
+        raise FailedPrecondition(f"no store at {missing}: give the control plane's "
                                  "--store (or the --data-dir that holds mesh.db)")
     created_at = utc_timestamp(clock())
     to_file = out.suffix == backup.ARCHIVE_SUFFIX

@@ -8,6 +8,7 @@ import pytest
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from meshserve.mesh.audit import GENESIS
 from meshserve.mesh.database import POSTGRESQL, SQLITE
+from meshserve.mesh.database_urls import missing_store_file
 from meshserve.mesh.policy import Endpoint, MeshState, Shadow, TrafficPolicy
 from meshserve.mesh.store import Store
 from meshserve.mesh.store_canaries import OVER_START, RESTORE, START
@@ -421,3 +422,13 @@ def test_model_versions_are_recorded_and_audited(store: Store) -> None:
     assert store.verify_audit() == []
     with pytest.raises(InvalidArgument, match="digest must be a non-empty string"):
         store.add_model_version("mlp", "3", "", "ed25519:k1", "{}", actor="ci")
+
+
+def test_missing_store_file_names_only_a_sqlite_file_that_is_not_there(tmp_path) -> None:
+    present = tmp_path / "mesh.db"
+    present.write_bytes(b"")
+    assert missing_store_file(present) is None
+    assert missing_store_file(f"sqlite:///{tmp_path}/nope.db") == f"{tmp_path}/nope.db"
+    assert missing_store_file(str(tmp_path / "nope.db")) == str(tmp_path / "nope.db")
+    assert missing_store_file("sqlite://") is None  # in memory
+    assert missing_store_file("postgresql://mesh@db.internal:5432/mesh") is None
