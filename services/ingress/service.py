@@ -171,10 +171,15 @@ class Ingress:
         return forwarder
 
     def config(self, name: str, version: str):
-        entry = self.repository.get(name)
-        if version:
-            self.repository.version(name, version)
-        return entry
+        self.served_version(name, version)
+        return self.repository.get(name)
+
+    def served_version(self, name: str, version: str) -> str:
+        """The version a request for `version` of model `name` means, as the repository reads
+        it ("02" and " 2" are "2"); "" stays "", the mesh's to choose. NOT_FOUND for an
+        unknown model or version."""
+        self.repository.get(name)
+        return self.repository.version(name, version) if version else ""
 
     async def infer(self, request: pb.ModelInferRequest, remaining: float | None,
                     traceparent: str = "",
@@ -260,10 +265,9 @@ class Ingress:
         if admit is not None:
             self._step("ingress.auth", span, admit)
         schema = self.schema(request.model_name, "")
-        if request.model_version:  # "02" and " 2" mean 2, as the repository reads them
-            version = self.repository.version(request.model_name, request.model_version)
-            if version != request.model_version:
-                request.model_version = version
+        version = self.served_version(request.model_name, request.model_version)
+        if version != request.model_version:  # forwarded as the hops know it
+            request.model_version = version
         if self.readiness is not None:
             self.readiness.admit(request.model_name, request.model_version)
         size = self._step("ingress.validate", span, lambda: schema.validate(request)).size
@@ -349,12 +353,13 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         """As Triton answers it: a model or version it does not serve is not ready."""
         self._may(context, "models:read", request.name)
         try:
-            self._ingress.config(request.name, request.version)
+            version = self._ingress.served_version(request.name, request.version)
         except NotFound:
             return pb.ModelReadyResponse(ready=False)
         if request.name in self._ingress.ensembles:
-            return pb.ModelReadyResponse(ready=await self._ready(request.name, request.version))
-        return await self._ingress.router.inference.ModelReady(request, timeout=5)
+            return pb.ModelReadyResponse(ready=await self._ready(request.name, version))
+        return await self._ingress.router.inference.ModelReady(
+            pb.ModelReadyRequest(name=request.name, version=version), timeout=5)
 
     async def _ready(self, name: str, version: str) -> bool:
         """A version is ready when its batcher is; an ensemble when all its steps are."""
@@ -387,12 +392,11 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         if request.name:
             self._may(context, "models:read", request.name)
         for name in [request.name] if request.name else self._readable(context):
-            entry = self._ingress.config(name, request.version)
+            wanted = self._ingress.served_version(name, request.version)
             if name in self._ingress.ensembles:
-                response.model_stats.extend(self._ingress.ensembles.statistics(
-                    name, request.version))
+                response.model_stats.extend(self._ingress.ensembles.statistics(name, wanted))
                 continue
-            for version in [request.version] if request.version else entry.versions:
+            for version in [wanted] if wanted else self._ingress.repository.get(name).versions:
                 reply = await self._ingress.router.inference.ModelStatistics(
                     pb.ModelStatisticsRequest(name=name, version=version), timeout=5)
                 response.model_stats.extend(reply.model_stats)

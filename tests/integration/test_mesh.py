@@ -257,9 +257,9 @@ async def test_a_priority_past_every_level_is_the_last_level(mesh):
 
 
 async def test_a_version_written_otherwise_is_that_version(mesh):
-    """The repository reads "02" and " 2" as version 2, in the request or in the pin header:
-    such a request is answered by version 2 (it got UNAVAILABLE 'no route in the mesh'
-    with a retry hint, for ever)."""
+    """The repository reads "02" and " 2" as version 2, in the request, in the pin header, and
+    in ModelReady and ModelStatistics: each is answered for version 2 (inference got
+    UNAVAILABLE 'no route in the mesh' with a retry hint, for ever; the others INTERNAL)."""
     channel, stub = await public_stub(mesh)
     async with channel:
         for written in ("02", " 2", "002"):
@@ -268,3 +268,9 @@ async def test_a_version_written_otherwise_is_that_version(mesh):
             pinned = await stub.ModelInfer(mlp_request(), timeout=10,
                                            metadata=(("x-model-version", written),))
             assert pinned.model_version == "2", written
+            ready = await stub.ModelReady(pb.ModelReadyRequest(name="mlp", version=written),
+                                          timeout=10)
+            assert ready.ready, written  # these two answered INTERNAL
+            stats = await stub.ModelStatistics(
+                pb.ModelStatisticsRequest(name="mlp", version=written), timeout=10)
+            assert [(s.name, s.version) for s in stats.model_stats] == [("mlp", "2")]
