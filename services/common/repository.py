@@ -347,8 +347,9 @@ class ModelRepository:
         if not version:
             return entry.default_version
         wanted = version.strip()
+        # "02" is version 2; int() would read it too, but raises past 4,300 digits.
         if wanted.isascii() and wanted.isdigit():
-            wanted = str(int(wanted))
+            wanted = wanted.lstrip("0") or "0"
         if wanted not in entry.versions:
             raise NotFound(
                 f"model '{name}' has no version '{version}' (served: {', '.join(entry.versions)})"

@@ -101,10 +101,26 @@ def retry_metadata(error: ServingError) -> tuple[tuple[str, str], ...]:
     return ((RETRY_AFTER_MS, str(max(1, round(error.retry_after * 1000)))),)
 
 
+# The most of a status message that goes back, in UTF-8 bytes. The message travels in a
+# header (percent-encoded), and gRPC clients drop an answer whose headers pass 8 KiB: a model
+# or input name thousands of characters long, echoed back, turned NOT_FOUND into
+# RESOURCE_EXHAUSTED ("received metadata size exceeds soft limit").
+MAX_DETAILS_BYTES = 1024
+
+
+def status_details(message: str) -> str:
+    """`message`, cut to MAX_DETAILS_BYTES and marked "…" where it was cut."""
+    data = message.encode()
+    if len(data) <= MAX_DETAILS_BYTES:
+        return message
+    return data[:MAX_DETAILS_BYTES - 3].decode(errors="ignore") + "…"
+
+
 async def abort_with(context: grpc.aio.ServicerContext, error: Exception,
                      method: str = "") -> None:
     if isinstance(error, ServingError):
-        await context.abort(status_of(error), error.message, retry_metadata(error))
+        await context.abort(status_of(error), status_details(error.message),
+                            retry_metadata(error))
     if isinstance(error, NotImplementedError) and method:
         # A method of the service's protocol that this server does not serve: the generated
         # servicer's default raises it (for the batcher's or compute's ModelMetadata, say).

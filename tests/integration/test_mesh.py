@@ -274,3 +274,23 @@ async def test_a_version_written_otherwise_is_that_version(mesh):
             stats = await stub.ModelStatistics(
                 pb.ModelStatisticsRequest(name="mlp", version=written), timeout=10)
             assert [(s.name, s.version) for s in stats.model_stats] == [("mlp", "2")]
+
+
+async def test_a_status_that_echoes_a_very_long_name_is_cut_not_lost(mesh):
+    """A status message travels in a header, and gRPC clients drop an answer whose headers
+    pass 8 KiB: echoing a 10,000-character name turned NOT_FOUND into RESOURCE_EXHAUSTED.
+    Now the message is cut at 1 KiB. A version of 5,000 digits is NOT_FOUND (it was
+    INTERNAL: int() refuses past 4,300 digits)."""
+    channel, stub = await public_stub(mesh)
+    async with channel:
+        for request_, code, start in (
+                (mlp_request(model_name="m" * 10_000), grpc.StatusCode.NOT_FOUND,
+                 "unknown model 'mmm"),
+                (mlp_request(model_version="9" * 5_000), grpc.StatusCode.NOT_FOUND,
+                 "model 'mlp' has no version '999")):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.ModelInfer(request_, timeout=10)
+            details = raised.value.details()
+            assert raised.value.code() == code
+            assert details.startswith(start) and details.endswith("…")
+            assert len(details.encode()) <= 1024

@@ -240,6 +240,9 @@ def test_version_lookup(tmp_path):
     assert info.value.message == "model 'mlp' has no version '7' (served: 1, 2)"
     with pytest.raises(NotFound, match="no version '3'"):
         repo.version("mlp", "3")
+    assert [repo.version("mlp", v) for v in ("02", " 1 ", "0" * 5000 + "2")] == ["2", "1", "2"]
+    with pytest.raises(NotFound, match="no version '9999"):  # past int()'s 4,300 digits
+        repo.version("mlp", "9" * 5000)
     assert repo.artifact("mlp", "") == tmp_path / "mlp" / "2" / "model.pt"
     assert repo.artifact("mlp", "1") == tmp_path / "mlp" / "1" / "model.pt"
 
