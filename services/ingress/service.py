@@ -178,8 +178,10 @@ class Ingress:
         """The version a request for `version` of model `name` means, as the repository reads
         it ("02" and " 2" are "2"); "" stays "", the mesh's to choose. NOT_FOUND for an
         unknown model or version."""
+        if version:
+            return self.repository.version(name, version)
         self.repository.get(name)
-        return self.repository.version(name, version) if version else ""
+        return ""
 
     async def infer(self, request: pb.ModelInferRequest, remaining: float | None,
                     traceparent: str = "",
