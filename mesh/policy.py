@@ -41,9 +41,7 @@ class TrafficPolicy:
             if not is_version(version):
                 raise InvalidArgument(f"version '{version}' of model '{self.model}' is not a "
                                       "number")
-            if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 100:
-                raise InvalidArgument(f"weight {weight} of version '{version}' is not between "
-                                      "0 and 100")
+            check_weight(version, weight)
         if sum(self.weights.values()) != 100:
             raise InvalidArgument(f"weights of model '{self.model}' sum to "
                                   f"{sum(self.weights.values())}, not 100")
@@ -95,11 +93,16 @@ def parse_weights(pairs: list[str]) -> dict[str, int]:
         version, sep, weight = pair.partition("=")
         if not sep or not is_version(version) or not (weight.isascii() and weight.isdigit()):
             raise InvalidArgument(f"'{pair}' is not VERSION=WEIGHT (for example 1=90)")
-        if int(weight) > 100:
-            raise InvalidArgument(f"weight {weight} of version '{version}' is not between 0 "
-                                  "and 100")
         weights[version] = int(weight)
+        check_weight(version, weights[version])  # as read: past 2^32 it could not travel
     return weights
+
+
+def check_weight(version: str, weight: object) -> None:
+    """InvalidArgument unless `weight` is a whole percent, 0 to 100."""
+    if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 100:
+        raise InvalidArgument(f"weight {weight} of version '{version}' is not between 0 and "
+                              "100")
 
 
 @dataclass(frozen=True)
