@@ -47,6 +47,7 @@ from meshserve.ingress.http_server import (
     HttpRequest,
     HttpResponse,
     HttpServer,
+    is_count,
 )
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.async_inference_pb2 import ResultRequest, ResultResponse
@@ -96,7 +97,7 @@ def header_length(request: HttpRequest) -> int | None:
     text = request.headers.get(HEADER_LENGTH)
     if text is None:
         return None
-    if not text.strip().isdigit():
+    if not is_count(text.strip()):
         raise InvalidArgument(f"Inference-Header-Content-Length must be a non-negative "
                               f"integer, not '{text}'")
     return int(text)
@@ -111,15 +112,28 @@ def body_of(request: HttpRequest, limit: int) -> bytes:
     if encoding not in ("gzip", "deflate"):
         raise InvalidArgument(f"Content-Encoding '{encoding}' is not supported (gzip, "
                               "deflate or identity)")
-    inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
-    try:
-        body = inflater.decompress(request.body, limit + 1)
-    except zlib.error as error:
-        raise InvalidArgument(f"the {encoding} body does not decompress: {error}") from None
-    if len(body) > limit:
-        raise InvalidArgument(f"the {encoding} body decompresses to more than the limit of "
-                              f"{limit} bytes")
-    return body
+    parts: list[bytes] = []
+    size = 0
+    rest = request.body
+    while rest:  # gzip: one member after another (RFC 1952 §2.2); deflate: one stream
+        inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
+        try:
+            part = inflater.decompress(rest, limit + 1 - size)
+        except zlib.error as error:
+            raise InvalidArgument(f"the {encoding} body does not decompress: {error}") from None
+        size += len(part)
+        if size > limit:
+            raise InvalidArgument(f"the {encoding} body decompresses to more than the limit "
+                                  f"of {limit} bytes")
+        if not inflater.eof:
+            raise InvalidArgument(f"the {encoding} body does not decompress: it ends before "
+                                  f"its compressed stream does")
+        parts.append(part)
+        rest = inflater.unused_data
+        if rest and encoding != "gzip":
+            raise InvalidArgument(f"the {encoding} body does not decompress: "
+                                  f"{len(rest)} bytes follow its compressed stream")
+    return b"".join(parts)
 
 
 def flag(query: dict[str, list[str]], name: str) -> bool:
@@ -152,10 +166,13 @@ class HttpApi:
         found = route(path)
         if found is None:
             return error_response(NotFound(f"no route for {request.method} {path}"))
-        if request.method != found.method:
-            return HttpResponse(405, dump({"error": f"{path} takes {found.method}, not "
+        # HEAD is served as GET; the server sends its answer without the body.
+        method = "GET" if request.method == "HEAD" else request.method
+        if method != found.method:
+            allowed = "GET, HEAD" if found.method == "GET" else found.method
+            return HttpResponse(405, dump({"error": f"{path} takes {allowed}, not "
                                                     f"{request.method}"}),
-                                headers=(("allow", found.method),))
+                                headers=(("allow", allowed),))
         query = parse_qs((url.query or b"").decode("latin-1"))
         try:
             return await getattr(self, found.name)(request, found, query)
@@ -236,7 +253,7 @@ class HttpApi:
         if self._async is None:
             raise NotFound(NO_ASYNC)
         wait = query.get("wait_ms", ["0"])[-1]
-        if not wait.isdigit():
+        if not is_count(wait):
             raise InvalidArgument(f"query parameter 'wait_ms' must be a non-negative integer, "
                                   f"not '{wait}'")
         reply = await self._async.Result(

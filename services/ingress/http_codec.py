@@ -56,6 +56,8 @@ def parse_json(data: bytes | memoryview, what: str = "request body") -> object:
         return json.loads(bytes(data))
     except (UnicodeDecodeError, ValueError) as error:
         raise InvalidArgument(f"{what} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise InvalidArgument(f"{what} nests JSON arrays or objects too deeply") from None
 
 
 def _object(value: object, where: str) -> dict:

@@ -13,11 +13,13 @@ claims: a declared body over `max_body_bytes` is answered 413 as soon as its hea
 (and the connection closed), a chunked one the moment it grows past the limit; headers over
 `max_header_bytes` get 431; a request whose bytes stop arriving for `read_timeout` seconds
 gets 408 (a Content-Length larger than the body sent, say); the body whose bytes take the
-bodies still arriving on all connections past `max_unfinished_bytes` gets 503 (so clients
-that open many connections and never finish their bodies cannot make the server hold the
-body limit on each); unparseable bytes get 400.
-`Expect: 100-continue` is answered. The client's certificate (TLS), if any, rides on each
-request as PEM.
+bodies the server holds unhandled (still arriving, or whole and waiting behind pipelined
+requests) on all connections past `max_unfinished_bytes` gets 503 (so clients that open many
+connections, or pipeline many bodies, cannot make the server hold the body limit many
+times over); unparseable bytes get 400. Fields in a chunked body's trailer are not merged into
+the headers (RFC 9110 §6.5.1). HEAD is answered as GET, without the body. `Expect:
+100-continue` is answered in its request's turn. The client's certificate (TLS), if any, rides
+on each request as PEM.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class HttpLimits:
     read_timeout: float = 30.0  # a request in progress with no new bytes for this long: 408
     idle_timeout: float = 75.0  # a kept-alive connection with no request for this long: closed
     max_pipelined: int = 16
-    max_unfinished_bytes: int = 256 << 20  # bodies still arriving, all connections together
+    max_unfinished_bytes: int = 256 << 20  # bodies not yet handled, all connections together
 
 
 @dataclass
@@ -56,6 +58,7 @@ class HttpRequest:
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
     body: bytes = b""
     certificate: bytes | None = None  # the client's TLS certificate, PEM
+    version: str = "1.1"  # HTTP's
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,19 @@ class _Date:
 _REASONS = {status.value: status.phrase.encode() for status in http.HTTPStatus}
 
 
-def response_head(response: HttpResponse, keep_alive: bool, date: bytes) -> bytes:
+def is_count(text: str) -> bool:
+    """Whether `text` is a non-negative integer in ASCII digits ("²" is a digit to
+    `str.isdigit`, not to `int`)."""
+    return text.isascii() and text.isdigit()
+
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def response_head(response: HttpResponse, keep_alive: bool, date: bytes,
+                  announce_keep_alive: bool = False) -> bytes:
+    """The status line and headers; `announce_keep_alive` for an HTTP/1.0 request kept open,
+    whose client otherwise takes the connection as closing."""
     lines = [b"HTTP/1.1 %d %s" % (response.status, _REASONS.get(response.status, b"")),
              b"date: " + date,
              b"content-type: " + response.content_type.encode(),
@@ -104,6 +119,8 @@ def response_head(response: HttpResponse, keep_alive: bool, date: bytes) -> byte
     lines += [f"{name}: {value}".encode("latin-1") for name, value in response.headers]
     if not keep_alive:
         lines.append(b"connection: close")
+    elif announce_keep_alive:
+        lines.append(b"connection: keep-alive")
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
@@ -115,7 +132,9 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._certificate: bytes | None = None
-        self._queue: deque[tuple[HttpRequest | HttpResponse, bool]] = deque()
+        # Whole requests waiting their turn (their bodies still counted in the server's
+        # `unfinished`), refusals, and interim `100 Continue`s, in the order they are answered.
+        self._queue: deque[tuple[HttpRequest | HttpResponse | bytes, bool]] = deque()
         self._task: asyncio.Task | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
@@ -134,6 +153,7 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._body_bytes = 0
         self._declared: int | None = None
+        self._headers_done = False
 
     # --- the transport's callbacks
 
@@ -149,6 +169,9 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, error) -> None:
         self._closed = True
         self._let_go()
+        while self._queue:
+            self._release(self._queue.popleft()[0])
+        self._parser = None  # it refers back to this connection: no cycle left to collect
         self._server.connections.discard(self)
         self._cancel_timer()
         if self._task is not None and not self._task.done():
@@ -192,6 +215,8 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count_header(len(name) + len(value))
+        if self._headers_done:
+            return  # a chunked body's trailer: not merged into the headers (RFC 9110 §6.5.1)
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         previous = self._headers.get(key)
@@ -205,15 +230,19 @@ class _Connection(asyncio.Protocol):
             raise _Refused
 
     def on_headers_complete(self) -> None:
+        self._headers_done = True
         length = self._headers.get("content-length")
-        if length is not None and length.isdigit():
+        if length is not None and is_count(length):
             self._declared = int(length)
             if self._declared > self._limits.max_body_bytes:
                 self._refuse(413, f"request body of {self._declared} bytes is over the limit "
                                   f"of {self._limits.max_body_bytes} bytes")
                 raise _Refused
         if self._headers.get("expect", "").lower() == "100-continue":
-            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if self._task is None:
+                self._transport.write(CONTINUE)
+            else:  # after the answers to the requests before it
+                self._enqueue(CONTINUE, True)
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
@@ -226,29 +255,35 @@ class _Connection(asyncio.Protocol):
         server.unfinished += len(body)
         if server.unfinished > self._limits.max_unfinished_bytes:
             self._refuse(503, f"the server holds {server.unfinished} bytes of request bodies "
-                              f"still arriving, past its limit of "
+                              f"still arriving or waiting their turn, past its limit of "
                               f"{self._limits.max_unfinished_bytes}; send again later")
             raise _Refused
         self._body.append(body)
 
     def on_message_complete(self) -> None:
         self._in_message = False
-        self._let_go()
+        self._held = 0  # the body stays counted in `unfinished` until its turn (`_release`)
         self._cancel_timer()
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        request = HttpRequest(self._parser.get_method().decode(), self._target, self._headers,
-                              body, self._certificate)
+        parser = self._parser
+        request = HttpRequest(parser.get_method().decode(), self._target, self._headers,
+                              body, self._certificate, parser.get_http_version())
         self._reset()
         self._enqueue(request, self._parser.should_keep_alive())
 
     def _let_go(self) -> None:
-        """The body in progress is whole, or will not be: it no longer counts as arriving."""
+        """The body in progress will not be whole: it no longer counts."""
         self._server.unfinished -= self._held
         self._held = 0
 
+    def _release(self, item: HttpRequest | HttpResponse | bytes) -> None:
+        """A whole request's turn has come, or will not: its body no longer counts."""
+        if isinstance(item, HttpRequest):
+            self._server.unfinished -= len(item.body)
+
     # --- answering
 
-    def _enqueue(self, item: HttpRequest | HttpResponse, keep_alive: bool) -> None:
+    def _enqueue(self, item: HttpRequest | HttpResponse | bytes, keep_alive: bool) -> None:
         self._queue.append((item, keep_alive))
         if len(self._queue) > self._limits.max_pipelined and not self._reading_paused:
             self._reading_paused = True
@@ -270,12 +305,21 @@ class _Connection(asyncio.Protocol):
         try:
             while self._queue and not self._closed:
                 item, keep_alive = self._queue.popleft()
+                if isinstance(item, bytes):
+                    self._transport.write(item)  # an interim response
+                    continue
+                self._release(item)
                 response = item if isinstance(item, HttpResponse) else await self._handle(item)
                 if self._closed:
                     return
                 keep_alive = keep_alive and not self._server.closing
-                self._transport.write(response_head(response, keep_alive, self._server.date())
-                                      + response.body)
+                request = item if isinstance(item, HttpRequest) else None
+                head = response_head(response, keep_alive, self._server.date(),
+                                     request is not None and request.version == "1.0")
+                if request is not None and request.method == "HEAD":
+                    self._transport.write(head)
+                else:
+                    self._transport.write(head + response.body)
                 if not keep_alive:
                     self._transport.close()
                     return
@@ -344,7 +388,7 @@ class HttpServer:
         self.handler = handler
         self.address = address
         self.limits = limits
-        self.unfinished = 0  # bytes of request bodies still arriving, all connections
+        self.unfinished = 0  # bytes of request bodies not yet handled, all connections
         self.connections: set[_Connection] = set()
         self.closing = False
         self.date = _Date()

@@ -3,9 +3,11 @@ tokens, rate limits) and no router behind it: every refusal's status, headers an
 the limits that refuse a body without buffering what it claims."""
 
 import asyncio
+import gzip
 import json
 import ssl
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -193,6 +195,80 @@ async def test_a_wrong_method_is_405_naming_the_allowed_one(files, ingress):
     assert json.loads(body) == {"error": "/v2/models/mlp/infer takes POST, not GET"}
 
 
+async def test_head_is_served_as_get_and_named_where_get_is_allowed(files, ingress):
+    port, _ = ingress
+    raw = b"HEAD /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n" + request("GET", "/v2")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(files))
+    try:
+        writer.write(raw)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        status, _, body = await read_response(reader)  # the next answer, in step
+        assert status == 200 and json.loads(body)["name"] == "meshserve"
+    finally:
+        writer.close()
+    status, headers, body = await call(port, client_context(files), "POST", "/v2/models/mlp")
+    assert (status, headers["allow"]) == (405, "GET, HEAD")
+    assert json.loads(body) == {"error": "/v2/models/mlp takes GET, HEAD, not POST"}
+
+
+def gzip_of(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (gzip_of(infer_body())[:-8], "the gzip body does not decompress: it ends before its "
+                                 "compressed stream does"),
+    (gzip_of(infer_body())[:30], "the gzip body does not decompress: it ends before its "
+                                 "compressed stream does"),
+    (gzip_of(infer_body()) + b"GARBAGE", "the gzip body does not decompress: Error -3 while "
+                                         "decompressing data: incorrect header check"),
+    (zlib.compress(infer_body()) + b"x", "the deflate body does not decompress: 1 bytes "
+                                         "follow its compressed stream"),
+], ids=["no-trailer", "truncated", "garbage-after", "deflate-extra-byte"])
+async def test_a_compressed_body_that_does_not_end_as_it_should_is_refused(
+        files, ingress, body, message):
+    port, _ = ingress
+    encoding = "deflate" if message.startswith("the deflate") else "gzip"
+    status, _, answer = await call(port, client_context(files), "POST", "/v2/models/mlp/infer",
+                                   body, {"content-encoding": encoding})
+    assert (status, json.loads(answer)) == (400, {"error": message})
+
+
+async def test_a_gzip_body_of_two_members_is_read_whole(files, ingress):
+    port, _ = ingress
+    whole = infer_body()
+    status, _, answer = await call(port, client_context(files), "POST", "/v2/models/mlp/infer",
+                                   gzip_of(whole[:10]) + gzip_of(whole[10:]),
+                                   {"content-encoding": "gzip"})
+    assert status == 503, answer  # read and admitted; no router behind this ingress
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000 + b"]" * 100_000,
+                                  b'{"inputs": [{"name": "INPUT__0", "datatype": "FP32", '
+                                  b'"shape": [1, 4], "data": ' + b"[" * 50_000 + b"1"
+                                  + b"]" * 50_000 + b"}]}"], ids=["body", "data"])
+async def test_json_nested_past_what_can_be_read_is_refused(files, ingress, body):
+    port, _ = ingress
+    status, _, answer = await call(port, client_context(files), "POST", "/v2/models/mlp/infer",
+                                   body)
+    assert (status, json.loads(answer)) == (
+        400, {"error": "request body nests JSON arrays or objects too deeply"})
+
+
+async def test_a_count_in_other_than_ascii_digits_is_refused(files, ingress):
+    port, _ = ingress
+    body = b'{"inputs": []}'
+    raw = request("POST", "/v2/models/mlp/infer", body).replace(
+        b"\r\n\r\n", b"\r\ninference-header-content-length: \xb2\r\n\r\n", 1)
+    [(status, _, answer)] = await exchange(port, client_context(files), raw)
+    assert (status, json.loads(answer)) == (
+        400, {"error": "Inference-Header-Content-Length must be a non-negative integer, "
+                       "not '\xb2'"})
+    status, _, answer = await call(port, client_context(files), "GET", "/v2/async/x?wait_ms=%C2%B2")
+    assert status == 400, answer
+
+
 async def test_rate_limit_is_429_with_retry_after(files, ingress):
     port, _ = ingress
     context = client_context(files, certificate=None)
@@ -278,7 +354,8 @@ async def test_bodies_still_arriving_past_the_servers_limit_get_503(files, ingre
         assert status == 503 and headers["connection"] == "close"
         error = json.loads(body)["error"]
         assert error.startswith("the server holds ") and error.endswith(
-            f"bytes of request bodies still arriving, past its limit of {MAX_UNFINISHED}; "
+            f"bytes of request bodies still arriving or waiting their turn, past its limit "
+            f"of {MAX_UNFINISHED}; "
             "send again later"), error
         survivor = 1 - refused
         connections[survivor][1].write(b" " * (MAX_BODY - (800 << 10)))
