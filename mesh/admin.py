@@ -265,12 +265,14 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def Audit(self, request, context):
         self._authorize(context, "Audit", request)
         store = self._control.store
+        if request.limit < 0:
+            raise InvalidArgument(f"limit must be 0 (every entry) or more, not {request.limit}")
         if request.after_seq:
             entries = store.audit(limit=request.limit or None, after_seq=request.after_seq)
         else:
             entries = store.audit()
-            if request.limit:
-                entries = entries[-request.limit:]  # the newest
+            if request.limit:  # the newest `limit`; 0 (unset) is every entry
+                entries = entries[max(len(entries) - request.limit, 0):]
         response = pb.AuditResponse(entries=[audit_entry_to_proto(e) for e in entries])
         if request.verify:
             response.problems.extend(store.verify_audit(anchor=request.anchor or None))

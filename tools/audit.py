@@ -23,6 +23,18 @@ from meshserve.tools.connection import add_connection_flags
 from meshserve.tools.traffic import admin_channel, control_plane_address, operator_tls
 
 FOLLOW_INTERVAL_S = 1.0
+INT32_MAX = 2**31 - 1  # AuditRequest.limit is an int32
+
+
+def non_negative_int(text: str) -> int:
+    """`-n`: a whole number of at least 0 (argparse reports the error naming the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, not '{text}'")
+    return value
 
 
 def format_entry(entry) -> str:
@@ -58,20 +70,25 @@ async def verify_remote(args: argparse.Namespace) -> int:
 
 async def tail(args: argparse.Namespace) -> int:
     async with admin_channel(control_plane_address(args), operator_tls(args)) as channel:
-        admin = AdminStub(channel)
-        reply = await admin.Audit(pb.AuditRequest(limit=args.n))
-        last = 0
-        for entry in reply.entries:
-            print(format_entry(entry), flush=True)
-            last = entry.seq
-        while args.follow:
-            await asyncio.sleep(FOLLOW_INTERVAL_S)
-            reply = await admin.Audit(pb.AuditRequest(after_seq=last))
-            for entry in reply.entries:
-                if entry.seq > last:
-                    print(format_entry(entry), flush=True)
-                    last = entry.seq
+        await print_tail(AdminStub(channel), args.n, args.follow)
     return 0
+
+
+async def print_tail(admin, n: int, follow: bool, out=None) -> None:
+    """The newest `n` entries (none for 0), then, when `follow`, each new one as it comes.
+    It asks for at least one: to the server, a limit of 0 means every entry."""
+    out = out or (lambda line: print(line, flush=True))
+    reply = await admin.Audit(pb.AuditRequest(limit=min(max(n, 1), INT32_MAX)))
+    last = reply.entries[-1].seq if reply.entries else 0
+    for entry in list(reply.entries)[-n:] if n else []:
+        out(format_entry(entry))
+    while follow:
+        await asyncio.sleep(FOLLOW_INTERVAL_S)
+        reply = await admin.Audit(pb.AuditRequest(after_seq=last))
+        for entry in reply.entries:
+            if entry.seq > last:
+                out(format_entry(entry))
+                last = entry.seq
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,7 +115,8 @@ def register(commands) -> None:
     check.add_argument("--store", default="",
                        help="read this store directly instead of asking the control plane")
     tail_parser = actions.add_parser("tail", help="print the newest events")
-    tail_parser.add_argument("-n", type=int, default=20, help="how many (default 20)")
+    tail_parser.add_argument("-n", type=non_negative_int, default=20,
+                             help="how many (default 20; 0: none, with --follow only new ones)")
     tail_parser.add_argument("--follow", action="store_true", help="then print new events")
     for parser in (check, tail_parser):
         add_connection_flags(parser)

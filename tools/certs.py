@@ -442,6 +442,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
     else:
         print(f"nothing to do: every file already exists in {directory}")
+    note = shortened_lifetime(directory, written, args.days)
+    if note:
+        print(note)
     print(f"CA: {directory / CA_CERT}")
     return 0
 
@@ -459,7 +462,27 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     if not written:
         print(f"nothing to do: {directory / CA_CERT} holds one CA")
+    note = shortened_lifetime(directory, written, args.days)
+    if note:
+        print(note)
     return 0
+
+
+def shortened_lifetime(directory: Path, written: Sequence[Path], days: int) -> str | None:
+    """A line saying so when the leaves just written end before the `days` asked for: a leaf
+    never outlives its CA."""
+    leaves = [p for p in written if p.suffix == ".crt" and p.name != CA_CERT]
+    if not leaves:
+        return None
+    asked = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=days)
+    ends = min(x509.load_pem_x509_certificate(p.read_bytes()).not_valid_after_utc
+               for p in leaves)
+    if ends >= asked - _BACKDATE:
+        return None
+    return (f"warning: the new certificates expire on {ends:%Y-%m-%d %H:%M} UTC, when the CA "
+            f"in {directory / CA_CERT} does, not on {asked:%Y-%m-%d %H:%M} UTC as --days {days} "
+            f"asked; `meshserve certs rotate {directory} --new-ca --days {days}` makes a "
+            "longer-lived CA")
 
 
 def _waiting(seconds: float) -> Callable[[str], None]:

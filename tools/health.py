@@ -18,6 +18,8 @@ default the identity in `--tls-cert`'s SPIFFE URI, which is right for a pod chec
 import argparse
 import asyncio
 import re
+import socket
+import ssl
 import sys
 from pathlib import Path
 
@@ -30,6 +32,9 @@ from meshserve.protocol.health_pb2_grpc import HealthStub
 EXIT_SERVING = 0
 EXIT_NOT_SERVING = 1
 EXIT_USAGE = 2
+
+# How gRPC words a server certificate that does not name the identity asked for.
+WRONG_NAME = "Hostname Verification Check failed"
 
 _ADDRESS = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[^\s:\[\]/]+):(?P<port>[0-9]{1,5})$")
 
@@ -65,12 +70,50 @@ async def check(address: str, tls: TlsFiles, identity: str, service: str,
         reply = await HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     except grpc.aio.AioRpcError as error:
-        return EXIT_NOT_SERVING, f"{error.code().name}: {error.details()}"
+        details = error.details() or ""
+        if WRONG_NAME in details:
+            details = await asyncio.to_thread(wrong_identity, address, tls, identity, timeout)
+        return EXIT_NOT_SERVING, f"{error.code().name}: {details}"
     finally:
         await channel.close()
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     serving = reply.status == health_pb2.HealthCheckResponse.SERVING
     return (EXIT_SERVING if serving else EXIT_NOT_SERVING), status
+
+
+def wrong_identity(address: str, tls: TlsFiles, identity: str, timeout: float) -> str:
+    """What to say when the server's certificate does not name `identity`: the name it
+    carries instead, read from a TLS handshake of our own (the mesh CA and our certificate,
+    no name check), or, when that fails too, only which identity was expected."""
+    expected = (f"not the expected identity '{identity}' (--identity, by default the one in "
+                "--tls-cert; TLS hostname verification failed)")
+    try:
+        names = served_names(address, tls, timeout)
+    except (OSError, ValueError):
+        return f"the server's certificate does not name '{identity}': {expected}"
+    if names.identity:
+        return (f"the server's certificate names '{names.identity}', {expected}; "
+                f"`--identity {names.identity}` checks it as that")
+    shown = ", ".join(names.dns) or names.common_name or "nothing"
+    return f"the server's certificate names {shown}, {expected}"
+
+
+def served_names(address: str, tls: TlsFiles, timeout: float):
+    """The names in the certificate the server at `address` presents to ours."""
+    from meshserve.common.certificates import names_of  # cryptography: when needed
+
+    host, _, port = address.rpartition(":")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # the point: see which name it carries
+    context.load_verify_locations(cafile=tls.ca)
+    context.load_cert_chain(tls.cert, tls.key)
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw, \
+            context.wrap_socket(raw) as connection:
+        der = connection.getpeercert(binary_form=True)
+    if not der:
+        raise ValueError("the server presented no certificate")
+    return names_of(ssl.DER_cert_to_PEM_cert(der))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,19 +10,23 @@
     rewrap DIR --old-kek F --new-kek F   re-wrap data keys under a new KEK, no re-encryption
 
 push, list, show and fetch talk to the control plane's admin API over mutual TLS (as `meshserve
-traffic` does); verify and rewrap read a model repository directly.
+traffic` does); verify and rewrap read a model repository directly, and fail on a path that
+holds no model versions. push first checks the file by its name: TorchScript (a zip archive
+as torch.jit.save writes it), `.onnx` (parses as ONNX) or `.py` (compiles).
 """
 
 import argparse
 import asyncio
+import io
 import json
 import sys
+import zipfile
 from pathlib import Path
 
 import grpc
 
 from meshserve.common import artifacts, model_files
-from meshserve.common.errors import ServingError
+from meshserve.common.errors import FailedPrecondition, ServingError
 from meshserve.common.files import write_atomic
 from meshserve.common.repository import ModelRepository
 from meshserve.mesh.fetch import verify_fetched
@@ -61,19 +65,60 @@ def format_version(version: pb.ModelVersion) -> str:
 
 
 def read_artifact(path: Path) -> bytes:
+    """The file to push, refused (FailedPrecondition) unless it looks like a model."""
     size = path.stat().st_size
     if size > MAX_PUSH_BYTES:
         raise SystemExit(f"error: {path} is {size} bytes; a push carries at most "
                          f"{MAX_PUSH_BYTES} (one 64 MiB gRPC message)")
-    return path.read_bytes()
+    data = path.read_bytes()
+    refusal = artifact_refusal(path, data)
+    if refusal:
+        raise FailedPrecondition(f"{refusal}; nothing was pushed")
+    return data
+
+
+def artifact_refusal(path: Path, data: bytes) -> str | None:
+    """Why `data` is not a model of the kind its name says (`.onnx`: ONNX, `.py`: a Python
+    model, anything else: TorchScript), or None. Cheap: torch is not imported, nothing runs."""
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        from meshserve.common import onnx_graph  # the onnx package, for this kind only
+
+        try:
+            onnx_graph.read_graph(data, str(path))
+        except FailedPrecondition as error:
+            return error.message
+        return None
+    if suffix == ".py":
+        try:
+            compile(data, str(path), "exec", dont_inherit=True)
+        except (SyntaxError, ValueError) as error:
+            return f"{path} is not a Python model (it does not compile: {error})"
+        return None
+    return None if is_torchscript(data) else (
+        f"{path} is not a TorchScript archive (torch.jit.save writes a zip holding */data.pkl "
+        "and */code/); an ONNX model's file ends in .onnx, a Python model's in .py")
+
+
+def is_torchscript(data: bytes) -> bool:
+    """Whether `data` is a zip archive laid out as torch.jit.save writes one: a top folder
+    holding data.pkl and code/ (a plain torch.save archive has no code/)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = [name.split("/") for name in archive.namelist()]
+    except (zipfile.BadZipFile, ValueError):
+        return False
+    return any(parts[1:] == ["data.pkl"] for parts in names) and \
+        any(len(parts) > 2 and parts[1] == "code" for parts in names)
 
 
 async def call(args: argparse.Namespace) -> str:
+    artifact = read_artifact(args.path) if args.action == "push" else b""  # checked first
     async with admin_channel(control_plane_address(args), operator_tls(args)) as channel:
         admin = AdminStub(channel)
         if args.action == "push":
             reply = await admin.PushModel(pb.PushModelRequest(
-                name=args.name, version=args.version, artifact=read_artifact(args.path),
+                name=args.name, version=args.version, artifact=artifact,
                 source=args.source, notes=args.notes, encrypt=args.encrypt,
                 config=args.config.read_text("utf-8") if args.config else ""), timeout=120)
             encrypted = " (encrypted)" if args.encrypt else ""
@@ -130,12 +175,25 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def no_versions(repository: Path, what: str) -> str | None:
+    """Why `repository` cannot be verified or re-wrapped, or None: a mistyped path or an
+    empty directory must not pass as a repository whose every version is fine."""
+    if not repository.is_dir():
+        return f"model repository {repository} is not a directory"
+    if next(model_files.version_dirs(repository), None) is None:
+        return (f"{repository} holds no model versions to {what} (expected "
+                "MODEL/VERSION/ directories)")
+    return None
+
+
 def verify(args: argparse.Namespace) -> int:
     try:
         trusted = model_files.trusted_signers(args.trusted or
                                               [args.data_dir / "keys" / "trusted"])
         kek_file = model_files.kek_path(args.kek_file, {})
         kek = model_files.read_kek(kek_file) if kek_file else None
+        if refusal := no_versions(args.repository, "verify"):
+            raise FailedPrecondition(refusal)
         ensembles = frozenset(ModelRepository.load(args.repository).ensembles())
     except ServingError as error:
         print(f"error: {error.message}", file=sys.stderr)
@@ -144,17 +202,24 @@ def verify(args: argparse.Namespace) -> int:
     problems = model_files.verify_repository(args.repository, trusted, kek,
                                              lambda m, v: checked.append(f"{m}/{v}"),
                                              without_artifact=ensembles)
+    if not checked and not problems:  # only ensembles, which carry no artifact
+        print(f"error: {args.repository} holds no model versions with an artifact to "
+              "verify", file=sys.stderr)
+        return 1
     return verdict(problems, f"ok: {len(checked)} versions verified ({', '.join(checked)})")
 
 
 def rewrap(args: argparse.Namespace) -> int:
     try:
         old, new = model_files.read_kek(args.old_kek), model_files.read_kek(args.new_kek)
+        if refusal := no_versions(args.repository, "re-wrap"):
+            raise FailedPrecondition(refusal)
     except ServingError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return 2
-    failures = 0
-    for model, version, version_dir in model_files.version_dirs(args.repository):
+    versions = list(model_files.version_dirs(args.repository))
+    failures = encrypted = 0
+    for model, version, version_dir in versions:
         path = version_dir / artifacts.MANIFEST_FILENAME
         if not path.is_file():
             continue
@@ -162,6 +227,7 @@ def rewrap(args: argparse.Namespace) -> int:
             manifest = artifacts.parse_manifest(path.read_bytes())
             if not manifest.get("wrapped_key"):
                 continue
+            encrypted += 1
             if manifest["wrapped_key"].get("kek_id") == artifacts.kek_id(new):
                 print(f"{model}/{version}: already wrapped by {artifacts.kek_id(new)}")
                 continue
@@ -171,6 +237,9 @@ def rewrap(args: argparse.Namespace) -> int:
         except ServingError as error:
             failures += 1
             print(f"{model}/{version}: {error.message}")
+    if not encrypted:
+        print(f"nothing to re-wrap: none of the {len(versions)} versions in "
+              f"{args.repository} is encrypted")
     return 1 if failures else 0
 
 

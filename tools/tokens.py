@@ -8,7 +8,9 @@ Files in DIR/auth (created mode 0700 on first use):
 - `policy.yaml`: the access policy (`--policy`), written once with a development default.
 
     meshserve token issue --subject app/frontend --scope infer --models mlp,cnn --ttl 1h
-    meshserve token rotate-key --data-dir DIR
+    meshserve token rotate-key --data-dir DIR   # --create: a new key set where there is none
+
+`--scope` takes the policy's actions only, and `--ttl` at most 365 days.
 
 Every issued token is recorded in the control plane's audit log (action `token.issue`: the
 subject, what the token grants, when it expires and the sha256 of the token, never the token
@@ -75,6 +77,8 @@ limits:
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# The longest lifetime `token issue` signs: a token cannot be revoked, only outlived.
+MAX_TTL_S = 365 * 86400
 
 
 def duration(text: str) -> float:
@@ -83,6 +87,32 @@ def duration(text: str) -> float:
     if not match or float(match.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"'{text}' is not a positive duration such as 1h")
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def token_ttl(text: str) -> float:
+    """`--ttl`: a positive duration of at most MAX_TTL_S (365 days)."""
+    seconds = duration(text)
+    if seconds > MAX_TTL_S:
+        raise argparse.ArgumentTypeError(f"'{text}' is longer than the {MAX_TTL_S // 86400}d "
+                                         "a token may live")
+    return seconds
+
+
+def seconds_text(seconds: float) -> str:
+    """`90`, `31536000`, `0.5`: a number of seconds without exponent form."""
+    return f"{seconds:.3f}".rstrip("0").rstrip(".")
+
+
+def known_actions(text: str) -> str:
+    """`--scope`: actions of the access policy (space- or comma-separated); an unknown one is
+    refused, listing the known ones."""
+    from meshserve.common.access import ACTIONS
+
+    unknown = sorted(set(_words([text]) or []) - ACTIONS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown action(s) {', '.join(unknown)}; known: "
+                                         f"{', '.join(sorted(ACTIONS))}")
+    return text
 
 
 def load_signing_key(auth_dir: Path) -> Ed25519PrivateKey:
@@ -164,7 +194,7 @@ def issuance_record(token: str, scopes: list[str] | None, models: list[str] | No
                     ttl: float) -> str:
     """What the audit log keeps of an issued token: its grants and sha256, not the token."""
     return (f"scopes={','.join(scopes) if scopes is not None else '*'} "
-            f"models={','.join(models) if models is not None else '*'} ttl={ttl:g}s "
+            f"models={','.join(models) if models is not None else '*'} ttl={seconds_text(ttl)}s "
             f"sha256={hashlib.sha256(token.encode()).hexdigest()}")
 
 
@@ -175,7 +205,8 @@ def _issue(args: argparse.Namespace) -> int:
     auth_dir = args.data_dir / "auth"
     if not (auth_dir / SIGNING_KEY).exists():
         print(f"error: no signing key in {auth_dir}; run `meshserve up` or "
-              f"`meshserve token rotate-key --data-dir {args.data_dir}` first", file=sys.stderr)
+              f"`meshserve token rotate-key --create --data-dir {args.data_dir}` first",
+              file=sys.stderr)
         return 1
     scopes, models = _words(args.scope), _words(args.models)
     token = issue(auth_dir, args.subject, args.ttl, scopes=scopes, models=models,
@@ -197,7 +228,15 @@ def _issue(args: argparse.Namespace) -> int:
 
 def _rotate(args: argparse.Namespace) -> int:
     auth_dir = args.data_dir / "auth"
-    init_auth(auth_dir)
+    if not (auth_dir / SIGNING_KEY).is_file():
+        if not args.create:
+            print(f"error: no key set to rotate: {auth_dir / SIGNING_KEY} does not exist (is "
+                  "--data-dir right? --create starts a new key set)", file=sys.stderr)
+            return 1
+        init_auth(auth_dir)
+        kid = key_id(load_signing_key(auth_dir).public_key())
+        print(f"new key set in {auth_dir}: signing key {kid}")
+        return 0
     kid = rotate_key(auth_dir, args.keep)
     print(f"new signing key {kid}; {auth_dir / JWKS} keeps the newest {args.keep} key(s)")
     return 0
@@ -210,14 +249,15 @@ def register(commands) -> None:
     issue_parser.add_argument("--subject", required=True, type=non_empty,
                               help="the principal it names (the ingress refuses a token "
                                    "without one)")
-    issue_parser.add_argument("--scope", action="append", metavar="ACTION",
+    issue_parser.add_argument("--scope", action="append", metavar="ACTION", type=known_actions,
                               help="an action it allows (repeatable; default: no limit "
                                    "beyond the policy)")
     issue_parser.add_argument("--models", action="append", metavar="GLOB[,GLOB]",
                               help="models it may be used on (default: no limit)")
     issue_parser.add_argument("--groups", action="append", metavar="GROUP[,GROUP]")
-    issue_parser.add_argument("--ttl", type=duration, default=duration("1h"),
-                              help="lifetime, e.g. 15m, 1h, 2d (default 1h)")
+    issue_parser.add_argument("--ttl", type=token_ttl, default=duration("1h"),
+                              help="lifetime, e.g. 15m, 1h, 2d (default 1h; at most "
+                                   f"{MAX_TTL_S // 86400}d)")
     issue_parser.add_argument("--issuer", default=DEFAULT_ISSUER)
     issue_parser.add_argument("--audience", default=DEFAULT_AUDIENCE)
     issue_parser.add_argument("--no-audit", action="store_true",
@@ -227,6 +267,9 @@ def register(commands) -> None:
     rotate_parser.add_argument("--keep", type=positive_int, default=2,
                                help="public keys kept in jwks.json, the new one included "
                                     "(default 2: the previous key stays valid)")
+    rotate_parser.add_argument("--create", action="store_true",
+                               help="start a new key set (and a default policy) when DIR/auth "
+                                    "has none; without it a missing key set is an error")
     rotate_parser.set_defaults(func=_rotate)
     add_connection_flags(issue_parser)
     rotate_parser.add_argument("--data-dir", type=Path, default=Path(".meshserve"),

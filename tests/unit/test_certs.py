@@ -194,3 +194,22 @@ def test_cli_reports_errors(tmp_path, capsys):
 def test_cli_rejects_bad_days(tmp_path):
     with pytest.raises(SystemExit):
         make_parser().parse_args(["certs", "init", str(tmp_path), "--days", "0"])
+
+
+def test_cli_rotate_says_when_the_ca_ends_the_leaves_first(tmp_path, capsys):
+    init_certs(tmp_path, days=10)
+    ca_end = load(tmp_path / "ca.crt").not_valid_after_utc
+    args = make_parser().parse_args(["certs", "rotate", str(tmp_path), "--days", "1000",
+                                     "--settle", "0"])
+    assert args.func(args) == 0
+    warning = capsys.readouterr().out.splitlines()[-1]
+    assert warning.startswith(f"warning: the new certificates expire on "
+                              f"{ca_end:%Y-%m-%d %H:%M} UTC, when the CA in "
+                              f"{tmp_path / 'ca.crt'} does, not on "), warning
+    assert " UTC as --days 1000 asked; " in warning
+    assert load(tmp_path / "router.crt").not_valid_after_utc == ca_end
+
+    args = make_parser().parse_args(["certs", "rotate", str(tmp_path), "--days", "3",
+                                     "--settle", "0"])
+    assert args.func(args) == 0
+    assert "warning" not in capsys.readouterr().out  # within the CA's life: nothing to say

@@ -19,7 +19,15 @@ from meshserve.ingress.tokens import (
     sign,
     verify,
 )
-from meshserve.tools.tokens import claims_for, duration, init_auth, issue, rotate_key
+from meshserve.tools.tokens import (
+    claims_for,
+    duration,
+    init_auth,
+    issuance_record,
+    issue,
+    rotate_key,
+    token_ttl,
+)
 
 NOW = 1_800_000_000.0
 OLD = Ed25519PrivateKey.generate()
@@ -98,6 +106,13 @@ def test_scopes_and_models_claims(claims, scopes, models):
     ("90", 90), ("90s", 90), ("15m", 900), ("1h", 3600), ("2d", 172800), ("0.5h", 1800)])
 def test_durations(text, seconds):
     assert duration(text) == seconds
+
+
+@pytest.mark.parametrize(("ttl", "written"), [
+    ("365d", "ttl=31536000s"), ("1h", "ttl=3600s"), ("90", "ttl=90s"), ("0.5s", "ttl=0.5s")])
+def test_the_audit_record_writes_the_lifetime_in_plain_seconds(ttl, written):
+    record = issuance_record("t", ["infer"], None, token_ttl(ttl))
+    assert record.startswith(f"scopes=infer models=* {written} sha256=")
 
 
 def test_jwks_file_reloads_when_changed_at_most_once_per_interval(tmp_path):
