@@ -27,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,9 @@ PARTS = ("models", "registry", "tls", "auth", "keys")
 SECRET_PATTERNS = ("*.key", "kek")
 ARCHIVE_PREFIX = "meshserve-backup-"
 ARCHIVE_SUFFIX = ".tar"
+# What `archive_name` writes: only such archives are pruned, oldest first by this time.
+ARCHIVE_NAME = re.compile(re.escape(ARCHIVE_PREFIX) + r"(\d{8}T\d{12}Z)" +
+                          re.escape(ARCHIVE_SUFFIX))
 
 
 class BackupRefused(FailedPrecondition):
@@ -84,13 +88,22 @@ def archive_name(created_at: str) -> str:
     return f"{ARCHIVE_PREFIX}{stamp}{ARCHIVE_SUFFIX}"
 
 
-def to_prune(names: list[str], keep: int) -> list[str]:
-    """The archives beyond the newest `keep` (names sort by time); other names are ignored."""
+def archive_stamp(name: str) -> str | None:
+    """The time in a name `archive_name` wrote (`20261203T101500123456Z`); None for any other
+    name, such as a hand-named `meshserve-backup-before-upgrade.tar`."""
+    match = ARCHIVE_NAME.fullmatch(name)
+    return match[1] if match else None
+
+
+def to_prune(names: list[str], keep: int, written: str = "") -> list[str]:
+    """The archives beyond the newest `keep`, oldest first, by the time in their names; names
+    `archive_name` did not write are ignored, and `written` (the archive just written) is
+    always kept, as one of the `keep`."""
     if keep < 1:
         raise ValueError(f"keep must be at least 1, not {keep}")
-    archives = sorted(name for name in names
-                      if name.startswith(ARCHIVE_PREFIX) and name.endswith(ARCHIVE_SUFFIX))
-    return archives[:-keep]
+    others = sorted((name for name in names if name != written and archive_stamp(name)),
+                    key=archive_stamp)
+    return others[:max(0, len(others) - (keep - 1 if written else keep))]
 
 
 # --------------------------------------------------------------------------- the store
@@ -140,12 +153,15 @@ def build_manifest(*, created_at: str, created_by: str, point: RecoveryPoint,
                    store: Mapping[str, Any], submissions: Mapping[str, int] | None,
                    members: Mapping[str, Mapping[str, Any]], keys: Mapping[str, Any] | None,
                    secrets_left_out: list[str]) -> dict[str, Any]:
-    """The manifest; `store` says the dialect, schema version and rows per table, `keys` is
-    the envelope of the encrypted keys (None: left out, and `secrets_left_out` says which)."""
+    """The manifest; `store` says the dialect, schema version and rows per table,
+    `submissions` the asynchronous store's rows per state (None: there is none; {}: empty),
+    `keys` the envelope of the encrypted keys (None: left out, and `secrets_left_out` says
+    which)."""
     return {"format": FORMAT, "created_at": created_at, "created_by": created_by,
             "recovery_point": {"at": point.at, "audit_seq": point.audit_seq,
                                "audit_head": point.audit_head},
-            "store": dict(store), "submissions": dict(submissions) if submissions else None,
+            "store": dict(store),
+            "submissions": None if submissions is None else dict(submissions),
             "members": {name: dict(entry) for name, entry in sorted(members.items())},
             "keys": dict(keys) if keys else None,
             "secrets_left_out": sorted(secrets_left_out)}

@@ -49,6 +49,7 @@ class Layout:
     store: str
     async_store: Path
     parts: dict[str, Path]
+    data_dir: Path | None = None
 
     @classmethod
     def of(cls, data_dir: Path, store: str = "", async_store: Path | None = None,
@@ -59,7 +60,7 @@ class Layout:
         if registry_dir is not None:
             parts["registry"] = registry_dir
         return cls(store or str(data_dir / "mesh.db"), async_store or data_dir / "async.db",
-                   parts)
+                   parts, data_dir)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Layout:
@@ -96,6 +97,9 @@ def snapshot_async_store(path: Path, into: Path) -> dict[str, int]:
     with contextlib.closing(sqlite3.connect(path, timeout=5.0)) as source, \
             contextlib.closing(sqlite3.connect(into)) as target:
         source.backup(target)
+        if not target.execute("SELECT 1 FROM sqlite_master WHERE name = 'submissions'"
+                              ).fetchall():
+            return {}  # created, and no submission yet
         rows = target.execute("SELECT state, count(*) FROM submissions GROUP BY state")
         return {state: count for state, count in sorted(rows.fetchall())}
 
@@ -127,8 +131,9 @@ def create_backup(layout: Layout, out: Path, signing_key: Ed25519PrivateKey, *,
         raise FailedPrecondition(f"no store at {missing}: give the control plane's "
                                  "--store (or the --data-dir that holds mesh.db)")
     created_at = utc_timestamp(clock())
-    to_file = out.suffix == backup.ARCHIVE_SUFFIX
+    to_file = out.suffix == backup.ARCHIVE_SUFFIX and not out.is_dir()
     path = out if to_file else out / backup.archive_name(created_at)
+    refuse_existing(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with Store.open(layout.store) as store:
         tables = store.export_tables()
@@ -166,6 +171,7 @@ def create_backup(layout: Layout, out: Path, signing_key: Ed25519PrivateKey, *,
                 add_member(tar, backup.SIGNATURE, backup.sign(manifest, signing_key), 0o644)
             with open(temporary, "rb") as written:
                 os.fsync(written.fileno())
+            refuse_existing(path)  # written meanwhile
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
@@ -176,10 +182,17 @@ def create_backup(layout: Layout, out: Path, signing_key: Ed25519PrivateKey, *,
             sort_keys=True))
     pruned = []
     if keep is not None and not to_file:
-        pruned = backup.to_prune([p.name for p in out.iterdir()], keep)
+        pruned = backup.to_prune([p.name for p in out.iterdir()], keep, written=path.name)
         for name in pruned:
             (out / name).unlink(missing_ok=True)
     return BackupResult(path, size, manifest, point, pruned)
+
+
+def refuse_existing(path: Path) -> None:
+    """A backup never replaces a file: an archive there may be the only copy of its state."""
+    if os.path.lexists(path):
+        raise FailedPrecondition(f"{path} exists: a backup never overwrites a file; give "
+                                 "another --out (a new FILE.tar, or a directory)")
 
 
 def add_files(parts: dict[str, Path], add: Callable[[str, bytes, int], None]
@@ -213,13 +226,14 @@ def describe(result: BackupResult) -> str:
                  f"left out ({len(manifest['secrets_left_out'])} secret files; "
                  "--include-keys --kek-file to carry them encrypted)")
     submissions = manifest["submissions"]
-    pending = (", ".join(f"{count} {state.lower()}" for state, count in submissions.items())
-               if submissions else "no asynchronous store")
+    pending = ("no asynchronous store" if submissions is None else
+               ", ".join(f"{count} {state.lower()}" for state, count in submissions.items())
+               or "none (the asynchronous store is empty)")
     lines = [f"backup written: {result.path} ({result.size:,} bytes, "
              f"{len(manifest['members'])} members)",
              f"recovery point: {result.point.describe()}; anything recorded or submitted "
              "later is not in it",
-             f"submissions: {pending or 'none'}", f"keys: {keys_line}"]
+             f"submissions: {pending}", f"keys: {keys_line}"]
     if result.pruned:
         lines.append(f"pruned: {', '.join(result.pruned)}")
     return "\n".join(lines)

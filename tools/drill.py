@@ -47,6 +47,7 @@ from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.tools.backup import Layout, create_backup
+from meshserve.tools.cli import parser_for
 from meshserve.tools.client import client_tls
 from meshserve.tools.drill_load import Connection, Load, answers, submit
 from meshserve.tools.random_requests import random_request
@@ -85,6 +86,9 @@ class UpProcess:
 
     @classmethod
     def find(cls, data_dir: Path) -> UpProcess:
+        """The `up` serving `data_dir` (a resolved path), from what it recorded in DIR/run,
+        once the process is checked to be that `up` on that directory: a copy of a data
+        directory records the `up` of the original."""
         run_dir = data_dir / "run"
         try:
             record = json.loads((run_dir / UP_FILE).read_text())
@@ -94,9 +98,45 @@ class UpProcess:
         if not alive(record["pid"]) or record["argv"][:1] != ["up"]:
             raise SystemExit(f"the `meshserve up` of {data_dir} (pid {record['pid']}) is not "
                              "running")
-        services = [int(path.read_text()) for path in sorted(run_dir.glob("*.pid"))]
-        return cls(record["pid"], record["cwd"], record["argv"],
-                   [pid for pid in services if alive(pid)])
+        serves = up_data_dir(record["pid"], record["argv"])
+        if serves != data_dir.resolve():
+            what = (f"serves {serves} (a copy of another data directory?)" if serves else
+                    "is another process")
+            raise SystemExit(f"no `meshserve up` is running on {data_dir}: the one recorded in "
+                             f"{run_dir / UP_FILE} (pid {record['pid']}) {what}")
+        services = [pid for pid in map(service_pid, sorted(run_dir.glob("*.pid"))) if pid]
+        return cls(record["pid"], record["cwd"], record["argv"], services)
+
+
+def command_line(pid: int) -> list[str]:
+    try:
+        return os.fsdecode(Path(f"/proc/{pid}/cmdline").read_bytes()).split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def up_data_dir(pid: int, argv: list[str]) -> Path | None:
+    """The data directory of the `meshserve up` running as `pid` with `argv` (as it recorded
+    them), from its command line and working directory; None when `pid` runs something else."""
+    if not argv or command_line(pid)[-len(argv):] != argv:
+        return None
+    try:
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+        args, _ = parser_for("up").parse_known_args(argv)
+    except (OSError, SystemExit):
+        return None
+    return (cwd / args.data_dir).resolve()
+
+
+def service_pid(pid_file: Path) -> int | None:
+    """The pid in a service's pid file, when that process is alive and is the service `up`
+    started with that run directory (its port file beside the pid file)."""
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return None
+    port_file = f"--port-file={pid_file.with_suffix('.port')}"
+    return pid if alive(pid) and port_file in command_line(pid) else None
 
 
 def alive(pid: int) -> bool:
@@ -381,8 +421,18 @@ def summary(report: Report) -> str:
 
 def run(args: argparse.Namespace) -> int:
     data_dir = args.data_dir.resolve()
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="meshserve-drill-"))
-    work.mkdir(parents=True, exist_ok=True)
+    UpProcess.find(data_dir)  # before making anything
+    if args.work_dir and args.work_dir.resolve().is_relative_to(data_dir):
+        print(f"error: --work-dir {args.work_dir} is inside {data_dir}, which the drill "
+              "deletes (with the archive and its key in it)", file=sys.stderr)
+        return 2
+    try:
+        work = args.work_dir or Path(tempfile.mkdtemp(prefix="meshserve-drill-"))
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"error: cannot make the work directory {error.filename or args.work_dir}: "
+              f"{error.strerror}", file=sys.stderr)
+        return 2
     plan = QUICK if args.quick else Plan()
     report = asyncio.run(drill(data_dir, work.resolve(), plan, args.model))
     print(summary(report), flush=True)

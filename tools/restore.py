@@ -11,12 +11,14 @@ the public key apart from the data directory) and every member matches it, and t
 rows match the signed manifests they name. Only then, into an empty destination: the files,
 the asynchronous store, and the control plane's tables (SQLite or PostgreSQL, whichever the
 archive came from); the audit chain continues with a `backup.restore` entry, and the restored
-chain is verified, anchored at the archive's recovery point.
+chain is verified, anchored at the archive's recovery point. A restore that fails takes back
+what it placed: the destination is left as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -27,6 +29,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -35,6 +38,7 @@ from meshserve.common.errors import FailedPrecondition, ServingError
 from meshserve.common.files import write_atomic
 from meshserve.mesh import backup
 from meshserve.mesh.database import SCHEMA_VERSION
+from meshserve.mesh.database_urls import missing_store_file, postgresql_url, sqlite_path
 from meshserve.mesh.store import Store
 from meshserve.tools.audit import report
 from meshserve.tools.backup import Layout, add_layout_flags, default_actor
@@ -61,7 +65,7 @@ def unpack(archive: Path, staging: Path) -> dict[str, str]:
     files with relative names, repeated names, and a damaged or truncated archive."""
     digests: dict[str, str] = {}
     try:
-        with tarfile.open(archive, "r:") as tar:
+        with open_archive(archive) as source, tarfile.open(fileobj=source, mode="r:") as tar:
             for info in tar:
                 name = info.name
                 parts = PurePosixPath(name).parts
@@ -73,9 +77,21 @@ def unpack(archive: Path, staging: Path) -> dict[str, str]:
                 digests[name] = copy_member(tar.extractfile(info), staging.joinpath(*parts))
     except (tarfile.TarError, EOFError) as error:
         raise backup.BackupRefused(f"the archive is damaged or truncated ({error})") from None
+    return digests
+
+
+def open_archive(archive: Path) -> BinaryIO:
+    try:
+        return open(archive, "rb")
     except FileNotFoundError:
         raise backup.BackupRefused(f"no archive at {archive}") from None
-    return digests
+    except IsADirectoryError:
+        raise backup.BackupRefused(f"{archive} is a directory, not an archive: name the "
+                                   f"{backup.ARCHIVE_PREFIX}<time>{backup.ARCHIVE_SUFFIX} "
+                                   "in it") from None
+    except OSError as error:
+        raise backup.BackupRefused(f"cannot read the archive {archive}: {error.strerror}"
+                                   ) from None
 
 
 def copy_member(source: io.BufferedReader, target: Path) -> str:
@@ -137,45 +153,184 @@ def secret_files(manifest: dict, staging: Path, kek: bytes | None) -> dict[str, 
     return secrets
 
 
-def check_destination(layout: Layout, manifest: dict) -> None:
-    for part, directory in layout.parts.items():
-        if directory.exists() and any(directory.iterdir()):
-            raise FailedPrecondition(f"{directory} ({part}) is not empty: restore into an "
-                                     "empty data directory (move the old one away first)")
-    if manifest["submissions"] is not None and layout.async_store.exists():
+class Placed:
+    """What a restore has put in place, in order: files, and the directories it made for
+    them. A failure takes back exactly these, and leaves what was there before."""
+
+    def __init__(self) -> None:
+        self.paths: list[Path] = []
+
+    def mkdir(self, directory: Path) -> None:
+        missing = []
+        while not os.path.lexists(directory):
+            missing.append(directory)
+            directory = directory.parent
+        for made in reversed(missing):
+            made.mkdir()
+            self.paths.append(made)
+
+    def file(self, path: Path) -> Path:
+        """`path`, about to be written (its directory made)."""
+        self.mkdir(path.parent)
+        self.paths.append(path)
+        return path
+
+    def store(self, store: str) -> None:
+        """A SQLite store the restore will create (and its journals); nothing for a store
+        that exists or a PostgreSQL one."""
+        missing = missing_store_file(store)
+        if missing:
+            self.file(Path(missing))
+            self.paths += [Path(missing + suffix) for suffix in SQLITE_SIDECARS
+                           if not os.path.lexists(missing + suffix)]
+
+    def undo(self) -> None:
+        for path in reversed(self.paths):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+        self.paths.clear()
+
+
+SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
+# An empty file system's own directory: a new volume mounted as the data directory has it.
+FILE_SYSTEM_DIRS = ("lost+found",)
+
+
+def trusted_files(paths: list[Path]) -> set[Path]:
+    """The files `model_files.trusted_signers` reads from `--trusted`."""
+    found = set()
+    for path in paths:
+        found |= set(path.glob("*.pub")) if path.is_dir() else {path}
+    return {file.parent.resolve() / file.name for file in found}
+
+
+def store_files(store: str) -> set[Path]:
+    """A SQLite store's file and journals (an empty store is accepted; one with rows is
+    refused once opened)."""
+    if postgresql_url(store) is not None or sqlite_path(store) == ":memory:":
+        return set()
+    path = Path(sqlite_path(store))
+    return {path.parent.resolve() / (path.name + suffix) for suffix in ("", *SQLITE_SIDECARS)}
+
+
+def first_file(directory: Path, allowed: set[Path]) -> Path | None:
+    """The first thing under `directory` that is not a directory or one of `allowed` (empty
+    directories hold nothing); `directory` itself when it is not a directory."""
+    if not os.path.lexists(directory):
+        return None
+    if not directory.is_dir():
+        return directory
+
+    def unreadable(error: OSError) -> None:
+        raise error
+
+    for top, dirs, files in os.walk(directory, onerror=unreadable):
+        here, resolved = Path(top), Path(top).resolve()
+        if here == directory:
+            dirs[:] = [name for name in dirs if name not in FILE_SYSTEM_DIRS]
+        dirs.sort()
+        links = [name for name in dirs if (here / name).is_symlink()]
+        for name in sorted(files) + links:
+            if resolved / name not in allowed:
+                return here / name
+    return None
+
+
+def check_destination(layout: Layout, allowed: set[Path] | None = None) -> None:
+    """Refuses a destination that holds anything: a file in the data directory or a part,
+    or the asynchronous store. Not counted: empty directories, the trusted keys this restore
+    checks the archive with (`allowed`; the default `--trusted` is DIR/keys/trusted), and
+    the store's file."""
+    allowed = (allowed or set()) | store_files(layout.store)
+    roots = [(layout.data_dir, "")] if layout.data_dir else []
+    roots += [(directory, f" ({part})") for part, directory in layout.parts.items()
+              if not any(directory.is_relative_to(root) for root, _ in roots)]
+    for root, what in roots:
+        found = first_file(root, allowed)
+        if found == root:
+            raise FailedPrecondition(f"{root}{what} is not a directory: restore into an empty "
+                                     "data directory")
+        if found is not None:
+            raise FailedPrecondition(f"{root}{what} is not empty ({found.relative_to(root)} is "
+                                     "there): restore into an empty data directory (move the "
+                                     "old one away first)")
+    if os.path.lexists(layout.async_store):
         raise FailedPrecondition(f"{layout.async_store} exists: restore into an empty data "
                                  "directory (move the old one away first)")
 
 
-def place_files(staging: Path, layout: Layout, manifest: dict,
-                secrets: dict[str, tuple[bytes, int]]) -> None:
-    for name, entry in manifest["members"].items():
-        if not name.startswith(backup.FILES_PREFIX):
-            continue
-        part, _, relative = name.removeprefix(backup.FILES_PREFIX).partition("/")
-        if part not in layout.parts:
-            raise backup.BackupRefused(f"the archive holds '{name}', outside the parts of a "
-                                       "data directory")
-        move(staging / name, layout.parts[part] / relative, entry["mode"])
-    for name, (data, mode) in secrets.items():
+def placements(layout: Layout, manifest: dict, secrets: dict[str, tuple[bytes, int]]
+               ) -> list[tuple[str, Path]]:
+    """(member or key file, where it goes) for every file a restore writes."""
+    found = []
+    for name in manifest["members"]:
+        if name.startswith(backup.FILES_PREFIX):
+            part, _, relative = name.removeprefix(backup.FILES_PREFIX).partition("/")
+            if part not in layout.parts:
+                raise backup.BackupRefused(f"the archive holds '{name}', outside the parts of "
+                                           "a data directory")
+            found.append((name, layout.parts[part] / relative))
+    for name in secrets:
         part, _, relative = name.partition("/")
-        write_atomic(layout.parts[part] / relative, data, mode & 0o600)  # never readable wider
-    if manifest["submissions"] is not None:
-        move(staging / backup.ASYNC_MEMBER, layout.async_store, 0o600)
+        found.append((name, layout.parts[part] / relative))
+    if backup.ASYNC_MEMBER in manifest["members"]:
+        found.append((backup.ASYNC_MEMBER, layout.async_store))
+    return found
 
 
-def move(source: Path, target: Path, mode: int) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(source, target)
-    os.chmod(target, mode)
+def to_place(placements: list[tuple[str, Path]], members: dict) -> list[tuple[str, Path]]:
+    """The placements still to do: a file already there with the archive's bytes (the trusted
+    key put back in DIR/keys/trusted) stays; anything else in the way is refused."""
+    todo = []
+    for name, target in placements:
+        blocking = next((above for above in reversed(target.parents)
+                         if os.path.lexists(above) and not above.is_dir()), None)
+        if blocking is None and not os.path.lexists(target):
+            todo.append((name, target))
+            continue
+        if blocking is None and name in members and target.is_file() and \
+                artifacts.sha256_digest(target.read_bytes()) == members[name]["digest"]:
+            continue
+        raise FailedPrecondition(f"{blocking or target} is in the way of the archive's {name}: "
+                                 "move it away (keep the trusted key outside the data "
+                                 "directory, and give it with --trusted)")
+    return todo
+
+
+def place_files(staging: Path, todo: list[tuple[str, Path]], members: dict,
+                secrets: dict[str, tuple[bytes, int]], placed: Placed) -> None:
+    for name, target in todo:
+        placed.file(target)
+        if name in secrets:
+            data, mode = secrets[name]
+            write_atomic(target, data, mode & 0o600)  # never readable wider
+        else:
+            shutil.move(staging / name, target)
+            os.chmod(target, 0o600 if name == backup.ASYNC_MEMBER else members[name]["mode"])
 
 
 def restore_backup(archive: Path, layout: Layout, trusted: dict[str, Ed25519PublicKey], *,
-                   kek: bytes | None = None, actor: str = "") -> RestoreResult:
-    """Check `archive`, then restore it into `layout` (every destination empty)."""
-    first = next(iter(layout.parts.values()))
-    first.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".meshserve-restore-", dir=first.parent))
+                   kek: bytes | None = None, actor: str = "",
+                   trusted_paths: set[Path] | None = None) -> RestoreResult:
+    """Check `archive`, then restore it into `layout` (every destination empty but for
+    `trusted_paths`, the trusted key files). On any failure, what it placed is taken back."""
+    check_destination(layout, trusted_paths)
+    placed = Placed()
+    try:
+        return restore_checked(archive, layout, trusted, kek, actor, placed)
+    except BaseException:
+        placed.undo()
+        raise
+
+
+def restore_checked(archive: Path, layout: Layout, trusted: dict[str, Ed25519PublicKey],
+                    kek: bytes | None, actor: str, placed: Placed) -> RestoreResult:
+    root = layout.data_dir or next(iter(layout.parts.values())).parent
+    placed.mkdir(root)
+    staging = Path(tempfile.mkdtemp(prefix=".meshserve-restore-", dir=root))
     try:
         digests = unpack(archive, staging)
         manifest = verified_manifest(staging, digests, trusted)
@@ -185,12 +340,13 @@ def restore_backup(archive: Path, layout: Layout, trusted: dict[str, Ed25519Publ
         if problems:
             raise backup.BackupRefused("; ".join(problems))
         secrets = secret_files(manifest, staging, kek)
-        check_destination(layout, manifest)
+        todo = to_place(placements(layout, manifest, secrets), manifest["members"])
+        placed.store(layout.store)
         with Store.open(layout.store) as store:
             if any(table.rows for table in store.export_tables().values()):
                 raise FailedPrecondition(f"the store {store!r} already holds state: restore "
                                          "into an empty store")
-            place_files(staging, layout, manifest, secrets)
+            place_files(staging, todo, manifest["members"], secrets, placed)
             store.import_tables(tables)
             point = backup.manifest_point(manifest)
             store.append_audit(actor or default_actor(), "backup.restore", archive.name,
@@ -207,8 +363,12 @@ def restore_backup(archive: Path, layout: Layout, trusted: dict[str, Ed25519Publ
                          problems, len(secrets))
 
 
+def trusted_paths(args: argparse.Namespace) -> list[Path]:
+    return args.trusted or [args.data_dir / "keys" / "trusted"]
+
+
 def trusted_keys(args: argparse.Namespace) -> dict[str, Ed25519PublicKey]:
-    paths = args.trusted or [args.data_dir / "keys" / "trusted"]
+    paths = trusted_paths(args)
     missing = [str(path) for path in paths if not path.exists()]
     if missing:
         raise FailedPrecondition(f"no trusted key at {', '.join(missing)}: give --trusted, the "
@@ -241,13 +401,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         kek = model_files.read_kek(args.kek_file) if args.kek_file else None
         result = restore_backup(args.archive, layout, trusted_keys(args), kek=kek,
-                                actor=args.actor)
+                                actor=args.actor,
+                                trusted_paths=trusted_files(trusted_paths(args)))
     except backup.BackupRefused as refused:
         print(f"refused: {refused.message}", file=sys.stderr)
         return 1
     except ServingError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return 2
+    except OSError as error:  # a destination that cannot be written, say; taken back
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}; nothing was restored (what this "
+              "restore had placed is removed)", file=sys.stderr)
+        return 1
     print(describe(result, layout))
     return report(result.problems, result.entries, result.head)
 

@@ -31,7 +31,7 @@ from meshserve.protocol import admin_pb2
 from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.tools import dev_signing
 from meshserve.tools.arguments import positive_int
-from meshserve.tools.certs import init_certs
+from meshserve.tools.certs import CA_CERT, CA_KEY, CertsError, expected_files, init_certs
 from meshserve.tools.tokens import JWKS, POLICY, init_auth
 from meshserve.tools.traffic import admin_channel
 from meshserve.tools.up_children import HOST, Child, Refused, stop_all, wait_ready
@@ -219,6 +219,28 @@ async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
         raise
 
 
+def check_certs(data_dir: Path) -> None:
+    """The mesh's certificates, completed where they can be (`init_certs`); RuntimeError, saying
+    what to do, where they cannot. Certificates without their keys are what a backup restored
+    without its keys leaves: a new CA would not be the one the mesh's clients trust."""
+    tls_dir = data_dir / "tls"
+    if (tls_dir / CA_CERT).exists() and not (tls_dir / CA_KEY).exists():
+        keyless = [path.name for path in expected_files(tls_dir)
+                   if path.suffix == ".crt" and path.exists() and
+                   not path.with_suffix(".key").exists()]
+        raise RuntimeError(
+            f"{tls_dir} has certificates without their private keys ({', '.join(keyless)}), "
+            "as a backup restored without its keys leaves it: restore the archive again with "
+            f"them (meshserve restore ARCHIVE --data-dir {data_dir} --kek-file FILE, an archive "
+            "written with --include-keys) into an empty directory, or put back the private "
+            "keys (*.key, keys/kek) you keep apart; a new CA would not be the one its clients "
+            "trust")
+    try:
+        init_certs(tls_dir)
+    except CertsError as error:
+        raise RuntimeError(str(error)) from None
+
+
 def prepare(data_dir: Path, say=print, repository: Path | None = None) -> None:
     """Certificates, keys and the access policy; the demo repository unless `repository`
     names another. Unsigned versions are signed with the development key; models the
@@ -226,7 +248,7 @@ def prepare(data_dir: Path, say=print, repository: Path | None = None) -> None:
     tls_dir = data_dir / "tls"
     if not (tls_dir / "ca.crt").exists():
         say(f"creating development certificates in {tls_dir}")
-    init_certs(tls_dir)
+    check_certs(data_dir)
     models = repository_of(data_dir, repository)
     if repository is None:
         from meshserve.tools.demo_repository import write_demo_repository  # torch: when needed

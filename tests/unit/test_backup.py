@@ -2,8 +2,11 @@
 archives on a temporary directory; every refusal checked for its reason and for writing
 nothing."""
 
+import errno
 import io
 import itertools
+import os
+import shutil
 import sqlite3
 import tarfile
 import threading
@@ -20,8 +23,10 @@ from meshserve.mesh.policy import Endpoint, TrafficPolicy
 from meshserve.mesh.registry import Push, Registry
 from meshserve.mesh.store import TABLES, Store
 from meshserve.tools import cli
+from meshserve.tools import restore as restore_tool
 from meshserve.tools.backup import Layout, create_backup
 from meshserve.tools.restore import restore_backup
+from meshserve.tools.up import check_certs
 from tests.polling import until_sync
 from tests.unit.test_store import FakeClock
 
@@ -276,7 +281,7 @@ def test_an_archive_of_another_mesh_is_refused(mesh: Path, tmp_path: Path) -> No
 
 
 def test_a_restore_needs_an_empty_destination(mesh: Path, archive: Path) -> None:
-    with pytest.raises(FailedPrecondition, match="models.*is not empty"):
+    with pytest.raises(FailedPrecondition, match="mesh is not empty"):
         restore_backup(archive, Layout.of(mesh), trusted(mesh))
 
 
@@ -331,3 +336,200 @@ def test_retention_keeps_the_newest() -> None:
     assert backup.to_prune(names, 5) == []
     with pytest.raises(ValueError, match="at least 1"):
         backup.to_prune(names, 0)
+
+
+def test_retention_prunes_only_time_named_archives_and_never_the_one_just_written() -> None:
+    old, new, future = (backup.archive_name(f"{day}T08:00:00.000000Z")
+                        for day in ("2026-12-01", "2026-12-06", "2027-01-01"))
+    hand_named = ["meshserve-backup-before-upgrade.tar", "meshserve-backup-zzz.tar",
+                  "meshserve-backup-20261201T0800Z.tar"]
+    assert backup.to_prune([*hand_named, new], 1, written=new) == []
+    assert backup.to_prune([*hand_named, old, new], 1, written=new) == [old]
+    # An archive dated later (a clock set wrong once) does not push out the one just written.
+    assert backup.to_prune([old, future, new], 1, written=new) == [old, future]
+    assert backup.to_prune([old, future, new], 2, written=new) == [old]
+    assert backup.to_prune([future, old], 1) == [old]
+
+
+def test_keep_never_prunes_a_hand_named_archive_or_the_new_one(mesh: Path, tmp_path: Path,
+                                                               capsys) -> None:
+    out_dir = tmp_path / "backups"
+    named = out_dir / "meshserve-backup-before-upgrade.tar"
+    assert cli.main(["backup", "--data-dir", str(mesh), "--out", str(named)]) == 0
+    assert cli.main(["backup", "--data-dir", str(mesh), "--out", str(out_dir), "--keep",
+                     "1"]) == 0
+    out = capsys.readouterr().out
+    assert "pruned:" not in out
+    [written] = [line.split()[2] for line in out.splitlines()
+                 if line.startswith("backup written:")][-1:]
+    assert sorted(out_dir.iterdir()) == sorted([named, Path(written)])
+    future = out_dir / backup.archive_name("2099-01-01T00:00:00.000000Z")  # a wrong clock's
+    future.write_bytes(b"")
+    assert cli.main(["backup", "--data-dir", str(mesh), "--out", str(out_dir), "--keep",
+                     "1"]) == 0
+    out = capsys.readouterr().out
+    newest = Path(out.split("backup written: ", 1)[1].split(" (", 1)[0])
+    assert f"pruned: {Path(written).name}, {future.name}" in out
+    assert sorted(out_dir.iterdir()) == sorted([named, newest])
+
+
+def test_a_backup_never_overwrites_a_file(mesh: Path, tmp_path: Path, capsys) -> None:
+    target = tmp_path / "b.tar"
+    kek = tmp_path / "backup.kek"
+    model_files.ensure_kek(kek)
+    assert cli.main(["backup", "--data-dir", str(mesh), "--out", str(target),
+                     "--include-keys", "--kek-file", str(kek)]) == 0
+    keyed = target.read_bytes()
+    capsys.readouterr()
+    assert cli.main(["backup", "--data-dir", str(mesh), "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {target} exists: a backup never overwrites a file; give another " \
+                  "--out (a new FILE.tar, or a directory)\n"
+    assert target.read_bytes() == keyed
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.tar")]
+    folder = tmp_path / "archives.tar"  # a directory, named so: a new archive in it
+    folder.mkdir()
+    assert cli.main(["backup", "--data-dir", str(mesh), "--out", str(folder)]) == 0
+    assert len(list(folder.glob("meshserve-backup-*.tar"))) == 1
+
+
+def test_the_backup_says_whether_the_asynchronous_store_is_empty_or_absent(
+        mesh: Path, tmp_path: Path, capsys) -> None:
+    (mesh / "async.db").unlink()
+    connect(mesh / "async.db").close()  # as the ingress leaves it before any submission
+    assert cli.main(["backup", "--data-dir", str(mesh), "--out", str(tmp_path / "a.tar")]) == 0
+    assert "submissions: none (the asynchronous store is empty)\n" in capsys.readouterr().out
+    assert archive_manifest(tmp_path / "a.tar")["submissions"] == {}
+    target = tmp_path / "restored"
+    assert restore_backup(tmp_path / "a.tar", Layout.of(target), trusted(mesh)).ok
+    assert rows(target / "async.db", SUBMISSIONS) == []
+    for name in os.listdir(mesh):
+        if name.startswith("async.db"):
+            (mesh / name).unlink()
+    assert cli.main(["backup", "--data-dir", str(mesh), "--out", str(tmp_path / "b.tar")]) == 0
+    assert "submissions: no asynchronous store\n" in capsys.readouterr().out
+
+
+def listing(directory: Path) -> list[str]:
+    return sorted(str(path.relative_to(directory)) for path in directory.rglob("*"))
+
+
+@pytest.mark.parametrize("fails", ["move", "import"])
+def test_a_restore_that_fails_part_way_takes_back_what_it_placed(
+        mesh: Path, archive: Path, tmp_path: Path, monkeypatch, capsys, fails: str) -> None:
+    target = tmp_path / "r9"
+    (target / "keys" / "trusted").mkdir(parents=True)
+    shutil.copy(next((mesh / "keys" / "trusted").glob("*.pub")), target / "keys" / "trusted")
+    before = listing(target)
+    move, import_tables = shutil.move, Store.import_tables
+
+    def failing_move(source, destination):
+        if "registry" in str(destination):
+            raise OSError(errno.EROFS, "Read-only file system", str(destination))
+        return move(source, destination)
+
+    def failing_import(self, tables):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target / "mesh.db"))
+
+    if fails == "move":
+        monkeypatch.setattr(restore_tool.shutil, "move", failing_move)
+    else:
+        monkeypatch.setattr(Store, "import_tables", failing_import)
+    assert cli.main(["restore", str(archive), "--data-dir", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {target}/")
+    assert ("Read-only file system" if fails == "move" else "No space left") in err
+    assert err.endswith("nothing was restored (what this restore had placed is removed)\n")
+    assert listing(target) == before  # the trusted key it was given stays
+
+    monkeypatch.setattr(restore_tool.shutil, "move", move)
+    monkeypatch.setattr(Store, "import_tables", import_tables)
+    assert cli.main(["restore", str(archive), "--data-dir", str(target)]) == 0  # a retry
+
+
+def test_a_refused_restore_leaves_nothing_behind(mesh: Path, tmp_path: Path, capsys) -> None:
+    kek = model_files.read_kek(mesh / "keys" / "kek")
+    keyed = create_backup(Layout.of(mesh), tmp_path / "keyed.tar", signing_key(mesh), kek=kek)
+    wrong = tmp_path / "wrong.kek"
+    model_files.ensure_kek(wrong)
+    for archive, flags in ((tmp_path / "nope.tar", []), (keyed.path, ["--kek-file", str(wrong)])):
+        target = tmp_path / "new"
+        assert cli.main(["restore", str(archive), "--data-dir", str(target), "--trusted",
+                         str(mesh / "keys" / "trusted"), *flags]) == 1
+        assert not target.exists()
+        target.mkdir()  # an empty directory made for it stays, empty
+        assert cli.main(["restore", str(archive), "--data-dir", str(target), "--trusted",
+                         str(mesh / "keys" / "trusted"), *flags]) == 1
+        assert list(target.iterdir()) == []
+        target.rmdir()
+    capsys.readouterr()
+
+
+def test_a_directory_that_holds_anything_is_refused(mesh: Path, archive: Path,
+                                                    tmp_path: Path, capsys) -> None:
+    trusted_key = ["--trusted", str(mesh / "keys" / "trusted")]
+    target = tmp_path / "r"
+    target.mkdir()
+    (target / "foo").write_text("mine")
+    assert cli.main(["restore", str(archive), "--data-dir", str(target), *trusted_key]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {target} is not empty (foo is there): restore into an empty data directory "
+        "(move the old one away first)\n")
+    assert listing(target) == ["foo"]
+    (target / "foo").unlink()
+    (target / "keys").write_text("a file where a directory goes")
+    assert cli.main(["restore", str(archive), "--data-dir", str(target), *trusted_key]) == 2
+    assert "(keys is there)" in capsys.readouterr().err
+    (target / "keys").unlink()
+    for empty in ("lost+found", "models", "keys/trusted"):  # a new volume, empty directories
+        (target / empty).mkdir(parents=True)
+    assert cli.main(["restore", str(archive), "--data-dir", str(target), *trusted_key]) == 0
+    assert file_digests(target) == {name: digest for name, digest in file_digests(mesh).items()
+                                    if not backup.is_secret(name)}
+
+
+def test_the_default_trusted_key_in_the_data_directory_is_not_in_the_way(
+        mesh: Path, archive: Path, tmp_path: Path, capsys) -> None:
+    key = next((mesh / "keys" / "trusted").glob("*.pub"))
+    for name in (key.name, "registry.pub"):  # as the archive names it, or as the operator
+        target = tmp_path / name
+        (target / "keys" / "trusted").mkdir(parents=True)
+        shutil.copy(key, target / "keys" / "trusted" / name)
+        assert cli.main(["restore", str(archive), "--data-dir", str(target)]) == 0, \
+            capsys.readouterr().err
+        assert (target / "keys" / "trusted" / name).read_bytes() == key.read_bytes()
+        assert (target / "keys" / "trusted" / key.name).read_bytes() == key.read_bytes()
+    target = tmp_path / "pem"
+    (target / "keys").mkdir(parents=True)
+    shutil.copy(key, target / "keys" / "trusted")  # a PEM file where the archive has a folder
+    capsys.readouterr()
+    assert cli.main(["restore", str(archive), "--data-dir", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {target / 'keys' / 'trusted'} is in the way of the "
+                          f"archive's files/keys/trusted/{key.name}: move it away")
+    assert listing(target) == ["keys", "keys/trusted"]
+
+
+def test_restore_errors_are_one_line(mesh: Path, archive: Path, tmp_path: Path,
+                                     capsys) -> None:
+    assert cli.main(["restore", str(archive.parent), "--data-dir", str(tmp_path / "r"),
+                     "--trusted", str(mesh / "keys" / "trusted")]) == 1
+    assert capsys.readouterr().err == (
+        f"refused: {archive.parent} is a directory, not an archive: name the "
+        "meshserve-backup-<time>.tar in it\n")
+    assert not (tmp_path / "r").exists()
+
+
+def test_up_after_a_keyless_restore_says_to_restore_the_keys(mesh: Path, archive: Path,
+                                                             tmp_path: Path) -> None:
+    target = tmp_path / "restored"
+    assert restore_backup(archive, Layout.of(target), trusted(mesh)).ok
+    with pytest.raises(RuntimeError) as raised:
+        check_certs(target)
+    message = str(raised.value)
+    assert message.startswith(f"{target / 'tls'} has certificates without their private keys "
+                              "(ca.crt), as a backup restored without its keys leaves it")
+    assert f"meshserve restore ARCHIVE --data-dir {target} --kek-file FILE" in message
+    assert "rm -r" not in message
+    check_certs(tmp_path / "fresh")  # a new data directory: development certificates made
+    assert (tmp_path / "fresh" / "tls" / "ca.key").exists()

@@ -2,11 +2,14 @@
 what was backed up with what came back, timing the recovery, and its closing summary."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from meshserve.tools import cli
 from meshserve.tools.drill import (
     Observed,
     Plan,
@@ -76,25 +79,87 @@ def test_a_data_directory_without_a_running_up_is_refused(tmp_path) -> None:
         UpProcess.find(tmp_path)
 
 
-def sleeper(new_session: bool) -> subprocess.Popen:
+def sleeper(new_session: bool, *args: str, cwd: Path | None = None) -> subprocess.Popen:
+    """A process that looks like meshserve's: `args` end its command line, as `up`'s and the
+    services' arguments end theirs."""
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                             "meshserve-drill-test"], start_new_session=new_session)
+                             "meshserve-drill-test", *args], start_new_session=new_session,
+                            cwd=cwd)
+
+
+def record_up(data_dir: Path, up: subprocess.Popen, argv: list[str], cwd: Path) -> None:
+    """DIR/run/up.json as `meshserve up` writes it."""
+    (data_dir / "run").mkdir(parents=True, exist_ok=True)
+    (data_dir / "run" / "up.json").write_text(json.dumps(
+        {"pid": up.pid, "cwd": str(cwd), "argv": argv}))
+
+
+def test_a_copy_of_a_data_directory_is_not_the_mesh_it_records(tmp_path) -> None:
+    original, copy = tmp_path / "d1", tmp_path / "d1copy"
+    original.mkdir()
+    argv = ["up", "--data-dir", "d1"]  # relative to the directory it was started in
+    up = sleeper(False, *argv, cwd=tmp_path)
+    service = sleeper(True, f"--port-file={original / 'run' / 'ingress.port'}")
+    try:
+        record_up(original, up, argv, tmp_path)
+        (original / "run" / "ingress.pid").write_text(f"{service.pid}\n")
+        found = UpProcess.find(original)
+        assert (found.pid, found.services) == (up.pid, [service.pid])
+        shutil.copytree(original, copy)
+        with pytest.raises(SystemExit) as refused:
+            UpProcess.find(copy)
+        assert str(refused.value) == (
+            f"no `meshserve up` is running on {copy}: the one recorded in "
+            f"{copy / 'run' / 'up.json'} (pid {up.pid}) serves {original} (a copy of another "
+            "data directory?)")
+        with pytest.raises(SystemExit, match="no `meshserve up` is running on"):
+            cli.main(["drill", "--data-dir", str(copy), "--quick"])
+        assert copy.exists()
+        assert alive(up.pid) and alive(service.pid)
+        record_up(copy, up, ["up", "--data-dir", "d1", "--port", "0"], tmp_path)
+        with pytest.raises(SystemExit, match=r"\(pid \d+\) is another process"):
+            UpProcess.find(copy)  # a recorded command line that is not the process's
+    finally:
+        for process in (up, service):
+            process.kill()
+            process.wait(10)
+
+
+def test_a_work_directory_that_cannot_be_one_is_refused_in_one_line(tmp_path, capsys) -> None:
+    data_dir = tmp_path / "d1"
+    up = sleeper(False, "up", "--data-dir", str(data_dir))
+    try:
+        record_up(data_dir, up, ["up", "--data-dir", str(data_dir)], Path("/"))
+        a_file = tmp_path / "file"
+        a_file.write_text("")
+        assert cli.main(["drill", "--data-dir", str(data_dir), "--work-dir", str(a_file)]) == 2
+        assert capsys.readouterr().err == (f"error: cannot make the work directory {a_file}: "
+                                           "File exists\n")
+        inside = data_dir / "drill"
+        assert cli.main(["drill", "--data-dir", str(data_dir), "--work-dir", str(inside)]) == 2
+        assert "is inside" in capsys.readouterr().err and not inside.exists()
+        assert alive(up.pid)
+    finally:
+        up.kill()
+        up.wait(10)
 
 
 def test_kill_all_kills_up_and_every_service(tmp_path) -> None:
-    up, services = sleeper(False), [sleeper(True), sleeper(True)]
+    run = tmp_path / "run"
+    up = sleeper(False, "up", "--data-dir", str(tmp_path))
+    services = [sleeper(True, f"--port-file={run / f'service-{n}.port'}") for n in range(2)]
+    stranger = sleeper(True, "--port-file=/elsewhere/run/service-2.port")
     try:
-        run = tmp_path / "run"
-        run.mkdir()
-        (run / "up.json").write_text(json.dumps({"pid": up.pid, "cwd": "/", "argv": ["up"]}))
-        for n, service in enumerate(services):
+        record_up(tmp_path, up, ["up", "--data-dir", str(tmp_path)], Path("/"))
+        for n, service in enumerate([*services, stranger]):
             (run / f"service-{n}.pid").write_text(f"{service.pid}\n")
         found = UpProcess.find(tmp_path)
         assert (found.pid, sorted(found.services)) == (up.pid, sorted(s.pid for s in services))
         assert kill_all(found) == 3
         assert not any(alive(p.pid) for p in (up, *services))
         assert [p.wait(10) for p in (up, *services)] == [-9, -9, -9]
+        assert alive(stranger.pid)  # a pid file naming another mesh's service
     finally:
-        for process in (up, *services):
+        for process in (up, *services, stranger):
             process.kill()
             process.wait(10)
