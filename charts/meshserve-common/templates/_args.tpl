@@ -18,7 +18,7 @@ list: `include "meshserve.args" .` picks the component's. Every flag is one that
 {{- end -}}
 - {{ printf "--model-repository=%s" .Values.modelRepository.mountPath | quote }}
 - {{ printf "--model=%s" (required "model.name is required: the model this compute serves" .Values.model.name) | quote }}
-- {{ printf "--version=%v" (required "model.version is required: the version this compute serves" .Values.model.version) | quote }}
+- {{ printf "--version=%s" (include "meshserve.number" (required "model.version is required: the version this compute serves" .Values.model.version)) | quote }}
 - {{ printf "--device=%s" $device | quote }}
 - {{ printf "--threads=%v" (int .Values.threads) | quote }}
 {{- include "meshserve.args.allowCallers" . }}
@@ -44,7 +44,7 @@ list: `include "meshserve.args" .` picks the component's. Every flag is one that
 {{- define "meshserve.args.batcher" -}}
 - {{ printf "--model-repository=%s" .Values.modelRepository.mountPath | quote }}
 - {{ printf "--model=%s" (required "model.name is required: the model this batcher serves" .Values.model.name) | quote }}
-- {{ printf "--version=%v" (required "model.version is required: the version this batcher serves" .Values.model.version) | quote }}
+- {{ printf "--version=%s" (include "meshserve.number" (required "model.version is required: the version this batcher serves" .Values.model.version)) | quote }}
 {{- range (required "compute.targets is required: HOST:PORT of at least one compute" .Values.compute.targets) }}
 - {{ printf "--compute=%s" . | quote }}
 {{- end }}
@@ -103,7 +103,7 @@ list: `include "meshserve.args" .` picks the component's. Every flag is one that
 {{- end }}
 - {{ printf "--token-issuer=%s" $auth.issuer | quote }}
 - {{ printf "--token-audience=%s" $auth.audience | quote }}
-- {{ printf "--audit-denied-sample=%v" $auth.auditDeniedSample | quote }}
+- {{ printf "--audit-denied-sample=%s" (include "meshserve.number" $auth.auditDeniedSample) | quote }}
 {{- end }}
 {{- if hasKey .Values "maxInflightBytes" }}
 {{- include "meshserve.args.whenSetInt" (list "--max-inflight-bytes" .Values.maxInflightBytes) }}
@@ -172,7 +172,7 @@ true
 {{- define "meshserve.args.control-plane" -}}
 - {{ printf "--store=%s/%s" (trimSuffix "/" .Values.persistence.mountPath) .Values.storeFile | quote }}
 - {{ printf "--batcher-identity=%s" .Values.batcherIdentity | quote }}
-- {{ printf "--sample-seconds=%v" .Values.sampleSeconds | quote }}
+- {{ printf "--sample-seconds=%s" (include "meshserve.number" .Values.sampleSeconds) | quote }}
 {{- if .Values.endpointSlices.watch }}
 - {{ printf "--kubernetes-namespace=%s" (include "meshserve.endpointSliceNamespace" .) | quote }}
 {{- end }}
@@ -231,7 +231,7 @@ true
 {{- define "meshserve.args.whenSet" -}}
 {{- $value := index . 1 }}
 {{- if not (kindIs "invalid" $value) }}
-- {{ printf "%s=%v" (index . 0) $value | quote }}
+- {{ printf "%s=%s" (index . 0) (include "meshserve.number" $value) | quote }}
 {{- end }}
 {{- end -}}
 

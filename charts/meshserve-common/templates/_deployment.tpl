@@ -10,6 +10,7 @@ name with --compute.
 */}}
 {{- define "meshserve.deployment" -}}
 {{- with . -}}
+{{- include "meshserve.checkPorts" . -}}
 {{- $hasModels := hasKey .Values "modelRepository" -}}
 {{- $gpu := and (hasKey .Values "gpu") .Values.gpu.enabled -}}
 {{- $data := hasKey .Values "persistence" -}}
@@ -42,9 +43,9 @@ metadata:
     {{- include "meshserve.labels" . | nindent 4 }}
 spec:
   {{- if not $autoscaling }}
-  replicas: {{ .Values.replicas }}
+  replicas: {{ include "meshserve.number" .Values.replicas }}
   {{- end }}
-  revisionHistoryLimit: {{ .Values.revisionHistoryLimit }}
+  revisionHistoryLimit: {{ include "meshserve.number" .Values.revisionHistoryLimit }}
   {{- if $statefulSet }}
   serviceName: {{ required "statefulSet.serviceName is required" .Values.statefulSet.serviceName }}
   podManagementPolicy: Parallel
@@ -88,8 +89,10 @@ spec:
       imagePullSecrets:
         {{- toYaml . | nindent 8 }}
       {{- end }}
+      {{- with .Values.podSecurityContext }}
       securityContext:
-        {{- toYaml .Values.podSecurityContext | nindent 8 }}
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
       {{- if and $hasModels .Values.modelRepository.init.command }}
       initContainers:
         - name: fill-model-repository
@@ -106,8 +109,10 @@ spec:
               value: {{ .Values.modelRepository.mountPath | quote }}
             - name: HOME
               value: /tmp
+          {{- with .Values.securityContext }}
           securityContext:
-            {{- toYaml .Values.securityContext | nindent 12 }}
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
           resources:
             {{- toYaml .Values.modelRepository.init.resources | nindent 12 }}
           volumeMounts:
@@ -165,10 +170,12 @@ spec:
           lifecycle:
             preStop:
               sleep:
-                seconds: {{ .Values.preStopSleepSeconds }}
+                seconds: {{ include "meshserve.number" .Values.preStopSleepSeconds }}
           {{- end }}
+          {{- with .Values.securityContext }}
           securityContext:
-            {{- toYaml .Values.securityContext | nindent 12 }}
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
           resources:
             {{- toYaml $resources | nindent 12 }}
           volumeMounts:
@@ -206,7 +213,7 @@ spec:
             defaultMode: 0440
         - name: tmp
           emptyDir:
-            sizeLimit: {{ .Values.tmpSizeLimit }}
+            sizeLimit: {{ include "meshserve.number" .Values.tmpSizeLimit }}
         {{- if $hasModels }}
         - name: models
           {{- if .Values.modelRepository.existingClaim }}
@@ -215,7 +222,7 @@ spec:
             readOnly: true
           {{- else }}
           emptyDir:
-            sizeLimit: {{ .Values.modelRepository.sizeLimit }}
+            sizeLimit: {{ include "meshserve.number" .Values.modelRepository.sizeLimit }}
           {{- end }}
         {{- end }}
         {{- if $data }}
@@ -351,7 +358,7 @@ subPath, so that a rotation the kubelet writes reaches the pod.
 {{- else }}
   # An emptyDir: accepted requests and finished results are lost with the pod.
   emptyDir:
-    sizeLimit: {{ .Values.async.sizeLimit }}
+    sizeLimit: {{ include "meshserve.number" .Values.async.sizeLimit }}
 {{- end }}
 {{- end }}
 {{- end -}}
@@ -365,4 +372,31 @@ subPath, so that a rotation the kubelet writes reaches the pod.
       name: {{ .Values.cache.redis.passwordSecret }}
       key: {{ .Values.cache.redis.passwordKey }}
 {{- end }}
+{{- end -}}
+
+
+{{/*
+Fails when two of the pod's listeners (grpc, token, http, metrics, health) are given one port:
+the manifests would be valid, and the process would die with "Address already in use".
+*/}}
+{{- define "meshserve.checkPorts" -}}
+{{- $ports := list (list "port" .Values.port) -}}
+{{- if include "meshserve.authEnabled" . -}}
+{{- $ports = append $ports (list "auth.tokenPort" .Values.auth.tokenPort) -}}
+{{- end -}}
+{{- if include "meshserve.httpEnabled" . -}}
+{{- $ports = append $ports (list "http.port" .Values.http.port) -}}
+{{- end -}}
+{{- if include "meshserve.metricsEnabled" . -}}
+{{- $ports = append $ports (list "metrics.port" .Values.metrics.port) -}}
+{{- end -}}
+{{- $ports = append $ports (list "probes.port" .Values.probes.port) -}}
+{{- $seen := dict -}}
+{{- range $entry := $ports -}}
+{{- $number := include "meshserve.number" (index $entry 1) -}}
+{{- if hasKey $seen $number -}}
+{{- fail (printf "%s: %s (%s) and %s (%s) are the same port: each listener needs a port of its own" (include "meshserve.component" $) (get $seen $number) $number (index $entry 0) $number) -}}
+{{- end -}}
+{{- $_ := set $seen $number (index $entry 0) -}}
+{{- end -}}
 {{- end -}}

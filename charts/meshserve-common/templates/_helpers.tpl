@@ -10,17 +10,28 @@ on it.
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/*
+The name of the service's objects, its Service's included: a DNS-1035 label, which Helm's
+release names (dots, a leading digit) need not be. Refused at render rather than by the API
+server half-way through an install.
+*/}}
 {{- define "meshserve.fullname" -}}
+{{- $fullname := "" -}}
 {{- if .Values.fullnameOverride -}}
-{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- $fullname = .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
 {{- else -}}
 {{- $name := default .Chart.Name .Values.nameOverride -}}
 {{- if contains $name .Release.Name -}}
-{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- $fullname = .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- $fullname = printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 {{- end -}}
+{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $fullname) -}}
+{{- $override := ternary "" " (or set fullnameOverride)" (hasKey .Values "component") -}}
+{{- fail (printf "release name %q gives the Service name %q, which is not a DNS-1035 label (lower-case letters, digits and '-', starting with a letter, at most 63): choose a release name that starts with a letter and has no dots%s" .Release.Name $fullname $override) -}}
+{{- end -}}
+{{- $fullname -}}
 {{- end -}}
 
 {{/* The service: compute, batcher, router, ingress or control-plane. */}}
@@ -42,7 +53,27 @@ every slice that carries them (mesh/endpointslices.py).
 {{- define "meshserve.modelLabels" -}}
 {{- if hasKey .Values "model" -}}
 meshserve.io/model: {{ .Values.model.name | quote }}
-meshserve.io/version: {{ .Values.model.version | toString | quote }}
+meshserve.io/version: {{ include "meshserve.number" .Values.model.version | quote }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A value as text: a string as it is, a number without an exponent. YAML and JSON numbers reach
+templates as float64, which `toString`, `%v` and `{{ . }}` print as 1e+06 from 1,000,000 up:
+a model version of 20261206 would become the label "2.0261206e+07". Integral numbers print
+as integers, others in plain decimal.
+*/}}
+{{- define "meshserve.number" -}}
+{{- if kindIs "float64" . -}}
+{{- if eq . (floor .) -}}
+{{- printf "%d" (int64 .) -}}
+{{- else if contains "e" (printf "%v" .) -}}
+{{- regexReplaceAll "0+$" (printf "%f" .) "" | trimSuffix "." -}}
+{{- else -}}
+{{- printf "%v" . -}}
+{{- end -}}
+{{- else -}}
+{{- toString . -}}
 {{- end -}}
 {{- end -}}
 
@@ -116,7 +147,7 @@ The service chart appends its own.
 - {{ printf "--tls-cert=%s/tls.crt" .Values.tls.mountPath | quote }}
 - {{ printf "--tls-key=%s/tls.key" .Values.tls.mountPath | quote }}
 - {{ printf "--tls-ca=%s/ca.crt" .Values.tls.mountPath | quote }}
-- {{ printf "--drain-seconds=%v" .Values.drainSeconds | quote }}
+- {{ printf "--drain-seconds=%s" (include "meshserve.number" .Values.drainSeconds) | quote }}
 - {{ printf "--log-level=%s" .Values.logLevel | quote }}
 - {{ printf "--health-listen=%s:%v" .Values.listenHost (int .Values.probes.port) | quote }}
 {{- if include "meshserve.metricsEnabled" . }}

@@ -106,8 +106,13 @@ automountServiceAccountToken: false
 {{- end -}}
 {{- end -}}
 
+{{/*
+minAvailable when set, else maxUnavailable; neither (a block given as `enabled: true` alone,
+which replaces the defaults): maxUnavailable 1.
+*/}}
 {{- define "meshserve.podDisruptionBudget" -}}
 {{- if .Values.podDisruptionBudget.enabled -}}
+{{- $budget := .Values.podDisruptionBudget -}}
 apiVersion: policy/v1
 kind: PodDisruptionBudget
 metadata:
@@ -115,10 +120,12 @@ metadata:
   labels:
     {{- include "meshserve.labels" . | nindent 4 }}
 spec:
-  {{- if hasKey .Values.podDisruptionBudget "minAvailable" }}
-  minAvailable: {{ .Values.podDisruptionBudget.minAvailable }}
+  {{- if not (kindIs "invalid" $budget.minAvailable) }}
+  minAvailable: {{ include "meshserve.number" $budget.minAvailable }}
+  {{- else if not (kindIs "invalid" $budget.maxUnavailable) }}
+  maxUnavailable: {{ include "meshserve.number" $budget.maxUnavailable }}
   {{- else }}
-  maxUnavailable: {{ .Values.podDisruptionBudget.maxUnavailable }}
+  maxUnavailable: 1
   {{- end }}
   selector:
     matchLabels:
@@ -143,15 +150,15 @@ spec:
     apiVersion: apps/v1
     kind: Deployment
     name: {{ include "meshserve.fullname" . }}
-  minReplicas: {{ $autoscaling.minReplicas }}
-  maxReplicas: {{ $autoscaling.maxReplicas }}
+  minReplicas: {{ include "meshserve.number" $autoscaling.minReplicas }}
+  maxReplicas: {{ include "meshserve.number" $autoscaling.maxReplicas }}
   metrics:
     - type: Resource
       resource:
         name: cpu
         target:
           type: Utilization
-          averageUtilization: {{ $autoscaling.targetCPUUtilizationPercentage }}
+          averageUtilization: {{ include "meshserve.number" $autoscaling.targetCPUUtilizationPercentage }}
   {{- with $autoscaling.behavior }}
   behavior:
     {{- toYaml . | nindent 4 }}
@@ -161,8 +168,10 @@ spec:
 
 {{/*
 Admits traffic to the port named `grpc` only from pods of the calling components (matched by
-app.kubernetes.io/component and app.kubernetes.io/part-of=meshserve), in this namespace or
-in those that networkPolicy.callerNamespaceSelector picks; from operators' pods
+app.kubernetes.io/component and app.kubernetes.io/part-of=meshserve, and by
+app.kubernetes.io/instance when networkPolicy.callerInstances names the callers' releases:
+the umbrella names its own, so that two meshes in one namespace stay apart), in this
+namespace or in those that networkPolicy.callerNamespaceSelector picks; from operators' pods
 (networkPolicy.operators, the control plane's only: a pod selector and an optional namespace
 selector); plus networkPolicy.extraFrom. No callers, operators or extraFrom: any source
 (the ingress). With metrics.enabled, a second rule admits the port named `metrics` only from
@@ -198,11 +207,22 @@ spec:
       {{- $operators := and (hasKey $policy "operators") $policy.operators.enabled -}}
       {{- if or $policy.callers $policy.extraFrom $operators }}
       from:
+        {{- $instances := default (list) $policy.callerInstances }}
         {{- range $policy.callers }}
         - podSelector:
             matchLabels:
               app.kubernetes.io/component: {{ . | quote }}
               app.kubernetes.io/part-of: meshserve
+              {{- if eq (len $instances) 1 }}
+              app.kubernetes.io/instance: {{ first $instances | quote }}
+              {{- end }}
+            {{- if gt (len $instances) 1 }}
+            matchExpressions:
+              - key: app.kubernetes.io/instance
+                operator: In
+                values:
+                  {{- toYaml $instances | nindent 18 }}
+            {{- end }}
           {{- with $policy.callerNamespaceSelector }}
           namespaceSelector:
             {{- toYaml . | nindent 12 }}
@@ -362,7 +382,7 @@ spec:
   {{- end }}
   resources:
     requests:
-      storage: {{ .Values.persistence.size }}
+      storage: {{ include "meshserve.number" .Values.persistence.size }}
 {{- end -}}
 {{- end -}}
 

@@ -19,9 +19,9 @@ from the node, which NetworkPolicy implementations admit). Each probe is an http
     path: {{ ternary "/livez" "/readyz" (eq $name "liveness") }}
     port: health
   {{- with get $root.Values.probes $name }}
-  periodSeconds: {{ .periodSeconds }}
-  timeoutSeconds: {{ .timeoutSeconds }}
-  failureThreshold: {{ .failureThreshold }}
+  periodSeconds: {{ include "meshserve.number" .periodSeconds }}
+  timeoutSeconds: {{ include "meshserve.number" .timeoutSeconds }}
+  failureThreshold: {{ include "meshserve.number" .failureThreshold }}
   {{- end }}
 {{- end }}
 {{- end -}}

@@ -46,8 +46,12 @@ One component's Values, as YAML: the base, then the shared values, then each lay
 {{- define "meshserve.umbrella.values" -}}
 {{- $root := .root -}}
 {{- $values := fromYaml (include "meshserve.umbrella.base" $root) -}}
+{{- /* A key set to null is gone from Values (Helm's way to drop a default): it stays unset
+here too, as in a service chart; `get` would make it "". */ -}}
 {{- range $key := splitList " " (include "meshserve.umbrella.sharedKeys" $root) -}}
+{{- if hasKey $root.Values $key -}}
 {{- $_ := set $values $key (get $root.Values $key) -}}
+{{- end -}}
 {{- end -}}
 {{- range $layer := .layers -}}
 {{- range $key, $value := $layer -}}
@@ -104,7 +108,8 @@ values that leave any of them out stops with one message naming all the values t
 {{/*
 Every object of one component, as YAML documents. Call with (dict "root" $ "values" $values):
 Deployment (or StatefulSet), Service, PodDisruptionBudget, NetworkPolicy, and when the
-component has them, a HorizontalPodAutoscaler, a PersistentVolumeClaim and its RBAC, and a
+component has them, a HorizontalPodAutoscaler, a PersistentVolumeClaim, its RBAC and the
+backup CronJob (the control plane's: controlPlane.backup), and a
 ServiceMonitor (not for compute and batcher, which render one per component for all model
 versions: meshserve.umbrella.modelServiceMonitors).
 */}}
@@ -121,6 +126,7 @@ versions: meshserve.umbrella.modelServiceMonitors).
 {{- if hasKey .values "persistence" -}}
 {{- $documents = append $documents (include "meshserve.persistentVolumeClaim" $context) -}}
 {{- $documents = append $documents (include "meshserve.endpointSliceRbac" $context) -}}
+{{- $documents = append $documents (include "meshserve.backupCronJob" $context) -}}
 {{- end -}}
 {{- range $document := $documents }}
 {{- if trim $document }}
@@ -132,7 +138,7 @@ versions: meshserve.umbrella.modelServiceMonitors).
 
 {{/* A model's name as it may appear in object names: lower case, [a-z0-9-]. */}}
 {{- define "meshserve.umbrella.modelSlug" -}}
-{{- regexReplaceAll "[^a-z0-9-]+" (lower (toString .name)) "-" | trimAll "-" -}}-{{ .version }}
+{{- regexReplaceAll "[^a-z0-9-]+" (lower (toString .name)) "-" | trimAll "-" -}}-{{ include "meshserve.number" .version }}
 {{- end -}}
 
 {{/*
