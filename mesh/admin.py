@@ -37,6 +37,11 @@ EVENT_RECORDERS = ("ingress",)
 OPERATOR_PREFIX = "client"
 
 
+# CanaryPlan's optional numbers in the request → the plan's fields.
+CANARY_FIELDS = {"interval_seconds": "interval_s", "max_error_rate": "max_error_rate",
+                 "max_latency_ratio": "max_latency_ratio", "min_requests": "min_requests"}
+
+
 class EventRefused(ServingError):
     code = "PERMISSION_DENIED"
 
@@ -192,8 +197,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def SetPolicy(self, request, context):
         self._authorize(context, "SetPolicy", request)
         policy = policy_from_proto(request.policy)
-        return policy_to_proto(self._control.set_policy(policy, self._caller(context),
-                                                        request.reason))
+        expected = (policy_from_proto(request.expected) if request.HasField("expected")
+                    else None)
+        return policy_to_proto(self._control.set_policy(
+            policy, self._caller(context), request.reason, expected=expected,
+            force=request.force))
 
     async def Pin(self, request, context):
         self._authorize(context, "Pin", request)
@@ -220,10 +228,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         plan = CanaryPlan(
             model=request.model, baseline=request.from_version, canary=request.to_version,
             steps=tuple(request.steps) or CanaryPlan.steps,
-            interval_s=request.interval_seconds or CanaryPlan.interval_s,
-            max_error_rate=request.max_error_rate or CanaryPlan.max_error_rate,
-            max_latency_ratio=request.max_latency_ratio or CanaryPlan.max_latency_ratio,
-            min_requests=request.min_requests or CanaryPlan.min_requests)
+            **{name: getattr(request, field) for field, name in CANARY_FIELDS.items()
+               if request.HasField(field)})  # unset: CanaryPlan's default; set: as given
         return self._canary(request.model,
                             self._control.start_canary(plan, self._caller(context)))
 

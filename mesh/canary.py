@@ -68,19 +68,25 @@ def _show(steps: tuple[int, ...]) -> str:
     return ",".join(str(step) for step in steps) or "(none)"
 
 
-_DURATION = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*(?P<unit>ms|s|m|h)")
+_PART = r"(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*(?:ms|s|m|h)"
+_DURATION = re.compile(rf"(?:{_PART}\s*)+")
+_PARTS = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*(?P<unit>ms|s|m|h)")
 _SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# The longest canary interval: a step waits at most a day.
+MAX_INTERVAL_S = 24 * 3600.0
 
 
-def parse_duration(text: str) -> float:
-    """`"30s"`, `"2m"`, `"500ms"`, `"1h"`, `"1.5m"` → seconds (above 0)."""
-    match = _DURATION.fullmatch(text.strip())
-    if match is None:
+def parse_duration(text: str, most: float = MAX_INTERVAL_S) -> float:
+    """`"30s"`, `"2m"`, `"500ms"`, `"1h"`, `"1.5m"`, `"1m30s"` → seconds (above 0, at most
+    `most`)."""
+    if _DURATION.fullmatch(text.strip()) is None:
         raise InvalidArgument(f"duration '{text}' is not a number with a unit of ms, s, m or h "
-                              "(for example 30s)")
-    seconds = float(match["number"]) * _SECONDS[match["unit"]]
+                              "(for example 30s or 1m30s)")
+    seconds = sum(float(m["number"]) * _SECONDS[m["unit"]] for m in _PARTS.finditer(text))
     if seconds <= 0:
         raise InvalidArgument(f"duration '{text}' must be above 0")
+    if seconds > most:
+        raise InvalidArgument(f"duration '{text}' is longer than {most:g} s")
     return seconds
 
 
@@ -107,8 +113,9 @@ class CanaryPlan:
         if self.baseline == self.canary:
             raise InvalidArgument(f"baseline and canary are both version '{self.canary}'")
         _check_steps(tuple(self.steps))
-        if not (math.isfinite(self.interval_s) and self.interval_s > 0):
-            raise InvalidArgument(f"interval {self.interval_s} s must be above 0")
+        if not (math.isfinite(self.interval_s) and 0 < self.interval_s <= MAX_INTERVAL_S):
+            raise InvalidArgument(f"interval {self.interval_s} s must be above 0 and at most "
+                                  f"{MAX_INTERVAL_S:g} s")
         if not 0 <= self.max_error_rate <= 1:
             raise InvalidArgument(f"max error rate {self.max_error_rate} must be between 0 "
                                   "and 1")

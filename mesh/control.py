@@ -23,7 +23,7 @@ from meshserve.mesh.canary import (
     restored,
 )
 from meshserve.mesh.live import History, Sample, Window, window
-from meshserve.mesh.policy import Endpoint, TrafficPolicy
+from meshserve.mesh.policy import Endpoint, TrafficPolicy, check_region
 from meshserve.mesh.readiness import Changes
 from meshserve.mesh.snapshot import Snapshot
 from meshserve.mesh.store import Store
@@ -69,12 +69,40 @@ class ControlPlane:
             raise NotFound(f"no traffic policy for model '{model}'")
         return policy
 
-    def set_policy(self, policy: TrafficPolicy, actor: str, reason: str = "") -> TrafficPolicy:
+    def set_policy(self, policy: TrafficPolicy, actor: str, reason: str = "",
+                   expected: TrafficPolicy | None = None,
+                   force: bool = False) -> TrafficPolicy:
+        """Serve `policy`, naming every registered version (at weight 0 where it names none).
+        With `expected`: only while that is still the model's policy (else `PolicyChanged`).
+        A new region with no endpoint of the model is refused unless `force`: it would send
+        the model's requests nowhere. The same policy again changes nothing."""
         self._refuse_running(policy.model, "running")
+        policy = policy.with_versions(self._registered(policy.model))
+        if policy.region:
+            self._check_region(policy, force)
         Snapshot.of(self._with(policy))  # refuse what would not make a consistent snapshot
-        self.store.put_policy(policy, actor, reason)
-        self._apply()
+        if self.store.put_policy(policy, actor, reason, expected=expected):
+            self._apply()
         return policy
+
+    def _registered(self, model: str) -> list[str]:
+        """The versions of `model` that have endpoints."""
+        return sorted({e.version for e in self.store.endpoints() if e.model == model}, key=int)
+
+    def _check_region(self, policy: TrafficPolicy, force: bool) -> None:
+        current = self.store.policy(policy.model)
+        if current is not None and current.region == policy.region:
+            return  # in force already
+        check_region(policy.region)
+        if force:
+            return
+        regions = sorted({e.region for e in self.store.endpoints() if e.model == policy.model})
+        if policy.region not in regions:
+            where = f"only in {', '.join(regions)}" if regions else "nowhere yet"
+            raise FailedPrecondition(
+                f"model '{policy.model}' has no endpoint in region '{policy.region}' (its "
+                f"endpoints are {where}): every request would fail; to set it before its "
+                "endpoints register, force it (traffic region --force)")
 
     def set_weights(self, model: str, new: dict[str, int], actor: str,
                     reason: str = "") -> TrafficPolicy:
@@ -84,8 +112,10 @@ class ControlPlane:
         return self.set_weights(model, {version: 100}, actor, reason or f"pin to {version}")
 
     def rollback(self, model: str, actor: str, reason: str = "") -> TrafficPolicy:
+        """The previous policy's weights, shadow and region; every version the model has
+        stays (at weight 0 where that policy did not know it)."""
         self._refuse_running(model, "running")
-        policy = self.store.rollback(model, actor, reason)
+        policy = self.store.rollback(model, actor, reason, keep=self._registered(model))
         self._apply()
         return policy
 

@@ -27,7 +27,7 @@ import yaml
 
 from meshserve.common.errors import InvalidArgument
 from meshserve.common.version_pin import PIN_HEADER
-from meshserve.mesh.policy import TrafficPolicy
+from meshserve.mesh.policy import TrafficPolicy, check_region
 
 API_VERSION = "networking.istio.io/v1"
 COMPONENT_LABEL = "app.kubernetes.io/component"
@@ -52,7 +52,31 @@ OUTLIER_DETECTION = {
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
 _HOST = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_REGION = re.compile(r"[^/*\s]+")
+
+
+def model_slug(model: str) -> str:
+    """A model name as the Helm charts put it in Service names (`meshserve.umbrella.modelSlug`):
+    lowercased, every run of other characters than a-z, 0-9 and '-' made one '-', no '-' at
+    either end."""
+    return re.sub(r"[^a-z0-9-]+", "-", model.lower()).strip("-")
+
+
+def batcher_host(model: str, namespace: str = "default") -> str:
+    """The default batcher Service host of `model`: `<slug>-batcher.<namespace>.svc…`."""
+    check_namespace(namespace)
+    slug = model_slug(model)
+    if not slug:
+        raise InvalidArgument(f"model name '{model}' has no letter or digit to make a Service "
+                              "name of: name the batchers' Service host with --host")
+    return f"{slug}-batcher.{namespace}.svc.cluster.local"
+
+
+def check_namespace(namespace: str) -> str:
+    if not (_DNS_LABEL.fullmatch(namespace) and len(namespace) <= 63):
+        raise InvalidArgument(f"namespace '{namespace}' is not a DNS label (at most 63 "
+                              "lower-case letters, digits or '-', starting and ending with a "
+                              "letter or digit)")
+    return namespace
 
 
 def subset_name(version: str) -> str:
@@ -165,13 +189,11 @@ def _check(policy: TrafficPolicy, *, host: str, namespace: str, port: int) -> No
         raise InvalidArgument(f"model name '{policy.model}' is not a Kubernetes label value "
                               "(at most 63 letters, digits, '-', '_' or '.', starting and "
                               "ending with a letter or digit), so no subset can select it")
+    check_namespace(namespace)
     if not (_HOST.fullmatch(host) and len(host) <= 253):
         raise InvalidArgument(f"host '{host}' is not a DNS name (for example "
                               "batcher.serving.svc.cluster.local)")
-    if not (_DNS_LABEL.fullmatch(namespace) and len(namespace) <= 63):
-        raise InvalidArgument(f"namespace '{namespace}' is not a DNS label")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise InvalidArgument(f"port {port!r} is not between 1 and 65535")
-    if policy.region and not _REGION.fullmatch(policy.region):
-        raise InvalidArgument(f"region '{policy.region}' cannot name an Istio locality "
-                              "(no '/', '*' or spaces)")
+    if policy.region:
+        check_region(policy.region)

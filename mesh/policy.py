@@ -1,6 +1,7 @@
 """Traffic policy and endpoints: what the control plane serves, as plain values. Pure."""
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 
@@ -67,6 +68,12 @@ class TrafficPolicy:
             raise InvalidArgument(f"model '{self.model}' has no version '{unknown[0]}' "
                                   f"(versions: {', '.join(self.versions)})")
 
+    def with_versions(self, versions: Iterable[str]) -> "TrafficPolicy":
+        """This policy naming `versions` too: each it did not name at weight 0 (pinnable,
+        unweighted). A rollback or a new policy never removes a version the model has."""
+        added = {version: 0 for version in versions if version not in self.weights}
+        return replace(self, weights={**self.weights, **added}) if added else self
+
     def pinned(self, version: str) -> "TrafficPolicy":
         """All unpinned traffic to one version."""
         return self.with_weights({version: 100})
@@ -93,9 +100,29 @@ def parse_weights(pairs: list[str]) -> dict[str, int]:
         version, sep, weight = pair.partition("=")
         if not sep or not is_version(version) or not (weight.isascii() and weight.isdigit()):
             raise InvalidArgument(f"'{pair}' is not VERSION=WEIGHT (for example 1=90)")
+        if version in weights:
+            raise InvalidArgument(f"version '{version}' is given twice ('{pair}'): give each "
+                                  "version once")
         weights[version] = int(weight)
         check_weight(version, weights[version])  # as read: past 2^32 it could not travel
     return weights
+
+
+# What a locality region may be in Istio and Kubernetes: a label value (the node label
+# topology.kubernetes.io/region), so no '/', '*' or spaces.
+_REGION = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+
+
+def check_region(region: str) -> str:
+    """`region` when it can name a locality (Istio's, the control plane's); InvalidArgument
+    otherwise. One check for `traffic region` and `traffic render --istio`."""
+    if not (isinstance(region, str) and _REGION.fullmatch(region) and len(region) <= 63):
+        shown = f"{region[:40]!r}… ({len(region)} characters)" if len(region) > 63 else (
+            repr(region))
+        raise InvalidArgument(f"region {shown} is not a locality region name (at most 63 "
+                              "letters, digits, '-', '_' or '.', starting and ending with a "
+                              "letter or digit; for example eu-west1)")
+    return region
 
 
 def check_weight(version: str, weight: object) -> None:

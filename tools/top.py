@@ -4,7 +4,7 @@ Reads every service's Prometheus `/metrics` (the `DIR/run/*.metrics-port` files 
 writes, or `--metrics URL`, repeatable) twice, one interval apart, for rates; weights and
 canaries come from the control plane's admin API with the operator certificate.
 `--once --json` prints one JSON document instead (rates over one interval, plus cumulative
-counts) for scripts.
+counts) for scripts; `--json` alone prints one such document a line, every interval.
 """
 
 from __future__ import annotations
@@ -292,9 +292,18 @@ async def live(args: argparse.Namespace, urls: list[str]) -> None:
             view.update(render(document), refresh=True)
 
 
+async def json_lines(args: argparse.Namespace, urls: list[str]) -> None:
+    """One JSON document a line, every interval, until interrupted."""
+    before = None
+    while True:
+        before, document = await sample(args, urls, before)
+        print(json.dumps(document, sort_keys=False), flush=True)
+        await asyncio.sleep(args.interval)
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.interval <= 0:
-        raise SystemExit("--interval must be positive")
+    if not (math.isfinite(args.interval) and args.interval > 0):
+        raise SystemExit(f"--interval must be a number of seconds above 0, not {args.interval}")
     urls = metrics_urls(args)
     if args.once:
         _, document = asyncio.run(sample(args, urls, None))
@@ -305,8 +314,8 @@ def run(args: argparse.Namespace) -> int:
 
             Console().print(render(document))
         return 0
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(live(args, urls))
+    with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
+        asyncio.run(json_lines(args, urls) if args.json else live(args, urls))
     return 0
 
 
@@ -320,7 +329,8 @@ def register(commands) -> None:
     parser.add_argument("--interval", type=float, default=1.0,
                         help="seconds between scrapes (and screen refreshes)")
     parser.add_argument("--once", action="store_true", help="one sample, then exit")
-    parser.add_argument("--json", action="store_true", help="with --once: print JSON")
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON (without --once: a document a line, every interval)")
     parser.add_argument("--control-plane", help="HOST:PORT (default: the one `up` started)")
     parser.add_argument("--ca", type=Path)
     parser.add_argument("--cert", type=Path, help="operator certificate")

@@ -6,13 +6,17 @@ default the development client certificate of `meshserve up`).
 
 import argparse
 import asyncio
+import os
+import re
+import sys
+from collections.abc import Callable
 
 import grpc
 
-from meshserve.common.errors import ServingError
+from meshserve.common.errors import InvalidArgument, ServingError
 from meshserve.common.tls import TlsFiles, secure_channel
 from meshserve.mesh.canary import parse_duration, parse_steps
-from meshserve.mesh.policy import TrafficPolicy, parse_weights
+from meshserve.mesh.policy import TrafficPolicy, check_region, parse_weights
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.tools.connection import add_connection_flags
@@ -52,7 +56,7 @@ def format_status(response: pb.StatusResponse) -> str:
             extras.append(f"canary {canary.baseline} → {canary.plan.to_version} "
                           f"{canary.state} at {canary.weight}%")
         if canary.state == "running" and canary.restore.model:
-            extras.append(f"a rollback restores {weights_text(canary.restore)}")
+            extras.append(f"a rollback restores {policy_text(canary.restore)}")
         lines.append(f"{policy.model}" + (f"  ({', '.join(extras)})" if extras else ""))
         lines.append(f"  {'version':<8} {'weight':>6} {'req/s':>8} {'errors':>7} "
                      f"{'p50 ms':>7} {'p99 ms':>7}  endpoints")
@@ -60,7 +64,7 @@ def format_status(response: pb.StatusResponse) -> str:
             where = ", ".join(e.address for e in v.endpoints) or "-"
             lines.append(f"  {v.version:<8} {v.weight:>5}% {v.requests_per_second:>8.1f} "
                          f"{v.error_rate:>6.1%} {v.p50_ms:>7.1f} {v.p99_ms:>7.1f}  {where}")
-            if v.shadow.compared:
+            if v.shadow.compared and v.version == policy.shadow.version:
                 lines.append(f"  {'':<8} shadow: {v.shadow.differing} of {v.shadow.compared} "
                              f"answers differ from the primary (max abs diff "
                              f"{v.shadow.max_abs_diff:.3g})")
@@ -90,9 +94,97 @@ def format_canary(canary: pb.Canary) -> str:
     lines.append(f"  {'weights now':<18} {weights_text(canary.current)}")
     if canary.restore.model:
         label = START_POLICY_LABELS.get(canary.state, "restored")
-        lines.append(f"  {label:<18} {weights_text(canary.restore)}")
+        lines.append(f"  {label:<18} {policy_text(canary.restore)}")
     lines.append(f"  {canary.updated_at} {canary.reason}")
     return "\n".join(lines)
+
+
+# How often `set`, `shadow` and `region` read the policy again when another change landed
+# between their read and their write (SetPolicy refused with ABORTED).
+CONFLICT_TRIES = 5
+
+
+async def current_policy(admin: AdminStub, model: str) -> pb.Policy:
+    return (await admin.Status(pb.StatusRequest(model=model))).models[0].policy
+
+
+async def change(admin: AdminStub, args: argparse.Namespace,
+                 compute: Callable[[pb.Policy], pb.Policy], force: bool = False) -> str:
+    """Send the policy `compute` makes of the model's current one, on condition that the
+    current one is still that (optimistic concurrency): on a conflict, read it again and
+    recompute, up to CONFLICT_TRIES times, then report the conflict."""
+    for attempt in range(1, CONFLICT_TRIES + 1):
+        current = await current_policy(admin, args.model)
+        policy = compute(current)
+        if policy == current:
+            return f"{args.model} unchanged: {policy_text(current)}"
+        try:
+            reply = await admin.SetPolicy(pb.SetPolicyRequest(
+                policy=policy, reason=args.reason, expected=current, force=force))
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.ABORTED or attempt == CONFLICT_TRIES:
+                raise
+            continue
+        return f"{args.model}: {policy_text(reply)}"
+    raise AssertionError("unreachable")
+
+
+def with_weights(args: argparse.Namespace, weights: dict[str, int]):
+    def compute(current: pb.Policy) -> pb.Policy:
+        # As `pin`, a version the model has: a typo must not send its traffic nowhere (a
+        # policy that names versions ahead of their rollout is SetPolicy's, in the API).
+        TrafficPolicy(args.model, dict(current.weights)).refuse_unknown(weights)
+        policy = pb.Policy()
+        policy.CopyFrom(current)
+        for version in current.weights:
+            policy.weights[version] = weights.get(version, 0)
+        return policy
+    return compute
+
+
+def with_shadow(args: argparse.Namespace):
+    def compute(current: pb.Policy) -> pb.Policy:
+        policy = pb.Policy()
+        policy.CopyFrom(current)
+        policy.ClearField("shadow")
+        if not args.off:
+            policy.shadow.version, policy.shadow.percent = args.version, args.percent
+        return policy
+    return compute
+
+
+def with_region(args: argparse.Namespace):
+    def compute(current: pb.Policy) -> pb.Policy:
+        policy = pb.Policy()
+        policy.CopyFrom(current)
+        policy.region = "" if args.off else args.region
+        return policy
+    return compute
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """InvalidArgument for what the command line got wrong, before any connection."""
+    command = args.action
+    if command == "set":
+        args.parsed_weights = parse_weights(args.weights)
+    elif command == "shadow":
+        if args.off and args.version:
+            raise InvalidArgument(f"--off turns shadowing off: name no version (got "
+                                  f"'{args.version}')")
+        if not args.off and not args.version:
+            raise InvalidArgument("name the version to mirror to (traffic shadow MODEL "
+                                  "VERSION [--percent P]), or turn shadowing off with --off")
+    elif command == "region":
+        if args.off and args.region:
+            raise InvalidArgument(f"--off lifts the region: name none (got '{args.region}')")
+        if not args.off:
+            if not args.region:
+                raise InvalidArgument("name the region (traffic region MODEL REGION), or "
+                                      "lift it with --off")
+            check_region(args.region)
+    elif command == "canary-start":
+        args.parsed_steps = parse_steps(args.steps)
+        args.interval_seconds = parse_duration(args.interval)
 
 
 async def call(args: argparse.Namespace) -> str:
@@ -102,50 +194,32 @@ async def call(args: argparse.Namespace) -> str:
         if command == "status":
             return format_status(await admin.Status(pb.StatusRequest(model=args.model or "")))
         if command == "set":
-            current = (await admin.Status(pb.StatusRequest(model=args.model))).models[0].policy
-            weights = parse_weights(args.weights)
-            # As `pin`, a version the model has: a typo must not send its traffic nowhere (a
-            # policy that names versions ahead of their rollout is SetPolicy's, in the API).
-            TrafficPolicy(args.model, dict(current.weights)).refuse_unknown(weights)
-            policy = pb.Policy(model=args.model, weights=weights, shadow=current.shadow,
-                               region=current.region)
-            for version in current.weights:
-                policy.weights.setdefault(version, 0)
-            reply = await admin.SetPolicy(pb.SetPolicyRequest(policy=policy, reason=args.reason))
-            return f"{args.model}: " + weights_text(reply)
-        if command == "pin":
+            return await change(admin, args, with_weights(args, args.parsed_weights))
+        if command == "pin":  # the same pin again records nothing (the control plane skips it)
             reply = await admin.Pin(pb.PinRequest(model=args.model, version=args.version,
                                                   reason=args.reason))
-            return f"{args.model}: " + weights_text(reply)
+            return f"{args.model}: " + policy_text(reply)
         if command == "rollback":
             reply = await admin.Rollback(pb.RollbackRequest(model=args.model,
                                                             reason=args.reason))
-            return f"{args.model} rolled back to: " + weights_text(reply)
-        if command in ("shadow", "region"):
-            current = (await admin.Status(pb.StatusRequest(model=args.model))).models[0].policy
-            policy = pb.Policy()
-            policy.CopyFrom(current)
-            if command == "shadow":
-                policy.ClearField("shadow")
-                if not args.off:
-                    policy.shadow.version, policy.shadow.percent = args.version, args.percent
-            else:
-                policy.region = "" if args.off else args.region
-            reply = await admin.SetPolicy(pb.SetPolicyRequest(policy=policy, reason=args.reason))
-            return f"{args.model}: " + weights_text(reply) + policy_extras(reply)
+            return f"{args.model} rolled back to: " + policy_text(reply)
+        if command == "shadow":
+            return await change(admin, args, with_shadow(args))
+        if command == "region":
+            return await change(admin, args, with_region(args), force=args.force)
         if command == "render":  # the control plane's own code: imported for this alone
             from meshserve.mesh.admin import policy_from_proto
-            from meshserve.mesh.istio import render, to_yaml
+            from meshserve.mesh.istio import batcher_host, check_namespace, render, to_yaml
 
+            check_namespace(args.namespace)
             status = await admin.Status(pb.StatusRequest(model=args.model))
             policy = policy_from_proto(status.models[0].policy)
-            host = args.host or f"{args.model}-batcher.{args.namespace}.svc.cluster.local"
+            host = args.host or batcher_host(args.model, args.namespace)
             return to_yaml(render(policy, host=host, namespace=args.namespace)).rstrip()
         if command == "canary-start":
             reply = await admin.StartCanary(pb.CanaryPlan(
                 model=args.model, to_version=args.to, from_version=args.from_version,
-                steps=parse_steps(args.steps),
-                interval_seconds=parse_duration(args.interval),
+                steps=args.parsed_steps, interval_seconds=args.interval_seconds,
                 max_error_rate=args.max_error_rate, max_latency_ratio=args.max_latency_ratio,
                 min_requests=args.min_requests))
             return format_canary(reply)
@@ -169,16 +243,29 @@ def weights_text(policy: pb.Policy) -> str:
     return " ".join(f"{v}={policy.weights[v]}" for v in sorted(policy.weights, key=int))
 
 
+def policy_text(policy: pb.Policy) -> str:
+    """The whole policy: weights, then shadow and region when set."""
+    return weights_text(policy) + policy_extras(policy)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        print(asyncio.run(call(args)))
-        return 0
+        check_args(args)
+        text = asyncio.run(call(args))
     except grpc.aio.AioRpcError as error:
-        print(f"error: {error.code().name}: {error.details()}")
-        return 1
+        return emit(f"error: {error.code().name}: {error.details()}", 1)
     except ServingError as error:
-        print(f"error: {error.message}")
-        return 2
+        return emit(f"error: {error.message}", 2)
+    return emit(text, 0)
+
+
+def emit(text: str, code: int) -> int:
+    """Print `text`; a reader that stopped early (`| head -1`) is no error of ours."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+    return code
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -210,6 +297,8 @@ def register(commands) -> None:
     region.add_argument("model")
     region.add_argument("region", nargs="?", default="")
     region.add_argument("--off", action="store_true")
+    region.add_argument("--force", action="store_true",
+                        help="even where no endpoint of the model is registered (yet)")
     istio = actions.add_parser("render", help="the policy as Istio VirtualService and "
                                               "DestinationRule YAML")
     istio.add_argument("model")
@@ -236,6 +325,8 @@ def register(commands) -> None:
     start.add_argument("--max-latency-ratio", type=float, default=1.5)
     start.add_argument("--min-requests", type=int, default=20)
     start.set_defaults(action="canary-start")
+    # `--steps -5,100`, `--interval -5s`: values (refused in one line), not unknown options.
+    start._negative_number_matcher = re.compile(r"^-[0-9.]")
     for name, action in (("status", "canary-status"), ("abort", "canary-abort")):
         parser = steps.add_parser(name, help=f"{name} the model's canary")
         parser.add_argument("model")

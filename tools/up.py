@@ -133,18 +133,24 @@ def compute_flags(batcher: Child, computes: list[Child]) -> list[str]:
 async def register_batchers(control_plane: Child, batchers: list[Child], tls: TlsFiles,
                             first_policy: dict[str, dict[str, int]]) -> None:
     """Tell the control plane where each version's batchers are (replacing stale addresses of
-    an earlier run) and, on a first run, set `first_policy`'s weights."""
+    an earlier run) and, on a first run, set `first_policy`'s weights. Stale addresses go
+    after the new ones are registered: registering a version puts it back in its model's
+    policy (were it missing), so Status lists its stale endpoints too."""
     async with admin_channel(control_plane.address, tls) as channel:
         admin = AdminStub(channel)
         status = await admin.Status(admin_pb2.StatusRequest())
-        for model in status.models:
-            for version in model.versions:
-                for stale in version.endpoints:
-                    await admin.RemoveEndpoint(stale)
+        running = set()
         for batcher in batchers:
             await admin.RegisterEndpoint(admin_pb2.Endpoint(
                 model=batcher.model, version=batcher.version, address=batcher.address,
                 region="local"))
+            running.add((batcher.model, batcher.version, batcher.address))
+        registered = await admin.Status(admin_pb2.StatusRequest())
+        for model in registered.models:
+            for version in model.versions:
+                for stale in version.endpoints:
+                    if (stale.model, stale.version, stale.address) not in running:
+                        await admin.RemoveEndpoint(stale)
         if not status.models:  # a first run
             current = await admin.Status(admin_pb2.StatusRequest())
             for model in current.models:

@@ -358,10 +358,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             version = self._ingress.served_version(request.name, request.version)
         except NotFound:
             return pb.ModelReadyResponse(ready=False)
-        if request.name in self._ingress.ensembles:
-            return pb.ModelReadyResponse(ready=await self._ready(request.name, version))
-        return await self._ingress.router.inference.ModelReady(
-            pb.ModelReadyRequest(name=request.name, version=version), timeout=5)
+        # Not ready, never an error, when the router cannot tell (`_ready`).
+        return pb.ModelReadyResponse(ready=await self._ready(request.name, version))
 
     async def _ready(self, name: str, version: str) -> bool:
         """A version is ready when its batcher is; an ensemble when all its steps are."""

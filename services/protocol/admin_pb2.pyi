@@ -222,12 +222,16 @@ class StatusResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., snapshot_version: _Optional[str] = ...) -> None: ...
 
 class SetPolicyRequest(_message.Message):
-    __slots__ = ("policy", "reason")
+    __slots__ = ("policy", "reason", "expected", "force")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     policy: Policy
     reason: str
-    def __init__(self, policy: _Optional[_Union[Policy, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+    expected: Policy
+    force: bool
+    def __init__(self, policy: _Optional[_Union[Policy, _Mapping]] = ..., reason: _Optional[str] = ..., expected: _Optional[_Union[Policy, _Mapping]] = ..., force: bool = ...) -> None: ...
 
 class PinRequest(_message.Message):
     __slots__ = ("model", "version", "reason")

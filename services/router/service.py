@@ -48,7 +48,7 @@ from meshserve.common.streams import (
 from meshserve.common.tls import ReloadingChannel, TlsFiles
 from meshserve.common.tracing import Tracing, context_of, traceparent_of
 from meshserve.common.version_pin import PIN_HEADER
-from meshserve.protocol import grpc_service_pb2_grpc
+from meshserve.protocol import grpc_service_pb2, grpc_service_pb2_grpc
 from meshserve.protocol.admin_pb2 import ShadowReport, StatusRequest
 from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.protocol.groups_pb2 import InferGroup, InferGroupResult, ItemResult
@@ -344,9 +344,14 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self._router = router
 
     async def ModelReady(self, request, context):
+        """Not ready (never an error) when no batcher of the version answers: none is up,
+        or the policy leaves it none (a region without endpoints, say)."""
         route = self._router.route(request.name)
-        return await route.inference.ModelReady(request, timeout=5,
-                                                metadata=route.pin(request.version))
+        try:
+            return await route.inference.ModelReady(request, timeout=5,
+                                                    metadata=route.pin(request.version))
+        except grpc.aio.AioRpcError:
+            return grpc_service_pb2.ModelReadyResponse(ready=False)
 
     async def ModelStatistics(self, request, context):
         route = self._router.route(request.name)

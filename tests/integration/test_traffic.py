@@ -243,6 +243,36 @@ def test_traffic_cli_sets_and_shows_weights(mesh):
         asyncio.run(set_weights(mesh, "mlp", {"1": 90, "2": 10}))
 
 
+def test_rollback_past_a_registration_keeps_the_version(mesh):
+    """Rolling back all the way (past version 2's registration) restores weights only:
+    version 2 stays listed at 0 %, pinnable, ready and served by its batcher."""
+    data = f"--data-dir={mesh.data_dir}"
+    try:
+        while True:  # back to the first policy ever served: mlp's first version alone
+            back = meshserve("traffic", "rollback", "mlp", data)
+            if back.returncode != 0:
+                assert "no earlier policy to roll back to" in back.stdout, back.stdout
+                break
+            assert back.stdout.startswith("mlp rolled back to: ")
+            assert " 2=" in back.stdout, back.stdout
+        assert asyncio.run(weights_of(mesh, "mlp")) == {"1": 100, "2": 0}
+
+        async def version_2_answers():
+            channel, stub = await public_stub(mesh)
+            async with channel:
+                for message, metadata in ((request("mlp", "2"), ()),
+                                          (request("mlp"), (("x-model-version", "2"),))):
+                    reply = await stub.ModelInfer(message, timeout=10, metadata=metadata)
+                    assert reply.model_version == "2"
+                ready = await stub.ModelReady(pb.ModelReadyRequest(name="mlp", version="2"),
+                                              timeout=10)
+                assert ready.ready is True
+        asyncio.run(version_2_answers())
+        assert meshserve("traffic", "pin", "mlp", "2", data).stdout.strip() == "mlp: 1=0 2=100"
+    finally:
+        asyncio.run(set_weights(mesh, "mlp", {"1": 90, "2": 10}))
+
+
 async def test_shadow_copies_are_compared_and_never_answer_the_client(mesh):
     data = f"--data-dir={mesh.data_dir}"
     try:
@@ -303,7 +333,10 @@ async def test_region_policy_keeps_traffic_in_its_region(mesh):
     data = f"--data-dir={mesh.data_dir}"
     channel, stub = await public_stub(mesh)
     try:
-        done = meshserve("traffic", "region", "cnn", "eu-west1", data)
+        unforced = meshserve("traffic", "region", "cnn", "eu-west1", data)
+        assert unforced.returncode == 1
+        assert "has no endpoint in region 'eu-west1'" in unforced.stdout
+        done = meshserve("traffic", "region", "cnn", "eu-west1", "--force", data)
         assert done.stdout.strip() == "cnn: 1=0 2=100, region eu-west1 only", done.stdout
         message = request("cnn")
         message.inputs[0].ClearField("shape")
@@ -313,6 +346,9 @@ async def test_region_policy_keeps_traffic_in_its_region(mesh):
             refused = await first_refusal(stub, message)
             assert refused.code() == grpc.StatusCode.UNAVAILABLE
             assert "batcher of cnn@2 unavailable" in refused.details()
+            # Not ready, not an error: no endpoint of the region answers.
+            ready = await stub.ModelReady(pb.ModelReadyRequest(name="cnn"), timeout=10)
+            assert ready.ready is False
             meshserve("traffic", "region", "cnn", "local", data)
             assert (await answered(stub, message)).model_version == "2"
     finally:

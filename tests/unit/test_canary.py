@@ -120,15 +120,16 @@ def test_walkthrough_to_promotion():
 
 @pytest.mark.parametrize(("text", "seconds"), [
     ("30s", 30.0), ("2m", 120.0), ("500ms", 0.5), ("1h", 3600.0), ("1.5m", 90.0),
-    (" 10s ", 10.0), ("0.5s", 0.5), (".5s", 0.5), ("1ms", 0.001),
+    (" 10s ", 10.0), ("0.5s", 0.5), (".5s", 0.5), ("1ms", 0.001), ("1m30s", 90.0),
+    ("1h30m", 5400.0), ("2m500ms", 120.5), ("24h", 86400.0),
 ])
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == pytest.approx(seconds)
 
 
 @pytest.mark.parametrize("text", [
-    "", "30", "s", "30 sec", "1d", "-5s", "0s", "0ms", "1h30m", "5S", "1e3s", "inf s", "nan s",
-    "١s",
+    "", "30", "s", "30 sec", "1d", "-5s", "0s", "0ms", "5S", "1e3s", "inf s", "nan s",
+    "١s", "1m30", "m30s", "1m-30s", "99999999h", "24h1ms",
 ])
 def test_parse_duration_rejects(text):
     with pytest.raises(InvalidArgument, match="duration"):
@@ -164,6 +165,7 @@ def test_parse_steps_rejects(text, message):
     ({"steps": (50, 5)}, "increase"),
     ({"steps": (0, 70)}, "between 1 and 100"),
     ({"interval_s": 0.0}, "interval"),
+    ({"interval_s": 86400.5}, "at most 86400 s"),
     ({"max_error_rate": 1.5}, "error rate"),
     ({"max_latency_ratio": 0.9}, "latency ratio"),
     ({"min_requests": 0}, "min requests"),

@@ -16,6 +16,7 @@ from meshserve.mesh.policy import Endpoint, Shadow, TrafficPolicy
 from meshserve.mesh.resources import CLUSTER, ENDPOINTS, ROUTE
 from meshserve.mesh.snapshot import Snapshot
 from meshserve.mesh.store import Store
+from meshserve.mesh.store_policies import PolicyChanged
 from tests.polling import until
 
 E1 = Endpoint("mlp", "1", "10.0.0.1:8001")
@@ -150,8 +151,22 @@ REFUSED = [
     ("roll back an unknown model", lambda c: c.rollback("bert", "a"), NotFound,
      "model 'bert' has no policy, so there is nothing to roll back"),
     ("set policy without an actor", lambda c: c.set_policy(
-        TrafficPolicy("mlp", {"1": 50, "2": 50}, region="eu"), ""),
+        TrafficPolicy("mlp", {"1": 50, "2": 50}, region="local"), ""),
      InvalidArgument, "actor must be a non-empty string"),
+    ("region without endpoints", lambda c: c.set_policy(
+        TrafficPolicy("mlp", {"1": 50, "2": 50}, region="eu-west1"), "a"), FailedPrecondition,
+     "model 'mlp' has no endpoint in region 'eu-west1' (its endpoints are only in local): "
+     "every request would fail; to set it before its endpoints register, force it (traffic "
+     "region --force)"),
+    ("region Istio cannot name", lambda c: c.set_policy(
+        TrafficPolicy("mlp", {"1": 50, "2": 50}, region="EU West/1"), "a", force=True),
+     InvalidArgument, "region 'EU West/1' is not a locality region name (at most 63 letters, "
+     "digits, '-', '_' or '.', starting and ending with a letter or digit; for example "
+     "eu-west1)"),
+    ("changed since read", lambda c: c.set_policy(
+        TrafficPolicy("mlp", {"1": 50, "2": 50}), "a",
+        expected=TrafficPolicy("mlp", {"1": 0, "2": 100})), PolicyChanged,
+     "the policy of model 'mlp' changed since it was read; read it again"),
 ]
 
 
@@ -174,6 +189,50 @@ async def test_rollback_with_no_earlier_policy_is_refused(tmp_path):
         assert caught.value.message == ("model 'mlp' has no earlier policy to roll back to: "
                                         "its history begins with the current one")
         assert served(control) == before
+
+
+async def test_rollback_past_a_registration_keeps_the_version_routable(tmp_path):
+    """Registering version 2 was the policy change a rollback undoes: the weights go back,
+    version 2 stays (at 0 %), pinnable and served, and so does a version of the current
+    policy the restored one did not know."""
+    async with plane(tmp_path, endpoints=(E1, E2)) as control:
+        control.set_weights("mlp", {"1": 90, "2": 10}, "alice")
+        assert control.rollback("mlp", "bob").weights == {"1": 100, "2": 0}
+        assert control.rollback("mlp", "bob").weights == {"1": 100, "2": 0}
+        assert control.policy("mlp") == TrafficPolicy("mlp", {"1": 100, "2": 0})
+        assert sorted(control.cache.snapshot.resources[CLUSTER]) == ["mlp-v1", "mlp-v2"]
+        assert_serves(control)
+        assert control.pin("mlp", "2", "bob").weights == {"1": 0, "2": 100}
+        control.set_policy(TrafficPolicy("mlp", {"1": 50, "2": 25, "9": 25}), "bob")
+        assert control.rollback("mlp", "bob").weights == {"1": 0, "2": 100, "9": 0}
+
+
+async def test_a_new_policy_keeps_every_registered_version(tmp_path):
+    async with plane(tmp_path, endpoints=(E1, E2)) as control:
+        kept = control.set_policy(TrafficPolicy("mlp", {"1": 100}), "alice")
+        assert kept == control.policy("mlp") == TrafficPolicy("mlp", {"1": 100, "2": 0})
+
+
+async def test_the_same_policy_again_changes_nothing(tmp_path):
+    async with plane(tmp_path, endpoints=(E1, E2)) as control:
+        control.set_weights("mlp", {"1": 90, "2": 10}, "alice")
+        before = (served(control), len(control.store.audit()))
+        assert control.set_weights("mlp", {"1": 90, "2": 10}, "bob").weights == {"1": 90,
+                                                                                  "2": 10}
+        assert control.pin("mlp", "1", "bob") and control.pin("mlp", "1", "bob")
+        assert len(control.store.audit()) == before[1] + 1  # the first pin only
+        assert control.rollback("mlp", "bob").weights == {"1": 90, "2": 10}
+
+
+async def test_a_region_without_endpoints_needs_force(tmp_path):
+    async with plane(tmp_path, endpoints=(E1, E2)) as control:
+        ahead = TrafficPolicy("mlp", {"1": 100, "2": 0}, region="eu-west1")
+        assert control.set_policy(ahead, "alice", force=True) == ahead
+        # In force already: other changes need no force.
+        assert control.set_weights("mlp", {"2": 100}, "alice").region == "eu-west1"
+        control.register(Endpoint("mlp", "1", "10.1.0.1:8001", region="eu-west2"), "alice")
+        assert control.set_policy(TrafficPolicy("mlp", {"1": 100, "2": 0}, region="eu-west2"),
+                                  "alice").region == "eu-west2"
 
 
 async def test_set_policy_naming_a_version_without_endpoints_is_consistent(tmp_path):

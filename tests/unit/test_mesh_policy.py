@@ -9,6 +9,7 @@ from meshserve.mesh.policy import (
     MeshState,
     Shadow,
     TrafficPolicy,
+    check_region,
     parse_weights,
 )
 
@@ -193,7 +194,6 @@ PARSE_GOOD = [
     ("one pair", ["3=100"], {"3": 100}),
     ("zero weight", ["1=100", "2=0"], {"1": 100, "2": 0}),
     ("none", [], {}),
-    ("a repeat keeps the last", ["1=10", "1=100"], {"1": 100}),
     ("leading zeros", ["01=007"], {"01": 7}),
 ]
 
@@ -223,6 +223,33 @@ def test_parse_weights_bad_names_the_pair(pairs, bad):
     with pytest.raises(InvalidArgument) as caught:
         parse_weights(pairs)
     assert caught.value.message == f"'{bad}' is not VERSION=WEIGHT (for example 1=90)"
+
+
+@pytest.mark.parametrize("pairs", [["1=50", "1=50"], ["1=10", "2=0", "1=90"]])
+def test_parse_weights_refuses_a_version_given_twice(pairs):
+    with pytest.raises(InvalidArgument) as caught:
+        parse_weights(pairs)
+    assert caught.value.message == (f"version '1' is given twice ('{pairs[-1]}'): give each "
+                                    "version once")
+
+
+def test_with_versions_adds_the_missing_at_weight_0():
+    policy = TrafficPolicy("mlp", {"1": 100}, shadow=Shadow("1", 5), region="eu")
+    assert policy.with_versions(["2", "1", "10"]) == TrafficPolicy(
+        "mlp", {"1": 100, "2": 0, "10": 0}, shadow=Shadow("1", 5), region="eu")
+    assert policy.with_versions(["1"]) is policy
+
+
+@pytest.mark.parametrize("region", ["eu-west1", "us_east.1", "A", "a" * 63])
+def test_check_region_accepts_locality_names(region):
+    assert check_region(region) == region
+
+
+@pytest.mark.parametrize("region", ["", "  ", "EU West/1", "eu/*", "-eu", "eu-", "a" * 64,
+                                    "é"])
+def test_check_region_refuses_what_istio_cannot_name(region):
+    with pytest.raises(InvalidArgument, match="is not a locality region name"):
+        check_region(region)
 
 
 @pytest.mark.parametrize("weight", ["101", "9" * 20])

@@ -12,6 +12,7 @@ from meshserve.mesh.database_urls import missing_store_file
 from meshserve.mesh.policy import Endpoint, MeshState, Shadow, TrafficPolicy
 from meshserve.mesh.store import Store
 from meshserve.mesh.store_canaries import OVER_START, RESTORE, START
+from meshserve.mesh.store_policies import PolicyChanged
 
 
 class FakeClock:
@@ -27,6 +28,8 @@ P1 = TrafficPolicy("resnet", {"1": 100})
 P2 = TrafficPolicy("resnet", {"1": 90, "2": 10})
 P3 = TrafficPolicy("resnet", {"1": 50, "2": 50}, shadow=Shadow("2", 5.0), region="eu")
 BERT = TrafficPolicy("bert", {"3": 100})
+# P1 as a rollback restores it after P2 added version 2: a rollback never removes a version.
+P1_KEPT = TrafficPolicy("resnet", {"1": 100, "2": 0})
 
 E1 = Endpoint("resnet", "1", "10.0.0.1:8001")
 E2 = Endpoint("resnet", "2", "10.0.0.2:8001", region="eu", zone="eu-1a")
@@ -83,16 +86,16 @@ def test_rollback_walks_back_through_history(store: Store) -> None:
     assert store.rollback("resnet", actor="bob", reason="errors up") == P2
     assert store.policy("resnet") == P2
     assert store.previous_policy("resnet") == P1
-    assert store.rollback("resnet", actor="bob") == P1
-    assert store.policy("resnet") == P1
+    assert store.rollback("resnet", actor="bob") == P1_KEPT
+    assert store.policy("resnet") == P1_KEPT
     assert store.previous_policy("resnet") is None
     with pytest.raises(FailedPrecondition, match="no earlier policy to roll back to"):
         store.rollback("resnet", actor="bob")
-    assert store.policy("resnet") == P1
+    assert store.policy("resnet") == P1_KEPT
 
     rollbacks = [e for e in store.audit() if e.action == "policy.rollback"]
     assert [(e.before, e.after, e.actor) for e in rollbacks] == [
-        (P3.to_json(), P2.to_json(), "bob"), (P2.to_json(), P1.to_json(), "bob")]
+        (P3.to_json(), P2.to_json(), "bob"), (P2.to_json(), P1_KEPT.to_json(), "bob")]
     assert rollbacks[0].reason == "errors up"
     # A failed rollback writes nothing.
     assert len(store.audit()) == 5
@@ -104,8 +107,39 @@ def test_put_after_rollback_continues_from_the_restored_policy(store: Store) -> 
     store.put_policy(P2, actor="alice")
     store.rollback("resnet", actor="alice")
     store.put_policy(P3, actor="alice")
-    assert store.previous_policy("resnet") == P1
-    assert store.rollback("resnet", actor="alice") == P1
+    assert store.previous_policy("resnet") == P1_KEPT
+    assert store.rollback("resnet", actor="alice") == P1_KEPT
+
+
+def test_rollback_keeps_every_version_and_the_versions_named_to_keep(store: Store) -> None:
+    """A rollback restores weights, shadow and region, never a version's existence: versions
+    the current policy names, or `keep` names (registered endpoints), stay at weight 0."""
+    store.put_policy(P1, actor="alice")
+    store.put_policy(P3, actor="alice")
+    restored = store.rollback("resnet", actor="bob", keep=["10"])
+    assert restored == TrafficPolicy("resnet", {"1": 100, "2": 0, "10": 0})
+    assert store.policy("resnet") == restored
+    [entry] = [e for e in store.audit() if e.action == "policy.rollback"]
+    assert (entry.before, entry.after) == (P3.to_json(), restored.to_json())
+
+
+def test_putting_the_current_policy_again_records_nothing(store: Store) -> None:
+    assert store.put_policy(P1, actor="alice") is True
+    assert store.put_policy(P2, actor="alice") is True
+    assert store.put_policy(TrafficPolicy("resnet", {"2": 10, "1": 90}), actor="bob") is False
+    assert len(store.audit()) == 2
+    assert store.rollback("resnet", actor="bob") == P1_KEPT  # one undo reaches P1
+
+
+def test_put_policy_with_an_expected_policy_is_refused_once_it_changed(store: Store) -> None:
+    store.put_policy(P1, actor="alice")
+    store.put_policy(P2, actor="alice", expected=P1)
+    with pytest.raises(PolicyChanged, match="changed since it was read") as refused:
+        store.put_policy(P3, actor="bob", expected=P1)
+    assert refused.value.code == "ABORTED"
+    assert store.policy("resnet") == P2 and len(store.audit()) == 2
+    with pytest.raises(PolicyChanged):
+        store.put_policy(BERT, actor="bob", expected=BERT)  # no policy yet
 
 
 def test_rollback_with_no_history_fails_clearly(store: Store) -> None:
@@ -189,7 +223,7 @@ S2 = TrafficPolicy("resnet", {"1": 40, "2": 60})
 
 @pytest.mark.parametrize(("last", "stacking", "undone"), [
     (S2, OVER_START, P2),  # promoted: undoing it restores the policy the canary began from
-    (P2, RESTORE, P1),  # rolled back: as if the canary had not run
+    (P2, RESTORE, P1_KEPT),  # rolled back: as if the canary had not run
 ])
 def test_canary_policies_join_the_undo_stack_as_one_change(store: Store, last, stacking,
                                                            undone) -> None:
@@ -263,7 +297,7 @@ def test_reopen_serves_the_same_state(path: Path) -> None:
         # The chain continues where it stopped.
         entry = reopened.append_audit("alice", "restart", "control-plane")
         assert entry.seq == len(before[2]) + 1 and entry.prev_hash == before[2][-1].hash
-        assert reopened.rollback("resnet", actor="alice") == P1
+        assert reopened.rollback("resnet", actor="alice") == P1_KEPT
 
 
 def three_policies(location: str | Path) -> str:

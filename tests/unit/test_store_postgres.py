@@ -8,6 +8,7 @@ import psycopg
 import pytest
 
 from meshserve.common.errors import FailedPrecondition, InvalidArgument
+from meshserve.mesh.policy import TrafficPolicy
 from meshserve.mesh.store import Store
 from tests.polling import until_sync
 
@@ -18,6 +19,7 @@ from tests.unit.test_store import (  # noqa: F401
     E1,
     E2,
     P1,
+    P1_KEPT,
     P2,
     P3,
     FakeClock,
@@ -71,7 +73,7 @@ def test_reopen_serves_the_same_state(url: str) -> None:
     with Store.open(url) as reopened:
         entry = reopened.append_audit("alice", "restart", "control-plane")
         assert entry.seq == len(before[2]) + 1 and entry.prev_hash == before[2][-1].hash
-        assert reopened.rollback("resnet", actor="alice") == P1
+        assert reopened.rollback("resnet", actor="alice") == P1_KEPT
         assert reopened.verify_audit() == []
 
 
@@ -103,7 +105,9 @@ def test_two_control_planes_do_not_fork_the_chain(url: str) -> None:
         try:
             for i in range(15):
                 store.append_audit(f"plane{n}", "x", str(i))
-                store.put_policy(P1 if i % 2 else P2, actor=f"plane{n}")
+                share = 15 * n + i  # every policy differs: none is skipped as unchanged
+                store.put_policy(TrafficPolicy("resnet", {"1": 100 - share, "2": share}),
+                                 actor=f"plane{n}")
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 

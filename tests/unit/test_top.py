@@ -89,3 +89,32 @@ def test_a_counter_reset_counts_from_zero():
     v1 = summarise(before, after, None)["models"]["m"]["versions"]["1"]
     assert v1["requests_per_second"] == 3.0
     assert v1["weight"] is None
+
+
+@pytest.mark.parametrize("interval", ["nan", "inf", "0", "-1"])
+def test_top_refuses_an_interval_that_is_not_a_positive_number(interval):
+    from meshserve.tools.cli import main
+
+    with pytest.raises(SystemExit, match="--interval must be a number of seconds above 0"):
+        main(["top", "--interval", interval])
+
+
+def test_top_json_without_once_prints_a_document_a_line(monkeypatch, capsys):
+    """`top --json` alone: one JSON line per interval, not a silent wait for --once."""
+    from meshserve.tools import top
+    from meshserve.tools.cli import main
+
+    calls = []
+
+    async def sample(args, urls, before):
+        calls.append(before)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return len(calls), {"models": {}, "n": len(calls)}
+
+    monkeypatch.setattr(top, "sample", sample)
+    monkeypatch.setattr(top, "metrics_urls", lambda args: [])
+    assert main(["top", "--json", "--interval", "0.01"]) == 0
+    assert capsys.readouterr().out.splitlines() == ['{"models": {}, "n": 1}',
+                                                    '{"models": {}, "n": 2}']
+    assert calls == [None, 1, 2]  # each interval's rates from the one before
