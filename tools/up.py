@@ -330,6 +330,19 @@ Logs: {data_dir / 'run'}/*.log. Ctrl-C stops everything.
 """
 
 
+# Restarts wait 0.5 s, then twice as long each time, at most 30 s; a service that ran this
+# long before it exited starts again from 0.5 s (Kubernetes: 10 minutes).
+FIRST_BACKOFF_S, MAX_BACKOFF_S, BACKOFF_RESET_S = 0.5, 30.0, 600.0
+
+
+def restart_wait(previous: float | None, ran_for: float) -> float:
+    """How long to wait before restarting a service that exited after `ran_for` seconds,
+    `previous` being the wait before its last restart (None: never restarted)."""
+    if previous is None or ran_for >= BACKOFF_RESET_S:
+        return FIRST_BACKOFF_S
+    return min(previous * 2, MAX_BACKOFF_S)
+
+
 async def supervise(children: list[Child], tls_dir: Path) -> None:
     """Restart a service of `children` (a list that may grow) that exits, on the same port,
     with backoff (as Kubernetes would)."""
@@ -340,11 +353,11 @@ async def supervise(children: list[Child], tls_dir: Path) -> None:
             code = child.exited()
             if code is None:
                 continue
-            wait = backoff.setdefault(child.name, 0.5)
+            wait = backoff[child.name] = restart_wait(backoff.get(child.name),
+                                                      time.monotonic() - child.started)
             print(f"{child.name} exited with {code}; restarting in {wait:.1f} s "
                   f"(log: {child.log})", flush=True)
             await asyncio.sleep(wait)
-            backoff[child.name] = min(wait * 2, 30.0)
             child.args = [a for a in child.args if not a.startswith("--listen=")]
             child.args.append(f"--listen={child.address}")
             if child.name == "ingress":

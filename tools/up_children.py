@@ -34,6 +34,7 @@ class Child:
     metrics: bool = True
     process: subprocess.Popen | None = None
     port: int | None = None
+    started: float = 0.0  # monotonic time of the last start
     log: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -67,6 +68,7 @@ class Child:
             # children in order.
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
+        self.started = time.monotonic()
         self.pid_file.write_text(f"{self.process.pid}\n")
 
     @property
