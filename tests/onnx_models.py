@@ -59,3 +59,15 @@ def bf16_model() -> bytes:
         [helper.make_tensor_value_info("X", TensorProto.BFLOAT16, [BATCH, 2])],
         [helper.make_tensor_value_info("Y", TensorProto.BFLOAT16, [BATCH, 2])])
     return _model(graph)
+
+
+def bf16_and_string_model() -> bytes:
+    """C BF16 [batch, 2] -> C1 = C, D STRING [batch, 1] -> D1 = D."""
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["C"], ["C1"]), helper.make_node("Identity", ["D"], ["D1"])],
+        "bf16_and_string",
+        [value("C", TensorProto.BFLOAT16, [BATCH, 2]), value("D", TensorProto.STRING, [BATCH, 1])],
+        [value("C1", TensorProto.BFLOAT16, [BATCH, 2]),
+         value("D1", TensorProto.STRING, [BATCH, 1])])
+    return _model(graph)

@@ -28,10 +28,19 @@ def connect(target: str, tls: TlsFiles) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(target, channel_credentials(tls))
 
 
+def dtype_of(datatype: str) -> numpy.dtype:
+    """The numpy dtype of a fixed-size wire datatype (BF16: `ml_dtypes.bfloat16`)."""
+    if datatype == "BF16":
+        import ml_dtypes
+
+        return numpy.dtype(ml_dtypes.bfloat16)
+    return NUMPY_DTYPE[datatype]
+
+
 def outputs_of(response: pb.ModelInferResponse) -> dict[str, numpy.ndarray]:
     """The response's outputs as arrays (BYTES: object arrays of bytes)."""
     return {t.name: deserialize_bytes(raw, t.shape) if t.datatype == "BYTES" else
-            numpy.frombuffer(raw, NUMPY_DTYPE[t.datatype]).reshape(tuple(t.shape))
+            numpy.frombuffer(raw, dtype_of(t.datatype)).reshape(tuple(t.shape))
             for t, raw in zip(response.outputs, response.raw_output_contents)}
 
 
@@ -48,7 +57,7 @@ async def infer_once(args: argparse.Namespace) -> int:
             request.inputs[0].ClearField("shape")
             request.inputs[0].shape.extend(array.shape)
             request.raw_input_contents.append(array.astype(
-                NUMPY_DTYPE[request.inputs[0].datatype]).tobytes())
+                dtype_of(request.inputs[0].datatype)).tobytes())
         start = time.perf_counter()
         if args.use_async:
             response = await submit_and_wait(channel, request, args.timeout)

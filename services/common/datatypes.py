@@ -125,11 +125,18 @@ def split_bytes_rows(raw: bytes | bytearray | memoryview, counts: list[int]) -> 
     return chunks
 
 
-def serialize_bytes(elements: Iterable[bytes | str]) -> bytes:
-    """The raw contents of a BYTES tensor holding `elements` (str is written as UTF-8)."""
+def serialize_bytes(elements: Iterable[object]) -> bytes:
+    """The raw contents of a BYTES tensor holding `elements`: bytes as they are, str as
+    UTF-8, and any other object as its `str()` in UTF-8 (as Triton's serialize_byte_tensor:
+    7 is b"7")."""
     parts = []
     for element in elements:
-        data = element.encode("utf-8") if isinstance(element, str) else bytes(element)
+        if isinstance(element, (bytes, bytearray, memoryview)):
+            data = bytes(element)
+        elif isinstance(element, str):
+            data = element.encode("utf-8")
+        else:
+            data = str(element).encode("utf-8")
         parts.append(LENGTH.pack(len(data)))
         parts.append(data)
     return b"".join(parts)

@@ -12,6 +12,7 @@ A trusted-signers path is one PEM file (one or more keys) or a directory of `*.p
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -86,12 +87,12 @@ def load_version(version_dir: Path, artifact_name: str,
     `require_signed`. ArtifactRefused says why a version must not be loaded."""
     manifest_path = version_dir / MANIFEST_FILENAME
     if not manifest_path.is_file():
-        if require_signed:
-            raise ArtifactRefused(f"{manifest_path} is missing and signed artifacts are "
-                                  "required (--require-signed)")
         path = version_dir / artifact_name
         if not path.is_file():
             raise FailedPrecondition(f"no model file {path}")
+        if require_signed:
+            raise ArtifactRefused(f"{manifest_path} is missing and signed artifacts are "
+                                  "required (--require-signed)")
         return path, None, ""
     manifest = artifacts.parse_manifest(manifest_path.read_bytes())
     signature = version_dir / SIGNATURE_FILENAME
@@ -115,10 +116,19 @@ def manifest_summary(version_dir: Path) -> tuple[str, str] | None:
         return None
 
 
+_VERSION_NAME = re.compile(r"[1-9][0-9]*", re.ASCII)
+
+
+def is_version_name(name: str) -> bool:
+    """Whether a directory name is a version: a positive integer without leading zeros (the
+    one rule of the repository loader and the signer)."""
+    return _VERSION_NAME.fullmatch(name) is not None
+
+
 def version_dirs(repository: Path) -> Iterator[tuple[str, str, Path]]:
-    """(model, version, directory) of every numbered version directory, sorted."""
+    """(model, version, directory) of every version directory, sorted."""
     for model_dir in sorted(p for p in repository.iterdir() if p.is_dir()):
-        versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+        versions = [p for p in model_dir.iterdir() if p.is_dir() and is_version_name(p.name)]
         for version_dir in sorted(versions, key=lambda p: int(p.name)):
             yield model_dir.name, version_dir.name, version_dir
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from meshserve.common import ensemble_plan, onnx_graph
 from meshserve.common.config_text import parse_text
 from meshserve.common.datatypes import WIRE_FROM_CONFIG
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound, ServingError
-from meshserve.common.model_files import manifest_summary
+from meshserve.common.model_files import is_version_name, manifest_summary
 from meshserve.protocol.model_config_pb2 import ModelConfig, ModelQueuePolicy
 
 logger = logging.getLogger(__name__)
@@ -77,9 +76,6 @@ def instance_count(config: ModelConfig) -> int:
 def artifact_filename(config: ModelConfig) -> str:
     """The file each version directory holds: `default_model_filename` or the kind's."""
     return config.default_model_filename or kind_of(config).filename
-
-
-_VERSION_DIR = re.compile(r"[1-9][0-9]*", re.ASCII)
 
 
 def _check_tensor(source: str, kind: str, tensor, seen: set[str]) -> None:
@@ -149,9 +145,20 @@ def parse_config(text: str, source: str, default_name: str) -> ModelConfig:
                 f"{source}: version_policy specific lists versions {bad}; "
                 f"versions are positive integers"
             )
+    _check_preferred_sizes(config, source)
     if kind is ENSEMBLE:
         ensemble_plan.check_steps(config, source)
     return config
+
+
+def _check_preferred_sizes(config: ModelConfig, source: str) -> None:
+    """Each preferred batch size is a batch the model takes: 1 to max_batch_size (Triton
+    refuses the model otherwise; the batcher could not apply it)."""
+    for size in config.dynamic_batching.preferred_batch_size:
+        if not 1 <= size <= config.max_batch_size:
+            raise InvalidArgument(
+                f"{source}: dynamic_batching preferred_batch_size {size} must be between 1 "
+                f"and max_batch_size {config.max_batch_size}")
 
 
 def _check_kind(config: ModelConfig, source: str) -> Kind:
@@ -298,7 +305,7 @@ class ModelRepository:
         for child in model_dir.iterdir():
             if not child.is_dir():
                 continue
-            if _VERSION_DIR.fullmatch(child.name):
+            if is_version_name(child.name):
                 available.append(int(child.name))
             elif child.name.isascii() and child.name.isdigit():
                 logger.warning(

@@ -134,7 +134,11 @@ class Compute:
                            self._device, self._threads)
         device = model.device
         for request in model.warmup_requests():
-            model.run(request, self.version)
+            try:
+                model.run(request, self.version)
+            except ServingError as error:
+                raise FailedPrecondition(f"{self._version_dir / self._artifact_name}: warm-up "
+                                         f"failed: {error.message}") from None
         log.info("model '%s' version '%s' loaded on %s and warm", self.name, self.version, device)
         if self._metrics is not None:
             self._observe = self._metrics.recorder(self.name, self.version, str(device))
@@ -163,10 +167,11 @@ class Compute:
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
         except ServingError as error:  # ArtifactRefused, an unreadable key, ...
-            # Stay up and NOT_SERVING, saying why; the rest of the mesh keeps serving.
-            self.refused = (f"refusing model '{self.name}' version {self.version}: "
-                            f"{error.message}")
-            log.error("%s", self.refused)
+            self._refuse(error.message)
+            return
+        except Exception as error:  # noqa: BLE001 — whatever loading or warming it raised
+            self._refuse(f"{self._version_dir / self._artifact_name}: "
+                         f"{type(error).__name__}: {error}", error)
             return
         if self._threads:
             import torch
@@ -174,6 +179,12 @@ class Compute:
             # Torch's thread count is set per thread: quick batches run on this one.
             torch.set_num_threads(self._threads)
         health.set(True)
+
+    def _refuse(self, reason: str, error: Exception | None = None) -> None:
+        """Stay up and NOT_SERVING, saying why; the rest of the mesh keeps serving. An
+        unexpected `error` is logged with its traceback."""
+        self.refused = f"refusing model '{self.name}' version {self.version}: {reason}"
+        log.error("%s", self.refused, exc_info=error)
 
     async def traced_infer(self, request, tracing: Tracing, traceparent: str):
         """`infer` inside a `compute.infer` span (the batcher's `batcher.batch` its parent)."""

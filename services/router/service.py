@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -99,8 +100,9 @@ class ModelRoute:
         self._splits = splits
         self._draw = draw
         # Resolved through the xDS client before it connects: a rebuilt one takes over once READY.
-        self._reloading = ReloadingChannel(f"xds:///{model}", tls, batcher_identity,
-                                           ready_first=True)
+        # The target is a URI: gRPC decodes its %-escapes, so the name goes escaped ('%', '#').
+        self._reloading = ReloadingChannel(f"xds:///{quote(model, safe='')}", tls,
+                                           batcher_identity, ready_first=True)
         self._bind()
         self._streams: dict[str, list[GroupStream]] = {}
         self._turns = itertools.count()

@@ -43,14 +43,34 @@ ensemble_scheduling { step [ { model_name: "ghost"
 """
 
 
+class OneOutput(torch.nn.Module):
+    def forward(self, x: torch.Tensor):
+        return x + 1
+
+
+TWO_OUTPUTS = """
+platform: "pytorch_libtorch"
+max_batch_size: 4
+input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]
+output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] },
+         { name: "OUTPUT__1" data_type: TYPE_FP32 dims: [ 2 ] } ]
+"""
+
+
+# A directory name a URI would read otherwise: the router's xDS target escapes it.
+ODD_NAME = "add sub%20#2"
+
+
 def write_repository(models: Path) -> None:
     """The demo (less the TorchScript mlp), a Triton-style Python model and an ensemble of
-    it, and three broken models."""
+    it, and broken models: three refused when the repository loads, three by their
+    computes, and a directory `0` that is no version."""
     write_demo_repository(models)
     for path in sorted((models / "mlp").rglob("*"), reverse=True):
         path.unlink() if path.is_file() else path.rmdir()
     (models / "mlp").rmdir()
     write_python_model(models, "add_sub", ADD_SUB_PY, ADD_SUB_CONFIG)
+    write_python_model(models, ODD_NAME, ADD_SUB_PY, ADD_SUB_CONFIG)
     (models / "greet" / "1").mkdir(parents=True)
     (models / "greet" / "config.pbtxt").write_text(GREET)
     write_python_model(models, "broken_init", RAISES_IN_INITIALIZE_PY, ADD_SUB_CONFIG)
@@ -59,6 +79,16 @@ def write_repository(models: Path) -> None:
     (models / "broken_onnx" / "1" / "model.onnx").write_bytes(b"\x0a\x03not onnx at all")
     (models / "lost_ensemble" / "1").mkdir(parents=True)
     (models / "lost_ensemble" / "config.pbtxt").write_text(LOST)
+    (models / "add_sub" / "0").mkdir()  # not a version: neither loaded nor signed
+    (models / "add_sub" / "0" / "model.py").write_text(ADD_SUB_PY)
+    (models / "no_file" / "1").mkdir(parents=True)  # a version without its model.pt
+    (models / "no_file" / "config.pbtxt").write_text(TWO_OUTPUTS)
+    (models / "short" / "1").mkdir(parents=True)  # one output of the two declared
+    (models / "short" / "config.pbtxt").write_text(TWO_OUTPUTS)
+    torch.jit.save(torch.jit.script(OneOutput()), str(models / "short" / "1" / "model.pt"))
+    (models / "too_preferred" / "1").mkdir(parents=True)
+    (models / "too_preferred" / "config.pbtxt").write_text(
+        TWO_OUTPUTS + "dynamic_batching { preferred_batch_size: [ 2, 8 ] }\n")
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +119,8 @@ def up_log(mesh) -> str:
 def test_tritonclient_sees_every_model_in_the_index(triton_report, served):
     index = {(name, version): (state, reason) for name, version, state, reason
              in triton_report["index"]}
-    for model in ("add_sub", "classify", "greet", "mlp_onnx", "preprocess", "postprocess"):
+    for model in ("add_sub", ODD_NAME, "classify", "greet", "mlp_onnx", "preprocess",
+                  "postprocess"):
         assert index[(model, "1")] == ("READY", ""), model
     assert index[("cnn", "1")] == index[("cnn", "2")] == ("READY", "")
     assert index[("broken_init", "1")] == ("UNAVAILABLE", "")  # its compute refused it
@@ -171,11 +202,12 @@ def execute(model, **arrays) -> dict[str, numpy.ndarray]:
     return {t.name(): t.as_numpy() for t in response.output_tensors()}
 
 
-async def test_an_unmodified_triton_python_model_serves_through_the_mesh(served):
+@pytest.mark.parametrize("model", ["add_sub", ODD_NAME])
+async def test_an_unmodified_triton_python_model_serves_through_the_mesh(served, model):
     a = numpy.arange(8, dtype=numpy.float32).reshape(2, 4)
     names = numpy.array([[b"ada"], [b"grace"]], dtype=object)
-    got = await infer(served, infer_request("add_sub", A=a, B=a, NAME=names))
-    expected = execute(in_process(served.models, "add_sub"), A=a, B=a, NAME=names)
+    got = await infer(served, infer_request(model, A=a, B=a, NAME=names))
+    expected = execute(in_process(served.models, model), A=a, B=a, NAME=names)
     assert got["SUM"].tobytes() == expected["SUM"].tobytes()
     assert got["GREETING"].tolist() == expected["GREETING"].tolist() == [[b"hello ada"],
                                                                         [b"hello grace"]]
@@ -254,6 +286,15 @@ async def test_refused_models_say_why_while_the_rest_serve(served):
            "TritonModelException: the weights file weights.bin is missing" in log
     assert "REFUSED model 'broken_onnx' version 1: " in log
     assert "REFUSED model 'lost_ensemble': " in log
+    assert "REFUSED compute-no_file-1: refusing model 'no_file' version 1: no model file " \
+           f"{served.models / 'no_file' / '1' / 'model.pt'}" in log
+    assert "REFUSED compute-short-1: refusing model 'short' version 1: " \
+           f"{served.models / 'short' / '1' / 'model.pt'}: warm-up failed: model 'short' " \
+           "version 1: the model returned 1 outputs; config.pbtxt declares 2" in log
+    assert "REFUSED model 'too_preferred': " \
+           f"{served.models / 'too_preferred' / 'config.pbtxt'}: dynamic_batching " \
+           "preferred_batch_size 8 must be between 1 and max_batch_size 4" in log
+    assert not (served.models / "add_sub" / "0" / "manifest.json").exists()
     assert "compute-classify" not in log and "batcher-classify" not in log
     channel, stub = await public_stub(served)
     async with channel:

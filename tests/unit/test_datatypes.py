@@ -10,6 +10,7 @@ from meshserve.common.datatypes import (
     WIRE_FROM_CONFIG,
     bytes_elements,
     element_count,
+    serialize_bytes,
     split_bytes_rows,
 )
 from meshserve.common.errors import InvalidArgument
@@ -81,3 +82,10 @@ def test_split_bytes_rows_wrong_counts():
         split_bytes_rows(raw, [4, -1])
     with pytest.raises(InvalidArgument, match="malformed"):
         split_bytes_rows(raw[:-1], [3])
+
+
+def test_serialize_bytes_writes_other_objects_as_their_str_as_triton_does():
+    big = 10**12  # bytes(big) would allocate a terabyte of zeros
+    elements = [b"raw", bytearray(b"ba"), "é", 7, big, 1.5, numpy.int64(-3), numpy.bytes_(b"n")]
+    assert serialize_bytes(elements) == frame(b"raw", b"ba", "é".encode(), b"7",
+                                              str(big).encode(), b"1.5", b"-3", b"n")

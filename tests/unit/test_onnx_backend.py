@@ -13,7 +13,7 @@ from meshserve.compute.backends import load_model
 from meshserve.compute.backends.onnx import providers_for
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.tools.client import outputs_of
-from tests.onnx_models import bf16_model, every_type_model
+from tests.onnx_models import bf16_and_string_model, bf16_model, every_type_model
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +132,25 @@ def test_bf16_travels_both_ways(tmp_path):
     response, _ = model.run(request, "1")
     assert (response.outputs[0].datatype, list(response.outputs[0].shape)) == ("BF16", [2, 2])
     assert response.raw_output_contents[0] == x.tobytes()
+    assert outputs_of(response)["Y"].tolist() == x.tolist()  # what `meshserve infer` prints
+
+
+def test_bf16_and_string_tensors_travel_together(tmp_path):
+    (tmp_path / "mixed" / "1").mkdir(parents=True)
+    (tmp_path / "mixed" / "config.pbtxt").write_text(
+        'platform: "onnxruntime_onnx"\nmax_batch_size: 4\n')
+    (tmp_path / "mixed" / "1" / "model.onnx").write_bytes(bf16_and_string_model())
+    entry = ModelRepository.load(tmp_path).get("mixed")
+    model = load_model(entry.config, entry.path / "1" / "model.onnx", entry.path / "1", "cpu", 1)
+    for request in model.warmup_requests():
+        model.run(request, "1")
+    c = numpy.array([[1.5, -2.25], [3.0, 1e-20]], dtype=ml_dtypes.bfloat16)
+    request = pb.ModelInferRequest(model_name="mixed")
+    request.inputs.add(name="C", datatype="BF16", shape=[2, 2])
+    request.inputs.add(name="D", datatype="BYTES", shape=[2, 1])
+    request.raw_input_contents.extend([c.tobytes(), serialize_bytes(["é", b"b"])])
+    response, _ = model.run(request, "1")
+    assert [(t.name, t.datatype, list(t.shape)) for t in response.outputs] == [
+        ("C1", "BF16", [2, 2]), ("D1", "BYTES", [2, 1])]
+    assert response.raw_output_contents[0] == c.tobytes()
+    assert outputs_of(response)["D1"].tolist() == [["é".encode()], [b"b"]]

@@ -145,3 +145,80 @@ def test_utilities_follow_the_documented_api():
         request.exec()
     with pytest.raises(pb_utils.TritonModelException, match="decoupled"):
         request.get_response_sender()
+
+
+TRICKY_PY = '''\
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import from_dlpack, to_dlpack
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "X")
+            if (x.as_numpy() == -1).any():
+                raise SystemExit("a helper called sys.exit")
+            if (x.as_numpy() == -2).any():
+                raise KeyboardInterrupt
+            doubled = from_dlpack(x.to_dlpack()) * 2  # Triton's add_sub example
+            scaled = x.as_numpy()
+            scaled /= 2.0  # in place, as a model normalising its input does
+            texts = np.array([[int(v), 1.5, "é", b"raw"] for v in scaled[:, 0]], dtype=object)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor.from_dlpack("DOUBLED", to_dlpack(doubled)),
+                pb_utils.Tensor("SCALED", scaled), pb_utils.Tensor("TEXTS", texts)]))
+        return responses
+'''
+
+TRICKY_CONFIG = '''\
+backend: "python"
+max_batch_size: 4
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]
+output [ { name: "DOUBLED" data_type: TYPE_FP32 dims: [ 1 ] },
+         { name: "SCALED" data_type: TYPE_FP32 dims: [ 1 ] },
+         { name: "TEXTS" data_type: TYPE_STRING dims: [ 4 ] } ]
+'''
+
+
+def tricky(tmp_path):
+    write_python_model(tmp_path, "tricky", TRICKY_PY, TRICKY_CONFIG)
+    entry = ModelRepository.load(tmp_path).get("tricky")
+    version_dir = entry.path / "1"
+    return load_model(entry.config, version_dir / "model.py", version_dir, "auto", 1)
+
+
+def x_request(*values: float) -> pb.ModelInferRequest:
+    x = numpy.array([[v] for v in values], numpy.float32)
+    request = pb.ModelInferRequest(model_name="tricky")
+    request.inputs.add(name="X", datatype="FP32", shape=x.shape)
+    request.raw_input_contents.append(x.tobytes())
+    return request
+
+
+def test_inputs_are_writable_and_export_through_dlpack_as_in_triton(tmp_path):
+    request = x_request(14.0, 6.0)
+    raw = request.raw_input_contents[0]
+    response, _ = tricky(tmp_path).run(request, "1")
+    got = outputs_of(response)
+    assert got["DOUBLED"].tolist() == [[28.0], [12.0]]
+    assert got["SCALED"].tolist() == [[7.0], [3.0]]
+    assert request.raw_input_contents[0] == raw  # the request's bytes are left as they were
+
+
+def test_bytes_outputs_of_other_objects_are_their_str_as_in_triton(tmp_path):
+    response, _ = tricky(tmp_path).run(x_request(14.0, 6.0), "1")
+    assert outputs_of(response)["TEXTS"].tolist() == [
+        [b"7", b"1.5", "é".encode(), b"raw"], [b"3", b"1.5", "é".encode(), b"raw"]]
+
+
+@pytest.mark.parametrize(("value", "raised"), [(-1.0, "SystemExit: a helper called sys.exit"),
+                                               (-2.0, "KeyboardInterrupt: ")])
+def test_system_exit_in_execute_fails_that_batch_not_the_process(tmp_path, value, raised):
+    model = tricky(tmp_path)
+    with pytest.raises(Internal) as info:
+        model.run(x_request(value), "1")
+    assert info.value.message == f"model 'tricky' version 1: execute raised {raised}"
+    response, _ = model.run(x_request(2.0), "1")
+    assert outputs_of(response)["SCALED"].tolist() == [[1.0]]

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from meshserve.common.model_files import version_dirs
 from meshserve.common.repository import (
     ModelEntry,
     ModelRepository,
@@ -333,3 +334,20 @@ def test_queue_settings_the_batcher_does_not_apply_are_named_in_a_warning(tmp_pa
         "level follows default_queue_policy",
         "model 'm': default_queue_policy timeout_action DELAY is not applied: a request past "
         "its queue timeout is refused"]
+
+
+def test_a_preferred_batch_size_past_max_batch_size_refuses_that_model_only(tmp_path):
+    make_model(tmp_path, "good", [1])
+    make_model(tmp_path, "pref", [1], "max_batch_size: 4\n"
+                                      "dynamic_batching { preferred_batch_size: [ 2, 8 ] }")
+    repo = ModelRepository.load(tmp_path)
+    assert set(repo.models) == {"good"}
+    assert repo.refused["pref"] == (
+        f"model 'pref': {tmp_path / 'pref' / 'config.pbtxt'}: dynamic_batching "
+        "preferred_batch_size 8 must be between 1 and max_batch_size 4")
+
+
+def test_the_loader_and_the_signer_take_the_same_version_directories(tmp_path):
+    make_model(tmp_path, "m", [0, 1, "01", 12], "version_policy: { all { } }")
+    assert ModelRepository.load(tmp_path).get("m").versions == ("1", "12")
+    assert [version for _, version, _ in version_dirs(tmp_path)] == ["1", "12"]

@@ -42,10 +42,11 @@ def _backend(config: ModelConfig, source: bytes | Path, version_dir: Path, devic
         from meshserve.compute.backends import python
 
         return python.load(source, config, path, version_dir.name)
-    return _torchscript(config, source, device, threads)
+    return _torchscript(config, source, device, threads, where)
 
 
-def _torchscript(config: ModelConfig, source: bytes | Path, device: str, threads: int):
+def _torchscript(config: ModelConfig, source: bytes | Path, device: str, threads: int,
+                 where: str):
     import warnings
 
     import torch
@@ -57,4 +58,4 @@ def _torchscript(config: ModelConfig, source: bytes | Path, device: str, threads
     warnings.filterwarnings("ignore", message=".*buffer is not writable.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.jit")
     return TorchScriptModel(io.BytesIO(source) if isinstance(source, bytes) else source,
-                            config, pick_device(device))
+                            config, pick_device(device), where)

@@ -4,11 +4,15 @@
 execution provider is used when the device asks for it (or is `auto`) and onnxruntime has
 it (the `onnxruntime-gpu` build); otherwise the CPU one. The config is checked against the
 graph before the session is made, so a mismatch is refused at load, naming the file.
+
+onnxruntime's Python API hands back no BF16 array, and takes no string tensor in the run
+that would hand back its raw values; so a model with BF16 outputs is given, at load, an
+exact FLOAT copy (a Cast) of each of them as an extra graph output, which is fetched
+instead and turned back into BF16.
 """
 
 from __future__ import annotations
 
-import ctypes
 import time
 from pathlib import Path
 
@@ -25,6 +29,7 @@ from meshserve.protocol.model_config_pb2 import ModelConfig
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 BF16_ONNX_TYPE = 16
+AS_FLOAT = ".meshserve_as_float"  # the suffix of a BF16 output's FLOAT copy
 
 
 def providers_for(device: str, available: list[str]) -> list[str]:
@@ -47,6 +52,10 @@ class OnnxModel:
         self.config = config
         self._where = where
         onnx_graph.check_config(config, onnx_graph.read_graph(data, where), where)
+        self._bf16_out = {t.name: t.name + AS_FLOAT for t in config.output
+                          if t.data_type == mc.TYPE_BF16}
+        if self._bf16_out:
+            data = with_float_copies(data, self._bf16_out)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -58,7 +67,6 @@ class OnnxModel:
             raise FailedPrecondition(f"{where}: onnxruntime cannot load it: {error}") from None
         self.device = "cuda" if CUDA in self.session.get_providers() else "cpu"
         self._bf16 = {t.name for t in config.input if t.data_type == mc.TYPE_BF16}
-        self._bf16_out = {t.name for t in config.output if t.data_type == mc.TYPE_BF16}
 
     def _feeds(self, arrays: dict[str, numpy.ndarray]) -> dict:
         import onnxruntime
@@ -90,25 +98,34 @@ class OnnxModel:
         return response, Timings(decoded - start, predicted - decoded, done - predicted)
 
     def _run_bf16(self, names: list[str], feeds: dict) -> list[numpy.ndarray]:
-        """A run whose outputs include BF16 ones, which onnxruntime cannot hand back as numpy
-        arrays: their bytes are read from the OrtValue."""
+        """A run whose outputs include BF16 ones: their FLOAT copies are fetched instead,
+        and cast back (exactly: BF16 is FLOAT's upper half)."""
         import ml_dtypes
-        import onnxruntime
 
-        values = {name: value if isinstance(value, onnxruntime.OrtValue)
-                  else onnxruntime.OrtValue.ortvalue_from_numpy(value)
-                  for name, value in feeds.items()}
-        results = []
-        for name, value in zip(names, self.session.run_with_ort_values(names, values)):
-            if name in self._bf16_out:
-                raw = ctypes.string_at(value.data_ptr(), value.tensor_size_in_bytes())
-                results.append(numpy.frombuffer(raw, ml_dtypes.bfloat16).reshape(value.shape()))
-            else:
-                results.append(value.numpy())
-        return results
+        fetched = self.session.run([self._bf16_out.get(name, name) for name in names], feeds)
+        return [value.astype(ml_dtypes.bfloat16) if name in self._bf16_out else value
+                for name, value in zip(names, fetched)]
 
     def warmup_requests(self) -> list[ModelInferRequest]:
         return tensors.warmup_requests(self.config)
+
+
+def with_float_copies(data: bytes, copies: dict[str, str]) -> bytes:
+    """The model `data` with, for each BF16 output named in `copies`, a Cast of it to FLOAT
+    as an extra graph output of the name `copies` gives."""
+    import onnx
+
+    model = onnx.load_model_from_string(data)
+    graph = model.graph
+    outputs = {output.name: output for output in graph.output}
+    for name, copy_name in copies.items():
+        graph.node.append(onnx.helper.make_node("Cast", [name], [copy_name],
+                                                to=onnx.TensorProto.FLOAT))
+        copy = graph.output.add()
+        copy.CopyFrom(outputs[name])
+        copy.name = copy_name
+        copy.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    return model.SerializeToString()
 
 
 def _text(element: bytes) -> str:

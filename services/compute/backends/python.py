@@ -5,9 +5,10 @@ load (an exception refuses the version, naming the file and the reason), `execut
 for every batch, returning one `InferenceResponse` per request, and `finalize()` when the
 compute process stops. The model runs in its version's compute process, on the worker
 thread. The batcher joins requests into one batch before compute, so `execute` receives
-one request holding the batch's rows; an exception in `execute`, or a `TritonError` in its
-response, fails that batch's requests only. `auto_complete_config` is not called: the config
-is read by every service without running model code, so declare inputs and outputs.
+one request holding the batch's rows, its inputs writable arrays as in Triton; an exception
+in `execute` (SystemExit and KeyboardInterrupt too), or a `TritonError` in its response,
+fails that batch's requests only. `auto_complete_config` is not called: the config is read
+by every service without running model code, so declare inputs and outputs.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class PythonModel:
         self._where = f"model '{config.name}' version {version}"
         try:
             module = import_model(source, path)
-        except Exception as error:  # noqa: BLE001 — whatever the model's code raises
+        except BaseException as error:  # noqa: BLE001 — whatever the model's code raises
             raise FailedPrecondition(f"{path}: cannot import it: {_said(error)}") from None
         model_class = getattr(module, "TritonPythonModel", None)
         if not isinstance(model_class, type):
@@ -123,7 +124,7 @@ class PythonModel:
                     "model_instance_name": f"{config.name}_0_0",
                     "model_instance_device_id": "0", "model_repository": str(path.parent.parent),
                     "model_version": version, "model_name": config.name})
-        except Exception as error:  # noqa: BLE001 — whatever the model's code raises
+        except BaseException as error:  # noqa: BLE001 — whatever the model's code raises
             raise FailedPrecondition(f"{path}: initialize raised {_said(error)}") from None
         self._finalized = False
         atexit.register(self.close)
@@ -136,7 +137,7 @@ class PythonModel:
             else 0
         inference_request = pb_utils.InferenceRequest(
             model_name=self.config.name, requested_output_names=names,
-            inputs=[pb_utils.Tensor(name, array) for name, array in arrays.items()],
+            inputs=[pb_utils.Tensor(name, _writable(array)) for name, array in arrays.items()],
             request_id=request.id, model_version=int(version), timeout=timeout,
             parameters=_parameters(request))
         decoded = time.perf_counter_ns()
@@ -154,7 +155,10 @@ class PythonModel:
                 responses = asyncio.run(responses)
         except ServingError:
             raise
-        except Exception as error:  # noqa: BLE001 — whatever the model's code raises
+        except BaseException as error:  # noqa: BLE001 — whatever the model's code raises
+            # SystemExit and KeyboardInterrupt too: they fail this batch, not the process.
+            # (This is plain code, run on the worker thread or between awaits: no
+            # cancellation of the service can pass through it.)
             raise Internal(f"{self._where}: execute raised {_said(error)}") from None
         if not isinstance(responses, (list, tuple)) or len(responses) != 1:
             got = len(responses) if isinstance(responses, (list, tuple)) else type(
@@ -186,6 +190,12 @@ class PythonModel:
                 finalize()
             except Exception as error:  # noqa: BLE001 — logged, the process is stopping
                 log.error("%s: finalize raised %s", self._where, _said(error))
+
+
+def _writable(array):
+    """A copy of a read-only view of the request's bytes: a model may write to its inputs
+    (`img /= 255`) or export them (`to_dlpack`), as in Triton."""
+    return array if array.flags.writeable else array.copy()
 
 
 def _said(error: BaseException) -> str:
