@@ -47,14 +47,13 @@ from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.tools.backup import Layout, create_backup
-from meshserve.tools.cli import parser_for
 from meshserve.tools.client import client_tls
 from meshserve.tools.drill_load import Connection, Load, answers, submit
 from meshserve.tools.random_requests import random_request
 from meshserve.tools.restore import restore_backup
 from meshserve.tools.traffic import admin_channel
-from meshserve.tools.up import UP_FILE
 from meshserve.tools.up_children import HOST
+from meshserve.tools.up_record import UP_FILE, alive, service_pid, up_data_dir
 
 
 @dataclass(frozen=True)
@@ -107,46 +106,6 @@ class UpProcess:
         services = [pid for pid in map(service_pid, sorted(run_dir.glob("*.pid"))) if pid]
         return cls(record["pid"], record["cwd"], record["argv"], services)
 
-
-def command_line(pid: int) -> list[str]:
-    try:
-        return os.fsdecode(Path(f"/proc/{pid}/cmdline").read_bytes()).split("\0")[:-1]
-    except OSError:
-        return []
-
-
-def up_data_dir(pid: int, argv: list[str]) -> Path | None:
-    """The data directory of the `meshserve up` running as `pid` with `argv` (as it recorded
-    them), from its command line and working directory; None when `pid` runs something else."""
-    if not argv or command_line(pid)[-len(argv):] != argv:
-        return None
-    try:
-        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
-        args, _ = parser_for("up").parse_known_args(argv)
-    except (OSError, SystemExit):
-        return None
-    return (cwd / args.data_dir).resolve()
-
-
-def service_pid(pid_file: Path) -> int | None:
-    """The pid in a service's pid file, when that process is alive and is the service `up`
-    started with that run directory (its port file beside the pid file)."""
-    try:
-        pid = int(pid_file.read_text())
-    except (OSError, ValueError):
-        return None
-    port_file = f"--port-file={pid_file.with_suffix('.port')}"
-    return pid if alive(pid) and port_file in command_line(pid) else None
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie, dead but not yet reaped, is not) and a meshserve process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"meshserve" in cmdline
 
 
 def kill_all(up: UpProcess, timeout_s: float = 10.0) -> int:

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from meshserve.common import runtime
 from meshserve.common.files import write_atomic
 from meshserve.common.logs import DEFAULT_ACCESS_LOG_SAMPLE, sample_fraction
 from meshserve.common.repository import ModelRepository, instance_count
@@ -35,12 +36,12 @@ from meshserve.tools.certs import CA_CERT, CA_KEY, CertsError, expected_files, i
 from meshserve.tools.tokens import JWKS, POLICY, init_auth
 from meshserve.tools.traffic import admin_channel
 from meshserve.tools.up_children import HOST, Child, Refused, stop_all, wait_ready
+from meshserve.tools.up_record import UP_FILE, running_up
 
 TOKEN_PORT_FILE = "ingress.token-port"
 HTTP_PORT_FILE = "ingress.http-port"
 # In DIR/run: how to find this `up` and start it again (`meshserve drill` reads it); each
 # service's process id is in DIR/run/<name>.pid.
-UP_FILE = "up.json"
 # The demo's traffic on a first run: a 10 % canary of mlp version 2; cnn on its latest.
 DEMO_POLICY = {"mlp": {"1": 90, "2": 10}, "cnn": {"1": 0, "2": 100}}
 
@@ -381,6 +382,10 @@ async def wait_bound_port(data_dir: Path, timeout: float,
 
 async def serve_until_stopped(args: argparse.Namespace) -> int:
     data_dir = args.data_dir.resolve()
+    other = running_up(data_dir)
+    if other is not None:  # two meshes on one store and one set of ports and pid files
+        raise RuntimeError(f"another `meshserve up` (pid {other}) serves {data_dir}: stop it "
+                           f"first (Ctrl-C, or kill {other})")
     prepare(data_dir, repository=args.model_repository)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -420,6 +425,7 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    os.environ[runtime.PARENT_ENV] = str(os.getpid())  # its services stop when it dies
     if args.otlp:  # the children inherit it; each service reads it once in its main()
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://{args.otlp}"
     try:

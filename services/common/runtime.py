@@ -2,9 +2,11 @@
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -19,6 +21,10 @@ from meshserve.common.server import Service
 from meshserve.common.tls import TlsFiles
 
 log = logging.getLogger(__name__)
+
+# Set by `meshserve up` for the services it starts: its pid (see `stop_with_parent`).
+PARENT_ENV = "MESHSERVE_UP_PID"
+_PR_SET_PDEATHSIG = 1
 
 
 def add_server_flags(parser: argparse.ArgumentParser) -> None:
@@ -114,6 +120,7 @@ def serve(build: Callable[[], Awaitable[Service]], port_file: Path | None,
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        stop_with_parent(stop.set)
         service = await build()
         prober = beating = None
         if probes is not None and probes.listen:
@@ -142,6 +149,19 @@ def serve(build: Callable[[], Awaitable[Service]], port_file: Path | None,
 
     uvloop.run(main())
     return 0
+
+
+def stop_with_parent(stop: Callable[[], None]) -> None:
+    """A service `meshserve up` started stops (as on SIGTERM: drained) when `up` dies,
+    however it dies, SIGKILL and the OOM killer included: Linux sends the parent's death as
+    SIGTERM. Without it the services went on, unsupervised, and a second `up` on the same data
+    directory started beside them. Elsewhere, or not started by `up`: nothing."""
+    parent = os.environ.get(PARENT_ENV, "")
+    if not parent.isdigit() or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # `up` died before the request took hold
+        stop()
 
 
 def run_service(name: str, args: argparse.Namespace, build_service, settings, *,
