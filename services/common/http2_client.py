@@ -142,7 +142,10 @@ class Http2Channel:
                 lambda: _Connection(self), self._host, self._port, ssl=self._context,
                 server_hostname=self.identity), CONNECT_TIMEOUT_S)
         except (OSError, TimeoutError) as error:
-            self._failure = f"could not connect to {self}: {error or type(error).__name__}"
+            why = str(error) or (
+                f"the connection and TLS handshake took over {CONNECT_TIMEOUT_S:g} s"
+                if isinstance(error, TimeoutError) else type(error).__name__)
+            self._failure = f"could not connect to {self}: {why}"
             self._failed_until = loop.time() + self._backoff
             self._backoff = min(self._backoff * BACKOFF_FACTOR, BACKOFF_MAX_S)
             waiting, self._waiting = self._waiting, []
