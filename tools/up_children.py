@@ -48,19 +48,29 @@ class Child:
     def metrics_port_file(self) -> Path:
         return self.run_dir / f"{self.name}.metrics-port"
 
+    def bound_metrics_port(self) -> int | None:
+        """The port this service serves metrics on (None until it has written it)."""
+        try:
+            return int(self.metrics_port_file.read_text())
+        except (OSError, ValueError):
+            return None
+
     def metrics_url(self) -> str:
         """Where this service serves Prometheus metrics ("" until it has written its port)."""
-        if not self.metrics_port_file.exists():
-            return ""
-        return f"http://{HOST}:{int(self.metrics_port_file.read_text())}/metrics"
+        port = self.bound_metrics_port()
+        return "" if port is None else f"http://{HOST}:{port}/metrics"
 
     def start(self, tls_dir: Path) -> None:
+        """Start the service; started again, its metrics stay on the port they had (where
+        a scraper was pointed), as its gRPC port does (`supervise`)."""
         self.port_file.unlink(missing_ok=True)
+        restart = self.process is not None  # (a file of an earlier `up` names no port of ours)
+        metrics_port = (self.bound_metrics_port() if restart else None) or 0
         self.metrics_port_file.unlink(missing_ok=True)
         tls = [f"--tls-cert={tls_dir / self.identity}.crt",
                f"--tls-key={tls_dir / self.identity}.key", f"--tls-ca={tls_dir / 'ca.crt'}"]
-        metrics = ([f"--metrics-listen={HOST}:0", f"--metrics-port-file={self.metrics_port_file}"]
-                   if self.metrics else [])
+        metrics = ([f"--metrics-listen={HOST}:{metrics_port}",
+                    f"--metrics-port-file={self.metrics_port_file}"] if self.metrics else [])
         command = [sys.executable, "-m", "meshserve.tools.cli", self.identity, *self.args,
                    *tls, f"--port-file={self.port_file}", *metrics]
         with open(self.log, "ab") as log:

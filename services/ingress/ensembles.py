@@ -63,21 +63,29 @@ class EnsembleRunner:
                     traceparent: str = "",
                     admit: Callable[[], None] | None = None) -> pb.ModelInferResponse:
         name = request.model_name
-        version = self._repository.version(name, request.model_version)
-        statistics = self._statistics[(name, version)]
         arrived = self._clock()
+        try:
+            version = self._repository.version(name, request.model_version)
+        except ServingError as error:  # counted, as a request to any model's unknown version
+            self._count(name, "", arrived, error.code)
+            raise
+        statistics = self._statistics[(name, version)]
+        deadline = None if remaining is None else arrived + remaining
         try:
             if admit is not None:
                 admit()
             entry = self._entries[name]
             validate(request, entry.config)
             classes = classification.requested(request, entry) if request.outputs else None
-            deadline = None if remaining is None else arrived + remaining
             response = await self._run(entry, version, request, deadline, traceparent)
             if classes:
                 classification.classify(response, classes, entry)
         except Exception as error:
             self._record(statistics, name, version, arrived, error)
+            raise
+        except asyncio.CancelledError:  # the caller left: its deadline passed, or it cancelled
+            late = deadline is not None and self._clock() >= deadline - 0.01
+            self._count(name, version, arrived, "DEADLINE_EXCEEDED" if late else "CANCELLED")
             raise
         statistics.inference_count += _rows(request, entry.config.max_batch_size)
         statistics.execution_count += 1
@@ -87,12 +95,13 @@ class EnsembleRunner:
 
     def _record(self, statistics: Statistics, name: str, version: str, arrived: float,
                 error: Exception | None) -> None:
-        seconds = self._clock() - arrived
-        statistics.record_request(error is None, int(seconds * 1e9), None)
+        statistics.record_request(error is None, int((self._clock() - arrived) * 1e9), None)
+        self._count(name, version, arrived, "OK" if error is None else (
+            error.code if isinstance(error, ServingError) else "INTERNAL"))
+
+    def _count(self, name: str, version: str, arrived: float, code: str) -> None:
         if self._metrics is not None:
-            code = "OK" if error is None else (
-                error.code if isinstance(error, ServingError) else "INTERNAL")
-            self._metrics.request(name, version, code, seconds)
+            self._metrics.request(name, version, code, self._clock() - arrived)
 
     async def _run(self, entry: ModelEntry, version: str, request: pb.ModelInferRequest,
                    deadline: float | None, traceparent: str) -> pb.ModelInferResponse:

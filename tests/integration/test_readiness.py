@@ -170,6 +170,8 @@ async def test_server_ready_waits_for_every_version_and_follows_a_lost_compute(t
         # lost before, while it still checks the others one by one, fails the start instead.
         await until((data_dir / "run" / "endpoint").exists, seconds=120,
                     what="the end of up's start")
+        metrics_port = data_dir / "run" / "compute-slow-1.metrics-port"
+        scraped_on = metrics_port.read_text()
         os.kill(pid_of(data_dir, "compute-slow-1"), signal.SIGKILL)
         lost = await until(lambda: _not(server_ready(stub)), seconds=1.0)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -180,6 +182,9 @@ async def test_server_ready_waits_for_every_version_and_follows_a_lost_compute(t
         back = await until(lambda: server_ready(stub), seconds=240)
         print(f"not ready {lost:.2f} s after the kill; ready again {back:.2f} s later")
         assert (await stub.ModelInfer(request_for("slow", "1"), timeout=30)).model_version == "1"
+        # Restarted, its metrics are where a scraper was pointed, as its gRPC port is.
+        await until(metrics_port.exists, seconds=30, what="the restarted compute's metrics")
+        assert metrics_port.read_text() == scraped_on
     finally:
         if channel is not None:
             await channel.close()

@@ -1,11 +1,13 @@
 """The ingress's ensemble runner, its steps run by the real Python model in this process
 (the mesh between them is the integration test's)."""
 
+import asyncio
+
 import numpy
 import pytest
 
 from meshserve.common.datatypes import serialize_bytes
-from meshserve.common.errors import InvalidArgument
+from meshserve.common.errors import InvalidArgument, NotFound
 from meshserve.common.repository import ModelRepository
 from meshserve.compute.backends import load_model
 from meshserve.ingress.ensembles import EnsembleRunner
@@ -121,3 +123,35 @@ async def test_ready_when_every_step_is(runner):
 
     assert await runner.ready("greet", check) is True
     assert asked == [("add_sub", "1")]
+
+
+class Requests:
+    """What the runner tells `metrics.request`."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str]] = []
+
+    def request(self, model: str, version: str, code: str, seconds: float) -> None:
+        self.seen.append((model, version, code))
+
+
+async def test_requests_it_cannot_answer_are_counted_too(tmp_path):
+    """An unknown version, and a call whose caller left while a step ran, are counted as a
+    failure as every answered request is counted."""
+    write_python_model(tmp_path, "add_sub", ADD_SUB_PY, ADD_SUB_CONFIG)
+    (tmp_path / "greet" / "1").mkdir(parents=True)
+    (tmp_path / "greet" / "config.pbtxt").write_text(GREET)
+
+    async def slow(request, remaining, traceparent):
+        await asyncio.sleep(10)
+
+    counted = Requests()
+    runner = EnsembleRunner(ModelRepository.load(tmp_path), slow, metrics=counted)
+    with pytest.raises(NotFound):
+        await runner.infer(pb.ModelInferRequest(model_name="greet", model_version="9"), None)
+    call = asyncio.create_task(runner.infer(greet_request(1.0), remaining=None))
+    await asyncio.sleep(0.05)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert counted.seen == [("greet", "", "NOT_FOUND"), ("greet", "1", "CANCELLED")]
