@@ -24,6 +24,7 @@ from meshserve.common.forwarding import CODE_NUMBER
 from meshserve.common.server import internal_error_message
 from meshserve.common.tracing import header
 from meshserve.common.version_pin import PIN_HEADER
+from meshserve.ingress import classification
 from meshserve.ingress.submissions import Submission, SubmissionStore, connect
 from meshserve.protocol import async_inference_pb2_grpc
 from meshserve.protocol.async_inference_pb2 import ResultResponse, SubmitResponse
@@ -220,7 +221,11 @@ def build_async(settings: AsyncSettings | None, ingress) -> AsyncApi:
     store = SubmissionStore(connection, settings.max_pending)
 
     def check(request: ModelInferRequest) -> None:
+        """What ModelInfer would refuse before running it: the tensors, and the outputs asked
+        for as classes."""
         ingress.schema(request.model_name, request.model_version).validate(request)
+        if request.outputs:
+            classification.requested(request, ingress.repository.get(request.model_name))
 
     async def infer(request: ModelInferRequest) -> ModelInferResponse:
         return await ingress.infer(request, settings.timeout_seconds)

@@ -170,6 +170,14 @@ async def test_bad_requests_are_refused_at_submit(mesh):
             await stub.Submit(unknown, timeout=10)
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
         assert raised.value.details() == "unknown model 'nope'"
+        no_classes, _ = mlp_request(1)
+        no_classes.outputs.add(name="OUTPUT__0").parameters["classification"].int64_param = 0
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Submit(no_classes, timeout=10)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert raised.value.details() == ("output 'OUTPUT__0' parameter 'classification' must "
+                                          "be a positive integer, the number of classes to "
+                                          "return")
 
 
 def test_meshserve_infer_async_prints_the_answer(mesh):
