@@ -31,13 +31,14 @@ from meshserve.protocol.grpc_service_pb2 import ModelInferRequest
 
 class Entry(NamedTuple):
     """A request to forward: what its group item will carry (the request is serialized once,
-    as the group is built), and its deadline."""
+    as the group is built), its deadline, and its tensors' bytes (what validation counted)."""
 
     request: ModelInferRequest
     request_id: str
     deadline: float | None  # absolute, on this process's monotonic clock (None: none)
     priority: int = 0
     traceparent: str = ""
+    size: int = 0
 
 # Sends a serialized InferGroup and returns its (last) answer, telling the callback of early
 # partial answers first (raises StreamBroken or TimeoutError).
@@ -54,6 +55,12 @@ RESOURCE_EXHAUSTED = CODE_NUMBER["RESOURCE_EXHAUSTED"]
 # Groups linger only when this many requests are expected: under a light load a request
 # leaving at once matters more than the size of its group.
 LINGER_FROM = 8
+
+# A group's requests' tensors together, at most (one request larger goes alone): half of what
+# one message between the hops may carry, the rest of each request and the group's own keys
+# far under the other half. Many large requests at once otherwise made one group past the
+# limit, and every request in it failed.
+MAX_GROUP_BYTES = 32 << 20
 
 
 def error_result(error: ServingError) -> ItemResult:
@@ -276,6 +283,18 @@ def build_group(model_name: str, version: str, parcels: list[list[Entry]], now: 
     return serialized_group(head, items), expired, longest
 
 
+def expiry(entries: list[Entry]) -> float | None:
+    """When every one of `entries` is past its deadline (None: one has none)."""
+    if len(entries) == 1:  # a request's parcel: the common case, on the hot path
+        return entries[0].deadline
+    deadlines = [entry.deadline for entry in entries]
+    return None if None in deadlines else max(deadlines)
+
+
+def size_of(entries: list[Entry]) -> int:
+    return entries[0].size if len(entries) == 1 else sum(entry.size for entry in entries)
+
+
 class GroupForwarder:
     """Coalesces entries for one model into groups, one group waiting per upstream.
 
@@ -301,7 +320,8 @@ class GroupForwarder:
     the last group took to be answered (seconds): about when those entries will have left."""
 
     def __init__(self, call: GroupCall, model_name: str, upstream: str, *, version: str = "",
-                 max_group: int = 512, max_in_flight: int = 1, linger: float = 0.0,
+                 max_group: int = 512, max_group_bytes: int = MAX_GROUP_BYTES,
+                 max_in_flight: int = 1, linger: float = 0.0,
                  observe: GroupObserver | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._call = call
@@ -311,6 +331,7 @@ class GroupForwarder:
         self._version = version
         self._upstream = upstream
         self._max_group = max_group
+        self._max_group_bytes = max_group_bytes
         self._max_in_flight = max_in_flight
         self._linger = linger
         self._pending: list[tuple[list[Entry], asyncio.Future]] = []
@@ -321,6 +342,8 @@ class GroupForwarder:
         self._expected = 0  # entries expected next, at the last group's (first) answer
         self._answered_at = float("-inf")  # when the last group was (first) answered
         self._enough: asyncio.Future | None = None  # while lingering: done once all expected wait
+        self._sweep: asyncio.TimerHandle | None = None  # at the earliest deadline of a parcel
+        self._sweep_at = float("inf")
 
     async def forward(self, entries: list[Entry]) -> list[ItemResult]:
         """Send `entries` with whatever else is waiting; one result per entry, in order."""
@@ -332,8 +355,42 @@ class GroupForwarder:
         enough = self._enough
         if enough is not None and self.waiting >= self._expected and not enough.done():
             enough.set_result(None)
+        expires = expiry(entries)
+        if expires is not None and expires < self._sweep_at:
+            self._sweep_from(expires)
         self._next()
         return await future
+
+    def _sweep_from(self, when: float) -> None:
+        """Look for parcels past their deadline at `when` (one timer, at the earliest)."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep_at = when
+        self._sweep = asyncio.get_running_loop().call_later(max(when - self._clock(), 0.0),
+                                                            self._answer_expired)
+
+    def _answer_expired(self) -> None:
+        """Answer the waiting parcels whose every request is past its deadline, without
+        waiting for their group's turn (under overload the group in flight may take seconds):
+        `timeout` bounds a request end to end."""
+        self._sweep, self._sweep_at = None, float("inf")
+        now, kept, soonest = self._clock(), [], float("inf")
+        for parcel in self._pending:
+            entries, future = parcel
+            expires = expiry(entries)
+            if expires is None or expires > now:
+                kept.append(parcel)
+                if expires is not None:
+                    soonest = min(soonest, expires)
+                continue
+            self.waiting -= len(entries)
+            if not future.done():
+                future.set_result([error_result(DeadlineExceeded(
+                    f"deadline exceeded before the request left the {self._upstream} "
+                    "queue"))] * len(entries))
+        self._pending[:] = kept
+        if soonest < float("inf"):
+            self._sweep_from(soonest)
 
     def _next(self) -> None:
         """Start the next group when entries wait and a group may be sent."""
@@ -342,10 +399,13 @@ class GroupForwarder:
             asyncio.get_running_loop().create_task(self._send_next())
 
     def _take(self) -> list[tuple[list[Entry], asyncio.Future]]:
-        """The parcels of the next group, off the pending list."""
-        taken, items = 0, 0
+        """The parcels of the next group, off the pending list: at most `max_group` requests
+        and `max_group_bytes` of their tensors (the first parcel whatever its size)."""
+        taken, items, size = 0, 0, 0
         for entries, _ in self._pending:
-            if taken and items + len(entries) > self._max_group:
+            size += size_of(entries)
+            if taken and (items + len(entries) > self._max_group
+                          or size > self._max_group_bytes):
                 break
             taken += 1
             items += len(entries)

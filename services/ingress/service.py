@@ -218,6 +218,12 @@ class Ingress:
             self._record(request.model_name, request.model_version, code, arrived, request_id,
                          span)
             raise
+        except asyncio.CancelledError:  # the caller left: its deadline passed, or it cancelled
+            # (`remaining` was read just before `arrived`: a few microseconds' slack and more)
+            late = remaining is not None and time.monotonic() >= arrived + remaining - 0.01
+            self._record(request.model_name, request.model_version,
+                         "DEADLINE_EXCEEDED" if late else "CANCELLED", arrived, request_id, span)
+            raise
         self._record(request.model_name, response.model_version, "OK", arrived, request_id,
                      span)
         return response
@@ -280,7 +286,7 @@ class Ingress:
         entry = Entry(request, request_id,
                       deadline_of(parameter(request, "timeout"), arrived, remaining),
                       min(parameter(request, "priority"), MAX_CARRIED),
-                      "" if span is None else traceparent_of(span))
+                      "" if span is None else traceparent_of(span), size)
         forwarder = self._forwarder(request.model_name, request.model_version)
         self._bound(request.model_name).admit(entry.priority, forwarder.waiting,
                                               forwarder.round_trip)

@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import random
+import time
 
 import grpc
 import pytest
@@ -10,6 +11,7 @@ from google.protobuf.message import DecodeError
 
 from meshserve.common import errors
 from meshserve.common.forwarding import (
+    CODE_NUMBER,
     LINGER_FROM,
     Entry,
     GroupForwarder,
@@ -109,6 +111,47 @@ async def test_waiting_counts_the_entries_that_wait_for_the_next_group():
     await asyncio.wait_for(asyncio.gather(first, *rest), 2)
     assert [len(group) for group in fake.groups] == [1, 2, 2, 2]
     assert forwarder.waiting == 0
+
+
+async def test_groups_carry_at_most_max_group_bytes_of_tensors():
+    """Large requests waiting together leave in groups under the byte bound (a request larger
+    than the bound alone), never as one group past what a message between hops may carry."""
+    fake = FakeUpstream(gated=True)
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM, max_group_bytes=1000)
+
+    def sized(rid: str, size: int) -> Entry:
+        return entry(rid)._replace(size=size)
+
+    first = asyncio.create_task(forwarder.forward([sized("r0", 10)]))
+    await asyncio.wait_for(fake.started.wait(), 2)
+    sizes = {"a": 400, "b": 400, "c": 400, "d": 1500, "e": 100, "f": 100}
+    rest = [asyncio.create_task(forwarder.forward([sized(rid, size)]))
+            for rid, size in sizes.items()]
+    await settle()
+    fake.release.set()
+    results = await asyncio.wait_for(asyncio.gather(first, *rest), 2)
+    assert fake.groups == [["r0"], ["a", "b"], ["c"], ["d"], ["e", "f"]]
+    assert [ids_of(r) for r in results] == [["r0"], *([rid] for rid in sizes)]
+
+
+async def test_a_request_past_its_deadline_while_it_waits_is_answered_then():
+    """Behind a group in flight (its model slow, or overloaded), a waiting request is told its
+    deadline passed when it passes, not when the group ahead comes back; it is never sent, and
+    one with a later deadline still goes in the next group."""
+    fake = FakeUpstream(gated=True)
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
+    first = asyncio.create_task(forwarder.forward([entry("r0")]))
+    await asyncio.wait_for(fake.started.wait(), 2)
+    soon = asyncio.create_task(forwarder.forward([entry("soon", time.monotonic() + 0.05)]))
+    later = asyncio.create_task(forwarder.forward([entry("later", time.monotonic() + 30)]))
+    [expired] = await asyncio.wait_for(soon, 2)
+    assert not first.done() and not later.done()
+    assert expired.code == CODE_NUMBER["DEADLINE_EXCEEDED"]
+    assert expired.message == f"deadline exceeded before the request left the {UPSTREAM} queue"
+    assert forwarder.waiting == 1
+    fake.release.set()
+    await asyncio.wait_for(asyncio.gather(first, later), 2)
+    assert fake.groups == [["r0"], ["later"]]
 
 
 async def test_round_trip_is_how_long_the_last_group_took():
