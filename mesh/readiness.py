@@ -1,8 +1,10 @@
 """Which model versions can answer now: the control plane follows every batcher's health.
 
 Each registered batcher is watched with `grpc.health.v1.Health/Watch` (a stream the batcher
-pushes on: no polling); a batcher is SERVING when one of its compute replicas is loaded and
-warm. A version is ready when one of its batchers is. `table` (pure) lists every version the
+pushes on), and checked every few seconds while it is serving, so that a batcher which stopped
+answering at all (a SIGSTOP, a hung event loop) counts as not serving until it answers again
+(`meshserve.common.liveness`); a batcher is SERVING when one of its compute replicas is loaded
+and warm. A version is ready when one of its batchers is. `table` (pure) lists every version the
 traffic policies name, with its weight and readiness; the ingress follows that table
 (`WatchReadiness`) to answer ServerReady and to refuse requests for a version that cannot
 answer, at once.
@@ -15,6 +17,7 @@ import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from meshserve.common.liveness import Standing, answers, keep_checking
 from meshserve.common.tls import ReloadingChannel, TlsFiles
 from meshserve.common.upstream import follow_stream
 from meshserve.mesh.policy import Endpoint, TrafficPolicy
@@ -94,13 +97,23 @@ class BatcherHealth:
             self._changes.notify()
 
     async def _watch(self, address: str) -> None:
+        channel = ReloadingChannel(address, self._tls, self._identity)
+        standing = Standing()
+
+        def heard(serving: bool) -> None:
+            standing.watched = serving
+            self.report(address, standing.serving)
+
+        checks = asyncio.get_running_loop().create_task(keep_checking(
+            lambda timeout: answers(channel.channel, timeout), standing,
+            lambda: self.report(address, standing.serving)))
         try:
             await follow_stream(
-                ReloadingChannel(address, self._tls, self._identity),
+                channel,
                 lambda channel: HealthStub(channel).Watch(health_pb2.HealthCheckRequest()),
-                lambda reply: self.report(address, reply.status == SERVING),
-                lambda: self.report(address, False), RETRY_S)
+                lambda reply: heard(reply.status == SERVING), lambda: heard(False), RETRY_S)
         finally:
+            checks.cancel()
             self.serving.pop(address, None)
 
     async def close(self) -> None:

@@ -3,9 +3,10 @@ calls, and its readiness.
 
 Groups travel on the project's own HTTP/2 client (`meshserve.common.http2_client`), the
 other calls on a gRPC channel. Readiness is followed with grpc.health.v1 Watch, which the
-upstream pushes on; the same loop picks up rotated certificates: the gRPC channel is rebuilt
-and the group stream moves to a new connection with the new files; the old ones close once
-their in-flight calls are done.
+upstream pushes on, beside a health Check every few seconds that notices an upstream which
+stopped answering at all (`meshserve.common.liveness`); the same loop picks up rotated
+certificates: the gRPC channel is rebuilt and the group stream moves to a new connection with
+the new files; the old ones close once their in-flight calls are done.
 """
 
 import asyncio
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from meshserve.common.http2_client import Http2Channel, client_ssl_context
+from meshserve.common.liveness import Standing, answers, keep_checking
 from meshserve.common.streams import GroupStream, start_stream
 from meshserve.common.tls import ReloadingChannel, TlsFiles
 from meshserve.protocol import groups_pb2_grpc, grpc_service_pb2_grpc, health_pb2
@@ -39,6 +41,7 @@ class Upstream:
         # Groups travel on one long-lived stream, opened on the channel of the moment.
         self.stream = GroupStream(lambda: start_stream(self._streams), repr(self))
         self.serving = False
+        self._standing = Standing()
 
     def _bind(self) -> None:
         self.channel = self._reloading.channel
@@ -72,22 +75,30 @@ class Upstream:
     async def watch(self, on_change: Callable[[], None]) -> None:
         """Follow readiness until cancelled, calling `on_change` whenever it flips: a
         grpc.health.v1 Watch stream, which the upstream pushes on (nothing moves while nothing
-        changes; a poll cost ~0.4 % of a core on each side). The TLS files are checked every
-        FILES_EVERY_S and the watch moves to the new channel; a watch that ends (the upstream
-        is away or stopping) is tried again after RETRY_S."""
-        while True:
-            follower = asyncio.get_running_loop().create_task(self._follow(on_change))
-            try:
-                while not follower.done():
-                    await asyncio.wait({follower}, timeout=FILES_EVERY_S)
-                    if self.refresh_certificates():
-                        follower.cancel()  # watch again, on the new channel
+        changes; a poll cost ~0.4 % of a core on each side), and a Check every few seconds
+        while it is serving, so that an upstream which stopped answering at all counts as not
+        serving until it answers again (`meshserve.common.liveness`). The TLS files are
+        checked every FILES_EVERY_S and the watch moves to the new channel; a watch that ends
+        (the upstream is away or stopping) is tried again after RETRY_S."""
+        loop = asyncio.get_running_loop()
+        checks = loop.create_task(keep_checking(lambda timeout: answers(self.channel, timeout),
+                                                self._standing, lambda: self._checked(on_change)))
+        try:
+            while True:
+                follower = loop.create_task(self._follow(on_change))
+                try:
+                    while not follower.done():
                         await asyncio.wait({follower}, timeout=FILES_EVERY_S)
-            except BaseException:
-                follower.cancel()
-                raise
-            if not follower.cancelled():
-                await asyncio.sleep(RETRY_S)
+                        if self.refresh_certificates():
+                            follower.cancel()  # watch again, on the new channel
+                            await asyncio.wait({follower}, timeout=FILES_EVERY_S)
+                except BaseException:
+                    follower.cancel()
+                    raise
+                if not follower.cancelled():
+                    await asyncio.sleep(RETRY_S)
+        finally:
+            checks.cancel()
 
     async def _follow(self, on_change: Callable[[], None]) -> None:
         """Follow one Watch stream until it ends; not serving once it has."""
@@ -98,7 +109,18 @@ class Upstream:
             pass
         self._set(False, on_change)
 
+    def _checked(self, on_change: Callable[[], None]) -> None:
+        if not self._standing.answers:
+            log.warning("%s did not answer a health check in time: not serving until it does",
+                        self)
+        self._publish(on_change)
+
     def _set(self, serving: bool, on_change: Callable[[], None]) -> None:
+        self._standing.watched = serving
+        self._publish(on_change)
+
+    def _publish(self, on_change: Callable[[], None]) -> None:
+        serving = self._standing.serving
         if serving != self.serving:
             self.serving = serving
             log.info("%s is %s", self, "serving" if serving else "not serving")

@@ -371,12 +371,28 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         """A version is ready when its batcher is; an ensemble when all its steps are."""
         if name in self._ingress.ensembles:
             return await self._ingress.ensembles.ready(name, self._ready)
+        if not self._known_ready(name, version):
+            return False
         try:
             reply = await self._ingress.router.inference.ModelReady(
                 pb.ModelReadyRequest(name=name, version=version), timeout=5)
         except Exception:  # noqa: BLE001 — reported as the model's state
             return False
         return reply.ready
+
+    def _known_ready(self, name: str, version: str) -> bool:
+        """False when the ingress knows already that the version cannot answer (the router
+        does not answer, or the control plane's table says so), without asking the router:
+        a stopped router or batcher would leave the question waiting for its timeout."""
+        if not self._ingress.router.serving:
+            return False
+        if self._ingress.readiness is None:
+            return True
+        try:
+            self._ingress.readiness.admit(name, version)
+        except ServingError:
+            return False
+        return True
 
     async def ModelMetadata(self, request, context):
         self._may(context, "models:read", request.name)

@@ -22,8 +22,10 @@ import pytest
 import torch
 
 from meshserve.common.forwarding import CODE_NUMBER
+from meshserve.common.liveness import CHECK_EVERY_S, CHECK_TIMEOUT_S
 from meshserve.common.server import RETRY_AFTER_MS
 from meshserve.common.tls import TlsFiles, secure_channel
+from meshserve.mesh.readiness import BatcherHealth, Changes
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.groups_pb2 import GroupItem, InferGroup
 from meshserve.protocol.groups_pb2_grpc import GroupInferenceStub
@@ -486,3 +488,61 @@ async def test_no_replica_left_answers_unavailable_with_retry_hint_at_once(world
         assert int(dict(error.trailing_metadata())[RETRY_AFTER_MS]) >= 1
     text = processes.metrics("batcher")
     assert sample(text, "meshserve_batcher_retries_total", outcome="ok") is None
+
+
+# A stopped process is noticed within CHECK_EVERY_S + CHECK_TIMEOUT_S; the rest is slack for
+# the push from the batcher and a loaded test machine.
+FROZEN_NOTICED_S = CHECK_EVERY_S + CHECK_TIMEOUT_S + 4.0
+
+
+async def test_a_frozen_compute_or_batcher_is_not_ready_until_it_answers_again(world,
+                                                                              processes):
+    # A SIGSTOPped process keeps its connections, so the health Watch streams that follow it
+    # neither move nor end: each hop's liveness check must notice it. The ingress calls the
+    # batcher its router here, as it calls the router in a mesh (the same hop); the control
+    # plane's side is `BatcherHealth`, run in this process.
+    batcher = start_batcher(processes, 1)
+    address = start_ingress_before(processes, batcher)
+    changes = Changes()
+    control_plane = BatcherHealth(tls_of(world, "control-plane"), "batcher", changes)
+    async with secure_channel(address, tls_of(world, "client"), "localhost") as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        await ingress_ready(stub)
+        control_plane.follow([batcher])
+        try:
+            async def ready() -> bool:
+                return (await stub.ServerReady(pb.ServerReadyRequest(), timeout=5)).ready
+
+            async def model_ready(timeout: float = 10) -> bool:
+                request = pb.ModelReadyRequest(name="mlp", version="1")
+                return (await stub.ModelReady(request, timeout=timeout)).ready
+
+            def batcher_serving() -> bool:
+                return control_plane.serving.get(batcher, False)
+
+            await until(batcher_serving, START_TIMEOUT, "the batcher serving")
+            for name in ("compute-0", "batcher"):
+                processes.suspend(name)
+                try:
+                    await until(lambda: not batcher_serving(), FROZEN_NOTICED_S,
+                                f"the batcher not serving with {name} stopped", interval=0.2)
+                    await until(lambda: not_(ready), FROZEN_NOTICED_S,
+                                f"ServerReady false with {name} stopped", interval=0.2)
+                    # Not ready: the batcher says so, or, stopped, is known not to answer
+                    # (answered at once, not after the ingress's 5 s wait on its router).
+                    assert not await model_ready(timeout=2)
+                finally:
+                    processes.signal(name, signal.SIGCONT)
+                await until(batcher_serving, FROZEN_NOTICED_S,
+                            f"the batcher serving once {name} goes on", interval=0.2)
+                await until(ready, FROZEN_NOTICED_S, f"ServerReady once {name} goes on",
+                            interval=0.2)
+                assert await model_ready()
+        finally:
+            await control_plane.close()
+        assert await stub.ModelInfer(mlp_request(1), timeout=30)
+    assert "did not answer a health check in time" in processes.log("batcher")
+
+
+async def not_(check) -> bool:
+    return not await check()
