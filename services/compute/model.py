@@ -15,6 +15,7 @@ import torch
 
 from meshserve.common.datatypes import CONFIG_FROM_WIRE, WIRE_FROM_CONFIG
 from meshserve.common.errors import FailedPrecondition, Internal, InvalidArgument
+from meshserve.common.server import internal_error_message
 from meshserve.compute.tensors import warmup_requests
 from meshserve.compute.timings import Timings
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
@@ -79,9 +80,11 @@ class TorchScriptModel:
         try:
             with torch.inference_mode():
                 result = self.module(*tensors)
-        except Exception as error:  # noqa: BLE001 — whatever the model raises: its own text
-            raise Internal(f"{self._where(version)}: the TorchScript model failed: "
-                           f"{error}") from None
+        except Exception as error:  # noqa: BLE001 — whatever the model raises: its own words
+            # (the last line of TorchScript's traceback), and an id its whole trace is logged by
+            said = str(error).strip().splitlines() or [type(error).__name__]
+            raise Internal(f"{self._where(version)}: the TorchScript model failed: {said[-1]} "
+                           f"({internal_error_message(error)})") from None
         return list(result) if isinstance(result, (tuple, list)) else [result]
 
     def encode(self, outputs: list[torch.Tensor], request: ModelInferRequest,
