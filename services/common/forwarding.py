@@ -73,6 +73,13 @@ def raise_for(result: ItemResult) -> None:
         raise from_code(CODE_NAME.get(result.code, "UNKNOWN"), result.message)
 
 
+def left_code(deadline: float | None, now: float) -> str:
+    """The status of a call whose caller left before its answer: DEADLINE_EXCEEDED when its
+    deadline had passed (10 ms' slack: the time left is read a moment before the arrival it
+    is added to), else CANCELLED."""
+    return "DEADLINE_EXCEEDED" if deadline is not None and now >= deadline - 0.01 else "CANCELLED"
+
+
 def deadline_of(timeout_us: int, arrived: float,
                 remaining: float | None = None) -> float | None:
     """When a request that `arrived` must be answered: `timeout_us` later (0: no bound), or

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from meshserve.common.ensemble_plan import Plan, Step
 from meshserve.common.errors import ServingError, from_code
+from meshserve.common.forwarding import left_code
 from meshserve.common.repository import ModelEntry, ModelRepository
 from meshserve.common.statistics import Statistics
 from meshserve.common.validation import validate
@@ -84,8 +85,7 @@ class EnsembleRunner:
             self._record(statistics, name, version, arrived, error)
             raise
         except asyncio.CancelledError:  # the caller left: its deadline passed, or it cancelled
-            late = deadline is not None and self._clock() >= deadline - 0.01
-            self._count(name, version, arrived, "DEADLINE_EXCEEDED" if late else "CANCELLED")
+            self._count(name, version, arrived, left_code(deadline, self._clock()))
             raise
         statistics.inference_count += _rows(request, entry.config.max_batch_size)
         statistics.execution_count += 1

@@ -37,6 +37,7 @@ from meshserve.common.forwarding import (
     Entry,
     GroupForwarder,
     deadline_of,
+    left_code,
     over_stream,
     raise_for,
 )
@@ -219,10 +220,9 @@ class Ingress:
                          span)
             raise
         except asyncio.CancelledError:  # the caller left: its deadline passed, or it cancelled
-            # (`remaining` was read just before `arrived`: a few microseconds' slack and more)
-            late = remaining is not None and time.monotonic() >= arrived + remaining - 0.01
+            deadline = None if remaining is None else arrived + remaining
             self._record(request.model_name, request.model_version,
-                         "DEADLINE_EXCEEDED" if late else "CANCELLED", arrived, request_id, span)
+                         left_code(deadline, time.monotonic()), arrived, request_id, span)
             raise
         self._record(request.model_name, response.model_version, "OK", arrived, request_id,
                      span)
