@@ -6,6 +6,11 @@ submission order, at most `concurrency` at a time, through the same path as Mode
 request refused for lack of capacity (RESOURCE_EXHAUSTED, UNAVAILABLE) goes back to the store
 and is tried again after a backoff, for up to `retry_seconds`. On start, rows left RUNNING by
 a stopped process are PENDING again. Finished rows are deleted after `retention_seconds`.
+
+Each row keeps the protocol its Submit arrived by (PROTOCOL: "http" when the HTTP front door
+submitted it), and the worker serves it under that protocol, so the ingress's metrics count
+an asynchronous request as they count a ModelInfer that came in by the same door. Result
+runs no inference and counts nothing.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ from pathlib import Path
 
 from meshserve.common.errors import InvalidArgument, NotFound, ServingError
 from meshserve.common.forwarding import CODE_NUMBER
+from meshserve.common.metrics import PROTOCOL
 from meshserve.common.server import internal_error_message
 from meshserve.common.tracing import header
 from meshserve.common.version_pin import PIN_HEADER
 from meshserve.ingress import classification
-from meshserve.ingress.submissions import Submission, SubmissionStore, connect
+from meshserve.ingress.submissions import GRPC, Submission, SubmissionStore, connect
 from meshserve.protocol import async_inference_pb2_grpc
 from meshserve.protocol.async_inference_pb2 import ResultResponse, SubmitResponse
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
@@ -75,9 +81,11 @@ class AsyncRequests:
         self._finished: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task] = set()
 
-    def submit(self, request: ModelInferRequest) -> str:
+    def submit(self, request: ModelInferRequest, protocol: str = GRPC) -> str:
+        """Check and store `request`, which arrived by `protocol`; its id."""
         self._check(request)
-        submission_id = self._store.submit(request.model_name, request.SerializeToString())
+        submission_id = self._store.submit(request.model_name, request.SerializeToString(),
+                                           protocol)
         self._wake.set()
         return submission_id
 
@@ -133,6 +141,7 @@ class AsyncRequests:
         task.add_done_callback(self._tasks.discard)
 
     async def _process(self, submission: Submission) -> None:
+        PROTOCOL.set(submission.protocol)  # this task's own context: labels its metrics
         finished = True
         try:
             request = ModelInferRequest.FromString(submission.request)
@@ -190,7 +199,7 @@ class AsyncInferenceServicer(async_inference_pb2_grpc.AsyncInferenceServicer):
         pin = header(context.invocation_metadata(), PIN_HEADER)
         if pin and not request.model_version:
             request.model_version = pin
-        return SubmitResponse(id=self._requests.submit(request))
+        return SubmitResponse(id=self._requests.submit(request, PROTOCOL.get()))
 
     async def Result(self, request, context):
         found = self._requests.lookup(request.id)

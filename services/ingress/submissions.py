@@ -3,7 +3,10 @@
 A row goes PENDING → RUNNING → DONE or FAILED; a retried row goes back to PENDING with a
 time before which it is not taken again. Each change is one committed transaction (WAL
 journal, synchronous=FULL), so whatever `submit` has returned survives a crash of the
-process. The connection and the clock are handed in; nothing here knows of gRPC.
+process. Each row keeps the protocol its request arrived by ("grpc" or "http"), so that its
+answer is counted under that protocol whenever it runs; rows stored before the column
+existed read as "grpc". The connection and the clock are handed in; nothing here knows of
+gRPC.
 """
 
 from __future__ import annotations
@@ -12,15 +15,17 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from meshserve.common.errors import ResourceExhausted
 
 PENDING, RUNNING, DONE, FAILED = "PENDING", "RUNNING", "DONE", "FAILED"
 FINISHED = (DONE, FAILED)
+GRPC = "grpc"  # the protocol of a row stored without one
+PROTOCOL_COLUMN = f"protocol TEXT NOT NULL DEFAULT '{GRPC}'"
 
-SCHEMA = """
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS submissions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -33,7 +38,8 @@ CREATE TABLE IF NOT EXISTS submissions (
     attempts INTEGER NOT NULL DEFAULT 0,
     not_before REAL NOT NULL DEFAULT 0,
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    {PROTOCOL_COLUMN}
 );
 CREATE INDEX IF NOT EXISTS submissions_by_state ON submissions (state, seq);
 """
@@ -51,13 +57,15 @@ class Submission:
     attempts: int
     created: float
     updated: float
+    protocol: str = GRPC
 
     @property
     def finished(self) -> bool:
         return self.state in FINISHED
 
 
-COLUMNS = "id, model, request, state, response, code, message, attempts, created, updated"
+COLUMNS = ("id, model, request, state, response, code, message, attempts, created, updated, "
+           "protocol")
 
 
 def connect(path: Path | str) -> sqlite3.Connection:
@@ -67,7 +75,22 @@ def connect(path: Path | str) -> sqlite3.Connection:
     connection.execute("PRAGMA synchronous=FULL")
     connection.execute("PRAGMA busy_timeout=5000")
     connection.executescript(SCHEMA)
+    add_protocol_column(connection)
     return connection
+
+
+def add_protocol_column(connection: sqlite3.Connection) -> None:
+    """A store written before rows kept their protocol gains the column; its rows read as
+    "grpc". One transaction, so two processes opening the same old store both succeed."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        names = {row[1] for row in connection.execute("PRAGMA table_info(submissions)")}
+        if "protocol" not in names:
+            connection.execute(f"ALTER TABLE submissions ADD COLUMN {PROTOCOL_COLUMN}")
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
 
 
 class SubmissionStore:
@@ -93,8 +116,9 @@ class SubmissionStore:
         """Rows PENDING or RUNNING."""
         return self._unfinished
 
-    def submit(self, model: str, request: bytes) -> str:
-        """Store a request; its id. ResourceExhausted when `max_pending` are unfinished."""
+    def submit(self, model: str, request: bytes, protocol: str = GRPC) -> str:
+        """Store a request that arrived by `protocol`; its id. ResourceExhausted when
+        `max_pending` are unfinished."""
         if self._unfinished >= self.max_pending:
             raise ResourceExhausted(
                 f"asynchronous request store holds {self._unfinished} unfinished requests "
@@ -102,8 +126,9 @@ class SubmissionStore:
         now = self._clock()
         submission_id = self._new_id()
         self._db.execute(
-            "INSERT INTO submissions (id, model, request, state, created, updated) "
-            "VALUES (?, ?, ?, ?, ?, ?)", (submission_id, model, request, PENDING, now, now))
+            "INSERT INTO submissions (id, model, request, state, created, updated, protocol) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (submission_id, model, request, PENDING, now, now, protocol))
         self._unfinished += 1
         return submission_id
 
@@ -129,7 +154,7 @@ class SubmissionStore:
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        return [Submission(*row[:3], RUNNING, *row[4:7], row[7] + 1, row[8], now)
+        return [replace(Submission(*row), state=RUNNING, attempts=row[7] + 1, updated=now)
                 for row in rows]
 
     def next_due(self) -> float | None:

@@ -3,15 +3,18 @@
 A burst is stored and answered in full; requests accepted before the ingress is killed with
 SIGKILL (while the router is stopped, so none can have been answered) are all answered
 after `up` restarts it; every answer equals a local forward pass of the version that served
-it.
+it; each request is counted in the ingress's metrics under the protocol it was submitted by.
 """
 
 import asyncio
 import collections
 import contextlib
+import http.client
+import json
 import os
 import signal
 import sqlite3
+import ssl
 import time
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from meshserve.tools.client import client_tls
 from meshserve.tools.demo_models import build_model
 from meshserve.tools.tokens import issue
 from tests.integration.conftest import children_of, meshserve, start_up, stop_up
+from tests.integration.test_metrics import metrics_url, scrape, total
 from tests.polling import suspend
 
 BURST = 300
@@ -112,6 +116,61 @@ async def test_a_burst_is_stored_and_every_request_answered(mesh):
     for seed, ((_, x), answer) in enumerate(zip(requests, answers, strict=True)):
         assert answer.id == ids[seed]
         check_answer(answer, x, seed)
+
+
+@contextlib.contextmanager
+def https_to(mesh):
+    """A connection to the ingress's HTTP/REST port, with the client certificate."""
+    context = ssl.create_default_context(cafile=str(mesh.tls / "ca.crt"))
+    context.load_cert_chain(mesh.tls / "client.crt", mesh.tls / "client.key")
+    port = int((mesh.data_dir / "run" / "ingress.http-port").read_text())
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=60)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+def http_call(connection, method: str, path: str, body: bytes | None = None):
+    connection.request(method, path, body)
+    reply = connection.getresponse()
+    return reply.status, json.loads(reply.read())
+
+
+async def test_each_request_is_counted_under_the_protocol_it_was_submitted_by(mesh):
+    """One Submit over HTTP/REST, one over gRPC, each result then fetched over both: the
+    ingress counts one answered request per protocol, and fetching counts nothing."""
+    url = metrics_url(mesh, "ingress")
+    before = scrape(url)
+    by_grpc, x = mlp_request(2001)
+    x_http = numpy.random.default_rng(2002).standard_normal((1, 256)).astype(numpy.float32)
+    body = json.dumps({"id": "by-http", "inputs": [
+        {"name": "INPUT__0", "datatype": "FP32", "shape": [1, 256],
+         "data": x_http.ravel().tolist()}]}).encode()
+    with https_to(mesh) as https:
+        status, submitted = http_call(https, "POST", "/v2/models/mlp/infer/async", body)
+        assert status == 202, submitted
+        ids = {"http": submitted["id"]}
+        async with stub_for(mesh) as stub:
+            ids["grpc"] = (await stub.Submit(by_grpc, timeout=30)).id
+            answers = {door: await result(stub, i) for door, i in ids.items()}
+        for door, i in ids.items():
+            status, fetched = http_call(https, "GET", f"/v2/async/{i}?wait_ms=30000")
+            assert (status, fetched["state"]) == (200, "DONE"), (door, fetched)
+    check_answer(answers["grpc"], x, 2001)
+    assert answers["http"].state == ResultResponse.DONE and \
+        answers["http"].response.id == "by-http", answers["http"]
+    after = scrape(url)
+
+    def delta(name: str, **labels: str) -> float:
+        return total(after, name, model="mlp", **labels) - total(before, name, model="mlp",
+                                                                 **labels)
+
+    counted = {door: (delta("nv_inference_request_success", protocol=door),
+                      delta("meshserve_request_duration_seconds_count", protocol=door))
+               for door in ("grpc", "http")}
+    assert counted == {"grpc": (1, 1), "http": (1, 1)}
+    assert delta("nv_inference_request_failure") == 0
 
 
 async def test_nothing_accepted_is_lost_when_the_ingress_is_killed(mesh):

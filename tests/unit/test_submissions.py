@@ -1,12 +1,15 @@
 """The asynchronous request store and the worker pool's logic, on real SQLite files."""
 
 import asyncio
+import contextlib
 import itertools
+import sqlite3
 import time
 
 import pytest
 
 from meshserve.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from meshserve.common.metrics import PROTOCOL
 from meshserve.ingress.async_service import AsyncRequests, backoff, to_proto
 from meshserve.ingress.submissions import (
     DONE,
@@ -107,6 +110,45 @@ def test_reopening_recovers_running_rows_and_keeps_everything(tmp_path, clock):
     assert reopened.get(ids[0]).response == b"r"
 
 
+def test_each_row_keeps_the_protocol_it_arrived_by(store):
+    by_http, by_grpc = store.submit("m", b"h", "http"), store.submit("m", b"g")
+    assert [(s.id, s.protocol) for s in store.claim(5)] == [(by_http, "http"),
+                                                            (by_grpc, "grpc")]
+    store.finish(by_http, b"r")
+    assert store.get(by_http).protocol == "http" and store.get(by_grpc).protocol == "grpc"
+
+
+# The table as stores written before rows kept their protocol have it.
+OLD_SCHEMA = """
+CREATE TABLE submissions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, model TEXT NOT NULL,
+    request BLOB NOT NULL, state TEXT NOT NULL, response BLOB,
+    code INTEGER NOT NULL DEFAULT 0, message TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0, not_before REAL NOT NULL DEFAULT 0,
+    created REAL NOT NULL, updated REAL NOT NULL);
+CREATE INDEX submissions_by_state ON submissions (state, seq);
+INSERT INTO submissions (id, model, request, state, created, updated)
+    VALUES ('old-pending', 'm', x'01', 'PENDING', 1, 1),
+           ('old-running', 'm', x'02', 'RUNNING', 1, 1);
+INSERT INTO submissions (id, model, request, state, response, created, updated)
+    VALUES ('old-done', 'm', x'', 'DONE', x'0a', 1, 1);
+"""
+
+
+def test_a_store_written_before_protocols_reads_as_grpc_and_takes_new_rows(tmp_path, clock):
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as old:
+        old.executescript(OLD_SCHEMA)
+    store = store_at(path, clock)
+    assert store.unfinished == 2 and store.recover() == 1
+    assert store.get("old-done").protocol == "grpc" and store.get("old-done").response == b"\n"
+    new = store.submit("m", b"3", "http")
+    assert [(s.id, s.protocol) for s in store.claim(5)] == [
+        ("old-pending", "grpc"), ("old-running", "grpc"), (new, "http")]
+    again = store_at(path, clock)  # opening it again changes nothing
+    assert again.get(new).protocol == "http" and again.get("old-pending").protocol == "grpc"
+
+
 def test_purge_deletes_only_finished_rows_past_retention(store, clock):
     old, young, waiting = (store.submit("m", b"x") for _ in range(3))
     store.claim(2)
@@ -183,6 +225,30 @@ async def test_workers_answer_everything_with_bounded_concurrency(live_store):
     assert [to_proto(s).response.raw_output_contents[0][0] for s in done] == [
         2 * n for n in range(40)]
     assert mesh.most == 4 and mesh.calls == 40
+
+
+async def test_workers_serve_each_request_under_the_protocol_it_arrived_by(live_store):
+    """What the ingress's metrics read (PROTOCOL) while each request is in the mesh, retried
+    ones included; the worker pool itself runs as gRPC's default."""
+    seen: dict[str, list[str]] = {}
+    mesh = Mesh(refuse=1)
+
+    async def infer(r: ModelInferRequest) -> ModelInferResponse:
+        seen.setdefault(r.id, []).append(PROTOCOL.get())
+        return await mesh(r)
+
+    requests = AsyncRequests(live_store, infer, check, concurrency=2, retention_seconds=60,
+                             retry_seconds=60)
+    token = PROTOCOL.set("http")  # as the HTTP front door sets it for the task serving it
+    try:
+        by_http = requests.submit(request(value=1), PROTOCOL.get())
+    finally:
+        PROTOCOL.reset(token)
+    by_grpc = requests.submit(request(value=2))
+    done = await run_until_done(requests, [by_http, by_grpc])
+    assert [s.state for s in done] == [DONE, DONE]
+    assert seen == {"r1": ["http", "http"], "r2": ["grpc", "grpc"]}
+    assert PROTOCOL.get() == "grpc"
 
 
 async def test_refusals_are_retried_and_other_errors_fail(live_store):
