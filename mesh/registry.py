@@ -2,8 +2,11 @@
 
 A push of model M version V:
 
-1. checks the name, version and size, and reads the input/output signature from the
-   repository's `M/config.pbtxt` (or the config pushed with it, for a new model);
+1. checks the request's fields (name, version, sizes, text), reads the input/output
+   signature from the repository's `M/config.pbtxt` (or the config pushed with it, for a new
+   model), and checks that the artifact is a model of the kind that config declares
+   (`meshserve.common.model_check`, the check `meshserve models push` makes too): a field
+   that is not what it must be is INVALID_ARGUMENT naming it, and nothing is stored;
 2. builds the manifest (digest of the plaintext, signature, who, when, source, notes) and,
    with `encrypt`, encrypts the artifact under a fresh data key wrapped by the KEK;
 3. keeps the stored bytes (the ciphertext when encrypted: plaintext never reaches disk then)
@@ -27,13 +30,14 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from meshserve.common import artifacts, model_files
-from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from meshserve.common import artifacts, model_check, model_files
+from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound, ServingError
 from meshserve.common.files import write_atomic
+from meshserve.common.model_check import MAX_ARTIFACT_BYTES
 from meshserve.common.repository import (
     CONFIG_FILENAME,
-    DEFAULT_MODEL_FILENAME,
     ENSEMBLE,
+    artifact_filename,
     kind_of,
     parse_config,
 )
@@ -41,8 +45,14 @@ from meshserve.mesh.audit import utc_timestamp
 from meshserve.mesh.store import Store
 from meshserve.mesh.store_models import ModelVersion
 
-MAX_ARTIFACT_BYTES = 64 * 1024 * 1024 - 64 * 1024  # one gRPC message, less room for metadata
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+MAX_NAME_CHARS = 255  # the model's directory name
+MAX_VERSION = 2**63 - 1  # a version number is an int64, as in Triton
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_SOURCE_CHARS = 2048
+MAX_NOTES_CHARS = 16 * 1024
+# Files of a version directory that the artifact must not replace.
+_VERSION_FILES = (artifacts.MANIFEST_FILENAME, artifacts.SIGNATURE_FILENAME)
 
 
 @dataclass(frozen=True)
@@ -71,15 +81,7 @@ class Registry:
         self.signer = artifacts.key_id(signing_key.public_key())
 
     def push(self, push: Push, actor: str) -> ModelVersion:
-        _check_name(push.name)
-        if not push.version.isdigit() or push.version.startswith("0"):
-            raise InvalidArgument(f"version must be a positive integer without leading zeros, "
-                                  f"not '{push.version}'")
-        if not push.artifact:
-            raise InvalidArgument("artifact is empty")
-        if len(push.artifact) > MAX_ARTIFACT_BYTES:
-            raise InvalidArgument(f"artifact is {len(push.artifact)} bytes; a push carries at "
-                                  f"most {MAX_ARTIFACT_BYTES} (one 64 MiB gRPC message)")
+        check_request(push)
         if push.encrypt and self._kek is None:
             raise FailedPrecondition("cannot encrypt: this control plane has no key-encryption "
                                      "key (--kek-file or MESHSERVE_KEK_FILE)")
@@ -96,9 +98,10 @@ class Registry:
             raise FailedPrecondition(f"model '{push.name}' is an ensemble: it has no artifact "
                                      "to push (its config.pbtxt and an empty version "
                                      "directory are all it needs)")
+        if refusal := artifact_refusal(push.name, config, push.artifact):
+            raise InvalidArgument(refusal)
         manifest = artifacts.build_manifest(
-            model=push.name, version=push.version,
-            artifact=config.default_model_filename or DEFAULT_MODEL_FILENAME,
+            model=push.name, version=push.version, artifact=artifact_filename(config),
             plaintext=push.artifact, inputs=model_files.tensor_signature(config.input),
             outputs=model_files.tensor_signature(config.output), pushed_by=actor,
             pushed_at=utc_timestamp(self._clock()), source=push.source, notes=push.notes)
@@ -128,16 +131,27 @@ class Registry:
                        f"{', '.join(v.version for v in versions)})")
 
     def _config(self, push: Push, model_dir: Path):
+        """The model's config: the repository's (a problem with it is the repository's:
+        FAILED_PRECONDITION), else the pushed one (INVALID_ARGUMENT naming `config`)."""
         path = model_dir / CONFIG_FILENAME
         if path.is_file():
             if push.config and push.config != path.read_text("utf-8"):
                 raise FailedPrecondition(f"model '{push.name}' exists with a different "
                                          f"{CONFIG_FILENAME}; push without a config")
-            return parse_config(path.read_text("utf-8"), str(path), push.name)
+            config = parse_config(path.read_text("utf-8"), str(path), push.name)
+            if refusal := filename_refusal(config):
+                raise FailedPrecondition(f"{path}: {refusal}")
+            return config
         if not push.config:
             raise NotFound(f"model '{push.name}' is not in the repository; push its "
                            f"{CONFIG_FILENAME} with it (--config)")
-        return parse_config(push.config, "the pushed config", push.name)
+        try:
+            config = parse_config(push.config, "config", push.name)
+        except ServingError as error:
+            raise InvalidArgument(error.message) from None
+        if refusal := filename_refusal(config):
+            raise InvalidArgument(f"config: {refusal}")
+        return config
 
     def _keep(self, stored: bytes) -> Path:
         path = self.content_store / "sha256" / artifacts.sha256_digest(stored).split(":")[1]
@@ -162,7 +176,78 @@ class Registry:
             write_atomic(config_path, config.encode("utf-8"))
 
 
-def _check_name(name: str) -> None:
+def check_request(push: Push) -> None:
+    """INVALID_ARGUMENT naming the first field of `push` that is not what a push carries."""
+    refusal = (name_refusal(push.name) or version_refusal(push.version) or size_refusal(push)
+               or text_refusal("source", push.source, MAX_SOURCE_CHARS)
+               or text_refusal("notes", push.notes, MAX_NOTES_CHARS, allowed="\n\t"))
+    if refusal:
+        raise InvalidArgument(refusal)
+
+
+def name_refusal(name: str) -> str | None:
+    if len(name) > MAX_NAME_CHARS:
+        return f"model name is {len(name)} characters; at most {MAX_NAME_CHARS}"
     if not name or name.startswith(".") or not set(name) <= _NAME_CHARS:
-        raise InvalidArgument(f"model name '{name}' must be letters, digits, '_', '-' or '.', "
-                              "not starting with '.'")
+        return (f"model name {name!r} must be letters, digits, '_', '-' or '.', not starting "
+                "with '.'")
+    return None
+
+
+def version_refusal(version: str) -> str | None:
+    if not model_files.is_version_name(version) or len(version) > len(str(MAX_VERSION)) or \
+            int(version) > MAX_VERSION:
+        shown = version if len(version) <= 40 else version[:40] + "..."
+        return (f"version must be a positive integer without leading zeros, at most "
+                f"{MAX_VERSION}, not {shown!r}")
+    return None
+
+
+def size_refusal(push: Push) -> str | None:
+    if not push.artifact:
+        return "artifact is empty"
+    if len(push.artifact) > MAX_ARTIFACT_BYTES:
+        return (f"artifact is {len(push.artifact)} bytes; a push carries at most "
+                f"{MAX_ARTIFACT_BYTES} (one 64 MiB gRPC message)")
+    size = len(push.config.encode("utf-8"))
+    if size > MAX_CONFIG_BYTES:
+        return f"config is {size} bytes; a {CONFIG_FILENAME} has at most {MAX_CONFIG_BYTES}"
+    return None
+
+
+def text_refusal(field: str, text: str, limit: int, allowed: str = "") -> str | None:
+    """Why `text` cannot be the manifest's `field`: too long, or holding control characters
+    (other than `allowed`) that would rewrite an operator's terminal in `models show`."""
+    if len(text) > limit:
+        return f"{field} is {len(text)} characters; at most {limit}"
+    control = next((c for c in text if _is_control(c) and c not in allowed), None)
+    if control is not None:
+        return f"{field} holds the control character {control!r}; {field} is plain text"
+    return None
+
+
+def _is_control(char: str) -> bool:
+    return ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0
+
+
+def filename_refusal(config) -> str | None:
+    """Why the config's artifact file cannot be written in a version directory: it must be a
+    plain file name (not a path) other than the manifest's and the signature's."""
+    name = artifact_filename(config)
+    if "/" in name or "\\" in name or name in (".", "..", *_VERSION_FILES) or \
+            any(_is_control(c) for c in name):
+        return (f"default_model_filename {name!r} must be a file name in the version "
+                f"directory (no '/', not {' or '.join(_VERSION_FILES)})")
+    return None
+
+
+def artifact_refusal(name: str, config, artifact: bytes) -> str | None:
+    """Why `artifact` is not a model of the kind model `name`'s config declares, or None."""
+    kind = kind_of(config)
+    refusal = model_check.refusal(kind, artifact, "artifact")
+    if refusal is None:
+        return None
+    declared = (f'platform "{config.platform}"' if config.platform else
+                f'backend "{config.backend}"')
+    return (f"{refusal}; model '{name}' is declared {model_check.LABELS[kind]} ({declared} "
+            f"in its {CONFIG_FILENAME})")

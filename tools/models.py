@@ -12,32 +12,30 @@
 push, list, show and fetch talk to the control plane's admin API over mutual TLS (as `meshserve
 traffic` does); verify and rewrap read a model repository directly, and fail on a path that
 holds no model versions. push first checks the file by its name: TorchScript (a zip archive
-as torch.jit.save writes it), `.onnx` (parses as ONNX) or `.py` (compiles).
+as torch.jit.save writes it), `.onnx` (parses as ONNX) or `.py` (compiles), with the check
+(`meshserve.common.model_check`) the control plane makes again against the model's
+config.pbtxt before it stores anything.
 """
 
 import argparse
 import asyncio
-import io
 import json
 import sys
-import zipfile
 from pathlib import Path
 
 import grpc
 
-from meshserve.common import artifacts, model_files
+from meshserve.common import artifacts, model_check, model_files
 from meshserve.common.errors import FailedPrecondition, ServingError
 from meshserve.common.files import write_atomic
-from meshserve.common.repository import ModelRepository
+from meshserve.common.model_check import MAX_ARTIFACT_BYTES
+from meshserve.common.repository import ONNX, PYTHON, TORCHSCRIPT, Kind, ModelRepository
 from meshserve.mesh.fetch import verify_fetched
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.tools.checks import verdict
 from meshserve.tools.connection import add_connection_flags
 from meshserve.tools.traffic import admin_channel, control_plane_address, operator_tls
-
-# What one gRPC message carries, less room for the request's other fields.
-MAX_PUSH_BYTES = 64 * 1024 * 1024 - 64 * 1024
 
 
 def format_versions(versions) -> str:
@@ -67,9 +65,9 @@ def format_version(version: pb.ModelVersion) -> str:
 def read_artifact(path: Path) -> bytes:
     """The file to push, refused (FailedPrecondition) unless it looks like a model."""
     size = path.stat().st_size
-    if size > MAX_PUSH_BYTES:
+    if size > MAX_ARTIFACT_BYTES:
         raise SystemExit(f"error: {path} is {size} bytes; a push carries at most "
-                         f"{MAX_PUSH_BYTES} (one 64 MiB gRPC message)")
+                         f"{MAX_ARTIFACT_BYTES} (one 64 MiB gRPC message)")
     data = path.read_bytes()
     refusal = artifact_refusal(path, data)
     if refusal:
@@ -77,39 +75,19 @@ def read_artifact(path: Path) -> bytes:
     return data
 
 
+def kind_of_file(path: Path) -> Kind:
+    """The kind of model a file's name says: `.onnx` ONNX, `.py` Python, else TorchScript."""
+    return {".onnx": ONNX, ".py": PYTHON}.get(path.suffix.lower(), TORCHSCRIPT)
+
+
 def artifact_refusal(path: Path, data: bytes) -> str | None:
-    """Why `data` is not a model of the kind its name says (`.onnx`: ONNX, `.py`: a Python
-    model, anything else: TorchScript), or None. Cheap: torch is not imported, nothing runs."""
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        from meshserve.common import onnx_graph  # the onnx package, for this kind only
-
-        try:
-            onnx_graph.read_graph(data, str(path))
-        except FailedPrecondition as error:
-            return error.message
-        return None
-    if suffix == ".py":
-        try:
-            compile(data, str(path), "exec", dont_inherit=True)
-        except (SyntaxError, ValueError) as error:
-            return f"{path} is not a Python model (it does not compile: {error})"
-        return None
-    return None if is_torchscript(data) else (
-        f"{path} is not a TorchScript archive (torch.jit.save writes a zip holding */data.pkl "
-        "and */code/); an ONNX model's file ends in .onnx, a Python model's in .py")
-
-
-def is_torchscript(data: bytes) -> bool:
-    """Whether `data` is a zip archive laid out as torch.jit.save writes one: a top folder
-    holding data.pkl and code/ (a plain torch.save archive has no code/)."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            names = [name.split("/") for name in archive.namelist()]
-    except (zipfile.BadZipFile, ValueError):
-        return False
-    return any(parts[1:] == ["data.pkl"] for parts in names) and \
-        any(len(parts) > 2 and parts[1] == "code" for parts in names)
+    """Why `data` is not a model of the kind its name says, or None (the control plane makes
+    the same check against the model's config.pbtxt)."""
+    kind = kind_of_file(path)
+    refusal = model_check.refusal(kind, data, str(path))
+    if refusal and kind is TORCHSCRIPT:
+        refusal += "; an ONNX model's file ends in .onnx, a Python model's in .py"
+    return refusal
 
 
 async def call(args: argparse.Namespace) -> str:

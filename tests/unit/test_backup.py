@@ -28,6 +28,7 @@ from meshserve.tools.backup import Layout, create_backup
 from meshserve.tools.restore import restore_backup
 from meshserve.tools.up import check_certs
 from tests.polling import until_sync
+from tests.torchscript_models import torchscript_shaped
 from tests.unit.test_store import FakeClock
 
 CONFIG = """name: "tiny"
@@ -35,7 +36,8 @@ max_batch_size: 4
 input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 3 ] } ]
 output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]
 """
-ARTIFACT = bytes(range(256)) * 64
+ARTIFACT = torchscript_shaped(bytes(range(256)) * 64)
+ENCRYPTED = torchscript_shaped(bytes(range(256))[::-1] * 64)
 SECRETS = ("auth/signing.key", "keys/kek", "keys/signing.key", "tls/ca.key")
 
 
@@ -54,7 +56,7 @@ def make_mesh(data: Path) -> None:
     with Store.open(data / "mesh.db", clock=FakeClock()) as store:
         registry = Registry(store, data / "models", data / "registry", key, kek)
         registry.push(Push("tiny", "1", ARTIFACT), actor="client/developer")
-        registry.push(Push("tiny", "2", ARTIFACT[::-1], encrypt=True), actor="client/developer")
+        registry.push(Push("tiny", "2", ENCRYPTED, encrypt=True), actor="client/developer")
         store.put_policy(TrafficPolicy("tiny", {"1": 100}), actor="alice")
         store.put_policy(TrafficPolicy("tiny", {"1": 90, "2": 10}), actor="alice")
         store.put_policy(TrafficPolicy("tiny", {"1": 50, "2": 50}), actor="alice")
@@ -129,7 +131,7 @@ def test_a_restore_brings_back_the_same_state(mesh: Path, tmp_path: Path) -> Non
         assert [e.address for e in store.endpoints()] == ["127.0.0.1:7001", "127.0.0.1:7002"]
         assert [(v.version, v.digest) for v in store.model_versions("tiny")] == [
             ("1", artifacts.sha256_digest(ARTIFACT)),
-            ("2", artifacts.sha256_digest(ARTIFACT[::-1]))]
+            ("2", artifacts.sha256_digest(ENCRYPTED))]
         assert store.verify_audit(anchor=result.point.audit_head) == []
     for table in TABLES:
         if table != "audit_log":

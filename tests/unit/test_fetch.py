@@ -12,9 +12,11 @@ from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFoun
 from meshserve.mesh.fetch import read_version, signed_versions, verify_fetched
 from meshserve.mesh.registry import Push, Registry
 from meshserve.mesh.store import Store
+from tests.torchscript_models import torchscript_shaped
 from tests.unit.test_registry import tiny_repository
 
-PLAIN = b"torchscript stand-in " * 64
+PLAIN = torchscript_shaped(b"torchscript stand-in " * 64)
+OTHER = torchscript_shaped(b"another stand-in " * 64)
 
 
 @pytest.fixture
@@ -28,7 +30,7 @@ def data(tmp_path: Path) -> Path:
                             clock=lambda: datetime(2026, 5, 1, tzinfo=UTC),
                             random=rng.randbytes)
         registry.push(Push("tiny", "2", PLAIN), "client/developer")
-        registry.push(Push("tiny", "10", PLAIN[::-1], encrypt=True), "client/developer")
+        registry.push(Push("tiny", "10", OTHER, encrypt=True), "client/developer")
     return tmp_path
 
 
@@ -53,8 +55,8 @@ def test_a_plain_version_is_handed_out_as_stored(data: Path) -> None:
 def test_the_latest_is_encrypted_and_stays_encrypted(data: Path) -> None:
     fetched = read_version(data / "models", "tiny")
     assert (fetched.version, fetched.filename, fetched.encrypted) == ("10", "model.pt.enc", True)
-    assert PLAIN[::-1][:64] not in fetched.artifact
-    assert fetched.digest == artifacts.sha256_digest(PLAIN[::-1])
+    assert b"another stand-in " * 4 not in fetched.artifact
+    assert fetched.digest == artifacts.sha256_digest(OTHER)
     trusted = [data / "keys" / "trusted"]
     verify_fetched(fetched.manifest, fetched.signature, fetched.artifact, trusted)
     kek = model_files.read_kek(data / "keys" / "kek")

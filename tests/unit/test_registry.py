@@ -1,9 +1,11 @@
 """The control plane's registry and the version-directory files, on a temporary directory."""
 
+import io
 import json
 import os
 import random
 import re
+import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,15 +15,27 @@ from meshserve.common import artifacts, model_files
 from meshserve.common.artifacts import ArtifactRefused
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from meshserve.common.repository import ModelRepository
-from meshserve.mesh.registry import MAX_ARTIFACT_BYTES, Push, Registry
+from meshserve.mesh.registry import (
+    MAX_ARTIFACT_BYTES,
+    MAX_CONFIG_BYTES,
+    MAX_NAME_CHARS,
+    MAX_NOTES_CHARS,
+    MAX_SOURCE_CHARS,
+    Push,
+    Registry,
+)
 from meshserve.mesh.store import Store
+from tests.onnx_models import fixed_shape_model
+from tests.torchscript_models import torchscript_shaped
 
 CONFIG = """name: "tiny"
 max_batch_size: 4
 input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 3 ] } ]
 output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] } ]
 """
-PLAIN = b"not really torchscript, but bytes are bytes" * 50
+
+PAYLOAD = b"not really torchscript, but bytes are bytes" * 50
+PLAIN = torchscript_shaped(PAYLOAD)
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 
 
@@ -95,7 +109,7 @@ def test_encrypted_push_never_writes_plaintext(data: Path, registry) -> None:
                                                              "model.pt.enc"]
     for path in data.rglob("*"):
         if path.is_file():
-            assert PLAIN[:40] not in path.read_bytes(), path
+            assert PAYLOAD[:40] not in path.read_bytes(), path
     kek = model_files.read_kek(data / "keys" / "kek")
     plain, manifest, _ = model_files.load_version(version_dir, "model.pt", trusted(data), kek,
                                                   True)
@@ -126,10 +140,133 @@ def test_encrypted_push_never_writes_plaintext(data: Path, registry) -> None:
         ' output_map { key: "b" value: "y" } } }')), FailedPrecondition,
      "model 'chain' is an ensemble: it has no artifact to push"),
 ])
-def test_bad_pushes_are_refused(registry, push, error, message) -> None:
+def test_bad_pushes_are_refused(data: Path, registry, push, error, message) -> None:
+    before = files_of(data)
     with pytest.raises(error, match=message):
         registry.push(push, actor="ci")
+    assert_nothing_stored(data, registry, before)
+
+
+def files_of(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def assert_nothing_stored(data: Path, registry, before: list[str]) -> None:
+    """No version in the registry's rows, and no file written anywhere under the data
+    directory but the store's own."""
     assert registry.versions() == []
+    assert [f for f in files_of(data) if f not in before and not f.startswith("mesh.db")] == []
+
+
+ONNX_CONFIG = 'name: "graph"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 0\n'
+PYTHON_CONFIG = CONFIG.replace('"tiny"', '"script"') + 'backend: "python"\n'
+TEXT = b"hello, wor\n"  # 10 bytes of text
+
+
+def state_dict_shaped() -> bytes:
+    """What torch.save writes (data.pkl, no code/): weights, not a TorchScript model."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("tiny/data.pkl", b"weights")
+    return buffer.getvalue()
+
+
+TORCHSCRIPT_DECLARED = ("; model 'tiny' is declared TorchScript (platform \"pytorch_libtorch\" "
+                        "in its config.pbtxt)")
+
+
+@pytest.mark.parametrize("push, start, end", [
+    (Push("tiny", "2", TEXT),
+     "artifact is not a TorchScript archive (torch.jit.save writes a zip holding */data.pkl and "
+     "*/code/)", TORCHSCRIPT_DECLARED),
+    (Push("tiny", "2", state_dict_shaped()), "artifact is not a TorchScript archive ",
+     TORCHSCRIPT_DECLARED),
+    (Push("tiny", "2", fixed_shape_model()), "artifact is not a TorchScript archive ",
+     TORCHSCRIPT_DECLARED),
+    (Push("graph", "1", PLAIN, config=ONNX_CONFIG), "artifact: not an ONNX model (cannot parse",
+     "; model 'graph' is declared ONNX (platform \"onnxruntime_onnx\" in its config.pbtxt)"),
+    (Push("script", "1", b"def broken(:\n", config=PYTHON_CONFIG),
+     "artifact is not a Python model (it does not compile: ",
+     "; model 'script' is declared Python (backend \"python\" in its config.pbtxt)"),
+    (Push("script", "1", b"print('x')\0", config=PYTHON_CONFIG),
+     "artifact is not a Python model (it does not compile: ", "(backend \"python\" in its "
+                                                              "config.pbtxt)"),
+])
+def test_an_artifact_not_of_its_models_kind_is_refused(data: Path, registry, push, start,
+                                                       end) -> None:
+    before = files_of(data)
+    with pytest.raises(InvalidArgument) as raised:
+        registry.push(push, actor="ci")
+    message = raised.value.message
+    assert message.startswith(start) and message.endswith(end), message
+    assert_nothing_stored(data, registry, before)
+
+
+def test_artifacts_of_each_kind_are_taken(data: Path, registry) -> None:
+    registry.push(Push("graph", "1", fixed_shape_model(), config=ONNX_CONFIG), "ci")
+    registry.push(Push("script", "1", b"class TritonPythonModel:\n    pass\n",
+                       config=PYTHON_CONFIG), "ci")
+    assert (data / "models" / "graph" / "1" / "model.onnx").read_bytes() == fixed_shape_model()
+    assert (data / "models" / "script" / "1" / "model.py").is_file()
+    assert [(v.name, v.version) for v in registry.versions()] == [("graph", "1"),
+                                                                  ("script", "1")]
+
+
+ESCAPING = CONFIG.replace('"tiny"', '"fresh"') + 'default_model_filename: "../../escaped.pt"\n'
+
+
+@pytest.mark.parametrize("push, message", [
+    (Push("tiny", "\u0661", PLAIN),  # ARABIC-INDIC DIGIT ONE: str.isdigit, but not a version
+     "version must be a positive integer without leading zeros, at most 9223372036854775807, "
+     "not '\u0661'"),
+    (Push("tiny", "\u00b2", PLAIN), "version must be a positive integer"),
+    (Push("tiny", "9223372036854775808", PLAIN),
+     "at most 9223372036854775807, not '9223372036854775808'"),
+    (Push("tiny", "1" * 5000, PLAIN), "not '1111111111111111111111111111111111111111...'"),
+    (Push("t" * (MAX_NAME_CHARS + 1), "2", PLAIN),
+     f"model name is {MAX_NAME_CHARS + 1} characters; at most {MAX_NAME_CHARS}"),
+    (Push("tiny", "2", PLAIN, source="git:abc\x1b]2;owned\x07"),
+     "source holds the control character '\\x1b'; source is plain text"),
+    (Push("tiny", "2", PLAIN, source="s" * (MAX_SOURCE_CHARS + 1)),
+     f"source is {MAX_SOURCE_CHARS + 1} characters; at most {MAX_SOURCE_CHARS}"),
+    (Push("tiny", "2", PLAIN, notes="n" * (MAX_NOTES_CHARS + 1)),
+     f"notes is {MAX_NOTES_CHARS + 1} characters; at most {MAX_NOTES_CHARS}"),
+    (Push("tiny", "2", PLAIN, notes="line\rover"), "notes holds the control character '\\r'"),
+    (Push("fresh", "1", PLAIN, config="#" * (MAX_CONFIG_BYTES + 1)),
+     f"config is {MAX_CONFIG_BYTES + 1} bytes; a config.pbtxt has at most {MAX_CONFIG_BYTES}"),
+    (Push("fresh", "1", PLAIN, config=ESCAPING),
+     "config: default_model_filename '../../escaped.pt' must be a file name in the version "
+     "directory (no '/', not manifest.json or manifest.sig)"),
+    (Push("fresh", "1", PLAIN, config=ESCAPING.replace("../../escaped.pt", "manifest.json")),
+     "config: default_model_filename 'manifest.json' must be a file name"),
+    (Push("fresh", "1", PLAIN, config=CONFIG.replace('"tiny"', '"fresh"') +
+          'platform: "tensorflow_graphdef"\n'),
+     "config: platform 'tensorflow_graphdef' is not supported"),
+    (Push("fresh", "1", PLAIN, config=CONFIG), "config: model name 'tiny' does not match its "
+                                               "directory 'fresh'"),
+])
+def test_fields_a_push_cannot_carry_are_invalid_arguments(data: Path, registry, push,
+                                                          message) -> None:
+    before = files_of(data)
+    with pytest.raises(InvalidArgument) as raised:
+        registry.push(push, actor="ci")
+    assert message in raised.value.message
+    assert_nothing_stored(data, registry, before)
+
+
+def test_notes_keep_lines_and_tabs(registry) -> None:
+    row = registry.push(Push("tiny", "2", PLAIN, notes="top-1 0.91\n\tnot for x > 1e3"), "ci")
+    assert json.loads(row.manifest)["notes"] == "top-1 0.91\n\tnot for x > 1e3"
+
+
+def test_a_repository_config_naming_a_path_is_refused(data: Path, registry) -> None:
+    config = data / "models" / "tiny" / "config.pbtxt"
+    config.write_text(CONFIG + 'default_model_filename: "../model.pt"\n')
+    before = files_of(data)
+    with pytest.raises(FailedPrecondition, match=re.escape(
+            f"{config}: default_model_filename '../model.pt' must be a file name")):
+        registry.push(Push("tiny", "2", PLAIN), actor="ci")
+    assert_nothing_stored(data, registry, before)
 
 
 def test_push_of_a_new_model_with_its_config(data: Path, registry) -> None:
