@@ -131,13 +131,18 @@ class Database:
         return []
 
     def __init__(self, connection: Any, dialect: Dialect, clock: Clock, location: str, *,
-                 reconnect: Callable[[], Any] | None = None) -> None:
+                 reconnect: Callable[[], Any] | None = None,
+                 driver_error: type[Exception] = sqlite3.Error,
+                 secrets: frozenset[str] = frozenset()) -> None:
         self._conn = connection  # a DB-API connection: sqlite3's or psycopg's
         self._dialect = dialect
         self._clock = clock
         self._location = location
         # Opens a new connection when the server dropped ours (PostgreSQL); None: never.
         self._reconnect = reconnect
+        # The driver's base exception, and what its messages must not show (`driver_message`).
+        self._driver_error = driver_error
+        self._secrets = secrets
         self._lock = threading.Lock()
         self._closed = False
 
@@ -211,18 +216,19 @@ class Database:
                 # `from None`: the driver's exception is not chained, so no traceback shows
                 # its unscrubbed text.
                 raise FailedPrecondition("cannot connect to the PostgreSQL store: "
-                                         f"{scrub(str(exc), secrets)}") from None
+                                         f"{driver_message(exc, secrets)}") from None
 
         connection = connect()
         info = connection.info
         location = postgresql_location(info.user, info.host, info.port, info.dbname)
-        store = cls(connection, POSTGRESQL, clock, location, reconnect=connect)
+        store = cls(connection, POSTGRESQL, clock, location, reconnect=connect,
+                    driver_error=psycopg.Error, secrets=frozenset(secrets))
         try:
             store._create_schema()
         except psycopg.Error as exc:
             connection.close()
             raise FailedPrecondition(f"cannot open the store at {location}: "
-                                     f"{scrub(str(exc), secrets)}") from None
+                                     f"{driver_message(exc, secrets)}") from None
         except BaseException:
             connection.close()
             raise
@@ -310,37 +316,70 @@ class Database:
 
     def export_tables(self) -> dict[str, TableRows]:
         """Every table of `TABLES`, read in one snapshot (in PostgreSQL a REPEATABLE READ
-        transaction: a transaction-consistent dump)."""
-        with self._read() as cur:
-            return {table: self._table_rows(cur, table) for table in self.TABLES}
+        transaction: a transaction-consistent dump). The driver's errors (a dropped
+        connection) raise FailedPrecondition, on one line."""
+        try:
+            with self._read() as cur:
+                return {table: self._table_rows(cur, table) for table in self.TABLES}
+        except self._driver_error as exc:
+            raise FailedPrecondition(f"reading the store at {self._location} failed: "
+                                     f"{driver_message(exc, self._secrets)}") from None
 
     def import_tables(self, tables: dict[str, TableRows]) -> None:
         """Fill an empty store with exported rows, keys included, in one transaction.
-        FailedPrecondition when the store already holds state or a table's columns differ."""
+        FailedPrecondition when the store already holds state or a table's columns differ.
+        (A restore uses `restore_tables`, which records itself in the same transaction.)"""
         with self._write() as cur:
-            for table in self.TABLES:
-                rows = tables.get(table, TableRows((), []))
-                existing = self._table_rows(cur, table)
-                if existing.rows:
-                    raise FailedPrecondition(f"the store at {self._location} already holds "
-                                             f"state ({len(existing.rows)} rows in {table}); "
-                                             "restore into an empty store")
-                if rows.rows and tuple(rows.columns) != existing.columns:
-                    raise FailedPrecondition(f"table {table} has columns "
-                                             f"{', '.join(existing.columns)}, the rows to "
-                                             f"restore {', '.join(rows.columns)}")
-                insert = (f"INSERT INTO {table} ({', '.join(rows.columns)}) "
-                          f"{self._dialect.insert_keys} VALUES "
-                          f"({', '.join('?' for _ in rows.columns)})")
-                for row in rows.rows:
-                    self._exec(cur, insert, tuple(row))
-            for statement in self._dialect.after_insert_keys:
-                cur.execute(statement)
+            self._import(cur, tables)
+
+    def _import(self, cur: Any, tables: dict[str, TableRows]) -> None:
+        for table in self.TABLES:
+            rows = tables.get(table, TableRows((), []))
+            existing = self._table_rows(cur, table)
+            if existing.rows:
+                raise FailedPrecondition(f"the store at {self._location} already holds "
+                                         f"state ({len(existing.rows)} rows in {table}); "
+                                         "restore into an empty store")
+            if rows.rows and tuple(rows.columns) != existing.columns:
+                raise FailedPrecondition(f"table {table} has columns "
+                                         f"{', '.join(existing.columns)}, the rows to "
+                                         f"restore {', '.join(rows.columns)}")
+            insert = (f"INSERT INTO {table} ({', '.join(rows.columns)}) "
+                      f"{self._dialect.insert_keys} VALUES "
+                      f"({', '.join('?' for _ in rows.columns)})")
+            for row in rows.rows:
+                self._exec(cur, insert, tuple(row))
+        for statement in self._dialect.after_insert_keys:
+            cur.execute(statement)
+
+    def _restore_failed(self, error: Exception, committing: bool) -> FailedPrecondition:
+        """What a restore's transaction that the driver failed did: rolled back, unless the
+        connection was lost during its COMMIT, which the server may have carried out."""
+        message = driver_message(error, self._secrets)
+        if committing and self._reconnect is not None and self._conn.closed:
+            return FailedPrecondition(
+                f"restoring into the store at {self._location} failed: the connection was "
+                f"lost during COMMIT ({message}), so whether it was committed is unknown: if "
+                "the store now holds rows, empty it and restore again")
+        return FailedPrecondition(f"restoring into the store at {self._location} failed: "
+                                  f"{message}; nothing was restored (its transaction was "
+                                  "rolled back)")
 
     def _table_rows(self, cur: Any, table: str) -> TableRows:
         rows = self._exec(cur, f"SELECT * FROM {table} ORDER BY 1, 2")
         columns = tuple(column[0] for column in rows.description)
         return TableRows(columns, [tuple(row) for row in rows.fetchall()])
+
+
+def driver_message(error: Exception, secrets: set[str] | frozenset[str]) -> str:
+    """A driver's error on one line, without `secrets`: PostgreSQL's CONTEXT (where in a
+    function it was raised) left out, its other lines (DETAIL, HINT) joined."""
+    lines = []
+    for line in scrub(str(error), set(secrets)).splitlines():
+        if line.startswith("CONTEXT:"):
+            break
+        lines.append(" ".join(line.split()))
+    return " ".join(line for line in lines if line) or type(error).__name__
 
 
 def require(**fields: str) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 from meshserve.common.errors import InvalidArgument
 from meshserve.mesh import audit as audit_log
 from meshserve.mesh.audit import AuditEntry
-from meshserve.mesh.database import Database, require
+from meshserve.mesh.database import Database, TableRows, require
 
 TABLES = (audit_log.TABLE,)
 
@@ -25,6 +25,24 @@ class AuditChain(Database):
         with self._write() as cur:
             at = self._now()
             return self._append(cur, at, actor, action, subject, before, after, reason)
+
+    def restore_tables(self, tables: dict[str, TableRows], actor: str, action: str,
+                       subject: str, after: str = "") -> list[AuditEntry]:
+        """Fill an empty store with exported rows (see `import_tables`) and append the entry
+        that records it, in one transaction; the whole chain, read in it, is returned. A
+        failure anywhere leaves the store as it was: FailedPrecondition, on one line, also
+        for the driver's errors (a refused row, a dropped connection)."""
+        require(actor=actor, action=action)
+        committing = False
+        try:
+            with self._write() as cur:
+                self._import(cur, tables)
+                self._append(cur, self._now(), actor, action, subject, "", after, "")
+                rows = self._exec(cur, f"{audit_log.SELECT} ORDER BY seq").fetchall()
+                committing = True
+        except self._driver_error as exc:
+            raise self._restore_failed(exc, committing) from None
+        return [audit_log.from_row(row) for row in rows]
 
     def audit(self, limit: int | None = None, after_seq: int = 0) -> list[AuditEntry]:
         """Entries with seq > `after_seq`, oldest first, at most `limit` of them (page on

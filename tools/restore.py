@@ -11,8 +11,10 @@ the public key apart from the data directory) and every member matches it, and t
 rows match the signed manifests they name. Only then, into an empty destination: the files,
 the asynchronous store, and the control plane's tables (SQLite or PostgreSQL, whichever the
 archive came from); the audit chain continues with a `backup.restore` entry, and the restored
-chain is verified, anchored at the archive's recovery point. A restore that fails takes back
-what it placed: the destination is left as it was.
+chain is verified, anchored at the archive's recovery point. The tables and that entry are
+written in one transaction, the restore's last step: a restore that fails, at any step and
+for any reason (a refused row, a dropped connection), leaves the store as it was and takes
+back the files it placed, so the destination is left as it was.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from meshserve.common import artifacts, model_files
 from meshserve.common.errors import FailedPrecondition, ServingError
 from meshserve.common.files import write_atomic
+from meshserve.mesh import audit as audit_log
 from meshserve.mesh import backup
 from meshserve.mesh.database import SCHEMA_VERSION
 from meshserve.mesh.database_urls import missing_store_file, postgresql_url, sqlite_path
@@ -347,16 +350,14 @@ def restore_checked(archive: Path, layout: Layout, trusted: dict[str, Ed25519Pub
                 raise FailedPrecondition(f"the store {store!r} already holds state: restore "
                                          "into an empty store")
             place_files(staging, todo, manifest["members"], secrets, placed)
-            store.import_tables(tables)
-            point = backup.manifest_point(manifest)
-            store.append_audit(actor or default_actor(), "backup.restore", archive.name,
-                               after=json.dumps({
-                                   "manifest_digest": digests[backup.MANIFEST],
-                                   "recovery_point": manifest["recovery_point"],
-                                   "created_at": manifest["created_at"]}, sort_keys=True))
-            entries = store.audit()
-            anchor = point.audit_head if point.audit_seq else None
-            problems = store.verify_audit(anchor=anchor)
+            entries = store.restore_tables(
+                tables, actor or default_actor(), "backup.restore", archive.name,
+                after=json.dumps({"manifest_digest": digests[backup.MANIFEST],
+                                  "recovery_point": manifest["recovery_point"],
+                                  "created_at": manifest["created_at"]}, sort_keys=True))
+        point = backup.manifest_point(manifest)
+        problems = audit_log.verify(entries,
+                                    anchor=point.audit_head if point.audit_seq else None)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return RestoreResult(manifest, point, len(entries), entries[-1].hash if entries else "-",

@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import tarfile
 import threading
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -423,20 +424,20 @@ def test_a_restore_that_fails_part_way_takes_back_what_it_placed(
     (target / "keys" / "trusted").mkdir(parents=True)
     shutil.copy(next((mesh / "keys" / "trusted").glob("*.pub")), target / "keys" / "trusted")
     before = listing(target)
-    move, import_tables = shutil.move, Store.import_tables
+    move, restore_tables = shutil.move, Store.restore_tables
 
     def failing_move(source, destination):
         if "registry" in str(destination):
             raise OSError(errno.EROFS, "Read-only file system", str(destination))
         return move(source, destination)
 
-    def failing_import(self, tables):
+    def failing_import(self, tables, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(target / "mesh.db"))
 
     if fails == "move":
         monkeypatch.setattr(restore_tool.shutil, "move", failing_move)
     else:
-        monkeypatch.setattr(Store, "import_tables", failing_import)
+        monkeypatch.setattr(Store, "restore_tables", failing_import)
     assert cli.main(["restore", str(archive), "--data-dir", str(target)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {target}/")
@@ -445,8 +446,36 @@ def test_a_restore_that_fails_part_way_takes_back_what_it_placed(
     assert listing(target) == before  # the trusted key it was given stays
 
     monkeypatch.setattr(restore_tool.shutil, "move", move)
-    monkeypatch.setattr(Store, "import_tables", import_tables)
+    monkeypatch.setattr(Store, "restore_tables", restore_tables)
     assert cli.main(["restore", str(archive), "--data-dir", str(target)]) == 0  # a retry
+
+
+def test_a_restore_whose_audit_entry_fails_leaves_an_existing_store_empty(
+        mesh: Path, archive: Path, tmp_path: Path, capsys) -> None:
+    target = tmp_path / "r"
+    with Store.open(target / "mesh.db"):  # an empty store, given to restore into
+        pass
+    with closing(sqlite3.connect(target / "mesh.db")) as db:  # the step after the import fails
+        db.execute("CREATE TRIGGER refuse BEFORE INSERT ON audit_log "
+                   "WHEN NEW.action = 'backup.restore' "
+                   "BEGIN SELECT RAISE(ABORT, 'audit_log is read-only'); END")
+    before = listing(target)
+    with pytest.raises(Exception, match="audit_log is read-only"):
+        restore_backup(archive, Layout.of(target), trusted(mesh))
+    assert listing(target) == before
+    assert {table: rows(target / "mesh.db", f"SELECT * FROM {table}")
+            for table in TABLES} == dict.fromkeys(TABLES, [])
+    args = ["restore", str(archive), "--data-dir", str(target), "--trusted",
+            str(mesh / "keys" / "trusted")]
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: restoring into the store at {target / 'mesh.db'} failed: audit_log is "
+        "read-only; nothing was restored (its transaction was rolled back)\n")
+
+    with closing(sqlite3.connect(target / "mesh.db")) as db:
+        db.execute("DROP TRIGGER refuse")
+    assert cli.main(args) == 0  # a retry
+    assert len(rows(target / "mesh.db", "SELECT * FROM policy_history")) == 4
 
 
 def test_a_refused_restore_leaves_nothing_behind(mesh: Path, tmp_path: Path, capsys) -> None:
