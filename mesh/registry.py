@@ -38,6 +38,7 @@ from meshserve.common.repository import (
     CONFIG_FILENAME,
     ENSEMBLE,
     artifact_filename,
+    is_control,
     kind_of,
     parse_config,
 )
@@ -51,8 +52,6 @@ MAX_VERSION = 2**63 - 1  # a version number is an int64, as in Triton
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_SOURCE_CHARS = 2048
 MAX_NOTES_CHARS = 16 * 1024
-# Files of a version directory that the artifact must not replace.
-_VERSION_FILES = (artifacts.MANIFEST_FILENAME, artifacts.SIGNATURE_FILENAME)
 
 
 @dataclass(frozen=True)
@@ -138,20 +137,17 @@ class Registry:
             if push.config and push.config != path.read_text("utf-8"):
                 raise FailedPrecondition(f"model '{push.name}' exists with a different "
                                          f"{CONFIG_FILENAME}; push without a config")
-            config = parse_config(path.read_text("utf-8"), str(path), push.name)
-            if refusal := filename_refusal(config):
-                raise FailedPrecondition(f"{path}: {refusal}")
-            return config
+            try:
+                return parse_config(path.read_text("utf-8"), str(path), push.name)
+            except ServingError as error:
+                raise FailedPrecondition(error.message) from None
         if not push.config:
             raise NotFound(f"model '{push.name}' is not in the repository; push its "
                            f"{CONFIG_FILENAME} with it (--config)")
         try:
-            config = parse_config(push.config, "config", push.name)
+            return parse_config(push.config, "config", push.name)
         except ServingError as error:
             raise InvalidArgument(error.message) from None
-        if refusal := filename_refusal(config):
-            raise InvalidArgument(f"config: {refusal}")
-        return config
 
     def _keep(self, stored: bytes) -> Path:
         path = self.content_store / "sha256" / artifacts.sha256_digest(stored).split(":")[1]
@@ -220,24 +216,9 @@ def text_refusal(field: str, text: str, limit: int, allowed: str = "") -> str | 
     (other than `allowed`) that would rewrite an operator's terminal in `models show`."""
     if len(text) > limit:
         return f"{field} is {len(text)} characters; at most {limit}"
-    control = next((c for c in text if _is_control(c) and c not in allowed), None)
+    control = next((c for c in text if is_control(c) and c not in allowed), None)
     if control is not None:
         return f"{field} holds the control character {control!r}; {field} is plain text"
-    return None
-
-
-def _is_control(char: str) -> bool:
-    return ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0
-
-
-def filename_refusal(config) -> str | None:
-    """Why the config's artifact file cannot be written in a version directory: it must be a
-    plain file name (not a path) other than the manifest's and the signature's."""
-    name = artifact_filename(config)
-    if "/" in name or "\\" in name or name in (".", "..", *_VERSION_FILES) or \
-            any(_is_control(c) for c in name):
-        return (f"default_model_filename {name!r} must be a file name in the version "
-                f"directory (no '/', not {' or '.join(_VERSION_FILES)})")
     return None
 
 

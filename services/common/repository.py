@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from meshserve.common import ensemble_plan, onnx_graph
+from meshserve.common.artifacts import MANIFEST_FILENAME, SIGNATURE_FILENAME
 from meshserve.common.config_text import parse_text
 from meshserve.common.datatypes import WIRE_FROM_CONFIG
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound, ServingError
@@ -36,6 +37,7 @@ CONFIG_FILENAME = "config.pbtxt"
 DEFAULT_MODEL_FILENAME = "model.pt"
 PLATFORM = "pytorch_libtorch"
 BACKEND = "pytorch"
+VERSION_FILES = (MANIFEST_FILENAME, SIGNATURE_FILENAME)  # beside the artifact, never it
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,7 @@ def parse_config(text: str, source: str, default_name: str) -> ModelConfig:
         )
 
     kind = _check_kind(config, source)
-
-
+    _check_filename(config, source)
     if config.max_batch_size < 0:
         raise InvalidArgument(
             f"{source}: max_batch_size must be >= 0 (0: no batch dimension), "
@@ -149,6 +150,22 @@ def parse_config(text: str, source: str, default_name: str) -> ModelConfig:
     if kind is ENSEMBLE:
         ensemble_plan.check_steps(config, source)
     return config
+
+
+def _check_filename(config: ModelConfig, source: str) -> None:
+    """The artifact is a file of its version directory: a plain name, not a path (which would
+    read or write outside it) nor the manifest or its signature."""
+    name = config.default_model_filename
+    if name and ("/" in name or "\\" in name or name in (".", "..", *VERSION_FILES)
+                 or any(is_control(c) for c in name)):
+        raise InvalidArgument(
+            f"{source}: default_model_filename {name!r} must be a file name in the version "
+            f"directory (no '/', not {' or '.join(VERSION_FILES)})")
+
+
+def is_control(char: str) -> bool:
+    """Whether `char` is a C0 or C1 control character (a terminal obeys them)."""
+    return ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0
 
 
 def _check_preferred_sizes(config: ModelConfig, source: str) -> None:

@@ -298,6 +298,18 @@ def test_a_broken_model_is_refused_naming_its_file_while_the_rest_load(tmp_path,
     assert f"refusing {reason}" in caplog.text
 
 
+@pytest.mark.parametrize("filename", ["../other/1/model.pt", "/etc/passwd", "manifest.json"])
+def test_an_artifact_named_outside_its_version_directory_is_refused(tmp_path, filename):
+    make_model(tmp_path, "good", [1])
+    make_model(tmp_path, "bad", [1], f'default_model_filename: "{filename}"')
+    repo = ModelRepository.load(tmp_path)
+    assert set(repo.models) == {"good"}
+    assert repo.refused["bad"] == (
+        f"model 'bad': {tmp_path / 'bad' / 'config.pbtxt'}: default_model_filename "
+        f"'{filename}' must be a file name in the version directory (no '/', not "
+        "manifest.json or manifest.sig)")
+
+
 def test_missing_repository(tmp_path):
     with pytest.raises(FailedPrecondition, match="not a directory"):
         ModelRepository.load(tmp_path / "nope")
