@@ -17,7 +17,7 @@ import argparse
 import asyncio
 import logging
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -36,9 +36,11 @@ from meshserve.ingress.http_codec import (
     OutputEncoding,
     decode_infer,
     dump,
+    encode_body,
     encode_infer,
     message_json,
     parse_json,
+    response_coding,
 )
 from meshserve.ingress.http_errors import error_response
 from meshserve.ingress.http_routes import Route, route
@@ -91,6 +93,16 @@ def json_response(document: object, binary: list[bytes] = (), status: int = 200,
         return HttpResponse(status, header, headers=headers)
     return HttpResponse(status, b"".join([header, *binary]), "application/octet-stream",
                         ((HEADER_LENGTH, str(len(header))), *headers))
+
+
+def compressed(response: HttpResponse, request: HttpRequest) -> HttpResponse:
+    """The response with its body compressed in the coding the request accepts, as Triton
+    sends inference answers (`Inference-Header-Content-Length` stays the JSON's length)."""
+    coding = response_coding(request.headers.get("accept-encoding", ""))
+    if not coding:
+        return response
+    return replace(response, body=encode_body(response.body, coding),
+                   headers=(*response.headers, ("content-encoding", coding)))
 
 
 def header_length(request: HttpRequest) -> int | None:
@@ -166,6 +178,9 @@ class HttpApi:
         found = route(path)
         if found is None:
             return error_response(NotFound(f"no route for {request.method} {path}"))
+        if found.unserved:  # a path of Triton's, of an extension not served here
+            return error_response(from_code("UNIMPLEMENTED",
+                                            f"{request.method} {path}: {found.unserved}"))
         # HEAD is served as GET; the server sends its answer without the body.
         method = "GET" if request.method == "HEAD" else request.method
         if method != found.method:
@@ -215,9 +230,15 @@ class HttpApi:
         return json_response(message_json(reply))
 
     async def model_ready(self, request, found: Route, query) -> HttpResponse:
-        reply = await self._inference.ModelReady(
-            pb.ModelReadyRequest(name=found.model, version=found.version), HttpCall(request))
-        return HttpResponse(200 if reply.ready else 400)
+        """200, or 400 saying it is not ready; 404 naming a model or version the repository
+        does not serve (as Triton answers; tritonclient.http reads both as not ready)."""
+        if await self._inference.model_ready(
+                pb.ModelReadyRequest(name=found.model, version=found.version),
+                HttpCall(request)):
+            return HttpResponse(200)
+        version = f" version '{found.version}'" if found.version else ""
+        return json_response({"error": f"model '{found.model}'{version} is not ready"},
+                             status=400)
 
     async def model_config(self, request, found: Route, query) -> HttpResponse:
         reply = await self._inference.ModelConfig(
@@ -234,7 +255,7 @@ class HttpApi:
         message, encoding = decode_infer(body_of(request, self._max_body),
                                          header_length(request), found.model, found.version)
         reply = await self._inference.ModelInfer(message, HttpCall(request))
-        return json_response(*encode_infer(reply, encoding))
+        return compressed(json_response(*encode_infer(reply, encoding)), request)
 
     # --- the asynchronous API
 

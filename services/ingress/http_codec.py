@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -262,6 +263,8 @@ def decode_infer(body: bytes | memoryview, header_length: int | None, model: str
         by_name[name] = wanted
         _set_parameters(output.parameters, options, f"output '{name}' parameter",
                         skip=(BINARY_DATA,))
+        no_shared_memory("output", output, "it comes back in the response, as data or with "
+                                           f"'{BINARY_DATA}': true")
     return request, OutputEncoding(default_binary, by_name)
 
 
@@ -325,6 +328,39 @@ def encode_infer(response: pb.ModelInferResponse,
                for index, tensor in enumerate(response.outputs)]
     document["outputs"] = outputs
     return document, binary
+
+
+# The codings an inference answer is compressed with when the client accepts one (Triton's
+# `Accept-Encoding`, tritonclient's `response_compression_algorithm`); "deflate" is the zlib
+# format (RFC 9110 §8.4.1.2).
+RESPONSE_CODINGS = ("gzip", "deflate")
+
+
+def response_coding(accept_encoding: str) -> str:
+    """The coding of RESPONSE_CODINGS that `Accept-Encoding` prefers (the highest q above 0,
+    the first listed among equals), or "" for none (the body goes as it is)."""
+    best, best_q = "", 0.0
+    for item in accept_encoding.split(","):
+        coding, _, options = item.partition(";")
+        coding = coding.strip().lower()
+        if coding not in RESPONSE_CODINGS:
+            continue
+        q = 1.0
+        name, _, value = options.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                q = float(value)
+            except ValueError:
+                q = 0.0
+        if q > best_q:
+            best, best_q = coding, q
+    return best
+
+
+def encode_body(body: bytes, coding: str) -> bytes:
+    """`body` compressed with `coding` ("gzip" or "deflate")."""
+    compressor = zlib.compressobj(wbits=31 if coding == "gzip" else 15)
+    return compressor.compress(body) + compressor.flush()
 
 
 def dump(document: object) -> bytes:

@@ -11,6 +11,11 @@ asynchronous API's submit and fetch. Pure: a path to the route it names, or None
     POST /v2/repository/index                       the repository index
     POST /v2/models/M[/versions/V]/infer/async      submit an asynchronous request
     GET  /v2/async/ID                               its state, or its result
+
+The paths of Triton's extensions that are not served (model load and unload, shared memory,
+the trace and log settings) are routes too, whatever their method: each says which extension
+it belongs to, for an answer of 501 that names it (as gRPC answers their methods
+UNIMPLEMENTED), where any other unknown path is 404.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class Route:
     model: str = ""
     version: str = ""
     id: str = ""
+    unserved: str = ""  # why a path of Triton's is not served ("": it is)
 
 
 FIXED = {
@@ -35,6 +41,19 @@ FIXED = {
     ("v2", "models", "stats"): Route("statistics", "GET"),
     ("v2", "repository", "index"): Route("repository_index", "POST"),
 }
+SHARED_MEMORY = ("is not served: the mesh's services run on other hosts than the client, so "
+                 "tensors travel in the request and the answer")
+UNSERVED = {  # the leading parts of a path of Triton's, and why it is not served
+    ("v2", "repository", "models"): "model load and unload (Triton's model_repository "
+                                    "extension) are not served",
+    ("v2", "systemsharedmemory"): f"system shared memory (Triton's system_shared_memory "
+                                  f"extension) {SHARED_MEMORY}",
+    ("v2", "cudasharedmemory"): f"CUDA shared memory (Triton's cuda_shared_memory extension) "
+                                f"{SHARED_MEMORY}",
+    ("v2", "trace"): "the trace settings (Triton's trace extension) are not served",
+    ("v2", "logging"): "the log settings (Triton's logging extension) are not served",
+}
+MODEL_UNSERVED = {("trace", "setting"): UNSERVED["v2", "trace"]}
 MODEL_TAILS = {
     (): ("model_metadata", "GET"),
     ("ready",): ("model_ready", "GET"),
@@ -52,6 +71,9 @@ def route(path: str) -> Route | None:
         return fixed
     if len(parts) == 3 and parts[:2] == ("v2", "async") and parts[2]:
         return Route("result", "GET", id=parts[2])
+    unserved = UNSERVED.get(parts[:3]) or UNSERVED.get(parts[:2])
+    if unserved:
+        return Route("unserved", "", unserved=unserved)
     if len(parts) < 3 or parts[:2] != ("v2", "models") or not parts[2]:
         return None
     model, tail, version = parts[2], parts[3:], ""
@@ -59,6 +81,8 @@ def route(path: str) -> Route | None:
         if len(tail) < 2 or not tail[1]:
             return None
         version, tail = tail[1], tail[2:]
+    if tail in MODEL_UNSERVED:
+        return Route("unserved", "", model=model, unserved=MODEL_UNSERVED[tail])
     found = MODEL_TAILS.get(tail)
     if found is None:
         return None

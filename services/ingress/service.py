@@ -86,8 +86,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Triton's names for what is served: "schedule_policy" is the `priority` and `timeout`
+# request parameters, "parameters" a request's own parameters (a Python model reads them).
 EXTENSIONS = ["classification", "model_configuration", "statistics", "repository_index",
-              "streaming"]
+              "streaming", "schedule_policy", "parameters"]
 # Under load, a group may wait this long (and no longer than the last group's round trip) for
 # the requests the ingress expects back (`GroupForwarder`).
 DEFAULT_GROUP_LINGER_MS = 4.0
@@ -359,13 +361,18 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         """As Triton answers it: a model or version it does not serve is not ready."""
-        self._may(context, "models:read", request.name)
         try:
-            version = self._ingress.served_version(request.name, request.version)
+            return pb.ModelReadyResponse(ready=await self.model_ready(request, context))
         except NotFound:
             return pb.ModelReadyResponse(ready=False)
+
+    async def model_ready(self, request: pb.ModelReadyRequest, context) -> bool:
+        """Whether the version can answer now; NOT_FOUND, naming it, for a model or version
+        the repository does not serve (HTTP answers 404 with it, as Triton does)."""
+        self._may(context, "models:read", request.name)
+        version = self._ingress.served_version(request.name, request.version)
         # Not ready, never an error, when the router cannot tell (`_ready`).
-        return pb.ModelReadyResponse(ready=await self._ready(request.name, version))
+        return await self._ready(request.name, version)
 
     async def _ready(self, name: str, version: str) -> bool:
         """A version is ready when its batcher is; an ensemble when all its steps are."""

@@ -1,8 +1,10 @@
 """The HTTP/REST bodies of the Open Inference Protocol ↔ protobuf: every datatype as JSON,
 binary tensor data both ways, and each malformed body refused with a message naming it."""
 
+import gzip
 import json
 import struct
+import zlib
 
 import numpy
 import pytest
@@ -12,11 +14,13 @@ from meshserve.ingress.http_codec import (
     OutputEncoding,
     decode_infer,
     dump,
+    encode_body,
     encode_infer,
     encode_request,
     json_to_raw,
     message_json,
     raw_to_json,
+    response_coding,
 )
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol import model_config_pb2 as mc
@@ -162,6 +166,10 @@ CLAIMS_400 = (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], '
      "parameter 'binary_data_output' must be true or false"),
     (b'{"inputs": [], "outputs": [{"name": "y", "parameters": {"binary_data": "yes"}}]}', None,
      "output 'y' parameter 'binary_data' must be true or false"),
+    (b'{"inputs": [], "outputs": [{"name": "y", "parameters": {"shared_memory_region": "r", '
+     b'"shared_memory_byte_size": 4}}]}', None,
+     "output 'y' names shared_memory_region 'r': shared memory is not supported; leave the "
+     "parameter out and it comes back in the response, as data or with 'binary_data': true"),
 ])
 def test_malformed_bodies_are_refused_naming_the_field(body, length, message):
     with pytest.raises(InvalidArgument) as refused:
@@ -245,3 +253,30 @@ def test_ragged_mixed_and_huge_values(data, datatype, message):
     with pytest.raises(InvalidArgument) as refused:
         json_to_raw(data, datatype, [4] if datatype != "UINT64" else [2], "input 'x'")
     assert refused.value.message == message
+
+
+@pytest.mark.parametrize(("accept", "coding"), [
+    ("gzip", "gzip"),  # tritonclient's response_compression_algorithm="gzip"
+    ("deflate", "deflate"),
+    ("", ""),
+    ("identity", ""),
+    ("br, deflate, gzip", "deflate"),  # the first listed among equals
+    ("gzip;q=0.5, deflate;q=0.8", "deflate"),
+    ("GZIP ; Q=1", "gzip"),
+    ("gzip;q=0", ""),  # not acceptable
+    ("gzip;q=x", ""),
+    ("*", ""),  # any coding: identity is one
+])
+def test_the_response_coding_is_the_one_the_client_prefers(accept, coding):
+    assert response_coding(accept) == coding
+
+
+@pytest.mark.parametrize(("coding", "decompress"), [
+    ("gzip", gzip.decompress),
+    ("deflate", zlib.decompress),  # HTTP's deflate is the zlib format, as tritonclient reads it
+])
+def test_a_compressed_body_decompresses_to_itself(coding, decompress):
+    body = dump({"outputs": [{"name": "y", "data": [0.5] * 1000}]}) + bytes(4000)
+    encoded = encode_body(body, coding)
+    assert len(encoded) < len(body) // 10
+    assert decompress(encoded) == body

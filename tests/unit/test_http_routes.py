@@ -47,6 +47,26 @@ def test_routes(path, expected):
     assert route(path) == expected
 
 
+@pytest.mark.parametrize(("path", "extension"), [
+    ("/v2/repository/models/mlp/load", "model_repository"),
+    ("/v2/repository/models/mlp/unload", "model_repository"),
+    ("/v2/systemsharedmemory/status", "system_shared_memory"),
+    ("/v2/systemsharedmemory/region/r/register", "system_shared_memory"),
+    ("/v2/systemsharedmemory/unregister", "system_shared_memory"),
+    ("/v2/cudasharedmemory/region/r/status", "cuda_shared_memory"),
+    ("/v2/cudasharedmemory/region/r/register", "cuda_shared_memory"),
+    ("/v2/trace/setting", "trace"),
+    ("/v2/models/mlp/trace/setting", "trace"),
+    ("/v2/logging", "logging"),
+])
+def test_paths_of_extensions_not_served_say_which(path, extension):
+    """Answered 501 naming the extension (as gRPC answers UNIMPLEMENTED), not 404."""
+    found = route(path)
+    assert found.name == "unserved"
+    assert f"(Triton's {extension} extension)" in found.unserved
+
+
+
 @pytest.mark.parametrize(("error", "status"), [
     (InvalidArgument("bad"), 400),
     (Unauthenticated("who"), 401),
