@@ -233,8 +233,8 @@ async def test_a_group_whose_items_do_not_parse_fails_alone_on_the_routers_strea
             assert answered.code == 0 and answered.response.model_version == "1", answered
 
 
-async def test_a_priority_past_every_level_is_the_last_level(mesh):
-    """Triton's `priority` is a uint64; past a model's levels it means the last level. A
+async def test_a_priority_past_every_level_is_the_default_level(mesh):
+    """Triton's `priority` is a uint64; past a model's levels it means the default level. A
     request with one past 2^32 is answered as any other, and so are the requests grouped
     with it (its group item's field is narrower; such a priority failed the whole group)."""
     channel, stub = await public_stub(mesh)

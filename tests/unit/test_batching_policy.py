@@ -206,9 +206,9 @@ PRIORITY = BatchingPolicy(max_batch_size=1, priority_levels=3, default_priority_
 
 @pytest.mark.parametrize(
     ("given", "level"),
-    [(0, 2), (1, 1), (2, 2), (3, 3), (7, 3)],
+    [(0, 2), (1, 1), (2, 2), (3, 3), (4, 2), (7, 2), (-1, 2)],
 )
-def test_priority_clamped_to_levels(given, level):
+def test_a_priority_past_the_levels_is_the_default_level_as_in_triton(given, level):
     queue = BatchQueue(PRIORITY)
     item = entry("a", priority=given)
     queue.add(item)
