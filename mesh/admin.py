@@ -259,7 +259,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 last = now
                 yield pb.Readiness(versions=[
                     pb.VersionReadiness(model=v.model, version=v.version, weight=v.weight,
-                                        ready=v.ready) for v in now])
+                                        ready=v.ready, reason=v.reason) for v in now])
             await changed.wait()
 
     async def ReportShadow(self, request, context):

@@ -4,10 +4,11 @@ Each registered batcher is watched with `grpc.health.v1.Health/Watch` (a stream 
 pushes on), and checked every few seconds while it is serving, so that a batcher which stopped
 answering at all (a SIGSTOP, a hung event loop) counts as not serving until it answers again
 (`meshserve.common.liveness`); a batcher is SERVING when one of its compute replicas is loaded
-and warm. A version is ready when one of its batchers is. `table` (pure) lists every version the
-traffic policies name, with its weight and readiness; the ingress follows that table
-(`WatchReadiness`) to answer ServerReady and to refuse requests for a version that cannot
-answer, at once.
+and warm, and says why beside NOT_SERVING when a compute refused its model at load. A version is
+ready when one of its batchers is. `table` (pure) lists every version the traffic policies name,
+with its weight, its readiness and, when it is not ready, the reason one of its batchers gave;
+the ingress follows that table (`WatchReadiness`) to answer ServerReady, to refuse requests for
+a version that cannot answer, at once, and to say why in its repository index.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from meshserve.mesh.policy import Endpoint, TrafficPolicy
 from meshserve.protocol import health_pb2
 from meshserve.protocol.health_pb2_grpc import HealthStub
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
 RETRY_S = 0.5  # between attempts to watch a batcher that cannot be reached
 # How long a control plane that has just started holds its first table back while it learns
 # its batchers' health (an unreachable batcher's first failed attempt counts as learnt).
@@ -37,16 +37,25 @@ class VersionState:
     version: str
     weight: int
     ready: bool
+    reason: str = ""  # why it is not ready, as one of its batchers said; "" when none did
 
 
 def table(policies: dict[str, TrafficPolicy], endpoints: Iterable[Endpoint],
-          serving: dict[str, bool]) -> tuple[VersionState, ...]:
+          serving: dict[str, bool],
+          reasons: dict[str, str] | None = None) -> tuple[VersionState, ...]:
     """Every version the policies name that carries traffic or has a batcher to pin it to,
-    in order, ready when one of its endpoints is serving (`serving`: by address)."""
+    in order, ready when one of its endpoints is serving (`serving`: by address); one that is
+    not ready with the reason its first endpoint that gave one gave (`reasons`: by address)."""
     endpoints = list(endpoints)
+    reasons = reasons or {}
     deployed = {(e.model, e.version) for e in endpoints}
     ready = {(e.model, e.version) for e in endpoints if serving.get(e.address)}
-    return tuple(VersionState(model, version, weight, (model, version) in ready)
+    why: dict[tuple[str, str], str] = {}
+    for e in endpoints:
+        if reasons.get(e.address):
+            why.setdefault((e.model, e.version), reasons[e.address])
+    return tuple(VersionState(model, version, weight, (model, version) in ready,
+                              "" if (model, version) in ready else why.get((model, version), ""))
                  for model, policy in sorted(policies.items())
                  for version, weight in sorted(policy.weights.items(), key=lambda v: int(v[0]))
                  if weight or (model, version) in deployed)
@@ -73,6 +82,7 @@ class BatcherHealth:
         self._identity = identity
         self._changes = changes
         self.serving: dict[str, bool] = {}
+        self.reasons: dict[str, str] = {}  # why a batcher is not serving, when it said
         self._watches: dict[str, asyncio.Task] = {}
 
     def follow(self, addresses: Iterable[str]) -> None:
@@ -90,31 +100,34 @@ class BatcherHealth:
         """Whether each of these batchers has answered, or failed to, at least once."""
         return all(address in self.serving for address in addresses)
 
-    def report(self, address: str, serving: bool) -> None:
-        """What watching `address` learnt."""
-        if self.serving.get(address) != serving:
+    def report(self, address: str, serving: bool, reason: str = "") -> None:
+        """What watching `address` learnt: serving or not, and why not when it said."""
+        reason = "" if serving else reason
+        if (self.serving.get(address), self.reasons.get(address, "")) != (serving, reason):
             self.serving[address] = serving
+            self.reasons[address] = reason
             self._changes.notify()
 
     async def _watch(self, address: str) -> None:
         channel = ReloadingChannel(address, self._tls, self._identity)
         standing = Standing()
 
-        def heard(serving: bool) -> None:
-            standing.watched = serving
-            self.report(address, standing.serving)
+        def heard(reply: health_pb2.HealthCheckResponse | None) -> None:
+            standing.heard(reply)
+            self.report(address, standing.serving, standing.reason)
 
         checks = asyncio.get_running_loop().create_task(keep_checking(
             lambda timeout: answers(channel.channel, timeout), standing,
-            lambda: self.report(address, standing.serving)))
+            lambda: self.report(address, standing.serving, standing.reason)))
         try:
             await follow_stream(
                 channel,
                 lambda channel: HealthStub(channel).Watch(health_pb2.HealthCheckRequest()),
-                lambda reply: heard(reply.status == SERVING), lambda: heard(False), RETRY_S)
+                heard, lambda: heard(None), RETRY_S)
         finally:
             checks.cancel()
             self.serving.pop(address, None)
+            self.reasons.pop(address, None)
 
     async def close(self) -> None:
         for task in self._watches.values():
@@ -135,7 +148,8 @@ class Readiness:
         self.health = BatcherHealth(tls, identity, changes)
 
     def table(self) -> tuple[VersionState, ...]:
-        return table(self._store.policies(), self._store.endpoints(), self.health.serving)
+        return table(self._store.policies(), self._store.endpoints(), self.health.serving,
+                     self.health.reasons)
 
     async def known(self, timeout: float = FIRST_TABLE_WAIT_S) -> None:
         """Return once the health of every registered batcher is known, or after `timeout`:

@@ -79,6 +79,54 @@ ensemble_scheduling { step [ { model_name: "add_sub" model_version: 1
   output_map { key: "SUM" value: "SUM" } output_map { key: "GREETING" value: "GREETING" } } ] }
 """
 
+# Answers each request on its own, as a model for Triton's dynamic batcher does: Y is X
+# doubled, and each row of ECHO (BYTES [1]) a JSON document of what execute saw of the
+# request: its id, parameters and requested outputs, its rows, the number of requests in the
+# call and the call's number. A request with the parameter "fail" is answered with a
+# TritonError naming its id.
+ECHO_PY = '''\
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.calls = 0
+
+    def execute(self, requests):
+        self.calls += 1
+        responses = []
+        for request in requests:
+            parameters = json.loads(request.parameters())
+            if parameters.get("fail"):
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    f"request {request.request_id()} asked to fail",
+                    pb_utils.TritonError.INVALID_ARG)))
+                continue
+            x = pb_utils.get_input_tensor_by_name(request, "X").as_numpy()
+            echo = json.dumps({
+                "id": request.request_id(), "parameters": parameters,
+                "requested": request.requested_output_names(), "rows": len(x),
+                "timeout": request.timeout(), "requests": len(requests), "call": self.calls})
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("Y", x * 2),
+                pb_utils.Tensor("ECHO", np.array([[echo.encode()]] * len(x), dtype=np.object_))]))
+        return responses
+'''
+
+# Batches of up to 4 rows, each waiting up to 20 s for more (a loaded machine may hold one
+# request back for seconds): requests sent together share one.
+ECHO_CONFIG = '''\
+backend: "python"
+max_batch_size: 4
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 2 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 2 ] },
+         { name: "ECHO" data_type: TYPE_STRING dims: [ 1 ] } ]
+dynamic_batching { max_queue_delay_microseconds: 20000000 }
+'''
+
 RAISES_IN_INITIALIZE_PY = '''\
 import triton_python_backend_utils as pb_utils
 

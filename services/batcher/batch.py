@@ -2,11 +2,13 @@
 
 Payload bytes are joined and sliced, never decoded: rows of a row-major tensor are
 contiguous, so a batch is the concatenation of its requests' bytes along the first dimension.
+For a model that answers each request on its own (a Python model), the batch also says whose
+rows it holds, and its answer which requests failed on their own (`batch_requests`).
 """
 
 from collections.abc import Sequence
 
-from meshserve.common import wire
+from meshserve.common import batch_requests, wire
 from meshserve.common.datatypes import ELEMENT_SIZE, element_count, split_bytes_rows
 from meshserve.common.errors import Internal, InvalidArgument
 from meshserve.common.validation import Schema
@@ -34,11 +36,13 @@ def sole_key(schema: Schema) -> tuple | None:
 
 
 def merge(requests: Sequence[ModelInferRequest], rows: Sequence[int],
-          wanted: Sequence[list[str] | None], version: str) -> list[bytes]:
+          wanted: Sequence[list[str] | None], version: str,
+          per_request: bool = False) -> list[bytes]:
     """The request whose inputs are the requests' inputs joined along the batch dimension,
     asking for every output one of them wanted (`wanted`: the names each request gave, None
     for all, as validation reads them), of `version`; a sole request as it is, but for its
-    version. Serialized in pieces: joined, they are its bytes.
+    version. Serialized in pieces: joined, they are its bytes. With `per_request` (a model
+    that answers each request on its own), a batch of several also describes them.
 
     Each input's bytes are read once, and follow the rest of the request as they are (built
     as a message and serialized, a batch was copied four more times on its way to compute)."""
@@ -61,6 +65,9 @@ def merge(requests: Sequence[ModelInferRequest], rows: Sequence[int],
                              for r, p in zip(requests, positions)])
     for name in requested_outputs(wanted):
         batch.outputs.add(name=name)
+    if per_request:
+        batch.parameters[batch_requests.REQUESTS].string_param = batch_requests.describe(
+            requests, rows, wanted)
     pieces = [batch.SerializeToString()]
     for parts in contents:
         pieces += (_RAW_INPUT, wire.varint(sum(map(len, parts))), *parts)
@@ -124,6 +131,23 @@ def split(batch: ModelInferResponse, requests: Sequence[ModelInferRequest],
             answer.raw_output_contents.append(pieces[index])
         results.append(result)
     return results
+
+
+def split_answered(batch: ModelInferResponse, requests: Sequence[ModelInferRequest],
+                   rows: Sequence[int], wanted: Sequence[list[str] | None]) -> list[ItemResult]:
+    """`split` for a model that answers each request on its own: the requests the batch's
+    answer lists as failed get their error, the others their rows (the answer holds only
+    theirs)."""
+    failed = batch_requests.read_failed(batch)
+    if not failed:
+        return split(batch, requests, rows, wanted)
+    if not failed.keys() <= set(range(len(requests))):
+        raise Internal(f"compute answered failures of requests {sorted(failed)} for a batch "
+                       f"of {len(requests)}")
+    kept = [i for i in range(len(requests)) if i not in failed]
+    answered = iter(split(batch, [requests[i] for i in kept], [rows[i] for i in kept],
+                          [wanted[i] for i in kept]) if kept else ())
+    return [failed[i] if i in failed else next(answered) for i in range(len(requests))]
 
 
 def _row_slices(raw: bytes, datatype: str, total: int, rows: Sequence[int],

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 from opentelemetry.trace import Span, StatusCode
 
-from meshserve.batcher.batch import merge, split
+from meshserve.batcher.batch import merge, split, split_answered
 from meshserve.batcher.failover import (
     FailoverSettings,
     LatencyWindow,
@@ -41,6 +41,7 @@ from meshserve.common.forwarding import (
     serialized_group,
     status_of_result,
 )
+from meshserve.common.repository import PYTHON, kind_of
 from meshserve.common.server import internal_error_message
 from meshserve.common.statistics import Statistics
 from meshserve.common.streams import StreamBroken
@@ -211,6 +212,9 @@ class Scheduler:
         self.replicas = replicas
         self._config = config
         self._version = version
+        # A Python model answers each request of a batch on its own, as in Triton: its
+        # batches say whose rows they hold, and a request may fail alone.
+        self._per_request = kind_of(config) is PYTHON
         self._statistics = statistics
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -385,7 +389,7 @@ class Scheduler:
             requests = [e.payload.item.request for e in entries]
             counts = [e.rows for e in entries]
             wanted = [e.payload.outputs for e in entries]
-            batch = merge(requests, counts, wanted, self._version)
+            batch = merge(requests, counts, wanted, self._version, self._per_request)
             deadlines = [e.deadline for e in entries]
             left = None if None in deadlines else max(0.001, max(deadlines) - started)
             timeout = stall if left is None else min(left, stall)
@@ -414,7 +418,9 @@ class Scheduler:
                 params["compute_output_ns"].int64_param)
             if self._metrics is not None:
                 self._metrics.batch(rows, len(entries), infer_ns)
-            for entry, result in zip(entries, split(answer, requests, counts, wanted)):
+            results = (split_answered if self._per_request else split)(
+                answer, requests, counts, wanted)
+            for entry, result in zip(entries, results):
                 self._answer(entry, result, dispatched)
         finally:
             replica.vacate(rows)

@@ -21,6 +21,7 @@ from meshserve.batcher.failover import FailoverSettings, no_replica
 from meshserve.batcher.policy import BatchingPolicy, BatchQueue, Pending
 from meshserve.batcher.scheduler import Answers, Job, Replica, Scheduler
 from meshserve.common import runtime
+from meshserve.common.batch_requests import refuse_reserved
 from meshserve.common.errors import NotFound, ServingError
 from meshserve.common.forwarding import (
     GroupHead,
@@ -35,7 +36,7 @@ from meshserve.common.http2_client import target_argument
 from meshserve.common.http2_server import server_ssl_context
 from meshserve.common.identity import Callers, add_callers_flag, default_callers
 from meshserve.common.metrics import BatcherMetrics, CacheMetrics, Metrics
-from meshserve.common.repository import DEFAULT_MODEL_FILENAME, ModelRepository
+from meshserve.common.repository import DEFAULT_MODEL_FILENAME, PYTHON, ModelRepository, kind_of
 from meshserve.common.response_cache import (
     DEFAULT_BUDGET_BYTES,
     DEFAULT_TTL_SECONDS,
@@ -50,7 +51,7 @@ from meshserve.common.streams import Early, group_handler
 from meshserve.common.tls import TlsFiles
 from meshserve.common.tracing import Tracing, context_of
 from meshserve.common.upstream import Upstream
-from meshserve.common.validation import Schema
+from meshserve.common.validation import Checked, Schema
 from meshserve.protocol import grpc_service_pb2_grpc
 from meshserve.protocol.groups_pb2 import (
     CountersRequest,
@@ -99,6 +100,9 @@ class Batcher:
         self.scheduler = scheduler
         self.statistics = statistics
         self._schema = Schema(config)
+        # A Python model's batches are described under a parameter its requests may not set.
+        self._validate = (self._validate_unreserved if kind_of(config) is PYTHON
+                          else self._schema.validate)
         self._batched = config.max_batch_size > 0
         self._key = sole_key(self._schema)  # None: each request's own
         self._tracing = tracing
@@ -122,7 +126,7 @@ class Batcher:
                 if not self.scheduler.ready:
                     raise self._unready()
                 request = item.request
-                checked = self._schema.validate(request)
+                checked = self._validate(request)
                 job.outputs = checked.outputs
                 if self._tracing is not None:
                     job.span = self._tracing.start(
@@ -174,6 +178,10 @@ class Batcher:
         rest = [i for i in range(len(answers.results)) if i not in first]
         return InferGroupResult(results=[answers.results[i] for i in rest],
                                 items=rest).SerializeToString()
+
+    def _validate_unreserved(self, request) -> Checked:
+        refuse_reserved(request)
+        return self._schema.validate(request)
 
     def _unready(self) -> ServingError:
         return no_replica(self.statistics.name, self.statistics.version,
@@ -243,7 +251,7 @@ def build_service(settings: BatcherSettings, metrics: Metrics | None = None,
 
     def replicas_changed() -> None:
         scheduler.replicas_changed()
-        health.set(scheduler.ready)
+        health.set(scheduler.ready, reason=refusal(replicas))
 
     async def counters(request, context):
         return statistics.counters()
@@ -284,6 +292,12 @@ def build_service(settings: BatcherSettings, metrics: Metrics | None = None,
                       background=background, cleanup=[close],
                       callers=Callers("batcher", settings.allowed_callers))
     return service
+
+
+def refusal(replicas: list[Replica]) -> str:
+    """Why this version cannot serve, as the first compute replica that says so tells it (one
+    that refused its model at load); "" when none says."""
+    return next((r.upstream.reason for r in replicas if r.upstream.reason), "")
 
 
 def build_cache(settings: BatcherSettings, config, repository: ModelRepository, model: str,

@@ -10,6 +10,10 @@ until it answers one again. A stop is noticed within CHECK_EVERY_S + CHECK_TIMEO
 the peer's return within about CHECK_EVERY_S (5 s). Nothing on the request path: a check is
 one unary call on the hop's health channel every 5 s. An idle `up` (17 such hops) spent
 2.5-2.7 % of a core against 1.8-1.9 % without them; every 3 s, 2.5-3.0 %; every 10 s, 2.2 %.
+
+A peer that will not serve by itself says why beside NOT_SERVING (the health answer's
+`reason`: a compute that refused its model at load, and the batcher that passes it on); the
+follower keeps the first REASON_LIMIT characters of it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ from meshserve.protocol.health_pb2_grpc import HealthStub
 
 CHECK_EVERY_S = 5.0  # between the end of one check and the next
 CHECK_TIMEOUT_S = 3.0  # a peer's event loop stalled this long is not serving anyone either
+# The most characters of a reason for not serving that a health answer carries and a follower
+# keeps: the first ones, which name the model's file and the error.
+REASON_LIMIT = 512
+SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 @dataclass
@@ -34,10 +42,21 @@ class Standing:
 
     watched: bool = False
     answers: bool = True
+    reason: str = ""  # why its Watch said it is not serving; "" when it did not say
 
     @property
     def serving(self) -> bool:
         return self.watched and self.answers
+
+    def heard(self, reply: health_pb2.HealthCheckResponse | None) -> None:
+        """Record what the Watch said (None: it ended, and says nothing more)."""
+        self.watched = reply is not None and reply.status == SERVING
+        self.reason = "" if reply is None or self.watched else bounded(reply.reason)
+
+
+def bounded(reason: str) -> str:
+    """A reason for not serving, as far as it is carried and kept."""
+    return reason[:REASON_LIMIT]
 
 
 async def keep_checking(check: Callable[[float], Awaitable[bool]], standing: Standing,

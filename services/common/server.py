@@ -13,6 +13,7 @@ import grpc
 from meshserve.common.errors import ServingError
 from meshserve.common.http2_server import Http2Server
 from meshserve.common.identity import HEALTH_PREFIX, CallerCheck, Callers
+from meshserve.common.liveness import bounded
 from meshserve.common.tls import server_options
 from meshserve.protocol import health_pb2, health_pb2_grpc
 
@@ -204,27 +205,34 @@ def _wrap(handler: grpc.RpcMethodHandler, admit: Admit | None,
         _guard_stream(handler.unary_stream, admit, method), *single)
 
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+HealthCheckResponse = health_pb2.HealthCheckResponse
+SERVING = HealthCheckResponse.SERVING
+NOT_SERVING = HealthCheckResponse.NOT_SERVING
+UNKNOWN_SERVICE = HealthCheckResponse(status=HealthCheckResponse.SERVICE_UNKNOWN)
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
     """grpc.health.v1: "" is the whole server; other names are registered services.
 
-    Readiness means "can serve now"; the service flips it with `set`. `close` (the server is
+    Readiness means "can serve now"; the service flips it with `set`, saying why when it will
+    not serve by itself (`reason`, carried beside NOT_SERVING). `close` (the server is
     stopping) reports NOT_SERVING and ends every Watch stream, so that a stopping server's
     grace is not spent waiting on watchers that never hang up.
     """
 
     def __init__(self, services: Iterable[str] = ()) -> None:
-        self._status = {name: NOT_SERVING for name in ("", *services)}
+        self._status = {name: HealthCheckResponse(status=NOT_SERVING)
+                        for name in ("", *services)}
         self._changed = asyncio.Event()
         self.closed = False
 
-    def set(self, serving: bool, service: str = "") -> None:
-        status = SERVING if serving else NOT_SERVING
-        if self._status.get(service) != status:
-            self._status[service] = status
+    def set(self, serving: bool, service: str = "", reason: str = "") -> None:
+        """`reason`: why it is not serving (its first REASON_LIMIT characters); not told
+        while serving."""
+        answer = (HealthCheckResponse(status=SERVING) if serving else
+                  HealthCheckResponse(status=NOT_SERVING, reason=bounded(reason)))
+        if self._status.get(service) != answer:
+            self._status[service] = answer
             self._changed.set()
             self._changed = asyncio.Event()
 
@@ -239,31 +247,32 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         self._changed = asyncio.Event()
 
     def serving(self, service: str = "") -> bool:
-        return self._status.get(service) == SERVING
+        return self.answer(service).status == SERVING
 
-    def _lookup(self, service: str):
-        status = self._status.get(service)
-        if status is None:
-            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-        return status
+    def answer(self, service: str = "") -> HealthCheckResponse:
+        """What a Check of `service` answers."""
+        return self._status.get(service, UNKNOWN_SERVICE)
 
     async def Check(self, request, context):
-        status = self._lookup(request.service)
-        if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
+        answer = self.answer(request.service)
+        if answer.status == HealthCheckResponse.SERVICE_UNKNOWN:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"unknown health service '{request.service}'")
-        return health_pb2.HealthCheckResponse(status=status)
+        return answer
 
     async def Watch(self, request, context):
         last = None
         while True:
-            status = self._lookup(request.service)
-            if status != last:
-                last = status
-                yield health_pb2.HealthCheckResponse(status=status)
+            # Taken before the answer is read: a change while the answer is being sent is
+            # told next, not missed.
+            changed = self._changed
+            answer = self.answer(request.service)
+            if answer != last:
+                last = answer
+                yield answer
             if self.closed:
                 return
-            await self._changed.wait()
+            await changed.wait()
 
 
 # What stopping waits, beyond the grace of in-flight calls, for each step to finish: a stop

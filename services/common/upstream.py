@@ -41,6 +41,8 @@ class Upstream:
         # Groups travel on one long-lived stream, opened on the channel of the moment.
         self.stream = GroupStream(lambda: start_stream(self._streams), repr(self))
         self.serving = False
+        # Why it is not serving, as it said (a compute that refused its model); "" otherwise.
+        self.reason = ""
         self._standing = Standing()
 
     def _bind(self) -> None:
@@ -104,10 +106,10 @@ class Upstream:
         """Follow one Watch stream until it ends; not serving once it has."""
         try:
             async for reply in self._health.Watch(health_pb2.HealthCheckRequest()):
-                self._set(reply.status == health_pb2.HealthCheckResponse.SERVING, on_change)
+                self._heard(reply, on_change)
         except grpc.aio.AioRpcError:
             pass
-        self._set(False, on_change)
+        self._heard(None, on_change)
 
     def _checked(self, on_change: Callable[[], None]) -> None:
         if not self._standing.answers:
@@ -115,16 +117,19 @@ class Upstream:
                         self)
         self._publish(on_change)
 
-    def _set(self, serving: bool, on_change: Callable[[], None]) -> None:
-        self._standing.watched = serving
+    def _heard(self, reply: health_pb2.HealthCheckResponse | None,
+               on_change: Callable[[], None]) -> None:
+        self._standing.heard(reply)
         self._publish(on_change)
 
     def _publish(self, on_change: Callable[[], None]) -> None:
-        serving = self._standing.serving
+        serving, reason = self._standing.serving, self._standing.reason
+        if (serving, reason) == (self.serving, self.reason):
+            return
         if serving != self.serving:
-            self.serving = serving
             log.info("%s is %s", self, "serving" if serving else "not serving")
-            on_change()
+        self.serving, self.reason = serving, reason
+        on_change()
 
     async def close(self) -> None:
         await self.stream.close()

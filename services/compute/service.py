@@ -167,11 +167,11 @@ class Compute:
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
         except ServingError as error:  # ArtifactRefused, an unreadable key, ...
-            self._refuse(error.message)
+            self._refuse(health, error.message)
             return
         except Exception as error:  # noqa: BLE001 — whatever loading or warming it raised
-            self._refuse(f"{self._version_dir / self._artifact_name}: "
-                         f"{type(error).__name__}: {error}", error)
+            self._refuse(health, f"{self._version_dir / self._artifact_name}: "
+                                 f"{type(error).__name__}: {error}", error)
             return
         if self._threads:
             import torch
@@ -180,11 +180,15 @@ class Compute:
             torch.set_num_threads(self._threads)
         health.set(True)
 
-    def _refuse(self, reason: str, error: Exception | None = None) -> None:
-        """Stay up and NOT_SERVING, saying why; the rest of the mesh keeps serving. An
-        unexpected `error` is logged with its traceback."""
+    def _refuse(self, health: HealthServicer, reason: str,
+                error: Exception | None = None) -> None:
+        """Stay up and NOT_SERVING, saying why (in the log, and to whoever follows its health:
+        the batcher passes it on to the control plane, and so to the ingress's repository
+        index); the rest of the mesh keeps serving. An unexpected `error` is logged with its
+        traceback."""
         self.refused = f"refusing model '{self.name}' version {self.version}: {reason}"
         log.error("%s", self.refused, exc_info=error)
+        health.set(False, reason=self.refused)
 
     async def traced_infer(self, request, tracing: Tracing, traceparent: str):
         """`infer` inside a `compute.infer` span (the batcher's `batcher.batch` its parent)."""

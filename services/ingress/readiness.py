@@ -10,6 +10,8 @@ control plane leaves it as it was) and reads it without a call:
 - A request for a version that cannot answer now is refused at once, UNAVAILABLE with a
   retry hint, without travelling through the router and a batcher: pinned requests when
   their version is not ready, unpinned ones when no version that carries weight is.
+- Why a version cannot answer, when its compute said (it refused its model at load: the file
+  and the error): the repository index's `reason`, and the refusal of a pinned request.
 
 Before the first table arrives nothing is refused, and the server is not ready.
 """
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import grpc
 
 from meshserve.common.errors import Unavailable
+from meshserve.common.liveness import bounded
 from meshserve.common.tls import ReloadingChannel, TlsFiles
 from meshserve.protocol import admin_pb2
 from meshserve.protocol.admin_pb2_grpc import AdminStub
@@ -40,6 +43,12 @@ RECONNECT_S = 0.5
 class Version:
     weight: int
     ready: bool
+    reason: str = ""  # why it is not ready, when its compute said
+
+
+def not_ready(model: str, version: str, why: str,
+              retry_after: float | None = None) -> Unavailable:
+    return Unavailable(f"model '{model}' version '{version}' is not ready: {why}", retry_after)
 
 
 class Readiness:
@@ -54,9 +63,16 @@ class Readiness:
     def update(self, table: admin_pb2.Readiness) -> None:
         models: dict[str, dict[str, Version]] = {}
         for entry in table.versions:
-            models.setdefault(entry.model, {})[entry.version] = Version(entry.weight,
-                                                                         entry.ready)
+            models.setdefault(entry.model, {})[entry.version] = Version(
+                entry.weight, entry.ready, "" if entry.ready else bounded(entry.reason))
         self.models = models
+
+    def refusal(self, model: str, version: str) -> str:
+        """Why `version` of `model` cannot answer, as its compute said when it refused the
+        model; "" when it can, nothing was said, or the table does not name it."""
+        versions = None if self.models is None else self.models.get(model)
+        state = None if versions is None else versions.get(version)
+        return "" if state is None else state.reason
 
     def ready(self) -> bool:
         """Whether the server is ready under the rule."""
@@ -73,8 +89,8 @@ class Readiness:
         if version:
             state = versions.get(version)
             if state is not None and not state.ready:
-                raise Unavailable(f"model '{model}' version '{version}' is not ready: no "
-                                  "compute replica of it can answer now", RETRY_AFTER_S)
+                raise not_ready(model, version, state.reason or
+                                "no compute replica of it can answer now", RETRY_AFTER_S)
             return
         weighted = [v for v in versions.values() if v.weight]
         if weighted and not any(v.ready for v in weighted):

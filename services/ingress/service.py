@@ -76,7 +76,7 @@ from meshserve.ingress.budget import ByteBudget
 from meshserve.ingress.denials import DenialAudit
 from meshserve.ingress.ensembles import EnsembleRunner
 from meshserve.ingress.http_api import HttpSettings, add_http_flags, build_http, http_settings
-from meshserve.ingress.readiness import RULES, STRICT, Readiness, follow
+from meshserve.ingress.readiness import RULES, STRICT, Readiness, follow, not_ready
 from meshserve.ingress.saturation import EdgeBound
 from meshserve.ingress.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER, JwksUrl, jwks_source
 from meshserve.protocol import grpc_service_pb2 as pb
@@ -176,6 +176,11 @@ class Ingress:
     def config(self, name: str, version: str):
         self.served_version(name, version)
         return self.repository.get(name)
+
+    def refusal(self, name: str, version: str) -> str:
+        """Why a version cannot answer, as its compute said when it refused its model; ""
+        when it can, nothing was said, or no control plane's table is followed."""
+        return "" if self.readiness is None else self.readiness.refusal(name, version)
 
     def served_version(self, name: str, version: str) -> str:
         """The version a request for `version` of model `name` means, as the repository reads
@@ -402,11 +407,18 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return True
 
     async def ModelMetadata(self, request, context):
+        """As Triton's: a version refused at load is UNAVAILABLE, saying why, and is left out
+        of `versions`."""
         self._may(context, "models:read", request.name)
         entry = self._ingress.config(request.name, request.version)
+        version = self._ingress.served_version(request.name, request.version)
+        refused = self._ingress.refusal(entry.name, version) if version else ""
+        if refused:
+            raise not_ready(entry.name, version, refused)
         config = entry.config
         return pb.ModelMetadataResponse(
-            name=entry.name, versions=list(entry.versions), platform=config.platform,
+            name=entry.name, platform=config.platform,
+            versions=[v for v in entry.versions if not self._ingress.refusal(entry.name, v)],
             inputs=[tensor_metadata(config, t) for t in config.input],
             outputs=[tensor_metadata(config, t) for t in config.output])
 
@@ -438,15 +450,17 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 if self._gate.allows(caller, "models:read", name)]
 
     async def RepositoryIndex(self, request, context):
-        """Every version and its state; a model refused at load as UNAVAILABLE, saying why."""
+        """Every version and its state; a version its compute refused at load, and a model
+        the repository refused, as UNAVAILABLE, saying why."""
         response = pb.RepositoryIndexResponse()
         repository = self._ingress.repository
         for name in self._readable(context):
             for version in repository.models[name].versions:
                 ready = await self._ready(name, version)
                 if ready or not request.ready:
-                    response.models.add(name=name, version=version,
-                                        state="READY" if ready else "UNAVAILABLE")
+                    response.models.add(
+                        name=name, version=version, state="READY" if ready else "UNAVAILABLE",
+                        reason="" if ready else self._ingress.refusal(name, version))
         caller = self._gate.caller(context)
         if not request.ready:
             for name, reason in sorted(repository.refused.items()):

@@ -17,16 +17,18 @@ class Readiness(_message.Message):
     def __init__(self, versions: _Optional[_Iterable[_Union[VersionReadiness, _Mapping]]] = ...) -> None: ...
 
 class VersionReadiness(_message.Message):
-    __slots__ = ("model", "version", "weight", "ready")
+    __slots__ = ("model", "version", "weight", "ready", "reason")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     weight: int
     ready: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., weight: _Optional[int] = ..., ready: bool = ...) -> None: ...
+    reason: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., weight: _Optional[int] = ..., ready: bool = ..., reason: _Optional[str] = ...) -> None: ...
 
 class PushModelRequest(_message.Message):
     __slots__ = ("name", "version", "artifact", "source", "notes", "encrypt", "config")

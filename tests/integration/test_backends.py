@@ -16,17 +16,22 @@ import torch
 
 from meshserve.common.datatypes import serialize_bytes
 from meshserve.common.repository import ModelRepository
+from meshserve.common.tls import channel_credentials
 from meshserve.compute.backends import triton_python_backend_utils as pb_utils
 from meshserve.compute.backends.python import config_json, import_model
 from meshserve.protocol import grpc_service_pb2 as pb
-from meshserve.tools.client import outputs_of
+from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+from meshserve.tools.client import client_tls, outputs_of
 from meshserve.tools.demo_repository import write_demo_repository
 from tests.integration.conftest import running_mesh
 from tests.integration.test_mesh import public_stub
 from tests.integration.test_traffic import set_weights
+from tests.polling import until_sync
 from tests.python_models import (
     ADD_SUB_CONFIG,
     ADD_SUB_PY,
+    ECHO_CONFIG,
+    ECHO_PY,
     GREET,
     RAISES_IN_INITIALIZE_PY,
     write_python_model,
@@ -71,6 +76,7 @@ def write_repository(models: Path) -> None:
     (models / "mlp").rmdir()
     write_python_model(models, "add_sub", ADD_SUB_PY, ADD_SUB_CONFIG)
     write_python_model(models, ODD_NAME, ADD_SUB_PY, ADD_SUB_CONFIG)
+    write_python_model(models, "echo", ECHO_PY, ECHO_CONFIG)
     (models / "greet" / "1").mkdir(parents=True)
     (models / "greet" / "config.pbtxt").write_text(GREET)
     write_python_model(models, "broken_init", RAISES_IN_INITIALIZE_PY, ADD_SUB_CONFIG)
@@ -101,8 +107,21 @@ def served(tmp_path_factory):
         yield mesh
 
 
+def index_says_why(mesh, name: str) -> bool:
+    """Whether the repository index gives a reason for `name`'s version 1 (its compute's
+    refusal reaches the ingress through its batcher and the control plane, soon after
+    `up` has reported it)."""
+    with grpc.secure_channel(mesh.endpoint,
+                             channel_credentials(client_tls(mesh.data_dir))) as channel:
+        reply = GRPCInferenceServiceStub(channel).RepositoryIndex(pb.RepositoryIndexRequest(),
+                                                                  timeout=10)
+    return any(m.name == name and m.version == "1" and m.reason for m in reply.models)
+
+
 @pytest.fixture(scope="module")
 def triton_report(served) -> dict:
+    until_sync(lambda: index_says_why(served, "broken_init"), 30,
+               "the compute's refusal of broken_init in the index", interval=0.2)
     done = subprocess.run([sys.executable, str(SCENARIOS), served.endpoint,
                            str(served.data_dir)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -123,7 +142,12 @@ def test_tritonclient_sees_every_model_in_the_index(triton_report, served):
                   "postprocess"):
         assert index[(model, "1")] == ("READY", ""), model
     assert index[("cnn", "1")] == index[("cnn", "2")] == ("READY", "")
-    assert index[("broken_init", "1")] == ("UNAVAILABLE", "")  # its compute refused it
+    state, reason = index[("broken_init", "1")]  # its compute refused it, saying why
+    assert state == "UNAVAILABLE"
+    assert reason.startswith(
+        f"refusing model 'broken_init' version 1: "
+        f"{served.models / 'broken_init' / '1' / 'model.py'}: initialize raised "
+        "TritonModelException: the weights file weights.bin is missing")
     onnx_state, onnx_reason = index[("broken_onnx", "")]
     assert onnx_state == "UNAVAILABLE"
     assert onnx_reason.startswith(f"model 'broken_onnx' version 1: "
@@ -277,6 +301,72 @@ async def test_an_error_names_the_failing_step_and_fails_only_its_request(served
         stats = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name="greet"),
                                             timeout=10)).model_stats[0]
         assert stats.inference_stats.fail.count >= 2 and stats.inference_stats.success.count >= 1
+
+
+def echo_request(rid: str, rows: int, outputs=(), **parameters) -> pb.ModelInferRequest:
+    """A request of the echo model: X holds `rows` rows of its id's character code."""
+    x = numpy.full((rows, 2), ord(rid), numpy.float32)
+    request = infer_request("echo", X=x)
+    request.id = rid
+    for name in outputs:
+        request.outputs.add(name=name)
+    for key, value in parameters.items():
+        kind = {bool: "bool_param", int: "int64_param", str: "string_param",
+                float: "double_param"}[type(value)]
+        setattr(request.parameters[key], kind, value)
+    return request
+
+
+async def batched_together(mesh, requests: list[pb.ModelInferRequest]):
+    """The requests sent at once (4 rows: one full batch of the echo model, which otherwise
+    waits 20 s for more), their answers or errors, and the echo model's inferences and
+    executions meanwhile."""
+    channel, stub = await public_stub(mesh)
+    async with channel:
+        before = await statistics(stub, "echo")
+        answers = await asyncio.gather(*(stub.ModelInfer(r, timeout=30) for r in requests),
+                                       return_exceptions=True)
+        after = await statistics(stub, "echo")
+    return answers, (after[0] - before[0], after[1] - before[1])
+
+
+def echoed(answer: pb.ModelInferResponse) -> list[dict]:
+    return [json.loads(row[0]) for row in outputs_of(answer)["ECHO"].tolist()]
+
+
+async def test_each_request_of_a_python_batch_sees_its_own_parameters_and_id(served):
+    requests = [echo_request("a", 1, tag="first", timeout=30_000_000),
+                echo_request("b", 2, outputs=["ECHO"], scale=0.5),
+                echo_request("c", 1, flag=True)]
+    answers, (inferences, executions) = await batched_together(served, requests)
+    assert (inferences, executions) == (4, 1)  # one batch, one execute call
+    assert [a.id for a in answers] == ["a", "b", "c"]
+    a, b, c = (echoed(answer) for answer in answers)
+    assert len({e["call"] for e in a + b + c}) == 1
+    assert a == [{"id": "a", "parameters": {"tag": "first", "timeout": 30_000_000},
+                  "requested": ["Y", "ECHO"], "rows": 1, "timeout": 30_000_000, "requests": 3,
+                  "call": a[0]["call"]}]
+    assert b == [{"id": "b", "parameters": {"scale": 0.5}, "requested": ["ECHO"], "rows": 2,
+                  "timeout": 0, "requests": 3, "call": a[0]["call"]}] * 2
+    assert c[0]["parameters"] == {"flag": True} and c[0]["id"] == "c"
+    assert outputs_of(answers[0])["Y"].tolist() == [[2 * ord("a")] * 2]
+    assert [o.name for o in answers[1].outputs] == ["ECHO"]
+    assert outputs_of(answers[2])["Y"].tolist() == [[2 * ord("c")] * 2]
+
+
+async def test_a_triton_error_for_one_request_of_a_batch_fails_only_that_request(served):
+    requests = [echo_request("a", 1), echo_request("b", 2, fail=True), echo_request("c", 1)]
+    answers, (inferences, executions) = await batched_together(served, requests)
+    assert (inferences, executions) == (4, 1)
+    failed = answers[1]
+    assert isinstance(failed, grpc.aio.AioRpcError), failed
+    assert failed.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert failed.details() == "model 'echo' version 1: request b asked to fail"
+    for answer, rid in ((answers[0], "a"), (answers[2], "c")):
+        assert isinstance(answer, pb.ModelInferResponse), answer
+        assert answer.id == rid
+        assert outputs_of(answer)["Y"].tolist() == [[2 * ord(rid)] * 2]
+        assert [(e["id"], e["requests"]) for e in echoed(answer)] == [(rid, 3)]
 
 
 async def test_refused_models_say_why_while_the_rest_serve(served):

@@ -1,5 +1,6 @@
 """Table-driven tests of joining requests into a batch and splitting its answer (pure)."""
 
+import json
 import struct
 
 import numpy
@@ -11,10 +12,13 @@ from meshserve.batcher.batch import (
     requested_outputs,
     sole_key,
     split,
+    split_answered,
 )
-from meshserve.common.errors import Internal
+from meshserve.common import batch_requests
+from meshserve.common.errors import Internal, InvalidArgument
 from meshserve.common.validation import Schema
 from meshserve.protocol import model_config_pb2 as mc
+from meshserve.protocol.groups_pb2 import ItemResult
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
 
 
@@ -51,10 +55,11 @@ def request(rid: str, rows: int, *, tensors=(("A", 4),), outputs=(), base: float
     return built
 
 
-def merged(parts: list[ModelInferRequest], rows: list[int], version: str) -> ModelInferRequest:
+def merged(parts: list[ModelInferRequest], rows: list[int], version: str,
+           per_request: bool = False) -> ModelInferRequest:
     """`merge`'s batch, its pieces joined and parsed."""
     return ModelInferRequest.FromString(b"".join(merge(parts, rows, wanted_outputs(parts),
-                                                       version)))
+                                                       version, per_request)))
 
 
 def wanted_outputs(parts: list[ModelInferRequest]) -> list[list[str] | None]:
@@ -169,6 +174,49 @@ def test_merge_single_request_is_itself_with_the_version():
     assert batch.SerializeToString(deterministic=True) == before
 
 
+def test_merge_for_a_model_answering_each_request_describes_them():
+    parts = [request("a", 1, base=0), request("b", 2, base=100, outputs=["OUT"]),
+             request("c", 1, base=200)]
+    parts[0].parameters["tag"].string_param = "first"
+    parts[1].parameters["scale"].double_param = 0.5
+    parts[1].parameters["timeout"].int64_param = 700
+    parts[2].parameters["flag"].bool_param = True
+    batch = merged(parts, [1, 2, 1], "1", per_request=True)
+    assert list(batch.parameters) == [batch_requests.REQUESTS]
+    assert json.loads(batch.parameters[batch_requests.REQUESTS].string_param) == [
+        {"rows": 1, "id": "a", "outputs": None, "parameters": {"tag": "first"}},
+        {"rows": 2, "id": "b", "outputs": ["OUT"],
+         "parameters": {"scale": 0.5, "timeout": 700}},
+        {"rows": 1, "id": "c", "outputs": None, "parameters": {"flag": True}}]
+    assert list(batch.raw_input_contents) == [floats(0, 4) + floats(100, 8) + floats(200, 4)]
+    assert batch_requests.members(batch, 4) == [
+        batch_requests.Member(1, "a", None, {"tag": "first"}),
+        batch_requests.Member(2, "b", ["OUT"], {"scale": 0.5, "timeout": 700}),
+        batch_requests.Member(1, "c", None, {"flag": True})]
+    # Other models' batches are as they were: nothing describes their requests.
+    assert not merged(parts, [1, 2, 1], "1").parameters
+
+
+def test_a_sole_request_is_itself_for_a_model_answering_each_request():
+    only = request("solo", 2)
+    only.parameters["k"].string_param = "v"
+    assert merged([only], [2], "1", per_request=True) == merged([only], [2], "1")
+    assert batch_requests.members(merged([only], [2], "1", per_request=True), 2) is None
+
+
+@pytest.mark.parametrize("text, rows", [
+    ("not json", 4), ('[{"rows": 1}]', 4), ('[{"rows": 4, "id": "", "outputs": null, '
+                                             '"parameters": {}}]', 4),
+    ('[{"rows": 1, "id": "", "outputs": null, "parameters": {}}, '
+     '{"rows": 2, "id": "", "outputs": null, "parameters": {}}]', 4),
+], ids=["not-json", "fields-missing", "one-request", "rows-disagree"])
+def test_a_description_that_does_not_fit_the_batch_is_refused(text, rows):
+    batch = ModelInferRequest()
+    batch.parameters[batch_requests.REQUESTS].string_param = text
+    with pytest.raises(InvalidArgument, match=f"^parameter '{batch_requests.REQUESTS}' "):
+        batch_requests.members(batch, rows)
+
+
 # --- split --------------------------------------------------------------------------------
 
 def batch_response(total: int = 6) -> ModelInferResponse:
@@ -256,3 +304,46 @@ def test_split_single_request_passes_through():
     assert (answer.id, answer.model_name, answer.model_version) == ("solo", "m", "3")
     assert [(o.name, list(o.shape)) for o in answer.outputs] == [("OUT", [4, 2])]
     assert list(answer.raw_output_contents) == [floats(0, 8)]
+
+
+def test_split_answered_fails_only_the_requests_compute_says_failed():
+    parts = [request("a", 1), request("b", 2), request("c", 3), request("d", 1)]
+    response = batch_response(total=4)  # the rows of a and c only
+    batch_requests.write_failed(response, [
+        (1, ItemResult(code=3, message="b: bad")), (3, ItemResult(code=13, message="d: no"))])
+    results = split_answered(response, parts, [1, 2, 3, 1], wanted_outputs(parts))
+    assert [(r.code, r.message) for r in results] == [
+        (0, ""), (3, "b: bad"), (0, ""), (13, "d: no")]
+    assert [r.response.id for r in results] == ["a", "", "c", ""]
+    assert [list(o.shape) for o in results[2].response.outputs] == [[3, 2], [3, 1]]
+    assert list(results[0].response.raw_output_contents) == [floats(0, 2), floats(500, 1)]
+    assert list(results[2].response.raw_output_contents) == [floats(2, 6), floats(501, 3)]
+
+
+def test_split_answered_with_one_request_left_or_none():
+    parts = [request("a", 2), request("b", 1)]
+    one_left = batch_response(total=1)
+    batch_requests.write_failed(one_left, [(0, ItemResult(code=3, message="a: bad"))])
+    results = split_answered(one_left, parts, [2, 1], wanted_outputs(parts))
+    assert [r.code for r in results] == [3, 0]
+    assert [list(o.shape) for o in results[1].response.outputs] == [[1, 2], [1, 1]]
+    none_left = ModelInferResponse(model_name="m", model_version="3")
+    batch_requests.write_failed(none_left, [(0, ItemResult(code=3, message="a")),
+                                            (1, ItemResult(code=5, message="b"))])
+    assert [(r.code, r.message) for r in split_answered(none_left, parts, [2, 1],
+                                                        [None, None])] == [(3, "a"), (5, "b")]
+
+
+def test_split_answered_without_failures_is_split():
+    parts = [request("a", 1), request("b", 2), request("c", 3)]
+    assert split_answered(batch_response(), parts, [1, 2, 3], [None] * 3) == split(
+        batch_response(), parts, [1, 2, 3], [None] * 3)
+
+
+@pytest.mark.parametrize("text", ['[[7, 3, "x"]]', '[[0, 0, "ok?"]]', "{", '[["a"]]'],
+                         ids=["no-such-request", "code-ok", "not-json", "short-entry"])
+def test_split_answered_refuses_a_malformed_failure_list(text):
+    response = batch_response(total=3)
+    response.parameters[batch_requests.FAILED].string_param = text
+    with pytest.raises(Internal):
+        split_answered(response, [request("a", 1), request("b", 2)], [1, 2], [None] * 2)

@@ -73,3 +73,28 @@ async def test_refused_requests_are_answered_early_and_the_rest_by_position():
     [partial] = early
     assert list(partial.items) == [1] and [r.code for r in partial.results] == [3]
     assert list(last.items) == [0, 2] and [r.code for r in last.results] == [0, 0]
+
+
+async def test_a_python_models_request_may_not_set_the_parameter_describing_batches():
+    """A Python model's batches say whose rows they hold under `meshserve_requests`; a request
+    that sets it is refused alone, whether or not it would have shared a batch."""
+    config = one_input_config()
+    config.backend = "python"
+    forged = request("forged", 1, base=50)
+    forged.parameters["meshserve_requests"].string_param = "[]"
+    compute, statistics = FakeCompute(), Statistics(name="m", version="1")
+    scheduler = Scheduler(BatchQueue(BatchingPolicy.from_config(config), "m"),
+                          [Replica(compute)], config, "1", statistics)
+    batcher = Batcher(scheduler, statistics, config)
+    loop = asyncio.create_task(scheduler.run())
+    try:
+        results = await batcher.infer([GroupItem(request=request("a", 1)),
+                                       GroupItem(request=forged)])
+        [alone] = await batcher.infer([GroupItem(request=forged)])
+    finally:
+        loop.cancel()
+        await scheduler.close()
+    assert [r.code for r in results] == [0, 3]
+    assert alone.code == 3 and alone.message == (
+        "parameter 'meshserve_requests' is reserved: meshserve describes a batch's requests "
+        "with it")

@@ -68,6 +68,7 @@ async def test_an_exception_at_load_refuses_the_version_naming_file_and_reason(t
                                       "RuntimeError: ")
     assert compute.refused in caplog.text
     assert not health.serving() and compute.model is None
+    assert health.answer().reason == compute.refused  # what its batcher hears, and passes on
     with pytest.raises(FailedPrecondition) as info:
         await compute.infer(request("corrupt"))
     assert info.value.message == compute.refused

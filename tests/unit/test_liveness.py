@@ -4,7 +4,8 @@ answers again (`meshserve.common.liveness`), with a scripted check and short int
 import asyncio
 import contextlib
 
-from meshserve.common.liveness import Standing, keep_checking
+from meshserve.common.liveness import REASON_LIMIT, Standing, keep_checking
+from meshserve.protocol.health_pb2 import HealthCheckResponse
 from tests.polling import until
 
 EVERY_S = 0.01
@@ -42,6 +43,21 @@ def test_serving_needs_both_the_watch_and_an_answer():
     assert not Standing().serving
     assert not Standing(watched=True, answers=False).serving
     assert not Standing(watched=False, answers=True).serving
+
+
+def test_a_watch_that_says_why_a_peer_is_not_serving_is_kept_bounded():
+    standing = Standing()
+    standing.heard(HealthCheckResponse(status=HealthCheckResponse.NOT_SERVING,
+                                       reason="refused: " + "x" * 1000))
+    assert not standing.watched
+    assert standing.reason == ("refused: " + "x" * 1000)[:REASON_LIMIT]
+    standing.heard(HealthCheckResponse(status=HealthCheckResponse.SERVING, reason="stale"))
+    assert (standing.watched, standing.reason) == (True, "")
+    standing.heard(HealthCheckResponse(status=HealthCheckResponse.NOT_SERVING))
+    assert (standing.watched, standing.reason) == (False, "")  # loading: nothing to say
+    standing.heard(HealthCheckResponse(status=HealthCheckResponse.NOT_SERVING, reason="why"))
+    standing.heard(None)  # the Watch ended: the peer says nothing more
+    assert (standing.watched, standing.reason) == (False, "")
 
 
 async def test_a_peer_that_stops_answering_is_not_serving_until_it_answers_again():

@@ -6,6 +6,7 @@ import sys
 import numpy
 import pytest
 
+from meshserve.batcher.batch import merge, split_answered
 from meshserve.common.datatypes import serialize_bytes
 from meshserve.common.errors import FailedPrecondition, Internal, InvalidArgument
 from meshserve.common.repository import ModelRepository
@@ -17,6 +18,8 @@ from meshserve.tools.client import outputs_of
 from tests.python_models import (
     ADD_SUB_CONFIG,
     ADD_SUB_PY,
+    ECHO_CONFIG,
+    ECHO_PY,
     RAISES_IN_INITIALIZE_PY,
     write_python_model,
 )
@@ -222,3 +225,127 @@ def test_system_exit_in_execute_fails_that_batch_not_the_process(tmp_path, value
     assert info.value.message == f"model 'tricky' version 1: execute raised {raised}"
     response, _ = model.run(x_request(2.0), "1")
     assert outputs_of(response)["SCALED"].tolist() == [[1.0]]
+
+
+# ------------------------------------------------- a batch of several requests, as Triton
+
+
+def echo_model(tmp_path, source=ECHO_PY):
+    write_python_model(tmp_path, "echo", source, ECHO_CONFIG)
+    entry = ModelRepository.load(tmp_path).get("echo")
+    version_dir = entry.path / "1"
+    return load_model(entry.config, version_dir / "model.py", version_dir, "auto", 1)
+
+
+def echo_request(rid: str, x, outputs=(), **parameters) -> pb.ModelInferRequest:
+    x = numpy.asarray(x, numpy.float32)
+    request = pb.ModelInferRequest(model_name="echo", id=rid)
+    request.inputs.add(name="X", datatype="FP32", shape=x.shape)
+    request.raw_input_contents.append(x.tobytes())
+    for name in outputs:
+        request.outputs.add(name=name)
+    for key, value in parameters.items():
+        kind = {bool: "bool_param", int: "int64_param", str: "string_param",
+                float: "double_param"}[type(value)]
+        setattr(request.parameters[key], kind, value)
+    return request
+
+
+def through_batch(model, requests: list[pb.ModelInferRequest]):
+    """The requests as the batcher joins them for a Python model, run, and split back."""
+    rows = [r.inputs[0].shape[0] for r in requests]
+    wanted = [[o.name for o in r.outputs] or None for r in requests]
+    batch = pb.ModelInferRequest.FromString(b"".join(merge(requests, rows, wanted, "1",
+                                                           per_request=True)))
+    response, _ = model.run(batch, "1")
+    return split_answered(response, requests, rows, wanted)
+
+
+def echoes(result) -> list[dict]:
+    return [json.loads(row[0]) for row in outputs_of(result.response)["ECHO"].tolist()]
+
+
+def test_execute_gets_one_request_per_request_of_the_batch(tmp_path):
+    model = echo_model(tmp_path)
+    requests = [echo_request("a", [[1, 2]], tag="first", timeout=1500),
+                echo_request("b", [[3, 4], [5, 6]], outputs=["ECHO"], scale=0.5),
+                echo_request("c", [[7, 8]], flag=True)]
+    results = through_batch(model, requests)
+    assert [r.code for r in results] == [0, 0, 0]
+    assert [r.response.id for r in results] == ["a", "b", "c"]
+    assert echoes(results[0]) == [{"id": "a", "parameters": {"tag": "first", "timeout": 1500},
+                                   "requested": ["Y", "ECHO"], "rows": 1, "timeout": 1500,
+                                   "requests": 3, "call": 1}]
+    assert echoes(results[1]) == [{"id": "b", "parameters": {"scale": 0.5},
+                                   "requested": ["ECHO"], "rows": 2, "timeout": 0,
+                                   "requests": 3, "call": 1}] * 2
+    assert echoes(results[2])[0]["parameters"] == {"flag": True}
+    assert outputs_of(results[0].response)["Y"].tolist() == [[2, 4]]
+    assert "Y" not in outputs_of(results[1].response)
+    assert outputs_of(results[2].response)["Y"].tolist() == [[14, 16]]
+
+
+def test_a_triton_error_in_one_response_fails_that_request_only(tmp_path):
+    model = echo_model(tmp_path)
+    results = through_batch(model, [echo_request("a", [[1, 1]]),
+                                    echo_request("b", [[2, 2], [3, 3]], fail=True),
+                                    echo_request("c", [[4, 4]])])
+    assert [(r.code, r.message) for r in results] == [
+        (0, ""), (3, "model 'echo' version 1: request b asked to fail"), (0, "")]
+    assert outputs_of(results[0].response)["Y"].tolist() == [[2, 2]]
+    assert outputs_of(results[2].response)["Y"].tolist() == [[8, 8]]
+    assert [e["requests"] for e in echoes(results[0]) + echoes(results[2])] == [3, 3]
+    every = through_batch(model, [echo_request("a", [[1, 1]], fail=True),
+                                  echo_request("b", [[2, 2]], fail=True)])
+    assert [(r.code, r.message) for r in every] == [
+        (3, "model 'echo' version 1: request a asked to fail"),
+        (3, "model 'echo' version 1: request b asked to fail")]
+
+
+def test_inputs_of_each_request_are_views_of_the_batchs_rows(tmp_path):
+    seen = []
+
+    class Spy:
+        def execute(self, requests):
+            seen.extend(pb_utils.get_input_tensor_by_name(r, "X").as_numpy() for r in requests)
+            return [pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("Y", numpy.zeros((len(x), 2), numpy.float32)),
+                pb_utils.Tensor("ECHO", numpy.full((len(x), 1), b"", object))]) for x in seen]
+
+    model = echo_model(tmp_path)
+    model.instance = Spy()
+    through_batch(model, [echo_request("a", [[1, 2]]), echo_request("b", [[3, 4], [5, 6]])])
+    assert [x.tolist() for x in seen] == [[[1, 2]], [[3, 4], [5, 6]]]
+    assert seen[0].base is seen[1].base is not None and seen[0].flags.writeable
+
+
+def test_a_sole_request_is_the_batch_as_before(tmp_path):
+    model = echo_model(tmp_path)
+    [result] = through_batch(model, [echo_request("solo", [[1, 2], [3, 4]], tag="x")])
+    assert echoes(result)[0] == {"id": "solo", "parameters": {"tag": "x"},
+                                 "requested": ["Y", "ECHO"], "rows": 2, "timeout": 0,
+                                 "requests": 1, "call": 1}
+    with pytest.raises(InvalidArgument, match=r"^model 'echo' version 1: request solo asked "
+                                              "to fail$"):
+        through_batch(model, [echo_request("solo", [[1, 2]], fail=True)])
+
+
+SHORT_PY = ECHO_PY.replace('pb_utils.Tensor("Y", x * 2)', 'pb_utils.Tensor("Y", x[:1] * 2)')
+ONLY_ASKED_PY = ECHO_PY.replace(
+    'pb_utils.Tensor("Y", x * 2),',
+    '*([pb_utils.Tensor("Y", x * 2)] if "Y" in request.requested_output_names() else []),')
+
+
+def test_responses_that_cannot_be_joined_fail_the_batch_naming_the_output(tmp_path):
+    model = echo_model(tmp_path, SHORT_PY)
+    with pytest.raises(Internal, match=r"^model 'echo' version 1: output 'Y' of request 1 has "
+                                       r"shape \[1, 2\]; its request has 2 rows$"):
+        through_batch(model, [echo_request("a", [[1, 1]]), echo_request("b", [[2, 2], [3, 3]])])
+
+
+def test_an_output_a_request_did_not_ask_for_may_be_left_out(tmp_path):
+    model = echo_model(tmp_path, ONLY_ASKED_PY)
+    results = through_batch(model, [echo_request("a", [[1, 1]], outputs=["ECHO"]),
+                                    echo_request("b", [[2, 2]], outputs=["Y"])])
+    assert [sorted(outputs_of(r.response)) for r in results] == [["ECHO"], ["Y"]]
+    assert outputs_of(results[1].response)["Y"].tolist() == [[4, 4]]

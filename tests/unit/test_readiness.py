@@ -6,12 +6,15 @@ from pathlib import Path
 import pytest
 
 from meshserve.common.errors import Unavailable
+from meshserve.common.liveness import REASON_LIMIT
+from meshserve.common.server import HealthServicer
 from meshserve.common.tls import TlsFiles
 from meshserve.ingress.readiness import ANY, STRICT, Readiness
 from meshserve.mesh.policy import Endpoint, TrafficPolicy
 from meshserve.mesh.readiness import Changes, VersionState, table
 from meshserve.mesh.readiness import Readiness as ControlPlaneReadiness
 from meshserve.protocol import admin_pb2
+from meshserve.protocol.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
 POLICIES = {"mlp": TrafficPolicy("mlp", {"1": 90, "2": 10, "10": 0}),
             "cnn": TrafficPolicy("cnn", {"1": 0, "2": 100})}
@@ -25,6 +28,14 @@ def test_a_version_is_ready_when_one_of_its_batchers_serves():
                    {"a:1": False, "b:1": True, "c:1": False, "d:1": True, "e:1": True})
     assert states == (VersionState("cnn", "1", 0, False), VersionState("cnn", "2", 100, True),
                       VersionState("mlp", "1", 90, True), VersionState("mlp", "2", 10, False))
+
+
+def test_a_version_that_is_not_ready_says_why_as_one_of_its_batchers_said():
+    states = table(POLICIES, ENDPOINTS, {"a:1": False, "b:1": True, "d:1": False},
+                   {"a:1": "refused a", "c:1": "", "d:1": "refused d", "e:1": "refused e"})
+    assert states == (VersionState("cnn", "2", 100, False, "refused d"),
+                      VersionState("mlp", "1", 90, True, ""),  # b:1 serves it
+                      VersionState("mlp", "2", 10, False, ""))  # c:1 said nothing
 
 
 def test_a_version_with_neither_traffic_nor_a_batcher_is_left_out():
@@ -67,6 +78,10 @@ async def test_a_fresh_control_plane_waits_to_know_every_batchers_health():
     assert state.table() == (VersionState("cnn", "2", 100, True),
                              VersionState("mlp", "1", 90, True),
                              VersionState("mlp", "2", 10, False))
+    state.health.report("c:1", False, "refusing model 'mlp' version 2: model.pt: bad")
+    assert state.table()[2].reason == "refusing model 'mlp' version 2: model.pt: bad"
+    state.health.report("c:1", True, "stale")
+    assert state.table()[2] == VersionState("mlp", "2", 10, True, "")
 
 
 async def test_a_batcher_that_never_answers_holds_the_first_table_back_only_so_long():
@@ -115,6 +130,41 @@ def test_a_pinned_request_for_a_version_that_is_not_ready_is_refused_with_a_hint
     assert refused.value.retry_after == 1.0
     state.admit("mlp", "1")
     state.admit("mlp", "")  # version 1 carries traffic and can answer
+
+
+def test_the_ingress_says_why_a_version_cannot_answer_as_its_compute_said():
+    long = "refusing model 'mlp' version 2: model.pt: " + "x" * 1000
+    state = Readiness()
+    state.update(admin_pb2.Readiness(versions=[
+        admin_pb2.VersionReadiness(model="mlp", version="1", weight=100, ready=True,
+                                   reason="stale"),
+        admin_pb2.VersionReadiness(model="mlp", version="2", ready=False, reason=long),
+        admin_pb2.VersionReadiness(model="mlp", version="3", ready=False)]))
+    assert state.refusal("mlp", "2") == long[:REASON_LIMIT]
+    assert state.refusal("mlp", "1") == state.refusal("mlp", "3") == ""
+    assert state.refusal("mlp", "4") == state.refusal("cnn", "1") == ""
+    with pytest.raises(Unavailable) as refused:
+        state.admit("mlp", "2")
+    assert refused.value.message.startswith(
+        f"model 'mlp' version '2' is not ready: {long[:REASON_LIMIT]}")
+    with pytest.raises(Unavailable, match="version '3' is not ready: no compute replica"):
+        state.admit("mlp", "3")
+
+
+async def test_health_says_why_it_is_not_serving_bounded_and_only_while_not_serving():
+    health = HealthServicer()
+    watch = health.Watch(HealthCheckRequest(), None)
+    assert await anext(watch) == HealthCheckResponse(status=HealthCheckResponse.NOT_SERVING)
+    health.set(False, reason="refused: " + "x" * 1000)  # the reason alone changed: told
+    told = await asyncio.wait_for(anext(watch), 10)
+    assert told.status == HealthCheckResponse.NOT_SERVING
+    assert told.reason == ("refused: " + "x" * 1000)[:REASON_LIMIT]
+    assert health.answer() == told  # what a Check answers
+    health.set(True, reason="ignored")
+    assert await asyncio.wait_for(anext(watch), 10) == HealthCheckResponse(
+        status=HealthCheckResponse.SERVING)
+    health.close()
+    await watch.aclose()
 
 
 def test_an_unpinned_request_is_refused_only_when_no_version_with_traffic_can_answer():

@@ -4,11 +4,16 @@
 load (an exception refuses the version, naming the file and the reason), `execute(requests)`
 for every batch, returning one `InferenceResponse` per request, and `finalize()` when the
 compute process stops. The model runs in its version's compute process, on the worker
-thread. The batcher joins requests into one batch before compute, so `execute` receives
-one request holding the batch's rows, its inputs writable arrays as in Triton; an exception
-in `execute` (SystemExit and KeyboardInterrupt too), or a `TritonError` in its response,
-fails that batch's requests only. `auto_complete_config` is not called: the config is read
-by every service without running model code, so declare inputs and outputs.
+thread. As in Triton, `execute` receives one `InferenceRequest` per client request of the
+batch, each with its own rows (views of the batch's inputs, writable arrays as in Triton),
+`parameters()`, `request_id()`, `requested_output_names()` and `timeout()`: the batcher joins
+the requests into one batch and says whose rows it holds (`batch_requests`), and the
+responses are joined back into the batch's answer, their rows in the requests' order. A
+`TritonError` in one response fails that request only; an exception in `execute`
+(SystemExit and KeyboardInterrupt too) fails that batch's requests only. Joined, every
+response's output must hold its request's rows, and the same dims after them as the other
+requests'. `auto_complete_config` is not called: the config is read by every service
+without running model code, so declare inputs and outputs.
 """
 
 from __future__ import annotations
@@ -23,14 +28,19 @@ import time
 import types
 from pathlib import Path
 
+import numpy
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
-from meshserve.common import errors
+from meshserve.common import batch_requests, errors
+from meshserve.common.batch_requests import Member, parameter_values
+from meshserve.common.datatypes import WIRE_FROM_CONFIG
 from meshserve.common.errors import FailedPrecondition, Internal, ServingError
+from meshserve.common.forwarding import error_result
 from meshserve.compute import tensors
 from meshserve.compute.backends import triton_python_backend_utils as pb_utils
 from meshserve.compute.timings import Timings
+from meshserve.protocol.groups_pb2 import ItemResult
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
 from meshserve.protocol.model_config_pb2 import ModelConfig
 
@@ -79,15 +89,6 @@ def _numbers(descriptor, data: dict) -> None:
             data[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
 
 
-def _parameters(request: ModelInferRequest) -> str:
-    values = {}
-    for key, parameter in request.parameters.items():
-        kind = parameter.WhichOneof("parameter_choice")
-        if kind is not None:
-            values[key] = getattr(parameter, kind)
-    return json.dumps(values)
-
-
 def import_model(source: str, path: Path) -> types.ModuleType:
     """Run `model.py`'s source as a module, with `triton_python_backend_utils` importable
     and the version directory on the path for the model's own helper modules."""
@@ -131,26 +132,60 @@ class PythonModel:
 
     def run(self, request: ModelInferRequest, version: str) -> tuple[ModelInferResponse, Timings]:
         start = time.perf_counter_ns()
-        arrays = tensors.decode(request, self.config)
+        arrays = {name: _writable(array)
+                  for name, array in tensors.decode(request, self.config).items()}
         names = tensors.wanted_outputs(request, self.config)
-        timeout = request.parameters["timeout"].int64_param if "timeout" in request.parameters \
-            else 0
-        inference_request = pb_utils.InferenceRequest(
-            model_name=self.config.name, requested_output_names=names,
-            inputs=[pb_utils.Tensor(name, _writable(array)) for name, array in arrays.items()],
-            request_id=request.id, model_version=int(version), timeout=timeout,
-            parameters=_parameters(request))
+        members = batch_requests.members(request, _rows(request)) if (
+            self.config.max_batch_size) else None
+        if members is None:
+            requests = [self._request(arrays, names, request.id,
+                                      parameter_values(request.parameters), version)]
+        else:
+            requests = self._requests(arrays, members, version)
         decoded = time.perf_counter_ns()
-        answer = self._execute(inference_request)
+        responses = self._execute(requests)
         executed = time.perf_counter_ns()
-        outputs = {t.name(): t.as_numpy() for t in answer.output_tensors()}
-        response = tensors.encode(outputs, names, self.config, request, version, self._where)
+        if members is None:
+            [answer] = responses
+            if answer.has_error():
+                raise _error_of(answer.error(), self._where)
+            outputs = {t.name(): t.as_numpy() for t in answer.output_tensors()}
+            response = tensors.encode(outputs, names, self.config, request, version, self._where)
+        else:
+            outputs, failed = join(responses, members, names, self.config, self._where)
+            response = tensors.encode(outputs, [n for n in names if n in outputs], self.config,
+                                      request, version, self._where)
+            batch_requests.write_failed(response, failed)
         done = time.perf_counter_ns()
         return response, Timings(decoded - start, executed - decoded, done - executed)
 
-    def _execute(self, request: pb_utils.InferenceRequest) -> pb_utils.InferenceResponse:
+    def _request(self, inputs: dict[str, numpy.ndarray], names: list[str], request_id: str,
+                 parameters: dict, version: str) -> pb_utils.InferenceRequest:
+        timeout = parameters.get("timeout", 0)
+        return pb_utils.InferenceRequest(
+            model_name=self.config.name, requested_output_names=names,
+            inputs=[pb_utils.Tensor(name, array) for name, array in inputs.items()],
+            request_id=request_id, model_version=int(version),
+            timeout=timeout if type(timeout) is int else 0, parameters=json.dumps(parameters))
+
+    def _requests(self, arrays: dict[str, numpy.ndarray], members: list[Member],
+                  version: str) -> list[pb_utils.InferenceRequest]:
+        """One request per member of the batch, its inputs views of its rows."""
+        requests, offset = [], 0
+        for member in members:
+            end = offset + member.rows
+            names = [t.name for t in self.config.output
+                     if member.outputs is None or t.name in member.outputs]
+            requests.append(self._request(
+                {name: array[offset:end] for name, array in arrays.items()}, names,
+                member.id, member.parameters, version))
+            offset = end
+        return requests
+
+    def _execute(self, requests: list[pb_utils.InferenceRequest]
+                 ) -> list[pb_utils.InferenceResponse]:
         try:
-            responses = self.instance.execute([request])
+            responses = self.instance.execute(requests)
             if inspect.iscoroutine(responses):
                 responses = asyncio.run(responses)
         except ServingError:
@@ -160,19 +195,17 @@ class PythonModel:
             # (This is plain code, run on the worker thread or between awaits: no
             # cancellation of the service can pass through it.)
             raise Internal(f"{self._where}: execute raised {_said(error)}") from None
-        if not isinstance(responses, (list, tuple)) or len(responses) != 1:
+        count = len(requests)
+        if not isinstance(responses, (list, tuple)) or len(responses) != count:
             got = len(responses) if isinstance(responses, (list, tuple)) else type(
                 responses).__name__
-            raise Internal(f"{self._where}: execute returned {got} responses for 1 request")
-        [response] = responses
-        if not isinstance(response, pb_utils.InferenceResponse):
-            raise Internal(f"{self._where}: execute returned a {type(response).__name__}, "
-                           "not an InferenceResponse")
-        if response.has_error():
-            error = response.error()
-            kind = _ERROR_OF_CODE.get(error.code(), Internal)
-            raise kind(f"{self._where}: {error.message()}")
-        return response
+            raise Internal(f"{self._where}: execute returned {got} responses for {count} "
+                           f"request{'s' if count > 1 else ''}")
+        for response in responses:
+            if not isinstance(response, pb_utils.InferenceResponse):
+                raise Internal(f"{self._where}: execute returned a {type(response).__name__}, "
+                               "not an InferenceResponse")
+        return list(responses)
 
     def warmup_requests(self) -> list[ModelInferRequest]:
         """Only the config's model_warmup: a Python model may not accept zeros."""
@@ -190,6 +223,63 @@ class PythonModel:
                 finalize()
             except Exception as error:  # noqa: BLE001 — logged, the process is stopping
                 log.error("%s: finalize raised %s", self._where, _said(error))
+
+
+def join(responses: list[pb_utils.InferenceResponse], members: list[Member], names: list[str],
+         config: ModelConfig, where: str
+         ) -> tuple[dict[str, numpy.ndarray], list[tuple[int, ItemResult]]]:
+    """The batch's outputs (`names`, each the rows of the requests that answered, in order)
+    and the results of the requests that failed on their own, by position. A request that did
+    not ask for an output its response lacks gets zeros (empty strings) in its rows."""
+    failed = []
+    parts: dict[str, list[tuple[int, numpy.ndarray | None]]] = {name: [] for name in names}
+    for index, (member, response) in enumerate(zip(members, responses, strict=True)):
+        if response.has_error():
+            failed.append((index, error_result(_error_of(response.error(), where))))
+            continue
+        outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
+        for name in names:
+            array = outputs.get(name)
+            if array is not None:
+                array = numpy.asarray(array)
+                if array.ndim < 1 or array.shape[0] != member.rows:
+                    raise Internal(f"{where}: output '{name}' of request {index} has shape "
+                                   f"{list(array.shape)}; its request has {member.rows} rows")
+            elif member.outputs is None or name in member.outputs:
+                raise Internal(f"{where} did not produce output '{name}' for request {index}")
+            parts[name].append((member.rows, array))
+    datatypes = {t.name: WIRE_FROM_CONFIG[t.data_type] for t in config.output}
+    joined = {}
+    for name, pieces in parts.items():
+        dims = {array.shape[1:] for _, array in pieces if array is not None}
+        if not dims:  # no request that answered made or asked for it
+            continue
+        if len(dims) > 1:
+            raise Internal(f"{where}: output '{name}' has rows of shapes "
+                           f"{sorted(list(d) for d in dims)} across the batch's requests; "
+                           "joined into one answer, they must agree")
+        [after] = dims
+        joined[name] = numpy.concatenate([
+            array if array is not None else _unasked((rows, *after), datatypes[name])
+            for rows, array in pieces])
+    return joined, failed
+
+
+def _unasked(shape: tuple, datatype: str) -> numpy.ndarray:
+    """The rows of an output a request neither asked for nor got: zeros, or empty strings."""
+    if datatype == "BYTES":
+        return numpy.full(shape, b"", dtype=object)
+    return numpy.zeros(shape, tensors.numpy_dtype(datatype))
+
+
+def _rows(request: ModelInferRequest) -> int:
+    """The batch's rows (its first input's first dimension)."""
+    return request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 0
+
+
+def _error_of(error: pb_utils.TritonError, where: str) -> ServingError:
+    kind = _ERROR_OF_CODE.get(error.code(), Internal)
+    return kind(f"{where}: {error.message()}")
 
 
 def _writable(array):

@@ -104,7 +104,8 @@ def _unsupported(what: str):
 
 
 class InferenceRequest:
-    """One request as `execute` sees it."""
+    """One client request of a batch as `execute` sees it: its rows of the inputs, and its
+    own id, parameters and requested outputs."""
 
     def __init__(self, model_name: str = "", requested_output_names=(), inputs=(),
                  request_id: str = "", correlation_id=0, model_version: int = -1,

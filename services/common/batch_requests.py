@@ -1,0 +1,105 @@
+"""Whose rows a batch holds, for the models that answer each request of a batch on its own
+(Python models: Triton calls `execute` with one request per client request). Pure.
+
+The batcher joins the requests of a batch into one request. For such a model it also writes,
+under the batch request's parameter `meshserve_requests`, a JSON list with one entry per
+request in batch order:
+
+    {"rows": 2, "id": "the request's id", "outputs": ["OUT"] or null (all),
+     "parameters": {"name": value, ...}}
+
+Compute answers every request's rows in that order, leaving out the rows of the requests
+that failed on their own, and lists those under the answer's parameter `meshserve_failed`:
+a JSON list of `[position, gRPC status code, message]`. A batch of one request carries
+neither: it is the request itself, so a request to such a model may not set
+`meshserve_requests` (the batcher refuses it, INVALID_ARGUMENT).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+from meshserve.common.errors import Internal, InvalidArgument
+from meshserve.protocol.groups_pb2 import ItemResult
+from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
+
+REQUESTS = "meshserve_requests"
+FAILED = "meshserve_failed"
+
+
+class Member(NamedTuple):
+    """One request of a batch, as the batcher described it."""
+
+    rows: int
+    id: str
+    outputs: list[str] | None  # the outputs it names; None: all
+    parameters: dict  # its parameters by name, each value as JSON has it
+
+
+def parameter_values(parameters: Mapping) -> dict:
+    """A request's `parameters` map as plain values (bool, int, str or float)."""
+    values = {}
+    for key, parameter in parameters.items():
+        kind = parameter.WhichOneof("parameter_choice")
+        if kind is not None:
+            values[key] = getattr(parameter, kind)
+    return values
+
+
+def refuse_reserved(request: ModelInferRequest) -> None:
+    """Raise InvalidArgument when a request sets the parameter that describes a batch."""
+    if REQUESTS in request.parameters:
+        raise InvalidArgument(f"parameter '{REQUESTS}' is reserved: meshserve describes a "
+                              "batch's requests with it")
+
+
+def describe(requests: Sequence[ModelInferRequest], rows: Sequence[int],
+             wanted: Sequence[list[str] | None]) -> str:
+    """The `meshserve_requests` value of a batch of `requests` (rows and outputs as `merge`
+    takes them)."""
+    return json.dumps([{"rows": count, "id": request.id, "outputs": names,
+                        "parameters": parameter_values(request.parameters)}
+                       for request, count, names in zip(requests, rows, wanted, strict=True)],
+                      separators=(",", ":"))
+
+
+def members(request: ModelInferRequest, total: int) -> list[Member] | None:
+    """The requests a batch request of `total` rows joins (None: it is one request).
+    Raises InvalidArgument naming the parameter when the description does not fit the batch."""
+    if REQUESTS not in request.parameters:
+        return None
+    text = request.parameters[REQUESTS].string_param
+    try:
+        read = [Member(int(m["rows"]), str(m["id"]), m["outputs"], dict(m["parameters"]))
+                for m in json.loads(text)]
+    except (ValueError, TypeError, KeyError) as error:
+        raise InvalidArgument(f"parameter '{REQUESTS}' is not a list of requests "
+                              f"({type(error).__name__}: {error})") from None
+    if len(read) < 2 or any(m.rows < 0 for m in read) or sum(m.rows for m in read) != total:
+        raise InvalidArgument(f"parameter '{REQUESTS}' describes {len(read)} requests of "
+                              f"{[m.rows for m in read]} rows; the batch has {total} rows")
+    return read
+
+
+def write_failed(response: ModelInferResponse, failed: Sequence[tuple[int, ItemResult]]) -> None:
+    """Record in `response` the requests (by position in the batch) that failed on their own."""
+    if failed:
+        response.parameters[FAILED].string_param = json.dumps(
+            [[index, result.code, result.message] for index, result in failed])
+
+
+def read_failed(response: ModelInferResponse) -> dict[int, ItemResult]:
+    """The results of the batch's requests that failed on their own, by position."""
+    if FAILED not in response.parameters:
+        return {}
+    try:
+        failed = {int(index): ItemResult(code=int(code), message=str(message))
+                  for index, code, message in json.loads(response.parameters[FAILED].string_param)}
+    except (ValueError, TypeError) as error:
+        raise Internal(f"compute answered a malformed parameter '{FAILED}' "
+                       f"({type(error).__name__}: {error})") from None
+    if any(not result.code for result in failed.values()):
+        raise Internal(f"compute answered a parameter '{FAILED}' with status code 0 (OK)")
+    return failed
