@@ -7,7 +7,8 @@ Every serving port of the mesh speaks only mutual TLS, so this asks a service wh
 kubelet learns from its health-only HTTP port (`--health-listen`: `/readyz`, `/livez`; see
 meshserve.common.probes), with a certificate of the mesh, from anywhere the port is reachable.
 
-It prints the status (`SERVING`, `NOT_SERVING`, or the RPC's error, e.g. `UNAVAILABLE: ...`)
+It prints the status (`SERVING`, `NOT_SERVING` with the reason the service gives, if any,
+or the RPC's error, e.g. `UNAVAILABLE: ...`)
 and exits 0 only on SERVING, 1 otherwise, 2 on a usage error (a malformed address, a
 certificate file that cannot be read).
 
@@ -78,6 +79,8 @@ async def check(address: str, tls: TlsFiles, identity: str, service: str,
         await channel.close()
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+    if not serving and reply.reason:  # a compute that refused its model, and its batcher
+        status = f"{status}: {reply.reason}"
     return (EXIT_SERVING if serving else EXIT_NOT_SERVING), status
 
 

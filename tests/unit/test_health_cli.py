@@ -13,8 +13,14 @@ from meshserve.tools.cli import main
 
 
 class Serving(health_pb2_grpc.HealthServicer):
+    def __init__(self, answer: health_pb2.HealthCheckResponse) -> None:
+        self.answer = answer
+
     async def Check(self, request, context):  # noqa: N802 — the RPC's name
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        return self.answer
+
+
+SERVING = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +30,11 @@ def cert_dir(tmp_path_factory):
     return directory
 
 
-def health(cert_dir, identity: str) -> int:
+def health(cert_dir, identity: str, answer=SERVING) -> int:
     """`meshserve health` with the developer's certificate against a router on port 0."""
     async def checked() -> int:
         server = grpc.aio.server(options=server_options())
-        health_pb2_grpc.add_HealthServicer_to_server(Serving(), server)
+        health_pb2_grpc.add_HealthServicer_to_server(Serving(answer), server)
         port = server.add_secure_port("127.0.0.1:0", server_credentials(
             TlsFiles.for_identity(cert_dir, "router")))
         await server.start()
@@ -46,6 +52,18 @@ def health(cert_dir, identity: str) -> int:
 def test_the_right_identity_is_serving(cert_dir, capsys):
     assert health(cert_dir, "router") == 0
     assert capsys.readouterr().out == "SERVING\n"
+
+
+def test_not_serving_says_why_when_the_service_does(cert_dir, capsys):
+    refused = health_pb2.HealthCheckResponse(
+        status=health_pb2.HealthCheckResponse.NOT_SERVING,
+        reason="refusing model 'mlp' version 3: manifest signed by an unknown key")
+    assert health(cert_dir, "router", refused) == 1
+    assert capsys.readouterr().out == (
+        "NOT_SERVING: refusing model 'mlp' version 3: manifest signed by an unknown key\n")
+    assert health(cert_dir, "router", health_pb2.HealthCheckResponse(
+        status=health_pb2.HealthCheckResponse.NOT_SERVING)) == 1
+    assert capsys.readouterr().out == "NOT_SERVING\n"
 
 
 def test_a_wrong_identity_names_the_expected_one_and_the_one_served(cert_dir, capsys):
