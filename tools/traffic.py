@@ -52,8 +52,9 @@ def format_status(response: pb.StatusResponse) -> str:
         if policy.shadow.version:
             extras.append(f"shadow {policy.shadow.percent:g}% to {policy.shadow.version}")
         canary = model.canary
-        if canary.state:
-            extras.append(f"canary {canary.baseline} → {canary.plan.to_version} "
+        if canary.state:  # the running canary, or the last one, which has ended
+            last = "" if canary.state == "running" else "last "
+            extras.append(f"{last}canary {canary.baseline} → {canary.plan.to_version} "
                           f"{canary.state} at {canary.weight}%")
         if canary.state == "running" and canary.restore.model:
             extras.append(f"a rollback restores {policy_text(canary.restore)}")

@@ -56,7 +56,7 @@ def test_no_canary():
 @pytest.mark.parametrize(("record", "head"), [
     (canary("running", 10, {}), "mlp  (canary 1 → 3 running at 10%, a rollback restores "
                                 "1=70 2=30 3=0)"),
-    (canary("rolled_back", 0, {}), "mlp  (canary 1 → 3 rolled_back at 0%)"),
+    (canary("rolled_back", 0, {}), "mlp  (last canary 1 → 3 rolled_back at 0%)"),
     (pb.Canary(), "mlp"),
 ], ids=["running", "ended", "none"])
 def test_traffic_status_names_the_canary_and_what_a_rollback_restores(record, head):
