@@ -141,6 +141,10 @@ def parse_san(san: str) -> x509.GeneralName:
     raise ValueError(f"SAN {san!r}: unknown kind {kind!r}; use DNS, URI or IP")
 
 
+DEFAULT_DAYS = 365  # certificates' lifetime without --days
+SOON_DAYS = 30  # without --days, leaves that the CA ends sooner than this are worth a warning
+
+
 def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
     if days < 1:
         raise ValueError(f"days must be at least 1, got {days}")
@@ -433,7 +437,7 @@ def _drop_old_ca(directory: Path) -> list[Path]:
 def _cmd_init(args: argparse.Namespace) -> int:
     directory = Path(args.directory)
     try:
-        written = _init_certs(directory, args.days)
+        written = _init_certs(directory, args.days or DEFAULT_DAYS)
     except (CertsError, OSError, ValueError) as exc:
         print(f"certs init: {exc}", file=sys.stderr)
         return 1
@@ -452,7 +456,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 def _cmd_rotate(args: argparse.Namespace) -> int:
     directory = Path(args.directory)
     try:
-        written = rotate_certs(directory, days=args.days, new_ca=args.new_ca,
+        written = rotate_certs(directory, days=args.days or DEFAULT_DAYS, new_ca=args.new_ca,
                                drop_old_ca=args.drop_old_ca,
                                settle=_waiting(args.settle) if args.settle else None)
     except (CertsError, OSError, ValueError) as exc:
@@ -468,17 +472,21 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
-def shortened_lifetime(directory: Path, written: Sequence[Path], days: int) -> str | None:
-    """A line saying so when the leaves just written end before the `days` asked for: a leaf
-    never outlives its CA."""
+def shortened_lifetime(directory: Path, written: Sequence[Path], days: int | None) -> str | None:
+    """A line saying so when the leaves just written end before the `days` asked for (a leaf
+    never outlives its CA); without `--days` (None: DEFAULT_DAYS), only when they end within
+    SOON_DAYS, since a CA and its leaves made together end together."""
     leaves = [p for p in written if p.suffix == ".crt" and p.name != CA_CERT]
     if not leaves:
         return None
-    asked = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=days)
+    now = datetime.datetime.now(datetime.UTC)
+    asked = now + datetime.timedelta(days=days or DEFAULT_DAYS)
     ends = min(x509.load_pem_x509_certificate(p.read_bytes()).not_valid_after_utc
                for p in leaves)
-    if ends >= asked - _BACKDATE:
+    if ends >= asked - _BACKDATE or (days is None and
+                                     ends >= now + datetime.timedelta(days=SOON_DAYS)):
         return None
+    days = days or DEFAULT_DAYS
     return (f"warning: the new certificates expire on {ends:%Y-%m-%d %H:%M} UTC, when the CA "
             f"in {directory / CA_CERT} does, not on {asked:%Y-%m-%d %H:%M} UTC as --days {days} "
             f"asked; `meshserve certs rotate {directory} --new-ca --days {days}` makes a "
@@ -500,13 +508,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = certs.add_subparsers(dest="certs_command", metavar="COMMAND", required=True)
     init = commands.add_parser("init", help="create the CA and the certificates that are missing")
     init.add_argument("directory", metavar="DIR", type=Path, help="where the files go")
-    init.add_argument("--days", type=positive_int, default=365,
+    init.add_argument("--days", type=positive_int, default=None,
                       help="validity of new certificates in days (default: 365)")
     init.set_defaults(func=_cmd_init)
     rotate = commands.add_parser(
         "rotate", help="re-issue every leaf (optionally from a new CA); services reload them")
     rotate.add_argument("directory", metavar="DIR", type=Path, help="the certificate directory")
-    rotate.add_argument("--days", type=positive_int, default=365,
+    rotate.add_argument("--days", type=positive_int, default=None,
                         help="validity of the new certificates in days (default: 365)")
     which = rotate.add_mutually_exclusive_group()
     which.add_argument("--new-ca", action="store_true",

@@ -213,3 +213,16 @@ def test_cli_rotate_says_when_the_ca_ends_the_leaves_first(tmp_path, capsys):
                                      "--settle", "0"])
     assert args.func(args) == 0
     assert "warning" not in capsys.readouterr().out  # within the CA's life: nothing to say
+
+
+def test_cli_rotate_without_days_warns_only_when_the_ca_ends_soon(tmp_path, capsys):
+    init_certs(tmp_path, days=364)  # as `up`'s CA of 365 days a day later: leaves end with it
+    args = make_parser().parse_args(["certs", "rotate", str(tmp_path), "--settle", "0"])
+    assert args.func(args) == 0
+    assert "warning" not in capsys.readouterr().out
+    init_certs(tmp_path / "short", days=10)
+    args = make_parser().parse_args(["certs", "rotate", str(tmp_path / "short"),
+                                     "--settle", "0"])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(
+        "warning: the new certificates expire on ")
