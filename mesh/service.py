@@ -132,7 +132,7 @@ def build_service(settings: ControlPlaneSettings, metrics: Metrics | None = None
             model_files.read_kek(settings.kek_file) if settings.kek_file else None)
     if metrics is not None:
         XdsCollector.register(metrics, lambda: control.cache.snapshot.version,
-                              lambda: len(control.cache.nacks),
+                              lambda: control.cache.nack_count,
                               lambda: time.monotonic() - control.cache.changed_at)
     health = HealthServicer()
     policy = (PolicyFile(settings.policy_file, time.monotonic).current

@@ -93,7 +93,9 @@ class Batcher:
 
     Each request is validated against the model's configuration again (~8 µs): the router
     is trusted to be who it is, not to be right, and one malformed request must not spoil
-    the batch it would join."""
+    the batch it would join. So is the model and version it names: a batch goes to compute
+    under its first request's name, so one naming another model had its whole batch refused,
+    and one naming another version was answered by this one."""
 
     def __init__(self, scheduler: Scheduler, statistics: Statistics, config: ModelConfig,
                  tracing: Tracing | None = None, cache: CachingFront | None = None) -> None:
@@ -126,6 +128,7 @@ class Batcher:
                 if not self.scheduler.ready:
                     raise self._unready()
                 request = item.request
+                self.check_served(request.model_name, request.model_version)
                 checked = self._validate(request)
                 job.outputs = checked.outputs
                 if self._tracing is not None:
@@ -187,6 +190,13 @@ class Batcher:
         return no_replica(self.statistics.name, self.statistics.version,
                           self.scheduler.failover)
 
+    def check_served(self, name: str, version: str) -> None:
+        """NotFound unless this batcher serves model `name` version `version` ("": any)."""
+        stats = self.statistics
+        if name != stats.name or version not in ("", stats.version):
+            raise NotFound(f"this batcher serves model '{stats.name}' version "
+                           f"'{stats.version}', not '{name}' version '{version}'")
+
 
 def refused_whole(body: bytes, error: DecodeError) -> bytes:
     """A group whose items do not parse (the router reads only a group's head): each item is
@@ -206,19 +216,13 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, batcher: Batcher) -> None:
         self._batcher = batcher
 
-    def _check(self, name: str, version: str) -> None:
-        stats = self._batcher.statistics
-        if name != stats.name or version not in ("", stats.version):
-            raise NotFound(f"this batcher serves model '{stats.name}' version "
-                           f"'{stats.version}', not '{name}' version '{version}'")
-
     async def ModelReady(self, request, context):
-        self._check(request.name, request.version)
+        self._batcher.check_served(request.name, request.version)
         return ModelReadyResponse(ready=self._batcher.scheduler.ready)
 
     async def ModelStatistics(self, request, context):
         if request.name:
-            self._check(request.name, request.version)
+            self._batcher.check_served(request.name, request.version)
         return ModelStatisticsResponse(model_stats=[self._batcher.statistics.to_proto()])
 
     async def ModelInfer(self, request, context):

@@ -61,6 +61,20 @@ def initial_frames(max_streams: int | None = None) -> bytes:
             + h2.window_update(0, CONNECTION_WINDOW - h2.DEFAULT_WINDOW))
 
 
+def _on_stream_0(kind: int, stream: int) -> None:
+    """A frame of the connection's own (SETTINGS, PING) must come on stream 0."""
+    if stream:
+        raise ConnectionFailure(h2.PROTOCOL_ERROR,
+                                f"{h2.FRAME_NAMES.get(kind, kind)} on stream {stream}")
+
+
+def _sized(kind: int, payload: bytes, size: int) -> None:
+    """A frame of fixed size (PING: 8 bytes, RST_STREAM: 4) of another size."""
+    if len(payload) != size:
+        raise ConnectionFailure(h2.FRAME_SIZE_ERROR, f"{h2.FRAME_NAMES.get(kind, kind)} of "
+                                f"{len(payload)} bytes (it has {size})")
+
+
 class Http2Connection(asyncio.BufferedProtocol):
     """One connection's frames. Subclasses keep their streams in `calls` and handle HEADERS
     (`_headers`), RST_STREAM (`_reset`), GOAWAY (`_go_away`), a PING's answer (`_pinged`)
@@ -203,15 +217,21 @@ class Http2Connection(asyncio.BufferedProtocol):
         elif kind == h2.WINDOW_UPDATE:
             self._window_update(stream, payload)
         elif kind == h2.SETTINGS:
+            _on_stream_0(kind, stream)
             if not flags & h2.ACK:
                 self._settings(checked(h2.parse_settings, payload))
         elif kind == h2.PING:
+            _on_stream_0(kind, stream)
+            _sized(kind, payload, h2.PING_SIZE)
             if flags & h2.ACK:
                 self._pinged()
             else:
                 self.out.append(h2.frame(h2.PING, h2.ACK, 0, payload))
         elif kind == h2.RST_STREAM:
-            self._reset(stream, int.from_bytes(payload[:4], "big"))
+            _sized(kind, payload, 4)
+            if stream == 0:
+                raise ConnectionFailure(h2.PROTOCOL_ERROR, "RST_STREAM on stream 0")
+            self._reset(stream, int.from_bytes(payload, "big"))
         elif kind == h2.GOAWAY:
             self._go_away(payload)
         elif kind == h2.PUSH_PROMISE:
@@ -251,10 +271,16 @@ class Http2Connection(asyncio.BufferedProtocol):
             if increment == 0:
                 raise ConnectionFailure(h2.PROTOCOL_ERROR, "a window update of 0")
             self.send_window += increment
+            if self.send_window > h2.MAX_WINDOW:
+                raise ConnectionFailure(h2.FLOW_CONTROL_ERROR, "a window update past "
+                                        f"{h2.MAX_WINDOW} bytes on the connection")
             for call in list(self.blocked.values()):
                 call.push()
         elif (call := self.calls.get(stream)) is not None:
             call.window_delta += increment
+            if self.peer_window + call.window_delta > h2.MAX_WINDOW:
+                raise ConnectionFailure(h2.FLOW_CONTROL_ERROR, "a window update past "
+                                        f"{h2.MAX_WINDOW} bytes on stream {stream}")
             call.push()
 
     def _settings(self, settings: dict[int, int]) -> None:

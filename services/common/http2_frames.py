@@ -10,6 +10,7 @@ in base64 under names ending `-bin`.
 from __future__ import annotations
 
 import base64
+import binascii
 import struct
 from typing import NamedTuple
 from urllib.parse import quote
@@ -21,6 +22,10 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Frame types.
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0x0, 0x1, 0x2, 0x3, 0x4
 PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0x5, 0x6, 0x7, 0x8, 0x9
+FRAME_NAMES = {DATA: "DATA", HEADERS: "HEADERS", PRIORITY: "PRIORITY",
+               RST_STREAM: "RST_STREAM", SETTINGS: "SETTINGS", PUSH_PROMISE: "PUSH_PROMISE",
+               PING: "PING", GOAWAY: "GOAWAY", WINDOW_UPDATE: "WINDOW_UPDATE",
+               CONTINUATION: "CONTINUATION"}
 # Flags.
 END_STREAM = ACK = 0x1
 END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
@@ -33,7 +38,9 @@ FRAME_SIZE_ERROR, REFUSED_STREAM, COMPRESSION_ERROR = 0x6, 0x7, 0x9
 
 DEFAULT_WINDOW = 65_535
 DEFAULT_FRAME_SIZE = 16_384
+MAX_FRAME_SIZE_LIMIT = (1 << 24) - 1
 MAX_WINDOW = (1 << 31) - 1
+PING_SIZE = 8
 
 FRAME_HEADER = struct.Struct(">BHBBI")  # length (24 bits as 8 + 16), type, flags, stream
 MESSAGE_PREFIX = struct.Struct(">BI")  # compressed flag, length
@@ -54,9 +61,18 @@ def settings_frame(settings: dict[int, int]) -> bytes:
 
 
 def parse_settings(payload: bytes) -> dict[int, int]:
+    """A SETTINGS frame's values; ValueError naming the setting for a value RFC 9113 (6.5.2)
+    does not allow (a frame size of 0 would leave every answer unsent)."""
     if len(payload) % 6:
         raise ValueError("SETTINGS payload is not a multiple of 6 bytes")
-    return dict(struct.iter_unpack(">HI", payload))
+    settings = dict(struct.iter_unpack(">HI", payload))
+    if settings.get(ENABLE_PUSH, 0) > 1:
+        raise ValueError(f"SETTINGS_ENABLE_PUSH of {settings[ENABLE_PUSH]} (0 or 1)")
+    frame_size = settings.get(MAX_FRAME_SIZE, DEFAULT_FRAME_SIZE)
+    if not DEFAULT_FRAME_SIZE <= frame_size <= MAX_FRAME_SIZE_LIMIT:
+        raise ValueError(f"SETTINGS_MAX_FRAME_SIZE of {frame_size} (from "
+                         f"{DEFAULT_FRAME_SIZE} to {MAX_FRAME_SIZE_LIMIT})")
+    return settings
 
 
 def window_update(stream: int, increment: int) -> bytes:
@@ -166,15 +182,17 @@ def timeout_seconds(value: bytes) -> float:
 
 class RequestHead(NamedTuple):
     """What a call's header block says: the method, its timeout (seconds; None: none), how
-    its messages are compressed, and the metadata a handler sees."""
+    its messages are compressed, and the metadata a handler sees; `malformed` says what in
+    it cannot be read ("": nothing), and the call is then refused saying so."""
     path: str
     timeout: float | None
     encoding: bytes
     metadata: tuple
+    malformed: str = ""
 
 
 def request_head(fields: list[tuple[bytes, bytes]]) -> RequestHead:
-    path, timeout, encoding, metadata = "", None, b"identity", []
+    path, timeout, encoding, metadata, malformed = "", None, b"identity", [], ""
     for name, value in fields:
         if name[:1] == b":":
             if name == b":path":
@@ -187,8 +205,11 @@ def request_head(fields: list[tuple[bytes, bytes]]) -> RequestHead:
         elif name == b"grpc-encoding":
             encoding = value
         elif name not in RESERVED:
-            metadata.append(metadatum(name, value))
-    return RequestHead(path, timeout, encoding, tuple(metadata))
+            try:
+                metadata.append(metadatum(name, value))
+            except ValueError as error:
+                malformed = malformed or str(error)
+    return RequestHead(path, timeout, encoding, tuple(metadata), malformed)
 
 
 class HeadDecoder:
@@ -228,10 +249,14 @@ class HeadDecoder:
 
 
 def metadatum(name: bytes, value: bytes) -> tuple[str, str | bytes]:
-    """A header as a handler sees it: binary ones decoded from base64."""
+    """A header as a handler sees it: binary ones decoded from base64 (ValueError naming the
+    header when its value is not base64)."""
     key = name.decode("latin-1")
     if key.endswith("-bin"):
-        return key, base64.b64decode(value + b"=" * (-len(value) % 4))
+        try:
+            return key, base64.b64decode(value + b"=" * (-len(value) % 4))
+        except binascii.Error as error:
+            raise ValueError(f"metadata '{key[:100]}' is not valid base64: {error}") from None
     return key, value.decode("latin-1")
 
 

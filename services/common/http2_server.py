@@ -16,8 +16,11 @@ cancellation (RST_STREAM), flow control both ways, message limits (RESOURCE_EXHA
 and deflate requests, GOAWAY and a graceful stop; and bounds for a client that misbehaves,
 where gRPC core's server has its own: on the calls it may have open on a connection
 (advertised in SETTINGS, refused beyond with REFUSED_STREAM), on the bytes of request
-messages still arriving (and for how long one may stall) and on what waits for a client that
-does not read (PING answers, say: its connection is not read meanwhile). Answers are never
+messages still arriving (a unary call's whole message too, until its stream ends; and for how
+long one may stall) and on what waits for a client that does not read (PING answers, say: its
+connection is not read meanwhile). An `admit` check, when given, decides on each call as its
+headers arrive, before any of its request is read (internal servers refuse callers of other
+identities there). Answers are never
 compressed; server push and priorities are not used. Frames, and HPACK as written and read,
 are in `meshserve.common.http2_frames`; what both ends of a connection do alike (flow control,
 SETTINGS, PING) in `meshserve.common.http2_connection`, which the hops' own client
@@ -32,7 +35,7 @@ import logging
 import socket
 import ssl
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import grpc
@@ -92,12 +95,23 @@ class _CallDetails(NamedTuple):
     invocation_metadata: tuple
 
 
+# Decides, as a call's headers arrive and before any of its request is read, whether the
+# caller may make it: (method, the call's context) -> None, or the (code, details) that
+# refuses it (the caller-identity check of internal servers).
+Admit = Callable[[str, "_Call"], "tuple[grpc.StatusCode, str] | None"]
+
+
+def undecodable(error: Exception) -> str:
+    """The details of a request message that does not parse as the method's message."""
+    return f"request is not a valid protobuf message: {error}"
+
+
 class Http2Server:
     """`grpc.aio.server()`'s interface, as the services use it."""
 
     def __init__(self, options: Iterable[tuple[str, object]] = (),
                  max_unfinished: int = MAX_UNFINISHED,
-                 stall_timeout: float = STALL_TIMEOUT) -> None:
+                 stall_timeout: float = STALL_TIMEOUT, admit: Admit | None = None) -> None:
         settings: dict[str, object] = {}
         for key, value in options:  # the first of a repeated key counts, as in gRPC
             settings.setdefault(key, value)
@@ -105,7 +119,10 @@ class Http2Server:
         self.max_send = int(settings.get("grpc.max_send_message_length", MAX_MESSAGE_BYTES))
         self.max_streams = int(settings.get("grpc.max_concurrent_streams", MAX_STREAMS))
         self.max_unfinished = max_unfinished
-        self.unfinished = 0  # bytes of request messages still arriving, all connections
+        # Bytes of requests still arriving, all connections: messages in the making, and the
+        # message of a unary call whose stream has not ended yet.
+        self.unfinished = 0
+        self.admit = admit
         self.stall_timeout = stall_timeout
         self._sweeper: asyncio.TimerHandle | None = None
         self._handlers: list[grpc.GenericRpcHandler] = []
@@ -307,7 +324,7 @@ class _Connection(Http2Connection):
             return
         call = _Call(self, stream, head)
         self.calls[stream] = call
-        call.begin()
+        call.begin(head)
         if flags & h2.END_STREAM and not call.finished:
             call.received(b"", True)
 
@@ -358,17 +375,32 @@ class _Call(Http2Stream):
         self._timer: asyncio.TimerHandle | None = None
         self._expired = False
         self._reset = False
+        self._began = False  # the handler's task has started running
         self._fed = 0.0  # when bytes of an unfinished request message last came
+        self._held = 0  # bytes of a unary call's message, held until its stream ends
         self.code: grpc.StatusCode | None = None
         self.details = ""
         self.trailing: tuple = ()
 
     # --- requests in -----------------------------------------------------------------------
 
-    def begin(self) -> None:
-        handler = self.connection.server.handler(self._path, self._metadata)
+    def begin(self, head: h2.RequestHead) -> None:
+        """The call's headers are in: refuse a caller the server does not admit, and a call
+        it cannot serve, before any of its request is read; else wait for the request (a
+        streaming one's handler starts now)."""
+        server = self.connection.server
+        refusal = None if server.admit is None else server.admit(self._path, self)
+        if refusal is not None:
+            self._finish_now(*refusal)
+            return
+        if head.malformed:
+            self._finish_now(grpc.StatusCode.INTERNAL, head.malformed)
+            return
+        handler = server.handler(self._path, self._metadata)
         if handler is None:
-            self._finish_now(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {self._path}")
+            self._finish_now(grpc.StatusCode.UNIMPLEMENTED,
+                             f"unknown method {self._path}" if self._path else
+                             "unknown method: the request has no :path")
             return
         self._handler = handler
         if self._deadline is not None:
@@ -400,15 +432,27 @@ class _Call(Http2Stream):
             raise _Status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
         finally:
             server.unfinished += len(self._partial) - before
-        if self._partial:
+        if self._partial or messages:
             self._fed = self.connection.loop.time()
+        for compressed, payload in messages:
+            self._arrive(self._decompressed(payload) if compressed else payload)
         if server.unfinished > server.max_unfinished:
             raise _Status(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the server holds {server.unfinished} bytes of request messages "
                           f"still arriving, past its limit of {server.max_unfinished}; "
                           "send again later")
-        for compressed, payload in messages:
-            self._arrive(self._decompressed(payload) if compressed else payload)
+
+    def _arrive(self, message: bytes) -> None:
+        """A whole request message. A unary call's is held, and counted with the bytes still
+        arriving, until its stream ends and its handler takes it: no handler, and so no
+        check of what it holds, runs before then."""
+        if not self._handler.request_streaming:
+            if self._messages:
+                raise _Status(grpc.StatusCode.INTERNAL,
+                              "a unary call needs one request message, got more")
+            self._held = len(message)
+            self.connection.server.unfinished += self._held
+        super()._arrive(message)
 
     def _decompressed(self, payload: bytes) -> bytes:
         """A compressed message, inflated no further than the size limit allows."""
@@ -429,7 +473,17 @@ class _Call(Http2Stream):
 
     async def _requests(self, decode):
         while (message := await self._next_message()) is not None:
-            yield message if decode is None else decode(message)
+            yield message if decode is None else self._decoded(decode, message)
+
+    def _decoded(self, decode, message: bytes):
+        """A streamed request message parsed; one that does not parse ends the call
+        INVALID_ARGUMENT saying so (and whatever reads the stream with it: a handler may read
+        its requests from a task of its own, which would otherwise fail unseen)."""
+        try:
+            return decode(message)
+        except Exception as error:  # noqa: BLE001 — the parser's, answered to the caller
+            self._finish_now(grpc.StatusCode.INVALID_ARGUMENT, undecodable(error))
+            raise asyncio.CancelledError() from None
 
     # --- the handler -----------------------------------------------------------------------
 
@@ -437,6 +491,7 @@ class _Call(Http2Stream):
         self._task = self.connection.loop.create_task(self._serve(self._handler))
 
     async def _serve(self, handler: grpc.RpcMethodHandler) -> None:
+        self._began = True
         try:
             if handler.request_streaming:
                 request = self._requests(handler.request_deserializer)
@@ -470,20 +525,31 @@ class _Call(Http2Stream):
             self._finish(grpc.StatusCode.UNKNOWN, f"Unexpected {type(error)}: {error}")
 
     def _single_request(self, decode):
-        if len(self._messages) != 1 or self._partial:
+        if self._partial:
+            raise _Status(grpc.StatusCode.INTERNAL, "the request message was cut short: its "
+                          f"stream ended after {len(self._partial)} bytes of it")
+        if len(self._messages) != 1:
             raise _Status(grpc.StatusCode.INTERNAL,
                           f"a unary call needs one request message, got {len(self._messages)}")
+        self._let_go()
         message = self._messages.popleft()
         return message if decode is None else decode(message)
 
     def give_up_if_stalled(self, now: float, stall_timeout: float) -> None:
-        if self._partial and not self.finished and now - self._fed > stall_timeout:
+        if self.finished or now - self._fed <= stall_timeout:
+            return
+        if self._partial:
             self._finish_now(grpc.StatusCode.DEADLINE_EXCEEDED, "the request message stopped "
                              f"arriving (no bytes of it for {stall_timeout:g} s)")
+        elif self._held:
+            self._finish_now(grpc.StatusCode.DEADLINE_EXCEEDED, "the request did not end: "
+                             f"its stream stayed open {stall_timeout:g} s after its message")
 
     def _expire(self) -> None:
+        """The deadline passed: the handler is cancelled and the call ends DEADLINE_EXCEEDED
+        (a handler that has not run yet is never started, and the call is answered here)."""
         self._expired = True
-        if self._task is not None and not self._task.done():
+        if self._task is not None and not self._task.done() and self._began:
             self._task.cancel()
         elif not self.finished:
             self._finish_now(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
@@ -560,10 +626,14 @@ class _Call(Http2Stream):
         self._release()
 
     def _let_go(self) -> None:
-        """The call reads no more: the message it was receiving will not be finished."""
+        """The call reads no more (the message it was receiving will not be finished), or its
+        handler has taken its unary request: neither counts as still arriving."""
         if self._partial:
             self.connection.server.unfinished -= len(self._partial)
             self._partial.clear()
+        if self._held:
+            self.connection.server.unfinished -= self._held
+            self._held = 0
 
     # --- grpc.aio.ServicerContext ------------------------------------------------------------
 
@@ -572,7 +642,7 @@ class _Call(Http2Stream):
         if message is None:
             return grpc.aio.EOF
         decode = self._handler.request_deserializer
-        return message if decode is None else decode(message)
+        return message if decode is None else self._decoded(decode, message)
 
     async def write(self, message) -> None:
         if self.finished:

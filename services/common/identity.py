@@ -101,15 +101,14 @@ class Callers:
 
 
 class CallerCheck:
-    """`await check(context)` refuses a caller that is not one of `callers` (the server's
-    guarded handlers run it before every call, health checks aside)."""
+    """`check.refusal(context)` says why a caller that is not one of `callers` is refused
+    (None: admitted). The services' server asks it as each call's headers arrive, before any
+    of the request is read, health checks aside (`meshserve.common.server.admission`)."""
 
     def __init__(self, callers: Callers, cache: IdentityCache | None = None) -> None:
         self._callers = callers
         self._cache = cache or IdentityCache()
 
-    async def __call__(self, context: grpc.aio.ServicerContext) -> None:
+    def refusal(self, context: grpc.aio.ServicerContext) -> str | None:
         identity = caller_identity(context, self._cache)
-        if not self._callers.admits(identity):
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                self._callers.refusal(identity))
+        return None if self._callers.admits(identity) else self._callers.refusal(identity)

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import grpc
 
 from meshserve.common.errors import ServingError
-from meshserve.common.http2_server import Http2Server
+from meshserve.common.http2_server import Admit, Http2Server, undecodable
 from meshserve.common.identity import HEALTH_PREFIX, CallerCheck, Callers
 from meshserve.common.liveness import bounded
 from meshserve.common.tls import server_options
@@ -40,7 +40,21 @@ def internal_error_message(error: BaseException) -> str:
     return f"internal error (id {error_id})"
 
 
-Admit = Callable[[grpc.aio.ServicerContext], Awaitable[None]]
+def admission(callers: Callers | None) -> Admit | None:
+    """The server's check of each call's caller, as its headers arrive (before any of its
+    request is read or parsed): PERMISSION_DENIED naming the caller's identity and those
+    allowed, unless it is one of `callers` (None: anyone) or calls `grpc.health.v1`."""
+    if callers is None:
+        return None
+    check = CallerCheck(callers)
+
+    def admit(method: str, context) -> tuple[grpc.StatusCode, str] | None:
+        if method.startswith(HEALTH_PREFIX):
+            return None
+        refused = check.refusal(context)
+        return None if refused is None else (grpc.StatusCode.PERMISSION_DENIED, refused)
+
+    return admit
 
 
 class GuardedServer:
@@ -50,18 +64,15 @@ class GuardedServer:
     ServingError → its status and message; a method of the protocol that the service does not
     serve (the generated servicer's NotImplementedError) → UNIMPLEMENTED naming it; anything
     else → INTERNAL with a fixed message and an id that is logged with the stack trace.
-    `admit`, when given, runs first on every call but health checks and may abort it (the
-    caller-identity check of internal servers).
     """
 
-    def __init__(self, server: grpc.aio.Server, admit: Admit | None = None) -> None:
+    def __init__(self, server: grpc.aio.Server) -> None:
         self._server = server
-        self._admit = admit
 
     def guard(self, method: str, handler: grpc.RpcMethodHandler | None):
         if handler is None:
             return None
-        return _wrap(handler, None if method.startswith(HEALTH_PREFIX) else self._admit, method)
+        return _wrap(handler, method)
 
     def add_generic_rpc_handlers(self, handlers) -> None:
         self._server.add_generic_rpc_handlers(tuple(_Guarded(h, self) for h in handlers))
@@ -135,7 +146,7 @@ class Undecodable:
     INVALID_ARGUMENT (left to gRPC, they got UNKNOWN naming the parser's exception class)."""
 
     def __init__(self, error: Exception) -> None:
-        self.message = f"request is not a valid protobuf message: {error}"
+        self.message = undecodable(error)
 
 
 def _decoding(deserializer):
@@ -151,11 +162,9 @@ def _decoding(deserializer):
     return decode
 
 
-def _guard(behavior, admit: Admit | None, method: str):
+def _guard(behavior, method: str):
     async def guarded(request, context):
         try:
-            if admit is not None:
-                await admit(context)
             if isinstance(request, Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             return await behavior(request, context)
@@ -167,11 +176,9 @@ def _guard(behavior, admit: Admit | None, method: str):
     return guarded
 
 
-def _guard_stream(behavior, admit: Admit | None, method: str):
+def _guard_stream(behavior, method: str):
     async def guarded(request_or_iterator, context):
         try:
-            if admit is not None:
-                await admit(context)
             if isinstance(request_or_iterator, Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     request_or_iterator.message)
@@ -185,24 +192,23 @@ def _guard_stream(behavior, admit: Admit | None, method: str):
     return guarded
 
 
-def _wrap(handler: grpc.RpcMethodHandler, admit: Admit | None,
-          method: str) -> grpc.RpcMethodHandler:
+def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     codec = (handler.request_deserializer, handler.response_serializer)
     # One request message: an undecodable one reaches the guard, which refuses it clearly.
     single = (_decoding(handler.request_deserializer), handler.response_serializer)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            _guard(handler.unary_unary, admit, method), *single)
+            _guard(handler.unary_unary, method), *single)
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(
-            _guard(handler.stream_unary, admit, method), *codec)
+            _guard(handler.stream_unary, method), *codec)
     if handler.stream_stream:
         # A generator answers by yielding; a coroutine reads and writes on its context.
         guard = _guard_stream if inspect.isasyncgenfunction(handler.stream_stream) else _guard
         return grpc.stream_stream_rpc_method_handler(
-            guard(handler.stream_stream, admit, method), *codec)
+            guard(handler.stream_stream, method), *codec)
     return grpc.unary_stream_rpc_method_handler(
-        _guard_stream(handler.unary_stream, admit, method), *single)
+        _guard_stream(handler.unary_stream, method), *single)
 
 
 HealthCheckResponse = health_pb2.HealthCheckResponse
@@ -317,9 +323,8 @@ class Service:
         self.port: int | None = None
 
     async def start(self) -> int:
-        admit = None if self.callers is None else CallerCheck(self.callers)
-        self.server = Http2Server(options=SERVER_OPTIONS)
-        guarded = GuardedServer(self.server, admit)
+        self.server = Http2Server(options=SERVER_OPTIONS, admit=admission(self.callers))
+        guarded = GuardedServer(self.server)
         self._register(guarded)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, guarded)
         self.port = self.server.add_secure_port(self.address, self._credentials)

@@ -53,6 +53,7 @@ from meshserve.protocol import grpc_service_pb2, grpc_service_pb2_grpc
 from meshserve.protocol.admin_pb2 import ShadowReport, StatusRequest
 from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.protocol.groups_pb2 import InferGroup, InferGroupResult, ItemResult
+from meshserve.router.known import KnownModels
 from meshserve.router.shadow import Shadowing
 from meshserve.router.split import MeshSplits, Split
 
@@ -219,12 +220,16 @@ class Router:
     `tracing`, when given, traces each request's routing (`router.route`).
 
     A group is forwarded as the bytes it came in (the router reads only its header), unless
-    tracing or a shadow copy needs its items."""
+    tracing or a shadow copy needs its items. `known`, when given, holds the models the
+    control plane routes: a model it does not is refused at once, and no route is made for
+    it (see `meshserve.router.known`)."""
 
     def __init__(self, tls: TlsFiles, batcher_identity: str, groups=None,
                  tracing: Tracing | None = None, splits: MeshSplits | None = None,
-                 draw: Callable[[], float] = random.random) -> None:
+                 draw: Callable[[], float] = random.random,
+                 known: KnownModels | None = None) -> None:
         self._tls = tls
+        self.known = known
         self._tracing = tracing
         self._groups = groups
         self._identity = batcher_identity
@@ -233,12 +238,23 @@ class Router:
         self.models: dict[str, ModelRoute] = {}
         self.shadowing = Shadowing()
 
-    def route(self, model: str) -> ModelRoute:
+    async def route(self, model: str, timeout: float | None = None) -> ModelRoute:
+        """The route to `model`, made on first use once the control plane is known to route
+        it (waiting for its answer at most `timeout` and SPLIT_WAIT_S); Unavailable naming the
+        model where it does not."""
         route = self.models.get(model)
-        if route is None:
-            observe = None if self._groups is None else self._groups.recorder(model)
-            route = self.models[model] = ModelRoute(model, self._tls, self._identity,
-                                                    self._splits, self._draw, observe)
+        if route is not None:
+            return route
+        if self.known is not None:
+            wait = SPLIT_WAIT_S if timeout is None else min(timeout, SPLIT_WAIT_S)
+            if not await self.known.knows(model, wait):
+                raise no_route(model, self.known.names is None)
+            route = self.models.get(model)  # made while this call waited
+            if route is not None:
+                return route
+        observe = None if self._groups is None else self._groups.recorder(model)
+        route = self.models[model] = ModelRoute(model, self._tls, self._identity,
+                                                self._splits, self._draw, observe)
         return route
 
     async def handle(self, body: bytes, early: Early | None = None) -> bytes:
@@ -251,8 +267,8 @@ class Router:
             group = InferGroup.FromString(body) if inspected else None
         except (ValueError, DecodeError) as error:
             raise not_a_group(error) from None
-        route = self.route(head.model_name)
         try:
+            route = await self.route(head.model_name, head.timeout_us / 1e6 or None)
             if group is None:
                 return await route.send(head, body, early)
             return await self._inspected(route, group)
@@ -304,6 +320,14 @@ class Router:
             await route.close()
 
 
+def no_route(model: str, unheard: bool) -> Unavailable:
+    """The refusal of a request for a model the control plane does not route (or before it
+    has said which it does)."""
+    why = ("the control plane has not said which models it routes yet" if unheard else
+           "the control plane has no traffic policy for it")
+    return Unavailable(f"no route to model '{model}' in the mesh: {why}", 1.0)
+
+
 def end_spans(spans: list, results) -> None:
     for span, result in zip(spans, results, strict=True):
         if result.code == 0:
@@ -326,6 +350,8 @@ async def follow_control_plane(router: Router, control_plane: ReloadingChannel,
         admin = AdminStub(control_plane.channel)
         with contextlib.suppress(grpc.aio.AioRpcError):
             status = await admin.Status(StatusRequest(), timeout=interval * 2)
+            if router.known is not None:
+                router.known.heard(m.policy.model for m in status.models)
             health.set(True)
             router.shadowing.targets = {
                 m.policy.model: (m.policy.shadow.version, m.policy.shadow.percent)
@@ -347,16 +373,17 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         """Not ready (never an error) when no batcher of the version answers: none is up,
-        or the policy leaves it none (a region without endpoints, say)."""
-        route = self._router.route(request.name)
+        or the policy leaves it none (a region without endpoints, say), or the mesh does not
+        route the model."""
         try:
+            route = await self._router.route(request.name, context.time_remaining())
             return await route.inference.ModelReady(request, timeout=5,
                                                     metadata=route.pin(request.version))
-        except grpc.aio.AioRpcError:
+        except (grpc.aio.AioRpcError, ServingError):
             return grpc_service_pb2.ModelReadyResponse(ready=False)
 
     async def ModelStatistics(self, request, context):
-        route = self._router.route(request.name)
+        route = await self._router.route(request.name, context.time_remaining())
         return await route.inference.ModelStatistics(request, timeout=5,
                                                      metadata=route.pin(request.version))
 
@@ -371,9 +398,16 @@ def build_service(settings: RouterSettings, metrics: Metrics | None = None,
     # Read by gRPC when the first xds:/// channel is made; this process has no other.
     os.environ["GRPC_XDS_BOOTSTRAP_CONFIG"] = bootstrap(settings)
     groups = None if metrics is None else GroupMetrics(metrics, "router->batcher")
-    router = Router(settings.tls, settings.batcher_identity, groups, tracing)
     control_plane = ReloadingChannel(settings.control_plane, settings.tls,
                                      settings.control_plane_identity)
+
+    async def routed_models():
+        status = await AdminStub(control_plane.channel).Status(StatusRequest(),
+                                                               timeout=SPLIT_WAIT_S)
+        return [m.policy.model for m in status.models]
+
+    router = Router(settings.tls, settings.batcher_identity, groups, tracing,
+                    known=KnownModels(routed_models, time.monotonic))
     health = HealthServicer()
 
     def register(server) -> None:

@@ -1,6 +1,7 @@
 """HTTP/2 frames, header blocks and gRPC's framing as the ingress's own gRPC server writes and
 reads them (meshserve.common.http2_frames); blocks are read back with the `hpack` package."""
 
+import re
 from urllib.parse import unquote
 
 import hpack
@@ -152,3 +153,30 @@ def test_a_message_past_the_limit_is_refused_once_its_prefix_is_read(whole):
     data = h2.message(b"x" * 1001)
     with pytest.raises(ValueError, match=r"larger than max \(1001 vs. 1000\)"):
         stream._messages_in(data if whole else data[2:], 1000)
+
+
+@pytest.mark.parametrize(("settings", "says"), [
+    ({h2.MAX_FRAME_SIZE: 0}, "SETTINGS_MAX_FRAME_SIZE of 0 (from 16384 to 16777215)"),
+    ({h2.MAX_FRAME_SIZE: 16_383}, "SETTINGS_MAX_FRAME_SIZE of 16383"),
+    ({h2.MAX_FRAME_SIZE: 1 << 24}, "SETTINGS_MAX_FRAME_SIZE of 16777216"),
+    ({h2.ENABLE_PUSH: 2}, "SETTINGS_ENABLE_PUSH of 2 (0 or 1)"),
+])
+def test_settings_values_the_protocol_does_not_allow_are_refused(settings, says):
+    """RFC 9113, 6.5.2: a frame size of 0 would leave every answer unsent."""
+    with pytest.raises(ValueError, match=rf"^{re.escape(says)}"):
+        h2.parse_settings(h2.settings_frame(settings)[9:])
+
+
+@pytest.mark.parametrize("settings", [
+    {h2.MAX_FRAME_SIZE: 16_384}, {h2.MAX_FRAME_SIZE: (1 << 24) - 1}, {h2.ENABLE_PUSH: 0},
+    {h2.ENABLE_PUSH: 1}, {0x99: 7}])
+def test_settings_values_within_the_protocols_bounds_are_read(settings):
+    assert h2.parse_settings(h2.settings_frame(settings)[9:]) == settings
+
+
+@pytest.mark.parametrize("value", [b"A", b"AAAAA", b"AB=C"])
+def test_binary_metadata_that_is_not_base64_makes_the_head_malformed_naming_it(value):
+    """Its call is refused saying so; the block itself decoded, so the connection goes on."""
+    head = h2.request_head([(b":path", b"/s/m"), (b"x-trace-bin", value), (b"x-user", b"ann")])
+    assert head.malformed.startswith("metadata 'x-trace-bin' is not valid base64: ")
+    assert head.path == "/s/m" and ("x-user", "ann") in head.metadata

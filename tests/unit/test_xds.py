@@ -22,6 +22,7 @@ STATE = MeshState(
 CHANGED = MeshState({**STATE.policies, "mlp": TrafficPolicy("mlp", {"1": 50, "2": 50})},
                     STATE.endpoints)
 QUIET = 0.3  # how long "no response" is waited for
+KEEP_NACKS, MAX_REASON = 100, 1024  # meshserve.mesh.xds's bounds on what NACKs leave
 WAIT = 5.0  # bound on every expected response
 
 
@@ -123,6 +124,37 @@ async def test_nack_is_recorded_and_gets_no_response():
         assert await client.nothing()
         assert cache.nacks == [f"router-1 rejected {LISTENER} version {first.version_info}: "
                                "listener mlp is bad"]
+
+
+async def test_what_nacks_leave_behind_is_bounded(caplog):
+    """A client that NACKs over and over with long reasons: every NACK is counted, the last
+    KEEP_NACKS reasons are kept and each is cut (and logged) at MAX_REASON characters.
+    Before, every reason was kept and logged whole: 2,000 NACKs of 100 KB grew the control
+    plane by 195 MiB and its log by 200 MB."""
+    async with ads() as (cache, client):
+        await client.send(LISTENER, ["mlp"])
+        first = await client.response()
+        for i in range(KEEP_NACKS + 20):
+            await client.send(LISTENER, ["mlp"], "", first.nonce, error=f"{i}:" + "x" * 50_000)
+        await client.send(CLUSTER, ["mlp-v1"])  # answered once every NACK before it is read
+        await client.response()
+    assert len(cache.nacks) == KEEP_NACKS
+    assert cache.nacks[0].startswith(f"router-1 rejected {LISTENER} version "
+                                     f"{first.version_info}: 20:xxx")
+    assert {len(reason) for reason in cache.nacks} == {MAX_REASON}
+    assert max(len(record.getMessage()) for record in caplog.records) < MAX_REASON + 100
+    assert cache.nack_count == KEEP_NACKS + 20
+
+
+async def test_requests_for_types_not_served_are_let_go():
+    """Nothing of a type the control plane does not serve is kept or answered; the stream
+    goes on."""
+    async with ads() as (_, client):
+        for i in range(50):
+            await client.send(f"type.googleapis.com/not.Served{i}", ["x" * 1000])
+        assert await client.nothing()
+        await client.send(LISTENER, ["mlp"])
+        assert names_of(await client.response()) == ["mlp"]
 
 
 async def test_a_new_snapshot_pushes_every_subscribed_type_again():
