@@ -1,16 +1,21 @@
 """A model's traffic policy as Istio objects, for clusters whose pods run Envoy sidecars. Pure.
 
-`render` turns one `TrafficPolicy` into a `VirtualService` and a `DestinationRule` for the
-batcher Service `host`:
+`render` turns one `TrafficPolicy` into a `VirtualService` and its `DestinationRule`s, for the
+batcher Services the Helm charts create: the umbrella chart (charts/meshserve) makes one per
+model version, `<release>-<model slug>-<version>-batcher`, on port 7003. The VirtualService
+answers for each of them, so a request to any version's Service follows the model's policy,
+and each DestinationRule is one version's Service's. Given one `host` instead (a Service that
+selects the batcher pods of every version, which no chart makes), every route goes to a subset
+of that Service and one DestinationRule holds the subsets:
 
 - one HTTP route per version that matches `x-model-version: <version>` exactly and sends the
-  request to that version's subset (every version of the policy can be pinned, even one whose
-  weight is 0);
+  request to that version's Service, or subset (every version of the policy can be pinned,
+  even one whose weight is 0);
 - then the default route, which splits the rest by weight (versions of weight 0 left out);
 - with a shadow, `mirror` + `mirrorPercentage` on every route, except a route whose requests
   all go to the shadow version already (its pinned route, say): none is mirrored to itself;
 - with a region, locality load balancing that sends every request to that region's endpoints
-  only (Istio needs the outlier detection that the DestinationRule always sets for that).
+  only (Istio needs the outlier detection that the DestinationRules always set for that).
 
 Subsets select the batcher pods of one model version by their labels
 (`app.kubernetes.io/component: batcher`, `meshserve.io/model`, `meshserve.io/version`).
@@ -34,6 +39,11 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 MODEL_LABEL = "meshserve.io/model"
 VERSION_LABEL = "meshserve.io/version"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "meshserve"}
+# The batchers' gRPC port in the charts (the batcher chart's `port`, the umbrella's
+# `batcher.port`): what their Services serve.
+BATCHER_PORT = 7003
+# The umbrella chart's release in the README (`helm install mesh charts/meshserve`).
+DEFAULT_RELEASE = "mesh"
 
 # Limits per Envoy (each sidecar calling the batchers), for the DestinationRule.
 CONNECTION_POOL = {
@@ -49,6 +59,7 @@ OUTLIER_DETECTION = {
     "maxEjectionPercent": 50,
 }
 
+_RELEASE = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
 _HOST = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -61,14 +72,28 @@ def model_slug(model: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", model.lower()).strip("-")
 
 
-def batcher_host(model: str, namespace: str = "default") -> str:
-    """The default batcher Service host of `model`: `<slug>-batcher.<namespace>.svc…`."""
-    check_namespace(namespace)
+def batcher_service(model: str, version: str, release: str = DEFAULT_RELEASE) -> str:
+    """The Service of one model version's batchers, as the charts name it: the umbrella's
+    `<release>-<slug>-<version>-batcher`, cut to 63 characters, no '-' at the end; with
+    release "", `<slug>-<version>-batcher`, the batcher chart's Service in a release of its
+    own named `<slug>-<version>` (charts/README.md: `helm install mlp-1 charts/batcher`)."""
     slug = model_slug(model)
     if not slug:
         raise InvalidArgument(f"model name '{model}' has no letter or digit to make a Service "
                               "name of: name the batchers' Service host with --host")
-    return f"{slug}-batcher.{namespace}.svc.cluster.local"
+    if release and not (_RELEASE.fullmatch(release) and len(release) <= 53):
+        raise InvalidArgument(f"release '{release}' is not one the charts install (at most 53 "
+                              "lower-case letters, digits or '-', starting with a letter and "
+                              "ending with a letter or digit)")
+    name = f"{release}-{slug}-{version}-batcher" if release else f"{slug}-{version}-batcher"
+    return name[:63].rstrip("-")
+
+
+def batcher_host(model: str, version: str, namespace: str = "default",
+                 release: str = DEFAULT_RELEASE) -> str:
+    """`batcher_service`'s host name: `<service>.<namespace>.svc.cluster.local`."""
+    check_namespace(namespace)
+    return f"{batcher_service(model, version, release)}.{namespace}.svc.cluster.local"
 
 
 def check_namespace(namespace: str) -> str:
@@ -96,25 +121,31 @@ def object_name(model: str) -> str:
     return f"meshserve-{name}"
 
 
-def render(policy: TrafficPolicy, *, host: str, namespace: str = "default",
-           port: int = 8001) -> list[dict]:
-    """`[VirtualService, DestinationRule]` for `policy`, routing to the batcher Service `host`."""
-    _check(policy, host=host, namespace=namespace, port=port)
+def render(policy: TrafficPolicy, *, host: str = "", namespace: str = "default",
+           port: int = BATCHER_PORT, release: str = DEFAULT_RELEASE) -> list[dict]:
+    """`[VirtualService, DestinationRule, ...]` for `policy`: to each version's batcher
+    Service as the umbrella chart of `release` names it, with one DestinationRule each; or,
+    given `host`, to subsets of that one Service, with one DestinationRule."""
+    check_namespace(namespace)
+    hosts = {version: host or batcher_host(policy.model, version, namespace, release)
+             for version in policy.versions}
+    _check(policy, hosts=set(hosts.values()), namespace=namespace, port=port)
     name = object_name(policy.model)
 
-    def metadata() -> dict:
+    def metadata(name: str = name, **labels: str) -> dict:
         return {"name": name, "namespace": namespace,
-                "labels": {**MANAGED_BY, MODEL_LABEL: policy.model}}
+                "labels": {**MANAGED_BY, MODEL_LABEL: policy.model, **labels}}
 
     def destination(version: str) -> dict:
-        return {"host": host, "subset": subset_name(version), "port": {"number": port}}
+        subset = {"subset": subset_name(version)} if host else {}
+        return {"host": hosts[version], **subset, "port": {"number": port}}
 
     shadow = policy.shadow
 
     def mirrored(route: dict) -> dict:
         # Not on a route whose requests all go to the shadow version already.
-        targets = {r["destination"]["subset"] for r in route["route"]}
-        if shadow is not None and targets != {subset_name(shadow.version)}:
+        targets = [r["destination"] for r in route["route"]]
+        if shadow is not None and targets != [destination(shadow.version)]:
             route["mirror"] = destination(shadow.version)
             route["mirrorPercentage"] = {"value": float(shadow.percent)}
         return route
@@ -137,7 +168,7 @@ def render(policy: TrafficPolicy, *, host: str, namespace: str = "default",
         "apiVersion": API_VERSION,
         "kind": "VirtualService",
         "metadata": metadata(),
-        "spec": {"hosts": [host], "http": routes},
+        "spec": {"hosts": list(dict.fromkeys(hosts.values())), "http": routes},
     }
 
     traffic_policy: dict = {
@@ -152,23 +183,31 @@ def render(policy: TrafficPolicy, *, host: str, namespace: str = "default",
             "enabled": True,
             "distribute": [{"from": "*", "to": {f"{policy.region}/*": 100}}],
         }}
-    destination_rule = {
-        "apiVersion": API_VERSION,
-        "kind": "DestinationRule",
-        "metadata": metadata(),
-        "spec": {
-            "host": host,
-            "trafficPolicy": traffic_policy,
-            "subsets": [
-                {"name": subset_name(version),
-                 "labels": {COMPONENT_LABEL: "batcher", MODEL_LABEL: policy.model,
-                            VERSION_LABEL: version}}
-                for version in policy.versions
-            ],
-        },
-    }
+    if host:
+        destination_rules = [{
+            "apiVersion": API_VERSION,
+            "kind": "DestinationRule",
+            "metadata": metadata(),
+            "spec": {
+                "host": host,
+                "trafficPolicy": traffic_policy,
+                "subsets": [
+                    {"name": subset_name(version),
+                     "labels": {COMPONENT_LABEL: "batcher", MODEL_LABEL: policy.model,
+                                VERSION_LABEL: version}}
+                    for version in policy.versions
+                ],
+            },
+        }]
+    else:  # one per version's Service, named as it is (Service names are unique)
+        destination_rules = [{
+            "apiVersion": API_VERSION,
+            "kind": "DestinationRule",
+            "metadata": metadata(hosts[version].split(".")[0], **{VERSION_LABEL: version}),
+            "spec": {"host": hosts[version], "trafficPolicy": traffic_policy},
+        } for version in policy.versions]
     # Nothing shared, between the objects or with module constants: callers may edit them.
-    return [copy.deepcopy(virtual_service), copy.deepcopy(destination_rule)]
+    return [copy.deepcopy(virtual_service), *map(copy.deepcopy, destination_rules)]
 
 
 class _Dumper(yaml.SafeDumper):
@@ -184,15 +223,16 @@ def to_yaml(objects: Iterable[dict]) -> str:
                          default_flow_style=False, allow_unicode=True)
 
 
-def _check(policy: TrafficPolicy, *, host: str, namespace: str, port: int) -> None:
+def _check(policy: TrafficPolicy, *, hosts: set[str], namespace: str, port: int) -> None:
     if not (_LABEL_VALUE.fullmatch(policy.model) and 0 < len(policy.model) <= 63):
         raise InvalidArgument(f"model name '{policy.model}' is not a Kubernetes label value "
                               "(at most 63 letters, digits, '-', '_' or '.', starting and "
                               "ending with a letter or digit), so no subset can select it")
     check_namespace(namespace)
-    if not (_HOST.fullmatch(host) and len(host) <= 253):
-        raise InvalidArgument(f"host '{host}' is not a DNS name (for example "
-                              "batcher.serving.svc.cluster.local)")
+    for host in sorted(hosts):
+        if not (_HOST.fullmatch(host) and len(host) <= 253):
+            raise InvalidArgument(f"host '{host}' is not a DNS name (for example "
+                                  "batcher.serving.svc.cluster.local)")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise InvalidArgument(f"port {port!r} is not between 1 and 65535")
     if policy.region:

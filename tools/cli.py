@@ -6,7 +6,9 @@ gRPC or cryptography alone. `meshserve --help` lists the commands without import
 """
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 
 from meshserve.common import grpc_engine
@@ -57,13 +59,32 @@ def parser_for(command: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+# How a shell reports a command that SIGPIPE ended (128 + 13), as it ends `yes | head -1`.
+SIGPIPE_STATUS = 141
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SERVICES:
         grpc_engine.use()  # before the service imports grpc
         return importlib.import_module(SERVICES[argv[0]]).main(argv[1:])
     args = parser_for(argv[0] if argv else None).parse_args(argv)
-    return args.func(args)
+    try:
+        code = args.func(args)
+    except BrokenPipeError:  # the reader of its output has gone (`| head -1`): stop quietly
+        return reader_gone(SIGPIPE_STATUS)
+    try:
+        sys.stdout.flush()  # here rather than at exit, where Python would complain
+    except BrokenPipeError:  # the command had done its work
+        return reader_gone(code)
+    return code
+
+
+def reader_gone(code: int) -> int:
+    """`code`, once what is left to write goes nowhere (no second error at exit)."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return code
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -166,7 +166,17 @@ async def observe(data_dir: Path, tls: TlsFiles) -> Observed:
 
 
 def differences(before: Observed, after: Observed) -> list[str]:
-    """What the restored mesh serves differently from what was backed up."""
+    """What the restored mesh serves differently from what was backed up. A version that the
+    restarted `up` registered at 0 % (one pushed before the backup that the backed-up policy
+    did not name yet, its files in the restored repository) is none: `up` serves every
+    version of its repository, a new one reached only when pinned until weight moves to it."""
+    held = {tuple(path.split("/")[:2]) for path in after.model_files}
+    after = replace(after, routes={
+        model: less_new_at_zero(policy, before.routes.get(model), held)
+        for model, policy in after.routes.items()}, canaries={
+        model: {**canary, "current": less_new_at_zero(
+            canary["current"], before.canaries.get(model, {}).get("current"), held)}
+        if "current" in canary else canary for model, canary in after.canaries.items()})
     found = []
     for name in ("routes", "canaries", "registry", "model_files"):
         old, new = getattr(before, name), getattr(after, name)
@@ -174,6 +184,18 @@ def differences(before: Observed, after: Observed) -> list[str]:
             if old.get(key) != new.get(key):
                 found.append(f"{name} {key}: backed up {old.get(key)!r}, now {new.get(key)!r}")
     return found
+
+
+def less_new_at_zero(policy: dict, backed_up: dict | None,
+                     held: set[tuple[str, ...]]) -> dict:
+    """`policy` (as `MessageToDict` writes a Policy) less each version at weight 0 that
+    `backed_up` does not name and whose files are held (`held`: (model, version) pairs)."""
+    if backed_up is None:
+        return policy
+    known = backed_up.get("weights", {})
+    weights = {version: weight for version, weight in policy.get("weights", {}).items()
+               if version in known or weight or (policy.get("model"), version) not in held}
+    return {**policy, "weights": weights}
 
 
 async def wait_all_ready(channel: grpc.aio.Channel, timeout_s: float) -> tuple[int, list[str]]:

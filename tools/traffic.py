@@ -210,13 +210,13 @@ async def call(args: argparse.Namespace) -> str:
             return await change(admin, args, with_region(args), force=args.force)
         if command == "render":  # the control plane's own code: imported for this alone
             from meshserve.mesh.admin import policy_from_proto
-            from meshserve.mesh.istio import batcher_host, check_namespace, render, to_yaml
+            from meshserve.mesh.istio import check_namespace, render, to_yaml
 
             check_namespace(args.namespace)
             status = await admin.Status(pb.StatusRequest(model=args.model))
             policy = policy_from_proto(status.models[0].policy)
-            host = args.host or batcher_host(args.model, args.namespace)
-            return to_yaml(render(policy, host=host, namespace=args.namespace)).rstrip()
+            return to_yaml(render(policy, host=args.host or "", namespace=args.namespace,
+                                  port=args.port, release=args.release)).rstrip()
         if command == "canary-start":
             reply = await admin.StartCanary(pb.CanaryPlan(
                 model=args.model, to_version=args.to, from_version=args.from_version,
@@ -305,7 +305,14 @@ def register(commands) -> None:
     istio.add_argument("model")
     istio.add_argument("--istio", action="store_true", required=True)
     istio.add_argument("--namespace", default="default")
-    istio.add_argument("--host", help="the batchers' Service host")
+    istio.add_argument("--release", default="mesh",
+                       help="the umbrella chart's release: each version's batcher Service is "
+                            "<release>-<model slug>-<version>-batcher (default mesh; '' for "
+                            "batcher charts installed as <model slug>-<version>)")
+    istio.add_argument("--host", help="instead, one Service host that selects the batcher pods "
+                                      "of every version (routes go to subsets of it)")
+    istio.add_argument("--port", type=int, default=7003,
+                       help="the batchers' Service port (default 7003, the charts')")
     for parser in (status, setter, pin, rollback, shadow, region, istio):
         _common(parser)
 

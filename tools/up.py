@@ -7,7 +7,7 @@ model but ensembles (the ingress runs those), a router steered by the control pl
 ingress; waits until each is ready (a version whose compute refuses its model is reported
 and left out), and stops them all on Ctrl-C or SIGTERM.
 
-One module of ~410 lines on purpose: the order of a start (certificates, repository, control
+One module of ~540 lines on purpose: the order of a start (certificates, repository, control
 plane, computes, batchers, router, ingress) and of a stop reads as one story; the child
 processes themselves are in `up_children`.
 """
@@ -16,10 +16,13 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import shlex
 import signal
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 from meshserve.common import runtime
@@ -35,7 +38,15 @@ from meshserve.tools.arguments import positive_int
 from meshserve.tools.certs import CA_CERT, CA_KEY, CertsError, expected_files, init_certs
 from meshserve.tools.tokens import JWKS, POLICY, init_auth
 from meshserve.tools.traffic import admin_channel
-from meshserve.tools.up_children import HOST, Child, Refused, stop_all, wait_ready
+from meshserve.tools.up_children import (
+    HOST,
+    Child,
+    Refused,
+    ingress_timeout,
+    stop_all,
+    versions_not_ready,
+    wait_ready,
+)
 from meshserve.tools.up_record import UP_FILE, running_up
 
 TOKEN_PORT_FILE = "ingress.token-port"
@@ -77,7 +88,7 @@ def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
          compute_replicas: int | None = None, audit_denied_sample: float = 0.01,
          batcher_replicas: int = 1, repository: Path | None = None,
          access_log_sample: float = DEFAULT_ACCESS_LOG_SAMPLE,
-         readiness: str = STRICT) -> list[list[Child]]:
+         readiness: str = STRICT, loaded: ModelRepository | None = None) -> list[list[Child]]:
     """The children in start order: control plane, computes, batchers, router, ingress.
 
     Each version of each model but ensembles gets `compute_replicas` compute processes (when
@@ -85,10 +96,10 @@ def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
     when there is one, `compute-M-V-0`, `compute-M-V-1`, ... when there are more) and
     likewise `batcher_replicas` batchers (`batcher-M-V`, or `batcher-M-V-0`, ...);
     every batcher of a version is given all of that version's computes. Ensembles and models
-    the repository refused get none."""
+    the repository refused get none. `loaded`: the repository as `prepare` read it."""
     models = repository_of(data_dir, repository)
     run_dir = data_dir / "run"
-    loaded = ModelRepository.load(models)
+    loaded = ModelRepository.load(models) if loaded is None else loaded
     computes, batchers = [], []
     for name, entry in sorted(loaded.models.items()):
         if entry.plan is not None:  # an ensemble: the ingress runs its steps
@@ -168,11 +179,12 @@ async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
                      audit_denied_sample: float = 0.01, batcher_replicas: int = 1,
                      repository: Path | None = None,
                      access_log_sample: float = DEFAULT_ACCESS_LOG_SAMPLE,
-                     readiness: str = STRICT) -> list[Child]:
+                     readiness: str = STRICT,
+                     loaded: ModelRepository | None = None) -> list[Child]:
     tls_dir = data_dir / "tls"
     operator = TlsFiles.for_identity(tls_dir, "client")
     tiers = plan(data_dir, port, device, metrics, compute_replicas, audit_denied_sample,
-                 batcher_replicas, repository, access_log_sample, readiness)
+                 batcher_replicas, repository, access_log_sample, readiness, loaded)
     [control_plane], computes, batchers, [router], [ingress] = tiers
     first_policy = DEMO_POLICY if repository is None else {}
     started: list[Child] = []
@@ -194,6 +206,11 @@ async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
                 await register_batchers(control_plane, batchers, operator, first_policy)
         refused: set[tuple[str, str]] = set()
         compute_caller = TlsFiles.for_identity(tls_dir, "batcher")
+        # Each service is watched from its start, so that its figure is its own; the ingress
+        # once every version is (it cannot be ready before them), with all of `timeout`.
+        waits = {child.name: asyncio.create_task(wait_ready(
+            child, operator, timeout, compute_caller if child in computes else None))
+            for child in started if child is not ingress}
         # A service found ready and lost while the others are still checked is restarted,
         # as after the start; one that never was ready fails the start.
         ready: list[Child] = []
@@ -210,16 +227,26 @@ async def start_mesh(data_dir: Path, port: int, device: str, timeout: float,
                         f"{len(refused)} refused version(s) cannot answer; the rest serve)")
                     continue
                 try:
-                    seconds = await wait_ready(child, operator, timeout,
-                                               compute_caller if child in computes else None)
+                    seconds = await (waits[child.name] if child is not ingress else
+                                     wait_ready(ingress, operator, timeout))
                 except Refused as refusal:
                     refused.add((child.model, child.version))
                     say(f"  REFUSED {child.name}: {refusal}")
                     continue
+                except TimeoutError:
+                    if child is not ingress:
+                        raise
+                    waiting = await versions_not_ready(control_plane, operator,
+                                                       {b.model for b in batchers})
+                    raise TimeoutError(ingress_timeout(ingress, timeout, waiting)) from None
                 say(f"  ready  {child.name:<18} {child.address:<16} ({seconds:.1f} s)")
                 ready.append(child)
         finally:
             keeper.cancel()
+            for wait in waits.values():
+                wait.cancel()
+            with contextlib.suppress(asyncio.CancelledError):  # and their errors retrieved
+                await asyncio.gather(*waits.values(), return_exceptions=True)
         return started
     except BaseException:
         stop_all(list(reversed(started)), grace=2.0)
@@ -248,10 +275,10 @@ def check_certs(data_dir: Path) -> None:
         raise RuntimeError(str(error)) from None
 
 
-def prepare(data_dir: Path, say=print, repository: Path | None = None) -> None:
+def prepare(data_dir: Path, say=print, repository: Path | None = None) -> ModelRepository:
     """Certificates, keys and the access policy; the demo repository unless `repository`
     names another. Unsigned versions are signed with the development key; models the
-    repository refuses are reported."""
+    repository refuses are reported. Returns the repository as read once signed."""
     tls_dir = data_dir / "tls"
     if not (tls_dir / "ca.crt").exists():
         say(f"creating development certificates in {tls_dir}")
@@ -268,7 +295,8 @@ def prepare(data_dir: Path, say=print, repository: Path | None = None) -> None:
     else:
         say(f"serving the model repository {models}")
     dev_signing.prepare_keys_and_sign(data_dir, say, models)
-    for reason in sorted(ModelRepository.load(models).refused.values()):
+    loaded = ModelRepository.load(models)
+    for reason in sorted(loaded.refused.values()):
         say(f"  REFUSED {reason}")
     if init_auth(data_dir / "auth"):
         say(f"creating the token-signing key and access policy in {data_dir / 'auth'}")
@@ -277,6 +305,35 @@ def prepare(data_dir: Path, say=print, repository: Path | None = None) -> None:
     (data_dir / "run" / HTTP_PORT_FILE).unlink(missing_ok=True)
     (data_dir / "run" / UP_FILE).write_text(json.dumps(
         {"pid": os.getpid(), "cwd": os.getcwd(), "argv": sys.argv[1:]}) + "\n")
+    return loaded
+
+
+class RepositoryLog(logging.Handler):
+    """What reading the model repository logs, as `up` shows it (on stderr): each warning
+    once, though `up` reads the repository more than once (to sign its versions, then to
+    plan); its refusals are left to the `REFUSED` lines `up` prints."""
+
+    def __init__(self, say=lambda line: print(line, file=sys.stderr)) -> None:
+        super().__init__(logging.WARNING)
+        self._say = say
+        self._seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.levelno < logging.ERROR and text not in self._seen:
+            self._seen.add(text)
+            self._say(text)
+
+
+@contextlib.contextmanager
+def repository_log(handler: logging.Handler):
+    """`handler` hears the repository's log (instead of Python's last-resort stderr) inside."""
+    logger = logging.getLogger(ModelRepository.__module__)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
 
 
 def metrics_lines(children: list[Child]) -> str:
@@ -287,37 +344,42 @@ def metrics_lines(children: list[Child]) -> str:
 def banner(data_dir: Path, ingress: Child, children: list[Child] | None = None,
            bearer_port: int | None = None, http_port: int | None = None,
            model: str = "") -> str:
-    """What to call now; `model` names one of a user's repository (the demo's otherwise)."""
+    """What to call now; `model` names one of a user's repository (the demo's otherwise).
+    Commands are quoted for a POSIX shell (a model or a directory named with spaces, `#` or
+    `%` pastes as it is) and the model is percent-encoded in URLs."""
     tls = data_dir / "tls"
+    q = shlex.quote
+    dirs = f"--data-dir {q(str(data_dir))} --target {ingress.address}"
     metrics = (f"\nPrometheus metrics:\n{metrics_lines(children)}\n"
                if children and children[0].metrics else "")
     tokens = "" if bearer_port is None else f"""
 Bearer-token callers: {HOST}:{bearer_port} (server TLS; CA {tls}/ca.crt; policy
 {data_dir / 'auth' / POLICY})
 
-  meshserve token issue --subject app/demo --scope infer --models mlp --ttl 1h \\
-      --data-dir {data_dir}
+  meshserve token issue --subject app/demo --scope infer --models {q(model or 'mlp')} \\
+      --ttl 1h --data-dir {q(str(data_dir))}
 """
+    url = f"https://{HOST}:{http_port}/v2/models/{urllib.parse.quote(model or 'mlp', safe='')}"
     rest = "" if http_port is None else f"""
 HTTP/REST (the same protocol over HTTPS; client certificate or bearer token):
 https://{HOST}:{http_port}/v2
 
-  curl --cacert {tls}/ca.crt --cert {tls}/client.crt --key {tls}/client.key \\
-      https://{HOST}:{http_port}/v2/models/{model or 'mlp'}
+  curl --cacert {q(f'{tls}/ca.crt')} --cert {q(f'{tls}/client.crt')} \\
+      --key {q(f'{tls}/client.key')} {q(url)}
 """
     if model:
         return f"""
 meshserve is ready: {ingress.address} (mutual TLS; client certificate {tls}/client.crt)
 
-  meshserve infer {model} --data-dir {data_dir} --target {ingress.address}
+  meshserve infer {q(model)} {dirs}
 {tokens}{rest}{metrics}
 Logs: {data_dir / 'run'}/*.log. Ctrl-C stops everything.
 """
     return f"""
 meshserve is ready: {ingress.address} (mutual TLS; client certificate {tls}/client.crt)
 
-  meshserve infer mlp --data-dir {data_dir} --target {ingress.address}
-  meshserve infer classify --data-dir {data_dir} --target {ingress.address}
+  meshserve infer mlp {dirs}
+  meshserve infer classify {dirs}
 
   import numpy, tritonclient.grpc as tc
   client = tc.InferenceServerClient("{ingress.address}", ssl=True,
@@ -386,7 +448,7 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
     if other is not None:  # two meshes on one store and one set of ports and pid files
         raise RuntimeError(f"another `meshserve up` (pid {other}) serves {data_dir}: stop it "
                            f"first (Ctrl-C, or kill {other})")
-    prepare(data_dir, repository=args.model_repository)
+    loaded = prepare(data_dir, repository=args.model_repository)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -399,7 +461,7 @@ async def serve_until_stopped(args: argparse.Namespace) -> int:
                                               batcher_replicas=args.batcher_replicas,
                                               repository=args.model_repository,
                                               access_log_sample=args.access_log_sample,
-                                              readiness=args.readiness))
+                                              readiness=args.readiness, loaded=loaded))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
@@ -429,7 +491,10 @@ def run(args: argparse.Namespace) -> int:
     if args.otlp:  # the children inherit it; each service reads it once in its main()
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://{args.otlp}"
     try:
-        return asyncio.run(serve_until_stopped(args))
+        with repository_log(RepositoryLog()):
+            return asyncio.run(serve_until_stopped(args))
+    except BrokenPipeError:  # its reader has gone: the command line's business (cli.main)
+        raise
     except (RuntimeError, TimeoutError, OSError) as error:  # OSError: a data directory
         print(f"error: {error}", file=sys.stderr)  # that cannot be written, say
         return 1

@@ -1,6 +1,7 @@
 """The service processes `meshserve up` runs: each started with its certificate and its log,
 waited on until it has bound its port and answers SERVING (a compute that refused its model
-says why), and all stopped in order."""
+says why; an ingress that is not ready in time, which versions it waits for), and all stopped
+in order."""
 
 import asyncio
 import contextlib
@@ -8,15 +9,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from meshserve.common.tls import TlsFiles, channel_credentials
-from meshserve.protocol import grpc_service_pb2, health_pb2
+from meshserve.protocol import admin_pb2, grpc_service_pb2, health_pb2
+from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.protocol.health_pb2_grpc import HealthStub
+from meshserve.tools.traffic import admin_channel
 
 HOST = "127.0.0.1"
 
@@ -110,9 +114,9 @@ class Refused(Exception):
 
 async def wait_ready(child: Child, tls: TlsFiles, timeout: float,
                      refusal_tls: TlsFiles | None = None) -> float:
-    """Poll grpc.health.v1 until SERVING; returns the seconds it took. With `refusal_tls`
-    (a compute's caller's certificate), raise Refused as soon as the compute says it
-    refused its model."""
+    """Poll grpc.health.v1 until SERVING (for at most `timeout` seconds); returns the seconds
+    from the start of the process to then. With `refusal_tls` (a compute's caller's
+    certificate), raise Refused as soon as the compute says it refused its model."""
     start = time.monotonic()
     options = [("grpc.ssl_target_name_override", child.identity)]
     async with grpc.aio.secure_channel(child.address, channel_credentials(tls),
@@ -125,7 +129,7 @@ async def wait_ready(child: Child, tls: TlsFiles, timeout: float,
             with contextlib.suppress(grpc.aio.AioRpcError):
                 reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return time.monotonic() - start
+                    return time.monotonic() - (child.started or start)
             if refusal_tls is not None:
                 await raise_if_refused(child, refusal_tls)
             await asyncio.sleep(0.1)
@@ -144,6 +148,49 @@ async def raise_if_refused(compute: Child, tls: TlsFiles) -> None:
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 raise Refused(error.details()) from None
+
+
+def not_ready_lines(table: admin_pb2.Readiness, status: admin_pb2.StatusResponse,
+                    served: Collection[str]) -> list[str]:
+    """Each version of the `served` models the control plane reports not ready (what keeps a
+    strict ingress from being ready), with its share of the traffic and why: what its batcher
+    said, or that it has none registered (a version the repository does not hold that still
+    carries weight)."""
+    registered = {(model.policy.model, version.version) for model in status.models
+                  for version in model.versions if version.endpoints}
+    lines = []
+    for state in table.versions:
+        if state.ready or state.model not in served:
+            continue
+        why = state.reason or (
+            "none of its batchers answers SERVING" if (state.model, state.version) in registered
+            else "no batcher of it is registered (the repository serves no such version; give its "
+                 "weight to another with `meshserve traffic set`)")
+        lines.append(f"model '{state.model}' version {state.version} ({state.weight} % of its "
+                     f"traffic): {why}")
+    return lines
+
+
+def ingress_timeout(ingress: Child, timeout: float, waiting: list[str]) -> str:
+    """Why the start failed: the ingress was not ready in time, and what it waits for."""
+    what = f": not ready: {'; '.join(waiting)}" if waiting else ""
+    return f"{ingress.name} not ready after {timeout:.0f} s{what}; see {ingress.log}"
+
+
+async def versions_not_ready(control_plane: Child, tls: TlsFiles, served: Collection[str],
+                             timeout: float = 10.0) -> list[str]:
+    """`not_ready_lines` of the control plane's readiness table now ([] when it cannot say)."""
+    async with admin_channel(control_plane.address, tls) as channel:
+        admin = AdminStub(channel)
+        stream = admin.WatchReadiness(admin_pb2.ReadinessRequest(), timeout=timeout)
+        try:
+            table = await stream.read()
+            status = await admin.Status(admin_pb2.StatusRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return []
+        finally:
+            stream.cancel()
+    return [] if table is grpc.aio.EOF else not_ready_lines(table, status, served)
 
 
 def stop_all(children: list[Child], grace: float) -> None:

@@ -13,6 +13,10 @@ control plane leaves it as it was) and reads it without a call:
 - Why a version cannot answer, when its compute said (it refused its model at load: the file
   and the error): the repository index's `reason`, and the refusal of a pinned request.
 
+Only the models the ingress serves count (`served`, its repository's): a traffic policy in the
+control plane's store outlives its model (`up` started on another repository with the same
+data directory), and no batcher will ever make such a model's versions ready.
+
 Before the first table arrives nothing is refused, and the server is not ready.
 """
 
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import grpc
@@ -54,15 +58,19 @@ def not_ready(model: str, version: str, why: str,
 class Readiness:
     """The latest table, by model and version (pure: `update` takes what arrived)."""
 
-    def __init__(self, rule: str = STRICT) -> None:
+    def __init__(self, rule: str = STRICT, served: Collection[str] | None = None) -> None:
+        """`served`: the models whose versions count (None: every model in the table)."""
         if rule not in RULES:
             raise ValueError(f"readiness rule '{rule}' is not one of {', '.join(RULES)}")
         self.rule = rule
+        self.served = served
         self.models: dict[str, dict[str, Version]] | None = None  # None: no table yet
 
     def update(self, table: admin_pb2.Readiness) -> None:
         models: dict[str, dict[str, Version]] = {}
         for entry in table.versions:
+            if self.served is not None and entry.model not in self.served:
+                continue
             models.setdefault(entry.model, {})[entry.version] = Version(
                 entry.weight, entry.ready, "" if entry.ready else bounded(entry.reason))
         self.models = models

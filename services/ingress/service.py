@@ -547,7 +547,8 @@ def build_service(settings: IngressSettings, metrics: Metrics | None = None,
     repository = ModelRepository.load(settings.repository)
     router = Upstream(settings.router, settings.tls, settings.router_identity)
     ingress_metrics = None if metrics is None else IngressMetrics(metrics)
-    readiness = Readiness(settings.readiness) if settings.control_plane else None
+    readiness = (Readiness(settings.readiness, frozenset(repository.models))
+                 if settings.control_plane else None)
     ingress = Ingress(repository, router, ingress_metrics, tracing, settings.access_log_sample,
                       settings.max_inflight_bytes, readiness, settings.group_linger_ms / 1e3)
     audit = None

@@ -3,6 +3,7 @@ models side by side, with broken models refused at load while the rest serve."""
 
 import asyncio
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -386,6 +387,9 @@ async def test_refused_models_say_why_while_the_rest_serve(served):
            "preferred_batch_size 8 must be between 1 and max_batch_size 4" in log
     assert not (served.models / "add_sub" / "0" / "manifest.json").exists()
     assert "compute-classify" not in log and "batcher-classify" not in log
+    # The hint names the first model, whose name a shell would otherwise split and cut.
+    [hint] = [line for line in log.splitlines() if line.startswith("  meshserve infer ")]
+    assert shlex.split(hint, comments=True)[:3] == ["meshserve", "infer", ODD_NAME]
     channel, stub = await public_stub(served)
     async with channel:
         x = numpy.zeros((1, 4), numpy.float32)

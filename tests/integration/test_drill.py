@@ -9,17 +9,25 @@ import subprocess
 import sys
 
 from meshserve.common.repository import ModelRepository
+from meshserve.tools.demo_models import build_model, torchscript_bytes
 from meshserve.tools.drill import alive
 from tests.integration.conftest import meshserve, start_up, stop_up
 from tests.polling import until_sync
 
 
 def test_the_drill_recovers_the_mesh_and_prints_its_recovery_time(tmp_path):
+    """With a version pushed before the drill: the restarted `up` serves it (at 0 %, as
+    after any restart), which is no difference from what was backed up."""
     data_dir = tmp_path / "data"
     mesh = start_up(data_dir)
     report_file = tmp_path / "drill.json"
     restarted = 0
     try:
+        artifact = tmp_path / "mlp-3.pt"
+        artifact.write_bytes(torchscript_bytes(build_model("mlp", 1)))
+        pushed = meshserve("models", "push", str(artifact), "--name", "mlp", "--version", "3",
+                           "--data-dir", str(data_dir))
+        assert pushed.returncode == 0, pushed.stdout + pushed.stderr
         done = subprocess.run(
             [sys.executable, "-m", "meshserve.tools.cli", "drill", f"--data-dir={data_dir}",
              "--quick", f"--work-dir={tmp_path / 'work'}", f"--report={report_file}"],

@@ -375,10 +375,29 @@ def test_canary_cli_starts_reports_and_aborts(mesh):
 
 
 def test_traffic_render_istio(mesh):
+    """To the umbrella chart's batcher Services (release `mesh`), one per version, on 7003;
+    or, with --host, to subsets of one Service."""
     done = meshserve("traffic", "render", "mlp", "--istio", "--namespace", "serving",
                      f"--data-dir={mesh.data_dir}")
     assert done.returncode == 0, done.stdout + done.stderr
     documents = [d for d in yaml.safe_load_all(done.stdout) if d]
-    assert [d["kind"] for d in documents] == ["VirtualService", "DestinationRule"]
+    assert [d["kind"] for d in documents] == ["VirtualService", *["DestinationRule"] * 2]
+    hosts = [f"mesh-mlp-{v}-batcher.serving.svc.cluster.local" for v in ("1", "2")]
+    assert [d["spec"]["host"] for d in documents[1:]] == hosts
     split = documents[0]["spec"]["http"][-1]["route"]
-    assert sorted(r["weight"] for r in split) == [10, 90]
+    assert sorted((r["destination"]["host"], r["destination"]["port"]["number"], r["weight"])
+                  for r in split) == [(hosts[0], 7003, 90), (hosts[1], 7003, 10)]
+    done = meshserve("traffic", "render", "mlp", "--istio", "--host", "mlp.serving",
+                     "--port", "7010", "--release", "prod", f"--data-dir={mesh.data_dir}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    documents = [d for d in yaml.safe_load_all(done.stdout) if d]
+    assert [d["kind"] for d in documents] == ["VirtualService", "DestinationRule"]
+    assert {r["destination"]["subset"]: (r["destination"]["host"],
+                                         r["destination"]["port"]["number"])
+            for r in documents[0]["spec"]["http"][-1]["route"]} == {
+        "v1": ("mlp.serving", 7010), "v2": ("mlp.serving", 7010)}
+    refused = meshserve("traffic", "render", "mlp", "--istio", "--release", "Prod.1",
+                        f"--data-dir={mesh.data_dir}")
+    assert (refused.returncode, refused.stdout) == (
+        2, "error: release 'Prod.1' is not one the charts install (at most 53 lower-case "
+           "letters, digits or '-', starting with a letter and ending with a letter or digit)\n")

@@ -40,6 +40,36 @@ def test_differences_name_what_did_not_come_back() -> None:
         "model_files mlp/1/model.pt: backed up 'sha256:01', now 'sha256:ff'"]
 
 
+def observed_with_v3(weights: dict[str, int], files: tuple[str, ...] = ("mlp/3/model.pt",),
+                     canary: bool = True) -> Observed:
+    """The restored mesh after a `models push` of mlp version 3 before the backup: `up`
+    registers version 3 when it starts again."""
+    route = {"model": "mlp", "weights": weights}
+    return Observed(routes={"mlp": route},
+                    canaries={"mlp": {"state": "promoted", "current": route}} if canary else {},
+                    registry=BEFORE.registry,
+                    model_files={**BEFORE.model_files, **{f: "sha256:03" for f in files}})
+
+
+def test_a_pushed_version_registered_at_zero_after_the_restore_is_no_difference() -> None:
+    before = observed_with_v3({"1": 90, "2": 10})
+    assert differences(before, observed_with_v3({"2": 10, "3": 0, "1": 90})) == []
+    assert differences(before, observed_with_v3({"1": 90, "2": 10, "3": 10})) != []  # weight
+    assert differences(before, observed_with_v3({"1": 80, "2": 10, "3": 10})) == [
+        "routes mlp: backed up {'model': 'mlp', 'weights': {'1': 90, '2': 10}}, now "
+        "{'model': 'mlp', 'weights': {'1': 80, '2': 10, '3': 10}}",
+        "canaries mlp: backed up {'state': 'promoted', 'current': {'model': 'mlp', 'weights': "
+        "{'1': 90, '2': 10}}}, now {'state': 'promoted', 'current': {'model': 'mlp', "
+        "'weights': {'1': 80, '2': 10, '3': 10}}}"]
+    # A version at 0 % whose files did not come back is one.
+    assert differences(observed_with_v3({"1": 90, "2": 10}, files=()),
+                       observed_with_v3({"1": 90, "2": 10, "3": 0}, files=(), canary=False)) \
+        == ["routes mlp: backed up {'model': 'mlp', 'weights': {'1': 90, '2': 10}}, now "
+            "{'model': 'mlp', 'weights': {'1': 90, '2': 10, '3': 0}}",
+            "canaries mlp: backed up {'state': 'promoted', 'current': {'model': 'mlp', "
+            "'weights': {'1': 90, '2': 10}}}, now None"]
+
+
 def test_recovery_runs_from_the_kill_to_the_first_success_after_it() -> None:
     load = Load(connection=None, request=None, pause_s=Plan().pause_s)
     load.outcomes = [(0.9, 1.0, "OK"), (1.2, 2.0, "UNAVAILABLE"), (3.0, 3.0, "NO_ENDPOINT"),

@@ -20,7 +20,7 @@ from tests.crd_schemas import validator
 HOST = "batcher.serving.svc.cluster.local"
 
 
-def dest(version: str, port: int = 8001) -> dict:
+def dest(version: str, port: int = 7003) -> dict:
     return {"host": HOST, "subset": f"v{version}", "port": {"number": port}}
 
 
@@ -156,7 +156,7 @@ def test_object_name_of_other_names_is_valid_and_unique():
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"host": ""}, "host"),
+    ({"host": "bad_host"}, "host"),
     ({"host": "Batcher.serving"}, "host"),
     ({"host": HOST, "namespace": "Serving"}, "namespace"),
     ({"host": HOST, "port": 0}, "port"),
@@ -195,6 +195,51 @@ def test_to_yaml_writes_no_aliases():
     assert list(yaml.safe_load_all(text)) == [{"a": shared, "b": shared}]
 
 
+def test_by_default_each_version_goes_to_its_own_batcher_service_on_the_charts_port():
+    """The umbrella chart's Services, one per version: `<release>-<slug>-<version>-batcher`
+    on 7003 (tests/charts/test_istio_hosts.py checks the names against `helm template`)."""
+    vs, *rules = istio.render(TrafficPolicy("mlp", {"1": 90, "2": 10}, shadow=Shadow("2", 5)),
+                              namespace="serving")
+    hosts = {v: f"mesh-mlp-{v}-batcher.serving.svc.cluster.local" for v in ("1", "2")}
+    assert vs["spec"]["hosts"] == [hosts["1"], hosts["2"]]
+    to = {v: {"host": hosts[v], "port": {"number": 7003}} for v in hosts}
+    mirror = {"mirror": to["2"], "mirrorPercentage": {"value": 5.0}}
+    assert vs["spec"]["http"] == [
+        {"name": "pin-v1", "match": [{"headers": {PIN_HEADER: {"exact": "1"}}}],
+         "route": [{"destination": to["1"]}], **mirror},
+        {"name": "pin-v2", "match": [{"headers": {PIN_HEADER: {"exact": "2"}}}],
+         "route": [{"destination": to["2"]}]},
+        {"name": "split", "route": [{"destination": to["1"], "weight": 90},
+                                    {"destination": to["2"], "weight": 10}], **mirror}]
+    assert [(r["metadata"]["name"], r["metadata"]["labels"]["meshserve.io/version"],
+             r["spec"]["host"], "subsets" in r["spec"]) for r in rules] == [
+        ("mesh-mlp-1-batcher", "1", hosts["1"], False),
+        ("mesh-mlp-2-batcher", "2", hosts["2"], False)]
+    assert all(r["spec"]["trafficPolicy"]["tls"] == {"mode": "ISTIO_MUTUAL"} for r in rules)
+
+
+@pytest.mark.parametrize(("model", "version", "release", "service"), [
+    ("mlp", "1", "mesh", "mesh-mlp-1-batcher"),
+    ("mlp_onnx", "2", "prod", "prod-mlp-onnx-2-batcher"),
+    ("My.Model", "20261206", "mesh", "mesh-my-model-20261206-batcher"),
+    ("mlp", "1", "", "mlp-1-batcher"),  # charts/README: `helm install mlp-1 charts/batcher`
+    ("m" * 70, "1", "mesh", ("mesh-" + "m" * 70)[:63]),  # cut to 63, as the chart cuts it
+    ("m" * 55 + "_", "1", "mesh", ("mesh-" + "m" * 55 + "-1")[:63].rstrip("-")),
+])
+def test_batcher_service_names_as_the_charts_do(model, version, release, service):
+    assert istio.batcher_service(model, version, release) == service
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"release": "My.Release"}, "release 'My.Release' is not one the charts install"),
+    ({"release": "1mesh"}, "release '1mesh'"),
+    ({"namespace": "Bad_NS"}, "namespace 'Bad_NS' is not a DNS label"),
+])
+def test_per_version_refusals(kwargs, message):
+    with pytest.raises(InvalidArgument, match=message):
+        istio.render(TrafficPolicy("mlp", {"1": 100}), **kwargs)
+
+
 # ---- schema validation with @kubernetes-models/istio -----------------------------------------
 
 
@@ -210,6 +255,15 @@ def test_rendered_objects_match_the_istio_schemas(validate, policy):
     assert (rc, result["ok"]) == (0, True), json.dumps(result, indent=2)
     assert [(r["kind"], r["ok"]) for r in result["results"]] == [
         ("VirtualService", True), ("DestinationRule", True)]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_per_version_objects_match_the_istio_schemas(validate, policy):
+    objects = istio.render(policy, namespace="serving")
+    rc, result = validate(objects)
+    assert (rc, result["ok"]) == (0, True), json.dumps(result, indent=2)
+    assert [(r["kind"], r["ok"]) for r in result["results"]] == [
+        ("VirtualService", True), *[("DestinationRule", True)] * len(policy.weights)]
 
 
 def test_yaml_documents_match_the_istio_schemas(validate):

@@ -44,6 +44,32 @@ def test_a_version_with_neither_traffic_nor_a_batcher_is_left_out():
     assert ("mlp", "2") in names  # weight 10, even with its batcher down
 
 
+def test_a_model_the_ingress_does_not_serve_holds_no_readiness():
+    """`up` on another repository: the demo's policies stay in the store, their batchers are
+    gone; the ingress counts only the models of its repository, so it can become ready (and a
+    Kubernetes mesh whose model lost every batcher is still not ready)."""
+    states = table(POLICIES | {"linear": TrafficPolicy("linear", {"1": 100})},
+                   (Endpoint("linear", "1", "g:1"),), {"g:1": True})
+    assert ("mlp", "1", False) in {(v.model, v.version, v.ready) for v in states}
+    sent = admin_pb2.Readiness(versions=[
+        admin_pb2.VersionReadiness(model=v.model, version=v.version, weight=v.weight,
+                                   ready=v.ready) for v in states])
+    ingress = Readiness(STRICT, served=frozenset({"linear"}))
+    ingress.update(sent)
+    assert ingress.ready() and set(ingress.models) == {"linear"}
+    ingress.admit("mlp", "1")  # not its model: refused, if at all, further on
+    every = Readiness(STRICT)
+    every.update(sent)
+    assert not every.ready()
+
+
+def test_a_weighted_version_without_a_batcher_of_a_served_model_is_not_ready():
+    """Its share of the model's requests has nowhere to go."""
+    states = table(POLICIES, (Endpoint("mlp", "1", "a:1"),), {"a:1": True})
+    assert [v for v in states if v.model == "mlp"] == [
+        VersionState("mlp", "1", 90, True), VersionState("mlp", "2", 10, False)]
+
+
 class Store:
     """What the control plane's readiness reads of the mesh's state."""
 

@@ -207,13 +207,14 @@ def test_status_shows_shadow_comparisons_only_while_shadowing():
 
 
 @pytest.mark.parametrize(("model", "host"), [
-    ("mlp", "mlp-batcher.serving.svc.cluster.local"),
-    ("mlp_onnx", "mlp-onnx-batcher.serving.svc.cluster.local"),
-    ("My.Model", "my-model-batcher.serving.svc.cluster.local"),
+    ("mlp", "mesh-mlp-1-batcher.serving.svc.cluster.local"),
+    ("mlp_onnx", "mesh-mlp-onnx-1-batcher.serving.svc.cluster.local"),
+    ("My.Model", "mesh-my-model-1-batcher.serving.svc.cluster.local"),
 ])
 def test_render_host_is_the_charts_service_name(model, host):
-    assert batcher_host(model, "serving") == host
-    render(TrafficPolicy(model, {"1": 100}), host=host, namespace="serving")
+    assert batcher_host(model, "1", "serving") == host
+    [virtual_service, _] = render(TrafficPolicy(model, {"1": 100}), namespace="serving")
+    assert virtual_service["spec"]["hosts"] == [host]
 
 
 @pytest.mark.parametrize(("model", "namespace", "refusal"), [
@@ -222,7 +223,7 @@ def test_render_host_is_the_charts_service_name(model, host):
 ])
 def test_render_host_refusals(model, namespace, refusal):
     with pytest.raises(InvalidArgument, match=refusal):
-        batcher_host(model, namespace)
+        batcher_host(model, "1", namespace)
 
 
 def test_output_cut_short_by_its_reader_is_no_error():
