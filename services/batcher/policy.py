@@ -2,6 +2,14 @@
 
 Nothing here reads a clock or does I/O: the caller passes the monotonic time as `now`
 (float seconds) and carries out the decisions (`Send` / `Wait`) itself.
+
+The rules are those of Triton's dynamic batcher (`DynamicBatchScheduler::GetDynamicBatch`,
+`PriorityQueue`): a batch is the front of the queue while its requests' shapes agree and
+their rows fit `max_batch_size`; the largest preferred size it can make goes at once, and a
+batch that would pass the largest preferred size goes at once with what fits under it; past
+`max_queue_delay_microseconds` (counted from its oldest request) everything that fits goes.
+Each priority level keeps its own queue policy: a request waiting past its level's timeout is
+refused (REJECT) or waits behind the level's others (DELAY), and never bounds the compute.
 """
 
 from __future__ import annotations
@@ -11,11 +19,28 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from meshserve.common.errors import InvalidArgument, ResourceExhausted
+from meshserve.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from meshserve.common.priority import priority_level
+from meshserve.protocol.model_config_pb2 import ModelQueuePolicy
 
 _US_PER_S = 1e6  # exact division keeps e.g. 1000 us == 0.001 s
 DEFAULT_RETRY_AFTER = 0.05  # a refusal's hint when the caller gives none
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """One priority level's queue policy (Triton's ModelQueuePolicy): how many requests the
+    level holds, and how long one waits for a batch before its timeout action applies."""
+
+    max_queue_size: int = 0  # requests of the level; 0 = unbounded
+    timeout_us: int = 0  # default_timeout_microseconds; 0 = none
+    delay: bool = False  # timeout_action DELAY: past it, behind the level's others, never refused
+
+    @classmethod
+    def of(cls, message: Any) -> QueuePolicy:
+        """The policy of a `ModelQueuePolicy` message."""
+        return cls(message.max_queue_size, message.default_timeout_microseconds,
+                   message.timeout_action == ModelQueuePolicy.DELAY)
 
 
 @dataclass(frozen=True)
@@ -30,6 +55,9 @@ class BatchingPolicy:
     priority_levels: int = 0  # 0 or 1 = a single level
     default_priority_level: int = 0  # used when a request gives priority 0
     max_queue_bytes: int = 0  # payload bytes queued + in flight; 0 = unbounded
+    default_delays: bool = False  # the default queue policy's timeout_action is DELAY
+    # priority_queue_policy: (level, its policy), by level; the other levels follow the default
+    level_policies: tuple[tuple[int, QueuePolicy], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 0:
@@ -52,15 +80,18 @@ class BatchingPolicy:
         if not config.HasField("dynamic_batching"):
             return cls(max_batch_size=config.max_batch_size)
         dynamic = config.dynamic_batching
-        queue_policy = dynamic.default_queue_policy
+        default = QueuePolicy.of(dynamic.default_queue_policy)
         return cls(
             max_batch_size=config.max_batch_size,
             preferred_batch_sizes=tuple(dynamic.preferred_batch_size),
             max_queue_delay_us=dynamic.max_queue_delay_microseconds,
-            max_queue_size=queue_policy.max_queue_size,
-            default_timeout_us=queue_policy.default_timeout_microseconds,
+            max_queue_size=default.max_queue_size,
+            default_timeout_us=default.timeout_us,
             priority_levels=dynamic.priority_levels,
             default_priority_level=dynamic.default_priority_level,
+            default_delays=default.delay,
+            level_policies=tuple(sorted((level, QueuePolicy.of(policy)) for level, policy
+                                        in dynamic.priority_queue_policy.items())),
         )
 
     @property
@@ -72,6 +103,11 @@ class BatchingPolicy:
         """The queue level (1 = most urgent) of a request's priority (`priority_level`)."""
         return priority_level(priority, self.priority_levels, self.default_priority_level)
 
+    @property
+    def default_queue_policy(self) -> QueuePolicy:
+        """The queue policy of every level `level_policies` does not name."""
+        return QueuePolicy(self.max_queue_size, self.default_timeout_us, self.default_delays)
+
 
 @dataclass
 class Pending:
@@ -80,10 +116,13 @@ class Pending:
     key: Hashable  # shape signature: requests share a batch only when keys are equal
     rows: int  # batch-dimension size (1 when max_batch_size == 0)
     enqueued: float  # monotonic seconds
-    deadline: float | None  # monotonic seconds; None = none
+    deadline: float | None  # the caller's, monotonic seconds; None = none
     priority: int = 0  # as given; 0 = policy default. Lower number = more urgent (1 is highest)
     payload: Any = None  # opaque to the policy
     size: int = 0  # payload bytes, counted against `max_queue_bytes`
+    # When its level's queue timeout passes while it waits (set by `add`; None: none, or
+    # passed under DELAY). It bounds the wait for a batch only, never the compute.
+    timeout_at: float | None = None
 
 
 class QueueFull(ResourceExhausted):
@@ -125,18 +164,41 @@ class _Candidate:
 
 
 class BatchQueue:
-    """The queue of one model version: priority levels, FIFO within a level."""
+    """The queue of one model version: priority levels, FIFO within a level (a level's
+    requests past a DELAY timeout behind its others)."""
 
     def __init__(self, policy: BatchingPolicy, label: str = "") -> None:
         self.policy = policy
         self.label = label
-        self._levels: list[deque[Pending]] = [deque() for _ in range(policy.levels)]
+        levels = policy.levels
+        self._levels: list[deque[Pending]] = [deque() for _ in range(levels)]
+        self._delayed: list[deque[Pending]] = [deque() for _ in range(levels)]
+        default, own = policy.default_queue_policy, dict(policy.level_policies)
+        queues = [own.get(level, default) for level in range(1, levels + 1)]
+        self._timeouts = [queue.timeout_us for queue in queues]
+        self._delays = [queue.delay and bool(queue.timeout_us) for queue in queues]
+        self._timed = any(self._timeouts)
+        # Without DELAY nothing is ever delayed: the hot paths skip the delayed queues.
+        self._delaying = any(self._delays)
+        # The whole queue holds at most its largest level's bound; a level whose own bound
+        # is smaller is held to it as well (0: nothing beyond the whole queue's).
+        self._max_count = 0 if not all(q.max_queue_size for q in queues) else max(
+            q.max_queue_size for q in queues)
+        self._level_caps = [q.max_queue_size if q.max_queue_size != self._max_count else 0
+                            for q in queues]
+        self._capped = any(self._level_caps)
+        self._delay = policy.max_queue_delay_us / _US_PER_S
+        self._largest_preferred = max(policy.preferred_batch_sizes, default=0)
         self._count = 0
         self._rows = 0
         self._bytes = 0  # queued + taken and not yet released
 
     def __len__(self) -> int:
         return self._count
+
+    def __iter__(self) -> Iterator[Pending]:
+        """The queued entries in queue order."""
+        return self._in_order()
 
     @property
     def rows(self) -> int:
@@ -150,27 +212,29 @@ class BatchQueue:
 
     def add(self, entry: Pending,
             retry_after: Callable[[], float] = lambda: DEFAULT_RETRY_AFTER) -> list[Shed]:
-        """Queue `entry`, applying the queue timeout and clamping its priority; returns the
+        """Queue `entry`, setting its queue timeout and clamping its priority; returns the
         entries shed to make room for it (each to be answered with its error).
 
         When the queue is full (`max_queue_size` requests or `max_queue_bytes` bytes), the
         newest entries of less urgent levels than the arrival's are shed, least urgent level
         first, until it fits; when shedding them all would not make room, nothing is shed and
-        the arrival is refused with QueueFull. InvalidArgument when the entry's rows exceed
-        `max_batch_size` (it could never be sent). Refusals carry `retry_after()` seconds
-        (worked out only when something is refused or shed).
+        the arrival is refused with QueueFull, as it is when its own level holds its
+        `priority_queue_policy`'s `max_queue_size`. InvalidArgument when the entry's rows
+        exceed `max_batch_size` (it could never be sent). Refusals carry `retry_after()`
+        seconds (worked out only when something is refused or shed).
         """
         self._check_rows(entry)
         level = self.policy.level_of(entry.priority)
+        if self._capped and self._level_caps[level - 1]:
+            self._check_level_room(level, retry_after)
         victims = self._victims(level, entry.size, retry_after)
-        shed = [Shed(victim, self._shed_error(retry_after())) for victim in victims]
+        shed = [Shed(victim, self._shed_error(retry_after())) for _, victim in victims]
         if victims:
-            for victim in victims:  # the newest first: each is the last of its level
-                self._levels[victim.priority - 1].pop()
-            self._forget(victims)
-        timeout_us = self.policy.default_timeout_us
-        if timeout_us > 0:
-            entry.deadline = _earliest(entry.deadline, entry.enqueued + timeout_us / _US_PER_S)
+            for queue, _ in victims:  # the newest first: each is the last of its queue
+                queue.pop()
+            self._forget([victim for _, victim in victims])
+        if self._timed and self._timeouts[level - 1]:
+            entry.timeout_at = entry.enqueued + self._timeouts[level - 1] / _US_PER_S
         entry.priority = level
         self._levels[level - 1].append(entry)
         self._count += 1
@@ -182,19 +246,51 @@ class BatchQueue:
         """Entries taken earlier were answered: their bytes leave the budget."""
         self._bytes -= sum(entry.size for entry in entries)
 
-
     def expire(self, now: float) -> list[Pending]:
-        """Remove and return every entry whose deadline is at or before `now`."""
+        """Remove and return every entry whose deadline, or queue timeout under REJECT, is at
+        or before `now` (`expiry` says which); an entry past its queue timeout under DELAY
+        moves behind the others of its level instead."""
         expired: list[Pending] = []
+        due = _is_due if self._timed else _is_expired
         for index, level in enumerate(self._levels):
-            if not any(_is_expired(entry, now) for entry in level):
-                continue
-            kept: deque[Pending] = deque()
-            for entry in level:
-                (expired if _is_expired(entry, now) else kept).append(entry)
-            self._levels[index] = kept
+            if any(due(entry, now) for entry in level):
+                self._levels[index] = self._sort_out(level, index, now, expired)
+            delayed = self._delayed[index]
+            if self._delaying and delayed and any(_is_expired(entry, now) for entry in delayed):
+                kept: deque[Pending] = deque()
+                for entry in delayed:
+                    (expired if _is_expired(entry, now) else kept).append(entry)
+                self._delayed[index] = kept
         self._forget(expired)
         return expired
+
+    def _sort_out(self, level: deque[Pending], index: int, now: float,
+                  expired: list[Pending]) -> deque[Pending]:
+        """The entries of `level` still waiting in it; the expired go to `expired`, those
+        past a DELAY timeout to the back of the level's delayed ones."""
+        kept: deque[Pending] = deque()
+        for entry in level:
+            if _is_expired(entry, now):
+                expired.append(entry)
+            elif entry.timeout_at is not None and entry.timeout_at <= now:
+                if self._delays[index]:
+                    entry.timeout_at = None
+                    self._delayed[index].append(entry)
+                else:
+                    expired.append(entry)
+            else:
+                kept.append(entry)
+        return kept
+
+    def expiry(self, entry: Pending, now: float) -> DeadlineExceeded:
+        """The answer of `entry`, returned by `expire(now)`: its caller's deadline or its
+        level's queue timeout passed before it was sent."""
+        if entry.deadline is not None and entry.deadline <= now:
+            return DeadlineExceeded("deadline exceeded while queued for a batch (never computed)")
+        where = f" of priority level {entry.priority}" if self.policy.levels > 1 else ""
+        return DeadlineExceeded(
+            f"queue timeout expired: waited longer than the default_timeout_microseconds "
+            f"{self._timeouts[entry.priority - 1]}{where} for a batch (never computed)")
 
     def _forget(self, removed: list[Pending]) -> None:
         """Removed from the queue and never sent: rows, count and bytes go."""
@@ -210,30 +306,39 @@ class BatchQueue:
         if idle_replicas <= 0:
             return Wait(nearest)
         candidate = self._candidate()
-        preferred = self._largest_preferred(candidate)
-        if preferred:
-            return Send(preferred)
-        if candidate.closed:
+        if not self._delay:  # work-conserving: the preferred part, else all that fits
+            return Send(self._preferred_part(candidate) or len(candidate.entries))
+        send_at = min(entry.enqueued for entry in candidate.entries) + self._delay
+        if now >= send_at:  # the delay ran out: all that fits, preferred or not
             return Send(len(candidate.entries))
-        send_at = min(entry.enqueued for entry in candidate.entries)
-        send_at += self.policy.max_queue_delay_us / _US_PER_S
-        if now >= send_at:
+        early = self._preferred_part(candidate)
+        if early:
+            return Send(early)
+        if candidate.closed:
             return Send(len(candidate.entries))
         return Wait(_earliest(send_at, nearest))
 
     def take(self, count: int) -> list[Pending]:
         """Pop the first `count` entries in queue order."""
         taken: list[Pending] = []
-        for level in self._levels:
+        for index, level in enumerate(self._levels):
             while level and len(taken) < count:
                 taken.append(level.popleft())
+            delayed = self._delayed[index]
+            while self._delaying and delayed and len(taken) < count:
+                taken.append(delayed.popleft())
         self._count -= len(taken)
         self._rows -= sum(entry.rows for entry in taken)
         return taken
 
     def _in_order(self) -> Iterator[Pending]:
-        for level in self._levels:
+        if not self._delaying:
+            for level in self._levels:
+                yield from level
+            return
+        for index, level in enumerate(self._levels):
             yield from level
+            yield from self._delayed[index]
 
     def _candidate(self) -> _Candidate:
         """The batch at the front of the queue, and whether it can grow no further."""
@@ -250,33 +355,53 @@ class BatchQueue:
             rows += entry.rows
         return _Candidate(tuple(taken), rows, closed=rows >= cap)
 
-    def _largest_preferred(self, candidate: _Candidate) -> int:
-        """Entries in the longest front part of the candidate whose rows make a preferred
-        batch size (Triton: the largest preferred size that can be formed goes at once);
-        0 when none can be formed."""
-        preferred = self.policy.preferred_batch_sizes
-        best, rows = 0, 0
+    def _preferred_part(self, candidate: _Candidate) -> int:
+        """Entries at the front of the candidate to send at once, before the queue delay
+        runs out (0: none). As Triton: the longest part whose rows make a preferred size;
+        failing that, when the candidate's rows pass the largest preferred size, the longest
+        part that stays within it (at least its first entry)."""
+        preferred, largest = self.policy.preferred_batch_sizes, self._largest_preferred
+        if not largest:
+            return 0
+        best = within = rows = 0
         for count, entry in enumerate(candidate.entries, start=1):
             rows += entry.rows
+            if rows > largest:
+                return best or max(within, 1)
+            within = count
             if rows in preferred:
                 best = count
         return best
 
     def _nearest_deadline(self) -> float | None:
-        deadlines = [e.deadline for e in self._in_order() if e.deadline is not None]
-        return min(deadlines, default=None)
+        """The soonest time an entry's deadline or queue timeout passes."""
+        times = [e.deadline for e in self._in_order() if e.deadline is not None]
+        if self._timed:
+            times += [e.timeout_at for e in self._in_order() if e.timeout_at is not None]
+        return min(times, default=None)
+
+    def _check_level_room(self, level: int,
+                          retry_after: Callable[[], float]) -> None:
+        """Refuse an arrival at `level` when the level holds its own `max_queue_size`."""
+        cap = self._level_caps[level - 1]
+        held = len(self._levels[level - 1]) + len(self._delayed[level - 1])
+        if held >= cap:
+            raise QueueFull(f"{self._name()} is full at priority level {level} "
+                            f"(max_queue_size {cap} of its priority_queue_policy; "
+                            f"{held} requests at that level)", "queue_full", retry_after())
 
     def _victims(self, level: int, size: int,
-                 retry_after: Callable[[], float]) -> list[Pending]:
-        """The entries to shed so that an arrival of `size` bytes at `level` fits: the newest
-        of the least urgent level first, never one as urgent as the arrival. Raises QueueFull
-        when even shedding all of those would not make room."""
-        max_count, max_bytes = self.policy.max_queue_size, self.policy.max_queue_bytes
+                 retry_after: Callable[[], float]) -> list[tuple[deque[Pending], Pending]]:
+        """The entries to shed (each with the queue it is the last of when its turn comes)
+        so that an arrival of `size` bytes at `level` fits: the newest of the least urgent
+        level first, never one as urgent as the arrival. Raises QueueFull when even shedding
+        all of those would not make room."""
+        max_count, max_bytes = self._max_count, self.policy.max_queue_bytes
         if max_bytes > 0 and size > max_bytes:
             raise QueueFull(f"request of {size} bytes for {self._name()} exceeds "
                             f"max_queue_bytes {max_bytes}", "bytes", retry_after())
         count, held = self._count, self._bytes
-        victims: list[Pending] = []
+        victims: list[tuple[deque[Pending], Pending]] = []
         candidates = None  # made only when the queue has no room (rarely)
         while True:
             over_count = max_count > 0 and count + 1 > max_count
@@ -284,8 +409,7 @@ class BatchQueue:
             if not (over_count or over_bytes):
                 return victims
             if candidates is None:
-                candidates = (entry for queued in reversed(self._levels[level:])
-                              for entry in reversed(queued))
+                candidates = self._newest_first(level)
             victim = next(candidates, None)
             if victim is None:
                 reason = "queue_full" if over_count else "bytes"
@@ -295,7 +419,15 @@ class BatchQueue:
                                 reason, retry_after())
             victims.append(victim)
             count -= 1
-            held -= victim.size
+            held -= victim[1].size
+
+    def _newest_first(self, level: int) -> Iterator[tuple[deque[Pending], Pending]]:
+        """The entries of the levels less urgent than `level`, each with its queue: the least
+        urgent level first, and within a level the last in its order first."""
+        for index in range(len(self._levels) - 1, level - 1, -1):
+            for queue in (self._delayed[index], self._levels[index]):
+                for entry in reversed(queue):
+                    yield queue, entry
 
     def _shed_error(self, retry_after: float) -> QueueFull:
         return QueueFull(f"shed: {self._name()} full ({self._occupancy()}) and a more urgent "
@@ -318,6 +450,12 @@ class BatchQueue:
 
 def _is_expired(entry: Pending, now: float) -> bool:
     return entry.deadline is not None and entry.deadline <= now
+
+
+def _is_due(entry: Pending, now: float) -> bool:
+    """Its deadline or its queue timeout has passed."""
+    return ((entry.deadline is not None and entry.deadline <= now)
+            or (entry.timeout_at is not None and entry.timeout_at <= now))
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:

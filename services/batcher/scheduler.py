@@ -124,15 +124,15 @@ class _Failed(Exception):
 class Answers:
     """The results of one group's items; `done` resolves with them once every one is in, and
     `fresh()` gives the positions answered since it was last asked, as they come in (or none,
-    once, when the group's last queued item left for a compute replica with no room for more,
-    or the whole group left in one batch of a preferred size: see `sent`). `queued` counts
-    the items in the queue."""
+    once, when the hop before may send its next group: see `release`). `queued` counts the
+    items in the queue."""
 
     def __init__(self, count: int) -> None:
         self.results: list[ItemResult | None] = [None] * count
         self.missing = count
         self.queued = 0
         self._left = False
+        self._released = False
         self.done = asyncio.get_running_loop().create_future()
         self._fresh: list[int] = []
         self._news: asyncio.Future | None = None
@@ -152,11 +152,17 @@ class Answers:
         return True
 
     def sent(self, told: bool) -> None:
-        """One queued item went to compute; when it was the last and `told` (compute has room
-        for no more batches, or the group left whole in a preferred batch), `fresh()` returns,
-        with nothing new if so."""
+        """One queued item went to compute; when it was the last and `told` (see
+        `Scheduler._dispatch`), the group is released."""
         self.queued -= 1
         if not self.queued and told:
+            self.release()
+
+    def release(self) -> None:
+        """The batcher wants the hop before's next group now (its requests would join a batch
+        or start one at once): `fresh()` returns, with nothing new if so; once a group."""
+        if not self._released:
+            self._released = True
             self._left = True
             self._wake()
 
@@ -274,13 +280,17 @@ class Scheduler:
             now = time.monotonic()
             for entry in self.queue.expire(now):
                 self._count_shed("deadline")
-                self._answer(entry, error_result(DeadlineExceeded(
-                    "deadline exceeded while queued for a batch (never computed)")))
+                self._answer(entry, error_result(self.queue.expiry(entry, now)))
             idle = [r for r in self.replicas if r.idle]
             decision = self.queue.decide(now, len(idle))
             if isinstance(decision, Send):
                 self._dispatch(self.queue.take(decision.count), idle, now)
                 continue
+            if idle and len(self.queue):
+                # A batch waits for more requests (the queue delay) while compute has room:
+                # the hops before must send theirs now, or none could join it.
+                for entry in self.queue:
+                    entry.payload.answers.release()
             timeout = None if decision.until is None else max(0.0, decision.until - now)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
@@ -299,12 +309,15 @@ class Scheduler:
         # A group whose last request leaves for a compute that has room for no more batches,
         # or that leaves whole in one batch of a preferred size, says so (an early answer
         # without results): the hop before sends its next group now, so that it is queued
-        # here before compute runs out of work.
-        full = not any(r.idle for r in self.replicas)
-        whole = () if full else self._whole_groups(live, rows)
+        # here before compute runs out of work. So does one that leaves a replica with
+        # nothing to do (several instances): the next requests start there at once, as
+        # Triton runs a batch on each free instance.
+        told = not any(r.idle for r in self.replicas) or any(
+            r.batches == 0 and r.in_rotation for r in self.replicas)
+        whole = () if told else self._whole_groups(live, rows)
         for entry in live:
             answers = entry.payload.answers
-            answers.sent(full or answers in whole)
+            answers.sent(told or answers in whole)
         self._budget.sent(now)
         task = asyncio.get_running_loop().create_task(self._execute(replica, live, now))
         self._tasks.add(task)

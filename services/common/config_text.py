@@ -1,12 +1,14 @@
 """Model configurations read from protobuf text (config.pbtxt), leniently: meshserve defines
 a subset of Triton's model configuration, and fields outside it (`optimization`,
-`sequence_batching`, ...) are skipped with one warning, so that existing Triton configs load
-unchanged."""
+`model_repository_agents`, ...) are skipped with one warning, so that existing Triton configs
+load unchanged; a caller may name top-level fields to refuse instead (a section whose model
+cannot be served right without it)."""
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 
 from google.protobuf import text_format
 
@@ -16,6 +18,7 @@ from meshserve.protocol.model_config_pb2 import ModelConfig
 logger = logging.getLogger(__name__)
 
 _UNKNOWN_FIELD = re.compile(r'has no field named "([^"]+)"')
+_TOP_LEVEL = 'Message type "inference.ModelConfig" has no field'
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SCALAR = re.compile(r"""[^\s,;{}\[\]<>#:"']+""")
 _OPEN = "{[<"
@@ -116,8 +119,9 @@ def _blank_out(text: str, start: int, end: int) -> str:
     return text[:start] + hole + text[end:]
 
 
-def parse_text(text: str, source: str) -> ModelConfig:
-    """Parse config.pbtxt text, skipping (with one warning) fields meshserve does not define.
+def parse_text(text: str, source: str, refused: Mapping[str, str] | None = None) -> ModelConfig:
+    """Parse config.pbtxt text, skipping (with one warning) fields meshserve does not define,
+    except the top-level ones named in `refused` (InvalidArgument, with the reason given).
 
     Protobuf's own `allow_unknown_field` skipper cannot step over some forms Triton configs
     use (`control_input [ { ... } ]`, a list of messages without a colon), so unknown fields
@@ -130,6 +134,10 @@ def parse_text(text: str, source: str) -> ModelConfig:
             text_format.Parse(text, config)
         except text_format.ParseError as error:
             unknown = _UNKNOWN_FIELD.search(str(error))
+            if (unknown is not None and refused and unknown.group(1) in refused
+                    and _TOP_LEVEL in str(error)):
+                raise InvalidArgument(f"{source}: {unknown.group(1)} is not supported: "
+                                      f"{refused[unknown.group(1)]}") from None
             span = None
             if unknown is not None and error.GetLine() and error.GetColumn():
                 span = _unknown_field_span(

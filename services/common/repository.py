@@ -99,13 +99,23 @@ def _check_tensor(source: str, kind: str, tensor, seen: set[str]) -> None:
             )
 
 
+# Triton sections whose models meshserve cannot serve right: refused, not skipped.
+UNSUPPORTED = {
+    "sequence_batching": "meshserve serves stateless models only (its batcher would mix the "
+                         "requests of different sequences and give the model no sequence "
+                         "controls or state)",
+    "batch_input": "ragged batching: meshserve makes no batch input tensors for the model",
+    "batch_output": "ragged batching: meshserve splits no batch output tensors",
+}
+
+
 def parse_config(text: str, source: str, default_name: str) -> ModelConfig:
     """Parse and validate a model's config.pbtxt.
 
     `source` names the file in messages; `default_name` (the model's directory) fills in an
     empty `name` and must match a given one.
     """
-    config = parse_text(text, source)
+    config = parse_text(text, source, UNSUPPORTED)
 
     if not config.name:
         config.name = default_name
@@ -147,6 +157,7 @@ def parse_config(text: str, source: str, default_name: str) -> ModelConfig:
                 f"versions are positive integers"
             )
     _check_preferred_sizes(config, source)
+    _check_priorities(config, source)
     if kind is ENSEMBLE:
         ensemble_plan.check_steps(config, source)
     return config
@@ -176,6 +187,33 @@ def _check_preferred_sizes(config: ModelConfig, source: str) -> None:
             raise InvalidArgument(
                 f"{source}: dynamic_batching preferred_batch_size {size} must be between 1 "
                 f"and max_batch_size {config.max_batch_size}")
+
+
+def _check_priorities(config: ModelConfig, source: str) -> None:
+    """As Triton checks a config: with priority levels, the default level is one of them and
+    so is each level given a queue policy; preserve_ordering takes one level and no DELAY."""
+    dynamic = config.dynamic_batching
+    levels = dynamic.priority_levels
+    where = f"{source}: dynamic_batching"
+    if levels and not 1 <= dynamic.default_priority_level <= levels:
+        raise InvalidArgument(
+            f"{where} default_priority_level {dynamic.default_priority_level} must be between "
+            f"1 and priority_levels {levels}")
+    for level in sorted(dynamic.priority_queue_policy):
+        if not 1 <= level <= levels:
+            raise InvalidArgument(
+                f"{where} priority_queue_policy for priority level {level} is outside 1 to "
+                f"priority_levels {levels}")
+    if not dynamic.preserve_ordering:
+        return
+    if levels > 1:
+        raise InvalidArgument(f"{where} preserve_ordering allows one priority level, not "
+                              f"priority_levels {levels}")
+    policies = [dynamic.default_queue_policy, *dynamic.priority_queue_policy.values()]
+    if any(p.timeout_action == ModelQueuePolicy.DELAY and p.default_timeout_microseconds
+           for p in policies):
+        raise InvalidArgument(f"{where} preserve_ordering does not allow a queue policy whose "
+                              "timeout_action is DELAY")
 
 
 def _check_kind(config: ModelConfig, source: str) -> Kind:
@@ -408,14 +446,17 @@ def _check_reshapes(name: str, config: ModelConfig) -> None:
 
 
 def _warn_unapplied(name: str, config: ModelConfig) -> None:
-    """Warn of the queue settings the batcher does not apply, and what it does instead."""
-    dynamic = config.dynamic_batching
-    if dynamic.priority_queue_policy:
-        logger.warning("model '%s': dynamic_batching priority_queue_policy is not applied: "
-                       "every priority level follows default_queue_policy", name)
-    if dynamic.default_queue_policy.timeout_action == ModelQueuePolicy.DELAY:
-        logger.warning("model '%s': default_queue_policy timeout_action DELAY is not applied: "
-                       "a request past its queue timeout is refused", name)
+    """Warn of the settings meshserve does not apply, and what it does instead."""
+    for tensor in config.input:
+        if tensor.allow_ragged_batch:
+            logger.warning("model '%s' input '%s': allow_ragged_batch is not applied: only "
+                           "requests of the same shape share a batch", name, tensor.name)
+    for warmup in config.model_warmup:
+        for input_name, sample in sorted(warmup.inputs.items()):
+            if sample.input_data_file:
+                logger.warning("model '%s': model_warmup '%s' input '%s': input_data_file is "
+                               "not read; the warm-up sends zeros", name, warmup.name,
+                               input_name)
 
 
 def _labels(name: str, model_dir: Path, config: ModelConfig) -> dict[str, tuple[str, ...]]:

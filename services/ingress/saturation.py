@@ -32,10 +32,12 @@ class EdgeBound:
 
     @classmethod
     def of(cls, model: str, config) -> EdgeBound:
-        """The bound of a model's `ModelConfig`."""
+        """The bound of a model's `ModelConfig`: its least urgent level's `max_queue_size`
+        (from `priority_queue_policy`, or `default_queue_policy`)."""
         dynamic = config.dynamic_batching
-        return cls(model, dynamic.default_queue_policy.max_queue_size,
-                   max(dynamic.priority_levels, 1), dynamic.default_priority_level)
+        levels = max(dynamic.priority_levels, 1)
+        least = dynamic.priority_queue_policy.get(levels, dynamic.default_queue_policy)
+        return cls(model, least.max_queue_size, levels, dynamic.default_priority_level)
 
     def admit(self, priority: int, waiting: int, round_trip: float) -> None:
         """Raise ResourceExhausted when `waiting` requests already wait and one of

@@ -476,10 +476,16 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             request, context.time_remaining(), traceparent,
             admit=lambda: self._admit(self._gate.caller(context, metadata), request))
 
+    def _preserves_ordering(self, model: str) -> bool:
+        entry = self._ingress.repository.models.get(model)
+        return entry is not None and entry.config.dynamic_batching.preserve_ordering
+
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests are served concurrently; each request's task writes its answer as soon as
         it is ready (the services' own server takes writes from several tasks, where grpc.aio
-        allows one at a time), with no queue and no second task between them."""
+        allows one at a time), with no queue and no second task between them. For a model
+        whose config sets `dynamic_batching { preserve_ordering: true }`, as in Triton, its
+        answers are written in the order its requests came: each after the one before."""
         metadata = context.invocation_metadata()
         caller = self._gate.caller(context, metadata)
         remaining = context.time_remaining()
@@ -488,7 +494,17 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         pin = header(metadata, PIN_HEADER)
         traceparent = header(metadata, TRACEPARENT) if self._traced else ""
 
-        async def serve_one(request) -> None:
+        ordered: dict[str, asyncio.Future] = {}  # a model's last request's answer, written
+
+        async def serve_one(request, after: asyncio.Future | None = None,
+                            written: asyncio.Future | None = None) -> None:
+            try:
+                await answer_one(request, after)
+            finally:
+                if written is not None:
+                    written.set_result(None)
+
+        async def answer_one(request, after: asyncio.Future | None) -> None:
             try:
                 pin_request(request, pin)
                 left = None if deadline is None else deadline - time.monotonic()
@@ -506,11 +522,19 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             # Each request has one answer, its last: said as Triton says it on a stream, for
             # clients that read answers until one is final (decoupled models' clients).
             answer.infer_response.parameters[FINAL_RESPONSE].bool_param = True
+            if after is not None:
+                await after
             await context.write(answer)
 
         tasks = set()
         async for request in request_iterator:
-            task = asyncio.create_task(serve_one(request))
+            if self._preserves_ordering(request.model_name):
+                written = asyncio.get_running_loop().create_future()
+                after = ordered.get(request.model_name)
+                ordered[request.model_name] = written
+                task = asyncio.create_task(serve_one(request, after, written))
+            else:
+                task = asyncio.create_task(serve_one(request))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         await asyncio.gather(*tasks)

@@ -118,3 +118,83 @@ async def test_a_group_over_several_preferred_batches_waits_for_its_first_answer
     assert len(compute.ran) == 2  # two batches of two rows
     assert [list(partial.items) for partial in early] == [[0, 1]]
     assert list(last.items) == [2, 3]
+
+
+class RowsCompute(FakeCompute):
+    """Answers at once; `rows` holds each batch's rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[int] = []
+
+    async def send(self, body: list[bytes], timeout=None, resend=True) -> bytes:
+        [item] = InferGroup.FromString(b"".join(body)).items
+        self.rows.append(item.request.inputs[0].shape[0])
+        return await super().send(body, timeout, resend)
+
+
+def one_item(name: str) -> bytes:
+    return InferGroup(model_name="m", items=[GroupItem(request=request(name, 1))]
+                      ).SerializeToString()
+
+
+async def test_a_group_waiting_for_the_queue_delay_lets_the_next_group_come_and_join_it():
+    """With max_queue_delay_microseconds the batch waits for more requests, and the hop
+    before holds its next group until this one is answered: unless told at once, no request
+    could ever join the batch (each waited out the whole delay alone). As in Triton, two
+    requests of a model preferring batches of 2 go together, long before the delay."""
+    config = one_input_config()
+    config.dynamic_batching.max_queue_delay_microseconds = 30_000_000
+    config.dynamic_batching.preferred_batch_size.append(2)
+    compute, statistics = RowsCompute(), Statistics(name="m", version="1")
+    scheduler = Scheduler(BatchQueue(BatchingPolicy.from_config(config), "m"),
+                          [Replica(compute)], config, "1", statistics)
+    batcher = Batcher(scheduler, statistics, config)
+    told: asyncio.Queue = asyncio.Queue()
+
+    async def tell(partial: bytes) -> None:
+        told.put_nowait(InferGroupResult.FromString(partial))
+
+    loop = asyncio.create_task(scheduler.run())
+    try:
+        first = asyncio.create_task(batcher.handle(one_item("a"), tell))
+        assert await asyncio.wait_for(told.get(), 2) == InferGroupResult()
+        second = await asyncio.wait_for(batcher.handle(one_item("b"), tell), 2)
+        answers = [InferGroupResult.FromString(a) for a in
+                   (await asyncio.wait_for(first, 2), second)]
+    finally:
+        loop.cancel()
+        await scheduler.close()
+    assert compute.rows == [2]
+    assert [[r.code for r in a.results] for a in answers] == [[0], [0]]
+
+
+async def test_a_group_that_leaves_a_replica_idle_lets_the_next_group_start_there():
+    """Two compute replicas (instance_group count 2): the first group's batch runs on one,
+    and the hop before is told at once, so the next request runs on the other in parallel
+    instead of waiting for the first batch to finish."""
+    config = one_input_config()
+    computes = [GatedCompute(), GatedCompute()]
+    statistics = Statistics(name="m", version="1")
+    scheduler = Scheduler(BatchQueue(BatchingPolicy.from_config(config), "m"),
+                          [Replica(c, capacity=2) for c in computes], config, "1", statistics)
+    batcher = Batcher(scheduler, statistics, config)
+    told: asyncio.Queue = asyncio.Queue()
+
+    async def tell(partial: bytes) -> None:
+        told.put_nowait(InferGroupResult.FromString(partial))
+
+    loop = asyncio.create_task(scheduler.run())
+    try:
+        first = asyncio.create_task(batcher.handle(one_item("a"), tell))
+        assert await asyncio.wait_for(told.get(), 2) == InferGroupResult()
+        second = asyncio.create_task(batcher.handle(one_item("b"), None))
+        await asyncio.wait_for(computes[1].arrived.get(), 2)  # while "a" still runs
+        assert [c.ran for c in computes] == [[["a"]], [["b"]]]
+        for compute in computes:
+            compute.gates[0].set()
+        await asyncio.wait_for(asyncio.gather(first, second), 2)
+    finally:
+        loop.cancel()
+        await scheduler.close()
+    assert told.empty()

@@ -26,6 +26,10 @@ def bound_of(text: str) -> EdgeBound:
     pytest.param(TWO_LEVELS, EdgeBound("mlp", 4, 2, 2), id="two-levels"),
     pytest.param('name: "mlp" max_batch_size: 8', EdgeBound("mlp", 0, 1, 0),
                  id="no-dynamic-batching"),
+    pytest.param(TWO_LEVELS.replace(
+        "default_queue_policy", "priority_queue_policy { key: 2 value { max_queue_size: 3 } }"
+        " priority_queue_policy { key: 1 value { max_queue_size: 9 } } default_queue_policy"),
+        EdgeBound("mlp", 3, 2, 2), id="the-least-urgent-levels-own-policy"),
 ])
 def test_the_bound_is_the_configs_max_queue_size(text, expected):
     assert bound_of(text) == expected

@@ -44,12 +44,11 @@ optimization {
     ]
   }
 }
-sequence_batching {
-  max_sequence_idle_microseconds: 5000000
-  control_input [
+model_repository_agents {
+  agents [
     {
-      name: "START"
-      control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ]
+      name: "checksum"
+      parameters [ { key: "MD5:model.pt" value: "d41d8cd98f00b204e9800998ecf8427e" } ]
     }
   ]
 }
@@ -81,7 +80,7 @@ def test_triton_config_with_unknown_sections(caplog):
     assert len(warnings) == 1
     message = warnings[0].getMessage()
     assert "/repo/densenet/config.pbtxt" in message
-    for field in ("optimization", "sequence_batching", "secondary_devices"):
+    for field in ("optimization", "model_repository_agents", "secondary_devices"):
         assert f'no field named "{field}"' in message
 
 
@@ -335,17 +334,77 @@ def test_labels_are_read_from_the_model_directory_or_the_model_is_refused(tmp_pa
                                        "'../named/cats.txt' is outside the model's directory")
 
 
-def test_queue_settings_the_batcher_does_not_apply_are_named_in_a_warning(tmp_path, caplog):
+def test_queue_policies_are_applied_so_load_without_a_warning(tmp_path, caplog):
     make_model(tmp_path, "m", [1], "dynamic_batching { priority_levels: 2 "
+               "default_priority_level: 2 "
                "default_queue_policy { timeout_action: DELAY default_timeout_microseconds: 10 } "
                "priority_queue_policy { key: 1 value { max_queue_size: 4 } } }")
     with caplog.at_level(logging.WARNING, logger="meshserve.common.repository"):
         assert "m" in ModelRepository.load(tmp_path)
+    assert caplog.messages == []
+
+
+def test_settings_not_applied_are_named_in_a_warning(tmp_path, caplog):
+    make_model(tmp_path, "m", [1], "model_warmup [ { name: \"w\" batch_size: 1 inputs { "
+               "key: \"x\" value { data_type: TYPE_FP32 dims: [ 4 ] "
+               "input_data_file: \"x.bin\" } } } ]")
+    config = tmp_path / "m" / "config.pbtxt"
+    config.write_text(config.read_text().replace("dims: [ 4 ] }", "dims: [ 4 ] "
+                                                 "allow_ragged_batch: true }", 1))
+    with caplog.at_level(logging.WARNING, logger="meshserve.common.repository"):
+        assert "m" in ModelRepository.load(tmp_path)
     assert caplog.messages == [
-        "model 'm': dynamic_batching priority_queue_policy is not applied: every priority "
-        "level follows default_queue_policy",
-        "model 'm': default_queue_policy timeout_action DELAY is not applied: a request past "
-        "its queue timeout is refused"]
+        "model 'm' input 'x': allow_ragged_batch is not applied: only requests of the same "
+        "shape share a batch",
+        "model 'm': model_warmup 'w' input 'x': input_data_file is not read; the warm-up "
+        "sends zeros"]
+
+
+@pytest.mark.parametrize(
+    ("section", "reason"),
+    [
+        pytest.param("dynamic_batching { priority_levels: 2 }",
+                     "dynamic_batching default_priority_level 0 must be between 1 and "
+                     "priority_levels 2", id="no-default-level"),
+        pytest.param("dynamic_batching { priority_levels: 2 default_priority_level: 3 }",
+                     "dynamic_batching default_priority_level 3 must be between 1 and "
+                     "priority_levels 2", id="default-level-past-the-last"),
+        pytest.param("dynamic_batching { priority_levels: 2 default_priority_level: 1 "
+                     "priority_queue_policy { key: 3 value { max_queue_size: 1 } } }",
+                     "dynamic_batching priority_queue_policy for priority level 3 is outside "
+                     "1 to priority_levels 2", id="queue-policy-of-no-level"),
+        pytest.param("dynamic_batching { priority_queue_policy { key: 1 value { } } }",
+                     "dynamic_batching priority_queue_policy for priority level 1 is outside "
+                     "1 to priority_levels 0", id="queue-policy-without-levels"),
+        pytest.param("dynamic_batching { preserve_ordering: true priority_levels: 2 "
+                     "default_priority_level: 1 }",
+                     "dynamic_batching preserve_ordering allows one priority level, not "
+                     "priority_levels 2", id="ordering-with-levels"),
+        pytest.param("dynamic_batching { preserve_ordering: true default_queue_policy { "
+                     "timeout_action: DELAY default_timeout_microseconds: 5 } }",
+                     "dynamic_batching preserve_ordering does not allow a queue policy whose "
+                     "timeout_action is DELAY", id="ordering-with-delay"),
+        pytest.param("sequence_batching { max_sequence_idle_microseconds: 5000000 "
+                     "control_input [ { name: \"START\" control [ { kind: "
+                     "CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ] } ] }",
+                     "sequence_batching is not supported: meshserve serves stateless models "
+                     "only (its batcher would mix the requests of different sequences and "
+                     "give the model no sequence controls or state)", id="sequence-batching"),
+        pytest.param("batch_input [ { kind: BATCH_ACCUMULATED_ELEMENT_COUNT target_name: "
+                     "\"INDEX\" data_type: TYPE_FP32 source_input: \"x\" } ]",
+                     "batch_input is not supported: ragged batching: meshserve makes no batch "
+                     "input tensors for the model", id="batch-input"),
+    ],
+)
+def test_configs_triton_refuses_or_meshserve_cannot_serve_are_refused(tmp_path, section,
+                                                                      reason):
+    """The model is refused at load, naming the setting (the rest of the repository loads);
+    a stateful or ragged model was served as if stateless, its sections skipped."""
+    make_model(tmp_path, "good", [1])
+    make_model(tmp_path, "m", [1], "max_batch_size: 4\n" + section)
+    repo = ModelRepository.load(tmp_path)
+    assert set(repo.models) == {"good"}
+    assert repo.refused["m"] == f"model 'm': {tmp_path / 'm' / 'config.pbtxt'}: {reason}"
 
 
 def test_a_preferred_batch_size_past_max_batch_size_refuses_that_model_only(tmp_path):
