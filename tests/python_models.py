@@ -3,6 +3,10 @@
 
 from pathlib import Path
 
+import numpy
+
+from meshserve.protocol.grpc_service_pb2 import ModelInferRequest
+
 # Adds A and B (FP32 [4]) into SUM, whose dtype it reads from its config; greets each NAME
 # (BYTES [1]) into GREETING. A negative A is answered with a TritonError for that request;
 # an A above 1000 makes execute raise. finalize() appends to the file named by the config
@@ -148,3 +152,19 @@ def write_python_model(repository: Path, name: str, source: str, config: str,
     (model / "config.pbtxt").write_text(config + extra_config)
     (model / "1" / "model.py").write_text(source)
     return model
+
+
+def echo_request(rid: str, x, outputs=(), **parameters) -> ModelInferRequest:
+    """A request of the echo model (ECHO_PY): input X is `x`, id `rid`, asking for `outputs`
+    (none: all), with `parameters` (bool, int, str or float each)."""
+    x = numpy.asarray(x, numpy.float32)
+    request = ModelInferRequest(model_name="echo", id=rid)
+    request.inputs.add(name="X", datatype="FP32", shape=x.shape)
+    request.raw_input_contents.append(x.tobytes())
+    for name in outputs:
+        request.outputs.add(name=name)
+    for key, value in parameters.items():
+        kind = {bool: "bool_param", int: "int64_param", str: "string_param",
+                float: "double_param"}[type(value)]
+        setattr(request.parameters[key], kind, value)
+    return request

@@ -35,6 +35,7 @@ from tests.python_models import (
     ECHO_PY,
     GREET,
     RAISES_IN_INITIALIZE_PY,
+    echo_request,
     write_python_model,
 )
 
@@ -304,18 +305,9 @@ async def test_an_error_names_the_failing_step_and_fails_only_its_request(served
         assert stats.inference_stats.fail.count >= 2 and stats.inference_stats.success.count >= 1
 
 
-def echo_request(rid: str, rows: int, outputs=(), **parameters) -> pb.ModelInferRequest:
+def echo_rows(rid: str, rows: int, outputs=(), **parameters) -> pb.ModelInferRequest:
     """A request of the echo model: X holds `rows` rows of its id's character code."""
-    x = numpy.full((rows, 2), ord(rid), numpy.float32)
-    request = infer_request("echo", X=x)
-    request.id = rid
-    for name in outputs:
-        request.outputs.add(name=name)
-    for key, value in parameters.items():
-        kind = {bool: "bool_param", int: "int64_param", str: "string_param",
-                float: "double_param"}[type(value)]
-        setattr(request.parameters[key], kind, value)
-    return request
+    return echo_request(rid, numpy.full((rows, 2), ord(rid)), outputs, **parameters)
 
 
 async def batched_together(mesh, requests: list[pb.ModelInferRequest]):
@@ -336,9 +328,9 @@ def echoed(answer: pb.ModelInferResponse) -> list[dict]:
 
 
 async def test_each_request_of_a_python_batch_sees_its_own_parameters_and_id(served):
-    requests = [echo_request("a", 1, tag="first", timeout=30_000_000),
-                echo_request("b", 2, outputs=["ECHO"], scale=0.5),
-                echo_request("c", 1, flag=True)]
+    requests = [echo_rows("a", 1, tag="first", timeout=30_000_000),
+                echo_rows("b", 2, outputs=["ECHO"], scale=0.5),
+                echo_rows("c", 1, flag=True)]
     answers, (inferences, executions) = await batched_together(served, requests)
     assert (inferences, executions) == (4, 1)  # one batch, one execute call
     assert [a.id for a in answers] == ["a", "b", "c"]
@@ -356,7 +348,7 @@ async def test_each_request_of_a_python_batch_sees_its_own_parameters_and_id(ser
 
 
 async def test_a_triton_error_for_one_request_of_a_batch_fails_only_that_request(served):
-    requests = [echo_request("a", 1), echo_request("b", 2, fail=True), echo_request("c", 1)]
+    requests = [echo_rows("a", 1), echo_rows("b", 2, fail=True), echo_rows("c", 1)]
     answers, (inferences, executions) = await batched_together(served, requests)
     assert (inferences, executions) == (4, 1)
     failed = answers[1]

@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshserve.tools.certs import init_certs
 from meshserve.tools.cli import main
+from tests.torchscript_models import torchscript_bytes
 
 
 @pytest.mark.parametrize("argv, refusal", [
@@ -127,18 +128,6 @@ def test_models_rewrap_says_when_nothing_is_encrypted(tmp_path, capsys):
                  "--new-kek", str(kek)]) == 0
     assert capsys.readouterr().out == \
         f"nothing to re-wrap: none of the 1 versions in {tmp_path / 'repo'} is encrypted\n"
-
-
-def torchscript_bytes() -> bytes:
-    torch = pytest.importorskip("torch")
-
-    class AddOne(torch.nn.Module):
-        def forward(self, x):
-            return x + 1
-
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(AddOne()), buffer)
-    return buffer.getvalue()
 
 
 def state_dict_bytes() -> bytes:

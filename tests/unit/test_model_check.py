@@ -9,18 +9,7 @@ import pytest
 from meshserve.common import model_check
 from meshserve.common.repository import ENSEMBLE, ONNX, PYTHON, TORCHSCRIPT
 from tests.onnx_models import fixed_shape_model
-
-
-def torchscript_bytes() -> bytes:
-    torch = pytest.importorskip("torch")
-
-    class AddOne(torch.nn.Module):
-        def forward(self, x):
-            return x + 1
-
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(AddOne()), buffer)
-    return buffer.getvalue()
+from tests.torchscript_models import torchscript_bytes
 
 
 def saved_weights() -> bytes:

@@ -21,6 +21,7 @@ from tests.python_models import (
     ECHO_CONFIG,
     ECHO_PY,
     RAISES_IN_INITIALIZE_PY,
+    echo_request,
     write_python_model,
 )
 
@@ -235,20 +236,6 @@ def echo_model(tmp_path, source=ECHO_PY):
     entry = ModelRepository.load(tmp_path).get("echo")
     version_dir = entry.path / "1"
     return load_model(entry.config, version_dir / "model.py", version_dir, "auto", 1)
-
-
-def echo_request(rid: str, x, outputs=(), **parameters) -> pb.ModelInferRequest:
-    x = numpy.asarray(x, numpy.float32)
-    request = pb.ModelInferRequest(model_name="echo", id=rid)
-    request.inputs.add(name="X", datatype="FP32", shape=x.shape)
-    request.raw_input_contents.append(x.tobytes())
-    for name in outputs:
-        request.outputs.add(name=name)
-    for key, value in parameters.items():
-        kind = {bool: "bool_param", int: "int64_param", str: "string_param",
-                float: "double_param"}[type(value)]
-        setattr(request.parameters[key], kind, value)
-    return request
 
 
 def through_batch(model, requests: list[pb.ModelInferRequest]):
