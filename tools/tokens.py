@@ -103,6 +103,16 @@ def seconds_text(seconds: float) -> str:
     return f"{seconds:.3f}".rstrip("0").rstrip(".")
 
 
+def subject(text: str) -> str:
+    """`--subject`: a principal the ingress accepts: not empty, printable characters only
+    (it is logged and audited with every refusal)."""
+    non_empty(text)
+    if not text.isprintable():
+        raise argparse.ArgumentTypeError("must hold printable characters only (no newline, "
+                                         "tab or control character)")
+    return text
+
+
 def known_actions(text: str) -> str:
     """`--scope`: actions of the access policy (space- or comma-separated); an unknown one is
     refused, listing the known ones."""
@@ -246,7 +256,7 @@ def register(commands) -> None:
     parser = commands.add_parser("token")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     issue_parser = actions.add_parser("issue", help="print a signed bearer token")
-    issue_parser.add_argument("--subject", required=True, type=non_empty,
+    issue_parser.add_argument("--subject", required=True, type=subject,
                               help="the principal it names (the ingress refuses a token "
                                    "without one)")
     issue_parser.add_argument("--scope", action="append", metavar="ACTION", type=known_actions,

@@ -1,7 +1,9 @@
 """Who may call whom: the caller's mesh identity, read from its certificate on every call.
 
 Each internal server names the identities allowed to call it, as exact names or globs
-(`client/*`). `CallerCheck` refuses any other caller with PERMISSION_DENIED
+(`client/*`); the hops behind the ingress admit, besides the hop before them, only the
+operators' certificates (OPERATORS). `CallerCheck` refuses any other caller with
+PERMISSION_DENIED
 
     identity 'router' may not call compute; allowed: batcher
 
@@ -26,12 +28,19 @@ from meshserve.common.certificates import UNKNOWN, IdentityCache, peer_identity_
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
-# Who calls each internal server. Operators (`client/*`) may query the router and the
-# batchers directly (readiness, statistics, a test request) and drive the control plane;
-# only a batcher sends compute work.
+# The operators' own certificates: `meshserve certs init`'s client.crt and the charts'
+# operator certificate. Only they may reach the router and the batchers directly (readiness,
+# statistics, a test request): a hop behind the ingress does not apply the access policy, so
+# any other client certificate (`client/alice`, whom the policy may allow only to read) would
+# infer on every model there, past the policy and its rate limits.
+OPERATORS = "client/developer,client/operator"
+
+# Who calls each internal server. Operators may query the router and the batchers directly;
+# every client certificate may drive the control plane, which applies the access policy to
+# each admin call; only a batcher sends compute work.
 DEFAULT_CALLERS = {
-    "router": "ingress,client/*",
-    "batcher": "router,control-plane,client/*",
+    "router": f"ingress,{OPERATORS}",
+    "batcher": f"router,control-plane,{OPERATORS}",
     "compute": "batcher",
     "control-plane": "router,ingress,batcher,client/*",
 }

@@ -202,9 +202,10 @@ class AsyncInferenceServicer(async_inference_pb2_grpc.AsyncInferenceServicer):
         return SubmitResponse(id=self._requests.submit(request, PROTOCOL.get()))
 
     async def Result(self, request, context):
+        caller = None if self._gate is None else self._gate.caller(context)  # before the store
         found = self._requests.lookup(request.id)
-        if self._gate is not None:
-            self._gate.authorize(self._gate.caller(context), "infer", found.model)
+        if caller is not None:
+            self._gate.authorize(caller, "infer", found.model)
         seconds = request.wait_ms / 1000
         remaining = context.time_remaining()
         if remaining is not None:

@@ -8,7 +8,9 @@ be sent as well; it adds what it grants to what the certificate's principal may 
 `Gate.caller(context)` authenticates; `Gate.authorize(caller, action, model)` and
 `Gate.admit(caller)` (the rate limit; its refusal carries a retry hint) raise the domain
 errors callers see. Every denial is counted, logged without any token, and a sampled
-fraction is passed to `on_denied`.
+fraction is passed to `on_denied`. A model name is the caller's to choose: refusals, logs
+and the audit log show at most SHOWN_CHARACTERS of it, escaped (`shown`), and decisions
+about longer names are not remembered.
 """
 
 from __future__ import annotations
@@ -21,12 +23,17 @@ from meshserve.common.access import Limit, Policy
 from meshserve.common.certificates import IdentityCache, peer_identity_of, principal_of
 from meshserve.common.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from meshserve.ingress.quota import Buckets
-from meshserve.ingress.tokens import Keys, Verifier, groups_of, models_of, scopes_of
+from meshserve.ingress.tokens import CLOCK_SKEW_S, Keys, Verifier
 
 log = logging.getLogger(__name__)
 
 NO_CREDENTIALS = ("no credentials: present a client certificate on the mutual-TLS port or "
                   "send 'authorization: Bearer <token>'")
+NOT_BEARER = "authorization metadata must be 'Bearer <token>'"
+ONE_BEARER = "authorization metadata must hold one 'Bearer <token>' and be sent once"
+# The most of a caller-chosen name (a model's) that refusals, logs and audit records show,
+# and the longest whose decision is remembered.
+SHOWN_CHARACTERS = 256
 
 OnDenied = Callable[[str, str, str, str], None]
 
@@ -56,26 +63,45 @@ class Caller:
 
 
 def bearer_token(metadata: Sequence[tuple[str, object]] | None) -> str | None:
+    """The token of the one `authorization: Bearer <token>` (the scheme in any case);
+    Unauthenticated for another scheme, or for two of them: sent twice, or joined by a
+    comma as HTTP joins a repeated header, they would leave which one counts to chance."""
+    token = None
     for key, value in metadata or ():
         if key == "authorization":
+            if token is not None:
+                raise Unauthenticated(ONE_BEARER)
             text = value.decode() if isinstance(value, bytes) else str(value)
             scheme, _, token = text.strip().partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
-            return token.strip()
-    return None
+            token = token.strip()
+            if scheme.lower() != "bearer" or not token:
+                raise Unauthenticated(NOT_BEARER)
+            if "," in token:
+                raise Unauthenticated(ONE_BEARER)
+    return token
+
+
+def shown(name: str) -> str:
+    """A caller-chosen name as refusals, logs and audit records show it: non-printable
+    characters escaped, at most SHOWN_CHARACTERS of it, and its length when cut."""
+    if len(name) <= SHOWN_CHARACTERS and name.isprintable():
+        return name
+    text = name[:SHOWN_CHARACTERS].encode("unicode_escape").decode("ascii")
+    return text if len(name) <= SHOWN_CHARACTERS else f"{text}… ({len(name)} characters)"
 
 
 class Gate:
     """`policy()` gives the current policy, `keys()` the current verification keys;
-    `wall_clock` checks token times, `clock` (monotonic) drives the rate limits and
-    `random` the sampling of `on_denied`."""
+    `wall_clock` checks token times, give or take `leeway` seconds (the issuer's clock may
+    differ), `clock` (monotonic) drives the rate limits and `random` the sampling of
+    `on_denied`."""
 
     def __init__(self, policy: Callable[[], Policy], keys: Callable[[], Keys], *,
                  issuer: str, audience: str, wall_clock: Callable[[], float],
                  clock: Callable[[], float], random: Callable[[], float],
                  on_denied: OnDenied | None = None, denied_sample: float = 0.01,
-                 count_denied: Callable[[str], None] | None = None, leeway: float = 0.0) -> None:
+                 count_denied: Callable[[str], None] | None = None,
+                 leeway: float = CLOCK_SKEW_S) -> None:
         self._policy = policy
         self._tokens = Verifier(keys, issuer=issuer, audience=audience, leeway=leeway)
         self._wall_clock = wall_clock
@@ -128,9 +154,8 @@ class Gate:
         return Caller(tuple(credentials))
 
     def _token_credential(self, token: str) -> Credential:
-        claims = self._tokens.claims(token, self._wall_clock())
-        return Credential(claims["sub"], groups_of(claims), scopes_of(claims),
-                          models_of(claims))
+        grant = self._tokens.grant(token, self._wall_clock())
+        return Credential(grant.subject, grant.groups, grant.scopes, grant.models)
 
     def allows(self, caller: Caller, action: str, model: str) -> bool:
         policy = self._policy()
@@ -138,9 +163,10 @@ class Gate:
         key = (caller.credentials, action, model)
         allowed = decisions.get(key)
         if allowed is None:
-            allowed = decisions[key] = any(
-                policy.allowed(c.principal, c.groups, c.scopes, action, model, c.models)
-                for c in caller.credentials)
+            allowed = any(policy.allowed(c.principal, c.groups, c.scopes, action, model,
+                                         c.models) for c in caller.credentials)
+            if len(model) <= SHOWN_CHARACTERS:  # a caller may send names of any length
+                decisions[key] = allowed
         return allowed
 
     def authorize(self, caller: Caller, action: str, model: str) -> None:
@@ -148,7 +174,7 @@ class Gate:
         model exists."""
         if not self.allows(caller, action, model):
             self._deny(caller.principal, action, model, "permission_denied", PermissionDenied(
-                f"'{caller.name}' may not {action} model '{model}'"))
+                f"'{caller.name}' may not {action} model '{shown(model)}'"))
 
     def admit(self, caller: Caller, action: str = "infer", model: str = "") -> None:
         """RESOURCE_EXHAUSTED, with a retry hint, when the caller's rate limit is spent."""
@@ -174,6 +200,7 @@ class Gate:
     def _deny(self, principal: str | None, action: str, model: str, reason: str,
               error: Exception):
         name = principal or "anonymous"
+        model = shown(model)
         log.info("denied (%s): principal=%s action=%s model=%s: %s", reason, name,
                  action or "-", model or "-", error)
         if self._count_denied is not None:

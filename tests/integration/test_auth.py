@@ -1,8 +1,13 @@
 """Authentication, authorization, rate limits and key rotation at the ingress of a real
 `meshserve up`: bearer tokens on the token port, the client certificate on the mTLS port."""
 
+import base64
 import hashlib
+import http.client
+import json
 import re
+import ssl
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -13,10 +18,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshserve.common.tls import TlsFiles, channel_credentials
-from meshserve.ingress.tokens import key_id, sign
+from meshserve.ingress.tokens import MAX_TOKEN_BYTES, key_id, sign
+from meshserve.protocol import async_inference_pb2 as async_pb
 from meshserve.protocol import grpc_service_pb2 as pb
+from meshserve.protocol.async_inference_pb2_grpc import AsyncInferenceStub
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
-from meshserve.tools.tokens import claims_for, issue
+from meshserve.tools.tokens import claims_for, issue, load_signing_key
 from tests.integration.conftest import meshserve, running_mesh
 from tests.integration.test_http import run_scenarios
 from tests.policies import DEVELOPERS_ADMIN
@@ -111,10 +118,32 @@ def test_no_principal_on_the_token_port_is_unauthenticated(token_stub):
                                "mutual-TLS port or send 'authorization: Bearer <token>'")
 
 
+def signed(auth_dir: Path, now: float, **changes) -> str:
+    """A token of the deployment's key whose claims `changes` alter (any type)."""
+    key = load_signing_key(auth_dir)
+    return sign({**claims_for("app/a", 60, now), **changes}, key, key_id(key.public_key()))
+
+
+def nested(depth: int) -> str:
+    """An unsigned token whose header nests `depth` arrays."""
+    header = base64.urlsafe_b64encode(b"[" * depth + b"]" * depth).rstrip(b"=").decode()
+    return f"{header}.e30.e30"
+
+
 def bad_tokens(auth_dir: Path) -> list[tuple[str, str]]:
     now = time.time()
     foreign = Ed25519PrivateKey.generate()
     return [
+        # Each of these was an internal error, or accepted, until tokens were read strictly.
+        (nested(2000), "bearer token is malformed: not base64url JSON"),
+        (signed(auth_dir, now, aud=5),
+         "bearer token audience does not include 'meshserve-ingress'"),
+        (signed(auth_dir, now, models=5),
+         "bearer token claim 'models' must be a string or a list of strings"),
+        (signed(auth_dir, now, iat=int(now) + 86400),
+         "bearer token is not valid yet ('iat' is in the future)"),
+        ("e30." + "e" * MAX_TOKEN_BYTES + ".e30",
+         f"bearer token is longer than {MAX_TOKEN_BYTES} bytes"),
         (issue(auth_dir, "app/a", 60, now=now - 3600), "bearer token has expired"),
         (issue(auth_dir, "app/a", 60, now=now, not_before=now + 600),
          "bearer token is not valid yet ('nbf' is in the future)"),
@@ -133,6 +162,95 @@ def test_bad_tokens_are_unauthenticated_and_never_echoed(token_stub, auth_dir):
         error = refused(lambda token=token: infer(token_stub, "mlp", token))
         assert (error.code(), error.details()) == (grpc.StatusCode.UNAUTHENTICATED, message)
         assert token not in error.details()
+
+
+def test_two_authorization_headers_are_refused(token_stub, auth_dir):
+    """gRPC keeps both; the first used to count, whatever the second said."""
+    good = issue(auth_dir, "app/a", 600)
+    for metadata in (bearer(good) + bearer("e30.e30.e30"), bearer("e30.e30.e30") + bearer(good)):
+        error = refused(lambda metadata=metadata: token_stub.ModelInfer(
+            request_for("mlp"), metadata=metadata, timeout=TIMEOUT_S))
+        assert (error.code(), error.details()) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "authorization metadata must hold one 'Bearer <token>' and be sent once")
+
+
+def test_a_token_from_a_clock_a_little_ahead_is_accepted(token_stub, auth_dir):
+    """Issued where the clock runs 20 s ahead of the ingress's: its `nbf` and `iat` are
+    still to come here."""
+    ahead = time.time() + 20
+    token = issue(auth_dir, "app/ahead", 600, now=ahead)
+    assert output_shape(infer(token_stub, "mlp", token)) == [1, 10]
+
+
+def test_an_async_result_asks_for_credentials_before_looking(mesh, auth_dir):
+    """Without credentials, an id that was never submitted answered NOT_FOUND, one that
+    was UNAUTHENTICATED: the store was read, and told which ids exist, before the caller
+    was known."""
+    port = int((mesh.data_dir / "run" / "ingress.token-port").read_text())
+    credentials = grpc.ssl_channel_credentials((mesh.tls / "ca.crt").read_bytes())
+    with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+        stub = AsyncInferenceStub(channel)
+        token = issue(auth_dir, "app/async", 600)
+        submitted = stub.Submit(request_for("mlp"), metadata=bearer(token), timeout=TIMEOUT_S)
+        for request_id in (submitted.id, "0" * 32):
+            error = refused(lambda request_id=request_id: stub.Result(
+                async_pb.ResultRequest(id=request_id), timeout=TIMEOUT_S))
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED, request_id
+        done = stub.Result(async_pb.ResultRequest(id=submitted.id, wait_ms=10_000),
+                           metadata=bearer(token), timeout=TIMEOUT_S)
+        assert done.state == async_pb.ResultResponse.DONE
+
+
+def test_a_long_model_name_is_cut_in_the_refusal_and_the_log(mesh, token_stub, auth_dir):
+    """The name is the caller's: a refusal echoed it whole into the answer, the log and the
+    audit log, and kept it in memory."""
+    token = issue(auth_dir, "app/long", 600, models=["cnn"])
+    request = request_for("mlp")
+    request.model_name = "x" * 300_000
+    error = refused(lambda: token_stub.ModelInfer(request, metadata=bearer(token),
+                                                  timeout=TIMEOUT_S))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error.details() == ("'app/long' may not infer model '" + "x" * 256
+                               + "… (300000 characters)'")
+    log = (mesh.data_dir / "run" / "ingress.log").read_text()
+    assert "principal=app/long" in log
+    assert "x" * 300 not in log
+
+
+def test_http_refusals_say_how_to_authenticate(mesh, auth_dir):
+    """401 with WWW-Authenticate for a missing or bad token (a deeply nested one was a 500),
+    403 without it for a caller the policy refuses."""
+    good = issue(auth_dir, "app/http", 600)
+    reader = issue(auth_dir, "app/http-reader", 600, scopes=["models:read"])
+    cases = [
+        ([("Authorization", f"Bearer {good}"), ("Authorization", f"Bearer {good}")], 401,
+         "authorization metadata must hold one 'Bearer <token>' and be sent once"),
+        ([("Authorization", f"Bearer {nested(2000)}")], 401,
+         "bearer token is malformed: not base64url JSON"),
+        ([("Authorization", f"Bearer {reader}")], 403,
+         "'app/http-reader' may not infer model 'mlp'"),
+    ]
+    port = int((mesh.data_dir / "run" / "ingress.http-port").read_text())
+    context = ssl.create_default_context(cafile=str(mesh.tls / "ca.crt"))
+    context.check_hostname = False
+    body = json.dumps({"inputs": [{"name": "INPUT__0", "datatype": "FP32", "shape": [1, 256],
+                                   "data": [1.0] * 256}]}).encode()
+    for headers, status, message in cases:
+        connection = http.client.HTTPSConnection("127.0.0.1", port, context=context,
+                                                 timeout=TIMEOUT_S)
+        try:
+            connection.putrequest("POST", "/v2/models/mlp/infer")
+            for name, value in [*headers, ("Content-Length", str(len(body)))]:
+                connection.putheader(name, value)
+            connection.endheaders(body)
+            reply = connection.getresponse()
+            answer = json.loads(reply.read())
+        finally:
+            connection.close()
+        assert (reply.status, answer) == (status, {"error": message})
+        challenge = reply.getheader("WWW-Authenticate")
+        assert challenge == ('Bearer realm="meshserve"' if status == 401 else None)
 
 
 def test_a_token_scoped_to_cnn(token_stub, auth_dir):
@@ -267,3 +385,65 @@ def test_tritonclient_http_with_a_bearer_token(mesh, auth_dir):
     assert all(diff <= 1e-5 for diff in report["diffs"].values()) and len(report["diffs"]) == 4
     assert report["stats"] == {"inference_count": 4, "success": 2}
     assert report["cnn_metadata"] == ["403", "'app/web' may not models:read model 'cnn'"]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def denied_counts(mesh) -> dict[str, float]:
+    port = int((mesh.data_dir / "run" / "ingress.metrics-port").read_text())
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT_S) as reply:
+        text = reply.read().decode()
+    return {reason: float(value) for reason, value in re.findall(
+        r'^meshserve_ingress_denied_total\{reason="(\w+)"\} (\S+)$', text, re.MULTILINE)}
+
+
+def test_a_flood_of_bad_tokens_is_refused_cheaply(mesh, token_stub, auth_dir):
+    """2,000 bad tokens (garbage, a known key's kid with a wrong signature, nesting too deep,
+    a signed claim of the wrong type), 64 in flight, while a caller with a good token keeps
+    asking: every bad one UNAUTHENTICATED and counted, every good one answered, and the
+    ingress's memory does not grow with them."""
+    now = time.time()
+    key = load_signing_key(auth_dir)
+    header = base64.urlsafe_b64encode(json.dumps(
+        {"alg": "EdDSA", "kid": key_id(key.public_key())}).encode()).rstrip(b"=").decode()
+    kinds = [lambda i: f"e30.{i}.e30",
+             lambda i: f"{header}.e30.{'A' * 86}{i}",
+             lambda i: nested(1500 + i % 100),
+             lambda i: signed(auth_dir, now, aud=i)]
+    bad = [kinds[i % len(kinds)](i) for i in range(2000)]
+    good = issue(auth_dir, "app/steady", 600)
+    pid = int((mesh.data_dir / "run" / "ingress.pid").read_text())
+    infer(token_stub, "mlp", good)
+    before, counted = rss_bytes(pid), denied_counts(mesh).get("unauthenticated", 0)
+    codes: dict[str, int] = {}
+    done = threading.Event()
+
+    def flood() -> None:
+        try:
+            for start in range(0, len(bad), 64):
+                calls = [token_stub.ServerLive.future(pb.ServerLiveRequest(), metadata=bearer(t),
+                                                      timeout=TIMEOUT_S)
+                         for t in bad[start:start + 64]]
+                for call in calls:
+                    code = call.code().name
+                    codes[code] = codes.get(code, 0) + 1
+        finally:
+            done.set()
+
+    flooding = threading.Thread(target=flood)
+    flooding.start()
+    answered = 0
+    while not done.is_set():
+        assert output_shape(infer(token_stub, "mlp", good)) == [1, 10]
+        answered += 1
+    flooding.join(TIMEOUT_S)
+    assert codes == {"UNAUTHENTICATED": len(bad)}
+    assert answered >= 1
+    assert denied_counts(mesh)["unauthenticated"] - counted >= len(bad)
+    grown = rss_bytes(pid) - before
+    assert grown < 16 << 20, f"the ingress grew by {grown / 2**20:.1f} MiB"

@@ -9,7 +9,7 @@ from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.protocol.health_pb2_grpc import HealthStub
-from meshserve.tools.certs import leaf_names
+from meshserve.tools.certs import issue_leaf, leaf_names
 
 
 def address(mesh, name: str) -> str:
@@ -69,7 +69,7 @@ async def test_batcher_refuses_other_hops(mesh, caller):
     name, model, version = one_version(mesh, "batcher")
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await model_ready(mesh, address(mesh, name), "batcher", caller, model, version)
-    denied(raised, caller, "batcher", "client/*, control-plane, router")
+    denied(raised, caller, "batcher", "client/developer, client/operator, control-plane, router")
 
 
 @pytest.mark.parametrize("caller", ["router", "control-plane", "client"])
@@ -84,7 +84,7 @@ async def test_router_refuses_other_hops(mesh, caller):
     _, model, version = one_version(mesh, "batcher")
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await model_ready(mesh, address(mesh, "router"), "router", caller, model, version)
-    denied(raised, caller, "router", "client/*, ingress")
+    denied(raised, caller, "router", "client/developer, client/operator, ingress")
 
 
 @pytest.mark.parametrize("caller", ["ingress", "client"])
@@ -92,6 +92,34 @@ async def test_router_serves_ingress_and_operators(mesh, caller):
     _, model, version = one_version(mesh, "batcher")
     reply = await model_ready(mesh, address(mesh, "router"), "router", caller, model, version)
     assert reply.ready
+
+
+@pytest.fixture
+def alice(mesh, tmp_path) -> TlsFiles:
+    """A client certificate of the mesh's CA that is not an operator's: `client/alice`, as
+    the access policy names callers it may restrict."""
+    cert, key = issue_leaf(mesh.tls / "ca.crt", mesh.tls / "ca.key", tmp_path, "alice",
+                           ["URI:spiffe://meshserve.local/client/alice"], 1, client_only=True)
+    return TlsFiles(cert, key, mesh.tls / "ca.crt")
+
+
+@pytest.mark.parametrize("kind", ["router", "batcher"])
+async def test_other_client_certificates_cannot_go_around_the_ingress(mesh, alice, kind):
+    """Behind the ingress no hop applies the access policy: a client certificate other than
+    an operator's, admitted there, would infer on every model past the policy."""
+    name, model, version = one_version(mesh, "batcher")
+    target = address(mesh, "router" if kind == "router" else name)
+    async with secure_channel(target, alice, kind) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        for call in (stub.ModelInfer(pb.ModelInferRequest(model_name=model,
+                                                          model_version=version), timeout=10),
+                     stub.ModelReady(pb.ModelReadyRequest(name=model, version=version),
+                                     timeout=10)):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call
+            allowed = ("client/developer, client/operator, ingress" if kind == "router" else
+                       "client/developer, client/operator, control-plane, router")
+            denied(raised, "client/alice", kind, allowed)
 
 
 async def test_control_plane_refuses_compute_and_serves_operators(mesh):

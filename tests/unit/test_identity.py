@@ -75,12 +75,17 @@ def test_refusal_names_the_identity_the_service_and_the_allowed():
 @pytest.mark.parametrize(("service", "caller", "allowed"), [
     ("router", "ingress", True),
     ("router", "client/developer", True),
+    ("router", "client/operator", True),
     ("router", "batcher", False),
     ("router", "compute", False),
+    # Any other client certificate: the hops behind the ingress do not apply the policy.
+    ("router", "client/alice", False),
     ("batcher", "router", True),
     ("batcher", "control-plane", True),
     ("batcher", "client/developer", True),
+    ("batcher", "client/operator", True),
     ("batcher", "ingress", False),
+    ("batcher", "client/alice", False),
     ("compute", "batcher", True),
     ("compute", "router", False),
     ("compute", "ingress", False),
@@ -89,6 +94,7 @@ def test_refusal_names_the_identity_the_service_and_the_allowed():
     ("control-plane", "ingress", True),
     ("control-plane", "batcher", True),
     ("control-plane", "client/developer", True),
+    ("control-plane", "client/alice", True),  # the admin API applies the policy itself
     ("control-plane", "compute", False),
 ])
 def test_default_callers(service, caller, allowed):

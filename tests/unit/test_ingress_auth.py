@@ -147,3 +147,87 @@ def test_decisions_are_remembered_per_policy_and_bounded():
     known = decisions.of(second)
     known["a"], known["b"] = True, False
     assert decisions.of(second) == {}  # full: starts again
+
+
+@pytest.mark.parametrize("metadata", [
+    # Sent twice (gRPC keeps both) or joined by a comma (HTTP joins a repeated header): which
+    # one counts would be left to chance, so neither does.
+    [("authorization", "Bearer e30.e30.e30"), bearer()[0]],
+    [bearer()[0], ("authorization", "Bearer e30.e30.e30")],
+    [("authorization", f"{bearer()[0][1]}, Bearer e30.e30.e30")],
+])
+def test_two_bearer_tokens_are_refused(metadata):
+    recorder = Recorder()
+    with pytest.raises(Unauthenticated) as caught:
+        recorder.gate.authenticate(metadata, None)
+    assert caught.value.message == ("authorization metadata must hold one 'Bearer <token>' and "
+                                    "be sent once")
+    assert recorder.denied == ["unauthenticated"]
+
+
+@pytest.mark.parametrize(("prefix", "accepted"), [
+    ("bearer ", True), ("BEARER ", True), ("Bearer  ", True), ("  Bearer ", True),
+    ("Bearer\t", False), ("Token ", False)])
+def test_the_scheme_is_case_insensitive_and_space_separated(prefix, accepted):
+    text = prefix + bearer()[0][1].removeprefix("Bearer ")
+    recorder = Recorder()
+    if accepted:
+        assert recorder.gate.authenticate([("authorization", text)], None).name == "app/a"
+    else:
+        with pytest.raises(Unauthenticated, match="^authorization metadata must be 'Bearer "
+                                                  "<token>'$"):
+            recorder.gate.authenticate([("authorization", text)], None)
+
+
+@pytest.mark.parametrize(("offset", "accepted"), [(30, True), (59, True), (61, False)])
+def test_a_token_from_a_clock_ahead_by_up_to_a_minute_is_accepted(offset, accepted):
+    """`meshserve token issue` on a machine whose clock runs ahead writes an `nbf` (and
+    `iat`) that is still in the future at the ingress."""
+    recorder = Recorder()
+    metadata = bearer(not_before=NOW + offset)
+    if accepted:
+        assert recorder.gate.authenticate(metadata, None).name == "app/a"
+    else:
+        with pytest.raises(Unauthenticated, match=r"'nbf' is in the future"):
+            recorder.gate.authenticate(metadata, None)
+
+
+def test_a_malformed_claim_is_unauthenticated_and_counted():
+    """A signed token whose claim has the wrong type was an internal error (TypeError)."""
+    claims = {**claims_for("app/a", 60, NOW), "models": 5}
+    token = sign(claims, KEY, key_id(KEY.public_key()))
+    recorder = Recorder()
+    with pytest.raises(Unauthenticated, match="^bearer token claim 'models' must be a string "
+                                              "or a list of strings$"):
+        recorder.gate.authenticate([("authorization", f"Bearer {token}")], None)
+    assert recorder.denied == ["unauthenticated"]
+
+
+def test_long_model_names_are_cut_in_refusals_logs_and_audit_and_not_remembered(caplog):
+    """A caller chooses the model name: a refusal echoed a name of any length into the
+    answer, the log and the audit log, and every such decision was remembered (4,096 names
+    of 1 MB: 4 GB)."""
+    import logging
+    import tracemalloc
+
+    recorder = Recorder()
+    caller = recorder.gate.authenticate(bearer(models=["cnn"]), None)
+    name = "m\n" + "A" * 99_998
+    with caplog.at_level(logging.INFO, logger="meshserve.ingress.auth"), \
+            pytest.raises(PermissionDenied) as caught:
+        recorder.gate.authorize(caller, "infer", name)
+    shown = "m\\n" + "A" * 254 + "… (100000 characters)"
+    assert caught.value.message == f"'app/a' may not infer model '{shown}'"
+    assert recorder.audited == [("app/a", "infer", shown, "permission_denied")]
+    [record] = caplog.records
+    assert record.getMessage() == (f"denied (permission_denied): principal=app/a action=infer "
+                                   f"model={shown}: 'app/a' may not infer model '{shown}'")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(200):
+            assert not recorder.gate.allows(caller, "infer", f"{i}{name}")
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 1_000_000, kept  # 200 names of 100 kB: 20 MB when remembered

@@ -8,8 +8,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshserve.common.errors import Unauthenticated
 from meshserve.ingress.tokens import (
+    MAX_JWKS_BYTES,
+    MAX_TOKEN_BYTES,
     JwksFile,
+    JwksUrl,
     Verifier,
+    b64url,
     jwks_document,
     jwks_source,
     key_id,
@@ -28,6 +32,7 @@ from meshserve.tools.tokens import (
     rotate_key,
     token_ttl,
 )
+from meshserve.tools.tokens import subject as subject_argument
 
 NOW = 1_800_000_000.0
 OLD = Ed25519PrivateKey.generate()
@@ -45,6 +50,18 @@ def token(key=NEW, kid=None, **changes) -> str:
 
 def b64(data: dict) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def signed_text(claims: str, header: str | None = None, key=NEW) -> str:
+    """A token whose claims (and header) are the JSON text given, signed with `key`: for
+    what `sign` cannot write (a repeated member, a number out of range)."""
+    header = header or json.dumps({"alg": "EdDSA", "kid": key_id(key.public_key())})
+    signing_input = f"{b64url(header.encode())}.{b64url(claims.encode())}"
+    return f"{signing_input}.{b64url(key.sign(signing_input.encode()))}"
+
+
+def claims_text(**changes) -> str:
+    return json.dumps({**claims_for("app/a", 3600, NOW), **changes})
 
 
 def check(text: str, now: float = NOW) -> dict:
@@ -78,6 +95,68 @@ def test_rejected_tokens_name_the_failed_check(text, now, message):
     assert text not in caught.value.message
 
 
+NESTED = b64url(b"[" * 2000 + b"]" * 2000)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    # Read before anything is decoded: the length, the alphabet; a nesting too deep for the
+    # parser is malformed, not an internal error.
+    ("a" * (MAX_TOKEN_BYTES - 4) + ".b.c", None),
+    ("a" * MAX_TOKEN_BYTES + ".b.c", f"bearer token is longer than {MAX_TOKEN_BYTES} bytes"),
+    (f"{NESTED}.e30.e30", "bearer token is malformed: not base64url JSON"),
+    (signed_text(claims_text(), header='{"alg":"EdDSA","kid":' + "[" * 1500 + "]" * 1500
+                 + "}"), "bearer token is malformed: not base64url JSON"),
+    (token()[:5] + "!" + token()[5:], "bearer token is malformed: not base64url JSON"),
+    # Signed, but not JSON (NaN) or not of their type: refused, naming the claim.
+    (signed_text(claims_text(exp="X").replace('"X"', "NaN")),
+     "bearer token is malformed: not base64url JSON"),
+    (signed_text(claims_text(exp="X").replace('"X"', "1e999")),
+     "bearer token claim 'exp' must be a number"),
+    (signed_text(claims_text()[:-1] + ', "sub": "client/developer"}'),
+     "bearer token is malformed: a member of its claims appears twice"),
+    (signed_text(claims_text(), header=json.dumps({"alg": "EdDSA", "kid": key_id(
+        NEW.public_key())})[:-1] + ', "alg": "none"}'),
+     "bearer token is malformed: a member of its header appears twice"),
+    (signed_text(claims_text(), header=json.dumps({"alg": "EdDSA", "crit": ["exp"], "kid": key_id(
+        NEW.public_key())})),
+     "bearer token header 'crit' names extensions this verifier does not support"),
+    (token(iat=int(NOW) + 365 * 86400), "bearer token is not valid yet ('iat' is in the future)"),
+    (token(iat="yesterday"), "bearer token claim 'iat' must be a number"),
+    (token(aud=5), "bearer token audience does not include 'meshserve-ingress'"),
+    (token(aud={"meshserve-ingress": True}),
+     "bearer token audience does not include 'meshserve-ingress'"),
+    (token(aud=["meshserve-ingress", 5]),
+     "bearer token audience does not include 'meshserve-ingress'"),
+    (token(sub="app/a\nprincipal=client/developer"),
+     "bearer token claim 'sub' must hold printable characters only"),
+    (token(models=5), "bearer token claim 'models' must be a string or a list of strings"),
+    (token(models={"mlp": 1}), "bearer token claim 'models' must be a string or a list of strings"),
+    (token(scope=5), "bearer token claim 'scope' must be a string or a list of strings"),
+    (token(groups="developers"), "bearer token claim 'groups' must be a list of strings"),
+])
+def test_tokens_are_read_strictly(text, message):
+    """Each of these was accepted, or an internal error, before the token was read strictly."""
+    if message is None:  # at the limit: read, and refused for what it says
+        with pytest.raises(Unauthenticated, match="not base64url JSON"):
+            check(text)
+        return
+    with pytest.raises(Unauthenticated) as caught:
+        check(text)
+    assert caught.value.message == message
+    assert text not in caught.value.message
+
+
+def test_times_allow_the_leeway_either_side():
+    early = token(nbf=int(NOW) + 30, iat=int(NOW) + 30)
+    with pytest.raises(Unauthenticated, match="'nbf' is in the future"):
+        check(early)
+    assert verify(early, KEYS, issuer="meshserve", audience="meshserve-ingress", now=NOW,
+                  leeway=60)["sub"] == "app/a"
+    with pytest.raises(Unauthenticated, match="'iat' is in the future"):
+        verify(token(iat=int(NOW) + 90), KEYS, issuer="meshserve",
+               audience="meshserve-ingress", now=NOW, leeway=60)
+
+
 @pytest.mark.parametrize("key", [OLD, NEW])
 def test_both_keys_verify_during_the_overlap(key):
     assert check(token(key=key))["sub"] == "app/a"
@@ -96,6 +175,7 @@ def test_list_audience_and_leeway():
     ({"models": ["mlp", "cnn*"]}, None, ("mlp", "cnn*")),
     ({"models": "mlp, cnn"}, None, ("mlp", "cnn")),
     ({"scope": ""}, frozenset(), None),
+    ({"scope": ["infer", "models:read"]}, frozenset({"infer", "models:read"}), None),
 ])
 def test_scopes_and_models_claims(claims, scopes, models):
     assert scopes_of(claims) == scopes
@@ -201,3 +281,131 @@ def test_jwks_url_is_fetched_and_a_failed_refresh_keeps_the_keys():
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize(("document", "message"), [
+    ("[]", "a JWKS must be a JSON object with a 'keys' list"),
+    ('{"keys": "none"}', "a JWKS must be a JSON object with a 'keys' list"),
+    ('{"keys": [1]}', "each entry of a JWKS's 'keys' must be an object"),
+    ('{"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "a", "x": 5}]}',
+     "an Ed25519 key of a JWKS needs 'kid' and 'x' strings"),
+    ('{"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "a", "x": "AAAA"}]}',
+     "key 'a' of the JWKS: 'x' is not a base64url Ed25519 public key"),
+])
+def test_a_document_that_is_not_a_jwks_is_refused_naming_why(document, message):
+    with pytest.raises(ValueError) as caught:
+        parse_jwks(document)
+    assert str(caught.value) == message
+
+
+def test_keys_for_another_use_are_skipped():
+    jwk = json.loads(jwks_document([OLD.public_key()]))["keys"][0]
+    assert parse_jwks(json.dumps({"keys": [{**jwk, "use": "enc"}]})) == {}
+
+
+@pytest.mark.parametrize("broken", ["[]", '{"keys": [1]}',
+                                    '{"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "a", '
+                                    '"x": 5}]}'])
+def test_a_jwks_file_that_is_not_one_keeps_the_keys(tmp_path, broken):
+    """JSON of another shape raised out of keys() (AttributeError, TypeError), refusing
+    every token as an internal error, where a broken file keeps the previous keys."""
+    now = [0.0]
+    path = tmp_path / "jwks.json"
+    path.write_text(jwks_document([OLD.public_key()]))
+    source = JwksFile(path, lambda: now[0], interval=1.0)
+    path.write_text(broken)
+    now[0] = 2.0
+    assert set(source.keys()) == {key_id(OLD.public_key())}
+
+
+def test_a_jwks_url_that_sends_too_much_or_too_slowly_keeps_the_keys():
+    """A real HTTP server on port 0: a body past MAX_JWKS_BYTES, or one that trickles, is
+    given up (within the fetch's timeout) and the keys stay; a malformed document too."""
+    import http.server
+    import threading
+    import time
+
+    good = jwks_document([OLD.public_key()]).encode()
+    mode = {"now": "good"}
+    stop = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 — the stdlib's name
+            self.send_response(200)
+            self.end_headers()
+            try:
+                if mode["now"] == "good":
+                    self.wfile.write(good)
+                elif mode["now"] == "huge":  # a valid JWKS, but past the limit
+                    chunk = b" " * 65536
+                    for _ in range(MAX_JWKS_BYTES // len(chunk) + 2):
+                        self.wfile.write(chunk)
+                    self.wfile.write(jwks_document([NEW.public_key()]).encode())
+                elif mode["now"] == "slow":
+                    while not stop.is_set():  # a space every 50 ms: valid JSON, never done
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                        stop.wait(0.05)
+                else:
+                    self.wfile.write(b'{"keys": "none"}')
+            except OSError:
+                pass  # the client gave up
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        source = JwksUrl(f"http://127.0.0.1:{server.server_port}/jwks.json", timeout=1.0)
+        source.fetch()
+        assert set(source.keys()) == {key_id(OLD.public_key())}
+        for broken in ("huge", "slow", "malformed"):
+            mode["now"] = broken
+            started = time.monotonic()
+            source.fetch()
+            assert time.monotonic() - started < 3.0, broken  # timeout 1 s, plus one read
+            assert set(source.keys()) == {key_id(OLD.public_key())}, broken
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("text", ["app/a\nprincipal=client/developer", "app\ta", "   "])
+def test_token_issue_refuses_a_subject_the_ingress_would_refuse(text):
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        subject_argument(text)
+    assert subject_argument("app/web") == "app/web"
+
+
+class CountingKey:
+    """A public key that counts the signatures it checks."""
+
+    def __init__(self, key) -> None:
+        self.key, self.checks = key, 0
+
+    def verify(self, signature: bytes, data: bytes) -> None:
+        self.checks += 1
+        self.key.verify(signature, data)
+
+
+def test_the_verifier_checks_a_signature_once_whatever_the_claims_say():
+    """A signed token refused for its claims (another audience, say) is remembered as
+    refused: a client that repeats it does not make the ingress check the signature again."""
+    key = CountingKey(NEW.public_key())
+    verifier = Verifier(lambda: {key_id(NEW.public_key()): key}, issuer="meshserve",
+                        audience="meshserve-ingress")
+    for text, refusal in ((token(aud="other"), "audience does not include"),
+                          (token(models=5), "claim 'models' must be")):
+        for _ in range(3):
+            with pytest.raises(Unauthenticated, match=refusal):
+                verifier.grant(text, NOW)
+    assert key.checks == 2
+    good = token()
+    assert [verifier.grant(good, NOW).subject for _ in range(3)] == ["app/a"] * 3
+    assert key.checks == 3
