@@ -268,7 +268,8 @@ class Router:
         except (ValueError, DecodeError) as error:
             raise not_a_group(error) from None
         try:
-            route = await self.route(head.model_name, head.timeout_us / 1e6 or None)
+            route = self.models.get(head.model_name) or await self.route(
+                head.model_name, head.timeout_us / 1e6 or None)  # made on first use
             if group is None:
                 return await route.send(head, body, early)
             return await self._inspected(route, group)

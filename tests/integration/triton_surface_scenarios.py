@@ -24,6 +24,7 @@ import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tca
 import tritonclient.http as th
 import tritonclient.http.aio as tha
+from triton_scenarios import classes  # beside this file: run as a script
 from tritonclient.utils import InferenceServerException
 
 warnings.filterwarnings("ignore")
@@ -201,17 +202,6 @@ def grpc_sync(mesh: Mesh) -> dict:
                        "none": refusal(lambda: token.get_model_metadata("mlp"))}
     token.close()
     return report
-
-
-def classes(got: numpy.ndarray, expected: numpy.ndarray) -> dict:
-    """A classification answer (`value:index`) against a local forward pass."""
-    pairs = [[element.decode().split(":") for element in row] for row in got]
-    return {"shape": list(got.shape),
-            "indexes": [[int(index) for _, index in row] for row in pairs],
-            "expected": [numpy.argsort(-row, kind="stable")[:got.shape[1]].tolist()
-                         for row in expected],
-            "value_diff": max(abs(float(value) - float(row[int(index)]))
-                              for pair, row in zip(pairs, expected) for value, index in pair)}
 
 
 def uint8_checks(mesh: Mesh, client, module, **options) -> dict:
