@@ -19,12 +19,19 @@ the client then writes nothing more on that stream, half-closes it, and opens a 
 its next group, while the server answers what it already read. A group that a stream never
 answered (the server died, or ended the stream) fails with `StreamBroken`, and the caller
 decides whether to send it again: inference is a pure function of the group.
+
+Backpressure: a server holds the groups it is answering, across all its streams, up to a
+byte budget (`Handling`); past it, it reads no more from any stream until answers free room,
+so HTTP/2's flow control holds each peer's further groups in that peer, where its own bound
+(the ingress's bytes in flight) applies. A group sent in one unary call past the budget is
+refused RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
@@ -42,6 +49,9 @@ GO_AWAY = 0  # the id of the frame that tells a client to move to a new stream
 
 STREAM = "Stream"
 INFER = "Infer"
+# Bytes of groups a server holds while it answers them, across all its streams: as much as
+# the ingress lets be in flight, so groups from the mesh's own hops never wait for it.
+MAX_HANDLING = 256 << 20
 
 
 def frame(group_id: int, body: bytes, partial: bool = False) -> bytes:
@@ -275,6 +285,39 @@ class GroupStream:
         self._current = None
 
 
+class Handling:
+    """The bytes of groups a server is answering, and the budget they stay within."""
+
+    def __init__(self, limit: int = MAX_HANDLING) -> None:
+        self.limit = limit
+        self.held = 0
+        self._room: asyncio.Event | None = None  # set while under the limit
+
+    @property
+    def full(self) -> bool:
+        return self.held >= self.limit
+
+    def take(self, size: int) -> None:
+        self.held += size
+
+    def give(self, size: int) -> None:
+        self.held -= size
+        if self._room is not None and not self.full:
+            self._room.set()
+
+    async def room(self) -> None:
+        """Wait until the groups held are under the budget."""
+        while self.full:
+            if self._room is None:
+                self._room = asyncio.Event()
+            self._room.clear()
+            await self._room.wait()
+
+    def refusal(self) -> str:
+        return (f"the server holds {self.held} bytes of groups it is answering, at its limit "
+                f"of {self.limit}; send again later")
+
+
 # Answers a group's body (its last answer); may first pass partial answers to `early`
 # (None where none are wanted: everything then comes in the last answer). Bodies and answers
 # read off a stream are views of the message they came in (`unframe`): bytes-like, to parse
@@ -283,16 +326,17 @@ Handle = Callable[[bytes | memoryview, Early | None], Awaitable[bytes]]
 
 
 async def serve_stream(context: grpc.aio.ServicerContext, handle: Handle,
-                       draining: asyncio.Event) -> None:
+                       draining: asyncio.Event, handling: Handling) -> None:
     """Answer every group read from the stream with `handle(body)`, concurrently, each as soon
-    as it is done; when draining, tell the client to go away and answer what it still sends
-    until it half-closes. A handle that raises ends the stream with the error's status."""
+    as it is done, reading no further while `handling` is full; when draining, tell the
+    client to go away and answer what it still sends until it half-closes. A handle that
+    raises ends the stream with the error's status."""
     loop = asyncio.get_running_loop()
     writing = asyncio.Lock()
     tasks: set[asyncio.Task] = set()
     failure: list[BaseException] = []
 
-    async def answer(group_id: int, body: bytes) -> None:
+    async def answer(group_id: int, body: memoryview) -> None:
         async def early(partial: bytes) -> None:
             async with writing:
                 await context.write(frame(group_id, partial, partial=True))
@@ -305,6 +349,10 @@ async def serve_stream(context: grpc.aio.ServicerContext, handle: Handle,
             failure.append(error)
             with contextlib.suppress(grpc.aio.AbortError):
                 await abort_with(context, error)
+
+    def finished(size: int, task: asyncio.Task) -> None:
+        tasks.discard(task)
+        handling.give(size)
 
     async def go_away() -> None:
         await draining.wait()
@@ -322,7 +370,11 @@ async def serve_stream(context: grpc.aio.ServicerContext, handle: Handle,
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(malformed))
             task = loop.create_task(answer(group_id, body))
             tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            handling.take(len(body))
+            # A done callback runs even for a task cancelled before it began.
+            task.add_done_callback(functools.partial(finished, len(body)))
+            if handling.full:
+                await handling.room()
         if tasks:
             await asyncio.gather(*list(tasks))
         if failure:
@@ -337,16 +389,25 @@ SERVICE = "meshserve.v1.GroupInference"
 
 
 def group_handler(handle: Handle, draining: asyncio.Event,
-                  more: dict[str, grpc.RpcMethodHandler] | None = None) -> grpc.GenericRpcHandler:
+                  more: dict[str, grpc.RpcMethodHandler] | None = None,
+                  max_handling: int = MAX_HANDLING) -> grpc.GenericRpcHandler:
     """`GroupInference` served by `handle` over raw bytes (gRPC parses nothing; `handle`
     decides what to read): `Stream`, and `Infer` (one group in one call, for debugging and
-    fuzzing); `more` adds the service's other methods."""
+    fuzzing), holding at most `max_handling` bytes of groups between them; `more` adds the
+    service's other methods."""
+    handling = Handling(max_handling)
 
     async def stream(request_iterator, context) -> None:
-        await serve_stream(context, handle, draining)
+        await serve_stream(context, handle, draining, handling)
 
     async def infer(request: bytes, context) -> bytes:
-        return await handle(request, None)
+        if handling.full:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, handling.refusal())
+        handling.take(len(request))
+        try:
+            return await handle(request, None)
+        finally:
+            handling.give(len(request))
 
     return grpc.method_handlers_generic_handler(SERVICE, {
         STREAM: grpc.stream_stream_rpc_method_handler(stream),

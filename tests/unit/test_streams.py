@@ -109,9 +109,10 @@ class Echo:
         return body[::-1]
 
 
-async def serve(server_tls: TlsFiles, echo: Echo, port: int = 0) -> Service:
+async def serve(server_tls: TlsFiles, echo: Echo, port: int = 0, **options) -> Service:
     def register(server) -> None:
-        server.add_generic_rpc_handlers((group_handler(echo.handle, service.draining),))
+        server.add_generic_rpc_handlers((group_handler(echo.handle, service.draining,
+                                                      **options),))
 
     service = Service(f"127.0.0.1:{port}", server_ssl_context(server_tls), register,
                       HealthServicer())
@@ -295,5 +296,37 @@ async def test_an_early_answer_reaches_the_caller_before_the_last_one(tls, conne
         echo.gates[b"early:rest"].set()
         assert await asyncio.wait_for(last, 10) == b"tser:ylrae"
     finally:
+        await client.close()
+        await service.stop(0)
+
+
+async def test_past_its_byte_budget_a_server_reads_no_further_until_answers_free_room(
+        tls, connect):
+    """Four gated groups of 256 KiB fill a 1 MiB budget: the server reads none of the eight
+    groups behind them on the stream, and refuses a group sent in a unary call, naming the
+    limit, until answers free room; then every group is answered."""
+    echo = Echo()
+    bodies = [bytes([n]) * (256 << 10) for n in range(12)]
+    for body in bodies:
+        echo.gates[body] = asyncio.Event()
+    service = await serve(tls[0], echo, max_handling=1 << 20)
+    client = Client(connect(tls[1], service.port))
+    unary = secure_channel(f"127.0.0.1:{service.port}", tls[1], "batcher")
+    infer = unary.unary_unary("/meshserve.v1.GroupInference/Infer")
+    try:
+        sent = [asyncio.create_task(client.stream.send(body)) for body in bodies]
+        await until(lambda: len(echo.seen) >= 4, 10, "four groups read")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await infer(b"small", timeout=10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "at its limit of 1048576" in refused.value.details()
+        assert len(echo.seen) == 4
+        for body in bodies:
+            echo.gates[body].set()
+        answers = await asyncio.wait_for(asyncio.gather(*sent), 10)
+        assert answers == [body[::-1] for body in bodies]
+        assert await infer(b"small", timeout=10) == b"llams"
+    finally:
+        await unary.close()
         await client.close()
         await service.stop(0)
