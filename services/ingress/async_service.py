@@ -11,6 +11,13 @@ Each row keeps the protocol its Submit arrived by (PROTOCOL: "http" when the HTT
 submitted it), and the worker serves it under that protocol, so the ingress's metrics count
 an asynchronous request as they count a ModelInfer that came in by the same door. Result
 runs no inference and counts nothing.
+
+A request belongs to the principal that submitted it (its owner): Result shows it to its
+owner and to the operators of its model (callers the policy allows `admin` on it), and to
+anyone else answers exactly what it answers for an id never submitted, so an id held by
+another caller discloses nothing. A request without an owner (submitted with no principal:
+no policy, an anonymous caller, or stored by an older ingress) is shown, as before, to any
+caller allowed to infer on its model who holds its id.
 """
 
 from __future__ import annotations
@@ -20,10 +27,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meshserve.common.access import ADMIN
 from meshserve.common.errors import InvalidArgument, NotFound, ServingError
 from meshserve.common.forwarding import CODE_NUMBER
 from meshserve.common.metrics import PROTOCOL
@@ -39,6 +47,7 @@ from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferRes
 log = logging.getLogger(__name__)
 
 Infer = Callable[[ModelInferRequest], Awaitable[ModelInferResponse]]
+Sees = Callable[[Submission], bool]  # whether the caller may see a stored request
 
 PURGE_EVERY_S = 60.0
 STATES = {"PENDING": ResultResponse.PENDING, "RUNNING": ResultResponse.RUNNING,
@@ -58,6 +67,20 @@ class AsyncSettings:
 def backoff(attempts: int, base: float = 0.05, cap: float = 2.0) -> float:
     """Seconds before a refused request is tried again, after `attempts` tries."""
     return min(cap, base * 2 ** max(0, attempts - 1))
+
+
+def everyone(submission: Submission) -> bool:
+    """No caller to tell apart (no gate): every stored request is seen."""
+    return True
+
+
+def may_see(submission: Submission, principals: Collection[str],
+            operates: Callable[[str], bool]) -> bool:
+    """Whether a caller who proved `principals` sees `submission`: a request without an
+    owner, yes (its id is the key); else only its owner, or an operator of its model
+    (`operates(model)`, asked only then)."""
+    return (submission.owner is None or submission.owner in principals
+            or operates(submission.model))
 
 
 class AsyncRequests:
@@ -81,26 +104,31 @@ class AsyncRequests:
         self._finished: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task] = set()
 
-    def submit(self, request: ModelInferRequest, protocol: str = GRPC) -> str:
-        """Check and store `request`, which arrived by `protocol`; its id."""
+    def submit(self, request: ModelInferRequest, protocol: str = GRPC,
+               owner: str | None = None) -> str:
+        """Check and store `request`, which arrived by `protocol` from the principal `owner`
+        (None: none); its id."""
         self._check(request)
         submission_id = self._store.submit(request.model_name, request.SerializeToString(),
-                                           protocol)
+                                           protocol, owner)
         self._wake.set()
         return submission_id
 
-    def lookup(self, submission_id: str) -> Submission:
+    def lookup(self, submission_id: str, sees: Sees = everyone) -> Submission:
+        """The stored request, if the caller `sees` it; NotFound, the same whether it was
+        never stored or is not the caller's to see."""
         if not submission_id:
             raise InvalidArgument("id is empty; pass the id Submit returned")
         found = self._store.get(submission_id)
-        if found is None:
+        if found is None or not sees(found):
             raise NotFound(f"no asynchronous request '{submission_id}' (never submitted, or "
                            f"finished more than {self._retention:g} s ago and deleted)")
         return found
 
-    async def wait(self, submission_id: str, seconds: float) -> Submission:
+    async def wait(self, submission_id: str, seconds: float,
+                   sees: Sees = everyone) -> Submission:
         """The row once finished, or as it is after `seconds`."""
-        found = self.lookup(submission_id)
+        found = self.lookup(submission_id, sees)
         if found.finished or seconds <= 0:
             return found
         event = self._finished.setdefault(submission_id, asyncio.Event())
@@ -181,16 +209,20 @@ def to_proto(submission: Submission) -> ResultResponse:
 
 class AsyncInferenceServicer(async_inference_pb2_grpc.AsyncInferenceServicer):
     """Authorized by the ingress's gate (meshserve.ingress.auth) as ModelInfer is: Submit is
-    action `infer` on the model, under the caller's rate limit and default priority; Result
-    needs `infer` on the model the request named."""
+    action `infer` on the model, under the caller's rate limit and default priority, and
+    stores the caller's principal as the request's owner; Result shows a request only to
+    whom `may_see` allows (anyone else gets NOT_FOUND, as for an unknown id), and then needs
+    `infer` on the model the request named."""
 
     def __init__(self, requests: AsyncRequests, gate=None) -> None:
         self._requests = requests
         self._gate = gate
 
     async def Submit(self, request, context):
+        owner = None
         if self._gate is not None:
             caller = self._gate.caller(context)
+            owner = caller.principal
             self._gate.authorize(caller, "infer", request.model_name)
             self._gate.admit(caller, "infer", request.model_name)
             priority = self._gate.default_priority(caller)
@@ -199,18 +231,29 @@ class AsyncInferenceServicer(async_inference_pb2_grpc.AsyncInferenceServicer):
         pin = header(context.invocation_metadata(), PIN_HEADER)
         if pin and not request.model_version:
             request.model_version = pin
-        return SubmitResponse(id=self._requests.submit(request, PROTOCOL.get()))
+        return SubmitResponse(id=self._requests.submit(request, PROTOCOL.get(), owner))
 
     async def Result(self, request, context):
         caller = None if self._gate is None else self._gate.caller(context)  # before the store
-        found = self._requests.lookup(request.id)
+        sees = self._sees(caller)
+        found = self._requests.lookup(request.id, sees)
         if caller is not None:
             self._gate.authorize(caller, "infer", found.model)
         seconds = request.wait_ms / 1000
         remaining = context.time_remaining()
         if remaining is not None:
             seconds = min(seconds, max(0.0, remaining - 0.05))
-        return to_proto(await self._requests.wait(request.id, seconds))
+        return to_proto(await self._requests.wait(request.id, seconds, sees))
+
+    def _sees(self, caller) -> Sees:
+        """What `caller` sees: its own requests (any principal it proved, a certificate's or
+        a token's), those of the models it operates, and those without an owner."""
+        if caller is None:
+            return everyone
+        principals = frozenset(c.principal for c in caller.credentials
+                               if c.principal is not None)
+        return lambda found: may_see(found, principals,
+                                     lambda model: self._gate.allows(caller, ADMIN, model))
 
 
 @dataclass

@@ -5,8 +5,9 @@ time before which it is not taken again. Each change is one committed transactio
 journal, synchronous=FULL), so whatever `submit` has returned survives a crash of the
 process. Each row keeps the protocol its request arrived by ("grpc" or "http"), so that its
 answer is counted under that protocol whenever it runs; rows stored before the column
-existed read as "grpc". The connection and the clock are handed in; nothing here knows of
-gRPC.
+existed read as "grpc". Each row keeps its owner too, the principal that submitted it (NULL:
+none, as for rows stored before the column existed). The connection and the clock are
+handed in; nothing here knows of gRPC.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ PENDING, RUNNING, DONE, FAILED = "PENDING", "RUNNING", "DONE", "FAILED"
 FINISHED = (DONE, FAILED)
 GRPC = "grpc"  # the protocol of a row stored without one
 PROTOCOL_COLUMN = f"protocol TEXT NOT NULL DEFAULT '{GRPC}'"
+OWNER_COLUMN = "owner TEXT"  # NULL: submitted without a principal, or before owners were kept
+# Columns added since the first version of the table, by name: opening an older store adds them.
+ADDED_COLUMNS = {"protocol": PROTOCOL_COLUMN, "owner": OWNER_COLUMN}
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS submissions (
@@ -39,7 +43,8 @@ CREATE TABLE IF NOT EXISTS submissions (
     not_before REAL NOT NULL DEFAULT 0,
     created REAL NOT NULL,
     updated REAL NOT NULL,
-    {PROTOCOL_COLUMN}
+    {PROTOCOL_COLUMN},
+    {OWNER_COLUMN}
 );
 CREATE INDEX IF NOT EXISTS submissions_by_state ON submissions (state, seq);
 """
@@ -58,6 +63,7 @@ class Submission:
     created: float
     updated: float
     protocol: str = GRPC
+    owner: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -65,7 +71,7 @@ class Submission:
 
 
 COLUMNS = ("id, model, request, state, response, code, message, attempts, created, updated, "
-           "protocol")
+           "protocol, owner")
 
 
 def connect(path: Path | str) -> sqlite3.Connection:
@@ -75,18 +81,20 @@ def connect(path: Path | str) -> sqlite3.Connection:
     connection.execute("PRAGMA synchronous=FULL")
     connection.execute("PRAGMA busy_timeout=5000")
     connection.executescript(SCHEMA)
-    add_protocol_column(connection)
+    add_missing_columns(connection)
     return connection
 
 
-def add_protocol_column(connection: sqlite3.Connection) -> None:
-    """A store written before rows kept their protocol gains the column; its rows read as
-    "grpc". One transaction, so two processes opening the same old store both succeed."""
+def add_missing_columns(connection: sqlite3.Connection) -> None:
+    """A store written by an older ingress gains the columns it lacks (ADDED_COLUMNS): its
+    rows read as "grpc" and without an owner. One transaction, so two processes opening the
+    same old store both succeed."""
     connection.execute("BEGIN IMMEDIATE")
     try:
         names = {row[1] for row in connection.execute("PRAGMA table_info(submissions)")}
-        if "protocol" not in names:
-            connection.execute(f"ALTER TABLE submissions ADD COLUMN {PROTOCOL_COLUMN}")
+        for name, column in ADDED_COLUMNS.items():
+            if name not in names:
+                connection.execute(f"ALTER TABLE submissions ADD COLUMN {column}")
         connection.execute("COMMIT")
     except BaseException:
         connection.execute("ROLLBACK")
@@ -116,9 +124,10 @@ class SubmissionStore:
         """Rows PENDING or RUNNING."""
         return self._unfinished
 
-    def submit(self, model: str, request: bytes, protocol: str = GRPC) -> str:
-        """Store a request that arrived by `protocol`; its id. ResourceExhausted when
-        `max_pending` are unfinished."""
+    def submit(self, model: str, request: bytes, protocol: str = GRPC,
+               owner: str | None = None) -> str:
+        """Store a request that arrived by `protocol`, submitted by the principal `owner`
+        (None: none); its id. ResourceExhausted when `max_pending` are unfinished."""
         if self._unfinished >= self.max_pending:
             raise ResourceExhausted(
                 f"asynchronous request store holds {self._unfinished} unfinished requests "
@@ -126,9 +135,9 @@ class SubmissionStore:
         now = self._clock()
         submission_id = self._new_id()
         self._db.execute(
-            "INSERT INTO submissions (id, model, request, state, created, updated, protocol) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (submission_id, model, request, PENDING, now, now, protocol))
+            "INSERT INTO submissions (id, model, request, state, created, updated, protocol, "
+            "owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (submission_id, model, request, PENDING, now, now, protocol, owner))
         self._unfinished += 1
         return submission_id
 

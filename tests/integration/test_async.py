@@ -3,7 +3,8 @@
 A burst is stored and answered in full; requests accepted before the ingress is killed with
 SIGKILL (while the router is stopped, so none can have been answered) are all answered
 after `up` restarts it; every answer equals a local forward pass of the version that served
-it; each request is counted in the ingress's metrics under the protocol it was submitted by.
+it; each request is counted in the ingress's metrics under the protocol it was submitted by;
+a request is seen only by the principal that submitted it and by operators.
 """
 
 import asyncio
@@ -90,13 +91,14 @@ def check_answer(answer: ResultResponse, x: numpy.ndarray, seed: int) -> None:
     numpy.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-async def result(stub, submission_id: str, limit_s: float = 120.0) -> ResultResponse:
+async def result(stub, submission_id: str, limit_s: float = 120.0,
+                 metadata: tuple = ()) -> ResultResponse:
     """Result, waiting for it to finish; rides out the ingress restarting (bounded)."""
     deadline = time.monotonic() + limit_s
     while True:
         try:
             answer = await stub.Result(ResultRequest(id=submission_id, wait_ms=20_000),
-                                       timeout=30)
+                                       metadata=metadata, timeout=30)
             if answer.state in (ResultResponse.DONE, ResultResponse.FAILED):
                 return answer
         except grpc.aio.AioRpcError as error:
@@ -119,10 +121,12 @@ async def test_a_burst_is_stored_and_every_request_answered(mesh):
 
 
 @contextlib.contextmanager
-def https_to(mesh):
-    """A connection to the ingress's HTTP/REST port, with the client certificate."""
+def https_to(mesh, certificate: bool = True):
+    """A connection to the ingress's HTTP/REST port, with the client certificate (without
+    one: for callers with a token)."""
     context = ssl.create_default_context(cafile=str(mesh.tls / "ca.crt"))
-    context.load_cert_chain(mesh.tls / "client.crt", mesh.tls / "client.key")
+    if certificate:
+        context.load_cert_chain(mesh.tls / "client.crt", mesh.tls / "client.key")
     port = int((mesh.data_dir / "run" / "ingress.http-port").read_text())
     connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=60)
     try:
@@ -131,8 +135,9 @@ def https_to(mesh):
         connection.close()
 
 
-def http_call(connection, method: str, path: str, body: bytes | None = None):
-    connection.request(method, path, body)
+def http_call(connection, method: str, path: str, body: bytes | None = None,
+              metadata: tuple = ()):
+    connection.request(method, path, body, headers=dict(metadata))
     reply = connection.getresponse()
     return reply.status, json.loads(reply.read())
 
@@ -248,32 +253,86 @@ def test_meshserve_infer_async_prints_the_answer(mesh):
     assert lines[1].startswith("model mlp version ") and "OUTPUT__0 float32 [1, 10]" in lines
 
 
-async def test_submit_and_result_are_authorized_like_model_infer(mesh):
-    """A token allowed to infer only on cnn (on the ingress's bearer-token port)."""
-    token = issue(mesh.data_dir / "auth", "app/cnn-only", 600, scopes=["infer"],
-                  models=["cnn"])
-    bearer = (("authorization", f"Bearer {token}"),)
+def bearer(mesh, subject: str, models: tuple[str, ...] = ("mlp",)) -> tuple:
+    """Metadata (and HTTP headers) carrying a token of `subject` allowed to infer on `models`."""
+    token = issue(mesh.data_dir / "auth", subject, 600, scopes=["infer"], models=list(models))
+    return (("authorization", f"Bearer {token}"),)
+
+
+@contextlib.asynccontextmanager
+async def token_stub(mesh):
+    """A stub on the ingress's bearer-token port (server TLS only: no client certificate)."""
     port = int((mesh.data_dir / "run" / "ingress.token-port").read_text())
     credentials = grpc.ssl_channel_credentials((mesh.tls / "ca.crt").read_bytes())
-    mlp, _ = mlp_request(7)
-    async with stub_for(mesh) as owner:
-        mlp_id = (await owner.Submit(mlp, timeout=10)).id
     async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
-        stub = AsyncInferenceStub(channel)
-        for call in (lambda: stub.Submit(mlp, metadata=bearer, timeout=10),
-                     lambda: stub.Result(ResultRequest(id=mlp_id), metadata=bearer, timeout=10)):
+        yield AsyncInferenceStub(channel)
+
+
+async def test_submit_and_result_are_authorized_like_model_infer(mesh):
+    """A token allowed to infer only on cnn (on the ingress's bearer-token port), whose
+    principal submitted an mlp request with a wider token."""
+    narrow = bearer(mesh, "app/narrowed", models=("cnn",))
+    wide = bearer(mesh, "app/narrowed", models=("mlp", "cnn"))
+    mlp, _ = mlp_request(7)
+    async with token_stub(mesh) as stub:
+        mlp_id = (await stub.Submit(mlp, metadata=wide, timeout=10)).id
+        for call in (lambda: stub.Submit(mlp, metadata=narrow, timeout=10),
+                     lambda: stub.Result(ResultRequest(id=mlp_id), metadata=narrow, timeout=10)):
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await call()
             assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
-            assert raised.value.details() == "'app/cnn-only' may not infer model 'mlp'"
+            assert raised.value.details() == "'app/narrowed' may not infer model 'mlp'"
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await stub.Submit(mlp)  # no principal at all
         assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
         cnn = pb.ModelInferRequest(model_name="cnn")
         cnn.inputs.add(name="INPUT__0", datatype="FP32", shape=[1, 3, 64, 64])
         cnn.raw_input_contents.append(bytes(4 * 3 * 64 * 64))
-        cnn_id = (await stub.Submit(cnn, metadata=bearer, timeout=10)).id
-        answer = await stub.Result(ResultRequest(id=cnn_id, wait_ms=20_000), metadata=bearer,
+        cnn_id = (await stub.Submit(cnn, metadata=narrow, timeout=10)).id
+        answer = await stub.Result(ResultRequest(id=cnn_id, wait_ms=20_000), metadata=narrow,
                                    timeout=30)
         assert answer.state == ResultResponse.DONE, answer
         assert list(answer.response.outputs[0].shape) == [1, 10]
+
+
+async def test_a_request_is_seen_only_by_its_submitter_and_operators(mesh):
+    """app/alice submits one request over gRPC and one over HTTP/REST, each with a token;
+    app/bob, as free to infer on mlp and holding both ids, gets NOT_FOUND for each over both,
+    worded as for an id never submitted; alice, and the operator's certificate (`admin` in
+    the policy `up` writes), read both results."""
+    alice, bob = bearer(mesh, "app/alice"), bearer(mesh, "app/bob")
+    by_grpc, x = mlp_request(3001)
+    body = json.dumps({"id": "alice-by-http", "inputs": [
+        {"name": "INPUT__0", "datatype": "FP32", "shape": [1, 256], "data": [0.5] * 256}]})
+    never = "0" * 32
+    async with token_stub(mesh) as stub:
+        ids = [(await stub.Submit(by_grpc, metadata=alice, timeout=30)).id]
+        with https_to(mesh, certificate=False) as https:
+            status, submitted = http_call(https, "POST", "/v2/models/mlp/infer/async",
+                                          body.encode(), alice)
+            assert status == 202, submitted
+            ids.append(submitted["id"])
+            status, unknown = http_call(https, "GET", f"/v2/async/{never}", metadata=bob)
+            assert status == 404, unknown
+            for i in ids:
+                assert http_call(https, "GET", f"/v2/async/{i}?wait_ms=1000", metadata=bob) == (
+                    404, {"error": unknown["error"].replace(never, i)})
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Result(ResultRequest(id=never), metadata=bob, timeout=10)
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        for i in ids:
+            with pytest.raises(grpc.aio.AioRpcError) as hidden:
+                await stub.Result(ResultRequest(id=i, wait_ms=1000), metadata=bob, timeout=10)
+            assert (hidden.value.code(), hidden.value.details()) == (
+                grpc.StatusCode.NOT_FOUND, raised.value.details().replace(never, i))
+        answers = [await result(stub, i, metadata=alice) for i in ids]
+    check_answer(answers[0], x, 3001)
+    assert answers[1].state == ResultResponse.DONE and \
+        answers[1].response.id == "alice-by-http", answers[1]
+    with https_to(mesh, certificate=False) as https:
+        status, fetched = http_call(https, "GET", f"/v2/async/{ids[0]}", metadata=alice)
+        assert (status, fetched["state"]) == (200, "DONE"), fetched
+    async with stub_for(mesh) as operator:
+        for i in ids:
+            assert (await operator.Result(ResultRequest(id=i), timeout=10)).state == \
+                ResultResponse.DONE

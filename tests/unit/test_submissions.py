@@ -10,12 +10,13 @@ import pytest
 
 from meshserve.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from meshserve.common.metrics import PROTOCOL
-from meshserve.ingress.async_service import AsyncRequests, backoff, to_proto
+from meshserve.ingress.async_service import AsyncRequests, backoff, may_see, to_proto
 from meshserve.ingress.submissions import (
     DONE,
     FAILED,
     PENDING,
     RUNNING,
+    Submission,
     SubmissionStore,
     connect,
 )
@@ -147,6 +148,46 @@ def test_a_store_written_before_protocols_reads_as_grpc_and_takes_new_rows(tmp_p
         ("old-pending", "grpc"), ("old-running", "grpc"), (new, "http")]
     again = store_at(path, clock)  # opening it again changes nothing
     assert again.get(new).protocol == "http" and again.get("old-pending").protocol == "grpc"
+
+
+def test_each_row_keeps_its_owner_and_rows_without_one_have_none(store):
+    by_alice, nobodys = store.submit("m", b"a", owner="app/alice"), store.submit("m", b"n")
+    assert [(s.id, s.owner) for s in store.claim(5)] == [(by_alice, "app/alice"),
+                                                         (nobodys, None)]
+    store.finish(by_alice, b"r")
+    assert store.get(by_alice).owner == "app/alice" and store.get(nobodys).owner is None
+
+
+# The table as the previous version wrote it: protocols kept, owners not.
+PREVIOUS_SCHEMA = """
+CREATE TABLE submissions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, model TEXT NOT NULL,
+    request BLOB NOT NULL, state TEXT NOT NULL, response BLOB,
+    code INTEGER NOT NULL DEFAULT 0, message TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0, not_before REAL NOT NULL DEFAULT 0,
+    created REAL NOT NULL, updated REAL NOT NULL,
+    protocol TEXT NOT NULL DEFAULT 'grpc');
+CREATE INDEX submissions_by_state ON submissions (state, seq);
+INSERT INTO submissions (id, model, request, state, created, updated, protocol)
+    VALUES ('old-pending', 'm', x'01', 'PENDING', 1, 1, 'http');
+INSERT INTO submissions (id, model, request, state, response, created, updated)
+    VALUES ('old-done', 'm', x'', 'DONE', x'0a', 1, 1);
+"""
+
+
+def test_a_store_written_before_owners_has_rows_without_one_and_takes_owned_rows(
+        tmp_path, clock):
+    path = tmp_path / "previous.db"
+    with contextlib.closing(sqlite3.connect(path)) as previous:
+        previous.executescript(PREVIOUS_SCHEMA)
+    store = store_at(path, clock)
+    assert store.unfinished == 1
+    assert (store.get("old-done").owner, store.get("old-done").response) == (None, b"\n")
+    new = store.submit("m", b"3", owner="app/bob")
+    assert [(s.id, s.protocol, s.owner) for s in store.claim(5)] == [
+        ("old-pending", "http", None), (new, "grpc", "app/bob")]
+    again = store_at(path, clock)  # opening it again changes nothing
+    assert again.get(new).owner == "app/bob" and again.get("old-pending").owner is None
 
 
 def test_purge_deletes_only_finished_rows_past_retention(store, clock):
@@ -283,3 +324,49 @@ async def test_submit_checks_first_and_unknown_ids_are_not_found(live_store):
         requests.lookup("")
     pending = await requests.wait(requests.submit(request()), 0.01)  # no worker: still PENDING
     assert to_proto(pending).state == ResultResponse.PENDING
+
+
+def row(owner: str | None, model: str = "m") -> Submission:
+    return Submission("id", model, b"", DONE, b"", 0, "", 1, 1.0, 1.0, owner=owner)
+
+
+@pytest.mark.parametrize("owner, principals, operated, seen", [
+    ("app/alice", {"app/alice"}, set(), True),              # its owner
+    ("app/alice", {"client/gw", "app/alice"}, set(), True),  # owner among what was proved
+    ("app/alice", {"app/bob"}, set(), False),                # another principal
+    ("app/alice", set(), set(), False),                      # an anonymous caller
+    ("app/alice", {"app/alice*"}, set(), False),             # names are not globs
+    ("app/alice", {"client/developer"}, {"m"}, True),        # an operator of its model
+    ("app/alice", {"client/developer"}, {"other"}, False),   # an operator of another model
+    (None, {"app/bob"}, set(), True),                        # no owner: the id is the key
+    (None, set(), set(), True),
+])
+def test_who_sees_a_stored_request(owner, principals, operated, seen):
+    asked: list[str] = []
+
+    def operates(model: str) -> bool:
+        asked.append(model)
+        return model in operated
+
+    assert may_see(row(owner), principals, operates) is seen
+    assert asked == ([] if owner is None or owner in principals else ["m"])
+
+
+async def test_a_request_not_the_callers_answers_as_an_unknown_id(live_store):
+    requests = AsyncRequests(live_store, Mesh(), check, 1, 60, 60)
+    alices = requests.submit(request(), owner="app/alice")
+    assert live_store.get(alices).owner == "app/alice"
+
+    def seen_by(principal: str):
+        return lambda found: may_see(found, {principal}, lambda model: False)
+
+    assert requests.lookup(alices, seen_by("app/alice")).id == alices
+    assert (await requests.wait(alices, 0.01, seen_by("app/alice"))).state == PENDING
+    with pytest.raises(NotFound) as unknown:
+        requests.lookup("f" * 32, seen_by("app/bob"))
+    with pytest.raises(NotFound) as hidden:
+        requests.lookup(alices, seen_by("app/bob"))
+    with pytest.raises(NotFound) as hidden_wait:
+        await requests.wait(alices, 5.0, seen_by("app/bob"))
+    shape = str(unknown.value).replace("f" * 32, alices)
+    assert str(hidden.value) == str(hidden_wait.value) == shape
