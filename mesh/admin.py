@@ -1,5 +1,6 @@
-"""The admin API's servicer: check the caller against the access policy (when the control
-plane has one, see `meshserve.mesh.admin_access`), convert, delegate, convert."""
+"""The admin API's servicer: check the caller against the access policy (without one: reads
+for every caller, changes for the operators; see `meshserve.mesh.admin_access`), convert,
+delegate, convert."""
 
 import asyncio
 import json
@@ -17,7 +18,7 @@ from meshserve.common.errors import (
     PermissionDenied,
     ServingError,
 )
-from meshserve.common.identity import IdentityCache, caller_identity
+from meshserve.common.identity import OPERATORS, IdentityCache, caller_identity, parse_callers
 from meshserve.mesh import admin_access
 from meshserve.mesh.canary import CanaryPlan
 from meshserve.mesh.control import ControlPlane, start_policy
@@ -46,9 +47,14 @@ class EventRefused(ServingError):
     code = "PERMISSION_DENIED"
 
 
-def may_record_events(identity: str) -> bool:
-    return identity in EVENT_RECORDERS or identity == OPERATOR_PREFIX or identity.startswith(
-        OPERATOR_PREFIX + "/")
+def may_record_events(identity: str, operators: frozenset[str] | None = None) -> bool:
+    """The ingress, and the operators: `operators` (globs) when given (a control plane
+    without an access policy), else every `client/*` certificate."""
+    if identity in EVENT_RECORDERS:
+        return True
+    if operators is not None:
+        return admin_access.is_operator(identity, operators)
+    return identity == OPERATOR_PREFIX or identity.startswith(OPERATOR_PREFIX + "/")
 
 
 def model_version_to_proto(row: ModelVersion) -> pb.ModelVersion:
@@ -116,18 +122,21 @@ def fetched_to_proto(fetched) -> pb.FetchedModel:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
-    """`policy()` gives the current access policy (None: every admitted caller may call every
-    RPC, as without `--policy`); `count_denied(action)` counts refusals."""
+    """`policy()` gives the current access policy (None: no `--policy`; every admitted caller
+    may read, only `operators` (identity globs) may change anything, the services call their
+    own RPCs); `count_denied(action)` counts refusals."""
 
     def __init__(self, control: ControlPlane, registry: Registry | None = None,
                  policy: Callable[[], Policy] | None = None,
                  count_denied: Callable[[str], None] | None = None,
-                 readiness: Readiness | None = None) -> None:
+                 readiness: Readiness | None = None,
+                 operators: frozenset[str] = parse_callers(OPERATORS)) -> None:
         self._control = control
         self._readiness = readiness
         self._registry = registry
         self._policy = policy
         self._count_denied = count_denied
+        self._operators = operators
         self._identities = IdentityCache()
 
     def _caller(self, context: grpc.aio.ServicerContext) -> str:
@@ -137,9 +146,14 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     def _authorize(self, context, method: str, request) -> Callable[[str], bool]:
         """PERMISSION_DENIED (audited, counted) unless the caller may call `method`; returns
         which models the caller may see in a listing."""
+        identity = self._caller(context)
         if self._policy is None:
+            decision = admin_access.decide_without_policy(identity, method, request,
+                                                          self._operators)
+            if not decision.allowed:
+                self._deny(identity, method, decision)
             return lambda model: True
-        policy, identity = self._policy(), self._caller(context)
+        policy = self._policy()
         decision = admin_access.decide(policy, identity, method, request)
         if not decision.allowed:
             self._deny(identity, method, decision)
@@ -314,7 +328,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def RecordEvent(self, request, context):
         self._authorize(context, "RecordEvent", request)
         identity = self._caller(context)
-        if not may_record_events(identity):
+        if not may_record_events(identity, None if self._policy is not None else self._operators):
             raise EventRefused(f"'{identity}' may not record audit events (the ingress and "
                                "operators may)")
         if not request.action:

@@ -11,17 +11,26 @@ the RPCs they call (`SERVICE_RPCS`: the router reads the status and reports shad
 comparisons; the ingress records events and follows versions' readiness) and nothing else.
 `RecordEvent` keeps its own rule (the ingress and operators' `client/*` certificates) and
 is not a policy action.
+
+Without a policy (`decide_without_policy`) the least is allowed: every client certificate
+the control plane admits may read (`OPEN_ACTIONS`: status, canaries, the registry's
+listings), every other RPC (pushes, fetches, traffic and canary changes, endpoints, the
+audit log, recording events) takes an operator's certificate (`identity.OPERATORS`), and
+the services keep exactly their RPCs, as under a policy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from meshserve.common.access import Policy
 
 EVERY_MODEL = "*"
 DENIED_EVENT = "request.denied"
+# Without a policy: the actions every admitted client certificate may take.
+OPEN_ACTIONS = frozenset({"models:read"})
 
 
 @dataclass(frozen=True)
@@ -80,9 +89,12 @@ class Decision:
     model: str
     # The whole answer is limited to models the caller may read (a listing).
     filtered: bool = False
+    # What the caller lacks, told in the refusal (without a policy: an operator's certificate).
+    needs: str = ""
 
     def refusal(self, principal: str) -> str:
-        return f"'{principal}' may not {self.action} model '{self.model}'"
+        refused = f"'{principal}' may not {self.action} model '{self.model}'"
+        return f"{refused}: {self.needs}" if self.needs else refused
 
 
 def guard_of(method: str) -> Guard:
@@ -109,6 +121,32 @@ def decide(policy: Policy, principal: str, method: str, request: object) -> Deci
         return Decision(True, guard.action, EVERY_MODEL, filtered=True)
     return Decision(policy.allowed(principal, (), None, guard.action, model), guard.action,
                     model)
+
+
+def decide_without_policy(principal: str, method: str, request: object,
+                          operators: frozenset[str]) -> Decision:
+    """May `principal` call `method` on a control plane without an access policy? Reads
+    (OPEN_ACTIONS) for every caller, everything for `operators` (globs), and the services'
+    own RPCs for each service. RecordEvent keeps its own rule (checked by the servicer)."""
+    guard = RPC_ACTIONS.get(method)
+    if guard is None:
+        return Decision(method in OWN_RULE, method, EVERY_MODEL)
+    model = target_model(method, request) or EVERY_MODEL
+    if principal in SERVICE_RPCS:
+        return Decision(method in SERVICE_RPCS[principal], guard.action, model)
+    if guard.action in OPEN_ACTIONS or is_operator(principal, operators):
+        return Decision(True, guard.action, model)
+    return Decision(False, guard.action, model, needs=operator_needed(operators))
+
+
+def is_operator(principal: str, operators: frozenset[str]) -> bool:
+    return any(fnmatchcase(principal, pattern) for pattern in operators)
+
+
+def operator_needed(operators: frozenset[str]) -> str:
+    """What a refusal without a policy says the caller lacks."""
+    return (f"without an access policy (--policy) that takes an operator's certificate "
+            f"({', '.join(sorted(operators))})")
 
 
 def may_read(policy: Policy, principal: str, model: str) -> bool:

@@ -4,7 +4,8 @@
 State (policies, endpoints, canaries, audit log) lives in the store, so a restarted control
 plane serves the same routes. With `--policy FILE` (the ingress's access policy, re-read when
 it changes) every admin RPC is an action on a model that the caller's certificate identity
-must be allowed (`meshserve.mesh.admin_access`).
+must be allowed (`meshserve.mesh.admin_access`); without one, every admitted client
+certificate may read and only the operators' certificates may change anything.
 """
 
 import argparse
@@ -19,7 +20,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from meshserve.common import model_files, runtime
 from meshserve.common.access import PolicyFile
 from meshserve.common.http2_server import server_ssl_context
-from meshserve.common.identity import Callers, add_callers_flag, default_callers
+from meshserve.common.identity import OPERATORS, Callers, add_callers_flag, default_callers
 from meshserve.common.metrics import Metrics, XdsCollector
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.tls import ReloadingChannel, TlsFiles
@@ -51,7 +52,8 @@ class ControlPlaneSettings:
     signing_key: Path | None = None
     kek_file: Path | None = None
     allowed_callers: frozenset[str] = default_callers("control-plane")
-    # The access policy of the admin API (None: every admitted caller may call every RPC).
+    # The access policy of the admin API (None: reads for every admitted caller, changes for
+    # the operators' certificates only).
     policy_file: Path | None = None
 
 
@@ -199,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"${model_files.KEK_ENV})")
     parser.add_argument("--policy", type=Path,
                         help="access policy of the admin API (the ingress's YAML policy, "
-                             "re-read when it changes; default: no policy)")
+                             "re-read when it changes; default: no policy, where every "
+                             "client certificate may read and only the operators' "
+                             f"({OPERATORS}) may change anything)")
     args = parser.parse_args(argv)
     runtime.configure_logging("control-plane", args.log_level, args.log_format)
     settings = ControlPlaneSettings(listen=args.listen, tls=runtime.tls_files(args),

@@ -34,6 +34,7 @@ from meshserve.common.keys import private_key_pem
 from meshserve.ingress.tokens import (
     DEFAULT_AUDIENCE,
     DEFAULT_ISSUER,
+    MAX_LIFETIME_S,
     jwks_document,
     key_id,
     parse_jwks,
@@ -77,8 +78,8 @@ limits:
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-# The longest lifetime `token issue` signs: a token cannot be revoked, only outlived.
-MAX_TTL_S = 365 * 86400
+# The longest lifetime `token issue` signs: the longest the ingress accepts.
+MAX_TTL_S = MAX_LIFETIME_S
 
 
 def duration(text: str) -> float:

@@ -36,8 +36,9 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 OPERATORS = "client/developer,client/operator"
 
 # Who calls each internal server. Operators may query the router and the batchers directly;
-# every client certificate may drive the control plane, which applies the access policy to
-# each admin call; only a batcher sends compute work.
+# every client certificate may call the control plane, which decides each admin call by the
+# access policy (without one: reads for every client, changes for the operators only); only a
+# batcher sends compute work.
 DEFAULT_CALLERS = {
     "router": f"ingress,{OPERATORS}",
     "batcher": f"router,control-plane,{OPERATORS}",

@@ -8,7 +8,11 @@ be sent as well; it adds what it grants to what the certificate's principal may 
 `Gate.caller(context)` authenticates; `Gate.authorize(caller, action, model)` and
 `Gate.admit(caller)` (the rate limit; its refusal carries a retry hint) raise the domain
 errors callers see. Every denial is counted, logged without any token, and a sampled
-fraction is passed to `on_denied`. A model name is the caller's to choose: refusals, logs
+fraction is passed to `on_denied`. Refusals that concern a bearer token say so by their class
+(RFC 6750's error codes, which the HTTP binding sends in its `WWW-Authenticate` challenge):
+InvalidToken (`tokens`) for a token refused, MalformedAuthorization for an `authorization`
+header that holds no single token, InsufficientScope for a denial that only the token's own
+`scope` or `models` narrowing caused. A model name is the caller's to choose: refusals, logs
 and the audit log show at most SHOWN_CHARACTERS of it, escaped (`shown`), and decisions
 about longer names are not remembered.
 """
@@ -36,6 +40,20 @@ ONE_BEARER = "authorization metadata must hold one 'Bearer <token>' and be sent 
 SHOWN_CHARACTERS = 256
 
 OnDenied = Callable[[str, str, str, str], None]
+
+
+class MalformedAuthorization(Unauthenticated):
+    """`authorization: Bearer` without a token, or with more than one (RFC 6750
+    `invalid_request`)."""
+
+    bearer_error = "invalid_request"
+
+
+class InsufficientScope(PermissionDenied):
+    """Refused only because a token's `scope` or `models` claim leaves the action out: its
+    principal may, the token does not (RFC 6750 `insufficient_scope`)."""
+
+    bearer_error = "insufficient_scope"
 
 
 @dataclass(frozen=True)
@@ -70,14 +88,16 @@ def bearer_token(metadata: Sequence[tuple[str, object]] | None) -> str | None:
     for key, value in metadata or ():
         if key == "authorization":
             if token is not None:
-                raise Unauthenticated(ONE_BEARER)
+                raise MalformedAuthorization(ONE_BEARER)
             text = value.decode() if isinstance(value, bytes) else str(value)
             scheme, _, token = text.strip().partition(" ")
             token = token.strip()
-            if scheme.lower() != "bearer" or not token:
+            if scheme.lower() != "bearer":
                 raise Unauthenticated(NOT_BEARER)
+            if not token:
+                raise MalformedAuthorization(NOT_BEARER)
             if "," in token:
-                raise Unauthenticated(ONE_BEARER)
+                raise MalformedAuthorization(ONE_BEARER)
     return token
 
 
@@ -173,8 +193,18 @@ class Gate:
         """PERMISSION_DENIED unless the caller may; the same answer whether or not the
         model exists."""
         if not self.allows(caller, action, model):
-            self._deny(caller.principal, action, model, "permission_denied", PermissionDenied(
+            refusal = (InsufficientScope if self._narrowed(caller, action, model)
+                       else PermissionDenied)
+            self._deny(caller.principal, action, model, "permission_denied", refusal(
                 f"'{caller.name}' may not {action} model '{shown(model)}'"))
+
+    def _narrowed(self, caller: Caller, action: str, model: str) -> bool:
+        """Whether a token's `scope` or `models` is all that refuses the caller: its
+        principal may, were the token not narrower."""
+        policy = self._policy()
+        return any(policy.allowed(c.principal, c.groups, None, action, model)
+                   for c in caller.credentials
+                   if c.scopes is not None or c.models is not None)
 
     def admit(self, caller: Caller, action: str = "infer", model: str = "") -> None:
         """RESOURCE_EXHAUSTED, with a retry hint, when the caller's rate limit is spent."""

@@ -1,10 +1,12 @@
 """Bearer tokens: compact JWTs signed with Ed25519 (`alg: EdDSA`), checked against a JWKS.
 
 `verify(token, keys, issuer=..., audience=..., now=...)` returns the token's claims or raises
-Unauthenticated with a message naming the check that failed (never the token itself).
+InvalidToken (UNAUTHENTICATED) with a message naming the check that failed (never the token
+itself).
 A token is read strictly: at most MAX_TOKEN_BYTES, base64url JSON objects without repeated
 members, its claims decoded only once its signature verifies, each claim of the type it must
-have. Times are checked with a leeway for clocks that differ (CLOCK_SKEW_S at the ingress).
+have. Times are checked with a leeway for clocks that differ (CLOCK_SKEW_S at the ingress),
+and a token may live at most MAX_LIFETIME_S (a token cannot be revoked, only outlived).
 A JWKS may hold several keys at once, so tokens signed by the previous key stay valid while
 a new key takes over. `JwksFile` re-reads its file when it changes; `JwksUrl` fetches when
 told to refresh (at most MAX_JWKS_BYTES, within its timeout); a JWKS that cannot be read or
@@ -42,11 +44,21 @@ MAX_TOKEN_BYTES = 8192
 # Seconds by which the issuer's clock and the ingress's may differ: a token is accepted from
 # this long before its `nbf` (or `iat`) until this long after its `exp`.
 CLOCK_SKEW_S = 60.0
+# The longest a token may live: its `exp` at most this long after its `iat` (after now, give or
+# take CLOCK_SKEW_S, when it has none). `meshserve token issue --ttl` stops at the same bound.
+MAX_LIFETIME_S = 365 * 86400
 # The largest JWKS document fetched from a URL.
 MAX_JWKS_BYTES = 1 << 20
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 Keys = Mapping[str, Ed25519PublicKey]
+
+
+class InvalidToken(Unauthenticated):
+    """A bearer token that was presented and refused: expired, badly signed, malformed, not
+    for this audience (RFC 6750 `invalid_token`)."""
+
+    bearer_error = "invalid_token"
 
 
 def b64url(data: bytes) -> str:
@@ -132,24 +144,24 @@ def _json_object(segment: str, part: str) -> dict:
         value = json.loads(unb64url(segment), object_pairs_hook=_unique_members,
                            parse_constant=_not_json)
     except _Duplicate:
-        raise Unauthenticated(f"bearer token is malformed: a member of its {part} appears "
-                              "twice") from None
+        raise InvalidToken(f"bearer token is malformed: a member of its {part} appears "
+                           "twice") from None
     except (ValueError, RecursionError):  # binascii.Error and UnicodeDecodeError included
-        raise Unauthenticated("bearer token is malformed: not base64url JSON") from None
+        raise InvalidToken("bearer token is malformed: not base64url JSON") from None
     if not isinstance(value, dict):
-        raise Unauthenticated("bearer token is malformed: header and claims must be objects")
+        raise InvalidToken("bearer token is malformed: header and claims must be objects")
     return value
 
 
 def _segments(token: str) -> list[str]:
     """The three base64url parts of a compact JWS, before anything is decoded."""
     if len(token) > MAX_TOKEN_BYTES:
-        raise Unauthenticated(f"bearer token is longer than {MAX_TOKEN_BYTES} bytes")
+        raise InvalidToken(f"bearer token is longer than {MAX_TOKEN_BYTES} bytes")
     parts = token.split(".")
     if len(parts) != 3:
-        raise Unauthenticated("bearer token is malformed: expected three dot-separated parts")
+        raise InvalidToken("bearer token is malformed: expected three dot-separated parts")
     if not _BASE64URL.fullmatch(token):
-        raise Unauthenticated("bearer token is malformed: not base64url JSON")
+        raise InvalidToken("bearer token is malformed: not base64url JSON")
     return parts
 
 
@@ -159,7 +171,7 @@ def _number(claims: Mapping, name: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) \
             or not math.isfinite(value):
-        raise Unauthenticated(f"bearer token claim '{name}' must be a number")
+        raise InvalidToken(f"bearer token claim '{name}' must be a number")
     return float(value)
 
 
@@ -172,8 +184,8 @@ def _strings(claims: Mapping, name: str, separators: str | None) -> tuple[str, .
     if isinstance(value, str):
         value = value.split() if separators is None else value.split(separators)
     elif not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise Unauthenticated(f"bearer token claim '{name}' must be a string or a list of "
-                              "strings")
+        raise InvalidToken(f"bearer token claim '{name}' must be a string or a list of "
+                           "strings")
     return tuple(item.strip() for item in value if item.strip())
 
 
@@ -197,7 +209,7 @@ def groups_of(claims: Mapping) -> frozenset[str]:
     if groups is None:
         return frozenset()
     if not isinstance(groups, list) or not all(isinstance(group, str) for group in groups):
-        raise Unauthenticated("bearer token claim 'groups' must be a list of strings")
+        raise InvalidToken("bearer token claim 'groups' must be a list of strings")
     return frozenset(group for group in groups if group)
 
 
@@ -222,35 +234,51 @@ def grant_of(claims: dict, *, issuer: str, audience: str) -> Grant:
     the wrong type, or not for this issuer and audience."""
     expires = _number(claims, "exp")
     if expires is None:
-        raise Unauthenticated("bearer token has no 'exp' claim")
+        raise InvalidToken("bearer token has no 'exp' claim")
     not_before, issued_at = _number(claims, "nbf"), _number(claims, "iat")
     if claims.get("iss") != issuer:
-        raise Unauthenticated(f"bearer token issuer is not '{issuer}'")
+        raise InvalidToken(f"bearer token issuer is not '{issuer}'")
     audiences = claims.get("aud")
     if isinstance(audiences, str):
         audiences = [audiences]
     elif not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences):
         audiences = []
     if audience not in audiences:
-        raise Unauthenticated(f"bearer token audience does not include '{audience}'")
+        raise InvalidToken(f"bearer token audience does not include '{audience}'")
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject:
-        raise Unauthenticated("bearer token has no 'sub' claim")
+        raise InvalidToken("bearer token has no 'sub' claim")
     if not subject.isprintable():
-        raise Unauthenticated("bearer token claim 'sub' must hold printable characters only")
+        raise InvalidToken("bearer token claim 'sub' must hold printable characters only")
     return Grant(subject, scopes_of(claims), models_of(claims), groups_of(claims), expires,
                  not_before, issued_at, claims)
 
 
 def check_times(grant: Grant, now: float, leeway: float = 0.0) -> None:
     """Unauthenticated when `now` is past the token's `exp`, or before its `nbf` or `iat`,
-    give or take `leeway` seconds (clocks differ between issuer and verifier)."""
+    give or take `leeway` seconds (clocks differ between issuer and verifier), or when the
+    token lives longer than MAX_LIFETIME_S."""
     if now >= grant.expires + leeway:
-        raise Unauthenticated("bearer token has expired")
+        raise InvalidToken("bearer token has expired")
     if grant.not_before is not None and now + leeway < grant.not_before:
-        raise Unauthenticated("bearer token is not valid yet ('nbf' is in the future)")
+        raise InvalidToken("bearer token is not valid yet ('nbf' is in the future)")
     if grant.issued_at is not None and now + leeway < grant.issued_at:
-        raise Unauthenticated("bearer token is not valid yet ('iat' is in the future)")
+        raise InvalidToken("bearer token is not valid yet ('iat' is in the future)")
+    check_lifetime(grant, now, leeway)
+
+
+def check_lifetime(grant: Grant, now: float, leeway: float = 0.0) -> None:
+    """Unauthenticated when the token's `exp` is more than MAX_LIFETIME_S after its `iat`,
+    or, without an `iat`, after `now` (give or take `leeway`: the issuer's clock may run
+    ahead)."""
+    days = MAX_LIFETIME_S // 86400
+    if grant.issued_at is not None:
+        if grant.expires - grant.issued_at > MAX_LIFETIME_S:
+            raise InvalidToken(f"bearer token claim 'exp' is more than {days} days after its "
+                               "'iat' (the longest lifetime accepted)")
+    elif grant.expires - now > MAX_LIFETIME_S + leeway:
+        raise InvalidToken(f"bearer token claim 'exp' is more than {days} days from now (the "
+                           "longest lifetime accepted; the token has no 'iat')")
 
 
 def verify(token: str, keys: Keys, *, issuer: str, audience: str, now: float,
@@ -270,18 +298,18 @@ def verified(token: str, keys: Keys) -> tuple[dict, str, Ed25519PublicKey]:
     header_part, claims_part, signature_part = _segments(token)
     header = _json_object(header_part, "header")
     if header.get("alg") != ALGORITHM:
-        raise Unauthenticated(f"bearer token algorithm must be {ALGORITHM}")
+        raise InvalidToken(f"bearer token algorithm must be {ALGORITHM}")
     if "crit" in header:
-        raise Unauthenticated("bearer token header 'crit' names extensions this verifier "
-                              "does not support")
+        raise InvalidToken("bearer token header 'crit' names extensions this verifier "
+                           "does not support")
     kid = header.get("kid", "")
     key = keys.get(kid) if isinstance(kid, str) else None
     if key is None:
-        raise Unauthenticated("bearer token is signed by an unknown key")
+        raise InvalidToken("bearer token is signed by an unknown key")
     try:
         key.verify(unb64url(signature_part), f"{header_part}.{claims_part}".encode())
     except (InvalidSignature, ValueError):
-        raise Unauthenticated("bearer token signature does not verify") from None
+        raise InvalidToken("bearer token signature does not verify") from None
     return _json_object(claims_part, "claims"), kid, key
 
 
@@ -315,7 +343,7 @@ class Verifier:
             try:
                 grant: Grant | str = grant_of(claims, issuer=self._issuer,
                                               audience=self._audience)
-            except Unauthenticated as refused:
+            except InvalidToken as refused:
                 grant = refused.message
             seen = self._seen[token] = (grant, kid, key)
             if len(self._seen) > self._size:
@@ -323,7 +351,7 @@ class Verifier:
         else:
             self._seen.move_to_end(token)
         if isinstance(seen[0], str):
-            raise Unauthenticated(seen[0])
+            raise InvalidToken(seen[0])
         check_times(seen[0], now, self._leeway)
         return seen[0]
 

@@ -142,6 +142,10 @@ def bad_tokens(auth_dir: Path) -> list[tuple[str, str]]:
          "bearer token claim 'models' must be a string or a list of strings"),
         (signed(auth_dir, now, iat=int(now) + 86400),
          "bearer token is not valid yet ('iat' is in the future)"),
+        # Accepted until a token's lifetime was bounded as `meshserve token issue` bounds it.
+        (signed(auth_dir, now, exp=int(now) + 100 * 365 * 86400),
+         "bearer token claim 'exp' is more than 365 days after its 'iat' (the longest lifetime "
+         "accepted)"),
         ("e30." + "e" * MAX_TOKEN_BYTES + ".e30",
          f"bearer token is longer than {MAX_TOKEN_BYTES} bytes"),
         (issue(auth_dir, "app/a", 60, now=now - 3600), "bearer token has expired"),

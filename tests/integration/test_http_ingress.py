@@ -183,8 +183,55 @@ async def test_refusals(files, ingress, who, method, path, body, status, message
     error = json.loads(answer)["error"]
     if message is not None:
         assert error == message
-    if status == 401:
-        assert response_headers["www-authenticate"] == 'Bearer realm="meshserve"'
+    if status == 401:  # the challenge's error attributes: test_the_challenge_names_...
+        assert response_headers["www-authenticate"].startswith('Bearer realm="meshserve"')
+
+
+YEAR_S = 365 * 86400
+
+
+def signed(subject: str = "app/a", ttl: float = 3600, issued: float | None = None,
+           **options) -> str:
+    claims = claims_for(subject, ttl, time.time() if issued is None else issued, **options)
+    return sign(claims, KEY, key_id(KEY.public_key()))
+
+
+def invalid(kind: str, message: str) -> str:
+    return f'Bearer realm="meshserve", error="{kind}", error_description="{message}"'
+
+
+@pytest.mark.parametrize(("authorization", "path", "status", "challenge"), [
+    # no token sent: the scheme alone (RFC 6750 §3.1), whatever the port's other refusals
+    (None, "/v2/models/mlp", 401, 'Bearer realm="meshserve"'),
+    ("Basic dXNlcg==", "/v2/models/mlp", 401, 'Bearer realm="meshserve"'),
+    # a token sent and refused
+    ("Bearer x.y", "/v2/models/mlp", 401, invalid(
+        "invalid_token", "bearer token is malformed: expected three dot-separated parts")),
+    (f"Bearer {signed(issued=time.time() - 7200)}", "/v2/models/mlp", 401,
+     invalid("invalid_token", "bearer token has expired")),
+    (f"Bearer {signed(ttl=100 * YEAR_S)}", "/v2/models/mlp", 401, invalid(
+        "invalid_token", "bearer token claim 'exp' is more than 365 days after its 'iat' (the "
+                         "longest lifetime accepted)")),
+    (f"Bearer {signed()}, {signed('app/b')}", "/v2/models/mlp", 401, invalid(
+        "invalid_request", "authorization metadata must hold one 'Bearer <token>' and be sent "
+                           "once")),
+    # the token's own scope leaves the action out (app/* may read mlp): 403 with a challenge
+    (f"Bearer {signed(scopes=['infer'])}", "/v2/models/mlp", 403, invalid(
+        "insufficient_scope", "'app/a' may not models:read model 'mlp'")),
+    # the policy refuses: 403 without one
+    (f"Bearer {signed()}", "/v2/models/cnn", 403, None),
+])
+async def test_the_challenge_names_a_refused_token(files, ingress, authorization, path, status,
+                                                   challenge):
+    """A 401 for an expired, forged or century-long token said only `Bearer
+    realm="meshserve"`, as for no token at all: a client could not tell that its token was
+    refused, nor why."""
+    port, _ = ingress
+    headers = {"authorization": authorization} if authorization else {}
+    got, response_headers, answer = await call(port, client_context(files, certificate=None),
+                                               "GET", path, headers=headers)
+    assert got == status, answer
+    assert response_headers.get("www-authenticate") == challenge
 
 
 async def test_a_wrong_method_is_405_naming_the_allowed_one(files, ingress):

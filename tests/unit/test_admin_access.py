@@ -6,7 +6,7 @@ import pytest
 
 from meshserve.common.access import parse_policy
 from meshserve.common.certificates import spiffe_id
-from meshserve.common.errors import PermissionDenied
+from meshserve.common.errors import PermissionDenied, ServingError
 from meshserve.mesh import admin_access
 from meshserve.mesh.admin import AdminServicer
 from meshserve.mesh.admin_access import Decision, decide, may_read, target_model
@@ -15,6 +15,7 @@ from meshserve.mesh.policy import TrafficPolicy
 from meshserve.mesh.store import Store
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.tools.certs import init_certs, issue_leaf
+from tests.peers import Peer
 from tests.policies import ALICE_READS_MLP
 
 POLICY = parse_policy(ALICE_READS_MLP + """\
@@ -173,3 +174,88 @@ def test_a_listing_of_every_model_is_filtered_not_refused(tmp_path, nobody_pem):
     context = CertificateContext(nobody_pem)
     assert len(asyncio.run(open_servicer.Status(pb.StatusRequest(), context)).models) == 1
     assert len(asyncio.run(gated.Status(pb.StatusRequest(), context)).models) == 0
+
+
+OPERATORS = frozenset({"client/developer", "client/operator"})
+NEEDS_AN_OPERATOR = ("without an access policy (--policy) that takes an operator's certificate "
+                     "(client/developer, client/operator)")
+
+
+@pytest.mark.parametrize(("principal", "method", "request_", "expected"), [
+    # any client certificate reads
+    ("client/app", "Status", pb.StatusRequest(), Decision(True, "models:read", "*")),
+    ("client/app", "GetCanary", pb.ModelRef(model="mlp"), Decision(True, "models:read", "mlp")),
+    ("client/app", "ListModels", pb.ListModelsRequest(), Decision(True, "models:read", "*")),
+    ("client/app", "ShowModel", pb.ShowModelRequest(name="mlp"),
+     Decision(True, "models:read", "mlp")),
+    ("client/app", "WatchReadiness", pb.ReadinessRequest(), Decision(True, "models:read", "*")),
+    # ... and changes nothing, nor takes artifacts or the audit log
+    ("client/app", "PushModel", pb.PushModelRequest(name="mlp"),
+     Decision(False, "models:write", "mlp", needs=NEEDS_AN_OPERATOR)),
+    ("client/app", "SetPolicy", pb.SetPolicyRequest(policy=pb.Policy(model="mlp")),
+     Decision(False, "traffic:write", "mlp", needs=NEEDS_AN_OPERATOR)),
+    ("client/app", "RegisterEndpoint", pb.Endpoint(model="mlp"),
+     Decision(False, "traffic:write", "mlp", needs=NEEDS_AN_OPERATOR)),
+    ("client/app", "FetchModel", pb.FetchModelRequest(name="mlp"),
+     Decision(False, "models:fetch", "mlp", needs=NEEDS_AN_OPERATOR)),
+    ("client/app", "Audit", pb.AuditRequest(),
+     Decision(False, "audit:read", "*", needs=NEEDS_AN_OPERATOR)),
+    # the operators' certificates do everything
+    ("client/developer", "PushModel", pb.PushModelRequest(name="mlp"),
+     Decision(True, "models:write", "mlp")),
+    ("client/operator", "Rollback", pb.RollbackRequest(model="mlp"),
+     Decision(True, "traffic:write", "mlp")),
+    ("client/operator", "Audit", pb.AuditRequest(), Decision(True, "audit:read", "*")),
+    # the services: exactly what they call
+    ("router", "Status", pb.StatusRequest(), Decision(True, "models:read", "*")),
+    ("router", "ReportShadow", pb.ShadowReport(model="mlp"),
+     Decision(True, "traffic:write", "mlp")),
+    ("router", "Pin", pb.PinRequest(model="mlp"), Decision(False, "traffic:write", "mlp")),
+    ("ingress", "WatchReadiness", pb.ReadinessRequest(), Decision(True, "models:read", "*")),
+    ("ingress", "RecordEvent", pb.AuditEvent(), Decision(True, "RecordEvent", "*")),
+    ("batcher", "RegisterEndpoint", pb.Endpoint(model="mlp"),
+     Decision(False, "traffic:write", "mlp")),
+    # RecordEvent keeps its own rule (checked by the servicer); an unknown RPC is refused
+    ("client/app", "RecordEvent", pb.AuditEvent(), Decision(True, "RecordEvent", "*")),
+    ("client/developer", "Unknown", pb.StatusRequest(), Decision(False, "Unknown", "*")),
+])
+def test_decide_without_a_policy(principal, method, request_, expected):
+    assert admin_access.decide_without_policy(principal, method, request_, OPERATORS) == expected
+
+
+def test_without_a_policy_only_operators_change_the_mesh_and_each_refusal_is_audited(tmp_path):
+    """Without --policy every client certificate (`client/app`) pushed models, moved traffic
+    and read the audit log; now each change is PERMISSION_DENIED naming the identity and the
+    role, audited and counted, and the operator's certificate still changes everything."""
+    store = Store.open(tmp_path / "mesh.db")
+    control = ControlPlane(store)
+    control.set_policy(TrafficPolicy("mlp", {"1": 100}), "test")
+    denied: list[str] = []
+    servicer = AdminServicer(control, None, None, denied.append)
+    refused = []
+    for name, method in ADMIN_RPCS.items():
+        guard = admin_access.RPC_ACTIONS.get(name)
+        if guard is None or guard.action in admin_access.OPEN_ACTIONS:
+            continue
+        request = getattr(pb, method.input_type.name)()
+        with pytest.raises(PermissionDenied) as raised:
+            asyncio.run(getattr(servicer, name)(request, Peer("client/app")))
+        assert raised.value.message.startswith("'client/app' may not "), name
+        assert raised.value.message.endswith(f": {NEEDS_AN_OPERATOR}"), name
+        refused.append(name)
+    assert sorted(refused) == sorted(
+        {"FetchModel", "PushModel", "SetPolicy", "Pin", "Rollback", "StartCanary",
+         "AbortCanary", "RegisterEndpoint", "RemoveEndpoint", "ReportShadow", "Audit"})
+    assert len(denied) == len(refused)
+    entries = [e for e in store.audit() if e.action == "request.denied"]
+    assert {e.actor for e in entries} == {"client/app"} and len(entries) == len(refused)
+    with pytest.raises(ServingError) as raised:
+        asyncio.run(servicer.RecordEvent(pb.AuditEvent(action="x"), Peer("client/app")))
+    assert (raised.value.code, raised.value.message) == (
+        "PERMISSION_DENIED", "'client/app' may not record audit events (the ingress and "
+                             "operators may)")
+    # reads stay open; the operator changes traffic
+    assert len(asyncio.run(servicer.Status(pb.StatusRequest(), Peer("client/app"))).models) == 1
+    pinned = asyncio.run(servicer.Pin(pb.PinRequest(model="mlp", version="1"), Peer()))
+    assert dict(pinned.weights) == {"1": 100}
+    asyncio.run(servicer.RecordEvent(pb.AuditEvent(action="x"), Peer("client/operator")))

@@ -12,6 +12,7 @@ from meshserve.mesh.store import Store
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.tools.audit import print_tail
 from meshserve.tools.cli import main
+from tests.peers import Peer
 
 ENTRIES = 5
 
@@ -26,7 +27,7 @@ def admin(tmp_path):
 
     class Stub:
         async def Audit(self, request):  # noqa: N802 — the RPC's name
-            return await servicer.Audit(request, None)
+            return await servicer.Audit(request, Peer())
 
     yield Stub()
     store.close()

@@ -14,8 +14,10 @@ from meshserve.common.errors import (
     Unauthenticated,
     Unavailable,
 )
-from meshserve.ingress.http_errors import error_response
+from meshserve.ingress.auth import InsufficientScope, MalformedAuthorization
+from meshserve.ingress.http_errors import MAX_DESCRIPTION, description, error_response
 from meshserve.ingress.http_routes import Route, route
+from meshserve.ingress.tokens import InvalidToken
 
 
 @pytest.mark.parametrize(("path", "expected"), [
@@ -93,3 +95,48 @@ def test_refusals_say_when_to_retry_and_401_names_the_scheme():
     assert dict(error_response(Unauthenticated("x")).headers)["www-authenticate"] == \
         'Bearer realm="meshserve"'
     assert error_response(InvalidArgument("x")).headers == ()
+
+
+def challenge(error) -> str | None:
+    return dict(error_response(error).headers).get("www-authenticate")
+
+
+@pytest.mark.parametrize(("error", "status", "expected"), [
+    # No token sent: the scheme and realm only (RFC 6750 §3.1).
+    (Unauthenticated("no credentials"), 401, 'Bearer realm="meshserve"'),
+    (InvalidToken("bearer token has expired"), 401,
+     'Bearer realm="meshserve", error="invalid_token", '
+     'error_description="bearer token has expired"'),
+    (MalformedAuthorization("authorization metadata must hold one 'Bearer <token>' and be "
+                            "sent once"), 401,
+     'Bearer realm="meshserve", error="invalid_request", error_description="authorization '
+     "metadata must hold one 'Bearer <token>' and be sent once\""),
+    (InsufficientScope("'app/a' may not infer model 'mlp'"), 403,
+     'Bearer realm="meshserve", error="insufficient_scope", '
+     "error_description=\"'app/a' may not infer model 'mlp'\""),
+    # A 403 the policy gave (not the token's narrowing): no challenge.
+    (PermissionDenied("'app/a' may not infer model 'mlp'"), 403, None),
+])
+def test_a_refused_token_is_named_in_the_challenge(error, status, expected):
+    """A 401 for an expired or forged token said only `Bearer realm="meshserve"`: a client
+    could not tell it from a missing token, nor a 403 of its token's scope from the policy's."""
+    assert error_response(error).status == status
+    assert challenge(error) == expected
+
+
+@pytest.mark.parametrize(("message", "expected"), [
+    ('say "hi"', "say 'hi'"),
+    ("a\\b\nc\x00d\u00e9", "a?b?c?d?"),
+    ("x" * MAX_DESCRIPTION, "x" * MAX_DESCRIPTION),
+    ("x" * (MAX_DESCRIPTION + 1), "x" * (MAX_DESCRIPTION - 3) + "..."),
+])
+def test_a_description_is_safe_inside_its_quotes_and_bounded(message, expected):
+    assert description(message) == expected
+
+
+def test_a_hostile_message_cannot_break_out_of_the_challenge():
+    header = challenge(InvalidToken('x", error="none\r\nset-cookie: a=b' + "\u2028" * 500))
+    value = header.split('error_description="', 1)[1]
+    assert value.endswith('"') and '"' not in value[:-1] and "\\" not in value
+    assert all(0x20 <= ord(c) < 0x7F for c in header)
+    assert len(value) - 1 <= MAX_DESCRIPTION

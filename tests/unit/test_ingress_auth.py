@@ -6,8 +6,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from meshserve.common.access import parse_policy
 from meshserve.common.certificates import principal_of
 from meshserve.common.errors import PermissionDenied, ResourceExhausted, Unauthenticated
-from meshserve.ingress.auth import Gate
-from meshserve.ingress.tokens import key_id, sign
+from meshserve.ingress.auth import Gate, InsufficientScope, MalformedAuthorization
+from meshserve.ingress.tokens import InvalidToken, key_id, sign
 from meshserve.tools.certs import init_certs
 from meshserve.tools.tokens import claims_for
 
@@ -85,6 +85,41 @@ def test_unauthenticated(metadata, message):
         recorder.gate.authenticate(metadata, None)
     assert caught.value.message == message
     assert recorder.denied == ["unauthenticated"]
+
+
+@pytest.mark.parametrize(("metadata", "kind"), [
+    ([], Unauthenticated),
+    ([("authorization", "Basic dXNlcg==")], Unauthenticated),  # another scheme: no token
+    ([("authorization", "Bearer x.y")], InvalidToken),
+    ([("authorization", "Bearer   ")], MalformedAuthorization),
+    ([("authorization", "Bearer a.b.c, d.e.f")], MalformedAuthorization),
+    ([("authorization", "Bearer a.b.c"), ("authorization", "Bearer d.e.f")],
+     MalformedAuthorization),
+])
+def test_a_refusal_says_whether_a_token_was_sent_and_refused(metadata, kind):
+    """What the HTTP challenge's RFC 6750 error is read from: no token sent, a token refused,
+    an authorization header that holds no single token."""
+    with pytest.raises(Unauthenticated) as caught:
+        Recorder().gate.authenticate(metadata, None)
+    assert type(caught.value) is kind
+
+
+@pytest.mark.parametrize(("options", "action", "model", "kind"), [
+    # the policy lets app/* infer on mlp; the token's own claims leave it out
+    ({"scopes": ["models:read"]}, "infer", "mlp", InsufficientScope),
+    ({"models": ["cnn"]}, "infer", "mlp", InsufficientScope),
+    # the policy itself refuses: the token is not what is missing
+    ({"scopes": ["models:read"]}, "models:read", "mlp", PermissionDenied),
+    ({}, "infer", "resnet", PermissionDenied),
+    ({"scopes": ["infer"]}, "infer", "resnet", PermissionDenied),
+])
+def test_a_denial_says_whether_the_tokens_scope_caused_it(options, action, model, kind):
+    recorder = Recorder()
+    caller = recorder.gate.authenticate(bearer("app/a", **options), None)
+    with pytest.raises(PermissionDenied) as denied:
+        recorder.gate.authorize(caller, action, model)
+    assert type(denied.value) is kind
+    assert denied.value.message == f"'app/a' may not {action} model '{model}'"
 
 
 def test_a_token_on_the_certificate_port_adds_to_the_certificate(client_pem):

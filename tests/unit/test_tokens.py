@@ -157,6 +157,42 @@ def test_times_allow_the_leeway_either_side():
                audience="meshserve-ingress", now=NOW, leeway=60)
 
 
+YEAR_S = 365 * 86400
+TOO_LONG_AFTER_IAT = ("bearer token claim 'exp' is more than 365 days after its 'iat' (the "
+                      "longest lifetime accepted)")
+TOO_LONG_FROM_NOW = ("bearer token claim 'exp' is more than 365 days from now (the longest "
+                     "lifetime accepted; the token has no 'iat')")
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    # As `meshserve token issue --ttl 365d` writes it: the longest lifetime, accepted.
+    ({"exp": int(NOW) + YEAR_S}, None),
+    ({"exp": int(NOW) + YEAR_S + 1}, TOO_LONG_AFTER_IAT),
+    ({"exp": int(NOW) + 100 * YEAR_S}, TOO_LONG_AFTER_IAT),
+    # Issued a while ago: the lifetime runs from `iat`, not from now.
+    ({"iat": int(NOW) - 86400, "nbf": int(NOW) - 86400, "exp": int(NOW) + YEAR_S},
+     TOO_LONG_AFTER_IAT),
+    # No `iat`: from now, with the leeway the issuer's clock may be ahead by.
+    ({"iat": None, "exp": int(NOW) + YEAR_S + 60}, None),
+    ({"iat": None, "exp": int(NOW) + YEAR_S + 61}, TOO_LONG_FROM_NOW),
+    ({"iat": None, "nbf": None, "exp": int(NOW) + 100 * YEAR_S}, TOO_LONG_FROM_NOW),
+])
+def test_a_token_lives_at_most_365_days(changes, message):
+    """A signed token with `exp` a century away was accepted: it outlived any key rotation
+    or change of mind, as `--ttl` (at most 365 days) means it cannot."""
+    text = token(**changes)
+    keys = {key_id(NEW.public_key()): NEW.public_key()}
+    verifier = Verifier(lambda: keys, issuer="meshserve", audience="meshserve-ingress",
+                        leeway=60)
+    if message is None:
+        assert verifier.grant(text, NOW).subject == "app/a"
+        return
+    for _ in range(2):  # and again, once the verifier remembers the token
+        with pytest.raises(Unauthenticated) as caught:
+            verifier.grant(text, NOW)
+        assert caught.value.message == message
+
+
 @pytest.mark.parametrize("key", [OLD, NEW])
 def test_both_keys_verify_during_the_overlap(key):
     assert check(token(key=key))["sub"] == "app/a"

@@ -27,16 +27,7 @@ from meshserve.tools.traffic import (
     with_shadow,
     with_weights,
 )
-
-
-class Peer:
-    """A call's context without a certificate: the caller is "unknown"."""
-
-    def peer_identity_key(self):
-        return None
-
-    def auth_context(self):
-        return {}
+from tests.peers import Peer  # the operator's certificate: changes take an operator's
 
 
 class Stub:
