@@ -44,6 +44,8 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "meshserve"}
 BATCHER_PORT = 7003
 # The umbrella chart's release in the README (`helm install mesh charts/meshserve`).
 DEFAULT_RELEASE = "mesh"
+# The charts' `clusterDomain` default: Service hosts are `<service>.<namespace>.svc.<domain>`.
+DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 
 # Limits per Envoy (each sidecar calling the batchers), for the DestinationRule.
 CONNECTION_POOL = {
@@ -90,10 +92,12 @@ def batcher_service(model: str, version: str, release: str = DEFAULT_RELEASE) ->
 
 
 def batcher_host(model: str, version: str, namespace: str = "default",
-                 release: str = DEFAULT_RELEASE) -> str:
-    """`batcher_service`'s host name: `<service>.<namespace>.svc.cluster.local`."""
+                 release: str = DEFAULT_RELEASE,
+                 cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> str:
+    """`batcher_service`'s host name: `<service>.<namespace>.svc.<cluster_domain>`."""
     check_namespace(namespace)
-    return f"{batcher_service(model, version, release)}.{namespace}.svc.cluster.local"
+    check_cluster_domain(cluster_domain)
+    return f"{batcher_service(model, version, release)}.{namespace}.svc.{cluster_domain}"
 
 
 def check_namespace(namespace: str) -> str:
@@ -102,6 +106,16 @@ def check_namespace(namespace: str) -> str:
                               "lower-case letters, digits or '-', starting and ending with a "
                               "letter or digit)")
     return namespace
+
+
+def check_cluster_domain(domain: str, name: str = "cluster domain") -> str:
+    """`domain` when it is a DNS domain Service hosts can end in (the kubelet's
+    `clusterDomain`, the charts' `clusterDomain` value); `name` says what gave it."""
+    if not (_HOST.fullmatch(domain) and len(domain) <= 253):
+        raise InvalidArgument(f"{name} '{domain}' is not a DNS domain (dot-separated labels of "
+                              "lower-case letters, digits or '-', each starting and ending "
+                              "with a letter or digit, e.g. cluster.local)")
+    return domain
 
 
 def subset_name(version: str) -> str:
@@ -122,12 +136,16 @@ def object_name(model: str) -> str:
 
 
 def render(policy: TrafficPolicy, *, host: str = "", namespace: str = "default",
-           port: int = BATCHER_PORT, release: str = DEFAULT_RELEASE) -> list[dict]:
+           port: int = BATCHER_PORT, release: str = DEFAULT_RELEASE,
+           cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> list[dict]:
     """`[VirtualService, DestinationRule, ...]` for `policy`: to each version's batcher
-    Service as the umbrella chart of `release` names it, with one DestinationRule each; or,
-    given `host`, to subsets of that one Service, with one DestinationRule."""
+    Service as the umbrella chart of `release` names it, in the cluster whose DNS domain is
+    `cluster_domain`, with one DestinationRule each; or, given `host`, to subsets of that one
+    Service, with one DestinationRule."""
     check_namespace(namespace)
-    hosts = {version: host or batcher_host(policy.model, version, namespace, release)
+    check_cluster_domain(cluster_domain)
+    hosts = {version: host or batcher_host(policy.model, version, namespace, release,
+                                           cluster_domain)
              for version in policy.versions}
     _check(policy, hosts=set(hosts.values()), namespace=namespace, port=port)
     name = object_name(policy.model)

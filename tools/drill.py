@@ -17,6 +17,11 @@ With inference load running throughout (a few callers on the mutual-TLS port):
    and that every submission accepted before the backup gets its answer (those accepted
    after it are reported lost: that is the recovery point).
 
+The model repository is the one `up` serves: DIR/models, or the `--model-repository` its
+recorded command line names. One outside DIR outlives the deletion, as a volume of its own
+does: the archive's copy of it is restored into the work directory and checked against it,
+and `up` starts again on the repository as it is.
+
 The restarted `up` keeps running (its log: DIR/run/up.log). Exit status 0 when every check
 passed.
 """
@@ -47,6 +52,7 @@ from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.admin_pb2_grpc import AdminStub
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from meshserve.tools.backup import Layout, create_backup
+from meshserve.tools.cli import parser_for
 from meshserve.tools.client import client_tls
 from meshserve.tools.drill_load import Connection, Load, answers, submit
 from meshserve.tools.random_requests import random_request
@@ -82,6 +88,14 @@ class UpProcess:
     cwd: str
     argv: list[str]
     services: list[int]
+
+    def repository(self, data_dir: Path) -> Path:
+        """The model repository it serves: its `--model-repository` (relative to its working
+        directory), else the demo's in `data_dir`/models."""
+        args, _ = parser_for("up").parse_known_args(self.argv)
+        if args.model_repository is None:
+            return data_dir / "models"
+        return (Path(self.cwd) / args.model_repository).resolve()
 
     @classmethod
     def find(cls, data_dir: Path) -> UpProcess:
@@ -150,19 +164,42 @@ def control_plane(data_dir: Path, tls: TlsFiles) -> grpc.aio.Channel:
     return admin_channel(f"{HOST}:{port}", tls)
 
 
-async def observe(data_dir: Path, tls: TlsFiles) -> Observed:
+async def observe(data_dir: Path, repository: Path, tls: TlsFiles) -> Observed:
     async with control_plane(data_dir, tls) as channel:
         admin = AdminStub(channel)
         status = await admin.Status(admin_pb2.StatusRequest(), timeout=10)
         listed = await admin.ListModels(admin_pb2.ListModelsRequest(), timeout=10)
-    models = data_dir / "models"
     return Observed(
         routes={m.policy.model: MessageToDict(m.policy) for m in status.models},
         canaries={m.policy.model: MessageToDict(m.canary) for m in status.models
                   if m.canary.state},
         registry={f"{v.name}/{v.version}": v.digest for v in listed.versions},
-        model_files={str(path.relative_to(models)): artifacts.sha256_digest(path.read_bytes())
-                     for path in sorted(models.rglob("*")) if path.is_file()})
+        model_files=file_digests(repository))
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    """Every file under `root` (a model repository), by its path relative to it."""
+    return {str(path.relative_to(root)): artifacts.sha256_digest(path.read_bytes())
+            for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def restored_layout(data_dir: Path, repository: Path, work: Path) -> Layout:
+    """Where the drill restores the archive: the data directory, with the model repository
+    in it; a repository outside it, which the drill does not delete, is left as it is and its
+    copy in the archive goes to `work`/restored-models (empty: a restore refuses anything
+    else) to be checked against it."""
+    if repository.is_relative_to(data_dir):
+        return Layout.of(data_dir, model_repository=repository)
+    return Layout.of(data_dir, model_repository=work / "restored-models")
+
+
+def copy_differences(before: Observed, copy: Path) -> list[str]:
+    """How the archive's copy of the repository (restored into `copy`) differs from the files
+    observed before the backup."""
+    restored = file_digests(copy)
+    return [f"model_files {key}: backed up {before.model_files.get(key)!r}, restored copy "
+            f"{restored.get(key)!r}" for key in sorted(set(before.model_files) | set(restored))
+            if before.model_files.get(key) != restored.get(key)]
 
 
 def differences(before: Observed, after: Observed) -> list[str]:
@@ -245,6 +282,7 @@ class Report:
 async def drill(data_dir: Path, work: Path, plan: Plan, model: str, say=print) -> Report:
     report = Report()
     up = UpProcess.find(data_dir)
+    repository = up.repository(data_dir)
     operator = client_tls(data_dir)
     say(f"drill on the `meshserve up` of {data_dir} (pid {up.pid}, {len(up.services)} "
         f"services); work directory {work}")
@@ -259,15 +297,17 @@ async def drill(data_dir: Path, work: Path, plan: Plan, model: str, say=print) -
     load = Load(connection, request, plan.pause_s)
     callers = [asyncio.create_task(load.caller()) for _ in range(plan.callers)]
     try:
-        await run_steps(data_dir, work, plan, up, operator, connection, request, load, report,
-                        say)
+        await run_steps(data_dir, repository, work, plan, up, operator, connection, request,
+                        load, report, say)
     except Exception as error:  # reported with what to do, never left as a bare traceback
         report.problems.append(f"the drill stopped: {type(error).__name__}: {error}")
         if report.archive and not (data_dir / "mesh.db").exists():
+            models = restored_layout(data_dir, repository, work).parts["models"]
             report.problems.append(
                 f"the data directory is not restored: meshserve restore {report.archive} "
-                f"--data-dir {data_dir} --trusted {work / 'trusted'} --kek-file "
-                f"{work / 'backup.kek'}, then start `meshserve {' '.join(up.argv)}` again")
+                f"--data-dir {data_dir} --model-repository {models} --trusted "
+                f"{work / 'trusted'} --kek-file {work / 'backup.kek'}, then start "
+                f"`meshserve {' '.join(up.argv)}` again")
     finally:
         load.stopping = True
         await asyncio.gather(*callers, return_exceptions=True)
@@ -277,11 +317,11 @@ async def drill(data_dir: Path, work: Path, plan: Plan, model: str, say=print) -
     return report
 
 
-async def run_steps(data_dir: Path, work: Path, plan: Plan, up: UpProcess, operator: TlsFiles,
-                    connection: Connection, request: pb.ModelInferRequest, load: Load,
-                    report: Report, say) -> None:
+async def run_steps(data_dir: Path, repository: Path, work: Path, plan: Plan, up: UpProcess,
+                    operator: TlsFiles, connection: Connection, request: pb.ModelInferRequest,
+                    load: Load, report: Report, say) -> None:
     await asyncio.sleep(plan.steady_s)
-    before = await observe(data_dir, operator)
+    before = await observe(data_dir, repository, operator)
     kek_file = work / "backup.kek"
     model_files.ensure_kek(kek_file)
     trusted = work / "trusted"
@@ -291,9 +331,9 @@ async def run_steps(data_dir: Path, work: Path, plan: Plan, up: UpProcess, opera
     report.submissions_before = len(before_ids)
     started = time.monotonic()
     result = await asyncio.to_thread(
-        create_backup, Layout.of(data_dir), work, model_files.signing_key(
-            data_dir / "keys" / "signing.key"), kek=model_files.read_kek(kek_file),
-        actor="meshserve drill")
+        create_backup, Layout.of(data_dir, model_repository=repository), work,
+        model_files.signing_key(data_dir / "keys" / "signing.key"),
+        kek=model_files.read_kek(kek_file), actor="meshserve drill")
     report.backup_s = time.monotonic() - started
     report.archive, report.archive_bytes = str(result.path), result.size
     report.recovery_point = result.point.describe()
@@ -318,13 +358,18 @@ async def run_steps(data_dir: Path, work: Path, plan: Plan, up: UpProcess, opera
     say(f"  kill       every process ({report.processes_killed}) SIGKILLed; {data_dir} "
         "deleted")
     started = time.monotonic()
-    restored = await asyncio.to_thread(restore_backup, result.path, Layout.of(data_dir),
+    layout = restored_layout(data_dir, repository, work)
+    shutil.rmtree(layout.parts["models"], ignore_errors=True)  # an earlier drill's copy
+    restored = await asyncio.to_thread(restore_backup, result.path, layout,
                                        model_files.trusted_signers(trusted),
                                        kek=model_files.read_kek(kek_file),
                                        actor="meshserve drill")
     report.restore_s = time.monotonic() - started
     report.restored_s = time.monotonic() - killed_at
     report.problems += [f"restored audit chain: {problem}" for problem in restored.problems]
+    if layout.parts["models"] != repository:  # the archive's copy, checked, then dropped
+        report.problems += copy_differences(before, layout.parts["models"])
+        shutil.rmtree(layout.parts["models"])
     say(f"  restore    {report.restore_s:6.2f} s  audit chain of {restored.entries} entries "
         f"{'intact' if restored.ok else 'BROKEN'}")
     report.up_pid = start_again(up, data_dir).pid
@@ -339,18 +384,18 @@ async def run_steps(data_dir: Path, work: Path, plan: Plan, up: UpProcess, opera
         await asyncio.sleep(0.05)
     report.recovery_s = first - killed_at
     say(f"  recovered  first successful inference {report.recovery_s:.2f} s after the kill")
-    await check(data_dir, operator, connection, before, result, before_ids, after_ids, plan,
-                report, say)
+    await check(data_dir, repository, operator, connection, before, result, before_ids,
+                after_ids, plan, report, say)
     await asyncio.sleep(plan.steady_s)
 
 
-async def check(data_dir: Path, operator: TlsFiles, connection: Connection, before: Observed,
-                result, before_ids: list[str], after_ids: list[str], plan: Plan,
-                report: Report, say) -> None:
+async def check(data_dir: Path, repository: Path, operator: TlsFiles, connection: Connection,
+                before: Observed, result, before_ids: list[str], after_ids: list[str],
+                plan: Plan, report: Report, say) -> None:
     report.versions_ready, waiting = await wait_all_ready(connection.get(), plan.timeout_s)
     report.problems += [f"model {name} is not ready" for name in waiting]
     await wait_port(data_dir / "run" / "control-plane.port", plan.timeout_s)
-    report.problems += differences(before, await observe(data_dir, operator))
+    report.problems += differences(before, await observe(data_dir, repository, operator))
     async with control_plane(data_dir, operator) as channel:
         audit = await AdminStub(channel).Audit(admin_pb2.AuditRequest(
             verify=True, anchor=result.point.audit_head if result.point.audit_seq else ""),

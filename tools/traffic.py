@@ -183,6 +183,10 @@ def check_args(args: argparse.Namespace) -> None:
                 raise InvalidArgument("name the region (traffic region MODEL REGION), or "
                                       "lift it with --off")
             check_region(args.region)
+    elif command == "render":
+        from meshserve.mesh.istio import check_cluster_domain
+
+        check_cluster_domain(args.cluster_domain, "--cluster-domain")
     elif command == "canary-start":
         args.parsed_steps = parse_steps(args.steps)
         args.interval_seconds = parse_duration(args.interval)
@@ -216,7 +220,8 @@ async def call(args: argparse.Namespace) -> str:
             status = await admin.Status(pb.StatusRequest(model=args.model))
             policy = policy_from_proto(status.models[0].policy)
             return to_yaml(render(policy, host=args.host or "", namespace=args.namespace,
-                                  port=args.port, release=args.release)).rstrip()
+                                  port=args.port, release=args.release,
+                                  cluster_domain=args.cluster_domain)).rstrip()
         if command == "canary-start":
             reply = await admin.StartCanary(pb.CanaryPlan(
                 model=args.model, to_version=args.to, from_version=args.from_version,
@@ -309,6 +314,9 @@ def register(commands) -> None:
                        help="the umbrella chart's release: each version's batcher Service is "
                             "<release>-<model slug>-<version>-batcher (default mesh; '' for "
                             "batcher charts installed as <model slug>-<version>)")
+    istio.add_argument("--cluster-domain", default="cluster.local",
+                       help="the cluster's DNS domain, the charts' clusterDomain: Service hosts "
+                            "are <service>.<namespace>.svc.<domain> (default cluster.local)")
     istio.add_argument("--host", help="instead, one Service host that selects the batcher pods "
                                       "of every version (routes go to subsets of it)")
     istio.add_argument("--port", type=int, default=7003,

@@ -174,8 +174,16 @@ class Ingress:
         return forwarder
 
     def config(self, name: str, version: str):
-        self.served_version(name, version)
-        return self.repository.get(name)
+        """The repository's entry of model `name`, for a question about `version` of it (""
+        for none): NOT_FOUND for an unknown model or version, and, as Triton answers for a
+        version that is not available, UNAVAILABLE saying why for a version its compute
+        refused."""
+        version = self.served_version(name, version)
+        entry = self.repository.get(name)
+        refused = self.refusal(entry.name, version) if version else ""
+        if refused:
+            raise not_ready(entry.name, version, refused)
+        return entry
 
     def refusal(self, name: str, version: str) -> str:
         """Why a version cannot answer, as its compute said when it refused its model; ""
@@ -238,7 +246,9 @@ class Ingress:
     def _record(self, model: str, version: str, code: str, arrived: float, request_id: str,
                 span: Span | None) -> None:
         """Metrics and the access log. Labels stay bounded: a model or version the
-        repository lacks is recorded as ""."""
+        repository lacks is recorded as "". A request that named no version and failed is
+        recorded under "" too: the router picks its version per group, and a failed result
+        does not say which it picked (a refusal at the ingress comes before any pick)."""
         seconds = time.monotonic() - arrived
         entry = self.repository.models.get(model)
         if entry is None:
@@ -411,10 +421,6 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         of `versions`."""
         self._may(context, "models:read", request.name)
         entry = self._ingress.config(request.name, request.version)
-        version = self._ingress.served_version(request.name, request.version)
-        refused = self._ingress.refusal(entry.name, version) if version else ""
-        if refused:
-            raise not_ready(entry.name, version, refused)
         config = entry.config
         return pb.ModelMetadataResponse(
             name=entry.name, platform=config.platform,
@@ -423,6 +429,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor_metadata(config, t) for t in config.output])
 
     async def ModelConfig(self, request, context):
+        """As Triton's: a version refused at load is UNAVAILABLE, saying why; with no version
+        asked, the model's configuration."""
         self._may(context, "models:read", request.name)
         return pb.ModelConfigResponse(
             config=self._ingress.config(request.name, request.version).config)

@@ -169,3 +169,32 @@ async def test_ready_metadata_and_inference_agree_with_the_index(served):
         answer = await stub.ModelInfer(request, timeout=30)
         assert answer.model_version == "1"
         assert outputs_of(answer)["OUTPUT__0"].tolist() == [[2.0, 3.0]]
+
+
+async def test_the_config_of_a_refused_version_is_unavailable_as_its_metadata(served):
+    """As Triton's: the configuration of a version that is not available is an error, over
+    gRPC and HTTP alike (503, as its metadata); with no version asked, the model's."""
+    await until(lambda: says_why(http_index(served), served), REASON_ARRIVES_S,
+                "the refusals' reasons in the index", interval=0.2)
+    reasons = expected_reasons(served)
+    channel, stub = await public_stub(served)
+    async with channel:
+        for version in ("", "1"):
+            reply = await stub.ModelConfig(pb.ModelConfigRequest(name="twin", version=version),
+                                           timeout=10)
+            assert (reply.config.name, reply.config.max_batch_size) == ("twin", 4)
+        for version in ("2", "3"):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.ModelConfig(pb.ModelConfigRequest(name="twin", version=version),
+                                       timeout=10)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert raised.value.details().startswith(
+                f"model 'twin' version '{version}' is not ready: {reasons[version][0]}")
+            assert all(part in raised.value.details() for part in reasons[version])
+    for path in ("/v2/models/twin/config", "/v2/models/twin/versions/1/config"):
+        status, body = https(served, "GET", path)
+        assert (status, json.loads(body)["max_batch_size"]) == (200, 4)
+    status, body = https(served, "GET", "/v2/models/twin/versions/2/config")
+    assert status == 503
+    assert json.loads(body)["error"].startswith(
+        f"model 'twin' version '2' is not ready: {reasons['2'][0]}")

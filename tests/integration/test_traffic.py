@@ -401,3 +401,17 @@ def test_traffic_render_istio(mesh):
     assert (refused.returncode, refused.stdout) == (
         2, "error: release 'Prod.1' is not one the charts install (at most 53 lower-case "
            "letters, digits or '-', starting with a letter and ending with a letter or digit)\n")
+    # A cluster whose DNS domain is not cluster.local (the charts' clusterDomain).
+    done = meshserve("traffic", "render", "mlp", "--istio", "--namespace", "serving",
+                     "--cluster-domain", "corp.example", f"--data-dir={mesh.data_dir}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    documents = [d for d in yaml.safe_load_all(done.stdout) if d]
+    hosts = [f"mesh-mlp-{v}-batcher.serving.svc.corp.example" for v in ("1", "2")]
+    assert documents[0]["spec"]["hosts"] == hosts
+    assert [d["spec"]["host"] for d in documents[1:]] == hosts
+    assert "cluster.local" not in done.stdout
+    refused = meshserve("traffic", "render", "mlp", "--istio", "--cluster-domain",
+                        "Corp.Example", f"--data-dir={mesh.data_dir}")
+    assert (refused.returncode, refused.stdout.count("\n")) == (2, 1), refused.stdout
+    assert refused.stdout.startswith("error: --cluster-domain 'Corp.Example' is not a DNS "
+                                     "domain")

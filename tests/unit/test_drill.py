@@ -1,10 +1,12 @@
 """The drill's own logic: finding and killing a mesh's processes (real processes), comparing
 what was backed up with what came back, timing the recovery, and its closing summary."""
 
+import hashlib
 import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,10 @@ from meshserve.tools.drill import (
     Report,
     UpProcess,
     alive,
+    copy_differences,
     differences,
     kill_all,
+    restored_layout,
     summary,
 )
 from meshserve.tools.drill_load import Load
@@ -38,6 +42,42 @@ def test_differences_name_what_did_not_come_back() -> None:
         "canaries mlp: backed up None, now {'state': 'running'}",
         "registry mlp/3: backed up 'sha256:aa', now None",
         "model_files mlp/1/model.pt: backed up 'sha256:01', now 'sha256:ff'"]
+
+
+@pytest.mark.parametrize(("argv", "repository"), [
+    (["up"], "/srv/data/models"),
+    (["up", "--data-dir=/srv/data"], "/srv/data/models"),
+    (["up", "--model-repository", "repo", "--port=0"], "/home/op/repo"),
+    (["up", "--model-repository=/models", "--data-dir=/srv/data"], "/models"),
+])
+def test_the_repository_checked_is_the_one_up_serves(argv, repository) -> None:
+    up = UpProcess(pid=1, cwd="/home/op", argv=argv, services=[])
+    assert up.repository(Path("/srv/data")) == Path(repository)
+
+
+def test_a_repository_outside_the_data_directory_is_restored_beside_it(tmp_path) -> None:
+    """Inside DIR it is deleted with DIR and restored in place; outside, it survives, so its
+    copy in the archive goes to the work directory and the repository is left alone."""
+    data, work = tmp_path / "data", tmp_path / "work"
+    assert restored_layout(data, data / "models", work).parts["models"] == data / "models"
+    assert restored_layout(data, data / "repo", work).parts["models"] == data / "repo"
+    outside = restored_layout(data, tmp_path / "repo", work)
+    assert outside.parts["models"] == work / "restored-models"
+    assert outside.data_dir == data and outside.parts["tls"] == data / "tls"
+
+
+def test_the_archive_copy_of_the_repository_is_checked_file_by_file(tmp_path) -> None:
+    (tmp_path / "mlp" / "1").mkdir(parents=True)
+    (tmp_path / "mlp" / "1" / "model.pt").write_bytes(b"weights")
+    (tmp_path / "mlp" / "config.pbtxt").write_bytes(b"config")
+    digests = {"mlp/1/model.pt": "sha256:" + hashlib.sha256(b"weights").hexdigest(),
+               "mlp/config.pbtxt": "sha256:" + hashlib.sha256(b"config").hexdigest()}
+    assert copy_differences(replace(BEFORE, model_files=digests), tmp_path) == []
+    assert copy_differences(BEFORE, tmp_path) == [
+        f"model_files mlp/1/model.pt: backed up 'sha256:01', restored copy "
+        f"'{digests['mlp/1/model.pt']}'",
+        f"model_files mlp/config.pbtxt: backed up 'sha256:02', restored copy "
+        f"'{digests['mlp/config.pbtxt']}'"]
 
 
 def observed_with_v3(weights: dict[str, int], files: tuple[str, ...] = ("mlp/3/model.pt",),

@@ -170,6 +170,9 @@ async def test_unset_canary_thresholds_are_the_defaults(control):
      "error: duration '-5s' is not a number with a unit"),
     (["canary", "start", "mlp", "--to", "2", "--interval", "99999999h"],
      "error: duration '99999999h' is longer than 86400 s"),
+    *[(["traffic", "render", "mlp", "--istio", f"--cluster-domain={domain}"],
+       f"error: --cluster-domain '{domain}' is not a DNS domain")
+      for domain in ("Cluster.Local", "cluster..local", "cluster.local.", "-corp.example", "")],
 ])
 def test_the_command_line_refuses_in_one_line_before_connecting(argv, refusal, tmp_path,
                                                                  capsys):
@@ -208,6 +211,23 @@ def test_render_host_is_the_charts_service_name(model, host):
     assert virtual_service["spec"]["hosts"] == [host]
 
 
+@pytest.mark.parametrize("domain", ["corp.example", "k8s-prod.internal", "local"])
+def test_render_hosts_end_in_the_cluster_domain(domain):
+    """Every host rendered: the VirtualService's, each route's and mirror's destination, each
+    DestinationRule's."""
+    hosts = [f"mesh-mlp-{v}-batcher.serving.svc.{domain}" for v in ("1", "2")]
+    assert batcher_host("mlp", "1", "serving", cluster_domain=domain) == hosts[0]
+    [virtual_service, *rules] = render(
+        TrafficPolicy("mlp", {"1": 90, "2": 10}, shadow=Shadow("2", 5)), namespace="serving",
+        cluster_domain=domain)
+    assert virtual_service["spec"]["hosts"] == hosts
+    routes = virtual_service["spec"]["http"]
+    targets = [r["destination"] for route in routes for r in route["route"]]
+    mirrors = [route["mirror"] for route in routes if "mirror" in route]
+    assert mirrors and {target["host"] for target in targets + mirrors} == set(hosts)
+    assert [rule["spec"]["host"] for rule in rules] == hosts
+
+
 @pytest.mark.parametrize(("model", "namespace", "refusal"), [
     ("mlp", "Bad_NS", "namespace 'Bad_NS' is not a DNS label"),
     ("__", "default", "has no letter or digit"),
@@ -215,6 +235,12 @@ def test_render_host_is_the_charts_service_name(model, host):
 def test_render_host_refusals(model, namespace, refusal):
     with pytest.raises(InvalidArgument, match=refusal):
         batcher_host(model, "1", namespace)
+
+
+def test_render_refuses_a_cluster_domain_that_is_no_dns_domain():
+    with pytest.raises(InvalidArgument, match="cluster domain 'svc.Cluster' is not a DNS "
+                                              "domain"):
+        render(TrafficPolicy("mlp", {"1": 100}), cluster_domain="svc.Cluster")
 
 
 def test_output_cut_short_by_its_reader_is_no_error():
