@@ -58,6 +58,9 @@ class BatchingPolicy:
     default_delays: bool = False  # the default queue policy's timeout_action is DELAY
     # priority_queue_policy: (level, its policy), by level; the other levels follow the default
     level_policies: tuple[tuple[int, QueuePolicy], ...] = ()
+    # Requests share a batch (the model has `dynamic_batching`); without it each request is a
+    # batch of its own, as Triton's default scheduler runs it.
+    merges: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 0:
@@ -73,12 +76,13 @@ class BatchingPolicy:
     def from_config(cls, config: Any) -> BatchingPolicy:
         """The policy of a `ModelConfig` message.
 
-        A config without a `dynamic_batching` section still gets batched, work-conservingly:
-        delay 0, no preferred sizes, unbounded queue, no timeout, a single priority level.
-        So an idle replica always receives everything queued (up to `max_batch_size` rows).
+        A config without a `dynamic_batching` section runs each request as a batch of its
+        own, as soon as a replica is idle: no delay, unbounded queue, no timeout, a single
+        priority level. A model that never asked to have requests merged may not be one
+        whose rows are independent of each other.
         """
         if not config.HasField("dynamic_batching"):
-            return cls(max_batch_size=config.max_batch_size)
+            return cls(max_batch_size=config.max_batch_size, merges=False)
         dynamic = config.dynamic_batching
         default = QueuePolicy.of(dynamic.default_queue_policy)
         return cls(
@@ -345,7 +349,7 @@ class BatchQueue:
         entries = self._in_order()
         first = next(entries)
         cap = self.policy.max_batch_size
-        if cap == 0:
+        if cap == 0 or not self.policy.merges:
             return _Candidate((first,), first.rows, closed=True)
         taken, rows = [first], first.rows
         for entry in entries:

@@ -92,8 +92,9 @@ def complete_config(config: ModelConfig, path: Path, what: str) -> None:
     source = f"{what}: {path}"
     if not config.input and not config.max_batch_size and _all_batchable(graph):
         config.max_batch_size = DEFAULT_MAX_BATCH_SIZE
-        logger.info("%s: every tensor's first dimension is dynamic: max_batch_size %d",
-                    source, DEFAULT_MAX_BATCH_SIZE)
+        config.dynamic_batching.SetInParent()  # as Triton completes a batching model's
+        logger.info("%s: every tensor's first dimension is dynamic: max_batch_size %d, "
+                    "dynamic batching", source, DEFAULT_MAX_BATCH_SIZE)
     skip = 1 if config.max_batch_size else 0
     if not config.input:
         for tensor in graph.inputs:

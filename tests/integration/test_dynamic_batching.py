@@ -1,7 +1,8 @@
 """Triton's dynamic batcher settings through the whole mesh (`meshserve up
 --model-repository`): requests that come during the queue delay join the waiting batch, a
 second instance takes a request while the first runs, a stream keeps a model's order when
-its config asks, and a queue timeout with timeout_action DELAY refuses nothing."""
+its config asks, a queue timeout with timeout_action DELAY refuses nothing, and a model
+without dynamic_batching runs each request alone."""
 
 import asyncio
 import json
@@ -68,6 +69,8 @@ MODELS = {
     # A request queued longer than 100 ms waits behind the others, and is never refused.
     "patient": (1, "dynamic_batching { default_queue_policy { "
                    "default_timeout_microseconds: 100000 timeout_action: DELAY } }"),
+    # No dynamic_batching: Triton's default scheduler runs each request alone.
+    "alone": (8, ""),
 }
 
 
@@ -160,3 +163,17 @@ async def test_a_queue_timeout_with_delay_action_refuses_nothing(served):
             stub.ModelInfer(request("patient", f"p{i}", 0.5), timeout=60) for i in range(3))),
             30)
     assert sorted(seen(answer)[0] for answer in answers) == ["p0", "p1", "p2"]
+
+
+async def test_a_model_without_dynamic_batching_runs_each_request_alone(served):
+    """No dynamic_batching section: three requests that queue while the model's one instance
+    runs another are each executed alone, as Triton's default scheduler runs them (they were
+    merged into one batch, which a model whose rows are not independent answers wrongly)."""
+    async with grpc.aio.secure_channel(served.endpoint, channel_credentials(
+            client_tls(served.data_dir))) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        slow = asyncio.ensure_future(stub.ModelInfer(request("alone", "slow", 1.5), timeout=60))
+        await until(lambda: (served.markers / "slow.started").exists(), 20, "slow running")
+        queued = [stub.ModelInfer(request("alone", f"a{i}"), timeout=60) for i in range(3)]
+        answers = await asyncio.wait_for(asyncio.gather(slow, *queued), 30)
+    assert [seen(answer) for answer in answers] == [["slow"], ["a0"], ["a1"], ["a2"]]

@@ -24,6 +24,7 @@ from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferRes
 
 def one_input_config() -> mc.ModelConfig:
     config = mc.ModelConfig(name="m", max_batch_size=8)
+    config.dynamic_batching.SetInParent()  # requests share batches
     config.input.add(name="A", data_type=mc.TYPE_FP32, dims=[4])
     config.output.add(name="OUT", data_type=mc.TYPE_FP32, dims=[2])
     return config

@@ -404,10 +404,11 @@ dynamic_batching {
             max_queue_size=64, default_timeout_us=2000, priority_levels=3,
             default_priority_level=2), id="full"),
         pytest.param('name: "mlp" max_batch_size: 16',
-                     BatchingPolicy(max_batch_size=16), id="no-dynamic-batching"),
+                     BatchingPolicy(max_batch_size=16, merges=False), id="no-dynamic-batching"),
         pytest.param('name: "mlp" max_batch_size: 16 dynamic_batching {}',
                      BatchingPolicy(max_batch_size=16), id="empty-dynamic-batching"),
-        pytest.param('name: "plain"', BatchingPolicy(max_batch_size=0), id="no-batch-dimension"),
+        pytest.param('name: "plain"', BatchingPolicy(max_batch_size=0, merges=False),
+                     id="no-batch-dimension"),
         pytest.param(
             'max_batch_size: 16 dynamic_batching { priority_levels: 2 default_priority_level: 2 '
             'default_queue_policy { timeout_action: DELAY default_timeout_microseconds: 10 } '
@@ -430,11 +431,15 @@ def test_from_config_message_built_directly():
         max_batch_size=4, preferred_batch_sizes=(4,))
 
 
-def test_no_dynamic_batching_is_work_conserving():
+def test_without_dynamic_batching_each_request_is_a_batch_of_its_own_sent_when_idle():
+    """As Triton's default scheduler: requests are never merged, and one goes as soon as a
+    replica is idle."""
     config = model_config_pb2.ModelConfig(name="mlp", max_batch_size=16)
     queue = queue_of(BatchingPolicy.from_config(config), entry("a", 2, 0.0), entry("b", 3, 0.0))
     assert queue.decide(0.0, 0) == Wait(None)
-    assert queue.decide(0.0, 1) == Send(2)
+    assert queue.decide(0.0, 1) == Send(1)
+    assert names(queue.take(1)) == ["a"]
+    assert queue.decide(0.0, 1) == Send(1)
 
 
 @pytest.mark.parametrize(

@@ -36,9 +36,13 @@ def test_inputs_and_outputs_left_out_are_read_from_the_graph(tmp_path):
 
 
 def test_a_graph_that_batches_gets_tritons_default_max_batch_size(tmp_path):
+    """As Triton completes it: max_batch_size 4 and the dynamic batcher on, with its
+    defaults (requests share batches)."""
     write(tmp_path, "types", 'backend: "onnxruntime"', every_type_model())
     config = ModelRepository.load(tmp_path).get("types").config
     assert config.max_batch_size == onnx_graph.DEFAULT_MAX_BATCH_SIZE == 4
+    assert config.HasField("dynamic_batching")
+    assert config.dynamic_batching == mc.ModelDynamicBatching()
     assert config.platform == "onnxruntime_onnx"
     assert tensors(config.input) == EXPECTED
 
