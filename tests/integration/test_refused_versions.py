@@ -153,10 +153,7 @@ async def test_ready_metadata_and_inference_agree_with_the_index(served):
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await stub.ModelMetadata(pb.ModelMetadataRequest(name="twin", version=version),
                                          timeout=10)
-            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert raised.value.details().startswith(
-                f"model 'twin' version '{version}' is not ready: {reasons[version][0]}")
-            assert all(part in raised.value.details() for part in reasons[version])
+            assert_not_ready(raised.value, version, reasons)
         x = numpy.array([[1.0, 2.0]], numpy.float32)
         request = pb.ModelInferRequest(model_name="twin", model_version="2")
         request.inputs.add(name="INPUT__0", datatype="FP32", shape=x.shape)
@@ -169,6 +166,14 @@ async def test_ready_metadata_and_inference_agree_with_the_index(served):
         answer = await stub.ModelInfer(request, timeout=30)
         assert answer.model_version == "1"
         assert outputs_of(answer)["OUTPUT__0"].tolist() == [[2.0, 3.0]]
+
+
+def assert_not_ready(error: grpc.aio.AioRpcError, version: str, reasons: dict) -> None:
+    """UNAVAILABLE naming the version of `twin` and the reason its compute refused it."""
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.details().startswith(
+        f"model 'twin' version '{version}' is not ready: {reasons[version][0]}")
+    assert all(part in error.details() for part in reasons[version])
 
 
 async def test_the_config_of_a_refused_version_is_unavailable_as_its_metadata(served):
@@ -187,10 +192,7 @@ async def test_the_config_of_a_refused_version_is_unavailable_as_its_metadata(se
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await stub.ModelConfig(pb.ModelConfigRequest(name="twin", version=version),
                                        timeout=10)
-            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert raised.value.details().startswith(
-                f"model 'twin' version '{version}' is not ready: {reasons[version][0]}")
-            assert all(part in raised.value.details() for part in reasons[version])
+            assert_not_ready(raised.value, version, reasons)
     for path in ("/v2/models/twin/config", "/v2/models/twin/versions/1/config"):
         status, body = https(served, "GET", path)
         assert (status, json.loads(body)["max_batch_size"]) == (200, 4)
