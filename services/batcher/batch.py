@@ -3,7 +3,9 @@
 Payload bytes are joined and sliced, never decoded: rows of a row-major tensor are
 contiguous, so a batch is the concatenation of its requests' bytes along the first dimension.
 For a model that answers each request on its own (a Python model), the batch also says whose
-rows it holds, and its answer which requests failed on their own (`batch_requests`).
+rows it holds, and its answer which requests failed on their own and, for an output whose
+dims differ from request to request, each request's shape (`batch_requests`): such an
+output is split by those shapes instead of by rows.
 """
 
 from collections.abc import Sequence
@@ -137,17 +139,71 @@ def split_answered(batch: ModelInferResponse, requests: Sequence[ModelInferReque
                    rows: Sequence[int], wanted: Sequence[list[str] | None]) -> list[ItemResult]:
     """`split` for a model that answers each request on its own: the requests the batch's
     answer lists as failed get their error, the others their rows (the answer holds only
-    theirs)."""
+    theirs), of the outputs the answer lists under `meshserve_shapes` each in its own shape
+    (`split_shaped`)."""
     failed = batch_requests.read_failed(batch)
+    shapes = batch_requests.read_shapes(batch)
     if not failed:
-        return split(batch, requests, rows, wanted)
+        return _split_by(batch, requests, rows, wanted, shapes)
     if not failed.keys() <= set(range(len(requests))):
         raise Internal(f"compute answered failures of requests {sorted(failed)} for a batch "
                        f"of {len(requests)}")
     kept = [i for i in range(len(requests)) if i not in failed]
-    answered = iter(split(batch, [requests[i] for i in kept], [rows[i] for i in kept],
-                          [wanted[i] for i in kept]) if kept else ())
+    answered = iter(_split_by(batch, [requests[i] for i in kept], [rows[i] for i in kept],
+                              [wanted[i] for i in kept], shapes) if kept else ())
     return [failed[i] if i in failed else next(answered) for i in range(len(requests))]
+
+
+def _split_by(batch: ModelInferResponse, requests: Sequence[ModelInferRequest],
+              rows: Sequence[int], wanted: Sequence[list[str] | None],
+              shapes: dict[str, list[list[int]]]) -> list[ItemResult]:
+    """By rows, or by the requests' own shapes when the answer lists any."""
+    if shapes:
+        return split_shaped(batch, requests, rows, wanted, shapes)
+    return split(batch, requests, rows, wanted)
+
+
+def split_shaped(batch: ModelInferResponse, requests: Sequence[ModelInferRequest],
+                 rows: Sequence[int], wanted: Sequence[list[str] | None],
+                 shapes: dict[str, list[list[int]]]) -> list[ItemResult]:
+    """`split` of an answer whose outputs named in `shapes` differ in their dims from request
+    to request: each of those holds the requests' elements one after the other, and each
+    request gets its own shape (`shapes[name][i]`, its rows first) and its elements. The
+    other outputs split by rows, as in `split`."""
+    if len(batch.raw_output_contents) != len(batch.outputs):
+        raise Internal("compute answered without raw_output_contents for every output")
+    total = sum(rows)
+    outputs = []  # name, datatype, each request's shape, each request's bytes
+    for tensor, raw in zip(batch.outputs, batch.raw_output_contents):
+        own = shapes.get(tensor.name)
+        if own is None:
+            dims = tensor.shape[1:]
+            each = [[count, *dims] for count in rows]
+            pieces = _row_slices(raw, tensor.datatype, total, rows, element_count(dims))
+        else:
+            each = _checked_shapes(tensor.name, own, rows)
+            pieces = _element_slices(raw, tensor.datatype, [element_count(s) for s in each])
+        outputs.append((tensor.name, tensor.datatype, each, pieces))
+    results = []
+    for index, (request, names) in enumerate(zip(requests, wanted, strict=True)):
+        result = ItemResult()
+        answer = result.response
+        answer.model_name, answer.model_version = request.model_name, batch.model_version
+        answer.id = request.id
+        for name, datatype, each, pieces in outputs:
+            if names is None or name in names:
+                answer.outputs.add(name=name, datatype=datatype, shape=each[index])
+                answer.raw_output_contents.append(pieces[index])
+        results.append(result)
+    return results
+
+
+def _checked_shapes(name: str, shapes: list[list[int]], rows: Sequence[int]) -> list[list[int]]:
+    """`shapes` of output `name`, when they are one per request, each of its request's rows."""
+    if [shape[0] for shape in shapes] != list(rows):
+        raise Internal(f"compute answered shapes {shapes} of output '{name}' for requests of "
+                       f"{list(rows)} rows")
+    return shapes
 
 
 def _row_slices(raw: bytes, datatype: str, total: int, rows: Sequence[int],
@@ -165,6 +221,25 @@ def _row_slices(raw: bytes, datatype: str, total: int, rows: Sequence[int],
     pieces, offset = [], 0
     for count in rows:
         end = offset + count * row_bytes
+        pieces.append(raw[offset:end])
+        offset = end
+    return pieces
+
+
+def _element_slices(raw: bytes, datatype: str, counts: Sequence[int]) -> list[bytes]:
+    """`raw` cut into consecutive pieces of `counts[i]` elements each."""
+    if datatype == "BYTES":
+        try:
+            return split_bytes_rows(raw, list(counts))
+        except InvalidArgument as error:  # the fault is compute's, not the client's
+            raise Internal(f"compute answered a malformed BYTES output: {error.message}") from None
+    size = ELEMENT_SIZE[datatype]
+    if sum(counts) * size != len(raw):
+        raise Internal(f"compute answered {len(raw)} bytes for {sum(counts)} elements of "
+                       f"{datatype}")
+    pieces, offset = [], 0
+    for count in counts:
+        end = offset + count * size
         pieces.append(raw[offset:end])
         offset = end
     return pieces

@@ -10,9 +10,15 @@ request in batch order:
 
 Compute answers every request's rows in that order, leaving out the rows of the requests
 that failed on their own, and lists those under the answer's parameter `meshserve_failed`:
-a JSON list of `[position, gRPC status code, message]`. A batch of one request carries
-neither: it is the request itself, so a request to such a model may not set
-`meshserve_requests` (the batcher refuses it, INVALID_ARGUMENT).
+a JSON list of `[position, gRPC status code, message]`. When the requests' answers to an
+output differ in their dims after the batch dimension (an object detector's boxes, a
+tokenizer's sequences: the config says -1 there), compute answers that output as the
+answered requests' elements one after the other (a flat tensor) and lists each answered
+request's shape, in order, under the answer's parameter `meshserve_shapes`: a JSON object
+`{output name: [shape, ...]}`; the batcher splits such an output by those shapes instead of
+by rows. A batch of one request carries none of these: it is the request itself, so a
+request to such a model may not set `meshserve_requests` (the batcher refuses it,
+INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferRes
 
 REQUESTS = "meshserve_requests"
 FAILED = "meshserve_failed"
+SHAPES = "meshserve_shapes"
 
 
 class Member(NamedTuple):
@@ -103,3 +110,32 @@ def read_failed(response: ModelInferResponse) -> dict[int, ItemResult]:
     if any(not result.code for result in failed.values()):
         raise Internal(f"compute answered a parameter '{FAILED}' with status code 0 (OK)")
     return failed
+
+
+def write_shapes(response: ModelInferResponse, shapes: Mapping[str, Sequence[Sequence[int]]]
+                 ) -> None:
+    """Record in `response` each answered request's own shape of the outputs in `shapes`
+    (those whose dims differ from request to request), in the requests' order."""
+    if shapes:
+        response.parameters[SHAPES].string_param = json.dumps(
+            {name: [list(shape) for shape in each] for name, each in shapes.items()},
+            separators=(",", ":"))
+
+
+def read_shapes(response: ModelInferResponse) -> dict[str, list[list[int]]]:
+    """Each answered request's own shape of the outputs whose dims differ from request to
+    request, by output name (empty: every output splits by rows)."""
+    if SHAPES not in response.parameters:
+        return {}
+    try:
+        read = json.loads(response.parameters[SHAPES].string_param)
+        shapes = {str(name): [[int(d) for d in shape] for shape in each]
+                  for name, each in read.items()}
+    except (ValueError, TypeError, AttributeError) as error:
+        raise Internal(f"compute answered a malformed parameter '{SHAPES}' "
+                       f"({type(error).__name__}: {error})") from None
+    for name, each in shapes.items():
+        if any(not shape or min(shape) < 0 for shape in each):
+            raise Internal(f"compute answered a parameter '{SHAPES}' with a shape of output "
+                           f"'{name}' that has no batch dimension or a negative dim: {each}")
+    return shapes

@@ -4,13 +4,15 @@ elements in the same order (a batching model's batch dimension stays in front). 
 use: `dims: [ 1 ]` with `reshape: { shape: [ ] }` hands a batching model one scalar a row.
 
 Only the shapes change, in the request before the model runs and in its response after, so
-every backend gets it alike.
+every backend gets it alike; an output whose dims differ from request to request (a Python
+model's, `batch_requests.SHAPES`) has each request's shape changed.
 """
 
 from __future__ import annotations
 
 import math
 
+from meshserve.common import batch_requests
 from meshserve.common.errors import Internal, InvalidArgument, ServingError
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
 from meshserve.protocol.model_config_pb2 import ModelConfig
@@ -42,11 +44,18 @@ class Reshaped:
                 tensor.shape[:] = resized(tensor.shape, target, self._batched,
                                           f"input '{tensor.name}'", InvalidArgument)
         response, timings = self._model.run(request, version)
+        shapes = batch_requests.read_shapes(response)
         for tensor in response.outputs:
             target = self._outputs.get(tensor.name)
-            if target is not None:
-                tensor.shape[:] = resized(tensor.shape, target, self._batched,
-                                          f"output '{tensor.name}'", Internal)
+            if target is None:
+                continue
+            what = f"output '{tensor.name}'"
+            if tensor.name in shapes:  # each request's own shape
+                shapes[tensor.name] = [resized(shape, target, True, what, Internal)
+                                       for shape in shapes[tensor.name]]
+            else:
+                tensor.shape[:] = resized(tensor.shape, target, self._batched, what, Internal)
+        batch_requests.write_shapes(response, shapes)
         return response, timings
 
     def warmup_requests(self) -> list[ModelInferRequest]:

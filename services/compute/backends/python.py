@@ -10,10 +10,12 @@ batch, each with its own rows (views of the batch's inputs, writable arrays as i
 the requests into one batch and says whose rows it holds (`batch_requests`), and the
 responses are joined back into the batch's answer, their rows in the requests' order. A
 `TritonError` in one response fails that request only; an exception in `execute`
-(SystemExit and KeyboardInterrupt too) fails that batch's requests only. Joined, every
-response's output must hold its request's rows, and the same dims after them as the other
-requests'. `auto_complete_config` is not called: the config is read by every service
-without running model code, so declare inputs and outputs.
+(SystemExit and KeyboardInterrupt too) fails that batch's requests only. Every response's
+output must hold its request's rows. Where the requests' dims after them differ (boxes,
+sequences: a -1 in config.pbtxt that varies), the output is joined as their elements one
+after the other and the answer lists each request's shape (`batch_requests.SHAPES`), so each
+request still gets its own tensor, as in Triton. `auto_complete_config` is not called: the
+config is read by every service without running model code, so declare inputs and outputs.
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ class PythonModel:
                     "model_version": version, "model_name": config.name})
         except BaseException as error:  # noqa: BLE001 — whatever the model's code raises
             raise FailedPrecondition(f"{path}: initialize raised {_said(error)}") from None
+        self._declared = declared_dims(config)  # for a ragged output's unasked pieces
         self._finalized = False
         atexit.register(self.close)
 
@@ -152,10 +155,12 @@ class PythonModel:
             outputs = {t.name(): t.as_numpy() for t in answer.output_tensors()}
             response = tensors.encode(outputs, names, self.config, request, version, self._where)
         else:
-            outputs, failed = join(responses, members, names, self.config, self._where)
+            outputs, failed, shapes = join(responses, members, names, self.config, self._where,
+                                           self._declared)
             response = tensors.encode(outputs, [n for n in names if n in outputs], self.config,
                                       request, version, self._where)
             batch_requests.write_failed(response, failed)
+            batch_requests.write_shapes(response, shapes)
         done = time.perf_counter_ns()
         return response, Timings(decoded - start, executed - decoded, done - executed)
 
@@ -226,11 +231,15 @@ class PythonModel:
 
 
 def join(responses: list[pb_utils.InferenceResponse], members: list[Member], names: list[str],
-         config: ModelConfig, where: str
-         ) -> tuple[dict[str, numpy.ndarray], list[tuple[int, ItemResult]]]:
-    """The batch's outputs (`names`, each the rows of the requests that answered, in order)
-    and the results of the requests that failed on their own, by position. A request that did
-    not ask for an output its response lacks gets zeros (empty strings) in its rows."""
+         config: ModelConfig, where: str, declared: dict[str, tuple[int, ...]]
+         ) -> tuple[dict[str, numpy.ndarray], list[tuple[int, ItemResult]],
+                    dict[str, list[list[int]]]]:
+    """The batch's outputs (`names`, each the rows of the requests that answered, in order),
+    the results of the requests that failed on their own, by position, and the shapes of the
+    outputs whose dims differ from request to request (each such output is joined as the
+    requests' elements one after the other, and listed with each answered request's shape).
+    A request that did not ask for an output its response lacks gets zeros (empty strings)
+    in its rows, or none of them where the dims differ. `declared`: `declared_dims(config)`."""
     failed = []
     parts: dict[str, list[tuple[int, numpy.ndarray | None]]] = {name: [] for name in names}
     for index, (member, response) in enumerate(zip(members, responses, strict=True)):
@@ -249,20 +258,38 @@ def join(responses: list[pb_utils.InferenceResponse], members: list[Member], nam
                 raise Internal(f"{where} did not produce output '{name}' for request {index}")
             parts[name].append((member.rows, array))
     datatypes = {t.name: WIRE_FROM_CONFIG[t.data_type] for t in config.output}
-    joined = {}
+    joined, shapes = {}, {}
     for name, pieces in parts.items():
         dims = {array.shape[1:] for _, array in pieces if array is not None}
         if not dims:  # no request that answered made or asked for it
             continue
         if len(dims) > 1:
-            raise Internal(f"{where}: output '{name}' has rows of shapes "
-                           f"{sorted(list(d) for d in dims)} across the batch's requests; "
-                           "joined into one answer, they must agree")
+            joined[name], shapes[name] = _ragged(pieces, datatypes[name], declared[name])
+            continue
         [after] = dims
         joined[name] = numpy.concatenate([
             array if array is not None else _unasked((rows, *after), datatypes[name])
             for rows, array in pieces])
-    return joined, failed
+    return joined, failed, shapes
+
+
+def _ragged(pieces: list[tuple[int, numpy.ndarray | None]], datatype: str,
+            dims: tuple[int, ...]) -> tuple[numpy.ndarray, list[list[int]]]:
+    """Pieces whose dims after the batch dimension (declared `dims`) differ: their elements
+    one after the other, and each piece's shape (one a request neither asked for nor got has
+    no elements: 0 where `dims` says -1)."""
+    empty = [max(d, 0) for d in dims]
+    arrays = [array if array is not None else _unasked((rows, *empty), datatype)
+              for rows, array in pieces]
+    return (numpy.concatenate([array.reshape(-1) for array in arrays]),
+            [list(array.shape) for array in arrays])
+
+
+def declared_dims(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The dims the model makes of each output after the batch dimension (-1: any size): its
+    `reshape.shape` when it has one, else its `dims`."""
+    return {t.name: tuple(t.reshape.shape) if t.HasField("reshape") else tuple(t.dims)
+            for t in config.output}
 
 
 def _unasked(shape: tuple, datatype: str) -> numpy.ndarray:
