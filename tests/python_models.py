@@ -87,7 +87,7 @@ ensemble_scheduling { step [ { model_name: "add_sub" model_version: 1
 # doubled, and each row of ECHO (BYTES [1]) a JSON document of what execute saw of the
 # request: its id, parameters and requested outputs, its rows, the number of requests in the
 # call and the call's number. A request with the parameter "fail" is answered with a
-# TritonError naming its id.
+# TritonError naming its id: of the code "fail" names ("UNAVAILABLE"), else INVALID_ARG.
 ECHO_PY = '''\
 import json
 
@@ -104,10 +104,12 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             parameters = json.loads(request.parameters())
-            if parameters.get("fail"):
+            fail = parameters.get("fail")
+            if fail:
+                code = getattr(pb_utils.TritonError, fail, None) if isinstance(fail, str) else None
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
                     f"request {request.request_id()} asked to fail",
-                    pb_utils.TritonError.INVALID_ARG)))
+                    pb_utils.TritonError.INVALID_ARG if code is None else code)))
                 continue
             x = pb_utils.get_input_tensor_by_name(request, "X").as_numpy()
             echo = json.dumps({

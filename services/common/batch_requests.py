@@ -27,13 +27,34 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from meshserve.common.errors import Internal, InvalidArgument
+from meshserve.common.errors import Internal, InvalidArgument, ServingError
+from meshserve.common.forwarding import error_result
 from meshserve.protocol.groups_pb2 import ItemResult
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
 
 REQUESTS = "meshserve_requests"
 FAILED = "meshserve_failed"
 SHAPES = "meshserve_shapes"
+
+
+class RequestFailed(ServingError):
+    """The model's own answer to the only request of a batch: that request's failure, as for
+    a request of a larger batch, not the compute replica's (an UNAVAILABLE from the model says
+    nothing of the replica). `error` is what the request gets."""
+
+    def __init__(self, error: ServingError) -> None:
+        super().__init__(error.message)
+        self.code = error.code
+        self.error = error
+
+
+def failed_alone(request: ModelInferRequest, version: str,
+                 error: ServingError) -> ModelInferResponse:
+    """The answer to a batch of one `request` that failed on its own with `error`."""
+    response = ModelInferResponse(model_name=request.model_name, model_version=version,
+                                  id=request.id)
+    write_failed(response, [(0, error_result(error))])
+    return response
 
 
 class Member(NamedTuple):

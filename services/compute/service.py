@@ -16,7 +16,7 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 from opentelemetry.trace import SpanKind, StatusCode
 
-from meshserve.common import model_files, runtime
+from meshserve.common import batch_requests, model_files, runtime
 from meshserve.common.errors import (
     FailedPrecondition,
     Internal,
@@ -242,11 +242,15 @@ class Compute:
         return response, timings, time.thread_time_ns() - cpu
 
     async def answer(self, request, tracing: Tracing | None, traceparent: str) -> ItemResult:
-        """One batch's result: its response, or the error that refused it."""
+        """One batch's result: its response, or the error that refused it (a request alone
+        in its batch that failed on its own is answered as one of a larger batch would be)."""
         try:
             if tracing is None:
                 return ItemResult(response=await self.infer(request))
             return ItemResult(response=await self.traced_infer(request, tracing, traceparent))
+        except batch_requests.RequestFailed as failed:
+            return ItemResult(response=batch_requests.failed_alone(request, self.version,
+                                                                   failed.error))
         except ServingError as error:
             return error_result(error)
         except Exception as error:  # noqa: BLE001 — the batch's answer, not the stream's

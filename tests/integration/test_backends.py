@@ -362,6 +362,23 @@ async def test_a_triton_error_for_one_request_of_a_batch_fails_only_that_request
         assert [(e["id"], e["requests"]) for e in echoed(answer)] == [(rid, 3)]
 
 
+async def test_a_triton_error_unavailable_for_a_request_alone_is_its_answer_not_the_replicas(
+        served):
+    """A request alone in its batch answered TritonError(UNAVAILABLE) by the model gets that
+    answer, once: it ran once, and the compute replica is not taken for unavailable (the
+    batcher sent it again and answered "compute replica ... unavailable", counting it against
+    the replica, which two in a row took out of rotation)."""
+    for _ in range(2):
+        [failed], (inferences, executions) = await batched_together(
+            served, [echo_rows("u", 4, fail="UNAVAILABLE")])
+        assert isinstance(failed, grpc.aio.AioRpcError), failed
+        assert failed.code() == grpc.StatusCode.UNAVAILABLE
+        assert failed.details() == "model 'echo' version 1: request u asked to fail"
+        assert (inferences, executions) == (4, 1)
+    [answer], _ = await batched_together(served, [echo_rows("v", 4)])
+    assert outputs_of(answer)["Y"].tolist() == [[2 * ord("v")] * 2] * 4
+
+
 async def test_refused_models_say_why_while_the_rest_serve(served):
     log = up_log(served)
     assert "REFUSED compute-broken_init-1: refusing model 'broken_init' version 1: " \

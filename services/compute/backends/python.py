@@ -151,7 +151,7 @@ class PythonModel:
         if members is None:
             [answer] = responses
             if answer.has_error():
-                raise _error_of(answer.error(), self._where)
+                raise batch_requests.RequestFailed(_error_of(answer.error(), self._where))
             outputs = {t.name(): t.as_numpy() for t in answer.output_tensors()}
             response = tensors.encode(outputs, names, self.config, request, version, self._where)
         else:
