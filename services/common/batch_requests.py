@@ -16,9 +16,10 @@ tokenizer's sequences: the config says -1 there), compute answers that output as
 answered requests' elements one after the other (a flat tensor) and lists each answered
 request's shape, in order, under the answer's parameter `meshserve_shapes`: a JSON object
 `{output name: [shape, ...]}`; the batcher splits such an output by those shapes instead of
-by rows. A batch of one request carries none of these: it is the request itself, so a
-request to such a model may not set `meshserve_requests` (the batcher refuses it,
-INVALID_ARGUMENT).
+by rows. A batch of one request carries no `meshserve_requests`: it is the request itself,
+so a request to such a model may not set it (the batcher refuses it, INVALID_ARGUMENT); when
+that request fails on its own, the answer lists it under `meshserve_failed` all the same
+(`failed_alone`), so that its failure is not taken for the compute replica's.
 """
 
 from __future__ import annotations
