@@ -3,8 +3,9 @@ and `meshserve.common.http2_client`): frames in and out, SETTINGS, PING, flow co
 ways, and a stream's messages as they arrive and as the windows let them leave.
 
 Flow control: a peer may send a stream a window's worth ahead of our acknowledgements, and
-is held back while that stream has a window's worth of whole messages still unread; our
-own writers wait while a backlog waits for the peer's windows.
+is held back while that stream has a window's worth of whole messages still unread; a peer
+that sends past a window breaks the connection (FLOW_CONTROL_ERROR). Our own writers wait
+while a backlog waits for the peer's windows.
 """
 
 from __future__ import annotations
@@ -242,10 +243,16 @@ class Http2Connection(asyncio.BufferedProtocol):
         if stream == 0:
             raise ConnectionFailure(h2.PROTOCOL_ERROR, "DATA on stream 0")
         self._received += len(payload)
+        if self._received > CONNECTION_WINDOW:
+            raise ConnectionFailure(h2.FLOW_CONTROL_ERROR, f"{self._received} bytes of DATA "
+                                    f"past the connection's window of {CONNECTION_WINDOW}")
         call = self.calls.get(stream)
         if call is None:
             return  # a stream already ended or reset: its bytes still count for the window
         call.unacked += len(payload)
+        if call.unacked > STREAM_WINDOW:
+            raise ConnectionFailure(h2.FLOW_CONTROL_ERROR, f"{call.unacked} bytes of DATA "
+                                    f"past stream {stream}'s window of {STREAM_WINDOW}")
         call.received(checked(h2.unpadded, flags, payload), flags & h2.END_STREAM)
         self.credit(call)
 

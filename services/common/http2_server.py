@@ -59,11 +59,13 @@ log = logging.getLogger(__name__)
 # handler (SERVER_OPTIONS), so a burst of thousands on one channel still reaches the
 # ingress, which refuses at once what it cannot queue, saying why.
 MAX_STREAMS = 20_000
-# Bytes of request messages still arriving (each call's message in the making) that the
-# server holds across all its connections; the call whose bytes pass it is answered
-# RESOURCE_EXHAUSTED. Without it, clients that open many calls and never finish their
-# messages (no handler, and so no authentication, runs before a unary request is whole)
-# could make it hold up to the message limit on every stream.
+# Bytes of request messages still arriving (each call's message in the making, and a
+# streaming call's whole messages its handler has not read yet) that the server holds across
+# all its connections; the call whose bytes pass it is answered RESOURCE_EXHAUSTED. Without
+# it, clients that open many calls and never finish their messages (no handler, and so no
+# authentication, runs before a unary request is whole) could make it hold up to the message
+# limit on every stream, and clients streaming to handlers that read slowly a window's worth
+# of messages on every stream.
 MAX_UNFINISHED = 256 << 20
 # A call holding part of a request message that gets no more of it for this long is answered
 # DEADLINE_EXCEEDED and its bytes let go, so a client cannot keep the bytes above held by
@@ -378,6 +380,7 @@ class _Call(Http2Stream):
         self._began = False  # the handler's task has started running
         self._fed = 0.0  # when bytes of an unfinished request message last came
         self._held = 0  # bytes of a unary call's message, held until its stream ends
+        self._unread = 0  # bytes of a streaming call's whole messages its handler has not read
         self.code: grpc.StatusCode | None = None
         self.details = ""
         self.trailing: tuple = ()
@@ -439,8 +442,8 @@ class _Call(Http2Stream):
         if server.unfinished > server.max_unfinished:
             raise _Status(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the server holds {server.unfinished} bytes of request messages "
-                          f"still arriving, past its limit of {server.max_unfinished}; "
-                          "send again later")
+                          f"still arriving or not yet read, past its limit of "
+                          f"{server.max_unfinished}; send again later")
 
     def _arrive(self, message: bytes) -> None:
         """A whole request message. A unary call's is held, and counted with the bytes still
@@ -452,7 +455,19 @@ class _Call(Http2Stream):
                               "a unary call needs one request message, got more")
             self._held = len(message)
             self.connection.server.unfinished += self._held
+        else:
+            self._unread += len(message)
+            self.connection.server.unfinished += len(message)
         super()._arrive(message)
+
+    async def _next_message(self) -> bytes | None:
+        """The next whole message of a streaming call, no longer counted once its handler
+        has it."""
+        message = await super()._next_message()
+        if message is not None and self._unread:
+            self._unread -= len(message)
+            self.connection.server.unfinished -= len(message)
+        return message
 
     def _decompressed(self, payload: bytes) -> bytes:
         """A compressed message, inflated no further than the size limit allows."""
@@ -626,14 +641,20 @@ class _Call(Http2Stream):
         self._release()
 
     def _let_go(self) -> None:
-        """The call reads no more (the message it was receiving will not be finished), or its
-        handler has taken its unary request: neither counts as still arriving."""
+        """The call reads no more (the message it was receiving will not be finished, and
+        the whole ones its handler had not read will not be read), or its handler has taken
+        its unary request: none of them counts as still arriving."""
         if self._partial:
             self.connection.server.unfinished -= len(self._partial)
             self._partial.clear()
         if self._held:
             self.connection.server.unfinished -= self._held
             self._held = 0
+        if self._unread:  # a streaming call's messages its handler will not read
+            self.connection.server.unfinished -= self._unread
+            self._unread = 0
+            self._messages.clear()
+            self.unread = 0
 
     # --- grpc.aio.ServicerContext ------------------------------------------------------------
 

@@ -12,14 +12,16 @@ follows HTTP/1.1 (`Connection: close`, HTTP/1.0). Refusals never buffer what a r
 claims: a declared body over `max_body_bytes` is answered 413 as soon as its headers arrive
 (and the connection closed), a chunked one the moment it grows past the limit; headers over
 `max_header_bytes` get 431; a request whose bytes stop arriving for `read_timeout` seconds
-gets 408 (a Content-Length larger than the body sent, say); the body whose bytes take the
-bodies the server holds unhandled (still arriving, or whole and waiting behind pipelined
-requests) on all connections past `max_unfinished_bytes` gets 503 (so clients that open many
-connections, or pipeline many bodies, cannot make the server hold the body limit many
-times over); unparseable bytes get 400. Fields in a chunked body's trailer are not merged into
-the headers (RFC 9110 §6.5.1). HEAD is answered as GET, without the body. `Expect:
-100-continue` is answered in its request's turn. The client's certificate (TLS), if any, rides
-on each request as PEM.
+gets 408 (a Content-Length larger than the body sent, say), and so does one whose headers
+are not whole `header_timeout` seconds after its first byte, or whose body arrives slower
+than `min_body_rate` on average (bytes dripped to hold a connection open); the body whose
+bytes take the bodies the server holds unhandled (still arriving, or whole and waiting
+behind pipelined requests) on all connections past `max_unfinished_bytes` gets 503 (so
+clients that open many connections, or pipeline many bodies, cannot make the server hold the
+body limit many times over); unparseable bytes get 400. Fields in a chunked body's trailer
+are not merged into the headers (RFC 9110 §6.5.1). HEAD is answered as GET, without the
+body. `Expect: 100-continue` is answered in its request's turn. The client's certificate
+(TLS), if any, rides on each request as PEM.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ class HttpLimits:
     max_body_bytes: int = 64 << 20
     max_header_bytes: int = 64 << 10
     read_timeout: float = 30.0  # a request in progress with no new bytes for this long: 408
+    # A request's headers not whole this long after its first byte: 408 (bytes dripped slower
+    # than `read_timeout` apart would otherwise hold the connection for ever).
+    header_timeout: float = 30.0
+    # A body arriving slower than this on average, once `read_timeout` has passed since its
+    # headers: 408.
+    min_body_rate: float = 1024.0  # bytes a second
     idle_timeout: float = 75.0  # a kept-alive connection with no request for this long: closed
     max_pipelined: int = 16
     max_unfinished_bytes: int = 256 << 20  # bodies not yet handled, all connections together
@@ -124,6 +132,35 @@ def response_head(response: HttpResponse, keep_alive: bool, date: bytes,
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
+def slow_request(limits: HttpLimits, quiet: float, elapsed: float, headers_done: bool,
+                 body_bytes: int) -> str | None:
+    """Why a request in progress is given up (answered 408), or None: no bytes for
+    `read_timeout` (`quiet` seconds since its last), its headers not whole `header_timeout`
+    after its first byte, or its body arriving below `min_body_rate` on average once
+    `read_timeout` has passed since its headers (`elapsed`: since its first byte, or since
+    its headers once they are whole)."""
+    if quiet >= limits.read_timeout:
+        return f"no bytes for {limits.read_timeout:g} s"
+    if not headers_done:
+        if elapsed >= limits.header_timeout:
+            return f"its headers were not whole within {limits.header_timeout:g} s"
+        return None
+    if elapsed >= limits.read_timeout and body_bytes < limits.min_body_rate * elapsed:
+        return (f"its body came at {body_bytes / elapsed:.0f} bytes/s, below the minimum "
+                f"of {limits.min_body_rate:g}")
+    return None
+
+
+def next_check(limits: HttpLimits, quiet: float, elapsed: float, headers_done: bool) -> float:
+    """Seconds until `slow_request` could next find a reason (at least a tenth of one)."""
+    waits = [limits.read_timeout - quiet]
+    if not headers_done:
+        waits.append(limits.header_timeout - elapsed)
+    else:
+        waits.append(max(limits.read_timeout - elapsed, 1.0))
+    return max(min(waits), 0.1)
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, server: HttpServer) -> None:
         self._server = server
@@ -143,6 +180,7 @@ class _Connection(asyncio.Protocol):
         self._closed = False
         self._in_message = False
         self._last_data = 0.0
+        self._began = 0.0  # when the request in progress began, then when its headers ended
         self._held = 0  # bytes of the body in progress, counted in the server's `unfinished`
         self._reset()
 
@@ -205,9 +243,11 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._in_message = True
+        self._began = self._loop.time()
         self._reset()
         self._cancel_timer()
-        self._timer = self._loop.call_later(self._limits.read_timeout, self._check_progress)
+        self._timer = self._loop.call_later(
+            min(self._limits.read_timeout, self._limits.header_timeout), self._check_progress)
 
     def on_url(self, url: bytes) -> None:
         self._target += url
@@ -231,6 +271,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
+        self._began = self._loop.time()
         length = self._headers.get("content-length")
         if length is not None and is_count(length):
             self._declared = int(length)
@@ -358,16 +399,20 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
 
     def _check_progress(self) -> None:
-        waited = self._loop.time() - self._last_data
-        if waited < self._limits.read_timeout:
-            self._timer = self._loop.call_later(self._limits.read_timeout - waited,
-                                                self._check_progress)
+        """408 for a request whose bytes stopped, whose headers took too long, or whose body
+        comes too slowly (`slow_request`); else look again when one of them could be so."""
+        now = self._loop.time()
+        refusal = slow_request(self._limits, now - self._last_data, now - self._began,
+                               self._headers_done, self._body_bytes)
+        if refusal is None:
+            self._timer = self._loop.call_later(
+                next_check(self._limits, now - self._last_data, now - self._began,
+                           self._headers_done), self._check_progress)
             return
         self._timer = None
         got = (f"; got {self._body_bytes} of {self._declared} body bytes"
                if self._declared is not None else "")
-        self._refuse(408, f"request not received in full: no bytes for "
-                          f"{self._limits.read_timeout:g} s{got}")
+        self._refuse(408, f"request not received in full: {refusal}{got}")
 
     def close(self) -> None:
         if self._transport is not None:

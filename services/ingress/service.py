@@ -343,13 +343,22 @@ def default_priority(request: pb.ModelInferRequest, priority: int) -> None:
         request.parameters["priority"].int64_param = priority
 
 
+# The requests of one ModelStreamInfer stream being served at once (read, and not yet
+# answered onto the connection). Beyond it the stream is read no further until one is
+# answered, so HTTP/2's flow control holds the client's further requests in the client: a
+# client that writes and never reads its answers cannot make the ingress hold more.
+STREAM_IN_PROGRESS = 256
+
+
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, ingress: Ingress, health: HealthServicer, traced: bool = False,
-                 gate: Gate | OpenGate | None = None) -> None:
+                 gate: Gate | OpenGate | None = None,
+                 stream_in_progress: int = STREAM_IN_PROGRESS) -> None:
         self._ingress = ingress
         self._health = health
         self._traced = traced
         self._gate = OpenGate() if gate is None else gate
+        self._stream_in_progress = stream_in_progress
 
     def _may(self, context, action: str, model: str) -> Caller:
         caller = self._gate.caller(context)
@@ -493,7 +502,10 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         it is ready (the services' own server takes writes from several tasks, where grpc.aio
         allows one at a time), with no queue and no second task between them. For a model
         whose config sets `dynamic_batching { preserve_ordering: true }`, as in Triton, its
-        answers are written in the order its requests came: each after the one before."""
+        answers are written in the order its requests came: each after the one before.
+        At most `stream_in_progress` requests of a stream are in progress at once (the stream
+        is read no further meanwhile), and those still in progress when the stream ends
+        early (cancelled, past its deadline) are given up."""
         metadata = context.invocation_metadata()
         caller = self._gate.caller(context, metadata)
         remaining = context.time_remaining()
@@ -534,18 +546,35 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 await after
             await context.write(answer)
 
-        tasks = set()
-        async for request in request_iterator:
-            if self._preserves_ordering(request.model_name):
-                written = asyncio.get_running_loop().create_future()
-                after = ordered.get(request.model_name)
-                ordered[request.model_name] = written
-                task = asyncio.create_task(serve_one(request, after, written))
-            else:
-                task = asyncio.create_task(serve_one(request))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        await asyncio.gather(*tasks)
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task] = set()
+        room: list[asyncio.Future] = []  # set when a request in progress is answered
+
+        def answered(task: asyncio.Task) -> None:
+            tasks.discard(task)
+            if room and not room[0].done():
+                room[0].set_result(None)
+
+        try:
+            async for request in request_iterator:
+                if self._preserves_ordering(request.model_name):
+                    written = loop.create_future()
+                    after = ordered.get(request.model_name)
+                    ordered[request.model_name] = written
+                    task = asyncio.create_task(serve_one(request, after, written))
+                else:
+                    task = asyncio.create_task(serve_one(request))
+                tasks.add(task)
+                task.add_done_callback(answered)
+                while len(tasks) >= self._stream_in_progress:
+                    room[:] = [loop.create_future()]
+                    await room[0]
+            await asyncio.gather(*tasks)
+        finally:
+            # The stream ended early (cancelled by its client, its deadline passed): its
+            # requests still in progress are given up, as a cancelled unary call's is.
+            for task in tasks:
+                task.cancel()
 
 
 JWKS_URL_REFRESH_S = 60.0
