@@ -8,7 +8,8 @@ deadlines (the `timeout` parameter), pins (`x-model-version`), metrics (label
 are encoded back (`http_codec`); errors become `{"error": ...}` with the matching status
 (`http_errors`). The health endpoints, like grpc.health.v1, need no credentials.
 
-`meshserve ingress ... --http-listen HOST:PORT [--http-port-file F] [--http-max-body-bytes N]`
+`meshserve ingress ... --http-listen HOST:PORT [--http-port-file F] [--http-max-body-bytes N]
+[--http-max-connections N]`
 """
 
 from __future__ import annotations
@@ -309,6 +310,10 @@ def add_http_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-max-body-bytes", type=int, default=MAX_MESSAGE_BYTES,
                         help="largest HTTP request body; a larger one is refused with 413 "
                              "before it is read")
+    parser.add_argument("--http-max-connections", type=int,
+                        default=HttpLimits.max_connections,
+                        help="HTTP connections open at once; one more is answered 503 and "
+                             "closed")
 
 
 def http_settings(args: argparse.Namespace) -> HttpSettings | None:
@@ -316,8 +321,11 @@ def http_settings(args: argparse.Namespace) -> HttpSettings | None:
         return None
     if args.http_max_body_bytes < 1:
         raise SystemExit("--http-max-body-bytes must be >= 1")
+    if args.http_max_connections < 1:
+        raise SystemExit("--http-max-connections must be >= 1")
     return HttpSettings(args.http_listen, args.http_port_file,
-                        HttpLimits(max_body_bytes=args.http_max_body_bytes))
+                        HttpLimits(max_body_bytes=args.http_max_body_bytes,
+                                   max_connections=args.http_max_connections))
 
 
 def build_http(settings: HttpSettings | None, tls: TlsFiles, require_client_cert: bool,

@@ -55,6 +55,9 @@ class HttpLimits:
     # headers: 408.
     min_body_rate: float = 1024.0  # bytes a second
     idle_timeout: float = 75.0  # a kept-alive connection with no request for this long: closed
+    # Connections open at once; one past it is answered 503 and closed, so that open
+    # connections cannot take every file descriptor the ingress (gRPC too) has.
+    max_connections: int = 10_000
     max_pipelined: int = 16
     max_unfinished_bytes: int = 256 << 20  # bodies not yet handled, all connections together
 
@@ -202,6 +205,11 @@ class _Connection(asyncio.Protocol):
         if der:
             self._certificate = ssl.DER_cert_to_PEM_cert(der).encode()
         self._server.connections.add(self)
+        open_now, limit = len(self._server.connections), self._limits.max_connections
+        if open_now > limit:
+            self._refuse(503, f"the server has {open_now} connections open, past its limit of "
+                              f"{limit}; connect again later")
+            return
         self._idle()
 
     def connection_lost(self, error) -> None:
