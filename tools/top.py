@@ -120,14 +120,25 @@ def summarise(before: Scrape, after: Scrape, status: pb.StatusResponse | None) -
     seconds = max(after.at - before.at, 1e-9)
     models: dict[str, dict] = {}
 
+    def model_entry(model: str) -> dict:
+        return models.setdefault(model, {
+            "p50_ms": None, "p99_ms": None, "canary": None, "requests_per_second": 0.0,
+            "errors_per_second": {}, "requests_total": 0.0, "success_total": 0.0,
+            "failures_total": {}, "versions": {}})
+
     def version(model: str, name: str) -> dict:
-        entry = models.setdefault(model, {"p50_ms": None, "p99_ms": None, "canary": None,
-                                          "versions": {}})
-        return entry["versions"].setdefault(name, {
+        return model_entry(model)["versions"].setdefault(name, {
             "weight": None, "requests_per_second": 0.0, "errors_per_second": {},
             "p50_ms": None, "p99_ms": None, "queue_depth": 0.0, "mean_batch_size": None,
             "compute_utilisation": 0.0, "requests_total": 0.0, "success_total": 0.0,
             "failures_total": {}, "rows_total": 0.0, "batches_total": 0.0})
+
+    def requests_of(labels: dict[str, str]) -> list[dict]:
+        """The entries a request of these labels counts in: its model's, and its version's
+        when it has one; none for a model the ingress does not know (model "")."""
+        if not (key := _key(labels)):
+            return []
+        return [model_entry(key[0]), version(*key)] if key[1] else [model_entry(key[0])]
 
     def delta(name: str) -> dict[tuple, float]:
         then = {k: v for k, v in before.samples.items() if k[0] == name}
@@ -139,27 +150,27 @@ def summarise(before: Scrape, after: Scrape, status: pb.StatusResponse | None) -
                 out[key[1]] = value - previous if value >= previous else value
         return out
 
+    # Each request the ingress answered counts for its model, and for its version when the
+    # ingress knows it: a request that named none and failed has none (a success has the one
+    # that answered).
     for labels, value in after.select("nv_inference_request_success"):
-        if (key := _key(labels)) and key[1]:
-            v = version(*key)
-            v["success_total"] += value
-            v["requests_total"] += value
+        for entry in requests_of(labels):
+            entry["success_total"] += value
+            entry["requests_total"] += value
     for labels, value in after.select("nv_inference_request_failure"):
-        if (key := _key(labels)) and key[1]:
-            v = version(*key)
-            code = labels.get("reason", "")
-            v["failures_total"][code] = v["failures_total"].get(code, 0.0) + value
-            v["requests_total"] += value
+        code = labels.get("reason", "")
+        for entry in requests_of(labels):
+            entry["failures_total"][code] = entry["failures_total"].get(code, 0.0) + value
+            entry["requests_total"] += value
     for name in ("nv_inference_request_success", "nv_inference_request_failure"):
         for labels, value in delta(name).items():
             labels = dict(labels)
-            if (key := _key(labels)) and key[1]:
-                v = version(*key)
-                v["requests_per_second"] += value / seconds
+            for entry in requests_of(labels):
+                entry["requests_per_second"] += value / seconds
                 if name.endswith("failure"):
                     code = labels.get("reason", "")
-                    v["errors_per_second"][code] = (v["errors_per_second"].get(code, 0.0)
-                                                    + value / seconds)
+                    entry["errors_per_second"][code] = (
+                        entry["errors_per_second"].get(code, 0.0) + value / seconds)
     for sample, field_ in (("nv_inference_count", "rows_total"),
                            ("nv_inference_exec_count", "batches_total")):
         for labels, value in after.select(sample):
@@ -249,6 +260,23 @@ def _num(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def unversioned(entry: dict) -> tuple[float, dict[str, float]]:
+    """A model's requests/s and errors/s by code that no version row shows: failures of
+    requests that named no version (the model's figures less its versions')."""
+    rate = entry["requests_per_second"] - sum(
+        v["requests_per_second"] for v in entry["versions"].values())
+    errors = {code: total - sum(v["errors_per_second"].get(code, 0.0)
+                                for v in entry["versions"].values())
+              for code, total in entry["errors_per_second"].items()}
+    tiny = 1e-9 * max(1.0, entry["requests_per_second"])  # what float sums leave over
+    return (rate if rate > tiny else 0.0), {code: r for code, r in errors.items() if r > tiny}
+
+
+def _errors(per_code: dict[str, float]) -> str:
+    return ", ".join(f"{code} {rate:.1f}" for code, rate in sorted(per_code.items())
+                     if rate) or "-"
+
+
 def render(document: dict):
     from rich.table import Table
 
@@ -263,15 +291,16 @@ def render(document: dict):
         canary_text = (f"{canary['state']} {canary['to_version']}@{canary['weight']}%"
                        if canary else "")
         for name, v in entry["versions"].items():
-            errors = ", ".join(f"{code} {rate:.1f}" for code, rate in
-                               sorted(v["errors_per_second"].items()) if rate) or "-"
             p50 = v["p50_ms"] if v["p50_ms"] else entry["p50_ms"]
             p99 = v["p99_ms"] if v["p99_ms"] else entry["p99_ms"]
             table.add_row(model, name, "-" if v["weight"] is None else f"{v['weight']}%",
-                          _num(v["requests_per_second"]), errors, _num(p50, 2),
-                          _num(p99, 2), _num(v["queue_depth"], 0),
+                          _num(v["requests_per_second"]), _errors(v["errors_per_second"]),
+                          _num(p50, 2), _num(p99, 2), _num(v["queue_depth"], 0),
                           _num(v["mean_batch_size"]), f"{v['compute_utilisation']:.0%}",
                           canary_text)
+        rate, errors = unversioned(entry)
+        if rate > 0:
+            table.add_row(model, "-", "", _num(rate), _errors(errors), "", "", "", "", "", "")
     notes = []
     if document.get("control_plane_error"):
         notes.append(f"control plane: {document['control_plane_error']}")

@@ -17,6 +17,7 @@ COMPRESSION (`gzip` or none).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -178,9 +179,21 @@ class OtlpSettings:
             target=parts.netloc, insecure=insecure, certificate=path("CERTIFICATE"),
             client_key=path("CLIENT_KEY"), client_certificate=path("CLIENT_CERTIFICATE"),
             headers=parse_headers(read("HEADERS")),
-            timeout_s=float(read("TIMEOUT", "10000")) / 1000,
+            timeout_s=number("OTEL_EXPORTER_OTLP_TIMEOUT", read("TIMEOUT", "10000"), 0,
+                             math.inf) / 1000,
             compression=(grpc.Compression.Gzip if compression == "gzip"
                          else grpc.Compression.NoCompression))
+
+
+def number(variable: str, text: str, low: float, high: float) -> float:
+    """`text` as a number in [low, high]; ValueError naming `variable` otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not low <= value <= high:
+        raise ValueError(f"{variable}: {text!r} is not a number from {low:g} to {high:g}")
+    return value
 
 
 def parse_headers(text: str) -> tuple[tuple[str, str], ...]:

@@ -61,8 +61,14 @@ class Statistics:
             times.compute_output.add(output_ns, count)
 
     def record_request(self, ok: bool, total_ns: int, queue_ns: int | None) -> None:
-        (self.success if ok else self.fail).add(total_ns)
+        """An answered request; `queue_ns` None when it never waited in the queue. As in
+        Triton, a failure counts only in `fail`: `queue` is the successes' queuing, as
+        `nv_inference_queue_duration_us` is."""
         self.buckets[bisect.bisect_left(BUCKET_BOUNDS_MS, total_ns / 1e6)] += 1
+        if not ok:
+            self.fail.add(total_ns)
+            return
+        self.success.add(total_ns)
         if queue_ns is not None:
             self.queue.add(queue_ns)
 

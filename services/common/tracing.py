@@ -12,6 +12,9 @@ in gRPC metadata (client → ingress, batcher → compute).
 """
 
 import asyncio
+import math
+import re
+from binascii import unhexlify
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -28,9 +31,15 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import Span, SpanContext, TraceFlags
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    TraceFlags,
+    set_span_in_context,
+)
 
-from meshserve.common.otlp import OtlpSettings, OtlpSpanExporter
+from meshserve.common.otlp import OtlpSettings, OtlpSpanExporter, number
 
 TRACEPARENT = "traceparent"
 
@@ -54,11 +63,12 @@ class TracingSettings:
             otlp=OtlpSettings.from_environment(environ) if endpoint else None,
             sampler=environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").lower(),
             sampler_arg=environ.get("OTEL_TRACES_SAMPLER_ARG", ""),
-            schedule_delay_ms=float(environ.get("OTEL_BSP_SCHEDULE_DELAY", "5000")))
+            schedule_delay_ms=number("OTEL_BSP_SCHEDULE_DELAY",
+                                     environ.get("OTEL_BSP_SCHEDULE_DELAY", "5000"), 0, math.inf))
 
 
 def sampler_of(name: str, arg: str) -> Sampler:
-    ratio = float(arg) if arg else 1.0
+    ratio = number("OTEL_TRACES_SAMPLER_ARG", arg, 0.0, 1.0) if arg else 1.0
     samplers = {
         "always_on": lambda: ALWAYS_ON, "always_off": lambda: ALWAYS_OFF,
         "traceidratio": lambda: TraceIdRatioBased(ratio),
@@ -110,25 +120,57 @@ def from_environment(service: str, environ: Mapping[str, str]) -> Tracing | None
     return Tracing.build(settings) if settings.otlp is not None else None
 
 
+# W3C Trace Context `traceparent`: version, trace id, parent id and flags in lower-case hex.
+# Version 00 is exactly that; a later version may append fields ("-..."); version ff is
+# invalid.
+_TRACEPARENT = re.compile(
+    r"[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^ \t]*)?[ \t]*")
+_FLAGS = {f"{n:02x}": TraceFlags(n) for n in range(256)}
+_from_bytes = int.from_bytes  # big-endian
+
+
 def context_of(traceparent: str) -> Context | None:
-    """The remote parent a W3C `traceparent` names; None (a new root) when absent or bad."""
-    parts = traceparent.split("-")
-    if len(parts) != 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
+    """The remote parent a W3C `traceparent` names; None (a new root) when absent or invalid
+    as the W3C Trace Context specification reads it: upper-case or non-hex digits, a field of
+    the wrong length, version ff, version 00 with more fields, an all-zero trace or parent id.
+    Spaces and tabs around it are ignored (HTTP's optional whitespace)."""
+    if (len(traceparent) == 55 and traceparent[:3] == "00-" and traceparent[35] == "-"
+            and traceparent[52] == "-" and traceparent.islower()):
+        # Version 00, as every hop sends it. `unhexlify` takes hex digits only (no sign,
+        # space or "_", which int() takes), and islower() refused upper-case ones.
+        try:
+            trace_id = _from_bytes(unhexlify(traceparent[3:35]))
+            span_id = _from_bytes(unhexlify(traceparent[36:52]))
+        except ValueError:  # binascii.Error is one
+            return None
+        flags = _FLAGS.get(traceparent[53:])
+    elif traceparent:
+        trace_id, span_id, flags = _other_form(traceparent)
+    else:
         return None
-    try:
-        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
-    except ValueError:
+    if flags is None or not trace_id or not span_id:
         return None
-    if not trace_id or not span_id:
-        return None
-    remote = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))
-    return trace.set_span_in_context(trace.NonRecordingSpan(remote))
+    # Positional: SpanContext(trace_id, span_id, is_remote, trace_flags).
+    return set_span_in_context(NonRecordingSpan(SpanContext(trace_id, span_id, True, flags)))
+
+
+def _other_form(traceparent: str) -> tuple[int, int, TraceFlags | None]:
+    """(trace id, parent id, flags) of a `traceparent` that is not version 00's 55 lower-case
+    characters: with spaces or tabs around it, of a later version, or ids without a letter;
+    flags None when it is invalid."""
+    match = _TRACEPARENT.fullmatch(traceparent)
+    if match is None:
+        return 0, 0, None
+    version, trace_hex, span_hex, flags_hex, more = match.groups()
+    if version == "ff" or (version == "00" and more is not None):
+        return 0, 0, None
+    return int(trace_hex, 16), int(span_hex, 16), _FLAGS[flags_hex]
 
 
 def traceparent_of(span: Span) -> str:
     """The W3C `traceparent` that makes `span` the parent of the next hop's spans."""
     context = span.get_span_context()
-    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
 
 
 def header(metadata, name: str) -> str:

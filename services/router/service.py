@@ -14,7 +14,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -272,34 +272,60 @@ class Router:
                 head.model_name, head.timeout_us / 1e6 or None)  # made on first use
             if group is None:
                 return await route.send(head, body, early)
-            return await self._inspected(route, group)
+            return await self._inspected(route, group, early)
         except Failed as failed:
             return error_group(head.items, failed.result)
         except ServingError as error:
             return error_group(head.items, error_result(error))
 
-    async def _inspected(self, route: ModelRoute, group: InferGroup) -> bytes:
-        """The slow path: a `router.route` span per request, a shadow copy of the group."""
+    async def _inspected(self, route: ModelRoute, group: InferGroup,
+                         early: Early | None) -> bytes:
+        """The slow path: a `router.route` span per request, a shadow copy of the group.
+        The batcher may answer the group in parts (`InferGroupResult.items`): its early
+        answers pass on to `early`, and each answer ends the spans of the requests it
+        answers."""
         shadow = self.shadowing.mirror(group, self._shadow_sender(route))
         spans = None if self._tracing is None else self._start_spans(group, bool(shadow))
+        results: list[ItemResult | None] = []  # by position, once a part came early
+
+        async def partial(body: bytes) -> None:
+            if not results:
+                results.extend([None] * len(group.items))
+            positions = place(results, InferGroupResult.FromString(body))
+            if spans is not None:
+                end_spans(spans, results, positions)
+            if early is not None:
+                await early(body)
+
         try:
-            reply = await route.send(GroupHead.of(group), group.SerializeToString())
+            reply = await route.send(GroupHead.of(group), group.SerializeToString(), partial)
         except Failed as failed:
             if spans is not None:
-                end_spans(spans, [failed.result] * len(spans))
+                unanswered = [p for p in range(len(spans)) if not results or results[p] is None]
+                end_spans(spans, [failed.result] * len(spans), unanswered)
             raise
         answer = InferGroupResult.FromString(reply)
+        if results:  # answered in parts: this is the rest
+            answered, positions = results, place(results, answer)
+        else:  # the whole group, in order
+            answered, positions = answer.results, range(len(answer.results))
         if shadow:
-            self.shadowing.compare(group.model_name, shadow, list(answer.results))
+            self.shadowing.compare(group.model_name, shadow, list(answered))
         if spans is not None:
-            end_spans(spans, answer.results)
+            end_spans(spans, answered, positions)
         return reply
 
     @staticmethod
     def _shadow_sender(route: ModelRoute):
-        async def send(copy: InferGroup) -> list[ItemResult]:
-            reply = await route.send(GroupHead.of(copy), copy.SerializeToString())
-            return list(InferGroupResult.FromString(reply).results)
+        async def send(copy: InferGroup) -> list[ItemResult | None]:
+            results: list[ItemResult | None] = [None] * len(copy.items)
+
+            async def partial(body: bytes) -> None:
+                place(results, InferGroupResult.FromString(body))
+
+            reply = await route.send(GroupHead.of(copy), copy.SerializeToString(), partial)
+            place(results, InferGroupResult.FromString(reply))
+            return results
 
         return send
 
@@ -329,8 +355,21 @@ def no_route(model: str, unheard: bool) -> Unavailable:
     return Unavailable(f"no route to model '{model}' in the mesh: {why}", 1.0)
 
 
-def end_spans(spans: list, results) -> None:
-    for span, result in zip(spans, results, strict=True):
+def place(results: list[ItemResult | None], answer: InferGroupResult) -> Iterable[int]:
+    """Put an answer's results at the positions in the group they answer (all, in order,
+    when it names none; none when it has no results); those positions."""
+    if not answer.results:
+        return ()
+    positions = answer.items or range(len(results))
+    for position, result in zip(positions, answer.results, strict=True):
+        results[position] = result
+    return positions
+
+
+def end_spans(spans: list, results: list, positions: Iterable[int]) -> None:
+    """End the spans at `positions`, each with its request's result."""
+    for position in positions:
+        span, result = spans[position], results[position]
         if result.code == 0:
             span.set_attribute("version", result.response.model_version)
         else:

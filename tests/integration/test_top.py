@@ -4,8 +4,11 @@ own /metrics, and it shows the demo traffic policy."""
 import asyncio
 import json
 
+import grpc
+import pytest
+
 from tests.integration.conftest import meshserve
-from tests.integration.test_mesh import mlp_request, public_stub
+from tests.integration.test_mesh import mlp_request, public_stub, with_input
 from tests.integration.test_metrics import metrics_url, scrape, total
 
 N = 20
@@ -48,3 +51,26 @@ async def test_top_reports_counts_rates_and_weights(mesh):
         assert entry["queue_depth"] >= 0
         assert entry["compute_utilisation"] >= 0
     assert document["models"]["mlp"]["canary"] is None
+
+
+async def test_top_counts_failures_of_requests_that_named_no_version(mesh):
+    """An unpinned request refused at the ingress has no version: top shows it for its model,
+    as the ingress's metrics count it."""
+    channel, stub = await public_stub(mesh)
+    async with channel:
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.ModelInfer(with_input(datatype="FP64"), timeout=10)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    done = await asyncio.to_thread(meshserve, "top", "--once", "--json", "--interval", "0.5",
+                                   f"--data-dir={mesh.data_dir}")
+    assert done.returncode == 0, done.stderr
+    counted = scrape(metrics_url(mesh, "ingress"))
+    mlp = json.loads(done.stdout)["models"]["mlp"]
+    invalid = total(counted, "nv_inference_request_failure", model="mlp",
+                    reason="INVALID_ARGUMENT")
+    assert invalid >= 3
+    assert mlp["failures_total"]["INVALID_ARGUMENT"] == invalid
+    assert mlp["requests_total"] == (total(counted, "nv_inference_request_success", model="mlp")
+                                     + total(counted, "nv_inference_request_failure",
+                                             model="mlp"))

@@ -147,3 +147,53 @@ async def test_an_http_request_continues_the_clients_trace(traced_mesh, receiver
         await asyncio.sleep(0.1)
     request = by_name(collected.of_trace(trace_id))["ingress.request"][1]
     assert request.parent_span_id == client_span
+
+
+async def test_a_traceparent_the_w3c_specification_calls_invalid_is_not_continued(traced_mesh,
+                                                                                  receiver):
+    """Version ff is invalid: the request starts a trace of its own, in every service."""
+    collected, _ = receiver
+    invalid, valid = secrets.token_bytes(16), secrets.token_bytes(16)
+    channel, stub = await public_stub(traced_mesh)
+    async with channel:
+        for version, trace_id in (("ff", invalid), ("00", valid)):
+            traceparent = f"{version}-{trace_id.hex()}-{secrets.token_bytes(8).hex()}-01"
+            await stub.ModelInfer(mlp_request(model_version="1"), timeout=30,
+                                  metadata=(("traceparent", traceparent),))
+    # Each service exports its spans in the order they ended: once the second request's
+    # spans are in from all four, the first's would be too.
+    deadline = time.monotonic() + 20
+    while not set(by_name(collected.of_trace(valid))) >= NAMES:
+        assert time.monotonic() < deadline, \
+            f"spans seen: {sorted(by_name(collected.of_trace(valid)))}"
+        await asyncio.sleep(0.1)
+    assert collected.of_trace(invalid) == []
+
+
+async def test_a_group_answered_in_parts_is_traced_and_answered(traced_mesh, receiver):
+    """Eight requests of 16 rows at once (max_batch_size 32): the batcher answers their
+    group in parts, each batch as it finishes. Traced, every request is answered, and each
+    one's `router.route` span ends with the version that answered it."""
+    collected, _ = receiver
+    trace_ids = [secrets.token_bytes(16) for _ in range(8)]
+    channel, stub = await public_stub(traced_mesh)
+    async with channel:
+        answers = await asyncio.gather(*(
+            stub.ModelInfer(mlp_request(batch=16, model_version="1", id=f"parts-{i}"),
+                            timeout=30, metadata=(("traceparent",
+                                                   f"00-{trace_id.hex()}-{'ab' * 8}-01"),))
+            for i, trace_id in enumerate(trace_ids)))
+    assert [list(a.outputs[0].shape) for a in answers] == [[16, 10]] * 8
+
+    def routed() -> list:
+        return [span for trace_id in trace_ids
+                for span in by_name(collected.of_trace(trace_id)).values()
+                if span[1].name == "router.route"]
+
+    deadline = time.monotonic() + 20
+    while len(routed()) < len(trace_ids):
+        assert time.monotonic() < deadline, f"router.route spans: {len(routed())}"
+        await asyncio.sleep(0.1)
+    for _, span in routed():
+        version = {a.key: a.value.string_value for a in span.attributes}["version"]
+        assert (version, span.status.code) == ("1", 0)

@@ -99,6 +99,10 @@ def test_settings_from_the_standard_variables(environ, expected):
     ({"OTEL_EXPORTER_OTLP_ENDPOINT": "grpc://collector:4317"}, "scheme 'grpc'"),
     ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:1", "OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"},
      "'zstd' is not gzip"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:1", "OTEL_EXPORTER_OTLP_TIMEOUT": "10s"},
+     "OTEL_EXPORTER_OTLP_TIMEOUT: '10s' is not a number from 0 to inf"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:1", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "-1"},
+     "OTEL_EXPORTER_OTLP_TIMEOUT: '-1' is not a number"),
 ])
 def test_bad_settings_name_the_variable(environ, message):
     with pytest.raises(ValueError, match=message):

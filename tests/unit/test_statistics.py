@@ -21,6 +21,19 @@ def test_rows_and_batches_are_counted_like_triton():
             for b in proto.batch_stats] == [(1, 1, 50), (5, 1, 100)]
 
 
+def test_a_failed_request_counts_in_fail_only_as_in_triton():
+    """A request that failed after its batch left the queue (its replica failed, its
+    deadline passed) is no success's queuing: `queue` stays the successes', so that its count
+    is success's and its time is what `nv_inference_queue_duration_us` counts."""
+    stats = Statistics("mlp", "1")
+    stats.record_request(True, 2_000_000, 300)
+    stats.record_request(False, 9_000_000, 5_000)
+    infer = stats.to_proto().inference_stats
+    assert (infer.success.count, infer.success.ns) == (1, 2_000_000)
+    assert (infer.fail.count, infer.fail.ns) == (1, 9_000_000)
+    assert (infer.queue.count, infer.queue.ns) == (1, 300)
+
+
 def test_counters_histogram_places_each_latency_in_its_bucket():
     stats = Statistics("mlp", "2")
     for ms in (0.2, 0.5, 0.6, 4.0, 20_000.0):

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+from rich.console import Console
 
 from meshserve.protocol import admin_pb2 as pb
 from meshserve.tools.top import Scrape, parse, quantile, render, summarise
@@ -81,6 +82,38 @@ def test_rates_totals_and_weights():
     assert (v2["p50_ms"], v2["p99_ms"], v2["weight"]) == (2.5, 4.0, 10)
     assert list(mlp["versions"]) == ["1", "2"]
     render(document)  # the live table builds from the same document
+
+
+def test_failures_of_requests_that_named_no_version_count_for_their_model():
+    """An unpinned request that fails is recorded with version "": the model's figures and a
+    row of the live table (version "-") show it, as the ingress's metrics count it."""
+    def text(ok: float, invalid: float, unavailable: float) -> str:
+        return (f'nv_inference_request_success{{model="mlp",version="1"}} {ok}\n'
+                f'nv_inference_request_failure{{model="mlp",version="",reason="INVALID_ARGUMENT"}}'
+                f' {invalid}\n'
+                f'nv_inference_request_failure{{model="mlp",version="",reason="UNAVAILABLE"}}'
+                f' {unavailable}\n'
+                'nv_inference_request_failure{model="",version="",reason="NOT_FOUND"} 9\n')
+
+    document = summarise(scrape_of(0.0, text(10, 4, 0)), scrape_of(2.0, text(30, 24, 2)), None)
+    assert set(document["models"]) == {"mlp"}
+    mlp = document["models"]["mlp"]
+    assert mlp["requests_per_second"] == pytest.approx((20 + 20 + 2) / 2)
+    assert mlp["errors_per_second"] == {"INVALID_ARGUMENT": pytest.approx(10.0),
+                                        "UNAVAILABLE": pytest.approx(1.0)}
+    assert (mlp["requests_total"], mlp["success_total"]) == (56, 30)
+    assert mlp["failures_total"] == {"INVALID_ARGUMENT": 24, "UNAVAILABLE": 2}
+    assert list(mlp["versions"]) == ["1"]
+    assert mlp["versions"]["1"]["requests_per_second"] == pytest.approx(10.0)
+    assert mlp["versions"]["1"]["errors_per_second"] == {}
+
+    console = Console(width=200, record=True)
+    console.print(render(document))
+    rows = [line for line in console.export_text().splitlines() if "mlp" in line]
+    assert len(rows) == 2
+    assert rows[1].split("│")[2].strip() == "-"
+    assert "INVALID_ARGUMENT 10.0, UNAVAILABLE 1.0" in rows[1]
+    assert rows[1].split("│")[4].strip() == "11.0"  # (20 + 2) / 2 s
 
 
 def test_a_counter_reset_counts_from_zero():

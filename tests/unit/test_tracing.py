@@ -55,10 +55,56 @@ def test_samplers():
         sampler_of("sometimes", "")
 
 
+@pytest.mark.parametrize("arg", ["abc", "1.5", "-0.1", "nan"])
+def test_a_sampler_argument_that_is_no_ratio_names_the_variable(arg):
+    with pytest.raises(ValueError, match=f"OTEL_TRACES_SAMPLER_ARG: '{arg}' is not a number "
+                                         "from 0 to 1"):
+        sampler_of("parentbased_traceidratio", arg)
+
+
+def test_a_schedule_delay_that_is_no_number_names_the_variable():
+    with pytest.raises(ValueError, match="OTEL_BSP_SCHEDULE_DELAY: 'soon' is not a number"):
+        TracingSettings.from_environment("router", {"OTEL_BSP_SCHEDULE_DELAY": "soon"})
+
+
 @pytest.mark.parametrize("bad", ["", "00-xyz", "00-" + "0" * 32 + "-b7ad6b7169203331-01",
                                  "00-0af7651916cd43dd8448eb211c80319c-zzzzzzzzzzzzzzzz-01"])
 def test_a_missing_or_bad_traceparent_starts_a_new_root(bad):
     assert context_of(bad) is None
+
+
+TRACE, PARENT = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+
+
+@pytest.mark.parametrize("bad", [
+    f"ff-{TRACE}-{PARENT}-01",  # version ff is invalid
+    f"0g-{TRACE}-{PARENT}-01", f"0-{TRACE}-{PARENT}-01",  # not two hex digits
+    f"00-{TRACE.upper()}-{PARENT}-01", f"00-{TRACE}-{PARENT.upper()}-01",  # upper case
+    f"00-{TRACE}-{PARENT}-0F",
+    f"00-+{TRACE[1:]}-{PARENT}-01", f"00-{TRACE[:4]}_{TRACE[5:]}-{PARENT}-01",  # int() takes
+    f"00-{TRACE}- {PARENT[1:]}-01", f"00-{TRACE}-{PARENT}- 1", f"00-{TRACE}-{PARENT}-+1",
+    f"00-{TRACE[:31]}\u0663-{PARENT}-01",  # an Arabic-Indic digit, which int() also takes
+    f"00-{TRACE[:31]}\u00e9-{PARENT}-01", f"00-{TRACE}--{PARENT[1:]}-01",
+    f"00-{TRACE}-{PARENT}-1ff", f"00-{TRACE}-{PARENT}-100", f"00-{TRACE}-{PARENT}-1",
+    f"00-{TRACE}-{PARENT}-01-extra", f"00-{TRACE}-{PARENT}-01-",  # 00 has four fields
+    f"00-{TRACE}-{'0' * 16}-01",
+])
+def test_a_traceparent_the_w3c_specification_calls_invalid_starts_a_new_root(bad):
+    assert context_of(bad) is None
+
+
+@pytest.mark.parametrize(("header", "sampled"), [
+    (f"00-{TRACE}-{PARENT}-00", False),
+    (f" \t00-{TRACE}-{PARENT}-01\t ", True),  # HTTP's optional whitespace around it
+    (f"01-{TRACE}-{PARENT}-01-what-comes-later", True),  # a later version: its first fields
+    (f"cc-{TRACE}-{PARENT}-09", True),  # flags it does not know: only "sampled" is read
+    (f"00-{'1' * 32}-{'2' * 16}-01", True),  # ids without a letter
+])
+def test_a_valid_traceparent_is_continued(header, sampled):
+    context = get_current_span(context_of(header)).get_span_context()
+    assert header.strip().split("-")[1:3] == [f"{context.trace_id:032x}",
+                                              f"{context.span_id:016x}"]
+    assert context.is_remote and context.trace_flags.sampled is sampled
 
 
 def test_traceparent_round_trip():
