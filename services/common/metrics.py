@@ -262,9 +262,16 @@ class IngressMetrics:
         self._denied = metrics.counter(
             "meshserve_ingress_denied", "Requests refused at the ingress, by reason "
             "(unauthenticated, permission_denied, rate_limited)", ["reason"])
+        self._shed = metrics.counter(
+            "meshserve_shed", "Requests refused by overload at the ingress, by reason "
+            "(saturated: the model's queue is full; inflight_bytes)",
+            ["model", "version", "reason"])
 
     def denied(self, reason: str) -> None:
         self._denied.labels(reason).inc()
+
+    def shed(self, model: str, version: str, reason: str) -> None:
+        self._shed.labels(model, version, reason).inc()
 
     def request(self, model: str, version: str, code: str, seconds: float) -> None:
         """One answered request; `code` is the gRPC status name ("OK" for success)."""

@@ -32,7 +32,13 @@ from meshserve import __version__
 from meshserve.common import runtime
 from meshserve.common.access import PolicyFile
 from meshserve.common.datatypes import WIRE_FROM_CONFIG
-from meshserve.common.errors import DeadlineExceeded, InvalidArgument, NotFound, ServingError
+from meshserve.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServingError,
+)
 from meshserve.common.forwarding import (
     Entry,
     GroupForwarder,
@@ -262,6 +268,11 @@ class Ingress:
                    version=version, status=code, latency_ms=seconds * 1e3,
                    sample=self._access_log_sample)
 
+    def refused(self, model: str, version: str, code: str) -> None:
+        """A request answered `code` before it could be read (an HTTP body that does not
+        decode): counted and logged as every failed request is."""
+        self._record(model, version, code, time.monotonic(), next(self._ids), None)
+
     def _step(self, name: str, span: Span | None, step: Callable[[], T]) -> T:
         """`step()`, in a child span `name` of the request's when tracing."""
         if span is None:
@@ -284,6 +295,10 @@ class Ingress:
             bound = self._bounds[name] = EdgeBound.of(name, self.repository.get(name).config)
         return bound
 
+    def _shed(self, request: pb.ModelInferRequest, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.shed(request.model_name, request.model_version, reason)
+
     async def _infer(self, request: pb.ModelInferRequest, remaining: float | None,
                      arrived: float, request_id: str, span: Span | None,
                      admit: Callable[[], None] | None) -> pb.ModelInferResponse:
@@ -305,9 +320,17 @@ class Ingress:
                       min(parameter(request, "priority"), MAX_CARRIED),
                       "" if span is None else traceparent_of(span), size)
         forwarder = self._forwarder(request.model_name, request.model_version)
-        self._bound(request.model_name).admit(entry.priority, forwarder.waiting,
-                                              forwarder.round_trip)
-        self.budget.acquire(size)
+        try:
+            self._bound(request.model_name).admit(entry.priority, forwarder.waiting,
+                                                  forwarder.round_trip)
+        except ResourceExhausted:
+            self._shed(request, "saturated")
+            raise
+        try:
+            self.budget.acquire(size)
+        except ResourceExhausted:
+            self._shed(request, "inflight_bytes")
+            raise
         try:
             [result] = await forwarder.forward([entry])
         finally:
@@ -492,6 +515,11 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self._ingress.infer(
             request, context.time_remaining(), traceparent,
             admit=lambda: self._admit(self._gate.caller(context, metadata), request))
+
+    def refused(self, model: str, version: str, error: ServingError) -> None:
+        """A request for `model` refused with `error` before it became a ModelInferRequest
+        (an HTTP body that does not decode), counted with the rest."""
+        self._ingress.refused(model, version, error.code)
 
     def _preserves_ordering(self, model: str) -> bool:
         entry = self._ingress.repository.models.get(model)

@@ -358,6 +358,8 @@ async def test_ingress_byte_budget_refuses_with_retry_hint(world, processes):
     assert error.details() == (f"request of {2 * one_row} bytes exceeds max_inflight_bytes "
                                f"{one_row * 3 // 2}; retry after 0.05 s")
     assert dict(error.trailing_metadata())[RETRY_AFTER_MS] == "50"
+    assert sample(processes.metrics("ingress"), "meshserve_shed_total", model="mlp",
+                  reason="inflight_bytes") == 1
 
 
 def start_ingress_before(processes: Processes, batcher: str, *args: str) -> str:
@@ -365,7 +367,7 @@ def start_ingress_before(processes: Processes, batcher: str, *args: str) -> str:
     presenting the router's certificate, the identity a batcher accepts."""
     processes.start("ingress", "ingress", "router",
                     f"--model-repository={processes.root / 'models'}", f"--router={batcher}",
-                    "--router-identity=batcher", *args)
+                    "--router-identity=batcher", *args, metrics=True)
     return processes.address("ingress")
 
 
@@ -428,6 +430,9 @@ async def test_a_burst_beyond_max_queue_size_is_refused_at_the_ingress(world, pr
             numpy.testing.assert_allclose(output_of(outcome), expected_output(request),
                                           atol=1e-5)
     assert refused >= 1
+    sentinel_refused = bool(edge.match(sentinel.exception().details()))
+    assert sample(processes.metrics("ingress"), "meshserve_shed_total", model="mlp",
+                  reason="saturated") == refused + sentinel_refused  # counted where refused
     assert shed <= len(urgent)  # the batcher makes room for the urgent ones
     assert all(not isinstance(outcome, Exception) for outcome in outcomes[len(low):])
 
