@@ -40,6 +40,7 @@ from meshserve.common.errors import (
     ServingError,
 )
 from meshserve.common.forwarding import (
+    CODE_NUMBER,
     Entry,
     GroupForwarder,
     deadline_of,
@@ -220,10 +221,14 @@ class Ingress:
         try:
             response = await self._observed(request, remaining, request_id, span, admit)
         except Exception as error:
+            code = error.code if isinstance(error, ServingError) else "INTERNAL"
+            span.set_attribute(GRPC_STATUS_ATTRIBUTE, CODE_NUMBER[code])
             span.record_exception(error)
-            span.set_status(StatusCode.ERROR, str(error))
+            if code in SERVER_ERRORS:
+                span.set_status(StatusCode.ERROR, str(error))
             raise
         else:
+            span.set_attribute(GRPC_STATUS_ATTRIBUTE, 0)
             span.set_attribute("model.version", response.model_version)
             return response
         finally:
@@ -343,6 +348,13 @@ class Ingress:
         if classes:
             classification.classify(result.response, classes, model)
         return result.response
+
+
+# OpenTelemetry's gRPC conventions: a server span carries its status code, and is an error
+# only for the codes that are the server's fault, not the caller's (INVALID_ARGUMENT, say).
+GRPC_STATUS_ATTRIBUTE = "rpc.grpc.status_code"
+SERVER_ERRORS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL",
+                           "UNAVAILABLE", "DATA_LOSS"})
 
 
 # The response parameter with which Triton marks the last answer to a streamed request.

@@ -2,13 +2,16 @@
 OTLP receiver under the client's trace id, with the right parents and links."""
 
 import asyncio
+import contextlib
 import http.client
 import json
 import secrets
 import ssl
 import time
 
+import grpc
 import pytest
+from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from tests.integration.conftest import running_mesh
 from tests.integration.test_mesh import mlp_request, public_stub
@@ -197,3 +200,40 @@ async def test_a_group_answered_in_parts_is_traced_and_answered(traced_mesh, rec
     for _, span in routed():
         version = {a.key: a.value.string_value for a in span.attributes}["version"]
         assert (version, span.status.code) == ("1", 0)
+
+
+async def test_the_request_span_carries_its_grpc_status_and_is_an_error_only_for_the_servers(
+        traced_mesh, receiver):
+    """OpenTelemetry's gRPC conventions: `rpc.grpc.status_code` on the ingress's server span,
+    whose status is ERROR for a code that is the server's fault, not for a caller's bad
+    input (INVALID_ARGUMENT, 3) or an unknown model (NOT_FOUND, 5)."""
+    collected, _ = receiver
+    bad = mlp_request(model_version="1")
+    bad.inputs[0].shape[:] = [1, 3]
+    unknown = mlp_request(model_version="1")
+    unknown.model_name = "no-such-model"
+    traces = {}
+    channel, stub = await public_stub(traced_mesh)
+    async with channel:
+        for name, request in (("ok", mlp_request(model_version="1")), ("bad", bad),
+                              ("unknown", unknown)):
+            traces[name] = secrets.token_bytes(16)
+            traceparent = f"00-{traces[name].hex()}-{secrets.token_bytes(8).hex()}-01"
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await stub.ModelInfer(request, timeout=30, metadata=(("traceparent",
+                                                                       traceparent),))
+
+    def request_span(trace_id):
+        return by_name(collected.of_trace(trace_id)).get("ingress.request", (None, None))[1]
+
+    deadline = time.monotonic() + 20
+    while any(request_span(t) is None for t in traces.values()):
+        assert time.monotonic() < deadline, "the ingress's spans did not arrive"
+        await asyncio.sleep(0.1)
+    spans = {name: request_span(trace_id) for name, trace_id in traces.items()}
+    codes = {name: [a.value.int_value for a in span.attributes
+                    if a.key == "rpc.grpc.status_code"] for name, span in spans.items()}
+    assert codes == {"ok": [0], "bad": [3], "unknown": [5]}
+    unset = Status.StatusCode.STATUS_CODE_UNSET
+    assert {name: span.status.code for name, span in spans.items()} == {
+        "ok": unset, "bad": unset, "unknown": unset}
