@@ -5,8 +5,8 @@ by the router under its model's traffic policy, batched by its batcher, run by i
 made through the ingress's own `infer`; intermediate tensors stay inside the mesh and only
 the ensemble's outputs go back to the client. Steps of one wave of the plan (see
 `meshserve.common.ensemble_plan`) run at once. An error names the failing step. The
-ensemble itself is counted here (ModelStatistics, and the ingress's request metrics); each
-step is counted by its own batcher as usual.
+ensemble itself is counted here (ModelStatistics) and told to `record` (the ingress's
+request metrics and access log); each step is counted by its own batcher as usual.
 """
 
 from __future__ import annotations
@@ -42,16 +42,21 @@ class _Tensor:
         self.raw = raw
 
 
-class EnsembleRunner:
-    """`metrics`, when given, hears of each answered ensemble request
-    (`metrics.request(model, version, code, seconds)`)."""
+# Told of each answered ensemble request: (model, version, gRPC status name, when it arrived
+# by the runner's clock).
+Record = Callable[[str, str, str, float], None]
 
-    def __init__(self, repository: ModelRepository, infer_step: InferStep, metrics=None,
+
+class EnsembleRunner:
+    """`record`, when given, hears of each answered ensemble request."""
+
+    def __init__(self, repository: ModelRepository, infer_step: InferStep,
+                 record: Record | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._repository = repository
         self._entries: dict[str, ModelEntry] = repository.ensembles()
         self._infer = infer_step
-        self._metrics = metrics
+        self._recorded = record
         self._clock = clock
         self._statistics = {(name, version): Statistics(name=name, version=version)
                             for name, entry in self._entries.items()
@@ -100,8 +105,8 @@ class EnsembleRunner:
             error.code if isinstance(error, ServingError) else "INTERNAL"))
 
     def _count(self, name: str, version: str, arrived: float, code: str) -> None:
-        if self._metrics is not None:
-            self._metrics.request(name, version, code, self._clock() - arrived)
+        if self._recorded is not None:
+            self._recorded(name, version, code, arrived)
 
     async def _run(self, entry: ModelEntry, version: str, request: pb.ModelInferRequest,
                    deadline: float | None, traceparent: str) -> pb.ModelInferResponse:

@@ -167,7 +167,7 @@ class Ingress:
         self.budget = ByteBudget(max_inflight_bytes, "max_inflight_bytes")
         prefix = secrets.token_hex(4)  # ids unique across ingress replicas, cheap per request
         self._ids = (f"{prefix}-{n}" for n in itertools.count())
-        self.ensembles = EnsembleRunner(repository, self.infer, metrics)
+        self.ensembles = EnsembleRunner(repository, self.infer, self._answered)
 
     def _forwarder(self, model: str, version: str) -> GroupForwarder:
         """Requests pinned to a version travel in groups of their own."""
@@ -272,6 +272,10 @@ class Ingress:
         access_log(ACCESS_LOG, request_id=request_id, trace_id=trace_id, model=model,
                    version=version, status=code, latency_ms=seconds * 1e3,
                    sample=self._access_log_sample)
+
+    def _answered(self, model: str, version: str, code: str, arrived: float) -> None:
+        """An ensemble request answered `code`: counted and logged as every request is."""
+        self._record(model, version, code, arrived, next(self._ids), None)
 
     def refused(self, model: str, version: str, code: str) -> None:
         """A request answered `code` before it could be read (an HTTP body that does not

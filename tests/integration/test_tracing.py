@@ -123,6 +123,33 @@ async def test_access_log_carries_the_trace_id_and_logs_hold_no_payload(traced_m
         assert marker not in path.read_bytes(), path.name
 
 
+async def test_an_ensemble_request_gets_its_access_log_line(traced_mesh):
+    """The ensemble `classify`, asked with an input it does not have: one access-log line,
+    as for any failed request (it was counted in the metrics, with no line)."""
+    request = mlp_request()
+    request.model_name = "classify"
+    channel, stub = await public_stub(traced_mesh)
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ModelInfer(request, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    log = traced_mesh.data_dir / "run" / "ingress.log"
+
+    def classify_lines() -> list[dict]:
+        lines = [json.loads(line) for line in log.read_text().splitlines()
+                 if line.startswith("{")]
+        return [line for line in lines if line.get("logger") == "meshserve.access"
+                and line.get("model") == "classify"]
+
+    deadline = time.monotonic() + 10
+    while not classify_lines():
+        assert time.monotonic() < deadline, "no access-log line for the ensemble"
+        await asyncio.sleep(0.1)
+    [line] = classify_lines()
+    assert (line["version"], line["status"]) == ("1", "INVALID_ARGUMENT")
+    assert line["request_id"] and line["latency_ms"] >= 0
+
+
 async def test_an_http_request_continues_the_clients_trace(traced_mesh, receiver):
     collected, _ = receiver
     trace_id, client_span = secrets.token_bytes(16), secrets.token_bytes(8)

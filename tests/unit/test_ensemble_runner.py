@@ -126,12 +126,12 @@ async def test_ready_when_every_step_is(runner):
 
 
 class Requests:
-    """What the runner tells `metrics.request`."""
+    """What the runner tells `record`."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, str, str]] = []
 
-    def request(self, model: str, version: str, code: str, seconds: float) -> None:
+    def record(self, model: str, version: str, code: str, arrived: float) -> None:
         self.seen.append((model, version, code))
 
 
@@ -146,7 +146,7 @@ async def test_requests_it_cannot_answer_are_counted_too(tmp_path):
         await asyncio.sleep(10)
 
     counted = Requests()
-    runner = EnsembleRunner(ModelRepository.load(tmp_path), slow, metrics=counted)
+    runner = EnsembleRunner(ModelRepository.load(tmp_path), slow, counted.record)
     with pytest.raises(NotFound):
         await runner.infer(pb.ModelInferRequest(model_name="greet", model_version="9"), None)
     call = asyncio.create_task(runner.infer(greet_request(1.0), remaining=None))
