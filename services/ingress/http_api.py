@@ -253,8 +253,13 @@ class HttpApi:
         return json_response(message_json(reply))
 
     async def infer(self, request: HttpRequest, found: Route, query) -> HttpResponse:
-        message, encoding = decode_infer(body_of(request, self._max_body),
-                                         header_length(request), found.model, found.version)
+        try:
+            message, encoding = decode_infer(body_of(request, self._max_body),
+                                             header_length(request), found.model,
+                                             found.version)
+        except ServingError as error:  # never a ModelInferRequest: counted here
+            self._inference.refused(found.model, found.version, error)
+            raise
         reply = await self._inference.ModelInfer(message, HttpCall(request))
         return compressed(json_response(*encode_infer(reply, encoding)), request)
 

@@ -339,6 +339,31 @@ async def test_http_requests_are_counted_with_protocol_http(files, ingress):
             'version=""} 1.0') in text
 
 
+@pytest.mark.parametrize(("body", "headers"), [
+    (b"{not json", {}),
+    (b'{"inputs": "none"}', {}),
+    (gzip_of(infer_body())[:30], {"content-encoding": "gzip"}),
+    (infer_body(), {"inference-header-content-length": "x"}),
+], ids=["json", "inputs", "gzip", "header-length"])
+async def test_an_infer_body_that_does_not_decode_is_counted_as_a_failure(
+        files, ingress, body, headers):
+    port, metrics = ingress
+    series = ('nv_inference_request_failure{model="mlp",protocol="http",'
+              'reason="INVALID_ARGUMENT",version=""} ')
+
+    def failures() -> float:
+        lines = generate_latest(metrics.registry).decode().splitlines()
+        return next((float(line[len(series):]) for line in lines if line.startswith(series)),
+                    0.0)
+
+    before = failures()
+    for _ in range(3):
+        status, _, _ = await call(port, client_context(files), "POST", "/v2/models/mlp/infer",
+                                  body, headers)
+        assert status == 400
+    assert failures() - before == 3
+
+
 async def test_a_gigabyte_declared_body_is_refused_before_it_is_read(files, ingress):
     port, _ = ingress
     reader, writer = await asyncio.open_connection("127.0.0.1", port,
