@@ -22,7 +22,7 @@ from meshserve.common.datatypes import (
     bytes_elements,
     element_count,
 )
-from meshserve.common.errors import InvalidArgument
+from meshserve.common.errors import InvalidArgument, ResourceExhausted
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest
 from meshserve.protocol.model_config_pb2 import ModelConfig
 
@@ -33,6 +33,28 @@ TYPED_FIELD = {
     "FP16": "fp32_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
+
+
+# One message between the services carries at most this (`tls.MAX_MESSAGE_BYTES`), less
+# what the hops add around a request or an answer (a group item's ids, deadline and trace
+# context, compute's timings): a request or an answer that only just fits the client's
+# message would pass the limit between the services. Its size is read (`ByteSize`) only
+# when its tensors pass NEAR_LIMIT.
+MESSAGE_LIMIT = 64 << 20
+WRAPPING_BYTES = 4 << 10
+MAX_MESSAGE = MESSAGE_LIMIT - WRAPPING_BYTES
+NEAR_LIMIT = MESSAGE_LIMIT - (64 << 10)
+MAX_ELEMENTS = 2**63 - 1  # a tensor's elements, as an int64 counts them
+
+
+def check_message_bytes(size: int, what: str) -> None:
+    """Refuse a message of `size` bytes past what the services carry (`what`: whose, for
+    the refusal)."""
+    if size > MAX_MESSAGE:
+        raise ResourceExhausted(
+            f"{what} is {size} bytes, past the {MAX_MESSAGE} bytes that one message between "
+            f"the services carries (their {MESSAGE_LIMIT}-byte message limit less "
+            f"{WRAPPING_BYTES} for the fields each hop adds)")
 
 
 def expected_shape(config: ModelConfig, dims) -> list[int]:
@@ -84,8 +106,14 @@ class Schema:
         """Raise InvalidArgument naming the field and the expected value, or say what the
         request holds. May rewrite typed `contents` into `raw_input_contents`."""
         checked = self._sole_input(request)
-        if checked is not None:
-            return checked
+        if checked is None:
+            checked = self._check(request)
+        if checked.size > NEAR_LIMIT:
+            check_message_bytes(request.ByteSize(), "the request")
+        return checked
+
+    def _check(self, request: ModelInferRequest) -> Checked:
+        """`validate` the long way: every field, naming the first that is wrong."""
         model = self.model
         if not request.inputs:
             raise InvalidArgument(f"request has no inputs; model '{model}' expects "
@@ -197,6 +225,10 @@ class Schema:
             if self.batched:
                 shown += f" with batch size 1 to {config.max_batch_size}"
             raise InvalidArgument(f"input '{name}' has shape {_fmt(dims)}{shown}")
+        # Past int64, a shape's bytes cannot match; with a 0 among its dims, they do (none).
+        if 0 in dims and math.prod(d for d in dims if d) > MAX_ELEMENTS:
+            raise InvalidArgument(f"input '{name}' has shape {_fmt(dims)}, whose dimensions "
+                                  f"multiply past {MAX_ELEMENTS} (2^63 - 1)")
         if self.batched:
             batch = dims[0]
             if batch < 1 or batch > config.max_batch_size:

@@ -16,7 +16,8 @@ import torch
 from meshserve.common.datatypes import CONFIG_FROM_WIRE, WIRE_FROM_CONFIG
 from meshserve.common.errors import FailedPrecondition, Internal, InvalidArgument
 from meshserve.common.server import internal_error_message
-from meshserve.compute.tensors import warmup_requests
+from meshserve.common.validation import NEAR_LIMIT
+from meshserve.compute.tensors import check_answer_bytes, warmup_requests
 from meshserve.compute.timings import Timings
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
 from meshserve.protocol.model_config_pb2 import DataType, ModelConfig
@@ -95,6 +96,7 @@ class TorchScriptModel:
         wanted = {o.name for o in request.outputs}
         response = ModelInferResponse(model_name=request.model_name, model_version=version,
                                       id=request.id)
+        size = 0
         for (name, datatype, dtype), tensor in zip(self._outputs, outputs):
             if wanted and name not in wanted:
                 continue
@@ -103,7 +105,10 @@ class TorchScriptModel:
             host = tensor.detach().to("cpu").contiguous()
             out = response.outputs.add(name=name, datatype=datatype)
             out.shape.extend(host.shape)
+            size += host.nbytes
             response.raw_output_contents.append(host.view(torch.uint8).numpy().tobytes())
+        if size > NEAR_LIMIT:
+            check_answer_bytes(response, self._where(version))
         return response
 
     def _where(self, version: str) -> str:

@@ -12,6 +12,7 @@ import numpy
 from meshserve.common.arrays import NUMPY_DTYPE, deserialize_bytes
 from meshserve.common.datatypes import WIRE_FROM_CONFIG, serialize_bytes
 from meshserve.common.errors import Internal, InvalidArgument
+from meshserve.common.validation import NEAR_LIMIT, check_message_bytes
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
 from meshserve.protocol.model_config_pb2 import ModelConfig
 
@@ -59,6 +60,7 @@ def encode(outputs: dict[str, numpy.ndarray], names: list[str], config: ModelCon
     response = ModelInferResponse(model_name=request.model_name, model_version=version,
                                   id=request.id)
     datatypes = {t.name: WIRE_FROM_CONFIG[t.data_type] for t in config.output}
+    size = 0
     for name in names:
         if name not in outputs:
             raise Internal(f"{where} did not produce output '{name}'")
@@ -66,8 +68,21 @@ def encode(outputs: dict[str, numpy.ndarray], names: list[str], config: ModelCon
         array = numpy.asarray(outputs[name])
         out = response.outputs.add(name=name, datatype=datatype)
         out.shape.extend(array.shape)
-        response.raw_output_contents.append(_raw(array, datatype, name, where))
+        raw = _raw(array, datatype, name, where)
+        size += len(raw)
+        response.raw_output_contents.append(raw)
+    if size > NEAR_LIMIT:
+        check_answer_bytes(response, where)
     return response
+
+
+def check_answer_bytes(response: ModelInferResponse, where: str) -> None:
+    """Refuse an answer past what one message between the services carries, naming each
+    output's size: sent, it would break the stream that carries it, and its caller would
+    hear only INTERNAL."""
+    each = ", ".join(f"'{out.name}' {len(raw)} bytes"
+                     for out, raw in zip(response.outputs, response.raw_output_contents))
+    check_message_bytes(response.ByteSize(), f"{where}: the answer (outputs {each})")
 
 
 def _raw(array: numpy.ndarray, datatype: str, name: str, where: str) -> bytes:
