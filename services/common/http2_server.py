@@ -373,7 +373,8 @@ class _Call(Http2Stream):
         self._headers_sent = False
         self._initial: tuple = ()
         self._handler: grpc.RpcMethodHandler | None = None
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task | None = None  # the handler's, until it is done
+        self._started = False  # the handler's task was made
         self._timer: asyncio.TimerHandle | None = None
         self._expired = False
         self._reset = False
@@ -423,7 +424,7 @@ class _Call(Http2Stream):
         if end:
             self.half_closed = True
         self._wake()
-        if end and self._task is None and self._handler is not None:
+        if end and not self._started and self._handler is not None:
             self._start()
 
     def _split(self, data: bytes | memoryview) -> None:
@@ -503,7 +504,15 @@ class _Call(Http2Stream):
     # --- the handler -----------------------------------------------------------------------
 
     def _start(self) -> None:
+        self._started = True
         self._task = self.connection.loop.create_task(self._serve(self._handler))
+        self._task.add_done_callback(self._served)
+
+    def _served(self, task: asyncio.Task) -> None:
+        """Forget the handler's finished task: a task cancelled before it ran keeps its
+        CancelledError, whose traceback holds `_serve`'s frame and so this call, a cycle that
+        would keep the call and its request until the garbage collector's next full pass."""
+        self._task = None
 
     async def _serve(self, handler: grpc.RpcMethodHandler) -> None:
         self._began = True

@@ -212,6 +212,9 @@ class GroupStream:
                 timer.cancel()
         finally:
             current.pending.pop(group_id, None)
+            # The future holds the error it raised here, whose traceback holds this frame:
+            # dropped, the group's bytes go now, not at the collector's next full pass.
+            future = None  # noqa: F841
 
     async def _read(self, current: _Call) -> None:
         call = current.call

@@ -3,6 +3,7 @@ any order, draining (go away), a broken stream's groups sent once more, timeouts
 gRPC channel and on the project's own HTTP/2 client alike."""
 
 import asyncio
+import gc
 
 import grpc
 import pytest
@@ -244,6 +245,33 @@ async def test_an_answer_that_does_not_come_in_time_is_a_timeout_and_leaves_noth
         assert client.stream.in_flight == 0
         assert await asyncio.wait_for(client.stream.send(b"ok"), 10) == b"ko"
     finally:
+        await client.close()
+        await service.stop(0)
+
+
+async def test_a_group_that_timed_out_leaves_no_garbage_cycle(tls, connect):
+    """A timed-out group's future held its TimeoutError, whose traceback held the frame that
+    held the future: a cycle keeping the group's bytes until the collector's next full pass
+    (hundreds of them in an idle hop after a storm of deadlines)."""
+    echo = Echo()
+    echo.gates[b"never"] = asyncio.Event()
+    service = await serve(tls[0], echo)
+    client = Client(connect(tls[1], service.port))
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(20):
+            with pytest.raises(TimeoutError):
+                await client.stream.send(b"never", timeout=0.01)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        cycled = [o for o in gc.garbage if isinstance(o, (asyncio.Future, TimeoutError))]
+        assert cycled == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+        echo.gates[b"never"].set()
         await client.close()
         await service.stop(0)
 
