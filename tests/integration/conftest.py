@@ -128,3 +128,13 @@ async def edge(request, cert_dir):
         yield harness
     finally:
         await harness.close()
+
+
+@pytest.fixture
+async def own(cert_dir):
+    """Servers of the services' own kind ("http2") only, and channels to them."""
+    harness = Edge("http2", cert_dir)
+    try:
+        yield harness
+    finally:
+        await harness.close()

@@ -10,11 +10,10 @@ from urllib.parse import unquote
 
 import grpc
 import hpack
-import pytest
 
 from meshserve.common import http2_frames as h2
 from meshserve.common.http2_connection import STREAM_WINDOW
-from tests.integration.edge_servers import Edge, MiB, payload
+from tests.integration.edge_servers import MiB, payload
 from tests.integration.test_http2_server import (
     Replies,
     call_headers,
@@ -26,15 +25,6 @@ from tests.polling import until
 
 TIMEOUT_S = 10
 RESOURCE_EXHAUSTED = str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
-
-
-@pytest.fixture
-async def own(cert_dir):
-    harness = Edge("http2", cert_dir)
-    try:
-        yield harness
-    finally:
-        await harness.close()
 
 
 def messages(count: int, size: int, seed: int) -> bytes:

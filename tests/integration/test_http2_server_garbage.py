@@ -10,25 +10,14 @@ import gc
 
 import grpc
 import hpack
-import pytest
 
 from meshserve.common import http2_frames as h2
 from meshserve.common.http2_server import _Call
-from tests.integration.edge_servers import Edge
 from tests.integration.test_http2_server import call_headers, raw_connection, settled
 from tests.polling import until
 
 CALLS = 50
 CANCEL = 0x8  # RST_STREAM error code (RFC 9113 section 7)
-
-
-@pytest.fixture
-async def own(cert_dir):
-    harness = Edge("http2", cert_dir)
-    try:
-        yield harness
-    finally:
-        await harness.close()
 
 
 async def test_a_call_reset_before_its_handler_ran_leaves_no_cycle(own):

@@ -20,7 +20,7 @@ from meshserve.common.identity import Callers
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.tls import TlsFiles, secure_channel
 from meshserve.protocol import health_pb2
-from tests.integration.edge_servers import Edge, method, payload
+from tests.integration.edge_servers import method, payload
 from tests.integration.test_http2_server import (
     TIMEOUT_S,
     Replies,
@@ -36,15 +36,6 @@ DEADLINE_EXCEEDED = str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
 RESOURCE_EXHAUSTED = str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
 INTERNAL = str(grpc.StatusCode.INTERNAL.value[0])
 PERMISSION_DENIED = str(grpc.StatusCode.PERMISSION_DENIED.value[0])
-
-
-@pytest.fixture
-async def own(cert_dir):
-    harness = Edge("http2", cert_dir)
-    try:
-        yield harness
-    finally:
-        await harness.close()
 
 
 async def connect(cert_dir, target: str, identity: str = "client"):

@@ -3,13 +3,13 @@ detector's boxes), batched as Triton's dynamic batcher batches it: each request 
 gets its own answer, equal to the model's answer to that request alone."""
 
 
-from meshserve.batcher.batch import merge, split_answered
 from meshserve.common.repository import ModelRepository
 from meshserve.compute.backends import load_model
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.tools.client import outputs_of
 from tests.python_models import write_python_model
 from tests.ragged_models import BOXES_PY, boxes_config, count_request
+from tests.unit.test_python_backend import through_batch
 
 
 def boxes_model(tmp_path, config: str):
@@ -17,16 +17,6 @@ def boxes_model(tmp_path, config: str):
     entry = ModelRepository.load(tmp_path).get("boxes")
     version_dir = entry.path / "1"
     return load_model(entry.config, version_dir / "model.py", version_dir, "auto", 1)
-
-
-def through_batch(model, requests: list[pb.ModelInferRequest]):
-    """The requests as the batcher joins them for a Python model, run, and split back."""
-    rows = [r.inputs[0].shape[0] for r in requests]
-    wanted = [[o.name for o in r.outputs] or None for r in requests]
-    batch = pb.ModelInferRequest.FromString(b"".join(merge(requests, rows, wanted, "1",
-                                                           per_request=True)))
-    response, _ = model.run(batch, "1")
-    return split_answered(response, requests, rows, wanted)
 
 
 def alone(model, request: pb.ModelInferRequest) -> dict:

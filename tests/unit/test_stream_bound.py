@@ -10,6 +10,7 @@ from meshserve.common.server import HealthServicer
 from meshserve.ingress.service import InferenceServicer
 from meshserve.protocol import grpc_service_pb2 as pb
 from tests.polling import until
+from tests.unit.test_stream_ordering import StreamContext
 
 
 class HeldMesh:
@@ -30,20 +31,6 @@ class HeldMesh:
         finally:
             del self.waiting[request.id]
         return pb.ModelInferResponse(model_name=request.model_name, id=request.id)
-
-
-class StreamContext:
-    def __init__(self) -> None:
-        self.written: list[str] = []
-
-    def invocation_metadata(self):
-        return ()
-
-    def time_remaining(self):
-        return None
-
-    async def write(self, answer) -> None:
-        self.written.append(answer.infer_response.id)
 
 
 class Requests:
