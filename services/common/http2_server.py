@@ -101,6 +101,10 @@ class _CallDetails(NamedTuple):
 # caller may make it: (method, the call's context) -> None, or the (code, details) that
 # refuses it (the caller-identity check of internal servers).
 Admit = Callable[[str, "_Call"], "tuple[grpc.StatusCode, str] | None"]
+# Told of a call that ended before its handler ran, its deadline passed or its client reset
+# it: (method, the status it ended with). The server answers such a call itself, so no
+# handler sees it to count it.
+Unserved = Callable[[str, grpc.StatusCode], None]
 
 
 def undecodable(error: Exception) -> str:
@@ -113,7 +117,8 @@ class Http2Server:
 
     def __init__(self, options: Iterable[tuple[str, object]] = (),
                  max_unfinished: int = MAX_UNFINISHED,
-                 stall_timeout: float = STALL_TIMEOUT, admit: Admit | None = None) -> None:
+                 stall_timeout: float = STALL_TIMEOUT, admit: Admit | None = None,
+                 unserved: Unserved | None = None) -> None:
         settings: dict[str, object] = {}
         for key, value in options:  # the first of a repeated key counts, as in gRPC
             settings.setdefault(key, value)
@@ -125,6 +130,7 @@ class Http2Server:
         # message of a unary call whose stream has not ended yet.
         self.unfinished = 0
         self.admit = admit
+        self.unserved = unserved
         self.stall_timeout = stall_timeout
         self._sweeper: asyncio.TimerHandle | None = None
         self._handlers: list[grpc.GenericRpcHandler] = []
@@ -576,10 +582,13 @@ class _Call(Http2Stream):
         if self._task is not None and not self._task.done() and self._began:
             self._task.cancel()
         elif not self.finished:
+            self._unserved(grpc.StatusCode.DEADLINE_EXCEEDED)
             self._finish_now(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
     def reset(self) -> None:
         """The client reset the stream, or the connection is gone: no answer will be read."""
+        if not self.finished:
+            self._unserved(grpc.StatusCode.CANCELLED)
         self._reset = True
         self.finished = True
         self._drop_queued()
@@ -587,6 +596,13 @@ class _Call(Http2Stream):
         self._end()
         if self._task is not None and not self._task.done():
             self._task.cancel()
+
+    def _unserved(self, code: grpc.StatusCode) -> None:
+        """Tell the server's `unserved` of a call it admitted that ends, `code`, before its
+        handler ran."""
+        unserved = self.connection.server.unserved
+        if unserved is not None and not self._began and self._handler is not None:
+            unserved(self._path, code)
 
     # --- answers out -----------------------------------------------------------------------
 

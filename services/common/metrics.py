@@ -236,7 +236,8 @@ def serve_metrics(registry: CollectorRegistry, address: str) -> HttpListener:
 
 #: The protocol the request being served arrived by: "grpc", or "http" (set by the ingress's
 #: HTTP front door in the task that serves each HTTP request). Labels the ingress's metrics.
-PROTOCOL: ContextVar[str] = ContextVar("meshserve_protocol", default="grpc")
+GRPC_PROTOCOL = "grpc"
+PROTOCOL: ContextVar[str] = ContextVar("meshserve_protocol", default=GRPC_PROTOCOL)
 
 
 class IngressMetrics:
@@ -272,6 +273,12 @@ class IngressMetrics:
 
     def shed(self, model: str, version: str, reason: str) -> None:
         self._shed.labels(model, version, reason).inc()
+
+    def unserved(self, code: str) -> None:
+        """A gRPC inference call that ended `code` before the ingress read it (its deadline
+        passed, or its client reset it, while it waited for its handler): a failure of no
+        model that the ingress knows of."""
+        self._failure.labels("", "", code, GRPC_PROTOCOL).inc()
 
     def request(self, model: str, version: str, code: str, seconds: float) -> None:
         """One answered request; `code` is the gRPC status name ("OK" for success)."""

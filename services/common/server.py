@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import grpc
 
 from meshserve.common.errors import ServingError
-from meshserve.common.http2_server import Admit, Http2Server, undecodable
+from meshserve.common.http2_server import Admit, Http2Server, Unserved, undecodable
 from meshserve.common.identity import HEALTH_PREFIX, CallerCheck, Callers
 from meshserve.common.liveness import bounded
 from meshserve.common.tls import server_options
@@ -302,15 +302,18 @@ class Service:
                  background: Iterable[Callable[[], Awaitable[object]]] = (),
                  cleanup: Iterable[Callable[[], Awaitable[object]]] = (),
                  callers: Callers | None = None,
-                 extra_ports: Iterable[tuple[str, ssl.SSLContext]] = ()) -> None:
+                 extra_ports: Iterable[tuple[str, ssl.SSLContext]] = (),
+                 unserved: Unserved | None = None) -> None:
         # credentials: the port's TLS (meshserve.common.http2_server.server_ssl_context).
         # callers: the identities allowed to call (health checks aside); None: any.
+        # unserved: told of each call that ends before its handler ran (Http2Server's).
         # extra_ports: more (address, credentials) listeners; their bound ports, in order,
         # are `extra_bound` once started.
         self.address = address
         self.extra_ports = list(extra_ports)
         self.extra_bound: list[int] = []
         self.callers = callers
+        self.unserved = unserved
         self.health = health
         self._credentials = credentials
         self._register = register
@@ -323,7 +326,8 @@ class Service:
         self.port: int | None = None
 
     async def start(self) -> int:
-        self.server = Http2Server(options=SERVER_OPTIONS, admit=admission(self.callers))
+        self.server = Http2Server(options=SERVER_OPTIONS, admit=admission(self.callers),
+                                  unserved=self.unserved)
         guarded = GuardedServer(self.server)
         self._register(guarded)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, guarded)

@@ -49,7 +49,7 @@ from meshserve.common.forwarding import (
     raise_for,
 )
 from meshserve.common.http2_client import target_argument
-from meshserve.common.http2_server import server_ssl_context
+from meshserve.common.http2_server import Unserved, server_ssl_context
 from meshserve.common.logs import (
     ACCESS_LOG,
     DEFAULT_ACCESS_LOG_SAMPLE,
@@ -698,8 +698,22 @@ def build_service(settings: IngressSettings, metrics: Metrics | None = None,
                                       announce_token_port, *gate_tasks, *http],
         cleanup=[*asynchronous.cleanup, router.close, *([] if audit is None else [audit.close]),
                  *([] if tracing is None else [tracing.close])],
-        extra_ports=extra_ports)
+        extra_ports=extra_ports,
+        unserved=None if ingress_metrics is None else unserved_counter(ingress_metrics))
     return service
+
+
+# The inference call a client makes once per request; a stream's handler runs at once.
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def unserved_counter(metrics: IngressMetrics) -> Unserved:
+    """Counts a ModelInfer call that ended before its handler ran (its deadline passed, or
+    its client reset it, while it waited) as a failure, as the handler would have."""
+    def unserved(method: str, code) -> None:
+        if method == MODEL_INFER:
+            metrics.unserved(code.name)
+    return unserved
 
 
 def add_auth_flags(parser: argparse.ArgumentParser) -> None:
