@@ -223,24 +223,26 @@ def test_a_long_model_name_is_cut_in_the_refusal_and_the_log(mesh, token_stub, a
 
 
 def test_http_refusals_say_how_to_authenticate(mesh, auth_dir):
-    """401 with WWW-Authenticate for a missing or bad token (a deeply nested one was a 500),
-    403 without it for a caller the policy refuses."""
+    """401 with WWW-Authenticate naming RFC 6750's error for a bad token or header (a deeply
+    nested one was a 500), 403 with `insufficient_scope` for a token whose own scope leaves
+    the call out."""
     good = issue(auth_dir, "app/http", 600)
     reader = issue(auth_dir, "app/http-reader", 600, scopes=["models:read"])
     cases = [
         ([("Authorization", f"Bearer {good}"), ("Authorization", f"Bearer {good}")], 401,
-         "authorization metadata must hold one 'Bearer <token>' and be sent once"),
+         "authorization metadata must hold one 'Bearer <token>' and be sent once",
+         "invalid_request"),
         ([("Authorization", f"Bearer {nested(2000)}")], 401,
-         "bearer token is malformed: not base64url JSON"),
+         "bearer token is malformed: not base64url JSON", "invalid_token"),
         ([("Authorization", f"Bearer {reader}")], 403,
-         "'app/http-reader' may not infer model 'mlp'"),
+         "'app/http-reader' may not infer model 'mlp'", "insufficient_scope"),
     ]
     port = int((mesh.data_dir / "run" / "ingress.http-port").read_text())
     context = ssl.create_default_context(cafile=str(mesh.tls / "ca.crt"))
     context.check_hostname = False
     body = json.dumps({"inputs": [{"name": "INPUT__0", "datatype": "FP32", "shape": [1, 256],
                                    "data": [1.0] * 256}]}).encode()
-    for headers, status, message in cases:
+    for headers, status, message, error in cases:
         connection = http.client.HTTPSConnection("127.0.0.1", port, context=context,
                                                  timeout=TIMEOUT_S)
         try:
@@ -253,8 +255,9 @@ def test_http_refusals_say_how_to_authenticate(mesh, auth_dir):
         finally:
             connection.close()
         assert (reply.status, answer) == (status, {"error": message})
-        challenge = reply.getheader("WWW-Authenticate")
-        assert challenge == ('Bearer realm="meshserve"' if status == 401 else None)
+        assert reply.getheader("WWW-Authenticate") == (
+            f'Bearer realm="meshserve", error="{error}", error_description="'
+            + message.replace('"', "'") + '"')
 
 
 def test_a_token_scoped_to_cnn(token_stub, auth_dir):

@@ -33,18 +33,20 @@ PROMQL_WORDS = {
 
 
 def exported_names() -> set[str]:
-    """Every sample name a fresh registry holds once each recorder has recorded once."""
-    metrics = Metrics()
-    ingress = IngressMetrics(metrics)
+    """Every sample name the services' registries hold (one registry each, as each service
+    has its own) once each recorder has recorded once."""
+    at_ingress, at_batcher, at_compute, at_router = Metrics(), Metrics(), Metrics(), Metrics()
+    ingress = IngressMetrics(at_ingress)
     ingress.request("m", "1", "OK", 0.1)
     ingress.request("m", "1", "UNAVAILABLE", 0.1)
     ingress.group.recorder("m")(1, "UNAVAILABLE")
-    batcher = BatcherMetrics(metrics, "m", "1", lambda: 0)
-    batcher.batch(1, 1, 1000)
-    ComputeMetrics(metrics).recorder("m", "1", "cpu")(0.1, 0.05)
-    XdsCollector.register(metrics, lambda: "v1", lambda: 0, lambda: 0.0)
     ingress.denied("rate_limited")
-    cache = CacheMetrics(metrics, "m", "1")
+    ingress.shed("m", "", "saturated")
+    batcher = BatcherMetrics(at_batcher, "m", "1", lambda: 0)
+    batcher.batch(1, 1, 1000)
+    ComputeMetrics(at_compute).recorder("m", "1", "cpu")(0.1, 0.05)
+    XdsCollector.register(at_router, lambda: "v1", lambda: 0, lambda: 0.0)
+    cache = CacheMetrics(at_batcher, "m", "1")
     cache.hit(1000)
     cache.miss(1000)
     failover = batcher.failover
@@ -52,11 +54,12 @@ def exported_names() -> set[str]:
     failover.retry("ok")
     failover.replica_up("a", True)
     names = set()
-    for family in metrics.registry.collect():
-        names.add(family.name)
-        names.update(sample.name for sample in family.samples)
-        if family.type == "histogram":
-            names.update(family.name + suffix for suffix in ("_bucket", "_count", "_sum"))
+    for metrics in (at_ingress, at_batcher, at_compute, at_router):
+        for family in metrics.registry.collect():
+            names.add(family.name)
+            names.update(sample.name for sample in family.samples)
+            if family.type == "histogram":
+                names.update(family.name + suffix for suffix in ("_bucket", "_count", "_sum"))
     return names
 
 
