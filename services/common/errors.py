@@ -36,6 +36,13 @@ class ResourceExhausted(ServingError):
     retryable = True
 
 
+class TooLarge(ResourceExhausted):
+    """A request past a size limit: sending it again will not help (HTTP 413, not 429)."""
+
+    retryable = False
+    http_status = 413
+
+
 class DeadlineExceeded(ServingError):
     code = "DEADLINE_EXCEEDED"
 

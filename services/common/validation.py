@@ -22,7 +22,7 @@ from meshserve.common.datatypes import (
     bytes_elements,
     element_count,
 )
-from meshserve.common.errors import InvalidArgument, ResourceExhausted
+from meshserve.common.errors import InvalidArgument, TooLarge
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest
 from meshserve.protocol.model_config_pb2 import ModelConfig
 
@@ -51,7 +51,7 @@ def check_message_bytes(size: int, what: str) -> None:
     """Refuse a message of `size` bytes past what the services carry (`what`: whose, for
     the refusal)."""
     if size > MAX_MESSAGE:
-        raise ResourceExhausted(
+        raise TooLarge(
             f"{what} is {size} bytes, past the {MAX_MESSAGE} bytes that one message between "
             f"the services carries (their {MESSAGE_LIMIT}-byte message limit less "
             f"{WRAPPING_BYTES} for the fields each hop adds)")

@@ -80,5 +80,5 @@ def error_response(error: ServingError) -> HttpResponse:
     if error.retry_after is not None:
         headers.append(("retry-after", str(max(1, math.ceil(error.retry_after)))))
         headers.extend(retry_metadata(error))
-    return HttpResponse(http_status(error.code), dump({"error": error.message}),
-                        headers=tuple(headers))
+    status = getattr(error, "http_status", None) or http_status(error.code)
+    return HttpResponse(status, dump({"error": error.message}), headers=tuple(headers))

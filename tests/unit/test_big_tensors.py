@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from meshserve.common import tls
-from meshserve.common.errors import InvalidArgument, ResourceExhausted
+from meshserve.common.errors import InvalidArgument, ResourceExhausted, TooLarge
 from meshserve.common.validation import MAX_MESSAGE, MESSAGE_LIMIT, Schema
 from meshserve.compute import tensors
 from meshserve.protocol import model_config_pb2 as mc
@@ -47,8 +47,9 @@ def test_inputs_that_fit_the_client_message_but_not_a_group_are_refused(dims):
     size = MESSAGE_LIMIT - 1000
     shape = [1, size // 4] if len(dims) == 1 else [1, 2, size // 8]
     request = request_of(shape, bytes(size))
-    with pytest.raises(ResourceExhausted) as refused:
+    with pytest.raises(TooLarge) as refused:  # RESOURCE_EXHAUSTED, not retried
         Schema(flat_config(dims)).validate(request)
+    assert refused.value.code == "RESOURCE_EXHAUSTED" and not refused.value.retryable
     assert refused.value.message.startswith(f"the request is {request.ByteSize()} bytes, past "
                                             f"the {MAX_MESSAGE} bytes")
     assert f"{MESSAGE_LIMIT}-byte message limit" in refused.value.message

@@ -11,6 +11,7 @@ from meshserve.common.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    TooLarge,
     Unauthenticated,
     Unavailable,
 )
@@ -95,6 +96,14 @@ def test_refusals_say_when_to_retry_and_401_names_the_scheme():
     assert dict(error_response(Unauthenticated("x")).headers)["www-authenticate"] == \
         'Bearer realm="meshserve"'
     assert error_response(InvalidArgument("x")).headers == ()
+
+
+def test_a_request_past_a_size_limit_is_413_not_429():
+    """Too large is RESOURCE_EXHAUSTED over gRPC, as gRPC has it, but sending it again will
+    not help: HTTP 413, no retry hint."""
+    response = error_response(TooLarge("the request is 67108000 bytes, past the 67104768"))
+    assert response.status == 413 and response.headers == ()
+    assert error_response(ResourceExhausted("queue full")).status == 429
 
 
 def challenge(error) -> str | None:
