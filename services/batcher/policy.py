@@ -19,7 +19,12 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from meshserve.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from meshserve.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from meshserve.common.priority import priority_level
 from meshserve.protocol.model_config_pb2 import ModelQueuePolicy
 
@@ -286,13 +291,14 @@ class BatchQueue:
                 kept.append(entry)
         return kept
 
-    def expiry(self, entry: Pending, now: float) -> DeadlineExceeded:
-        """The answer of `entry`, returned by `expire(now)`: its caller's deadline or its
-        level's queue timeout passed before it was sent."""
+    def expiry(self, entry: Pending, now: float) -> DeadlineExceeded | Unavailable:
+        """The answer of `entry`, returned by `expire(now)`: its caller's deadline passed
+        before it was sent (DEADLINE_EXCEEDED), or its level's queue timeout did (UNAVAILABLE,
+        as Triton answers it: the caller's own deadline had not passed)."""
         if entry.deadline is not None and entry.deadline <= now:
             return DeadlineExceeded("deadline exceeded while queued for a batch (never computed)")
         where = f" of priority level {entry.priority}" if self.policy.levels > 1 else ""
-        return DeadlineExceeded(
+        return Unavailable(
             f"queue timeout expired: waited longer than the default_timeout_microseconds "
             f"{self._timeouts[entry.priority - 1]}{where} for a batch (never computed)")
 
