@@ -167,7 +167,7 @@ class Ingress:
         self.budget = ByteBudget(max_inflight_bytes, "max_inflight_bytes")
         prefix = secrets.token_hex(4)  # ids unique across ingress replicas, cheap per request
         self._ids = (f"{prefix}-{n}" for n in itertools.count())
-        self.ensembles = EnsembleRunner(repository, self.infer, self._answered)
+        self.ensembles = EnsembleRunner(repository, self.infer, self.answered)
 
     def _forwarder(self, model: str, version: str) -> GroupForwarder:
         """Requests pinned to a version travel in groups of their own."""
@@ -273,14 +273,13 @@ class Ingress:
                    version=version, status=code, latency_ms=seconds * 1e3,
                    sample=self._access_log_sample)
 
-    def _answered(self, model: str, version: str, code: str, arrived: float) -> None:
-        """An ensemble request answered `code`: counted and logged as every request is."""
-        self._record(model, version, code, arrived, next(self._ids), None)
-
-    def refused(self, model: str, version: str, code: str) -> None:
-        """A request answered `code` before it could be read (an HTTP body that does not
-        decode): counted and logged as every failed request is."""
-        self._record(model, version, code, time.monotonic(), next(self._ids), None)
+    def answered(self, model: str, version: str, code: str,
+                 arrived: float | None = None) -> None:
+        """A request answered `code` outside `infer`'s own record (an ensemble's, which
+        `arrived` then; one refused before it could be read, an HTTP body that does not
+        decode): counted and logged as every request is."""
+        self._record(model, version, code, time.monotonic() if arrived is None else arrived,
+                     next(self._ids), None)
 
     def _step(self, name: str, span: Span | None, step: Callable[[], T]) -> T:
         """`step()`, in a child span `name` of the request's when tracing."""
@@ -535,7 +534,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def refused(self, model: str, version: str, error: ServingError) -> None:
         """A request for `model` refused with `error` before it became a ModelInferRequest
         (an HTTP body that does not decode), counted with the rest."""
-        self._ingress.refused(model, version, error.code)
+        self._ingress.answered(model, version, error.code)
 
     def _preserves_ordering(self, model: str) -> bool:
         entry = self._ingress.repository.models.get(model)
@@ -592,12 +591,11 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
         loop = asyncio.get_running_loop()
         tasks: set[asyncio.Task] = set()
-        room: list[asyncio.Future] = []  # set when a request in progress is answered
+        room = asyncio.Event()  # set when a request in progress is answered
 
         def answered(task: asyncio.Task) -> None:
             tasks.discard(task)
-            if room and not room[0].done():
-                room[0].set_result(None)
+            room.set()
 
         try:
             async for request in request_iterator:
@@ -611,8 +609,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 tasks.add(task)
                 task.add_done_callback(answered)
                 while len(tasks) >= self._stream_in_progress:
-                    room[:] = [loop.create_future()]
-                    await room[0]
+                    room.clear()
+                    await room.wait()
             await asyncio.gather(*tasks)
         finally:
             # The stream ended early (cancelled by its client, its deadline passed): its

@@ -138,6 +138,20 @@ def one_item(name: str) -> bytes:
                       ).SerializeToString()
 
 
+def telling_batcher(config, replicas: list[Replica]):
+    """A batcher of `config` over `replicas`, and the early answers it tells: (scheduler,
+    batcher, the queue of answers told, the `early` callback that fills it)."""
+    statistics = Statistics(name="m", version="1")
+    scheduler = Scheduler(BatchQueue(BatchingPolicy.from_config(config), "m"), replicas,
+                          config, "1", statistics)
+    told: asyncio.Queue = asyncio.Queue()
+
+    async def tell(partial: bytes) -> None:
+        told.put_nowait(InferGroupResult.FromString(partial))
+
+    return scheduler, Batcher(scheduler, statistics, config), told, tell
+
+
 async def test_a_group_waiting_for_the_queue_delay_lets_the_next_group_come_and_join_it():
     """With max_queue_delay_microseconds the batch waits for more requests, and the hop
     before holds its next group until this one is answered: unless told at once, no request
@@ -146,15 +160,8 @@ async def test_a_group_waiting_for_the_queue_delay_lets_the_next_group_come_and_
     config = one_input_config()
     config.dynamic_batching.max_queue_delay_microseconds = 30_000_000
     config.dynamic_batching.preferred_batch_size.append(2)
-    compute, statistics = RowsCompute(), Statistics(name="m", version="1")
-    scheduler = Scheduler(BatchQueue(BatchingPolicy.from_config(config), "m"),
-                          [Replica(compute)], config, "1", statistics)
-    batcher = Batcher(scheduler, statistics, config)
-    told: asyncio.Queue = asyncio.Queue()
-
-    async def tell(partial: bytes) -> None:
-        told.put_nowait(InferGroupResult.FromString(partial))
-
+    compute = RowsCompute()
+    scheduler, batcher, told, tell = telling_batcher(config, [Replica(compute)])
     loop = asyncio.create_task(scheduler.run())
     try:
         first = asyncio.create_task(batcher.handle(one_item("a"), tell))
@@ -175,15 +182,8 @@ async def test_a_group_that_leaves_a_replica_idle_lets_the_next_group_start_ther
     instead of waiting for the first batch to finish."""
     config = one_input_config()
     computes = [GatedCompute(), GatedCompute()]
-    statistics = Statistics(name="m", version="1")
-    scheduler = Scheduler(BatchQueue(BatchingPolicy.from_config(config), "m"),
-                          [Replica(c, capacity=2) for c in computes], config, "1", statistics)
-    batcher = Batcher(scheduler, statistics, config)
-    told: asyncio.Queue = asyncio.Queue()
-
-    async def tell(partial: bytes) -> None:
-        told.put_nowait(InferGroupResult.FromString(partial))
-
+    scheduler, batcher, told, tell = telling_batcher(
+        config, [Replica(c, capacity=2) for c in computes])
     loop = asyncio.create_task(scheduler.run())
     try:
         first = asyncio.create_task(batcher.handle(one_item("a"), tell))
