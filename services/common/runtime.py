@@ -14,7 +14,13 @@ from urllib.parse import urlsplit
 import uvloop
 
 from meshserve.common import heap
-from meshserve.common.logs import DEFAULT_ACCESS_LOG_SAMPLE, formatter, sample_fraction
+from meshserve.common.logs import (
+    DEFAULT_ACCESS_LOG_MAX_PER_SECOND,
+    DEFAULT_ACCESS_LOG_SAMPLE,
+    formatter,
+    lines_limit,
+    sample_fraction,
+)
 from meshserve.common.metrics import Metrics, MetricsEndpoint, serve_metrics
 from meshserve.common.probes import Heartbeat, ProbeEndpoint, serve_probes
 from meshserve.common.server import Service
@@ -46,6 +52,11 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
                         default=DEFAULT_ACCESS_LOG_SAMPLE,
                         help="fraction (0..1) of answered requests given an access-log line; "
                              f"failures always get one (default {DEFAULT_ACCESS_LOG_SAMPLE})")
+    parser.add_argument("--access-log-max-per-second", type=lines_limit,
+                        default=DEFAULT_ACCESS_LOG_MAX_PER_SECOND,
+                        help="access-log lines written in any one second, at most; the lines "
+                             "left out are counted on the next line written (0: no limit; "
+                             f"default {DEFAULT_ACCESS_LOG_MAX_PER_SECOND})")
     parser.add_argument("--metrics-listen", default="",
                         help="serve Prometheus /metrics on HOST:PORT (port 0 picks a free "
                              "port; empty: not served)")

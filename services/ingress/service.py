@@ -52,7 +52,9 @@ from meshserve.common.http2_client import target_argument
 from meshserve.common.http2_server import Unserved, server_ssl_context
 from meshserve.common.logs import (
     ACCESS_LOG,
+    DEFAULT_ACCESS_LOG_MAX_PER_SECOND,
     DEFAULT_ACCESS_LOG_SAMPLE,
+    LinesPerSecond,
     access_log,
     sample_fraction,
 )
@@ -111,6 +113,7 @@ class IngressSettings:
     router_identity: str = "router"
     require_client_cert: bool = False
     access_log_sample: float = DEFAULT_ACCESS_LOG_SAMPLE
+    access_log_max_per_second: int = DEFAULT_ACCESS_LOG_MAX_PER_SECOND  # 0: no limit
     asynchronous: AsyncSettings | None = None  # Submit/Result (None: not served)
     token_listen: str = ""  # server-TLS listener for bearer-token callers ("": none)
     token_port_file: Path | None = None
@@ -145,7 +148,7 @@ class Ingress:
     `metrics.request(model, version, code, seconds)` and `metrics.group.recorder(model)`.
     `tracing`, when given, traces each request (`ingress.request`, `ingress.validate`).
     Each failed request gets an access-log line, each answered one with probability
-    `access_log_sample`.
+    `access_log_sample`, up to `access_log_max_per_second` lines in a second (0: no limit).
     Requests beyond `max_inflight_bytes` accepted and unanswered are refused (0: no limit),
     and so are those that would wait beyond their model's `max_queue_size` (`EdgeBound`).
     Groups under load linger up to `group_linger` seconds for more requests (`GroupForwarder`)."""
@@ -153,13 +156,14 @@ class Ingress:
     def __init__(self, repository: ModelRepository, router: Upstream, metrics=None,
                  tracing: Tracing | None = None, access_log_sample: float = 0.0,
                  max_inflight_bytes: int = 0, readiness: Readiness | None = None,
-                 group_linger: float = 0.0) -> None:
+                 group_linger: float = 0.0, access_log_max_per_second: int = 0) -> None:
         self.repository = repository
         self.readiness = readiness
         self.router = router
         self._metrics = metrics
         self._tracing = tracing
         self._access_log_sample = access_log_sample
+        self._access_log_lines = LinesPerSecond(access_log_max_per_second)
         self._forwarders: dict[tuple[str, str], GroupForwarder] = {}
         self._group_linger = group_linger
         self._schemas: dict[str, Schema] = {}
@@ -271,7 +275,7 @@ class Ingress:
         trace_id = "" if span is None else format(span.get_span_context().trace_id, "032x")
         access_log(ACCESS_LOG, request_id=request_id, trace_id=trace_id, model=model,
                    version=version, status=code, latency_ms=seconds * 1e3,
-                   sample=self._access_log_sample)
+                   sample=self._access_log_sample, lines=self._access_log_lines)
 
     def answered(self, model: str, version: str, code: str,
                  arrived: float | None = None) -> None:
@@ -653,7 +657,8 @@ def build_service(settings: IngressSettings, metrics: Metrics | None = None,
     readiness = (Readiness(settings.readiness, frozenset(repository.models))
                  if settings.control_plane else None)
     ingress = Ingress(repository, router, ingress_metrics, tracing, settings.access_log_sample,
-                      settings.max_inflight_bytes, readiness, settings.group_linger_ms / 1e3)
+                      settings.max_inflight_bytes, readiness, settings.group_linger_ms / 1e3,
+                      settings.access_log_max_per_second)
     audit = None
     if on_denied is None and settings.control_plane:
         audit = on_denied = DenialAudit(settings.control_plane, settings.tls)
@@ -768,6 +773,7 @@ def main(argv: list[str] | None = None) -> int:
         listen=args.listen, tls=runtime.tls_files(args), repository=args.model_repository,
         router=args.router, router_identity=args.router_identity,
         require_client_cert=args.require_client_cert, access_log_sample=args.access_log_sample,
+        access_log_max_per_second=args.access_log_max_per_second,
         token_listen=args.token_listen, token_port_file=args.token_port_file,
         policy=args.policy, jwks=args.jwks, token_issuer=args.token_issuer,
         token_audience=args.token_audience, audit_denied_sample=args.audit_denied_sample,

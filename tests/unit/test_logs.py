@@ -9,7 +9,14 @@ import logging
 import pytest
 
 from meshserve.common import runtime
-from meshserve.common.logs import JsonFormatter, access_log, formatter, sample_fraction
+from meshserve.common.logs import (
+    JsonFormatter,
+    LinesPerSecond,
+    access_log,
+    formatter,
+    lines_limit,
+    sample_fraction,
+)
 
 
 def capture(name: str, fmt: logging.Formatter) -> tuple[logging.Logger, io.StringIO]:
@@ -99,6 +106,34 @@ def test_access_log_samples_a_fraction():
     assert len(send(0.5, rand=lambda: next(draws))) == 25
 
 
+def test_a_flood_of_failures_writes_at_most_the_limit_a_second_and_counts_the_rest():
+    now = [100.2]
+    limit = LinesPerSecond(3, clock=lambda: now[0])
+    entries = send(1.0, n=10, status="UNAVAILABLE", lines=limit)
+    assert [e["request_id"] for e in entries] == ["r-0", "r-1", "r-2"]
+    now[0] = 101.0  # the next second: its first line is preceded by the count left out
+    entries = send(1.0, n=4, status="UNAVAILABLE", lines=limit)
+    assert entries[0]["level"] == "WARNING" and entries[0]["dropped"] == 7
+    assert entries[0]["message"] == "7 access-log lines left out: more than 3 a second"
+    assert [e["request_id"] for e in entries[1:]] == ["r-0", "r-1", "r-2"]
+    assert limit.dropped == 1
+    now[0] = 105.5  # a quiet second later: one count line, then every line again
+    entries = send(1.0, n=2, status="OK", lines=limit)
+    assert [e.get("dropped") for e in entries] == [1, None, None]
+
+
+def test_a_limit_of_zero_writes_every_line():
+    limit = LinesPerSecond(0, clock=lambda: 7.0)
+    assert len(send(1.0, n=500, status="INTERNAL", lines=limit)) == 500
+    assert limit.dropped == 0
+
+
+def test_unsampled_successes_take_none_of_the_limit():
+    limit = LinesPerSecond(2, clock=lambda: 7.0)
+    assert send(0.0, n=50, lines=limit) == []
+    assert len(send(0.0, n=2, status="INTERNAL", lines=limit)) == 2
+
+
 def test_access_log_omits_an_empty_trace_id():
     logger, stream = capture("test.logs.access.trace", JsonFormatter("ingress"))
     access_log(logger, request_id="r", trace_id="", model="m", version="1", status="OK",
@@ -112,6 +147,10 @@ def test_sample_flag_is_bounded():
     for bad in ("-0.1", "1.5", "x"):
         with pytest.raises(argparse.ArgumentTypeError):
             sample_fraction(bad)
+    assert lines_limit("0") == 0 and lines_limit("250") == 250
+    for bad in ("-1", "1.5", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            lines_limit(bad)
 
 
 def test_server_flags_default_to_json_and_sampled_successes():
@@ -119,6 +158,7 @@ def test_server_flags_default_to_json_and_sampled_successes():
     runtime.add_server_flags(parser)
     args = parser.parse_args(["--tls-cert=c", "--tls-key=k", "--tls-ca=a"])
     assert (args.log_format, args.access_log_sample) == ("json", 0.01)
+    assert args.access_log_max_per_second == 100
     args = parser.parse_args(["--tls-cert=c", "--tls-key=k", "--tls-ca=a", "--log-format=text",
                               "--access-log-sample=0.1"])
     assert (args.log_format, args.access_log_sample) == ("text", 0.1)
