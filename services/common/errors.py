@@ -43,6 +43,14 @@ class TooLarge(ResourceExhausted):
     http_status = 413
 
 
+class OverLimit(ResourceExhausted):
+    """A limit met past the edge that sending the request again will not pass (an answer
+    over the message limit between the services): the server's failure, HTTP 500."""
+
+    retryable = False
+    http_status = 500
+
+
 class DeadlineExceeded(ServingError):
     code = "DEADLINE_EXCEEDED"
 
@@ -90,7 +98,12 @@ def retry_after_of(message: str) -> float | None:
 
 
 def from_code(code: str, message: str) -> ServingError:
-    """The domain error for a status code name (an upstream's answer, say)."""
-    error = BY_CODE.get(code, ServingError)(message)
+    """The domain error for a status code name (an upstream's answer, say). Every refusal
+    for capacity ends with a retry hint; a RESOURCE_EXHAUSTED without one is a limit a retry
+    will not pass (`OverLimit`)."""
+    cls = BY_CODE.get(code, ServingError)
+    if cls is ResourceExhausted and retry_after_of(message) is None:
+        cls = OverLimit
+    error = cls(message)
     error.code = code
     return error

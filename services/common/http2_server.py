@@ -42,6 +42,7 @@ import grpc
 
 from meshserve.common import http2_frames as h2
 from meshserve.common import tls
+from meshserve.common.errors import retry_hint
 from meshserve.common.http2_connection import (
     MAX_HEADER_LIST,
     ConnectionFailure,
@@ -67,6 +68,8 @@ MAX_STREAMS = 20_000
 # limit on every stream, and clients streaming to handlers that read slowly a window's worth
 # of messages on every stream.
 MAX_UNFINISHED = 256 << 20
+# The retry hint of that refusal: about a message's round trip between the hops.
+UNFINISHED_RETRY_AFTER_S = 0.05
 # A call holding part of a request message that gets no more of it for this long is answered
 # DEADLINE_EXCEEDED and its bytes let go, so a client cannot keep the bytes above held by
 # stalling (as the ingress's HTTP server answers 408).
@@ -450,7 +453,7 @@ class _Call(Http2Stream):
             raise _Status(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the server holds {server.unfinished} bytes of request messages "
                           f"still arriving or not yet read, past its limit of "
-                          f"{server.max_unfinished}; send again later")
+                          f"{server.max_unfinished}; {retry_hint(UNFINISHED_RETRY_AFTER_S)}")
 
     def _arrive(self, message: bytes) -> None:
         """A whole request message. A unary call's is held, and counted with the bytes still

@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from meshserve.common.errors import retry_hint
 from meshserve.common.server import abort_with
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ INFER = "Infer"
 # Bytes of groups a server holds while it answers them, across all its streams: as much as
 # the ingress lets be in flight, so groups from the mesh's own hops never wait for it.
 MAX_HANDLING = 256 << 20
+# The hint given with a unary group refused for want of room: about a group's round trip.
+REFUSED_RETRY_AFTER_S = 0.05
 
 
 def frame(group_id: int, body: bytes, partial: bool = False) -> bytes:
@@ -318,7 +321,7 @@ class Handling:
 
     def refusal(self) -> str:
         return (f"the server holds {self.held} bytes of groups it is answering, at its limit "
-                f"of {self.limit}; send again later")
+                f"of {self.limit}; {retry_hint(REFUSED_RETRY_AFTER_S)}")
 
 
 # Answers a group's body (its last answer); may first pass partial answers to `early`

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from meshserve.common import tls
-from meshserve.common.errors import InvalidArgument, ResourceExhausted, TooLarge
+from meshserve.common.errors import (
+    InvalidArgument,
+    OverLimit,
+    ResourceExhausted,
+    TooLarge,
+    from_code,
+)
 from meshserve.common.validation import MAX_MESSAGE, MESSAGE_LIMIT, Schema
 from meshserve.compute import tensors
 from meshserve.protocol import model_config_pb2 as mc
@@ -110,3 +116,5 @@ def test_torchscript_answers_past_the_limit_are_refused(tmp_path):
     assert message.startswith(f"model 'tenfold' version 1: the answer (outputs 'OUTPUT__0' "
                               f"{40 * elements} bytes) is ")
     assert f"{MESSAGE_LIMIT}-byte message limit" in message
+    # Relayed to the ingress, it is a limit a retry will not pass: HTTP 500, not retried.
+    assert type(from_code("RESOURCE_EXHAUSTED", message)) is OverLimit

@@ -4,6 +4,7 @@ import pytest
 
 from meshserve.common.errors import (
     InvalidArgument,
+    OverLimit,
     ResourceExhausted,
     Unavailable,
     from_code,
@@ -49,6 +50,18 @@ def test_upstream_refusal_keeps_its_hint(code, message, seconds):
     error = from_code(code, message)
     assert (error.code, error.message, error.retry_after) == (code, message, seconds)
     assert retry_after_of(message) == seconds
+
+
+def test_an_upstream_refusal_for_capacity_is_retried_and_one_past_a_limit_is_not():
+    """Every refusal for capacity ends with a retry hint; a RESOURCE_EXHAUSTED relayed
+    without one is a limit a retry will not pass (an answer over the message limit): not
+    retried by the asynchronous API, and HTTP 500, not 429."""
+    full = from_code("RESOURCE_EXHAUSTED", "queue is full (max_queue_size 2); retry after 0.05 s")
+    assert type(full) is ResourceExhausted and full.retryable
+    answer = from_code("RESOURCE_EXHAUSTED", "model 'm' version 1: the answer (outputs 'Y' "
+                                             "70000000 bytes) is 70000100 bytes, past the ...")
+    assert type(answer) is OverLimit and not answer.retryable
+    assert answer.code == "RESOURCE_EXHAUSTED" and answer.http_status == 500
 
 
 def test_unavailable_hint_in_milliseconds_at_least_one():
