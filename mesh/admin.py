@@ -16,7 +16,6 @@ from meshserve.common.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    ServingError,
 )
 from meshserve.common.identity import OPERATORS, IdentityCache, caller_identity, parse_callers
 from meshserve.mesh import admin_access
@@ -33,28 +32,11 @@ from meshserve.protocol import admin_pb2_grpc
 log = logging.getLogger(__name__)
 
 STATUS_WINDOW_SECONDS = 3.0
-# Who may write events into the audit log with RecordEvent: the ingress and operators.
-EVENT_RECORDERS = ("ingress",)
-OPERATOR_PREFIX = "client"
 
 
 # CanaryPlan's optional numbers in the request → the plan's fields.
 CANARY_FIELDS = {"interval_seconds": "interval_s", "max_error_rate": "max_error_rate",
                  "max_latency_ratio": "max_latency_ratio", "min_requests": "min_requests"}
-
-
-class EventRefused(ServingError):
-    code = "PERMISSION_DENIED"
-
-
-def may_record_events(identity: str, operators: frozenset[str] | None = None) -> bool:
-    """The ingress, and the operators: `operators` (globs) when given (a control plane
-    without an access policy), else every `client/*` certificate."""
-    if identity in EVENT_RECORDERS:
-        return True
-    if operators is not None:
-        return admin_access.is_operator(identity, operators)
-    return identity == OPERATOR_PREFIX or identity.startswith(OPERATOR_PREFIX + "/")
 
 
 def model_version_to_proto(row: ModelVersion) -> pb.ModelVersion:
@@ -328,9 +310,6 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def RecordEvent(self, request, context):
         self._authorize(context, "RecordEvent", request)
         identity = self._caller(context)
-        if not may_record_events(identity, None if self._policy is not None else self._operators):
-            raise EventRefused(f"'{identity}' may not record audit events (the ingress and "
-                               "operators may)")
         if not request.action:
             raise InvalidArgument("action is empty")
         return audit_entry_to_proto(self._control.store.append_audit(

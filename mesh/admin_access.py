@@ -9,8 +9,7 @@ model) is not refused but shows only the models the caller may read.
 The mesh's own services are not principals of the policy: they keep, by identity, exactly
 the RPCs they call (`SERVICE_RPCS`: the router reads the status and reports shadow
 comparisons; the ingress records events and follows versions' readiness) and nothing else.
-`RecordEvent` keeps its own rule (the ingress and operators' `client/*` certificates) and
-is not a policy action.
+Writing an event into the audit log (`RecordEvent`) is `audit:write` on the model `*`.
 
 Without a policy (`decide_without_policy`) the least is allowed: every client certificate
 the control plane admits may read (`OPEN_ACTIONS`: status, canaries, the registry's
@@ -67,11 +66,9 @@ RPC_ACTIONS: dict[str, Guard] = {
     "RemoveEndpoint": Guard("traffic:write"),
     "ReportShadow": Guard("traffic:write"),
     "Audit": Guard("audit:read", None),
+    "RecordEvent": Guard("audit:write", None),
     "WatchReadiness": Guard("models:read", None, lists=True),
 }
-# Not a policy action: RecordEvent admits the ingress and operators (mesh/admin.py).
-OWN_RULE = frozenset({"RecordEvent"})
-
 # The mesh's services, admitted by identity to exactly the RPCs they call.
 SERVICE_RPCS: dict[str, frozenset[str]] = {
     "router": frozenset({"Status", "ReportShadow"}),
@@ -113,7 +110,7 @@ def decide(policy: Policy, principal: str, method: str, request: object) -> Deci
     """May `principal` (a certificate identity) call `method` with `request`?"""
     guard = RPC_ACTIONS.get(method)
     if guard is None:
-        return Decision(method in OWN_RULE, method, EVERY_MODEL)
+        return Decision(False, method, EVERY_MODEL)
     model = target_model(method, request)
     if principal in SERVICE_RPCS:
         return Decision(method in SERVICE_RPCS[principal], guard.action, model or EVERY_MODEL)
@@ -127,10 +124,10 @@ def decide_without_policy(principal: str, method: str, request: object,
                           operators: frozenset[str]) -> Decision:
     """May `principal` call `method` on a control plane without an access policy? Reads
     (OPEN_ACTIONS) for every caller, everything for `operators` (globs), and the services'
-    own RPCs for each service. RecordEvent keeps its own rule (checked by the servicer)."""
+    own RPCs for each service."""
     guard = RPC_ACTIONS.get(method)
     if guard is None:
-        return Decision(method in OWN_RULE, method, EVERY_MODEL)
+        return Decision(False, method, EVERY_MODEL)
     model = target_model(method, request) or EVERY_MODEL
     if principal in SERVICE_RPCS:
         return Decision(method in SERVICE_RPCS[principal], guard.action, model)

@@ -52,7 +52,7 @@ DEFAULT_POLICY = """\
 # identity); both re-read this file within a second of a change.
 # Actions: infer, models:read (metadata, status), models:fetch (take an artifact's bytes),
 # models:write (push), traffic:write (weights, canaries, endpoints), audit:read,
-# admin (everything).
+# audit:write (record events in the audit log), admin (everything).
 # Principals: a client certificate's SPIFFE identity (e.g. client/developer) or a token's
 # subject. Principals and models are fnmatch globs.
 groups:

@@ -35,7 +35,7 @@ import yaml
 log = logging.getLogger(__name__)
 
 ACTIONS = frozenset({"infer", "models:read", "models:fetch", "models:write", "traffic:write",
-                     "audit:read", "admin"})
+                     "audit:read", "audit:write", "admin"})
 ADMIN = "admin"
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from meshserve.common.access import parse_policy
 from meshserve.common.certificates import spiffe_id
-from meshserve.common.errors import PermissionDenied, ServingError
+from meshserve.common.errors import PermissionDenied
 from meshserve.mesh import admin_access
 from meshserve.mesh.admin import AdminServicer
 from meshserve.mesh.admin_access import Decision, decide, may_read, target_model
@@ -32,10 +32,8 @@ POLICY = parse_policy(ALICE_READS_MLP + """\
 ADMIN_RPCS = pb.DESCRIPTOR.services_by_name["Admin"].methods_by_name
 
 
-def test_every_admin_rpc_has_an_action_or_its_own_rule():
-    guarded = set(admin_access.RPC_ACTIONS) | admin_access.OWN_RULE
-    assert set(ADMIN_RPCS) == guarded
-    assert not set(admin_access.RPC_ACTIONS) & admin_access.OWN_RULE
+def test_every_admin_rpc_is_an_action():
+    assert set(ADMIN_RPCS) == set(admin_access.RPC_ACTIONS)
 
 
 @pytest.mark.parametrize(("method", "request_", "action", "model"), [
@@ -55,6 +53,7 @@ def test_every_admin_rpc_has_an_action_or_its_own_rule():
     ("RemoveEndpoint", pb.Endpoint(model="mlp"), "traffic:write", "mlp"),
     ("ReportShadow", pb.ShadowReport(model="mlp"), "traffic:write", "mlp"),
     ("Audit", pb.AuditRequest(), "audit:read", "*"),
+    ("RecordEvent", pb.AuditEvent(action="token.issue"), "audit:write", "*"),
 ])
 def test_each_rpc_is_one_action_on_one_model(method, request_, action, model):
     assert admin_access.guard_of(method).action == action
@@ -95,9 +94,13 @@ def test_each_rpc_is_one_action_on_one_model(method, request_, action, model):
     ("router", "Pin", pb.PinRequest(model="cnn"), Decision(False, "traffic:write", "cnn")),
     ("ingress", "Status", pb.StatusRequest(), Decision(False, "models:read", "*")),
     ("batcher", "Audit", pb.AuditRequest(), Decision(False, "audit:read", "*")),
-    # RecordEvent keeps its own rule (checked by the servicer)
-    ("ingress", "RecordEvent", pb.AuditEvent(), Decision(True, "RecordEvent", "*")),
-    ("client/alice", "RecordEvent", pb.AuditEvent(), Decision(True, "RecordEvent", "*")),
+    # events in the audit log: the ingress (its own call), and those the policy lets write it
+    # (any client/* certificate could, whatever the policy said)
+    ("ingress", "RecordEvent", pb.AuditEvent(), Decision(True, "audit:write", "*")),
+    ("client/alice", "RecordEvent", pb.AuditEvent(), Decision(False, "audit:write", "*")),
+    ("client/auditor", "RecordEvent", pb.AuditEvent(), Decision(False, "audit:write", "*")),
+    ("client/developer", "RecordEvent", pb.AuditEvent(), Decision(True, "audit:write", "*")),
+    ("router", "RecordEvent", pb.AuditEvent(), Decision(False, "audit:write", "*")),
     # an RPC without a guard is refused
     ("client/developer", "Unknown", pb.StatusRequest(), Decision(False, "Unknown", "*")),
 ])
@@ -151,14 +154,14 @@ def test_every_rpc_of_the_servicer_is_checked_and_each_refusal_audited(tmp_path,
     context = CertificateContext(nobody_pem)
     checked = 0
     for name, method in ADMIN_RPCS.items():
-        if name in admin_access.OWN_RULE or admin_access.guard_of(name).lists:
+        if admin_access.guard_of(name).lists:
             continue
         request = getattr(pb, method.input_type.name)()
         with pytest.raises(PermissionDenied) as raised:
             asyncio.run(getattr(servicer, name)(request, context))
         assert raised.value.message.startswith("'client/nobody' may not "), name
         checked += 1
-    assert checked == len(ADMIN_RPCS) - 4  # RecordEvent, Status, ListModels, WatchReadiness
+    assert checked == len(ADMIN_RPCS) - 3  # Status, ListModels, WatchReadiness
     assert len(denied) == checked
     entries = [e for e in store.audit() if e.action == "request.denied"]
     assert len(entries) == checked
@@ -212,11 +215,13 @@ NEEDS_AN_OPERATOR = ("without an access policy (--policy) that takes an operator
      Decision(True, "traffic:write", "mlp")),
     ("router", "Pin", pb.PinRequest(model="mlp"), Decision(False, "traffic:write", "mlp")),
     ("ingress", "WatchReadiness", pb.ReadinessRequest(), Decision(True, "models:read", "*")),
-    ("ingress", "RecordEvent", pb.AuditEvent(), Decision(True, "RecordEvent", "*")),
+    ("ingress", "RecordEvent", pb.AuditEvent(), Decision(True, "audit:write", "*")),
     ("batcher", "RegisterEndpoint", pb.Endpoint(model="mlp"),
      Decision(False, "traffic:write", "mlp")),
-    # RecordEvent keeps its own rule (checked by the servicer); an unknown RPC is refused
-    ("client/app", "RecordEvent", pb.AuditEvent(), Decision(True, "RecordEvent", "*")),
+    # events in the audit log take an operator; an unknown RPC is refused
+    ("client/app", "RecordEvent", pb.AuditEvent(),
+     Decision(False, "audit:write", "*", needs=NEEDS_AN_OPERATOR)),
+    ("client/operator", "RecordEvent", pb.AuditEvent(), Decision(True, "audit:write", "*")),
     ("client/developer", "Unknown", pb.StatusRequest(), Decision(False, "Unknown", "*")),
 ])
 def test_decide_without_a_policy(principal, method, request_, expected):
@@ -245,15 +250,11 @@ def test_without_a_policy_only_operators_change_the_mesh_and_each_refusal_is_aud
         refused.append(name)
     assert sorted(refused) == sorted(
         {"FetchModel", "PushModel", "SetPolicy", "Pin", "Rollback", "StartCanary",
-         "AbortCanary", "RegisterEndpoint", "RemoveEndpoint", "ReportShadow", "Audit"})
+         "AbortCanary", "RegisterEndpoint", "RemoveEndpoint", "ReportShadow", "Audit",
+         "RecordEvent"})
     assert len(denied) == len(refused)
     entries = [e for e in store.audit() if e.action == "request.denied"]
     assert {e.actor for e in entries} == {"client/app"} and len(entries) == len(refused)
-    with pytest.raises(ServingError) as raised:
-        asyncio.run(servicer.RecordEvent(pb.AuditEvent(action="x"), Peer("client/app")))
-    assert (raised.value.code, raised.value.message) == (
-        "PERMISSION_DENIED", "'client/app' may not record audit events (the ingress and "
-                             "operators may)")
     # reads stay open; the operator changes traffic
     assert len(asyncio.run(servicer.Status(pb.StatusRequest(), Peer("client/app"))).models) == 1
     pinned = asyncio.run(servicer.Pin(pb.PinRequest(model="mlp", version="1"), Peer()))

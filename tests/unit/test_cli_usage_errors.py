@@ -18,8 +18,8 @@ from tests.torchscript_models import torchscript_bytes
     (["token", "rotate-key", "--keep", "0"],
      "argument --keep: must be a whole number of at least 1, not '0'"),
     (["token", "issue", "--subject", "app/a", "--scope", "bogus"],
-     "argument --scope: unknown action(s) bogus; known: admin, audit:read, infer, "
-     "models:fetch, models:read, models:write, traffic:write"),
+     "argument --scope: unknown action(s) bogus; known: admin, audit:read, audit:write, "
+     "infer, models:fetch, models:read, models:write, traffic:write"),
     (["token", "issue", "--subject", "app/a", "--scope", "infer models:reed"],
      "argument --scope: unknown action(s) models:reed; known: admin, "),
     (["token", "issue", "--subject", "app/a", "--ttl", "99999d"],
