@@ -9,6 +9,10 @@ Failover (rules in `failover`): a replica that answers UNAVAILABLE (or cannot be
 its failed batch is retried once on another replica when the retry budget and the
 requests' deadlines allow. An ejected replica is probed and put back once it is healthy.
 
+A batch of several requests whose answer is past the message limit between the services
+(RESOURCE_EXHAUSTED without a retry hint) runs again one request at a time on the same
+replica: each answer may fit alone, as Triton answers each request of a batch on its own.
+
 One module of ~460 lines on purpose: dispatch, retry and ejection act on the same replica
 table and the same in-flight batches, so the loop that owns them is kept whole; the rules it
 applies are pure and live apart (`policy`, `failover`, `batch`).
@@ -34,7 +38,13 @@ from meshserve.batcher.failover import (
     stall_timeout,
 )
 from meshserve.batcher.policy import BatchQueue, Pending, QueueFull, Send
-from meshserve.common.errors import DeadlineExceeded, Internal, ServingError, Unavailable
+from meshserve.common.errors import (
+    DeadlineExceeded,
+    Internal,
+    ServingError,
+    Unavailable,
+    retry_after_of,
+)
 from meshserve.common.forwarding import (
     error_result,
     failure_result,
@@ -110,6 +120,17 @@ async def run_batch(replica: Replica, batch: list[bytes], model: str, version: s
     if result.code:
         raise ComputeFailed(status_of_result(result), result.message)
     return result.response
+
+
+class _TooLargeTogether(Exception):
+    """A batch of several requests whose answer was past the message limit."""
+
+
+def past_the_limit(error: ComputeFailed) -> bool:
+    """A refusal that a smaller batch may not meet: RESOURCE_EXHAUSTED without a retry hint
+    (every refusal for capacity carries one)."""
+    return (error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and retry_after_of(error.details) is None)
 
 
 class _Failed(Exception):
@@ -339,6 +360,8 @@ class Scheduler:
         try:
             try:
                 await self._attempt(replica, entries, dispatched)
+            except _TooLargeTogether:
+                await self._one_at_a_time(replica, entries, dispatched)
             except _Failed as failed:
                 await self._retry(replica, entries, failed, dispatched)
         except ServingError as error:
@@ -351,6 +374,19 @@ class Scheduler:
         finally:
             self.queue.release(entries)
             self._wake.set()
+
+    async def _one_at_a_time(self, replica: Replica, entries: list[Pending],
+                             dispatched: float) -> None:
+        """Each request of a batch whose answer was past the message limit, in a batch of its
+        own on the same replica, in turn."""
+        for entry in entries:
+            if entry.payload.answered:
+                continue
+            replica.occupy(entry.rows)
+            try:
+                await self._attempt(replica, [entry], dispatched)
+            except _Failed as failed:
+                await self._retry(replica, [entry], failed, dispatched)
 
     async def _retry(self, failed_on: Replica, entries: list[Pending], failed: _Failed,
                      dispatched: float) -> None:
@@ -414,6 +450,8 @@ class Scheduler:
                     answer = await self._traced_infer(replica, batch, requests[0].model_name,
                                                       entries, rows, timeout)
             except ComputeFailed as error:
+                if len(entries) > 1 and past_the_limit(error):
+                    raise _TooLargeTogether from None
                 self._replica_failed(replica, error,
                                      stalled=not alone and (left is None or stall < left),
                                      started=started, stall=stall)

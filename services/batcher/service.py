@@ -51,7 +51,7 @@ from meshserve.common.streams import Early, group_handler
 from meshserve.common.tls import TlsFiles
 from meshserve.common.tracing import Tracing, context_of
 from meshserve.common.upstream import Upstream
-from meshserve.common.validation import Checked, Schema
+from meshserve.common.validation import MAX_MESSAGE, Checked, Schema
 from meshserve.protocol import grpc_service_pb2_grpc
 from meshserve.protocol.groups_pb2 import (
     CountersRequest,
@@ -153,7 +153,8 @@ class Batcher:
         go back as they are answered, and the last answer holds the others; before any of
         them, an early answer without results says that the whole group went to a compute
         replica that has room for no more batches, or left whole in one batch of a preferred
-        size."""
+        size. Answers that together pass the message limit between the services go back in
+        as many messages as it takes."""
         try:
             group = InferGroup.FromString(body)
         except DecodeError as error:
@@ -169,18 +170,18 @@ class Batcher:
                     break
                 if not fresh and told:
                     continue
-                await early(InferGroupResult(results=[answers.results[i] for i in fresh],
-                                             items=fresh).SerializeToString())
+                await tell(answers.results, fresh, early)
                 told += fresh
         finally:
             if not answers.done.done():  # the caller left: its queued requests are dropped
                 answers.done.cancel()
         if not told:
-            return InferGroupResult(results=answers.results).SerializeToString()
+            whole = InferGroupResult(results=answers.results).SerializeToString()
+            if len(whole) <= MAX_MESSAGE:
+                return whole
         first = set(told)
         rest = [i for i in range(len(answers.results)) if i not in first]
-        return InferGroupResult(results=[answers.results[i] for i in rest],
-                                items=rest).SerializeToString()
+        return await last_answer(answers.results, rest, early)
 
     def _validate_unreserved(self, request) -> Checked:
         refuse_reserved(request)
@@ -196,6 +197,36 @@ class Batcher:
         if name != stats.name or version not in ("", stats.version):
             raise NotFound(f"this batcher serves model '{stats.name}' version "
                            f"'{stats.version}', not '{name}' version '{version}'")
+
+
+def answer_of(results: list, items: list[int]) -> bytes:
+    """The answer to the items at positions `items` of a group."""
+    return InferGroupResult(results=[results[i] for i in items], items=items).SerializeToString()
+
+
+async def tell(results: list, items: list[int], early: Early) -> None:
+    """An early answer to the items at `items`, in as many messages as the message limit
+    between the services takes (answers that fit one each may not fit together)."""
+    answer = answer_of(results, items)
+    if len(items) > 1 and len(answer) > MAX_MESSAGE:
+        half = len(items) // 2
+        await tell(results, items[:half], early)
+        await tell(results, items[half:], early)
+        return
+    await early(answer)
+
+
+async def last_answer(results: list, items: list[int], early: Early) -> bytes:
+    """A group's last answer, to the items at `items`; what would take it past the message
+    limit goes first, in early answers."""
+    while len(items) > 1:
+        answer = answer_of(results, items)
+        if len(answer) <= MAX_MESSAGE:
+            return answer
+        half = len(items) // 2
+        await tell(results, items[:half], early)
+        items = items[half:]
+    return answer_of(results, items)
 
 
 def refused_whole(body: bytes, error: DecodeError) -> bytes:
