@@ -100,6 +100,11 @@ def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
     models = repository_of(data_dir, repository)
     run_dir = data_dir / "run"
     loaded = ModelRepository.load(models) if loaded is None else loaded
+    ingress = Child("ingress", "ingress", [f"--model-repository={models}",
+                                           f"--listen={HOST}:{port}", "--require-client-cert",
+                                           *auth_args(data_dir, port),
+                                           *http_args(data_dir, port)],
+                    run_dir)
     computes, batchers = [], []
     for name, entry in sorted(loaded.models.items()):
         if entry.plan is not None:  # an ensemble: the ingress runs its steps
@@ -111,6 +116,7 @@ def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
                 suffix = f"-{replica}" if replicas > 1 else ""
                 computes.append(Child(f"compute-{name}-{version}{suffix}", "compute",
                                       [*common, f"--device={device}",
+                                       f"--bls-target-file={ingress.port_file}",
                                        *dev_signing.compute_flags(data_dir)], run_dir,
                                       model=name, version=version))
             for replica in range(batcher_replicas):
@@ -122,11 +128,6 @@ def plan(data_dir: Path, port: int, device: str, metrics: bool = True,
                            f"--policy={data_dir / 'auth' / POLICY}",
                            *dev_signing.control_plane_flags(data_dir, models)], run_dir)
     router = Child("router", "router", [], run_dir)
-    ingress = Child("ingress", "ingress", [f"--model-repository={models}",
-                                           f"--listen={HOST}:{port}", "--require-client-cert",
-                                           *auth_args(data_dir, port),
-                                           *http_args(data_dir, port)],
-                    run_dir)
     ingress.args += [f"--async-store={data_dir / 'async.db'}",
                      f"--audit-denied-sample={audit_denied_sample}",
                      f"--access-log-sample={access_log_sample}", f"--readiness={readiness}"]

@@ -31,11 +31,16 @@ from typing import NamedTuple
 from meshserve.common.errors import Internal, InvalidArgument, ServingError
 from meshserve.common.forwarding import error_result
 from meshserve.protocol.groups_pb2 import ItemResult
-from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
+from meshserve.protocol.grpc_service_pb2 import (
+    InferParameter,
+    ModelInferRequest,
+    ModelInferResponse,
+)
 
 REQUESTS = "meshserve_requests"
 FAILED = "meshserve_failed"
 SHAPES = "meshserve_shapes"
+INT64_MAX = (1 << 63) - 1
 
 
 class RequestFailed(ServingError):
@@ -75,6 +80,24 @@ def parameter_values(parameters: Mapping) -> dict:
         if kind is not None:
             values[key] = getattr(parameter, kind)
     return values
+
+
+def set_parameter(target: InferParameter, value: object, where: str) -> None:
+    """A plain parameter value (as JSON has it) as an InferParameter: a boolean, an integer,
+    a number or a string."""
+    if isinstance(value, bool):
+        target.bool_param = value
+    elif isinstance(value, int):
+        if value > INT64_MAX:
+            target.uint64_param = value
+        else:
+            target.int64_param = value
+    elif isinstance(value, float):
+        target.double_param = value
+    elif isinstance(value, str):
+        target.string_param = value
+    else:
+        raise InvalidArgument(f"{where} must be a boolean, a number or a string")
 
 
 def refuse_reserved(request: ModelInferRequest) -> None:

@@ -45,6 +45,8 @@ def pick_device(requested: str) -> torch.device:
 
 
 class TorchScriptModel:
+    waits = False  # a batch runs on the event loop when it is quick (Pace)
+
     def __init__(self, path: Path | io.BytesIO, config: ModelConfig,
                  device: torch.device, where: str = "") -> None:
         """`path`: the TorchScript file, or its bytes in memory (a decrypted artifact);

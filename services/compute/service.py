@@ -25,6 +25,7 @@ from meshserve.common.errors import (
     Unavailable,
 )
 from meshserve.common.forwarding import error_result, not_a_group
+from meshserve.common.http2_client import target_argument
 from meshserve.common.http2_server import server_ssl_context
 from meshserve.common.identity import Callers, add_callers_flag, default_callers
 from meshserve.common.metrics import ComputeMetrics, Metrics
@@ -58,6 +59,11 @@ class ComputeSettings:
     # The key-encryption key of encrypted artifacts.
     kek_file: Path | None = None
     allowed_callers: frozenset[str] = default_callers("compute")
+    # Where a Python model's calls to other models go: the ingress at HOST:PORT, or at the
+    # port a file holds once the ingress has written it (a supervisor that starts it later);
+    # neither: such calls fail.
+    bls_target: str = ""
+    bls_target_file: Path | None = None
 
 
 # A batch that takes less than this runs on the event loop itself. Handing it to the worker
@@ -130,6 +136,7 @@ class Compute:
     def _load(self) -> None:
         from meshserve.compute.backends import load_model
 
+        self._install_model_calls()
         model = load_model(self.config, self._verified_artifact(), self._version_dir,
                            self._device, self._threads)
         device = model.device
@@ -143,6 +150,22 @@ class Compute:
         if self._metrics is not None:
             self._observe = self._metrics.recorder(self.name, self.version, str(device))
         self.model = model
+
+    def _install_model_calls(self) -> None:
+        """Tell Python models where their calls to other models go, when this compute knows."""
+        settings = self._settings
+        if not settings.bls_target and settings.bls_target_file is None:
+            return
+        from meshserve.compute.backends import triton_python_backend_utils as pb_utils
+        from meshserve.compute.backends.model_calls import ModelCalls, target_in
+
+        if settings.bls_target:
+            def target() -> str:
+                return settings.bls_target
+        else:
+            def target() -> str:
+                return target_in(settings.bls_target_file)
+        pb_utils.set_model_calls(ModelCalls(target, settings.tls))
 
     def _verified_artifact(self) -> bytes | Path:
         """The artifact, checked against its signed manifest before anything loads it:
@@ -217,7 +240,7 @@ class Compute:
             raise Unavailable(f"model '{self.name}' version '{self.version}' is still loading")
         self._schema.validate(request)  # once per batch: a malformed one never reaches torch
         await self._pace.turn()
-        if self._pace.inline():
+        if self._pace.inline() and not self.model.waits:
             response, timings, cpu_ns = self._run(request)
         else:
             self._pace.running += 1
@@ -323,6 +346,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kek-file", type=Path,
                         help="key-encryption key of encrypted artifacts (default: "
                              f"${model_files.KEK_ENV})")
+    calls = parser.add_mutually_exclusive_group()
+    calls.add_argument("--bls-target", type=target_argument,
+                       help="HOST:PORT of the mesh's ingress, where a Python model's calls to "
+                            "other models (InferenceRequest.exec) go, with this compute's "
+                            "certificate (principal 'compute'); default: such calls fail")
+    calls.add_argument("--bls-target-file", type=Path,
+                       help="as --bls-target, the ingress on this host at the port this file "
+                            "holds (read when a model first calls, for a supervisor that "
+                            "starts the ingress after the computes)")
     args = parser.parse_args(argv)
     if args.require_signed and args.trusted_signers is None:
         parser.error("--require-signed needs --trusted-signers")
@@ -332,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, version=args.version, device=args.device, threads=args.threads,
         allowed_callers=args.allow_callers, trusted_signers=args.trusted_signers,
         require_signed=args.require_signed,
-        kek_file=model_files.kek_path(args.kek_file, dict(os.environ)))
+        kek_file=model_files.kek_path(args.kek_file, dict(os.environ)),
+        bls_target=args.bls_target or "", bls_target_file=args.bls_target_file)
 
     return runtime.run_service("compute", args, build_service, settings)

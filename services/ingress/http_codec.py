@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy
 
 from meshserve.common.arrays import NUMPY_DTYPE
+from meshserve.common.batch_requests import set_parameter
 from meshserve.common.datatypes import bytes_elements, element_count, split_bytes_rows
 from meshserve.common.errors import InvalidArgument
 from meshserve.common.validation import no_shared_memory
@@ -33,8 +34,6 @@ from meshserve.protocol import grpc_service_pb2 as pb
 BINARY_DATA_SIZE = "binary_data_size"
 BINARY_DATA = "binary_data"
 BINARY_DATA_OUTPUT = "binary_data_output"
-
-INT64_MAX = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -77,23 +76,6 @@ def _string(value: object, where: str) -> str:
     if not isinstance(value, str):
         raise InvalidArgument(f"{where} must be a string")
     return value
-
-
-def set_parameter(target: pb.InferParameter, value: object, where: str) -> None:
-    """A JSON parameter value as an InferParameter (booleans, integers, numbers, strings)."""
-    if isinstance(value, bool):
-        target.bool_param = value
-    elif isinstance(value, int):
-        if value > INT64_MAX:
-            target.uint64_param = value
-        else:
-            target.int64_param = value
-    elif isinstance(value, float):
-        target.double_param = value
-    elif isinstance(value, str):
-        target.string_param = value
-    else:
-        raise InvalidArgument(f"{where} must be a boolean, a number or a string")
 
 
 def _set_parameters(target, parameters: dict, where: str, skip: Sequence[str] = ()) -> None:

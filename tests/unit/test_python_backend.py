@@ -147,7 +147,8 @@ def test_utilities_follow_the_documented_api():
     assert request.requested_output_names() == ["O"] and request.request_id() == "7"
     response = pb_utils.InferenceResponse(output_tensors=[tensor])
     assert not response.has_error() and pb_utils.get_output_tensor_by_name(response, "T")
-    with pytest.raises(pb_utils.TritonModelException, match="not supported"):
+    pb_utils.set_model_calls(None)
+    with pytest.raises(pb_utils.TritonModelException, match="--bls-target"):
         request.exec()
     with pytest.raises(pb_utils.TritonModelException, match="decoupled"):
         request.get_response_sender()

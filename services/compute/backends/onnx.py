@@ -44,6 +44,8 @@ def providers_for(device: str, available: list[str]) -> list[str]:
 
 
 class OnnxModel:
+    waits = False  # a batch runs on the event loop when it is quick (Pace)
+
     def __init__(self, data: bytes, config: ModelConfig, device: str, threads: int,
                  where: str) -> None:
         """`data`: the model.onnx bytes; `where` names the model, version and file."""

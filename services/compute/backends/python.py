@@ -104,6 +104,10 @@ def import_model(source: str, path: Path) -> types.ModuleType:
 
 
 class PythonModel:
+    # Its code may wait on others (calls to other models, an async execute): it never runs
+    # on the compute's event loop.
+    waits = True
+
     def __init__(self, source: str, config: ModelConfig, path: Path, version: str) -> None:
         self.config = config
         self.device = "cpu"

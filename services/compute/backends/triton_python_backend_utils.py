@@ -9,19 +9,32 @@ before it runs a `model.py`, so a model written for Triton runs unchanged. What 
 `has_error`, `error`), `TritonError` with its codes, `TritonModelException`,
 `get_input_tensor_by_name`, `get_output_tensor_by_name`, `get_input_config_by_name`,
 `get_output_config_by_name`, `triton_string_to_numpy` and `Logger`. Tensors live on the CPU.
-Not offered (calling them raises TritonModelException): decoupled responses
-(`get_response_sender`) and calls to other models from a model (`exec`, `async_exec`);
-an ensemble chains models instead.
+`InferenceRequest(model_name=..., inputs=..., requested_output_names=...).exec()` (and
+`await ... .async_exec()`) calls another model through the mesh, when the compute is given
+where (`--bls-target`; `meshserve.compute.backends.model_calls`). Not offered (calling them
+raises TritonModelException): decoupled responses (`get_response_sender`,
+`exec(decoupled=True)`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from collections.abc import Callable
 
 import numpy
 
 _log = logging.getLogger("meshserve.compute.python_model")
+
+# How a model's calls to other models are made (`InferenceRequest.exec`): set by the compute
+# that runs the model (`set_model_calls`); None: it was not told where they go.
+_model_calls: Callable[[InferenceRequest], InferenceResponse] | None = None
+
+
+def set_model_calls(calls: Callable[[InferenceRequest], InferenceResponse] | None) -> None:
+    global _model_calls
+    _model_calls = calls
 
 
 class TritonModelException(Exception):
@@ -149,11 +162,19 @@ class InferenceRequest:
     def get_response_sender(self):
         _unsupported("decoupled mode (get_response_sender)")
 
-    def exec(self, *_, **__):
-        _unsupported("calling another model from a model (exec)")
+    def exec(self, decoupled: bool = False, **_) -> InferenceResponse:
+        """This request, sent to its model through the mesh; its response (an error in
+        `error()` when the call failed)."""
+        if decoupled:
+            _unsupported("decoupled mode (exec(decoupled=True))")
+        if _model_calls is None:
+            raise TritonModelException(
+                "calling another model from a model (exec) needs the compute to be told where "
+                "the mesh's ingress is (meshserve compute --bls-target)")
+        return _model_calls(self)
 
-    async def async_exec(self, *_, **__):
-        _unsupported("calling another model from a model (async_exec)")
+    async def async_exec(self, decoupled: bool = False, **_) -> InferenceResponse:
+        return await asyncio.to_thread(self.exec, decoupled)
 
 
 class InferenceResponse:
