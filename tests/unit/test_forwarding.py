@@ -500,20 +500,21 @@ async def test_other_exception_reaches_every_waiter():
 
 # --- result <-> error -------------------------------------------------------------------
 
-@pytest.mark.parametrize("code, cls", [
-    (3, errors.InvalidArgument),
-    (4, errors.DeadlineExceeded),
-    (5, errors.NotFound),
-    (8, errors.ResourceExhausted),
-    (9, errors.FailedPrecondition),
-    (13, errors.Internal),
-    (14, errors.Unavailable),
+@pytest.mark.parametrize("code, message, cls", [
+    (3, "why", errors.InvalidArgument),
+    (4, "why", errors.DeadlineExceeded),
+    (5, "why", errors.NotFound),
+    (8, "why; retry after 0.05 s", errors.ResourceExhausted),  # capacity: has a retry hint
+    (8, "why", errors.OverLimit),  # a limit: none
+    (9, "why", errors.FailedPrecondition),
+    (13, "why", errors.Internal),
+    (14, "why", errors.Unavailable),
 ])
-def test_raise_for_raises_the_domain_error(code, cls):
+def test_raise_for_raises_the_domain_error(code, message, cls):
     with pytest.raises(cls) as caught:
-        raise_for(ItemResult(code=code, message="why"))
+        raise_for(ItemResult(code=code, message=message))
     assert type(caught.value) is cls
-    assert caught.value.message == "why"
+    assert caught.value.message == message
 
 
 @pytest.mark.parametrize("code, name", [(2, "UNKNOWN"), (12, "UNIMPLEMENTED"), (99, "UNKNOWN")])
