@@ -90,11 +90,16 @@ def service_help(service: str) -> str:
 
 
 def help_flags(service: str) -> tuple[set[str], set[str]]:
-    """(every flag, the required flags) of `meshserve <service> --help`."""
+    """(every flag, the required flags) of `meshserve <service> --help`. A required flag is
+    one of the usage outside any group: `[--a A]` is optional, and neither flag of a group of
+    alternatives, `[--a A | --b B]` or `(--a A | --b B)`, is required on its own."""
     text = service_help(service)
     usage = text.split("\n\n", 1)[0]
     everything = set(re.findall(r"--[a-z][a-z0-9-]*", text))
-    required = set(re.findall(r"(?<!\[)(--[a-z][a-z0-9-]*)", usage))
+    outside = usage
+    while (inner := re.sub(r"\[[^][()]*\]|\([^][()]*\)", " ", outside)) != outside:
+        outside = inner
+    required = set(re.findall(r"--[a-z][a-z0-9-]*", outside))
     return everything, required
 
 

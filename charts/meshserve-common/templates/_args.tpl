@@ -38,6 +38,9 @@ list: `include "meshserve.args" .` picks the component's. Every flag is one that
 - {{ printf "--kek-file=%s/kek/%s" $dir $artifacts.kekKey | quote }}
 {{- end }}
 {{- end }}
+{{- if and (hasKey .Values "bls") .Values.bls.target }}
+- {{ printf "--bls-target=%s" .Values.bls.target | quote }}
+{{- end }}
 {{- end -}}
 
 {{/* services/batcher/service.py */}}

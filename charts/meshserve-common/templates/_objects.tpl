@@ -174,8 +174,12 @@ the umbrella names its own, so that two meshes in one namespace stay apart), in 
 namespace or in those that networkPolicy.callerNamespaceSelector picks; from operators' pods
 (networkPolicy.operators, the control plane's only: a pod selector and an optional namespace
 selector); plus networkPolicy.extraFrom. No callers, operators or extraFrom: any source
-(the ingress). With metrics.enabled, a second rule admits the port named `metrics` only from
-metrics.scrapeFrom (a namespaceSelector and/or a podSelector: one peer, both must match).
+(the ingress). With networkPolicy.bls.enabled (the ingress's), a rule of its own admits compute
+pods, whose Python models call other models (BLS, --bls-target), to the port named `grpc`
+alone: of the releases networkPolicy.bls.callerInstances names, in this namespace or in those
+callerNamespaceSelector picks. With metrics.enabled, a rule admits the port named `metrics`
+only from metrics.scrapeFrom (a namespaceSelector and/or a podSelector: one peer, both must
+match).
 */}}
 {{- define "meshserve.networkPolicy" -}}
 {{- if .Values.networkPolicy.enabled -}}
@@ -207,26 +211,8 @@ spec:
       {{- $operators := and (hasKey $policy "operators") $policy.operators.enabled -}}
       {{- if or $policy.callers $policy.extraFrom $operators }}
       from:
-        {{- $instances := default (list) $policy.callerInstances }}
         {{- range $policy.callers }}
-        - podSelector:
-            matchLabels:
-              app.kubernetes.io/component: {{ . | quote }}
-              app.kubernetes.io/part-of: meshserve
-              {{- if eq (len $instances) 1 }}
-              app.kubernetes.io/instance: {{ first $instances | quote }}
-              {{- end }}
-            {{- if gt (len $instances) 1 }}
-            matchExpressions:
-              - key: app.kubernetes.io/instance
-                operator: In
-                values:
-                  {{- toYaml $instances | nindent 18 }}
-            {{- end }}
-          {{- with $policy.callerNamespaceSelector }}
-          namespaceSelector:
-            {{- toYaml . | nindent 12 }}
-          {{- end }}
+        {{- include "meshserve.callerPeer" (list . $policy.callerInstances $policy.callerNamespaceSelector) | nindent 8 }}
         {{- end }}
         {{- if $operators }}
         - podSelector:
@@ -240,6 +226,13 @@ spec:
         {{- toYaml . | nindent 8 }}
         {{- end }}
       {{- end }}
+    {{- if and (hasKey $policy "bls") $policy.bls.enabled }}
+    - ports:
+        - port: grpc
+          protocol: TCP
+      from:
+        {{- include "meshserve.callerPeer" (list "compute" $policy.bls.callerInstances $policy.callerNamespaceSelector) | nindent 8 }}
+    {{- end }}
     {{- if include "meshserve.metricsEnabled" . }}
     {{- $peer := dict }}
     {{- range $key, $selector := default (dict) .Values.metrics.scrapeFrom }}
@@ -257,6 +250,34 @@ spec:
         {{- toYaml (list $peer) | nindent 8 }}
     {{- end }}
 {{- end -}}
+{{- end -}}
+
+{{/*
+One NetworkPolicy peer: the pods of one meshserve component (app.kubernetes.io/component and
+app.kubernetes.io/part-of=meshserve), of the releases in instances (app.kubernetes.io/instance;
+empty: of any release), in this namespace or in those namespaceSelector picks (empty: this
+namespace). Call with (list component instances namespaceSelector).
+*/}}
+{{- define "meshserve.callerPeer" -}}
+{{- $instances := default (list) (index . 1) -}}
+- podSelector:
+    matchLabels:
+      app.kubernetes.io/component: {{ index . 0 | quote }}
+      app.kubernetes.io/part-of: meshserve
+      {{- if eq (len $instances) 1 }}
+      app.kubernetes.io/instance: {{ first $instances | quote }}
+      {{- end }}
+    {{- if gt (len $instances) 1 }}
+    matchExpressions:
+      - key: app.kubernetes.io/instance
+        operator: In
+        values:
+          {{- toYaml $instances | nindent 10 }}
+    {{- end }}
+  {{- with index . 2 }}
+  namespaceSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
 {{- end -}}
 
 {{/*

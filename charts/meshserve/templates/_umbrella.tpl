@@ -159,3 +159,19 @@ part-of); the pods' model and version labels become target labels. From the sect
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+Where computes send their Python models' calls to other models (--bls-target): "" unless
+compute.bls.enabled; then compute.bls.target, or this release's ingress Service on its gRPC
+port (the port its Service exposes).
+*/}}
+{{- define "meshserve.umbrella.blsTarget" -}}
+{{- $bls := default (dict) .Values.compute.bls -}}
+{{- if $bls.enabled -}}
+{{- $ingress := .Values.ingress -}}
+{{- $port := default $ingress.port (get (default (dict) $ingress.service) "port") -}}
+{{- default (printf "%s-ingress:%d" .Release.Name (int $port)) $bls.target -}}
+{{- else if $bls.target -}}
+{{- fail "compute.bls.target needs compute.bls.enabled: true (the target alone turns nothing on)" -}}
+{{- end -}}
+{{- end -}}
