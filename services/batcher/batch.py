@@ -5,7 +5,8 @@ contiguous, so a batch is the concatenation of its requests' bytes along the fir
 For a model that answers each request on its own (a Python model), the batch also says whose
 rows it holds, and its answer which requests failed on their own and, for an output whose
 dims differ from request to request, each request's shape (`batch_requests`): such an
-output is split by those shapes instead of by rows.
+output is split by those shapes instead of by rows; each request's own response parameters
+go to its answer.
 """
 
 from collections.abc import Sequence
@@ -140,18 +141,35 @@ def split_answered(batch: ModelInferResponse, requests: Sequence[ModelInferReque
     """`split` for a model that answers each request on its own: the requests the batch's
     answer lists as failed get their error, the others their rows (the answer holds only
     theirs), of the outputs the answer lists under `meshserve_shapes` each in its own shape
-    (`split_shaped`)."""
+    (`split_shaped`), and the parameters it lists for them under `meshserve_parameters`."""
     failed = batch_requests.read_failed(batch)
     shapes = batch_requests.read_shapes(batch)
+    parameters = batch_requests.read_parameters(batch)
     if not failed:
-        return _split_by(batch, requests, rows, wanted, shapes)
-    if not failed.keys() <= set(range(len(requests))):
-        raise Internal(f"compute answered failures of requests {sorted(failed)} for a batch "
-                       f"of {len(requests)}")
-    kept = [i for i in range(len(requests)) if i not in failed]
-    answered = iter(_split_by(batch, [requests[i] for i in kept], [rows[i] for i in kept],
-                              [wanted[i] for i in kept], shapes) if kept else ())
-    return [failed[i] if i in failed else next(answered) for i in range(len(requests))]
+        results = _split_by(batch, requests, rows, wanted, shapes)
+    else:
+        if not failed.keys() <= set(range(len(requests))):
+            raise Internal(f"compute answered failures of requests {sorted(failed)} for a "
+                           f"batch of {len(requests)}")
+        kept = [i for i in range(len(requests)) if i not in failed]
+        answered = iter(_split_by(batch, [requests[i] for i in kept], [rows[i] for i in kept],
+                                  [wanted[i] for i in kept], shapes) if kept else ())
+        results = [failed[i] if i in failed else next(answered) for i in range(len(requests))]
+    if parameters:
+        _give_parameters(results, parameters)
+    return results
+
+
+def _give_parameters(results: list[ItemResult], parameters: dict[int, dict]) -> None:
+    """Each answered request's own response parameters, in its response."""
+    if not parameters.keys() <= {i for i, r in enumerate(results) if not r.code}:
+        raise Internal(f"compute answered response parameters of requests {sorted(parameters)}"
+                       f" for a batch of {len(results)} (failed: "
+                       f"{[i for i, r in enumerate(results) if r.code]})")
+    for index, values in parameters.items():
+        target = results[index].response.parameters
+        for name, value in values.items():
+            batch_requests.set_parameter(target[name], value, f"response parameter '{name}'")
 
 
 def _split_by(batch: ModelInferResponse, requests: Sequence[ModelInferRequest],

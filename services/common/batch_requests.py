@@ -16,10 +16,14 @@ tokenizer's sequences: the config says -1 there), compute answers that output as
 answered requests' elements one after the other (a flat tensor) and lists each answered
 request's shape, in order, under the answer's parameter `meshserve_shapes`: a JSON object
 `{output name: [shape, ...]}`; the batcher splits such an output by those shapes instead of
-by rows. A batch of one request carries no `meshserve_requests`: it is the request itself,
-so a request to such a model may not set it (the batcher refuses it, INVALID_ARGUMENT); when
-that request fails on its own, the answer lists it under `meshserve_failed` all the same
-(`failed_alone`), so that its failure is not taken for the compute replica's.
+by rows. The parameters a request's own response carries (Triton's
+`InferenceResponse(parameters=...)`) travel under the answer's parameter
+`meshserve_parameters`: a JSON object `{position: {name: value, ...}}` of the requests that
+set any; the batcher gives each request its own. A batch of one request carries no
+`meshserve_requests`: it is the request itself, so a request to such a model may not set it
+(the batcher refuses it, INVALID_ARGUMENT); when that request fails on its own, the answer
+lists it under `meshserve_failed` all the same (`failed_alone`), so that its failure is not
+taken for the compute replica's.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from meshserve.protocol.grpc_service_pb2 import (
 REQUESTS = "meshserve_requests"
 FAILED = "meshserve_failed"
 SHAPES = "meshserve_shapes"
+PARAMETERS = "meshserve_parameters"
 INT64_MAX = (1 << 63) - 1
 
 
@@ -184,3 +189,30 @@ def read_shapes(response: ModelInferResponse) -> dict[str, list[list[int]]]:
             raise Internal(f"compute answered a parameter '{SHAPES}' with a shape of output "
                            f"'{name}' that has no batch dimension or a negative dim: {each}")
     return shapes
+
+
+def write_parameters(response: ModelInferResponse, parameters: Mapping[int, dict]) -> None:
+    """Record in `response` the parameters of the requests' own responses, by position in
+    the batch (each a dict of booleans, integers and strings; empty ones are left out)."""
+    kept = {str(index): values for index, values in parameters.items() if values}
+    if kept:
+        response.parameters[PARAMETERS].string_param = json.dumps(kept, separators=(",", ":"))
+
+
+def read_parameters(response: ModelInferResponse) -> dict[int, dict]:
+    """The parameters of the requests' own responses, by position in the batch."""
+    if PARAMETERS not in response.parameters:
+        return {}
+    try:
+        read = json.loads(response.parameters[PARAMETERS].string_param)
+        parameters = {int(index): dict(values) for index, values in read.items()}
+    except (ValueError, TypeError, AttributeError) as error:
+        raise Internal(f"compute answered a malformed parameter '{PARAMETERS}' "
+                       f"({type(error).__name__}: {error})") from None
+    for index, values in parameters.items():
+        for name, value in values.items():
+            if not isinstance(value, (bool, int, str)):
+                raise Internal(f"compute answered a parameter '{PARAMETERS}' whose response "
+                               f"parameter '{name}' of request {index} is not a boolean, "
+                               "integer or string")
+    return parameters

@@ -35,6 +35,7 @@ from meshserve.common.streams import group_handler
 from meshserve.common.tls import TlsFiles
 from meshserve.common.tracing import TRACEPARENT, Tracing, context_of, header
 from meshserve.common.validation import Schema
+from meshserve.compute.backends import triton_python_backend_utils as pb_utils
 from meshserve.protocol import grpc_service_pb2_grpc
 from meshserve.protocol.groups_pb2 import InferGroup, InferGroupResult, ItemResult
 from meshserve.protocol.grpc_service_pb2 import ModelReadyResponse
@@ -156,7 +157,6 @@ class Compute:
         settings = self._settings
         if not settings.bls_target and settings.bls_target_file is None:
             return
-        from meshserve.compute.backends import triton_python_backend_utils as pb_utils
         from meshserve.compute.backends.model_calls import ModelCalls, target_in
 
         if settings.bls_target:
@@ -301,6 +301,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 def build_service(settings: ComputeSettings, metrics: Metrics | None = None,
                   tracing: Tracing | None = None) -> Service:
     compute = Compute(settings, None if metrics is None else ComputeMetrics(metrics))
+    if metrics is not None:  # a Python model's own metric families, served beside compute's
+        metrics.registry.register(pb_utils.model_metrics())
     health = HealthServicer()
 
     async def handle(body: bytes, early=None) -> bytes:

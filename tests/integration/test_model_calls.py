@@ -3,10 +3,13 @@ the documented `triton_python_backend_utils` API as a model for Triton would be,
 whole mesh (`meshserve up --model-repository`): the call goes to the ingress as an ordinary
 request (principal `compute`), and its answer, or its error, comes back to the model."""
 
+import urllib.request
+
 import grpc
 import numpy
 import pytest
 
+from meshserve.common.batch_requests import parameter_values
 from meshserve.common.tls import channel_credentials
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelStatisticsRequest
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
@@ -20,15 +23,25 @@ import triton_python_backend_utils as pb_utils
 
 
 class TritonPythonModel:
+    def initialize(self, args):
+        self.rows = pb_utils.MetricFamily(
+            "double_rows", "Rows doubled", pb_utils.MetricFamily.COUNTER).Metric(
+            labels={"model": args["model_name"]})
+
     def execute(self, requests):
+        for r in requests:
+            self.rows.increment(len(pb_utils.get_input_tensor_by_name(r, "X").as_numpy()))
         return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
-            "Y", 2 * pb_utils.get_input_tensor_by_name(r, "X").as_numpy())])
-            for r in requests]
+            "Y", 2 * pb_utils.get_input_tensor_by_name(r, "X").as_numpy())],
+            parameters={"doubled_by": "double"}) for r in requests]
 '''
 
-# Asks `double` (or the model its TARGET names) for 2X and answers 2X + 1; an error of the
-# call is answered as this request's own error, prefixed "called: ".
+# Asks `double` (or the model its TARGET names) for 2X and answers 2X + 1, with the call's
+# response parameters and "called" (the target); an error of the call is answered as this
+# request's own error, prefixed "called: ".
 CALLER_PY = '''\
+import json
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -39,8 +52,9 @@ class TritonPythonModel:
         for request in requests:
             x = pb_utils.get_input_tensor_by_name(request, "X").as_numpy()
             target = pb_utils.get_input_tensor_by_name(request, "TARGET").as_numpy()
+            target = target.reshape(-1)[0].decode()
             call = pb_utils.InferenceRequest(
-                model_name=target.reshape(-1)[0].decode(), requested_output_names=["Y"],
+                model_name=target, requested_output_names=["Y"],
                 inputs=[pb_utils.Tensor("X", x)])
             answer = CALL(call)
             if answer.has_error():
@@ -49,7 +63,8 @@ class TritonPythonModel:
                 continue
             y = pb_utils.get_output_tensor_by_name(answer, "Y").as_numpy()
             responses.append(pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor("Z", y + 1)]))
+                output_tensors=[pb_utils.Tensor("Z", y + 1)],
+                parameters={**json.loads(answer.parameters()), "called": target}))
         return responses
 '''
 SYNC_CALL = "def CALL(call):\n    return call.exec()\n\n"
@@ -130,3 +145,35 @@ async def test_a_call_that_fails_answers_the_model_with_its_error(served):
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND
     assert refused.value.details() == (
         "model 'caller' version 1: called: unknown model 'nowhere'"), refused.value.details()
+
+
+async def test_a_responses_parameters_reach_the_client_and_the_calling_model(served):
+    x = numpy.ones((1, 4), numpy.float32)
+    direct = ModelInferRequest(model_name="double", id="direct")
+    direct.inputs.add(name="X", datatype="FP32", shape=x.shape)
+    direct.raw_input_contents.append(x.tobytes())
+    answer = await infer(served, direct)
+    assert parameter_values(answer.parameters) == {"doubled_by": "double"}
+    # The caller read its call's parameters (response.parameters()) and answered them on.
+    called = await infer(served, caller_request("async_caller", x))
+    assert parameter_values(called.parameters) == {"doubled_by": "double", "called": "double"}
+
+
+def double_rows(served) -> float:
+    """The `double_rows` counter its compute serves with its own metrics."""
+    port = int((served.data_dir / "run" / "compute-double-1.metrics-port").read_text())
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    [line] = [line for line in text.splitlines() if line.startswith("double_rows{")]
+    assert line.startswith('double_rows{model="double"} '), line
+    return float(line.split()[-1])
+
+
+async def test_a_models_own_metrics_are_served_by_its_compute(served):
+    before = double_rows(served)
+    x = numpy.ones((3, 4), numpy.float32)
+    request = ModelInferRequest(model_name="double")
+    request.inputs.add(name="X", datatype="FP32", shape=x.shape)
+    request.raw_input_contents.append(x.tobytes())
+    await infer(served, request)
+    assert double_rows(served) == before + 3

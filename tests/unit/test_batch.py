@@ -348,3 +348,25 @@ def test_split_answered_refuses_a_malformed_failure_list(text):
     response.parameters[batch_requests.FAILED].string_param = text
     with pytest.raises(Internal):
         split_answered(response, [request("a", 1), request("b", 2)], [1, 2], [None] * 2)
+
+
+def test_split_answered_gives_each_request_its_own_response_parameters():
+    parts = [request("a", 1), request("b", 2), request("c", 1)]
+    response = batch_response(total=2)  # the rows of a and c
+    batch_requests.write_failed(response, [(1, ItemResult(code=3, message="b: bad"))])
+    batch_requests.write_parameters(response, {0: {"tag": "a", "n": 1, "ok": True},
+                                               2: {}, 1: {}})
+    results = split_answered(response, parts, [1, 2, 1], wanted_outputs(parts))
+    assert batch_requests.parameter_values(results[0].response.parameters) == {
+        "tag": "a", "n": 1, "ok": True}
+    assert not results[2].response.parameters and results[1].code == 3
+
+
+@pytest.mark.parametrize("text", ['{"1": {"x": 1}}', '{"0": {"x": 0.5}}', "[", '{"a": {}}'],
+                         ids=["a-failed-request", "a-float", "not-json", "no-position"])
+def test_split_answered_refuses_malformed_response_parameters(text):
+    response = batch_response(total=1)
+    batch_requests.write_failed(response, [(1, ItemResult(code=3, message="b: bad"))])
+    response.parameters[batch_requests.PARAMETERS].string_param = text
+    with pytest.raises(Internal):
+        split_answered(response, [request("a", 1), request("b", 2)], [1, 2], [None] * 2)

@@ -78,3 +78,20 @@ def test_exec_without_a_target_names_the_flag_and_decoupled_is_refused():
         call().exec()
     with pytest.raises(pb_utils.TritonModelException, match="decoupled"):
         call().exec(decoupled=True)
+
+
+def test_the_answers_parameters_are_the_responses_and_error_codes_round_trip():
+    answer = ModelInferResponse()
+    answer.parameters["by"].string_param = "double"
+    answer.parameters["n"].int64_param = 3
+    answer.parameters["ok"].bool_param = True
+    answer.parameters["scale"].double_param = 0.5  # another backend's answer may hold one
+    assert json.loads(response_of(answer).parameters()) == {"by": "double", "n": 3, "ok": True,
+                                                            "scale": 0.5}
+    assert json.loads(response_of(ModelInferResponse()).parameters()) == {}
+    # The code a callee's TritonError had comes back to the caller.
+    for status, code in [(grpc.StatusCode.UNIMPLEMENTED, pb_utils.TritonError.UNSUPPORTED),
+                         (grpc.StatusCode.ALREADY_EXISTS, pb_utils.TritonError.ALREADY_EXISTS),
+                         (grpc.StatusCode.CANCELLED, pb_utils.TritonError.CANCELLED),
+                         (grpc.StatusCode.UNKNOWN, pb_utils.TritonError.UNKNOWN)]:
+        assert failed(status, "x").error().code() == code, status

@@ -5,11 +5,15 @@ import sys
 
 import numpy
 import pytest
+import torch
+from prometheus_client import generate_latest
 
 from meshserve.batcher.batch import merge, split_answered
-from meshserve.common.batch_requests import RequestFailed
+from meshserve.common.batch_requests import RequestFailed, parameter_values
 from meshserve.common.datatypes import serialize_bytes
 from meshserve.common.errors import FailedPrecondition, Internal, InvalidArgument
+from meshserve.common.forwarding import CODE_NAME
+from meshserve.common.metrics import Metrics
 from meshserve.common.repository import ModelRepository
 from meshserve.compute.backends import load_model
 from meshserve.compute.backends import triton_python_backend_utils as pb_utils
@@ -340,3 +344,156 @@ def test_an_output_a_request_did_not_ask_for_may_be_left_out(tmp_path):
                                     echo_request("b", [[2, 2]], outputs=["Y"])])
     assert [sorted(outputs_of(r.response)) for r in results] == [["ECHO"], ["Y"]]
     assert outputs_of(results[1].response)["Y"].tolist() == [[4, 4]]
+
+
+# ------------------------------------------- the rest of the API models written for Triton use
+
+# The echo model, its answers carrying parameters of their own (Triton's
+# `InferenceResponse(parameters=...)`).
+ANSWERS_WITH_PARAMETERS_PY = ECHO_PY.replace(
+    "responses.append(pb_utils.InferenceResponse(output_tensors=[",
+    "responses.append(pb_utils.InferenceResponse(parameters={\n"
+    "                \"id\": request.request_id(), \"rows\": len(x), \"odd\": len(x) % 2 == 1},\n"
+    "                output_tensors=[")
+
+
+def test_each_requests_response_parameters_reach_its_answer(tmp_path):
+    model = echo_model(tmp_path, ANSWERS_WITH_PARAMETERS_PY)
+    results = through_batch(model, [echo_request("a", [[1, 1]]),
+                                    echo_request("b", [[2, 2]], fail=True),
+                                    echo_request("c", [[3, 3], [4, 4]])])
+    assert [r.code for r in results] == [0, 3, 0]
+    assert parameter_values(results[0].response.parameters) == {"id": "a", "rows": 1,
+                                                                "odd": True}
+    assert parameter_values(results[2].response.parameters) == {"id": "c", "rows": 2,
+                                                                "odd": False}
+    assert outputs_of(results[2].response)["Y"].tolist() == [[6, 6], [8, 8]]
+    [alone] = through_batch(model, [echo_request("solo", [[5, 5]])])
+    assert parameter_values(alone.response.parameters) == {"id": "solo", "rows": 1,
+                                                           "odd": True}
+
+
+@pytest.mark.parametrize(("parameters", "refused"), [
+    ([("k", 1)], "parameters must be a dict, got <class 'list'>"),
+    ({1: "int key"}, "parameter names must be of type str; 1 is of type <class 'int'>"),
+    ({"x": 0.5}, "parameter 'x' must be of type bool, int or str; it is of type <class 'float'>"),
+    ({"x": None}, "parameter 'x' must be of type bool, int or str; it is of type "
+                  "<class 'NoneType'>"),
+])
+def test_response_parameters_are_booleans_integers_or_strings_as_in_triton(parameters, refused):
+    with pytest.raises(pb_utils.TritonModelException) as raised:
+        pb_utils.InferenceResponse(parameters=parameters)
+    assert str(raised.value) == refused
+    response = pb_utils.InferenceResponse(parameters={"b": False, "i": 7, "s": "t"})
+    assert json.loads(response.parameters()) == {"b": False, "i": 7, "s": "t"}
+    assert json.loads(pb_utils.InferenceResponse().parameters()) == {}
+
+
+@pytest.mark.parametrize(("code", "status"), [
+    ("UNKNOWN", "UNKNOWN"), ("INTERNAL", "INTERNAL"), ("NOT_FOUND", "NOT_FOUND"),
+    ("INVALID_ARG", "INVALID_ARGUMENT"), ("UNAVAILABLE", "UNAVAILABLE"),
+    ("UNSUPPORTED", "UNIMPLEMENTED"), ("ALREADY_EXISTS", "ALREADY_EXISTS"),
+    ("CANCELLED", "CANCELLED"),
+])
+def test_each_triton_error_code_answers_its_status_as_triton_does(tmp_path, code, status):
+    model = echo_model(tmp_path)
+    results = through_batch(model, [echo_request("a", [[1, 1]], fail=code),
+                                    echo_request("b", [[2, 2]])])
+    assert [(CODE_NAME[r.code], r.message) for r in results] == [
+        (status, "model 'echo' version 1: request a asked to fail"), ("OK", "")]
+    with pytest.raises(RequestFailed) as raised:
+        through_batch(model, [echo_request("solo", [[1, 1]], fail=code)])
+    assert raised.value.code == status
+
+
+METRICS_PY = '''\
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        kinds = pb_utils.MetricFamily
+        self.rows = kinds(name="probe_rows", description="Rows seen", kind=kinds.COUNTER
+                          ).Metric(labels={"model": args["model_name"]})
+        self.last = kinds("probe_last_rows", "Rows of the last request", kinds.GAUGE).Metric()
+        self.sizes = kinds("probe_request_rows", "Rows per request", kinds.HISTOGRAM).Metric(
+            labels={"model": args["model_name"]}, buckets=[1, 2])
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "X").as_numpy()
+            self.rows.increment(len(x))
+            self.last.set(len(x))
+            self.sizes.observe(len(x))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("Y", x * 2),
+                pb_utils.Tensor("ECHO", np.full((len(x), 1), str(self.rows.value()), object))]))
+        return responses
+'''.replace("import triton_python_backend_utils", "import numpy as np\nimport "
+            "triton_python_backend_utils")
+
+
+def test_the_models_metric_families_are_served_with_the_computes(tmp_path):
+    model = echo_model(tmp_path, METRICS_PY)
+    results = through_batch(model, [echo_request("a", [[1, 1]]),
+                                    echo_request("b", [[2, 2], [3, 3], [4, 4]])])
+    assert [outputs_of(r.response)["ECHO"].tolist()[0] for r in results] == [[b"1.0"],
+                                                                             [b"4.0"]]
+    metrics = Metrics()
+    metrics.registry.register(pb_utils.model_metrics())
+    text = generate_latest(metrics.registry).decode()
+    assert "# HELP probe_rows Rows seen\n" in text
+    assert 'probe_rows{model="echo"} 4.0\n' in text  # its own name, as Triton serves it
+    assert "probe_last_rows 3.0\n" in text and "# TYPE probe_last_rows gauge\n" in text
+    for line in ['probe_request_rows_bucket{le="1.0",model="echo"} 1.0',
+                 'probe_request_rows_bucket{le="2.0",model="echo"} 1.0',
+                 'probe_request_rows_bucket{le="+Inf",model="echo"} 2.0',
+                 'probe_request_rows_count{model="echo"} 2.0',
+                 'probe_request_rows_sum{model="echo"} 4.0']:
+        assert line + "\n" in text, line
+
+
+def test_metric_families_are_used_as_triton_allows():
+    kinds = pb_utils.MetricFamily
+    counter = kinds("probe_checked_total", "A counter", kinds.COUNTER)
+    assert kinds("probe_checked_total", "Again", kinds.COUNTER).Metric() is counter.Metric()
+    refusals = [
+        (lambda: counter.Metric().increment(-1), "a counter cannot be decremented"),
+        (lambda: counter.Metric().set(3),
+         "^metric 'probe_checked_total': a counter cannot be set$"),
+        (lambda: kinds("probe_histogram", "h", kinds.HISTOGRAM).Metric(buckets=[1]).value(),
+         "a histogram cannot be read as one value"),
+        (lambda: counter.Metric(buckets=[1]), "a histogram needs buckets"),
+        (lambda: kinds("probe_histogram", "h", kinds.HISTOGRAM).Metric(), "needs buckets"),
+        (lambda: kinds("probe_checked_total", "d", kinds.GAUGE), "is a counter already"),
+        (lambda: kinds("probe checked", "d", kinds.GAUGE), "not a Prometheus metric name"),
+        (lambda: kinds("probe_kind", "d", "SUMMARY"), "kind must be"),
+        (lambda: counter.Metric(labels={"bad-label": "x"}), "not a Prometheus label name"),
+    ]
+    for refused, message in refusals:
+        with pytest.raises(pb_utils.TritonModelException, match=message):
+            refused()
+
+
+def test_the_helpers_a_triton_model_imports(tmp_path):
+    entry, _ = load(tmp_path)
+    assert pb_utils.get_model_dir() == str(entry.path / "1")
+    assert pb_utils.triton_to_numpy_type(11) is numpy.float32
+    assert pb_utils.triton_to_numpy_type(13) is numpy.object_
+    assert pb_utils.numpy_to_triton_type(numpy.int64) == 9
+    assert pb_utils.numpy_to_triton_type(numpy.object_) == 13
+    words = numpy.array([[b"ab", "é"]], dtype=object)
+    raw = pb_utils.serialize_byte_tensor(words)
+    assert raw == b"\x02\x00\x00\x00ab\x02\x00\x00\x00\xc3\xa9"
+    assert pb_utils.deserialize_bytes_tensor(raw).tolist() == [b"ab", "é".encode()]
+    assert pb_utils.using_decoupled_model_transaction_policy(
+        {"model_transaction_policy": {"decoupled": True}})
+    assert not pb_utils.using_decoupled_model_transaction_policy({})
+    assert (pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START,
+            pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END) == (1, 2)
+    tensor = pb_utils.Tensor("X", numpy.arange(4, dtype=numpy.float32))
+    assert tensor.triton_dtype() == 11
+    assert torch.from_dlpack(tensor).tolist() == [0.0, 1.0, 2.0, 3.0]  # the DLPack protocol
+    with pytest.raises(pb_utils.TritonModelException, match="model loading API"):
+        pb_utils.is_model_ready("other")

@@ -4,11 +4,13 @@ over mutual TLS with the compute's own certificate, so each call is authenticate
 `compute`), authorized by the access policy, validated, routed by its model's traffic
 policy, batched and counted like any client's request.
 
-A call that fails comes back as Triton's BLS has it: a response whose `error()` carries the
-status's message and its code (INVALID_ARGUMENT → INVALID_ARG, NOT_FOUND, UNAVAILABLE,
-UNIMPLEMENTED → UNSUPPORTED, CANCELLED, others INTERNAL). A request the model built wrongly
-(an input whose dtype no datatype of the protocol holds, a parameter that is not a boolean,
-number or string) raises TritonModelException, as Triton's does.
+An answer's parameters are the response's `parameters()`. A call that fails comes back as
+Triton's BLS has it: a response whose `error()` carries the status's message and its code
+(INVALID_ARGUMENT → INVALID_ARG, NOT_FOUND, UNAVAILABLE, UNIMPLEMENTED → UNSUPPORTED,
+ALREADY_EXISTS, CANCELLED, UNKNOWN, others INTERNAL): the code a callee's TritonError had.
+A request the model built wrongly (an input whose dtype no datatype of the protocol holds, a
+parameter that is not a boolean, number or string) raises TritonModelException, as
+Triton's does.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import grpc
 import numpy
 
 from meshserve.common.arrays import NUMPY_DTYPE, deserialize_bytes
-from meshserve.common.batch_requests import set_parameter
+from meshserve.common.batch_requests import parameter_values, set_parameter
 from meshserve.common.datatypes import serialize_bytes
 from meshserve.common.errors import InvalidArgument
 from meshserve.common.tls import TlsFiles, channel_credentials, channel_options
@@ -42,7 +44,9 @@ _ERROR_OF_STATUS = {
     grpc.StatusCode.NOT_FOUND: pb_utils.TritonError.NOT_FOUND,
     grpc.StatusCode.UNAVAILABLE: pb_utils.TritonError.UNAVAILABLE,
     grpc.StatusCode.UNIMPLEMENTED: pb_utils.TritonError.UNSUPPORTED,
+    grpc.StatusCode.ALREADY_EXISTS: pb_utils.TritonError.ALREADY_EXISTS,
     grpc.StatusCode.CANCELLED: pb_utils.TritonError.CANCELLED,
+    grpc.StatusCode.UNKNOWN: pb_utils.TritonError.UNKNOWN,
 }
 _DATATYPE_OF_DTYPE = {dtype: datatype for datatype, dtype in NUMPY_DTYPE.items()}
 
@@ -88,14 +92,15 @@ def request_of(call: pb_utils.InferenceRequest) -> pb.ModelInferRequest:
 
 
 def response_of(answer: pb.ModelInferResponse) -> pb_utils.InferenceResponse:
-    """The model's InferenceResponse of an answer: its outputs as tensors."""
+    """The model's InferenceResponse of an answer: its outputs as tensors, and its
+    parameters."""
     tensors = []
     for output, raw in zip(answer.outputs, answer.raw_output_contents, strict=True):
         shape = tuple(output.shape)
         array = (deserialize_bytes(raw, shape) if output.datatype == "BYTES" else
                  numpy.frombuffer(raw, numpy_dtype(output.datatype)).reshape(shape))
         tensors.append(pb_utils.Tensor(output.name, array))
-    return pb_utils.InferenceResponse(output_tensors=tensors)
+    return pb_utils.response_from_mesh(tensors, parameter_values(answer.parameters))
 
 
 def failed(code: grpc.StatusCode, message: str) -> pb_utils.InferenceResponse:

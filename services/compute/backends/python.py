@@ -8,14 +8,16 @@ thread. As in Triton, `execute` receives one `InferenceRequest` per client reque
 batch, each with its own rows (views of the batch's inputs, writable arrays as in Triton),
 `parameters()`, `request_id()`, `requested_output_names()` and `timeout()`: the batcher joins
 the requests into one batch and says whose rows it holds (`batch_requests`), and the
-responses are joined back into the batch's answer, their rows in the requests' order. A
-`TritonError` in one response fails that request only; an exception in `execute`
-(SystemExit and KeyboardInterrupt too) fails that batch's requests only. Every response's
-output must hold its request's rows. Where the requests' dims after them differ (boxes,
-sequences: a -1 in config.pbtxt that varies), the output is joined as their elements one
-after the other and the answer lists each request's shape (`batch_requests.SHAPES`), so each
-request still gets its own tensor, as in Triton. `auto_complete_config` is not called: the
-config is read by every service without running model code, so declare inputs and outputs.
+responses are joined back into the batch's answer, their rows in the requests' order, and
+each response's own `parameters` go to its request's answer. A `TritonError` in one
+response fails that request only, with the status Triton gives its code
+(`_STATUS_OF_CODE`); an exception in `execute` (SystemExit and KeyboardInterrupt too) fails
+that batch's requests only. Every response's output must hold its request's rows. Where
+the requests' dims after them differ (boxes, sequences: a -1 in config.pbtxt that varies),
+the output is joined as their elements one after the other and the answer lists each
+request's shape (`batch_requests.SHAPES`), so each request still gets its own tensor, as in
+Triton. `auto_complete_config` is not called: the config is read by every service without
+running model code, so declare inputs and outputs.
 """
 
 from __future__ import annotations
@@ -50,12 +52,17 @@ log = logging.getLogger(__name__)
 
 MODULE_NAME = "triton_python_backend_utils"
 
-_ERROR_OF_CODE = {
-    pb_utils.TritonError.INVALID_ARG: errors.InvalidArgument,
-    pb_utils.TritonError.NOT_FOUND: errors.NotFound,
-    pb_utils.TritonError.UNAVAILABLE: errors.Unavailable,
-    pb_utils.TritonError.UNSUPPORTED: errors.FailedPrecondition,
-    pb_utils.TritonError.ALREADY_EXISTS: errors.FailedPrecondition,
+# The status a request gets for the code of the TritonError its response carries, as Triton
+# answers it; an unknown code is INTERNAL.
+_STATUS_OF_CODE = {
+    pb_utils.TritonError.UNKNOWN: "UNKNOWN",
+    pb_utils.TritonError.INTERNAL: "INTERNAL",
+    pb_utils.TritonError.NOT_FOUND: "NOT_FOUND",
+    pb_utils.TritonError.INVALID_ARG: "INVALID_ARGUMENT",
+    pb_utils.TritonError.UNAVAILABLE: "UNAVAILABLE",
+    pb_utils.TritonError.UNSUPPORTED: "UNIMPLEMENTED",
+    pb_utils.TritonError.ALREADY_EXISTS: "ALREADY_EXISTS",
+    pb_utils.TritonError.CANCELLED: "CANCELLED",
 }
 
 _INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
@@ -95,6 +102,7 @@ def import_model(source: str, path: Path) -> types.ModuleType:
     """Run `model.py`'s source as a module, with `triton_python_backend_utils` importable
     and the version directory on the path for the model's own helper modules."""
     sys.modules[MODULE_NAME] = pb_utils
+    pb_utils.set_model_dir(path.parent)
     if str(path.parent) not in sys.path:
         sys.path.insert(0, str(path.parent))
     module = types.ModuleType(f"meshserve_python_model_{path.parent.parent.name}")
@@ -165,6 +173,9 @@ class PythonModel:
                                       request, version, self._where)
             batch_requests.write_failed(response, failed)
             batch_requests.write_shapes(response, shapes)
+        batch_requests.write_parameters(response, {
+            index: pb_utils.parameters_of(answer) for index, answer in enumerate(responses)
+            if not answer.has_error()})
         done = time.perf_counter_ns()
         return response, Timings(decoded - start, executed - decoded, done - executed)
 
@@ -309,8 +320,8 @@ def _rows(request: ModelInferRequest) -> int:
 
 
 def _error_of(error: pb_utils.TritonError, where: str) -> ServingError:
-    kind = _ERROR_OF_CODE.get(error.code(), Internal)
-    return kind(f"{where}: {error.message()}")
+    return errors.from_code(_STATUS_OF_CODE.get(error.code(), "INTERNAL"),
+                            f"{where}: {error.message()}")
 
 
 def _writable(array):

@@ -3,29 +3,59 @@ implemented for meshserve from Triton's published description of its API.
 
 The Python backend registers this module under the name `triton_python_backend_utils`
 before it runs a `model.py`, so a model written for Triton runs unchanged. What it offers:
-`Tensor` (`name`, `as_numpy`, `is_cpu`, `to_dlpack`, `from_dlpack`), `InferenceRequest`
-(`inputs`, `requested_output_names`, `request_id`, `correlation_id`, `flags`,
-`parameters`, `timeout`, `is_cancelled`), `InferenceResponse` (`output_tensors`,
-`has_error`, `error`), `TritonError` with its codes, `TritonModelException`,
+`Tensor` (`name`, `as_numpy`, `shape`, `triton_dtype`, `is_cpu`, `to_dlpack`, `from_dlpack`,
+and the DLPack protocol), `InferenceRequest` (`inputs`, `requested_output_names`,
+`request_id`, `correlation_id`, `flags`, `parameters`, `timeout`, `is_cancelled`),
+`InferenceResponse` (`output_tensors`, `has_error`, `error`, `parameters`), `TritonError`
+with its codes, `TritonModelException`, `MetricFamily` and its `Metric`s (the model's own
+Prometheus metrics, served by the compute with its own: `model_metrics`),
 `get_input_tensor_by_name`, `get_output_tensor_by_name`, `get_input_config_by_name`,
-`get_output_config_by_name`, `triton_string_to_numpy` and `Logger`. Tensors live on the CPU.
+`get_output_config_by_name`, `get_model_dir`, `triton_string_to_numpy`,
+`triton_to_numpy_type`, `numpy_to_triton_type`, `serialize_byte_tensor`,
+`deserialize_bytes_tensor`, `using_decoupled_model_transaction_policy`, the
+`TRITONSERVER_*` flag constants and `Logger`. Tensors live on the CPU.
 `InferenceRequest(model_name=..., inputs=..., requested_output_names=...).exec()` (and
 `await ... .async_exec()`) calls another model through the mesh, when the compute is given
 where (`--bls-target`; `meshserve.compute.backends.model_calls`). Not offered (calling them
 raises TritonModelException): decoupled responses (`get_response_sender`,
-`exec(decoupled=True)`).
+`exec(decoupled=True)`) and the model loading API (`load_model`, `unload_model`,
+`is_model_ready`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
+import re
+import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy
 
+from meshserve.common.arrays import NUMPY_DTYPE, deserialize_bytes
+from meshserve.common.datatypes import element_ends, serialize_bytes
+
 _log = logging.getLogger("meshserve.compute.python_model")
+
+# Flags of Triton's C API a model may name (requests to stateful models, decoupled answers,
+# rescheduling): meshserve serves neither, but models that name them still load.
+TRITONSERVER_REQUEST_FLAG_SEQUENCE_START = 1
+TRITONSERVER_REQUEST_FLAG_SEQUENCE_END = 2
+TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+TRITONSERVER_REQUEST_RELEASE_ALL = 1
+TRITONSERVER_REQUEST_RELEASE_RESCHEDULE = 2
+
+# The numbers of Triton's C API data types (TRITONSERVER_DataType), by protocol datatype.
+_TRITON_TYPE_NUMBER = {"BOOL": 1, "UINT8": 2, "UINT16": 3, "UINT32": 4, "UINT64": 5,
+                       "INT8": 6, "INT16": 7, "INT32": 8, "INT64": 9, "FP16": 10, "FP32": 11,
+                       "FP64": 12, "BYTES": 13, "BF16": 14}
+_DATATYPE_OF_DTYPE = {dtype: datatype for datatype, dtype in NUMPY_DTYPE.items()}
+
+# The version directory of the model this process runs (`get_model_dir`).
+_model_dir = ""
 
 # How a model's calls to other models are made (`InferenceRequest.exec`): set by the compute
 # that runs the model (`set_model_calls`); None: it was not told where they go.
@@ -35,6 +65,16 @@ _model_calls: Callable[[InferenceRequest], InferenceResponse] | None = None
 def set_model_calls(calls: Callable[[InferenceRequest], InferenceResponse] | None) -> None:
     global _model_calls
     _model_calls = calls
+
+
+def set_model_dir(path: Path) -> None:
+    global _model_dir
+    _model_dir = str(path)
+
+
+def get_model_dir() -> str:
+    """The directory of the model's version (where its `model.py` is), as in Triton."""
+    return _model_dir
 
 
 class TritonModelException(Exception):
@@ -96,11 +136,26 @@ class Tensor:
     def shape(self) -> list[int]:
         return list(self._array.shape)
 
+    def triton_dtype(self) -> int:
+        """The number of its data type in Triton's C API (`TYPE_FP32`: 11)."""
+        number = _TRITON_TYPE_NUMBER.get(_datatype_of(self._array.dtype))
+        if number is None:
+            raise TritonModelException(f"tensor '{self._name}' is of dtype "
+                                       f"{self._array.dtype}, which no data type holds")
+        return number
+
     def is_cpu(self) -> bool:
         return True
 
     def to_dlpack(self):
         return self._array.__dlpack__()
+
+    def __dlpack__(self, **options):
+        """The DLPack protocol: `torch.from_dlpack(tensor)` takes it as Triton's does."""
+        return self._array.__dlpack__(**options)
+
+    def __dlpack_device__(self):
+        return self._array.__dlpack_device__()
 
     @staticmethod
     def from_dlpack(name: str, tensor) -> Tensor:
@@ -178,11 +233,18 @@ class InferenceRequest:
 
 
 class InferenceResponse:
-    """The answer to one request: output tensors, or an error."""
+    """The answer to one request: output tensors, or an error; and its own parameters, which
+    reach the client in its response (booleans, integers and strings, as in Triton)."""
 
-    def __init__(self, output_tensors=None, error: TritonError | None = None, **_) -> None:
+    def __init__(self, output_tensors=None, error: TritonError | None = None,
+                 parameters: dict | None = None, **_) -> None:
         self._outputs = list(output_tensors or [])
         self._error = error
+        self._parameters = _checked_parameters(parameters)
+
+    def parameters(self) -> str:
+        """Its parameters as a JSON object string."""
+        return json.dumps(self._parameters)
 
     def output_tensors(self) -> list[Tensor]:
         return list(self._outputs)
@@ -192,6 +254,34 @@ class InferenceResponse:
 
     def error(self) -> TritonError | None:
         return self._error
+
+
+def _checked_parameters(parameters) -> dict:
+    """A response's parameters, when they are a dict of str to bool, int or str."""
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise TritonModelException(f"parameters must be a dict, got {type(parameters)}")
+    for name, value in parameters.items():
+        if not isinstance(name, str):
+            raise TritonModelException(
+                f"parameter names must be of type str; {name!r} is of type {type(name)}")
+        if not isinstance(value, (bool, int, str)):
+            raise TritonModelException(f"parameter '{name}' must be of type bool, int or "
+                                       f"str; it is of type {type(value)}")
+    return dict(parameters)
+
+
+def response_from_mesh(output_tensors: list[Tensor], parameters: dict) -> InferenceResponse:
+    """A call's answer as the mesh sent it: its parameters as they came (numbers too)."""
+    response = InferenceResponse(output_tensors=output_tensors)
+    response._parameters = dict(parameters)
+    return response
+
+
+def parameters_of(response: InferenceResponse) -> dict:
+    """A response's parameters, by name."""
+    return response._parameters
 
 
 def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | None:
@@ -225,6 +315,61 @@ def triton_string_to_numpy(triton_type_string: str):
     return _NUMPY_OF_CONFIG_TYPE.get(triton_type_string)
 
 
+def triton_to_numpy_type(data_type: int):
+    """The numpy type of a data type of Triton's C API (11 -> numpy.float32); None for BF16
+    (numpy has none) and unknown numbers."""
+    datatype = next((d for d, n in _TRITON_TYPE_NUMBER.items() if n == data_type), None)
+    if datatype == "BYTES":
+        return numpy.object_
+    return None if datatype not in NUMPY_DTYPE else NUMPY_DTYPE[datatype].type
+
+
+def numpy_to_triton_type(data_type) -> int | None:
+    """The number in Triton's C API of a numpy type (numpy.float32 -> 11); None when no
+    data type holds it."""
+    try:
+        return _TRITON_TYPE_NUMBER.get(_datatype_of(numpy.dtype(data_type)))
+    except TypeError:
+        return None
+
+
+def _datatype_of(dtype: numpy.dtype) -> str | None:
+    if dtype.kind in "OSU":
+        return "BYTES"
+    if dtype.name == "bfloat16":
+        return "BF16"
+    return _DATATYPE_OF_DTYPE.get(dtype.newbyteorder("<"))
+
+
+def serialize_byte_tensor(input_tensor: numpy.ndarray) -> bytes:
+    """The elements of a BYTES array, each after its 4-byte little-endian length, in C
+    order (str as UTF-8, other objects as their str())."""
+    return serialize_bytes(numpy.asarray(input_tensor).reshape(-1).tolist())
+
+
+def deserialize_bytes_tensor(encoded_tensor: bytes) -> numpy.ndarray:
+    """The elements of serialized BYTES contents, as a 1-D object array of bytes."""
+    count = sum(1 for _ in element_ends(encoded_tensor))
+    return deserialize_bytes(encoded_tensor, [count])
+
+
+def using_decoupled_model_transaction_policy(model_config: dict) -> bool:
+    """Whether the (parsed) config asks for decoupled responses."""
+    return bool(model_config.get("model_transaction_policy", {}).get("decoupled", False))
+
+
+def load_model(model_name: str, config: str = "", files=None) -> None:
+    _unsupported("the model loading API (load_model)")
+
+
+def unload_model(model_name: str, unload_dependents: bool = False) -> None:
+    _unsupported("the model loading API (unload_model)")
+
+
+def is_model_ready(model_name: str, model_version: str = "") -> bool:
+    _unsupported("the model loading API (is_model_ready)")
+
+
 class Logger:
     """A model's log lines, in the compute process's log."""
 
@@ -252,3 +397,164 @@ class Logger:
     @staticmethod
     def log_verbose(message: str) -> None:
         _log.debug("%s", message)
+
+
+# ------------------------------------------------------------------ the model's own metrics
+
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+class Metric:
+    """One series of a MetricFamily, of its labels. A counter only grows (`increment`); a
+    gauge is `set` or incremented; a histogram `observe`s."""
+
+    def __init__(self, name: str, kind: str, labels: dict[str, str],
+                 buckets: tuple[float, ...]) -> None:
+        self._where = f"metric '{name}'" + (f" {labels}" if labels else "")
+        self._kind = kind
+        self.labels = labels
+        self.buckets = buckets
+        self._lock = threading.Lock()  # the model's thread writes, a scrape reads
+        self._value = 0.0
+        self._counts = [0] * (len(buckets) + 1)  # the last: above every bucket
+        self._sum = 0.0
+
+    def increment(self, value: float) -> None:
+        self._only(MetricFamily.COUNTER, MetricFamily.GAUGE, doing="incremented")
+        if self._kind == MetricFamily.COUNTER and value < 0:
+            raise TritonModelException(f"{self._where}: a counter cannot be decremented "
+                                       f"(increment {value})")
+        with self._lock:
+            self._value += float(value)
+
+    def set(self, value: float) -> None:
+        self._only(MetricFamily.GAUGE, doing="set")
+        with self._lock:
+            self._value = float(value)
+
+    def observe(self, value: float) -> None:
+        self._only(MetricFamily.HISTOGRAM, doing="observed")
+        with self._lock:
+            self._counts[bisect.bisect_left(self.buckets, value)] += 1
+            self._sum += float(value)
+
+    def value(self) -> float:
+        self._only(MetricFamily.COUNTER, MetricFamily.GAUGE, doing="read as one value")
+        return self._value
+
+    def observations(self) -> tuple[list[int], float]:
+        """A histogram's counts per bucket (then above them) and their sum, read at once."""
+        with self._lock:
+            return list(self._counts), self._sum
+
+    def _only(self, *kinds: str, doing: str) -> None:
+        if self._kind not in kinds:
+            raise TritonModelException(f"{self._where}: a {self._kind} cannot be {doing}")
+
+
+class MetricFamily:
+    """A metric the model defines: `MetricFamily(name, description, kind)`, then
+    `.Metric(labels={...})` for each series (a histogram's with `buckets=[...]`). Families
+    of one name are one family, as in Triton; the compute serves them with its own metrics,
+    under their own names."""
+
+    COUNTER = "counter"
+    GAUGE = "gauge"
+    HISTOGRAM = "histogram"
+
+    def __init__(self, name: str, description: str, kind: str) -> None:
+        if kind not in (self.COUNTER, self.GAUGE, self.HISTOGRAM):
+            raise TritonModelException(f"metric family '{name}': kind must be "
+                                       "MetricFamily.COUNTER, GAUGE or HISTOGRAM")
+        if not isinstance(name, str) or not _METRIC_NAME.fullmatch(name):
+            raise TritonModelException(f"metric family name {name!r} is not a Prometheus "
+                                       "metric name ([a-zA-Z_:][a-zA-Z0-9_:]*)")
+        with _families.lock:
+            known = _families.by_name.get(name)
+            if known is not None and known.kind != kind:
+                raise TritonModelException(f"metric family '{name}' is a {known.kind} "
+                                           f"already; it cannot be a {kind} too")
+            self._shared = known or _families.by_name.setdefault(
+                name, _Family(name, str(description), kind))
+
+    def Metric(self, labels: dict | None = None,  # noqa: N802 — Triton's name
+               buckets: list | None = None) -> Metric:
+        family = self._shared
+        if labels is not None and not isinstance(labels, dict):
+            raise TritonModelException(f"metric family '{family.name}': labels must be a dict")
+        labels = {str(k): str(v) for k, v in (labels or {}).items()}
+        bad = [k for k in labels if not _LABEL_NAME.fullmatch(k)]
+        if bad:
+            raise TritonModelException(f"metric family '{family.name}': label name {bad[0]!r} "
+                                       "is not a Prometheus label name")
+        if (buckets is None) != (family.kind != self.HISTOGRAM):
+            raise TritonModelException(
+                f"metric family '{family.name}': a histogram needs buckets (a list of upper "
+                "bounds); a counter or gauge takes none")
+        bounds = tuple(sorted(float(b) for b in buckets or ()))
+        key = tuple(sorted(labels.items()))
+        with _families.lock:
+            metric = family.metrics.get(key)
+            if metric is None:
+                metric = family.metrics[key] = Metric(family.name, family.kind, labels, bounds)
+            elif metric.buckets != bounds:
+                raise TritonModelException(f"metric family '{family.name}': labels {labels} "
+                                           f"have buckets {list(metric.buckets)} already")
+        return metric
+
+
+class _Family:
+    def __init__(self, name: str, description: str, kind: str) -> None:
+        self.name, self.description, self.kind = name, description, kind
+        self.metrics: dict[tuple, Metric] = {}
+
+
+class _Families:
+    """Every family the models of this process defined, and the Prometheus collector that
+    serves them: a counter under its exact name (untyped in the text format, as the compute's
+    Triton counters), a gauge, a histogram (`_bucket{le}`, `_count`, `_sum`)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_name: dict[str, _Family] = {}
+
+    def describe(self) -> list:
+        return []  # families come and go with the model: nothing to reserve
+
+    def collect(self) -> list:
+        from prometheus_client.metrics_core import Metric as Exposed
+
+        with self.lock:
+            families = [(f, list(f.metrics.values())) for f in self.by_name.values()]
+        exposed = []
+        for family, metrics in families:
+            kind = "unknown" if family.kind == MetricFamily.COUNTER else family.kind
+            out = Exposed(family.name, family.description, kind)
+            for metric in metrics:
+                if family.kind != MetricFamily.HISTOGRAM:
+                    out.add_sample(family.name, metric.labels, metric.value())
+                    continue
+                counts, total = metric.observations()
+                running = 0
+                for bound, count in zip((*metric.buckets, float("inf")), counts, strict=True):
+                    running += count
+                    out.add_sample(f"{family.name}_bucket",
+                                   {**metric.labels, "le": _bound(bound)}, running)
+                out.add_sample(f"{family.name}_count", metric.labels, running)
+                out.add_sample(f"{family.name}_sum", metric.labels, total)
+            exposed.append(out)
+        return exposed
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(value)
+
+
+_families = _Families()
+
+
+def model_metrics() -> _Families:
+    """The collector of the metrics the models define, for the compute's Prometheus registry
+    (`registry.register(model_metrics())`)."""
+    return _families
