@@ -69,6 +69,7 @@ RPC_ACTIONS: dict[str, Guard] = {
     "RecordEvent": Guard("audit:write", None),
     "WatchReadiness": Guard("models:read", None, lists=True),
 }
+
 # The mesh's services, admitted by identity to exactly the RPCs they call.
 SERVICE_RPCS: dict[str, frozenset[str]] = {
     "router": frozenset({"Status", "ReportShadow"}),

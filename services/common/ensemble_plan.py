@@ -9,6 +9,11 @@ starts, so a wave's steps may run at once. A plan is refused at load when a step
 missing model or version, maps a tensor its model lacks, leaves a required input unmapped,
 reads a tensor no one writes, disagrees on a datatype or shape, or when steps (or
 ensembles) form a cycle.
+
+As in Triton, a tensor may pass between a model that takes a batch dimension and one that
+does not (an ensemble with `max_batch_size: 0` over batching steps, or a step with
+`max_batch_size: 0` in a batching ensemble) when their shapes agree with the batch dimension
+counted (`[-1, 4]` and `[4]` with a batch); `carried_shape` gives the shape it then takes.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ class Step:
     version: str  # "": the version the mesh's traffic policy picks
     inputs: tuple[tuple[str, str], ...]  # (step model's input, ensemble tensor)
     outputs: tuple[tuple[str, str], ...]  # (step model's output, ensemble tensor)
+    batching: bool  # the step model takes a batch dimension (max_batch_size > 0)
+    input_dims: tuple[tuple[int, ...], ...]  # the step model's dims of each input
 
     def describe(self) -> str:
         return f"step {self.number} ('{self.model}'" + (
@@ -41,10 +48,26 @@ class Step:
 class Plan:
     waves: tuple[tuple[Step, ...], ...]
     outputs: tuple[str, ...]  # the ensemble's outputs, in config order
+    batching: bool  # the ensemble takes a batch dimension (max_batch_size > 0)
+    output_dims: tuple[tuple[int, ...], ...]  # the ensemble's dims of each output
 
     @property
     def steps(self) -> tuple[Step, ...]:
         return tuple(sorted((s for wave in self.waves for s in wave), key=lambda s: s.number))
+
+    def waves_for(self, wanted: set[str]) -> tuple[tuple[Step, ...], ...]:
+        """The waves that compute the `wanted` outputs (every output when empty): as Triton
+        prunes them when a request asks for some of the outputs, a step none of whose
+        outputs leads to a wanted one does not run."""
+        if not wanted or wanted >= set(self.outputs):
+            return self.waves
+        needed, runs = set(wanted), set()
+        for step in reversed([s for wave in self.waves for s in wave]):
+            if any(tensor in needed for _, tensor in step.outputs):
+                runs.add(step.number)
+                needed.update(tensor for _, tensor in step.inputs)
+        waves = (tuple(s for s in wave if s.number in runs) for wave in self.waves)
+        return tuple(wave for wave in waves if wave)
 
 
 def check_steps(config: ModelConfig, source: str) -> None:
@@ -75,13 +98,41 @@ class _Tensor:
     datatype: str
     dims: tuple[int, ...]
     origin: str
+    batching: bool
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Its dims with the batch dimension, when it has one."""
+        return (-1, *self.dims) if self.batching else self.dims
+
+
+def _fits(dims, shape) -> bool:
+    """Whether `shape` is one that `dims` describes (-1 on either side fits any size)."""
+    return len(dims) == len(shape) and all(
+        a == b or -1 in (a, b) for a, b in zip(dims, shape))
+
+
+def carried_shape(shape: list[int], dims: tuple[int, ...], batching: bool,
+                  batched: bool) -> list[int]:
+    """The shape in which a tensor of `shape` (`batched`: made with a batch dimension)
+    reaches a reader of config `dims` that takes a batch dimension when `batching` (a step's
+    input, or the ensemble's output), as Triton carries it: a tensor without a batch
+    dimension that `dims` describes gains one of 1 for a batching reader; a tensor with a
+    batch of 1 that `dims` does not describe loses it for a reader without batching; any
+    other tensor keeps its shape."""
+    if batching and not batched and _fits(dims, shape):
+        return [1, *shape]
+    if batched and not batching and shape[:1] == [1] and not _fits(dims, shape):
+        return list(shape[1:])
+    return list(shape)
 
 
 def build(config: ModelConfig, lookup: Lookup, source: str) -> Plan:
     """The checked plan of an ensemble (raises a ServingError naming the step and why)."""
     check_steps(config, source)
+    batching = config.max_batch_size > 0
     known = {t.name: _Tensor(WIRE_FROM_CONFIG[t.data_type], tuple(t.dims),
-                             "ensemble input") for t in config.input}
+                             "ensemble input", batching) for t in config.input}
     steps = []
     for number, spec in enumerate(config.ensemble_scheduling.step, 1):
         step, written = _step(config, number, spec, lookup, source)
@@ -94,11 +145,13 @@ def build(config: ModelConfig, lookup: Lookup, source: str) -> Plan:
             raise InvalidArgument(f"{source}: ensemble output '{tensor.name}' is not written "
                                   "by any step's output_map")
         _agree(tensor.name, producer, _Tensor(WIRE_FROM_CONFIG[tensor.data_type],
-                                              tuple(tensor.dims), "ensemble output"), source)
+                                              tuple(tensor.dims), "ensemble output", batching),
+               source)
     for step in steps:
         for name, tensor in step.inputs:
             _agree(tensor, known[tensor], _input_of(lookup(step.model)[0], name, step), source)
-    return Plan(waves=waves, outputs=tuple(t.name for t in config.output))
+    return Plan(waves=waves, outputs=tuple(t.name for t in config.output), batching=batching,
+                output_dims=tuple(tuple(t.dims) for t in config.output))
 
 
 def _step(config: ModelConfig, number: int, spec, lookup: Lookup,
@@ -114,7 +167,7 @@ def _step(config: ModelConfig, number: int, spec, lookup: Lookup,
     if version and version not in versions:
         raise FailedPrecondition(f"{where} asks for version {version}, which is not served "
                                  f"(served: {', '.join(versions)})")
-    if config.max_batch_size > step_config.max_batch_size:
+    if step_config.max_batch_size and config.max_batch_size > step_config.max_batch_size:
         raise FailedPrecondition(
             f"{where}: the ensemble's max_batch_size {config.max_batch_size} exceeds the step "
             f"model's {step_config.max_batch_size}")
@@ -128,6 +181,7 @@ def _step(config: ModelConfig, number: int, spec, lookup: Lookup,
         if name not in spec.input_map and not tensor.optional:
             raise InvalidArgument(f"{where}: input '{name}' of model '{spec.model_name}' is "
                                   "not in input_map")
+    batching = step_config.max_batch_size > 0
     written = {}
     for name, tensor in spec.output_map.items():
         if name not in outputs:
@@ -135,24 +189,25 @@ def _step(config: ModelConfig, number: int, spec, lookup: Lookup,
                                   f"'{spec.model_name}' lacks (outputs: {', '.join(outputs)})")
         out = outputs[name]
         written[tensor] = _Tensor(WIRE_FROM_CONFIG[out.data_type], tuple(out.dims),
-                                  f"output '{name}' of step {number} ('{spec.model_name}')")
-    step = Step(number, spec.model_name, version, tuple(sorted(spec.input_map.items())),
-                tuple(sorted(spec.output_map.items())))
+                                  f"output '{name}' of step {number} ('{spec.model_name}')",
+                                  batching)
+    mapped = tuple(sorted(spec.input_map.items()))
+    step = Step(number, spec.model_name, version, mapped, tuple(sorted(spec.output_map.items())),
+                batching, tuple(tuple(inputs[name].dims) for name, _ in mapped))
     return step, written
 
 
 def _input_of(step_config: ModelConfig, name: str, step: Step) -> _Tensor:
     tensor = next(t for t in step_config.input if t.name == name)
     return _Tensor(WIRE_FROM_CONFIG[tensor.data_type], tuple(tensor.dims),
-                   f"input '{name}' of {step.describe()}")
+                   f"input '{name}' of {step.describe()}", step.batching)
 
 
 def _agree(name: str, producer: _Tensor, consumer: _Tensor, source: str) -> None:
     if producer.datatype != consumer.datatype:
         raise InvalidArgument(f"{source}: tensor '{name}' is {producer.datatype} as "
                               f"{producer.origin} but {consumer.datatype} as {consumer.origin}")
-    if len(producer.dims) != len(consumer.dims) or any(
-            a != b and -1 not in (a, b) for a, b in zip(producer.dims, consumer.dims)):
+    if not (_fits(producer.dims, consumer.dims) or _fits(producer.shape, consumer.shape)):
         raise InvalidArgument(f"{source}: tensor '{name}' has dims {list(producer.dims)} as "
                               f"{producer.origin} but {list(consumer.dims)} as "
                               f"{consumer.origin}")

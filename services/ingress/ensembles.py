@@ -4,7 +4,10 @@ Each step is an ordinary request for a model version served by the mesh (validat
 by the router under its model's traffic policy, batched by its batcher, run by its compute),
 made through the ingress's own `infer`; intermediate tensors stay inside the mesh and only
 the ensemble's outputs go back to the client. Steps of one wave of the plan (see
-`meshserve.common.ensemble_plan`) run at once. An error names the failing step. The
+`meshserve.common.ensemble_plan`) run at once; as in Triton, a step whose outputs none of
+the requested ones needs does not run, each step's request carries the ensemble request's
+id and parameters, and a tensor that is not there (an optional ensemble input the request
+leaves out) is left out of the steps that read it. An error names the failing step. The
 ensemble itself is counted here (ModelStatistics) and told to `record` (the ingress's
 request metrics and access log); each step is counted by its own batcher as usual.
 """
@@ -15,7 +18,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from meshserve.common.ensemble_plan import Plan, Step
+from meshserve.common.ensemble_plan import Plan, Step, carried_shape
 from meshserve.common.errors import ServingError, from_code
 from meshserve.common.forwarding import left_code
 from meshserve.common.repository import ModelEntry, ModelRepository
@@ -29,17 +32,17 @@ InferStep = Callable[[pb.ModelInferRequest, float | None, str], Awaitable[pb.Mod
 # Whether a model version is ready: (model, version or "") -> bool.
 ReadyCheck = Callable[[str, str], Awaitable[bool]]
 
-# Request parameters every step inherits from the ensemble's request.
-INHERITED_PARAMETERS = ("priority", "timeout")
-
 
 class _Tensor:
-    __slots__ = ("datatype", "shape", "raw")
+    """`batched`: made with a batch dimension (by a model with max_batch_size > 0)."""
 
-    def __init__(self, datatype: str, shape, raw: bytes) -> None:
+    __slots__ = ("datatype", "shape", "raw", "batched")
+
+    def __init__(self, datatype: str, shape, raw: bytes, batched: bool) -> None:
         self.datatype = datatype
         self.shape = list(shape)
         self.raw = raw
+        self.batched = batched
 
 
 # Told of each answered ensemble request: (model, version, gRPC status name, when it arrived
@@ -111,9 +114,10 @@ class EnsembleRunner:
     async def _run(self, entry: ModelEntry, version: str, request: pb.ModelInferRequest,
                    deadline: float | None, traceparent: str) -> pb.ModelInferResponse:
         plan: Plan = entry.plan
-        tensors = {t.name: _Tensor(t.datatype, t.shape, raw)
+        tensors = {t.name: _Tensor(t.datatype, t.shape, raw, plan.batching)
                    for t, raw in zip(request.inputs, request.raw_input_contents)}
-        for wave in plan.waves:
+        wanted = {o.name for o in request.outputs}
+        for wave in plan.waves_for(wanted):
             answers = await asyncio.gather(*(
                 self._step(entry.name, step, request, tensors, deadline, traceparent)
                 for step in wave))
@@ -123,15 +127,15 @@ class EnsembleRunner:
                 for output, tensor in step.outputs:
                     if output in produced:
                         meta, raw = produced[output]
-                        tensors[tensor] = _Tensor(meta.datatype, meta.shape, raw)
-        wanted = {o.name for o in request.outputs}
+                        tensors[tensor] = _Tensor(meta.datatype, meta.shape, raw, step.batching)
         response = pb.ModelInferResponse(model_name=entry.name, model_version=version,
                                          id=request.id)
-        for name in plan.outputs:
-            if wanted and name not in wanted:
+        for name, dims in zip(plan.outputs, plan.output_dims):
+            tensor = tensors.get(name)
+            if tensor is None or (wanted and name not in wanted):
                 continue
-            tensor = tensors[name]
-            response.outputs.add(name=name, datatype=tensor.datatype, shape=tensor.shape)
+            shape = carried_shape(tensor.shape, dims, plan.batching, tensor.batched)
+            response.outputs.add(name=name, datatype=tensor.datatype, shape=shape)
             response.raw_output_contents.append(tensor.raw)
         return response
 
@@ -140,12 +144,14 @@ class EnsembleRunner:
                     traceparent: str) -> pb.ModelInferResponse:
         step_request = pb.ModelInferRequest(model_name=step.model, model_version=step.version,
                                             id=request.id)
-        for key in INHERITED_PARAMETERS:
-            if key in request.parameters:
-                step_request.parameters[key].CopyFrom(request.parameters[key])
-        for name, tensor_name in step.inputs:
-            tensor = tensors[tensor_name]
-            step_request.inputs.add(name=name, datatype=tensor.datatype, shape=tensor.shape)
+        for key, value in request.parameters.items():
+            step_request.parameters[key].CopyFrom(value)
+        for (name, tensor_name), dims in zip(step.inputs, step.input_dims):
+            tensor = tensors.get(tensor_name)
+            if tensor is None:  # an optional input the request left out
+                continue
+            shape = carried_shape(tensor.shape, dims, step.batching, tensor.batched)
+            step_request.inputs.add(name=name, datatype=tensor.datatype, shape=shape)
             step_request.raw_input_contents.append(tensor.raw)
         for output, _ in step.outputs:
             step_request.outputs.add(name=output)

@@ -2,6 +2,7 @@
 
 import pytest
 
+from meshserve.common import ensemble_plan
 from meshserve.common.repository import ModelRepository
 
 # Two-input, one-output step models (the repository reads only their configs).
@@ -137,3 +138,54 @@ def test_steps_are_checked_when_the_config_is_parsed(repo, scheduling, reason):
         'output [ { name: "R" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
         f"ensemble_scheduling {{ {scheduling} }}\n")
     assert reason in ModelRepository.load(repo).refused["e"]
+
+
+UNBATCHED_STEP = """
+max_batch_size: 0
+input [ { name: "IN" data_type: TYPE_FP32 dims: [ -1, 4 ] } ]
+output [ { name: "OUT" data_type: TYPE_FP32 dims: [ -1, 4 ] } ]
+"""
+
+
+def test_batching_and_non_batching_models_mix_when_shapes_agree_with_the_batch(repo):
+    """As Triton checks an ensemble: a step without batching (max_batch_size 0) may be in a
+    batching ensemble, and an ensemble without batching may run batching steps, when the
+    tensors' shapes agree with the batch dimension counted ([-1, 4] and a batch of [4])."""
+    (repo / "unbatched" / "1").mkdir(parents=True)
+    (repo / "unbatched" / "config.pbtxt").write_text(UNBATCHED_STEP)
+    ensemble(repo, "mixed", step("unbatched", "X", "t") + "," + step("a", "t", "RESULT"),
+             max_batch_size=8)
+    (repo / "flat" / "1").mkdir(parents=True)
+    (repo / "flat" / "config.pbtxt").write_text(
+        'platform: "ensemble"\nmax_batch_size: 0\n'
+        'input [ { name: "X" data_type: TYPE_FP32 dims: [ -1, 4 ] } ]\n'
+        'output [ { name: "R" data_type: TYPE_FP32 dims: [ -1, 4 ] } ]\n'
+        f'ensemble_scheduling {{ step [ {step("a", "X", "R")} ] }}\n')
+    (repo / "wrong" / "1").mkdir(parents=True)
+    (repo / "wrong" / "config.pbtxt").write_text(
+        'platform: "ensemble"\nmax_batch_size: 0\n'
+        'input [ { name: "X" data_type: TYPE_FP32 dims: [ 2, 5 ] } ]\n'
+        'output [ { name: "R" data_type: TYPE_FP32 dims: [ -1, 4 ] } ]\n'
+        f'ensemble_scheduling {{ step [ {step("a", "X", "R")} ] }}\n')
+    loaded = ModelRepository.load(repo)
+    assert set(loaded.refused) == {"wrong"}
+    assert loaded.refused["wrong"].endswith(
+        "tensor 'X' has dims [2, 5] as ensemble input but [4] as input 'IN' of step 1 ('a')")
+    mixed, flat = loaded.get("mixed").plan, loaded.get("flat").plan
+    assert [(s.batching, s.input_dims) for s in mixed.steps] == [
+        (False, ((-1, 4),)), (True, ((4,),))]
+    assert (mixed.batching, flat.batching, flat.output_dims) == (True, False, ((-1, 4),))
+
+
+@pytest.mark.parametrize(("shape", "dims", "batching", "batched", "carried"), [
+    ([4], (4,), True, False, [1, 4]),  # gains a batch of one
+    ([2, 4], (4,), True, False, [2, 4]),  # holds its batch already
+    ([1, 4], (4,), False, True, [4]),  # loses its batch of one
+    ([1, 4], (-1, 4), False, True, [1, 4]),  # the reader's dims describe it as it is
+    ([2, 4], (4,), False, True, [2, 4]),  # a batch of two stays (the reader refuses it)
+    ([3, 4], (4,), True, True, [3, 4]),
+    ([3, 4], (-1, 4), False, False, [3, 4]),
+])
+def test_a_tensor_takes_the_shape_its_reader_expects_as_triton_carries_it(
+        shape, dims, batching, batched, carried):
+    assert ensemble_plan.carried_shape(shape, dims, batching, batched) == carried

@@ -155,3 +155,146 @@ async def test_requests_it_cannot_answer_are_counted_too(tmp_path):
     with pytest.raises(asyncio.CancelledError):
         await call
     assert counted.seen == [("greet", "", "NOT_FOUND"), ("greet", "1", "CANCELLED")]
+
+
+async def test_every_request_parameter_reaches_each_step(runner):
+    """As Triton sets the ensemble request's parameters on each step's request: a Python
+    step reads the client's own parameters (a tokenizer's `lowercase`), not only priority
+    and timeout."""
+    request = greet_request(1.0)
+    request.parameters["lowercase"].bool_param = True
+    request.parameters["tag"].string_param = "t-1"
+    await runner.infer(request, remaining=None)
+    [(step, _, _)] = runner.seen
+    assert dict(step.parameters) == dict(request.parameters)
+
+
+# Models the runner reads only the configs of; `PlusOne` answers their requests.
+PLUS = """
+backend: "python"
+max_batch_size: 8
+input [ { name: "IN" data_type: TYPE_FP32 dims: [ 4 ] },
+        { name: "EXTRA" data_type: TYPE_FP32 dims: [ 4 ] optional: true } ]
+output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 4 ] } ]
+"""
+PLUS_UNBATCHED = """
+backend: "python"
+max_batch_size: 0
+input [ { name: "IN" data_type: TYPE_FP32 dims: [ -1, 4 ] } ]
+output [ { name: "OUT" data_type: TYPE_FP32 dims: [ -1, 4 ] } ]
+"""
+
+
+def plus_step(model: str, reads: str, writes: str, extra: str = "") -> str:
+    extra_map = f'input_map {{ key: "EXTRA" value: "{extra}" }} ' if extra else ""
+    return (f'{{ model_name: "{model}" model_version: -1 input_map {{ key: "IN" value: '
+            f'"{reads}" }} {extra_map}output_map {{ key: "OUT" value: "{writes}" }} }}')
+
+
+def fp32_tensors(names: str, dims: str) -> str:
+    """Config entries of FP32 tensors `names` (comma-separated; "B?" is optional)."""
+    return ", ".join(
+        f'{{ name: "{name.rstrip("?")}" data_type: TYPE_FP32 dims: [ {dims} ]'
+        f'{" optional: true" if name.endswith("?") else ""} }}' for name in names.split(","))
+
+
+def plus_ensemble(max_batch_size: int, dims: str, inputs: str, outputs: str,
+                  steps: list[str]) -> str:
+    return (f'platform: "ensemble"\nmax_batch_size: {max_batch_size}\n'
+            f"input [ {fp32_tensors(inputs, dims)} ]\noutput [ {fp32_tensors(outputs, dims)} ]\n"
+            f"ensemble_scheduling {{ step [ {', '.join(steps)} ] }}\n")
+
+
+class PlusOne:
+    """Answers a step as its model would (OUT = IN + 1, + EXTRA when given), keeping each
+    request."""
+
+    def __init__(self) -> None:
+        self.seen: list[pb.ModelInferRequest] = []
+
+    async def __call__(self, request, remaining, traceparent):
+        self.seen.append(request)
+        given = {t.name: numpy.frombuffer(raw, numpy.float32).reshape(t.shape)
+                 for t, raw in zip(request.inputs, request.raw_input_contents)}
+        out = given["IN"] + 1 + given.get("EXTRA", 0)
+        response = pb.ModelInferResponse(model_name=request.model_name)
+        response.outputs.add(name="OUT", datatype="FP32", shape=out.shape)
+        response.raw_output_contents.append(out.tobytes())
+        return response
+
+
+@pytest.fixture
+def plus(tmp_path):
+    """A runner over `plus` (batching) and `plus_unbatched` models and ensembles of them."""
+    configs = {
+        "plus": PLUS, "plus_unbatched": PLUS_UNBATCHED,
+        "optional": plus_ensemble(8, "4", "X,B?", "Y", [plus_step("plus", "X", "Y", "B")]),
+        "branches": plus_ensemble(8, "4", "X", "L,R", [
+            plus_step("plus", "X", "t"), plus_step("plus", "t", "L"),
+            plus_step("plus", "X", "R"), plus_step("plus", "R", "unread")]),
+        # A step without batching in a batching ensemble, and an ensemble without batching
+        # over a batching step, as Triton allows.
+        "mixed": plus_ensemble(4, "4", "X", "Y", [
+            plus_step("plus_unbatched", "X", "m"), plus_step("plus", "m", "Y")]),
+        "flat": plus_ensemble(0, "4", "X", "Y", [plus_step("plus", "X", "Y")]),
+    }
+    for name, config in configs.items():
+        (tmp_path / name / "1").mkdir(parents=True)
+        (tmp_path / name / "config.pbtxt").write_text(config)
+    repository = ModelRepository.load(tmp_path)
+    assert not repository.refused
+    steps = PlusOne()
+    runner = EnsembleRunner(repository, steps)
+    runner.seen = steps.seen
+    return runner
+
+
+def plus_request(model: str, x: numpy.ndarray, outputs=(), **others) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    for name, array in {"X": x, **others}.items():
+        request.inputs.add(name=name, datatype="FP32", shape=array.shape)
+        request.raw_input_contents.append(array.astype(numpy.float32).tobytes())
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+async def test_an_optional_input_the_request_leaves_out_is_left_out_of_its_step(plus):
+    x = numpy.zeros((2, 4))
+    response = await plus.infer(plus_request("optional", x), remaining=None)
+    assert outputs_of(response)["Y"].tolist() == [[1.0] * 4] * 2
+    assert [t.name for t in plus.seen[0].inputs] == ["IN"]
+    response = await plus.infer(plus_request("optional", x, B=x + 5), remaining=None)
+    assert outputs_of(response)["Y"].tolist() == [[6.0] * 4] * 2
+
+
+async def test_a_step_that_no_requested_output_needs_does_not_run(plus):
+    """As Triton prunes them: asking for L runs the two steps that lead to it (reading X = 0,
+    then t = 1); for R, its step alone; asking for none or for all runs every step (the last
+    one, which reads R = 1 and writes what nothing reads, too)."""
+
+    async def read_by_steps(outputs: list[str]) -> list[float]:
+        """What each step that ran read of IN (one value of it)."""
+        plus.seen.clear()
+        request = plus_request("branches", numpy.zeros((1, 4)), outputs)
+        response = await plus.infer(request, remaining=None)
+        assert [t.name for t in response.outputs] == (outputs or ["L", "R"])
+        return sorted(numpy.frombuffer(s.raw_input_contents[0], numpy.float32)[0]
+                      for s in plus.seen)
+
+    assert await read_by_steps(["L"]) == [0.0, 1.0]
+    assert await read_by_steps(["R"]) == [0.0]
+    assert await read_by_steps([]) == await read_by_steps(["L", "R"]) == [0.0, 0.0, 1.0, 1.0]
+
+
+async def test_tensors_pass_between_batching_and_non_batching_models_as_in_triton(plus):
+    # A batch of 2 goes through the step without batching as the [2, 4] its dims describe.
+    response = await plus.infer(plus_request("mixed", numpy.zeros((2, 4))), remaining=None)
+    assert outputs_of(response)["Y"].tolist() == [[2.0] * 4] * 2
+    assert [s.inputs[0].shape for s in plus.seen] == [[2, 4], [2, 4]]
+    plus.seen.clear()
+    # A [4] without a batch reaches the batching step as a batch of one, and comes back [4].
+    response = await plus.infer(plus_request("flat", numpy.zeros(4)), remaining=None)
+    assert [s.inputs[0].shape for s in plus.seen] == [[1, 4]]
+    assert list(response.outputs[0].shape) == [4]
+    assert outputs_of(response)["Y"].tolist() == [1.0] * 4
