@@ -71,3 +71,44 @@ def bf16_and_string_model() -> bytes:
         [value("C1", TensorProto.BFLOAT16, [BATCH, 2]),
          value("D1", TensorProto.STRING, [BATCH, 1])])
     return _model(graph)
+
+
+def reshape_model() -> bytes:
+    """X FP32 [batch, 2, 2] -> Y = X transposed (each row's 2x2 matrix)."""
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["X"], ["Y"], perm=[0, 2, 1])], "transpose",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [BATCH, 2, 2])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [BATCH, 2, 2])])
+    return _model(graph)
+
+
+def row_scalar_model() -> bytes:
+    """X FP32 [batch] -> Y = X * X: one scalar a row."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["X", "X"], ["Y"])], "square",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [BATCH])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [BATCH])])
+    return _model(graph)
+
+
+def scalar_model() -> bytes:
+    """X FP32 scalar -> Y = X + X, a scalar: no batch dimension, no dimension at all."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["X", "X"], ["Y"])], "twice",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [])])
+    return _model(graph)
+
+
+def initializer_input_model() -> bytes:
+    """Triton's add_with_initializer (onnxruntime_backend test/initializer_as_input):
+    OUTPUT = INPUT + INITIALIZER, all FP32 [5, 5]; INITIALIZER is a graph input that the
+    graph also holds, as ones."""
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["INPUT", "INITIALIZER"], ["OUTPUT"])], "init_input",
+        [value("INPUT", TensorProto.FLOAT, [5, 5]),
+         value("INITIALIZER", TensorProto.FLOAT, [5, 5])],
+        [value("OUTPUT", TensorProto.FLOAT, [5, 5])],
+        [numpy_helper.from_array(numpy.ones((5, 5), numpy.float32), "INITIALIZER")])
+    return _model(graph)

@@ -2,10 +2,13 @@
 against them (as Triton does without `--strict-model-config`).
 
 `complete_config` fills in the inputs and outputs a config.pbtxt leaves out, from the
-graph; when `max_batch_size` is 0 and every graph tensor's first dimension is dynamic, it
-also sets Triton's default `max_batch_size` of 4. `check_config` refuses a config whose
-declared tensors the graph does not have, or has with another datatype or shape. Both are
-pure; `read_graph` parses the file (with the `onnx` package, imported when needed).
+graph; when every graph tensor's first dimension is dynamic it also sets Triton's default
+`max_batch_size` of 4 (when the config has none) and turns the dynamic batcher on. A graph
+scalar is completed as Triton completes it: `dims: [ 1 ]`, with `reshape: { shape: [ ] }`
+when the model batches. `check_config` refuses a config whose declared tensors the graph does
+not have, or has with another datatype or shape (a tensor's `reshape.shape` when it has one,
+as the model sees it). Both are pure; `read_graph` parses the file (with the `onnx` package,
+imported when needed).
 """
 
 from __future__ import annotations
@@ -44,10 +47,13 @@ class GraphTensor:
 class Graph:
     inputs: tuple[GraphTensor, ...]
     outputs: tuple[GraphTensor, ...]
+    # graph inputs that are also initializers: the graph holds their value, a request may
+    # send another (ONNX Runtime's overridable initializers)
+    initializers: tuple[GraphTensor, ...] = ()
 
 
 def read_graph(data: bytes, source: str) -> Graph:
-    """The graph's inputs (initializers left out) and outputs; FailedPrecondition naming
+    """The graph's inputs (initializers apart) and outputs; FailedPrecondition naming
     `source` when `data` is not an ONNX model."""
     import onnx
     from google.protobuf.message import DecodeError
@@ -63,7 +69,8 @@ def read_graph(data: bytes, source: str) -> Graph:
                                  "outputs)")
     initializers = {i.name for i in graph.initializer}
     return Graph(inputs=tuple(_tensor(v) for v in graph.input if v.name not in initializers),
-                 outputs=tuple(_tensor(v) for v in graph.output))
+                 outputs=tuple(_tensor(v) for v in graph.output),
+                 initializers=tuple(_tensor(v) for v in graph.input if v.name in initializers))
 
 
 def _tensor(value) -> GraphTensor:
@@ -90,11 +97,8 @@ def complete_config(config: ModelConfig, path: Path, what: str) -> None:
     check the config against the graph. `what` names the model and version in messages."""
     graph = read_file(path, what)
     source = f"{what}: {path}"
-    if not config.input and not config.max_batch_size and _all_batchable(graph):
-        config.max_batch_size = DEFAULT_MAX_BATCH_SIZE
-        config.dynamic_batching.SetInParent()  # as Triton completes a batching model's
-        logger.info("%s: every tensor's first dimension is dynamic: max_batch_size %d, "
-                    "dynamic batching", source, DEFAULT_MAX_BATCH_SIZE)
+    if _all_batchable(graph):
+        _complete_batching(config, source)
     skip = 1 if config.max_batch_size else 0
     if not config.input:
         for tensor in graph.inputs:
@@ -110,19 +114,34 @@ def _all_batchable(graph: Graph) -> bool:
     return bool(tensors) and all(t.dims and t.dims[0] == -1 for t in tensors)
 
 
+def _complete_batching(config: ModelConfig, source: str) -> None:
+    """As Triton completes the config of a graph that batches: max_batch_size 0 becomes 4,
+    and a max_batch_size above 1 turns the dynamic batcher on unless the config has it."""
+    if not config.max_batch_size:
+        config.max_batch_size = DEFAULT_MAX_BATCH_SIZE
+        logger.info("%s: every tensor's first dimension is dynamic: max_batch_size %d",
+                    source, DEFAULT_MAX_BATCH_SIZE)
+    if config.max_batch_size > 1 and not config.HasField("dynamic_batching"):
+        config.dynamic_batching.SetInParent()
+        logger.info("%s: the graph batches: dynamic batching", source)
+
+
 def _add(target, tensor: GraphTensor, skip: int, source: str, kind: str) -> None:
     if tensor.data_type == mc.TYPE_INVALID:
         raise FailedPrecondition(f"{source}: {kind} '{tensor.name}' has ONNX element type "
                                  f"{tensor.onnx_type}, which the protocol cannot carry")
     target.name = tensor.name
     target.data_type = tensor.data_type
-    target.dims.extend(tensor.dims[skip:])
+    dims = tensor.dims[skip:]
+    target.dims.extend(dims or [1])  # a scalar is sent as [ 1 ], as Triton completes it
+    if not dims and skip:
+        target.reshape.SetInParent()  # one scalar a row: the model takes [ batch ]
 
 
 def check_config(config: ModelConfig, graph: Graph, source: str) -> None:
     """Refuse a config that disagrees with the graph it serves."""
     batched = config.max_batch_size > 0
-    graph_inputs = {t.name: t for t in graph.inputs}
+    graph_inputs = {t.name: t for t in graph.inputs + graph.initializers}
     graph_outputs = {t.name: t for t in graph.outputs}
     for kind, declared, present in (("input", config.input, graph_inputs),
                                     ("output", config.output, graph_outputs)):
@@ -133,11 +152,17 @@ def check_config(config: ModelConfig, graph: Graph, source: str) -> None:
                     f"{source}: config.pbtxt declares {kind} '{tensor.name}', which the graph "
                     f"lacks (graph {kind}s: {', '.join(present) or 'none'})")
             _check_tensor(kind, tensor, found, batched, source)
+    held = {t.name for t in graph.initializers}
+    for tensor in config.input:
+        if tensor.name in held and not tensor.optional:
+            raise FailedPrecondition(
+                f"{source}: input '{tensor.name}' is an initializer of the graph (it holds a "
+                "value a request may replace): declare it with optional: true")
     declared_inputs = {t.name for t in config.input}
-    for name in graph_inputs:
-        if name not in declared_inputs:
-            raise FailedPrecondition(f"{source}: the graph's input '{name}' is not declared "
-                                     "in config.pbtxt")
+    for tensor in graph.inputs:
+        if tensor.name not in declared_inputs:
+            raise FailedPrecondition(f"{source}: the graph's input '{tensor.name}' is not "
+                                     "declared in config.pbtxt")
 
 
 def _check_tensor(kind: str, tensor, found: GraphTensor, batched: bool, source: str) -> None:
@@ -153,8 +178,15 @@ def _check_tensor(kind: str, tensor, found: GraphTensor, batched: bool, source: 
                 f"{source}: max_batch_size is set but {kind} '{tensor.name}' has shape "
                 f"{dims} in the graph; its first dimension must be dynamic (the batch)")
         dims = dims[1:]
-    if len(dims) != len(tensor.dims) or any(
-            -1 not in (c, g) and c != g for c, g in zip(tensor.dims, dims)):
+    reshaped = tensor.HasField("reshape")  # the model sees reshape.shape; clients, dims
+    shape, field = ((list(tensor.reshape.shape), "reshape shape") if reshaped
+                    else (list(tensor.dims), "dims"))
+    if not batched and not dims and all(d == 1 for d in shape):
+        return  # a graph scalar, sent as [ 1 ] (or [ ]), as Triton takes it
+    if len(dims) != len(shape) or any(
+            -1 not in (c, g) and c != g for c, g in zip(shape, dims)):
+        hint = ("; one scalar a row is dims: [ 1 ] reshape: { shape: [ ] }"
+                if batched and not dims and not reshaped else "")
         raise FailedPrecondition(
-            f"{source}: {kind} '{tensor.name}' has dims {list(tensor.dims)} in config.pbtxt "
-            f"but {dims} in the graph (without the batch dimension)")
+            f"{source}: {kind} '{tensor.name}' has {field} {shape} in config.pbtxt "
+            f"but {dims} in the graph (without the batch dimension){hint}")

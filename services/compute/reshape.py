@@ -31,6 +31,7 @@ class Reshaped:
     def __init__(self, model, config: ModelConfig) -> None:
         self._model = model
         self.device = model.device
+        self.waits = model.waits  # where compute runs its batches: as the model's own
         self._batched = config.max_batch_size > 0
         self._inputs = {t.name: list(t.reshape.shape) for t in config.input
                         if t.HasField("reshape")}

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy
 import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
 
 warnings.filterwarnings("ignore")
-MODELS = ("mlp_onnx", "add_sub", "classify", "preprocess", "postprocess")
+MODELS = ("mlp_onnx", "add_sub", "classify", "preprocess", "postprocess", "square_onnx")
 
 
 def main(endpoint: str, data_dir: Path) -> dict:
@@ -40,7 +41,21 @@ def main(endpoint: str, data_dir: Path) -> dict:
     report["classify"] = {"labels": result.as_numpy("LABELS").astype(str).tolist(),
                           "scores_shape": list(result.as_numpy("SCORES").shape),
                           "version": result.get_response().model_version}
+    report["square_onnx"] = [square(client, rows) for rows in ([[1.5], [-2.0]], [[3.0]],
+                                                               [[0.5], [4.0], [-1.0]])]
     return report
+
+
+def square(client, rows: list[list[float]]) -> list | str:
+    """One request, as a Triton client sends it to the completed config (dims [ 1 ]):
+    the answer's shape and values, or the error's message."""
+    tensor = tc.InferInput("X", [len(rows), 1], "FP32")
+    tensor.set_data_from_numpy(numpy.array(rows, numpy.float32))
+    try:
+        y = client.infer("square_onnx", [tensor]).as_numpy("Y")
+    except InferenceServerException as error:
+        return str(error)
+    return [list(y.shape), y.tolist()]
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from meshserve.tools.demo_repository import write_demo_repository
 from tests.integration.conftest import running_mesh
 from tests.integration.test_mesh import public_stub
 from tests.integration.test_traffic import set_weights
+from tests.onnx_models import row_scalar_model
 from tests.polling import until_sync
 from tests.python_models import (
     ADD_SUB_CONFIG,
@@ -64,14 +65,27 @@ output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] },
 """
 
 
+# An ensemble of one step: the echo model, which says what it saw of its request.
+ECHOED = """
+platform: "ensemble"
+max_batch_size: 4
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 2 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 2 ] },
+         { name: "ECHO" data_type: TYPE_STRING dims: [ 1 ] } ]
+ensemble_scheduling { step [ { model_name: "echo" model_version: -1
+  input_map { key: "X" value: "X" }
+  output_map { key: "Y" value: "Y" } output_map { key: "ECHO" value: "ECHO" } } ] }
+"""
+
 # A directory name a URI would read otherwise: the router's xDS target escapes it.
 ODD_NAME = "add sub%20#2"
 
 
 def write_repository(models: Path) -> None:
     """The demo (less the TorchScript mlp), a Triton-style Python model and an ensemble of
-    it, and broken models: three refused when the repository loads, three by their
-    computes, and a directory `0` that is no version."""
+    it, an ONNX model whose config names its platform alone, and broken models: three
+    refused when the repository loads, three by their computes, and a directory `0` that is
+    no version."""
     write_demo_repository(models)
     for path in sorted((models / "mlp").rglob("*"), reverse=True):
         path.unlink() if path.is_file() else path.rmdir()
@@ -81,7 +95,12 @@ def write_repository(models: Path) -> None:
     write_python_model(models, "echo", ECHO_PY, ECHO_CONFIG)
     (models / "greet" / "1").mkdir(parents=True)
     (models / "greet" / "config.pbtxt").write_text(GREET)
+    (models / "echoed" / "1").mkdir(parents=True)
+    (models / "echoed" / "config.pbtxt").write_text(ECHOED)
     write_python_model(models, "broken_init", RAISES_IN_INITIALIZE_PY, ADD_SUB_CONFIG)
+    (models / "square_onnx" / "1").mkdir(parents=True)
+    (models / "square_onnx" / "config.pbtxt").write_text('platform: "onnxruntime_onnx"\n')
+    (models / "square_onnx" / "1" / "model.onnx").write_bytes(row_scalar_model())
     (models / "broken_onnx" / "1").mkdir(parents=True)
     (models / "broken_onnx" / "config.pbtxt").write_text('platform: "onnxruntime_onnx"\n')
     (models / "broken_onnx" / "1" / "model.onnx").write_bytes(b"\x0a\x03not onnx at all")
@@ -179,6 +198,24 @@ def test_tritonclient_sees_metadata_and_completed_configs(triton_report):
     assert steps[1]["input_map"] == {"INPUT__0": "pixels"}
     assert triton_report["classify"]["scores_shape"] == [2, 3]
     assert triton_report["classify"]["version"] == "1"
+
+
+def test_a_graph_of_one_scalar_a_row_is_served_as_triton_serves_it(triton_report, served):
+    """X [batch] -> Y = X * X, config.pbtxt naming its platform alone: completed as Triton
+    completes it (dims [ 1 ] reshape { shape: [ ] }, max_batch_size 4, the dynamic batcher),
+    and every answer a tritonclient gets, the first and those after it, is onnxruntime's."""
+    config = triton_report["config"]["square_onnx"]
+    assert (config["max_batch_size"], config["dynamic_batching"]) == (4, {})
+    assert config["input"] == [{"name": "X", "data_type": "TYPE_FP32", "dims": ["1"],
+                                "reshape": {}}]
+    assert triton_report["metadata"]["square_onnx"]["inputs"] == [["X", "FP32", [-1, 1]]]
+    session = onnxruntime.InferenceSession(
+        str(served.models / "square_onnx" / "1" / "model.onnx"),
+        providers=["CPUExecutionProvider"])
+    for rows, answer in zip(([[1.5], [-2.0]], [[3.0]], [[0.5], [4.0], [-1.0]]),
+                            triton_report["square_onnx"]):
+        [expected] = session.run(None, {"X": numpy.array(rows, numpy.float32).reshape(-1)})
+        assert answer == [[len(rows), 1], expected.reshape(-1, 1).tolist()]
 
 
 # ------------------------------------------------------------------ answers
@@ -345,6 +382,17 @@ async def test_each_request_of_a_python_batch_sees_its_own_parameters_and_id(ser
     assert outputs_of(answers[0])["Y"].tolist() == [[2 * ord("a")] * 2]
     assert [o.name for o in answers[1].outputs] == ["ECHO"]
     assert outputs_of(answers[2])["Y"].tolist() == [[2 * ord("c")] * 2]
+
+
+async def test_an_ensembles_request_id_and_parameters_reach_its_python_step(served):
+    """As Triton sets them on each step's request: the client's own parameters too, not only
+    priority and timeout (the step saw {"timeout": 30000000} alone)."""
+    request = echo_rows("e", 4, tag="pipeline", lowercase=True, timeout=30_000_000)
+    request.model_name = "echoed"
+    [answer], (inferences, executions) = await batched_together(served, [request])
+    assert (answer.model_name, answer.id, inferences, executions) == ("echoed", "e", 4, 1)
+    assert [(e["id"], e["parameters"], e["timeout"]) for e in echoed(answer)] == [
+        ("e", {"tag": "pipeline", "lowercase": True, "timeout": 30_000_000}, 30_000_000)] * 4
 
 
 async def test_a_triton_error_for_one_request_of_a_batch_fails_only_that_request(served):

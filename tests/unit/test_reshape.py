@@ -8,7 +8,7 @@ import torch
 from meshserve.common.errors import Internal, InvalidArgument
 from meshserve.common.repository import ModelRepository
 from meshserve.compute.backends import load_model
-from meshserve.compute.reshape import resized
+from meshserve.compute.reshape import reshaping, resized
 from meshserve.protocol import grpc_service_pb2 as pb
 
 CONFIG = """
@@ -48,6 +48,24 @@ def test_the_model_takes_and_gives_its_reshapes_while_the_client_sees_dims(tmp_p
     assert list(output.shape) == [3, 4]
     got = numpy.frombuffer(response.raw_output_contents[0], numpy.float32).reshape(3, 4)
     assert got.tolist() == (x * numpy.array([1, 2, 3, 4], numpy.float32)).tolist()
+
+
+class Backend:
+    """A backend's model as compute sees it, before the reshape."""
+
+    device = "cpu"
+
+    def __init__(self, waits: bool) -> None:
+        self.waits = waits
+
+
+@pytest.mark.parametrize("waits", [False, True])
+def test_a_reshaped_model_runs_where_its_backend_s_model_runs(tmp_path, waits):
+    """Compute asks every model whether it `waits` before it runs a quick batch on its event
+    loop (a Python model's always go to the worker thread): a reshape changes nothing of it.
+    Without it, every batch after the first of a reshaped model failed INTERNAL."""
+    config = repository(tmp_path).get("pairs").config
+    assert reshaping(Backend(waits), config).waits is waits
 
 
 def test_a_reshape_of_other_than_the_tensors_elements_is_refused_at_load(tmp_path):

@@ -5,6 +5,13 @@ execution provider is used when the device asks for it (or is `auto`) and onnxru
 it (the `onnxruntime-gpu` build); otherwise the CPU one. The config is checked against the
 graph before the session is made, so a mismatch is refused at load, naming the file.
 
+The config's `parameters` set the session as Triton's onnxruntime backend reads them:
+`intra_op_thread_count` and `inter_op_thread_count` (above 0; otherwise compute's
+`--threads` and one), `execution_mode` (0 sequential, 1 parallel), `enable_mem_arena` and
+`enable_mem_pattern` (1/0, true/false, on/off). A graph scalar (a tensor of no dimensions) is
+sent and answered as the config's dims (`[ 1 ]`, as in Triton) and handed to the graph as a
+scalar.
+
 onnxruntime's Python API hands back no BF16 array, and takes no string tensor in the run
 that would hand back its raw values; so a model with BF16 outputs is given, at load, an
 exact FLOAT copy (a Cast) of each of them as an extra graph output, which is fetched
@@ -14,6 +21,7 @@ instead and turned back into BF16.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy
@@ -31,6 +39,13 @@ CPU = "CPUExecutionProvider"
 BF16_ONNX_TYPE = 16
 AS_FLOAT = ".meshserve_as_float"  # the suffix of a BF16 output's FLOAT copy
 
+# Triton's onnxruntime backend model parameters, and the SessionOptions attribute of each
+THREAD_PARAMETERS = {"intra_op_thread_count": "intra_op_num_threads",
+                     "inter_op_thread_count": "inter_op_num_threads"}
+SWITCH_PARAMETERS = {"enable_mem_arena": "enable_cpu_mem_arena",
+                     "enable_mem_pattern": "enable_mem_pattern"}
+SWITCHES = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
+
 
 def providers_for(device: str, available: list[str]) -> list[str]:
     """The execution providers for a device request: `auto` or `cuda[:N]` take CUDA when
@@ -43,6 +58,39 @@ def providers_for(device: str, available: list[str]) -> list[str]:
     return [CPU]
 
 
+def session_settings(parameters: Mapping[str, str], threads: int) -> dict[str, int | bool]:
+    """The SessionOptions attributes for a model's config `parameters` (Triton's onnxruntime
+    backend's keys; others are not the backend's) and compute's `threads`. FailedPrecondition
+    names a parameter whose value is not one the key takes."""
+    settings: dict[str, int | bool] = {"intra_op_num_threads": threads,
+                                       "inter_op_num_threads": 1}
+    for key, attribute in THREAD_PARAMETERS.items():
+        if key in parameters and (count := _integer(key, parameters[key])) > 0:
+            settings[attribute] = count
+    if "execution_mode" in parameters:
+        mode = _integer("execution_mode", parameters["execution_mode"])
+        if mode not in (0, 1):
+            raise FailedPrecondition(f"parameter execution_mode is {mode}; it takes 0 "
+                                     "(sequential) or 1 (parallel)")
+        settings["execution_mode"] = mode
+    for key, attribute in SWITCH_PARAMETERS.items():
+        if key in parameters:
+            value = SWITCHES.get(parameters[key].strip().lower())
+            if value is None:
+                raise FailedPrecondition(f"parameter {key} is {parameters[key]!r}; it takes "
+                                         "1 or 0 (true/false, on/off)")
+            settings[attribute] = value
+    return settings
+
+
+def _integer(key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise FailedPrecondition(f"parameter {key} is {value!r}; it takes an integer") \
+            from None
+
+
 class OnnxModel:
     waits = False  # a batch runs on the event loop when it is quick (Pace)
 
@@ -53,14 +101,24 @@ class OnnxModel:
 
         self.config = config
         self._where = where
-        onnx_graph.check_config(config, onnx_graph.read_graph(data, where), where)
+        graph = onnx_graph.read_graph(data, where)
+        onnx_graph.check_config(config, graph, where)
+        self._scalars = {t.name for t in (*graph.inputs, *graph.initializers, *graph.outputs)
+                         if not t.dims}
+        self._dims = {t.name: tuple(t.dims) for t in config.output}
         self._bf16_out = {t.name: t.name + AS_FLOAT for t in config.output
                           if t.data_type == mc.TYPE_BF16}
         if self._bf16_out:
             data = with_float_copies(data, self._bf16_out)
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+        try:
+            settings = session_settings(
+                {key: value.string_value for key, value in config.parameters.items()}, threads)
+        except FailedPrecondition as error:
+            raise FailedPrecondition(f"{where}: {error.message}") from None
+        for attribute, value in settings.items():
+            setattr(options, attribute, onnxruntime.ExecutionMode(value)
+                    if attribute == "execution_mode" else value)
         options.log_severity_level = 3  # errors only: load failures are reported below
         providers = providers_for(device, onnxruntime.get_available_providers())
         try:
@@ -75,6 +133,8 @@ class OnnxModel:
 
         feeds = {}
         for name, array in arrays.items():
+            if name in self._scalars:  # sent as the config's dims, [ 1 ] in Triton's configs
+                array = array.reshape(())
             if name in self._bf16:  # numpy has no bfloat16 onnxruntime accepts directly
                 array = onnxruntime.OrtValue.ortvalue_from_numpy_with_onnx_type(
                     numpy.ascontiguousarray(array).view(numpy.uint16), BF16_ONNX_TYPE)
@@ -94,8 +154,10 @@ class OnnxModel:
         except Exception as error:  # noqa: BLE001 — onnxruntime's own exception types
             raise Internal(f"{self._where}: onnxruntime failed: {error}") from None
         predicted = time.perf_counter_ns()
-        response = tensors.encode(dict(zip(names, results)), names, self.config, request,
-                                  version, self._where)
+        outputs = {name: (value.reshape(self._dims[name])
+                          if name in self._scalars and not value.ndim else value)
+                   for name, value in zip(names, results)}
+        response = tensors.encode(outputs, names, self.config, request, version, self._where)
         done = time.perf_counter_ns()
         return response, Timings(decoded - start, predicted - decoded, done - predicted)
 
