@@ -1,26 +1,46 @@
 """A TorchScript model behind meshserve's model contract: decode → predict → encode.
 
 Raw request bytes become tensors without a copy (`torch.frombuffer`); outputs leave as the
-bytes of a contiguous CPU tensor. Inputs and outputs are matched to the model's
-positional arguments and results in the order of config.pbtxt, as Triton's libtorch backend
-does. As there, an output must be of its configured datatype (never cast), a scalar output
-is refused, and an error the model raises fails the batch with the model's own text.
+bytes of a contiguous CPU tensor. Inputs and outputs are matched to `forward`'s arguments and
+results as Triton's libtorch backend matches them (`torchscript_config`: by argument name,
+by `<name>__<index>`, or in config order). As there, an output must be of its configured
+datatype (never cast), a scalar output is refused, and an error the model raises fails the
+batch with the model's own text.
+
+Whatever a model needs beyond tensors in and tensors out — one Dict[str, Tensor] input,
+TYPE_STRING tensors as List[str], outputs picked from its results, or parameters that change
+how a batch runs — is decided when it loads: such a model is given the general decode,
+predict and encode; any other keeps the plain ones.
 """
 
+import contextlib
 import io
 import time
 from pathlib import Path
 
 import torch
 
-from meshserve.common.datatypes import CONFIG_FROM_WIRE, WIRE_FROM_CONFIG
+from meshserve.common.datatypes import (
+    CONFIG_FROM_WIRE,
+    LENGTH,
+    WIRE_FROM_CONFIG,
+    element_ends,
+    serialize_bytes,
+)
 from meshserve.common.errors import FailedPrecondition, Internal, InvalidArgument
 from meshserve.common.server import internal_error_message
 from meshserve.common.validation import NEAR_LIMIT
 from meshserve.compute.tensors import check_answer_bytes, warmup_requests
 from meshserve.compute.timings import Timings
+from meshserve.compute.torchscript_config import (
+    Settings,
+    check_inputs,
+    input_positions,
+    output_positions,
+    settings_of,
+)
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
-from meshserve.protocol.model_config_pb2 import DataType, ModelConfig
+from meshserve.protocol.model_config_pb2 import TYPE_STRING, DataType, ModelConfig
 
 TORCH_DTYPE = {
     "BOOL": torch.bool, "UINT8": torch.uint8, "UINT16": torch.uint16, "UINT32": torch.uint32,
@@ -53,17 +73,63 @@ class TorchScriptModel:
         `where` names the file in a refusal."""
         self.config = config
         self.device = device
-        strings = [t.name for t in (*config.input, *config.output)
-                   if WIRE_FROM_CONFIG[t.data_type] not in TORCH_DTYPE]
-        if strings:
-            raise FailedPrecondition(
-                f"{where or config.name}: TYPE_STRING tensors are not supported by TorchScript "
-                f"models ({', '.join(strings)}); serve them with an ONNX or Python model")
+        where = where or config.name
+        try:
+            self.settings = settings_of({key: value.string_value
+                                         for key, value in config.parameters.items()})
+            check_strings(config)
+        except FailedPrecondition as error:
+            raise FailedPrecondition(f"{where}: {error.message}") from None
         source = path if isinstance(path, io.BytesIO) else str(path)
         self.module = torch.jit.load(source, map_location=device).eval()
-        self._inputs = [(t.name, WIRE_FROM_CONFIG[t.data_type]) for t in config.input]
+        inputs = [(t.name, WIRE_FROM_CONFIG[t.data_type]) for t in config.input]
+        self._keys = self._dict_keys(inputs, where)
+        if self._keys is None:  # in the order of forward's arguments
+            inputs = [inputs[i] for i in self._argument_order(where)]
+        self._inputs = inputs
         self._outputs = [(t.name, WIRE_FROM_CONFIG[t.data_type],
-                          TORCH_DTYPE[WIRE_FROM_CONFIG[t.data_type]]) for t in config.output]
+                          TORCH_DTYPE.get(WIRE_FROM_CONFIG[t.data_type])) for t in config.output]
+        picks = output_positions([t.name for t in config.output])
+        self._picks = None if picks == list(range(len(picks))) else picks
+        self._mode = batch_mode(self.settings, device)
+        if (self._keys is not None or self._picks is not None or self.settings.per_batch
+                or any(t.data_type == TYPE_STRING for t in (*config.input, *config.output))):
+            self.decode, self.predict, self.encode = (self._decode_any, self._predict_any,
+                                                      self._encode_any)
+
+    def _arguments(self, where: str) -> list:
+        """forward's arguments, after `self`."""
+        forward = getattr(self.module, "forward", None)
+        if forward is None:
+            raise FailedPrecondition(f"{where}: the TorchScript module has no forward method")
+        arguments = list(forward.schema.arguments)
+        return arguments[1:] if arguments and arguments[0].type.kind() == "ClassType" \
+            else arguments
+
+    def _dict_keys(self, inputs: list[tuple[str, str]], where: str) -> list[str] | None:
+        """The inputs' names, when forward takes them as one Dict[str, Tensor] (keyed by
+        name, as in Triton); None when it takes them as arguments."""
+        arguments = self._arguments(where)
+        if len(arguments) != 1 or arguments[0].type.kind() != "DictType":
+            return None
+        strings = [name for name, datatype in inputs if datatype == "BYTES"]
+        if strings:
+            raise FailedPrecondition(f"{where}: forward takes a Dict[str, Tensor]; input "
+                                     f"'{strings[0]}' is TYPE_STRING, not a tensor")
+        return [name for name, _ in inputs]
+
+    def _argument_order(self, where: str) -> list[int]:
+        """The config's inputs in the order of forward's arguments (indices into config)."""
+        arguments = self._arguments(where)
+        names = [t.name for t in self.config.input]
+        positions = input_positions(names, [a.name for a in arguments])
+        required = next((i for i, a in enumerate(arguments) if a.has_default_value()),
+                        len(arguments))
+        try:
+            check_inputs(names, positions, [a.name for a in arguments], required)
+        except FailedPrecondition as error:
+            raise FailedPrecondition(f"{where}: {error.message}") from None
+        return sorted(range(len(names)), key=positions.__getitem__)
 
     def decode(self, request: ModelInferRequest) -> list[torch.Tensor]:
         position = {t.name: i for i, t in enumerate(request.inputs)}
@@ -84,15 +150,12 @@ class TorchScriptModel:
             with torch.inference_mode():
                 result = self.module(*tensors)
         except Exception as error:  # noqa: BLE001 — whatever the model raises: its own words
-            # (the last line of TorchScript's traceback), and an id its whole trace is logged by
-            said = str(error).strip().splitlines() or [type(error).__name__]
-            raise Internal(f"{self._where(version)}: the TorchScript model failed: {said[-1]} "
-                           f"({internal_error_message(error)})") from None
+            raise self._failed(error, version) from None
         return list(result) if isinstance(result, (tuple, list)) else [result]
 
     def encode(self, outputs: list[torch.Tensor], request: ModelInferRequest,
                version: str) -> ModelInferResponse:
-        if len(outputs) != len(self._outputs):
+        if len(outputs) < len(self._outputs):  # results past the config's are not sent
             raise Internal(f"{self._where(version)}: the model returned {len(outputs)} "
                            f"outputs; config.pbtxt declares {len(self._outputs)}")
         wanted = {o.name for o in request.outputs}
@@ -112,6 +175,87 @@ class TorchScriptModel:
         if size > NEAR_LIMIT:
             check_answer_bytes(response, self._where(version))
         return response
+
+    # The general decode, predict and encode, for a model that needs them (see __init__).
+
+    def _decode_any(self, request: ModelInferRequest) -> list:
+        """Tensors, List[str] for TYPE_STRING inputs, and all as one Dict when forward
+        takes one."""
+        position = {t.name: i for i, t in enumerate(request.inputs)}
+        values = []
+        for name, datatype in self._inputs:
+            if name not in position:
+                raise InvalidArgument(f"input '{name}' is missing")
+            i = position[name]
+            raw = request.raw_input_contents[i]
+            if datatype == "BYTES":
+                values.append(strings_of(raw, name))
+                continue
+            dtype = TORCH_DTYPE[datatype]
+            tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            values.append(tensor.reshape(tuple(request.inputs[i].shape)).to(self.device))
+        return values if self._keys is None else [dict(zip(self._keys, values))]
+
+    def _predict_any(self, values: list, version: str = "") -> list:
+        """The results in config order, the module run as the settings say."""
+        try:
+            with self._mode():
+                result = self.module(*values)
+        except Exception as error:  # noqa: BLE001 — whatever the model raises: its own words
+            raise self._failed(error, version) from None
+        strings = isinstance(result, list) and all(isinstance(s, str) for s in result)
+        outputs = list(result) if isinstance(result, (tuple, list)) and not strings \
+            else [result]
+        if self._picks is None:
+            return outputs
+        for (name, _, _), pick in zip(self._outputs, self._picks):
+            if pick >= len(outputs):
+                raise Internal(f"{self._where(version)}: output '{name}' is result {pick}; "
+                               f"the model returned {len(outputs)}")
+        return [outputs[pick] for pick in self._picks]
+
+    def _encode_any(self, outputs: list, request: ModelInferRequest,
+                    version: str) -> ModelInferResponse:
+        """encode, with each TYPE_STRING output from a List[str] (a BYTES tensor of one
+        dimension)."""
+        if len(outputs) < len(self._outputs):
+            raise Internal(f"{self._where(version)}: the model returned {len(outputs)} "
+                           f"outputs; config.pbtxt declares {len(self._outputs)}")
+        wanted = {o.name for o in request.outputs}
+        response = ModelInferResponse(model_name=request.model_name, model_version=version,
+                                      id=request.id)
+        size = 0
+        for (name, datatype, dtype), value in zip(self._outputs, outputs):
+            if wanted and name not in wanted:
+                continue
+            if dtype is None:
+                shape, raw = self._strings_out(name, value, version)
+            else:
+                if getattr(value, "dtype", None) != dtype or not value.dim():
+                    raise self._refused(name, dtype, value, version)
+                host = value.detach().to("cpu").contiguous()
+                shape, raw = host.shape, host.view(torch.uint8).numpy().tobytes()
+            response.outputs.add(name=name, datatype=datatype).shape.extend(shape)
+            response.raw_output_contents.append(raw)
+            size += len(raw)
+        if size > NEAR_LIMIT:
+            check_answer_bytes(response, self._where(version))
+        return response
+
+    def _strings_out(self, name: str, value, version: str) -> tuple[list[int], bytes]:
+        """A TYPE_STRING output's shape and BYTES contents: the model returns a List[str]."""
+        if not (isinstance(value, list) and all(isinstance(s, str) for s in value)):
+            raise Internal(f"{self._where(version)}: output '{name}' is TYPE_STRING: the "
+                           f"model must return a List[str] for it, not a "
+                           f"{type(value).__name__}")
+        return [len(value)], serialize_bytes(value)
+
+    def _failed(self, error: Exception, version: str) -> Internal:
+        """An error the model raised: its own words (the last line of TorchScript's
+        traceback), and an id its whole trace is logged by."""
+        said = str(error).strip().splitlines() or [type(error).__name__]
+        return Internal(f"{self._where(version)}: the TorchScript model failed: {said[-1]} "
+                        f"({internal_error_message(error)})")
 
     def _where(self, version: str) -> str:
         return f"model '{self.config.name}' version {version}"
@@ -145,3 +289,54 @@ class TorchScriptModel:
     def warmup_requests(self) -> list[ModelInferRequest]:
         """The config's model_warmup samples, or zeros at batch 1, preferred and max sizes."""
         return warmup_requests(self.config)
+
+
+def check_strings(config: ModelConfig) -> None:
+    """A TYPE_STRING tensor reaches and leaves a TorchScript model as a List[str]: of one
+    dimension, the batch's when batching (`dims: [ 1 ] reshape: { shape: [ ] }`), as in
+    Triton."""
+    batch = 1 if config.max_batch_size > 0 else 0
+    for kind, tensors in (("input", config.input), ("output", config.output)):
+        for tensor in tensors:
+            if tensor.data_type != TYPE_STRING:
+                continue
+            field, shape = (("reshape.shape", list(tensor.reshape.shape))
+                            if tensor.HasField("reshape") else ("dims", list(tensor.dims)))
+            if len(shape) + batch != 1:
+                raise FailedPrecondition(
+                    f"TYPE_STRING {kind} '{tensor.name}' is a List[str] to a TorchScript "
+                    f"model, of one dimension; its {field} {shape} give it "
+                    f"{len(shape) + batch}{' with the batch dimension' if batch else ''}")
+
+
+def strings_of(raw: bytes, name: str) -> list[str]:
+    """A BYTES tensor's elements as the List[str] TorchScript takes: each must be UTF-8."""
+    view, values, start = memoryview(raw), [], 0
+    for end in element_ends(view):
+        try:
+            values.append(str(view[start + LENGTH.size:end], "utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"input '{name}': element {len(values)} is not UTF-8, which "
+                                  "a TorchScript List[str] needs") from None
+        start = end
+    return values
+
+
+def batch_mode(settings: Settings, device: torch.device):
+    """What each batch runs in: inference mode, or as the config's parameters say (no_grad
+    without INFERENCE_MODE, as in Triton; graph-executor optimization, which is per
+    thread; the CUDA cache emptied after the batch)."""
+    if not settings.per_batch:
+        return torch.inference_mode
+
+    @contextlib.contextmanager
+    def mode():
+        try:
+            with (torch.inference_mode() if settings.inference_mode else torch.no_grad()), \
+                    torch.jit.optimized_execution(settings.optimized_execution):
+                yield
+        finally:
+            if settings.cache_cleaning and device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    return mode

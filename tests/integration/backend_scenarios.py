@@ -1,5 +1,5 @@
 """Drives `meshserve up --model-repository` with the stock tritonclient: what it sees of the
-ONNX, Python and ensemble models (index, metadata, config, an answer), as JSON.
+TorchScript, ONNX, Python and ensemble models (index, metadata, config, an answer), as JSON.
 
 Runs in a process of its own: tritonclient's protobuf definitions of the `inference` package
 cannot share a process with meshserve's. Usage: backend_scenarios.py ENDPOINT DATA_DIR
@@ -43,7 +43,21 @@ def main(endpoint: str, data_dir: Path) -> dict:
                           "version": result.get_response().model_version}
     report["square_onnx"] = [square(client, rows) for rows in ([[1.5], [-2.0]], [[3.0]],
                                                                [[0.5], [4.0], [-1.0]])]
+    report["words"] = words(client)
     return report
+
+
+def words(client) -> dict:
+    """The TorchScript `words` model's answer to words and a scale, each output's values
+    (strings as latin-1, which JSON carries byte for byte)."""
+    text = tc.InferInput("words", [3], "BYTES")
+    text.set_data_from_numpy(numpy.array([b"tensor", "ünï".encode(), b""], dtype=object))
+    scale = tc.InferInput("scale", [1], "FP32")
+    scale.set_data_from_numpy(numpy.array([0.5], numpy.float32))
+    result = client.infer("words", [scale, text])
+    return {name: [v.decode("latin-1") if isinstance(v, bytes) else v
+                   for v in result.as_numpy(name).tolist()]
+            for name in ("OUTPUT__0", "OUTPUT__1", "OUTPUT__2")}
 
 
 def square(client, rows: list[list[float]]) -> list | str:

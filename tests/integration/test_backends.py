@@ -65,6 +65,28 @@ output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 2 ] },
 """
 
 
+class Words(torch.nn.Module):
+    """A TorchScript model as Triton's PyTorch backend serves it: List[str] in and out,
+    inputs named as forward's arguments (config.pbtxt lists them in the other order), results
+    picked by `OUTPUT__<index>` (the last not declared), and INFERENCE_MODE off."""
+
+    def forward(self, words: list[str], scale: torch.Tensor):
+        lengths = torch.tensor([float(len(w)) for w in words]) * scale
+        inference = torch.tensor([scale.clone().is_inference()])
+        return [w.upper() for w in words], lengths, inference, scale * 0
+
+
+WORDS = """
+platform: "pytorch_libtorch"
+input [ { name: "scale" data_type: TYPE_FP32 dims: [ 1 ] },
+        { name: "words" data_type: TYPE_STRING dims: [ -1 ] } ]
+output [ { name: "OUTPUT__1" data_type: TYPE_FP32 dims: [ -1 ] },
+         { name: "OUTPUT__0" data_type: TYPE_STRING dims: [ -1 ] },
+         { name: "OUTPUT__2" data_type: TYPE_BOOL dims: [ 1 ] } ]
+parameters { key: "INFERENCE_MODE" value: { string_value: "false" } }
+"""
+
+
 # An ensemble of one step: the echo model, which says what it saw of its request.
 ECHOED = """
 platform: "ensemble"
@@ -113,6 +135,9 @@ def write_repository(models: Path) -> None:
     (models / "short" / "1").mkdir(parents=True)  # one output of the two declared
     (models / "short" / "config.pbtxt").write_text(TWO_OUTPUTS)
     torch.jit.save(torch.jit.script(OneOutput()), str(models / "short" / "1" / "model.pt"))
+    (models / "words" / "1").mkdir(parents=True)
+    (models / "words" / "config.pbtxt").write_text(WORDS)
+    torch.jit.save(torch.jit.script(Words()), str(models / "words" / "1" / "model.pt"))
     (models / "too_preferred" / "1").mkdir(parents=True)
     (models / "too_preferred" / "config.pbtxt").write_text(
         TWO_OUTPUTS + "dynamic_batching { preferred_batch_size: [ 2, 8 ] }\n")
@@ -216,6 +241,19 @@ def test_a_graph_of_one_scalar_a_row_is_served_as_triton_serves_it(triton_report
                             triton_report["square_onnx"]):
         [expected] = session.run(None, {"X": numpy.array(rows, numpy.float32).reshape(-1)})
         assert answer == [[len(rows), 1], expected.reshape(-1, 1).tolist()]
+
+
+def test_a_torchscript_model_triton_serves_is_served_as_torch_runs_it(triton_report, served):
+    """What the tritonclient got from `words` is the file's own answer, run with torch as
+    Triton's backend runs it: arguments by name, results by index, no inference mode."""
+    module = torch.jit.load(str(served.models / "words" / "1" / "model.pt")).eval()
+    words = ["tensor", "ünï", ""]
+    with torch.no_grad():
+        upper, lengths, inference, _ = module(words, torch.tensor([0.5]))
+    assert triton_report["words"] == {"OUTPUT__0": [w.encode().decode("latin-1") for w in upper],
+                                      "OUTPUT__1": lengths.tolist(),
+                                      "OUTPUT__2": inference.tolist()}
+    assert inference.tolist() == [False]
 
 
 # ------------------------------------------------------------------ answers

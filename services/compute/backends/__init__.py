@@ -10,12 +10,16 @@ on the worker thread, `warmup_requests()`, and `device`.
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 from meshserve.common.errors import FailedPrecondition
 from meshserve.common.repository import ENSEMBLE, ONNX, PYTHON, artifact_filename, kind_of
 from meshserve.compute.reshape import reshaping
+from meshserve.compute.torchscript_config import NOT_APPLIED, Settings
 from meshserve.protocol.model_config_pb2 import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 
 def load_model(config: ModelConfig, source: bytes | Path, version_dir: Path, device: str,
@@ -49,13 +53,35 @@ def _torchscript(config: ModelConfig, source: bytes | Path, device: str, threads
                  where: str):
     import warnings
 
-    import torch
-
     from meshserve.compute.model import TorchScriptModel, pick_device
 
-    if threads:
-        torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message=".*buffer is not writable.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.jit")
-    return TorchScriptModel(io.BytesIO(source) if isinstance(source, bytes) else source,
-                            config, pick_device(device), where)
+    model = TorchScriptModel(io.BytesIO(source) if isinstance(source, bytes) else source,
+                             config, pick_device(device), where)
+    _apply_to_process(model.settings, threads, where)
+    return model
+
+
+def _apply_to_process(settings: Settings, threads: int, where: str) -> None:
+    """The settings TorchScript holds for the whole process (a compute serves one model
+    version): the config's INTRA_OP_THREAD_COUNT (else compute's `--threads`) and
+    INTER_OP_THREAD_COUNT, cuDNN, and the JIT switches the config gives."""
+    import torch
+
+    if settings.intra_op_threads or threads:
+        torch.set_num_threads(settings.intra_op_threads or threads)
+    if settings.inter_op_threads:
+        try:
+            torch.set_num_interop_threads(settings.inter_op_threads)
+        except RuntimeError as error:  # only before the pool starts; Triton's caveat too
+            logger.warning("%s: INTER_OP_THREAD_COUNT not applied: %s", where, error)
+    if not settings.cudnn:
+        torch.backends.cudnn.enabled = False
+    switches = {"ENABLE_JIT_EXECUTOR": torch._C._jit_set_profiling_executor,
+                "ENABLE_JIT_PROFILING": torch._C._jit_set_profiling_mode,
+                "ENABLE_TENSOR_FUSER": torch._C._jit_set_texpr_fuser_enabled}
+    for key, value in settings.jit.items():
+        switches[key](value)
+    for key in settings.not_applied:
+        logger.warning("%s: parameter %s is not applied: %s", where, key, NOT_APPLIED[key])
