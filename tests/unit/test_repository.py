@@ -360,6 +360,24 @@ def test_settings_not_applied_are_named_in_a_warning(tmp_path, caplog):
         "sends zeros"]
 
 
+def test_an_ensembles_max_inflight_requests_is_named_in_a_warning(tmp_path, caplog):
+    make_model(tmp_path, "m", [1])
+    ensemble = tmp_path / "e"
+    (ensemble / "1").mkdir(parents=True)
+    (ensemble / "config.pbtxt").write_text(
+        'platform: "ensemble"\nmax_batch_size: 4\n'
+        'input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+        'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 2 ] } ]\n'
+        'ensemble_scheduling { max_inflight_requests: 8 step [ { model_name: "m" '
+        'model_version: -1 input_map { key: "x" value: "X" } '
+        'output_map { key: "y" value: "Y" } } ] }\n')
+    with caplog.at_level(logging.WARNING, logger="meshserve.common.repository"):
+        assert "e" in ModelRepository.load(tmp_path)
+    assert caplog.messages == [
+        "model 'e': ensemble_scheduling max_inflight_requests is not applied: each request "
+        "runs its steps as their inputs are ready, bounded by the steps' own queues"]
+
+
 @pytest.mark.parametrize(
     ("section", "reason"),
     [
