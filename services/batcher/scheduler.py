@@ -43,7 +43,7 @@ from meshserve.common.errors import (
     Internal,
     ServingError,
     Unavailable,
-    retry_after_of,
+    past_a_limit,
 )
 from meshserve.common.forwarding import (
     error_result,
@@ -124,13 +124,6 @@ async def run_batch(replica: Replica, batch: list[bytes], model: str, version: s
 
 class _TooLargeTogether(Exception):
     """A batch of several requests whose answer was past the message limit."""
-
-
-def past_the_limit(error: ComputeFailed) -> bool:
-    """A refusal that a smaller batch may not meet: RESOURCE_EXHAUSTED without a retry hint
-    (every refusal for capacity carries one)."""
-    return (error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            and retry_after_of(error.details) is None)
 
 
 class _Failed(Exception):
@@ -450,7 +443,7 @@ class Scheduler:
                     answer = await self._traced_infer(replica, batch, requests[0].model_name,
                                                       entries, rows, timeout)
             except ComputeFailed as error:
-                if len(entries) > 1 and past_the_limit(error):
+                if len(entries) > 1 and past_a_limit(error.code.name, error.details):
                     raise _TooLargeTogether from None
                 self._replica_failed(replica, error,
                                      stalled=not alone and (left is None or stall < left),

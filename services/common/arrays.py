@@ -27,6 +27,19 @@ NUMPY_DTYPE: dict[str, numpy.dtype] = {
 """Little-endian numpy dtype of each fixed-size wire datatype; numpy has no BF16."""
 
 
+_DATATYPE_OF_DTYPE = {dtype: datatype for datatype, dtype in NUMPY_DTYPE.items()}
+
+
+def datatype_of(dtype: numpy.dtype) -> str | None:
+    """The wire datatype that holds a numpy dtype (object and string kinds: BYTES; either byte
+    order); None when none does."""
+    if dtype.kind in "OSU":
+        return "BYTES"
+    if dtype.name == "bfloat16":
+        return "BF16"
+    return _DATATYPE_OF_DTYPE.get(dtype.newbyteorder("<"))
+
+
 def config_dtype(data_type: int) -> numpy.dtype | None:
     """The numpy dtype of a model configuration `DataType` value (None: BYTES, BF16)."""
     return NUMPY_DTYPE.get(WIRE_FROM_CONFIG.get(data_type, ""))

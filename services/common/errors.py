@@ -97,13 +97,16 @@ def retry_after_of(message: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def past_a_limit(code: str, message: str) -> bool:
+    """Whether a relayed refusal is one a retry will not pass: every refusal for capacity
+    ends with a retry hint, so a RESOURCE_EXHAUSTED without one is a limit."""
+    return code == ResourceExhausted.code and retry_after_of(message) is None
+
+
 def from_code(code: str, message: str) -> ServingError:
-    """The domain error for a status code name (an upstream's answer, say). Every refusal
-    for capacity ends with a retry hint; a RESOURCE_EXHAUSTED without one is a limit a retry
-    will not pass (`OverLimit`)."""
-    cls = BY_CODE.get(code, ServingError)
-    if cls is ResourceExhausted and retry_after_of(message) is None:
-        cls = OverLimit
+    """The domain error for a status code name (an upstream's answer, say); a limit a retry
+    will not pass is `OverLimit` (`past_a_limit`)."""
+    cls = OverLimit if past_a_limit(code, message) else BY_CODE.get(code, ServingError)
     error = cls(message)
     error.code = code
     return error

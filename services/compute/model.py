@@ -138,12 +138,17 @@ class TorchScriptModel:
             if name not in position:
                 raise InvalidArgument(f"input '{name}' is missing")
             i = position[name]
-            raw = request.raw_input_contents[i]
-            dtype = TORCH_DTYPE[datatype]
-            # frombuffer refuses an empty buffer: a tensor with a 0 dimension has none.
-            tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-            tensors.append(tensor.reshape(tuple(request.inputs[i].shape)).to(self.device))
+            tensors.append(self._tensor_in(request.raw_input_contents[i], datatype,
+                                           request.inputs[i].shape))
         return tensors
+
+    def _tensor_in(self, raw: bytes, datatype: str, shape) -> torch.Tensor:
+        """An input's bytes as a tensor of its shape on the model's device, without a copy
+        on the CPU."""
+        dtype = TORCH_DTYPE[datatype]
+        # frombuffer refuses an empty buffer: a tensor with a 0 dimension has none.
+        tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        return tensor.reshape(tuple(shape)).to(self.device)
 
     def predict(self, tensors: list[torch.Tensor], version: str = "") -> list[torch.Tensor]:
         try:
@@ -154,7 +159,9 @@ class TorchScriptModel:
         return list(result) if isinstance(result, (tuple, list)) else [result]
 
     def encode(self, outputs: list[torch.Tensor], request: ModelInferRequest,
-               version: str) -> ModelInferResponse:
+               version: str, strings: bool = False) -> ModelInferResponse:
+        """The response of `outputs` in config order; with `strings`, a TYPE_STRING output
+        comes from a List[str] (a BYTES tensor of one dimension)."""
         if len(outputs) < len(self._outputs):  # results past the config's are not sent
             raise Internal(f"{self._where(version)}: the model returned {len(outputs)} "
                            f"outputs; config.pbtxt declares {len(self._outputs)}")
@@ -162,16 +169,19 @@ class TorchScriptModel:
         response = ModelInferResponse(model_name=request.model_name, model_version=version,
                                       id=request.id)
         size = 0
-        for (name, datatype, dtype), tensor in zip(self._outputs, outputs):
+        for (name, datatype, dtype), value in zip(self._outputs, outputs):
             if wanted and name not in wanted:
                 continue
-            if getattr(tensor, "dtype", None) != dtype or not tensor.dim():
-                raise self._refused(name, dtype, tensor, version)
-            host = tensor.detach().to("cpu").contiguous()
-            out = response.outputs.add(name=name, datatype=datatype)
-            out.shape.extend(host.shape)
-            size += host.nbytes
-            response.raw_output_contents.append(host.view(torch.uint8).numpy().tobytes())
+            if strings and dtype is None:
+                shape, raw = self._strings_out(name, value, version)
+            else:
+                if getattr(value, "dtype", None) != dtype or not value.dim():
+                    raise self._refused(name, dtype, value, version)
+                host = value.detach().to("cpu").contiguous()
+                shape, raw = host.shape, host.view(torch.uint8).numpy().tobytes()
+            response.outputs.add(name=name, datatype=datatype).shape.extend(shape)
+            response.raw_output_contents.append(raw)
+            size += len(raw)
         if size > NEAR_LIMIT:
             check_answer_bytes(response, self._where(version))
         return response
@@ -188,12 +198,8 @@ class TorchScriptModel:
                 raise InvalidArgument(f"input '{name}' is missing")
             i = position[name]
             raw = request.raw_input_contents[i]
-            if datatype == "BYTES":
-                values.append(strings_of(raw, name))
-                continue
-            dtype = TORCH_DTYPE[datatype]
-            tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-            values.append(tensor.reshape(tuple(request.inputs[i].shape)).to(self.device))
+            values.append(strings_of(raw, name) if datatype == "BYTES" else
+                          self._tensor_in(raw, datatype, request.inputs[i].shape))
         return values if self._keys is None else [dict(zip(self._keys, values))]
 
     def _predict_any(self, values: list, version: str = "") -> list:
@@ -216,31 +222,8 @@ class TorchScriptModel:
 
     def _encode_any(self, outputs: list, request: ModelInferRequest,
                     version: str) -> ModelInferResponse:
-        """encode, with each TYPE_STRING output from a List[str] (a BYTES tensor of one
-        dimension)."""
-        if len(outputs) < len(self._outputs):
-            raise Internal(f"{self._where(version)}: the model returned {len(outputs)} "
-                           f"outputs; config.pbtxt declares {len(self._outputs)}")
-        wanted = {o.name for o in request.outputs}
-        response = ModelInferResponse(model_name=request.model_name, model_version=version,
-                                      id=request.id)
-        size = 0
-        for (name, datatype, dtype), value in zip(self._outputs, outputs):
-            if wanted and name not in wanted:
-                continue
-            if dtype is None:
-                shape, raw = self._strings_out(name, value, version)
-            else:
-                if getattr(value, "dtype", None) != dtype or not value.dim():
-                    raise self._refused(name, dtype, value, version)
-                host = value.detach().to("cpu").contiguous()
-                shape, raw = host.shape, host.view(torch.uint8).numpy().tobytes()
-            response.outputs.add(name=name, datatype=datatype).shape.extend(shape)
-            response.raw_output_contents.append(raw)
-            size += len(raw)
-        if size > NEAR_LIMIT:
-            check_answer_bytes(response, self._where(version))
-        return response
+        # The class's encode: this instance's `encode` is this method.
+        return TorchScriptModel.encode(self, outputs, request, version, strings=True)
 
     def _strings_out(self, name: str, value, version: str) -> tuple[list[int], bytes]:
         """A TYPE_STRING output's shape and BYTES contents: the model returns a List[str]."""

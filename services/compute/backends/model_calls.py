@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import numpy
 
-from meshserve.common.arrays import NUMPY_DTYPE, deserialize_bytes
+from meshserve.common.arrays import datatype_of, deserialize_bytes
 from meshserve.common.batch_requests import parameter_values, set_parameter
 from meshserve.common.datatypes import serialize_bytes
 from meshserve.common.errors import InvalidArgument
@@ -48,16 +48,11 @@ _ERROR_OF_STATUS = {
     grpc.StatusCode.CANCELLED: pb_utils.TritonError.CANCELLED,
     grpc.StatusCode.UNKNOWN: pb_utils.TritonError.UNKNOWN,
 }
-_DATATYPE_OF_DTYPE = {dtype: datatype for datatype, dtype in NUMPY_DTYPE.items()}
 
 
-def datatype_of(name: str, array: numpy.ndarray) -> str:
+def input_datatype(name: str, array: numpy.ndarray) -> str:
     """The protocol's datatype of an input array; TritonModelException when none holds it."""
-    if array.dtype.kind in "OSU":
-        return "BYTES"
-    if array.dtype.name == "bfloat16":
-        return "BF16"
-    datatype = _DATATYPE_OF_DTYPE.get(array.dtype.newbyteorder("<"))
+    datatype = datatype_of(array.dtype)
     if datatype is None:
         raise pb_utils.TritonModelException(
             f"input '{name}' is of dtype {array.dtype}, which no datatype of the protocol holds")
@@ -72,7 +67,7 @@ def request_of(call: pb_utils.InferenceRequest) -> pb.ModelInferRequest:
                                    else str(version))
     for tensor in call.inputs():
         array = tensor.as_numpy()
-        datatype = datatype_of(tensor.name(), array)
+        datatype = input_datatype(tensor.name(), array)
         request.inputs.add(name=tensor.name(), datatype=datatype, shape=array.shape)
         if datatype == "BYTES":
             raw = serialize_bytes(array.reshape(-1).tolist())

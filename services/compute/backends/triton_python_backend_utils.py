@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy
 
-from meshserve.common.arrays import NUMPY_DTYPE, deserialize_bytes
+from meshserve.common.arrays import NUMPY_DTYPE, datatype_of, deserialize_bytes
 from meshserve.common.datatypes import element_ends, serialize_bytes
 
 _log = logging.getLogger("meshserve.compute.python_model")
@@ -52,7 +52,6 @@ TRITONSERVER_REQUEST_RELEASE_RESCHEDULE = 2
 _TRITON_TYPE_NUMBER = {"BOOL": 1, "UINT8": 2, "UINT16": 3, "UINT32": 4, "UINT64": 5,
                        "INT8": 6, "INT16": 7, "INT32": 8, "INT64": 9, "FP16": 10, "FP32": 11,
                        "FP64": 12, "BYTES": 13, "BF16": 14}
-_DATATYPE_OF_DTYPE = {dtype: datatype for datatype, dtype in NUMPY_DTYPE.items()}
 
 # The version directory of the model this process runs (`get_model_dir`).
 _model_dir = ""
@@ -138,7 +137,7 @@ class Tensor:
 
     def triton_dtype(self) -> int:
         """The number of its data type in Triton's C API (`TYPE_FP32`: 11)."""
-        number = _TRITON_TYPE_NUMBER.get(_datatype_of(self._array.dtype))
+        number = _TRITON_TYPE_NUMBER.get(datatype_of(self._array.dtype))
         if number is None:
             raise TritonModelException(f"tensor '{self._name}' is of dtype "
                                        f"{self._array.dtype}, which no data type holds")
@@ -328,17 +327,9 @@ def numpy_to_triton_type(data_type) -> int | None:
     """The number in Triton's C API of a numpy type (numpy.float32 -> 11); None when no
     data type holds it."""
     try:
-        return _TRITON_TYPE_NUMBER.get(_datatype_of(numpy.dtype(data_type)))
+        return _TRITON_TYPE_NUMBER.get(datatype_of(numpy.dtype(data_type)))
     except TypeError:
         return None
-
-
-def _datatype_of(dtype: numpy.dtype) -> str | None:
-    if dtype.kind in "OSU":
-        return "BYTES"
-    if dtype.name == "bfloat16":
-        return "BF16"
-    return _DATATYPE_OF_DTYPE.get(dtype.newbyteorder("<"))
 
 
 def serialize_byte_tensor(input_tensor: numpy.ndarray) -> bytes:
