@@ -398,6 +398,8 @@ def figures(measured: Measured, budgets: Budgets, models: Sequence[str],
                 name = f"{model} c={concurrency} {kind} CPU per request"
                 if concurrency != high:
                     out.append(Figure(name, value, "B"))
+                    if kind == "compute":
+                        out.extend(_compute_split(measured, model, concurrency, bare))
                 elif kind != "compute":
                     out.append(Figure(name, value, "B", budgets.cpu_per_request_b[kind]))
                 else:
@@ -420,6 +422,10 @@ def figures(measured: Measured, budgets: Budgets, models: Sequence[str],
                 ratio(measured.per_request_s(model, low, KINDS),
                       measured.per_request_s(model, high, KINDS)),
                 "x", budgets.concurrency_1_ratio))
+            out.append(Figure(
+                f"{model} whole mesh CPU per request beyond its model, c={low} / c={high}",
+                ratio(_beyond_model(measured, model, low), _beyond_model(measured, model, high)),
+                "x", note="what concurrency amortises in the hops and compute's serving alone"))
         if p50s:
             added = hop_added(p50s)
             model_p50 = ratio(median(measured.model_p50_ms.get(model, [])), bare_p50)
@@ -451,16 +457,30 @@ def _compute_figures(measured: Measured, budgets: Budgets, model: str, concurren
     (batch 16, warm caches: reported), and without what its models took themselves as
     compute counted it (at the batch sizes the mesh formed)."""
     own = budgets.cpu_per_request_b["compute"]
+    return [Figure(f"{model} c={concurrency} compute CPU per request", value, "B",
+                   None if model_b is None else own + model_b,
+                   "plus the model's own CPU per sample (in-process, batch 16)"),
+            *_compute_split(measured, model, concurrency, bare, own)]
+
+
+def _compute_split(measured: Measured, model: str, concurrency: int, bare: float | None,
+                   own: float | None = None) -> list[Figure]:
+    """Compute's CPU per request in two: what its models took themselves, as compute counted
+    it, and the rest (against `own`, its budget, when given)."""
     prefix = f"{model} c={concurrency}"
     return [
-        Figure(f"{prefix} compute CPU per request", value, "B",
-               None if model_b is None else own + model_b,
-               "plus the model's own CPU per sample (in-process, batch 16)"),
         Figure(f"{prefix} model CPU per request inside compute",
                ratio(measured.model_per_request_s(model, concurrency), bare), "B"),
         Figure(f"{prefix} compute CPU per request beyond its model",
                ratio(measured.serving_per_request_s(model, concurrency), bare), "B", own),
     ]
+
+
+def _beyond_model(measured: Measured, model: str, concurrency: int) -> float | None:
+    """The whole mesh's CPU per request less what the model took inside compute."""
+    whole = measured.per_request_s(model, concurrency, KINDS)
+    inside = measured.model_per_request_s(model, concurrency)
+    return None if whole is None or inside is None else whole - inside
 
 
 def _micro(seconds: float | None) -> float | None:

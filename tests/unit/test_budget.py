@@ -333,7 +333,8 @@ def fake_run() -> Measured:
                          "up": 5.0}, model_cpu_s=0.08),
            Window(1000, {"ingress": 0.8, "router": 0.1, "batcher": 0.2, "compute": 0.12},
                   model_cpu_s=0.06)]
-    c1 = [Window(100, {"ingress": 0.2, "router": 0.2, "batcher": 0.2, "compute": 0.2})] * 2
+    c1 = [Window(100, {"ingress": 0.2, "router": 0.2, "batcher": 0.2, "compute": 0.2},
+                 model_cpu_s=0.05)] * 2
     p50 = {"ingress": [4.0], "router": [3.0], "batcher": [2.5], "compute": [1.5], "bare": [1.0]}
     return Measured(bare=bare, load={("mlp", 32): c32, ("mlp", 1): c1},
                     model_cpu_per_sample_s={"mlp": [90e-6, 70e-6, 80e-6]},
@@ -364,6 +365,11 @@ def test_figures_of_a_fake_mesh():
         "mlp c=1 ingress CPU per request": (5.0, None, ""),
         "mlp c=1 whole mesh CPU per request": (20.0, None, ""),
         "mlp whole mesh CPU per request, c=1 / c=32": (20 / 3.05, 2.5, FAR_OVER),
+        "mlp c=1 model CPU per request inside compute": (1.25, None, ""),  # 500 µs
+        "mlp c=1 compute CPU per request beyond its model": (3.75, None, ""),
+        # 20 - 1.25 B at c=1 against 3.05 - 0.175 B at c=32
+        "mlp whole mesh CPU per request beyond its model, c=1 / c=32": (18.75 / 2.875, None,
+                                                                        ""),
         "mlp p50 added by ingress, c=1": (1.0, 0.5, OVER),
         "mlp p50 added by router, c=1": (0.5, 0.5, UNDER),
         "mlp p50 added by batcher, c=1": (1.0, 0.5, OVER),
