@@ -124,7 +124,7 @@ class ImmediateCompute:
         self.rows = []
         self._replies = {}
 
-    async def send(self, body, timeout=None, resend=True):
+    async def send(self, body, timeout=None, resend=True, early=None):
         rows = InferGroup.FromString(b"".join(body)).items[0].request.inputs[0].shape[0]
         self.rows.append(rows)
         reply = self._replies.get(rows)

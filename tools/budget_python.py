@@ -41,7 +41,8 @@ class AnsweringCompute:
         self.stream = self
         self._answer = answer
 
-    async def send(self, body: bytes, timeout: float | None = None, resend: bool = True) -> bytes:
+    async def send(self, body: bytes, timeout: float | None = None, resend: bool = True,
+                   early=None) -> bytes:
         return self._answer
 
 

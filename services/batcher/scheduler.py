@@ -54,7 +54,7 @@ from meshserve.common.forwarding import (
 from meshserve.common.repository import PYTHON, kind_of
 from meshserve.common.server import internal_error_message
 from meshserve.common.statistics import Statistics
-from meshserve.common.streams import StreamBroken
+from meshserve.common.streams import Early, StreamBroken
 from meshserve.common.tracing import Tracing, context_of, traceparent_of
 from meshserve.common.upstream import Upstream
 from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
@@ -104,14 +104,16 @@ class ComputeFailed(Exception):
 
 
 async def run_batch(replica: Replica, batch: list[bytes], model: str, version: str,
-                    timeout: float | None, traceparent: str = "") -> ModelInferResponse:
+                    timeout: float | None, traceparent: str = "",
+                    heard: Early | None = None) -> ModelInferResponse:
     """`batch` (a request for `model` at `version`, serialized in pieces) on `replica`'s
-    stream, as a group of one; raises ComputeFailed."""
+    stream, as a group of one; raises ComputeFailed. `heard` is told of compute's early
+    answers (a decoupled model's answers, each to a request of the batch)."""
     head = InferGroup(model_name=model, version=version)
     group = serialized_group(head, [(batch, GroupItem(traceparent=traceparent))])
     try:
         # A failed batch is retried on another replica (see `_retry`), not on this one.
-        reply = await replica.upstream.stream.send(group, timeout, resend=False)
+        reply = await replica.upstream.stream.send(group, timeout, resend=False, early=heard)
     except StreamBroken as broken:
         raise ComputeFailed(broken.code, broken.details) from None
     except TimeoutError:
@@ -143,6 +145,7 @@ class Answers:
 
     def __init__(self, count: int) -> None:
         self.results: list[ItemResult | None] = [None] * count
+        self._partials: list[tuple[int, ItemResult]] = []  # a decoupled model's, not yet told
         self.missing = count
         self.queued = 0
         self._left = False
@@ -165,6 +168,17 @@ class Answers:
             self.done.set_result(self.results)
         return True
 
+    def partial(self, index: int, result: ItemResult) -> None:
+        """One of a decoupled model's answers to item `index`, more to come."""
+        if self.results[index] is None:
+            self._partials.append((index, result))
+            self._wake()
+
+    def take_partials(self) -> list[tuple[int, ItemResult]]:
+        """The answers `partial` recorded since the last call, in the order they came."""
+        partials, self._partials = self._partials, []
+        return partials
+
     def sent(self, told: bool) -> None:
         """One queued item went to compute; when it was the last and `told` (see
         `Scheduler._dispatch`), the group is released."""
@@ -186,8 +200,8 @@ class Answers:
 
     async def fresh(self) -> list[int]:
         """The positions answered since the last call, waiting for one when there are none
-        (and the group has not just left the queue)."""
-        if not self._fresh and not self._left:
+        (and the group has not just left the queue, and no partial answer waits)."""
+        if not self._fresh and not self._left and not self._partials:
             self._news = asyncio.get_running_loop().create_future()
             await self._news
         self._left = False
@@ -235,6 +249,9 @@ class Scheduler:
         # A Python model answers each request of a batch on its own, as in Triton: its
         # batches say whose rows they hold, and a request may fail alone.
         self._per_request = kind_of(config) is PYTHON
+        # A decoupled model answers each request of a batch any number of times, as compute
+        # passes its answers on (`_attempt_decoupled`).
+        self._decoupled = config.model_transaction_policy.decoupled
         self._statistics = statistics
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -352,7 +369,10 @@ class Scheduler:
         """Run the batch on `replica`; on a replica failure, once more on another one."""
         try:
             try:
-                await self._attempt(replica, entries, dispatched)
+                if self._decoupled:
+                    await self._attempt_decoupled(replica, entries, dispatched)
+                else:
+                    await self._attempt(replica, entries, dispatched)
             except _TooLargeTogether:
                 await self._one_at_a_time(replica, entries, dispatched)
             except _Failed as failed:
@@ -455,19 +475,74 @@ class Scheduler:
                 return
             replica.outlier.success()
             self._latency.add(time.monotonic() - started)
-            params = answer.parameters
-            infer_ns = params["compute_infer_ns"].int64_param
-            self._statistics.record_batch(
-                rows, len(entries), params["compute_input_ns"].int64_param, infer_ns,
-                params["compute_output_ns"].int64_param)
-            if self._metrics is not None:
-                self._metrics.batch(rows, len(entries), infer_ns)
+            self._record_batch(answer, rows, len(entries))
             results = (split_answered if self._per_request else split)(
                 answer, requests, counts, wanted)
             for entry, result in zip(entries, results):
                 self._answer(entry, result, dispatched)
         finally:
             replica.vacate(rows)
+
+    def _record_batch(self, answer: ModelInferResponse, rows: int, requests: int) -> None:
+        params = answer.parameters
+        infer_ns = params["compute_infer_ns"].int64_param
+        self._statistics.record_batch(
+            rows, requests, params["compute_input_ns"].int64_param, infer_ns,
+            params["compute_output_ns"].int64_param)
+        if self._metrics is not None:
+            self._metrics.batch(rows, requests, infer_ns)
+
+    async def _attempt_decoupled(self, replica: Replica, entries: list[Pending],
+                                 dispatched: float) -> None:
+        """A decoupled model's batch on `replica`: compute passes on each answer as the model
+        sends it, in early answers to its request's position in the batch (`more` until the
+        request's last), frees the replica for the next batch once `execute` has returned (an
+        early answer without results), and answers last with the batch's timings. No stall
+        timeout and no retry: a request's answers may come for as long as its deadline
+        allows, and once one has gone out the batch cannot run again."""
+        rows = sum(e.rows for e in entries)
+        occupied = True
+
+        def free() -> None:
+            nonlocal occupied
+            if occupied:
+                occupied = False
+                replica.vacate(rows)
+                self._wake.set()
+
+        async def heard(body: bytes | memoryview) -> None:
+            partial = InferGroupResult.FromString(body)
+            if not partial.results:
+                free()
+            for position, result in zip(partial.items, partial.results, strict=True):
+                entry = entries[position]
+                if not result.more:
+                    self._answer(entry, result, dispatched)
+                elif not entry.payload.answered:
+                    entry.payload.answers.partial(entry.payload.index, result)
+
+        batch = merge([e.payload.item.request for e in entries], [e.rows for e in entries],
+                      [e.payload.outputs for e in entries], self._version, self._per_request)
+        deadlines = [e.deadline for e in entries]
+        left = None if None in deadlines else max(0.001, max(deadlines) - time.monotonic())
+        try:
+            answer = await run_batch(replica, batch, self._config.name, self._version, left,
+                                     heard=heard)
+        except ComputeFailed as error:
+            failed = failure_result(error.code, error.details,
+                                    f"compute replica {replica.upstream.target}")
+            for entry in entries:
+                self._answer(entry, failed, dispatched)
+            return
+        finally:
+            free()
+        replica.outlier.success()
+        self._record_batch(answer, rows, len(entries))
+        ended = error_result(Internal(
+            f"model '{self._config.name}' version {self._version} ended a batch without the "
+            "final flag of each of its requests"))
+        for entry in entries:
+            self._answer(entry, ended, dispatched)  # none that had its last answer already
 
     def _replica_failed(self, replica: Replica, error: ComputeFailed, *, stalled: bool,
                         started: float, stall: float) -> None:

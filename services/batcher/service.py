@@ -57,6 +57,7 @@ from meshserve.protocol.groups_pb2 import (
     CountersRequest,
     InferGroup,
     InferGroupResult,
+    ItemResult,
     RequestCounters,
 )
 from meshserve.protocol.grpc_service_pb2 import (
@@ -166,6 +167,8 @@ class Batcher:
         try:
             while not answers.done.done():
                 fresh = await answers.fresh()
+                if partials := answers.take_partials():
+                    await tell_pairs(partials, early)
                 if answers.done.done():
                     break
                 if not fresh and told:
@@ -175,6 +178,8 @@ class Batcher:
         finally:
             if not answers.done.done():  # the caller left: its queued requests are dropped
                 answers.done.cancel()
+        if partials := answers.take_partials():
+            await tell_pairs(partials, early)
         if not told:
             whole = InferGroupResult(results=answers.results).SerializeToString()
             if len(whole) <= MAX_MESSAGE:
@@ -207,11 +212,19 @@ def answer_of(results: list, items: list[int]) -> bytes:
 async def tell(results: list, items: list[int], early: Early) -> None:
     """An early answer to the items at `items`, in as many messages as the message limit
     between the services takes (answers that fit one each may not fit together)."""
-    answer = answer_of(results, items)
-    if len(items) > 1 and len(answer) > MAX_MESSAGE:
-        half = len(items) // 2
-        await tell(results, items[:half], early)
-        await tell(results, items[half:], early)
+    await tell_pairs([(i, results[i]) for i in items], early)
+
+
+async def tell_pairs(pairs: list[tuple[int, ItemResult]], early: Early) -> None:
+    """An early answer of (position, result) pairs, in their order (a decoupled model's
+    answers may name a position more than once), in as many messages as it takes; none: an
+    answer without results (`Answers.release`)."""
+    answer = InferGroupResult(results=[r for _, r in pairs],
+                              items=[i for i, _ in pairs]).SerializeToString()
+    if len(pairs) > 1 and len(answer) > MAX_MESSAGE:
+        half = len(pairs) // 2
+        await tell_pairs(pairs[:half], early)
+        await tell_pairs(pairs[half:], early)
         return
     await early(answer)
 

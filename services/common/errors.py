@@ -68,6 +68,14 @@ class Internal(ServingError):
     code = "INTERNAL"
 
 
+class Unimplemented(ServingError):
+    """What the server does not do this way (a decoupled model called for one answer): HTTP
+    400, as Triton answers it."""
+
+    code = "UNIMPLEMENTED"
+    http_status = 400
+
+
 class Unauthenticated(ServingError):
     code = "UNAUTHENTICATED"
 
@@ -79,7 +87,8 @@ class PermissionDenied(ServingError):
 BY_CODE: dict[str, type[ServingError]] = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, ResourceExhausted, DeadlineExceeded, Unavailable,
-                FailedPrecondition, Internal, Unauthenticated, PermissionDenied)
+                FailedPrecondition, Internal, Unimplemented, Unauthenticated,
+                PermissionDenied)
 }
 
 

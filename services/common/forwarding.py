@@ -39,6 +39,9 @@ class Entry(NamedTuple):
     priority: int = 0
     traceparent: str = ""
     size: int = 0
+    # Told of each answer with more to come (a decoupled model's); None: such answers are
+    # dropped, and the request gets its last.
+    partial: Callable[[ItemResult], None] | None = None
 
 # Sends a serialized InferGroup and returns its (last) answer, telling the callback of early
 # partial answers first (raises StreamBroken or TimeoutError).
@@ -149,6 +152,11 @@ class _Parcels:
 
     def place(self, p: int, j: int, result: ItemResult) -> None:
         if self.results[p][j] is not None:
+            return
+        if result.more:
+            partial = self.parcels[p][0][j].partial
+            if partial is not None:
+                partial(result)
             return
         self.results[p][j] = result
         self.missing[p] -= 1
@@ -476,10 +484,12 @@ class GroupForwarder:
             nonlocal refusal
             if partial.results:  # none: the upstream has taken the whole group off its queue
                 parcels.answer(partial)
+            finished = 0
             for result in partial.results:
                 if result.code == RESOURCE_EXHAUSTED:
                     self.saturated = refusal = result
-            answered(len(partial.results))
+                finished += not result.more
+            answered(finished)
 
         code = "OK"
         try:

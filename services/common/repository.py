@@ -125,6 +125,7 @@ def parse_config(text: str, source: str, default_name: str) -> ModelConfig:
         )
 
     kind = _check_kind(config, source)
+    _check_decoupled(config, kind, source)
     _check_filename(config, source)
     if config.max_batch_size < 0:
         raise InvalidArgument(
@@ -214,6 +215,21 @@ def _check_priorities(config: ModelConfig, source: str) -> None:
            for p in policies):
         raise InvalidArgument(f"{where} preserve_ordering does not allow a queue policy whose "
                               "timeout_action is DELAY")
+
+
+def _check_decoupled(config: ModelConfig, kind: Kind, source: str) -> None:
+    """A decoupled model (`model_transaction_policy { decoupled: true }`) is a Python model
+    whose answers are not cached."""
+    if not config.model_transaction_policy.decoupled:
+        return
+    if kind is not PYTHON:
+        raise FailedPrecondition(
+            f"{source}: model_transaction_policy decoupled is served for Python models "
+            f"(backend \"python\") only; a {kind.name} model answers each request once")
+    if config.response_cache.enable:
+        raise InvalidArgument(
+            f"{source}: response_cache cannot be enabled for a decoupled model: it answers a "
+            "request any number of times, and a cache keeps one answer")
 
 
 def _check_kind(config: ModelConfig, source: str) -> Kind:
@@ -512,6 +528,9 @@ def _plan_ensembles(models: dict[str, ModelEntry], refused: dict[str, str]) -> N
 def _step_lookup(models: dict[str, ModelEntry], refused: dict[str, str]):
     def lookup(name: str) -> tuple[ModelConfig, tuple[str, ...]]:
         if name in models:
+            if models[name].config.model_transaction_policy.decoupled:
+                raise FailedPrecondition(f"model '{name}' is decoupled: it may answer a "
+                                         "request any number of times, and a step answers once")
             return models[name].config, models[name].versions
         if name in refused:
             raise FailedPrecondition(f"model '{name}' was refused: {refused[name]}")

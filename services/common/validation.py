@@ -83,6 +83,7 @@ class Schema:
         self.model = config.name
         self.batched = config.max_batch_size > 0
         self.max_batch_size = config.max_batch_size
+        self.decoupled = config.model_transaction_policy.decoupled
         self.inputs = {t.name: (WIRE_FROM_CONFIG[t.data_type], expected_shape(config, t.dims))
                        for t in config.input}
         self.required = [t.name for t in config.input if not t.optional]

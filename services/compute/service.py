@@ -31,14 +31,14 @@ from meshserve.common.identity import Callers, add_callers_flag, default_callers
 from meshserve.common.metrics import ComputeMetrics, Metrics
 from meshserve.common.repository import ModelRepository
 from meshserve.common.server import HealthServicer, Service, internal_error_message
-from meshserve.common.streams import group_handler
+from meshserve.common.streams import Early, group_handler
 from meshserve.common.tls import TlsFiles
 from meshserve.common.tracing import TRACEPARENT, Tracing, context_of, header
 from meshserve.common.validation import Schema
 from meshserve.compute.backends import triton_python_backend_utils as pb_utils
 from meshserve.protocol import grpc_service_pb2_grpc
 from meshserve.protocol.groups_pb2 import InferGroup, InferGroupResult, ItemResult
-from meshserve.protocol.grpc_service_pb2 import ModelReadyResponse
+from meshserve.protocol.grpc_service_pb2 import ModelInferResponse, ModelReadyResponse
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ class Compute:
         self.version = repository.version(settings.model, settings.version)
         self.config = entry.config
         self._schema = Schema(entry.config)
+        self.decoupled = entry.config.model_transaction_policy.decoupled
         self._version_dir = entry.path / self.version
         self._artifact_name = entry.config.default_model_filename or "model.pt"
         self._settings = settings
@@ -143,7 +144,10 @@ class Compute:
         device = model.device
         for request in model.warmup_requests():
             try:
-                model.run(request, self.version)
+                if self.decoupled:
+                    model.run_decoupled(request, self.version, lambda position, result: None)
+                else:
+                    model.run(request, self.version)
             except ServingError as error:
                 raise FailedPrecondition(f"{self._version_dir / self._artifact_name}: warm-up "
                                          f"failed: {error.message}") from None
@@ -229,7 +233,7 @@ class Compute:
         finally:
             span.end()
 
-    async def infer(self, request):
+    def _check_servable(self, request) -> None:
         if request.model_name != self.name or request.model_version not in ("", self.version):
             raise NotFound(f"this compute replica serves model '{self.name}' version "
                            f"'{self.version}', not '{request.model_name}' version "
@@ -238,6 +242,9 @@ class Compute:
             raise FailedPrecondition(self.refused)
         if self.model is None:
             raise Unavailable(f"model '{self.name}' version '{self.version}' is still loading")
+
+    async def infer(self, request):
+        self._check_servable(request)
         self._schema.validate(request)  # once per batch: a malformed one never reaches torch
         await self._pace.turn()
         if self._pace.inline() and not self.model.waits:
@@ -263,6 +270,79 @@ class Compute:
         cpu = time.thread_time_ns()
         response, timings = self.model.run(request, self.version)
         return response, timings, time.thread_time_ns() - cpu
+
+    async def stream(self, request, early: Early | None) -> ItemResult:
+        """A decoupled model's batch: each answer the model sends goes back at once as an
+        early answer to its request's position in the batch (`more` set until that request's
+        last); once `execute` has returned with requests still open, an early answer without
+        results says so (the batcher may send the next batch, as Triton runs the next
+        `execute` then); and this returns, with the batch's timings alone, once every request
+        of the batch has had its last answer. When `execute` raises, the requests still
+        waiting for theirs get its error. Without `early` the answers are dropped."""
+        try:
+            self._check_servable(request)
+            self._schema.validate(request)
+        except ServingError as error:
+            return error_result(error)
+        loop = asyncio.get_running_loop()
+        answers: asyncio.Queue[tuple[int, ItemResult]] = asyncio.Queue()
+        waiting = set(range(self.model.requests_in(request)))
+
+        def send(position: int, result: ItemResult) -> None:  # on the model's threads
+            loop.call_soon_threadsafe(answers.put_nowait, (position, result))
+
+        async def tell(position: int, result: ItemResult) -> None:
+            if position not in waiting:
+                return
+            if not result.more:
+                waiting.discard(position)
+            if early is not None:
+                await early(InferGroupResult(results=[result],
+                                             items=[position]).SerializeToString())
+
+        await self._pace.turn()
+        self._pace.running += 1
+        try:
+            running = loop.run_in_executor(self._executor, self._run_decoupled, request, send)
+            while waiting and not running.done():
+                getter = asyncio.ensure_future(answers.get())
+                await asyncio.wait((getter, running), return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    await tell(*getter.result())
+                else:
+                    getter.cancel()
+            try:
+                timings, cpu_ns = await running
+            except Exception as error:  # noqa: BLE001 — the answer of the requests still open
+                failed = error_result(error if isinstance(error, ServingError) else
+                                      Internal(internal_error_message(error)))
+            else:
+                failed = None
+        finally:
+            self._pace.running -= 1
+        while not answers.empty():  # sent before execute returned
+            await tell(*answers.get_nowait())
+        for position in sorted(waiting) if failed is not None else ():
+            await tell(position, failed)
+        if waiting and early is not None:
+            await early(InferGroupResult().SerializeToString())
+        while waiting:  # sent by the model's own threads after execute returned
+            await tell(*await answers.get())
+        if failed is not None:
+            return ItemResult(response=ModelInferResponse())
+        response = ModelInferResponse()
+        response.parameters["compute_input_ns"].int64_param = timings.input_ns
+        response.parameters["compute_infer_ns"].int64_param = timings.infer_ns
+        seconds = (timings.input_ns + timings.infer_ns) / 1e9
+        self._pace.took(seconds)
+        if self._observe is not None:
+            self._observe(seconds, cpu_ns / 1e9)
+        return ItemResult(response=response)
+
+    def _run_decoupled(self, request, send) -> tuple:
+        cpu = time.thread_time_ns()
+        timings = self.model.run_decoupled(request, self.version, send)
+        return timings, time.thread_time_ns() - cpu
 
     async def answer(self, request, tracing: Tracing | None, traceparent: str) -> ItemResult:
         """One batch's result: its response, or the error that refused it (a request alone
@@ -311,8 +391,11 @@ def build_service(settings: ComputeSettings, metrics: Metrics | None = None,
             group = InferGroup.FromString(body)
         except DecodeError as error:
             raise not_a_group(error) from None
-        results = [await compute.answer(item.request, tracing, item.traceparent)
-                   for item in group.items]
+        if compute.decoupled:
+            results = [await compute.stream(item.request, early) for item in group.items]
+        else:
+            results = [await compute.answer(item.request, tracing, item.traceparent)
+                       for item in group.items]
         return InferGroupResult(results=results).SerializeToString()
 
     def register(server) -> None:

@@ -38,8 +38,11 @@ from meshserve.common.errors import (
     NotFound,
     ResourceExhausted,
     ServingError,
+    Unimplemented,
+    from_code,
 )
 from meshserve.common.forwarding import (
+    CODE_NAME,
     CODE_NUMBER,
     Entry,
     GroupForwarder,
@@ -90,6 +93,7 @@ from meshserve.ingress.saturation import EdgeBound
 from meshserve.ingress.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER, JwksUrl, jwks_source
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol import grpc_service_pb2_grpc
+from meshserve.protocol.groups_pb2 import ItemResult
 
 log = logging.getLogger(__name__)
 
@@ -211,19 +215,23 @@ class Ingress:
         return ""
 
     async def infer(self, request: pb.ModelInferRequest, remaining: float | None,
-                    traceparent: str = "",
-                    admit: Callable[[], None] | None = None) -> pb.ModelInferResponse:
+                    traceparent: str = "", admit: Callable[[], None] | None = None,
+                    partial: Callable[[ItemResult], None] | None = None
+                    ) -> pb.ModelInferResponse:
         """`traceparent`: the client's W3C trace context (read only when tracing). `admit`,
-        when given, authenticates and authorizes the caller (raising to refuse), first."""
+        when given, authenticates and authorizes the caller (raising to refuse), first.
+        `partial` hears of a decoupled model's answers before its last (the one returned);
+        without it, a request for a decoupled model is refused."""
         if request.model_name in self.ensembles:  # its steps come back here, one by one
             return await self.ensembles.infer(request, remaining, traceparent, admit)
         request_id = next(self._ids)
         if self._tracing is None:
-            return await self._observed(request, remaining, request_id, None, admit)
+            return await self._observed(request, remaining, request_id, None, admit, partial)
         span = self._tracing.start("ingress.request", context_of(traceparent),
                                    {"model": request.model_name}, kind=SpanKind.SERVER)
         try:
-            response = await self._observed(request, remaining, request_id, span, admit)
+            response = await self._observed(request, remaining, request_id, span, admit,
+                                            partial)
         except Exception as error:
             code = error.code if isinstance(error, ServingError) else "INTERNAL"
             span.set_attribute(GRPC_STATUS_ATTRIBUTE, CODE_NUMBER[code])
@@ -239,11 +247,13 @@ class Ingress:
             span.end()
 
     async def _observed(self, request: pb.ModelInferRequest, remaining: float | None,
-                        request_id: str, span: Span | None,
-                        admit: Callable[[], None] | None) -> pb.ModelInferResponse:
+                        request_id: str, span: Span | None, admit: Callable[[], None] | None,
+                        partial: Callable[[ItemResult], None] | None
+                        ) -> pb.ModelInferResponse:
         arrived = time.monotonic()
         try:
-            response = await self._infer(request, remaining, arrived, request_id, span, admit)
+            response = await self._infer(request, remaining, arrived, request_id, span, admit,
+                                         partial)
         except Exception as error:
             code = error.code if isinstance(error, ServingError) else "INTERNAL"
             self._record(request.model_name, request.model_version, code, arrived, request_id,
@@ -313,10 +323,15 @@ class Ingress:
 
     async def _infer(self, request: pb.ModelInferRequest, remaining: float | None,
                      arrived: float, request_id: str, span: Span | None,
-                     admit: Callable[[], None] | None) -> pb.ModelInferResponse:
+                     admit: Callable[[], None] | None,
+                     partial: Callable[[ItemResult], None] | None) -> pb.ModelInferResponse:
         if admit is not None:
             self._step("ingress.auth", span, admit)
         schema = self.schema(request.model_name, "")
+        if schema.decoupled and partial is None:
+            raise Unimplemented(
+                f"model '{request.model_name}' is decoupled (it may answer a request any "
+                "number of times): call it with ModelStreamInfer, which carries each answer")
         version = self.served_version(request.model_name, request.model_version)
         if version != request.model_version:  # forwarded as the hops know it
             request.model_version = version
@@ -330,7 +345,7 @@ class Ingress:
         entry = Entry(request, request_id,
                       deadline_of(parameter(request, "timeout"), arrived, remaining),
                       min(parameter(request, "priority"), MAX_CARRIED),
-                      "" if span is None else traceparent_of(span), size)
+                      "" if span is None else traceparent_of(span), size, partial)
         forwarder = self._forwarder(request.model_name, request.model_version)
         try:
             self._bound(request.model_name).admit(entry.priority, forwarder.waiting,
@@ -366,6 +381,31 @@ SERVER_ERRORS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INT
 
 # The response parameter with which Triton marks the last answer to a streamed request.
 FINAL_RESPONSE = "triton_final_response"
+# A request parameter: send a decoupled model's final flag even when no answer comes with it.
+EMPTY_FINAL_RESPONSE = "triton_enable_empty_final_response"
+NO_PARAMETER = pb.InferParameter()
+
+
+def stream_error(request: pb.ModelInferRequest, error: Exception) -> pb.ModelStreamInferResponse:
+    """A request's failure on a stream, as Triton writes one: its status and message, and the
+    request's model and id."""
+    message = (f"{error.code}: {error.message}" if isinstance(error, ServingError)
+               else f"INTERNAL: {internal_error_message(error)}")
+    return pb.ModelStreamInferResponse(
+        error_message=message, infer_response=pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id))
+
+
+def more_answer(request: pb.ModelInferRequest,
+                result: ItemResult) -> pb.ModelStreamInferResponse:
+    """One of a decoupled model's answers before its last, as the stream carries it."""
+    if result.code:
+        answer = stream_error(request, from_code(CODE_NAME.get(result.code, "UNKNOWN"),
+                                                 result.message))
+    else:
+        answer = pb.ModelStreamInferResponse(infer_response=result.response)
+    answer.infer_response.parameters[FINAL_RESPONSE].bool_param = False
+    return answer
 
 
 def pin_request(request: pb.ModelInferRequest, pin: str) -> None:
@@ -544,12 +584,18 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         entry = self._ingress.repository.models.get(model)
         return entry is not None and entry.config.dynamic_batching.preserve_ordering
 
+    def _decoupled(self, model: str) -> bool:
+        entry = self._ingress.repository.models.get(model)
+        return entry is not None and entry.config.model_transaction_policy.decoupled
+
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests are served concurrently; each request's task writes its answer as soon as
         it is ready (the services' own server takes writes from several tasks, where grpc.aio
         allows one at a time), with no queue and no second task between them. For a model
         whose config sets `dynamic_batching { preserve_ordering: true }`, as in Triton, its
         answers are written in the order its requests came: each after the one before.
+        A decoupled model's answers are written as they come, each but the last with
+        `triton_final_response` false (`answer_decoupled`).
         At most `stream_in_progress` requests of a stream are in progress at once (the stream
         is read no further meanwhile), and those still in progress when the stream ends
         early (cancelled, past its deadline) are given up."""
@@ -572,26 +618,48 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                     written.set_result(None)
 
         async def answer_one(request, after: asyncio.Future | None) -> None:
+            if self._decoupled(request.model_name):
+                await answer_decoupled(request, after)
+                return
+            answer = await last_answer(request)
+            if after is not None:
+                await after
+            await context.write(answer)
+
+        async def last_answer(request, partial=None) -> pb.ModelStreamInferResponse:
             try:
                 pin_request(request, pin)
                 left = None if deadline is None else deadline - time.monotonic()
                 response = await self._ingress.infer(
-                    request, left, traceparent, admit=lambda: self._admit(caller, request))
+                    request, left, traceparent, admit=lambda: self._admit(caller, request),
+                    partial=partial)
                 answer = pb.ModelStreamInferResponse(infer_response=response)
             except Exception as error:  # noqa: BLE001 — every request gets an answer
-                message = (f"{error.code}: {error.message}" if isinstance(error, ServingError)
-                           else f"INTERNAL: {internal_error_message(error)}")
-                answer = pb.ModelStreamInferResponse(
-                    error_message=message,
-                    infer_response=pb.ModelInferResponse(
-                        model_name=request.model_name, model_version=request.model_version,
-                        id=request.id))
-            # Each request has one answer, its last: said as Triton says it on a stream, for
+                answer = stream_error(request, error)
+            # A request's last answer is said to be final as Triton says it on a stream, for
             # clients that read answers until one is final (decoupled models' clients).
             answer.infer_response.parameters[FINAL_RESPONSE].bool_param = True
-            if after is not None:
-                await after
-            await context.write(answer)
+            return answer
+
+        async def answer_decoupled(request, after: asyncio.Future | None) -> None:
+            """Each answer as it comes (after the answers of the request before, when they
+            keep their order), then the last; a last answer without outputs (the model sent
+            the final flag alone) only when the request sets
+            `triton_enable_empty_final_response`, as in Triton."""
+            answers: asyncio.Queue[ItemResult | None] = asyncio.Queue()
+            last = asyncio.ensure_future(last_answer(request, answers.put_nowait))
+            last.add_done_callback(lambda _: answers.put_nowait(None))
+            try:
+                if after is not None:
+                    await after
+                while (result := await answers.get()) is not None:
+                    await context.write(more_answer(request, result))
+            finally:
+                last.cancel()  # the stream ended early: the request is given up
+            answer = last.result()
+            if (answer.error_message or answer.infer_response.outputs
+                    or request.parameters.get(EMPTY_FINAL_RESPONSE, NO_PARAMETER).bool_param):
+                await context.write(answer)
 
         loop = asyncio.get_running_loop()
         tasks: set[asyncio.Task] = set()

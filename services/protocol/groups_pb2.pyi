@@ -70,11 +70,13 @@ class InferGroupResult(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[ItemResult, _Mapping]]] = ..., items: _Optional[_Iterable[int]] = ..., partial_group_id: _Optional[int] = ..., group_id: _Optional[int] = ...) -> None: ...
 
 class ItemResult(_message.Message):
-    __slots__ = ("response", "code", "message")
+    __slots__ = ("response", "code", "message", "more")
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     response: _grpc_service_pb2.ModelInferResponse
     code: int
     message: str
-    def __init__(self, response: _Optional[_Union[_grpc_service_pb2.ModelInferResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    more: bool
+    def __init__(self, response: _Optional[_Union[_grpc_service_pb2.ModelInferResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., more: bool = ...) -> None: ...

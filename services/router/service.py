@@ -355,15 +355,19 @@ def no_route(model: str, unheard: bool) -> Unavailable:
     return Unavailable(f"no route to model '{model}' in the mesh: {why}", 1.0)
 
 
-def place(results: list[ItemResult | None], answer: InferGroupResult) -> Iterable[int]:
+def place(results: list[ItemResult | None], answer: InferGroupResult) -> list[int]:
     """Put an answer's results at the positions in the group they answer (all, in order,
-    when it names none; none when it has no results); those positions."""
+    when it names none; none when it has no results); those positions. A decoupled model's
+    answers with more to come are not placed: an item's result is its last."""
     if not answer.results:
-        return ()
+        return []
     positions = answer.items or range(len(results))
+    placed = []
     for position, result in zip(positions, answer.results, strict=True):
-        results[position] = result
-    return positions
+        if not result.more:
+            results[position] = result
+            placed.append(position)
+    return placed
 
 
 def end_spans(spans: list, results: list, positions: Iterable[int]) -> None:

@@ -22,7 +22,7 @@ class GatedCompute(FakeCompute):
         self.gates: list[asyncio.Event] = []
         self.arrived = asyncio.Queue()
 
-    async def send(self, body: list[bytes], timeout=None, resend=True) -> bytes:
+    async def send(self, body: list[bytes], timeout=None, resend=True, early=None) -> bytes:
         [item] = InferGroup.FromString(b"".join(body)).items
         self.ran.append([item.request.id])
         gate = asyncio.Event()
@@ -127,7 +127,7 @@ class RowsCompute(FakeCompute):
         super().__init__()
         self.rows: list[int] = []
 
-    async def send(self, body: list[bytes], timeout=None, resend=True) -> bytes:
+    async def send(self, body: list[bytes], timeout=None, resend=True, early=None) -> bytes:
         [item] = InferGroup.FromString(b"".join(body)).items
         self.rows.append(item.request.inputs[0].shape[0])
         return await super().send(body, timeout, resend)

@@ -29,7 +29,7 @@ class CheckingCompute:
         self.serving = True
         self.stream = self
 
-    async def send(self, body: list[bytes], timeout=None, resend=True) -> bytes:
+    async def send(self, body: list[bytes], timeout=None, resend=True, early=None) -> bytes:
         results = []
         for item in InferGroup.FromString(b"".join(body)).items:
             batch = item.request

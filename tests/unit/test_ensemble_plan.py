@@ -189,3 +189,16 @@ def test_batching_and_non_batching_models_mix_when_shapes_agree_with_the_batch(r
 def test_a_tensor_takes_the_shape_its_reader_expects_as_triton_carries_it(
         shape, dims, batching, batched, carried):
     assert ensemble_plan.carried_shape(shape, dims, batching, batched) == carried
+
+
+def test_a_decoupled_step_is_refused(repo):
+    (repo / "streams").mkdir()
+    (repo / "streams" / "1").mkdir()
+    (repo / "streams" / "config.pbtxt").write_text(
+        'backend: "python"\nmodel_transaction_policy { decoupled: true }\n'
+        + STEP.format(dtype="TYPE_FP32"))
+    ensemble(repo, "e", step("streams", "X", "RESULT"))
+    loaded = ModelRepository.load(repo)
+    assert "streams" not in loaded.refused
+    assert "model 'streams' is decoupled: it may answer a request any number of times, and a " \
+           "step answers once" in loaded.refused["e"]

@@ -509,6 +509,7 @@ async def test_other_exception_reaches_every_waiter():
     (9, "why", errors.FailedPrecondition),
     (13, "why", errors.Internal),
     (14, "why", errors.Unavailable),
+    (12, "why", errors.Unimplemented),
 ])
 def test_raise_for_raises_the_domain_error(code, message, cls):
     with pytest.raises(cls) as caught:
@@ -517,7 +518,7 @@ def test_raise_for_raises_the_domain_error(code, message, cls):
     assert caught.value.message == message
 
 
-@pytest.mark.parametrize("code, name", [(2, "UNKNOWN"), (12, "UNIMPLEMENTED"), (99, "UNKNOWN")])
+@pytest.mark.parametrize("code, name", [(2, "UNKNOWN"), (99, "UNKNOWN")])
 def test_raise_for_unmapped_code_raises_serving_error(code, name):
     with pytest.raises(errors.ServingError) as caught:
         raise_for(ItemResult(code=code, message="m"))

@@ -21,7 +21,7 @@ class HeldMesh:
         self.waiting: dict[str, asyncio.Event] = {}
         self.given_up: list[str] = []
 
-    async def infer(self, request, left, traceparent, admit):
+    async def infer(self, request, left, traceparent, admit, partial=None):
         release = self.waiting[request.id] = asyncio.Event()
         try:
             await release.wait()

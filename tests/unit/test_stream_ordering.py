@@ -27,7 +27,7 @@ class ReleasedMesh:
         config.dynamic_batching.preserve_ordering = preserve_ordering
         self.repository.models[name] = SimpleNamespace(config=config)
 
-    async def infer(self, request, left, traceparent, admit):
+    async def infer(self, request, left, traceparent, admit, partial=None):
         await self.released.setdefault(request.id, asyncio.Event()).wait()
         self.answered.append(request.id)
         return pb.ModelInferResponse(model_name=request.model_name, id=request.id)

@@ -123,7 +123,7 @@ class FakeCompute:
         self.stream = self
         self.traceparents: list[str] = []
 
-    async def send(self, body: list[bytes], timeout=None, resend=True) -> bytes:
+    async def send(self, body: list[bytes], timeout=None, resend=True, early=None) -> bytes:
         results = []
         for item in InferGroup.FromString(b"".join(body)).items:
             self.traceparents.append(item.traceparent)

@@ -30,6 +30,7 @@ import logging
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy
@@ -147,16 +148,9 @@ class PythonModel:
 
     def run(self, request: ModelInferRequest, version: str) -> tuple[ModelInferResponse, Timings]:
         start = time.perf_counter_ns()
-        arrays = {name: _writable(array)
-                  for name, array in tensors.decode(request, self.config).items()}
         names = tensors.wanted_outputs(request, self.config)
-        members = batch_requests.members(request, _rows(request)) if (
-            self.config.max_batch_size) else None
-        if members is None:
-            requests = [self._request(arrays, names, request.id,
-                                      parameter_values(request.parameters), version)]
-        else:
-            requests = self._requests(arrays, members, version)
+        members = self._members(request)
+        requests = self._requests(request, names, members, version)
         decoded = time.perf_counter_ns()
         responses = self._execute(requests)
         executed = time.perf_counter_ns()
@@ -179,42 +173,106 @@ class PythonModel:
         done = time.perf_counter_ns()
         return response, Timings(decoded - start, executed - decoded, done - executed)
 
-    def _request(self, inputs: dict[str, numpy.ndarray], names: list[str], request_id: str,
-                 parameters: dict, version: str) -> pb_utils.InferenceRequest:
-        timeout = parameters.get("timeout", 0)
-        return pb_utils.InferenceRequest(
-            model_name=self.config.name, requested_output_names=names,
-            inputs=[pb_utils.Tensor(name, array) for name, array in inputs.items()],
-            request_id=request_id, model_version=int(version),
-            timeout=timeout if type(timeout) is int else 0, parameters=json.dumps(parameters))
+    def run_decoupled(self, request: ModelInferRequest, version: str,
+                      send: Callable[[int, ItemResult], None]) -> Timings:
+        """A decoupled model's batch: `execute` with a response sender in each request, and
+        each answer it sends passed on as it is sent, from the thread that sends it:
+        `send(the position of its request in the batch, its result)`, `more` set on all but
+        the last (the one with the final flag; a final flag alone is a response without
+        outputs). Returns once `execute` has; the model may go on sending after."""
+        start = time.perf_counter_ns()
+        names = tensors.wanted_outputs(request, self.config)
+        members = self._members(request)
+        requests = self._requests(request, names, members, version, send)
+        decoded = time.perf_counter_ns()
+        returned = self._call_execute(requests)
+        if returned is not None:
+            raise Internal(f"{self._where}: execute of a decoupled model returned a "
+                           f"{type(returned).__name__}; it answers through each request's "
+                           "response sender and returns None")
+        return Timings(decoded - start, time.perf_counter_ns() - decoded, 0)
 
-    def _requests(self, arrays: dict[str, numpy.ndarray], members: list[Member],
-                  version: str) -> list[pb_utils.InferenceRequest]:
-        """One request per member of the batch, its inputs views of its rows."""
+    def requests_in(self, request: ModelInferRequest) -> int:
+        """How many client requests the batch `request` holds."""
+        members = self._members(request)
+        return 1 if members is None else len(members)
+
+    def _members(self, request: ModelInferRequest) -> list[Member] | None:
+        return batch_requests.members(request, _rows(request)) if (
+            self.config.max_batch_size) else None
+
+    def _requests(self, request: ModelInferRequest, names: list[str],
+                  members: list[Member] | None, version: str,
+                  send: Callable[[int, ItemResult], None] | None = None
+                  ) -> list[pb_utils.InferenceRequest]:
+        """One request per member of the batch (the batch itself when it has none), its
+        inputs views of its rows; with `send`, each with its response sender."""
+        arrays = {name: _writable(array)
+                  for name, array in tensors.decode(request, self.config).items()}
+        if members is None:
+            return [self._request(arrays, names, request.id, parameter_values(
+                request.parameters), version, self._sender(send, 0, names, request.id, version))]
         requests, offset = [], 0
-        for member in members:
+        for position, member in enumerate(members):
             end = offset + member.rows
             names = [t.name for t in self.config.output
                      if member.outputs is None or t.name in member.outputs]
             requests.append(self._request(
                 {name: array[offset:end] for name, array in arrays.items()}, names,
-                member.id, member.parameters, version))
+                member.id, member.parameters, version,
+                self._sender(send, position, names, member.id, version)))
             offset = end
         return requests
 
+    def _request(self, inputs: dict[str, numpy.ndarray], names: list[str], request_id: str,
+                 parameters: dict, version: str,
+                 sender: pb_utils.InferenceResponseSender | None) -> pb_utils.InferenceRequest:
+        timeout = parameters.get("timeout", 0)
+        return pb_utils.InferenceRequest(
+            model_name=self.config.name, requested_output_names=names,
+            inputs=[pb_utils.Tensor(name, array) for name, array in inputs.items()],
+            request_id=request_id, model_version=int(version),
+            timeout=timeout if type(timeout) is int else 0, parameters=json.dumps(parameters),
+            sender=sender)
+
+    def _sender(self, send: Callable[[int, ItemResult], None] | None, position: int,
+                names: list[str], request_id: str,
+                version: str) -> pb_utils.InferenceResponseSender | None:
+        """The response sender of the request at `position` of a decoupled model's batch."""
+        if send is None:
+            return None
+        head = ModelInferRequest(model_name=self.config.name, id=request_id)
+
+        def deliver(response: pb_utils.InferenceResponse | None, final: bool) -> None:
+            result = self._answer(response, names, head, version)
+            result.more = not final
+            send(position, result)
+
+        return pb_utils.InferenceResponseSender(deliver)
+
+    def _answer(self, response: pb_utils.InferenceResponse | None, names: list[str],
+                head: ModelInferRequest, version: str) -> ItemResult:
+        """One answer of a decoupled model, as its request gets it: its outputs of those
+        asked for, and its parameters, or its error."""
+        if response is None:
+            return ItemResult(response=ModelInferResponse(
+                model_name=head.model_name, model_version=version, id=head.id))
+        if response.has_error():
+            return error_result(_error_of(response.error(), self._where))
+        outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
+        try:
+            encoded = tensors.encode(outputs, [n for n in names if n in outputs], self.config,
+                                     head, version, self._where)
+            for name, value in pb_utils.parameters_of(response).items():
+                batch_requests.set_parameter(encoded.parameters[name], value,
+                                             f"{self._where}: response parameter '{name}'")
+        except ServingError as error:
+            return error_result(error)
+        return ItemResult(response=encoded)
+
     def _execute(self, requests: list[pb_utils.InferenceRequest]
                  ) -> list[pb_utils.InferenceResponse]:
-        try:
-            responses = self.instance.execute(requests)
-            if inspect.iscoroutine(responses):
-                responses = asyncio.run(responses)
-        except ServingError:
-            raise
-        except BaseException as error:  # noqa: BLE001 — whatever the model's code raises
-            # SystemExit and KeyboardInterrupt too: they fail this batch, not the process.
-            # (This is plain code, run on the worker thread or between awaits: no
-            # cancellation of the service can pass through it.)
-            raise Internal(f"{self._where}: execute raised {_said(error)}") from None
+        responses = self._call_execute(requests)
         count = len(requests)
         if not isinstance(responses, (list, tuple)) or len(responses) != count:
             got = len(responses) if isinstance(responses, (list, tuple)) else type(
@@ -226,6 +284,21 @@ class PythonModel:
                 raise Internal(f"{self._where}: execute returned a {type(response).__name__}, "
                                "not an InferenceResponse")
         return list(responses)
+
+    def _call_execute(self, requests: list[pb_utils.InferenceRequest]):
+        """What the model's `execute` returns (awaited, when it is a coroutine)."""
+        try:
+            returned = self.instance.execute(requests)
+            if inspect.iscoroutine(returned):
+                returned = asyncio.run(returned)
+        except ServingError:
+            raise
+        except BaseException as error:  # noqa: BLE001 — whatever the model's code raises
+            # SystemExit and KeyboardInterrupt too: they fail this batch, not the process.
+            # (This is plain code, run on the worker thread or between awaits: no
+            # cancellation of the service can pass through it.)
+            raise Internal(f"{self._where}: execute raised {_said(error)}") from None
+        return returned
 
     def warmup_requests(self) -> list[ModelInferRequest]:
         """Only the config's model_warmup: a Python model may not accept zeros."""

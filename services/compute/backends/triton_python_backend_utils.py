@@ -14,12 +14,15 @@ Prometheus metrics, served by the compute with its own: `model_metrics`),
 `triton_to_numpy_type`, `numpy_to_triton_type`, `serialize_byte_tensor`,
 `deserialize_bytes_tensor`, `using_decoupled_model_transaction_policy`, the
 `TRITONSERVER_*` flag constants and `Logger`. Tensors live on the CPU.
+A decoupled model (its config's `model_transaction_policy { decoupled: true }`) answers each
+request through `request.get_response_sender()`: `send(response)` any number of times, from
+any thread, during `execute` or after it returned, and `send(flags=
+TRITONSERVER_RESPONSE_COMPLETE_FINAL)` (or `send(response, flags=...)`, or `close()`) last.
 `InferenceRequest(model_name=..., inputs=..., requested_output_names=...).exec()` (and
 `await ... .async_exec()`) calls another model through the mesh, when the compute is given
 where (`--bls-target`; `meshserve.compute.backends.model_calls`). Not offered (calling them
-raises TritonModelException): decoupled responses (`get_response_sender`,
-`exec(decoupled=True)`) and the model loading API (`load_model`, `unload_model`,
-`is_model_ready`).
+raises TritonModelException): calls to decoupled models (`exec(decoupled=True)`) and the
+model loading API (`load_model`, `unload_model`, `is_model_ready`).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from meshserve.common.datatypes import element_ends, serialize_bytes
 _log = logging.getLogger("meshserve.compute.python_model")
 
 # Flags of Triton's C API a model may name (requests to stateful models, decoupled answers,
-# rescheduling): meshserve serves neither, but models that name them still load.
+# rescheduling): of these meshserve reads only the final flag of a decoupled model's answers,
+# but models that name the others still load.
 TRITONSERVER_REQUEST_FLAG_SEQUENCE_START = 1
 TRITONSERVER_REQUEST_FLAG_SEQUENCE_END = 2
 TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
@@ -176,8 +180,11 @@ class InferenceRequest:
 
     def __init__(self, model_name: str = "", requested_output_names=(), inputs=(),
                  request_id: str = "", correlation_id=0, model_version: int = -1,
-                 flags: int = 0, timeout: int = 0, parameters=None, **_) -> None:
+                 flags: int = 0, timeout: int = 0, parameters=None,
+                 sender: InferenceResponseSender | None = None, **_) -> None:
+        """`sender`: given by the Python backend to a decoupled model's requests."""
         self.model_name = model_name
+        self._sender = sender
         self.model_version = model_version
         self._inputs = list(inputs)
         self._requested = list(requested_output_names)
@@ -213,8 +220,13 @@ class InferenceRequest:
     def is_cancelled(self) -> bool:
         return False
 
-    def get_response_sender(self):
-        _unsupported("decoupled mode (get_response_sender)")
+    def get_response_sender(self) -> InferenceResponseSender:
+        """Where a decoupled model sends this request's answers."""
+        if self._sender is None:
+            raise TritonModelException(
+                "get_response_sender is for decoupled models: the model's config sets no "
+                "model_transaction_policy { decoupled: true }")
+        return self._sender
 
     def exec(self, decoupled: bool = False, **_) -> InferenceResponse:
         """This request, sent to its model through the mesh; its response (an error in
@@ -229,6 +241,39 @@ class InferenceRequest:
 
     async def async_exec(self, decoupled: bool = False, **_) -> InferenceResponse:
         return await asyncio.to_thread(self.exec, decoupled)
+
+
+class InferenceResponseSender:
+    """Sends a decoupled model's answers to one request, from any thread: each response as it
+    is sent, and the final flag last (`deliver(response or None, final)`). The final flag
+    closes the sender."""
+
+    def __init__(self, deliver: Callable[[InferenceResponse | None, bool], None]) -> None:
+        self._deliver = deliver
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
+        final = bool(flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        if response is not None and not isinstance(response, InferenceResponse):
+            raise TritonModelException(
+                f"send() takes an InferenceResponse, not a {type(response).__name__}")
+        if response is None and not final:
+            raise TritonModelException(
+                "send() needs a response or the flag TRITONSERVER_RESPONSE_COMPLETE_FINAL")
+        with self._lock:
+            if self._closed:
+                raise TritonModelException("this request's response sender is closed: its "
+                                           "final flag was sent already")
+            self._closed = final
+            self._deliver(response, final)
+
+    def close(self) -> None:
+        """No more answers to this request: the final flag, without a response."""
+        self.send(flags=TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def is_cancelled(self) -> bool:
+        return False
 
 
 class InferenceResponse:

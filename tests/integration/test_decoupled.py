@@ -1,0 +1,181 @@
+"""Decoupled Python models (`model_transaction_policy { decoupled: true }`) through the whole
+mesh (`meshserve up --model-repository`), written against the documented
+`triton_python_backend_utils` API as models for Triton would be, and called with the stock
+tritonclient's stream: each answer reaches the client as the model sends it, from `execute`
+or from the model's own threads after it returned, any number of them per request."""
+
+import http.client
+import json
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import running_mesh
+from tests.python_models import write_python_model
+
+SCENARIOS = Path(__file__).with_name("decoupled_scenarios.py")
+
+# Answers a request whose IN is n with n answers OUT = 10 n + k (k = 0 .. n-1), each from a
+# thread of its own after execute returned, then the final flag alone.
+REPEAT_PY = '''\
+import json
+import threading
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        if not pb_utils.using_decoupled_model_transaction_policy(
+                json.loads(args["model_config"])):
+            raise pb_utils.TritonModelException("repeat answers through a response sender")
+
+    def execute(self, requests):
+        for request in requests:
+            n = int(pb_utils.get_input_tensor_by_name(request, "IN").as_numpy().reshape(-1)[0])
+            threading.Thread(target=self.answer, args=(request.get_response_sender(), n),
+                             daemon=True).start()
+        return None
+
+    def answer(self, sender, n):
+        for k in range(n):
+            time.sleep(0.01)
+            out = pb_utils.Tensor("OUT", np.array([[10 * n + k]], np.int32))
+            sender.send(pb_utils.InferenceResponse(output_tensors=[out]))
+        sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+'''
+
+# Answers IN = n twice from execute itself, OUT = 2 n and then 2 n + 1, the second with the
+# final flag; each answer carries its step as a response parameter.
+INLINE_PY = '''\
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        for request in requests:
+            n = int(pb_utils.get_input_tensor_by_name(request, "IN").as_numpy().reshape(-1)[0])
+            sender = request.get_response_sender()
+            for step in (0, 1):
+                out = pb_utils.Tensor("OUT", np.array([[2 * n + step]], np.int32))
+                sender.send(pb_utils.InferenceResponse(output_tensors=[out],
+                                                       parameters={"step": step}),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if step else 0)
+        return None
+'''
+
+# A negative IN is answered with an error and the final flag; 99 makes execute raise.
+FAILING_PY = '''\
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        for request in requests:
+            n = int(pb_utils.get_input_tensor_by_name(request, "IN").as_numpy().reshape(-1)[0])
+            if n == 99:
+                raise ValueError("99 is refused")
+            request.get_response_sender().send(
+                pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    "IN must not be negative", pb_utils.TritonError.INVALID_ARG)),
+                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+'''
+
+CONFIG = '''\
+backend: "python"
+max_batch_size: 4
+input [ { name: "IN" data_type: TYPE_INT32 dims: [ 1 ] } ]
+output [ { name: "OUT" data_type: TYPE_INT32 dims: [ 1 ] } ]
+model_transaction_policy { decoupled: true }
+dynamic_batching { }
+'''
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("decoupled")
+    models = root / "models"
+    for name, source in (("repeat", REPEAT_PY), ("inline", INLINE_PY),
+                         ("failing", FAILING_PY)):
+        write_python_model(models, name, source, CONFIG)
+    with running_mesh(root / "data", extra_args=(f"--model-repository={models}",)) as mesh:
+        yield mesh
+
+
+@pytest.fixture(scope="module")
+def report(served) -> dict:
+    done = subprocess.run([sys.executable, str(SCENARIOS), served.endpoint,
+                           str(served.data_dir)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def by_request(answers: list) -> dict:
+    """Each request's answers in the order they came: [OUT, final flag]."""
+    found: dict = {}
+    for request_id, out, final, error in answers:
+        assert error is None, error
+        found.setdefault(request_id, []).append([out, final])
+    return found
+
+
+def test_each_answer_comes_as_the_model_sends_it_from_its_own_threads(report):
+    # IN 3, 1, 0 and 2: 3 + 1 + 0 + 2 answers, in order for each request, none final (the
+    # final flag came alone and no request asked for an empty final answer), nothing more.
+    assert by_request(report["repeat"]) == {
+        "r0": [[[30], False], [[31], False], [[32], False]],
+        "r1": [[[10], False]],
+        "r3": [[[20], False], [[21], False]],
+    }
+
+
+def test_the_final_flag_alone_is_sent_when_the_request_asks(report):
+    assert by_request(report["repeat_empty_final"]) == {
+        "r0": [[[20], False], [[21], False], [None, True]],
+        "r1": [[None, True]],
+    }
+
+
+def test_answers_sent_from_execute_with_the_final_flag_on_the_last(report):
+    assert by_request(report["inline"]) == {"r0": [[[10], False], [[11], True]]}
+
+
+def test_an_error_answer_and_a_raising_execute_reach_the_stream(report):
+    [[request_id, _, _, error]] = report["error_answer"]
+    assert error == ("INVALID_ARGUMENT: model 'failing' version 1: IN must not be negative"
+                     ), error
+    [[_, _, _, raised]] = report["execute_raised"]
+    assert raised == ("INTERNAL: model 'failing' version 1: execute raised ValueError: 99 is "
+                      "refused"), raised
+
+
+def test_each_request_is_counted_once(report):
+    # repeat: 4 + 2 requests; inline: 1, however many answers each had
+    assert report["successes"] == {"repeat": 6, "inline": 1}
+
+
+def test_a_call_for_one_answer_is_refused_naming_the_stream(report, served):
+    status, message = report["unary"]
+    assert status == "StatusCode.UNIMPLEMENTED"
+    assert message == ("model 'repeat' is decoupled (it may answer a request any number of "
+                       "times): call it with ModelStreamInfer, which carries each answer")
+    context = ssl.create_default_context(cafile=str(served.tls / "ca.crt"))
+    context.load_cert_chain(served.tls / "client.crt", served.tls / "client.key")
+    port = int((served.data_dir / "run" / "ingress.http-port").read_text())
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=60)
+    try:
+        body = json.dumps({"inputs": [{"name": "IN", "shape": [1, 1], "datatype": "INT32",
+                                       "data": [1]}]})
+        connection.request("POST", "/v2/models/repeat/infer", body,
+                           {"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        assert (answer.status, json.loads(answer.read())) == (400, {"error": message})
+    finally:
+        connection.close()

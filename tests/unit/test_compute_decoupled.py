@@ -1,0 +1,114 @@
+"""Compute running a decoupled Python model's batch (`Compute.stream`): each answer goes back
+as an early answer to its request's position as the model sends it, an early answer without
+results once `execute` has returned with requests still open, and the last answer only when
+every request has had its final flag; `execute` raising answers the requests still open."""
+
+import asyncio
+
+from meshserve.batcher.batch import merge
+from meshserve.common.forwarding import CODE_NAME
+from meshserve.common.server import HealthServicer
+from meshserve.common.tls import TlsFiles
+from meshserve.compute.service import Compute, ComputeSettings
+from meshserve.protocol import grpc_service_pb2 as pb
+from meshserve.protocol.groups_pb2 import InferGroupResult
+from tests.python_models import echo_request, write_python_model
+
+# Request "now" is answered in execute (one answer, then the final flag); request "later" by
+# a thread that waits for RELEASE first; request "boom" makes execute raise after "now" is
+# answered.
+LATER_PY = '''\
+import threading
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+RELEASE = threading.Event()
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            y = pb_utils.Tensor("Y", pb_utils.get_input_tensor_by_name(request, "X").as_numpy())
+            if request.request_id() == "now":
+                sender.send(pb_utils.InferenceResponse(output_tensors=[y]))
+                sender.close()
+            elif request.request_id() == "boom":
+                raise RuntimeError("boom")
+            else:
+                threading.Thread(target=self.later, args=(sender, y), daemon=True).start()
+        return None
+
+    def later(self, sender, y):
+        RELEASE.wait(30)
+        sender.send(pb_utils.InferenceResponse(output_tensors=[y]),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+'''
+CONFIG = '''\
+backend: "python"
+max_batch_size: 4
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 2 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 2 ] } ]
+model_transaction_policy { decoupled: true }
+'''
+
+
+async def compute_of(tmp_path) -> Compute:
+    write_python_model(tmp_path, "later", LATER_PY, CONFIG)
+    compute = Compute(ComputeSettings(
+        listen="127.0.0.1:0", tls=TlsFiles.for_identity(tmp_path, "compute"),
+        repository=tmp_path, model="later", version="1", device="cpu"))
+    await compute.load(HealthServicer())
+    assert compute.model is not None, compute.refused
+    return compute
+
+
+def batch_of(*ids: str) -> pb.ModelInferRequest:
+    requests = [echo_request(rid, [[i, i]]) for i, rid in enumerate(ids)]
+    for request in requests:
+        request.model_name = "later"
+    return pb.ModelInferRequest.FromString(b"".join(
+        merge(requests, [1] * len(ids), [None] * len(ids), "1", per_request=True)))
+
+
+def said(answer: InferGroupResult) -> list:
+    return [(p, r.more, CODE_NAME[r.code], r.response.id) for p, r in
+            zip(answer.items, answer.results)]
+
+
+async def test_answers_go_back_as_sent_and_the_batch_ends_with_the_last_final(tmp_path):
+    compute = await compute_of(tmp_path)
+    heard: list = []
+    returned = asyncio.Event()
+
+    async def early(body: bytes) -> None:
+        answer = InferGroupResult.FromString(body)
+        heard.append(said(answer) if answer.results else "execute returned")
+        if not answer.results:
+            returned.set()
+
+    task = asyncio.create_task(compute.stream(batch_of("now", "later"), early))
+    await asyncio.wait_for(returned.wait(), 30)
+    assert heard == [[(0, True, "OK", "now")], [(0, False, "OK", "now")], "execute returned"]
+    assert not task.done()  # "later" has had no final flag yet
+    type(compute.model.instance).execute.__globals__["RELEASE"].set()  # model.py's own
+    last = await asyncio.wait_for(task, 30)
+    assert heard[3:] == [[(1, False, "OK", "later")]]
+    assert last.code == 0 and last.response.parameters["compute_infer_ns"].int64_param > 0
+    await compute.close()
+
+
+async def test_execute_raising_answers_the_requests_still_open(tmp_path):
+    compute = await compute_of(tmp_path)
+    heard: list = []
+
+    async def early(body: bytes) -> None:
+        heard.extend(said(InferGroupResult.FromString(body)))
+
+    last = await asyncio.wait_for(compute.stream(batch_of("now", "boom", "later"), early), 30)
+    # "now" had its answers before execute raised; the two others get its error
+    assert heard == [(0, True, "OK", "now"), (0, False, "OK", "now"),
+                     (1, False, "INTERNAL", ""), (2, False, "INTERNAL", "")]
+    assert last.code == 0
+    await compute.close()
