@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import logging
 import zlib
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -26,12 +27,19 @@ import grpc
 import httptools
 
 from meshserve.common import runtime
-from meshserve.common.errors import InvalidArgument, NotFound, ServingError, from_code
+from meshserve.common.errors import (
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ServingError,
+    from_code,
+)
 from meshserve.common.forwarding import CODE_NAME
 from meshserve.common.metrics import PROTOCOL
 from meshserve.common.server import HealthServicer, internal_error_message
 from meshserve.common.tls import MAX_MESSAGE_BYTES, TlsFiles, server_ssl_context
 from meshserve.ingress.async_service import AsyncInferenceServicer
+from meshserve.ingress.generate import generate_answer, generate_request
 from meshserve.ingress.http_codec import (
     BINARY_DATA_OUTPUT,
     OutputEncoding,
@@ -84,6 +92,43 @@ class HttpCall:
 
     def time_remaining(self) -> float | None:
         return None
+
+
+class HttpStreamCall(HttpCall):
+    """A generate request served as a stream of one request: what the stream writes is
+    queued in `answers`."""
+
+    def __init__(self, request: HttpRequest) -> None:
+        super().__init__(request)
+        self.answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+
+    async def write(self, answer: pb.ModelStreamInferResponse) -> None:
+        self.answers.put_nowait(answer)
+
+
+def stream_failure(answer: pb.ModelStreamInferResponse) -> ServingError:
+    """The error a stream's answer carries (`CODE: message`)."""
+    code, _, message = answer.error_message.partition(": ")
+    return from_code(code if code in CODE_NAME.values() else "UNKNOWN", message)
+
+
+def event(answer: pb.ModelStreamInferResponse) -> bytes:
+    """One Server-Sent Event of generate_stream: the generate answer object, or the error."""
+    document = ({"error": answer.error_message} if answer.error_message
+                else generate_answer(answer.infer_response))
+    return b"data: " + dump(document) + b"\n\n"
+
+
+async def events(first: pb.ModelStreamInferResponse | None,
+                 rest: AsyncGenerator[pb.ModelStreamInferResponse, None]
+                 ) -> AsyncGenerator[bytes, None]:
+    try:
+        if first is not None:
+            yield event(first)
+        async for answer in rest:
+            yield event(answer)
+    finally:
+        await rest.aclose()
 
 
 def json_response(document: object, binary: list[bytes] = (), status: int = 200,
@@ -262,6 +307,59 @@ class HttpApi:
             raise
         reply = await self._inference.ModelInfer(message, HttpCall(request))
         return compressed(json_response(*encode_infer(reply, encoding)), request)
+
+    # --- Triton's generate extension
+
+    async def generate(self, request: HttpRequest, found: Route, query) -> HttpResponse:
+        """The model's one answer as a generate answer object; a model that answers other
+        than once (a decoupled one) is refused, as in Triton: generate_stream carries each."""
+        answers = [answer async for answer in self._generated(request, found)]
+        for answer in answers:
+            if answer.error_message:
+                raise stream_failure(answer)
+        if len(answers) != 1:
+            raise Internal(f"generate expects model '{found.model}' to answer once; it "
+                           f"answered {len(answers)} times: generate_stream carries each "
+                           "answer")
+        return json_response(generate_answer(answers[0].infer_response))
+
+    async def generate_stream(self, request: HttpRequest, found: Route,
+                              query) -> HttpResponse:
+        """Each answer as a Server-Sent Event (`data: {...}`) as the model sends it, an
+        error as `data: {"error": ...}`; a request refused before any answer is answered
+        with its error status, as by /infer."""
+        answers = self._generated(request, found)
+        first = await anext(answers, None)
+        if first is not None and first.error_message:
+            await answers.aclose()
+            raise stream_failure(first)
+        return HttpResponse(200, content_type="text/event-stream; charset=utf-8",
+                            stream=events(first, answers))
+
+    async def _generated(self, request: HttpRequest,
+                         found: Route) -> AsyncGenerator[pb.ModelStreamInferResponse, None]:
+        """The answers to a generate request, served as a stream of one request
+        (ModelStreamInfer: each answer of a decoupled model as it comes), until the last."""
+        try:
+            message = generate_request(parse_json(body_of(request, self._max_body)),
+                                       self._inference.config_of(found.model, found.version),
+                                       found.version)
+        except ServingError as error:  # never a ModelInferRequest: counted here
+            self._inference.refused(found.model, found.version, error)
+            raise
+        call = HttpStreamCall(request)
+
+        async def requests():
+            yield message
+
+        served = asyncio.ensure_future(self._inference.ModelStreamInfer(requests(), call))
+        served.add_done_callback(lambda _: call.answers.put_nowait(None))
+        try:
+            while (answer := await call.answers.get()) is not None:
+                yield answer
+            served.result()
+        finally:
+            served.cancel()
 
     # --- the asynchronous API
 

@@ -78,7 +78,7 @@ def _string(value: object, where: str) -> str:
     return value
 
 
-def _set_parameters(target, parameters: dict, where: str, skip: Sequence[str] = ()) -> None:
+def set_parameters(target, parameters: dict, where: str, skip: Sequence[str] = ()) -> None:
     for name, value in parameters.items():
         if name not in skip:
             try:
@@ -224,7 +224,7 @@ def decode_infer(body: bytes | memoryview, header_length: int | None, model: str
     default_binary = parameters.get(BINARY_DATA_OUTPUT, False)
     if not isinstance(default_binary, bool):
         raise InvalidArgument(f"parameter '{BINARY_DATA_OUTPUT}' must be true or false")
-    _set_parameters(request.parameters, parameters, "parameter", skip=(BINARY_DATA_OUTPUT,))
+    set_parameters(request.parameters, parameters, "parameter", skip=(BINARY_DATA_OUTPUT,))
     offset = 0
     for index, entry in enumerate(_list(document.get("inputs"), "inputs")):
         offset = _decode_input(request, _object(entry, f"inputs[{index}]"), index, binary,
@@ -243,7 +243,7 @@ def decode_infer(body: bytes | memoryview, header_length: int | None, model: str
             raise InvalidArgument(f"output '{name}' parameter '{BINARY_DATA}' must be true or "
                                   "false")
         by_name[name] = wanted
-        _set_parameters(output.parameters, options, f"output '{name}' parameter",
+        set_parameters(output.parameters, options, f"output '{name}' parameter",
                         skip=(BINARY_DATA,))
         no_shared_memory("output", output, "it comes back in the response, as data or with "
                                            f"'{BINARY_DATA}': true")
@@ -260,7 +260,7 @@ def _decode_input(request: pb.ModelInferRequest, entry: dict, index: int, binary
     tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
     options = _object(entry.get("parameters", {}), f"{where} parameters")
     size = options.get(BINARY_DATA_SIZE)
-    _set_parameters(tensor.parameters, options, f"{where} parameter", skip=(BINARY_DATA_SIZE,))
+    set_parameters(tensor.parameters, options, f"{where} parameter", skip=(BINARY_DATA_SIZE,))
     if size is None:
         if "data" not in entry:
             no_shared_memory("input", tensor, f"send its data or parameter '{BINARY_DATA_SIZE}'")

@@ -61,6 +61,8 @@ MODEL_TAILS = {
     ("stats",): ("statistics", "GET"),
     ("infer",): ("infer", "POST"),
     ("infer", "async"): ("submit", "POST"),
+    ("generate",): ("generate", "POST"),
+    ("generate_stream",): ("generate_stream", "POST"),
 }
 
 

@@ -35,7 +35,7 @@ import logging
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httptools
@@ -78,6 +78,10 @@ class HttpResponse:
     body: bytes = b""
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    # A body sent as it is made (Server-Sent Events): each piece an HTTP/1.1 chunk, the body
+    # ended with the iterator (to an HTTP/1.0 client, the pieces and then the connection's
+    # close). None: `body`, whole.
+    stream: AsyncGenerator[bytes, None] | None = None
 
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
@@ -126,7 +130,8 @@ def response_head(response: HttpResponse, keep_alive: bool, date: bytes,
     lines = [b"HTTP/1.1 %d %s" % (response.status, _REASONS.get(response.status, b"")),
              b"date: " + date,
              b"content-type: " + response.content_type.encode(),
-             b"content-length: %d" % len(response.body)]
+             b"content-length: %d" % len(response.body) if response.stream is None else
+             b"transfer-encoding: chunked" if keep_alive else b"cache-control: no-cache"]
     lines += [f"{name}: {value}".encode("latin-1") for name, value in response.headers]
     if not keep_alive:
         lines.append(b"connection: close")
@@ -363,10 +368,17 @@ class _Connection(asyncio.Protocol):
                     return
                 keep_alive = keep_alive and not self._server.closing
                 request = item if isinstance(item, HttpRequest) else None
-                head = response_head(response, keep_alive, self._server.date(),
-                                     request is not None and request.version == "1.0")
+                old_client = request is not None and request.version == "1.0"
+                if response.stream is not None and old_client:
+                    keep_alive = False  # no chunks in HTTP/1.0: the close ends the body
+                head = response_head(response, keep_alive, self._server.date(), old_client)
                 if request is not None and request.method == "HEAD":
                     self._transport.write(head)
+                elif response.stream is not None:
+                    self._transport.write(head)
+                    await self._send_stream(response.stream, chunked=keep_alive)
+                    if self._closed:
+                        return
                 else:
                     self._transport.write(head + response.body)
                 if not keep_alive:
@@ -381,6 +393,23 @@ class _Connection(asyncio.Protocol):
             self._task = None
         if not self._closed and not self._in_message:
             self._idle()
+
+    async def _send_stream(self, pieces: AsyncGenerator[bytes, None], chunked: bool) -> None:
+        """Each piece as it is made (as a chunk, when `chunked`), waiting while the client
+        reads slower; stopped (the iterator closed) when the connection is."""
+        try:
+            async for piece in pieces:
+                if self._closed:
+                    return
+                if piece:
+                    self._transport.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked
+                                          else piece)
+                if self._writable is not None:
+                    await self._writable
+            if chunked and not self._closed:
+                self._transport.write(b"0\r\n\r\n")
+        finally:
+            await pieces.aclose()
 
     async def _handle(self, request: HttpRequest) -> HttpResponse:
         try:

@@ -92,7 +92,7 @@ from meshserve.ingress.readiness import RULES, STRICT, Readiness, follow, not_re
 from meshserve.ingress.saturation import EdgeBound
 from meshserve.ingress.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER, JwksUrl, jwks_source
 from meshserve.protocol import grpc_service_pb2 as pb
-from meshserve.protocol import grpc_service_pb2_grpc
+from meshserve.protocol import grpc_service_pb2_grpc, model_config_pb2
 from meshserve.protocol.groups_pb2 import ItemResult
 
 log = logging.getLogger(__name__)
@@ -574,6 +574,11 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self._ingress.infer(
             request, context.time_remaining(), traceparent,
             admit=lambda: self._admit(self._gate.caller(context, metadata), request))
+
+    def config_of(self, model: str, version: str) -> model_config_pb2.ModelConfig:
+        """The config of a model a request is about to be made for (by HTTP's generate
+        routes, whose request then passes the gate as every request does)."""
+        return self._ingress.config(model, version).config
 
     def refused(self, model: str, version: str, error: ServingError) -> None:
         """A request for `model` refused with `error` before it became a ModelInferRequest

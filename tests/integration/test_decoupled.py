@@ -88,6 +88,29 @@ class TritonPythonModel:
         return None
 '''
 
+# Not decoupled: answers each text_input upper-cased, for HTTP's generate.
+SHOUT_PY = '''\
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            texts = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy()
+            shouted = np.array([[t.decode().upper()] for t in texts.reshape(-1)], dtype=object)
+            responses.append(pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor("text_output", shouted)]))
+        return responses
+'''
+SHOUT_CONFIG = '''\
+backend: "python"
+max_batch_size: 4
+input [ { name: "text_input" data_type: TYPE_STRING dims: [ 1 ] } ]
+output [ { name: "text_output" data_type: TYPE_STRING dims: [ 1 ] } ]
+'''
+
 CONFIG = '''\
 backend: "python"
 max_batch_size: 4
@@ -105,6 +128,7 @@ def served(tmp_path_factory):
     for name, source in (("repeat", REPEAT_PY), ("inline", INLINE_PY),
                          ("failing", FAILING_PY)):
         write_python_model(models, name, source, CONFIG)
+    write_python_model(models, "shout", SHOUT_PY, SHOUT_CONFIG)
     with running_mesh(root / "data", extra_args=(f"--model-repository={models}",)) as mesh:
         yield mesh
 
@@ -166,16 +190,52 @@ def test_a_call_for_one_answer_is_refused_naming_the_stream(report, served):
     assert status == "StatusCode.UNIMPLEMENTED"
     assert message == ("model 'repeat' is decoupled (it may answer a request any number of "
                        "times): call it with ModelStreamInfer, which carries each answer")
+    status, _, body = post(served, "/v2/models/repeat/infer", {"inputs": [
+        {"name": "IN", "shape": [1, 1], "datatype": "INT32", "data": [1]}]})
+    assert (status, json.loads(body)) == (400, {"error": message})
+
+
+def post(served, path: str, document: dict) -> tuple[int, str, bytes]:
+    """POST `document` over HTTPS with the client certificate: status, content type, body."""
     context = ssl.create_default_context(cafile=str(served.tls / "ca.crt"))
     context.load_cert_chain(served.tls / "client.crt", served.tls / "client.key")
     port = int((served.data_dir / "run" / "ingress.http-port").read_text())
     connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=60)
     try:
-        body = json.dumps({"inputs": [{"name": "IN", "shape": [1, 1], "datatype": "INT32",
-                                       "data": [1]}]})
-        connection.request("POST", "/v2/models/repeat/infer", body,
+        connection.request("POST", path, json.dumps(document),
                            {"Content-Type": "application/json"})
         answer = connection.getresponse()
-        assert (answer.status, json.loads(answer.read())) == (400, {"error": message})
+        return answer.status, answer.getheader("content-type"), answer.read()
     finally:
         connection.close()
+
+
+def test_generate_answers_a_text_model_with_one_json_object(served):
+    status, kind, body = post(served, "/v2/models/shout/generate",
+                              {"id": "g1", "text_input": "hello"})
+    assert (status, kind) == (200, "application/json"), body
+    assert json.loads(body) == {"id": "g1", "model_name": "shout", "model_version": "1",
+                                "text_output": "HELLO"}
+
+
+def test_generate_stream_sends_each_answer_as_an_event_as_it_comes(served):
+    status, kind, body = post(served, "/v2/models/repeat/generate_stream", {"IN": 2})
+    assert (status, kind) == (200, "text/event-stream; charset=utf-8"), body
+    events = body.decode().split("\n\n")
+    assert events[-1] == ""
+    assert [json.loads(e.removeprefix("data: ")) for e in events[:-1]] == [
+        {"model_name": "repeat", "model_version": "1", "OUT": 20},
+        {"model_name": "repeat", "model_version": "1", "OUT": 21}]
+
+
+def test_generate_refuses_a_model_that_answers_more_than_once(served):
+    status, _, body = post(served, "/v2/models/inline/generate", {"IN": 1})
+    assert (status, json.loads(body)) == (500, {"error": (
+        "generate expects model 'inline' to answer once; it answered 2 times: "
+        "generate_stream carries each answer")})
+
+
+def test_generate_stream_failing_at_once_is_an_error_status(served):
+    status, kind, body = post(served, "/v2/models/failing/generate_stream", {"IN": -1})
+    assert (status, kind, json.loads(body)) == (400, "application/json", {
+        "error": "model 'failing' version 1: IN must not be negative"})

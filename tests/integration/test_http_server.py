@@ -1,7 +1,7 @@
 """The ingress's HTTP/1.1 layer (`HttpServer`) on a real socket, with a handler the test
 holds back: what pipelined requests keep counted while they wait their turn, and the parts of
 HTTP/1.1 a proxy or a client library relies on (trailers, HEAD, `100 Continue`, HTTP/1.0
-keep-alive)."""
+keep-alive), and bodies streamed as they are made."""
 
 import asyncio
 import json
@@ -21,11 +21,26 @@ class Handler:
     def __init__(self) -> None:
         self.go = asyncio.Event()
         self.seen: list[HttpRequest] = []
+        self.streamed: list[str] = []  # what /events sent, then "closed"
+
+    async def events(self):
+        """/events: two pieces, then one more once `go` is set."""
+        try:
+            for piece in ("data: 1\n\n", "data: 2\n\n"):
+                self.streamed.append(piece)
+                yield piece.encode()
+            await self.go.wait()
+            self.streamed.append("data: 3\n\n")
+            yield b"data: 3\n\n"
+        finally:
+            self.streamed.append("closed")
 
     async def __call__(self, request: HttpRequest) -> HttpResponse:
         self.seen.append(request)
         if request.target == b"/slow":
             await self.go.wait()
+        if request.target == b"/events":
+            return HttpResponse(200, content_type="text/event-stream", stream=self.events())
         return HttpResponse(200, json.dumps({"method": request.method,
                                              "target": request.target.decode(),
                                              "headers": request.headers}).encode())
@@ -166,3 +181,57 @@ async def test_http_1_0_keep_alive_is_announced(served):
         assert (status, headers["connection"]) == (200, "close")
     finally:
         writer.close()
+
+
+
+def chunk(piece: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(piece), piece)
+
+
+async def test_a_streamed_body_goes_out_in_chunks_as_it_is_made(served):
+    """HTTP/1.1: each piece a chunk as soon as it is made (two before the third is), the body
+    ended by the last chunk, and the connection kept for the next request."""
+    server, handler, port = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /events HTTP/1.1\r\nhost: x\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert b"transfer-encoding: chunked" in head and b"content-length" not in head
+        first = chunk(b"data: 1\n\n") + chunk(b"data: 2\n\n")
+        assert await asyncio.wait_for(reader.readexactly(len(first)), 10) == first
+        handler.go.set()
+        rest = chunk(b"data: 3\n\n") + b"0\r\n\r\n"
+        assert await asyncio.wait_for(reader.readexactly(len(rest)), 10) == rest
+        writer.write(b"GET /next HTTP/1.1\r\nhost: x\r\n\r\n")
+        status, _, body = await read_answer(reader)
+        assert (status, json.loads(body)["target"]) == (200, "/next")
+    finally:
+        writer.close()
+
+
+async def test_a_streamed_body_to_http_1_0_ends_with_the_connection(served):
+    server, handler, port = served
+    handler.go.set()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /events HTTP/1.0\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)  # until the server closes
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert b"connection: close" in head and b"chunked" not in head
+        assert body == b"data: 1\n\ndata: 2\n\ndata: 3\n\n"
+    finally:
+        writer.close()
+
+
+async def test_a_client_that_leaves_mid_stream_closes_what_makes_it(served):
+    """Closed at once, not at its next piece: a model's stream stops when its client leaves."""
+    server, handler, port = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /events HTTP/1.1\r\nhost: x\r\n\r\n")
+    await writer.drain()
+    await wait_for(lambda: len(handler.streamed) == 2)
+    writer.close()
+    await wait_for(lambda: handler.streamed[-1] == "closed")
+    assert handler.streamed == ["data: 1\n\n", "data: 2\n\n", "closed"]
