@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from meshserve.common.datatypes import WIRE_FROM_CONFIG
 from meshserve.common.errors import InvalidArgument
+from meshserve.common.stream_answers import FINAL_RESPONSE
 from meshserve.ingress.http_codec import (
     json_to_raw,
     parameters_json,
@@ -29,8 +30,6 @@ from meshserve.protocol.model_config_pb2 import ModelConfig
 
 # The fields of a generate request that are neither inputs nor parameters.
 ID, PARAMETERS = "id", "parameters"
-# A response parameter of the stream's own (the last answer's mark), not the model's.
-FINAL_RESPONSE = "triton_final_response"
 
 
 def generate_request(document: object, config: ModelConfig, version: str) -> pb.ModelInferRequest:

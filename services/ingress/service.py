@@ -65,6 +65,7 @@ from meshserve.common.metrics import IngressMetrics, Metrics
 from meshserve.common.priority import MAX_CARRIED
 from meshserve.common.repository import ModelRepository
 from meshserve.common.server import HealthServicer, Service, internal_error_message
+from meshserve.common.stream_answers import EMPTY_FINAL_RESPONSE, FINAL_RESPONSE
 from meshserve.common.tls import TlsFiles
 from meshserve.common.tracing import (
     TRACEPARENT,
@@ -379,10 +380,6 @@ SERVER_ERRORS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INT
                            "UNAVAILABLE", "DATA_LOSS"})
 
 
-# The response parameter with which Triton marks the last answer to a streamed request.
-FINAL_RESPONSE = "triton_final_response"
-# A request parameter: send a decoupled model's final flag even when no answer comes with it.
-EMPTY_FINAL_RESPONSE = "triton_enable_empty_final_response"
 NO_PARAMETER = pb.InferParameter()
 
 

@@ -111,6 +111,42 @@ input [ { name: "text_input" data_type: TYPE_STRING dims: [ 1 ] } ]
 output [ { name: "text_output" data_type: TYPE_STRING dims: [ 1 ] } ]
 '''
 
+# Not decoupled: calls `repeat` with IN (exec(decoupled=True), or awaited async_exec) and
+# answers the sum of its OUTs, how many responses had outputs and how many were empty.
+COLLECT_PY = '''\
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    async def execute(self, requests):
+        responses = []
+        for request in requests:
+            n = pb_utils.get_input_tensor_by_name(request, "IN").as_numpy()
+            call = pb_utils.InferenceRequest(model_name="repeat", requested_output_names=["OUT"],
+                                             inputs=[pb_utils.Tensor("IN", n)])
+            answers = (call.exec(decoupled=True) if int(n.reshape(-1)[0]) % 2 else
+                       await call.async_exec(decoupled=True))
+            total = full = empty = 0
+            for answer in answers:
+                if answer.has_error():
+                    raise pb_utils.TritonModelException(answer.error().message())
+                if answer.output_tensors():
+                    full += 1
+                    total += int(pb_utils.get_output_tensor_by_name(answer, "OUT").as_numpy().sum())
+                else:
+                    empty += 1
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
+                "OUT", np.array([[total, full, empty]], np.int32))]))
+        return responses
+'''
+COLLECT_CONFIG = '''\
+backend: "python"
+max_batch_size: 4
+input [ { name: "IN" data_type: TYPE_INT32 dims: [ 1 ] } ]
+output [ { name: "OUT" data_type: TYPE_INT32 dims: [ 3 ] } ]
+'''
+
 CONFIG = '''\
 backend: "python"
 max_batch_size: 4
@@ -129,6 +165,7 @@ def served(tmp_path_factory):
                          ("failing", FAILING_PY)):
         write_python_model(models, name, source, CONFIG)
     write_python_model(models, "shout", SHOUT_PY, SHOUT_CONFIG)
+    write_python_model(models, "collect", COLLECT_PY, COLLECT_CONFIG)
     with running_mesh(root / "data", extra_args=(f"--model-repository={models}",)) as mesh:
         yield mesh
 
@@ -239,3 +276,11 @@ def test_generate_stream_failing_at_once_is_an_error_status(served):
     status, kind, body = post(served, "/v2/models/failing/generate_stream", {"IN": -1})
     assert (status, kind, json.loads(body)) == (400, "application/json", {
         "error": "model 'failing' version 1: IN must not be negative"})
+
+
+@pytest.mark.parametrize("n", [3, 2])  # odd: exec(decoupled=True); even: async_exec
+def test_a_model_iterates_over_a_decoupled_models_answers(served, n):
+    status, _, body = post(served, "/v2/models/collect/generate", {"IN": n})
+    assert status == 200, body
+    # repeat answers 10 n + k for k < n, then its final flag alone: an empty last response
+    assert json.loads(body)["OUT"] == [sum(10 * n + k for k in range(n)), n, 1]

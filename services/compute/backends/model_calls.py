@@ -4,7 +4,9 @@ over mutual TLS with the compute's own certificate, so each call is authenticate
 `compute`), authorized by the access policy, validated, routed by its model's traffic
 policy, batched and counted like any client's request.
 
-An answer's parameters are the response's `parameters()`. A call that fails comes back as
+An answer's parameters are the response's `parameters()`. A call to a decoupled model
+(`exec(decoupled=True)`) is a `ModelStreamInfer` of one request, its answers yielded as they
+come. A call that fails comes back as
 Triton's BLS has it: a response whose `error()` carries the status's message and its code
 (INVALID_ARGUMENT → INVALID_ARG, NOT_FOUND, UNAVAILABLE, UNIMPLEMENTED → UNSUPPORTED,
 ALREADY_EXISTS, CANCELLED, UNKNOWN, others INTERNAL): the code a callee's TritonError had.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -27,6 +29,7 @@ from meshserve.common.arrays import datatype_of, deserialize_bytes
 from meshserve.common.batch_requests import parameter_values, set_parameter
 from meshserve.common.datatypes import serialize_bytes
 from meshserve.common.errors import InvalidArgument
+from meshserve.common.stream_answers import EMPTY_FINAL_RESPONSE, FINAL_RESPONSE
 from meshserve.common.tls import TlsFiles, channel_credentials, channel_options
 from meshserve.compute.backends import triton_python_backend_utils as pb_utils
 from meshserve.compute.tensors import numpy_dtype
@@ -140,3 +143,29 @@ class ModelCalls:
             return response_of(stub.ModelInfer(request, timeout=timeout))
         except grpc.RpcError as error:
             return failed(error.code(), error.details() or error.code().name)
+
+    def stream(self, call: pb_utils.InferenceRequest) -> Iterator[pb_utils.InferenceResponse]:
+        """A call to a decoupled model (`exec(decoupled=True)`): its responses as they come,
+        on a stream of one request; the last is empty when the model sent its final flag
+        alone (as Triton's BLS gives it). A failed answer, or call, is a response whose
+        `error()` says why."""
+        request = request_of(call)
+        request.parameters[EMPTY_FINAL_RESPONSE].bool_param = True
+        timeout = call.timeout() / 1e6 if call.timeout() else DEFAULT_TIMEOUT_S
+        try:
+            stub = self._current()
+        except (OSError, ValueError) as error:
+            yield failed(grpc.StatusCode.UNAVAILABLE, f"the ingress to call models through "
+                                                      f"is not known yet: {error}")
+            return
+        try:
+            for answer in stub.ModelStreamInfer(iter([request]), timeout=timeout):
+                if answer.error_message:
+                    code, _, message = answer.error_message.partition(": ")
+                    yield failed(grpc.StatusCode.__members__.get(code, grpc.StatusCode.UNKNOWN),
+                                 message)
+                    continue
+                del answer.infer_response.parameters[FINAL_RESPONSE]  # the stream's mark
+                yield response_of(answer.infer_response)
+        except grpc.RpcError as error:
+            yield failed(error.code(), error.details() or error.code().name)

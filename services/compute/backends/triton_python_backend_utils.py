@@ -20,9 +20,10 @@ any thread, during `execute` or after it returned, and `send(flags=
 TRITONSERVER_RESPONSE_COMPLETE_FINAL)` (or `send(response, flags=...)`, or `close()`) last.
 `InferenceRequest(model_name=..., inputs=..., requested_output_names=...).exec()` (and
 `await ... .async_exec()`) calls another model through the mesh, when the compute is given
-where (`--bls-target`; `meshserve.compute.backends.model_calls`). Not offered (calling them
-raises TritonModelException): calls to decoupled models (`exec(decoupled=True)`) and the
-model loading API (`load_model`, `unload_model`, `is_model_ready`).
+where (`--bls-target`; `meshserve.compute.backends.model_calls`); `exec(decoupled=True)`
+iterates over a decoupled model's responses as they come. Not offered (calling them
+raises TritonModelException): the model loading API (`load_model`, `unload_model`,
+`is_model_ready`).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import numpy
 
@@ -60,12 +62,21 @@ _TRITON_TYPE_NUMBER = {"BOOL": 1, "UINT8": 2, "UINT16": 3, "UINT32": 4, "UINT64"
 # The version directory of the model this process runs (`get_model_dir`).
 _model_dir = ""
 
+class ModelCalls(Protocol):
+    """How a model's calls to other models are made: `calls(request)` answers once,
+    `calls.stream(request)` yields each answer of a decoupled model."""
+
+    def __call__(self, request: InferenceRequest) -> InferenceResponse: ...
+
+    def stream(self, request: InferenceRequest) -> Iterator[InferenceResponse]: ...
+
+
 # How a model's calls to other models are made (`InferenceRequest.exec`): set by the compute
 # that runs the model (`set_model_calls`); None: it was not told where they go.
-_model_calls: Callable[[InferenceRequest], InferenceResponse] | None = None
+_model_calls: ModelCalls | None = None
 
 
-def set_model_calls(calls: Callable[[InferenceRequest], InferenceResponse] | None) -> None:
+def set_model_calls(calls: ModelCalls | None) -> None:
     global _model_calls
     _model_calls = calls
 
@@ -228,19 +239,22 @@ class InferenceRequest:
                 "model_transaction_policy { decoupled: true }")
         return self._sender
 
-    def exec(self, decoupled: bool = False, **_) -> InferenceResponse:
-        """This request, sent to its model through the mesh; its response (an error in
-        `error()` when the call failed)."""
-        if decoupled:
-            _unsupported("decoupled mode (exec(decoupled=True))")
+    def exec(self, decoupled: bool = False, **_):
+        """This request, sent to its model through the mesh: its response (an error in
+        `error()` when the call failed); with `decoupled`, an iterator of the responses as
+        they come (a decoupled model's: the last empty when the model sent its final flag
+        alone)."""
         if _model_calls is None:
             raise TritonModelException(
                 "calling another model from a model (exec) needs the compute to be told where "
                 "the mesh's ingress is (meshserve compute --bls-target)")
-        return _model_calls(self)
+        return _model_calls.stream(self) if decoupled else _model_calls(self)
 
-    async def async_exec(self, decoupled: bool = False, **_) -> InferenceResponse:
-        return await asyncio.to_thread(self.exec, decoupled)
+    async def async_exec(self, decoupled: bool = False, **_):
+        """`exec` awaited; with `decoupled`, the list of the responses."""
+        if decoupled:
+            return await asyncio.to_thread(lambda: list(self.exec(True)))
+        return await asyncio.to_thread(self.exec)
 
 
 class InferenceResponseSender:
