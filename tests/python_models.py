@@ -133,6 +133,15 @@ output [ { name: "Y" data_type: TYPE_FP32 dims: [ 2 ] },
 dynamic_batching { max_queue_delay_microseconds: 20000000 }
 '''
 
+# A decoupled model of ECHO_CONFIG's X and Y (batches of up to 4 rows).
+DECOUPLED_CONFIG = '''\
+backend: "python"
+max_batch_size: 4
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 2 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 2 ] } ]
+model_transaction_policy { decoupled: true }
+'''
+
 RAISES_IN_INITIALIZE_PY = '''\
 import triton_python_backend_utils as pb_utils
 

@@ -256,14 +256,20 @@ class Compute:
                     self._executor, self._run, request)
             finally:
                 self._pace.running -= 1
-        response.parameters["compute_input_ns"].int64_param = timings.input_ns
-        response.parameters["compute_infer_ns"].int64_param = timings.infer_ns
-        response.parameters["compute_output_ns"].int64_param = timings.output_ns
+        self._timed(response, timings, cpu_ns)
+        return response
+
+    def _timed(self, response: ModelInferResponse, timings, cpu_ns: int) -> None:
+        """A batch's timings, in its answer's parameters (the batcher's statistics read
+        them), and told to the pace and the metrics."""
+        parameters = response.parameters
+        parameters["compute_input_ns"].int64_param = timings.input_ns
+        parameters["compute_infer_ns"].int64_param = timings.infer_ns
+        parameters["compute_output_ns"].int64_param = timings.output_ns
         seconds = (timings.input_ns + timings.infer_ns + timings.output_ns) / 1e9
         self._pace.took(seconds)
         if self._observe is not None:
             self._observe(seconds, cpu_ns / 1e9)
-        return response
 
     def _run(self, request):
         """The model's run, and the CPU it took on the thread that ran it."""
@@ -328,15 +334,9 @@ class Compute:
             await early(InferGroupResult().SerializeToString())
         while waiting:  # sent by the model's own threads after execute returned
             await tell(*await answers.get())
-        if failed is not None:
-            return ItemResult(response=ModelInferResponse())
         response = ModelInferResponse()
-        response.parameters["compute_input_ns"].int64_param = timings.input_ns
-        response.parameters["compute_infer_ns"].int64_param = timings.infer_ns
-        seconds = (timings.input_ns + timings.infer_ns) / 1e9
-        self._pace.took(seconds)
-        if self._observe is not None:
-            self._observe(seconds, cpu_ns / 1e9)
+        if failed is None:
+            self._timed(response, timings, cpu_ns)
         return ItemResult(response=response)
 
     def _run_decoupled(self, request, send) -> tuple:

@@ -12,7 +12,7 @@ from meshserve.common.tls import TlsFiles
 from meshserve.compute.service import Compute, ComputeSettings
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.groups_pb2 import InferGroupResult
-from tests.python_models import echo_request, write_python_model
+from tests.python_models import DECOUPLED_CONFIG, echo_request, write_python_model
 
 # Request "now" is answered in execute (one answer, then the final flag); request "later" by
 # a thread that waits for RELEASE first; request "boom" makes execute raise after "now" is
@@ -45,17 +45,10 @@ class TritonPythonModel:
         sender.send(pb_utils.InferenceResponse(output_tensors=[y]),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 '''
-CONFIG = '''\
-backend: "python"
-max_batch_size: 4
-input [ { name: "X" data_type: TYPE_FP32 dims: [ 2 ] } ]
-output [ { name: "Y" data_type: TYPE_FP32 dims: [ 2 ] } ]
-model_transaction_policy { decoupled: true }
-'''
 
 
 async def compute_of(tmp_path) -> Compute:
-    write_python_model(tmp_path, "later", LATER_PY, CONFIG)
+    write_python_model(tmp_path, "later", LATER_PY, DECOUPLED_CONFIG)
     compute = Compute(ComputeSettings(
         listen="127.0.0.1:0", tls=TlsFiles.for_identity(tmp_path, "compute"),
         repository=tmp_path, model="later", version="1", device="cpu"))

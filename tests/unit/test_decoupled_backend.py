@@ -12,7 +12,7 @@ from meshserve.compute.backends import load_model
 from meshserve.compute.backends import triton_python_backend_utils as pb_utils
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.tools.client import outputs_of
-from tests.python_models import echo_request, write_python_model
+from tests.python_models import DECOUPLED_CONFIG, echo_request, write_python_model
 
 # One answer per row of each request, Y = 2 X and the row's index as a parameter, then the
 # final flag alone; a request whose first X is negative gets an error answer, final.
@@ -38,17 +38,10 @@ class TritonPythonModel:
             sender.close()
         return RETURNED
 '''
-CONFIG = '''\
-backend: "python"
-max_batch_size: 4
-input [ { name: "X" data_type: TYPE_FP32 dims: [ 2 ] } ]
-output [ { name: "Y" data_type: TYPE_FP32 dims: [ 2 ] } ]
-model_transaction_policy { decoupled: true }
-'''
 
 
 def load(tmp_path, returned="None"):
-    write_python_model(tmp_path, "rows", ROWS_PY.replace("RETURNED", returned), CONFIG)
+    write_python_model(tmp_path, "rows", ROWS_PY.replace("RETURNED", returned), DECOUPLED_CONFIG)
     entry = ModelRepository.load(tmp_path).get("rows")
     return load_model(entry.config, entry.path / "1" / "model.py", entry.path / "1", "auto", 1)
 

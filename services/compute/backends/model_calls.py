@@ -106,6 +106,11 @@ def failed(code: grpc.StatusCode, message: str) -> pb_utils.InferenceResponse:
         message, _ERROR_OF_STATUS.get(code, pb_utils.TritonError.INTERNAL)))
 
 
+def timeout_of(call: pb_utils.InferenceRequest) -> float:
+    """How long a call waits for its answers (its own timeout, in µs, else the default)."""
+    return call.timeout() / 1e6 if call.timeout() else DEFAULT_TIMEOUT_S
+
+
 def target_in(port_file: Path) -> str:
     """The ingress on this host, at the port its port file holds."""
     return f"{HOST}:{int(port_file.read_text())}"
@@ -131,16 +136,22 @@ class ModelCalls:
                 self._stub, self._signature = GRPCInferenceServiceStub(channel), signature
             return self._stub
 
+    def _reached(self) -> tuple[GRPCInferenceServiceStub | None, pb_utils.InferenceResponse]:
+        """The stub to call the ingress with, or None and the failed response that says why
+        it cannot be called."""
+        try:
+            return self._current(), None
+        except (OSError, ValueError) as error:
+            return None, failed(grpc.StatusCode.UNAVAILABLE, f"the ingress to call models "
+                                                             f"through is not known yet: {error}")
+
     def __call__(self, call: pb_utils.InferenceRequest) -> pb_utils.InferenceResponse:
         request = request_of(call)
-        timeout = call.timeout() / 1e6 if call.timeout() else DEFAULT_TIMEOUT_S
+        stub, failure = self._reached()
+        if stub is None:
+            return failure
         try:
-            stub = self._current()
-        except (OSError, ValueError) as error:
-            return failed(grpc.StatusCode.UNAVAILABLE, f"the ingress to call models through "
-                                                       f"is not known yet: {error}")
-        try:
-            return response_of(stub.ModelInfer(request, timeout=timeout))
+            return response_of(stub.ModelInfer(request, timeout=timeout_of(call)))
         except grpc.RpcError as error:
             return failed(error.code(), error.details() or error.code().name)
 
@@ -151,15 +162,12 @@ class ModelCalls:
         `error()` says why."""
         request = request_of(call)
         request.parameters[EMPTY_FINAL_RESPONSE].bool_param = True
-        timeout = call.timeout() / 1e6 if call.timeout() else DEFAULT_TIMEOUT_S
-        try:
-            stub = self._current()
-        except (OSError, ValueError) as error:
-            yield failed(grpc.StatusCode.UNAVAILABLE, f"the ingress to call models through "
-                                                      f"is not known yet: {error}")
+        stub, failure = self._reached()
+        if stub is None:
+            yield failure
             return
         try:
-            for answer in stub.ModelStreamInfer(iter([request]), timeout=timeout):
+            for answer in stub.ModelStreamInfer(iter([request]), timeout=timeout_of(call)):
                 if answer.error_message:
                     code, _, message = answer.error_message.partition(": ")
                     yield failed(grpc.StatusCode.__members__.get(code, grpc.StatusCode.UNKNOWN),

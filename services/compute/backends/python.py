@@ -17,7 +17,8 @@ the requests' dims after them differ (boxes, sequences: a -1 in config.pbtxt tha
 the output is joined as their elements one after the other and the answer lists each
 request's shape (`batch_requests.SHAPES`), so each request still gets its own tensor, as in
 Triton. `auto_complete_config` is not called: the config is read by every service without
-running model code, so declare inputs and outputs.
+running model code, so declare inputs and outputs. A decoupled model (`run_decoupled`) gets a
+response sender in each request instead, and its answers are passed on as it sends them.
 """
 
 from __future__ import annotations
