@@ -10,6 +10,7 @@ import numpy
 
 from meshserve.common.arrays import NUMPY_DTYPE, deserialize_bytes
 from meshserve.common.forwarding import CODE_NAME
+from meshserve.common.stream_answers import FINAL_RESPONSE
 from meshserve.common.tls import TlsFiles, channel_credentials
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.async_inference_pb2 import ResultRequest, ResultResponse
@@ -59,6 +60,8 @@ async def infer_once(args: argparse.Namespace) -> int:
             request.raw_input_contents.append(array.astype(
                 dtype_of(request.inputs[0].datatype)).tobytes())
         start = time.perf_counter()
+        if args.stream:
+            return await stream_answers(stub, request, args.timeout, start)
         if args.use_async:
             response = await submit_and_wait(channel, request, args.timeout)
         else:
@@ -66,10 +69,33 @@ async def infer_once(args: argparse.Namespace) -> int:
         elapsed_ms = (time.perf_counter() - start) * 1e3
     print(f"model {response.model_name} version {response.model_version} "
           f"answered in {elapsed_ms:.2f} ms")
+    print_outputs(response)
+    return 0
+
+
+def print_outputs(response: pb.ModelInferResponse) -> None:
     for name, array in outputs_of(response).items():
         print(f"{name} {array.dtype} {list(array.shape)}")
         print(numpy.array2string(array, precision=4, threshold=40))
-    return 0
+
+
+async def stream_answers(stub: GRPCInferenceServiceStub, request: pb.ModelInferRequest,
+                         timeout: float, start: float) -> int:
+    """The request on ModelStreamInfer, each answer printed as it comes (a decoupled model's
+    several, each saying whether it is the last); 1 when one is an error."""
+    failed = 0
+    async for answer in stub.ModelStreamInfer(iter([request]), timeout=timeout):
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        if answer.error_message:
+            failed = 1
+            print(f"error after {elapsed_ms:.2f} ms: {answer.error_message}")
+            continue
+        response = answer.infer_response
+        final = response.parameters[FINAL_RESPONSE].bool_param
+        print(f"model {response.model_name} version {response.model_version} answered in "
+              f"{elapsed_ms:.2f} ms{' (its last answer)' if final else ''}")
+        print_outputs(response)
+    return failed
 
 
 class NotAnswered(Exception):
@@ -122,6 +148,10 @@ def register(commands) -> None:
     parser.add_argument("--batch", type=positive_int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=30.0)
-    parser.add_argument("--async", dest="use_async", action="store_true",
-                        help="through the asynchronous API (Submit, then Result)")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--async", dest="use_async", action="store_true",
+                     help="through the asynchronous API (Submit, then Result)")
+    how.add_argument("--stream", action="store_true",
+                     help="on ModelStreamInfer, each answer printed as it comes (a decoupled "
+                          "model's several)")
     parser.set_defaults(func=run)

@@ -11,9 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy
 import pytest
 
-from tests.integration.conftest import running_mesh
+from tests.integration.conftest import meshserve, running_mesh
 from tests.python_models import write_python_model
 
 SCENARIOS = Path(__file__).with_name("decoupled_scenarios.py")
@@ -284,3 +285,21 @@ def test_a_model_iterates_over_a_decoupled_models_answers(served, n):
     assert status == 200, body
     # repeat answers 10 n + k for k < n, then its final flag alone: an empty last response
     assert json.loads(body)["OUT"] == [sum(10 * n + k for k in range(n)), n, 1]
+
+
+def test_the_cli_prints_each_answer_as_it_comes(served, tmp_path):
+    x = tmp_path / "in.npy"
+    numpy.save(x, numpy.array([[2]], numpy.int32))
+    done = meshserve("infer", "repeat", "--stream", f"--input={x}", f"--target={served.endpoint}",
+                     f"--data-dir={served.data_dir}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split(" answered in ")[0] for line in lines[::3]] == [
+        "model repeat version 1", "model repeat version 1"]
+    assert lines[1::3] == ["OUT int32 [1, 1]"] * 2 and lines[2::3] == ["[[20]]", "[[21]]"]
+    numpy.save(x, numpy.array([[-1]], numpy.int32))
+    done = meshserve("infer", "failing", "--stream", f"--input={x}",
+                     f"--target={served.endpoint}", f"--data-dir={served.data_dir}")
+    assert done.returncode == 1
+    assert done.stdout.split(": ", 1)[1].strip() == (
+        "INVALID_ARGUMENT: model 'failing' version 1: IN must not be negative"), done.stdout
