@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import zlib
 from collections.abc import AsyncGenerator
@@ -313,7 +314,8 @@ class HttpApi:
     async def generate(self, request: HttpRequest, found: Route, query) -> HttpResponse:
         """The model's one answer as a generate answer object; a model that answers other
         than once (a decoupled one) is refused, as in Triton: generate_stream carries each."""
-        answers = [answer async for answer in self._generated(request, found)]
+        async with contextlib.aclosing(self._generated(request, found)) as generated:
+            answers = [answer async for answer in generated]
         for answer in answers:
             if answer.error_message:
                 raise stream_failure(answer)
@@ -329,7 +331,11 @@ class HttpApi:
         error as `data: {"error": ...}`; a request refused before any answer is answered
         with its error status, as by /infer."""
         answers = self._generated(request, found)
-        first = await anext(answers, None)
+        try:
+            first = await anext(answers, None)
+        except BaseException:  # refused, or the client left: the request is given up now
+            await answers.aclose()
+            raise
         if first is not None and first.error_message:
             await answers.aclose()
             raise stream_failure(first)
