@@ -69,10 +69,13 @@ class Internal(ServingError):
 
 
 class Unimplemented(ServingError):
-    """What the server does not do this way (a decoupled model called for one answer): HTTP
-    400, as Triton answers it."""
-
     code = "UNIMPLEMENTED"
+
+
+class Unsupported(Unimplemented):
+    """What a model does not do the way it was called (a decoupled model called for one
+    answer): HTTP 400, as Triton answers it, not 501."""
+
     http_status = 400
 
 

@@ -38,7 +38,7 @@ from meshserve.common.errors import (
     NotFound,
     ResourceExhausted,
     ServingError,
-    Unimplemented,
+    Unsupported,
     from_code,
 )
 from meshserve.common.forwarding import (
@@ -330,7 +330,7 @@ class Ingress:
             self._step("ingress.auth", span, admit)
         schema = self.schema(request.model_name, "")
         if schema.decoupled and partial is None:
-            raise Unimplemented(
+            raise Unsupported(
                 f"model '{request.model_name}' is decoupled (it may answer a request any "
                 "number of times): call it with ModelStreamInfer, which carries each answer")
         version = self.served_version(request.model_name, request.model_version)
