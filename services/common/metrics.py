@@ -267,12 +267,21 @@ class IngressMetrics:
             "meshserve_shed", "Requests refused by overload at the ingress, by reason "
             "(saturated: the model's queue is full; inflight_bytes)",
             ["model", "version", "reason"])
+        # Triton's name for it, in its unit.
+        self._first_answer = metrics.histogram(
+            "nv_inference_first_response_histogram_ms",
+            "Time from a decoupled model's request to its first answer (ms), at the ingress",
+            ["model", "version"], buckets=tuple(bound * 1e3 for bound in LATENCY_BUCKETS))
 
     def denied(self, reason: str) -> None:
         self._denied.labels(reason).inc()
 
     def shed(self, model: str, version: str, reason: str) -> None:
         self._shed.labels(model, version, reason).inc()
+
+    def first_answer(self, model: str, version: str, seconds: float) -> None:
+        """A decoupled model's request answered: how long its first answer took."""
+        self._first_answer.labels(model, version).observe(seconds * 1e3)
 
     def unserved(self, code: str) -> None:
         """A gRPC inference call that ended `code` before the ingress read it (its deadline

@@ -252,6 +252,9 @@ class Ingress:
                         partial: Callable[[ItemResult], None] | None
                         ) -> pb.ModelInferResponse:
         arrived = time.monotonic()
+        first = None
+        if partial is not None and self._metrics is not None:
+            partial = first = FirstAnswer(partial)
         try:
             response = await self._infer(request, remaining, arrived, request_id, span, admit,
                                          partial)
@@ -267,6 +270,9 @@ class Ingress:
             raise
         self._record(request.model_name, response.model_version, "OK", arrived, request_id,
                      span)
+        if first is not None:
+            self._metrics.first_answer(request.model_name, response.model_version,
+                                       (first.at or time.monotonic()) - arrived)
         return response
 
     def _record(self, model: str, version: str, code: str, arrived: float, request_id: str,
@@ -381,6 +387,19 @@ SERVER_ERRORS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INT
 
 
 NO_PARAMETER = pb.InferParameter()
+
+
+class FirstAnswer:
+    """Passes a decoupled model's answers on to `partial`, noting when the first came."""
+
+    def __init__(self, partial: Callable[[ItemResult], None]) -> None:
+        self._partial = partial
+        self.at: float | None = None
+
+    def __call__(self, result: ItemResult) -> None:
+        if self.at is None:
+            self.at = time.monotonic()
+        self._partial(result)
 
 
 def stream_error(request: pb.ModelInferRequest, error: Exception) -> pb.ModelStreamInferResponse:

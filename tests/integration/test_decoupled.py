@@ -9,6 +9,8 @@ import json
 import ssl
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy
@@ -303,3 +305,33 @@ def test_the_cli_prints_each_answer_as_it_comes(served, tmp_path):
     assert done.returncode == 1
     assert done.stdout.split(": ", 1)[1].strip() == (
         "INVALID_ARGUMENT: model 'failing' version 1: IN must not be negative"), done.stdout
+
+
+def first_answers(served) -> tuple[float, float]:
+    """The count and sum (ms) of the ingress's first-answer histogram for `repeat`."""
+    port = int((served.data_dir / "run" / "ingress.metrics-port").read_text())
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    assert "nv_inference_first_response_histogram_ms_count{model=\"shout\"" not in text
+    found = {}
+    for line in text.splitlines():
+        for what in ("count", "sum"):
+            if line.startswith(f"nv_inference_first_response_histogram_ms_{what}"
+                               '{model="repeat",version="1"}'):
+                found[what] = float(line.rsplit(" ", 1)[1])
+    return found.get("count", 0.0), found.get("sum", 0.0)
+
+
+def test_the_first_answers_time_is_measured(served, tmp_path):
+    x = tmp_path / "in.npy"
+    numpy.save(x, numpy.array([[2]], numpy.int32))
+    count, total = first_answers(served)
+    started = time.monotonic()
+    done = meshserve("infer", "repeat", "--stream", f"--input={x}", f"--target={served.endpoint}",
+                     f"--data-dir={served.data_dir}")
+    took_ms = (time.monotonic() - started) * 1e3
+    assert done.returncode == 0, done.stdout + done.stderr
+    after, after_total = first_answers(served)
+    assert after == count + 1
+    # the first of two answers 10 ms apart: at least 10 ms, within the whole call
+    assert 10 <= after_total - total < took_ms
