@@ -346,14 +346,14 @@ class HttpApi:
                          found: Route) -> AsyncGenerator[pb.ModelStreamInferResponse, None]:
         """The answers to a generate request, served as a stream of one request
         (ModelStreamInfer: each answer of a decoupled model as it comes), until the last."""
+        call = HttpStreamCall(request)
         try:
-            message = generate_request(parse_json(body_of(request, self._max_body)),
-                                       self._inference.config_of(found.model, found.version),
+            config = self._inference.config_of(found.model, found.version, call)
+            message = generate_request(parse_json(body_of(request, self._max_body)), config,
                                        found.version)
         except ServingError as error:  # never a ModelInferRequest: counted here
             self._inference.refused(found.model, found.version, error)
             raise
-        call = HttpStreamCall(request)
 
         async def requests():
             yield message

@@ -591,9 +591,11 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             request, context.time_remaining(), traceparent,
             admit=lambda: self._admit(self._gate.caller(context, metadata), request))
 
-    def config_of(self, model: str, version: str) -> model_config_pb2.ModelConfig:
-        """The config of a model a request is about to be made for (by HTTP's generate
-        routes, whose request then passes the gate as every request does)."""
+    def config_of(self, model: str, version: str, context) -> model_config_pb2.ModelConfig:
+        """The config of a model that the caller may infer and is about to (HTTP's generate
+        routes: the request then passes the gate as every request does). Refused as an
+        inference request would be, first, so no caller learns more of the repository here."""
+        self._may(context, "infer", model)
         return self._ingress.config(model, version).config
 
     def refused(self, model: str, version: str, error: ServingError) -> None:

@@ -235,10 +235,11 @@ def test_a_call_for_one_answer_is_refused_naming_the_stream(report, served):
     assert (status, json.loads(body)) == (400, {"error": message})
 
 
-def post(served, path: str, document: dict) -> tuple[int, str, bytes]:
-    """POST `document` over HTTPS with the client certificate: status, content type, body."""
+def post(served, path: str, document: dict, certificate: bool = True) -> tuple[int, str, bytes]:
+    """POST `document` over HTTPS (with the client certificate): status, content type, body."""
     context = ssl.create_default_context(cafile=str(served.tls / "ca.crt"))
-    context.load_cert_chain(served.tls / "client.crt", served.tls / "client.key")
+    if certificate:
+        context.load_cert_chain(served.tls / "client.crt", served.tls / "client.key")
     port = int((served.data_dir / "run" / "ingress.http-port").read_text())
     connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=60)
     try:
@@ -266,6 +267,14 @@ def test_generate_stream_sends_each_answer_as_an_event_as_it_comes(served):
     assert [json.loads(e.removeprefix("data: ")) for e in events[:-1]] == [
         {"model_name": "repeat", "model_version": "1", "OUT": 20},
         {"model_name": "repeat", "model_version": "1", "OUT": 21}]
+
+
+@pytest.mark.parametrize("model", ["shout", "nosuch"])
+def test_generate_refuses_a_caller_without_credentials_before_it_looks_up_the_model(served,
+                                                                                  model):
+    status, _, _ = post(served, f"/v2/models/{model}/generate", {"text_input": "a"},
+                        certificate=False)
+    assert status == 401  # the same for a model the repository lacks: nothing learnt of it
 
 
 def test_generate_refuses_a_model_that_answers_more_than_once(served):
