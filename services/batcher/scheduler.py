@@ -526,8 +526,12 @@ class Scheduler:
         deadlines = [e.deadline for e in entries]
         left = None if None in deadlines else max(0.001, max(deadlines) - time.monotonic())
         try:
-            answer = await run_batch(replica, batch, self._config.name, self._version, left,
-                                     heard=heard)
+            if self._tracing is None:
+                answer = await run_batch(replica, batch, self._config.name, self._version,
+                                         left, heard=heard)
+            else:
+                answer = await self._traced_infer(replica, batch, self._config.name, entries,
+                                                  rows, left, heard)
         except ComputeFailed as error:
             failed = failure_result(error.code, error.details,
                                     f"compute replica {replica.upstream.target}")
@@ -608,9 +612,11 @@ class Scheduler:
             self._failover_metrics.retry(outcome)
 
     async def _traced_infer(self, replica: Replica, batch: list[bytes], model: str,
-                            entries: list[Pending], rows: int, timeout: float | None):
+                            entries: list[Pending], rows: int, timeout: float | None,
+                            heard: Early | None = None):
         """The compute call inside a `batcher.batch` span: a child of the oldest request's
-        context, linked to every member's `batcher.queue` span; compute's span its child."""
+        context, linked to every member's `batcher.queue` span; compute's span its child
+        (`heard`: as `run_batch`'s)."""
         span = self._tracing.start(
             "batcher.batch", context_of(entries[0].payload.item.traceparent),
             {"batch.size": rows, "batch.requests": len(entries),
@@ -618,7 +624,7 @@ class Scheduler:
             links=[e.payload.span.get_span_context() for e in entries if e.payload.span])
         try:
             return await run_batch(replica, batch, model, self._version, timeout,
-                                   traceparent_of(span))
+                                   traceparent_of(span), heard)
         except Exception as error:
             span.set_status(StatusCode.ERROR, str(error))
             raise

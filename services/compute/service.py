@@ -9,9 +9,11 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from google.protobuf.message import DecodeError
 from opentelemetry.trace import SpanKind, StatusCode
@@ -41,6 +43,7 @@ from meshserve.protocol.groups_pb2 import InferGroup, InferGroupResult, ItemResu
 from meshserve.protocol.grpc_service_pb2 import ModelInferResponse, ModelReadyResponse
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -217,8 +220,10 @@ class Compute:
         log.error("%s", self.refused, exc_info=error)
         health.set(False, reason=self.refused)
 
-    async def traced_infer(self, request, tracing: Tracing, traceparent: str):
-        """`infer` inside a `compute.infer` span (the batcher's `batcher.batch` its parent)."""
+    async def traced(self, request, tracing: Tracing, traceparent: str,
+                     run: Callable[[], Awaitable[T]]) -> T:
+        """`run()` (`infer` or `stream` of the batch `request`) inside a `compute.infer` span
+        (the batcher's `batcher.batch` its parent)."""
         batched = self.config.max_batch_size and request.inputs and request.inputs[0].shape
         rows = request.inputs[0].shape[0] if batched else 1
         span = tracing.start("compute.infer", context_of(traceparent), {
@@ -226,7 +231,7 @@ class Compute:
             "device": "" if self.model is None else str(self.model.device)},
             kind=SpanKind.SERVER)
         try:
-            return await self.infer(request)
+            return await run()
         except Exception as error:
             span.set_status(StatusCode.ERROR, str(error))
             raise
@@ -350,7 +355,8 @@ class Compute:
         try:
             if tracing is None:
                 return ItemResult(response=await self.infer(request))
-            return ItemResult(response=await self.traced_infer(request, tracing, traceparent))
+            return ItemResult(response=await self.traced(request, tracing, traceparent,
+                                                         lambda: self.infer(request)))
         except batch_requests.RequestFailed as failed:
             return ItemResult(response=batch_requests.failed_alone(request, self.version,
                                                                    failed.error))
@@ -371,8 +377,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         if self._tracing is None:
             return await self._compute.infer(request)
-        return await self._compute.traced_infer(
-            request, self._tracing, header(context.invocation_metadata(), TRACEPARENT))
+        return await self._compute.traced(
+            request, self._tracing, header(context.invocation_metadata(), TRACEPARENT),
+            lambda: self._compute.infer(request))
 
     async def ModelReady(self, request, context):
         return ModelReadyResponse(ready=self._compute.model is not None)
@@ -391,7 +398,12 @@ def build_service(settings: ComputeSettings, metrics: Metrics | None = None,
             group = InferGroup.FromString(body)
         except DecodeError as error:
             raise not_a_group(error) from None
-        if compute.decoupled:
+        if compute.decoupled and tracing is not None:
+            results = [await compute.traced(item.request, tracing, item.traceparent,
+                                            lambda item=item: compute.stream(item.request,
+                                                                             early))
+                       for item in group.items]
+        elif compute.decoupled:
             results = [await compute.stream(item.request, early) for item in group.items]
         else:
             results = [await compute.answer(item.request, tracing, item.traceparent)

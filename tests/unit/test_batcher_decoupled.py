@@ -4,10 +4,15 @@ batch once compute says `execute` has returned, while the first batch still answ
 
 import asyncio
 
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
 from meshserve.batcher.policy import BatchingPolicy, BatchQueue
 from meshserve.batcher.scheduler import Replica, Scheduler
 from meshserve.batcher.service import Batcher
 from meshserve.common.statistics import Statistics
+from meshserve.common.tracing import Tracing, traceparent_of
 from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
 from meshserve.protocol.grpc_service_pb2 import ModelInferResponse
 from tests.unit.test_batch import one_input_config, request
@@ -23,9 +28,11 @@ class StreamingCompute:
         self.stream = self
         self.arrived: asyncio.Queue[str] = asyncio.Queue()
         self.gates: dict[str, asyncio.Event] = {}
+        self.traceparents: list[str] = []
 
     async def send(self, body: list[bytes], timeout=None, resend=True, early=None) -> bytes:
         [item] = InferGroup.FromString(b"".join(body)).items
+        self.traceparents.append(item.traceparent)
         rid = item.request.id
         gate = self.gates[rid] = asyncio.Event()
         await early(answer(rid, "first", more=True))
@@ -43,15 +50,23 @@ def answer(rid: str, what: str, more: bool) -> bytes:
         response=ModelInferResponse(id=f"{rid}:{what}"), more=more)]).SerializeToString()
 
 
-async def test_answers_pass_on_and_the_replica_takes_the_next_batch_once_execute_returned():
+def batcher_of(compute: StreamingCompute, statistics: Statistics,
+               tracing: Tracing | None = None) -> tuple[Batcher, Scheduler]:
+    """A decoupled model's batcher, each request a batch of its own, one replica that takes
+    one batch at a time."""
     config = one_input_config()
     config.backend = "python"
     config.model_transaction_policy.decoupled = True
-    config.max_batch_size = 1  # each request a batch of its own
-    compute, statistics = StreamingCompute(), Statistics(name="m", version="1")
+    config.max_batch_size = 1
     scheduler = Scheduler(BatchQueue(BatchingPolicy.from_config(config), "m"),
-                          [Replica(compute, capacity=1)], config, "1", statistics)
-    batcher = Batcher(scheduler, statistics, config)
+                          [Replica(compute, capacity=1)], config, "1", statistics,
+                          tracing=tracing)
+    return Batcher(scheduler, statistics, config, tracing=tracing), scheduler
+
+
+async def test_answers_pass_on_and_the_replica_takes_the_next_batch_once_execute_returned():
+    compute, statistics = StreamingCompute(), Statistics(name="m", version="1")
+    batcher, scheduler = batcher_of(compute, statistics)
     told: list[tuple[int, str, bool]] = []
 
     async def early(body: bytes) -> None:
@@ -80,3 +95,27 @@ async def test_answers_pass_on_and_the_replica_takes_the_next_batch_once_execute
         assert [a[1] for a in answered if a[1].startswith(rid)] == [f"{rid}:first",
                                                                     f"{rid}:last"]
     assert statistics.to_proto().inference_stats.success.count == 2
+
+
+async def test_each_batch_is_traced_and_compute_continues_its_span():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    compute, statistics = StreamingCompute(), Statistics(name="m", version="1")
+    batcher, scheduler = batcher_of(compute, statistics, Tracing(provider))
+    group = InferGroup(model_name="m", items=[GroupItem(request=request("r0", 1))])
+
+    async def early(body: bytes) -> None:
+        pass
+
+    loop = asyncio.create_task(scheduler.run())
+    try:
+        handled = asyncio.create_task(batcher.handle(group.SerializeToString(), early))
+        await asyncio.wait_for(compute.arrived.get(), 5)
+        compute.gates["r0"].set()
+        await asyncio.wait_for(handled, 5)
+    finally:
+        loop.cancel()
+        await scheduler.close()
+    [batch] = [s for s in exporter.get_finished_spans() if s.name == "batcher.batch"]
+    assert compute.traceparents == [traceparent_of(batch)]

@@ -5,10 +5,15 @@ every request has had its final flag; `execute` raising answers the requests sti
 
 import asyncio
 
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
 from meshserve.batcher.batch import merge
 from meshserve.common.forwarding import CODE_NAME
 from meshserve.common.server import HealthServicer
 from meshserve.common.tls import TlsFiles
+from meshserve.common.tracing import Tracing
 from meshserve.compute.service import Compute, ComputeSettings
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.groups_pb2 import InferGroupResult
@@ -104,4 +109,21 @@ async def test_execute_raising_answers_the_requests_still_open(tmp_path):
     assert heard == [(0, True, "OK", "now"), (0, False, "OK", "now"),
                      (1, False, "INTERNAL", ""), (2, False, "INTERNAL", "")]
     assert last.code == 0
+    await compute.close()
+
+
+async def test_a_traced_batch_is_one_compute_span_to_its_last_answer(tmp_path):
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    compute = await compute_of(tmp_path)
+    batch = batch_of("now")
+
+    async def early(body: bytes) -> None:
+        assert not exporter.get_finished_spans()  # open until the batch's last answer
+
+    last = await compute.traced(batch, Tracing(provider), "",
+                                lambda: compute.stream(batch, early))
+    [span] = exporter.get_finished_spans()
+    assert (span.name, span.attributes["batch.size"], last.code) == ("compute.infer", 1, 0)
     await compute.close()
