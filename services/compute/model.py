@@ -132,15 +132,18 @@ class TorchScriptModel:
         return sorted(range(len(names)), key=positions.__getitem__)
 
     def decode(self, request: ModelInferRequest) -> list[torch.Tensor]:
+        return [self._tensor_in(raw, datatype, shape)
+                for _, datatype, raw, shape in self._raw_inputs(request)]
+
+    def _raw_inputs(self, request: ModelInferRequest):
+        """(name, datatype, bytes, shape) of each input, in config order (InvalidArgument
+        naming one the request lacks)."""
         position = {t.name: i for i, t in enumerate(request.inputs)}
-        tensors = []
         for name, datatype in self._inputs:
-            if name not in position:
+            i = position.get(name)
+            if i is None:
                 raise InvalidArgument(f"input '{name}' is missing")
-            i = position[name]
-            tensors.append(self._tensor_in(request.raw_input_contents[i], datatype,
-                                           request.inputs[i].shape))
-        return tensors
+            yield name, datatype, request.raw_input_contents[i], request.inputs[i].shape
 
     def _tensor_in(self, raw: bytes, datatype: str, shape) -> torch.Tensor:
         """An input's bytes as a tensor of its shape on the model's device, without a copy
@@ -191,15 +194,9 @@ class TorchScriptModel:
     def _decode_any(self, request: ModelInferRequest) -> list:
         """Tensors, List[str] for TYPE_STRING inputs, and all as one Dict when forward
         takes one."""
-        position = {t.name: i for i, t in enumerate(request.inputs)}
-        values = []
-        for name, datatype in self._inputs:
-            if name not in position:
-                raise InvalidArgument(f"input '{name}' is missing")
-            i = position[name]
-            raw = request.raw_input_contents[i]
-            values.append(strings_of(raw, name) if datatype == "BYTES" else
-                          self._tensor_in(raw, datatype, request.inputs[i].shape))
+        values = [strings_of(raw, name) if datatype == "BYTES" else
+                  self._tensor_in(raw, datatype, shape)
+                  for name, datatype, raw, shape in self._raw_inputs(request)]
         return values if self._keys is None else [dict(zip(self._keys, values))]
 
     def _predict_any(self, values: list, version: str = "") -> list:

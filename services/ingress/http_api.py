@@ -38,6 +38,7 @@ from meshserve.common.errors import (
 from meshserve.common.forwarding import CODE_NAME
 from meshserve.common.metrics import PROTOCOL
 from meshserve.common.server import HealthServicer, internal_error_message
+from meshserve.common.stream_answers import error_parts
 from meshserve.common.tls import MAX_MESSAGE_BYTES, TlsFiles, server_ssl_context
 from meshserve.ingress.async_service import AsyncInferenceServicer
 from meshserve.ingress.generate import generate_answer, generate_request
@@ -109,8 +110,7 @@ class HttpStreamCall(HttpCall):
 
 def stream_failure(answer: pb.ModelStreamInferResponse) -> ServingError:
     """The error a stream's answer carries (`CODE: message`)."""
-    code, _, message = answer.error_message.partition(": ")
-    return from_code(code if code in CODE_NAME.values() else "UNKNOWN", message)
+    return from_code(*error_parts(answer.error_message))
 
 
 def event(answer: pb.ModelStreamInferResponse) -> bytes:

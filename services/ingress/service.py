@@ -65,7 +65,7 @@ from meshserve.common.metrics import IngressMetrics, Metrics
 from meshserve.common.priority import MAX_CARRIED
 from meshserve.common.repository import ModelRepository
 from meshserve.common.server import HealthServicer, Service, internal_error_message
-from meshserve.common.stream_answers import EMPTY_FINAL_RESPONSE, FINAL_RESPONSE
+from meshserve.common.stream_answers import EMPTY_FINAL_RESPONSE, FINAL_RESPONSE, error_text
 from meshserve.common.tls import TlsFiles
 from meshserve.common.tracing import (
     TRACEPARENT,
@@ -405,8 +405,8 @@ class FirstAnswer:
 def stream_error(request: pb.ModelInferRequest, error: Exception) -> pb.ModelStreamInferResponse:
     """A request's failure on a stream, as Triton writes one: its status and message, and the
     request's model and id."""
-    message = (f"{error.code}: {error.message}" if isinstance(error, ServingError)
-               else f"INTERNAL: {internal_error_message(error)}")
+    message = (error_text(error.code, error.message) if isinstance(error, ServingError)
+               else error_text("INTERNAL", internal_error_message(error)))
     return pb.ModelStreamInferResponse(
         error_message=message, infer_response=pb.ModelInferResponse(
             model_name=request.model_name, model_version=request.model_version, id=request.id))

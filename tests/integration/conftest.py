@@ -1,8 +1,10 @@
 """A whole mesh started the way a user starts it: `meshserve up` in a subprocess."""
 
 import contextlib
+import http.client
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -138,3 +140,18 @@ async def own(cert_dir):
         yield harness
     finally:
         await harness.close()
+
+
+@contextlib.contextmanager
+def https_to(mesh, certificate: bool = True):
+    """A connection to the ingress's HTTP/REST port, with the client certificate (without
+    one: for callers with a token)."""
+    context = ssl.create_default_context(cafile=str(mesh.tls / "ca.crt"))
+    if certificate:
+        context.load_cert_chain(mesh.tls / "client.crt", mesh.tls / "client.key")
+    port = int((mesh.data_dir / "run" / "ingress.http-port").read_text())
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=60)
+    try:
+        yield connection
+    finally:
+        connection.close()

@@ -10,12 +10,10 @@ a request is seen only by the principal that submitted it and by operators.
 import asyncio
 import collections
 import contextlib
-import http.client
 import json
 import os
 import signal
 import sqlite3
-import ssl
 import time
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from meshserve.protocol.async_inference_pb2_grpc import AsyncInferenceStub
 from meshserve.tools.client import client_tls
 from meshserve.tools.demo_models import build_model
 from meshserve.tools.tokens import issue
-from tests.integration.conftest import children_of, meshserve, start_up, stop_up
+from tests.integration.conftest import children_of, https_to, meshserve, start_up, stop_up
 from tests.integration.test_metrics import metrics_url, scrape, total
 from tests.polling import suspend
 
@@ -118,21 +116,6 @@ async def test_a_burst_is_stored_and_every_request_answered(mesh):
     for seed, ((_, x), answer) in enumerate(zip(requests, answers, strict=True)):
         assert answer.id == ids[seed]
         check_answer(answer, x, seed)
-
-
-@contextlib.contextmanager
-def https_to(mesh, certificate: bool = True):
-    """A connection to the ingress's HTTP/REST port, with the client certificate (without
-    one: for callers with a token)."""
-    context = ssl.create_default_context(cafile=str(mesh.tls / "ca.crt"))
-    if certificate:
-        context.load_cert_chain(mesh.tls / "client.crt", mesh.tls / "client.key")
-    port = int((mesh.data_dir / "run" / "ingress.http-port").read_text())
-    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=60)
-    try:
-        yield connection
-    finally:
-        connection.close()
 
 
 def http_call(connection, method: str, path: str, body: bytes | None = None,

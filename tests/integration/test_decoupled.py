@@ -4,9 +4,7 @@ mesh (`meshserve up --model-repository`), written against the documented
 tritonclient's stream: each answer reaches the client as the model sends it, from `execute`
 or from the model's own threads after it returned, any number of them per request."""
 
-import http.client
 import json
-import ssl
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ from pathlib import Path
 import numpy
 import pytest
 
-from tests.integration.conftest import meshserve, running_mesh
+from tests.integration.conftest import https_to, meshserve, running_mesh
 from tests.python_models import write_python_model
 
 SCENARIOS = Path(__file__).with_name("decoupled_scenarios.py")
@@ -237,18 +235,11 @@ def test_a_call_for_one_answer_is_refused_naming_the_stream(report, served):
 
 def post(served, path: str, document: dict, certificate: bool = True) -> tuple[int, str, bytes]:
     """POST `document` over HTTPS (with the client certificate): status, content type, body."""
-    context = ssl.create_default_context(cafile=str(served.tls / "ca.crt"))
-    if certificate:
-        context.load_cert_chain(served.tls / "client.crt", served.tls / "client.key")
-    port = int((served.data_dir / "run" / "ingress.http-port").read_text())
-    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=60)
-    try:
+    with https_to(served, certificate) as connection:
         connection.request("POST", path, json.dumps(document),
                            {"Content-Type": "application/json"})
         answer = connection.getresponse()
         return answer.status, answer.getheader("content-type"), answer.read()
-    finally:
-        connection.close()
 
 
 def test_generate_answers_a_text_model_with_one_json_object(served):

@@ -29,7 +29,11 @@ from meshserve.common.arrays import datatype_of, deserialize_bytes
 from meshserve.common.batch_requests import parameter_values, set_parameter
 from meshserve.common.datatypes import serialize_bytes
 from meshserve.common.errors import InvalidArgument
-from meshserve.common.stream_answers import EMPTY_FINAL_RESPONSE, FINAL_RESPONSE
+from meshserve.common.stream_answers import (
+    EMPTY_FINAL_RESPONSE,
+    FINAL_RESPONSE,
+    error_parts,
+)
 from meshserve.common.tls import TlsFiles, channel_credentials, channel_options
 from meshserve.compute.backends import triton_python_backend_utils as pb_utils
 from meshserve.compute.tensors import numpy_dtype
@@ -169,9 +173,8 @@ class ModelCalls:
         try:
             for answer in stub.ModelStreamInfer(iter([request]), timeout=timeout_of(call)):
                 if answer.error_message:
-                    code, _, message = answer.error_message.partition(": ")
-                    yield failed(grpc.StatusCode.__members__.get(code, grpc.StatusCode.UNKNOWN),
-                                 message)
+                    code, message = error_parts(answer.error_message)
+                    yield failed(grpc.StatusCode[code], message)
                     continue
                 del answer.infer_response.parameters[FINAL_RESPONSE]  # the stream's mark
                 yield response_of(answer.infer_response)
