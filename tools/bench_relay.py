@@ -56,6 +56,9 @@ WARMUP_MESSAGES = 200
 IDENTITY = {"echo": "batcher", "relay": "router"}
 NO_RELAY = "no relay"  # the driver calling the echo itself
 CLIENTS = ("http2", "grpc")
+# The pause after each paced answer: about a concurrency-1 mlp request's round trip through
+# the mesh, so that each process sleeps between messages as it does between requests there.
+PACE_MS = 10.0
 
 
 def _handler(stream) -> grpc.GenericRpcHandler:
@@ -231,9 +234,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="messages sent back to back (default 2000)")
     parser.add_argument("--paced-messages", type=positive_int, default=300,
                         help="messages sent paced (default 300)")
-    parser.add_argument("--pace-ms", type=positive_float, default=10.0,
-                        help="pause after each paced answer, ms (default 10: about a "
-                        "concurrency-1 mlp request's round trip through the mesh)")
+    parser.add_argument("--pace-ms", type=positive_float, default=PACE_MS,
+                        help=f"pause after each paced answer, ms (default {PACE_MS:g}: about "
+                        "a concurrency-1 mlp request's round trip through the mesh)")
     parser.add_argument("--size", type=positive_int, default=11_000,
                         help="bytes per message (default 11000: a group of ten mlp requests)")
     parser.add_argument("--client", choices=CLIENTS, default=CLIENTS[0],

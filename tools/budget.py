@@ -34,6 +34,9 @@ PROCESS_KINDS = ("up", "control-plane", *KINDS)
 HOPS = ("ingress", "router", "batcher", "compute", "bare")
 
 UNDER, OVER, FAR_OVER, MISSING = "under", "over", "over (> 2x)", "not measured"
+# How the floor's bare relay calls onwards (`meshserve bench relay --client`), as it is named
+# in the report: as the ingress and the batchers call, and as the router calls (xDS).
+RELAY_CLIENTS = {"http2": "hops' own client", "grpc": "grpc.aio, as the router"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +249,10 @@ class Measured:
     # The batcher's own Python, the same way (see budget_python)
     batcher_paused_ratio: list[float] = field(default_factory=list)
     hop_p50_ms: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # The floor: a bare relay paced as at concurrency 1 (`bench relay`), by its client
+    # (`RELAY_CLIENTS`): its CPU per message (s), and the p50 it adds to a call (ms)
+    relay_cpu_s: dict[str, float] = field(default_factory=dict)
+    relay_added_ms: dict[str, float] = field(default_factory=dict)
     idle_cpu_percent: list[float] = field(default_factory=list)
     rss_idle_mib: dict[str, float] = field(default_factory=dict)  # kind -> largest process
     rss_load_mib: dict[str, float] = field(default_factory=dict)
@@ -437,6 +444,7 @@ def figures(measured: Measured, budgets: Budgets, models: Sequence[str],
                     note = "plus the model's own p50 at batch 1"
                 out.append(Figure(f"{model} p50 added by {hop}, c=1", added[hop], "bare p50",
                                   budget, note))
+    out.extend(_floor(measured, bare, models))
     if measured.idle_cpu_percent:
         out.append(Figure("idle mesh CPU (every process of up)",
                           median(measured.idle_cpu_percent), "% core",
@@ -447,6 +455,23 @@ def figures(measured: Measured, budgets: Budgets, models: Sequence[str],
             if kind in rss:
                 out.append(Figure(f"RSS {label}: {kind} (largest process)", rss[kind], "MiB",
                                   rss_budgets.get(kind)))
+    return out
+
+
+def _floor(measured: Measured, bare: float | None, models: Sequence[str]) -> list[Figure]:
+    """What a relay with none of meshserve's work costs at concurrency 1, in the units of the
+    hops' figures (its added p50 in the first model's bare p50s): the floor under each hop's
+    c=1 CPU and p50 added on this machine, measured in the same run."""
+    bare_p50 = median(measured.hop_p50_ms.get(models[0], {}).get("bare", [])) if models else None
+    out = []
+    for client, label in RELAY_CLIENTS.items():
+        if client in measured.relay_cpu_s:
+            note = "a bare relay, paced as at c=1 (bench relay): no meshserve code in it"
+            out += [Figure(f"floor: bare relay CPU per message, c=1, {label}",
+                           ratio(measured.relay_cpu_s[client], bare), "B", note=note),
+                    Figure(f"floor: p50 added by a bare relay, c=1, {label}",
+                           ratio(measured.relay_added_ms.get(client), bare_p50), "bare p50",
+                           note=note)]
     return out
 
 
@@ -522,6 +547,7 @@ __all__ = [
     "HOPS",
     "KINDS",
     "PROCESS_KINDS",
+    "RELAY_CLIENTS",
     "Budgets",
     "Figure",
     "Measured",

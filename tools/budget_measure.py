@@ -31,6 +31,12 @@ How each figure is measured:
   and so is the bare server, round after round; within each round the hop's p50 less the
   p50 of the hop behind it (compute: less the bare server's), over the bare server's p50 of
   the same request, is what it adds; the figure is the median over rounds.
+* **The floor**: `meshserve bench relay` with none of meshserve's work (a driver, a bare
+  relay on the services' server and an echo, mutual TLS, messages the size of the first
+  model's request, one in flight), once per client the hops use (their own HTTP/2 client; a
+  `grpc.aio` channel, as the router's), paced as at concurrency 1: the relay's CPU per message
+  (in B) and the p50 it adds over the driver calling the echo itself (in the first model's
+  bare p50s) are what any hop costs at c=1 on this machine before its own work.
 * **Idle mesh CPU**: once the load has stopped and the mesh has settled (`Plan.settle_s`),
   the CPU of every process of `up` (itself included) over short windows, as % of one core.
 * **RSS**: VmRSS of each process; idle is read in the idle phase, under load is the largest
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -58,6 +65,8 @@ from meshserve.common.repository import ModelRepository
 from meshserve.common.tls import TlsFiles, channel_credentials, channel_options
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+from meshserve.tools.bench_relay import CLIENTS, PACE_MS
+from meshserve.tools.bench_relay import measure as measure_relay
 from meshserve.tools.budget import (
     HOPS,
     Measured,
@@ -97,6 +106,8 @@ class Plan:
     hop_warmup_s: float
     hop_s: float
     model_s: float  # in-process model measurement, per model and round
+    floor_messages: int  # messages through the bare relay back to back, per client
+    floor_paced: int  # paced
     settle_s: float
     idle_windows: int
     idle_s: float
@@ -104,10 +115,12 @@ class Plan:
 
 
 QUICK = Plan(models=("mlp",), rounds=2, warmup_s=0.5, load_s=2.0, hop_rounds=3,
-             hop_warmup_s=0.3, hop_s=0.6, model_s=0.3, settle_s=2.0, idle_windows=3,
+             hop_warmup_s=0.3, hop_s=0.6, model_s=0.3, floor_messages=300,
+             floor_paced=100, settle_s=2.0, idle_windows=3,
              idle_s=1.0, profile_s=5.0)
 FULL = Plan(models=MODELS, rounds=3, warmup_s=1.0, load_s=4.0, hop_rounds=5,
-            hop_warmup_s=0.5, hop_s=1.5, model_s=0.5, settle_s=3.0, idle_windows=5,
+            hop_warmup_s=0.5, hop_s=1.5, model_s=0.5, floor_messages=1000,
+            floor_paced=200, settle_s=3.0, idle_windows=5,
             idle_s=2.0, profile_s=10.0)
 
 
@@ -330,6 +343,19 @@ class BudgetRun:
             self.say(f"  {model} p50 by hop (ms): " + ", ".join(
                 f"{hop} {sorted(values)[len(values) // 2]:.3f}" for hop, values in p50s.items()))
         self.mesh.check_unchanged()
+
+    def floor(self) -> None:
+        """A bare relay for each client, paced as at c=1, with the first model's request."""
+        size = len(self.requests[self.plan.models[0]])
+        for client in CLIENTS:
+            with tempfile.TemporaryDirectory(prefix="meshserve-relay-") as work:
+                _, paced, straight = measure_relay(size, self.plan.floor_messages,
+                                                   self.plan.floor_paced, PACE_MS / 1e3,
+                                                   Path(work), client)
+            self.measured.relay_cpu_s[client] = paced.relay_us / 1e6
+            self.measured.relay_added_ms[client] = paced.p50_ms - straight.p50_ms
+            self.say(f"  bare relay on {client}: {paced.relay_us:.0f} µs CPU per message "
+                     f"paced, adds {paced.p50_ms - straight.p50_ms:.3f} ms to the p50")
 
     def idle(self) -> None:
         """The mesh's CPU and RSS once the load has stopped and it has settled."""

@@ -78,7 +78,7 @@ def measure(plan: Plan, data_dir: Path, out_dir: Path, profile: bool,
             f"({len(mesh.processes)} processes)")
         bare = BareServer(data_dir / "tls", data_dir.parent)
         run = BudgetRun(plan, mesh, bare, say)
-        for name, step in (("load", run.loads), ("hops", run.hops)):
+        for name, step in (("load", run.loads), ("hops", run.hops), ("floor", run.floor)):
             say(f"[{time.monotonic() - started:4.0f} s] {name}")
             step()
         if profile:

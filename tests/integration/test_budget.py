@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from meshserve.tools.budget import KINDS
+from meshserve.tools.budget import KINDS, RELAY_CLIENTS
 from tests.integration.conftest import children_of
 
 
@@ -35,6 +35,9 @@ def test_quick_budget_is_within_twice_the_budget(tmp_path):
     assert found["mlp model CPU at batch 1, after a pause / back to back"]["measured"] > 0
     assert found["batcher's Python per group of one, after a pause / back to back"][
         "measured"] > 0  # the in-process batcher answered its groups
+    for client in RELAY_CLIENTS.values():  # the floor: a bare relay, paced, on each client
+        assert found[f"floor: bare relay CPU per message, c=1, {client}"]["measured"] > 0
+        assert found[f"floor: p50 added by a bare relay, c=1, {client}"]["measured"] is not None
     assert found["mlp c=32 compute CPU per request"]["measured"] == \
         pytest.approx(model + beyond, abs=2e-4)  # rounded to 4 places
     assert children_of(Path(document["data_dir"])) == []  # the mesh and the bare server stopped

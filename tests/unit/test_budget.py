@@ -341,7 +341,8 @@ def fake_run() -> Measured:
                     model_p50_ms={"mlp": [0.25, 0.2, 0.3]},
                     model_paused_ratio={"mlp": [2.5, 4.0, 3.0]},
                     batcher_paused_ratio=[1.5, 2.0, 1.75],
-                    hop_p50_ms={"mlp": p50}, idle_cpu_percent=[4.0, 9.0, 6.0],
+                    hop_p50_ms={"mlp": p50}, relay_cpu_s={"http2": 600e-6, "grpc": 1e-3},
+                    relay_added_ms={"http2": 0.7, "grpc": 1.2}, idle_cpu_percent=[4.0, 9.0, 6.0],
                     rss_idle_mib={"compute": 320.0, "ingress": 90.0, "up": 270.0},
                     rss_load_mib={"compute": 900.0})
 
@@ -374,6 +375,12 @@ def test_figures_of_a_fake_mesh():
         "mlp p50 added by router, c=1": (0.5, 0.5, UNDER),
         "mlp p50 added by batcher, c=1": (1.0, 0.5, OVER),
         "mlp p50 added by compute, c=1": (0.5, 0.75, UNDER),  # budget 0.5 + model 0.25
+        # a bare relay's 600 µs and 1 ms of CPU per message in B; its added p50s over the
+        # bare p50 of 1 ms
+        "floor: bare relay CPU per message, c=1, hops' own client": (1.5, None, ""),
+        "floor: p50 added by a bare relay, c=1, hops' own client": (0.7, None, ""),
+        "floor: bare relay CPU per message, c=1, grpc.aio, as the router": (2.5, None, ""),
+        "floor: p50 added by a bare relay, c=1, grpc.aio, as the router": (1.2, None, ""),
         "idle mesh CPU (every process of up)": (6.0, 5.0, OVER),
         "RSS idle: up (largest process)": (270.0, None, ""),
         "RSS idle: ingress (largest process)": (90.0, 100, UNDER),
