@@ -107,7 +107,7 @@ class Plan:
     hop_s: float
     model_s: float  # in-process model measurement, per model and round
     floor_messages: int  # messages through the bare relay back to back, per client
-    floor_paced: int  # paced
+    floor_paced: int  # paced (/proc counts CPU in 10 ms ticks: 200 read to 50 µs a message)
     settle_s: float
     idle_windows: int
     idle_s: float
@@ -116,11 +116,11 @@ class Plan:
 
 QUICK = Plan(models=("mlp",), rounds=2, warmup_s=0.5, load_s=2.0, hop_rounds=3,
              hop_warmup_s=0.3, hop_s=0.6, model_s=0.3, floor_messages=300,
-             floor_paced=100, settle_s=2.0, idle_windows=3,
+             floor_paced=200, settle_s=2.0, idle_windows=3,
              idle_s=1.0, profile_s=5.0)
 FULL = Plan(models=MODELS, rounds=3, warmup_s=1.0, load_s=4.0, hop_rounds=5,
             hop_warmup_s=0.5, hop_s=1.5, model_s=0.5, floor_messages=1000,
-            floor_paced=200, settle_s=3.0, idle_windows=5,
+            floor_paced=400, settle_s=3.0, idle_windows=5,
             idle_s=2.0, profile_s=10.0)
 
 
