@@ -121,6 +121,9 @@ def is_count(text: str) -> bool:
 
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# After a refusal, how long the connection stays open for the client to read it, reading and
+# dropping what the client still sends (see `_Connection._close_after_refusal`).
+LINGER_S = 5.0
 
 
 def response_head(response: HttpResponse, keep_alive: bool, date: bytes,
@@ -382,7 +385,10 @@ class _Connection(asyncio.Protocol):
                 else:
                     self._transport.write(head + response.body)
                 if not keep_alive:
-                    self._transport.close()
+                    if self._refused:
+                        self._close_after_refusal()
+                    else:
+                        self._transport.close()
                     return
                 if self._reading_paused and len(self._queue) <= self._limits.max_pipelined:
                     self._reading_paused = False
@@ -421,6 +427,19 @@ class _Connection(asyncio.Protocol):
             return plain_refusal(500, "internal error")
 
     # --- timers
+
+    def _close_after_refusal(self) -> None:
+        """Close once the client has read the refusal: a socket closed with bytes unread (the
+        rest of a refused body) resets the connection, and the client loses what it had not
+        read yet, the refusal too. So what it still sends is read and dropped, the writing
+        half is closed where the transport can (plain TCP), and the connection closes when
+        the client closes its side, or after LINGER_S."""
+        with contextlib.suppress(RuntimeError):
+            self._transport.resume_reading()
+        if self._transport.can_write_eof():
+            self._transport.write_eof()
+        self._cancel_timer()
+        self._timer = self._loop.call_later(LINGER_S, self._transport.close)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

@@ -105,6 +105,22 @@ async def test_whole_bodies_waiting_their_turn_count_against_the_servers_limit(s
         writer.close()
 
 
+async def test_a_body_refused_while_it_arrives_gets_its_answer_then_the_close(served):
+    """The server refuses a body that passes its limit while the client is still sending it:
+    what the client sends after is read and dropped, so the client reads the whole refusal
+    and then the end of the connection, not a reset that loses the answer."""
+    server, _, port = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(post("/big", b" " * (8 * MAX_UNFINISHED)))
+        answer = await asyncio.wait_for(reader.read(), 10)  # to the server's end
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+        assert b"past its limit of %d" % MAX_UNFINISHED in answer
+        await wait_for(lambda: server.unfinished == 0)
+    finally:
+        writer.close()
+
+
 async def test_a_connection_closed_with_bodies_waiting_releases_them(served):
     server, handler, port = served
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
