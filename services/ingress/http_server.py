@@ -188,6 +188,7 @@ class _Connection(asyncio.Protocol):
         self._reading_paused = False
         self._writable: asyncio.Future | None = None
         self._refused = False
+        self._linger = False  # refused in the middle of a request: the client may still send
         self._closed = False
         self._in_message = False
         self._last_data = 0.0
@@ -351,6 +352,7 @@ class _Connection(asyncio.Protocol):
     def _refuse(self, status: int, message: str) -> None:
         """Answer `status` after the requests before it, then close; read nothing more."""
         self._refused = True
+        self._linger = self._in_message
         self._in_message = False
         self._let_go()
         self._cancel_timer()
@@ -385,7 +387,7 @@ class _Connection(asyncio.Protocol):
                 else:
                     self._transport.write(head + response.body)
                 if not keep_alive:
-                    if self._refused:
+                    if self._linger:
                         self._close_after_refusal()
                     else:
                         self._transport.close()
@@ -429,11 +431,13 @@ class _Connection(asyncio.Protocol):
     # --- timers
 
     def _close_after_refusal(self) -> None:
-        """Close once the client has read the refusal: a socket closed with bytes unread (the
-        rest of a refused body) resets the connection, and the client loses what it had not
-        read yet, the refusal too. So what it still sends is read and dropped, the writing
-        half is closed where the transport can (plain TCP), and the connection closes when
-        the client closes its side, or after LINGER_S."""
+        """Close once the client has read a refusal made in the middle of its request: a
+        socket closed with bytes unread (the rest of a refused body) resets the connection,
+        and the client loses what it had not read yet, the refusal too. So what it still
+        sends is read and dropped, the writing half is closed where the transport can (plain
+        TCP), and the connection closes when the client closes its side, or after LINGER_S.
+        (A connection refused before its first request, past the connection limit, closes at
+        once: under a flood of connections none waits.)"""
         with contextlib.suppress(RuntimeError):
             self._transport.resume_reading()
         if self._transport.can_write_eof():
