@@ -350,7 +350,8 @@ class _Connection(asyncio.Protocol):
             self._task = self._loop.create_task(self._answer())
 
     def _refuse(self, status: int, message: str) -> None:
-        """Answer `status` after the requests before it, then close; read nothing more."""
+        """Answer `status` after the requests before it, then close (after a refusal made
+        in the middle of a request, once the client has read it); parse nothing more."""
         self._refused = True
         self._linger = self._in_message
         self._in_message = False
