@@ -65,10 +65,11 @@ from meshserve.common.repository import ModelRepository
 from meshserve.common.tls import TlsFiles, channel_credentials, channel_options
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
-from meshserve.tools.bench_relay import CLIENTS, PACE_MS
+from meshserve.tools.bench_relay import PACE_MS
 from meshserve.tools.bench_relay import measure as measure_relay
 from meshserve.tools.budget import (
     HOPS,
+    RELAY_CLIENTS,
     Measured,
     ServiceProcess,
     Window,
@@ -347,7 +348,7 @@ class BudgetRun:
     def floor(self) -> None:
         """A bare relay for each client, paced as at c=1, with the first model's request."""
         size = len(self.requests[self.plan.models[0]])
-        for client in CLIENTS:
+        for client in RELAY_CLIENTS:  # the clients the report names
             with tempfile.TemporaryDirectory(prefix="meshserve-relay-") as work:
                 _, paced, straight = measure_relay(size, self.plan.floor_messages,
                                                    self.plan.floor_paced, PACE_MS / 1e3,

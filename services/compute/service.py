@@ -365,6 +365,15 @@ class Compute:
         except Exception as error:  # noqa: BLE001 — the batch's answer, not the stream's
             return error_result(Internal(internal_error_message(error)))
 
+    async def streamed(self, request, early: Early | None, tracing: Tracing | None,
+                       traceparent: str) -> ItemResult:
+        """A decoupled model's batch (`stream`), inside a `compute.infer` span when tracing,
+        as `answer` runs `infer`."""
+        if tracing is None:
+            return await self.stream(request, early)
+        return await self.traced(request, tracing, traceparent,
+                                 lambda: self.stream(request, early))
+
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -398,13 +407,9 @@ def build_service(settings: ComputeSettings, metrics: Metrics | None = None,
             group = InferGroup.FromString(body)
         except DecodeError as error:
             raise not_a_group(error) from None
-        if compute.decoupled and tracing is not None:
-            results = [await compute.traced(item.request, tracing, item.traceparent,
-                                            lambda item=item: compute.stream(item.request,
-                                                                             early))
+        if compute.decoupled:
+            results = [await compute.streamed(item.request, early, tracing, item.traceparent)
                        for item in group.items]
-        elif compute.decoupled:
-            results = [await compute.stream(item.request, early) for item in group.items]
         else:
             results = [await compute.answer(item.request, tracing, item.traceparent)
                        for item in group.items]

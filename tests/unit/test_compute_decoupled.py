@@ -122,8 +122,7 @@ async def test_a_traced_batch_is_one_compute_span_to_its_last_answer(tmp_path):
     async def early(body: bytes) -> None:
         assert not exporter.get_finished_spans()  # open until the batch's last answer
 
-    last = await compute.traced(batch, Tracing(provider), "",
-                                lambda: compute.stream(batch, early))
+    last = await compute.streamed(batch, early, Tracing(provider), "")
     [span] = exporter.get_finished_spans()
     assert (span.name, span.attributes["batch.size"], last.code) == ("compute.infer", 1, 0)
     await compute.close()
