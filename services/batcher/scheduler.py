@@ -20,6 +20,7 @@ applies are pure and live apart (`policy`, `failover`, `batch`).
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -525,19 +526,25 @@ class Scheduler:
                       [e.payload.outputs for e in entries], self._version, self._per_request)
         deadlines = [e.deadline for e in entries]
         left = None if None in deadlines else max(0.001, max(deadlines) - time.monotonic())
+        run = asyncio.ensure_future(
+            run_batch(replica, batch, self._config.name, self._version, left, heard=heard)
+            if self._tracing is None else
+            self._traced_infer(replica, batch, self._config.name, entries, rows, left, heard))
+        left_all = functools.partial(_give_up_if_left, run, entries)
+        for answers in {entry.payload.answers for entry in entries}:
+            answers.done.add_done_callback(left_all)
         try:
-            if self._tracing is None:
-                answer = await run_batch(replica, batch, self._config.name, self._version,
-                                         left, heard=heard)
-            else:
-                answer = await self._traced_infer(replica, batch, self._config.name, entries,
-                                                  rows, left, heard)
+            answer = await run
         except ComputeFailed as error:
             failed = failure_result(error.code, error.details,
                                     f"compute replica {replica.upstream.target}")
             for entry in entries:
                 self._answer(entry, failed, dispatched)
             return
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise
+            return  # every request of the batch left: compute was told to give it up
         finally:
             free()
         replica.outlier.success()
@@ -648,6 +655,13 @@ class Scheduler:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _give_up_if_left(run: asyncio.Future, entries: list[Pending], _=None) -> None:
+    """Cancel a decoupled model's batch in flight once every request of it has left (its
+    group's handler was cancelled: the client gave it up), so that compute tells the model."""
+    if all(entry.payload.answers.done.cancelled() for entry in entries):
+        run.cancel()
 
 
 def end_queue_span(entry: Pending) -> None:

@@ -359,6 +359,8 @@ class GroupForwarder:
         self._enough: asyncio.Future | None = None  # while lingering: done once all expected wait
         self._sweep: asyncio.TimerHandle | None = None  # at the earliest deadline of a parcel
         self._sweep_at = float("inf")
+        self._flying: dict[_Parcels, asyncio.Task] = {}  # each group sent, and its sender
+        self._leaving = False  # callers left: `_left` is due
 
     async def forward(self, entries: list[Entry]) -> list[ItemResult]:
         """Send `entries` with whatever else is waiting; one result per entry, in order."""
@@ -374,7 +376,27 @@ class GroupForwarder:
         if expires is not None and expires < self._sweep_at:
             self._sweep_from(expires)
         self._next()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if not self._leaving:  # one look for all the callers that leave at once
+                self._leaving = True
+                asyncio.get_running_loop().call_soon(self._left)
+            raise
+
+    def _left(self) -> None:
+        """Callers were cancelled (they left: their calls were cancelled, or their deadlines
+        passed): their parcels are not sent, and a group whose every parcel is answered or
+        left is given up (the upstream cancels its requests too)."""
+        self._leaving = False
+        left = [entries for entries, future in self._pending if future.cancelled()]
+        if left:
+            self._pending[:] = [parcel for parcel in self._pending if not parcel[1].cancelled()]
+            self.waiting -= sum(map(len, left))
+        for parcels, sender in list(self._flying.items()):
+            futures = [future for _, future in parcels.parcels]
+            if all(f.done() for f in futures) and any(f.cancelled() for f in futures):
+                sender.cancel()
 
     def _sweep_from(self, when: float) -> None:
         """Look for parcels past their deadline at `when` (one timer, at the earliest)."""
@@ -446,6 +468,7 @@ class GroupForwarder:
 
         await self._linger_for_expected()
         parcels = _Parcels(self._take())
+        self._flying[parcels] = asyncio.current_task()
         try:
             await self._send(parcels, answered)
         except Exception as error:  # noqa: BLE001 — every waiter must hear of it
@@ -453,6 +476,7 @@ class GroupForwarder:
                 if not future.done():
                     future.set_exception(error)
         finally:
+            del self._flying[parcels]
             answered(sum(len(entries) for entries, _ in parcels.parcels))
 
     async def _linger_for_expected(self) -> None:
@@ -501,6 +525,9 @@ class GroupForwarder:
             code = grpc.StatusCode.DEADLINE_EXCEEDED.name
             parcels.answer_all(failure_result(grpc.StatusCode.DEADLINE_EXCEEDED, "",
                                               self._upstream))
+        except asyncio.CancelledError:  # every caller left (`_left`)
+            code = grpc.StatusCode.CANCELLED.name
+            raise
         finally:
             if refusal is not None and self.saturated is refusal:
                 self.saturated = None

@@ -14,6 +14,12 @@ positions; the last answer, under `group_id`, holds the rest. A refusal then com
 milliseconds instead of waiting for the group's slowest request, and each batch's requests
 as soon as it is done.
 
+Cancelling: a client whose wait for a group's answer is cancelled (its caller left) writes
+a frame of the group's id under `cancel_group_id` (field 13) and no body, and drops the group;
+the server cancels the task answering it, so each hop passes the cancellation on to the next
+and compute tells the model's requests (`is_cancelled()`). A server ignores the cancel of a
+group it is not answering (answered already, or never read).
+
 Draining: a server that stops sends each open stream a frame with id 0 and no body (go away);
 the client then writes nothing more on that stream, half-closes it, and opens a new one for
 its next group, while the server answers what it already read. A group that a stream never
@@ -45,6 +51,7 @@ log = logging.getLogger(__name__)
 
 ID_TAG = 0x79  # field 15 (group_id), wire type 1 (fixed64): a group's last answer
 PARTIAL_TAG = 0x71  # field 14 (partial_group_id): an early answer to part of a group
+CANCEL_TAG = 0x69  # field 13 (cancel_group_id): the client gives a group up
 HEAD = 9  # the tag byte and eight bytes of id
 GO_AWAY = 0  # the id of the frame that tells a client to move to a new stream
 
@@ -65,6 +72,17 @@ def frame(group_id: int, body: bytes, partial: bool = False) -> bytes:
 
 def frame_head(group_id: int, partial: bool = False) -> bytes:
     return bytes((PARTIAL_TAG if partial else ID_TAG,)) + group_id.to_bytes(8, "little")
+
+
+def cancel_frame(group_id: int) -> bytes:
+    return bytes((CANCEL_TAG,)) + group_id.to_bytes(8, "little")
+
+
+def cancelled_id(message: bytes) -> int | None:
+    """The id a cancel frame gives up; None for any other message."""
+    if len(message) == HEAD and message[0] == CANCEL_TAG:
+        return int.from_bytes(message[1:HEAD], "little")
+    return None
 
 
 def unframe(message: bytes) -> tuple[int, memoryview, bool]:
@@ -110,6 +128,19 @@ def broken(code: grpc.StatusCode, details: str, upstream: str) -> StreamBroken:
     return StreamBroken(code, details or code.name)
 
 
+async def _whole(write: Awaitable[None]) -> None:
+    """`write`, finished even when its caller is cancelled meanwhile (the cancellation then
+    follows it)."""
+    task = asyncio.ensure_future(write)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait((task,))
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller hears of its cancellation
+        raise
+
+
 def _time_out(future: asyncio.Future) -> None:
     if not future.done():
         future.set_exception(TimeoutError())
@@ -121,6 +152,9 @@ class _Call:
     def __init__(self, call: grpc.aio.StreamStreamCall, opened: float) -> None:
         self.call = call
         self.opened = opened  # the event loop's time
+        # grpc.aio cancels a whole call when one of its writes is cancelled: a write on one
+        # is finished before a cancellation of its sender goes on (`_whole`).
+        self.fragile = isinstance(call, grpc.aio.Call)
         self.pending: dict[int, tuple[asyncio.Future, Early | None]] = {}
         self.writing = asyncio.Lock()  # one write at a time on a call
         self.retiring = False  # told to go away: nothing more is written on it
@@ -146,6 +180,7 @@ class GroupStream:
         self._ids = itertools.count(1)
         self._current: _Call | None = None
         self._all: set[_Call] = set()
+        self._telling: set[asyncio.Task] = set()  # cancel frames being written
 
     @property
     def in_flight(self) -> int:
@@ -194,14 +229,18 @@ class GroupStream:
         group_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         current.pending[group_id] = (future, early)
+        written = False
         try:
             async with current.writing:
                 if current.retiring or future.done():
                     raise StreamBroken(grpc.StatusCode.UNAVAILABLE,
                                        f"{self.upstream} is going away")
                 try:
-                    await current.call.write([frame_head(group_id), *pieces])
+                    written = True  # from here the group may be on its way, whole
+                    write = current.call.write([frame_head(group_id), *pieces])
+                    await (_whole(write) if current.fragile else write)
                 except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                    written = False
                     self._forget(current)  # the next group opens a fresh stream
                     if not future.done():
                         raise await self._ended(current.call) from None
@@ -213,11 +252,30 @@ class GroupStream:
                 return await future
             finally:
                 timer.cancel()
+        except asyncio.CancelledError:
+            if written and (future.cancelled() or not future.done()):
+                self._give_up(current, group_id)
+            raise
         finally:
             current.pending.pop(group_id, None)
             # The future holds the error it raised here, whose traceback holds this frame:
             # dropped, the group's bytes go now, not at the collector's next full pass.
             future = None  # noqa: F841
+
+    def _give_up(self, current: _Call, group_id: int) -> None:
+        """Tell the server that the group `group_id` is given up (its caller was cancelled)."""
+        if current.retiring or current.call.done():
+            return
+
+        async def tell() -> None:
+            async with current.writing:
+                if not current.retiring:
+                    with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError,
+                                             asyncio.InvalidStateError):
+                        await current.call.write([cancel_frame(group_id)])
+
+        self._telling.add(task := asyncio.get_running_loop().create_task(tell()))
+        task.add_done_callback(self._telling.discard)
 
     async def _read(self, current: _Call) -> None:
         call = current.call
@@ -281,6 +339,8 @@ class GroupStream:
         current.closing = asyncio.get_running_loop().create_task(half_close())
 
     async def close(self) -> None:
+        for task in list(self._telling):
+            task.cancel()
         for current in list(self._all):
             current.call.cancel()
             if current.reader is not None:
@@ -339,7 +399,7 @@ async def serve_stream(context: grpc.aio.ServicerContext, handle: Handle,
     raises ends the stream with the error's status."""
     loop = asyncio.get_running_loop()
     writing = asyncio.Lock()
-    tasks: set[asyncio.Task] = set()
+    tasks: dict[int, asyncio.Task] = {}  # by group id
     failure: list[BaseException] = []
 
     async def answer(group_id: int, body: memoryview) -> None:
@@ -356,8 +416,9 @@ async def serve_stream(context: grpc.aio.ServicerContext, handle: Handle,
             with contextlib.suppress(grpc.aio.AbortError):
                 await abort_with(context, error)
 
-    def finished(size: int, task: asyncio.Task) -> None:
-        tasks.discard(task)
+    def finished(group_id: int, size: int, task: asyncio.Task) -> None:
+        if tasks.get(group_id) is task:
+            del tasks[group_id]
         handling.give(size)
 
     async def go_away() -> None:
@@ -370,24 +431,27 @@ async def serve_stream(context: grpc.aio.ServicerContext, handle: Handle,
         while (message := await context.read()) is not grpc.aio.EOF:
             if failure:
                 break
+            if (given_up := cancelled_id(message)) is not None:
+                if (task := tasks.get(given_up)) is not None:
+                    task.cancel()
+                continue
             try:
                 group_id, body, _ = unframe(message)
             except ValueError as malformed:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(malformed))
-            task = loop.create_task(answer(group_id, body))
-            tasks.add(task)
+            task = tasks[group_id] = loop.create_task(answer(group_id, body))
             handling.take(len(body))
             # A done callback runs even for a task cancelled before it began.
-            task.add_done_callback(functools.partial(finished, len(body)))
+            task.add_done_callback(functools.partial(finished, group_id, len(body)))
             if handling.full:
                 await handling.room()
         if tasks:
-            await asyncio.gather(*list(tasks))
+            await asyncio.gather(*list(tasks.values()), return_exceptions=True)
         if failure:
             raise failure[0]
     finally:
         farewell.cancel()
-        for task in list(tasks):
+        for task in list(tasks.values()):
             task.cancel()
 
 

@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -289,12 +290,24 @@ class Compute:
         results says so (the batcher may send the next batch, as Triton runs the next
         `execute` then); and this returns, with the batch's timings alone, once every request
         of the batch has had its last answer. When `execute` raises, the requests still
-        waiting for theirs get its error. Without `early` the answers are dropped."""
+        waiting for theirs get its error. Without `early` the answers are dropped. When the
+        batch is given up (this is cancelled: every request of it was), each request's
+        `is_cancelled()` turns true, so that the model can stop."""
         try:
             self._check_servable(request)
             self._schema.validate(request)
         except ServingError as error:
             return error_result(error)
+        cancelled = threading.Event()
+        try:
+            return await self._answer_as_sent(request, early, cancelled)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def _answer_as_sent(self, request, early: Early | None,
+                              cancelled: threading.Event) -> ItemResult:
+        """`stream`'s batch, run with `cancelled` for its requests."""
         loop = asyncio.get_running_loop()
         answers: asyncio.Queue[tuple[int, ItemResult]] = asyncio.Queue()
         waiting = set(range(self.model.requests_in(request)))
@@ -314,10 +327,15 @@ class Compute:
         await self._pace.turn()
         self._pace.running += 1
         try:
-            running = loop.run_in_executor(self._executor, self._run_decoupled, request, send)
+            running = loop.run_in_executor(self._executor, self._run_decoupled, request, send,
+                                           cancelled)
             while waiting and not running.done():
                 getter = asyncio.ensure_future(answers.get())
-                await asyncio.wait((getter, running), return_when=asyncio.FIRST_COMPLETED)
+                try:
+                    await asyncio.wait((getter, running), return_when=asyncio.FIRST_COMPLETED)
+                except asyncio.CancelledError:
+                    getter.cancel()
+                    raise
                 if getter.done():
                     await tell(*getter.result())
                 else:
@@ -344,9 +362,9 @@ class Compute:
             self._timed(response, timings, cpu_ns)
         return ItemResult(response=response)
 
-    def _run_decoupled(self, request, send) -> tuple:
+    def _run_decoupled(self, request, send, cancelled: threading.Event) -> tuple:
         cpu = time.thread_time_ns()
-        timings = self.model.run_decoupled(request, self.version, send)
+        timings = self.model.run_decoupled(request, self.version, send, cancelled)
         return timings, time.thread_time_ns() - cpu
 
     async def answer(self, request, tracing: Tracing | None, traceparent: str) -> ItemResult:

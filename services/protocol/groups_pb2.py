@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from meshserve.protocol import grpc_service_pb2 as meshserve_dot_protocol_dot_grpc__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmeshserve/protocol/groups.proto\x12\x0cmeshserve.v1\x1a%meshserve/protocol/grpc_service.proto\"&\n\x0f\x43ountersRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"\x91\x01\n\x0fRequestCounters\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x04 \x01(\x04\x12\x18\n\x10\x62ucket_bounds_ms\x18\x05 \x03(\x01\x12\x15\n\rbucket_counts\x18\x06 \x03(\x04\"\x7f\n\nInferGroup\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12&\n\x05items\x18\x02 \x03(\x0b\x32\x17.meshserve.v1.GroupItem\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x12\n\ntimeout_us\x18\x04 \x01(\x04\x12\x10\n\x08group_id\x18\x0f \x01(\x06\"\x89\x01\n\tGroupItem\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.inference.ModelInferRequest\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x12\n\ntimeout_us\x18\x03 \x01(\x04\x12\x10\n\x08priority\x18\x04 \x01(\r\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\"x\n\x10InferGroupResult\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.meshserve.v1.ItemResult\x12\r\n\x05items\x18\x02 \x03(\r\x12\x18\n\x10partial_group_id\x18\x0e \x01(\x06\x12\x10\n\x08group_id\x18\x0f \x01(\x06\"j\n\nItemResult\x12/\n\x08response\x18\x01 \x01(\x0b\x32\x1d.inference.ModelInferResponse\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0c\n\x04more\x18\x04 \x01(\x08\x32\xbe\x02\n\x0eGroupInference\x12H\n\x06Stream\x12\x18.meshserve.v1.InferGroup\x1a\x1e.meshserve.v1.InferGroupResult\"\x00(\x01\x30\x01\x12\x43\n\x05Infer\x12\x18.meshserve.v1.InferGroup\x1a\x1e.meshserve.v1.InferGroupResult\"\x00\x12J\n\x08\x43ounters\x12\x1d.meshserve.v1.CountersRequest\x1a\x1d.meshserve.v1.RequestCounters\"\x00\x12Q\n\rWatchCounters\x12\x1d.meshserve.v1.CountersRequest\x1a\x1d.meshserve.v1.RequestCounters\"\x00\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmeshserve/protocol/groups.proto\x12\x0cmeshserve.v1\x1a%meshserve/protocol/grpc_service.proto\"&\n\x0f\x43ountersRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"\x91\x01\n\x0fRequestCounters\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x04 \x01(\x04\x12\x18\n\x10\x62ucket_bounds_ms\x18\x05 \x03(\x01\x12\x15\n\rbucket_counts\x18\x06 \x03(\x04\"\x98\x01\n\nInferGroup\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12&\n\x05items\x18\x02 \x03(\x0b\x32\x17.meshserve.v1.GroupItem\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x12\n\ntimeout_us\x18\x04 \x01(\x04\x12\x17\n\x0f\x63\x61ncel_group_id\x18\r \x01(\x06\x12\x10\n\x08group_id\x18\x0f \x01(\x06\"\x89\x01\n\tGroupItem\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.inference.ModelInferRequest\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x12\n\ntimeout_us\x18\x03 \x01(\x04\x12\x10\n\x08priority\x18\x04 \x01(\r\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\"x\n\x10InferGroupResult\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.meshserve.v1.ItemResult\x12\r\n\x05items\x18\x02 \x03(\r\x12\x18\n\x10partial_group_id\x18\x0e \x01(\x06\x12\x10\n\x08group_id\x18\x0f \x01(\x06\"j\n\nItemResult\x12/\n\x08response\x18\x01 \x01(\x0b\x32\x1d.inference.ModelInferResponse\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0c\n\x04more\x18\x04 \x01(\x08\x32\xbe\x02\n\x0eGroupInference\x12H\n\x06Stream\x12\x18.meshserve.v1.InferGroup\x1a\x1e.meshserve.v1.InferGroupResult\"\x00(\x01\x30\x01\x12\x43\n\x05Infer\x12\x18.meshserve.v1.InferGroup\x1a\x1e.meshserve.v1.InferGroupResult\"\x00\x12J\n\x08\x43ounters\x12\x1d.meshserve.v1.CountersRequest\x1a\x1d.meshserve.v1.RequestCounters\"\x00\x12Q\n\rWatchCounters\x12\x1d.meshserve.v1.CountersRequest\x1a\x1d.meshserve.v1.RequestCounters\"\x00\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,14 +36,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COUNTERSREQUEST']._serialized_end=126
   _globals['_REQUESTCOUNTERS']._serialized_start=129
   _globals['_REQUESTCOUNTERS']._serialized_end=274
-  _globals['_INFERGROUP']._serialized_start=276
-  _globals['_INFERGROUP']._serialized_end=403
-  _globals['_GROUPITEM']._serialized_start=406
-  _globals['_GROUPITEM']._serialized_end=543
-  _globals['_INFERGROUPRESULT']._serialized_start=545
-  _globals['_INFERGROUPRESULT']._serialized_end=665
-  _globals['_ITEMRESULT']._serialized_start=667
-  _globals['_ITEMRESULT']._serialized_end=773
-  _globals['_GROUPINFERENCE']._serialized_start=776
-  _globals['_GROUPINFERENCE']._serialized_end=1094
+  _globals['_INFERGROUP']._serialized_start=277
+  _globals['_INFERGROUP']._serialized_end=429
+  _globals['_GROUPITEM']._serialized_start=432
+  _globals['_GROUPITEM']._serialized_end=569
+  _globals['_INFERGROUPRESULT']._serialized_start=571
+  _globals['_INFERGROUPRESULT']._serialized_end=691
+  _globals['_ITEMRESULT']._serialized_start=693
+  _globals['_ITEMRESULT']._serialized_end=799
+  _globals['_GROUPINFERENCE']._serialized_start=802
+  _globals['_GROUPINFERENCE']._serialized_end=1120
 # @@protoc_insertion_point(module_scope)

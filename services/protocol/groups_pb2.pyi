@@ -30,18 +30,20 @@ class RequestCounters(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., bucket_bounds_ms: _Optional[_Iterable[float]] = ..., bucket_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InferGroup(_message.Message):
-    __slots__ = ("model_name", "items", "version", "timeout_us", "group_id")
+    __slots__ = ("model_name", "items", "version", "timeout_us", "cancel_group_id", "group_id")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_US_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     items: _containers.RepeatedCompositeFieldContainer[GroupItem]
     version: str
     timeout_us: int
+    cancel_group_id: int
     group_id: int
-    def __init__(self, model_name: _Optional[str] = ..., items: _Optional[_Iterable[_Union[GroupItem, _Mapping]]] = ..., version: _Optional[str] = ..., timeout_us: _Optional[int] = ..., group_id: _Optional[int] = ...) -> None: ...
+    def __init__(self, model_name: _Optional[str] = ..., items: _Optional[_Iterable[_Union[GroupItem, _Mapping]]] = ..., version: _Optional[str] = ..., timeout_us: _Optional[int] = ..., cancel_group_id: _Optional[int] = ..., group_id: _Optional[int] = ...) -> None: ...
 
 class GroupItem(_message.Message):
     __slots__ = ("request", "request_id", "timeout_us", "priority", "traceparent")

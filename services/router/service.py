@@ -189,6 +189,9 @@ class ModelRoute:
             code = grpc.StatusCode.DEADLINE_EXCEEDED.name
             raise Failed(failure_result(grpc.StatusCode.DEADLINE_EXCEEDED, "",
                                         stream.upstream)) from None
+        except asyncio.CancelledError:  # the ingress gave the group up: so does the batcher
+            code = grpc.StatusCode.CANCELLED.name
+            raise
         finally:
             if self._observe is not None:
                 self._observe(group.items, code)
@@ -196,6 +199,11 @@ class ModelRoute:
     @staticmethod
     def pin(version: str):
         return ((PIN_HEADER, version),) if version else None
+
+
+# What a request's span ends with when the ingress gave its group up.
+GIVEN_UP = ItemResult(code=grpc.StatusCode.CANCELLED.value[0],
+                      message="the ingress gave the group up")
 
 
 class Failed(Exception):
@@ -299,10 +307,11 @@ class Router:
 
         try:
             reply = await route.send(GroupHead.of(group), group.SerializeToString(), partial)
-        except Failed as failed:
+        except (Failed, asyncio.CancelledError) as failed:
             if spans is not None:
                 unanswered = [p for p in range(len(spans)) if not results or results[p] is None]
-                end_spans(spans, [failed.result] * len(spans), unanswered)
+                end_spans(spans, [GIVEN_UP if isinstance(failed, asyncio.CancelledError) else
+                                  failed.result] * len(spans), unanswered)
             raise
         answer = InferGroupResult.FromString(reply)
         if results:  # answered in parts: this is the rest

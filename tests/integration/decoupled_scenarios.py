@@ -41,6 +41,21 @@ def streamed(client: tc.InferenceServerClient, model: str, values: list[int],
     return got
 
 
+def cancelled(client: tc.InferenceServerClient, model: str) -> list:
+    """One request (IN 1) on a stream that is cancelled once three answers came: their OUTs."""
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    tensor = tc.InferInput("IN", [1, 1], "INT32")
+    tensor.set_data_from_numpy(numpy.array([[1]], numpy.int32))
+    client.async_stream_infer(model, [tensor], request_id="c0")
+    got = []
+    for _ in range(3):
+        result, error = answers.get(timeout=30)
+        got.append(str(error) if error is not None else result.as_numpy("OUT").reshape(-1).tolist())
+    client.stop_stream(cancel_requests=True)
+    return got
+
+
 def main() -> None:
     endpoint, data_dir = sys.argv[1], Path(sys.argv[2])
     client = tc.InferenceServerClient(endpoint, **tls_args(data_dir / "tls"))
@@ -51,6 +66,7 @@ def main() -> None:
         "inline": streamed(client, "inline", [5], 2),
         "error_answer": streamed(client, "failing", [-1], 1),
         "execute_raised": streamed(client, "failing", [99], 1),
+        "cancelled": cancelled(client, "ticker"),
         "successes": {name: client.get_inference_statistics(name).model_stats[0]
                       .inference_stats.success.count for name in ("repeat", "inline")},
     }

@@ -89,6 +89,35 @@ class TritonPythonModel:
         return None
 '''
 
+# Answers OUT = k every 10 ms, k = 0, 1, ..., until its request is cancelled (at most 3,000
+# answers), then counts how the request ended: ticker_ends{how="cancelled" or "finished"}.
+TICKER_PY = '''\
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        family = pb_utils.MetricFamily("ticker_ends", "How ticker's requests ended",
+                                       pb_utils.MetricFamily.COUNTER)
+        self.ends = {how: family.Metric(labels={"how": how}) for how in ("cancelled", "finished")}
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            k = 0
+            while not sender.is_cancelled() and k < 3000:
+                out = pb_utils.Tensor("OUT", np.array([[k]], np.int32))
+                sender.send(pb_utils.InferenceResponse(output_tensors=[out]))
+                k += 1
+                time.sleep(0.01)
+            self.ends["cancelled" if request.is_cancelled() else "finished"].increment(1)
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+'''
+
 # Not decoupled: answers each text_input upper-cased, for HTTP's generate.
 SHOUT_PY = '''\
 import numpy as np
@@ -163,7 +192,7 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("decoupled")
     models = root / "models"
     for name, source in (("repeat", REPEAT_PY), ("inline", INLINE_PY),
-                         ("failing", FAILING_PY)):
+                         ("failing", FAILING_PY), ("ticker", TICKER_PY)):
         write_python_model(models, name, source, CONFIG)
     write_python_model(models, "shout", SHOUT_PY, SHOUT_CONFIG)
     write_python_model(models, "collect", COLLECT_PY, COLLECT_CONFIG)
@@ -221,6 +250,25 @@ def test_an_error_answer_and_a_raising_execute_reach_the_stream(report):
 def test_each_request_is_counted_once(report):
     # repeat: 4 + 2 requests; inline: 1, however many answers each had
     assert report["successes"] == {"repeat": 6, "inline": 1}
+
+
+def ticker_ends(served) -> dict[str, float]:
+    """The `ticker_ends` counters its compute serves with its own metrics, by how."""
+    port = int((served.data_dir / "run" / "compute-ticker-1.metrics-port").read_text())
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("ticker_ends")}
+
+
+def test_a_request_cancelled_by_its_client_is_cancelled_in_the_model(report, served):
+    # The client read three answers of a request that would answer 3,000 times (30 s), then
+    # cancelled its stream: the cancellation crosses every hop to the model's request.
+    assert report["cancelled"] == [[0], [1], [2]]
+    deadline = time.monotonic() + 20
+    while (ends := ticker_ends(served)).get("cancelled", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ends == {"cancelled": 1.0, "finished": 0.0}
 
 
 def test_a_call_for_one_answer_is_refused_naming_the_stream(report, served):

@@ -15,6 +15,7 @@ from meshserve.common.statistics import Statistics
 from meshserve.common.tracing import Tracing, traceparent_of
 from meshserve.protocol.groups_pb2 import GroupItem, InferGroup, InferGroupResult, ItemResult
 from meshserve.protocol.grpc_service_pb2 import ModelInferResponse
+from tests.polling import until
 from tests.unit.test_batch import one_input_config, request
 
 
@@ -29,6 +30,7 @@ class StreamingCompute:
         self.arrived: asyncio.Queue[str] = asyncio.Queue()
         self.gates: dict[str, asyncio.Event] = {}
         self.traceparents: list[str] = []
+        self.given_up: list[str] = []  # the requests whose batch was cancelled
 
     async def send(self, body: list[bytes], timeout=None, resend=True, early=None) -> bytes:
         [item] = InferGroup.FromString(b"".join(body)).items
@@ -38,7 +40,11 @@ class StreamingCompute:
         await early(answer(rid, "first", more=True))
         await early(InferGroupResult().SerializeToString())  # execute returned
         self.arrived.put_nowait(rid)
-        await gate.wait()
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:
+            self.given_up.append(rid)
+            raise
         await early(answer(rid, "last", more=False))
         timings = ModelInferResponse()
         timings.parameters["compute_infer_ns"].int64_param = 1000
@@ -119,3 +125,35 @@ async def test_each_batch_is_traced_and_compute_continues_its_span():
         await scheduler.close()
     [batch] = [s for s in exporter.get_finished_spans() if s.name == "batcher.batch"]
     assert compute.traceparents == [traceparent_of(batch)]
+
+
+async def test_a_batch_in_flight_is_given_up_once_every_caller_left():
+    """The group's handler is cancelled (the router passed on the ingress's cancel): each
+    batch of it still running on compute is cancelled too, so that compute tells the model;
+    the replica takes the next group's batch."""
+    compute, statistics = StreamingCompute(), Statistics(name="m", version="1")
+    batcher, scheduler = batcher_of(compute, statistics)
+
+    async def early(body: bytes) -> None:
+        pass
+
+    def group(*rids: str) -> bytes:
+        return InferGroup(model_name="m", items=[GroupItem(request=request(rid, 1))
+                                                 for rid in rids]).SerializeToString()
+
+    loop = asyncio.create_task(scheduler.run())
+    try:
+        left = asyncio.create_task(batcher.handle(group("r0", "r1", "r2"), early))
+        # each batch frees the replica once execute returned: all three run at once
+        assert [await asyncio.wait_for(compute.arrived.get(), 5) for _ in range(3)] == [
+            "r0", "r1", "r2"]
+        left.cancel()
+        await until(lambda: len(compute.given_up) == 3, 5, "the batches given up")
+        stays = asyncio.create_task(batcher.handle(group("r3"), early))
+        assert await asyncio.wait_for(compute.arrived.get(), 5) == "r3"
+        compute.gates["r3"].set()
+        await asyncio.wait_for(stays, 5)
+    finally:
+        loop.cancel()
+        await scheduler.close()
+    assert sorted(compute.given_up) == ["r0", "r1", "r2"]

@@ -17,6 +17,7 @@ from meshserve.common.tracing import Tracing
 from meshserve.compute.service import Compute, ComputeSettings
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.groups_pb2 import InferGroupResult
+from tests.polling import until
 from tests.python_models import DECOUPLED_CONFIG, echo_request, write_python_model
 
 # Request "now" is answered in execute (one answer, then the final flag); request "later" by
@@ -52,20 +53,45 @@ class TritonPythonModel:
 '''
 
 
-async def compute_of(tmp_path) -> Compute:
-    write_python_model(tmp_path, "later", LATER_PY, DECOUPLED_CONFIG)
+# Answers each request once, then waits (at most 30 s) until the request is cancelled, and
+# records how it ended: (request id, request.is_cancelled(), sender.is_cancelled()).
+UNTIL_CANCELLED_PY = '''\
+import time
+
+import triton_python_backend_utils as pb_utils
+
+ENDED = []
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            y = pb_utils.Tensor("Y", pb_utils.get_input_tensor_by_name(request, "X").as_numpy())
+            sender.send(pb_utils.InferenceResponse(output_tensors=[y]))
+            give_up = time.monotonic() + 30
+            while not request.is_cancelled() and time.monotonic() < give_up:
+                time.sleep(0.005)
+            ENDED.append((request.request_id(), request.is_cancelled(), sender.is_cancelled()))
+            sender.close()
+        return None
+'''
+
+
+async def compute_of(tmp_path, name: str = "later", source: str = LATER_PY) -> Compute:
+    write_python_model(tmp_path, name, source, DECOUPLED_CONFIG)
     compute = Compute(ComputeSettings(
         listen="127.0.0.1:0", tls=TlsFiles.for_identity(tmp_path, "compute"),
-        repository=tmp_path, model="later", version="1", device="cpu"))
+        repository=tmp_path, model=name, version="1", device="cpu"))
     await compute.load(HealthServicer())
     assert compute.model is not None, compute.refused
     return compute
 
 
-def batch_of(*ids: str) -> pb.ModelInferRequest:
+def batch_of(*ids: str, model: str = "later") -> pb.ModelInferRequest:
     requests = [echo_request(rid, [[i, i]]) for i, rid in enumerate(ids)]
     for request in requests:
-        request.model_name = "later"
+        request.model_name = model
     return pb.ModelInferRequest.FromString(b"".join(
         merge(requests, [1] * len(ids), [None] * len(ids), "1", per_request=True)))
 
@@ -125,4 +151,21 @@ async def test_a_traced_batch_is_one_compute_span_to_its_last_answer(tmp_path):
     last = await compute.streamed(batch, early, Tracing(provider), "")
     [span] = exporter.get_finished_spans()
     assert (span.name, span.attributes["batch.size"], last.code) == ("compute.infer", 1, 0)
+    await compute.close()
+
+
+async def test_a_batch_given_up_tells_the_models_requests_they_are_cancelled(tmp_path):
+    compute = await compute_of(tmp_path, "until_cancelled", UNTIL_CANCELLED_PY)
+    ended = type(compute.model.instance).execute.__globals__["ENDED"]  # model.py's own
+    answered = asyncio.Event()
+
+    async def early(body: bytes) -> None:
+        answered.set()
+
+    task = asyncio.create_task(compute.stream(batch_of("c0", model="until_cancelled"), early))
+    await asyncio.wait_for(answered.wait(), 30)
+    assert ended == []
+    task.cancel()  # as the batcher's cancel frame does
+    await until(lambda: ended, 10, "the model seeing its request cancelled")
+    assert ended == [("c0", True, True)]
     await compute.close()

@@ -45,6 +45,7 @@ class FakeUpstream:
             self.release.set()
         self.extra = extra
         self.error = error
+        self.given_up: list[list[str]] = []  # the groups whose call was cancelled
 
     async def call(self, body: list[bytes], timeout: float | None,
                    early=None) -> InferGroupResult:
@@ -54,7 +55,11 @@ class FakeUpstream:
         self.item_timeouts.append([item.timeout_us for item in group.items])
         self.timeouts.append(timeout)
         self.started.set()
-        await self.release.wait()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.given_up.append(self.groups[-1])
+            raise
         if self.error is not None:
             raise self.error
         ids = [item.request_id for item in group.items]
@@ -220,6 +225,52 @@ async def test_max_in_flight_two_runs_two_calls_at_once():
     results = await asyncio.wait_for(asyncio.gather(*tasks), 2)
     assert fake.groups == [["a"], ["b"], ["c", "d", "e"]]
     assert [ids_of(r) for r in results] == [["a"], ["b"], ["c"], ["d"], ["e"]]
+
+
+# --- callers that leave -------------------------------------------------------------------
+
+async def test_a_group_whose_every_caller_left_is_given_up_upstream():
+    fake = FakeUpstream(gated=True)
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
+    pair = [asyncio.create_task(forwarder.forward([entry(f"r{i}")])) for i in (0, 1)]
+    await asyncio.wait_for(fake.started.wait(), 2)
+    pair[0].cancel()
+    await settle()
+    assert fake.given_up == []  # r1 still waits
+    pair[1].cancel()
+    await settle()
+    assert fake.groups == fake.given_up == [["r0", "r1"]]
+    fake.release.set()
+    assert ids_of(await asyncio.wait_for(forwarder.forward([entry("r2")]), 2)) == ["r2"]
+
+
+async def test_a_caller_that_leaves_before_its_group_is_sent_is_not_sent():
+    fake = FakeUpstream(gated=True)
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
+    first = asyncio.create_task(forwarder.forward([entry("r0")]))
+    await asyncio.wait_for(fake.started.wait(), 2)
+    waiting = [asyncio.create_task(forwarder.forward([entry(f"r{i}")])) for i in (1, 2)]
+    await settle()
+    waiting[0].cancel()
+    await settle()
+    assert forwarder.waiting == 1
+    fake.release.set()
+    assert ids_of(await asyncio.wait_for(waiting[1], 2)) == ["r2"]
+    assert ids_of(await first) == ["r0"]
+    assert fake.groups == [["r0"], ["r2"]] and fake.given_up == []
+
+
+async def test_a_group_goes_on_while_one_of_its_callers_still_waits():
+    fake = FakeUpstream(gated=True)
+    forwarder = GroupForwarder(fake.call, "mlp", UPSTREAM)
+    pair = [asyncio.create_task(forwarder.forward([entry(f"r{i}")])) for i in (1, 2)]
+    await asyncio.wait_for(fake.started.wait(), 2)
+    assert fake.groups == [["r1", "r2"]]
+    pair[0].cancel()
+    await settle()
+    fake.release.set()
+    assert ids_of(await asyncio.wait_for(pair[1], 2)) == ["r2"]
+    assert fake.given_up == []
 
 
 # --- lingering under load -----------------------------------------------------------------

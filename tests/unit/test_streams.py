@@ -17,6 +17,8 @@ from meshserve.common.streams import (
     GroupStream,
     StreamBroken,
     broken,
+    cancel_frame,
+    cancelled_id,
     frame,
     group_handler,
     start_stream,
@@ -62,6 +64,14 @@ def test_a_partial_answer_is_framed_under_partial_group_id():
                                                                     partial_group_id=9)
 
 
+def test_a_cancel_is_cancel_group_id_alone_and_no_group_reads_as_one():
+    message = cancel_frame(7)
+    assert cancelled_id(message) == 7
+    assert InferGroup.FromString(message) == InferGroup(cancel_group_id=7)
+    assert cancelled_id(frame(7, b"")) is None
+    assert cancelled_id(frame(7, InferGroup(cancel_group_id=7).SerializeToString())) is None
+
+
 @pytest.mark.parametrize("message", [b"", b"\x0a\x03mlp", b"\x79\x01\x02"])
 def test_an_unframed_message_is_refused(message):
     with pytest.raises(ValueError, match="must start with its group_id"):
@@ -97,6 +107,7 @@ class Echo:
     def __init__(self) -> None:
         self.gates: dict[bytes, asyncio.Event] = {}
         self.seen: list[bytes] = []
+        self.cancelled: list[bytes] = []  # the bodies whose handling was cancelled
 
     async def handle(self, body: memoryview, early=None) -> bytes:
         body = bytes(body)
@@ -104,7 +115,11 @@ class Echo:
         if body.startswith(b"early:") and early is not None:
             await early(b"first part")
         if body in self.gates:
-            await self.gates[body].wait()
+            try:
+                await self.gates[body].wait()
+            except asyncio.CancelledError:
+                self.cancelled.append(body)
+                raise
         if body == b"bad":
             raise InvalidArgument("bad body")
         return body[::-1]
@@ -151,6 +166,46 @@ async def test_groups_in_flight_together_are_answered_in_any_order_on_one_stream
         assert not first.done()
         echo.gates[b"first"].set()
         assert await asyncio.wait_for(first, 10) == b"tsrif"
+        assert client.opened == 1
+    finally:
+        await client.close()
+        await service.stop(0)
+
+
+async def test_a_group_its_caller_gave_up_is_cancelled_at_the_server_and_the_stream_goes_on(
+        tls, connect):
+    echo = Echo()
+    echo.gates[b"held"] = asyncio.Event()
+    service = await serve(tls[0], echo)
+    client = Client(connect(tls[1], service.port))
+    try:
+        held = asyncio.create_task(client.stream.send(b"held"))
+        await until(lambda: b"held" in echo.seen, 10, "the server reading the group")
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        await until(lambda: echo.cancelled == [b"held"], 10, "the server cancelling the group")
+        assert client.stream.in_flight == 0
+        assert await asyncio.wait_for(client.stream.send(b"next"), 10) == b"txen"
+        assert client.opened == 1
+    finally:
+        await client.close()
+        await service.stop(0)
+
+
+async def test_a_group_cancelled_while_it_is_written_leaves_its_stream_whole(tls, connect):
+    """grpc.aio cancels a whole call when a write on it is cancelled: the group's write
+    finishes first, so the other groups on the stream are not lost with it."""
+    service = await serve(tls[0], Echo())
+    client = Client(connect(tls[1], service.port))
+    try:
+        assert await asyncio.wait_for(client.stream.send(b"open"), 10) == b"nepo"
+        writing = asyncio.create_task(client.stream.send(bytes(16 << 20)))
+        await asyncio.sleep(0)  # one turn of the loop: the write has begun
+        writing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await writing
+        assert await asyncio.wait_for(client.stream.send(b"next"), 10) == b"txen"
         assert client.opened == 1
     finally:
         await client.close()

@@ -29,6 +29,7 @@ import inspect
 import json
 import logging
 import sys
+import threading
 import time
 import types
 from collections.abc import Callable
@@ -175,16 +176,18 @@ class PythonModel:
         return response, Timings(decoded - start, executed - decoded, done - executed)
 
     def run_decoupled(self, request: ModelInferRequest, version: str,
-                      send: Callable[[int, ItemResult], None]) -> Timings:
+                      send: Callable[[int, ItemResult], None],
+                      cancelled: threading.Event | None = None) -> Timings:
         """A decoupled model's batch: `execute` with a response sender in each request, and
         each answer it sends passed on as it is sent, from the thread that sends it:
         `send(the position of its request in the batch, its result)`, `more` set on all but
         the last (the one with the final flag; a final flag alone is a response without
-        outputs). Returns once `execute` has; the model may go on sending after."""
+        outputs). Returns once `execute` has; the model may go on sending after. Once
+        `cancelled` is set, each request's `is_cancelled()` says so."""
         start = time.perf_counter_ns()
         names = tensors.wanted_outputs(request, self.config)
         members = self._members(request)
-        requests = self._requests(request, names, members, version, send)
+        requests = self._requests(request, names, members, version, send, cancelled)
         decoded = time.perf_counter_ns()
         returned = self._call_execute(requests)
         if returned is not None:
@@ -204,7 +207,8 @@ class PythonModel:
 
     def _requests(self, request: ModelInferRequest, names: list[str],
                   members: list[Member] | None, version: str,
-                  send: Callable[[int, ItemResult], None] | None = None
+                  send: Callable[[int, ItemResult], None] | None = None,
+                  cancelled: threading.Event | None = None
                   ) -> list[pb_utils.InferenceRequest]:
         """One request per member of the batch (the batch itself when it has none), its
         inputs views of its rows; with `send`, each with its response sender."""
@@ -212,7 +216,8 @@ class PythonModel:
                   for name, array in tensors.decode(request, self.config).items()}
         if members is None:
             return [self._request(arrays, names, request.id, parameter_values(
-                request.parameters), version, self._sender(send, 0, names, request.id, version))]
+                request.parameters), version,
+                self._sender(send, 0, names, request.id, version, cancelled))]
         requests, offset = [], 0
         for position, member in enumerate(members):
             end = offset + member.rows
@@ -221,7 +226,7 @@ class PythonModel:
             requests.append(self._request(
                 {name: array[offset:end] for name, array in arrays.items()}, names,
                 member.id, member.parameters, version,
-                self._sender(send, position, names, member.id, version)))
+                self._sender(send, position, names, member.id, version, cancelled)))
             offset = end
         return requests
 
@@ -237,8 +242,8 @@ class PythonModel:
             sender=sender)
 
     def _sender(self, send: Callable[[int, ItemResult], None] | None, position: int,
-                names: list[str], request_id: str,
-                version: str) -> pb_utils.InferenceResponseSender | None:
+                names: list[str], request_id: str, version: str,
+                cancelled: threading.Event | None) -> pb_utils.InferenceResponseSender | None:
         """The response sender of the request at `position` of a decoupled model's batch."""
         if send is None:
             return None
@@ -249,7 +254,7 @@ class PythonModel:
             result.more = not final
             send(position, result)
 
-        return pb_utils.InferenceResponseSender(deliver)
+        return pb_utils.InferenceResponseSender(deliver, cancelled)
 
     def _answer(self, response: pb_utils.InferenceResponse | None, names: list[str],
                 head: ModelInferRequest, version: str) -> ItemResult:

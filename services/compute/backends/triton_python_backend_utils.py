@@ -229,7 +229,9 @@ class InferenceRequest:
         return self._parameters
 
     def is_cancelled(self) -> bool:
-        return False
+        """Whether the client gave this request up (cancelled its call or stream, or its
+        deadline passed): a decoupled model's request learns it while the model runs."""
+        return self._sender is not None and self._sender.is_cancelled()
 
     def get_response_sender(self) -> InferenceResponseSender:
         """Where a decoupled model sends this request's answers."""
@@ -262,8 +264,10 @@ class InferenceResponseSender:
     is sent, and the final flag last (`deliver(response or None, final)`). The final flag
     closes the sender."""
 
-    def __init__(self, deliver: Callable[[InferenceResponse | None, bool], None]) -> None:
+    def __init__(self, deliver: Callable[[InferenceResponse | None, bool], None],
+                 cancelled: threading.Event | None = None) -> None:
         self._deliver = deliver
+        self._cancelled = cancelled  # set once the client gives the request up
         self._lock = threading.Lock()
         self._closed = False
 
@@ -287,7 +291,7 @@ class InferenceResponseSender:
         self.send(flags=TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def is_cancelled(self) -> bool:
-        return False
+        return self._cancelled is not None and self._cancelled.is_set()
 
 
 class InferenceResponse:
