@@ -23,6 +23,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 import grpc
@@ -457,12 +458,14 @@ class Scheduler:
             left = None if None in deadlines else max(0.001, max(deadlines) - started)
             timeout = stall if left is None else min(left, stall)
             try:
-                if self._tracing is None:
-                    answer = await run_batch(replica, batch, requests[0].model_name,
-                                             self._version, timeout)
-                else:
-                    answer = await self._traced_infer(replica, batch, requests[0].model_name,
-                                                      entries, rows, timeout)
+                call = (run_batch(replica, batch, requests[0].model_name, self._version, timeout)
+                        if self._tracing is None else
+                        self._traced_infer(replica, batch, requests[0].model_name, entries,
+                                           rows, timeout))
+                if not self._per_request:  # TorchScript and ONNX run to the end regardless
+                    answer = await call
+                elif (answer := await unless_all_left(call, entries)) is None:
+                    return
             except ComputeFailed as error:
                 if len(entries) > 1 and past_a_limit(error.code.name, error.details):
                     raise _TooLargeTogether from None
@@ -526,25 +529,20 @@ class Scheduler:
                       [e.payload.outputs for e in entries], self._version, self._per_request)
         deadlines = [e.deadline for e in entries]
         left = None if None in deadlines else max(0.001, max(deadlines) - time.monotonic())
-        run = asyncio.ensure_future(
-            run_batch(replica, batch, self._config.name, self._version, left, heard=heard)
-            if self._tracing is None else
-            self._traced_infer(replica, batch, self._config.name, entries, rows, left, heard))
-        left_all = functools.partial(_give_up_if_left, run, entries)
-        for answers in {entry.payload.answers for entry in entries}:
-            answers.done.add_done_callback(left_all)
         try:
-            answer = await run
+            answer = await unless_all_left(
+                run_batch(replica, batch, self._config.name, self._version, left, heard=heard)
+                if self._tracing is None else
+                self._traced_infer(replica, batch, self._config.name, entries, rows, left,
+                                   heard), entries)
+            if answer is None:
+                return
         except ComputeFailed as error:
             failed = failure_result(error.code, error.details,
                                     f"compute replica {replica.upstream.target}")
             for entry in entries:
                 self._answer(entry, failed, dispatched)
             return
-        except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():
-                raise
-            return  # every request of the batch left: compute was told to give it up
         finally:
             free()
         replica.outlier.success()
@@ -657,9 +655,24 @@ class Scheduler:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def _give_up_if_left(run: asyncio.Future, entries: list[Pending], _=None) -> None:
-    """Cancel a decoupled model's batch in flight once every request of it has left (its
-    group's handler was cancelled: the client gave it up), so that compute tells the model."""
+async def unless_all_left(call: Awaitable[ModelInferResponse],
+                          entries: list[Pending]) -> ModelInferResponse | None:
+    """A Python model's batch on compute (`call`): its answer, or None once every request of
+    it has left (each group's handler was cancelled: its client gave it up), when the call is
+    cancelled, so that compute tells the model (`is_cancelled()`)."""
+    run = asyncio.ensure_future(call)
+    left = functools.partial(_cancel_if_all_left, run, entries)
+    for answers in {entry.payload.answers for entry in entries}:
+        answers.done.add_done_callback(left)
+    try:
+        return await run
+    except asyncio.CancelledError:
+        if asyncio.current_task().cancelling():
+            raise
+        return None
+
+
+def _cancel_if_all_left(run: asyncio.Future, entries: list[Pending], _=None) -> None:
     if all(entry.payload.answers.done.cancelled() for entry in entries):
         run.cancel()
 

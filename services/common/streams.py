@@ -14,11 +14,11 @@ positions; the last answer, under `group_id`, holds the rest. A refusal then com
 milliseconds instead of waiting for the group's slowest request, and each batch's requests
 as soon as it is done.
 
-Cancelling: a client whose wait for a group's answer is cancelled (its caller left) writes
-a frame of the group's id under `cancel_group_id` (field 13) and no body, and drops the group;
-the server cancels the task answering it, so each hop passes the cancellation on to the next
-and compute tells the model's requests (`is_cancelled()`). A server ignores the cancel of a
-group it is not answering (answered already, or never read).
+Cancelling: a client whose wait for a group's answer is cancelled (its caller left) or timed
+out writes a frame of the group's id under `cancel_group_id` (field 13) and no body, and drops
+the group; the server cancels the task answering it, so each hop passes the cancellation on
+to the next and compute tells the model's requests (`is_cancelled()`). A server ignores the
+cancel of a group it is not answering (answered already, or never read).
 
 Draining: a server that stops sends each open stream a frame with id 0 and no body (go away);
 the client then writes nothing more on that stream, half-closes it, and opens a new one for
@@ -250,6 +250,9 @@ class GroupStream:
             timer = asyncio.get_running_loop().call_later(timeout, _time_out, future)
             try:
                 return await future
+            except TimeoutError:
+                self._give_up(current, group_id)  # no one waits for its answer now
+                raise
             finally:
                 timer.cancel()
         except asyncio.CancelledError:
@@ -263,7 +266,8 @@ class GroupStream:
             future = None  # noqa: F841
 
     def _give_up(self, current: _Call, group_id: int) -> None:
-        """Tell the server that the group `group_id` is given up (its caller was cancelled)."""
+        """Tell the server that the group `group_id` is given up (its caller was cancelled, or
+        its time ran out)."""
         if current.retiring or current.call.done():
             return
 

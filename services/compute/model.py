@@ -15,6 +15,7 @@ predict and encode; any other keeps the plain ones.
 
 import contextlib
 import io
+import threading
 import time
 from pathlib import Path
 
@@ -253,8 +254,10 @@ class TorchScriptModel:
                                    f"provides {config_name(tensor.dtype)}")
         return Internal(f"{where}: output '{name}' is a scalar which is not supported")
 
-    def run(self, request: ModelInferRequest, version: str) -> tuple[ModelInferResponse, Timings]:
-        """The whole contract, timed per phase (runs on a worker thread)."""
+    def run(self, request: ModelInferRequest, version: str,
+            cancelled: threading.Event | None = None) -> tuple[ModelInferResponse, Timings]:
+        """The whole contract, timed per phase (runs on a worker thread). A forward pass runs
+        to its end: `cancelled` (the batch was given up) is for models that can stop early."""
         start = time.perf_counter_ns()
         tensors = self.decode(request)
         decoded = time.perf_counter_ns()

@@ -11,6 +11,7 @@ model's, `batch_requests.SHAPES`) has each request's shape changed.
 from __future__ import annotations
 
 import math
+import threading
 
 from meshserve.common import batch_requests
 from meshserve.common.errors import Internal, InvalidArgument, ServingError
@@ -37,14 +38,14 @@ class Reshaped:
                         if t.HasField("reshape")}
         self._outputs = {t.name: list(t.dims) for t in config.output if t.HasField("reshape")}
 
-    def run(self, request: ModelInferRequest,
-            version: str) -> tuple[ModelInferResponse, object]:
+    def run(self, request: ModelInferRequest, version: str,
+            cancelled: threading.Event | None = None) -> tuple[ModelInferResponse, object]:
         for tensor in request.inputs:
             target = self._inputs.get(tensor.name)
             if target is not None:
                 tensor.shape[:] = resized(tensor.shape, target, self._batched,
                                           f"input '{tensor.name}'", InvalidArgument)
-        response, timings = self._model.run(request, version)
+        response, timings = self._model.run(request, version, cancelled)
         shapes = batch_requests.read_shapes(response)
         for tensor in response.outputs:
             target = self._outputs.get(tensor.name)

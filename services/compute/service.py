@@ -256,10 +256,16 @@ class Compute:
         if self._pace.inline() and not self.model.waits:
             response, timings, cpu_ns = self._run(request)
         else:
+            # A Python model's requests learn that their batch was given up (this cancelled).
+            cancelled = threading.Event() if self.model.waits else None
             self._pace.running += 1
             try:
                 response, timings, cpu_ns = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._run, request)
+                    self._executor, self._run, request, cancelled)
+            except asyncio.CancelledError:
+                if cancelled is not None:
+                    cancelled.set()
+                raise
             finally:
                 self._pace.running -= 1
         self._timed(response, timings, cpu_ns)
@@ -277,10 +283,10 @@ class Compute:
         if self._observe is not None:
             self._observe(seconds, cpu_ns / 1e9)
 
-    def _run(self, request):
+    def _run(self, request, cancelled: threading.Event | None = None):
         """The model's run, and the CPU it took on the thread that ran it."""
         cpu = time.thread_time_ns()
-        response, timings = self.model.run(request, self.version)
+        response, timings = self.model.run(request, self.version, cancelled)
         return response, timings, time.thread_time_ns() - cpu
 
     async def stream(self, request, early: Early | None) -> ItemResult:

@@ -118,6 +118,35 @@ class TritonPythonModel:
         return None
 '''
 
+# Not decoupled: answers OUT = IN once every request of its batch is cancelled (at most 30 s),
+# counting how its batches ended: sleeper_ends{how="cancelled" or "finished"}.
+SLEEPER_PY = '''\
+import time
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        family = pb_utils.MetricFamily("sleeper_ends", "How sleeper's batches ended",
+                                       pb_utils.MetricFamily.COUNTER)
+        self.ends = {how: family.Metric(labels={"how": how}) for how in ("cancelled", "finished")}
+
+    def execute(self, requests):
+        give_up = time.monotonic() + 30
+        while not all(r.is_cancelled() for r in requests) and time.monotonic() < give_up:
+            time.sleep(0.01)
+        self.ends["cancelled" if requests[0].is_cancelled() else "finished"].increment(1)
+        return [pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.get_input_tensor_by_name(r, "IN").as_numpy()]) for r in requests]
+'''
+SLEEPER_CONFIG = '''\
+backend: "python"
+max_batch_size: 4
+input [ { name: "IN" data_type: TYPE_INT32 dims: [ 1 ] } ]
+output [ { name: "OUT" data_type: TYPE_INT32 dims: [ 1 ] } ]
+'''
+
 # Not decoupled: answers each text_input upper-cased, for HTTP's generate.
 SHOUT_PY = '''\
 import numpy as np
@@ -196,6 +225,7 @@ def served(tmp_path_factory):
         write_python_model(models, name, source, CONFIG)
     write_python_model(models, "shout", SHOUT_PY, SHOUT_CONFIG)
     write_python_model(models, "collect", COLLECT_PY, COLLECT_CONFIG)
+    write_python_model(models, "sleeper", SLEEPER_PY, SLEEPER_CONFIG)
     with running_mesh(root / "data", extra_args=(f"--model-repository={models}",)) as mesh:
         yield mesh
 
@@ -252,23 +282,38 @@ def test_each_request_is_counted_once(report):
     assert report["successes"] == {"repeat": 6, "inline": 1}
 
 
-def ticker_ends(served) -> dict[str, float]:
-    """The `ticker_ends` counters its compute serves with its own metrics, by how."""
-    port = int((served.data_dir / "run" / "compute-ticker-1.metrics-port").read_text())
+def ends(served, model: str) -> dict[str, float]:
+    """The `<model>_ends` counters its compute serves with its own metrics, by how."""
+    port = int((served.data_dir / "run" / f"compute-{model}-1.metrics-port").read_text())
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
         text = answer.read().decode()
     return {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith("ticker_ends")}
+            if line.startswith(f"{model}_ends")}
+
+
+def ended_cancelled(served, model: str) -> dict[str, float]:
+    """`ends` once the model counted a cancelled request (polled for at most 20 s)."""
+    deadline = time.monotonic() + 20
+    while (found := ends(served, model)).get("cancelled", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
 
 
 def test_a_request_cancelled_by_its_client_is_cancelled_in_the_model(report, served):
     # The client read three answers of a request that would answer 3,000 times (30 s), then
     # cancelled its stream: the cancellation crosses every hop to the model's request.
     assert report["cancelled"] == [[0], [1], [2]]
-    deadline = time.monotonic() + 20
-    while (ends := ticker_ends(served)).get("cancelled", 0) < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert ends == {"cancelled": 1.0, "finished": 0.0}
+    assert ended_cancelled(served, "ticker") == {"cancelled": 1.0, "finished": 0.0}
+
+
+def test_a_request_past_its_deadline_is_cancelled_in_a_model_that_is_not_decoupled(served,
+                                                                                   tmp_path):
+    x = tmp_path / "in.npy"
+    numpy.save(x, numpy.array([[7]], numpy.int32))
+    done = meshserve("infer", "sleeper", f"--input={x}", "--timeout=1",
+                     f"--target={served.endpoint}", f"--data-dir={served.data_dir}")
+    assert done.returncode == 1 and "DEADLINE_EXCEEDED" in done.stdout, done.stdout + done.stderr
+    assert ended_cancelled(served, "sleeper") == {"cancelled": 1.0, "finished": 0.0}
 
 
 def test_a_call_for_one_answer_is_refused_naming_the_stream(report, served):

@@ -1,7 +1,8 @@
 """Compute running a decoupled Python model's batch (`Compute.stream`): each answer goes back
 as an early answer to its request's position as the model sends it, an early answer without
 results once `execute` has returned with requests still open, and the last answer only when
-every request has had its final flag; `execute` raising answers the requests still open."""
+every request has had its final flag; `execute` raising answers the requests still open. A
+batch given up (cancelled) tells its requests, decoupled or not."""
 
 import asyncio
 
@@ -55,6 +56,7 @@ class TritonPythonModel:
 
 # Answers each request once, then waits (at most 30 s) until the request is cancelled, and
 # records how it ended: (request id, request.is_cancelled(), sender.is_cancelled()).
+# UNTIL_CANCELLED_PLAIN_PY: the same wait in a model that is not decoupled, then its answers.
 UNTIL_CANCELLED_PY = '''\
 import time
 
@@ -78,8 +80,30 @@ class TritonPythonModel:
 '''
 
 
-async def compute_of(tmp_path, name: str = "later", source: str = LATER_PY) -> Compute:
-    write_python_model(tmp_path, name, source, DECOUPLED_CONFIG)
+UNTIL_CANCELLED_PLAIN_PY = '''\
+import time
+
+import triton_python_backend_utils as pb_utils
+
+STARTED, ENDED = [], []
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        STARTED.extend(r.request_id() for r in requests)
+        give_up = time.monotonic() + 30
+        while not all(r.is_cancelled() for r in requests) and time.monotonic() < give_up:
+            time.sleep(0.005)
+        ENDED.extend((r.request_id(), r.is_cancelled()) for r in requests)
+        return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
+            "Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy())]) for r in requests]
+'''
+PLAIN_CONFIG = DECOUPLED_CONFIG.replace("model_transaction_policy { decoupled: true }\n", "")
+
+
+async def compute_of(tmp_path, name: str = "later", source: str = LATER_PY,
+                     config: str = DECOUPLED_CONFIG) -> Compute:
+    write_python_model(tmp_path, name, source, config)
     compute = Compute(ComputeSettings(
         listen="127.0.0.1:0", tls=TlsFiles.for_identity(tmp_path, "compute"),
         repository=tmp_path, model=name, version="1", device="cpu"))
@@ -168,4 +192,17 @@ async def test_a_batch_given_up_tells_the_models_requests_they_are_cancelled(tmp
     task.cancel()  # as the batcher's cancel frame does
     await until(lambda: ended, 10, "the model seeing its request cancelled")
     assert ended == [("c0", True, True)]
+    await compute.close()
+
+
+async def test_a_batch_given_up_tells_a_models_requests_that_is_not_decoupled(tmp_path):
+    compute = await compute_of(tmp_path, "plain", UNTIL_CANCELLED_PLAIN_PY, PLAIN_CONFIG)
+    model_globals = type(compute.model.instance).execute.__globals__
+    started, ended = model_globals["STARTED"], model_globals["ENDED"]
+    task = asyncio.create_task(compute.infer(batch_of("p0", "p1", model="plain")))
+    await until(lambda: started, 10, "the batch running")
+    assert ended == []
+    task.cancel()
+    await until(lambda: ended, 10, "the model seeing its requests cancelled")
+    assert ended == [("p0", True), ("p1", True)]
     await compute.close()

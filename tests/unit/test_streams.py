@@ -298,6 +298,8 @@ async def test_an_answer_that_does_not_come_in_time_is_a_timeout_and_leaves_noth
         with pytest.raises(TimeoutError):
             await client.stream.send(b"never", timeout=0.2)
         assert client.stream.in_flight == 0
+        # the server is told: no one waits for the answer now
+        await until(lambda: echo.cancelled == [b"never"], 10, "the server cancelling the group")
         assert await asyncio.wait_for(client.stream.send(b"ok"), 10) == b"ko"
     finally:
         await client.close()

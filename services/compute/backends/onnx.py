@@ -20,6 +20,7 @@ instead and turned back into BF16.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -143,7 +144,9 @@ class OnnxModel:
             feeds[name] = array
         return feeds
 
-    def run(self, request: ModelInferRequest, version: str) -> tuple[ModelInferResponse, Timings]:
+    def run(self, request: ModelInferRequest, version: str,
+            cancelled: threading.Event | None = None) -> tuple[ModelInferResponse, Timings]:
+        """A run of the graph, to its end (`cancelled`: see `TorchScriptModel.run`)."""
         start = time.perf_counter_ns()
         feeds = self._feeds(tensors.decode(request, self.config))
         names = tensors.wanted_outputs(request, self.config)

@@ -148,11 +148,14 @@ class PythonModel:
         self._finalized = False
         atexit.register(self.close)
 
-    def run(self, request: ModelInferRequest, version: str) -> tuple[ModelInferResponse, Timings]:
+    def run(self, request: ModelInferRequest, version: str,
+            cancelled: threading.Event | None = None) -> tuple[ModelInferResponse, Timings]:
+        """A batch: `execute`, each of its requests' `is_cancelled()` true once `cancelled` is
+        set (the batch was given up)."""
         start = time.perf_counter_ns()
         names = tensors.wanted_outputs(request, self.config)
         members = self._members(request)
-        requests = self._requests(request, names, members, version)
+        requests = self._requests(request, names, members, version, cancelled=cancelled)
         decoded = time.perf_counter_ns()
         responses = self._execute(requests)
         executed = time.perf_counter_ns()
@@ -211,13 +214,14 @@ class PythonModel:
                   cancelled: threading.Event | None = None
                   ) -> list[pb_utils.InferenceRequest]:
         """One request per member of the batch (the batch itself when it has none), its
-        inputs views of its rows; with `send`, each with its response sender."""
+        inputs views of its rows; with `send`, each with its response sender; each cancelled
+        once `cancelled` is set."""
         arrays = {name: _writable(array)
                   for name, array in tensors.decode(request, self.config).items()}
         if members is None:
             return [self._request(arrays, names, request.id, parameter_values(
                 request.parameters), version,
-                self._sender(send, 0, names, request.id, version, cancelled))]
+                self._sender(send, 0, names, request.id, version, cancelled), cancelled)]
         requests, offset = [], 0
         for position, member in enumerate(members):
             end = offset + member.rows
@@ -226,20 +230,21 @@ class PythonModel:
             requests.append(self._request(
                 {name: array[offset:end] for name, array in arrays.items()}, names,
                 member.id, member.parameters, version,
-                self._sender(send, position, names, member.id, version, cancelled)))
+                self._sender(send, position, names, member.id, version, cancelled), cancelled))
             offset = end
         return requests
 
     def _request(self, inputs: dict[str, numpy.ndarray], names: list[str], request_id: str,
                  parameters: dict, version: str,
-                 sender: pb_utils.InferenceResponseSender | None) -> pb_utils.InferenceRequest:
+                 sender: pb_utils.InferenceResponseSender | None,
+                 cancelled: threading.Event | None) -> pb_utils.InferenceRequest:
         timeout = parameters.get("timeout", 0)
         return pb_utils.InferenceRequest(
             model_name=self.config.name, requested_output_names=names,
             inputs=[pb_utils.Tensor(name, array) for name, array in inputs.items()],
             request_id=request_id, model_version=int(version),
             timeout=timeout if type(timeout) is int else 0, parameters=json.dumps(parameters),
-            sender=sender)
+            sender=sender, cancelled=cancelled)
 
     def _sender(self, send: Callable[[int, ItemResult], None] | None, position: int,
                 names: list[str], request_id: str, version: str,

@@ -192,10 +192,13 @@ class InferenceRequest:
     def __init__(self, model_name: str = "", requested_output_names=(), inputs=(),
                  request_id: str = "", correlation_id=0, model_version: int = -1,
                  flags: int = 0, timeout: int = 0, parameters=None,
-                 sender: InferenceResponseSender | None = None, **_) -> None:
-        """`sender`: given by the Python backend to a decoupled model's requests."""
+                 sender: InferenceResponseSender | None = None,
+                 cancelled: threading.Event | None = None, **_) -> None:
+        """`sender`: given by the Python backend to a decoupled model's requests; `cancelled`:
+        set by it once the request's batch is given up."""
         self.model_name = model_name
         self._sender = sender
+        self._cancelled = cancelled
         self.model_version = model_version
         self._inputs = list(inputs)
         self._requested = list(requested_output_names)
@@ -230,8 +233,8 @@ class InferenceRequest:
 
     def is_cancelled(self) -> bool:
         """Whether the client gave this request up (cancelled its call or stream, or its
-        deadline passed): a decoupled model's request learns it while the model runs."""
-        return self._sender is not None and self._sender.is_cancelled()
+        deadline passed), learnt while the model runs."""
+        return self._cancelled is not None and self._cancelled.is_set()
 
     def get_response_sender(self) -> InferenceResponseSender:
         """Where a decoupled model sends this request's answers."""
