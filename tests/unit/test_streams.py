@@ -172,6 +172,17 @@ async def test_groups_in_flight_together_are_answered_in_any_order_on_one_stream
         await service.stop(0)
 
 
+async def cancelled(send: asyncio.Task) -> None:
+    send.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await send
+
+
+async def answered_on_the_same_stream(client: Client) -> None:
+    assert await asyncio.wait_for(client.stream.send(b"next"), 10) == b"txen"
+    assert client.opened == 1
+
+
 async def test_a_group_its_caller_gave_up_is_cancelled_at_the_server_and_the_stream_goes_on(
         tls, connect):
     echo = Echo()
@@ -181,13 +192,10 @@ async def test_a_group_its_caller_gave_up_is_cancelled_at_the_server_and_the_str
     try:
         held = asyncio.create_task(client.stream.send(b"held"))
         await until(lambda: b"held" in echo.seen, 10, "the server reading the group")
-        held.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await held
+        await cancelled(held)
         await until(lambda: echo.cancelled == [b"held"], 10, "the server cancelling the group")
         assert client.stream.in_flight == 0
-        assert await asyncio.wait_for(client.stream.send(b"next"), 10) == b"txen"
-        assert client.opened == 1
+        await answered_on_the_same_stream(client)
     finally:
         await client.close()
         await service.stop(0)
@@ -202,11 +210,8 @@ async def test_a_group_cancelled_while_it_is_written_leaves_its_stream_whole(tls
         assert await asyncio.wait_for(client.stream.send(b"open"), 10) == b"nepo"
         writing = asyncio.create_task(client.stream.send(bytes(16 << 20)))
         await asyncio.sleep(0)  # one turn of the loop: the write has begun
-        writing.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await writing
-        assert await asyncio.wait_for(client.stream.send(b"next"), 10) == b"txen"
-        assert client.opened == 1
+        await cancelled(writing)
+        await answered_on_the_same_stream(client)
     finally:
         await client.close()
         await service.stop(0)
