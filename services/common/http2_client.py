@@ -335,6 +335,9 @@ class _Call(Http2Stream):
         self._code = grpc.StatusCode.UNKNOWN
         self._details = ""
         self._done = asyncio.get_running_loop().create_future()
+        # The server's initial metadata, once its headers came (empty for a call it ended
+        # without sending any).
+        self._initial = asyncio.get_running_loop().create_future()
 
     def head_block(self) -> bytes:
         block = (b"\x83\x87"  # :method POST, :scheme https (static table entries 3 and 7)
@@ -362,6 +365,10 @@ class _Call(Http2Stream):
             elif name == b"grpc-message":
                 message = unquote(value.decode("latin-1"))
         if not end:
+            if not self._initial.done():
+                self._initial.set_result(tuple(
+                    (name.decode("latin-1"), value.decode("latin-1")) for name, value in fields
+                    if not name.startswith(b":") and not name.endswith(b"-bin")))
             return
         if status is not None:
             self.end(_CODES.get(status, grpc.StatusCode.UNKNOWN), message)
@@ -409,6 +416,8 @@ class _Call(Http2Stream):
         self._drop_queued()
         self._wake()
         self._done.set_result(None)
+        if not self._initial.done():
+            self._initial.set_result(())
         if self.connection is not None:
             self.connection.closed(self)
 
@@ -456,6 +465,10 @@ class _Call(Http2Stream):
 
     def done(self) -> bool:
         return self.finished
+
+    async def initial_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The server's initial metadata (text keys), once its headers came."""
+        return await asyncio.shield(self._initial)
 
     async def code(self) -> grpc.StatusCode:
         await asyncio.shield(self._done)

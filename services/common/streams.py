@@ -18,7 +18,10 @@ Cancelling: a client whose wait for a group's answer is cancelled (its caller le
 out writes a frame of the group's id under `cancel_group_id` (field 13) and no body, and drops
 the group; the server cancels the task answering it, so each hop passes the cancellation on
 to the next and compute tells the model's requests (`is_cancelled()`). A server ignores the
-cancel of a group it is not answering (answered already, or never read).
+cancel of a group it is not answering (answered already, or never read). A server says in
+its stream's initial metadata that it reads cancel frames (`CANCELS`), and a client writes
+them only to one that said so: a server of an earlier release, during a rolling upgrade,
+would end the whole stream on a frame it does not know.
 
 Draining: a server that stops sends each open stream a frame with id 0 and no body (go away);
 the client then writes nothing more on that stream, half-closes it, and opens a new one for
@@ -54,6 +57,7 @@ PARTIAL_TAG = 0x71  # field 14 (partial_group_id): an early answer to part of a 
 CANCEL_TAG = 0x69  # field 13 (cancel_group_id): the client gives a group up
 HEAD = 9  # the tag byte and eight bytes of id
 GO_AWAY = 0  # the id of the frame that tells a client to move to a new stream
+CANCELS = ("meshserve-group-frames", "cancel")  # a server's initial metadata: it reads them
 
 STREAM = "Stream"
 INFER = "Infer"
@@ -272,10 +276,12 @@ class GroupStream:
             return
 
         async def tell() -> None:
-            async with current.writing:
-                if not current.retiring:
-                    with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError,
-                                             asyncio.InvalidStateError):
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError,
+                                     asyncio.InvalidStateError):
+                if CANCELS not in tuple(await current.call.initial_metadata()):
+                    return
+                async with current.writing:
+                    if not current.retiring:
                         await current.call.write([cancel_frame(group_id)])
 
         self._telling.add(task := asyncio.get_running_loop().create_task(tell()))
@@ -432,6 +438,7 @@ async def serve_stream(context: grpc.aio.ServicerContext, handle: Handle,
 
     farewell = loop.create_task(go_away())
     try:
+        await context.send_initial_metadata((CANCELS,))
         while (message := await context.read()) is not grpc.aio.EOF:
             if failure:
                 break

@@ -14,6 +14,8 @@ from meshserve.common.http2_server import server_ssl_context
 from meshserve.common.server import HealthServicer, Service
 from meshserve.common.streams import (
     LOCAL_FAILURE,
+    SERVICE,
+    STREAM,
     GroupStream,
     StreamBroken,
     broken,
@@ -213,6 +215,52 @@ async def test_a_group_cancelled_while_it_is_written_leaves_its_stream_whole(tls
         await cancelled(writing)
         await answered_on_the_same_stream(client)
     finally:
+        await client.close()
+        await service.stop(0)
+
+
+async def serve_as_an_earlier_release(server_tls: TlsFiles, gate: asyncio.Event) -> Service:
+    """A group stream server that does not know cancel frames (it says nothing of them, and
+    ends the stream on one, as a release before them did): it answers each body reversed,
+    b"held" once `gate` is set."""
+    async def stream(request_iterator, context) -> None:
+        async def answer(group_id: int, body: bytes) -> None:
+            if body == b"held":
+                await gate.wait()
+            await context.write(frame(group_id, body[::-1]))
+
+        answering = set()
+        while (message := await context.read()) is not grpc.aio.EOF:
+            try:
+                group_id, body, _ = unframe(message)
+            except ValueError as malformed:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(malformed))
+            answering.add(asyncio.create_task(answer(group_id, bytes(body))))
+        await asyncio.gather(*answering)
+
+    def register(server) -> None:
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+            STREAM: grpc.stream_stream_rpc_method_handler(stream)}),))
+
+    service = Service("127.0.0.1:0", server_ssl_context(server_tls), register, HealthServicer())
+    await service.start()
+    return service
+
+
+async def test_no_cancel_goes_to_a_server_that_did_not_say_it_reads_them(tls, connect):
+    """During a rolling upgrade a new client meets a server of an earlier release."""
+    gate = asyncio.Event()
+    service = await serve_as_an_earlier_release(tls[0], gate)
+    client = Client(connect(tls[1], service.port))
+    try:
+        held = asyncio.create_task(client.stream.send(b"held"))
+        assert await asyncio.wait_for(client.stream.send(b"open"), 10) == b"nepo"
+        await cancelled(held)
+        await answered_on_the_same_stream(client)
+        gate.set()
+        await answered_on_the_same_stream(client)
+    finally:
+        gate.set()
         await client.close()
         await service.stop(0)
 
