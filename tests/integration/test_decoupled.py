@@ -291,10 +291,12 @@ def ends(served, model: str) -> dict[str, float]:
             if line.startswith(f"{model}_ends")}
 
 
-def ended_cancelled(served, model: str) -> dict[str, float]:
-    """`ends` once the model counted a cancelled request (polled for at most 20 s)."""
+def ended(served, model: str, cancelled: float) -> dict[str, float]:
+    """`ends` once the model counted `cancelled` cancelled requests (polled for at most
+    20 s)."""
     deadline = time.monotonic() + 20
-    while (found := ends(served, model)).get("cancelled", 0) < 1 and time.monotonic() < deadline:
+    while (found := ends(served, model)).get("cancelled", 0) < cancelled and (
+            time.monotonic() < deadline):
         time.sleep(0.05)
     return found
 
@@ -303,7 +305,20 @@ def test_a_request_cancelled_by_its_client_is_cancelled_in_the_model(report, ser
     # The client read three answers of a request that would answer 3,000 times (30 s), then
     # cancelled its stream: the cancellation crosses every hop to the model's request.
     assert report["cancelled"] == [[0], [1], [2]]
-    assert ended_cancelled(served, "ticker") == {"cancelled": 1.0, "finished": 0.0}
+    assert ended(served, "ticker", 1) == {"cancelled": 1.0, "finished": 0.0}
+
+
+def test_an_event_stream_its_client_closes_is_cancelled_in_the_model(report, served):
+    # HTTP's generate_stream: the client reads three events and closes the connection.
+    before = ended(served, "ticker", 1)["cancelled"]  # the stream the report cancelled
+    with https_to(served) as connection:
+        connection.request("POST", "/v2/models/ticker/generate_stream", json.dumps({"IN": 1}),
+                           {"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        assert answer.status == 200
+        events = [answer.readline() for _ in range(6)]  # "data: {...}" and a blank line
+    assert [json.loads(e.removeprefix(b"data: "))["OUT"] for e in events[::2]] == [0, 1, 2]
+    assert ended(served, "ticker", before + 1) == {"cancelled": before + 1, "finished": 0.0}
 
 
 def test_a_request_past_its_deadline_is_cancelled_in_a_model_that_is_not_decoupled(served,
@@ -313,7 +328,7 @@ def test_a_request_past_its_deadline_is_cancelled_in_a_model_that_is_not_decoupl
     done = meshserve("infer", "sleeper", f"--input={x}", "--timeout=1",
                      f"--target={served.endpoint}", f"--data-dir={served.data_dir}")
     assert done.returncode == 1 and "DEADLINE_EXCEEDED" in done.stdout, done.stdout + done.stderr
-    assert ended_cancelled(served, "sleeper") == {"cancelled": 1.0, "finished": 0.0}
+    assert ended(served, "sleeper", 1) == {"cancelled": 1.0, "finished": 0.0}
 
 
 def test_a_call_for_one_answer_is_refused_naming_the_stream(report, served):
