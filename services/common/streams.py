@@ -132,17 +132,31 @@ def broken(code: grpc.StatusCode, details: str, upstream: str) -> StreamBroken:
     return StreamBroken(code, details or code.name)
 
 
-async def _whole(write: Awaitable[None]) -> None:
-    """`write`, finished even when its caller is cancelled meanwhile (the cancellation then
-    follows it)."""
-    task = asyncio.ensure_future(write)
+# The tasks writing a group on a grpc.aio call, each with whether a cancellation waits for
+# its write to end: grpc.aio cancels a whole call, and every group on it, when one of its
+# writes is cancelled.
+_writing: dict[asyncio.Task, bool] = {}
+
+
+def cancel(task: asyncio.Task) -> None:
+    """Cancel `task` (a group's handler), once a write it is making on a grpc.aio call has
+    ended (at once if none)."""
+    if task in _writing:
+        _writing[task] = True
+    else:
+        task.cancel()
+
+
+async def _whole(call: grpc.aio.StreamStreamCall, message: list) -> None:
+    """`message` written on a grpc.aio `call`; a cancellation through `cancel` meanwhile
+    follows the write."""
+    task = asyncio.current_task()
+    _writing[task] = False
     try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait((task,))
-        if not task.cancelled():
-            task.exception()  # retrieved: the caller hears of its cancellation
-        raise
+        await call.write(message)
+    finally:
+        if _writing.pop(task):
+            task.cancel()
 
 
 def _time_out(future: asyncio.Future) -> None:
@@ -156,8 +170,7 @@ class _Call:
     def __init__(self, call: grpc.aio.StreamStreamCall, opened: float) -> None:
         self.call = call
         self.opened = opened  # the event loop's time
-        # grpc.aio cancels a whole call when one of its writes is cancelled: a write on one
-        # is finished before a cancellation of its sender goes on (`_whole`).
+        # grpc.aio cancels a whole call when one of its writes is cancelled (`_whole`).
         self.fragile = isinstance(call, grpc.aio.Call)
         self.pending: dict[int, tuple[asyncio.Future, Early | None]] = {}
         self.writing = asyncio.Lock()  # one write at a time on a call
@@ -241,8 +254,9 @@ class GroupStream:
                                        f"{self.upstream} is going away")
                 try:
                     written = True  # from here the group may be on its way, whole
-                    write = current.call.write([frame_head(group_id), *pieces])
-                    await (_whole(write) if current.fragile else write)
+                    message = [frame_head(group_id), *pieces]
+                    await (_whole(current.call, message) if current.fragile else
+                           current.call.write(message))
                 except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
                     written = False
                     self._forget(current)  # the next group opens a fresh stream
@@ -444,7 +458,7 @@ async def serve_stream(context: grpc.aio.ServicerContext, handle: Handle,
                 break
             if (given_up := cancelled_id(message)) is not None:
                 if (task := tasks.get(given_up)) is not None:
-                    task.cancel()
+                    cancel(task)
                 continue
             try:
                 group_id, body, _ = unframe(message)
@@ -463,7 +477,7 @@ async def serve_stream(context: grpc.aio.ServicerContext, handle: Handle,
     finally:
         farewell.cancel()
         for task in list(tasks.values()):
-            task.cancel()
+            cancel(task)
 
 
 SERVICE = "meshserve.v1.GroupInference"

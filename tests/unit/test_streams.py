@@ -19,6 +19,7 @@ from meshserve.common.streams import (
     GroupStream,
     StreamBroken,
     broken,
+    cancel,
     cancel_frame,
     cancelled_id,
     frame,
@@ -174,8 +175,8 @@ async def test_groups_in_flight_together_are_answered_in_any_order_on_one_stream
         await service.stop(0)
 
 
-async def cancelled(send: asyncio.Task) -> None:
-    send.cancel()
+async def cancelled(send: asyncio.Task, how=asyncio.Task.cancel) -> None:
+    how(send)
     with pytest.raises(asyncio.CancelledError):
         await send
 
@@ -204,15 +205,16 @@ async def test_a_group_its_caller_gave_up_is_cancelled_at_the_server_and_the_str
 
 
 async def test_a_group_cancelled_while_it_is_written_leaves_its_stream_whole(tls, connect):
-    """grpc.aio cancels a whole call when a write on it is cancelled: the group's write
-    finishes first, so the other groups on the stream are not lost with it."""
+    """grpc.aio cancels a whole call when a write on it is cancelled: a handler cancelled as
+    a server cancels one (`cancel`) finishes its group's write first, so the other groups on
+    the stream are not lost with it."""
     service = await serve(tls[0], Echo())
     client = Client(connect(tls[1], service.port))
     try:
         assert await asyncio.wait_for(client.stream.send(b"open"), 10) == b"nepo"
         writing = asyncio.create_task(client.stream.send(bytes(16 << 20)))
         await asyncio.sleep(0)  # one turn of the loop: the write has begun
-        await cancelled(writing)
+        await cancelled(writing, cancel)
         await answered_on_the_same_stream(client)
     finally:
         await client.close()
