@@ -657,9 +657,9 @@ class Scheduler:
 
 async def unless_all_left(call: Awaitable[ModelInferResponse],
                           entries: list[Pending]) -> ModelInferResponse | None:
-    """A Python model's batch on compute (`call`): its answer, or None once every request of
-    it has left (each group's handler was cancelled: its client gave it up), when the call is
-    cancelled, so that compute tells the model (`is_cancelled()`)."""
+    """A Python model's batch on compute (`call`): its answer; None when every request of the
+    batch left first (each group's handler was cancelled: its client gave it up), in which
+    case the call is cancelled, so that compute tells the model (`is_cancelled()`)."""
     run = asyncio.ensure_future(call)
     left = functools.partial(_cancel_if_all_left, run, entries)
     for answers in {entry.payload.answers for entry in entries}:
