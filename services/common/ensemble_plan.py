@@ -7,8 +7,12 @@ writes new ones (`output_map`: the step model's output → an ensemble tensor). 
 the steps in waves: every step of a wave reads only tensors that exist before the wave
 starts, so a wave's steps may run at once. A plan is refused at load when a step names a
 missing model or version, maps a tensor its model lacks, leaves a required input unmapped,
-reads a tensor no one writes, disagrees on a datatype or shape, or when steps (or
-ensembles) form a cycle.
+reads a tensor no one writes, disagrees on a datatype or shape, when steps (or ensembles)
+form a cycle, or when two decoupled steps would run in one wave.
+
+A decoupled step (its model answers a request any number of times) forks the plan: each of
+its answers runs the waves after it on its own, with the tensors written before it and that
+answer's outputs; the plan of an ensemble with such a step is `decoupled`.
 
 As in Triton, a tensor may pass between a model that takes a batch dimension and one that
 does not (an ensemble with `max_batch_size: 0` over batching steps, or a step with
@@ -38,6 +42,7 @@ class Step:
     outputs: tuple[tuple[str, str], ...]  # (step model's output, ensemble tensor)
     batching: bool  # the step model takes a batch dimension (max_batch_size > 0)
     input_dims: tuple[tuple[int, ...], ...]  # the step model's dims of each input
+    decoupled: bool = False  # the step model may answer a request any number of times
 
     def describe(self) -> str:
         return f"step {self.number} ('{self.model}'" + (
@@ -50,6 +55,11 @@ class Plan:
     outputs: tuple[str, ...]  # the ensemble's outputs, in config order
     batching: bool  # the ensemble takes a batch dimension (max_batch_size > 0)
     output_dims: tuple[tuple[int, ...], ...]  # the ensemble's dims of each output
+
+    @property
+    def decoupled(self) -> bool:
+        """Whether a step may answer any number of times, and the ensemble with it."""
+        return any(s.decoupled for wave in self.waves for s in wave)
 
     @property
     def steps(self) -> tuple[Step, ...]:
@@ -193,7 +203,8 @@ def _step(config: ModelConfig, number: int, spec, lookup: Lookup,
                                   batching)
     mapped = tuple(sorted(spec.input_map.items()))
     step = Step(number, spec.model_name, version, mapped, tuple(sorted(spec.output_map.items())),
-                batching, tuple(tuple(inputs[name].dims) for name, _ in mapped))
+                batching, tuple(tuple(inputs[name].dims) for name, _ in mapped),
+                step_config.model_transaction_policy.decoupled)
     return step, written
 
 
@@ -221,6 +232,12 @@ def _waves(steps: list[Step], inputs: set[str], source: str) -> tuple[tuple[Step
         ready = tuple(s for s in remaining if all(t in available for _, t in s.inputs))
         if not ready:
             _refuse_stuck(remaining, available, steps, source)
+        forks = [s for s in ready if s.decoupled]
+        if len(forks) > 1:
+            raise InvalidArgument(
+                f"{source}: {forks[0].describe()} and {forks[1].describe()} are both "
+                "decoupled and would run at once: an ensemble forks at one decoupled step at "
+                "a time (give one of them an input the other writes)")
         waves.append(ready)
         remaining = [s for s in remaining if s not in ready]
         available.update(t for s in ready for _, t in s.outputs)

@@ -79,6 +79,12 @@ class Unsupported(Unimplemented):
     http_status = 400
 
 
+def called_for_one_answer(model: str) -> Unsupported:
+    """The refusal of a call that takes one answer (ModelInfer, HTTP) to a decoupled model."""
+    return Unsupported(f"model '{model}' is decoupled (it may answer a request any number of "
+                       "times): call it with ModelStreamInfer, which carries each answer")
+
+
 class Unauthenticated(ServingError):
     code = "UNAUTHENTICATED"
 

@@ -219,13 +219,14 @@ def _check_priorities(config: ModelConfig, source: str) -> None:
 
 def _check_decoupled(config: ModelConfig, kind: Kind, source: str) -> None:
     """A decoupled model (`model_transaction_policy { decoupled: true }`) is a Python model
-    whose answers are not cached."""
+    or an ensemble, whose answers are not cached."""
     if not config.model_transaction_policy.decoupled:
         return
-    if kind is not PYTHON:
+    if kind not in (PYTHON, ENSEMBLE):
         raise FailedPrecondition(
             f"{source}: model_transaction_policy decoupled is served for Python models "
-            f"(backend \"python\") only; a {kind.name} model answers each request once")
+            f"(backend \"python\") and ensembles only; a {kind.name} model answers each "
+            "request once")
     if config.response_cache.enable:
         raise InvalidArgument(
             f"{source}: response_cache cannot be enabled for a decoupled model: it answers a "
@@ -522,15 +523,24 @@ def _plan_ensembles(models: dict[str, ModelEntry], refused: dict[str, str]) -> N
                 changed = True
                 continue
             if entry.plan != plan:
-                models[name] = replace(entry, plan=plan)
+                models[name] = replace(entry, plan=plan, config=_decoupled_if(plan, entry.config))
+                changed = changed or models[name].config is not entry.config
+
+
+def _decoupled_if(plan: ensemble_plan.Plan, config: ModelConfig) -> ModelConfig:
+    """An ensemble with a decoupled step is decoupled itself, as its config then says (for
+    the clients that read it to choose a stream)."""
+    if not plan.decoupled or config.model_transaction_policy.decoupled:
+        return config
+    marked = ModelConfig()
+    marked.CopyFrom(config)
+    marked.model_transaction_policy.decoupled = True
+    return marked
 
 
 def _step_lookup(models: dict[str, ModelEntry], refused: dict[str, str]):
     def lookup(name: str) -> tuple[ModelConfig, tuple[str, ...]]:
         if name in models:
-            if models[name].config.model_transaction_policy.decoupled:
-                raise FailedPrecondition(f"model '{name}' is decoupled: it may answer a "
-                                         "request any number of times, and a step answers once")
             return models[name].config, models[name].versions
         if name in refused:
             raise FailedPrecondition(f"model '{name}' was refused: {refused[name]}")

@@ -38,7 +38,7 @@ from meshserve.common.errors import (
     NotFound,
     ResourceExhausted,
     ServingError,
-    Unsupported,
+    called_for_one_answer,
     from_code,
 )
 from meshserve.common.forwarding import (
@@ -224,7 +224,7 @@ class Ingress:
         `partial` hears of a decoupled model's answers before its last (the one returned);
         without it, a request for a decoupled model is refused."""
         if request.model_name in self.ensembles:  # its steps come back here, one by one
-            return await self.ensembles.infer(request, remaining, traceparent, admit)
+            return await self.ensembles.infer(request, remaining, traceparent, admit, partial)
         request_id = next(self._ids)
         if self._tracing is None:
             return await self._observed(request, remaining, request_id, None, admit, partial)
@@ -336,9 +336,7 @@ class Ingress:
             self._step("ingress.auth", span, admit)
         schema = self.schema(request.model_name, "")
         if schema.decoupled and partial is None:
-            raise Unsupported(
-                f"model '{request.model_name}' is decoupled (it may answer a request any "
-                "number of times): call it with ModelStreamInfer, which carries each answer")
+            raise called_for_one_answer(request.model_name)
         version = self.served_version(request.model_name, request.model_version)
         if version != request.model_version:  # forwarded as the hops know it
             request.model_version = version

@@ -70,14 +70,28 @@ def main() -> None:
         "successes": {name: client.get_inference_statistics(name).model_stats[0]
                       .inference_stats.success.count for name in ("repeat", "inline")},
     }
+    report["ensemble"] = streamed(client, "counting", [3, 0, 2], 5)
+    report["ensemble_empty_final"] = streamed(client, "counting", [1], 2,
+                                              enable_empty_final_response=True)
+    report["ensemble_cancelled"] = cancelled(client, "ticking")
+    report["ensemble_config_decoupled"] = client.get_model_config(
+        "counting").config.model_transaction_policy.decoupled
+    report["ensemble_successes"] = client.get_inference_statistics(
+        "counting").model_stats[0].inference_stats.success.count
+    report["unary"] = unary(client, "repeat")
+    report["ensemble_unary"] = unary(client, "counting")
+    print(json.dumps(report))
+
+
+def unary(client: tc.InferenceServerClient, model: str) -> list | None:
+    """A call for one answer (IN 1): its status and message, None if it was answered."""
     tensor = tc.InferInput("IN", [1, 1], "INT32")
     tensor.set_data_from_numpy(numpy.array([[1]], numpy.int32))
     try:
-        client.infer("repeat", [tensor])
-        report["unary"] = None
+        client.infer(model, [tensor])
     except tc.InferenceServerException as error:
-        report["unary"] = [error.status(), error.message()]
-    print(json.dumps(report))
+        return [error.status(), error.message()]
+    return None
 
 
 if __name__ == "__main__":

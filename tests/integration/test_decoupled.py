@@ -206,6 +206,34 @@ input [ { name: "IN" data_type: TYPE_INT32 dims: [ 1 ] } ]
 output [ { name: "OUT" data_type: TYPE_INT32 dims: [ 3 ] } ]
 '''
 
+# Not decoupled: OUT = IN + 1, the step after a decoupled one in the ensembles below.
+PLUS_ONE_PY = '''\
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
+            "OUT", pb_utils.get_input_tensor_by_name(r, "IN").as_numpy() + 1)])
+            for r in requests]
+'''
+
+
+def plus_one_after(model: str) -> str:
+    """An ensemble of `model` (decoupled) and plus_one: each of its answers, plus one."""
+    return f'''\
+platform: "ensemble"
+max_batch_size: 4
+input [ {{ name: "IN" data_type: TYPE_INT32 dims: [ 1 ] }} ]
+output [ {{ name: "OUT" data_type: TYPE_INT32 dims: [ 1 ] }} ]
+ensemble_scheduling {{ step [
+  {{ model_name: "{model}" model_version: -1 input_map {{ key: "IN" value: "IN" }}
+    output_map {{ key: "OUT" value: "answer" }} }},
+  {{ model_name: "plus_one" model_version: -1 input_map {{ key: "IN" value: "answer" }}
+    output_map {{ key: "OUT" value: "OUT" }} }} ] }}
+'''
+
+
 CONFIG = '''\
 backend: "python"
 max_batch_size: 4
@@ -226,6 +254,14 @@ def served(tmp_path_factory):
     write_python_model(models, "shout", SHOUT_PY, SHOUT_CONFIG)
     write_python_model(models, "collect", COLLECT_PY, COLLECT_CONFIG)
     write_python_model(models, "sleeper", SLEEPER_PY, SLEEPER_CONFIG)
+    # A ticker of its own behind an ensemble, so that each ticker's count of cancelled
+    # requests is its own tests'.
+    write_python_model(models, "relay_ticker", TICKER_PY.replace('"ticker_ends"',
+                                                                 '"relay_ticker_ends"'), CONFIG)
+    write_python_model(models, "plus_one", PLUS_ONE_PY, SLEEPER_CONFIG)
+    for name, step in (("counting", "repeat"), ("ticking", "relay_ticker")):
+        (models / name / "1").mkdir(parents=True)
+        (models / name / "config.pbtxt").write_text(plus_one_after(step))
     with running_mesh(root / "data", extra_args=(f"--model-repository={models}",)) as mesh:
         yield mesh
 
@@ -443,3 +479,34 @@ def test_the_first_answers_time_is_measured(served, tmp_path):
     assert after == count + 1
     # the first of two answers 10 ms apart: at least 10 ms, within the whole call
     assert 10 <= after_total - total < took_ms
+
+
+def test_an_ensemble_with_a_decoupled_step_answers_once_for_each_of_its_answers(report):
+    # IN 3, 0 and 2: repeat answers 30, 31, 32 and 20, 21, each through plus_one as it comes,
+    # in order; the final flag after the last run came alone (sent when asked for).
+    assert by_request(report["ensemble"]) == {
+        "r0": [[[31], False], [[32], False], [[33], False]],
+        "r2": [[[21], False], [[22], False]],
+    }
+    assert by_request(report["ensemble_empty_final"]) == {
+        "r0": [[[11], False], [None, True]],
+    }
+    assert report["ensemble_config_decoupled"] is True
+    assert report["ensemble_successes"] == 4
+    status, message = report["ensemble_unary"]
+    assert status == "StatusCode.UNIMPLEMENTED"
+    assert message == ("model 'counting' is decoupled (it may answer a request any number "
+                       "of times): call it with ModelStreamInfer, which carries each answer")
+
+
+def test_generate_stream_carries_each_answer_of_an_ensemble_with_a_decoupled_step(served):
+    status, _, body = post(served, "/v2/models/counting/generate_stream", {"IN": 2})
+    assert status == 200, body
+    assert [json.loads(e.removeprefix("data: ")) for e in body.decode().split("\n\n")[:-1]] == [
+        {"model_name": "counting", "model_version": "1", "OUT": 21},
+        {"model_name": "counting", "model_version": "1", "OUT": 22}]
+
+
+def test_a_stream_cancelled_while_an_ensemble_runs_cancels_its_decoupled_step(report, served):
+    assert report["ensemble_cancelled"] == [[1], [2], [3]]
+    assert ended(served, "relay_ticker", 1) == {"cancelled": 1.0, "finished": 0.0}

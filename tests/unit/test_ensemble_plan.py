@@ -191,14 +191,43 @@ def test_a_tensor_takes_the_shape_its_reader_expects_as_triton_carries_it(
     assert ensemble_plan.carried_shape(shape, dims, batching, batched) == carried
 
 
-def test_a_decoupled_step_is_refused(repo):
-    (repo / "streams").mkdir()
-    (repo / "streams" / "1").mkdir()
-    (repo / "streams" / "config.pbtxt").write_text(
+def decoupled_model(repo, name):
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "config.pbtxt").write_text(
         'backend: "python"\nmodel_transaction_policy { decoupled: true }\n'
         + STEP.format(dtype="TYPE_FP32"))
-    ensemble(repo, "e", step("streams", "X", "RESULT"))
+
+
+def test_a_decoupled_step_makes_its_ensemble_decoupled_and_nested_ones_too(repo):
+    decoupled_model(repo, "streams")
+    ensemble(repo, "e", ",".join([step("streams", "X", "tokens"),
+                                  step("a", "tokens", "RESULT")]))
+    ensemble(repo, "a_outer", step("e", "X", "RESULT").replace('"IN"', '"X"').replace(
+        '"OUT"', '"RESULT"'))
+    ensemble(repo, "plain", step("a", "X", "RESULT"))
     loaded = ModelRepository.load(repo)
-    assert "streams" not in loaded.refused
-    assert "model 'streams' is decoupled: it may answer a request any number of times, and a " \
-           "step answers once" in loaded.refused["e"]
+    assert not loaded.refused
+    plan = loaded.get("e").plan
+    assert [[(s.model, s.decoupled) for s in wave] for wave in plan.waves] == [
+        [("streams", True)], [("a", False)]]
+    assert plan.decoupled
+    assert loaded.get("e").config.model_transaction_policy.decoupled
+    assert loaded.get("a_outer").plan.decoupled  # planned before "e", and again after it
+    assert loaded.get("a_outer").config.model_transaction_policy.decoupled
+    assert not loaded.get("plain").plan.decoupled
+    assert not loaded.get("plain").config.model_transaction_policy.decoupled
+
+
+def test_two_decoupled_steps_that_would_run_at_once_are_refused(repo):
+    decoupled_model(repo, "streams")
+    decoupled_model(repo, "more")
+    ensemble(repo, "e", ",".join([
+        step("streams", "X", "left"), step("more", "X", "right"),
+        step("a", "left", "RESULT", extra='input_map { key: "EXTRA" value: "right" } ')]))
+    ensemble(repo, "chained", ",".join([step("streams", "X", "left"),
+                                        step("more", "left", "RESULT")]))
+    loaded = ModelRepository.load(repo)
+    assert "step 1 ('streams') and step 2 ('more') are both decoupled and would run at " \
+           "once: an ensemble forks at one decoupled step at a time" in loaded.refused["e"]
+    assert "chained" not in loaded.refused
+    assert [s.decoupled for s in loaded.get("chained").plan.steps] == [True, True]

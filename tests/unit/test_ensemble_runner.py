@@ -35,7 +35,7 @@ def runner(tmp_path):
     clock = Clock()
     seen = []
 
-    async def step(request, remaining, traceparent):
+    async def step(request, remaining, traceparent, partial=None):
         seen.append((request, remaining, traceparent))
         clock.now += 0.25  # each step takes a quarter of a second
         return model.run(request, request.model_version or "1")[0]
@@ -142,7 +142,7 @@ async def test_requests_it_cannot_answer_are_counted_too(tmp_path):
     (tmp_path / "greet" / "1").mkdir(parents=True)
     (tmp_path / "greet" / "config.pbtxt").write_text(GREET)
 
-    async def slow(request, remaining, traceparent):
+    async def slow(request, remaining, traceparent, partial=None):
         await asyncio.sleep(10)
 
     counted = Requests()
@@ -212,7 +212,7 @@ class PlusOne:
     def __init__(self) -> None:
         self.seen: list[pb.ModelInferRequest] = []
 
-    async def __call__(self, request, remaining, traceparent):
+    async def __call__(self, request, remaining, traceparent, partial=None):
         self.seen.append(request)
         given = {t.name: numpy.frombuffer(raw, numpy.float32).reshape(t.shape)
                  for t, raw in zip(request.inputs, request.raw_input_contents)}

@@ -442,13 +442,13 @@ def test_the_loader_and_the_signer_take_the_same_version_directories(tmp_path):
     assert [version for _, version, _ in version_dirs(tmp_path)] == ["1", "12"]
 
 
-def test_only_python_models_are_decoupled_and_their_answers_are_not_cached():
+def test_only_python_models_and_ensembles_are_decoupled_and_their_answers_are_not_cached():
     decoupled = "model_transaction_policy { decoupled: true }\n"
     config = parse_config('backend: "python"\n' + decoupled + MINIMAL, "m/config.pbtxt", "m")
     assert config.model_transaction_policy.decoupled
     with pytest.raises(FailedPrecondition, match=r"m/config\.pbtxt: model_transaction_policy "
-                       r"decoupled is served for Python models \(backend \"python\"\) only; a "
-                       "torchscript model answers each request once"):
+                       r"decoupled is served for Python models \(backend \"python\"\) and "
+                       "ensembles only; a torchscript model answers each request once"):
         parse_config(decoupled + MINIMAL, "m/config.pbtxt", "m")
     with pytest.raises(InvalidArgument, match="response_cache cannot be enabled for a "
                                               "decoupled model"):

@@ -1,0 +1,175 @@
+"""Ensembles with a decoupled step, run by the ingress's ensemble runner: each answer of the
+step runs the steps after it, and each run is an answer of the ensemble (the mesh between
+the steps, and a real decoupled model, are the integration test's)."""
+
+import asyncio
+
+import numpy
+import pytest
+
+from meshserve.common.errors import InvalidArgument, Unsupported
+from meshserve.common.forwarding import CODE_NUMBER
+from meshserve.common.repository import ModelRepository
+from meshserve.ingress.ensembles import EnsembleRunner
+from meshserve.protocol import grpc_service_pb2 as pb
+from meshserve.protocol.groups_pb2 import ItemResult
+from meshserve.tools.client import outputs_of
+from tests.unit.test_ensemble_runner import (
+    PLUS,
+    Requests,
+    plus_ensemble,
+    plus_request,
+    plus_step,
+)
+
+# A decoupled model: IN = n answers n times, OUT = IN + k (k = 0 .. n-1).
+COUNT = PLUS.replace('backend: "python"', 'backend: "python"\n'
+                     "model_transaction_policy { decoupled: true }")
+
+
+# How long `plus` takes for an IN: the runs of count's answers 3, 4, 5 end in the reverse
+# order; from 7 on, longer than any test waits (an IN of 8 fails after 0.05 s).
+DELAYS = {3: 0.15, 4: 0.1, 5: 0.05, 8: 0.05}
+FAILS = 8
+
+
+class Steps:
+    """Answers each step as its model would: `count` as above (an IN of -1 answers once, then
+    0.1 s later an error), `plus` with OUT = IN + 1 (+ EXTRA), taking DELAYS and failing for FAILS;
+    `given_up` keeps the IN of each `plus` call cancelled while it ran."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self.given_up: list[float] = []
+
+    async def __call__(self, request, remaining, traceparent, partial=None):
+        given = {t.name: numpy.frombuffer(raw, numpy.float32).reshape(t.shape)
+                 for t, raw in zip(request.inputs, request.raw_input_contents)}
+        first = float(given["IN"].flat[0])
+        self.seen.append(f"{request.model_name}:{first:g}")
+        if request.model_name == "count":
+            assert partial is not None
+            if first < 0:
+                partial(ItemResult(response=answer(request, given["IN"]), more=True))
+                await asyncio.sleep(0.1)  # its run has ended by then
+                partial(ItemResult(code=CODE_NUMBER["INVALID_ARGUMENT"], more=True,
+                                   message="model 'count' version 1: no negative counts"))
+                return pb.ModelInferResponse(model_name="count")
+            for k in range(int(first)):
+                await asyncio.sleep(0.005)
+                partial(ItemResult(response=answer(request, given["IN"] + k), more=True))
+            return pb.ModelInferResponse(model_name="count")  # the final flag alone
+        try:
+            await asyncio.sleep(DELAYS.get(first, 10.0 if first >= 7 else 0.0))
+        except asyncio.CancelledError:
+            self.given_up.append(first)
+            raise
+        if first == FAILS:
+            raise InvalidArgument(f"model 'plus' version 1: {FAILS:g} is not allowed")
+        return answer(request, given["IN"] + 1 + given.get("EXTRA", 0))
+
+
+def answer(request: pb.ModelInferRequest, out: numpy.ndarray) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=request.model_name)
+    response.outputs.add(name="OUT", datatype="FP32", shape=out.shape)
+    response.raw_output_contents.append(out.astype(numpy.float32).tobytes())
+    return response
+
+
+@pytest.fixture
+def runner(tmp_path):
+    configs = {
+        "count": COUNT, "plus": PLUS,
+        "tokens": plus_ensemble(8, "4", "X", "Y", [plus_step("count", "X", "t"),
+                                                    plus_step("plus", "t", "Y")]),
+        # `plus` beside `count` runs once; its output reaches every run of the step after.
+        "beside": plus_ensemble(8, "4", "X", "Y", [
+            plus_step("count", "X", "t"), plus_step("plus", "X", "s"),
+            plus_step("plus", "t", "Y", extra="s")]),
+        "plain": plus_ensemble(8, "4", "X", "Y", [plus_step("plus", "X", "Y")]),
+    }
+    for name, config in configs.items():
+        (tmp_path / name / "1").mkdir(parents=True)
+        (tmp_path / name / "config.pbtxt").write_text(config)
+    repository = ModelRepository.load(tmp_path)
+    assert not repository.refused
+    steps, counted = Steps(), Requests()
+    runner = EnsembleRunner(repository, steps, counted.record)
+    runner.steps, runner.counted = steps, counted
+    return runner
+
+
+async def streamed(runner, model: str, x: float) -> tuple[list, pb.ModelInferResponse]:
+    """The ensemble's answers before its last ([Y's first value, ...]), and its last."""
+    heard: list[ItemResult] = []
+    request = plus_request(model, numpy.full((1, 4), x))
+    request.id = "r-1"
+    last = await runner.infer(request, remaining=None, partial=heard.append)
+    for result in heard:
+        assert (result.response.model_name, result.response.model_version,
+                result.response.id) == (model, "1", "r-1")
+    return [outputs_of(r.response)["Y"].tolist()[0][0] for r in heard], last
+
+
+async def test_each_answer_of_the_decoupled_step_runs_the_steps_after_it_in_its_order(runner):
+    answers, last = await streamed(runner, "tokens", 3)
+    assert answers == [4.0, 5.0, 6.0]  # 3 + k + 1, though the run of k = 2 ended first
+    assert (last.model_name, last.model_version, last.id, len(last.outputs)) == (
+        "tokens", "1", "r-1", 0)  # the final flag alone
+    assert runner.steps.seen == ["count:3", "plus:3", "plus:4", "plus:5"]
+    [stats] = runner.statistics("tokens")
+    assert (stats.inference_stats.success.count, stats.inference_count) == (1, 1)
+    assert runner.counted.seen == [("tokens", "1", "OK")]
+
+
+async def test_a_step_beside_the_decoupled_one_runs_once_and_reaches_every_run(runner):
+    answers, _ = await streamed(runner, "beside", 2)
+    assert answers == [6.0, 7.0]  # (2 + k + 1) + (2 + 1)
+    assert sorted(runner.steps.seen) == ["count:2", "plus:2", "plus:2", "plus:3"]
+
+
+async def test_a_decoupled_step_that_answers_nothing_leaves_the_final_flag_alone(runner):
+    answers, last = await streamed(runner, "tokens", 0)
+    assert answers == [] and len(last.outputs) == 0
+    assert runner.steps.seen == ["count:0"]
+
+
+async def test_an_error_answer_fails_the_ensemble_after_what_was_answered(runner):
+    heard: list[ItemResult] = []
+    with pytest.raises(InvalidArgument) as raised:
+        await runner.infer(plus_request("tokens", numpy.full((1, 4), -1.0)), remaining=None,
+                           partial=heard.append)
+    assert raised.value.message == ("ensemble 'tokens' step 1 ('count'): model 'count' "
+                                    "version 1: no negative counts")
+    assert runner.counted.seen == [("tokens", "1", "INVALID_ARGUMENT")]
+    assert [outputs_of(r.response)["Y"].tolist() for r in heard] == [[[0.0] * 4]]
+
+
+async def test_a_failing_run_fails_the_ensemble_and_gives_the_other_runs_up(runner):
+    heard: list[ItemResult] = []
+    with pytest.raises(InvalidArgument) as raised:
+        # count answers 7, 8, ... 13: the run of 8 fails while the others still run.
+        await asyncio.wait_for(runner.infer(plus_request("tokens", numpy.full((1, 4), 7.0)),
+                                            remaining=None, partial=heard.append), 5)
+    assert raised.value.message == ("ensemble 'tokens' step 2 ('plus'): model 'plus' "
+                                    "version 1: 8 is not allowed")
+    assert sorted(runner.steps.given_up) == [7.0, 9.0, 10.0, 11.0, 12.0, 13.0]
+    assert heard == []
+    assert runner.counted.seen == [("tokens", "1", "INVALID_ARGUMENT")]
+
+
+async def test_a_call_for_one_answer_is_refused_naming_the_stream(runner):
+    with pytest.raises(Unsupported) as raised:
+        await runner.infer(plus_request("tokens", numpy.full((1, 4), 1.0)), remaining=None)
+    assert raised.value.message == (
+        "model 'tokens' is decoupled (it may answer a request any number of times): call it "
+        "with ModelStreamInfer, which carries each answer")
+    assert runner.counted.seen == [("tokens", "1", "UNIMPLEMENTED")]
+    assert runner.steps.seen == []
+
+
+async def test_an_ensemble_without_a_decoupled_step_answers_a_stream_once_with_its_last(runner):
+    answers, last = await streamed(runner, "plain", 1)
+    assert answers == []
+    assert outputs_of(last)["Y"].tolist() == [[2.0] * 4]
+
