@@ -1,4 +1,5 @@
-"""Asynchronous inference on the ingress: Submit stores, workers feed the mesh, Result answers.
+"""Asynchronous inference on the ingress: Submit stores, workers feed the mesh, Result answers,
+Cancel gives up.
 
 `Submit` validates a request as ModelInfer does (bad input is refused at once), stores it in
 the SQLite store (`submissions.py`) and returns its id. A worker pool takes PENDING rows in
@@ -6,13 +7,17 @@ submission order, at most `concurrency` at a time, through the same path as Mode
 request refused for lack of capacity (RESOURCE_EXHAUSTED, UNAVAILABLE) goes back to the store
 and is tried again after a backoff, for up to `retry_seconds`. On start, rows left RUNNING by
 a stopped process are PENDING again. Finished rows are deleted after `retention_seconds`.
+`Cancel` ends a PENDING or RUNNING row as CANCELLED and, when this process's worker runs it,
+cancels that worker's call into the mesh (what a cancelled ModelInfer does there); a row
+another process runs on the same store stays CANCELLED when that run ends.
 
 Each row keeps the protocol its Submit arrived by (PROTOCOL: "http" when the HTTP front door
 submitted it), and the worker serves it under that protocol, so the ingress's metrics count
 an asynchronous request as they count a ModelInfer that came in by the same door. Result
 runs no inference and counts nothing.
 
-A request belongs to the principal that submitted it (its owner): Result shows it to its
+A request belongs to the principal that submitted it (its owner): Result shows it (and
+Cancel gives it up) to its
 owner and to the operators of its model (callers the policy allows `admin` on it), and to
 anyone else answers exactly what it answers for an id never submitted, so an id held by
 another caller discloses nothing. A request without an owner (submitted with no principal:
@@ -51,7 +56,8 @@ Sees = Callable[[Submission], bool]  # whether the caller may see a stored reque
 
 PURGE_EVERY_S = 60.0
 STATES = {"PENDING": ResultResponse.PENDING, "RUNNING": ResultResponse.RUNNING,
-          "DONE": ResultResponse.DONE, "FAILED": ResultResponse.FAILED}
+          "DONE": ResultResponse.DONE, "FAILED": ResultResponse.FAILED,
+          "CANCELLED": ResultResponse.CANCELLED}
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,8 @@ class AsyncRequests:
         self._running = 0
         self._wake = asyncio.Event()
         self._finished: dict[str, asyncio.Event] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: dict[str, asyncio.Task] = {}  # by the id of the row each runs
+        self._given_up: set[str] = set()  # rows whose task Cancel cancelled
 
     def submit(self, request: ModelInferRequest, protocol: str = GRPC,
                owner: str | None = None) -> str:
@@ -133,8 +140,21 @@ class AsyncRequests:
             return found
         event = self._finished.setdefault(submission_id, asyncio.Event())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), seconds)
+            async with asyncio.timeout(seconds):  # never swallows a cancel, as wait_for may
+                await event.wait()
         return self._store.get(submission_id) or found
+
+    def cancel(self, submission_id: str, sees: Sees = everyone) -> Submission:
+        """Give the request up if it has not finished (see the module); the row after."""
+        self.lookup(submission_id, sees)
+        if self._store.cancel(submission_id):
+            task = self._tasks.get(submission_id)
+            if task is not None and task.cancel():
+                self._given_up.add(submission_id)
+            event = self._finished.pop(submission_id, None)
+            if event is not None:
+                event.set()
+        return self.lookup(submission_id, sees)
 
     async def run(self) -> None:
         recovered = self._store.recover()
@@ -156,17 +176,24 @@ class AsyncRequests:
                 if due is not None and self._running < self._concurrency:
                     timeout = min(timeout, max(0.0, due - now))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
         finally:
-            for task in list(self._tasks):
+            tasks = list(self._tasks.values())
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _start(self, submission: Submission) -> None:
         self._running += 1
         task = asyncio.get_running_loop().create_task(self._process(submission))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[submission.id] = task
+
+        def ended(_) -> None:
+            if self._tasks.get(submission.id) is task:  # not a later try's task
+                del self._tasks[submission.id]
+
+        task.add_done_callback(ended)
 
     async def _process(self, submission: Submission) -> None:
         PROTOCOL.set(submission.protocol)  # this task's own context: labels its metrics
@@ -183,6 +210,9 @@ class AsyncRequests:
             else:
                 self._store.fail(submission.id, code, error.message)
         except asyncio.CancelledError:
+            if submission.id in self._given_up:  # by Cancel, which ended the row
+                self._given_up.discard(submission.id)
+                return
             finished = False  # stopping: the row stays RUNNING, recovered on the next start
             raise
         except Exception as error:  # noqa: BLE001 — the row must end, whatever happened
@@ -210,9 +240,9 @@ def to_proto(submission: Submission) -> ResultResponse:
 class AsyncInferenceServicer(async_inference_pb2_grpc.AsyncInferenceServicer):
     """Authorized by the ingress's gate (meshserve.ingress.auth) as ModelInfer is: Submit is
     action `infer` on the model, under the caller's rate limit and default priority, and
-    stores the caller's principal as the request's owner; Result shows a request only to
-    whom `may_see` allows (anyone else gets NOT_FOUND, as for an unknown id), and then needs
-    `infer` on the model the request named."""
+    stores the caller's principal as the request's owner; Result and Cancel find a request
+    only for whom `may_see` allows (anyone else gets NOT_FOUND, as for an unknown id), and
+    then need `infer` on the model the request named."""
 
     def __init__(self, requests: AsyncRequests, gate=None) -> None:
         self._requests = requests
@@ -233,17 +263,28 @@ class AsyncInferenceServicer(async_inference_pb2_grpc.AsyncInferenceServicer):
             request.model_version = pin
         return SubmitResponse(id=self._requests.submit(request, PROTOCOL.get(), owner))
 
+    async def Cancel(self, request, context):
+        sees = self._authorized(request.id, context)
+        return to_proto(self._requests.cancel(request.id, sees))
+
     async def Result(self, request, context):
-        caller = None if self._gate is None else self._gate.caller(context)  # before the store
-        sees = self._sees(caller)
-        found = self._requests.lookup(request.id, sees)
-        if caller is not None:
-            self._gate.authorize(caller, "infer", found.model)
+        sees = self._authorized(request.id, context)
         seconds = request.wait_ms / 1000
         remaining = context.time_remaining()
         if remaining is not None:
             seconds = min(seconds, max(0.0, remaining - 0.05))
         return to_proto(await self._requests.wait(request.id, seconds, sees))
+
+    def _authorized(self, submission_id: str, context) -> Sees:
+        """What the caller sees, once it may act on request `submission_id`: authenticated
+        before the store is read, NOT_FOUND unless it sees the request, then `infer` on the
+        request's model."""
+        caller = None if self._gate is None else self._gate.caller(context)
+        sees = self._sees(caller)
+        found = self._requests.lookup(submission_id, sees)
+        if caller is not None:
+            self._gate.authorize(caller, "infer", found.model)
+        return sees
 
     def _sees(self, caller) -> Sees:
         """What `caller` sees: its own requests (any principal it proved, a certificate's or

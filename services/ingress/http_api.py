@@ -63,7 +63,11 @@ from meshserve.ingress.http_server import (
     is_count,
 )
 from meshserve.protocol import grpc_service_pb2 as pb
-from meshserve.protocol.async_inference_pb2 import ResultRequest, ResultResponse
+from meshserve.protocol.async_inference_pb2 import (
+    CancelRequest,
+    ResultRequest,
+    ResultResponse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +204,21 @@ def flag(query: dict[str, list[str]], name: str) -> bool:
     if value not in ("true", "false", "1", "0"):
         raise InvalidArgument(f"query parameter '{name}' must be true or false")
     return value in ("true", "1")
+
+
+def result_response(reply: ResultResponse, query) -> HttpResponse:
+    """An asynchronous request's state as JSON: `{"id", "state"}`, with its `"response"`
+    once DONE (`?binary_data_output=true`: outputs as binary tensor data), or the `"code"`
+    and `"message"` it FAILED with."""
+    document: dict = {"id": reply.id, "state": ResultResponse.State.Name(reply.state)}
+    binary: list[bytes] = []
+    if reply.state == ResultResponse.DONE:
+        encoding = OutputEncoding(default=flag(query, BINARY_DATA_OUTPUT))
+        document["response"], binary = encode_infer(reply.response, encoding)
+    elif reply.state == ResultResponse.FAILED:
+        document["code"] = CODE_NAME.get(reply.code, "UNKNOWN")
+        document["message"] = reply.message
+    return json_response(document, binary)
 
 
 class HttpApi:
@@ -389,15 +408,14 @@ class HttpApi:
                                   f"not '{wait}'")
         reply = await self._async.Result(
             ResultRequest(id=found.id, wait_ms=min(int(wait), MAX_WAIT_MS)), HttpCall(request))
-        document: dict = {"id": reply.id, "state": ResultResponse.State.Name(reply.state)}
-        binary: list[bytes] = []
-        if reply.state == ResultResponse.DONE:
-            encoding = OutputEncoding(default=flag(query, BINARY_DATA_OUTPUT))
-            document["response"], binary = encode_infer(reply.response, encoding)
-        elif reply.state == ResultResponse.FAILED:
-            document["code"] = CODE_NAME.get(reply.code, "UNKNOWN")
-            document["message"] = reply.message
-        return json_response(document, binary)
+        return result_response(reply, query)
+
+    async def cancel(self, request: HttpRequest, found: Route, query) -> HttpResponse:
+        """The request given up (if it had not finished): its state after, as `result`."""
+        if self._async is None:
+            raise NotFound(NO_ASYNC)
+        reply = await self._async.Cancel(CancelRequest(id=found.id), HttpCall(request))
+        return result_response(reply, query)
 
 
 # --- wiring -----------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The paths of the Open Inference Protocol's HTTP binding (as Triton serves it), plus the
-asynchronous API's submit and fetch. Pure: a path to the route it names, or None.
+asynchronous API's submit, fetch and cancel. Pure: a path to the route it names, or None.
 
     GET  /v2                                        server metadata
     GET  /v2/health/live | /v2/health/ready         health (200, or 400 when not ready)
@@ -11,6 +11,7 @@ asynchronous API's submit and fetch. Pure: a path to the route it names, or None
     POST /v2/repository/index                       the repository index
     POST /v2/models/M[/versions/V]/infer/async      submit an asynchronous request
     GET  /v2/async/ID                               its state, or its result
+    POST /v2/async/ID/cancel                        give it up
 
 The paths of Triton's extensions that are not served (model load and unload, shared memory,
 the trace and log settings) are routes too, whatever their method: each says which extension
@@ -73,6 +74,8 @@ def route(path: str) -> Route | None:
         return fixed
     if len(parts) == 3 and parts[:2] == ("v2", "async") and parts[2]:
         return Route("result", "GET", id=parts[2])
+    if len(parts) == 4 and parts[:2] == ("v2", "async") and parts[2] and parts[3] == "cancel":
+        return Route("cancel", "POST", id=parts[2])
     unserved = UNSERVED.get(parts[:3]) or UNSERVED.get(parts[:2])
     if unserved:
         return Route("unserved", "", unserved=unserved)

@@ -1,7 +1,8 @@
 """The durable store of asynchronous requests: one SQLite table, in submission order.
 
 A row goes PENDING → RUNNING → DONE or FAILED; a retried row goes back to PENDING with a
-time before which it is not taken again. Each change is one committed transaction (WAL
+time before which it is not taken again; a row given up before it finished is CANCELLED
+(and no later end of its run changes it). Each change is one committed transaction (WAL
 journal, synchronous=FULL), so whatever `submit` has returned survives a crash of the
 process. Each row keeps the protocol its request arrived by ("grpc" or "http"), so that its
 answer is counted under that protocol whenever it runs; rows stored before the column
@@ -21,8 +22,8 @@ from pathlib import Path
 
 from meshserve.common.errors import ResourceExhausted
 
-PENDING, RUNNING, DONE, FAILED = "PENDING", "RUNNING", "DONE", "FAILED"
-FINISHED = (DONE, FAILED)
+PENDING, RUNNING, DONE, FAILED, CANCELLED = "PENDING", "RUNNING", "DONE", "FAILED", "CANCELLED"
+FINISHED = (DONE, FAILED, CANCELLED)
 GRPC = "grpc"  # the protocol of a row stored without one
 PROTOCOL_COLUMN = f"protocol TEXT NOT NULL DEFAULT '{GRPC}'"
 OWNER_COLUMN = "owner TEXT"  # NULL: submitted without a principal, or before owners were kept
@@ -185,6 +186,15 @@ class SubmissionStore:
             (state, response, code, message, self._clock(), submission_id, RUNNING)).rowcount
         self._unfinished -= changed
 
+    def cancel(self, submission_id: str) -> bool:
+        """A PENDING or RUNNING row CANCELLED (its request dropped); whether it was one."""
+        changed = self._db.execute(
+            "UPDATE submissions SET state = ?, request = x'', updated = ? "
+            "WHERE id = ? AND state IN (?, ?)",
+            (CANCELLED, self._clock(), submission_id, PENDING, RUNNING)).rowcount
+        self._unfinished -= changed
+        return bool(changed)
+
     def retry(self, submission_id: str, delay: float, code: int, message: str) -> None:
         """A RUNNING row back to PENDING, due again after `delay` seconds."""
         now = self._clock()
@@ -204,5 +214,5 @@ class SubmissionStore:
         """Delete finished rows older than `retention` seconds; how many went."""
         cutoff = self._clock() - retention
         return self._db.execute(
-            "DELETE FROM submissions WHERE state IN (?, ?) AND updated < ?",
-            (DONE, FAILED, cutoff)).rowcount
+            "DELETE FROM submissions WHERE state IN (?, ?, ?) AND updated < ?",
+            (*FINISHED, cutoff)).rowcount

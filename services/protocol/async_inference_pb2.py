@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from meshserve.protocol import grpc_service_pb2 as meshserve_dot_protocol_dot_grpc__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(meshserve/protocol/async_inference.proto\x12\x0cmeshserve.v1\x1a%meshserve/protocol/grpc_service.proto\"\x1c\n\x0eSubmitResponse\x12\n\n\x02id\x18\x01 \x01(\t\",\n\rResultRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07wait_ms\x18\x02 \x01(\r\"\xef\x01\n\x0eResultResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x31\n\x05state\x18\x02 \x01(\x0e\x32\".meshserve.v1.ResultResponse.State\x12/\n\x08response\x18\x03 \x01(\x0b\x32\x1d.inference.ModelInferResponse\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\"N\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\x08\n\x04\x44ONE\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x32\x9f\x01\n\x0e\x41syncInference\x12\x46\n\x06Submit\x12\x1c.inference.ModelInferRequest\x1a\x1c.meshserve.v1.SubmitResponse\"\x00\x12\x45\n\x06Result\x12\x1b.meshserve.v1.ResultRequest\x1a\x1c.meshserve.v1.ResultResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(meshserve/protocol/async_inference.proto\x12\x0cmeshserve.v1\x1a%meshserve/protocol/grpc_service.proto\"\x1c\n\x0eSubmitResponse\x12\n\n\x02id\x18\x01 \x01(\t\",\n\rResultRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07wait_ms\x18\x02 \x01(\r\"\x1b\n\rCancelRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xfe\x01\n\x0eResultResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x31\n\x05state\x18\x02 \x01(\x0e\x32\".meshserve.v1.ResultResponse.State\x12/\n\x08response\x18\x03 \x01(\x0b\x32\x1d.inference.ModelInferResponse\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\"]\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\x08\n\x04\x44ONE\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\xe6\x01\n\x0e\x41syncInference\x12\x46\n\x06Submit\x12\x1c.inference.ModelInferRequest\x1a\x1c.meshserve.v1.SubmitResponse\"\x00\x12\x45\n\x06Result\x12\x1b.meshserve.v1.ResultRequest\x1a\x1c.meshserve.v1.ResultResponse\"\x00\x12\x45\n\x06\x43\x61ncel\x12\x1b.meshserve.v1.CancelRequest\x1a\x1c.meshserve.v1.ResultResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITRESPONSE']._serialized_end=125
   _globals['_RESULTREQUEST']._serialized_start=127
   _globals['_RESULTREQUEST']._serialized_end=171
-  _globals['_RESULTRESPONSE']._serialized_start=174
-  _globals['_RESULTRESPONSE']._serialized_end=413
-  _globals['_RESULTRESPONSE_STATE']._serialized_start=335
-  _globals['_RESULTRESPONSE_STATE']._serialized_end=413
-  _globals['_ASYNCINFERENCE']._serialized_start=416
-  _globals['_ASYNCINFERENCE']._serialized_end=575
+  _globals['_CANCELREQUEST']._serialized_start=173
+  _globals['_CANCELREQUEST']._serialized_end=200
+  _globals['_RESULTRESPONSE']._serialized_start=203
+  _globals['_RESULTRESPONSE']._serialized_end=457
+  _globals['_RESULTRESPONSE_STATE']._serialized_start=364
+  _globals['_RESULTRESPONSE_STATE']._serialized_end=457
+  _globals['_ASYNCINFERENCE']._serialized_start=460
+  _globals['_ASYNCINFERENCE']._serialized_end=690
 # @@protoc_insertion_point(module_scope)

@@ -21,6 +21,12 @@ class ResultRequest(_message.Message):
     wait_ms: int
     def __init__(self, id: _Optional[str] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
+class CancelRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
 class ResultResponse(_message.Message):
     __slots__ = ("id", "state", "response", "code", "message")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
@@ -30,11 +36,13 @@ class ResultResponse(_message.Message):
         RUNNING: _ClassVar[ResultResponse.State]
         DONE: _ClassVar[ResultResponse.State]
         FAILED: _ClassVar[ResultResponse.State]
+        CANCELLED: _ClassVar[ResultResponse.State]
     STATE_UNSPECIFIED: ResultResponse.State
     PENDING: ResultResponse.State
     RUNNING: ResultResponse.State
     DONE: ResultResponse.State
     FAILED: ResultResponse.State
+    CANCELLED: ResultResponse.State
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]

@@ -45,6 +45,11 @@ class AsyncInferenceStub(object):
                 request_serializer=meshserve_dot_protocol_dot_async__inference__pb2.ResultRequest.SerializeToString,
                 response_deserializer=meshserve_dot_protocol_dot_async__inference__pb2.ResultResponse.FromString,
                 _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/meshserve.v1.AsyncInference/Cancel',
+                request_serializer=meshserve_dot_protocol_dot_async__inference__pb2.CancelRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_async__inference__pb2.ResultResponse.FromString,
+                _registered_method=True)
 
 
 class AsyncInferenceServicer(object):
@@ -62,6 +67,15 @@ class AsyncInferenceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Cancel(self, request, context):
+        """Gives a request up: a PENDING one never runs, a RUNNING one is cancelled in the mesh as a
+        cancelled ModelInfer is (down to a Python model's `request.is_cancelled()`); both are
+        CANCELLED from then on. A finished one stays as it was. Answers the request's state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AsyncInferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +87,11 @@ def add_AsyncInferenceServicer_to_server(servicer, server):
             'Result': grpc.unary_unary_rpc_method_handler(
                     servicer.Result,
                     request_deserializer=meshserve_dot_protocol_dot_async__inference__pb2.ResultRequest.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_async__inference__pb2.ResultResponse.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=meshserve_dot_protocol_dot_async__inference__pb2.CancelRequest.FromString,
                     response_serializer=meshserve_dot_protocol_dot_async__inference__pb2.ResultResponse.SerializeToString,
             ),
     }
@@ -129,6 +148,33 @@ class AsyncInference(object):
             target,
             '/meshserve.v1.AsyncInference/Result',
             meshserve_dot_protocol_dot_async__inference__pb2.ResultRequest.SerializeToString,
+            meshserve_dot_protocol_dot_async__inference__pb2.ResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.AsyncInference/Cancel',
+            meshserve_dot_protocol_dot_async__inference__pb2.CancelRequest.SerializeToString,
             meshserve_dot_protocol_dot_async__inference__pb2.ResultResponse.FromString,
             options,
             channel_credentials,

@@ -24,7 +24,11 @@ import torch
 
 from meshserve.common.tls import channel_credentials
 from meshserve.protocol import grpc_service_pb2 as pb
-from meshserve.protocol.async_inference_pb2 import ResultRequest, ResultResponse
+from meshserve.protocol.async_inference_pb2 import (
+    CancelRequest,
+    ResultRequest,
+    ResultResponse,
+)
 from meshserve.protocol.async_inference_pb2_grpc import AsyncInferenceStub
 from meshserve.tools.client import client_tls
 from meshserve.tools.demo_models import build_model
@@ -185,6 +189,47 @@ async def test_nothing_accepted_is_lost_when_the_ingress_is_killed(mesh):
     assert service_pids(mesh.data_dir, "ingress") not in ([], [ingress])  # restarted by up
     for (_, x), answer, seed in zip(requests, answers, range(1000, 1000 + KILLED), strict=True):
         check_answer(answer, x, seed)
+
+
+async def running(stub, submission_id: str, limit_s: float = 30.0) -> None:
+    """Once the request is RUNNING (polled for at most `limit_s`)."""
+    deadline = time.monotonic() + limit_s
+    while (await stub.Result(ResultRequest(id=submission_id), timeout=10)).state != \
+            ResultResponse.RUNNING:
+        assert time.monotonic() < deadline, f"{submission_id} not running in {limit_s} s"
+        await asyncio.sleep(0.02)
+
+
+async def test_cancel_gives_up_running_requests_for_good(mesh):
+    """With the router stopped, three requests are RUNNING (the ingress's calls wait on it):
+    Cancel over gRPC and POST /v2/async/ID/cancel over HTTP end two as CANCELLED at once, and
+    they stay so once the router runs again, while the third is answered; a finished
+    request's Cancel answers it as it was."""
+    [router] = service_pids(mesh.data_dir, "router")
+    requests = [mlp_request(seed) for seed in (3001, 3002, 3003)]
+    suspend(router)
+    try:
+        async with stub_for(mesh) as stub:
+            ids = [(await stub.Submit(r, timeout=30)).id for r, _ in requests]
+            for i in ids:
+                await running(stub, i)
+            cancelled = await stub.Cancel(CancelRequest(id=ids[0]), timeout=10)
+            assert (cancelled.id, cancelled.state) == (ids[0], ResultResponse.CANCELLED)
+        with https_to(mesh) as https:
+            status, document = http_call(https, "POST", f"/v2/async/{ids[1]}/cancel")
+        assert (status, document) == (200, {"id": ids[1], "state": "CANCELLED"})
+    finally:
+        os.kill(router, signal.SIGCONT)
+    async with stub_for(mesh) as stub:
+        check_answer(await result(stub, ids[2]), requests[2][1], 3003)
+        for i in ids[:2]:
+            answer = await stub.Result(ResultRequest(id=i, wait_ms=1000), timeout=10)
+            assert answer.state == ResultResponse.CANCELLED
+        check_answer(await stub.Cancel(CancelRequest(id=ids[2]), timeout=10),
+                     requests[2][1], 3003)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Cancel(CancelRequest(id="0123456789abcdef"), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_unknown_id_is_not_found(mesh):

@@ -147,6 +147,11 @@ input [ { name: "IN" data_type: TYPE_INT32 dims: [ 1 ] } ]
 output [ { name: "OUT" data_type: TYPE_INT32 dims: [ 1 ] } ]
 '''
 
+# The same, counting async_sleeper_ends{how="started"} as each batch starts too.
+ASYNC_SLEEPER_PY = SLEEPER_PY.replace('"sleeper_ends"', '"async_sleeper_ends"').replace(
+    '("cancelled", "finished")', '("cancelled", "finished", "started")').replace(
+    "        give_up =", '        self.ends["started"].increment(1)\n        give_up =')
+
 # Not decoupled: answers each text_input upper-cased, for HTTP's generate.
 SHOUT_PY = '''\
 import numpy as np
@@ -259,6 +264,7 @@ def served(tmp_path_factory):
     write_python_model(models, "relay_ticker", TICKER_PY.replace('"ticker_ends"',
                                                                  '"relay_ticker_ends"'), CONFIG)
     write_python_model(models, "plus_one", PLUS_ONE_PY, SLEEPER_CONFIG)
+    write_python_model(models, "async_sleeper", ASYNC_SLEEPER_PY, SLEEPER_CONFIG)
     for name, step in (("counting", "repeat"), ("ticking", "relay_ticker")):
         (models / name / "1").mkdir(parents=True)
         (models / name / "config.pbtxt").write_text(plus_one_after(step))
@@ -510,3 +516,18 @@ def test_generate_stream_carries_each_answer_of_an_ensemble_with_a_decoupled_ste
 def test_a_stream_cancelled_while_an_ensemble_runs_cancels_its_decoupled_step(report, served):
     assert report["ensemble_cancelled"] == [[1], [2], [3]]
     assert ended(served, "relay_ticker", 1) == {"cancelled": 1.0, "finished": 0.0}
+
+
+def test_an_asynchronous_request_cancelled_while_it_runs_is_cancelled_in_the_model(served):
+    status, _, body = post(served, "/v2/models/async_sleeper/infer/async", {"inputs": [
+        {"name": "IN", "shape": [1, 1], "datatype": "INT32", "data": [5]}]})
+    assert status == 202, body
+    submitted = json.loads(body)["id"]
+    deadline = time.monotonic() + 20
+    while ends(served, "async_sleeper").get("started", 0) < 1:  # the model runs it
+        assert time.monotonic() < deadline, "the asynchronous request did not start"
+        time.sleep(0.05)
+    status, _, body = post(served, f"/v2/async/{submitted}/cancel", {})
+    assert (status, json.loads(body)) == (200, {"id": submitted, "state": "CANCELLED"})
+    assert ended(served, "async_sleeper", 1) == {"cancelled": 1.0, "finished": 0.0,
+                                                 "started": 1.0}

@@ -12,6 +12,7 @@ from meshserve.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from meshserve.common.metrics import PROTOCOL
 from meshserve.ingress.async_service import AsyncRequests, backoff, may_see, to_proto
 from meshserve.ingress.submissions import (
+    CANCELLED,
     DONE,
     FAILED,
     PENDING,
@@ -74,6 +75,29 @@ def test_finish_and_fail_end_a_row_and_free_its_place(store):
     assert store.unfinished == 0
     store.finish(a, b"again")  # a finished row never changes again
     assert store.get(a).response == b"response" and store.unfinished == 0
+
+
+def test_cancel_ends_a_pending_or_running_row_and_no_later_end_changes_it(store, clock):
+    done = store.submit("m", b"d")
+    store.claim(1)
+    store.finish(done, b"answer")
+    running = store.submit("m", b"r")
+    store.claim(1)
+    pending, other = store.submit("m", b"p"), store.submit("m", b"o")
+    assert store.unfinished == 3
+    clock.now += 1
+    assert store.cancel(pending) and store.cancel(running)
+    assert [store.get(i).state for i in (pending, running)] == [CANCELLED, CANCELLED]
+    assert (store.get(pending).request, store.get(pending).updated) == (b"", clock.now)
+    assert store.get(pending).finished and store.unfinished == 1
+    store.finish(running, b"late")  # the cancelled run's own end, later, changes nothing
+    store.fail(running, 3, "late")
+    assert (store.get(running).state, store.get(running).response) == (CANCELLED, None)
+    assert not store.cancel(done) and not store.cancel(running) and not store.cancel("nope")
+    assert (store.get(done).state, store.get(done).response) == (DONE, b"answer")
+    assert [s.id for s in store.claim(10)] == [other] and store.unfinished == 1
+    clock.now += 100
+    assert store.purge(retention=50) == 3  # the finished rows, cancelled ones too
 
 
 def test_a_full_store_refuses_with_resource_exhausted(tmp_path, clock):
@@ -370,3 +394,60 @@ async def test_a_request_not_the_callers_answers_as_an_unknown_id(live_store):
         await requests.wait(alices, 5.0, seen_by("app/bob"))
     shape = str(unknown.value).replace("f" * 32, alices)
     assert str(hidden.value) == str(hidden_wait.value) == shape
+    with pytest.raises(NotFound) as hidden_cancel:
+        requests.cancel(alices, seen_by("app/bob"))
+    assert str(hidden_cancel.value) == shape
+    assert live_store.get(alices).state == PENDING  # not given up by a caller who sees it not
+
+
+class Held:
+    """A mesh whose calls wait until `release` is set; `given_up` counts those cancelled."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started: list[str] = []
+        self.given_up: list[str] = []
+
+    async def __call__(self, r: ModelInferRequest) -> ModelInferResponse:
+        self.started.append(r.id)
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.given_up.append(r.id)
+            raise
+        return ModelInferResponse(model_name=r.model_name, id=r.id)
+
+
+async def until(condition, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+async def test_cancel_gives_up_a_pending_or_running_request_and_wakes_its_waiters(live_store):
+    mesh = Held()
+    requests = AsyncRequests(live_store, mesh, check, concurrency=1, retention_seconds=60,
+                             retry_seconds=60)
+    running, pending, later = (requests.submit(request(value=n)) for n in (1, 2, 3))
+    worker = asyncio.create_task(requests.run())
+    try:
+        await until(lambda: mesh.started == ["r1"])
+        waiting = asyncio.create_task(requests.wait(running, 30.0))
+        waiting_pending = asyncio.create_task(requests.wait(pending, 30.0))
+        await asyncio.sleep(0.01)
+        assert to_proto(requests.cancel(pending)).state == ResultResponse.CANCELLED
+        assert to_proto(requests.cancel(running)).state == ResultResponse.CANCELLED
+        assert (await asyncio.wait_for(waiting, 1)).state == CANCELLED
+        assert (await asyncio.wait_for(waiting_pending, 1)).state == CANCELLED
+        assert mesh.given_up == ["r1"]
+        # The worker's place is free again, and the pending request never runs.
+        await until(lambda: mesh.started == ["r1", "r3"])
+        mesh.release.set()
+        assert (await asyncio.wait_for(requests.wait(later, 5.0), 10)).state == DONE
+        assert to_proto(requests.cancel(later)).state == ResultResponse.DONE  # finished: kept
+        assert [live_store.get(i).state for i in (running, pending)] == [CANCELLED] * 2
+        assert live_store.unfinished == 0
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
