@@ -114,6 +114,8 @@ async def submit_and_wait(channel: grpc.aio.Channel, request: pb.ModelInferReque
         return answer.response
     if answer.state == ResultResponse.FAILED:
         raise NotAnswered(f"{CODE_NAME.get(answer.code, answer.code)}: {answer.message}")
+    if answer.state == ResultResponse.CANCELLED:
+        raise NotAnswered(f"{submitted.id} was cancelled")
     raise NotAnswered(f"{submitted.id} is still {ResultResponse.State.Name(answer.state)}")
 
 

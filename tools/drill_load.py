@@ -103,7 +103,8 @@ async def answers(channel: grpc.aio.Channel, ids: list[str], timeout_s: float) -
                     return "NOT_FOUND"
                 await asyncio.sleep(0.2)
                 continue
-            if answer.state in (ResultResponse.DONE, ResultResponse.FAILED):
+            if answer.state in (ResultResponse.DONE, ResultResponse.FAILED,
+                                ResultResponse.CANCELLED):
                 return ResultResponse.State.Name(answer.state)
         return "UNANSWERED"
 
