@@ -9,7 +9,6 @@ import pytest
 
 from meshserve.common.errors import InvalidArgument, Unsupported
 from meshserve.common.forwarding import CODE_NUMBER
-from meshserve.common.repository import ModelRepository
 from meshserve.ingress.ensembles import EnsembleRunner
 from meshserve.protocol import grpc_service_pb2 as pb
 from meshserve.protocol.groups_pb2 import ItemResult
@@ -20,6 +19,7 @@ from tests.unit.test_ensemble_runner import (
     plus_ensemble,
     plus_request,
     plus_step,
+    repository_of,
 )
 
 # A decoupled model: IN = n answers n times, OUT = IN + k (k = 0 .. n-1).
@@ -88,13 +88,8 @@ def runner(tmp_path):
             plus_step("plus", "t", "Y", extra="s")]),
         "plain": plus_ensemble(8, "4", "X", "Y", [plus_step("plus", "X", "Y")]),
     }
-    for name, config in configs.items():
-        (tmp_path / name / "1").mkdir(parents=True)
-        (tmp_path / name / "config.pbtxt").write_text(config)
-    repository = ModelRepository.load(tmp_path)
-    assert not repository.refused
     steps, counted = Steps(), Requests()
-    runner = EnsembleRunner(repository, steps, counted.record)
+    runner = EnsembleRunner(repository_of(tmp_path, configs), steps, counted.record)
     runner.steps, runner.counted = steps, counted
     return runner
 

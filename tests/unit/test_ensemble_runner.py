@@ -223,6 +223,16 @@ class PlusOne:
         return response
 
 
+def repository_of(root, configs: dict[str, str]) -> ModelRepository:
+    """A repository at `root` of models (version 1) with these configs, none refused."""
+    for name, config in configs.items():
+        (root / name / "1").mkdir(parents=True)
+        (root / name / "config.pbtxt").write_text(config)
+    repository = ModelRepository.load(root)
+    assert not repository.refused
+    return repository
+
+
 @pytest.fixture
 def plus(tmp_path):
     """A runner over `plus` (batching) and `plus_unbatched` models and ensembles of them."""
@@ -238,13 +248,8 @@ def plus(tmp_path):
             plus_step("plus_unbatched", "X", "m"), plus_step("plus", "m", "Y")]),
         "flat": plus_ensemble(0, "4", "X", "Y", [plus_step("plus", "X", "Y")]),
     }
-    for name, config in configs.items():
-        (tmp_path / name / "1").mkdir(parents=True)
-        (tmp_path / name / "config.pbtxt").write_text(config)
-    repository = ModelRepository.load(tmp_path)
-    assert not repository.refused
     steps = PlusOne()
-    runner = EnsembleRunner(repository, steps)
+    runner = EnsembleRunner(repository_of(tmp_path, configs), steps)
     runner.seen = steps.seen
     return runner
 
