@@ -258,6 +258,8 @@ def served(tmp_path_factory):
         write_python_model(models, name, source, CONFIG)
     write_python_model(models, "shout", SHOUT_PY, SHOUT_CONFIG)
     write_python_model(models, "collect", COLLECT_PY, COLLECT_CONFIG)
+    write_python_model(models, "collect_counting", COLLECT_PY.replace(
+        'model_name="repeat"', 'model_name="counting"'), COLLECT_CONFIG)
     write_python_model(models, "sleeper", SLEEPER_PY, SLEEPER_CONFIG)
     # A ticker of its own behind an ensemble, so that each ticker's count of cancelled
     # requests is its own tests'.
@@ -437,6 +439,15 @@ def test_a_model_iterates_over_a_decoupled_models_answers(served, n):
     assert status == 200, body
     # repeat answers 10 n + k for k < n, then its final flag alone: an empty last response
     assert json.loads(body)["OUT"] == [sum(10 * n + k for k in range(n)), n, 1]
+
+
+@pytest.mark.parametrize("n", [3, 2])
+def test_a_model_iterates_over_the_answers_of_an_ensemble_with_a_decoupled_step(served, n):
+    status, _, body = post(served, "/v2/models/collect_counting/generate", {"IN": n})
+    assert status == 200, body
+    # counting answers 10 n + k + 1 for k < n (repeat's answers through plus_one), then its
+    # final flag alone
+    assert json.loads(body)["OUT"] == [sum(10 * n + k + 1 for k in range(n)), n, 1]
 
 
 def test_the_cli_prints_each_answer_as_it_comes(served, tmp_path):
