@@ -474,10 +474,6 @@ def _warn_unapplied(name: str, config: ModelConfig) -> None:
                 logger.warning("model '%s': model_warmup '%s' input '%s': input_data_file is "
                                "not read; the warm-up sends zeros", name, warmup.name,
                                input_name)
-    if config.ensemble_scheduling.max_inflight_requests:
-        logger.warning("model '%s': ensemble_scheduling max_inflight_requests is not applied: "
-                       "each request runs its steps as their inputs are ready, bounded by "
-                       "the steps' own queues", name)
 
 
 def _labels(name: str, model_dir: Path, config: ModelConfig) -> dict[str, tuple[str, ...]]:

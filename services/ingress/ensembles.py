@@ -17,16 +17,28 @@ the steps after it on its own, and each run that reaches the end is an answer of
 ensemble, passed on as it comes; the last answer is the final flag alone, once every run
 has ended. An error answer, or a failing step in any run, fails the ensemble request (what
 was answered before stays answered) and gives up its other runs.
+
+With `ensemble_scheduling { max_inflight_requests: N }`, as in Triton, each step has N
+places: at most N of its requests are in flight at once across all the ensemble's requests,
+and a step waits for a place (within the request's deadline) before it is sent. A decoupled
+step holds its place until its last answer; the runs its answers start wait for places of
+their own, so the steps after it are held to N however fast it answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
 from meshserve.common.ensemble_plan import Plan, Step, carried_shape
-from meshserve.common.errors import ServingError, called_for_one_answer, from_code
+from meshserve.common.errors import (
+    DeadlineExceeded,
+    ServingError,
+    called_for_one_answer,
+    from_code,
+)
 from meshserve.common.forwarding import CODE_NAME, left_code
 from meshserve.common.repository import ModelEntry, ModelRepository
 from meshserve.common.statistics import Statistics
@@ -78,6 +90,12 @@ class EnsembleRunner:
         self._statistics = {(name, version): Statistics(name=name, version=version)
                             for name, entry in self._entries.items()
                             for version in entry.versions}
+        # Each step's places when its ensemble sets max_inflight_requests (by ensemble and
+        # step number): step requests in flight at once, across the ensemble's requests.
+        self._places = {(name, step.number): asyncio.Semaphore(most)
+                        for name, entry in self._entries.items()
+                        if (most := entry.config.ensemble_scheduling.max_inflight_requests)
+                        for step in entry.plan.steps}
 
     def __contains__(self, model: object) -> bool:
         return model in self._entries
@@ -251,11 +269,20 @@ class EnsembleRunner:
             step_request.raw_input_contents.append(tensor.raw)
         for output, _ in step.outputs:
             step_request.outputs.add(name=output)
-        remaining = None if deadline is None else max(0.0, deadline - self._clock())
+        places = self._places.get((ensemble, step.number))
         try:
-            return await self._infer(step_request, remaining, traceparent, partial=partial)
+            if places is None:
+                return await self._infer(step_request, self._left(deadline), traceparent,
+                                         partial=partial)
+            most = self._entries[ensemble].config.ensemble_scheduling.max_inflight_requests
+            async with _place(places, self._left(deadline), most):
+                return await self._infer(step_request, self._left(deadline), traceparent,
+                                         partial=partial)
         except ServingError as error:
             raise _named(ensemble, step, error) from None
+
+    def _left(self, deadline: float | None) -> float | None:
+        return None if deadline is None else max(0.0, deadline - self._clock())
 
     async def ready(self, name: str, check: ReadyCheck) -> bool:
         """Ready when every step's model version is."""
@@ -308,3 +335,19 @@ def _first(failed: BaseExceptionGroup) -> BaseException:
     """The first failure of a fork's runs (each raises a failure of its own, not a group:
     a fork within a run raises its own first)."""
     return failed.exceptions[0]
+
+
+@contextlib.asynccontextmanager
+async def _place(places: asyncio.Semaphore, seconds: float | None, most: int):
+    """One of a step's `most` places for requests in flight, waited for at most `seconds`
+    (None: as long as it takes), held for the block."""
+    try:
+        async with asyncio.timeout(seconds):
+            await places.acquire()
+    except TimeoutError:
+        raise DeadlineExceeded(f"deadline exceeded waiting for one of the step's {most} places "
+                               "(ensemble_scheduling max_inflight_requests)") from None
+    try:
+        yield
+    finally:
+        places.release()

@@ -73,6 +73,7 @@ def main() -> None:
     report["ensemble"] = streamed(client, "counting", [3, 0, 2], 5)
     report["ensemble_empty_final"] = streamed(client, "counting", [1], 2,
                                               enable_empty_final_response=True)
+    report["ensemble_held"] = streamed(client, "counting_held", [3, 2], 5)
     report["ensemble_cancelled"] = cancelled(client, "ticking")
     report["ensemble_config_decoupled"] = client.get_model_config(
         "counting").config.model_transaction_policy.decoupled

@@ -270,6 +270,9 @@ def served(tmp_path_factory):
     for name, step in (("counting", "repeat"), ("ticking", "relay_ticker")):
         (models / name / "1").mkdir(parents=True)
         (models / name / "config.pbtxt").write_text(plus_one_after(step))
+    (models / "counting_held" / "1").mkdir(parents=True)  # one request in flight a step
+    (models / "counting_held" / "config.pbtxt").write_text(plus_one_after("repeat").replace(
+        "ensemble_scheduling { step", "ensemble_scheduling { max_inflight_requests: 1 step"))
     with running_mesh(root / "data", extra_args=(f"--model-repository={models}",)) as mesh:
         yield mesh
 
@@ -507,6 +510,12 @@ def test_an_ensemble_with_a_decoupled_step_answers_once_for_each_of_its_answers(
     }
     assert by_request(report["ensemble_empty_final"]) == {
         "r0": [[[11], False], [None, True]],
+    }
+    # the same through an ensemble whose steps have one place each: two requests at once
+    # take turns at each step, and every answer comes, in order
+    assert by_request(report["ensemble_held"]) == {
+        "r0": [[[31], False], [[32], False], [[33], False]],
+        "r1": [[[21], False], [[22], False]],
     }
     assert report["ensemble_config_decoupled"] is True
     assert report["ensemble_successes"] == 4

@@ -7,7 +7,7 @@ import asyncio
 import numpy
 import pytest
 
-from meshserve.common.errors import InvalidArgument, Unsupported
+from meshserve.common.errors import DeadlineExceeded, InvalidArgument, Unsupported
 from meshserve.common.forwarding import CODE_NUMBER
 from meshserve.ingress.ensembles import EnsembleRunner
 from meshserve.protocol import grpc_service_pb2 as pb
@@ -168,3 +168,79 @@ async def test_an_ensemble_without_a_decoupled_step_answers_a_stream_once_with_i
     assert answers == []
     assert outputs_of(last)["Y"].tolist() == [[2.0] * 4]
 
+
+
+class Busy:
+    """Answers `plus` (OUT = IN + 1) after `seconds`, and `count` as Steps does, keeping the
+    most calls of each model in flight at once."""
+
+    def __init__(self, seconds: float = 0.02) -> None:
+        self.seconds = seconds
+        self.in_flight: dict[str, int] = {}
+        self.most: dict[str, int] = {}
+
+    async def __call__(self, request, remaining, traceparent, partial=None):
+        model = request.model_name
+        self.in_flight[model] = self.in_flight.get(model, 0) + 1
+        self.most[model] = max(self.most.get(model, 0), self.in_flight[model])
+        try:
+            given = numpy.frombuffer(request.raw_input_contents[0], numpy.float32).reshape(
+                request.inputs[0].shape)
+            if model == "count":
+                for k in range(int(given.flat[0])):
+                    partial(ItemResult(response=answer(request, given + k), more=True))
+                return pb.ModelInferResponse(model_name="count")
+            await asyncio.sleep(self.seconds)
+            return answer(request, given + 1)
+        finally:
+            self.in_flight[model] -= 1
+
+
+def held_to(most: int, config: str) -> str:
+    return config.replace("ensemble_scheduling { ",
+                          f"ensemble_scheduling {{ max_inflight_requests: {most} ")
+
+
+@pytest.fixture
+def held(tmp_path):
+    configs = {
+        "count": COUNT, "plus": PLUS,
+        "chain": held_to(2, plus_ensemble(8, "4", "X", "Y", [plus_step("plus", "X", "Y")])),
+        "tokens": held_to(1, plus_ensemble(8, "4", "X", "Y", [
+            plus_step("count", "X", "t"), plus_step("plus", "t", "Y")])),
+    }
+    steps = Busy()
+    runner = EnsembleRunner(repository_of(tmp_path, configs), steps)
+    runner.steps = steps
+    return runner
+
+
+async def test_max_inflight_requests_bounds_each_steps_requests_across_requests(held):
+    answers = await asyncio.gather(*(
+        held.infer(plus_request("chain", numpy.full((1, 4), float(n))), remaining=None)
+        for n in range(6)))
+    assert [outputs_of(a)["Y"].tolist()[0][0] for a in answers] == [1, 2, 3, 4, 5, 6]
+    assert held.steps.most == {"plus": 2}
+
+
+async def test_a_decoupled_steps_runs_are_held_to_the_places_of_the_steps_after_it(held):
+    heard: list[ItemResult] = []
+    await held.infer(plus_request("tokens", numpy.full((1, 4), 5.0)), remaining=None,
+                     partial=heard.append)
+    assert [outputs_of(r.response)["Y"].tolist()[0][0] for r in heard] == [6, 7, 8, 9, 10]
+    assert held.steps.most == {"count": 1, "plus": 1}
+
+
+async def test_a_step_that_waits_past_the_deadline_for_a_place_is_refused_so(held):
+    held.steps.seconds = 1.0
+    slow = [asyncio.create_task(held.infer(plus_request("chain", numpy.zeros((1, 4))),
+                                           remaining=None)) for _ in range(2)]
+    await asyncio.sleep(0.05)  # both places taken
+    with pytest.raises(DeadlineExceeded) as raised:
+        await held.infer(plus_request("chain", numpy.zeros((1, 4))), remaining=0.1)
+    assert raised.value.message == (
+        "ensemble 'chain' step 1 ('plus'): deadline exceeded waiting for one of the step's 2 "
+        "places (ensemble_scheduling max_inflight_requests)")
+    for task in slow:
+        task.cancel()
+    await asyncio.gather(*slow, return_exceptions=True)

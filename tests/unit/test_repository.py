@@ -360,7 +360,7 @@ def test_settings_not_applied_are_named_in_a_warning(tmp_path, caplog):
         "sends zeros"]
 
 
-def test_an_ensembles_max_inflight_requests_is_named_in_a_warning(tmp_path, caplog):
+def test_an_ensembles_max_inflight_requests_is_served_without_a_warning(tmp_path, caplog):
     make_model(tmp_path, "m", [1])
     ensemble = tmp_path / "e"
     (ensemble / "1").mkdir(parents=True)
@@ -372,10 +372,9 @@ def test_an_ensembles_max_inflight_requests_is_named_in_a_warning(tmp_path, capl
         'model_version: -1 input_map { key: "x" value: "X" } '
         'output_map { key: "y" value: "Y" } } ] }\n')
     with caplog.at_level(logging.WARNING, logger="meshserve.common.repository"):
-        assert "e" in ModelRepository.load(tmp_path)
-    assert caplog.messages == [
-        "model 'e': ensemble_scheduling max_inflight_requests is not applied: each request "
-        "runs its steps as their inputs are ready, bounded by the steps' own queues"]
+        loaded = ModelRepository.load(tmp_path)
+    assert loaded.get("e").config.ensemble_scheduling.max_inflight_requests == 8
+    assert caplog.messages == []  # applied by the ingress's ensemble runner
 
 
 @pytest.mark.parametrize(
