@@ -270,18 +270,18 @@ class EnsembleRunner:
         for output, _ in step.outputs:
             step_request.outputs.add(name=output)
         places = self._places.get((ensemble, step.number))
+        held = contextlib.nullcontext() if places is None else _place(
+            places, self._left(deadline),
+            self._entries[ensemble].config.ensemble_scheduling.max_inflight_requests)
         try:
-            if places is None:
-                return await self._infer(step_request, self._left(deadline), traceparent,
-                                         partial=partial)
-            most = self._entries[ensemble].config.ensemble_scheduling.max_inflight_requests
-            async with _place(places, self._left(deadline), most):
+            async with held:
                 return await self._infer(step_request, self._left(deadline), traceparent,
                                          partial=partial)
         except ServingError as error:
             raise _named(ensemble, step, error) from None
 
     def _left(self, deadline: float | None) -> float | None:
+        """Seconds left until `deadline` (None: no deadline)."""
         return None if deadline is None else max(0.0, deadline - self._clock())
 
     async def ready(self, name: str, check: ReadyCheck) -> bool:
