@@ -87,6 +87,10 @@ def runner(tmp_path):
             plus_step("count", "X", "t"), plus_step("plus", "X", "s"),
             plus_step("plus", "t", "Y", extra="s")]),
         "plain": plus_ensemble(8, "4", "X", "Y", [plus_step("plus", "X", "Y")]),
+        # Each answer of the first count runs the second, and each answer of that, plus.
+        "twice": plus_ensemble(8, "4", "X", "Y", [
+            plus_step("count", "X", "t"), plus_step("count", "t", "u"),
+            plus_step("plus", "u", "Y")]),
     }
     steps, counted = Steps(), Requests()
     runner = EnsembleRunner(repository_of(tmp_path, configs), steps, counted.record)
@@ -115,6 +119,15 @@ async def test_each_answer_of_the_decoupled_step_runs_the_steps_after_it_in_its_
     [stats] = runner.statistics("tokens")
     assert (stats.inference_stats.success.count, stats.inference_count) == (1, 1)
     assert runner.counted.seen == [("tokens", "1", "OK")]
+
+
+async def test_a_decoupled_step_after_another_forks_each_run_again_in_order(runner):
+    answers, last = await streamed(runner, "twice", 2)
+    # count(2) answers 2, 3; count(2) then answers 2, 3 and count(3) 3, 4, 5; each plus one
+    assert answers == [3.0, 4.0, 4.0, 5.0, 6.0]
+    assert len(last.outputs) == 0
+    assert sorted(runner.steps.seen) == ["count:2", "count:2", "count:3", "plus:2", "plus:3",
+                                         "plus:3", "plus:4", "plus:5"]
 
 
 async def test_a_step_beside_the_decoupled_one_runs_once_and_reaches_every_run(runner):
