@@ -28,19 +28,23 @@ COUNT = PLUS.replace('backend: "python"', 'backend: "python"\n'
 
 
 # How long `plus` takes for an IN: the runs of count's answers 3, 4, 5 end in the reverse
-# order; from 7 on, longer than any test waits (an IN of 8 fails after 0.05 s).
-DELAYS = {3: 0.15, 4: 0.1, 5: 0.05, 8: 0.05}
+# order; from 7 on, longer than any test waits, but an IN of FAILS fails as soon as count
+# has sent every answer.
+DELAYS = {3: 0.15, 4: 0.1, 5: 0.05}
 FAILS = 8
 
 
 class Steps:
-    """Answers each step as its model would: `count` as above (an IN of -1 answers once, then
-    0.1 s later an error), `plus` with OUT = IN + 1 (+ EXTRA), taking DELAYS and failing for FAILS;
-    `given_up` keeps the IN of each `plus` call cancelled while it ran."""
+    """Answers each step as its model would: `count` as above (an IN of -1 answers once, and
+    once the ensemble's answer from it is `delivered`, an error), `plus` with OUT = IN + 1
+    (+ EXTRA), taking DELAYS and failing for FAILS; `given_up` keeps the IN of each `plus`
+    call cancelled while it ran. They wait for each other by events, not by time."""
 
     def __init__(self) -> None:
         self.seen: list[str] = []
         self.given_up: list[float] = []
+        self.counted = asyncio.Event()  # count has sent every answer
+        self.delivered = asyncio.Event()  # set by a test when the ensemble answered
 
     async def __call__(self, request, remaining, traceparent, partial=None):
         given = {t.name: numpy.frombuffer(raw, numpy.float32).reshape(t.shape)
@@ -51,21 +55,23 @@ class Steps:
             assert partial is not None
             if first < 0:
                 partial(ItemResult(response=answer(request, given["IN"]), more=True))
-                await asyncio.sleep(0.1)  # its run has ended by then
+                await self.delivered.wait()  # the run of that answer has ended
                 partial(ItemResult(code=CODE_NUMBER["INVALID_ARGUMENT"], more=True,
                                    message="model 'count' version 1: no negative counts"))
                 return pb.ModelInferResponse(model_name="count")
             for k in range(int(first)):
                 await asyncio.sleep(0.005)
                 partial(ItemResult(response=answer(request, given["IN"] + k), more=True))
+            self.counted.set()
             return pb.ModelInferResponse(model_name="count")  # the final flag alone
         try:
+            if first == FAILS:
+                await self.counted.wait()
+                raise InvalidArgument(f"model 'plus' version 1: {FAILS:g} is not allowed")
             await asyncio.sleep(DELAYS.get(first, 10.0 if first >= 7 else 0.0))
         except asyncio.CancelledError:
             self.given_up.append(first)
             raise
-        if first == FAILS:
-            raise InvalidArgument(f"model 'plus' version 1: {FAILS:g} is not allowed")
         return answer(request, given["IN"] + 1 + given.get("EXTRA", 0))
 
 
@@ -144,9 +150,14 @@ async def test_a_decoupled_step_that_answers_nothing_leaves_the_final_flag_alone
 
 async def test_an_error_answer_fails_the_ensemble_after_what_was_answered(runner):
     heard: list[ItemResult] = []
+
+    def delivered(result: ItemResult) -> None:
+        heard.append(result)
+        runner.steps.delivered.set()
+
     with pytest.raises(InvalidArgument) as raised:
         await runner.infer(plus_request("tokens", numpy.full((1, 4), -1.0)), remaining=None,
-                           partial=heard.append)
+                           partial=delivered)
     assert raised.value.message == ("ensemble 'tokens' step 1 ('count'): model 'count' "
                                     "version 1: no negative counts")
     assert runner.counted.seen == [("tokens", "1", "INVALID_ARGUMENT")]
@@ -248,7 +259,10 @@ async def test_a_step_that_waits_past_the_deadline_for_a_place_is_refused_so(hel
     held.steps.seconds = 1.0
     slow = [asyncio.create_task(held.infer(plus_request("chain", numpy.zeros((1, 4))),
                                            remaining=None)) for _ in range(2)]
-    await asyncio.sleep(0.05)  # both places taken
+    deadline = asyncio.get_running_loop().time() + 5
+    while held.steps.in_flight.get("plus", 0) < 2:  # both places taken
+        assert asyncio.get_running_loop().time() < deadline, "the places were not taken"
+        await asyncio.sleep(0.005)
     with pytest.raises(DeadlineExceeded) as raised:
         await held.infer(plus_request("chain", numpy.zeros((1, 4))), remaining=0.1)
     assert raised.value.message == (
