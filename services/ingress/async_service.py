@@ -44,7 +44,13 @@ from meshserve.common.server import internal_error_message
 from meshserve.common.tracing import header
 from meshserve.common.version_pin import PIN_HEADER
 from meshserve.ingress import classification
-from meshserve.ingress.submissions import GRPC, Submission, SubmissionStore, connect
+from meshserve.ingress.submissions import (
+    CANCELLED,
+    GRPC,
+    Submission,
+    SubmissionStore,
+    connect,
+)
 from meshserve.protocol import async_inference_pb2_grpc
 from meshserve.protocol.async_inference_pb2 import ResultResponse, SubmitResponse
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
@@ -109,7 +115,6 @@ class AsyncRequests:
         self._wake = asyncio.Event()
         self._finished: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task] = {}  # by the id of the row each runs
-        self._given_up: set[str] = set()  # rows whose task Cancel cancelled
 
     def submit(self, request: ModelInferRequest, protocol: str = GRPC,
                owner: str | None = None) -> str:
@@ -149,8 +154,8 @@ class AsyncRequests:
         self.lookup(submission_id, sees)
         if self._store.cancel(submission_id):
             task = self._tasks.get(submission_id)
-            if task is not None and task.cancel():
-                self._given_up.add(submission_id)
+            if task is not None:
+                task.cancel()
             event = self._finished.pop(submission_id, None)
             if event is not None:
                 event.set()
@@ -210,8 +215,8 @@ class AsyncRequests:
             else:
                 self._store.fail(submission.id, code, error.message)
         except asyncio.CancelledError:
-            if submission.id in self._given_up:  # by Cancel, which ended the row
-                self._given_up.discard(submission.id)
+            ended = self._store.get(submission.id)
+            if ended is not None and ended.state == CANCELLED:  # by Cancel, which ended it
                 return
             finished = False  # stopping: the row stays RUNNING, recovered on the next start
             raise
