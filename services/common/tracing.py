@@ -5,7 +5,8 @@ when `OTEL_EXPORTER_OTLP_ENDPOINT` is unset, and the services then check `tracin
 on their hot paths and create no span at all. Otherwise spans leave over OTLP/gRPC
 (meshserve.common.otlp, which reads the other `OTEL_EXPORTER_OTLP_*` variables) in batches
 (`OTEL_BSP_SCHEDULE_DELAY`, milliseconds), sampled by
-`OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` (default: parentbased_always_on).
+`OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` (default: parentbased_always_on); at the
+ingress, by the trace settings that sampler starts them from (meshserve.common.trace_settings).
 
 Between services the W3C `traceparent` travels in `GroupItem.traceparent` (internal hops) or
 in gRPC metadata (client → ingress, batcher → compute).
@@ -67,8 +68,13 @@ class TracingSettings:
                                      environ.get("OTEL_BSP_SCHEDULE_DELAY", "5000"), 0, math.inf))
 
 
+def ratio_of(arg: str) -> float:
+    """The ratio `OTEL_TRACES_SAMPLER_ARG` gives (1 when unset)."""
+    return number("OTEL_TRACES_SAMPLER_ARG", arg, 0.0, 1.0) if arg else 1.0
+
+
 def sampler_of(name: str, arg: str) -> Sampler:
-    ratio = number("OTEL_TRACES_SAMPLER_ARG", arg, 0.0, 1.0) if arg else 1.0
+    ratio = ratio_of(arg)
     samplers = {
         "always_on": lambda: ALWAYS_ON, "always_off": lambda: ALWAYS_OFF,
         "traceidratio": lambda: TraceIdRatioBased(ratio),
@@ -81,23 +87,41 @@ def sampler_of(name: str, arg: str) -> Sampler:
     return samplers[name]()
 
 
-class Tracing:
-    """A service's tracer and the provider that exports its spans."""
+class Switch(Sampler):
+    """A sampler whose decisions another one (`inner`) makes, which a service may replace
+    while it runs (the ingress's trace settings)."""
 
-    def __init__(self, provider: TracerProvider) -> None:
+    def __init__(self, inner: Sampler) -> None:
+        self.inner = inner
+
+    def should_sample(self, *args, **kwargs):
+        return self.inner.should_sample(*args, **kwargs)
+
+    def get_description(self) -> str:
+        return self.inner.get_description()
+
+
+class Tracing:
+    """A service's tracer and the provider that exports its spans; `sampler` decides which
+    spans are recorded (from `settings`' `OTEL_TRACES_SAMPLER` at first)."""
+
+    def __init__(self, provider: TracerProvider, settings: TracingSettings | None = None,
+                 sampler: Switch | None = None) -> None:
         self.provider = provider
+        self.settings = settings or TracingSettings("meshserve", None)
+        self.sampler = sampler  # None: the provider's own, not replaced
         self.tracer = provider.get_tracer("meshserve")
 
     @classmethod
     def build(cls, settings: TracingSettings, exporter=None) -> "Tracing":
         if exporter is None:
             exporter = OtlpSpanExporter(settings.otlp)
+        sampler = Switch(sampler_of(settings.sampler, settings.sampler_arg))
         provider = TracerProvider(
-            sampler=sampler_of(settings.sampler, settings.sampler_arg),
-            resource=Resource.create({"service.name": settings.service_name}))
+            sampler=sampler, resource=Resource.create({"service.name": settings.service_name}))
         provider.add_span_processor(BatchSpanProcessor(
             exporter, schedule_delay_millis=settings.schedule_delay_ms))
-        return cls(provider)
+        return cls(provider, settings, sampler)
 
     def start(self, name: str, parent: Context | Span | None = None,
               attributes: Mapping | None = None, links: Iterable[SpanContext] = (),

@@ -189,14 +189,17 @@ class Gate:
                 decisions[key] = allowed
         return allowed
 
-    def authorize(self, caller: Caller, action: str, model: str) -> None:
+    def authorize(self, caller: Caller, action: str, model: str, what: str = "") -> None:
         """PERMISSION_DENIED unless the caller may; the same answer whether or not the
-        model exists."""
+        model exists. `what`, when given, names the call in the refusal (one about the
+        service's settings rather than a model's requests)."""
         if not self.allows(caller, action, model):
             refusal = (InsufficientScope if self._narrowed(caller, action, model)
                        else PermissionDenied)
-            self._deny(caller.principal, action, model, "permission_denied", refusal(
-                f"'{caller.name}' may not {action} model '{shown(model)}'"))
+            message = (f"'{caller.name}' may not {what} (the policy's '{action}' on model "
+                       f"'{shown(model)}')" if what else
+                       f"'{caller.name}' may not {action} model '{shown(model)}'")
+            self._deny(caller.principal, action, model, "permission_denied", refusal(message))
 
     def _narrowed(self, caller: Caller, action: str, model: str) -> bool:
         """Whether a token's `scope` or `models` is all that refuses the caller: its
@@ -269,7 +272,7 @@ class OpenGate:
     def allows(self, caller: Caller, action: str, model: str) -> bool:
         return True
 
-    def authorize(self, caller: Caller, action: str, model: str) -> None:
+    def authorize(self, caller: Caller, action: str, model: str, what: str = "") -> None:
         pass
 
     def admit(self, caller: Caller, action: str = "infer", model: str = "") -> None:

@@ -40,6 +40,7 @@ from meshserve.common.metrics import PROTOCOL
 from meshserve.common.server import HealthServicer, internal_error_message
 from meshserve.common.stream_answers import error_parts
 from meshserve.common.tls import MAX_MESSAGE_BYTES, TlsFiles, server_ssl_context
+from meshserve.common.trace_settings import json_document, sent_values
 from meshserve.ingress.async_service import AsyncInferenceServicer
 from meshserve.ingress.generate import generate_answer, generate_request
 from meshserve.ingress.http_codec import (
@@ -249,8 +250,9 @@ class HttpApi:
                                             f"{request.method} {path}: {found.unserved}"))
         # HEAD is served as GET; the server sends its answer without the body.
         method = "GET" if request.method == "HEAD" else request.method
-        if method != found.method:
-            allowed = "GET, HEAD" if found.method == "GET" else found.method
+        if method not in found.method.split():
+            allowed = ", ".join("GET, HEAD" if name == "GET" else name
+                                for name in found.method.split())
             return HttpResponse(405, dump({"error": f"{path} takes {allowed}, not "
                                                     f"{request.method}"}),
                                 headers=(("allow", allowed),))
@@ -287,6 +289,37 @@ class HttpApi:
         reply = await self._inference.RepositoryIndex(
             pb.RepositoryIndexRequest(ready=options.get("ready", False)), HttpCall(request))
         return json_response([message_json(model) for model in reply.models])
+
+    async def log_settings(self, request, found, query) -> HttpResponse:
+        """GET: the log settings; POST: a JSON object of the settings to change, answered
+        with them all as they are then."""
+        settings = self._inference.log_settings(HttpCall(request), lambda: self._sent(
+            request, 'the log settings take a JSON object of settings, such as '
+                     '{"log_verbose_level": 1}'))
+        return json_response(settings.as_dict())
+
+    async def trace_settings(self, request, found: Route, query) -> HttpResponse:
+        """GET: the trace settings, global or of a model; POST: a JSON object of the settings
+        to change (a string, a list of strings, or null each), answered with them all as
+        they are then."""
+
+        def updates() -> dict:
+            sent = self._sent(request, 'the trace settings take a JSON object of settings, '
+                                       'such as {"trace_rate": "100"}')
+            return {name: sent_values(name, value) for name, value in sent.items()}
+
+        settings = self._inference.trace_settings(HttpCall(request), found.model, updates)
+        return json_response(json_document(settings))
+
+    def _sent(self, request: HttpRequest, refusal: str) -> dict:
+        """The settings a POST sends to change, as its JSON object (a GET: none);
+        InvalidArgument `refusal` for a body that is JSON but not an object."""
+        if request.method != "POST":
+            return {}
+        document = parse_json(body_of(request, self._max_body))
+        if not isinstance(document, dict):
+            raise InvalidArgument(refusal)
+        return document
 
     # --- models
 

@@ -12,11 +12,13 @@ asynchronous API's submit, fetch and cancel. Pure: a path to the route it names,
     POST /v2/models/M[/versions/V]/infer/async      submit an asynchronous request
     GET  /v2/async/ID                               its state, or its result
     POST /v2/async/ID/cancel                        give it up
+    GET | POST /v2/logging                          the log settings: read, or change
+    GET | POST /v2[/models/M]/trace/setting         the trace settings: read, or change
 
-The paths of Triton's extensions that are not served (model load and unload, shared memory,
-the trace and log settings) are routes too, whatever their method: each says which extension
-it belongs to, for an answer of 501 that names it (as gRPC answers their methods
-UNIMPLEMENTED), where any other unknown path is 404.
+The paths of Triton's extensions that are not served (model load and unload, shared memory)
+are routes too, whatever their method: each says which extension it belongs to, for an
+answer of 501 that names it (as gRPC answers their methods UNIMPLEMENTED), where any other
+unknown path is 404.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from urllib.parse import unquote
 @dataclass(frozen=True)
 class Route:
     name: str
-    method: str  # the one method the route takes
+    method: str  # the method the route takes (or methods, apart by spaces)
     model: str = ""
     version: str = ""
     id: str = ""
@@ -41,6 +43,8 @@ FIXED = {
     ("v2", "health", "ready"): Route("ready", "GET"),
     ("v2", "models", "stats"): Route("statistics", "GET"),
     ("v2", "repository", "index"): Route("repository_index", "POST"),
+    ("v2", "logging"): Route("log_settings", "GET POST"),
+    ("v2", "trace", "setting"): Route("trace_settings", "GET POST"),
 }
 SHARED_MEMORY = ("is not served: the mesh's services run on other hosts than the client, so "
                  "tensors travel in the request and the answer")
@@ -51,10 +55,7 @@ UNSERVED = {  # the leading parts of a path of Triton's, and why it is not serve
                                   f"extension) {SHARED_MEMORY}",
     ("v2", "cudasharedmemory"): f"CUDA shared memory (Triton's cuda_shared_memory extension) "
                                 f"{SHARED_MEMORY}",
-    ("v2", "trace"): "the trace settings (Triton's trace extension) are not served",
-    ("v2", "logging"): "the log settings (Triton's logging extension) are not served",
 }
-MODEL_UNSERVED = {("trace", "setting"): UNSERVED["v2", "trace"]}
 MODEL_TAILS = {
     (): ("model_metadata", "GET"),
     ("ready",): ("model_ready", "GET"),
@@ -86,8 +87,8 @@ def route(path: str) -> Route | None:
         if len(tail) < 2 or not tail[1]:
             return None
         version, tail = tail[1], tail[2:]
-    if tail in MODEL_UNSERVED:
-        return Route("unserved", "", model=model, unserved=MODEL_UNSERVED[tail])
+    if tail == ("trace", "setting"):  # a model's, for all its versions
+        return None if version else Route("trace_settings", "GET POST", model=model)
     found = MODEL_TAILS.get(tail)
     if found is None:
         return None

@@ -21,8 +21,9 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -38,6 +39,7 @@ from meshserve.common.errors import (
     NotFound,
     ResourceExhausted,
     ServingError,
+    Unimplemented,
     called_for_one_answer,
     from_code,
 )
@@ -53,6 +55,7 @@ from meshserve.common.forwarding import (
 )
 from meshserve.common.http2_client import target_argument
 from meshserve.common.http2_server import Unserved, server_ssl_context
+from meshserve.common.log_settings import LogControl, LogSettings, fill_log_settings, log_updates
 from meshserve.common.logs import (
     ACCESS_LOG,
     DEFAULT_ACCESS_LOG_MAX_PER_SECOND,
@@ -67,6 +70,13 @@ from meshserve.common.repository import ModelRepository
 from meshserve.common.server import HealthServicer, Service, internal_error_message
 from meshserve.common.stream_answers import EMPTY_FINAL_RESPONSE, FINAL_RESPONSE, error_text
 from meshserve.common.tls import TlsFiles
+from meshserve.common.trace_settings import (
+    TraceControl,
+    TraceSettings,
+    fill_trace_settings,
+    take_charge,
+    trace_updates,
+)
 from meshserve.common.tracing import (
     TRACEPARENT,
     Tracing,
@@ -84,9 +94,13 @@ from meshserve.ingress.async_service import (
     async_settings,
     build_async,
 )
-from meshserve.ingress.auth import Caller, Gate, OnDenied, OpenGate
+from meshserve.ingress.audit_events import (
+    LOG_SETTINGS_CHANGED,
+    TRACE_SETTINGS_CHANGED,
+    AuditEvents,
+)
+from meshserve.ingress.auth import Caller, Gate, OnDenied, OpenGate, shown
 from meshserve.ingress.budget import ByteBudget
-from meshserve.ingress.denials import DenialAudit
 from meshserve.ingress.ensembles import EnsembleRunner
 from meshserve.ingress.http_api import HttpSettings, add_http_flags, build_http, http_settings
 from meshserve.ingress.readiness import RULES, STRICT, Readiness, follow, not_ready
@@ -103,7 +117,7 @@ T = TypeVar("T")
 # Triton's names for what is served: "schedule_policy" is the `priority` and `timeout`
 # request parameters, "parameters" a request's own parameters (a Python model reads them).
 EXTENSIONS = ["classification", "model_configuration", "statistics", "repository_index",
-              "streaming", "schedule_policy", "parameters"]
+              "streaming", "schedule_policy", "parameters", "logging", "trace"]
 # Under load, a group may wait this long (and no longer than the last group's round trip) for
 # the requests the ingress expects back (`GroupForwarder`).
 DEFAULT_GROUP_LINGER_MS = 4.0
@@ -119,6 +133,9 @@ class IngressSettings:
     require_client_cert: bool = False
     access_log_sample: float = DEFAULT_ACCESS_LOG_SAMPLE
     access_log_max_per_second: int = DEFAULT_ACCESS_LOG_MAX_PER_SECOND  # 0: no limit
+    # What its logging starts with (`--log-level`, `--log-format`); the log settings change it.
+    log_level: str = "INFO"
+    log_format: str = "json"
     asynchronous: AsyncSettings | None = None  # Submit/Result (None: not served)
     token_listen: str = ""  # server-TLS listener for bearer-token callers ("": none)
     token_port_file: Path | None = None
@@ -167,7 +184,7 @@ class Ingress:
         self.router = router
         self._metrics = metrics
         self._tracing = tracing
-        self._access_log_sample = access_log_sample
+        self.access_log_sample = access_log_sample
         self._access_log_lines = LinesPerSecond(access_log_max_per_second)
         self._forwarders: dict[tuple[str, str], GroupForwarder] = {}
         self._group_linger = group_linger
@@ -292,7 +309,12 @@ class Ingress:
         trace_id = "" if span is None else format(span.get_span_context().trace_id, "032x")
         access_log(ACCESS_LOG, request_id=request_id, trace_id=trace_id, model=model,
                    version=version, status=code, latency_ms=seconds * 1e3,
-                   sample=self._access_log_sample, lines=self._access_log_lines)
+                   sample=self.access_log_sample, lines=self._access_log_lines)
+
+    def sample_access_log(self, fraction: float) -> None:
+        """Give an access-log line to this fraction (0..1) of the answered requests from
+        now on (failures always get one)."""
+        self.access_log_sample = fraction
 
     def answered(self, model: str, version: str, code: str,
                  arrived: float | None = None) -> None:
@@ -449,12 +471,16 @@ STREAM_IN_PROGRESS = 256
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, ingress: Ingress, health: HealthServicer, traced: bool = False,
                  gate: Gate | OpenGate | None = None,
-                 stream_in_progress: int = STREAM_IN_PROGRESS) -> None:
+                 stream_in_progress: int = STREAM_IN_PROGRESS,
+                 log_control: LogControl | None = None,
+                 trace_control: TraceControl | None = None) -> None:
         self._ingress = ingress
         self._health = health
         self._traced = traced
         self._gate = OpenGate() if gate is None else gate
         self._stream_in_progress = stream_in_progress
+        self._log_control = log_control
+        self._trace_control = trace_control
 
     def _may(self, context, action: str, model: str) -> Caller:
         caller = self._gate.caller(context)
@@ -580,6 +606,50 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 if self._gate.allows(caller, "models:read", name):
                     response.models.add(name=name, state="UNAVAILABLE", reason=reason)
         return response
+
+    async def LogSettings(self, request, context):
+        response = pb.LogSettingsResponse()
+        fill_log_settings(response.settings, self.log_settings(
+            context, lambda: log_updates(request.settings)))
+        return response
+
+    def log_settings(self, context,
+                     updates: Callable[[], Mapping[str, object]]) -> LogSettings:
+        """Triton's logging extension: this ingress's log settings, once those `updates()`
+        gives (none: read them) are applied."""
+        caller = self._operator(context, "*", "read or change the log settings")
+        if self._log_control is None:
+            raise Unimplemented("this ingress serves no log settings")
+        asked = updates()
+        control = self._log_control
+        return control.update(asked, caller.name) if asked else control.settings
+
+    async def TraceSetting(self, request, context):
+        response = pb.TraceSettingResponse()
+        fill_trace_settings(response.settings, self.trace_settings(
+            context, request.model_name, lambda: trace_updates(request.settings)))
+        return response
+
+    def trace_settings(self, context, model: str,
+                       updates: Callable[[], Mapping[str, list[str] | None]]
+                       ) -> TraceSettings:
+        """Triton's trace extension: this ingress's trace settings, global or of `model`,
+        once those `updates()` gives (none: read them) are applied."""
+        of = f" of model '{shown(model)}'" if model else ""
+        caller = self._operator(context, model or "*", f"read or change the trace settings{of}")
+        if model:
+            self._ingress.repository.get(model)  # NOT_FOUND naming an unknown one
+        if self._trace_control is None:
+            raise Unimplemented("this ingress serves no trace settings")
+        asked = updates()
+        control = self._trace_control
+        return control.update(model, asked, caller.name) if asked else control.settings(model)
+
+    def _operator(self, context, model: str, what: str) -> Caller:
+        """The caller, when the policy allows it `admin` on `model` (`*`: the whole mesh)."""
+        caller = self._gate.caller(context)
+        self._gate.authorize(caller, "admin", model, what=what)
+        return caller
 
     async def ModelInfer(self, request, context):
         metadata = context.invocation_metadata()  # read once: ~6 µs a time
@@ -750,11 +820,18 @@ def build_service(settings: IngressSettings, metrics: Metrics | None = None,
                       settings.access_log_max_per_second)
     audit = None
     if on_denied is None and settings.control_plane:
-        audit = on_denied = DenialAudit(settings.control_plane, settings.tls)
+        audit = on_denied = AuditEvents(settings.control_plane, settings.tls)
     gate, gate_tasks = build_gate(settings, ingress_metrics, on_denied)
     health = HealthServicer()
     asynchronous = build_async(settings.asynchronous, ingress)
-    inference = InferenceServicer(ingress, health, traced=tracing is not None, gate=gate)
+    log_control = LogControl(
+        "ingress", LogSettings.at(settings.log_level, settings.log_format),
+        settings.access_log_sample, ingress.sample_access_log,
+        None if audit is None else partial(audit.record, LOG_SETTINGS_CHANGED))
+    trace_control = take_charge(
+        tracing, None if audit is None else partial(audit.record, TRACE_SETTINGS_CHANGED))
+    inference = InferenceServicer(ingress, health, traced=tracing is not None, gate=gate,
+                                  log_control=log_control, trace_control=trace_control)
     # One HTTP port for certificate and token callers alike, so a certificate is optional
     # there whenever a token listener is configured.
     http = build_http(settings.http, settings.tls,
@@ -862,6 +939,7 @@ def main(argv: list[str] | None = None) -> int:
         listen=args.listen, tls=runtime.tls_files(args), repository=args.model_repository,
         router=args.router, router_identity=args.router_identity,
         require_client_cert=args.require_client_cert, access_log_sample=args.access_log_sample,
+        log_level=args.log_level, log_format=args.log_format,
         access_log_max_per_second=args.access_log_max_per_second,
         token_listen=args.token_listen, token_port_file=args.token_port_file,
         policy=args.policy, jwks=args.jwks, token_issuer=args.token_issuer,

@@ -84,6 +84,16 @@ class GRPCInferenceServiceStub(object):
                 request_serializer=meshserve_dot_protocol_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
                 response_deserializer=meshserve_dot_protocol_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
                 _registered_method=True)
+        self.LogSettings = channel.unary_unary(
+                '/inference.GRPCInferenceService/LogSettings',
+                request_serializer=meshserve_dot_protocol_dot_grpc__service__pb2.LogSettingsRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_grpc__service__pb2.LogSettingsResponse.FromString,
+                _registered_method=True)
+        self.TraceSetting = channel.unary_unary(
+                '/inference.GRPCInferenceService/TraceSetting',
+                request_serializer=meshserve_dot_protocol_dot_grpc__service__pb2.TraceSettingRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_grpc__service__pb2.TraceSettingResponse.FromString,
+                _registered_method=True)
 
 
 class GRPCInferenceServiceServicer(object):
@@ -153,6 +163,22 @@ class GRPCInferenceServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LogSettings(self, request, context):
+        """The log settings of the server that answers: read them (no settings sent) or change
+        those sent; the answer holds them all, as they are now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TraceSetting(self, request, context):
+        """The trace settings of the server that answers, global or of one model: read them (no
+        settings sent) or change those sent; the answer holds them all, as they are now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -205,6 +231,16 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.RepositoryIndex,
                     request_deserializer=meshserve_dot_protocol_dot_grpc__service__pb2.RepositoryIndexRequest.FromString,
                     response_serializer=meshserve_dot_protocol_dot_grpc__service__pb2.RepositoryIndexResponse.SerializeToString,
+            ),
+            'LogSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.LogSettings,
+                    request_deserializer=meshserve_dot_protocol_dot_grpc__service__pb2.LogSettingsRequest.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_grpc__service__pb2.LogSettingsResponse.SerializeToString,
+            ),
+            'TraceSetting': grpc.unary_unary_rpc_method_handler(
+                    servicer.TraceSetting,
+                    request_deserializer=meshserve_dot_protocol_dot_grpc__service__pb2.TraceSettingRequest.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_grpc__service__pb2.TraceSettingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -477,6 +513,60 @@ class GRPCInferenceService(object):
             '/inference.GRPCInferenceService/RepositoryIndex',
             meshserve_dot_protocol_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
             meshserve_dot_protocol_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/LogSettings',
+            meshserve_dot_protocol_dot_grpc__service__pb2.LogSettingsRequest.SerializeToString,
+            meshserve_dot_protocol_dot_grpc__service__pb2.LogSettingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TraceSetting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/TraceSetting',
+            meshserve_dot_protocol_dot_grpc__service__pb2.TraceSettingRequest.SerializeToString,
+            meshserve_dot_protocol_dot_grpc__service__pb2.TraceSettingResponse.FromString,
             options,
             channel_credentials,
             insecure,

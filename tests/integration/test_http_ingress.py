@@ -166,6 +166,19 @@ NO_CREDENTIALS = ("no credentials: present a client certificate on the mutual-TL
     ("client", "POST", "/v2/models/mlp/infer", infer_body(rows=9), 400,
      "input 'INPUT__0' has batch size 9; max_batch_size of model 'mlp' is 8"),
     ("app/a", "POST", "/v2/models/mlp/infer", infer_body(), 503, None),
+    ("app/a", "GET", "/v2/logging", b"", 403,
+     "'app/a' may not read or change the log settings (the policy's 'admin' on model '*')"),
+    ("app/a", "POST", "/v2/logging", b'{"log_verbose_level": 1}', 403, None),
+    ("client", "POST", "/v2/logging", b"[1]", 400,
+     'the log settings take a JSON object of settings, such as {"log_verbose_level": 1}'),
+    ("client", "POST", "/v2/logging", b'{"log_info": "yes"}', 400,
+     "log setting 'log_info' takes true or false, not 'yes'"),
+    ("app/a", "GET", "/v2/models/mlp/trace/setting", b"", 403,
+     "'app/a' may not read or change the trace settings of model 'mlp' (the policy's 'admin' "
+     "on model 'mlp')"),
+    ("client", "POST", "/v2/trace/setting", b'{"trace_rate": 5}', 400,
+     "trace setting 'trace_rate' takes a string, a list of strings or null, not 5"),
+    ("client", "GET", "/v2/models/cnn/trace/setting", b"", 404, "unknown model 'cnn'"),
 ])
 async def test_refusals(files, ingress, who, method, path, body, status, message):
     port, _ = ingress
@@ -257,6 +270,19 @@ async def test_head_is_served_as_get_and_named_where_get_is_allowed(files, ingre
     status, headers, body = await call(port, client_context(files), "POST", "/v2/models/mlp")
     assert (status, headers["allow"]) == (405, "GET, HEAD")
     assert json.loads(body) == {"error": "/v2/models/mlp takes GET, HEAD, not POST"}
+
+
+async def test_the_log_settings_are_read_with_get_and_changed_with_post(files, ingress):
+    """The ingress's own, as it started (INFO, JSON lines); a route of two methods names
+    both when refused another."""
+    port, _ = ingress
+    status, _, body = await call(port, client_context(files), "GET", "/v2/logging")
+    assert (status, json.loads(body)) == (200, {
+        "log_file": "", "log_info": True, "log_warning": True, "log_error": True,
+        "log_verbose_level": 0, "log_format": "json"})
+    status, headers, body = await call(port, client_context(files), "PUT", "/v2/logging")
+    assert (status, headers["allow"]) == (405, "GET, HEAD, POST")
+    assert json.loads(body) == {"error": "/v2/logging takes GET, HEAD, POST, not PUT"}
 
 
 def gzip_of(data: bytes) -> bytes:

@@ -13,6 +13,7 @@ import grpc
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
+from meshserve.protocol import grpc_service_pb2 as pb
 from tests.integration.conftest import running_mesh
 from tests.integration.test_mesh import mlp_request, public_stub
 from tests.otlp_receiver import receiving
@@ -264,3 +265,66 @@ async def test_the_request_span_carries_its_grpc_status_and_is_an_error_only_for
     unset = Status.StatusCode.STATUS_CODE_UNSET
     assert {name: span.status.code for name, span in spans.items()} == {
         "ok": unset, "bad": unset, "unknown": unset}
+
+
+async def trace_setting(stub, model: str = "", **updates) -> dict[str, list[str]]:
+    """The ingress's trace settings (global, or `model`'s) after `updates` (a name to its
+    values, or None: cleared)."""
+    request = pb.TraceSettingRequest(model_name=model)
+    for name, values in updates.items():
+        request.settings[name].value.extend(values or [])
+    answer = await stub.TraceSetting(request, timeout=10)
+    return {name: list(value.value) for name, value in answer.settings.items()}
+
+
+def mlp_traces(collected) -> set[bytes]:
+    """The traces of the mlp's requests the receiver has, by their ingress.request spans."""
+    with collected._lock:
+        spans = [span for _, span in collected.spans if span.name == "ingress.request"]
+    return {span.trace_id for span in spans
+            if {a.key: a.value.string_value for a in span.attributes}.get("model") == "mlp"}
+
+
+async def traced_to_here(stub, collected) -> bytes:
+    """A request its caller traces (a sampled traceparent, continued whatever the settings),
+    once its ingress.request span has arrived: the ingress exports its spans in the order
+    they ended, so every earlier request's has arrived too. Returns its trace id."""
+    trace_id = secrets.token_bytes(16)
+    traceparent = f"00-{trace_id.hex()}-{secrets.token_bytes(8).hex()}-01"
+    await stub.ModelInfer(mlp_request(model_version="1"), timeout=30,
+                          metadata=(("traceparent", traceparent),))
+    deadline = time.monotonic() + 20
+    while trace_id not in mlp_traces(collected):
+        assert time.monotonic() < deadline, "the ingress's spans did not arrive"
+        await asyncio.sleep(0.1)
+    return trace_id
+
+
+async def test_trace_settings_decide_which_requests_start_a_trace(traced_mesh, receiver):
+    """As `up --otlp` starts (OTEL_TRACES_SAMPLER unset: every request starts one). With
+    the mlp's own rate of 3, six requests without a traceparent start two traces; with its
+    level OFF, none, while a caller's sampled traceparent is still continued. Set back
+    after (null: the global settings again)."""
+    collected, _ = receiver
+    channel, stub = await public_stub(traced_mesh)
+    async with channel:
+        assert await trace_setting(stub) == {
+            "trace_level": ["TIMESTAMPS"], "trace_rate": ["1"], "trace_count": ["-1"],
+            "log_frequency": ["0"], "trace_file": [""], "trace_mode": ["opentelemetry"]}
+        try:
+            assert (await trace_setting(stub, "mlp", trace_rate=["3"]))["trace_rate"] == ["3"]
+            before = mlp_traces(collected)
+            for _ in range(6):
+                await stub.ModelInfer(mlp_request(model_version="1"), timeout=30)
+            marker = await traced_to_here(stub, collected)
+            assert len(mlp_traces(collected) - before - {marker}) == 2
+
+            await trace_setting(stub, "mlp", trace_level=["OFF"])
+            before = mlp_traces(collected)
+            for _ in range(3):
+                await stub.ModelInfer(mlp_request(model_version="1"), timeout=30)
+            marker = await traced_to_here(stub, collected)
+            assert mlp_traces(collected) - before == {marker}
+        finally:
+            cleared = await trace_setting(stub, "mlp", trace_rate=None, trace_level=None)
+        assert cleared == await trace_setting(stub)

@@ -34,7 +34,7 @@ def test_server_metadata_lists_the_extensions_served(report, client):
     and `timeout`, or for "parameters" before its own, finds them."""
     extensions = report[client]["extensions"]
     for name in ("classification", "model_configuration", "statistics", "streaming",
-                 "schedule_policy", "parameters"):
+                 "schedule_policy", "parameters", "logging", "trace"):
         assert name in extensions
     assert ("binary_tensor_data" in extensions) == client.startswith("http")
 
@@ -58,8 +58,6 @@ def test_http_readiness_of_a_model_or_version_not_served_is_404_naming_it(report
 
 GRPC_METHODS = {
     "load_model": "RepositoryModelLoad", "unload_model": "RepositoryModelUnload",
-    "get_trace_settings": "TraceSetting", "update_trace_settings": "TraceSetting",
-    "get_log_settings": "LogSettings", "update_log_settings": "LogSettings",
     "get_system_shared_memory_status": "SystemSharedMemoryStatus",
     "register_system_shared_memory": "SystemSharedMemoryRegister",
     "unregister_system_shared_memory": "SystemSharedMemoryUnregister",
@@ -68,8 +66,6 @@ GRPC_METHODS = {
 }
 EXTENSION_OF = {
     "load_model": "model_repository", "unload_model": "model_repository",
-    "get_trace_settings": "trace", "update_trace_settings": "trace",
-    "get_log_settings": "logging", "update_log_settings": "logging",
     "get_system_shared_memory_status": "system_shared_memory",
     "register_system_shared_memory": "system_shared_memory",
     "unregister_system_shared_memory": "system_shared_memory",
@@ -100,8 +96,51 @@ def test_asyncio_clients_are_refused_alike(report):
     assert report["grpc_aio"]["load_model"][0] == "StatusCode.UNIMPLEMENTED"
     assert report["grpc_aio"]["shared_memory"][0] == "StatusCode.UNIMPLEMENTED"
     assert report["http_aio"]["load_model"][0] == "501"
-    assert report["http_aio"]["log_settings"] == [
-        "501", "GET /v2/logging: the log settings (Triton's logging extension) are not served"]
+
+
+SETTINGS = {"log_file": "", "log_info": True, "log_warning": True, "log_error": True,
+            "log_verbose_level": 0, "log_format": "json"}
+
+
+def grpc_settings(answer: dict) -> dict:
+    """A LogSettingsResponse as tritonclient gives it in JSON (each value under the name of
+    its kind), as the HTTP binding's object."""
+    return {name: value for name, kinds in answer["settings"].items()
+            for value in kinds.values()}
+
+
+def test_log_settings_are_read_as_triton_names_them(report):
+    """The ingress's settings as `meshserve up` starts it (INFO, JSON lines)."""
+    assert grpc_settings(report["grpc"]["log_settings"]["read"]) == SETTINGS
+    assert grpc_settings(report["grpc_aio"]["log_settings"]) == SETTINGS
+    assert report["http"]["log_settings"]["read"] == SETTINGS
+    assert report["http_aio"]["log_settings"] == SETTINGS
+
+
+@pytest.mark.parametrize("client", ["grpc", "http"])
+def test_a_verbose_level_gives_every_request_an_access_log_line(report, client):
+    """Answered with the settings as they are then; ten requests, ten lines (the sample
+    is 1 % otherwise), and the level set back to 0."""
+    settings = report[client]["log_settings"]
+    read = grpc_settings if client == "grpc" else dict
+    assert read(settings["verbose"]) == SETTINGS | {"log_verbose_level": 1}
+    assert settings["verbose_lines"] == 10
+    assert read(settings["back"]) == SETTINGS
+
+
+def test_log_settings_refused_name_the_setting_and_the_permission(report):
+    grpc, http = report["grpc"]["log_settings"], report["http"]["log_settings"]
+    unknown = ("unknown log setting 'log_nope' (settings: log_file, log_info, log_warning, "
+               "log_error, log_verbose_level, log_format)")
+    assert grpc["unknown"] == ["StatusCode.INVALID_ARGUMENT", unknown]
+    assert http["unknown"] == ["400", unknown]
+    assert http["file"][1] == grpc["file"][1] == (
+        "log setting 'log_file' cannot be changed: the service logs to standard error, where "
+        "the platform collects them")
+    denied = ("'app/surface' may not read or change the log settings (the policy's 'admin' "
+              "on model '*')")
+    assert grpc["token"] == ["StatusCode.PERMISSION_DENIED", denied]
+    assert http["token"] == ["403", denied]
 
 
 def test_grpc_infer_echoes_the_id_and_equals_a_local_forward_pass(report):
@@ -209,3 +248,33 @@ def test_a_bearer_token_in_the_headers(report, client, denied, unauthenticated):
     assert token["diff"] <= TOLERANCE
     assert token["cnn"] == [denied, "'app/surface' may not models:read model 'cnn'"]
     assert token["none"][0] == unauthenticated
+
+
+TRACE_OFF = {"trace_level": ["OFF"], "trace_rate": "1000", "trace_count": "-1",
+             "log_frequency": "0", "trace_file": "", "trace_mode": "opentelemetry"}
+
+
+def grpc_trace(answer: dict) -> dict:
+    """A TraceSettingResponse as tritonclient gives it in JSON, as the HTTP binding's object
+    (`trace_level` a list, the others strings)."""
+    return {name: kinds["value"] if name == "trace_level" else kinds["value"][0]
+            for name, kinds in answer["settings"].items()}
+
+
+@pytest.mark.parametrize("client", ["grpc", "http"])
+def test_trace_settings_of_a_mesh_that_exports_no_traces(report, client):
+    """Read as Triton writes them, global and a model's; a model's rate set and cleared
+    (null: the global one again); tracing, TENSORS and an unknown model refused naming
+    why."""
+    settings = report[client]["trace_settings"]
+    read = grpc_trace if client == "grpc" else dict
+    assert read(settings["read"]) == read(settings["mlp"]) == TRACE_OFF
+    assert read(settings["rate"]) == TRACE_OFF | {"trace_rate": "10"}
+    assert read(settings["cleared"]) == TRACE_OFF
+    status = {"grpc": ["StatusCode.FAILED_PRECONDITION", "StatusCode.INVALID_ARGUMENT",
+                       "StatusCode.NOT_FOUND"], "http": ["400", "400", "404"]}[client]
+    assert settings["on"] == [status[0], "tracing is off in this ingress: it exports no traces "
+                                         "(OTEL_EXPORTER_OTLP_ENDPOINT is not set)"]
+    assert settings["tensors"] == [status[1], "trace setting 'trace_level' TENSORS is not "
+                                              "served: a trace never holds a request's data"]
+    assert settings["unknown"] == [status[2], "unknown model 'nope'"]

@@ -15,6 +15,7 @@ import json
 import queue
 import ssl
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -114,12 +115,6 @@ def unserved_grpc(client) -> dict:
     return {
         "load_model": refusal(lambda: client.load_model("mlp", config='{"max_batch_size": 8}')),
         "unload_model": refusal(lambda: client.unload_model("mlp")),
-        "get_trace_settings": refusal(client.get_trace_settings),
-        "update_trace_settings": refusal(
-            lambda: client.update_trace_settings(settings={"trace_rate": "1"})),
-        "get_log_settings": refusal(client.get_log_settings),
-        "update_log_settings": refusal(
-            lambda: client.update_log_settings(settings={"log_verbose_level": 1})),
         "get_system_shared_memory_status": refusal(client.get_system_shared_memory_status),
         "register_system_shared_memory": refusal(
             lambda: client.register_system_shared_memory("r", "/r", 64)),
@@ -134,12 +129,6 @@ def unserved_http(client) -> dict:
         "load_model": refusal(lambda: client.load_model(
             "mlp", config='{"max_batch_size": 8}', files={"file:1/model.pt": b"x"})),
         "unload_model": refusal(lambda: client.unload_model("mlp", unload_dependents=True)),
-        "get_trace_settings": refusal(lambda: client.get_trace_settings("mlp")),
-        "update_trace_settings": refusal(
-            lambda: client.update_trace_settings(settings={"trace_rate": "1"})),
-        "get_log_settings": refusal(client.get_log_settings),
-        "update_log_settings": refusal(
-            lambda: client.update_log_settings(settings={"log_verbose_level": 1})),
         "get_system_shared_memory_status": refusal(client.get_system_shared_memory_status),
         "register_system_shared_memory": refusal(
             lambda: client.register_system_shared_memory("r", "/r", 64)),
@@ -149,6 +138,62 @@ def unserved_http(client) -> dict:
             lambda: client.register_cuda_shared_memory("r", b"AAAA", 0, 64)),
         "unregister_cuda_shared_memory": refusal(client.unregister_cuda_shared_memory),
     }
+
+
+def access_lines(mesh: Mesh) -> int:
+    """The access-log lines in the ingress's log so far."""
+    log = (mesh.data_dir / "run" / "ingress.log").read_text()
+    return log.count('"logger":"meshserve.access"')
+
+
+def log_settings(mesh: Mesh, client, module, bearer: dict, token) -> dict:
+    """Triton's logging extension: read, changed to verbose (each of ten requests then gets
+    an access-log line), refused for a bad setting and for a token without `admin`, and set
+    back (the mesh is shared with other tests)."""
+    json_kind = {} if module is th else {"as_json": True}
+    x = tensor(module, rows(9))
+    report = {"read": client.get_log_settings(**json_kind)}
+    try:
+        report["verbose"] = client.update_log_settings({"log_verbose_level": 1}, **json_kind)
+        before = access_lines(mesh)
+        for _ in range(10):
+            client.infer("mlp", [x])
+        report["verbose_lines"] = wait_for_count(lambda: access_lines(mesh) - before, 10)
+        report["unknown"] = refusal(lambda: client.update_log_settings({"log_nope": True}))
+        report["file"] = refusal(lambda: client.update_log_settings({"log_file": "/tmp/x"}))
+        report["token"] = refusal(lambda: token.get_log_settings(headers=bearer))
+    finally:
+        report["back"] = client.update_log_settings({"log_verbose_level": 0}, **json_kind)
+    return report
+
+
+def trace_settings(client, module) -> dict:
+    """Triton's trace extension on a mesh that exports no traces: read (global and a
+    model's), a model's rate changed and cleared, tracing refused to be turned on."""
+    json_kind = {} if module is th else {"as_json": True}
+    report = {"read": client.get_trace_settings(**json_kind),
+              "mlp": client.get_trace_settings("mlp", **json_kind)}
+    try:
+        report["rate"] = client.update_trace_settings("mlp", {"trace_rate": "10"},
+                                                      **json_kind)
+        report["on"] = refusal(lambda: client.update_trace_settings(
+            settings={"trace_level": ["TIMESTAMPS"]}))
+        report["tensors"] = refusal(lambda: client.update_trace_settings(
+            settings={"trace_level": ["TENSORS"]}))
+        report["unknown"] = refusal(lambda: client.get_trace_settings("nope"))
+    finally:
+        report["cleared"] = client.update_trace_settings("mlp", {"trace_rate": None},
+                                                         **json_kind)
+    return report
+
+
+def wait_for_count(count, wanted: int) -> int:
+    """`count()` once it reaches `wanted` (lines are written as answers leave), or after
+    WAIT_S."""
+    deadline = time.monotonic() + WAIT_S
+    while count() < wanted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return count()
 
 
 def counts(stats: dict) -> list[int]:
@@ -191,7 +236,6 @@ def grpc_sync(mesh: Mesh) -> dict:
     report["stats"] = [a - b for a, b in zip(after, before)]
     report["async"] = async_infer_checks(mesh, client, x)
     report["stream"] = stream_checks(mesh, client, x)
-    client.close()
     # A token on the bearer-token port: gRPC metadata keys are lowercase.
     token = tc.InferenceServerClient(mesh.token_grpc, ssl=True,
                                      root_certificates=str(mesh.tls / "ca.crt"))
@@ -200,7 +244,10 @@ def grpc_sync(mesh: Mesh) -> dict:
     report["token"] = {"diff": diff(result.as_numpy("OUTPUT__0"), mesh.forward("mlp", "2", x)),
                        "cnn": refusal(lambda: token.get_model_metadata("cnn", headers=bearer)),
                        "none": refusal(lambda: token.get_model_metadata("mlp"))}
+    report["log_settings"] = log_settings(mesh, client, tc, bearer, token)
+    report["trace_settings"] = trace_settings(client, tc)
     token.close()
+    client.close()
     return report
 
 
@@ -283,7 +330,8 @@ async def grpc_aio(mesh: Mesh) -> dict:
               "model_ready": [await client.is_model_ready("mlp", "2"),
                               await client.is_model_ready("nope")],
               "load_model": await async_refusal(lambda: client.load_model("mlp")),
-              "shared_memory": await async_refusal(client.get_system_shared_memory_status)}
+              "shared_memory": await async_refusal(client.get_system_shared_memory_status),
+              "log_settings": await client.get_log_settings(as_json=True)}
     result = await client.infer("mlp", [tensor(tca, x)], model_version="2", request_id="q-1",
                                 compression_algorithm="gzip", priority=1, timeout=30_000_000)
     report["infer"] = [result.get_response().id,
@@ -353,14 +401,16 @@ def http_sync(mesh: Mesh) -> dict:
                                  for p in pending)
     after = counts(client.get_inference_statistics("mlp", "2")["model_stats"][0])
     report["stats"] = [a - b for a, b in zip(after, before)]
-    client.close()
     token = mesh.http_client(certificate=False)
     bearer = {"Authorization": f"Bearer {mesh.token}"}
     result = token.infer("mlp", [tensor(th, x)], model_version="2", headers=dict(bearer))
     report["token"] = {"diff": diff(result.as_numpy("OUTPUT__0"), mesh.forward("mlp", "2", x)),
                        "cnn": refusal(lambda: token.get_model_metadata("cnn", headers=bearer)),
                        "none": refusal(lambda: token.get_model_metadata("mlp"))}
+    report["log_settings"] = log_settings(mesh, client, th, bearer, token)
+    report["trace_settings"] = trace_settings(client, th)
     token.close()
+    client.close()
     return report
 
 
@@ -396,7 +446,7 @@ async def http_aio(mesh: Mesh) -> dict:
               "model_ready": [await client.is_model_ready("mlp", "2"),
                               await client.is_model_ready("nope")],
               "load_model": await async_refusal(lambda: client.load_model("mlp")),
-              "log_settings": await async_refusal(client.get_log_settings)}
+              "log_settings": await client.get_log_settings()}
     report["infer"] = {}
     for binary in (True, False):
         for coding in (None, "gzip", "deflate"):

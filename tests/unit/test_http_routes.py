@@ -39,6 +39,10 @@ from meshserve.ingress.tokens import InvalidToken
     ("/v2/models/mlp/infer/async", Route("submit", "POST", model="mlp")),
     ("/v2/async/abc123", Route("result", "GET", id="abc123")),
     ("/v2/async/abc123/cancel", Route("cancel", "POST", id="abc123")),
+    ("/v2/logging", Route("log_settings", "GET POST")),
+    ("/v2/trace/setting", Route("trace_settings", "GET POST")),
+    ("/v2/models/mlp/trace/setting", Route("trace_settings", "GET POST", model="mlp")),
+    ("/v2/models/mlp/versions/1/trace/setting", None),
     ("/v2/async//cancel", None),
     ("/v2/async/abc123/stop", None),
     ("/v2/models", None),
@@ -61,9 +65,6 @@ def test_routes(path, expected):
     ("/v2/systemsharedmemory/unregister", "system_shared_memory"),
     ("/v2/cudasharedmemory/region/r/status", "cuda_shared_memory"),
     ("/v2/cudasharedmemory/region/r/register", "cuda_shared_memory"),
-    ("/v2/trace/setting", "trace"),
-    ("/v2/models/mlp/trace/setting", "trace"),
-    ("/v2/logging", "logging"),
 ])
 def test_paths_of_extensions_not_served_say_which(path, extension):
     """Answered 501 naming the extension (as gRPC answers UNIMPLEMENTED), not 404."""
