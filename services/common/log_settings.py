@@ -106,6 +106,7 @@ TYPE_NAMES = {bool: "true or false", int: "a whole number", str: "a string"}
 
 
 def shown_value(value: object) -> str:
+    """A value a caller sent, as a refusal shows it: its repr, at most 64 characters."""
     text = repr(value)
     return text if len(text) <= 64 else f"{text[:64]}…"
 

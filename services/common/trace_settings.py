@@ -32,6 +32,7 @@ from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import get_current_span
 
 from meshserve.common.errors import FailedPrecondition, InvalidArgument
+from meshserve.common.log_settings import shown_value
 from meshserve.common.tracing import ratio_of
 
 OFF, TIMESTAMPS = "OFF", "TIMESTAMPS"
@@ -112,12 +113,12 @@ def level_of(sent: Sequence[str]) -> str:
     if levels in ({OFF}, {TIMESTAMPS}):
         return levels.pop()
     raise InvalidArgument(f"trace setting 'trace_level' must be [\"OFF\"] or "
-                          f"[\"TIMESTAMPS\"], not {shown(list(sent))}")
+                          f"[\"TIMESTAMPS\"], not {shown_value(list(sent))}")
 
 
 def one_value(name: str, sent: Sequence[str]) -> str:
     if len(sent) != 1 or not isinstance(sent[0], str):
-        raise InvalidArgument(f"trace setting '{name}' takes one string, not {shown(sent)}")
+        raise InvalidArgument(f"trace setting '{name}' takes one string, not {shown_value(sent)}")
     return sent[0]
 
 
@@ -128,13 +129,8 @@ def whole(name: str, text: str, lowest: int) -> int:
         value = None
     if value is None or value < lowest or value >= 2**63:
         raise InvalidArgument(f"trace setting '{name}' must be a whole number from {lowest}, "
-                              f"not {shown(text)}")
+                              f"not {shown_value(text)}")
     return value
-
-
-def shown(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 64 else f"{text[:64]}…"
 
 
 @dataclass
@@ -261,7 +257,7 @@ def sent_values(name: str, value: object) -> list[str] | None:
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
         return value
     raise InvalidArgument(f"trace setting '{name[:64]}' takes a string, a list of strings or "
-                          f"null, not {shown(value)}")
+                          f"null, not {shown_value(value)}")
 
 
 def take_charge(tracing: Any, audit: Callable[[str, str], None] | None = None
