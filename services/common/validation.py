@@ -61,8 +61,14 @@ def expected_shape(config: ModelConfig, dims) -> list[int]:
     return ([-1] if config.max_batch_size > 0 else []) + list(dims)
 
 
+_SHOWN_DIMS = 10  # a longer shape shows its first 8 dims and its last 2 in messages
+
+
 def _fmt(shape) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
+    dims = [str(d) for d in shape]
+    if len(dims) > _SHOWN_DIMS:
+        dims = [*dims[:8], f"... {len(dims) - 10} more ...", *dims[-2:]]
+    return "[" + ", ".join(dims) + "]"
 
 
 class Checked(NamedTuple):

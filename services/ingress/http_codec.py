@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy
 
 from meshserve.common.arrays import NUMPY_DTYPE
-from meshserve.common.batch_requests import set_parameter
+from meshserve.common.batch_requests import INT64_MAX, set_parameter
 from meshserve.common.datatypes import bytes_elements, element_count, split_bytes_rows
 from meshserve.common.errors import InvalidArgument
 from meshserve.common.validation import no_shared_memory
@@ -101,8 +101,9 @@ def parameters_json(parameters) -> dict:
 
 def _shape(value: object, where: str) -> list[int]:
     shape = _list(value, f"{where} shape")
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise InvalidArgument(f"{where} shape must be a list of non-negative integers")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= INT64_MAX
+               for d in shape):
+        raise InvalidArgument(f"{where} shape must be a list of integers from 0 to 2^63 - 1")
     return shape
 
 

@@ -146,7 +146,10 @@ CLAIMS_400 = (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], '
     (b'{"inputs": [{"datatype": "FP32", "shape": [1], "data": [1]}]}', None,
      "inputs[0] name must be a string"),
     (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1], "data": []}]}', None,
-     "input 'x' shape must be a list of non-negative integers"),
+     "input 'x' shape must be a list of integers from 0 to 2^63 - 1"),
+    (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [9223372036854775808], '
+     b'"data": []}]}', None,
+     "input 'x' shape must be a list of integers from 0 to 2^63 - 1"),
     (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}', None,
      "input 'x' has neither data nor parameter 'binary_data_size'"),
     (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], '

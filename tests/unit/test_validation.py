@@ -206,6 +206,9 @@ REJECTED = [
                  id="wrong-dim"),
     pytest.param(negative_batch, ["has shape [-1, 256]", "expects [-1, 256]"],
                  id="negative-batch"),
+    pytest.param(lambda: raw_request(shape=list(range(1, 10_001)), raw=b""),
+                 ["input 'INPUT__0' has shape [1, 2, 3, 4, 5, 6, 7, 8, ... 9990 more ..., "
+                  "9999, 10000]; model 'mlp' expects [-1, 256]"], id="long-shape"),
     pytest.param(lambda: raw_request(0, raw=b""),
                  ["input 'INPUT__0' has batch size 0", "max_batch_size of model 'mlp' is 32"],
                  id="batch-0"),
