@@ -468,12 +468,6 @@ def _warn_unapplied(name: str, config: ModelConfig) -> None:
         if tensor.allow_ragged_batch:
             logger.warning("model '%s' input '%s': allow_ragged_batch is not applied: only "
                            "requests of the same shape share a batch", name, tensor.name)
-    for warmup in config.model_warmup:
-        for input_name, sample in sorted(warmup.inputs.items()):
-            if sample.input_data_file:
-                logger.warning("model '%s': model_warmup '%s' input '%s': input_data_file is "
-                               "not read; the warm-up sends zeros", name, warmup.name,
-                               input_name)
 
 
 def _labels(name: str, model_dir: Path, config: ModelConfig) -> dict[str, tuple[str, ...]]:

@@ -269,9 +269,9 @@ class TorchScriptModel:
         done = time.perf_counter_ns()
         return response, Timings(decoded - start, predicted - decoded, done - predicted)
 
-    def warmup_requests(self) -> list[ModelInferRequest]:
+    def warmup_requests(self, warmup_dir: Path | None = None) -> list[ModelInferRequest]:
         """The config's model_warmup samples, or zeros at batch 1, preferred and max sizes."""
-        return warmup_requests(self.config)
+        return warmup_requests(self.config, warmup_dir=warmup_dir)
 
 
 def check_strings(config: ModelConfig) -> None:

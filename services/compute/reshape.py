@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
+from pathlib import Path
 
 from meshserve.common import batch_requests
 from meshserve.common.errors import Internal, InvalidArgument, ServingError
@@ -60,8 +61,8 @@ class Reshaped:
         batch_requests.write_shapes(response, shapes)
         return response, timings
 
-    def warmup_requests(self) -> list[ModelInferRequest]:
-        return self._model.warmup_requests()
+    def warmup_requests(self, warmup_dir: Path | None = None) -> list[ModelInferRequest]:
+        return self._model.warmup_requests(warmup_dir)
 
 
 def resized(shape, target: list[int], batched: bool, what: str,

@@ -39,6 +39,7 @@ from meshserve.common.tls import TlsFiles
 from meshserve.common.tracing import TRACEPARENT, Tracing, context_of, header
 from meshserve.common.validation import Schema
 from meshserve.compute.backends import triton_python_backend_utils as pb_utils
+from meshserve.compute.tensors import WARMUP_DIR
 from meshserve.protocol import grpc_service_pb2_grpc
 from meshserve.protocol.groups_pb2 import InferGroup, InferGroupResult, ItemResult
 from meshserve.protocol.grpc_service_pb2 import ModelInferResponse, ModelReadyResponse
@@ -146,7 +147,7 @@ class Compute:
         model = load_model(self.config, self._verified_artifact(), self._version_dir,
                            self._device, self._threads)
         device = model.device
-        for request in model.warmup_requests():
+        for request in model.warmup_requests(self._version_dir.parent / WARMUP_DIR):
             try:
                 if self.decoupled:
                     model.run_decoupled(request, self.version, lambda position, result: None)

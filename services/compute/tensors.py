@@ -7,11 +7,20 @@ become object arrays of `bytes`; BF16 is `ml_dtypes.bfloat16`.
 
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
+from typing import NamedTuple
+
 import numpy
 
 from meshserve.common.arrays import NUMPY_DTYPE, deserialize_bytes
-from meshserve.common.datatypes import WIRE_FROM_CONFIG, serialize_bytes
-from meshserve.common.errors import Internal, InvalidArgument
+from meshserve.common.datatypes import (
+    WIRE_FROM_CONFIG,
+    element_count,
+    element_ends,
+    serialize_bytes,
+)
+from meshserve.common.errors import FailedPrecondition, Internal, InvalidArgument
 from meshserve.common.validation import NEAR_LIMIT, check_message_bytes
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
 from meshserve.protocol.model_config_pb2 import ModelConfig
@@ -100,16 +109,33 @@ def _raw(array: numpy.ndarray, datatype: str, name: str, where: str) -> bytes:
     return numpy.ascontiguousarray(array).tobytes()
 
 
-def warmup_requests(config: ModelConfig, default: bool = True) -> list[ModelInferRequest]:
+WARMUP_DIR = "warmup"  # in a model's directory: the files its model_warmup inputs name
+
+
+class WarmupInput(NamedTuple):
+    """How one input of a warm-up sample is made: its dims (without the batch), and random
+    data, zeros, or one row read from a file."""
+
+    dims: list[int]
+    random: bool = False
+    row: bytes | None = None
+
+
+def warmup_requests(config: ModelConfig, default: bool = True,
+                    warmup_dir: Path | None = None) -> list[ModelInferRequest]:
     """The config's model_warmup samples; without them and with `default`, zeros at batch 1,
-    the preferred batch sizes and max_batch_size."""
+    the preferred batch sizes and max_batch_size. An input's `input_data_file` is read from
+    `warmup_dir` (the model's `warmup` directory): one row, repeated to the sample's batch
+    size, as in Triton. FailedPrecondition names a file that cannot be read or is short."""
     samples = []
     if config.model_warmup:
         for warmup in config.model_warmup:
             batch = max(1, warmup.batch_size) if config.max_batch_size else 0
+            given = {t.name: _warmup_input(warmup.name, t.name, WIRE_FROM_CONFIG[t.data_type],
+                                           warmup.inputs[t.name], warmup_dir)
+                     for t in config.input if t.name in warmup.inputs}
             for _ in range(max(1, warmup.count)):
-                samples.append(_sample(config, batch, {
-                    name: (list(i.dims), i.random_data) for name, i in warmup.inputs.items()}))
+                samples.append(_sample(config, batch, given))
         return samples
     if not default:
         return []
@@ -119,22 +145,60 @@ def warmup_requests(config: ModelConfig, default: bool = True) -> list[ModelInfe
     return samples
 
 
+def _warmup_input(warmup: str, name: str, datatype: str, sample,
+                  warmup_dir: Path | None) -> WarmupInput:
+    dims = list(sample.dims)
+    if not sample.input_data_file:
+        return WarmupInput(dims, sample.random_data)
+    where = (f"model_warmup '{warmup}' input '{name}': input_data_file "
+             f"'{sample.input_data_file}'")
+    if warmup_dir is None:
+        raise FailedPrecondition(f"{where}: the model's {WARMUP_DIR} directory is not known")
+    path = warmup_dir / sample.input_data_file
+    if not path.resolve().is_relative_to(warmup_dir.resolve()):
+        raise FailedPrecondition(f"{where} is outside the model's {WARMUP_DIR} directory")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise FailedPrecondition(f"{where} cannot be read ({path}): "
+                                 f"{error.strerror or error}") from None
+    row = [d if d > 0 else 1 for d in dims]
+    count = element_count(row)
+    if datatype == "BYTES":
+        try:
+            ends = list(itertools.islice(element_ends(data), count))
+        except InvalidArgument as error:
+            raise FailedPrecondition(f"{where}: {error.message}") from None
+        if len(ends) < count:
+            raise FailedPrecondition(f"{where} holds {len(ends)} BYTES elements; dims "
+                                     f"{row} need {count}")
+        return WarmupInput(dims, row=data[:ends[-1]] if ends else b"")
+    needed = count * numpy_dtype(datatype).itemsize
+    if len(data) < needed:
+        raise FailedPrecondition(f"{where} holds {len(data)} bytes; dims {row} of "
+                                 f"{datatype} need {needed}")
+    return WarmupInput(dims, row=data[:needed])
+
+
 def _sample(config: ModelConfig, batch: int,
-            given: dict[str, tuple[list[int], bool]]) -> ModelInferRequest:
-    """Zeros (or seeded random data) for every input; BYTES elements are empty (or random
-    digits), as in Triton's warm-up."""
+            given: dict[str, WarmupInput]) -> ModelInferRequest:
+    """Zeros (or seeded random data, or a file's row) for every input; BYTES elements are
+    empty (or random digits), as in Triton's warm-up."""
     generator = numpy.random.default_rng(0)
     request = ModelInferRequest(model_name=config.name)
     for tensor in config.input:
         datatype = WIRE_FROM_CONFIG[tensor.data_type]
-        dims, random = given.get(tensor.name, (list(tensor.dims), False))
-        shape = ([batch] if batch else []) + [d if d > 0 else 1 for d in dims]
-        if datatype == "BYTES":
+        spec = given.get(tensor.name, WarmupInput(list(tensor.dims)))
+        shape = ([batch] if batch else []) + [d if d > 0 else 1 for d in spec.dims]
+        if spec.row is not None:
+            raw = spec.row * max(1, batch)
+        elif datatype == "BYTES":
             count = int(numpy.prod(shape))
-            elements = [str(generator.integers(10**6)) if random else b"" for _ in range(count)]
+            elements = [str(generator.integers(10**6)) if spec.random else b""
+                        for _ in range(count)]
             raw = serialize_bytes(elements)
         else:
-            values = generator.random(shape) if random else numpy.zeros(shape)
+            values = generator.random(shape) if spec.random else numpy.zeros(shape)
             raw = numpy.asarray(values).astype(numpy_dtype(datatype)).tobytes()
         request.inputs.add(name=tensor.name, datatype=datatype, shape=shape)
         request.raw_input_contents.append(raw)

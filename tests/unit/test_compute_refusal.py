@@ -106,3 +106,52 @@ async def test_a_version_without_its_model_file_is_refused_saying_so(tmp_path):
                                f"{tmp_path / 'empty' / '1' / 'model.pt'}")
     assert not health.serving()
     await compute.close()
+
+
+class NoZeros(torch.nn.Module):
+    """Refuses a batch of zeros: it warms up only on the data its warm-up file holds."""
+
+    def forward(self, x: torch.Tensor):
+        if bool((x == 0).all()):
+            raise ValueError("a batch of zeros")
+        return x + 1
+
+
+WARMUP = """
+model_warmup [ { name: "real" batch_size: 3 inputs { key: "INPUT__0" value {
+  data_type: TYPE_FP32 dims: [ 2 ] input_data_file: "row.bin" } } } ]
+"""
+
+
+def write_no_zeros(repo, tmp_path, row: bytes | None) -> None:
+    write(repo, "nozeros", scripted(NoZeros(), tmp_path))
+    config = repo / "nozeros" / "config.pbtxt"
+    config.write_text(config.read_text() + WARMUP)
+    if row is not None:
+        (repo / "nozeros" / "warmup").mkdir()
+        (repo / "nozeros" / "warmup" / "row.bin").write_bytes(row)
+
+
+async def test_a_warm_up_runs_the_data_its_input_data_file_holds(tmp_path):
+    repo = tmp_path / "repo"
+    write_no_zeros(repo, tmp_path, numpy.array([1.5, -2.0], "f4").tobytes())
+    compute, health = await loaded(repo, "nozeros")
+    assert not compute.refused and health.serving()
+    await compute.close()
+
+
+@pytest.mark.parametrize(("row", "reason"), [
+    (None, "cannot be read ({file}): No such file or directory"),
+    (b"\0\0\x80?", "holds 4 bytes; dims [2] of FP32 need 8"),
+], ids=["missing", "short"])
+async def test_a_warm_up_file_missing_or_short_refuses_the_version_naming_it(tmp_path, row,
+                                                                            reason):
+    repo = tmp_path / "repo"
+    write_no_zeros(repo, tmp_path, row)
+    compute, health = await loaded(repo, "nozeros")
+    file = repo / "nozeros" / "warmup" / "row.bin"
+    assert compute.refused == (
+        "refusing model 'nozeros' version 1: model_warmup 'real' input 'INPUT__0': "
+        "input_data_file 'row.bin' " + reason.format(file=file))
+    assert not health.serving()
+    await compute.close()

@@ -344,10 +344,8 @@ def test_queue_policies_are_applied_so_load_without_a_warning(tmp_path, caplog):
     assert caplog.messages == []
 
 
-def test_settings_not_applied_are_named_in_a_warning(tmp_path, caplog):
-    make_model(tmp_path, "m", [1], "model_warmup [ { name: \"w\" batch_size: 1 inputs { "
-               "key: \"x\" value { data_type: TYPE_FP32 dims: [ 4 ] "
-               "input_data_file: \"x.bin\" } } } ]")
+def test_a_setting_not_applied_is_named_in_a_warning(tmp_path, caplog):
+    make_model(tmp_path, "m", [1])
     config = tmp_path / "m" / "config.pbtxt"
     config.write_text(config.read_text().replace("dims: [ 4 ] }", "dims: [ 4 ] "
                                                  "allow_ragged_batch: true }", 1))
@@ -355,9 +353,7 @@ def test_settings_not_applied_are_named_in_a_warning(tmp_path, caplog):
         assert "m" in ModelRepository.load(tmp_path)
     assert caplog.messages == [
         "model 'm' input 'x': allow_ragged_batch is not applied: only requests of the same "
-        "shape share a batch",
-        "model 'm': model_warmup 'w' input 'x': input_data_file is not read; the warm-up "
-        "sends zeros"]
+        "shape share a batch"]
 
 
 def test_an_ensembles_max_inflight_requests_is_served_without_a_warning(tmp_path, caplog):

@@ -1,6 +1,6 @@
 """The backends compute runs a model version with, chosen by the config's platform or
 backend. Each meets the one model contract: `run(request, version) -> (response, Timings)`
-on the worker thread, `warmup_requests()`, and `device`.
+on the worker thread, `warmup_requests(warmup_dir)`, and `device`.
 
     TorchScript    platform "pytorch_libtorch" / backend "pytorch"   model.pt
     ONNX Runtime   platform "onnxruntime_onnx" / backend "onnxruntime" model.onnx

@@ -173,8 +173,8 @@ class OnnxModel:
         return [value.astype(ml_dtypes.bfloat16) if name in self._bf16_out else value
                 for name, value in zip(names, fetched)]
 
-    def warmup_requests(self) -> list[ModelInferRequest]:
-        return tensors.warmup_requests(self.config)
+    def warmup_requests(self, warmup_dir: Path | None = None) -> list[ModelInferRequest]:
+        return tensors.warmup_requests(self.config, warmup_dir=warmup_dir)
 
 
 def with_float_copies(data: bytes, copies: dict[str, str]) -> bytes:

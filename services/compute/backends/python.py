@@ -311,9 +311,9 @@ class PythonModel:
             raise Internal(f"{self._where}: execute raised {_said(error)}") from None
         return returned
 
-    def warmup_requests(self) -> list[ModelInferRequest]:
+    def warmup_requests(self, warmup_dir: Path | None = None) -> list[ModelInferRequest]:
         """Only the config's model_warmup: a Python model may not accept zeros."""
-        return tensors.warmup_requests(self.config, default=False)
+        return tensors.warmup_requests(self.config, default=False, warmup_dir=warmup_dir)
 
     def close(self) -> None:
         """Call the model's `finalize` once (also when the process exits)."""
