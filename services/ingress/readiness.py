@@ -11,7 +11,8 @@ control plane leaves it as it was) and reads it without a call:
   retry hint, without travelling through the router and a batcher: pinned requests when
   their version is not ready, unpinned ones when no version that carries weight is.
 - Why a version cannot answer, when its compute said (it refused its model at load: the file
-  and the error): the repository index's `reason`, and the refusal of a pinned request.
+  and the error): the repository index's `reason`, and the refusal of a request for it (an
+  unpinned one gives the reasons of the versions that carry traffic).
 
 Only the models the ingress serves count (`served`, its repository's): a traffic policy in the
 control plane's store outlives its model (`up` started on another repository with the same
@@ -102,8 +103,9 @@ class Readiness:
             return
         weighted = [v for v in versions.values() if v.weight]
         if weighted and not any(v.ready for v in weighted):
+            why = "".join(f"; {v.reason}" for v in weighted if v.reason)
             raise Unavailable(f"model '{model}' is not ready: no version that carries its "
-                              "traffic has a compute replica that can answer now",
+                              f"traffic has a compute replica that can answer now{why}",
                               RETRY_AFTER_S)
 
 

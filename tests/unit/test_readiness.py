@@ -177,6 +177,21 @@ def test_the_ingress_says_why_a_version_cannot_answer_as_its_compute_said():
         state.admit("mlp", "3")
 
 
+def test_an_unpinned_refusal_says_why_each_version_with_traffic_cannot_answer():
+    state = Readiness()
+    state.update(admin_pb2.Readiness(versions=[
+        admin_pb2.VersionReadiness(model="m", version="1", weight=60, ready=False,
+                                   reason="refusing model 'm' version 1: warm-up failed"),
+        admin_pb2.VersionReadiness(model="m", version="2", weight=40, ready=False),
+        admin_pb2.VersionReadiness(model="m", version="3", ready=False,
+                                   reason="refusing model 'm' version 3: no traffic")]))
+    with pytest.raises(Unavailable) as refused:
+        state.admit("m", "")
+    assert refused.value.message == (
+        "model 'm' is not ready: no version that carries its traffic has a compute replica "
+        "that can answer now; refusing model 'm' version 1: warm-up failed; retry after 1 s")
+
+
 async def test_health_says_why_it_is_not_serving_bounded_and_only_while_not_serving():
     health = HealthServicer()
     watch = health.Watch(HealthCheckRequest(), None)
