@@ -470,6 +470,13 @@ def _warn_unapplied(name: str, config: ModelConfig) -> None:
                            "requests of the same shape share a batch", name, tensor.name)
 
 
+def named_file(directory: Path, name: str) -> Path | None:
+    """The file a model's config names in `directory`; None when the name leads outside it
+    (`..`, an absolute path, a link out)."""
+    path = directory / name
+    return path if path.resolve().is_relative_to(directory.resolve()) else None
+
+
 def _labels(name: str, model_dir: Path, config: ModelConfig) -> dict[str, tuple[str, ...]]:
     """Each output's class labels, one a line of its `label_filename` (a file in the model's
     directory), for the classification extension."""
@@ -477,9 +484,9 @@ def _labels(name: str, model_dir: Path, config: ModelConfig) -> dict[str, tuple[
     for output in config.output:
         if not output.label_filename:
             continue
-        path = model_dir / output.label_filename
+        path = named_file(model_dir, output.label_filename)
         where = f"model '{name}' output '{output.name}': label_filename '{output.label_filename}'"
-        if not path.resolve().is_relative_to(model_dir.resolve()):
+        if path is None:
             raise InvalidArgument(f"{where} is outside the model's directory")
         try:
             labels[output.name] = tuple(path.read_text(encoding="utf-8").splitlines())

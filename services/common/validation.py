@@ -61,13 +61,14 @@ def expected_shape(config: ModelConfig, dims) -> list[int]:
     return ([-1] if config.max_batch_size > 0 else []) + list(dims)
 
 
-_SHOWN_DIMS = 10  # a longer shape shows its first 8 dims and its last 2 in messages
+_HEAD_DIMS, _TAIL_DIMS = 8, 2  # what a message shows of a longer shape
 
 
 def _fmt(shape) -> str:
     dims = [str(d) for d in shape]
-    if len(dims) > _SHOWN_DIMS:
-        dims = [*dims[:8], f"... {len(dims) - 10} more ...", *dims[-2:]]
+    if len(dims) > _HEAD_DIMS + _TAIL_DIMS:
+        left_out = len(dims) - _HEAD_DIMS - _TAIL_DIMS
+        dims = [*dims[:_HEAD_DIMS], f"... {left_out} more ...", *dims[-_TAIL_DIMS:]]
     return "[" + ", ".join(dims) + "]"
 
 

@@ -21,6 +21,7 @@ from meshserve.common.datatypes import (
     serialize_bytes,
 )
 from meshserve.common.errors import FailedPrecondition, Internal, InvalidArgument
+from meshserve.common.repository import named_file
 from meshserve.common.validation import NEAR_LIMIT, check_message_bytes
 from meshserve.protocol.grpc_service_pb2 import ModelInferRequest, ModelInferResponse
 from meshserve.protocol.model_config_pb2 import ModelConfig
@@ -154,15 +155,15 @@ def _warmup_input(warmup: str, name: str, datatype: str, sample,
              f"'{sample.input_data_file}'")
     if warmup_dir is None:
         raise FailedPrecondition(f"{where}: the model's {WARMUP_DIR} directory is not known")
-    path = warmup_dir / sample.input_data_file
-    if not path.resolve().is_relative_to(warmup_dir.resolve()):
+    path = named_file(warmup_dir, sample.input_data_file)
+    if path is None:
         raise FailedPrecondition(f"{where} is outside the model's {WARMUP_DIR} directory")
     try:
         data = path.read_bytes()
     except OSError as error:
         raise FailedPrecondition(f"{where} cannot be read ({path}): "
                                  f"{error.strerror or error}") from None
-    row = [d if d > 0 else 1 for d in dims]
+    row = _sample_dims(dims)
     count = element_count(row)
     if datatype == "BYTES":
         try:
@@ -180,6 +181,11 @@ def _warmup_input(warmup: str, name: str, datatype: str, sample,
     return WarmupInput(dims, row=data[:needed])
 
 
+def _sample_dims(dims: list[int]) -> list[int]:
+    """A warm-up row's dims: a variable one (-1) is 1."""
+    return [d if d > 0 else 1 for d in dims]
+
+
 def _sample(config: ModelConfig, batch: int,
             given: dict[str, WarmupInput]) -> ModelInferRequest:
     """Zeros (or seeded random data, or a file's row) for every input; BYTES elements are
@@ -189,7 +195,7 @@ def _sample(config: ModelConfig, batch: int,
     for tensor in config.input:
         datatype = WIRE_FROM_CONFIG[tensor.data_type]
         spec = given.get(tensor.name, WarmupInput(list(tensor.dims)))
-        shape = ([batch] if batch else []) + [d if d > 0 else 1 for d in spec.dims]
+        shape = ([batch] if batch else []) + _sample_dims(spec.dims)
         if spec.row is not None:
             raw = spec.row * max(1, batch)
         elif datatype == "BYTES":
