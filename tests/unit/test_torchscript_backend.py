@@ -76,6 +76,66 @@ def test_outputs_of_the_configured_datatype_are_the_modules_own(tmp_path):
     assert outputs_of(response)["OUTPUT__0"].tolist() == (x * 0.5).tolist()
 
 
+class Same(torch.nn.Module):
+    def forward(self, x: torch.Tensor):
+        return x
+
+
+class Transposed(torch.nn.Module):
+    def forward(self, x: torch.Tensor):
+        return x.t()  # a view, not contiguous
+
+
+class Weights(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([[0.5, -1.0], [2.0, 3.5]]))
+
+    def forward(self, x: torch.Tensor):
+        return self.w  # a parameter: it requires grad even with grad off
+
+
+# Two rows of two elements of each fixed-size datatype, as little-endian bytes; BF16 (which
+# numpy lacks) as its 16-bit patterns: 1.0, -2.0, 0.5 and 3.0.
+ROWS = {datatype: numpy.array([[1, 0], [7, 100]], dtype).tobytes() for datatype, dtype in [
+    ("BOOL", numpy.bool_), ("UINT8", "u1"), ("UINT16", "<u2"), ("UINT32", "<u4"),
+    ("UINT64", "<u8"), ("INT8", "i1"), ("INT16", "<i2"), ("INT32", "<i4"), ("INT64", "<i8"),
+    ("FP16", "<f2"), ("FP32", "<f4"), ("FP64", "<f8")]}
+ROWS["BF16"] = numpy.array([[0x3F80, 0xC000], [0x3F00, 0x4040]], "<u2").tobytes()
+
+
+def raw_request(name: str, datatype: str, raw: bytes) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=name)
+    request.inputs.add(name="INPUT__0", datatype=datatype, shape=[2, 2])
+    request.raw_input_contents.append(raw)
+    return request
+
+
+@pytest.mark.parametrize("datatype", sorted(ROWS))
+def test_every_datatype_reaches_the_module_and_leaves_it_byte_for_byte(tmp_path, datatype):
+    write_model(tmp_path, "same", Same(), dims="[ 2 ]", in_type=f"TYPE_{datatype}",
+                out_type=f"TYPE_{datatype}")
+    response, _ = load(tmp_path, "same").run(raw_request("same", datatype, ROWS[datatype]), "1")
+    assert (response.outputs[0].datatype, list(response.outputs[0].shape)) == (datatype, [2, 2])
+    assert response.raw_output_contents[0] == ROWS[datatype]
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "BF16"])
+def test_an_output_that_is_a_view_is_sent_in_row_major_order(tmp_path, datatype):
+    write_model(tmp_path, "t", Transposed(), dims="[ 2 ]", in_type=f"TYPE_{datatype}",
+                out_type=f"TYPE_{datatype}")
+    response, _ = load(tmp_path, "t").run(raw_request("t", datatype, ROWS[datatype]), "1")
+    rows = numpy.frombuffer(ROWS[datatype], "<u4" if datatype == "FP32" else "<u2")
+    assert response.raw_output_contents[0] == rows.reshape(2, 2).T.tobytes()
+
+
+def test_an_output_that_requires_grad_is_sent_as_its_values(tmp_path):
+    write_model(tmp_path, "w", Weights(), dims="[ 2 ]")
+    x = numpy.zeros((2, 2), numpy.float32)
+    response, _ = load(tmp_path, "w").run(request_of("w", x), "1")
+    assert outputs_of(response)["OUTPUT__0"].tolist() == [[0.5, -1.0], [2.0, 3.5]]
+
+
 def test_a_zero_sized_dimension_is_served_as_the_module_answers_it(tmp_path):
     write_model(tmp_path, "var", ShortRowsOnly())
     response, _ = load(tmp_path, "var").run(request_of("var", numpy.zeros((1, 0), "f4")), "1")

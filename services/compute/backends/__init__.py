@@ -55,7 +55,7 @@ def _torchscript(config: ModelConfig, source: bytes | Path, device: str, threads
 
     from meshserve.compute.model import TorchScriptModel, pick_device
 
-    warnings.filterwarnings("ignore", message=".*buffer is not writable.*")
+    warnings.filterwarnings("ignore", message=".*(buffer|NumPy array) is not writable.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.jit")
     model = TorchScriptModel(io.BytesIO(source) if isinstance(source, bytes) else source,
                              config, pick_device(device), where)
