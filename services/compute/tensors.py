@@ -199,9 +199,8 @@ def _sample(config: ModelConfig, batch: int,
         if spec.row is not None:
             raw = spec.row * max(1, batch)
         elif datatype == "BYTES":
-            count = int(numpy.prod(shape))
             elements = [str(generator.integers(10**6)) if spec.random else b""
-                        for _ in range(count)]
+                        for _ in range(element_count(shape))]
             raw = serialize_bytes(elements)
         else:
             values = generator.random(shape) if spec.random else numpy.zeros(shape)
