@@ -162,8 +162,9 @@ class TorchScriptModel:
         """An input's bytes as a tensor of its shape on the model's device, without a copy
         on the CPU: numpy's view of them (one torch call where torch.frombuffer, a reshape
         and a move took three), but for BF16, which numpy lacks."""
-        if datatype in NUMPY_DTYPE:
-            tensor = torch.from_numpy(numpy.frombuffer(raw, NUMPY_DTYPE[datatype]).reshape(shape))
+        dtype = NUMPY_DTYPE.get(datatype)
+        if dtype is not None:
+            tensor = torch.from_numpy(numpy.frombuffer(raw, dtype).reshape(shape))
         else:  # frombuffer refuses an empty buffer: a tensor with a 0 dimension has none
             dtype = TORCH_DTYPE[datatype]
             tensor = (torch.frombuffer(raw, dtype=dtype) if raw
